@@ -1,0 +1,65 @@
+"""The interface every cost model implements, and the small value types it speaks.
+
+autopart prices a plan through one narrow interface so that the analytic
+roofline model (this package), a profiler's measurements and a calibrated
+model are interchangeable: planners and the simulator only ever call
+``node_time``, ``collective_time`` and ``p2p_time``.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Protocol, Sequence, runtime_checkable
+
+__all__ = ["OpTime", "CollectiveKind", "COLLECTIVES", "CostModel", "op_class"]
+
+CollectiveKind = str  # one of COLLECTIVES
+COLLECTIVES = ("all_reduce", "all_gather", "reduce_scatter")
+
+
+@dataclass(frozen=True, slots=True)
+class OpTime:
+    """Time of one node (or a sum of nodes) for one micro-batch."""
+
+    forward_s: float
+    backward_s: float
+
+    def __add__(self, other: "OpTime") -> "OpTime":
+        return OpTime(self.forward_s + other.forward_s, self.backward_s + other.backward_s)
+
+
+ZERO = OpTime(0.0, 0.0)
+
+_MATMUL = ("mm", "addmm", "bmm", "baddbmm", "linear", "matmul", "conv", "einsum", "_convolution")
+_ATTENTION = ("scaled_dot_product", "flash_attention", "efficient_attention")
+
+
+def op_class(target: str) -> str:
+    """'matmul', 'attention' or 'elementwise': which efficiency factor prices an op."""
+    base = target.removeprefix("aten.").split(".")[0].lower()
+    if any(base.startswith(a) or a in base for a in _ATTENTION):
+        return "attention"
+    if any(base == m or base.startswith(m) for m in _MATMUL):
+        return "matmul"
+    return "elementwise"
+
+
+@runtime_checkable
+class CostModel(Protocol):
+    """Prices compute and communication on a cluster.
+
+    ``node_time`` receives the node's FLOPs and bytes already scaled to the
+    micro-batch (see [Note: costs are per capture batch] in capture.py).
+    """
+
+    def node_time(self, op: str, forward_flops: float, backward_flops: float, bytes_moved: float, dtype: str) -> OpTime:
+        """Forward and backward seconds of one op on one device."""
+        ...
+
+    def collective_time(self, kind: CollectiveKind, nbytes: float, ranks: Sequence[int]) -> float:
+        """Seconds for a collective of ``nbytes`` per rank over the group ``ranks``."""
+        ...
+
+    def p2p_time(self, nbytes: float, src: int, dst: int) -> float:
+        """Seconds to send ``nbytes`` from rank ``src`` to rank ``dst``."""
+        ...

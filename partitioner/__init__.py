@@ -1,0 +1,23 @@
+"""autopart: automatic pipeline, tensor and data-parallel partitioning for PyTorch training.
+
+The flow (one module per phase): ``capture`` (trace + annotate) -> ``graph``
+(blocks) -> ``evaluate`` with ``cost_models`` -> planners (``baselines``) ->
+``Plan`` -> ``simulate``. ``plan_parallelism`` runs it end to end.
+"""
+
+from .baselines import METHODS, Pins, plan_baseline
+from .capture import CapturedModel, capture
+from .cluster import Cluster, DeviceSpec, Efficiency, LinkSpec, load_cluster
+from .errors import AutopartError, CaptureError, ClusterError, InfeasibleError, PlanError
+from .evaluate import Evaluator, StageSpec
+from .graph import Block, PartitionGraph, build_partition_graph
+from .plan import Mesh, Plan, Schedule, Training
+from .planner import PlanResult, manual_plan, plan_parallelism, prepare
+from .simulate import SimResult, StageCost, simulate
+
+__all__ = [
+    "METHODS", "Pins", "plan_baseline", "CapturedModel", "capture", "Cluster", "DeviceSpec", "Efficiency",
+    "LinkSpec", "load_cluster", "AutopartError", "CaptureError", "ClusterError", "InfeasibleError", "PlanError",
+    "Evaluator", "StageSpec", "Block", "PartitionGraph", "build_partition_graph", "Mesh", "Plan", "Schedule",
+    "Training", "PlanResult", "manual_plan", "plan_parallelism", "prepare", "SimResult", "StageCost", "simulate",
+]

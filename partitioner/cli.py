@@ -1,0 +1,299 @@
+"""The ``autopart`` command line: ``plan`` and ``inspect``.
+
+A thin layer over the Python API: it parses options, calls
+``plan_parallelism`` / ``capture``, and prints with ``rich``. Every option
+has the same meaning in every subcommand and is also a keyword of the Python
+API. Errors in the user's input (``AutopartError``) are printed on one line
+with a non-zero exit status, never as a traceback.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+from pathlib import Path
+from typing import Sequence
+
+from .errors import AutopartError, PlanError
+
+GIB = 1 << 30
+DEFAULT_MODEL = "gpt2"
+DEFAULT_CLUSTER = "dgx-a100-80g"
+
+
+def _common(p: argparse.ArgumentParser) -> None:
+    g = p.add_argument_group("model")
+    g.add_argument("--model", default=DEFAULT_MODEL, help=f"zoo name, hf:ClassName or py:module:function (default {DEFAULT_MODEL})")
+    g.add_argument("--config", nargs="+", default=[], metavar="KEY=VALUE", help="model config overrides, e.g. n_layer=4")
+    g.add_argument("--seq-len", type=int, default=None, help="sequence length (default: the model's)")
+    g.add_argument("--dtype", default="bf16", help="compute dtype: fp32, tf32, bf16, fp16 (default bf16)")
+
+
+def _cluster_args(p: argparse.ArgumentParser) -> None:
+    g = p.add_argument_group("cluster")
+    g.add_argument("--cluster", default=DEFAULT_CLUSTER, help=f"preset name or TOML file (default {DEFAULT_CLUSTER})")
+    g.add_argument("--nodes", type=int, default=None, help="number of nodes (overrides the cluster's)")
+    g.add_argument("--gpus-per-node", type=int, default=None, help="devices per node (overrides the cluster's)")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="autopart", description="Automatic pipeline/tensor/data-parallel planning for PyTorch.")
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND")
+    sub.required = True
+
+    p = sub.add_parser("plan", help="plan a model on a cluster and print the plan")
+    _common(p)
+    _cluster_args(p)
+    g = p.add_argument_group("plan")
+    g.add_argument("--method", default="pipedream", help="uniform | params | pipedream | megatron (default pipedream)")
+    g.add_argument("--global-batch", type=int, default=None, help="samples per step (default 8 per device)")
+    g.add_argument("--mesh", default=None, metavar="pp=..,tp=..,dp=..", help="pin mesh axes, any subset")
+    g.add_argument("--microbatches", type=int, default=None, help="micro-batches per step per replica")
+    g.add_argument("--schedule", default=None, help="gpipe | 1f1b | interleaved")
+    g.add_argument("--virtual-stages", type=int, default=None, help="stages per rank for the interleaved schedule")
+    g.add_argument("--recompute", action=argparse.BooleanOptionalAction, default=None, help="activation recomputation")
+    g.add_argument("--split-at", default=None, metavar="MODULE[,MODULE..]", help="hand-written plan: stages begin at these modules")
+    g.add_argument("--plan", dest="plan_file", default=None, metavar="PATH", help="check and simulate a plan JSON file")
+    g.add_argument("--optimizer", default="adam-mixed", help="adam-mixed | adam | sgd (default adam-mixed)")
+    g.add_argument("--zero1", action="store_true", help="shard optimizer state over data-parallel ranks")
+    g.add_argument("--memory-reserve", type=float, default=0.1, help="fraction of device memory kept free (default 0.1)")
+    g.add_argument("--json", default=None, metavar="PATH", help="write the plan artifact to PATH")
+    g.add_argument("--force", action="store_true", help="let --json overwrite an existing file")
+    g.add_argument("--timeline", action="store_true", help="print the simulated schedule as a text grid")
+
+    p = sub.add_parser("inspect", help="print the blocks of a model: params, FLOPs, activations")
+    _common(p)
+    p.add_argument("--list", action="store_true", help="list the built-in models and cluster presets")
+    p.add_argument("--nodes-table", action="store_true", help="also print every graph node (long)")
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    try:
+        if args.command == "plan":
+            return cmd_plan(args)
+        if args.command == "inspect":
+            return cmd_inspect(args)
+    except AutopartError as exc:
+        print(f"autopart: error: {exc}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("autopart: interrupted", file=sys.stderr)
+        return 130
+    except Exception as exc:  # a bug in autopart, not the user's input: one line, the details on request
+        if os.environ.get("AUTOPART_DEBUG"):
+            raise
+        print(
+            f"autopart: internal error: {type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''} "
+            "(set AUTOPART_DEBUG=1 for the traceback and please report it)",
+            file=sys.stderr,
+        )
+        return 1
+    return 0
+
+
+# --------------------------------------------------------------------------------------
+# plan
+# --------------------------------------------------------------------------------------
+
+
+def cmd_plan(args: argparse.Namespace) -> int:
+    from .cluster import load_cluster
+    from .plan import Mesh, Plan
+    from .planner import plan_parallelism, prepare
+    from .zoo import load_model, parse_config_overrides
+
+    json_path = Path(args.json) if args.json else None
+    if json_path is not None:  # check before the (possibly long) planning, so nothing is lost
+        if json_path.exists() and not args.force:
+            raise PlanError(f"--json {json_path} already exists; pass --force to overwrite it")
+        if not json_path.parent.exists():
+            raise PlanError(f"--json {json_path}: directory {json_path.parent} does not exist")
+    cluster = load_cluster(args.cluster, nodes=args.nodes, devices_per_node=args.gpus_per_node)
+    dtype = args.dtype
+    if dtype not in cluster.device.peak_flops:
+        raise PlanError(
+            f"--dtype {dtype}: {cluster.device.name} has no {dtype} peak; it has {', '.join(cluster.device.peak_flops)}"
+        )
+    pins = Mesh.parse(args.mesh) if args.mesh else {}
+    loaded = load_model(args.model, seq_len=args.seq_len, dtype=dtype, config=parse_config_overrides(args.config))
+    global_batch = args.global_batch or 8 * cluster.world_size
+    training = dict(
+        dtype=dtype, optimizer=args.optimizer, zero1=args.zero1, memory_reserve=args.memory_reserve, name=loaded.name
+    )
+    if args.plan_file:
+        plan_in = Plan.load(args.plan_file)
+        ev = prepare(
+            loaded.model, loaded.example_inputs, cluster, global_batch=plan_in.training.global_batch,
+            batch_size=loaded.batch_size, **{**training, "dtype": plan_in.training.dtype,
+                                            "optimizer": plan_in.training.optimizer, "zero1": plan_in.training.zero1},
+        )
+        plan_in.check_matches(ev.captured.fingerprint, cluster.to_dict())
+        plan, sim = ev.score(plan_in)
+        from .planner import PlanResult
+
+        result = PlanResult(plan, sim, ev)
+    else:
+        result = plan_parallelism(
+            loaded.model,
+            loaded.example_inputs,
+            cluster,
+            global_batch=global_batch,
+            method=args.method,
+            pp=pins.get("pp"),
+            tp=pins.get("tp"),
+            dp=pins.get("dp"),
+            microbatches=args.microbatches,
+            schedule=args.schedule,
+            virtual_stages=args.virtual_stages,
+            recompute=args.recompute,
+            split_at=[s for s in args.split_at.split(",") if s] if args.split_at else None,
+            batch_size=loaded.batch_size,
+            **training,
+        )
+    print_plan(result, cluster)
+    if args.timeline:
+        print(result.sim.grid())
+    if json_path is not None:
+        result.plan.save(json_path)
+        print(f"wrote {json_path}")
+    return 0
+
+
+def _fmt_bytes(n: float) -> str:
+    return f"{n / GIB:.2f} GiB" if n >= GIB / 10 else f"{n / (1 << 20):.1f} MiB"
+
+
+def _fmt_time(s: float) -> str:
+    return f"{s * 1e3:.2f} ms" if s < 1 else f"{s:.3f} s"
+
+
+def _fmt_count(n: float) -> str:
+    for unit, div in (("T", 1e12), ("B", 1e9), ("M", 1e6), ("K", 1e3)):
+        if abs(n) >= div:
+            return f"{n / div:.2f}{unit}"
+    return f"{n:.0f}"
+
+
+def _modules_summary(modules: Sequence[str]) -> str:
+    if len(modules) <= 2:
+        return ", ".join(modules)
+    return f"{modules[0]} .. {modules[-1]} ({len(modules)} blocks)"
+
+
+def print_plan(result, cluster) -> None:
+    from rich.console import Console
+    from rich.table import Table
+
+    plan = result.plan
+    pred = plan.predicted
+    console = Console(width=max(100, Console().width))
+    sched = plan.schedule
+    console.print(
+        f"[bold]{plan.model.name}[/bold] ({_fmt_count(plan.model.params)} params) on {cluster.describe()}"
+    )
+    console.print(
+        f"method [bold]{plan.solver.method}[/bold] · mesh [bold]{plan.mesh}[/bold] · schedule {sched.name}"
+        + (f" (v={sched.virtual_stages})" if sched.virtual_stages > 1 else "")
+        + f", {sched.microbatches} micro-batches of {sched.micro_batch_size} · global batch {plan.training.global_batch}"
+        + f" · {plan.training.dtype}, {plan.training.optimizer}{', ZeRO-1' if plan.training.zero1 else ''}"
+    )
+    bottleneck = max((s.predicted.forward_s + s.predicted.backward_s for s in plan.stages), default=0.0) or 1.0
+    table = Table(show_lines=False)
+    for col, just in (
+        ("stage", "right"), ("modules", "left"), ("params", "right"), ("fwd", "right"), ("bwd", "right"),
+        ("send", "right"), ("memory", "right"), ("load", "right"), ("ranks", "left"),
+    ):
+        table.add_column(col, justify=just)
+    for st in plan.stages:
+        sp = st.predicted
+        load = (sp.forward_s + sp.backward_s) / bottleneck
+        ranks = f"{st.ranks[0]}..{st.ranks[-1]}" if len(st.ranks) > 1 else str(st.ranks[0])
+        table.add_row(
+            str(st.index),
+            _modules_summary(st.modules) + (" [recompute]" if st.recompute else ""),
+            _fmt_count(st.params),
+            _fmt_time(sp.forward_s),
+            _fmt_time(sp.backward_s),
+            _fmt_time(sp.send_s),
+            _fmt_bytes(sp.memory_bytes),
+            f"{load:.0%}",
+            ranks,
+        )
+    console.print(table)
+    fits = "[green]fits[/green]" if pred.fits else "[red]DOES NOT FIT[/red]"
+    console.print(
+        f"step time [bold]{_fmt_time(pred.step_time_s)}[/bold] · {pred.samples_per_s:.1f} samples/s · "
+        f"{pred.tflops_per_device:.1f} TFLOP/s per device · MFU {pred.mfu:.1%} · bubble {pred.bubble_fraction:.1%} · "
+        f"peak memory {_fmt_bytes(pred.peak_memory_bytes)} of {_fmt_bytes(pred.memory_limit_bytes)} ({fits})"
+    )
+    console.print(f"[dim]planned in {plan.solver.wall_s:.2f} s ({plan.solver.status})[/dim]")
+
+
+# --------------------------------------------------------------------------------------
+# inspect
+# --------------------------------------------------------------------------------------
+
+
+def cmd_inspect(args: argparse.Namespace) -> int:
+    from rich.console import Console
+    from rich.table import Table
+
+    from .capture import capture
+    from .cluster import PRESETS
+    from .graph import build_partition_graph
+    from .zoo import ZOO, load_model, parse_config_overrides, zoo_names
+
+    console = Console(width=max(100, Console().width))
+    if args.list:
+        table = Table(title="models")
+        table.add_column("name")
+        table.add_column("about")
+        for name in zoo_names():
+            table.add_row(name, ZOO[name].about if name in ZOO else "plain nn.Module stack")
+        console.print(table)
+        console.print("cluster presets: " + ", ".join(PRESETS))
+        return 0
+    loaded = load_model(args.model, seq_len=args.seq_len, dtype=args.dtype, config=parse_config_overrides(args.config))
+    cap = capture(loaded.model, loaded.example_inputs, loaded.example_kwargs, name=loaded.name, batch_size=loaded.batch_size)
+    pg = build_partition_graph(cap, loaded.model)
+    console.print(
+        f"[bold]{cap.name}[/bold]: {_fmt_count(cap.param_count)} params, {len(cap.nodes)} graph nodes "
+        f"(traced with {cap.tracer}), {len(pg.blocks)} blocks of {len(pg.block_types())} types; "
+        f"inputs {', '.join(str(tuple(s)) for s in cap.input_shapes)}; per sample of the example batch"
+    )
+    table = Table()
+    for col in ("#", "block", "type", "params", "fwd FLOPs", "bwd FLOPs", "activations", "output", "nodes"):
+        table.add_column(col, justify="left" if col == "block" else "right")
+    for b in pg.blocks:
+        table.add_row(
+            str(b.index), b.name + (" (layer)" if b.is_layer else ""), str(b.type_id), _fmt_count(b.param_count),
+            _fmt_count(b.forward_flops), _fmt_count(b.backward_flops), _fmt_bytes(b.activation_bytes),
+            _fmt_bytes(b.output_bytes), str(len(b.nodes)),
+        )
+    table.add_row(
+        "", "total", "", _fmt_count(cap.param_count), _fmt_count(cap.forward_flops), _fmt_count(cap.backward_flops),
+        _fmt_bytes(sum(b.activation_bytes for b in pg.blocks)), "", str(len(cap.compute_nodes())),
+    )
+    console.print(table)
+    shared = pg.shared_params()
+    if shared:
+        for p, bs in shared.items():
+            console.print(f"tied: {p} is read by blocks {', '.join(pg.blocks[b].name for b in bs)}")
+    for w in cap.warnings:
+        console.print(f"[yellow]note:[/yellow] {w}")
+    if args.nodes_table:
+        nt = Table()
+        for col in ("node", "target", "module", "shape", "fwd FLOPs", "params"):
+            nt.add_column(col)
+        for n in cap.compute_nodes():
+            nt.add_row(n.name, n.target, n.module, str(n.outputs[0].shape) if n.outputs else "", _fmt_count(n.forward_flops), ", ".join(n.params))
+        console.print(nt)
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

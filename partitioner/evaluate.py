@@ -1,0 +1,323 @@
+"""Price a candidate partition and turn it into a scored ``Plan``.
+
+Every planner (the baselines, the ILP, a hand-written plan) ends here: given
+the blocks each stage owns, the mesh, the schedule and the per-node sharding,
+``Evaluator`` asks the cost model for each stage's forward/backward time,
+point-to-point and collective times and memory, runs the schedule simulator,
+and returns a ``Plan`` with its predicted figures. It is the single place
+where costs are assembled, so that all plans are judged the same way.
+
+[Note: tensor-parallel communication]
+Per forward micro-batch, a ``row`` node all-reduces its output and a ``vocab``
+embedding all-reduces its output (Megatron-LM's *g* operator); in backward a
+``column`` node all-reduces the gradient of its input (the *f* operator). A
+replicated node that reads a tensor split over tp (for example a layer norm
+after a column-parallel linear) all-gathers it in forward and reduce-scatters
+its gradient in backward.
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass, replace
+from typing import Mapping, Sequence
+
+from cost_models import OPTIMIZERS, CostModel, OpTime, static_bytes
+
+from .capture import CapturedModel
+from .cluster import Cluster
+from .errors import PlanError
+from .graph import Block, PartitionGraph
+from .plan import Mesh, ModelRef, Plan, Predicted, Schedule, SolverInfo, Stage, StagePredicted, Training
+from .sharding import sharded_params
+from .simulate import SimResult, StageCost, simulate
+
+__all__ = ["Evaluator", "StageSpec", "BlockCost"]
+
+_SPLIT_OUTPUT = ("column", "sharded")
+
+
+@dataclass(frozen=True, slots=True)
+class StageSpec:
+    """A stage as a planner proposes it: the blocks it owns and whether it recomputes."""
+
+    blocks: tuple[int, ...]
+    recompute: bool = False
+
+
+@dataclass(frozen=True, slots=True)
+class BlockCost:
+    """One block's cost for one micro-batch on one device (all components kept for explain/diff)."""
+
+    compute: OpTime  # forward/backward compute
+    tp_comm: OpTime  # tensor-parallel collectives
+    saved_bytes: float  # activations kept for backward
+    input_bytes: float  # bytes entering the block (what recomputation keeps)
+
+    @property
+    def time(self) -> OpTime:
+        return self.compute + self.tp_comm
+
+
+class Evaluator:
+    """Prices partitions of one model on one cluster under one training set-up."""
+
+    def __init__(self, pgraph: PartitionGraph, cluster: Cluster, cost_model: CostModel, training: Training) -> None:
+        self.pgraph = pgraph
+        self.captured: CapturedModel = pgraph.captured
+        self.cluster = cluster
+        self.cost_model = cost_model
+        self.training = training
+        if training.optimizer not in OPTIMIZERS:
+            raise PlanError(f"training.optimizer {training.optimizer!r} is not one of {', '.join(OPTIMIZERS)}")
+        self.optimizer = OPTIMIZERS[training.optimizer]
+        cluster.device.flops(training.dtype)  # fail early: the device must support the dtype
+        self._block_cache: dict[tuple, BlockCost] = {}
+
+    # --- blocks -----------------------------------------------------------------------
+
+    def block_cost(self, block: Block, micro_batch: int, tp: int, sharding: Mapping[str, str]) -> BlockCost:
+        """Cost of ``block`` per micro-batch of ``micro_batch`` samples under ``tp``-way sharding.
+
+        Cached by the block's signature: repeated identical blocks are priced once.
+        """
+        strategies = tuple(sharding.get(n, "replicate") for n in block.nodes) if tp > 1 else ()
+        key = (block.signature, micro_batch, tp, strategies)
+        hit = self._block_cache.get(key)
+        if hit is not None:
+            return hit
+        cap = self.captured
+        k = micro_batch / cap.batch_size
+        dtype = self.training.dtype
+        group = tuple(range(tp))  # a tensor-parallel group is tp consecutive ranks
+        compute = OpTime(0.0, 0.0)
+        fwd_comm = bwd_comm = 0.0
+        saved: dict[str, float] = {}
+        other_saved = 0.0
+        strategy = dict(zip(block.nodes, strategies))
+
+        def split(name: str) -> bool:  # is this node's output divided over the tp axis?
+            return tp > 1 and sharding.get(name, "replicate") in _SPLIT_OUTPUT
+
+        for name in block.nodes:
+            node = cap.nodes[name]
+            strat = strategy.get(name, "replicate")
+            div = tp if strat != "replicate" else 1
+            pbytes = sum(cap.params[p].bytes for p in node.params if p in cap.params)
+            moved = (node.bytes_read - pbytes + node.bytes_written) * k + pbytes
+            compute = compute + self.cost_model.node_time(
+                node.target, node.forward_flops * k / div, node.backward_flops * k / div, moved / div, dtype
+            )
+            if tp > 1:  # see [Note: tensor-parallel communication]
+                out = node.output_bytes * k
+                if strat in ("row", "vocab"):
+                    fwd_comm += self.cost_model.collective_time("all_reduce", out, group)
+                elif strat == "column":
+                    inp = sum(cap.nodes[i].output_bytes for i in node.inputs) * k
+                    bwd_comm += self.cost_model.collective_time("all_reduce", inp, group)
+                elif strat == "replicate":
+                    for i in node.inputs:
+                        if split(i):
+                            full = cap.nodes[i].output_bytes * k
+                            fwd_comm += self.cost_model.collective_time("all_gather", full, group)
+                            bwd_comm += self.cost_model.collective_time("reduce_scatter", full, group)
+            for s in node.saved_inputs:
+                saved[s] = cap.nodes[s].output_bytes * k / (tp if split(s) else 1)
+            if node.saves_output:
+                saved[name] = node.output_bytes * k / (tp if split(name) else 1)
+            other_saved += node.saved_bytes * k / div
+        cost = BlockCost(
+            compute=compute,
+            tp_comm=OpTime(fwd_comm, bwd_comm),
+            saved_bytes=sum(saved.values()) + other_saved,
+            input_bytes=block.input_bytes * k,
+        )
+        self._block_cache[key] = cost
+        return cost
+
+    # --- stages -----------------------------------------------------------------------
+
+    def stage_costs(
+        self, stages: Sequence[StageSpec], mesh: Mesh, schedule: Schedule, sharding: Mapping[str, str]
+    ) -> list[StageCost]:
+        """The simulator's input: one ``StageCost`` per (virtual) stage."""
+        mbs = schedule.micro_batch_size
+        pp = mesh.pp
+        split_params = sharded_params(self.captured, sharding) if mesh.tp > 1 else set()
+        table = self.captured.params
+        out = []
+        for s, spec in enumerate(stages):
+            costs = [self.block_cost(self.pgraph.blocks[b], mbs, mesh.tp, sharding) for b in spec.blocks]
+            fwd = sum(c.time.forward_s for c in costs)
+            bwd = sum(c.time.backward_s for c in costs)
+            if spec.recompute:
+                bwd += fwd  # full recomputation replays the forward before the backward
+                act = sum(c.input_bytes for c in costs)
+                transient = max((c.saved_bytes for c in costs), default=0.0)
+            else:
+                act = sum(c.saved_bytes for c in costs)
+                transient = 0.0
+            names = {p for b in spec.blocks for p in self.pgraph.blocks[b].params}
+            count = sum(
+                table[p].numel // (mesh.tp if p in split_params else 1) for p in names if table[p].trainable
+            )
+            wbytes = sum(table[p].bytes // (mesh.tp if p in split_params else 1) for p in names)
+            static = static_bytes(count, wbytes, self.optimizer, mesh.dp, self.training.zero1)
+            rank = mesh.rank(s % pp)
+            send = 0.0
+            if s + 1 < len(stages):
+                first_next = stages[s + 1].blocks[0]
+                nbytes = self.pgraph.boundary_bytes(first_next) * mbs / self.captured.batch_size
+                send = self.cost_model.p2p_time(nbytes / mesh.tp, rank, mesh.rank((s + 1) % pp))
+            dp_reduce = 0.0
+            if mesh.dp > 1:
+                grad = count * self.optimizer.grad_bytes
+                dp_reduce = self.cost_model.collective_time("all_reduce", grad, mesh.dp_group(s % pp))
+            out.append(
+                StageCost(
+                    forward_s=fwd,
+                    backward_s=bwd,
+                    send_s=send,
+                    activation_bytes=int(act),
+                    static_bytes=int(static + transient),
+                    dp_reduce_s=dp_reduce,
+                )
+            )
+        return out
+
+    # --- plans ------------------------------------------------------------------------
+
+    def make_plan(
+        self,
+        stages: Sequence[StageSpec],
+        mesh: Mesh,
+        schedule: Schedule,
+        *,
+        sharding: Mapping[str, str] | None = None,
+        method: str,
+        status: str = "HEURISTIC",
+        started: float | None = None,
+        objective: float | None = None,
+        bound: float | None = None,
+    ) -> tuple[Plan, SimResult]:
+        """Price ``stages`` and return the ``Plan`` with its predicted figures, and the simulation."""
+        sharding = dict(sharding or {})
+        self._check_stages(stages, mesh, schedule)
+        costs = self.stage_costs(stages, mesh, schedule, sharding)
+        sim = simulate(costs, schedule.name, schedule.microbatches, schedule.virtual_stages, self.training.overlap_dp)
+        plan = self._assemble(stages, mesh, schedule, sharding, costs, sim, method, status, started, objective, bound)
+        return plan, sim
+
+    def score(self, plan: Plan) -> tuple[Plan, SimResult]:
+        """Re-price a plan (e.g. hand-written or loaded from JSON) on this evaluator's model and cluster."""
+        plan.check_matches(self.captured.fingerprint)
+        specs = [
+            StageSpec(tuple(self.pgraph.block_index(m) for m in st.modules), st.recompute) for st in plan.stages
+        ]
+        return self.make_plan(
+            specs,
+            plan.mesh,
+            plan.schedule,
+            sharding=plan.sharding,
+            method=plan.solver.method,
+            status=plan.solver.status,
+            objective=plan.solver.objective,
+            bound=plan.solver.bound,
+        )
+
+    def _check_stages(self, stages: Sequence[StageSpec], mesh: Mesh, schedule: Schedule) -> None:
+        n = len(self.pgraph.blocks)
+        want = mesh.pp * schedule.virtual_stages
+        if len(stages) != want:
+            raise PlanError(f"{len(stages)} stages given, but pp={mesh.pp} x virtual_stages={schedule.virtual_stages} = {want}")
+        if mesh.world_size != self.cluster.world_size:
+            raise PlanError(
+                f"mesh {mesh} uses {mesh.world_size} devices but cluster {self.cluster.name!r} has "
+                f"{self.cluster.world_size}; pick pp*tp*dp = {self.cluster.world_size}"
+            )
+        seen: list[int] = []
+        for i, st in enumerate(stages):
+            if not st.blocks:
+                raise PlanError(f"stage {i} owns no blocks; every stage needs at least one (fewer stages, or more blocks)")
+            seen.extend(st.blocks)
+        if sorted(seen) != list(range(n)):
+            missing = sorted(set(range(n)) - set(seen))
+            dup = sorted({b for b in seen if seen.count(b) > 1})
+            names = lambda ids: ", ".join(self.pgraph.blocks[b].name for b in ids[:5])  # noqa: E731
+            detail = (f"missing {names(missing)}" if missing else "") + (f" duplicated {names(dup)}" if dup else "")
+            raise PlanError(f"stages must own every block exactly once: {detail.strip()}")
+        position = {b: i for i, st in enumerate(stages) for b in st.blocks}
+        for e in self.pgraph.edges:
+            if position[e.src] > position[e.dst]:
+                raise PlanError(
+                    f"block {self.pgraph.blocks[e.dst].name} reads {self.pgraph.blocks[e.src].name}, "
+                    "which is placed in a later stage; stages must follow the graph order"
+                )
+
+    def _assemble(self, stages, mesh, schedule, sharding, costs, sim, method, status, started, objective, bound) -> Plan:
+        cap = self.captured
+        dev = self.cluster.device
+        limit = int(dev.memory_bytes * (1 - self.training.memory_reserve))
+        pp = mesh.pp
+        out_stages = []
+        for s, (spec, c) in enumerate(zip(stages, costs)):
+            r = s % pp
+            blocks = [self.pgraph.blocks[b] for b in spec.blocks]
+            count, _ = self.pgraph.params_bytes(spec.blocks)
+            out_stages.append(
+                Stage(
+                    index=s,
+                    modules=tuple(b.name for b in blocks),
+                    nodes=tuple(n for b in blocks for n in b.nodes),
+                    params=count,
+                    ranks=mesh.stage_ranks(r),
+                    recompute=spec.recompute,
+                    predicted=StagePredicted(
+                        forward_s=c.forward_s,
+                        backward_s=c.backward_s,
+                        send_s=c.send_s,
+                        static_bytes=c.static_bytes,
+                        activation_bytes=sim.peak_activation_bytes[r],
+                        memory_bytes=sim.peak_memory_bytes[r],
+                        busy_s=(c.forward_s + c.backward_s) * schedule.microbatches,
+                        dp_reduce_s=c.dp_reduce_s,
+                    ),
+                )
+            )
+        step = sim.step_time_s
+        gb = self.training.global_batch
+        model_flops = (cap.forward_flops + cap.backward_flops) / cap.batch_size * gb
+        tflops = model_flops / step / mesh.world_size / 1e12 if step > 0 else 0.0
+        peak = max(sim.peak_memory_bytes)
+        predicted = Predicted(
+            step_time_s=step,
+            samples_per_s=gb / step if step > 0 else 0.0,
+            tflops_per_device=tflops,
+            mfu=tflops * 1e12 / dev.flops(self.training.dtype),
+            bubble_fraction=sim.bubble_fraction,
+            peak_memory_bytes=int(peak),
+            memory_limit_bytes=limit,
+            fits=peak <= limit,
+        )
+        return Plan(
+            model=ModelRef(cap.name, cap.param_count, cap.fingerprint, cap.input_shapes),
+            cluster=self.cluster.to_dict(),
+            mesh=mesh,
+            schedule=schedule,
+            stages=tuple(out_stages),
+            training=self.training,
+            solver=SolverInfo(
+                method=method,
+                status=status,
+                objective=objective if objective is not None else step,
+                bound=bound,
+                wall_s=(time.perf_counter() - started) if started is not None else 0.0,
+            ),
+            predicted=predicted,
+            sharding={k: v for k, v in sharding.items() if v != "replicate"} if mesh.tp > 1 else {},
+        )
+
+
+def with_wall_time(plan: Plan, started: float) -> Plan:
+    """The same plan with ``solver.wall_s`` set to the time since ``started``."""
+    return replace(plan, solver=replace(plan.solver, wall_s=time.perf_counter() - started))

@@ -1,0 +1,383 @@
+"""The Plan: the one artifact every planner produces and the runtime consumes.
+
+Baselines, the ILP and a user's hand-written plan all produce a ``Plan``; the
+simulator scores it, ``explain``/``diff`` read it, and the runtime runs it
+without knowing who made it. It is frozen, serializes to JSON with a
+``version`` (never pickle), and records what it was made for (model
+fingerprint, cluster) so that it is refused for anything else.
+
+Glossary: **stage** is a pipeline stage (with interleaving, a virtual stage:
+``pp * virtual_stages`` of them, stage ``s`` on pipeline rank ``s % pp``);
+**axis** is a mesh axis (``pp``, ``tp``, ``dp``); **micro-batch** is one slice
+of the global batch. The JSON schema is documented in ``docs/plan.md``.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import MISSING, asdict, dataclass, field, fields
+from pathlib import Path
+from typing import Any, Mapping, Sequence
+
+from .errors import PlanError
+
+__all__ = [
+    "PLAN_VERSION",
+    "STRATEGIES",
+    "Mesh",
+    "Schedule",
+    "StagePredicted",
+    "Stage",
+    "Predicted",
+    "SolverInfo",
+    "ModelRef",
+    "Training",
+    "Plan",
+]
+
+PLAN_VERSION = 1
+SCHEDULE_NAMES = ("gpipe", "1f1b", "interleaved")
+# Per-node tensor-sharding strategies the runtime can realize (see docs/plan.md).
+STRATEGIES = ("replicate", "column", "row", "vocab", "sharded")
+
+
+def _check_int(where: str, value: Any, minimum: int = 1) -> None:
+    if not isinstance(value, int) or isinstance(value, bool) or value < minimum:
+        raise PlanError(f"{where} must be an integer >= {minimum}, got {value!r}")
+
+
+@dataclass(frozen=True, slots=True)
+class Mesh:
+    """The device mesh: pipeline x tensor x data parallel degrees."""
+
+    pp: int = 1  # pipeline stages (physical)
+    tp: int = 1  # tensor-parallel degree
+    dp: int = 1  # data-parallel replicas
+
+    def __post_init__(self) -> None:
+        for axis in ("pp", "tp", "dp"):
+            _check_int(f"mesh.{axis}", getattr(self, axis))
+
+    @property
+    def world_size(self) -> int:
+        return self.pp * self.tp * self.dp
+
+    @property
+    def pp_enabled(self) -> bool:
+        return self.pp > 1
+
+    @property
+    def tp_enabled(self) -> bool:
+        return self.tp > 1
+
+    @property
+    def dp_enabled(self) -> bool:
+        return self.dp > 1
+
+    def rank(self, stage: int, dp: int = 0, tp: int = 0) -> int:
+        """Global rank; tensor-parallel fastest (see [Note: rank layout] in cost_models/analytic.py)."""
+        return (stage * self.dp + dp) * self.tp + tp
+
+    def stage_ranks(self, stage: int) -> tuple[int, ...]:
+        return tuple(self.rank(stage, d, t) for d in range(self.dp) for t in range(self.tp))
+
+    def tp_group(self, stage: int, dp: int = 0) -> tuple[int, ...]:
+        return tuple(self.rank(stage, dp, t) for t in range(self.tp))
+
+    def dp_group(self, stage: int, tp: int = 0) -> tuple[int, ...]:
+        return tuple(self.rank(stage, d, tp) for d in range(self.dp))
+
+    def __str__(self) -> str:
+        return f"pp={self.pp},tp={self.tp},dp={self.dp}"
+
+    @classmethod
+    def parse(cls, text: str) -> dict[str, int]:
+        """Parse ``pp=8,tp=8,dp=8`` (any subset) into a dict of pins."""
+        pins: dict[str, int] = {}
+        for part in filter(None, (p.strip() for p in text.split(","))):
+            key, sep, val = part.partition("=")
+            key = key.strip()
+            if not sep or key not in ("pp", "tp", "dp"):
+                raise PlanError(f"--mesh: {part!r} is not axis=N with axis one of pp, tp, dp (e.g. pp=8,tp=8)")
+            try:
+                pins[key] = int(val)
+            except ValueError:
+                raise PlanError(f"--mesh: {key}={val!r} is not an integer") from None
+            _check_int(f"--mesh {key}", pins[key])
+        return pins
+
+
+@dataclass(frozen=True, slots=True)
+class Schedule:
+    """The pipeline schedule and how the global batch is cut into micro-batches."""
+
+    name: str = "1f1b"  # gpipe | 1f1b | interleaved
+    microbatches: int = 1  # micro-batches per step, per data-parallel replica
+    micro_batch_size: int = 1  # samples per micro-batch
+    virtual_stages: int = 1  # stages per pipeline rank (interleaved only)
+
+    def __post_init__(self) -> None:
+        if self.name not in SCHEDULE_NAMES:
+            raise PlanError(f"schedule.name {self.name!r} is not one of {', '.join(SCHEDULE_NAMES)}")
+        _check_int("schedule.microbatches", self.microbatches)
+        _check_int("schedule.micro_batch_size", self.micro_batch_size)
+        _check_int("schedule.virtual_stages", self.virtual_stages)
+        if self.name != "interleaved" and self.virtual_stages != 1:
+            raise PlanError(
+                f"schedule.virtual_stages={self.virtual_stages} needs schedule 'interleaved' (got {self.name!r})"
+            )
+
+
+@dataclass(frozen=True, slots=True)
+class StagePredicted:
+    """The simulator's figures for one stage (per device of that stage)."""
+
+    forward_s: float  # one micro-batch forward, including tensor-parallel collectives
+    backward_s: float  # one micro-batch backward, including recomputation
+    send_s: float  # point-to-point time of its output to the next stage, per micro-batch
+    static_bytes: int  # parameters + gradients + optimizer state
+    activation_bytes: int  # peak activation memory of in-flight micro-batches
+    memory_bytes: int  # static + activations (the stage's peak)
+    busy_s: float  # compute time of this stage over one step
+    dp_reduce_s: float  # data-parallel gradient reduction time
+
+
+@dataclass(frozen=True, slots=True)
+class Stage:
+    """One pipeline stage: what it owns and where it runs."""
+
+    index: int
+    modules: tuple[str, ...]  # block names (module FQNs) in order
+    nodes: tuple[str, ...]  # FX node names it owns
+    params: int  # trainable parameters it holds (tied weights counted in each stage that uses them)
+    ranks: tuple[int, ...]  # global ranks that run it (tp x dp of them)
+    recompute: bool = False  # recompute activations in backward
+    predicted: StagePredicted | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class Predicted:
+    """Whole-step figures predicted by the simulator."""
+
+    step_time_s: float
+    samples_per_s: float
+    tflops_per_device: float  # achieved model TFLOP/s per device (forward + backward, no recompute)
+    mfu: float  # tflops_per_device / device peak for the plan's dtype
+    bubble_fraction: float
+    peak_memory_bytes: int  # the largest per-device peak over all stages
+    memory_limit_bytes: int  # device memory less the reserve
+    fits: bool  # peak_memory_bytes <= memory_limit_bytes
+
+
+@dataclass(frozen=True, slots=True)
+class SolverInfo:
+    """Provenance of the plan's choices."""
+
+    method: str  # uniform | params | pipedream | megatron | ilp | manual
+    status: str  # e.g. OPTIMAL, FEASIBLE, HEURISTIC, MANUAL
+    objective: float | None = None  # the planner's objective (predicted step time, s)
+    bound: float | None = None  # best proven lower bound on the objective, if any
+    wall_s: float = 0.0  # planning wall time
+
+
+@dataclass(frozen=True, slots=True)
+class ModelRef:
+    """What the plan was made for."""
+
+    name: str
+    params: int  # trainable parameters, tied ones once
+    fingerprint: str  # see capture.model_fingerprint
+    input_shapes: tuple[tuple[int, ...], ...] = ()  # shapes of the captured example inputs
+
+
+@dataclass(frozen=True, slots=True)
+class Training:
+    """The training set-up the plan was priced for."""
+
+    global_batch: int  # samples per optimizer step
+    dtype: str = "bf16"  # compute dtype (a key of the device's peak FLOP/s)
+    optimizer: str = "adam-mixed"  # a key of cost_models.OPTIMIZERS
+    zero1: bool = False  # shard optimizer state over dp
+    memory_reserve: float = 0.1  # fraction of device memory kept free (allocator, workspace)
+    overlap_dp: bool = True  # overlap the gradient all-reduce with the last backward
+
+    def __post_init__(self) -> None:
+        _check_int("training.global_batch", self.global_batch)
+        if not 0.0 <= self.memory_reserve < 1.0:
+            raise PlanError(f"training.memory_reserve must be in [0, 1), got {self.memory_reserve}")
+
+
+@dataclass(frozen=True)
+class Plan:
+    """A complete partition plan. See docs/plan.md for its JSON form."""
+
+    model: ModelRef
+    cluster: Mapping[str, Any]  # Cluster.to_dict() of the cluster it targets
+    mesh: Mesh
+    schedule: Schedule
+    stages: tuple[Stage, ...]
+    training: Training
+    solver: SolverInfo
+    predicted: Predicted | None = None
+    sharding: Mapping[str, str] = field(default_factory=dict)  # node -> strategy; absent nodes replicate
+    version: int = PLAN_VERSION
+
+    def __post_init__(self) -> None:
+        expected = self.mesh.pp * self.schedule.virtual_stages
+        if len(self.stages) != expected:
+            raise PlanError(
+                f"plan has {len(self.stages)} stages but mesh.pp={self.mesh.pp} x "
+                f"schedule.virtual_stages={self.schedule.virtual_stages} = {expected}"
+            )
+        for i, st in enumerate(self.stages):
+            if st.index != i:
+                raise PlanError(f"stages[{i}].index is {st.index}; stages must be listed in order 0..{expected - 1}")
+            if not st.modules:
+                raise PlanError(f"stage {i} owns no modules; every stage needs at least one block")
+        for node, strat in self.sharding.items():
+            if strat not in STRATEGIES:
+                raise PlanError(f"sharding[{node!r}] = {strat!r} is not one of {', '.join(STRATEGIES)}")
+        samples = self.schedule.microbatches * self.schedule.micro_batch_size * self.mesh.dp
+        if samples != self.training.global_batch:
+            raise PlanError(
+                f"schedule.microbatches ({self.schedule.microbatches}) x micro_batch_size "
+                f"({self.schedule.micro_batch_size}) x mesh.dp ({self.mesh.dp}) = {samples} samples, "
+                f"but training.global_batch is {self.training.global_batch}"
+            )
+
+    # --- checks -----------------------------------------------------------------------
+
+    def check_matches(self, fingerprint: str, cluster: Mapping[str, Any] | None = None) -> None:
+        """Refuse this plan for a different model (or cluster) than it was made for."""
+        if fingerprint != self.model.fingerprint:
+            raise PlanError(
+                f"this plan was made for model {self.model.name!r} (fingerprint {self.model.fingerprint}), "
+                f"not for this one (fingerprint {fingerprint}); re-plan with `autopart plan` for this model"
+            )
+        if cluster is not None:
+            mine, theirs = dict(self.cluster), dict(cluster)
+            if mine != theirs:
+                diff = sorted(k for k in set(mine) | set(theirs) if mine.get(k) != theirs.get(k))
+                raise PlanError(
+                    f"this plan was made for cluster {mine.get('name')!r} and differs from "
+                    f"{theirs.get('name')!r} in: {', '.join(diff)}; re-plan for this cluster"
+                )
+
+    # --- JSON ------------------------------------------------------------------------
+
+    def to_dict(self) -> dict[str, Any]:
+        d = {
+            "version": self.version,
+            "model": asdict(self.model),
+            "cluster": dict(self.cluster),
+            "mesh": asdict(self.mesh),
+            "schedule": asdict(self.schedule),
+            "training": asdict(self.training),
+            "stages": [asdict(s) for s in self.stages],
+            "sharding": {"default": "replicate", "nodes": dict(self.sharding)},
+            "predicted": asdict(self.predicted) if self.predicted else None,
+            "solver": asdict(self.solver),
+        }
+        return d
+
+    def to_json(self, indent: int | None = 2) -> str:
+        return json.dumps(self.to_dict(), indent=indent)
+
+    def save(self, path: str | Path) -> None:
+        """Write the JSON atomically: a crash never leaves half a plan behind."""
+        path = Path(path)
+        tmp = path.with_name(path.name + ".tmp")
+        tmp.write_text(self.to_json() + "\n")
+        tmp.replace(path)
+
+    @classmethod
+    def from_json(cls, text: str) -> "Plan":
+        try:
+            data = json.loads(text)
+        except json.JSONDecodeError as exc:
+            raise PlanError(f"plan is not valid JSON: {exc.msg} at line {exc.lineno} column {exc.colno}") from None
+        return cls.from_dict(data)
+
+    @classmethod
+    def load(cls, path: str | Path) -> "Plan":
+        path = Path(path)
+        try:
+            text = path.read_text()
+        except OSError as exc:
+            raise PlanError(f"cannot read plan file {str(path)!r}: {exc.strerror}") from None
+        return cls.from_json(text)
+
+    @classmethod
+    def from_dict(cls, data: Mapping[str, Any]) -> "Plan":
+        if not isinstance(data, Mapping):
+            raise PlanError("plan JSON must be an object")
+        version = data.get("version")
+        if version != PLAN_VERSION:
+            raise PlanError(f"plan version {version!r} is not supported; this autopart reads version {PLAN_VERSION}")
+        try:
+            sharding = data.get("sharding") or {}
+            default = sharding.get("default", "replicate")
+            if default != "replicate":
+                raise PlanError(f"sharding.default must be 'replicate', got {default!r}")
+            stages = []
+            for i, s in enumerate(_required(data, "stages", list)):
+                s = dict(_typed(f"stages[{i}]", s, dict))
+                pred = s.pop("predicted", None)
+                stages.append(
+                    Stage(
+                        **_fields(Stage, s, f"stages[{i}]", tuples=("modules", "nodes", "ranks")),
+                        predicted=StagePredicted(**_fields(StagePredicted, pred, f"stages[{i}].predicted"))
+                        if pred
+                        else None,
+                    )
+                )
+            model = _fields(ModelRef, _required(data, "model", dict), "model")
+            model["input_shapes"] = tuple(tuple(s) for s in model.get("input_shapes", ()))
+            pred = data.get("predicted")
+            return cls(
+                version=version,
+                model=ModelRef(**model),
+                cluster=_required(data, "cluster", dict),
+                mesh=Mesh(**_fields(Mesh, _required(data, "mesh", dict), "mesh")),
+                schedule=Schedule(**_fields(Schedule, _required(data, "schedule", dict), "schedule")),
+                training=Training(**_fields(Training, _required(data, "training", dict), "training")),
+                stages=tuple(stages),
+                sharding=dict(_typed("sharding.nodes", sharding.get("nodes", {}), dict)),
+                predicted=Predicted(**_fields(Predicted, pred, "predicted")) if pred else None,
+                solver=SolverInfo(**_fields(SolverInfo, _required(data, "solver", dict), "solver")),
+            )
+        except TypeError as exc:  # a field of the wrong type deep inside a dataclass
+            raise PlanError(f"plan JSON has a field of the wrong type: {exc}") from None
+
+
+def _typed(where: str, value: Any, kind: type) -> Any:
+    if not isinstance(value, kind):
+        raise PlanError(f"plan field {where} must be a {kind.__name__}, got {type(value).__name__}")
+    return value
+
+
+def _required(data: Mapping[str, Any], key: str, kind: type) -> Any:
+    if key not in data:
+        raise PlanError(f"plan JSON is missing the required key {key!r}")
+    return _typed(key, data[key], kind)
+
+
+def _fields(cls: type, data: Mapping[str, Any] | None, where: str, tuples: Sequence[str] = ()) -> dict[str, Any]:
+    """Keyword arguments for ``cls`` from ``data``: unknown keys and missing required ones are errors."""
+    data = _typed(where, data, dict)
+    names = {f.name for f in fields(cls)}
+    unknown = sorted(set(data) - names)
+    if unknown:
+        raise PlanError(f"plan field {where} has unknown key(s) {', '.join(unknown)}; allowed: {', '.join(sorted(names))}")
+    missing = [
+        f.name
+        for f in fields(cls)
+        if f.name not in data and f.default is MISSING and f.default_factory is MISSING and f.name != "predicted"
+    ]
+    if missing:
+        raise PlanError(f"plan field {where} is missing {', '.join(missing)}")
+    out = {k: v for k, v in data.items() if k != "predicted" or cls is not Stage}
+    for t in tuples:
+        if t in out:
+            out[t] = tuple(out[t])
+    return out

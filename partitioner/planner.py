@@ -1,0 +1,162 @@
+"""The Python entry point for planning: model in, scored ``Plan`` out.
+
+``plan_parallelism`` runs the whole front half of autopart (capture ->
+blocks -> cost model -> planner -> simulate) and is what ``autopart plan``
+calls. ``manual_plan`` turns stage boundaries written by a person (module
+names) into a checked, simulated ``Plan`` so that hand-made splits are judged
+exactly like the planners' own.
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass
+from typing import Any, Mapping, Sequence
+
+import torch
+
+from cost_models import AnalyticCostModel, CostModel
+
+from .baselines import METHODS, Pins, plan_baseline
+from .capture import CapturedModel, capture
+from .cluster import Cluster
+from .errors import PlanError
+from .evaluate import Evaluator, StageSpec
+from .graph import PartitionGraph, build_partition_graph
+from .plan import Mesh, Plan, Schedule, Training
+from .sharding import megatron_sharding
+from .simulate import SimResult
+
+__all__ = ["PlanResult", "plan_parallelism", "prepare", "manual_plan"]
+
+
+@dataclass(frozen=True)
+class PlanResult:
+    """A plan with what produced it (kept for printing timelines and explanations)."""
+
+    plan: Plan
+    sim: SimResult
+    evaluator: Evaluator
+
+    @property
+    def pgraph(self) -> PartitionGraph:
+        return self.evaluator.pgraph
+
+
+def prepare(
+    model: torch.nn.Module | CapturedModel,
+    example_inputs: Sequence[Any] = (),
+    cluster: Cluster | None = None,
+    *,
+    global_batch: int,
+    dtype: str = "bf16",
+    optimizer: str = "adam-mixed",
+    zero1: bool = False,
+    memory_reserve: float = 0.1,
+    overlap_dp: bool = True,
+    cost_model: CostModel | None = None,
+    name: str | None = None,
+    batch_size: int | None = None,
+) -> Evaluator:
+    """Capture (unless given a ``CapturedModel``), coarsen, and build the evaluator."""
+    if cluster is None:
+        raise PlanError("a cluster is required, e.g. Cluster.preset('dgx-a100-80g') or Cluster.local(world_size)")
+    if isinstance(model, CapturedModel):
+        captured, module = model, None
+    else:
+        captured, module = capture(model, example_inputs, name=name, batch_size=batch_size), model
+    pgraph = build_partition_graph(captured, module)
+    training = Training(
+        global_batch=global_batch,
+        dtype=dtype,
+        optimizer=optimizer,
+        zero1=zero1,
+        memory_reserve=memory_reserve,
+        overlap_dp=overlap_dp,
+    )
+    return Evaluator(pgraph, cluster, cost_model or AnalyticCostModel(cluster), training)
+
+
+def plan_parallelism(
+    model: torch.nn.Module | CapturedModel,
+    example_inputs: Sequence[Any] = (),
+    cluster: Cluster | None = None,
+    *,
+    global_batch: int,
+    method: str = "pipedream",
+    pp: int | None = None,
+    tp: int | None = None,
+    dp: int | None = None,
+    microbatches: int | None = None,
+    schedule: str | None = None,
+    virtual_stages: int | None = None,
+    recompute: bool | None = None,
+    split_at: Sequence[str] | None = None,
+    **training: Any,
+) -> PlanResult:
+    """Plan ``model`` on ``cluster``. Every keyword left as None is the planner's to choose.
+
+    ``split_at`` (module names where stages 1, 2, ... begin) makes a manual
+    plan instead of running ``method``. Remaining keywords (``dtype``,
+    ``optimizer``, ``zero1``, ``memory_reserve``, ``overlap_dp``,
+    ``cost_model``, ``name``) go to :func:`prepare`.
+    """
+    ev = prepare(model, example_inputs, cluster, global_batch=global_batch, **training)
+    pins = Pins(pp, tp, dp, microbatches, schedule, virtual_stages, recompute)
+    if split_at is not None:
+        plan, sim = manual_plan(ev, split_at, pins)
+    else:
+        if method not in METHODS:
+            raise PlanError(f"--method {method!r} is not one of {', '.join(METHODS)}")
+        plan, sim = plan_baseline(method, ev, pins)
+    return PlanResult(plan, sim, ev)
+
+
+def manual_plan(ev: Evaluator, split_at: Sequence[str], pins: Pins = Pins()) -> tuple[Plan, SimResult]:
+    """A plan whose stage ``i+1`` begins at the block named ``split_at[i]``.
+
+    The mesh defaults to ``pp = len(split_at) + 1`` (times virtual stages),
+    tp=1 and dp for the rest of the cluster; the schedule to 1F1B with
+    micro-batch size 1.
+    """
+    started = time.perf_counter()
+    n = len(ev.pgraph.blocks)
+    starts = [ev.pgraph.block_index(m) for m in split_at]
+    if starts != sorted(set(starts)) or (starts and starts[0] == 0):
+        raise PlanError(
+            "--split-at modules must be distinct, in model order, and after the first block "
+            f"(got {', '.join(split_at)})"
+        )
+    bounds = [0, *starts, n]
+    specs = [StageSpec(tuple(range(bounds[i], bounds[i + 1])), bool(pins.recompute)) for i in range(len(bounds) - 1)]
+    v = pins.virtual_stages or 1
+    name = pins.schedule or ("interleaved" if v > 1 else "1f1b")
+    if len(specs) % v:
+        raise PlanError(f"{len(specs)} stages cannot be spread over virtual_stages={v} per rank")
+    pp = len(specs) // v
+    if pins.pp is not None and pins.pp != pp:
+        raise PlanError(f"--mesh pp={pins.pp} contradicts --split-at, which makes {pp} pipeline stages")
+    world = ev.cluster.world_size
+    tp = pins.tp or 1
+    if world % (pp * tp):
+        raise PlanError(f"pp={pp} x tp={tp} does not divide the cluster's {world} devices")
+    dp = world // (pp * tp)
+    if pins.dp is not None and pins.dp != dp:
+        raise PlanError(f"--mesh dp={pins.dp} contradicts pp={pp}, tp={tp} on {world} devices (dp must be {dp})")
+    gb = ev.training.global_batch
+    if gb % dp:
+        raise PlanError(f"global batch {gb} is not divisible by dp={dp}")
+    per_replica = gb // dp
+    m = pins.microbatches or per_replica
+    if per_replica % m:
+        raise PlanError(f"--microbatches {m} does not divide the {per_replica} samples per replica")
+    sharding: Mapping[str, str] = megatron_sharding(ev.captured) if tp > 1 else {}
+    return ev.make_plan(
+        specs,
+        Mesh(pp, tp, dp),
+        Schedule(name, m, per_replica // m, v),
+        sharding=sharding,
+        method="manual",
+        status="MANUAL",
+        started=started,
+    )

@@ -1,0 +1,680 @@
+"""Event-level simulator for pipeline schedules: it scores a Plan's schedule.
+
+Given per-stage costs (forward, backward, point-to-point send, activation and
+static memory, data-parallel gradient reduction), :func:`simulate` replays a
+pipeline schedule (GPipe, 1F1B or Megatron-LM interleaved 1F1B) action by
+action and returns the step time, per-rank busy/idle time, the bubble
+fraction, peak memory and a printable timeline. It sits after ``solve`` in the
+flow (``Plan ─▶ simulate / explain / compare``): the solver and the CLI use it
+to compare candidate plans without running them. It is pure Python and
+deterministic, and its cost is linear in the number of actions.
+
+Glossary (the words mean only this in this module):
+
+- **stage**: a pipeline stage, possibly a *virtual* one. Stages are numbered
+  ``0 .. ranks * virtual_stages - 1`` in model order; activations flow from
+  stage ``s`` to ``s + 1`` and gradients back.
+- **rank**: a process that runs one or more stages, one action at a time.
+  Stage ``s`` runs on rank ``s % ranks``, so with interleaving rank ``r``
+  holds stages ``r, r + ranks, r + 2 * ranks, ...`` (Megatron-LM's layout);
+  each of those is one *chunk* of the rank.
+- **micro-batch**: one slice of the global batch; the pipeline runs ``M`` of
+  them per step.
+- **action**: one forward (``F``) or backward (``B``) of one micro-batch on
+  one stage, written ``2F0`` (stage 2, forward, micro-batch 0) as in
+  ``torch.distributed.pipelining``.
+- **in flight**: a micro-batch is in flight on a stage from the start of its
+  forward to the end of its backward; its activations are held meanwhile.
+
+[Note: timing model]
+Each rank executes its ordered action list strictly in order, one action at a
+time. ``F(s, m)`` starts when the rank is free and ``F(s-1, m)`` has finished
+plus ``stages[s-1].send_s``. ``B(s, m)`` needs ``F(s, m)`` done and
+``B(s+1, m)`` finished plus ``stages[s].send_s``; the last stage's backward
+needs only its own forward. Point-to-point transfers are asynchronous: they
+delay the receiver but occupy neither rank's compute, and links are not
+modelled as contended. Because the order on every rank is fixed, start times
+are a longest-path computation over the dependency DAG, so the simulator
+visits each action once (see :func:`simulate_orders`).
+
+[Note: data-parallel reduction]
+At the end of the step each rank reduces the gradients of its stages across
+data-parallel replicas; it costs the sum of ``dp_reduce_s`` over the rank's
+stages. Without overlap it starts when the rank's last backward ends. With
+``overlap_dp=True`` it models a bucketed all-reduce that is launched as
+gradients become ready during the rank's *last* backward: it starts at the
+start of that backward, but cannot finish before the backward ends (the last
+bucket is only ready then). Earlier backwards are not overlapped, because for
+most stages the gradients of a parameter keep accumulating until the last
+micro-batch. The exposed time is the part that sticks out past the rank's
+last backward. ``step_time_s`` is the latest end over ranks.
+"""
+
+from __future__ import annotations
+
+import gc
+import math
+import re
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
+from dataclasses import dataclass
+
+from partitioner.errors import PlanError
+
+__all__ = [
+    "SCHEDULES",
+    "Action",
+    "Event",
+    "SimResult",
+    "StageCost",
+    "schedule_order",
+    "simulate",
+    "simulate_orders",
+]
+
+SCHEDULES = ("gpipe", "1f1b", "interleaved")
+
+_FORWARD = "F"
+_BACKWARD = "B"
+_ACTION_RE = re.compile(r"^\s*(\d+)\s*([FB])\s*(\d+)\s*$")
+
+
+@dataclass(frozen=True, slots=True)
+class StageCost:
+    """What one micro-batch costs on one stage, and what the stage keeps resident."""
+
+    forward_s: float  # one micro-batch forward on this stage (compute + tensor-parallel collectives)
+    backward_s: float  # one micro-batch backward (includes the recomputed forward when recompute is on)
+    # p2p time to send this stage's output to the next stage, per micro-batch
+    # (the gradient coming back costs the same; ignored on the last stage)
+    send_s: float = 0.0
+    # activation memory held per in-flight micro-batch (forward done, backward not yet)
+    activation_bytes: int = 0
+    static_bytes: int = 0  # parameters + gradients + optimizer state resident for this stage
+    dp_reduce_s: float = 0.0  # data-parallel gradient reduction for this stage at the end of the step
+
+    def __post_init__(self) -> None:
+        for name in ("forward_s", "backward_s", "send_s", "dp_reduce_s"):
+            value = getattr(self, name)
+            if not (isinstance(value, (int, float)) and math.isfinite(value) and value >= 0):
+                raise PlanError(
+                    f"StageCost.{name} = {value!r}: times must be finite and >= 0 seconds; "
+                    "check the cost model that produced this stage"
+                )
+        for name in ("activation_bytes", "static_bytes"):
+            value = getattr(self, name)
+            if not isinstance(value, int) or value < 0:
+                raise PlanError(f"StageCost.{name} = {value!r}: must be an integer >= 0 bytes")
+
+
+@dataclass(frozen=True, slots=True, repr=False)
+class Action:
+    """One forward or backward of one micro-batch on one stage; prints as ``2F0``."""
+
+    stage: int  # pipeline stage (virtual stage index when interleaved)
+    kind: str  # "F" (forward) or "B" (backward)
+    microbatch: int  # micro-batch index, 0-based
+
+    # No __post_init__ on purpose: the simulator creates hundreds of thousands
+    # of these, and simulate_orders() validates every action it is given.
+
+    def __str__(self) -> str:
+        return f"{self.stage}{self.kind}{self.microbatch}"
+
+    # Compact repr, like torch's _Action, so lists of actions stay readable.
+    __repr__ = __str__
+
+    @classmethod
+    def parse(cls, text: str) -> Action:
+        """Parse ``"2F0"`` back into ``Action(2, "F", 0)``."""
+        match = _ACTION_RE.match(text)
+        if match is None:
+            raise PlanError(
+                f"cannot parse action {text!r}: expected <stage><F|B><microbatch>, e.g. '2F0'"
+            )
+        return cls(int(match.group(1)), match.group(2), int(match.group(3)))
+
+
+@dataclass(frozen=True, slots=True)
+class Event:
+    """One action as it ran in the simulation."""
+
+    rank: int  # rank that executed the action
+    action: Action  # what ran
+    start_s: float  # start time, seconds from the start of the step
+    end_s: float  # end time, seconds from the start of the step
+
+
+@dataclass(frozen=True, slots=True)
+class SimResult:
+    """The simulated step: timing, memory and the full event list."""
+
+    step_time_s: float  # makespan including the exposed data-parallel reduction
+    pipeline_time_s: float  # makespan of the forward/backward part only
+    busy_s: tuple[float, ...]  # per rank compute time
+    idle_s: tuple[float, ...]  # per rank pipeline_time - busy
+    bubble_fraction: float  # 1 - sum(busy)/(ranks*pipeline_time)
+    # per rank: max over time of the activation bytes of micro-batches in flight on its stages
+    peak_activation_bytes: tuple[int, ...]
+    peak_memory_bytes: tuple[int, ...]  # per rank: static (sum over its stages) + peak activations
+    peak_inflight: tuple[int, ...]  # per rank: max number of micro-batches in flight (summed over its stages)
+    dp_exposed_s: tuple[float, ...]  # per rank exposed gradient reduction time
+    events: tuple[Event, ...]  # every action as it ran, rank-major, each rank in execution order
+
+    @property
+    def ranks(self) -> int:
+        """Number of ranks simulated."""
+        return len(self.busy_s)
+
+    @property
+    def bottleneck_rank(self) -> int:
+        """The rank with the most compute time (lowest index on ties): the one to lighten first."""
+        return max(range(len(self.busy_s)), key=lambda r: (self.busy_s[r], -r))
+
+    def grid(self, width: int = 100) -> str:
+        """Text timeline: one row per rank, time scaled into ``width`` columns, then per-rank action lists."""
+        by_rank = _events_by_rank(self.events, self.ranks)
+        ends = [rank_events[-1].end_s if rank_events else 0.0 for rank_events in by_rank]
+        exposed = [(ends[r], ends[r] + self.dp_exposed_s[r]) for r in range(self.ranks)]
+        return _render(by_rank, self.step_time_s, width, exposed, max_listed=None)
+
+
+def schedule_order(
+    schedule: str, ranks: int, microbatches: int, virtual_stages: int = 1
+) -> list[list[Action]]:
+    """Per-rank ordered action lists for a named schedule.
+
+    Stage ``s`` (``0 .. ranks * virtual_stages - 1``) runs on rank ``s % ranks``.
+
+    - ``gpipe``: all forwards ``m = 0 .. M-1``, then all backwards in the same
+      order, as torch's ``ScheduleGPipe``.
+    - ``1f1b``: rank ``r`` does ``min(ranks - r - 1, M)`` warm-up forwards,
+      then alternates one forward and one backward, then drains the remaining
+      backwards (PipeDream-Flush / Megatron-LM 1F1B).
+    - ``interleaved``: Megatron-LM interleaved 1F1B (Narayanan et al. 2021),
+      see :func:`_interleaved_order`. With ``virtual_stages == 1`` it is
+      exactly ``1f1b``.
+    """
+    _check_schedule_args(schedule, ranks, microbatches, virtual_stages)
+    if schedule == "gpipe":
+        return [_gpipe_order(r, microbatches) for r in range(ranks)]
+    if schedule == "1f1b" or virtual_stages == 1:
+        # Megatron's interleaved warm-up formula with one chunk would give
+        # 2*(ranks-r-1) warm-ups (more memory, same time); the interleaved
+        # schedule with a single chunk is meant to be plain 1F1B.
+        return [_one_f_one_b_order(r, ranks, microbatches) for r in range(ranks)]
+    return [_interleaved_order(r, ranks, microbatches, virtual_stages) for r in range(ranks)]
+
+
+def simulate(
+    stages: Sequence[StageCost],
+    schedule: str,
+    microbatches: int,
+    virtual_stages: int = 1,
+    overlap_dp: bool = True,
+) -> SimResult:
+    """Simulate one training step of ``schedule`` over ``stages``.
+
+    ``len(stages)`` must be ``ranks * virtual_stages``; ``stages[s]`` runs on
+    rank ``s % ranks``. See [Note: timing model] and [Note: data-parallel
+    reduction] in the module docstring.
+    """
+    if not isinstance(virtual_stages, int) or virtual_stages < 1:
+        raise PlanError(f"virtual_stages = {virtual_stages!r}: must be an integer >= 1")
+    if len(stages) == 0 or len(stages) % virtual_stages != 0:
+        raise PlanError(
+            f"len(stages) = {len(stages)} is not a positive multiple of virtual_stages = "
+            f"{virtual_stages}: give one StageCost per (rank, chunk), i.e. ranks * virtual_stages"
+        )
+    ranks = len(stages) // virtual_stages
+    with _gc_paused():
+        orders = schedule_order(schedule, ranks, microbatches, virtual_stages)
+        return simulate_orders(stages, orders, microbatches, overlap_dp=overlap_dp)
+
+
+def simulate_orders(
+    stages: Sequence[StageCost],
+    orders: Sequence[Sequence[Action]],
+    microbatches: int,
+    *,
+    overlap_dp: bool = True,
+) -> SimResult:
+    """Simulate explicit per-rank action orders (``orders[r]`` is rank ``r``'s list).
+
+    Every ``(stage, kind, micro-batch)`` must appear exactly once, on rank
+    ``stage % len(orders)``. Raises :class:`PlanError` with the timeline of
+    what ran if the orders deadlock.
+
+    [Note: linear-time replay] Start times are computed in dependency order
+    rather than time order: a rank advances through its list while the
+    dependencies of its next action are finished, and otherwise parks on the
+    one missing dependency; finishing an action wakes the ranks parked on it.
+    Every action is visited once, so the cost is O(actions). Since a rank never
+    reorders its list, this equals a time-ordered event simulation.
+    """
+    with _gc_paused():
+        return _simulate_orders(stages, orders, microbatches, overlap_dp)
+
+
+def _simulate_orders(
+    stages: Sequence[StageCost],
+    orders: Sequence[Sequence[Action]],
+    microbatches: int,
+    overlap_dp: bool,
+) -> SimResult:
+    stage_costs = _check_stages(stages)
+    ranks = len(orders)
+    num_stages = len(stage_costs)
+    # keys[r][i] encodes orders[r][i] as (stage * M + micro-batch) * 2 + (1 if B):
+    # flat int-indexed lists are far faster than objects or dicts of tuples at
+    # 10^5-10^6 actions. With this layout F(s-1, m) = key - 2M and
+    # B(s+1, m) = key + 2M, and key // 2M is the stage.
+    keys = _check_orders(orders, num_stages, microbatches)
+    two_m = 2 * microbatches
+    last = num_stages - 1
+    fwd = [c.forward_s for c in stage_costs]
+    bwd = [c.backward_s for c in stage_costs]
+    send = [c.send_s for c in stage_costs]
+
+    start: list[float] = [0.0] * (num_stages * two_m)
+    end: list[float | None] = [None] * (num_stages * two_m)  # None until the action has run
+    parked: dict[int, list[int]] = {}  # missing dependency key -> ranks waiting for it
+    waiting_on = [-1] * ranks  # key each rank is parked on, -1 when done
+    position = [0] * ranks  # index of each rank's next action
+    free_at = [0.0] * ranks  # when each rank finishes its latest action
+
+    runnable = list(range(ranks - 1, -1, -1))  # stack: rank 0 is tried first
+    while runnable:
+        r = runnable.pop()
+        rank_keys = keys[r]
+        n = len(rank_keys)
+        pos = position[r]
+        t_free = free_at[r]
+        while pos < n:
+            key = rank_keys[pos]
+            s = key // two_m
+            if key & 1:  # B(s, m): needs F(s, m), and B(s+1, m) plus the gradient's send
+                dep = key - 1
+                ready = end[dep]
+                if ready is None:
+                    break
+                if s < last:
+                    dep = key + two_m
+                    grad = end[dep]
+                    if grad is None:
+                        break
+                    grad += send[s]
+                    if grad > ready:
+                        ready = grad
+                duration = bwd[s]
+            else:  # F(s, m): needs F(s-1, m) plus the activation's send
+                if s:
+                    dep = key - two_m
+                    ready = end[dep]
+                    if ready is None:
+                        break
+                    ready += send[s - 1]
+                else:
+                    ready = 0.0
+                duration = fwd[s]
+            if t_free > ready:
+                ready = t_free
+            start[key] = ready
+            t_free = ready + duration
+            end[key] = t_free
+            pos += 1
+            if key in parked:
+                runnable.extend(parked.pop(key))
+        else:
+            dep = -1  # ran to the end of its list
+        position[r] = pos
+        free_at[r] = t_free
+        waiting_on[r] = dep
+        if dep >= 0:
+            parked.setdefault(dep, []).append(r)
+
+    # Materialize the events once, after timing, from the flat arrays.
+    events = [
+        [
+            Event(r, action, start[key], end[key])  # type: ignore[arg-type]  # ran, so not None
+            for action, key in zip(orders[r][: position[r]], keys[r])
+        ]
+        for r in range(ranks)
+    ]
+    if any(position[r] < len(keys[r]) for r in range(ranks)):
+        raise PlanError(_deadlock_message(events, orders, position, waiting_on, microbatches))
+    return _summarize(stage_costs, events, overlap_dp)
+
+
+@contextmanager
+def _gc_paused() -> Iterator[None]:
+    """Pause the cyclic garbage collector while building a big, acyclic result.
+
+    A large simulation allocates ~10^6 small objects (actions, events), none
+    of them in reference cycles; CPython's generational GC would traverse them
+    over and over as they pile up, which cost about a third of the run time
+    at 64 ranks x 512 micro-batches x 4 chunks. Reference counting still frees
+    everything, and the previous GC state is restored on exit (a nested or
+    concurrent caller that found it already paused leaves it alone).
+    """
+    was_enabled = gc.isenabled()
+    gc.disable()
+    try:
+        yield
+    finally:
+        if was_enabled:
+            gc.enable()
+
+
+# --------------------------------------------------------------------------
+# Schedules
+
+
+def _gpipe_order(rank: int, microbatches: int) -> list[Action]:
+    forwards = [Action(rank, _FORWARD, m) for m in range(microbatches)]
+    backwards = [Action(rank, _BACKWARD, m) for m in range(microbatches)]
+    return forwards + backwards
+
+
+def _one_f_one_b_order(rank: int, ranks: int, microbatches: int) -> list[Action]:
+    # Warm-up fills the pipeline just deep enough that the last stage's first
+    # backward can start; afterwards every forward is paired with a backward,
+    # which caps the in-flight micro-batches on rank r at ranks - r.
+    warmup = min(ranks - rank - 1, microbatches)
+    forwards = [Action(rank, _FORWARD, m) for m in range(microbatches)]
+    backwards = [Action(rank, _BACKWARD, m) for m in range(microbatches)]
+    return _warmup_steady_cooldown(forwards, backwards, warmup)
+
+
+def _interleaved_order(rank: int, ranks: int, microbatches: int, chunks: int) -> list[Action]:
+    """Megatron-LM ``forward_backward_pipelining_with_interleaving`` for one rank.
+
+    The rank runs ``M * v`` forward "virtual micro-batches" k. Micro-batches go
+    in groups of ``ranks``: within a group of ``ranks * v`` consecutive k, the
+    first ``ranks`` run chunk 0, the next ``ranks`` chunk 1, and so on;
+    backwards visit the chunks in reverse. The warm-up is
+    ``(ranks - r - 1) * 2 + (v - 1) * ranks`` forwards (capped at ``M * v``),
+    then one forward and one backward alternate, then the backwards drain.
+    Unlike Megatron we do not special-case ``M == ranks`` into all-forward
+    warm-up; the formula above is deadlock-free there too.
+    """
+    # Forward k = g * ranks * v + c * ranks + i is micro-batch g * ranks + i
+    # on chunk c; backward k is the same micro-batch on chunk v - 1 - c.
+    groups = range(microbatches // ranks)
+    forwards = [
+        Action(c * ranks + rank, _FORWARD, g * ranks + i)
+        for g in groups
+        for c in range(chunks)
+        for i in range(ranks)
+    ]
+    backwards = [
+        Action(c * ranks + rank, _BACKWARD, g * ranks + i)
+        for g in groups
+        for c in reversed(range(chunks))
+        for i in range(ranks)
+    ]
+    warmup = min((ranks - rank - 1) * 2 + (chunks - 1) * ranks, len(forwards))
+    return _warmup_steady_cooldown(forwards, backwards, warmup)
+
+
+def _warmup_steady_cooldown(forwards: list[Action], backwards: list[Action], warmup: int) -> list[Action]:
+    """``forwards[:warmup]``, then forward/backward pairs, then the remaining backwards."""
+    steady = len(forwards) - warmup
+    pairs: list[Action] = [None] * (2 * steady)  # type: ignore[list-item]  # filled by the slices below
+    pairs[0::2] = forwards[warmup:]
+    pairs[1::2] = backwards[:steady]
+    return forwards[:warmup] + pairs + backwards[steady:]
+
+
+# --------------------------------------------------------------------------
+# Validation
+
+
+def _check_schedule_args(schedule: str, ranks: int, microbatches: int, virtual_stages: int) -> None:
+    if schedule not in SCHEDULES:
+        raise PlanError(f"unknown schedule {schedule!r}: choose one of {', '.join(SCHEDULES)}")
+    if not isinstance(ranks, int) or ranks < 1:
+        raise PlanError(f"ranks = {ranks!r}: a pipeline needs at least 1 rank")
+    if not isinstance(microbatches, int) or microbatches < 1:
+        raise PlanError(f"microbatches = {microbatches!r}: must be an integer >= 1")
+    if not isinstance(virtual_stages, int) or virtual_stages < 1:
+        raise PlanError(f"virtual_stages = {virtual_stages!r}: must be an integer >= 1")
+    if schedule != "interleaved" and virtual_stages != 1:
+        raise PlanError(
+            f"schedule {schedule!r} runs one stage per rank but virtual_stages = "
+            f"{virtual_stages}: use schedule 'interleaved' or set virtual_stages = 1"
+        )
+    if schedule == "interleaved" and virtual_stages > 1 and microbatches % ranks != 0:
+        lower = microbatches // ranks * ranks
+        upper = lower + ranks
+        hint = f"{upper}" if lower == 0 else f"{lower} or {upper}"
+        raise PlanError(
+            f"interleaved schedule needs microbatches to be a multiple of the number of "
+            f"pipeline ranks ({ranks}), got microbatches = {microbatches}: use {hint}, "
+            "or set virtual_stages = 1"
+        )
+
+
+def _check_stages(stages: Sequence[StageCost]) -> list[StageCost]:
+    costs = list(stages)
+    if not costs:
+        raise PlanError("stages is empty: give one StageCost per pipeline stage")
+    for s, cost in enumerate(costs):
+        if not isinstance(cost, StageCost):
+            raise PlanError(f"stages[{s}] is a {type(cost).__name__}, expected StageCost")
+    return costs
+
+
+def _check_orders(
+    orders: Sequence[Sequence[Action]], num_stages: int, microbatches: int
+) -> list[list[int]]:
+    """Validate the orders and return each action's flat key (see simulate_orders)."""
+    ranks = len(orders)
+    if not isinstance(microbatches, int) or microbatches < 1:
+        raise PlanError(f"microbatches = {microbatches!r}: must be an integer >= 1")
+    if ranks < 1 or num_stages % ranks != 0:
+        raise PlanError(
+            f"{num_stages} stages cannot be laid out on {ranks} ranks: "
+            "len(stages) must be a positive multiple of len(orders)"
+        )
+    seen = bytearray(2 * num_stages * microbatches)
+    keys: list[list[int]] = []
+    for r, order in enumerate(orders):
+        rank_keys: list[int] = []
+        keys.append(rank_keys)
+        for pos, a in enumerate(order):
+            # One cheap combined test per action; the message is only built on failure.
+            if (
+                isinstance(a, Action)
+                and (a.kind == _FORWARD or a.kind == _BACKWARD)
+                and 0 <= a.stage < num_stages
+                and 0 <= a.microbatch < microbatches
+                and a.stage % ranks == r
+            ):
+                key = (a.stage * microbatches + a.microbatch) * 2 + (a.kind == _BACKWARD)
+                if not seen[key]:
+                    seen[key] = 1
+                    rank_keys.append(key)
+                    continue
+            raise PlanError(_bad_action_message(a, r, pos, ranks, num_stages, microbatches))
+    missing = seen.count(0)
+    if missing:
+        first = seen.index(0)
+        idx, is_b = divmod(first, 2)
+        stage, m = divmod(idx, microbatches)
+        example = Action(stage, _BACKWARD if is_b else _FORWARD, m)
+        raise PlanError(
+            f"orders miss {missing} action(s), e.g. {example} on rank {stage % ranks}: "
+            "every stage must run F and B for every micro-batch"
+        )
+    return keys
+
+
+def _bad_action_message(
+    a: object, r: int, pos: int, ranks: int, num_stages: int, microbatches: int
+) -> str:
+    where = f"orders[{r}][{pos}] = {a!r}"
+    if not isinstance(a, Action):
+        return f"{where}: expected an Action, e.g. Action.parse('0F0')"
+    if a.kind not in (_FORWARD, _BACKWARD):
+        return f"{where}: kind must be 'F' or 'B'"
+    if not 0 <= a.stage < num_stages:
+        return f"{where}: stage out of range 0..{num_stages - 1}"
+    if not 0 <= a.microbatch < microbatches:
+        return f"{where}: micro-batch out of range 0..{microbatches - 1}"
+    if a.stage % ranks != r:
+        return f"{where}: stage {a.stage} runs on rank {a.stage % ranks}, not on rank {r}"
+    return f"{where}: action scheduled twice; each stage runs F and B once per micro-batch"
+
+
+# --------------------------------------------------------------------------
+# Results and printing
+
+
+def _summarize(stages: list[StageCost], events: list[list[Event]], overlap_dp: bool) -> SimResult:
+    ranks = len(events)
+    compute_end = [rank_events[-1].end_s if rank_events else 0.0 for rank_events in events]
+    pipeline_time = max(compute_end)
+
+    dp_exposed: list[float] = []
+    step_time = pipeline_time
+    for r in range(ranks):
+        reduce_s = sum(c.dp_reduce_s for c in stages[r::ranks])
+        last_b = next((e for e in reversed(events[r]) if e.action.kind == _BACKWARD), None)
+        if reduce_s == 0.0 or last_b is None:
+            exposed = 0.0
+        elif overlap_dp:
+            # [Note: data-parallel reduction]: launched with the last backward,
+            # but the final bucket cannot go out before that backward ends.
+            exposed = max(0.0, last_b.start_s + reduce_s - last_b.end_s)
+        else:
+            exposed = reduce_s
+        # Exposure is measured from the end of the rank's own compute; if the
+        # rank's last action is a forward (custom orders), count from there.
+        rank_end = max(compute_end[r], (last_b.end_s if last_b else 0.0) + exposed)
+        dp_exposed.append(rank_end - compute_end[r])
+        step_time = max(step_time, rank_end)
+
+    busy: list[float] = []
+    peak_act: list[int] = []
+    peak_count: list[int] = []
+    for r in range(ranks):
+        # A rank runs its actions one at a time, so walking its events in
+        # order is chronological: add at forward start, release at backward end.
+        # Busy time sums the costs rather than end - start, to stay exact.
+        held = count = top_bytes = top_count = 0
+        compute = 0.0
+        for e in events[r]:
+            cost = stages[e.action.stage]
+            if e.action.kind == _FORWARD:
+                compute += cost.forward_s
+                held += cost.activation_bytes
+                count += 1
+                top_bytes = max(top_bytes, held)
+                top_count = max(top_count, count)
+            else:
+                compute += cost.backward_s
+                held -= cost.activation_bytes
+                count -= 1
+        busy.append(compute)
+        peak_act.append(top_bytes)
+        peak_count.append(top_count)
+    static = [sum(c.static_bytes for c in stages[r::ranks]) for r in range(ranks)]
+
+    total_busy = sum(busy)
+    bubble = 1.0 - total_busy / (ranks * pipeline_time) if pipeline_time > 0 else 0.0
+    return SimResult(
+        step_time_s=step_time,
+        pipeline_time_s=pipeline_time,
+        busy_s=tuple(busy),
+        idle_s=tuple(pipeline_time - b for b in busy),
+        bubble_fraction=bubble,
+        peak_activation_bytes=tuple(peak_act),
+        peak_memory_bytes=tuple(s + a for s, a in zip(static, peak_act)),
+        peak_inflight=tuple(peak_count),
+        dp_exposed_s=tuple(dp_exposed),
+        events=tuple(e for rank_events in events for e in rank_events),
+    )
+
+
+def _events_by_rank(events: Sequence[Event], ranks: int) -> list[list[Event]]:
+    by_rank: list[list[Event]] = [[] for _ in range(ranks)]
+    for e in events:
+        by_rank[e.rank].append(e)
+    return by_rank
+
+
+_LEGEND = "legend: F forward, B backward, R exposed data-parallel reduction, . idle"
+
+
+def _render(
+    by_rank: Sequence[Sequence[Event]],
+    span: float,
+    width: int,
+    exposed: Sequence[tuple[float, float]],
+    max_listed: int | None,
+) -> str:
+    """Draw the timeline grid and the per-rank action lists.
+
+    Each column shows what the rank was doing at the column's midpoint, so an
+    action shorter than a column may not appear; the action lists below the
+    grid are exact.
+    """
+    if width < 1:
+        raise ValueError(f"width = {width}: the grid needs at least 1 column")
+    label = len(str(max(len(by_rank) - 1, 0)))
+    step = span / width if span > 0 else 0.0
+    lines = [f"timeline 0 .. {span:.6g} s, {width} columns of {step:.3g} s"]
+    for r, rank_events in enumerate(by_rank):
+        cells = []
+        i = 0
+        dp_start, dp_end = exposed[r]
+        for col in range(width):
+            t = (col + 0.5) * step
+            while i < len(rank_events) and rank_events[i].end_s <= t:
+                i += 1
+            if step > 0 and i < len(rank_events) and rank_events[i].start_s <= t:
+                cells.append(rank_events[i].action.kind)
+            elif step > 0 and dp_start <= t < dp_end:
+                cells.append("R")
+            else:
+                cells.append(".")
+        lines.append(f"rank {r:>{label}} |{''.join(cells)}|")
+    lines.append(_LEGEND)
+    for r, rank_events in enumerate(by_rank):
+        shown = [str(e.action) for e in rank_events]
+        if max_listed is not None and len(shown) > max_listed:
+            shown = ["..."] + shown[-max_listed:]
+        lines.append(f"rank {r:>{label}}: {' '.join(shown) or '(nothing ran)'}")
+    return "\n".join(lines)
+
+
+def _deadlock_message(
+    events: list[list[Event]],
+    orders: Sequence[Sequence[Action]],
+    position: list[int],
+    waiting_on: list[int],
+    microbatches: int,
+) -> str:
+    ranks = len(orders)
+
+    def describe(key: int) -> str:
+        idx, is_b = divmod(key, 2)
+        stage, m = divmod(idx, microbatches)
+        return f"{Action(stage, _BACKWARD if is_b else _FORWARD, m)} (rank {stage % ranks})"
+
+    stuck = [
+        f"  rank {r} stuck at {orders[r][position[r]]} (step {position[r]}), "
+        f"waiting for {describe(waiting_on[r])}"
+        for r in range(ranks)
+        if position[r] < len(orders[r])
+    ]
+    span = max((rank_events[-1].end_s for rank_events in events if rank_events), default=0.0)
+    timeline = _render(events, span, 60, [(0.0, 0.0)] * ranks, max_listed=12)
+    return (
+        "pipeline schedule deadlocks: no rank can start its next action\n"
+        + "\n".join(stuck)
+        + "\nreorder the actions so that each one's inputs can be produced first "
+        "(F(s-1,m) before F(s,m); F(s,m) and B(s+1,m) before B(s,m)). What ran:\n"
+        + timeline
+    )

@@ -1,0 +1,439 @@
+"""Tests for the pipeline schedule simulator (partitioner/simulate.py).
+
+Closed forms come from the GPipe / PipeDream-Flush analysis and Narayanan et
+al. 2021 (interleaved 1F1B); the hand cases are worked out in comments.
+"""
+
+from __future__ import annotations
+
+import gc
+import math
+import random
+import time
+
+import pytest
+
+from partitioner.errors import PlanError
+from partitioner.simulate import (
+    SCHEDULES,
+    Action,
+    SimResult,
+    StageCost,
+    schedule_order,
+    simulate,
+    simulate_orders,
+)
+
+
+def uniform(ranks: int, f: float, b: float, chunks: int = 1, **extra: float) -> list[StageCost]:
+    """``ranks * chunks`` equal stages; each chunk carries 1/chunks of a rank's work."""
+    return [StageCost(f / chunks, b / chunks, **extra) for _ in range(ranks * chunks)]
+
+
+def actions(text: str) -> list[Action]:
+    return [Action.parse(word) for word in text.split()]
+
+
+def assert_valid_timeline(stages: list[StageCost], result: SimResult) -> None:
+    """Every event obeys the timing model and starts as early as it can."""
+    ranks = result.ranks
+    last = len(stages) - 1
+    done = {(e.action.stage, e.action.kind, e.action.microbatch): e for e in result.events}
+    free = [0.0] * ranks
+    for e in result.events:  # rank-major, each rank in execution order
+        a = e.action
+        cost = stages[a.stage]
+        if a.kind == "F":
+            assert e.end_s - e.start_s == pytest.approx(cost.forward_s)
+            ready = 0.0
+            if a.stage > 0:
+                ready = done[(a.stage - 1, "F", a.microbatch)].end_s + stages[a.stage - 1].send_s
+        else:
+            assert e.end_s - e.start_s == pytest.approx(cost.backward_s)
+            ready = done[(a.stage, "F", a.microbatch)].end_s
+            if a.stage < last:
+                ready = max(ready, done[(a.stage + 1, "B", a.microbatch)].end_s + cost.send_s)
+        assert e.rank == a.stage % ranks
+        assert e.start_s == pytest.approx(max(free[e.rank], ready))
+        free[e.rank] = e.end_s
+
+
+# --------------------------------------------------------------------------
+# Action
+
+
+@pytest.mark.parametrize("text", ["2F0", "0B3", "17F123"])
+def test_action_round_trips(text: str) -> None:
+    action = Action.parse(text)
+    assert str(action) == text
+    assert repr(action) == text
+    assert Action.parse(str(action)) == action
+
+
+def test_action_fields() -> None:
+    assert Action.parse("2B3") == Action(stage=2, kind="B", microbatch=3)
+    assert Action.parse(" 4 F 1 ") == Action(4, "F", 1)
+
+
+@pytest.mark.parametrize("text", ["", "2X0", "F0", "2F", "-1F0", "2f0"])
+def test_action_parse_rejects(text: str) -> None:
+    with pytest.raises(PlanError, match="expected <stage><F|B><microbatch>"):
+        Action.parse(text)
+
+
+# --------------------------------------------------------------------------
+# Schedule orders
+
+
+def test_gpipe_order() -> None:
+    orders = schedule_order("gpipe", 2, 3)
+    assert orders[1] == actions("1F0 1F1 1F2 1B0 1B1 1B2")
+
+
+def test_1f1b_order() -> None:
+    orders = schedule_order("1f1b", 3, 4)
+    assert orders == [
+        actions("0F0 0F1 0F2 0B0 0F3 0B1 0B2 0B3"),
+        actions("1F0 1F1 1B0 1F2 1B1 1F3 1B2 1B3"),
+        actions("2F0 2B0 2F1 2B1 2F2 2B2 2F3 2B3"),
+    ]
+
+
+def test_1f1b_warmup_capped_by_microbatches() -> None:
+    assert schedule_order("1f1b", 4, 2)[0] == actions("0F0 0F1 0B0 0B1")
+
+
+def test_interleaved_with_one_chunk_is_1f1b() -> None:
+    assert schedule_order("interleaved", 4, 6, 1) == schedule_order("1f1b", 4, 6)
+
+
+@pytest.mark.parametrize(("ranks", "microbatches", "chunks"), [(4, 8, 2), (2, 4, 3), (4, 4, 2), (3, 6, 4)])
+def test_interleaved_order_follows_megatron(ranks: int, microbatches: int, chunks: int) -> None:
+    """Chunk ids from Megatron-LM's get_model_chunk_id, warm-up from its formula."""
+    group = ranks * chunks
+    total = microbatches * chunks
+    for rank, order in enumerate(schedule_order("interleaved", ranks, microbatches, chunks)):
+        forwards = [a for a in order if a.kind == "F"]
+        backwards = [a for a in order if a.kind == "B"]
+        for k, (fwd, bwd) in enumerate(zip(forwards, backwards, strict=True)):
+            chunk = (k % group) // ranks
+            microbatch = (k // group) * ranks + k % ranks
+            assert fwd == Action(chunk * ranks + rank, "F", microbatch)
+            assert bwd == Action((chunks - 1 - chunk) * ranks + rank, "B", microbatch)
+        warmup = min((ranks - rank - 1) * 2 + (chunks - 1) * ranks, total)
+        leading = next((i for i, a in enumerate(order) if a.kind == "B"), len(order))
+        assert leading == min(warmup + 1, total)
+        # Steady state alternates strictly after the warm-up.
+        steady = order[warmup : warmup + 2 * (total - warmup)]
+        assert [a.kind for a in steady] == ["F", "B"] * (total - warmup)
+
+
+# --------------------------------------------------------------------------
+# Closed forms (equal stages, no communication)
+
+
+@pytest.mark.parametrize("schedule", ["gpipe", "1f1b"])
+@pytest.mark.parametrize(
+    ("ranks", "microbatches", "f", "b"),
+    [(4, 8, 1.0, 1.0), (4, 8, 1.0, 2.0), (2, 1, 1.0, 1.0), (8, 3, 0.5, 1.5), (3, 16, 2.0, 1.0)],
+)
+def test_gpipe_1f1b_closed_form(schedule: str, ranks: int, microbatches: int, f: float, b: float) -> None:
+    stages = uniform(ranks, f, b)
+    result = simulate(stages, schedule, microbatches)
+    expected = (microbatches + ranks - 1) * (f + b)
+    assert result.pipeline_time_s == pytest.approx(expected)
+    assert result.step_time_s == pytest.approx(expected)
+    assert result.bubble_fraction == pytest.approx((ranks - 1) / (microbatches + ranks - 1))
+    assert result.busy_s == pytest.approx([microbatches * (f + b)] * ranks)
+    assert result.idle_s == pytest.approx([(ranks - 1) * (f + b)] * ranks)
+    assert_valid_timeline(stages, result)
+
+
+@pytest.mark.parametrize(
+    ("ranks", "microbatches", "chunks", "f", "b"),
+    [
+        (4, 8, 2, 1.0, 1.0),
+        (4, 8, 2, 1.0, 2.0),
+        (4, 8, 4, 1.0, 1.0),
+        (4, 4, 2, 1.0, 1.0),
+        (2, 6, 2, 1.0, 3.0),
+        (8, 16, 2, 1.0, 2.0),
+        (4, 12, 3, 1.0, 2.0),
+        (1, 3, 2, 1.0, 1.0),
+    ],
+)
+def test_interleaved_closed_form(ranks: int, microbatches: int, chunks: int, f: float, b: float) -> None:
+    stages = uniform(ranks, f, b, chunks)
+    result = simulate(stages, "interleaved", microbatches, virtual_stages=chunks)
+    bubble_units = (ranks - 1) / chunks
+    assert result.pipeline_time_s == pytest.approx(microbatches * (f + b) + bubble_units * (f + b))
+    assert result.bubble_fraction == pytest.approx(bubble_units / (microbatches + bubble_units))
+    assert_valid_timeline(stages, result)
+
+
+def test_interleaved_beats_1f1b() -> None:
+    plain = simulate(uniform(4, 1.0, 2.0), "1f1b", 8)
+    interleaved = simulate(uniform(4, 1.0, 2.0, 2), "interleaved", 8, virtual_stages=2)
+    assert interleaved.pipeline_time_s < plain.pipeline_time_s
+    assert interleaved.bubble_fraction < plain.bubble_fraction
+
+
+@pytest.mark.parametrize("schedule", SCHEDULES)
+@pytest.mark.parametrize("microbatches", [1, 5])
+def test_single_rank_has_no_bubble(schedule: str, microbatches: int) -> None:
+    chunks = 2 if schedule == "interleaved" else 1
+    result = simulate(uniform(1, 1.5, 2.5, chunks), schedule, microbatches, virtual_stages=chunks)
+    assert result.pipeline_time_s == pytest.approx(microbatches * 4.0)
+    assert result.bubble_fraction == pytest.approx(0.0)
+
+
+# --------------------------------------------------------------------------
+# Memory
+
+
+@pytest.mark.parametrize(("ranks", "microbatches"), [(4, 8), (4, 2), (6, 6)])
+def test_1f1b_peak_inflight_and_memory(ranks: int, microbatches: int) -> None:
+    stages = [
+        StageCost(1.0, 2.0, activation_bytes=100 * (s + 1), static_bytes=7_000 + s) for s in range(ranks)
+    ]
+    result = simulate(stages, "1f1b", microbatches)
+    inflight = [min(ranks - r, microbatches) for r in range(ranks)]
+    assert result.peak_inflight == tuple(inflight)
+    assert result.peak_activation_bytes == tuple(100 * (r + 1) * inflight[r] for r in range(ranks))
+    assert result.peak_memory_bytes == tuple(
+        7_000 + r + 100 * (r + 1) * inflight[r] for r in range(ranks)
+    )
+
+
+def test_gpipe_holds_every_microbatch() -> None:
+    result = simulate(uniform(4, 1.0, 1.0, activation_bytes=10), "gpipe", 8)
+    assert result.peak_inflight == (8, 8, 8, 8)
+    assert result.peak_activation_bytes == (80, 80, 80, 80)
+
+
+def test_interleaved_memory_sums_chunks() -> None:
+    ranks, microbatches, chunks = 4, 8, 2
+    stages = [StageCost(0.5, 0.5, activation_bytes=1 if s < ranks else 1000) for s in range(ranks * chunks)]
+    result = simulate(stages, "interleaved", microbatches, virtual_stages=chunks)
+    # Megatron warm-up (ranks-r-1)*2 + (chunks-1)*ranks forwards, plus one steady-state forward.
+    assert result.peak_inflight == (11, 9, 7, 5)
+    # Rank 0 runs chunk 0 for micro-batches 0..3, then chunk 1 for 0..3, then 4..6 on chunk 0
+    # before its first backward (of 0 on chunk 1): 7 chunk-0 and 4 chunk-1 micro-batches.
+    assert result.peak_activation_bytes[0] == 7 * 1 + 4 * 1000
+
+
+# --------------------------------------------------------------------------
+# Communication
+
+
+def test_send_adds_to_critical_path() -> None:
+    # 1F1B, 2 ranks, 2 micro-batches, f=1, b=2, stage 0 sends in 0.5 s.
+    # rank 0: 0F0 [0,1] 0F1 [1,2] 0B0 [5,7] 0B1 [8,10]
+    # rank 1: 1F0 [1.5,2.5] 1B0 [2.5,4.5] 1F1 [4.5,5.5] 1B1 [5.5,7.5]
+    # 0B0 waits for 1B0's gradient: 4.5 + 0.5; 0B1 for 1B1's: 7.5 + 0.5.
+    # The last stage's send_s has no next stage and must be ignored.
+    stages = [StageCost(1.0, 2.0, send_s=0.5), StageCost(1.0, 2.0, send_s=99.0)]
+    result = simulate(stages, "1f1b", 2)
+    spans = {str(e.action): (e.start_s, e.end_s) for e in result.events}
+    assert spans == {
+        "0F0": (0.0, 1.0),
+        "0F1": (1.0, 2.0),
+        "0B0": (5.0, 7.0),
+        "0B1": (8.0, 10.0),
+        "1F0": (1.5, 2.5),
+        "1B0": (2.5, 4.5),
+        "1F1": (4.5, 5.5),
+        "1B1": (5.5, 7.5),
+    }
+    assert result.pipeline_time_s == 10.0  # 9 without communication, + 2 crossings of 0.5
+    assert result.busy_s == (6.0, 6.0)
+    assert result.bubble_fraction == pytest.approx(0.4)
+    assert simulate([StageCost(1.0, 2.0)] * 2, "1f1b", 2).pipeline_time_s == 9.0
+
+
+def test_random_costs_follow_timing_model() -> None:
+    rng = random.Random(0)
+    cases = [("gpipe", 3, 5, 1), ("1f1b", 5, 7, 1), ("interleaved", 3, 6, 3)]
+    for schedule, ranks, microbatches, chunks in cases:
+        stages = [
+            StageCost(rng.uniform(0.1, 2), rng.uniform(0.1, 3), send_s=rng.uniform(0, 0.5))
+            for _ in range(ranks * chunks)
+        ]
+        result = simulate(stages, schedule, microbatches, virtual_stages=chunks)
+        assert_valid_timeline(stages, result)
+        assert sum(result.busy_s) == pytest.approx(
+            microbatches * sum(c.forward_s + c.backward_s for c in stages)
+        )
+
+
+# --------------------------------------------------------------------------
+# Data-parallel reduction
+
+
+def dp_stages(reduce_last: float) -> list[StageCost]:
+    return [StageCost(1.0, 1.0, dp_reduce_s=3.0), StageCost(1.0, 1.0, dp_reduce_s=reduce_last)]
+
+
+def test_dp_reduction_hand_case() -> None:
+    # 1F1B, 2 ranks, 2 micro-batches, f=b=1. rank 0 ends with 0B1 [5,6], rank 1 with 1B1 [4,5].
+    # Without overlap: rank 0 ends 6 + 3 = 9, rank 1 ends 5 + 1 = 6.
+    # With overlap: rank 0's reduction starts with 0B1 at 5, ends 8 (2 s exposed);
+    # rank 1's starts at 4 and would end at 5, but not before 1B1 ends: 0 exposed.
+    plain = simulate(dp_stages(1.0), "1f1b", 2, overlap_dp=False)
+    assert plain.pipeline_time_s == 6.0
+    assert plain.dp_exposed_s == (3.0, 1.0)
+    assert plain.step_time_s == 9.0 == plain.pipeline_time_s + 3.0
+    overlapped = simulate(dp_stages(1.0), "1f1b", 2, overlap_dp=True)
+    assert overlapped.pipeline_time_s == 6.0
+    assert overlapped.dp_exposed_s == (2.0, 0.0)
+    assert overlapped.step_time_s == 8.0
+    assert sum(overlapped.dp_exposed_s) < sum(plain.dp_exposed_s)
+
+
+def test_dp_reduction_step_time_is_latest_rank() -> None:
+    # Rank 1 finishes its backwards first (at 5) but reduces for 5 s: it ends last.
+    result = simulate(dp_stages(5.0), "1f1b", 2, overlap_dp=False)
+    assert result.step_time_s == 10.0
+    assert result.pipeline_time_s == 6.0
+
+
+def test_dp_reduction_sums_a_ranks_chunks() -> None:
+    stages = [StageCost(0.5, 0.5, dp_reduce_s=1.0 + s) for s in range(4)]  # 2 ranks x 2 chunks
+    result = simulate(stages, "interleaved", 2, virtual_stages=2, overlap_dp=False)
+    assert result.dp_exposed_s == (1.0 + 3.0, 2.0 + 4.0)
+
+
+# --------------------------------------------------------------------------
+# Timeline printing
+
+
+def test_grid_is_exact_when_columns_match_time_units() -> None:
+    result = simulate(dp_stages(1.0), "1f1b", 2, overlap_dp=False)
+    lines = result.grid(width=9).splitlines()
+    assert lines[1] == "rank 0 |FF.B.BRRR|"
+    assert lines[2] == "rank 1 |.FBFBR...|"
+    assert lines[3].startswith("legend:")
+    assert lines[4] == "rank 0: 0F0 0F1 0B0 0B1"
+    assert lines[5] == "rank 1: 1F0 1B0 1F1 1B1"
+
+
+def test_grid_width() -> None:
+    result = simulate(uniform(4, 1.0, 1.0, 2), "interleaved", 8, virtual_stages=2)
+    rows = [line for line in result.grid(width=40).splitlines() if "|" in line]
+    assert len(rows) == 4
+    assert all(len(row.split("|")[1]) == 40 for row in rows)
+    with pytest.raises(ValueError, match="width"):
+        result.grid(width=0)
+
+
+def test_bottleneck_rank() -> None:
+    stages = [StageCost(1.0, 1.0), StageCost(1.0, 3.0), StageCost(1.0, 1.0)]
+    assert simulate(stages, "1f1b", 4).bottleneck_rank == 1
+
+
+# --------------------------------------------------------------------------
+# Errors and deadlocks
+
+
+def test_deadlock_is_reported_with_what_ran() -> None:
+    # rank 0 waits in 0B0 for 1B0; rank 1 first wants 1F1, which needs 0F1, queued after 0B0.
+    orders = [actions("0F0 0B0 0F1 0B1"), actions("1F1 1F0 1B0 1B1")]
+    with pytest.raises(PlanError) as info:
+        simulate_orders(uniform(2, 1.0, 1.0), orders, 2)
+    message = str(info.value)
+    assert "deadlock" in message
+    assert "rank 0 stuck at 0B0 (step 1), waiting for 1B0 (rank 1)" in message
+    assert "rank 1 stuck at 1F1 (step 0), waiting for 0F1 (rank 0)" in message
+    assert "rank 0: 0F0\n" in message
+    assert "rank 1: (nothing ran)" in message
+
+
+def test_backward_before_own_forward_deadlocks() -> None:
+    orders = [actions("0F0 0B0"), actions("1B0 1F0")]
+    with pytest.raises(PlanError, match="rank 1 stuck at 1B0 .* waiting for 1F0"):
+        simulate_orders(uniform(2, 1.0, 1.0), orders, 1)
+
+
+@pytest.mark.parametrize(
+    ("orders", "match"),
+    [
+        ([actions("0F0 0B0"), actions("1F0")], r"miss 1 action\(s\), e.g. 1B0 on rank 1"),
+        ([actions("0F0 0B0 0F0"), actions("1F0 1B0")], "scheduled twice"),
+        ([actions("0F0 0B0 1F0"), actions("1B0")], "stage 1 runs on rank 1, not on rank 0"),
+        ([actions("0F0 0B0 0F1"), actions("1F0 1B0")], "micro-batch out of range"),
+        ([actions("0F0 0B0 4F0"), actions("1F0 1B0")], "stage out of range"),
+        ([actions("0F0 0B0") + [Action(0, "X", 0)], actions("1F0 1B0")], "kind must be 'F' or 'B'"),
+        ([actions("0F0") + ["0B0"], actions("1F0 1B0")], "expected an Action"),
+    ],
+)
+def test_bad_orders(orders: list[list[Action]], match: str) -> None:
+    with pytest.raises(PlanError, match=match):
+        simulate_orders(uniform(2, 1.0, 1.0), orders, 1)
+
+
+def test_unknown_schedule_lists_choices() -> None:
+    with pytest.raises(PlanError, match="unknown schedule 'zb-v': choose one of gpipe, 1f1b, interleaved"):
+        simulate(uniform(2, 1.0, 1.0), "zb-v", 4)
+
+
+@pytest.mark.parametrize("microbatches", [0, -3])
+def test_microbatches_must_be_positive(microbatches: int) -> None:
+    with pytest.raises(PlanError, match="microbatches"):
+        simulate(uniform(2, 1.0, 1.0), "1f1b", microbatches)
+
+
+@pytest.mark.parametrize("schedule", ["gpipe", "1f1b"])
+def test_virtual_stages_need_interleaved(schedule: str) -> None:
+    with pytest.raises(PlanError, match="use schedule 'interleaved' or set virtual_stages = 1"):
+        simulate(uniform(2, 1.0, 1.0, 2), schedule, 4, virtual_stages=2)
+
+
+def test_interleaved_needs_microbatches_multiple_of_ranks() -> None:
+    with pytest.raises(PlanError, match=r"microbatches = 10: use 8 or 12"):
+        simulate(uniform(4, 1.0, 1.0, 2), "interleaved", 10, virtual_stages=2)
+
+
+def test_stage_count_must_match_chunks() -> None:
+    with pytest.raises(PlanError, match="multiple of virtual_stages"):
+        simulate(uniform(3, 1.0, 1.0), "interleaved", 4, virtual_stages=2)
+    with pytest.raises(PlanError, match="multiple of virtual_stages"):
+        simulate([], "1f1b", 4)
+
+
+@pytest.mark.parametrize(
+    ("field", "value"),
+    [("forward_s", -1.0), ("backward_s", math.nan), ("send_s", math.inf), ("dp_reduce_s", -0.1)],
+)
+def test_stage_cost_rejects_bad_times(field: str, value: float) -> None:
+    kwargs = {"forward_s": 1.0, "backward_s": 1.0, field: value}
+    with pytest.raises(PlanError, match=f"StageCost.{field}"):
+        StageCost(**kwargs)
+
+
+@pytest.mark.parametrize(("field", "value"), [("activation_bytes", -1), ("static_bytes", 1.5)])
+def test_stage_cost_rejects_bad_bytes(field: str, value: float) -> None:
+    with pytest.raises(PlanError, match=f"StageCost.{field}"):
+        StageCost(1.0, 1.0, **{field: value})
+
+
+# --------------------------------------------------------------------------
+# Determinism and speed
+
+
+def test_deterministic() -> None:
+    stages = [StageCost(0.1 * (s + 1), 0.2, send_s=0.01) for s in range(8)]
+    first = simulate(stages, "interleaved", 8, virtual_stages=2)
+    assert simulate(stages, "interleaved", 8, virtual_stages=2) == first
+
+
+def test_large_schedule_is_fast_and_exact() -> None:
+    ranks, microbatches, chunks = 64, 512, 4
+    gc_was_enabled = gc.isenabled()
+    began = time.perf_counter()
+    result = simulate(uniform(ranks, 1.0, 2.0, chunks), "interleaved", microbatches, virtual_stages=chunks)
+    elapsed = time.perf_counter() - began
+    assert len(result.events) == 2 * ranks * microbatches * chunks
+    assert result.pipeline_time_s == pytest.approx(microbatches * 3.0 + (ranks - 1) * 3.0 / chunks)
+    assert gc.isenabled() == gc_was_enabled
+    # Generous bound so a slow CI box passes; a quadratic regression would take minutes.
+    assert elapsed < 3.0
