@@ -56,13 +56,24 @@ def plan_baseline(method: str, ev: Evaluator, pins: Pins = Pins()) -> tuple[Plan
     if world % tp:
         raise PlanError(f"--mesh tp={tp} does not divide the cluster's {world} devices")
     sharding = megatron_sharding(ev.captured) if tp > 1 else {}
+    n_layers = sum(b.is_layer for b in ev.pgraph.blocks) or n_blocks
+    mesh_pinned = pins.pp is not None or pins.dp is not None
     tried: list[tuple[Plan, SimResult]] = []
+    skipped: PlanError | None = None  # why the last unpinned mesh was passed over
     for mesh in _meshes(world, tp, pins, n_blocks, method, ev.cluster.devices_per_node):
         schedule_name = pins.schedule or "1f1b"
         v = pins.virtual_stages or (2 if schedule_name == "interleaved" else 1)
         if ev.training.global_batch % mesh.dp and not pins.dp:
             continue  # this many replicas cannot share the batch evenly
-        mbs, m = _micro_batching(ev.training.global_batch, mesh.dp, pins.microbatches)
+        if method in ("uniform", "megatron") and mesh.pp * v > n_layers and not pins.pp:
+            continue  # uniform_partition needs a layer per stage; with pp pinned it says so itself
+        try:
+            mbs, m = _micro_batching(ev.training.global_batch, mesh.dp, pins.microbatches)
+        except PlanError as exc:
+            if mesh_pinned:
+                raise
+            skipped = exc  # --microbatches fits another dp; keep looking
+            continue
         if schedule_name == "interleaved" and m % mesh.pp:
             if pins.microbatches:
                 raise PlanError(
@@ -80,6 +91,8 @@ def plan_baseline(method: str, ev: Evaluator, pins: Pins = Pins()) -> tuple[Plan
             if plan.predicted and plan.predicted.fits:
                 return plan, sim
     if not tried:
+        if skipped is not None:
+            raise PlanError(f"{skipped} (nor for any other dp this cluster allows)")
         raise PlanError(
             f"no mesh fits the pins and the model: {n_blocks} blocks, {world} devices, "
             f"global batch {ev.training.global_batch}; pin fewer choices or change the batch"
@@ -87,13 +100,17 @@ def plan_baseline(method: str, ev: Evaluator, pins: Pins = Pins()) -> tuple[Plan
     best = min(tried, key=lambda ps: ps[0].predicted.peak_memory_bytes)
     need = best[0].predicted.peak_memory_bytes
     limit = best[0].predicted.memory_limit_bytes
-    gib = 1 << 30
     raise InfeasibleError(
         f"no {method} plan fits in device memory: the smallest-footprint plan ({best[0].mesh}, "
-        f"recompute={best[0].stages[0].recompute}) needs {need / gib:.1f} GiB per device, but "
-        f"{ev.cluster.device.name} allows {limit / gib:.1f} GiB (after the {ev.training.memory_reserve:.0%} reserve); "
+        f"recompute={best[0].stages[0].recompute}) needs {_fmt_bytes(need)} per device, but "
+        f"{ev.cluster.device.name} allows {_fmt_bytes(limit)} (after the {ev.training.memory_reserve:.0%} reserve); "
         "use more devices (--nodes), a smaller --global-batch or micro-batch, or ZeRO-1"
     )
+
+
+def _fmt_bytes(n: float) -> str:
+    """GiB with two decimals, or MiB below 1 GiB, so a small shortfall never prints as 0.0 GiB."""
+    return f"{n / (1 << 30):.2f} GiB" if n >= 1 << 30 else f"{n / (1 << 20):.2f} MiB"
 
 
 def _meshes(world: int, tp: int, pins: Pins, n_blocks: int, method: str, per_node: int) -> list[Mesh]:

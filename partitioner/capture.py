@@ -29,6 +29,7 @@ a causal mask), which are small.
 from __future__ import annotations
 
 import hashlib
+import inspect
 import json
 import traceback
 from dataclasses import dataclass, field
@@ -73,6 +74,7 @@ class NodeInfo:
     module: str  # FQN of the innermost module that owns this node ("" is the root)
     module_stack: tuple[str, ...]  # FQNs from the outermost to the innermost module
     module_type: str  # class name of the innermost owning module
+    is_view: bool = False  # produces an alias of an input (view, transpose, getitem): no kernel, no traffic
 
     @property
     def output_bytes(self) -> int:
@@ -288,14 +290,35 @@ def _trace_fx(model: torch.nn.Module, args: tuple, kwargs: dict) -> fx.GraphModu
     from torch._subclasses.fake_tensor import FakeTensorMode
     from torch.fx.passes.fake_tensor_prop import FakeTensorProp
 
-    if kwargs:
-        gm = fx.symbolic_trace(model, concrete_args=None)
-    else:
-        gm = fx.symbolic_trace(model)
+    # Arguments the example leaves out keep their defaults: trace with them fixed,
+    # or `if mask is not None:` on a proxy would take the wrong branch.
+    concrete: dict[str, Any] = {}
+    try:
+        sig_params = list(inspect.signature(model.forward).parameters.values())
+    except (TypeError, ValueError):
+        sig_params = []
+    named = [p for p in sig_params if p.kind in (p.POSITIONAL_OR_KEYWORD, p.KEYWORD_ONLY)]
+    for p in named[len(args):]:
+        if p.name not in kwargs and isinstance(p.default, (type(None), bool, int, float, str)):
+            concrete[p.name] = p.default
+    gm = fx.symbolic_trace(model, concrete_args=concrete or None)
     mode = FakeTensorMode(allow_non_fake_inputs=True)
-    fake_args = [mode.from_tensor(a) if isinstance(a, torch.Tensor) else a for a in args]
+
+    def fake(a: Any) -> Any:
+        return mode.from_tensor(a) if isinstance(a, torch.Tensor) else a
+
+    # Placeholders follow forward()'s signature: a keyword argument goes to the
+    # placeholder of its name, and a skipped optional one keeps its default
+    # (placeholder.args holds it), so later keywords do not shift into its slot.
     placeholders = [n for n in gm.graph.nodes if n.op == "placeholder"]
-    ordered = list(fake_args) + [kwargs[p.target] for p in placeholders[len(fake_args):] if p.target in kwargs]
+    ordered = [fake(a) for a in args]
+    for p in placeholders[len(args):]:
+        if p.target in kwargs:
+            ordered.append(fake(kwargs[p.target]))
+        elif p.args:
+            ordered.append(p.args[0])
+        else:
+            raise CaptureError(f"forward() argument {p.target!r} has no default and is not in example_kwargs")
     FakeTensorProp(gm, mode).propagate(*ordered)
     for node in gm.graph.nodes:
         if node.op == "call_module":
@@ -435,6 +458,11 @@ class _Annotator:
         inputs = [a for a in node.all_input_nodes if a.name not in param_nodes]
         params = tuple(dict.fromkeys(param_nodes[a.name] for a in node.all_input_nodes if a.name in param_nodes))
         in_bytes = sum(t.bytes for a in node.all_input_nodes for t in _tensor_metas(a.meta.get("val")))
+        if node.op == "call_module":
+            # fx keeps a leaf module's weights inside it rather than as graph inputs.
+            own = self._module_params(node)
+            params = tuple(dict.fromkeys(params + tuple(own)))
+            in_bytes += sum(t.numel() * t.element_size() for t in own.values())
         fwd = bwd = saved_other = 0
         saved_inputs: tuple[str, ...] = ()
         saves_output = False
@@ -468,38 +496,53 @@ class _Annotator:
             module=module,
             module_stack=stack,
             module_type=module_type,
+            is_view=_is_view(node),
         )
 
-    def _callable(self, node: fx.Node) -> Callable[..., Any] | None:
+    def _module_params(self, node: fx.Node) -> dict[str, torch.Tensor]:
+        """Canonical FQN -> tensor of the parameters and buffers a call_module node's module owns."""
+        mod = self.gm.get_submodule(str(node.target))
+        out: dict[str, torch.Tensor] = {}
+        for n, t in list(mod.named_parameters()) + list(mod.named_buffers()):
+            fqn = f"{node.target}.{n}"
+            out[self.alias.get(fqn, fqn)] = t
+        return out
+
+    def _callable(self, node: fx.Node) -> tuple[Callable[..., Any], list[torch.Tensor]] | None:
+        """The op to measure and the meta weights it closes over (call_module only)."""
         if node.op == "call_function":
-            return node.target  # type: ignore[return-value]
+            return node.target, []  # type: ignore[return-value]
         if node.op == "call_method":
-            return lambda self_, *a, **k: getattr(self_, node.target)(*a, **k)  # type: ignore[arg-type]
+            return (lambda self_, *a, **k: getattr(self_, node.target)(*a, **k)), []  # type: ignore[arg-type]
         if node.op == "call_module":
             mod = self.gm.get_submodule(str(node.target))
             meta_params = {
                 n: torch.empty_like(p, device="meta").requires_grad_(p.requires_grad)
                 for n, p in list(mod.named_parameters()) + list(mod.named_buffers())
             }
-            return lambda *a, **k: torch.func.functional_call(mod, meta_params, a, k)
+            return (lambda *a, **k: torch.func.functional_call(mod, meta_params, a, k)), list(meta_params.values())
         return None
 
     def _op_cost(self, node: fx.Node) -> _OpCost | None:
-        fn = self._callable(node)
-        if fn is None:
+        found = self._callable(node)
+        if found is None:
             return None
+        fn, weights = found
         try:
             key = _signature(node)
         except _Unhashable:
             key = None
         if key is not None and key in self.cache:
             return self.cache[key]
-        cost = self._measure(node, fn)
+        cost = self._measure(node, fn, weights)
         if key is not None and cost is not None:
             self.cache[key] = cost
         return cost
 
-    def _measure(self, node: fx.Node, fn: Callable[..., Any]) -> _OpCost | None:
+    def _measure(self, node: fx.Node, fn: Callable[..., Any], weights: Sequence[torch.Tensor] = ()) -> _OpCost | None:
+        """Count the op's FLOPs and saved tensors. ``weights`` are a leaf module's own
+        parameters (fx tracing): their gradients are part of the backward, and
+        autograd saving them is not an activation."""
         fresh: list[torch.Tensor] = []  # in the order of _flat_tensor_arg_nodes(node)
 
         def to_meta(a: Any) -> Any:
@@ -532,7 +575,7 @@ class _Annotator:
                 out = fn(*args, **kwargs)
             outs = [t for t in tree_flatten(out)[0] if isinstance(t, torch.Tensor)]
             grad_outs = [t for t in outs if t.requires_grad and t.grad_fn is not None]
-            needs = [t for t in fresh if t.requires_grad]
+            needs = [t for t in (*fresh, *weights) if t.requires_grad]
             bwd_flops = 0
             if grad_outs and needs:
                 bwd_counter = FlopCounterMode(display=False)
@@ -553,9 +596,38 @@ class _Annotator:
                 idx.append(pos)  # fresh[i] was made from flat_nodes[i]
             elif any(s is o or _same_view(o, s) for o in outs):
                 saves_output = True
+            elif any(s is w or _same_view(w, s) for w in weights):
+                pass  # a weight: resident anyway, not an activation
             else:  # an intermediate such as a dropout mask or layer-norm statistics
                 other += s.numel() * s.element_size()
         return _OpCost(int(fwd_counter.get_total_flops()), int(bwd_flops), tuple(sorted(set(idx))), saves_output, other)
+
+
+# Composite ops whose schema says "may alias": they copy when the input is not
+# already in the requested layout or dtype.
+_MAYBE_COPY = {"reshape", "contiguous", "to", "type_as", "flatten", "_to_copy"}
+
+
+def _is_view(node: fx.Node) -> bool:
+    """True when the node only re-describes existing memory (no kernel runs)."""
+    import operator
+
+    if node.op == "call_function" and node.target is operator.getitem:
+        return True
+    target = node.target
+    if node.op != "call_function" or not isinstance(target, torch._ops.OpOverload):
+        return False
+    returns = target._schema.returns
+    if not returns or not all(r.alias_info is not None and not r.alias_info.is_write for r in returns):
+        return False
+    name = target._schema.name.split("::")[-1]
+    if name not in _MAYBE_COPY:
+        return True
+    src = node.args[0].meta.get("val") if node.args and isinstance(node.args[0], fx.Node) else None
+    out = node.meta.get("val")
+    if not isinstance(src, torch.Tensor) or not isinstance(out, torch.Tensor):
+        return False
+    return src.dtype == out.dtype and src.is_contiguous()
 
 
 def _same_view(a: torch.Tensor, b: torch.Tensor) -> bool:

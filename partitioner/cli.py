@@ -22,23 +22,40 @@ DEFAULT_MODEL = "gpt2"
 DEFAULT_CLUSTER = "dgx-a100-80g"
 
 
+class _Parser(argparse.ArgumentParser):
+    """argparse, but a usage error is one line like every other error (no usage dump)."""
+
+    def error(self, message: str):  # type: ignore[override]
+        self.exit(2, f"autopart: error: {message} (see `{self.prog} --help`)\n")
+
+
+def _positive_int(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not an integer") from None
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"{text!r} must be >= 1")
+    return value
+
+
 def _common(p: argparse.ArgumentParser) -> None:
     g = p.add_argument_group("model")
     g.add_argument("--model", default=DEFAULT_MODEL, help=f"zoo name, hf:ClassName or py:module:function (default {DEFAULT_MODEL})")
     g.add_argument("--config", nargs="+", default=[], metavar="KEY=VALUE", help="model config overrides, e.g. n_layer=4")
-    g.add_argument("--seq-len", type=int, default=None, help="sequence length (default: the model's)")
+    g.add_argument("--seq-len", type=_positive_int, default=None, help="sequence length (default: the model's)")
     g.add_argument("--dtype", default="bf16", help="compute dtype: fp32, tf32, bf16, fp16 (default bf16)")
 
 
 def _cluster_args(p: argparse.ArgumentParser) -> None:
     g = p.add_argument_group("cluster")
     g.add_argument("--cluster", default=DEFAULT_CLUSTER, help=f"preset name or TOML file (default {DEFAULT_CLUSTER})")
-    g.add_argument("--nodes", type=int, default=None, help="number of nodes (overrides the cluster's)")
-    g.add_argument("--gpus-per-node", type=int, default=None, help="devices per node (overrides the cluster's)")
+    g.add_argument("--nodes", type=_positive_int, default=None, help="number of nodes (overrides the cluster's)")
+    g.add_argument("--gpus-per-node", type=_positive_int, default=None, help="devices per node (overrides the cluster's)")
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="autopart", description="Automatic pipeline/tensor/data-parallel planning for PyTorch.")
+    parser = _Parser(prog="autopart", description="Automatic pipeline/tensor/data-parallel planning for PyTorch.")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
     sub.required = True
 
@@ -47,11 +64,11 @@ def build_parser() -> argparse.ArgumentParser:
     _cluster_args(p)
     g = p.add_argument_group("plan")
     g.add_argument("--method", default="pipedream", help="uniform | params | pipedream | megatron (default pipedream)")
-    g.add_argument("--global-batch", type=int, default=None, help="samples per step (default 8 per device)")
+    g.add_argument("--global-batch", type=_positive_int, default=None, help="samples per step (default 8 per device)")
     g.add_argument("--mesh", default=None, metavar="pp=..,tp=..,dp=..", help="pin mesh axes, any subset")
-    g.add_argument("--microbatches", type=int, default=None, help="micro-batches per step per replica")
+    g.add_argument("--microbatches", type=_positive_int, default=None, help="micro-batches per step per replica")
     g.add_argument("--schedule", default=None, help="gpipe | 1f1b | interleaved")
-    g.add_argument("--virtual-stages", type=int, default=None, help="stages per rank for the interleaved schedule")
+    g.add_argument("--virtual-stages", type=_positive_int, default=None, help="stages per rank for the interleaved schedule")
     g.add_argument("--recompute", action=argparse.BooleanOptionalAction, default=None, help="activation recomputation")
     g.add_argument("--split-at", default=None, metavar="MODULE[,MODULE..]", help="hand-written plan: stages begin at these modules")
     g.add_argument("--plan", dest="plan_file", default=None, metavar="PATH", help="check and simulate a plan JSON file")
@@ -71,7 +88,10 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: Sequence[str] | None = None) -> int:
     parser = build_parser()
-    args = parser.parse_args(argv)
+    try:
+        args = parser.parse_args(argv)
+    except SystemExit as exc:  # --help, or a usage error already printed on one line
+        return exc.code if isinstance(exc.code, int) else 0
     try:
         if args.command == "plan":
             return cmd_plan(args)
@@ -106,6 +126,14 @@ def cmd_plan(args: argparse.Namespace) -> int:
     from .planner import plan_parallelism, prepare
     from .zoo import load_model, parse_config_overrides
 
+    from .baselines import METHODS
+
+    if args.method not in METHODS and not args.split_at and not args.plan_file:  # before the slow capture
+        import difflib
+
+        near = difflib.get_close_matches(args.method, METHODS, n=1)
+        hint = f" (did you mean {near[0]!r}?)" if near else ""
+        raise PlanError(f"--method {args.method!r} is not one of {', '.join(METHODS)}{hint}")
     json_path = Path(args.json) if args.json else None
     if json_path is not None:  # check before the (possibly long) planning, so nothing is lost
         if json_path.exists() and not args.force:

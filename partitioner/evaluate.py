@@ -246,6 +246,13 @@ class Evaluator:
             names = lambda ids: ", ".join(self.pgraph.blocks[b].name for b in ids[:5])  # noqa: E731
             detail = (f"missing {names(missing)}" if missing else "") + (f" duplicated {names(dup)}" if dup else "")
             raise PlanError(f"stages must own every block exactly once: {detail.strip()}")
+        for i, st in enumerate(stages):
+            for a, b in zip(st.blocks, st.blocks[1:]):
+                if b < a:
+                    raise PlanError(
+                        f"stage {i} lists block {self.pgraph.blocks[b].name} after {self.pgraph.blocks[a].name}; "
+                        "list each stage's blocks in model order"
+                    )
         position = {b: i for i, st in enumerate(stages) for b in st.blocks}
         for e in self.pgraph.edges:
             if position[e.src] > position[e.dst]:

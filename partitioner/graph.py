@@ -356,7 +356,9 @@ def _block_signature(captured: CapturedModel, nodes: list[NodeInfo], inside: set
     for n in nodes:
         wiring = [local.get(i, -1) for i in n.inputs]
         pshapes = [captured.params[p].shape for p in n.params if p in captured.params]
-        h.update(repr((n.target, [(t.shape, t.dtype) for t in n.outputs], wiring, pshapes)).encode())
+        # An fx call_module target is the module's FQN ("h.3.attn"), unique per layer: use its class.
+        op = n.module_type if n.op == "call_module" else n.target
+        h.update(repr((op, [(t.shape, t.dtype) for t in n.outputs], wiring, pshapes)).encode())
     return h.hexdigest()[:16]
 
 

@@ -257,7 +257,7 @@ class Plan:
         if cluster is not None:
             mine, theirs = dict(self.cluster), dict(cluster)
             if mine != theirs:
-                diff = sorted(k for k in set(mine) | set(theirs) if mine.get(k) != theirs.get(k))
+                diff = _differing_fields(mine, theirs)
                 raise PlanError(
                     f"this plan was made for cluster {mine.get('name')!r} and differs from "
                     f"{theirs.get('name')!r} in: {', '.join(diff)}; re-plan for this cluster"
@@ -311,11 +311,17 @@ class Plan:
     def from_dict(cls, data: Mapping[str, Any]) -> "Plan":
         if not isinstance(data, Mapping):
             raise PlanError("plan JSON must be an object")
+        unknown = sorted(set(data) - set(_TOP_KEYS))
+        if unknown:
+            raise PlanError(f"plan JSON has unknown key(s) {', '.join(unknown)}; allowed: {', '.join(_TOP_KEYS)}")
         version = data.get("version")
-        if version != PLAN_VERSION:
+        if version != PLAN_VERSION or isinstance(version, bool):
             raise PlanError(f"plan version {version!r} is not supported; this autopart reads version {PLAN_VERSION}")
         try:
-            sharding = data.get("sharding") or {}
+            sharding = _typed("sharding", data.get("sharding") or {}, dict)
+            extra = sorted(set(sharding) - {"default", "nodes"})
+            if extra:
+                raise PlanError(f"plan field sharding has unknown key(s) {', '.join(extra)}; allowed: default, nodes")
             default = sharding.get("default", "replicate")
             if default != "replicate":
                 raise PlanError(f"sharding.default must be 'replicate', got {default!r}")
@@ -348,6 +354,23 @@ class Plan:
             )
         except TypeError as exc:  # a field of the wrong type deep inside a dataclass
             raise PlanError(f"plan JSON has a field of the wrong type: {exc}") from None
+
+
+_TOP_KEYS = ("version", "model", "cluster", "mesh", "schedule", "training", "stages", "sharding", "predicted", "solver")
+
+
+def _differing_fields(mine: Mapping[str, Any], theirs: Mapping[str, Any], prefix: str = "") -> list[str]:
+    """Dotted paths (``device.memory_gib``) of the cluster fields where two cluster dicts differ."""
+    out = []
+    for key in sorted(set(mine) | set(theirs)):
+        a, b = mine.get(key), theirs.get(key)
+        if a == b:
+            continue
+        if isinstance(a, Mapping) and isinstance(b, Mapping):
+            out += _differing_fields(a, b, f"{prefix}{key}.")
+        else:
+            out.append(f"{prefix}{key}")
+    return out
 
 
 def _typed(where: str, value: Any, kind: type) -> Any:

@@ -136,7 +136,7 @@ def load_model(
     overrides = dict(config or {})
     if spec in ZOO:
         z = ZOO[spec]
-        return _build_hf(spec, z.hf_class, {**z.config, **overrides}, seq_len or z.seq_len, torch_dtype, device)
+        return _build_hf(spec, z.hf_class, {**z.config, **overrides}, seq_len, torch_dtype, device, z.seq_len)
     if spec == "mlp":
         return _build_mlp(overrides, torch_dtype, device)
     if spec.startswith("hf:"):
@@ -179,8 +179,16 @@ def _parse_value(raw: str) -> Any:
 
 
 def _build_hf(
-    name: str, class_name: str, config: Mapping[str, Any], seq_len: int | None, dtype: torch.dtype, device: Any
+    name: str,
+    class_name: str,
+    config: Mapping[str, Any],
+    seq_len: int | None,
+    dtype: torch.dtype,
+    device: Any,
+    default_seq_len: int = 512,
 ) -> LoadedModel:
+    """``seq_len=None`` means ``default_seq_len``, capped at the model's positions (which
+    ``config`` may have lowered); an explicit ``seq_len`` above them is an error."""
     try:
         import transformers
     except ImportError:
@@ -202,9 +210,9 @@ def _build_hf(
         raise CaptureError(f"{cfg_cls.__name__} has no option {', '.join(hints)}")
     cfg = cfg_cls(**{**config, "use_cache": False})
     # Eager attention is what every backend supports on meta; sdpa is used where available.
-    if seq_len is None:
-        seq_len = min(getattr(cfg, "max_position_embeddings", None) or getattr(cfg, "n_positions", None) or 512, 512)
     max_pos = getattr(cfg, "max_position_embeddings", None) or getattr(cfg, "n_positions", None)
+    if seq_len is None:
+        seq_len = min(default_seq_len, max_pos or default_seq_len)
     if max_pos is not None and seq_len > max_pos:
         raise CaptureError(f"--seq-len {seq_len} exceeds the model's {max_pos} positions; lower it or raise the config")
     try:
@@ -215,7 +223,9 @@ def _build_hf(
         raise CaptureError(f"building {class_name} failed: {type(exc).__name__}: {str(exc).splitlines()[0]}") from None
     vocab = getattr(cfg, "vocab_size", 2) or 2
     ids = torch.zeros(1, seq_len, dtype=torch.long, device=device) % vocab
-    return LoadedModel(name, model, (ids,), {}, seq_len, 1)
+    # An encoder-decoder (T5, BART) cannot run forward without decoder inputs.
+    kwargs = {"decoder_input_ids": ids.clone()} if getattr(cfg, "is_encoder_decoder", False) else {}
+    return LoadedModel(name, model, (ids,), kwargs, seq_len, 1)
 
 
 class _MLPStack(torch.nn.Module):

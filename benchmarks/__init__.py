@@ -1,0 +1,1 @@
+"""Benchmarks: scripts that print figures; results are recorded under benchmarks/results/."""

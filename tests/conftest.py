@@ -1,0 +1,64 @@
+"""Shared fixtures: small configs for every zoo model, captured once per session."""
+
+from __future__ import annotations
+
+from typing import Any, Callable, NamedTuple
+
+import pytest
+import torch
+
+from partitioner.capture import CapturedModel, capture
+from partitioner.graph import PartitionGraph, build_partition_graph
+from partitioner.zoo import ZOO, LoadedModel, load_model, zoo_names
+
+# Overrides that shrink each architecture to a few hundred thousand parameters.
+SMALL: dict[str, dict[str, Any]] = {
+    "GPT2LMHeadModel": dict(n_layer=2, n_embd=64, n_head=4, n_positions=128, vocab_size=1000),
+    "LlamaForCausalLM": dict(
+        num_hidden_layers=2, hidden_size=64, intermediate_size=128, num_attention_heads=4,
+        num_key_value_heads=2, vocab_size=1000, max_position_embeddings=128,
+    ),
+    "BertForMaskedLM": dict(
+        hidden_size=64, num_hidden_layers=2, num_attention_heads=4, intermediate_size=128,
+        vocab_size=1000, max_position_embeddings=128,
+    ),
+}
+SMALL_SEQ = 16
+SMALL_LAYERS = 2
+
+
+def small_config(name: str) -> dict[str, Any]:
+    """Config overrides that make zoo model ``name`` small (2 layers)."""
+    if name == "mlp":
+        return dict(width=32, depth=SMALL_LAYERS)
+    return dict(SMALL[ZOO[name].hf_class])
+
+
+class Captured(NamedTuple):
+    loaded: LoadedModel
+    captured: CapturedModel
+    graph: PartitionGraph
+
+
+@pytest.fixture(scope="session")
+def zoo_capture() -> Callable[[str], Captured]:
+    """``zoo_capture(name)``: the small zoo model, captured and coarsened (cached per session)."""
+    cache: dict[str, Captured] = {}
+
+    def get(name: str) -> Captured:
+        if name not in cache:
+            seq = None if name == "mlp" else SMALL_SEQ
+            lm = load_model(name, config=small_config(name), seq_len=seq)
+            cm = capture(lm.model, lm.example_inputs, lm.example_kwargs, name=lm.name)
+            cache[name] = Captured(lm, cm, build_partition_graph(cm, lm.model))
+        return cache[name]
+
+    return get
+
+
+ALL_ZOO = zoo_names()
+
+
+def unique_numel(model: torch.nn.Module) -> int:
+    """Elements of the model's distinct parameters (tied weights once)."""
+    return sum(p.numel() for p in model.parameters())

@@ -1,0 +1,221 @@
+"""The ``autopart`` command line, as a user runs it.
+
+Most cases call ``partitioner.cli.main`` in-process (each real subprocess pays
+seconds of imports); two run the installed ``autopart`` console script end to
+end. Every mistake in the user's input must exit non-zero with one line on
+stderr that starts with ``autopart: error:`` and no traceback.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import io
+import re
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import transformers  # noqa: F401  # imported here so its log handler binds before any capsys
+
+from partitioner.cli import main
+from partitioner.plan import Plan
+
+PLAN = ["plan", "--model", "gpt2-tiny", "--cluster", "dgx-a100-80g", "--global-batch", "16"]
+
+
+def run(capsys, *argv: str) -> tuple[int, str, str]:
+    rc = main(list(argv))
+    out, err = capsys.readouterr()
+    return rc, out, err
+
+
+def assert_one_line_error(rc: int, err: str, *words: str) -> str:
+    assert rc == 2, err  # 2: the user's mistake; 1 would be an internal error
+    lines = err.strip().splitlines()
+    assert len(lines) == 1, err
+    assert lines[0].startswith("autopart: error: "), err
+    assert "Traceback" not in err
+    for w in words:
+        assert w in lines[0]
+    return lines[0]
+
+
+def flat(out: str) -> str:
+    """The output with rich's line wrapping undone (runs of whitespace become one space)."""
+    return " ".join(out.split())
+
+
+def _step_time(out: str) -> str:
+    return re.search(r"step time ([\d.]+ m?s)", flat(out))[1]
+
+
+@pytest.fixture(scope="module")
+def written(tmp_path_factory):
+    """``autopart plan ... --json PATH`` run once: (path, stdout). Module-scoped, so no capsys."""
+    path = tmp_path_factory.mktemp("cli") / "plan.json"
+    buf = io.StringIO()
+    with contextlib.redirect_stdout(buf):
+        rc = main([*PLAN, "--json", str(path)])
+    assert rc == 0
+    return path, buf.getvalue()
+
+
+# --- plan ------------------------------------------------------------------------------------
+
+
+def test_plan_prints_mesh_stages_and_figures(written):
+    path, out = written
+    out = flat(out)
+    assert "gpt2-tiny" in out and "dgx-a100-80g" in out
+    assert re.search(r"mesh pp=\d+,tp=\d+,dp=\d+", out)
+    for column in ("stage", "modules", "params", "fwd", "bwd", "memory"):
+        assert column in out
+    assert "transformer.wte" in out and "lm_head" in out
+    assert re.search(r"step time [\d.]+ m?s", out)
+    assert re.search(r"MFU [\d.]+%", out)
+    assert re.search(r"bubble [\d.]+%", out)
+    assert re.search(r"peak memory [\d.]+ (MiB|GiB) of [\d.]+ GiB \(fits\)", out)
+    assert f"wrote {path}" in out
+
+
+def test_json_is_a_loadable_plan(written):
+    path, out = written
+    plan = Plan.load(path)
+    assert plan.model.name == "gpt2-tiny" and plan.cluster["name"] == "dgx-a100-80g"
+    assert plan.training.global_batch == 16 and plan.solver.method == "pipedream"
+    assert plan.mesh.world_size == 8
+    assert _step_time(out).startswith(f"{plan.predicted.step_time_s * 1e3:.2f}")
+
+
+def test_json_refuses_to_overwrite_without_force(written, capsys, tmp_path):
+    path, _ = written
+    before = path.read_bytes()
+    rc, out, err = run(capsys, *PLAN, "--json", str(path))
+    assert_one_line_error(rc, err, str(path), "--force")
+    assert out == "" and path.read_bytes() == before
+    # With --force a different plan replaces it.
+    other = tmp_path / "p.json"
+    other.write_text("not a plan")
+    rc, out, err = run(capsys, *PLAN, "--method", "uniform", "--json", str(other), "--force")
+    assert rc == 0, err
+    assert Plan.load(other).solver.method == "uniform"
+
+
+def test_plan_file_is_rescored(written, capsys):
+    path, first = written
+    rc, out, err = run(capsys, "plan", "--model", "gpt2-tiny", "--cluster", "dgx-a100-80g", "--plan", str(path))
+    assert rc == 0, err
+    assert _step_time(out) == _step_time(first)
+    assert "pipedream" in out
+
+
+def test_plan_file_for_another_model_is_refused(written, capsys):
+    path, _ = written
+    rc, _, err = run(capsys, "plan", "--model", "llama-tiny", "--cluster", "dgx-a100-80g", "--plan", str(path))
+    assert_one_line_error(rc, err, "gpt2-tiny", "fingerprint")
+
+
+def test_plan_file_for_another_cluster_is_refused(written, capsys):
+    path, _ = written
+    rc, _, err = run(capsys, "plan", "--model", "gpt2-tiny", "--cluster", "dgx-a100-40g", "--plan", str(path))
+    assert_one_line_error(rc, err, "dgx-a100-40g", "device.memory_gib")
+
+
+def test_split_at_makes_a_manual_plan(capsys):
+    rc, out, err = run(capsys, *PLAN, "--split-at", "transformer.h.2", "--timeline")
+    assert rc == 0, err
+    rows = [line for line in out.splitlines() if line.startswith("│")]
+    assert "method manual" in flat(out) and "mesh pp=2,tp=1,dp=4" in flat(out)
+    stage_rows = [r for r in rows if r.split("│")[1].strip()]  # rows that start a stage (not wrapped text)
+    assert [r.split("│")[1].strip() for r in stage_rows] == ["0", "1"]
+    assert "transformer.wte" in stage_rows[0] and "transformer.h.2" in stage_rows[1]
+    assert "0..3" in stage_rows[0] and "4..7" in stage_rows[1]  # ranks of each stage
+    assert "0F0" in out  # the timeline grid names actions as stage/kind/micro-batch
+
+
+@pytest.mark.parametrize(
+    "argv, words",
+    [
+        (["--model", "gpt2-tyni"], ["unknown model", "gpt2-tiny"]),
+        (["--cluster", "dgx-a100-80"], ["unknown cluster preset", "did you mean 'dgx-a100-80g'"]),
+        (["--cluster", "no/such/cluster.toml"], ["no/such/cluster.toml", "does not exist"]),
+        (["--mesh", "pp=x"], ["--mesh", "'x'", "not an integer"]),
+        (["--mesh", "foo=2"], ["--mesh", "foo=2", "pp, tp, dp"]),
+        (["--mesh", "tp=3"], ["tp=3", "does not divide"]),
+        (["--microbatches", "3"], ["--microbatches 3 does not divide"]),
+        (["--microbatches", "0"], ["--microbatches", "'0' must be >= 1"]),
+        (["--global-batch", "many"], ["--global-batch", "'many'"]),
+        (["--cluster", "p3-v100", "--dtype", "bf16"], ["--dtype bf16", "fp16"]),
+        (["--dtype", "float16"], ["float16"]),
+        (["--method", "pipedrem"], ["pipedrem", "did you mean 'pipedream'"]),
+        (["--split-at", "transformer.h2"], ["transformer.h2", "did you mean", "transformer.h.2"]),
+        (["--json", "no/such/dir/plan.json"], ["no/such/dir", "does not exist"]),
+        (["--plan", "no-such-plan.json"], ["no-such-plan.json"]),
+        (["--memory-reserve", "1.5"], ["memory_reserve"]),
+        (["--frobnicate"], ["unrecognized arguments", "--frobnicate"]),
+    ],
+)
+def test_bad_arguments_give_one_line(capsys, argv, words):
+    rc, out, err = run(capsys, *PLAN, *argv)
+    assert_one_line_error(rc, err, *words)
+
+
+def test_missing_command_is_one_line(capsys):
+    rc, _, err = run(capsys)
+    assert_one_line_error(rc, err, "COMMAND")
+
+
+# --- inspect ---------------------------------------------------------------------------------
+
+
+def test_inspect_prints_the_block_table(capsys):
+    rc, out, err = run(capsys, "inspect", "--model", "gpt2-tiny")
+    assert rc == 0, err
+    assert "gpt2-tiny" in out and "8 blocks" in out
+    for column in ("block", "params", "fwd FLOPs", "activations"):
+        assert column in out
+    blocks = [line.split("│")[2].strip() for line in out.splitlines() if line.startswith("│")]
+    names = [b.removesuffix(" (layer)") for b in blocks if b and b != "(layer)"]  # rich may wrap the tag
+    assert names == [
+        "transformer.wte", "transformer.wpe", *(f"transformer.h.{i}" for i in range(4)),
+        "transformer.ln_f", "lm_head", "total",
+    ]
+    assert sum("(layer)" in b for b in blocks) == 4
+    assert "tied: transformer.wte.weight is read by blocks transformer.wte, lm_head" in flat(out)
+
+
+def test_inspect_list(capsys):
+    rc, out, err = run(capsys, "inspect", "--list")
+    assert rc == 0, err
+    for name in ("gpt2-tiny", "llama-tiny", "bert-tiny", "mlp", "gpt-bigvocab"):
+        assert name in out
+    assert "cluster presets:" in out and "dgx-a100-80g" in out and "p3-v100" in out
+
+
+# --- the installed console script -------------------------------------------------------------
+
+
+def _autopart() -> str:
+    exe = shutil.which("autopart") or str(Path(sys.executable).with_name("autopart"))
+    assert Path(exe).exists(), "the autopart console script is not installed"
+    return exe
+
+
+def test_console_script_plans_and_writes_json(tmp_path):
+    out_path = tmp_path / "plan.json"
+    proc = subprocess.run(
+        [_autopart(), *PLAN, "--json", str(out_path)], capture_output=True, text=True, timeout=120, cwd=tmp_path
+    )
+    assert proc.returncode == 0, proc.stderr
+    assert "step time" in proc.stdout and "MFU" in proc.stdout and "Traceback" not in proc.stderr
+    assert Plan.load(out_path).model.name == "gpt2-tiny"
+
+
+def test_console_script_error_is_one_line(tmp_path):
+    proc = subprocess.run(
+        [_autopart(), *PLAN, "--cluster", "dgx-h10"], capture_output=True, text=True, timeout=120, cwd=tmp_path
+    )
+    assert proc.returncode == 2 and proc.stdout == ""
+    assert_one_line_error(proc.returncode, proc.stderr, "did you mean 'dgx-h100'")
