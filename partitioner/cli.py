@@ -123,7 +123,7 @@ def main(argv: Sequence[str] | None = None) -> int:
 def cmd_plan(args: argparse.Namespace) -> int:
     from .cluster import load_cluster
     from .plan import Mesh, Plan
-    from .planner import plan_parallelism, prepare
+    from .planner import plan_parallelism, score_plan
     from .zoo import load_model, parse_config_overrides
 
     from .baselines import METHODS
@@ -138,10 +138,22 @@ def cmd_plan(args: argparse.Namespace) -> int:
     if json_path is not None:  # check before the (possibly long) planning, so nothing is lost
         if json_path.exists() and not args.force:
             raise PlanError(f"--json {json_path} already exists; pass --force to overwrite it")
+        if json_path.is_dir():
+            raise PlanError(f"--json {json_path} is a directory; give a file path such as {json_path / 'plan.json'}")
         if not json_path.parent.exists():
             raise PlanError(f"--json {json_path}: directory {json_path.parent} does not exist")
+    plan_in = None
+    if args.plan_file:
+        plan_in = Plan.load(args.plan_file)
+        clash = [flag for flag, value in (
+            ("--mesh", args.mesh), ("--split-at", args.split_at), ("--microbatches", args.microbatches),
+            ("--schedule", args.schedule), ("--virtual-stages", args.virtual_stages), ("--recompute", args.recompute),
+            ("--global-batch", args.global_batch), ("--zero1", args.zero1 or None),
+        ) if value is not None]
+        if clash:
+            raise PlanError(f"--plan takes every choice from the plan file; drop {', '.join(clash)} or edit the file")
     cluster = load_cluster(args.cluster, nodes=args.nodes, devices_per_node=args.gpus_per_node)
-    dtype = args.dtype
+    dtype = plan_in.training.dtype if plan_in else args.dtype
     if dtype not in cluster.device.peak_flops:
         raise PlanError(
             f"--dtype {dtype}: {cluster.device.name} has no {dtype} peak; it has {', '.join(cluster.device.peak_flops)}"
@@ -152,18 +164,10 @@ def cmd_plan(args: argparse.Namespace) -> int:
     training = dict(
         dtype=dtype, optimizer=args.optimizer, zero1=args.zero1, memory_reserve=args.memory_reserve, name=loaded.name
     )
-    if args.plan_file:
-        plan_in = Plan.load(args.plan_file)
-        ev = prepare(
-            loaded.model, loaded.example_inputs, cluster, global_batch=plan_in.training.global_batch,
-            batch_size=loaded.batch_size, **{**training, "dtype": plan_in.training.dtype,
-                                            "optimizer": plan_in.training.optimizer, "zero1": plan_in.training.zero1},
+    if plan_in is not None:
+        result = score_plan(
+            plan_in, loaded.model, loaded.example_inputs, cluster, name=loaded.name, batch_size=loaded.batch_size
         )
-        plan_in.check_matches(ev.captured.fingerprint, cluster.to_dict())
-        plan, sim = ev.score(plan_in)
-        from .planner import PlanResult
-
-        result = PlanResult(plan, sim, ev)
     else:
         result = plan_parallelism(
             loaded.model,

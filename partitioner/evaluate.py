@@ -101,6 +101,8 @@ class Evaluator:
 
         for name in block.nodes:
             node = cap.nodes[name]
+            if node.is_view or not node.outputs:
+                continue  # aliases and assertions launch no kernel and move no data
             strat = strategy.get(name, "replicate")
             div = tp if strat != "replicate" else 1
             pbytes = sum(cap.params[p].bytes for p in node.params if p in cap.params)
@@ -211,6 +213,16 @@ class Evaluator:
     def score(self, plan: Plan) -> tuple[Plan, SimResult]:
         """Re-price a plan (e.g. hand-written or loaded from JSON) on this evaluator's model and cluster."""
         plan.check_matches(self.captured.fingerprint)
+        unknown = [n for n in plan.sharding if n not in self.captured.nodes]
+        if unknown:
+            import difflib
+
+            near = difflib.get_close_matches(unknown[0], list(self.captured.nodes), n=1)
+            hint = f" (did you mean {near[0]!r}?)" if near else ""
+            raise PlanError(
+                f"sharding names node {unknown[0]!r}{hint}, which is not in the graph of {self.captured.name}"
+                + (f" ({len(unknown)} unknown in all)" if len(unknown) > 1 else "")
+            )
         specs = [
             StageSpec(tuple(self.pgraph.block_index(m) for m in st.modules), st.recompute) for st in plan.stages
         ]

@@ -135,9 +135,11 @@ class StagePredicted:
     forward_s: float  # one micro-batch forward, including tensor-parallel collectives
     backward_s: float  # one micro-batch backward, including recomputation
     send_s: float  # point-to-point time of its output to the next stage, per micro-batch
-    static_bytes: int  # parameters + gradients + optimizer state
-    activation_bytes: int  # peak activation memory of in-flight micro-batches
-    memory_bytes: int  # static + activations (the stage's peak)
+    static_bytes: int  # parameters + gradients + optimizer state (+ one block's recompute workspace if recomputing)
+    # The two below are per device of the stage's pipeline rank: with interleaving
+    # a rank holds several stages, and its memory covers all of them.
+    activation_bytes: int  # peak activation memory of in-flight micro-batches on the rank
+    memory_bytes: int  # peak memory of the rank: static of its stages + activations
     busy_s: float  # compute time of this stage over one step
     dp_reduce_s: float  # data-parallel gradient reduction time
 

@@ -27,7 +27,7 @@ from .plan import Mesh, Plan, Schedule, Training
 from .sharding import megatron_sharding
 from .simulate import SimResult
 
-__all__ = ["PlanResult", "plan_parallelism", "prepare", "manual_plan"]
+__all__ = ["PlanResult", "plan_parallelism", "prepare", "manual_plan", "score_plan"]
 
 
 @dataclass(frozen=True)
@@ -48,7 +48,8 @@ def prepare(
     example_inputs: Sequence[Any] = (),
     cluster: Cluster | None = None,
     *,
-    global_batch: int,
+    global_batch: int | None = None,
+    training: Training | None = None,
     dtype: str = "bf16",
     optimizer: str = "adam-mixed",
     zero1: bool = False,
@@ -58,7 +59,11 @@ def prepare(
     name: str | None = None,
     batch_size: int | None = None,
 ) -> Evaluator:
-    """Capture (unless given a ``CapturedModel``), coarsen, and build the evaluator."""
+    """Capture (unless given a ``CapturedModel``), coarsen, and build the evaluator.
+
+    The training set-up is ``training`` if given (e.g. a loaded plan's),
+    otherwise built from ``global_batch`` and the other keywords.
+    """
     if cluster is None:
         raise PlanError("a cluster is required, e.g. Cluster.preset('dgx-a100-80g') or Cluster.local(world_size)")
     if isinstance(model, CapturedModel):
@@ -66,14 +71,17 @@ def prepare(
     else:
         captured, module = capture(model, example_inputs, name=name, batch_size=batch_size), model
     pgraph = build_partition_graph(captured, module)
-    training = Training(
-        global_batch=global_batch,
-        dtype=dtype,
-        optimizer=optimizer,
-        zero1=zero1,
-        memory_reserve=memory_reserve,
-        overlap_dp=overlap_dp,
-    )
+    if training is None:
+        if global_batch is None:
+            raise PlanError("global_batch is required (samples per optimizer step)")
+        training = Training(
+            global_batch=global_batch,
+            dtype=dtype,
+            optimizer=optimizer,
+            zero1=zero1,
+            memory_reserve=memory_reserve,
+            overlap_dp=overlap_dp,
+        )
     return Evaluator(pgraph, cluster, cost_model or AnalyticCostModel(cluster), training)
 
 
@@ -160,3 +168,22 @@ def manual_plan(ev: Evaluator, split_at: Sequence[str], pins: Pins = Pins()) -> 
         status="MANUAL",
         started=started,
     )
+
+
+def score_plan(
+    plan: Plan,
+    model: torch.nn.Module | CapturedModel,
+    example_inputs: Sequence[Any] = (),
+    cluster: Cluster | None = None,
+    **kwargs: Any,
+) -> PlanResult:
+    """Check ``plan`` against ``model`` and ``cluster`` and re-simulate it under its own training set-up.
+
+    Refuses (PlanError) a plan made for another model or cluster.
+    """
+    if cluster is None:
+        raise PlanError("a cluster is required to score a plan")
+    ev = prepare(model, example_inputs, cluster, training=plan.training, **kwargs)
+    plan.check_matches(ev.captured.fingerprint, cluster.to_dict())
+    scored, sim = ev.score(plan)
+    return PlanResult(scored, sim, ev)

@@ -201,15 +201,22 @@ def _build_hf(
             f"hf:{class_name}: transformers has no model class of that name (e.g. hf:GPT2LMHeadModel, hf:LlamaForCausalLM)"
         )
     cfg_cls = cls.config_class
-    known = set(cfg_cls().to_dict())
-    unknown = sorted(k for k in config if k not in known and not hasattr(cfg_cls(), k))
+    defaults = cfg_cls()
+    known = set(defaults.to_dict())
+    unknown = sorted(k for k in config if k not in known and not hasattr(defaults, k))
     if unknown:
         import difflib
 
         hints = [f"{k} (did you mean {difflib.get_close_matches(k, known, n=1)[0]}?)" if difflib.get_close_matches(k, known, n=1) else k for k in unknown]
         raise CaptureError(f"{cfg_cls.__name__} has no option {', '.join(hints)}")
-    cfg = cfg_cls(**{**config, "use_cache": False})
-    # Eager attention is what every backend supports on meta; sdpa is used where available.
+    # Special token ids beyond a shrunken vocabulary only make transformers warn; they play no part in training.
+    vocab = config.get("vocab_size", getattr(defaults, "vocab_size", None))
+    fixes = {
+        key: None
+        for key in ("bos_token_id", "eos_token_id", "pad_token_id")
+        if key not in config and isinstance(getattr(defaults, key, None), int) and vocab and getattr(defaults, key) >= vocab
+    }
+    cfg = cfg_cls(**{**config, **fixes, "use_cache": False})
     max_pos = getattr(cfg, "max_position_embeddings", None) or getattr(cfg, "n_positions", None)
     if seq_len is None:
         seq_len = min(default_seq_len, max_pos or default_seq_len)
@@ -221,8 +228,7 @@ def _build_hf(
         model = model.to(dtype)
     except Exception as exc:  # a config that the class rejects
         raise CaptureError(f"building {class_name} failed: {type(exc).__name__}: {str(exc).splitlines()[0]}") from None
-    vocab = getattr(cfg, "vocab_size", 2) or 2
-    ids = torch.zeros(1, seq_len, dtype=torch.long, device=device) % vocab
+    ids = torch.zeros(1, seq_len, dtype=torch.long, device=device)  # token 0 exists in every vocabulary
     # An encoder-decoder (T5, BART) cannot run forward without decoder inputs.
     kwargs = {"decoder_input_ids": ids.clone()} if getattr(cfg, "is_encoder_decoder", False) else {}
     return LoadedModel(name, model, (ids,), kwargs, seq_len, 1)

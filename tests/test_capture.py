@@ -262,3 +262,18 @@ def test_wrong_example_inputs_raise_capture_error():
     with pytest.raises(CaptureError) as err:
         capture(TwoLayer(), (torch.zeros(2, 5),))  # width 16 expected
     assert "check that example_inputs match forward()" in str(err.value)
+
+
+def test_views_are_marked_and_copies_are_not(zoo_capture):
+    """Aliases (view, transpose, getitem) cost nothing in the cost model; real kernels must not be marked."""
+    cap = zoo_capture("gpt2-tiny").captured
+    by_target: dict[str, set[bool]] = {}
+    for n in cap.compute_nodes():
+        by_target.setdefault(n.target, set()).add(n.is_view)
+    assert by_target["aten.view.default"] == {True}
+    assert by_target["aten.transpose.int"] == {True}
+    assert by_target["getitem"] == {True}
+    assert by_target["aten.addmm.default"] == {False}
+    assert by_target["aten.layer_norm.default"] == {False}
+    # GPT-2 makes the attention output contiguous after a transpose: a real copy.
+    assert by_target["aten.contiguous.default"] == {False}

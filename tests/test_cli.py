@@ -8,6 +8,8 @@ stderr that starts with ``autopart: error:`` and no traceback.
 
 from __future__ import annotations
 
+import json
+
 import contextlib
 import io
 import re
@@ -109,6 +111,32 @@ def test_plan_file_is_rescored(written, capsys):
     assert rc == 0, err
     assert _step_time(out) == _step_time(first)
     assert "pipedream" in out
+
+
+def test_plan_file_takes_its_training_set_up_and_refuses_conflicting_pins(written, capsys, tmp_path):
+    path, _ = written
+    data = json.loads(path.read_text())
+    data["training"]["memory_reserve"] = 0.25
+    edited = tmp_path / "edited.json"
+    edited.write_text(json.dumps(data))
+    out_json = tmp_path / "rescored.json"
+    rc, _, err = run(capsys, "plan", "--model", "gpt2-tiny", "--cluster", "dgx-a100-80g", "--plan", str(edited),
+                     "--json", str(out_json))
+    assert rc == 0, err
+    assert Plan.load(out_json).training.memory_reserve == 0.25
+    rc, _, err = run(capsys, "plan", "--model", "gpt2-tiny", "--cluster", "dgx-a100-80g", "--plan", str(edited),
+                     "--mesh", "pp=4")
+    assert_one_line_error(rc, err, "--plan", "--mesh")
+
+
+def test_plan_file_with_unknown_sharding_node_is_refused(written, capsys, tmp_path):
+    path, _ = written
+    data = json.loads(path.read_text())
+    data["sharding"]["nodes"] = {"addmm_99": "column"}
+    bad = tmp_path / "bad-sharding.json"
+    bad.write_text(json.dumps(data))
+    rc, _, err = run(capsys, "plan", "--model", "gpt2-tiny", "--cluster", "dgx-a100-80g", "--plan", str(bad))
+    assert_one_line_error(rc, err, "addmm_99")
 
 
 def test_plan_file_for_another_model_is_refused(written, capsys):
