@@ -55,7 +55,7 @@ def plan_baseline(method: str, ev: Evaluator, pins: Pins = Pins()) -> tuple[Plan
     tp = pins.tp or (min(ev.cluster.devices_per_node, world) if method == "megatron" else 1)
     if world % tp:
         raise PlanError(f"--mesh tp={tp} does not divide the cluster's {world} devices")
-    sharding = megatron_sharding(ev.captured) if tp > 1 else {}
+    sharding = megatron_sharding(ev.captured, tp) if tp > 1 else {}
     n_layers = sum(b.is_layer for b in ev.pgraph.blocks) or n_blocks
     mesh_pinned = pins.pp is not None or pins.dp is not None
     tried: list[tuple[Plan, SimResult]] = []

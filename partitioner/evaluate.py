@@ -7,13 +7,8 @@ point-to-point and collective times and memory, runs the schedule simulator,
 and returns a ``Plan`` with its predicted figures. It is the single place
 where costs are assembled, so that all plans are judged the same way.
 
-[Note: tensor-parallel communication]
-Per forward micro-batch, a ``row`` node all-reduces its output and a ``vocab``
-embedding all-reduces its output (Megatron-LM's *g* operator); in backward a
-``column`` node all-reduces the gradient of its input (the *f* operator). A
-replicated node that reads a tensor split over tp (for example a layer norm
-after a column-parallel linear) all-gathers it in forward and reduce-scatters
-its gradient in backward.
+Tensor-parallel costs come from ``BlockLayoutCosts``: see [Note: layouts and
+resharding] in sharding.py.
 """
 
 from __future__ import annotations
@@ -29,13 +24,10 @@ from .cluster import Cluster
 from .errors import PlanError
 from .graph import Block, PartitionGraph
 from .plan import Mesh, ModelRef, Plan, Predicted, Schedule, SolverInfo, Stage, StagePredicted, Training
-from .sharding import sharded_params
+from .sharding import BlockLayoutCosts, sharded_params
 from .simulate import SimResult, StageCost, simulate
 
 __all__ = ["Evaluator", "StageSpec", "BlockCost"]
-
-_SPLIT_OUTPUT = ("column", "sharded")
-
 
 @dataclass(frozen=True, slots=True)
 class StageSpec:
@@ -73,69 +65,37 @@ class Evaluator:
         self.optimizer = OPTIMIZERS[training.optimizer]
         cluster.device.flops(training.dtype)  # fail early: the device must support the dtype
         self._block_cache: dict[tuple, BlockCost] = {}
+        self._layout_cache: dict[tuple, BlockLayoutCosts] = {}
 
     # --- blocks -----------------------------------------------------------------------
 
     def block_cost(self, block: Block, micro_batch: int, tp: int, sharding: Mapping[str, str]) -> BlockCost:
         """Cost of ``block`` per micro-batch of ``micro_batch`` samples under ``tp``-way sharding.
 
-        Cached by the block's signature: repeated identical blocks are priced once.
+        Priced by ``BlockLayoutCosts`` (see [Note: layouts and resharding] in
+        sharding.py). Cached by the block's signature and strategies: repeated
+        identical blocks are priced once.
         """
         strategies = tuple(sharding.get(n, "replicate") for n in block.nodes) if tp > 1 else ()
         key = (block.signature, micro_batch, tp, strategies)
         hit = self._block_cache.get(key)
-        if hit is not None:
-            return hit
-        cap = self.captured
-        k = micro_batch / cap.batch_size
-        dtype = self.training.dtype
-        group = tuple(range(tp))  # a tensor-parallel group is tp consecutive ranks
-        compute = OpTime(0.0, 0.0)
-        fwd_comm = bwd_comm = 0.0
-        saved: dict[str, float] = {}
-        other_saved = 0.0
-        strategy = dict(zip(block.nodes, strategies))
+        if hit is None:
+            compute, comm, saved = self.layout_costs(block, micro_batch, tp).evaluate(dict(zip(block.nodes, strategies)))
+            hit = BlockCost(compute, comm, saved, block.input_bytes * micro_batch / self.captured.batch_size)
+            self._block_cache[key] = hit
+        return hit
 
-        def split(name: str) -> bool:  # is this node's output divided over the tp axis?
-            return tp > 1 and sharding.get(name, "replicate") in _SPLIT_OUTPUT
-
-        for name in block.nodes:
-            node = cap.nodes[name]
-            if node.is_view or not node.outputs:
-                continue  # aliases and assertions launch no kernel and move no data
-            strat = strategy.get(name, "replicate")
-            div = tp if strat != "replicate" else 1
-            pbytes = sum(cap.params[p].bytes for p in node.params if p in cap.params)
-            moved = (node.bytes_read - pbytes + node.bytes_written) * k + pbytes
-            compute = compute + self.cost_model.node_time(
-                node.target, node.forward_flops * k / div, node.backward_flops * k / div, moved / div, dtype
+    def layout_costs(self, block: Block, micro_batch: int, tp: int) -> BlockLayoutCosts:
+        """The per-node cost tables of ``block`` (shared by blocks of the same signature)."""
+        key = (block.index, micro_batch, tp)
+        tables = self._layout_cache.get(key)
+        if tables is None:
+            tables = BlockLayoutCosts(
+                self.captured, block, tp, micro_batch, self.cost_model, self.training.dtype,
+                self.pgraph.read_outside, self.pgraph.model_outputs,
             )
-            if tp > 1:  # see [Note: tensor-parallel communication]
-                out = node.output_bytes * k
-                if strat in ("row", "vocab"):
-                    fwd_comm += self.cost_model.collective_time("all_reduce", out, group)
-                elif strat == "column":
-                    inp = sum(cap.nodes[i].output_bytes for i in node.inputs) * k
-                    bwd_comm += self.cost_model.collective_time("all_reduce", inp, group)
-                elif strat == "replicate":
-                    for i in node.inputs:
-                        if split(i):
-                            full = cap.nodes[i].output_bytes * k
-                            fwd_comm += self.cost_model.collective_time("all_gather", full, group)
-                            bwd_comm += self.cost_model.collective_time("reduce_scatter", full, group)
-            for s in node.saved_inputs:
-                saved[s] = cap.nodes[s].output_bytes * k / (tp if split(s) else 1)
-            if node.saves_output:
-                saved[name] = node.output_bytes * k / (tp if split(name) else 1)
-            other_saved += node.saved_bytes * k / div
-        cost = BlockCost(
-            compute=compute,
-            tp_comm=OpTime(fwd_comm, bwd_comm),
-            saved_bytes=sum(saved.values()) + other_saved,
-            input_bytes=block.input_bytes * k,
-        )
-        self._block_cache[key] = cost
-        return cost
+            self._layout_cache[key] = tables
+        return tables
 
     # --- stages -----------------------------------------------------------------------
 

@@ -91,6 +91,15 @@ class PartitionGraph:
             self.block_graph.add_edge(e.src, e.dst, bytes=e.bytes, tensors=e.tensors)
         self._block_of_node = {n: b.index for b in self.blocks for n in b.nodes}
         self._crossing = self._tensor_spans()
+        # Nodes whose output another block (or the graph's output) reads, and the model's outputs.
+        outputs = [n for n in captured.nodes.values() if n.op == "output"]
+        self.model_outputs: frozenset[str] = frozenset(i for o in outputs for i in o.inputs)
+        self.read_outside: frozenset[str] = frozenset(
+            i
+            for n in captured.nodes.values()
+            for i in n.inputs
+            if i in self._block_of_node and self._block_of_node.get(n.name) != self._block_of_node[i]
+        )
 
     # --- queries the planners use -----------------------------------------------------
 

@@ -158,7 +158,7 @@ def manual_plan(ev: Evaluator, split_at: Sequence[str], pins: Pins = Pins()) -> 
     m = pins.microbatches or per_replica
     if per_replica % m:
         raise PlanError(f"--microbatches {m} does not divide the {per_replica} samples per replica")
-    sharding: Mapping[str, str] = megatron_sharding(ev.captured) if tp > 1 else {}
+    sharding: Mapping[str, str] = megatron_sharding(ev.captured, tp) if tp > 1 else {}
     return ev.make_plan(
         specs,
         Mesh(pp, tp, dp),

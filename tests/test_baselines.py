@@ -33,7 +33,7 @@ def _capture(spec: str, **kw):
 
 @pytest.fixture(scope="module")
 def gpt2():
-    return _capture("gpt2-tiny")
+    return _capture("gpt2-tiny", config={"n_head": 8})  # 8 heads, so tp=8 can split attention by heads
 
 
 @pytest.fixture(scope="module")
@@ -154,6 +154,16 @@ def test_megatron_uses_a_node_for_tensor_parallelism(ev_two_nodes, gpt2):
     # Sharding the weights shrinks each device's share: static bytes well under a tp=1 stage's.
     tp1, _ = plan_baseline("uniform", ev_two_nodes, Pins(pp=plan.mesh.pp))
     assert plan.stages[0].predicted.static_bytes < tp1.stages[0].predicted.static_bytes / 4
+
+
+def test_megatron_falls_back_to_replicate_when_heads_do_not_split():
+    four_heads = _capture("gpt2-tiny")  # 4 heads cannot be split 8 ways
+    ev = prepare(four_heads, cluster=Cluster.preset("dgx-a100-80g", 1), global_batch=8)
+    plan, _ = plan_baseline("megatron", ev)
+    attention = [n for n, node in four_heads.nodes.items() if "scaled_dot_product" in node.target]
+    assert attention and all(n not in plan.sharding for n in attention)
+    c_proj = next(n for n, node in four_heads.nodes.items() if node.module == "transformer.h.0.attn.c_proj" and "addmm" in node.target)
+    assert plan.sharding[c_proj] == "column"  # it reads the gathered (whole) attention output
 
 
 def test_megatron_with_tp_not_dividing_is_refused(ev_two_nodes):
