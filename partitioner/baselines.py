@@ -43,6 +43,7 @@ class Pins:
     schedule: str | None = None  # gpipe | 1f1b | interleaved
     virtual_stages: int | None = None  # for interleaved
     recompute: bool | None = None
+    split_at: tuple[str, ...] = ()  # modules where a stage must begin (the ILP honours these)
 
 
 def plan_baseline(method: str, ev: Evaluator, pins: Pins = Pins()) -> tuple[Plan, SimResult]:

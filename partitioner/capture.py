@@ -479,6 +479,8 @@ class _Annotator:
                         if i < len(flat_inputs) and flat_inputs[i].name not in param_nodes
                     )
                 )
+            if _is_fused_attention(node):
+                saved_inputs, saves_output, saved_other = _flash_attention_saved(node)
         return NodeInfo(
             name=node.name,
             op=node.op,
@@ -628,6 +630,29 @@ def _is_view(node: fx.Node) -> bool:
     if not isinstance(src, torch.Tensor) or not isinstance(out, torch.Tensor):
         return False
     return src.dtype == out.dtype and src.is_contiguous()
+
+
+def _is_fused_attention(node: fx.Node) -> bool:
+    return node.op == "call_function" and "scaled_dot_product" in str(node.target)
+
+
+def _flash_attention_saved(node: fx.Node) -> tuple[tuple[str, ...], bool, int]:
+    """What a fused (flash / memory-efficient) attention kernel keeps for backward.
+
+    [Note: attention memory]
+    On meta tensors ``scaled_dot_product_attention`` runs its math fallback,
+    which saves the ``s x s`` attention probabilities. The kernels that run
+    on GPUs (FlashAttention, memory-efficient attention) keep only q, k, v,
+    the output and a float32 log-sum-exp per query row, so that is what we
+    record (Dao et al. 2022; Korthikanti et al. 2022 count 34 s b h bytes per
+    layer without the s^2 term for the same reason).
+    """
+    qkv = [a for a in node.args[:3] if isinstance(a, fx.Node)]
+    out = node.meta.get("val")
+    lse = 0
+    if isinstance(out, torch.Tensor) and out.dim() >= 2:
+        lse = int(out.numel() // out.shape[-1]) * 4  # one fp32 per (batch, head, query)
+    return tuple(dict.fromkeys(a.name for a in qkv)), True, lse
 
 
 def _same_view(a: torch.Tensor, b: torch.Tensor) -> bool:

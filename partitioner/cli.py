@@ -63,7 +63,12 @@ def build_parser() -> argparse.ArgumentParser:
     _common(p)
     _cluster_args(p)
     g = p.add_argument_group("plan")
-    g.add_argument("--method", default="pipedream", help="uniform | params | pipedream | megatron (default pipedream)")
+    g.add_argument(
+        "--method", default=None,
+        help="ilp | uniform | params | pipedream | megatron | manual (default ilp; manual with --split-at)",
+    )
+    g.add_argument("--time-limit", type=float, default=30.0, help="seconds the ILP planner may search (default 30)")
+    g.add_argument("--explain", action="store_true", help="explain the plan: step-time breakdown, bottleneck, memory, runner-up")
     g.add_argument("--global-batch", type=_positive_int, default=None, help="samples per step (default 8 per device)")
     g.add_argument("--mesh", default=None, metavar="pp=..,tp=..,dp=..", help="pin mesh axes, any subset")
     g.add_argument("--microbatches", type=_positive_int, default=None, help="micro-batches per step per replica")
@@ -78,6 +83,10 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--json", default=None, metavar="PATH", help="write the plan artifact to PATH")
     g.add_argument("--force", action="store_true", help="let --json overwrite an existing file")
     g.add_argument("--timeline", action="store_true", help="print the simulated schedule as a text grid")
+
+    p = sub.add_parser("diff", help="compare two plan JSON files")
+    p.add_argument("a", metavar="A.json")
+    p.add_argument("b", metavar="B.json")
 
     p = sub.add_parser("inspect", help="print the blocks of a model: params, FLOPs, activations")
     _common(p)
@@ -97,6 +106,12 @@ def main(argv: Sequence[str] | None = None) -> int:
             return cmd_plan(args)
         if args.command == "inspect":
             return cmd_inspect(args)
+        if args.command == "diff":
+            from .explain import print_diff
+            from .plan import Plan
+
+            print_diff(Plan.load(args.a), Plan.load(args.b), args.a, args.b)
+            return 0
     except AutopartError as exc:
         print(f"autopart: error: {exc}", file=sys.stderr)
         return 2
@@ -126,9 +141,11 @@ def cmd_plan(args: argparse.Namespace) -> int:
     from .planner import plan_parallelism, score_plan
     from .zoo import load_model, parse_config_overrides
 
-    from .baselines import METHODS
+    from .planner import ALL_METHODS as METHODS
 
-    if args.method not in METHODS and not args.split_at and not args.plan_file:  # before the slow capture
+    if args.method is None:
+        args.method = "manual" if args.split_at else "ilp"
+    if args.method not in METHODS and not args.plan_file:  # before the slow capture
         import difflib
 
         near = difflib.get_close_matches(args.method, METHODS, n=1)
@@ -183,10 +200,15 @@ def cmd_plan(args: argparse.Namespace) -> int:
             virtual_stages=args.virtual_stages,
             recompute=args.recompute,
             split_at=[s for s in args.split_at.split(",") if s] if args.split_at else None,
+            time_limit_s=args.time_limit,
             batch_size=loaded.batch_size,
             **training,
         )
     print_plan(result, cluster)
+    if args.explain:
+        from .explain import print_explanation
+
+        print_explanation(result)
     if args.timeline:
         print(result.sim.grid())
     if json_path is not None:
@@ -262,7 +284,12 @@ def print_plan(result, cluster) -> None:
         f"{pred.tflops_per_device:.1f} TFLOP/s per device · MFU {pred.mfu:.1%} · bubble {pred.bubble_fraction:.1%} · "
         f"peak memory {_fmt_bytes(pred.peak_memory_bytes)} of {_fmt_bytes(pred.memory_limit_bytes)} ({fits})"
     )
-    console.print(f"[dim]planned in {plan.solver.wall_s:.2f} s ({plan.solver.status})[/dim]")
+    solver = plan.solver
+    proof = ""
+    if solver.bound is not None and solver.objective:
+        gap = max(0.0, (pred.step_time_s - solver.bound) / pred.step_time_s)
+        proof = f", objective {_fmt_time(solver.objective)}, bound {_fmt_time(solver.bound)}, gap {gap:.1%}"
+    console.print(f"[dim]planned in {solver.wall_s:.2f} s ({solver.status}{proof})[/dim]")
 
 
 # --------------------------------------------------------------------------------------

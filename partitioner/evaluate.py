@@ -107,6 +107,11 @@ class Evaluator:
         pp = mesh.pp
         split_params = sharded_params(self.captured, sharding) if mesh.tp > 1 else set()
         table = self.captured.params
+        stage_of = [0] * len(self.pgraph.blocks)
+        for s, spec in enumerate(stages):
+            for b in spec.blocks:
+                stage_of[b] = s
+        crossing = self.pgraph.crossing_bytes(stage_of)
         out = []
         for s, spec in enumerate(stages):
             costs = [self.block_cost(self.pgraph.blocks[b], mbs, mesh.tp, sharding) for b in spec.blocks]
@@ -128,8 +133,7 @@ class Evaluator:
             rank = mesh.rank(s % pp)
             send = 0.0
             if s + 1 < len(stages):
-                first_next = stages[s + 1].blocks[0]
-                nbytes = self.pgraph.boundary_bytes(first_next) * mbs / self.captured.batch_size
+                nbytes = crossing[s] * mbs / self.captured.batch_size
                 send = self.cost_model.p2p_time(nbytes / mesh.tp, rank, mesh.rank((s + 1) % pp))
             dp_reduce = 0.0
             if mesh.dp > 1:

@@ -90,7 +90,8 @@ class PartitionGraph:
         for e in self.edges:
             self.block_graph.add_edge(e.src, e.dst, bytes=e.bytes, tensors=e.tensors)
         self._block_of_node = {n: b.index for b in self.blocks for n in b.nodes}
-        self._crossing = self._tensor_spans()
+        self._flows = self._compute_flows()
+        self._crossing = [(src, max(readers), size) for src, readers, size in self._flows]
         # Nodes whose output another block (or the graph's output) reads, and the model's outputs.
         outputs = [n for n in captured.nodes.values() if n.op == "output"]
         self.model_outputs: frozenset[str] = frozenset(i for o in outputs for i in o.inputs)
@@ -154,21 +155,35 @@ class PartitionGraph:
 
     # --- internals --------------------------------------------------------------------
 
-    def _tensor_spans(self) -> list[tuple[int, int, int]]:
-        spans = []
+    def tensor_flows(self) -> list[tuple[int, tuple[int, ...], int]]:
+        """(producer block, reader blocks, bytes) of every tensor that another block reads."""
+        return list(self._flows)
+
+    def _compute_flows(self) -> list[tuple[int, tuple[int, ...], int]]:
         nodes = self.captured.nodes
-        consumers: dict[str, list[int]] = {}
+        readers: dict[str, set[int]] = {}
         for b in self.blocks:
             for n in b.nodes:
                 for i in nodes[n].inputs:
-                    if i in self._block_of_node:
-                        consumers.setdefault(i, []).append(b.index)
-        for prod, readers in consumers.items():
-            src = self._block_of_node[prod]
-            last = max(readers)
-            if last > src:
-                spans.append((src, last, nodes[prod].output_bytes))
-        return spans
+                    if i in self._block_of_node and self._block_of_node[i] != b.index:
+                        readers.setdefault(i, set()).add(b.index)
+        return [
+            (self._block_of_node[prod], tuple(sorted(rs)), nodes[prod].output_bytes)
+            for prod, rs in sorted(readers.items())
+        ]
+
+    def crossing_bytes(self, stage_of: Sequence[int]) -> list[int]:
+        """Bytes crossing each cut (after stage k) when block i is on stage ``stage_of[i]``.
+
+        A tensor crosses every cut between its producer's stage and its last
+        reader's stage, once per cut (pipelining forwards it stage to stage).
+        """
+        stages = max(stage_of) + 1 if stage_of else 0
+        out = [0] * max(0, stages - 1)
+        for src, readers, size in self._flows:
+            for k in range(stage_of[src], max(stage_of[r] for r in readers)):
+                out[k] += size
+        return out
 
 
 # --------------------------------------------------------------------------------------

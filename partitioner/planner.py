@@ -27,7 +27,9 @@ from .plan import Mesh, Plan, Schedule, Training
 from .sharding import megatron_sharding
 from .simulate import SimResult
 
-__all__ = ["PlanResult", "plan_parallelism", "prepare", "manual_plan", "score_plan"]
+__all__ = ["ALL_METHODS", "PlanResult", "plan_parallelism", "prepare", "manual_plan", "score_plan"]
+
+ALL_METHODS = ("ilp", *METHODS, "manual")
 
 
 @dataclass(frozen=True)
@@ -37,6 +39,7 @@ class PlanResult:
     plan: Plan
     sim: SimResult
     evaluator: Evaluator
+    report: Any = None  # the ILP's SearchReport (runner-up, bound, counts); None for other methods
 
     @property
     def pgraph(self) -> PartitionGraph:
@@ -91,7 +94,7 @@ def plan_parallelism(
     cluster: Cluster | None = None,
     *,
     global_batch: int,
-    method: str = "pipedream",
+    method: str = "ilp",
     pp: int | None = None,
     tp: int | None = None,
     dp: int | None = None,
@@ -100,22 +103,34 @@ def plan_parallelism(
     virtual_stages: int | None = None,
     recompute: bool | None = None,
     split_at: Sequence[str] | None = None,
+    time_limit_s: float = 30.0,
     **training: Any,
 ) -> PlanResult:
     """Plan ``model`` on ``cluster``. Every keyword left as None is the planner's to choose.
 
-    ``split_at`` (module names where stages 1, 2, ... begin) makes a manual
-    plan instead of running ``method``. Remaining keywords (``dtype``,
+    ``method`` is "ilp" (the default: the CP-SAT planner, bounded by
+    ``time_limit_s`` seconds) or a baseline. ``split_at`` (module names where
+    stages 1, 2, ... begin) makes a manual plan, or with ``method="ilp"`` pins
+    those stage boundaries and lets the ILP choose the rest. Remaining keywords (``dtype``,
     ``optimizer``, ``zero1``, ``memory_reserve``, ``overlap_dp``,
     ``cost_model``, ``name``) go to :func:`prepare`.
     """
     ev = prepare(model, example_inputs, cluster, global_batch=global_batch, **training)
-    pins = Pins(pp, tp, dp, microbatches, schedule, virtual_stages, recompute)
-    if split_at is not None:
+    pins = Pins(pp, tp, dp, microbatches, schedule, virtual_stages, recompute, tuple(split_at or ()))
+    if method not in ALL_METHODS:
+        raise PlanError(f"--method {method!r} is not one of {', '.join(ALL_METHODS)}")
+    if method == "ilp":
+        from .solver import plan_ilp
+
+        result = plan_ilp(ev, pins, time_limit_s)
+        return PlanResult(result.plan, result.sim, ev, result.report)
+    if method == "manual":
+        if not split_at:
+            raise PlanError("--method manual needs --split-at MODULE[,MODULE..] (where stages 1, 2, ... begin)")
         plan, sim = manual_plan(ev, split_at, pins)
+    elif split_at:
+        raise PlanError(f"--split-at pins stage boundaries for the ilp or manual methods, not for {method}")
     else:
-        if method not in METHODS:
-            raise PlanError(f"--method {method!r} is not one of {', '.join(METHODS)}")
         plan, sim = plan_baseline(method, ev, pins)
     return PlanResult(plan, sim, ev)
 

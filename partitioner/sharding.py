@@ -140,6 +140,7 @@ class NodeOption:
     compute: OpTime  # the node's own work
     comm: OpTime  # its own collectives (row/vocab forward all-reduce)
     saved_other: float  # bytes of intermediates autograd keeps (not inputs/outputs)
+    param_bytes: float  # weight bytes of its parameters held per device (divided by tp when split)
 
 
 class BlockLayoutCosts:
@@ -230,7 +231,9 @@ class BlockLayoutCosts:
             comm = OpTime(0.0, 0.0)
             if strat in ("row", "vocab"):
                 comm = OpTime(self.cost_model.collective_time("all_reduce", node.output_bytes * k, self.group), 0.0)
-            out[strat] = NodeOption(compute, comm, node.saved_bytes * k / div)
+            pdiv = tp if strat in ("column", "row", "vocab") else 1
+            held = sum(cap.params[p].bytes for p in node.params if p in cap.params) / pdiv
+            out[strat] = NodeOption(compute, comm, node.saved_bytes * k / div, held)
         return out
 
     # --- pricing an assignment --------------------------------------------------------

@@ -1,0 +1,504 @@
+"""Blocks to pipeline stages, and recomputation per stage, as a CP-SAT model.
+
+For one fixed mesh (``pp`` ranks, ``v`` stages per rank, ``K = pp * v``
+stages), micro-batching (``M`` micro-batches) and block costs (already
+sharded for the mesh's tp), choose the stage of every block and whether each
+stage recomputes its activations, minimizing the predicted step time under the
+device memory limit. Stage ``s`` runs on rank ``s % pp``.
+
+Formulation (times in integer units of ``UNIT_S``; every coefficient is a
+per-micro-batch figure from the evaluator, so the model prices exactly what
+the simulator will be given):
+
+    variables  x[i,s] in {0,1}   block i on stage s
+               r[s] in {0,1}     stage s recomputes (full activation checkpointing)
+               w[i,s] = x[i,s] AND r[s]
+               c[t,k] in {0,1}   tensor t crosses the cut after stage k
+               u[p,s] in {0,1}   shared (tied) parameter p is held by stage s
+               R_max, E >= 0
+
+    assignment     sum_s x[i,s] = 1;  sum_i x[i,s] >= 1                   add_assignment_constraints()
+    graph order    stage(i) <= stage(j) for every block edge i -> j,
+                   stage(i) = sum_s s x[i,s]                               add_order_constraints()
+    cuts           c[t,k] >= le[src(t),k] - le[j,k] for every reader j of t,
+                   le[i,k] = sum_{s<=k} x[i,s]                             add_cut_constraints()
+    stage time     T_s = sum_i x[i,s] (f_i + b_i) + sum_i w[i,s] f_i       add_time_constraints()
+                   R_r = sum_{s on r} T_s;  R_max >= R_r
+    memory         for rank r and each in-flight pattern n of its schedule:
+                   sum_{s on r} (static_s + work_s + n_s act_s) <= limit    add_memory_constraints()
+                   static_s = sum_i x[i,s] st_i + sum_p u[p,s] st_p;  u[p,s] >= x[i,s] (i reads p)
+                   act_s = sum_i x[i,s] sv_i - sum_i w[i,s] (sv_i - in_i);  work_s >= w[i,s] sv_i
+    data parallel  E >= DP_r - B_r (overlapped) or E >= DP_r;  DP_r linear in the gradient bytes
+                                                                           add_dp_constraints()
+
+    minimize  v M R_max + (sum_r R_r - R_max) + 2 v sum_k send_k + v E     (divided by v when reported)
+
+with ``send_k = alpha_k + beta_k * sum_t bytes_t c[t,k]``.
+
+[Note: two encodings of the same model]
+The *assignment* encoding above admits any edge-respecting assignment of a
+block DAG, which matters for small graphs with parallel branches; its size is
+``blocks x stages`` booleans, too many for a 100-block model on 64 stages.
+Large problems use the *chain* encoding (``_ChainModel``): stages are
+contiguous ranges of the blocks in graph order (what pipeline runtimes
+split), represented by the cut positions ``0 = p_0 < p_1 < ... < p_K = n``,
+and every stage sum is a difference of prefix sums read with element
+constraints: ``T_s = FB[p_{s+1}] - FB[p_s] + r_s (F[p_{s+1}] - F[p_s])``,
+``send_k = alpha_k + beta_k CUT[p_{k+1}]`` with ``CUT[p]`` the bytes crossing a
+cut before block ``p``. The recompute workspace is bounded by the largest
+block of the model rather than of the stage (conservative). Objective, memory
+and data-parallel constraints are the same. A tied parameter read by two blocks of one stage is counted twice
+there (conservative; with the usual first/last tying it never happens for
+more than one stage). ``ASSIGNMENT_MAX_VARS`` picks the encoding. ``M R_max + (sum R -
+R_max) / v`` is the pipeline time of 1F1B and GPipe (v = 1) and of
+interleaved 1F1B: it is exact for equal stages (the textbook bubble) and the
+simulator, which is the judge, agrees within a few percent for unequal ones.
+The in-flight patterns come from the schedule's own action order, so the
+memory constraint is exactly the simulator's peak.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Sequence
+
+from ortools.sat.python import cp_model
+
+from .sharding_ilp import UNIT_S
+
+__all__ = ["BlockData", "StageProblem", "StageSolution", "solve_stages", "inflight_patterns"]
+
+
+@dataclass(frozen=True, slots=True)
+class BlockData:
+    """What the stage model needs of one block, for one micro-batch on one device."""
+
+    forward_s: float  # compute + tensor-parallel communication
+    backward_s: float
+    saved_bytes: float  # activations kept for backward
+    input_bytes: float  # what recomputation keeps instead
+    static_bytes: float  # weights + gradients + optimizer state of its unshared parameters
+    grad_bytes: float  # gradient bytes of its unshared parameters (data-parallel reduction)
+
+
+@dataclass(frozen=True, slots=True)
+class SharedParam:
+    """A parameter read by several blocks (tied weights): held once per stage that reads it."""
+
+    static_bytes: float
+    grad_bytes: float
+    readers: tuple[int, ...]
+
+
+@dataclass(frozen=True)
+class StageProblem:
+    """One stage-assignment problem: the mesh, schedule and block costs are fixed."""
+
+    blocks: tuple[BlockData, ...]
+    edges: tuple[tuple[int, int], ...]  # block DAG edges
+    tensors: tuple[tuple[int, tuple[int, ...], float], ...]  # (producer block, reader blocks, bytes per micro-batch)
+    shared: tuple[SharedParam, ...]
+    pp: int
+    virtual_stages: int
+    microbatches: int
+    inflight: tuple[tuple[tuple[int, ...], ...], ...]  # per rank: the distinct in-flight count vectors over its chunks
+    memory_limit: float  # bytes per device
+    send_alpha: tuple[float, ...]  # per cut k: latency of the point-to-point transfer
+    send_beta: tuple[float, ...]  # per cut k: seconds per byte
+    dp_alpha: float = 0.0  # data-parallel all-reduce: latency part per stage
+    dp_beta: float = 0.0  # seconds per gradient byte
+    overlap_dp: bool = True
+    recompute: bool | None = None  # None: the solver decides per stage
+    stage_starts: tuple[int, ...] = ()  # blocks pinned to begin a stage
+    hint: tuple[int, ...] | None = None  # a stage per block to start from
+    hint_recompute: tuple[bool, ...] | None = None  # and a recompute flag per stage
+    max_time_s: float = 10.0  # deterministic time budget
+
+    @property
+    def stages(self) -> int:
+        return self.pp * self.virtual_stages
+
+
+@dataclass(frozen=True)
+class StageSolution:
+    status: str  # OPTIMAL, FEASIBLE, INFEASIBLE, UNKNOWN
+    stage_of: tuple[int, ...] = ()  # stage of each block
+    recompute: tuple[bool, ...] = ()  # per stage
+    objective_s: float = float("inf")  # predicted step time
+    bound_s: float = 0.0  # proven lower bound on it
+    components: dict[str, float] = field(default_factory=dict)  # compute/bubble/pp_comm/dp, seconds
+
+
+def inflight_patterns(orders: Sequence[Sequence], pp: int, virtual_stages: int) -> tuple[tuple[tuple[int, ...], ...], ...]:
+    """Per rank, the distinct vectors (micro-batches in flight per chunk) its action order passes through.
+
+    In-flight counts change only at the rank's own forward (up) and backward
+    (down) actions, so they depend on the order alone, not on the costs.
+    """
+    out = []
+    for r, order in enumerate(orders):
+        counts = [0] * virtual_stages
+        seen: set[tuple[int, ...]] = set()
+        for a in order:
+            chunk = a.stage // pp
+            if a.kind == "F":
+                counts[chunk] += 1
+                seen.add(tuple(counts))
+            else:
+                counts[chunk] -= 1
+        # Keep only maximal vectors: a pattern dominated by another cannot bind.
+        maximal = [p for p in seen if not any(q != p and all(a >= b for a, b in zip(q, p)) for q in seen)]
+        out.append(tuple(sorted(maximal)))
+    return tuple(out)
+
+
+def _u(seconds: float) -> int:
+    return int(round(seconds / UNIT_S))
+
+
+class _StageModel:
+    def __init__(self, p: StageProblem) -> None:
+        self.p = p
+        self.m = cp_model.CpModel()
+        n, K = len(p.blocks), p.stages
+        self.x = [[self.m.new_bool_var(f"x[{i},{s}]") for s in range(K)] for i in range(n)]
+        if p.recompute is None:
+            self.r = [self.m.new_bool_var(f"r[{s}]") for s in range(K)]
+        else:
+            self.r = [self.m.new_constant(int(p.recompute)) for _ in range(K)]
+        self.w = [[self.m.new_bool_var(f"w[{i},{s}]") for s in range(K)] for i in range(n)]
+        self.T: list[cp_model.LinearExpr] = []
+        self.B: list[cp_model.LinearExpr] = []
+        self.send: list[cp_model.LinearExpr] = []
+        horizon = _u(sum(b.forward_s * 2 + b.backward_s for b in p.blocks)) + 1
+        self.R_max = self.m.new_int_var(0, horizon, "R_max")
+        self.E = self.m.new_int_var(0, horizon * 10 + _u(1e3), "E")
+
+    def stage_of(self, i: int) -> cp_model.LinearExpr:
+        return sum(s * self.x[i][s] for s in range(self.p.stages))
+
+    def add_assignment_constraints(self) -> None:
+        """sum_s x[i,s] = 1 (``assign[i]``); sum_i x[i,s] >= 1 (``nonempty[s]``); w = x AND r."""
+        p, m = self.p, self.m
+        for i in range(len(p.blocks)):
+            m.add_exactly_one(self.x[i]).with_name(f"assign[{i}]")
+        for s in range(p.stages):
+            m.add(sum(self.x[i][s] for i in range(len(p.blocks))) >= 1).with_name(f"nonempty[{s}]")
+            for i in range(len(p.blocks)):
+                w, x, r = self.w[i][s], self.x[i][s], self.r[s]
+                m.add(w <= x).with_name(f"recompute_and_x[{i},{s}]")
+                m.add(w <= r).with_name(f"recompute_and_r[{i},{s}]")
+                m.add(w >= x + r - 1).with_name(f"recompute_and[{i},{s}]")
+
+    def add_order_constraints(self) -> None:
+        """stage(i) <= stage(j) for every edge i -> j (``order[i,j]``); pinned stage starts."""
+        p, m = self.p, self.m
+        for i, j in p.edges:
+            m.add(self.stage_of(i) <= self.stage_of(j)).with_name(f"order[{i},{j}]")
+        for j in p.stage_starts:  # every block before j is in an earlier stage, every later one not earlier
+            for i in range(len(p.blocks)):
+                if i < j:
+                    m.add(self.stage_of(i) + 1 <= self.stage_of(j)).with_name(f"starts[{j}] after {i}")
+                elif i > j:
+                    m.add(self.stage_of(i) >= self.stage_of(j)).with_name(f"starts[{j}] before {i}")
+
+    def le(self, i: int, k: int) -> cp_model.LinearExpr:
+        return sum(self.x[i][s] for s in range(k + 1))
+
+    def add_cut_constraints(self) -> None:
+        """c[t,k] >= le[src,k] - le[j,k] for readers j; send_k = alpha_k + beta_k * bytes_k (``cut[t,k,j]``)."""
+        p, m = self.p, self.m
+        for k in range(p.stages - 1):
+            bytes_k = []
+            for t, (src, readers, size) in enumerate(p.tensors):
+                if size <= 0:
+                    continue
+                c = m.new_bool_var(f"c[{t},{k}]")
+                for j in readers:
+                    m.add(c >= self.le(src, k) - self.le(j, k)).with_name(f"cut[{t},{k},{j}]")
+                bytes_k.append((size, c))
+            beta = p.send_beta[k]
+            self.send.append(_u(p.send_alpha[k]) + sum(_u(beta * size) * c for size, c in bytes_k))
+
+    def add_time_constraints(self) -> None:
+        """T_s = sum x (f + b) + sum w f; R_max >= R_r for every rank r (``bottleneck[r]``)."""
+        p, m = self.p, self.m
+        n = len(p.blocks)
+        for s in range(p.stages):
+            fb = sum(_u(p.blocks[i].forward_s + p.blocks[i].backward_s) * self.x[i][s] for i in range(n))
+            again = sum(_u(p.blocks[i].forward_s) * self.w[i][s] for i in range(n))
+            self.T.append(fb + again)
+            self.B.append(sum(_u(p.blocks[i].backward_s) * self.x[i][s] for i in range(n)) + again)
+        for r in range(p.pp):
+            m.add(self.R_max >= sum(self.T[s] for s in range(r, p.stages, p.pp))).with_name(f"bottleneck[{r}]")
+
+    def add_memory_constraints(self) -> None:
+        """Per rank and in-flight pattern: static + workspace + sum_s n_s act_s <= limit (``memory[r,n]``)."""
+        p, m = self.p, self.m
+        n = len(p.blocks)
+        scale = 1024  # memory in KiB keeps coefficients small
+        limit = int(p.memory_limit // scale)
+        static, act, work = [], [], []
+        for s in range(p.stages):
+            st = sum(int(p.blocks[i].static_bytes // scale) * self.x[i][s] for i in range(n))
+            for q, sh in enumerate(p.shared):
+                u = m.new_bool_var(f"u[{q},{s}]")
+                for i in sh.readers:
+                    m.add(u >= self.x[i][s]).with_name(f"shared[{q},{s},{i}]")
+                st = st + int(sh.static_bytes // scale) * u
+            static.append(st)
+            keep = sum(int(p.blocks[i].saved_bytes // scale) * self.x[i][s] for i in range(n))
+            drop = sum(
+                int((p.blocks[i].saved_bytes - p.blocks[i].input_bytes) // scale) * self.w[i][s] for i in range(n)
+            )
+            act.append(keep - drop)
+            wk = m.new_int_var(0, max(1, int(max((b.saved_bytes for b in p.blocks), default=0) // scale) + 1), f"work[{s}]")
+            for i in range(n):
+                m.add(wk >= int(p.blocks[i].saved_bytes // scale) * self.w[i][s])
+            work.append(wk)
+        for r in range(p.pp):
+            mine = list(range(r, p.stages, p.pp))
+            base = sum(static[s] + work[s] for s in mine)
+            for j, pattern in enumerate(p.inflight[r]):
+                m.add(base + sum(cnt * act[s] for cnt, s in zip(pattern, mine)) <= limit).with_name(f"memory[{r},{j}]")
+        self.static = static
+
+    def add_dp_constraints(self) -> None:
+        """E >= DP_r - B_r (overlap) or E >= DP_r, DP_r = sum_{s on r} (alpha + beta * grad_s) (``dp[r]``)."""
+        p, m = self.p, self.m
+        if p.dp_beta == 0 and p.dp_alpha == 0:
+            return
+        n = len(p.blocks)
+        grad = []
+        for s in range(p.stages):
+            g = sum(_u(p.dp_beta * p.blocks[i].grad_bytes) * self.x[i][s] for i in range(n))
+            for q, sh in enumerate(p.shared):
+                u = m.new_bool_var(f"ug[{q},{s}]")
+                for i in sh.readers:
+                    m.add(u >= self.x[i][s])
+                g = g + _u(p.dp_beta * sh.grad_bytes) * u
+            grad.append(_u(p.dp_alpha) + g)
+        for r in range(p.pp):
+            mine = list(range(r, p.stages, p.pp))
+            dp_r = sum(grad[s] for s in mine)
+            last_b = self.B[mine[0]]  # the rank's last action is the first chunk's backward
+            m.add(self.E >= (dp_r - last_b if p.overlap_dp else dp_r)).with_name(f"dp[{r}]")
+
+    def objective(self) -> cp_model.LinearExpr:
+        p = self.p
+        v, M = p.virtual_stages, p.microbatches
+        total = sum(self.T)
+        return v * M * self.R_max + (total - self.R_max) + 2 * v * sum(self.send) + v * self.E
+
+    def solve(self) -> StageSolution:
+        p = self.p
+        self.add_assignment_constraints()
+        self.add_order_constraints()
+        self.add_cut_constraints()
+        self.add_time_constraints()
+        self.add_memory_constraints()
+        self.add_dp_constraints()
+        obj = self.objective()
+        self.m.minimize(obj)
+        hints = []
+        if p.hint is not None:
+            hints = [(self.x[i][s], int(s == s_i)) for i, s_i in enumerate(p.hint) for s in range(p.stages)]
+            if p.hint_recompute is not None and p.recompute is None:
+                hints += [(self.r[s], int(flag)) for s, flag in enumerate(p.hint_recompute)]
+        solver = _solve(self.m, hints, p.max_time_s)
+        status = solver.response_proto.status
+        name = solver.status_name(status)
+        if status not in (cp_model.OPTIMAL, cp_model.FEASIBLE):
+            return StageSolution(name, bound_s=float("inf") if status == cp_model.INFEASIBLE else 0.0)
+        v = p.virtual_stages
+        stage_of = tuple(next(s for s in range(p.stages) if solver.value(self.x[i][s])) for i in range(len(p.blocks)))
+        rmax = solver.value(self.R_max) * UNIT_S
+        total = sum(solver.value(t) for t in self.T) * UNIT_S
+        return StageSolution(
+            status=name,
+            stage_of=stage_of,
+            recompute=tuple(bool(solver.value(r)) for r in self.r),
+            objective_s=solver.objective_value * UNIT_S / v,
+            bound_s=solver.best_objective_bound * UNIT_S / v,
+            components={
+                "bottleneck_s": p.microbatches * rmax,
+                "bubble_s": (total - rmax) / v,
+                "pp_comm_s": 2 * sum(solver.value(e) for e in self.send) * UNIT_S,
+                "dp_s": solver.value(self.E) * UNIT_S,
+            },
+        )
+
+
+def _solve(model: cp_model.CpModel, hints: list[tuple[cp_model.IntVar, int]], budget_s: float) -> cp_model.CpSolver:
+    """Solve ``model`` deterministically, starting from a complete solution when ``hints`` allow one.
+
+    CP-SAT takes a partial hint (the cut positions) as a suggestion and may
+    not manage to complete it. So the hint is first completed by solving a
+    copy of the model with the hinted variables fixed (cheap: everything else
+    follows), and that full solution becomes the hint. The search therefore
+    never returns worse than the hint when the hint is feasible.
+    """
+    if hints:
+        fixed = model.clone()
+        for var, val in hints:
+            fixed.add(fixed.get_int_var_from_proto_index(var.index) == val)
+        first = cp_model.CpSolver()
+        first.parameters.num_workers = 1
+        first.parameters.max_deterministic_time = max(0.05, budget_s / 4)
+        if first.solve(fixed) in (cp_model.OPTIMAL, cp_model.FEASIBLE):
+            model.clear_hints()
+            values = first.response_proto.solution
+            for index in range(len(model.proto.variables)):
+                model.add_hint(model.get_int_var_from_proto_index(index), values[index])
+        else:
+            for var, val in hints:
+                model.add_hint(var, val)
+    solver = cp_model.CpSolver()
+    solver.parameters.num_workers = 1  # deterministic
+    solver.parameters.max_deterministic_time = budget_s
+    solver.solve(model)
+    return solver
+
+
+ASSIGNMENT_MAX_VARS = 256  # blocks x stages up to which the assignment encoding is used
+
+
+def solve_stages(problem: StageProblem, encoding: str = "auto") -> StageSolution:
+    """Solve one stage-assignment problem with CP-SAT (deterministic, time-bounded).
+
+    ``encoding`` is "assignment", "chain" or "auto" (see [Note: two encodings of the same model]).
+    """
+    if encoding == "auto":
+        encoding = "assignment" if len(problem.blocks) * problem.stages <= ASSIGNMENT_MAX_VARS else "chain"
+    if encoding == "assignment":
+        return _StageModel(problem).solve()
+    if encoding == "chain":
+        return _ChainModel(problem).solve()
+    raise ValueError(f"encoding {encoding!r} is not 'auto', 'assignment' or 'chain'")
+
+
+class _ChainModel:
+    """The chain encoding: cut positions and prefix sums (see [Note: two encodings of the same model])."""
+
+    def __init__(self, p: StageProblem) -> None:
+        self.p = p
+        self.m = cp_model.CpModel()
+
+    def _prefix(self, values: Sequence[int]) -> list[int]:
+        out = [0]
+        for v in values:
+            out.append(out[-1] + v)
+        return out
+
+    def _at(self, table: Sequence[int], index, name: str):
+        """table[index] as a variable (an element constraint)."""
+        var = self.m.new_int_var(min(table), max(table), name)
+        self.m.add_element(index, list(table), var)
+        return var
+
+    def solve(self) -> StageSolution:
+        p, m = self.p, self.m
+        n, K, pp, v, M = len(p.blocks), p.stages, p.pp, p.virtual_stages, p.microbatches
+        kib = 1024
+        shared_static = [0.0] * n
+        shared_grad = [0.0] * n
+        for sh in p.shared:
+            for i in sh.readers:
+                shared_static[i] += sh.static_bytes
+                shared_grad[i] += sh.grad_bytes
+        FB = self._prefix([_u(b.forward_s + b.backward_s) for b in p.blocks])
+        F = self._prefix([_u(b.forward_s) for b in p.blocks])
+        BK = self._prefix([_u(b.backward_s) for b in p.blocks])
+        ST = self._prefix([int((b.static_bytes + shared_static[i]) // kib) for i, b in enumerate(p.blocks)])
+        SV = self._prefix([int(b.saved_bytes // kib) for b in p.blocks])
+        IN = self._prefix([int(b.input_bytes // kib) for b in p.blocks])
+        G = self._prefix([_u(p.dp_beta * (b.grad_bytes + shared_grad[i])) for i, b in enumerate(p.blocks)])
+        cut = [0] * (n + 1)  # bytes crossing a cut placed before block j
+        for src, readers, size in p.tensors:
+            for j in range(src + 1, max(readers) + 1):
+                cut[j] += size
+        # Recompute workspace: the largest block of the model (conservative; a range-maximum
+        # table would need an element over n^2 entries, which CP-SAT's presolve expands).
+        largest = max(int(b.saved_bytes // kib) for b in p.blocks)
+
+        # Cut positions: p_0 = 0 < p_1 < ... < p_K = n (``nonempty[s]``).
+        pos = [m.new_constant(0)] + [m.new_int_var(1, n - 1, f"p[{s}]") for s in range(1, K)] + [m.new_constant(n)]
+        for s in range(K):
+            m.add(pos[s] + 1 <= pos[s + 1]).with_name(f"nonempty[{s}]")
+        for j in p.stage_starts:  # some stage begins exactly at block j (``starts[j]``)
+            choice = [m.new_bool_var(f"start[{j},{s}]") for s in range(1, K)]
+            m.add_exactly_one(choice).with_name(f"starts[{j}]")
+            for s, c in zip(range(1, K), choice):
+                m.add(pos[s] == j).only_enforce_if(c)
+        if p.recompute is None:
+            r = [m.new_bool_var(f"r[{s}]") for s in range(K)]
+        else:
+            r = [m.new_constant(int(p.recompute)) for _ in range(K)]
+        at = {name: [self._at(tab, pos[s], f"{name}[{s}]") for s in range(K + 1)] for name, tab in
+              (("FB", FB), ("F", F), ("BK", BK), ("ST", ST), ("SV", SV), ("IN", IN), ("G", G))}
+        big_t = FB[-1] + F[-1] + 1
+        big_m = SV[-1] + IN[-1] + largest + 1
+        T, Bs, static, act, work = [], [], [], [], []
+        for s in range(K):
+            fdiff = at["F"][s + 1] - at["F"][s]
+            extra = m.new_int_var(0, F[-1], f"recompute_time[{s}]")  # = r_s * fdiff at the optimum
+            m.add(extra >= fdiff - big_t * (1 - r[s])).with_name(f"recompute_time[{s}]")
+            T.append(at["FB"][s + 1] - at["FB"][s] + extra)
+            Bs.append(at["BK"][s + 1] - at["BK"][s] + extra)
+            static.append(at["ST"][s + 1] - at["ST"][s])
+            a = m.new_int_var(0, big_m, f"act[{s}]")
+            m.add(a >= at["SV"][s + 1] - at["SV"][s] - big_m * r[s]).with_name(f"act_keep[{s}]")
+            m.add(a >= at["IN"][s + 1] - at["IN"][s] - big_m * (1 - r[s])).with_name(f"act_recompute[{s}]")
+            act.append(a)
+            work.append(largest * r[s])
+        horizon = big_t * 2
+        R_max = m.new_int_var(0, horizon, "R_max")
+        for rk in range(pp):
+            m.add(R_max >= sum(T[s] for s in range(rk, K, pp))).with_name(f"bottleneck[{rk}]")
+        limit = int(p.memory_limit // kib)
+        for rk in range(pp):
+            mine = list(range(rk, K, pp))
+            base = sum(static[s] + work[s] for s in mine)
+            for j, pattern in enumerate(p.inflight[rk]):
+                m.add(base + sum(c * act[s] for c, s in zip(pattern, mine)) <= limit).with_name(f"memory[{rk},{j}]")
+        send = []
+        for k in range(K - 1):
+            cut_bytes = self._at([_u(p.send_beta[k] * c) for c in cut], pos[k + 1], f"send_bytes[{k}]")
+            send.append(_u(p.send_alpha[k]) + cut_bytes)
+        E = m.new_int_var(0, horizon * 10 + _u(1e3), "E")
+        if p.dp_beta or p.dp_alpha:
+            for rk in range(pp):
+                mine = list(range(rk, K, pp))
+                dp_r = sum(_u(p.dp_alpha) + at["G"][s + 1] - at["G"][s] for s in mine)
+                m.add(E >= (dp_r - Bs[mine[0]] if p.overlap_dp else dp_r)).with_name(f"dp[{rk}]")
+        total = sum(T)
+        m.minimize(v * M * R_max + (total - R_max) + 2 * v * sum(send) + v * E)
+        hints = []
+        if p.hint is not None:
+            starts = [i for i in range(1, n) if p.hint[i] != p.hint[i - 1]]
+            if len(starts) == K - 1:
+                hints = [(pos[s], j) for s, j in zip(range(1, K), starts)]
+                if p.hint_recompute is not None and p.recompute is None:
+                    hints += [(r[s], int(flag)) for s, flag in enumerate(p.hint_recompute)]
+        solver = _solve(m, hints, p.max_time_s)
+        status = solver.response_proto.status
+        name = solver.status_name(status)
+        if status not in (cp_model.OPTIMAL, cp_model.FEASIBLE):
+            return StageSolution(name, bound_s=float("inf") if status == cp_model.INFEASIBLE else 0.0)
+        cuts = [solver.value(x) for x in pos]
+        stage_of = tuple(next(s for s in range(K) if cuts[s] <= i < cuts[s + 1]) for i in range(n))
+        rmax = solver.value(R_max) * UNIT_S
+        tot = sum(solver.value(t) for t in T) * UNIT_S
+        return StageSolution(
+            status=name,
+            stage_of=stage_of,
+            recompute=tuple(bool(solver.value(x)) for x in r),
+            objective_s=solver.objective_value * UNIT_S / v,
+            bound_s=solver.best_objective_bound * UNIT_S / v,
+            components={
+                "bottleneck_s": M * rmax,
+                "bubble_s": (tot - rmax) / v,
+                "pp_comm_s": 2 * sum(solver.value(e) for e in send) * UNIT_S,
+                "dp_s": solver.value(E) * UNIT_S,
+            },
+        )

@@ -1,0 +1,486 @@
+"""The ILP planner's search: meshes, micro-batching and schedules around the two CP-SAT models.
+
+``plan_ilp`` enumerates the choices that change the *shape* of the problem
+(tensor-parallel degree, pipeline depth, data-parallel width, micro-batch
+size, schedule and virtual stages, fast or lean sharding) and, for each,
+solves the stage-assignment ILP (``pipeline_ilp``) on blocks already sharded
+by the per-block ILP (``sharding_ilp``). The enumeration is pruned, not brute
+force (see [Note: pruning]); the simulator judges every solution.
+
+[Note: pruning]
+* Lower bound: for a candidate with total per-micro-batch work ``W`` over
+  ``pp`` ranks, ``M W / pp + (W - W / pp) / v`` bounds its objective from
+  below (perfect balance, no communication). Candidates are solved in order
+  of this bound and the search stops when the bound reaches the best step
+  time found: no remaining candidate can beat it.
+* Memory: a candidate whose static memory cannot fit even perfectly
+  balanced (``sum static / pp``), or that holds a block too big for one
+  device, is dropped before any solve.
+* Dominance: GPipe is never faster than 1F1B in the simulator and never
+  needs less memory, so it is only tried when pinned. Interleaved 1F1B is
+  also tried only when pinned (``--schedule interleaved``): for stages of
+  unequal cost (recomputation on some, heavy embeddings) the closed form
+  ``M R_max + (sum R - R_max) / v`` can underestimate the simulated step by
+  tens of percent, so the search would chase plans the simulator rejects. Tensor parallelism
+  stays inside a node (up to ``devices_per_node``) unless pinned: groups
+  across nodes pay the inter-node link, several times slower on every preset.
+  The lean sharding is tried only for tp > 1 and only where it differs from
+  the fast one.
+
+[Note: solver and simulator]
+The stage ILP's objective is a closed form of the schedule (exact for equal
+stages); the reported ``predicted`` figures are the simulator's for the
+chosen assignment, and ``solver.objective`` is the ILP's. The benchmarks
+check that they agree within 2%.
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from dataclasses import dataclass, field, replace
+from typing import Mapping
+
+from cost_models import static_bytes
+
+from ..baselines import Pins, linear_partition
+from ..errors import AutopartError, InfeasibleError, PlanError
+from ..evaluate import Evaluator, StageSpec
+from ..plan import Mesh, Plan, Schedule
+from ..sharding import sharded_params
+from ..simulate import SimResult, schedule_order
+from .pipeline_ilp import BlockData, SharedParam, StageProblem, StageSolution, inflight_patterns, solve_stages
+from .sharding_ilp import FAST_WEIGHT, LEAN_WEIGHT, solve_block_sharding
+
+__all__ = ["Candidate", "Attempt", "SearchReport", "IlpResult", "plan_ilp"]
+
+_MICRO_BATCH_SIZES = (1, 2, 4, 8, 16, 32)
+_VIRTUAL = (2, 4)
+
+
+@dataclass(frozen=True, slots=True)
+class Candidate:
+    """One point of the outer enumeration."""
+
+    tp: int
+    pp: int
+    dp: int
+    micro_batch_size: int
+    microbatches: int
+    schedule: str
+    virtual_stages: int
+    lean: bool  # sharding that trades a little time for memory
+    lower_bound_s: float
+
+    @property
+    def mesh(self) -> Mesh:
+        return Mesh(self.pp, self.tp, self.dp)
+
+    def describe(self) -> str:
+        v = f" v={self.virtual_stages}" if self.virtual_stages > 1 else ""
+        return (
+            f"{self.mesh} {self.schedule}{v} mbs={self.micro_batch_size} x{self.microbatches}"
+            + (" lean" if self.lean else "")
+        )
+
+
+@dataclass(frozen=True)
+class Attempt:
+    """A candidate that was solved."""
+
+    candidate: Candidate
+    solution: StageSolution
+    plan: Plan | None  # the evaluated plan (None if the ILP found nothing)
+    simulated_s: float  # the simulator's step time (inf if none)
+
+
+@dataclass
+class SearchReport:
+    """What the search did: counts, the best and runner-up, and the proof of quality."""
+
+    candidates: int = 0
+    pruned_memory: int = 0
+    pruned_bound: int = 0
+    attempts: list[Attempt] = field(default_factory=list)
+    bound_s: float = 0.0
+    gap: float = 0.0
+    status: str = "UNKNOWN"
+    wall_s: float = 0.0
+    sharding_solves: int = 0
+    memory_need_bytes: float = math.inf  # smallest per-device static memory lower bound seen
+    pruned: list[Candidate] = field(default_factory=list)  # candidates dropped by their lower bound
+
+    def runner_up(self, best: Plan) -> Attempt | None:
+        """The best solved attempt on another mesh than ``best``'s."""
+        others = [a for a in self.attempts if a.plan is not None and a.plan.mesh != best.mesh and a.plan.predicted.fits]
+        return min(others, key=lambda a: a.simulated_s, default=None)
+
+    def runner_up_bound(self, best: Plan) -> Candidate | None:
+        """The pruned candidate on another mesh with the lowest lower bound."""
+        others = [c for c in self.pruned if c.mesh != best.mesh]
+        return min(others, key=lambda c: c.lower_bound_s, default=None)
+
+
+@dataclass(frozen=True)
+class IlpResult:
+    plan: Plan
+    sim: SimResult
+    report: SearchReport
+
+
+class _Search:
+    def __init__(self, ev: Evaluator, pins: Pins, time_limit_s: float) -> None:
+        self.ev = ev
+        self.pins = pins
+        self.time_limit_s = time_limit_s
+        self.started = time.perf_counter()
+        self.pg = ev.pgraph
+        self.n = len(self.pg.blocks)
+        self.world = ev.cluster.world_size
+        self.limit = ev.cluster.device.memory_bytes * (1 - ev.training.memory_reserve)
+        self.report = SearchReport()
+        self._sharding: dict[tuple[int, int, bool], dict[str, str]] = {}
+        self._blocks: dict[tuple, tuple[tuple[BlockData, ...], tuple[SharedParam, ...], float]] = {}
+        self.types = self.pg.block_types()
+
+    # --- block costs per (tp, mbs, lean) --------------------------------------------------
+
+    def sharding(self, tp: int, mbs: int, lean: bool) -> dict[str, str]:
+        """Node -> strategy for the whole model: one CP-SAT solve per block type."""
+        key = (tp, mbs, lean)
+        if key not in self._sharding:
+            out: dict[str, str] = {}
+            if tp > 1:
+                factor = static_bytes(1, 2, self.ev.optimizer) / 2  # resident bytes per weight byte
+                for members in self.types.values():
+                    rep = self.pg.blocks[members[0]]
+                    sol = solve_block_sharding(
+                        self.ev.layout_costs(rep, mbs, tp), LEAN_WEIGHT if lean else FAST_WEIGHT, factor
+                    )
+                    self.report.sharding_solves += 1
+                    position = {n: k for k, n in enumerate(rep.nodes)}
+                    for b in members:
+                        nodes = self.pg.blocks[b].nodes
+                        for n, s in sol.strategies.items():
+                            out[nodes[position[n]]] = s
+            self._sharding[key] = out
+        return self._sharding[key]
+
+    def block_data(self, tp: int, dp: int, mbs: int, lean: bool):
+        """Per-block figures for the stage ILP, shared tied parameters, and the total static bytes."""
+        key = (tp, dp, mbs, lean)
+        if key in self._blocks:
+            return self._blocks[key]
+        ev, cap = self.ev, self.ev.captured
+        sharding = self.sharding(tp, mbs, lean)
+        split = sharded_params(cap, sharding) if tp > 1 else set()
+        shared = self.pg.shared_params()
+        opt, zero1 = ev.optimizer, ev.training.zero1
+
+        def resident(names) -> tuple[float, float]:
+            count = sum(cap.params[p].numel // (tp if p in split else 1) for p in names if cap.params[p].trainable)
+            wbytes = sum(cap.params[p].bytes // (tp if p in split else 1) for p in names)
+            return float(static_bytes(count, wbytes, opt, dp, zero1)), float(count * opt.grad_bytes)
+
+        blocks = []
+        for b in self.pg.blocks:
+            cost = ev.block_cost(b, mbs, tp, sharding)
+            st, grad = resident([p for p in b.params if p not in shared])
+            blocks.append(BlockData(cost.time.forward_s, cost.time.backward_s, cost.saved_bytes, cost.input_bytes, st, grad))
+        shared_data = []
+        for p, readers in sorted(shared.items()):
+            st, grad = resident([p])
+            shared_data.append(SharedParam(st, grad, tuple(readers)))
+        total_static = sum(b.static_bytes for b in blocks) + sum(s.static_bytes for s in shared_data)
+        self._blocks[key] = (tuple(blocks), tuple(shared_data), total_static)
+        return self._blocks[key]
+
+    # --- the enumeration ------------------------------------------------------------------
+
+    def candidates(self) -> list[Candidate]:
+        pins, world, n = self.pins, self.world, self.n
+        per_node = self.ev.cluster.devices_per_node
+        if pins.tp:
+            tps = [pins.tp]
+        else:
+            tps = [t for t in (1, 2, 4, 8, 16, 32, 64) if t <= min(per_node, world) and world % t == 0]
+        out = []
+        for tp in tps:
+            if world % tp:
+                raise PlanError(f"tp={tp} does not divide the cluster's {world} devices")
+            rest = world // tp
+            pps = [pins.pp] if pins.pp else [p for p in range(1, rest + 1) if rest % p == 0 and p <= n]
+            for pp in pps:
+                if rest % pp:
+                    raise PlanError(f"pp={pp} x tp={tp} does not divide the cluster's {world} devices")
+                dp = rest // pp
+                if pins.dp and dp != pins.dp:
+                    continue
+                gb = self.ev.training.global_batch
+                if gb % dp:
+                    continue
+                per_replica = gb // dp
+                if pins.microbatches:
+                    if per_replica % pins.microbatches:
+                        continue
+                    sizes = [per_replica // pins.microbatches]
+                else:
+                    sizes = [b for b in _MICRO_BATCH_SIZES if per_replica % b == 0]
+                for mbs in sizes:
+                    m = per_replica // mbs
+                    for sched, v in self._schedules(pp, m):
+                        for lean in ([False, True] if tp > 1 else [False]):
+                            out.append(Candidate(tp, pp, dp, mbs, m, sched, v, lean, 0.0))
+        return out
+
+    def _schedules(self, pp: int, m: int) -> list[tuple[str, int]]:
+        pins, n = self.pins, self.n
+        # Interleaved only when asked: see [Note: pruning] on why the default search skips it.
+        names = [pins.schedule] if pins.schedule else ["1f1b"]
+        out = []
+        for name in names:
+            if name == "interleaved":
+                vs = [pins.virtual_stages] if pins.virtual_stages else list(_VIRTUAL)
+                out += [(name, v) for v in vs if pp > 1 and pp * v <= n and m % pp == 0 and v > 1]
+            else:
+                out.append((name, 1))
+        return out
+
+    def bound(self, c: Candidate) -> tuple[float, float] | None:
+        """(lower bound, ordering key) of a candidate; None if it cannot fit in memory.
+
+        The lower bound is rigorous (see [Note: pruning]). The ordering key adds
+        the recomputation that memory forces on a balanced pipeline: with static
+        ``S/pp`` and activations ``A/K`` per stage, rank 0 holding ``n0``
+        micro-batches in flight must recompute a fraction ``phi`` of its work,
+        ``S/pp + n0 (A (1 - phi) + I phi) / K <= limit``. It is a good guess, not
+        a bound, so it only orders the search.
+        """
+        blocks, shared, total_static = self.block_data(c.tp, c.dp, c.micro_batch_size, c.lean)
+        need = total_static / c.pp
+        biggest = max(b.static_bytes for b in blocks)
+        self.report.memory_need_bytes = min(self.report.memory_need_bytes, max(need, biggest))
+        if need > self.limit or biggest > self.limit:
+            return None
+        work = sum(b.forward_s + b.backward_s for b in blocks)
+        fwd = sum(b.forward_s for b in blocks)
+        avg = work / c.pp
+        lower = c.microbatches * avg + (work - avg) / c.virtual_stages
+        K = c.pp * c.virtual_stages
+        rank0 = schedule_order(c.schedule, c.pp, c.microbatches, c.virtual_stages)[:1]
+        n0 = max(sum(p) for p in inflight_patterns(rank0, c.pp, c.virtual_stages)[0])
+        act = sum(b.saved_bytes for b in blocks) / K
+        kept = sum(b.input_bytes for b in blocks) / K
+        room = self.limit - need
+        if n0 * act <= room:
+            phi = 0.0
+        elif act > kept and n0 * kept <= room:
+            phi = (n0 * act - room) / (n0 * (act - kept))
+        else:
+            return None  # even full recomputation cannot hold rank 0's micro-batches
+        key = lower + c.microbatches * phi * fwd / c.pp
+        return lower, key
+
+    # --- one candidate --------------------------------------------------------------------
+
+    def problem(self, c: Candidate, budget_s: float) -> tuple[StageProblem, dict[str, str]]:
+        ev = self.ev
+        blocks, shared, _ = self.block_data(c.tp, c.dp, c.micro_batch_size, c.lean)
+        sharding = self.sharding(c.tp, c.micro_batch_size, c.lean)
+        mesh = c.mesh
+        k = c.micro_batch_size / ev.captured.batch_size
+        K = c.pp * c.virtual_stages
+        alphas, betas = [], []
+        for s in range(K - 1):
+            a, b = mesh.rank(s % c.pp), mesh.rank((s + 1) % c.pp)
+            lat = ev.cost_model.p2p_time(1e-30, a, b)  # the latency part
+            slope = (ev.cost_model.p2p_time(1e9, a, b) - lat) / 1e9
+            alphas.append(lat)
+            betas.append(slope / c.tp)  # each tp rank sends its 1/tp share
+        dp_alpha = dp_beta = 0.0
+        if c.dp > 1:
+            group = mesh.dp_group(0)
+            dp_alpha = ev.cost_model.collective_time("all_reduce", 1e-30, group)
+            dp_beta = (ev.cost_model.collective_time("all_reduce", 1e9, group) - dp_alpha) / 1e9
+        orders = schedule_order(c.schedule, c.pp, c.microbatches, c.virtual_stages)
+        starts = tuple(self.pg.block_index(m) for m in self.pins.split_at)
+        hint = self._hint(blocks, K, c)
+        problem = StageProblem(
+            blocks=blocks,
+            edges=tuple((e.src, e.dst) for e in self.pg.edges),
+            tensors=tuple((src, readers, size * k) for src, readers, size in self.pg.tensor_flows()),
+            shared=shared,
+            pp=c.pp,
+            virtual_stages=c.virtual_stages,
+            microbatches=c.microbatches,
+            inflight=inflight_patterns(orders, c.pp, c.virtual_stages),
+            memory_limit=self.limit,
+            send_alpha=tuple(alphas),
+            send_beta=tuple(betas),
+            dp_alpha=dp_alpha,
+            dp_beta=dp_beta,
+            overlap_dp=ev.training.overlap_dp,
+            recompute=self.pins.recompute,
+            stage_starts=starts,
+            hint=hint,
+            max_time_s=budget_s,
+        )
+        if hint is not None:
+            problem = replace(problem, hint_recompute=self._hint_recompute(problem, hint))
+        return problem, sharding
+
+    def _hint(self, blocks, K: int, c: Candidate) -> tuple[int, ...] | None:
+        """A time-balanced contiguous split (PipeDream's DP) to start CP-SAT from."""
+        if K > self.n:
+            return None
+        parts = linear_partition([b.forward_s + b.backward_s for b in blocks], K, lambda j: 0.0)
+        return tuple(s for s, part in enumerate(parts) for _ in part)
+
+    def _hint_recompute(self, problem: StageProblem, stage_of: tuple[int, ...]) -> tuple[bool, ...]:
+        """Recompute on the stages of every rank whose memory would not fit without it."""
+        K, pp = problem.stages, problem.pp
+        static = [0.0] * K
+        act = [0.0] * K
+        for i, b in enumerate(problem.blocks):
+            static[stage_of[i]] += b.static_bytes
+            act[stage_of[i]] += b.saved_bytes
+        for sh in problem.shared:
+            for s in {stage_of[i] for i in sh.readers}:
+                static[s] += sh.static_bytes
+        flags = [False] * K
+        for r in range(pp):
+            mine = list(range(r, K, pp))
+            peak = max(sum(n * act[s] for n, s in zip(pat, mine)) for pat in problem.inflight[r])
+            if sum(static[s] for s in mine) + peak > problem.memory_limit:
+                for s in mine:
+                    flags[s] = True
+        return tuple(flags)
+
+    def evaluate(self, c: Candidate, sol: StageSolution, sharding: Mapping[str, str]) -> tuple[Plan, SimResult]:
+        K = c.pp * c.virtual_stages
+        specs = [
+            StageSpec(tuple(i for i in range(self.n) if sol.stage_of[i] == s), sol.recompute[s]) for s in range(K)
+        ]
+        return self.ev.make_plan(
+            specs,
+            c.mesh,
+            Schedule(c.schedule, c.microbatches, c.micro_batch_size, c.virtual_stages),
+            sharding=sharding,
+            method="ilp",
+            status=sol.status,
+            started=self.started,
+            objective=sol.objective_s,
+            bound=sol.bound_s,
+        )
+
+    # --- the loop -------------------------------------------------------------------------
+
+    def seeds(self) -> list[tuple[Plan, SimResult]]:
+        """The baselines' plans: the search starts from the best of them, so it is never worse.
+
+        Each is a point of the ILP's own search space (a contiguous split, a
+        mesh, a schedule, a realizable sharding), found by a fast heuristic.
+        """
+        from ..baselines import METHODS, plan_baseline
+
+        out = []
+        self.seed_errors: list[AutopartError] = []
+        for method in METHODS:
+            try:
+                out.append(plan_baseline(method, self.ev, self.pins))
+            except AutopartError as exc:  # e.g. InfeasibleError: that baseline has no plan here
+                self.seed_errors.append(exc)
+        return out
+
+    def run(self) -> IlpResult:
+        rep = self.report
+        best: tuple[Plan, SimResult] | None = None
+        best_ilp = math.inf
+        for plan, sim in self.seeds():
+            if plan.predicted.fits and (best is None or plan.predicted.step_time_s < best[0].predicted.step_time_s):
+                best, best_ilp = (plan, sim), plan.predicted.step_time_s
+        cands = self.candidates()
+        rep.candidates = len(cands)
+        if not cands and best is None:
+            pin_errors = [e for e in self.seed_errors if not isinstance(e, InfeasibleError)]
+            if pin_errors:
+                raise pin_errors[0]
+            raise PlanError(
+                f"no mesh, micro-batching and schedule satisfy the pins on {self.world} devices with "
+                f"{self.n} blocks and global batch {self.ev.training.global_batch}; pin fewer choices"
+            )
+        bounded: list[tuple[float, Candidate]] = []
+        for c in cands:
+            b = self.bound(c)
+            if b is None:
+                rep.pruned_memory += 1
+                continue
+            bounded.append((b[1], replace(c, lower_bound_s=b[0])))
+        bounded.sort(key=lambda kc: (kc[0], kc[1].describe()))
+        open_bounds: list[float] = []
+        for idx, (_, c) in enumerate(bounded):
+            incumbent = best[0].predicted.step_time_s if best else math.inf
+            if c.lower_bound_s >= incumbent:
+                rep.pruned_bound += 1
+                rep.pruned.append(c)
+                continue
+            left = self.time_limit_s - (time.perf_counter() - self.started)
+            if left <= 0.05:
+                open_bounds += [x.lower_bound_s for _, x in bounded[idx:] if x.lower_bound_s < incumbent]
+                break
+            # CP-SAT's deterministic seconds run about 2-3x slower than wall seconds here.
+            problem, sharding = self.problem(c, max(0.05, min(1.0, left / 3)))
+            sol = solve_stages(problem)
+            if not sol.stage_of:
+                rep.attempts.append(Attempt(c, sol, None, math.inf))
+                if sol.status != "INFEASIBLE":
+                    open_bounds.append(c.lower_bound_s)
+                continue
+            plan, sim = self.evaluate(c, sol, sharding)
+            rep.attempts.append(Attempt(c, sol, plan, plan.predicted.step_time_s))
+            if sol.status != "OPTIMAL":
+                open_bounds.append(max(c.lower_bound_s, sol.bound_s))
+            if plan.predicted.fits and plan.predicted.step_time_s < incumbent:
+                best = (plan, sim)
+                best_ilp = sol.objective_s
+        rep.wall_s = time.perf_counter() - self.started
+        if best is None:
+            raise self.infeasible()
+        plan, sim = best
+        found = plan.predicted.step_time_s
+        rep.bound_s = min([found, *open_bounds])
+        rep.gap = max(0.0, (found - rep.bound_s) / found) if found > 0 else 0.0
+        rep.status = "OPTIMAL" if rep.gap <= 1e-9 else "FEASIBLE"
+        plan = replace(
+            plan,
+            solver=replace(
+                plan.solver, method="ilp", status=rep.status, objective=best_ilp, bound=rep.bound_s, wall_s=rep.wall_s
+            ),
+        )
+        return IlpResult(plan, sim, rep)
+
+    def infeasible(self) -> InfeasibleError:
+        rep = self.report
+        gib = 1 << 30
+        limit = self.limit
+        need = rep.memory_need_bytes if math.isfinite(rep.memory_need_bytes) else limit
+        if rep.attempts and need <= limit:
+            detail = (
+                f"every mesh that could hold the weights ran out of memory for activations "
+                f"({len(rep.attempts)} solved, all infeasible)"
+            )
+        else:
+            detail = f"the weights, gradients and optimizer state alone need at least {need / gib:.1f} GiB per device"
+        per_node = self.ev.cluster.devices_per_node
+        ratio = max(need, limit) / limit
+        devices = int(math.ceil(self.world * ratio / per_node)) * per_node
+        return InfeasibleError(
+            f"no plan fits in {self.ev.cluster.device.name} memory ({limit / gib:.1f} GiB usable): {detail}; "
+            f"try at least {devices} devices (--nodes {max(1, devices // per_node)}), devices with "
+            f"{need / gib / (1 - self.ev.training.memory_reserve):.0f} GiB, --zero1, or a smaller --global-batch"
+        )
+
+
+def plan_ilp(ev: Evaluator, pins: Pins = Pins(), time_limit_s: float = 30.0) -> IlpResult:
+    """The ILP planner: the plan with the lowest predicted step time that fits (see module docstring)."""
+    return _Search(ev, pins, time_limit_s).run()
