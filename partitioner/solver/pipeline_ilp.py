@@ -15,7 +15,7 @@ the simulator will be given):
                w[i,s] = x[i,s] AND r[s]
                c[t,k] in {0,1}   tensor t crosses the cut after stage k
                u[p,s] in {0,1}   shared (tied) parameter p is held by stage s
-               R_max, E >= 0
+               P, E >= 0         the steady-state period per micro-batch; exposed dp time
 
     assignment     sum_s x[i,s] = 1;  sum_i x[i,s] >= 1                   add_assignment_constraints()
     graph order    stage(i) <= stage(j) for every block edge i -> j,
@@ -23,7 +23,9 @@ the simulator will be given):
     cuts           c[t,k] >= le[src(t),k] - le[j,k] for every reader j of t,
                    le[i,k] = sum_{s<=k} x[i,s]                             add_cut_constraints()
     stage time     T_s = sum_i x[i,s] (f_i + b_i) + sum_i w[i,s] f_i       add_time_constraints()
-                   R_r = sum_{s on r} T_s;  R_max >= R_r
+                   R_r = sum_{s on r} T_s;  P >= R_r
+    period         (q - r + 1) P >= sum_{s=r..q} T_s + 2 sum_{k=r..q-1} send_k
+                   for every window of consecutive stages r..q (v = 1)     _add_period_constraints()
     memory         for rank r and each in-flight pattern n of its schedule:
                    sum_{s on r} (static_s + work_s + n_s act_s) <= limit    add_memory_constraints()
                    static_s = sum_i x[i,s] st_i + sum_p u[p,s] st_p;  u[p,s] >= x[i,s] (i reads p)
@@ -31,9 +33,29 @@ the simulator will be given):
     data parallel  E >= DP_r - B_r (overlapped) or E >= DP_r;  DP_r linear in the gradient bytes
                                                                            add_dp_constraints()
 
-    minimize  v M R_max + (sum_r R_r - R_max) + 2 v sum_k send_k + v E     (divided by v when reported)
+    minimize  v M P + (sum_s T_s - P) + 2 v sum_k send_k + v E              (divided by v when reported)
 
 with ``send_k = alpha_k + beta_k * sum_t bytes_t c[t,k]``.
+
+[Note: the step-time closed form]
+For 1F1B (v = 1) the objective is ``(M - 1) P + sum_s T_s + 2 sum_k send_k
++ E``: the first micro-batch's round trip through every stage and transfer,
+then one period ``P`` per further micro-batch. In the steady state rank r
+alternates ``F(m + w_r)`` and ``B(m)`` with ``w_r = p - r - 1``; writing each
+event's start as an offset plus ``m P`` turns the schedule's dependencies into
+difference constraints, and their cycles give exactly the bounds above: the
+cycle through ranks r..q (forward down, backward up, back to rank r's next
+forward) spans ``q - r + 1`` periods and holds the work of those stages and
+two transfers per cut between them. A window of one stage is ``P >= T_r``;
+the whole pipeline is the round trip over ``p`` micro-batches in flight; on
+slow links a short window around a slow cut is what binds. For equal stages
+and free links this is the textbook ``(M + p - 1)(f + b)``. For more than 16
+stages only windows of up to 8 stages and the prefix/suffix windows are
+added (longer windows rarely bind). GPipe (only when pinned) and interleaved
+(v > 1) use ``P >= R_r`` and the whole-pipeline window, exact only for equal
+stages (see [Note: pruning] in search.py). The in-flight patterns
+come from the schedule's own action order, so the memory constraint is
+exactly the simulator's peak.
 
 [Note: two encodings of the same model]
 The *assignment* encoding above admits any edge-respecting assignment of a
@@ -46,15 +68,10 @@ and every stage sum is a difference of prefix sums read with element
 constraints: ``T_s = FB[p_{s+1}] - FB[p_s] + r_s (F[p_{s+1}] - F[p_s])``,
 ``send_k = alpha_k + beta_k CUT[p_{k+1}]`` with ``CUT[p]`` the bytes crossing a
 cut before block ``p``. The recompute workspace is bounded by the largest
-block of the model rather than of the stage (conservative). Objective, memory
-and data-parallel constraints are the same. A tied parameter read by two blocks of one stage is counted twice
-there (conservative; with the usual first/last tying it never happens for
-more than one stage). ``ASSIGNMENT_MAX_VARS`` picks the encoding. ``M R_max + (sum R -
-R_max) / v`` is the pipeline time of 1F1B and GPipe (v = 1) and of
-interleaved 1F1B: it is exact for equal stages (the textbook bubble) and the
-simulator, which is the judge, agrees within a few percent for unequal ones.
-The in-flight patterns come from the schedule's own action order, so the
-memory constraint is exactly the simulator's peak.
+block of the model rather than of the stage, and a tied parameter read by two
+blocks of one stage is counted twice there (both conservative). Objective,
+memory and data-parallel constraints are otherwise the same.
+``ASSIGNMENT_MAX_VARS`` picks the encoding.
 """
 
 from __future__ import annotations
@@ -66,7 +83,7 @@ from ortools.sat.python import cp_model
 
 from .sharding_ilp import UNIT_S
 
-__all__ = ["BlockData", "StageProblem", "StageSolution", "solve_stages", "inflight_patterns"]
+__all__ = ["BlockData", "StageProblem", "StageSolution", "solve_stages", "inflight_patterns", "schedule_inflight"]
 
 
 @dataclass(frozen=True, slots=True)
@@ -129,6 +146,31 @@ class StageSolution:
     components: dict[str, float] = field(default_factory=dict)  # compute/bubble/pp_comm/dp, seconds
 
 
+def period_windows(stages: int) -> list[tuple[int, int]]:
+    """The windows r..q of consecutive stages whose cycle bounds the 1F1B period."""
+    short = stages if stages <= 16 else 8
+    return [
+        (r, q)
+        for r in range(stages)
+        for q in range(r, stages)
+        if q - r + 1 <= short or r == 0 or q == stages - 1
+    ]
+
+
+def schedule_inflight(schedule: str, pp: int, microbatches: int, virtual_stages: int = 1) -> tuple[tuple[tuple[int, ...], ...], ...]:
+    """``inflight_patterns`` of a named schedule; closed forms for 1F1B and GPipe, else from its order.
+
+    1F1B keeps ``min(pp - r, M)`` micro-batches in flight on rank r, GPipe all ``M``.
+    """
+    if virtual_stages == 1 and schedule == "1f1b":
+        return tuple(((min(pp - r, microbatches),),) for r in range(pp))
+    if virtual_stages == 1 and schedule == "gpipe":
+        return tuple(((microbatches,),) for _ in range(pp))
+    from ..simulate import schedule_order
+
+    return inflight_patterns(schedule_order(schedule, pp, microbatches, virtual_stages), pp, virtual_stages)
+
+
 def inflight_patterns(orders: Sequence[Sequence], pp: int, virtual_stages: int) -> tuple[tuple[tuple[int, ...], ...], ...]:
     """Per rank, the distinct vectors (micro-batches in flight per chunk) its action order passes through.
 
@@ -152,6 +194,22 @@ def inflight_patterns(orders: Sequence[Sequence], pp: int, virtual_stages: int) 
     return tuple(out)
 
 
+def _add_period_constraints(m: cp_model.CpModel, period, T: list, send: list, p: StageProblem) -> None:
+    """(q - r + 1) P >= sum_{s=r..q} T_s + 2 sum_{k=r..q-1} send_k (``period[r,q]``); see the Note."""
+    K = p.stages
+    if p.virtual_stages == 1:
+        windows = period_windows(K)
+    else:  # interleaved: the whole-pipeline window only (P >= R_r is added with the stage times)
+        windows = [(0, K - 1)]
+    for r, q in windows:
+        work = sum(T[s] for s in range(r, q + 1)) + 2 * sum(send[k] for k in range(r, q))
+        size = (q - r + 1) if p.virtual_stages == 1 else p.pp
+        m.add(size * period >= work).with_name(f"period[{r},{q}]")
+
+
+_BIG = 2**48  # upper bound of the period and exposed-time variables (units of UNIT_S: ~2.8e6 s)
+
+
 def _u(seconds: float) -> int:
     return int(round(seconds / UNIT_S))
 
@@ -171,8 +229,8 @@ class _StageModel:
         self.B: list[cp_model.LinearExpr] = []
         self.send: list[cp_model.LinearExpr] = []
         horizon = _u(sum(b.forward_s * 2 + b.backward_s for b in p.blocks)) + 1
-        self.R_max = self.m.new_int_var(0, horizon, "R_max")
-        self.E = self.m.new_int_var(0, horizon * 10 + _u(1e3), "E")
+        self.R_max = self.m.new_int_var(0, _BIG, "P")  # the period (see the formulation)
+        self.E = self.m.new_int_var(0, _BIG, "E")
 
     def stage_of(self, i: int) -> cp_model.LinearExpr:
         return sum(s * self.x[i][s] for s in range(self.p.stages))
@@ -221,7 +279,11 @@ class _StageModel:
             self.send.append(_u(p.send_alpha[k]) + sum(_u(beta * size) * c for size, c in bytes_k))
 
     def add_time_constraints(self) -> None:
-        """T_s = sum x (f + b) + sum w f; R_max >= R_r for every rank r (``bottleneck[r]``)."""
+        """T_s = sum x (f + b) + sum w f; P >= R_r for every rank r (``bottleneck[r]``).
+
+        The period constraints over windows of stages (``_add_period_constraints``)
+        are added in ``objective()``, once the transfers are known.
+        """
         p, m = self.p, self.m
         n = len(p.blocks)
         for s in range(p.stages):
@@ -288,6 +350,7 @@ class _StageModel:
         p = self.p
         v, M = p.virtual_stages, p.microbatches
         total = sum(self.T)
+        _add_period_constraints(self.m, self.R_max, self.T, self.send, p)
         return v * M * self.R_max + (total - self.R_max) + 2 * v * sum(self.send) + v * self.E
 
     def solve(self) -> StageSolution:
@@ -452,7 +515,7 @@ class _ChainModel:
             act.append(a)
             work.append(largest * r[s])
         horizon = big_t * 2
-        R_max = m.new_int_var(0, horizon, "R_max")
+        R_max = m.new_int_var(0, _BIG, "P")  # the period
         for rk in range(pp):
             m.add(R_max >= sum(T[s] for s in range(rk, K, pp))).with_name(f"bottleneck[{rk}]")
         limit = int(p.memory_limit // kib)
@@ -465,13 +528,14 @@ class _ChainModel:
         for k in range(K - 1):
             cut_bytes = self._at([_u(p.send_beta[k] * c) for c in cut], pos[k + 1], f"send_bytes[{k}]")
             send.append(_u(p.send_alpha[k]) + cut_bytes)
-        E = m.new_int_var(0, horizon * 10 + _u(1e3), "E")
+        E = m.new_int_var(0, _BIG, "E")
         if p.dp_beta or p.dp_alpha:
             for rk in range(pp):
                 mine = list(range(rk, K, pp))
                 dp_r = sum(_u(p.dp_alpha) + at["G"][s + 1] - at["G"][s] for s in mine)
                 m.add(E >= (dp_r - Bs[mine[0]] if p.overlap_dp else dp_r)).with_name(f"dp[{rk}]")
         total = sum(T)
+        _add_period_constraints(m, R_max, T, send, p)
         m.minimize(v * M * R_max + (total - R_max) + 2 * v * sum(send) + v * E)
         hints = []
         if p.hint is not None:

@@ -48,8 +48,8 @@ from ..errors import AutopartError, InfeasibleError, PlanError
 from ..evaluate import Evaluator, StageSpec
 from ..plan import Mesh, Plan, Schedule
 from ..sharding import sharded_params
-from ..simulate import SimResult, schedule_order
-from .pipeline_ilp import BlockData, SharedParam, StageProblem, StageSolution, inflight_patterns, solve_stages
+from ..simulate import SimResult
+from .pipeline_ilp import BlockData, SharedParam, StageProblem, StageSolution, schedule_inflight, solve_stages
 from .sharding_ilp import FAST_WEIGHT, LEAN_WEIGHT, solve_block_sharding
 
 __all__ = ["Candidate", "Attempt", "SearchReport", "IlpResult", "plan_ilp"]
@@ -212,7 +212,9 @@ class _Search:
             pps = [pins.pp] if pins.pp else [p for p in range(1, rest + 1) if rest % p == 0 and p <= n]
             for pp in pps:
                 if rest % pp:
-                    raise PlanError(f"pp={pp} x tp={tp} does not divide the cluster's {world} devices")
+                    if pins.tp or world % pp:  # the pins contradict each other or the cluster
+                        raise PlanError(f"pp={pp} x tp={tp} does not divide the cluster's {world} devices")
+                    continue  # a pinned pp rules out this (unpinned) tp, not the others
                 dp = rest // pp
                 if pins.dp and dp != pins.dp:
                     continue
@@ -267,8 +269,7 @@ class _Search:
         avg = work / c.pp
         lower = c.microbatches * avg + (work - avg) / c.virtual_stages
         K = c.pp * c.virtual_stages
-        rank0 = schedule_order(c.schedule, c.pp, c.microbatches, c.virtual_stages)[:1]
-        n0 = max(sum(p) for p in inflight_patterns(rank0, c.pp, c.virtual_stages)[0])
+        n0 = max(sum(p) for p in schedule_inflight(c.schedule, c.pp, c.microbatches, c.virtual_stages)[0])
         act = sum(b.saved_bytes for b in blocks) / K
         kept = sum(b.input_bytes for b in blocks) / K
         room = self.limit - need
@@ -302,7 +303,6 @@ class _Search:
             group = mesh.dp_group(0)
             dp_alpha = ev.cost_model.collective_time("all_reduce", 1e-30, group)
             dp_beta = (ev.cost_model.collective_time("all_reduce", 1e9, group) - dp_alpha) / 1e9
-        orders = schedule_order(c.schedule, c.pp, c.microbatches, c.virtual_stages)
         starts = tuple(self.pg.block_index(m) for m in self.pins.split_at)
         hint = self._hint(blocks, K, c)
         problem = StageProblem(
@@ -313,7 +313,7 @@ class _Search:
             pp=c.pp,
             virtual_stages=c.virtual_stages,
             microbatches=c.microbatches,
-            inflight=inflight_patterns(orders, c.pp, c.virtual_stages),
+            inflight=schedule_inflight(c.schedule, c.pp, c.microbatches, c.virtual_stages),
             memory_limit=self.limit,
             send_alpha=tuple(alphas),
             send_beta=tuple(betas),
@@ -425,11 +425,12 @@ class _Search:
                 rep.pruned.append(c)
                 continue
             left = self.time_limit_s - (time.perf_counter() - self.started)
-            if left <= 0.05:
+            if left <= min(1.0, self.time_limit_s / 10):  # keep a margin for evaluating the last solution
                 open_bounds += [x.lower_bound_s for _, x in bounded[idx:] if x.lower_bound_s < incumbent]
                 break
-            # CP-SAT's deterministic seconds run about 2-3x slower than wall seconds here.
-            problem, sharding = self.problem(c, max(0.05, min(1.0, left / 3)))
+            # A solve (model build, hint completion, search) takes about 3-4 wall seconds per
+            # deterministic second of budget here; keep every solve well inside what is left.
+            problem, sharding = self.problem(c, max(0.02, min(0.6, left / 6)))
             sol = solve_stages(problem)
             if not sol.stage_of:
                 rep.attempts.append(Attempt(c, sol, None, math.inf))
