@@ -30,7 +30,8 @@ the simulator will be given):
                    sum_{s on r} (static_s + work_s + n_s act_s) <= limit    add_memory_constraints()
                    static_s = sum_i x[i,s] st_i + sum_p u[p,s] st_p;  u[p,s] >= x[i,s] (i reads p)
                    act_s = sum_i x[i,s] sv_i - sum_i w[i,s] (sv_i - in_i);  work_s >= w[i,s] sv_i
-    data parallel  E >= DP_r - B_r (overlapped) or E >= DP_r;  DP_r linear in the gradient bytes
+    data parallel  E >= DP_r - B_r - lead_r (overlapped) or E >= DP_r - lead_r, with
+                   lead_r = sum_{s<r} (B_s + send_s) how much earlier rank r finishes
                                                                            add_dp_constraints()
 
     minimize  v M P + (sum_s T_s - P) + 2 v sum_k send_k + v E              (divided by v when reported)
@@ -207,6 +208,15 @@ def _add_period_constraints(m: cp_model.CpModel, period, T: list, send: list, p:
         m.add(size * period >= work).with_name(f"period[{r},{q}]")
 
 
+def _lead(B: list, send: list, r: int, p: StageProblem):
+    """How much earlier than rank 0 rank r finishes its last backward (1F1B: the backward
+    chain from r down to 0, ``sum_{s<r} (B_s + send_s)``), so its reduction has that much
+    more room before it delays the step. Zero for interleaved schedules (not modelled)."""
+    if p.virtual_stages != 1 or r == 0:
+        return 0
+    return sum(B[s] + send[s] for s in range(r))
+
+
 _BIG = 2**48  # upper bound of the period and exposed-time variables (units of UNIT_S: ~2.8e6 s)
 
 
@@ -344,7 +354,8 @@ class _StageModel:
             mine = list(range(r, p.stages, p.pp))
             dp_r = sum(grad[s] for s in mine)
             last_b = self.B[mine[0]]  # the rank's last action is the first chunk's backward
-            m.add(self.E >= (dp_r - last_b if p.overlap_dp else dp_r)).with_name(f"dp[{r}]")
+            lead = _lead(self.B, self.send, r, p)
+            m.add(self.E >= (dp_r - last_b if p.overlap_dp else dp_r) - lead).with_name(f"dp[{r}]")
 
     def objective(self) -> cp_model.LinearExpr:
         p = self.p
@@ -533,7 +544,8 @@ class _ChainModel:
             for rk in range(pp):
                 mine = list(range(rk, K, pp))
                 dp_r = sum(_u(p.dp_alpha) + at["G"][s + 1] - at["G"][s] for s in mine)
-                m.add(E >= (dp_r - Bs[mine[0]] if p.overlap_dp else dp_r)).with_name(f"dp[{rk}]")
+                lead = _lead(Bs, send, rk, p)
+                m.add(E >= (dp_r - Bs[mine[0]] if p.overlap_dp else dp_r) - lead).with_name(f"dp[{rk}]")
         total = sum(T)
         _add_period_constraints(m, R_max, T, send, p)
         m.minimize(v * M * R_max + (total - R_max) + 2 * v * sum(send) + v * E)

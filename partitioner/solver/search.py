@@ -278,7 +278,7 @@ class _Search:
         elif act > kept and n0 * kept <= room:
             phi = (n0 * act - room) / (n0 * (act - kept))
         else:
-            return None  # even full recomputation cannot hold rank 0's micro-batches
+            return lower, math.inf  # even full recomputation looks too tight: try it last
         key = lower + c.microbatches * phi * fwd / c.pp
         return lower, key
 
@@ -397,6 +397,9 @@ class _Search:
         best: tuple[Plan, SimResult] | None = None
         best_ilp = math.inf
         for plan, sim in self.seeds():
+            starts = {st.modules[0] for st in plan.stages[1:]}
+            if not set(self.pins.split_at) <= starts:  # the baselines do not take --split-at
+                continue
             if plan.predicted.fits and (best is None or plan.predicted.step_time_s < best[0].predicted.step_time_s):
                 best, best_ilp = (plan, sim), plan.predicted.step_time_s
         cands = self.candidates()
@@ -462,7 +465,6 @@ class _Search:
 
     def infeasible(self) -> InfeasibleError:
         rep = self.report
-        gib = 1 << 30
         limit = self.limit
         need = rep.memory_need_bytes if math.isfinite(rep.memory_need_bytes) else limit
         if rep.attempts and need <= limit:
@@ -471,15 +473,20 @@ class _Search:
                 f"({len(rep.attempts)} solved, all infeasible)"
             )
         else:
-            detail = f"the weights, gradients and optimizer state alone need at least {need / gib:.1f} GiB per device"
+            detail = f"the weights, gradients and optimizer state alone need at least {_fmt_bytes(need)} per device"
         per_node = self.ev.cluster.devices_per_node
         ratio = max(need, limit) / limit
         devices = int(math.ceil(self.world * ratio / per_node)) * per_node
         return InfeasibleError(
-            f"no plan fits in {self.ev.cluster.device.name} memory ({limit / gib:.1f} GiB usable): {detail}; "
+            f"no plan fits in {self.ev.cluster.device.name} memory ({_fmt_bytes(limit)} usable): {detail}; "
             f"try at least {devices} devices (--nodes {max(1, devices // per_node)}), devices with "
-            f"{need / gib / (1 - self.ev.training.memory_reserve):.0f} GiB, --zero1, or a smaller --global-batch"
+            f"{_fmt_bytes(need / (1 - self.ev.training.memory_reserve))}, --zero1, or a smaller --global-batch"
         )
+
+
+def _fmt_bytes(n: float) -> str:
+    """GiB with one decimal, or MiB below 1 GiB, so a small figure never prints as 0.0 GiB."""
+    return f"{n / (1 << 30):.1f} GiB" if n >= 1 << 30 else f"{n / (1 << 20):.2f} MiB"
 
 
 def plan_ilp(ev: Evaluator, pins: Pins = Pins(), time_limit_s: float = 30.0) -> IlpResult:
