@@ -162,6 +162,7 @@ def capture(
     kwargs = dict(example_kwargs or {})
     _disable_hf_cache(model)
 
+    grad_mode = torch.is_grad_enabled()  # restored after tracing and after annotation
     errors: list[str] = []
     gm: fx.GraphModule | None = None
     used = ""
@@ -178,6 +179,7 @@ def capture(
             used = "fx"
         except Exception as exc:
             errors.append("torch.fx.symbolic_trace: " + _describe_failure(exc))
+    torch.set_grad_enabled(grad_mode)
     if gm is None:
         raise CaptureError(
             f"could not trace {type(model).__name__}: "
@@ -191,7 +193,10 @@ def capture(
     tensors = [a for a in tree_flatten((args, kwargs))[0] if isinstance(a, torch.Tensor)]
     bsz = batch_size if batch_size is not None else (tensors[0].shape[0] if tensors and tensors[0].dim() else 1)
     annot = _Annotator(gm, used, param_of_placeholder, alias_to_canonical, model)
-    nodes = annot.run()
+    try:
+        nodes = annot.run()
+    finally:  # whatever the traced ops did to grad mode, the caller gets theirs back
+        torch.set_grad_enabled(grad_mode)
     dtype = _dominant_dtype(params.values())
     return CapturedModel(
         name=name or type(model).__name__,
@@ -573,7 +578,9 @@ class _Annotator:
 
         try:
             fwd_counter = FlopCounterMode(display=False)
-            with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t), fwd_counter:
+            # enable_grad: a traced op may switch grad mode (export's wrap_with_set_grad_enabled,
+            # seen on torch 2.11) and a failure inside it must not leave it off for later nodes.
+            with torch.enable_grad(), torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t), fwd_counter:
                 out = fn(*args, **kwargs)
             outs = [t for t in tree_flatten(out)[0] if isinstance(t, torch.Tensor)]
             grad_outs = [t for t in outs if t.requires_grad and t.grad_fn is not None]
@@ -581,7 +588,7 @@ class _Annotator:
             bwd_flops = 0
             if grad_outs and needs:
                 bwd_counter = FlopCounterMode(display=False)
-                with bwd_counter:
+                with torch.enable_grad(), bwd_counter:
                     torch.autograd.grad(
                         grad_outs, needs, [torch.empty_like(t) for t in grad_outs], allow_unused=True
                     )

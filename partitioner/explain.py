@@ -32,7 +32,8 @@ def breakdown(plan: Plan, ev: Any) -> dict[str, float]:
     With ``r*`` the busiest rank: compute and tp_comm are its per-micro-batch
     figures times ``M``; pp_comm is one forward and one backward transfer per
     cut (the fill and drain path); dp_comm is what the reduction adds after
-    the pipeline; the bubble is what remains: time the bottleneck rank waits.
+    the pipeline (the simulator's exposed part, not the whole reduction); the
+    bubble is what remains: time the bottleneck rank waits.
     """
     m = plan.schedule.microbatches
     pp = plan.mesh.pp
@@ -55,14 +56,22 @@ def breakdown(plan: Plan, ev: Any) -> dict[str, float]:
     pred = plan.predicted
     step = pred.step_time_s
     sends = sum(st.predicted.send_s for st in plan.stages[:-1])
-    dp_exposed = max((st.predicted.dp_reduce_s for st in plan.stages), default=0.0)
     compute = m * per_rank_compute[busiest]
     tp_comm = m * per_rank_tp[busiest]
-    dp = min(dp_exposed, max(0.0, step - compute - tp_comm))
-    pipeline = step - dp
+    # The simulator's pipeline time (forward/backward only) follows from its bubble fraction,
+    # 1 - sum(busy) / (pp * pipeline); the rest of the step is the exposed reduction. A rank's
+    # reduction that overlaps its last backward is not exposed, so it must not be counted.
+    total_busy = sum(st.predicted.busy_s for st in plan.stages)
+    if total_busy > 0 and pred.bubble_fraction < 1:
+        pipeline = min(step, total_busy / (pp * (1 - pred.bubble_fraction)))
+        dp = step - pipeline
+    else:  # nothing ran: fall back to the largest reduction as the exposed part
+        dp_reduce = max((st.predicted.dp_reduce_s for st in plan.stages), default=0.0)
+        dp = min(dp_reduce, max(0.0, step - compute - tp_comm))
+        pipeline = step - dp
     pp_comm = min(2 * sends, max(0.0, pipeline - compute - tp_comm))
     bubble = max(0.0, pipeline - compute - tp_comm - pp_comm)
-    # Whatever the simple model cannot place (e.g. dp partly overlapped) goes to the reduction line.
+    # Whatever the simple model cannot place (rounding, a bubble-free fallback) goes to the reduction line.
     dp = max(0.0, step - compute - tp_comm - pp_comm - bubble)
     return {"compute": compute, "tp_comm": tp_comm, "bubble": bubble, "pp_comm": pp_comm, "dp_comm": dp,
             "bottleneck_rank": float(busiest)}

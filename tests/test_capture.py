@@ -277,3 +277,29 @@ def test_views_are_marked_and_copies_are_not(zoo_capture):
     assert by_target["aten.layer_norm.default"] == {False}
     # GPT-2 makes the attention output contiguous after a transpose: a real copy.
     assert by_target["aten.contiguous.default"] == {False}
+
+
+def test_capture_restores_grad_mode_and_counts_backward_under_no_grad_regions():
+    """A model that switches grad mode inside forward (as Hugging Face rotary embeddings do)
+    still gets backward FLOPs for its other ops, and the caller's grad mode is left as it was."""
+
+    class Rotaryish(torch.nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.proj = torch.nn.Linear(16, 16)
+
+        def forward(self, x):
+            with torch.no_grad():
+                scale = torch.arange(16, dtype=x.dtype, device=x.device).cos()
+            return self.proj(x * scale)
+
+    model = Rotaryish().to("meta")
+    for mode in (True, False):
+        torch.set_grad_enabled(mode)
+        try:
+            cap = capture(model, (torch.zeros(4, 16, device="meta"),))
+            assert torch.is_grad_enabled() is mode
+        finally:
+            torch.set_grad_enabled(True)
+        linear = [n for n in cap.compute_nodes() if n.target in ("aten.linear.default", "aten.addmm.default")]
+        assert linear and all(n.backward_flops == 2 * n.forward_flops > 0 for n in linear)

@@ -1,0 +1,139 @@
+"""Explaining plans: the step-time breakdown, ``autopart plan --explain`` and ``autopart diff``.
+
+The breakdown must account for the whole simulated step (its parts add up to
+it, none negative) and put time where it belongs: tensor-parallel
+communication on a Megatron plan, a bubble on a pipeline. The CLI cases run
+``partitioner.cli.main`` in-process on the small GPT-2.
+"""
+
+from __future__ import annotations
+
+import io
+import json
+import re
+from contextlib import redirect_stderr, redirect_stdout
+
+import pytest
+import transformers  # noqa: F401  # imported here so its log handler binds before any capsys
+
+from partitioner.baselines import Pins, plan_baseline
+from partitioner.cli import main
+from partitioner.cluster import Cluster
+from partitioner.explain import COMPONENTS, breakdown
+from partitioner.planner import plan_parallelism, prepare
+from partitioner.plan import Plan
+
+PLAN = ["plan", "--model", "gpt2-tiny", "--cluster", "dgx-a100-80g", "--global-batch", "16"]
+
+
+@pytest.fixture(scope="module")
+def ev(zoo_capture):
+    return prepare(zoo_capture("gpt2-tiny").captured, cluster=Cluster.preset("dgx-a100-80g", 1), global_batch=16)
+
+
+def _plans(ev):
+    ilp = plan_parallelism(ev.captured, cluster=ev.cluster, global_batch=16, method="ilp", pp=2, time_limit_s=5.0)
+    return {
+        "ilp": (ilp.plan, ilp.evaluator),
+        "megatron": (plan_baseline("megatron", ev)[0], ev),
+        "pipeline": (plan_baseline("pipedream", ev, Pins(pp=2))[0], ev),
+    }
+
+
+@pytest.fixture(scope="module")
+def plans(ev):
+    return _plans(ev)
+
+
+@pytest.mark.parametrize("kind", ["ilp", "megatron", "pipeline"])
+def test_breakdown_adds_up_to_the_step_time(plans, kind):
+    plan, evaluator = plans[kind]
+    parts = breakdown(plan, evaluator)
+    assert set(COMPONENTS) <= set(parts)
+    assert all(parts[k] >= 0 for k in COMPONENTS), parts
+    assert sum(parts[k] for k in COMPONENTS) == pytest.approx(plan.predicted.step_time_s, rel=1e-9)
+    assert 0 <= parts["bottleneck_rank"] < plan.mesh.pp
+    assert parts["compute"] > 0
+    if kind == "megatron":
+        assert plan.mesh.tp > 1
+        assert parts["tp_comm"] > 0
+    if kind in ("pipeline", "ilp"):
+        assert plan.mesh.pp == 2
+        assert parts["bubble"] > 0
+
+
+@pytest.mark.parametrize("overlap_dp", [True, False])
+def test_breakdown_counts_only_the_exposed_data_parallel_reduction(zoo_capture, overlap_dp):
+    # pp=2 x dp=4: each rank all-reduces its gradients; overlapped with the last backward, the
+    # simulator exposes only what sticks out past it, and the breakdown must say the same.
+    ev = prepare(zoo_capture("gpt2-tiny").captured, cluster=Cluster.preset("dgx-a100-80g", 1), global_batch=16,
+                 overlap_dp=overlap_dp)
+    plan, sim = plan_baseline("pipedream", ev, Pins(pp=2))
+    assert plan.mesh.dp == 4 and max(st.predicted.dp_reduce_s for st in plan.stages) > 0
+    parts = breakdown(plan, ev)
+    assert parts["dp_comm"] == pytest.approx(sim.step_time_s - sim.pipeline_time_s, abs=1e-12)
+    assert (parts["dp_comm"] > 0) == (not overlap_dp)
+    assert sum(parts[k] for k in COMPONENTS) == pytest.approx(sim.step_time_s, rel=1e-9)
+
+
+def _run(*argv: str) -> tuple[int, str, str]:
+    out, err = io.StringIO(), io.StringIO()
+    with redirect_stdout(out), redirect_stderr(err):
+        rc = main(list(argv))
+    return rc, out.getvalue(), err.getvalue()
+
+
+def _flat(text: str) -> str:
+    return " ".join(text.split())
+
+
+@pytest.fixture(scope="module")
+def written(tmp_path_factory):
+    """Two plan files: the ILP's (with --explain) and a pipedream pp=2 baseline's; and the ILP run's output."""
+    d = tmp_path_factory.mktemp("explain")
+    a, b = d / "ilp.json", d / "pipedream.json"
+    rc, out, err = _run(*PLAN, "--time-limit", "5", "--explain", "--json", str(a))
+    assert rc == 0, err
+    rc2, _, err2 = _run(*PLAN, "--method", "pipedream", "--mesh", "pp=2", "--json", str(b))
+    assert rc2 == 0, err2
+    return a, b, out
+
+
+def test_plan_explain_prints_breakdown_bottleneck_memory_and_runner_up(written):
+    path, _, out = written
+    text = _flat(out)
+    assert "where the step time goes" in text
+    for label in ("compute (bottleneck rank)", "tensor-parallel communication", "pipeline bubble",
+                  "pipeline communication", "data-parallel reduction"):
+        assert label in text, label
+    assert re.search(r"bottleneck: pipeline rank \d+", text)
+    assert "memory per device" in text and "headroom" in text
+    assert "runner-up mesh:" in text
+    assert re.search(r"search: \d+ candidates", text)
+    # The table's step time is the plan's.
+    plan = Plan.load(path)
+    assert json.loads(path.read_text())["predicted"]["step_time_s"] == plan.predicted.step_time_s
+
+
+def test_diff_prints_both_meshes_and_which_is_faster(written):
+    a, b, _ = written
+    rc, out, err = _run("diff", str(a), str(b))
+    assert rc == 0, err
+    text = _flat(out)
+    pa, pb = Plan.load(a), Plan.load(b)
+    assert str(pa.mesh) in text and str(pb.mesh) in text
+    m = re.search(r"(\S+) is ([\d.]+)x faster per step", text)
+    assert m, text
+    faster = str(a) if pa.predicted.step_time_s <= pb.predicted.step_time_s else str(b)
+    assert m[1] == faster
+    assert float(m[2]) >= 1.0
+
+
+def test_diff_of_a_missing_file_is_a_one_line_error(written, tmp_path):
+    a, _, _ = written
+    missing = tmp_path / "nope.json"
+    rc, out, err = _run("diff", str(a), str(missing))
+    assert rc == 2
+    lines = err.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("autopart: error: "), err
+    assert "nope.json" in lines[0] and "Traceback" not in err
