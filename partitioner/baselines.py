@@ -45,6 +45,16 @@ class Pins:
     recompute: bool | None = None
     split_at: tuple[str, ...] = ()  # modules where a stage must begin (the ILP honours these)
 
+    def __post_init__(self) -> None:
+        # Virtual stages only exist in the interleaved schedule: asking for them asks for it.
+        if self.virtual_stages is not None and self.virtual_stages > 1:
+            if self.schedule is None:
+                object.__setattr__(self, "schedule", "interleaved")
+            elif self.schedule != "interleaved":
+                raise PlanError(
+                    f"--virtual-stages {self.virtual_stages} needs the interleaved schedule, not {self.schedule!r}"
+                )
+
 
 def plan_baseline(method: str, ev: Evaluator, pins: Pins = Pins()) -> tuple[Plan, SimResult]:
     """The ``method`` baseline's plan for the evaluator's model, cluster and training set-up."""

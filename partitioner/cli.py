@@ -10,6 +10,7 @@ with a non-zero exit status, never as a traceback.
 from __future__ import annotations
 
 import argparse
+import math
 import os
 import sys
 from pathlib import Path
@@ -39,12 +40,32 @@ def _positive_int(text: str) -> int:
     return value
 
 
+def _positive_seconds(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a number of seconds") from None
+    if not math.isfinite(value) or value <= 0:
+        raise argparse.ArgumentTypeError(f"{text!r} must be a finite number of seconds > 0")
+    return value
+
+
+def _fraction(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a number") from None
+    if not 0.0 <= value < 1.0:
+        raise argparse.ArgumentTypeError(f"{text!r} must be in [0, 1)")
+    return value
+
+
 def _common(p: argparse.ArgumentParser) -> None:
     g = p.add_argument_group("model")
     g.add_argument("--model", default=DEFAULT_MODEL, help=f"zoo name, hf:ClassName or py:module:function (default {DEFAULT_MODEL})")
     g.add_argument("--config", nargs="+", default=[], metavar="KEY=VALUE", help="model config overrides, e.g. n_layer=4")
     g.add_argument("--seq-len", type=_positive_int, default=None, help="sequence length (default: the model's)")
-    g.add_argument("--dtype", default="bf16", help="compute dtype: fp32, tf32, bf16, fp16 (default bf16)")
+    g.add_argument("--dtype", default=None, choices=("fp32", "tf32", "bf16", "fp16", "fp8"), help="compute dtype (default bf16)")
 
 
 def _cluster_args(p: argparse.ArgumentParser) -> None:
@@ -67,19 +88,19 @@ def build_parser() -> argparse.ArgumentParser:
         "--method", default=None,
         help="ilp | uniform | params | pipedream | megatron | manual (default ilp; manual with --split-at)",
     )
-    g.add_argument("--time-limit", type=float, default=30.0, help="seconds the ILP planner may search (default 30)")
+    g.add_argument("--time-limit", type=_positive_seconds, default=None, help="seconds the ILP planner may search (default 30)")
     g.add_argument("--explain", action="store_true", help="explain the plan: step-time breakdown, bottleneck, memory, runner-up")
     g.add_argument("--global-batch", type=_positive_int, default=None, help="samples per step (default 8 per device)")
     g.add_argument("--mesh", default=None, metavar="pp=..,tp=..,dp=..", help="pin mesh axes, any subset")
     g.add_argument("--microbatches", type=_positive_int, default=None, help="micro-batches per step per replica")
-    g.add_argument("--schedule", default=None, help="gpipe | 1f1b | interleaved")
+    g.add_argument("--schedule", default=None, choices=("gpipe", "1f1b", "interleaved"), help="gpipe | 1f1b | interleaved")
     g.add_argument("--virtual-stages", type=_positive_int, default=None, help="stages per rank for the interleaved schedule")
     g.add_argument("--recompute", action=argparse.BooleanOptionalAction, default=None, help="activation recomputation")
     g.add_argument("--split-at", default=None, metavar="MODULE[,MODULE..]", help="hand-written plan: stages begin at these modules")
     g.add_argument("--plan", dest="plan_file", default=None, metavar="PATH", help="check and simulate a plan JSON file")
-    g.add_argument("--optimizer", default="adam-mixed", help="adam-mixed | adam | sgd (default adam-mixed)")
+    g.add_argument("--optimizer", default=None, choices=("adam-mixed", "adam", "sgd"), help="adam-mixed | adam | sgd (default adam-mixed)")
     g.add_argument("--zero1", action="store_true", help="shard optimizer state over data-parallel ranks")
-    g.add_argument("--memory-reserve", type=float, default=0.1, help="fraction of device memory kept free (default 0.1)")
+    g.add_argument("--memory-reserve", type=_fraction, default=None, help="fraction of device memory kept free, in [0, 1) (default 0.1)")
     g.add_argument("--json", default=None, metavar="PATH", help="write the plan artifact to PATH")
     g.add_argument("--force", action="store_true", help="let --json overwrite an existing file")
     g.add_argument("--timeline", action="store_true", help="print the simulated schedule as a text grid")
@@ -143,6 +164,7 @@ def cmd_plan(args: argparse.Namespace) -> int:
 
     from .planner import ALL_METHODS as METHODS
 
+    args.method_given = args.method
     if args.method is None:
         args.method = "manual" if args.split_at else "ilp"
     if args.method not in METHODS and not args.plan_file:  # before the slow capture
@@ -165,12 +187,14 @@ def cmd_plan(args: argparse.Namespace) -> int:
         clash = [flag for flag, value in (
             ("--mesh", args.mesh), ("--split-at", args.split_at), ("--microbatches", args.microbatches),
             ("--schedule", args.schedule), ("--virtual-stages", args.virtual_stages), ("--recompute", args.recompute),
-            ("--global-batch", args.global_batch), ("--zero1", args.zero1 or None),
+            ("--global-batch", args.global_batch), ("--zero1", args.zero1 or None), ("--optimizer", args.optimizer),
+            ("--memory-reserve", args.memory_reserve), ("--dtype", args.dtype), ("--method", args.method_given),
+            ("--time-limit", args.time_limit),
         ) if value is not None]
         if clash:
             raise PlanError(f"--plan takes every choice from the plan file; drop {', '.join(clash)} or edit the file")
     cluster = load_cluster(args.cluster, nodes=args.nodes, devices_per_node=args.gpus_per_node)
-    dtype = plan_in.training.dtype if plan_in else args.dtype
+    dtype = plan_in.training.dtype if plan_in else (args.dtype or "bf16")
     if dtype not in cluster.device.peak_flops:
         raise PlanError(
             f"--dtype {dtype}: {cluster.device.name} has no {dtype} peak; it has {', '.join(cluster.device.peak_flops)}"
@@ -179,11 +203,17 @@ def cmd_plan(args: argparse.Namespace) -> int:
     loaded = load_model(args.model, seq_len=args.seq_len, dtype=dtype, config=parse_config_overrides(args.config))
     global_batch = args.global_batch or 8 * cluster.world_size
     training = dict(
-        dtype=dtype, optimizer=args.optimizer, zero1=args.zero1, memory_reserve=args.memory_reserve, name=loaded.name
+        dtype=dtype,
+        optimizer=args.optimizer or "adam-mixed",
+        zero1=args.zero1,
+        memory_reserve=0.1 if args.memory_reserve is None else args.memory_reserve,
+        name=loaded.name,
+        example_kwargs=loaded.example_kwargs,
     )
     if plan_in is not None:
         result = score_plan(
-            plan_in, loaded.model, loaded.example_inputs, cluster, name=loaded.name, batch_size=loaded.batch_size
+            plan_in, loaded.model, loaded.example_inputs, cluster, name=loaded.name, batch_size=loaded.batch_size,
+            example_kwargs=loaded.example_kwargs,
         )
     else:
         result = plan_parallelism(
@@ -200,7 +230,7 @@ def cmd_plan(args: argparse.Namespace) -> int:
             virtual_stages=args.virtual_stages,
             recompute=args.recompute,
             split_at=[s for s in args.split_at.split(",") if s] if args.split_at else None,
-            time_limit_s=args.time_limit,
+            time_limit_s=args.time_limit or 30.0,
             batch_size=loaded.batch_size,
             **training,
         )
@@ -316,7 +346,7 @@ def cmd_inspect(args: argparse.Namespace) -> int:
         console.print(table)
         console.print("cluster presets: " + ", ".join(PRESETS))
         return 0
-    loaded = load_model(args.model, seq_len=args.seq_len, dtype=args.dtype, config=parse_config_overrides(args.config))
+    loaded = load_model(args.model, seq_len=args.seq_len, dtype=args.dtype or "bf16", config=parse_config_overrides(args.config))
     cap = capture(loaded.model, loaded.example_inputs, loaded.example_kwargs, name=loaded.name, batch_size=loaded.batch_size)
     pg = build_partition_graph(cap, loaded.model)
     console.print(

@@ -61,6 +61,7 @@ def prepare(
     cost_model: CostModel | None = None,
     name: str | None = None,
     batch_size: int | None = None,
+    example_kwargs: Mapping[str, Any] | None = None,
 ) -> Evaluator:
     """Capture (unless given a ``CapturedModel``), coarsen, and build the evaluator.
 
@@ -72,7 +73,8 @@ def prepare(
     if isinstance(model, CapturedModel):
         captured, module = model, None
     else:
-        captured, module = capture(model, example_inputs, name=name, batch_size=batch_size), model
+        captured = capture(model, example_inputs, example_kwargs, name=name, batch_size=batch_size)
+        module = model
     pgraph = build_partition_graph(captured, module)
     if training is None:
         if global_batch is None:
@@ -113,7 +115,7 @@ def plan_parallelism(
     stages 1, 2, ... begin) makes a manual plan, or with ``method="ilp"`` pins
     those stage boundaries and lets the ILP choose the rest. Remaining keywords (``dtype``,
     ``optimizer``, ``zero1``, ``memory_reserve``, ``overlap_dp``,
-    ``cost_model``, ``name``) go to :func:`prepare`.
+    ``cost_model``, ``name``, ``example_kwargs``) go to :func:`prepare`.
     """
     ev = prepare(model, example_inputs, cluster, global_batch=global_batch, **training)
     pins = Pins(pp, tp, dp, microbatches, schedule, virtual_stages, recompute, tuple(split_at or ()))

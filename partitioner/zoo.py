@@ -216,7 +216,11 @@ def _build_hf(
         for key in ("bos_token_id", "eos_token_id", "pad_token_id")
         if key not in config and isinstance(getattr(defaults, key, None), int) and vocab and getattr(defaults, key) >= vocab
     }
-    cfg = cfg_cls(**{**config, **fixes, "use_cache": False})
+    try:
+        cfg = cfg_cls(**{**config, **fixes, "use_cache": False})
+    except Exception as exc:  # a value the config class rejects (wrong type, out of range)
+        first = (str(exc).strip().splitlines() or [type(exc).__name__])[0][:200]
+        raise CaptureError(f"--config for {cfg_cls.__name__}: {first}; check the values of {', '.join(config) or 'the config'}") from None
     max_pos = getattr(cfg, "max_position_embeddings", None) or getattr(cfg, "n_positions", None)
     if seq_len is None:
         seq_len = min(default_seq_len, max_pos or default_seq_len)

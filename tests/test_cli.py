@@ -181,7 +181,7 @@ def test_split_at_makes_a_manual_plan(capsys):
         (["--split-at", "transformer.h2"], ["transformer.h2", "did you mean", "transformer.h.2"]),
         (["--json", "no/such/dir/plan.json"], ["no/such/dir", "does not exist"]),
         (["--plan", "no-such-plan.json"], ["no-such-plan.json"]),
-        (["--memory-reserve", "1.5"], ["memory_reserve"]),
+        (["--memory-reserve", "1.5"], ["--memory-reserve", "[0, 1)"]),
         (["--frobnicate"], ["unrecognized arguments", "--frobnicate"]),
     ],
 )
@@ -247,3 +247,34 @@ def test_console_script_error_is_one_line(tmp_path):
     )
     assert proc.returncode == 2 and proc.stdout == ""
     assert_one_line_error(proc.returncode, proc.stderr, "did you mean 'dgx-h100'")
+
+
+@pytest.mark.parametrize(
+    "argv, words",
+    [
+        (["--config", "n_layer=abc"], ["--config", "n_layer"]),
+        (["--time-limit", "nan"], ["--time-limit", "finite"]),
+        (["--schedule", "foo"], ["--schedule", "interleaved"]),
+        (["--optimizer", "lamb"], ["--optimizer", "adam-mixed"]),
+        (["--virtual-stages", "2", "--schedule", "1f1b"], ["--virtual-stages", "interleaved"]),
+    ],
+)
+def test_more_bad_arguments_give_one_line(capsys, argv, words):
+    rc, out, err = run(capsys, *PLAN, *argv)
+    assert_one_line_error(rc, err, *words)
+
+
+def test_virtual_stages_alone_ask_for_the_interleaved_schedule(capsys):
+    rc, out, err = run(capsys, *PLAN, "--method", "uniform", "--mesh", "pp=2", "--virtual-stages", "2")
+    assert rc == 0, err
+    assert "schedule interleaved (v=2)" in flat(out)
+
+
+def test_encoder_decoder_model_plans_with_its_decoder_inputs(capsys):
+    rc, out, err = run(
+        capsys, "plan", "--model", "hf:T5ForConditionalGeneration", "--config", "num_layers=2", "num_decoder_layers=2",
+        "d_model=32", "d_ff=64", "num_heads=2", "d_kv=16", "vocab_size=500", "--seq-len", "16",
+        "--cluster", "dgx-a100-80g", "--global-batch", "8", "--method", "pipedream",
+    )
+    assert rc == 0, err
+    assert "decoder.block" in flat(out) or "encoder.embed_tokens" in flat(out)

@@ -551,3 +551,17 @@ def test_ilp_tiny_time_limit_still_returns_a_plan(ev_big):
     assert plan.solver.status in ("FEASIBLE", "OPTIMAL")
     assert plan.solver.bound <= plan.solver.objective * (1 + 1e-9)
     assert 0.0 <= rep.gap <= 1.0
+
+
+def test_status_and_bound_describe_the_simulated_step(gpt2_four_layers):
+    """OPTIMAL only when nothing can beat the plan's simulated step: where the simulator finds
+    a plan slower than the ILP's closed form (interleaved with unequal chunks), it stays open."""
+    ev = prepare(gpt2_four_layers, cluster=Cluster.preset("dgx-a100-80g", 1), global_batch=16)
+    res = plan_ilp(ev, Pins(schedule="interleaved", virtual_stages=3), time_limit_s=5.0)
+    plan = res.plan
+    step = plan.predicted.step_time_s
+    assert plan.solver.bound <= step * (1 + 1e-9)
+    if plan.solver.status == "OPTIMAL":
+        assert plan.solver.bound == pytest.approx(step, rel=1e-9)
+    if plan.solver.objective < step * (1 - 1e-6):  # the closed form underestimated this plan
+        assert plan.solver.status == "FEASIBLE" and res.report.gap > 0
