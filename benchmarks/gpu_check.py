@@ -145,7 +145,7 @@ def main() -> int:
         row["forward_error"] = pred.forward_s / f - 1
         row["backward_error"] = pred.backward_s / (fb - f) - 1
         rows.append(row)
-        del real, run, x
+        del real, x
         torch.cuda.empty_cache()
     mape = statistics.mean(abs(r[k]) for r in rows for k in ("forward_error", "backward_error"))
     print(f"{gpu} (priced as {preset}), torch {torch.__version__}, bf16, CUDA events, median of 20 after 5 warm-ups")

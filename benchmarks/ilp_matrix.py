@@ -20,7 +20,6 @@ from partitioner.baselines import METHODS, plan_baseline
 from partitioner.capture import capture
 from partitioner.cluster import Cluster
 from partitioner.errors import AutopartError
-from partitioner.graph import build_partition_graph
 from partitioner.planner import prepare
 from partitioner.solver import plan_ilp
 from partitioner.zoo import load_model

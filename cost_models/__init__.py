@@ -6,7 +6,7 @@ calibrated models (profiler) implement the same protocol.
 
 from .analytic import AnalyticCostModel
 from .base import COLLECTIVES, CostModel, OpTime, op_class
-from .memory import OPTIMIZERS, OptimizerSpec, activation_bytes, static_bytes
+from .memory import OPTIMIZERS, OptimizerSpec, static_bytes
 
 __all__ = [
     "AnalyticCostModel",
@@ -16,6 +16,5 @@ __all__ = [
     "op_class",
     "OPTIMIZERS",
     "OptimizerSpec",
-    "activation_bytes",
     "static_bytes",
 ]

@@ -9,8 +9,8 @@ node, all-reduce across nodes on the shard, all-gather inside each node), as
 NCCL does. Datasheet figures come from the ``Cluster``; the efficiency
 factors are the cluster's ``Efficiency`` assumptions.
 
-[Note: rank layout]
-Ranks are laid out as Megatron-LM does: tensor-parallel rank fastest, then
+[Note: mesh rank order]
+Mesh ranks are laid out as Megatron-LM does: tensor-parallel rank fastest, then
 data-parallel, then pipeline stage: ``rank = (stage * dp + d) * tp + t``. So a
 tensor-parallel group of up to ``devices_per_node`` ranks stays inside a node,
 and pipeline neighbours are ``tp * dp`` ranks apart.

@@ -28,8 +28,6 @@ class OpTime:
         return OpTime(self.forward_s + other.forward_s, self.backward_s + other.backward_s)
 
 
-ZERO = OpTime(0.0, 0.0)
-
 _MATMUL = ("mm", "addmm", "bmm", "baddbmm", "linear", "matmul", "conv", "einsum", "_convolution")
 _ATTENTION = ("scaled_dot_product", "flash_attention", "efficient_attention")
 

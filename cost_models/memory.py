@@ -10,7 +10,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-__all__ = ["OptimizerSpec", "OPTIMIZERS", "static_bytes", "activation_bytes"]
+__all__ = ["OptimizerSpec", "OPTIMIZERS", "static_bytes"]
 
 
 @dataclass(frozen=True, slots=True)
@@ -49,13 +49,3 @@ def static_bytes(
     if zero1:
         state = -(-state // max(1, dp))
     return int(weight_bytes + optimizer.grad_bytes * param_count + state)
-
-
-def activation_bytes(saved_bytes: float, boundary_bytes: float, recompute: bool) -> float:
-    """Activation bytes one in-flight micro-batch holds on a stage.
-
-    Without recomputation autograd keeps everything it saved in forward
-    (``saved_bytes``). With full recomputation only the stage's inputs at each
-    block boundary (``boundary_bytes``) stay; the rest is recomputed in backward.
-    """
-    return boundary_bytes if recompute else saved_bytes

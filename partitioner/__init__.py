@@ -12,12 +12,12 @@ from .errors import AutopartError, CaptureError, ClusterError, InfeasibleError, 
 from .evaluate import Evaluator, StageSpec
 from .graph import Block, PartitionGraph, build_partition_graph
 from .plan import Mesh, Plan, Schedule, Training
-from .planner import PlanResult, manual_plan, plan_parallelism, prepare
+from .planner import ALL_METHODS, PlanResult, manual_plan, plan_parallelism, prepare, score_plan
 from .simulate import SimResult, StageCost, simulate
 
 __all__ = [
     "METHODS", "Pins", "plan_baseline", "CapturedModel", "capture", "Cluster", "DeviceSpec", "Efficiency",
     "LinkSpec", "load_cluster", "AutopartError", "CaptureError", "ClusterError", "InfeasibleError", "PlanError",
     "Evaluator", "StageSpec", "Block", "PartitionGraph", "build_partition_graph", "Mesh", "Plan", "Schedule",
-    "Training", "PlanResult", "manual_plan", "plan_parallelism", "prepare", "SimResult", "StageCost", "simulate",
+    "Training", "ALL_METHODS", "PlanResult", "manual_plan", "plan_parallelism", "prepare", "score_plan", "SimResult", "StageCost", "simulate",
 ]

@@ -14,8 +14,8 @@ resharding] in sharding.py.
 from __future__ import annotations
 
 import time
-from dataclasses import dataclass, replace
-from typing import Mapping, Sequence
+from dataclasses import dataclass
+from typing import AbstractSet as Set, Iterable, Mapping, Sequence
 
 from cost_models import OPTIMIZERS, CostModel, OpTime, static_bytes
 
@@ -86,7 +86,7 @@ class Evaluator:
         return hit
 
     def layout_costs(self, block: Block, micro_batch: int, tp: int) -> BlockLayoutCosts:
-        """The per-node cost tables of ``block`` (shared by blocks of the same signature)."""
+        """The per-node cost tables of ``block`` (per block: its boundary can differ from its twins')."""
         key = (block.index, micro_batch, tp)
         tables = self._layout_cache.get(key)
         if tables is None:
@@ -97,6 +97,19 @@ class Evaluator:
             self._layout_cache[key] = tables
         return tables
 
+    def resident_bytes(
+        self, params: Iterable[str], tp: int, dp: int, split_params: Set[str]
+    ) -> tuple[int, int]:
+        """(weights + gradients + optimizer state, gradient bytes) on one device for ``params``.
+
+        Parameters in ``split_params`` are divided over tp; ZeRO-1 divides the optimizer state
+        over dp. The one place that turns parameters into resident memory.
+        """
+        table = self.captured.params
+        count = sum(table[p].numel // (tp if p in split_params else 1) for p in params if table[p].trainable)
+        wbytes = sum(table[p].bytes // (tp if p in split_params else 1) for p in params)
+        return static_bytes(count, wbytes, self.optimizer, dp, self.training.zero1), count * self.optimizer.grad_bytes
+
     # --- stages -----------------------------------------------------------------------
 
     def stage_costs(
@@ -106,7 +119,6 @@ class Evaluator:
         mbs = schedule.micro_batch_size
         pp = mesh.pp
         split_params = sharded_params(self.captured, sharding) if mesh.tp > 1 else set()
-        table = self.captured.params
         stage_of = [0] * len(self.pgraph.blocks)
         for s, spec in enumerate(stages):
             for b in spec.blocks:
@@ -125,11 +137,7 @@ class Evaluator:
                 act = sum(c.saved_bytes for c in costs)
                 transient = 0.0
             names = {p for b in spec.blocks for p in self.pgraph.blocks[b].params}
-            count = sum(
-                table[p].numel // (mesh.tp if p in split_params else 1) for p in names if table[p].trainable
-            )
-            wbytes = sum(table[p].bytes // (mesh.tp if p in split_params else 1) for p in names)
-            static = static_bytes(count, wbytes, self.optimizer, mesh.dp, self.training.zero1)
+            static, grad_bytes = self.resident_bytes(names, mesh.tp, mesh.dp, split_params)
             rank = mesh.rank(s % pp)
             send = 0.0
             if s + 1 < len(stages):
@@ -137,7 +145,7 @@ class Evaluator:
                 send = self.cost_model.p2p_time(nbytes / mesh.tp, rank, mesh.rank((s + 1) % pp))
             dp_reduce = 0.0
             if mesh.dp > 1:
-                grad = count * self.optimizer.grad_bytes
+                grad = grad_bytes
                 dp_reduce = self.cost_model.collective_time("all_reduce", grad, mesh.dp_group(s % pp))
             out.append(
                 StageCost(
@@ -299,8 +307,3 @@ class Evaluator:
             predicted=predicted,
             sharding={k: v for k, v in sharding.items() if v != "replicate"} if mesh.tp > 1 else {},
         )
-
-
-def with_wall_time(plan: Plan, started: float) -> Plan:
-    """The same plan with ``solver.wall_s`` set to the time since ``started``."""
-    return replace(plan, solver=replace(plan.solver, wall_s=time.perf_counter() - started))

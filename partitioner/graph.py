@@ -28,6 +28,7 @@ from __future__ import annotations
 
 import hashlib
 from dataclasses import dataclass, replace
+from functools import cached_property
 from typing import Iterable, Mapping, Sequence
 
 import networkx as nx
@@ -83,12 +84,6 @@ class PartitionGraph:
         self.captured = captured
         self.blocks: tuple[Block, ...] = tuple(blocks)
         self.edges: tuple[BlockEdge, ...] = tuple(edges)
-        self.graph = _node_graph(captured)
-        self.block_graph = nx.DiGraph()
-        for b in self.blocks:
-            self.block_graph.add_node(b.index, block=b)
-        for e in self.edges:
-            self.block_graph.add_edge(e.src, e.dst, bytes=e.bytes, tensors=e.tensors)
         self._block_of_node = {n: b.index for b in self.blocks for n in b.nodes}
         self._flows = self._compute_flows()
         self._crossing = [(src, max(readers), size) for src, readers, size in self._flows]
@@ -101,6 +96,23 @@ class PartitionGraph:
             for i in n.inputs
             if i in self._block_of_node and self._block_of_node.get(n.name) != self._block_of_node[i]
         )
+
+    # --- networkx views (built on first use: planning never needs them) ----------------
+
+    @cached_property
+    def graph(self) -> nx.DiGraph:
+        """Every annotated FX node, with data edges sized in bytes."""
+        return _node_graph(self.captured)
+
+    @cached_property
+    def block_graph(self) -> nx.DiGraph:
+        """The block-level DAG: a node per block (``block=``), edges with ``bytes`` and ``tensors``."""
+        g = nx.DiGraph()
+        for b in self.blocks:
+            g.add_node(b.index, block=b)
+        for e in self.edges:
+            g.add_edge(e.src, e.dst, bytes=e.bytes, tensors=e.tensors)
+        return g
 
     # --- queries the planners use -----------------------------------------------------
 

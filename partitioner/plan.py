@@ -75,7 +75,7 @@ class Mesh:
         return self.dp > 1
 
     def rank(self, stage: int, dp: int = 0, tp: int = 0) -> int:
-        """Global rank; tensor-parallel fastest (see [Note: rank layout] in cost_models/analytic.py)."""
+        """Global rank; tensor-parallel fastest (see [Note: mesh rank order] in cost_models/analytic.py)."""
         return (stage * self.dp + dp) * self.tp + tp
 
     def stage_ranks(self, stage: int) -> tuple[int, ...]:

@@ -41,7 +41,7 @@ and vocab nodes and the saved activations of ``S`` tensors.
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Mapping, Sequence
+from typing import TYPE_CHECKING, Mapping
 
 from cost_models import CostModel, OpTime
 

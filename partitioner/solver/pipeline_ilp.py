@@ -238,7 +238,6 @@ class _StageModel:
         self.T: list[cp_model.LinearExpr] = []
         self.B: list[cp_model.LinearExpr] = []
         self.send: list[cp_model.LinearExpr] = []
-        horizon = _u(sum(b.forward_s * 2 + b.backward_s for b in p.blocks)) + 1
         self.R_max = self.m.new_int_var(0, _BIG, "P")  # the period (see the formulation)
         self.E = self.m.new_int_var(0, _BIG, "E")
 
@@ -333,7 +332,6 @@ class _StageModel:
             base = sum(static[s] + work[s] for s in mine)
             for j, pattern in enumerate(p.inflight[r]):
                 m.add(base + sum(cnt * act[s] for cnt, s in zip(pattern, mine)) <= limit).with_name(f"memory[{r},{j}]")
-        self.static = static
 
     def add_dp_constraints(self) -> None:
         """E >= DP_r - B_r (overlap) or E >= DP_r, DP_r = sum_{s on r} (alpha + beta * grad_s) (``dp[r]``)."""
@@ -525,7 +523,6 @@ class _ChainModel:
             m.add(a >= at["IN"][s + 1] - at["IN"][s] - big_m * (1 - r[s])).with_name(f"act_recompute[{s}]")
             act.append(a)
             work.append(largest * r[s])
-        horizon = big_t * 2
         R_max = m.new_int_var(0, _BIG, "P")  # the period
         for rk in range(pp):
             m.add(R_max >= sum(T[s] for s in range(rk, K, pp))).with_name(f"bottleneck[{rk}]")

@@ -175,12 +175,10 @@ class _Search:
         sharding = self.sharding(tp, mbs, lean)
         split = sharded_params(cap, sharding) if tp > 1 else set()
         shared = self.pg.shared_params()
-        opt, zero1 = ev.optimizer, ev.training.zero1
 
         def resident(names) -> tuple[float, float]:
-            count = sum(cap.params[p].numel // (tp if p in split else 1) for p in names if cap.params[p].trainable)
-            wbytes = sum(cap.params[p].bytes // (tp if p in split else 1) for p in names)
-            return float(static_bytes(count, wbytes, opt, dp, zero1)), float(count * opt.grad_bytes)
+            st, grad = ev.resident_bytes(names, tp, dp, split)
+            return float(st), float(grad)
 
         blocks = []
         for b in self.pg.blocks:
