@@ -322,6 +322,7 @@ class _Search:
             stage_starts=starts,
             hint=hint,
             max_time_s=budget_s,
+            schedule=c.schedule,
         )
         if hint is not None:
             problem = replace(problem, hint_recompute=self._hint_recompute(problem, hint))
