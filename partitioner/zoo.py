@@ -114,7 +114,10 @@ ZOO: dict[str, ModelSpec] = {
 }
 
 # Not transformers models: plain nn.Module stacks.
-_LOCAL = {"mlp": "a stack of 8 Linear+GELU layers, width 256 (for tests)"}
+_LOCAL = {
+    "mlp": "a stack of 8 Linear+GELU layers, width 256 (for tests)",
+    "hetero-lm": "a language model with mixed layer widths (MLP 512 to 16384) and a 128k vocabulary",
+}
 
 
 def zoo_names() -> list[str]:
@@ -139,6 +142,8 @@ def load_model(
         return _build_hf(spec, z.hf_class, {**z.config, **overrides}, seq_len, torch_dtype, device, z.seq_len)
     if spec == "mlp":
         return _build_mlp(overrides, torch_dtype, device)
+    if spec == "hetero-lm":
+        return _build_hetero(overrides, seq_len, torch_dtype, device)
     if spec.startswith("hf:"):
         return _build_hf(spec, spec[3:], overrides, seq_len, torch_dtype, device)
     if spec.startswith("py:"):
@@ -250,6 +255,50 @@ class _MLPStack(torch.nn.Module):
         for layer in self.layers:
             x = layer(x)
         return self.head(x)
+
+
+class _MixedLayer(torch.nn.Module):
+    """A pre-norm residual MLP layer of its own width."""
+
+    def __init__(self, d_model: int, width: int) -> None:
+        super().__init__()
+        self.norm = torch.nn.LayerNorm(d_model)
+        self.up = torch.nn.Linear(d_model, width)
+        self.down = torch.nn.Linear(width, d_model)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return x + self.down(torch.nn.functional.gelu(self.up(self.norm(x))))
+
+
+class _HeteroLM(torch.nn.Module):
+    """Deliberately unbalanced: layers of very different widths and a huge vocabulary."""
+
+    def __init__(self, vocab: int, d_model: int, widths: Sequence[int]) -> None:
+        super().__init__()
+        self.embed = torch.nn.Embedding(vocab, d_model)
+        self.layers = torch.nn.ModuleList(_MixedLayer(d_model, w) for w in widths)
+        self.norm = torch.nn.LayerNorm(d_model)
+        self.head = torch.nn.Linear(d_model, vocab, bias=False)
+
+    def forward(self, ids: torch.Tensor) -> torch.Tensor:
+        x = self.embed(ids)
+        for layer in self.layers:
+            x = layer(x)
+        return self.head(self.norm(x))
+
+
+_HETERO_WIDTHS = (1024, 8192, 512, 16384, 2048, 8192, 1024, 4096, 512, 16384, 2048, 4096)
+
+
+def _build_hetero(config: Mapping[str, Any], seq_len: int | None, dtype: torch.dtype, device: Any) -> LoadedModel:
+    vocab = int(config.get("vocab_size", 128_000))
+    d_model = int(config.get("d_model", 2048))
+    widths = tuple(int(w) for w in str(config.get("widths", ",".join(map(str, _HETERO_WIDTHS)))).split(","))
+    with torch.device(device):
+        model = _HeteroLM(vocab, d_model, widths).to(dtype)
+    seq = seq_len or 1024
+    ids = torch.zeros(1, seq, dtype=torch.long, device=device)
+    return LoadedModel("hetero-lm", model, (ids,), {}, seq, 1)
 
 
 def _build_mlp(config: Mapping[str, Any], dtype: torch.dtype, device: Any) -> LoadedModel:

@@ -31,6 +31,8 @@ def small_config(name: str) -> dict[str, Any]:
     """Config overrides that make zoo model ``name`` small (2 layers)."""
     if name == "mlp":
         return dict(width=32, depth=SMALL_LAYERS)
+    if name == "hetero-lm":
+        return dict(vocab_size=500, d_model=32, widths="64,256")
     return dict(SMALL[ZOO[name].hf_class])
 
 

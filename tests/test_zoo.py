@@ -17,7 +17,7 @@ from partitioner.zoo import ZOO, load_model, parse_config_overrides, zoo_names
 def test_zoo_names_lists_every_model_sorted():
     names = zoo_names()
     assert names == sorted(names)
-    assert set(ZOO) | {"mlp"} == set(names)
+    assert set(ZOO) | {"mlp", "hetero-lm"} == set(names)
     for required in ("gpt2-tiny", "llama-tiny", "bert-tiny", "mlp", "gpt3-175b", "llama2-70b"):
         assert required in names
 
