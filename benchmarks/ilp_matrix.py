@@ -30,6 +30,7 @@ MODELS = {  # name -> (zoo name, config overrides, global batch per device)
     "llama2-7b": ("llama2-7b", {}, 4),
     "bert-large": ("bert-large", {}, 8),
     "gpt-bigvocab": ("gpt-bigvocab", {}, 8),
+    "hetero-lm": ("hetero-lm", {}, 8),
 }
 CLUSTERS = {  # name -> (preset, nodes, dtype)
     "1x dgx-a100-80g": ("dgx-a100-80g", 1, "bf16"),
