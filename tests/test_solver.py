@@ -467,12 +467,13 @@ def test_ilp_is_never_worse_than_a_baseline(ev_big, ilp_results, pp):
     ],
 )
 def test_ilp_objective_agrees_with_the_simulator(ilp_results, pp):
-    """The stage ILP prices 1F1B in closed form; the simulator is the judge (see [Note: solver and simulator])."""
+    """The stage ILP's objective (closed form, or exact events for small schedules) agrees with the
+    simulator, the judge (see [Note: solver and simulator])."""
     result = ilp_results[pp]
     plan = result.plan
-    assert plan.schedule.name == "1f1b"
+    assert plan.schedule.name in ("1f1b", "interleaved")
     assert plan.solver.objective == pytest.approx(plan.predicted.step_time_s, rel=0.02)
-    solved = [a for a in result.report.attempts if a.plan is not None and a.candidate.schedule == "1f1b"]
+    solved = [a for a in result.report.attempts if a.plan is not None]
     assert solved
     for a in solved:
         assert a.solution.objective_s == pytest.approx(a.simulated_s, rel=0.02), a.candidate.describe()
@@ -557,9 +558,9 @@ def test_status_and_bound_describe_the_simulated_step(gpt2_four_layers):
     plan = res.plan
     step = plan.predicted.step_time_s
     assert plan.solver.bound <= step * (1 + 1e-9)
-    if plan.solver.status == "OPTIMAL":
-        assert plan.solver.bound == pytest.approx(step, rel=1e-9)
-    if plan.solver.objective < step * (1 - 1e-6):  # the closed form underestimated this plan
+    if plan.solver.status == "OPTIMAL":  # within the 10 ns rounding of the models' time unit
+        assert plan.solver.bound == pytest.approx(step, rel=1e-4)
+    if plan.solver.objective < step * (1 - 1e-4):  # the closed form underestimated this plan (beyond rounding)
         assert plan.solver.status == "FEASIBLE" and res.report.gap > 0
 
 
@@ -620,3 +621,14 @@ def test_event_objective_equals_the_simulated_optimum(seed):
     assert sol.status == "OPTIMAL"
     # Each stage's time is a sum of block times rounded to UNIT_S, as the simulator here sees them.
     assert sol.objective_s == pytest.approx(expected, abs=(4 * p.microbatches * p.stages + 20) * UNIT_S)
+
+
+
+def test_small_interleaved_schedules_are_priced_exactly():
+    """Interleaved 1F1B with few actions uses the event objective: the ILP's step is the simulator's."""
+    lm = load_model("gpt2-tiny", dtype="bf16", config={"n_layer": 8})
+    cap = capture(lm.model, lm.example_inputs, name=lm.name, batch_size=lm.batch_size)
+    ev = prepare(cap, cluster=Cluster.preset("p3-v100", 1), global_batch=16, dtype="fp16")
+    plan = plan_ilp(ev, Pins(pp=4, schedule="interleaved", virtual_stages=2), time_limit_s=8.0).plan
+    assert plan.schedule.name == "interleaved" and plan.schedule.virtual_stages == 2
+    assert plan.solver.objective == pytest.approx(plan.predicted.step_time_s, rel=1e-4)

@@ -146,7 +146,7 @@ class StageSolution:
     recompute: tuple[bool, ...] = ()  # per stage
     objective_s: float = float("inf")  # predicted step time
     bound_s: float = 0.0  # proven lower bound on it
-    components: dict[str, float] = field(default_factory=dict)  # compute/bubble/pp_comm/dp, seconds
+    components: dict[str, float] = field(default_factory=dict)  # closed form only: bottleneck/bubble/pp_comm/dp, s
 
 
 def period_windows(stages: int) -> list[tuple[int, int]]:
@@ -197,13 +197,13 @@ def inflight_patterns(orders: Sequence[Sequence], pp: int, virtual_stages: int) 
     return tuple(out)
 
 
-EVENTS_MAX = 800  # forward + backward actions up to which the exact event objective is used
+EVENTS_MAX = 800  # forward + backward actions up to which the exact event objective is used (any schedule)
 
 
 def _use_events(p: StageProblem) -> bool:
     if p.objective == "events":
         return True
-    if p.objective == "closed_form" or p.virtual_stages != 1 or p.schedule not in ("1f1b", "gpipe"):
+    if p.objective == "closed_form":
         return False
     return 2 * p.microbatches * p.stages <= EVENTS_MAX
 
@@ -227,7 +227,7 @@ def _add_event_step(m: cp_model.CpModel, forward: list, backward: list, send: li
     """
     from ..simulate import schedule_order
 
-    orders = schedule_order(p.schedule, p.pp, p.microbatches, 1)
+    orders = schedule_order(p.schedule, p.pp, p.microbatches, p.virtual_stages)
     start = {}
     for order in orders:
         for a in order:
@@ -252,8 +252,8 @@ def _add_event_step(m: cp_model.CpModel, forward: list, backward: list, send: li
         last = order[-1]
         end = start[(last.stage, last.kind, last.microbatch)] + dur(last.stage, last.kind)
         m.add(step >= end).with_name(f"step_after[{r}]")
-        if dp is not None:
-            hidden = backward[r] if p.overlap_dp else 0
+        if dp is not None:  # the reduction may overlap the rank's last backward (that action's stage)
+            hidden = backward[last.stage] if p.overlap_dp else 0
             m.add(step >= end + dp[r] - hidden).with_name(f"step_after_reduce[{r}]")
     return step
 
@@ -455,6 +455,7 @@ class _StageModel:
         if status not in (cp_model.OPTIMAL, cp_model.FEASIBLE):
             return StageSolution(name, bound_s=float("inf") if status == cp_model.INFEASIBLE else 0.0)
         v = p.virtual_stages
+        scale = 1 if _use_events(p) else v  # the closed form is minimized times v; the event step is not
         stage_of = tuple(next(s for s in range(p.stages) if solver.value(self.x[i][s])) for i in range(len(p.blocks)))
         rmax = solver.value(self.R_max) * UNIT_S
         total = sum(solver.value(t) for t in self.T) * UNIT_S
@@ -462,9 +463,9 @@ class _StageModel:
             status=name,
             stage_of=stage_of,
             recompute=tuple(bool(solver.value(r)) for r in self.r),
-            objective_s=solver.objective_value * UNIT_S / v,
-            bound_s=solver.best_objective_bound * UNIT_S / v,
-            components={
+            objective_s=solver.objective_value * UNIT_S / scale,
+            bound_s=solver.best_objective_bound * UNIT_S / scale,
+            components={} if _use_events(p) else {
                 "bottleneck_s": p.microbatches * rmax,
                 "bubble_s": (total - rmax) / v,
                 "pp_comm_s": 2 * sum(solver.value(e) for e in self.send) * UNIT_S,
@@ -637,6 +638,7 @@ class _ChainModel:
         name = solver.status_name(status)
         if status not in (cp_model.OPTIMAL, cp_model.FEASIBLE):
             return StageSolution(name, bound_s=float("inf") if status == cp_model.INFEASIBLE else 0.0)
+        scale = 1 if _use_events(p) else v  # the closed form is minimized times v; the event step is not
         cuts = [solver.value(x) for x in pos]
         stage_of = tuple(next(s for s in range(K) if cuts[s] <= i < cuts[s + 1]) for i in range(n))
         rmax = solver.value(R_max) * UNIT_S
@@ -645,9 +647,9 @@ class _ChainModel:
             status=name,
             stage_of=stage_of,
             recompute=tuple(bool(solver.value(x)) for x in r),
-            objective_s=solver.objective_value * UNIT_S / v,
-            bound_s=solver.best_objective_bound * UNIT_S / v,
-            components={
+            objective_s=solver.objective_value * UNIT_S / scale,
+            bound_s=solver.best_objective_bound * UNIT_S / scale,
+            components={} if _use_events(p) else {
                 "bottleneck_s": M * rmax,
                 "bubble_s": (tot - rmax) / v,
                 "pp_comm_s": 2 * sum(solver.value(e) for e in send) * UNIT_S,
