@@ -282,7 +282,11 @@ class _Search:
             phi = (n0 * act - room) / (n0 * (act - kept))
         else:
             return lower, math.inf  # even full recomputation looks too tight: try it last
-        key = lower + c.microbatches * phi * fwd / c.pp
+        # Order interleaved candidates as their 1F1B twin (bubble not divided by v), just after it:
+        # the bound's 1/v bubble would otherwise put every interleaved candidate first, and their
+        # solves are the slower ones, so a time-limited search would reach the 1F1B plans late.
+        twin = c.microbatches * avg + (work - avg)
+        key = twin + c.microbatches * phi * fwd / c.pp + (1e-9 * twin if c.virtual_stages > 1 else 0.0)
         return lower, key
 
     # --- one candidate --------------------------------------------------------------------
@@ -432,7 +436,7 @@ class _Search:
                 rep.pruned.append(c)
                 continue
             left = self.time_limit_s - (time.perf_counter() - self.started)
-            if left <= min(1.0, self.time_limit_s / 10):  # keep a margin for evaluating the last solution
+            if left <= min(2.0, self.time_limit_s / 10):  # keep a margin for evaluating the last solution
                 open_bounds += [x.lower_bound_s for _, x in bounded[idx:] if x.lower_bound_s < incumbent]
                 break
             # A solve (model build, hint completion, search) takes about 3-4 wall seconds per
