@@ -133,6 +133,7 @@ class StageProblem:
     schedule: str = "1f1b"  # the schedule's name (the event objective replays its action order)
     objective: str = "auto"  # "events", "closed_form", or "auto" (see [Note: exact small problems])
     max_time_s: float = 10.0  # deterministic time budget
+    wall_cap_s: float | None = None  # a wall-clock safety cap (binds only if the deterministic budget runs slow)
 
     @property
     def stages(self) -> int:
@@ -449,7 +450,7 @@ class _StageModel:
             hints = [(self.x[i][s], int(s == s_i)) for i, s_i in enumerate(p.hint) for s in range(p.stages)]
             if p.hint_recompute is not None and p.recompute is None:
                 hints += [(self.r[s], int(flag)) for s, flag in enumerate(p.hint_recompute)]
-        solver = _solve(self.m, hints, p.max_time_s)
+        solver = _solve(self.m, hints, p.max_time_s, p.wall_cap_s)
         status = solver.response_proto.status
         name = solver.status_name(status)
         if status not in (cp_model.OPTIMAL, cp_model.FEASIBLE):
@@ -474,7 +475,9 @@ class _StageModel:
         )
 
 
-def _solve(model: cp_model.CpModel, hints: list[tuple[cp_model.IntVar, int]], budget_s: float) -> cp_model.CpSolver:
+def _solve(
+    model: cp_model.CpModel, hints: list[tuple[cp_model.IntVar, int]], budget_s: float, wall_cap_s: float | None = None
+) -> cp_model.CpSolver:
     """Solve ``model`` deterministically, starting from a complete solution when ``hints`` allow one.
 
     CP-SAT takes a partial hint (the cut positions) as a suggestion and may
@@ -501,6 +504,8 @@ def _solve(model: cp_model.CpModel, hints: list[tuple[cp_model.IntVar, int]], bu
     solver = cp_model.CpSolver()
     solver.parameters.num_workers = 1  # deterministic
     solver.parameters.max_deterministic_time = budget_s
+    if wall_cap_s is not None:
+        solver.parameters.max_time_in_seconds = wall_cap_s
     solver.solve(model)
     return solver
 
@@ -633,7 +638,7 @@ class _ChainModel:
                 hints = [(pos[s], j) for s, j in zip(range(1, K), starts)]
                 if p.hint_recompute is not None and p.recompute is None:
                     hints += [(r[s], int(flag)) for s, flag in enumerate(p.hint_recompute)]
-        solver = _solve(m, hints, p.max_time_s)
+        solver = _solve(m, hints, p.max_time_s, p.wall_cap_s)
         status = solver.response_proto.status
         name = solver.status_name(status)
         if status not in (cp_model.OPTIMAL, cp_model.FEASIBLE):

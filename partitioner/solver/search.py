@@ -442,6 +442,7 @@ class _Search:
             # A solve (model build, hint completion, search) takes about 3-4 wall seconds per
             # deterministic second of budget here; keep every solve well inside what is left.
             problem, sharding = self.problem(c, max(0.02, min(0.6, left / 6)))
+            problem = replace(problem, wall_cap_s=max(0.1, left - 2.0))  # never past the time limit
             sol = solve_stages(problem)
             if not sol.stage_of:
                 rep.attempts.append(Attempt(c, sol, None, math.inf))
