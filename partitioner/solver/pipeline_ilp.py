@@ -437,14 +437,11 @@ class _StageModel:
         self.add_memory_constraints()
         self.dp_rank = None
         self.add_dp_constraints()
-        obj = self.objective()
-        step = None
-        if _use_events(p):
+        if _use_events(p):  # the exact step replaces the closed form and its period windows
             forward = [t - b for t, b in zip(self.T, self.B)]
-            step = _add_event_step(self.m, forward, self.B, self.send, p, self.dp_rank)
-            self.m.minimize(step)
+            self.m.minimize(_add_event_step(self.m, forward, self.B, self.send, p, self.dp_rank))
         else:
-            self.m.minimize(obj)
+            self.m.minimize(self.objective())
         hints = []
         if p.hint is not None:
             hints = [(self.x[i][s], int(s == s_i)) for i, s_i in enumerate(p.hint) for s in range(p.stages)]
@@ -625,11 +622,11 @@ class _ChainModel:
                 lead = _lead(Bs, send, rk, p)
                 m.add(E >= (dp_r - Bs[mine[0]] if p.overlap_dp else dp_r) - lead).with_name(f"dp[{rk}]")
         total = sum(T)
-        _add_period_constraints(m, R_max, T, send, p)
-        if _use_events(p):
+        if _use_events(p):  # the exact step replaces the closed form and its period windows
             forward = [at["F"][s + 1] - at["F"][s] for s in range(K)]
             m.minimize(_add_event_step(m, forward, Bs, send, p, dp_rank))
         else:
+            _add_period_constraints(m, R_max, T, send, p)
             m.minimize(v * M * R_max + (total - R_max) + 2 * v * sum(send) + v * E)
         hints = []
         if p.hint is not None:
