@@ -1,15 +1,27 @@
 """Ways of pricing a node or a collective, behind one small interface (``CostModel``).
 
-``AnalyticCostModel`` is the roofline + alpha-beta model; measured and
-calibrated models (profiler) implement the same protocol.
+``AnalyticCostModel`` is the roofline + alpha-beta model;
+``CalibratedCostModel`` fits its constants to measured kernels; and
+``MeasuredCostModel`` answers with the profiler's measurements of the nodes
+themselves. All three implement the same protocol.
 """
 
 from .analytic import AnalyticCostModel
-from .base import COLLECTIVES, CostModel, OpTime, op_class
+from .base import COLLECTIVES, CostModel, NodeRef, OpTime, op_class
+from .calibrated import Calibration, CalibratedCostModel, OpFit, Sample, fit_calibration
+from .profiled import MeasuredCostModel, MeasuredOp
 from .memory import OPTIMIZERS, OptimizerSpec, static_bytes
 
 __all__ = [
     "AnalyticCostModel",
+    "CalibratedCostModel",
+    "Calibration",
+    "MeasuredCostModel",
+    "MeasuredOp",
+    "NodeRef",
+    "OpFit",
+    "Sample",
+    "fit_calibration",
     "COLLECTIVES",
     "CostModel",
     "OpTime",

@@ -21,7 +21,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Sequence
 
-from .base import COLLECTIVES, CollectiveKind, OpTime, op_class
+from .base import COLLECTIVES, CollectiveKind, NodeRef, OpTime, op_class
 
 if TYPE_CHECKING:  # cost_models is imported by partitioner; keep the import one-way at run time
     from partitioner.cluster import Cluster
@@ -49,7 +49,10 @@ class AnalyticCostModel:
 
     # --- compute ----------------------------------------------------------------------
 
-    def node_time(self, op: str, forward_flops: float, backward_flops: float, bytes_moved: float, dtype: str) -> OpTime:
+    def node_time(
+        self, op: str, forward_flops: float, backward_flops: float, bytes_moved: float, dtype: str,
+        node: NodeRef | None = None,
+    ) -> OpTime:
         if forward_flops == 0 and backward_flops == 0 and bytes_moved == 0:
             return OpTime(0.0, 0.0)  # views and metadata ops launch no kernel
         dev = self.cluster.device

@@ -11,7 +11,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Protocol, Sequence, runtime_checkable
 
-__all__ = ["OpTime", "CollectiveKind", "COLLECTIVES", "CostModel", "op_class"]
+__all__ = ["OpTime", "NodeRef", "CollectiveKind", "COLLECTIVES", "CostModel", "op_class"]
 
 CollectiveKind = str  # one of COLLECTIVES
 COLLECTIVES = ("all_reduce", "all_gather", "reduce_scatter")
@@ -26,6 +26,19 @@ class OpTime:
 
     def __add__(self, other: "OpTime") -> "OpTime":
         return OpTime(self.forward_s + other.forward_s, self.backward_s + other.backward_s)
+
+
+@dataclass(frozen=True, slots=True)
+class NodeRef:
+    """Which graph node a ``node_time`` call prices, and in which tensor-parallel variant.
+
+    Analytic models ignore it; a measured model looks its measurements up by it
+    (see cost_models/profiled.py).
+    """
+
+    name: str  # FX node name
+    strategy: str = "replicate"  # the node's sharding strategy (sharding.STRATEGIES)
+    tp: int = 1  # tensor-parallel degree the strategy divides by
 
 
 _MATMUL = ("mm", "addmm", "bmm", "baddbmm", "linear", "matmul", "conv", "einsum", "_convolution")
@@ -50,8 +63,11 @@ class CostModel(Protocol):
     micro-batch (see [Note: costs are per capture batch] in capture.py).
     """
 
-    def node_time(self, op: str, forward_flops: float, backward_flops: float, bytes_moved: float, dtype: str) -> OpTime:
-        """Forward and backward seconds of one op on one device."""
+    def node_time(
+        self, op: str, forward_flops: float, backward_flops: float, bytes_moved: float, dtype: str,
+        node: NodeRef | None = None,
+    ) -> OpTime:
+        """Forward and backward seconds of one op on one device (``node``: which node, if known)."""
         ...
 
     def collective_time(self, kind: CollectiveKind, nbytes: float, ranks: Sequence[int]) -> float:

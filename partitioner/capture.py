@@ -75,6 +75,17 @@ class NodeInfo:
     module_stack: tuple[str, ...]  # FQNs from the outermost to the innermost module
     module_type: str  # class name of the innermost owning module
     is_view: bool = False  # produces an alias of an input (view, transpose, getitem): no kernel, no traffic
+    variant: str = ""  # arguments that change the kernel, e.g. "dropout,mask" for attention; see op_label
+    needs_grad: bool = True  # a trainable parameter flows into its (float) output, so backward runs it
+
+    @property
+    def op_label(self) -> str:
+        """The target plus its kernel variant, e.g. ``aten.scaled_dot_product_attention.default[causal]``.
+
+        What cost models see as the op: attention with dropout runs a different
+        (much slower) kernel than without, though its FLOPs are the same.
+        """
+        return f"{self.target}[{self.variant}]" if self.variant else self.target
 
     @property
     def output_bytes(self) -> int:
@@ -111,6 +122,7 @@ class CapturedModel:
     dtype: str  # dominant floating dtype of the parameters
     fingerprint: str  # identifies the model's architecture: class, parameter names, shapes, dtypes
     warnings: tuple[str, ...] = field(default=())  # things the user may want to know (ops we could not count)
+    param_nodes: Mapping[str, str] = field(default_factory=dict)  # placeholder/get_attr node -> canonical param FQN
 
     @property
     def param_count(self) -> int:
@@ -210,6 +222,7 @@ def capture(
         dtype=dtype,
         fingerprint=model_fingerprint(model, params),
         warnings=tuple(annot.warnings),
+        param_nodes=dict(annot.param_nodes),
     )
 
 
@@ -443,6 +456,8 @@ class _Annotator:
             elif node.op == "get_attr":
                 fqn = str(node.target)
                 param_nodes[node.name] = self.alias.get(fqn, fqn)
+        self.param_nodes = param_nodes
+        self.grad_nodes = _grad_flow(self.gm, param_nodes, self.model)
         out: dict[str, NodeInfo] = {}
         for node in self.gm.graph.nodes:
             out[node.name] = self._annotate(node, param_nodes)
@@ -504,6 +519,8 @@ class _Annotator:
             module_stack=stack,
             module_type=module_type,
             is_view=_is_view(node),
+            variant=_kernel_variant(node),
+            needs_grad=node.name in self.grad_nodes,
         )
 
     def _module_params(self, node: fx.Node) -> dict[str, torch.Tensor]:
@@ -615,6 +632,52 @@ class _Annotator:
 # Composite ops whose schema says "may alias": they copy when the input is not
 # already in the requested layout or dtype.
 _MAYBE_COPY = {"reshape", "contiguous", "to", "type_as", "flatten", "_to_copy"}
+
+
+def _grad_flow(gm: fx.GraphModule, param_nodes: Mapping[str, str], model: torch.nn.Module) -> set[str]:
+    """Nodes with a float output that a trainable parameter flows into: backward runs exactly these."""
+    trainable = {n for n, p in model.named_parameters(remove_duplicate=False) if p.requires_grad}
+    out: set[str] = set()
+    for node in gm.graph.nodes:
+        if node.op in ("placeholder", "get_attr"):
+            fqn = param_nodes.get(node.name)
+            if fqn is not None and fqn in trainable:
+                out.add(node.name)
+        elif node.op == "call_module":
+            mod = gm.get_submodule(str(node.target))
+            if any(p.requires_grad for p in mod.parameters()) or any(a.name in out for a in node.all_input_nodes):
+                out.add(node.name)
+        elif any(a.name in out for a in node.all_input_nodes):
+            if any(t.dtype.is_floating_point for t in _flat_tensors(node.meta.get("val"))):
+                out.add(node.name)
+    return out
+
+
+def _flat_tensors(val: Any) -> list[torch.Tensor]:
+    if isinstance(val, torch.Tensor):
+        return [val]
+    if isinstance(val, (list, tuple)):
+        return [t for v in val for t in _flat_tensors(v)]
+    return []
+
+
+def _kernel_variant(node: fx.Node) -> str:
+    """Arguments of an attention op that select its kernel: an explicit mask, causal, dropout."""
+    if "scaled_dot_product" not in str(node.target):
+        return ""
+    # aten.scaled_dot_product_attention(q, k, v, attn_mask=None, dropout_p=0.0, is_causal=False, scale=None, ...)
+    names = ("query", "key", "value", "attn_mask", "dropout_p", "is_causal")
+    args = dict(zip(names, node.args))
+    args.update({k: v for k, v in node.kwargs.items() if k in names})
+    out = []
+    if args.get("attn_mask") is not None:
+        out.append("mask")
+    if args.get("is_causal"):
+        out.append("causal")
+    dropout = args.get("dropout_p")
+    if isinstance(dropout, (int, float)) and dropout > 0:
+        out.append("dropout")
+    return ",".join(out)
 
 
 def _is_view(node: fx.Node) -> bool:

@@ -43,7 +43,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Mapping
 
-from cost_models import CostModel, OpTime
+from cost_models import CostModel, NodeRef, OpTime
 
 from .capture import CapturedModel, NodeInfo
 from .errors import PlanError
@@ -220,14 +220,21 @@ class BlockLayoutCosts:
         out: dict[str, NodeOption] = {}
         for strat in allowed:
             div = tp if strat != "replicate" else 1
-            if node.is_view or not node.outputs:
-                compute = OpTime(0.0, 0.0)  # aliases and assertions launch no kernel and move no data
+            if not node.outputs:
+                compute = OpTime(0.0, 0.0)  # assertions
+            elif node.is_view:
+                # An alias launches no kernel and moves no data: zero FLOPs and bytes. A measured
+                # or calibrated model still charges its dispatcher call.
+                compute = self.cost_model.node_time(node.op_label, 0, 0, 0, dtype, NodeRef(node.name, strat, tp if div > 1 else 1))
             else:
                 pbytes = sum(cap.params[p].bytes for p in node.params if p in cap.params)
                 moved = (node.bytes_read - pbytes + node.bytes_written) * k + pbytes
                 compute = self.cost_model.node_time(
-                    node.target, node.forward_flops * k / div, node.backward_flops * k / div, moved / div, dtype
+                    node.op_label, node.forward_flops * k / div, node.backward_flops * k / div, moved / div, dtype,
+                    NodeRef(node.name, strat, tp if div > 1 else 1),
                 )
+            if not node.needs_grad:  # nothing trainable flows into it (masks, positions): no backward
+                compute = OpTime(compute.forward_s, 0.0)
             comm = OpTime(0.0, 0.0)
             if strat in ("row", "vocab"):
                 comm = OpTime(self.cost_model.collective_time("all_reduce", node.output_bytes * k, self.group), 0.0)

@@ -23,7 +23,7 @@ from partitioner.plan import Mesh
 from partitioner.planner import prepare
 from partitioner.zoo import load_model
 
-BIGVOCAB = dict(n_layer=8, n_embd=128, n_head=4, vocab_size=64000)
+BIGVOCAB = dict(n_layer=8, n_embd=128, n_head=4, vocab_size=128000)
 
 
 def _capture(spec: str, **kw):
@@ -38,7 +38,7 @@ def gpt2():
 
 @pytest.fixture(scope="module")
 def bigvocab():
-    return _capture("gpt-bigvocab", config=BIGVOCAB, seq_len=128)
+    return _capture("gpt-bigvocab", config=BIGVOCAB, seq_len=512)
 
 
 @pytest.fixture(scope="module")
