@@ -1,4 +1,4 @@
-"""The ``autopart`` command line: ``plan`` and ``inspect``.
+"""The ``autopart`` command line: ``plan``, ``diff``, ``inspect``, ``profile`` and ``calibrate``.
 
 A thin layer over the Python API: it parses options, calls
 ``plan_parallelism`` / ``capture``, and prints with ``rich``. Every option
@@ -75,6 +75,16 @@ def _cluster_args(p: argparse.ArgumentParser) -> None:
     g.add_argument("--gpus-per-node", type=_positive_int, default=None, help="devices per node (overrides the cluster's)")
 
 
+def _profile_args(p: argparse.ArgumentParser, *, flag: bool) -> None:
+    g = p.add_argument_group("profile")
+    if flag:
+        g.add_argument("--profile", action="store_true", help="measure the model on this machine and plan with measured costs")
+    g.add_argument("--device", default=None, help="where to measure: cpu (default) or cuda")
+    g.add_argument("--cache", default=None, metavar="PATH", help="profile cache file (default $AUTOPART_CACHE or ~/.cache/autopart/profile.sqlite)")
+    g.add_argument("--profile-budget", type=_positive_seconds, default=None, metavar="SECONDS",
+                   help="stop measuring after this long; the calibrated model prices the rest")
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = _Parser(prog="autopart", description="Automatic pipeline/tensor/data-parallel planning for PyTorch.")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
@@ -104,6 +114,29 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--json", default=None, metavar="PATH", help="write the plan artifact to PATH")
     g.add_argument("--force", action="store_true", help="let --json overwrite an existing file")
     g.add_argument("--timeline", action="store_true", help="print the simulated schedule as a text grid")
+    _profile_args(p, flag=True)
+
+    p = sub.add_parser("profile", help="measure a model's blocks and ops on this machine; --report compares with predictions")
+    _common(p)
+    g = p.add_argument_group("cluster")
+    g.add_argument("--cluster", default=None, help="cluster whose predictions --report shows (default local-cpu, or the GPU's preset)")
+    g.add_argument("--nodes", type=_positive_int, default=None, help="number of nodes (overrides the cluster's)")
+    g.add_argument("--gpus-per-node", type=_positive_int, default=None, help="devices per node (overrides the cluster's)")
+    _profile_args(p, flag=False)
+    g = p.add_argument_group("output")
+    g.add_argument("--tp", default=None, metavar="N[,N..]", help="also measure the tensor-parallel shards of these degrees")
+    g.add_argument("--report", action="store_true", help="per block: analytic and calibrated predictions vs measured, and the error")
+    g.add_argument("--clock", default="wall", choices=("wall", "cpu"), help="wall time (default), or process CPU time on a shared machine (one thread)")
+    g.add_argument("--json", default=None, metavar="PATH", help="write the measurements and the report to PATH")
+    g.add_argument("--force", action="store_true", help="let --json overwrite an existing file")
+
+    p = sub.add_parser("calibrate", help="under torchrun: measure links and device rates, write a cluster TOML")
+    p.add_argument("--cluster", default=None, help="the cluster to start from (default local-cpu:<ranks per node>)")
+    p.add_argument("--out", required=True, metavar="PATH", help="the cluster TOML to write")
+    p.add_argument("--force", action="store_true", help="let --out overwrite an existing file")
+    p.add_argument("--dtype", default=None, choices=("fp32", "tf32", "bf16", "fp16"), help="dtype of the GEMM timed (default fp32 on CPU, bf16 on GPU)")
+    p.add_argument("--max-bytes", type=_positive_int, default=16 << 20, help="largest message, bytes per rank (default 16 MiB)")
+    p.add_argument("--reps", type=_positive_int, default=5, help="timed runs per measurement (default 5)")
 
     p = sub.add_parser("diff", help="compare two plan JSON files")
     p.add_argument("a", metavar="A.json")
@@ -127,6 +160,10 @@ def main(argv: Sequence[str] | None = None) -> int:
             return cmd_plan(args)
         if args.command == "inspect":
             return cmd_inspect(args)
+        if args.command == "profile":
+            return cmd_profile(args)
+        if args.command == "calibrate":
+            return cmd_calibrate(args)
         if args.command == "diff":
             from .explain import print_diff
             from .plan import Plan
@@ -193,8 +230,14 @@ def cmd_plan(args: argparse.Namespace) -> int:
         ) if value is not None]
         if clash:
             raise PlanError(f"--plan takes every choice from the plan file; drop {', '.join(clash)} or edit the file")
+    if not args.profile and (args.profile_budget is not None or args.device is not None or args.cache is not None):
+        raise PlanError("--device, --cache and --profile-budget go with --profile")
     cluster = load_cluster(args.cluster, nodes=args.nodes, devices_per_node=args.gpus_per_node)
-    dtype = plan_in.training.dtype if plan_in else (args.dtype or "bf16")
+    if args.profile:  # before the slow capture: measured costs must describe the cluster's devices
+        from .profile import check_device
+
+        check_device(cluster, args.device or "cpu")
+    dtype = plan_in.training.dtype if plan_in else (args.dtype or _default_dtype(cluster))
     if dtype not in cluster.device.peak_flops:
         raise PlanError(
             f"--dtype {dtype}: {cluster.device.name} has no {dtype} peak; it has {', '.join(cluster.device.peak_flops)}"
@@ -210,14 +253,17 @@ def cmd_plan(args: argparse.Namespace) -> int:
         name=loaded.name,
         example_kwargs=loaded.example_kwargs,
     )
+    model: object = loaded.model
+    if args.profile:
+        model, training["cost_model"] = _profiled(args, loaded, cluster, dtype, pins.get("tp"))
     if plan_in is not None:
         result = score_plan(
-            plan_in, loaded.model, loaded.example_inputs, cluster, name=loaded.name, batch_size=loaded.batch_size,
-            example_kwargs=loaded.example_kwargs,
+            plan_in, model, loaded.example_inputs, cluster, name=loaded.name, batch_size=loaded.batch_size,
+            example_kwargs=loaded.example_kwargs, cost_model=training.get("cost_model"),
         )
     else:
         result = plan_parallelism(
-            loaded.model,
+            model,
             loaded.example_inputs,
             cluster,
             global_batch=global_batch,
@@ -245,6 +291,55 @@ def cmd_plan(args: argparse.Namespace) -> int:
         result.plan.save(json_path)
         print(f"wrote {json_path}")
     return 0
+
+
+def _default_dtype(cluster) -> str:
+    """bf16, or on a device without bf16 (a CPU) the first dtype it has."""
+    peaks = cluster.device.peak_flops
+    return "bf16" if "bf16" in peaks else next(iter(peaks))
+
+
+def _tp_degrees(cluster, pinned: int | None) -> tuple[int, ...]:
+    """The tensor-parallel degrees the planner may choose: powers of two that fit in a node."""
+    if pinned is not None:
+        return (pinned,) if pinned > 1 else ()
+    out, tp = [], 2
+    while tp <= min(8, cluster.devices_per_node):
+        out.append(tp)
+        tp *= 2
+    return tuple(out)
+
+
+def _profile_options(args: argparse.Namespace, dtype: str, tp_degrees: tuple[int, ...], clock: str = "wall"):
+    from .profile import ProfileOptions
+
+    return ProfileOptions(device=args.device or "cpu", dtype=dtype, tp_degrees=tp_degrees,
+                          budget_s=args.profile_budget, clock=clock)
+
+
+def _print_profile_stats(prof, cache) -> None:
+    st = prof.result.stats
+    budget = f", {st.unmeasured} left to the calibrated model (budget)" if st.unmeasured else ""
+    corrupt = f", {st.corrupt} corrupt cache entries measured again" if st.corrupt else ""
+    aside = f"; the unreadable cache file was moved to {cache.moved_aside}" if cache.moved_aside else ""
+    print(
+        f"profiled on {prof.result.device}: {st.measured} measured, {st.cached} from the cache{corrupt}{budget} "
+        f"in {st.profiling_s:.2f} s (cache {cache.path}){aside}"
+    )
+
+
+def _profiled(args: argparse.Namespace, loaded, cluster, dtype: str, tp_pin: int | None):
+    """Capture, coarsen and profile for ``plan --profile``: the graph and the measured cost model."""
+    from .capture import capture
+    from .graph import build_partition_graph
+    from .profile import ProfileCache, profile_for_planning
+
+    cap = capture(loaded.model, loaded.example_inputs, loaded.example_kwargs, name=loaded.name, batch_size=loaded.batch_size)
+    pg = build_partition_graph(cap, loaded.model)
+    with ProfileCache(args.cache) as cache:
+        prof = profile_for_planning(pg, cluster, cache, _profile_options(args, dtype, _tp_degrees(cluster, tp_pin)))
+        _print_profile_stats(prof, cache)
+    return pg, prof.cost_model
 
 
 def _fmt_bytes(n: float) -> str:
@@ -382,6 +477,183 @@ def cmd_inspect(args: argparse.Namespace) -> int:
             nt.add_row(n.name, n.target, n.module, str(n.outputs[0].shape) if n.outputs else "", _fmt_count(n.forward_flops), ", ".join(n.params))
         console.print(nt)
     return 0
+
+
+# --------------------------------------------------------------------------------------
+# profile
+# --------------------------------------------------------------------------------------
+
+
+def _check_out(path_text: str | None, force: bool, flag: str) -> Path | None:
+    """Refuse an output path that would overwrite a file (without --force) or cannot be written."""
+    if path_text is None:
+        return None
+    path = Path(path_text)
+    if path.is_dir():
+        raise PlanError(f"{flag} {path} is a directory; give a file path")
+    if path.exists() and not force:
+        raise PlanError(f"{flag} {path} already exists; pass --force to overwrite it")
+    if not path.parent.exists():
+        raise PlanError(f"{flag} {path}: directory {path.parent} does not exist")
+    return path
+
+
+def cmd_profile(args: argparse.Namespace) -> int:
+    import json
+
+    import torch
+    from rich.console import Console
+    from rich.table import Table
+
+    from .capture import capture
+    from .cluster import load_cluster
+    from .graph import build_partition_graph
+    from .profile import BlockFidelity, ProfileCache, device_name, fidelity, gpu_preset, profile_for_planning
+    from .zoo import load_model, parse_config_overrides
+
+    json_path = _check_out(args.json, args.force, "--json")
+    device = args.device or "cpu"
+    name = device_name(device)  # fails early, with the fix, on a machine without that device
+    is_cpu = torch.device(device).type == "cpu"
+    cluster = load_cluster(args.cluster or ("local-cpu" if is_cpu else gpu_preset(name)), nodes=args.nodes,
+                           devices_per_node=args.gpus_per_node)
+    dtype = args.dtype or _default_dtype(cluster)
+    tps = tuple(_parse_tp(args.tp)) if args.tp else ()
+    loaded = load_model(args.model, seq_len=args.seq_len, dtype=dtype, config=parse_config_overrides(args.config))
+    cap = capture(loaded.model, loaded.example_inputs, loaded.example_kwargs, name=loaded.name, batch_size=loaded.batch_size)
+    pg = build_partition_graph(cap, loaded.model)
+    with ProfileCache(args.cache) as cache:
+        prof = profile_for_planning(pg, cluster, cache, _profile_options(args, dtype, tps, args.clock))
+        _print_profile_stats(prof, cache)
+    rows = fidelity(pg, prof.result, cluster, prof.calibration, dtype) if args.report or json_path else []
+    if args.report:
+        console = Console(width=max(110, Console().width))
+        table = Table(title=f"{cap.name} on {prof.result.device}: one micro-batch of {cap.batch_size}, {dtype}")
+        for col in ("block", "measured fwd", "bwd", "analytic fwd", "bwd", "calibrated fwd", "bwd"):
+            table.add_column(col, justify="left" if col == "block" else "right")
+        err = BlockFidelity.error
+
+        def cell(pred: float, meas: float) -> str:
+            return f"{_fmt_time(pred)} ({err(pred, meas):+.0%})" if meas > 0 else _fmt_time(pred)
+
+        for r in rows:
+            (mf, mb), (af, ab), (cf, cb) = r.measured, r.analytic, r.calibrated
+            table.add_row(
+                r.block + (f" (x{r.count})" if r.count > 1 else ""), f"{_fmt_time(mf)} ±{r.spread / 2:.0%}",
+                _fmt_time(mb), cell(af, mf), cell(ab, mb), cell(cf, mf), cell(cb, mb),
+            )
+        console.print(table)
+        for label, pick in (("analytic", lambda r: r.analytic), ("calibrated", lambda r: r.calibrated)):
+            fw = [abs(err(pick(r)[0], r.measured[0])) for r in rows]
+            bw = [abs(err(pick(r)[1], r.measured[1])) for r in rows if r.measured[1] > 0]
+            if fw:
+                console.print(
+                    f"{label:10s} MAPE over {len(fw)} block types: forward {sum(fw) / len(fw):.1%}"
+                    + (f", backward {sum(bw) / len(bw):.1%}" if bw else "")
+                )
+        console.print(
+            "[dim]calibrated: fitted to every model profiled on this device (cache), so it includes this one; "
+            "benchmarks/profile_fidelity.py measures it on sizes it was not fitted on[/dim]"
+        )
+    if json_path is not None:
+        st = prof.result.stats
+        json_path.write_text(json.dumps(dict(
+            model=cap.name, device=prof.result.device, torch=prof.result.torch_version, dtype=dtype,
+            batch_size=cap.batch_size, stats=dict(measured=st.measured, cached=st.cached, corrupt=st.corrupt,
+                                                  unmeasured=st.unmeasured, profiling_s=st.profiling_s),
+            blocks=[dict(block=r.block, count=r.count, measured=r.measured, analytic=r.analytic,
+                         calibrated=r.calibrated, spread=r.spread) for r in rows],
+            calibration=prof.calibration.to_dict(),
+        ), indent=1))
+        print(f"wrote {json_path}")
+    return 0
+
+
+def _parse_tp(text: str) -> list[int]:
+    out = []
+    for part in text.split(","):
+        try:
+            tp = int(part)
+        except ValueError:
+            raise PlanError(f"--tp {text!r}: expected degrees like 2,4") from None
+        if tp < 2:
+            raise PlanError(f"--tp {text!r}: degrees must be >= 2")
+        out.append(tp)
+    return out
+
+
+# --------------------------------------------------------------------------------------
+# calibrate
+# --------------------------------------------------------------------------------------
+
+
+def cmd_calibrate(args: argparse.Namespace) -> int:
+    import time
+    from datetime import timedelta
+
+    import torch
+    import torch.distributed as dist
+
+    from .calibrate import DEFAULT_SIZES, CalibrateError, calibrated_cluster, run_calibration
+    from .cluster import load_cluster
+
+    if "RANK" not in os.environ or "WORLD_SIZE" not in os.environ:
+        raise CalibrateError(
+            "autopart calibrate measures the live process group: run it under torchrun, e.g. "
+            "torchrun --nproc-per-node 2 -m partitioner.cli calibrate --out cluster.toml"
+        )
+    out = _check_out(args.out, args.force, "--out")
+    world = int(os.environ["WORLD_SIZE"])
+    local = int(os.environ.get("LOCAL_WORLD_SIZE", world))
+    gpu = torch.cuda.is_available()
+    base = load_cluster(args.cluster or f"local-cpu:{local}")
+    if base.world_size != world:
+        raise CalibrateError(
+            f"--cluster {base.name} has {base.nodes} x {base.devices_per_node} = {base.world_size} devices but torchrun "
+            f"started {world} ranks; pass --cluster with nodes={world // local}, devices_per_node={local}"
+        )
+    sizes = tuple(s for s in DEFAULT_SIZES if s <= args.max_bytes) or (args.max_bytes,)
+    if gpu:
+        torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")))
+    dist.init_process_group("nccl" if gpu else "gloo", timeout=timedelta(seconds=300))
+    try:
+        report = run_calibration(sizes, args.reps, args.dtype or ("bf16" if gpu else "fp32"), local)
+        if dist.get_rank() == 0:
+            cluster = calibrated_cluster(base, report)
+            header = (
+                f"# measured by `autopart calibrate` on {time.strftime('%Y-%m-%d')}: {world} ranks over "
+                f"{report.backend}, torch {torch.__version__}\n"
+            )
+            out.write_text(header + cluster.to_toml())
+            _print_calibration(report, base, cluster)
+            print(f"wrote {out}; plan with --cluster {out}")
+    finally:
+        dist.destroy_process_group()
+    return 0
+
+
+def _print_calibration(report, base, cluster) -> None:
+    from rich.console import Console
+    from rich.table import Table
+
+    console = Console(width=max(100, Console().width))
+    table = Table(title=f"links ({report.world_size} ranks, {report.backend})")
+    for col in ("link", "latency", "bandwidth", "was", "points", "fit MAPE"):
+        table.add_column(col, justify="left" if col == "link" else "right")
+    for link, fit in report.links.items():
+        was = base.intra_node if link == "intra" else base.inter_node
+        table.add_row(link, f"{fit.latency * 1e6:.1f} us", f"{fit.bandwidth / 1e9:.2f} GB/s",
+                      f"{was.latency * 1e6:.1f} us, {was.bandwidth * base.efficiency.comm / 1e9:.2f} GB/s effective",
+                      str(fit.points), f"{fit.mape:.1%}")
+    if "inter" not in report.links and base.nodes > 1:
+        table.add_row("inter", "-", "-", "not measured: this job runs on one node", "", "")
+    console.print(table)
+    c = report.compute
+    console.print(
+        f"device ({c.dtype}, slowest rank): GEMM {c.matmul_flops / 1e9:.1f} GFLOP/s -> efficiency.matmul "
+        f"{cluster.efficiency.matmul} of {cluster.device.peak_flops[c.dtype] / 1e9:.1f} GFLOP/s; "
+        f"streaming {c.memory_bandwidth / 1e9:.1f} GB/s -> efficiency.elementwise {cluster.efficiency.elementwise}"
+    )
 
 
 if __name__ == "__main__":

@@ -47,7 +47,7 @@ class PlanResult:
 
 
 def prepare(
-    model: torch.nn.Module | CapturedModel,
+    model: torch.nn.Module | CapturedModel | PartitionGraph,
     example_inputs: Sequence[Any] = (),
     cluster: Cluster | None = None,
     *,
@@ -63,19 +63,23 @@ def prepare(
     batch_size: int | None = None,
     example_kwargs: Mapping[str, Any] | None = None,
 ) -> Evaluator:
-    """Capture (unless given a ``CapturedModel``), coarsen, and build the evaluator.
+    """Capture (unless given a ``CapturedModel``), coarsen (unless given a ``PartitionGraph``), and
+    build the evaluator.
 
     The training set-up is ``training`` if given (e.g. a loaded plan's),
     otherwise built from ``global_batch`` and the other keywords.
     """
     if cluster is None:
         raise PlanError("a cluster is required, e.g. Cluster.preset('dgx-a100-80g') or Cluster.local(world_size)")
-    if isinstance(model, CapturedModel):
-        captured, module = model, None
+    if isinstance(model, PartitionGraph):  # already captured and coarsened (e.g. by the profiler)
+        pgraph = model
     else:
-        captured = capture(model, example_inputs, example_kwargs, name=name, batch_size=batch_size)
-        module = model
-    pgraph = build_partition_graph(captured, module)
+        if isinstance(model, CapturedModel):
+            captured, module = model, None
+        else:
+            captured = capture(model, example_inputs, example_kwargs, name=name, batch_size=batch_size)
+            module = model
+        pgraph = build_partition_graph(captured, module)
     if training is None:
         if global_batch is None:
             raise PlanError("global_batch is required (samples per optimizer step)")
@@ -91,7 +95,7 @@ def prepare(
 
 
 def plan_parallelism(
-    model: torch.nn.Module | CapturedModel,
+    model: torch.nn.Module | CapturedModel | PartitionGraph,
     example_inputs: Sequence[Any] = (),
     cluster: Cluster | None = None,
     *,
@@ -189,7 +193,7 @@ def manual_plan(ev: Evaluator, split_at: Sequence[str], pins: Pins = Pins()) -> 
 
 def score_plan(
     plan: Plan,
-    model: torch.nn.Module | CapturedModel,
+    model: torch.nn.Module | CapturedModel | PartitionGraph,
     example_inputs: Sequence[Any] = (),
     cluster: Cluster | None = None,
     **kwargs: Any,

@@ -88,6 +88,13 @@ __all__ = [
     "profile_model",
     "device_name",
     "default_cache_path",
+    "gpu_preset",
+    "check_device",
+    "calibration",
+    "profile_for_planning",
+    "Profiled",
+    "BlockFidelity",
+    "fidelity",
 ]
 
 CACHE_FORMAT = 1
@@ -570,6 +577,9 @@ class _Profiler:
         try:
             self.forward_block(block, env)
             for info, strat, tp, key in wanted:
+                if key in self.by_key:  # a twin earlier in this block (same op, same shapes)
+                    self.nodes[NodeRef(info.name, strat, tp)] = self.by_key[key]
+                    continue
                 if self.over_budget():
                     self.unmeasured += 1
                     continue
@@ -890,6 +900,20 @@ def calibration(cache: ProfileCache, device: str, torch_version: str | None = No
     from cost_models import fit_calibration
 
     return fit_calibration(device, cache.samples(device, torch_version or torch.__version__))
+
+
+def gpu_preset(gpu: str) -> str:
+    """The cluster preset whose device is ``gpu`` (a torch.cuda.get_device_name()), for reports."""
+    name = gpu.upper()
+    if "H200" in name:
+        return "dgx-h200"
+    if "H100" in name:
+        return "dgx-h100"
+    if "A100" in name:
+        return "dgx-a100-80g" if "80" in name else "dgx-a100-40g"
+    if "V100" in name:
+        return "p3-v100"
+    raise ProfileError(f"no cluster preset has a {gpu}; write a cluster file for it (docs/cluster.md) and pass --cluster")
 
 
 def check_device(cluster: "Cluster", device: str) -> None:

@@ -1,0 +1,299 @@
+"""Calibration on the live process group: link alpha-beta and device efficiencies, into a cluster file.
+
+``autopart calibrate`` runs under ``torchrun`` on the machines a plan will use
+(gloo on CPU, NCCL on GPUs). It times point-to-point transfers and the
+all-reduce, all-gather and reduce-scatter the planner prices, at several
+sizes, on groups inside a node and across nodes; fits each link class's
+latency and bandwidth to the same formulas ``cost_models.AnalyticCostModel``
+uses; times a GEMM and a streaming op on every rank at once for the device's
+matmul and memory efficiencies; and writes the result as a cluster TOML that
+``--cluster`` reads. It sits beside the profiler: the profiler measures a
+model's ops, this measures the cluster they run on.
+
+[Note: fitting alpha-beta]
+The analytic model prices a ring collective over ``k`` ranks of one link as
+``c_lat * alpha + c_bw * S / B``, with (all-reduce) ``c_lat = 2 (k-1)``,
+``c_bw = 2 (k-1) / k``, half of both for all-gather and reduce-scatter, and
+``1, 1`` for a point-to-point send. So every measurement is one linear
+equation in ``(alpha, 1 / B)``, and all measurements of a link class are
+fitted together by non-negative least squares on relative error (small and
+large messages count alike). The fitted ``B`` is what the collectives reach,
+so the file's ``efficiency.comm`` is set to 1: the bandwidth is already
+effective. Inter-node links can only be measured when the job spans nodes;
+otherwise the base cluster's figures are kept, and the report says so.
+
+[Note: measured device efficiencies]
+Each rank times a square GEMM and a large elementwise add at the same time,
+as ranks run during training (on a CPU they share cores and memory
+bandwidth). The slowest rank's rate over the device's peak becomes
+``efficiency.matmul`` (and ``elementwise`` for bandwidth). If a rate beats
+the file's peak (the ``local-cpu`` peaks are estimates), the peak is raised to
+the measured rate and the efficiency set to 1.
+"""
+
+from __future__ import annotations
+
+import os
+import statistics
+import time
+import warnings
+from dataclasses import dataclass, replace
+from typing import Callable, Sequence
+
+import torch
+import torch.distributed as dist
+
+from .cluster import Cluster, DeviceSpec, LinkSpec
+from .errors import AutopartError
+
+__all__ = [
+    "CalibrateError",
+    "CommSample",
+    "LinkFit",
+    "ComputeRates",
+    "CalibrationReport",
+    "ring_coefficients",
+    "fit_link",
+    "run_calibration",
+    "calibrated_cluster",
+    "DEFAULT_SIZES",
+]
+
+KINDS = ("p2p", "all_reduce", "all_gather", "reduce_scatter")
+# Message sizes in bytes per rank: 4 KiB to 16 MiB, every factor of four.
+DEFAULT_SIZES = tuple(4096 * 4**i for i in range(7))
+
+
+class CalibrateError(AutopartError):
+    """Calibration cannot run as asked (not under torchrun, wrong world size, output in the way)."""
+
+
+@dataclass(frozen=True, slots=True)
+class CommSample:
+    """One timed communication: the median of repeated runs, slowest rank."""
+
+    kind: str  # p2p | all_reduce | all_gather | reduce_scatter
+    link: str  # "intra" (inside a node) or "inter" (across nodes)
+    ranks: int  # group size (2 for p2p)
+    nbytes: int  # bytes per rank (the message, for p2p)
+    seconds: float
+
+
+@dataclass(frozen=True, slots=True)
+class LinkFit:
+    """A link class's fitted alpha-beta and how well it fits its measurements."""
+
+    latency: float  # seconds per message step (alpha)
+    bandwidth: float  # bytes/s (1 / beta), effective
+    points: int
+    mape: float  # mean absolute percentage error of the fit on its measurements
+
+
+@dataclass(frozen=True, slots=True)
+class ComputeRates:
+    """Measured on every rank at once; the slowest rank's figures."""
+
+    matmul_flops: float  # FLOP/s of a square GEMM in the calibration dtype
+    memory_bandwidth: float  # bytes/s of an elementwise add (two reads, one write)
+    dtype: str
+
+
+@dataclass(frozen=True)
+class CalibrationReport:
+    """Everything one calibration run measured and fitted."""
+
+    samples: tuple[CommSample, ...]
+    links: dict[str, LinkFit]  # "intra" / "inter" -> fit (missing: not measurable in this job)
+    compute: ComputeRates
+    world_size: int
+    backend: str
+
+
+def ring_coefficients(kind: str, k: int) -> tuple[float, float]:
+    """(latency steps, bytes factor) of ``kind`` over ``k`` ranks; see [Note: fitting alpha-beta]."""
+    if kind == "p2p":
+        return 1.0, 1.0
+    if kind not in KINDS:
+        raise ValueError(f"unknown kind {kind!r}")
+    steps, factor = 2.0 * (k - 1), 2.0 * (k - 1) / k
+    return (steps, factor) if kind == "all_reduce" else (steps / 2, factor / 2)
+
+
+def fit_link(samples: Sequence[CommSample]) -> LinkFit | None:
+    """Fit alpha and 1/B of one link class; None without measurements."""
+    from cost_models.calibrated import _nnls_relative
+
+    pts = [s for s in samples if s.seconds > 0]
+    if not pts:
+        return None
+    rows = []
+    for s in pts:
+        steps, factor = ring_coefficients(s.kind, s.ranks)
+        rows.append((steps, factor * s.nbytes))
+    alpha, beta = _nnls_relative(rows, [s.seconds for s in pts])
+    if beta <= 0:
+        raise CalibrateError("the measured times do not grow with message size; use larger --max-bytes")
+    err = [abs(r[0] * alpha + r[1] * beta - s.seconds) / s.seconds for r, s in zip(rows, pts)]
+    return LinkFit(alpha, 1.0 / beta, len(pts), sum(err) / len(err))
+
+
+# --------------------------------------------------------------------------------------
+# Measuring (inside an initialized process group)
+# --------------------------------------------------------------------------------------
+
+
+def _device() -> torch.device:
+    if dist.get_backend() == "nccl":
+        return torch.device("cuda", int(os.environ.get("LOCAL_RANK", "0")))
+    return torch.device("cpu")
+
+
+def _sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def _slowest(seconds: float, device: torch.device) -> float:
+    t = torch.tensor([seconds], dtype=torch.float64, device=device)
+    dist.all_reduce(t, op=dist.ReduceOp.MAX)
+    return float(t.item())
+
+
+def _timed(fn: Callable[[], None], device: torch.device, reps: int, warmup: int = 2) -> float:
+    """Median over ``reps`` of the slowest rank's time of ``fn`` (every rank calls it)."""
+    for _ in range(warmup):
+        fn()
+    _sync(device)
+    times = []
+    for _ in range(reps):
+        dist.barrier()
+        t0 = time.perf_counter()
+        fn()
+        _sync(device)
+        times.append(_slowest(time.perf_counter() - t0, device))
+    return statistics.median(times)
+
+
+def _collective(kind: str, nbytes: int, group, size: int, device: torch.device) -> Callable[[], None]:
+    n = max(size, nbytes // 4 // size * size)  # float32 elements, divisible by the group
+    x = torch.ones(n, dtype=torch.float32, device=device)
+    if kind == "all_reduce":
+        return lambda: dist.all_reduce(x, group=group)
+    if kind == "all_gather":
+        out = torch.empty(n * size, dtype=torch.float32, device=device)
+        return lambda: dist.all_gather_into_tensor(out, x, group=group)
+    out = torch.empty(n // size, dtype=torch.float32, device=device)
+    return lambda: dist.reduce_scatter_tensor(out, x, group=group)
+
+
+def _ping_pong(a: int, b: int, nbytes: int, device: torch.device) -> Callable[[], None]:
+    """Rank ``a`` sends to ``b`` and back; the time is two one-way transfers (halved by the caller)."""
+    x = torch.ones(max(1, nbytes // 4), dtype=torch.float32, device=device)
+    rank = dist.get_rank()
+
+    def run() -> None:
+        if rank == a:
+            dist.send(x, b)
+            dist.recv(x, b)
+        elif rank == b:
+            dist.recv(x, a)
+            dist.send(x, a)
+
+    return run
+
+
+def _compute_rates(device: torch.device, dtype: str) -> ComputeRates:
+    tdtype = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16, "tf32": torch.float32}[dtype]
+    n = 1024 if device.type == "cpu" else 8192
+    a = torch.randn(n, n, device=device, dtype=tdtype)
+    b = torch.randn(n, n, device=device, dtype=tdtype)
+    gemm = _timed(lambda: torch.mm(a, b), device, reps=5)
+    m = (16 << 20) if device.type == "cpu" else (256 << 20)
+    x = torch.ones(m // 4, device=device)
+    y = torch.ones(m // 4, device=device)
+    out = torch.empty_like(x)
+    add = _timed(lambda: torch.add(x, y, out=out), device, reps=5)
+    return ComputeRates(2 * n**3 / gemm, 3 * m / add, dtype)
+
+
+def run_calibration(
+    sizes: Sequence[int] = DEFAULT_SIZES, reps: int = 5, dtype: str = "fp32", local_world_size: int | None = None
+) -> CalibrationReport:
+    """Measure every link class this job spans and the device rates. Call on every rank."""
+    if not dist.is_initialized():
+        raise CalibrateError("run_calibration needs an initialized process group (run under torchrun)")
+    world, rank = dist.get_world_size(), dist.get_rank()
+    if world < 2:
+        raise CalibrateError("calibration needs at least 2 ranks: torchrun --nproc-per-node 2 ...")
+    local = local_world_size or int(os.environ.get("LOCAL_WORLD_SIZE", world))
+    if world % local:
+        raise CalibrateError(f"world size {world} is not a whole number of nodes of {local} ranks")
+    nodes = world // local
+    device = _device()
+    # Groups: each node's ranks (inside), and ranks with the same local index (across). Every rank
+    # creates every group, as new_group requires.
+    intra = [dist.new_group(list(range(n * local, (n + 1) * local))) for n in range(nodes)] if local > 1 else []
+    inter = [dist.new_group(list(range(i, world, local))) for i in range(local)] if nodes > 1 else []
+    samples: list[CommSample] = []
+    with warnings.catch_warnings():  # torch renames the *_tensor collectives; the calls are the same
+        warnings.simplefilter("ignore", FutureWarning)
+        _measure_links(samples, intra, inter, local, nodes, rank, sizes, reps, device)
+    links = {}
+    for link in ("intra", "inter"):
+        fit = fit_link([s for s in samples if s.link == link])
+        if fit is not None:
+            links[link] = fit
+    compute = _compute_rates(device, dtype)
+    return CalibrationReport(tuple(samples), links, compute, world, dist.get_backend())
+
+
+def _measure_links(samples, intra, inter, local, nodes, rank, sizes, reps, device) -> None:
+    for link, groups, size in (("intra", intra, local), ("inter", inter, nodes)):
+        if not groups:
+            continue
+        mine = groups[rank // local] if link == "intra" else groups[rank % local]
+        peer = 1 if link == "intra" else local  # rank 0's partner for point-to-point
+        for nbytes in sizes:
+            t = _timed(_ping_pong(0, peer, nbytes, device), device, reps)
+            samples.append(CommSample("p2p", link, 2, nbytes, t / 2))
+            for kind in ("all_reduce", "all_gather", "reduce_scatter"):
+                t = _timed(_collective(kind, nbytes, mine, size, device), device, reps)
+                samples.append(CommSample(kind, link, size, nbytes, t))
+
+
+def _sig(x: float) -> float:
+    """Four significant digits: measured figures, not more precise than that."""
+    return float(f"{x:.4g}")
+
+
+def calibrated_cluster(base: Cluster, report: CalibrationReport) -> Cluster:
+    """``base`` with the measured links and efficiencies; see the module's notes."""
+    intra, inter = base.intra_node, base.inter_node
+    if "intra" in report.links:
+        f = report.links["intra"]
+        intra = LinkSpec(_sig(f.bandwidth), _sig(f.latency), f"{base.intra_node.name or 'intra-node'} (measured)")
+    if "inter" in report.links:
+        f = report.links["inter"]
+        inter = LinkSpec(_sig(f.bandwidth), _sig(f.latency), f"{base.inter_node.name or 'inter-node'} (measured)")
+    elif base.nodes == 1:
+        inter = intra  # one node: nothing crosses nodes, keep the file self-consistent
+    dev = base.device
+    c = report.compute
+    peak = dev.peak_flops.get(c.dtype)
+    peaks = dict(dev.peak_flops)
+    if peak is None or c.matmul_flops > peak:
+        peaks[c.dtype] = float(f"{c.matmul_flops:.3g}")
+        matmul = 1.0
+    else:
+        matmul = round(c.matmul_flops / peak, 3)
+    bandwidth = dev.memory_bandwidth
+    if c.memory_bandwidth > bandwidth:
+        bandwidth = float(f"{c.memory_bandwidth:.3g}")
+        elementwise = 1.0
+    else:
+        elementwise = round(c.memory_bandwidth / bandwidth, 3)
+    device = DeviceSpec(dev.name, dev.memory_bytes, peaks, bandwidth)
+    eff = replace(base.efficiency, matmul=matmul, elementwise=elementwise, comm=1.0)
+    name = base.name if base.name.endswith("-calibrated") else f"{base.name}-calibrated"
+    return Cluster(name, base.nodes, base.devices_per_node, device, intra, inter, eff)
+

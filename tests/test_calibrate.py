@@ -1,0 +1,116 @@
+"""Communication calibration: the alpha-beta fit, the cluster file it writes, and a real run under torchrun."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+
+import pytest
+
+from partitioner.calibrate import (
+    CalibrationReport,
+    CommSample,
+    ComputeRates,
+    LinkFit,
+    calibrated_cluster,
+    fit_link,
+    ring_coefficients,
+)
+from partitioner.cluster import Cluster, load_cluster
+
+
+def _ideal(kind: str, k: int, nbytes: int, alpha: float, bandwidth: float) -> CommSample:
+    steps, factor = ring_coefficients(kind, k)
+    return CommSample(kind, "intra", k, nbytes, steps * alpha + factor * nbytes / bandwidth)
+
+
+def test_ring_coefficients_match_the_analytic_model():
+    from cost_models import AnalyticCostModel
+
+    cluster = Cluster.preset("dgx-a100-80g", 1)
+    model = AnalyticCostModel(cluster)
+    link = cluster.intra_node
+    bw = link.bandwidth * cluster.efficiency.comm
+    for kind in ("all_reduce", "all_gather", "reduce_scatter"):
+        steps, factor = ring_coefficients(kind, 8)
+        assert model.collective_time(kind, 1e8, range(8)) == pytest.approx(steps * link.latency + factor * 1e8 / bw)
+    steps, factor = ring_coefficients("p2p", 2)
+    assert model.p2p_time(1e8, 0, 1) == pytest.approx(steps * link.latency + factor * 1e8 / bw)
+
+
+def test_alpha_beta_fit_recovers_the_link():
+    alpha, bandwidth = 40e-6, 2.5e9
+    samples = [
+        _ideal(kind, k, n, alpha, bandwidth)
+        for kind in ("p2p", "all_reduce", "all_gather", "reduce_scatter")
+        for k in ((2,) if kind == "p2p" else (2, 4))
+        for n in (4096, 65536, 1 << 20, 16 << 20)
+    ]
+    fit = fit_link(samples)
+    assert fit.latency == pytest.approx(alpha, rel=1e-6)
+    assert fit.bandwidth == pytest.approx(bandwidth, rel=1e-6)
+    assert fit.mape < 1e-9
+    assert fit_link([]) is None
+
+
+def _report(matmul: float, bandwidth: float, links: dict) -> CalibrationReport:
+    return CalibrationReport((), links, ComputeRates(matmul, bandwidth, "fp32"), 2, "gloo")
+
+
+def test_calibrated_cluster_takes_the_measurements_and_reads_back(tmp_path):
+    base = Cluster.local(2)
+    fit = LinkFit(latency=30e-6, bandwidth=4e9, points=20, mape=0.05)
+    peak = base.device.peak_flops["fp32"]
+    slow = calibrated_cluster(base, _report(peak * 0.5, base.device.memory_bandwidth * 0.25, {"intra": fit}))
+    assert slow.intra_node.bandwidth == 4e9 and slow.intra_node.latency == 30e-6
+    assert slow.efficiency.comm == 1.0  # the fitted bandwidth is already effective
+    assert slow.efficiency.matmul == pytest.approx(0.5)
+    assert slow.efficiency.elementwise == pytest.approx(0.25)
+    assert slow.device.peak_flops == base.device.peak_flops
+    fast = calibrated_cluster(base, _report(peak * 3, base.device.memory_bandwidth * 2, {"intra": fit}))
+    assert fast.efficiency.matmul == 1.0 and fast.device.peak_flops["fp32"] == pytest.approx(peak * 3, rel=1e-2)
+    path = tmp_path / "c.toml"
+    path.write_text(fast.to_toml())
+    again = load_cluster(str(path))
+    assert again.intra_node.bandwidth == pytest.approx(4e9)
+    assert again.efficiency == fast.efficiency
+
+
+def _cli(*args: str, env: dict | None = None) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-m", "partitioner.cli", *args], capture_output=True, text=True,
+                          env=env, timeout=300)
+
+
+def test_calibrate_outside_torchrun_is_a_one_line_error(tmp_path):
+    env = {k: v for k, v in os.environ.items() if k not in ("RANK", "WORLD_SIZE")}
+    r = _cli("calibrate", "--out", str(tmp_path / "c.toml"), env=env)
+    assert r.returncode == 2 and "torchrun" in r.stderr and len(r.stderr.strip().splitlines()) == 1
+
+
+def test_calibrate_refuses_to_overwrite_before_measuring(tmp_path):
+    out = tmp_path / "c.toml"
+    out.write_text("mine")
+    env = {**os.environ, "RANK": "0", "WORLD_SIZE": "2", "LOCAL_WORLD_SIZE": "2"}
+    r = _cli("calibrate", "--out", str(out), env=env)
+    assert r.returncode == 2 and "already exists" in r.stderr
+    assert out.read_text() == "mine"
+
+
+def test_calibrate_under_torchrun_writes_a_cluster_plans_can_use(tmp_path):
+    out = tmp_path / "measured.toml"
+    run = subprocess.run(
+        [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2",
+         "-m", "partitioner.cli", "calibrate", "--out", str(out), "--max-bytes", "262144", "--reps", "3"],
+        capture_output=True, text=True, timeout=300,
+    )
+    assert run.returncode == 0, run.stderr[-2000:]
+    assert "wrote" in run.stdout
+    cluster = load_cluster(str(out))
+    assert cluster.name == "local-cpu-calibrated" and cluster.devices_per_node == 2
+    assert "(measured)" in cluster.intra_node.name
+    assert 1e-7 < cluster.intra_node.latency < 0.05
+    assert 1e7 < cluster.intra_node.bandwidth < 1e12
+    plan = _cli("plan", "--model", "gpt2-tiny", "--cluster", str(out), "--method", "uniform", "--global-batch", "4")
+    assert plan.returncode == 0, plan.stderr
+    assert "local-cpu-calibrated" in plan.stdout

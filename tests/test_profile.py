@@ -1,0 +1,321 @@
+"""The profiler: its cache (hit, miss, corrupt entries and files), its fit, and measured costs in plans."""
+
+from __future__ import annotations
+
+import json
+import math
+import sqlite3
+import subprocess
+import sys
+
+import pytest
+
+from cost_models import (
+    AnalyticCostModel,
+    CalibratedCostModel,
+    MeasuredCostModel,
+    MeasuredOp,
+    NodeRef,
+    OpTime,
+    Sample,
+    fit_calibration,
+)
+from cost_models.calibrated import op_key
+from partitioner.cluster import Cluster
+from partitioner.errors import AutopartError
+from partitioner.plan import Mesh
+from partitioner.planner import plan_parallelism
+from partitioner.profile import (
+    Measurement,
+    ProfileCache,
+    ProfileError,
+    ProfileOptions,
+    Timing,
+    calibration,
+    check_device,
+    profile_for_planning,
+    profile_model,
+)
+
+FAST = dict(warmup=1, min_reps=2, max_reps=3, target_s=0.0)
+
+
+@pytest.fixture(scope="module")
+def gpt2(zoo_capture):
+    return zoo_capture("gpt2-tiny")
+
+
+@pytest.fixture()
+def cache(tmp_path):
+    with ProfileCache(tmp_path / "profile.sqlite") as c:
+        yield c
+
+
+# --- the cache ---------------------------------------------------------------------------------
+
+
+def test_second_run_reads_everything_from_the_cache(gpt2, cache):
+    first = profile_model(gpt2.graph, cache, ProfileOptions(**FAST))
+    assert first.stats.measured > 0 and first.stats.cached == 0
+    assert set(first.blocks) == {b.name for b in gpt2.graph.blocks}
+    second = profile_model(gpt2.graph, cache, ProfileOptions(**FAST))
+    assert second.stats.measured == 0
+    assert second.stats.cached > 0
+    assert second.nodes == first.nodes and second.blocks == first.blocks
+    assert second.in_block == first.in_block
+
+
+def test_repeated_blocks_are_measured_once(gpt2, cache):
+    result = profile_model(gpt2.graph, cache, ProfileOptions(**FAST))
+    layers = [b for b in gpt2.graph.blocks if b.is_layer]
+    assert len(layers) >= 2
+    assert len({result.blocks[b.name] for b in layers}) == 1  # one measurement object shared by the twins
+    distinct_blocks = len({json.dumps(result.blocks[b.name].to_dict()) for b in gpt2.graph.blocks})
+    assert result.stats.measured < sum(len(b.nodes) for b in gpt2.graph.blocks) + distinct_blocks
+
+
+def _rows(path):
+    db = sqlite3.connect(path)
+    rows = db.execute("SELECT key, kind, payload, checksum FROM entries").fetchall()
+    return db, rows
+
+
+def test_a_tampered_entry_is_detected_and_measured_again(gpt2, tmp_path):
+    path = tmp_path / "c.sqlite"
+    with ProfileCache(path) as c:
+        profile_model(gpt2.graph, c, ProfileOptions(**FAST))
+    db, rows = _rows(path)
+    key, _, payload, _ = next(r for r in rows if r[1] == "node")
+    # A bit flip: the payload no longer matches its checksum.
+    db.execute("UPDATE entries SET payload = ? WHERE key = ?", (payload.replace("0", "1", 1), key))
+    # Valid checksum, impossible content: a negative time.
+    key2, _, payload2, _ = [r for r in rows if r[1] == "node"][1]
+    bad = json.loads(payload2)
+    bad["forward"][0] = -1.0
+    text = json.dumps(bad, sort_keys=True)
+    db.execute("UPDATE entries SET payload = ?, checksum = ? WHERE key = ?", (text, ProfileCache._checksum(text), key2))
+    db.commit()
+    db.close()
+    with ProfileCache(path) as c:
+        again = profile_model(gpt2.graph, c, ProfileOptions(**FAST))
+        assert again.stats.corrupt == 2
+        assert again.stats.measured == 2
+        assert all(m.forward.median_s >= 0 for m in again.nodes.values())
+    with ProfileCache(path) as c:  # repaired: the third run measures nothing
+        assert profile_model(gpt2.graph, c, ProfileOptions(**FAST)).stats.measured == 0
+
+
+def test_a_file_that_is_not_a_cache_is_moved_aside_not_deleted(tmp_path):
+    path = tmp_path / "profile.sqlite"
+    path.write_bytes(b"this is not a database, but it is someone's file" * 100)
+    with ProfileCache(path) as c:
+        assert c.moved_aside is not None and c.moved_aside.exists()
+        assert c.moved_aside.read_bytes().startswith(b"this is not a database")
+        assert len(c) == 0
+
+
+def test_measurement_validation_rejects_what_a_measurement_cannot_be():
+    good = Measurement("aten.mm.default", "replicate", 1, Timing(1e-3, 0.1, 5), Timing(2e-3, 0.1, 5), 1e9, 2e9, 1e6)
+    assert Measurement.from_dict(good.to_dict()) == good
+    for field, value in (("forward", [float("nan"), 0, 5]), ("forward", [1e-3, 0, 0]), ("tp", 0), ("bytes_moved", -1)):
+        d = good.to_dict()
+        d[field] = value
+        with pytest.raises(ValueError):
+            Measurement.from_dict(d)
+
+
+# --- what gets measured --------------------------------------------------------------------------
+
+
+def test_shards_are_measured_with_their_local_shapes(gpt2, cache):
+    result = profile_model(gpt2.graph, cache, ProfileOptions(tp_degrees=(2,), **FAST))
+    cap = gpt2.captured
+    columns = [r for r in result.nodes if r.strategy == "column" and r.tp == 2]
+    assert columns, "column-parallel linears must be measured"
+    for ref in columns:
+        whole, half = result.nodes[NodeRef(ref.name)], result.nodes[ref]
+        assert half.forward_flops == pytest.approx(whole.forward_flops / 2)
+        assert cap.nodes[ref.name].target in ("aten.addmm.default", "aten.linear.default")
+    assert any(r.strategy == "vocab" for r in result.nodes)  # the embedding's vocabulary shard
+    assert any(r.strategy == "sharded" for r in result.nodes)  # head-parallel attention
+
+
+def test_nodes_without_a_gradient_have_no_backward(gpt2, cache):
+    result = profile_model(gpt2.graph, cache, ProfileOptions(**FAST))
+    cap = gpt2.captured
+    no_grad = [r for r in result.nodes if r.tp == 1 and not cap.nodes[r.name].needs_grad]
+    assert no_grad  # masks and positions
+    assert all(result.nodes[r].backward.reps == 0 for r in no_grad)
+    linears = [r for r in result.nodes if r.tp == 1 and cap.nodes[r.name].target == "aten.addmm.default"]
+    assert all(result.nodes[r].backward.median_s > 0 for r in linears)
+
+
+def test_the_budget_bounds_the_work_and_planning_still_works(gpt2, cache):
+    cluster = Cluster.local(1)
+    prof = profile_for_planning(gpt2.graph, cluster, cache, ProfileOptions(budget_s=1e-9, **FAST))
+    assert prof.result.stats.unmeasured > 0
+    result = plan_parallelism(gpt2.graph, cluster=cluster, global_batch=2, dtype="fp32", cost_model=prof.cost_model,
+                              method="uniform")
+    assert result.plan.predicted.step_time_s > 0
+
+
+# --- the fit ------------------------------------------------------------------------------------
+
+
+def test_the_fit_recovers_a_known_op_model_exactly():
+    a, rate = 20e-6, 50e9  # 20 us per call, 50 GFLOP/s
+    samples = [Sample("aten.mm.default", "fp32", f, 2 * f, 0.0, a + f / rate, a + 2 * f / rate) for f in (1e6, 1e7, 1e8, 1e9)]
+    calib = fit_calibration("cpu", samples)
+    fit = calib.lookup("fp32", "forward", "aten.mm.default")
+    assert fit.overhead_s == pytest.approx(a, rel=1e-6)
+    assert fit.s_per_flop == pytest.approx(1 / rate, rel=1e-6)
+    assert fit.mape < 1e-9
+    model = CalibratedCostModel(AnalyticCostModel(Cluster.local(1)), calib)
+    t = model.node_time("aten.mm.default", 3e9, 6e9, 0.0, "fp32")  # beyond the fitted sizes
+    assert t.forward_s == pytest.approx(a + 3e9 / rate)
+    assert t.backward_s == pytest.approx(a + 6e9 / rate)
+
+
+def test_fit_coefficients_are_never_negative_and_small_ops_count():
+    # Times that a free least-squares fit would explain with a negative intercept.
+    samples = [Sample("aten.add.Tensor", "fp32", 0, 0, b, t, 0.0) for b, t in ((1e3, 1e-7), (1e6, 1e-4), (1e7, 2e-3))]
+    fit = fit_calibration("cpu", samples).lookup("fp32", "forward", "aten.add.Tensor")
+    assert fit.overhead_s >= 0 and fit.s_per_byte >= 0 and fit.s_per_flop == 0
+    # Relative error: the smallest op is not sacrificed to the largest.
+    assert abs(fit.predict(0, 1e3) - 1e-7) / 1e-7 < 1.0
+
+
+def test_ops_with_too_few_sizes_fall_back_to_their_class_then_to_the_base_model():
+    samples = [Sample("aten.mm.default", "fp32", f, f, 0, f / 1e10, f / 1e10) for f in (1e6, 1e7, 1e8)]
+    samples.append(Sample("aten.bmm.default", "fp32", 1e6, 1e6, 0, 1.0, 1.0))  # one size: no fit of its own
+    calib = fit_calibration("cpu", samples)
+    assert op_key("aten.bmm.default") not in {k.split("|")[2] for k in calib.fits}
+    assert calib.lookup("fp32", "forward", "aten.bmm.default") is calib.fits["fp32|forward|class:matmul"]
+    base = AnalyticCostModel(Cluster.local(1))
+    model = CalibratedCostModel(base, calib)
+    norm = model.node_time("aten.layer_norm.default", 0, 0, 1e6, "fp32")  # no elementwise data at all
+    assert norm == base.node_time("aten.layer_norm.default", 0, 0, 1e6, "fp32")
+
+
+def test_attention_kernel_variants_get_separate_fits():
+    assert op_key("aten.scaled_dot_product_attention.default[dropout,mask]") == "aten.scaled_dot_product_attention[dropout,mask]"
+    assert op_key("aten.scaled_dot_product_attention.default") == "aten.scaled_dot_product_attention"
+
+
+def test_the_fit_reads_the_profiled_model(gpt2, cache):
+    result = profile_model(gpt2.graph, cache, ProfileOptions(**FAST))
+    calib = calibration(cache, result.device)
+    assert calib.lookup("fp32", "forward", "aten.addmm.default") is not None
+    assert all(math.isfinite(f.overhead_s) for f in calib.fits.values())
+
+
+# --- measured costs flow into the plan ---------------------------------------------------------
+
+
+class _Linear:
+    """A synthetic cost model: time proportional to FLOPs (for checking the measured model's scaling)."""
+
+    def node_time(self, op, forward_flops, backward_flops, bytes_moved, dtype, node=None):
+        return OpTime(forward_flops * 1e-9, backward_flops * 1e-9)
+
+    def collective_time(self, kind, nbytes, ranks):
+        return 0.0
+
+    def p2p_time(self, nbytes, src, dst):
+        return 0.0
+
+
+def test_measured_model_answers_with_measurements_and_scales_them():
+    ref = NodeRef("mm")
+    model = MeasuredCostModel(_Linear(), {ref: MeasuredOp(5e-3, 9e-3, 1e6, 2e6, 0)})
+    assert model.node_time("aten.mm.default", 1e6, 2e6, 0, "fp32", ref) == OpTime(5e-3, 9e-3)
+    doubled = model.node_time("aten.mm.default", 2e6, 4e6, 0, "fp32", ref)
+    assert doubled.forward_s == pytest.approx(10e-3) and doubled.backward_s == pytest.approx(18e-3)
+    # An unmeasured shard scales the whole op's measurement; an unknown node goes to the base model.
+    half = model.node_time("aten.mm.default", 5e5, 1e6, 0, "fp32", NodeRef("mm", "column", 2))
+    assert half.forward_s == pytest.approx(2.5e-3)
+    assert model.node_time("aten.mm.default", 1e6, 2e6, 0, "fp32", NodeRef("other")) == OpTime(1e-3, 2e-3)
+
+
+def test_plans_use_the_measured_block_times(gpt2, cache):
+    """pp=1, one micro-batch of the capture batch: the stage's predicted time is the blocks' measured time."""
+    cluster = Cluster.local(1)
+    prof = profile_for_planning(gpt2.graph, cluster, cache, ProfileOptions(**FAST))
+    result = plan_parallelism(gpt2.graph, cluster=cluster, global_batch=1, dtype="fp32", cost_model=prof.cost_model,
+                              method="uniform", pp=1)
+    stage = result.plan.stages[0].predicted
+    fwd = sum(m.forward.median_s for m in prof.result.blocks.values())
+    bwd = sum(m.backward.median_s for m in prof.result.blocks.values())
+    assert stage.forward_s == pytest.approx(fwd, rel=1e-9)
+    assert stage.backward_s == pytest.approx(bwd, rel=1e-9)
+    analytic = plan_parallelism(gpt2.graph, cluster=cluster, global_batch=1, dtype="fp32", method="uniform", pp=1)
+    assert analytic.plan.stages[0].predicted.forward_s != pytest.approx(fwd, rel=0.01)
+
+
+def test_measured_costs_refuse_a_cluster_of_other_devices():
+    with pytest.raises(ProfileError, match="local-cpu"):
+        check_device(Cluster.preset("dgx-a100-80g"), "cpu")
+    check_device(Cluster.local(2), "cpu")
+
+
+# --- the command line ---------------------------------------------------------------------------
+
+
+def _cli(*args, env=None):
+    return subprocess.run([sys.executable, "-m", "partitioner.cli", *args], capture_output=True, text=True, env=env,
+                          timeout=300)
+
+
+def test_plan_profile_measures_once_then_reads_the_cache(tmp_path):
+    cache = str(tmp_path / "c.sqlite")
+    args = ("plan", "--model", "gpt2-tiny", "--cluster", "local-cpu:2", "--profile", "--cache", cache,
+            "--time-limit", "5", "--global-batch", "4")
+    first = _cli(*args)
+    assert first.returncode == 0, first.stderr
+    assert "profiled on" in first.stdout and "0 from the cache" in first.stdout
+    second = _cli(*args)
+    assert second.returncode == 0, second.stderr
+    assert " 0 measured" in second.stdout
+    assert "step time" in second.stdout
+
+
+def test_profile_report_prints_every_block_type(tmp_path):
+    out = tmp_path / "report.json"
+    r = _cli("profile", "--model", "gpt2-tiny", "--config", "n_layer=1", "--cache", str(tmp_path / "c.sqlite"), "--report",
+             "--json", str(out))
+    assert r.returncode == 0, r.stderr
+    assert "calibrated" in r.stdout and "lm_head" in r.stdout
+    data = json.loads(out.read_text())
+    assert {b["block"] for b in data["blocks"]} >= {"transformer.wte", "lm_head"}
+    again = _cli("profile", "--model", "gpt2-tiny", "--cache", str(tmp_path / "c.sqlite"), "--json", str(out))
+    assert again.returncode == 2 and "already exists" in again.stderr  # nothing overwritten
+
+
+@pytest.mark.parametrize(
+    "args, message",
+    [
+        (("plan", "--model", "gpt2-tiny", "--profile"), "local-cpu"),  # the default cluster is GPUs
+        (("plan", "--model", "gpt2-tiny", "--cache", "x.sqlite"), "go with --profile"),
+        (("profile", "--model", "gpt2-tiny", "--device", "cuda"), "no CUDA GPU"),
+        (("profile", "--model", "gpt2-tiny", "--tp", "1"), "must be >= 2"),
+    ],
+)
+def test_profile_errors_are_one_line(args, message, tmp_path):
+    r = _cli(*args, "--cache", str(tmp_path / "c.sqlite")) if "--cache" not in args else _cli(*args)
+    assert r.returncode != 0
+    assert message in r.stderr
+    assert "Traceback" not in r.stderr and len(r.stderr.strip().splitlines()) == 1
+
+
+def test_profile_error_type():
+    assert issubclass(ProfileError, AutopartError)
+    with pytest.raises(ProfileError, match="positive"):
+        ProfileOptions(budget_s=0)
+
+
+def test_mesh_is_untouched_by_profiling(gpt2, cache):
+    cluster = Cluster.local(2)
+    prof = profile_for_planning(gpt2.graph, cluster, cache, ProfileOptions(tp_degrees=(2,), **FAST))
+    result = plan_parallelism(gpt2.graph, cluster=cluster, global_batch=4, dtype="fp32", cost_model=prof.cost_model,
+                              tp=2, pp=1, time_limit_s=5)
+    assert result.plan.mesh == Mesh(1, 2, 1)
