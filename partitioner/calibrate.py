@@ -132,7 +132,9 @@ def fit_link(samples: Sequence[CommSample]) -> LinkFit | None:
         rows.append((steps, factor * s.nbytes))
     alpha, beta = _nnls_relative(rows, [s.seconds for s in pts])
     if beta <= 0:
-        raise CalibrateError("the measured times do not grow with message size; use larger --max-bytes")
+        raise CalibrateError(
+            "the measured times do not grow with message size (a busy machine?); rerun with a larger --max-bytes or --reps"
+        )
     err = [abs(r[0] * alpha + r[1] * beta - s.seconds) / s.seconds for r, s in zip(rows, pts)]
     return LinkFit(alpha, 1.0 / beta, len(pts), sum(err) / len(err))
 

@@ -612,7 +612,9 @@ def cmd_calibrate(args: argparse.Namespace) -> int:
             f"--cluster {base.name} has {base.nodes} x {base.devices_per_node} = {base.world_size} devices but torchrun "
             f"started {world} ranks; pass --cluster with nodes={world // local}, devices_per_node={local}"
         )
-    sizes = tuple(s for s in DEFAULT_SIZES if s <= args.max_bytes) or (args.max_bytes,)
+    if args.max_bytes < (1 << 20):
+        raise CalibrateError(f"--max-bytes {args.max_bytes}: use at least 1048576 (1 MiB), or latency hides the bandwidth")
+    sizes = tuple(s for s in DEFAULT_SIZES if s <= args.max_bytes)
     if gpu:
         torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")))
     dist.init_process_group("nccl" if gpu else "gloo", timeout=timedelta(seconds=300))

@@ -101,7 +101,7 @@ def test_calibrate_under_torchrun_writes_a_cluster_plans_can_use(tmp_path):
     out = tmp_path / "measured.toml"
     run = subprocess.run(
         [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2",
-         "-m", "partitioner.cli", "calibrate", "--out", str(out), "--max-bytes", "262144", "--reps", "3"],
+         "-m", "partitioner.cli", "calibrate", "--out", str(out), "--max-bytes", str(4 << 20), "--reps", "3"],
         capture_output=True, text=True, timeout=300,
     )
     assert run.returncode == 0, run.stderr[-2000:]
