@@ -95,6 +95,7 @@ __all__ = [
     "Profiled",
     "BlockFidelity",
     "fidelity",
+    "measure_blocks",
 ]
 
 CACHE_FORMAT = 1
@@ -819,8 +820,12 @@ class _Profiler:
 
     def time_block(self, block: Block, env: Mapping[str, Any]) -> Measurement:
         """The whole block, forward and backward, from the inputs in ``env``."""
-        leaving = [n for n in block.nodes if n in self.pgraph.read_outside or n in self.pgraph.model_outputs]
-        inputs = {k: v for k, v in env.items() if k not in set(block.nodes)}
+        inside = set(block.nodes)
+        leaving = [
+            n for n in block.nodes
+            if n in self.pgraph.model_outputs or any(u.name not in inside for u in self.fx_nodes[n].users)
+        ]
+        inputs = {k: v for k, v in env.items() if k not in inside}
 
         def forward() -> dict[str, Any]:
             local = dict(inputs)
@@ -846,6 +851,28 @@ class _Profiler:
         bwd = self.repeat(lambda: outputs(forward()), lambda o: torch.autograd.backward(o, grads)) if grads else NO_TIME
         return Measurement(block.name, "replicate", 1, fwd, bwd, float(block.forward_flops), float(block.backward_flops),
                            float(block.bytes_read + block.bytes_written), activation)
+
+
+def measure_blocks(pgraph: PartitionGraph, blocks: Sequence[int], options: ProfileOptions = ProfileOptions()) -> Measurement:
+    """Forward and backward of ``blocks`` run together, as one pipeline stage runs them (not cached).
+
+    For checking the simulator's per-stage times against a real run of the
+    stage's blocks in one process (benchmarks/stage_fidelity.py).
+    """
+    from dataclasses import replace
+
+    members = [pgraph.blocks[i] for i in sorted(blocks)]
+    nodes = tuple(n for b in members for n in b.nodes)
+    unit = replace(
+        members[0], name="+".join(b.name for b in members) if len(members) < 4 else f"{members[0].name}..{members[-1].name}",
+        nodes=nodes, forward_flops=sum(b.forward_flops for b in members),
+        backward_flops=sum(b.backward_flops for b in members), bytes_read=sum(b.bytes_read for b in members),
+        bytes_written=sum(b.bytes_written for b in members),
+    )
+    with ProfileCache(":memory:") as cache:
+        prof = _Profiler(pgraph, cache, options)
+        env = prof.materialize(unit)
+        return prof.time_block(unit, env)
 
 
 def _map(fn: Callable[[Any], Any], obj: Any) -> Any:
