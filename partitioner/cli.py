@@ -113,8 +113,8 @@ def build_parser() -> argparse.ArgumentParser:
     _common(p)
     _cluster_args(p)
     g = p.add_argument_group("compare")
-    g.add_argument("--methods", default="ilp,uniform,params,pipedream,megatron", metavar="M[,M..]",
-                   help="methods to compare (default ilp,uniform,params,pipedream,megatron)")
+    g.add_argument("--methods", default=None, metavar="M[,M..]",
+                   help="methods to compare, e.g. ilp,uniform,megatron (default: ilp and every baseline)")
     g.add_argument("--time-limit", type=_positive_seconds, default=None, help="seconds the ILP planner may search (default 30)")
     g.add_argument("--global-batch", type=_positive_int, default=None, help="samples per step (default 8 per device)")
     g.add_argument("--mesh", default=None, metavar="pp=..,tp=..,dp=..", help="pin mesh axes for every method, any subset")

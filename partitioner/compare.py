@@ -44,6 +44,7 @@ from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Any, Callable, Iterable, Mapping, Sequence
 
+from .baselines import METHODS as BASELINES
 from .errors import AutopartError
 
 __all__ = [
@@ -67,7 +68,7 @@ __all__ = [
     "check_out_dir",
 ]
 
-DEFAULT_METHODS = ("ilp", "uniform", "params", "pipedream", "megatron")
+DEFAULT_METHODS = ("ilp", *BASELINES)  # the ILP and every baseline
 GIB = 1 << 30
 
 
@@ -729,7 +730,7 @@ def compare(
     zero1: bool = False,
     memory_reserve: float | None = None,
     time_limit: float | None = None,
-    methods: str | Sequence[str] = DEFAULT_METHODS,
+    methods: str | Sequence[str] | None = None,
     measure: bool = False,
     steps: int = 5,
     warmup: int = 2,
@@ -744,7 +745,7 @@ def compare(
     be checked (methods, ``out``, the runtime for ``measure``) before the slow work starts.
     """
     started = time.perf_counter()
-    methods = parse_methods(methods)
+    methods = parse_methods(DEFAULT_METHODS if methods is None else methods)
     out_dir = check_out_dir(out, force) if out is not None else None
     if out_dir is not None:
         _check_plotting()
