@@ -14,6 +14,7 @@ headline's worst case).
 from __future__ import annotations
 
 import argparse
+import os
 import shlex
 import statistics
 import sys
@@ -177,6 +178,7 @@ def _run(args: argparse.Namespace, command: str) -> int:
     cases = [c for c in matrix.cases if not args.only or args.only in c.title]
     if not cases:
         raise CompareError(f"--only {args.only!r} matches no case")
+    load = os.getloadavg()[0] if hasattr(os, "getloadavg") else float("nan")  # shared cores make the ILP's limit noisy
     started = time.perf_counter()
     captures = CaptureCache()
     results = []
@@ -197,13 +199,22 @@ def _run(args: argparse.Namespace, command: str) -> int:
         summary += f"\n\n![ILP speedup over each baseline]({stem}/speedup.png) ([SVG]({stem}/speedup.svg))"
     path = write_report(
         comparison, report.parent, name=stem, json_name=stem, pictures=stem, force=True,
-        intro=f"The standing matrix ({args.matrix}): {len(results)} cases, methods {', '.join(matrix.methods)}. "
-              "Simulated; nothing here was run on the clusters.",
+        intro=f"The standing matrix ({_shown(args.matrix)}): {len(results)} cases, methods {', '.join(matrix.methods)}. "
+              "Simulated; nothing here was run on the clusters. The ILP's limit is wall-clock time, so its plans "
+              f"depend on how busy the machine was (load average {load:.1f} on {os.cpu_count()} CPUs at the start).",
         summary=summary, timelines=lambda c: c.case.title in matrix.timelines,
     )
     print(summary)
     print(f"wrote {path}")
     return 0
+
+
+def _shown(path: str) -> str:
+    """``path`` relative to the repository when it is inside it (reports must not name this machine's folders)."""
+    try:
+        return str(Path(path).resolve().relative_to(MATRIX.parent.parent))
+    except ValueError:
+        return str(path)
 
 
 def run_case_logged(case: Case, methods, captures: CaptureCache, i: int, n: int) -> CaseResult:

@@ -363,7 +363,8 @@ def cmd_compare(args: argparse.Namespace, argv: Sequence[str] | None = None) -> 
     comparison = compare(
         **{k: v for k, v in vars(args).items() if k != "command"},
         command="autopart " + shlex.join(words),
-        progress=lambda msg: err.print(f"[dim]{msg}[/dim]"),
+        # Progress only for a person watching: in scripts and CI, stderr stays the one-line error.
+        progress=(lambda msg: err.print(f"[dim]{msg}[/dim]")) if err.is_terminal else None,
     )
     print_tables(comparison)
     if args.out:

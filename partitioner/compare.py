@@ -34,6 +34,7 @@ import json
 import math
 import os
 import platform
+import shutil
 import signal
 import statistics
 import subprocess
@@ -430,7 +431,7 @@ def run_case(
         seen.setdefault(key, method)
 
     if measure is not None:
-        rows = _measure_rows(case, cluster, loaded, captured, rows, measure, workdir, say)
+        rows = _measure_rows(case, cluster, captured, rows, measure, workdir, say)
     elif workdir is not None:
         _save_plans(case, rows, Path(workdir))
     return CaseResult(
@@ -482,30 +483,27 @@ def check_measurable(cluster_spec: str, nodes: int | None = None, gpus_per_node:
     """Fail early (one line) if nothing in a case could be measured: no runtime, or a remote cluster."""
     from .cluster import LOCAL_CPU
 
-    if not runtime_available():
-        raise CompareError(RUNTIME_MISSING)
     cluster = _load_case_cluster(Case(cluster=cluster_spec, nodes=nodes, gpus_per_node=gpus_per_node))
     if cluster.name != LOCAL_CPU:
         raise CompareError(
             f"--measure runs the plans on this machine, but --cluster {cluster_spec} is {cluster.name!r}; "
             "use --cluster local-cpu:N (N processes here), or drop --measure"
         )
+    if not runtime_available():
+        raise CompareError(RUNTIME_MISSING)
 
 
-def _measure_rows(case, cluster, loaded, captured, rows, settings, workdir, say) -> list[Row]:
+def _measure_rows(case, cluster, captured, rows, settings, workdir, say) -> list[Row]:
     from .cluster import LOCAL_CPU, Cluster
 
-    owned = None
-    if workdir is None:
-        owned = tempfile.TemporaryDirectory(prefix="autopart-compare-")
-        workdir = owned.name
-    workdir = Path(workdir)
+    owned = workdir is None
+    workdir = Path(tempfile.mkdtemp(prefix="autopart-compare-") if owned else workdir)
+    out: list[Row] = []
     try:
         paths = _save_plans(case, rows, workdir)
         logs = workdir / "measure"
         logs.mkdir(parents=True, exist_ok=True)
         machine = Cluster.local(1)  # this machine: all its CPUs and memory as one device
-        out: list[Row] = []
         done: dict[str, Measurement] = {}
         for r in rows:
             if not r.ok:
@@ -524,8 +522,9 @@ def _measure_rows(case, cluster, loaded, captured, rows, settings, workdir, say)
             out.append(replace(r, measured=m))
         return out
     finally:
-        if owned is not None:
-            owned.cleanup()
+        # A temporary folder goes, unless a failed run's log in it is named in the table.
+        if owned and not any(r.measured is not None and r.measured.status == "failed" for r in out):
+            shutil.rmtree(workdir, ignore_errors=True)
 
 
 def _too_large(plan, captured, settings: MeasureSettings, machine) -> Measurement | None:

@@ -179,7 +179,7 @@ def test_measure_without_the_runtime_says_so_in_one_line(capsys, tmp_path):
 
 
 @pytest.mark.skipif(not runtime_available(), reason=NO_RUNTIME)
-def test_measure_runs_plans_and_ranks_them_like_the_simulator(capsys, tmp_path):
+def test_measure_runs_each_plan_and_reports_error_and_spearman(capsys, tmp_path):
     out = tmp_path / "m"
     rc, stdout, err = run(
         capsys, "compare", "--model", "gpt2-tiny", "--config", "n_layer=4", "--cluster", "local-cpu:2", "--dtype", "fp32",
