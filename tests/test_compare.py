@@ -164,10 +164,7 @@ def test_library_keywords_are_the_cli_options():
 
 def test_measure_refuses_a_cluster_that_is_not_this_machine(capsys):
     rc, _, err = run(capsys, "compare", *TINY, "--measure")
-    if runtime_available():
-        assert_one_line_error(rc, err, "--measure", "local-cpu:N")
-    else:
-        assert_one_line_error(rc, err, "--measure", "autopart run")
+    assert_one_line_error(rc, err, "--measure", "local-cpu:N")
 
 
 @pytest.mark.skipif(runtime_available(), reason="checks the message shown while the runtime is missing")
