@@ -1,4 +1,4 @@
-"""The ``autopart`` command line: ``plan``, ``diff``, ``inspect``, ``profile`` and ``calibrate``.
+"""The ``autopart`` command line: ``plan``, ``diff``, ``inspect``, ``compare``, ``profile`` and ``calibrate``.
 
 A thin layer over the Python API: it parses options, calls
 ``plan_parallelism`` / ``capture``, and prints with ``rich``. Every option
@@ -142,6 +142,28 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("a", metavar="A.json")
     p.add_argument("b", metavar="B.json")
 
+    p = sub.add_parser("compare", help="plan with every method side by side; tables, pictures, report")
+    _common(p)
+    _cluster_args(p)
+    g = p.add_argument_group("compare")
+    g.add_argument("--methods", default=None, metavar="M[,M..]",
+                   help="methods to compare, e.g. ilp,uniform,megatron (default: ilp and every baseline)")
+    g.add_argument("--time-limit", type=_positive_seconds, default=None, help="seconds the ILP planner may search (default 30)")
+    g.add_argument("--global-batch", type=_positive_int, default=None, help="samples per step (default 8 per device)")
+    g.add_argument("--mesh", default=None, metavar="pp=..,tp=..,dp=..", help="pin mesh axes for every method, any subset")
+    g.add_argument("--microbatches", type=_positive_int, default=None, help="micro-batches per step per replica")
+    g.add_argument("--schedule", default=None, choices=("gpipe", "1f1b", "interleaved"), help="gpipe | 1f1b | interleaved")
+    g.add_argument("--virtual-stages", type=_positive_int, default=None, help="stages per rank for the interleaved schedule")
+    g.add_argument("--recompute", action=argparse.BooleanOptionalAction, default=None, help="activation recomputation")
+    g.add_argument("--optimizer", default=None, choices=("adam-mixed", "adam", "sgd"), help="adam-mixed | adam | sgd (default adam-mixed)")
+    g.add_argument("--zero1", action="store_true", help="shard optimizer state over data-parallel ranks")
+    g.add_argument("--memory-reserve", type=_fraction, default=None, help="fraction of device memory kept free, in [0, 1) (default 0.1)")
+    g.add_argument("--measure", action="store_true", help="also run each plan here under torchrun (needs --cluster local-cpu:N)")
+    g.add_argument("--steps", type=_positive_int, default=5, help="measured steps per plan with --measure (default 5)")
+    g.add_argument("--warmup", type=int, default=2, help="unmeasured warm-up steps before them (default 2)")
+    g.add_argument("--out", default=None, metavar="DIR", help="write report.md, results.json, plans and pictures to DIR")
+    g.add_argument("--force", action="store_true", help="let --out write into a non-empty directory")
+
     p = sub.add_parser("inspect", help="print the blocks of a model: params, FLOPs, activations")
     _common(p)
     p.add_argument("--list", action="store_true", help="list the built-in models and cluster presets")
@@ -160,6 +182,8 @@ def main(argv: Sequence[str] | None = None) -> int:
             return cmd_plan(args)
         if args.command == "inspect":
             return cmd_inspect(args)
+        if args.command == "compare":
+            return cmd_compare(args, argv)
         if args.command == "profile":
             return cmd_profile(args)
         if args.command == "calibrate":
@@ -415,6 +439,32 @@ def print_plan(result, cluster) -> None:
         gap = max(0.0, (pred.step_time_s - solver.bound) / pred.step_time_s)
         proof = f", objective {_fmt_time(solver.objective)}, bound {_fmt_time(solver.bound)}, gap {gap:.1%}"
     console.print(f"[dim]planned in {solver.wall_s:.2f} s ({solver.status}{proof})[/dim]")
+
+
+# --------------------------------------------------------------------------------------
+# compare
+# --------------------------------------------------------------------------------------
+
+
+def cmd_compare(args: argparse.Namespace, argv: Sequence[str] | None = None) -> int:
+    import shlex
+
+    from rich.console import Console
+
+    from .compare import compare, print_tables
+
+    words = list(sys.argv[1:] if argv is None else argv)
+    err = Console(stderr=True)
+    comparison = compare(
+        **{k: v for k, v in vars(args).items() if k != "command"},
+        command="autopart " + shlex.join(words),
+        # Progress only for a person watching: in scripts and CI, stderr stays the one-line error.
+        progress=(lambda msg: err.print(f"[dim]{msg}[/dim]")) if err.is_terminal else None,
+    )
+    print_tables(comparison)
+    if args.out:
+        print(f"wrote {Path(args.out) / 'report.md'} with its pictures, results.json and plans/")
+    return 0
 
 
 # --------------------------------------------------------------------------------------

@@ -1,0 +1,149 @@
+"""Docs that run: every command in the docs' fenced ``console`` and ``sh`` blocks is run, in order, per page.
+
+A page's commands share one scratch folder, so a later command can read what an earlier one
+wrote (``--json plan.json``, then ``--plan plan.json``). A fenced block of any language whose
+first line is ``# file: NAME`` is written to that folder first, when the page reaches it.
+
+- ``$ autopart ...`` runs ``partitioner.cli.main`` in-process (the console script may point at
+  another checkout; in-process is also seconds faster per command) and must exit 0.
+- ``$ python ...`` and ``$ torchrun ...`` run as subprocesses with this checkout first on the
+  path (``torchrun`` as ``python -m torch.distributed.run``) and must exit 0.
+- ``$ pip ...`` is not run: installing is CI's job, not a test's.
+- Commands that need the runtime (``autopart run``, ``torchrun``, ``compare --measure``) are
+  skipped, with the reason, only while this autopart has no ``run`` command.
+
+Anything else in a console block fails the test, so that a new kind of command gets a runner
+here instead of going untested. In ``console`` blocks the commands are the ``$ `` lines (the rest
+is output); in ``sh`` blocks every line that is not a comment is a command.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import io
+import os
+import re
+import shlex
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import transformers  # noqa: F401  # imported before any output capture, as in test_cli.py
+
+from partitioner.cli import main
+from partitioner.compare import runtime_available
+
+ROOT = Path(__file__).resolve().parent.parent
+DOCS = sorted((ROOT / "docs").glob("*.md"))
+FENCE = re.compile(r"^```(\w*)\s*$")
+NEEDS_RUNTIME = "needs `autopart run` (the runtime), which this autopart does not have yet"
+
+
+def steps(page: Path) -> list[tuple[str, int, str, str]]:
+    """(kind, line, text, language) in page order: kind is "file" or "command"."""
+    out: list[tuple[str, int, str, str]] = []
+    lines = page.read_text().splitlines()
+    i = 0
+    while i < len(lines):
+        m = FENCE.match(lines[i])
+        if not m:
+            i += 1
+            continue
+        lang, start = m.group(1), i + 1
+        j = start
+        while j < len(lines) and not lines[j].startswith("```"):
+            j += 1
+        body = lines[start:j]
+        if body and body[0].startswith("# file: "):
+            out.append(("file", start + 1, "\n".join(body) + "\n", body[0][len("# file: "):].strip()))
+        elif lang == "sh":  # every line that is not a comment is a command
+            for k, text in enumerate(body, start + 1):
+                if text.strip() and not text.lstrip().startswith("#"):
+                    out.append(("command", k, text.split(" #")[0].strip(), lang))
+        elif lang == "console":
+            pending, first = "", 0
+            for k, text in enumerate(body, start + 1):
+                if text.startswith("$ ") or pending:
+                    if not pending:
+                        text, first = text[2:], k
+                    if text.endswith("\\"):
+                        pending += text[:-1] + " "
+                        continue
+                    out.append(("command", first, pending + text, lang))
+                    pending = ""
+        i = j + 1
+    return out
+
+
+def pages_with_commands() -> list[Path]:
+    return [p for p in DOCS if any(kind == "command" for kind, *_ in steps(p))]
+
+
+def needs_runtime(argv: list[str]) -> bool:
+    return argv[0] == "torchrun" or (argv[0] == "autopart" and len(argv) > 1 and argv[1] == "run") or "--measure" in argv
+
+
+def run_command(argv: list[str], cwd: Path, where: str) -> None:
+    if argv[0] == "autopart":
+        out, err = io.StringIO(), io.StringIO()
+        with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
+            rc = main(argv[1:])
+        assert rc == 0, f"{where}: `{shlex.join(argv)}` exited {rc}:\n{err.getvalue()}{out.getvalue()[-2000:]}"
+        return
+    if argv[0] == "python":
+        cmd = [sys.executable, *argv[1:]]
+    elif argv[0] == "torchrun":
+        cmd = [sys.executable, "-m", "torch.distributed.run", *argv[1:]]
+    else:
+        raise AssertionError(f"{where}: the docs test does not know how to run {argv[0]!r}; add a runner in tests/test_docs.py")
+    env = dict(os.environ, PYTHONPATH=os.pathsep.join(filter(None, [str(ROOT), os.environ.get("PYTHONPATH")])))
+    proc = subprocess.run(cmd, cwd=cwd, env=env, capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, f"{where}: `{shlex.join(argv)}` exited {proc.returncode}:\n{proc.stderr[-3000:]}"
+
+
+@pytest.mark.parametrize("page", pages_with_commands(), ids=lambda p: p.name)
+def test_every_command_in_the_docs_runs(page: Path, tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    skipped = []
+    for kind, line, text, extra in steps(page):
+        where = f"{page.relative_to(ROOT)}:{line}"
+        if kind == "file":
+            (tmp_path / extra).write_text(text)
+            continue
+        argv = shlex.split(text)
+        if argv[0] == "pip":
+            continue
+        if needs_runtime(argv) and not runtime_available():
+            skipped.append(f"{where} `{text}`")
+            continue
+        run_command(argv, tmp_path, where)
+    if skipped:
+        pytest.skip(f"{NEEDS_RUNTIME}; every other command ran; not run: " + "; ".join(skipped))
+
+
+def test_the_guide_covers_the_topics_and_has_commands():
+    guide = ROOT / "docs" / "guide.md"
+    text = guide.read_text()
+    for heading in ("## Installing", "## Planning a Hugging Face model", "## Pinning choices", "## Reading a plan",
+                    "## Running with torchrun", "## Writing a cluster file", "## Adding a baseline method"):
+        assert heading in text, heading
+    commands = [t for kind, _, t, _ in steps(guide) if kind == "command"]
+    assert any(c.startswith("torchrun ") and " run --plan " in c for c in commands)
+    assert any("--explain" in c for c in commands) and any(c.startswith("autopart compare") for c in commands)
+
+
+def test_the_extractor_reads_files_commands_and_continuations(tmp_path):
+    page = tmp_path / "p.md"
+    page.write_text(
+        "```toml\n# file: c.toml\nnodes = 1\n```\n"
+        "```console\n$ autopart plan \\\n  --model gpt2-tiny\noutput line\n$ pip install x\n```\n"
+        "```sh\n# a comment\nautopart inspect --list  # trailing comment\n```\n"
+    )
+    found = steps(page)
+    assert found[0] == ("file", 2, "# file: c.toml\nnodes = 1\n", "c.toml")
+    assert [(k, line, shlex.split(t)) for k, line, t, _ in found[1:]] == [
+        ("command", 6, ["autopart", "plan", "--model", "gpt2-tiny"]),
+        ("command", 9, ["pip", "install", "x"]),
+        ("command", 13, ["autopart", "inspect", "--list"]),
+    ]
