@@ -661,9 +661,25 @@ def _flat_tensors(val: Any) -> list[torch.Tensor]:
     return []
 
 
+_GEMMS = {"linear": (0, 1, "nk"), "addmm": (1, 2, "kn"), "mm": (0, 1, "kn"), "bmm": (0, 1, "kn")}
+
+
 def _kernel_variant(node: fx.Node) -> str:
-    """Arguments of an attention op that select its kernel: an explicit mask, causal, dropout."""
-    if "scaled_dot_product" not in str(node.target):
+    """Arguments that select an op's kernel: for attention an explicit mask, causal, dropout; for a
+    matmul, "unaligned" when an inner or output dimension is not a multiple of 8 (tensor cores
+    then fall back to slower kernels: GPT-2's vocabulary of 50257 runs several times below peak)."""
+    target = str(node.target)
+    base = target.split(".")[1] if target.startswith("aten.") and "." in target else ""
+    if base in _GEMMS:
+        a, b, layout = _GEMMS[base]
+        vals = [x.meta.get("val") if isinstance(x, fx.Node) else None for x in node.args[a:b + 1]]
+        if len(vals) == 2 and all(isinstance(v, torch.Tensor) and v.dim() >= 2 for v in vals):
+            k = vals[0].shape[-1]
+            n = vals[1].shape[-2] if layout == "nk" else vals[1].shape[-1]
+            if int(k) % 8 or int(n) % 8:
+                return "unaligned"
+        return ""
+    if "scaled_dot_product" not in target:
         return ""
     # aten.scaled_dot_product_attention(q, k, v, attn_mask=None, dropout_p=0.0, is_causal=False, scale=None, ...)
     names = ("query", "key", "value", "attn_mask", "dropout_p", "is_causal")

@@ -9,8 +9,9 @@ first line is ``# file: NAME`` is written to that folder first, when the page re
 - ``$ python ...`` and ``$ torchrun ...`` run as subprocesses with this checkout first on the
   path (``torchrun`` as ``python -m torch.distributed.run``) and must exit 0.
 - ``$ pip ...`` is not run: installing is CI's job, not a test's.
-- Commands that need the runtime (``autopart run``, ``torchrun``, ``compare --measure``) are
-  skipped, with the reason, only while this autopart has no ``run`` command.
+- Commands that need the runtime (``autopart run``, also under ``torchrun``, and
+  ``compare --measure``) are skipped, with the reason, only while this autopart has no ``run``
+  command.
 
 Anything else in a console block fails the test, so that a new kind of command gets a runner
 here instead of going untested. In ``console`` blocks the commands are the ``$ `` lines (the rest
@@ -81,7 +82,13 @@ def pages_with_commands() -> list[Path]:
 
 
 def needs_runtime(argv: list[str]) -> bool:
-    return argv[0] == "torchrun" or (argv[0] == "autopart" and len(argv) > 1 and argv[1] == "run") or "--measure" in argv
+    """``autopart run`` (directly or under torchrun) and ``compare --measure``; torchrun of other
+    subcommands (``calibrate``) runs today."""
+    if "--measure" in argv:
+        return True
+    if argv[0] == "autopart":
+        return len(argv) > 1 and argv[1] == "run"
+    return argv[0] == "torchrun" and "run" in argv
 
 
 def run_command(argv: list[str], cwd: Path, where: str) -> None:

@@ -321,3 +321,14 @@ def test_mesh_is_untouched_by_profiling(gpt2, cache):
     result = plan_parallelism(gpt2.graph, cluster=cluster, global_batch=4, dtype="fp32", cost_model=prof.cost_model,
                               tp=2, pp=1, time_limit_s=5)
     assert result.plan.mesh == Mesh(1, 2, 1)
+
+
+def test_the_gpu_check_script_runs_end_to_end_in_smoke_mode(tmp_path):
+    """The GPU check runs once per lent GPU; a broken script would waste that. --smoke runs it on CPU."""
+    out = tmp_path / "gc.json"
+    r = subprocess.run([sys.executable, "-m", "benchmarks.gpu_check", "--smoke", "--out", str(out)],
+                       capture_output=True, text=True, timeout=600)
+    assert r.returncode == 0, r.stderr[-2000:]
+    data = json.loads(out.read_text())
+    assert any(row["held_out"] for row in data["rows"]) and any(not row["held_out"] for row in data["rows"])
+    assert data["held_out_gemm_mape"]["calibrated_fwd"] is not None
