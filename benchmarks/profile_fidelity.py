@@ -43,9 +43,11 @@ FIT = [
     ("gpt2 d256 s128", GPT2, gpt2(256, 4096), 128),
     ("gpt2 d512 s128", GPT2, gpt2(512, 4096), 128),
     ("gpt2 d512 s384", GPT2, gpt2(512, 8192), 384),
+    ("gpt2 d1024 s128", GPT2, gpt2(1024, 8192), 128),
     ("llama d256 s128", LLAMA, llama(256, 4096), 128),
     ("llama d512 s128", LLAMA, llama(512, 4096), 128),
     ("llama d512 s384", LLAMA, llama(512, 8192), 384),
+    ("llama d1024 s128", LLAMA, llama(1024, 8192), 128),
 ]
 HELD_OUT = [
     ("gpt2 d384 s256", GPT2, gpt2(384, 6000), 256),

@@ -51,7 +51,7 @@ class AnalyticCostModel:
 
     def node_time(
         self, op: str, forward_flops: float, backward_flops: float, bytes_moved: float, dtype: str,
-        node: NodeRef | None = None,
+        node: NodeRef | None = None, param_bytes: float = 0.0,
     ) -> OpTime:
         if forward_flops == 0 and backward_flops == 0 and bytes_moved == 0:
             return OpTime(0.0, 0.0)  # views and metadata ops launch no kernel

@@ -65,9 +65,14 @@ class CostModel(Protocol):
 
     def node_time(
         self, op: str, forward_flops: float, backward_flops: float, bytes_moved: float, dtype: str,
-        node: NodeRef | None = None,
+        node: NodeRef | None = None, param_bytes: float = 0.0,
     ) -> OpTime:
-        """Forward and backward seconds of one op on one device (``node``: which node, if known)."""
+        """Forward and backward seconds of one op on one device.
+
+        ``node`` says which node, if known; ``param_bytes`` is the part of
+        ``bytes_moved`` that is the op's parameters (an embedding's backward
+        writes a gradient as large as its whole table, however few rows it read).
+        """
         ...
 
     def collective_time(self, kind: CollectiveKind, nbytes: float, ranks: Sequence[int]) -> float:

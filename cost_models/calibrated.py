@@ -16,7 +16,12 @@ backward), measured time is fitted as
     t = alpha + B * y    for the rest (memory-bound: elementwise, norms, copies),
     alpha, x, y >= 0,
 
-where ``F`` is the direction's FLOPs and ``B`` the bytes the op moves. ``x``
+where ``F`` is the direction's FLOPs and ``B`` the bytes the op moves. An op
+with parameters and no counted FLOPs (an embedding, a norm) splits ``B`` into
+its activations and its parameters ``P``: forward ``t = alpha + (B - P) * y``
+(an embedding reads the rows it looks up, not its table), backward
+``t = alpha + (B - P) * y + P * z`` (it writes a gradient as large as the
+whole table). ``x``
 is the inverse of the effective FLOP rate, ``y`` the inverse of the effective
 bandwidth, and ``alpha`` the per-call overhead (dispatcher, launch). One term
 each, not both: the FLOPs of a matmul grow as d^2 s and its bytes as d s, and
@@ -65,30 +70,38 @@ class Sample:
     bytes_moved: float
     forward_s: float
     backward_s: float  # 0 when the op has no backward (integer inputs, no grad)
+    param_bytes: float = 0.0  # the parameters' share of bytes_moved
 
 
 @dataclass(frozen=True, slots=True)
 class OpFit:
-    """``t = overhead_s + flops * s_per_flop + bytes * s_per_byte`` for one op and direction."""
+    """``t = overhead + flops * s_per_flop + (bytes - params) * s_per_byte + params * s_per_param_byte``."""
 
     overhead_s: float
     s_per_flop: float
     s_per_byte: float
     points: int  # measurements it was fitted on
     mape: float  # its mean absolute percentage error on those measurements
+    s_per_param_byte: float = 0.0  # see [Note: the calibrated op model]
+    split_params: bool = False  # bytes are priced as activations (s_per_byte) + parameters (s_per_param_byte)
 
-    def predict(self, flops: float, nbytes: float) -> float:
-        return self.overhead_s + flops * self.s_per_flop + nbytes * self.s_per_byte
+    def predict(self, flops: float, nbytes: float, param_bytes: float = 0.0) -> float:
+        if not self.split_params:
+            return self.overhead_s + flops * self.s_per_flop + nbytes * self.s_per_byte
+        return (self.overhead_s + flops * self.s_per_flop + (nbytes - param_bytes) * self.s_per_byte
+                + param_bytes * self.s_per_param_byte)
 
     def to_dict(self) -> dict[str, Any]:
-        return {k: getattr(self, k) for k in ("overhead_s", "s_per_flop", "s_per_byte", "points", "mape")}
+        keys = ("overhead_s", "s_per_flop", "s_per_byte", "s_per_param_byte", "split_params", "points", "mape")
+        return {k: getattr(self, k) for k in keys}
 
     @classmethod
     def from_dict(cls, d: Mapping[str, Any]) -> "OpFit":
-        vals = {k: d[k] for k in ("overhead_s", "s_per_flop", "s_per_byte", "mape")}
+        vals = {k: d.get(k, 0.0) for k in ("overhead_s", "s_per_flop", "s_per_byte", "s_per_param_byte", "mape")}
         if any(not isinstance(v, (int, float)) or not math.isfinite(v) or v < 0 for v in vals.values()):
             raise ValueError(f"invalid fit {dict(d)!r}")
-        return cls(**{k: float(v) for k, v in vals.items()}, points=int(d["points"]))
+        return cls(**{k: float(v) for k, v in vals.items()}, points=int(d["points"]),
+                   split_params=bool(d.get("split_params", False)))
 
 
 @dataclass(frozen=True)
@@ -140,40 +153,44 @@ def _nnls_relative(rows: Sequence[tuple[float, ...]], targets: Sequence[float]) 
     return best
 
 
-def _fit(points: list[tuple[float, float, float]]) -> OpFit | None:
-    """Fit ``t = a + F x`` (ops that count FLOPs) or ``t = a + B y`` (the rest) to (F, B, t) points."""
-    pts = [p for p in points if p[2] > 0]
+def _fit(points: list[tuple[float, float, float, float]], backward: bool) -> OpFit | None:
+    """Fit (F, B, P, t) points; see [Note: the calibrated op model] for which terms."""
+    pts = [p for p in points if p[3] > 0]
     if not pts:
         return None
-    if any(f > 0 for f, _, _ in pts):
-        a, x = _nnls_relative([(1.0, f) for f, _, _ in pts], [t for _, _, t in pts])
-        y = 0.0
+    times = [t for *_, t in pts]
+    x = y = z = 0.0
+    split = False
+    if any(f > 0 for f, *_ in pts):
+        a, x = _nnls_relative([(1.0, f) for f, *_ in pts], times)
+    elif any(p > 0 for _, _, p, _ in pts) and not backward:  # forward touches the rows it reads, not the table
+        a, y = _nnls_relative([(1.0, b - p) for _, b, p, _ in pts], times)
+        split = True
+    elif any(p > 0 for _, _, p, _ in pts) and len({(b - p, p) for _, b, p, _ in pts}) >= MIN_POINTS:
+        a, y, z = _nnls_relative([(1.0, b - p, p) for _, b, p, _ in pts], times)
+        split = True
     else:
-        a, y = _nnls_relative([(1.0, b) for _, b, _ in pts], [t for _, _, t in pts])
-        x = 0.0
-    fit = OpFit(a, x, y, len(pts), 0.0)
-    mape = sum(abs(fit.predict(f, b) - t) / t for f, b, t in pts) / len(pts)
-    return OpFit(a, x, y, len(pts), mape)
+        a, y = _nnls_relative([(1.0, b) for _, b, _, _ in pts], times)
+    fit = OpFit(a, x, y, len(pts), 0.0, z, split)
+    mape = sum(abs(fit.predict(f, b, p) - t) / t for f, b, p, t in pts) / len(pts)
+    return OpFit(a, x, y, len(pts), mape, z, split)
 
 
 def fit_calibration(device: str, samples: Iterable[Sample]) -> Calibration:
     """Fit every op (with enough distinct sizes) and every op class; see [Note: the calibrated op model]."""
-    groups: dict[str, list[tuple[float, float, float]]] = {}
+    groups: dict[str, list[tuple[float, float, float, float]]] = {}
     for s in samples:
-        for direction, flops, t, nbytes in (
-            ("forward", s.forward_flops, s.forward_s, s.bytes_moved),
-            ("backward", s.backward_flops, s.backward_s, s.bytes_moved),
-        ):
+        for direction, flops, t in (("forward", s.forward_flops, s.forward_s), ("backward", s.backward_flops, s.backward_s)):
             if t <= 0:
                 continue
             for key in (op_key(s.op), f"class:{op_class(s.op)}"):
-                groups.setdefault(f"{s.dtype}|{direction}|{key}", []).append((flops, nbytes, t))
+                groups.setdefault(f"{s.dtype}|{direction}|{key}", []).append((flops, s.bytes_moved, s.param_bytes, t))
     fits: dict[str, OpFit] = {}
     for key, pts in groups.items():
-        distinct = {(f, b) for f, b, _ in pts}
+        distinct = {(f, b) for f, b, _, _ in pts}
         if not key.split("|")[2].startswith("class:") and len(distinct) < MIN_POINTS:
             continue
-        fit = _fit(pts)
+        fit = _fit(pts, key.split("|")[1] == "backward")
         if fit is not None:
             fits[key] = fit
     return Calibration(device, fits)
@@ -188,7 +205,7 @@ class CalibratedCostModel:
 
     def node_time(
         self, op: str, forward_flops: float, backward_flops: float, bytes_moved: float, dtype: str,
-        node: NodeRef | None = None,
+        node: NodeRef | None = None, param_bytes: float = 0.0,
     ) -> OpTime:
         # No early return for zero FLOPs and bytes: a view launches no kernel but still costs its
         # dispatcher call, and the fit of the view op (or its class) says how much.
@@ -197,10 +214,12 @@ class CalibratedCostModel:
         for direction, flops in (("forward", forward_flops), ("backward", backward_flops)):
             fit = self.calibration.lookup(dtype, direction, op)
             if fit is None:
-                fallback = fallback or self.base.node_time(op, forward_flops, backward_flops, bytes_moved, dtype, node)
+                fallback = fallback or self.base.node_time(
+                    op, forward_flops, backward_flops, bytes_moved, dtype, node, param_bytes
+                )
                 times.append(fallback.forward_s if direction == "forward" else fallback.backward_s)
             else:
-                times.append(fit.predict(flops, bytes_moved))
+                times.append(fit.predict(flops, bytes_moved, param_bytes))
         return OpTime(times[0], times[1])
 
     def collective_time(self, kind: CollectiveKind, nbytes: float, ranks: Sequence[int]) -> float:

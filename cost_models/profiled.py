@@ -38,6 +38,7 @@ class MeasuredOp:
     forward_flops: float
     backward_flops: float
     bytes_moved: float
+    param_bytes: float = 0.0
 
 
 @dataclass(frozen=True)
@@ -49,9 +50,9 @@ class MeasuredCostModel:
 
     def node_time(
         self, op: str, forward_flops: float, backward_flops: float, bytes_moved: float, dtype: str,
-        node: NodeRef | None = None,
+        node: NodeRef | None = None, param_bytes: float = 0.0,
     ) -> OpTime:
-        asked = self.base.node_time(op, forward_flops, backward_flops, bytes_moved, dtype, node)
+        asked = self.base.node_time(op, forward_flops, backward_flops, bytes_moved, dtype, node, param_bytes)
         if node is None:
             return asked
         m = self.measured.get(node)
@@ -59,7 +60,7 @@ class MeasuredCostModel:
             m = self.measured.get(NodeRef(node.name))  # an unmeasured shard: scale the whole op
         if m is None:
             return asked
-        at = self.base.node_time(op, m.forward_flops, m.backward_flops, m.bytes_moved, dtype, node)
+        at = self.base.node_time(op, m.forward_flops, m.backward_flops, m.bytes_moved, dtype, node, m.param_bytes)
 
         def scaled(t: float, base_asked: float, base_at: float) -> float:
             return t * base_asked / base_at if base_at > 0 else t

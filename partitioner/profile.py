@@ -98,7 +98,7 @@ __all__ = [
     "measure_blocks",
 ]
 
-CACHE_FORMAT = 1
+CACHE_FORMAT = 2
 
 
 class ProfileError(AutopartError):
@@ -145,6 +145,7 @@ class Measurement:
     backward_flops: float
     bytes_moved: float
     activation_bytes: int | None = None  # CUDA only: peak allocated during forward minus before
+    param_bytes: float = 0.0  # the parameters' share of bytes_moved
 
     def to_dict(self) -> dict[str, Any]:
         return {
@@ -153,6 +154,7 @@ class Measurement:
             "backward": [self.backward.median_s, self.backward.spread, self.backward.reps],
             "forward_flops": self.forward_flops, "backward_flops": self.backward_flops,
             "bytes_moved": self.bytes_moved, "activation_bytes": self.activation_bytes,
+            "param_bytes": self.param_bytes,
         }
 
     @classmethod
@@ -165,7 +167,7 @@ class Measurement:
                 raise ValueError(f"bad timing {v!r}")
             return Timing(float(med), float(spread), int(reps))
 
-        numbers = [d["forward_flops"], d["backward_flops"], d["bytes_moved"]]
+        numbers = [d["forward_flops"], d["backward_flops"], d["bytes_moved"], d["param_bytes"]]
         if not all(isinstance(x, (int, float)) and math.isfinite(x) and x >= 0 for x in numbers):
             raise ValueError("bad FLOPs or bytes")
         act = d.get("activation_bytes")
@@ -177,11 +179,12 @@ class Measurement:
         fwd = timing(d["forward"])
         if fwd.reps < 1:
             raise ValueError("no forward runs")
-        return cls(d["op"], d["strategy"], tp, fwd, timing(d["backward"]), *map(float, numbers), act)
+        f, b, moved, params = map(float, numbers)
+        return cls(d["op"], d["strategy"], tp, fwd, timing(d["backward"]), f, b, moved, act, params)
 
     def measured_op(self) -> MeasuredOp:
         return MeasuredOp(self.forward.median_s, self.backward.median_s, self.forward_flops, self.backward_flops,
-                          self.bytes_moved)
+                          self.bytes_moved, self.param_bytes)
 
 
 # --------------------------------------------------------------------------------------
@@ -275,7 +278,8 @@ class ProfileCache:
     def put_sample(self, key: str, device: str, torch_version: str, dtype: str, op: str, m: MeasuredOp) -> None:
         """A node's in-block time, for fitting the calibrated model."""
         payload = json.dumps(dict(op=op, forward_s=m.forward_s, backward_s=m.backward_s, forward_flops=m.forward_flops,
-                                  backward_flops=m.backward_flops, bytes_moved=m.bytes_moved), sort_keys=True)
+                                  backward_flops=m.backward_flops, bytes_moved=m.bytes_moved, param_bytes=m.param_bytes),
+                             sort_keys=True)
         self._db.execute(
             "INSERT OR REPLACE INTO entries VALUES (?, 'sample', ?, ?, ?, ?, ?)",
             (key, device, torch_version, dtype, payload, self._checksum(payload)),
@@ -296,7 +300,8 @@ class ProfileCache:
                 if self._checksum(payload) != checksum:
                     raise ValueError("checksum mismatch")
                 d = json.loads(payload)
-                nums = [float(d[k]) for k in ("forward_flops", "backward_flops", "bytes_moved", "forward_s", "backward_s")]
+                nums = [float(d[k]) for k in ("forward_flops", "backward_flops", "bytes_moved", "forward_s", "backward_s",
+                                              "param_bytes")]
                 if not all(math.isfinite(x) and x >= 0 for x in nums) or not isinstance(d["op"], str):
                     raise ValueError("bad sample")
             except (ValueError, KeyError, TypeError, json.JSONDecodeError):
@@ -487,7 +492,7 @@ class _Profiler:
 
     def node_signature(self, node: fx.Node) -> str:
         return json.dumps([str(node.target), _spec(node.args), _spec(node.kwargs),
-                           sorted(a.name in self.grad_nodes for a in node.all_input_nodes)])
+                           [a.name in self.grad_nodes for a in node.all_input_nodes]])
 
     def cache_key(self, kind: str, signature: str, strategy: str, tp: int) -> str:
         return _key(kind, signature, strategy, tp, self.opt.dtype, self.device_name, self.torch_version, self.opt.clock)
@@ -631,7 +636,7 @@ class _Profiler:
                 op = MeasuredOp(
                     m.forward.median_s * fs + fa,
                     (m.backward.median_s * bs + ba) if m.backward.reps else 0.0,
-                    m.forward_flops, m.backward_flops, m.bytes_moved,
+                    m.forward_flops, m.backward_flops, m.bytes_moved, m.param_bytes,
                 )
                 self.in_block[ref] = op
                 if fresh:
@@ -813,9 +818,10 @@ class _Profiler:
                 backward = NO_TIME
         div = tp if strat != "replicate" else 1
         moved = 0 if info.is_view else info.bytes_read + info.bytes_written  # as sharding.BlockLayoutCosts prices it
+        pbytes = 0 if info.is_view else sum(self.cap.params[p].bytes for p in info.params if p in self.cap.params)
         return Measurement(
             info.op_label, strat, div, forward, backward,
-            info.forward_flops / div, info.backward_flops / div, moved / div,
+            info.forward_flops / div, info.backward_flops / div, moved / div, None, pbytes / div,
         )
 
     def time_block(self, block: Block, env: Mapping[str, Any]) -> Measurement:

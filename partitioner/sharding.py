@@ -231,7 +231,7 @@ class BlockLayoutCosts:
                 moved = (node.bytes_read - pbytes + node.bytes_written) * k + pbytes
                 compute = self.cost_model.node_time(
                     node.op_label, node.forward_flops * k / div, node.backward_flops * k / div, moved / div, dtype,
-                    NodeRef(node.name, strat, tp if div > 1 else 1),
+                    NodeRef(node.name, strat, tp if div > 1 else 1), pbytes / div,
                 )
             if not node.needs_grad:  # nothing trainable flows into it (masks, positions): no backward
                 compute = OpTime(compute.forward_s, 0.0)

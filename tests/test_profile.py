@@ -215,7 +215,7 @@ def test_the_fit_reads_the_profiled_model(gpt2, cache):
 class _Linear:
     """A synthetic cost model: time proportional to FLOPs (for checking the measured model's scaling)."""
 
-    def node_time(self, op, forward_flops, backward_flops, bytes_moved, dtype, node=None):
+    def node_time(self, op, forward_flops, backward_flops, bytes_moved, dtype, node=None, param_bytes=0.0):
         return OpTime(forward_flops * 1e-9, backward_flops * 1e-9)
 
     def collective_time(self, kind, nbytes, ranks):
