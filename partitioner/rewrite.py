@@ -202,8 +202,8 @@ def _build_stage(
         env[n.name] = g.node_copy(n, arg)
     if outputs is None:
         g.output(tuple(fx.map_arg(out_node.args[0], arg)) if isinstance(out_node.args[0], (list, tuple)) else arg(out_node.args[0]))
-    else:
-        g.output(tuple(env[v] for v in outputs))
+    else:  # point-to-point sends need dense tensors (a mask may be an expanded view)
+        g.output(tuple(g.call_method("contiguous", (env[v],)) for v in outputs))
     return fx.GraphModule(root, g), owned
 
 
