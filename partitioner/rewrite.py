@@ -59,6 +59,8 @@ class StageProgram:
     params: tuple[str, ...]  # canonical FQNs of the trainable parameters it reads
     nodes: tuple[str, ...]  # runtime graph nodes it computes
     sharding: Mapping[str, str]  # runtime node name -> tp strategy (the plan's, translated)
+    input_specs: tuple[tuple[tuple[int, ...], torch.dtype], ...] = ()  # (shape, dtype) of each input
+    output_specs: tuple[tuple[tuple[int, ...], torch.dtype], ...] = ()  # (shape, dtype) of each output
 
 
 @dataclass(frozen=True)
@@ -151,6 +153,7 @@ def split_model(model: torch.nn.Module, plan: Plan, example_inputs: Sequence[Any
         outputs = sends[k] if k < last else None
         mine = [n for n in compute if stage_of[n.name] == k]
         module, owned = _build_stage(model, graph, canon, inputs, mine, outputs, out_node)
+        outs = outputs if outputs is not None else tuple(a.name for a in out_node.all_input_nodes)
         stages.append(
             StageProgram(
                 index=k,
@@ -160,6 +163,8 @@ def split_model(model: torch.nn.Module, plan: Plan, example_inputs: Sequence[Any
                 params=tuple(p for p in owned if p in params),
                 nodes=tuple(n.name for n in mine),
                 sharding={n.name: sharding[n.name] for n in mine if n.name in sharding},
+                input_specs=tuple(_spec(by_name[v]) for v in inputs),
+                output_specs=tuple(_spec(by_name[v]) for v in outs),
             )
         )
     readers: dict[str, list[int]] = {}
@@ -168,6 +173,11 @@ def split_model(model: torch.nn.Module, plan: Plan, example_inputs: Sequence[Any
             readers.setdefault(p, []).append(st.index)
     shared = {p: tuple(s) for p, s in readers.items() if len(s) > 1}
     return SplitModel(tuple(stages), tuple(n.name for n in placeholders), ep.call_spec.out_spec, shared, matched_by)
+
+
+def _spec(node: fx.Node) -> tuple[tuple[int, ...], torch.dtype]:
+    val = node.meta.get("val")
+    return tuple(int(d) for d in val.shape), val.dtype
 
 
 def _build_stage(

@@ -22,6 +22,14 @@ same ``dp``/``tp`` coordinate; both copies then take the same optimizer step
 from the same state and stay equal. Data-parallel averaging (DDP) happens
 before the sum, which is the same thing because both are linear.
 
+[Note: static stage shapes]
+Every stage's input and output shapes are known from the export at the
+micro-batch shape, so the stages are built in ``PipelineStage``'s static mode.
+In its dynamic mode the first step exchanges shape metadata between ranks,
+and with several stages per rank (interleaving) we saw int64 position ids
+arrive holding a boolean mask of the same byte size. Static mode has no such
+exchange, and costs nothing.
+
 [Note: failing ranks]
 A rank that raises inside a step writes ``rank r (stage s): error`` to the
 job's store before re-raising; a rank that dies stops its heartbeat. Every
@@ -277,7 +285,18 @@ class ParallelModel:
                 from torch.nn.parallel import DistributedDataParallel
 
                 run = DistributedDataParallel(mod, process_group=self.mesh["dp"].get_group())
-            self.stages.append(stage_cls(run, s, n_stages, self.device, group=self.mesh["pp"].get_group()))
+            # Static shapes: the stages never exchange metadata at run time (see [Note: static stage shapes]).
+            examples = [
+                tuple(
+                    torch.empty(shape, dtype=dtype, device=self.device).requires_grad_(dtype.is_floating_point and grad)
+                    for shape, dtype in specs
+                )
+                for specs, grad in ((prog.input_specs, s > 0), (prog.output_specs, True))
+            ]
+            self.stages.append(
+                stage_cls(run, s, n_stages, self.device, input_args=examples[0], output_args=examples[1],
+                          group=self.mesh["pp"].get_group())
+            )
         self.params: dict[str, torch.nn.Parameter] = {}
         for s in self.stage_indices:
             for name, p in self.modules[s].named_parameters():

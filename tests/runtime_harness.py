@@ -27,12 +27,12 @@ from typing import Any
 
 ROOT = Path(__file__).resolve().parents[1]
 
-# Models of every architecture the runtime must handle; 4 layers so that 8 stages fit.
+# Models of every architecture the runtime must handle, with at least 8 blocks so that 8 stages fit.
 MODELS = {
     "mlp": dict(width=32, depth=8),
     "gpt2-tiny": dict(n_layer=4, n_embd=32, n_head=4, n_positions=32, vocab_size=96,
                       resid_pdrop=0.0, embd_pdrop=0.0, attn_pdrop=0.0),
-    "llama-tiny": dict(num_hidden_layers=4, hidden_size=32, intermediate_size=64, num_attention_heads=4,
+    "llama-tiny": dict(num_hidden_layers=5, hidden_size=32, intermediate_size=64, num_attention_heads=4,
                        num_key_value_heads=2, vocab_size=96, max_position_embeddings=32),
     "bert-tiny": dict(num_hidden_layers=4, hidden_size=32, intermediate_size=64, num_attention_heads=4,
                       vocab_size=96, max_position_embeddings=32, hidden_dropout_prob=0.0,
@@ -206,6 +206,31 @@ def job_fail(args: dict[str, Any]) -> dict[str, Any]:
     inputs, target = batch(pm.plan.training.global_batch, 1)
     pm.step(*inputs, target=target)
     return {"finished": True}
+
+
+def job_wrong_world(args: dict[str, Any]) -> dict[str, Any]:
+    """A plan for 4 ranks run on 2, and a plan for the MLP run on GPT-2: both refused before any step."""
+    from partitioner import Cluster, plan_parallelism
+    from partitioner.runtime import ParallelModel
+
+    model, example, loss_fn, _ = build("mlp")
+    plan = plan_parallelism(model, example, Cluster.local(4), global_batch=4, method="params", pp=2, dp=2,
+                            dtype="fp32").plan
+    out: dict[str, Any] = {"plan_mesh": json.dumps(dict(pp=plan.mesh.pp, tp=plan.mesh.tp, dp=plan.mesh.dp))}
+    small = plan_parallelism(model, example, Cluster.local(2), global_batch=2, method="params", pp=2, dtype="fp32").plan
+    gpt, gex, gloss, _ = build("gpt2-tiny")
+    import torch.distributed as dist
+
+    dist.init_process_group("gloo")
+    try:
+        ParallelModel(gpt, small, gex, gloss, None)
+    except Exception as exc:
+        out["wrong_model"] = f"{type(exc).__name__}: {exc}"
+    try:
+        ParallelModel(model, plan, example, loss_fn, None)
+    except Exception as exc:
+        out["job_failed"] = f"{type(exc).__name__}: {exc}"
+    return out
 
 
 def main(job: str, spec: str, out: str) -> None:
