@@ -63,7 +63,7 @@ from .errors import AutopartError, PlanError
 from .plan import Plan
 from .rewrite import SplitModel, TensorParallelModule, microbatch_inputs, split_model
 
-__all__ = ["DistributedError", "CheckpointError", "StepEvent", "ParallelModel", "auto_parallelize"]
+__all__ = ["DistributedError", "CheckpointError", "StepEvent", "ParallelModel", "auto_parallelize", "run_plan"]
 
 CHECKPOINT_META = "autopart.json"
 
@@ -636,3 +636,101 @@ class _Watchdog:
                     return
                 if self.busy:
                     self._die(f"the job's store is unreachable ({type(exc).__name__}); rank 0 ({self.stages_of(0)}) died")
+
+
+# --------------------------------------------------------------------------------------
+# autopart run
+# --------------------------------------------------------------------------------------
+
+
+def run_plan(
+    plan_path: str | os.PathLike[str],
+    model_spec: str,
+    *,
+    config: Sequence[str] = (),
+    seq_len: int | None = None,
+    steps: int = 10,
+    warmup: int = 1,
+    json_path: str | os.PathLike[str] | None = None,
+    seed: int = 0,
+) -> int:
+    """``autopart run``: train ``plan_path`` on synthetic batches under torchrun; print and record step times.
+
+    The ``--json`` file (rank 0) is ``{"plan", "world_size", "step_times_s", "losses", "events"}``;
+    ``events`` are every rank's ``StepEvent`` records of the last measured step (docs/runtime.md).
+    """
+    from .zoo import DTYPES_TORCH, load_model, parse_config_overrides
+
+    plan = Plan.load(plan_path)
+    if json_path is not None and Path(json_path).is_dir():
+        raise DistributedError(f"--json {json_path} is a directory; give a file path")
+    rank, world = _init_process_group(None)
+    torch.manual_seed(seed)
+    shapes = plan.model.input_shapes
+    if seq_len is None and shapes and len(shapes[0]) > 1:
+        seq_len = shapes[0][1]
+    dtype = next((k for k, v in DTYPES_TORCH.items() if k == plan.training.dtype), "fp32")
+    loaded = load_model(model_spec, seq_len=seq_len, dtype=dtype if dtype != "tf32" else "fp32",
+                        config=parse_config_overrides(config), device="cpu")
+    model = loaded.model.train()
+    with torch.no_grad():
+        probe = model(*loaded.example_inputs)
+    logits = getattr(probe, "logits", None)
+    gb = plan.training.global_batch
+    gen = torch.Generator().manual_seed(seed + 1)
+    if logits is not None:
+        vocab = logits.shape[-1]
+
+        def loss_fn(out: Any, y: torch.Tensor) -> torch.Tensor:
+            return torch.nn.functional.cross_entropy(out.logits.reshape(-1, vocab), y.reshape(-1))
+
+        def batch() -> tuple[tuple[torch.Tensor, ...], torch.Tensor]:
+            ids = [torch.randint(0, vocab, (gb, *x.shape[1:]), generator=gen) for x in loaded.example_inputs]
+            return tuple(ids), torch.randint(0, vocab, (gb, *logits.shape[1:-1]), generator=gen)
+    else:
+        out_shape = probe.shape[1:] if isinstance(probe, torch.Tensor) else None
+        if out_shape is None:
+            raise DistributedError(f"model {model_spec}: its output is neither a tensor nor has .logits; autopart run cannot make a loss for it")
+
+        def loss_fn(out: Any, y: torch.Tensor) -> torch.Tensor:
+            return torch.nn.functional.mse_loss(out, y)
+
+        def batch() -> tuple[tuple[torch.Tensor, ...], torch.Tensor]:
+            xs = tuple(torch.randn((gb, *x.shape[1:]), generator=gen, dtype=x.dtype) for x in loaded.example_inputs)
+            return xs, torch.randn((gb, *out_shape), generator=gen, dtype=probe.dtype)
+
+    pm = ParallelModel(model, plan, loaded.example_inputs, loss_fn, None)
+    times: list[float] = []
+    losses: list[float] = []
+    total = warmup + steps
+    try:
+        for i in range(total):
+            inputs, target = batch()
+            dist.barrier()
+            t0 = time.perf_counter()
+            loss = pm.step(*inputs, target=target, record=i == total - 1)
+            dt = time.perf_counter() - t0
+            if i >= warmup:
+                times.append(dt)
+                losses.append(loss)
+            if rank == 0:
+                label = "warmup" if i < warmup else f"step {i - warmup + 1}/{steps}"
+                print(f"{label:>12}  {dt * 1e3:9.1f} ms  loss {loss:.4f}", flush=True)
+        gathered: list[Any] = [None] * world
+        dist.all_gather_object(gathered, [asdict(e) for e in pm.events])
+    finally:
+        pm.close()
+    if rank == 0:
+        mean = sum(times) / len(times)
+        print(f"{plan.model.name} · mesh {plan.mesh} · {plan.schedule.name}: mean step {mean * 1e3:.1f} ms "
+              f"over {steps} steps ({gb / mean:.1f} samples/s)")
+        if json_path is not None:
+            record = dict(plan=str(plan_path), world_size=world, step_times_s=times, losses=losses,
+                          events=[e for rank_events in gathered for e in rank_events])
+            tmp = Path(str(json_path) + ".tmp")
+            tmp.write_text(json.dumps(record, indent=1) + "\n")
+            tmp.replace(json_path)
+            print(f"wrote {json_path}")
+    dist.barrier()
+    dist.destroy_process_group()
+    return 0

@@ -1,0 +1,5 @@
+"""``python -m partitioner``: the autopart command line (for torchrun's ``-m`` and source checkouts)."""
+
+from .cli import main
+
+raise SystemExit(main())
