@@ -451,7 +451,9 @@ class _TPInterpreter(fx.Interpreter):
         start = self.owner.mesh.get_local_rank() * rows
         ids = _tree_full(ids)
         outside = (ids < start) | (ids >= start + rows)
-        out = torch.nn.functional.embedding((ids - start).masked_fill(outside, 0), local)
+        pad = args[2] if len(args) > 2 else kwargs.get("padding_idx", -1)  # aten.embedding's padding_idx
+        local_pad = pad - start if isinstance(pad, int) and start <= pad < start + rows else None
+        out = torch.nn.functional.embedding((ids - start).masked_fill(outside, 0), local, padding_idx=local_pad)
         out = out * (~outside).unsqueeze(-1).to(out.dtype)
         return DTensor.from_local(out, self.owner.mesh, [Partial()], run_check=False)
 

@@ -374,6 +374,10 @@ class ParallelModel:
             mean = mean.to(self.device)
             dist.all_reduce(mean)
         except Exception as exc:
+            # A peer that failed first makes our collectives fail too: name the peer, not us.
+            peer = self._watchdog.peer_failure(wait_s=self._watchdog.timeout_s + 3.0)
+            if peer is not None:
+                raise DistributedError(f"{peer}; rank {self.rank} stopped its step") from exc
             self._watchdog.abort(self.stage_indices, exc)
             raise
         finally:
@@ -594,6 +598,22 @@ class _Watchdog:
             self.store.set(f"{self.prefix}abort", msg[:500])
         except Exception:
             pass
+
+    def peer_failure(self, wait_s: float) -> str | None:
+        """Another rank's abort message, waiting up to ``wait_s`` for one (the watchdog meanwhile
+        ends this process if a peer's heartbeat stops)."""
+        deadline = time.monotonic() + wait_s
+        key = f"{self.prefix}abort"
+        while True:
+            try:
+                if self.store.check([key]):
+                    msg = self.store.get(key).decode()
+                    return None if msg.startswith(f"rank {self.rank} ") else msg
+            except Exception:
+                return None
+            if time.monotonic() > deadline:
+                return None
+            time.sleep(0.2)
 
     def close(self) -> None:
         if not self._stop.is_set():

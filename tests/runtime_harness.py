@@ -34,7 +34,7 @@ MODELS = {
                       resid_pdrop=0.0, embd_pdrop=0.0, attn_pdrop=0.0),
     "llama-tiny": dict(num_hidden_layers=5, hidden_size=32, intermediate_size=64, num_attention_heads=4,
                        num_key_value_heads=2, vocab_size=96, max_position_embeddings=32),
-    "bert-tiny": dict(num_hidden_layers=4, hidden_size=32, intermediate_size=64, num_attention_heads=4,
+    "bert-tiny": dict(num_hidden_layers=6, hidden_size=32, intermediate_size=64, num_attention_heads=4,
                       vocab_size=96, max_position_embeddings=32, hidden_dropout_prob=0.0,
                       attention_probs_dropout_prob=0.0),
 }
@@ -143,6 +143,7 @@ def job_equivalence(args: dict[str, Any]) -> dict[str, Any]:
             loss=loss, ref_loss=float(ref_loss),
             grad=max(_rel(grads[n], ref_grads[n], 1e-4 * scale_g) for n in grads),
             param=max(_rel(params[n].detach(), ref_params[n].detach(), 1e-6) for n in params),
+            worst_grad=max(grads, key=lambda n: _rel(grads[n], ref_grads[n], 1e-4 * scale_g)),
             names=sorted(grads), all_names=sorted(ref_grads), matched_by=pm.split.matched_by,
             schedule=pm.plan.schedule.name, stages=list(pm.stage_indices),
         )

@@ -63,7 +63,7 @@ def test_checkpoint_resumes_under_another_layout(tmp_path: Path) -> None:
                                      "save": str(ckpt)}, tmp_path)
     _ok(first)
     assert first[0]["losses"] == straight[0]["losses"][:2]
-    for n, layout in ((2, dict(tp=2, pp=1, microbatches=1)), (4, dict(pp=2, dp=2, microbatches=1))):
+    for n, layout in ((2, dict(tp=2, pp=1, microbatches=1)), (4, dict(pp=2, dp=2, microbatches=2))):
         resumed = launch(n, "checkpoint", {**common, "layout": layout, "first_step": 2, "steps": 1, "load": str(ckpt)}, tmp_path)
         _ok(resumed)
         assert resumed[0]["losses"][0] == pytest.approx(straight[0]["losses"][2], rel=TOL)
@@ -79,7 +79,7 @@ def test_checkpoint_resumes_under_another_layout(tmp_path: Path) -> None:
 def test_checkpoint_errors_before_any_step(tmp_path: Path) -> None:
     """Missing, corrupt, and other-model checkpoints: one clear line on every rank, weights untouched."""
     ckpt = tmp_path / "ckpt"
-    _ok(launch(2, "checkpoint", {"model": "mlp", "global_batch": 2, "layout": dict(pp=2, microbatches=1),
+    _ok(launch(2, "checkpoint", {"model": "mlp", "global_batch": 2, "layout": dict(pp=2, microbatches=2),
                                  "first_step": 0, "steps": 1, "save": str(ckpt)}, tmp_path))
     corrupt = tmp_path / "corrupt"
     corrupt.mkdir()
@@ -94,7 +94,7 @@ def test_checkpoint_errors_before_any_step(tmp_path: Path) -> None:
     }
     for what, (path, words) in cases.items():
         model = "gpt2-tiny" if what == "other model" else "mlp"
-        reports = launch(2, "checkpoint", {"model": model, "global_batch": 2, "layout": dict(pp=2, microbatches=1),
+        reports = launch(2, "checkpoint", {"model": model, "global_batch": 2, "layout": dict(pp=2, microbatches=2),
                                            "first_step": 0, "steps": 1, "load": str(path)}, tmp_path)
         _ok(reports)
         for r in reports:
@@ -102,7 +102,7 @@ def test_checkpoint_errors_before_any_step(tmp_path: Path) -> None:
             assert "\n" not in r["load_error"]
             assert r["unchanged"], f"{what}: a failed load changed the weights"
     # Nothing was overwritten: the good checkpoint still loads.
-    good = launch(2, "checkpoint", {"model": "mlp", "global_batch": 2, "layout": dict(pp=2, microbatches=1),
+    good = launch(2, "checkpoint", {"model": "mlp", "global_batch": 2, "layout": dict(pp=2, microbatches=2),
                                     "first_step": 1, "steps": 1, "load": str(ckpt)}, tmp_path)
     _ok(good)
     assert "load_error" not in good[0]
