@@ -471,10 +471,12 @@ class ParallelModel:
         staged = {k: _empty_like(v) for k, v in live.items()}
         self._watchdog.busy = True
         try:
+            from torch.distributed.checkpoint.api import CheckpointException
+
             try:
                 dcp.load(staged, checkpoint_id=str(path))
                 ok = [None]
-            except Exception as exc:
+            except (Exception, CheckpointException) as exc:  # CheckpointException is a BaseException
                 ok = [f"checkpoint {path} could not be read ({type(exc).__name__}: {str(exc).splitlines()[0][:160]}); "
                       "it is corrupt or incomplete: save it again"]
             verdicts = [None] * dist.get_world_size()
