@@ -1,4 +1,4 @@
-"""``python -m partitioner``: the ``autopart`` command line, for a checkout that is not installed."""
+"""``python -m partitioner``: the autopart command line (for torchrun's ``-m`` and source checkouts)."""
 
 from .cli import main
 

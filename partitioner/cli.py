@@ -1,4 +1,4 @@
-"""The ``autopart`` command line: ``plan``, ``diff``, ``inspect``, ``compare``, ``profile`` and ``calibrate``.
+"""The ``autopart`` command line: ``plan``, ``diff``, ``inspect``, ``compare``, ``profile``, ``calibrate`` and ``run``.
 
 A thin layer over the Python API: it parses options, calls
 ``plan_parallelism`` / ``capture``, and prints with ``rich``. Every option
@@ -164,6 +164,15 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--out", default=None, metavar="DIR", help="write report.md, results.json, plans and pictures to DIR")
     g.add_argument("--force", action="store_true", help="let --out write into a non-empty directory")
 
+    p = sub.add_parser("run", help="train a plan for N steps under torchrun and print step times and losses")
+    _common(p)
+    g = p.add_argument_group("run")
+    g.add_argument("--plan", dest="plan_file", required=True, metavar="PATH", help="the plan JSON to run")
+    g.add_argument("--steps", type=_positive_int, default=10, help="measured training steps (default 10)")
+    g.add_argument("--warmup", type=int, default=1, help="steps run before measuring (default 1)")
+    g.add_argument("--json", default=None, metavar="PATH", help="rank 0 writes step times, losses and events to PATH")
+    g.add_argument("--seed", type=int, default=0, help="seed for the weights and the synthetic batches")
+
     p = sub.add_parser("inspect", help="print the blocks of a model: params, FLOPs, activations")
     _common(p)
     p.add_argument("--list", action="store_true", help="list the built-in models and cluster presets")
@@ -188,6 +197,8 @@ def main(argv: Sequence[str] | None = None) -> int:
             return cmd_profile(args)
         if args.command == "calibrate":
             return cmd_calibrate(args)
+        if args.command == "run":
+            return cmd_run(args)
         if args.command == "diff":
             from .explain import print_diff
             from .plan import Plan
@@ -465,6 +476,23 @@ def cmd_compare(args: argparse.Namespace, argv: Sequence[str] | None = None) -> 
     if args.out:
         print(f"wrote {Path(args.out) / 'report.md'} with its pictures, results.json and plans/")
     return 0
+
+
+# --------------------------------------------------------------------------------------
+# run
+# --------------------------------------------------------------------------------------
+
+
+def cmd_run(args: argparse.Namespace) -> int:
+    """Train ``--plan`` for ``--steps`` steps on synthetic data; see docs/runtime.md for the --json contract."""
+    from .runtime import run_plan
+
+    if args.warmup < 0:
+        raise PlanError(f"--warmup {args.warmup} must be >= 0")
+    return run_plan(
+        args.plan_file, args.model, config=args.config, seq_len=args.seq_len, steps=args.steps,
+        warmup=args.warmup, json_path=args.json, seed=args.seed,
+    )
 
 
 # --------------------------------------------------------------------------------------

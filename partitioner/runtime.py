@@ -1,0 +1,758 @@
+"""Run a ``Plan``: distributed training steps on PyTorch's own engines.
+
+The last phase of autopart (capture -> blocks -> solve -> Plan -> rewrite ->
+**run**). ``auto_parallelize`` plans (or takes a plan), lets
+``partitioner.rewrite`` cut the model into stage modules, and runs them:
+``torch.distributed.pipelining`` stages and schedules over the ``pp`` axis of
+a ``DeviceMesh``, DTensor over ``tp`` (see rewrite.py) and DDP over ``dp``.
+``ParallelModel.step`` is one optimizer step; ``save``/``load`` are
+``torch.distributed.checkpoint`` keyed by the model's own parameter names, so
+a run resumes under another plan.
+
+Glossary as in plan.py: a **stage** is a pipeline stage, a **rank** a
+process, an **axis** one of ``pp``, ``tp``, ``dp``.
+
+[Note: tied weights across stages]
+GPT-2 reads ``transformer.wte.weight`` in its embedding (stage 0) and in its
+LM head (the last stage). Each stage holds its own copy, made from the same
+tensor, so they start equal. The model's gradient for the tied weight is the
+sum of the two uses, so after the pipeline's backward each owning pipeline
+rank all-reduces (sums) its copy's gradient with the other owners, at the
+same ``dp``/``tp`` coordinate; both copies then take the same optimizer step
+from the same state and stay equal. Data-parallel averaging (DDP) happens
+before the sum, which is the same thing because both are linear.
+
+[Note: static stage shapes]
+Every stage's input and output shapes are known from the export at the
+micro-batch shape, so the stages are built in ``PipelineStage``'s static mode.
+In its dynamic mode the first step exchanges shape metadata between ranks,
+and with several stages per rank (interleaving) we saw int64 position ids
+arrive holding a boolean mask of the same byte size. Static mode has no such
+exchange, and costs nothing.
+
+[Note: failing ranks]
+A rank that raises inside a step writes ``rank r (stage s): error`` to the
+job's store before re-raising; a rank that dies stops its heartbeat. Every
+rank runs a watchdog thread that polls the store: when another rank has
+aborted, or (while this rank is inside a collective phase) its heartbeat
+has not moved for ``timeout_s``, the watchdog prints one line naming that
+rank and its stages and ends this process with exit status 1, since a rank
+blocked in a gloo receive cannot be interrupted from Python. A rank that
+finished cleanly marks itself done and is never reported.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import sys
+import threading
+import time
+import uuid
+from dataclasses import asdict, dataclass, field
+from datetime import timedelta
+from pathlib import Path
+from typing import Any, Callable, Iterable, Mapping, Sequence
+
+import torch
+import torch.distributed as dist
+from torch.utils._pytree import tree_unflatten
+
+from .cluster import Cluster
+from .errors import AutopartError, PlanError
+from .plan import Plan
+from .rewrite import SplitModel, TensorParallelModule, microbatch_inputs, split_model
+
+__all__ = ["DistributedError", "CheckpointError", "StepEvent", "ParallelModel", "auto_parallelize", "run_plan"]
+
+CHECKPOINT_META = "autopart.json"
+
+
+class DistributedError(AutopartError):
+    """A distributed run cannot start or continue (world size, launch, a failed rank)."""
+
+
+class CheckpointError(AutopartError):
+    """A checkpoint is missing, corrupt, or for another model."""
+
+
+@dataclass(frozen=True, slots=True)
+class StepEvent:
+    """One stage's forward or backward of one micro-batch, timed from the start of the step."""
+
+    rank: int  # global rank that ran it
+    stage: int  # stage index in the plan
+    kind: str  # "F" (forward) or "B" (backward)
+    microbatch: int
+    start_s: float
+    end_s: float
+
+
+OptimizerFactory = Callable[[Iterable[torch.nn.Parameter]], torch.optim.Optimizer]
+
+
+# --------------------------------------------------------------------------------------
+# Entry point
+# --------------------------------------------------------------------------------------
+
+
+def auto_parallelize(
+    model: torch.nn.Module,
+    cluster: Cluster | None = None,
+    *,
+    example_inputs: Sequence[Any],
+    loss_fn: Callable[[Any, torch.Tensor], torch.Tensor],
+    plan: Plan | None = None,
+    optimizer: OptimizerFactory | None = None,
+    pp: int | None = None,
+    tp: int | None = None,
+    dp: int | None = None,
+    microbatches: int | None = None,
+    schedule: str | None = None,
+    virtual_stages: int | None = None,
+    global_batch: int | None = None,
+    method: str = "ilp",
+    time_limit_s: float = 30.0,
+    timeout_s: float = 20.0,
+) -> "ParallelModel":
+    """Plan (unless ``plan`` is given) and build the distributed model on this rank. Run under torchrun.
+
+    ``example_inputs`` are the model's positional inputs (any batch size);
+    ``loss_fn(output, target)`` takes the model's own output and returns a
+    mean loss. ``optimizer`` builds the optimizer from an iterable of
+    parameters (default AdamW, lr 1e-3). With ``plan=None``, rank 0 plans with
+    ``method`` and the pins (``pp``, ``tp``, ...) for ``cluster`` (default
+    ``Cluster.local(world_size)``) and broadcasts the plan. ``timeout_s``
+    bounds how long a dead peer goes unnoticed (see [Note: failing ranks]).
+    """
+    rank, world = _init_process_group(cluster)
+    if plan is None:
+        cluster = cluster or Cluster.local(world)
+        plan = _plan_on_rank0(
+            model, example_inputs, cluster, rank,
+            dict(method=method, pp=pp, tp=tp, dp=dp, microbatches=microbatches, schedule=schedule,
+                 virtual_stages=virtual_stages, time_limit_s=time_limit_s,
+                 global_batch=global_batch or _batch_of(example_inputs)),
+        )
+    return ParallelModel(model, plan, example_inputs, loss_fn, optimizer, timeout_s)
+
+
+def _init_process_group(cluster: Cluster | None) -> tuple[int, int]:
+    if not dist.is_initialized():
+        missing = [v for v in ("RANK", "WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT") if v not in os.environ]
+        if missing:
+            raise DistributedError(
+                f"no process group and {', '.join(missing)} not set: launch with "
+                "`torchrun --nproc-per-node N your_script.py` (or call torch.distributed.init_process_group first)"
+            )
+        backend = "nccl" if torch.cuda.is_available() and (cluster is None or cluster.name != "local-cpu") else "gloo"
+        dist.init_process_group(backend, timeout=timedelta(minutes=5))
+    return dist.get_rank(), dist.get_world_size()
+
+
+def _batch_of(inputs: Sequence[Any]) -> int:
+    first = next((x for x in inputs if isinstance(x, torch.Tensor) and x.dim() > 0), None)
+    if first is None:
+        raise PlanError("example_inputs hold no tensor with a batch dimension; pass global_batch=")
+    return int(first.shape[0])
+
+
+def _dtype_key(model: torch.nn.Module) -> str:
+    dt = next((p.dtype for p in model.parameters()), torch.float32)
+    return {torch.float32: "fp32", torch.bfloat16: "bf16", torch.float16: "fp16"}.get(dt, "fp32")
+
+
+def _plan_on_rank0(
+    model: torch.nn.Module, inputs: Sequence[Any], cluster: Cluster, rank: int, pins: Mapping[str, Any]
+) -> Plan:
+    """Rank 0 plans and broadcasts the JSON (a time-limited search need not agree across ranks)."""
+    payload: list[Any] = [None]
+    if rank == 0:
+        from .planner import plan_parallelism
+
+        try:
+            batch1 = microbatch_inputs(inputs, 1)
+            result = plan_parallelism(model, batch1, cluster, dtype=_dtype_key(model), **pins)
+            payload[0] = ("plan", result.plan.to_json(indent=None))
+        except AutopartError as exc:
+            payload[0] = ("error", str(exc))
+    dist.broadcast_object_list(payload, src=0)
+    kind, text = payload[0]
+    if kind == "error":
+        raise PlanError(f"planning on rank 0 failed: {text}")
+    return Plan.from_json(text)
+
+
+# --------------------------------------------------------------------------------------
+# The distributed model
+# --------------------------------------------------------------------------------------
+
+
+def _stage_class() -> type:
+    from torch.distributed.pipelining import PipelineStage
+
+    class _TimedStage(PipelineStage):
+        """A PipelineStage that records its forward and backward times when ``events`` is a list."""
+
+        events: list[StepEvent] | None = None
+        origin: float = 0.0
+
+        def forward_one_chunk(self, fwd_chunk_id: int, *args: Any, **kwargs: Any) -> Any:
+            t0 = time.perf_counter()
+            out = super().forward_one_chunk(fwd_chunk_id, *args, **kwargs)
+            self._record("F", fwd_chunk_id, t0)
+            return out
+
+        def backward_one_chunk(self, bwd_chunk_id: int, *args: Any, **kwargs: Any) -> Any:
+            t0 = time.perf_counter()
+            out = super().backward_one_chunk(bwd_chunk_id, *args, **kwargs)
+            self._record("B", bwd_chunk_id, t0)
+            return out
+
+        def _record(self, kind: str, mb: int, t0: float) -> None:
+            if self.events is not None:
+                t1 = time.perf_counter()
+                self.events.append(StepEvent(dist.get_rank(), self.stage_index, kind, mb, t0 - self.origin, t1 - self.origin))
+
+    return _TimedStage
+
+
+class ParallelModel:
+    """The model of one plan, on this rank: its stages, their optimizer, and the step.
+
+    Built by :func:`auto_parallelize`. Every rank of the job holds one and
+    calls ``step`` with the same global batch.
+    """
+
+    def __init__(
+        self,
+        model: torch.nn.Module,
+        plan: Plan,
+        example_inputs: Sequence[Any],
+        loss_fn: Callable[[Any, torch.Tensor], torch.Tensor],
+        optimizer: OptimizerFactory | None,
+        timeout_s: float = 20.0,
+    ) -> None:
+        from torch.distributed.device_mesh import init_device_mesh
+
+        from .capture import model_fingerprint
+
+        self.plan = plan
+        self.rank = dist.get_rank()
+        world = dist.get_world_size()
+        mesh = plan.mesh
+        if world != mesh.world_size:
+            raise DistributedError(
+                f"plan mesh {mesh} needs {mesh.world_size} ranks but this job has {world}; "
+                f"launch torchrun --nproc-per-node {mesh.world_size}, or re-plan for Cluster.local({world})"
+            )
+        plan.check_matches(model_fingerprint(model))
+        device = "cuda" if dist.get_backend() == "nccl" else "cpu"
+        self.device = torch.device(device)
+        self.mesh = init_device_mesh(device, (mesh.pp, mesh.dp, mesh.tp), mesh_dim_names=("pp", "dp", "tp"))
+        self.pp_index = self.rank // (mesh.dp * mesh.tp)
+        self.dp_index = (self.rank // mesh.tp) % mesh.dp
+        self.tp_index = self.rank % mesh.tp
+        n_stages = len(plan.stages)
+        self.stage_indices = tuple(s for s in range(n_stages) if s % mesh.pp == self.pp_index)
+        self.model_name = plan.model.name
+        self.fingerprint = plan.model.fingerprint
+        self._loss_fn = loss_fn
+        sched = plan.schedule
+        self.micro_batch_size = sched.micro_batch_size
+        self.split: SplitModel = split_model(model, plan, microbatch_inputs(example_inputs, sched.micro_batch_size))
+        if any(p.is_meta for p in model.parameters()):
+            raise DistributedError(
+                "the model has parameters on the meta device; build it on the CPU/GPU (its weights are "
+                "the starting point), or load real weights into it before auto_parallelize"
+            )
+
+        # Stage modules: tp shards, then DDP over dp.
+        stage_cls = _stage_class()
+        self.modules: dict[int, torch.nn.Module] = {}
+        self.stages: list[Any] = []
+        self.split_dims: dict[str, int] = {}
+        for s in self.stage_indices:
+            prog = self.split.stages[s]
+            mod: torch.nn.Module = prog.module
+            if mesh.tp > 1:
+                mod = TensorParallelModule(prog, self.mesh["tp"])
+                self.split_dims.update(mod.split_dim)
+            mod.to(self.device)
+            self.modules[s] = mod
+            run = mod
+            if mesh.dp > 1 and any(p.requires_grad for p in mod.parameters()):
+                from torch.nn.parallel import DistributedDataParallel
+
+                run = DistributedDataParallel(mod, process_group=self.mesh["dp"].get_group())
+            # Static shapes: the stages never exchange metadata at run time (see [Note: static stage shapes]).
+            examples = [
+                tuple(
+                    torch.empty(shape, dtype=dtype, device=self.device).requires_grad_(dtype.is_floating_point and grad)
+                    for shape, dtype in specs
+                )
+                for specs, grad in ((prog.input_specs, s > 0), (prog.output_specs, True))
+            ]
+            self.stages.append(
+                stage_cls(run, s, n_stages, self.device, input_args=examples[0], output_args=examples[1],
+                          group=self.mesh["pp"].get_group())
+            )
+        self.params: dict[str, torch.nn.Parameter] = {}
+        for s in self.stage_indices:
+            for name, p in self.modules[s].named_parameters():
+                name = name.removeprefix("graph_module.")
+                if p.requires_grad:
+                    # Two stages of one rank share the tensor ([Note: tied weights across stages]).
+                    self.params.setdefault(name, p)
+        self._tied = self._tied_groups()
+        self.optimizer = (optimizer or (lambda ps: torch.optim.AdamW(ps, lr=1e-3)))(list(self.params.values()))
+        self.schedule = self._make_schedule()
+        self._watchdog = _Watchdog(self.rank, plan, timeout_s)
+        self.steps_done = 0
+
+    # --- building -------------------------------------------------------------------
+
+    def _make_schedule(self) -> Any:
+        from torch.distributed.pipelining import Schedule1F1B, ScheduleGPipe, ScheduleInterleaved1F1B
+
+        sched = self.plan.schedule
+        spec = self.split.out_spec
+
+        def loss(out: Any, target: torch.Tensor) -> torch.Tensor:
+            flat = list(out) if isinstance(out, (tuple, list)) else [out]
+            return self._loss_fn(tree_unflatten(flat, spec), target)
+
+        if sched.name == "interleaved":
+            return ScheduleInterleaved1F1B(self.stages, sched.microbatches, loss_fn=loss)
+        cls = ScheduleGPipe if sched.name == "gpipe" else Schedule1F1B
+        return cls(self.stages[0], sched.microbatches, loss_fn=loss)
+
+    def _tied_groups(self) -> list[tuple[str, Any]]:
+        """(param, process group) for each tied weight whose owners span pipeline ranks.
+
+        Every rank creates every group, in the same order (``new_group`` is collective)."""
+        mesh = self.plan.mesh
+        mine: list[tuple[str, Any]] = []
+        for name in sorted(self.split.shared):
+            owners = sorted({s % mesh.pp for s in self.split.shared[name]})
+            if len(owners) < 2:
+                continue
+            for d in range(mesh.dp):
+                for t in range(mesh.tp):
+                    ranks = [mesh.rank(o, d, t) for o in owners]
+                    group = dist.new_group(ranks)
+                    if self.rank in ranks:
+                        mine.append((name, group))
+        return mine
+
+    # --- training -------------------------------------------------------------------
+
+    def step(self, *inputs: torch.Tensor, target: torch.Tensor, record: bool = False) -> float:
+        """One optimizer step on the global batch ``inputs``/``target`` (the same on every rank).
+
+        Returns the step's mean loss on every rank. With ``record=True`` the
+        stages' forward/backward times land in ``self.events``.
+        """
+        local_inputs = [self._replica_slice(x, f"input {i}") for i, x in enumerate(inputs)]
+        local_target = self._replica_slice(target, "target")
+        origin = time.perf_counter()
+        self.events: list[StepEvent] = []
+        for st in self.stages:
+            st.events = self.events if record else None
+            st.origin = origin
+        self._watchdog.busy = True
+        try:
+            self.optimizer.zero_grad(set_to_none=True)
+            losses: list[torch.Tensor] = []
+            self.schedule.step(*local_inputs, target=local_target, losses=losses, return_outputs=False)
+            for name, group in self._tied:
+                grad = self.params[name].grad
+                if grad is not None:
+                    dist.all_reduce(grad, group=group)
+            self.optimizer.step()
+            mean = torch.stack([l.detach().float() for l in losses]).mean() if losses else torch.zeros(())
+            mean = mean.to(self.device)
+            dist.all_reduce(mean)
+        except Exception as exc:
+            # A peer that failed first makes our collectives fail too: name the peer, not us.
+            peer = self._watchdog.peer_failure(wait_s=self._watchdog.timeout_s + 3.0)
+            if peer is not None:
+                raise DistributedError(f"{peer}; rank {self.rank} stopped its step") from exc
+            self._watchdog.abort(self.stage_indices, exc)
+            raise
+        finally:
+            self._watchdog.busy = False
+        self.steps_done += 1
+        return float(mean) / (self.plan.mesh.dp * self.plan.mesh.tp)
+
+    def _replica_slice(self, x: torch.Tensor, what: str) -> torch.Tensor:
+        gb = self.plan.training.global_batch
+        per = gb // self.plan.mesh.dp
+        if not isinstance(x, torch.Tensor) or x.dim() == 0:
+            raise DistributedError(f"step(): {what} must be a tensor with a batch dimension")
+        if x.shape[0] == gb:
+            return x[self.dp_index * per : (self.dp_index + 1) * per].to(self.device)
+        if x.shape[0] == per and self.plan.mesh.dp > 1:
+            return x.to(self.device)  # already this replica's share
+        raise DistributedError(
+            f"step(): {what} has batch {x.shape[0]} but the plan's training.global_batch is {gb} "
+            f"(or {per} per data-parallel replica); pass the batch the plan was made for"
+        )
+
+    # --- parameters by their original names ----------------------------------------
+
+    def _dtensor(self, name: str, t: torch.Tensor) -> torch.Tensor:
+        """``t`` (a local shard of parameter ``name``, or a state of the same shape) as a global view."""
+        dim = self.split_dims.get(name)
+        if dim is None or t.dim() == 0:
+            return t
+        from torch.distributed.tensor import DTensor, Shard
+
+        return DTensor.from_local(t, self.mesh["tp"], [Shard(dim)], run_check=False)
+
+    def full_tensors(self, what: str = "param") -> dict[str, torch.Tensor]:
+        """This rank's parameters (``what="param"``) or gradients (``"grad"``) at full shape, by original name.
+
+        Collective over the tp axis (shards are gathered)."""
+        out = {}
+        for name in sorted(self.params):
+            p = self.params[name]
+            t = p.detach() if what == "param" else p.grad
+            if t is None:
+                continue
+            d = self._dtensor(name, t)
+            out[name] = d.full_tensor() if d is not t else t.clone()
+        return out
+
+    def state_dict(self) -> dict[str, Any]:
+        """Parameters and optimizer state keyed by the model's parameter names (DTensors where split)."""
+        sd: dict[str, Any] = {f"model.{n}": self._dtensor(n, p.detach()) for n, p in self.params.items()}
+        for name, p in self.params.items():
+            for key, value in self.optimizer.state.get(p, {}).items():
+                if isinstance(value, torch.Tensor):
+                    sd[f"optim.{name}.{key}"] = self._dtensor(name, value) if value.shape == p.shape else value
+        return sd
+
+    # --- checkpoints ----------------------------------------------------------------
+
+    def save(self, path: str | os.PathLike[str], *, overwrite: bool = False) -> None:
+        """Write a ``torch.distributed.checkpoint`` directory keyed by the model's parameter names."""
+        import torch.distributed.checkpoint as dcp
+
+        path = Path(path)
+        exists = [path.exists() and any(path.iterdir())] if path.is_dir() else [path.exists()]
+        dist.broadcast_object_list(exists, src=0)
+        if exists[0] and not overwrite:
+            raise CheckpointError(f"checkpoint path {path} exists and is not empty; pass overwrite=True or pick a new path")
+        self._watchdog.busy = True
+        try:
+            dcp.save(self.state_dict(), checkpoint_id=str(path))
+            if self.rank == 0:
+                meta = dict(model=self.model_name, fingerprint=self.fingerprint, steps=self.steps_done,
+                            plan_mesh=str(self.plan.mesh), optimizer=type(self.optimizer).__name__)
+                (path / CHECKPOINT_META).write_text(json.dumps(meta, indent=2) + "\n")
+            dist.barrier()
+        finally:
+            self._watchdog.busy = False
+
+    def load(self, path: str | os.PathLike[str]) -> None:
+        """Load a checkpoint saved under any plan of the same model; nothing changes if it fails."""
+        import torch.distributed.checkpoint as dcp
+
+        path = Path(path)
+        problem = self._check_checkpoint(path)
+        verdicts: list[Any] = [None] * dist.get_world_size()
+        dist.all_gather_object(verdicts, problem)
+        bad = next((v for v in verdicts if v), None)
+        if bad:
+            raise CheckpointError(bad)
+        _init_optimizer_state(self.optimizer)
+        live = self.state_dict()
+        staged = {k: _empty_like(v) for k, v in live.items()}
+        self._watchdog.busy = True
+        try:
+            from torch.distributed.checkpoint.api import CheckpointException
+
+            try:
+                dcp.load(staged, checkpoint_id=str(path))
+                ok = [None]
+            except (Exception, CheckpointException) as exc:  # CheckpointException is a BaseException
+                ok = [f"checkpoint {path} could not be read ({type(exc).__name__}: {str(exc).splitlines()[0][:160]}); "
+                      "it is corrupt or incomplete: save it again"]
+            verdicts = [None] * dist.get_world_size()
+            dist.all_gather_object(verdicts, ok[0])
+            bad = next((v for v in verdicts if v), None)
+            if bad:
+                raise CheckpointError(bad)
+            with torch.no_grad():
+                for k, v in staged.items():
+                    dst = live[k]
+                    _local(dst).copy_(_local(v))
+        finally:
+            self._watchdog.busy = False
+        meta = json.loads((path / CHECKPOINT_META).read_text())
+        self.steps_done = int(meta.get("steps", 0))
+
+    def _check_checkpoint(self, path: Path) -> str | None:
+        """One line saying what is wrong with the checkpoint at ``path``, or None."""
+        meta_file = path / CHECKPOINT_META
+        if not path.is_dir() or not (path / ".metadata").is_file() or not meta_file.is_file():
+            return f"no checkpoint at {path} (expected a directory written by ParallelModel.save, with .metadata and {CHECKPOINT_META})"
+        try:
+            meta = json.loads(meta_file.read_text())
+            fingerprint = meta["fingerprint"]
+        except (OSError, ValueError, KeyError, TypeError):
+            return f"checkpoint {path}: {CHECKPOINT_META} is corrupt; the checkpoint cannot be trusted, save it again"
+        if fingerprint != self.fingerprint:
+            return (
+                f"checkpoint {path} is of model {meta.get('model')!r} (fingerprint {fingerprint}), not of this "
+                f"model {self.model_name!r} ({self.fingerprint}); load a checkpoint of this model"
+            )
+        try:
+            from torch.distributed.checkpoint import FileSystemReader
+
+            keys = set(FileSystemReader(str(path)).read_metadata().state_dict_metadata)
+        except Exception as exc:
+            return f"checkpoint {path}: .metadata is corrupt ({type(exc).__name__}); save the checkpoint again"
+        missing = sorted(k for k in self.state_dict() if k not in keys)
+        if missing:
+            return f"checkpoint {path} lacks {missing[0]}{f' and {len(missing) - 1} more' if len(missing) > 1 else ''}; it was saved with another optimizer or model"
+        return None
+
+    def close(self) -> None:
+        """Stop the watchdog and mark this rank done (peers stop watching it)."""
+        self._watchdog.close()
+
+
+def _init_optimizer_state(optim: torch.optim.Optimizer) -> None:
+    """Create the optimizer's state tensors (a step with zero gradients and zero learning rate), so that
+    a checkpoint has somewhere to load into. Leaves the parameters unchanged."""
+    if optim.state:
+        return
+    params = [p for g in optim.param_groups for p in g["params"] if p.requires_grad]
+    for p in params:
+        p.grad = torch.zeros_like(p)
+    lrs = [g.get("lr") for g in optim.param_groups]
+    for g in optim.param_groups:
+        if "lr" in g:
+            g["lr"] = 0.0
+    optim.step()
+    for g, lr in zip(optim.param_groups, lrs):
+        if lr is not None:
+            g["lr"] = lr
+    optim.zero_grad(set_to_none=True)
+
+
+def _local(t: torch.Tensor) -> torch.Tensor:
+    from torch.distributed.tensor import DTensor
+
+    return t.to_local() if isinstance(t, DTensor) else t
+
+
+def _empty_like(t: torch.Tensor) -> torch.Tensor:
+    from torch.distributed.tensor import DTensor
+
+    if isinstance(t, DTensor):
+        return DTensor.from_local(torch.empty_like(t.to_local()), t.device_mesh, t.placements, run_check=False)
+    return torch.empty_like(t)
+
+
+# --------------------------------------------------------------------------------------
+# Watchdog
+# --------------------------------------------------------------------------------------
+
+
+class _Watchdog:
+    """Ends this rank when another rank failed or died; see [Note: failing ranks]."""
+
+    def __init__(self, rank: int, plan: Plan, timeout_s: float) -> None:
+        self.rank = rank
+        self.plan = plan
+        self.timeout_s = timeout_s
+        self.busy = False
+        self._stop = threading.Event()
+        token = [uuid.uuid4().hex[:12] if rank == 0 else None]
+        dist.broadcast_object_list(token, src=0)
+        self.prefix = f"autopart/{token[0]}/"
+        self.world = dist.get_world_size()
+        self.store = self._client()
+        self.store.set(f"{self.prefix}hb/{rank}", "0")
+        self._thread = threading.Thread(target=self._run, name="autopart-watchdog", daemon=True)
+        self._thread.start()
+
+    @staticmethod
+    def _client() -> Any:
+        """A store client of our own: the main thread may be inside the default one."""
+        store = dist.distributed_c10d._get_default_store()
+        while hasattr(store, "underlying_store"):
+            store = store.underlying_store
+        return dist.TCPStore(store.host, store.port, is_master=False, timeout=timedelta(seconds=30))
+
+    def stages_of(self, rank: int) -> str:
+        pp = self.plan.mesh.pp
+        stage_rank = rank // (self.plan.mesh.dp * self.plan.mesh.tp)
+        stages = [s for s in range(len(self.plan.stages)) if s % pp == stage_rank]
+        return f"stage{'s' if len(stages) > 1 else ''} {', '.join(map(str, stages))}"
+
+    def abort(self, stages: Sequence[int], exc: BaseException) -> None:
+        msg = f"rank {self.rank} ({self.stages_of(self.rank)}) failed: {type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''}"
+        try:
+            self.store.set(f"{self.prefix}abort", msg[:500])
+        except Exception:
+            pass
+
+    def peer_failure(self, wait_s: float) -> str | None:
+        """Another rank's abort message, waiting up to ``wait_s`` for one (the watchdog meanwhile
+        ends this process if a peer's heartbeat stops)."""
+        deadline = time.monotonic() + wait_s
+        key = f"{self.prefix}abort"
+        while True:
+            try:
+                if self.store.check([key]):
+                    msg = self.store.get(key).decode()
+                    return None if msg.startswith(f"rank {self.rank} ") else msg
+            except Exception:
+                return None
+            if time.monotonic() > deadline:
+                return None
+            time.sleep(0.2)
+
+    def close(self) -> None:
+        if not self._stop.is_set():
+            self._stop.set()
+            try:
+                self.store.set(f"{self.prefix}done/{self.rank}", "1")
+            except Exception:
+                pass
+
+    def _die(self, msg: str) -> None:
+        print(f"autopart: error: rank {self.rank} stops: {msg}", file=sys.stderr, flush=True)
+        os._exit(1)
+
+    def _run(self) -> None:
+        beats = 0
+        seen: dict[int, tuple[str, float]] = {}
+        abort_key = f"{self.prefix}abort"
+        while not self._stop.wait(1.0):
+            beats += 1
+            try:
+                self.store.set(f"{self.prefix}hb/{self.rank}", str(beats))
+                if self.store.check([abort_key]):
+                    msg = self.store.get(abort_key).decode()
+                    if not msg.startswith(f"rank {self.rank} "):
+                        time.sleep(1.0)  # let the failing rank print its own traceback first
+                        self._die(msg)
+                    continue
+                now = time.monotonic()
+                for r in range(self.world):
+                    if r == self.rank:
+                        continue
+                    beat = self.store.get(f"{self.prefix}hb/{r}").decode()
+                    last = seen.get(r)
+                    if last is None or last[0] != beat:
+                        seen[r] = (beat, now)
+                    elif self.busy and now - last[1] > self.timeout_s and not self.store.check([f"{self.prefix}done/{r}"]):
+                        self._die(f"rank {r} ({self.stages_of(r)}) has not responded for {self.timeout_s:.0f} s; it died or hangs")
+            except Exception as exc:  # the store itself is gone: the rank hosting it died
+                if self._stop.is_set():
+                    return
+                if self.busy:
+                    self._die(f"the job's store is unreachable ({type(exc).__name__}); rank 0 ({self.stages_of(0)}) died")
+
+
+# --------------------------------------------------------------------------------------
+# autopart run
+# --------------------------------------------------------------------------------------
+
+
+def run_plan(
+    plan_path: str | os.PathLike[str],
+    model_spec: str,
+    *,
+    config: Sequence[str] = (),
+    seq_len: int | None = None,
+    steps: int = 10,
+    warmup: int = 1,
+    json_path: str | os.PathLike[str] | None = None,
+    seed: int = 0,
+) -> int:
+    """``autopart run``: train ``plan_path`` on synthetic batches under torchrun; print and record step times.
+
+    The ``--json`` file (rank 0) is ``{"plan", "world_size", "step_times_s", "losses", "events"}``;
+    ``events`` are every rank's ``StepEvent`` records of the last measured step (docs/runtime.md).
+    """
+    from .zoo import DTYPES_TORCH, load_model, parse_config_overrides
+
+    plan = Plan.load(plan_path)
+    if json_path is not None and Path(json_path).is_dir():
+        raise DistributedError(f"--json {json_path} is a directory; give a file path")
+    rank, world = _init_process_group(None)
+    torch.manual_seed(seed)
+    shapes = plan.model.input_shapes
+    if seq_len is None and shapes and len(shapes[0]) > 1:
+        seq_len = shapes[0][1]
+    dtype = next((k for k, v in DTYPES_TORCH.items() if k == plan.training.dtype), "fp32")
+    loaded = load_model(model_spec, seq_len=seq_len, dtype=dtype if dtype != "tf32" else "fp32",
+                        config=parse_config_overrides(config), device="cpu")
+    model = loaded.model.train()
+    with torch.no_grad():
+        probe = model(*loaded.example_inputs)
+    logits = getattr(probe, "logits", None)
+    gb = plan.training.global_batch
+    gen = torch.Generator().manual_seed(seed + 1)
+    if logits is not None:
+        vocab = logits.shape[-1]
+
+        def loss_fn(out: Any, y: torch.Tensor) -> torch.Tensor:
+            return torch.nn.functional.cross_entropy(out.logits.reshape(-1, vocab), y.reshape(-1))
+
+        def batch() -> tuple[tuple[torch.Tensor, ...], torch.Tensor]:
+            ids = [torch.randint(0, vocab, (gb, *x.shape[1:]), generator=gen) for x in loaded.example_inputs]
+            return tuple(ids), torch.randint(0, vocab, (gb, *logits.shape[1:-1]), generator=gen)
+    else:
+        out_shape = probe.shape[1:] if isinstance(probe, torch.Tensor) else None
+        if out_shape is None:
+            raise DistributedError(f"model {model_spec}: its output is neither a tensor nor has .logits; autopart run cannot make a loss for it")
+
+        def loss_fn(out: Any, y: torch.Tensor) -> torch.Tensor:
+            return torch.nn.functional.mse_loss(out, y)
+
+        def batch() -> tuple[tuple[torch.Tensor, ...], torch.Tensor]:
+            xs = tuple(torch.randn((gb, *x.shape[1:]), generator=gen, dtype=x.dtype) for x in loaded.example_inputs)
+            return xs, torch.randn((gb, *out_shape), generator=gen, dtype=probe.dtype)
+
+    pm = ParallelModel(model, plan, loaded.example_inputs, loss_fn, None)
+    times: list[float] = []
+    losses: list[float] = []
+    total = warmup + steps
+    try:
+        for i in range(total):
+            inputs, target = batch()
+            dist.barrier()
+            t0 = time.perf_counter()
+            loss = pm.step(*inputs, target=target, record=i == total - 1)
+            dt = time.perf_counter() - t0
+            if i >= warmup:
+                times.append(dt)
+                losses.append(loss)
+            if rank == 0:
+                label = "warmup" if i < warmup else f"step {i - warmup + 1}/{steps}"
+                print(f"{label:>12}  {dt * 1e3:9.1f} ms  loss {loss:.4f}", flush=True)
+        gathered: list[Any] = [None] * world
+        dist.all_gather_object(gathered, [asdict(e) for e in pm.events])
+    finally:
+        pm.close()
+    if rank == 0:
+        mean = sum(times) / len(times)
+        print(f"{plan.model.name} · mesh {plan.mesh} · {plan.schedule.name}: mean step {mean * 1e3:.1f} ms "
+              f"over {steps} steps ({gb / mean:.1f} samples/s)")
+        if json_path is not None:
+            record = dict(plan=str(plan_path), world_size=world, step_times_s=times, losses=losses,
+                          events=[e for rank_events in gathered for e in rank_events])
+            tmp = Path(str(json_path) + ".tmp")
+            tmp.write_text(json.dumps(record, indent=1) + "\n")
+            tmp.replace(json_path)
+            print(f"wrote {json_path}")
+    dist.barrier()
+    dist.destroy_process_group()
+    return 0

@@ -1,0 +1,258 @@
+"""Real multi-process runs for the runtime tests: one process group per layout, many checks inside it.
+
+``launch(n, job, args)`` starts ``n`` ranks of this file as plain processes
+(gloo over loopback, one thread each) and returns what every rank reported;
+process start-up dominates on a small machine, so one launch checks every
+model. Each job runs on every rank and returns a JSON-able dict.
+
+Jobs:
+  equivalence  auto_parallelize vs a single-process deepcopy of the same model:
+               the step's loss, every parameter's gradient gathered to full shape,
+               and the parameters after one optimizer step.
+  checkpoint   save / load under given layouts, continue, report the parameters.
+  fail         rank ``fail_rank`` raises inside its loss (or dies) mid-step.
+"""
+
+from __future__ import annotations
+
+import copy
+import json
+import os
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+ROOT = Path(__file__).resolve().parents[1]
+
+# Models of every architecture the runtime must handle, with at least 8 blocks so that 8 stages fit.
+MODELS = {
+    "mlp": dict(width=32, depth=8),
+    "gpt2-tiny": dict(n_layer=4, n_embd=32, n_head=4, n_positions=32, vocab_size=96,
+                      resid_pdrop=0.0, embd_pdrop=0.0, attn_pdrop=0.0),
+    "llama-tiny": dict(num_hidden_layers=5, hidden_size=32, intermediate_size=64, num_attention_heads=4,
+                       num_key_value_heads=2, vocab_size=96, max_position_embeddings=32),
+    "bert-tiny": dict(num_hidden_layers=6, hidden_size=32, intermediate_size=64, num_attention_heads=4,
+                      vocab_size=96, max_position_embeddings=32, hidden_dropout_prob=0.0,
+                      attention_probs_dropout_prob=0.0),
+}
+SEQ = 8
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def launch(n: int, job: str, args: dict[str, Any], tmp: Path, timeout_s: float = 240.0) -> list[dict[str, Any]]:
+    """Run ``job`` on ``n`` ranks; return each rank's report (``{"rc", "stderr", "elapsed_s", ...}``)."""
+    port = free_port()
+    spec = tmp / f"{job}-{port}.json"
+    spec.write_text(json.dumps(args))
+    procs = []
+    started = time.monotonic()
+    for rank in range(n):
+        env = dict(os.environ, RANK=str(rank), WORLD_SIZE=str(n), LOCAL_RANK=str(rank), LOCAL_WORLD_SIZE=str(n),
+                   MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), OMP_NUM_THREADS="1",
+                   PYTHONPATH=str(ROOT) + os.pathsep + os.environ.get("PYTHONPATH", ""))
+        out = tmp / f"{job}-{port}-rank{rank}.json"
+        err = open(tmp / f"{job}-{port}-rank{rank}.err", "w")
+        procs.append((subprocess.Popen([sys.executable, __file__, job, str(spec), str(out)], env=env,
+                                       stdout=err, stderr=subprocess.STDOUT), out, err))
+    reports = []
+    for proc, out, err in procs:
+        try:
+            rc = proc.wait(timeout=max(1.0, timeout_s - (time.monotonic() - started)))
+        except subprocess.TimeoutExpired:
+            proc.kill()  # only the processes this launch started
+            rc = proc.wait()
+        err.close()
+        report = json.loads(out.read_text()) if out.exists() else {}
+        report.update(rc=rc, stderr=Path(err.name).read_text(), elapsed_s=time.monotonic() - started)
+        reports.append(report)
+    return reports
+
+
+# --------------------------------------------------------------------------------------
+# Inside a rank
+# --------------------------------------------------------------------------------------
+
+
+def build(name: str, seed: int = 0):
+    """(model, example batch-1 inputs, loss_fn, make_batch(global_batch, seed) -> (inputs, target))."""
+    import torch
+
+    from partitioner.zoo import load_model
+
+    torch.manual_seed(seed)
+    lm = load_model(name, config=MODELS[name], seq_len=None if name == "mlp" else SEQ, device="cpu")
+    model = lm.model.train()
+    if name == "mlp":
+        def loss_fn(out, y):
+            return torch.nn.functional.mse_loss(out, y)
+
+        def batch(b, s):
+            g = torch.Generator().manual_seed(s)
+            return (torch.randn(b, 32, generator=g),), torch.randn(b, 32, generator=g)
+    else:
+        vocab = MODELS[name]["vocab_size"]
+
+        def loss_fn(out, y):
+            logits = out.logits
+            return torch.nn.functional.cross_entropy(logits.reshape(-1, logits.shape[-1]), y.reshape(-1))
+
+        def batch(b, s):
+            g = torch.Generator().manual_seed(s)
+            return (torch.randint(0, vocab, (b, SEQ), generator=g),), torch.randint(0, vocab, (b, SEQ), generator=g)
+    return model, lm.example_inputs, loss_fn, batch
+
+
+def _rel(a, b, floor: float) -> float:
+    return float((a - b).abs().max() / max(float(b.abs().max()), floor))
+
+
+def job_equivalence(args: dict[str, Any]) -> dict[str, Any]:
+    import torch
+
+    from partitioner import auto_parallelize
+
+    out: dict[str, Any] = {}
+    layout = args["layout"]
+    for name in args["models"]:
+        model, example, loss_fn, batch = build(name)
+        ref = copy.deepcopy(model)
+        opt = lambda ps: torch.optim.SGD(ps, lr=0.1, momentum=0.9)  # noqa: E731
+        pm = auto_parallelize(model, example_inputs=example, loss_fn=loss_fn, method="params",
+                              optimizer=opt, **layout)
+        gb = pm.plan.training.global_batch
+        inputs, target = batch(gb, 1)
+        loss = pm.step(*inputs, target=target)
+        grads = pm.full_tensors("grad")
+        params = pm.full_tensors("param")
+        ref_opt = opt(ref.parameters())
+        ref_loss = loss_fn(ref(*inputs), target)
+        ref_loss.backward()
+        ref_grads = {n: p.grad.clone() for n, p in ref.named_parameters()}
+        ref_opt.step()
+        ref_params = dict(ref.named_parameters())
+        scale_g = max(float(g.abs().max()) for g in ref_grads.values())
+        out[name] = dict(
+            loss=loss, ref_loss=float(ref_loss),
+            grad=max(_rel(grads[n], ref_grads[n], 1e-4 * scale_g) for n in grads),
+            param=max(_rel(params[n].detach(), ref_params[n].detach(), 1e-6) for n in params),
+            worst_grad=max(grads, key=lambda n: _rel(grads[n], ref_grads[n], 1e-4 * scale_g)),
+            names=sorted(grads), all_names=sorted(ref_grads), matched_by=pm.split.matched_by,
+            schedule=pm.plan.schedule.name, stages=list(pm.stage_indices),
+        )
+        pm.close()
+    return out
+
+
+def job_checkpoint(args: dict[str, Any]) -> dict[str, Any]:
+    """Phase "save": steps under layout, save. Phase "load": load, more steps. Report the final parameters."""
+    import torch
+
+    from partitioner import auto_parallelize
+
+    name = args["model"]
+    model, example, loss_fn, batch = build(name)
+    opt = lambda ps: torch.optim.SGD(ps, lr=0.1, momentum=0.9)  # noqa: E731
+    pm = auto_parallelize(model, example_inputs=example, loss_fn=loss_fn, method="params", optimizer=opt,
+                          global_batch=args["global_batch"], **args["layout"])
+    result: dict[str, Any] = {}
+    try:
+        if args.get("load"):
+            before = {n: t.clone() for n, t in pm.full_tensors("param").items()}
+            try:
+                pm.load(args["load"])
+            except Exception as exc:
+                result["load_error"] = f"{type(exc).__name__}: {exc}"
+                after = pm.full_tensors("param")
+                result["unchanged"] = all(torch.equal(before[n], after[n]) for n in before)
+                return result
+        losses = []
+        for step in range(args["first_step"], args["first_step"] + args["steps"]):
+            inputs, target = batch(args["global_batch"], 100 + step)
+            losses.append(pm.step(*inputs, target=target))
+        if args.get("save"):
+            pm.save(args["save"])
+        result["losses"] = losses
+        result["params"] = {n: t.flatten().tolist() for n, t in pm.full_tensors("param").items()}
+        return result
+    finally:
+        pm.close()
+
+
+def job_fail(args: dict[str, Any]) -> dict[str, Any]:
+    import torch
+    import torch.distributed as dist
+
+    from partitioner import auto_parallelize
+
+    model, example, loss_fn, batch = build("mlp")
+    fail_rank, how = args["fail_rank"], args["how"]
+
+    def failing_loss(out, y):
+        if dist.get_rank() == fail_rank:
+            if how == "die":
+                os._exit(3)
+            raise ValueError("injected failure in the loss")
+        return loss_fn(out, y)
+
+    pm = auto_parallelize(model, example_inputs=example, loss_fn=failing_loss, method="params",
+                          optimizer=lambda ps: torch.optim.SGD(ps, lr=0.1), timeout_s=5.0, **args["layout"])
+    inputs, target = batch(pm.plan.training.global_batch, 1)
+    pm.step(*inputs, target=target)
+    return {"finished": True}
+
+
+def job_wrong_world(args: dict[str, Any]) -> dict[str, Any]:
+    """A plan for 4 ranks run on 2, and a plan for the MLP run on GPT-2: both refused before any step."""
+    from partitioner import Cluster, plan_parallelism
+    from partitioner.runtime import ParallelModel
+
+    model, example, loss_fn, _ = build("mlp")
+    plan = plan_parallelism(model, example, Cluster.local(4), global_batch=4, method="params", pp=2, dp=2,
+                            dtype="fp32").plan
+    out: dict[str, Any] = {"plan_mesh": json.dumps(dict(pp=plan.mesh.pp, tp=plan.mesh.tp, dp=plan.mesh.dp))}
+    small = plan_parallelism(model, example, Cluster.local(2), global_batch=2, method="params", pp=2, dtype="fp32").plan
+    gpt, gex, gloss, _ = build("gpt2-tiny")
+    import torch.distributed as dist
+
+    dist.init_process_group("gloo")
+    try:
+        ParallelModel(gpt, small, gex, gloss, None)
+    except Exception as exc:
+        out["wrong_model"] = f"{type(exc).__name__}: {exc}"
+    try:
+        ParallelModel(model, plan, example, loss_fn, None)
+    except Exception as exc:
+        out["job_failed"] = f"{type(exc).__name__}: {exc}"
+    return out
+
+
+def main(job: str, spec: str, out: str) -> None:
+    args = json.loads(Path(spec).read_text())
+    result = {"job_failed": None}
+    try:
+        result.update(globals()[f"job_{job}"](args))
+    except Exception as exc:  # reported to the test, which decides
+        import traceback
+
+        traceback.print_exc()
+        result["job_failed"] = f"{type(exc).__name__}: {exc}"
+    Path(out).write_text(json.dumps(result))
+    import torch.distributed as dist
+
+    if dist.is_initialized() and result["job_failed"] is None:
+        dist.barrier()
+        dist.destroy_process_group()
+    sys.stdout.flush()
+    os._exit(0 if result["job_failed"] is None else 1)
+
+
+if __name__ == "__main__":
+    main(*sys.argv[1:4])
