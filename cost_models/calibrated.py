@@ -21,16 +21,17 @@ with parameters and no counted FLOPs (an embedding, a norm) splits ``B`` into
 its activations and its parameters ``P``: forward ``t = alpha + (B - P) * y``
 (an embedding reads the rows it looks up, not its table), backward
 ``t = alpha + (B - P) * y + P * z`` (it writes a gradient as large as the
-whole table). ``x``
-is the inverse of the effective FLOP rate, ``y`` the inverse of the effective
-bandwidth, and ``alpha`` the per-call overhead (dispatcher, launch). One term
-each, not both: the FLOPs of a matmul grow as d^2 s and its bytes as d s, and
-a fit given both on a few sizes trades one for the other and extrapolates
-badly to larger widths. For a matmul ``alpha + F * x`` is exactly an
-efficiency rising with size, ``F / (F + alpha / x)`` of the fitted peak. The
-fit minimizes *relative* squared error (every row divided by its
-measured time), because the planner cares about ratios and a plain least
-squares fit would ignore the many small ops. An op with fewer than
+whole table).
+
+``x`` is the inverse of the effective FLOP rate, ``y`` the inverse of the
+effective bandwidth, and ``alpha`` the per-call overhead (dispatcher, launch).
+FLOPs or bytes, not both: the FLOPs of a matmul grow as d^2 s and its bytes
+as d s, and a fit given both on a few sizes trades one for the other and
+extrapolates badly to larger widths. For a matmul ``alpha + F * x`` is exactly
+an efficiency rising with size, ``F / (F + alpha / x)`` of the fitted peak.
+The fit minimizes *relative* squared error (every row divided by its measured
+time), because the planner cares about ratios and a plain least squares fit
+would ignore the many small ops. An op with fewer than
 ``MIN_POINTS`` distinct sizes falls back to its class's fit (matmul,
 attention, elementwise; see ``op_class``), and a class with none to the
 base model.

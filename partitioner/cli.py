@@ -65,7 +65,7 @@ def _common(p: argparse.ArgumentParser) -> None:
     g.add_argument("--model", default=DEFAULT_MODEL, help=f"zoo name, hf:ClassName or py:module:function (default {DEFAULT_MODEL})")
     g.add_argument("--config", nargs="+", default=[], metavar="KEY=VALUE", help="model config overrides, e.g. n_layer=4")
     g.add_argument("--seq-len", type=_positive_int, default=None, help="sequence length (default: the model's)")
-    g.add_argument("--dtype", default=None, choices=("fp32", "tf32", "bf16", "fp16", "fp8"), help="compute dtype (default bf16)")
+    g.add_argument("--dtype", default=None, choices=("fp32", "tf32", "bf16", "fp16", "fp8"), help="compute dtype (default bf16; fp32 on a device without bf16, such as local-cpu)")
 
 
 def _cluster_args(p: argparse.ArgumentParser) -> None:
