@@ -444,6 +444,11 @@ def print_plan(result, cluster) -> None:
         f"{pred.tflops_per_device:.1f} TFLOP/s per device · MFU {pred.mfu:.1%} · bubble {pred.bubble_fraction:.1%} · "
         f"peak memory {_fmt_bytes(pred.peak_memory_bytes)} of {_fmt_bytes(pred.memory_limit_bytes)} ({fits})"
     )
+    if pred.mfu > 1:
+        console.print(
+            f"[yellow]note:[/yellow] MFU above 100%: the costs run faster than {cluster.name}'s peak FLOP/s "
+            "(an estimate for local-cpu); `autopart calibrate` measures the peak"
+        )
     solver = plan.solver
     proof = ""
     if solver.bound is not None and solver.objective:

@@ -389,7 +389,8 @@ def device_name(device: str) -> str:
         raise ProfileError(f"--device {device}: profiling runs on cpu or cuda")
     from .cluster import _cpu_model
 
-    return f"{_cpu_model()} ({torch.get_num_threads()} threads)"
+    threads = torch.get_num_threads()
+    return f"{_cpu_model()} ({threads} thread{'' if threads == 1 else 's'})"
 
 
 # --------------------------------------------------------------------------------------
