@@ -149,16 +149,23 @@ def _draw_measured(ax, row: "Row", unit: float) -> bool:
         )
         events.append((p, e.kind, e.microbatch, e.start_s * unit, e.end_s * unit))
         end = max(end, e.end_s * unit)
+    # The step is longer than its last backward: gradient reduction and the optimizer follow.
+    step = max(end, (m.median_s or 0.0) * unit)
     for r in range(pp):
-        ax.broken_barh([(0, end)], (r - 0.45, 0.9), facecolors=COLORS["idle"])
+        ax.broken_barh([(0, step)], (r - 0.45, 0.9), facecolors=COLORS["idle"])
     _bars(ax, spans, pp, rasterize=len(events) > RASTERIZE_OVER)
-    _label_microbatches(ax, events, end, pp)
+    _label_microbatches(ax, events, step, pp)
     _rank_ticks(ax, pp)
+    ax.axvline(step, color="black", linewidth=0.8, linestyle="--")
     return True
 
 
 def timeline_figure(case: "CaseResult") -> Figure:
-    """One step of each distinct plan as a Gantt chart, on one time axis; measured ones beside."""
+    """One step of each distinct plan as a Gantt chart; measured ones beside, on the same time axis.
+
+    Simulated and measured panels share one axis, so that a bar's length says how far the
+    prediction is from the run as well as how the plans compare.
+    """
     from .compare import _fmt_time
 
     rows = case.unique_rows()
@@ -166,12 +173,15 @@ def timeline_figure(case: "CaseResult") -> Figure:
     heights = _row_heights([r.sim.ranks for r in rows])
     fig = Figure(figsize=(15 if measured else 11, min(30.0, sum(heights) + 1.2)), layout="constrained")
     grid = fig.add_gridspec(len(rows), 2 if measured else 1, height_ratios=heights)
-    span = max(r.sim.step_time_s for r in rows)
+    m_spans = [
+        max([e.end_s for e in r.measured.events] + [r.measured.median_s or 0.0])
+        for r in rows if r.measured and r.measured.events
+    ]
+    span = max([r.sim.step_time_s for r in rows] + m_spans)
     unit, unit_name = _time_unit(span)
-    m_spans = [max((e.end_s for e in r.measured.events), default=0.0) for r in rows if r.measured and r.measured.events]
-    m_unit, m_unit_name = _time_unit(max(m_spans, default=span))
+    m_unit, m_unit_name = unit, unit_name
     first = last = None
-    m_first = m_last = None
+    m_last = None
     for i, row in enumerate(rows):
         ax = fig.add_subplot(grid[i, 0], sharex=first)
         first = first or ax
@@ -187,11 +197,14 @@ def timeline_figure(case: "CaseResult") -> Figure:
         if i < len(rows) - 1:
             ax.tick_params(labelbottom=False)
         if measured:
-            mx = fig.add_subplot(grid[i, 1], sharex=m_first)
+            mx = fig.add_subplot(grid[i, 1], sharex=first)
             if _draw_measured(mx, row, m_unit):
-                m_first = m_first or mx
                 m_last = mx
-                mx.set_title(f"{row.method}: measured, median step {_fmt_time(row.measured.median_s)}", fontsize=9, loc="left")
+                err = row.error_vs_measured()
+                mx.set_title(f"{row.method}: measured, median step {_fmt_time(row.measured.median_s)} "
+                             f"(predicted {err:+.0%})", fontsize=9, loc="left")
+                if i < len(rows) - 1:
+                    mx.tick_params(labelbottom=False)
     last.set_xlabel(f"simulated time in the step ({unit_name})")
     last.set_xlim(0, span * unit * 1.01)
     if m_last is not None:
@@ -244,7 +257,7 @@ def scatter_figure(points: Sequence[tuple["CaseResult", "Row"]], rho: float | No
     xs = [r.step_s for _, r in points]
     ys = [r.measured.median_s for _, r in points]
     lo, hi = min(xs + ys), max(xs + ys)
-    log = hi / lo > 20
+    log = hi / lo > 4
     many = len({c.case.title for c, _ in points}) > 1
     seen: set[str] = set()
     for i, (case, row) in enumerate(points):
@@ -269,7 +282,8 @@ def scatter_figure(points: Sequence[tuple["CaseResult", "Row"]], rho: float | No
     ax.set_xlabel("predicted step time (simulator)")
     ax.set_ylabel("measured step time (median of warm steps)")
     ax.set_title("Predicted vs measured" + (f": Spearman ρ = {rho:.2f}" if rho is not None else ""), fontsize=10)
-    ax.legend(fontsize=8, loc="upper left")
+    # Outside the axes: inside, it would cover the points and their labels wherever they fall.
+    fig.legend(fontsize=8, loc="outside lower center", ncol=min(6, len(seen) + 1), frameon=False)
     ax.grid(True, which="both", linewidth=0.3, alpha=0.5)
     return fig
 
