@@ -7,7 +7,11 @@ every plan, the Spearman rank correlation over all plans and within each case, t
 each case's simulated and measured timelines. This is the measured half of issue #6.
 
     python -m benchmarks.compare_measured [--report benchmarks/results/YYYY-MM-DD-compare-measured.md] \\
-        [--cache PATH] [--steps 5] [--warmup 2] [--only TEXT] [--force]
+        [--cache PATH] [--steps 5] [--warmup 2] [--repeat 2] [--only TEXT] [--force]
+
+With ``--repeat N`` every case is planned once and its plans run N times over; the report draws
+the first repetition and tabulates every repetition's medians and Spearman figures, so that the
+spread of the measurement (shared cores) shows beside the result.
 
 The cases are small enough for a 2-core machine: 2 ranks of one thread each (``local-cpu:2``).
 """
@@ -24,7 +28,7 @@ from pathlib import Path
 from typing import Sequence
 
 from partitioner.compare import (
-    DEFAULT_METHODS, CaptureCache, Case, CompareError, Comparison, MeasureSettings, ProfileSettings, machine_info,
+    DEFAULT_METHODS, CaptureCache, Case, CaseResult, CompareError, Comparison, MeasureSettings, ProfileSettings, machine_info,
     run_case, write_report,
 )
 from partitioner.errors import AutopartError
@@ -51,6 +55,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     ap.add_argument("--cache", default=None, metavar="PATH", help="profile cache file (as autopart plan --cache)")
     ap.add_argument("--steps", type=int, default=5, help="measured steps per plan (default 5)")
     ap.add_argument("--warmup", type=int, default=2, help="unmeasured steps before them (default 2)")
+    ap.add_argument("--repeat", type=int, default=2, help="run every plan this many times over (default 2)")
     ap.add_argument("--only", default=None, metavar="TEXT", help="run only the cases whose title contains TEXT")
     ap.add_argument("--force", action="store_true", help="replace an existing report")
     args = ap.parse_args(argv)
@@ -76,36 +81,125 @@ def _run(args: argparse.Namespace, command: str) -> int:
     cases = [c for c in CASES if not args.only or args.only in c.title]
     if not cases:
         raise CompareError(f"--only {args.only!r} matches no case")
+    if args.repeat < 1:
+        raise CompareError(f"--repeat {args.repeat} must be >= 1")
     measure = MeasureSettings(steps=args.steps, warmup=args.warmup)
     profile = ProfileSettings(cache=args.cache)
-    load = os.getloadavg()[0] if hasattr(os, "getloadavg") else float("nan")
     started = time.perf_counter()
     captures = CaptureCache()
-    results = []
-    with tempfile.TemporaryDirectory(prefix="autopart-measured-") as work:
+    runs: list[list] = []  # per repetition, the cases' results
+    loads: list[str] = []
+    # Plans, logs and run JSON stay (outside the repository) for a failed run to be read.
+    work = tempfile.mkdtemp(prefix="autopart-measured-")
+    for rep in range(args.repeat):
+        loads.append(_load())
+        results = []
         for i, case in enumerate(cases, 1):
             t = time.perf_counter()
+            # Profiling reads the cache after the first repetition and the ILP may take another
+            # path under a different load, so every repetition plans anew: its plans are the ones it ran.
             res = run_case(case, DEFAULT_METHODS, measure=measure, profile=profile, captures=captures,
-                           workdir=Path(work) / case.slug, progress=lambda msg: print(f"  {msg}", flush=True))
+                           workdir=Path(work) / f"{rep}-{case.slug}",
+                           progress=lambda msg: print(f"  {msg}", flush=True))
             results.append(res)
             parts = [
                 f"{r.method}={r.step_s * 1e3:.1f}ms/"
                 + (f"{r.measured.median_s * 1e3:.1f}ms" if r.measured and r.measured.median_s else "-")
                 for r in res.unique_rows()
             ]
-            print(f"[{i}/{len(cases)}] {case.title}: predicted/measured {' '.join(parts)}; "
+            print(f"[{rep + 1}.{i}/{len(cases)}] {case.title}: predicted/measured {' '.join(parts)}; "
                   f"{time.perf_counter() - t:.0f} s", flush=True)
-    comparison = Comparison(tuple(results), command, machine_info(), measured=True,
-                            wall_s=time.perf_counter() - started)
+        runs.append(results)
+    loads.append(_load())
+    wall = time.perf_counter() - started
+    comparisons = [Comparison(tuple(r), command, machine_info(), measured=True, wall_s=wall) for r in runs]
+    pooled = Comparison(tuple(_pool(c) for c in zip(*runs)), command, machine_info(), measured=True, wall_s=wall)
     path = write_report(
-        comparison, report.parent, name=stem, json_name=stem, pictures=stem, force=True,
-        intro=f"Every method's plan for {len(results)} small cases, priced with costs measured on this CPU "
+        pooled, report.parent, name=stem, json_name=stem, pictures=stem, force=True,
+        intro=f"Every method's plan for {len(cases)} small cases, priced with costs measured on this CPU "
               f"(`--profile`) and run here under `torchrun` ({measure.steps} measured steps after {measure.warmup} "
-              f"warm-up, one thread per rank). Load average {load:.1f} on {os.cpu_count()} CPUs at the start: "
-              "the cores are shared with other jobs, so step times vary from run to run.",
+              f"warm-up, one thread per rank), {args.repeat} time(s) over. The cores are shared with other "
+              f"jobs (load average {', then '.join(loads)} on {os.cpu_count()} CPUs at the start of each "
+              "repetition and at the end), so step times vary from run to run. Below, a plan's measured step "
+              "time is the median of its warm steps over every repetition that ran the same plan; its timeline is "
+              "the first repetition's last step. Each repetition alone is in the table that follows.",
+        summary=_repeats_markdown(comparisons),
     )
-    print(f"wrote {path}")
+    print(f"wrote {path}; the runs' plans, logs and JSON are in {work}")
     return 0
+
+
+def _pool(results: Sequence[CaseResult]) -> CaseResult:
+    """The first repetition's case, each plan's warm steps joined with those of every repetition
+    that ran the same plan (a repetition plans anew; a different plan is not pooled)."""
+    from dataclasses import replace
+
+    from partitioner.compare import _plan_key
+
+    first, rest = results[0], results[1:]
+    rows: list = []
+    pooled: dict[str, object] = {}
+    for row in first.rows:
+        m = row.measured
+        if row.same_as is not None and row.same_as in pooled:  # the same plan: the same measurement
+            rows.append(replace(row, measured=pooled[row.same_as]))
+            continue
+        if row.ok and m is not None and m.median_s is not None:
+            key = _plan_key(row.plan)
+            times = list(m.step_times_s)
+            for other in rest:
+                o = other.row(row.method)
+                if o is not None and o.ok and _plan_key(o.plan) == key and o.measured and o.measured.median_s is not None:
+                    times += o.measured.step_times_s
+            row = replace(row, measured=replace(m, step_times_s=tuple(times)))
+            pooled[row.method] = row.measured
+        rows.append(row)
+    return replace(first, rows=tuple(rows), wall_s=sum(r.wall_s for r in results))
+
+
+def _load() -> str:
+    return f"{os.getloadavg()[0]:.1f}" if hasattr(os, "getloadavg") else "unknown"
+
+
+def _repeats_markdown(comparisons: Sequence[Comparison]) -> str:
+    """Every repetition's Spearman figures and each plan's measured median, side by side."""
+    from partitioner.compare import _fmt_time
+
+    lines = ["## Every repetition", ""]
+    head = ["", *[f"run {i + 1}" for i in range(len(comparisons))]]
+    rows = [["Spearman, all plans", *[_rho(c.spearman()) for c in comparisons]]]
+    titles = list(comparisons[0].spearman_by_case())
+    for title in titles:
+        rows.append([f"Spearman within {title}", *[_rho(c.spearman_by_case().get(title)) for c in comparisons]])
+    lines += [_table(head, rows), ""]
+    head = ["case", "plan", *[f"run {i + 1}: predicted / measured (error)" for i in range(len(comparisons))]]
+    rows = []
+    for ci, case in enumerate(comparisons[0].cases):
+        for row in case.unique_rows():
+            cells = [case.case.title, row.method]
+            for c in comparisons:
+                r = c.cases[ci].row(row.method)
+                m = r.measured if r is not None and r.ok else None
+                if m is None or m.median_s is None:
+                    cells.append("—" if r is None or not r.ok else f"{_fmt_time(r.step_s)} / {m.status if m else '—'}")
+                else:
+                    cells.append(f"{_fmt_time(r.step_s)} / {_fmt_time(m.median_s)} ({r.error_vs_measured():+.0%})"
+                                 + (f" (= {r.same_as})" if r.same_as else ""))
+            rows.append(cells)
+    lines += [_table(head, rows), "",
+              "A repetition plans anew (the ILP's search is limited in wall-clock time); *(= m)*: that run's plan "
+              "was method *m*'s.", ""]
+    return "\n".join(lines)
+
+
+def _rho(r: float | None) -> str:
+    return f"{r:.2f}" if r is not None else "undefined"
+
+
+def _table(head: Sequence[str], rows: Sequence[Sequence[str]]) -> str:
+    out = ["| " + " | ".join(head) + " |", "|" + "|".join("---" for _ in head) + "|"]
+    out += ["| " + " | ".join(c.replace("|", "\\|") for c in r) + " |" for r in rows]
+    return "\n".join(out)
 
 
 if __name__ == "__main__":

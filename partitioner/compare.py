@@ -1012,14 +1012,24 @@ def _md_table(header: Sequence[str], rows: Sequence[Sequence[str]]) -> str:
     return "\n".join(lines)
 
 
+def measured_busy_s(m: Measurement) -> float | None:
+    """The busiest rank's forward and backward time in the measured step (from the runtime's events)."""
+    per_rank: dict[int, float] = {}
+    for e in m.events:
+        per_rank[e.rank] = per_rank.get(e.rank, 0.0) + (e.end_s - e.start_s)
+    return max(per_rank.values()) if per_rank else None
+
+
 def _error_cells(case: CaseResult, row: Row) -> list[str]:
     """One measured plan in the predicted-vs-measured table."""
     m = row.measured
     name = row.method + "".join(f", {r.method}" for r in case.rows if r.same_as == row.method)
+    busy = measured_busy_s(m)
     return [
         case.case.title, name, str(row.plan.mesh), _fmt_time(row.step_s), _fmt_time(m.median_s),
         f"{_fmt_time(min(m.step_times_s))} – {_fmt_time(max(m.step_times_s))} ({len(m.step_times_s)})",
         f"{row.error_vs_measured():+.1%}",
+        f"{_fmt_time(max(row.sim.busy_s))} / {_fmt_time(busy)}" if busy is not None else "—",
     ]
 
 
@@ -1038,7 +1048,7 @@ def results_json(comparison: Comparison) -> dict[str, Any]:
             m = r.measured
             d["measured"] = {
                 "status": m.status, "reason": m.reason, "median_s": m.median_s, "step_times_s": list(m.step_times_s),
-                "error": r.error_vs_measured(),
+                "error": r.error_vs_measured(), "busiest_rank_compute_s": measured_busy_s(m),
             }
         return d
 
@@ -1123,11 +1133,14 @@ def write_report(
                     for title, r in comparison.spearman_by_case().items()
                 ) + ".", ""]
             lines += [
-                _md_table(("case", "method", "mesh", "predicted", "measured", "warm steps", "error"),
+                _md_table(("case", "method", "mesh", "predicted", "measured", "warm steps", "error", "busiest rank F+B"),
                           [_error_cells(c, r) for c, r in pts]),
                 "",
                 "*measured* is the median of the warm steps, *warm steps* their range; *error* is "
-                "(predicted - measured) / measured.",
+                "(predicted - measured) / measured. *busiest rank F+B* is the forward and backward time of the "
+                "busiest rank in one step, predicted / measured (the runtime's events of the last step): "
+                "where it differs as much as the step, the error is in the compute; where it does not, in "
+                "what the step does besides (communication, the optimizer, the pipeline's own work).",
                 "",
                 picture(plots.scatter_figure(pts, rho), "measured", "predicted vs measured step time"),
                 "",

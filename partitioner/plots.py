@@ -252,23 +252,30 @@ def stage_figure(case: "CaseResult") -> Figure:
 
 def scatter_figure(points: Sequence[tuple["CaseResult", "Row"]], rho: float | None) -> Figure:
     """Predicted vs measured median step time, one point per measured plan, with the y = x line."""
-    fig = Figure(figsize=(6.5, 6), layout="constrained")
+    fig = Figure(figsize=(7, 7.5 if len({c.case.title for c, _ in points}) > 1 else 6), layout="constrained")
     ax = fig.add_subplot()
     xs = [r.step_s for _, r in points]
     ys = [r.measured.median_s for _, r in points]
     lo, hi = min(xs + ys), max(xs + ys)
     log = hi / lo > 4
-    many = len({c.case.title for c, _ in points}) > 1
+    titles = list(dict.fromkeys(c.case.title for c, _ in points))
+    many = len(titles) > 1
+    # Colour says the method, and with several cases the marker says the case (in the legend), so
+    # that each point's label is only its error: long labels overlap where plans cluster.
+    markers = "osD^vP*X<>"
     seen: set[str] = set()
     for i, (case, row) in enumerate(points):
         color = _method_color(row.method, i)
-        ax.scatter([row.step_s], [row.measured.median_s], color=color, s=40, zorder=3,
+        marker = markers[titles.index(case.case.title) % len(markers)] if many else "o"
+        ax.scatter([row.step_s], [row.measured.median_s], color=color, marker=marker, s=40, zorder=3,
                    label=row.method if row.method not in seen else None)
         seen.add(row.method)
-        text = f"{row.method}" + (f" ({case.case.title})" if many else "")
         err = row.error_vs_measured()
-        ax.annotate(f"{text} {err:+.0%}", (row.step_s, row.measured.median_s), fontsize=7,
-                    xytext=(4, 4), textcoords="offset points")
+        ax.annotate(f"{err:+.0%}" if many else f"{row.method} {err:+.0%}", (row.step_s, row.measured.median_s),
+                    fontsize=7, xytext=(4, 4), textcoords="offset points")
+    if many:
+        for j, title in enumerate(titles):
+            ax.scatter([], [], color="gray", marker=markers[j % len(markers)], s=30, label=title)
     pad = 1.6 if log else 1.15
     ax.plot([lo / pad, hi * pad], [lo / pad, hi * pad], color="gray", linestyle="--", linewidth=0.8, label="measured = predicted")
     if log:
@@ -283,7 +290,7 @@ def scatter_figure(points: Sequence[tuple["CaseResult", "Row"]], rho: float | No
     ax.set_ylabel("measured step time (median of warm steps)")
     ax.set_title("Predicted vs measured" + (f": Spearman ρ = {rho:.2f}" if rho is not None else ""), fontsize=10)
     # Outside the axes: inside, it would cover the points and their labels wherever they fall.
-    fig.legend(fontsize=8, loc="outside lower center", ncol=min(6, len(seen) + 1), frameon=False)
+    fig.legend(fontsize=8, loc="outside lower center", ncol=2 if many else min(6, len(seen) + 1), frameon=False)
     ax.grid(True, which="both", linewidth=0.3, alpha=0.5)
     return fig
 

@@ -233,6 +233,17 @@ def test_run_json_drops_warmup_steps_and_keeps_the_last_step_events(tmp_path):
     assert _last_step([]) == ()
 
 
+def test_a_failed_run_is_named_by_the_ranks_error_not_torchruns_banner(tmp_path):
+    from partitioner.compare import _last_line
+
+    log = tmp_path / "run.log"
+    log.write_text("$ torchrun ...\nautopart: internal error: NotImplementedError: x (set AUTOPART_DEBUG=1 ...)\n"
+                   "Traceback (most recent call last):\n  error_file: <N/A>\n" + "=" * 60 + "\n")
+    assert _last_line(log).startswith("autopart: internal error: NotImplementedError")
+    log.write_text("something broke\n" + "=" * 60 + "\n")
+    assert _last_line(log) == "something broke"
+
+
 def test_too_large_cases_are_skipped_with_the_reason(zoo_capture):
     from partitioner.cluster import Cluster
 
