@@ -225,6 +225,11 @@ def stage_figure(case: "CaseResult") -> Figure:
     fig = Figure(figsize=(min(18.0, max(9.0, 4 + 0.22 * max_pp * len(rows))), 7), layout="constrained")
     load_ax, mem_ax = fig.subplots(2, 1, sharex=True)
     width = 0.8 / len(rows)
+    limit = rows[0].plan.predicted.memory_limit_bytes / GIB
+    top = max(max(r.sim.peak_memory_bytes) for r in rows) / GIB
+    # A small model against a big device: drawn to the limit, its bars would not show; say the limit instead.
+    small = top < 0.05 * limit
+    mem_unit, mem_name = ((1 << 20), "MiB") if small and top < 1 else (GIB, "GiB")
     span = max(max(r.sim.busy_s) for r in rows)
     unit, unit_name = _time_unit(span)
     for i, row in enumerate(rows):
@@ -232,19 +237,22 @@ def stage_figure(case: "CaseResult") -> Figure:
         color = _method_color(row.method, i)
         label = f"{_label(row, case)} ({row.plan.mesh})"
         load_ax.bar(xs, [b * unit for b in row.sim.busy_s], width, color=color, label=label)
-        mem_ax.bar(xs, [m / GIB for m in row.sim.peak_memory_bytes], width, color=color)
-    limit = rows[0].plan.predicted.memory_limit_bytes / GIB
-    mem_ax.axhline(limit, color="black", linestyle="--", linewidth=0.8)
-    mem_ax.text(0.995, limit, "device memory less reserve", va="bottom", ha="right", fontsize=7,
-                transform=mem_ax.get_yaxis_transform())
+        mem_ax.bar(xs, [m / mem_unit for m in row.sim.peak_memory_bytes], width, color=color)
+    if small:
+        mem_ax.text(0.995, 0.97, f"device memory less reserve: {limit:.1f} GiB (off the scale)", va="top",
+                    ha="right", fontsize=7, transform=mem_ax.transAxes)
+    else:
+        mem_ax.axhline(limit, color="black", linestyle="--", linewidth=0.8)
+        mem_ax.text(0.995, limit, "device memory less reserve", va="bottom", ha="right", fontsize=7,
+                    transform=mem_ax.get_yaxis_transform())
     load_ax.set_ylabel(f"compute per step ({unit_name})")
     load_ax.set_title("Load: forward + backward time per step of each pipeline rank (even is better)", fontsize=9, loc="left")
-    mem_ax.set_ylabel("peak memory per device (GiB)")
+    mem_ax.set_ylabel(f"peak memory per device ({mem_name})")
     mem_ax.set_title("Memory: weights, gradients, optimizer state and in-flight activations, per device", fontsize=9, loc="left")
     mem_ax.set_xlabel("pipeline rank")
     step = 1 if max_pp <= 32 else math.ceil(max_pp / 32)
     mem_ax.set_xticks(list(range(0, max_pp, step)))
-    mem_ax.set_ylim(0, max(limit, max(max(r.sim.peak_memory_bytes) for r in rows) / GIB) * 1.12)
+    mem_ax.set_ylim(0, (top * GIB / mem_unit if small else max(limit, top)) * 1.12)
     fig.suptitle(f"Per-stage load and memory: {case.case.title}", fontsize=11)
     fig.legend(loc="outside lower center", ncol=min(3, len(rows)), fontsize=8, frameon=False)
     return fig
