@@ -4,7 +4,8 @@ This sits at the end of the flow (``Plan ─▶ simulate / explain / compare``).
 captures the model once, builds one evaluator, and lets each *method* (the ILP and the baselines)
 plan with it, so that the same simulator judges every plan. With ``measure=True`` it also runs each
 plan for real under ``torchrun`` through ``autopart run`` and sets the median warm step time beside
-the prediction. The results go to a table (``rich``), and with ``out`` to a markdown report with
+the prediction; with ``profile`` every method is priced by the costs measured on this machine
+(``autopart plan --profile``), so that the two can be compared. The results go to a table (``rich``), and with ``out`` to a markdown report with
 pictures (``partitioner/plots.py``), the plans and the raw figures as JSON. The standing benchmark
 matrix (``benchmarks/run_matrix.py``) runs many cases through the same functions.
 
