@@ -163,6 +163,7 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--warmup", type=int, default=2, help="unmeasured warm-up steps before them (default 2)")
     g.add_argument("--out", default=None, metavar="DIR", help="write report.md, results.json, plans and pictures to DIR")
     g.add_argument("--force", action="store_true", help="let --out write into a non-empty directory")
+    _profile_args(p, flag=True)
 
     p = sub.add_parser("run", help="train a plan for N steps under torchrun and print step times and losses")
     _common(p)

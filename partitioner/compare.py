@@ -4,7 +4,8 @@ This sits at the end of the flow (``Plan ─▶ simulate / explain / compare``).
 captures the model once, builds one evaluator, and lets each *method* (the ILP and the baselines)
 plan with it, so that the same simulator judges every plan. With ``measure=True`` it also runs each
 plan for real under ``torchrun`` through ``autopart run`` and sets the median warm step time beside
-the prediction. The results go to a table (``rich``), and with ``out`` to a markdown report with
+the prediction; with ``profile`` every method is priced by the costs measured on this machine
+(``autopart plan --profile``), so that the two can be compared. The results go to a table (``rich``), and with ``out`` to a markdown report with
 pictures (``partitioner/plots.py``), the plans and the raw figures as JSON. The standing benchmark
 matrix (``benchmarks/run_matrix.py``) runs many cases through the same functions.
 
@@ -53,6 +54,7 @@ __all__ = [
     "CompareError",
     "Case",
     "MeasureSettings",
+    "ProfileSettings",
     "MeasuredEvent",
     "Measurement",
     "Row",
@@ -92,7 +94,7 @@ class Case:
     gpus_per_node: int | None = None  # overrides the cluster's devices per node
     config: tuple[str, ...] = ()  # model config overrides, KEY=VALUE
     seq_len: int | None = None  # sequence length (default: the model's)
-    dtype: str | None = None  # compute dtype (default bf16)
+    dtype: str | None = None  # compute dtype (default bf16, or the device's own, fp32 on a CPU)
     global_batch: int | None = None  # samples per step (default 8 per device)
     mesh: str | None = None  # pinned mesh axes for every method, e.g. "pp=2"
     microbatches: int | None = None  # pinned micro-batches per replica
@@ -144,6 +146,15 @@ class MeasureSettings:
     def __post_init__(self) -> None:
         if self.steps < 1 or self.warmup < 0:
             raise CompareError(f"steps = {self.steps} must be >= 1 and warmup = {self.warmup} >= 0")
+
+
+@dataclass(frozen=True, slots=True)
+class ProfileSettings:
+    """Price every method with costs measured on this machine (``autopart plan --profile``'s options)."""
+
+    device: str = "cpu"  # where to measure: cpu, or cuda on a GPU machine
+    cache: str | None = None  # profile cache file (default $AUTOPART_CACHE or ~/.cache/autopart/profile.sqlite)
+    budget_s: float | None = None  # stop measuring after this long; the calibrated model prices the rest
 
 
 @dataclass(frozen=True, slots=True)
@@ -208,6 +219,7 @@ class CaseResult:
     rows: tuple[Row, ...]
     capture_s: float  # capture and block building (shared by every method)
     wall_s: float  # the whole case, planning and measuring
+    costs: str = "analytic"  # what priced the plans: "analytic", or "profiled on DEVICE (...)"
 
     def row(self, method: str) -> Row | None:
         return next((r for r in self.rows if r.method == method), None)
@@ -244,6 +256,19 @@ class Comparison:
         """Rank correlation of predicted and measured step time over all measured plans."""
         pts = self.measured_points()
         return spearman([r.step_s for _, r in pts], [r.measured.median_s for _, r in pts])
+
+    def spearman_by_case(self) -> dict[str, float | None]:
+        """The same within each case: does the simulator order one case's plans as the runs do?
+
+        Pooled over cases of different models, the correlation is helped by the models' sizes
+        alone (a bigger model is slower in both); within a case only the plans differ.
+        """
+        out: dict[str, float | None] = {}
+        for c in self.cases:
+            pts = [(r.step_s, r.measured.median_s) for cc, r in self.measured_points() if cc is c]
+            if pts:
+                out[c.case.title] = spearman([x for x, _ in pts], [y for _, y in pts]) if len(pts) > 1 else None
+        return out
 
 
 def _fits(row: Row) -> bool:
@@ -361,11 +386,16 @@ def run_case(
     methods: Sequence[str] = DEFAULT_METHODS,
     *,
     measure: MeasureSettings | None = None,
+    profile: ProfileSettings | None = None,
     workdir: str | Path | None = None,
     captures: CaptureCache | None = None,
     progress: Callable[[str], None] | None = None,
 ) -> CaseResult:
     """Plan ``case`` with each method, and with ``measure`` run each distinct plan on this machine.
+
+    With ``profile`` every method is priced by the costs measured on this machine
+    (``partitioner.profile.profile_for_planning``, as ``autopart plan --profile``), so that the
+    predictions describe this machine and can be held against ``measure``'s runs.
 
     A method that finds no plan (or fails) becomes a row that says why. ``workdir`` receives the
     plans (``plans/``) and the runs' logs and JSON (``measure/``); without it a temporary directory
@@ -383,7 +413,9 @@ def run_case(
     methods = parse_methods(methods)
     started = time.perf_counter()
     cluster = _load_case_cluster(case)
-    dtype = case.dtype or "bf16"
+    from .cli import _default_dtype  # bf16, or a CPU's own dtype: what ``autopart plan`` defaults to
+
+    dtype = case.dtype or _default_dtype(cluster)
     if dtype not in cluster.device.peak_flops:
         raise PlanError(
             f"--dtype {dtype}: {cluster.device.name} has no {dtype} peak; it has {', '.join(cluster.device.peak_flops)}"
@@ -404,9 +436,14 @@ def run_case(
         zero1=case.zero1,
         memory_reserve=0.1 if case.memory_reserve is None else case.memory_reserve,
     )
-    # One evaluator for every method (what ``planner.prepare`` builds): the same costs judge all plans.
-    ev = Evaluator(build_partition_graph(captured, loaded.model), cluster, AnalyticCostModel(cluster), training)
+    pgraph = build_partition_graph(captured, loaded.model)
     capture_s += time.perf_counter() - t
+    cost_model, costs = AnalyticCostModel(cluster), "analytic"
+    if profile is not None:
+        say(f"{case.title}: profiling {case.model} on {profile.device}")
+        cost_model, costs = _profiled_costs(pgraph, cluster, dtype, pins.tp, profile)
+    # One evaluator for every method (what ``planner.prepare`` builds): the same costs judge all plans.
+    ev = Evaluator(pgraph, cluster, cost_model, training)
 
     rows: list[Row] = []
     seen: dict[tuple, str] = {}
@@ -436,7 +473,26 @@ def run_case(
         _save_plans(case, rows, Path(workdir))
     return CaseResult(
         case=case, cluster=cluster.describe(), params=captured.param_count, rows=tuple(rows),
-        capture_s=capture_s, wall_s=time.perf_counter() - started,
+        capture_s=capture_s, wall_s=time.perf_counter() - started, costs=costs,
+    )
+
+
+def _profiled_costs(pgraph, cluster, dtype: str, tp_pin: int | None, settings: ProfileSettings) -> tuple[Any, str]:
+    """The measured cost model of ``autopart plan --profile``, and a line saying what it measured."""
+    from .cli import _tp_degrees  # the degrees ``plan --profile`` measures; one definition for both
+    from .profile import ProfileCache, ProfileOptions, profile_for_planning
+
+    options = ProfileOptions(device=settings.device, dtype=dtype, tp_degrees=_tp_degrees(cluster, tp_pin),
+                             budget_s=settings.budget_s)
+    with ProfileCache(settings.cache) as cache:
+        prof = profile_for_planning(pgraph, cluster, cache, options)
+        path = cache.path
+    st = prof.result.stats
+    budget = f", {st.unmeasured} left to the calibrated model (budget)" if st.unmeasured else ""
+    aside = f"; the unreadable cache file was moved to {cache.moved_aside}" if cache.moved_aside else ""
+    return prof.cost_model, (
+        f"profiled on {prof.result.device}: {st.measured} measured, {st.cached} from the cache{budget} "
+        f"in {st.profiling_s:.1f} s (cache {path}){aside}"
     )
 
 
@@ -588,6 +644,8 @@ def _run_plan(case: Case, method: str, plan_path: Path, settings: MeasureSetting
     env["PYTHONPATH"] = os.pathsep.join(filter(None, [root, env.get("PYTHONPATH")]))
     env.setdefault("OMP_NUM_THREADS", str(max(1, (os.cpu_count() or 1) // world)))
     say(f"{case.title}: running the {method} plan on {world} process{'es' if world > 1 else ''}")
+    json_out.unlink(missing_ok=True)  # a stale result must not pass for this run's
+    started = time.time()
     with open(log_path, "w") as log:
         log.write("$ " + " ".join(cmd) + "\n")
         log.flush()
@@ -602,6 +660,14 @@ def _run_plan(case: Case, method: str, plan_path: Path, settings: MeasureSetting
             _end_group(proc)
             raise
     if rc != 0:
+        # Rank 0 writes the JSON whole (write, then rename) after the last step; a run that exits
+        # badly after that (while shutting down) was still measured, and the row says how it ended.
+        if json_out.exists() and json_out.stat().st_mtime >= started:
+            try:
+                m = _read_run_json(json_out, settings, log_path)
+                return replace(m, reason=f"the run exited {rc} after writing its results; see {log_path}")
+            except CompareError:
+                pass
         last = _last_line(log_path)
         return Measurement("failed", f"the run exited {rc}: {last} (log {log_path})", log=str(log_path))
     try:
@@ -625,8 +691,15 @@ def _end_group(proc: subprocess.Popen) -> None:
 
 
 def _last_line(path: Path) -> str:
+    """The line that says why a run failed: a rank's ``autopart: ...`` error, else the last line.
+
+    torchrun ends a failed job with its own banner of ``=`` lines, which says nothing."""
     lines = [ln.strip() for ln in path.read_text(errors="replace").splitlines() if ln.strip()]
-    return lines[-1][:300] if lines else "(no output)"
+    ours = [ln for ln in lines if ln.startswith("autopart: ")]
+    if ours:
+        return ours[0][:300]
+    plain = [ln for ln in lines if ln.strip("=-") and not ln.startswith(("[", "W1", "E1", "I1"))]
+    return (plain or lines or ["(no output)"])[-1][:300]
 
 
 def _read_run_json(path: Path, settings: MeasureSettings, log_path: Path) -> Measurement:
@@ -733,6 +806,10 @@ def compare(
     measure: bool = False,
     steps: int = 5,
     warmup: int = 2,
+    profile: bool = False,
+    device: str | None = None,
+    cache: str | None = None,
+    profile_budget: float | None = None,
     out: str | Path | None = None,
     force: bool = False,
     command: str | None = None,
@@ -740,11 +817,23 @@ def compare(
 ) -> Comparison:
     """Plan one case with each of ``methods``; with ``measure`` run the plans here; with ``out`` write the report.
 
-    Every keyword is the ``autopart compare`` option of the same name. Checks everything that can
-    be checked (methods, ``out``, the runtime for ``measure``) before the slow work starts.
+    Every keyword is the ``autopart compare`` option of the same name. ``profile`` (with ``device``,
+    ``cache``, ``profile_budget``) prices every method with costs measured here, as ``autopart plan
+    --profile`` does. Checks everything that can be checked (methods, ``out``, the runtime for
+    ``measure``, the device for ``profile``) before the slow work starts.
     """
     started = time.perf_counter()
     methods = parse_methods(DEFAULT_METHODS if methods is None else methods)
+    profiling = None
+    if profile:
+        from .profile import check_device
+
+        profiling = ProfileSettings(device=device or "cpu", cache=None if cache is None else str(cache),
+                                    budget_s=profile_budget)
+        check_device(_load_case_cluster(Case(cluster=cluster, nodes=nodes, gpus_per_node=gpus_per_node)),
+                     profiling.device)
+    elif device is not None or cache is not None or profile_budget is not None:
+        raise CompareError("--device, --cache and --profile-budget go with --profile")
     out_dir = check_out_dir(out, force) if out is not None else None
     if out_dir is not None:
         _check_plotting()
@@ -759,10 +848,10 @@ def compare(
     )
     if out_dir is not None:
         out_dir.mkdir(exist_ok=True)
-    result = run_case(case, methods, measure=settings, workdir=out_dir, progress=progress)
+    result = run_case(case, methods, measure=settings, profile=profiling, workdir=out_dir, progress=progress)
     comparison = Comparison(
         cases=(result,),
-        command=command or _python_call(case, methods, measure, out),
+        command=command or _python_call(case, methods, measure, out, profiling),
         machine=machine_info(),
         measured=measure,
         wall_s=time.perf_counter() - started,
@@ -772,11 +861,16 @@ def compare(
     return comparison
 
 
-def _python_call(case: Case, methods, measure, out) -> str:
+def _python_call(case: Case, methods, measure, out, profiling: ProfileSettings | None = None) -> str:
     kw = {k: v for k, v in asdict(case).items() if v not in (None, (), False) and k != "label"}
     kw.update(methods=",".join(methods))
     if measure:
         kw["measure"] = True
+    if profiling is not None:
+        kw["profile"] = True
+        for key, value in (("device", profiling.device), ("cache", profiling.cache), ("profile_budget", profiling.budget_s)):
+            if value is not None and not (key == "device" and value == "cpu"):
+                kw[key] = value
     if out is not None:
         kw["out"] = str(out)
     return "compare(" + ", ".join(f"{k}={v!r}" for k, v in kw.items()) + ")"
@@ -861,7 +955,9 @@ def row_cells(case: CaseResult, row: Row, measured: bool, notes: list[str] | Non
             cells += ["—", ""]
         elif m.status == "measured":
             err = row.error_vs_measured()
-            cells += [_fmt_time(m.median_s), f"{err:+.1%}"]
+            cells += [_fmt_time(m.median_s) + ("*" if m.reason else ""), f"{err:+.1%}"]
+            if m.reason and notes is not None and row.same_as is None:
+                notes.append(f"{row.method}: * {m.reason}")
         else:
             cells += [reason(f"{m.status}: {m.reason}"), ""]
     return cells
@@ -887,6 +983,7 @@ def print_tables(comparison: Comparison, console: Any = None) -> None:
         console.print(table)
         for note in notes:
             console.print(f"  {note}", highlight=False)
+        console.print(f"[dim]costs: {case.costs}[/dim]", highlight=False)
         console.print(f"[dim]capture {case.capture_s:.1f} s · case {case.wall_s:.1f} s; "
                       "vs uniform = uniform's step time / this plan's; (= m): the same plan as method m[/dim]")
     if comparison.measured:
@@ -896,6 +993,10 @@ def print_tables(comparison: Comparison, console: Any = None) -> None:
             f"Spearman rank correlation of predicted and measured step time: "
             + (f"[bold]{rho:.2f}[/bold] over {n} distinct plans" if rho is not None else f"undefined ({n} distinct measured plans)")
         )
+        if len(comparison.cases) > 1:
+            for title, r in comparison.spearman_by_case().items():
+                console.print(f"  within {title}: " + (f"{r:.2f}" if r is not None else "undefined (one plan, or no spread)"),
+                              highlight=False)
 
 
 # --------------------------------------------------------------------------------------
@@ -910,6 +1011,27 @@ def _md_table(header: Sequence[str], rows: Sequence[Sequence[str]]) -> str:
     lines = ["| " + " | ".join(header) + " |", "|" + "|".join("---:" if h in RIGHT else "---" for h in header) + "|"]
     lines += ["| " + " | ".join(esc(c) for c in r) + " |" for r in rows]
     return "\n".join(lines)
+
+
+def measured_busy_s(m: Measurement) -> float | None:
+    """The busiest rank's forward and backward time in the measured step (from the runtime's events)."""
+    per_rank: dict[int, float] = {}
+    for e in m.events:
+        per_rank[e.rank] = per_rank.get(e.rank, 0.0) + (e.end_s - e.start_s)
+    return max(per_rank.values()) if per_rank else None
+
+
+def _error_cells(case: CaseResult, row: Row) -> list[str]:
+    """One measured plan in the predicted-vs-measured table."""
+    m = row.measured
+    name = row.method + "".join(f", {r.method}" for r in case.rows if r.same_as == row.method)
+    busy = measured_busy_s(m)
+    return [
+        case.case.title, name, str(row.plan.mesh), _fmt_time(row.step_s), _fmt_time(m.median_s),
+        f"{_fmt_time(min(m.step_times_s))} – {_fmt_time(max(m.step_times_s))} ({len(m.step_times_s)})",
+        f"{row.error_vs_measured():+.1%}",
+        f"{_fmt_time(max(row.sim.busy_s))} / {_fmt_time(busy)}" if busy is not None else "—",
+    ]
 
 
 def results_json(comparison: Comparison) -> dict[str, Any]:
@@ -927,7 +1049,7 @@ def results_json(comparison: Comparison) -> dict[str, Any]:
             m = r.measured
             d["measured"] = {
                 "status": m.status, "reason": m.reason, "median_s": m.median_s, "step_times_s": list(m.step_times_s),
-                "error": r.error_vs_measured(),
+                "error": r.error_vs_measured(), "busiest_rank_compute_s": measured_busy_s(m),
             }
         return d
 
@@ -936,8 +1058,9 @@ def results_json(comparison: Comparison) -> dict[str, Any]:
         "machine": dict(comparison.machine),
         "wall_s": comparison.wall_s,
         "spearman": comparison.spearman() if comparison.measured else None,
+        "spearman_by_case": comparison.spearman_by_case() if comparison.measured else None,
         "cases": [
-            {"case": asdict(c.case), "title": c.case.title, "cluster": c.cluster, "params": c.params,
+            {"case": asdict(c.case), "title": c.case.title, "cluster": c.cluster, "params": c.params, "costs": c.costs,
              "capture_s": c.capture_s, "wall_s": c.wall_s, "rows": [row(c, r) for r in c.rows]}
             for c in comparison.cases
         ],
@@ -1004,6 +1127,22 @@ def write_report(
                 f"Spearman rank correlation of predicted and measured step time over {len(pts)} distinct plans: "
                 + (f"**{rho:.2f}**." if rho is not None else "undefined (needs two plans with different times)."),
                 "",
+            ]
+            if many:
+                lines += ["Within each case (only the plans differ): " + "; ".join(
+                    f"{title} {r:.2f}" if r is not None else f"{title} undefined (one plan)"
+                    for title, r in comparison.spearman_by_case().items()
+                ) + ".", ""]
+            lines += [
+                _md_table(("case", "method", "mesh", "predicted", "measured", "warm steps", "error", "busiest rank F+B"),
+                          [_error_cells(c, r) for c, r in pts]),
+                "",
+                "*measured* is the median of the warm steps, *warm steps* their range; *error* is "
+                "(predicted - measured) / measured. *busiest rank F+B* is the forward and backward time of the "
+                "busiest rank in one step, predicted / measured (the runtime's events of the last step): "
+                "where it differs as much as the step, the error is in the compute; where it does not, in "
+                "what the step does besides (communication, the optimizer, the pipeline's own work).",
+                "",
                 picture(plots.scatter_figure(pts, rho), "measured", "predicted vs measured step time"),
                 "",
             ]
@@ -1015,7 +1154,7 @@ def write_report(
             f"## {case.case.title}", "",
             f"{case.params / 1e6:,.1f}M parameters on {case.cluster}. Global batch "
             f"{next((r.plan.training.global_batch for r in case.rows if r.ok), case.case.global_batch or '—')}; "
-            f"capture {case.capture_s:.1f} s, case {case.wall_s:.1f} s.",
+            f"capture {case.capture_s:.1f} s, case {case.wall_s:.1f} s. Costs: {case.costs}.",
             "",
             _md_table(COLUMNS + (MEASURED_COLUMNS if comparison.measured else ()),
                       [row_cells(case, r, comparison.measured) for r in case.rows]),

@@ -149,16 +149,23 @@ def _draw_measured(ax, row: "Row", unit: float) -> bool:
         )
         events.append((p, e.kind, e.microbatch, e.start_s * unit, e.end_s * unit))
         end = max(end, e.end_s * unit)
+    # The step is longer than its last backward: gradient reduction and the optimizer follow.
+    step = max(end, (m.median_s or 0.0) * unit)
     for r in range(pp):
-        ax.broken_barh([(0, end)], (r - 0.45, 0.9), facecolors=COLORS["idle"])
+        ax.broken_barh([(0, step)], (r - 0.45, 0.9), facecolors=COLORS["idle"])
     _bars(ax, spans, pp, rasterize=len(events) > RASTERIZE_OVER)
-    _label_microbatches(ax, events, end, pp)
+    _label_microbatches(ax, events, step, pp)
     _rank_ticks(ax, pp)
+    ax.axvline(step, color="black", linewidth=0.8, linestyle="--")
     return True
 
 
 def timeline_figure(case: "CaseResult") -> Figure:
-    """One step of each distinct plan as a Gantt chart, on one time axis; measured ones beside."""
+    """One step of each distinct plan as a Gantt chart; measured ones beside, on the same time axis.
+
+    Simulated and measured panels share one axis, so that a bar's length says how far the
+    prediction is from the run as well as how the plans compare.
+    """
     from .compare import _fmt_time
 
     rows = case.unique_rows()
@@ -166,12 +173,15 @@ def timeline_figure(case: "CaseResult") -> Figure:
     heights = _row_heights([r.sim.ranks for r in rows])
     fig = Figure(figsize=(15 if measured else 11, min(30.0, sum(heights) + 1.2)), layout="constrained")
     grid = fig.add_gridspec(len(rows), 2 if measured else 1, height_ratios=heights)
-    span = max(r.sim.step_time_s for r in rows)
+    m_spans = [
+        max([e.end_s for e in r.measured.events] + [r.measured.median_s or 0.0])
+        for r in rows if r.measured and r.measured.events
+    ]
+    span = max([r.sim.step_time_s for r in rows] + m_spans)
     unit, unit_name = _time_unit(span)
-    m_spans = [max((e.end_s for e in r.measured.events), default=0.0) for r in rows if r.measured and r.measured.events]
-    m_unit, m_unit_name = _time_unit(max(m_spans, default=span))
+    m_unit, m_unit_name = unit, unit_name
     first = last = None
-    m_first = m_last = None
+    m_last = None
     for i, row in enumerate(rows):
         ax = fig.add_subplot(grid[i, 0], sharex=first)
         first = first or ax
@@ -187,11 +197,14 @@ def timeline_figure(case: "CaseResult") -> Figure:
         if i < len(rows) - 1:
             ax.tick_params(labelbottom=False)
         if measured:
-            mx = fig.add_subplot(grid[i, 1], sharex=m_first)
+            mx = fig.add_subplot(grid[i, 1], sharex=first)
             if _draw_measured(mx, row, m_unit):
-                m_first = m_first or mx
                 m_last = mx
-                mx.set_title(f"{row.method}: measured, median step {_fmt_time(row.measured.median_s)}", fontsize=9, loc="left")
+                err = row.error_vs_measured()
+                mx.set_title(f"{row.method}: measured, median step {_fmt_time(row.measured.median_s)} "
+                             f"(predicted {err:+.0%})", fontsize=9, loc="left")
+                if i < len(rows) - 1:
+                    mx.tick_params(labelbottom=False)
     last.set_xlabel(f"simulated time in the step ({unit_name})")
     last.set_xlim(0, span * unit * 1.01)
     if m_last is not None:
@@ -212,6 +225,11 @@ def stage_figure(case: "CaseResult") -> Figure:
     fig = Figure(figsize=(min(18.0, max(9.0, 4 + 0.22 * max_pp * len(rows))), 7), layout="constrained")
     load_ax, mem_ax = fig.subplots(2, 1, sharex=True)
     width = 0.8 / len(rows)
+    limit = rows[0].plan.predicted.memory_limit_bytes / GIB
+    top = max(max(r.sim.peak_memory_bytes) for r in rows) / GIB
+    # A small model against a big device: drawn to the limit, its bars would not show; say the limit instead.
+    small = top < 0.05 * limit
+    mem_unit, mem_name = ((1 << 20), "MiB") if small and top < 1 else (GIB, "GiB")
     span = max(max(r.sim.busy_s) for r in rows)
     unit, unit_name = _time_unit(span)
     for i, row in enumerate(rows):
@@ -219,19 +237,22 @@ def stage_figure(case: "CaseResult") -> Figure:
         color = _method_color(row.method, i)
         label = f"{_label(row, case)} ({row.plan.mesh})"
         load_ax.bar(xs, [b * unit for b in row.sim.busy_s], width, color=color, label=label)
-        mem_ax.bar(xs, [m / GIB for m in row.sim.peak_memory_bytes], width, color=color)
-    limit = rows[0].plan.predicted.memory_limit_bytes / GIB
-    mem_ax.axhline(limit, color="black", linestyle="--", linewidth=0.8)
-    mem_ax.text(0.995, limit, "device memory less reserve", va="bottom", ha="right", fontsize=7,
-                transform=mem_ax.get_yaxis_transform())
+        mem_ax.bar(xs, [m / mem_unit for m in row.sim.peak_memory_bytes], width, color=color)
+    if small:
+        mem_ax.text(0.995, 0.97, f"device memory less reserve: {limit:.1f} GiB (off the scale)", va="top",
+                    ha="right", fontsize=7, transform=mem_ax.transAxes)
+    else:
+        mem_ax.axhline(limit, color="black", linestyle="--", linewidth=0.8)
+        mem_ax.text(0.995, limit, "device memory less reserve", va="bottom", ha="right", fontsize=7,
+                    transform=mem_ax.get_yaxis_transform())
     load_ax.set_ylabel(f"compute per step ({unit_name})")
     load_ax.set_title("Load: forward + backward time per step of each pipeline rank (even is better)", fontsize=9, loc="left")
-    mem_ax.set_ylabel("peak memory per device (GiB)")
+    mem_ax.set_ylabel(f"peak memory per device ({mem_name})")
     mem_ax.set_title("Memory: weights, gradients, optimizer state and in-flight activations, per device", fontsize=9, loc="left")
     mem_ax.set_xlabel("pipeline rank")
     step = 1 if max_pp <= 32 else math.ceil(max_pp / 32)
     mem_ax.set_xticks(list(range(0, max_pp, step)))
-    mem_ax.set_ylim(0, max(limit, max(max(r.sim.peak_memory_bytes) for r in rows) / GIB) * 1.12)
+    mem_ax.set_ylim(0, (top * GIB / mem_unit if small else max(limit, top)) * 1.12)
     fig.suptitle(f"Per-stage load and memory: {case.case.title}", fontsize=11)
     fig.legend(loc="outside lower center", ncol=min(3, len(rows)), fontsize=8, frameon=False)
     return fig
@@ -239,23 +260,30 @@ def stage_figure(case: "CaseResult") -> Figure:
 
 def scatter_figure(points: Sequence[tuple["CaseResult", "Row"]], rho: float | None) -> Figure:
     """Predicted vs measured median step time, one point per measured plan, with the y = x line."""
-    fig = Figure(figsize=(6.5, 6), layout="constrained")
+    fig = Figure(figsize=(7, 7.5 if len({c.case.title for c, _ in points}) > 1 else 6), layout="constrained")
     ax = fig.add_subplot()
     xs = [r.step_s for _, r in points]
     ys = [r.measured.median_s for _, r in points]
     lo, hi = min(xs + ys), max(xs + ys)
-    log = hi / lo > 20
-    many = len({c.case.title for c, _ in points}) > 1
+    log = hi / lo > 4
+    titles = list(dict.fromkeys(c.case.title for c, _ in points))
+    many = len(titles) > 1
+    # Colour says the method, and with several cases the marker says the case (in the legend), so
+    # that each point's label is only its error: long labels overlap where plans cluster.
+    markers = "osD^vP*X<>"
     seen: set[str] = set()
     for i, (case, row) in enumerate(points):
         color = _method_color(row.method, i)
-        ax.scatter([row.step_s], [row.measured.median_s], color=color, s=40, zorder=3,
+        marker = markers[titles.index(case.case.title) % len(markers)] if many else "o"
+        ax.scatter([row.step_s], [row.measured.median_s], color=color, marker=marker, s=40, zorder=3,
                    label=row.method if row.method not in seen else None)
         seen.add(row.method)
-        text = f"{row.method}" + (f" ({case.case.title})" if many else "")
         err = row.error_vs_measured()
-        ax.annotate(f"{text} {err:+.0%}", (row.step_s, row.measured.median_s), fontsize=7,
-                    xytext=(4, 4), textcoords="offset points")
+        ax.annotate(f"{err:+.0%}" if many else f"{row.method} {err:+.0%}", (row.step_s, row.measured.median_s),
+                    fontsize=7, xytext=(4, 4), textcoords="offset points")
+    if many:
+        for j, title in enumerate(titles):
+            ax.scatter([], [], color="gray", marker=markers[j % len(markers)], s=30, label=title)
     pad = 1.6 if log else 1.15
     ax.plot([lo / pad, hi * pad], [lo / pad, hi * pad], color="gray", linestyle="--", linewidth=0.8, label="measured = predicted")
     if log:
@@ -269,7 +297,8 @@ def scatter_figure(points: Sequence[tuple["CaseResult", "Row"]], rho: float | No
     ax.set_xlabel("predicted step time (simulator)")
     ax.set_ylabel("measured step time (median of warm steps)")
     ax.set_title("Predicted vs measured" + (f": Spearman ρ = {rho:.2f}" if rho is not None else ""), fontsize=10)
-    ax.legend(fontsize=8, loc="upper left")
+    # Outside the axes: inside, it would cover the points and their labels wherever they fall.
+    fig.legend(fontsize=8, loc="outside lower center", ncol=2 if many else min(6, len(seen) + 1), frameon=False)
     ax.grid(True, which="both", linewidth=0.3, alpha=0.5)
     return fig
 

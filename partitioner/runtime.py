@@ -624,6 +624,11 @@ class _Watchdog:
                 self.store.set(f"{self.prefix}done/{self.rank}", "1")
             except Exception:
                 pass
+            # Wait for the thread to leave the store: a daemon thread still inside a store call when
+            # the interpreter exits made a rank abort ("terminate called without an active exception")
+            # after a run had finished and written its results.
+            if self._thread is not threading.current_thread():
+                self._thread.join(timeout=5.0)
 
     def _die(self, msg: str) -> None:
         print(f"autopart: error: rank {self.rank} stops: {msg}", file=sys.stderr, flush=True)
@@ -717,8 +722,18 @@ def run_plan(
         def loss_fn(out: Any, y: torch.Tensor) -> torch.Tensor:
             return torch.nn.functional.mse_loss(out, y)
 
+        # Integer inputs (token ids of a model returning plain logits, e.g. hetero-lm) index an
+        # embedding: draw them below the smallest embedding's rows (0 only, without one).
+        rows = min((m.num_embeddings for m in model.modules() if isinstance(m, torch.nn.Embedding)), default=1)
+
+        def sample(x: torch.Tensor) -> torch.Tensor:
+            shape = (gb, *x.shape[1:])
+            if x.dtype.is_floating_point or x.dtype.is_complex:
+                return torch.randn(shape, generator=gen, dtype=x.dtype)
+            return torch.randint(0, rows, shape, generator=gen, dtype=x.dtype)
+
         def batch() -> tuple[tuple[torch.Tensor, ...], torch.Tensor]:
-            xs = tuple(torch.randn((gb, *x.shape[1:]), generator=gen, dtype=x.dtype) for x in loaded.example_inputs)
+            xs = tuple(sample(x) for x in loaded.example_inputs)
             return xs, torch.randn((gb, *out_shape), generator=gen, dtype=probe.dtype)
 
     pm = ParallelModel(model, plan, loaded.example_inputs, loss_fn, None)

@@ -175,26 +175,38 @@ def test_measure_without_the_runtime_says_so_in_one_line(capsys, tmp_path):
     assert not (tmp_path / "o").exists()
 
 
+def test_profile_options_are_checked_before_any_work(capsys, tmp_path):
+    rc, _, err = run(capsys, "compare", *TINY, "--cache", str(tmp_path / "p.sqlite"))
+    assert_one_line_error(rc, err, "--cache", "go with --profile")
+    rc, _, err = run(capsys, "compare", *TINY, "--profile")
+    assert_one_line_error(rc, err, "--profile", "local-cpu")
+    assert not (tmp_path / "p.sqlite").exists()
+
+
 @pytest.mark.skipif(not runtime_available(), reason=NO_RUNTIME)
 def test_measure_runs_each_plan_and_reports_error_and_spearman(capsys, tmp_path):
+    # Two distinct plans (ilp: 1 x 4 micro-batches, uniform: 4 x 1), priced with measured costs.
     out = tmp_path / "m"
     rc, stdout, err = run(
-        capsys, "compare", "--model", "gpt2-tiny", "--config", "n_layer=4", "--cluster", "local-cpu:2", "--dtype", "fp32",
-        "--global-batch", "8", "--methods", "ilp,uniform,megatron", "--time-limit", "5", "--measure", "--steps", "3",
-        "--warmup", "1", "--out", str(out),
+        capsys, "compare", "--model", "gpt2-tiny", "--cluster", "local-cpu:2", "--global-batch", "8",
+        "--methods", "ilp,uniform", "--time-limit", "5", "--profile", "--cache", str(tmp_path / "p.sqlite"),
+        "--measure", "--steps", "2", "--warmup", "1", "--out", str(out),
     )
     assert rc == 0, err
     data = json.loads((out / "results.json").read_text())
+    assert data["cases"][0]["costs"].startswith("profiled on ")
     measured = [r for r in data["cases"][0]["rows"] if r.get("measured", {}).get("status") == "measured"]
-    assert len(measured) >= 2, data
+    assert len(measured) == 2, data
     for r in measured:
         m = r["measured"]
-        assert m["median_s"] > 0 and len(m["step_times_s"]) == 3
+        assert m["median_s"] > 0 and len(m["step_times_s"]) == 2
         assert m["error"] == pytest.approx((r["predicted"]["step_time_s"] - m["median_s"]) / m["median_s"])
     md = (out / "report.md").read_text()
-    assert "Spearman rank correlation" in md and "measured.png" in md
+    assert "Spearman rank correlation" in md and "measured.png" in md and "Costs: profiled on" in md
+    assert "| gpt2-tiny on local-cpu:2 | ilp |" in md  # the predicted-vs-measured table, a row per plan
     assert png_size(out / "measured.png")[0] >= 400
-    assert "measured" in " ".join(stdout.split())
+    flat = " ".join(stdout.split())
+    assert "measured" in flat and "costs: profiled on" in flat
 
 
 def test_run_json_drops_warmup_steps_and_keeps_the_last_step_events(tmp_path):
@@ -219,6 +231,17 @@ def test_run_json_drops_warmup_steps_and_keeps_the_last_step_events(tmp_path):
     with pytest.raises(CompareError, match="not valid JSON"):
         _read_run_json(path, settings, tmp_path / "log")
     assert _last_step([]) == ()
+
+
+def test_a_failed_run_is_named_by_the_ranks_error_not_torchruns_banner(tmp_path):
+    from partitioner.compare import _last_line
+
+    log = tmp_path / "run.log"
+    log.write_text("$ torchrun ...\nautopart: internal error: NotImplementedError: x (set AUTOPART_DEBUG=1 ...)\n"
+                   "Traceback (most recent call last):\n  error_file: <N/A>\n" + "=" * 60 + "\n")
+    assert _last_line(log).startswith("autopart: internal error: NotImplementedError")
+    log.write_text("something broke\n" + "=" * 60 + "\n")
+    assert _last_line(log) == "something broke"
 
 
 def test_too_large_cases_are_skipped_with_the_reason(zoo_capture):
