@@ -697,14 +697,17 @@ def run_plan(
     model = loaded.model.train()
     with torch.no_grad():
         probe = model(*loaded.example_inputs)
-    logits = getattr(probe, "logits", None)
+    # A language model: token ids in, logits out (a ModelOutput's .logits, or the tensor itself).
+    token_ids = all(not x.dtype.is_floating_point for x in loaded.example_inputs if isinstance(x, torch.Tensor))
+    logits = getattr(probe, "logits", probe if token_ids and isinstance(probe, torch.Tensor) else None)
     gb = plan.training.global_batch
     gen = torch.Generator().manual_seed(seed + 1)
     if logits is not None:
         vocab = logits.shape[-1]
 
         def loss_fn(out: Any, y: torch.Tensor) -> torch.Tensor:
-            return torch.nn.functional.cross_entropy(out.logits.reshape(-1, vocab), y.reshape(-1))
+            out = getattr(out, "logits", out)
+            return torch.nn.functional.cross_entropy(out.reshape(-1, vocab), y.reshape(-1))
 
         def batch() -> tuple[tuple[torch.Tensor, ...], torch.Tensor]:
             ids = [torch.randint(0, vocab, (gb, *x.shape[1:]), generator=gen) for x in loaded.example_inputs]
@@ -721,7 +724,9 @@ def run_plan(
             xs = tuple(torch.randn((gb, *x.shape[1:]), generator=gen, dtype=x.dtype) for x in loaded.example_inputs)
             return xs, torch.randn((gb, *out_shape), generator=gen, dtype=probe.dtype)
 
-    pm = ParallelModel(model, plan, loaded.example_inputs, loss_fn, None)
+    # The optimizer the plan priced (its memory): SGD for "sgd", AdamW for the Adam variants.
+    opt: OptimizerFactory | None = (lambda ps: torch.optim.SGD(ps, lr=1e-3)) if plan.training.optimizer == "sgd" else None
+    pm = ParallelModel(model, plan, loaded.example_inputs, loss_fn, opt)
     times: list[float] = []
     losses: list[float] = []
     total = warmup + steps
