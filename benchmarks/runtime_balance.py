@@ -107,13 +107,14 @@ def main() -> int:
         rounds = []
         for r in range(args.rounds):
             order = ("ilp", "uniform") if r % 2 == 0 else ("uniform", "ilp")
+            load = os.getloadavg()[0]  # other work on the machine's cores, before the round
             rec = {m: run_plan(out / f"{m}.json", out / f"run-{m}-{r}.json", args.steps, args.warmup) for m in order}
             med = {m: statistics.median(rec[m]["step_times_s"]) for m in rec}
-            rounds.append(dict(median_s=med, ratio=med["uniform"] / med["ilp"],
+            rounds.append(dict(median_s=med, ratio=med["uniform"] / med["ilp"], load_before=load,
                                stages={m: [stage_times(rec[m], s["index"]) for s in plans[m]["stages"]] for m in rec},
                                losses={m: rec[m]["losses"] for m in rec}))
             print(f"round {r + 1}: ilp {med['ilp'] * 1e3:.1f} ms, uniform {med['uniform'] * 1e3:.1f} ms, "
-                  f"measured speedup {rounds[-1]['ratio']:.3f}x", flush=True)
+                  f"measured speedup {rounds[-1]['ratio']:.3f}x (load average before: {load:.2f})", flush=True)
     wall = time.perf_counter() - started
 
     predicted = {m: plans[m]["predicted"]["step_time_s"] for m in plans}
