@@ -61,7 +61,8 @@ from torch.utils._pytree import tree_unflatten
 from .cluster import Cluster
 from .errors import AutopartError, PlanError
 from .plan import Plan
-from .rewrite import SplitModel, TensorParallelModule, microbatch_inputs, split_model
+from .materialize import has_meta_tensors, materialize, release
+from .rewrite import SplitModel, TensorParallelModule, _lookup, _set_tensor, microbatch_inputs, split_model
 
 __all__ = ["DistributedError", "CheckpointError", "StepEvent", "ParallelModel", "auto_parallelize", "run_plan"]
 
@@ -114,6 +115,7 @@ def auto_parallelize(
     method: str = "ilp",
     time_limit_s: float = 30.0,
     timeout_s: float = 20.0,
+    init_seed: int = 0,
 ) -> "ParallelModel":
     """Plan (unless ``plan`` is given) and build the distributed model on this rank. Run under torchrun.
 
@@ -124,6 +126,13 @@ def auto_parallelize(
     ``method`` and the pins (``pp``, ``tp``, ...) for ``cluster`` (default
     ``Cluster.local(world_size)``) and broadcasts the plan. ``timeout_s``
     bounds how long a dead peer goes unnoticed (see [Note: failing ranks]).
+
+    A model built on ``meta`` (e.g. ``load_model(..., device="meta")``) is
+    materialized stage by stage: each rank allocates and initializes only the
+    tensors its own stages read (its tp shards of them), deterministically
+    from ``init_seed`` (see [Note: deterministic initialization] in
+    materialize.py); ``materialize(model, device)`` builds the same weights in
+    one process.
     """
     rank, world = _init_process_group(cluster)
     if plan is None:
@@ -134,7 +143,7 @@ def auto_parallelize(
                  virtual_stages=virtual_stages, time_limit_s=time_limit_s,
                  global_batch=global_batch or _batch_of(example_inputs)),
         )
-    return ParallelModel(model, plan, example_inputs, loss_fn, optimizer, timeout_s)
+    return ParallelModel(model, plan, example_inputs, loss_fn, optimizer, timeout_s, init_seed)
 
 
 def _init_process_group(cluster: Cluster | None) -> tuple[int, int]:
@@ -232,6 +241,7 @@ class ParallelModel:
         loss_fn: Callable[[Any, torch.Tensor], torch.Tensor],
         optimizer: OptimizerFactory | None,
         timeout_s: float = 20.0,
+        init_seed: int = 0,
     ) -> None:
         from torch.distributed.device_mesh import init_device_mesh
 
@@ -260,12 +270,11 @@ class ParallelModel:
         self._loss_fn = loss_fn
         sched = plan.schedule
         self.micro_batch_size = sched.micro_batch_size
-        self.split: SplitModel = split_model(model, plan, microbatch_inputs(example_inputs, sched.micro_batch_size))
-        if any(p.is_meta for p in model.parameters()):
-            raise DistributedError(
-                "the model has parameters on the meta device; build it on the CPU/GPU (its weights are "
-                "the starting point), or load real weights into it before auto_parallelize"
-            )
+        on_meta = has_meta_tensors(model)
+        self.split: SplitModel = split_model(model, plan, microbatch_inputs(example_inputs, sched.micro_batch_size),
+                                             device=self.device if on_meta else None)
+        if on_meta:
+            self._materialize_own(model, init_seed)
 
         # Stage modules: tp shards, then DDP over dp.
         stage_cls = _stage_class()
@@ -278,6 +287,8 @@ class ParallelModel:
             if mesh.tp > 1:
                 mod = TensorParallelModule(prog, self.mesh["tp"])
                 self.split_dims.update(mod.split_dim)
+                if on_meta:  # the whole tensors were only needed to cut this rank's shard from
+                    release(model, mod.split_dim)
             mod.to(self.device)
             self.modules[s] = mod
             run = mod
@@ -311,6 +322,20 @@ class ParallelModel:
         self.steps_done = 0
 
     # --- building -------------------------------------------------------------------
+
+    def _materialize_own(self, model: torch.nn.Module, seed: int) -> None:
+        """Give real values to the tensors this rank's stages read, and only those ([Note: deterministic
+        initialization] in materialize.py); rebind the stage modules to them."""
+        own = {
+            name
+            for s in self.stage_indices
+            for name, _ in [*self.split.stages[s].module.named_parameters(), *self.split.stages[s].module.named_buffers()]
+        }
+        materialize(model, self.device, own, seed=seed)
+        for s in self.stage_indices:
+            stage_module = self.split.stages[s].module
+            for name in [n for n, _ in stage_module.named_parameters()] + [n for n, _ in stage_module.named_buffers()]:
+                _set_tensor(stage_module, name, _lookup(model, name), model)
 
     def _make_schedule(self) -> Any:
         from torch.distributed.pipelining import Schedule1F1B, ScheduleGPipe, ScheduleInterleaved1F1B

@@ -81,14 +81,16 @@ def launch(n: int, job: str, args: dict[str, Any], tmp: Path, timeout_s: float =
 # --------------------------------------------------------------------------------------
 
 
-def build(name: str, seed: int = 0):
-    """(model, example batch-1 inputs, loss_fn, make_batch(global_batch, seed) -> (inputs, target))."""
+def build(name: str, seed: int = 0, device: str = "cpu"):
+    """(model, example batch-1 inputs, loss_fn, make_batch(global_batch, seed) -> (inputs, target)).
+
+    ``device="meta"``: the model and its example inputs on ``meta`` (no weights)."""
     import torch
 
     from partitioner.zoo import load_model
 
     torch.manual_seed(seed)
-    lm = load_model(name, config=MODELS[name], seq_len=None if name == "mlp" else SEQ, device="cpu")
+    lm = load_model(name, config=MODELS[name], seq_len=None if name == "mlp" else SEQ, device=device)
     model = lm.model.train()
     if name == "mlp":
         def loss_fn(out, y):
@@ -119,11 +121,19 @@ def job_equivalence(args: dict[str, Any]) -> dict[str, Any]:
 
     from partitioner import auto_parallelize
 
+    from partitioner.materialize import materialize
+
     out: dict[str, Any] = {}
     layout = args["layout"]
-    for name in args["models"]:
-        model, example, loss_fn, batch = build(name)
-        ref = copy.deepcopy(model)
+    # A model built on meta: each rank materializes its own stages' tensors; the reference, all of them.
+    runs = [(name, False) for name in args["models"]] + [(name, True) for name in args.get("meta_models", ())]
+    for name, on_meta in runs:
+        model, example, loss_fn, batch = build(name, device="meta" if on_meta else "cpu")
+        if on_meta:
+            ref, _, _, _ = build(name, device="meta")
+            materialize(ref, "cpu")
+        else:
+            ref = copy.deepcopy(model)
         opt = lambda ps: torch.optim.SGD(ps, lr=0.1, momentum=0.9)  # noqa: E731
         pm = auto_parallelize(model, example_inputs=example, loss_fn=loss_fn, method="params",
                               optimizer=opt, **layout)
@@ -139,7 +149,15 @@ def job_equivalence(args: dict[str, Any]) -> dict[str, Any]:
         ref_opt.step()
         ref_params = dict(ref.named_parameters())
         scale_g = max(float(g.abs().max()) for g in ref_grads.values())
-        out[name] = dict(
+        report = out.setdefault(f"meta:{name}" if on_meta else name, {})
+        if on_meta:  # what this rank holds: only its stages' tensors (its tp shards of them)
+            report.update(
+                resident_bytes=sum(p.numel() * p.element_size() for p in model.parameters() if not p.is_meta),
+                stage_bytes=sum(p.numel() * p.element_size() for p in pm.params.values()),
+                model_bytes=sum(p.numel() * p.element_size() for p in ref.parameters()),
+                foreign=sorted(n for n, p in model.named_parameters() if not p.is_meta and n not in pm.params),
+            )
+        report.update(
             loss=loss, ref_loss=float(ref_loss),
             grad=max(_rel(grads[n], ref_grads[n], 1e-4 * scale_g) for n in grads),
             param=max(_rel(params[n].detach(), ref_params[n].detach(), 1e-6) for n in params),

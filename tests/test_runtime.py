@@ -29,6 +29,10 @@ LAYOUTS = {
     "pp2xtp2xdp2": (8, dict(pp=2, tp=2, dp=2, microbatches=2, global_batch=4)),
 }
 
+# Layouts that also run models built on meta (each rank materializes only its stages' weights),
+# against a reference materialized whole by the same rule.
+META_MODELS = {"pp2": ALL, "pp2xtp2": ["gpt2-tiny", "llama-tiny"]}
+
 
 def _ok(reports: list[dict]) -> None:
     for rank, r in enumerate(reports):
@@ -38,9 +42,15 @@ def _ok(reports: list[dict]) -> None:
 @pytest.mark.parametrize("layout", list(LAYOUTS))
 def test_equivalence(layout: str, tmp_path: Path) -> None:
     ranks, pins = LAYOUTS[layout]
-    reports = launch(ranks, "equivalence", {"layout": pins, "models": ALL}, tmp_path)
+    meta = META_MODELS.get(layout, [])
+    reports = launch(ranks, "equivalence", {"layout": pins, "models": ALL, "meta_models": meta}, tmp_path)
     _ok(reports)
-    for name in ALL:
+    for name in meta:  # built on meta: a rank holds its own stages' tensors and nothing else
+        for rank, r in enumerate(reports):
+            m = r[f"meta:{name}"]
+            assert m["foreign"] == [], f"{name} rank {rank} materialized tensors of other stages: {m['foreign'][:3]}"
+            assert 0 < m["resident_bytes"] <= m["stage_bytes"] < m["model_bytes"], (name, rank, m)
+    for name in ALL + [f"meta:{n}" for n in meta]:
         seen: set[str] = set()
         for rank, r in enumerate(reports):
             m = r[name]
