@@ -712,46 +712,44 @@ def run_plan(
     if json_path is not None and Path(json_path).is_dir():
         raise DistributedError(f"--json {json_path} is a directory; give a file path")
     rank, world = _init_process_group(None)
-    torch.manual_seed(seed)
     shapes = plan.model.input_shapes
     if seq_len is None and shapes and len(shapes[0]) > 1:
         seq_len = shapes[0][1]
     dtype = next((k for k, v in DTYPES_TORCH.items() if k == plan.training.dtype), "fp32")
+    # Built on meta: each rank materializes only its own stages' weights (seeded), see auto_parallelize.
     loaded = load_model(model_spec, seq_len=seq_len, dtype=dtype if dtype != "tf32" else "fp32",
-                        config=parse_config_overrides(config), device="cpu")
+                        config=parse_config_overrides(config), device="meta")
     model = loaded.model.train()
-    with torch.no_grad():
-        probe = model(*loaded.example_inputs)
     # A language model: token ids in, logits out (a ModelOutput's .logits, or the tensor itself).
     token_ids = all(not x.dtype.is_floating_point for x in loaded.example_inputs if isinstance(x, torch.Tensor))
-    logits = getattr(probe, "logits", probe if token_ids and isinstance(probe, torch.Tensor) else None)
-    gb = plan.training.global_batch
-    gen = torch.Generator().manual_seed(seed + 1)
-    if logits is not None:
-        vocab = logits.shape[-1]
 
-        def loss_fn(out: Any, y: torch.Tensor) -> torch.Tensor:
-            out = getattr(out, "logits", out)
-            return torch.nn.functional.cross_entropy(out.reshape(-1, vocab), y.reshape(-1))
-
-        def batch() -> tuple[tuple[torch.Tensor, ...], torch.Tensor]:
-            ids = [torch.randint(0, vocab, (gb, *x.shape[1:]), generator=gen) for x in loaded.example_inputs]
-            return tuple(ids), torch.randint(0, vocab, (gb, *logits.shape[1:-1]), generator=gen)
-    else:
-        out_shape = probe.shape[1:] if isinstance(probe, torch.Tensor) else None
-        if out_shape is None:
-            raise DistributedError(f"model {model_spec}: its output is neither a tensor nor has .logits; autopart run cannot make a loss for it")
-
-        def loss_fn(out: Any, y: torch.Tensor) -> torch.Tensor:
-            return torch.nn.functional.mse_loss(out, y)
-
-        def batch() -> tuple[tuple[torch.Tensor, ...], torch.Tensor]:
-            xs = tuple(torch.randn((gb, *x.shape[1:]), generator=gen, dtype=x.dtype) for x in loaded.example_inputs)
-            return xs, torch.randn((gb, *out_shape), generator=gen, dtype=probe.dtype)
+    def loss_fn(out: Any, y: torch.Tensor) -> torch.Tensor:
+        out = getattr(out, "logits", out)
+        if token_ids:
+            return torch.nn.functional.cross_entropy(out.reshape(-1, out.shape[-1]), y.reshape(-1))
+        return torch.nn.functional.mse_loss(out, y)
 
     # The optimizer the plan priced (its memory): SGD for "sgd", AdamW for the Adam variants.
     opt: OptimizerFactory | None = (lambda ps: torch.optim.SGD(ps, lr=1e-3)) if plan.training.optimizer == "sgd" else None
-    pm = ParallelModel(model, plan, loaded.example_inputs, loss_fn, opt)
+    pm = ParallelModel(model, plan, loaded.example_inputs, loss_fn, opt, init_seed=seed)
+    # The output's shape per micro-batch, from the split (a meta model cannot run a forward).
+    last = pm.split.stages[-1].output_specs
+    probe = tree_unflatten([torch.empty(shape, dtype=dt, device="meta") for shape, dt in last], pm.split.out_spec)
+    out = getattr(probe, "logits", probe)
+    if not isinstance(out, torch.Tensor):
+        pm.close()
+        raise DistributedError(f"model {model_spec}: its output is neither a tensor nor has .logits; autopart run cannot make a loss for it")
+    gb = plan.training.global_batch
+    gen = torch.Generator().manual_seed(seed + 1)
+
+    def batch() -> tuple[tuple[torch.Tensor, ...], torch.Tensor]:
+        if token_ids:
+            vocab = out.shape[-1]
+            ids = [torch.randint(0, vocab, (gb, *x.shape[1:]), generator=gen) for x in loaded.example_inputs]
+            return tuple(ids), torch.randint(0, vocab, (gb, *out.shape[1:-1]), generator=gen)
+        xs = tuple(torch.randn((gb, *x.shape[1:]), generator=gen, dtype=x.dtype) for x in loaded.example_inputs)
+        return xs, torch.randn((gb, *out.shape[1:]), generator=gen, dtype=out.dtype)
+
     times: list[float] = []
     losses: list[float] = []
     total = warmup + steps
