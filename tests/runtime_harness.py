@@ -170,38 +170,57 @@ def job_equivalence(args: dict[str, Any]) -> dict[str, Any]:
 
 
 def job_checkpoint(args: dict[str, Any]) -> dict[str, Any]:
-    """Phase "save": steps under layout, save. Phase "load": load, more steps. Report the final parameters."""
+    """Several runs in one process group, each ``{"key", "model", "global_batch", "layout", "phases"}``.
+
+    Phases, in order: ``{"steps": [first, n]}`` trains n steps on the batches of steps first..;
+    ``{"save": path}``; ``{"load": path}`` (an error is reported, with whether the weights stayed
+    unchanged, and the run goes on); ``{"corrupt": [src, dst]}``: rank 0 copies checkpoint src to dst
+    and truncates its data file. Each run reports its losses, load outcomes and final parameters.
+    """
+    import shutil
+
     import torch
+    import torch.distributed as dist
 
     from partitioner import auto_parallelize
 
-    name = args["model"]
-    model, example, loss_fn, batch = build(name)
-    opt = lambda ps: torch.optim.SGD(ps, lr=0.1, momentum=0.9)  # noqa: E731
-    pm = auto_parallelize(model, example_inputs=example, loss_fn=loss_fn, method="params", optimizer=opt,
-                          global_batch=args["global_batch"], **args["layout"])
-    result: dict[str, Any] = {}
-    try:
-        if args.get("load"):
-            before = {n: t.clone() for n, t in pm.full_tensors("param").items()}
-            try:
-                pm.load(args["load"])
-            except Exception as exc:
-                result["load_error"] = f"{type(exc).__name__}: {exc}"
-                after = pm.full_tensors("param")
-                result["unchanged"] = all(torch.equal(before[n], after[n]) for n in before)
-                return result
-        losses = []
-        for step in range(args["first_step"], args["first_step"] + args["steps"]):
-            inputs, target = batch(args["global_batch"], 100 + step)
-            losses.append(pm.step(*inputs, target=target))
-        if args.get("save"):
-            pm.save(args["save"])
-        result["losses"] = losses
-        result["params"] = {n: t.flatten().tolist() for n, t in pm.full_tensors("param").items()}
-        return result
-    finally:
-        pm.close()
+    out: dict[str, Any] = {}
+    for run in args["runs"]:
+        model, example, loss_fn, batch = build(run["model"])
+        opt = lambda ps: torch.optim.SGD(ps, lr=0.1, momentum=0.9)  # noqa: E731
+        pm = auto_parallelize(model, example_inputs=example, loss_fn=loss_fn, method="params", optimizer=opt,
+                              global_batch=run["global_batch"], **run["layout"])
+        result: dict[str, Any] = {"losses": [], "loads": []}
+        try:
+            for phase in run["phases"]:
+                if "steps" in phase:
+                    first, n = phase["steps"]
+                    for step in range(first, first + n):
+                        inputs, target = batch(run["global_batch"], 100 + step)
+                        result["losses"].append(pm.step(*inputs, target=target))
+                elif "save" in phase:
+                    pm.save(phase["save"])
+                elif "load" in phase:
+                    before = {n: t.clone() for n, t in pm.full_tensors("param").items()}
+                    try:
+                        pm.load(phase["load"])
+                        result["loads"].append(None)
+                    except Exception as exc:
+                        after = pm.full_tensors("param")
+                        result["loads"].append(dict(error=f"{type(exc).__name__}: {exc}",
+                                                    unchanged=all(torch.equal(before[n], after[n]) for n in before)))
+                elif "corrupt" in phase:
+                    if dist.get_rank() == 0:
+                        src, dst = (Path(p) for p in phase["corrupt"])
+                        shutil.copytree(src, dst)
+                        data = next(f for f in sorted(dst.iterdir()) if f.suffix == ".distcp")
+                        data.write_bytes(data.read_bytes()[: len(data.read_bytes()) // 3])
+                    dist.barrier()
+            result["params"] = {n: t.flatten().tolist() for n, t in pm.full_tensors("param").items()}
+        finally:
+            pm.close()
+        out[run["key"]] = result
+    return out
 
 
 def job_fail(args: dict[str, Any]) -> dict[str, Any]:

@@ -63,22 +63,48 @@ def test_equivalence(layout: str, tmp_path: Path) -> None:
     assert schedules == {pins.get("schedule", "1f1b")}
 
 
-def test_checkpoint_resumes_under_another_layout(tmp_path: Path) -> None:
-    """Save under pp=2, load under tp=2 and pp=2 x dp=2, continue: the same weights as a run that never stopped."""
-    common = dict(model="gpt2-tiny", global_batch=4)
-    straight = launch(2, "checkpoint", {**common, "layout": dict(pp=2, microbatches=2), "first_step": 0, "steps": 3}, tmp_path)
+@pytest.fixture(scope="module")
+def checkpoint_runs(tmp_path_factory: pytest.TempPathFactory) -> dict[str, dict]:
+    """Every checkpoint scenario in three launches (process start-up dominates; see runtime_harness.py).
+
+    1. 2 ranks: GPT-2 under pp=2 trains steps 0-1, saves, trains step 2 (the run that never stopped);
+       the MLP under pp=2 trains a step and saves; rank 0 makes a copy with a truncated data file.
+    2. 2 ranks: GPT-2 under tp=2 loads and trains step 2; the MLP tries a missing, the corrupt and
+       GPT-2's checkpoint (each must fail, changing nothing), then loads its own and trains on.
+    3. 4 ranks: GPT-2 under pp=2 x dp=2 loads and trains step 2.
+    """
+    tmp = tmp_path_factory.mktemp("ckpt")
+    gpt, mlp, corrupt = str(tmp / "gpt"), str(tmp / "mlp"), str(tmp / "corrupt")
+    gpt_run = dict(model="gpt2-tiny", global_batch=4)
+    mlp_run = dict(model="mlp", global_batch=2, layout=dict(pp=2, microbatches=2))
+    reports = {}
+    reports["save"] = launch(2, "checkpoint", {"runs": [
+        dict(gpt_run, key="gpt", layout=dict(pp=2, microbatches=2),
+             phases=[{"steps": [0, 2]}, {"save": gpt}, {"steps": [2, 1]}]),
+        dict(mlp_run, key="mlp", phases=[{"steps": [0, 1]}, {"save": mlp}, {"corrupt": [mlp, corrupt]}]),
+    ]}, tmp)
+    reports["tp2"] = launch(2, "checkpoint", {"runs": [
+        dict(gpt_run, key="gpt", layout=dict(tp=2, pp=1, microbatches=1), phases=[{"load": gpt}, {"steps": [2, 1]}]),
+        dict(mlp_run, key="mlp", phases=[{"load": str(tmp / "nothing-here")}, {"load": corrupt}, {"load": gpt},
+                                         {"load": mlp}, {"steps": [1, 1]}]),
+    ]}, tmp)
+    reports["pp2xdp2"] = launch(4, "checkpoint", {"runs": [
+        dict(gpt_run, key="gpt", layout=dict(pp=2, dp=2, microbatches=2), phases=[{"load": gpt}, {"steps": [2, 1]}]),
+    ]}, tmp)
+    return reports
+
+
+def test_checkpoint_resumes_under_another_layout(checkpoint_runs: dict[str, list[dict]]) -> None:
+    """Saved under pp=2, loaded under tp=2 and pp=2 x dp=2, continued: the same as a run that never stopped."""
+    straight = checkpoint_runs["save"]
     _ok(straight)
-    ckpt = tmp_path / "ckpt"
-    first = launch(2, "checkpoint", {**common, "layout": dict(pp=2, microbatches=2), "first_step": 0, "steps": 2,
-                                     "save": str(ckpt)}, tmp_path)
-    _ok(first)
-    assert first[0]["losses"] == straight[0]["losses"][:2]
-    for n, layout in ((2, dict(tp=2, pp=1, microbatches=1)), (4, dict(pp=2, dp=2, microbatches=2))):
-        resumed = launch(n, "checkpoint", {**common, "layout": layout, "first_step": 2, "steps": 1, "load": str(ckpt)}, tmp_path)
+    want = {k: v for r in straight for k, v in r["gpt"]["params"].items()}
+    for layout in ("tp2", "pp2xdp2"):
+        resumed = checkpoint_runs[layout]
         _ok(resumed)
-        assert resumed[0]["losses"][0] == pytest.approx(straight[0]["losses"][2], rel=TOL)
-        want = {k: v for r in straight for k, v in r["params"].items()}
-        got = {k: v for r in resumed for k, v in r["params"].items()}
+        assert resumed[0]["gpt"]["loads"] == [None]
+        assert resumed[0]["gpt"]["losses"][0] == pytest.approx(straight[0]["gpt"]["losses"][2], rel=TOL)
+        got = {k: v for r in resumed for k, v in r["gpt"]["params"].items()}
         assert set(got) == set(want)
         for k in want:
             worst = max(abs(a - b) for a, b in zip(got[k], want[k]))
@@ -86,36 +112,22 @@ def test_checkpoint_resumes_under_another_layout(tmp_path: Path) -> None:
             assert worst / scale <= TOL, f"{layout}: {k} differs by {worst / scale:.2e}"
 
 
-def test_checkpoint_errors_before_any_step(tmp_path: Path) -> None:
-    """Missing, corrupt, and other-model checkpoints: one clear line on every rank, weights untouched."""
-    ckpt = tmp_path / "ckpt"
-    _ok(launch(2, "checkpoint", {"model": "mlp", "global_batch": 2, "layout": dict(pp=2, microbatches=2),
-                                 "first_step": 0, "steps": 1, "save": str(ckpt)}, tmp_path))
-    corrupt = tmp_path / "corrupt"
-    corrupt.mkdir()
-    for f in ckpt.iterdir():
-        (corrupt / f.name).write_bytes(f.read_bytes())
-    data = next(f for f in corrupt.iterdir() if f.suffix == ".distcp")
-    data.write_bytes(data.read_bytes()[: len(data.read_bytes()) // 3])
-    cases = {
-        "missing": (tmp_path / "nothing-here", "no checkpoint at"),
-        "corrupt": (corrupt, "corrupt"),
-        "other model": (ckpt, "not of this model"),
-    }
-    for what, (path, words) in cases.items():
-        model = "gpt2-tiny" if what == "other model" else "mlp"
-        reports = launch(2, "checkpoint", {"model": model, "global_batch": 2, "layout": dict(pp=2, microbatches=2),
-                                           "first_step": 0, "steps": 1, "load": str(path)}, tmp_path)
-        _ok(reports)
-        for r in reports:
-            assert "CheckpointError" in r["load_error"] and words in r["load_error"], (what, r["load_error"])
-            assert "\n" not in r["load_error"]
-            assert r["unchanged"], f"{what}: a failed load changed the weights"
-    # Nothing was overwritten: the good checkpoint still loads.
-    good = launch(2, "checkpoint", {"model": "mlp", "global_batch": 2, "layout": dict(pp=2, microbatches=2),
-                                    "first_step": 1, "steps": 1, "load": str(ckpt)}, tmp_path)
-    _ok(good)
-    assert "load_error" not in good[0]
+def test_checkpoint_errors_before_any_step(checkpoint_runs: dict[str, list[dict]]) -> None:
+    """Missing, corrupt, and other-model checkpoints: one clear line on every rank, weights untouched;
+    the good checkpoint still loads afterwards (nothing was overwritten) and training continues."""
+    _ok(checkpoint_runs["save"])
+    reports = checkpoint_runs["tp2"]
+    _ok(reports)
+    cases = {"missing": "no checkpoint at", "corrupt": "corrupt", "other model": "not of this model"}
+    for r in reports:
+        loads = r["mlp"]["loads"]
+        for (what, words), outcome in zip(cases.items(), loads):
+            assert outcome is not None, f"{what}: the load succeeded"
+            assert "CheckpointError" in outcome["error"] and words in outcome["error"], (what, outcome["error"])
+            assert "\n" not in outcome["error"]
+            assert outcome["unchanged"], f"{what}: a failed load changed the weights"
+        assert loads[3] is None, f"the good checkpoint no longer loads: {loads[3]}"
+        assert len(r["mlp"]["losses"]) == 1
 
 
 @pytest.mark.parametrize("how", ["raise", "die"])
