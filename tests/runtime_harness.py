@@ -8,7 +8,8 @@ model. Each job runs on every rank and returns a JSON-able dict.
 Jobs:
   equivalence  auto_parallelize vs a single-process deepcopy of the same model:
                the step's loss, every parameter's gradient gathered to full shape,
-               and the parameters after one optimizer step.
+               and the parameters after one optimizer step; every layout of one world
+               size in one launch.
   checkpoint   save / load under given layouts, continue, report the parameters.
   fail         rank ``fail_rank`` raises inside its loss (or dies) mid-step.
 """
@@ -117,16 +118,23 @@ def _rel(a, b, floor: float) -> float:
 
 
 def job_equivalence(args: dict[str, Any]) -> dict[str, Any]:
+    """``{"layouts": {name: pins}, "models": [...], "meta_models": {layout: [...]}}``: every layout of
+    this world size in one process group, one after the other; ``{layout: {model: report}}``."""
+    return {
+        name: _equivalence(pins, args["models"], args.get("meta_models", {}).get(name, ()))
+        for name, pins in args["layouts"].items()
+    }
+
+
+def _equivalence(layout: dict[str, Any], models: list[str], meta_models: list[str]) -> dict[str, Any]:
     import torch
 
     from partitioner import auto_parallelize
-
     from partitioner.materialize import materialize
 
     out: dict[str, Any] = {}
-    layout = args["layout"]
     # A model built on meta: each rank materializes its own stages' tensors; the reference, all of them.
-    runs = [(name, False) for name in args["models"]] + [(name, True) for name in args.get("meta_models", ())]
+    runs = [(name, False) for name in models] + [(name, True) for name in meta_models]
     for name, on_meta in runs:
         model, example, loss_fn, batch = build(name, device="meta" if on_meta else "cpu")
         if on_meta:

@@ -1,6 +1,7 @@
 """The runtime against a single-process reference, in real gloo process groups (tier 3 of STYLE.md).
 
-One launch per layout checks every model (process start-up dominates); see
+One launch per world size checks every layout of that size and every model, and the
+checkpoint scenarios share three launches (process start-up dominates); see
 tests/runtime_harness.py for what each rank computes.
 """
 
@@ -39,12 +40,29 @@ def _ok(reports: list[dict]) -> None:
         assert r["rc"] == 0 and r.get("job_failed") is None, f"rank {rank}: {r.get('job_failed')}\n{r['stderr'][-4000:]}"
 
 
+@pytest.fixture(scope="module")
+def equivalence_launches(tmp_path_factory: pytest.TempPathFactory):
+    """``reports(layout)``: every rank's report for ``layout``. All layouts of one world size share a
+    launch (made on first use), since process start-up dominates."""
+    done: dict[int, list[dict]] = {}
+
+    def reports(layout: str) -> list[dict]:
+        ranks = LAYOUTS[layout][0]
+        if ranks not in done:
+            group = {name: pins for name, (n, pins) in LAYOUTS.items() if n == ranks}
+            done[ranks] = launch(ranks, "equivalence", {"layouts": group, "models": ALL, "meta_models": META_MODELS},
+                                 tmp_path_factory.mktemp(f"equivalence{ranks}"), timeout_s=360)
+        _ok(done[ranks])
+        return [r[layout] for r in done[ranks]]
+
+    return reports
+
+
 @pytest.mark.parametrize("layout", list(LAYOUTS))
-def test_equivalence(layout: str, tmp_path: Path) -> None:
-    ranks, pins = LAYOUTS[layout]
+def test_equivalence(layout: str, equivalence_launches) -> None:
+    pins = LAYOUTS[layout][1]
     meta = META_MODELS.get(layout, [])
-    reports = launch(ranks, "equivalence", {"layout": pins, "models": ALL, "meta_models": meta}, tmp_path)
-    _ok(reports)
+    reports = equivalence_launches(layout)
     for name in meta:  # built on meta: a rank holds its own stages' tensors and nothing else
         for rank, r in enumerate(reports):
             m = r[f"meta:{name}"]
