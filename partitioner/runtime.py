@@ -87,6 +87,7 @@ class StepEvent:
     microbatch: int
     start_s: float
     end_s: float
+    cpu_s: float = 0.0  # CPU time this rank's thread spent in it (other work on shared cores does not count)
 
 
 OptimizerFactory = Callable[[Iterable[torch.nn.Parameter]], torch.optim.Optimizer]
@@ -207,21 +208,22 @@ def _stage_class() -> type:
         origin: float = 0.0
 
         def forward_one_chunk(self, fwd_chunk_id: int, *args: Any, **kwargs: Any) -> Any:
-            t0 = time.perf_counter()
+            t0, c0 = time.perf_counter(), time.thread_time()
             out = super().forward_one_chunk(fwd_chunk_id, *args, **kwargs)
-            self._record("F", fwd_chunk_id, t0)
+            self._record("F", fwd_chunk_id, t0, c0)
             return out
 
         def backward_one_chunk(self, bwd_chunk_id: int, *args: Any, **kwargs: Any) -> Any:
-            t0 = time.perf_counter()
+            t0, c0 = time.perf_counter(), time.thread_time()
             out = super().backward_one_chunk(bwd_chunk_id, *args, **kwargs)
-            self._record("B", bwd_chunk_id, t0)
+            self._record("B", bwd_chunk_id, t0, c0)
             return out
 
-        def _record(self, kind: str, mb: int, t0: float) -> None:
+        def _record(self, kind: str, mb: int, t0: float, c0: float) -> None:
             if self.events is not None:
-                t1 = time.perf_counter()
-                self.events.append(StepEvent(dist.get_rank(), self.stage_index, kind, mb, t0 - self.origin, t1 - self.origin))
+                t1, c1 = time.perf_counter(), time.thread_time()
+                self.events.append(StepEvent(dist.get_rank(), self.stage_index, kind, mb, t0 - self.origin,
+                                             t1 - self.origin, c1 - c0))
 
     return _TimedStage
 
