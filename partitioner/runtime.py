@@ -117,6 +117,7 @@ def auto_parallelize(
     time_limit_s: float = 30.0,
     timeout_s: float = 20.0,
     init_seed: int = 0,
+    zero1: bool = False,
 ) -> "ParallelModel":
     """Plan (unless ``plan`` is given) and build the distributed model on this rank. Run under torchrun.
 
@@ -127,6 +128,10 @@ def auto_parallelize(
     ``method`` and the pins (``pp``, ``tp``, ...) for ``cluster`` (default
     ``Cluster.local(world_size)``) and broadcasts the plan. ``timeout_s``
     bounds how long a dead peer goes unnoticed (see [Note: failing ranks]).
+
+    ``zero1=True`` plans with the optimizer state sharded over ``dp`` and runs
+    it so (``ZeroRedundancyOptimizer``); a given ``plan`` says so in
+    ``training.zero1``.
 
     A model built on ``meta`` (e.g. ``load_model(..., device="meta")``) is
     materialized stage by stage: each rank allocates and initializes only the
@@ -140,7 +145,7 @@ def auto_parallelize(
         cluster = cluster or Cluster.local(world)
         plan = _plan_on_rank0(
             model, example_inputs, cluster, rank,
-            dict(method=method, pp=pp, tp=tp, dp=dp, microbatches=microbatches, schedule=schedule,
+            dict(method=method, pp=pp, tp=tp, dp=dp, microbatches=microbatches, schedule=schedule, zero1=zero1,
                  virtual_stages=virtual_stages, time_limit_s=time_limit_s,
                  global_batch=global_batch or _batch_of(example_inputs)),
         )
@@ -318,7 +323,11 @@ class ParallelModel:
                     # Two stages of one rank share the tensor ([Note: tied weights across stages]).
                     self.params.setdefault(name, p)
         self._tied = self._tied_groups()
-        self.optimizer = (optimizer or (lambda ps: torch.optim.AdamW(ps, lr=1e-3)))(list(self.params.values()))
+        factory = optimizer or (lambda ps: torch.optim.AdamW(ps, lr=1e-3))
+        if plan.training.zero1 and mesh.dp > 1:
+            self.optimizer = _zero1(factory, list(self.params.values()), self.mesh["dp"].get_group())
+        else:
+            self.optimizer = factory(list(self.params.values()))
         self.schedule = self._make_schedule()
         self._watchdog = _Watchdog(self.rank, plan, timeout_s)
         self.steps_done = 0
@@ -455,7 +464,7 @@ class ParallelModel:
         """Parameters and optimizer state keyed by the model's parameter names (DTensors where split)."""
         sd: dict[str, Any] = {f"model.{n}": self._dtensor(n, p.detach()) for n, p in self.params.items()}
         for name, p in self.params.items():
-            for key, value in self.optimizer.state.get(p, {}).items():
+            for key, value in _state_of(self.optimizer).get(p, {}).items():
                 if isinstance(value, torch.Tensor):
                     sd[f"optim.{name}.{key}"] = self._dtensor(name, value) if value.shape == p.shape else value
         return sd
@@ -551,10 +560,30 @@ class ParallelModel:
         self._watchdog.close()
 
 
+def _zero1(factory: OptimizerFactory, params: list[torch.nn.Parameter], dp_group: Any) -> torch.optim.Optimizer:
+    """The plan's ``training.zero1``: the optimizer ``factory`` makes, its state sharded over the dp
+    group by ``ZeroRedundancyOptimizer`` (each dp rank steps its share of the parameters and
+    broadcasts them). The optimizer's class and settings are read from one it builds on a probe."""
+    import inspect
+
+    from torch.distributed.optim import ZeroRedundancyOptimizer
+
+    probe = factory([torch.nn.Parameter(torch.zeros(1))])
+    cls = type(probe)
+    accepted = inspect.signature(cls.__init__).parameters
+    defaults = {k: v for k, v in probe.defaults.items() if k in accepted and k != "params"}
+    return ZeroRedundancyOptimizer(params, optimizer_class=cls, process_group=dp_group, **defaults)
+
+
+def _state_of(optim: torch.optim.Optimizer) -> Mapping[Any, Any]:
+    """Per-parameter optimizer state; under ZeRO-1 only this rank's share (the wrapped optimizer's)."""
+    return getattr(optim, "optim", optim).state
+
+
 def _init_optimizer_state(optim: torch.optim.Optimizer) -> None:
     """Create the optimizer's state tensors (a step with zero gradients and zero learning rate), so that
     a checkpoint has somewhere to load into. Leaves the parameters unchanged."""
-    if optim.state:
+    if _state_of(optim):
         return
     params = [p for g in optim.param_groups for p in g["params"] if p.requires_grad]
     for p in params:

@@ -25,6 +25,7 @@ LAYOUTS = {
     "pp4-interleaved": (4, dict(pp=4, tp=1, dp=1, schedule="interleaved", virtual_stages=2, microbatches=4, global_batch=4)),
     "tp2": (2, dict(pp=1, tp=2, dp=1, microbatches=1, global_batch=2)),
     "dp2": (2, dict(pp=1, tp=1, dp=2, microbatches=1, global_batch=4)),
+    "dp2-zero1": (2, dict(pp=1, tp=1, dp=2, microbatches=1, global_batch=4, zero1=True)),
     "pp2xtp2": (4, dict(pp=2, tp=2, dp=1, schedule="gpipe", microbatches=2, global_batch=2)),
     "pp2xdp2": (4, dict(pp=2, tp=1, dp=2, microbatches=2, global_batch=4)),
     "pp2xtp2xdp2": (8, dict(pp=2, tp=2, dp=2, microbatches=2, global_batch=4)),
@@ -77,6 +78,11 @@ def test_equivalence(layout: str, equivalence_launches) -> None:
             assert m["param"] <= TOL, f"{name} rank {rank}: parameters after the step differ by {m['param']:.2e}"
             seen.update(m["names"])
         assert seen == set(reports[0][name]["all_names"]), f"{name}: parameters no rank checked: {set(reports[0][name]['all_names']) - seen}"
+    if pins.get("zero1"):  # optimizer state sharded over dp: each rank holds a share, together all of it
+        for name in ALL:
+            assert {r[name]["optimizer"] for r in reports} == {"ZeroRedundancyOptimizer"}, name
+            shares = [r[name]["state_params"] for r in reports]
+            assert sum(shares) == reports[0][name]["n_params"] and max(shares) < reports[0][name]["n_params"], (name, shares)
     schedules = {reports[0][n]["schedule"] for n in ALL}
     assert schedules == {pins.get("schedule", "1f1b")}
 
