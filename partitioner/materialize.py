@@ -75,13 +75,18 @@ def materialize(
 
     Returns the bytes kept. The other tensors of the modules holding them are
     materialized for the initialization and then put back on ``meta`` (see
-    [Note: deterministic initialization]); every other tensor stays there. Raises ``MaterializeError`` naming a module
-    whose tensors the model's initialization cannot set.
+    [Note: deterministic initialization]); every other tensor stays there.
+    Tensors that are already real are left alone. Raises ``MaterializeError``
+    naming a module whose tensors the model's initialization cannot set, or
+    one that holds real and meta tensors at once (its initialization would
+    overwrite the real ones).
     """
     canon = canonical_names(model)
-    wanted = set(canon.values()) if names is None else {canon.get(n, n) for n in names}
-    asked = set(wanted)
     mods = dict(model.named_modules(remove_duplicate=False))
+    tensors = dict([*model.named_parameters(remove_duplicate=False), *model.named_buffers(remove_duplicate=False)])
+    wanted = set(canon.values()) if names is None else {canon.get(n, n) for n in names}
+    wanted = {c for c in wanted if c in tensors and tensors[c].is_meta}
+    asked = set(wanted)
     # Modules holding a wanted tensor under any of its names. A module is materialized whole, so this
     # is a closure over tied tensors: every module holding any tensor that gets materialized.
     owners: set[str] = set()
@@ -97,6 +102,14 @@ def materialize(
             for leaf, t in table.items()
             if t is not None and (full := f"{m}.{leaf}" if m else leaf) in canon
         }
+    for m in sorted(owners):
+        direct = {leaf: t for table in (mods[m]._parameters, mods[m]._buffers) for leaf, t in table.items() if t is not None}
+        if len({t.is_meta for t in direct.values()}) > 1:
+            real = next(leaf for leaf, t in direct.items() if not t.is_meta)
+            raise MaterializeError(
+                f"module {m or '<root>'} ({type(mods[m]).__name__}) holds {real} on a real device and other tensors on "
+                "meta; initializing it would overwrite the real one: build the module wholly on one device"
+            )
     # id(meta tensor) -> (the meta tensor, kept alive so that its id is not reused; its real tensor)
     made: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}
     allocated = 0
