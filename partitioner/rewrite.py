@@ -94,8 +94,14 @@ def microbatch_inputs(example_inputs: Sequence[Any], micro_batch_size: int) -> t
     return tuple(out)
 
 
-def split_model(model: torch.nn.Module, plan: Plan, example_inputs: Sequence[Any]) -> SplitModel:
-    """Cut ``model`` into the plan's stages. ``example_inputs`` are one micro-batch of positional inputs."""
+def split_model(
+    model: torch.nn.Module, plan: Plan, example_inputs: Sequence[Any], device: torch.device | None = None
+) -> SplitModel:
+    """Cut ``model`` into the plan's stages. ``example_inputs`` are one micro-batch of positional inputs.
+
+    ``device``: where the stages will run, for a model built on ``meta``
+    ([Note: exporting a meta model]); None leaves the graph's devices alone.
+    """
     args = tuple(example_inputs)
     try:
         ep = torch.export.export(model, args, strict=False)
@@ -107,6 +113,8 @@ def split_model(model: torch.nn.Module, plan: Plan, example_inputs: Sequence[Any
     for node in list(graph.nodes):  # export's input guard: the runtime checks shapes itself
         if node.op == "call_module" and str(node.target).startswith("_guards"):
             graph.erase_node(node)
+    if device is not None:
+        _retarget_meta(graph, device)
     canon = canonical_names(model)
     placeholders = [n for n in graph.nodes if n.op == "placeholder"]
     if len(placeholders) != len(args):
@@ -173,6 +181,27 @@ def split_model(model: torch.nn.Module, plan: Plan, example_inputs: Sequence[Any
             readers.setdefault(p, []).append(st.index)
     shared = {p: tuple(s) for p, s in readers.items() if len(s) > 1}
     return SplitModel(tuple(stages), tuple(n.name for n in placeholders), ep.call_spec.out_spec, shared, matched_by)
+
+
+def _retarget_meta(graph: fx.Graph, device: torch.device) -> None:
+    """Replace the ``meta`` device recorded in the graph's ops by ``device``.
+
+    [Note: exporting a meta model]
+    Exporting a model whose weights are on ``meta`` records that device in
+    every op that makes a tensor (``arange(device=meta)`` for positions, the
+    ``to(meta)`` of rotary tables) and in export's metadata asserts. The
+    stages run on real weights on ``device``, so those constants are
+    rewritten; nothing else in the graph depends on the device.
+    """
+    meta = torch.device("meta")
+
+    def fix(a: Any) -> Any:
+        return device if isinstance(a, torch.device) and a == meta else a
+
+    for node in graph.nodes:
+        if node.op in _COMPUTE:
+            node.args = fx.node.map_aggregate(node.args, fix)
+            node.kwargs = fx.node.map_aggregate(node.kwargs, fix)
 
 
 def _spec(node: fx.Node) -> tuple[tuple[int, ...], torch.dtype]:

@@ -61,7 +61,8 @@ from torch.utils._pytree import tree_unflatten
 from .cluster import Cluster
 from .errors import AutopartError, PlanError
 from .plan import Plan
-from .rewrite import SplitModel, TensorParallelModule, microbatch_inputs, split_model
+from .materialize import has_meta_tensors, materialize, release
+from .rewrite import SplitModel, TensorParallelModule, _lookup, _set_tensor, microbatch_inputs, split_model
 
 __all__ = ["DistributedError", "CheckpointError", "StepEvent", "ParallelModel", "auto_parallelize", "run_plan"]
 
@@ -86,6 +87,7 @@ class StepEvent:
     microbatch: int
     start_s: float
     end_s: float
+    cpu_s: float = 0.0  # CPU time this rank's thread spent in it (other work on shared cores does not count)
 
 
 OptimizerFactory = Callable[[Iterable[torch.nn.Parameter]], torch.optim.Optimizer]
@@ -114,6 +116,8 @@ def auto_parallelize(
     method: str = "ilp",
     time_limit_s: float = 30.0,
     timeout_s: float = 20.0,
+    init_seed: int = 0,
+    zero1: bool = False,
 ) -> "ParallelModel":
     """Plan (unless ``plan`` is given) and build the distributed model on this rank. Run under torchrun.
 
@@ -124,17 +128,28 @@ def auto_parallelize(
     ``method`` and the pins (``pp``, ``tp``, ...) for ``cluster`` (default
     ``Cluster.local(world_size)``) and broadcasts the plan. ``timeout_s``
     bounds how long a dead peer goes unnoticed (see [Note: failing ranks]).
+
+    ``zero1=True`` plans with the optimizer state sharded over ``dp`` and runs
+    it so (``ZeroRedundancyOptimizer``); a given ``plan`` says so in
+    ``training.zero1``.
+
+    A model built on ``meta`` (e.g. ``load_model(..., device="meta")``) is
+    materialized stage by stage: each rank allocates and initializes only the
+    tensors its own stages read (its tp shards of them), deterministically
+    from ``init_seed`` (see [Note: deterministic initialization] in
+    materialize.py); ``materialize(model, device)`` builds the same weights in
+    one process.
     """
     rank, world = _init_process_group(cluster)
     if plan is None:
         cluster = cluster or Cluster.local(world)
         plan = _plan_on_rank0(
             model, example_inputs, cluster, rank,
-            dict(method=method, pp=pp, tp=tp, dp=dp, microbatches=microbatches, schedule=schedule,
+            dict(method=method, pp=pp, tp=tp, dp=dp, microbatches=microbatches, schedule=schedule, zero1=zero1,
                  virtual_stages=virtual_stages, time_limit_s=time_limit_s,
                  global_batch=global_batch or _batch_of(example_inputs)),
         )
-    return ParallelModel(model, plan, example_inputs, loss_fn, optimizer, timeout_s)
+    return ParallelModel(model, plan, example_inputs, loss_fn, optimizer, timeout_s, init_seed)
 
 
 def _init_process_group(cluster: Cluster | None) -> tuple[int, int]:
@@ -198,21 +213,22 @@ def _stage_class() -> type:
         origin: float = 0.0
 
         def forward_one_chunk(self, fwd_chunk_id: int, *args: Any, **kwargs: Any) -> Any:
-            t0 = time.perf_counter()
+            t0, c0 = time.perf_counter(), time.thread_time()
             out = super().forward_one_chunk(fwd_chunk_id, *args, **kwargs)
-            self._record("F", fwd_chunk_id, t0)
+            self._record("F", fwd_chunk_id, t0, c0)
             return out
 
         def backward_one_chunk(self, bwd_chunk_id: int, *args: Any, **kwargs: Any) -> Any:
-            t0 = time.perf_counter()
+            t0, c0 = time.perf_counter(), time.thread_time()
             out = super().backward_one_chunk(bwd_chunk_id, *args, **kwargs)
-            self._record("B", bwd_chunk_id, t0)
+            self._record("B", bwd_chunk_id, t0, c0)
             return out
 
-        def _record(self, kind: str, mb: int, t0: float) -> None:
+        def _record(self, kind: str, mb: int, t0: float, c0: float) -> None:
             if self.events is not None:
-                t1 = time.perf_counter()
-                self.events.append(StepEvent(dist.get_rank(), self.stage_index, kind, mb, t0 - self.origin, t1 - self.origin))
+                t1, c1 = time.perf_counter(), time.thread_time()
+                self.events.append(StepEvent(dist.get_rank(), self.stage_index, kind, mb, t0 - self.origin,
+                                             t1 - self.origin, c1 - c0))
 
     return _TimedStage
 
@@ -232,6 +248,7 @@ class ParallelModel:
         loss_fn: Callable[[Any, torch.Tensor], torch.Tensor],
         optimizer: OptimizerFactory | None,
         timeout_s: float = 20.0,
+        init_seed: int = 0,
     ) -> None:
         from torch.distributed.device_mesh import init_device_mesh
 
@@ -260,12 +277,11 @@ class ParallelModel:
         self._loss_fn = loss_fn
         sched = plan.schedule
         self.micro_batch_size = sched.micro_batch_size
-        self.split: SplitModel = split_model(model, plan, microbatch_inputs(example_inputs, sched.micro_batch_size))
-        if any(p.is_meta for p in model.parameters()):
-            raise DistributedError(
-                "the model has parameters on the meta device; build it on the CPU/GPU (its weights are "
-                "the starting point), or load real weights into it before auto_parallelize"
-            )
+        on_meta = has_meta_tensors(model)
+        self.split: SplitModel = split_model(model, plan, microbatch_inputs(example_inputs, sched.micro_batch_size),
+                                             device=self.device if on_meta else None)
+        if on_meta:
+            self._materialize_own(model, init_seed)
 
         # Stage modules: tp shards, then DDP over dp.
         stage_cls = _stage_class()
@@ -278,6 +294,8 @@ class ParallelModel:
             if mesh.tp > 1:
                 mod = TensorParallelModule(prog, self.mesh["tp"])
                 self.split_dims.update(mod.split_dim)
+                if on_meta:  # the whole tensors were only needed to cut this rank's shard from
+                    release(model, mod.split_dim)
             mod.to(self.device)
             self.modules[s] = mod
             run = mod
@@ -305,12 +323,30 @@ class ParallelModel:
                     # Two stages of one rank share the tensor ([Note: tied weights across stages]).
                     self.params.setdefault(name, p)
         self._tied = self._tied_groups()
-        self.optimizer = (optimizer or (lambda ps: torch.optim.AdamW(ps, lr=1e-3)))(list(self.params.values()))
+        factory = optimizer or (lambda ps: torch.optim.AdamW(ps, lr=1e-3))
+        if plan.training.zero1 and mesh.dp > 1:
+            self.optimizer = _zero1(factory, list(self.params.values()), self.mesh["dp"].get_group())
+        else:
+            self.optimizer = factory(list(self.params.values()))
         self.schedule = self._make_schedule()
         self._watchdog = _Watchdog(self.rank, plan, timeout_s)
         self.steps_done = 0
 
     # --- building -------------------------------------------------------------------
+
+    def _materialize_own(self, model: torch.nn.Module, seed: int) -> None:
+        """Give real values to the tensors this rank's stages read, and only those ([Note: deterministic
+        initialization] in materialize.py); rebind the stage modules to them."""
+        own = {
+            name
+            for s in self.stage_indices
+            for name, _ in [*self.split.stages[s].module.named_parameters(), *self.split.stages[s].module.named_buffers()]
+        }
+        materialize(model, self.device, own, seed=seed)
+        for s in self.stage_indices:
+            stage_module = self.split.stages[s].module
+            for name in [n for n, _ in stage_module.named_parameters()] + [n for n, _ in stage_module.named_buffers()]:
+                _set_tensor(stage_module, name, _lookup(model, name), model)
 
     def _make_schedule(self) -> Any:
         from torch.distributed.pipelining import Schedule1F1B, ScheduleGPipe, ScheduleInterleaved1F1B
@@ -428,7 +464,7 @@ class ParallelModel:
         """Parameters and optimizer state keyed by the model's parameter names (DTensors where split)."""
         sd: dict[str, Any] = {f"model.{n}": self._dtensor(n, p.detach()) for n, p in self.params.items()}
         for name, p in self.params.items():
-            for key, value in self.optimizer.state.get(p, {}).items():
+            for key, value in _state_of(self.optimizer).get(p, {}).items():
                 if isinstance(value, torch.Tensor):
                     sd[f"optim.{name}.{key}"] = self._dtensor(name, value) if value.shape == p.shape else value
         return sd
@@ -524,10 +560,30 @@ class ParallelModel:
         self._watchdog.close()
 
 
+def _zero1(factory: OptimizerFactory, params: list[torch.nn.Parameter], dp_group: Any) -> torch.optim.Optimizer:
+    """The plan's ``training.zero1``: the optimizer ``factory`` makes, its state sharded over the dp
+    group by ``ZeroRedundancyOptimizer`` (each dp rank steps its share of the parameters and
+    broadcasts them). The optimizer's class and settings are read from one it builds on a probe."""
+    import inspect
+
+    from torch.distributed.optim import ZeroRedundancyOptimizer
+
+    probe = factory([torch.nn.Parameter(torch.zeros(1))])
+    cls = type(probe)
+    accepted = inspect.signature(cls.__init__).parameters
+    defaults = {k: v for k, v in probe.defaults.items() if k in accepted and k != "params"}
+    return ZeroRedundancyOptimizer(params, optimizer_class=cls, process_group=dp_group, **defaults)
+
+
+def _state_of(optim: torch.optim.Optimizer) -> Mapping[Any, Any]:
+    """Per-parameter optimizer state; under ZeRO-1 only this rank's share (the wrapped optimizer's)."""
+    return getattr(optim, "optim", optim).state
+
+
 def _init_optimizer_state(optim: torch.optim.Optimizer) -> None:
     """Create the optimizer's state tensors (a step with zero gradients and zero learning rate), so that
     a checkpoint has somewhere to load into. Leaves the parameters unchanged."""
-    if optim.state:
+    if _state_of(optim):
         return
     params = [p for g in optim.param_groups for p in g["params"] if p.requires_grad]
     for p in params:
@@ -692,51 +748,44 @@ def run_plan(
     if json_path is not None and Path(json_path).is_dir():
         raise DistributedError(f"--json {json_path} is a directory; give a file path")
     rank, world = _init_process_group(None)
-    torch.manual_seed(seed)
     shapes = plan.model.input_shapes
     if seq_len is None and shapes and len(shapes[0]) > 1:
         seq_len = shapes[0][1]
     dtype = next((k for k, v in DTYPES_TORCH.items() if k == plan.training.dtype), "fp32")
+    # Built on meta: each rank materializes only its own stages' weights (seeded), see auto_parallelize.
     loaded = load_model(model_spec, seq_len=seq_len, dtype=dtype if dtype != "tf32" else "fp32",
-                        config=parse_config_overrides(config), device="cpu")
+                        config=parse_config_overrides(config), device="meta")
     model = loaded.model.train()
-    with torch.no_grad():
-        probe = model(*loaded.example_inputs)
-    logits = getattr(probe, "logits", None)
+    # A language model: token ids in, logits out (a ModelOutput's .logits, or the tensor itself).
+    token_ids = all(not x.dtype.is_floating_point for x in loaded.example_inputs if isinstance(x, torch.Tensor))
+
+    def loss_fn(out: Any, y: torch.Tensor) -> torch.Tensor:
+        out = getattr(out, "logits", out)
+        if token_ids:
+            return torch.nn.functional.cross_entropy(out.reshape(-1, out.shape[-1]), y.reshape(-1))
+        return torch.nn.functional.mse_loss(out, y)
+
+    # The optimizer the plan priced (its memory): SGD for "sgd", AdamW for the Adam variants.
+    opt: OptimizerFactory | None = (lambda ps: torch.optim.SGD(ps, lr=1e-3)) if plan.training.optimizer == "sgd" else None
+    pm = ParallelModel(model, plan, loaded.example_inputs, loss_fn, opt, init_seed=seed)
+    # The output's shape per micro-batch, from the split (a meta model cannot run a forward).
+    last = pm.split.stages[-1].output_specs
+    probe = tree_unflatten([torch.empty(shape, dtype=dt, device="meta") for shape, dt in last], pm.split.out_spec)
+    out = getattr(probe, "logits", probe)
+    if not isinstance(out, torch.Tensor):
+        pm.close()
+        raise DistributedError(f"model {model_spec}: its output is neither a tensor nor has .logits; autopart run cannot make a loss for it")
     gb = plan.training.global_batch
     gen = torch.Generator().manual_seed(seed + 1)
-    if logits is not None:
-        vocab = logits.shape[-1]
 
-        def loss_fn(out: Any, y: torch.Tensor) -> torch.Tensor:
-            return torch.nn.functional.cross_entropy(out.logits.reshape(-1, vocab), y.reshape(-1))
-
-        def batch() -> tuple[tuple[torch.Tensor, ...], torch.Tensor]:
+    def batch() -> tuple[tuple[torch.Tensor, ...], torch.Tensor]:
+        if token_ids:
+            vocab = out.shape[-1]
             ids = [torch.randint(0, vocab, (gb, *x.shape[1:]), generator=gen) for x in loaded.example_inputs]
-            return tuple(ids), torch.randint(0, vocab, (gb, *logits.shape[1:-1]), generator=gen)
-    else:
-        out_shape = probe.shape[1:] if isinstance(probe, torch.Tensor) else None
-        if out_shape is None:
-            raise DistributedError(f"model {model_spec}: its output is neither a tensor nor has .logits; autopart run cannot make a loss for it")
+            return tuple(ids), torch.randint(0, vocab, (gb, *out.shape[1:-1]), generator=gen)
+        xs = tuple(torch.randn((gb, *x.shape[1:]), generator=gen, dtype=x.dtype) for x in loaded.example_inputs)
+        return xs, torch.randn((gb, *out.shape[1:]), generator=gen, dtype=out.dtype)
 
-        def loss_fn(out: Any, y: torch.Tensor) -> torch.Tensor:
-            return torch.nn.functional.mse_loss(out, y)
-
-        # Integer inputs (token ids of a model returning plain logits, e.g. hetero-lm) index an
-        # embedding: draw them below the smallest embedding's rows (0 only, without one).
-        rows = min((m.num_embeddings for m in model.modules() if isinstance(m, torch.nn.Embedding)), default=1)
-
-        def sample(x: torch.Tensor) -> torch.Tensor:
-            shape = (gb, *x.shape[1:])
-            if x.dtype.is_floating_point or x.dtype.is_complex:
-                return torch.randn(shape, generator=gen, dtype=x.dtype)
-            return torch.randint(0, rows, shape, generator=gen, dtype=x.dtype)
-
-        def batch() -> tuple[tuple[torch.Tensor, ...], torch.Tensor]:
-            xs = tuple(sample(x) for x in loaded.example_inputs)
-            return xs, torch.randn((gb, *out_shape), generator=gen, dtype=probe.dtype)
-
-    pm = ParallelModel(model, plan, loaded.example_inputs, loss_fn, None)
     times: list[float] = []
     losses: list[float] = []
     total = warmup + steps

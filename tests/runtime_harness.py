@@ -8,7 +8,8 @@ model. Each job runs on every rank and returns a JSON-able dict.
 Jobs:
   equivalence  auto_parallelize vs a single-process deepcopy of the same model:
                the step's loss, every parameter's gradient gathered to full shape,
-               and the parameters after one optimizer step.
+               and the parameters after one optimizer step; every layout of one world
+               size in one launch.
   checkpoint   save / load under given layouts, continue, report the parameters.
   fail         rank ``fail_rank`` raises inside its loss (or dies) mid-step.
 """
@@ -81,14 +82,16 @@ def launch(n: int, job: str, args: dict[str, Any], tmp: Path, timeout_s: float =
 # --------------------------------------------------------------------------------------
 
 
-def build(name: str, seed: int = 0):
-    """(model, example batch-1 inputs, loss_fn, make_batch(global_batch, seed) -> (inputs, target))."""
+def build(name: str, seed: int = 0, device: str = "cpu"):
+    """(model, example batch-1 inputs, loss_fn, make_batch(global_batch, seed) -> (inputs, target)).
+
+    ``device="meta"``: the model and its example inputs on ``meta`` (no weights)."""
     import torch
 
     from partitioner.zoo import load_model
 
     torch.manual_seed(seed)
-    lm = load_model(name, config=MODELS[name], seq_len=None if name == "mlp" else SEQ, device="cpu")
+    lm = load_model(name, config=MODELS[name], seq_len=None if name == "mlp" else SEQ, device=device)
     model = lm.model.train()
     if name == "mlp":
         def loss_fn(out, y):
@@ -115,15 +118,30 @@ def _rel(a, b, floor: float) -> float:
 
 
 def job_equivalence(args: dict[str, Any]) -> dict[str, Any]:
+    """``{"layouts": {name: pins}, "models": [...], "meta_models": {layout: [...]}}``: every layout of
+    this world size in one process group, one after the other; ``{layout: {model: report}}``."""
+    return {
+        name: _equivalence(pins, args["models"], args.get("meta_models", {}).get(name, ()))
+        for name, pins in args["layouts"].items()
+    }
+
+
+def _equivalence(layout: dict[str, Any], models: list[str], meta_models: list[str]) -> dict[str, Any]:
     import torch
 
     from partitioner import auto_parallelize
+    from partitioner.materialize import materialize
 
     out: dict[str, Any] = {}
-    layout = args["layout"]
-    for name in args["models"]:
-        model, example, loss_fn, batch = build(name)
-        ref = copy.deepcopy(model)
+    # A model built on meta: each rank materializes its own stages' tensors; the reference, all of them.
+    runs = [(name, False) for name in models] + [(name, True) for name in meta_models]
+    for name, on_meta in runs:
+        model, example, loss_fn, batch = build(name, device="meta" if on_meta else "cpu")
+        if on_meta:
+            ref, _, _, _ = build(name, device="meta")
+            materialize(ref, "cpu")
+        else:
+            ref = copy.deepcopy(model)
         opt = lambda ps: torch.optim.SGD(ps, lr=0.1, momentum=0.9)  # noqa: E731
         pm = auto_parallelize(model, example_inputs=example, loss_fn=loss_fn, method="params",
                               optimizer=opt, **layout)
@@ -139,51 +157,81 @@ def job_equivalence(args: dict[str, Any]) -> dict[str, Any]:
         ref_opt.step()
         ref_params = dict(ref.named_parameters())
         scale_g = max(float(g.abs().max()) for g in ref_grads.values())
-        out[name] = dict(
+        report = out.setdefault(f"meta:{name}" if on_meta else name, {})
+        if on_meta:  # what this rank holds: only its stages' tensors (its tp shards of them)
+            report.update(
+                resident_bytes=sum(p.numel() * p.element_size() for p in model.parameters() if not p.is_meta),
+                stage_bytes=sum(p.numel() * p.element_size() for p in pm.params.values()),
+                model_bytes=sum(p.numel() * p.element_size() for p in ref.parameters()),
+                foreign=sorted(n for n, p in model.named_parameters() if not p.is_meta and n not in pm.params),
+            )
+        report.update(
             loss=loss, ref_loss=float(ref_loss),
             grad=max(_rel(grads[n], ref_grads[n], 1e-4 * scale_g) for n in grads),
             param=max(_rel(params[n].detach(), ref_params[n].detach(), 1e-6) for n in params),
             worst_grad=max(grads, key=lambda n: _rel(grads[n], ref_grads[n], 1e-4 * scale_g)),
             names=sorted(grads), all_names=sorted(ref_grads), matched_by=pm.split.matched_by,
             schedule=pm.plan.schedule.name, stages=list(pm.stage_indices),
+            optimizer=type(pm.optimizer).__name__, zero1=pm.plan.training.zero1,
+            # parameters whose optimizer state this rank holds (under ZeRO-1, its dp share)
+            state_params=len(getattr(pm.optimizer, "optim", pm.optimizer).state), n_params=len(pm.params),
         )
         pm.close()
     return out
 
 
 def job_checkpoint(args: dict[str, Any]) -> dict[str, Any]:
-    """Phase "save": steps under layout, save. Phase "load": load, more steps. Report the final parameters."""
+    """Several runs in one process group, each ``{"key", "model", "global_batch", "layout", "phases"}``.
+
+    Phases, in order: ``{"steps": [first, n]}`` trains n steps on the batches of steps first..;
+    ``{"save": path}``; ``{"load": path}`` (an error is reported, with whether the weights stayed
+    unchanged, and the run goes on); ``{"corrupt": [src, dst]}``: rank 0 copies checkpoint src to dst
+    and truncates its data file. Each run reports its losses, load outcomes and final parameters.
+    """
+    import shutil
+
     import torch
+    import torch.distributed as dist
 
     from partitioner import auto_parallelize
 
-    name = args["model"]
-    model, example, loss_fn, batch = build(name)
-    opt = lambda ps: torch.optim.SGD(ps, lr=0.1, momentum=0.9)  # noqa: E731
-    pm = auto_parallelize(model, example_inputs=example, loss_fn=loss_fn, method="params", optimizer=opt,
-                          global_batch=args["global_batch"], **args["layout"])
-    result: dict[str, Any] = {}
-    try:
-        if args.get("load"):
-            before = {n: t.clone() for n, t in pm.full_tensors("param").items()}
-            try:
-                pm.load(args["load"])
-            except Exception as exc:
-                result["load_error"] = f"{type(exc).__name__}: {exc}"
-                after = pm.full_tensors("param")
-                result["unchanged"] = all(torch.equal(before[n], after[n]) for n in before)
-                return result
-        losses = []
-        for step in range(args["first_step"], args["first_step"] + args["steps"]):
-            inputs, target = batch(args["global_batch"], 100 + step)
-            losses.append(pm.step(*inputs, target=target))
-        if args.get("save"):
-            pm.save(args["save"])
-        result["losses"] = losses
-        result["params"] = {n: t.flatten().tolist() for n, t in pm.full_tensors("param").items()}
-        return result
-    finally:
-        pm.close()
+    out: dict[str, Any] = {}
+    for run in args["runs"]:
+        model, example, loss_fn, batch = build(run["model"])
+        opt = lambda ps: torch.optim.SGD(ps, lr=0.1, momentum=0.9)  # noqa: E731
+        pm = auto_parallelize(model, example_inputs=example, loss_fn=loss_fn, method="params", optimizer=opt,
+                              global_batch=run["global_batch"], **run["layout"])
+        result: dict[str, Any] = {"losses": [], "loads": []}
+        try:
+            for phase in run["phases"]:
+                if "steps" in phase:
+                    first, n = phase["steps"]
+                    for step in range(first, first + n):
+                        inputs, target = batch(run["global_batch"], 100 + step)
+                        result["losses"].append(pm.step(*inputs, target=target))
+                elif "save" in phase:
+                    pm.save(phase["save"])
+                elif "load" in phase:
+                    before = {n: t.clone() for n, t in pm.full_tensors("param").items()}
+                    try:
+                        pm.load(phase["load"])
+                        result["loads"].append(None)
+                    except Exception as exc:
+                        after = pm.full_tensors("param")
+                        result["loads"].append(dict(error=f"{type(exc).__name__}: {exc}",
+                                                    unchanged=all(torch.equal(before[n], after[n]) for n in before)))
+                elif "corrupt" in phase:
+                    if dist.get_rank() == 0:
+                        src, dst = (Path(p) for p in phase["corrupt"])
+                        shutil.copytree(src, dst)
+                        data = next(f for f in sorted(dst.iterdir()) if f.suffix == ".distcp")
+                        data.write_bytes(data.read_bytes()[: len(data.read_bytes()) // 3])
+                    dist.barrier()
+            result["params"] = {n: t.flatten().tolist() for n, t in pm.full_tensors("param").items()}
+        finally:
+            pm.close()
+        out[run["key"]] = result
+    return out
 
 
 def job_fail(args: dict[str, Any]) -> dict[str, Any]:

@@ -1,6 +1,7 @@
 """The runtime against a single-process reference, in real gloo process groups (tier 3 of STYLE.md).
 
-One launch per layout checks every model (process start-up dominates); see
+One launch per world size checks every layout of that size and every model, and the
+checkpoint scenarios share three launches (process start-up dominates); see
 tests/runtime_harness.py for what each rank computes.
 """
 
@@ -24,10 +25,15 @@ LAYOUTS = {
     "pp4-interleaved": (4, dict(pp=4, tp=1, dp=1, schedule="interleaved", virtual_stages=2, microbatches=4, global_batch=4)),
     "tp2": (2, dict(pp=1, tp=2, dp=1, microbatches=1, global_batch=2)),
     "dp2": (2, dict(pp=1, tp=1, dp=2, microbatches=1, global_batch=4)),
+    "dp2-zero1": (2, dict(pp=1, tp=1, dp=2, microbatches=1, global_batch=4, zero1=True)),
     "pp2xtp2": (4, dict(pp=2, tp=2, dp=1, schedule="gpipe", microbatches=2, global_batch=2)),
     "pp2xdp2": (4, dict(pp=2, tp=1, dp=2, microbatches=2, global_batch=4)),
     "pp2xtp2xdp2": (8, dict(pp=2, tp=2, dp=2, microbatches=2, global_batch=4)),
 }
+
+# Layouts that also run models built on meta (each rank materializes only its stages' weights),
+# against a reference materialized whole by the same rule.
+META_MODELS = {"pp2": ALL, "pp2xtp2": ["gpt2-tiny", "llama-tiny"]}
 
 
 def _ok(reports: list[dict]) -> None:
@@ -35,12 +41,35 @@ def _ok(reports: list[dict]) -> None:
         assert r["rc"] == 0 and r.get("job_failed") is None, f"rank {rank}: {r.get('job_failed')}\n{r['stderr'][-4000:]}"
 
 
+@pytest.fixture(scope="module")
+def equivalence_launches(tmp_path_factory: pytest.TempPathFactory):
+    """``reports(layout)``: every rank's report for ``layout``. All layouts of one world size share a
+    launch (made on first use), since process start-up dominates."""
+    done: dict[int, list[dict]] = {}
+
+    def reports(layout: str) -> list[dict]:
+        ranks = LAYOUTS[layout][0]
+        if ranks not in done:
+            group = {name: pins for name, (n, pins) in LAYOUTS.items() if n == ranks}
+            done[ranks] = launch(ranks, "equivalence", {"layouts": group, "models": ALL, "meta_models": META_MODELS},
+                                 tmp_path_factory.mktemp(f"equivalence{ranks}"), timeout_s=360)
+        _ok(done[ranks])
+        return [r[layout] for r in done[ranks]]
+
+    return reports
+
+
 @pytest.mark.parametrize("layout", list(LAYOUTS))
-def test_equivalence(layout: str, tmp_path: Path) -> None:
-    ranks, pins = LAYOUTS[layout]
-    reports = launch(ranks, "equivalence", {"layout": pins, "models": ALL}, tmp_path)
-    _ok(reports)
-    for name in ALL:
+def test_equivalence(layout: str, equivalence_launches) -> None:
+    pins = LAYOUTS[layout][1]
+    meta = META_MODELS.get(layout, [])
+    reports = equivalence_launches(layout)
+    for name in meta:  # built on meta: a rank holds its own stages' tensors and nothing else
+        for rank, r in enumerate(reports):
+            m = r[f"meta:{name}"]
+            assert m["foreign"] == [], f"{name} rank {rank} materialized tensors of other stages: {m['foreign'][:3]}"
+            assert 0 < m["resident_bytes"] <= m["stage_bytes"] < m["model_bytes"], (name, rank, m)
+    for name in ALL + [f"meta:{n}" for n in meta]:
         seen: set[str] = set()
         for rank, r in enumerate(reports):
             m = r[name]
@@ -49,26 +78,57 @@ def test_equivalence(layout: str, tmp_path: Path) -> None:
             assert m["param"] <= TOL, f"{name} rank {rank}: parameters after the step differ by {m['param']:.2e}"
             seen.update(m["names"])
         assert seen == set(reports[0][name]["all_names"]), f"{name}: parameters no rank checked: {set(reports[0][name]['all_names']) - seen}"
+    if pins.get("zero1"):  # optimizer state sharded over dp: each rank holds a share, together all of it
+        for name in ALL:
+            assert {r[name]["optimizer"] for r in reports} == {"ZeroRedundancyOptimizer"}, name
+            shares = [r[name]["state_params"] for r in reports]
+            assert sum(shares) == reports[0][name]["n_params"] and max(shares) < reports[0][name]["n_params"], (name, shares)
     schedules = {reports[0][n]["schedule"] for n in ALL}
     assert schedules == {pins.get("schedule", "1f1b")}
 
 
-def test_checkpoint_resumes_under_another_layout(tmp_path: Path) -> None:
-    """Save under pp=2, load under tp=2 and pp=2 x dp=2, continue: the same weights as a run that never stopped."""
-    common = dict(model="gpt2-tiny", global_batch=4)
-    straight = launch(2, "checkpoint", {**common, "layout": dict(pp=2, microbatches=2), "first_step": 0, "steps": 3}, tmp_path)
+@pytest.fixture(scope="module")
+def checkpoint_runs(tmp_path_factory: pytest.TempPathFactory) -> dict[str, dict]:
+    """Every checkpoint scenario in three launches (process start-up dominates; see runtime_harness.py).
+
+    1. 2 ranks: GPT-2 under pp=2 trains steps 0-1, saves, trains step 2 (the run that never stopped);
+       the MLP under pp=2 trains a step and saves; rank 0 makes a copy with a truncated data file.
+    2. 2 ranks: GPT-2 under tp=2 loads and trains step 2; the MLP tries a missing, the corrupt and
+       GPT-2's checkpoint (each must fail, changing nothing), then loads its own and trains on.
+    3. 4 ranks: GPT-2 under pp=2 x dp=2 loads and trains step 2.
+    """
+    tmp = tmp_path_factory.mktemp("ckpt")
+    gpt, mlp, corrupt = str(tmp / "gpt"), str(tmp / "mlp"), str(tmp / "corrupt")
+    gpt_run = dict(model="gpt2-tiny", global_batch=4)
+    mlp_run = dict(model="mlp", global_batch=2, layout=dict(pp=2, microbatches=2))
+    reports = {}
+    reports["save"] = launch(2, "checkpoint", {"runs": [
+        dict(gpt_run, key="gpt", layout=dict(pp=2, microbatches=2),
+             phases=[{"steps": [0, 2]}, {"save": gpt}, {"steps": [2, 1]}]),
+        dict(mlp_run, key="mlp", phases=[{"steps": [0, 1]}, {"save": mlp}, {"corrupt": [mlp, corrupt]}]),
+    ]}, tmp)
+    reports["tp2"] = launch(2, "checkpoint", {"runs": [
+        dict(gpt_run, key="gpt", layout=dict(tp=2, pp=1, microbatches=1), phases=[{"load": gpt}, {"steps": [2, 1]}]),
+        dict(mlp_run, key="mlp", phases=[{"load": str(tmp / "nothing-here")}, {"load": corrupt}, {"load": gpt},
+                                         {"load": mlp}, {"steps": [1, 1]}]),
+    ]}, tmp)
+    reports["pp2xdp2"] = launch(4, "checkpoint", {"runs": [
+        dict(gpt_run, key="gpt", layout=dict(pp=2, dp=2, microbatches=2), phases=[{"load": gpt}, {"steps": [2, 1]}]),
+    ]}, tmp)
+    return reports
+
+
+def test_checkpoint_resumes_under_another_layout(checkpoint_runs: dict[str, list[dict]]) -> None:
+    """Saved under pp=2, loaded under tp=2 and pp=2 x dp=2, continued: the same as a run that never stopped."""
+    straight = checkpoint_runs["save"]
     _ok(straight)
-    ckpt = tmp_path / "ckpt"
-    first = launch(2, "checkpoint", {**common, "layout": dict(pp=2, microbatches=2), "first_step": 0, "steps": 2,
-                                     "save": str(ckpt)}, tmp_path)
-    _ok(first)
-    assert first[0]["losses"] == straight[0]["losses"][:2]
-    for n, layout in ((2, dict(tp=2, pp=1, microbatches=1)), (4, dict(pp=2, dp=2, microbatches=2))):
-        resumed = launch(n, "checkpoint", {**common, "layout": layout, "first_step": 2, "steps": 1, "load": str(ckpt)}, tmp_path)
+    want = {k: v for r in straight for k, v in r["gpt"]["params"].items()}
+    for layout in ("tp2", "pp2xdp2"):
+        resumed = checkpoint_runs[layout]
         _ok(resumed)
-        assert resumed[0]["losses"][0] == pytest.approx(straight[0]["losses"][2], rel=TOL)
-        want = {k: v for r in straight for k, v in r["params"].items()}
-        got = {k: v for r in resumed for k, v in r["params"].items()}
+        assert resumed[0]["gpt"]["loads"] == [None]
+        assert resumed[0]["gpt"]["losses"][0] == pytest.approx(straight[0]["gpt"]["losses"][2], rel=TOL)
+        got = {k: v for r in resumed for k, v in r["gpt"]["params"].items()}
         assert set(got) == set(want)
         for k in want:
             worst = max(abs(a - b) for a, b in zip(got[k], want[k]))
@@ -76,36 +136,22 @@ def test_checkpoint_resumes_under_another_layout(tmp_path: Path) -> None:
             assert worst / scale <= TOL, f"{layout}: {k} differs by {worst / scale:.2e}"
 
 
-def test_checkpoint_errors_before_any_step(tmp_path: Path) -> None:
-    """Missing, corrupt, and other-model checkpoints: one clear line on every rank, weights untouched."""
-    ckpt = tmp_path / "ckpt"
-    _ok(launch(2, "checkpoint", {"model": "mlp", "global_batch": 2, "layout": dict(pp=2, microbatches=2),
-                                 "first_step": 0, "steps": 1, "save": str(ckpt)}, tmp_path))
-    corrupt = tmp_path / "corrupt"
-    corrupt.mkdir()
-    for f in ckpt.iterdir():
-        (corrupt / f.name).write_bytes(f.read_bytes())
-    data = next(f for f in corrupt.iterdir() if f.suffix == ".distcp")
-    data.write_bytes(data.read_bytes()[: len(data.read_bytes()) // 3])
-    cases = {
-        "missing": (tmp_path / "nothing-here", "no checkpoint at"),
-        "corrupt": (corrupt, "corrupt"),
-        "other model": (ckpt, "not of this model"),
-    }
-    for what, (path, words) in cases.items():
-        model = "gpt2-tiny" if what == "other model" else "mlp"
-        reports = launch(2, "checkpoint", {"model": model, "global_batch": 2, "layout": dict(pp=2, microbatches=2),
-                                           "first_step": 0, "steps": 1, "load": str(path)}, tmp_path)
-        _ok(reports)
-        for r in reports:
-            assert "CheckpointError" in r["load_error"] and words in r["load_error"], (what, r["load_error"])
-            assert "\n" not in r["load_error"]
-            assert r["unchanged"], f"{what}: a failed load changed the weights"
-    # Nothing was overwritten: the good checkpoint still loads.
-    good = launch(2, "checkpoint", {"model": "mlp", "global_batch": 2, "layout": dict(pp=2, microbatches=2),
-                                    "first_step": 1, "steps": 1, "load": str(ckpt)}, tmp_path)
-    _ok(good)
-    assert "load_error" not in good[0]
+def test_checkpoint_errors_before_any_step(checkpoint_runs: dict[str, list[dict]]) -> None:
+    """Missing, corrupt, and other-model checkpoints: one clear line on every rank, weights untouched;
+    the good checkpoint still loads afterwards (nothing was overwritten) and training continues."""
+    _ok(checkpoint_runs["save"])
+    reports = checkpoint_runs["tp2"]
+    _ok(reports)
+    cases = {"missing": "no checkpoint at", "corrupt": "corrupt", "other model": "not of this model"}
+    for r in reports:
+        loads = r["mlp"]["loads"]
+        for (what, words), outcome in zip(cases.items(), loads):
+            assert outcome is not None, f"{what}: the load succeeded"
+            assert "CheckpointError" in outcome["error"] and words in outcome["error"], (what, outcome["error"])
+            assert "\n" not in outcome["error"]
+            assert outcome["unchanged"], f"{what}: a failed load changed the weights"
+        assert loads[3] is None, f"the good checkpoint no longer loads: {loads[3]}"
+        assert len(r["mlp"]["losses"]) == 1
 
 
 @pytest.mark.parametrize("how", ["raise", "die"])
