@@ -648,16 +648,16 @@ def _grad_flow(gm: fx.GraphModule, param_nodes: Mapping[str, str], model: torch.
             if any(p.requires_grad for p in mod.parameters()) or any(a.name in out for a in node.all_input_nodes):
                 out.add(node.name)
         elif any(a.name in out for a in node.all_input_nodes):
-            if any(t.dtype.is_floating_point for t in _flat_tensors(node.meta.get("val"))):
+            if any(t.dtype.is_floating_point for t in flat_tensors(node.meta.get("val"))):
                 out.add(node.name)
     return out
 
 
-def _flat_tensors(val: Any) -> list[torch.Tensor]:
+def flat_tensors(val: Any) -> list[torch.Tensor]:
     if isinstance(val, torch.Tensor):
         return [val]
     if isinstance(val, (list, tuple)):
-        return [t for v in val for t in _flat_tensors(v)]
+        return [t for v in val for t in flat_tensors(v)]
     return []
 
 

@@ -246,14 +246,7 @@ def cmd_plan(args: argparse.Namespace) -> int:
         near = difflib.get_close_matches(args.method, METHODS, n=1)
         hint = f" (did you mean {near[0]!r}?)" if near else ""
         raise PlanError(f"--method {args.method!r} is not one of {', '.join(METHODS)}{hint}")
-    json_path = Path(args.json) if args.json else None
-    if json_path is not None:  # check before the (possibly long) planning, so nothing is lost
-        if json_path.exists() and not args.force:
-            raise PlanError(f"--json {json_path} already exists; pass --force to overwrite it")
-        if json_path.is_dir():
-            raise PlanError(f"--json {json_path} is a directory; give a file path such as {json_path / 'plan.json'}")
-        if not json_path.parent.exists():
-            raise PlanError(f"--json {json_path}: directory {json_path.parent} does not exist")
+    json_path = _check_out(args.json, args.force, "--json", "plan.json")  # before the (possibly long) planning
     plan_in = None
     if args.plan_file:
         plan_in = Plan.load(args.plan_file)
@@ -568,15 +561,15 @@ def cmd_inspect(args: argparse.Namespace) -> int:
 # --------------------------------------------------------------------------------------
 
 
-def _check_out(path_text: str | None, force: bool, flag: str) -> Path | None:
+def _check_out(path_text: str | None, force: bool, flag: str, example: str) -> Path | None:
     """Refuse an output path that would overwrite a file (without --force) or cannot be written."""
     if path_text is None:
         return None
     path = Path(path_text)
-    if path.is_dir():
-        raise PlanError(f"{flag} {path} is a directory; give a file path")
     if path.exists() and not force:
         raise PlanError(f"{flag} {path} already exists; pass --force to overwrite it")
+    if path.is_dir():
+        raise PlanError(f"{flag} {path} is a directory; give a file path such as {path / example}")
     if not path.parent.exists():
         raise PlanError(f"{flag} {path}: directory {path.parent} does not exist")
     return path
@@ -595,7 +588,7 @@ def cmd_profile(args: argparse.Namespace) -> int:
     from .profile import BlockFidelity, ProfileCache, device_name, fidelity, gpu_preset, profile_for_planning
     from .zoo import load_model, parse_config_overrides
 
-    json_path = _check_out(args.json, args.force, "--json")
+    json_path = _check_out(args.json, args.force, "--json", "profile.json")
     device = args.device or "cpu"
     name = device_name(device)  # fails early, with the fix, on a machine without that device
     is_cpu = torch.device(device).type == "cpu"
@@ -686,7 +679,7 @@ def cmd_calibrate(args: argparse.Namespace) -> int:
             "autopart calibrate measures the live process group: run it under torchrun, e.g. "
             "torchrun --nproc-per-node 2 -m partitioner.cli calibrate --out cluster.toml"
         )
-    out = _check_out(args.out, args.force, "--out")
+    out = _check_out(args.out, args.force, "--out", "cluster.toml")
     world = int(os.environ["WORLD_SIZE"])
     local = int(os.environ.get("LOCAL_WORLD_SIZE", world))
     gpu = torch.cuda.is_available()

@@ -59,7 +59,7 @@ import sys
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Callable, Iterator, Mapping, Sequence
+from typing import TYPE_CHECKING, Any, Callable, Mapping, Sequence
 
 import torch
 from torch import fx
@@ -67,7 +67,7 @@ from torch import fx
 from cost_models import MeasuredCostModel, MeasuredOp, NodeRef, Sample
 from cost_models.base import CostModel
 
-from .capture import CapturedModel, NodeInfo
+from .capture import CapturedModel, NodeInfo, flat_tensors
 from .errors import AutopartError
 from .graph import Block, PartitionGraph
 from .sharding import allowed_strategies, is_linear_like
@@ -453,14 +453,6 @@ class _Clock:
             torch.cuda.synchronize()
 
 
-def _tensors(obj: Any) -> Iterator[torch.Tensor]:
-    if isinstance(obj, torch.Tensor):
-        yield obj
-    elif isinstance(obj, (list, tuple)):
-        for o in obj:
-            yield from _tensors(o)
-
-
 class _Profiler:
     def __init__(self, pgraph: PartitionGraph, cache: ProfileCache, options: ProfileOptions) -> None:
         self.pgraph = pgraph
@@ -630,10 +622,8 @@ class _Profiler:
         fwd = shares(bm.forward.median_s, [m.forward.median_s for _, m in alone])
         bwd = shares(bm.backward.median_s, [m.backward.median_s for _, m in alone])
         for i, ((info, _), (fa, fs), (ba, bs)) in enumerate(zip(alone, fwd, bwd)):
-            for ref, m in [(r, mm) for r, mm in self.nodes.items() if r.name == info.name] if fresh else [
-                (r, self.nodes[r]) for r in [NodeRef(info.name, st, tp) for st, tp in [("replicate", 1), *self.variants(info)]]
-                if r in self.nodes
-            ]:
+            refs = [NodeRef(info.name, st, tp) for st, tp in [("replicate", 1), *self.variants(info)]]
+            for ref, m in [(r, self.nodes[r]) for r in refs if r in self.nodes]:
                 op = MeasuredOp(
                     m.forward.median_s * fs + fa,
                     (m.backward.median_s * bs + ba) if m.backward.reps else 0.0,
@@ -806,13 +796,13 @@ class _Profiler:
 
         with torch.enable_grad():
             a0, k0 = fresh()
-            outs = [t for t in _tensors(call(a0, k0)) if t.grad_fn is not None and t.dtype.is_floating_point]
+            outs = [t for t in flat_tensors(call(a0, k0)) if t.grad_fn is not None and t.dtype.is_floating_point]
             grads = [torch.randn_like(t) for t in outs]
             forward = self.repeat(lambda: fresh(), lambda s: call(*s))
             if outs:
                 def setup() -> list[torch.Tensor]:
                     a, k = fresh()
-                    return [t for t in _tensors(call(a, k)) if t.grad_fn is not None and t.dtype.is_floating_point]
+                    return [t for t in flat_tensors(call(a, k)) if t.grad_fn is not None and t.dtype.is_floating_point]
 
                 backward = self.repeat(setup, lambda o: torch.autograd.backward(o, grads))
             else:
@@ -842,7 +832,7 @@ class _Profiler:
             return local
 
         def outputs(local: Mapping[str, Any]) -> list[torch.Tensor]:
-            return [t for n in leaving for t in _tensors(local[n]) if t.grad_fn is not None and t.dtype.is_floating_point]
+            return [t for n in leaving for t in flat_tensors(local[n]) if t.grad_fn is not None and t.dtype.is_floating_point]
 
         grads = [torch.randn_like(t) for t in outputs(forward())]
         activation = None
