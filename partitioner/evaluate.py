@@ -185,6 +185,7 @@ class Evaluator:
     def score(self, plan: Plan) -> tuple[Plan, SimResult]:
         """Re-price a plan (e.g. hand-written or loaded from JSON) on this evaluator's model and cluster."""
         plan.check_matches(self.captured.fingerprint)
+        plan = plan.with_blocks({b.name: b.nodes for b in self.pgraph.blocks})  # [Note: what a stage holds]
         unknown = [n for n in plan.sharding if n not in self.captured.nodes]
         if unknown:
             import difflib
