@@ -209,7 +209,12 @@ def main(argv: Sequence[str] | None = None) -> int:
             print_diff(Plan.load(args.a), Plan.load(args.b), args.a, args.b)
             return 0
     except AutopartError as exc:
-        print(f"autopart: error: {exc}", file=sys.stderr)
+        if "TORCHELASTIC_RUN_ID" in os.environ:  # under torchrun: once per job, named in torchrun's summary
+            from .watchdog import report
+
+            report(exc)
+        else:
+            print(f"autopart: error: {exc}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
         print("autopart: interrupted", file=sys.stderr)

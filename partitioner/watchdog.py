@@ -40,19 +40,22 @@ The process group's timeout is still set (``backend_timeout_s``) as a backstop.
 
 from __future__ import annotations
 
+import json
 import os
 import sys
 import threading
 import time
 import uuid
 from datetime import timedelta
+from pathlib import Path
 from typing import Any, Callable
 
 import torch.distributed as dist
 
 from .errors import AutopartError
 
-__all__ = ["DistributedError", "RankFailedError", "Watchdog", "backend_timeout_s", "reported_here", "under_launcher"]
+__all__ = ["DistributedError", "RankFailedError", "Watchdog", "backend_timeout_s", "report", "reported_here",
+           "under_launcher"]
 
 
 class DistributedError(AutopartError):
@@ -90,6 +93,25 @@ def reported_here(exc: BaseException) -> bool:
     if isinstance(exc, RankFailedError):
         return not exc.published_by_peer
     return os.environ.get("RANK", "0") == "0"
+
+
+def report(exc_or_line: BaseException | str) -> None:
+    """Print an error as autopart's one line (``autopart: error: ...``), once per job under torchrun
+    (``reported_here``), and hand it to torchrun's error file so that its summary names the cause
+    instead of "To enable traceback see ..."."""
+    if isinstance(exc_or_line, BaseException):
+        if not reported_here(exc_or_line):
+            return
+        exc_or_line = str(exc_or_line)
+    line = f"autopart: error: {exc_or_line}"
+    print(line, file=sys.stderr, flush=True)
+    error_file = os.environ.get("TORCHELASTIC_ERROR_FILE")
+    if error_file and under_launcher():
+        try:  # torchelastic's format (ErrorHandler.record_exception); its summary prints py_callstack
+            Path(error_file).write_text(json.dumps({"message": {"message": line, "extraInfo": {
+                "py_callstack": line, "timestamp": str(int(time.time()))}}}))
+        except OSError:
+            pass
 
 
 def _is_comm_error(exc: BaseException) -> bool:
@@ -159,8 +181,11 @@ class Watchdog:
             peer = self.peer_failure(wait_s=self.timeout_s + 3.0)
             if peer is not None:
                 return RankFailedError(f"{peer} (rank {self.rank} stops)", published_by_peer=True)
-        detail = str(exc).splitlines()[0] if str(exc) else ""
-        msg, ours = self.publish(f"{self.who(self.rank)} failed: {type(exc).__name__}: {detail}")
+        root = exc  # pipelining wraps a stage's error in a RuntimeError: name the original
+        while root.__cause__ is not None:
+            root = root.__cause__
+        detail = next((line.strip() for line in str(root).splitlines() if line.strip()), "")
+        msg, ours = self.publish(f"{self.who(self.rank)} failed: {type(root).__name__}: {detail}")
         if ours:
             return RankFailedError(msg)
         return RankFailedError(f"{msg} (rank {self.rank} stops)", published_by_peer=True)
@@ -203,8 +228,7 @@ class Watchdog:
 
     def _die(self, msg: str, ours: bool) -> None:
         if ours or not under_launcher():
-            line = msg if ours else f"{msg} (rank {self.rank} stops)"
-            print(f"autopart: error: {line}", file=sys.stderr, flush=True)
+            report(msg if ours else f"{msg} (rank {self.rank} stops)")
         try:
             self.store.set(f"{self.prefix}stopped/{self.rank}", "1")
             if self.rank == 0:  # the store dies with us: let the others read why first (a few polls)

@@ -348,7 +348,7 @@ def job_wrong_world(args: dict[str, Any]) -> dict[str, Any]:
 
 def main(job: str, spec: str, out: str) -> None:
     from partitioner.errors import AutopartError
-    from partitioner.watchdog import reported_here
+    from partitioner.watchdog import report
 
     out = out.replace("{rank}", os.environ.get("RANK", "0"))  # one path per rank under torchrun
     args = json.loads(Path(spec).read_text())
@@ -356,8 +356,7 @@ def main(job: str, spec: str, out: str) -> None:
     try:
         result.update(globals()[f"job_{job}"](args))
     except AutopartError as exc:  # as the CLI does: one line, once per job under torchrun
-        if reported_here(exc):
-            print(f"autopart: error: {exc}", file=sys.stderr, flush=True)
+        report(exc)
         result["job_failed"] = f"{type(exc).__name__}: {exc}"
     except Exception as exc:  # reported to the test, which decides
         import traceback
