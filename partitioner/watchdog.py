@@ -42,6 +42,7 @@ from __future__ import annotations
 
 import json
 import os
+import socket
 import sys
 import threading
 import time
@@ -145,13 +146,24 @@ class Watchdog:
         self._thread = threading.Thread(target=self._run, name="autopart-watchdog", daemon=True)
         self._thread.start()
 
-    @staticmethod
-    def _client() -> Any:
+    def _client(self) -> Any:
         """A store client of our own: the main thread may be inside the default one."""
         store = dist.distributed_c10d._get_default_store()
         while hasattr(store, "underlying_store"):
             store = store.underlying_store
+        self._address = (store.host, store.port)
         return dist.TCPStore(store.host, store.port, is_master=False, timeout=timedelta(seconds=30))
+
+    def _store_alive(self) -> bool:
+        """Whether the store still listens. Probed with a bare connection before the store is used,
+        since a store call to a dead host logs a C++ stack trace before it raises."""
+        if self.rank == 0:
+            return True
+        try:
+            socket.create_connection(self._address, timeout=2.0).close()
+            return True
+        except OSError:
+            return False
 
     # --- called by the training loop -------------------------------------------------------
 
@@ -167,6 +179,8 @@ class Watchdog:
 
     def publish(self, msg: str) -> tuple[str, bool]:
         """Publish ``msg`` as the job's abort unless another rank did first: (the abort, ours?)."""
+        if not self._store_alive():
+            return msg, True
         try:
             cur = self.store.compare_set(self.abort_key, "", msg[:500]).decode()
         except Exception:
@@ -195,6 +209,8 @@ class Watchdog:
         process if a peer died or hangs). If the store is gone, rank 0 died."""
         deadline = time.monotonic() + wait_s
         while True:
+            if not self._store_alive():
+                return self._store_gone()
             try:
                 if self.store.check([self.abort_key]):
                     msg = self.store.get(self.abort_key).decode()
@@ -230,6 +246,8 @@ class Watchdog:
         if ours or not under_launcher():
             report(msg if ours else f"{msg} (rank {self.rank} stops)")
         try:
+            if not self._store_alive():
+                os._exit(1)
             self.store.set(f"{self.prefix}stopped/{self.rank}", "1")
             if self.rank == 0:  # the store dies with us: let the others read why first (a few polls)
                 keys = [f"{self.prefix}{k}/{r}" for r in range(1, self.world) for k in ("stopped", "done")]
@@ -251,6 +269,10 @@ class Watchdog:
         poll = min(1.0, max(0.1, self.timeout_s / 10))
         while not self._stop.wait(poll):
             beat += 1
+            if not self._store_alive():
+                if self.busy:
+                    self._die(self._store_gone(), True)
+                continue
             try:
                 self.store.set(f"{self.prefix}hb/{self.rank}", self._beat(beat))
                 if self.store.check([self.abort_key]):
