@@ -201,6 +201,8 @@ class Watchdog:
         detail = next((line.strip() for line in str(root).splitlines() if line.strip()), "")
         msg, ours = self.publish(f"{self.who(self.rank)} failed: {type(root).__name__}: {detail}")
         if ours:
+            if self.rank == 0:  # our exit will take the store with it
+                self._linger()
             return RankFailedError(msg)
         return RankFailedError(f"{msg} (rank {self.rank} stops)", published_by_peer=True)
 
@@ -245,18 +247,23 @@ class Watchdog:
     def _die(self, msg: str, ours: bool) -> None:
         if ours or not under_launcher():
             report(msg if ours else f"{msg} (rank {self.rank} stops)")
+        self._linger()
+        os._exit(1)
+
+    def _linger(self) -> None:
+        """Mark this rank stopped; on rank 0, whose exit takes the store with it, first wait (a few
+        polls, at most 3 s) until the others have read why the job stops."""
         try:
             if not self._store_alive():
-                os._exit(1)
+                return
             self.store.set(f"{self.prefix}stopped/{self.rank}", "1")
-            if self.rank == 0:  # the store dies with us: let the others read why first (a few polls)
+            if self.rank == 0:
                 keys = [f"{self.prefix}{k}/{r}" for r in range(1, self.world) for k in ("stopped", "done")]
                 deadline = time.monotonic() + 3.0
                 while time.monotonic() < deadline and sum(self.store.check([k]) for k in keys) < self.world - 1:
                     time.sleep(0.1)
         except Exception:
             pass
-        os._exit(1)
 
     def _stop_for(self, msg: str) -> None:
         """Publish ``msg`` (unless a peer published first) and end this process."""
