@@ -22,6 +22,10 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 
 
+def _rel(arg: str) -> str:
+    return str(Path(arg).relative_to(ROOT)) if arg.startswith(str(ROOT)) else arg
+
+
 def main() -> int:
     ap = argparse.ArgumentParser()
     ap.add_argument("--steps", type=int, default=200)
@@ -54,7 +58,7 @@ def main() -> int:
         f"# `autopart run` learns ({time.strftime('%Y-%m-%d')})",
         "",
         f"Command: `PYTHONPATH=. python benchmarks/run_learning.py --steps {args.steps}`, which runs",
-        f"`{' '.join(cmd[:-1])} {record.name}` on a plan for gpt2-tiny, pp=2, 1F1B, global batch 8.",
+        f"`{' '.join(_rel(c) for c in cmd)}` on a plan for gpt2-tiny, pp=2, 1F1B, global batch 8.",
         "",
         f"- data: {data['data']}",
         f"- random tokens would give ln(vocab) = ln({vocab}) = {math.log(vocab):.3f}; the corpus's entropy "

@@ -98,14 +98,12 @@ def reported_here(exc: BaseException) -> bool:
 
 def report(exc_or_line: BaseException | str) -> None:
     """Print an error as autopart's one line (``autopart: error: ...``), once per job under torchrun
-    (``reported_here``), and hand it to torchrun's error file so that its summary names the cause
-    instead of "To enable traceback see ..."."""
-    if isinstance(exc_or_line, BaseException):
-        if not reported_here(exc_or_line):
-            return
-        exc_or_line = str(exc_or_line)
+    (``reported_here``), and hand it to torchrun's error file (on every rank, printed or not) so that
+    its summary names the cause instead of "To enable traceback see ..."."""
+    echo = reported_here(exc_or_line) if isinstance(exc_or_line, BaseException) else True
     line = f"autopart: error: {exc_or_line}"
-    print(line, file=sys.stderr, flush=True)
+    if echo:
+        print(line, file=sys.stderr, flush=True)
     error_file = os.environ.get("TORCHELASTIC_ERROR_FILE")
     if error_file and under_launcher():
         try:  # torchelastic's format (ErrorHandler.record_exception); its summary prints py_callstack
@@ -181,11 +179,19 @@ class Watchdog:
         """Publish ``msg`` as the job's abort unless another rank did first: (the abort, ours?)."""
         if not self._store_alive():
             return msg, True
+        mine = f"{msg[:500]}\n@{self.rank}"  # who published: two ranks may word the same message alike
         try:
-            cur = self.store.compare_set(self.abort_key, "", msg[:500]).decode()
+            cur = self.store.compare_set(self.abort_key, "", mine).decode()
         except Exception:
             return msg, True
-        return cur, cur == msg[:500]
+        return cur.rsplit("\n@", 1)[0], cur == mine
+
+    def _abort(self) -> tuple[str, int] | None:
+        """The job's abort message and the rank that published it, if there is one."""
+        if not self.store.check([self.abort_key]):
+            return None
+        text, _, publisher = self.store.get(self.abort_key).decode().rpartition("\n@")
+        return text, int(publisher)
 
     def failed(self, exc: BaseException) -> RankFailedError:
         """The error a step raises on this rank after ``exc``: this rank's own failure, published at
@@ -214,9 +220,9 @@ class Watchdog:
             if not self._store_alive():
                 return self._store_gone()
             try:
-                if self.store.check([self.abort_key]):
-                    msg = self.store.get(self.abort_key).decode()
-                    return None if msg.startswith(f"rank {self.rank} ") else msg
+                abort = self._abort()
+                if abort is not None:
+                    return None if abort[1] == self.rank else abort[0]
             except Exception:
                 return self._store_gone()
             if time.monotonic() > deadline:
@@ -282,9 +288,10 @@ class Watchdog:
                 continue
             try:
                 self.store.set(f"{self.prefix}hb/{self.rank}", self._beat(beat))
-                if self.store.check([self.abort_key]):
-                    msg = self.store.get(self.abort_key).decode()
-                    if not msg.startswith(f"rank {self.rank} "):
+                abort = self._abort()
+                if abort is not None:
+                    msg = abort[0]
+                    if abort[1] != self.rank:
                         time.sleep(0.5)  # let the failing rank print its own line first
                         self._die(msg, False)
                     continue

@@ -203,3 +203,26 @@ def test_wrong_world_size_and_wrong_model_are_refused(tmp_path: Path) -> None:
         assert "torchrun --nproc-per-node 4" in r["job_failed"]
     assert json.loads(reports[0]["plan_mesh"]) == {"pp": 2, "tp": 1, "dp": 2}
     assert "PlanError" in reports[0]["wrong_model"] and "re-plan" in reports[0]["wrong_model"]
+
+
+@pytest.mark.slow
+def test_an_error_under_torchrun_is_printed_once(tmp_path: Path) -> None:
+    """A bad plan under torchrun: every rank refuses it, autopart's line comes once (rank 0's), and
+    torchrun's closing summary quotes it as the root cause."""
+    import os
+    import subprocess
+
+    from runtime_harness import ROOT, free_port
+
+    bad = tmp_path / "plan.json"
+    bad.write_bytes(b'{"version": 1, "model": "\xff"}')
+    env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=str(ROOT))
+    for var in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT"):
+        env.pop(var, None)
+    proc = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "2", "--master-port",
+                           str(free_port()), "-m", "partitioner", "run", "--plan", str(bad), "--model", "mlp"],
+                          env=env, capture_output=True, text=True, timeout=180)
+    ours = [line for line in proc.stderr.splitlines() if line.startswith("autopart: error")]
+    assert proc.returncode != 0 and len(ours) == 1, proc.stderr[-3000:]
+    assert "is not UTF-8" in ours[0]
+    assert f"traceback : {ours[0]}" in proc.stderr  # torchrun's summary names the cause
