@@ -53,7 +53,7 @@ from typing import Any, Callable
 
 import torch.distributed as dist
 
-from .errors import AutopartError
+from .errors import AutopartError, one_line, root_cause
 
 __all__ = ["DistributedError", "RankFailedError", "Watchdog", "backend_timeout_s", "report", "reported_here",
            "under_launcher"]
@@ -201,11 +201,8 @@ class Watchdog:
             peer = self.peer_failure(wait_s=self.timeout_s + 3.0)
             if peer is not None:
                 return RankFailedError(f"{peer} (rank {self.rank} stops)", published_by_peer=True)
-        root = exc  # pipelining wraps a stage's error in a RuntimeError: name the original
-        while root.__cause__ is not None:
-            root = root.__cause__
-        detail = next((line.strip() for line in str(root).splitlines() if line.strip()), "")
-        msg, ours = self.publish(f"{self.who(self.rank)} failed: {type(root).__name__}: {detail}")
+        # pipelining wraps a stage's error in a RuntimeError: name the original
+        msg, ours = self.publish(f"{self.who(self.rank)} failed: {one_line(root_cause(exc))}")
         if ours:
             if self.rank == 0:  # our exit will take the store with it
                 self._linger()
