@@ -306,6 +306,10 @@ class Watchdog:
                     elif self.busy and now - last[1] > self.timeout_s:
                         self._stop_for(f"{self.who(r)} died: no heartbeat for {self.timeout_s:g} s")
                 if self.in_step and time.time() - self._since > self.timeout_s:
+                    # A peer whose beat stopped for several polls is dead, not hung (its phase is stale).
+                    dead = [r for r in peers if now - seen[r][1] > 3 * poll + 1.0]
+                    if dead:
+                        self._stop_for(f"{self.who(dead[0])} died: no heartbeat for {now - seen[dead[0]][1]:.0f} s")
                     self._stop_for(self._hang_message(peers))
             except Exception:  # the store itself is gone: the rank hosting it died
                 if self._stop.is_set():
