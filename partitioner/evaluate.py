@@ -185,14 +185,16 @@ class Evaluator:
     def score(self, plan: Plan) -> tuple[Plan, SimResult]:
         """Re-price a plan (e.g. hand-written or loaded from JSON) on this evaluator's model and cluster."""
         plan.check_matches(self.captured.fingerprint)
-        unknown = [n for n in plan.sharding if n not in self.captured.nodes]
+        node_of_key = self.captured.node_of_key
+        unknown = [k for k in plan.sharding if k not in node_of_key]
         if unknown:
             import difflib
 
-            near = difflib.get_close_matches(unknown[0], list(self.captured.nodes), n=1)
+            near = difflib.get_close_matches(unknown[0], list(node_of_key), n=1)
             hint = f" (did you mean {near[0]!r}?)" if near else ""
             raise PlanError(
-                f"sharding names node {unknown[0]!r}{hint}, which is not in the graph of {self.captured.name}"
+                f"sharding names node {unknown[0]!r}{hint}, which is not a node key of {self.captured.name} "
+                "(keys are module/op#occurrence, listed by autopart inspect --nodes-table)"
                 + (f" ({len(unknown)} unknown in all)" if len(unknown) > 1 else "")
             )
         specs = [
@@ -202,7 +204,7 @@ class Evaluator:
             specs,
             plan.mesh,
             plan.schedule,
-            sharding=plan.sharding,
+            sharding={node_of_key[k]: v for k, v in plan.sharding.items()},
             method=plan.solver.method,
             status=plan.solver.status,
             objective=plan.solver.objective,
@@ -308,7 +310,7 @@ class Evaluator:
                 Stage(
                     index=s,
                     modules=tuple(b.name for b in blocks),
-                    nodes=tuple(n for b in blocks for n in b.nodes),
+                    nodes=tuple(cap.nodes[n].key for b in blocks for n in b.nodes),  # [Note: stable node keys]
                     params=count,
                     ranks=mesh.stage_ranks(r),
                     recompute=spec.recompute,
@@ -355,5 +357,5 @@ class Evaluator:
                 wall_s=(time.perf_counter() - started) if started is not None else 0.0,
             ),
             predicted=predicted,
-            sharding={k: v for k, v in sharding.items() if v != "replicate"} if mesh.tp > 1 else {},
+            sharding={cap.nodes[k].key: v for k, v in sharding.items() if v != "replicate"} if mesh.tp > 1 else {},
         )
