@@ -34,6 +34,7 @@ def base(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Any]:
     assert rc == 0
     data = json.loads(path.read_text())
     assert [s["modules"] for s in data["stages"]] == [["layers.0", "layers.1"], ["layers.2", "layers.3", "head"]]
+    assert {GELU_0, LINEAR_1, GELU_1} <= set(data["stages"][0]["nodes"])
     return data
 
 
@@ -48,7 +49,7 @@ def _move_module(d: dict) -> None:  # layers.2 listed by stage 0, its nodes left
 
 def _move_module_and_nodes(d: dict) -> None:  # consistent: a different split
     _move_module(d)
-    for n in ("linear_2", "gelu_2"):
+    for n in [n for n in _stage(d, 1)["nodes"] if n.startswith("layers.2.")]:
         _stage(d, 1)["nodes"].remove(n)
         _stage(d, 0)["nodes"].append(n)
 
@@ -68,15 +69,18 @@ def _swap_stages(d: dict) -> None:
     a["nodes"], b["nodes"] = b["nodes"], a["nodes"]
 
 
+# Node keys ([Note: stable node keys] in partitioner/capture.py) of the plan's first stage.
+GELU_0, LINEAR_1, GELU_1 = "layers.0.1/aten.gelu.default#0", "layers.1.0/aten.linear.default#0", "layers.1.1/aten.gelu.default#0"
+
 # name: (edit of the plan dict, or raw bytes; words the one-line error must hold)
 REFUSED: dict[str, tuple[Callable[[dict], None] | bytes, str]] = {
     "moved module": (_move_module, "disagree"),
     "missing module": (lambda d: (_stage(d, 0)["modules"].remove("layers.1"),
-                                  [_stage(d, 0)["nodes"].remove(n) for n in ("linear_1", "gelu_1")]), "no stage holds module layers.1"),
+                                  [_stage(d, 0)["nodes"].remove(n) for n in (LINEAR_1, GELU_1)]), "no stage holds module layers.1"),
     "unknown module": (lambda d: _stage(d, 0)["modules"].__setitem__(1, "layers.9"), "'layers.9'"),
-    "missing node": (lambda d: _stage(d, 0)["nodes"].remove("gelu"), "not its node 'gelu'"),
+    "missing node": (lambda d: _stage(d, 0)["nodes"].remove(GELU_0), f"not its node {GELU_0!r}"),
     "unknown node": (lambda d: _stage(d, 0)["nodes"].append("bogus"), "'bogus'"),
-    "node in two stages": (lambda d: _stage(d, 1)["nodes"].append("gelu"), "node gelu is listed by stage 0 and stage 1"),
+    "node in two stages": (lambda d: _stage(d, 1)["nodes"].append(GELU_0), f"node {GELU_0} is listed by stage 0 and stage 1"),
     "module in two stages": (lambda d: _stage(d, 1)["modules"].insert(0, "layers.1"), "module layers.1 is listed by"),
     "modules out of order": (lambda d: _stage(d, 1)["modules"].reverse(), "model order"),
     "stages out of order": (_swap_stages, "model order"),
@@ -91,7 +95,7 @@ REFUSED: dict[str, tuple[Callable[[dict], None] | bytes, str]] = {
     "sharding of no stage's node": (_set("sharding.nodes", {"bogus": "column"}), "'bogus'"),
     "empty modules": (_set("stages.0.modules", []), "stage 0 owns no modules"),
     "another model": (_set("model.fingerprint", "0123456789abcdef"), "made for model"),
-    "future version": (_set("version", 2), "version 2"),
+    "future version": (_set("version", 99), "version 99"),
     "not an object": (b"[1, 2]", "must be an object"),
     "not JSON": (b'{"version": 1, "model": ', "not valid JSON"),
     "not UTF-8": (b'{"version": 1, "model": "\xff\xfe"}', "not UTF-8"),
@@ -151,6 +155,7 @@ def test_edited_plans_refused_by_every_consumer(base: dict, tmp_path: Path, caps
 
 def test_consistent_edits_are_priced_and_run_as_one_split(base: dict, tmp_path: Path, capsys, no_torchrun) -> None:
     from partitioner import Cluster
+    from partitioner.capture import node_keys
     from partitioner.planner import check_plan, score_plan
     from partitioner.rewrite import microbatch_inputs, split_model
 
@@ -166,7 +171,7 @@ def test_consistent_edits_are_priced_and_run_as_one_split(base: dict, tmp_path: 
         priced = score_plan(plan, model, example, Cluster.local(2)).plan
         run = split_model(model, check_plan(plan, model, example), microbatch_inputs(example, 1))
         for s, stage in enumerate(priced.stages):
-            ran = {n.name for n in run.stages[s].module.graph.nodes if n.op == "call_function"}
+            ran = set(node_keys([n for n in run.stages[s].module.graph.nodes if n.op == "call_function"]).values())
             assert ran == set(stage.nodes), f"{name}: stage {s} runs {sorted(ran)}, priced {sorted(stage.nodes)}"
         if name == "module moved with its nodes":
             assert priced.stages[0].modules == ("layers.0", "layers.1", "layers.2")
