@@ -101,6 +101,12 @@ def report(exc_or_line: BaseException | str) -> None:
     (``reported_here``), and hand it to torchrun's error file (on every rank, printed or not) so that
     its summary names the cause instead of "To enable traceback see ..."."""
     echo = reported_here(exc_or_line) if isinstance(exc_or_line, BaseException) else True
+    if not echo and not isinstance(exc_or_line, RankFailedError):
+        # An error every rank meets alike is rank 0's to print, but the first rank to exit makes
+        # torchrun end the others: wait, and speak only if rank 0 did not end the job meanwhile
+        # (then the error was this rank's alone).
+        time.sleep(3.0)
+        echo = True
     line = f"autopart: error: {exc_or_line}"
     if echo:
         print(line, file=sys.stderr, flush=True)
