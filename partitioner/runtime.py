@@ -59,6 +59,7 @@ import torch.distributed as dist
 from torch.utils._pytree import tree_unflatten
 
 from .cluster import Cluster
+from .devices import init_distributed, rank_device
 from .errors import AutopartError, PlanError
 from .plan import Plan
 from .materialize import has_meta_tensors, materialize, release
@@ -153,6 +154,7 @@ def auto_parallelize(
 
 
 def _init_process_group(cluster: Cluster | None) -> tuple[int, int]:
+    """Start (or join) the job's process group on this rank's own device (see devices.py)."""
     if not dist.is_initialized():
         missing = [v for v in ("RANK", "WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT") if v not in os.environ]
         if missing:
@@ -160,8 +162,7 @@ def _init_process_group(cluster: Cluster | None) -> tuple[int, int]:
                 f"no process group and {', '.join(missing)} not set: launch with "
                 "`torchrun --nproc-per-node N your_script.py` (or call torch.distributed.init_process_group first)"
             )
-        backend = "nccl" if torch.cuda.is_available() and (cluster is None or cluster.name != "local-cpu") else "gloo"
-        dist.init_process_group(backend, timeout=timedelta(minutes=5))
+        init_distributed(prefer="cpu" if cluster is not None and cluster.name.startswith("local-cpu") else None)
     return dist.get_rank(), dist.get_world_size()
 
 
@@ -264,9 +265,8 @@ class ParallelModel:
                 f"launch torchrun --nproc-per-node {mesh.world_size}, or re-plan for Cluster.local({world})"
             )
         plan.check_matches(model_fingerprint(model))
-        device = "cuda" if dist.get_backend() == "nccl" else "cpu"
-        self.device = torch.device(device)
-        self.mesh = init_device_mesh(device, (mesh.pp, mesh.dp, mesh.tp), mesh_dim_names=("pp", "dp", "tp"))
+        self.device = rank_device().device  # cuda:LOCAL_RANK, never a bare "cuda" ([Note: one rank per device])
+        self.mesh = init_device_mesh(self.device.type, (mesh.pp, mesh.dp, mesh.tp), mesh_dim_names=("pp", "dp", "tp"))
         self.pp_index = self.rank // (mesh.dp * mesh.tp)
         self.dp_index = (self.rank // mesh.tp) % mesh.dp
         self.tp_index = self.rank % mesh.tp
