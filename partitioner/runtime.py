@@ -62,6 +62,7 @@ from .cluster import Cluster
 from .devices import init_distributed, rank_device
 from .errors import AutopartError, PlanError
 from .plan import Plan
+from .precision import MasterWeightOptimizer, PrecisionPolicy, loss_inputs, make_scaler, optimizer_step
 from .materialize import has_meta_tensors, materialize, release
 from .rewrite import SplitModel, TensorParallelModule, _lookup, _set_tensor, microbatch_inputs, split_model
 
@@ -302,7 +303,9 @@ class ParallelModel:
             if mesh.dp > 1 and any(p.requires_grad for p in mod.parameters()):
                 from torch.nn.parallel import DistributedDataParallel
 
-                run = DistributedDataParallel(mod, process_group=self.mesh["dp"].get_group())
+                # Gradients as views of DDP's buckets: no second copy, as the memory model counts them.
+                run = DistributedDataParallel(mod, process_group=self.mesh["dp"].get_group(),
+                                              gradient_as_bucket_view=True)
             # Static shapes: the stages never exchange metadata at run time (see [Note: static stage shapes]).
             examples = [
                 tuple(
@@ -324,10 +327,15 @@ class ParallelModel:
                     self.params.setdefault(name, p)
         self._tied = self._tied_groups()
         factory = optimizer or (lambda ps: torch.optim.AdamW(ps, lr=1e-3))
+        make = factory
         if plan.training.zero1 and mesh.dp > 1:
-            self.optimizer = _zero1(factory, list(self.params.values()), self.mesh["dp"].get_group())
-        else:
-            self.optimizer = factory(list(self.params.values()))
+            dp_group = self.mesh["dp"].get_group()
+            make = lambda ps: _zero1(factory, list(ps), dp_group)  # noqa: E731
+        # The plan's precision: fp32 masters for adam-mixed, fp16 loss scaling ([Note: mixed precision as priced]).
+        self.precision = PrecisionPolicy.from_training(plan.training.dtype, plan.training.optimizer)
+        params = list(self.params.values())
+        self.optimizer = MasterWeightOptimizer(params, make) if self.precision.master_dtype else make(params)
+        self.scaler = make_scaler(self.precision, self.device)
         self.schedule = self._make_schedule()
         self._watchdog = _Watchdog(self.rank, plan, timeout_s)
         self.steps_done = 0
@@ -355,8 +363,9 @@ class ParallelModel:
         spec = self.split.out_spec
 
         def loss(out: Any, target: torch.Tensor) -> torch.Tensor:
-            flat = list(out) if isinstance(out, (tuple, list)) else [out]
-            return self._loss_fn(tree_unflatten(flat, spec), target)
+            flat = loss_inputs(list(out) if isinstance(out, (tuple, list)) else [out], self.precision)
+            value = self._loss_fn(tree_unflatten(flat, spec), target)
+            return value if self.scaler is None else self.scaler.scale(value)  # fp16: scaled backward
 
         if sched.name == "interleaved":
             return ScheduleInterleaved1F1B(self.stages, sched.microbatches, loss_fn=loss)
@@ -405,8 +414,9 @@ class ParallelModel:
                 grad = self.params[name].grad
                 if grad is not None:
                     dist.all_reduce(grad, group=group)
-            self.optimizer.step()
-            mean = torch.stack([l.detach().float() for l in losses]).mean() if losses else torch.zeros(())
+            scale = 1.0 if self.scaler is None else self.scaler.get_scale()
+            optimizer_step(self.optimizer, self.scaler)
+            mean = torch.stack([l.detach().float() for l in losses]).mean() / scale if losses else torch.zeros(())
             mean = mean.to(self.device)
             dist.all_reduce(mean)
         except Exception as exc:
