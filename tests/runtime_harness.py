@@ -152,8 +152,7 @@ def _equivalence(layout: dict[str, Any], models: list[str], meta_models: list[st
         grads = pm.full_tensors("grad")
         params = pm.full_tensors("param")
         ref_opt = opt(ref.parameters())
-        ref_out = ref(*inputs)  # fp16: the loss in fp32, as the runtime computes it under loss scaling
-        ref_loss = loss_fn(ref_out.float() if dtype == torch.float16 else ref_out, target)
+        ref_loss = loss_fn(ref(*inputs), target)
         ref_loss.backward()
         ref_grads = {n: p.grad.clone() for n, p in ref.named_parameters()}
         ref_opt.step()
