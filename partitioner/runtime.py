@@ -814,6 +814,10 @@ def run_plan(
                 print(f"{label:>12}  {dt * 1e3:9.1f} ms  loss {loss:.4f}", flush=True)
         gathered: list[Any] = [None] * world
         dist.all_gather_object(gathered, [asdict(e) for e in pm.events])
+        # Each rank's peak allocated device memory (CUDA only; the CPU allocator keeps no such count).
+        peak = int(torch.cuda.max_memory_allocated(pm.device)) if pm.device.type == "cuda" else None
+        peaks: list[Any] = [None] * world
+        dist.all_gather_object(peaks, peak)
     finally:
         pm.close()
     if rank == 0:
@@ -822,7 +826,7 @@ def run_plan(
               f"over {steps} steps ({gb / mean:.1f} samples/s)")
         if json_path is not None:
             record = dict(plan=str(plan_path), world_size=world, step_times_s=times, losses=losses,
-                          events=[e for rank_events in gathered for e in rank_events])
+                          events=[e for rank_events in gathered for e in rank_events], peak_memory_bytes=peaks)
             tmp = Path(str(json_path) + ".tmp")
             tmp.write_text(json.dumps(record, indent=1) + "\n")
             tmp.replace(json_path)

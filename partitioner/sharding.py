@@ -124,12 +124,17 @@ def megatron_sharding(captured: CapturedModel, tp: int) -> dict[str, str]:
 
 
 def sharded_params(captured: CapturedModel, sharding: Mapping[str, str]) -> set[str]:
-    """Parameters divided over the tp axis: those read by a column, row or vocab node."""
+    """Parameters divided over the tp axis: those read by a column or vocab node, and a row node's weight.
+
+    A row linear's bias stays whole on every tp rank (it is added once, after the all-reduce), as
+    the runtime holds it (``param_placements`` in rewrite.py); a meta build of each rank checks that the
+    two agree to the byte (partitioner/meta_build.py)."""
     return {
         p
         for name, strat in sharding.items()
         if strat in ("column", "row", "vocab")
         for p in captured.nodes[name].params
+        if strat != "row" or len(captured.params[p].shape) >= 2
     }
 
 
