@@ -37,21 +37,19 @@ def _tiny_plan() -> Plan:
 
 def test_a_tiny_plan_builds_as_planned_and_a_wrong_prediction_is_caught():
     plan = _tiny_plan()
-    assert chosen_ranks(plan) == (0, 7, 7) or chosen_ranks(plan)[0] == 0
+    assert chosen_ranks(plan)[0] == 0 and chosen_ranks(plan)[2] == 7
     build = build_rank(plan, "gpt2-tiny", 5, config=MODELS["gpt2-tiny"])
     assert build.coords == (1, 0, 1) and build.stages == (1,)
     assert build.optimizer == "MasterWeightOptimizer"
     assert build.problems() == [], build.problems()
     sharded = {p.name: p for p in build.params if p.placement != "R"}
     assert sharded and all(p.global_shape == p.full_shape != p.local_shape for p in sharded.values())
-    assert build.held.state == 6 * build.held.weights - 0 or build.held.state == 6 * build.held.grads
+    assert build.held.state == 6 * build.held.weights == 6 * build.held.grads  # 12 fp32 bytes vs 2 bf16 bytes
     # The check can fail: a plan that charged the stage less than it holds is reported, with both figures.
-    st = plan.stages[1]
-    wrong = dataclasses.replace(plan, stages=(plan.stages[0], dataclasses.replace(
-        st, predicted=dataclasses.replace(st.predicted, static_bytes=st.predicted.static_bytes - 2))))
-    bad = dataclasses.replace(build, predicted_resident_bytes=build.predicted_resident_bytes - 2,
-                              predicted_static_bytes=wrong.stages[1].predicted.static_bytes)
+    bad = dataclasses.replace(build, predicted_resident_bytes=build.predicted_resident_bytes - 2)
     assert any("the plan charged" in p for p in bad.problems())
+    shifted = dataclasses.replace(build, params=(dataclasses.replace(build.params[0], global_shape=(1,)),) + build.params[1:])
+    assert any(build.params[0].name in p for p in shifted.problems())
 
 
 def test_a_rank_outside_the_world_is_a_clear_error():
