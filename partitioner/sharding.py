@@ -56,6 +56,7 @@ __all__ = [
     "is_linear_like",
     "is_embedding",
     "sharded_params",
+    "splits_param",
     "BlockLayoutCosts",
     "NodeOption",
     "OUTPUT_LAYOUT",
@@ -132,10 +133,15 @@ def sharded_params(captured: CapturedModel, sharding: Mapping[str, str]) -> set[
     return {
         p
         for name, strat in sharding.items()
-        if strat in ("column", "row", "vocab")
         for p in captured.nodes[name].params
-        if strat != "row" or len(captured.params[p].shape) >= 2
+        if p in captured.params and splits_param(strat, captured.params[p].shape)
     }
+
+
+def splits_param(strategy: str, shape: tuple[int, ...]) -> bool:
+    """Whether a parameter of ``shape`` read by a node under ``strategy`` is divided over tp: every
+    parameter of a column or vocab node, only the weight (not the 1-D bias) of a row node."""
+    return strategy in ("column", "vocab") or (strategy == "row" and len(shape) >= 2)
 
 
 @dataclass(frozen=True, slots=True)
@@ -243,8 +249,8 @@ class BlockLayoutCosts:
             comm = OpTime(0.0, 0.0)
             if strat in ("row", "vocab"):
                 comm = OpTime(self.cost_model.collective_time("all_reduce", node.output_bytes * k, self.group), 0.0)
-            pdiv = tp if strat in ("column", "row", "vocab") else 1
-            held = sum(cap.params[p].bytes for p in node.params if p in cap.params) / pdiv
+            held = sum(cap.params[p].bytes / (tp if splits_param(strat, cap.params[p].shape) else 1)
+                       for p in node.params if p in cap.params)
             out[strat] = NodeOption(compute, comm, node.saved_bytes * k / div, held)
         return out
 
