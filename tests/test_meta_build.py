@@ -35,6 +35,7 @@ def _tiny_plan() -> Plan:
                             dtype="bf16").plan
 
 
+@pytest.mark.slow
 def test_a_tiny_plan_builds_as_planned_and_a_wrong_prediction_is_caught():
     plan = _tiny_plan()
     assert chosen_ranks(plan)[0] == 0 and chosen_ranks(plan)[2] == 7
