@@ -181,7 +181,8 @@ def test_interleaved_beats_1f1b() -> None:
 @pytest.mark.parametrize("schedule", SCHEDULES)
 @pytest.mark.parametrize("microbatches", [1, 5])
 def test_single_rank_has_no_bubble(schedule: str, microbatches: int) -> None:
-    chunks = 2 if schedule == "interleaved" else 1
+    chunks = 2 if schedule in ("interleaved", "zbv", "dualpipev") else 1
+    microbatches = max(microbatches, 2) if schedule == "dualpipev" else microbatches  # torch's minimum
     result = simulate(uniform(1, 1.5, 2.5, chunks), schedule, microbatches, virtual_stages=chunks)
     assert result.pipeline_time_s == pytest.approx(microbatches * 4.0)
     assert result.bubble_fraction == pytest.approx(0.0)
@@ -342,7 +343,7 @@ def test_deadlock_is_reported_with_what_ran() -> None:
         simulate_orders(uniform(2, 1.0, 1.0), orders, 2)
     message = str(info.value)
     assert "deadlock" in message
-    assert "rank 0 stuck at 0B0 (step 1), waiting for 1B0 (rank 1)" in message
+    assert "rank 0 stuck at 0B0 (step 1), waiting for 1B0 or 1I0 (rank 1)" in message
     assert "rank 1 stuck at 1F1 (step 0), waiting for 0F1 (rank 0)" in message
     assert "rank 0: 0F0\n" in message
     assert "rank 1: (nothing ran)" in message
@@ -357,12 +358,12 @@ def test_backward_before_own_forward_deadlocks() -> None:
 @pytest.mark.parametrize(
     ("orders", "match"),
     [
-        ([actions("0F0 0B0"), actions("1F0")], r"miss 1 action\(s\), e.g. 1B0 on rank 1"),
+        ([actions("0F0 0B0"), actions("1F0")], r"miss actions for 1 \(stage, micro-batch\) pair\(s\), e.g. 1B0 on rank 1"),
         ([actions("0F0 0B0 0F0"), actions("1F0 1B0")], "scheduled twice"),
         ([actions("0F0 0B0 1F0"), actions("1B0")], "stage 1 runs on rank 1, not on rank 0"),
         ([actions("0F0 0B0 0F1"), actions("1F0 1B0")], "micro-batch out of range"),
         ([actions("0F0 0B0 4F0"), actions("1F0 1B0")], "stage out of range"),
-        ([actions("0F0 0B0") + [Action(0, "X", 0)], actions("1F0 1B0")], "kind must be 'F' or 'B'"),
+        ([actions("0F0 0B0") + [Action(0, "X", 0)], actions("1F0 1B0")], "kind must be 'F', 'B', 'I' or 'W'"),
         ([actions("0F0") + ["0B0"], actions("1F0 1B0")], "expected an Action"),
     ],
 )
@@ -384,13 +385,14 @@ def test_microbatches_must_be_positive(microbatches: int) -> None:
 
 @pytest.mark.parametrize("schedule", ["gpipe", "1f1b"])
 def test_virtual_stages_need_interleaved(schedule: str) -> None:
-    with pytest.raises(PlanError, match="use schedule 'interleaved' or set virtual_stages = 1"):
+    with pytest.raises(PlanError, match="use schedule 'interleaved' or 'zb' for several stages per rank, or set virtual_stages = 1"):
         simulate(uniform(2, 1.0, 1.0, 2), schedule, 4, virtual_stages=2)
 
 
-def test_interleaved_needs_microbatches_multiple_of_ranks() -> None:
-    with pytest.raises(PlanError, match=r"microbatches = 10: use 8 or 12"):
-        simulate(uniform(4, 1.0, 1.0, 2), "interleaved", 10, virtual_stages=2)
+def test_interleaved_needs_microbatches_multiple_of_rounds() -> None:
+    # torch's rounds: max(1, 9 // 4) = 2 rounds, and 9 is not a multiple of 2 (10 would be).
+    with pytest.raises(PlanError, match=r"rounds .* got 9: use 8 or 12"):
+        simulate(uniform(4, 1.0, 1.0, 2), "interleaved", 9, virtual_stages=2)
 
 
 def test_stage_count_must_match_chunks() -> None:
