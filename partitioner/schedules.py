@@ -225,42 +225,43 @@ def _zero_bubble(ranks: int, microbatches: int, virtual_stages: int) -> list[lis
 
 
 def _rounds_order(rank: int, ranks: int, microbatches: int, chunks: int, zero_bubble: bool) -> list[Action]:
-    """torch's ``_get_1f1b_rank_ops`` for one rank of the interleaved and zero-bubble schedules."""
+    """torch's ``_get_1f1b_rank_ops`` for one rank of the interleaved and zero-bubble schedules.
+
+    Step ``k`` of the forwards visits chunk ``(k // per_round) % chunks`` and,
+    since each chunk is visited in blocks of ``per_round`` steps, micro-batch
+    ``(k // (per_round * chunks)) * per_round + k % per_round`` there; the
+    backwards do the same with the chunks reversed. torch's counters per stage
+    give the same micro-batches; this form builds the lists without them.
+    """
     per_round = microbatches // max(1, microbatches // ranks)
-    warmup = min((chunks - 1) * per_round + (1 if zero_bubble else 2) * (ranks - 1 - rank), microbatches * chunks)
     total = microbatches * chunks
+    warmup = min((chunks - 1) * per_round + (1 if zero_bubble else 2) * (ranks - 1 - rank), total)
+    block = per_round * chunks
+    forwards = [
+        Action((k // per_round) % chunks * ranks + rank, FORWARD, k // block * per_round + k % per_round)
+        for k in range(total)
+    ]
+    backwards = [
+        Action((chunks - 1 - (k // per_round) % chunks) * ranks + rank, BACKWARD_INPUT if zero_bubble else FULL_BACKWARD,
+               k // block * per_round + k % per_round)
+        for k in range(total)
+    ]
     steady = total - warmup
-    plain_steps = rank if zero_bubble else 0  # steady steps before the W start to follow the I
-
-    def fwd_stage(step: int) -> int:
-        return (step // per_round) % chunks * ranks + rank
-
-    def bwd_stage(step: int) -> int:
-        return (chunks - 1 - ((step - warmup) // per_round) % chunks) * ranks + rank
-
-    next_mb: dict[tuple[str, int], int] = defaultdict(int)
-    ops: list[Action] = []
-    backward_steps: list[int] = []
-    weights_done = 0
-    backward_kind = BACKWARD_INPUT if zero_bubble else FULL_BACKWARD
-
-    def emit(stage: int, kind: str) -> None:
-        m = next_mb[kind, stage]
-        next_mb[kind, stage] = m + 1
-        ops.append(Action(stage, kind, m))
-
-    for step in range(warmup + steady + warmup):
-        if step < warmup + steady:
-            emit(fwd_stage(step), FORWARD)
-        if step >= warmup:
-            emit(bwd_stage(step), backward_kind)
-            backward_steps.append(step)
-            if zero_bubble and step - warmup >= plain_steps:
-                emit(bwd_stage(backward_steps[weights_done]), BACKWARD_WEIGHT)
-                weights_done += 1
-    while zero_bubble and weights_done < len(backward_steps):
-        emit(bwd_stage(backward_steps[weights_done]), BACKWARD_WEIGHT)
-        weights_done += 1
+    if not zero_bubble:
+        pairs: list[Action] = [None] * (2 * steady)  # type: ignore[list-item]  # filled by the slices below
+        pairs[0::2] = forwards[warmup:]
+        pairs[1::2] = backwards[:steady]
+        return forwards[:warmup] + pairs + backwards[steady:]
+    # ZB1P: from backward number ``rank`` on, each I is followed by the oldest pending W.
+    weights = [Action(a.stage, BACKWARD_WEIGHT, a.microbatch) for a in backwards]
+    ops = forwards[:warmup]
+    for j in range(total):
+        if j < steady:
+            ops.append(forwards[warmup + j])
+        ops.append(backwards[j])
+        if j >= rank:
+            ops.append(weights[j - rank])
+    ops += weights[max(0, total - rank):]
     return ops
 
 

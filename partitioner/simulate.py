@@ -238,25 +238,30 @@ def _simulate_orders(
     stage_costs = _check_stages(stages)
     ranks = len(orders)
     num_stages = len(stage_costs)
-    # keys[r][i] encodes orders[r][i] as (stage * M + micro-batch) * 3 + slot, slot 0 for F,
-    # 1 for B or I (the gradient the previous stage waits for), 2 for W: flat int-indexed
-    # lists are far faster than objects or dicts of tuples at 10^5-10^6 actions. With this
-    # layout F(s-1, m) = key - 3M, B/I(s+1, m) = key + 3M, and key // 3M is the stage.
+    # keys[r][i] encodes orders[r][i] as slot * N + stage * M + micro-batch with N = stages * M
+    # and slot 0 for F, 1 for B or I (the gradient the previous stage waits for), 2 for W:
+    # flat int-indexed lists are far faster than objects or dicts of tuples at 10^5-10^6
+    # actions, and comparing a key with N and 2N tells its slot without a division. With this
+    # layout F(s-1, m) = key - M, B/I(s+1, m) = key + M, and a B/I or W key less N (or 2N) is
+    # the F (or I) of the same stage and micro-batch.
     keys, split = _check_orders(orders, num_stages, microbatches, layout)
-    three_m = 3 * microbatches
-    last = num_stages - 1
+    M = microbatches
+    N = num_stages * M
+    N2 = 2 * N
+    last_b = N2 - M  # B/I keys at or above this are on the last stage
     fwd = [c.forward_s for c in stage_costs]
     bwd = [c.backward_s for c in stage_costs]
     wgt = [c.backward_weight_s for c in stage_costs]
     inp = [c.backward_s - c.backward_weight_s for c in stage_costs]
     # Sends between stages on the same rank (the turn of a V) are local copies: free.
     owner = [stage_rank(s, ranks, layout) for s in range(num_stages)]
+    last = num_stages - 1
     send = [
         c.send_s if s < last and owner[s] != owner[s + 1] else 0.0 for s, c in enumerate(stage_costs)
     ]
 
-    start: list[float] = [0.0] * (num_stages * three_m)
-    end: list[float | None] = [None] * (num_stages * three_m)  # None until the action has run
+    start: list[float] = [0.0] * (3 * N)
+    end: list[float | None] = [None] * (3 * N)  # None until the action has run
     parked: dict[int, list[int]] = {}  # missing dependency key -> ranks waiting for it
     waiting_on = [-1] * ranks  # key each rank is parked on, -1 when done
     position = [0] * ranks  # index of each rank's next action
@@ -271,25 +276,10 @@ def _simulate_orders(
         t_free = free_at[r]
         while pos < n:
             key = rank_keys[pos]
-            s = key // three_m
-            slot = key % 3
-            if slot == 1:  # B or I (s, m): needs F(s, m), and B/I(s+1, m) plus the gradient's send
-                dep = key - 1
-                ready = end[dep]
-                if ready is None:
-                    break
-                if s < last:
-                    dep = key + three_m
-                    grad = end[dep]
-                    if grad is None:
-                        break
-                    grad += send[s]
-                    if grad > ready:
-                        ready = grad
-                duration = inp[s] if split[key] else bwd[s]
-            elif slot == 0:  # F(s, m): needs F(s-1, m) plus the activation's send
+            if key < N:  # F(s, m): needs F(s-1, m) plus the activation's send
+                s = key // M
                 if s:
-                    dep = key - three_m
+                    dep = key - M
                     ready = end[dep]
                     if ready is None:
                         break
@@ -297,12 +287,27 @@ def _simulate_orders(
                 else:
                     ready = 0.0
                 duration = fwd[s]
-            else:  # W(s, m): needs I(s, m)
-                dep = key - 1
+            elif key < N2:  # B or I (s, m): needs F(s, m), and B/I(s+1, m) plus the gradient's send
+                dep = key - N
                 ready = end[dep]
                 if ready is None:
                     break
-                duration = wgt[s]
+                s = dep // M
+                if key < last_b:
+                    dep = key + M
+                    grad = end[dep]
+                    if grad is None:
+                        break
+                    grad += send[s]
+                    if grad > ready:
+                        ready = grad
+                duration = inp[s] if split[key] else bwd[s]
+            else:  # W(s, m): needs I(s, m)
+                dep = key - N
+                ready = end[dep]
+                if ready is None:
+                    break
+                duration = wgt[(key - N2) // M]
             if t_free > ready:
                 ready = t_free
             start[key] = ready
@@ -380,8 +385,9 @@ def _check_orders(
         need = "twice len(orders) for the V layout" if layout == "v" else "a positive multiple of len(orders)"
         raise PlanError(f"{num_stages} stages cannot be laid out on {ranks} ranks: len(stages) must be {need}")
     owner = [stage_rank(s, ranks, layout) for s in range(num_stages)]
-    seen = bytearray(3 * num_stages * microbatches)
-    split = bytearray(3 * num_stages * microbatches)  # 1 at the slot-1 key of an I
+    n = num_stages * microbatches
+    seen = bytearray(3 * n)
+    split = bytearray(3 * n)  # 1 at the key of an I
     keys: list[list[int]] = []
     for r, order in enumerate(orders):
         rank_keys: list[int] = []
@@ -390,24 +396,24 @@ def _check_orders(
             # One cheap combined test per action; the message is only built on failure.
             slot = _SLOT.get(a.kind, -1) if isinstance(a, Action) else -1
             if slot >= 0 and 0 <= a.stage < num_stages and 0 <= a.microbatch < microbatches and owner[a.stage] == r:
-                key = (a.stage * microbatches + a.microbatch) * 3 + slot
-                if not seen[key] and (slot != 2 or split[key - 1]):
+                key = slot * n + a.stage * microbatches + a.microbatch
+                if not seen[key] and (slot != 2 or split[key - n]):
                     seen[key] = 1
                     if a.kind == BACKWARD_INPUT:
                         split[key] = 1
                     rank_keys.append(key)
                     continue
             raise PlanError(_bad_action_message(a, r, pos, owner, microbatches, seen, split))
-    for base in range(0, len(seen), 3):
-        want = (1, 1, split[base + 1])
-        if (seen[base], seen[base + 1], seen[base + 2]) != want:
-            stage, m = divmod(base // 3, microbatches)
-            kind = FORWARD if not seen[base] else FULL_BACKWARD if not seen[base + 1] else BACKWARD_WEIGHT
-            missing = sum(1 for b in range(0, len(seen), 3) if (seen[b], seen[b + 1], seen[b + 2]) != (1, 1, split[b + 1]))
-            raise PlanError(
-                f"orders miss actions for {missing} (stage, micro-batch) pair(s), e.g. {Action(stage, kind, m)} "
-                f"on rank {owner[stage]}: every stage must run F and either B or I then W for every micro-batch"
-            )
+    # Complete: F and B/I everywhere, and W exactly where an I ran (split[n:2n] marks the I).
+    if seen[: 2 * n].count(0) or seen[2 * n :] != split[n : 2 * n]:
+        bad = [i for i in range(n) if (seen[i], seen[n + i], seen[2 * n + i]) != (1, 1, split[n + i])]
+        first = bad[0]
+        stage, m = divmod(first, microbatches)
+        kind = FORWARD if not seen[first] else FULL_BACKWARD if not seen[n + first] else BACKWARD_WEIGHT
+        raise PlanError(
+            f"orders miss actions for {len(bad)} (stage, micro-batch) pair(s), e.g. {Action(stage, kind, m)} "
+            f"on rank {owner[stage]}: every stage must run F and either B or I then W for every micro-batch"
+        )
     return keys, split
 
 
@@ -426,8 +432,9 @@ def _bad_action_message(
         return f"{where}: micro-batch out of range 0..{microbatches - 1}"
     if owner[a.stage] != r:
         return f"{where}: stage {a.stage} runs on rank {owner[a.stage]}, not on rank {r}"
-    key = (a.stage * microbatches + a.microbatch) * 3 + _SLOT[a.kind]
-    if a.kind == BACKWARD_WEIGHT and not seen[key] and not split[key - 1]:
+    n = num_stages * microbatches
+    key = _SLOT[a.kind] * n + a.stage * microbatches + a.microbatch
+    if a.kind == BACKWARD_WEIGHT and not seen[key] and not split[key - n]:
         return f"{where}: W without an earlier I of the same stage and micro-batch; put {a.stage}I{a.microbatch} first"
     return f"{where}: action scheduled twice; each stage runs F and B (or I and W) once per micro-batch"
 
@@ -570,7 +577,7 @@ def _deadlock_message(
     ranks = len(orders)
 
     def describe(key: int) -> str:
-        idx, slot = divmod(key, 3)
+        slot, idx = divmod(key, len(owner) * microbatches)
         stage, m = divmod(idx, microbatches)
         what = f"{stage}F{m}" if slot == 0 else f"{stage}W{m}" if slot == 2 else f"{stage}B{m} or {stage}I{m}"
         return f"{what} (rank {owner[stage]})"

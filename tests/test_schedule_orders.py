@@ -111,7 +111,8 @@ def torch_orders(name: str, pp: int, microbatches: int, virtual_stages: int) -> 
         dist.init_process_group("fake", store=FakeStore(), rank=pp - 1, world_size=pp)
         try:
             schedule, log = build(name, pp, pp - 1, microbatches, virtual_stages)
-            schedule.step(target=torch.randn(microbatches, 2))
+            x = torch.randn(microbatches, 2)
+            schedule.step(*([x] if pp == 1 else []), target=x)
             orders[pp - 1] = log
         finally:
             dist.destroy_process_group()
