@@ -12,6 +12,7 @@ from __future__ import annotations
 from typing import Any
 
 from .plan import Plan
+from .schedules import spec as schedule_spec, stage_rank
 
 __all__ = ["breakdown", "print_explanation", "print_diff"]
 
@@ -41,8 +42,9 @@ def breakdown(plan: Plan, ev: Any) -> dict[str, float]:
     sharding = plan.sharding
     per_rank_compute = [0.0] * pp
     per_rank_tp = [0.0] * pp
+    layout = schedule_spec(plan.schedule.name).layout
     for st in plan.stages:
-        r = st.index % pp
+        r = stage_rank(st.index, pp, layout)
         for name in st.modules:
             cost = ev.block_cost(ev.pgraph.blocks[ev.pgraph.block_index(name)], mbs, plan.mesh.tp, sharding)
             c = cost.compute.forward_s + cost.compute.backward_s

@@ -439,3 +439,61 @@ def test_large_schedule_is_fast_and_exact() -> None:
     assert gc.isenabled() == gc_was_enabled
     # Generous bound so a slow CI box passes; a quadratic regression would take minutes.
     assert elapsed < 3.0
+
+
+# --------------------------------------------------------------------------
+# Split backward (I and W) and the V layout
+
+
+def split_costs(n: int, f: float = 1.0, b: float = 2.0, w: float = 1.0, **kw: object) -> list[StageCost]:
+    return [StageCost(f, b, backward_weight_s=w, **kw) for _ in range(n)]  # type: ignore[arg-type]
+
+
+@pytest.mark.parametrize(("ranks", "microbatches"), [(4, 4), (4, 8), (8, 8), (8, 16)])
+def test_zero_bubble_halves_the_1f1b_bubble_on_equal_stages(ranks: int, microbatches: int) -> None:
+    # F = I = W = 1: 1F1B idles (p-1)(F+B) = 3(p-1) per rank; ZB1P fills most of it with W.
+    plain = simulate(split_costs(ranks), "1f1b", microbatches)
+    zb = simulate(split_costs(ranks), "zb", microbatches)
+    work = microbatches * 3.0
+    assert plain.pipeline_time_s == pytest.approx(work + (ranks - 1) * 3.0)
+    assert zb.pipeline_time_s - work <= 0.5 * (plain.pipeline_time_s - work)
+    assert sum(zb.busy_s) == pytest.approx(sum(plain.busy_s))
+
+
+def test_activations_are_held_until_the_weight_gradient() -> None:
+    one = [StageCost(1.0, 2.0, activation_bytes=10, backward_weight_s=1.0)]
+    deferred = simulate_orders(one, [actions("0F0 0F1 0I0 0I1 0W0 0W1")], 2)
+    prompt = simulate_orders(one, [actions("0F0 0I0 0W0 0F1 0I1 0W1")], 2)
+    assert (deferred.peak_inflight, deferred.peak_activation_bytes) == ((2,), (20,))
+    assert (prompt.peak_inflight, prompt.peak_activation_bytes) == ((1,), (10,))
+    assert deferred.pipeline_time_s == prompt.pipeline_time_s == pytest.approx(6.0)
+
+
+def test_input_gradient_unblocks_the_previous_stage_before_the_weight_gradient() -> None:
+    costs = split_costs(2, f=1.0, b=4.0, w=3.0)
+    result = simulate_orders(costs, [actions("0F0 0I0 0W0"), actions("1F0 1I0 1W0")], 1)
+    start = {str(e.action): e.start_s for e in result.events}
+    assert start["0I0"] == pytest.approx(1.0 + 1.0 + 1.0)  # 0F0, 1F0, then 1I0 (1 s), not 1I0 + 1W0
+    assert result.pipeline_time_s == pytest.approx(3.0 + 4.0)
+
+
+def test_v_layout_places_stages_and_passes_the_turn_for_free() -> None:
+    orders = schedule_order("zbv", 2, 4, 2)
+    assert {a.stage for a in orders[0]} == {0, 3} and {a.stage for a in orders[1]} == {1, 2}
+    costs = split_costs(2, send_s=100.0) + split_costs(2)
+    # One rank holds stages 0 and 1 of a 2-stage V: no transfer anywhere.
+    single = simulate(split_costs(2, send_s=100.0), "zbv", 3, virtual_stages=2)
+    assert single.pipeline_time_s == pytest.approx(3 * 2 * 3.0)
+    assert simulate(costs, "zbv", 4, virtual_stages=2).pipeline_time_s > 100.0  # stage 0 -> 1 crosses ranks
+
+
+def test_weight_gradient_needs_its_input_gradient_first() -> None:
+    with pytest.raises(PlanError, match=r"W without an earlier I .* put 0I0 first"):
+        simulate_orders(split_costs(1), [actions("0F0 0W0 0I0")], 1)
+    with pytest.raises(PlanError, match=r"miss actions .* e.g. 0W0"):
+        simulate_orders(split_costs(1), [actions("0F0 0I0")], 1)
+
+
+def test_weight_share_cannot_exceed_the_backward() -> None:
+    with pytest.raises(PlanError, match="backward_weight_s = 3.0 exceeds backward_s = 2.0"):
+        StageCost(1.0, 2.0, backward_weight_s=3.0)

@@ -111,6 +111,9 @@ class Attempt:
     solution: StageSolution
     plan: Plan | None  # the evaluated plan (None if the ILP found nothing)
     simulated_s: float  # the simulator's step time (inf if none)
+    # the simulator's step time under the ILP's own schedule, before any zero-bubble
+    # re-timing ([Note: split-backward schedules]; inf if none)
+    own_schedule_s: float = math.inf
 
 
 @dataclass
@@ -279,6 +282,8 @@ class _Search:
                 out.append((name, 1, ()))
         if split:
             out = [(name, v, (pinned,)) for name, v, retime in out if pinned in retime]
+        elif pinned:
+            out = [(name, v, ()) for name, v, _ in out]  # a pinned schedule is that schedule
         return out
 
     def _retimes(self, pp: int, m: int, v: int) -> tuple[str, ...]:
@@ -410,15 +415,19 @@ class _Search:
                     flags[s] = True
         return tuple(flags)
 
-    def evaluate(self, c: Candidate, sol: StageSolution, sharding: Mapping[str, str]) -> tuple[Plan, SimResult]:
+    def evaluate(
+        self, c: Candidate, sol: StageSolution, sharding: Mapping[str, str]
+    ) -> tuple[Plan, SimResult, float]:
         """The solution as a plan: under the ILP's schedule, or the fastest re-timing that fits
-        ([Note: split-backward schedules]); only the pinned one when a split schedule is pinned."""
+        ([Note: split-backward schedules]); only the pinned one when a split schedule is pinned.
+        Also the simulated step under the ILP's own schedule (inf when not simulated)."""
         K = c.pp * c.virtual_stages
         specs = [
             StageSpec(tuple(i for i in range(self.n) if sol.stage_of[i] == s), sol.recompute[s]) for s in range(K)
         ]
         names = c.retime if c.pinned_retime else (c.schedule, *c.retime)
         best: tuple[Plan, SimResult] | None = None
+        own_s = math.inf
         for name in names:
             plan, sim = self.ev.make_plan(
                 specs,
@@ -431,12 +440,14 @@ class _Search:
                 objective=sol.objective_s,
                 bound=sol.bound_s,
             )
+            if name == c.schedule:
+                own_s = plan.predicted.step_time_s
             if best is None or (plan.predicted.fits, -plan.predicted.step_time_s) > (
                 best[0].predicted.fits, -best[0].predicted.step_time_s
             ):
                 best = (plan, sim)
         assert best is not None  # names is never empty
-        return best
+        return best[0], best[1], own_s
 
     # --- the loop -------------------------------------------------------------------------
 
@@ -506,8 +517,8 @@ class _Search:
                 if sol.status != "INFEASIBLE":
                     open_bounds.append(c.lower_bound_s)
                 continue
-            plan, sim = self.evaluate(c, sol, sharding)
-            rep.attempts.append(Attempt(c, sol, plan, plan.predicted.step_time_s))
+            plan, sim, own_s = self.evaluate(c, sol, sharding)
+            rep.attempts.append(Attempt(c, sol, plan, plan.predicted.step_time_s, own_s))
             # 1e-4: time-unit rounding. A re-timed plan is outside the ILP's proof ([Note: split-backward schedules]).
             exact = plan.predicted.step_time_s <= sol.objective_s * (1 + 1e-4) and plan.schedule.name == c.schedule
             if sol.status != "OPTIMAL" or not exact or not plan.predicted.fits:
