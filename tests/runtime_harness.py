@@ -118,10 +118,12 @@ def _rel(a, b, floor: float) -> float:
 
 
 def job_equivalence(args: dict[str, Any]) -> dict[str, Any]:
-    """``{"layouts": {name: pins}, "models": [...], "meta_models": {layout: [...]}}``: every layout of
-    this world size in one process group, one after the other; ``{layout: {model: report}}``."""
+    """``{"layouts": {name: pins}, "models": [...], "meta_models": {layout: [...]},
+    "layout_models": {layout: [...]}}``: every layout of this world size in one process group, one
+    after the other, each on ``models`` (or its ``layout_models``); ``{layout: {model: report}}``."""
     return {
-        name: _equivalence(pins, args["models"], args.get("meta_models", {}).get(name, ()))
+        name: _equivalence(pins, args.get("layout_models", {}).get(name, args["models"]),
+                           args.get("meta_models", {}).get(name, ()))
         for name, pins in args["layouts"].items()
     }
 
