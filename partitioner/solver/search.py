@@ -463,9 +463,26 @@ class _Search:
         self.seed_errors: list[AutopartError] = []
         for method in METHODS:
             try:
-                out.append(plan_baseline(method, self.ev, self.pins))
+                seed = plan_baseline(method, self.ev, self.pins)
             except AutopartError as exc:  # e.g. InfeasibleError: that baseline has no plan here
                 self.seed_errors.append(exc)
+                continue
+            out += [seed, *self._retimed(seed[0])]
+        return out
+
+    def _retimed(self, plan: Plan) -> list[tuple[Plan, SimResult]]:
+        """A seed's split under the zero-bubble schedules ([Note: split-backward schedules]); still
+        the baseline's plan (its method stays), since the split is the heuristic's."""
+        sched = plan.schedule
+        if self.pins.schedule is not None or sched.name not in ("1f1b", "interleaved"):
+            return []
+        specs = [StageSpec(tuple(self.pg.block_index(m) for m in st.modules), st.recompute) for st in plan.stages]
+        out = []
+        for name in self._retimes(plan.mesh.pp, sched.microbatches, sched.virtual_stages):
+            out.append(self.ev.make_plan(
+                specs, plan.mesh, replace(sched, name=name), sharding=plan.sharding, method=plan.solver.method,
+                started=self.started,
+            ))
         return out
 
     def run(self) -> IlpResult:
