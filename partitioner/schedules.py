@@ -185,7 +185,10 @@ def _gpipe(ranks: int, microbatches: int, virtual_stages: int) -> list[list[Acti
 def _one_f_one_b(ranks: int, microbatches: int, virtual_stages: int) -> list[list[Action]]:
     """``Schedule1F1B``: rank ``r`` runs ``min(ranks - r - 1, M)`` warm-up forwards, then a forward and a
     backward in turn, then the remaining backwards (PipeDream-Flush). The warm-up fills the pipeline just
-    deep enough for the last stage's first backward, capping the micro-batches in flight at ``ranks - r``."""
+    deep enough for the last stage's first backward, capping the micro-batches in flight at ``ranks - r``.
+
+    torch 2.13's ``Schedule1F1B`` refuses fewer micro-batches than ranks; this order still
+    exists for them (the planner has always priced such plans), but the runtime cannot run one."""
     out = []
     for r in range(ranks):
         warmup = min(ranks - r - 1, microbatches)
