@@ -17,6 +17,7 @@ from pathlib import Path
 from typing import Sequence
 
 from .errors import AutopartError, PlanError, one_line
+from .schedules import SCHEDULES
 
 GIB = 1 << 30
 DEFAULT_MODEL = "gpt2"
@@ -103,8 +104,9 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--global-batch", type=_positive_int, default=None, help="samples per step (default 8 per device)")
     g.add_argument("--mesh", default=None, metavar="pp=..,tp=..,dp=..", help="pin mesh axes, any subset")
     g.add_argument("--microbatches", type=_positive_int, default=None, help="micro-batches per step per replica")
-    g.add_argument("--schedule", default=None, choices=("gpipe", "1f1b", "interleaved"), help="gpipe | 1f1b | interleaved")
-    g.add_argument("--virtual-stages", type=_positive_int, default=None, help="stages per rank for the interleaved schedule")
+    g.add_argument("--schedule", default=None, choices=SCHEDULES, help=" | ".join(SCHEDULES))
+    g.add_argument("--virtual-stages", type=_positive_int, default=None,
+                   help="stages per rank (interleaved, zb: any; zbv, dualpipev: 2)")
     g.add_argument("--recompute", action=argparse.BooleanOptionalAction, default=None, help="activation recomputation")
     g.add_argument("--split-at", default=None, metavar="MODULE[,MODULE..]", help="hand-written plan: stages begin at these modules")
     g.add_argument("--plan", dest="plan_file", default=None, metavar="PATH", help="check and simulate a plan JSON file")
@@ -152,8 +154,9 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--global-batch", type=_positive_int, default=None, help="samples per step (default 8 per device)")
     g.add_argument("--mesh", default=None, metavar="pp=..,tp=..,dp=..", help="pin mesh axes for every method, any subset")
     g.add_argument("--microbatches", type=_positive_int, default=None, help="micro-batches per step per replica")
-    g.add_argument("--schedule", default=None, choices=("gpipe", "1f1b", "interleaved"), help="gpipe | 1f1b | interleaved")
-    g.add_argument("--virtual-stages", type=_positive_int, default=None, help="stages per rank for the interleaved schedule")
+    g.add_argument("--schedule", default=None, choices=SCHEDULES, help=" | ".join(SCHEDULES))
+    g.add_argument("--virtual-stages", type=_positive_int, default=None,
+                   help="stages per rank (interleaved, zb: any; zbv, dualpipev: 2)")
     g.add_argument("--recompute", action=argparse.BooleanOptionalAction, default=None, help="activation recomputation")
     g.add_argument("--optimizer", default=None, choices=("adam-mixed", "adam", "sgd"), help="adam-mixed | adam | sgd (default adam-mixed)")
     g.add_argument("--zero1", action="store_true", help="shard optimizer state over data-parallel ranks")

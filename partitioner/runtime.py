@@ -63,6 +63,7 @@ from .devices import init_distributed, rank_device
 from .errors import AutopartError, PlanError, one_line
 from .plan import Plan
 from .precision import MasterWeightOptimizer, PrecisionPolicy, loss_inputs, make_scaler, optimizer_step
+from .schedules import rank_stages, spec as schedule_spec, stage_rank
 from .materialize import has_meta_tensors, materialize, release
 from .rewrite import SplitModel, TensorParallelModule, _lookup, _set_tensor, microbatch_inputs, split_model
 
@@ -85,7 +86,7 @@ class StepEvent:
 
     rank: int  # global rank that ran it
     stage: int  # stage index in the plan
-    kind: str  # "F" (forward) or "B" (backward)
+    kind: str  # "F" (forward), "B" (backward), or "I"/"W" (its input/weight-gradient halves)
     microbatch: int
     start_s: float
     end_s: float
@@ -223,7 +224,14 @@ def _stage_class() -> type:
         def backward_one_chunk(self, bwd_chunk_id: int, *args: Any, **kwargs: Any) -> Any:
             t0, c0 = time.perf_counter(), time.thread_time()
             out = super().backward_one_chunk(bwd_chunk_id, *args, **kwargs)
-            self._record("B", bwd_chunk_id, t0, c0)
+            full = kwargs.get("full_backward", args[1] if len(args) > 1 else True)
+            self._record("B" if full else "I", bwd_chunk_id, t0, c0)  # I: input gradients only
+            return out
+
+        def backward_weight_one_chunk(self, bwd_chunk_id: int, *args: Any, **kwargs: Any) -> Any:
+            t0, c0 = time.perf_counter(), time.thread_time()
+            out = super().backward_weight_one_chunk(bwd_chunk_id, *args, **kwargs)
+            self._record("W", bwd_chunk_id, t0, c0)
             return out
 
         def _record(self, kind: str, mb: int, t0: float, c0: float) -> None:
@@ -272,7 +280,9 @@ class ParallelModel:
         self.dp_index = (self.rank // mesh.tp) % mesh.dp
         self.tp_index = self.rank % mesh.tp
         n_stages = len(plan.stages)
-        self.stage_indices = tuple(s for s in range(n_stages) if s % mesh.pp == self.pp_index)
+        self._split_backward = schedule_spec(plan.schedule.name).splits_backward
+        layout = schedule_spec(plan.schedule.name).layout
+        self.stage_indices = rank_stages(self.pp_index, mesh.pp, plan.schedule.virtual_stages, layout)
         self.model_name = plan.model.name
         self.fingerprint = plan.model.fingerprint
         self._loss_fn = loss_fn
@@ -300,7 +310,9 @@ class ParallelModel:
             mod.to(self.device)
             self.modules[s] = mod
             run = mod
-            if mesh.dp > 1 and any(p.requires_grad for p in mod.parameters()):
+            # Split-backward schedules compute weight gradients with autograd.grad, which DDP's
+            # hooks never see: their replicas average gradients in step() instead.
+            if mesh.dp > 1 and not self._split_backward and any(p.requires_grad for p in mod.parameters()):
                 from torch.nn.parallel import DistributedDataParallel
 
                 # Gradients as views of DDP's buckets: no second copy, as the memory model counts them.
@@ -357,9 +369,17 @@ class ParallelModel:
                 _set_tensor(stage_module, name, _lookup(model, name), model)
 
     def _make_schedule(self) -> Any:
-        from torch.distributed.pipelining import Schedule1F1B, ScheduleGPipe, ScheduleInterleaved1F1B
+        """torch's schedule object for the plan's schedule, from the registry (schedules.py).
+
+        ``scale_grads=False``: torch would divide each stage's gradients by the
+        number of micro-batches, and a tied weight whose two stages share this
+        rank (the V-shaped schedules put stage 0 and the last stage together)
+        would be divided twice. ``step`` divides each parameter once instead.
+        """
+        import torch.distributed.pipelining as pipelining
 
         sched = self.plan.schedule
+        entry = schedule_spec(sched.name)
         spec = self.split.out_spec
 
         def loss(out: Any, target: torch.Tensor) -> torch.Tensor:
@@ -367,10 +387,9 @@ class ParallelModel:
             value = self._loss_fn(tree_unflatten(flat, spec), target)
             return value if self.scaler is None else self.scaler.scale(value)  # fp16: scaled backward
 
-        if sched.name == "interleaved":
-            return ScheduleInterleaved1F1B(self.stages, sched.microbatches, loss_fn=loss)
-        cls = ScheduleGPipe if sched.name == "gpipe" else Schedule1F1B
-        return cls(self.stages[0], sched.microbatches, loss_fn=loss)
+        cls = getattr(pipelining, entry.torch_class)
+        stages = self.stages if entry.multi_stage else self.stages[0]
+        return cls(stages, sched.microbatches, loss_fn=loss, scale_grads=False)
 
     def _tied_groups(self) -> list[tuple[str, Any]]:
         """(param, process group) for each tied weight whose owners span pipeline ranks.
@@ -379,7 +398,8 @@ class ParallelModel:
         mesh = self.plan.mesh
         mine: list[tuple[str, Any]] = []
         for name in sorted(self.split.shared):
-            owners = sorted({s % mesh.pp for s in self.split.shared[name]})
+            layout = schedule_spec(self.plan.schedule.name).layout
+            owners = sorted({stage_rank(s, mesh.pp, layout) for s in self.split.shared[name]})
             if len(owners) < 2:
                 continue
             for d in range(mesh.dp):
@@ -410,6 +430,7 @@ class ParallelModel:
             self.optimizer.zero_grad(set_to_none=True)
             losses: list[torch.Tensor] = []
             self.schedule.step(*local_inputs, target=local_target, losses=losses, return_outputs=False)
+            self._finish_gradients()
             for name, group in self._tied:
                 grad = self.params[name].grad
                 if grad is not None:
@@ -430,6 +451,18 @@ class ParallelModel:
             self._watchdog.busy = False
         self.steps_done += 1
         return float(mean) / (self.plan.mesh.dp * self.plan.mesh.tp)
+
+    def _finish_gradients(self) -> None:
+        """Mean over micro-batches (see ``_make_schedule``), and over replicas where DDP did not run."""
+        scale = self.plan.schedule.microbatches
+        replicas = self.plan.mesh.dp if self._split_backward else 1
+        dp_group = self.mesh["dp"].get_group() if replicas > 1 else None
+        for p in {id(p): p for p in self.params.values()}.values():  # a tensor under two names: once
+            if p.grad is None:
+                continue
+            if dp_group is not None:
+                dist.all_reduce(_local(p.grad), group=dp_group)
+            p.grad.div_(scale * replicas)
 
     def _replica_slice(self, x: torch.Tensor, what: str) -> torch.Tensor:
         gb = self.plan.training.global_batch
@@ -656,8 +689,9 @@ class _Watchdog:
 
     def stages_of(self, rank: int) -> str:
         pp = self.plan.mesh.pp
-        stage_rank = rank // (self.plan.mesh.dp * self.plan.mesh.tp)
-        stages = [s for s in range(len(self.plan.stages)) if s % pp == stage_rank]
+        pp_rank = rank // (self.plan.mesh.dp * self.plan.mesh.tp)
+        stages = rank_stages(pp_rank, pp, self.plan.schedule.virtual_stages,
+                             schedule_spec(self.plan.schedule.name).layout)
         return f"stage{'s' if len(stages) > 1 else ''} {', '.join(map(str, stages))}"
 
     def abort(self, stages: Sequence[int], exc: BaseException) -> None:
