@@ -54,7 +54,7 @@ def ev_big(bigvocab):
 @pytest.fixture(scope="module")
 def big_plans(ev_big):
     """Each pipeline-only method's plan for the unbalanced model with pp pinned to 4."""
-    return {m: plan_baseline(m, ev_big, Pins(pp=4))[0] for m in ("uniform", "params", "pipedream")}
+    return {m: plan_baseline(m, ev_big, Pins(pp=4, schedule="1f1b"))[0] for m in ("uniform", "params", "pipedream")}
 
 
 # --- exhaustive checks on synthetic weights ------------------------------------------------
@@ -127,7 +127,7 @@ def test_every_method_returns_a_scored_plan(ev_two_nodes, method):
 @pytest.mark.parametrize("method", ("uniform", "params", "pipedream"))
 def test_pipeline_methods_honour_a_pinned_mesh(ev_two_nodes, method):
     plan, _ = plan_baseline(method, ev_two_nodes, Pins(pp=4, microbatches=4))
-    assert plan.mesh == Mesh(4, 1, 4) and len(plan.stages) == 4
+    assert plan.mesh == Mesh(4, 1, 4) and len(plan.stages) == 4 * plan.schedule.virtual_stages
     assert plan.schedule.microbatches == 4 and plan.schedule.micro_batch_size == 2
     assert not plan.sharding
 
