@@ -30,7 +30,7 @@ from partitioner.planner import score_plan
 from partitioner.zoo import load_model
 
 TINY = ["--model", "gpt2-tiny", "--cluster", "dgx-a100-80g", "--global-batch", "16", "--time-limit", "2"]
-METHODS = ("ilp", "uniform", "params", "pipedream", "megatron")
+METHODS = ("ilp", "expert", "uniform", "params", "pipedream", "megatron")
 NO_RUNTIME = "needs `autopart run` (the runtime), which this autopart does not have yet"
 
 
@@ -73,11 +73,11 @@ def test_table_has_a_row_per_method_with_every_column(report):
     _, out = report
     flat = " ".join(out.split())
     for column in ("method", "mesh", "schedule", "micro-batches", "step time", "samples/s", "TFLOP/s/dev", "MFU",
-                   "bubble", "peak mem/dev", "fits", "solver", "vs uniform"):
+                   "bubble", "peak mem/dev", "fits", "solver", "origin", "vs expert"):
         assert column in flat
     for method in METHODS:
         assert re.search(rf"│ {method}\b", out), method
-    assert re.search(r"│ uniform .*│\s+1\.00x │", out)
+    assert re.search(r"│ expert .*│\s+1\.00x │", out)
 
 
 def test_written_plans_are_the_tabled_ones_and_rescore_the_same(report):
@@ -94,9 +94,14 @@ def test_written_plans_are_the_tabled_ones_and_rescore_the_same(report):
         if method in ("ilp", "megatron"):  # an independent re-pricing agrees with the table
             again = score_plan(plan, lm.model, lm.example_inputs, cluster, name=lm.name)
             assert again.plan.predicted.step_time_s == pytest.approx(plan.predicted.step_time_s)
-    uniform = rows["uniform"]["predicted"]["step_time_s"]
+    expert = rows["expert"]["predicted"]["step_time_s"]
     for row in rows.values():
-        assert row["speedup_over_uniform"] == pytest.approx(uniform / row["predicted"]["step_time_s"])
+        assert row["speedup_over_expert"] == pytest.approx(expert / row["predicted"]["step_time_s"])
+    # The ILP's plan says where it came from: its own solve, or the seed no solve beat.
+    origin = rows["ilp"]["solver"]["origin"]
+    assert origin == "ilp" or origin in METHODS
+    assert rows["ilp"]["solver"]["seed_step_s"] == pytest.approx(min(
+        r["predicted"]["step_time_s"] for m, r in rows.items() if m != "ilp"))
     # The ILP starts from the baselines' plans, so it is never slower than any of them.
     assert rows["ilp"]["predicted"]["step_time_s"] <= min(r["predicted"]["step_time_s"] for r in rows.values()) * (1 + 1e-9)
 

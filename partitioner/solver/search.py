@@ -45,7 +45,7 @@ from typing import Mapping
 
 from cost_models import static_bytes
 
-from ..baselines import Pins, linear_partition
+from ..baselines import Pins, linear_partition, with_zero1
 from ..errors import AutopartError, InfeasibleError, PlanError
 from ..evaluate import Evaluator, StageSpec
 from ..plan import Mesh, Plan, Schedule
@@ -56,8 +56,15 @@ from .sharding_ilp import FAST_WEIGHT, LEAN_WEIGHT, solve_block_sharding
 
 __all__ = ["Candidate", "Attempt", "SearchReport", "IlpResult", "plan_ilp"]
 
-_MICRO_BATCH_SIZES = (1, 2, 4, 8, 16, 32)
-_VIRTUAL = (2, 4)
+_MICRO_BATCH_MAX = 64  # micro-batch sizes tried: the divisors of the per-replica batch up to this
+# [Note: deterministic budget]
+# The search is sized by deterministic work only, never by a clock, so that the same inputs give
+# the same plan on a busy and a quiet machine: CP-SAT's deterministic time (one worker, its fixed
+# seed) per solve, a total over all solves, and a cap on the solves. ``time_limit_s`` is turned into
+# the total at DET_PER_SECOND deterministic seconds per second (here a solve takes 3-4 wall seconds
+# per deterministic second, model building and hint completion included).
+DET_PER_SECOND = 0.25
+MAX_SOLVES = 400
 
 
 @dataclass(frozen=True, slots=True)
@@ -73,6 +80,7 @@ class Candidate:
     virtual_stages: int
     lean: bool  # sharding that trades a little time for memory
     lower_bound_s: float
+    zero1: bool = False  # optimizer state sharded over dp
 
     @property
     def mesh(self) -> Mesh:
@@ -82,7 +90,7 @@ class Candidate:
         v = f" v={self.virtual_stages}" if self.virtual_stages > 1 else ""
         return (
             f"{self.mesh} {self.schedule}{v} mbs={self.micro_batch_size} x{self.microbatches}"
-            + (" lean" if self.lean else "")
+            + (" lean" if self.lean else "") + (" zero1" if self.zero1 else "")
         )
 
 
@@ -108,6 +116,10 @@ class SearchReport:
     gap: float = 0.0
     status: str = "UNKNOWN"
     wall_s: float = 0.0
+    deterministic_s: float = 0.0  # CP-SAT deterministic time granted over all solves (see [Note: deterministic budget])
+    origin: str = "ilp"  # "ilp", or the seed no solve beat
+    seed_method: str | None = None  # the best seed
+    seed_step_s: float | None = None  # its predicted step time
     sharding_solves: int = 0
     memory_need_bytes: float = math.inf  # smallest per-device static memory lower bound seen
     pruned: list[Candidate] = field(default_factory=list)  # candidates dropped by their lower bound
@@ -143,6 +155,10 @@ class _Search:
         self.report = SearchReport()
         self._sharding: dict[tuple[int, int, bool], dict[str, str]] = {}
         self._blocks: dict[tuple, tuple[tuple[BlockData, ...], tuple[SharedParam, ...], float]] = {}
+        # ZeRO-1 is searched where the user did not ask for it (it only changes memory); one
+        # evaluator per setting, so each plan records the training set-up it was priced under.
+        self.zero1s = (True,) if ev.training.zero1 else (False, True)
+        self.evs = {z: with_zero1(ev, z) for z in self.zero1s}
         self.types = self.pg.block_types()
 
     # --- block costs per (tp, mbs, lean) --------------------------------------------------
@@ -168,12 +184,12 @@ class _Search:
             self._sharding[key] = out
         return self._sharding[key]
 
-    def block_data(self, tp: int, dp: int, mbs: int, lean: bool):
+    def block_data(self, tp: int, dp: int, mbs: int, lean: bool, zero1: bool = False):
         """Per-block figures for the stage ILP, shared tied parameters, and the total static bytes."""
-        key = (tp, dp, mbs, lean)
+        key = (tp, dp, mbs, lean, zero1)
         if key in self._blocks:
             return self._blocks[key]
-        ev, cap = self.ev, self.ev.captured
+        ev, cap = self.evs.get(zero1, self.ev), self.ev.captured
         sharding = self.sharding(tp, mbs, lean)
         split = sharded_params(cap, sharding) if tp > 1 else set()
         shared = self.pg.shared_params()
@@ -227,12 +243,13 @@ class _Search:
                         continue
                     sizes = [per_replica // pins.microbatches]
                 else:
-                    sizes = [b for b in _MICRO_BATCH_SIZES if per_replica % b == 0]
+                    sizes = [b for b in range(1, min(per_replica, _MICRO_BATCH_MAX) + 1) if per_replica % b == 0]
                 for mbs in sizes:
                     m = per_replica // mbs
                     for sched, v in self._schedules(pp, m):
                         for lean in ([False, True] if tp > 1 else [False]):
-                            out.append(Candidate(tp, pp, dp, mbs, m, sched, v, lean, 0.0))
+                            for z in (self.zero1s if dp > 1 else self.zero1s[:1]):  # ZeRO-1 needs dp
+                                out.append(Candidate(tp, pp, dp, mbs, m, sched, v, lean, 0.0, z))
         return out
 
     def _schedules(self, pp: int, m: int) -> list[tuple[str, int]]:
@@ -242,7 +259,9 @@ class _Search:
         out = []
         for name in names:
             if name == "interleaved":
-                vs = [pins.virtual_stages] if pins.virtual_stages else list(_VIRTUAL)
+                # As the expert's grid: chunk counts that divide the layers (Megatron's interleaving).
+                layers = sum(b.is_layer for b in self.pg.blocks) or n
+                vs = [pins.virtual_stages] if pins.virtual_stages else [v for v in range(2, layers + 1) if layers % v == 0]
                 vs = [v for v in vs if pp > 1 and pp * v <= n and m % pp == 0 and v > 1]
                 if not pins.schedule:
                     vs = [v for v in vs if 2 * m * pp * v <= EVENTS_MAX]
@@ -261,7 +280,7 @@ class _Search:
         ``S/pp + n0 (A (1 - phi) + I phi) / K <= limit``. It is a good guess, not
         a bound, so it only orders the search.
         """
-        blocks, shared, total_static = self.block_data(c.tp, c.dp, c.micro_batch_size, c.lean)
+        blocks, shared, total_static = self.block_data(c.tp, c.dp, c.micro_batch_size, c.lean, c.zero1)
         need = total_static / c.pp
         biggest = max(b.static_bytes for b in blocks)
         self.report.memory_need_bytes = min(self.report.memory_need_bytes, max(need, biggest))
@@ -293,7 +312,7 @@ class _Search:
 
     def problem(self, c: Candidate, budget_s: float) -> tuple[StageProblem, dict[str, str]]:
         ev = self.ev
-        blocks, shared, _ = self.block_data(c.tp, c.dp, c.micro_batch_size, c.lean)
+        blocks, shared, _ = self.block_data(c.tp, c.dp, c.micro_batch_size, c.lean, c.zero1)
         sharding = self.sharding(c.tp, c.micro_batch_size, c.lean)
         mesh = c.mesh
         k = c.micro_batch_size / ev.captured.batch_size
@@ -369,7 +388,7 @@ class _Search:
         specs = [
             StageSpec(tuple(i for i in range(self.n) if sol.stage_of[i] == s), sol.recompute[s]) for s in range(K)
         ]
-        return self.ev.make_plan(
+        return self.evs[c.zero1].make_plan(
             specs,
             c.mesh,
             Schedule(c.schedule, c.microbatches, c.micro_batch_size, c.virtual_stages),
@@ -410,6 +429,9 @@ class _Search:
                 continue
             if plan.predicted.fits and (best is None or plan.predicted.step_time_s < best[0].predicted.step_time_s):
                 best, best_ilp = (plan, sim), plan.predicted.step_time_s
+        if best is not None:  # provenance: until a solve beats it, the plan is this seed's
+            rep.origin = rep.seed_method = best[0].solver.method
+            rep.seed_step_s = best[0].predicted.step_time_s
         cands = self.candidates()
         rep.candidates = len(cands)
         if not cands and best is None:
@@ -429,20 +451,22 @@ class _Search:
             bounded.append((b[1], replace(c, lower_bound_s=b[0])))
         bounded.sort(key=lambda kc: (kc[0], kc[1].describe()))
         open_bounds: list[float] = []
+        det_total = self.time_limit_s * DET_PER_SECOND  # see [Note: deterministic budget]
+        solves = 0
         for idx, (_, c) in enumerate(bounded):
             incumbent = best[0].predicted.step_time_s if best else math.inf
             if c.lower_bound_s >= incumbent:
                 rep.pruned_bound += 1
                 rep.pruned.append(c)
                 continue
-            left = self.time_limit_s - (time.perf_counter() - self.started)
-            if left <= min(2.0, self.time_limit_s / 10):  # keep a margin for evaluating the last solution
+            left = det_total - rep.deterministic_s
+            if left <= min(0.5, det_total / 10) or solves >= MAX_SOLVES:
                 open_bounds += [x.lower_bound_s for _, x in bounded[idx:] if x.lower_bound_s < incumbent]
                 break
-            # A solve (model build, hint completion, search) takes about 3-4 wall seconds per
-            # deterministic second of budget here; keep every solve well inside what is left.
-            problem, sharding = self.problem(c, max(0.02, min(0.6, left / 6)))
-            problem = replace(problem, wall_cap_s=max(0.1, left - 2.0))  # never past the time limit
+            budget = max(0.02, min(0.6, left / 6))
+            problem, sharding = self.problem(c, budget)
+            rep.deterministic_s += budget * 1.25  # the search and the hint's completion (a quarter more)
+            solves += 1
             sol = solve_stages(problem)
             if not sol.stage_of:
                 rep.attempts.append(Attempt(c, sol, None, math.inf))
@@ -459,6 +483,7 @@ class _Search:
             if plan.predicted.fits and plan.predicted.step_time_s < incumbent:
                 best = (plan, sim)
                 best_ilp = sol.objective_s
+                rep.origin = "ilp"
         rep.wall_s = time.perf_counter() - self.started
         if best is None:
             raise self.infeasible()
@@ -471,7 +496,8 @@ class _Search:
         plan = replace(
             plan,
             solver=replace(
-                plan.solver, method="ilp", status=rep.status, objective=best_ilp, bound=rep.bound_s, wall_s=rep.wall_s
+                plan.solver, method="ilp", status=rep.status, objective=best_ilp, bound=rep.bound_s, wall_s=rep.wall_s,
+                origin=rep.origin, seed_step_s=rep.seed_step_s,
             ),
         )
         return IlpResult(plan, sim, rep)
