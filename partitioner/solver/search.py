@@ -56,7 +56,8 @@ from .sharding_ilp import FAST_WEIGHT, LEAN_WEIGHT, solve_block_sharding
 
 __all__ = ["Candidate", "Attempt", "SearchReport", "IlpResult", "plan_ilp"]
 
-_MICRO_BATCH_MAX = 64  # micro-batch sizes tried: the divisors of the per-replica batch up to this
+# Micro-batch sizes tried: the divisors of the per-replica batch up to 8, and powers of two up to 32.
+_MICRO_BATCH_SIZES = (1, 2, 3, 4, 5, 6, 7, 8, 16, 32)
 # [Note: deterministic budget]
 # The search is sized by deterministic work only, never by a clock, so that the same inputs give
 # the same plan on a busy and a quiet machine: CP-SAT's deterministic time (one worker, its fixed
@@ -160,6 +161,9 @@ class _Search:
         self.zero1s = (True,) if ev.training.zero1 else (False, True)
         self.evs = {z: with_zero1(ev, z) for z in self.zero1s}
         self.types = self.pg.block_types()
+        self.shared = self.pg.shared_params()
+        self._inflight: dict[tuple, tuple] = {}  # schedule shape -> in-flight patterns
+        self._costs: dict[tuple, list] = {}  # (tp, mbs, lean) -> per-block BlockCost (dp and ZeRO-1 change only memory)
 
     # --- block costs per (tp, mbs, lean) --------------------------------------------------
 
@@ -192,15 +196,16 @@ class _Search:
         ev, cap = self.evs.get(zero1, self.ev), self.ev.captured
         sharding = self.sharding(tp, mbs, lean)
         split = sharded_params(cap, sharding) if tp > 1 else set()
-        shared = self.pg.shared_params()
+        shared = self.shared
 
         def resident(names) -> tuple[float, float]:
             st, grad = ev.resident_bytes(names, tp, dp, split)
             return float(st), float(grad)
 
+        if (tp, mbs, lean) not in self._costs:
+            self._costs[(tp, mbs, lean)] = [self.ev.block_cost(b, mbs, tp, sharding) for b in self.pg.blocks]
         blocks = []
-        for b in self.pg.blocks:
-            cost = ev.block_cost(b, mbs, tp, sharding)
+        for b, cost in zip(self.pg.blocks, self._costs[(tp, mbs, lean)]):
             st, grad = resident([p for p in b.params if p not in shared])
             blocks.append(BlockData(cost.time.forward_s, cost.time.backward_s, cost.saved_bytes, cost.input_bytes, st, grad))
         shared_data = []
@@ -243,7 +248,7 @@ class _Search:
                         continue
                     sizes = [per_replica // pins.microbatches]
                 else:
-                    sizes = [b for b in range(1, min(per_replica, _MICRO_BATCH_MAX) + 1) if per_replica % b == 0]
+                    sizes = [b for b in _MICRO_BATCH_SIZES if per_replica % b == 0]
                 for mbs in sizes:
                     m = per_replica // mbs
                     for sched, v in self._schedules(pp, m):
@@ -291,7 +296,10 @@ class _Search:
         avg = work / c.pp
         lower = c.microbatches * avg + (work - avg) / c.virtual_stages
         K = c.pp * c.virtual_stages
-        n0 = max(sum(p) for p in schedule_inflight(c.schedule, c.pp, c.microbatches, c.virtual_stages)[0])
+        shape = (c.schedule, c.pp, c.microbatches, c.virtual_stages)
+        if shape not in self._inflight:
+            self._inflight[shape] = schedule_inflight(*shape)
+        n0 = max(sum(p) for p in self._inflight[shape][0])
         act = sum(b.saved_bytes for b in blocks) / K
         kept = sum(b.input_bytes for b in blocks) / K
         room = self.limit - need
@@ -339,7 +347,8 @@ class _Search:
             pp=c.pp,
             virtual_stages=c.virtual_stages,
             microbatches=c.microbatches,
-            inflight=schedule_inflight(c.schedule, c.pp, c.microbatches, c.virtual_stages),
+            inflight=self._inflight.get((c.schedule, c.pp, c.microbatches, c.virtual_stages))
+            or schedule_inflight(c.schedule, c.pp, c.microbatches, c.virtual_stages),
             memory_limit=self.limit,
             send_alpha=tuple(alphas),
             send_beta=tuple(betas),
