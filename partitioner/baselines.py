@@ -47,7 +47,7 @@ from .simulate import SimResult
 
 __all__ = [
     "METHODS", "REFERENCE", "Pins", "GridPoint", "TuneReport", "plan_baseline", "tune", "grid_points",
-    "linear_partition", "uniform_partition", "with_zero1",
+    "linear_partition", "uniform_partition", "with_zero1", "inflight_horizon",
 ]
 
 METHODS = ("expert", "uniform", "params", "pipedream", "megatron")
@@ -365,12 +365,17 @@ def _peak_memory(costs, schedule: Schedule, pp: int, cache: dict) -> float:
     order alone: each rank's distinct count vectors over its chunks are computed once per
     schedule shape and reused.
     """
-    key = (schedule.name, pp, schedule.microbatches, schedule.virtual_stages)
-    if key not in cache:
+    key = (schedule.name, pp, inflight_horizon(schedule.name, pp, schedule.microbatches, schedule.virtual_stages),
+           schedule.virtual_stages)
+    if key not in cache and key[0] == "gpipe":
+        cache[key] = [[(schedule.microbatches,)]] * pp
+    elif key not in cache and key[0] == "1f1b":
+        cache[key] = [[(min(pp - r, schedule.microbatches),)] for r in range(pp)]
+    elif key not in cache:
         from .simulate import schedule_order
 
         patterns = []
-        for order in schedule_order(schedule.name, pp, schedule.microbatches, schedule.virtual_stages):
+        for order in schedule_order(*key):
             counts = [0] * schedule.virtual_stages
             seen = set()
             for a in order:
@@ -385,6 +390,19 @@ def _peak_memory(costs, schedule: Schedule, pp: int, cache: dict) -> float:
         act = max(sum(n * c.activation_bytes for n, c in zip(pat, mine)) for pat in pats)
         peak = max(peak, sum(c.static_bytes for c in mine) + act)
     return peak
+
+
+def inflight_horizon(schedule: str, pp: int, microbatches: int, virtual_stages: int) -> int:
+    """The fewest micro-batches whose in-flight patterns are those of ``microbatches`` (interleaved).
+
+    The interleaved order is a warm-up of at most ``2 (pp - 1) + (v - 1) pp`` forwards, then
+    forward/backward pairs whose chunk sequence repeats every ``pp v`` actions, then a drain
+    that only lowers the counts. Once the steady part spans a whole period, more micro-batches
+    visit no new in-flight vector: four groups of ``pp`` are always enough.
+    """
+    if schedule != "interleaved" or virtual_stages == 1:
+        return microbatches
+    return min(microbatches, 4 * pp)
 
 
 def _no_point_error(method: str, ev: Evaluator, pins: Pins) -> PlanError:

@@ -383,3 +383,16 @@ def test_same_plan_on_a_loaded_machine():
         hog.wait()
     assert loaded == quiet
     assert quiet[0] == "json" and json.loads(quiet[1])["solver"]["origin"] in ("ilp", *METHODS)
+
+
+@pytest.mark.parametrize("pp,v", [(2, 2), (3, 2), (4, 3), (2, 5)])
+def test_inflight_horizon_keeps_the_patterns(pp, v):
+    # The memory pre-check replays a short interleaved order: it must pass through the same in-flight vectors.
+    from partitioner.baselines import inflight_horizon
+    from partitioner.solver.pipeline_ilp import inflight_patterns
+    from partitioner.simulate import schedule_order
+
+    for m in range(pp, 12 * pp + 1, pp):
+        short = inflight_horizon("interleaved", pp, m, v)
+        full = inflight_patterns(schedule_order("interleaved", pp, m, v), pp, v)
+        assert inflight_patterns(schedule_order("interleaved", pp, short, v), pp, v) == full, m

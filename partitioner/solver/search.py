@@ -45,7 +45,7 @@ from typing import Mapping
 
 from cost_models import static_bytes
 
-from ..baselines import Pins, linear_partition, with_zero1
+from ..baselines import Pins, inflight_horizon, linear_partition, with_zero1
 from ..errors import AutopartError, InfeasibleError, PlanError
 from ..evaluate import Evaluator, StageSpec
 from ..plan import Mesh, Plan, Schedule
@@ -296,8 +296,8 @@ class _Search:
         avg = work / c.pp
         lower = c.microbatches * avg + (work - avg) / c.virtual_stages
         K = c.pp * c.virtual_stages
-        shape = (c.schedule, c.pp, c.microbatches, c.virtual_stages)
-        if shape not in self._inflight:
+        shape = (c.schedule, c.pp, inflight_horizon(c.schedule, c.pp, c.microbatches, c.virtual_stages), c.virtual_stages)
+        if shape not in self._inflight:  # the same vectors as the full order's (see inflight_horizon)
             self._inflight[shape] = schedule_inflight(*shape)
         n0 = max(sum(p) for p in self._inflight[shape][0])
         act = sum(b.saved_bytes for b in blocks) / K
@@ -347,8 +347,9 @@ class _Search:
             pp=c.pp,
             virtual_stages=c.virtual_stages,
             microbatches=c.microbatches,
-            inflight=self._inflight.get((c.schedule, c.pp, c.microbatches, c.virtual_stages))
-            or schedule_inflight(c.schedule, c.pp, c.microbatches, c.virtual_stages),
+            inflight=schedule_inflight(
+                c.schedule, c.pp, inflight_horizon(c.schedule, c.pp, c.microbatches, c.virtual_stages), c.virtual_stages
+            ),
             memory_limit=self.limit,
             send_alpha=tuple(alphas),
             send_beta=tuple(betas),

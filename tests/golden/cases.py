@@ -63,14 +63,16 @@ _TINY = ("--cluster", "dgx-a100-80g", "--time-limit", "2")
 CASES = (
     GoldenCase("chain-mlp", ("--model", "mlp", "--cluster", "local-cpu:2", "--global-batch", "8", "--time-limit", "2")),
     GoldenCase("dag-skip", ("--model", "py:tests.golden.cases:skip_net", "--cluster", "local-cpu:2",
-                            "--global-batch", "8", "--time-limit", "2")),
+                            "--global-batch", "8", "--time-limit", "2", "--mesh", "pp=2")),
     GoldenCase("tied-gpt2-tiny", ("--model", "gpt2-tiny", *_TINY, "--global-batch", "16")),
     GoldenCase("bigvocab", ("--model", "gpt-bigvocab", "--config", "n_layer=4", "n_embd=128", "n_head=4",
                             "--seq-len", "128", *_TINY, "--global-batch", "16")),
     GoldenCase("pinned-interleaved", ("--model", "gpt2-tiny", *_TINY, "--global-batch", "16", "--mesh", "pp=2",
                                       "--schedule", "interleaved", "--virtual-stages", "2")),
-    GoldenCase("infeasible", ("--model", "gpt2-xl", "--cluster", "local-cpu:2", "--global-batch", "8",
-                              "--time-limit", "2", "--config", "n_layer=4")),
+    # Llama 2 7B's width with 4 layers (1.1B parameters, 17 GB of weights and Adam state) on one 16 GB V100.
+    GoldenCase("infeasible", ("--model", "llama2-7b", "--config", "num_hidden_layers=4", "--seq-len", "512",
+                              "--cluster", "p3-v100", "--nodes", "1", "--gpus-per-node", "1", "--global-batch", "8",
+                              "--time-limit", "2")),
 )
 
 
