@@ -7,7 +7,8 @@ meant, regenerate them with one command from the repository root:
 
     PYTHONPATH=$PWD python -m tests.golden.cases
 
-Each case is an ``autopart plan`` command line. The plan JSON is compared with the timing field
+Each case is an ``autopart plan`` command line on a preset cluster (a ``local-cpu`` cluster would
+record this machine's CPU and memory in the plan, and the files would differ from machine to machine). The plan JSON is compared with the timing field
 (``solver.wall_s``) left out; an infeasible case keeps its one-line error text instead (``.err``).
 The search is budgeted by deterministic work (see [Note: deterministic budget] in
 partitioner/solver/search.py), so these files do not depend on how busy the machine is.
@@ -61,9 +62,8 @@ def skip_net():
 
 _TINY = ("--cluster", "dgx-a100-80g", "--time-limit", "2")
 CASES = (
-    GoldenCase("chain-mlp", ("--model", "mlp", "--cluster", "local-cpu:2", "--global-batch", "8", "--time-limit", "2")),
-    GoldenCase("dag-skip", ("--model", "py:tests.golden.cases:skip_net", "--cluster", "local-cpu:2",
-                            "--global-batch", "8", "--time-limit", "2", "--mesh", "pp=2")),
+    GoldenCase("chain-mlp", ("--model", "mlp", *_TINY, "--global-batch", "16")),
+    GoldenCase("dag-skip", ("--model", "py:tests.golden.cases:skip_net", *_TINY, "--global-batch", "16", "--mesh", "pp=2")),
     GoldenCase("tied-gpt2-tiny", ("--model", "gpt2-tiny", *_TINY, "--global-batch", "16")),
     GoldenCase("bigvocab", ("--model", "gpt-bigvocab", "--config", "n_layer=4", "n_embd=128", "n_head=4",
                             "--seq-len", "128", *_TINY, "--global-batch", "16")),
