@@ -55,7 +55,7 @@ REFERENCE = "expert"  # the method every speedup is measured against
 SCHEDULES = ("gpipe", "1f1b", "interleaved")
 
 
-@dataclass(frozen=True, slots=True)
+@dataclass(frozen=True, slots=True, kw_only=True)
 class Pins:
     """Choices the user fixed; None means the planner decides."""
 
