@@ -318,6 +318,7 @@ def tune(
     best: tuple[Plan, SimResult] | None = None
     smallest: tuple[float, GridPoint, list[StageSpec]] | None = None  # the smallest footprint seen, for the error
     inflight: dict[tuple, list[list[tuple[int, ...]]]] = {}
+    split_error: PlanError | None = None
     for pt in points:
         if best is not None and pt.lower_bound_s >= best[0].predicted.step_time_s:
             report.pruned_bound += 1
@@ -326,8 +327,9 @@ def tune(
         sharding = sharding_for(pt.mesh.tp)
         try:
             blocks = split(e, pt.mesh, pt.schedule, sharding)
-        except PlanError:
-            continue  # this split rule has no split here (e.g. more stages than blocks)
+        except PlanError as exc:
+            split_error = exc  # this split rule has no split here (e.g. more stages than layers)
+            continue
         specs = [StageSpec(tuple(b), pt.recompute) for b in blocks]
         need = _peak_memory(e.stage_costs(specs, pt.mesh, pt.schedule, sharding), pt.schedule, pt.mesh.pp, inflight)
         if need > limit:  # the simulator's own peak, without simulating: this point cannot fit
@@ -342,7 +344,7 @@ def tune(
     if best is not None:
         return best[0], best[1], report
     if smallest is None and heaviest is None:
-        raise _no_point_error(method, ev, pins)
+        raise split_error or _no_point_error(method, ev, pins)
     if smallest is None:  # every point was pruned for its weights: price the lightest for the message
         pt = heaviest[1]
         specs = [StageSpec(tuple(b), pt.recompute) for b in split(evs[pt.zero1], pt.mesh, pt.schedule, sharding_for(pt.mesh.tp))]
