@@ -666,12 +666,12 @@ def _parse_tp(text: str) -> list[int]:
 
 def cmd_calibrate(args: argparse.Namespace) -> int:
     import time
-    from datetime import timedelta
 
     import torch
     import torch.distributed as dist
 
     from .calibrate import DEFAULT_SIZES, CalibrateError, calibrated_cluster, run_calibration
+    from .devices import init_distributed
     from .cluster import load_cluster
 
     if "RANK" not in os.environ or "WORLD_SIZE" not in os.environ:
@@ -682,7 +682,6 @@ def cmd_calibrate(args: argparse.Namespace) -> int:
     out = _check_out(args.out, args.force, "--out", "cluster.toml")
     world = int(os.environ["WORLD_SIZE"])
     local = int(os.environ.get("LOCAL_WORLD_SIZE", world))
-    gpu = torch.cuda.is_available()
     base = load_cluster(args.cluster or f"local-cpu:{local}")
     if base.world_size != world:
         raise CalibrateError(
@@ -692,9 +691,7 @@ def cmd_calibrate(args: argparse.Namespace) -> int:
     if args.max_bytes < (1 << 20):
         raise CalibrateError(f"--max-bytes {args.max_bytes}: use at least 1048576 (1 MiB), or latency hides the bandwidth")
     sizes = tuple(s for s in DEFAULT_SIZES if s <= args.max_bytes)
-    if gpu:
-        torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")))
-    dist.init_process_group("nccl" if gpu else "gloo", timeout=timedelta(seconds=300))
+    gpu = init_distributed().is_cuda  # one rank per local GPU over NCCL, else gloo on CPU (devices.py)
     try:
         report = run_calibration(sizes, args.reps, args.dtype or ("bf16" if gpu else "fp32"), local)
         if dist.get_rank() == 0:

@@ -59,8 +59,10 @@ import torch.distributed as dist
 from torch.utils._pytree import tree_unflatten
 
 from .cluster import Cluster
+from .devices import init_distributed, rank_device
 from .errors import AutopartError, PlanError, one_line
 from .plan import Plan
+from .precision import MasterWeightOptimizer, PrecisionPolicy, loss_inputs, make_scaler, optimizer_step
 from .materialize import has_meta_tensors, materialize, release
 from .rewrite import SplitModel, TensorParallelModule, _lookup, _set_tensor, microbatch_inputs, split_model
 
@@ -153,6 +155,7 @@ def auto_parallelize(
 
 
 def _init_process_group(cluster: Cluster | None) -> tuple[int, int]:
+    """Start (or join) the job's process group on this rank's own device (see devices.py)."""
     if not dist.is_initialized():
         missing = [v for v in ("RANK", "WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT") if v not in os.environ]
         if missing:
@@ -160,8 +163,7 @@ def _init_process_group(cluster: Cluster | None) -> tuple[int, int]:
                 f"no process group and {', '.join(missing)} not set: launch with "
                 "`torchrun --nproc-per-node N your_script.py` (or call torch.distributed.init_process_group first)"
             )
-        backend = "nccl" if torch.cuda.is_available() and (cluster is None or cluster.name != "local-cpu") else "gloo"
-        dist.init_process_group(backend, timeout=timedelta(minutes=5))
+        init_distributed(prefer="cpu" if cluster is not None and cluster.name.startswith("local-cpu") else None)
     return dist.get_rank(), dist.get_world_size()
 
 
@@ -264,9 +266,8 @@ class ParallelModel:
                 f"launch torchrun --nproc-per-node {mesh.world_size}, or re-plan for Cluster.local({world})"
             )
         plan.check_matches(model_fingerprint(model))
-        device = "cuda" if dist.get_backend() == "nccl" else "cpu"
-        self.device = torch.device(device)
-        self.mesh = init_device_mesh(device, (mesh.pp, mesh.dp, mesh.tp), mesh_dim_names=("pp", "dp", "tp"))
+        self.device = rank_device().device  # cuda:LOCAL_RANK, never a bare "cuda" ([Note: one rank per device])
+        self.mesh = init_device_mesh(self.device.type, (mesh.pp, mesh.dp, mesh.tp), mesh_dim_names=("pp", "dp", "tp"))
         self.pp_index = self.rank // (mesh.dp * mesh.tp)
         self.dp_index = (self.rank // mesh.tp) % mesh.dp
         self.tp_index = self.rank % mesh.tp
@@ -302,7 +303,9 @@ class ParallelModel:
             if mesh.dp > 1 and any(p.requires_grad for p in mod.parameters()):
                 from torch.nn.parallel import DistributedDataParallel
 
-                run = DistributedDataParallel(mod, process_group=self.mesh["dp"].get_group())
+                # Gradients as views of DDP's buckets: no second copy, as the memory model counts them.
+                run = DistributedDataParallel(mod, process_group=self.mesh["dp"].get_group(),
+                                              gradient_as_bucket_view=True)
             # Static shapes: the stages never exchange metadata at run time (see [Note: static stage shapes]).
             examples = [
                 tuple(
@@ -324,10 +327,15 @@ class ParallelModel:
                     self.params.setdefault(name, p)
         self._tied = self._tied_groups()
         factory = optimizer or (lambda ps: torch.optim.AdamW(ps, lr=1e-3))
+        make = factory
         if plan.training.zero1 and mesh.dp > 1:
-            self.optimizer = _zero1(factory, list(self.params.values()), self.mesh["dp"].get_group())
-        else:
-            self.optimizer = factory(list(self.params.values()))
+            dp_group = self.mesh["dp"].get_group()
+            make = lambda ps: _zero1(factory, list(ps), dp_group)  # noqa: E731
+        # The plan's precision: fp32 masters for adam-mixed, fp16 loss scaling ([Note: mixed precision as priced]).
+        self.precision = PrecisionPolicy.from_training(plan.training.dtype, plan.training.optimizer)
+        params = list(self.params.values())
+        self.optimizer = MasterWeightOptimizer(params, make) if self.precision.master_dtype else make(params)
+        self.scaler = make_scaler(self.precision, self.device)
         self.schedule = self._make_schedule()
         self._watchdog = _Watchdog(self.rank, plan, timeout_s)
         self.steps_done = 0
@@ -355,8 +363,9 @@ class ParallelModel:
         spec = self.split.out_spec
 
         def loss(out: Any, target: torch.Tensor) -> torch.Tensor:
-            flat = list(out) if isinstance(out, (tuple, list)) else [out]
-            return self._loss_fn(tree_unflatten(flat, spec), target)
+            flat = loss_inputs(list(out) if isinstance(out, (tuple, list)) else [out], self.precision)
+            value = self._loss_fn(tree_unflatten(flat, spec), target)
+            return value if self.scaler is None else self.scaler.scale(value)  # fp16: scaled backward
 
         if sched.name == "interleaved":
             return ScheduleInterleaved1F1B(self.stages, sched.microbatches, loss_fn=loss)
@@ -405,8 +414,9 @@ class ParallelModel:
                 grad = self.params[name].grad
                 if grad is not None:
                     dist.all_reduce(grad, group=group)
-            self.optimizer.step()
-            mean = torch.stack([l.detach().float() for l in losses]).mean() if losses else torch.zeros(())
+            scale = 1.0 if self.scaler is None else self.scaler.get_scale()
+            optimizer_step(self.optimizer, self.scaler)
+            mean = torch.stack([l.detach().float() for l in losses]).mean() / scale if losses else torch.zeros(())
             mean = mean.to(self.device)
             dist.all_reduce(mean)
         except Exception as exc:
@@ -804,6 +814,10 @@ def run_plan(
                 print(f"{label:>12}  {dt * 1e3:9.1f} ms  loss {loss:.4f}", flush=True)
         gathered: list[Any] = [None] * world
         dist.all_gather_object(gathered, [asdict(e) for e in pm.events])
+        # Each rank's peak allocated device memory (CUDA only; the CPU allocator keeps no such count).
+        peak = int(torch.cuda.max_memory_allocated(pm.device)) if pm.device.type == "cuda" else None
+        peaks: list[Any] = [None] * world
+        dist.all_gather_object(peaks, peak)
     finally:
         pm.close()
     if rank == 0:
@@ -812,7 +826,7 @@ def run_plan(
               f"over {steps} steps ({gb / mean:.1f} samples/s)")
         if json_path is not None:
             record = dict(plan=str(plan_path), world_size=world, step_times_s=times, losses=losses,
-                          events=[e for rank_events in gathered for e in rank_events])
+                          events=[e for rank_events in gathered for e in rank_events], peak_memory_bytes=peaks)
             tmp = Path(str(json_path) + ".tmp")
             tmp.write_text(json.dumps(record, indent=1) + "\n")
             tmp.replace(json_path)
