@@ -213,6 +213,10 @@ class SolverInfo:
     objective: float | None = None  # the planner's objective (predicted step time, s)
     bound: float | None = None  # best proven lower bound on the objective, if any
     wall_s: float = 0.0  # planning wall time
+    # Where the plan came from: "ilp" (the stage ILP's own solve), or the name of the seed
+    # (a baseline's plan the search started from) that no solve beat. None: not recorded.
+    origin: str | None = None
+    seed_step_s: float | None = None  # the best seed's predicted step time (the ILP only), s
 
 
 @dataclass(frozen=True, slots=True)

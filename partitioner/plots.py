@@ -35,7 +35,7 @@ COLORS = {
     "idle": "#ECECEC",
 }
 METHOD_COLORS = {
-    "ilp": "#2A9D8F", "uniform": "#8D99AE", "params": "#E9C46A", "pipedream": "#F4A261", "megatron": "#E76F51",
+    "ilp": "#2A9D8F", "expert": "#264653", "uniform": "#8D99AE", "params": "#E9C46A", "pipedream": "#F4A261", "megatron": "#E76F51",
 }
 RASTERIZE_OVER = 1500  # actions per panel above which the bars of an SVG are rasterized (file size)
 
