@@ -62,7 +62,7 @@ def _fraction(text: str) -> float:
 
 def _common(p: argparse.ArgumentParser) -> None:
     g = p.add_argument_group("model")
-    g.add_argument("--model", default=DEFAULT_MODEL, help=f"zoo name, hf:ClassName or py:module:function (default {DEFAULT_MODEL})")
+    g.add_argument("--model", default=None, help=f"zoo name, hf:ClassName or py:module:function (default {DEFAULT_MODEL}; with --plan, the plan's)")
     g.add_argument("--config", nargs="+", default=[], metavar="KEY=VALUE", help="model config overrides, e.g. n_layer=4")
     g.add_argument("--seq-len", type=_positive_int, default=None, help="sequence length (default: the model's)")
     g.add_argument("--dtype", default=None, choices=("fp32", "tf32", "bf16", "fp16", "fp8"), help="compute dtype (default bf16; fp32 on a device without bf16, such as local-cpu)")
@@ -172,6 +172,7 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--steps", type=_positive_int, default=10, help="measured training steps (default 10)")
     g.add_argument("--warmup", type=int, default=1, help="steps run before measuring (default 1)")
     g.add_argument("--json", default=None, metavar="PATH", help="rank 0 writes step times, losses and events to PATH")
+    g.add_argument("--force", action="store_true", help="let --json overwrite an existing file")
     g.add_argument("--seed", type=int, default=0, help="seed for the weights and the synthetic batches")
 
     p = sub.add_parser("inspect", help="print the blocks of a model: params, FLOPs, activations")
@@ -187,6 +188,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         args = parser.parse_args(argv)
     except SystemExit as exc:  # --help, or a usage error already printed on one line
         return exc.code if isinstance(exc.code, int) else 0
+    if getattr(args, "model", "") is None and args.command not in ("plan", "run"):  # they may take the plan's
+        args.model = DEFAULT_MODEL
     try:
         if args.command == "plan":
             return cmd_plan(args)
@@ -231,9 +234,9 @@ def main(argv: Sequence[str] | None = None) -> int:
 
 def cmd_plan(args: argparse.Namespace) -> int:
     from .cluster import load_cluster
-    from .plan import Mesh, Plan
+    from .plan import Mesh, ModelSource, Plan
     from .planner import plan_parallelism, score_plan
-    from .zoo import load_model, parse_config_overrides
+    from .zoo import load_model
 
     from .planner import ALL_METHODS as METHODS
 
@@ -272,7 +275,13 @@ def cmd_plan(args: argparse.Namespace) -> int:
             f"--dtype {dtype}: {cluster.device.name} has no {dtype} peak; it has {', '.join(cluster.device.peak_flops)}"
         )
     pins = Mesh.parse(args.mesh) if args.mesh else {}
-    loaded = load_model(args.model, seq_len=args.seq_len, dtype=dtype, config=parse_config_overrides(args.config))
+    source = _model_source(args, plan_in)
+    loaded = load_model(source.spec, seq_len=source.seq_len, dtype=dtype, config=source.config)
+    source = ModelSource(source.spec, source.config, loaded.seq_len)  # the sequence length it was built with
+    if plan_in is not None:  # before the slow capture, naming the flags that differ from the plan's
+        from .capture import model_fingerprint
+
+        plan_in.check_matches(model_fingerprint(loaded.model), given=source)
     global_batch = args.global_batch or 8 * cluster.world_size
     training = dict(
         dtype=dtype,
@@ -309,6 +318,7 @@ def cmd_plan(args: argparse.Namespace) -> int:
             batch_size=loaded.batch_size,
             **training,
         )
+    plan_out = result.plan.with_source(source)
     print_plan(result, cluster)
     if args.explain:
         from .explain import print_explanation
@@ -317,9 +327,21 @@ def cmd_plan(args: argparse.Namespace) -> int:
     if args.timeline:
         print(result.sim.grid())
     if json_path is not None:
-        result.plan.save(json_path)
+        plan_out.save(json_path)
         print(f"wrote {json_path}")
     return 0
+
+
+def _model_source(args: argparse.Namespace, plan_in=None):
+    """The model the flags name (``--model``, ``--config``, ``--seq-len``); with a plan file, the plan's own
+    model with any flag given in place of its part (see ``Plan.model_source``)."""
+    from .plan import ModelSource
+    from .zoo import parse_config_overrides
+
+    config = parse_config_overrides(args.config)
+    if plan_in is not None and (plan_in.model.source is not None or args.model is not None):
+        return plan_in.model_source(args.model, config, args.seq_len)
+    return ModelSource(args.model or DEFAULT_MODEL, config, args.seq_len)
 
 
 def _default_dtype(cluster) -> str:
@@ -490,7 +512,7 @@ def cmd_run(args: argparse.Namespace) -> int:
         raise PlanError(f"--warmup {args.warmup} must be >= 0")
     return run_plan(
         args.plan_file, args.model, config=args.config, seq_len=args.seq_len, steps=args.steps,
-        warmup=args.warmup, json_path=args.json, seed=args.seed,
+        warmup=args.warmup, json_path=args.json, seed=args.seed, force=args.force,
     )
 
 
@@ -563,16 +585,9 @@ def cmd_inspect(args: argparse.Namespace) -> int:
 
 def _check_out(path_text: str | None, force: bool, flag: str, example: str) -> Path | None:
     """Refuse an output path that would overwrite a file (without --force) or cannot be written."""
-    if path_text is None:
-        return None
-    path = Path(path_text)
-    if path.exists() and not force:
-        raise PlanError(f"{flag} {path} already exists; pass --force to overwrite it")
-    if path.is_dir():
-        raise PlanError(f"{flag} {path} is a directory; give a file path such as {path / example}")
-    if not path.parent.exists():
-        raise PlanError(f"{flag} {path}: directory {path.parent} does not exist")
-    return path
+    from .outputs import check_output_file
+
+    return check_output_file(path_text, force, flag, example)
 
 
 def cmd_profile(args: argparse.Namespace) -> int:

@@ -142,7 +142,7 @@ def test_plan_file_with_unknown_sharding_node_is_refused(written, capsys, tmp_pa
 def test_plan_file_for_another_model_is_refused(written, capsys):
     path, _ = written
     rc, _, err = run(capsys, "plan", "--model", "llama-tiny", "--cluster", "dgx-a100-80g", "--plan", str(path))
-    assert_one_line_error(rc, err, "gpt2-tiny", "fingerprint")
+    assert_one_line_error(rc, err, "gpt2-tiny", "--model llama-tiny (the plan: gpt2-tiny)")
 
 
 def test_plan_file_for_another_cluster_is_refused(written, capsys):

@@ -86,7 +86,7 @@ def test_save_then_load_equals_original(tp_plan, tmp_path):
 
 def test_json_has_the_documented_keys(tp_plan):
     d = json.loads(tp_plan.to_json())
-    assert d["version"] == 1
+    assert d["version"] == 2  # 2: model.source added; version 1 still loads
     assert {"name", "params", "fingerprint"} <= set(d["model"])
     assert d["model"]["name"] == "gpt2-tiny"
     assert d["model"]["params"] == tp_plan.model.params > 0
