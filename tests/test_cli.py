@@ -9,6 +9,7 @@ stderr that starts with ``autopart: error:`` and no traceback.
 from __future__ import annotations
 
 import json
+import os
 
 import contextlib
 import io
@@ -278,3 +279,101 @@ def test_encoder_decoder_model_plans_with_its_decoder_inputs(capsys):
     )
     assert rc == 0, err
     assert "decoder.block" in flat(out) or "encoder.embed_tokens" in flat(out)
+
+
+# --- a plan runs on its own; outputs checked before any work ------------------------------------
+
+TINY_HF = ["--model", "hf:GPT2LMHeadModel", "--config", "n_layer=2", "n_embd=32", "n_head=4", "n_positions=16",
+           "vocab_size=96", "--seq-len", "16"]
+
+
+@pytest.fixture(scope="module")
+def hf_plan(tmp_path_factory) -> Path:
+    """A pp=2 plan for local-cpu:2 of a Hugging Face class built with --config overrides."""
+    path = tmp_path_factory.mktemp("hf") / "plan.json"
+    with contextlib.redirect_stdout(io.StringIO()):
+        rc = main(["plan", *TINY_HF, "--cluster", "local-cpu:2", "--mesh", "pp=2", "--global-batch", "4",
+                   "--method", "params", "--json", str(path)])
+    assert rc == 0
+    return path
+
+
+def test_plan_records_how_to_build_its_model(hf_plan, written):
+    src = Plan.load(hf_plan).model.source
+    assert src.spec == "hf:GPT2LMHeadModel" and src.seq_len == 16
+    assert dict(src.config) == dict(n_layer=2, n_embd=32, n_head=4, n_positions=16, vocab_size=96)
+    zoo = Plan.load(written[0]).model.source  # a zoo model records its default sequence length
+    assert zoo.spec == "gpt2-tiny" and zoo.config == {} and zoo.seq_len == Plan.load(written[0]).model.input_shapes[0][1]
+
+
+def test_plan_file_rescored_without_repeating_the_model_flags(hf_plan, capsys):
+    rc, out, err = run(capsys, "plan", "--cluster", "local-cpu:2", "--plan", str(hf_plan))
+    assert rc == 0, err
+    assert "hf:GPT2LMHeadModel" in out and "pp=2" in out
+
+
+@pytest.mark.parametrize("flags, differ", [
+    (["--config", "n_layer=3"], "--config n_layer=3 (the plan: n_layer=2)"),
+    (["--model", "hf:GPT2LMHeadModel", "--config", "vocab_size=100"], "--config vocab_size=100 (the plan: vocab_size=96)"),
+])
+def test_run_with_other_model_flags_names_the_flags_that_differ(hf_plan, capsys, flags, differ):
+    rc, out, err = run(capsys, "run", "--plan", str(hf_plan), *flags)
+    assert_one_line_error(rc, err, differ, "drop them")
+    assert out == ""
+
+
+def test_version_1_plan_still_loads_and_asks_for_its_model(hf_plan, capsys, tmp_path):
+    old = json.loads(hf_plan.read_text())
+    old["version"] = 1
+    del old["model"]["source"]
+    path = tmp_path / "v1.json"
+    path.write_text(json.dumps(old))
+    assert Plan.load(path).model.source is None
+    rc, out, err = run(capsys, "run", "--plan", str(path))
+    assert_one_line_error(rc, err, "does not record how to build its model", "--model")
+    # With the flags it was planned with, the plan is accepted: the run gets as far as the launcher check.
+    rc, out, err = run(capsys, "run", "--plan", str(path), *TINY_HF)
+    assert_one_line_error(rc, err, "torchrun")
+
+
+@pytest.mark.parametrize("argv, flag", [
+    (["plan", "--model", "gpt2-tiny", "--json", "{missing}/plan.json"], "--json"),
+    (["profile", "--model", "mlp", "--config", "width=8", "depth=2", "--json", "{missing}/p.json"], "--json"),
+    (["compare", "--model", "gpt2-tiny", "--out", "{missing}/cmp"], "--out"),
+    (["run", "--plan", "{plan}", "--json", "{missing}/run.json"], "--json"),
+    (["run", "--plan", "{plan}", "--json", "{existing}"], "--force"),
+])
+def test_every_output_path_is_checked_before_any_work(hf_plan, capsys, tmp_path, argv, flag):
+    """A missing folder or an existing file is refused up front: nothing planned, trained or written."""
+    existing = tmp_path / "kept.json"
+    existing.write_text("the user's results\n")
+    names = dict(missing=tmp_path / "no-such-dir", plan=hf_plan, existing=existing)
+    rc, out, err = run(capsys, *(a.format(**names) for a in argv))
+    assert_one_line_error(rc, err, flag)
+    assert out == "", "work started before the output path was checked"
+    assert existing.read_text() == "the user's results\n"
+    assert not (tmp_path / "no-such-dir").exists()
+
+
+def _torchrun_cli(*argv: str, cwd: Path) -> subprocess.CompletedProcess:
+    env = dict(os.environ, OMP_NUM_THREADS="1",
+               PYTHONPATH=os.pathsep.join(filter(None, [str(Path(__file__).resolve().parents[1]), os.environ.get("PYTHONPATH")])))
+    return subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "2", "-m",
+                           "partitioner.cli", *argv], capture_output=True, text=True, timeout=300, cwd=cwd, env=env)
+
+
+@pytest.mark.slow
+def test_a_plan_runs_alone_and_run_json_is_never_overwritten(hf_plan, tmp_path):
+    """``autopart run --plan plan.json`` with no model flags trains the plan's own model; a second run
+    with the same --json is refused before training, and --force replaces the record."""
+    proc = _torchrun_cli("run", "--plan", str(hf_plan), "--steps", "1", "--warmup", "0", "--json", "run.json",
+                         cwd=tmp_path)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert "step 1/1" in proc.stdout and "hf:GPT2LMHeadModel" in proc.stdout
+    first = (tmp_path / "run.json").read_text()
+    assert len(json.loads(first)["step_times_s"]) == 1
+    proc = _torchrun_cli("run", "--plan", str(hf_plan), "--steps", "1", "--warmup", "0", "--json", "run.json",
+                         cwd=tmp_path)
+    assert proc.returncode != 0 and "step 1/1" not in proc.stdout, "trained although --json exists"
+    assert "run.json already exists; pass --force" in proc.stderr
+    assert (tmp_path / "run.json").read_text() == first
