@@ -111,11 +111,14 @@ def plan_baseline(method: str, ev: Evaluator, pins: Pins = Pins()) -> tuple[Plan
     best = min(tried, key=lambda ps: ps[0].predicted.peak_memory_bytes)
     need = best[0].predicted.peak_memory_bytes
     limit = best[0].predicted.memory_limit_bytes
+    # A smaller batch only shrinks activations: no help when the weights and optimizer state alone overflow.
+    static = max((s.predicted.static_bytes for s in best[0].stages if s.predicted), default=0)
+    more = "more processes (--cluster local-cpu:N)" if ev.cluster.name == "local-cpu" else "more devices (--nodes)"
     raise InfeasibleError(
         f"no {method} plan fits in device memory: the smallest-footprint plan ({best[0].mesh}, "
         f"recompute={best[0].stages[0].recompute}) needs {_fmt_bytes(need)} per device, but "
         f"{ev.cluster.device.name} allows {_fmt_bytes(limit)} (after the {ev.training.memory_reserve:.0%} reserve); "
-        "use more devices (--nodes), a smaller --global-batch or micro-batch, or ZeRO-1"
+        f"use {more}, " + ("or ZeRO-1" if static > limit else "a smaller --global-batch or micro-batch, or ZeRO-1")
     )
 
 

@@ -1,4 +1,4 @@
-"""The ``autopart`` command line: ``plan``, ``diff``, ``inspect``, ``compare``, ``profile``, ``calibrate`` and ``run``.
+"""The ``autopart`` command line: ``plan``, ``explain``, ``show``, ``diff``, ``inspect``, ``compare``, ``profile``, ``calibrate`` and ``run``.
 
 A thin layer over the Python API: it parses options, calls
 ``plan_parallelism`` / ``capture``, and prints with ``rich``. Every option
@@ -70,7 +70,8 @@ def _common(p: argparse.ArgumentParser) -> None:
 
 def _cluster_args(p: argparse.ArgumentParser) -> None:
     g = p.add_argument_group("cluster")
-    g.add_argument("--cluster", default=DEFAULT_CLUSTER, help=f"preset name or TOML file (default {DEFAULT_CLUSTER})")
+    g.add_argument("--cluster", default=DEFAULT_CLUSTER,
+                   help=f"preset name, local-cpu:N (N processes on this machine, gloo) or TOML file (default {DEFAULT_CLUSTER})")
     g.add_argument("--nodes", type=_positive_int, default=None, help="number of nodes (overrides the cluster's)")
     g.add_argument("--gpus-per-node", type=_positive_int, default=None, help="devices per node (overrides the cluster's)")
 
@@ -138,6 +139,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--max-bytes", type=_positive_int, default=16 << 20, help="largest message, bytes per rank (default 16 MiB)")
     p.add_argument("--reps", type=_positive_int, default=5, help="timed runs per measurement (default 5)")
 
+    p = sub.add_parser("explain", help="explain a saved plan: step-time breakdown, bottleneck, memory")
+    p.add_argument("plan_file", metavar="PLAN.json")
+    _common(p)
+    p = sub.add_parser("show", help="print a saved plan in full: mesh, schedule, every stage's modules, the model it needs")
+    p.add_argument("plan_file", metavar="PLAN.json")
+
     p = sub.add_parser("diff", help="compare two plan JSON files")
     p.add_argument("a", metavar="A.json")
     p.add_argument("b", metavar="B.json")
@@ -188,7 +195,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         args = parser.parse_args(argv)
     except SystemExit as exc:  # --help, or a usage error already printed on one line
         return exc.code if isinstance(exc.code, int) else 0
-    if getattr(args, "model", "") is None and args.command not in ("plan", "run"):  # they may take the plan's
+    if getattr(args, "model", "") is None and args.command not in ("plan", "run", "explain"):  # they take the plan's
         args.model = DEFAULT_MODEL
     try:
         if args.command == "plan":
@@ -203,6 +210,10 @@ def main(argv: Sequence[str] | None = None) -> int:
             return cmd_calibrate(args)
         if args.command == "run":
             return cmd_run(args)
+        if args.command == "explain":
+            return cmd_explain(args)
+        if args.command == "show":
+            return cmd_show(args)
         if args.command == "diff":
             from .explain import print_diff
             from .plan import Plan
@@ -414,13 +425,12 @@ def _modules_summary(modules: Sequence[str]) -> str:
     return f"{modules[0]} .. {modules[-1]} ({len(modules)} blocks)"
 
 
-def print_plan(result, cluster) -> None:
-    from rich.console import Console
-    from rich.table import Table
+def _plural(n: int, word: str) -> str:
+    return f"{n} {word}" if n == 1 else f"{n} {word}es" if word.endswith("batch") else f"{n} {word}s"
 
-    plan = result.plan
-    pred = plan.predicted
-    console = Console(width=max(100, Console().width))
+
+def _print_header(console, plan, cluster) -> None:
+    """The plan's first two lines: model on cluster; method, mesh, schedule and training set-up."""
     sched = plan.schedule
     console.print(
         f"[bold]{plan.model.name}[/bold] ({_fmt_count(plan.model.params)} params) on {cluster.describe()}"
@@ -428,9 +438,19 @@ def print_plan(result, cluster) -> None:
     console.print(
         f"method [bold]{plan.solver.method}[/bold] · mesh [bold]{plan.mesh}[/bold] · schedule {sched.name}"
         + (f" (v={sched.virtual_stages})" if sched.virtual_stages > 1 else "")
-        + f", {sched.microbatches} micro-batches of {sched.micro_batch_size} · global batch {plan.training.global_batch}"
+        + f", {_plural(sched.microbatches, 'micro-batch')} of {sched.micro_batch_size} · global batch {plan.training.global_batch}"
         + f" · {plan.training.dtype}, {plan.training.optimizer}{', ZeRO-1' if plan.training.zero1 else ''}"
     )
+
+
+def print_plan(result, cluster) -> None:
+    from rich.console import Console
+    from rich.table import Table
+
+    plan = result.plan
+    pred = plan.predicted
+    console = Console(width=max(100, Console().width))
+    _print_header(console, plan, cluster)
     bottleneck = max((s.predicted.forward_s + s.predicted.backward_s for s in plan.stages), default=0.0) or 1.0
     table = Table(show_lines=False)
     for col, just in (
@@ -455,9 +475,11 @@ def print_plan(result, cluster) -> None:
         )
     console.print(table)
     fits = "[green]fits[/green]" if pred.fits else "[red]DOES NOT FIT[/red]"
+    # local-cpu's peak FLOP/s is a guess from the CPU's name, not a measurement: say so beside the figure.
+    estimate = " (of an estimated peak)" if cluster.name == "local-cpu" else ""
     console.print(
         f"step time [bold]{_fmt_time(pred.step_time_s)}[/bold] · {pred.samples_per_s:.1f} samples/s · "
-        f"{pred.tflops_per_device:.1f} TFLOP/s per device · MFU {pred.mfu:.1%} · bubble {pred.bubble_fraction:.1%} · "
+        f"{pred.tflops_per_device:.1f} TFLOP/s per device · MFU {pred.mfu:.1%}{estimate} · bubble {pred.bubble_fraction:.1%} · "
         f"peak memory {_fmt_bytes(pred.peak_memory_bytes)} of {_fmt_bytes(pred.memory_limit_bytes)} ({fits})"
     )
     if pred.mfu > 1:
@@ -471,6 +493,70 @@ def print_plan(result, cluster) -> None:
         gap = max(0.0, (pred.step_time_s - solver.bound) / pred.step_time_s)
         proof = f", objective {_fmt_time(solver.objective)}, bound {_fmt_time(solver.bound)}, gap {gap:.1%}"
     console.print(f"[dim]planned in {solver.wall_s:.2f} s ({solver.status}{proof})[/dim]")
+
+
+# --------------------------------------------------------------------------------------
+# explain, show: a saved plan
+# --------------------------------------------------------------------------------------
+
+
+def cmd_explain(args: argparse.Namespace) -> int:
+    """Re-score a saved plan for the model it records (or the flags given) and explain it."""
+    from .capture import model_fingerprint
+    from .cluster import Cluster
+    from .explain import print_explanation
+    from .plan import ModelSource, Plan
+    from .planner import score_plan
+    from .zoo import load_model
+
+    if args.dtype is not None:
+        raise PlanError("--dtype: a saved plan keeps its own (training.dtype); drop --dtype")
+    plan = Plan.load(args.plan_file)
+    cluster = Cluster.from_dict(plan.cluster)
+    source = _model_source(args, plan)
+    loaded = load_model(source.spec, seq_len=source.seq_len, dtype=plan.training.dtype, config=source.config)
+    plan.check_matches(model_fingerprint(loaded.model), given=ModelSource(source.spec, source.config, loaded.seq_len))
+    result = score_plan(plan, loaded.model, loaded.example_inputs, cluster, name=loaded.name,
+                        batch_size=loaded.batch_size, example_kwargs=loaded.example_kwargs)
+    print_plan(result, cluster)
+    print_explanation(result)
+    return 0
+
+
+def cmd_show(args: argparse.Namespace) -> int:
+    """Print a saved plan in full, from the file alone (no model is built)."""
+    from rich.console import Console
+    from rich.table import Table
+
+    from .cluster import Cluster
+    from .plan import Plan
+
+    plan = Plan.load(args.plan_file)
+    cluster = Cluster.from_dict(plan.cluster)
+    console = Console(width=max(100, Console().width))
+    _print_header(console, plan, cluster)
+    src = plan.model.source
+    console.print(f"model: {' '.join(src.flags()) if src else 'not recorded (a version-1 plan or a model from Python)'}"
+                  f" · fingerprint {plan.model.fingerprint} · made by {plan.solver.method} ({plan.solver.status})")
+    table = Table()
+    for col in ("stage", "ranks", "modules", "nodes", "recompute"):
+        table.add_column(col, justify="left" if col == "modules" else "right", overflow="fold")
+    for st in plan.stages:
+        ranks = f"{st.ranks[0]}..{st.ranks[-1]}" if len(st.ranks) > 1 else ", ".join(map(str, st.ranks))
+        table.add_row(str(st.index), ranks, ", ".join(st.modules), str(len(st.nodes)), "yes" if st.recompute else "")
+    console.print(table)
+    counts: dict[str, int] = {}
+    for strat in plan.sharding.values():
+        counts[strat] = counts.get(strat, 0) + 1
+    console.print("tensor sharding: " + (", ".join(f"{n} {k}" for k, n in sorted(counts.items())) + " nodes; the rest "
+                                         "replicated" if counts else "every node replicated"))
+    if plan.predicted is not None:
+        p = plan.predicted
+        console.print(f"predicted: step time {_fmt_time(p.step_time_s)} · MFU {p.mfu:.1%} · bubble "
+                      f"{p.bubble_fraction:.1%} · peak memory {_fmt_bytes(p.peak_memory_bytes)} of "
+                      f"{_fmt_bytes(p.memory_limit_bytes)}")
+    console.print(f"run it: torchrun --nproc-per-node {plan.mesh.world_size} -m partitioner.cli run --plan {args.plan_file}")
+    return 0
 
 
 # --------------------------------------------------------------------------------------
@@ -539,6 +625,8 @@ def cmd_inspect(args: argparse.Namespace) -> int:
             table.add_row(name, ZOO[name].about if name in ZOO else "plain nn.Module stack")
         console.print(table)
         console.print("cluster presets: " + ", ".join(PRESETS))
+        console.print("local-cpu:N is N processes on this machine over gloo (what `autopart run` under torchrun uses "
+                      "here); a TOML file describes any other cluster (docs/cluster.md)")
         return 0
     loaded = load_model(args.model, seq_len=args.seq_len, dtype=args.dtype or "bf16", config=parse_config_overrides(args.config))
     cap = capture(loaded.model, loaded.example_inputs, loaded.example_kwargs, name=loaded.name, batch_size=loaded.batch_size)
@@ -549,8 +637,11 @@ def cmd_inspect(args: argparse.Namespace) -> int:
         f"inputs {', '.join(str(tuple(s)) for s in cap.input_shapes)}; per sample of the example batch"
     )
     table = Table()
+    # Block names are what a user copies into --split-at: never cut them; the number columns give way.
+    longest = max((len(b.name) + len(" (layer)") for b in pg.blocks), default=5)
     for col in ("#", "block", "type", "params", "fwd FLOPs", "bwd FLOPs", "activations", "output", "nodes"):
-        table.add_column(col, justify="left" if col == "block" else "right")
+        table.add_column(col, justify="left" if col == "block" else "right",
+                         **(dict(min_width=longest, no_wrap=True) if col == "block" else {}))
     for b in pg.blocks:
         table.add_row(
             str(b.index), b.name + (" (layer)" if b.is_layer else ""), str(b.type_id), _fmt_count(b.param_count),

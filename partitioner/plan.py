@@ -399,7 +399,10 @@ class Plan:
             text = path.read_text()
         except OSError as exc:
             raise PlanError(f"cannot read plan file {str(path)!r}: {exc.strerror}") from None
-        return cls.from_json(text)
+        try:
+            return cls.from_json(text)
+        except PlanError as exc:  # name the file: `diff a.json b.json` must say which one is bad
+            raise PlanError(f"plan file {str(path)!r}: {exc}") from None
 
     @classmethod
     def from_dict(cls, data: Mapping[str, Any]) -> "Plan":

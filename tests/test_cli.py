@@ -377,3 +377,49 @@ def test_a_plan_runs_alone_and_run_json_is_never_overwritten(hf_plan, tmp_path):
     assert proc.returncode != 0 and "step 1/1" not in proc.stdout, "trained although --json exists"
     assert "run.json already exists; pass --force" in proc.stderr
     assert (tmp_path / "run.json").read_text() == first
+
+
+# --- explain and show a saved plan; wording --------------------------------------------------------
+
+
+def test_explain_a_saved_plan_needs_only_the_file(hf_plan, capsys):
+    rc, out, err = run(capsys, "explain", str(hf_plan))
+    assert rc == 0, err
+    text = flat(out)
+    assert "where the step time goes" in text and "bottleneck: pipeline rank" in text
+    assert "memory per device" in text and "hf:GPT2LMHeadModel" in text
+
+
+def test_show_prints_every_stage_module_and_how_to_run(hf_plan, capsys):
+    rc, out, err = run(capsys, "show", str(hf_plan))
+    assert rc == 0, err
+    text = flat(out)
+    for st in Plan.load(hf_plan).stages:
+        for module in st.modules:
+            assert module in text, module
+    assert "--model hf:GPT2LMHeadModel --config n_layer=2" in text
+    assert "torchrun --nproc-per-node 2 -m partitioner.cli run --plan" in text
+
+
+def test_local_cpu_header_names_its_link_once_and_marks_the_estimated_peak(hf_plan, capsys):
+    rc, out, err = run(capsys, "show", str(hf_plan))
+    assert rc == 0, err
+    assert flat(out).split(" method ")[0].count("gloo loopback") == 1
+    rc, out, err = run(capsys, "plan", "--cluster", "local-cpu:2", "--plan", str(hf_plan))
+    assert "(of an estimated peak)" in flat(out)
+
+
+def test_one_micro_batch_is_singular(capsys):
+    rc, out, err = run(capsys, "plan", "--model", "mlp", "--config", "width=8", "depth=2", "--cluster", "local-cpu:1",
+                       "--global-batch", "1", "--method", "uniform")
+    assert rc == 0, err
+    assert "1 micro-batch of 1" in flat(out) and "1 micro-batches" not in out
+
+
+def test_diff_names_the_bad_file(written, capsys, tmp_path):
+    path, _ = written
+    cut = tmp_path / "cut.json"
+    cut.write_text(path.read_text()[:200])
+    rc, out, err = run(capsys, "diff", str(path), str(cut))
+    assert_one_line_error(rc, err, str(cut), "not valid JSON")
+    assert str(path) not in err.replace(str(cut), "")

@@ -480,20 +480,26 @@ class _Search:
         rep = self.report
         limit = self.limit
         need = rep.memory_need_bytes if math.isfinite(rep.memory_need_bytes) else limit
-        if rep.attempts and need <= limit:
+        activations = bool(rep.attempts and need <= limit)
+        if activations:
             detail = (
                 f"every mesh that could hold the weights ran out of memory for activations "
                 f"({len(rep.attempts)} solved, all infeasible)"
             )
         else:
             detail = f"the weights, gradients and optimizer state alone need at least {_fmt_bytes(need)} per device"
-        per_node = self.ev.cluster.devices_per_node
+        cluster = self.ev.cluster
+        per_node = cluster.devices_per_node
         ratio = max(need, limit) / limit
         devices = int(math.ceil(self.world * ratio / per_node)) * per_node
+        # local-cpu is one machine: more processes, not more nodes. A smaller batch only helps activations.
+        more = (f"--cluster local-cpu:{devices}" if cluster.name == "local-cpu"
+                else f"--nodes {max(1, devices // per_node)}")
         return InfeasibleError(
-            f"no plan fits in {self.ev.cluster.device.name} memory ({_fmt_bytes(limit)} usable): {detail}; "
-            f"try at least {devices} devices (--nodes {max(1, devices // per_node)}), devices with "
-            f"{_fmt_bytes(need / (1 - self.ev.training.memory_reserve))}, --zero1, or a smaller --global-batch"
+            f"no plan fits in {cluster.device.name} memory ({_fmt_bytes(limit)} usable): {detail}; "
+            f"try at least {devices} devices ({more}), devices with "
+            f"{_fmt_bytes(need / (1 - self.ev.training.memory_reserve))}, "
+            + ("--zero1, --recompute, or a smaller --global-batch" if activations else "or --zero1")
         )
 
 
