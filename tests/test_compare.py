@@ -184,6 +184,7 @@ def test_profile_options_are_checked_before_any_work(capsys, tmp_path):
 
 
 @pytest.mark.skipif(not runtime_available(), reason=NO_RUNTIME)
+@pytest.mark.slow  # profiles, then two torchrun launches
 def test_measure_runs_each_plan_and_reports_error_and_spearman(capsys, tmp_path):
     # Two distinct plans (ilp: 1 x 4 micro-batches, uniform: 4 x 1), priced with measured costs.
     out = tmp_path / "m"
@@ -322,6 +323,7 @@ def test_matrix_file_errors_name_the_field(tmp_path):
         load_matrix(bad)
 
 
+@pytest.mark.slow  # ILP solves of several cases
 def test_matrix_runs_and_reports_the_headline(tmp_path, capsys):
     toml = tmp_path / "m.toml"
     toml.write_text(
