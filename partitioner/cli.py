@@ -17,6 +17,7 @@ from pathlib import Path
 from typing import Sequence
 
 from .errors import AutopartError, PlanError
+from .progress import Progress
 
 GIB = 1 << 30
 DEFAULT_MODEL = "gpt2"
@@ -66,6 +67,7 @@ def _common(p: argparse.ArgumentParser) -> None:
     g.add_argument("--config", nargs="+", default=[], metavar="KEY=VALUE", help="model config overrides, e.g. n_layer=4")
     g.add_argument("--seq-len", type=_positive_int, default=None, help="sequence length (default: the model's)")
     g.add_argument("--dtype", default=None, choices=("fp32", "tf32", "bf16", "fp16", "fp8"), help="compute dtype (default bf16; fp32 on a device without bf16, such as local-cpu)")
+    p.add_argument("--quiet", action="store_true", help="no progress on stderr (it is shown only on a terminal anyway)")
 
 
 def _cluster_args(p: argparse.ArgumentParser) -> None:
@@ -246,7 +248,6 @@ def main(argv: Sequence[str] | None = None) -> int:
 def cmd_plan(args: argparse.Namespace) -> int:
     from .cluster import load_cluster
     from .plan import Mesh, ModelSource, Plan
-    from .planner import plan_parallelism, score_plan
     from .zoo import load_model
 
     from .planner import ALL_METHODS as METHODS
@@ -302,33 +303,13 @@ def cmd_plan(args: argparse.Namespace) -> int:
         name=loaded.name,
         example_kwargs=loaded.example_kwargs,
     )
-    model: object = loaded.model
+    show = False if args.quiet else None  # progress on stderr when it is a terminal
+    model = _captured(loaded, show)
     if args.profile:
-        model, training["cost_model"] = _profiled(args, loaded, cluster, dtype, pins.get("tp"))
-    if plan_in is not None:
-        result = score_plan(
-            plan_in, model, loaded.example_inputs, cluster, name=loaded.name, batch_size=loaded.batch_size,
-            example_kwargs=loaded.example_kwargs, cost_model=training.get("cost_model"),
-        )
-    else:
-        result = plan_parallelism(
-            model,
-            loaded.example_inputs,
-            cluster,
-            global_batch=global_batch,
-            method=args.method,
-            pp=pins.get("pp"),
-            tp=pins.get("tp"),
-            dp=pins.get("dp"),
-            microbatches=args.microbatches,
-            schedule=args.schedule,
-            virtual_stages=args.virtual_stages,
-            recompute=args.recompute,
-            split_at=[s for s in args.split_at.split(",") if s] if args.split_at else None,
-            time_limit_s=args.time_limit or 30.0,
-            batch_size=loaded.batch_size,
-            **training,
-        )
+        training["cost_model"] = _profiled(args, model, cluster, dtype, pins.get("tp"), show)
+    with Progress(show) as progress:
+        progress.phase("search" if args.method == "ilp" and plan_in is None else "plan", detail=args.method)
+        result = _plan_or_score(args, plan_in, model, loaded, cluster, pins, global_batch, training, progress)
     plan_out = result.plan.with_source(source)
     print_plan(result, cluster)
     if args.explain:
@@ -341,6 +322,48 @@ def cmd_plan(args: argparse.Namespace) -> int:
         plan_out.save(json_path)
         print(f"wrote {json_path}")
     return 0
+
+
+def _captured(loaded, show: bool | None):
+    """Capture and coarsen ``loaded`` (the ``capture`` phase, with progress): its ``PartitionGraph``."""
+    from .capture import capture
+    from .graph import build_partition_graph
+
+    with Progress(show) as progress:
+        progress.phase("capture", detail=loaded.name)
+        cap = capture(loaded.model, loaded.example_inputs, loaded.example_kwargs, name=loaded.name,
+                      batch_size=loaded.batch_size)
+        return build_partition_graph(cap, loaded.model)
+
+
+def _plan_or_score(args, plan_in, model, loaded, cluster, pins, global_batch, training, progress):
+    """``plan``'s search (or, with ``--plan``, the re-scoring of the given plan)."""
+    from .planner import plan_parallelism, score_plan
+
+    if plan_in is not None:
+        return score_plan(
+            plan_in, model, loaded.example_inputs, cluster, name=loaded.name, batch_size=loaded.batch_size,
+            example_kwargs=loaded.example_kwargs, cost_model=training.get("cost_model"),
+        )
+    return plan_parallelism(
+        model,
+        loaded.example_inputs,
+        cluster,
+        global_batch=global_batch,
+        method=args.method,
+        pp=pins.get("pp"),
+        tp=pins.get("tp"),
+        dp=pins.get("dp"),
+        microbatches=args.microbatches,
+        schedule=args.schedule,
+        virtual_stages=args.virtual_stages,
+        recompute=args.recompute,
+        split_at=[s for s in args.split_at.split(",") if s] if args.split_at else None,
+        time_limit_s=args.time_limit or 30.0,
+        batch_size=loaded.batch_size,
+        progress=progress.search,
+        **training,
+    )
 
 
 def _model_source(args: argparse.Namespace, plan_in=None):
@@ -372,11 +395,12 @@ def _tp_degrees(cluster, pinned: int | None) -> tuple[int, ...]:
     return tuple(out)
 
 
-def _profile_options(args: argparse.Namespace, dtype: str, tp_degrees: tuple[int, ...], clock: str = "wall"):
+def _profile_options(args: argparse.Namespace, dtype: str, tp_degrees: tuple[int, ...], clock: str = "wall",
+                     show: bool | None = None):
     from .profile import ProfileOptions
 
     return ProfileOptions(device=args.device or "cpu", dtype=dtype, tp_degrees=tp_degrees,
-                          budget_s=args.profile_budget, clock=clock)
+                          budget_s=args.profile_budget, clock=clock, progress=show)
 
 
 def _print_profile_stats(prof, cache) -> None:
@@ -390,18 +414,14 @@ def _print_profile_stats(prof, cache) -> None:
     )
 
 
-def _profiled(args: argparse.Namespace, loaded, cluster, dtype: str, tp_pin: int | None):
-    """Capture, coarsen and profile for ``plan --profile``: the graph and the measured cost model."""
-    from .capture import capture
-    from .graph import build_partition_graph
+def _profiled(args: argparse.Namespace, pg, cluster, dtype: str, tp_pin: int | None, show: bool | None):
+    """Profile the captured model for ``plan --profile`` (its own progress bar): the measured cost model."""
     from .profile import ProfileCache, profile_for_planning
 
-    cap = capture(loaded.model, loaded.example_inputs, loaded.example_kwargs, name=loaded.name, batch_size=loaded.batch_size)
-    pg = build_partition_graph(cap, loaded.model)
     with ProfileCache(args.cache) as cache:
-        prof = profile_for_planning(pg, cluster, cache, _profile_options(args, dtype, _tp_degrees(cluster, tp_pin)))
+        prof = profile_for_planning(pg, cluster, cache, _profile_options(args, dtype, _tp_degrees(cluster, tp_pin), show=show))
         _print_profile_stats(prof, cache)
-    return pg, prof.cost_model
+    return prof.cost_model
 
 
 def _fmt_bytes(n: float) -> str:
@@ -567,18 +587,17 @@ def cmd_show(args: argparse.Namespace) -> int:
 def cmd_compare(args: argparse.Namespace, argv: Sequence[str] | None = None) -> int:
     import shlex
 
-    from rich.console import Console
-
     from .compare import compare, print_tables
 
     words = list(sys.argv[1:] if argv is None else argv)
-    err = Console(stderr=True)
-    comparison = compare(
-        **{k: v for k, v in vars(args).items() if k != "command"},
-        command="autopart " + shlex.join(words),
-        # Progress only for a person watching: in scripts and CI, stderr stays the one-line error.
-        progress=(lambda msg: err.print(f"[dim]{msg}[/dim]")) if err.is_terminal else None,
-    )
+    # Progress only for a person watching: in scripts and CI, stderr stays the one-line error.
+    with Progress(False if args.quiet else None) as progress:
+        progress.phase("compare")
+        comparison = compare(
+            **{k: v for k, v in vars(args).items() if k != "command"},
+            command="autopart " + shlex.join(words),
+            progress=progress.note if progress.enabled else None,
+        )
     print_tables(comparison)
     if args.out:
         print(f"wrote {Path(args.out) / 'report.md'} with its pictures, results.json and plans/")
@@ -629,8 +648,8 @@ def cmd_inspect(args: argparse.Namespace) -> int:
                       "here); a TOML file describes any other cluster (docs/cluster.md)")
         return 0
     loaded = load_model(args.model, seq_len=args.seq_len, dtype=args.dtype or "bf16", config=parse_config_overrides(args.config))
-    cap = capture(loaded.model, loaded.example_inputs, loaded.example_kwargs, name=loaded.name, batch_size=loaded.batch_size)
-    pg = build_partition_graph(cap, loaded.model)
+    pg = _captured(loaded, False if args.quiet else None)
+    cap = pg.captured
     console.print(
         f"[bold]{cap.name}[/bold]: {_fmt_count(cap.param_count)} params, {len(cap.nodes)} graph nodes "
         f"(traced with {cap.tracer}), {len(pg.blocks)} blocks of {len(pg.block_types())} types; "
@@ -703,10 +722,11 @@ def cmd_profile(args: argparse.Namespace) -> int:
     dtype = args.dtype or _default_dtype(cluster)
     tps = tuple(_parse_tp(args.tp)) if args.tp else ()
     loaded = load_model(args.model, seq_len=args.seq_len, dtype=dtype, config=parse_config_overrides(args.config))
-    cap = capture(loaded.model, loaded.example_inputs, loaded.example_kwargs, name=loaded.name, batch_size=loaded.batch_size)
-    pg = build_partition_graph(cap, loaded.model)
+    show = False if args.quiet else None
+    pg = _captured(loaded, show)
+    cap = pg.captured
     with ProfileCache(args.cache) as cache:
-        prof = profile_for_planning(pg, cluster, cache, _profile_options(args, dtype, tps, args.clock))
+        prof = profile_for_planning(pg, cluster, cache, _profile_options(args, dtype, tps, args.clock, show=show))
         _print_profile_stats(prof, cache)
     rows = fidelity(pg, prof.result, cluster, prof.calibration, dtype) if args.report or json_path else []
     if args.report:

@@ -239,6 +239,7 @@ def test_console_script_plans_and_writes_json(tmp_path):
     )
     assert proc.returncode == 0, proc.stderr
     assert "step time" in proc.stdout and "MFU" in proc.stdout and "Traceback" not in proc.stderr
+    assert "search" not in proc.stderr and "capture" not in proc.stderr, "progress in a pipe"
     assert Plan.load(out_path).model.name == "gpt2-tiny"
 
 
@@ -423,3 +424,45 @@ def test_diff_names_the_bad_file(written, capsys, tmp_path):
     rc, out, err = run(capsys, "diff", str(path), str(cut))
     assert_one_line_error(rc, err, str(cut), "not valid JSON")
     assert str(path) not in err.replace(str(cut), "")
+
+
+# --- progress: on a terminal, on stderr; never in a pipe or with --quiet ---------------------------
+
+
+def _in_a_terminal(*argv: str) -> tuple[int, str, str]:
+    """Run autopart with stderr on a pseudo-terminal and stdout on a pipe: (rc, stdout, what the terminal got)."""
+    import pty
+
+    env = dict(os.environ, TERM="xterm-256color", COLUMNS="160",
+               PYTHONPATH=os.pathsep.join(filter(None, [str(Path(__file__).resolve().parents[1]), os.environ.get("PYTHONPATH")])))
+    master, slave = pty.openpty()
+    proc = subprocess.Popen([sys.executable, "-m", "partitioner", *argv], stdout=subprocess.PIPE, stderr=slave, env=env)
+    os.close(slave)
+    chunks = []
+    while True:
+        try:
+            data = os.read(master, 1 << 16)
+        except OSError:  # the terminal closed: the process ended
+            break
+        if not data:
+            break
+        chunks.append(data)
+    out = proc.stdout.read().decode()
+    proc.wait(timeout=300)
+    os.close(master)
+    return proc.returncode, out, b"".join(chunks).decode(errors="replace")
+
+
+@pytest.mark.slow  # two fresh interpreters
+def test_progress_is_shown_on_a_terminal_and_absent_with_quiet():
+    """In a pipe there is none either: test_console_script_plans_and_writes_json checks that."""
+    argv = ["plan", "--model", "mlp", "--config", "width=16", "depth=4", "--cluster", "local-cpu:2", "--global-batch", "4"]
+    rc, out, term = _in_a_terminal(*argv)
+    assert rc == 0 and "step time" in out
+    text = re.sub(r"\x1b\[[0-9;?]*[A-Za-z]", "", term)  # the terminal's escape codes
+    for phase in ("capture", "search"):
+        assert phase in text, text[-2000:]
+    assert re.search(r"\d+/\d+", text) and "best " in text and "bound " in text, text[-2000:]
+    assert "step time" not in text, "the plan itself goes to stdout, not the progress display"
+    rc, out, term = _in_a_terminal(*argv, "--quiet")
+    assert rc == 0 and "step time" in out and "search" not in term

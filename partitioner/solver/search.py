@@ -49,6 +49,7 @@ from ..baselines import Pins, linear_partition
 from ..errors import AutopartError, InfeasibleError, PlanError
 from ..evaluate import Evaluator, StageSpec
 from ..plan import Mesh, Plan, Schedule
+from ..progress import SearchCallback, SearchStatus
 from ..sharding import sharded_params
 from ..simulate import SimResult
 from .pipeline_ilp import EVENTS_MAX, BlockData, SharedParam, StageProblem, StageSolution, schedule_inflight, solve_stages
@@ -131,8 +132,9 @@ class IlpResult:
 
 
 class _Search:
-    def __init__(self, ev: Evaluator, pins: Pins, time_limit_s: float) -> None:
+    def __init__(self, ev: Evaluator, pins: Pins, time_limit_s: float, progress: SearchCallback | None = None) -> None:
         self.ev = ev
+        self.progress = progress
         self.pins = pins
         self.time_limit_s = time_limit_s
         self.started = time.perf_counter()
@@ -429,7 +431,24 @@ class _Search:
             bounded.append((b[1], replace(c, lower_bound_s=b[0])))
         bounded.sort(key=lambda kc: (kc[0], kc[1].describe()))
         open_bounds: list[float] = []
+        # For progress: the least lower bound among the candidates from idx on (the global bound is
+        # the least of it, the open bounds and the incumbent).
+        rest = [math.inf] * (len(bounded) + 1)
+        for i in range(len(bounded) - 1, -1, -1):
+            rest[i] = min(rest[i + 1], bounded[i][1].lower_bound_s)
+
+        def report(done: int) -> None:
+            if self.progress is None:
+                return
+            found = best[0].predicted.step_time_s if best else None
+            bound = min([rest[done], *open_bounds, *([found] if found is not None else [])])
+            self.progress(SearchStatus(rep.pruned_memory + done, len(cands), found,
+                                       bound if math.isfinite(bound) else None))
+
+        report(0)
         for idx, (_, c) in enumerate(bounded):
+            if idx:
+                report(idx)
             incumbent = best[0].predicted.step_time_s if best else math.inf
             if c.lower_bound_s >= incumbent:
                 rep.pruned_bound += 1
@@ -460,6 +479,7 @@ class _Search:
                 best = (plan, sim)
                 best_ilp = sol.objective_s
         rep.wall_s = time.perf_counter() - self.started
+        report(len(bounded))
         if best is None:
             raise self.infeasible()
         plan, sim = best
@@ -508,6 +528,10 @@ def _fmt_bytes(n: float) -> str:
     return f"{n / (1 << 30):.1f} GiB" if n >= 1 << 30 else f"{n / (1 << 20):.2f} MiB"
 
 
-def plan_ilp(ev: Evaluator, pins: Pins = Pins(), time_limit_s: float = 30.0) -> IlpResult:
-    """The ILP planner: the plan with the lowest predicted step time that fits (see module docstring)."""
-    return _Search(ev, pins, time_limit_s).run()
+def plan_ilp(
+    ev: Evaluator, pins: Pins = Pins(), time_limit_s: float = 30.0, progress: SearchCallback | None = None
+) -> IlpResult:
+    """The ILP planner: the plan with the lowest predicted step time that fits (see module docstring).
+
+    ``progress`` is called with a ``SearchStatus`` after each candidate (partitioner/progress.py)."""
+    return _Search(ev, pins, time_limit_s, progress).run()
