@@ -536,7 +536,8 @@ def cmd_explain(args: argparse.Namespace) -> int:
     source = _model_source(args, plan)
     loaded = load_model(source.spec, seq_len=source.seq_len, dtype=plan.training.dtype, config=source.config)
     plan.check_matches(model_fingerprint(loaded.model), given=ModelSource(source.spec, source.config, loaded.seq_len))
-    result = score_plan(plan, loaded.model, loaded.example_inputs, cluster, name=loaded.name,
+    pg = _captured(loaded, False if args.quiet else None)
+    result = score_plan(plan, pg, loaded.example_inputs, cluster, name=loaded.name,
                         batch_size=loaded.batch_size, example_kwargs=loaded.example_kwargs)
     print_plan(result, cluster)
     print_explanation(result)
