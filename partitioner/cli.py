@@ -657,8 +657,10 @@ def cmd_inspect(args: argparse.Namespace) -> int:
         f"inputs {', '.join(str(tuple(s)) for s in cap.input_shapes)}; per sample of the example batch"
     )
     table = Table()
-    # Block names are what a user copies into --split-at: never cut them; the number columns give way.
+    # Block names are what a user copies into --split-at: never cut them. The eight number columns
+    # need about 90 characters beside them, so the table is as wide as that takes.
     longest = max((len(b.name) + len(" (layer)") for b in pg.blocks), default=5)
+    console = Console(width=max(console.width, longest + 95))
     for col in ("#", "block", "type", "params", "fwd FLOPs", "bwd FLOPs", "activations", "output", "nodes"):
         table.add_column(col, justify="left" if col == "block" else "right",
                          **(dict(min_width=longest, no_wrap=True) if col == "block" else {}))

@@ -466,3 +466,10 @@ def test_progress_is_shown_on_a_terminal_and_absent_with_quiet():
     assert "step time" not in text, "the plan itself goes to stdout, not the progress display"
     rc, out, term = _in_a_terminal(*argv, "--quiet")
     assert rc == 0 and "step time" in out and "search" not in term
+
+
+def test_inspect_never_cuts_block_names(capsys):
+    rc, out, err = run(capsys, "inspect", "--model", "llama-tiny")
+    assert rc == 0, err
+    assert "model.embed_tokens" in out and "…" not in out
+    assert "fwd FLOPs" in out  # and the number columns keep their headers on one line
