@@ -40,7 +40,7 @@ import torch.fx as fx
 from torch.utils._pytree import tree_flatten, tree_map
 from torch.utils.flop_counter import FlopCounterMode
 
-from .errors import CaptureError
+from .errors import CaptureError, one_line
 
 __all__ = ["TensorMeta", "NodeInfo", "ParamInfo", "CapturedModel", "capture"]
 
@@ -355,15 +355,14 @@ def _trace_fx(model: torch.nn.Module, args: tuple, kwargs: dict) -> fx.GraphModu
 
 
 def _describe_failure(exc: BaseException) -> str:
-    """One line: the exception's first line plus the innermost frame in the user's code."""
-    msg = (str(exc).strip().splitlines() or [type(exc).__name__])[0][:300]
+    """One line: the exception's first line (or its cause's) plus the innermost frame in the user's code."""
     where = ""
     for frame in reversed(traceback.extract_tb(exc.__traceback__)):
         fn = frame.filename.replace("\\", "/")
         if "/torch/" not in fn and "/partitioner/" not in fn:
             where = f" (at {fn}:{frame.lineno}: {(frame.line or '').strip()[:120]})"
             break
-    return f"{type(exc).__name__}: {msg}{where}"
+    return f"{one_line(exc)}{where}"
 
 
 # --------------------------------------------------------------------------------------

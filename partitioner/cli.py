@@ -16,7 +16,7 @@ import sys
 from pathlib import Path
 from typing import Sequence
 
-from .errors import AutopartError, PlanError
+from .errors import AutopartError, PlanError, one_line
 from .progress import Progress
 
 GIB = 1 << 30
@@ -232,7 +232,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         if os.environ.get("AUTOPART_DEBUG"):
             raise
         print(
-            f"autopart: internal error: {type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''} "
+            f"autopart: internal error: {one_line(exc)} "
             "(set AUTOPART_DEBUG=1 for the traceback and please report it)",
             file=sys.stderr,
         )

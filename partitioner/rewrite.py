@@ -41,6 +41,7 @@ import torch.fx as fx
 from torch.utils._pytree import TreeSpec
 
 from .capture import disable_hf_cache
+from .dtensor_ops import Unshardable, check_shardable, is_check_or_query, mutated_in_place, run_check
 from .errors import PlanError
 from .plan import Plan
 
@@ -62,6 +63,7 @@ class StageProgram:
     sharding: Mapping[str, str]  # runtime node name -> tp strategy (the plan's, translated)
     input_specs: tuple[tuple[tuple[int, ...], torch.dtype], ...] = ()  # (shape, dtype) of each input
     output_specs: tuple[tuple[tuple[int, ...], torch.dtype], ...] = ()  # (shape, dtype) of each output
+    replicated: tuple[Unshardable, ...] = ()  # nodes the plan splits that run replicated ([Note: ops DTensor cannot shard])
 
 
 @dataclass(frozen=True)
@@ -167,6 +169,20 @@ def split_model(
         mine = [n for n in compute if stage_of[n.name] == k]
         module, owned = _build_stage(model, graph, canon, inputs, mine, outputs, out_node)
         outs = outputs if outputs is not None else tuple(a.name for a in out_node.all_input_nodes)
+        stage_sharding = {n.name: sharding[n.name] for n in mine if n.name in sharding}
+        replicated = check_shardable(module.graph.nodes, stage_sharding) if plan.mesh.tp > 1 else ()
+        for u in replicated:
+            stage_sharding[u.node] = "replicate"
+        if replicated:
+            import warnings
+
+            warnings.warn(
+                f"tp: stage {k} runs {len(replicated)} op(s) replicated that DTensor cannot shard: "
+                + "; ".join(u.describe() for u in replicated[:3])
+                + ("; ..." if len(replicated) > 3 else "")
+                + " (correct, but each gathers its inputs; see docs/runtime.md)",
+                stacklevel=2,
+            )
         stages.append(
             StageProgram(
                 index=k,
@@ -175,9 +191,10 @@ def split_model(
                 outputs=outputs if outputs is not None else tuple(a.name for a in out_node.all_input_nodes),
                 params=tuple(p for p in owned if p in params),
                 nodes=tuple(n.name for n in mine),
-                sharding={n.name: sharding[n.name] for n in mine if n.name in sharding},
+                sharding=stage_sharding,
                 input_specs=tuple(_spec(by_name[v]) for v in inputs),
                 output_specs=tuple(_spec(by_name[v]) for v in outs),
+                replicated=replicated,
             )
         )
     readers: dict[str, list[int]] = {}
@@ -458,6 +475,8 @@ class _TPInterpreter(fx.Interpreter):
             return result
         strat = self.owner.sharding.get(n.name, "replicate")
         args, kwargs = self.fetch_args_kwargs_from_env(n)
+        if is_check_or_query(n.target):  # [Note: checks and queries under DTensor] in dtensor_ops.py
+            return run_check(n.target, args, kwargs)
         if strat == "vocab":
             return self._vocab_embedding(n, args, kwargs)
         if strat == "sharded" and "scaled_dot_product" in str(n.target):
@@ -469,7 +488,7 @@ class _TPInterpreter(fx.Interpreter):
             if strat == "row":
                 args = self._split_activation(n, args)
         out = getattr(self, n.op)(n.target, args, kwargs)
-        return _contiguous_grads(out) if strat != "replicate" else out
+        return _contiguous_grads(out, copy=mutated_in_place(n)) if strat != "replicate" else out
 
     def _vocab_embedding(self, n: fx.Node, args: tuple, kwargs: dict) -> Any:
         """Vocabulary-parallel lookup: each rank looks up the ids in its rows, zero elsewhere; the
@@ -544,22 +563,25 @@ class _ContiguousGrad(torch.autograd.Function):
 
     DTensor's backward of a resharding can hand a strided local shard to the
     next op's backward, whose ``view`` then fails (seen with GPT-2's fused QKV
-    split on a sharded dim); every sharded node's output passes through this."""
+    split on a sharded dim); every sharded node's output passes through this.
+    ``copy``: return a copy rather than a view, for an output a later op writes
+    in place (autograd forbids writing into a custom Function's view; Mixtral's
+    router divides its top-k weights in place)."""
 
     @staticmethod
-    def forward(ctx: Any, x: torch.Tensor) -> torch.Tensor:
-        return x.view_as(x)
+    def forward(ctx: Any, x: torch.Tensor, copy: bool) -> torch.Tensor:
+        return x.clone() if copy else x.view_as(x)
 
     @staticmethod
-    def backward(ctx: Any, grad: torch.Tensor) -> torch.Tensor:
-        return grad.contiguous()
+    def backward(ctx: Any, grad: torch.Tensor) -> tuple[torch.Tensor, None]:
+        return grad.contiguous(), None
 
 
-def _contiguous_grads(tree: Any) -> Any:
+def _contiguous_grads(tree: Any, copy: bool = False) -> Any:
     from torch.utils._pytree import tree_map
 
     return tree_map(
-        lambda x: _ContiguousGrad.apply(x) if isinstance(x, torch.Tensor) and x.requires_grad else x, tree
+        lambda x: _ContiguousGrad.apply(x, copy) if isinstance(x, torch.Tensor) and x.requires_grad else x, tree
     )
 
 

@@ -59,7 +59,7 @@ import torch.distributed as dist
 from torch.utils._pytree import tree_unflatten
 
 from .cluster import Cluster
-from .errors import AutopartError, PlanError
+from .errors import AutopartError, PlanError, one_line
 from .plan import Plan
 from .materialize import has_meta_tensors, materialize, release
 from .rewrite import SplitModel, TensorParallelModule, _lookup, _set_tensor, microbatch_inputs, split_model
@@ -651,7 +651,7 @@ class _Watchdog:
         return f"stage{'s' if len(stages) > 1 else ''} {', '.join(map(str, stages))}"
 
     def abort(self, stages: Sequence[int], exc: BaseException) -> None:
-        msg = f"rank {self.rank} ({self.stages_of(self.rank)}) failed: {type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''}"
+        msg = f"rank {self.rank} ({self.stages_of(self.rank)}) failed: {one_line(exc)}"
         try:
             self.store.set(f"{self.prefix}abort", msg[:500])
         except Exception:

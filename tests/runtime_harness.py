@@ -43,6 +43,22 @@ MODELS = {
 }
 SEQ = 8
 
+# More decoder families for tensor parallelism (tests/test_runtime_families.py): tiny configs with
+# random weights, each exercising a different block shape. Kept apart from MODELS so that the
+# layouts of test_runtime.py do not pay for them.
+_DECODER = dict(num_hidden_layers=2, hidden_size=64, intermediate_size=128, num_attention_heads=4,
+                num_key_value_heads=2, vocab_size=96, max_position_embeddings=32)
+FAMILIES = {
+    "hf:Qwen2ForCausalLM": _DECODER,  # grouped-query attention, q/k/v biases
+    "hf:MistralForCausalLM": dict(_DECODER, sliding_window=4),  # sliding-window mask (window < SEQ)
+    "hf:MixtralForCausalLM": dict(_DECODER, num_local_experts=4, num_experts_per_tok=2,
+                                  router_jitter_noise=0.0),  # MoE routing: top-2 of 4 experts
+    "hf:GPTNeoXForCausalLM": dict(num_hidden_layers=2, hidden_size=64, intermediate_size=128,
+                                  num_attention_heads=4, vocab_size=96, max_position_embeddings=32,
+                                  use_parallel_residual=True, hidden_dropout=0.0,
+                                  attention_dropout=0.0),  # attention and MLP in parallel
+}
+
 
 def free_port() -> int:
     with socket.socket() as s:
@@ -93,7 +109,8 @@ def build(name: str, seed: int = 0, device: str = "cpu"):
     from partitioner.zoo import load_model
 
     torch.manual_seed(seed)
-    lm = load_model(name, config=MODELS[name], seq_len=None if name == "mlp" else SEQ, device=device)
+    config = MODELS[name] if name in MODELS else FAMILIES[name]
+    lm = load_model(name, config=config, seq_len=None if name == "mlp" else SEQ, device=device)
     model = lm.model.train()
     if name == "mlp":
         def loss_fn(out, y):
@@ -103,7 +120,7 @@ def build(name: str, seed: int = 0, device: str = "cpu"):
             g = torch.Generator().manual_seed(s)
             return (torch.randn(b, 32, generator=g),), torch.randn(b, 32, generator=g)
     else:
-        vocab = MODELS[name]["vocab_size"]
+        vocab = config["vocab_size"]
 
         def loss_fn(out, y):
             logits = out.logits
@@ -120,10 +137,13 @@ def _rel(a, b, floor: float) -> float:
 
 
 def job_equivalence(args: dict[str, Any]) -> dict[str, Any]:
-    """``{"layouts": {name: pins}, "models": [...], "meta_models": {layout: [...]}}``: every layout of
-    this world size in one process group, one after the other; ``{layout: {model: report}}``."""
+    """``{"layouts": {name: pins}, "models": [...], "layout_models": {layout: [...]}, "meta_models":
+    {layout: [...]}}``: every layout of this world size in one process group, one after the other, each
+    on ``layout_models[layout]`` if given, else ``models``; ``{layout: {model: report}}``. A layout's
+    pins may name the planner (``method``, default ``params``)."""
     return {
-        name: _equivalence(pins, args["models"], args.get("meta_models", {}).get(name, ()))
+        name: _equivalence(pins, args.get("layout_models", {}).get(name, args["models"]),
+                           args.get("meta_models", {}).get(name, ()))
         for name, pins in args["layouts"].items()
     }
 
@@ -145,8 +165,9 @@ def _equivalence(layout: dict[str, Any], models: list[str], meta_models: list[st
         else:
             ref = copy.deepcopy(model)
         opt = lambda ps: torch.optim.SGD(ps, lr=0.1, momentum=0.9)  # noqa: E731
-        pm = auto_parallelize(model, example_inputs=example, loss_fn=loss_fn, method="params",
-                              optimizer=opt, **layout)
+        pins = {k: v for k, v in layout.items() if k != "method"}  # the planner: "params" unless the layout says
+        pm = auto_parallelize(model, example_inputs=example, loss_fn=loss_fn, method=layout.get("method", "params"),
+                              optimizer=opt, **pins)
         gb = pm.plan.training.global_batch
         inputs, target = batch(gb, 1)
         loss = pm.step(*inputs, target=target)
