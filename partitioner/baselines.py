@@ -32,7 +32,7 @@ __all__ = ["METHODS", "Pins", "plan_baseline", "linear_partition", "uniform_part
 METHODS = ("uniform", "params", "pipedream", "megatron")
 
 
-@dataclass(frozen=True, slots=True)
+@dataclass(frozen=True, slots=True, kw_only=True)
 class Pins:
     """Choices the user fixed; None means the planner decides."""
 

@@ -24,6 +24,23 @@ the example inputs (``CapturedModel.batch_size`` samples). The cost model
 scales them linearly to a micro-batch; that is exact for every op in a
 transformer except ops whose cost does not depend on the batch (e.g. building
 a causal mask), which are small.
+
+[Note: stable node keys]
+FX node names come from per-op counters over the whole graph (``addmm_7``), so
+an op that exists only at some batch sizes, or a torch version that traces a
+little differently, renames every later node. Plans therefore name nodes by a
+*key* recorded at capture: the FQN of the innermost module that owns the node,
+its op, and its occurrence among the nodes of that module with that op, in
+graph order: ``transformer.h.1.mlp.c_fc/aten.addmm.default#0`` (the root
+module's FQN is empty: ``/aten.view.default#0``). A key changes only where the
+module itself runs different ops. The same model gives the same keys at any
+sequence length and at any batch size above 1. At batch 1 torch leaves out
+ops that broadcast a size-1 dimension to the batch (an ``expand`` of a mask),
+so a batch-1 graph lacks those nodes, and the nodes of the same op after them
+in that module count one lower; the rewriter runs a node the plan does not
+name with its latest producer (see [Note: matching the plan's nodes] in
+rewrite.py). ``node_keys`` computes the keys; capture and the rewriter both
+call it.
 """
 
 from __future__ import annotations
@@ -33,6 +50,7 @@ import inspect
 import json
 import traceback
 from dataclasses import dataclass, field
+from functools import cached_property
 from typing import Any, Callable, Iterable, Mapping, Sequence
 
 import torch
@@ -42,7 +60,7 @@ from torch.utils.flop_counter import FlopCounterMode
 
 from .errors import CaptureError, one_line
 
-__all__ = ["TensorMeta", "NodeInfo", "ParamInfo", "CapturedModel", "capture"]
+__all__ = ["TensorMeta", "NodeInfo", "ParamInfo", "CapturedModel", "capture", "node_keys"]
 
 
 @dataclass(frozen=True, slots=True)
@@ -77,6 +95,7 @@ class NodeInfo:
     is_view: bool = False  # produces an alias of an input (view, transpose, getitem): no kernel, no traffic
     variant: str = ""  # arguments that change the kernel, e.g. "dropout,mask" for attention; see op_label
     needs_grad: bool = True  # a trainable parameter flows into its (float) output, so backward runs it
+    key: str = ""  # stable key, ``module/op#occurrence``: what a Plan names it by; see [Note: stable node keys]
 
     @property
     def op_label(self) -> str:
@@ -123,6 +142,11 @@ class CapturedModel:
     fingerprint: str  # identifies the model's architecture: class, parameter names, shapes, dtypes
     warnings: tuple[str, ...] = field(default=())  # things the user may want to know (ops we could not count)
     param_nodes: Mapping[str, str] = field(default_factory=dict)  # placeholder/get_attr node -> canonical param FQN
+
+    @cached_property
+    def node_of_key(self) -> Mapping[str, str]:
+        """Stable key -> FX node name (see [Note: stable node keys])."""
+        return {n.key: n.name for n in self.nodes.values()}
 
     @property
     def param_count(self) -> int:
@@ -224,6 +248,24 @@ def capture(
         warnings=tuple(annot.warnings),
         param_nodes=dict(annot.param_nodes),
     )
+
+
+def node_keys(nodes: Iterable[fx.Node]) -> dict[str, str]:
+    """Node name -> its stable key ``module/op#occurrence``, over ``nodes`` in graph order.
+
+    See [Note: stable node keys]. The module is the innermost entry of the
+    node's ``nn_module_stack`` ("" for the root), the op its printable target.
+    """
+    seen: dict[tuple[str, str], int] = {}
+    out: dict[str, str] = {}
+    for n in nodes:
+        stack = n.meta.get("nn_module_stack") or {}
+        module = list(stack.values())[-1][0] if stack else ""
+        base = (module, _target_name(n))
+        k = seen.get(base, 0)
+        seen[base] = k + 1
+        out[n.name] = f"{module}/{base[1]}#{k}"
+    return out
 
 
 def model_fingerprint(model: torch.nn.Module, params: Mapping[str, ParamInfo] | None = None) -> str:
@@ -452,6 +494,7 @@ class _Annotator:
         self._uncounted: set[str] = set()
 
     def run(self) -> dict[str, NodeInfo]:
+        self.keys = node_keys(self.gm.graph.nodes)
         param_nodes: dict[str, str] = {}  # node name -> canonical param FQN
         for node in self.gm.graph.nodes:
             if node.op == "placeholder" and node.name in self.param_of_placeholder:
@@ -525,6 +568,7 @@ class _Annotator:
             is_view=_is_view(node),
             variant=_kernel_variant(node),
             needs_grad=node.name in self.grad_nodes,
+            key=self.keys[node.name],
         )
 
     def _module_params(self, node: fx.Node) -> dict[str, torch.Tensor]:

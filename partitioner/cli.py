@@ -557,7 +557,7 @@ def cmd_show(args: argparse.Namespace) -> int:
     console = Console(width=max(100, Console().width))
     _print_header(console, plan, cluster)
     src = plan.model.source
-    console.print(f"model: {' '.join(src.flags()) if src else 'not recorded (a version-1 plan or a model from Python)'}"
+    console.print(f"model: {' '.join(src.flags()) if src else 'not recorded (a version-2 plan or a model from Python)'}"
                   f" · fingerprint {plan.model.fingerprint} · made by {plan.solver.method} ({plan.solver.status})")
     table = Table()
     for col in ("stage", "ranks", "modules", "nodes", "recompute"):
@@ -683,10 +683,10 @@ def cmd_inspect(args: argparse.Namespace) -> int:
         console.print(f"[yellow]note:[/yellow] {w}")
     if args.nodes_table:
         nt = Table()
-        for col in ("node", "target", "module", "shape", "fwd FLOPs", "params"):
+        for col in ("node", "key (in plans)", "shape", "fwd FLOPs", "params"):
             nt.add_column(col)
         for n in cap.compute_nodes():
-            nt.add_row(n.name, n.target, n.module, str(n.outputs[0].shape) if n.outputs else "", _fmt_count(n.forward_flops), ", ".join(n.params))
+            nt.add_row(n.name, n.key, str(n.outputs[0].shape) if n.outputs else "", _fmt_count(n.forward_flops), ", ".join(n.params))
         console.print(nt)
     return 0
 

@@ -422,8 +422,13 @@ def run_case(
         )
     pins_mesh = Mesh.parse(case.mesh) if case.mesh else {}
     pins = Pins(
-        pins_mesh.get("pp"), pins_mesh.get("tp"), pins_mesh.get("dp"), case.microbatches, case.schedule,
-        case.virtual_stages, case.recompute,
+        pp=pins_mesh.get("pp"),
+        tp=pins_mesh.get("tp"),
+        dp=pins_mesh.get("dp"),
+        microbatches=case.microbatches,
+        schedule=case.schedule,
+        virtual_stages=case.virtual_stages,
+        recompute=case.recompute,
     )
     captures = captures or CaptureCache()
     say(f"{case.title}: capturing {case.model}")

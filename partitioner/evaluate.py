@@ -23,7 +23,7 @@ from .capture import CapturedModel
 from .cluster import Cluster
 from .errors import PlanError
 from .graph import Block, PartitionGraph
-from .plan import Mesh, ModelRef, Plan, Predicted, Schedule, SolverInfo, Stage, StagePredicted, Training
+from .plan import Mesh, ModelRef, Plan, Predicted, Schedule, SolverInfo, Stage, StageComponents, StagePredicted, Training
 from .sharding import BlockLayoutCosts, sharded_params
 from .simulate import SimResult, StageCost, simulate
 
@@ -185,14 +185,16 @@ class Evaluator:
     def score(self, plan: Plan) -> tuple[Plan, SimResult]:
         """Re-price a plan (e.g. hand-written or loaded from JSON) on this evaluator's model and cluster."""
         plan.check_matches(self.captured.fingerprint)
-        unknown = [n for n in plan.sharding if n not in self.captured.nodes]
+        node_of_key = self.captured.node_of_key
+        unknown = [k for k in plan.sharding if k not in node_of_key]
         if unknown:
             import difflib
 
-            near = difflib.get_close_matches(unknown[0], list(self.captured.nodes), n=1)
+            near = difflib.get_close_matches(unknown[0], list(node_of_key), n=1)
             hint = f" (did you mean {near[0]!r}?)" if near else ""
             raise PlanError(
-                f"sharding names node {unknown[0]!r}{hint}, which is not in the graph of {self.captured.name}"
+                f"sharding names node {unknown[0]!r}{hint}, which is not a node key of {self.captured.name} "
+                "(keys are module/op#occurrence, listed by autopart inspect --nodes-table)"
                 + (f" ({len(unknown)} unknown in all)" if len(unknown) > 1 else "")
             )
         specs = [
@@ -202,7 +204,7 @@ class Evaluator:
             specs,
             plan.mesh,
             plan.schedule,
-            sharding=plan.sharding,
+            sharding={node_of_key[k]: v for k, v in plan.sharding.items()},
             method=plan.solver.method,
             status=plan.solver.status,
             objective=plan.solver.objective,
@@ -245,11 +247,60 @@ class Evaluator:
                     "which is placed in a later stage; stages must follow the graph order"
                 )
 
+    def components(
+        self, stages: Sequence[StageSpec], mesh: Mesh, schedule: Schedule, sharding: Mapping[str, str],
+        costs: Sequence[StageCost], sim: SimResult,
+    ) -> list[StageComponents]:
+        """Split the simulated step into its components, per stage (see [Note: where idle time goes]).
+
+        Work (forward, backward, recomputation, tp collectives) is the stage's
+        own per micro-batch figures times ``M``; idle time is what the simulator
+        recorded before the stage's actions; the rank's exposed reduction is
+        shared by its stages by size, and the rank's wait for the slowest rank
+        at the end of the step goes to the bubble of its last action's stage.
+        The components of a rank's stages add up to the step time.
+        """
+        pp, M = mesh.pp, schedule.microbatches
+        K = len(stages)
+        last_end = [0.0] * pp
+        last_stage = list(range(pp))
+        for e in sim.events:  # rank-major, each rank in execution order
+            last_end[e.rank], last_stage[e.rank] = e.end_s, e.action.stage
+        tail = [0.0] * K
+        exposed_share = [0.0] * K
+        for r in range(pp):
+            mine = range(r, K, pp)
+            tail[last_stage[r]] = max(0.0, sim.step_time_s - last_end[r] - sim.dp_exposed_s[r])
+            reduce_total = sum(costs[s].dp_reduce_s for s in mine)
+            for s in mine:
+                if reduce_total > 0:
+                    exposed_share[s] = sim.dp_exposed_s[r] * costs[s].dp_reduce_s / reduce_total
+        out = []
+        for s, spec in enumerate(stages):
+            work = [self.block_cost(self.pgraph.blocks[b], schedule.micro_batch_size, mesh.tp, sharding) for b in spec.blocks]
+            cf = sum(c.compute.forward_s for c in work)
+            cb = sum(c.compute.backward_s for c in work)
+            tf = sum(c.tp_comm.forward_s for c in work)
+            tb = sum(c.tp_comm.backward_s for c in work)
+            out.append(
+                StageComponents(
+                    forward_s=M * cf,
+                    backward_s=M * cb,
+                    recompute_s=M * (cf + tf) if spec.recompute else 0.0,
+                    tp_comm_s=M * (tf + tb),
+                    p2p_s=sim.transfer_wait_s[s],
+                    dp_reduce_s=exposed_share[s],
+                    bubble_s=sim.wait_s[s] - sim.transfer_wait_s[s] + tail[s],
+                )
+            )
+        return out
+
     def _assemble(self, stages, mesh, schedule, sharding, costs, sim, method, status, started, objective, bound) -> Plan:
         cap = self.captured
         dev = self.cluster.device
         limit = int(dev.memory_bytes * (1 - self.training.memory_reserve))
         pp = mesh.pp
+        parts = self.components(stages, mesh, schedule, sharding, costs, sim)
         out_stages = []
         for s, (spec, c) in enumerate(zip(stages, costs)):
             r = s % pp
@@ -259,7 +310,7 @@ class Evaluator:
                 Stage(
                     index=s,
                     modules=tuple(b.name for b in blocks),
-                    nodes=tuple(n for b in blocks for n in b.nodes),
+                    nodes=tuple(cap.nodes[n].key for b in blocks for n in b.nodes),  # [Note: stable node keys]
                     params=count,
                     ranks=mesh.stage_ranks(r),
                     recompute=spec.recompute,
@@ -272,6 +323,7 @@ class Evaluator:
                         memory_bytes=sim.peak_memory_bytes[r],
                         busy_s=(c.forward_s + c.backward_s) * schedule.microbatches,
                         dp_reduce_s=c.dp_reduce_s,
+                        components=parts[s],
                     ),
                 )
             )
@@ -305,5 +357,5 @@ class Evaluator:
                 wall_s=(time.perf_counter() - started) if started is not None else 0.0,
             ),
             predicted=predicted,
-            sharding={k: v for k, v in sharding.items() if v != "replicate"} if mesh.tp > 1 else {},
+            sharding={cap.nodes[k].key: v for k, v in sharding.items() if v != "replicate"} if mesh.tp > 1 else {},
         )

@@ -1,80 +1,62 @@
 """Why a plan is what it is: step-time breakdown, bottleneck, memory headroom, runner-up; and plan diffs.
 
-``breakdown`` splits a plan's simulated step time into the parts a person
-tunes: compute and tensor-parallel communication on the bottleneck rank, the
-pipeline bubble, point-to-point transfers, and the exposed data-parallel
-reduction. They add up to the step time. ``autopart plan --explain`` prints
-it with the rest; ``autopart diff`` compares two plan files side by side.
+``breakdown`` reads the step-time components the plan stores per stage
+(``StageComponents``, computed by the evaluator from the simulation when the
+plan was made) and sums them over the bottleneck rank: forward, backward and
+recomputation compute, tensor-parallel collectives, waiting on point-to-point
+transfers, the exposed data-parallel reduction, and the pipeline bubble. They
+add up to the step time; nothing is recomputed here. ``autopart plan
+--explain`` prints it with the rest; ``autopart diff`` compares two plan files
+side by side.
 """
 
 from __future__ import annotations
 
 from typing import Any
 
+from .errors import PlanError
 from .plan import Plan
 
 __all__ = ["breakdown", "print_explanation", "print_diff"]
 
 GIB = 1 << 30
-COMPONENTS = ("compute", "tp_comm", "bubble", "pp_comm", "dp_comm")
+COMPONENTS = ("forward", "backward", "recompute", "tp_comm", "p2p", "dp_reduce", "bubble")
 LABELS = {
-    "compute": "compute (bottleneck rank)",
+    "forward": "forward compute",
+    "backward": "backward compute",
+    "recompute": "recomputation",
     "tp_comm": "tensor-parallel communication",
+    "p2p": "pipeline transfers (waiting)",
+    "dp_reduce": "data-parallel reduction (exposed)",
     "bubble": "pipeline bubble",
-    "pp_comm": "pipeline communication",
-    "dp_comm": "data-parallel reduction (exposed)",
 }
 
 
-def breakdown(plan: Plan, ev: Any) -> dict[str, float]:
-    """Seconds per step by component, summing to the plan's simulated step time.
+def breakdown(plan: Plan) -> dict[str, float]:
+    """Seconds per step by component on the bottleneck rank, summing to the plan's step time.
 
-    With ``r*`` the busiest rank: compute and tp_comm are its per-micro-batch
-    figures times ``M``; pp_comm is one forward and one backward transfer per
-    cut (the fill and drain path); dp_comm is what the reduction adds after
-    the pipeline (the simulator's exposed part, not the whole reduction); the
-    bubble is what remains: time the bottleneck rank waits.
+    The bottleneck rank is the pipeline rank with the most work (compute and
+    tensor-parallel communication, lowest index on ties); its stages'
+    stored components are summed.
     """
-    m = plan.schedule.microbatches
+    missing = [st.index for st in plan.stages if st.predicted is None or st.predicted.components is None]
+    if missing:
+        raise PlanError(
+            f"stage {missing[0]} of the plan has no predicted components; re-price the plan "
+            "(autopart plan --plan FILE) to get them"
+        )
     pp = plan.mesh.pp
-    mbs = plan.schedule.micro_batch_size
-    sharding = plan.sharding
-    per_rank_compute = [0.0] * pp
-    per_rank_tp = [0.0] * pp
+    per_rank = [{k: 0.0 for k in COMPONENTS} for _ in range(pp)]
     for st in plan.stages:
-        r = st.index % pp
-        for name in st.modules:
-            cost = ev.block_cost(ev.pgraph.blocks[ev.pgraph.block_index(name)], mbs, plan.mesh.tp, sharding)
-            c = cost.compute.forward_s + cost.compute.backward_s
-            t = cost.tp_comm.forward_s + cost.tp_comm.backward_s
-            if st.recompute:  # the forward runs again in backward
-                c += cost.compute.forward_s
-                t += cost.tp_comm.forward_s
-            per_rank_compute[r] += c
-            per_rank_tp[r] += t
-    busiest = max(range(pp), key=lambda r: (per_rank_compute[r] + per_rank_tp[r], -r))
-    pred = plan.predicted
-    step = pred.step_time_s
-    sends = sum(st.predicted.send_s for st in plan.stages[:-1])
-    compute = m * per_rank_compute[busiest]
-    tp_comm = m * per_rank_tp[busiest]
-    # The simulator's pipeline time (forward/backward only) follows from its bubble fraction,
-    # 1 - sum(busy) / (pp * pipeline); the rest of the step is the exposed reduction. A rank's
-    # reduction that overlaps its last backward is not exposed, so it must not be counted.
-    total_busy = sum(st.predicted.busy_s for st in plan.stages)
-    if total_busy > 0 and pred.bubble_fraction < 1:
-        pipeline = min(step, total_busy / (pp * (1 - pred.bubble_fraction)))
-        dp = step - pipeline
-    else:  # nothing ran: fall back to the largest reduction as the exposed part
-        dp_reduce = max((st.predicted.dp_reduce_s for st in plan.stages), default=0.0)
-        dp = min(dp_reduce, max(0.0, step - compute - tp_comm))
-        pipeline = step - dp
-    pp_comm = min(2 * sends, max(0.0, pipeline - compute - tp_comm))
-    bubble = max(0.0, pipeline - compute - tp_comm - pp_comm)
-    # Whatever the simple model cannot place (rounding, a bubble-free fallback) goes to the reduction line.
-    dp = max(0.0, step - compute - tp_comm - pp_comm - bubble)
-    return {"compute": compute, "tp_comm": tp_comm, "bubble": bubble, "pp_comm": pp_comm, "dp_comm": dp,
-            "bottleneck_rank": float(busiest)}
+        c = st.predicted.components
+        for k in COMPONENTS:
+            per_rank[st.index % pp][k] += getattr(c, f"{k}_s")
+
+    def work(r: int) -> float:
+        return sum(per_rank[r][k] for k in ("forward", "backward", "recompute", "tp_comm"))
+
+    busiest = max(range(pp), key=lambda r: (work(r), -r))
+    return {**per_rank[busiest], "bottleneck_rank": float(busiest)}
 
 
 def _fmt(s: float) -> str:
@@ -85,9 +67,9 @@ def print_explanation(result: Any) -> None:
     from rich.console import Console
     from rich.table import Table
 
-    plan, ev = result.plan, result.evaluator
+    plan = result.plan
     console = Console(width=max(100, Console().width))
-    parts = breakdown(plan, ev)
+    parts = breakdown(plan)
     step = plan.predicted.step_time_s
     table = Table(title="where the step time goes")
     table.add_column("component")
@@ -124,7 +106,7 @@ def print_explanation(result: Any) -> None:
         )
         runner = report.runner_up(plan)
         if runner is not None:
-            other = breakdown(runner.plan, ev)
+            other = breakdown(runner.plan)
             diffs = {k: other[k] - parts[k] for k in COMPONENTS}
             worst = max(diffs, key=diffs.get)
             console.print(
@@ -179,6 +161,11 @@ def print_diff(a: Plan, b: Plan, name_a: str = "A", name_b: str = "B") -> None:
         row("bubble", round(pa.bubble_fraction, 4), round(pb.bubble_fraction, 4))
         row("peak memory (GiB)", round(pa.peak_memory_bytes / GIB, 2), round(pb.peak_memory_bytes / GIB, 2), True)
         row("fits", pa.fits, pb.fits)
+    if all(st.predicted and st.predicted.components for st in (*a.stages, *b.stages)):
+        parts_a, parts_b = breakdown(a), breakdown(b)
+        row("bottleneck rank", int(parts_a["bottleneck_rank"]), int(parts_b["bottleneck_rank"]))
+        for k in COMPONENTS:
+            row(f"  {LABELS[k]} (s)", round(parts_a[k], 6), round(parts_b[k], 6), True)
     console.print(table)
     if a.model.fingerprint != b.model.fingerprint:
         console.print("[yellow]note:[/yellow] the plans are for different models")

@@ -37,7 +37,7 @@ import torch
 from .capture import CapturedModel, NodeInfo
 from .errors import CaptureError
 
-__all__ = ["Block", "BlockEdge", "PartitionGraph", "build_partition_graph"]
+__all__ = ["Block", "BlockEdge", "PartitionGraph", "TensorFlow", "build_partition_graph"]
 
 
 @dataclass(frozen=True, slots=True)
@@ -77,6 +77,15 @@ class BlockEdge:
     tensors: tuple[str, ...]  # names of the producing nodes
 
 
+@dataclass(frozen=True, slots=True)
+class TensorFlow:
+    """One tensor that a block produces and later blocks read (counted once, whatever the readers)."""
+
+    producer: int  # index of the producing block
+    readers: tuple[int, ...]  # indices of the blocks that read it, sorted
+    bytes: float  # its size: per capture batch in the partition graph, per micro-batch in a StageProblem
+
+
 class PartitionGraph:
     """Annotated nodes (``graph``), blocks, and the block-level DAG (``block_graph``)."""
 
@@ -86,7 +95,6 @@ class PartitionGraph:
         self.edges: tuple[BlockEdge, ...] = tuple(edges)
         self._block_of_node = {n: b.index for b in self.blocks for n in b.nodes}
         self._flows = self._compute_flows()
-        self._crossing = [(src, max(readers), size) for src, readers, size in self._flows]
         # Nodes whose output another block (or the graph's output) reads, and the model's outputs.
         outputs = [n for n in captured.nodes.values() if n.op == "output"]
         self.model_outputs: frozenset[str] = frozenset(i for o in outputs for i in o.inputs)
@@ -136,7 +144,7 @@ class PartitionGraph:
         A tensor produced before the cut and read at or after it crosses once,
         however many later blocks read it: pipelining forwards it stage to stage.
         """
-        return sum(size for (src, last, size) in self._crossing if src < k <= last)
+        return sum(t.bytes for t in self._flows if t.producer < k <= t.readers[-1])
 
     def stage_boundary_bytes(self, cuts: Sequence[int]) -> list[int]:
         """Bytes crossing each cut in ``cuts`` (each a block index where a new stage begins)."""
@@ -167,11 +175,11 @@ class PartitionGraph:
 
     # --- internals --------------------------------------------------------------------
 
-    def tensor_flows(self) -> list[tuple[int, tuple[int, ...], int]]:
-        """(producer block, reader blocks, bytes) of every tensor that another block reads."""
+    def tensor_flows(self) -> list[TensorFlow]:
+        """Every tensor that another block reads: its producer, readers and size."""
         return list(self._flows)
 
-    def _compute_flows(self) -> list[tuple[int, tuple[int, ...], int]]:
+    def _compute_flows(self) -> list[TensorFlow]:
         nodes = self.captured.nodes
         readers: dict[str, set[int]] = {}
         for b in self.blocks:
@@ -180,7 +188,7 @@ class PartitionGraph:
                     if i in self._block_of_node and self._block_of_node[i] != b.index:
                         readers.setdefault(i, set()).add(b.index)
         return [
-            (self._block_of_node[prod], tuple(sorted(rs)), nodes[prod].output_bytes)
+            TensorFlow(producer=self._block_of_node[prod], readers=tuple(sorted(rs)), bytes=nodes[prod].output_bytes)
             for prod, rs in sorted(readers.items())
         ]
 
@@ -192,9 +200,9 @@ class PartitionGraph:
         """
         stages = max(stage_of) + 1 if stage_of else 0
         out = [0] * max(0, stages - 1)
-        for src, readers, size in self._flows:
-            for k in range(stage_of[src], max(stage_of[r] for r in readers)):
-                out[k] += size
+        for t in self._flows:
+            for k in range(stage_of[t.producer], max(stage_of[r] for r in t.readers)):
+                out[k] += t.bytes
         return out
 
 

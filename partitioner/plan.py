@@ -26,6 +26,7 @@ __all__ = [
     "STRATEGIES",
     "Mesh",
     "Schedule",
+    "StageComponents",
     "StagePredicted",
     "Stage",
     "Predicted",
@@ -36,10 +37,12 @@ __all__ = [
     "Plan",
 ]
 
-PLAN_VERSION = 2
-# Versions this autopart reads. Version 1 lacks ``model.source`` (the plan did not say how to
-# rebuild its model, so ``autopart run`` needs --model/--config/--seq-len again); nothing else changed.
-READABLE_VERSIONS = (1, 2)
+PLAN_VERSION = 3
+# Versions this autopart reads. 2 added stages[].predicted.components and named nodes by key (so a
+# version-1 plan is re-planned); 3 added model.source (how to rebuild the model, so that ``autopart
+# run --plan`` needs nothing else). A version-2 plan loads with no source: ``autopart run`` then
+# needs --model/--config/--seq-len again, and says so.
+READABLE_VERSIONS = (2, 3)
 SCHEDULE_NAMES = ("gpipe", "1f1b", "interleaved")
 # Per-node tensor-sharding strategies the runtime can realize (see docs/plan.md).
 STRATEGIES = ("replicate", "column", "row", "vocab", "sharded")
@@ -133,6 +136,31 @@ class Schedule:
 
 
 @dataclass(frozen=True, slots=True)
+class StageComponents:
+    """Where one step's time goes on a stage, in seconds per step, as the simulator predicts it.
+
+    The components of the stages of one pipeline rank add up to the plan's step
+    time (with one stage per rank, each stage's do). The simulator does not
+    price the optimizer update, so it is no component. See [Note: where idle
+    time goes] in simulate.py.
+    """
+
+    forward_s: float  # forward compute, all micro-batches
+    backward_s: float  # backward compute, all micro-batches (recomputation not included)
+    recompute_s: float  # the forward replayed in backward (compute and its tp collectives)
+    tp_comm_s: float  # tensor-parallel collectives of forward and backward
+    p2p_s: float  # idle while an activation or gradient this stage waits for is in transit
+    dp_reduce_s: float  # the rank's exposed data-parallel reduction, shared by its stages by size
+    bubble_s: float  # idle waiting for other ranks (the pipeline bubble, and the wait for the slowest rank)
+
+    def total_s(self) -> float:
+        return (
+            self.forward_s + self.backward_s + self.recompute_s + self.tp_comm_s
+            + self.p2p_s + self.dp_reduce_s + self.bubble_s
+        )
+
+
+@dataclass(frozen=True, slots=True)
 class StagePredicted:
     """The simulator's figures for one stage (per device of that stage)."""
 
@@ -146,6 +174,7 @@ class StagePredicted:
     memory_bytes: int  # peak memory of the rank: static of its stages + activations
     busy_s: float  # compute time of this stage over one step
     dp_reduce_s: float  # data-parallel gradient reduction time
+    components: StageComponents | None = None  # the step time split by component (version 2)
 
 
 @dataclass(frozen=True, slots=True)
@@ -432,9 +461,7 @@ class Plan:
                 stages.append(
                     Stage(
                         **_fields(Stage, s, f"stages[{i}]", tuples=("modules", "nodes", "ranks")),
-                        predicted=StagePredicted(**_fields(StagePredicted, pred, f"stages[{i}].predicted"))
-                        if pred
-                        else None,
+                        predicted=_stage_predicted(pred, f"stages[{i}].predicted") if pred else None,
                     )
                 )
             model = _fields(ModelRef, _required(data, "model", dict), "model")
@@ -473,6 +500,15 @@ def _differing_fields(mine: Mapping[str, Any], theirs: Mapping[str, Any], prefix
         else:
             out.append(f"{prefix}{key}")
     return out
+
+
+def _stage_predicted(data: Any, where: str) -> StagePredicted:
+    pred = _fields(StagePredicted, data, where)
+    comps = pred.pop("components", None)
+    return StagePredicted(
+        **pred,
+        components=StageComponents(**_fields(StageComponents, comps, f"{where}.components")) if comps else None,
+    )
 
 
 def _typed(where: str, value: Any, kind: type) -> Any:

@@ -125,7 +125,16 @@ def plan_parallelism(
     ILP search's ``SearchStatus`` after each candidate (``partitioner.progress.Progress.search`` draws it).
     """
     ev = prepare(model, example_inputs, cluster, global_batch=global_batch, **training)
-    pins = Pins(pp, tp, dp, microbatches, schedule, virtual_stages, recompute, tuple(split_at or ()))
+    pins = Pins(
+        pp=pp,
+        tp=tp,
+        dp=dp,
+        microbatches=microbatches,
+        schedule=schedule,
+        virtual_stages=virtual_stages,
+        recompute=recompute,
+        split_at=tuple(split_at or ()),
+    )
     if method not in ALL_METHODS:
         raise PlanError(f"--method {method!r} is not one of {', '.join(ALL_METHODS)}")
     if method == "ilp":

@@ -21,14 +21,16 @@ feeds each partition straight from the producer and cannot express the
 forwarding a point-to-point pipeline needs.
 
 [Note: matching the plan's nodes]
-The plan names the nodes of the graph captured at its example batch (usually
-1). The runtime graph is exported at the micro-batch size, and a few ops
-exist only for batches above 1 (an ``expand`` of the mask to the batch), which
-shifts FX's per-op name counters. When the names differ, nodes are matched
-by (innermost module, op, occurrence): the n-th ``aten.linear`` inside
-``transformer.h.1.mlp.c_fc`` is the same node in both graphs. A node the plan
-does not know (the extra ``expand``) runs replicated on the stage of its
-latest producer.
+The plan names nodes by the stable keys capture records (``module/op#k``, see
+[Note: stable node keys] in capture.py), not by FX names. The runtime graph is
+exported at the micro-batch size; ``node_keys`` gives its nodes the same keys,
+and each node takes the stage and strategy of the plan's node with its key:
+the first ``aten.linear`` inside ``transformer.h.1.mlp.c_fc`` is the same node
+in both graphs, whatever FX called it. A few ops exist only for batches above
+1 (an ``expand`` of the mask to the batch); a node the plan does not name runs
+replicated on the stage of its latest producer. A plan node the runtime graph
+lacks is refused if the plan shards it, and refused if the graph has none of
+the plan's nodes (another model).
 """
 
 from __future__ import annotations
@@ -40,7 +42,7 @@ import torch
 import torch.fx as fx
 from torch.utils._pytree import TreeSpec
 
-from .capture import disable_hf_cache
+from .capture import disable_hf_cache, node_keys
 from .dtensor_ops import Unshardable, check_shardable, is_check_or_query, mutated_in_place, run_check
 from .errors import PlanError
 from .plan import Plan
@@ -74,7 +76,7 @@ class SplitModel:
     input_names: tuple[str, ...]  # the model's positional inputs, in order
     out_spec: TreeSpec  # rebuilds the model's output (e.g. a ModelOutput) from the last stage's tuple
     shared: Mapping[str, tuple[int, ...]]  # canonical param -> the stages that read it (tied weights)
-    matched_by: str  # "names" (the plan's node names) or "structure"; see [Note: matching the plan's nodes]
+    matched_by: str  # "keys": the plan's stable node keys; see [Note: matching the plan's nodes]
 
 
 def canonical_names(model: torch.nn.Module) -> dict[str, str]:
@@ -127,7 +129,7 @@ def split_model(
     if len(placeholders) != len(args):
         raise PlanError(f"rewrite: the model takes {len(placeholders)} tensor inputs but {len(args)} example inputs were given")
     compute = [n for n in graph.nodes if n.op in _COMPUTE]
-    stage_of, sharding, matched_by = _assign(model, plan, compute, args)
+    stage_of, sharding, matched_by = _assign(plan, compute)
     last = len(plan.stages) - 1
     order = {n.name: i for i, n in enumerate(graph.nodes)}
 
@@ -298,58 +300,34 @@ def _set_tensor(root: torch.nn.Module, name: str, t: torch.Tensor, model: torch.
 # --------------------------------------------------------------------------------------
 
 
-def _assign(
-    model: torch.nn.Module, plan: Plan, compute: Sequence[fx.Node], args: tuple[Any, ...]
-) -> tuple[dict[str, int], dict[str, str], str]:
-    """Stage and tp strategy of every runtime node; see [Note: matching the plan's nodes]."""
-    plan_stage = {n: st.index for st in plan.stages for n in st.nodes}
-    names = [n.name for n in compute]
-    if set(names) == set(plan_stage):
-        return {n: plan_stage[n] for n in names}, dict(plan.sharding), "names"
-    # Re-export at the plan's example shapes and match nodes by (module, op, occurrence).
-    shapes = plan.model.input_shapes
-    if len(shapes) != len(args):
+def _assign(plan: Plan, compute: Sequence[fx.Node]) -> tuple[dict[str, int], dict[str, str], str]:
+    """Stage and tp strategy of every runtime node, matched by key; see [Note: matching the plan's nodes]."""
+    plan_stage = {key: st.index for st in plan.stages for key in st.nodes}
+    key_of = node_keys(compute)
+    runtime_keys = set(key_of.values())
+    missing = [k for k in plan_stage if k not in runtime_keys]
+    if plan_stage and len(missing) == len(plan_stage):
         raise PlanError(
-            f"plan: model.input_shapes lists {len(shapes)} inputs but the model takes {len(args)}; re-plan for this model"
+            f"plan: none of the nodes the stages name (e.g. {missing[0]!r}) is in this model's graph; "
+            "the plan is for another model, or was written before node keys (version 1): re-plan"
         )
-    plan_args = tuple(
-        torch.zeros(s, dtype=a.dtype, device=a.device) if isinstance(a, torch.Tensor) else a for s, a in zip(shapes, args)
-    )
-    try:
-        ref = torch.export.export(model, plan_args, strict=False).graph
-    except Exception as exc:
-        raise PlanError(f"rewrite: cannot re-export at the plan's input shapes {shapes}: {type(exc).__name__}") from None
-    ref_compute = [n for n in ref.nodes if n.op in _COMPUTE]
-    missing = sorted(set(plan_stage) - {n.name for n in ref_compute})
-    if missing:
+    lost = sorted(k for k in missing if k in plan.sharding)
+    if lost:
         raise PlanError(
-            f"plan: stages name node(s) {', '.join(missing[:3])} that this model's graph does not have; "
-            "the plan is for another model or another version of it: re-plan"
+            f"plan: node {lost[0]!r} is sharded ({plan.sharding[lost[0]]}) but this model's graph has no such node "
+            "at the micro-batch shape; re-plan for this model and torch version"
         )
-    ref_by_key = dict(zip(_structural_keys(ref_compute), (n.name for n in ref_compute)))
     stage_of: dict[str, int] = {}
     sharding: dict[str, str] = {}
-    for n, key in zip(compute, _structural_keys(compute)):
-        ref_name = ref_by_key.get(key)
-        if ref_name is not None and ref_name in plan_stage:
-            stage_of[n.name] = plan_stage[ref_name]
-            if ref_name in plan.sharding:
-                sharding[n.name] = plan.sharding[ref_name]
+    for n in compute:
+        key = key_of[n.name]
+        if key in plan_stage:
+            stage_of[n.name] = plan_stage[key]
+            if key in plan.sharding:
+                sharding[n.name] = plan.sharding[key]
         else:  # an op only this batch size needs: with its latest producer
             stage_of[n.name] = max((stage_of.get(i.name, 0) for i in n.all_input_nodes), default=0)
-    return stage_of, sharding, "structure"
-
-
-def _structural_keys(nodes: Sequence[fx.Node]) -> list[tuple[str, str, int]]:
-    seen: dict[tuple[str, str], int] = {}
-    keys = []
-    for n in nodes:
-        stack = n.meta.get("nn_module_stack") or {}
-        module = list(stack.values())[-1][0] if stack else ""
-        base = (module, str(n.target))
-        seen[base] = seen.get(base, 0) + 1
-        keys.append((*base, seen[base]))
-    return keys
+    return stage_of, sharding, "keys"
 
 
 # --------------------------------------------------------------------------------------

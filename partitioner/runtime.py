@@ -754,7 +754,7 @@ def run_plan(
     # Before any step: a run must never train for minutes and then lose its record (or overwrite one).
     check_output_file(json_path, force, "--json", "run.json")
     source = plan.model_source(model_spec, parse_config_overrides(config), seq_len)
-    if source.seq_len is None and plan.model.source is None:  # a version-1 plan: its inputs' shape says
+    if source.seq_len is None and plan.model.source is None:  # a version-2 plan: its inputs' shape says
         shapes = plan.model.input_shapes
         if shapes and len(shapes[0]) > 1:
             source = replace(source, seq_len=shapes[0][1])

@@ -48,6 +48,17 @@ bucket is only ready then). Earlier backwards are not overlapped, because for
 most stages the gradients of a parameter keep accumulating until the last
 micro-batch. The exposed time is the part that sticks out past the rank's
 last backward. ``step_time_s`` is the latest end over ranks.
+
+[Note: where idle time goes]
+A rank is idle before an action when the action's inputs are not ready yet.
+That wait is charged to the action's stage (``SimResult.wait_s``), and the
+part of it during which the awaited activation (forward) or gradient
+(backward) was on the wire, ``[sent, arrives] ∩ [rank free, action start]``,
+is its transfer wait (``transfer_wait_s``); the rest is pipeline bubble:
+waiting for compute on another rank. Per rank, busy time plus its stages'
+waits is the end of its last action; the exposed reduction and the wait for
+the slowest rank then make up the step. The evaluator stores this split in
+every plan (``StageComponents``), so that ``explain`` and ``diff`` read it.
 """
 
 from __future__ import annotations
@@ -160,6 +171,11 @@ class SimResult:
     peak_inflight: tuple[int, ...]  # per rank: max number of micro-batches in flight (summed over its stages)
     dp_exposed_s: tuple[float, ...]  # per rank exposed gradient reduction time
     events: tuple[Event, ...]  # every action as it ran, rank-major, each rank in execution order
+    # Per stage: how long its rank sat idle before this stage's actions, and the part of
+    # that idle time in which the awaited activation or gradient was in transit
+    # (see [Note: where idle time goes]).
+    wait_s: tuple[float, ...] = ()
+    transfer_wait_s: tuple[float, ...] = ()
 
     @property
     def ranks(self) -> int:
@@ -276,6 +292,8 @@ def _simulate_orders(
     bwd = [c.backward_s for c in stage_costs]
     send = [c.send_s for c in stage_costs]
 
+    waited = [0.0] * num_stages  # [Note: where idle time goes]
+    in_transit = [0.0] * num_stages
     start: list[float] = [0.0] * (num_stages * two_m)
     end: list[float | None] = [None] * (num_stages * two_m)  # None until the action has run
     parked: dict[int, list[int]] = {}  # missing dependency key -> ranks waiting for it
@@ -293,6 +311,7 @@ def _simulate_orders(
         while pos < n:
             key = rank_keys[pos]
             s = key // two_m
+            sent = arrives = 0.0  # the awaited transfer: when it left and when it arrives
             if key & 1:  # B(s, m): needs F(s, m), and B(s+1, m) plus the gradient's send
                 dep = key - 1
                 ready = end[dep]
@@ -300,25 +319,29 @@ def _simulate_orders(
                     break
                 if s < last:
                     dep = key + two_m
-                    grad = end[dep]
-                    if grad is None:
+                    sent = end[dep]
+                    if sent is None:
                         break
-                    grad += send[s]
-                    if grad > ready:
-                        ready = grad
+                    arrives = sent + send[s]
+                    if arrives > ready:
+                        ready = arrives
                 duration = bwd[s]
             else:  # F(s, m): needs F(s-1, m) plus the activation's send
                 if s:
                     dep = key - two_m
-                    ready = end[dep]
-                    if ready is None:
+                    sent = end[dep]
+                    if sent is None:
                         break
-                    ready += send[s - 1]
+                    ready = arrives = sent + send[s - 1]
                 else:
                     ready = 0.0
                 duration = fwd[s]
-            if t_free > ready:
+            if t_free >= ready:
                 ready = t_free
+            else:
+                waited[s] += ready - t_free
+                if arrives > sent:  # idle while the data was on the wire
+                    in_transit[s] += max(0.0, min(ready, arrives) - max(t_free, sent))
             start[key] = ready
             t_free = ready + duration
             end[key] = t_free
@@ -343,7 +366,7 @@ def _simulate_orders(
     ]
     if any(position[r] < len(keys[r]) for r in range(ranks)):
         raise PlanError(_deadlock_message(events, orders, position, waiting_on, microbatches))
-    return _summarize(stage_costs, events, overlap_dp)
+    return _summarize(stage_costs, events, overlap_dp, waited, in_transit)
 
 
 @contextmanager
@@ -531,7 +554,13 @@ def _bad_action_message(
 # Results and printing
 
 
-def _summarize(stages: list[StageCost], events: list[list[Event]], overlap_dp: bool) -> SimResult:
+def _summarize(
+    stages: list[StageCost],
+    events: list[list[Event]],
+    overlap_dp: bool,
+    waited: Sequence[float],
+    in_transit: Sequence[float],
+) -> SimResult:
     ranks = len(events)
     compute_end = [rank_events[-1].end_s if rank_events else 0.0 for rank_events in events]
     pipeline_time = max(compute_end)
@@ -594,6 +623,8 @@ def _summarize(stages: list[StageCost], events: list[list[Event]], overlap_dp: b
         peak_inflight=tuple(peak_count),
         dp_exposed_s=tuple(dp_exposed),
         events=tuple(e for rank_events in events for e in rank_events),
+        wait_s=tuple(waited),
+        transfer_wait_s=tuple(in_transit),
     )
 
 

@@ -141,7 +141,7 @@ def test_megatron_uses_a_node_for_tensor_parallelism(ev_two_nodes, gpt2):
     linears = {}
     for name, node in gpt2.nodes.items():
         if node.target.startswith(("aten.addmm", "aten.linear")):
-            linears[node.module] = plan.sharding.get(name, "replicate")
+            linears[node.module] = plan.sharding.get(node.key, "replicate")
     for layer in range(4):
         h = f"transformer.h.{layer}"
         assert linears[f"{h}.attn.c_attn"] == "column"
@@ -149,7 +149,7 @@ def test_megatron_uses_a_node_for_tensor_parallelism(ev_two_nodes, gpt2):
         assert linears[f"{h}.mlp.c_fc"] == "column"
         assert linears[f"{h}.mlp.c_proj"] == "row"
     assert linears["lm_head"] == "column"
-    embedding = next(n for n, node in gpt2.nodes.items() if node.module == "transformer.wte" and "embedding" in node.target)
+    embedding = next(node.key for node in gpt2.nodes.values() if node.module == "transformer.wte" and "embedding" in node.target)
     assert plan.sharding[embedding] == "vocab"
     # Sharding the weights shrinks each device's share: static bytes well under a tp=1 stage's.
     tp1, _ = plan_baseline("uniform", ev_two_nodes, Pins(pp=plan.mesh.pp))
@@ -160,9 +160,9 @@ def test_megatron_falls_back_to_replicate_when_heads_do_not_split():
     four_heads = _capture("gpt2-tiny")  # 4 heads cannot be split 8 ways
     ev = prepare(four_heads, cluster=Cluster.preset("dgx-a100-80g", 1), global_batch=8)
     plan, _ = plan_baseline("megatron", ev)
-    attention = [n for n, node in four_heads.nodes.items() if "scaled_dot_product" in node.target]
+    attention = [node.key for node in four_heads.nodes.values() if "scaled_dot_product" in node.target]
     assert attention and all(n not in plan.sharding for n in attention)
-    c_proj = next(n for n, node in four_heads.nodes.items() if node.module == "transformer.h.0.attn.c_proj" and "addmm" in node.target)
+    c_proj = next(node.key for node in four_heads.nodes.values() if node.module == "transformer.h.0.attn.c_proj" and "addmm" in node.target)
     assert plan.sharding[c_proj] == "column"  # it reads the gathered (whole) attention output
 
 

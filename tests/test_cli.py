@@ -323,11 +323,12 @@ def test_run_with_other_model_flags_names_the_flags_that_differ(hf_plan, capsys,
     assert out == ""
 
 
-def test_version_1_plan_still_loads_and_asks_for_its_model(hf_plan, capsys, tmp_path):
+def test_version_2_plan_still_loads_and_asks_for_its_model(hf_plan, capsys, tmp_path):
+    """Version 2 is version 3 without model.source."""
     old = json.loads(hf_plan.read_text())
-    old["version"] = 1
+    old["version"] = 2
     del old["model"]["source"]
-    path = tmp_path / "v1.json"
+    path = tmp_path / "v2.json"
     path.write_text(json.dumps(old))
     assert Plan.load(path).model.source is None
     rc, out, err = run(capsys, "run", "--plan", str(path))

@@ -20,7 +20,7 @@ from partitioner.capture import capture
 from partitioner.cluster import Cluster
 from partitioner.errors import AutopartError, CaptureError, PlanError
 from partitioner.evaluate import Evaluator, StageSpec
-from partitioner.plan import Mesh, Plan, Schedule, Training
+from partitioner.plan import PLAN_VERSION, Mesh, Plan, Schedule, Training
 from partitioner.planner import manual_plan, plan_parallelism, prepare
 from partitioner.zoo import load_model
 
@@ -86,7 +86,7 @@ def test_save_then_load_equals_original(tp_plan, tmp_path):
 
 def test_json_has_the_documented_keys(tp_plan):
     d = json.loads(tp_plan.to_json())
-    assert d["version"] == 2  # 2: model.source added; version 1 still loads
+    assert d["version"] == PLAN_VERSION
     assert {"name", "params", "fingerprint"} <= set(d["model"])
     assert d["model"]["name"] == "gpt2-tiny"
     assert d["model"]["params"] == tp_plan.model.params > 0

@@ -437,3 +437,17 @@ def test_large_schedule_is_fast_and_exact() -> None:
     assert gc.isenabled() == gc_was_enabled
     # Generous bound so a slow CI box passes; a quadratic regression would take minutes.
     assert elapsed < 3.0
+
+
+def test_idle_time_is_split_into_transfer_wait_and_bubble() -> None:
+    # Two stages, one micro-batch: F0 runs 0..1; its output arrives at stage 1 at 1.5, so
+    # stage 1 waits 1.5, of which 0.5 with the activation on the wire. F1 1.5..2.5, B1
+    # 2.5..4.5; the gradient arrives at 5.0, so stage 0 waits 4.0 (1..5), 0.5 of it in transit.
+    stages = [StageCost(1.0, 2.0, send_s=0.5), StageCost(1.0, 2.0)]
+    result = simulate(stages, "1f1b", 1)
+    assert result.wait_s == pytest.approx((4.0, 1.5))
+    assert result.transfer_wait_s == pytest.approx((0.5, 0.5))
+    assert result.step_time_s == pytest.approx(7.0)
+    for r in range(2):  # busy + waits reach the end of the rank's last action
+        last = max(e.end_s for e in result.events if e.rank == r)
+        assert result.busy_s[r] + result.wait_s[r] == pytest.approx(last)

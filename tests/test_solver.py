@@ -29,6 +29,7 @@ from partitioner.baselines import METHODS, Pins, plan_baseline
 from partitioner.capture import capture
 from partitioner.cluster import Cluster
 from partitioner.errors import InfeasibleError, PlanError
+from partitioner.graph import TensorFlow
 from partitioner.planner import plan_parallelism, prepare
 from partitioner.sharding import is_linear_like
 from partitioner.simulate import schedule_order
@@ -83,11 +84,13 @@ def _random_problem(seed: int, chain: bool, shared: bool) -> StageProblem:
         else:
             groups = [readers]
         for g in groups:
-            tensors.append((src, tuple(g), float(rng.choice([0, rng.randint(10**5, 10**8)]))))
+            tensors.append(TensorFlow(producer=src, readers=tuple(g), bytes=float(rng.choice([0, rng.randint(10**5, 10**8)]))))
     shared_params: tuple[SharedParam, ...] = ()
     if shared and n >= 3:
         readers = tuple(sorted(rng.sample(range(n), 2)))
-        shared_params = (SharedParam(float(rng.randint(1, 300_000) * KIB), float(rng.randint(0, 10**8)), readers),)
+        shared_params = (
+            SharedParam(static_bytes=float(rng.randint(1, 300_000) * KIB), grad_bytes=float(rng.randint(0, 10**8)), readers=readers),
+        )
     dp = rng.random() < 0.6
     bandwidth = (5e8, 5e9) if rng.random() < 0.3 else (5e9, 1e11)  # slow links: a window of stages binds
     return StageProblem(
@@ -174,9 +177,9 @@ def _evaluate(p: StageProblem, A: np.ndarray, workspace: str) -> tuple[np.ndarra
     sends = []  # per cut k: seconds per transfer
     for k in range(K - 1):
         nbytes = np.zeros(N)
-        for src, readers, size in p.tensors:
-            crosses = (A[:, src] <= k) & (A[:, list(readers)].max(axis=1) > k)
-            nbytes += crosses * size
+        for t in p.tensors:
+            crosses = (A[:, t.producer] <= k) & (A[:, list(t.readers)].max(axis=1) > k)
+            nbytes += crosses * t.bytes
         sends.append(p.send_alpha[k] + p.send_beta[k] * nbytes)
     send = sum(sends, np.zeros(N))
     inflight = np.array(_peak_inflight(p.pp, M), dtype=float)
@@ -586,7 +589,7 @@ def _simulated_optimum(p: StageProblem) -> float:
                 b = sum(_units(p.blocks[i].backward_s) for i in own) * UNIT_S + (f if flags[s] else 0.0)
                 send = 0.0
                 if s + 1 < p.stages:
-                    nbytes = sum(size for src, readers, size in p.tensors if A[src] <= s < max(A[j] for j in readers))
+                    nbytes = sum(t.bytes for t in p.tensors if A[t.producer] <= s < max(A[j] for j in t.readers))
                     send = p.send_alpha[s] + p.send_beta[s] * nbytes
                 grad = sum(p.blocks[i].grad_bytes for i in own) + sum(
                     sh.grad_bytes for sh in p.shared if any(A[j] == s for j in sh.readers))

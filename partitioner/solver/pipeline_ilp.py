@@ -25,7 +25,7 @@ the simulator will be given):
     stage time     T_s = sum_i x[i,s] (f_i + b_i) + sum_i w[i,s] f_i       add_time_constraints()
                    R_r = sum_{s on r} T_s;  P >= R_r
     period         (q - r + 1) P >= sum_{s=r..q} T_s + 2 sum_{k=r..q-1} send_k
-                   for every window of consecutive stages r..q (v = 1)     _add_period_constraints()
+                   for every window of consecutive stages r..q (v = 1)     add_objective()
     memory         for rank r and each in-flight pattern n of its schedule:
                    sum_{s on r} (static_s + work_s + n_s act_s) <= limit    add_memory_constraints()
                    static_s = sum_i x[i,s] st_i + sum_p u[p,s] st_p;  u[p,s] >= x[i,s] (i reads p)
@@ -34,9 +34,12 @@ the simulator will be given):
                    lead_r = sum_{s<r} (B_s + send_s) how much earlier rank r finishes
                                                                            add_dp_constraints()
 
-    minimize  v M P + (sum_s T_s - P) + 2 v sum_k send_k + v E              (divided by v when reported)
+    minimize  v M P + (sum_s T_s - P) + 2 v sum_k send_k + v E              add_objective()
+              (divided by v when reported)
 
-with ``send_k = alpha_k + beta_k * sum_t bytes_t c[t,k]``.
+with ``send_k = alpha_k + beta_k * sum_t bytes_t c[t,k]``. Each family is a
+method of that name in both encodings (``_StageModel``, ``_ChainModel``), and
+each method's docstring repeats its formula and names its constraints.
 
 [Note: the step-time closed form]
 For 1F1B (v = 1) the objective is ``(M - 1) P + sum_s T_s + 2 sum_k send_k
@@ -77,17 +80,19 @@ memory and data-parallel constraints are otherwise the same.
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+import abc
+from dataclasses import dataclass
 from typing import Sequence
 
 from ortools.sat.python import cp_model
 
+from ..graph import TensorFlow
 from .sharding_ilp import UNIT_S
 
 __all__ = ["BlockData", "StageProblem", "StageSolution", "solve_stages", "inflight_patterns", "schedule_inflight"]
 
 
-@dataclass(frozen=True, slots=True)
+@dataclass(frozen=True, slots=True, kw_only=True)
 class BlockData:
     """What the stage model needs of one block, for one micro-batch on one device."""
 
@@ -99,7 +104,7 @@ class BlockData:
     grad_bytes: float  # gradient bytes of its unshared parameters (data-parallel reduction)
 
 
-@dataclass(frozen=True, slots=True)
+@dataclass(frozen=True, slots=True, kw_only=True)
 class SharedParam:
     """A parameter read by several blocks (tied weights): held once per stage that reads it."""
 
@@ -113,8 +118,8 @@ class StageProblem:
     """One stage-assignment problem: the mesh, schedule and block costs are fixed."""
 
     blocks: tuple[BlockData, ...]
-    edges: tuple[tuple[int, int], ...]  # block DAG edges
-    tensors: tuple[tuple[int, tuple[int, ...], float], ...]  # (producer block, reader blocks, bytes per micro-batch)
+    edges: tuple[tuple[int, int], ...]  # block DAG edges, (from block, to block)
+    tensors: tuple[TensorFlow, ...]  # tensors between blocks, bytes per micro-batch
     shared: tuple[SharedParam, ...]
     pp: int
     virtual_stages: int
@@ -140,14 +145,15 @@ class StageProblem:
         return self.pp * self.virtual_stages
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, slots=True)
 class StageSolution:
+    """The stage ILP's answer: a stage per block and a recomputation flag per stage (empty if none)."""
+
     status: str  # OPTIMAL, FEASIBLE, INFEASIBLE, UNKNOWN
     stage_of: tuple[int, ...] = ()  # stage of each block
     recompute: tuple[bool, ...] = ()  # per stage
     objective_s: float = float("inf")  # predicted step time
     bound_s: float = 0.0  # proven lower bound on it
-    components: dict[str, float] = field(default_factory=dict)  # closed form only: bottleneck/bubble/pp_comm/dp, s
 
 
 def period_windows(stages: int) -> list[tuple[int, int]]:
@@ -288,22 +294,98 @@ def _u(seconds: float) -> int:
     return int(round(seconds / UNIT_S))
 
 
-class _StageModel:
+class _Model(abc.ABC):
+    """What both encodings share: the recomputation choice, the objective, the solve and its read-out.
+
+    A subclass builds its CP-SAT model in ``build()``, one method per constraint
+    family of the formulation (each named as in the module docstring), and
+    leaves behind, per stage ``s``: ``T[s]`` (forward + backward + recomputation),
+    ``F[s]`` (forward), ``B[s]`` (backward + recomputation), and per cut ``k``:
+    ``send[k]``; the period ``P``, the exposed reduction ``E`` and, with data
+    parallelism, ``dp_rank[r]``. All are in integer units of ``UNIT_S``.
+    """
+
     def __init__(self, p: StageProblem) -> None:
         self.p = p
         self.m = cp_model.CpModel()
-        n, K = len(p.blocks), p.stages
-        self.x = [[self.m.new_bool_var(f"x[{i},{s}]") for s in range(K)] for i in range(n)]
-        if p.recompute is None:
-            self.r = [self.m.new_bool_var(f"r[{s}]") for s in range(K)]
-        else:
-            self.r = [self.m.new_constant(int(p.recompute)) for _ in range(K)]
-        self.w = [[self.m.new_bool_var(f"w[{i},{s}]") for s in range(K)] for i in range(n)]
         self.T: list[cp_model.LinearExpr] = []
+        self.F: list[cp_model.LinearExpr] = []
         self.B: list[cp_model.LinearExpr] = []
         self.send: list[cp_model.LinearExpr] = []
-        self.R_max = self.m.new_int_var(0, _BIG, "P")  # the period (see the formulation)
+        self.dp_rank: list[cp_model.LinearExpr] | None = None
+
+    def new_recompute_vars(self) -> list:
+        """r[s]: stage s recomputes; constants when the user pinned recomputation on or off."""
+        if self.p.recompute is None:
+            return [self.m.new_bool_var(f"r[{s}]") for s in range(self.p.stages)]
+        return [self.m.new_constant(int(self.p.recompute)) for _ in range(self.p.stages)]
+
+    @abc.abstractmethod
+    def build(self) -> None:
+        """Add every constraint family and the objective."""
+
+    @abc.abstractmethod
+    def hints(self) -> list[tuple[cp_model.IntVar, int]]:
+        """The problem's hint as (variable, value) pairs."""
+
+    @abc.abstractmethod
+    def stage_of_blocks(self, solver: cp_model.CpSolver) -> tuple[int, ...]:
+        """The stage of every block in the solution."""
+
+    def add_objective(self) -> None:
+        """minimize  v M P + (sum_s T_s - P) + 2 v sum_k send_k + v E, with the period windows.
+
+        ``(q - r + 1) P >= sum_{s=r..q} T_s + 2 sum_{k=r..q-1} send_k`` (``period[r,q]``,
+        see [Note: the step-time closed form]); or, for small schedules, the exact
+        step of [Note: exact small problems], which replaces both.
+        """
+        p = self.p
+        if _use_events(p):
+            self.m.minimize(_add_event_step(self.m, self.F, self.B, self.send, p, self.dp_rank))
+            return
+        v, M = p.virtual_stages, p.microbatches
+        total = sum(self.T)
+        _add_period_constraints(self.m, self.P, self.T, self.send, p)
+        self.m.minimize(v * M * self.P + (total - self.P) + 2 * v * sum(self.send) + v * self.E)
+
+    def solve(self) -> StageSolution:
+        p = self.p
+        self.build()
+        solver = _solve(self.m, self.hints(), p.max_time_s, p.wall_cap_s)
+        status = solver.response_proto.status
+        name = solver.status_name(status)
+        if status not in (cp_model.OPTIMAL, cp_model.FEASIBLE):
+            return StageSolution(name, bound_s=float("inf") if status == cp_model.INFEASIBLE else 0.0)
+        scale = 1 if _use_events(p) else p.virtual_stages  # the closed form is minimized times v; the event step is not
+        return StageSolution(
+            status=name,
+            stage_of=self.stage_of_blocks(solver),
+            recompute=tuple(bool(solver.value(r)) for r in self.r),
+            objective_s=solver.objective_value * UNIT_S / scale,
+            bound_s=solver.best_objective_bound * UNIT_S / scale,
+        )
+
+
+class _StageModel(_Model):
+    """The assignment encoding: a boolean per block and stage (see [Note: two encodings of the same model])."""
+
+    def __init__(self, p: StageProblem) -> None:
+        super().__init__(p)
+        n, K = len(p.blocks), p.stages
+        self.x = [[self.m.new_bool_var(f"x[{i},{s}]") for s in range(K)] for i in range(n)]
+        self.r = self.new_recompute_vars()
+        self.w = [[self.m.new_bool_var(f"w[{i},{s}]") for s in range(K)] for i in range(n)]
+        self.P = self.m.new_int_var(0, _BIG, "P")  # the period (see the formulation)
         self.E = self.m.new_int_var(0, _BIG, "E")
+
+    def build(self) -> None:
+        self.add_assignment_constraints()
+        self.add_order_constraints()
+        self.add_cut_constraints()
+        self.add_time_constraints()
+        self.add_memory_constraints()
+        self.add_dp_constraints()
+        self.add_objective()
 
     def stage_of(self, i: int) -> cp_model.LinearExpr:
         return sum(s * self.x[i][s] for s in range(self.p.stages))
@@ -341,13 +423,13 @@ class _StageModel:
         p, m = self.p, self.m
         for k in range(p.stages - 1):
             bytes_k = []
-            for t, (src, readers, size) in enumerate(p.tensors):
-                if size <= 0:
+            for t, flow in enumerate(p.tensors):
+                if flow.bytes <= 0:
                     continue
                 c = m.new_bool_var(f"c[{t},{k}]")
-                for j in readers:
-                    m.add(c >= self.le(src, k) - self.le(j, k)).with_name(f"cut[{t},{k},{j}]")
-                bytes_k.append((size, c))
+                for j in flow.readers:
+                    m.add(c >= self.le(flow.producer, k) - self.le(j, k)).with_name(f"cut[{t},{k},{j}]")
+                bytes_k.append((flow.bytes, c))
             beta = p.send_beta[k]
             self.send.append(_u(p.send_alpha[k]) + sum(_u(beta * size) * c for size, c in bytes_k))
 
@@ -355,7 +437,7 @@ class _StageModel:
         """T_s = sum x (f + b) + sum w f; P >= R_r for every rank r (``bottleneck[r]``).
 
         The period constraints over windows of stages (``_add_period_constraints``)
-        are added in ``objective()``, once the transfers are known.
+        are added in ``add_objective()``, once the transfers are known.
         """
         p, m = self.p, self.m
         n = len(p.blocks)
@@ -364,8 +446,9 @@ class _StageModel:
             again = sum(_u(p.blocks[i].forward_s) * self.w[i][s] for i in range(n))
             self.T.append(fb + again)
             self.B.append(sum(_u(p.blocks[i].backward_s) * self.x[i][s] for i in range(n)) + again)
+            self.F.append(self.T[-1] - self.B[-1])
         for r in range(p.pp):
-            m.add(self.R_max >= sum(self.T[s] for s in range(r, p.stages, p.pp))).with_name(f"bottleneck[{r}]")
+            m.add(self.P >= sum(self.T[s] for s in range(r, p.stages, p.pp))).with_name(f"bottleneck[{r}]")
 
     def add_memory_constraints(self) -> None:
         """Per rank and in-flight pattern: static + workspace + sum_s n_s act_s <= limit (``memory[r,n]``)."""
@@ -398,7 +481,10 @@ class _StageModel:
                 m.add(base + sum(cnt * act[s] for cnt, s in zip(pattern, mine)) <= limit).with_name(f"memory[{r},{j}]")
 
     def add_dp_constraints(self) -> None:
-        """E >= DP_r - B_r (overlap) or E >= DP_r, DP_r = sum_{s on r} (alpha + beta * grad_s) (``dp[r]``)."""
+        """E >= DP_r - B_r - lead_r (overlap) or E >= DP_r - lead_r (``dp[r]``).
+
+        DP_r = sum_{s on r} (alpha + beta grad_s), grad_s = sum_i x[i,s] g_i + sum_p u[p,s] g_p.
+        """
         p, m = self.p, self.m
         if p.dp_beta == 0 and p.dp_alpha == 0:
             return
@@ -421,55 +507,19 @@ class _StageModel:
             lead = _lead(self.B, self.send, r, p)
             m.add(self.E >= (dp_r - last_b if p.overlap_dp else dp_r) - lead).with_name(f"dp[{r}]")
 
-    def objective(self) -> cp_model.LinearExpr:
+    def hints(self) -> list[tuple[cp_model.IntVar, int]]:
+        """The hint's stage of every block (and recomputation flags)."""
         p = self.p
-        v, M = p.virtual_stages, p.microbatches
-        total = sum(self.T)
-        _add_period_constraints(self.m, self.R_max, self.T, self.send, p)
-        return v * M * self.R_max + (total - self.R_max) + 2 * v * sum(self.send) + v * self.E
+        if p.hint is None:
+            return []
+        hints = [(self.x[i][s], int(s == s_i)) for i, s_i in enumerate(p.hint) for s in range(p.stages)]
+        if p.hint_recompute is not None and p.recompute is None:
+            hints += [(self.r[s], int(flag)) for s, flag in enumerate(p.hint_recompute)]
+        return hints
 
-    def solve(self) -> StageSolution:
-        p = self.p
-        self.add_assignment_constraints()
-        self.add_order_constraints()
-        self.add_cut_constraints()
-        self.add_time_constraints()
-        self.add_memory_constraints()
-        self.dp_rank = None
-        self.add_dp_constraints()
-        if _use_events(p):  # the exact step replaces the closed form and its period windows
-            forward = [t - b for t, b in zip(self.T, self.B)]
-            self.m.minimize(_add_event_step(self.m, forward, self.B, self.send, p, self.dp_rank))
-        else:
-            self.m.minimize(self.objective())
-        hints = []
-        if p.hint is not None:
-            hints = [(self.x[i][s], int(s == s_i)) for i, s_i in enumerate(p.hint) for s in range(p.stages)]
-            if p.hint_recompute is not None and p.recompute is None:
-                hints += [(self.r[s], int(flag)) for s, flag in enumerate(p.hint_recompute)]
-        solver = _solve(self.m, hints, p.max_time_s, p.wall_cap_s)
-        status = solver.response_proto.status
-        name = solver.status_name(status)
-        if status not in (cp_model.OPTIMAL, cp_model.FEASIBLE):
-            return StageSolution(name, bound_s=float("inf") if status == cp_model.INFEASIBLE else 0.0)
-        v = p.virtual_stages
-        scale = 1 if _use_events(p) else v  # the closed form is minimized times v; the event step is not
-        stage_of = tuple(next(s for s in range(p.stages) if solver.value(self.x[i][s])) for i in range(len(p.blocks)))
-        rmax = solver.value(self.R_max) * UNIT_S
-        total = sum(solver.value(t) for t in self.T) * UNIT_S
-        return StageSolution(
-            status=name,
-            stage_of=stage_of,
-            recompute=tuple(bool(solver.value(r)) for r in self.r),
-            objective_s=solver.objective_value * UNIT_S / scale,
-            bound_s=solver.best_objective_bound * UNIT_S / scale,
-            components={} if _use_events(p) else {
-                "bottleneck_s": p.microbatches * rmax,
-                "bubble_s": (total - rmax) / v,
-                "pp_comm_s": 2 * sum(solver.value(e) for e in self.send) * UNIT_S,
-                "dp_s": solver.value(self.E) * UNIT_S,
-            },
-        )
+    def stage_of_blocks(self, solver: cp_model.CpSolver) -> tuple[int, ...]:
+        K = self.p.stages
+        return tuple(next(s for s in range(K) if solver.value(self.x[i][s])) for i in range(len(self.p.blocks)))
 
 
 def _solve(
@@ -524,18 +574,52 @@ def solve_stages(problem: StageProblem, encoding: str = "auto") -> StageSolution
     raise ValueError(f"encoding {encoding!r} is not 'auto', 'assignment' or 'chain'")
 
 
-class _ChainModel:
-    """The chain encoding: cut positions and prefix sums (see [Note: two encodings of the same model])."""
+class _ChainModel(_Model):
+    """The chain encoding: cut positions and prefix sums (see [Note: two encodings of the same model]).
+
+    Every per-stage sum is ``X_s = X[p_{s+1}] - X[p_s]`` over a prefix-sum table
+    ``X`` of the blocks in graph order, read at the cut positions with element
+    constraints (``read_prefix_sums``).
+    """
+
+    KIB = 1024  # memory in KiB keeps coefficients small
 
     def __init__(self, p: StageProblem) -> None:
-        self.p = p
-        self.m = cp_model.CpModel()
+        super().__init__(p)
+        n, kib = len(p.blocks), self.KIB
+        shared_static = [0.0] * n
+        shared_grad = [0.0] * n
+        for sh in p.shared:
+            for i in sh.readers:
+                shared_static[i] += sh.static_bytes
+                shared_grad[i] += sh.grad_bytes
+        self.tables = {
+            "FB": _prefix([_u(b.forward_s + b.backward_s) for b in p.blocks]),
+            "F": _prefix([_u(b.forward_s) for b in p.blocks]),
+            "BK": _prefix([_u(b.backward_s) for b in p.blocks]),
+            "ST": _prefix([int((b.static_bytes + shared_static[i]) // kib) for i, b in enumerate(p.blocks)]),
+            "SV": _prefix([int(b.saved_bytes // kib) for b in p.blocks]),
+            "IN": _prefix([int(b.input_bytes // kib) for b in p.blocks]),
+            "G": _prefix([_u(p.dp_beta * (b.grad_bytes + shared_grad[i])) for i, b in enumerate(p.blocks)]),
+        }
+        self.cut = [0] * (n + 1)  # CUT[j]: bytes crossing a cut placed before block j
+        for t in p.tensors:
+            for j in range(t.producer + 1, max(t.readers) + 1):
+                self.cut[j] += t.bytes
+        # Recompute workspace: the largest block of the model (conservative; a range-maximum
+        # table would need an element over n^2 entries, which CP-SAT's presolve expands).
+        self.largest = max(int(b.saved_bytes // kib) for b in p.blocks)
 
-    def _prefix(self, values: Sequence[int]) -> list[int]:
-        out = [0]
-        for v in values:
-            out.append(out[-1] + v)
-        return out
+    def build(self) -> None:
+        self.add_assignment_constraints()
+        self.add_order_constraints()
+        self.r = self.new_recompute_vars()
+        self.read_prefix_sums()
+        self.add_time_constraints()
+        self.add_memory_constraints()
+        self.add_cut_constraints()
+        self.add_dp_constraints()
+        self.add_objective()
 
     def _at(self, table: Sequence[int], index, name: str):
         """table[index] as a variable (an element constraint)."""
@@ -543,118 +627,128 @@ class _ChainModel:
         self.m.add_element(index, list(table), var)
         return var
 
-    def solve(self) -> StageSolution:
-        p, m = self.p, self.m
-        n, K, pp, v, M = len(p.blocks), p.stages, p.pp, p.virtual_stages, p.microbatches
-        kib = 1024
-        shared_static = [0.0] * n
-        shared_grad = [0.0] * n
-        for sh in p.shared:
-            for i in sh.readers:
-                shared_static[i] += sh.static_bytes
-                shared_grad[i] += sh.grad_bytes
-        FB = self._prefix([_u(b.forward_s + b.backward_s) for b in p.blocks])
-        F = self._prefix([_u(b.forward_s) for b in p.blocks])
-        BK = self._prefix([_u(b.backward_s) for b in p.blocks])
-        ST = self._prefix([int((b.static_bytes + shared_static[i]) // kib) for i, b in enumerate(p.blocks)])
-        SV = self._prefix([int(b.saved_bytes // kib) for b in p.blocks])
-        IN = self._prefix([int(b.input_bytes // kib) for b in p.blocks])
-        G = self._prefix([_u(p.dp_beta * (b.grad_bytes + shared_grad[i])) for i, b in enumerate(p.blocks)])
-        cut = [0] * (n + 1)  # bytes crossing a cut placed before block j
-        for src, readers, size in p.tensors:
-            for j in range(src + 1, max(readers) + 1):
-                cut[j] += size
-        # Recompute workspace: the largest block of the model (conservative; a range-maximum
-        # table would need an element over n^2 entries, which CP-SAT's presolve expands).
-        largest = max(int(b.saved_bytes // kib) for b in p.blocks)
+    def diff(self, name: str, s: int) -> cp_model.LinearExpr:
+        """Stage s's share of table ``name``: ``X[p_{s+1}] - X[p_s]``."""
+        return self.at[name][s + 1] - self.at[name][s]
 
-        # Cut positions: p_0 = 0 < p_1 < ... < p_K = n (``nonempty[s]``).
-        pos = [m.new_constant(0)] + [m.new_int_var(1, n - 1, f"p[{s}]") for s in range(1, K)] + [m.new_constant(n)]
+    def add_assignment_constraints(self) -> None:
+        """Cut positions 0 = p_0 < p_1 < ... < p_K = n: p_s + 1 <= p_{s+1} (``nonempty[s]``).
+
+        Every block is on exactly one stage and no stage is empty by construction.
+        """
+        p, m = self.p, self.m
+        n, K = len(p.blocks), p.stages
+        self.pos = [m.new_constant(0)] + [m.new_int_var(1, n - 1, f"p[{s}]") for s in range(1, K)] + [m.new_constant(n)]
         for s in range(K):
-            m.add(pos[s] + 1 <= pos[s + 1]).with_name(f"nonempty[{s}]")
-        for j in p.stage_starts:  # some stage begins exactly at block j (``starts[j]``)
+            m.add(self.pos[s] + 1 <= self.pos[s + 1]).with_name(f"nonempty[{s}]")
+
+    def add_order_constraints(self) -> None:
+        """A pinned block j begins a stage: exactly one s with p_s = j (``starts[j]``).
+
+        Graph order holds by construction: stages are contiguous in a topological order.
+        """
+        p, m = self.p, self.m
+        K = p.stages
+        for j in p.stage_starts:
             choice = [m.new_bool_var(f"start[{j},{s}]") for s in range(1, K)]
             m.add_exactly_one(choice).with_name(f"starts[{j}]")
             for s, c in zip(range(1, K), choice):
-                m.add(pos[s] == j).only_enforce_if(c)
-        if p.recompute is None:
-            r = [m.new_bool_var(f"r[{s}]") for s in range(K)]
-        else:
-            r = [m.new_constant(int(p.recompute)) for _ in range(K)]
-        at = {name: [self._at(tab, pos[s], f"{name}[{s}]") for s in range(K + 1)] for name, tab in
-              (("FB", FB), ("F", F), ("BK", BK), ("ST", ST), ("SV", SV), ("IN", IN), ("G", G))}
-        big_t = FB[-1] + F[-1] + 1
-        big_m = SV[-1] + IN[-1] + largest + 1
-        T, Bs, static, act, work = [], [], [], [], []
+                m.add(self.pos[s] == j).only_enforce_if(c)
+
+    def read_prefix_sums(self) -> None:
+        """X[p_s] for every table X and cut position p_s (``FB[s]``, ``F[s]``, ... element constraints)."""
+        K = self.p.stages
+        self.at = {name: [self._at(tab, self.pos[s], f"{name}[{s}]") for s in range(K + 1)] for name, tab in self.tables.items()}
+
+    def add_time_constraints(self) -> None:
+        """T_s = FB_s + r_s F_s, B_s = BK_s + r_s F_s; P >= sum_{s on r} T_s (``bottleneck[r]``).
+
+        ``r_s F_s`` is a variable at least ``F_s - bigT (1 - r_s)`` (``recompute_time[s]``),
+        equal to it at the optimum.
+        """
+        p, m = self.p, self.m
+        K, F = p.stages, self.tables["F"]
+        big_t = self.tables["FB"][-1] + F[-1] + 1
         for s in range(K):
-            fdiff = at["F"][s + 1] - at["F"][s]
-            extra = m.new_int_var(0, F[-1], f"recompute_time[{s}]")  # = r_s * fdiff at the optimum
-            m.add(extra >= fdiff - big_t * (1 - r[s])).with_name(f"recompute_time[{s}]")
-            T.append(at["FB"][s + 1] - at["FB"][s] + extra)
-            Bs.append(at["BK"][s + 1] - at["BK"][s] + extra)
-            static.append(at["ST"][s + 1] - at["ST"][s])
+            fdiff = self.diff("F", s)
+            extra = m.new_int_var(0, F[-1], f"recompute_time[{s}]")
+            m.add(extra >= fdiff - big_t * (1 - self.r[s])).with_name(f"recompute_time[{s}]")
+            self.T.append(self.diff("FB", s) + extra)
+            self.F.append(fdiff)
+            self.B.append(self.diff("BK", s) + extra)
+        self.P = m.new_int_var(0, _BIG, "P")
+        for rk in range(p.pp):
+            m.add(self.P >= sum(self.T[s] for s in range(rk, K, p.pp))).with_name(f"bottleneck[{rk}]")
+
+    def add_memory_constraints(self) -> None:
+        """Per rank r and in-flight pattern n: sum_{s on r} (ST_s + work_s + n_s act_s) <= limit (``memory[r,n]``).
+
+        act_s >= SV_s - bigM r_s (``act_keep[s]``), act_s >= IN_s - bigM (1 - r_s)
+        (``act_recompute[s]``): the saved activations, or only the inputs when the
+        stage recomputes; work_s = r_s x the largest block's saved activations.
+        """
+        p, m = self.p, self.m
+        K, tab = p.stages, self.tables
+        big_m = tab["SV"][-1] + tab["IN"][-1] + self.largest + 1
+        static, act, work = [], [], []
+        for s in range(K):
+            static.append(self.diff("ST", s))
             a = m.new_int_var(0, big_m, f"act[{s}]")
-            m.add(a >= at["SV"][s + 1] - at["SV"][s] - big_m * r[s]).with_name(f"act_keep[{s}]")
-            m.add(a >= at["IN"][s + 1] - at["IN"][s] - big_m * (1 - r[s])).with_name(f"act_recompute[{s}]")
+            m.add(a >= self.diff("SV", s) - big_m * self.r[s]).with_name(f"act_keep[{s}]")
+            m.add(a >= self.diff("IN", s) - big_m * (1 - self.r[s])).with_name(f"act_recompute[{s}]")
             act.append(a)
-            work.append(largest * r[s])
-        R_max = m.new_int_var(0, _BIG, "P")  # the period
-        for rk in range(pp):
-            m.add(R_max >= sum(T[s] for s in range(rk, K, pp))).with_name(f"bottleneck[{rk}]")
-        limit = int(p.memory_limit // kib)
-        for rk in range(pp):
-            mine = list(range(rk, K, pp))
+            work.append(self.largest * self.r[s])
+        limit = int(p.memory_limit // self.KIB)
+        for rk in range(p.pp):
+            mine = list(range(rk, K, p.pp))
             base = sum(static[s] + work[s] for s in mine)
             for j, pattern in enumerate(p.inflight[rk]):
                 m.add(base + sum(c * act[s] for c, s in zip(pattern, mine)) <= limit).with_name(f"memory[{rk},{j}]")
-        send = []
-        for k in range(K - 1):
-            cut_bytes = self._at([_u(p.send_beta[k] * c) for c in cut], pos[k + 1], f"send_bytes[{k}]")
-            send.append(_u(p.send_alpha[k]) + cut_bytes)
-        E = m.new_int_var(0, _BIG, "E")
-        dp_rank = None
-        if p.dp_beta or p.dp_alpha:
-            dp_rank = []
-            for rk in range(pp):
-                mine = list(range(rk, K, pp))
-                dp_r = sum(_u(p.dp_alpha) + at["G"][s + 1] - at["G"][s] for s in mine)
-                dp_rank.append(dp_r)
-                lead = _lead(Bs, send, rk, p)
-                m.add(E >= (dp_r - Bs[mine[0]] if p.overlap_dp else dp_r) - lead).with_name(f"dp[{rk}]")
-        total = sum(T)
-        if _use_events(p):  # the exact step replaces the closed form and its period windows
-            forward = [at["F"][s + 1] - at["F"][s] for s in range(K)]
-            m.minimize(_add_event_step(m, forward, Bs, send, p, dp_rank))
-        else:
-            _add_period_constraints(m, R_max, T, send, p)
-            m.minimize(v * M * R_max + (total - R_max) + 2 * v * sum(send) + v * E)
-        hints = []
-        if p.hint is not None:
-            starts = [i for i in range(1, n) if p.hint[i] != p.hint[i - 1]]
-            if len(starts) == K - 1:
-                hints = [(pos[s], j) for s, j in zip(range(1, K), starts)]
-                if p.hint_recompute is not None and p.recompute is None:
-                    hints += [(r[s], int(flag)) for s, flag in enumerate(p.hint_recompute)]
-        solver = _solve(m, hints, p.max_time_s, p.wall_cap_s)
-        status = solver.response_proto.status
-        name = solver.status_name(status)
-        if status not in (cp_model.OPTIMAL, cp_model.FEASIBLE):
-            return StageSolution(name, bound_s=float("inf") if status == cp_model.INFEASIBLE else 0.0)
-        scale = 1 if _use_events(p) else v  # the closed form is minimized times v; the event step is not
-        cuts = [solver.value(x) for x in pos]
-        stage_of = tuple(next(s for s in range(K) if cuts[s] <= i < cuts[s + 1]) for i in range(n))
-        rmax = solver.value(R_max) * UNIT_S
-        tot = sum(solver.value(t) for t in T) * UNIT_S
-        return StageSolution(
-            status=name,
-            stage_of=stage_of,
-            recompute=tuple(bool(solver.value(x)) for x in r),
-            objective_s=solver.objective_value * UNIT_S / scale,
-            bound_s=solver.best_objective_bound * UNIT_S / scale,
-            components={} if _use_events(p) else {
-                "bottleneck_s": M * rmax,
-                "bubble_s": (tot - rmax) / v,
-                "pp_comm_s": 2 * sum(solver.value(e) for e in send) * UNIT_S,
-                "dp_s": solver.value(E) * UNIT_S,
-            },
-        )
+
+    def add_cut_constraints(self) -> None:
+        """send_k = alpha_k + beta_k CUT[p_{k+1}] (``send_bytes[k]``, an element constraint)."""
+        p = self.p
+        for k in range(p.stages - 1):
+            cut_time = self._at([_u(p.send_beta[k] * c) for c in self.cut], self.pos[k + 1], f"send_bytes[{k}]")
+            self.send.append(_u(p.send_alpha[k]) + cut_time)
+
+    def add_dp_constraints(self) -> None:
+        """E >= DP_r - B_r - lead_r (overlap) or E >= DP_r - lead_r (``dp[r]``).
+
+        DP_r = sum_{s on r} (alpha + G_s) with ``G`` the prefix sums of beta x gradient bytes.
+        """
+        p, m = self.p, self.m
+        self.E = m.new_int_var(0, _BIG, "E")
+        if not (p.dp_beta or p.dp_alpha):
+            return
+        self.dp_rank = []
+        for rk in range(p.pp):
+            mine = list(range(rk, p.stages, p.pp))
+            dp_r = sum(_u(p.dp_alpha) + self.diff("G", s) for s in mine)
+            self.dp_rank.append(dp_r)
+            lead = _lead(self.B, self.send, rk, p)
+            m.add(self.E >= (dp_r - self.B[mine[0]] if p.overlap_dp else dp_r) - lead).with_name(f"dp[{rk}]")
+
+    def hints(self) -> list[tuple[cp_model.IntVar, int]]:
+        """The hint's cut positions (and recomputation flags), when it has K stages."""
+        p, n, K = self.p, len(self.p.blocks), self.p.stages
+        if p.hint is None:
+            return []
+        starts = [i for i in range(1, n) if p.hint[i] != p.hint[i - 1]]
+        if len(starts) != K - 1:
+            return []
+        hints = [(self.pos[s], j) for s, j in zip(range(1, K), starts)]
+        if p.hint_recompute is not None and p.recompute is None:
+            hints += [(self.r[s], int(flag)) for s, flag in enumerate(p.hint_recompute)]
+        return hints
+
+    def stage_of_blocks(self, solver: cp_model.CpSolver) -> tuple[int, ...]:
+        cuts = [solver.value(x) for x in self.pos]
+        return tuple(next(s for s in range(self.p.stages) if cuts[s] <= i < cuts[s + 1]) for i in range(len(self.p.blocks)))
+
+
+def _prefix(values: Sequence[int]) -> list[int]:
+    out = [0]
+    for v in values:
+        out.append(out[-1] + v)
+    return out

@@ -131,6 +131,15 @@ class IlpResult:
     report: SearchReport
 
 
+@dataclass(frozen=True, slots=True)
+class BlockTable:
+    """The stage ILP's inputs for one (tp, dp, micro-batch size, lean) set-up."""
+
+    blocks: tuple[BlockData, ...]  # per block, its unshared parameters only
+    shared: tuple[SharedParam, ...]  # tied parameters, held once per stage that reads them
+    total_static_bytes: float  # weights, gradients and optimizer state of the whole model
+
+
 class _Search:
     def __init__(self, ev: Evaluator, pins: Pins, time_limit_s: float, progress: SearchCallback | None = None) -> None:
         self.ev = ev
@@ -144,7 +153,7 @@ class _Search:
         self.limit = ev.cluster.device.memory_bytes * (1 - ev.training.memory_reserve)
         self.report = SearchReport()
         self._sharding: dict[tuple[int, int, bool], dict[str, str]] = {}
-        self._blocks: dict[tuple, tuple[tuple[BlockData, ...], tuple[SharedParam, ...], float]] = {}
+        self._blocks: dict[tuple[int, int, int, bool], BlockTable] = {}
         self.types = self.pg.block_types()
 
     # --- block costs per (tp, mbs, lean) --------------------------------------------------
@@ -170,7 +179,7 @@ class _Search:
             self._sharding[key] = out
         return self._sharding[key]
 
-    def block_data(self, tp: int, dp: int, mbs: int, lean: bool):
+    def block_data(self, tp: int, dp: int, mbs: int, lean: bool) -> BlockTable:
         """Per-block figures for the stage ILP, shared tied parameters, and the total static bytes."""
         key = (tp, dp, mbs, lean)
         if key in self._blocks:
@@ -188,13 +197,22 @@ class _Search:
         for b in self.pg.blocks:
             cost = ev.block_cost(b, mbs, tp, sharding)
             st, grad = resident([p for p in b.params if p not in shared])
-            blocks.append(BlockData(cost.time.forward_s, cost.time.backward_s, cost.saved_bytes, cost.input_bytes, st, grad))
+            blocks.append(
+                BlockData(
+                    forward_s=cost.time.forward_s,
+                    backward_s=cost.time.backward_s,
+                    saved_bytes=cost.saved_bytes,
+                    input_bytes=cost.input_bytes,
+                    static_bytes=st,
+                    grad_bytes=grad,
+                )
+            )
         shared_data = []
         for p, readers in sorted(shared.items()):
             st, grad = resident([p])
-            shared_data.append(SharedParam(st, grad, tuple(readers)))
+            shared_data.append(SharedParam(static_bytes=st, grad_bytes=grad, readers=tuple(readers)))
         total_static = sum(b.static_bytes for b in blocks) + sum(s.static_bytes for s in shared_data)
-        self._blocks[key] = (tuple(blocks), tuple(shared_data), total_static)
+        self._blocks[key] = BlockTable(blocks=tuple(blocks), shared=tuple(shared_data), total_static_bytes=total_static)
         return self._blocks[key]
 
     # --- the enumeration ------------------------------------------------------------------
@@ -263,8 +281,9 @@ class _Search:
         ``S/pp + n0 (A (1 - phi) + I phi) / K <= limit``. It is a good guess, not
         a bound, so it only orders the search.
         """
-        blocks, shared, total_static = self.block_data(c.tp, c.dp, c.micro_batch_size, c.lean)
-        need = total_static / c.pp
+        table = self.block_data(c.tp, c.dp, c.micro_batch_size, c.lean)
+        blocks = table.blocks
+        need = table.total_static_bytes / c.pp
         biggest = max(b.static_bytes for b in blocks)
         self.report.memory_need_bytes = min(self.report.memory_need_bytes, max(need, biggest))
         if need > self.limit or biggest > self.limit:
@@ -295,7 +314,8 @@ class _Search:
 
     def problem(self, c: Candidate, budget_s: float) -> tuple[StageProblem, dict[str, str]]:
         ev = self.ev
-        blocks, shared, _ = self.block_data(c.tp, c.dp, c.micro_batch_size, c.lean)
+        table = self.block_data(c.tp, c.dp, c.micro_batch_size, c.lean)
+        blocks = table.blocks
         sharding = self.sharding(c.tp, c.micro_batch_size, c.lean)
         mesh = c.mesh
         k = c.micro_batch_size / ev.captured.batch_size
@@ -317,8 +337,8 @@ class _Search:
         problem = StageProblem(
             blocks=blocks,
             edges=tuple((e.src, e.dst) for e in self.pg.edges),
-            tensors=tuple((src, readers, size * k) for src, readers, size in self.pg.tensor_flows()),
-            shared=shared,
+            tensors=tuple(replace(t, bytes=t.bytes * k) for t in self.pg.tensor_flows()),
+            shared=table.shared,
             pp=c.pp,
             virtual_stages=c.virtual_stages,
             microbatches=c.microbatches,
