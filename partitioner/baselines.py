@@ -24,6 +24,7 @@ from typing import Callable, Sequence
 from .errors import InfeasibleError, PlanError
 from .evaluate import Evaluator, StageSpec
 from .plan import Mesh, Plan, Schedule
+from .schedules import check_schedule, spec as schedule_spec
 from .sharding import megatron_sharding
 from .simulate import SimResult
 
@@ -40,20 +41,23 @@ class Pins:
     tp: int | None = None
     dp: int | None = None
     microbatches: int | None = None  # micro-batches per step per data-parallel replica
-    schedule: str | None = None  # gpipe | 1f1b | interleaved
-    virtual_stages: int | None = None  # for interleaved
+    schedule: str | None = None  # a name of schedules.SCHEDULES
+    virtual_stages: int | None = None  # stages per rank (interleaved, zb: any; zbv, dualpipev: 2)
     recompute: bool | None = None
     split_at: tuple[str, ...] = ()  # modules where a stage must begin (the ILP honours these)
 
     def __post_init__(self) -> None:
-        # Virtual stages only exist in the interleaved schedule: asking for them asks for it.
-        if self.virtual_stages is not None and self.virtual_stages > 1:
-            if self.schedule is None:
-                object.__setattr__(self, "schedule", "interleaved")
-            elif self.schedule != "interleaved":
+        # Virtual stages alone ask for the interleaved schedule.
+        if self.schedule is not None:
+            need = schedule_spec(self.schedule).virtual_stages
+            if need is not None and self.virtual_stages is not None and self.virtual_stages != need:
                 raise PlanError(
-                    f"--virtual-stages {self.virtual_stages} needs the interleaved schedule, not {self.schedule!r}"
+                    f"--virtual-stages {self.virtual_stages} does not suit --schedule {self.schedule}, "
+                    f"which runs {need} stage(s) per rank"
+                    + ("; use --schedule interleaved or zb" if need == 1 else f"; use --virtual-stages {need}")
                 )
+        elif self.virtual_stages is not None and self.virtual_stages > 1:
+            object.__setattr__(self, "schedule", "interleaved")
 
 
 def plan_baseline(method: str, ev: Evaluator, pins: Pins = Pins()) -> tuple[Plan, SimResult]:
@@ -73,7 +77,7 @@ def plan_baseline(method: str, ev: Evaluator, pins: Pins = Pins()) -> tuple[Plan
     skipped: PlanError | None = None  # why the last unpinned mesh was passed over
     for mesh in _meshes(world, tp, pins, n_blocks, method, ev.cluster.devices_per_node):
         schedule_name = pins.schedule or "1f1b"
-        v = pins.virtual_stages or (2 if schedule_name == "interleaved" else 1)
+        v = pins.virtual_stages or schedule_spec(schedule_name).virtual_stages or (2 if schedule_name == "interleaved" else 1)
         if ev.training.global_batch % mesh.dp and not pins.dp:
             continue  # this many replicas cannot share the batch evenly
         if method in ("uniform", "megatron") and mesh.pp * v > n_layers and not pins.pp:
@@ -85,11 +89,11 @@ def plan_baseline(method: str, ev: Evaluator, pins: Pins = Pins()) -> tuple[Plan
                 raise
             skipped = exc  # --microbatches fits another dp; keep looking
             continue
-        if schedule_name == "interleaved" and m % mesh.pp:
+        try:
+            check_schedule(schedule_name, mesh.pp, m, v)
+        except PlanError:
             if pins.microbatches:
-                raise PlanError(
-                    f"interleaved schedule needs microbatches ({m}) divisible by pp ({mesh.pp})"
-                )
+                raise
             continue
         if mesh.pp * v > n_blocks:
             continue

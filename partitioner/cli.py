@@ -18,6 +18,7 @@ from typing import Sequence
 
 from .errors import AutopartError, PlanError, one_line
 from .progress import Progress
+from .schedules import SCHEDULES
 
 GIB = 1 << 30
 DEFAULT_MODEL = "gpt2"
@@ -106,8 +107,9 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--global-batch", type=_positive_int, default=None, help="samples per step (default 8 per device)")
     g.add_argument("--mesh", default=None, metavar="pp=..,tp=..,dp=..", help="pin mesh axes, any subset")
     g.add_argument("--microbatches", type=_positive_int, default=None, help="micro-batches per step per replica")
-    g.add_argument("--schedule", default=None, choices=("gpipe", "1f1b", "interleaved"), help="gpipe | 1f1b | interleaved")
-    g.add_argument("--virtual-stages", type=_positive_int, default=None, help="stages per rank for the interleaved schedule")
+    g.add_argument("--schedule", default=None, choices=SCHEDULES, help=" | ".join(SCHEDULES))
+    g.add_argument("--virtual-stages", type=_positive_int, default=None,
+                   help="stages per rank (interleaved, zb: any; zbv, dualpipev: 2)")
     g.add_argument("--recompute", action=argparse.BooleanOptionalAction, default=None, help="activation recomputation")
     g.add_argument("--split-at", default=None, metavar="MODULE[,MODULE..]", help="hand-written plan: stages begin at these modules")
     g.add_argument("--plan", dest="plan_file", default=None, metavar="PATH", help="check and simulate a plan JSON file")
@@ -161,8 +163,9 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--global-batch", type=_positive_int, default=None, help="samples per step (default 8 per device)")
     g.add_argument("--mesh", default=None, metavar="pp=..,tp=..,dp=..", help="pin mesh axes for every method, any subset")
     g.add_argument("--microbatches", type=_positive_int, default=None, help="micro-batches per step per replica")
-    g.add_argument("--schedule", default=None, choices=("gpipe", "1f1b", "interleaved"), help="gpipe | 1f1b | interleaved")
-    g.add_argument("--virtual-stages", type=_positive_int, default=None, help="stages per rank for the interleaved schedule")
+    g.add_argument("--schedule", default=None, choices=SCHEDULES, help=" | ".join(SCHEDULES))
+    g.add_argument("--virtual-stages", type=_positive_int, default=None,
+                   help="stages per rank (interleaved, zb: any; zbv, dualpipev: 2)")
     g.add_argument("--recompute", action=argparse.BooleanOptionalAction, default=None, help="activation recomputation")
     g.add_argument("--optimizer", default=None, choices=("adam-mixed", "adam", "sgd"), help="adam-mixed | adam | sgd (default adam-mixed)")
     g.add_argument("--zero1", action="store_true", help="shard optimizer state over data-parallel ranks")
@@ -795,12 +798,12 @@ def _parse_tp(text: str) -> list[int]:
 
 def cmd_calibrate(args: argparse.Namespace) -> int:
     import time
-    from datetime import timedelta
 
     import torch
     import torch.distributed as dist
 
     from .calibrate import DEFAULT_SIZES, CalibrateError, calibrated_cluster, run_calibration
+    from .devices import init_distributed
     from .cluster import load_cluster
 
     if "RANK" not in os.environ or "WORLD_SIZE" not in os.environ:
@@ -811,7 +814,6 @@ def cmd_calibrate(args: argparse.Namespace) -> int:
     out = _check_out(args.out, args.force, "--out", "cluster.toml")
     world = int(os.environ["WORLD_SIZE"])
     local = int(os.environ.get("LOCAL_WORLD_SIZE", world))
-    gpu = torch.cuda.is_available()
     base = load_cluster(args.cluster or f"local-cpu:{local}")
     if base.world_size != world:
         raise CalibrateError(
@@ -821,9 +823,7 @@ def cmd_calibrate(args: argparse.Namespace) -> int:
     if args.max_bytes < (1 << 20):
         raise CalibrateError(f"--max-bytes {args.max_bytes}: use at least 1048576 (1 MiB), or latency hides the bandwidth")
     sizes = tuple(s for s in DEFAULT_SIZES if s <= args.max_bytes)
-    if gpu:
-        torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")))
-    dist.init_process_group("nccl" if gpu else "gloo", timeout=timedelta(seconds=300))
+    gpu = init_distributed().is_cuda  # one rank per local GPU over NCCL, else gloo on CPU (devices.py)
     try:
         report = run_calibration(sizes, args.reps, args.dtype or ("bf16" if gpu else "fp32"), local)
         if dist.get_rank() == 0:

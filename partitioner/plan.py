@@ -9,7 +9,9 @@ fingerprint, cluster) so that it is refused for anything else.
 Glossary: **stage** is a pipeline stage (with interleaving, a virtual stage:
 ``pp * virtual_stages`` of them, stage ``s`` on pipeline rank ``s % pp``);
 **axis** is a mesh axis (``pp``, ``tp``, ``dp``); **micro-batch** is one slice
-of the global batch. The JSON schema is documented in ``docs/plan.md``.
+of the global batch. With the V-shaped schedules (``zbv``, ``dualpipev``) rank
+``r`` holds stages ``r`` and ``2 * pp - 1 - r`` instead ([Note: stage layouts]
+in schedules.py). The JSON schema is documented in ``docs/plan.md``.
 """
 
 from __future__ import annotations
@@ -20,6 +22,7 @@ from pathlib import Path
 from typing import Any, Mapping, Sequence
 
 from .errors import PlanError
+from .schedules import REGISTRY as SCHEDULE_REGISTRY, SCHEDULES, check_schedule
 
 __all__ = [
     "PLAN_VERSION",
@@ -43,7 +46,7 @@ PLAN_VERSION = 3
 # run --plan`` needs nothing else). A version-2 plan loads with no source: ``autopart run`` then
 # needs --model/--config/--seq-len again, and says so.
 READABLE_VERSIONS = (2, 3)
-SCHEDULE_NAMES = ("gpipe", "1f1b", "interleaved")
+SCHEDULE_NAMES = SCHEDULES  # the registry in schedules.py is the one list
 # Per-node tensor-sharding strategies the runtime can realize (see docs/plan.md).
 STRATEGIES = ("replicate", "column", "row", "vocab", "sharded")
 
@@ -118,10 +121,10 @@ class Mesh:
 class Schedule:
     """The pipeline schedule and how the global batch is cut into micro-batches."""
 
-    name: str = "1f1b"  # gpipe | 1f1b | interleaved
+    name: str = "1f1b"  # gpipe | 1f1b | interleaved | zb | zbv | dualpipev (schedules.py)
     microbatches: int = 1  # micro-batches per step, per data-parallel replica
     micro_batch_size: int = 1  # samples per micro-batch
-    virtual_stages: int = 1  # stages per pipeline rank (interleaved only)
+    virtual_stages: int = 1  # stages per pipeline rank (interleaved, zb: any; zbv, dualpipev: 2)
 
     def __post_init__(self) -> None:
         if self.name not in SCHEDULE_NAMES:
@@ -129,9 +132,12 @@ class Schedule:
         _check_int("schedule.microbatches", self.microbatches)
         _check_int("schedule.micro_batch_size", self.micro_batch_size)
         _check_int("schedule.virtual_stages", self.virtual_stages)
-        if self.name != "interleaved" and self.virtual_stages != 1:
+        need = SCHEDULE_REGISTRY[self.name].virtual_stages
+        if need is not None and self.virtual_stages != need:
+            fix = "schedule 'interleaved' or 'zb' for several stages per rank" if need == 1 else f"virtual_stages {need}"
             raise PlanError(
-                f"schedule.virtual_stages={self.virtual_stages} needs schedule 'interleaved' (got {self.name!r})"
+                f"schedule.virtual_stages={self.virtual_stages} does not suit schedule {self.name!r}, "
+                f"which runs {need} stage(s) per rank: use {fix}"
             )
 
 
@@ -308,6 +314,8 @@ class Plan:
     version: int = PLAN_VERSION
 
     def __post_init__(self) -> None:
+        sched = self.schedule
+        check_schedule(sched.name, self.mesh.pp, sched.microbatches, sched.virtual_stages)
         expected = self.mesh.pp * self.schedule.virtual_stages
         if len(self.stages) != expected:
             raise PlanError(

@@ -181,8 +181,10 @@ def test_plan_constructor_checks_consistency(tp_plan):
         replace(tp_plan, stages=tp_plan.stages * 2)
     with pytest.raises(PlanError, match="owns no modules"):
         replace(tp_plan, stages=(replace(tp_plan.stages[0], modules=()),))
-    with pytest.raises(PlanError, match="virtual_stages=2 needs schedule 'interleaved'"):
+    with pytest.raises(PlanError, match="virtual_stages=2 does not suit schedule '1f1b'.*use schedule 'interleaved'"):
         Schedule("1f1b", 4, 1, 2)
+    with pytest.raises(PlanError, match="virtual_stages=1 does not suit schedule 'zbv'.*use virtual_stages 2"):
+        Schedule("zbv", 4, 1, 1)
     with pytest.raises(PlanError, match="mesh.pp"):
         Mesh(pp=0)
 
