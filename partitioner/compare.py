@@ -532,8 +532,9 @@ def _profiled_costs(pgraph, cluster, dtype: str, tp_pin: int | None, settings: P
     from .cli import _tp_degrees  # the degrees ``plan --profile`` measures; one definition for both
     from .profile import ProfileCache, ProfileOptions, profile_for_planning
 
+    # No bar of its own: compare's progress line says "profiling" (one live display at a time).
     options = ProfileOptions(device=settings.device, dtype=dtype, tp_degrees=_tp_degrees(cluster, tp_pin),
-                             budget_s=settings.budget_s)
+                             budget_s=settings.budget_s, progress=False)
     with ProfileCache(settings.cache) as cache:
         prof = profile_for_planning(pgraph, cluster, cache, options)
         path = cache.path
@@ -864,13 +865,15 @@ def compare(
     force: bool = False,
     command: str | None = None,
     progress: Callable[[str], None] | None = None,
+    quiet: bool = False,
 ) -> Comparison:
     """Plan one case with each of ``methods``; with ``measure`` run the plans here; with ``out`` write the report.
 
     Every keyword is the ``autopart compare`` option of the same name. ``profile`` (with ``device``,
     ``cache``, ``profile_budget``) prices every method with costs measured here, as ``autopart plan
     --profile`` does. Checks everything that can be checked (methods, ``out``, the runtime for
-    ``measure``, the device for ``profile``) before the slow work starts.
+    ``measure``, the device for ``profile``) before the slow work starts. ``progress`` receives a line
+    per step (capturing, profiling, planning with a method, running a plan); ``quiet`` drops them.
     """
     started = time.perf_counter()
     methods = parse_methods(DEFAULT_METHODS if methods is None else methods)
@@ -898,7 +901,8 @@ def compare(
     )
     if out_dir is not None:
         out_dir.mkdir(exist_ok=True)
-    result = run_case(case, methods, measure=settings, profile=profiling, workdir=out_dir, progress=progress)
+    result = run_case(case, methods, measure=settings, profile=profiling, workdir=out_dir,
+                      progress=None if quiet else progress)
     comparison = Comparison(
         cases=(result,),
         command=command or _python_call(case, methods, measure, out, profiling),

@@ -189,6 +189,7 @@ def test_profile_options_are_checked_before_any_work(capsys, tmp_path):
 
 
 @pytest.mark.skipif(not runtime_available(), reason=NO_RUNTIME)
+@pytest.mark.slow  # profiles, then two torchrun launches
 def test_measure_runs_each_plan_and_reports_error_and_spearman(capsys, tmp_path):
     # Two distinct plans (ilp: data parallel; megatron: tp=2 over the node), priced with measured costs.
     out = tmp_path / "m"
@@ -327,6 +328,7 @@ def test_matrix_file_errors_name_the_field(tmp_path):
         load_matrix(bad)
 
 
+@pytest.mark.slow  # ILP solves of several cases
 def test_matrix_runs_and_reports_the_headline(tmp_path, capsys):
     toml = tmp_path / "m.toml"
     toml.write_text(
