@@ -263,7 +263,7 @@ def _schedules(pins: Pins, pp: int, m: int, n_layers: int, units: int) -> list[t
             if name != "interleaved":
                 vs = [1] + vs
         for v in vs:
-            if (v > 1 and pp == 1) or pp * v > units:
+            if v > 1 and (pp == 1 or pp * v > units):  # with v = 1 the split rule says why it cannot
                 continue
             try:
                 check_schedule(name, pp, m, v)  # the registry's rules: what torch refuses, we never plan
