@@ -44,6 +44,7 @@ import torch
 import torch.distributed as dist
 
 from .cluster import Cluster, DeviceSpec, LinkSpec
+from .devices import rank_device
 from .errors import AutopartError
 
 __all__ = [
@@ -145,9 +146,8 @@ def fit_link(samples: Sequence[CommSample]) -> LinkFit | None:
 
 
 def _device() -> torch.device:
-    if dist.get_backend() == "nccl":
-        return torch.device("cuda", int(os.environ.get("LOCAL_RANK", "0")))
-    return torch.device("cpu")
+    """This rank's own device: cuda:LOCAL_RANK under NCCL, else cpu (see devices.py)."""
+    return rank_device().device
 
 
 def _sync(device: torch.device) -> None:

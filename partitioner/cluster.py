@@ -518,11 +518,12 @@ class Cluster:
         nodes = f"{self.nodes} node{'' if self.nodes == 1 else 's'}"
         intra = self.intra_node.name or "intra-node"
         inter = self.inter_node.name or "inter-node"
+        # One node has no inter-node link to speak of (local-cpu's two links are the same loopback).
+        across = f", {inter} {_g(self.inter_node.bandwidth / 1e9)} GB/s/device" if self.nodes > 1 else ""
         return (
             f"{self.name}: {nodes} x {self.devices_per_node} {dev.name} "
             f"({_g(dev.memory_bytes / _GiB)} GiB, {_g(dev.peak_flops[dtype] / 1e12)} TFLOP/s "
-            f"{dtype}), {intra} {_g(self.intra_node.bandwidth / 1e9)} GB/s, "
-            f"{inter} {_g(self.inter_node.bandwidth / 1e9)} GB/s/device"
+            f"{dtype}), {intra} {_g(self.intra_node.bandwidth / 1e9)} GB/s{across}"
         )
 
 

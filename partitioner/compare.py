@@ -10,9 +10,12 @@ pictures (``partitioner/plots.py``), the plans and the raw figures as JSON. The 
 matrix (``benchmarks/run_matrix.py``) runs many cases through the same functions.
 
 Glossary (besides the project's): a **case** is one model on one cluster under one training set-up;
-a **method** is a planner (``ilp``, ``uniform``, ``params``, ``pipedream``, ``megatron``); a **row**
-is one method's outcome in one case: a plan, or the reason there is none; a **measurement** is a
-real run of a row's plan on this machine.
+a **method** is a planner (``ilp``, ``expert``, ``uniform``, ``params``, ``pipedream``, ``megatron``);
+a **row** is one method's outcome in one case: a plan, or the reason there is none; a **measurement**
+is a real run of a row's plan on this machine. The **reference** is ``expert`` (a tuned Megatron-style
+sweep, see partitioner/baselines.py): every speedup is against it. The ILP's plan records its
+**origin** (``solver.origin``): ``ilp`` where its own solve beat every seed, else the seed's name;
+``ilp_wins`` counts the former, and only those are the solver's own improvements.
 
 [Note: why the library lives in partitioner/]
 ``autopart compare`` must work from an installed autopart, and the wheel ships only
@@ -47,6 +50,7 @@ from pathlib import Path
 from typing import Any, Callable, Iterable, Mapping, Sequence
 
 from .baselines import METHODS as BASELINES
+from .baselines import REFERENCE
 from .errors import AutopartError
 
 __all__ = [
@@ -66,6 +70,8 @@ __all__ = [
     "runtime_available",
     "spearman",
     "geomean",
+    "IlpWins",
+    "ilp_wins",
     "print_tables",
     "write_report",
     "check_out_dir",
@@ -224,7 +230,7 @@ class CaseResult:
     def row(self, method: str) -> Row | None:
         return next((r for r in self.rows if r.method == method), None)
 
-    def speedup(self, row: Row, over: str = "uniform") -> float | None:
+    def speedup(self, row: Row, over: str = REFERENCE) -> float | None:
         """How many times faster ``row``'s plan is than ``over``'s; None unless both exist and fit."""
         base = self.row(over)
         if base is None or not _fits(base) or not _fits(row):
@@ -273,6 +279,45 @@ class Comparison:
 
 def _fits(row: Row) -> bool:
     return row.plan is not None and bool(row.plan.predicted.fits)
+
+
+@dataclass(frozen=True, slots=True)
+class IlpWins:
+    """How often the ILP's own solve beat the best seed (the baselines' plans it starts from), and by how much."""
+
+    cases: int  # cases with a fitting ILP plan whose origin is recorded
+    wins: int  # of those, cases where the plan came from the ILP's own solve
+    gain_geomean: float | None  # best seed's step time / the ILP's, geometric mean over the wins
+    gain_max: float | None
+    own_speedup_geomean: float | None  # over the reference, counting a seed's plan as no gain (ratio 1 to the seed)
+
+
+def ilp_wins(cases: Sequence[CaseResult]) -> IlpWins:
+    """``IlpWins`` over ``cases``: only plans with ``solver.origin == "ilp"`` count as the solver's.
+
+    The own speedup of a case is ``reference / ILP`` where the solve won, and ``reference / best
+    seed`` capped at 1 where it did not (a seed that beats the reference is another baseline's
+    win, not the solver's).
+    """
+    n = wins = 0
+    gains, own = [], []
+    for c in cases:
+        row = c.row("ilp")
+        if row is None or not _fits(row) or row.plan.solver.origin is None:
+            continue
+        n += 1
+        ref = c.row(REFERENCE)
+        ref_s = ref.step_s if ref is not None and _fits(ref) else None
+        solver = row.plan.solver
+        if solver.origin == "ilp":
+            wins += 1
+            if solver.seed_step_s:
+                gains.append(solver.seed_step_s / row.step_s)
+            if ref_s:
+                own.append(ref_s / row.step_s)
+        elif ref_s:
+            own.append(min(1.0, ref_s / row.step_s))
+    return IlpWins(n, wins, geomean(gains), max(gains, default=None), geomean(own))
 
 
 # --------------------------------------------------------------------------------------
@@ -487,8 +532,9 @@ def _profiled_costs(pgraph, cluster, dtype: str, tp_pin: int | None, settings: P
     from .cli import _tp_degrees  # the degrees ``plan --profile`` measures; one definition for both
     from .profile import ProfileCache, ProfileOptions, profile_for_planning
 
+    # No bar of its own: compare's progress line says "profiling" (one live display at a time).
     options = ProfileOptions(device=settings.device, dtype=dtype, tp_degrees=_tp_degrees(cluster, tp_pin),
-                             budget_s=settings.budget_s)
+                             budget_s=settings.budget_s, progress=False)
     with ProfileCache(settings.cache) as cache:
         prof = profile_for_planning(pgraph, cluster, cache, options)
         path = cache.path
@@ -819,13 +865,15 @@ def compare(
     force: bool = False,
     command: str | None = None,
     progress: Callable[[str], None] | None = None,
+    quiet: bool = False,
 ) -> Comparison:
     """Plan one case with each of ``methods``; with ``measure`` run the plans here; with ``out`` write the report.
 
     Every keyword is the ``autopart compare`` option of the same name. ``profile`` (with ``device``,
     ``cache``, ``profile_budget``) prices every method with costs measured here, as ``autopart plan
     --profile`` does. Checks everything that can be checked (methods, ``out``, the runtime for
-    ``measure``, the device for ``profile``) before the slow work starts.
+    ``measure``, the device for ``profile``) before the slow work starts. ``progress`` receives a line
+    per step (capturing, profiling, planning with a method, running a plan); ``quiet`` drops them.
     """
     started = time.perf_counter()
     methods = parse_methods(DEFAULT_METHODS if methods is None else methods)
@@ -853,7 +901,8 @@ def compare(
     )
     if out_dir is not None:
         out_dir.mkdir(exist_ok=True)
-    result = run_case(case, methods, measure=settings, profile=profiling, workdir=out_dir, progress=progress)
+    result = run_case(case, methods, measure=settings, profile=profiling, workdir=out_dir,
+                      progress=None if quiet else progress)
     comparison = Comparison(
         cases=(result,),
         command=command or _python_call(case, methods, measure, out, profiling),
@@ -897,10 +946,10 @@ def _check_plotting() -> None:
 
 COLUMNS = (
     "method", "mesh", "schedule", "micro-batches", "step time", "samples/s", "TFLOP/s/dev", "MFU", "bubble",
-    "peak mem/dev", "fits", "solver", "vs uniform",
+    "peak mem/dev", "fits", "solver", "origin", f"vs {REFERENCE}",
 )
 RIGHT = {"micro-batches", "step time", "samples/s", "TFLOP/s/dev", "MFU", "bubble", "peak mem/dev", "solver",
-         "vs uniform", "error"}
+         f"vs {REFERENCE}", "error"}
 MEASURED_COLUMNS = ("measured", "error")
 
 
@@ -952,6 +1001,7 @@ def row_cells(case: CaseResult, row: Row, measured: bool, notes: list[str] | Non
         _fmt_bytes(pred.peak_memory_bytes),
         "yes" if pred.fits else "NO",
         f"{p.solver.wall_s:.2f} s",
+        _origin_cell(p),
         f"{sp:.2f}x" if sp is not None else "—",
     ]
     if measured:
@@ -968,12 +1018,33 @@ def row_cells(case: CaseResult, row: Row, measured: bool, notes: list[str] | Non
     return cells
 
 
+def _origin_cell(plan) -> str:
+    """``ilp (1.12x seed)`` for the solver's own plan, ``seed: expert`` for a seed nothing beat."""
+    solver = plan.solver
+    if solver.origin is None:
+        return "—" if solver.method == "ilp" else solver.method
+    if solver.origin != "ilp":
+        return f"seed: {solver.origin}"
+    step = plan.predicted.step_time_s
+    return "ilp" + (f" ({solver.seed_step_s / step:.3f}x seed)" if solver.seed_step_s and step else "")
+
+
+def _wins_line(cases: Sequence[CaseResult]) -> str | None:
+    w = ilp_wins(cases)
+    if not w.cases:
+        return None
+    line = f"ILP's own solve beat the best seed in {w.wins} of {w.cases} case(s)"
+    if w.gain_geomean is not None:
+        line += f" (by {w.gain_geomean:.3f}x geomean, at most {w.gain_max:.3f}x)"
+    return line
+
+
 def print_tables(comparison: Comparison, console: Any = None) -> None:
     """The table of each case, printed with rich."""
     from rich.console import Console
     from rich.table import Table
 
-    console = console or Console(width=max(170, Console().width))
+    console = console or Console(width=max(190, Console().width))
     for case in comparison.cases:
         console.print(f"[bold]{case.case.model}[/bold] ({case.params / 1e6:,.1f}M params) on {case.cluster}")
         table = Table(show_lines=False)
@@ -990,7 +1061,11 @@ def print_tables(comparison: Comparison, console: Any = None) -> None:
             console.print(f"  {note}", highlight=False)
         console.print(f"[dim]costs: {case.costs}[/dim]", highlight=False)
         console.print(f"[dim]capture {case.capture_s:.1f} s · case {case.wall_s:.1f} s; "
-                      "vs uniform = uniform's step time / this plan's; (= m): the same plan as method m[/dim]")
+                      f"vs {REFERENCE} = {REFERENCE}'s step time / this plan's; (= m): the same plan as method m; "
+                      "origin: ilp = the solver's own plan, seed: m = baseline m's plan, which no solve beat[/dim]")
+    wins = _wins_line(comparison.cases)
+    if wins:
+        console.print(wins, highlight=False)
     if comparison.measured:
         rho = comparison.spearman()
         n = len(comparison.measured_points())
@@ -1047,7 +1122,7 @@ def results_json(comparison: Comparison) -> dict[str, Any]:
         if r.ok:
             d.update(
                 mesh=str(r.plan.mesh), schedule=asdict(r.plan.schedule), predicted=asdict(r.plan.predicted),
-                solver=asdict(r.plan.solver), speedup_over_uniform=case.speedup(r),
+                solver=asdict(r.plan.solver), speedup_over_expert=case.speedup(r),
                 stage_busy_s=list(r.sim.busy_s), stage_peak_memory_bytes=list(r.sim.peak_memory_bytes),
             )
         if r.measured is not None:
@@ -1063,6 +1138,7 @@ def results_json(comparison: Comparison) -> dict[str, Any]:
         "machine": dict(comparison.machine),
         "wall_s": comparison.wall_s,
         "spearman": comparison.spearman() if comparison.measured else None,
+        "ilp_wins": asdict(ilp_wins(comparison.cases)),
         "spearman_by_case": comparison.spearman_by_case() if comparison.measured else None,
         "cases": [
             {"case": asdict(c.case), "title": c.case.title, "cluster": c.cluster, "params": c.params, "costs": c.costs,
@@ -1117,10 +1193,15 @@ def write_report(
         + f". Date: {time.strftime('%Y-%m-%d')}. Wall time: {comparison.wall_s:.1f} s.",
         "",
         "Every method plans the same captured model and is priced by the same cost model and simulator. "
-        "*vs uniform* is uniform's predicted step time divided by the plan's (above 1: faster than uniform); "
-        "*(= m)* marks the same plan as method *m*; *micro-batches* is count x size per data-parallel replica.",
+        f"*vs {REFERENCE}* is {REFERENCE}'s predicted step time divided by the plan's (above 1: faster than "
+        f"{REFERENCE}, the tuned Megatron-style sweep); *(= m)* marks the same plan as method *m*; *micro-batches* "
+        "is count x size per data-parallel replica; *origin* is where the ILP's plan came from (*ilp*: its own "
+        "solve, with its gain over the best seed; *seed: m*: baseline *m*'s plan, which no solve beat).",
         "",
     ]
+    wins = _wins_line(comparison.cases)
+    if wins:
+        lines += [wins + ".", ""]
     if summary:
         lines += [summary.strip(), ""]
     if comparison.measured:

@@ -9,6 +9,16 @@ where costs are assembled, so that all plans are judged the same way.
 
 Tensor-parallel costs come from ``BlockLayoutCosts``: see [Note: layouts and
 resharding] in sharding.py.
+
+[Note: input and weight gradients]
+Zero-bubble schedules run a stage's backward as two actions, ``I`` (gradients
+of the stage's inputs) and ``W`` (gradients of its weights). For a layer
+``y = x A`` the two are one matrix product each, the size of the forward's,
+so a block with trainable parameters gets half of its backward as ``W``
+(``WEIGHT_GRAD_SHARE``); a block without any has no ``W``. The attention
+core (softmax, the score and value products) has no weights and all of its
+backward is ``I``, so for a transformer layer this overstates ``W`` a
+little. Recomputation replays the forward inside ``I``, never in ``W``.
 """
 
 from __future__ import annotations
@@ -25,9 +35,12 @@ from .errors import PlanError
 from .graph import Block, PartitionGraph
 from .plan import Mesh, ModelRef, Plan, Predicted, Schedule, SolverInfo, Stage, StageComponents, StagePredicted, Training
 from .sharding import BlockLayoutCosts, sharded_params
+from .schedules import spec as schedule_spec, stage_rank
 from .simulate import SimResult, StageCost, simulate
 
-__all__ = ["Evaluator", "StageSpec", "BlockCost"]
+__all__ = ["Evaluator", "StageSpec", "BlockCost", "WEIGHT_GRAD_SHARE"]
+
+WEIGHT_GRAD_SHARE = 0.5  # of a block's backward, when it has trainable parameters ([Note: input and weight gradients])
 
 @dataclass(frozen=True, slots=True)
 class StageSpec:
@@ -124,11 +137,19 @@ class Evaluator:
             for b in spec.blocks:
                 stage_of[b] = s
         crossing = self.pgraph.crossing_bytes(stage_of)
+        layout = schedule_spec(schedule.name).layout
+        params = self.captured.params
         out = []
         for s, spec in enumerate(stages):
-            costs = [self.block_cost(self.pgraph.blocks[b], mbs, mesh.tp, sharding) for b in spec.blocks]
+            blocks = [self.pgraph.blocks[b] for b in spec.blocks]
+            costs = [self.block_cost(b, mbs, mesh.tp, sharding) for b in blocks]
             fwd = sum(c.time.forward_s for c in costs)
             bwd = sum(c.time.backward_s for c in costs)
+            wgt = sum(
+                WEIGHT_GRAD_SHARE * c.time.backward_s
+                for b, c in zip(blocks, costs)
+                if any(params[p].trainable for p in b.params)
+            )
             if spec.recompute:
                 bwd += fwd  # full recomputation replays the forward before the backward
                 act = sum(c.input_bytes for c in costs)
@@ -138,15 +159,15 @@ class Evaluator:
                 transient = 0.0
             names = {p for b in spec.blocks for p in self.pgraph.blocks[b].params}
             static, grad_bytes = self.resident_bytes(names, mesh.tp, mesh.dp, split_params)
-            rank = mesh.rank(s % pp)
+            rank = mesh.rank(stage_rank(s, pp, layout))
             send = 0.0
             if s + 1 < len(stages):
                 nbytes = crossing[s] * mbs / self.captured.batch_size
-                send = self.cost_model.p2p_time(nbytes / mesh.tp, rank, mesh.rank((s + 1) % pp))
+                send = self.cost_model.p2p_time(nbytes / mesh.tp, rank, mesh.rank(stage_rank(s + 1, pp, layout)))
             dp_reduce = 0.0
             if mesh.dp > 1:
                 grad = grad_bytes
-                dp_reduce = self.cost_model.collective_time("all_reduce", grad, mesh.dp_group(s % pp))
+                dp_reduce = self.cost_model.collective_time("all_reduce", grad, mesh.dp_group(stage_rank(s, pp, layout)))
             out.append(
                 StageCost(
                     forward_s=fwd,
@@ -155,6 +176,7 @@ class Evaluator:
                     activation_bytes=int(act),
                     static_bytes=int(static + transient),
                     dp_reduce_s=dp_reduce,
+                    backward_weight_s=min(wgt, bwd),
                 )
             )
         return out
@@ -270,8 +292,9 @@ class Evaluator:
             last_end[e.rank], last_stage[e.rank] = e.end_s, e.action.stage
         tail = [0.0] * K
         exposed_share = [0.0] * K
+        layout = schedule_spec(schedule.name).layout
         for r in range(pp):
-            mine = range(r, K, pp)
+            mine = [s for s in range(K) if stage_rank(s, pp, layout) == r]
             tail[last_stage[r]] = max(0.0, sim.step_time_s - last_end[r] - sim.dp_exposed_s[r])
             reduce_total = sum(costs[s].dp_reduce_s for s in mine)
             for s in mine:
@@ -302,10 +325,11 @@ class Evaluator:
         dev = self.cluster.device
         limit = int(dev.memory_bytes * (1 - self.training.memory_reserve))
         pp = mesh.pp
+        layout = schedule_spec(schedule.name).layout
         parts = self.components(stages, mesh, schedule, sharding, costs, sim)
         out_stages = []
         for s, (spec, c) in enumerate(zip(stages, costs)):
-            r = s % pp
+            r = stage_rank(s, pp, layout)
             blocks = [self.pgraph.blocks[b] for b in spec.blocks]
             count, _ = self.pgraph.params_bytes(spec.blocks)
             out_stages.append(

@@ -16,6 +16,7 @@ from typing import Any
 
 from .errors import PlanError
 from .plan import Plan
+from .schedules import spec as schedule_spec, stage_rank
 
 __all__ = ["breakdown", "print_explanation", "print_diff"]
 
@@ -47,10 +48,12 @@ def breakdown(plan: Plan) -> dict[str, float]:
         )
     pp = plan.mesh.pp
     per_rank = [{k: 0.0 for k in COMPONENTS} for _ in range(pp)]
+    layout = schedule_spec(plan.schedule.name).layout
     for st in plan.stages:
         c = st.predicted.components
+        r = stage_rank(st.index, pp, layout)
         for k in COMPONENTS:
-            per_rank[st.index % pp][k] += getattr(c, f"{k}_s")
+            per_rank[r][k] += getattr(c, f"{k}_s")
 
     def work(r: int) -> float:
         return sum(per_rank[r][k] for k in ("forward", "backward", "recompute", "tp_comm"))
@@ -80,7 +83,8 @@ def print_explanation(result: Any) -> None:
     table.add_row("step time", _fmt(step), "100%")
     console.print(table)
     r = int(parts["bottleneck_rank"])
-    stages = [st for st in plan.stages if st.index % plan.mesh.pp == r]
+    layout = schedule_spec(plan.schedule.name).layout
+    stages = [st for st in plan.stages if stage_rank(st.index, plan.mesh.pp, layout) == r]
     console.print(
         f"bottleneck: pipeline rank {r} (stage{'s' if len(stages) > 1 else ''} "
         f"{', '.join(str(s.index) for s in stages)}: {', '.join(m for s in stages for m in s.modules[:3])}"

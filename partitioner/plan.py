@@ -9,7 +9,9 @@ fingerprint, cluster) so that it is refused for anything else.
 Glossary: **stage** is a pipeline stage (with interleaving, a virtual stage:
 ``pp * virtual_stages`` of them, stage ``s`` on pipeline rank ``s % pp``);
 **axis** is a mesh axis (``pp``, ``tp``, ``dp``); **micro-batch** is one slice
-of the global batch. The JSON schema is documented in ``docs/plan.md``.
+of the global batch. With the V-shaped schedules (``zbv``, ``dualpipev``) rank
+``r`` holds stages ``r`` and ``2 * pp - 1 - r`` instead ([Note: stage layouts]
+in schedules.py). The JSON schema is documented in ``docs/plan.md``.
 
 [Note: what a stage holds]
 A stage lists its ``modules`` (blocks, by name) and its ``nodes`` (FX nodes). The modules
@@ -23,11 +25,12 @@ a plan is never simulated as one split and run as another.
 from __future__ import annotations
 
 import json
-from dataclasses import MISSING, asdict, dataclass, field, fields
+from dataclasses import MISSING, asdict, dataclass, field, fields, replace
 from pathlib import Path
 from typing import Any, Mapping, Sequence
 
 from .errors import PlanError
+from .schedules import REGISTRY as SCHEDULE_REGISTRY, SCHEDULES, check_schedule, stage_rank
 
 __all__ = [
     "PLAN_VERSION",
@@ -39,13 +42,19 @@ __all__ = [
     "Stage",
     "Predicted",
     "SolverInfo",
+    "ModelSource",
     "ModelRef",
     "Training",
     "Plan",
 ]
 
-PLAN_VERSION = 2  # 2: stages[].predicted.components
-SCHEDULE_NAMES = ("gpipe", "1f1b", "interleaved")
+PLAN_VERSION = 3
+# Versions this autopart reads. 2 added stages[].predicted.components and named nodes by key (so a
+# version-1 plan is re-planned); 3 added model.source (how to rebuild the model, so that ``autopart
+# run --plan`` needs nothing else). A version-2 plan loads with no source: ``autopart run`` then
+# needs --model/--config/--seq-len again, and says so.
+READABLE_VERSIONS = (2, 3)
+SCHEDULE_NAMES = SCHEDULES  # the registry in schedules.py is the one list
 # Per-node tensor-sharding strategies the runtime can realize (see docs/plan.md).
 STRATEGIES = ("replicate", "column", "row", "vocab", "sharded")
 
@@ -134,10 +143,10 @@ class Mesh:
 class Schedule:
     """The pipeline schedule and how the global batch is cut into micro-batches."""
 
-    name: str = "1f1b"  # gpipe | 1f1b | interleaved
+    name: str = "1f1b"  # gpipe | 1f1b | interleaved | zb | zbv | dualpipev (schedules.py)
     microbatches: int = 1  # micro-batches per step, per data-parallel replica
     micro_batch_size: int = 1  # samples per micro-batch
-    virtual_stages: int = 1  # stages per pipeline rank (interleaved only)
+    virtual_stages: int = 1  # stages per pipeline rank (interleaved, zb: any; zbv, dualpipev: 2)
 
     def __post_init__(self) -> None:
         if not isinstance(self.name, str) or self.name not in SCHEDULE_NAMES:
@@ -145,9 +154,12 @@ class Schedule:
         _check_int("schedule.microbatches", self.microbatches)
         _check_int("schedule.micro_batch_size", self.micro_batch_size)
         _check_int("schedule.virtual_stages", self.virtual_stages)
-        if self.name != "interleaved" and self.virtual_stages != 1:
+        need = SCHEDULE_REGISTRY[self.name].virtual_stages
+        if need is not None and self.virtual_stages != need:
+            fix = "schedule 'interleaved' or 'zb' for several stages per rank" if need == 1 else f"virtual_stages {need}"
             raise PlanError(
-                f"schedule.virtual_stages={self.virtual_stages} needs schedule 'interleaved' (got {self.name!r})"
+                f"schedule.virtual_stages={self.virtual_stages} does not suit schedule {self.name!r}, "
+                f"which runs {need} stage(s) per rank: use {fix}"
             )
 
 
@@ -238,15 +250,70 @@ class SolverInfo:
     objective: float | None = None  # the planner's objective (predicted step time, s)
     bound: float | None = None  # best proven lower bound on the objective, if any
     wall_s: float = 0.0  # planning wall time
+    # Where the plan came from: "ilp" (the stage ILP's own solve), or the name of the seed
+    # (a baseline's plan the search started from) that no solve beat. None: not recorded.
+    origin: str | None = None
+    seed_step_s: float | None = None  # the best seed's predicted step time (the ILP only), s
 
     def __post_init__(self) -> None:
         _check_type("solver.method", self.method, str, "a string")
         _check_type("solver.status", self.status, str, "a string")
-        for key in ("objective", "bound"):
+        for key in ("objective", "bound", "seed_step_s"):
             value = getattr(self, key)
             if value is not None:
                 _check_type(f"solver.{key}", value, (int, float), "a number or null")
         _check_type("solver.wall_s", self.wall_s, (int, float), "a number")
+        if self.origin is not None:
+            _check_type("solver.origin", self.origin, str, "a string or null")
+
+
+@dataclass(frozen=True, slots=True)
+class ModelSource:
+    """How to rebuild the model from the command line: what ``autopart run --plan`` needs and nothing else.
+
+    The compute dtype is ``training.dtype``. A model passed from Python (``auto_parallelize``) has no
+    source; the plan then records ``null``.
+    """
+
+    spec: str  # --model: a zoo name, hf:ClassName or py:module:function
+    config: Mapping[str, Any] = field(default_factory=dict)  # --config overrides, typed (n_layer: 4)
+    seq_len: int | None = None  # the sequence length the model was built with (None: not a sequence model)
+
+    def __post_init__(self) -> None:
+        if not isinstance(self.spec, str) or not self.spec:
+            raise PlanError(f"model.source.spec must be a model name such as 'gpt2', got {self.spec!r}")
+        if not isinstance(self.config, Mapping):
+            raise PlanError(f"model.source.config must be an object of config overrides, got {self.config!r}")
+        if self.seq_len is not None:
+            _check_int("model.source.seq_len", self.seq_len)
+
+    def flags(self) -> list[str]:
+        """The command-line flags that rebuild this model: ``--model gpt2 --config n_layer=4 --seq-len 128``."""
+        out = ["--model", self.spec]
+        if self.config:
+            out += ["--config", *(f"{k}={_flag_value(v)}" for k, v in self.config.items())]
+        if self.seq_len is not None:
+            out += ["--seq-len", str(self.seq_len)]
+        return out
+
+    def differences(self, other: "ModelSource") -> list[str]:
+        """Each flag where ``other`` (what the user gave) differs from this (the plan's), with both values."""
+        out = []
+        if other.spec != self.spec:
+            out.append(f"--model {other.spec} (the plan: {self.spec})")
+        for key in sorted(set(self.config) | set(other.config)):
+            mine, theirs = self.config.get(key), other.config.get(key)
+            if mine != theirs:
+                given = f"{key}={_flag_value(theirs)}" if key in other.config else f"no {key}"
+                planned = f"{key}={_flag_value(mine)}" if key in self.config else f"no {key}"
+                out.append(f"--config {given} (the plan: {planned})")
+        if other.seq_len is not None and other.seq_len != self.seq_len:
+            out.append(f"--seq-len {other.seq_len} (the plan: {self.seq_len})")
+        return out
+
+
+def _flag_value(v: Any) -> str:
+    return "none" if v is None else str(v).lower() if isinstance(v, bool) else str(v)
 
 
 @dataclass(frozen=True, slots=True)
@@ -257,6 +324,7 @@ class ModelRef:
     params: int  # trainable parameters, tied ones once
     fingerprint: str  # see capture.model_fingerprint
     input_shapes: tuple[tuple[int, ...], ...] = ()  # shapes of the captured example inputs
+    source: ModelSource | None = None  # how to rebuild it (CLI plans); None for a model given from Python
 
     def __post_init__(self) -> None:
         _check_type("model.name", self.name, str, "a string")
@@ -265,6 +333,8 @@ class ModelRef:
         _check_type("model.input_shapes", self.input_shapes, tuple, "an array of shapes")
         for i, shape in enumerate(self.input_shapes):
             _check_items(f"model.input_shapes[{i}]", shape, int, "a size (integer)", minimum=0)
+        if self.source is not None:
+            _check_type("model.source", self.source, ModelSource, "an object (spec, config, seq_len) or null")
 
 
 @dataclass(frozen=True, slots=True)
@@ -305,6 +375,8 @@ class Plan:
     version: int = PLAN_VERSION
 
     def __post_init__(self) -> None:
+        sched = self.schedule
+        check_schedule(sched.name, self.mesh.pp, sched.microbatches, sched.virtual_stages)
         expected = self.mesh.pp * self.schedule.virtual_stages
         if len(self.stages) != expected:
             raise PlanError(
@@ -330,9 +402,23 @@ class Plan:
 
     # --- checks -----------------------------------------------------------------------
 
-    def check_matches(self, fingerprint: str, cluster: Mapping[str, Any] | None = None) -> None:
-        """Refuse this plan for a different model (or cluster) than it was made for."""
+    def check_matches(
+        self, fingerprint: str, cluster: Mapping[str, Any] | None = None, given: ModelSource | None = None
+    ) -> None:
+        """Refuse this plan for a different model (or cluster) than it was made for.
+
+        ``given``: how the caller built the model (its command-line flags); the error then names
+        the flags that differ from the plan's ``model.source``.
+        """
         if fingerprint != self.model.fingerprint:
+            src = self.model.source
+            diffs = src.differences(given) if src is not None and given is not None else []
+            if diffs:
+                raise PlanError(
+                    f"this plan was made for model {self.model.name!r} built with `{' '.join(src.flags())}`, "
+                    f"but these flags differ: {'; '.join(diffs)}; drop them (the plan rebuilds its own model) "
+                    "or re-plan with `autopart plan` for this model"
+                )
             raise PlanError(
                 f"this plan was made for model {self.model.name!r} (fingerprint {self.model.fingerprint}), "
                 f"not for this one (fingerprint {fingerprint}); re-plan with `autopart plan` for this model"
@@ -345,6 +431,12 @@ class Plan:
                     f"this plan was made for cluster {mine.get('name')!r} and differs from "
                     f"{theirs.get('name')!r} in: {', '.join(diff)}; re-plan for this cluster"
                 )
+
+    def stage_ranks(self, index: int) -> tuple[int, ...]:
+        """The global ranks that run stage ``index``: its pipeline rank under the schedule's stage
+        layout ([Note: stage layouts] in schedules.py), times the mesh's tp x dp."""
+        layout = SCHEDULE_REGISTRY[self.schedule.name].layout
+        return self.mesh.stage_ranks(stage_rank(index, self.mesh.pp, layout))
 
     def check_consistent(self) -> None:
         """Refuse a plan at odds with itself; see [Note: what a stage holds].
@@ -365,10 +457,11 @@ class Plan:
                     raise PlanError(f"node {n} is listed by stage {node_owner[n]} and stage {st.index}; "
                                     "a node belongs to one stage: remove it from one of them")
                 node_owner[n] = st.index
-            want = self.mesh.stage_ranks(st.index % self.mesh.pp)
+            want = self.stage_ranks(st.index)
             if st.ranks and tuple(st.ranks) != want:
-                raise PlanError(f"stages[{st.index}].ranks is {list(st.ranks)} but mesh {self.mesh} runs stage "
-                                f"{st.index} on ranks {list(want)}; fix the ranks (or give [] to have them filled in)")
+                raise PlanError(f"stages[{st.index}].ranks is {list(st.ranks)} but mesh {self.mesh} with schedule "
+                                f"{self.schedule.name} runs stage {st.index} on ranks {list(want)}; fix the ranks "
+                                "(or give [] to have them filled in)")
         if node_owner:
             stray = sorted(n for n in self.sharding if n not in node_owner)
             if stray:
@@ -412,7 +505,7 @@ class Plan:
                 raise PlanError(f"stages[{st.index}] lists module {node_block[n]} but not its node {n!r}"
                                 f"{f' (and {len(lacking) - 1} more)' if len(lacking) > 1 else ''}; stages[].modules "
                                 "and stages[].nodes disagree: edit both, or give nodes [] to have them derived from modules")
-            stages.append(replace(st, nodes=tuple(want), ranks=self.mesh.stage_ranks(st.index % self.mesh.pp)))
+            stages.append(replace(st, nodes=tuple(want), ranks=self.stage_ranks(st.index)))
         unheld = [b for b in blocks if b not in held]
         if unheld:
             raise PlanError(f"no stage holds module {unheld[0]}"
@@ -430,6 +523,30 @@ class Plan:
                 raise PlanError(f"stage {i} holds module {list(blocks)[first[i]]}, which comes before stage {i - 1}'s "
                                 f"{list(blocks)[last[i - 1]]}; stages must follow the model order")
         return replace(self, stages=tuple(stages))
+
+    def model_source(
+        self, spec: str | None = None, config: Mapping[str, Any] | None = None, seq_len: int | None = None
+    ) -> ModelSource:
+        """The model to build for this plan: its recorded ``model.source``, with any part the caller gives
+        (``--model``, ``--config`` keys, ``--seq-len``) in place of the plan's."""
+        src = self.model.source
+        if src is None:
+            if spec is None:
+                raise PlanError(
+                    f"this plan (version {self.version}, model {self.model.name!r}) does not record how to build its "
+                    "model; pass --model (and the --config/--seq-len it was planned with), or re-plan with "
+                    "`autopart plan ... --json` to get a plan that does"
+                )
+            return ModelSource(spec, dict(config or {}), seq_len)
+        return ModelSource(
+            spec if spec is not None else src.spec,
+            {**src.config, **(config or {})},
+            seq_len if seq_len is not None else src.seq_len,
+        )
+
+    def with_source(self, source: ModelSource | None) -> "Plan":
+        """This plan, recording ``source`` as how its model is built (in the current schema version)."""
+        return replace(self, model=replace(self.model, source=source), version=PLAN_VERSION)
 
     # --- JSON ------------------------------------------------------------------------
 
@@ -482,7 +599,10 @@ class Plan:
             text = raw.decode("utf-8")
         except UnicodeDecodeError as exc:
             raise PlanError(f"plan file {str(path)!r} is not UTF-8 text (byte {exc.start}); give a plan JSON file") from None
-        return cls.from_json(text, f"plan file {str(path)!r}")
+        try:
+            return cls.from_json(text, "the file")
+        except PlanError as exc:  # name the file: `diff a.json b.json` must say which one is bad
+            raise PlanError(f"plan file {str(path)!r}: {exc}") from None
 
     @classmethod
     def from_dict(cls, data: Mapping[str, Any]) -> "Plan":
@@ -492,8 +612,11 @@ class Plan:
         if unknown:
             raise PlanError(f"plan JSON has unknown key(s) {', '.join(unknown)}; allowed: {', '.join(_TOP_KEYS)}")
         version = data.get("version")
-        if version != PLAN_VERSION or isinstance(version, bool):
-            raise PlanError(f"plan version {version!r} is not supported; this autopart reads version {PLAN_VERSION}")
+        if version not in READABLE_VERSIONS or isinstance(version, bool):
+            raise PlanError(
+                f"plan version {version!r} is not supported; this autopart reads versions "
+                f"{', '.join(map(str, READABLE_VERSIONS))}: re-plan with this autopart's `autopart plan`"
+            )
         try:
             sharding = _typed("sharding", data.get("sharding") or {}, dict)
             extra = sorted(set(sharding) - {"default", "nodes"})
@@ -515,6 +638,8 @@ class Plan:
             model = _fields(ModelRef, _required(data, "model", dict), "model")
             shapes = _typed("model.input_shapes", model.get("input_shapes", []), list)
             model["input_shapes"] = tuple(tuple(_typed(f"model.input_shapes[{i}]", s, list)) for i, s in enumerate(shapes))
+            if model.get("source") is not None:
+                model["source"] = ModelSource(**_fields(ModelSource, model["source"], "model.source"))
             pred = data.get("predicted")
             return cls(
                 version=version,

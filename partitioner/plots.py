@@ -17,6 +17,8 @@ from matplotlib.figure import Figure
 from matplotlib.patches import Patch
 from matplotlib.ticker import FuncFormatter
 
+from .schedules import spec as schedule_spec, stage_rank
+
 if TYPE_CHECKING:  # pragma: no cover
     from .compare import CaseResult, Row
 
@@ -26,12 +28,14 @@ GIB = 1 << 30
 COLORS = {
     "F": "#4C72B0",  # forward
     "B": "#DD8452",  # backward
+    "I": "#E8A87C",  # input-gradient half of a split backward
+    "W": "#55A868",  # weight-gradient half of a split backward
     "p2p": "#8172B3",  # point-to-point send between stages
     "dp": "#C44E52",  # data-parallel gradient all-reduce
     "idle": "#ECECEC",
 }
 METHOD_COLORS = {
-    "ilp": "#2A9D8F", "uniform": "#8D99AE", "params": "#E9C46A", "pipedream": "#F4A261", "megatron": "#E76F51",
+    "ilp": "#2A9D8F", "expert": "#264653", "uniform": "#8D99AE", "params": "#E9C46A", "pipedream": "#F4A261", "megatron": "#E76F51",
 }
 RASTERIZE_OVER = 1500  # actions per panel above which the bars of an SVG are rasterized (file size)
 
@@ -63,7 +67,7 @@ def _rank_ticks(ax, ranks: int) -> None:
 
 def _bars(ax, spans: dict, ranks: int, rasterize: bool) -> None:
     """``spans[(rank, kind)] = [(start, duration), ...]`` drawn as one collection per (rank, kind)."""
-    lanes = {"F": (-0.38, 0.58), "B": (-0.38, 0.58), "p2p": (0.24, 0.14), "dp": (0.24, 0.14)}
+    lanes = {"F": (-0.38, 0.58), "B": (-0.38, 0.58), "I": (-0.38, 0.58), "W": (-0.38, 0.58), "p2p": (0.24, 0.14), "dp": (0.24, 0.14)}
     # Thin white edges separate actions; with hundreds of actions a row they would wash the colours out.
     busiest = max((len(xs) for xs in spans.values()), default=0)
     edge = dict(edgecolor="white", linewidth=0.3) if busiest <= 80 else dict(edgecolor="none", linewidth=0)
@@ -99,8 +103,9 @@ def _draw_simulated(ax, row: "Row", unit: float) -> None:
         events.append((e.rank, a.kind, a.microbatch, e.start_s * unit, e.end_s * unit))
         if a.kind == "F" and a.stage + 1 < n_stages and sends[a.stage] > 0:
             spans.setdefault((e.rank, "p2p"), []).append((e.end_s * unit, sends[a.stage] * unit))
-        if a.kind == "B":
+        if a.kind in ("B", "W"):
             last_b[e.rank] = (e.start_s, e.end_s)
+        if a.kind in ("B", "I"):
             if a.stage > 0 and sends[a.stage - 1] > 0:
                 spans.setdefault((e.rank, "p2p"), []).append((e.end_s * unit, sends[a.stage - 1] * unit))
     for r in range(ranks):
@@ -132,8 +137,9 @@ def _draw_measured(ax, row: "Row", unit: float) -> bool:
         return False
     # One rank per pipeline rank: the one at dp=0, tp=0, or else the lowest that reported.
     chosen: dict[int, int] = {}
+    layout = schedule_spec(plan.schedule.name).layout
     for e in m.events:
-        p = e.stage % pp
+        p = stage_rank(e.stage, pp, layout)
         want = plan.mesh.rank(p)
         if p not in chosen or (e.rank == want and chosen[p] != want) or (chosen[p] != want and e.rank < chosen[p]):
             chosen[p] = e.rank
@@ -141,10 +147,10 @@ def _draw_measured(ax, row: "Row", unit: float) -> bool:
     events = []
     end = 0.0
     for e in m.events:
-        p = e.stage % pp
+        p = stage_rank(e.stage, pp, layout)
         if chosen.get(p) != e.rank:
             continue
-        spans.setdefault((p, e.kind if e.kind in ("F", "B") else "F"), []).append(
+        spans.setdefault((p, e.kind if e.kind in ("F", "B", "I", "W") else "F"), []).append(
             (e.start_s * unit, (e.end_s - e.start_s) * unit)
         )
         events.append((p, e.kind, e.microbatch, e.start_s * unit, e.end_s * unit))
@@ -210,7 +216,8 @@ def timeline_figure(case: "CaseResult") -> Figure:
     if m_last is not None:
         m_last.set_xlabel(f"measured time in the last step ({m_unit_name})")
     handles = [Patch(facecolor=COLORS[k], label=label) for k, label in (
-        ("F", "forward"), ("B", "backward"), ("p2p", "send to next/previous stage"),
+        ("F", "forward"), ("B", "backward"), ("I", "input gradients"), ("W", "weight gradients"),
+        ("p2p", "send to next/previous stage"),
         ("dp", "data-parallel all-reduce"), ("idle", "idle"),
     )]
     fig.suptitle(f"Pipeline timeline of one step: {case.case.title}", fontsize=11)

@@ -39,7 +39,7 @@ from __future__ import annotations
 import json
 import os
 import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from datetime import timedelta
 from pathlib import Path
 from typing import Any, Callable, Iterable, Mapping, Sequence
@@ -49,8 +49,11 @@ import torch.distributed as dist
 from torch.utils._pytree import tree_unflatten
 
 from .cluster import Cluster
+from .devices import init_distributed, rank_device
 from .errors import AutopartError, PlanError
 from .plan import Plan
+from .precision import MasterWeightOptimizer, PrecisionPolicy, loss_inputs, make_scaler, optimizer_step
+from .schedules import rank_stages, spec as schedule_spec, stage_rank
 from .materialize import has_meta_tensors, materialize, release
 from .checkpoint import CHECKPOINT_META, CheckpointError, read_manifest, verify, write_manifest
 from .watchdog import DistributedError, RankFailedError, Watchdog, backend_timeout_s
@@ -64,7 +67,7 @@ class StepEvent:
 
     rank: int  # global rank that ran it
     stage: int  # stage index in the plan
-    kind: str  # "F" (forward) or "B" (backward)
+    kind: str  # "F" (forward), "B" (backward), or "I"/"W" (its input/weight-gradient halves)
     microbatch: int
     start_s: float
     end_s: float
@@ -138,6 +141,7 @@ def auto_parallelize(
 
 
 def _init_process_group(cluster: Cluster | None, timeout_s: float = 20.0) -> tuple[int, int]:
+    """Start (or join) the job's process group on this rank's own device (see devices.py)."""
     if not dist.is_initialized():
         missing = [v for v in ("RANK", "WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT") if v not in os.environ]
         if missing:
@@ -145,10 +149,10 @@ def _init_process_group(cluster: Cluster | None, timeout_s: float = 20.0) -> tup
                 f"no process group and {', '.join(missing)} not set: launch with "
                 "`torchrun --nproc-per-node N your_script.py` (or call torch.distributed.init_process_group first)"
             )
-        backend = "nccl" if torch.cuda.is_available() and (cluster is None or cluster.name != "local-cpu") else "gloo"
         # The watchdog names a failed or hung rank after timeout_s; the backend's own timeout is
         # the backstop behind it ([Note: failing ranks]).
-        dist.init_process_group(backend, timeout=timedelta(seconds=backend_timeout_s(timeout_s)))
+        init_distributed(prefer="cpu" if cluster is not None and cluster.name.startswith("local-cpu") else None,
+                         timeout_s=backend_timeout_s(timeout_s))
     return dist.get_rank(), dist.get_world_size()
 
 
@@ -213,7 +217,16 @@ def _stage_class() -> type:
             self._progress("compute")
             out = super().backward_one_chunk(bwd_chunk_id, *args, **kwargs)
             self._progress("wait")
-            self._record("B", bwd_chunk_id, t0, c0)
+            full = kwargs.get("full_backward", args[1] if len(args) > 1 else True)
+            self._record("B" if full else "I", bwd_chunk_id, t0, c0)  # I: input gradients only
+            return out
+
+        def backward_weight_one_chunk(self, bwd_chunk_id: int, *args: Any, **kwargs: Any) -> Any:
+            t0, c0 = time.perf_counter(), time.thread_time()
+            self._progress("compute")
+            out = super().backward_weight_one_chunk(bwd_chunk_id, *args, **kwargs)
+            self._progress("wait")
+            self._record("W", bwd_chunk_id, t0, c0)
             return out
 
         def _progress(self, phase: str) -> None:
@@ -261,14 +274,15 @@ class ParallelModel:
             )
         plan.check_consistent()
         plan.check_matches(model_fingerprint(model))
-        device = "cuda" if dist.get_backend() == "nccl" else "cpu"
-        self.device = torch.device(device)
-        self.mesh = init_device_mesh(device, (mesh.pp, mesh.dp, mesh.tp), mesh_dim_names=("pp", "dp", "tp"))
+        self.device = rank_device().device  # cuda:LOCAL_RANK, never a bare "cuda" ([Note: one rank per device])
+        self.mesh = init_device_mesh(self.device.type, (mesh.pp, mesh.dp, mesh.tp), mesh_dim_names=("pp", "dp", "tp"))
         self.pp_index = self.rank // (mesh.dp * mesh.tp)
         self.dp_index = (self.rank // mesh.tp) % mesh.dp
         self.tp_index = self.rank % mesh.tp
         n_stages = len(plan.stages)
-        self.stage_indices = tuple(s for s in range(n_stages) if s % mesh.pp == self.pp_index)
+        self._split_backward = schedule_spec(plan.schedule.name).splits_backward
+        layout = schedule_spec(plan.schedule.name).layout
+        self.stage_indices = rank_stages(self.pp_index, mesh.pp, plan.schedule.virtual_stages, layout)
         self.model_name = plan.model.name
         self.fingerprint = plan.model.fingerprint
         self._loss_fn = loss_fn
@@ -296,10 +310,14 @@ class ParallelModel:
             mod.to(self.device)
             self.modules[s] = mod
             run = mod
-            if mesh.dp > 1 and any(p.requires_grad for p in mod.parameters()):
+            # Split-backward schedules compute weight gradients with autograd.grad, which DDP's
+            # hooks never see: their replicas average gradients in step() instead.
+            if mesh.dp > 1 and not self._split_backward and any(p.requires_grad for p in mod.parameters()):
                 from torch.nn.parallel import DistributedDataParallel
 
-                run = DistributedDataParallel(mod, process_group=self.mesh["dp"].get_group())
+                # Gradients as views of DDP's buckets: no second copy, as the memory model counts them.
+                run = DistributedDataParallel(mod, process_group=self.mesh["dp"].get_group(),
+                                              gradient_as_bucket_view=True)
             # Static shapes: the stages never exchange metadata at run time (see [Note: static stage shapes]).
             examples = [
                 tuple(
@@ -321,10 +339,15 @@ class ParallelModel:
                     self.params.setdefault(name, p)
         self._tied = self._tied_groups()
         factory = optimizer or (lambda ps: torch.optim.AdamW(ps, lr=1e-3))
+        make = factory
         if plan.training.zero1 and mesh.dp > 1:
-            self.optimizer = _zero1(factory, list(self.params.values()), self.mesh["dp"].get_group())
-        else:
-            self.optimizer = factory(list(self.params.values()))
+            dp_group = self.mesh["dp"].get_group()
+            make = lambda ps: _zero1(factory, list(ps), dp_group)  # noqa: E731
+        # The plan's precision: fp32 masters for adam-mixed, fp16 loss scaling ([Note: mixed precision as priced]).
+        self.precision = PrecisionPolicy.from_training(plan.training.dtype, plan.training.optimizer)
+        params = list(self.params.values())
+        self.optimizer = MasterWeightOptimizer(params, make) if self.precision.master_dtype else make(params)
+        self.scaler = make_scaler(self.precision, self.device)
         self.schedule = self._make_schedule()
         self._watchdog = Watchdog(self.rank, self._stages_of, timeout_s)
         for st in self.stages:
@@ -335,8 +358,8 @@ class ParallelModel:
     # --- building -------------------------------------------------------------------
 
     def _stages_of(self, rank: int) -> str:
-        mesh = self.plan.mesh
-        stages = [s for s in range(len(self.plan.stages)) if s % mesh.pp == rank // (mesh.dp * mesh.tp)]
+        mesh, sched = self.plan.mesh, self.plan.schedule
+        stages = rank_stages(rank // (mesh.dp * mesh.tp), mesh.pp, sched.virtual_stages, schedule_spec(sched.name).layout)
         return f"stage{'s' if len(stages) > 1 else ''} {', '.join(map(str, stages))}"
 
     def _set_timeouts(self, timeout_s: float) -> None:
@@ -367,22 +390,29 @@ class ParallelModel:
                 _set_tensor(stage_module, name, _lookup(model, name), model)
 
     def _make_schedule(self) -> Any:
-        from torch.distributed.pipelining import Schedule1F1B, ScheduleGPipe, ScheduleInterleaved1F1B
+        """torch's schedule object for the plan's schedule, from the registry (schedules.py).
+
+        ``scale_grads=False``: torch would divide each stage's gradients by the
+        number of micro-batches, and a tied weight whose two stages share this
+        rank (the V-shaped schedules put stage 0 and the last stage together)
+        would be divided twice. ``step`` divides each parameter once instead.
+        """
+        import torch.distributed.pipelining as pipelining
 
         sched = self.plan.schedule
+        entry = schedule_spec(sched.name)
         spec = self.split.out_spec
 
         def loss(out: Any, target: torch.Tensor) -> torch.Tensor:
-            flat = list(out) if isinstance(out, (tuple, list)) else [out]
+            flat = loss_inputs(list(out) if isinstance(out, (tuple, list)) else [out], self.precision)
             self._watchdog.progress("compute")
             value = self._loss_fn(tree_unflatten(flat, spec), target)
             self._watchdog.progress("wait")
-            return value
+            return value if self.scaler is None else self.scaler.scale(value)  # fp16: scaled backward
 
-        if sched.name == "interleaved":
-            return ScheduleInterleaved1F1B(self.stages, sched.microbatches, loss_fn=loss)
-        cls = ScheduleGPipe if sched.name == "gpipe" else Schedule1F1B
-        return cls(self.stages[0], sched.microbatches, loss_fn=loss)
+        cls = getattr(pipelining, entry.torch_class)
+        stages = self.stages if entry.multi_stage else self.stages[0]
+        return cls(stages, sched.microbatches, loss_fn=loss, scale_grads=False)
 
     def _tied_groups(self) -> list[tuple[str, Any]]:
         """(param, process group) for each tied weight whose owners span pipeline ranks.
@@ -391,7 +421,8 @@ class ParallelModel:
         mesh = self.plan.mesh
         mine: list[tuple[str, Any]] = []
         for name in sorted(self.split.shared):
-            owners = sorted({s % mesh.pp for s in self.split.shared[name]})
+            layout = schedule_spec(self.plan.schedule.name).layout
+            owners = sorted({stage_rank(s, mesh.pp, layout) for s in self.split.shared[name]})
             if len(owners) < 2:
                 continue
             for d in range(mesh.dp):
@@ -423,12 +454,14 @@ class ParallelModel:
             self.optimizer.zero_grad(set_to_none=True)
             losses: list[torch.Tensor] = []
             self.schedule.step(*local_inputs, target=local_target, losses=losses, return_outputs=False)
+            self._finish_gradients()
             for name, group in self._tied:
                 grad = self.params[name].grad
                 if grad is not None:
                     dist.all_reduce(grad, group=group)
-            self.optimizer.step()
-            mean = torch.stack([l.detach().float() for l in losses]).mean() if losses else torch.zeros(())
+            scale = 1.0 if self.scaler is None else self.scaler.get_scale()
+            optimizer_step(self.optimizer, self.scaler)
+            mean = torch.stack([l.detach().float() for l in losses]).mean() / scale if losses else torch.zeros(())
             mean = mean.to(self.device)
             dist.all_reduce(mean)
         except Exception as exc:
@@ -440,6 +473,18 @@ class ParallelModel:
             self._watchdog.progress("idle")
         self.steps_done += 1
         return float(mean) / (self.plan.mesh.dp * self.plan.mesh.tp)
+
+    def _finish_gradients(self) -> None:
+        """Mean over micro-batches (see ``_make_schedule``), and over replicas where DDP did not run."""
+        scale = self.plan.schedule.microbatches
+        replicas = self.plan.mesh.dp if self._split_backward else 1
+        dp_group = self.mesh["dp"].get_group() if replicas > 1 else None
+        for p in {id(p): p for p in self.params.values()}.values():  # a tensor under two names: once
+            if p.grad is None:
+                continue
+            if dp_group is not None:
+                dist.all_reduce(_local(p.grad), group=dp_group)
+            p.grad.div_(scale * replicas)
 
     def _replica_slice(self, x: torch.Tensor, what: str) -> torch.Tensor:
         gb = self.plan.training.global_batch
@@ -638,7 +683,7 @@ def _empty_like(t: torch.Tensor) -> torch.Tensor:
 
 def run_plan(
     plan_path: str | os.PathLike[str],
-    model_spec: str,
+    model_spec: str | None = None,
     *,
     config: Sequence[str] = (),
     seq_len: int | None = None,
@@ -647,30 +692,41 @@ def run_plan(
     json_path: str | os.PathLike[str] | None = None,
     seed: int = 0,
     data: str | os.PathLike[str] | None = None,
+    force: bool = False,
     timeout_s: float = 20.0,
 ) -> int:
     """``autopart run``: train ``plan_path`` under torchrun on a fixed synthetic corpus (or the token
     file ``data``); print and record step times and losses.
 
-    The ``--json`` file (rank 0) is ``{"plan", "world_size", "data", "step_times_s", "losses", "events"}``;
-    ``events`` are every rank's ``StepEvent`` records of the last measured step (docs/runtime.md).
-    The plan is checked against the model before the process group starts (``planner.check_plan``).
+    The model is the one the plan records (``model.source``); ``model_spec``, ``config`` and
+    ``seq_len`` replace its parts when given (a plan without a source needs ``model_spec``).
+    ``json_path`` must not exist unless ``force`` (checked before any work, as every output path).
+    The ``--json`` file (rank 0) is ``{"plan", "world_size", "data", "step_times_s", "losses", "events",
+    "peak_memory_bytes"}``; ``events`` are every rank's ``StepEvent`` records of the last measured step
+    (docs/runtime.md). The plan is checked against the model before the process group starts
+    (``planner.check_plan``).
     """
+    from .capture import model_fingerprint
     from .corpus import TokenCorpus
+    from .outputs import check_output_file
     from .planner import check_plan
     from .zoo import DTYPES_TORCH, load_model, parse_config_overrides
 
     plan = Plan.load(plan_path)
+    # Before any step: a run must never train for minutes and then lose its record (or overwrite one).
+    check_output_file(json_path, force, "--json", "run.json")
     plan.check_consistent()
-    if json_path is not None and Path(json_path).is_dir():
-        raise DistributedError(f"--json {json_path} is a directory; give a file path")
-    shapes = plan.model.input_shapes
-    if seq_len is None and shapes and len(shapes[0]) > 1:
-        seq_len = shapes[0][1]
+    source = plan.model_source(model_spec, parse_config_overrides(config), seq_len)
+    if source.seq_len is None and plan.model.source is None:  # a version-2 plan: its inputs' shape says
+        shapes = plan.model.input_shapes
+        if shapes and len(shapes[0]) > 1:
+            source = replace(source, seq_len=shapes[0][1])
     dtype = next((k for k, v in DTYPES_TORCH.items() if k == plan.training.dtype), "fp32")
     # Built on meta: each rank materializes only its own stages' weights (seeded), see auto_parallelize.
-    loaded = load_model(model_spec, seq_len=seq_len, dtype=dtype if dtype != "tf32" else "fp32",
-                        config=parse_config_overrides(config), device="meta")
+    loaded = load_model(source.spec, seq_len=source.seq_len, dtype=dtype if dtype != "tf32" else "fp32",
+                        config=source.config, device="meta")
+    plan.check_matches(model_fingerprint(loaded.model), given=source)  # before the process group: one clear line
+    model_spec = source.spec
     model = loaded.model.train()
     plan = check_plan(plan, model, loaded.example_inputs)
     # A language model: token ids in, logits out (a ModelOutput's .logits, or the tensor itself).
@@ -706,14 +762,14 @@ def run_plan(
         except AutopartError:
             pm.close()
             raise
-        source = corpus.source
+        data_source = corpus.source
     else:  # a fixed set of regression batches, cycled
         fixed = [
             (tuple(torch.randn((gb, *x.shape[1:]), generator=gen, dtype=x.dtype) for x in loaded.example_inputs),
              torch.randn((gb, *out.shape[1:]), generator=gen, dtype=out.dtype))
             for _ in range(4)
         ]
-        source = "synthetic regression (4 fixed batches, cycled)"
+        data_source = "synthetic regression (4 fixed batches, cycled)"
 
     def batch(step: int) -> tuple[tuple[torch.Tensor, ...], torch.Tensor]:
         if corpus is None:
@@ -741,6 +797,10 @@ def run_plan(
                 print(f"{label:>12}  {dt * 1e3:9.1f} ms  loss {loss:.4f}", flush=True)
         gathered: list[Any] = [None] * world
         dist.all_gather_object(gathered, [asdict(e) for e in pm.events])
+        # Each rank's peak allocated device memory (CUDA only; the CPU allocator keeps no such count).
+        peak = int(torch.cuda.max_memory_allocated(pm.device)) if pm.device.type == "cuda" else None
+        peaks: list[Any] = [None] * world
+        dist.all_gather_object(peaks, peak)
     finally:
         pm.close()
     if rank == 0:
@@ -748,8 +808,8 @@ def run_plan(
         print(f"{plan.model.name} · mesh {plan.mesh} · {plan.schedule.name}: mean step {mean * 1e3:.1f} ms "
               f"over {steps} steps ({gb / mean:.1f} samples/s)")
         if json_path is not None:
-            record = dict(plan=str(plan_path), world_size=world, data=source, step_times_s=times, losses=losses,
-                          events=[e for rank_events in gathered for e in rank_events])
+            record = dict(plan=str(plan_path), world_size=world, data=data_source, step_times_s=times, losses=losses,
+                          events=[e for rank_events in gathered for e in rank_events], peak_memory_bytes=peaks)
             tmp = Path(str(json_path) + ".tmp")
             tmp.write_text(json.dumps(record, indent=1) + "\n")
             tmp.replace(json_path)

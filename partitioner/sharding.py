@@ -56,6 +56,7 @@ __all__ = [
     "is_linear_like",
     "is_embedding",
     "sharded_params",
+    "splits_param",
     "BlockLayoutCosts",
     "NodeOption",
     "OUTPUT_LAYOUT",
@@ -124,13 +125,23 @@ def megatron_sharding(captured: CapturedModel, tp: int) -> dict[str, str]:
 
 
 def sharded_params(captured: CapturedModel, sharding: Mapping[str, str]) -> set[str]:
-    """Parameters divided over the tp axis: those read by a column, row or vocab node."""
+    """Parameters divided over the tp axis: those read by a column or vocab node, and a row node's weight.
+
+    A row linear's bias stays whole on every tp rank (it is added once, after the all-reduce), as
+    the runtime holds it (``param_placements`` in rewrite.py); a meta build of each rank checks that the
+    two agree to the byte (partitioner/meta_build.py)."""
     return {
         p
         for name, strat in sharding.items()
-        if strat in ("column", "row", "vocab")
         for p in captured.nodes[name].params
+        if p in captured.params and splits_param(strat, captured.params[p].shape)
     }
+
+
+def splits_param(strategy: str, shape: tuple[int, ...]) -> bool:
+    """Whether a parameter of ``shape`` read by a node under ``strategy`` is divided over tp: every
+    parameter of a column or vocab node, only the weight (not the 1-D bias) of a row node."""
+    return strategy in ("column", "vocab") or (strategy == "row" and len(shape) >= 2)
 
 
 @dataclass(frozen=True, slots=True)
@@ -238,8 +249,8 @@ class BlockLayoutCosts:
             comm = OpTime(0.0, 0.0)
             if strat in ("row", "vocab"):
                 comm = OpTime(self.cost_model.collective_time("all_reduce", node.output_bytes * k, self.group), 0.0)
-            pdiv = tp if strat in ("column", "row", "vocab") else 1
-            held = sum(cap.params[p].bytes for p in node.params if p in cap.params) / pdiv
+            held = sum(cap.params[p].bytes / (tp if splits_param(strat, cap.params[p].shape) else 1)
+                       for p in node.params if p in cap.params)
             out[strat] = NodeOption(compute, comm, node.saved_bytes * k / div, held)
         return out
 

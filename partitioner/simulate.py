@@ -2,8 +2,8 @@
 
 Given per-stage costs (forward, backward, point-to-point send, activation and
 static memory, data-parallel gradient reduction), :func:`simulate` replays a
-pipeline schedule (GPipe, 1F1B or Megatron-LM interleaved 1F1B) action by
-action and returns the step time, per-rank busy/idle time, the bubble
+pipeline schedule (any of ``partitioner.schedules.SCHEDULES``: GPipe, 1F1B,
+interleaved 1F1B, zero-bubble ZB1P and ZB-V, DualPipeV) action by action and returns the step time, per-rank busy/idle time, the bubble
 fraction, peak memory and a printable timeline. It sits after ``solve`` in the
 flow (``Plan ─▶ simulate / explain / compare``): the solver and the CLI use it
 to compare candidate plans without running them. It is pure Python and
@@ -15,23 +15,30 @@ Glossary (the words mean only this in this module):
   ``0 .. ranks * virtual_stages - 1`` in model order; activations flow from
   stage ``s`` to ``s + 1`` and gradients back.
 - **rank**: a process that runs one or more stages, one action at a time.
-  Stage ``s`` runs on rank ``s % ranks``, so with interleaving rank ``r``
-  holds stages ``r, r + ranks, r + 2 * ranks, ...`` (Megatron-LM's layout);
-  each of those is one *chunk* of the rank.
+  Stage ``s`` runs on rank ``s % ranks`` (the ``loop`` layout: with
+  interleaving rank ``r`` holds stages ``r, r + ranks, ...``) or, for the
+  V-shaped schedules, on the rank of [Note: stage layouts] in schedules.py;
+  each of a rank's stages is one *chunk* of the rank.
 - **micro-batch**: one slice of the global batch; the pipeline runs ``M`` of
   them per step.
-- **action**: one forward (``F``) or backward (``B``) of one micro-batch on
-  one stage, written ``2F0`` (stage 2, forward, micro-batch 0) as in
-  ``torch.distributed.pipelining``.
+- **action**: one forward (``F``), backward (``B``), input-gradient backward
+  (``I``) or weight-gradient backward (``W``) of one micro-batch on one stage,
+  written ``2F0`` (stage 2, forward, micro-batch 0) as in
+  ``torch.distributed.pipelining`` (see schedules.py).
 - **in flight**: a micro-batch is in flight on a stage from the start of its
-  forward to the end of its backward; its activations are held meanwhile.
+  forward to the end of its backward (``B``, or ``W`` when the backward is
+  split); its activations are held meanwhile ([Note: zero-bubble memory] in
+  schedules.py).
 
 [Note: timing model]
 Each rank executes its ordered action list strictly in order, one action at a
 time. ``F(s, m)`` starts when the rank is free and ``F(s-1, m)`` has finished
-plus ``stages[s-1].send_s``. ``B(s, m)`` needs ``F(s, m)`` done and
-``B(s+1, m)`` finished plus ``stages[s].send_s``; the last stage's backward
-needs only its own forward. Point-to-point transfers are asynchronous: they
+plus ``stages[s-1].send_s``. ``B(s, m)`` or ``I(s, m)`` needs ``F(s, m)`` done
+and ``B(s+1, m)`` or ``I(s+1, m)`` finished plus ``stages[s].send_s``; the
+last stage's backward needs only its own forward. ``W(s, m)`` needs
+``I(s, m)``; ``I`` takes ``backward_s - backward_weight_s`` and ``W`` takes
+``backward_weight_s``. Adjacent stages on the same rank (the turn of a V)
+pass tensors without a transfer. Point-to-point transfers are asynchronous: they
 delay the receiver but occupy neither rank's compute, and links are not
 modelled as contended. Because the order on every rank is fixed, start times
 are a longest-path computation over the dependency DAG, so the simulator
@@ -42,8 +49,8 @@ At the end of the step each rank reduces the gradients of its stages across
 data-parallel replicas; it costs the sum of ``dp_reduce_s`` over the rank's
 stages. Without overlap it starts when the rank's last backward ends. With
 ``overlap_dp=True`` it models a bucketed all-reduce that is launched as
-gradients become ready during the rank's *last* backward: it starts at the
-start of that backward, but cannot finish before the backward ends (the last
+gradients become ready during the rank's *last* backward (``B`` or ``W``):
+it starts at the start of that backward, but cannot finish before the backward ends (the last
 bucket is only ready then). Earlier backwards are not overlapped, because for
 most stages the gradients of a parameter keep accumulating until the last
 micro-batch. The exposed time is the part that sticks out past the rank's
@@ -59,18 +66,29 @@ waiting for compute on another rank. Per rank, busy time plus its stages'
 waits is the end of its last action; the exposed reduction and the wait for
 the slowest rank then make up the step. The evaluator stores this split in
 every plan (``StageComponents``), so that ``explain`` and ``diff`` read it.
+A ``W`` waits only for its own stage's ``I`` on the same rank: never a transfer.
 """
 
 from __future__ import annotations
 
 import gc
 import math
-import re
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
 
 from partitioner.errors import PlanError
+from partitioner.schedules import (
+    BACKWARD_INPUT,
+    BACKWARD_WEIGHT,
+    FORWARD,
+    FULL_BACKWARD,
+    SCHEDULES,
+    Action,
+    schedule_order,
+    spec,
+    stage_rank,
+)
 
 __all__ = [
     "SCHEDULES",
@@ -83,11 +101,8 @@ __all__ = [
     "simulate_orders",
 ]
 
-SCHEDULES = ("gpipe", "1f1b", "interleaved")
-
-_FORWARD = "F"
-_BACKWARD = "B"
-_ACTION_RE = re.compile(r"^\s*(\d+)\s*([FB])\s*(\d+)\s*$")
+_FORWARD = FORWARD
+_BACKWARDS = (FULL_BACKWARD, BACKWARD_WEIGHT)  # the kinds that end a micro-batch's backward on a stage
 
 
 @dataclass(frozen=True, slots=True)
@@ -103,9 +118,12 @@ class StageCost:
     activation_bytes: int = 0
     static_bytes: int = 0  # parameters + gradients + optimizer state resident for this stage
     dp_reduce_s: float = 0.0  # data-parallel gradient reduction for this stage at the end of the step
+    # the part of backward_s that computes weight gradients: a separate W action in the
+    # schedules that split the backward (zb, zbv, dualpipev); the rest is the I action
+    backward_weight_s: float = 0.0
 
     def __post_init__(self) -> None:
-        for name in ("forward_s", "backward_s", "send_s", "dp_reduce_s"):
+        for name in ("forward_s", "backward_s", "send_s", "dp_reduce_s", "backward_weight_s"):
             value = getattr(self, name)
             if not (isinstance(value, (int, float)) and math.isfinite(value) and value >= 0):
                 raise PlanError(
@@ -116,34 +134,11 @@ class StageCost:
             value = getattr(self, name)
             if not isinstance(value, int) or value < 0:
                 raise PlanError(f"StageCost.{name} = {value!r}: must be an integer >= 0 bytes")
-
-
-@dataclass(frozen=True, slots=True, repr=False)
-class Action:
-    """One forward or backward of one micro-batch on one stage; prints as ``2F0``."""
-
-    stage: int  # pipeline stage (virtual stage index when interleaved)
-    kind: str  # "F" (forward) or "B" (backward)
-    microbatch: int  # micro-batch index, 0-based
-
-    # No __post_init__ on purpose: the simulator creates hundreds of thousands
-    # of these, and simulate_orders() validates every action it is given.
-
-    def __str__(self) -> str:
-        return f"{self.stage}{self.kind}{self.microbatch}"
-
-    # Compact repr, like torch's _Action, so lists of actions stay readable.
-    __repr__ = __str__
-
-    @classmethod
-    def parse(cls, text: str) -> Action:
-        """Parse ``"2F0"`` back into ``Action(2, "F", 0)``."""
-        match = _ACTION_RE.match(text)
-        if match is None:
+        if self.backward_weight_s > self.backward_s:
             raise PlanError(
-                f"cannot parse action {text!r}: expected <stage><F|B><microbatch>, e.g. '2F0'"
+                f"StageCost.backward_weight_s = {self.backward_weight_s!r} exceeds backward_s = "
+                f"{self.backward_s!r}: the weight-gradient part is a share of the backward"
             )
-        return cls(int(match.group(1)), match.group(2), int(match.group(3)))
 
 
 @dataclass(frozen=True, slots=True)
@@ -195,33 +190,6 @@ class SimResult:
         return _render(by_rank, self.step_time_s, width, exposed, max_listed=None)
 
 
-def schedule_order(
-    schedule: str, ranks: int, microbatches: int, virtual_stages: int = 1
-) -> list[list[Action]]:
-    """Per-rank ordered action lists for a named schedule.
-
-    Stage ``s`` (``0 .. ranks * virtual_stages - 1``) runs on rank ``s % ranks``.
-
-    - ``gpipe``: all forwards ``m = 0 .. M-1``, then all backwards in the same
-      order, as torch's ``ScheduleGPipe``.
-    - ``1f1b``: rank ``r`` does ``min(ranks - r - 1, M)`` warm-up forwards,
-      then alternates one forward and one backward, then drains the remaining
-      backwards (PipeDream-Flush / Megatron-LM 1F1B).
-    - ``interleaved``: Megatron-LM interleaved 1F1B (Narayanan et al. 2021),
-      see :func:`_interleaved_order`. With ``virtual_stages == 1`` it is
-      exactly ``1f1b``.
-    """
-    _check_schedule_args(schedule, ranks, microbatches, virtual_stages)
-    if schedule == "gpipe":
-        return [_gpipe_order(r, microbatches) for r in range(ranks)]
-    if schedule == "1f1b" or virtual_stages == 1:
-        # Megatron's interleaved warm-up formula with one chunk would give
-        # 2*(ranks-r-1) warm-ups (more memory, same time); the interleaved
-        # schedule with a single chunk is meant to be plain 1F1B.
-        return [_one_f_one_b_order(r, ranks, microbatches) for r in range(ranks)]
-    return [_interleaved_order(r, ranks, microbatches, virtual_stages) for r in range(ranks)]
-
-
 def simulate(
     stages: Sequence[StageCost],
     schedule: str,
@@ -232,7 +200,8 @@ def simulate(
     """Simulate one training step of ``schedule`` over ``stages``.
 
     ``len(stages)`` must be ``ranks * virtual_stages``; ``stages[s]`` runs on
-    rank ``s % ranks``. See [Note: timing model] and [Note: data-parallel
+    the rank of the schedule's layout (``s % ranks`` except for the V-shaped
+    schedules, see schedules.py). See [Note: timing model] and [Note: data-parallel
     reduction] in the module docstring.
     """
     if not isinstance(virtual_stages, int) or virtual_stages < 1:
@@ -245,7 +214,7 @@ def simulate(
     ranks = len(stages) // virtual_stages
     with _gc_paused():
         orders = schedule_order(schedule, ranks, microbatches, virtual_stages)
-        return simulate_orders(stages, orders, microbatches, overlap_dp=overlap_dp)
+        return _simulate_orders(stages, orders, microbatches, overlap_dp, spec(schedule).layout)
 
 
 def simulate_orders(
@@ -254,11 +223,13 @@ def simulate_orders(
     microbatches: int,
     *,
     overlap_dp: bool = True,
+    layout: str = "loop",
 ) -> SimResult:
     """Simulate explicit per-rank action orders (``orders[r]`` is rank ``r``'s list).
 
-    Every ``(stage, kind, micro-batch)`` must appear exactly once, on rank
-    ``stage % len(orders)``. Raises :class:`PlanError` with the timeline of
+    Every stage runs, for every micro-batch, ``F`` and either ``B`` or ``I``
+    and ``W``, each once, on the rank ``layout`` gives it ([Note: stage
+    layouts] in schedules.py). Raises :class:`PlanError` with the timeline of
     what ran if the orders deadlock.
 
     [Note: linear-time replay] Start times are computed in dependency order
@@ -268,8 +239,10 @@ def simulate_orders(
     Every action is visited once, so the cost is O(actions). Since a rank never
     reorders its list, this equals a time-ordered event simulation.
     """
+    if layout not in ("loop", "v"):
+        raise PlanError(f"layout = {layout!r}: must be 'loop' or 'v'")
     with _gc_paused():
-        return _simulate_orders(stages, orders, microbatches, overlap_dp)
+        return _simulate_orders(stages, orders, microbatches, overlap_dp, layout)
 
 
 def _simulate_orders(
@@ -277,25 +250,37 @@ def _simulate_orders(
     orders: Sequence[Sequence[Action]],
     microbatches: int,
     overlap_dp: bool,
+    layout: str,
 ) -> SimResult:
     stage_costs = _check_stages(stages)
     ranks = len(orders)
     num_stages = len(stage_costs)
-    # keys[r][i] encodes orders[r][i] as (stage * M + micro-batch) * 2 + (1 if B):
-    # flat int-indexed lists are far faster than objects or dicts of tuples at
-    # 10^5-10^6 actions. With this layout F(s-1, m) = key - 2M and
-    # B(s+1, m) = key + 2M, and key // 2M is the stage.
-    keys = _check_orders(orders, num_stages, microbatches)
-    two_m = 2 * microbatches
-    last = num_stages - 1
+    # keys[r][i] encodes orders[r][i] as slot * N + stage * M + micro-batch with N = stages * M
+    # and slot 0 for F, 1 for B or I (the gradient the previous stage waits for), 2 for W:
+    # flat int-indexed lists are far faster than objects or dicts of tuples at 10^5-10^6
+    # actions, and comparing a key with N and 2N tells its slot without a division. With this
+    # layout F(s-1, m) = key - M, B/I(s+1, m) = key + M, and a B/I or W key less N (or 2N) is
+    # the F (or I) of the same stage and micro-batch.
+    keys, split = _check_orders(orders, num_stages, microbatches, layout)
+    M = microbatches
+    N = num_stages * M
+    N2 = 2 * N
+    last_b = N2 - M  # B/I keys at or above this are on the last stage
     fwd = [c.forward_s for c in stage_costs]
     bwd = [c.backward_s for c in stage_costs]
-    send = [c.send_s for c in stage_costs]
+    wgt = [c.backward_weight_s for c in stage_costs]
+    inp = [c.backward_s - c.backward_weight_s for c in stage_costs]
+    # Sends between stages on the same rank (the turn of a V) are local copies: free.
+    owner = [stage_rank(s, ranks, layout) for s in range(num_stages)]
+    last = num_stages - 1
+    send = [
+        c.send_s if s < last and owner[s] != owner[s + 1] else 0.0 for s, c in enumerate(stage_costs)
+    ]
 
     waited = [0.0] * num_stages  # [Note: where idle time goes]
     in_transit = [0.0] * num_stages
-    start: list[float] = [0.0] * (num_stages * two_m)
-    end: list[float | None] = [None] * (num_stages * two_m)  # None until the action has run
+    start: list[float] = [0.0] * (3 * N)
+    end: list[float | None] = [None] * (3 * N)  # None until the action has run
     parked: dict[int, list[int]] = {}  # missing dependency key -> ranks waiting for it
     waiting_on = [-1] * ranks  # key each rank is parked on, -1 when done
     position = [0] * ranks  # index of each rank's next action
@@ -310,25 +295,11 @@ def _simulate_orders(
         t_free = free_at[r]
         while pos < n:
             key = rank_keys[pos]
-            s = key // two_m
             sent = arrives = 0.0  # the awaited transfer: when it left and when it arrives
-            if key & 1:  # B(s, m): needs F(s, m), and B(s+1, m) plus the gradient's send
-                dep = key - 1
-                ready = end[dep]
-                if ready is None:
-                    break
-                if s < last:
-                    dep = key + two_m
-                    sent = end[dep]
-                    if sent is None:
-                        break
-                    arrives = sent + send[s]
-                    if arrives > ready:
-                        ready = arrives
-                duration = bwd[s]
-            else:  # F(s, m): needs F(s-1, m) plus the activation's send
+            if key < N:  # F(s, m): needs F(s-1, m) plus the activation's send
+                s = key // M
                 if s:
-                    dep = key - two_m
+                    dep = key - M
                     sent = end[dep]
                     if sent is None:
                         break
@@ -336,6 +307,28 @@ def _simulate_orders(
                 else:
                     ready = 0.0
                 duration = fwd[s]
+            elif key < N2:  # B or I (s, m): needs F(s, m), and B/I(s+1, m) plus the gradient's send
+                dep = key - N
+                ready = end[dep]
+                if ready is None:
+                    break
+                s = dep // M
+                if key < last_b:
+                    dep = key + M
+                    sent = end[dep]
+                    if sent is None:
+                        break
+                    arrives = sent + send[s]
+                    if arrives > ready:
+                        ready = arrives
+                duration = inp[s] if split[key] else bwd[s]
+            else:  # W(s, m): needs I(s, m)
+                dep = key - N
+                ready = end[dep]
+                if ready is None:
+                    break
+                s = (key - N2) // M
+                duration = wgt[s]
             if t_free >= ready:
                 ready = t_free
             else:
@@ -365,8 +358,8 @@ def _simulate_orders(
         for r in range(ranks)
     ]
     if any(position[r] < len(keys[r]) for r in range(ranks)):
-        raise PlanError(_deadlock_message(events, orders, position, waiting_on, microbatches))
-    return _summarize(stage_costs, events, overlap_dp, waited, in_transit)
+        raise PlanError(_deadlock_message(events, orders, position, waiting_on, microbatches, owner))
+    return _summarize(stage_costs, events, overlap_dp, owner, waited, in_transit)
 
 
 @contextmanager
@@ -390,92 +383,7 @@ def _gc_paused() -> Iterator[None]:
 
 
 # --------------------------------------------------------------------------
-# Schedules
-
-
-def _gpipe_order(rank: int, microbatches: int) -> list[Action]:
-    forwards = [Action(rank, _FORWARD, m) for m in range(microbatches)]
-    backwards = [Action(rank, _BACKWARD, m) for m in range(microbatches)]
-    return forwards + backwards
-
-
-def _one_f_one_b_order(rank: int, ranks: int, microbatches: int) -> list[Action]:
-    # Warm-up fills the pipeline just deep enough that the last stage's first
-    # backward can start; afterwards every forward is paired with a backward,
-    # which caps the in-flight micro-batches on rank r at ranks - r.
-    warmup = min(ranks - rank - 1, microbatches)
-    forwards = [Action(rank, _FORWARD, m) for m in range(microbatches)]
-    backwards = [Action(rank, _BACKWARD, m) for m in range(microbatches)]
-    return _warmup_steady_cooldown(forwards, backwards, warmup)
-
-
-def _interleaved_order(rank: int, ranks: int, microbatches: int, chunks: int) -> list[Action]:
-    """Megatron-LM ``forward_backward_pipelining_with_interleaving`` for one rank.
-
-    The rank runs ``M * v`` forward "virtual micro-batches" k. Micro-batches go
-    in groups of ``ranks``: within a group of ``ranks * v`` consecutive k, the
-    first ``ranks`` run chunk 0, the next ``ranks`` chunk 1, and so on;
-    backwards visit the chunks in reverse. The warm-up is
-    ``(ranks - r - 1) * 2 + (v - 1) * ranks`` forwards (capped at ``M * v``),
-    then one forward and one backward alternate, then the backwards drain.
-    Unlike Megatron we do not special-case ``M == ranks`` into all-forward
-    warm-up; the formula above is deadlock-free there too.
-    """
-    # Forward k = g * ranks * v + c * ranks + i is micro-batch g * ranks + i
-    # on chunk c; backward k is the same micro-batch on chunk v - 1 - c.
-    groups = range(microbatches // ranks)
-    forwards = [
-        Action(c * ranks + rank, _FORWARD, g * ranks + i)
-        for g in groups
-        for c in range(chunks)
-        for i in range(ranks)
-    ]
-    backwards = [
-        Action(c * ranks + rank, _BACKWARD, g * ranks + i)
-        for g in groups
-        for c in reversed(range(chunks))
-        for i in range(ranks)
-    ]
-    warmup = min((ranks - rank - 1) * 2 + (chunks - 1) * ranks, len(forwards))
-    return _warmup_steady_cooldown(forwards, backwards, warmup)
-
-
-def _warmup_steady_cooldown(forwards: list[Action], backwards: list[Action], warmup: int) -> list[Action]:
-    """``forwards[:warmup]``, then forward/backward pairs, then the remaining backwards."""
-    steady = len(forwards) - warmup
-    pairs: list[Action] = [None] * (2 * steady)  # type: ignore[list-item]  # filled by the slices below
-    pairs[0::2] = forwards[warmup:]
-    pairs[1::2] = backwards[:steady]
-    return forwards[:warmup] + pairs + backwards[steady:]
-
-
-# --------------------------------------------------------------------------
 # Validation
-
-
-def _check_schedule_args(schedule: str, ranks: int, microbatches: int, virtual_stages: int) -> None:
-    if schedule not in SCHEDULES:
-        raise PlanError(f"unknown schedule {schedule!r}: choose one of {', '.join(SCHEDULES)}")
-    if not isinstance(ranks, int) or ranks < 1:
-        raise PlanError(f"ranks = {ranks!r}: a pipeline needs at least 1 rank")
-    if not isinstance(microbatches, int) or microbatches < 1:
-        raise PlanError(f"microbatches = {microbatches!r}: must be an integer >= 1")
-    if not isinstance(virtual_stages, int) or virtual_stages < 1:
-        raise PlanError(f"virtual_stages = {virtual_stages!r}: must be an integer >= 1")
-    if schedule != "interleaved" and virtual_stages != 1:
-        raise PlanError(
-            f"schedule {schedule!r} runs one stage per rank but virtual_stages = "
-            f"{virtual_stages}: use schedule 'interleaved' or set virtual_stages = 1"
-        )
-    if schedule == "interleaved" and virtual_stages > 1 and microbatches % ranks != 0:
-        lower = microbatches // ranks * ranks
-        upper = lower + ranks
-        hint = f"{upper}" if lower == 0 else f"{lower} or {upper}"
-        raise PlanError(
-            f"interleaved schedule needs microbatches to be a multiple of the number of "
-            f"pipeline ranks ({ranks}), got microbatches = {microbatches}: use {hint}, "
-            "or set virtual_stages = 1"
-        )
 
 
 def _check_stages(stages: Sequence[StageCost]) -> list[StageCost]:
@@ -488,66 +396,72 @@ def _check_stages(stages: Sequence[StageCost]) -> list[StageCost]:
     return costs
 
 
+_SLOT = {FORWARD: 0, FULL_BACKWARD: 1, BACKWARD_INPUT: 1, BACKWARD_WEIGHT: 2}
+
+
 def _check_orders(
-    orders: Sequence[Sequence[Action]], num_stages: int, microbatches: int
-) -> list[list[int]]:
-    """Validate the orders and return each action's flat key (see simulate_orders)."""
+    orders: Sequence[Sequence[Action]], num_stages: int, microbatches: int, layout: str
+) -> tuple[list[list[int]], bytearray]:
+    """Validate the orders; return each action's flat key (see _simulate_orders) and, per key, 1 for an I."""
     ranks = len(orders)
     if not isinstance(microbatches, int) or microbatches < 1:
         raise PlanError(f"microbatches = {microbatches!r}: must be an integer >= 1")
-    if ranks < 1 or num_stages % ranks != 0:
-        raise PlanError(
-            f"{num_stages} stages cannot be laid out on {ranks} ranks: "
-            "len(stages) must be a positive multiple of len(orders)"
-        )
-    seen = bytearray(2 * num_stages * microbatches)
+    if ranks < 1 or num_stages % ranks != 0 or (layout == "v" and num_stages != 2 * ranks):
+        need = "twice len(orders) for the V layout" if layout == "v" else "a positive multiple of len(orders)"
+        raise PlanError(f"{num_stages} stages cannot be laid out on {ranks} ranks: len(stages) must be {need}")
+    owner = [stage_rank(s, ranks, layout) for s in range(num_stages)]
+    n = num_stages * microbatches
+    seen = bytearray(3 * n)
+    split = bytearray(3 * n)  # 1 at the key of an I
     keys: list[list[int]] = []
     for r, order in enumerate(orders):
         rank_keys: list[int] = []
         keys.append(rank_keys)
         for pos, a in enumerate(order):
             # One cheap combined test per action; the message is only built on failure.
-            if (
-                isinstance(a, Action)
-                and (a.kind == _FORWARD or a.kind == _BACKWARD)
-                and 0 <= a.stage < num_stages
-                and 0 <= a.microbatch < microbatches
-                and a.stage % ranks == r
-            ):
-                key = (a.stage * microbatches + a.microbatch) * 2 + (a.kind == _BACKWARD)
-                if not seen[key]:
+            slot = _SLOT.get(a.kind, -1) if isinstance(a, Action) else -1
+            if slot >= 0 and 0 <= a.stage < num_stages and 0 <= a.microbatch < microbatches and owner[a.stage] == r:
+                key = slot * n + a.stage * microbatches + a.microbatch
+                if not seen[key] and (slot != 2 or split[key - n]):
                     seen[key] = 1
+                    if a.kind == BACKWARD_INPUT:
+                        split[key] = 1
                     rank_keys.append(key)
                     continue
-            raise PlanError(_bad_action_message(a, r, pos, ranks, num_stages, microbatches))
-    missing = seen.count(0)
-    if missing:
-        first = seen.index(0)
-        idx, is_b = divmod(first, 2)
-        stage, m = divmod(idx, microbatches)
-        example = Action(stage, _BACKWARD if is_b else _FORWARD, m)
+            raise PlanError(_bad_action_message(a, r, pos, owner, microbatches, seen, split))
+    # Complete: F and B/I everywhere, and W exactly where an I ran (split[n:2n] marks the I).
+    if seen[: 2 * n].count(0) or seen[2 * n :] != split[n : 2 * n]:
+        bad = [i for i in range(n) if (seen[i], seen[n + i], seen[2 * n + i]) != (1, 1, split[n + i])]
+        first = bad[0]
+        stage, m = divmod(first, microbatches)
+        kind = FORWARD if not seen[first] else FULL_BACKWARD if not seen[n + first] else BACKWARD_WEIGHT
         raise PlanError(
-            f"orders miss {missing} action(s), e.g. {example} on rank {stage % ranks}: "
-            "every stage must run F and B for every micro-batch"
+            f"orders miss actions for {len(bad)} (stage, micro-batch) pair(s), e.g. {Action(stage, kind, m)} "
+            f"on rank {owner[stage]}: every stage must run F and either B or I then W for every micro-batch"
         )
-    return keys
+    return keys, split
 
 
 def _bad_action_message(
-    a: object, r: int, pos: int, ranks: int, num_stages: int, microbatches: int
+    a: object, r: int, pos: int, owner: list[int], microbatches: int, seen: bytearray, split: bytearray
 ) -> str:
     where = f"orders[{r}][{pos}] = {a!r}"
+    num_stages = len(owner)
     if not isinstance(a, Action):
         return f"{where}: expected an Action, e.g. Action.parse('0F0')"
-    if a.kind not in (_FORWARD, _BACKWARD):
-        return f"{where}: kind must be 'F' or 'B'"
+    if a.kind not in _SLOT:
+        return f"{where}: kind must be 'F', 'B', 'I' or 'W'"
     if not 0 <= a.stage < num_stages:
         return f"{where}: stage out of range 0..{num_stages - 1}"
     if not 0 <= a.microbatch < microbatches:
         return f"{where}: micro-batch out of range 0..{microbatches - 1}"
-    if a.stage % ranks != r:
-        return f"{where}: stage {a.stage} runs on rank {a.stage % ranks}, not on rank {r}"
-    return f"{where}: action scheduled twice; each stage runs F and B once per micro-batch"
+    if owner[a.stage] != r:
+        return f"{where}: stage {a.stage} runs on rank {owner[a.stage]}, not on rank {r}"
+    n = num_stages * microbatches
+    key = _SLOT[a.kind] * n + a.stage * microbatches + a.microbatch
+    if a.kind == BACKWARD_WEIGHT and not seen[key] and not split[key - n]:
+        return f"{where}: W without an earlier I of the same stage and micro-batch; put {a.stage}I{a.microbatch} first"
+    return f"{where}: action scheduled twice; each stage runs F and B (or I and W) once per micro-batch"
 
 
 # --------------------------------------------------------------------------
@@ -558,18 +472,20 @@ def _summarize(
     stages: list[StageCost],
     events: list[list[Event]],
     overlap_dp: bool,
+    owner: list[int],
     waited: Sequence[float],
     in_transit: Sequence[float],
 ) -> SimResult:
     ranks = len(events)
     compute_end = [rank_events[-1].end_s if rank_events else 0.0 for rank_events in events]
     pipeline_time = max(compute_end)
+    mine = [[c for s, c in enumerate(stages) if owner[s] == r] for r in range(ranks)]
 
     dp_exposed: list[float] = []
     step_time = pipeline_time
     for r in range(ranks):
-        reduce_s = sum(c.dp_reduce_s for c in stages[r::ranks])
-        last_b = next((e for e in reversed(events[r]) if e.action.kind == _BACKWARD), None)
+        reduce_s = sum(c.dp_reduce_s for c in mine[r])
+        last_b = next((e for e in reversed(events[r]) if e.action.kind in _BACKWARDS), None)
         if reduce_s == 0.0 or last_b is None:
             exposed = 0.0
         elif overlap_dp:
@@ -588,27 +504,31 @@ def _summarize(
     peak_act: list[int] = []
     peak_count: list[int] = []
     for r in range(ranks):
-        # A rank runs its actions one at a time, so walking its events in
-        # order is chronological: add at forward start, release at backward end.
-        # Busy time sums the costs rather than end - start, to stay exact.
+        # A rank runs its actions one at a time, so walking its events in order is
+        # chronological: add at forward start, release at the end of B or W (an I
+        # releases nothing: [Note: zero-bubble memory] in schedules.py). Busy time
+        # sums the costs rather than end - start, to stay exact.
         held = count = top_bytes = top_count = 0
         compute = 0.0
         for e in events[r]:
             cost = stages[e.action.stage]
-            if e.action.kind == _FORWARD:
+            kind = e.action.kind
+            if kind == _FORWARD:
                 compute += cost.forward_s
                 held += cost.activation_bytes
                 count += 1
                 top_bytes = max(top_bytes, held)
                 top_count = max(top_count, count)
+            elif kind == BACKWARD_INPUT:
+                compute += cost.backward_s - cost.backward_weight_s
             else:
-                compute += cost.backward_s
+                compute += cost.backward_weight_s if kind == BACKWARD_WEIGHT else cost.backward_s
                 held -= cost.activation_bytes
                 count -= 1
         busy.append(compute)
         peak_act.append(top_bytes)
         peak_count.append(top_count)
-    static = [sum(c.static_bytes for c in stages[r::ranks]) for r in range(ranks)]
+    static = [sum(c.static_bytes for c in mine[r]) for r in range(ranks)]
 
     total_busy = sum(busy)
     bubble = 1.0 - total_busy / (ranks * pipeline_time) if pipeline_time > 0 else 0.0
@@ -635,7 +555,7 @@ def _events_by_rank(events: Sequence[Event], ranks: int) -> list[list[Event]]:
     return by_rank
 
 
-_LEGEND = "legend: F forward, B backward, R exposed data-parallel reduction, . idle"
+_LEGEND = "legend: F forward, B backward, I input-gradient backward, W weight-gradient backward, R exposed data-parallel reduction, . idle"
 
 
 def _render(
@@ -686,13 +606,15 @@ def _deadlock_message(
     position: list[int],
     waiting_on: list[int],
     microbatches: int,
+    owner: list[int],
 ) -> str:
     ranks = len(orders)
 
     def describe(key: int) -> str:
-        idx, is_b = divmod(key, 2)
+        slot, idx = divmod(key, len(owner) * microbatches)
         stage, m = divmod(idx, microbatches)
-        return f"{Action(stage, _BACKWARD if is_b else _FORWARD, m)} (rank {stage % ranks})"
+        what = f"{stage}F{m}" if slot == 0 else f"{stage}W{m}" if slot == 2 else f"{stage}B{m} or {stage}I{m}"
+        return f"{what} (rank {owner[stage]})"
 
     stuck = [
         f"  rank {r} stuck at {orders[r][position[r]]} (step {position[r]}), "
@@ -706,6 +628,6 @@ def _deadlock_message(
         "pipeline schedule deadlocks: no rank can start its next action\n"
         + "\n".join(stuck)
         + "\nreorder the actions so that each one's inputs can be produced first "
-        "(F(s-1,m) before F(s,m); F(s,m) and B(s+1,m) before B(s,m)). What ran:\n"
+        "(F(s-1,m) before F(s,m); F(s,m) and B(s+1,m) before B(s,m); I(s,m) before W(s,m)). What ran:\n"
         + timeline
     )

@@ -13,6 +13,8 @@ Jobs:
   checkpoint   save / load under given layouts, continue, report the parameters.
   fail         rank ``fail_rank`` raises, exits, is killed or hangs mid-step, in its loss or
                its stage's forward ([Note: failing ranks] in partitioner/watchdog.py).
+  hf_stock     a stock ``GPT2LMHeadModel(GPT2Config(...))``, KV cache on as it comes, through
+               ``auto_parallelize`` vs a single-process deepcopy.
 
 ``launch(..., torchrun=True)`` starts the same job under ``torchrun`` instead (one
 launcher process; the report's ``stderr`` is every rank's, as a user sees it).
@@ -21,6 +23,7 @@ launcher process; the report's ``stderr`` is every rank's, as a user sees it).
 from __future__ import annotations
 
 import copy
+import dataclasses
 import json
 import os
 import socket
@@ -342,6 +345,47 @@ def job_fail(args: dict[str, Any]) -> dict[str, Any]:
     return {"finished": True}
 
 
+def job_hf_stock(args: dict[str, Any]) -> dict[str, Any]:
+    """A Hugging Face model exactly as a user builds it (``use_cache`` left on): loss, gradients and
+    parameters after one step against a single-process deepcopy."""
+    import torch
+    from transformers import GPT2Config, GPT2LMHeadModel
+
+    from partitioner import auto_parallelize
+
+    torch.manual_seed(0)
+    # Dropout off so that the reference computes the same function; everything else is GPT2Config's default.
+    model = GPT2LMHeadModel(GPT2Config(n_layer=2, n_embd=64, n_head=4, n_positions=SEQ, vocab_size=96,
+                                       resid_pdrop=0.0, embd_pdrop=0.0, attn_pdrop=0.0)).train()
+    ref = copy.deepcopy(model)
+    use_cache_before = bool(model.config.use_cache)
+
+    def loss_fn(out, y):
+        return torch.nn.functional.cross_entropy(out.logits.reshape(-1, out.logits.shape[-1]), y.reshape(-1))
+
+    g = torch.Generator().manual_seed(1)
+    ids, target = torch.randint(0, 96, (4, SEQ), generator=g), torch.randint(0, 96, (4, SEQ), generator=g)
+    opt = lambda ps: torch.optim.SGD(ps, lr=0.1)  # noqa: E731
+    pm = auto_parallelize(model, example_inputs=(ids[:1],), loss_fn=loss_fn, optimizer=opt, **args["layout"])
+    loss = pm.step(ids, target=target)
+    grads, params = pm.full_tensors("grad"), pm.full_tensors("param")
+    ref_opt = opt(ref.parameters())
+    ref_loss = loss_fn(ref(ids), target)
+    ref_loss.backward()
+    ref_grads = {n: p.grad.clone() for n, p in ref.named_parameters()}
+    ref_opt.step()
+    ref_params = dict(ref.named_parameters())
+    scale_g = max(float(g.abs().max()) for g in ref_grads.values())
+    report = dict(
+        use_cache_before=use_cache_before, loss=loss, ref_loss=float(ref_loss), names=sorted(grads),
+        grad=max(_rel(grads[n], ref_grads[n], 1e-4 * scale_g) for n in grads),
+        param=max(_rel(params[n].detach(), ref_params[n].detach(), 1e-6) for n in params),
+        stages=list(pm.stage_indices), mesh=str(pm.plan.mesh),
+    )
+    pm.close()
+    return report
+
+
 def job_wrong_world(args: dict[str, Any]) -> dict[str, Any]:
     """A plan for 4 ranks run on 2, and a plan for the MLP run on GPT-2: both refused before any step."""
     from partitioner import Cluster, plan_parallelism
@@ -364,6 +408,90 @@ def job_wrong_world(args: dict[str, Any]) -> dict[str, Any]:
         ParallelModel(model, plan, example, loss_fn, None)
     except Exception as exc:
         out["job_failed"] = f"{type(exc).__name__}: {exc}"
+    return out
+
+
+def job_precision(args: dict[str, Any]) -> dict[str, Any]:
+    """``{"runs": [{"key", "model", "dtype", "layout", "bytes"}]}``: the model cast to ``dtype`` (bf16/fp16)
+    and planned with adam-mixed, one step with SGD on fp32 masters against a single-process run of the
+    same precision; then, where ``bytes``, a step with the default AdamW and the bytes this rank holds
+    against the plan's prediction."""
+    import torch
+
+    from partitioner import Cluster, auto_parallelize
+    from partitioner.precision import DTYPES, resident_bytes
+
+    base = Cluster.local(2)
+    # local-cpu prices fp32 only; CPUs compute bf16 and fp16 too (slowly), which is all this test needs.
+    peak = base.device.peak_flops["fp32"]
+    cluster = dataclasses.replace(base, device=dataclasses.replace(
+        base.device, peak_flops={"fp32": peak, "bf16": peak, "fp16": peak}))
+    out: dict[str, Any] = {}
+    for run in args["runs"]:
+        dtype = DTYPES[run["dtype"]]
+        model, example, loss_fn, batch = build(run["model"])
+        model = model.to(dtype)  # module casting: the plan's fingerprint then says bf16/fp16
+        example = tuple(x.to(dtype) if x.is_floating_point() else x for x in example)
+        ref = copy.deepcopy(model)
+        lr = 0.1
+        sgd = lambda ps: torch.optim.SGD(ps, lr=lr)  # noqa: E731
+        pm = auto_parallelize(model, cluster, example_inputs=example, loss_fn=loss_fn, method="params",
+                              optimizer=sgd, **run["layout"])
+        gb = pm.plan.training.global_batch
+        inputs, target = batch(gb, 1)
+        inputs = tuple(x.to(dtype) if x.is_floating_point() else x for x in inputs)
+        target = target.to(dtype) if target.is_floating_point() else target
+        loss = pm.step(*inputs, target=target)
+        scale_after = None if pm.scaler is None else pm.scaler.get_scale()
+        scale = 2.0**16 if dtype == torch.float16 else 1.0  # GradScaler's initial scale
+        grads = {n: g.float() / scale for n, g in pm.full_tensors("grad").items()}  # fp16: the scaled gradients
+        params = {n: t.float() for n, t in pm.full_tensors("param").items()}
+        masters = {n: pm.optimizer.masters[i].detach().clone() for i, n in enumerate(pm.params)}
+        # The reference: the same precision in one process, fp32 masters and (fp16) a loss scale by hand.
+        ref_out = ref(*inputs)  # fp16: the loss in fp32, as the runtime computes it under loss scaling
+        ref_loss = loss_fn(ref_out.float() if dtype == torch.float16 else ref_out, target)
+        (ref_loss * scale).backward()
+        ref_grads = {n: p.grad.float() / scale for n, p in ref.named_parameters()}
+        found_inf = any(not torch.isfinite(g).all() for g in ref_grads.values())
+        ref_masters = {n: p.detach().float() - (0.0 if found_inf else lr) * ref_grads[n]
+                       for n, p in ref.named_parameters()}
+        scale_g = max(float(g.abs().max()) for g in ref_grads.values())
+        report = dict(
+            loss=loss, ref_loss=float(ref_loss.detach()), scale_after=scale_after, ref_skipped=found_inf,
+            grad=max(_rel(grads[n], ref_grads[n], 1e-3 * scale_g) for n in grads),
+            # the masters' error in units of the step's largest update (lr x the largest gradient)
+            master=max(float((masters[n] - ref_masters[n]).abs().max()) for n in masters) / (lr * scale_g),
+            # the weights (masters rounded to dtype): beyond one rounding step, in units of the largest update
+            param=max(float(((params[n] - ref_masters[n].to(dtype).float()).abs()
+                             - torch.finfo(dtype).eps * ref_masters[n].abs()).clamp(min=0).max()) for n in params)
+            / (lr * scale_g),
+            param_dtypes=sorted({str(p.dtype) for p in pm.params.values()}),
+            master_dtypes=sorted({str(m.dtype) for m in pm.optimizer.masters}),
+            optimizer=type(pm.optimizer).__name__, names=sorted(grads), all_names=sorted(ref_grads),
+            plan_dtype=pm.plan.training.dtype, plan_optimizer=pm.plan.training.optimizer,
+        )
+        pm.close()
+        out[run["key"]] = report
+        if not run.get("bytes"):
+            continue
+        # Bytes with the plan's own optimizer (AdamW on fp32 masters) against its prediction.
+        model, example, loss_fn, batch = build(run["model"])
+        model = model.to(dtype)
+        example = tuple(x.to(dtype) if x.is_floating_point() else x for x in example)
+        pm = auto_parallelize(model, cluster, example_inputs=example, loss_fn=loss_fn, method="params",
+                              **run["layout"])
+        inputs, target = batch(gb, 2)
+        inputs = tuple(x.to(dtype) if x.is_floating_point() else x for x in inputs)
+        target = target.to(dtype) if target.is_floating_point() else target
+        pm.step(*inputs, target=target)
+        held = resident_bytes(pm.params.values(), pm.optimizer, [b for m in pm.modules.values() for b in m.buffers()])
+        report.update(
+            held=dataclasses.asdict(held), held_total=held.total,
+            predicted=sum(pm.plan.stages[s].predicted.static_bytes for s in pm.stage_indices),
+            recompute=any(pm.plan.stages[s].recompute for s in pm.stage_indices),
+            n_params=sum(p.numel() for p in pm.params.values()),
+        )
+        pm.close()
     return out
 
 

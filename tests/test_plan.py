@@ -119,7 +119,7 @@ def _edit(plan: Plan, fn) -> str:
     "edit, words",
     [
         (lambda d: d.pop("mesh"), ["missing", "'mesh'"]),
-        (lambda d: d["schedule"].pop("microbatches"), ["schedule", "microbatches"]),
+        (lambda d: d["schedule"].pop("micro_batch_size"), ["schedule", "micro_batch_size"]),
         (lambda d: d["stages"][0].pop("modules"), ["stages[0]", "modules"]),
         (lambda d: d.update(extra=1), ["unknown", "extra"]),
         (lambda d: d["mesh"].update(ep=2), ["mesh", "unknown", "ep"]),
@@ -181,8 +181,10 @@ def test_plan_constructor_checks_consistency(tp_plan):
         replace(tp_plan, stages=tp_plan.stages * 2)
     with pytest.raises(PlanError, match="owns no modules"):
         replace(tp_plan, stages=(replace(tp_plan.stages[0], modules=()),))
-    with pytest.raises(PlanError, match="virtual_stages=2 needs schedule 'interleaved'"):
+    with pytest.raises(PlanError, match="virtual_stages=2 does not suit schedule '1f1b'.*use schedule 'interleaved'"):
         Schedule("1f1b", 4, 1, 2)
+    with pytest.raises(PlanError, match="virtual_stages=1 does not suit schedule 'zbv'.*use virtual_stages 2"):
+        Schedule("zbv", 4, 1, 1)
     with pytest.raises(PlanError, match="mesh.pp"):
         Mesh(pp=0)
 

@@ -181,7 +181,8 @@ def test_interleaved_beats_1f1b() -> None:
 @pytest.mark.parametrize("schedule", SCHEDULES)
 @pytest.mark.parametrize("microbatches", [1, 5])
 def test_single_rank_has_no_bubble(schedule: str, microbatches: int) -> None:
-    chunks = 2 if schedule == "interleaved" else 1
+    chunks = 2 if schedule in ("interleaved", "zbv", "dualpipev") else 1
+    microbatches = max(microbatches, 2) if schedule == "dualpipev" else microbatches  # torch's minimum
     result = simulate(uniform(1, 1.5, 2.5, chunks), schedule, microbatches, virtual_stages=chunks)
     assert result.pipeline_time_s == pytest.approx(microbatches * 4.0)
     assert result.bubble_fraction == pytest.approx(0.0)
@@ -342,7 +343,7 @@ def test_deadlock_is_reported_with_what_ran() -> None:
         simulate_orders(uniform(2, 1.0, 1.0), orders, 2)
     message = str(info.value)
     assert "deadlock" in message
-    assert "rank 0 stuck at 0B0 (step 1), waiting for 1B0 (rank 1)" in message
+    assert "rank 0 stuck at 0B0 (step 1), waiting for 1B0 or 1I0 (rank 1)" in message
     assert "rank 1 stuck at 1F1 (step 0), waiting for 0F1 (rank 0)" in message
     assert "rank 0: 0F0\n" in message
     assert "rank 1: (nothing ran)" in message
@@ -357,12 +358,12 @@ def test_backward_before_own_forward_deadlocks() -> None:
 @pytest.mark.parametrize(
     ("orders", "match"),
     [
-        ([actions("0F0 0B0"), actions("1F0")], r"miss 1 action\(s\), e.g. 1B0 on rank 1"),
+        ([actions("0F0 0B0"), actions("1F0")], r"miss actions for 1 \(stage, micro-batch\) pair\(s\), e.g. 1B0 on rank 1"),
         ([actions("0F0 0B0 0F0"), actions("1F0 1B0")], "scheduled twice"),
         ([actions("0F0 0B0 1F0"), actions("1B0")], "stage 1 runs on rank 1, not on rank 0"),
         ([actions("0F0 0B0 0F1"), actions("1F0 1B0")], "micro-batch out of range"),
         ([actions("0F0 0B0 4F0"), actions("1F0 1B0")], "stage out of range"),
-        ([actions("0F0 0B0") + [Action(0, "X", 0)], actions("1F0 1B0")], "kind must be 'F' or 'B'"),
+        ([actions("0F0 0B0") + [Action(0, "X", 0)], actions("1F0 1B0")], "kind must be 'F', 'B', 'I' or 'W'"),
         ([actions("0F0") + ["0B0"], actions("1F0 1B0")], "expected an Action"),
     ],
 )
@@ -384,13 +385,14 @@ def test_microbatches_must_be_positive(microbatches: int) -> None:
 
 @pytest.mark.parametrize("schedule", ["gpipe", "1f1b"])
 def test_virtual_stages_need_interleaved(schedule: str) -> None:
-    with pytest.raises(PlanError, match="use schedule 'interleaved' or set virtual_stages = 1"):
+    with pytest.raises(PlanError, match="use schedule 'interleaved' or 'zb' for several stages per rank, or set virtual_stages = 1"):
         simulate(uniform(2, 1.0, 1.0, 2), schedule, 4, virtual_stages=2)
 
 
-def test_interleaved_needs_microbatches_multiple_of_ranks() -> None:
-    with pytest.raises(PlanError, match=r"microbatches = 10: use 8 or 12"):
-        simulate(uniform(4, 1.0, 1.0, 2), "interleaved", 10, virtual_stages=2)
+def test_interleaved_needs_microbatches_multiple_of_rounds() -> None:
+    # torch's rounds: max(1, 9 // 4) = 2 rounds, and 9 is not a multiple of 2 (10 would be).
+    with pytest.raises(PlanError, match=r"rounds .* got 9: use 8 or 12"):
+        simulate(uniform(4, 1.0, 1.0, 2), "interleaved", 9, virtual_stages=2)
 
 
 def test_stage_count_must_match_chunks() -> None:
@@ -437,6 +439,64 @@ def test_large_schedule_is_fast_and_exact() -> None:
     assert gc.isenabled() == gc_was_enabled
     # Generous bound so a slow CI box passes; a quadratic regression would take minutes.
     assert elapsed < 3.0
+
+
+# --------------------------------------------------------------------------
+# Split backward (I and W) and the V layout
+
+
+def split_costs(n: int, f: float = 1.0, b: float = 2.0, w: float = 1.0, **kw: object) -> list[StageCost]:
+    return [StageCost(f, b, backward_weight_s=w, **kw) for _ in range(n)]  # type: ignore[arg-type]
+
+
+@pytest.mark.parametrize(("ranks", "microbatches"), [(4, 4), (4, 8), (8, 8), (8, 16)])
+def test_zero_bubble_halves_the_1f1b_bubble_on_equal_stages(ranks: int, microbatches: int) -> None:
+    # F = I = W = 1: 1F1B idles (p-1)(F+B) = 3(p-1) per rank; ZB1P fills most of it with W.
+    plain = simulate(split_costs(ranks), "1f1b", microbatches)
+    zb = simulate(split_costs(ranks), "zb", microbatches)
+    work = microbatches * 3.0
+    assert plain.pipeline_time_s == pytest.approx(work + (ranks - 1) * 3.0)
+    assert zb.pipeline_time_s - work <= 0.5 * (plain.pipeline_time_s - work)
+    assert sum(zb.busy_s) == pytest.approx(sum(plain.busy_s))
+
+
+def test_activations_are_held_until_the_weight_gradient() -> None:
+    one = [StageCost(1.0, 2.0, activation_bytes=10, backward_weight_s=1.0)]
+    deferred = simulate_orders(one, [actions("0F0 0F1 0I0 0I1 0W0 0W1")], 2)
+    prompt = simulate_orders(one, [actions("0F0 0I0 0W0 0F1 0I1 0W1")], 2)
+    assert (deferred.peak_inflight, deferred.peak_activation_bytes) == ((2,), (20,))
+    assert (prompt.peak_inflight, prompt.peak_activation_bytes) == ((1,), (10,))
+    assert deferred.pipeline_time_s == prompt.pipeline_time_s == pytest.approx(6.0)
+
+
+def test_input_gradient_unblocks_the_previous_stage_before_the_weight_gradient() -> None:
+    costs = split_costs(2, f=1.0, b=4.0, w=3.0)
+    result = simulate_orders(costs, [actions("0F0 0I0 0W0"), actions("1F0 1I0 1W0")], 1)
+    start = {str(e.action): e.start_s for e in result.events}
+    assert start["0I0"] == pytest.approx(1.0 + 1.0 + 1.0)  # 0F0, 1F0, then 1I0 (1 s), not 1I0 + 1W0
+    assert result.pipeline_time_s == pytest.approx(3.0 + 4.0)
+
+
+def test_v_layout_places_stages_and_passes_the_turn_for_free() -> None:
+    orders = schedule_order("zbv", 2, 4, 2)
+    assert {a.stage for a in orders[0]} == {0, 3} and {a.stage for a in orders[1]} == {1, 2}
+    costs = split_costs(2, send_s=100.0) + split_costs(2)
+    # One rank holds stages 0 and 1 of a 2-stage V: no transfer anywhere.
+    single = simulate(split_costs(2, send_s=100.0), "zbv", 3, virtual_stages=2)
+    assert single.pipeline_time_s == pytest.approx(3 * 2 * 3.0)
+    assert simulate(costs, "zbv", 4, virtual_stages=2).pipeline_time_s > 100.0  # stage 0 -> 1 crosses ranks
+
+
+def test_weight_gradient_needs_its_input_gradient_first() -> None:
+    with pytest.raises(PlanError, match=r"W without an earlier I .* put 0I0 first"):
+        simulate_orders(split_costs(1), [actions("0F0 0W0 0I0")], 1)
+    with pytest.raises(PlanError, match=r"miss actions .* e.g. 0W0"):
+        simulate_orders(split_costs(1), [actions("0F0 0I0")], 1)
+
+
+def test_weight_share_cannot_exceed_the_backward() -> None:
+    with pytest.raises(PlanError, match="backward_weight_s = 3.0 exceeds backward_s = 2.0"):
+        StageCost(1.0, 2.0, backward_weight_s=3.0)
 
 
 def test_idle_time_is_split_into_transfer_wait_and_bubble() -> None:
