@@ -175,3 +175,21 @@ def test_consistent_edits_are_priced_and_run_as_one_split(base: dict, tmp_path: 
             assert ran == set(stage.nodes), f"{name}: stage {s} runs {sorted(ran)}, priced {sorted(stage.nodes)}"
         if name == "module moved with its nodes":
             assert priced.stages[0].modules == ("layers.0", "layers.1", "layers.2")
+
+
+def test_stage_ranks_follow_the_schedules_layout(base: dict) -> None:
+    """Under zbv (V layout, [Note: stage layouts] in schedules.py) rank 0 holds stages 0 and 3:
+    ranks filled in from the modules follow the layout, and ranks of the loop layout are refused."""
+    from partitioner.planner import check_plan
+
+    d = copy.deepcopy(base)
+    d["schedule"].update(name="zbv", virtual_stages=2)
+    modules = [["layers.0"], ["layers.1"], ["layers.2"], ["layers.3", "head"]]
+    d["stages"] = [dict(copy.deepcopy(base["stages"][0]), index=i, modules=m, nodes=[], ranks=[])
+                   for i, m in enumerate(modules)]
+    model, example = _mlp()
+    plan = check_plan(Plan.from_dict(d), model, example)
+    assert [list(st.ranks) for st in plan.stages] == [[0], [1], [1], [0]]
+    d["stages"][3]["ranks"] = [1]  # where stage 3 of pp=2 would be without the V
+    with pytest.raises(AutopartError, match=r"stages\[3\]\.ranks is \[1\] .* schedule zbv runs stage 3 on ranks \[0\]"):
+        Plan.from_dict(d).check_consistent()
