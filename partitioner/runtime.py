@@ -65,7 +65,7 @@ from .plan import Plan
 from .precision import MasterWeightOptimizer, PrecisionPolicy, loss_inputs, make_scaler, optimizer_step
 from .schedules import rank_stages, spec as schedule_spec, stage_rank
 from .materialize import has_meta_tensors, materialize, release
-from .rewrite import SplitModel, TensorParallelModule, _lookup, _set_tensor, microbatch_inputs, split_model
+from .rewrite import SplitModel, TensorParallelModule, get_tensor, set_tensor, microbatch_inputs, split_model
 
 __all__ = ["DistributedError", "CheckpointError", "StepEvent", "ParallelModel", "auto_parallelize", "run_plan"]
 
@@ -366,7 +366,7 @@ class ParallelModel:
         for s in self.stage_indices:
             stage_module = self.split.stages[s].module
             for name in [n for n, _ in stage_module.named_parameters()] + [n for n, _ in stage_module.named_buffers()]:
-                _set_tensor(stage_module, name, _lookup(model, name), model)
+                set_tensor(stage_module, name, get_tensor(model, name), model)
 
     def _make_schedule(self) -> Any:
         """torch's schedule object for the plan's schedule, from the registry (schedules.py).
