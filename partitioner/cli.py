@@ -16,7 +16,9 @@ import sys
 from pathlib import Path
 from typing import Sequence
 
+from .cluster import default_dtype, tp_degrees
 from .errors import AutopartError, PlanError, one_line
+from .fmt import fmt_bytes, fmt_time
 from .progress import Progress
 from .schedules import SCHEDULES
 
@@ -291,7 +293,7 @@ def cmd_plan(args: argparse.Namespace) -> int:
         from .profile import check_device
 
         check_device(cluster, args.device or "cpu")
-    dtype = plan_in.training.dtype if plan_in else (args.dtype or _default_dtype(cluster))
+    dtype = plan_in.training.dtype if plan_in else (args.dtype or default_dtype(cluster))
     if dtype not in cluster.device.peak_flops:
         raise PlanError(
             f"--dtype {dtype}: {cluster.device.name} has no {dtype} peak; it has {', '.join(cluster.device.peak_flops)}"
@@ -388,23 +390,6 @@ def _model_source(args: argparse.Namespace, plan_in=None):
     return ModelSource(args.model or DEFAULT_MODEL, config, args.seq_len)
 
 
-def _default_dtype(cluster) -> str:
-    """bf16, or on a device without bf16 (a CPU) the first dtype it has."""
-    peaks = cluster.device.peak_flops
-    return "bf16" if "bf16" in peaks else next(iter(peaks))
-
-
-def _tp_degrees(cluster, pinned: int | None) -> tuple[int, ...]:
-    """The tensor-parallel degrees the planner may choose: powers of two that fit in a node."""
-    if pinned is not None:
-        return (pinned,) if pinned > 1 else ()
-    out, tp = [], 2
-    while tp <= min(8, cluster.devices_per_node):
-        out.append(tp)
-        tp *= 2
-    return tuple(out)
-
-
 def _profile_options(args: argparse.Namespace, dtype: str, tp_degrees: tuple[int, ...], clock: str = "wall",
                      show: bool | None = None):
     from .profile import ProfileOptions
@@ -429,17 +414,9 @@ def _profiled(args: argparse.Namespace, pg, cluster, dtype: str, tp_pin: int | N
     from .profile import ProfileCache, profile_for_planning
 
     with ProfileCache(args.cache) as cache:
-        prof = profile_for_planning(pg, cluster, cache, _profile_options(args, dtype, _tp_degrees(cluster, tp_pin), show=show))
+        prof = profile_for_planning(pg, cluster, cache, _profile_options(args, dtype, tp_degrees(cluster, tp_pin), show=show))
         _print_profile_stats(prof, cache)
     return prof.cost_model
-
-
-def _fmt_bytes(n: float) -> str:
-    return f"{n / GIB:.2f} GiB" if n >= GIB / 10 else f"{n / (1 << 20):.1f} MiB"
-
-
-def _fmt_time(s: float) -> str:
-    return f"{s * 1e3:.2f} ms" if s < 1 else f"{s:.3f} s"
 
 
 def _fmt_count(n: float) -> str:
@@ -496,10 +473,10 @@ def print_plan(result, cluster) -> None:
             str(st.index),
             _modules_summary(st.modules) + (" [recompute]" if st.recompute else ""),
             _fmt_count(st.params),
-            _fmt_time(sp.forward_s),
-            _fmt_time(sp.backward_s),
-            _fmt_time(sp.send_s),
-            _fmt_bytes(sp.memory_bytes),
+            fmt_time(sp.forward_s),
+            fmt_time(sp.backward_s),
+            fmt_time(sp.send_s),
+            fmt_bytes(sp.memory_bytes),
             f"{load:.0%}",
             ranks,
         )
@@ -508,9 +485,9 @@ def print_plan(result, cluster) -> None:
     # local-cpu's peak FLOP/s is a guess from the CPU's name, not a measurement: say so beside the figure.
     estimate = " (of an estimated peak)" if cluster.name == "local-cpu" else ""
     console.print(
-        f"step time [bold]{_fmt_time(pred.step_time_s)}[/bold] · {pred.samples_per_s:.1f} samples/s · "
+        f"step time [bold]{fmt_time(pred.step_time_s)}[/bold] · {pred.samples_per_s:.1f} samples/s · "
         f"{pred.tflops_per_device:.1f} TFLOP/s per device · MFU {pred.mfu:.1%}{estimate} · bubble {pred.bubble_fraction:.1%} · "
-        f"peak memory {_fmt_bytes(pred.peak_memory_bytes)} of {_fmt_bytes(pred.memory_limit_bytes)} ({fits})"
+        f"peak memory {fmt_bytes(pred.peak_memory_bytes)} of {fmt_bytes(pred.memory_limit_bytes)} ({fits})"
     )
     if pred.mfu > 1:
         console.print(
@@ -521,7 +498,7 @@ def print_plan(result, cluster) -> None:
     proof = ""
     if solver.bound is not None and solver.objective:
         gap = max(0.0, (pred.step_time_s - solver.bound) / pred.step_time_s)
-        proof = f", objective {_fmt_time(solver.objective)}, bound {_fmt_time(solver.bound)}, gap {gap:.1%}"
+        proof = f", objective {fmt_time(solver.objective)}, bound {fmt_time(solver.bound)}, gap {gap:.1%}"
     console.print(f"[dim]planned in {solver.wall_s:.2f} s ({solver.status}{proof})[/dim]")
 
 
@@ -583,9 +560,9 @@ def cmd_show(args: argparse.Namespace) -> int:
                                          "replicated" if counts else "every node replicated"))
     if plan.predicted is not None:
         p = plan.predicted
-        console.print(f"predicted: step time {_fmt_time(p.step_time_s)} · MFU {p.mfu:.1%} · bubble "
-                      f"{p.bubble_fraction:.1%} · peak memory {_fmt_bytes(p.peak_memory_bytes)} of "
-                      f"{_fmt_bytes(p.memory_limit_bytes)}")
+        console.print(f"predicted: step time {fmt_time(p.step_time_s)} · MFU {p.mfu:.1%} · bubble "
+                      f"{p.bubble_fraction:.1%} · peak memory {fmt_bytes(p.peak_memory_bytes)} of "
+                      f"{fmt_bytes(p.memory_limit_bytes)}")
     console.print(f"run it: torchrun --nproc-per-node {plan.mesh.world_size} -m partitioner.cli run --plan {args.plan_file}")
     return 0
 
@@ -677,12 +654,12 @@ def cmd_inspect(args: argparse.Namespace) -> int:
     for b in pg.blocks:
         table.add_row(
             str(b.index), b.name + (" (layer)" if b.is_layer else ""), str(b.type_id), _fmt_count(b.param_count),
-            _fmt_count(b.forward_flops), _fmt_count(b.backward_flops), _fmt_bytes(b.activation_bytes),
-            _fmt_bytes(b.output_bytes), str(len(b.nodes)),
+            _fmt_count(b.forward_flops), _fmt_count(b.backward_flops), fmt_bytes(b.activation_bytes),
+            fmt_bytes(b.output_bytes), str(len(b.nodes)),
         )
     table.add_row(
         "", "total", "", _fmt_count(cap.param_count), _fmt_count(cap.forward_flops), _fmt_count(cap.backward_flops),
-        _fmt_bytes(sum(b.activation_bytes for b in pg.blocks)), "", str(len(cap.compute_nodes())),
+        fmt_bytes(sum(b.activation_bytes for b in pg.blocks)), "", str(len(cap.compute_nodes())),
     )
     console.print(table)
     shared = pg.shared_params()
@@ -732,7 +709,7 @@ def cmd_profile(args: argparse.Namespace) -> int:
     is_cpu = torch.device(device).type == "cpu"
     cluster = load_cluster(args.cluster or ("local-cpu" if is_cpu else gpu_preset(name)), nodes=args.nodes,
                            devices_per_node=args.gpus_per_node)
-    dtype = args.dtype or _default_dtype(cluster)
+    dtype = args.dtype or default_dtype(cluster)
     tps = tuple(_parse_tp(args.tp)) if args.tp else ()
     loaded = load_model(args.model, seq_len=args.seq_len, dtype=dtype, config=parse_config_overrides(args.config))
     show = False if args.quiet else None
@@ -750,13 +727,13 @@ def cmd_profile(args: argparse.Namespace) -> int:
         err = BlockFidelity.error
 
         def cell(pred: float, meas: float) -> str:
-            return f"{_fmt_time(pred)} ({err(pred, meas):+.0%})" if meas > 0 else _fmt_time(pred)
+            return f"{fmt_time(pred)} ({err(pred, meas):+.0%})" if meas > 0 else fmt_time(pred)
 
         for r in rows:
             (mf, mb), (af, ab), (cf, cb) = r.measured, r.analytic, r.calibrated
             table.add_row(
-                r.block + (f" (x{r.count})" if r.count > 1 else ""), f"{_fmt_time(mf)} ±{r.spread / 2:.0%}",
-                _fmt_time(mb), cell(af, mf), cell(ab, mb), cell(cf, mf), cell(cb, mb),
+                r.block + (f" (x{r.count})" if r.count > 1 else ""), f"{fmt_time(mf)} ±{r.spread / 2:.0%}",
+                fmt_time(mb), cell(af, mf), cell(ab, mb), cell(cf, mf), cell(cb, mb),
             )
         console.print(table)
         for label, pick in (("analytic", lambda r: r.analytic), ("calibrated", lambda r: r.calibrated)):

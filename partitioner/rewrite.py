@@ -252,7 +252,7 @@ def _build_stage(
         name = canon.get(str(node.target), str(node.target))
         if name not in owned:
             owned.append(name)
-            _set_tensor(root, name, _lookup(model, name), model)
+            set_tensor(root, name, get_tensor(model, name), model)
         key = "attr:" + name
         if key not in env:
             env[key] = g.get_attr(name)
@@ -270,7 +270,7 @@ def _build_stage(
     return fx.GraphModule(root, g), owned
 
 
-def _lookup(model: torch.nn.Module, name: str) -> torch.Tensor:
+def get_tensor(model: torch.nn.Module, name: str) -> torch.Tensor:
     mod_name, _, leaf = name.rpartition(".")
     mod = model.get_submodule(mod_name) if mod_name else model
     t = getattr(mod, leaf)
@@ -279,7 +279,7 @@ def _lookup(model: torch.nn.Module, name: str) -> torch.Tensor:
     return t
 
 
-def _set_tensor(root: torch.nn.Module, name: str, t: torch.Tensor, model: torch.nn.Module) -> None:
+def set_tensor(root: torch.nn.Module, name: str, t: torch.Tensor, model: torch.nn.Module) -> None:
     """Register ``t`` under the dotted ``name`` (parameter, buffer, or constant as in the model)."""
     *path, leaf = name.split(".")
     mod = root

@@ -57,7 +57,7 @@ from .schedules import rank_stages, spec as schedule_spec, stage_rank
 from .materialize import has_meta_tensors, materialize, release
 from .checkpoint import CHECKPOINT_META, CheckpointError, read_manifest, verify, write_manifest
 from .watchdog import DistributedError, RankFailedError, Watchdog, backend_timeout_s
-from .rewrite import SplitModel, TensorParallelModule, _lookup, _set_tensor, microbatch_inputs, split_model
+from .rewrite import SplitModel, TensorParallelModule, get_tensor, set_tensor, microbatch_inputs, split_model
 
 __all__ = ["DistributedError", "RankFailedError", "CheckpointError", "StepEvent", "ParallelModel", "auto_parallelize", "run_plan"]
 
@@ -387,7 +387,7 @@ class ParallelModel:
         for s in self.stage_indices:
             stage_module = self.split.stages[s].module
             for name in [n for n, _ in stage_module.named_parameters()] + [n for n, _ in stage_module.named_buffers()]:
-                _set_tensor(stage_module, name, _lookup(model, name), model)
+                set_tensor(stage_module, name, get_tensor(model, name), model)
 
     def _make_schedule(self) -> Any:
         """torch's schedule object for the plan's schedule, from the registry (schedules.py).

@@ -15,9 +15,6 @@ first line is ``# file: NAME`` is written to that folder before anything on the 
 - README.md's ``sh`` blocks show autopart at full size (GPT-3 175B on 64 nodes, the whole test
   suite): there every ``autopart`` command (also under torchrun) is parsed by the real argument
   parser, not run; docs/guide.md runs the same commands at small sizes.
-- Commands that need the runtime (``autopart run``, also under ``torchrun``, and
-  ``compare --measure``) are skipped, with the reason, only while this autopart has no ``run``
-  command.
 
 Anything else in a console block fails the test, so that a new kind of command gets a runner
 here instead of going untested. In ``console`` blocks the commands are the ``$ `` lines (the rest
@@ -40,14 +37,12 @@ import pytest
 import transformers  # noqa: F401  # imported before any output capture, as in test_cli.py
 
 from partitioner.cli import main
-from partitioner.compare import runtime_available
 
 ROOT = Path(__file__).resolve().parent.parent
 README = ROOT / "README.md"
 DOCS = [README, *sorted((ROOT / "docs").glob("*.md"))]
 NOT_RUN = "# not run: "
 FENCE = re.compile(r"^```(\w*)\s*$")
-NEEDS_RUNTIME = "needs `autopart run` (the runtime), which this autopart does not have yet"
 
 
 def steps(page: Path) -> list[tuple[str, int, str, str]]:
@@ -126,16 +121,6 @@ def run_python(code: str, cwd: Path, where: str) -> None:
     assert proc.returncode == 0, f"{where}: the Python block exited {proc.returncode}:\n{proc.stderr[-3000:]}"
 
 
-def needs_runtime(argv: list[str]) -> bool:
-    """``autopart run`` (directly or under torchrun) and ``compare --measure``; torchrun of other
-    subcommands (``calibrate``) runs today."""
-    if "--measure" in argv:
-        return True
-    if argv[0] == "autopart":
-        return len(argv) > 1 and argv[1] == "run"
-    return argv[0] == "torchrun" and "run" in argv
-
-
 def run_command(argv: list[str], cwd: Path, where: str) -> None:
     if argv[0] == "autopart":
         out, err = io.StringIO(), io.StringIO()
@@ -157,7 +142,7 @@ def run_command(argv: list[str], cwd: Path, where: str) -> None:
 @pytest.mark.parametrize("page", pages_with_code(), ids=lambda p: p.name)
 def test_every_code_block_in_the_docs_runs(page: Path, tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)
-    skipped, sketches = [], []
+    sketches = []
     found = steps(page)
     for kind, line, text, extra in found:  # files first: a page may show a file after the code that reads it
         if kind == "file":
@@ -179,12 +164,7 @@ def test_every_code_block_in_the_docs_runs(page: Path, tmp_path, monkeypatch):
             continue
         if argv[0] == "pip":
             continue
-        if needs_runtime(argv) and not runtime_available():
-            skipped.append(f"{where} `{text}`")
-            continue
         run_command(argv, tmp_path, where)
-    if skipped:
-        pytest.skip(f"{NEEDS_RUNTIME}; every other command ran; not run: " + "; ".join(skipped))
 
 
 def test_the_guide_covers_the_topics_and_has_commands():
