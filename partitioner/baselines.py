@@ -263,7 +263,7 @@ def _schedules(pins: Pins, pp: int, m: int, n_layers: int, units: int) -> list[t
             if name != "interleaved":
                 vs = [1] + vs
         for v in vs:
-            if (v > 1 and pp == 1) or pp * v > units:
+            if v > 1 and (pp == 1 or pp * v > units):  # with v = 1 the split rule says why it cannot
                 continue
             try:
                 check_schedule(name, pp, m, v)  # the registry's rules: what torch refuses, we never plan
@@ -363,12 +363,16 @@ def tune(
     else:
         _, pt, specs = smallest
     plan, _ = evs[pt.zero1].make_plan(specs, pt.mesh, pt.schedule, sharding=sharding_for(pt.mesh.tp), method=method)
+    # A smaller batch only shrinks activations: no help when the weights and optimizer state alone overflow.
+    limit_b = plan.predicted.memory_limit_bytes
+    static = max((st.predicted.static_bytes for st in plan.stages if st.predicted), default=0)
+    more = "more processes (--cluster local-cpu:N)" if ev.cluster.name == "local-cpu" else "more devices (--nodes)"
     raise InfeasibleError(
         f"no {method} plan fits in device memory: the smallest-footprint plan ({plan.mesh}, "
         f"recompute={plan.stages[0].recompute}) needs {_fmt_bytes(plan.predicted.peak_memory_bytes)} per device, but "
-        f"{ev.cluster.device.name} allows {_fmt_bytes(plan.predicted.memory_limit_bytes)} (after the "
+        f"{ev.cluster.device.name} allows {_fmt_bytes(limit_b)} (after the "
         f"{ev.training.memory_reserve:.0%} reserve); "
-        "use more devices (--nodes), a smaller --global-batch or micro-batch, or ZeRO-1"
+        f"use {more}, " + ("or ZeRO-1" if static > limit_b else "a smaller --global-batch or micro-batch, or ZeRO-1")
     )
 
 

@@ -51,7 +51,9 @@ from typing import Any, Callable, Iterable, Mapping, Sequence
 
 from .baselines import METHODS as BASELINES
 from .baselines import REFERENCE
+from .cluster import default_dtype, tp_degrees
 from .errors import AutopartError
+from .fmt import fmt_bytes, fmt_time
 
 __all__ = [
     "DEFAULT_METHODS",
@@ -67,7 +69,6 @@ __all__ = [
     "CaptureCache",
     "compare",
     "run_case",
-    "runtime_available",
     "spearman",
     "geomean",
     "IlpWins",
@@ -458,9 +459,7 @@ def run_case(
     methods = parse_methods(methods)
     started = time.perf_counter()
     cluster = _load_case_cluster(case)
-    from .cli import _default_dtype  # bf16, or a CPU's own dtype: what ``autopart plan`` defaults to
-
-    dtype = case.dtype or _default_dtype(cluster)
+    dtype = case.dtype or default_dtype(cluster)
     if dtype not in cluster.device.peak_flops:
         raise PlanError(
             f"--dtype {dtype}: {cluster.device.name} has no {dtype} peak; it has {', '.join(cluster.device.peak_flops)}"
@@ -529,11 +528,11 @@ def run_case(
 
 def _profiled_costs(pgraph, cluster, dtype: str, tp_pin: int | None, settings: ProfileSettings) -> tuple[Any, str]:
     """The measured cost model of ``autopart plan --profile``, and a line saying what it measured."""
-    from .cli import _tp_degrees  # the degrees ``plan --profile`` measures; one definition for both
     from .profile import ProfileCache, ProfileOptions, profile_for_planning
 
-    options = ProfileOptions(device=settings.device, dtype=dtype, tp_degrees=_tp_degrees(cluster, tp_pin),
-                             budget_s=settings.budget_s)
+    # No bar of its own: compare's progress line says "profiling" (one live display at a time).
+    options = ProfileOptions(device=settings.device, dtype=dtype, tp_degrees=tp_degrees(cluster, tp_pin),
+                             budget_s=settings.budget_s, progress=False)
     with ProfileCache(settings.cache) as cache:
         prof = profile_for_planning(pgraph, cluster, cache, options)
         path = cache.path
@@ -568,23 +567,6 @@ def _save_plans(case: Case, rows: Sequence[Row], workdir: Path) -> dict[str, Pat
 # --------------------------------------------------------------------------------------
 
 
-def runtime_available() -> bool:
-    """Whether this autopart has the ``run`` subcommand that ``measure`` drives."""
-    from .cli import build_parser
-
-    for action in build_parser()._subparsers._group_actions:  # noqa: SLF001  # argparse keeps them here
-        choices = getattr(action, "choices", None)
-        if choices and "run" in choices:
-            return True
-    return False
-
-
-RUNTIME_MISSING = (
-    "--measure runs plans with `autopart run` (the runtime), which this autopart does not have yet; "
-    "drop --measure, or install an autopart that has `autopart run`"
-)
-
-
 def check_measurable(cluster_spec: str, nodes: int | None = None, gpus_per_node: int | None = None) -> None:
     """Fail early (one line) if nothing in a case could be measured: no runtime, or a remote cluster."""
     from .cluster import LOCAL_CPU
@@ -595,8 +577,6 @@ def check_measurable(cluster_spec: str, nodes: int | None = None, gpus_per_node:
             f"--measure runs the plans on this machine, but --cluster {cluster_spec} is {cluster.name!r}; "
             "use --cluster local-cpu:N (N processes here), or drop --measure"
         )
-    if not runtime_available():
-        raise CompareError(RUNTIME_MISSING)
 
 
 def _measure_rows(case, cluster, captured, rows, settings, workdir, say) -> list[Row]:
@@ -864,13 +844,15 @@ def compare(
     force: bool = False,
     command: str | None = None,
     progress: Callable[[str], None] | None = None,
+    quiet: bool = False,
 ) -> Comparison:
     """Plan one case with each of ``methods``; with ``measure`` run the plans here; with ``out`` write the report.
 
     Every keyword is the ``autopart compare`` option of the same name. ``profile`` (with ``device``,
     ``cache``, ``profile_budget``) prices every method with costs measured here, as ``autopart plan
     --profile`` does. Checks everything that can be checked (methods, ``out``, the runtime for
-    ``measure``, the device for ``profile``) before the slow work starts.
+    ``measure``, the device for ``profile``) before the slow work starts. ``progress`` receives a line
+    per step (capturing, profiling, planning with a method, running a plan); ``quiet`` drops them.
     """
     started = time.perf_counter()
     methods = parse_methods(DEFAULT_METHODS if methods is None else methods)
@@ -898,7 +880,8 @@ def compare(
     )
     if out_dir is not None:
         out_dir.mkdir(exist_ok=True)
-    result = run_case(case, methods, measure=settings, profile=profiling, workdir=out_dir, progress=progress)
+    result = run_case(case, methods, measure=settings, profile=profiling, workdir=out_dir,
+                      progress=None if quiet else progress)
     comparison = Comparison(
         cases=(result,),
         command=command or _python_call(case, methods, measure, out, profiling),
@@ -949,16 +932,6 @@ RIGHT = {"micro-batches", "step time", "samples/s", "TFLOP/s/dev", "MFU", "bubbl
 MEASURED_COLUMNS = ("measured", "error")
 
 
-def _fmt_time(s: float | None) -> str:
-    if s is None:
-        return "—"
-    return f"{s * 1e3:.2f} ms" if s < 1 else f"{s:.3f} s"
-
-
-def _fmt_bytes(n: float) -> str:
-    return f"{n / GIB:.2f} GiB" if n >= GIB / 10 else f"{n / (1 << 20):.1f} MiB"
-
-
 def _sig(x: float) -> str:
     return f"{x:.3g}" if x < 100 else f"{x:.0f}"
 
@@ -989,12 +962,12 @@ def row_cells(case: CaseResult, row: Row, measured: bool, notes: list[str] | Non
         str(p.mesh),
         sched,
         f"{p.schedule.microbatches} x {p.schedule.micro_batch_size}",
-        _fmt_time(pred.step_time_s),
+        fmt_time(pred.step_time_s),
         _sig(pred.samples_per_s),
         _sig(pred.tflops_per_device),
         f"{pred.mfu:.1%}",
         f"{pred.bubble_fraction:.1%}",
-        _fmt_bytes(pred.peak_memory_bytes),
+        fmt_bytes(pred.peak_memory_bytes),
         "yes" if pred.fits else "NO",
         f"{p.solver.wall_s:.2f} s",
         _origin_cell(p),
@@ -1006,7 +979,7 @@ def row_cells(case: CaseResult, row: Row, measured: bool, notes: list[str] | Non
             cells += ["—", ""]
         elif m.status == "measured":
             err = row.error_vs_measured()
-            cells += [_fmt_time(m.median_s) + ("*" if m.reason else ""), f"{err:+.1%}"]
+            cells += [fmt_time(m.median_s) + ("*" if m.reason else ""), f"{err:+.1%}"]
             if m.reason and notes is not None and row.same_as is None:
                 notes.append(f"{row.method}: * {m.reason}")
         else:
@@ -1103,10 +1076,10 @@ def _error_cells(case: CaseResult, row: Row) -> list[str]:
     name = row.method + "".join(f", {r.method}" for r in case.rows if r.same_as == row.method)
     busy = measured_busy_s(m)
     return [
-        case.case.title, name, str(row.plan.mesh), _fmt_time(row.step_s), _fmt_time(m.median_s),
-        f"{_fmt_time(min(m.step_times_s))} – {_fmt_time(max(m.step_times_s))} ({len(m.step_times_s)})",
+        case.case.title, name, str(row.plan.mesh), fmt_time(row.step_s), fmt_time(m.median_s),
+        f"{fmt_time(min(m.step_times_s))} – {fmt_time(max(m.step_times_s))} ({len(m.step_times_s)})",
         f"{row.error_vs_measured():+.1%}",
-        f"{_fmt_time(max(row.sim.busy_s))} / {_fmt_time(busy)}" if busy is not None else "—",
+        f"{fmt_time(max(row.sim.busy_s))} / {fmt_time(busy)}" if busy is not None else "—",
     ]
 
 

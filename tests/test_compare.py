@@ -23,7 +23,7 @@ from partitioner.cli import main
 from partitioner.cluster import load_cluster
 from partitioner.compare import (
     Case, CaseResult, CompareError, MeasureSettings, MeasuredEvent, Measurement, _last_step, _read_run_json,
-    _too_large, check_out_dir, compare, parse_methods, run_case, runtime_available, spearman,
+    _too_large, check_out_dir, compare, parse_methods, run_case, spearman,
 )
 from partitioner.plan import Plan
 from partitioner.planner import score_plan
@@ -31,7 +31,6 @@ from partitioner.zoo import load_model
 
 TINY = ["--model", "gpt2-tiny", "--cluster", "dgx-a100-80g", "--global-batch", "16", "--time-limit", "2"]
 METHODS = ("ilp", "expert", "uniform", "params", "pipedream", "megatron")
-NO_RUNTIME = "needs `autopart run` (the runtime), which this autopart does not have yet"
 
 
 def run(capsys, *argv: str) -> tuple[int, str, str]:
@@ -172,14 +171,6 @@ def test_measure_refuses_a_cluster_that_is_not_this_machine(capsys):
     assert_one_line_error(rc, err, "--measure", "local-cpu:N")
 
 
-@pytest.mark.skipif(runtime_available(), reason="checks the message shown while the runtime is missing")
-def test_measure_without_the_runtime_says_so_in_one_line(capsys, tmp_path):
-    rc, out, err = run(capsys, "compare", "--model", "gpt2-tiny", "--cluster", "local-cpu:2", "--dtype", "fp32",
-                       "--measure", "--out", str(tmp_path / "o"))
-    assert_one_line_error(rc, err, "`autopart run`", "drop --measure")
-    assert not (tmp_path / "o").exists()
-
-
 def test_profile_options_are_checked_before_any_work(capsys, tmp_path):
     rc, _, err = run(capsys, "compare", *TINY, "--cache", str(tmp_path / "p.sqlite"))
     assert_one_line_error(rc, err, "--cache", "go with --profile")
@@ -188,7 +179,7 @@ def test_profile_options_are_checked_before_any_work(capsys, tmp_path):
     assert not (tmp_path / "p.sqlite").exists()
 
 
-@pytest.mark.skipif(not runtime_available(), reason=NO_RUNTIME)
+@pytest.mark.slow  # profiles, then two torchrun launches
 def test_measure_runs_each_plan_and_reports_error_and_spearman(capsys, tmp_path):
     # Two distinct plans (ilp: data parallel; megatron: tp=2 over the node), priced with measured costs.
     out = tmp_path / "m"
@@ -327,6 +318,7 @@ def test_matrix_file_errors_name_the_field(tmp_path):
         load_matrix(bad)
 
 
+@pytest.mark.slow  # ILP solves of several cases
 def test_matrix_runs_and_reports_the_headline(tmp_path, capsys):
     toml = tmp_path / "m.toml"
     toml.write_text(

@@ -61,6 +61,7 @@ from ..baselines import Pins, inflight_horizon, linear_partition, with_zero1
 from ..errors import AutopartError, InfeasibleError, PlanError
 from ..evaluate import Evaluator, StageSpec
 from ..plan import Mesh, Plan, Schedule
+from ..progress import SearchCallback, SearchStatus
 from ..sharding import sharded_params
 from ..schedules import REGISTRY as SCHEDULE_REGISTRY, check_schedule
 from ..simulate import SimResult
@@ -173,8 +174,9 @@ class BlockTable:
 
 
 class _Search:
-    def __init__(self, ev: Evaluator, pins: Pins, time_limit_s: float) -> None:
+    def __init__(self, ev: Evaluator, pins: Pins, time_limit_s: float, progress: SearchCallback | None = None) -> None:
         self.ev = ev
+        self.progress = progress
         self.pins = pins
         self.time_limit_s = time_limit_s
         self.started = time.perf_counter()
@@ -576,7 +578,24 @@ class _Search:
         open_bounds: list[float] = []
         det_total = self.time_limit_s * DET_PER_SECOND  # see [Note: deterministic budget]
         solves = 0
+        # For progress: the least lower bound among the candidates from idx on (the global bound is
+        # the least of it, the open bounds and the incumbent).
+        rest = [math.inf] * (len(bounded) + 1)
+        for i in range(len(bounded) - 1, -1, -1):
+            rest[i] = min(rest[i + 1], bounded[i][1].lower_bound_s)
+
+        def report(done: int) -> None:
+            if self.progress is None:
+                return
+            found = best[0].predicted.step_time_s if best else None
+            bound = min([rest[done], *open_bounds, *([found] if found is not None else [])])
+            self.progress(SearchStatus(rep.pruned_memory + done, len(cands), found,
+                                       bound if math.isfinite(bound) else None))
+
+        report(0)
         for idx, (_, c) in enumerate(bounded):
+            if idx:
+                report(idx)
             incumbent = best[0].predicted.step_time_s if best else math.inf
             if c.lower_bound_s >= incumbent:
                 rep.pruned_bound += 1
@@ -609,6 +628,7 @@ class _Search:
                 best_ilp = sol.objective_s
                 rep.origin = "ilp"
         rep.wall_s = time.perf_counter() - self.started
+        report(len(bounded))
         if best is None:
             raise self.infeasible()
         plan, sim = best
@@ -631,20 +651,26 @@ class _Search:
         rep = self.report
         limit = self.limit
         need = rep.memory_need_bytes if math.isfinite(rep.memory_need_bytes) else limit
-        if rep.attempts and need <= limit:
+        activations = bool(rep.attempts and need <= limit)
+        if activations:
             detail = (
                 f"every mesh that could hold the weights ran out of memory for activations "
                 f"({len(rep.attempts)} solved, all infeasible)"
             )
         else:
             detail = f"the weights, gradients and optimizer state alone need at least {_fmt_bytes(need)} per device"
-        per_node = self.ev.cluster.devices_per_node
+        cluster = self.ev.cluster
+        per_node = cluster.devices_per_node
         ratio = max(need, limit) / limit
         devices = int(math.ceil(self.world * ratio / per_node)) * per_node
+        # local-cpu is one machine: more processes, not more nodes. A smaller batch only helps activations.
+        more = (f"--cluster local-cpu:{devices}" if cluster.name == "local-cpu"
+                else f"--nodes {max(1, devices // per_node)}")
         return InfeasibleError(
-            f"no plan fits in {self.ev.cluster.device.name} memory ({_fmt_bytes(limit)} usable): {detail}; "
-            f"try at least {devices} devices (--nodes {max(1, devices // per_node)}), devices with "
-            f"{_fmt_bytes(need / (1 - self.ev.training.memory_reserve))}, --zero1, or a smaller --global-batch"
+            f"no plan fits in {cluster.device.name} memory ({_fmt_bytes(limit)} usable): {detail}; "
+            f"try at least {devices} devices ({more}), devices with "
+            f"{_fmt_bytes(need / (1 - self.ev.training.memory_reserve))}, "
+            + ("--zero1, --recompute, or a smaller --global-batch" if activations else "or --zero1")
         )
 
 
@@ -653,6 +679,10 @@ def _fmt_bytes(n: float) -> str:
     return f"{n / (1 << 30):.1f} GiB" if n >= 1 << 30 else f"{n / (1 << 20):.2f} MiB"
 
 
-def plan_ilp(ev: Evaluator, pins: Pins = Pins(), time_limit_s: float = 30.0) -> IlpResult:
-    """The ILP planner: the plan with the lowest predicted step time that fits (see module docstring)."""
-    return _Search(ev, pins, time_limit_s).run()
+def plan_ilp(
+    ev: Evaluator, pins: Pins = Pins(), time_limit_s: float = 30.0, progress: SearchCallback | None = None
+) -> IlpResult:
+    """The ILP planner: the plan with the lowest predicted step time that fits (see module docstring).
+
+    ``progress`` is called with a ``SearchStatus`` after each candidate (partitioner/progress.py)."""
+    return _Search(ev, pins, time_limit_s, progress).run()
