@@ -22,16 +22,17 @@ pytestmark = pytest.mark.slow
 TOL = 1e-5
 ALL = list(MODELS)
 
-# name: (ranks, pins); global batch = dp x microbatches x micro-batch size.
+# name: (ranks, pins); global batch = dp x microbatches x micro-batch size. A layout with pp > 1
+# pins its schedule: unpinned, the planner picks each model's best (interleaved for some).
 LAYOUTS = {
-    "pp2": (2, dict(pp=2, tp=1, dp=1, microbatches=2, global_batch=4)),  # micro-batches of 2
+    "pp2": (2, dict(pp=2, tp=1, dp=1, schedule="1f1b", microbatches=2, global_batch=4)),  # micro-batches of 2
     "pp4-interleaved": (4, dict(pp=4, tp=1, dp=1, schedule="interleaved", virtual_stages=2, microbatches=4, global_batch=4)),
     "tp2": (2, dict(pp=1, tp=2, dp=1, microbatches=1, global_batch=2)),
     "dp2": (2, dict(pp=1, tp=1, dp=2, microbatches=1, global_batch=4)),
     "dp2-zero1": (2, dict(pp=1, tp=1, dp=2, microbatches=1, global_batch=4, zero1=True)),
     "pp2xtp2": (4, dict(pp=2, tp=2, dp=1, schedule="gpipe", microbatches=2, global_batch=2)),
-    "pp2xdp2": (4, dict(pp=2, tp=1, dp=2, microbatches=2, global_batch=4)),
-    "pp2xtp2xdp2": (8, dict(pp=2, tp=2, dp=2, microbatches=2, global_batch=4)),
+    "pp2xdp2": (4, dict(pp=2, tp=1, dp=2, schedule="1f1b", microbatches=2, global_batch=4)),
+    "pp2xtp2xdp2": (8, dict(pp=2, tp=2, dp=2, schedule="1f1b", microbatches=2, global_batch=4)),
     # Split-backward schedules (I and W actions). zbv and dualpipev fold 4 stages into a V, so
     # GPT-2's tied embedding and LM head share rank 0; pp2xdp2-zb averages replicas without DDP.
     "pp2-zb": (2, dict(pp=2, tp=1, dp=1, schedule="zb", microbatches=2, global_batch=4)),
