@@ -89,6 +89,8 @@ def plan_baseline(method: str, ev: Evaluator, pins: Pins = Pins()) -> tuple[Plan
                 raise
             skipped = exc  # --microbatches fits another dp; keep looking
             continue
+        if pins.schedule is None and v == 1 and m < mesh.pp:
+            schedule_name = "gpipe"  # torch's 1F1B refuses fewer micro-batches than ranks; GPipe runs them
         try:
             check_schedule(schedule_name, mesh.pp, m, v)
         except PlanError:

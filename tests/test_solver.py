@@ -508,6 +508,18 @@ def test_ilp_honours_every_pin(gpt2_four_layers):
     assert plan.solver.method == "ilp"
 
 
+def test_fewer_microbatches_than_ranks_never_give_a_1f1b_plan(gpt2_four_layers):
+    # torch's Schedule1F1B refuses M < pp; every planner asks the registry, so none produces one.
+    one_node = Cluster.preset("dgx-a100-80g", 1)
+    for method in ("ilp", *METHODS):
+        plan = plan_parallelism(gpt2_four_layers, cluster=one_node, global_batch=16, method=method,
+                                pp=4, tp=1, microbatches=2, time_limit_s=5.0).plan
+        assert plan.schedule.microbatches == 2 and plan.schedule.name != "1f1b", (method, plan.schedule)
+    with pytest.raises(PlanError, match="Schedule1F1B refuses fewer.*use 4 or more"):
+        plan_parallelism(gpt2_four_layers, cluster=one_node, global_batch=16, method="ilp",
+                         pp=4, tp=1, microbatches=2, schedule="1f1b", time_limit_s=5.0)
+
+
 def test_ilp_split_at_pins_a_stage_start_even_where_a_baseline_is_faster(gpt2_four_layers):
     # One sample per device: the baselines' pp=1, dp=8 plan beats any split, but ignores --split-at.
     result = plan_parallelism(

@@ -295,9 +295,14 @@ class _Search:
                     vs = [v for v in vs if 2 * m * pp * v <= EVENTS_MAX]
                 out += [(name, v, self._retimes(pp, m, v)) for v in vs]
             elif name != "gpipe":
+                # torch's 1F1B refuses fewer micro-batches than ranks (the registry's rule); unless
+                # 1F1B is pinned, the ILP then solves under GPipe, which runs them, re-timings kept.
+                if pinned != name and not _runs(name, pp, m, 1):
+                    name = "gpipe"
                 out.append((name, 1, self._retimes(pp, m, 1)))
             else:
                 out.append((name, 1, ()))
+        out = [(name, v, retime) for name, v, retime in out if _runs(name, pp, m, v)]
         if split:
             out = [(name, v, (pinned,)) for name, v, retime in out if pinned in retime]
         elif pinned:
@@ -311,14 +316,7 @@ class _Search:
         names = ["zb"] + (["zbv", "dualpipev"] if v == 2 else [])
         if self.pins.schedule is not None and SCHEDULE_REGISTRY[self.pins.schedule].splits_backward:
             names = [self.pins.schedule] if self.pins.schedule in names else []
-        out = []
-        for name in names:
-            try:
-                check_schedule(name, pp, m, v)
-            except PlanError:
-                continue
-            out.append(name)
-        return tuple(out)
+        return tuple(name for name in names if _runs(name, pp, m, v))
 
     def bound(self, c: Candidate) -> tuple[float, float] | None:
         """(lower bound, ordering key) of a candidate; None if it cannot fit in memory.
@@ -612,3 +610,12 @@ def _fmt_bytes(n: float) -> str:
 def plan_ilp(ev: Evaluator, pins: Pins = Pins(), time_limit_s: float = 30.0) -> IlpResult:
     """The ILP planner: the plan with the lowest predicted step time that fits (see module docstring)."""
     return _Search(ev, pins, time_limit_s).run()
+
+
+def _runs(schedule: str, pp: int, microbatches: int, virtual_stages: int) -> bool:
+    """Whether torch runs ``schedule`` with these numbers: the registry's rules (``check_schedule``)."""
+    try:
+        check_schedule(schedule, pp, microbatches, virtual_stages)
+    except PlanError:
+        return False
+    return True
