@@ -54,7 +54,7 @@ def _random_problem(seed: int, chain: bool, shared: bool) -> StageProblem:
     pp = rng.randint(1, 4)
     while pp > 1 and pp**n > 70_000:  # the brute force enumerates pp^n assignments
         pp -= 1
-    M = rng.randint(1, 8)
+    M = max(pp, rng.randint(1, 8))  # torch's 1F1B needs a micro-batch per rank
     blocks = []
     for _ in range(n):
         f = rng.uniform(1e-4, 5e-3)
@@ -289,8 +289,9 @@ def test_chain_encoding_matches_brute_force_over_contiguous_splits(seed):
 def test_more_stages_than_blocks_is_infeasible(encoding):
     p = _random_problem(3, chain=False, shared=False)
     K = len(p.blocks) + 1
-    p = replace(p, pp=K, send_alpha=(1e-5,) * (K - 1), send_beta=(1e-10,) * (K - 1),
-                inflight=inflight_patterns(schedule_order("1f1b", K, p.microbatches), K, 1))
+    M = max(K, p.microbatches)  # torch's 1F1B needs a micro-batch per rank
+    p = replace(p, pp=K, microbatches=M, send_alpha=(1e-5,) * (K - 1), send_beta=(1e-10,) * (K - 1),
+                inflight=inflight_patterns(schedule_order("1f1b", K, M), K, 1))
     assert _check(p, encoding, contiguous=encoding == "chain", workspace="stage") == "infeasible"
 
 
