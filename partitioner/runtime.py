@@ -67,7 +67,7 @@ from .schedules import rank_stages, spec as schedule_spec, stage_rank
 from .materialize import has_meta_tensors, materialize, release
 from .rewrite import SplitModel, TensorParallelModule, _lookup, _set_tensor, microbatch_inputs, split_model
 
-__all__ = ["DistributedError", "CheckpointError", "StepEvent", "ParallelModel", "auto_parallelize", "run_plan"]
+__all__ = ["DistributedError", "CheckpointError", "StepEvent", "ParallelModel", "RecomputedStage", "auto_parallelize", "run_plan"]
 
 CHECKPOINT_META = "autopart.json"
 
@@ -243,6 +243,34 @@ def _stage_class() -> type:
     return _TimedStage
 
 
+class RecomputedStage(torch.nn.Module):
+    """A stage module whose forward keeps only its inputs for backward and replays itself there.
+
+    [Note: recomputation as priced]
+    A plan stage with ``recompute`` is priced (evaluate.py) as replaying its
+    forward in backward (``recompute_s``) and holding, per micro-batch in
+    flight, its inputs instead of every saved activation. This wrapper
+    realizes that with ``torch.utils.checkpoint`` in its non-reentrant form,
+    which works under DDP, DTensor and the split-backward schedules (torch's
+    ``stage_backward_input`` and ``stage_backward_weight`` walk the same
+    autograd graph; each of them replays the forward when it needs its saved
+    tensors). The replay covers the whole stage in one piece: the plan has one
+    ``recompute`` flag per stage, and its memory model (one block's saved
+    tensors as the transient) is a lower bound of the replay's peak, which
+    holds the whole stage's saved tensors of one micro-batch during its
+    backward.
+    """
+
+    def __init__(self, inner: torch.nn.Module) -> None:
+        super().__init__()
+        self.inner = inner
+
+    def forward(self, *args: Any) -> Any:
+        from torch.utils.checkpoint import checkpoint
+
+        return checkpoint(self.inner, *args, use_reentrant=False)
+
+
 class ParallelModel:
     """The model of one plan, on this rank: its stages, their optimizer, and the step.
 
@@ -309,7 +337,7 @@ class ParallelModel:
                     release(model, mod.split_dim)
             mod.to(self.device)
             self.modules[s] = mod
-            run = mod
+            run = RecomputedStage(mod) if plan.stages[s].recompute else mod  # [Note: recomputation as priced]
             # Split-backward schedules compute weight gradients with autograd.grad, which DDP's
             # hooks never see: their replicas average gradients in step() instead.
             if mesh.dp > 1 and not self._split_backward and any(p.requires_grad for p in mod.parameters()):
