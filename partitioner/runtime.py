@@ -121,6 +121,7 @@ def auto_parallelize(
     timeout_s: float = 20.0,
     init_seed: int = 0,
     zero1: bool = False,
+    recompute: bool | None = None,
 ) -> "ParallelModel":
     """Plan (unless ``plan`` is given) and build the distributed model on this rank. Run under torchrun.
 
@@ -134,7 +135,9 @@ def auto_parallelize(
 
     ``zero1=True`` plans with the optimizer state sharded over ``dp`` and runs
     it so (``ZeroRedundancyOptimizer``); a given ``plan`` says so in
-    ``training.zero1``.
+    ``training.zero1``. ``recompute=True`` (``False``) pins every stage to
+    (not to) replay its forward in backward; ``None`` lets the planner choose
+    per stage ([Note: recomputation as priced]).
 
     A model built on ``meta`` (e.g. ``load_model(..., device="meta")``) is
     materialized stage by stage: each rank allocates and initializes only the
@@ -149,7 +152,7 @@ def auto_parallelize(
         plan = _plan_on_rank0(
             model, example_inputs, cluster, rank,
             dict(method=method, pp=pp, tp=tp, dp=dp, microbatches=microbatches, schedule=schedule, zero1=zero1,
-                 virtual_stages=virtual_stages, time_limit_s=time_limit_s,
+                 virtual_stages=virtual_stages, recompute=recompute, time_limit_s=time_limit_s,
                  global_batch=global_batch or _batch_of(example_inputs)),
         )
     return ParallelModel(model, plan, example_inputs, loss_fn, optimizer, timeout_s, init_seed)
@@ -344,7 +347,7 @@ class ParallelModel:
                 from torch.nn.parallel import DistributedDataParallel
 
                 # Gradients as views of DDP's buckets: no second copy, as the memory model counts them.
-                run = DistributedDataParallel(mod, process_group=self.mesh["dp"].get_group(),
+                run = DistributedDataParallel(run, process_group=self.mesh["dp"].get_group(),
                                               gradient_as_bucket_view=True)
             # Static shapes: the stages never exchange metadata at run time (see [Note: static stage shapes]).
             examples = [
