@@ -125,7 +125,7 @@ class Calibration:
         return cls(str(d["device"]), {str(k): OpFit.from_dict(v) for k, v in dict(d["fits"]).items()})
 
 
-def _nnls_relative(rows: Sequence[tuple[float, ...]], targets: Sequence[float]) -> tuple[float, ...]:
+def nnls_relative(rows: Sequence[tuple[float, ...]], targets: Sequence[float]) -> tuple[float, ...]:
     """Non-negative least squares on relative error, exactly, by trying every support set.
 
     With two or three unknowns there are at most seven supports; the best
@@ -163,15 +163,15 @@ def _fit(points: list[tuple[float, float, float, float]], backward: bool) -> OpF
     x = y = z = 0.0
     split = False
     if any(f > 0 for f, *_ in pts):
-        a, x = _nnls_relative([(1.0, f) for f, *_ in pts], times)
+        a, x = nnls_relative([(1.0, f) for f, *_ in pts], times)
     elif any(p > 0 for _, _, p, _ in pts) and not backward:  # forward touches the rows it reads, not the table
-        a, y = _nnls_relative([(1.0, b - p) for _, b, p, _ in pts], times)
+        a, y = nnls_relative([(1.0, b - p) for _, b, p, _ in pts], times)
         split = True
     elif any(p > 0 for _, _, p, _ in pts) and len({(b - p, p) for _, b, p, _ in pts}) >= MIN_POINTS:
-        a, y, z = _nnls_relative([(1.0, b - p, p) for _, b, p, _ in pts], times)
+        a, y, z = nnls_relative([(1.0, b - p, p) for _, b, p, _ in pts], times)
         split = True
     else:
-        a, y = _nnls_relative([(1.0, b) for _, b, _, _ in pts], times)
+        a, y = nnls_relative([(1.0, b) for _, b, _, _ in pts], times)
     fit = OpFit(a, x, y, len(pts), 0.0, z, split)
     mape = sum(abs(fit.predict(f, b, p) - t) / t for f, b, p, t in pts) / len(pts)
     return OpFit(a, x, y, len(pts), mape, z, split)

@@ -1,36 +1,59 @@
 """Baseline planners: how people partition models today, each producing a scored ``Plan``.
 
+Each baseline is a *split rule* (which blocks go to which stage) and a *mesh
+rule* (which tensor-parallel degrees it uses); everything else is tuned the
+same way for all of them by one grid, ``tune`` (see [Note: fair baselines]).
+
 * ``uniform``: an equal number of layers per stage, embedding with the first
-  stage and head with the last (GPipe's and Megatron-LM's default).
+  stage and head with the last (GPipe's and Megatron-LM's default); tp=1.
 * ``params``: contiguous stages with balanced parameter counts (DeepSpeed's
-  ``partition_method="parameters"``).
+  ``partition_method="parameters"``); tp=1.
 * ``pipedream``: contiguous stages minimizing the slowest stage's time
   (compute plus its outgoing transfer), solved exactly by dynamic programming
-  over the block chain (PipeDream's planner, without its replication).
+  over the block chain (PipeDream's planner, without its replication); tp=1.
 * ``megatron``: tensor parallel across the devices of a node, pipeline across
   nodes, data parallel over the rest, uniform layers (Megatron-LM's recipe).
+* ``expert``: what a careful engineer does with Megatron-LM or torchtitan:
+  every tensor-parallel degree inside a node (powers of two), every pipeline
+  depth, the uniform split, and ZeRO-1 off and on besides the grid below. It is
+  the reference every other method is compared with.
 
-The three pipeline-only methods use tp=1. Unless pinned, every method takes
-the fewest pipeline stages whose plan fits in memory, trying without and then
-with activation recomputation, as a person tuning by hand would.
+[Note: fair baselines]
+A baseline gets every freedom the compared method has except its split rule:
+``tune`` tries, for each mesh its rule allows, every micro-batch size that
+divides the per-replica batch, the schedules (GPipe, 1F1B, interleaved 1F1B
+with each virtual-stage count ``v > 1`` that divides the layers and keeps a
+layer per stage), recomputation off and on, and keeps the fastest plan that
+fits by the simulator. The grid is enumerated in a fixed order and visited in
+order of a lower bound on each point's step time (perfectly balanced work,
+no communication: ``M W / pp + (W - W / pp) / v``, plus the recomputed
+forward), stopping when the bound reaches the best plan found: the result is
+the grid's optimum, and the same on every machine (no clocks are read). Pins
+fix any axis of the grid.
 """
 
 from __future__ import annotations
 
+import math
 import time
-from dataclasses import dataclass
-from typing import Callable, Sequence
+from dataclasses import dataclass, replace
+from typing import Callable, Iterator, Sequence
 
 from .errors import InfeasibleError, PlanError
 from .evaluate import Evaluator, StageSpec
 from .plan import Mesh, Plan, Schedule
-from .schedules import check_schedule, spec as schedule_spec
+from .schedules import check_schedule, rank_stages, schedule_order, spec as schedule_spec
 from .sharding import megatron_sharding
 from .simulate import SimResult
 
-__all__ = ["METHODS", "Pins", "plan_baseline", "linear_partition", "uniform_partition"]
+__all__ = [
+    "METHODS", "REFERENCE", "Pins", "GridPoint", "TuneReport", "plan_baseline", "tune", "grid_points",
+    "linear_partition", "uniform_partition", "with_zero1", "inflight_horizon",
+]
 
-METHODS = ("uniform", "params", "pipedream", "megatron")
+METHODS = ("expert", "uniform", "params", "pipedream", "megatron")
+REFERENCE = "expert"  # the method every speedup is measured against
+TUNED_SCHEDULES = ("1f1b", "gpipe", "interleaved")  # what the grid tries unless one is pinned
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
@@ -47,9 +70,8 @@ class Pins:
     split_at: tuple[str, ...] = ()  # modules where a stage must begin (the ILP honours these)
 
     def __post_init__(self) -> None:
-        # Virtual stages alone ask for the interleaved schedule.
         if self.schedule is not None:
-            need = schedule_spec(self.schedule).virtual_stages
+            need = schedule_spec(self.schedule).virtual_stages  # unknown names: a clear PlanError
             if need is not None and self.virtual_stages is not None and self.virtual_stages != need:
                 raise PlanError(
                     f"--virtual-stages {self.virtual_stages} does not suit --schedule {self.schedule}, "
@@ -57,126 +79,98 @@ class Pins:
                     + ("; use --schedule interleaved or zb" if need == 1 else f"; use --virtual-stages {need}")
                 )
         elif self.virtual_stages is not None and self.virtual_stages > 1:
+            # Virtual stages alone ask for the interleaved schedule.
             object.__setattr__(self, "schedule", "interleaved")
 
 
+@dataclass(frozen=True, slots=True)
+class GridPoint:
+    """One point of the tuning grid: everything but the split."""
+
+    mesh: Mesh
+    schedule: Schedule
+    recompute: bool
+    zero1: bool
+    lower_bound_s: float = 0.0  # no plan at this point can be faster (see [Note: fair baselines])
+
+    def describe(self) -> str:
+        s = self.schedule
+        v = f" v={s.virtual_stages}" if s.virtual_stages > 1 else ""
+        return (
+            f"{self.mesh} {s.name}{v} {s.microbatches}x{s.micro_batch_size}"
+            + (" recompute" if self.recompute else "") + (" zero1" if self.zero1 else "")
+        )
+
+
+@dataclass
+class TuneReport:
+    """What one ``tune`` call did (counts only: they are the same on every machine)."""
+
+    points: int = 0  # grid points enumerated
+    evaluated: int = 0  # simulated
+    pruned_bound: int = 0  # skipped: their lower bound reached the best plan found
+    pruned_memory: int = 0  # skipped: the weights alone cannot fit
+
+
+# A split rule: the stages' blocks for a mesh and schedule (``pp * v`` of them).
+SplitRule = Callable[[Evaluator, Mesh, Schedule, dict], list[list[int]]]
+
+
+def with_zero1(ev: Evaluator, zero1: bool) -> Evaluator:
+    """``ev``, or an evaluator of the same model, cluster and costs with ZeRO-1 set to ``zero1``."""
+    if ev.training.zero1 == zero1:
+        return ev
+    return Evaluator(ev.pgraph, ev.cluster, ev.cost_model, replace(ev.training, zero1=zero1))
+
+
 def plan_baseline(method: str, ev: Evaluator, pins: Pins = Pins()) -> tuple[Plan, SimResult]:
-    """The ``method`` baseline's plan for the evaluator's model, cluster and training set-up."""
+    """The ``method`` baseline's plan: its split rule, tuned by ``tune`` (see [Note: fair baselines])."""
     if method not in METHODS:
-        raise PlanError(f"method {method!r} is not one of {', '.join(METHODS)}")
+        import difflib
+
+        near = difflib.get_close_matches(method, METHODS, n=1)
+        hint = f" (did you mean {near[0]!r}?)" if near else ""
+        raise PlanError(f"method {method!r} is not one of {', '.join(METHODS)}{hint}")
     started = time.perf_counter()
-    world = ev.cluster.world_size
-    n_blocks = len(ev.pgraph.blocks)
-    tp = pins.tp or (min(ev.cluster.devices_per_node, world) if method == "megatron" else 1)
-    if world % tp:
-        raise PlanError(f"--mesh tp={tp} does not divide the cluster's {world} devices")
-    sharding = megatron_sharding(ev.captured, tp) if tp > 1 else {}
-    n_layers = sum(b.is_layer for b in ev.pgraph.blocks) or n_blocks
-    mesh_pinned = pins.pp is not None or pins.dp is not None
-    tried: list[tuple[Plan, SimResult]] = []
-    skipped: PlanError | None = None  # why the last unpinned mesh was passed over
-    for mesh in _meshes(world, tp, pins, n_blocks, method, ev.cluster.devices_per_node):
-        schedule_name = pins.schedule or "1f1b"
-        v = pins.virtual_stages or schedule_spec(schedule_name).virtual_stages or (2 if schedule_name == "interleaved" else 1)
-        if ev.training.global_batch % mesh.dp and not pins.dp:
-            continue  # this many replicas cannot share the batch evenly
-        if method in ("uniform", "megatron") and mesh.pp * v > n_layers and not pins.pp:
-            continue  # uniform_partition needs a layer per stage; with pp pinned it says so itself
-        try:
-            mbs, m = _micro_batching(ev.training.global_batch, mesh.dp, pins.microbatches)
-        except PlanError as exc:
-            if mesh_pinned:
-                raise
-            skipped = exc  # --microbatches fits another dp; keep looking
-            continue
-        if pins.schedule is None and v == 1 and m < mesh.pp:
-            schedule_name = "gpipe"  # torch's 1F1B refuses fewer micro-batches than ranks; GPipe runs them
-        try:
-            check_schedule(schedule_name, mesh.pp, m, v)
-        except PlanError:
-            if pins.microbatches:
-                raise
-            continue
-        if mesh.pp * v > n_blocks:
-            continue
-        schedule = Schedule(schedule_name, m, mbs, v)
-        blocks = _partition(method, ev, mesh, schedule, sharding)
-        for recompute in ([pins.recompute] if pins.recompute is not None else [False, True]):
-            specs = [StageSpec(tuple(b), recompute) for b in blocks]
-            plan, sim = ev.make_plan(specs, mesh, schedule, sharding=sharding, method=method, started=started)
-            tried.append((plan, sim))
-            if plan.predicted and plan.predicted.fits:
-                return plan, sim
-    if not tried:
-        if skipped is not None:
-            raise PlanError(f"{skipped} (nor for any other dp this cluster allows)")
-        raise PlanError(
-            f"no mesh fits the pins and the model: {n_blocks} blocks, {world} devices, "
-            f"global batch {ev.training.global_batch}; pin fewer choices or change the batch"
-        )
-    best = min(tried, key=lambda ps: ps[0].predicted.peak_memory_bytes)
-    need = best[0].predicted.peak_memory_bytes
-    limit = best[0].predicted.memory_limit_bytes
-    raise InfeasibleError(
-        f"no {method} plan fits in device memory: the smallest-footprint plan ({best[0].mesh}, "
-        f"recompute={best[0].stages[0].recompute}) needs {_fmt_bytes(need)} per device, but "
-        f"{ev.cluster.device.name} allows {_fmt_bytes(limit)} (after the {ev.training.memory_reserve:.0%} reserve); "
-        "use more devices (--nodes), a smaller --global-batch or micro-batch, or ZeRO-1"
-    )
+    plan, sim, _ = tune(method, ev, _SPLITS[method], pins, tps=_tps(method, ev, pins), zero1=_zero1s(method, ev))
+    return replace(plan, solver=replace(plan.solver, wall_s=time.perf_counter() - started)), sim
 
 
-def _fmt_bytes(n: float) -> str:
-    """GiB with two decimals, or MiB below 1 GiB, so a small shortfall never prints as 0.0 GiB."""
-    return f"{n / (1 << 30):.2f} GiB" if n >= 1 << 30 else f"{n / (1 << 20):.2f} MiB"
-
-
-def _meshes(world: int, tp: int, pins: Pins, n_blocks: int, method: str, per_node: int) -> list[Mesh]:
-    rest = world // tp
-    if pins.pp and pins.dp:
-        if pins.pp * pins.dp * tp != world:
-            raise PlanError(f"--mesh pp={pins.pp},tp={tp},dp={pins.dp} uses {pins.pp * pins.dp * tp} devices, the cluster has {world}")
-        return [Mesh(pins.pp, tp, pins.dp)]
-    if pins.pp:
-        if rest % pins.pp:
-            raise PlanError(f"--mesh pp={pins.pp} does not divide the {rest} devices left after tp={tp}")
-        return [Mesh(pins.pp, tp, rest // pins.pp)]
-    if pins.dp:
-        if rest % pins.dp:
-            raise PlanError(f"--mesh dp={pins.dp} does not divide the {rest} devices left after tp={tp}")
-        return [Mesh(rest // pins.dp, tp, pins.dp)]
-    pps = [p for p in range(1, rest + 1) if rest % p == 0 and p <= n_blocks]
+def _tps(method: str, ev: Evaluator, pins: Pins) -> tuple[int, ...]:
+    world, per_node = ev.cluster.world_size, ev.cluster.devices_per_node
+    if pins.tp:
+        if world % pins.tp:
+            raise PlanError(f"--mesh tp={pins.tp} does not divide the cluster's {world} devices")
+        return (pins.tp,)
     if method == "megatron":
-        # Pipeline across nodes: a stage spans whole nodes' worth of tp groups when it can.
-        nodes = max(1, world // per_node)
-        pps = [p for p in pps if nodes % p == 0] or pps
-    return [Mesh(p, tp, rest // p) for p in pps]
+        return (min(per_node, world),)
+    if method == "expert":  # powers of two inside a node: a group across nodes pays the slow link
+        return tuple(t for t in (1, 2, 4, 8, 16, 32, 64) if t <= min(per_node, world) and world % t == 0)
+    return (1,)
 
 
-def _micro_batching(global_batch: int, dp: int, microbatches: int | None) -> tuple[int, int]:
-    """(micro_batch_size, microbatches) for one data-parallel replica."""
-    if global_batch % dp:
-        raise PlanError(f"global batch {global_batch} is not divisible by dp={dp}; pick a batch that is")
-    per_replica = global_batch // dp
-    if microbatches is None:
-        return 1, per_replica  # micro-batch size 1: the smallest bubble and activation footprint
-    if per_replica % microbatches:
-        raise PlanError(
-            f"--microbatches {microbatches} does not divide the {per_replica} samples each of the dp={dp} replicas gets"
-        )
-    return per_replica // microbatches, microbatches
+def _zero1s(method: str, ev: Evaluator) -> tuple[bool, ...]:
+    """ZeRO-1 asked for by the user stays on; the expert also tries it where it is off."""
+    if method == "expert" and not ev.training.zero1:
+        return (False, True)
+    return (ev.training.zero1,)
 
 
-def _partition(method: str, ev: Evaluator, mesh: Mesh, schedule: Schedule, sharding) -> list[list[int]]:
+def _split_uniform(ev: Evaluator, mesh: Mesh, schedule: Schedule, sharding: dict) -> list[list[int]]:
+    return uniform_partition([b.is_layer for b in ev.pgraph.blocks], mesh.pp * schedule.virtual_stages)
+
+
+def _split_params(ev: Evaluator, mesh: Mesh, schedule: Schedule, sharding: dict) -> list[list[int]]:
     k = mesh.pp * schedule.virtual_stages
-    blocks = ev.pgraph.blocks
-    if method in ("uniform", "megatron"):
-        return uniform_partition([b.is_layer for b in blocks], k)
-    if method == "params":
-        return linear_partition([float(b.param_count) for b in blocks], k, lambda j: 0.0)
-    # pipedream: block time (forward + backward) plus the transfer out of the stage.
+    return linear_partition([float(b.param_count) for b in ev.pgraph.blocks], k, lambda j: 0.0)
+
+
+def _split_pipedream(ev: Evaluator, mesh: Mesh, schedule: Schedule, sharding: dict) -> list[list[int]]:
+    """Block time (forward + backward) plus the transfer out of the stage, balanced exactly."""
+    k = mesh.pp * schedule.virtual_stages
     mbs = schedule.micro_batch_size
     times = []
-    for b in blocks:
+    for b in ev.pgraph.blocks:
         t = ev.block_cost(b, mbs, mesh.tp, sharding).time
         times.append(t.forward_s + t.backward_s)
     scale = mbs / ev.captured.batch_size
@@ -186,6 +180,275 @@ def _partition(method: str, ev: Evaluator, mesh: Mesh, schedule: Schedule, shard
         return 2 * ev.cost_model.p2p_time(ev.pgraph.boundary_bytes(j) * scale / mesh.tp, src, dst)
 
     return linear_partition(times, k, cut_cost)
+
+
+_SPLITS: dict[str, SplitRule] = {
+    "expert": _split_uniform,
+    "uniform": _split_uniform,
+    "params": _split_params,
+    "pipedream": _split_pipedream,
+    "megatron": _split_uniform,
+}
+_UNIFORM = {"expert", "uniform", "megatron"}  # split rules that need a layer per stage
+
+
+def grid_points(method: str, ev: Evaluator, pins: Pins, tps: Sequence[int], zero1: Sequence[bool]) -> Iterator[GridPoint]:
+    """Every point of ``method``'s grid, in a fixed order (bounds not yet set).
+
+    Raises PlanError where the pins contradict the cluster, the model or the batch.
+    """
+    world, per_node = ev.cluster.world_size, ev.cluster.devices_per_node
+    n_blocks = len(ev.pgraph.blocks)
+    n_layers = sum(b.is_layer for b in ev.pgraph.blocks) or n_blocks
+    units = n_layers if method in _UNIFORM else n_blocks  # what each stage needs at least one of
+    gb = ev.training.global_batch
+    for tp in tps:
+        rest = world // tp
+        if pins.pp and pins.dp:
+            if pins.pp * pins.dp * tp != world:
+                raise PlanError(
+                    f"--mesh pp={pins.pp},tp={tp},dp={pins.dp} uses {pins.pp * pins.dp * tp} devices, the cluster has {world}"
+                )
+            pps = [pins.pp]
+        elif pins.pp:
+            if rest % pins.pp:
+                if len(tps) > 1:
+                    continue
+                raise PlanError(f"--mesh pp={pins.pp} does not divide the {rest} devices left after tp={tp}")
+            pps = [pins.pp]
+        elif pins.dp:
+            if rest % pins.dp:
+                if len(tps) > 1:
+                    continue
+                raise PlanError(f"--mesh dp={pins.dp} does not divide the {rest} devices left after tp={tp}")
+            pps = [rest // pins.dp]
+        else:
+            pps = [p for p in range(1, rest + 1) if rest % p == 0 and p <= units]
+            if method == "megatron":  # pipeline across nodes: a stage spans whole nodes when it can
+                nodes = max(1, world // per_node)
+                pps = [p for p in pps if nodes % p == 0] or pps
+        for pp in pps:
+            dp = rest // pp
+            if gb % dp:
+                if pins.dp or (pins.pp and len(pps) == 1 and len(tps) == 1):
+                    raise PlanError(f"global batch {gb} is not divisible by dp={dp}; pick a batch that is")
+                continue
+            per_replica = gb // dp
+            if pins.microbatches:
+                if per_replica % pins.microbatches:
+                    continue
+                sizes = [per_replica // pins.microbatches]
+            else:
+                sizes = [b for b in range(1, per_replica + 1) if per_replica % b == 0]
+            for mbs in sizes:
+                m = per_replica // mbs
+                for name, v in _schedules(pins, pp, m, n_layers, units):
+                    for recompute in ([pins.recompute] if pins.recompute is not None else [False, True]):
+                        for z in (zero1 if dp > 1 else zero1[:1]):  # ZeRO-1 changes nothing without dp
+                            yield GridPoint(Mesh(pp, tp, dp), Schedule(name, m, mbs, v), recompute, z)
+
+
+def _schedules(pins: Pins, pp: int, m: int, n_layers: int, units: int) -> list[tuple[str, int]]:
+    """(schedule, virtual stages) pairs of the grid at this ``pp`` and ``m`` that torch can run."""
+    names = [pins.schedule] if pins.schedule else list(TUNED_SCHEDULES)
+    out = []
+    for name in names:
+        fixed = schedule_spec(name).virtual_stages
+        if pins.virtual_stages:
+            vs = [pins.virtual_stages]
+        elif fixed is not None:
+            vs = [fixed]
+        else:  # Megatron's interleaving: chunks that divide the layers evenly
+            vs = [v for v in range(2, n_layers + 1) if n_layers % v == 0]
+            if name != "interleaved":
+                vs = [1] + vs
+        for v in vs:
+            if v > 1 and (pp == 1 or pp * v > units):  # with v = 1 the split rule says why it cannot
+                continue
+            try:
+                check_schedule(name, pp, m, v)  # the registry's rules: what torch refuses, we never plan
+            except PlanError:
+                continue
+            out.append((name, v))
+    return out
+
+
+def tune(
+    method: str,
+    ev: Evaluator,
+    split: SplitRule,
+    pins: Pins = Pins(),
+    *,
+    tps: Sequence[int] = (1,),
+    zero1: Sequence[bool] | None = None,
+    report: TuneReport | None = None,
+) -> tuple[Plan, SimResult, TuneReport]:
+    """The fastest plan that fits over ``method``'s grid with the ``split`` rule (see [Note: fair baselines]).
+
+    Deterministic: the grid is enumerated in a fixed order, visited in order of
+    its lower bounds (ties by description), and pruned only by those bounds.
+    """
+    report = report or TuneReport()
+    zero1 = tuple(zero1) if zero1 is not None else (ev.training.zero1,)
+    evs = {z: with_zero1(ev, z) for z in zero1}
+    limit = ev.cluster.device.memory_bytes * (1 - ev.training.memory_reserve)
+    shardings: dict[int, dict] = {}
+    work: dict[tuple[int, int], tuple[float, float]] = {}  # (tp, mbs) -> (forward + backward, forward) per micro-batch
+    static: dict[tuple[int, int, bool], float] = {}  # (tp, dp, zero1) -> all static bytes of one tp rank
+
+    def sharding_for(tp: int) -> dict:
+        if tp not in shardings:
+            shardings[tp] = megatron_sharding(ev.captured, tp) if tp > 1 else {}
+        return shardings[tp]
+
+    points = []
+    heaviest: tuple[tuple[float, bool], GridPoint] | None = None  # the lightest point pruned for its weights
+    for pt in grid_points(method, ev, pins, tps, zero1):
+        report.points += 1
+        tp, mbs = pt.mesh.tp, pt.schedule.micro_batch_size
+        if (tp, mbs) not in work:
+            costs = [ev.block_cost(b, mbs, tp, sharding_for(tp)).time for b in ev.pgraph.blocks]
+            work[(tp, mbs)] = (sum(c.forward_s + c.backward_s for c in costs), sum(c.forward_s for c in costs))
+        key = (tp, pt.mesh.dp, pt.zero1)
+        if key not in static:
+            from .sharding import sharded_params
+
+            split_params = sharded_params(ev.captured, sharding_for(tp)) if tp > 1 else set()
+            static[key] = float(evs[pt.zero1].resident_bytes(ev.captured.params, tp, pt.mesh.dp, split_params)[0])
+        if static[key] / pt.mesh.pp > limit:  # even a perfect split of the weights cannot fit
+            report.pruned_memory += 1
+            if heaviest is None or (static[key] / pt.mesh.pp, not pt.recompute) < heaviest[0]:
+                heaviest = ((static[key] / pt.mesh.pp, not pt.recompute), pt)
+            continue
+        w, f = work[(tp, mbs)]
+        if pt.recompute:
+            w += f
+        pp, v, m = pt.mesh.pp, pt.schedule.virtual_stages, pt.schedule.microbatches
+        avg = w / pp
+        points.append(replace(pt, lower_bound_s=m * avg + (w - avg) / v))
+    points.sort(key=lambda p: (p.lower_bound_s, p.describe()))
+    best: tuple[Plan, SimResult] | None = None
+    smallest: tuple[float, GridPoint, list[StageSpec]] | None = None  # the smallest footprint seen, for the error
+    inflight: dict[tuple, list[list[tuple[int, ...]]]] = {}
+    split_error: PlanError | None = None
+    for pt in points:
+        if best is not None and pt.lower_bound_s >= best[0].predicted.step_time_s:
+            report.pruned_bound += 1
+            continue
+        e = evs[pt.zero1]
+        sharding = sharding_for(pt.mesh.tp)
+        try:
+            blocks = split(e, pt.mesh, pt.schedule, sharding)
+        except PlanError as exc:
+            split_error = exc  # this split rule has no split here (e.g. more stages than layers)
+            continue
+        specs = [StageSpec(tuple(b), pt.recompute) for b in blocks]
+        need = _peak_memory(e.stage_costs(specs, pt.mesh, pt.schedule, sharding), pt.schedule, pt.mesh.pp, inflight)
+        if need > limit:  # the simulator's own peak, without simulating: this point cannot fit
+            report.pruned_memory += 1
+            if smallest is None or need < smallest[0]:
+                smallest = (need, pt, specs)
+            continue
+        plan, sim = e.make_plan(specs, pt.mesh, pt.schedule, sharding=sharding, method=method)
+        report.evaluated += 1
+        if plan.predicted.fits and (best is None or plan.predicted.step_time_s < best[0].predicted.step_time_s):
+            best = (plan, sim)
+    if best is not None:
+        return best[0], best[1], report
+    if smallest is None and heaviest is None:
+        raise split_error or _no_point_error(method, ev, pins)
+    if smallest is None:  # every point was pruned for its weights: price the lightest for the message
+        pt = heaviest[1]
+        specs = [StageSpec(tuple(b), pt.recompute) for b in split(evs[pt.zero1], pt.mesh, pt.schedule, sharding_for(pt.mesh.tp))]
+    else:
+        _, pt, specs = smallest
+    plan, _ = evs[pt.zero1].make_plan(specs, pt.mesh, pt.schedule, sharding=sharding_for(pt.mesh.tp), method=method)
+    # A smaller batch only shrinks activations: no help when the weights and optimizer state alone overflow.
+    limit_b = plan.predicted.memory_limit_bytes
+    static = max((st.predicted.static_bytes for st in plan.stages if st.predicted), default=0)
+    more = "more processes (--cluster local-cpu:N)" if ev.cluster.name == "local-cpu" else "more devices (--nodes)"
+    raise InfeasibleError(
+        f"no {method} plan fits in device memory: the smallest-footprint plan ({plan.mesh}, "
+        f"recompute={plan.stages[0].recompute}) needs {_fmt_bytes(plan.predicted.peak_memory_bytes)} per device, but "
+        f"{ev.cluster.device.name} allows {_fmt_bytes(limit_b)} (after the "
+        f"{ev.training.memory_reserve:.0%} reserve); "
+        f"use {more}, " + ("or ZeRO-1" if static > limit_b else "a smaller --global-batch or micro-batch, or ZeRO-1")
+    )
+
+
+def _peak_memory(costs, schedule: Schedule, pp: int, cache: dict) -> float:
+    """The largest per-rank peak (static of its stages + activations in flight), as the simulator counts it.
+
+    In-flight counts change only at a rank's own actions, so they depend on the schedule's
+    order alone: each rank's distinct count vectors over its chunks are computed once per
+    schedule shape and reused.
+    """
+    key = (schedule.name, pp, inflight_horizon(schedule.name, pp, schedule.microbatches, schedule.virtual_stages),
+           schedule.virtual_stages)
+    sp = schedule_spec(schedule.name)
+    if key not in cache and key[0] == "gpipe":
+        cache[key] = [[(schedule.microbatches,)]] * pp
+    elif key not in cache and key[0] == "1f1b":
+        cache[key] = [[(min(pp - r, schedule.microbatches),)] for r in range(pp)]
+    elif key not in cache:
+        patterns = []
+        for r, order in enumerate(schedule_order(*key)):
+            mine = rank_stages(r, pp, schedule.virtual_stages, sp.layout)
+            counts = [0] * len(mine)
+            seen = set()
+            for a in order:
+                # Activations are held from F until the backward that frees them: B, or W
+                # where the backward is split (I keeps them; [Note: zero-bubble memory]).
+                if a.kind == "F":
+                    counts[mine.index(a.stage)] += 1
+                    seen.add(tuple(counts))
+                elif a.kind in ("B", "W"):
+                    counts[mine.index(a.stage)] -= 1
+            patterns.append(sorted(seen))
+        cache[key] = patterns
+    peak = 0.0
+    for r, pats in enumerate(cache[key]):
+        mine = [costs[st] for st in rank_stages(r, pp, schedule.virtual_stages, sp.layout)]
+        act = max(sum(n * c.activation_bytes for n, c in zip(pat, mine)) for pat in pats)
+        peak = max(peak, sum(c.static_bytes for c in mine) + act)
+    return peak
+
+
+def inflight_horizon(schedule: str, pp: int, microbatches: int, virtual_stages: int) -> int:
+    """The fewest micro-batches whose in-flight patterns are those of ``microbatches`` (interleaved).
+
+    The interleaved order is a warm-up of at most ``2 (pp - 1) + (v - 1) pp`` forwards, then
+    forward/backward pairs whose chunk sequence repeats every ``pp v`` actions, then a drain
+    that only lowers the counts. Once the steady part spans a whole period, more micro-batches
+    visit no new in-flight vector: four groups of ``pp`` are always enough.
+    """
+    if schedule != "interleaved" or virtual_stages == 1:
+        return microbatches
+    return min(microbatches, 4 * pp)
+
+
+def _no_point_error(method: str, ev: Evaluator, pins: Pins) -> PlanError:
+    gb, world = ev.training.global_batch, ev.cluster.world_size
+    if pins.schedule and pins.pp and pins.microbatches:  # the registry's rule, if that is what refused them
+        v = pins.virtual_stages or schedule_spec(pins.schedule).virtual_stages or 1
+        try:
+            check_schedule(pins.schedule, pins.pp, pins.microbatches, v)
+        except PlanError as exc:
+            return exc
+    if pins.microbatches:
+        return PlanError(
+            f"--microbatches {pins.microbatches} does not divide the samples each data-parallel replica gets "
+            f"(global batch {gb}) for any mesh {method} may use on {world} devices; pick another count"
+        )
+    return PlanError(
+        f"no mesh fits the pins and the model for {method}: {len(ev.pgraph.blocks)} blocks, {world} devices, "
+        f"global batch {gb}; pin fewer choices or change the batch"
+    )
+
+
+def _fmt_bytes(n: float) -> str:
+    """GiB with two decimals, or MiB below 1 GiB, so a small shortfall never prints as 0.0 GiB."""
+    return f"{n / (1 << 30):.2f} GiB" if n >= 1 << 30 else f"{n / (1 << 20):.2f} MiB"
 
 
 def uniform_partition(is_layer: Sequence[bool], k: int) -> list[list[int]]:

@@ -122,7 +122,7 @@ def ring_coefficients(kind: str, k: int) -> tuple[float, float]:
 
 def fit_link(samples: Sequence[CommSample]) -> LinkFit | None:
     """Fit alpha and 1/B of one link class; None without measurements."""
-    from cost_models.calibrated import _nnls_relative
+    from cost_models.calibrated import nnls_relative
 
     pts = [s for s in samples if s.seconds > 0]
     if not pts:
@@ -131,7 +131,7 @@ def fit_link(samples: Sequence[CommSample]) -> LinkFit | None:
     for s in pts:
         steps, factor = ring_coefficients(s.kind, s.ranks)
         rows.append((steps, factor * s.nbytes))
-    alpha, beta = _nnls_relative(rows, [s.seconds for s in pts])
+    alpha, beta = nnls_relative(rows, [s.seconds for s in pts])
     if beta <= 0:
         raise CalibrateError(
             "the measured times do not grow with message size (a busy machine?); rerun with a larger --max-bytes or --reps"

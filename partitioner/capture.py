@@ -196,7 +196,7 @@ def capture(
         raise CaptureError(f"expected a torch.nn.Module, got {type(model).__name__}")
     args = tuple(example_inputs) if isinstance(example_inputs, (list, tuple)) else (example_inputs,)
     kwargs = dict(example_kwargs or {})
-    _disable_hf_cache(model)
+    disable_hf_cache(model)
 
     grad_mode = torch.is_grad_enabled()  # restored after tracing and after annotation
     errors: list[str] = []
@@ -284,9 +284,14 @@ def model_fingerprint(model: torch.nn.Module, params: Mapping[str, ParamInfo] | 
 # --------------------------------------------------------------------------------------
 
 
-def _disable_hf_cache(model: torch.nn.Module) -> None:
-    # A KV cache is an inference feature; as an output it is a Cache object that
-    # tracing cannot flatten. Training never wants it.
+def disable_hf_cache(model: torch.nn.Module) -> None:
+    """Turn a Hugging Face model's KV cache off (``config.use_cache = False``), in place.
+
+    Every phase that exports the model calls it (capture here, the rewrite in
+    rewrite.py), so a stock ``GPT2LMHeadModel(GPT2Config(...))`` works as it
+    comes. A KV cache is an inference feature; as an output it is a Cache
+    object that export cannot flatten, and training never reads it.
+    """
     cfg = getattr(model, "config", None)
     if cfg is not None and getattr(cfg, "use_cache", False):
         cfg.use_cache = False

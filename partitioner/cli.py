@@ -1,4 +1,4 @@
-"""The ``autopart`` command line: ``plan``, ``diff``, ``inspect``, ``compare``, ``profile``, ``calibrate`` and ``run``.
+"""The ``autopart`` command line: ``plan``, ``explain``, ``show``, ``diff``, ``inspect``, ``compare``, ``profile``, ``calibrate`` and ``run``.
 
 A thin layer over the Python API: it parses options, calls
 ``plan_parallelism`` / ``capture``, and prints with ``rich``. Every option
@@ -16,7 +16,10 @@ import sys
 from pathlib import Path
 from typing import Sequence
 
+from .cluster import default_dtype, tp_degrees
 from .errors import AutopartError, PlanError, one_line
+from .fmt import fmt_bytes, fmt_time
+from .progress import Progress
 from .schedules import SCHEDULES
 
 GIB = 1 << 30
@@ -63,15 +66,17 @@ def _fraction(text: str) -> float:
 
 def _common(p: argparse.ArgumentParser) -> None:
     g = p.add_argument_group("model")
-    g.add_argument("--model", default=DEFAULT_MODEL, help=f"zoo name, hf:ClassName or py:module:function (default {DEFAULT_MODEL})")
+    g.add_argument("--model", default=None, help=f"zoo name, hf:ClassName or py:module:function (default {DEFAULT_MODEL}; with --plan, the plan's)")
     g.add_argument("--config", nargs="+", default=[], metavar="KEY=VALUE", help="model config overrides, e.g. n_layer=4")
     g.add_argument("--seq-len", type=_positive_int, default=None, help="sequence length (default: the model's)")
     g.add_argument("--dtype", default=None, choices=("fp32", "tf32", "bf16", "fp16", "fp8"), help="compute dtype (default bf16; fp32 on a device without bf16, such as local-cpu)")
+    p.add_argument("--quiet", action="store_true", help="no progress on stderr (it is shown only on a terminal anyway)")
 
 
 def _cluster_args(p: argparse.ArgumentParser) -> None:
     g = p.add_argument_group("cluster")
-    g.add_argument("--cluster", default=DEFAULT_CLUSTER, help=f"preset name or TOML file (default {DEFAULT_CLUSTER})")
+    g.add_argument("--cluster", default=DEFAULT_CLUSTER,
+                   help=f"preset name, local-cpu:N (N processes on this machine, gloo) or TOML file (default {DEFAULT_CLUSTER})")
     g.add_argument("--nodes", type=_positive_int, default=None, help="number of nodes (overrides the cluster's)")
     g.add_argument("--gpus-per-node", type=_positive_int, default=None, help="devices per node (overrides the cluster's)")
 
@@ -140,6 +145,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--max-bytes", type=_positive_int, default=16 << 20, help="largest message, bytes per rank (default 16 MiB)")
     p.add_argument("--reps", type=_positive_int, default=5, help="timed runs per measurement (default 5)")
 
+    p = sub.add_parser("explain", help="explain a saved plan: step-time breakdown, bottleneck, memory")
+    p.add_argument("plan_file", metavar="PLAN.json")
+    _common(p)
+    p = sub.add_parser("show", help="print a saved plan in full: mesh, schedule, every stage's modules, the model it needs")
+    p.add_argument("plan_file", metavar="PLAN.json")
+
     p = sub.add_parser("diff", help="compare two plan JSON files")
     p.add_argument("a", metavar="A.json")
     p.add_argument("b", metavar="B.json")
@@ -175,6 +186,7 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--steps", type=_positive_int, default=10, help="measured training steps (default 10)")
     g.add_argument("--warmup", type=int, default=1, help="steps run before measuring (default 1)")
     g.add_argument("--json", default=None, metavar="PATH", help="rank 0 writes step times, losses and events to PATH")
+    g.add_argument("--force", action="store_true", help="let --json overwrite an existing file")
     g.add_argument("--seed", type=int, default=0, help="seed for the weights and the synthetic batches")
 
     p = sub.add_parser("inspect", help="print the blocks of a model: params, FLOPs, activations")
@@ -190,6 +202,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         args = parser.parse_args(argv)
     except SystemExit as exc:  # --help, or a usage error already printed on one line
         return exc.code if isinstance(exc.code, int) else 0
+    if getattr(args, "model", "") is None and args.command not in ("plan", "run", "explain"):  # they take the plan's
+        args.model = DEFAULT_MODEL
     try:
         if args.command == "plan":
             return cmd_plan(args)
@@ -203,6 +217,10 @@ def main(argv: Sequence[str] | None = None) -> int:
             return cmd_calibrate(args)
         if args.command == "run":
             return cmd_run(args)
+        if args.command == "explain":
+            return cmd_explain(args)
+        if args.command == "show":
+            return cmd_show(args)
         if args.command == "diff":
             from .explain import print_diff
             from .plan import Plan
@@ -234,9 +252,8 @@ def main(argv: Sequence[str] | None = None) -> int:
 
 def cmd_plan(args: argparse.Namespace) -> int:
     from .cluster import load_cluster
-    from .plan import Mesh, Plan
-    from .planner import plan_parallelism, score_plan
-    from .zoo import load_model, parse_config_overrides
+    from .plan import Mesh, ModelSource, Plan
+    from .zoo import load_model
 
     from .planner import ALL_METHODS as METHODS
 
@@ -269,13 +286,19 @@ def cmd_plan(args: argparse.Namespace) -> int:
         from .profile import check_device
 
         check_device(cluster, args.device or "cpu")
-    dtype = plan_in.training.dtype if plan_in else (args.dtype or _default_dtype(cluster))
+    dtype = plan_in.training.dtype if plan_in else (args.dtype or default_dtype(cluster))
     if dtype not in cluster.device.peak_flops:
         raise PlanError(
             f"--dtype {dtype}: {cluster.device.name} has no {dtype} peak; it has {', '.join(cluster.device.peak_flops)}"
         )
     pins = Mesh.parse(args.mesh) if args.mesh else {}
-    loaded = load_model(args.model, seq_len=args.seq_len, dtype=dtype, config=parse_config_overrides(args.config))
+    source = _model_source(args, plan_in)
+    loaded = load_model(source.spec, seq_len=source.seq_len, dtype=dtype, config=source.config)
+    source = ModelSource(source.spec, source.config, loaded.seq_len)  # the sequence length it was built with
+    if plan_in is not None:  # before the slow capture, naming the flags that differ from the plan's
+        from .capture import model_fingerprint
+
+        plan_in.check_matches(model_fingerprint(loaded.model), given=source)
     global_batch = args.global_batch or 8 * cluster.world_size
     training = dict(
         dtype=dtype,
@@ -285,33 +308,14 @@ def cmd_plan(args: argparse.Namespace) -> int:
         name=loaded.name,
         example_kwargs=loaded.example_kwargs,
     )
-    model: object = loaded.model
+    show = False if args.quiet else None  # progress on stderr when it is a terminal
+    model = _captured(loaded, show)
     if args.profile:
-        model, training["cost_model"] = _profiled(args, loaded, cluster, dtype, pins.get("tp"))
-    if plan_in is not None:
-        result = score_plan(
-            plan_in, model, loaded.example_inputs, cluster, name=loaded.name, batch_size=loaded.batch_size,
-            example_kwargs=loaded.example_kwargs, cost_model=training.get("cost_model"),
-        )
-    else:
-        result = plan_parallelism(
-            model,
-            loaded.example_inputs,
-            cluster,
-            global_batch=global_batch,
-            method=args.method,
-            pp=pins.get("pp"),
-            tp=pins.get("tp"),
-            dp=pins.get("dp"),
-            microbatches=args.microbatches,
-            schedule=args.schedule,
-            virtual_stages=args.virtual_stages,
-            recompute=args.recompute,
-            split_at=[s for s in args.split_at.split(",") if s] if args.split_at else None,
-            time_limit_s=args.time_limit or 30.0,
-            batch_size=loaded.batch_size,
-            **training,
-        )
+        training["cost_model"] = _profiled(args, model, cluster, dtype, pins.get("tp"), show)
+    with Progress(show) as progress:
+        progress.phase("search" if args.method == "ilp" and plan_in is None else "plan", detail=args.method)
+        result = _plan_or_score(args, plan_in, model, loaded, cluster, pins, global_batch, training, progress)
+    plan_out = result.plan.with_source(source)
     print_plan(result, cluster)
     if args.explain:
         from .explain import print_explanation
@@ -320,33 +324,71 @@ def cmd_plan(args: argparse.Namespace) -> int:
     if args.timeline:
         print(result.sim.grid())
     if json_path is not None:
-        result.plan.save(json_path)
+        plan_out.save(json_path)
         print(f"wrote {json_path}")
     return 0
 
 
-def _default_dtype(cluster) -> str:
-    """bf16, or on a device without bf16 (a CPU) the first dtype it has."""
-    peaks = cluster.device.peak_flops
-    return "bf16" if "bf16" in peaks else next(iter(peaks))
+def _captured(loaded, show: bool | None):
+    """Capture and coarsen ``loaded`` (the ``capture`` phase, with progress): its ``PartitionGraph``."""
+    from .capture import capture
+    from .graph import build_partition_graph
+
+    with Progress(show) as progress:
+        progress.phase("capture", detail=loaded.name)
+        cap = capture(loaded.model, loaded.example_inputs, loaded.example_kwargs, name=loaded.name,
+                      batch_size=loaded.batch_size)
+        return build_partition_graph(cap, loaded.model)
 
 
-def _tp_degrees(cluster, pinned: int | None) -> tuple[int, ...]:
-    """The tensor-parallel degrees the planner may choose: powers of two that fit in a node."""
-    if pinned is not None:
-        return (pinned,) if pinned > 1 else ()
-    out, tp = [], 2
-    while tp <= min(8, cluster.devices_per_node):
-        out.append(tp)
-        tp *= 2
-    return tuple(out)
+def _plan_or_score(args, plan_in, model, loaded, cluster, pins, global_batch, training, progress):
+    """``plan``'s search (or, with ``--plan``, the re-scoring of the given plan)."""
+    from .planner import plan_parallelism, score_plan
+
+    if plan_in is not None:
+        return score_plan(
+            plan_in, model, loaded.example_inputs, cluster, name=loaded.name, batch_size=loaded.batch_size,
+            example_kwargs=loaded.example_kwargs, cost_model=training.get("cost_model"),
+        )
+    return plan_parallelism(
+        model,
+        loaded.example_inputs,
+        cluster,
+        global_batch=global_batch,
+        method=args.method,
+        pp=pins.get("pp"),
+        tp=pins.get("tp"),
+        dp=pins.get("dp"),
+        microbatches=args.microbatches,
+        schedule=args.schedule,
+        virtual_stages=args.virtual_stages,
+        recompute=args.recompute,
+        split_at=[s for s in args.split_at.split(",") if s] if args.split_at else None,
+        time_limit_s=args.time_limit or 30.0,
+        batch_size=loaded.batch_size,
+        progress=progress.search,
+        **training,
+    )
 
 
-def _profile_options(args: argparse.Namespace, dtype: str, tp_degrees: tuple[int, ...], clock: str = "wall"):
+def _model_source(args: argparse.Namespace, plan_in=None):
+    """The model the flags name (``--model``, ``--config``, ``--seq-len``); with a plan file, the plan's own
+    model with any flag given in place of its part (see ``Plan.model_source``)."""
+    from .plan import ModelSource
+    from .zoo import parse_config_overrides
+
+    config = parse_config_overrides(args.config)
+    if plan_in is not None and (plan_in.model.source is not None or args.model is not None):
+        return plan_in.model_source(args.model, config, args.seq_len)
+    return ModelSource(args.model or DEFAULT_MODEL, config, args.seq_len)
+
+
+def _profile_options(args: argparse.Namespace, dtype: str, tp_degrees: tuple[int, ...], clock: str = "wall",
+                     show: bool | None = None):
     from .profile import ProfileOptions
 
     return ProfileOptions(device=args.device or "cpu", dtype=dtype, tp_degrees=tp_degrees,
-                          budget_s=args.profile_budget, clock=clock)
+                          budget_s=args.profile_budget, clock=clock, progress=show)
 
 
 def _print_profile_stats(prof, cache) -> None:
@@ -360,26 +402,14 @@ def _print_profile_stats(prof, cache) -> None:
     )
 
 
-def _profiled(args: argparse.Namespace, loaded, cluster, dtype: str, tp_pin: int | None):
-    """Capture, coarsen and profile for ``plan --profile``: the graph and the measured cost model."""
-    from .capture import capture
-    from .graph import build_partition_graph
+def _profiled(args: argparse.Namespace, pg, cluster, dtype: str, tp_pin: int | None, show: bool | None):
+    """Profile the captured model for ``plan --profile`` (its own progress bar): the measured cost model."""
     from .profile import ProfileCache, profile_for_planning
 
-    cap = capture(loaded.model, loaded.example_inputs, loaded.example_kwargs, name=loaded.name, batch_size=loaded.batch_size)
-    pg = build_partition_graph(cap, loaded.model)
     with ProfileCache(args.cache) as cache:
-        prof = profile_for_planning(pg, cluster, cache, _profile_options(args, dtype, _tp_degrees(cluster, tp_pin)))
+        prof = profile_for_planning(pg, cluster, cache, _profile_options(args, dtype, tp_degrees(cluster, tp_pin), show=show))
         _print_profile_stats(prof, cache)
-    return pg, prof.cost_model
-
-
-def _fmt_bytes(n: float) -> str:
-    return f"{n / GIB:.2f} GiB" if n >= GIB / 10 else f"{n / (1 << 20):.1f} MiB"
-
-
-def _fmt_time(s: float) -> str:
-    return f"{s * 1e3:.2f} ms" if s < 1 else f"{s:.3f} s"
+    return prof.cost_model
 
 
 def _fmt_count(n: float) -> str:
@@ -395,13 +425,12 @@ def _modules_summary(modules: Sequence[str]) -> str:
     return f"{modules[0]} .. {modules[-1]} ({len(modules)} blocks)"
 
 
-def print_plan(result, cluster) -> None:
-    from rich.console import Console
-    from rich.table import Table
+def _plural(n: int, word: str) -> str:
+    return f"{n} {word}" if n == 1 else f"{n} {word}es" if word.endswith("batch") else f"{n} {word}s"
 
-    plan = result.plan
-    pred = plan.predicted
-    console = Console(width=max(100, Console().width))
+
+def _print_header(console, plan, cluster) -> None:
+    """The plan's first two lines: model on cluster; method, mesh, schedule and training set-up."""
     sched = plan.schedule
     console.print(
         f"[bold]{plan.model.name}[/bold] ({_fmt_count(plan.model.params)} params) on {cluster.describe()}"
@@ -409,9 +438,19 @@ def print_plan(result, cluster) -> None:
     console.print(
         f"method [bold]{plan.solver.method}[/bold] · mesh [bold]{plan.mesh}[/bold] · schedule {sched.name}"
         + (f" (v={sched.virtual_stages})" if sched.virtual_stages > 1 else "")
-        + f", {sched.microbatches} micro-batches of {sched.micro_batch_size} · global batch {plan.training.global_batch}"
+        + f", {_plural(sched.microbatches, 'micro-batch')} of {sched.micro_batch_size} · global batch {plan.training.global_batch}"
         + f" · {plan.training.dtype}, {plan.training.optimizer}{', ZeRO-1' if plan.training.zero1 else ''}"
     )
+
+
+def print_plan(result, cluster) -> None:
+    from rich.console import Console
+    from rich.table import Table
+
+    plan = result.plan
+    pred = plan.predicted
+    console = Console(width=max(100, Console().width))
+    _print_header(console, plan, cluster)
     bottleneck = max((s.predicted.forward_s + s.predicted.backward_s for s in plan.stages), default=0.0) or 1.0
     table = Table(show_lines=False)
     for col, just in (
@@ -427,19 +466,21 @@ def print_plan(result, cluster) -> None:
             str(st.index),
             _modules_summary(st.modules) + (" [recompute]" if st.recompute else ""),
             _fmt_count(st.params),
-            _fmt_time(sp.forward_s),
-            _fmt_time(sp.backward_s),
-            _fmt_time(sp.send_s),
-            _fmt_bytes(sp.memory_bytes),
+            fmt_time(sp.forward_s),
+            fmt_time(sp.backward_s),
+            fmt_time(sp.send_s),
+            fmt_bytes(sp.memory_bytes),
             f"{load:.0%}",
             ranks,
         )
     console.print(table)
     fits = "[green]fits[/green]" if pred.fits else "[red]DOES NOT FIT[/red]"
+    # local-cpu's peak FLOP/s is a guess from the CPU's name, not a measurement: say so beside the figure.
+    estimate = " (of an estimated peak)" if cluster.name == "local-cpu" else ""
     console.print(
-        f"step time [bold]{_fmt_time(pred.step_time_s)}[/bold] · {pred.samples_per_s:.1f} samples/s · "
-        f"{pred.tflops_per_device:.1f} TFLOP/s per device · MFU {pred.mfu:.1%} · bubble {pred.bubble_fraction:.1%} · "
-        f"peak memory {_fmt_bytes(pred.peak_memory_bytes)} of {_fmt_bytes(pred.memory_limit_bytes)} ({fits})"
+        f"step time [bold]{fmt_time(pred.step_time_s)}[/bold] · {pred.samples_per_s:.1f} samples/s · "
+        f"{pred.tflops_per_device:.1f} TFLOP/s per device · MFU {pred.mfu:.1%}{estimate} · bubble {pred.bubble_fraction:.1%} · "
+        f"peak memory {fmt_bytes(pred.peak_memory_bytes)} of {fmt_bytes(pred.memory_limit_bytes)} ({fits})"
     )
     if pred.mfu > 1:
         console.print(
@@ -450,8 +491,73 @@ def print_plan(result, cluster) -> None:
     proof = ""
     if solver.bound is not None and solver.objective:
         gap = max(0.0, (pred.step_time_s - solver.bound) / pred.step_time_s)
-        proof = f", objective {_fmt_time(solver.objective)}, bound {_fmt_time(solver.bound)}, gap {gap:.1%}"
+        proof = f", objective {fmt_time(solver.objective)}, bound {fmt_time(solver.bound)}, gap {gap:.1%}"
     console.print(f"[dim]planned in {solver.wall_s:.2f} s ({solver.status}{proof})[/dim]")
+
+
+# --------------------------------------------------------------------------------------
+# explain, show: a saved plan
+# --------------------------------------------------------------------------------------
+
+
+def cmd_explain(args: argparse.Namespace) -> int:
+    """Re-score a saved plan for the model it records (or the flags given) and explain it."""
+    from .capture import model_fingerprint
+    from .cluster import Cluster
+    from .explain import print_explanation
+    from .plan import ModelSource, Plan
+    from .planner import score_plan
+    from .zoo import load_model
+
+    if args.dtype is not None:
+        raise PlanError("--dtype: a saved plan keeps its own (training.dtype); drop --dtype")
+    plan = Plan.load(args.plan_file)
+    cluster = Cluster.from_dict(plan.cluster)
+    source = _model_source(args, plan)
+    loaded = load_model(source.spec, seq_len=source.seq_len, dtype=plan.training.dtype, config=source.config)
+    plan.check_matches(model_fingerprint(loaded.model), given=ModelSource(source.spec, source.config, loaded.seq_len))
+    pg = _captured(loaded, False if args.quiet else None)
+    result = score_plan(plan, pg, loaded.example_inputs, cluster, name=loaded.name,
+                        batch_size=loaded.batch_size, example_kwargs=loaded.example_kwargs)
+    print_plan(result, cluster)
+    print_explanation(result)
+    return 0
+
+
+def cmd_show(args: argparse.Namespace) -> int:
+    """Print a saved plan in full, from the file alone (no model is built)."""
+    from rich.console import Console
+    from rich.table import Table
+
+    from .cluster import Cluster
+    from .plan import Plan
+
+    plan = Plan.load(args.plan_file)
+    cluster = Cluster.from_dict(plan.cluster)
+    console = Console(width=max(100, Console().width))
+    _print_header(console, plan, cluster)
+    src = plan.model.source
+    console.print(f"model: {' '.join(src.flags()) if src else 'not recorded (a version-2 plan or a model from Python)'}"
+                  f" · fingerprint {plan.model.fingerprint} · made by {plan.solver.method} ({plan.solver.status})")
+    table = Table()
+    for col in ("stage", "ranks", "modules", "nodes", "recompute"):
+        table.add_column(col, justify="left" if col == "modules" else "right", overflow="fold")
+    for st in plan.stages:
+        ranks = f"{st.ranks[0]}..{st.ranks[-1]}" if len(st.ranks) > 1 else ", ".join(map(str, st.ranks))
+        table.add_row(str(st.index), ranks, ", ".join(st.modules), str(len(st.nodes)), "yes" if st.recompute else "")
+    console.print(table)
+    counts: dict[str, int] = {}
+    for strat in plan.sharding.values():
+        counts[strat] = counts.get(strat, 0) + 1
+    console.print("tensor sharding: " + (", ".join(f"{n} {k}" for k, n in sorted(counts.items())) + " nodes; the rest "
+                                         "replicated" if counts else "every node replicated"))
+    if plan.predicted is not None:
+        p = plan.predicted
+        console.print(f"predicted: step time {fmt_time(p.step_time_s)} · MFU {p.mfu:.1%} · bubble "
+                      f"{p.bubble_fraction:.1%} · peak memory {fmt_bytes(p.peak_memory_bytes)} of "
+                      f"{fmt_bytes(p.memory_limit_bytes)}")
+    console.print(f"run it: torchrun --nproc-per-node {plan.mesh.world_size} -m partitioner.cli run --plan {args.plan_file}")
+    return 0
 
 
 # --------------------------------------------------------------------------------------
@@ -462,18 +568,17 @@ def print_plan(result, cluster) -> None:
 def cmd_compare(args: argparse.Namespace, argv: Sequence[str] | None = None) -> int:
     import shlex
 
-    from rich.console import Console
-
     from .compare import compare, print_tables
 
     words = list(sys.argv[1:] if argv is None else argv)
-    err = Console(stderr=True)
-    comparison = compare(
-        **{k: v for k, v in vars(args).items() if k != "command"},
-        command="autopart " + shlex.join(words),
-        # Progress only for a person watching: in scripts and CI, stderr stays the one-line error.
-        progress=(lambda msg: err.print(f"[dim]{msg}[/dim]")) if err.is_terminal else None,
-    )
+    # Progress only for a person watching: in scripts and CI, stderr stays the one-line error.
+    with Progress(False if args.quiet else None) as progress:
+        progress.phase("compare")
+        comparison = compare(
+            **{k: v for k, v in vars(args).items() if k != "command"},
+            command="autopart " + shlex.join(words),
+            progress=progress.note if progress.enabled else None,
+        )
     print_tables(comparison)
     if args.out:
         print(f"wrote {Path(args.out) / 'report.md'} with its pictures, results.json and plans/")
@@ -493,7 +598,7 @@ def cmd_run(args: argparse.Namespace) -> int:
         raise PlanError(f"--warmup {args.warmup} must be >= 0")
     return run_plan(
         args.plan_file, args.model, config=args.config, seq_len=args.seq_len, steps=args.steps,
-        warmup=args.warmup, json_path=args.json, seed=args.seed,
+        warmup=args.warmup, json_path=args.json, seed=args.seed, force=args.force,
     )
 
 
@@ -520,27 +625,34 @@ def cmd_inspect(args: argparse.Namespace) -> int:
             table.add_row(name, ZOO[name].about if name in ZOO else "plain nn.Module stack")
         console.print(table)
         console.print("cluster presets: " + ", ".join(PRESETS))
+        console.print("local-cpu:N is N processes on this machine over gloo (what `autopart run` under torchrun uses "
+                      "here); a TOML file describes any other cluster (docs/cluster.md)")
         return 0
     loaded = load_model(args.model, seq_len=args.seq_len, dtype=args.dtype or "bf16", config=parse_config_overrides(args.config))
-    cap = capture(loaded.model, loaded.example_inputs, loaded.example_kwargs, name=loaded.name, batch_size=loaded.batch_size)
-    pg = build_partition_graph(cap, loaded.model)
+    pg = _captured(loaded, False if args.quiet else None)
+    cap = pg.captured
     console.print(
         f"[bold]{cap.name}[/bold]: {_fmt_count(cap.param_count)} params, {len(cap.nodes)} graph nodes "
         f"(traced with {cap.tracer}), {len(pg.blocks)} blocks of {len(pg.block_types())} types; "
         f"inputs {', '.join(str(tuple(s)) for s in cap.input_shapes)}; per sample of the example batch"
     )
     table = Table()
+    # Block names are what a user copies into --split-at: never cut them. The eight number columns
+    # need about 90 characters beside them, so the table is as wide as that takes.
+    longest = max((len(b.name) + len(" (layer)") for b in pg.blocks), default=5)
+    console = Console(width=max(console.width, longest + 95))
     for col in ("#", "block", "type", "params", "fwd FLOPs", "bwd FLOPs", "activations", "output", "nodes"):
-        table.add_column(col, justify="left" if col == "block" else "right")
+        table.add_column(col, justify="left" if col == "block" else "right",
+                         **(dict(min_width=longest, no_wrap=True) if col == "block" else {}))
     for b in pg.blocks:
         table.add_row(
             str(b.index), b.name + (" (layer)" if b.is_layer else ""), str(b.type_id), _fmt_count(b.param_count),
-            _fmt_count(b.forward_flops), _fmt_count(b.backward_flops), _fmt_bytes(b.activation_bytes),
-            _fmt_bytes(b.output_bytes), str(len(b.nodes)),
+            _fmt_count(b.forward_flops), _fmt_count(b.backward_flops), fmt_bytes(b.activation_bytes),
+            fmt_bytes(b.output_bytes), str(len(b.nodes)),
         )
     table.add_row(
         "", "total", "", _fmt_count(cap.param_count), _fmt_count(cap.forward_flops), _fmt_count(cap.backward_flops),
-        _fmt_bytes(sum(b.activation_bytes for b in pg.blocks)), "", str(len(cap.compute_nodes())),
+        fmt_bytes(sum(b.activation_bytes for b in pg.blocks)), "", str(len(cap.compute_nodes())),
     )
     console.print(table)
     shared = pg.shared_params()
@@ -566,16 +678,9 @@ def cmd_inspect(args: argparse.Namespace) -> int:
 
 def _check_out(path_text: str | None, force: bool, flag: str, example: str) -> Path | None:
     """Refuse an output path that would overwrite a file (without --force) or cannot be written."""
-    if path_text is None:
-        return None
-    path = Path(path_text)
-    if path.exists() and not force:
-        raise PlanError(f"{flag} {path} already exists; pass --force to overwrite it")
-    if path.is_dir():
-        raise PlanError(f"{flag} {path} is a directory; give a file path such as {path / example}")
-    if not path.parent.exists():
-        raise PlanError(f"{flag} {path}: directory {path.parent} does not exist")
-    return path
+    from .outputs import check_output_file
+
+    return check_output_file(path_text, force, flag, example)
 
 
 def cmd_profile(args: argparse.Namespace) -> int:
@@ -597,13 +702,14 @@ def cmd_profile(args: argparse.Namespace) -> int:
     is_cpu = torch.device(device).type == "cpu"
     cluster = load_cluster(args.cluster or ("local-cpu" if is_cpu else gpu_preset(name)), nodes=args.nodes,
                            devices_per_node=args.gpus_per_node)
-    dtype = args.dtype or _default_dtype(cluster)
+    dtype = args.dtype or default_dtype(cluster)
     tps = tuple(_parse_tp(args.tp)) if args.tp else ()
     loaded = load_model(args.model, seq_len=args.seq_len, dtype=dtype, config=parse_config_overrides(args.config))
-    cap = capture(loaded.model, loaded.example_inputs, loaded.example_kwargs, name=loaded.name, batch_size=loaded.batch_size)
-    pg = build_partition_graph(cap, loaded.model)
+    show = False if args.quiet else None
+    pg = _captured(loaded, show)
+    cap = pg.captured
     with ProfileCache(args.cache) as cache:
-        prof = profile_for_planning(pg, cluster, cache, _profile_options(args, dtype, tps, args.clock))
+        prof = profile_for_planning(pg, cluster, cache, _profile_options(args, dtype, tps, args.clock, show=show))
         _print_profile_stats(prof, cache)
     rows = fidelity(pg, prof.result, cluster, prof.calibration, dtype) if args.report or json_path else []
     if args.report:
@@ -614,13 +720,13 @@ def cmd_profile(args: argparse.Namespace) -> int:
         err = BlockFidelity.error
 
         def cell(pred: float, meas: float) -> str:
-            return f"{_fmt_time(pred)} ({err(pred, meas):+.0%})" if meas > 0 else _fmt_time(pred)
+            return f"{fmt_time(pred)} ({err(pred, meas):+.0%})" if meas > 0 else fmt_time(pred)
 
         for r in rows:
             (mf, mb), (af, ab), (cf, cb) = r.measured, r.analytic, r.calibrated
             table.add_row(
-                r.block + (f" (x{r.count})" if r.count > 1 else ""), f"{_fmt_time(mf)} ±{r.spread / 2:.0%}",
-                _fmt_time(mb), cell(af, mf), cell(ab, mb), cell(cf, mf), cell(cb, mb),
+                r.block + (f" (x{r.count})" if r.count > 1 else ""), f"{fmt_time(mf)} ±{r.spread / 2:.0%}",
+                fmt_time(mb), cell(af, mf), cell(ab, mb), cell(cf, mf), cell(cb, mb),
             )
         console.print(table)
         for label, pick in (("analytic", lambda r: r.analytic), ("calibrated", lambda r: r.calibrated)):

@@ -77,7 +77,11 @@ __all__ = [
     "DeviceSpec",
     "Efficiency",
     "LinkSpec",
+    "available_cpus",
+    "cpu_model",
+    "default_dtype",
     "load_cluster",
+    "tp_degrees",
 ]
 
 DTYPES = ("fp32", "tf32", "bf16", "fp16", "fp8")
@@ -404,10 +408,10 @@ class Cluster:
         ``_CPU_*`` constants); run ``autopart calibrate`` for measured figures.
         """
         world_size = _integer("world_size", world_size, unit="processes on this machine")
-        share = _available_cpus() / world_size  # logical CPUs per process; < 1 if oversubscribed
+        share = available_cpus() / world_size  # logical CPUs per process; < 1 if oversubscribed
         memory = _physical_memory_bytes() // world_size // _MiB * _MiB
         device = DeviceSpec(
-            name=_cpu_model(),
+            name=cpu_model(),
             memory_bytes=max(memory, _MiB),
             peak_flops={"fp32": _round3(share * _CPU_FP32_FLOPS_PER_CPU)},
             memory_bandwidth=_round3(share * _CPU_MEMORY_BANDWIDTH_PER_CPU),
@@ -518,11 +522,12 @@ class Cluster:
         nodes = f"{self.nodes} node{'' if self.nodes == 1 else 's'}"
         intra = self.intra_node.name or "intra-node"
         inter = self.inter_node.name or "inter-node"
+        # One node has no inter-node link to speak of (local-cpu's two links are the same loopback).
+        across = f", {inter} {_g(self.inter_node.bandwidth / 1e9)} GB/s/device" if self.nodes > 1 else ""
         return (
             f"{self.name}: {nodes} x {self.devices_per_node} {dev.name} "
             f"({_g(dev.memory_bytes / _GiB)} GiB, {_g(dev.peak_flops[dtype] / 1e12)} TFLOP/s "
-            f"{dtype}), {intra} {_g(self.intra_node.bandwidth / 1e9)} GB/s, "
-            f"{inter} {_g(self.inter_node.bandwidth / 1e9)} GB/s/device"
+            f"{dtype}), {intra} {_g(self.intra_node.bandwidth / 1e9)} GB/s{across}"
         )
 
 
@@ -805,7 +810,7 @@ _FALLBACK_MEMORY_BYTES = 8 * _GiB
 _CPU_EFFICIENCY = Efficiency(matmul=0.6, attention=0.3, elementwise=0.5, comm=0.5)
 
 
-def _available_cpus() -> int:
+def available_cpus() -> int:
     try:
         return max(1, len(os.sched_getaffinity(0)))  # respects taskset / cgroup cpusets
     except (AttributeError, OSError):
@@ -822,7 +827,7 @@ def _physical_memory_bytes() -> int:
     return pages * page_size
 
 
-def _cpu_model() -> str:
+def cpu_model() -> str:
     try:
         with open("/proc/cpuinfo", encoding="utf-8", errors="replace") as f:
             for line in f:
@@ -955,3 +960,20 @@ PRESETS: Mapping[str, Callable[[], Cluster]] = MappingProxyType(
     }
 )
 """Preset name -> factory of a one-node cluster; ``Cluster.preset(name, nodes)`` reshapes it."""
+
+
+def default_dtype(cluster: Cluster) -> str:
+    """bf16, or on a device without bf16 (a CPU) the first dtype it has: what ``plan`` and ``compare`` default to."""
+    peaks = cluster.device.peak_flops
+    return "bf16" if "bf16" in peaks else next(iter(peaks))
+
+
+def tp_degrees(cluster: Cluster, pinned: int | None) -> tuple[int, ...]:
+    """The tensor-parallel degrees the planner may choose (and ``--profile`` measures): powers of two in a node."""
+    if pinned is not None:
+        return (pinned,) if pinned > 1 else ()
+    out, tp = [], 2
+    while tp <= min(8, cluster.devices_per_node):
+        out.append(tp)
+        tp *= 2
+    return tuple(out)

@@ -10,9 +10,12 @@ pictures (``partitioner/plots.py``), the plans and the raw figures as JSON. The 
 matrix (``benchmarks/run_matrix.py``) runs many cases through the same functions.
 
 Glossary (besides the project's): a **case** is one model on one cluster under one training set-up;
-a **method** is a planner (``ilp``, ``uniform``, ``params``, ``pipedream``, ``megatron``); a **row**
-is one method's outcome in one case: a plan, or the reason there is none; a **measurement** is a
-real run of a row's plan on this machine.
+a **method** is a planner (``ilp``, ``expert``, ``uniform``, ``params``, ``pipedream``, ``megatron``);
+a **row** is one method's outcome in one case: a plan, or the reason there is none; a **measurement**
+is a real run of a row's plan on this machine. The **reference** is ``expert`` (a tuned Megatron-style
+sweep, see partitioner/baselines.py): every speedup is against it. The ILP's plan records its
+**origin** (``solver.origin``): ``ilp`` where its own solve beat every seed, else the seed's name;
+``ilp_wins`` counts the former, and only those are the solver's own improvements.
 
 [Note: why the library lives in partitioner/]
 ``autopart compare`` must work from an installed autopart, and the wheel ships only
@@ -47,7 +50,10 @@ from pathlib import Path
 from typing import Any, Callable, Iterable, Mapping, Sequence
 
 from .baselines import METHODS as BASELINES
+from .baselines import REFERENCE
+from .cluster import default_dtype, tp_degrees
 from .errors import AutopartError
+from .fmt import fmt_bytes, fmt_time
 
 __all__ = [
     "DEFAULT_METHODS",
@@ -63,9 +69,10 @@ __all__ = [
     "CaptureCache",
     "compare",
     "run_case",
-    "runtime_available",
     "spearman",
     "geomean",
+    "IlpWins",
+    "ilp_wins",
     "print_tables",
     "write_report",
     "check_out_dir",
@@ -224,7 +231,7 @@ class CaseResult:
     def row(self, method: str) -> Row | None:
         return next((r for r in self.rows if r.method == method), None)
 
-    def speedup(self, row: Row, over: str = "uniform") -> float | None:
+    def speedup(self, row: Row, over: str = REFERENCE) -> float | None:
         """How many times faster ``row``'s plan is than ``over``'s; None unless both exist and fit."""
         base = self.row(over)
         if base is None or not _fits(base) or not _fits(row):
@@ -273,6 +280,45 @@ class Comparison:
 
 def _fits(row: Row) -> bool:
     return row.plan is not None and bool(row.plan.predicted.fits)
+
+
+@dataclass(frozen=True, slots=True)
+class IlpWins:
+    """How often the ILP's own solve beat the best seed (the baselines' plans it starts from), and by how much."""
+
+    cases: int  # cases with a fitting ILP plan whose origin is recorded
+    wins: int  # of those, cases where the plan came from the ILP's own solve
+    gain_geomean: float | None  # best seed's step time / the ILP's, geometric mean over the wins
+    gain_max: float | None
+    own_speedup_geomean: float | None  # over the reference, counting a seed's plan as no gain (ratio 1 to the seed)
+
+
+def ilp_wins(cases: Sequence[CaseResult]) -> IlpWins:
+    """``IlpWins`` over ``cases``: only plans with ``solver.origin == "ilp"`` count as the solver's.
+
+    The own speedup of a case is ``reference / ILP`` where the solve won, and ``reference / best
+    seed`` capped at 1 where it did not (a seed that beats the reference is another baseline's
+    win, not the solver's).
+    """
+    n = wins = 0
+    gains, own = [], []
+    for c in cases:
+        row = c.row("ilp")
+        if row is None or not _fits(row) or row.plan.solver.origin is None:
+            continue
+        n += 1
+        ref = c.row(REFERENCE)
+        ref_s = ref.step_s if ref is not None and _fits(ref) else None
+        solver = row.plan.solver
+        if solver.origin == "ilp":
+            wins += 1
+            if solver.seed_step_s:
+                gains.append(solver.seed_step_s / row.step_s)
+            if ref_s:
+                own.append(ref_s / row.step_s)
+        elif ref_s:
+            own.append(min(1.0, ref_s / row.step_s))
+    return IlpWins(n, wins, geomean(gains), max(gains, default=None), geomean(own))
 
 
 # --------------------------------------------------------------------------------------
@@ -413,9 +459,7 @@ def run_case(
     methods = parse_methods(methods)
     started = time.perf_counter()
     cluster = _load_case_cluster(case)
-    from .cli import _default_dtype  # bf16, or a CPU's own dtype: what ``autopart plan`` defaults to
-
-    dtype = case.dtype or _default_dtype(cluster)
+    dtype = case.dtype or default_dtype(cluster)
     if dtype not in cluster.device.peak_flops:
         raise PlanError(
             f"--dtype {dtype}: {cluster.device.name} has no {dtype} peak; it has {', '.join(cluster.device.peak_flops)}"
@@ -484,11 +528,11 @@ def run_case(
 
 def _profiled_costs(pgraph, cluster, dtype: str, tp_pin: int | None, settings: ProfileSettings) -> tuple[Any, str]:
     """The measured cost model of ``autopart plan --profile``, and a line saying what it measured."""
-    from .cli import _tp_degrees  # the degrees ``plan --profile`` measures; one definition for both
     from .profile import ProfileCache, ProfileOptions, profile_for_planning
 
-    options = ProfileOptions(device=settings.device, dtype=dtype, tp_degrees=_tp_degrees(cluster, tp_pin),
-                             budget_s=settings.budget_s)
+    # No bar of its own: compare's progress line says "profiling" (one live display at a time).
+    options = ProfileOptions(device=settings.device, dtype=dtype, tp_degrees=tp_degrees(cluster, tp_pin),
+                             budget_s=settings.budget_s, progress=False)
     with ProfileCache(settings.cache) as cache:
         prof = profile_for_planning(pgraph, cluster, cache, options)
         path = cache.path
@@ -523,23 +567,6 @@ def _save_plans(case: Case, rows: Sequence[Row], workdir: Path) -> dict[str, Pat
 # --------------------------------------------------------------------------------------
 
 
-def runtime_available() -> bool:
-    """Whether this autopart has the ``run`` subcommand that ``measure`` drives."""
-    from .cli import build_parser
-
-    for action in build_parser()._subparsers._group_actions:  # noqa: SLF001  # argparse keeps them here
-        choices = getattr(action, "choices", None)
-        if choices and "run" in choices:
-            return True
-    return False
-
-
-RUNTIME_MISSING = (
-    "--measure runs plans with `autopart run` (the runtime), which this autopart does not have yet; "
-    "drop --measure, or install an autopart that has `autopart run`"
-)
-
-
 def check_measurable(cluster_spec: str, nodes: int | None = None, gpus_per_node: int | None = None) -> None:
     """Fail early (one line) if nothing in a case could be measured: no runtime, or a remote cluster."""
     from .cluster import LOCAL_CPU
@@ -550,8 +577,6 @@ def check_measurable(cluster_spec: str, nodes: int | None = None, gpus_per_node:
             f"--measure runs the plans on this machine, but --cluster {cluster_spec} is {cluster.name!r}; "
             "use --cluster local-cpu:N (N processes here), or drop --measure"
         )
-    if not runtime_available():
-        raise CompareError(RUNTIME_MISSING)
 
 
 def _measure_rows(case, cluster, captured, rows, settings, workdir, say) -> list[Row]:
@@ -819,13 +844,15 @@ def compare(
     force: bool = False,
     command: str | None = None,
     progress: Callable[[str], None] | None = None,
+    quiet: bool = False,
 ) -> Comparison:
     """Plan one case with each of ``methods``; with ``measure`` run the plans here; with ``out`` write the report.
 
     Every keyword is the ``autopart compare`` option of the same name. ``profile`` (with ``device``,
     ``cache``, ``profile_budget``) prices every method with costs measured here, as ``autopart plan
     --profile`` does. Checks everything that can be checked (methods, ``out``, the runtime for
-    ``measure``, the device for ``profile``) before the slow work starts.
+    ``measure``, the device for ``profile``) before the slow work starts. ``progress`` receives a line
+    per step (capturing, profiling, planning with a method, running a plan); ``quiet`` drops them.
     """
     started = time.perf_counter()
     methods = parse_methods(DEFAULT_METHODS if methods is None else methods)
@@ -853,7 +880,8 @@ def compare(
     )
     if out_dir is not None:
         out_dir.mkdir(exist_ok=True)
-    result = run_case(case, methods, measure=settings, profile=profiling, workdir=out_dir, progress=progress)
+    result = run_case(case, methods, measure=settings, profile=profiling, workdir=out_dir,
+                      progress=None if quiet else progress)
     comparison = Comparison(
         cases=(result,),
         command=command or _python_call(case, methods, measure, out, profiling),
@@ -897,21 +925,11 @@ def _check_plotting() -> None:
 
 COLUMNS = (
     "method", "mesh", "schedule", "micro-batches", "step time", "samples/s", "TFLOP/s/dev", "MFU", "bubble",
-    "peak mem/dev", "fits", "solver", "vs uniform",
+    "peak mem/dev", "fits", "solver", "origin", f"vs {REFERENCE}",
 )
 RIGHT = {"micro-batches", "step time", "samples/s", "TFLOP/s/dev", "MFU", "bubble", "peak mem/dev", "solver",
-         "vs uniform", "error"}
+         f"vs {REFERENCE}", "error"}
 MEASURED_COLUMNS = ("measured", "error")
-
-
-def _fmt_time(s: float | None) -> str:
-    if s is None:
-        return "—"
-    return f"{s * 1e3:.2f} ms" if s < 1 else f"{s:.3f} s"
-
-
-def _fmt_bytes(n: float) -> str:
-    return f"{n / GIB:.2f} GiB" if n >= GIB / 10 else f"{n / (1 << 20):.1f} MiB"
 
 
 def _sig(x: float) -> str:
@@ -944,14 +962,15 @@ def row_cells(case: CaseResult, row: Row, measured: bool, notes: list[str] | Non
         str(p.mesh),
         sched,
         f"{p.schedule.microbatches} x {p.schedule.micro_batch_size}",
-        _fmt_time(pred.step_time_s),
+        fmt_time(pred.step_time_s),
         _sig(pred.samples_per_s),
         _sig(pred.tflops_per_device),
         f"{pred.mfu:.1%}",
         f"{pred.bubble_fraction:.1%}",
-        _fmt_bytes(pred.peak_memory_bytes),
+        fmt_bytes(pred.peak_memory_bytes),
         "yes" if pred.fits else "NO",
         f"{p.solver.wall_s:.2f} s",
+        _origin_cell(p),
         f"{sp:.2f}x" if sp is not None else "—",
     ]
     if measured:
@@ -960,7 +979,7 @@ def row_cells(case: CaseResult, row: Row, measured: bool, notes: list[str] | Non
             cells += ["—", ""]
         elif m.status == "measured":
             err = row.error_vs_measured()
-            cells += [_fmt_time(m.median_s) + ("*" if m.reason else ""), f"{err:+.1%}"]
+            cells += [fmt_time(m.median_s) + ("*" if m.reason else ""), f"{err:+.1%}"]
             if m.reason and notes is not None and row.same_as is None:
                 notes.append(f"{row.method}: * {m.reason}")
         else:
@@ -968,12 +987,33 @@ def row_cells(case: CaseResult, row: Row, measured: bool, notes: list[str] | Non
     return cells
 
 
+def _origin_cell(plan) -> str:
+    """``ilp (1.12x seed)`` for the solver's own plan, ``seed: expert`` for a seed nothing beat."""
+    solver = plan.solver
+    if solver.origin is None:
+        return "—" if solver.method == "ilp" else solver.method
+    if solver.origin != "ilp":
+        return f"seed: {solver.origin}"
+    step = plan.predicted.step_time_s
+    return "ilp" + (f" ({solver.seed_step_s / step:.3f}x seed)" if solver.seed_step_s and step else "")
+
+
+def _wins_line(cases: Sequence[CaseResult]) -> str | None:
+    w = ilp_wins(cases)
+    if not w.cases:
+        return None
+    line = f"ILP's own solve beat the best seed in {w.wins} of {w.cases} case(s)"
+    if w.gain_geomean is not None:
+        line += f" (by {w.gain_geomean:.3f}x geomean, at most {w.gain_max:.3f}x)"
+    return line
+
+
 def print_tables(comparison: Comparison, console: Any = None) -> None:
     """The table of each case, printed with rich."""
     from rich.console import Console
     from rich.table import Table
 
-    console = console or Console(width=max(170, Console().width))
+    console = console or Console(width=max(190, Console().width))
     for case in comparison.cases:
         console.print(f"[bold]{case.case.model}[/bold] ({case.params / 1e6:,.1f}M params) on {case.cluster}")
         table = Table(show_lines=False)
@@ -990,7 +1030,11 @@ def print_tables(comparison: Comparison, console: Any = None) -> None:
             console.print(f"  {note}", highlight=False)
         console.print(f"[dim]costs: {case.costs}[/dim]", highlight=False)
         console.print(f"[dim]capture {case.capture_s:.1f} s · case {case.wall_s:.1f} s; "
-                      "vs uniform = uniform's step time / this plan's; (= m): the same plan as method m[/dim]")
+                      f"vs {REFERENCE} = {REFERENCE}'s step time / this plan's; (= m): the same plan as method m; "
+                      "origin: ilp = the solver's own plan, seed: m = baseline m's plan, which no solve beat[/dim]")
+    wins = _wins_line(comparison.cases)
+    if wins:
+        console.print(wins, highlight=False)
     if comparison.measured:
         rho = comparison.spearman()
         n = len(comparison.measured_points())
@@ -1032,10 +1076,10 @@ def _error_cells(case: CaseResult, row: Row) -> list[str]:
     name = row.method + "".join(f", {r.method}" for r in case.rows if r.same_as == row.method)
     busy = measured_busy_s(m)
     return [
-        case.case.title, name, str(row.plan.mesh), _fmt_time(row.step_s), _fmt_time(m.median_s),
-        f"{_fmt_time(min(m.step_times_s))} – {_fmt_time(max(m.step_times_s))} ({len(m.step_times_s)})",
+        case.case.title, name, str(row.plan.mesh), fmt_time(row.step_s), fmt_time(m.median_s),
+        f"{fmt_time(min(m.step_times_s))} – {fmt_time(max(m.step_times_s))} ({len(m.step_times_s)})",
         f"{row.error_vs_measured():+.1%}",
-        f"{_fmt_time(max(row.sim.busy_s))} / {_fmt_time(busy)}" if busy is not None else "—",
+        f"{fmt_time(max(row.sim.busy_s))} / {fmt_time(busy)}" if busy is not None else "—",
     ]
 
 
@@ -1047,7 +1091,7 @@ def results_json(comparison: Comparison) -> dict[str, Any]:
         if r.ok:
             d.update(
                 mesh=str(r.plan.mesh), schedule=asdict(r.plan.schedule), predicted=asdict(r.plan.predicted),
-                solver=asdict(r.plan.solver), speedup_over_uniform=case.speedup(r),
+                solver=asdict(r.plan.solver), speedup_over_expert=case.speedup(r),
                 stage_busy_s=list(r.sim.busy_s), stage_peak_memory_bytes=list(r.sim.peak_memory_bytes),
             )
         if r.measured is not None:
@@ -1063,6 +1107,7 @@ def results_json(comparison: Comparison) -> dict[str, Any]:
         "machine": dict(comparison.machine),
         "wall_s": comparison.wall_s,
         "spearman": comparison.spearman() if comparison.measured else None,
+        "ilp_wins": asdict(ilp_wins(comparison.cases)),
         "spearman_by_case": comparison.spearman_by_case() if comparison.measured else None,
         "cases": [
             {"case": asdict(c.case), "title": c.case.title, "cluster": c.cluster, "params": c.params, "costs": c.costs,
@@ -1117,10 +1162,15 @@ def write_report(
         + f". Date: {time.strftime('%Y-%m-%d')}. Wall time: {comparison.wall_s:.1f} s.",
         "",
         "Every method plans the same captured model and is priced by the same cost model and simulator. "
-        "*vs uniform* is uniform's predicted step time divided by the plan's (above 1: faster than uniform); "
-        "*(= m)* marks the same plan as method *m*; *micro-batches* is count x size per data-parallel replica.",
+        f"*vs {REFERENCE}* is {REFERENCE}'s predicted step time divided by the plan's (above 1: faster than "
+        f"{REFERENCE}, the tuned Megatron-style sweep); *(= m)* marks the same plan as method *m*; *micro-batches* "
+        "is count x size per data-parallel replica; *origin* is where the ILP's plan came from (*ilp*: its own "
+        "solve, with its gain over the best seed; *seed: m*: baseline *m*'s plan, which no solve beat).",
         "",
     ]
+    wins = _wins_line(comparison.cases)
+    if wins:
+        lines += [wins + ".", ""]
     if summary:
         lines += [summary.strip(), ""]
     if comparison.measured:

@@ -17,7 +17,7 @@ in schedules.py). The JSON schema is documented in ``docs/plan.md``.
 from __future__ import annotations
 
 import json
-from dataclasses import MISSING, asdict, dataclass, field, fields
+from dataclasses import MISSING, asdict, dataclass, field, fields, replace
 from pathlib import Path
 from typing import Any, Mapping, Sequence
 
@@ -34,12 +34,18 @@ __all__ = [
     "Stage",
     "Predicted",
     "SolverInfo",
+    "ModelSource",
     "ModelRef",
     "Training",
     "Plan",
 ]
 
-PLAN_VERSION = 2  # 2: stages[].predicted.components
+PLAN_VERSION = 3
+# Versions this autopart reads. 2 added stages[].predicted.components and named nodes by key (so a
+# version-1 plan is re-planned); 3 added model.source (how to rebuild the model, so that ``autopart
+# run --plan`` needs nothing else). A version-2 plan loads with no source: ``autopart run`` then
+# needs --model/--config/--seq-len again, and says so.
+READABLE_VERSIONS = (2, 3)
 SCHEDULE_NAMES = SCHEDULES  # the registry in schedules.py is the one list
 # Per-node tensor-sharding strategies the runtime can realize (see docs/plan.md).
 STRATEGIES = ("replicate", "column", "row", "vocab", "sharded")
@@ -213,6 +219,59 @@ class SolverInfo:
     objective: float | None = None  # the planner's objective (predicted step time, s)
     bound: float | None = None  # best proven lower bound on the objective, if any
     wall_s: float = 0.0  # planning wall time
+    # Where the plan came from: "ilp" (the stage ILP's own solve), or the name of the seed
+    # (a baseline's plan the search started from) that no solve beat. None: not recorded.
+    origin: str | None = None
+    seed_step_s: float | None = None  # the best seed's predicted step time (the ILP only), s
+
+
+@dataclass(frozen=True, slots=True)
+class ModelSource:
+    """How to rebuild the model from the command line: what ``autopart run --plan`` needs and nothing else.
+
+    The compute dtype is ``training.dtype``. A model passed from Python (``auto_parallelize``) has no
+    source; the plan then records ``null``.
+    """
+
+    spec: str  # --model: a zoo name, hf:ClassName or py:module:function
+    config: Mapping[str, Any] = field(default_factory=dict)  # --config overrides, typed (n_layer: 4)
+    seq_len: int | None = None  # the sequence length the model was built with (None: not a sequence model)
+
+    def __post_init__(self) -> None:
+        if not isinstance(self.spec, str) or not self.spec:
+            raise PlanError(f"model.source.spec must be a model name such as 'gpt2', got {self.spec!r}")
+        if not isinstance(self.config, Mapping):
+            raise PlanError(f"model.source.config must be an object of config overrides, got {self.config!r}")
+        if self.seq_len is not None:
+            _check_int("model.source.seq_len", self.seq_len)
+
+    def flags(self) -> list[str]:
+        """The command-line flags that rebuild this model: ``--model gpt2 --config n_layer=4 --seq-len 128``."""
+        out = ["--model", self.spec]
+        if self.config:
+            out += ["--config", *(f"{k}={_flag_value(v)}" for k, v in self.config.items())]
+        if self.seq_len is not None:
+            out += ["--seq-len", str(self.seq_len)]
+        return out
+
+    def differences(self, other: "ModelSource") -> list[str]:
+        """Each flag where ``other`` (what the user gave) differs from this (the plan's), with both values."""
+        out = []
+        if other.spec != self.spec:
+            out.append(f"--model {other.spec} (the plan: {self.spec})")
+        for key in sorted(set(self.config) | set(other.config)):
+            mine, theirs = self.config.get(key), other.config.get(key)
+            if mine != theirs:
+                given = f"{key}={_flag_value(theirs)}" if key in other.config else f"no {key}"
+                planned = f"{key}={_flag_value(mine)}" if key in self.config else f"no {key}"
+                out.append(f"--config {given} (the plan: {planned})")
+        if other.seq_len is not None and other.seq_len != self.seq_len:
+            out.append(f"--seq-len {other.seq_len} (the plan: {self.seq_len})")
+        return out
+
+
+def _flag_value(v: Any) -> str:
+    return "none" if v is None else str(v).lower() if isinstance(v, bool) else str(v)
 
 
 @dataclass(frozen=True, slots=True)
@@ -223,6 +282,7 @@ class ModelRef:
     params: int  # trainable parameters, tied ones once
     fingerprint: str  # see capture.model_fingerprint
     input_shapes: tuple[tuple[int, ...], ...] = ()  # shapes of the captured example inputs
+    source: ModelSource | None = None  # how to rebuild it (CLI plans); None for a model given from Python
 
 
 @dataclass(frozen=True, slots=True)
@@ -284,9 +344,23 @@ class Plan:
 
     # --- checks -----------------------------------------------------------------------
 
-    def check_matches(self, fingerprint: str, cluster: Mapping[str, Any] | None = None) -> None:
-        """Refuse this plan for a different model (or cluster) than it was made for."""
+    def check_matches(
+        self, fingerprint: str, cluster: Mapping[str, Any] | None = None, given: ModelSource | None = None
+    ) -> None:
+        """Refuse this plan for a different model (or cluster) than it was made for.
+
+        ``given``: how the caller built the model (its command-line flags); the error then names
+        the flags that differ from the plan's ``model.source``.
+        """
         if fingerprint != self.model.fingerprint:
+            src = self.model.source
+            diffs = src.differences(given) if src is not None and given is not None else []
+            if diffs:
+                raise PlanError(
+                    f"this plan was made for model {self.model.name!r} built with `{' '.join(src.flags())}`, "
+                    f"but these flags differ: {'; '.join(diffs)}; drop them (the plan rebuilds its own model) "
+                    "or re-plan with `autopart plan` for this model"
+                )
             raise PlanError(
                 f"this plan was made for model {self.model.name!r} (fingerprint {self.model.fingerprint}), "
                 f"not for this one (fingerprint {fingerprint}); re-plan with `autopart plan` for this model"
@@ -299,6 +373,30 @@ class Plan:
                     f"this plan was made for cluster {mine.get('name')!r} and differs from "
                     f"{theirs.get('name')!r} in: {', '.join(diff)}; re-plan for this cluster"
                 )
+
+    def model_source(
+        self, spec: str | None = None, config: Mapping[str, Any] | None = None, seq_len: int | None = None
+    ) -> ModelSource:
+        """The model to build for this plan: its recorded ``model.source``, with any part the caller gives
+        (``--model``, ``--config`` keys, ``--seq-len``) in place of the plan's."""
+        src = self.model.source
+        if src is None:
+            if spec is None:
+                raise PlanError(
+                    f"this plan (version {self.version}, model {self.model.name!r}) does not record how to build its "
+                    "model; pass --model (and the --config/--seq-len it was planned with), or re-plan with "
+                    "`autopart plan ... --json` to get a plan that does"
+                )
+            return ModelSource(spec, dict(config or {}), seq_len)
+        return ModelSource(
+            spec if spec is not None else src.spec,
+            {**src.config, **(config or {})},
+            seq_len if seq_len is not None else src.seq_len,
+        )
+
+    def with_source(self, source: ModelSource | None) -> "Plan":
+        """This plan, recording ``source`` as how its model is built (in the current schema version)."""
+        return replace(self, model=replace(self.model, source=source), version=PLAN_VERSION)
 
     # --- JSON ------------------------------------------------------------------------
 
@@ -342,7 +440,10 @@ class Plan:
             text = path.read_text()
         except OSError as exc:
             raise PlanError(f"cannot read plan file {str(path)!r}: {exc.strerror}") from None
-        return cls.from_json(text)
+        try:
+            return cls.from_json(text)
+        except PlanError as exc:  # name the file: `diff a.json b.json` must say which one is bad
+            raise PlanError(f"plan file {str(path)!r}: {exc}") from None
 
     @classmethod
     def from_dict(cls, data: Mapping[str, Any]) -> "Plan":
@@ -352,8 +453,11 @@ class Plan:
         if unknown:
             raise PlanError(f"plan JSON has unknown key(s) {', '.join(unknown)}; allowed: {', '.join(_TOP_KEYS)}")
         version = data.get("version")
-        if version != PLAN_VERSION or isinstance(version, bool):
-            raise PlanError(f"plan version {version!r} is not supported; this autopart reads version {PLAN_VERSION}")
+        if version not in READABLE_VERSIONS or isinstance(version, bool):
+            raise PlanError(
+                f"plan version {version!r} is not supported; this autopart reads versions "
+                f"{', '.join(map(str, READABLE_VERSIONS))}: re-plan with this autopart's `autopart plan`"
+            )
         try:
             sharding = _typed("sharding", data.get("sharding") or {}, dict)
             extra = sorted(set(sharding) - {"default", "nodes"})
@@ -374,6 +478,8 @@ class Plan:
                 )
             model = _fields(ModelRef, _required(data, "model", dict), "model")
             model["input_shapes"] = tuple(tuple(s) for s in model.get("input_shapes", ()))
+            if model.get("source") is not None:
+                model["source"] = ModelSource(**_fields(ModelSource, model["source"], "model.source"))
             pred = data.get("predicted")
             return cls(
                 version=version,

@@ -24,6 +24,7 @@ from .errors import PlanError
 from .evaluate import Evaluator, StageSpec
 from .graph import PartitionGraph, build_partition_graph
 from .plan import Mesh, Plan, Schedule, Training
+from .progress import SearchCallback
 from .sharding import megatron_sharding
 from .simulate import SimResult
 
@@ -110,6 +111,7 @@ def plan_parallelism(
     recompute: bool | None = None,
     split_at: Sequence[str] | None = None,
     time_limit_s: float = 30.0,
+    progress: SearchCallback | None = None,
     **training: Any,
 ) -> PlanResult:
     """Plan ``model`` on ``cluster``. Every keyword left as None is the planner's to choose.
@@ -119,7 +121,8 @@ def plan_parallelism(
     stages 1, 2, ... begin) makes a manual plan, or with ``method="ilp"`` pins
     those stage boundaries and lets the ILP choose the rest. Remaining keywords (``dtype``,
     ``optimizer``, ``zero1``, ``memory_reserve``, ``overlap_dp``,
-    ``cost_model``, ``name``, ``example_kwargs``) go to :func:`prepare`.
+    ``cost_model``, ``name``, ``example_kwargs``) go to :func:`prepare`. ``progress`` receives the
+    ILP search's ``SearchStatus`` after each candidate (``partitioner.progress.Progress.search`` draws it).
     """
     ev = prepare(model, example_inputs, cluster, global_batch=global_batch, **training)
     pins = Pins(
@@ -137,7 +140,7 @@ def plan_parallelism(
     if method == "ilp":
         from .solver import plan_ilp
 
-        result = plan_ilp(ev, pins, time_limit_s)
+        result = plan_ilp(ev, pins, time_limit_s, progress)
         return PlanResult(result.plan, result.sim, ev, result.report)
     if method == "manual":
         if not split_at:

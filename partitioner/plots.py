@@ -11,7 +11,7 @@ only here.
 from __future__ import annotations
 
 import math
-from typing import TYPE_CHECKING, Sequence
+from typing import Any, Sequence
 
 from matplotlib.figure import Figure
 from matplotlib.patches import Patch
@@ -19,8 +19,9 @@ from matplotlib.ticker import FuncFormatter
 
 from .schedules import spec as schedule_spec, stage_rank
 
-if TYPE_CHECKING:  # pragma: no cover
-    from .compare import CaseResult, Row
+# The figures read compare's results (``compare.CaseResult`` and its ``Row``s) by attribute; compare
+# imports this module to draw them, so the types are named here, not imported (no import cycle).
+CaseResult = Row = Any
 
 __all__ = ["timeline_figure", "stage_figure", "scatter_figure", "speedup_figure"]
 
@@ -35,7 +36,7 @@ COLORS = {
     "idle": "#ECECEC",
 }
 METHOD_COLORS = {
-    "ilp": "#2A9D8F", "uniform": "#8D99AE", "params": "#E9C46A", "pipedream": "#F4A261", "megatron": "#E76F51",
+    "ilp": "#2A9D8F", "expert": "#264653", "uniform": "#8D99AE", "params": "#E9C46A", "pipedream": "#F4A261", "megatron": "#E76F51",
 }
 RASTERIZE_OVER = 1500  # actions per panel above which the bars of an SVG are rasterized (file size)
 
@@ -48,7 +49,7 @@ def _time_unit(span: float) -> tuple[float, str]:
     return (1e3, "ms") if span < 1 else (1.0, "s")
 
 
-def _label(row: "Row", case: "CaseResult") -> str:
+def _label(row: Row, case: CaseResult) -> str:
     same = [r.method for r in case.rows if r.same_as == row.method]
     return row.method + (f" (= {', '.join(same)})" if same else "")
 
@@ -89,7 +90,7 @@ def _label_microbatches(ax, events, span: float, ranks: int) -> None:
             ax.text((start + end) / 2, r - 0.09, str(mb), ha="center", va="center", fontsize=6, color="white")
 
 
-def _draw_simulated(ax, row: "Row", unit: float) -> None:
+def _draw_simulated(ax, row: Row, unit: float) -> None:
     plan, sim = row.plan, row.sim
     ranks = sim.ranks
     sends = [st.predicted.send_s for st in plan.stages]
@@ -124,7 +125,7 @@ def _draw_simulated(ax, row: "Row", unit: float) -> None:
     ax.axvline(step, color="black", linewidth=0.8, linestyle="--")
 
 
-def _draw_measured(ax, row: "Row", unit: float) -> bool:
+def _draw_measured(ax, row: Row, unit: float) -> bool:
     """The measured last step per pipeline rank; False (and a note) if there is nothing to draw."""
     m = row.measured
     plan = row.plan
@@ -166,13 +167,13 @@ def _draw_measured(ax, row: "Row", unit: float) -> bool:
     return True
 
 
-def timeline_figure(case: "CaseResult") -> Figure:
+def timeline_figure(case: CaseResult) -> Figure:
     """One step of each distinct plan as a Gantt chart; measured ones beside, on the same time axis.
 
     Simulated and measured panels share one axis, so that a bar's length says how far the
     prediction is from the run as well as how the plans compare.
     """
-    from .compare import _fmt_time
+    from .fmt import fmt_time
 
     rows = case.unique_rows()
     measured = any(r.measured is not None for r in rows)
@@ -197,7 +198,7 @@ def timeline_figure(case: "CaseResult") -> Figure:
         sched = p.schedule.name + (f" v={p.schedule.virtual_stages}" if p.schedule.virtual_stages > 1 else "")
         ax.set_title(
             f"{_label(row, case)}: {p.mesh}, {sched}, {p.schedule.microbatches} micro-batches; "
-            f"step {_fmt_time(p.predicted.step_time_s)}, bubble {p.predicted.bubble_fraction:.0%}",
+            f"step {fmt_time(p.predicted.step_time_s)}, bubble {p.predicted.bubble_fraction:.0%}",
             fontsize=9, loc="left",
         )
         if i < len(rows) - 1:
@@ -207,7 +208,7 @@ def timeline_figure(case: "CaseResult") -> Figure:
             if _draw_measured(mx, row, m_unit):
                 m_last = mx
                 err = row.error_vs_measured()
-                mx.set_title(f"{row.method}: measured, median step {_fmt_time(row.measured.median_s)} "
+                mx.set_title(f"{row.method}: measured, median step {fmt_time(row.measured.median_s)} "
                              f"(predicted {err:+.0%})", fontsize=9, loc="left")
                 if i < len(rows) - 1:
                     mx.tick_params(labelbottom=False)
@@ -225,7 +226,7 @@ def timeline_figure(case: "CaseResult") -> Figure:
     return fig
 
 
-def stage_figure(case: "CaseResult") -> Figure:
+def stage_figure(case: CaseResult) -> Figure:
     """Per pipeline rank: compute time per step and peak memory per device, grouped by method."""
     rows = case.unique_rows()
     max_pp = max(r.sim.ranks for r in rows)
@@ -265,7 +266,7 @@ def stage_figure(case: "CaseResult") -> Figure:
     return fig
 
 
-def scatter_figure(points: Sequence[tuple["CaseResult", "Row"]], rho: float | None) -> Figure:
+def scatter_figure(points: Sequence[tuple[CaseResult, Row]], rho: float | None) -> Figure:
     """Predicted vs measured median step time, one point per measured plan, with the y = x line."""
     fig = Figure(figsize=(7, 7.5 if len({c.case.title for c, _ in points}) > 1 else 6), layout="constrained")
     ax = fig.add_subplot()
@@ -310,7 +311,7 @@ def scatter_figure(points: Sequence[tuple["CaseResult", "Row"]], rho: float | No
     return fig
 
 
-def speedup_figure(cases: Sequence["CaseResult"], baselines: Sequence[str]) -> Figure:
+def speedup_figure(cases: Sequence[CaseResult], baselines: Sequence[str]) -> Figure:
     """A table of colours: for each case (row) and baseline (column), baseline step time / ILP step time."""
     from matplotlib import colormaps
     from matplotlib.colors import LogNorm

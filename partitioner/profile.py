@@ -387,10 +387,10 @@ def device_name(device: str) -> str:
         return torch.cuda.get_device_name(dev)
     if dev.type != "cpu":
         raise ProfileError(f"--device {device}: profiling runs on cpu or cuda")
-    from .cluster import _cpu_model
+    from .cluster import cpu_model
 
     threads = torch.get_num_threads()
-    return f"{_cpu_model()} ({threads} thread{'' if threads == 1 else 's'})"
+    return f"{cpu_model()} ({threads} thread{'' if threads == 1 else 's'})"
 
 
 # --------------------------------------------------------------------------------------
@@ -961,9 +961,9 @@ def check_device(cluster: "Cluster", device: str) -> None:
 
 def cpu_threads_for(cluster: "Cluster") -> int:
     """Threads one process of a ``local-cpu`` cluster gets: this machine's CPUs shared among its ranks."""
-    from .cluster import _available_cpus
+    from .cluster import available_cpus
 
-    return max(1, _available_cpus() // max(1, cluster.devices_per_node))
+    return max(1, available_cpus() // max(1, cluster.devices_per_node))
 
 
 @dataclass(frozen=True)

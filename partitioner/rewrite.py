@@ -42,7 +42,7 @@ import torch
 import torch.fx as fx
 from torch.utils._pytree import TreeSpec
 
-from .capture import node_keys
+from .capture import disable_hf_cache, node_keys
 from .dtensor_ops import Unshardable, check_shardable, is_check_or_query, mutated_in_place, run_check
 from .errors import PlanError
 from .plan import Plan
@@ -108,11 +108,15 @@ def split_model(
     ([Note: exporting a meta model]); None leaves the graph's devices alone.
     """
     args = tuple(example_inputs)
+    disable_hf_cache(model)  # as capture does: a KV cache is not a training output
     try:
         ep = torch.export.export(model, args, strict=False)
     except Exception as exc:  # export raises many types
         first = (str(exc).strip().splitlines() or [type(exc).__name__])[0][:200]
-        raise PlanError(f"rewrite: torch.export of {type(model).__name__} failed ({first}); the runtime needs an exportable model") from None
+        fix = "the runtime needs an exportable model"
+        if "cache" in first.lower():
+            fix = "the model returns a KV cache: set use_cache=False in its config (or its forward's defaults)"
+        raise PlanError(f"rewrite: torch.export of {type(model).__name__} failed ({first}); {fix}") from None
     gm = ep.module()
     graph = gm.graph
     for node in list(graph.nodes):  # export's input guard: the runtime checks shapes itself
@@ -248,7 +252,7 @@ def _build_stage(
         name = canon.get(str(node.target), str(node.target))
         if name not in owned:
             owned.append(name)
-            _set_tensor(root, name, _lookup(model, name), model)
+            set_tensor(root, name, get_tensor(model, name), model)
         key = "attr:" + name
         if key not in env:
             env[key] = g.get_attr(name)
@@ -266,7 +270,7 @@ def _build_stage(
     return fx.GraphModule(root, g), owned
 
 
-def _lookup(model: torch.nn.Module, name: str) -> torch.Tensor:
+def get_tensor(model: torch.nn.Module, name: str) -> torch.Tensor:
     mod_name, _, leaf = name.rpartition(".")
     mod = model.get_submodule(mod_name) if mod_name else model
     t = getattr(mod, leaf)
@@ -275,7 +279,7 @@ def _lookup(model: torch.nn.Module, name: str) -> torch.Tensor:
     return t
 
 
-def _set_tensor(root: torch.nn.Module, name: str, t: torch.Tensor, model: torch.nn.Module) -> None:
+def set_tensor(root: torch.nn.Module, name: str, t: torch.Tensor, model: torch.nn.Module) -> None:
     """Register ``t`` under the dotted ``name`` (parameter, buffer, or constant as in the model)."""
     *path, leaf = name.split(".")
     mod = root

@@ -49,7 +49,7 @@ import sys
 import threading
 import time
 import uuid
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from datetime import timedelta
 from pathlib import Path
 from typing import Any, Callable, Iterable, Mapping, Sequence
@@ -65,7 +65,7 @@ from .plan import Plan
 from .precision import MasterWeightOptimizer, PrecisionPolicy, loss_inputs, make_scaler, optimizer_step
 from .schedules import rank_stages, spec as schedule_spec, stage_rank
 from .materialize import has_meta_tensors, materialize, release
-from .rewrite import SplitModel, TensorParallelModule, _lookup, _set_tensor, microbatch_inputs, split_model
+from .rewrite import SplitModel, TensorParallelModule, get_tensor, set_tensor, microbatch_inputs, split_model
 
 __all__ = ["DistributedError", "CheckpointError", "StepEvent", "ParallelModel", "RecomputedStage", "auto_parallelize", "run_plan"]
 
@@ -397,7 +397,7 @@ class ParallelModel:
         for s in self.stage_indices:
             stage_module = self.split.stages[s].module
             for name in [n for n, _ in stage_module.named_parameters()] + [n for n, _ in stage_module.named_buffers()]:
-                _set_tensor(stage_module, name, _lookup(model, name), model)
+                set_tensor(stage_module, name, get_tensor(model, name), model)
 
     def _make_schedule(self) -> Any:
         """torch's schedule object for the plan's schedule, from the registry (schedules.py).
@@ -803,7 +803,7 @@ class _Watchdog:
 
 def run_plan(
     plan_path: str | os.PathLike[str],
-    model_spec: str,
+    model_spec: str | None = None,
     *,
     config: Sequence[str] = (),
     seq_len: int | None = None,
@@ -811,25 +811,35 @@ def run_plan(
     warmup: int = 1,
     json_path: str | os.PathLike[str] | None = None,
     seed: int = 0,
+    force: bool = False,
 ) -> int:
     """``autopart run``: train ``plan_path`` on synthetic batches under torchrun; print and record step times.
 
+    The model is the one the plan records (``model.source``); ``model_spec``, ``config`` and
+    ``seq_len`` replace its parts when given (a plan without a source needs ``model_spec``).
+    ``json_path`` must not exist unless ``force`` (checked before any work, as every output path).
     The ``--json`` file (rank 0) is ``{"plan", "world_size", "step_times_s", "losses", "events"}``;
     ``events`` are every rank's ``StepEvent`` records of the last measured step (docs/runtime.md).
     """
+    from .capture import model_fingerprint
+    from .outputs import check_output_file
     from .zoo import DTYPES_TORCH, load_model, parse_config_overrides
 
     plan = Plan.load(plan_path)
-    if json_path is not None and Path(json_path).is_dir():
-        raise DistributedError(f"--json {json_path} is a directory; give a file path")
-    rank, world = _init_process_group(None)
-    shapes = plan.model.input_shapes
-    if seq_len is None and shapes and len(shapes[0]) > 1:
-        seq_len = shapes[0][1]
+    # Before any step: a run must never train for minutes and then lose its record (or overwrite one).
+    check_output_file(json_path, force, "--json", "run.json")
+    source = plan.model_source(model_spec, parse_config_overrides(config), seq_len)
+    if source.seq_len is None and plan.model.source is None:  # a version-2 plan: its inputs' shape says
+        shapes = plan.model.input_shapes
+        if shapes and len(shapes[0]) > 1:
+            source = replace(source, seq_len=shapes[0][1])
     dtype = next((k for k, v in DTYPES_TORCH.items() if k == plan.training.dtype), "fp32")
     # Built on meta: each rank materializes only its own stages' weights (seeded), see auto_parallelize.
-    loaded = load_model(model_spec, seq_len=seq_len, dtype=dtype if dtype != "tf32" else "fp32",
-                        config=parse_config_overrides(config), device="meta")
+    loaded = load_model(source.spec, seq_len=source.seq_len, dtype=dtype if dtype != "tf32" else "fp32",
+                        config=source.config, device="meta")
+    plan.check_matches(model_fingerprint(loaded.model), given=source)  # before the process group: one clear line
+    rank, world = _init_process_group(None)
+    model_spec = source.spec
     model = loaded.model.train()
     # A language model: token ids in, logits out (a ModelOutput's .logits, or the tensor itself).
     token_ids = all(not x.dtype.is_floating_point for x in loaded.example_inputs if isinstance(x, torch.Tensor))

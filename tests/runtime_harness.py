@@ -12,6 +12,8 @@ Jobs:
                size in one launch.
   checkpoint   save / load under given layouts, continue, report the parameters.
   fail         rank ``fail_rank`` raises inside its loss (or dies) mid-step.
+  hf_stock     a stock ``GPT2LMHeadModel(GPT2Config(...))``, KV cache on as it comes, through
+               ``auto_parallelize`` vs a single-process deepcopy.
 """
 
 from __future__ import annotations
@@ -280,6 +282,47 @@ def job_fail(args: dict[str, Any]) -> dict[str, Any]:
     inputs, target = batch(pm.plan.training.global_batch, 1)
     pm.step(*inputs, target=target)
     return {"finished": True}
+
+
+def job_hf_stock(args: dict[str, Any]) -> dict[str, Any]:
+    """A Hugging Face model exactly as a user builds it (``use_cache`` left on): loss, gradients and
+    parameters after one step against a single-process deepcopy."""
+    import torch
+    from transformers import GPT2Config, GPT2LMHeadModel
+
+    from partitioner import auto_parallelize
+
+    torch.manual_seed(0)
+    # Dropout off so that the reference computes the same function; everything else is GPT2Config's default.
+    model = GPT2LMHeadModel(GPT2Config(n_layer=2, n_embd=64, n_head=4, n_positions=SEQ, vocab_size=96,
+                                       resid_pdrop=0.0, embd_pdrop=0.0, attn_pdrop=0.0)).train()
+    ref = copy.deepcopy(model)
+    use_cache_before = bool(model.config.use_cache)
+
+    def loss_fn(out, y):
+        return torch.nn.functional.cross_entropy(out.logits.reshape(-1, out.logits.shape[-1]), y.reshape(-1))
+
+    g = torch.Generator().manual_seed(1)
+    ids, target = torch.randint(0, 96, (4, SEQ), generator=g), torch.randint(0, 96, (4, SEQ), generator=g)
+    opt = lambda ps: torch.optim.SGD(ps, lr=0.1)  # noqa: E731
+    pm = auto_parallelize(model, example_inputs=(ids[:1],), loss_fn=loss_fn, optimizer=opt, **args["layout"])
+    loss = pm.step(ids, target=target)
+    grads, params = pm.full_tensors("grad"), pm.full_tensors("param")
+    ref_opt = opt(ref.parameters())
+    ref_loss = loss_fn(ref(ids), target)
+    ref_loss.backward()
+    ref_grads = {n: p.grad.clone() for n, p in ref.named_parameters()}
+    ref_opt.step()
+    ref_params = dict(ref.named_parameters())
+    scale_g = max(float(g.abs().max()) for g in ref_grads.values())
+    report = dict(
+        use_cache_before=use_cache_before, loss=loss, ref_loss=float(ref_loss), names=sorted(grads),
+        grad=max(_rel(grads[n], ref_grads[n], 1e-4 * scale_g) for n in grads),
+        param=max(_rel(params[n].detach(), ref_params[n].detach(), 1e-6) for n in params),
+        stages=list(pm.stage_indices), mesh=str(pm.plan.mesh),
+    )
+    pm.close()
+    return report
 
 
 def job_wrong_world(args: dict[str, Any]) -> dict[str, Any]:

@@ -97,6 +97,7 @@ def test_calibrate_refuses_to_overwrite_before_measuring(tmp_path):
     assert out.read_text() == "mine"
 
 
+@pytest.mark.slow  # a torchrun launch
 def test_calibrate_under_torchrun_writes_a_cluster_plans_can_use(tmp_path):
     out = tmp_path / "measured.toml"
     run = subprocess.run(

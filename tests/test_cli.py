@@ -9,6 +9,7 @@ stderr that starts with ``autopart: error:`` and no traceback.
 from __future__ import annotations
 
 import json
+import os
 
 import contextlib
 import io
@@ -142,7 +143,7 @@ def test_plan_file_with_unknown_sharding_node_is_refused(written, capsys, tmp_pa
 def test_plan_file_for_another_model_is_refused(written, capsys):
     path, _ = written
     rc, _, err = run(capsys, "plan", "--model", "llama-tiny", "--cluster", "dgx-a100-80g", "--plan", str(path))
-    assert_one_line_error(rc, err, "gpt2-tiny", "fingerprint")
+    assert_one_line_error(rc, err, "gpt2-tiny", "--model llama-tiny (the plan: gpt2-tiny)")
 
 
 def test_plan_file_for_another_cluster_is_refused(written, capsys):
@@ -238,6 +239,7 @@ def test_console_script_plans_and_writes_json(tmp_path):
     )
     assert proc.returncode == 0, proc.stderr
     assert "step time" in proc.stdout and "MFU" in proc.stdout and "Traceback" not in proc.stderr
+    assert "search" not in proc.stderr and "capture" not in proc.stderr, "progress in a pipe"
     assert Plan.load(out_path).model.name == "gpt2-tiny"
 
 
@@ -278,3 +280,197 @@ def test_encoder_decoder_model_plans_with_its_decoder_inputs(capsys):
     )
     assert rc == 0, err
     assert "decoder.block" in flat(out) or "encoder.embed_tokens" in flat(out)
+
+
+# --- a plan runs on its own; outputs checked before any work ------------------------------------
+
+TINY_HF = ["--model", "hf:GPT2LMHeadModel", "--config", "n_layer=2", "n_embd=32", "n_head=4", "n_positions=16",
+           "vocab_size=96", "--seq-len", "16"]
+
+
+@pytest.fixture(scope="module")
+def hf_plan(tmp_path_factory) -> Path:
+    """A pp=2 plan for local-cpu:2 of a Hugging Face class built with --config overrides."""
+    path = tmp_path_factory.mktemp("hf") / "plan.json"
+    with contextlib.redirect_stdout(io.StringIO()):
+        rc = main(["plan", *TINY_HF, "--cluster", "local-cpu:2", "--mesh", "pp=2", "--global-batch", "4",
+                   "--method", "params", "--json", str(path)])
+    assert rc == 0
+    return path
+
+
+def test_plan_records_how_to_build_its_model(hf_plan, written):
+    src = Plan.load(hf_plan).model.source
+    assert src.spec == "hf:GPT2LMHeadModel" and src.seq_len == 16
+    assert dict(src.config) == dict(n_layer=2, n_embd=32, n_head=4, n_positions=16, vocab_size=96)
+    zoo = Plan.load(written[0]).model.source  # a zoo model records its default sequence length
+    assert zoo.spec == "gpt2-tiny" and zoo.config == {} and zoo.seq_len == Plan.load(written[0]).model.input_shapes[0][1]
+
+
+def test_plan_file_rescored_without_repeating_the_model_flags(hf_plan, capsys):
+    rc, out, err = run(capsys, "plan", "--cluster", "local-cpu:2", "--plan", str(hf_plan))
+    assert rc == 0, err
+    assert "hf:GPT2LMHeadModel" in out and "pp=2" in out
+
+
+@pytest.mark.parametrize("flags, differ", [
+    (["--config", "n_layer=3"], "--config n_layer=3 (the plan: n_layer=2)"),
+    (["--model", "hf:GPT2LMHeadModel", "--config", "vocab_size=100"], "--config vocab_size=100 (the plan: vocab_size=96)"),
+])
+def test_run_with_other_model_flags_names_the_flags_that_differ(hf_plan, capsys, flags, differ):
+    rc, out, err = run(capsys, "run", "--plan", str(hf_plan), *flags)
+    assert_one_line_error(rc, err, differ, "drop them")
+    assert out == ""
+
+
+def test_version_2_plan_still_loads_and_asks_for_its_model(hf_plan, capsys, tmp_path):
+    """Version 2 is version 3 without model.source."""
+    old = json.loads(hf_plan.read_text())
+    old["version"] = 2
+    del old["model"]["source"]
+    path = tmp_path / "v2.json"
+    path.write_text(json.dumps(old))
+    assert Plan.load(path).model.source is None
+    rc, out, err = run(capsys, "run", "--plan", str(path))
+    assert_one_line_error(rc, err, "does not record how to build its model", "--model")
+    # With the flags it was planned with, the plan is accepted: the run gets as far as the launcher check.
+    rc, out, err = run(capsys, "run", "--plan", str(path), *TINY_HF)
+    assert_one_line_error(rc, err, "torchrun")
+
+
+@pytest.mark.parametrize("argv, flag", [
+    (["plan", "--model", "gpt2-tiny", "--json", "{missing}/plan.json"], "--json"),
+    (["profile", "--model", "mlp", "--config", "width=8", "depth=2", "--json", "{missing}/p.json"], "--json"),
+    (["compare", "--model", "gpt2-tiny", "--out", "{missing}/cmp"], "--out"),
+    (["run", "--plan", "{plan}", "--json", "{missing}/run.json"], "--json"),
+    (["run", "--plan", "{plan}", "--json", "{existing}"], "--force"),
+])
+def test_every_output_path_is_checked_before_any_work(hf_plan, capsys, tmp_path, argv, flag):
+    """A missing folder or an existing file is refused up front: nothing planned, trained or written."""
+    existing = tmp_path / "kept.json"
+    existing.write_text("the user's results\n")
+    names = dict(missing=tmp_path / "no-such-dir", plan=hf_plan, existing=existing)
+    rc, out, err = run(capsys, *(a.format(**names) for a in argv))
+    assert_one_line_error(rc, err, flag)
+    assert out == "", "work started before the output path was checked"
+    assert existing.read_text() == "the user's results\n"
+    assert not (tmp_path / "no-such-dir").exists()
+
+
+def _torchrun_cli(*argv: str, cwd: Path) -> subprocess.CompletedProcess:
+    env = dict(os.environ, OMP_NUM_THREADS="1",
+               PYTHONPATH=os.pathsep.join(filter(None, [str(Path(__file__).resolve().parents[1]), os.environ.get("PYTHONPATH")])))
+    return subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "2", "-m",
+                           "partitioner.cli", *argv], capture_output=True, text=True, timeout=300, cwd=cwd, env=env)
+
+
+@pytest.mark.slow
+def test_a_plan_runs_alone_and_run_json_is_never_overwritten(hf_plan, tmp_path):
+    """``autopart run --plan plan.json`` with no model flags trains the plan's own model; a second run
+    with the same --json is refused before training, and --force replaces the record."""
+    proc = _torchrun_cli("run", "--plan", str(hf_plan), "--steps", "1", "--warmup", "0", "--json", "run.json",
+                         cwd=tmp_path)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert "step 1/1" in proc.stdout and "hf:GPT2LMHeadModel" in proc.stdout
+    first = (tmp_path / "run.json").read_text()
+    assert len(json.loads(first)["step_times_s"]) == 1
+    proc = _torchrun_cli("run", "--plan", str(hf_plan), "--steps", "1", "--warmup", "0", "--json", "run.json",
+                         cwd=tmp_path)
+    assert proc.returncode != 0 and "step 1/1" not in proc.stdout, "trained although --json exists"
+    assert "run.json already exists; pass --force" in proc.stderr
+    assert (tmp_path / "run.json").read_text() == first
+
+
+# --- explain and show a saved plan; wording --------------------------------------------------------
+
+
+def test_explain_a_saved_plan_needs_only_the_file(hf_plan, capsys):
+    rc, out, err = run(capsys, "explain", str(hf_plan))
+    assert rc == 0, err
+    text = flat(out)
+    assert "where the step time goes" in text and "bottleneck: pipeline rank" in text
+    assert "memory per device" in text and "hf:GPT2LMHeadModel" in text
+
+
+def test_show_prints_every_stage_module_and_how_to_run(hf_plan, capsys):
+    rc, out, err = run(capsys, "show", str(hf_plan))
+    assert rc == 0, err
+    text = flat(out)
+    for st in Plan.load(hf_plan).stages:
+        for module in st.modules:
+            assert module in text, module
+    assert "--model hf:GPT2LMHeadModel --config n_layer=2" in text
+    assert "torchrun --nproc-per-node 2 -m partitioner.cli run --plan" in text
+
+
+def test_local_cpu_header_names_its_link_once_and_marks_the_estimated_peak(hf_plan, capsys):
+    rc, out, err = run(capsys, "show", str(hf_plan))
+    assert rc == 0, err
+    assert flat(out).split(" method ")[0].count("gloo loopback") == 1
+    rc, out, err = run(capsys, "plan", "--cluster", "local-cpu:2", "--plan", str(hf_plan))
+    assert "(of an estimated peak)" in flat(out)
+
+
+def test_one_micro_batch_is_singular(capsys):
+    rc, out, err = run(capsys, "plan", "--model", "mlp", "--config", "width=8", "depth=2", "--cluster", "local-cpu:1",
+                       "--global-batch", "1", "--method", "uniform")
+    assert rc == 0, err
+    assert "1 micro-batch of 1" in flat(out) and "1 micro-batches" not in out
+
+
+def test_diff_names_the_bad_file(written, capsys, tmp_path):
+    path, _ = written
+    cut = tmp_path / "cut.json"
+    cut.write_text(path.read_text()[:200])
+    rc, out, err = run(capsys, "diff", str(path), str(cut))
+    assert_one_line_error(rc, err, str(cut), "not valid JSON")
+    assert str(path) not in err.replace(str(cut), "")
+
+
+# --- progress: on a terminal, on stderr; never in a pipe or with --quiet ---------------------------
+
+
+def _in_a_terminal(*argv: str) -> tuple[int, str, str]:
+    """Run autopart with stderr on a pseudo-terminal and stdout on a pipe: (rc, stdout, what the terminal got)."""
+    import pty
+
+    env = dict(os.environ, TERM="xterm-256color", COLUMNS="160",
+               PYTHONPATH=os.pathsep.join(filter(None, [str(Path(__file__).resolve().parents[1]), os.environ.get("PYTHONPATH")])))
+    master, slave = pty.openpty()
+    proc = subprocess.Popen([sys.executable, "-m", "partitioner", *argv], stdout=subprocess.PIPE, stderr=slave, env=env)
+    os.close(slave)
+    chunks = []
+    while True:
+        try:
+            data = os.read(master, 1 << 16)
+        except OSError:  # the terminal closed: the process ended
+            break
+        if not data:
+            break
+        chunks.append(data)
+    out = proc.stdout.read().decode()
+    proc.wait(timeout=300)
+    os.close(master)
+    return proc.returncode, out, b"".join(chunks).decode(errors="replace")
+
+
+@pytest.mark.slow  # two fresh interpreters
+def test_progress_is_shown_on_a_terminal_and_absent_with_quiet():
+    """In a pipe there is none either: test_console_script_plans_and_writes_json checks that."""
+    argv = ["plan", "--model", "mlp", "--config", "width=16", "depth=4", "--cluster", "local-cpu:2", "--global-batch", "4"]
+    rc, out, term = _in_a_terminal(*argv)
+    assert rc == 0 and "step time" in out
+    text = re.sub(r"\x1b\[[0-9;?]*[A-Za-z]", "", term)  # the terminal's escape codes
+    for phase in ("capture", "search"):
+        assert phase in text, text[-2000:]
+    assert re.search(r"\d+/\d+", text) and "best " in text and "bound " in text, text[-2000:]
+    assert "step time" not in text, "the plan itself goes to stdout, not the progress display"
+    rc, out, term = _in_a_terminal(*argv, "--quiet")
+    assert rc == 0 and "step time" in out and "search" not in term
+
+
+def test_inspect_never_cuts_block_names(capsys):
+    rc, out, err = run(capsys, "inspect", "--model", "llama-tiny")
+    assert rc == 0, err
+    assert "model.embed_tokens" in out and "…" not in out
+    assert "fwd FLOPs" in out  # and the number columns keep their headers on one line

@@ -23,15 +23,14 @@ from partitioner.cli import main
 from partitioner.cluster import load_cluster
 from partitioner.compare import (
     Case, CaseResult, CompareError, MeasureSettings, MeasuredEvent, Measurement, _last_step, _read_run_json,
-    _too_large, check_out_dir, compare, parse_methods, run_case, runtime_available, spearman,
+    _too_large, check_out_dir, compare, parse_methods, run_case, spearman,
 )
 from partitioner.plan import Plan
 from partitioner.planner import score_plan
 from partitioner.zoo import load_model
 
 TINY = ["--model", "gpt2-tiny", "--cluster", "dgx-a100-80g", "--global-batch", "16", "--time-limit", "2"]
-METHODS = ("ilp", "uniform", "params", "pipedream", "megatron")
-NO_RUNTIME = "needs `autopart run` (the runtime), which this autopart does not have yet"
+METHODS = ("ilp", "expert", "uniform", "params", "pipedream", "megatron")
 
 
 def run(capsys, *argv: str) -> tuple[int, str, str]:
@@ -73,11 +72,11 @@ def test_table_has_a_row_per_method_with_every_column(report):
     _, out = report
     flat = " ".join(out.split())
     for column in ("method", "mesh", "schedule", "micro-batches", "step time", "samples/s", "TFLOP/s/dev", "MFU",
-                   "bubble", "peak mem/dev", "fits", "solver", "vs uniform"):
+                   "bubble", "peak mem/dev", "fits", "solver", "origin", "vs expert"):
         assert column in flat
     for method in METHODS:
         assert re.search(rf"│ {method}\b", out), method
-    assert re.search(r"│ uniform .*│\s+1\.00x │", out)
+    assert re.search(r"│ expert .*│\s+1\.00x │", out)
 
 
 def test_written_plans_are_the_tabled_ones_and_rescore_the_same(report):
@@ -94,9 +93,14 @@ def test_written_plans_are_the_tabled_ones_and_rescore_the_same(report):
         if method in ("ilp", "megatron"):  # an independent re-pricing agrees with the table
             again = score_plan(plan, lm.model, lm.example_inputs, cluster, name=lm.name)
             assert again.plan.predicted.step_time_s == pytest.approx(plan.predicted.step_time_s)
-    uniform = rows["uniform"]["predicted"]["step_time_s"]
+    expert = rows["expert"]["predicted"]["step_time_s"]
     for row in rows.values():
-        assert row["speedup_over_uniform"] == pytest.approx(uniform / row["predicted"]["step_time_s"])
+        assert row["speedup_over_expert"] == pytest.approx(expert / row["predicted"]["step_time_s"])
+    # The ILP's plan says where it came from: its own solve, or the seed no solve beat.
+    origin = rows["ilp"]["solver"]["origin"]
+    assert origin == "ilp" or origin in METHODS
+    assert rows["ilp"]["solver"]["seed_step_s"] == pytest.approx(min(
+        r["predicted"]["step_time_s"] for m, r in rows.items() if m != "ilp"))
     # The ILP starts from the baselines' plans, so it is never slower than any of them.
     assert rows["ilp"]["predicted"]["step_time_s"] <= min(r["predicted"]["step_time_s"] for r in rows.values()) * (1 + 1e-9)
 
@@ -167,14 +171,6 @@ def test_measure_refuses_a_cluster_that_is_not_this_machine(capsys):
     assert_one_line_error(rc, err, "--measure", "local-cpu:N")
 
 
-@pytest.mark.skipif(runtime_available(), reason="checks the message shown while the runtime is missing")
-def test_measure_without_the_runtime_says_so_in_one_line(capsys, tmp_path):
-    rc, out, err = run(capsys, "compare", "--model", "gpt2-tiny", "--cluster", "local-cpu:2", "--dtype", "fp32",
-                       "--measure", "--out", str(tmp_path / "o"))
-    assert_one_line_error(rc, err, "`autopart run`", "drop --measure")
-    assert not (tmp_path / "o").exists()
-
-
 def test_profile_options_are_checked_before_any_work(capsys, tmp_path):
     rc, _, err = run(capsys, "compare", *TINY, "--cache", str(tmp_path / "p.sqlite"))
     assert_one_line_error(rc, err, "--cache", "go with --profile")
@@ -183,13 +179,13 @@ def test_profile_options_are_checked_before_any_work(capsys, tmp_path):
     assert not (tmp_path / "p.sqlite").exists()
 
 
-@pytest.mark.skipif(not runtime_available(), reason=NO_RUNTIME)
+@pytest.mark.slow  # profiles, then two torchrun launches
 def test_measure_runs_each_plan_and_reports_error_and_spearman(capsys, tmp_path):
-    # Two distinct plans (ilp: 1 x 4 micro-batches, uniform: 4 x 1), priced with measured costs.
+    # Two distinct plans (ilp: data parallel; megatron: tp=2 over the node), priced with measured costs.
     out = tmp_path / "m"
     rc, stdout, err = run(
         capsys, "compare", "--model", "gpt2-tiny", "--cluster", "local-cpu:2", "--global-batch", "8",
-        "--methods", "ilp,uniform", "--time-limit", "5", "--profile", "--cache", str(tmp_path / "p.sqlite"),
+        "--methods", "ilp,megatron", "--time-limit", "5", "--profile", "--cache", str(tmp_path / "p.sqlite"),
         "--measure", "--steps", "2", "--warmup", "1", "--out", str(out),
     )
     assert rc == 0, err
@@ -322,6 +318,7 @@ def test_matrix_file_errors_name_the_field(tmp_path):
         load_matrix(bad)
 
 
+@pytest.mark.slow  # ILP solves of several cases
 def test_matrix_runs_and_reports_the_headline(tmp_path, capsys):
     toml = tmp_path / "m.toml"
     toml.write_text(
@@ -333,7 +330,7 @@ def test_matrix_runs_and_reports_the_headline(tmp_path, capsys):
     report.parent.mkdir()
     assert matrix_main(["--matrix", str(toml), "--report", str(report)]) == 0
     md = report.read_text()
-    assert "Geometric-mean speedup of the ILP over **uniform**" in md
+    assert "Geometric-mean speedup of **ilp (own solves)** over expert" in md
     assert "Worst case against the best baseline" in md and "ILP solver time" in md
     assert "(2026-01-01-matrix/speedup.png)" in md and "(2026-01-01-matrix/gpt2-tiny_1x-timeline.png)" in md
     assert "gpt2-tiny_2x-timeline" not in md  # only the cases the TOML names get timelines
@@ -347,15 +344,21 @@ def test_matrix_runs_and_reports_the_headline(tmp_path, capsys):
 def test_headline_geomean_and_worst_case():
     from partitioner.compare import Row
 
-    class P:  # the two fields headline reads
-        def __init__(self, step):
+    class P:  # the fields headline reads
+        def __init__(self, step, origin=None, seed=None):
             self.predicted = type("Pr", (), {"step_time_s": step, "fits": True})()
-            self.solver = type("S", (), {"wall_s": 1.0})()
+            self.solver = type("S", (), {"wall_s": 1.0, "origin": origin, "seed_step_s": seed})()
 
-    def case(name, ilp, uniform):
-        rows = (Row("ilp", P(ilp)), Row("uniform", P(uniform)) if uniform else Row("uniform", error="no plan"))
+    def case(name, ilp, expert, origin):
+        rows = (Row("ilp", P(ilp, origin, expert)),
+                Row("expert", P(expert)) if expert else Row("expert", error="no plan"))
         return CaseResult(Case(label=name), "c", 1, rows, 0.0, 0.0)
 
-    h = headline([case("a", 1.0, 2.0), case("b", 1.0, 8.0), case("c", 1.0, None)], ["uniform"])
-    assert h["speedup"]["uniform"] == {"geomean": pytest.approx(4.0), "cases": 2, "without": 1}
-    assert h["worst"] == (pytest.approx(2.0), "a") and h["never_worse"] == 2 and h["compared"] == 2
+    # a: the solve beat the expert seed 2x; b: the expert seed was kept (no gain); c: no expert plan.
+    h = headline([case("a", 1.0, 2.0, "ilp"), case("b", 1.0, 1.0, "expert"), case("c", 1.0, None, "ilp")],
+                 ["expert"], frozenset({"a"}))
+    assert h["speedup"]["ilp (own solves)"]["geomean"] == pytest.approx(2 ** 0.5)
+    assert h["speedup"]["ilp (own solves), unlike-layer models"]["geomean"] == pytest.approx(2.0)
+    wins = h["vs_reference"]["all"]["wins"]
+    assert wins["wins"] == 2 and wins["cases"] == 3 and wins["gain_geomean"] == pytest.approx(2.0)
+    assert h["worst"] == (pytest.approx(1.0), "b") and h["never_worse"] == 2 and h["compared"] == 2

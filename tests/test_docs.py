@@ -1,21 +1,25 @@
-"""Docs that run: every command in the docs' fenced ``console`` and ``sh`` blocks is run, in order, per page.
+"""Docs that run: every code block of README.md and docs/*.md is run, in order, per page.
 
-A page's commands share one scratch folder, so a later command can read what an earlier one
+A page's blocks share one scratch folder, so a later command can read what an earlier one
 wrote (``--json plan.json``, then ``--plan plan.json``). A fenced block of any language whose
-first line is ``# file: NAME`` is written to that folder first, when the page reaches it.
+first line is ``# file: NAME`` is written to that folder before anything on the page runs.
 
+- ``python`` blocks run as a script of their own (a fresh interpreter, this checkout first on
+  the path) and must exit 0. A block that is a sketch rather than a program (an interface
+  outline) says so on its first line, ``# not run: <why>``; the test reports them.
 - ``$ autopart ...`` runs ``partitioner.cli.main`` in-process (the console script may point at
   another checkout; in-process is also seconds faster per command) and must exit 0.
 - ``$ python ...`` and ``$ torchrun ...`` run as subprocesses with this checkout first on the
   path (``torchrun`` as ``python -m torch.distributed.run``) and must exit 0.
 - ``$ pip ...`` is not run: installing is CI's job, not a test's.
-- Commands that need the runtime (``autopart run``, also under ``torchrun``, and
-  ``compare --measure``) are skipped, with the reason, only while this autopart has no ``run``
-  command.
+- README.md's ``sh`` blocks show autopart at full size (GPT-3 175B on 64 nodes, the whole test
+  suite): there every ``autopart`` command (also under torchrun) is parsed by the real argument
+  parser, not run; docs/guide.md runs the same commands at small sizes.
 
 Anything else in a console block fails the test, so that a new kind of command gets a runner
 here instead of going untested. In ``console`` blocks the commands are the ``$ `` lines (the rest
-is output); in ``sh`` blocks every line that is not a comment is a command.
+is output); in ``sh`` blocks every line that is not a comment is a command. Pages that launch
+processes (torchrun) are marked slow.
 """
 
 from __future__ import annotations
@@ -33,12 +37,12 @@ import pytest
 import transformers  # noqa: F401  # imported before any output capture, as in test_cli.py
 
 from partitioner.cli import main
-from partitioner.compare import runtime_available
 
 ROOT = Path(__file__).resolve().parent.parent
-DOCS = sorted((ROOT / "docs").glob("*.md"))
+README = ROOT / "README.md"
+DOCS = [README, *sorted((ROOT / "docs").glob("*.md"))]
+NOT_RUN = "# not run: "
 FENCE = re.compile(r"^```(\w*)\s*$")
-NEEDS_RUNTIME = "needs `autopart run` (the runtime), which this autopart does not have yet"
 
 
 def steps(page: Path) -> list[tuple[str, int, str, str]]:
@@ -58,6 +62,8 @@ def steps(page: Path) -> list[tuple[str, int, str, str]]:
         body = lines[start:j]
         if body and body[0].startswith("# file: "):
             out.append(("file", start + 1, "\n".join(body) + "\n", body[0][len("# file: "):].strip()))
+        elif lang == "python":
+            out.append(("python", start + 1, "\n".join(body) + "\n", lang))
         elif lang == "sh":  # every line that is not a comment is a command
             for k, text in enumerate(body, start + 1):
                 if text.strip() and not text.lstrip().startswith("#"):
@@ -77,18 +83,42 @@ def steps(page: Path) -> list[tuple[str, int, str, str]]:
     return out
 
 
-def pages_with_commands() -> list[Path]:
-    return [p for p in DOCS if any(kind == "command" for kind, *_ in steps(p))]
+def pages_with_code() -> list:
+    """Every page with a command or a Python block; those that launch processes are marked slow."""
+    out = []
+    for p in DOCS:
+        found = steps(p)
+        if not any(kind in ("command", "python") for kind, *_ in found):
+            continue
+        launches = any(kind == "command" and t.split()[0] == "torchrun" for kind, _, t, lang in found
+                       if not (p == README and lang == "sh"))
+        out.append(pytest.param(p, marks=pytest.mark.slow) if launches else p)
+    return out
 
 
-def needs_runtime(argv: list[str]) -> bool:
-    """``autopart run`` (directly or under torchrun) and ``compare --measure``; torchrun of other
-    subcommands (``calibrate``) runs today."""
-    if "--measure" in argv:
-        return True
-    if argv[0] == "autopart":
-        return len(argv) > 1 and argv[1] == "run"
-    return argv[0] == "torchrun" and "run" in argv
+def parse_only(argv: list[str], where: str) -> None:
+    """README's full-size commands: each ``autopart`` command line must parse (``&&`` chains split)."""
+    from partitioner.cli import build_parser
+
+    words = list(argv)
+    while words:
+        cut = words.index("&&") if "&&" in words else len(words)
+        part, words = words[:cut], words[cut + 1:]
+        if part[0] == "torchrun" and "partitioner.cli" in part:
+            part = ["autopart", *part[part.index("partitioner.cli") + 1:]]
+        if part[0] == "autopart":
+            try:
+                build_parser().parse_args(part[1:])
+            except SystemExit as exc:
+                raise AssertionError(f"{where}: `{shlex.join(part)}` does not parse (exit {exc.code})") from None
+        elif part[0] not in ("pip", "python"):
+            raise AssertionError(f"{where}: the docs test does not know {part[0]!r}; add a runner in tests/test_docs.py")
+
+
+def run_python(code: str, cwd: Path, where: str) -> None:
+    env = dict(os.environ, PYTHONPATH=os.pathsep.join(filter(None, [str(ROOT), os.environ.get("PYTHONPATH")])))
+    proc = subprocess.run([sys.executable, "-c", code], cwd=cwd, env=env, capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, f"{where}: the Python block exited {proc.returncode}:\n{proc.stderr[-3000:]}"
 
 
 def run_command(argv: list[str], cwd: Path, where: str) -> None:
@@ -109,24 +139,32 @@ def run_command(argv: list[str], cwd: Path, where: str) -> None:
     assert proc.returncode == 0, f"{where}: `{shlex.join(argv)}` exited {proc.returncode}:\n{proc.stderr[-3000:]}"
 
 
-@pytest.mark.parametrize("page", pages_with_commands(), ids=lambda p: p.name)
-def test_every_command_in_the_docs_runs(page: Path, tmp_path, monkeypatch):
+@pytest.mark.parametrize("page", pages_with_code(), ids=lambda p: p.name)
+def test_every_code_block_in_the_docs_runs(page: Path, tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)
-    skipped = []
-    for kind, line, text, extra in steps(page):
-        where = f"{page.relative_to(ROOT)}:{line}"
+    sketches = []
+    found = steps(page)
+    for kind, line, text, extra in found:  # files first: a page may show a file after the code that reads it
         if kind == "file":
             (tmp_path / extra).write_text(text)
+    for kind, line, text, extra in found:
+        where = f"{page.relative_to(ROOT)}:{line}"
+        if kind == "file":
+            continue
+        if kind == "python":
+            if text.startswith(NOT_RUN):
+                assert text.splitlines()[0][len(NOT_RUN):].strip(), f"{where}: say why the block is not run"
+                sketches.append(where)
+                continue
+            run_python(text, tmp_path, where)
             continue
         argv = shlex.split(text)
+        if page == README and extra == "sh":
+            parse_only(argv, where)
+            continue
         if argv[0] == "pip":
             continue
-        if needs_runtime(argv) and not runtime_available():
-            skipped.append(f"{where} `{text}`")
-            continue
         run_command(argv, tmp_path, where)
-    if skipped:
-        pytest.skip(f"{NEEDS_RUNTIME}; every other command ran; not run: " + "; ".join(skipped))
 
 
 def test_the_guide_covers_the_topics_and_has_commands():

@@ -119,7 +119,7 @@ def _edit(plan: Plan, fn) -> str:
     "edit, words",
     [
         (lambda d: d.pop("mesh"), ["missing", "'mesh'"]),
-        (lambda d: d["schedule"].pop("microbatches"), ["schedule", "microbatches"]),
+        (lambda d: d["schedule"].pop("micro_batch_size"), ["schedule", "micro_batch_size"]),
         (lambda d: d["stages"][0].pop("modules"), ["stages[0]", "modules"]),
         (lambda d: d.update(extra=1), ["unknown", "extra"]),
         (lambda d: d["mesh"].update(ep=2), ["mesh", "unknown", "ep"]),

@@ -323,6 +323,7 @@ def test_mesh_is_untouched_by_profiling(gpt2, cache):
     assert result.plan.mesh == Mesh(1, 2, 1)
 
 
+@pytest.mark.slow  # a subprocess that profiles and runs
 def test_the_gpu_check_script_runs_end_to_end_in_smoke_mode(tmp_path):
     """The GPU check runs once per lent GPU; a broken script would waste that. --smoke runs it on CPU."""
     out = tmp_path / "gc.json"

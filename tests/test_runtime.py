@@ -20,6 +20,9 @@ from partitioner.runtime import RecomputedStage
 sys.path.insert(0, str(Path(__file__).parent))
 from runtime_harness import MODELS, launch  # noqa: E402
 
+# Every test here launches several processes (5-15 s each on 2 cores): `pytest -m "not slow"` skips them.
+pytestmark = pytest.mark.slow
+
 TOL = 1e-5
 ALL = list(MODELS)
 

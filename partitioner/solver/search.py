@@ -57,10 +57,11 @@ from typing import Mapping
 
 from cost_models import static_bytes
 
-from ..baselines import Pins, linear_partition
+from ..baselines import Pins, inflight_horizon, linear_partition, with_zero1
 from ..errors import AutopartError, InfeasibleError, PlanError
 from ..evaluate import Evaluator, StageSpec
 from ..plan import Mesh, Plan, Schedule
+from ..progress import SearchCallback, SearchStatus
 from ..sharding import sharded_params
 from ..schedules import REGISTRY as SCHEDULE_REGISTRY, check_schedule
 from ..simulate import SimResult
@@ -69,8 +70,16 @@ from .sharding_ilp import FAST_WEIGHT, LEAN_WEIGHT, solve_block_sharding
 
 __all__ = ["Candidate", "Attempt", "SearchReport", "IlpResult", "plan_ilp"]
 
-_MICRO_BATCH_SIZES = (1, 2, 4, 8, 16, 32)
-_VIRTUAL = (2, 4)
+# Micro-batch sizes tried: the divisors of the per-replica batch up to 8, and powers of two up to 32.
+_MICRO_BATCH_SIZES = (1, 2, 3, 4, 5, 6, 7, 8, 16, 32)
+# [Note: deterministic budget]
+# The search is sized by deterministic work only, never by a clock, so that the same inputs give
+# the same plan on a busy and a quiet machine: CP-SAT's deterministic time (one worker, its fixed
+# seed) per solve, a total over all solves, and a cap on the solves. ``time_limit_s`` is turned into
+# the total at DET_PER_SECOND deterministic seconds per second (here a solve takes 3-4 wall seconds
+# per deterministic second, model building and hint completion included).
+DET_PER_SECOND = 0.25
+MAX_SOLVES = 400
 
 
 @dataclass(frozen=True, slots=True)
@@ -90,6 +99,7 @@ class Candidate:
     # with a pinned one, only that one is kept
     retime: tuple[str, ...] = ()
     pinned_retime: bool = False
+    zero1: bool = False  # optimizer state sharded over dp
 
     @property
     def mesh(self) -> Mesh:
@@ -99,7 +109,7 @@ class Candidate:
         v = f" v={self.virtual_stages}" if self.virtual_stages > 1 else ""
         return (
             f"{self.mesh} {self.schedule}{v} mbs={self.micro_batch_size} x{self.microbatches}"
-            + (" lean" if self.lean else "")
+            + (" lean" if self.lean else "") + (" zero1" if self.zero1 else "")
         )
 
 
@@ -128,6 +138,10 @@ class SearchReport:
     gap: float = 0.0
     status: str = "UNKNOWN"
     wall_s: float = 0.0
+    deterministic_s: float = 0.0  # CP-SAT deterministic time granted over all solves (see [Note: deterministic budget])
+    origin: str = "ilp"  # "ilp", or the seed no solve beat
+    seed_method: str | None = None  # the best seed
+    seed_step_s: float | None = None  # its predicted step time
     sharding_solves: int = 0
     memory_need_bytes: float = math.inf  # smallest per-device static memory lower bound seen
     pruned: list[Candidate] = field(default_factory=list)  # candidates dropped by their lower bound
@@ -152,7 +166,7 @@ class IlpResult:
 
 @dataclass(frozen=True, slots=True)
 class BlockTable:
-    """The stage ILP's inputs for one (tp, dp, micro-batch size, lean) set-up."""
+    """The stage ILP's inputs for one (tp, dp, micro-batch size, lean, ZeRO-1) set-up."""
 
     blocks: tuple[BlockData, ...]  # per block, its unshared parameters only
     shared: tuple[SharedParam, ...]  # tied parameters, held once per stage that reads them
@@ -160,8 +174,9 @@ class BlockTable:
 
 
 class _Search:
-    def __init__(self, ev: Evaluator, pins: Pins, time_limit_s: float) -> None:
+    def __init__(self, ev: Evaluator, pins: Pins, time_limit_s: float, progress: SearchCallback | None = None) -> None:
         self.ev = ev
+        self.progress = progress
         self.pins = pins
         self.time_limit_s = time_limit_s
         self.started = time.perf_counter()
@@ -171,8 +186,15 @@ class _Search:
         self.limit = ev.cluster.device.memory_bytes * (1 - ev.training.memory_reserve)
         self.report = SearchReport()
         self._sharding: dict[tuple[int, int, bool], dict[str, str]] = {}
-        self._blocks: dict[tuple[int, int, int, bool], BlockTable] = {}
+        self._blocks: dict[tuple[int, int, int, bool, bool], BlockTable] = {}
+        # ZeRO-1 is searched where the user did not ask for it (it only changes memory); one
+        # evaluator per setting, so each plan records the training set-up it was priced under.
+        self.zero1s = (True,) if ev.training.zero1 else (False, True)
+        self.evs = {z: with_zero1(ev, z) for z in self.zero1s}
         self.types = self.pg.block_types()
+        self.shared = self.pg.shared_params()
+        self._inflight: dict[tuple, tuple] = {}  # schedule shape -> in-flight patterns
+        self._costs: dict[tuple, list] = {}  # (tp, mbs, lean) -> per-block BlockCost (dp and ZeRO-1 change only memory)
 
     # --- block costs per (tp, mbs, lean) --------------------------------------------------
 
@@ -197,23 +219,24 @@ class _Search:
             self._sharding[key] = out
         return self._sharding[key]
 
-    def block_data(self, tp: int, dp: int, mbs: int, lean: bool) -> BlockTable:
+    def block_data(self, tp: int, dp: int, mbs: int, lean: bool, zero1: bool = False) -> BlockTable:
         """Per-block figures for the stage ILP, shared tied parameters, and the total static bytes."""
-        key = (tp, dp, mbs, lean)
+        key = (tp, dp, mbs, lean, zero1)
         if key in self._blocks:
             return self._blocks[key]
-        ev, cap = self.ev, self.ev.captured
+        ev, cap = self.evs.get(zero1, self.ev), self.ev.captured
         sharding = self.sharding(tp, mbs, lean)
         split = sharded_params(cap, sharding) if tp > 1 else set()
-        shared = self.pg.shared_params()
+        shared = self.shared
 
         def resident(names) -> tuple[float, float]:
             st, grad = ev.resident_bytes(names, tp, dp, split)
             return float(st), float(grad)
 
+        if (tp, mbs, lean) not in self._costs:
+            self._costs[(tp, mbs, lean)] = [self.ev.block_cost(b, mbs, tp, sharding) for b in self.pg.blocks]
         blocks = []
-        for b in self.pg.blocks:
-            cost = ev.block_cost(b, mbs, tp, sharding)
+        for b, cost in zip(self.pg.blocks, self._costs[(tp, mbs, lean)]):
             st, grad = resident([p for p in b.params if p not in shared])
             blocks.append(
                 BlockData(
@@ -270,8 +293,9 @@ class _Search:
                     m = per_replica // mbs
                     for sched, v, retime in self._schedules(pp, m):
                         for lean in ([False, True] if tp > 1 else [False]):
-                            out.append(Candidate(tp, pp, dp, mbs, m, sched, v, lean, 0.0, retime,
-                                                 pins.schedule in retime))
+                            for z in (self.zero1s if dp > 1 else self.zero1s[:1]):  # ZeRO-1 needs dp
+                                out.append(Candidate(tp, pp, dp, mbs, m, sched, v, lean, 0.0, retime,
+                                                     pins.schedule in retime, z))
         return out
 
     def _schedules(self, pp: int, m: int) -> list[tuple[str, int, tuple[str, ...]]]:
@@ -289,7 +313,15 @@ class _Search:
         out = []
         for name in names:
             if name == "interleaved":
-                vs = [pins.virtual_stages] if pins.virtual_stages else ([2] if pinned in ("zbv", "dualpipev") else list(_VIRTUAL))
+                # As the expert's grid: chunk counts that divide the layers (Megatron's interleaving);
+                # the V-shaped schedules run two stages per rank.
+                layers = sum(b.is_layer for b in self.pg.blocks) or n
+                if pins.virtual_stages:
+                    vs = [pins.virtual_stages]
+                elif pinned in ("zbv", "dualpipev"):
+                    vs = [2]
+                else:
+                    vs = [v for v in range(2, layers + 1) if layers % v == 0]
                 vs = [v for v in vs if pp > 1 and pp * v <= n and m % pp == 0 and v > 1]
                 if not pinned:
                     vs = [v for v in vs if 2 * m * pp * v <= EVENTS_MAX]
@@ -328,7 +360,7 @@ class _Search:
         ``S/pp + n0 (A (1 - phi) + I phi) / K <= limit``. It is a good guess, not
         a bound, so it only orders the search.
         """
-        table = self.block_data(c.tp, c.dp, c.micro_batch_size, c.lean)
+        table = self.block_data(c.tp, c.dp, c.micro_batch_size, c.lean, c.zero1)
         blocks = table.blocks
         need = table.total_static_bytes / c.pp
         biggest = max(b.static_bytes for b in blocks)
@@ -340,7 +372,10 @@ class _Search:
         avg = work / c.pp
         lower = c.microbatches * avg + (work - avg) / c.virtual_stages
         K = c.pp * c.virtual_stages
-        n0 = max(sum(p) for p in schedule_inflight(c.schedule, c.pp, c.microbatches, c.virtual_stages)[0])
+        shape = (c.schedule, c.pp, inflight_horizon(c.schedule, c.pp, c.microbatches, c.virtual_stages), c.virtual_stages)
+        if shape not in self._inflight:  # the same vectors as the full order's (see inflight_horizon)
+            self._inflight[shape] = schedule_inflight(*shape)
+        n0 = max(sum(p) for p in self._inflight[shape][0])
         act = sum(b.saved_bytes for b in blocks) / K
         kept = sum(b.input_bytes for b in blocks) / K
         room = self.limit - need
@@ -361,7 +396,7 @@ class _Search:
 
     def problem(self, c: Candidate, budget_s: float) -> tuple[StageProblem, dict[str, str]]:
         ev = self.ev
-        table = self.block_data(c.tp, c.dp, c.micro_batch_size, c.lean)
+        table = self.block_data(c.tp, c.dp, c.micro_batch_size, c.lean, c.zero1)
         blocks = table.blocks
         sharding = self.sharding(c.tp, c.micro_batch_size, c.lean)
         mesh = c.mesh
@@ -389,7 +424,9 @@ class _Search:
             pp=c.pp,
             virtual_stages=c.virtual_stages,
             microbatches=c.microbatches,
-            inflight=schedule_inflight(c.schedule, c.pp, c.microbatches, c.virtual_stages),
+            inflight=schedule_inflight(
+                c.schedule, c.pp, inflight_horizon(c.schedule, c.pp, c.microbatches, c.virtual_stages), c.virtual_stages
+            ),
             memory_limit=self.limit,
             send_alpha=tuple(alphas),
             send_beta=tuple(betas),
@@ -447,7 +484,7 @@ class _Search:
         best: tuple[Plan, SimResult] | None = None
         own_s = math.inf
         for name in names:
-            plan, sim = self.ev.make_plan(
+            plan, sim = self.evs[c.zero1].make_plan(
                 specs,
                 c.mesh,
                 Schedule(name, c.microbatches, c.micro_batch_size, c.virtual_stages),
@@ -497,7 +534,7 @@ class _Search:
         specs = [StageSpec(tuple(self.pg.block_index(m) for m in st.modules), st.recompute) for st in plan.stages]
         out = []
         for name in self._retimes(plan.mesh.pp, sched.microbatches, sched.virtual_stages):
-            out.append(self.ev.make_plan(
+            out.append(self.evs.get(plan.training.zero1, self.ev).make_plan(
                 specs, plan.mesh, replace(sched, name=name), sharding=plan.sharding, method=plan.solver.method,
                 started=self.started,
             ))
@@ -513,6 +550,9 @@ class _Search:
                 continue
             if plan.predicted.fits and (best is None or plan.predicted.step_time_s < best[0].predicted.step_time_s):
                 best, best_ilp = (plan, sim), plan.predicted.step_time_s
+        if best is not None:  # provenance: until a solve beats it, the plan is this seed's
+            rep.origin = rep.seed_method = best[0].solver.method
+            rep.seed_step_s = best[0].predicted.step_time_s
         cands = self.candidates()
         rep.candidates = len(cands)
         if not cands and best is None:
@@ -532,20 +572,39 @@ class _Search:
             bounded.append((b[1], replace(c, lower_bound_s=b[0])))
         bounded.sort(key=lambda kc: (kc[0], kc[1].describe()))
         open_bounds: list[float] = []
+        det_total = self.time_limit_s * DET_PER_SECOND  # see [Note: deterministic budget]
+        solves = 0
+        # For progress: the least lower bound among the candidates from idx on (the global bound is
+        # the least of it, the open bounds and the incumbent).
+        rest = [math.inf] * (len(bounded) + 1)
+        for i in range(len(bounded) - 1, -1, -1):
+            rest[i] = min(rest[i + 1], bounded[i][1].lower_bound_s)
+
+        def report(done: int) -> None:
+            if self.progress is None:
+                return
+            found = best[0].predicted.step_time_s if best else None
+            bound = min([rest[done], *open_bounds, *([found] if found is not None else [])])
+            self.progress(SearchStatus(rep.pruned_memory + done, len(cands), found,
+                                       bound if math.isfinite(bound) else None))
+
+        report(0)
         for idx, (_, c) in enumerate(bounded):
+            if idx:
+                report(idx)
             incumbent = best[0].predicted.step_time_s if best else math.inf
             if c.lower_bound_s >= incumbent:
                 rep.pruned_bound += 1
                 rep.pruned.append(c)
                 continue
-            left = self.time_limit_s - (time.perf_counter() - self.started)
-            if left <= min(2.0, self.time_limit_s / 10):  # keep a margin for evaluating the last solution
+            left = det_total - rep.deterministic_s
+            if left <= min(0.5, det_total / 10) or solves >= MAX_SOLVES:
                 open_bounds += [x.lower_bound_s for _, x in bounded[idx:] if x.lower_bound_s < incumbent]
                 break
-            # A solve (model build, hint completion, search) takes about 3-4 wall seconds per
-            # deterministic second of budget here; keep every solve well inside what is left.
-            problem, sharding = self.problem(c, max(0.02, min(0.6, left / 6)))
-            problem = replace(problem, wall_cap_s=max(0.1, left - 2.0))  # never past the time limit
+            budget = max(0.02, min(0.6, left / 6))
+            problem, sharding = self.problem(c, budget)
+            rep.deterministic_s += budget * 1.25  # the search and the hint's completion (a quarter more)
+            solves += 1
             sol = solve_stages(problem)
             if not sol.stage_of:
                 rep.attempts.append(Attempt(c, sol, None, math.inf))
@@ -563,7 +622,9 @@ class _Search:
             if plan.predicted.fits and plan.predicted.step_time_s < incumbent:
                 best = (plan, sim)
                 best_ilp = sol.objective_s
+                rep.origin = "ilp"
         rep.wall_s = time.perf_counter() - self.started
+        report(len(bounded))
         if best is None:
             raise self.infeasible()
         plan, sim = best
@@ -576,7 +637,8 @@ class _Search:
         plan = replace(
             plan,
             solver=replace(
-                plan.solver, method="ilp", status=rep.status, objective=best_ilp, bound=rep.bound_s, wall_s=rep.wall_s
+                plan.solver, method="ilp", status=rep.status, objective=best_ilp, bound=rep.bound_s, wall_s=rep.wall_s,
+                origin=rep.origin, seed_step_s=rep.seed_step_s,
             ),
         )
         return IlpResult(plan, sim, rep)
@@ -585,20 +647,26 @@ class _Search:
         rep = self.report
         limit = self.limit
         need = rep.memory_need_bytes if math.isfinite(rep.memory_need_bytes) else limit
-        if rep.attempts and need <= limit:
+        activations = bool(rep.attempts and need <= limit)
+        if activations:
             detail = (
                 f"every mesh that could hold the weights ran out of memory for activations "
                 f"({len(rep.attempts)} solved, all infeasible)"
             )
         else:
             detail = f"the weights, gradients and optimizer state alone need at least {_fmt_bytes(need)} per device"
-        per_node = self.ev.cluster.devices_per_node
+        cluster = self.ev.cluster
+        per_node = cluster.devices_per_node
         ratio = max(need, limit) / limit
         devices = int(math.ceil(self.world * ratio / per_node)) * per_node
+        # local-cpu is one machine: more processes, not more nodes. A smaller batch only helps activations.
+        more = (f"--cluster local-cpu:{devices}" if cluster.name == "local-cpu"
+                else f"--nodes {max(1, devices // per_node)}")
         return InfeasibleError(
-            f"no plan fits in {self.ev.cluster.device.name} memory ({_fmt_bytes(limit)} usable): {detail}; "
-            f"try at least {devices} devices (--nodes {max(1, devices // per_node)}), devices with "
-            f"{_fmt_bytes(need / (1 - self.ev.training.memory_reserve))}, --zero1, or a smaller --global-batch"
+            f"no plan fits in {cluster.device.name} memory ({_fmt_bytes(limit)} usable): {detail}; "
+            f"try at least {devices} devices ({more}), devices with "
+            f"{_fmt_bytes(need / (1 - self.ev.training.memory_reserve))}, "
+            + ("--zero1, --recompute, or a smaller --global-batch" if activations else "or --zero1")
         )
 
 
@@ -607,9 +675,13 @@ def _fmt_bytes(n: float) -> str:
     return f"{n / (1 << 30):.1f} GiB" if n >= 1 << 30 else f"{n / (1 << 20):.2f} MiB"
 
 
-def plan_ilp(ev: Evaluator, pins: Pins = Pins(), time_limit_s: float = 30.0) -> IlpResult:
-    """The ILP planner: the plan with the lowest predicted step time that fits (see module docstring)."""
-    return _Search(ev, pins, time_limit_s).run()
+def plan_ilp(
+    ev: Evaluator, pins: Pins = Pins(), time_limit_s: float = 30.0, progress: SearchCallback | None = None
+) -> IlpResult:
+    """The ILP planner: the plan with the lowest predicted step time that fits (see module docstring).
+
+    ``progress`` is called with a ``SearchStatus`` after each candidate (partitioner/progress.py)."""
+    return _Search(ev, pins, time_limit_s, progress).run()
 
 
 def _runs(schedule: str, pp: int, microbatches: int, virtual_stages: int) -> bool:
