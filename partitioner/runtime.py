@@ -254,10 +254,9 @@ class RecomputedStage(torch.nn.Module):
     forward in backward (``recompute_s``) and holding, per micro-batch in
     flight, its inputs instead of every saved activation. This wrapper
     realizes that with ``torch.utils.checkpoint`` in its non-reentrant form,
-    which works under DDP, DTensor and the split-backward schedules (torch's
-    ``stage_backward_input`` and ``stage_backward_weight`` walk the same
-    autograd graph; each of them replays the forward when it needs its saved
-    tensors). The replay covers the whole stage in one piece: the plan has one
+    which works under DDP and DTensor. The split-backward schedules are
+    refused with it (``ParallelModel``): torch's ``stage_backward_input``
+    failed through the checkpoint in tests. The replay covers the whole stage in one piece: the plan has one
     ``recompute`` flag per stage, and its memory model (one block's saved
     tensors as the transient) is a lower bound of the replay's peak, which
     holds the whole stage's saved tensors of one micro-batch during its
@@ -312,6 +311,11 @@ class ParallelModel:
         self.tp_index = self.rank % mesh.tp
         n_stages = len(plan.stages)
         self._split_backward = schedule_spec(plan.schedule.name).splits_backward
+        if self._split_backward and any(st.recompute for st in plan.stages):
+            raise PlanError(
+                f"plan: schedule {plan.schedule.name!r} splits the backward, which torch's stage_backward_input "
+                "cannot run through a recomputed stage yet; re-plan with --recompute off or another schedule"
+            )
         layout = schedule_spec(plan.schedule.name).layout
         self.stage_indices = rank_stages(self.pp_index, mesh.pp, plan.schedule.virtual_stages, layout)
         self.model_name = plan.model.name

@@ -43,11 +43,10 @@ LAYOUTS = {
     "pp2-dualpipev": (2, dict(pp=2, tp=1, dp=1, schedule="dualpipev", virtual_stages=2, microbatches=4,
                               global_batch=4)),
     "pp2xdp2-zb": (4, dict(pp=2, tp=1, dp=2, schedule="zb", microbatches=2, global_batch=4)),
-    # Recomputation (every stage replays its forward in backward): under DDP, and with the backward split.
-    "pp2xdp2-recompute": (4, dict(pp=2, tp=1, dp=2, microbatches=2, global_batch=4, recompute=True)),
-    "pp2-zb-recompute": (2, dict(pp=2, tp=1, dp=1, schedule="zb", microbatches=2, global_batch=4, recompute=True)),
+    # Recomputation (every stage replays its forward in backward) under DDP.
+    "pp2xdp2-recompute": (4, dict(pp=2, tp=1, dp=2, schedule="1f1b", microbatches=2, global_batch=4, recompute=True)),
 }
-SPLIT_BACKWARD = {"pp2-zb", "pp2-zbv", "pp2-dualpipev", "pp2xdp2-zb", "pp2-zb-recompute"}  # slow: they lengthen two shared launches
+SPLIT_BACKWARD = {"pp2-zb", "pp2-zbv", "pp2-dualpipev", "pp2xdp2-zb"}  # slow: they lengthen two shared launches
 # Models per layout where not all: the split-backward and recompute layouts run GPT-2 (tied weights) and the MLP only.
 LAYOUT_MODELS = {name: ["gpt2-tiny", "mlp"] for name in [*SPLIT_BACKWARD, "pp2xdp2-recompute"]}
 
