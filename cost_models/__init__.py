@@ -10,7 +10,7 @@ from .analytic import AnalyticCostModel
 from .base import COLLECTIVES, CostModel, NodeRef, OpTime, op_class
 from .calibrated import Calibration, CalibratedCostModel, OpFit, Sample, fit_calibration
 from .profiled import MeasuredCostModel, MeasuredOp
-from .memory import OPTIMIZERS, OptimizerSpec, static_bytes
+from .memory import OPTIMIZERS, OptimizerSpec, optimizer_spec, static_bytes
 
 __all__ = [
     "AnalyticCostModel",
@@ -27,6 +27,7 @@ __all__ = [
     "OpTime",
     "op_class",
     "OPTIMIZERS",
+    "optimizer_spec",
     "OptimizerSpec",
     "static_bytes",
 ]

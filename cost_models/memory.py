@@ -4,13 +4,17 @@ Used by every planner and the simulator to decide whether a plan fits. The
 defaults follow ZeRO (Rajbhandari et al., 2020, Sec. 3.1): mixed-precision
 Adam keeps 2 bytes of half-precision weights, 2 of gradients and 12 of fp32
 state (master weights, momentum, variance) per parameter, 16 bytes in all.
+When the plan computes in fp32 (or tf32, which computes on fp32 tensors) there is
+nothing to keep a master copy of: adam-mixed then holds what plain Adam holds,
+4 + 4 + 8 = 16 bytes (``optimizer_spec``), as the runtime does
+(``PrecisionPolicy.master_dtype`` is None in partitioner/precision.py).
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass
 
-__all__ = ["OptimizerSpec", "OPTIMIZERS", "static_bytes"]
+__all__ = ["OptimizerSpec", "OPTIMIZERS", "FULL_PRECISION", "optimizer_spec", "static_bytes"]
 
 
 @dataclass(frozen=True, slots=True)
@@ -34,6 +38,21 @@ OPTIMIZERS = {
     # SGD with momentum in fp32.
     "sgd": OptimizerSpec("sgd", grad_bytes=4, state_bytes=4),
 }
+
+# Plan dtypes whose tensors are fp32: no half-precision copy, so no separate fp32 master.
+FULL_PRECISION = frozenset({"fp32", "tf32"})
+
+
+def optimizer_spec(name: str, dtype: str) -> OptimizerSpec:
+    """The bytes ``name`` keeps per parameter when the plan computes in ``dtype``.
+
+    adam-mixed in fp32/tf32 keeps fp32 gradients and Adam's m and v, and no master copy
+    (the weights are the master): plain Adam's 4 + 8 bytes. Raises KeyError for an unknown name.
+    """
+    spec = OPTIMIZERS[name]
+    if name == "adam-mixed" and dtype in FULL_PRECISION:
+        return OptimizerSpec(name, grad_bytes=4, state_bytes=8)
+    return spec
 
 
 def static_bytes(

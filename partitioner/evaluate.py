@@ -27,7 +27,7 @@ import time
 from dataclasses import dataclass
 from typing import AbstractSet as Set, Iterable, Mapping, Sequence
 
-from cost_models import OPTIMIZERS, CostModel, OpTime, static_bytes
+from cost_models import OPTIMIZERS, CostModel, OpTime, optimizer_spec, static_bytes
 
 from .capture import CapturedModel
 from .cluster import Cluster
@@ -75,7 +75,7 @@ class Evaluator:
         self.training = training
         if training.optimizer not in OPTIMIZERS:
             raise PlanError(f"training.optimizer {training.optimizer!r} is not one of {', '.join(OPTIMIZERS)}")
-        self.optimizer = OPTIMIZERS[training.optimizer]
+        self.optimizer = optimizer_spec(training.optimizer, training.dtype)  # fp32 adam-mixed: no master copy
         cluster.device.flops(training.dtype)  # fail early: the device must support the dtype
         self._block_cache: dict[tuple, BlockCost] = {}
         self._layout_cache: dict[tuple, BlockLayoutCosts] = {}

@@ -224,7 +224,9 @@ def _planned_resident_bytes(plan: Plan, loaded: object, rank: int) -> int:
     ev = prepare(loaded.model, loaded.example_inputs, Cluster.from_dict(plan.cluster), training=plan.training,
                  name=loaded.name, batch_size=loaded.batch_size, example_kwargs=loaded.example_kwargs)
     mesh = plan.mesh
-    split = sharded_params(ev.captured, plan.sharding) if mesh.tp > 1 else set()
+    node_of_key = ev.captured.node_of_key  # a plan names nodes by stable key ([Note: stable node keys] in capture.py)
+    sharding = {node_of_key[k]: v for k, v in plan.sharding.items() if k in node_of_key}
+    split = sharded_params(ev.captured, sharding) if mesh.tp > 1 else set()
     pp_index = rank // (mesh.dp * mesh.tp)
     total = 0
     for st in plan.stages:

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import pytest
 
-from cost_models import OPTIMIZERS, AnalyticCostModel, CostModel, OpTime, op_class, static_bytes
+from cost_models import OPTIMIZERS, AnalyticCostModel, CostModel, OpTime, op_class, optimizer_spec, static_bytes
 from partitioner.cluster import Cluster
 
 S = 256 * 2**20  # bytes in a collective
@@ -156,3 +156,15 @@ def test_static_bytes_follow_zero():
     assert static_bytes(1000, 2000, adam, dp=4, zero1=True) == 2000 + 2000 + 3000
     assert static_bytes(1000, 2000, adam, dp=4, zero1=False) == 16_000
     assert static_bytes(1000, 4000, OPTIMIZERS["adam"]) == 16_000  # fp32 weights, grads, m, v
+
+
+def test_adam_mixed_in_fp32_keeps_no_master_copy():
+    """fp32 weights are their own master: 4 + 4 + 8 bytes per parameter, not 4 + 2 + 12."""
+    for dtype in ("fp32", "tf32"):
+        spec = optimizer_spec("adam-mixed", dtype)
+        assert (spec.grad_bytes, spec.state_bytes) == (4, 8)
+        assert static_bytes(1000, 4000, spec) == 16_000
+        assert static_bytes(1000, 4000, spec, dp=4, zero1=True) == 4000 + 4000 + 2000
+    for dtype in ("bf16", "fp16"):
+        assert optimizer_spec("adam-mixed", dtype) == OPTIMIZERS["adam-mixed"]
+    assert optimizer_spec("sgd", "fp32") == OPTIMIZERS["sgd"]

@@ -9,7 +9,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from cost_models import OPTIMIZERS, static_bytes
+from cost_models import OPTIMIZERS, optimizer_spec, static_bytes
 from partitioner.errors import PlanError
 from partitioner.precision import MasterWeightOptimizer, PrecisionPolicy, optimizer_step, resident_bytes
 
@@ -68,6 +68,21 @@ def test_resident_bytes_of_adam_mixed_equal_the_memory_model_byte_for_byte():
     assert held.total == static_bytes(count, 2 * count, spec)
     assert all(m.grad is None for m in opt.masters)  # fp32 gradients exist only inside the step
     assert set(opt.state[model[0].weight]) == {"step", "exp_avg", "exp_avg_sq", "master"}
+
+
+def test_resident_bytes_of_fp32_adam_mixed_equal_the_memory_model_byte_for_byte():
+    """In fp32 the runtime keeps no master copy (the policy's master_dtype is None), and the model prices none."""
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Linear(16, 32), torch.nn.GELU(), torch.nn.Linear(32, 8))
+    policy = PrecisionPolicy.from_training("fp32", "adam-mixed")
+    make = lambda ps: torch.optim.AdamW(ps, lr=1e-3)  # noqa: E731
+    opt = MasterWeightOptimizer(model.parameters(), make) if policy.master_dtype else make(model.parameters())
+    model(torch.randn(4, 16)).pow(2).mean().backward()
+    optimizer_step(opt)
+    held = resident_bytes(model.parameters(), opt)
+    count = sum(p.numel() for p in model.parameters())
+    assert (held.weights, held.grads, held.state) == (4 * count, 4 * count, 8 * count)
+    assert held.total == static_bytes(count, 4 * count, optimizer_spec("adam-mixed", "fp32")) == 16 * count
 
 
 @pytest.mark.slow

@@ -532,10 +532,12 @@ class _Search:
         if self.pins.schedule is not None or sched.name not in ("1f1b", "interleaved"):
             return []
         specs = [StageSpec(tuple(self.pg.block_index(m) for m in st.modules), st.recompute) for st in plan.stages]
+        node_of_key = self.ev.captured.node_of_key  # a Plan names nodes by stable key; make_plan takes node names
+        sharding = {node_of_key[k]: v for k, v in plan.sharding.items()}
         out = []
         for name in self._retimes(plan.mesh.pp, sched.microbatches, sched.virtual_stages):
             out.append(self.evs.get(plan.training.zero1, self.ev).make_plan(
-                specs, plan.mesh, replace(sched, name=name), sharding=plan.sharding, method=plan.solver.method,
+                specs, plan.mesh, replace(sched, name=name), sharding=sharding, method=plan.solver.method,
                 started=self.started,
             ))
         return out
