@@ -2,10 +2,11 @@
 
     PYTHONPATH=. python benchmarks/meta_build.py [--out benchmarks/results/DATE-meta-build.md]
 
-The plans are tests/plans/*.json, made with
+The plans are tests/plans/*.json, Megatron's layouts (ZeRO-1, which a meta build does not model,
+is never chosen by `--method megatron` unless asked), made with
 
-    autopart plan --model gpt3-175b --cluster dgx-a100-80g --nodes 64 --global-batch 1536 --json ...
-    autopart plan --model llama2-70b --cluster dgx-a100-80g --nodes 16 --global-batch 512 --json ...
+    autopart plan --model gpt3-175b --cluster dgx-a100-80g --nodes 64 --global-batch 1536 --method megatron --json ...
+    autopart plan --model llama2-70b --cluster dgx-a100-80g --nodes 16 --global-batch 512 --method megatron --json ...
 
 For each plan it builds rank 0, a middle rank and the last rank (``chosen_ranks``) with
 ``partitioner.meta_build.build_rank`` in a new process, prints one line per rank (wall and CPU

@@ -429,6 +429,12 @@ def inflight_horizon(schedule: str, pp: int, microbatches: int, virtual_stages: 
 
 def _no_point_error(method: str, ev: Evaluator, pins: Pins) -> PlanError:
     gb, world = ev.training.global_batch, ev.cluster.world_size
+    if pins.schedule and pins.pp and pins.microbatches:  # the registry's rule, if that is what refused them
+        v = pins.virtual_stages or schedule_spec(pins.schedule).virtual_stages or 1
+        try:
+            check_schedule(pins.schedule, pins.pp, pins.microbatches, v)
+        except PlanError as exc:
+            return exc
     if pins.microbatches:
         return PlanError(
             f"--microbatches {pins.microbatches} does not divide the samples each data-parallel replica gets "

@@ -59,7 +59,8 @@ from .checkpoint import CHECKPOINT_META, CheckpointError, read_manifest, verify,
 from .watchdog import DistributedError, RankFailedError, Watchdog, backend_timeout_s
 from .rewrite import SplitModel, TensorParallelModule, get_tensor, set_tensor, microbatch_inputs, split_model
 
-__all__ = ["DistributedError", "RankFailedError", "CheckpointError", "StepEvent", "ParallelModel", "auto_parallelize", "run_plan"]
+__all__ = ["DistributedError", "RankFailedError", "CheckpointError", "StepEvent", "ParallelModel", "RecomputedStage",
+           "auto_parallelize", "run_plan"]
 
 @dataclass(frozen=True, slots=True)
 class StepEvent:
@@ -102,6 +103,7 @@ def auto_parallelize(
     timeout_s: float = 20.0,
     init_seed: int = 0,
     zero1: bool = False,
+    recompute: bool | None = None,
 ) -> "ParallelModel":
     """Plan (unless ``plan`` is given) and build the distributed model on this rank. Run under torchrun.
 
@@ -115,7 +117,9 @@ def auto_parallelize(
 
     ``zero1=True`` plans with the optimizer state sharded over ``dp`` and runs
     it so (``ZeroRedundancyOptimizer``); a given ``plan`` says so in
-    ``training.zero1``.
+    ``training.zero1``. ``recompute=True`` (``False``) pins every stage to
+    (not to) replay its forward in backward; ``None`` lets the planner choose
+    per stage ([Note: recomputation as priced]).
 
     A model built on ``meta`` (e.g. ``load_model(..., device="meta")``) is
     materialized stage by stage: each rank allocates and initializes only the
@@ -134,7 +138,7 @@ def auto_parallelize(
         plan = _plan_on_rank0(
             model, example_inputs, cluster, rank,
             dict(method=method, pp=pp, tp=tp, dp=dp, microbatches=microbatches, schedule=schedule, zero1=zero1,
-                 virtual_stages=virtual_stages, time_limit_s=time_limit_s,
+                 virtual_stages=virtual_stages, recompute=recompute, time_limit_s=time_limit_s,
                  global_batch=global_batch or _batch_of(example_inputs)),
         )
     return ParallelModel(model, plan, example_inputs, loss_fn, optimizer, timeout_s, init_seed)
@@ -242,6 +246,33 @@ def _stage_class() -> type:
     return _TimedStage
 
 
+class RecomputedStage(torch.nn.Module):
+    """A stage module whose forward keeps only its inputs for backward and replays itself there.
+
+    [Note: recomputation as priced]
+    A plan stage with ``recompute`` is priced (evaluate.py) as replaying its
+    forward in backward (``recompute_s``) and holding, per micro-batch in
+    flight, its inputs instead of every saved activation. This wrapper
+    realizes that with ``torch.utils.checkpoint`` in its non-reentrant form,
+    which works under DDP and DTensor. The split-backward schedules are
+    refused with it (``ParallelModel``): torch's ``stage_backward_input``
+    failed through the checkpoint in tests. The replay covers the whole stage in one piece: the plan has one
+    ``recompute`` flag per stage, and its memory model (one block's saved
+    tensors as the transient) is a lower bound of the replay's peak, which
+    holds the whole stage's saved tensors of one micro-batch during its
+    backward.
+    """
+
+    def __init__(self, inner: torch.nn.Module) -> None:
+        super().__init__()
+        self.inner = inner
+
+    def forward(self, *args: Any) -> Any:
+        from torch.utils.checkpoint import checkpoint
+
+        return checkpoint(self.inner, *args, use_reentrant=False)
+
+
 class ParallelModel:
     """The model of one plan, on this rank: its stages, their optimizer, and the step.
 
@@ -281,6 +312,11 @@ class ParallelModel:
         self.tp_index = self.rank % mesh.tp
         n_stages = len(plan.stages)
         self._split_backward = schedule_spec(plan.schedule.name).splits_backward
+        if self._split_backward and any(st.recompute for st in plan.stages):
+            raise PlanError(
+                f"plan: schedule {plan.schedule.name!r} splits the backward, which torch's stage_backward_input "
+                "cannot run through a recomputed stage yet; re-plan with --recompute off or another schedule"
+            )
         layout = schedule_spec(plan.schedule.name).layout
         self.stage_indices = rank_stages(self.pp_index, mesh.pp, plan.schedule.virtual_stages, layout)
         self.model_name = plan.model.name
@@ -309,14 +345,14 @@ class ParallelModel:
                     release(model, mod.split_dim)
             mod.to(self.device)
             self.modules[s] = mod
-            run = mod
+            run = RecomputedStage(mod) if plan.stages[s].recompute else mod  # [Note: recomputation as priced]
             # Split-backward schedules compute weight gradients with autograd.grad, which DDP's
             # hooks never see: their replicas average gradients in step() instead.
             if mesh.dp > 1 and not self._split_backward and any(p.requires_grad for p in mod.parameters()):
                 from torch.nn.parallel import DistributedDataParallel
 
                 # Gradients as views of DDP's buckets: no second copy, as the memory model counts them.
-                run = DistributedDataParallel(mod, process_group=self.mesh["dp"].get_group(),
+                run = DistributedDataParallel(run, process_group=self.mesh["dp"].get_group(),
                                               gradient_as_bucket_view=True)
             # Static shapes: the stages never exchange metadata at run time (see [Note: static stage shapes]).
             examples = [

@@ -152,7 +152,7 @@ def check_schedule(name: str, ranks: int, microbatches: int, virtual_stages: int
             f"schedule {name!r} needs at least {need} micro-batches on {ranks} pipeline ranks "
             f"(torch's {sp.torch_class} refuses fewer), got microbatches = {microbatches}: use {need} or more"
         )
-    if sp.rounds and (virtual_stages > 1 or sp.splits_backward):
+    if sp.rounds:  # torch checks it for one stage per rank too
         rounds = max(1, microbatches // ranks)
         if microbatches % rounds:
             lower = microbatches // ranks * ranks
@@ -187,8 +187,9 @@ def _one_f_one_b(ranks: int, microbatches: int, virtual_stages: int) -> list[lis
     backward in turn, then the remaining backwards (PipeDream-Flush). The warm-up fills the pipeline just
     deep enough for the last stage's first backward, capping the micro-batches in flight at ``ranks - r``.
 
-    torch 2.13's ``Schedule1F1B`` refuses fewer micro-batches than ranks; this order still
-    exists for them (the planner has always priced such plans), but the runtime cannot run one."""
+    torch's ``Schedule1F1B`` refuses fewer micro-batches than ranks, so its registry entry asks for
+    at least one per rank and ``check_schedule`` (which the planner, the plan and the runtime all
+    call) refuses such a plan."""
     out = []
     for r in range(ranks):
         warmup = min(ranks - r - 1, microbatches)
@@ -394,7 +395,7 @@ REGISTRY: dict[str, ScheduleSpec] = {
     for s in (
         ScheduleSpec("gpipe", "ScheduleGPipe", "loop", 1, False, False, 0, False, _gpipe,
                      "all forwards, then all backwards (fill-drain)"),
-        ScheduleSpec("1f1b", "Schedule1F1B", "loop", 1, False, False, 0, False, _one_f_one_b,
+        ScheduleSpec("1f1b", "Schedule1F1B", "loop", 1, False, False, 1, False, _one_f_one_b,
                      "one forward, one backward in the steady state (PipeDream-Flush)"),
         ScheduleSpec("interleaved", "ScheduleInterleaved1F1B", "loop", None, True, False, 0, True, _interleaved,
                      "1F1B over several stages per rank (Megatron-LM interleaved)"),

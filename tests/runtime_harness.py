@@ -236,6 +236,9 @@ def _equivalence(layout: dict[str, Any], models: list[str], meta_models: list[st
             worst_grad=max(grads, key=lambda n: _rel(grads[n], ref_grads[n], 1e-4 * scale_g)),
             names=sorted(grads), all_names=sorted(ref_grads), matched_by=pm.split.matched_by,
             schedule=pm.plan.schedule.name, stages=list(pm.stage_indices),
+            plan_recompute=[st.recompute for st in pm.plan.stages],
+            # this rank's stages that run wrapped for recomputation (inside DDP where dp > 1)
+            recomputed=sum(any(type(m).__name__ == "RecomputedStage" for m in st.submod.modules()) for st in pm.stages),
             optimizer=type(pm.optimizer).__name__, zero1=pm.plan.training.zero1,
             # parameters whose optimizer state this rank holds (under ZeRO-1, its dp share)
             state_params=len(getattr(pm.optimizer, "optim", pm.optimizer).state), n_params=len(pm.params),

@@ -1,9 +1,10 @@
 """Ranks of large plans built on meta under the fake process group (partitioner/meta_build.py).
 
 The big plans in tests/plans/ were made by `autopart plan` (the commands are in benchmarks/meta_build.py);
-each of their ranks is built in a fresh process, as a GPU rank would build it (benchmarks/meta_build.py).
-Since plans search ZeRO-1 (issue 11), both stored plans chose it, and a meta build does not model
-ZeRO-1 (its step needs live dp peers), so the suite builds only the tiny plan's ranks here."""
+each of their ranks is built in a fresh process, as a GPU rank would build it. They are Megatron's
+layouts (`--method megatron`: tp=8 in a node, pp across nodes, no ZeRO-1, which a meta build does
+not model). The suite builds one rank, GPT-3's last (the one with the head); benchmarks/meta_build.py
+builds the first, a middle and the last rank of both plans (GPT-3 175B and Llama-2 70B)."""
 
 from __future__ import annotations
 
@@ -14,7 +15,7 @@ from pathlib import Path
 import pytest
 
 from partitioner import Cluster, plan_parallelism
-from partitioner.meta_build import MetaBuildError, build_rank, chosen_ranks
+from partitioner.meta_build import MetaBuildError, build_rank, build_rank_isolated, chosen_ranks
 from partitioner.plan import Plan
 
 sys.path.insert(0, str(Path(__file__).parent))
@@ -58,3 +59,18 @@ def test_a_rank_outside_the_world_is_a_clear_error():
     plan = Plan.load(GPT3)
     with pytest.raises(MetaBuildError, match="rank 512 is outside the plan's world of 512 ranks"):
         build_rank(plan, "gpt3-175b", 512)
+
+
+@pytest.mark.slow
+def test_gpt3_175b_on_64_nodes_last_rank_is_built_as_planned():
+    """The last rank of 512: the final layers and the LM head tied to the embedding, tp-sharded 8 ways."""
+    plan = Plan.load(GPT3)
+    assert plan.mesh.world_size == 512
+    build = build_rank_isolated(GPT3, "gpt3-175b", 511)
+    assert build.stages == (len(plan.stages) - 1,) and build.coords == (plan.mesh.pp - 1, plan.mesh.dp - 1, plan.mesh.tp - 1)
+    assert build.problems() == [], build.problems()
+    assert build.held.total == build.predicted_resident_bytes  # to the byte
+    by_name = {p.name: p for p in build.params}
+    attn = next(p for n, p in by_name.items() if n.endswith("attn.c_attn.weight"))
+    assert attn.placement == "S(1)" and attn.local_shape[1] * plan.mesh.tp == attn.full_shape[1]
+    assert all(p.dtype == "bfloat16" for p in build.params)

@@ -346,3 +346,14 @@ def test_split_at_out_of_order_or_at_the_first_block(ev):
         manual_plan(ev, ["transformer.wte"])
     with pytest.raises(PlanError, match="contradicts"):
         manual_plan(ev, ["transformer.h.2"], Pins(pp=4))
+
+
+def test_plan_torch_cannot_run_is_refused_in_one_line_at_load(ev):
+    # A 1F1B plan with fewer micro-batches than pipeline ranks: torch's Schedule1F1B refuses it,
+    # so loading it does too, with the registry's rule (the one the planner and runtime use).
+    plan, _ = ev.make_plan(_two_stages(ev, 4), Mesh(2, 1, 4), Schedule("1f1b", 4, 1), method="manual")
+    text = _edit(plan, lambda d: d["schedule"].update(microbatches=1, micro_batch_size=4))
+    with pytest.raises(PlanError) as info:
+        Plan.from_json(text)
+    msg = str(info.value)
+    assert "\n" not in msg and "Schedule1F1B" in msg and "use 2 or more" in msg, msg

@@ -7,11 +7,15 @@ tests/runtime_harness.py for what each rank computes.
 
 from __future__ import annotations
 
+import copy
 import json
 import sys
 from pathlib import Path
 
 import pytest
+import torch
+
+from partitioner.runtime import RecomputedStage
 
 sys.path.insert(0, str(Path(__file__).parent))
 from runtime_harness import MODELS, launch  # noqa: E402
@@ -40,10 +44,12 @@ LAYOUTS = {
     "pp2-dualpipev": (2, dict(pp=2, tp=1, dp=1, schedule="dualpipev", virtual_stages=2, microbatches=4,
                               global_batch=4)),
     "pp2xdp2-zb": (4, dict(pp=2, tp=1, dp=2, schedule="zb", microbatches=2, global_batch=4)),
+    # Recomputation (every stage replays its forward in backward) under DDP.
+    "pp2xdp2-recompute": (4, dict(pp=2, tp=1, dp=2, schedule="1f1b", microbatches=2, global_batch=4, recompute=True)),
 }
 SPLIT_BACKWARD = {"pp2-zb", "pp2-zbv", "pp2-dualpipev", "pp2xdp2-zb"}  # slow: they lengthen two shared launches
-# Models per layout where not all: the split-backward layouts run GPT-2 (tied weights) and the MLP only.
-LAYOUT_MODELS = {name: ["gpt2-tiny", "mlp"] for name in SPLIT_BACKWARD}
+# Models per layout where not all: the split-backward and recompute layouts run GPT-2 (tied weights) and the MLP only.
+LAYOUT_MODELS = {name: ["gpt2-tiny", "mlp"] for name in [*SPLIT_BACKWARD, "pp2xdp2-recompute"]}
 
 # Layouts that also run models built on meta (each rank materializes only its stages' weights),
 # against a reference materialized whole by the same rule.
@@ -101,6 +107,10 @@ def test_equivalence(layout: str, equivalence_launches) -> None:
             assert {r[name]["optimizer"] for r in reports} == {"ZeroRedundancyOptimizer"}, name
             shares = [r[name]["state_params"] for r in reports]
             assert sum(shares) == reports[0][name]["n_params"] and max(shares) < reports[0][name]["n_params"], (name, shares)
+    for name in models:  # the plan's recompute flags are what the stages run
+        for rank, r in enumerate(reports):
+            assert all(r[name]["plan_recompute"]) == bool(pins.get("recompute")), (name, r[name]["plan_recompute"])
+            assert r[name]["recomputed"] == (len(r[name]["stages"]) if pins.get("recompute") else 0), (name, rank)
     schedules = {reports[0][n]["schedule"] for n in models}
     assert schedules == {pins.get("schedule", "1f1b")}
 
@@ -246,3 +256,31 @@ def test_an_error_under_torchrun_is_printed_once(tmp_path: Path) -> None:
     assert proc.returncode != 0 and len(ours) == 1, proc.stderr[-3000:]
     assert "is not UTF-8" in ours[0]
     assert f"traceback : {ours[0]}" in proc.stderr  # torchrun's summary names the cause
+
+
+def test_recomputed_stage_saves_less_and_gives_the_same_gradients() -> None:
+    # What a stage keeps for backward, counted at autograd's saved-tensor hook, with and without recompute.
+    torch.manual_seed(0)
+    plain = torch.nn.Sequential(*[m for _ in range(4) for m in (torch.nn.Linear(64, 64), torch.nn.GELU())])
+    recomputed = RecomputedStage(copy.deepcopy(plain))
+    x = torch.randn(16, 64, requires_grad=True)
+    results = []
+    for module in (plain, recomputed):
+        saved = []
+
+        def pack(t: torch.Tensor) -> torch.Tensor:
+            saved.append(t.numel() * t.element_size())
+            return t
+
+        inp = x.detach().clone().requires_grad_()
+        with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+            out = module(inp)
+        out.square().sum().backward()
+        results.append((sum(saved), inp.grad, [p.grad for p in module.parameters()]))
+    (plain_bytes, plain_dx, plain_dw), (re_bytes, re_dx, re_dw) = results
+    activation = 16 * 64 * 4
+    assert plain_bytes >= 8 * activation  # each Linear and GELU saves its input
+    assert re_bytes <= activation  # at most the stage's input
+    torch.testing.assert_close(re_dx, plain_dx)
+    for a, b in zip(re_dw, plain_dw, strict=True):
+        torch.testing.assert_close(a, b)

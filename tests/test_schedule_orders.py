@@ -17,7 +17,8 @@ import torch.distributed.pipelining as pipelining
 from torch.distributed.pipelining import PipelineStage
 from torch.testing._internal.distributed.fake_pg import FakeStore
 
-from partitioner.schedules import REGISTRY, SCHEDULES, Action, rank_stages, schedule_order, spec
+from partitioner.errors import PlanError
+from partitioner.schedules import REGISTRY, SCHEDULES, Action, check_schedule, rank_stages, schedule_order, spec
 from partitioner.simulate import StageCost, simulate_orders
 
 # (pp, microbatches, virtual_stages): at least six per schedule, including the odd corners
@@ -132,3 +133,29 @@ def test_order_equals_torch(name: str, pp: int, microbatches: int, virtual_stage
     costs = [StageCost(1.0, 2.0, send_s=0.1, activation_bytes=1, backward_weight_s=1.0)] * (pp * virtual_stages)
     result = simulate_orders(costs, ours, microbatches, layout=REGISTRY[name].layout)
     assert sum(result.busy_s) == pytest.approx(3.0 * pp * virtual_stages * microbatches)
+
+
+@pytest.mark.parametrize("name", SCHEDULES)
+def test_registry_rules_are_torchs(name: str) -> None:
+    """check_schedule (which the planner, the plan and the runtime all use) accepts exactly what torch's
+    class accepts, fewer micro-batches than ranks included; its refusal is one line naming the fix."""
+    sp = spec(name)
+    for pp in (2, 3, 4):
+        for microbatches in (1, 2, 3, 4, 5, 6, 8):
+            for virtual_stages in ([sp.virtual_stages] if sp.virtual_stages else [1, 2]):
+                try:
+                    check_schedule(name, pp, microbatches, virtual_stages)
+                    ours = None
+                except PlanError as exc:
+                    ours = str(exc)
+                    assert "\n" not in ours and "use " in ours, ours
+                dist.init_process_group("fake", store=FakeStore(), rank=0, world_size=pp)
+                try:
+                    build(name, pp, 0, microbatches, virtual_stages)
+                    theirs = None
+                except ValueError as exc:
+                    theirs = str(exc)
+                finally:
+                    dist.destroy_process_group()
+                case = f"{name} pp={pp} M={microbatches} v={virtual_stages}"
+                assert (ours is None) == (theirs is None), f"{case}: ours {ours!r}, torch {theirs!r}"

@@ -9,7 +9,6 @@ from __future__ import annotations
 import gc
 import math
 import random
-import time
 
 import pytest
 
@@ -99,8 +98,10 @@ def test_1f1b_order() -> None:
     ]
 
 
-def test_1f1b_warmup_capped_by_microbatches() -> None:
-    assert schedule_order("1f1b", 4, 2)[0] == actions("0F0 0F1 0B0 0B1")
+def test_1f1b_refuses_fewer_microbatches_than_ranks() -> None:
+    # torch's Schedule1F1B refuses them, so the registry (and with it every order) does too.
+    with pytest.raises(PlanError, match=r"^schedule '1f1b' needs at least 4 micro-batches .* use 4 or more$"):
+        schedule_order("1f1b", 4, 2)
 
 
 def test_interleaved_with_one_chunk_is_1f1b() -> None:
@@ -132,10 +133,14 @@ def test_interleaved_order_follows_megatron(ranks: int, microbatches: int, chunk
 # Closed forms (equal stages, no communication)
 
 
-@pytest.mark.parametrize("schedule", ["gpipe", "1f1b"])
 @pytest.mark.parametrize(
-    ("ranks", "microbatches", "f", "b"),
-    [(4, 8, 1.0, 1.0), (4, 8, 1.0, 2.0), (2, 1, 1.0, 1.0), (8, 3, 0.5, 1.5), (3, 16, 2.0, 1.0)],
+    ("schedule", "ranks", "microbatches", "f", "b"),
+    [
+        (schedule, *case)
+        for schedule in ("gpipe", "1f1b")
+        for case in [(4, 8, 1.0, 1.0), (4, 8, 1.0, 2.0), (2, 1, 1.0, 1.0), (8, 3, 0.5, 1.5), (3, 16, 2.0, 1.0)]
+        if schedule == "gpipe" or case[1] >= case[0]  # torch's 1F1B needs a micro-batch per rank
+    ],
 )
 def test_gpipe_1f1b_closed_form(schedule: str, ranks: int, microbatches: int, f: float, b: float) -> None:
     stages = uniform(ranks, f, b)
@@ -192,7 +197,7 @@ def test_single_rank_has_no_bubble(schedule: str, microbatches: int) -> None:
 # Memory
 
 
-@pytest.mark.parametrize(("ranks", "microbatches"), [(4, 8), (4, 2), (6, 6)])
+@pytest.mark.parametrize(("ranks", "microbatches"), [(4, 8), (4, 5), (6, 6)])
 def test_1f1b_peak_inflight_and_memory(ranks: int, microbatches: int) -> None:
     stages = [
         StageCost(1.0, 2.0, activation_bytes=100 * (s + 1), static_bytes=7_000 + s) for s in range(ranks)
@@ -428,17 +433,14 @@ def test_deterministic() -> None:
     assert simulate(stages, "interleaved", 8, virtual_stages=2) == first
 
 
-def test_large_schedule_is_fast_and_exact() -> None:
+def test_large_schedule_is_exact() -> None:
+    # Its speed is benchmarks/simulate_speed.py's figure, not a test's.
     ranks, microbatches, chunks = 64, 512, 4
     gc_was_enabled = gc.isenabled()
-    began = time.perf_counter()
     result = simulate(uniform(ranks, 1.0, 2.0, chunks), "interleaved", microbatches, virtual_stages=chunks)
-    elapsed = time.perf_counter() - began
     assert len(result.events) == 2 * ranks * microbatches * chunks
     assert result.pipeline_time_s == pytest.approx(microbatches * 3.0 + (ranks - 1) * 3.0 / chunks)
     assert gc.isenabled() == gc_was_enabled
-    # Generous bound so a slow CI box passes; a quadratic regression would take minutes.
-    assert elapsed < 3.0
 
 
 # --------------------------------------------------------------------------
@@ -504,7 +506,7 @@ def test_idle_time_is_split_into_transfer_wait_and_bubble() -> None:
     # stage 1 waits 1.5, of which 0.5 with the activation on the wire. F1 1.5..2.5, B1
     # 2.5..4.5; the gradient arrives at 5.0, so stage 0 waits 4.0 (1..5), 0.5 of it in transit.
     stages = [StageCost(1.0, 2.0, send_s=0.5), StageCost(1.0, 2.0)]
-    result = simulate(stages, "1f1b", 1)
+    result = simulate(stages, "gpipe", 1)
     assert result.wait_s == pytest.approx((4.0, 1.5))
     assert result.transfer_wait_s == pytest.approx((0.5, 0.5))
     assert result.step_time_s == pytest.approx(7.0)

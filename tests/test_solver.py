@@ -54,7 +54,7 @@ def _random_problem(seed: int, chain: bool, shared: bool) -> StageProblem:
     pp = rng.randint(1, 4)
     while pp > 1 and pp**n > 70_000:  # the brute force enumerates pp^n assignments
         pp -= 1
-    M = rng.randint(1, 8)
+    M = max(pp, rng.randint(1, 8))  # torch's 1F1B needs a micro-batch per rank
     blocks = []
     for _ in range(n):
         f = rng.uniform(1e-4, 5e-3)
@@ -289,8 +289,9 @@ def test_chain_encoding_matches_brute_force_over_contiguous_splits(seed):
 def test_more_stages_than_blocks_is_infeasible(encoding):
     p = _random_problem(3, chain=False, shared=False)
     K = len(p.blocks) + 1
-    p = replace(p, pp=K, send_alpha=(1e-5,) * (K - 1), send_beta=(1e-10,) * (K - 1),
-                inflight=inflight_patterns(schedule_order("1f1b", K, p.microbatches), K, 1))
+    M = max(K, p.microbatches)  # torch's 1F1B needs a micro-batch per rank
+    p = replace(p, pp=K, microbatches=M, send_alpha=(1e-5,) * (K - 1), send_beta=(1e-10,) * (K - 1),
+                inflight=inflight_patterns(schedule_order("1f1b", K, M), K, 1))
     assert _check(p, encoding, contiguous=encoding == "chain", workspace="stage") == "infeasible"
 
 
@@ -510,6 +511,18 @@ def test_ilp_honours_every_pin(gpt2_four_layers):
     assert plan.stages[1].modules[0] == "transformer.h.2"
     assert plan.sharding  # tp=2 splits something
     assert plan.solver.method == "ilp"
+
+
+def test_fewer_microbatches_than_ranks_never_give_a_1f1b_plan(gpt2_four_layers):
+    # torch's Schedule1F1B refuses M < pp; every planner asks the registry, so none produces one.
+    one_node = Cluster.preset("dgx-a100-80g", 1)
+    for method in ("ilp", *METHODS):
+        plan = plan_parallelism(gpt2_four_layers, cluster=one_node, global_batch=16, method=method,
+                                pp=4, tp=1, microbatches=2, time_limit_s=5.0).plan
+        assert plan.schedule.microbatches == 2 and plan.schedule.name != "1f1b", (method, plan.schedule)
+    with pytest.raises(PlanError, match="Schedule1F1B refuses fewer.*use 4 or more"):
+        plan_parallelism(gpt2_four_layers, cluster=one_node, global_batch=16, method="ilp",
+                         pp=4, tp=1, microbatches=2, schedule="1f1b", time_limit_s=5.0)
 
 
 def test_ilp_split_at_pins_a_stage_start_even_where_a_baseline_is_faster(gpt2_four_layers):

@@ -327,9 +327,14 @@ class _Search:
                     vs = [v for v in vs if 2 * m * pp * v <= EVENTS_MAX]
                 out += [(name, v, self._retimes(pp, m, v)) for v in vs]
             elif name != "gpipe":
+                # torch's 1F1B refuses fewer micro-batches than ranks (the registry's rule); unless
+                # 1F1B is pinned, the ILP then solves under GPipe, which runs them, re-timings kept.
+                if pinned != name and not _runs(name, pp, m, 1):
+                    name = "gpipe"
                 out.append((name, 1, self._retimes(pp, m, 1)))
             else:
                 out.append((name, 1, ()))
+        out = [(name, v, retime) for name, v, retime in out if _runs(name, pp, m, v)]
         if split:
             out = [(name, v, (pinned,)) for name, v, retime in out if pinned in retime]
         elif pinned:
@@ -343,14 +348,7 @@ class _Search:
         names = ["zb"] + (["zbv", "dualpipev"] if v == 2 else [])
         if self.pins.schedule is not None and SCHEDULE_REGISTRY[self.pins.schedule].splits_backward:
             names = [self.pins.schedule] if self.pins.schedule in names else []
-        out = []
-        for name in names:
-            try:
-                check_schedule(name, pp, m, v)
-            except PlanError:
-                continue
-            out.append(name)
-        return tuple(out)
+        return tuple(name for name in names if _runs(name, pp, m, v))
 
     def bound(self, c: Candidate) -> tuple[float, float] | None:
         """(lower bound, ordering key) of a candidate; None if it cannot fit in memory.
@@ -686,3 +684,12 @@ def plan_ilp(
 
     ``progress`` is called with a ``SearchStatus`` after each candidate (partitioner/progress.py)."""
     return _Search(ev, pins, time_limit_s, progress).run()
+
+
+def _runs(schedule: str, pp: int, microbatches: int, virtual_stages: int) -> bool:
+    """Whether torch runs ``schedule`` with these numbers: the registry's rules (``check_schedule``)."""
+    try:
+        check_schedule(schedule, pp, microbatches, virtual_stages)
+    except PlanError:
+        return False
+    return True
