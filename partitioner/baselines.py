@@ -244,6 +244,8 @@ def grid_points(method: str, ev: Evaluator, pins: Pins, tps: Sequence[int], zero
                 m = per_replica // mbs
                 for name, v in _schedules(pins, pp, m, n_layers, units):
                     for recompute in ([pins.recompute] if pins.recompute is not None else [False, True]):
+                        if recompute and schedule_spec(name).splits_backward:
+                            continue  # torch cannot run it yet (schedules.check_recompute)
                         for z in (zero1 if dp > 1 else zero1[:1]):  # ZeRO-1 changes nothing without dp
                             yield GridPoint(Mesh(pp, tp, dp), Schedule(name, m, mbs, v), recompute, z)
 

@@ -30,7 +30,7 @@ from pathlib import Path
 from typing import Any, Mapping, Sequence
 
 from .errors import PlanError
-from .schedules import REGISTRY as SCHEDULE_REGISTRY, SCHEDULES, check_schedule, stage_rank
+from .schedules import REGISTRY as SCHEDULE_REGISTRY, SCHEDULES, check_recompute, check_schedule, stage_rank
 
 __all__ = [
     "PLAN_VERSION",
@@ -377,6 +377,7 @@ class Plan:
     def __post_init__(self) -> None:
         sched = self.schedule
         check_schedule(sched.name, self.mesh.pp, sched.microbatches, sched.virtual_stages)
+        check_recompute(sched.name, any(st.recompute for st in self.stages))
         expected = self.mesh.pp * self.schedule.virtual_stages
         if len(self.stages) != expected:
             raise PlanError(

@@ -315,7 +315,7 @@ class ParallelModel:
         if self._split_backward and any(st.recompute for st in plan.stages):
             raise PlanError(
                 f"plan: schedule {plan.schedule.name!r} splits the backward, which torch's stage_backward_input "
-                "cannot run through a recomputed stage yet; re-plan with --recompute off or another schedule"
+                "cannot run through a recomputed stage yet; re-plan with --no-recompute or another schedule"
             )
         layout = schedule_spec(plan.schedule.name).layout
         self.stage_indices = rank_stages(self.pp_index, mesh.pp, plan.schedule.virtual_stages, layout)

@@ -53,6 +53,7 @@ __all__ = [
     "REGISTRY",
     "Action",
     "ScheduleSpec",
+    "check_recompute",
     "check_schedule",
     "rank_stages",
     "schedule_order",
@@ -408,3 +409,13 @@ REGISTRY: dict[str, ScheduleSpec] = {
     )
 }
 SCHEDULES = tuple(REGISTRY)
+
+
+def check_recompute(name: str, recompute: bool) -> None:
+    """Refuse recomputation under a schedule that splits the backward: torch's ``stage_backward_input``
+    cannot run through a checkpointed stage yet (the runtime's [Note: recomputation as priced])."""
+    if recompute and spec(name).splits_backward:
+        raise PlanError(
+            f"schedule {name!r} splits the backward, which torch cannot run through a recomputed stage yet: "
+            "plan with --no-recompute or another schedule"
+        )

@@ -20,7 +20,7 @@ TOL = 1e-5
 
 @pytest.mark.slow
 def test_stock_gpt2_through_auto_parallelize_equals_one_process(tmp_path: Path) -> None:
-    layout = dict(pp=2, microbatches=2, global_batch=4, method="params")
+    layout = dict(pp=2, microbatches=2, global_batch=4, method="params", schedule="1f1b")  # one stage per rank
     reports = launch(2, "hf_stock", {"layout": layout}, tmp_path, timeout_s=240)
     for rank, r in enumerate(reports):
         assert r["rc"] == 0 and r.get("job_failed") is None, f"rank {rank}: {r.get('job_failed')}\n{r['stderr'][-4000:]}"

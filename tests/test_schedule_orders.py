@@ -159,3 +159,27 @@ def test_registry_rules_are_torchs(name: str) -> None:
                     dist.destroy_process_group()
                 case = f"{name} pp={pp} M={microbatches} v={virtual_stages}"
                 assert (ours is None) == (theirs is None), f"{case}: ours {ours!r}, torch {theirs!r}"
+
+
+def test_recompute_under_a_split_backward_is_refused_and_never_planned():
+    """torch cannot split the backward of a checkpointed stage: a plan that asks is refused in one
+    line, and the planners never produce one (they keep such stages on a whole-backward schedule)."""
+    from partitioner import Cluster, plan_parallelism
+    from partitioner.errors import PlanError
+    from partitioner.schedules import check_recompute
+    from partitioner.zoo import load_model
+
+    with pytest.raises(PlanError, match="splits the backward.*--no-recompute"):
+        check_recompute("zbv", True)
+    check_recompute("1f1b", True)
+    check_recompute("zb", False)
+    lm = load_model("gpt2-tiny", device="meta")
+    cluster = Cluster.preset("dgx-a100-80g", nodes=1)
+    with pytest.raises(PlanError, match="splits the backward"):
+        plan_parallelism(lm.model, lm.example_inputs, cluster, global_batch=16, pp=4, microbatches=4,
+                         method="ilp", time_limit_s=2, schedule="zb", recompute=True)
+    for method in ("ilp", "expert"):
+        plan = plan_parallelism(lm.model, lm.example_inputs, cluster, global_batch=16, pp=4, microbatches=4,
+                                method=method, time_limit_s=2, recompute=True).plan
+        assert all(st.recompute for st in plan.stages)
+        assert plan.schedule.name in ("gpipe", "1f1b", "interleaved"), plan.schedule

@@ -63,7 +63,7 @@ from ..evaluate import Evaluator, StageSpec
 from ..plan import Mesh, Plan, Schedule
 from ..progress import SearchCallback, SearchStatus
 from ..sharding import sharded_params
-from ..schedules import REGISTRY as SCHEDULE_REGISTRY, check_schedule
+from ..schedules import REGISTRY as SCHEDULE_REGISTRY, check_recompute, check_schedule
 from ..simulate import SimResult
 from .pipeline_ilp import EVENTS_MAX, BlockData, SharedParam, StageProblem, StageSolution, schedule_inflight, solve_stages
 from .sharding_ilp import FAST_WEIGHT, LEAN_WEIGHT, solve_block_sharding
@@ -177,6 +177,9 @@ class _Search:
     def __init__(self, ev: Evaluator, pins: Pins, time_limit_s: float, progress: SearchCallback | None = None) -> None:
         self.ev = ev
         self.progress = progress
+        if pins.schedule is not None and SCHEDULE_REGISTRY[pins.schedule].splits_backward:
+            check_recompute(pins.schedule, bool(pins.recompute))  # --recompute on with zb: one line
+            pins = replace(pins, recompute=False)  # the ILP must not choose what the schedule cannot run
         self.pins = pins
         self.time_limit_s = time_limit_s
         self.started = time.perf_counter()
@@ -481,6 +484,8 @@ class _Search:
             StageSpec(tuple(i for i in range(self.n) if sol.stage_of[i] == s), sol.recompute[s]) for s in range(K)
         ]
         names = c.retime if c.pinned_retime else (c.schedule, *c.retime)
+        if any(sol.recompute):  # torch cannot split the backward of a recomputed stage (check_recompute)
+            names = tuple(n for n in names if not SCHEDULE_REGISTRY[n].splits_backward) or (c.schedule,)
         best: tuple[Plan, SimResult] | None = None
         own_s = math.inf
         for name in names:
@@ -531,6 +536,8 @@ class _Search:
         sched = plan.schedule
         if self.pins.schedule is not None or sched.name not in ("1f1b", "interleaved"):
             return []
+        if any(st.recompute for st in plan.stages):
+            return []  # torch cannot split the backward of a recomputed stage (schedules.check_recompute)
         specs = [StageSpec(tuple(self.pg.block_index(m) for m in st.modules), st.recompute) for st in plan.stages]
         node_of_key = self.ev.captured.node_of_key  # a Plan names nodes by stable key; make_plan takes node names
         sharding = {node_of_key[k]: v for k, v in plan.sharding.items()}
