@@ -187,7 +187,9 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--warmup", type=int, default=1, help="steps run before measuring (default 1)")
     g.add_argument("--json", default=None, metavar="PATH", help="rank 0 writes step times, losses and events to PATH")
     g.add_argument("--force", action="store_true", help="let --json overwrite an existing file")
-    g.add_argument("--seed", type=int, default=0, help="seed for the weights and the synthetic batches")
+    g.add_argument("--seed", type=int, default=0, help="seed for the weights and the synthetic corpus")
+    g.add_argument("--data", default=None, metavar="PATH", help="train on these token ids (.bin of uint16, or .pt 1-D tensor) "
+                   "instead of the fixed synthetic corpus")
 
     p = sub.add_parser("inspect", help="print the blocks of a model: params, FLOPs, activations")
     _common(p)
@@ -228,7 +230,12 @@ def main(argv: Sequence[str] | None = None) -> int:
             print_diff(Plan.load(args.a), Plan.load(args.b), args.a, args.b)
             return 0
     except AutopartError as exc:
-        print(f"autopart: error: {exc}", file=sys.stderr)
+        if "TORCHELASTIC_RUN_ID" in os.environ:  # under torchrun: once per job, named in torchrun's summary
+            from .watchdog import report
+
+            report(exc)
+        else:
+            print(f"autopart: error: {exc}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
         print("autopart: interrupted", file=sys.stderr)
@@ -591,14 +598,14 @@ def cmd_compare(args: argparse.Namespace, argv: Sequence[str] | None = None) -> 
 
 
 def cmd_run(args: argparse.Namespace) -> int:
-    """Train ``--plan`` for ``--steps`` steps on synthetic data; see docs/runtime.md for the --json contract."""
+    """Train ``--plan`` for ``--steps`` steps on a fixed synthetic corpus (or ``--data``); see docs/runtime.md."""
     from .runtime import run_plan
 
     if args.warmup < 0:
         raise PlanError(f"--warmup {args.warmup} must be >= 0")
     return run_plan(
         args.plan_file, args.model, config=args.config, seq_len=args.seq_len, steps=args.steps,
-        warmup=args.warmup, json_path=args.json, seed=args.seed, force=args.force,
+        warmup=args.warmup, json_path=args.json, seed=args.seed, data=args.data, force=args.force,
     )
 
 

@@ -208,6 +208,8 @@ class Evaluator:
         """Re-price a plan (e.g. hand-written or loaded from JSON) on this evaluator's model and cluster."""
         plan.check_matches(self.captured.fingerprint)
         node_of_key = self.captured.node_of_key
+        # [Note: what a stage holds]: the stages' nodes are their modules' node keys, or refused
+        plan = plan.with_blocks({b.name: tuple(self.captured.nodes[n].key for n in b.nodes) for b in self.pgraph.blocks})
         unknown = [k for k in plan.sharding if k not in node_of_key]
         if unknown:
             import difflib

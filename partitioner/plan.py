@@ -12,6 +12,14 @@ Glossary: **stage** is a pipeline stage (with interleaving, a virtual stage:
 of the global batch. With the V-shaped schedules (``zbv``, ``dualpipev``) rank
 ``r`` holds stages ``r`` and ``2 * pp - 1 - r`` instead ([Note: stage layouts]
 in schedules.py). The JSON schema is documented in ``docs/plan.md``.
+
+[Note: what a stage holds]
+A stage lists its ``modules`` (blocks, by name) and its ``nodes`` (FX nodes). The modules
+are the source of truth: the simulator prices blocks, and the runtime derives the nodes it
+runs from the modules (``Plan.with_blocks``, called by ``planner.check_plan`` on the model).
+A stage's ``nodes`` are either empty (a hand-written plan: filled in) or exactly the nodes
+of its modules; anything else is refused, naming the stage, the module and a node, so that
+a plan is never simulated as one split and run as another.
 """
 
 from __future__ import annotations
@@ -22,7 +30,7 @@ from pathlib import Path
 from typing import Any, Mapping, Sequence
 
 from .errors import PlanError
-from .schedules import REGISTRY as SCHEDULE_REGISTRY, SCHEDULES, check_recompute, check_schedule
+from .schedules import REGISTRY as SCHEDULE_REGISTRY, SCHEDULES, check_recompute, check_schedule, stage_rank
 
 __all__ = [
     "PLAN_VERSION",
@@ -54,6 +62,20 @@ STRATEGIES = ("replicate", "column", "row", "vocab", "sharded")
 def _check_int(where: str, value: Any, minimum: int = 1) -> None:
     if not isinstance(value, int) or isinstance(value, bool) or value < minimum:
         raise PlanError(f"{where} must be an integer >= {minimum}, got {value!r}")
+
+
+def _check_type(where: str, value: Any, kind: type | tuple[type, ...], what: str) -> None:
+    ok = isinstance(value, kind) and not (isinstance(value, bool) and kind in (int, (int, float)))
+    if not ok:
+        raise PlanError(f"{where} must be {what}, got {value!r:.80}")
+
+
+def _check_items(where: str, items: Any, kind: type, what: str, minimum: int | None = None) -> None:
+    _check_type(where, items, tuple, "an array")
+    for i, v in enumerate(items):
+        _check_type(f"{where}[{i}]", v, kind, what)
+        if minimum is not None and v < minimum:
+            raise PlanError(f"{where}[{i}] must be >= {minimum}, got {v!r}")
 
 
 @dataclass(frozen=True, slots=True)
@@ -127,7 +149,7 @@ class Schedule:
     virtual_stages: int = 1  # stages per pipeline rank (interleaved, zb: any; zbv, dualpipev: 2)
 
     def __post_init__(self) -> None:
-        if self.name not in SCHEDULE_NAMES:
+        if not isinstance(self.name, str) or self.name not in SCHEDULE_NAMES:
             raise PlanError(f"schedule.name {self.name!r} is not one of {', '.join(SCHEDULE_NAMES)}")
         _check_int("schedule.microbatches", self.microbatches)
         _check_int("schedule.micro_batch_size", self.micro_batch_size)
@@ -195,6 +217,15 @@ class Stage:
     recompute: bool = False  # recompute activations in backward
     predicted: StagePredicted | None = None
 
+    def __post_init__(self) -> None:
+        where = f"stages[{self.index}]"
+        _check_int(f"{where}.index" if isinstance(self.index, int) else "stages[].index", self.index, 0)
+        _check_items(f"{where}.modules", self.modules, str, "a module name (string)")
+        _check_items(f"{where}.nodes", self.nodes, str, "a node name (string)")
+        _check_int(f"{where}.params", self.params, 0)
+        _check_items(f"{where}.ranks", self.ranks, int, "a rank (integer)", minimum=0)
+        _check_type(f"{where}.recompute", self.recompute, bool, "true or false")
+
 
 @dataclass(frozen=True, slots=True)
 class Predicted:
@@ -223,6 +254,17 @@ class SolverInfo:
     # (a baseline's plan the search started from) that no solve beat. None: not recorded.
     origin: str | None = None
     seed_step_s: float | None = None  # the best seed's predicted step time (the ILP only), s
+
+    def __post_init__(self) -> None:
+        _check_type("solver.method", self.method, str, "a string")
+        _check_type("solver.status", self.status, str, "a string")
+        for key in ("objective", "bound", "seed_step_s"):
+            value = getattr(self, key)
+            if value is not None:
+                _check_type(f"solver.{key}", value, (int, float), "a number or null")
+        _check_type("solver.wall_s", self.wall_s, (int, float), "a number")
+        if self.origin is not None:
+            _check_type("solver.origin", self.origin, str, "a string or null")
 
 
 @dataclass(frozen=True, slots=True)
@@ -284,6 +326,16 @@ class ModelRef:
     input_shapes: tuple[tuple[int, ...], ...] = ()  # shapes of the captured example inputs
     source: ModelSource | None = None  # how to rebuild it (CLI plans); None for a model given from Python
 
+    def __post_init__(self) -> None:
+        _check_type("model.name", self.name, str, "a string")
+        _check_int("model.params", self.params, 0)
+        _check_type("model.fingerprint", self.fingerprint, str, "a string")
+        _check_type("model.input_shapes", self.input_shapes, tuple, "an array of shapes")
+        for i, shape in enumerate(self.input_shapes):
+            _check_items(f"model.input_shapes[{i}]", shape, int, "a size (integer)", minimum=0)
+        if self.source is not None:
+            _check_type("model.source", self.source, ModelSource, "an object (spec, config, seq_len) or null")
+
 
 @dataclass(frozen=True, slots=True)
 class Training:
@@ -298,6 +350,11 @@ class Training:
 
     def __post_init__(self) -> None:
         _check_int("training.global_batch", self.global_batch)
+        _check_type("training.dtype", self.dtype, str, "a string such as \"bf16\"")
+        _check_type("training.optimizer", self.optimizer, str, "a string such as \"adam-mixed\"")
+        _check_type("training.zero1", self.zero1, bool, "true or false")
+        _check_type("training.overlap_dp", self.overlap_dp, bool, "true or false")
+        _check_type("training.memory_reserve", self.memory_reserve, (int, float), "a number")
         if not 0.0 <= self.memory_reserve < 1.0:
             raise PlanError(f"training.memory_reserve must be in [0, 1), got {self.memory_reserve}")
 
@@ -332,8 +389,9 @@ class Plan:
                 raise PlanError(f"stages[{i}].index is {st.index}; stages must be listed in order 0..{expected - 1}")
             if not st.modules:
                 raise PlanError(f"stage {i} owns no modules; every stage needs at least one block")
+        _check_type("cluster", self.cluster, Mapping, "an object (a cluster's to_dict())")
         for node, strat in self.sharding.items():
-            if strat not in STRATEGIES:
+            if not isinstance(strat, str) or strat not in STRATEGIES:
                 raise PlanError(f"sharding[{node!r}] = {strat!r} is not one of {', '.join(STRATEGIES)}")
         samples = self.schedule.microbatches * self.schedule.micro_batch_size * self.mesh.dp
         if samples != self.training.global_batch:
@@ -374,6 +432,98 @@ class Plan:
                     f"this plan was made for cluster {mine.get('name')!r} and differs from "
                     f"{theirs.get('name')!r} in: {', '.join(diff)}; re-plan for this cluster"
                 )
+
+    def stage_ranks(self, index: int) -> tuple[int, ...]:
+        """The global ranks that run stage ``index``: its pipeline rank under the schedule's stage
+        layout ([Note: stage layouts] in schedules.py), times the mesh's tp x dp."""
+        layout = SCHEDULE_REGISTRY[self.schedule.name].layout
+        return self.mesh.stage_ranks(stage_rank(index, self.mesh.pp, layout))
+
+    def check_consistent(self) -> None:
+        """Refuse a plan at odds with itself; see [Note: what a stage holds].
+
+        Checks what can be checked without the model: no module or node is held by two
+        stages, the stages' ``ranks`` are the mesh's (or empty), and every node in
+        ``sharding`` is held by a stage (when the stages list their nodes)."""
+        owner: dict[str, int] = {}
+        node_owner: dict[str, int] = {}
+        for st in self.stages:
+            for m in st.modules:
+                if m in owner:
+                    raise PlanError(f"module {m} is listed by stage {owner[m]} and stage {st.index}; "
+                                    "a module belongs to one stage: remove it from one of them")
+                owner[m] = st.index
+            for n in st.nodes:
+                if n in node_owner:
+                    raise PlanError(f"node {n} is listed by stage {node_owner[n]} and stage {st.index}; "
+                                    "a node belongs to one stage: remove it from one of them")
+                node_owner[n] = st.index
+            want = self.stage_ranks(st.index)
+            if st.ranks and tuple(st.ranks) != want:
+                raise PlanError(f"stages[{st.index}].ranks is {list(st.ranks)} but mesh {self.mesh} with schedule "
+                                f"{self.schedule.name} runs stage {st.index} on ranks {list(want)}; fix the ranks "
+                                "(or give [] to have them filled in)")
+        if node_owner:
+            stray = sorted(n for n in self.sharding if n not in node_owner)
+            if stray:
+                raise PlanError(f"sharding.nodes names {stray[0]!r}, which no stage holds"
+                                + (f" ({len(stray)} such nodes)" if len(stray) > 1 else "")
+                                + "; remove it or add it to a stage")
+
+    def with_blocks(self, blocks: Mapping[str, Sequence[str]]) -> "Plan":
+        """This plan checked against the model's blocks (``{block name: its nodes}``, in model
+        order) and with every stage's ``nodes`` and ``ranks`` filled in from its ``modules``.
+
+        The stages' ``modules`` are the one source of truth ([Note: what a stage holds]): a
+        stage's ``nodes`` must be empty (to be filled in) or exactly its modules' nodes, so a
+        plan is simulated and run as the same split or refused, naming the stage and module."""
+        import difflib
+        from dataclasses import replace
+
+        self.check_consistent()
+        node_block = {n: b for b, ns in blocks.items() for n in ns}
+        held: dict[str, int] = {}
+        stages = []
+        for st in self.stages:
+            for m in st.modules:
+                if m not in blocks:
+                    near = difflib.get_close_matches(m, list(blocks), n=1)
+                    hint = f" (did you mean {near[0]!r}?)" if near else ""
+                    raise PlanError(f"stages[{st.index}].modules names {m!r}{hint}, which is not a block of this "
+                                    "model (see `autopart inspect`); fix the name or re-plan")
+                held[m] = st.index
+            want = [n for m in st.modules for n in blocks[m]]
+            if st.nodes and set(st.nodes) != set(want):
+                extra = [n for n in st.nodes if n not in set(want)]
+                lacking = [n for n in want if n not in set(st.nodes)]
+                if extra:
+                    n = extra[0]
+                    where = (f"of module {node_block[n]}, which stage {st.index} does not list" if n in node_block
+                             else "that this model's graph does not have")
+                    raise PlanError(f"stages[{st.index}].nodes holds node {n!r} {where}; stages[].modules and "
+                                    "stages[].nodes disagree: edit both, or give nodes [] to have them derived from modules")
+                n = lacking[0]
+                raise PlanError(f"stages[{st.index}] lists module {node_block[n]} but not its node {n!r}"
+                                f"{f' (and {len(lacking) - 1} more)' if len(lacking) > 1 else ''}; stages[].modules "
+                                "and stages[].nodes disagree: edit both, or give nodes [] to have them derived from modules")
+            stages.append(replace(st, nodes=tuple(want), ranks=self.stage_ranks(st.index)))
+        unheld = [b for b in blocks if b not in held]
+        if unheld:
+            raise PlanError(f"no stage holds module {unheld[0]}"
+                            f"{f' (nor {len(unheld) - 1} more)' if len(unheld) > 1 else ''}; "
+                            "every block must be in exactly one stage's modules")
+        order = {b: i for i, b in enumerate(blocks)}
+        for st in self.stages:
+            for a, b in zip(st.modules, st.modules[1:]):
+                if order[b] < order[a]:
+                    raise PlanError(f"stages[{st.index}] lists module {b} after {a}; list each stage's modules in model order")
+        last = [max(order[m] for m in st.modules) for st in self.stages]
+        first = [min(order[m] for m in st.modules) for st in self.stages]
+        for i in range(1, len(self.stages)):
+            if first[i] < last[i - 1]:
+                raise PlanError(f"stage {i} holds module {list(blocks)[first[i]]}, which comes before stage {i - 1}'s "
+                                f"{list(blocks)[last[i - 1]]}; stages must follow the model order")
+        return replace(self, stages=tuple(stages))
 
     def model_source(
         self, spec: str | None = None, config: Mapping[str, Any] | None = None, seq_len: int | None = None
@@ -427,22 +577,31 @@ class Plan:
         tmp.replace(path)
 
     @classmethod
-    def from_json(cls, text: str) -> "Plan":
+    def from_json(cls, text: str, where: str = "plan") -> "Plan":
         try:
             data = json.loads(text)
         except json.JSONDecodeError as exc:
-            raise PlanError(f"plan is not valid JSON: {exc.msg} at line {exc.lineno} column {exc.colno}") from None
-        return cls.from_dict(data)
+            raise PlanError(f"{where} is not valid JSON: {exc.msg} at line {exc.lineno} column {exc.colno}") from None
+        except RecursionError:
+            raise PlanError(f"{where} is nested too deeply to be a plan; give a plan file written by autopart") from None
+        try:
+            return cls.from_dict(data)
+        except RecursionError:
+            raise PlanError(f"{where} is nested too deeply to be a plan; give a plan file written by autopart") from None
 
     @classmethod
     def load(cls, path: str | Path) -> "Plan":
         path = Path(path)
         try:
-            text = path.read_text()
+            raw = path.read_bytes()
         except OSError as exc:
             raise PlanError(f"cannot read plan file {str(path)!r}: {exc.strerror}") from None
         try:
-            return cls.from_json(text)
+            text = raw.decode("utf-8")
+        except UnicodeDecodeError as exc:
+            raise PlanError(f"plan file {str(path)!r} is not UTF-8 text (byte {exc.start}); give a plan JSON file") from None
+        try:
+            return cls.from_json(text, "the file")
         except PlanError as exc:  # name the file: `diff a.json b.json` must say which one is bad
             raise PlanError(f"plan file {str(path)!r}: {exc}") from None
 
@@ -478,7 +637,8 @@ class Plan:
                     )
                 )
             model = _fields(ModelRef, _required(data, "model", dict), "model")
-            model["input_shapes"] = tuple(tuple(s) for s in model.get("input_shapes", ()))
+            shapes = _typed("model.input_shapes", model.get("input_shapes", []), list)
+            model["input_shapes"] = tuple(tuple(_typed(f"model.input_shapes[{i}]", s, list)) for i, s in enumerate(shapes))
             if model.get("source") is not None:
                 model["source"] = ModelSource(**_fields(ModelSource, model["source"], "model.source"))
             pred = data.get("predicted")
@@ -553,5 +713,7 @@ def _fields(cls: type, data: Mapping[str, Any] | None, where: str, tuples: Seque
     out = {k: v for k, v in data.items() if k != "predicted" or cls is not Stage}
     for t in tuples:
         if t in out:
+            if not isinstance(out[t], list):
+                raise PlanError(f"plan field {where}.{t} must be an array, got {out[t]!r:.80}")
             out[t] = tuple(out[t])
     return out

@@ -28,7 +28,7 @@ from .progress import SearchCallback
 from .sharding import megatron_sharding
 from .simulate import SimResult
 
-__all__ = ["ALL_METHODS", "PlanResult", "plan_parallelism", "prepare", "manual_plan", "score_plan"]
+__all__ = ["ALL_METHODS", "PlanResult", "plan_parallelism", "prepare", "manual_plan", "score_plan", "check_plan"]
 
 ALL_METHODS = ("ilp", *METHODS, "manual")
 
@@ -220,3 +220,27 @@ def score_plan(
     plan.check_matches(ev.captured.fingerprint, cluster.to_dict())
     scored, sim = ev.score(plan)
     return PlanResult(scored, sim, ev)
+
+
+def check_plan(
+    plan: Plan, model: torch.nn.Module, example_inputs: Sequence[Any] = (),
+    example_kwargs: Mapping[str, Any] | None = None,
+) -> Plan:
+    """``plan`` checked against ``model`` before anything runs: made for this model, consistent
+    with itself and with the model's blocks, with each stage's nodes derived from its modules
+    ([Note: what a stage holds] in plan.py). The runtime calls this on a given plan, so that
+    ``autopart run`` and ``auto_parallelize(plan=...)`` refuse what ``plan --plan`` refuses.
+
+    Captures ``model`` (a ``meta`` model too) at the plan's recorded input shapes."""
+    from .capture import model_fingerprint
+
+    plan.check_consistent()
+    plan.check_matches(model_fingerprint(model))
+    args = tuple(example_inputs)
+    shapes = plan.model.input_shapes
+    if shapes and len(shapes) == len(args):
+        args = tuple(torch.zeros(s, dtype=a.dtype, device=a.device) if isinstance(a, torch.Tensor) else a
+                     for s, a in zip(shapes, args))
+    captured = capture(model, args, example_kwargs, name=plan.model.name)
+    pgraph = build_partition_graph(captured, model)
+    return plan.with_blocks({b.name: tuple(captured.nodes[n].key for n in b.nodes) for b in pgraph.blocks})

@@ -30,25 +30,15 @@ and with several stages per rank (interleaving) we saw int64 position ids
 arrive holding a boolean mask of the same byte size. Static mode has no such
 exchange, and costs nothing.
 
-[Note: failing ranks]
-A rank that raises inside a step writes ``rank r (stage s): error`` to the
-job's store before re-raising; a rank that dies stops its heartbeat. Every
-rank runs a watchdog thread that polls the store: when another rank has
-aborted, or (while this rank is inside a collective phase) its heartbeat
-has not moved for ``timeout_s``, the watchdog prints one line naming that
-rank and its stages and ends this process with exit status 1, since a rank
-blocked in a gloo receive cannot be interrupted from Python. A rank that
-finished cleanly marks itself done and is never reported.
+[Note: failing ranks] lives in watchdog.py: a rank that raises, dies or hangs stops the
+job within ``timeout_s``, and the first line names it and its stage.
 """
 
 from __future__ import annotations
 
 import json
 import os
-import sys
-import threading
 import time
-import uuid
 from dataclasses import asdict, dataclass, field, replace
 from datetime import timedelta
 from pathlib import Path
@@ -60,25 +50,17 @@ from torch.utils._pytree import tree_unflatten
 
 from .cluster import Cluster
 from .devices import init_distributed, rank_device
-from .errors import AutopartError, PlanError, one_line
+from .errors import AutopartError, PlanError
 from .plan import Plan
 from .precision import MasterWeightOptimizer, PrecisionPolicy, loss_inputs, make_scaler, optimizer_step
 from .schedules import rank_stages, spec as schedule_spec, stage_rank
 from .materialize import has_meta_tensors, materialize, release
+from .checkpoint import CHECKPOINT_META, CheckpointError, read_manifest, verify, write_manifest
+from .watchdog import DistributedError, RankFailedError, Watchdog, backend_timeout_s
 from .rewrite import SplitModel, TensorParallelModule, get_tensor, set_tensor, microbatch_inputs, split_model
 
-__all__ = ["DistributedError", "CheckpointError", "StepEvent", "ParallelModel", "RecomputedStage", "auto_parallelize", "run_plan"]
-
-CHECKPOINT_META = "autopart.json"
-
-
-class DistributedError(AutopartError):
-    """A distributed run cannot start or continue (world size, launch, a failed rank)."""
-
-
-class CheckpointError(AutopartError):
-    """A checkpoint is missing, corrupt, or for another model."""
-
+__all__ = ["DistributedError", "RankFailedError", "CheckpointError", "StepEvent", "ParallelModel", "RecomputedStage",
+           "auto_parallelize", "run_plan"]
 
 @dataclass(frozen=True, slots=True)
 class StepEvent:
@@ -146,7 +128,11 @@ def auto_parallelize(
     materialize.py); ``materialize(model, device)`` builds the same weights in
     one process.
     """
-    rank, world = _init_process_group(cluster)
+    if plan is not None:  # before the process group: a bad plan is refused the same way everywhere
+        from .planner import check_plan
+
+        plan = check_plan(plan, model, example_inputs)
+    rank, world = _init_process_group(cluster, timeout_s)
     if plan is None:
         cluster = cluster or Cluster.local(world)
         plan = _plan_on_rank0(
@@ -158,7 +144,7 @@ def auto_parallelize(
     return ParallelModel(model, plan, example_inputs, loss_fn, optimizer, timeout_s, init_seed)
 
 
-def _init_process_group(cluster: Cluster | None) -> tuple[int, int]:
+def _init_process_group(cluster: Cluster | None, timeout_s: float = 20.0) -> tuple[int, int]:
     """Start (or join) the job's process group on this rank's own device (see devices.py)."""
     if not dist.is_initialized():
         missing = [v for v in ("RANK", "WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT") if v not in os.environ]
@@ -167,7 +153,10 @@ def _init_process_group(cluster: Cluster | None) -> tuple[int, int]:
                 f"no process group and {', '.join(missing)} not set: launch with "
                 "`torchrun --nproc-per-node N your_script.py` (or call torch.distributed.init_process_group first)"
             )
-        init_distributed(prefer="cpu" if cluster is not None and cluster.name.startswith("local-cpu") else None)
+        # The watchdog names a failed or hung rank after timeout_s; the backend's own timeout is
+        # the backstop behind it ([Note: failing ranks]).
+        init_distributed(prefer="cpu" if cluster is not None and cluster.name.startswith("local-cpu") else None,
+                         timeout_s=backend_timeout_s(timeout_s))
     return dist.get_rank(), dist.get_world_size()
 
 
@@ -217,25 +206,36 @@ def _stage_class() -> type:
 
         events: list[StepEvent] | None = None
         origin: float = 0.0
+        watchdog: Watchdog | None = None  # told of each forward and backward ([Note: failing ranks])
 
         def forward_one_chunk(self, fwd_chunk_id: int, *args: Any, **kwargs: Any) -> Any:
             t0, c0 = time.perf_counter(), time.thread_time()
+            self._progress("compute")
             out = super().forward_one_chunk(fwd_chunk_id, *args, **kwargs)
+            self._progress("wait")  # not in a finally: a failure leaves the phase at "compute"
             self._record("F", fwd_chunk_id, t0, c0)
             return out
 
         def backward_one_chunk(self, bwd_chunk_id: int, *args: Any, **kwargs: Any) -> Any:
             t0, c0 = time.perf_counter(), time.thread_time()
+            self._progress("compute")
             out = super().backward_one_chunk(bwd_chunk_id, *args, **kwargs)
+            self._progress("wait")
             full = kwargs.get("full_backward", args[1] if len(args) > 1 else True)
             self._record("B" if full else "I", bwd_chunk_id, t0, c0)  # I: input gradients only
             return out
 
         def backward_weight_one_chunk(self, bwd_chunk_id: int, *args: Any, **kwargs: Any) -> Any:
             t0, c0 = time.perf_counter(), time.thread_time()
+            self._progress("compute")
             out = super().backward_weight_one_chunk(bwd_chunk_id, *args, **kwargs)
+            self._progress("wait")
             self._record("W", bwd_chunk_id, t0, c0)
             return out
+
+        def _progress(self, phase: str) -> None:
+            if self.watchdog is not None:
+                self.watchdog.progress(phase)
 
         def _record(self, kind: str, mb: int, t0: float, c0: float) -> None:
             if self.events is not None:
@@ -303,6 +303,7 @@ class ParallelModel:
                 f"plan mesh {mesh} needs {mesh.world_size} ranks but this job has {world}; "
                 f"launch torchrun --nproc-per-node {mesh.world_size}, or re-plan for Cluster.local({world})"
             )
+        plan.check_consistent()
         plan.check_matches(model_fingerprint(model))
         self.device = rank_device().device  # cuda:LOCAL_RANK, never a bare "cuda" ([Note: one rank per device])
         self.mesh = init_device_mesh(self.device.type, (mesh.pp, mesh.dp, mesh.tp), mesh_dim_names=("pp", "dp", "tp"))
@@ -384,10 +385,31 @@ class ParallelModel:
         self.optimizer = MasterWeightOptimizer(params, make) if self.precision.master_dtype else make(params)
         self.scaler = make_scaler(self.precision, self.device)
         self.schedule = self._make_schedule()
-        self._watchdog = _Watchdog(self.rank, plan, timeout_s)
+        self._watchdog = Watchdog(self.rank, self._stages_of, timeout_s)
+        for st in self.stages:
+            st.watchdog = self._watchdog
+        self._set_timeouts(timeout_s)
         self.steps_done = 0
 
     # --- building -------------------------------------------------------------------
+
+    def _stages_of(self, rank: int) -> str:
+        mesh, sched = self.plan.mesh, self.plan.schedule
+        stages = rank_stages(rank // (mesh.dp * mesh.tp), mesh.pp, sched.virtual_stages, schedule_spec(sched.name).layout)
+        return f"stage{'s' if len(stages) > 1 else ''} {', '.join(map(str, stages))}"
+
+    def _set_timeouts(self, timeout_s: float) -> None:
+        """The backend's own timeout on every group of the mesh, behind the watchdog (a backstop;
+        gloo's point-to-point receives do not honour it: [Note: failing ranks] in watchdog.py)."""
+        from torch.distributed.distributed_c10d import _set_pg_timeout
+
+        timeout = timedelta(seconds=backend_timeout_s(timeout_s))
+        groups = [None] + [self.mesh[axis].get_group() for axis in ("pp", "dp", "tp")]
+        for group in groups:
+            try:
+                _set_pg_timeout(timeout, group)
+            except Exception:  # a backend without a settable timeout keeps its default
+                pass
 
     def _materialize_own(self, model: torch.nn.Module, seed: int) -> None:
         """Give real values to the tensors this rank's stages read, and only those ([Note: deterministic
@@ -419,7 +441,9 @@ class ParallelModel:
 
         def loss(out: Any, target: torch.Tensor) -> torch.Tensor:
             flat = loss_inputs(list(out) if isinstance(out, (tuple, list)) else [out], self.precision)
+            self._watchdog.progress("compute")
             value = self._loss_fn(tree_unflatten(flat, spec), target)
+            self._watchdog.progress("wait")
             return value if self.scaler is None else self.scaler.scale(value)  # fp16: scaled backward
 
         cls = getattr(pipelining, entry.torch_class)
@@ -460,7 +484,8 @@ class ParallelModel:
         for st in self.stages:
             st.events = self.events if record else None
             st.origin = origin
-        self._watchdog.busy = True
+        self._watchdog.busy = self._watchdog.in_step = True
+        self._watchdog.progress("wait")
         try:
             self.optimizer.zero_grad(set_to_none=True)
             losses: list[torch.Tensor] = []
@@ -476,14 +501,12 @@ class ParallelModel:
             mean = mean.to(self.device)
             dist.all_reduce(mean)
         except Exception as exc:
-            # A peer that failed first makes our collectives fail too: name the peer, not us.
-            peer = self._watchdog.peer_failure(wait_s=self._watchdog.timeout_s + 3.0)
-            if peer is not None:
-                raise DistributedError(f"{peer}; rank {self.rank} stopped its step") from exc
-            self._watchdog.abort(self.stage_indices, exc)
-            raise
+            # Our own failure is published at once; a communication error names the peer that
+            # failed first ([Note: failing ranks] in watchdog.py).
+            raise self._watchdog.failed(exc) from exc
         finally:
-            self._watchdog.busy = False
+            self._watchdog.busy = self._watchdog.in_step = False
+            self._watchdog.progress("idle")
         self.steps_done += 1
         return float(mean) / (self.plan.mesh.dp * self.plan.mesh.tp)
 
@@ -561,10 +584,11 @@ class ParallelModel:
         self._watchdog.busy = True
         try:
             dcp.save(self.state_dict(), checkpoint_id=str(path))
+            dist.barrier()  # every rank's shard is written before rank 0 checksums them
             if self.rank == 0:
                 meta = dict(model=self.model_name, fingerprint=self.fingerprint, steps=self.steps_done,
                             plan_mesh=str(self.plan.mesh), optimizer=type(self.optimizer).__name__)
-                (path / CHECKPOINT_META).write_text(json.dumps(meta, indent=2) + "\n")
+                write_manifest(path, meta)  # [Note: checkpoint checksums] in checkpoint.py
             dist.barrier()
         finally:
             self._watchdog.busy = False
@@ -604,19 +628,16 @@ class ParallelModel:
                     _local(dst).copy_(_local(v))
         finally:
             self._watchdog.busy = False
-        meta = json.loads((path / CHECKPOINT_META).read_text())
-        self.steps_done = int(meta.get("steps", 0))
+        self.steps_done = int(read_manifest(path).get("steps", 0))
 
     def _check_checkpoint(self, path: Path) -> str | None:
-        """One line saying what is wrong with the checkpoint at ``path``, or None."""
-        meta_file = path / CHECKPOINT_META
-        if not path.is_dir() or not (path / ".metadata").is_file() or not meta_file.is_file():
-            return f"no checkpoint at {path} (expected a directory written by ParallelModel.save, with .metadata and {CHECKPOINT_META})"
+        """One line saying what is wrong with the checkpoint at ``path``, or None. Rank 0 verifies
+        every file's and tensor's checksum ([Note: checkpoint checksums] in checkpoint.py)."""
         try:
-            meta = json.loads(meta_file.read_text())
-            fingerprint = meta["fingerprint"]
-        except (OSError, ValueError, KeyError, TypeError):
-            return f"checkpoint {path}: {CHECKPOINT_META} is corrupt; the checkpoint cannot be trusted, save it again"
+            meta = verify(path) if self.rank == 0 else read_manifest(path)
+        except CheckpointError as exc:
+            return str(exc)
+        fingerprint = meta["fingerprint"]
         if fingerprint != self.fingerprint:
             return (
                 f"checkpoint {path} is of model {meta.get('model')!r} (fingerprint {fingerprint}), not of this "
@@ -692,115 +713,6 @@ def _empty_like(t: torch.Tensor) -> torch.Tensor:
 
 
 # --------------------------------------------------------------------------------------
-# Watchdog
-# --------------------------------------------------------------------------------------
-
-
-class _Watchdog:
-    """Ends this rank when another rank failed or died; see [Note: failing ranks]."""
-
-    def __init__(self, rank: int, plan: Plan, timeout_s: float) -> None:
-        self.rank = rank
-        self.plan = plan
-        self.timeout_s = timeout_s
-        self.busy = False
-        self._stop = threading.Event()
-        token = [uuid.uuid4().hex[:12] if rank == 0 else None]
-        dist.broadcast_object_list(token, src=0)
-        self.prefix = f"autopart/{token[0]}/"
-        self.world = dist.get_world_size()
-        self.store = self._client()
-        self.store.set(f"{self.prefix}hb/{rank}", "0")
-        self._thread = threading.Thread(target=self._run, name="autopart-watchdog", daemon=True)
-        self._thread.start()
-
-    @staticmethod
-    def _client() -> Any:
-        """A store client of our own: the main thread may be inside the default one."""
-        store = dist.distributed_c10d._get_default_store()
-        while hasattr(store, "underlying_store"):
-            store = store.underlying_store
-        return dist.TCPStore(store.host, store.port, is_master=False, timeout=timedelta(seconds=30))
-
-    def stages_of(self, rank: int) -> str:
-        pp = self.plan.mesh.pp
-        pp_rank = rank // (self.plan.mesh.dp * self.plan.mesh.tp)
-        stages = rank_stages(pp_rank, pp, self.plan.schedule.virtual_stages,
-                             schedule_spec(self.plan.schedule.name).layout)
-        return f"stage{'s' if len(stages) > 1 else ''} {', '.join(map(str, stages))}"
-
-    def abort(self, stages: Sequence[int], exc: BaseException) -> None:
-        msg = f"rank {self.rank} ({self.stages_of(self.rank)}) failed: {one_line(exc)}"
-        try:
-            self.store.set(f"{self.prefix}abort", msg[:500])
-        except Exception:
-            pass
-
-    def peer_failure(self, wait_s: float) -> str | None:
-        """Another rank's abort message, waiting up to ``wait_s`` for one (the watchdog meanwhile
-        ends this process if a peer's heartbeat stops)."""
-        deadline = time.monotonic() + wait_s
-        key = f"{self.prefix}abort"
-        while True:
-            try:
-                if self.store.check([key]):
-                    msg = self.store.get(key).decode()
-                    return None if msg.startswith(f"rank {self.rank} ") else msg
-            except Exception:
-                return None
-            if time.monotonic() > deadline:
-                return None
-            time.sleep(0.2)
-
-    def close(self) -> None:
-        if not self._stop.is_set():
-            self._stop.set()
-            try:
-                self.store.set(f"{self.prefix}done/{self.rank}", "1")
-            except Exception:
-                pass
-            # Wait for the thread to leave the store: a daemon thread still inside a store call when
-            # the interpreter exits made a rank abort ("terminate called without an active exception")
-            # after a run had finished and written its results.
-            if self._thread is not threading.current_thread():
-                self._thread.join(timeout=5.0)
-
-    def _die(self, msg: str) -> None:
-        print(f"autopart: error: rank {self.rank} stops: {msg}", file=sys.stderr, flush=True)
-        os._exit(1)
-
-    def _run(self) -> None:
-        beats = 0
-        seen: dict[int, tuple[str, float]] = {}
-        abort_key = f"{self.prefix}abort"
-        while not self._stop.wait(1.0):
-            beats += 1
-            try:
-                self.store.set(f"{self.prefix}hb/{self.rank}", str(beats))
-                if self.store.check([abort_key]):
-                    msg = self.store.get(abort_key).decode()
-                    if not msg.startswith(f"rank {self.rank} "):
-                        time.sleep(1.0)  # let the failing rank print its own traceback first
-                        self._die(msg)
-                    continue
-                now = time.monotonic()
-                for r in range(self.world):
-                    if r == self.rank:
-                        continue
-                    beat = self.store.get(f"{self.prefix}hb/{r}").decode()
-                    last = seen.get(r)
-                    if last is None or last[0] != beat:
-                        seen[r] = (beat, now)
-                    elif self.busy and now - last[1] > self.timeout_s and not self.store.check([f"{self.prefix}done/{r}"]):
-                        self._die(f"rank {r} ({self.stages_of(r)}) has not responded for {self.timeout_s:.0f} s; it died or hangs")
-            except Exception as exc:  # the store itself is gone: the rank hosting it died
-                if self._stop.is_set():
-                    return
-                if self.busy:
-                    self._die(f"the job's store is unreachable ({type(exc).__name__}); rank 0 ({self.stages_of(0)}) died")
-
-
-# --------------------------------------------------------------------------------------
 # autopart run
 # --------------------------------------------------------------------------------------
 
@@ -815,23 +727,31 @@ def run_plan(
     warmup: int = 1,
     json_path: str | os.PathLike[str] | None = None,
     seed: int = 0,
+    data: str | os.PathLike[str] | None = None,
     force: bool = False,
+    timeout_s: float = 20.0,
 ) -> int:
-    """``autopart run``: train ``plan_path`` on synthetic batches under torchrun; print and record step times.
+    """``autopart run``: train ``plan_path`` under torchrun on a fixed synthetic corpus (or the token
+    file ``data``); print and record step times and losses.
 
     The model is the one the plan records (``model.source``); ``model_spec``, ``config`` and
     ``seq_len`` replace its parts when given (a plan without a source needs ``model_spec``).
     ``json_path`` must not exist unless ``force`` (checked before any work, as every output path).
-    The ``--json`` file (rank 0) is ``{"plan", "world_size", "step_times_s", "losses", "events"}``;
-    ``events`` are every rank's ``StepEvent`` records of the last measured step (docs/runtime.md).
+    The ``--json`` file (rank 0) is ``{"plan", "world_size", "data", "step_times_s", "losses", "events",
+    "peak_memory_bytes"}``; ``events`` are every rank's ``StepEvent`` records of the last measured step
+    (docs/runtime.md). The plan is checked against the model before the process group starts
+    (``planner.check_plan``).
     """
     from .capture import model_fingerprint
+    from .corpus import TokenCorpus
     from .outputs import check_output_file
+    from .planner import check_plan
     from .zoo import DTYPES_TORCH, load_model, parse_config_overrides
 
     plan = Plan.load(plan_path)
     # Before any step: a run must never train for minutes and then lose its record (or overwrite one).
     check_output_file(json_path, force, "--json", "run.json")
+    plan.check_consistent()
     source = plan.model_source(model_spec, parse_config_overrides(config), seq_len)
     if source.seq_len is None and plan.model.source is None:  # a version-2 plan: its inputs' shape says
         shapes = plan.model.input_shapes
@@ -842,11 +762,14 @@ def run_plan(
     loaded = load_model(source.spec, seq_len=source.seq_len, dtype=dtype if dtype != "tf32" else "fp32",
                         config=source.config, device="meta")
     plan.check_matches(model_fingerprint(loaded.model), given=source)  # before the process group: one clear line
-    rank, world = _init_process_group(None)
     model_spec = source.spec
     model = loaded.model.train()
+    plan = check_plan(plan, model, loaded.example_inputs)
     # A language model: token ids in, logits out (a ModelOutput's .logits, or the tensor itself).
     token_ids = all(not x.dtype.is_floating_point for x in loaded.example_inputs if isinstance(x, torch.Tensor))
+    if data is not None and not token_ids:
+        raise DistributedError(f"--data {data}: model {model_spec} does not take token ids; --data is for language models")
+    rank, world = _init_process_group(None, timeout_s)
 
     def loss_fn(out: Any, y: torch.Tensor) -> torch.Tensor:
         out = getattr(out, "logits", out)
@@ -856,7 +779,7 @@ def run_plan(
 
     # The optimizer the plan priced (its memory): SGD for "sgd", AdamW for the Adam variants.
     opt: OptimizerFactory | None = (lambda ps: torch.optim.SGD(ps, lr=1e-3)) if plan.training.optimizer == "sgd" else None
-    pm = ParallelModel(model, plan, loaded.example_inputs, loss_fn, opt, init_seed=seed)
+    pm = ParallelModel(model, plan, loaded.example_inputs, loss_fn, opt, timeout_s=timeout_s, init_seed=seed)
     # The output's shape per micro-batch, from the split (a meta model cannot run a forward).
     last = pm.split.stages[-1].output_specs
     probe = tree_unflatten([torch.empty(shape, dtype=dt, device="meta") for shape, dt in last], pm.split.out_spec)
@@ -866,21 +789,38 @@ def run_plan(
         raise DistributedError(f"model {model_spec}: its output is neither a tensor nor has .logits; autopart run cannot make a loss for it")
     gb = plan.training.global_batch
     gen = torch.Generator().manual_seed(seed + 1)
+    corpus: TokenCorpus | None = None
+    if token_ids:  # a fixed corpus the model can learn from (see partitioner/corpus.py)
+        ids_shape = loaded.example_inputs[0].shape
+        window = int(ids_shape[1]) if len(ids_shape) > 1 else 1
+        try:
+            corpus = TokenCorpus.make(out.shape[-1], window, data, seed=seed)
+        except AutopartError:
+            pm.close()
+            raise
+        data_source = corpus.source
+    else:  # a fixed set of regression batches, cycled
+        fixed = [
+            (tuple(torch.randn((gb, *x.shape[1:]), generator=gen, dtype=x.dtype) for x in loaded.example_inputs),
+             torch.randn((gb, *out.shape[1:]), generator=gen, dtype=out.dtype))
+            for _ in range(4)
+        ]
+        data_source = "synthetic regression (4 fixed batches, cycled)"
 
-    def batch() -> tuple[tuple[torch.Tensor, ...], torch.Tensor]:
-        if token_ids:
-            vocab = out.shape[-1]
-            ids = [torch.randint(0, vocab, (gb, *x.shape[1:]), generator=gen) for x in loaded.example_inputs]
-            return tuple(ids), torch.randint(0, vocab, (gb, *out.shape[1:-1]), generator=gen)
-        xs = tuple(torch.randn((gb, *x.shape[1:]), generator=gen, dtype=x.dtype) for x in loaded.example_inputs)
-        return xs, torch.randn((gb, *out.shape[1:]), generator=gen, dtype=out.dtype)
+    def batch(step: int) -> tuple[tuple[torch.Tensor, ...], torch.Tensor]:
+        if corpus is None:
+            return fixed[step % len(fixed)]
+        ids, target = corpus.batch(step, gb, window)
+        # Further inputs (rare for a language model) keep random values of their shape.
+        rest = [torch.randint(0, out.shape[-1], (gb, *x.shape[1:]), generator=gen) for x in loaded.example_inputs[1:]]
+        return (ids, *rest), target
 
     times: list[float] = []
     losses: list[float] = []
     total = warmup + steps
     try:
         for i in range(total):
-            inputs, target = batch()
+            inputs, target = batch(i)
             dist.barrier()
             t0 = time.perf_counter()
             loss = pm.step(*inputs, target=target, record=i == total - 1)
@@ -904,7 +844,7 @@ def run_plan(
         print(f"{plan.model.name} · mesh {plan.mesh} · {plan.schedule.name}: mean step {mean * 1e3:.1f} ms "
               f"over {steps} steps ({gb / mean:.1f} samples/s)")
         if json_path is not None:
-            record = dict(plan=str(plan_path), world_size=world, step_times_s=times, losses=losses,
+            record = dict(plan=str(plan_path), world_size=world, data=data_source, step_times_s=times, losses=losses,
                           events=[e for rank_events in gathered for e in rank_events], peak_memory_bytes=peaks)
             tmp = Path(str(json_path) + ".tmp")
             tmp.write_text(json.dumps(record, indent=1) + "\n")

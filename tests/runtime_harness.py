@@ -11,9 +11,13 @@ Jobs:
                and the parameters after one optimizer step; every layout of one world
                size in one launch.
   checkpoint   save / load under given layouts, continue, report the parameters.
-  fail         rank ``fail_rank`` raises inside its loss (or dies) mid-step.
+  fail         rank ``fail_rank`` raises, exits, is killed or hangs mid-step, in its loss or
+               its stage's forward ([Note: failing ranks] in partitioner/watchdog.py).
   hf_stock     a stock ``GPT2LMHeadModel(GPT2Config(...))``, KV cache on as it comes, through
                ``auto_parallelize`` vs a single-process deepcopy.
+
+``launch(..., torchrun=True)`` starts the same job under ``torchrun`` instead (one
+launcher process; the report's ``stderr`` is every rank's, as a user sees it).
 """
 
 from __future__ import annotations
@@ -67,11 +71,16 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-def launch(n: int, job: str, args: dict[str, Any], tmp: Path, timeout_s: float = 240.0) -> list[dict[str, Any]]:
-    """Run ``job`` on ``n`` ranks; return each rank's report (``{"rc", "stderr", "elapsed_s", ...}``)."""
+def launch(n: int, job: str, args: dict[str, Any], tmp: Path, timeout_s: float = 240.0,
+           torchrun: bool = False) -> list[dict[str, Any]]:
+    """Run ``job`` on ``n`` ranks; return each rank's report (``{"rc", "stderr", "elapsed_s", ...}``).
+
+    With ``torchrun=True`` every report has the launcher's ``rc``, ``elapsed_s`` and whole ``stderr``."""
     port = free_port()
     spec = tmp / f"{job}-{port}.json"
     spec.write_text(json.dumps(args))
+    if torchrun:
+        return _launch_torchrun(n, job, spec, tmp, port, timeout_s)
     procs = []
     started = time.monotonic()
     for rank in range(n):
@@ -83,15 +92,46 @@ def launch(n: int, job: str, args: dict[str, Any], tmp: Path, timeout_s: float =
         procs.append((subprocess.Popen([sys.executable, __file__, job, str(spec), str(out)], env=env,
                                        stdout=err, stderr=subprocess.STDOUT), out, err))
     reports = []
-    for proc, out, err in procs:
-        try:
-            rc = proc.wait(timeout=max(1.0, timeout_s - (time.monotonic() - started)))
-        except subprocess.TimeoutExpired:
+    ended: dict[int, float] = {}
+    while len(ended) < n and time.monotonic() - started < timeout_s:  # note when each rank ends
+        for i, (proc, _, _) in enumerate(procs):
+            if i not in ended and proc.poll() is not None:
+                ended[i] = time.time()
+        time.sleep(0.05)
+    for i, (proc, out, err) in enumerate(procs):
+        if proc.poll() is None:
             proc.kill()  # only the processes this launch started
-            rc = proc.wait()
+        rc = proc.wait()
         err.close()
         report = json.loads(out.read_text()) if out.exists() else {}
-        report.update(rc=rc, stderr=Path(err.name).read_text(), elapsed_s=time.monotonic() - started)
+        report.update(rc=rc, stderr=Path(err.name).read_text(), elapsed_s=time.monotonic() - started,
+                      ended_at=ended.get(i, time.time()))
+        reports.append(report)
+    return reports
+
+
+def _launch_torchrun(n: int, job: str, spec: Path, tmp: Path, port: int, timeout_s: float) -> list[dict[str, Any]]:
+    env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=str(ROOT) + os.pathsep + os.environ.get("PYTHONPATH", ""))
+    for var in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT"):
+        env.pop(var, None)
+    out = tmp / f"{job}-{port}-rank{{rank}}.json"
+    err_path = tmp / f"{job}-{port}-torchrun.err"
+    started, started_wall = time.monotonic(), time.time()
+    with open(err_path, "w") as err:
+        proc = subprocess.Popen([sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", str(n),
+                                 "--master-addr", "127.0.0.1", "--master-port", str(port), __file__, job, str(spec),
+                                 str(out)], env=env, stdout=err, stderr=subprocess.STDOUT)
+        try:
+            rc = proc.wait(timeout=timeout_s)
+        except subprocess.TimeoutExpired:
+            proc.kill()  # only the launcher this call started; its children follow it
+            rc = proc.wait()
+    elapsed, stderr = time.monotonic() - started, err_path.read_text()
+    reports = []
+    for rank in range(n):
+        path = Path(str(out).replace("{rank}", str(rank)))
+        report = json.loads(path.read_text()) if path.exists() else {}
+        report.update(rc=rc, stderr=stderr, elapsed_s=elapsed, ended_at=started_wall + elapsed)
         reports.append(report)
     return reports
 
@@ -251,8 +291,11 @@ def job_checkpoint(args: dict[str, Any]) -> dict[str, Any]:
                     if dist.get_rank() == 0:
                         src, dst = (Path(p) for p in phase["corrupt"])
                         shutil.copytree(src, dst)
+                        # Random bytes inside the shard, its size kept (torch's own checks miss this).
                         data = next(f for f in sorted(dst.iterdir()) if f.suffix == ".distcp")
-                        data.write_bytes(data.read_bytes()[: len(data.read_bytes()) // 3])
+                        raw = bytearray(data.read_bytes())
+                        raw[len(raw) // 2 : len(raw) // 2 + 256] = os.urandom(256)
+                        data.write_bytes(bytes(raw))
                     dist.barrier()
             result["params"] = {n: t.flatten().tolist() for n, t in pm.full_tensors("param").items()}
         finally:
@@ -262,24 +305,45 @@ def job_checkpoint(args: dict[str, Any]) -> dict[str, Any]:
 
 
 def job_fail(args: dict[str, Any]) -> dict[str, Any]:
+    """Rank ``fail_rank`` fails in the second step: ``how`` is raise, exit, kill (SIGKILL) or hang,
+    ``where`` is its ``loss`` (last stage) or its stage's ``forward``."""
+    import signal
+
     import torch
     import torch.distributed as dist
 
     from partitioner import auto_parallelize
 
     model, example, loss_fn, batch = build("mlp")
-    fail_rank, how = args["fail_rank"], args["how"]
+    fail_rank, how, where = args["fail_rank"], args["how"], args.get("where", "loss")
+    armed = [False]
+
+    def fail() -> None:
+        if not armed[0] or dist.get_rank() != fail_rank:
+            return
+        Path(args["fault_file"]).write_text(str(time.time()))  # the test measures exits from here
+        if how == "exit":
+            os._exit(3)
+        if how == "kill":
+            os.kill(os.getpid(), signal.SIGKILL)
+        if how == "hang":
+            time.sleep(3600)
+        raise ValueError("injected failure")
 
     def failing_loss(out, y):
-        if dist.get_rank() == fail_rank:
-            if how == "die":
-                os._exit(3)
-            raise ValueError("injected failure in the loss")
+        if where == "loss":
+            fail()
         return loss_fn(out, y)
 
     pm = auto_parallelize(model, example_inputs=example, loss_fn=failing_loss, method="params",
-                          optimizer=lambda ps: torch.optim.SGD(ps, lr=0.1), timeout_s=5.0, **args["layout"])
+                          optimizer=lambda ps: torch.optim.SGD(ps, lr=0.1), timeout_s=args.get("timeout_s", 5.0),
+                          **args["layout"])
+    if where == "forward":
+        for st in pm.stages:
+            st.submod.register_forward_pre_hook(lambda mod, inputs: fail())
     inputs, target = batch(pm.plan.training.global_batch, 1)
+    pm.step(*inputs, target=target)  # a good step first: the failure comes mid-run
+    armed[0] = True
     pm.step(*inputs, target=target)
     return {"finished": True}
 
@@ -435,10 +499,17 @@ def job_precision(args: dict[str, Any]) -> dict[str, Any]:
 
 
 def main(job: str, spec: str, out: str) -> None:
+    from partitioner.errors import AutopartError
+    from partitioner.watchdog import report
+
+    out = out.replace("{rank}", os.environ.get("RANK", "0"))  # one path per rank under torchrun
     args = json.loads(Path(spec).read_text())
     result = {"job_failed": None}
     try:
         result.update(globals()[f"job_{job}"](args))
+    except AutopartError as exc:  # as the CLI does: one line, once per job under torchrun
+        report(exc)
+        result["job_failed"] = f"{type(exc).__name__}: {exc}"
     except Exception as exc:  # reported to the test, which decides
         import traceback
 
