@@ -23,16 +23,19 @@ class OptimizerSpec:
 
     name: str
     grad_bytes: int  # gradient, per parameter
-    state_bytes: int  # optimizer state (and fp32 master copy), per parameter; shardable by ZeRO-1
+    state_bytes: int  # optimizer state (and fp32 master copy), per parameter
+    # Of state_bytes, the fp32 master copy: every dp rank keeps it whole (the runtime's
+    # MasterWeightOptimizer); ZeRO-1 shards the rest (Adam's m and v).
+    master_bytes: int = 0
 
     def __post_init__(self) -> None:
-        if self.grad_bytes < 0 or self.state_bytes < 0:
-            raise ValueError(f"optimizer {self.name}: byte counts must be >= 0")
+        if self.grad_bytes < 0 or self.state_bytes < 0 or not 0 <= self.master_bytes <= self.state_bytes:
+            raise ValueError(f"optimizer {self.name}: byte counts must be >= 0, the master copy within the state")
 
 
 OPTIMIZERS = {
     # ZeRO paper, Sec. 3.1: fp16/bf16 weights + grads, fp32 master + Adam m, v.
-    "adam-mixed": OptimizerSpec("adam-mixed", grad_bytes=2, state_bytes=12),
+    "adam-mixed": OptimizerSpec("adam-mixed", grad_bytes=2, state_bytes=12, master_bytes=4),
     # Plain fp32 Adam: fp32 grads, m and v (weights counted separately at 4 bytes).
     "adam": OptimizerSpec("adam", grad_bytes=4, state_bytes=8),
     # SGD with momentum in fp32.
@@ -62,9 +65,11 @@ def static_bytes(
 
     ``weight_bytes`` are the bytes of the weights as stored (already divided by
     the tensor-parallel degree where sharded); ``dp`` shards the optimizer
-    state when ``zero1`` is set.
+    state when ``zero1`` is set, all but the fp32 master copy, which the runtime keeps
+    whole on every replica (``partitioner/precision.py``).
     """
-    state = optimizer.state_bytes * param_count
+    master = optimizer.master_bytes * param_count
+    state = (optimizer.state_bytes - optimizer.master_bytes) * param_count
     if zero1:
         state = -(-state // max(1, dp))
-    return int(weight_bytes + optimizer.grad_bytes * param_count + state)
+    return int(weight_bytes + optimizer.grad_bytes * param_count + master + state)

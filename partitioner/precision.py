@@ -34,8 +34,9 @@ gradients), and the runtime shards with DTensor, pipelining and DDP rather
 than FSDP, hence the small wrapper here. Other pairings (fp32 with any
 optimizer; bf16 with plain ``adam`` or ``sgd``) run the optimizer on the
 parameters as they are. Under ``training.zero1`` the masters are kept for all
-of the rank's parameters and only Adam's m and v are sharded over ``dp``,
-4 bytes per parameter more than the memory model's fully sharded 12.
+of the rank's parameters and only Adam's m and v are sharded over ``dp``, and
+the memory model prices exactly that (``OptimizerSpec.master_bytes``; the ZeRO paper
+shards the masters too, which would save 4 bytes per parameter more).
 """
 
 from __future__ import annotations

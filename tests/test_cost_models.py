@@ -152,8 +152,9 @@ def test_static_bytes_follow_zero():
     adam = OPTIMIZERS["adam-mixed"]
     # ZeRO Sec. 3.1: 2 + 2 + 12 bytes per parameter with half-precision weights.
     assert static_bytes(1000, 2000, adam) == 16_000
-    # ZeRO-1 shards only the optimizer state (12 bytes/param) over dp.
-    assert static_bytes(1000, 2000, adam, dp=4, zero1=True) == 2000 + 2000 + 3000
+    # ZeRO-1 shards Adam's m and v (8 bytes/param) over dp; the runtime keeps the fp32 masters
+    # (4 bytes/param) whole on every replica (partitioner/precision.py), and so does the model.
+    assert static_bytes(1000, 2000, adam, dp=4, zero1=True) == 2000 + 2000 + 4000 + 2000
     assert static_bytes(1000, 2000, adam, dp=4, zero1=False) == 16_000
     assert static_bytes(1000, 4000, OPTIMIZERS["adam"]) == 16_000  # fp32 weights, grads, m, v
 
@@ -168,3 +169,4 @@ def test_adam_mixed_in_fp32_keeps_no_master_copy():
     for dtype in ("bf16", "fp16"):
         assert optimizer_spec("adam-mixed", dtype) == OPTIMIZERS["adam-mixed"]
     assert optimizer_spec("sgd", "fp32") == OPTIMIZERS["sgd"]
+
