@@ -301,7 +301,7 @@ class ParallelModel:
         if world != mesh.world_size:
             raise DistributedError(
                 f"plan mesh {mesh} needs {mesh.world_size} ranks but this job has {world}; "
-                f"launch torchrun --nproc-per-node {mesh.world_size}, or re-plan for Cluster.local({world})"
+                f"launch torchrun --nproc-per-node {mesh.world_size}, or re-plan for {world} ranks (--cluster local-cpu:{world}; Cluster.local({world}) in Python)"
             )
         plan.check_consistent()
         plan.check_matches(model_fingerprint(model))
