@@ -121,35 +121,43 @@ def _from_process_failure(rank: int, pf: Any) -> WorkerFailure:
     return WorkerFailure(rank=rank, exitcode=int(pf.exitcode), line=line, primary=primary)
 
 
-def _quiet_torchelastic() -> None:
+def _quiet_torchelastic() -> list[tuple[logging.Logger, logging.Handler, bool]]:
     """Keep torchelastic's log records (its WARNING, INFO and ERROR lines) out of the user's terminal.
 
     Its modules each set their own level, so the records are stopped where they propagate: at a
-    ``NullHandler`` on the parent loggers, which do not pass them on to the root's last-resort handler."""
+    ``NullHandler`` on the parent loggers, which do not pass them on to the root's last-resort
+    handler. Returns what to undo."""
+    undo = []
     for name in ("torch.distributed.elastic", "torch.distributed.launcher"):
         log = logging.getLogger(name)
-        log.addHandler(logging.NullHandler())
+        handler = logging.NullHandler()
+        undo.append((log, handler, log.propagate))
+        log.addHandler(handler)
         log.propagate = False
+    return undo
 
 
 def launch_local(nproc: int, argv: Sequence[str], stages_of: Callable[[int], str] | None = None) -> int:
     """Run ``python -m partitioner <argv>`` on ``nproc`` ranks of this node; return the exit status.
 
     ``argv`` is the command without ``--nproc-per-node``. ``stages_of(rank)`` names what a rank runs
-    ("stage 1") in a failure's line. On failure one line is printed ([Note: one line per failed job])."""
-    _quiet_torchelastic()
+    ("stage 1") in a failure's line. On failure one line is printed ([Note: one line per failed job]).
+    The ranks inherit this process's environment, plus ``AUTOPART_LAUNCHER=1`` (they leave errors to
+    the launcher) and, unless set, ``OMP_NUM_THREADS=1`` (as torchrun sets for several ranks per node)."""
     from torch.distributed.elastic.multiprocessing.api import SignalException
     from torch.distributed.elastic.multiprocessing.errors import ChildFailedError
     from torch.distributed.launcher.api import LaunchConfig, elastic_launch
 
-    os.environ[AUTOPART_LAUNCHER_ENV] = "1"  # the ranks inherit it: they leave errors to this process
-    # As torchrun does for several ranks on one node: one OpenMP thread each unless the user chose.
-    os.environ.setdefault("OMP_NUM_THREADS", "1")
     config = LaunchConfig(
         min_nodes=1, max_nodes=1, nproc_per_node=nproc, run_id=str(uuid.uuid4()),
         rdzv_backend="c10d", rdzv_endpoint="localhost:0",  # torchrun --standalone
         max_restarts=0, monitor_interval=0.1, shutdown_timeout=10,
     )
+    # The ranks' environment is this process's (torchelastic copies os.environ): set it for the launch only.
+    saved = {k: os.environ.get(k) for k in (AUTOPART_LAUNCHER_ENV, "OMP_NUM_THREADS", "TORCHELASTIC_SIGNALS_TO_HANDLE")}
+    os.environ[AUTOPART_LAUNCHER_ENV] = "1"
+    os.environ.setdefault("OMP_NUM_THREADS", "1")
+    undo = _quiet_torchelastic()
     try:
         elastic_launch(config, entrypoint=sys.executable)("-m", "partitioner", *argv)
     except ChildFailedError as exc:
@@ -162,4 +170,13 @@ def launch_local(nproc: int, argv: Sequence[str], stages_of: Callable[[int], str
         print("autopart: interrupted" if sig == signal.SIGINT else f"autopart: stopped by {_signal_name(sig)}",
               file=sys.stderr, flush=True)
         return 128 + int(sig)
+    finally:
+        for key, value in saved.items():
+            if value is None:
+                os.environ.pop(key, None)
+            else:
+                os.environ[key] = value
+        for log, handler, propagate in undo:
+            log.removeHandler(handler)
+            log.propagate = propagate
     return 0
