@@ -22,8 +22,10 @@ launcher prints exactly one line on stderr, then exits:
   plan (``Plan.stages_label``). A rank the launcher itself stopped (SIGTERM after another
   failed) is never the one named.
 
-The exit status is the named rank's own: its exit code, or ``128 + N`` when signal N killed
-it (137 for SIGKILL), as a shell reports it; 130 on Ctrl-C, which stops every rank. There is
+The exit status is 1 when a rank left its line; otherwise the named rank's own: its exit
+code, or ``128 + N`` when signal N killed it (137 for SIGKILL), as a shell reports it; 130 on
+Ctrl-C, which stops every rank. (A bad plan refused before any rank starts exits 2, as every
+input error of the CLI.) There is
 never a traceback. torchelastic's own log lines (``Sending process ... closing signal
 SIGTERM``, its ``failed (exitcode ...)`` line) are silenced in the launcher process.
 """
@@ -98,7 +100,8 @@ def failure_line(failures: Sequence[WorkerFailure], stages_of: Callable[[int], s
     spoke = [f for f in failures if f.line]
     if spoke:
         f = min(spoke, key=lambda f: (not f.primary, f.rank))
-        return f.line or "", f.status
+        # 1, whatever the rank's own end: the launcher may have stopped it (SIGTERM) after it spoke.
+        return f.line or "", 1
     # A rank the launcher stopped itself (SIGTERM after the first failure) is not the cause.
     own = [f for f in failures if f.signal != signal.SIGTERM] or list(failures)
     f = min(own, key=lambda f: f.rank)

@@ -25,12 +25,13 @@ def stages_of(rank: int) -> str:
     return f"stage {rank}"
 
 
-def test_the_primary_line_is_printed_and_its_rank_exit_status_returned() -> None:
+def test_the_primary_line_is_printed() -> None:
     failures = [
         WorkerFailure(0, 1, "autopart: error: rank 1 (stage 1) failed: ValueError: boom", primary=False),
-        WorkerFailure(1, 2, "autopart: error: rank 1 (stage 1) failed: ValueError: boom (first)", primary=True),
+        # It spoke, then the launcher stopped it (SIGTERM) when rank 0 ended first: still the job's line, status 1.
+        WorkerFailure(1, -15, "autopart: error: rank 1 (stage 1) failed: ValueError: boom (first)", primary=True),
     ]
-    assert failure_line(failures, stages_of) == ("autopart: error: rank 1 (stage 1) failed: ValueError: boom (first)", 2)
+    assert failure_line(failures, stages_of) == ("autopart: error: rank 1 (stage 1) failed: ValueError: boom (first)", 1)
     # Only a rank that stops because of another spoke (the failing one was ended first): its line still names the cause.
     assert failure_line([failures[0], WorkerFailure(1, -15)], stages_of)[0].endswith("ValueError: boom")
 
