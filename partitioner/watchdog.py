@@ -31,7 +31,9 @@ every rank reports the same culprit. A rank that raises inside a step publishes 
 abort at once, before its sockets close, and only when the error is a communication error
 does it first look for a peer's abort (a peer's failure makes our receives fail too).
 The message is printed once where ranks share a terminal: under torchrun only the rank that
-published it prints ([`reported_here`]); run by hand, every rank prints why it stops.
+published it prints ([`reported_here`]); run by hand, every rank prints why it stops; under
+autopart's own launcher (``--nproc-per-node``) no rank prints, and the launcher prints the line
+the ranks left in their error files ([Note: one line per failed job] in launch.py).
 
 Why our own and not torch's: torch's gloo backend has no watchdog, and its collective
 timeout does not cover gloo's point-to-point receives, which is where a pipeline rank waits.
