@@ -52,7 +52,8 @@ def test_the_ranks_command_drops_nproc_per_node() -> None:
 
 
 # --------------------------------------------------------------------------------------
-# Real jobs: 2 ranks over gloo
+# Real jobs: 2 ranks over gloo. Each launches processes (9-19 s on a busy 2-core machine), so they are
+# marked slow, as the project's multi-process tests are: `pytest -m "not slow"` leaves them out.
 # --------------------------------------------------------------------------------------
 
 
@@ -87,7 +88,7 @@ def assert_one_line(proc: subprocess.CompletedProcess, words: str) -> None:
     assert "Traceback" not in proc.stderr and "ChildFailedError" not in proc.stderr, proc.stderr[-3000:]
 
 
-@pytest.mark.slow  # 17 s on a busy 2-core machine
+@pytest.mark.slow
 def test_run_with_nproc_per_node_trains(fault_plan: Path) -> None:
     proc = autopart("run", "--nproc-per-node", "2", "--plan", str(fault_plan), "--steps", "2")
     assert proc.returncode == 0, proc.stderr[-3000:]
@@ -95,18 +96,21 @@ def test_run_with_nproc_per_node_trains(fault_plan: Path) -> None:
     assert proc.stderr.strip() == "", proc.stderr[-3000:]  # no launcher noise
 
 
+@pytest.mark.slow
 def test_a_rank_that_raises_is_one_line(fault_plan: Path) -> None:
     # The 5th call of rank 1's fault point: its first forward of a step after the warm-up.
     proc = autopart("run", "--nproc-per-node", "2", "--plan", str(fault_plan), "--steps", "2", fault="raise:1:5")
     assert_one_line(proc, "rank 1 (stage 1) failed: ValueError: injected failure")
 
 
+@pytest.mark.slow
 def test_a_rank_killed_by_sigkill_is_one_line_naming_its_stage(fault_plan: Path) -> None:
     proc = autopart("run", "--nproc-per-node", "2", "--plan", str(fault_plan), "--steps", "2", fault="kill:0:5")
     assert_one_line(proc, "rank 0 (stage 0) was killed by SIGKILL (signal 9)")
     assert proc.returncode == 128 + 9
 
 
+@pytest.mark.slow
 def test_an_error_every_rank_meets_is_one_line(fault_plan: Path) -> None:
     # The wrong model for the plan: both ranks refuse it, the launcher prints it once.
     proc = autopart("run", "--nproc-per-node", "2", "--plan", str(fault_plan), "--model", "mlp")
