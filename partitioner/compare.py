@@ -326,42 +326,22 @@ def ilp_wins(cases: Sequence[CaseResult]) -> IlpWins:
 # --------------------------------------------------------------------------------------
 
 
-def _ranks(values: Sequence[float]) -> list[float]:
-    """1-based ranks, ties sharing their average rank."""
-    order = sorted(range(len(values)), key=lambda i: values[i])
-    ranks = [0.0] * len(values)
-    i = 0
-    while i < len(order):
-        j = i
-        while j + 1 < len(order) and values[order[j + 1]] == values[order[i]]:
-            j += 1
-        for k in range(i, j + 1):
-            ranks[order[k]] = (i + j) / 2 + 1
-        i = j + 1
-    return ranks
-
-
 def spearman(xs: Sequence[float], ys: Sequence[float]) -> float | None:
-    """Spearman's rank correlation (ties get average ranks); None with fewer than two points or no spread."""
+    """Spearman's rank correlation (``scipy.stats.spearmanr``; ties get average ranks); None with
+    fewer than two points or no spread."""
     if len(xs) != len(ys):
         raise ValueError(f"spearman needs paired values, got {len(xs)} and {len(ys)}")
-    if len(xs) < 2:
+    if len(xs) < 2 or len(set(xs)) < 2 or len(set(ys)) < 2:
         return None
-    rx, ry = _ranks(xs), _ranks(ys)
-    mx, my = sum(rx) / len(rx), sum(ry) / len(ry)
-    cov = sum((a - mx) * (b - my) for a, b in zip(rx, ry))
-    vx = sum((a - mx) ** 2 for a in rx)
-    vy = sum((b - my) ** 2 for b in ry)
-    if vx == 0 or vy == 0:
-        return None
-    return cov / math.sqrt(vx * vy)
+    from scipy.stats import spearmanr
+
+    return float(spearmanr(xs, ys).statistic)
 
 
-def geomean(values: Iterable[float]) -> float | None:
+def geomean(values: Iterable[float | None]) -> float | None:
+    """Geometric mean (``statistics.geometric_mean``) of the values that are not None; None if none."""
     vals = [v for v in values if v is not None]
-    if not vals:
-        return None
-    return math.exp(sum(math.log(v) for v in vals) / len(vals))
+    return statistics.geometric_mean(vals) if vals else None
 
 
 # --------------------------------------------------------------------------------------

@@ -31,6 +31,7 @@ from typing import Any, Mapping, Sequence
 
 from .errors import PlanError
 from .schedules import REGISTRY as SCHEDULE_REGISTRY, SCHEDULES, check_recompute, check_schedule, stage_rank
+from .tp_strategies import STRATEGY_NAMES
 
 __all__ = [
     "PLAN_VERSION",
@@ -55,8 +56,9 @@ PLAN_VERSION = 3
 # needs --model/--config/--seq-len again, and says so.
 READABLE_VERSIONS = (2, 3)
 SCHEDULE_NAMES = SCHEDULES  # the registry in schedules.py is the one list
-# Per-node tensor-sharding strategies the runtime can realize (see docs/plan.md).
-STRATEGIES = ("replicate", "column", "row", "vocab", "sharded")
+# Per-node tensor-sharding strategies the runtime can realize: the registry in tp_strategies.py is
+# the one list (see docs/plan.md).
+STRATEGIES = STRATEGY_NAMES
 
 
 def _check_int(where: str, value: Any, minimum: int = 1) -> None:

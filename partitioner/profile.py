@@ -70,7 +70,7 @@ from cost_models.base import CostModel
 from .capture import CapturedModel, NodeInfo, flat_tensors
 from .errors import AutopartError
 from .graph import Block, PartitionGraph
-from .sharding import allowed_strategies, is_linear_like
+from .tp_strategies import STRATEGIES, allowed_strategies
 
 if TYPE_CHECKING:
     from cost_models import Calibration
@@ -514,19 +514,14 @@ class _Profiler:
         ]
 
     def variants(self, info: NodeInfo) -> list[tuple[str, int]]:
-        """(strategy, tp) shards of ``info`` to measure besides the whole op."""
-        out = []
-        for tp in self.opt.tp_degrees:
-            for strat in allowed_strategies(info, self.cap, tp):
-                if strat == "replicate":
-                    continue
-                if strat in ("column", "row") and is_linear_like(info, self.cap) and _base(info.target) in ("linear", "addmm"):
-                    out.append((strat, tp))
-                elif strat == "vocab" and _base(info.target) == "embedding":
-                    out.append((strat, tp))
-                elif strat == "sharded" and "scaled_dot_product" in info.target:
-                    out.append((strat, tp))
-        return out
+        """(strategy, tp) shards of ``info`` to measure besides the whole op: those whose strategy
+        times its shard (``TPStrategy.measured``; others are scaled from the whole op)."""
+        return [
+            (strat, tp)
+            for tp in self.opt.tp_degrees
+            for strat in allowed_strategies(info, self.cap, tp)
+            if STRATEGIES[strat].divides_work and STRATEGIES[strat].measured(info.target)
+        ]
 
     # --- the run ----------------------------------------------------------------------
 
@@ -741,38 +736,8 @@ class _Profiler:
         args, kwargs = self._on_device(args), self._on_device(kwargs)
         if strat == "replicate":
             return tuple(args), dict(kwargs)
-        args = list(args)
-
-        def cut(t: torch.Tensor, dim: int) -> torch.Tensor:
-            size = t.shape[dim] // tp
-            return t.narrow(dim, 0, size).detach().contiguous().requires_grad_(t.requires_grad)
-
-        base = _base(str(node.target))
-        if base == "linear":  # (x, W[out, in], bias[out]?)
-            if strat == "column":
-                args[1] = cut(args[1], 0)
-                if len(args) > 2 and args[2] is not None:
-                    args[2] = cut(args[2], 0)
-            else:
-                args[0], args[1] = cut(args[0], -1), cut(args[1], 1)
-        elif base == "addmm":  # (bias[out], x[M, in], W[in, out]): GPT-2's Conv1D
-            if strat == "column":
-                args[0], args[2] = cut(args[0], -1), cut(args[2], 1)
-            else:
-                args[1], args[2] = cut(args[1], 1), cut(args[2], 0)
-        elif base == "embedding":  # (W[V, d], indices): this rank's rows, indices into them
-            args[0] = cut(args[0], 0)
-            args[1] = args[1] % args[0].shape[0]
-        elif "scaled_dot_product" in base:  # (q, k, v, mask?): a head split
-            for i in range(3):
-                args[i] = cut(args[i], 1)
-            mask = args[3] if len(args) > 3 else kwargs.get("attn_mask")
-            if isinstance(mask, torch.Tensor) and mask.dim() == 4 and mask.shape[1] > 1:
-                mask = cut(mask, 1)
-                if len(args) > 3:
-                    args[3] = mask
-                else:
-                    kwargs["attn_mask"] = mask
+        args, kwargs = list(args), dict(kwargs)
+        STRATEGIES[strat].local_args(str(node.target), args, kwargs, tp)
         return tuple(args), dict(kwargs)
 
     def time_node(self, info: NodeInfo, env: Mapping[str, Any], strat: str, tp: int) -> Measurement:
