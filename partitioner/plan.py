@@ -441,6 +441,15 @@ class Plan:
         layout = SCHEDULE_REGISTRY[self.schedule.name].layout
         return self.mesh.stage_ranks(stage_rank(index, self.mesh.pp, layout))
 
+    def rank_stages(self, rank: int) -> tuple[int, ...]:
+        """The stages global ``rank`` runs, in model order (the inverse of ``stage_ranks``)."""
+        return tuple(st.index for st in self.stages if rank in self.stage_ranks(st.index))
+
+    def stages_label(self, rank: int) -> str:
+        """``"stage 1"`` or ``"stages 0, 2"``: how errors name what ``rank`` runs."""
+        stages = self.rank_stages(rank)
+        return f"stage{'s' if len(stages) > 1 else ''} {', '.join(map(str, stages))}"
+
     def check_consistent(self) -> None:
         """Refuse a plan at odds with itself; see [Note: what a stage holds].
 
