@@ -196,6 +196,8 @@ FAILURES = {
     "kill-rank0": ("kill", 0, "forward", False, "rank 0 (stage 0) died"),
     "torchrun-hang": ("hang", 1, "loss", True, "rank 1 (stage 1) hangs"),
     "torchrun-raise": ("raise", 1, "forward", True, "rank 1 (stage 1) failed: ValueError: injected failure"),
+    # torchrun ends the job before a heartbeat is missed: the survivor names the rank whose process is gone
+    "torchrun-kill": ("kill", 1, "forward", True, "rank 1 (stage 1) died: its process ended"),
     # 4 ranks: rank 2 is watched by rank 1 alone ([Note: watching a ring] in watchdog.py)
     "exit-of-4": ("exit", 2, "forward", False, "rank 2 (stage 2) died"),
 }
