@@ -239,12 +239,23 @@ def _equivalence(layout: dict[str, Any], models: list[str], meta_models: list[st
             plan_recompute=[st.recompute for st in pm.plan.stages],
             # this rank's stages that run wrapped for recomputation (inside DDP where dp > 1)
             recomputed=sum(any(type(m).__name__ == "RecomputedStage" for m in st.submod.modules()) for st in pm.stages),
-            optimizer=type(pm.optimizer).__name__, zero1=pm.plan.training.zero1,
+            optimizer=type(pm.optimizer).__name__, dp_sharding=pm.plan.training.dp_sharding,
+            # FSDP2 units on this rank (ZeRO-2/3: its stages' folded blocks and roots; fsdp.py)
+            fsdp_units=sum(type(m).__name__.startswith("FSDP") for st in pm.stages for m in st.submod.modules()),
+            # bytes this rank holds for its parameters after the step, and what the memory model priced
+            held_bytes=_held(pm), priced_bytes=[st.predicted.static_bytes for st in pm.plan.stages],
             # parameters whose optimizer state this rank holds (under ZeRO-1, its dp share)
             state_params=len(getattr(pm.optimizer, "optim", pm.optimizer).state), n_params=len(pm.params),
         )
         pm.close()
     return out
+
+
+def _held(pm) -> int:
+    """Weights, gradients and optimizer state this rank holds (its shards), counted as the memory model does."""
+    from partitioner.precision import resident_bytes
+
+    return resident_bytes(pm.params.values(), pm.optimizer).total
 
 
 def job_checkpoint(args: dict[str, Any]) -> dict[str, Any]:
