@@ -582,10 +582,19 @@ class ParallelModel:
 
     # --- checkpoints ----------------------------------------------------------------
 
+    def _refuse_fsdp_checkpoint(self, what: str) -> None:
+        """Checkpoints of FSDP-sharded parameters are not written or read yet: refuse in one line."""
+        if self._fsdp:
+            raise CheckpointError(
+                f"cannot {what} a checkpoint under training.dp_sharding {self.plan.training.dp_sharding!r} yet "
+                "(FSDP-sharded parameters are not checkpointed); train under a plan with --dp-sharding none or zero1"
+            )
+
     def save(self, path: str | os.PathLike[str], *, overwrite: bool = False) -> None:
         """Write a ``torch.distributed.checkpoint`` directory keyed by the model's parameter names."""
         import torch.distributed.checkpoint as dcp
 
+        self._refuse_fsdp_checkpoint("save")
         path = Path(path)
         exists = [path.exists() and any(path.iterdir())] if path.is_dir() else [path.exists()]
         dist.broadcast_object_list(exists, src=0)
@@ -607,6 +616,7 @@ class ParallelModel:
         """Load a checkpoint saved under any plan of the same model; nothing changes if it fails."""
         import torch.distributed.checkpoint as dcp
 
+        self._refuse_fsdp_checkpoint("load")
         path = Path(path)
         problem = self._check_checkpoint(path)
         verdicts: list[Any] = [None] * dist.get_world_size()
