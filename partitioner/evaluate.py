@@ -408,7 +408,9 @@ class Evaluator:
             tf = sum(c.tp_comm.forward_s for c in work)
             tb = sum(c.tp_comm.backward_s for c in work)
             # What the stage's actions take beyond compute and tp: ZeRO-2/3's exposed gathers and scatters.
-            extra = costs[s].forward_s + costs[s].backward_s - (cf + tf) - (cb + tb) - ((cf + tf) if spec.recompute else 0.0)
+            extra = 0.0
+            if dp_spec(self.training.dp_sharding).uses_fsdp and mesh.dp > 1:
+                extra = costs[s].forward_s + costs[s].backward_s - (cf + tf) - (cb + tb)
             out.append(
                 StageComponents(
                     forward_s=M * cf,

@@ -717,8 +717,8 @@ class _Search:
         return InfeasibleError(
             f"no plan fits in {cluster.device.name} memory ({_fmt_bytes(limit)} usable): {detail}; "
             f"try at least {devices} devices ({more}), devices with "
-            f"{_fmt_bytes(need / (1 - self.ev.training.memory_reserve))}, "
-            + ("--recompute, or a smaller --global-batch" if activations else "or more devices")
+            f"{_fmt_bytes(need / (1 - self.ev.training.memory_reserve))}"
+            + (", --recompute, or a smaller --global-batch" if activations else "")
         )
 
 
