@@ -567,8 +567,10 @@ class ParallelModel:
             t = p.detach() if what == "param" else p.grad
             if t is None:
                 continue
+            if isinstance(t, DTensor):  # ZeRO-2/3: this tp rank's shard, itself sharded over dp
+                t = t.full_tensor()
             d = self._dtensor(name, t)
-            out[name] = d.full_tensor() if d is not t or isinstance(t, DTensor) else t.clone()
+            out[name] = d.full_tensor() if d is not t else t.clone()
         return out
 
     def state_dict(self) -> dict[str, Any]:

@@ -50,13 +50,16 @@ LAYOUTS = {
     "dp2-zero2": (2, dict(pp=1, tp=1, dp=2, microbatches=2, global_batch=4, dp_sharding="zero2")),
     "dp2-zero3": (2, dict(pp=1, tp=1, dp=2, microbatches=1, global_batch=2, dp_sharding="zero3", adamw=True)),
     "pp2xdp2-zero3": (4, dict(pp=2, tp=1, dp=2, schedule="1f1b", microbatches=2, global_batch=4, dp_sharding="zero3")),
+    # Under tp the stage runs through TensorParallelModule: one FSDP unit per stage, over its tp shards.
+    "tp2xdp2-zero3": (4, dict(pp=1, tp=2, dp=2, microbatches=2, global_batch=4, dp_sharding="zero3")),
     # Recomputation (every stage replays its forward in backward) under DDP.
     "pp2xdp2-recompute": (4, dict(pp=2, tp=1, dp=2, schedule="1f1b", microbatches=2, global_batch=4, recompute=True)),
 }
 SPLIT_BACKWARD = {"pp2-zb", "pp2-zbv", "pp2-dualpipev", "pp2xdp2-zb"}  # slow: they lengthen two shared launches
 # Models per layout where not all: the split-backward and recompute layouts run GPT-2 (tied weights) and the MLP only.
-FSDP = {"dp2-zero2", "dp2-zero3", "pp2xdp2-zero3"}
+FSDP = {"dp2-zero2", "dp2-zero3", "pp2xdp2-zero3", "tp2xdp2-zero3"}
 LAYOUT_MODELS = {name: ["gpt2-tiny", "mlp"] for name in [*SPLIT_BACKWARD, *FSDP, "pp2xdp2-recompute"]}
+LAYOUT_MODELS["tp2xdp2-zero3"] = ["gpt2-tiny"]
 
 # Layouts that also run models built on meta (each rank materializes only its stages' weights),
 # against a reference materialized whole by the same rule.
@@ -116,11 +119,12 @@ def test_equivalence(layout: str, equivalence_launches) -> None:
             assert {r[name]["optimizer"] for r in reports} == {"ZeroRedundancyOptimizer"}, name
             shares = [r[name]["state_params"] for r in reports]
             assert sum(shares) == reports[0][name]["n_params"] and max(shares) < reports[0][name]["n_params"], (name, shares)
-    if layout in FSDP:  # the plan's level ran: blocks folded into FSDP units besides each stage root
+    if layout in FSDP:  # the plan's level ran: blocks folded into FSDP units besides each stage root (tp: the root)
         for name in models:
             for rank, r in enumerate(reports):
                 assert r[name]["dp_sharding"] == pins["dp_sharding"], (name, rank)
-                assert r[name]["fsdp_units"] > len(r[name]["stages"]), (name, rank, r[name]["fsdp_units"])
+                units, stages = r[name]["fsdp_units"], len(r[name]["stages"])
+                assert units == stages if pins["tp"] > 1 else units > stages, (name, rank, units)
     if pins.get("adamw"):  # byte-exact residency: dim-0 chunks, the first rank's the largest
         for name in models:
             held = [r[name]["held_bytes"] for r in reports]
