@@ -40,7 +40,7 @@ import time
 from dataclasses import dataclass, replace
 from typing import Callable, Iterator, Sequence
 
-from .dp_sharding import DP_SHARDINGS, check_dp_sharding
+from .dp_sharding import DP_SHARDINGS, check_dp_sharding, hsdp_shard, spec as dp_spec
 from .errors import InfeasibleError, PlanError
 from .evaluate import Evaluator, StageSpec
 from .plan import Mesh, Plan, Schedule
@@ -50,7 +50,7 @@ from .simulate import SimResult
 
 __all__ = [
     "METHODS", "REFERENCE", "Pins", "GridPoint", "TuneReport", "plan_baseline", "tune", "grid_points",
-    "linear_partition", "uniform_partition", "with_dp_sharding", "dp_shardings_to_try", "inflight_horizon",
+    "linear_partition", "uniform_partition", "with_dp_sharding", "dp_shardings_to_try", "hsdp_differs", "inflight_horizon",
 ]
 
 METHODS = ("expert", "uniform", "params", "pipedream", "megatron")
@@ -258,9 +258,22 @@ def grid_points(
                         if recompute and schedule_spec(name).splits_backward:
                             continue  # torch cannot run it yet (schedules.check_recompute)
                         for z in (dp_shardings if dp > 1 else dp_shardings[:1]):  # nothing to shard without dp
-                            if dp > 1 and not _runs(z, name, recompute):
+                            if dp > 1 and not (_runs(z, name, recompute) and hsdp_differs(ev, z, tp, dp)):
                                 continue
                             yield GridPoint(Mesh(pp, tp, dp), Schedule(name, m, mbs, v), recompute, z)
+
+
+def hsdp_differs(ev: Evaluator, level: str, tp: int, dp: int) -> bool:
+    """False for ``hsdp`` where the dp group spreads unevenly over nodes, or (unless the user asked
+    for it) where it is another level: a group in one node (ZeRO-3) or one rank per node; True for
+    every other level."""
+    if not dp_spec(level).within_node:
+        return True
+    try:
+        shard = hsdp_shard(Mesh(1, tp, dp).dp_group(0), ev.cluster.node_of)
+    except PlanError:
+        return False
+    return level == ev.training.dp_sharding or 1 < shard < dp
 
 
 def _runs(level: str, schedule: str, recompute: bool) -> bool:

@@ -119,7 +119,7 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--optimizer", default=None, choices=("adam-mixed", "adam", "sgd"), help="adam-mixed | adam | sgd (default adam-mixed)")
     g.add_argument("--zero1", action="store_true", help="shard optimizer state over data-parallel ranks")
     g.add_argument("--dp-sharding", choices=DP_SHARDINGS, default=None,
-                   help="the least that is sharded over dp: none (DDP), zero1, zero2, zero3; the search may shard more")
+                   help="the least that is sharded over dp: none (DDP), zero1, zero2, zero3, hsdp; the search may shard more")
     g.add_argument("--memory-reserve", type=_fraction, default=None, help="fraction of device memory kept free, in [0, 1) (default 0.1)")
     g.add_argument("--json", default=None, metavar="PATH", help="write the plan artifact to PATH")
     g.add_argument("--force", action="store_true", help="let --json overwrite an existing file")

@@ -28,6 +28,13 @@ module, and the stage's root for the rest ([Note: FSDP units] in fsdp.py).
   its backward: two units' weights at a time (the one computing and the next,
   prefetched), plus the stage root's. Per micro-batch: two all-gathers and
   one reduce-scatter.
+- ``hsdp``: FSDP2 on a 2-D ``(dp_rep, dp_shard)`` mesh: ZeRO-3 within a node
+  (the dp ranks of one node shard), replicated across nodes. Memory as
+  ``zero3`` with ``dp_shard`` for ``dp``; per micro-batch the gathers and the
+  reduce-scatter stay on the fast intra-node link, and each node's gradient
+  shard is all-reduced across nodes (``hsdp_shard`` says how the dp group
+  splits). Where the dp group lies in one node it is ``zero3``; with one dp
+  rank per node, DDP with sharded weights.
 
 Levels that use FSDP run the full backward only: the split-backward
 schedules compute weight gradients with ``autograd.grad``, which FSDP's
@@ -38,11 +45,12 @@ is not combined with FSDP yet. Both are refused in one line. HSDP
 
 from __future__ import annotations
 
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
 from .errors import PlanError
 
-__all__ = ["DPShardingSpec", "REGISTRY", "DP_SHARDINGS", "spec", "check_dp_sharding"]
+__all__ = ["DPShardingSpec", "REGISTRY", "DP_SHARDINGS", "spec", "check_dp_sharding", "hsdp_shard"]
 
 
 @dataclass(frozen=True, slots=True)
@@ -56,6 +64,7 @@ class DPShardingSpec:
     reshard_after_forward: bool | None  # fully_shard's argument; None where FSDP is not used
     gathers_per_microbatch: int  # all-gathers of the stage's weights per micro-batch (forward, backward)
     description: str
+    within_node: bool = False  # shards over the dp ranks of one node only, replicated across nodes (HSDP)
 
     @property
     def uses_fsdp(self) -> bool:
@@ -71,6 +80,8 @@ REGISTRY: dict[str, DPShardingSpec] = {
                        "FSDP2, weights kept gathered from forward to backward (ZeRO-2)"),
         DPShardingSpec("zero3", True, True, True, True, 2,
                        "FSDP2, weights regathered in backward (ZeRO-3)"),
+        DPShardingSpec("hsdp", True, True, True, True, 2,
+                       "FSDP2 sharded within a node, replicated across nodes (HSDP)", within_node=True),
     )
 }
 DP_SHARDINGS = tuple(REGISTRY)
@@ -95,3 +106,18 @@ def check_dp_sharding(name: str, schedule: str, splits_backward: bool, recompute
     if recompute:
         raise PlanError(f"training.dp_sharding {name!r} is not combined with recomputation yet; "
                         "re-plan with --no-recompute or dp_sharding zero1")
+
+
+def hsdp_shard(dp_ranks: Sequence[int], node_of: Callable[[int], int]) -> int:
+    """How many of the dp group ``dp_ranks`` share each node: HSDP's shard degree (``hsdp``).
+
+    The mesh puts a stage's dp ranks on consecutive devices, so every node holds the same
+    number of them; a group that does not split evenly is refused in one line."""
+    per_node: dict[int, int] = {}
+    for r in dp_ranks:
+        per_node[node_of(r)] = per_node.get(node_of(r), 0) + 1
+    counts = set(per_node.values())
+    if len(counts) != 1:
+        raise PlanError(f"training.dp_sharding 'hsdp': the dp group {list(dp_ranks)} spreads unevenly over nodes "
+                        f"({dict(sorted(per_node.items()))}); use dp_sharding zero3")
+    return counts.pop()

@@ -30,7 +30,7 @@ from typing import AbstractSet as Set, Iterable, Mapping, Sequence
 from cost_models import OPTIMIZERS, CostModel, OpTime, optimizer_spec, static_bytes
 
 from .capture import CapturedModel
-from .dp_sharding import spec as dp_spec
+from .dp_sharding import hsdp_shard, spec as dp_spec
 from .cluster import Cluster
 from .errors import PlanError
 from .graph import Block, PartitionGraph
@@ -112,7 +112,7 @@ class Evaluator:
         return tables
 
     def resident_bytes(
-        self, params: Iterable[str], tp: int, dp: int, split_params: Set[str]
+        self, params: Iterable[str], tp: int, dp: int, split_params: Set[str], dp_group: Sequence[int] | None = None
     ) -> tuple[int, int]:
         """(weights + gradients + optimizer state, gradient bytes) on one device for ``params``, at rest.
 
@@ -120,12 +120,14 @@ class Evaluator:
         over dp; ZeRO-2/3 (FSDP) divide weights, gradients, masters and state, each tensor in
         ``torch.chunk``'s dim-0 chunks, of which the first rank's is the largest
         ([Note: sharding levels] in dp_sharding.py). The one place that turns parameters into
-        resident memory.
+        resident memory. HSDP shards over the dp ranks of one node of ``dp_group`` (default: the
+        first stage's).
         """
         table = self.captured.params
         params = list(params)
         level = dp_spec(self.training.dp_sharding)
         if level.uses_fsdp and dp > 1:
+            dp = len(self.fsdp_groups(dp_group if dp_group is not None else Mesh(1, tp, dp).dp_group(0))[0])
             share = sum(self._fsdp_share(p, tp if p in split_params else 1, dp) for p in params if table[p].trainable)
             wbytes = sum(table[p].bytes if table[p].is_buffer else
                          self._fsdp_share(p, tp if p in split_params else 1, dp) * table[p].bytes // max(1, table[p].numel)
@@ -146,6 +148,26 @@ class Evaluator:
             return -(-(info.numel // tp) // dp)
         rows = info.shape[0]
         return -(-rows // dp) * (info.numel // max(1, rows))
+
+    def fsdp_groups(self, dp_group: Sequence[int]) -> tuple[tuple[int, ...], tuple[int, ...]]:
+        """(the ranks FSDP shards over, the ranks each shard is replicated over) for a stage's dp group:
+        all of it and none for ZeRO-2/3; for HSDP the dp ranks of the first rank's node, and the first
+        rank's counterparts on the other nodes ([Note: sharding levels] in dp_sharding.py)."""
+        group = tuple(dp_group)
+        if not dp_spec(self.training.dp_sharding).within_node:
+            return group, ()
+        shard = hsdp_shard(group, self.cluster.node_of)
+        return group[:shard], group[::shard]
+
+    def fsdp_collectives(self, weight_bytes: float, grad_bytes: float, dp_group: Sequence[int]) -> tuple[float, float]:
+        """(one all-gather of ``weight_bytes``, the gradients' reduction) of one unit over a stage's dp
+        group: a reduce-scatter over the shard group, and under HSDP the shard's all-reduce across nodes."""
+        shard, rep = self.fsdp_groups(dp_group)
+        gather = self.cost_model.collective_time("all_gather", weight_bytes, shard)
+        reduce = self.cost_model.collective_time("reduce_scatter", grad_bytes, shard)
+        if len(rep) > 1:
+            reduce += self.cost_model.collective_time("all_reduce", grad_bytes / len(shard), rep)
+        return gather, reduce
 
     def fsdp_units(self, blocks: Sequence[int], tp: int) -> tuple[list[str], list[list[str]]]:
         """(the stage root's parameters, each block unit's parameters) as the runtime wraps them
@@ -203,11 +225,9 @@ class Evaluator:
         else:
             held = wbytes(root) + sum(unit_w)
         transient = held + gbytes(root) + unit_g
-        group = mesh.dp_group(stage_rank_index)
         all_w = wbytes(root) + sum(unit_w)
         all_g = gbytes(root) + sum(gbytes(u) for u in units)
-        gather = self.cost_model.collective_time("all_gather", all_w, group)
-        scatter = self.cost_model.collective_time("reduce_scatter", all_g, group)
+        gather, scatter = self.fsdp_collectives(all_w, all_g, mesh.dp_group(stage_rank_index))
         n = len(units) + (1 if root else 0)
 
         def exposed(x: float, compute: float) -> float:
@@ -252,7 +272,8 @@ class Evaluator:
                 act = sum(c.saved_bytes for c in costs)
                 transient = 0.0
             names = {p for b in spec.blocks for p in self.pgraph.blocks[b].params}
-            static, grad_bytes = self.resident_bytes(names, mesh.tp, mesh.dp, split_params)
+            static, grad_bytes = self.resident_bytes(names, mesh.tp, mesh.dp, split_params,
+                                                     mesh.dp_group(stage_rank(s, pp, layout)))
             fsdp = dp_spec(self.training.dp_sharding).uses_fsdp and mesh.dp > 1
             if fsdp:  # weights gathered per micro-batch, gradients reduce-scattered ([Note: FSDP prefetch overlap])
                 gathered, f_exp, b_exp, _ = self.fsdp_costs(spec.blocks, mesh, stage_rank(s, pp, layout),

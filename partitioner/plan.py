@@ -54,7 +54,7 @@ PLAN_VERSION = 4
 # version-1 plan is re-planned); 3 added model.source (how to rebuild the model, so that ``autopart
 # run --plan`` needs nothing else). A version-2 plan loads with no source: ``autopart run`` then
 # needs --model/--config/--seq-len again, and says so. 4 replaced training.zero1 (true/false) by
-# training.dp_sharding (none, zero1, zero2, zero3: dp_sharding.py); an older plan's zero1 loads as
+# training.dp_sharding (none, zero1, zero2, zero3, hsdp: dp_sharding.py); an older plan's zero1 loads as
 # dp_sharding "zero1" or "none".
 READABLE_VERSIONS = (2, 3, 4)
 SCHEDULE_NAMES = SCHEDULES  # the registry in schedules.py is the one list
@@ -350,7 +350,7 @@ class Training:
     global_batch: int  # samples per optimizer step
     dtype: str = "bf16"  # compute dtype (a key of the device's peak FLOP/s)
     optimizer: str = "adam-mixed"  # a key of cost_models.OPTIMIZERS
-    dp_sharding: str = "none"  # what is sharded over dp: none (DDP), zero1, zero2, zero3 (dp_sharding.py)
+    dp_sharding: str = "none"  # what is sharded over dp: none (DDP), zero1, zero2, zero3, hsdp (dp_sharding.py)
     memory_reserve: float = 0.1  # fraction of device memory kept free (allocator, workspace)
     overlap_dp: bool = True  # overlap the gradient all-reduce with the last backward
 

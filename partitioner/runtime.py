@@ -352,8 +352,8 @@ class ParallelModel:
             mod.to(self.device)
             self.modules[s] = mod
             run = RecomputedStage(mod) if plan.stages[s].recompute else mod  # [Note: recomputation as priced]
-            if self._fsdp:  # ZeRO-2/3: blocks and stage root as FSDP2 units over dp ([Note: FSDP units])
-                run = shard_stage(mod, plan.stages[s].modules, self.mesh["dp"], dp_spec(plan.training.dp_sharding))
+            if self._fsdp:  # ZeRO-2/3, HSDP: blocks and stage root as FSDP2 units over dp ([Note: FSDP units])
+                run = shard_stage(mod, plan.stages[s].modules, self._fsdp_mesh(), dp_spec(plan.training.dp_sharding))
             # Split-backward schedules compute weight gradients with autograd.grad, which DDP's
             # hooks never see: their replicas average gradients in step() instead.
             if mesh.dp > 1 and not self._split_backward and not self._fsdp and any(p.requires_grad for p in mod.parameters()):
@@ -400,6 +400,24 @@ class ParallelModel:
         self.steps_done = 0
 
     # --- building -------------------------------------------------------------------
+
+    def _fsdp_mesh(self) -> Any:
+        """The mesh FSDP shards over: the dp axis, or for HSDP a 2-D ``(dp_rep, dp_shard)`` mesh whose
+        shard dimension is the dp ranks of one node of the plan's cluster (dp_sharding.hsdp_shard)."""
+        if not dp_spec(self.plan.training.dp_sharding).within_node:
+            return self.mesh["dp"]
+        if getattr(self, "_hsdp_mesh", None) is None:
+            from torch.distributed.device_mesh import init_device_mesh
+
+            from .dp_sharding import hsdp_shard
+
+            mesh = self.plan.mesh
+            cluster = Cluster.from_dict(dict(self.plan.cluster))
+            shard = hsdp_shard(mesh.dp_group(0), cluster.node_of)
+            full = init_device_mesh(self.device.type, (mesh.pp, mesh.dp // shard, shard, mesh.tp),
+                                    mesh_dim_names=("pp", "dp_rep", "dp_shard", "tp"))
+            self._hsdp_mesh = full["dp_rep", "dp_shard"]
+        return self._hsdp_mesh
 
     def _stages_of(self, rank: int) -> str:
         mesh, sched = self.plan.mesh, self.plan.schedule

@@ -209,7 +209,12 @@ def _equivalence(layout: dict[str, Any], models: list[str], meta_models: list[st
         if layout.get("adamw"):  # the optimizer the plan prices (adam-mixed in fp32: AdamW's m and v)
             opt = lambda ps: torch.optim.AdamW(ps, lr=1e-3)  # noqa: E731
         # the planner: "params" unless the layout says
-        pins = {k: v for k, v in layout.items() if k not in ("method", "adamw")}
+        pins = {k: v for k, v in layout.items() if k not in ("method", "adamw", "nodes")}
+        if layout.get("nodes"):  # this machine as a cluster of several (virtual) nodes, for HSDP
+            from partitioner.cluster import Cluster
+
+            world = int(os.environ["WORLD_SIZE"])
+            pins["cluster"] = Cluster.local(world).with_nodes(layout["nodes"], world // layout["nodes"])
         pm = auto_parallelize(model, example_inputs=example, loss_fn=loss_fn, method=layout.get("method", "params"),
                               optimizer=opt, **pins)
         gb = pm.plan.training.global_batch
@@ -268,7 +273,7 @@ def _priced_at_rest(model, example, pm) -> int:
     from partitioner.planner import prepare
 
     plan = pm.plan
-    ev = prepare(model, example, Cluster.local(plan.mesh.world_size), training=plan.training)
+    ev = prepare(model, example, Cluster.from_dict(dict(plan.cluster)), training=plan.training)
     names = [n for n in pm.params if n in ev.captured.params]
     return int(ev.resident_bytes(names, plan.mesh.tp, plan.mesh.dp, set())[0])
 

@@ -390,7 +390,7 @@ def test_dp_sharding_loads_from_older_plans_and_is_refused_where_the_runtime_can
     assert Plan.from_dict(old).training.dp_sharding == "zero1"
     with pytest.raises(PlanError, match="unknown key.*zero1"):  # version 4 has no zero1
         Plan.from_dict(dict(old, version=4))
-    with pytest.raises(PlanError, match="training.dp_sharding 'zero4' is not one of none, zero1, zero2, zero3"):
+    with pytest.raises(PlanError, match="training.dp_sharding 'zero4' is not one of none, zero1, zero2, zero3, hsdp"):
         Plan.from_dict(dict(data, training=dict(data["training"], dp_sharding="zero4")))
     zb = dict(data, mesh=dict(pp=2, tp=1, dp=4), schedule=dict(data["schedule"], name="zb"),
               training=dict(data["training"], dp_sharding="zero3"),

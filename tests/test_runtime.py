@@ -52,14 +52,16 @@ LAYOUTS = {
     "pp2xdp2-zero3": (4, dict(pp=2, tp=1, dp=2, schedule="1f1b", microbatches=2, global_batch=4, dp_sharding="zero3")),
     # Under tp the stage runs through TensorParallelModule: one FSDP unit per stage, over its tp shards.
     "tp2xdp2-zero3": (4, dict(pp=1, tp=2, dp=2, microbatches=2, global_batch=4, dp_sharding="zero3")),
+    # HSDP on this machine as 2 nodes of 2: sharded over the 2 dp ranks of a node, replicated across nodes.
+    "dp4-hsdp": (4, dict(pp=1, tp=1, dp=4, microbatches=1, global_batch=4, dp_sharding="hsdp", nodes=2, adamw=True)),
     # Recomputation (every stage replays its forward in backward) under DDP.
     "pp2xdp2-recompute": (4, dict(pp=2, tp=1, dp=2, schedule="1f1b", microbatches=2, global_batch=4, recompute=True)),
 }
 SPLIT_BACKWARD = {"pp2-zb", "pp2-zbv", "pp2-dualpipev", "pp2xdp2-zb"}  # slow: they lengthen two shared launches
 # Models per layout where not all: the split-backward and recompute layouts run GPT-2 (tied weights) and the MLP only.
-FSDP = {"dp2-zero2", "dp2-zero3", "pp2xdp2-zero3", "tp2xdp2-zero3"}
+FSDP = {"dp2-zero2", "dp2-zero3", "pp2xdp2-zero3", "tp2xdp2-zero3", "dp4-hsdp"}
 LAYOUT_MODELS = {name: ["gpt2-tiny", "mlp"] for name in [*SPLIT_BACKWARD, *FSDP, "pp2xdp2-recompute"]}
-LAYOUT_MODELS["tp2xdp2-zero3"] = ["gpt2-tiny"]
+LAYOUT_MODELS["tp2xdp2-zero3"] = LAYOUT_MODELS["dp4-hsdp"] = ["gpt2-tiny"]
 
 # Layouts that also run models built on meta (each rank materializes only its stages' weights),
 # against a reference materialized whole by the same rule.

@@ -57,7 +57,7 @@ from typing import Mapping
 
 from cost_models import static_bytes
 
-from ..baselines import Pins, dp_shardings_to_try, inflight_horizon, linear_partition, with_dp_sharding
+from ..baselines import Pins, dp_shardings_to_try, hsdp_differs, inflight_horizon, linear_partition, with_dp_sharding
 from ..dp_sharding import spec as dp_spec
 from ..errors import AutopartError, InfeasibleError, PlanError
 from ..evaluate import Evaluator, StageSpec
@@ -262,9 +262,8 @@ class _Search:
             fwd, bwd = cost.time.forward_s, cost.time.backward_s
             if fsdp:
                 w = float(sum(cap.params[p].bytes // (tp if p in split else 1) for p in own if not cap.params[p].is_buffer))
-                g = float(grad * dp)  # the gradient of the whole block, before its reduce-scatter (about)
-                gather = ev.cost_model.collective_time("all_gather", w, group)
-                scatter = ev.cost_model.collective_time("reduce_scatter", g, group)
+                g = float(grad * len(ev.fsdp_groups(group)[0]))  # the block's whole gradient (about)
+                gather, scatter = ev.fsdp_collectives(w, g, group)
                 fwd = max(fwd, gather)
                 bwd = max(bwd, gather * (entry.gathers_per_microbatch - 1) + scatter)
                 unit_w.append(w)
@@ -335,6 +334,8 @@ class _Search:
                     for sched, v, retime in self._schedules(pp, m):
                         for lean in ([False, True] if tp > 1 else [False]):
                             for z in (self.levels if dp > 1 else self.levels[:1]):  # sharding needs dp
+                                if dp > 1 and not hsdp_differs(self.ev, z, tp, dp):
+                                    continue
                                 out.append(Candidate(tp, pp, dp, mbs, m, sched, v, lean, 0.0, retime,
                                                      pins.schedule in retime, z))
         return out
