@@ -38,8 +38,9 @@ module, and the stage's root for the rest ([Note: FSDP units] in fsdp.py).
 
 Levels that use FSDP run the full backward only: the split-backward
 schedules compute weight gradients with ``autograd.grad``, which FSDP's
-hooks never see, and recomputation (a checkpoint around the whole stage)
-is not combined with FSDP yet. Both are refused in one line. HSDP
+hooks never see; they are refused in one line. A recomputed stage's
+checkpoint wraps its FSDP units, so ZeRO-3 gathers each unit's weights a
+third time for the replayed forward (ZeRO-2 still holds them). HSDP
 (shard within a node, replicate across nodes) is not here yet.
 """
 
@@ -96,16 +97,14 @@ def spec(name: str) -> DPShardingSpec:
 
 
 def check_dp_sharding(name: str, schedule: str, splits_backward: bool, recompute: bool) -> None:
-    """Refuse a level the runtime cannot run with this schedule or recomputation ([Note: sharding levels])."""
+    """Refuse a level the runtime cannot run with this schedule ([Note: sharding levels]); every level
+    runs with recomputation (``recompute`` is kept for the callers' symmetry with check_recompute)."""
     entry = spec(name)
     if not entry.uses_fsdp:
         return
     if splits_backward:
         raise PlanError(f"training.dp_sharding {name!r} runs FSDP, whose hooks do not see the weight gradients of "
                         f"schedule {schedule!r} (a split backward); use gpipe, 1f1b or interleaved, or dp_sharding zero1")
-    if recompute:
-        raise PlanError(f"training.dp_sharding {name!r} is not combined with recomputation yet; "
-                        "re-plan with --no-recompute or dp_sharding zero1")
 
 
 def hsdp_shard(dp_ranks: Sequence[int], node_of: Callable[[int], int]) -> int:

@@ -189,7 +189,8 @@ class Evaluator:
         return root, units
 
     def fsdp_costs(
-        self, blocks: Sequence[int], mesh: Mesh, stage_rank_index: int, split_params: Set[str], fwd: float, bwd: float
+        self, blocks: Sequence[int], mesh: Mesh, stage_rank_index: int, split_params: Set[str], fwd: float, bwd: float,
+        recompute: bool = False,
     ) -> tuple[float, float, float, float]:
         """(transient bytes, exposed forward s, exposed backward s, total collective s) of one stage
         under ZeRO-2/3 for one micro-batch.
@@ -206,6 +207,8 @@ class Evaluator:
         Transient bytes: ZeRO-3 holds the root's gathered weights and two block units' (the one
         computing and the prefetched one), ZeRO-2 the whole stage's; both hold the root's
         unsharded gradients through the backward and one block unit's until its reduce-scatter.
+        A recomputed stage replays its forward inside the backward: under ZeRO-3 that gathers
+        the weights once more (the backward pass then has two gathers and the scatter to hide).
         """
         level = dp_spec(self.training.dp_sharding)
         table = self.captured.params
@@ -233,9 +236,10 @@ class Evaluator:
         def exposed(x: float, compute: float) -> float:
             return x / n + max(0.0, x * (n - 1) / n - compute) if n else 0.0
 
+        gathers = level.gathers_per_microbatch + (1 if recompute and level.reshard_after_forward else 0)
         f = exposed(gather, fwd)
-        b = exposed(gather * (level.gathers_per_microbatch - 1) + scatter, bwd)
-        return transient, f, b, gather * level.gathers_per_microbatch + scatter
+        b = exposed(gather * (gathers - 1) + scatter, bwd)
+        return transient, f, b, gather * gathers + scatter
 
     # --- stages -----------------------------------------------------------------------
 
@@ -277,7 +281,7 @@ class Evaluator:
             fsdp = dp_spec(self.training.dp_sharding).uses_fsdp and mesh.dp > 1
             if fsdp:  # weights gathered per micro-batch, gradients reduce-scattered ([Note: FSDP prefetch overlap])
                 gathered, f_exp, b_exp, _ = self.fsdp_costs(spec.blocks, mesh, stage_rank(s, pp, layout),
-                                                            split_params, fwd, bwd)
+                                                            split_params, fwd, bwd, spec.recompute)
                 transient += gathered
                 fwd, bwd = fwd + f_exp, bwd + b_exp
             rank = mesh.rank(stage_rank(s, pp, layout))
@@ -431,7 +435,7 @@ class Evaluator:
             # What the stage's actions take beyond compute and tp: ZeRO-2/3's exposed gathers and scatters.
             extra = 0.0
             if dp_spec(self.training.dp_sharding).uses_fsdp and mesh.dp > 1:
-                extra = costs[s].forward_s + costs[s].backward_s - (cf + tf) - (cb + tb)
+                extra = costs[s].forward_s + costs[s].backward_s - (cf + tf) - (cb + tb) - ((cf + tf) if spec.recompute else 0.0)
             out.append(
                 StageComponents(
                     forward_s=M * cf,

@@ -351,9 +351,11 @@ class ParallelModel:
                     release(model, mod.split_dim)
             mod.to(self.device)
             self.modules[s] = mod
-            run = RecomputedStage(mod) if plan.stages[s].recompute else mod  # [Note: recomputation as priced]
+            run = mod
             if self._fsdp:  # ZeRO-2/3, HSDP: blocks and stage root as FSDP2 units over dp ([Note: FSDP units])
                 run = shard_stage(mod, plan.stages[s].modules, self._fsdp_mesh(), dp_spec(plan.training.dp_sharding))
+            if plan.stages[s].recompute:  # [Note: recomputation as priced]; around FSDP's units, which regather
+                run = RecomputedStage(run)
             # Split-backward schedules compute weight gradients with autograd.grad, which DDP's
             # hooks never see: their replicas average gradients in step() instead.
             if mesh.dp > 1 and not self._split_backward and not self._fsdp and any(p.requires_grad for p in mod.parameters()):

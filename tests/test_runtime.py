@@ -47,7 +47,8 @@ LAYOUTS = {
     "pp2xdp2-zb": (4, dict(pp=2, tp=1, dp=2, schedule="zb", microbatches=2, global_batch=4)),
     # ZeRO-2/3 through FSDP2 (per-block units; partitioner/fsdp.py). dp2-zero3 runs AdamW, the optimizer
     # the plan prices, so each rank's held bytes can be compared with the memory model's, byte for byte.
-    "dp2-zero2": (2, dict(pp=1, tp=1, dp=2, microbatches=2, global_batch=4, dp_sharding="zero2")),
+    "dp2-zero2-recompute": (2, dict(pp=1, tp=1, dp=2, microbatches=2, global_batch=4, dp_sharding="zero2",
+                                    recompute=True)),  # the checkpoint around the stage's FSDP units
     "dp2-zero3": (2, dict(pp=1, tp=1, dp=2, microbatches=1, global_batch=2, dp_sharding="zero3", adamw=True)),
     "pp2xdp2-zero3": (4, dict(pp=2, tp=1, dp=2, schedule="1f1b", microbatches=2, global_batch=4, dp_sharding="zero3")),
     # Under tp the stage runs through TensorParallelModule: one FSDP unit per stage, over its tp shards.
@@ -59,7 +60,7 @@ LAYOUTS = {
 }
 SPLIT_BACKWARD = {"pp2-zb", "pp2-zbv", "pp2-dualpipev", "pp2xdp2-zb"}  # slow: they lengthen two shared launches
 # Models per layout where not all: the split-backward and recompute layouts run GPT-2 (tied weights) and the MLP only.
-FSDP = {"dp2-zero2", "dp2-zero3", "pp2xdp2-zero3", "tp2xdp2-zero3", "dp4-hsdp"}
+FSDP = {"dp2-zero2-recompute", "dp2-zero3", "pp2xdp2-zero3", "tp2xdp2-zero3", "dp4-hsdp"}
 LAYOUT_MODELS = {name: ["gpt2-tiny", "mlp"] for name in [*SPLIT_BACKWARD, *FSDP, "pp2xdp2-recompute"]}
 LAYOUT_MODELS["tp2xdp2-zero3"] = LAYOUT_MODELS["dp4-hsdp"] = ["gpt2-tiny"]
 

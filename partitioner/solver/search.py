@@ -198,7 +198,7 @@ class _Search:
         # collectives only); one evaluator per level, so each plan records the set-up it was priced under.
         self.levels = dp_shardings_to_try(ev)
         split_pinned = pins.schedule is not None and SCHEDULE_REGISTRY[pins.schedule].splits_backward
-        if self.pins.recompute or split_pinned:  # FSDP levels run neither (dp_sharding.py)
+        if split_pinned:  # FSDP levels run the full backward only (dp_sharding.py)
             self.levels = tuple(z for z in self.levels if not dp_spec(z).uses_fsdp) or self.levels[:1]
         self.evs = {z: with_dp_sharding(ev, z) for z in self.levels}
         self.types = self.pg.block_types()
@@ -476,7 +476,7 @@ class _Search:
             dp_alpha=dp_alpha,
             dp_beta=dp_beta,
             overlap_dp=ev.training.overlap_dp,
-            recompute=False if fsdp else self.pins.recompute,
+            recompute=self.pins.recompute,
             stage_starts=starts,
             hint=hint,
             max_time_s=budget_s,
