@@ -605,11 +605,13 @@ class ParallelModel:
     # --- checkpoints ----------------------------------------------------------------
 
     def _refuse_fsdp_checkpoint(self, what: str) -> None:
-        """Checkpoints of FSDP-sharded parameters are not written or read yet: refuse in one line."""
-        if self._fsdp:
+        """Checkpoints of FSDP shards of tp shards are not written or read yet: refuse in one line. (Under
+        FSDP alone the parameters are DTensors over dp, which torch.distributed.checkpoint reshards.)"""
+        if self._fsdp and self.plan.mesh.tp > 1:
             raise CheckpointError(
-                f"cannot {what} a checkpoint under training.dp_sharding {self.plan.training.dp_sharding!r} yet "
-                "(FSDP-sharded parameters are not checkpointed); train under a plan with --dp-sharding none or zero1"
+                f"cannot {what} a checkpoint under training.dp_sharding {self.plan.training.dp_sharding!r} with "
+                f"tp={self.plan.mesh.tp} yet (FSDP shards of tensor-parallel shards); use a plan with tp=1 or "
+                "--dp-sharding none or zero1"
             )
 
     def save(self, path: str | os.PathLike[str], *, overwrite: bool = False) -> None:

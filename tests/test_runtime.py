@@ -152,7 +152,8 @@ def checkpoint_runs(tmp_path_factory: pytest.TempPathFactory) -> dict[str, dict]
        the MLP under pp=2 trains a step and saves; rank 0 makes a copy with a truncated data file.
     2. 2 ranks: GPT-2 under tp=2 loads and trains step 2; the MLP tries a missing, the corrupt and
        GPT-2's checkpoint (each must fail, changing nothing), then loads its own and trains on.
-    3. 4 ranks: GPT-2 under pp=2 x dp=2 loads and trains step 2.
+    3. 4 ranks: GPT-2 under pp=2 x dp=2 with ZeRO-3 (FSDP2) loads and trains step 2, and saves its
+       sharded state; GPT-2 under dp=4 with ZeRO-2 loads that.
     """
     tmp = tmp_path_factory.mktemp("ckpt")
     gpt, mlp, corrupt = str(tmp / "gpt"), str(tmp / "mlp"), str(tmp / "corrupt")
@@ -170,13 +171,17 @@ def checkpoint_runs(tmp_path_factory: pytest.TempPathFactory) -> dict[str, dict]
                                          {"load": mlp}, {"steps": [1, 1]}]),
     ]}, tmp)
     reports["pp2xdp2"] = launch(4, "checkpoint", {"runs": [
-        dict(gpt_run, key="gpt", layout=dict(pp=2, dp=2, microbatches=2), phases=[{"load": gpt}, {"steps": [2, 1]}]),
+        dict(gpt_run, key="gpt", layout=dict(pp=2, dp=2, microbatches=2, dp_sharding="zero3"),
+             phases=[{"load": gpt}, {"steps": [2, 1]}, {"save": str(tmp / "zero3")}]),
+        dict(gpt_run, key="zero2", layout=dict(pp=1, dp=4, microbatches=1, dp_sharding="zero2"),
+             phases=[{"load": str(tmp / "zero3")}]),
     ]}, tmp)
     return reports
 
 
 def test_checkpoint_resumes_under_another_layout(checkpoint_runs: dict[str, list[dict]]) -> None:
-    """Saved under pp=2, loaded under tp=2 and pp=2 x dp=2, continued: the same as a run that never stopped."""
+    """Saved under pp=2, loaded under tp=2 and pp=2 x dp=2 (ZeRO-3), continued: the same as a run that never
+    stopped; the ZeRO-3 run's sharded state, loaded under dp=4 with ZeRO-2, is the same tensors."""
     straight = checkpoint_runs["save"]
     _ok(straight)
     want = {k: v for r in straight for k, v in r["gpt"]["params"].items()}
@@ -191,6 +196,11 @@ def test_checkpoint_resumes_under_another_layout(checkpoint_runs: dict[str, list
             worst = max(abs(a - b) for a, b in zip(got[k], want[k]))
             scale = max(abs(b) for b in want[k]) or 1.0
             assert worst / scale <= TOL, f"{layout}: {k} differs by {worst / scale:.2e}"
+    sharded = checkpoint_runs["pp2xdp2"]
+    saved = {k: v for r in sharded for k, v in r["gpt"]["params"].items()}
+    for r in sharded:
+        assert r["zero2"]["loads"] == [None] and r["zero2"]["params"] == {k: saved[k] for k in r["zero2"]["params"]}
+    assert set(sharded[0]["zero2"]["params"]) == set(saved)
 
 
 def test_checkpoint_errors_before_any_step(checkpoint_runs: dict[str, list[dict]]) -> None:
