@@ -70,8 +70,14 @@ class Pins:
     virtual_stages: int | None = None  # stages per rank (interleaved, zb: any; zbv, dualpipev: 2)
     recompute: bool | None = None
     split_at: tuple[str, ...] = ()  # modules where a stage must begin (the ILP honours these)
+    # The data-parallel sharding levels the search and the expert may choose from (dp_sharding.py);
+    # empty: the user's ``training.dp_sharding`` and every level that shards more. A benchmark pins
+    # ("none", "zero1") to plan as before ZeRO-2/3 and HSDP existed.
+    dp_shardings: tuple[str, ...] = ()
 
     def __post_init__(self) -> None:
+        for level in self.dp_shardings:
+            dp_spec(level)  # unknown names: a clear PlanError
         if self.schedule is not None:
             need = schedule_spec(self.schedule).virtual_stages  # unknown names: a clear PlanError
             if need is not None and self.virtual_stages is not None and self.virtual_stages != need:
@@ -125,9 +131,12 @@ def with_dp_sharding(ev: Evaluator, level: str) -> Evaluator:
     return Evaluator(ev.pgraph, ev.cluster, ev.cost_model, replace(ev.training, dp_sharding=level))
 
 
-def dp_shardings_to_try(ev: Evaluator) -> tuple[str, ...]:
-    """The sharding levels a search may choose: the one the user asked for and every level that
-    shards more ([Note: sharding levels] in dp_sharding.py; only memory and collectives change)."""
+def dp_shardings_to_try(ev: Evaluator, pins: "Pins | None" = None) -> tuple[str, ...]:
+    """The sharding levels a search may choose: ``pins.dp_shardings`` if given, else the one the user
+    asked for and every level that shards more ([Note: sharding levels] in dp_sharding.py; only
+    memory and collectives change)."""
+    if pins is not None and pins.dp_shardings:
+        return tuple(pins.dp_shardings)
     return DP_SHARDINGS[DP_SHARDINGS.index(ev.training.dp_sharding):]
 
 
@@ -141,7 +150,7 @@ def plan_baseline(method: str, ev: Evaluator, pins: Pins = Pins()) -> tuple[Plan
         raise PlanError(f"method {method!r} is not one of {', '.join(METHODS)}{hint}")
     started = time.perf_counter()
     plan, sim, _ = tune(method, ev, _SPLITS[method], pins, tps=_tps(method, ev, pins),
-                        dp_shardings=_dp_shardings(method, ev))
+                        dp_shardings=_dp_shardings(method, ev, pins))
     return replace(plan, solver=replace(plan.solver, wall_s=time.perf_counter() - started)), sim
 
 
@@ -158,10 +167,11 @@ def _tps(method: str, ev: Evaluator, pins: Pins) -> tuple[int, ...]:
     return (1,)
 
 
-def _dp_shardings(method: str, ev: Evaluator) -> tuple[str, ...]:
-    """The level asked for by the user stays; the expert also tries every level that shards more."""
+def _dp_shardings(method: str, ev: Evaluator, pins: "Pins | None" = None) -> tuple[str, ...]:
+    """The level asked for by the user stays; the expert also tries every level that shards more
+    (or those ``pins.dp_shardings`` names)."""
     if method == "expert":
-        return dp_shardings_to_try(ev)
+        return dp_shardings_to_try(ev, pins)
     return (ev.training.dp_sharding,)
 
 

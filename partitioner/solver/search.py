@@ -196,7 +196,7 @@ class _Search:
         self._blocks: dict[tuple[int, int, int, bool, bool], BlockTable] = {}
         # The sharding levels from the user's up to ZeRO-3 are searched (they change memory and dp
         # collectives only); one evaluator per level, so each plan records the set-up it was priced under.
-        self.levels = dp_shardings_to_try(ev)
+        self.levels = dp_shardings_to_try(ev, pins)
         split_pinned = pins.schedule is not None and SCHEDULE_REGISTRY[pins.schedule].splits_backward
         if split_pinned:  # FSDP levels run the full backward only (dp_sharding.py)
             self.levels = tuple(z for z in self.levels if not dp_spec(z).uses_fsdp) or self.levels[:1]
