@@ -49,19 +49,24 @@ def plan_case(case: Case) -> dict:
     from partitioner.baselines import Pins
     from partitioner.capture import capture
     from partitioner.cluster import Cluster
+    from partitioner.errors import InfeasibleError
     from partitioner.graph import build_partition_graph
     from partitioner.planner import prepare
     from partitioner.solver import plan_ilp
     from partitioner.zoo import load_model
 
-    lm = load_model(case.model, device="meta", config=case.config)
+    lm = load_model(case.model, device="meta", config=case.config, dtype="bf16")  # as `autopart plan` on an A100
     cap = capture(lm.model, lm.example_inputs, lm.example_kwargs, name=case.model, batch_size=lm.batch_size)
     ev = prepare(build_partition_graph(cap, lm.model), cluster=Cluster.preset(case.cluster, case.nodes),
                  global_batch=case.global_batch)
     out = {"case": case.name}
     for tag, pins in (("without", Pins(dp_shardings=BEFORE)), ("with", Pins())):
         started = time.perf_counter()
-        plan = plan_ilp(ev, pins, time_limit_s=case.time_limit_s).plan
+        try:
+            plan = plan_ilp(ev, pins, time_limit_s=case.time_limit_s).plan
+        except InfeasibleError as exc:
+            out[tag] = dict(error=str(exc).splitlines()[0], step_s=float("inf"))
+            continue
         p = plan.predicted
         out[tag] = dict(
             mesh=str(plan.mesh), schedule=plan.schedule.name, microbatches=plan.schedule.microbatches,
@@ -91,6 +96,9 @@ def main() -> int:
         rows.append(row)
         for tag in ("without", "with"):
             r = row[tag]
+            if "error" in r:
+                print(f"{row['case']:32s} {tag:8s} {r['error']}", flush=True)
+                continue
             print(f"{row['case']:32s} {tag:8s} {r['mesh']:18s} {r['schedule']:11s} {r['microbatches']:3d}x{r['micro_batch_size']}"
                   f" v={r['virtual_stages']} {r['dp_sharding']:5s} recompute {r['recompute']:5s} step {r['step_s']:8.3f} s"
                   f"  peak {r['peak_gib']:5.1f}/{r['limit_gib']:.0f} GiB  bubble {r['bubble']:5.1%}  from {r['origin']}",
