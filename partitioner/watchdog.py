@@ -31,7 +31,9 @@ every rank reports the same culprit. A rank that raises inside a step publishes 
 abort at once, before its sockets close, and only when the error is a communication error
 does it first look for a peer's abort (a peer's failure makes our receives fail too).
 The message is printed once where ranks share a terminal: under torchrun only the rank that
-published it prints ([`reported_here`]); run by hand, every rank prints why it stops.
+published it prints ([`reported_here`]); run by hand, every rank prints why it stops; under
+autopart's own launcher (``--nproc-per-node``) no rank prints, and the launcher prints the line
+the ranks left in their error files ([Note: one line per failed job] in launch.py).
 
 Why our own and not torch's: torch's gloo backend has no watchdog, and its collective
 timeout does not cover gloo's point-to-point receives, which is where a pipeline rank waits.
@@ -55,8 +57,11 @@ import torch.distributed as dist
 
 from .errors import AutopartError, one_line, root_cause
 
-__all__ = ["DistributedError", "RankFailedError", "Watchdog", "backend_timeout_s", "report", "reported_here",
-           "under_launcher"]
+__all__ = ["DistributedError", "RankFailedError", "Watchdog", "backend_timeout_s", "record_error", "report",
+           "reported_here", "under_autopart_launcher", "under_launcher", "AUTOPART_LAUNCHER_ENV"]
+
+# Set by launch.py in the ranks it starts: the launcher, not the ranks, prints the job's error line.
+AUTOPART_LAUNCHER_ENV = "AUTOPART_LAUNCHER"
 
 
 class DistributedError(AutopartError):
@@ -85,6 +90,12 @@ def under_launcher() -> bool:
     return "TORCHELASTIC_RUN_ID" in os.environ
 
 
+def under_autopart_launcher() -> bool:
+    """True in a rank started by ``autopart run --nproc-per-node N`` (launch.py): the ranks print no
+    error themselves; they leave it in torchelastic's error file, and the launcher prints one line."""
+    return under_launcher() and os.environ.get(AUTOPART_LAUNCHER_ENV) == "1"
+
+
 def reported_here(exc: BaseException) -> bool:
     """Whether this rank should print ``exc``: always when run by hand; under torchrun only once per
     job: the rank that failed (or found the failure), or rank 0 for an error every rank meets
@@ -96,10 +107,20 @@ def reported_here(exc: BaseException) -> bool:
     return os.environ.get("RANK", "0") == "0"
 
 
-def report(exc_or_line: BaseException | str) -> None:
+def report(exc_or_line: BaseException | str, primary: bool | None = None) -> None:
     """Print an error as autopart's one line (``autopart: error: ...``), once per job under torchrun
     (``reported_here``), and hand it to torchrun's error file (on every rank, printed or not) so that
-    its summary names the cause instead of "To enable traceback see ..."."""
+    its summary names the cause instead of "To enable traceback see ...".
+
+    Under autopart's own launcher nothing is printed here: the line goes to the error file only,
+    marked ``primary`` (default: whether this rank would have printed it), and the launcher prints
+    one line for the job ([Note: one line per failed job] in launch.py)."""
+    line = f"autopart: error: {exc_or_line}"
+    if under_autopart_launcher():
+        if primary is None:
+            primary = reported_here(exc_or_line) if isinstance(exc_or_line, BaseException) else True
+        record_error(line, primary)
+        return
     echo = reported_here(exc_or_line) if isinstance(exc_or_line, BaseException) else True
     if not echo and not isinstance(exc_or_line, RankFailedError):
         # An error every rank meets alike is rank 0's to print, but the first rank to exit makes
@@ -107,16 +128,24 @@ def report(exc_or_line: BaseException | str) -> None:
         # (then the error was this rank's alone).
         time.sleep(3.0)
         echo = True
-    line = f"autopart: error: {exc_or_line}"
     if echo:
         print(line, file=sys.stderr, flush=True)
+    record_error(line, echo)
+
+
+def record_error(line: str, primary: bool) -> None:
+    """Write ``line`` to this rank's torchelastic error file (no-op outside torchrun), in torchelastic's
+    format (``ErrorHandler.record_exception``; its summary prints ``py_callstack``). ``autopart_primary``
+    tells autopart's launcher which rank's line to print: the one that failed or found the failure
+    ("1"), rather than a rank that merely stops because of it ("0")."""
     error_file = os.environ.get("TORCHELASTIC_ERROR_FILE")
-    if error_file and under_launcher():
-        try:  # torchelastic's format (ErrorHandler.record_exception); its summary prints py_callstack
-            Path(error_file).write_text(json.dumps({"message": {"message": line, "extraInfo": {
-                "py_callstack": line, "timestamp": str(int(time.time()))}}}))
-        except OSError:
-            pass
+    if not error_file or not under_launcher():
+        return
+    try:
+        Path(error_file).write_text(json.dumps({"message": {"message": line, "extraInfo": {
+            "py_callstack": line, "timestamp": str(int(time.time())), "autopart_primary": "1" if primary else "0"}}}))
+    except OSError:
+        pass
 
 
 def _is_comm_error(exc: BaseException) -> bool:
@@ -256,6 +285,8 @@ class Watchdog:
     def _die(self, msg: str, ours: bool) -> None:
         if ours or not under_launcher():
             report(msg if ours else f"{msg} (rank {self.rank} stops)")
+        elif under_autopart_launcher():  # the launcher may see this rank end first: leave it the cause
+            report(msg, primary=False)
         self._linger()
         os._exit(1)
 
