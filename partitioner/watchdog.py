@@ -282,14 +282,12 @@ class Watchdog:
         if not own:
             peer = self.peer_failure(wait_s=self.timeout_s + 3.0)
             if peer is not None:
-                if self.rank == 0:  # our exit takes the store with it: let the other ranks read why first
-                    self._linger()
+                self._linger()  # marks this rank stopped; rank 0 (its exit takes the store) waits for the others
                 return RankFailedError(f"{peer} (rank {self.rank} stops)", published_by_peer=True)
         # pipelining wraps a stage's error in a RuntimeError: name the original
         msg, ours = self.publish(f"{self.who(self.rank)} failed: {one_line(root_cause(exc))}")
+        self._linger()
         if ours:
-            if self.rank == 0:  # our exit will take the store with it
-                self._linger()
             return RankFailedError(msg)
         return RankFailedError(f"{msg} (rank {self.rank} stops)", published_by_peer=True)
 
@@ -393,9 +391,11 @@ class Watchdog:
                 return
             self.store.set(f"{self.prefix}stopped/{self.rank}", "1")
             if self.rank == 0:
-                keys = [f"{self.prefix}{k}/{r}" for r in range(1, self.world) for k in ("stopped", "done")]
+                def ended(r: int) -> bool:
+                    return any(self.store.check([f"{self.prefix}{k}/{r}"]) for k in ("stopped", "done"))
+
                 deadline = time.monotonic() + 5.0
-                while time.monotonic() < deadline and sum(self.store.check([k]) for k in keys) < self.world - 1:
+                while time.monotonic() < deadline and not all(ended(r) for r in range(1, self.world)):
                     time.sleep(0.1)
         except Exception:
             pass
