@@ -36,6 +36,7 @@ job within ``timeout_s``, and the first line names it and its stage.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import time
@@ -55,6 +56,7 @@ from .plan import Plan
 from .precision import MasterWeightOptimizer, PrecisionPolicy, loss_inputs, make_scaler, optimizer_step
 from .schedules import rank_stages, spec as schedule_spec, stage_rank
 from .materialize import has_meta_tensors, materialize, release
+from .measure import DdpTimer, RankMemory, RankTime, StepClock, StorageMeter, rank_time, tp_profile
 from .checkpoint import CHECKPOINT_META, CheckpointError, read_manifest, verify, write_manifest
 from .watchdog import DistributedError, RankFailedError, Watchdog, backend_timeout_s
 from .rewrite import SplitModel, TensorParallelModule, get_tensor, set_tensor, microbatch_inputs, split_model
@@ -332,6 +334,9 @@ class ParallelModel:
 
         # Stage modules: tp shards, then DDP over dp.
         stage_cls = _stage_class()
+        self._ddp_timer = DdpTimer()
+        self.times: RankTime | None = None  # the last recorded step's time components (step(record=True))
+        self.memory: RankMemory | None = None  # the last step's memory by category (step(track_memory=True))
         self.modules: dict[int, torch.nn.Module] = {}
         self.stages: list[Any] = []
         self.split_dims: dict[str, int] = {}
@@ -354,6 +359,7 @@ class ParallelModel:
                 # Gradients as views of DDP's buckets: no second copy, as the memory model counts them.
                 run = DistributedDataParallel(run, process_group=self.mesh["dp"].get_group(),
                                               gradient_as_bucket_view=True)
+                self._ddp_timer.register(run, s, self.mesh["dp"].get_group())  # [Note: measured time components]
             # Static shapes: the stages never exchange metadata at run time (see [Note: static stage shapes]).
             examples = [
                 tuple(
@@ -471,11 +477,15 @@ class ParallelModel:
 
     # --- training -------------------------------------------------------------------
 
-    def step(self, *inputs: torch.Tensor, target: torch.Tensor, record: bool = False) -> float:
+    def step(self, *inputs: torch.Tensor, target: torch.Tensor, record: bool = False,
+             track_memory: bool = False) -> float:
         """One optimizer step on the global batch ``inputs``/``target`` (the same on every rank).
 
         Returns the step's mean loss on every rank. With ``record=True`` the
-        stages' forward/backward times land in ``self.events``.
+        stages' forward/backward times land in ``self.events`` and the step's
+        time by component in ``self.times``; with ``track_memory=True`` the
+        step's peak memory by category lands in ``self.memory`` (measure.py;
+        tracking slows the step down, so time a step without it).
         """
         local_inputs = [self._replica_slice(x, f"input {i}") for i, x in enumerate(inputs)]
         local_target = self._replica_slice(target, "target")
@@ -486,20 +496,29 @@ class ParallelModel:
             st.origin = origin
         self._watchdog.busy = self._watchdog.in_step = True
         self._watchdog.progress("wait")
+        clock = StepClock()
+        self._ddp_timer.reset(record)
         try:
             self.optimizer.zero_grad(set_to_none=True)
-            losses: list[torch.Tensor] = []
-            self.schedule.step(*local_inputs, target=local_target, losses=losses, return_outputs=False)
-            self._finish_gradients()
-            for name, group in self._tied:
-                grad = self.params[name].grad
-                if grad is not None:
-                    dist.all_reduce(grad, group=group)
-            scale = 1.0 if self.scaler is None else self.scaler.get_scale()
-            optimizer_step(self.optimizer, self.scaler)
-            mean = torch.stack([l.detach().float() for l in losses]).mean() / scale if losses else torch.zeros(())
-            mean = mean.to(self.device)
-            dist.all_reduce(mean)
+            meter = self._memory_meter(track_memory)
+            with meter, tp_profile(record and self.plan.mesh.tp > 1) as tp_intervals:
+                losses: list[torch.Tensor] = []
+                self.schedule.step(*local_inputs, target=local_target, losses=losses, return_outputs=False)
+                with clock.span("finish"):
+                    self._finish_gradients()
+                with clock.span("other"):
+                    for name, group in self._tied:
+                        grad = self.params[name].grad
+                        if grad is not None:
+                            dist.all_reduce(grad, group=group)
+                scale = 1.0 if self.scaler is None else self.scaler.get_scale()
+                with clock.span("optimizer"):
+                    optimizer_step(self.optimizer, self.scaler)
+                with clock.span("other"):
+                    mean = torch.stack([l.detach().float() for l in losses]).mean() / scale if losses else torch.zeros(())
+                    mean = mean.to(self.device)
+                    dist.all_reduce(mean)
+                step_s = time.perf_counter() - origin  # before the meter and profiler wind down
         except Exception as exc:
             # Our own failure is published at once; a communication error names the peer that
             # failed first ([Note: failing ranks] in watchdog.py).
@@ -508,7 +527,36 @@ class ParallelModel:
             self._watchdog.busy = self._watchdog.in_step = False
             self._watchdog.progress("idle")
         self.steps_done += 1
+        if record:
+            self.times = rank_time(self.rank, self.stage_indices, self.events, origin, step_s, clock.spans,
+                                   self._ddp_timer, tp_intervals)
+        if track_memory:
+            self.memory = self._rank_memory(meter)
         return float(mean) / (self.plan.mesh.dp * self.plan.mesh.tp)
+
+    def _memory_meter(self, track: bool) -> Any:
+        if not track:
+            return contextlib.nullcontext()
+        if self.device.type == "cuda":
+            torch.cuda.reset_peak_memory_stats(self.device)
+        return StorageMeter(list(self.modules.values()), self.optimizer)
+
+    def _rank_memory(self, meter: StorageMeter) -> RankMemory:
+        """This rank's measured memory over the step ``meter`` watched, with the plan's prediction for it."""
+        peak, at_peak, resident = meter.result(list(self.modules.values()), self.optimizer)
+        source = "dispatch"
+        if self.device.type == "cuda":
+            peak, source = int(torch.cuda.max_memory_allocated(self.device)), "cuda.max_memory_allocated"
+        predicted = [self.plan.stages[s].predicted for s in self.stage_indices]
+        known = all(p is not None for p in predicted)
+        return RankMemory(
+            rank=self.rank, stages=tuple(self.stage_indices), source=source, peak_bytes=peak, at_peak=at_peak,
+            resident=resident,
+            predicted_static_bytes=sum(p.static_bytes for p in predicted) if known else -1,
+            # Activations and the peak are per pipeline rank already (StagePredicted).
+            predicted_activation_bytes=max(p.activation_bytes for p in predicted) if known else -1,
+            predicted_peak_bytes=max(p.memory_bytes for p in predicted) if known else -1,
+        )
 
     def _finish_gradients(self) -> None:
         """Mean over micro-batches (see ``_make_schedule``), and over replicas where DDP did not run."""
