@@ -778,6 +778,7 @@ def run_plan(
     data: str | os.PathLike[str] | None = None,
     force: bool = False,
     timeout_s: float = 20.0,
+    measure: bool | None = None,
 ) -> int:
     """``autopart run``: train ``plan_path`` under torchrun on a fixed synthetic corpus (or the token
     file ``data``); print and record step times and losses.
@@ -788,7 +789,10 @@ def run_plan(
     The ``--json`` file (rank 0) is ``{"plan", "world_size", "data", "step_times_s", "losses", "events",
     "peak_memory_bytes"}``; ``events`` are every rank's ``StepEvent`` records of the last measured step
     (docs/runtime.md). The plan is checked against the model before the process group starts
-    (``planner.check_plan``).
+    (``planner.check_plan``). With ``measure`` (the default when ``json_path`` is given), the first step's memory is tracked by
+    category and two untimed steps follow the timed ones, one recording the time components and one
+    tracking steady-state memory (measure.py); the ``--json`` file adds ``plan_data`` (the plan),
+    ``memory`` (each rank's ``RankMemory``, the step of the higher peak) and ``times`` (``RankTime``).
     """
     from .capture import model_fingerprint
     from .corpus import TokenCorpus
@@ -799,6 +803,7 @@ def run_plan(
     plan = Plan.load(plan_path)
     # Before any step: a run must never train for minutes and then lose its record (or overwrite one).
     check_output_file(json_path, force, "--json", "run.json")
+    measure = json_path is not None if measure is None else measure
     plan.check_consistent()
     source = plan.model_source(model_spec, parse_config_overrides(config), seq_len)
     if source.seq_len is None and plan.model.source is None:  # a version-2 plan: its inputs' shape says
@@ -866,21 +871,34 @@ def run_plan(
     times: list[float] = []
     losses: list[float] = []
     total = warmup + steps
+    memory: list[Any] = []  # this rank's RankMemory of the first step and of a steady one
     try:
         for i in range(total):
             inputs, target = batch(i)
             dist.barrier()
             t0 = time.perf_counter()
-            loss = pm.step(*inputs, target=target, record=i == total - 1)
+            first = measure and i == 0 and warmup > 0  # the optimizer's state is made in it: a peak of its own
+            loss = pm.step(*inputs, target=target, record=i == total - 1 and not measure, track_memory=first)
             dt = time.perf_counter() - t0
+            memory += [pm.memory] if first else []
             if i >= warmup:
                 times.append(dt)
                 losses.append(loss)
             if rank == 0:
                 label = "warmup" if i < warmup else f"step {i - warmup + 1}/{steps}"
                 print(f"{label:>12}  {dt * 1e3:9.1f} ms  loss {loss:.4f}", flush=True)
+        if measure:  # two more steps, untimed: components (profiled under tp) and steady-state memory
+            for kind in ("track_memory", "record"):
+                inputs, target = batch(total)
+                dist.barrier()
+                pm.step(*inputs, target=target, **{kind: True})
+                memory += [pm.memory] if kind == "track_memory" else []
         gathered: list[Any] = [None] * world
         dist.all_gather_object(gathered, [asdict(e) for e in pm.events])
+        measured: list[Any] = [None] * world  # [Note: measured time components] in measure.py
+        if measure:
+            mine = dict(memory=asdict(max(memory, key=lambda m: m.peak_bytes)), time=asdict(pm.times))
+            dist.all_gather_object(measured, mine)
         # Each rank's peak allocated device memory (CUDA only; the CPU allocator keeps no such count).
         peak = int(torch.cuda.max_memory_allocated(pm.device)) if pm.device.type == "cuda" else None
         peaks: list[Any] = [None] * world
@@ -894,6 +912,9 @@ def run_plan(
         if json_path is not None:
             record = dict(plan=str(plan_path), world_size=world, data=data_source, step_times_s=times, losses=losses,
                           events=[e for rank_events in gathered for e in rank_events], peak_memory_bytes=peaks)
+            if measure:  # what `autopart explain --measured` reads: the plan itself and each rank's measurements
+                record.update(plan_data=plan.to_dict(), memory=[m["memory"] for m in measured],
+                              times=[m["time"] for m in measured])
             tmp = Path(str(json_path) + ".tmp")
             tmp.write_text(json.dumps(record, indent=1) + "\n")
             tmp.replace(json_path)
