@@ -81,6 +81,7 @@ class Outcome:
     step_spread: float  # (max - min) / mean of the timed steps
     memory: tuple[tuple[int, int, int], ...]  # (rank, predicted peak bytes, measured peak bytes)
     largest_residual: str  # explain --measured's line for time
+    reserve: float  # the plan's training.memory_reserve
 
     @property
     def step_error(self) -> float:
@@ -139,14 +140,19 @@ def measure(layout: Layout, cluster: str, cache: Path, keep: Path, steps: int, w
         step_spread=(max(times) - min(times)) / mean,
         memory=tuple((m["rank"], m["predicted_peak_bytes"], m["peak_bytes"]) for m in run["memory"]),
         largest_residual=line.removeprefix("largest time residual: "),
+        reserve=plan["training"]["memory_reserve"],
     )
 
 
 def summarize(outcomes: Sequence[Outcome]) -> dict[str, float]:
     step = [abs(o.step_error) for o in outcomes]
     mem = [abs(e) for o in outcomes for e in o.memory_errors]
+    # The margin (explain.MemoryMargin): how far a measured peak went past its prediction, at worst.
+    excess = max(m / p - 1.0 for o in outcomes for _, p, m in o.memory)
+    reserve = max(o.reserve for o in outcomes)
     return dict(step_median=statistics.median(step), step_worst=max(step),
-                memory_median=statistics.median(mem), memory_worst=max(mem), layouts=len(outcomes), ranks=len(mem))
+                memory_median=statistics.median(mem), memory_worst=max(mem), layouts=len(outcomes), ranks=len(mem),
+                memory_excess=excess, reserve=1.0 - (1.0 - reserve) / (1.0 + max(0.0, excess)))
 
 
 def table(outcomes: Sequence[Outcome]) -> list[str]:
@@ -194,7 +200,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     lines = table(outcomes)
     summary = (f"step time over {s['layouts']} layouts: median |error| {s['step_median']:.1%}, worst {s['step_worst']:.1%} "
                f"(target 10% / 20%); peak memory over {s['ranks']} ranks: median |error| {s['memory_median']:.1%}, "
-               f"worst {s['memory_worst']:.1%} (target 3% / 10%)")
+               f"worst {s['memory_worst']:.1%} (target 3% / 10%); memory margin: measured peaks up to "
+               f"{s['memory_excess']:+.1%} over the prediction, covered by --memory-reserve {s['reserve']:.3f}")
     print("\n".join(lines))
     print(summary)
     if report is not None:
@@ -220,7 +227,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         report.write_text("\n".join(text))
         (keep / "outcomes.json").write_text(json.dumps(
             [dict(layout=o.layout, predicted_step_s=o.predicted_step_s, measured_step_s=o.measured_step_s,
-                  step_spread=o.step_spread, memory=o.memory, largest_residual=o.largest_residual) for o in outcomes],
+                  step_spread=o.step_spread, memory=o.memory, largest_residual=o.largest_residual, reserve=o.reserve)
+             for o in outcomes],
             indent=1) + "\n")
         print(f"wrote {report}")
     return 0

@@ -22,7 +22,7 @@ from .measure import RankMemory, RankTime, StageTime
 from .plan import Plan
 from .schedules import spec as schedule_spec, stage_rank
 
-__all__ = ["breakdown", "print_explanation", "print_diff", "MeasuredRun", "Residual", "print_measured"]
+__all__ = ["breakdown", "print_explanation", "print_diff", "MeasuredRun", "MemoryMargin", "Residual", "memory_margin", "print_measured"]
 
 GIB = 1 << 30
 COMPONENTS = ("forward", "backward", "recompute", "tp_comm", "p2p", "dp_reduce", "bubble")
@@ -309,6 +309,42 @@ class MeasuredRun:
         return out
 
 
+@dataclass(frozen=True, slots=True)
+class MemoryMargin:
+    """How far a run's measured peak memory went past the plan's prediction, and the reserve that covers it.
+
+    A plan fits when its predicted peak is at most ``(1 - memory_reserve)`` of device memory. If
+    the measured peak is up to ``(1 + excess)`` times the prediction, a plan predicted to fit
+    fits for real when ``(1 - reserve') = (1 - reserve) / (1 + excess)``: that ``reserve'`` is the
+    margin the measurement asks for.
+    """
+
+    excess: float  # the largest measured / predicted - 1 over the ranks (negative: every peak covered)
+    rank: int  # the rank where it was
+    reserve: float  # the plan's training.memory_reserve
+    needed_reserve: float  # the reserve that covers ``excess`` (== reserve when excess <= 0)
+
+    def describe(self) -> str:
+        if self.excess <= 0:
+            return (f"memory margin: every rank's measured peak is within its prediction (closest: rank {self.rank}, "
+                    f"{self.excess:+.1%}); the plan's reserve of {self.reserve:.0%} is margin to spare")
+        return (f"memory margin: the measured peak is up to {self.excess:+.1%} over the prediction (rank {self.rank}); "
+                f"for a plan predicted to fit not to run out of memory, plan with --memory-reserve "
+                f"{self.needed_reserve:.3f} (this plan: {self.reserve:.3f})")
+
+
+def memory_margin(run: MeasuredRun) -> MemoryMargin:
+    """The margin a run's measured peaks ask for ([MemoryMargin])."""
+    ratios = [(m["peak_bytes"] / m["predicted_peak_bytes"] - 1.0, m["rank"]) for m in run.memory
+              if m["predicted_peak_bytes"] > 0]
+    if not ratios:
+        raise PlanError("explain --measured: the plan has no predicted peak memory; re-price it (autopart plan --plan FILE)")
+    excess, rank = max(ratios)
+    reserve = run.plan.training.memory_reserve
+    needed = reserve if excess <= 0 else 1.0 - (1.0 - reserve) / (1.0 + excess)
+    return MemoryMargin(excess, rank, reserve, needed)
+
+
 def _fmt_bytes(n: float) -> str:
     for unit, size in (("GiB", 1 << 30), ("MiB", 1 << 20), ("KiB", 1 << 10)):
         if abs(n) >= size:
@@ -347,6 +383,7 @@ def print_measured(run: MeasuredRun) -> None:
         r = m["resident"]
         console.print(f"rank {m['rank']} holds {_fmt_bytes(r['parameters'])} of parameters, {_fmt_bytes(r['gradients'])} "
                       f"of gradients, {_fmt_bytes(r['optimizer'])} of optimizer state (measured by {m['source']})")
+    console.print(memory_margin(run).describe())
     worst_t = max(times, key=lambda x: abs(x.error))
     worst_m = max((x for x in memory if x.what != "peak"), key=lambda x: abs(x.error))
     console.print(f"largest time residual: {worst_t.describe()}")

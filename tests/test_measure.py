@@ -17,6 +17,7 @@ import pytest
 import torch
 
 from partitioner.cli import main
+from partitioner.explain import MeasuredRun, memory_margin
 from partitioner.measure import MEMORY_CATEGORIES, StorageMeter
 from runtime_harness import launch
 
@@ -148,6 +149,14 @@ def test_explain_measured_names_the_largest_residuals(run_json: Path, capsys, mo
     assert "predicted" in line and "measured" in line
     assert any(l.startswith("largest memory residual: ") for l in out.splitlines())
     assert "optimizer step" in out  # measured, and predicted 0: the model has no optimizer step
+    [margin_line] = [l for l in out.splitlines() if l.startswith("memory margin: ")]
+    margin = memory_margin(MeasuredRun.load(str(run_json)))
+    record = json.loads(run_json.read_text())
+    worst = max(m["peak_bytes"] / m["predicted_peak_bytes"] - 1 for m in record["memory"])
+    assert margin.excess == pytest.approx(worst)
+    if worst > 0:  # the reserve that makes a plan predicted to fit fit as measured
+        assert (1 - margin.needed_reserve) * (1 + worst) == pytest.approx(1 - margin.reserve)
+        assert f"--memory-reserve {margin.needed_reserve:.3f}" in margin_line
 
 
 def test_explain_measured_refuses_what_is_not_a_measured_run(run_json: Path, tmp_path: Path, capsys, monkeypatch) -> None:
