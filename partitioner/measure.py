@@ -180,7 +180,7 @@ def _storages(tensors: Iterable[Any]) -> dict[int, int]:
     return out
 
 
-@dataclass
+@dataclass(frozen=True, slots=True)
 class _Static:
     """This rank's parameters, gradients and optimizer state, as storages by category."""
 
