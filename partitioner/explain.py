@@ -207,7 +207,7 @@ MEASURED_LABELS = {
     "tp_comm": "tensor-parallel communication",
     "dp_reduce": "data-parallel reduction (exposed) and gradient scaling",
     "optimizer": "optimizer step",
-    "other": "other synchronization (tied weights, loss)",
+    "other": "tied weights' gradient sums",
     "wait": "waiting (pipeline transfers and bubble)",
 }
 MEMORY_ROWS = ("static", "activations", "temporaries", "peak")

@@ -11,8 +11,9 @@ activations (tensors saved for backward), temporaries (everything else
 allocated in the step). Time **components** per rank: forward and backward
 compute (recomputation included), tensor-parallel collectives, exposed
 data-parallel reduction, the optimizer step, other synchronization (tied
-weights' sums, the loss), and waiting (the rest of the step: point-to-point
-transfers and the pipeline bubble, which the runtime cannot tell apart).
+weights' sums), and waiting (the rest of the step: point-to-point transfers,
+the pipeline bubble and the wait for the slowest rank in the loss's
+all-reduce, which the runtime cannot tell apart).
 
 [Note: why not MemTracker]
 ``torch.distributed._tools.mem_tracker.MemTracker`` is torch's tracker and the
@@ -37,7 +38,9 @@ the meter.
 gradient finishing and DDP's reduction (a communication hook notes when each
 bucket is launched and done: the reduction still running after the last
 launch is exposed and is taken out of that backward), the optimizer step and
-the other synchronizations. With ``tp > 1``, ``torch.profiler`` records the
+the tied weights' sums. The loss's all-reduce at the end of the step is not
+timed apart: a rank that finished early waits there for the slowest, which
+the simulator counts as bubble, so it is left in the waiting. With ``tp > 1``, ``torch.profiler`` records the
 step's functional collectives (``_c10d_functional::*``, launch and wait),
 which are taken out of the forward or backward they fall in. What is left of
 the step's wall time is waiting.
@@ -130,8 +133,8 @@ class RankTime:
     stages: tuple[StageTime, ...]
     finish_s: float  # gradients' mean over micro-batches (and the dp all-reduce where DDP does not run)
     optimizer_s: float  # the optimizer step (masters' copy and loss-scaler included)
-    other_s: float  # tied weights' sums and the loss's all-reduce
-    wait_s: float  # the rest: waiting on point-to-point transfers and the pipeline bubble
+    other_s: float  # tied weights' sums
+    wait_s: float  # the rest: waiting on point-to-point transfers, the pipeline bubble and the slowest rank
 
     def components(self) -> dict[str, float]:
         """Seconds by TIME_COMPONENTS; they add up to ``step_s``."""

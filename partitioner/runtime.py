@@ -514,10 +514,11 @@ class ParallelModel:
                 scale = 1.0 if self.scaler is None else self.scaler.get_scale()
                 with clock.span("optimizer"):
                     optimizer_step(self.optimizer, self.scaler)
-                with clock.span("other"):
-                    mean = torch.stack([l.detach().float() for l in losses]).mean() / scale if losses else torch.zeros(())
-                    mean = mean.to(self.device)
-                    dist.all_reduce(mean)
+                # The loss's all-reduce is where a rank that finished early waits for the others: it counts
+                # as waiting ([Note: measured time components]), so it is not a span.
+                mean = torch.stack([l.detach().float() for l in losses]).mean() / scale if losses else torch.zeros(())
+                mean = mean.to(self.device)
+                dist.all_reduce(mean)
                 step_s = time.perf_counter() - origin  # before the meter and profiler wind down
         except Exception as exc:
             # Our own failure is published at once; a communication error names the peer that
