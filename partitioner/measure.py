@@ -327,18 +327,18 @@ class StorageMeter(TorchDispatchMode):
 
 
 class StepClock:
-    """Seconds spent in named parts of one step (``with clock.span("optimizer"): ...``)."""
+    """Seconds spent in named parts of one step: ``clock.lap("optimizer")`` after the optimizer step adds
+    the time since the previous lap (``clock.lap()`` starts a lap without naming the one before)."""
 
     def __init__(self) -> None:
         self.spans: dict[str, float] = {}
+        self._last = time.perf_counter()
 
-    @contextmanager
-    def span(self, name: str) -> Iterator[None]:
-        t0 = time.perf_counter()
-        try:
-            yield
-        finally:
-            self.spans[name] = self.spans.get(name, 0.0) + time.perf_counter() - t0
+    def lap(self, name: str | None = None) -> None:
+        now = time.perf_counter()
+        if name is not None:
+            self.spans[name] = self.spans.get(name, 0.0) + now - self._last
+        self._last = now
 
 
 class DdpTimer:
@@ -349,6 +349,7 @@ class DdpTimer:
 
     def __init__(self) -> None:
         self.enabled = False
+        self._registered = False
         self.launched: dict[int, list[float]] = {}
         self.done: dict[int, list[float]] = {}
 
@@ -369,6 +370,12 @@ class DdpTimer:
             return fut.then(noted)
 
         ddp.register_comm_hook(group, hook)
+        self._registered = True
+
+    @property
+    def registered(self) -> bool:
+        """Whether any DDP module has the hook (the rank's gradients are DDP's bucket views)."""
+        return self._registered
 
     def reset(self, enabled: bool) -> None:
         self.enabled = enabled

@@ -498,33 +498,40 @@ class ParallelModel:
         self._watchdog.progress("wait")
         clock = StepClock()
         self._ddp_timer.reset(record)
+        measuring = contextlib.ExitStack()  # the memory meter and the collectives' profiler, when asked for
         try:
-            self.optimizer.zero_grad(set_to_none=True)
-            meter = self._memory_meter(track_memory)
-            with meter, tp_profile(record and self.plan.mesh.tp > 1) as tp_intervals:
-                losses: list[torch.Tensor] = []
-                self.schedule.step(*local_inputs, target=local_target, losses=losses, return_outputs=False)
-                with clock.span("finish"):
-                    self._finish_gradients()
-                with clock.span("other"):
-                    for name, group in self._tied:
-                        grad = self.params[name].grad
-                        if grad is not None:
-                            dist.all_reduce(grad, group=group)
-                scale = 1.0 if self.scaler is None else self.scaler.get_scale()
-                with clock.span("optimizer"):
-                    optimizer_step(self.optimizer, self.scaler)
-                # The loss's all-reduce is where a rank that finished early waits for the others: it counts
-                # as waiting ([Note: measured time components]), so it is not a span.
-                mean = torch.stack([l.detach().float() for l in losses]).mean() / scale if losses else torch.zeros(())
-                mean = mean.to(self.device)
-                dist.all_reduce(mean)
-                step_s = time.perf_counter() - origin  # before the meter and profiler wind down
+            # DDP's gradients are views of its buckets: zeroed, not dropped, so that the micro-batches
+            # accumulate into the buckets. Dropped, the accumulation outside DDP's last micro-batch
+            # makes a second copy of every gradient, which the memory model does not count (measured:
+            # the temporaries of a dp run, docs/runtime.md).
+            self.optimizer.zero_grad(set_to_none=not self._ddp_timer.registered)
+            meter = measuring.enter_context(self._memory_meter(track_memory))
+            tp_intervals = measuring.enter_context(tp_profile(record and self.plan.mesh.tp > 1))
+            losses: list[torch.Tensor] = []
+            self.schedule.step(*local_inputs, target=local_target, losses=losses, return_outputs=False)
+            clock.lap()
+            self._finish_gradients()
+            clock.lap("finish")
+            for name, group in self._tied:
+                grad = self.params[name].grad
+                if grad is not None:
+                    dist.all_reduce(grad, group=group)
+            clock.lap("other")
+            scale = 1.0 if self.scaler is None else self.scaler.get_scale()
+            optimizer_step(self.optimizer, self.scaler)
+            clock.lap("optimizer")
+            # The loss's all-reduce is where a rank that finished early waits for the others: it counts
+            # as waiting ([Note: measured time components]), so it is no lap of its own.
+            mean = torch.stack([l.detach().float() for l in losses]).mean() / scale if losses else torch.zeros(())
+            mean = mean.to(self.device)
+            dist.all_reduce(mean)
+            step_s = time.perf_counter() - origin  # before the meter and profiler wind down
         except Exception as exc:
             # Our own failure is published at once; a communication error names the peer that
             # failed first ([Note: failing ranks] in watchdog.py).
             raise self._watchdog.failed(exc) from exc
         finally:
+            measuring.close()
             self._watchdog.busy = self._watchdog.in_step = False
             self._watchdog.progress("idle")
         self.steps_done += 1
