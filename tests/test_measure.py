@@ -69,6 +69,7 @@ def measured(tmp_path_factory) -> dict[str, list[dict]]:
     return {key: [r[key] for r in reports] for key in runs}
 
 
+@pytest.mark.slow  # a multi-process launch (5-15 s on 2 cores)
 @pytest.mark.parametrize("layout", ["pp", "dp", "tp"])
 def test_measured_memory_sums_and_matches_the_plans_static_bytes(measured, layout: str) -> None:
     for rank in measured[layout]:
@@ -87,6 +88,7 @@ def test_measured_memory_sums_and_matches_the_plans_static_bytes(measured, layou
             assert held - rank["scalar_state_bytes"] == steady["predicted_static_bytes"], (layout, steady)
 
 
+@pytest.mark.slow  # a multi-process launch (5-15 s on 2 cores)
 @pytest.mark.parametrize("layout", ["pp", "dp", "tp"])
 def test_measured_time_components_add_up_to_the_step(measured, layout: str) -> None:
     for rank in measured[layout]:
@@ -125,6 +127,7 @@ def run_json(tmp_path_factory) -> Path:
     return tmp / "run.json"
 
 
+@pytest.mark.slow  # a multi-process launch (5-15 s on 2 cores)
 def test_run_json_carries_the_plan_and_every_ranks_measurements(run_json: Path) -> None:
     record = json.loads(run_json.read_text())
     assert record["plan_data"]["mesh"] == {"pp": 2, "tp": 1, "dp": 1}
@@ -141,6 +144,7 @@ def _explain(capsys, monkeypatch, *argv: str) -> tuple[int, str, str]:
     return rc, out, err
 
 
+@pytest.mark.slow  # a multi-process launch (5-15 s on 2 cores)
 def test_explain_measured_names_the_largest_residuals(run_json: Path, capsys, monkeypatch) -> None:
     rc, out, err = _explain(capsys, monkeypatch, "--measured", str(run_json))
     assert rc == 0, err
@@ -159,6 +163,7 @@ def test_explain_measured_names_the_largest_residuals(run_json: Path, capsys, mo
         assert f"--memory-reserve {margin.needed_reserve:.3f}" in margin_line
 
 
+@pytest.mark.slow  # a multi-process launch (5-15 s on 2 cores)
 def test_explain_measured_refuses_what_is_not_a_measured_run(run_json: Path, tmp_path: Path, capsys, monkeypatch) -> None:
     record = json.loads(run_json.read_text())
     old = dict(record)
