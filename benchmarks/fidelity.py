@@ -100,11 +100,16 @@ def _env() -> dict[str, str]:
     return env
 
 
+class RunFailed(Exception):
+    """A command of one layout failed; the benchmark records it and goes on."""
+
+
 def _run(cmd: Sequence[str], what: str, timeout_s: float = 900) -> str:
     proc = subprocess.run(list(cmd), env=_env(), capture_output=True, text=True, timeout=timeout_s, cwd=ROOT)
     if proc.returncode != 0:
-        tail = (proc.stderr or proc.stdout).strip().splitlines()[-3:]
-        raise SystemExit(f"fidelity: {what} failed (rc {proc.returncode}): {' | '.join(tail)}")
+        text = (proc.stderr or proc.stdout).strip().splitlines()
+        first = next((l for l in text if "autopart: error" in l or "Signal" in l or "Error" in l), text[-1] if text else "")
+        raise RunFailed(f"{what} failed (rc {proc.returncode}): {first.strip()[:200]}")
     return proc.stdout
 
 
@@ -112,7 +117,7 @@ def _torchrun(n: int) -> list[str]:
     return [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", str(n)]
 
 
-def calibrate(world: int, out: Path) -> Path:
+def calibrate(world: int, out: Path) -> Path:  # a failure here ends the benchmark (RunFailed)
     _run([*_torchrun(world), "-m", "partitioner", "calibrate", "--out", str(out)], f"calibrate on {world} ranks")
     return out
 
@@ -190,8 +195,14 @@ def main(argv: Sequence[str] | None = None) -> int:
         clusters[world] = (f"local-cpu:{world}" if args.no_calibrate
                            else str(calibrate(world, keep / f"calibrated-{world}.toml")))
     outcomes = []
+    failed: list[str] = []
     for layout in layouts:
-        o = measure(layout, clusters[layout.world], cache, keep, args.steps, args.warmup)
+        try:
+            o = measure(layout, clusters[layout.world], cache, keep, args.steps, args.warmup)
+        except RunFailed as exc:  # recorded, not retried: a flaky layout should show
+            failed.append(f"{layout.name}: {exc}")
+            print(f"{layout.name}: {exc}", flush=True)
+            continue
         outcomes.append(o)
         print(f"{o.layout}: step predicted {o.predicted_step_s * 1e3:.1f} ms, measured {o.measured_step_s * 1e3:.1f} ms "
               f"({o.step_error:+.1%}); peak memory error per rank "
@@ -202,6 +213,8 @@ def main(argv: Sequence[str] | None = None) -> int:
                f"(target 10% / 20%); peak memory over {s['ranks']} ranks: median |error| {s['memory_median']:.1%}, "
                f"worst {s['memory_worst']:.1%} (target 3% / 10%); memory margin: measured peaks up to "
                f"{s['memory_excess']:+.1%} over the prediction, covered by --memory-reserve {s['reserve']:.3f}")
+    if failed:
+        summary += f"; {len(failed)} layout(s) failed and are not in the figures: " + "; ".join(failed)
     print("\n".join(lines))
     print(summary)
     if report is not None:
