@@ -134,7 +134,7 @@ def _pool(results: Sequence[CaseResult]) -> CaseResult:
     that ran the same plan (a repetition plans anew; a different plan is not pooled)."""
     from dataclasses import replace
 
-    from partitioner.compare import _plan_key
+    from partitioner.compare.planning import plan_key
 
     first, rest = results[0], results[1:]
     rows: list = []
@@ -145,11 +145,11 @@ def _pool(results: Sequence[CaseResult]) -> CaseResult:
             rows.append(replace(row, measured=pooled[row.same_as]))
             continue
         if row.ok and m is not None and m.median_s is not None:
-            key = _plan_key(row.plan)
+            key = plan_key(row.plan)
             times = list(m.step_times_s)
             for other in rest:
                 o = other.row(row.method)
-                if o is not None and o.ok and _plan_key(o.plan) == key and o.measured and o.measured.median_s is not None:
+                if o is not None and o.ok and plan_key(o.plan) == key and o.measured and o.measured.median_s is not None:
                     times += o.measured.step_times_s
             row = replace(row, measured=replace(m, step_times_s=tuple(times)))
             pooled[row.method] = row.measured
@@ -163,7 +163,7 @@ def _load() -> str:
 
 def _repeats_markdown(comparisons: Sequence[Comparison]) -> str:
     """Every repetition's Spearman figures and each plan's measured median, side by side."""
-    from partitioner.compare import _fmt_time
+    from partitioner.fmt import fmt_time as _fmt_time
 
     lines = ["## Every repetition", ""]
     head = ["", *[f"run {i + 1}" for i in range(len(comparisons))]]

@@ -1,6 +1,6 @@
 """GPU check: the profiler on one CUDA GPU in bf16, against the analytic and the calibrated models.
 
-Profiles (``partitioner/profile.py``, CUDA events) the blocks of GPT-2 small and a
+Profiles (``partitioner/profile/``, CUDA events) the blocks of GPT-2 small and a
 Llama-2-7B-style model, fits the calibrated op model on them, then profiles GPT-2 medium and
 a smaller Llama (widths the fit never saw) and compares every block with the analytic
 prediction for this GPU's preset and with the calibrated prediction. The issue's target is

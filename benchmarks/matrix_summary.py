@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import argparse
 import json
-import math
+import statistics
 import sys
 from pathlib import Path
 from typing import Any, Sequence
@@ -22,7 +22,7 @@ from benchmarks.run_matrix import MATRIX, load_matrix
 
 
 def _geomean(xs: Sequence[float]) -> float | None:
-    return math.exp(sum(math.log(x) for x in xs) / len(xs)) if xs else None
+    return statistics.geometric_mean(xs) if xs else None
 
 
 def _fits(row: dict[str, Any] | None) -> bool:

@@ -42,7 +42,9 @@ class NodeRef:
 
 
 _MATMUL = ("mm", "addmm", "bmm", "baddbmm", "linear", "matmul", "conv", "einsum", "_convolution")
-_ATTENTION = ("scaled_dot_product", "flash_attention", "efficient_attention")
+# Attention kernels (scaled_dot_product_*, _flash_attention_*, _efficient_attention_*, ...): the one
+# classification that pricing and tensor parallelism (partitioner/tp_strategies.py) both read.
+_ATTENTION = ("scaled_dot_product", "attention")
 
 
 def op_class(target: str) -> str:

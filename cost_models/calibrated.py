@@ -3,7 +3,7 @@
 The analytic model prices an op from datasheet peaks and assumed efficiency
 factors. This one keeps its inputs (the op, its FLOPs and its bytes) but
 replaces the assumptions with constants fitted to kernels measured on the
-device (``partitioner/profile.py``), so that a model too large to profile
+device (``partitioner/profile/``), so that a model too large to profile
 whole is still predicted from measured kernels. It implements ``CostModel``;
 communication is left to the base model (whose alpha-beta figures
 ``autopart calibrate`` measures).

@@ -91,6 +91,11 @@ def _profile_args(p: argparse.ArgumentParser, *, flag: bool) -> None:
                    help="stop measuring after this long; the calibrated model prices the rest")
 
 
+def _nproc_arg(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--nproc-per-node", type=_positive_int, default=None, metavar="N",
+                   help="start N ranks on this machine yourself (instead of torchrun); a failure is one line")
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = _Parser(prog="autopart", description="Automatic pipeline/tensor/data-parallel planning for PyTorch.")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
@@ -137,13 +142,14 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--json", default=None, metavar="PATH", help="write the measurements and the report to PATH")
     g.add_argument("--force", action="store_true", help="let --json overwrite an existing file")
 
-    p = sub.add_parser("calibrate", help="under torchrun: measure links and device rates, write a cluster TOML")
+    p = sub.add_parser("calibrate", help="with --nproc-per-node N (or under torchrun): measure links and device rates, write a cluster TOML")
     p.add_argument("--cluster", default=None, help="the cluster to start from (default local-cpu:<ranks per node>)")
     p.add_argument("--out", required=True, metavar="PATH", help="the cluster TOML to write")
     p.add_argument("--force", action="store_true", help="let --out overwrite an existing file")
     p.add_argument("--dtype", default=None, choices=("fp32", "tf32", "bf16", "fp16"), help="dtype of the GEMM timed (default fp32 on CPU, bf16 on GPU)")
     p.add_argument("--max-bytes", type=_positive_int, default=16 << 20, help="largest message, bytes per rank (default 16 MiB)")
     p.add_argument("--reps", type=_positive_int, default=5, help="timed runs per measurement (default 5)")
+    _nproc_arg(p)
 
     p = sub.add_parser("explain", help="explain a saved plan: step-time breakdown, bottleneck, memory; "
                        "or a run's measurements against its plan (--measured)")
@@ -182,7 +188,7 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--force", action="store_true", help="let --out write into a non-empty directory")
     _profile_args(p, flag=True)
 
-    p = sub.add_parser("run", help="train a plan for N steps under torchrun and print step times and losses")
+    p = sub.add_parser("run", help="train a plan for N steps (--nproc-per-node N, or under torchrun); print step times and losses")
     _common(p)
     g = p.add_argument_group("run")
     g.add_argument("--plan", dest="plan_file", required=True, metavar="PATH", help="the plan JSON to run")
@@ -193,6 +199,7 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--seed", type=int, default=0, help="seed for the weights and the synthetic corpus")
     g.add_argument("--data", default=None, metavar="PATH", help="train on these token ids (.bin of uint16, or .pt 1-D tensor) "
                    "instead of the fixed synthetic corpus")
+    _nproc_arg(p)
 
     p = sub.add_parser("inspect", help="print the blocks of a model: params, FLOPs, activations")
     _common(p)
@@ -210,6 +217,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     if getattr(args, "model", "") is None and args.command not in ("plan", "run", "explain"):  # they take the plan's
         args.model = DEFAULT_MODEL
     try:
+        if getattr(args, "nproc_per_node", None) is not None:
+            launched = _launch(args, argv)
+            if launched is not None:
+                return launched
         if args.command == "plan":
             return cmd_plan(args)
         if args.command == "inspect":
@@ -241,18 +252,51 @@ def main(argv: Sequence[str] | None = None) -> int:
             print(f"autopart: error: {exc}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
-        print("autopart: interrupted", file=sys.stderr)
+        from .watchdog import under_autopart_launcher
+
+        if not under_autopart_launcher():  # else the launcher says it, once
+            print("autopart: interrupted", file=sys.stderr)
         return 130
     except Exception as exc:  # a bug in autopart, not the user's input: one line, the details on request
         if os.environ.get("AUTOPART_DEBUG"):
             raise
-        print(
-            f"autopart: internal error: {one_line(exc)} "
-            "(set AUTOPART_DEBUG=1 for the traceback and please report it)",
-            file=sys.stderr,
-        )
+        from .watchdog import record_error, under_autopart_launcher
+
+        line = (f"autopart: internal error: {one_line(exc)} "
+                "(set AUTOPART_DEBUG=1 for the traceback and please report it)")
+        if under_autopart_launcher():  # the launcher prints it ([Note: one line per failed job] in launch.py)
+            record_error(line, primary=True)
+        else:
+            print(line, file=sys.stderr)
         return 1
     return 0
+
+
+def _launch(args: argparse.Namespace, argv: Sequence[str] | None) -> int | None:
+    """``--nproc-per-node N`` outside torchrun: start N ranks of this same command here (launch.py) and
+    return the job's exit status. Under torchrun (a rank already) return None: the rank runs the command."""
+    from .launch import launch_local, strip_nproc
+    from .watchdog import DistributedError
+
+    n = args.nproc_per_node
+    if "LOCAL_RANK" in os.environ or "TORCHELASTIC_RUN_ID" in os.environ:
+        local = int(os.environ.get("LOCAL_WORLD_SIZE", n))
+        if local != n:
+            raise DistributedError(f"--nproc-per-node {n}, but this job's launcher started {local} ranks on this "
+                                   "node; leave --nproc-per-node out under torchrun")
+        return None
+    stages_of = None
+    if args.command == "run":
+        from .plan import Plan
+
+        plan = Plan.load(args.plan_file)  # a bad plan is refused here, before any rank starts
+        if plan.mesh.world_size != n:
+            raise DistributedError(
+                f"plan mesh {plan.mesh} needs {plan.mesh.world_size} ranks but --nproc-per-node {n} starts {n}; "
+                f"pass --nproc-per-node {plan.mesh.world_size}, or re-plan for {n} ranks (--cluster local-cpu:{n})"
+            )
+        stages_of = plan.stages_label
+    return launch_local(n, strip_nproc(sys.argv[1:] if argv is None else argv), stages_of)
 
 
 # --------------------------------------------------------------------------------------
@@ -575,7 +619,8 @@ def cmd_show(args: argparse.Namespace) -> int:
         console.print(f"predicted: step time {fmt_time(p.step_time_s)} · MFU {p.mfu:.1%} · bubble "
                       f"{p.bubble_fraction:.1%} · peak memory {fmt_bytes(p.peak_memory_bytes)} of "
                       f"{fmt_bytes(p.memory_limit_bytes)}")
-    console.print(f"run it: torchrun --nproc-per-node {plan.mesh.world_size} -m partitioner.cli run --plan {args.plan_file}")
+    console.print(f"run it: autopart run --nproc-per-node {plan.mesh.world_size} --plan {args.plan_file} "
+                  "(on several nodes: torchrun ... -m partitioner run --plan ...)")
     return 0
 
 
@@ -804,8 +849,8 @@ def cmd_calibrate(args: argparse.Namespace) -> int:
 
     if "RANK" not in os.environ or "WORLD_SIZE" not in os.environ:
         raise CalibrateError(
-            "autopart calibrate measures the live process group: run it under torchrun, e.g. "
-            "torchrun --nproc-per-node 2 -m partitioner.cli calibrate --out cluster.toml"
+            "autopart calibrate measures the live process group: give it ranks, e.g. "
+            "autopart calibrate --nproc-per-node 2 --out cluster.toml (or run it under torchrun)"
         )
     out = _check_out(args.out, args.force, "--out", "cluster.toml")
     world = int(os.environ["WORLD_SIZE"])

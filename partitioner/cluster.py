@@ -497,22 +497,15 @@ class Cluster:
         }
 
     def to_toml(self) -> str:
-        """The cluster as a TOML file that ``from_toml`` reads back equal."""
+        """The cluster as a TOML file that ``from_toml`` reads back equal (written by ``tomli_w``),
+        headed by the units of its keys."""
+        import tomli_w
+
         d = self.to_dict()
-        lines = ["# autopart cluster description; the format is in docs/cluster.md.", ""]
-        for key in ("name", "nodes", "devices_per_node"):
-            lines.append(f"{key} = {_toml_value(d[key])}")
-        for table in ("device", "intra_node", "inter_node", "efficiency"):
-            lines += ["", f"[{table}]"]
-            for key, value in d[table].items():
-                if not isinstance(value, dict):
-                    unit = _FILE_UNITS.get(key)
-                    lines.append(f"{key} = {_toml_value(value)}" + (f"  # {unit}" if unit else ""))
-            for key, value in d[table].items():
-                if isinstance(value, dict):
-                    lines += ["", f"[{table}.{key}]  # {_FILE_UNITS[key]}"]
-                    lines += [f"{k} = {_toml_value(v)}" for k, v in value.items()]
-        return "\n".join(lines) + "\n"
+        keys = {"nodes", "devices_per_node"} | {k for t in d.values() if isinstance(t, dict) for k in t}
+        units = [f"#   {k}: {u}" for k, u in _FILE_UNITS.items() if k in keys and u and u != "table"]
+        header = ["# autopart cluster description; the format is in docs/cluster.md.", "# Units:", *units, ""]
+        return "\n".join(header) + "\n" + tomli_w.dumps(d)
 
     def describe(self) -> str:
         """One line, e.g. ``dgx-a100-80g: 4 nodes x 8 NVIDIA A100-SXM4-80GB (80 GiB, 312
@@ -596,7 +589,7 @@ _SUBTABLES = {
     "inter_node": _LINK_KEYS,
     "efficiency": _EFFICIENCY_KEYS,
 }
-# Units as the file writes them; used in error messages and to_toml comments.
+# Units as the file writes them; used in error messages and to_toml's header.
 _FILE_UNITS = {
     "name": "",
     "nodes": "machines",
@@ -756,30 +749,6 @@ def _link_dict(link: LinkSpec) -> dict[str, Any]:
     d["bandwidth_gbps"] = _to_file(link.bandwidth, _GIGA)
     d["latency_us"] = _to_file(link.latency, _MICRO)
     return d
-
-
-def _toml_value(value: Any) -> str:
-    if isinstance(value, str):
-        return _toml_string(value)
-    if isinstance(value, (int, float)) and not isinstance(value, bool):
-        return repr(value)  # finite by validation; repr is valid TOML ("3e-06", "300.0")
-    raise TypeError(f"no TOML form for {value!r}")  # unreachable for validated clusters
-
-
-def _toml_string(s: str) -> str:
-    out = ['"']
-    for ch in s:
-        if ch in _TOML_ESCAPES:
-            out.append(_TOML_ESCAPES[ch])
-        elif ord(ch) < 0x20 or ord(ch) == 0x7F:
-            out.append(f"\\u{ord(ch):04X}")
-        else:
-            out.append(ch)
-    return "".join(out) + '"'
-
-
-_TOML_ESCAPES = {'"': '\\"', "\\": "\\\\", "\b": "\\b", "\t": "\\t", "\n": "\\n", "\f": "\\f",
-                 "\r": "\\r"}
 
 
 def _g(x: float) -> str:

@@ -58,6 +58,10 @@ __all__ = [
     "check_shardable",
     "run_check",
     "mutated_in_place",
+    "tree_full",
+    "as_dtensors",
+    "is_sharded",
+    "contiguous_grads",
 ]
 
 # Checks and queries that read a tensor's metadata (shape, stride, dtype, device), never its values.
@@ -184,3 +188,62 @@ def mutated_in_place(node: fx.Node) -> bool:
             if value is node:
                 return True
     return False
+
+
+# --------------------------------------------------------------------------------------
+# Moving between whole tensors and DTensors (what every tensor-parallel strategy uses)
+# --------------------------------------------------------------------------------------
+
+
+def tree_full(tree: Any) -> Any:
+    """Every DTensor in ``tree`` as a whole tensor (a gather where it is split)."""
+    from torch.distributed.tensor import DTensor
+    from torch.utils._pytree import tree_map
+
+    return tree_map(lambda x: x.full_tensor() if isinstance(x, DTensor) else x, tree)
+
+
+def as_dtensors(tree: Any, mesh: Any) -> Any:
+    """Every plain tensor of ``tree`` with at least one dim wrapped as a DTensor replicated on ``mesh``."""
+    from torch.distributed.tensor import DTensor, Replicate
+    from torch.utils._pytree import tree_map
+
+    def wrap(x: Any) -> Any:
+        if isinstance(x, torch.Tensor) and not isinstance(x, DTensor) and x.dim() > 0:
+            return DTensor.from_local(x, mesh, [Replicate()], run_check=False)
+        return x
+
+    return tree_map(wrap, tree)
+
+
+def is_sharded(x: Any) -> bool:
+    """Whether a DTensor is split over any mesh dim."""
+    return any(p.is_shard() for p in x.placements)
+
+
+class _ContiguousGrad(torch.autograd.Function):
+    """Identity whose backward makes the gradient contiguous.
+
+    DTensor's backward of a resharding can hand a strided local shard to the
+    next op's backward, whose ``view`` then fails (seen with GPT-2's fused QKV
+    split on a sharded dim); every sharded node's output passes through this.
+    ``copy``: return a copy rather than a view, for an output a later op writes
+    in place (autograd forbids writing into a custom Function's view; Mixtral's
+    router divides its top-k weights in place)."""
+
+    @staticmethod
+    def forward(ctx: Any, x: torch.Tensor, copy: bool) -> torch.Tensor:
+        return x.clone() if copy else x.view_as(x)
+
+    @staticmethod
+    def backward(ctx: Any, grad: torch.Tensor) -> tuple[torch.Tensor, None]:
+        return grad.contiguous(), None
+
+
+def contiguous_grads(tree: Any, copy: bool = False) -> Any:
+    """``tree`` with every tensor that needs a gradient passed through ``_ContiguousGrad``."""
+    from torch.utils._pytree import tree_map
+
+    return tree_map(
+        lambda x: _ContiguousGrad.apply(x, copy) if isinstance(x, torch.Tensor) and x.requires_grad else x, tree
+    )

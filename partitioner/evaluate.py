@@ -86,7 +86,7 @@ class Evaluator:
         """Cost of ``block`` per micro-batch of ``micro_batch`` samples under ``tp``-way sharding.
 
         Priced by ``BlockLayoutCosts`` (see [Note: layouts and resharding] in
-        sharding.py). Cached by the block's signature and strategies: repeated
+        tp_strategies.py). Cached by the block's signature and strategies: repeated
         identical blocks are priced once.
         """
         strategies = tuple(sharding.get(n, "replicate") for n in block.nodes) if tp > 1 else ()

@@ -31,6 +31,7 @@ from typing import Any, Mapping, Sequence
 
 from .errors import PlanError
 from .schedules import REGISTRY as SCHEDULE_REGISTRY, SCHEDULES, check_recompute, check_schedule, stage_rank
+from .tp_strategies import STRATEGY_NAMES
 
 __all__ = [
     "PLAN_VERSION",
@@ -55,8 +56,9 @@ PLAN_VERSION = 3
 # needs --model/--config/--seq-len again, and says so.
 READABLE_VERSIONS = (2, 3)
 SCHEDULE_NAMES = SCHEDULES  # the registry in schedules.py is the one list
-# Per-node tensor-sharding strategies the runtime can realize (see docs/plan.md).
-STRATEGIES = ("replicate", "column", "row", "vocab", "sharded")
+# Per-node tensor-sharding strategies the runtime can realize: the registry in tp_strategies.py is
+# the one list (see docs/plan.md).
+STRATEGIES = STRATEGY_NAMES
 
 
 def _check_int(where: str, value: Any, minimum: int = 1) -> None:
@@ -438,6 +440,15 @@ class Plan:
         layout ([Note: stage layouts] in schedules.py), times the mesh's tp x dp."""
         layout = SCHEDULE_REGISTRY[self.schedule.name].layout
         return self.mesh.stage_ranks(stage_rank(index, self.mesh.pp, layout))
+
+    def rank_stages(self, rank: int) -> tuple[int, ...]:
+        """The stages global ``rank`` runs, in model order (the inverse of ``stage_ranks``)."""
+        return tuple(st.index for st in self.stages if rank in self.stage_ranks(st.index))
+
+    def stages_label(self, rank: int) -> str:
+        """``"stage 1"`` or ``"stages 0, 2"``: how errors name what ``rank`` runs."""
+        stages = self.rank_stages(rank)
+        return f"stage{'s' if len(stages) > 1 else ''} {', '.join(map(str, stages))}"
 
     def check_consistent(self) -> None:
         """Refuse a plan at odds with itself; see [Note: what a stage holds].

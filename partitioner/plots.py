@@ -1,6 +1,6 @@
 """The pictures of ``autopart compare``: pipeline timelines, per-stage bars, predicted vs measured.
 
-Drawn with matplotlib from a ``CaseResult`` (``partitioner/compare.py``): the simulator's events
+Drawn with matplotlib from a ``CaseResult`` (``partitioner/compare/``): the simulator's events
 (``SimResult.events``) and each stage's predicted send and reduction times make the simulated
 timeline; the runtime's events make the measured one. Figures are built with
 ``matplotlib.figure.Figure`` and never registered with pyplot, so drawing keeps no global state and

@@ -43,9 +43,10 @@ import torch.fx as fx
 from torch.utils._pytree import TreeSpec
 
 from .capture import disable_hf_cache, node_keys
-from .dtensor_ops import Unshardable, check_shardable, is_check_or_query, mutated_in_place, run_check
+from .dtensor_ops import Unshardable, check_shardable, is_check_or_query, run_check, tree_full
 from .errors import PlanError
 from .plan import Plan
+from .tp_strategies import STRATEGIES, TPContext
 
 __all__ = ["StageProgram", "SplitModel", "split_model", "canonical_names", "microbatch_inputs"]
 
@@ -338,43 +339,23 @@ def _assign(plan: Plan, compute: Sequence[fx.Node]) -> tuple[dict[str, int], dic
 def param_placements(stage: StageProgram, tp: int) -> dict[str, int]:
     """Canonical param -> the dim it is split on over the tp axis, from the plan's strategies.
 
-    [Note: tensor-parallel parameters]
-    ``column`` splits a linear's output features and ``row`` its input
-    features; ``vocab`` splits an embedding's rows. Where those features live
-    depends on the op: ``aten.linear`` stores its weight (out, in), GPT-2's
-    ``Conv1D`` (``aten.addmm(bias, x, W)``) and ``aten.mm``/``matmul`` store
-    it (in, out). A bias is split with the output of a column linear and whole
-    for a row linear (it is added after the all-reduce). A parameter that two
-    nodes would split differently keeps the first node's split; DTensor
-    redistributes it for the other, which is correct and costs a gather.
-    Parameters of replicated nodes stay whole on every tp rank.
+    Each strategy's ``param_dims`` says which of a node's arguments it splits
+    and on which dim ([Note: tensor-parallel parameters] in tp_strategies.py).
+    A parameter that two nodes would split differently keeps the first node's
+    split; DTensor redistributes it for the other, which is correct and costs
+    a gather. Parameters of replicated nodes stay whole on every tp rank.
     """
     out: dict[str, int] = {}
     if tp == 1:
         return out
-    graph = stage.module.graph
-    for node in graph.nodes:
-        strat = stage.sharding.get(node.name)
-        if strat not in ("column", "row", "vocab") or node.op != "call_function":
+    for node in stage.module.graph.nodes:
+        strat = STRATEGIES.get(stage.sharding.get(node.name, "replicate"))
+        if strat is None or strat.param_split == "none" or node.op != "call_function":
             continue
-        op = getattr(node.target, "_overloadpacket", node.target)
-        name = getattr(op, "__name__", str(op))
-        args = list(node.args)
-
-        def put(i: int, dim: int | None) -> None:
-            if i < len(args) and isinstance(args[i], fx.Node) and args[i].op == "get_attr" and dim is not None:
-                out.setdefault(str(args[i].target), dim)
-
-        if strat == "vocab":
-            put(0, 0)  # aten.embedding(weight, ids)
-        elif name == "linear":
-            put(1, 0 if strat == "column" else 1)
-            put(2, 0 if strat == "column" else None)
-        elif name == "addmm":
-            put(2, 1 if strat == "column" else 0)
-            put(0, 0 if strat == "column" else None)
-        elif name in ("mm", "matmul"):
-            put(1, 1 if strat == "column" else 0)
+        for i, dim in strat.param_dims(str(node.target)).items():
+            arg = node.args[i] if i < len(node.args) else None
+            if isinstance(arg, fx.Node) and arg.op == "get_attr":
+                out.setdefault(str(arg.target), dim)
     return out
 
 
@@ -383,9 +364,9 @@ class TensorParallelModule(torch.nn.Module):
 
     [Note: realizing strategies with DTensor]
     A tensor in layout ``R`` (see [Note: layouts and resharding] in
-    sharding.py) is a plain, whole tensor; a tensor in layout ``S`` is a
+    tp_strategies.py) is a plain, whole tensor; a tensor in layout ``S`` is a
     DTensor sharded over the tp mesh axis. Each node runs as its strategy
-    says: a ``replicate`` node gets whole tensors (a DTensor input is
+    says (its ``realize`` in ``tp_strategies.STRATEGIES``): a ``replicate`` node gets whole tensors (a DTensor input is
     gathered, ``S -> R``); any other node gets DTensors (a whole input is
     wrapped as replicated, and a ``row`` node's input is split, ``R -> S``),
     and DTensor's sharding propagation does the rest: column linears produce
@@ -400,8 +381,6 @@ class TensorParallelModule(torch.nn.Module):
 
     def __init__(self, stage: StageProgram, mesh: Any) -> None:
         super().__init__()
-        from torch.distributed.tensor import Replicate, Shard
-
         self.graph_module = stage.module
         self.mesh = mesh
         self.sharding = dict(stage.sharding)
@@ -416,8 +395,6 @@ class TensorParallelModule(torch.nn.Module):
                 raise PlanError(f"sharding: {name} has {full.shape[dim]} rows on dim {dim}, not divisible by tp={tp}")
             local = full.detach().chunk(tp, dim=dim)[rank].clone()
             _replace_param(stage.module, name, torch.nn.Parameter(local, requires_grad=full.requires_grad))
-        self._shard = Shard
-        self._replicate = Replicate
 
     def forward(self, *args: Any) -> Any:
         return _TPInterpreter(self).run(*args)
@@ -435,146 +412,24 @@ class _TPInterpreter(fx.Interpreter):
     def __init__(self, owner: TensorParallelModule) -> None:
         super().__init__(owner.graph_module, garbage_collect_values=True)
         self.owner = owner
+        self.ctx = TPContext(owner.mesh, lambda n, args, kwargs: getattr(self, n.op)(n.target, args, kwargs))
 
     def get_attr(self, target: Any, args: Any, kwargs: Any) -> Any:
-        from torch.distributed.tensor import DTensor
+        from torch.distributed.tensor import DTensor, Shard
 
         t = super().get_attr(target, args, kwargs)
         dim = self.owner.split_dim.get(str(target))
         if dim is None:
             return t
-        return DTensor.from_local(t, self.owner.mesh, [self.owner._shard(dim)], run_check=False)
+        return DTensor.from_local(t, self.owner.mesh, [Shard(dim)], run_check=False)
 
     def run_node(self, n: fx.Node) -> Any:
         if n.op not in _COMPUTE:
             result = super().run_node(n)
             if n.op == "output":
-                return _tree_full(result)
+                return tree_full(result)
             return result
-        strat = self.owner.sharding.get(n.name, "replicate")
         args, kwargs = self.fetch_args_kwargs_from_env(n)
         if is_check_or_query(n.target):  # [Note: checks and queries under DTensor] in dtensor_ops.py
             return run_check(n.target, args, kwargs)
-        if strat == "vocab":
-            return self._vocab_embedding(n, args, kwargs)
-        if strat == "sharded" and "scaled_dot_product" in str(n.target):
-            return self._head_parallel_attention(n, args, kwargs)
-        if strat == "replicate":
-            args, kwargs = _tree_full(args), _tree_full(kwargs)
-        else:
-            args, kwargs = self._as_dtensors(args), self._as_dtensors(kwargs)
-            if strat == "row":
-                args = self._split_activation(n, args)
-        out = getattr(self, n.op)(n.target, args, kwargs)
-        return _contiguous_grads(out, copy=mutated_in_place(n)) if strat != "replicate" else out
-
-    def _vocab_embedding(self, n: fx.Node, args: tuple, kwargs: dict) -> Any:
-        """Vocabulary-parallel lookup: each rank looks up the ids in its rows, zero elsewhere; the
-        partial sums are reduced by the first replicated reader (DTensor's ``Partial``). Written out
-        because DTensor's own masked partial cannot be reduced outside the op that made it."""
-        from torch.distributed.tensor import DTensor, Partial
-
-        weight, ids = args[0], args[1]
-        if not isinstance(weight, DTensor):
-            return self.call_function(n.target, _tree_full(args), _tree_full(kwargs))
-        local = weight.to_local()
-        rows = local.shape[0]
-        start = self.owner.mesh.get_local_rank() * rows
-        ids = _tree_full(ids)
-        outside = (ids < start) | (ids >= start + rows)
-        pad = args[2] if len(args) > 2 else kwargs.get("padding_idx", -1)  # aten.embedding's padding_idx
-        local_pad = pad - start if isinstance(pad, int) and start <= pad < start + rows else None
-        out = torch.nn.functional.embedding((ids - start).masked_fill(outside, 0), local, padding_idx=local_pad)
-        out = out * (~outside).unsqueeze(-1).to(out.dtype)
-        return DTensor.from_local(out, self.owner.mesh, [Partial()], run_check=False)
-
-    def _head_parallel_attention(self, n: fx.Node, args: tuple, kwargs: dict) -> Any:
-        """Attention on this rank's heads: q, k, v split on dim 1 (heads; with grouped-query
-        attention k and v have fewer heads, split alike), the mask whole. Heads are independent,
-        so the kernel runs on the local shards; DTensor has no rule for every CPU attention
-        kernel's backward, so it is not asked for one."""
-        from torch.distributed.tensor import DTensor
-
-        mesh, shard = self.owner.mesh, self.owner._shard(1)
-
-        def heads(x: Any) -> Any:
-            if not isinstance(x, torch.Tensor):
-                return x
-            if not isinstance(x, DTensor):
-                x = DTensor.from_local(x, mesh, [self.owner._replicate()], run_check=False)
-            if x.placements[0] != shard:
-                x = x.redistribute(mesh, [shard])
-            return x.to_local()
-
-        q, k, v, *rest = args
-        rest = _tree_full(rest)
-        kwargs = _tree_full(kwargs)
-        out = self.call_function(n.target, (heads(q), heads(k), heads(v), *rest), kwargs)
-        return DTensor.from_local(out, mesh, [shard], run_check=False)
-
-    def _as_dtensors(self, tree: Any) -> Any:
-        from torch.distributed.tensor import DTensor
-        from torch.utils._pytree import tree_map
-
-        mesh, rep = self.owner.mesh, self.owner._replicate
-
-        def wrap(x: Any) -> Any:
-            if isinstance(x, torch.Tensor) and not isinstance(x, DTensor) and x.dim() > 0:
-                return DTensor.from_local(x, mesh, [rep()], run_check=False)
-            return x
-
-        return tree_map(wrap, tree)
-
-    def _split_activation(self, n: fx.Node, args: tuple) -> tuple:
-        """A row linear reads its activation split on the last dim (``R -> S`` is a free slice)."""
-        op = getattr(n.target, "_overloadpacket", n.target)
-        i = 1 if getattr(op, "__name__", "") == "addmm" else 0
-        x = args[i] if i < len(args) else None
-        if _is_dtensor(x) and not _is_sharded(x):
-            x = x.redistribute(x.device_mesh, [self.owner._shard(x.dim() - 1)])
-            args = (*args[:i], x, *args[i + 1 :])
-        return args
-
-
-class _ContiguousGrad(torch.autograd.Function):
-    """Identity whose backward makes the gradient contiguous.
-
-    DTensor's backward of a resharding can hand a strided local shard to the
-    next op's backward, whose ``view`` then fails (seen with GPT-2's fused QKV
-    split on a sharded dim); every sharded node's output passes through this.
-    ``copy``: return a copy rather than a view, for an output a later op writes
-    in place (autograd forbids writing into a custom Function's view; Mixtral's
-    router divides its top-k weights in place)."""
-
-    @staticmethod
-    def forward(ctx: Any, x: torch.Tensor, copy: bool) -> torch.Tensor:
-        return x.clone() if copy else x.view_as(x)
-
-    @staticmethod
-    def backward(ctx: Any, grad: torch.Tensor) -> tuple[torch.Tensor, None]:
-        return grad.contiguous(), None
-
-
-def _contiguous_grads(tree: Any, copy: bool = False) -> Any:
-    from torch.utils._pytree import tree_map
-
-    return tree_map(
-        lambda x: _ContiguousGrad.apply(x, copy) if isinstance(x, torch.Tensor) and x.requires_grad else x, tree
-    )
-
-
-def _is_dtensor(x: Any) -> bool:
-    from torch.distributed.tensor import DTensor
-
-    return isinstance(x, DTensor)
-
-
-def _is_sharded(x: Any) -> bool:
-    return any(p.is_shard() for p in x.placements)
-
-
-def _tree_full(tree: Any) -> Any:
-    from torch.distributed.tensor import DTensor
-    from torch.utils._pytree import tree_map
-
-    return tree_map(lambda x: x.full_tensor() if isinstance(x, DTensor) else x, tree)
+        return STRATEGIES[self.owner.sharding.get(n.name, "replicate")].realize(self.ctx, n, args, kwargs)

@@ -400,9 +400,7 @@ class ParallelModel:
     # --- building -------------------------------------------------------------------
 
     def _stages_of(self, rank: int) -> str:
-        mesh, sched = self.plan.mesh, self.plan.schedule
-        stages = rank_stages(rank // (mesh.dp * mesh.tp), mesh.pp, sched.virtual_stages, schedule_spec(sched.name).layout)
-        return f"stage{'s' if len(stages) > 1 else ''} {', '.join(map(str, stages))}"
+        return self.plan.stages_label(rank)
 
     def _set_timeouts(self, timeout_s: float) -> None:
         """The backend's own timeout on every group of the mesh, behind the watchdog (a backstop;
@@ -830,6 +828,10 @@ def run_plan(
     token_ids = all(not x.dtype.is_floating_point for x in loaded.example_inputs if isinstance(x, torch.Tensor))
     if data is not None and not token_ids:
         raise DistributedError(f"--data {data}: model {model_spec} does not take token ids; --data is for language models")
+    if not dist.is_initialized() and ("RANK" not in os.environ or "WORLD_SIZE" not in os.environ):
+        n = plan.mesh.world_size
+        raise DistributedError(f"autopart run trains on {n} ranks: pass --nproc-per-node {n}, or run it under "
+                               f"torchrun --nproc-per-node {n} -m partitioner run ...")
     rank, world = _init_process_group(None, timeout_s)
 
     def loss_fn(out: Any, y: torch.Tensor) -> torch.Tensor:

@@ -1,41 +1,13 @@
-"""Per-node tensor-parallel strategies and the layouts they produce.
+"""Pricing tensor-parallel layouts of a block, and Megatron-LM's layout.
 
-A plan says, per FX node, how the ``tp`` axis splits it: ``replicate`` (every
-tensor-parallel rank computes it whole), ``column`` (a linear whose weight is
-split by output features; its output is split on the last dim), ``row`` (a
-linear whose weight is split by input features; it reads a split input and
-its partial sums are all-reduced), ``vocab`` (an embedding split by
-vocabulary; partial lookups are all-reduced) and ``sharded`` (a weightless op
-that works on split data, e.g. attention over a subset of heads).
-
-``megatron_sharding`` derives Megatron-LM's layout from data flow rather than
-from layer names (see [Note: Megatron layout from data flow]); the ILP
-(``partitioner.solver``) chooses strategies from costs instead. Both are
-priced by ``BlockLayoutCosts``, the one place that says what a strategy costs
-(see [Note: layouts and resharding]).
-
-[Note: layouts and resharding]
-Every tensor has a layout over the tp axis: ``R`` (whole on every rank) or
-``S`` (split; for activations, along features or heads). A node's strategy
-fixes its output layout and the layout it needs for its data inputs:
-
-    strategy    needs   produces   its own collectives (one micro-batch)
-    replicate   R       R          -
-    column      R       S          backward all-reduce of the input gradient (Megatron's f),
-                                   once per input tensor however many column nodes read it
-    row         S       R          forward all-reduce of the output (Megatron's g)
-    vocab       R       R          forward all-reduce of the output
-    sharded     S       S          -
-
-An edge whose producer layout differs from what the consumer needs pays a
-resharding: ``R -> S`` is a free slice in forward and an all-gather of the
-gradient in backward (when the tensor is floating point); ``S -> R`` is an
-all-gather in forward and a free slice of the gradient in backward. Tensors
-entering a block from outside are ``R``; tensors leaving it must be ``R``
-(block boundaries carry whole tensors), except the model's outputs, which a
-vocabulary-parallel loss reads split. Work (FLOPs and bytes) of any strategy
-but ``replicate`` is divided by tp, and so are the parameters of column, row
-and vocab nodes and the saved activations of ``S`` tensors.
+The strategies themselves (which nodes each applies to, the layouts they need
+and produce, their collectives, the parameters they split and how they run)
+are one table, ``tp_strategies.STRATEGIES``; see [Note: layouts and
+resharding] there. This module prices an assignment of strategies to a
+block's nodes (``BlockLayoutCosts``, the one place that says what a strategy
+costs) and derives Megatron-LM's layout from data flow
+(``megatron_sharding``, see [Note: Megatron layout from data flow]); the ILP
+(``partitioner.solver``) chooses strategies from the same costs instead.
 """
 
 from __future__ import annotations
@@ -47,6 +19,15 @@ from cost_models import CostModel, NodeRef, OpTime
 
 from .capture import CapturedModel, NodeInfo
 from .errors import PlanError
+from .tp_strategies import (
+    INPUT_LAYOUT,
+    OUTPUT_LAYOUT,
+    STRATEGIES,
+    allowed_strategies,
+    is_embedding,
+    is_linear_like,
+    splits_param,
+)
 
 if TYPE_CHECKING:
     from .graph import Block
@@ -61,28 +42,8 @@ __all__ = [
     "NodeOption",
     "OUTPUT_LAYOUT",
     "INPUT_LAYOUT",
+    "allowed_strategies",
 ]
-
-_LINEAR = ("aten.linear", "aten.addmm", "aten.mm", "aten.matmul", "linear", "addmm")
-# Ops that need the whole hidden vector, so they cannot run on a split last dim.
-# (Softmax is not here: inside attention it runs over keys, which a head split keeps whole.)
-_NEEDS_FULL = ("layer_norm", "native_layer_norm", "rms_norm", "mean", "log_softmax", "cross_entropy", "nll_loss")
-
-OUTPUT_LAYOUT = {"replicate": "R", "column": "S", "row": "R", "vocab": "R", "sharded": "S"}
-INPUT_LAYOUT = {"replicate": "R", "column": "R", "row": "S", "vocab": "R", "sharded": "S"}
-
-
-def is_linear_like(node: NodeInfo, captured: CapturedModel) -> bool:
-    """A matmul against a 2-D weight parameter (nn.Linear, F.linear, GPT-2's Conv1D)."""
-    base = node.target.split(".")
-    name = ".".join(base[:2]) if node.target.startswith("aten.") else node.target
-    if name not in _LINEAR and node.target not in _LINEAR:
-        return False
-    return any(len(captured.params[p].shape) == 2 for p in node.params if p in captured.params)
-
-
-def is_embedding(node: NodeInfo) -> bool:
-    return "embedding" in node.target and bool(node.params)
 
 
 def megatron_sharding(captured: CapturedModel, tp: int) -> dict[str, str]:
@@ -138,12 +99,6 @@ def sharded_params(captured: CapturedModel, sharding: Mapping[str, str]) -> set[
     }
 
 
-def splits_param(strategy: str, shape: tuple[int, ...]) -> bool:
-    """Whether a parameter of ``shape`` read by a node under ``strategy`` is divided over tp: every
-    parameter of a column or vocab node, only the weight (not the 1-D bias) of a row node."""
-    return strategy in ("column", "vocab") or (strategy == "row" and len(shape) >= 2)
-
-
 @dataclass(frozen=True, slots=True)
 class NodeOption:
     """One node under one strategy, for one micro-batch on one device."""
@@ -155,7 +110,8 @@ class NodeOption:
 
 
 class BlockLayoutCosts:
-    """Cost tables of one block under ``tp``-way sharding; see [Note: layouts and resharding].
+    """Cost tables of one block under ``tp``-way sharding; see [Note: layouts and resharding]
+    in tp_strategies.py.
 
     ``evaluate(strategies)`` prices an assignment; ``partitioner.solver``
     builds its ILP from the same tables (``options``, ``edge_cost``,
@@ -230,7 +186,7 @@ class BlockLayoutCosts:
         allowed = allowed_strategies(node, cap, tp)
         out: dict[str, NodeOption] = {}
         for strat in allowed:
-            div = tp if strat != "replicate" else 1
+            div = tp if STRATEGIES[strat].divides_work else 1
             if not node.outputs:
                 compute = OpTime(0.0, 0.0)  # assertions
             elif node.is_view:
@@ -247,7 +203,7 @@ class BlockLayoutCosts:
             if not node.needs_grad:  # nothing trainable flows into it (masks, positions): no backward
                 compute = OpTime(compute.forward_s, 0.0)
             comm = OpTime(0.0, 0.0)
-            if strat in ("row", "vocab"):
+            if STRATEGIES[strat].output_all_reduce:
                 comm = OpTime(self.cost_model.collective_time("all_reduce", node.output_bytes * k, self.group), 0.0)
             held = sum(cap.params[p].bytes / (tp if splits_param(strat, cap.params[p].shape) else 1)
                        for p in node.params if p in cap.params)
@@ -284,36 +240,12 @@ class BlockLayoutCosts:
             comm = comm + self.edge_cost(u, "R", INPUT_LAYOUT[strat[v]])
         for u in self.leaving:
             comm = comm + self.edge_cost(u, layout[u], "R")
-        column_inputs = {u for u, v in [*self.edges, *self.boundary_inputs] if strat[v] == "column"}
+        column_inputs = {
+            u for u, v in [*self.edges, *self.boundary_inputs] if STRATEGIES[strat[v]].input_grad_all_reduce
+        }
         for u in sorted(column_inputs):
             comm = comm + self.column_input_cost(u)
         saved = saved_other + sum(
             self.tensor_bytes(t) / (self.tp if layout.get(t) == "S" else 1) for t in self.saved_tensors
         )
         return compute, comm, saved
-
-
-def allowed_strategies(node: NodeInfo, captured: CapturedModel, tp: int) -> tuple[str, ...]:
-    """The strategies the runtime can realize for ``node`` at this tp degree."""
-    if tp == 1:
-        return ("replicate",)
-    if is_linear_like(node, captured):
-        weight = next(captured.params[p] for p in node.params if p in captured.params and len(captured.params[p].shape) == 2)
-        out = ["replicate"]
-        # nn.Linear stores (out, in); GPT-2's Conv1D (addmm) stores (in, out). Either way both dims must split.
-        if all(d % tp == 0 for d in weight.shape):
-            out += ["column", "row"]
-        return tuple(out)
-    if is_embedding(node):
-        weight = next(captured.params[p] for p in node.params if p in captured.params)
-        return ("replicate", "vocab") if weight.shape[0] % tp == 0 else ("replicate",)
-    if node.params or any(k in node.target for k in _NEEDS_FULL) or not node.inputs:
-        return ("replicate",)  # norms, ops with their own (unsplit) weights, and tensor factories
-    if "scaled_dot_product" in node.target or "attention" in node.target:
-        # Head-parallel attention: q, k and v (with GQA fewer k/v heads) split by heads; a mask
-        # broadcast over heads (dim 1 of size 1) is read whole.
-        heads = [
-            t.shape[1] for i in node.inputs for t in captured.nodes[i].outputs[:1] if len(t.shape) == 4 and t.shape[1] > 1
-        ]
-        return ("replicate", "sharded") if heads and all(h % tp == 0 for h in heads) else ("replicate",)
-    return ("replicate", "sharded")

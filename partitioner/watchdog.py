@@ -20,18 +20,31 @@ Each rank publishes a heartbeat ``beat:progress:phase:since`` every poll:
 While this rank is in a step (``busy``) the thread ends the job, naming the culprit, when
 
 1. another rank published an abort (it raised; or a peer found it dead or hung first);
-2. a peer's ``beat`` has not moved for ``timeout_s``: ``rank r (stage s) died``;
+2. the peer it watches ([Note: watching a ring]) has a ``beat`` that has not moved for
+   ``timeout_s``: ``rank r (stage s) died``;
 3. this rank has made no progress for ``timeout_s``: the culprit is the stalled rank that
    is in ``compute`` (it hangs in its own work while the others wait for it), else the rank
    stalled longest: ``rank r (stage s) hangs``;
 4. the store is unreachable: the rank hosting it, rank 0, died.
+
+[Note: watching a ring]
+Each poll a rank writes its own heartbeat, checks the abort key and reads one peer's
+heartbeat: its successor on the ring of ranks (``rank + 1 mod world``). So every rank is
+watched by exactly one other, and the store serves O(world) operations a poll instead of
+the O(world^2) of every rank reading every peer, which at thousands of ranks would make
+the store itself the bottleneck. Only a rank that has made no progress for ``timeout_s``
+reads every peer, for a few polls, to tell a dead peer (its beat stopped) from a hung one
+and name the culprit. A dead rank whose watcher died with it is still found: the job
+stalls, and the stalled ranks read everyone.
 
 The first rank to detect a failure publishes it with ``compare_set`` (first one wins), so
 every rank reports the same culprit. A rank that raises inside a step publishes its own
 abort at once, before its sockets close, and only when the error is a communication error
 does it first look for a peer's abort (a peer's failure makes our receives fail too).
 The message is printed once where ranks share a terminal: under torchrun only the rank that
-published it prints ([`reported_here`]); run by hand, every rank prints why it stops.
+published it prints ([`reported_here`]); run by hand, every rank prints why it stops; under
+autopart's own launcher (``--nproc-per-node``) no rank prints, and the launcher prints the line
+the ranks left in their error files ([Note: one line per failed job] in launch.py).
 
 Why our own and not torch's: torch's gloo backend has no watchdog, and its collective
 timeout does not cover gloo's point-to-point receives, which is where a pipeline rank waits.
@@ -55,8 +68,11 @@ import torch.distributed as dist
 
 from .errors import AutopartError, one_line, root_cause
 
-__all__ = ["DistributedError", "RankFailedError", "Watchdog", "backend_timeout_s", "report", "reported_here",
-           "under_launcher"]
+__all__ = ["DistributedError", "RankFailedError", "Watchdog", "backend_timeout_s", "record_error", "report",
+           "reported_here", "under_autopart_launcher", "under_launcher", "AUTOPART_LAUNCHER_ENV"]
+
+# Set by launch.py in the ranks it starts: the launcher, not the ranks, prints the job's error line.
+AUTOPART_LAUNCHER_ENV = "AUTOPART_LAUNCHER"
 
 
 class DistributedError(AutopartError):
@@ -85,6 +101,12 @@ def under_launcher() -> bool:
     return "TORCHELASTIC_RUN_ID" in os.environ
 
 
+def under_autopart_launcher() -> bool:
+    """True in a rank started by ``autopart run --nproc-per-node N`` (launch.py): the ranks print no
+    error themselves; they leave it in torchelastic's error file, and the launcher prints one line."""
+    return under_launcher() and os.environ.get(AUTOPART_LAUNCHER_ENV) == "1"
+
+
 def reported_here(exc: BaseException) -> bool:
     """Whether this rank should print ``exc``: always when run by hand; under torchrun only once per
     job: the rank that failed (or found the failure), or rank 0 for an error every rank meets
@@ -96,10 +118,20 @@ def reported_here(exc: BaseException) -> bool:
     return os.environ.get("RANK", "0") == "0"
 
 
-def report(exc_or_line: BaseException | str) -> None:
+def report(exc_or_line: BaseException | str, primary: bool | None = None) -> None:
     """Print an error as autopart's one line (``autopart: error: ...``), once per job under torchrun
     (``reported_here``), and hand it to torchrun's error file (on every rank, printed or not) so that
-    its summary names the cause instead of "To enable traceback see ..."."""
+    its summary names the cause instead of "To enable traceback see ...".
+
+    Under autopart's own launcher nothing is printed here: the line goes to the error file only,
+    marked ``primary`` (default: whether this rank would have printed it), and the launcher prints
+    one line for the job ([Note: one line per failed job] in launch.py)."""
+    line = f"autopart: error: {exc_or_line}"
+    if under_autopart_launcher():
+        if primary is None:
+            primary = reported_here(exc_or_line) if isinstance(exc_or_line, BaseException) else True
+        record_error(line, primary)
+        return
     echo = reported_here(exc_or_line) if isinstance(exc_or_line, BaseException) else True
     if not echo and not isinstance(exc_or_line, RankFailedError):
         # An error every rank meets alike is rank 0's to print, but the first rank to exit makes
@@ -107,16 +139,24 @@ def report(exc_or_line: BaseException | str) -> None:
         # (then the error was this rank's alone).
         time.sleep(3.0)
         echo = True
-    line = f"autopart: error: {exc_or_line}"
     if echo:
         print(line, file=sys.stderr, flush=True)
+    record_error(line, echo)
+
+
+def record_error(line: str, primary: bool) -> None:
+    """Write ``line`` to this rank's torchelastic error file (no-op outside torchrun), in torchelastic's
+    format (``ErrorHandler.record_exception``; its summary prints ``py_callstack``). ``autopart_primary``
+    tells autopart's launcher which rank's line to print: the one that failed or found the failure
+    ("1"), rather than a rank that merely stops because of it ("0")."""
     error_file = os.environ.get("TORCHELASTIC_ERROR_FILE")
-    if error_file and under_launcher():
-        try:  # torchelastic's format (ErrorHandler.record_exception); its summary prints py_callstack
-            Path(error_file).write_text(json.dumps({"message": {"message": line, "extraInfo": {
-                "py_callstack": line, "timestamp": str(int(time.time()))}}}))
-        except OSError:
-            pass
+    if not error_file or not under_launcher():
+        return
+    try:
+        Path(error_file).write_text(json.dumps({"message": {"message": line, "extraInfo": {
+            "py_callstack": line, "timestamp": str(int(time.time())), "autopart_primary": "1" if primary else "0"}}}))
+    except OSError:
+        pass
 
 
 def _is_comm_error(exc: BaseException) -> bool:
@@ -206,6 +246,8 @@ class Watchdog:
         if not own:
             peer = self.peer_failure(wait_s=self.timeout_s + 3.0)
             if peer is not None:
+                if self.rank == 0:  # our exit takes the store with it: let the other ranks read why first
+                    self._linger()
                 return RankFailedError(f"{peer} (rank {self.rank} stops)", published_by_peer=True)
         # pipelining wraps a stage's error in a RuntimeError: name the original
         msg, ours = self.publish(f"{self.who(self.rank)} failed: {one_line(root_cause(exc))}")
@@ -256,19 +298,21 @@ class Watchdog:
     def _die(self, msg: str, ours: bool) -> None:
         if ours or not under_launcher():
             report(msg if ours else f"{msg} (rank {self.rank} stops)")
+        elif under_autopart_launcher():  # the launcher may see this rank end first: leave it the cause
+            report(msg, primary=False)
         self._linger()
         os._exit(1)
 
     def _linger(self) -> None:
         """Mark this rank stopped; on rank 0, whose exit takes the store with it, first wait (a few
-        polls, at most 3 s) until the others have read why the job stops."""
+        polls, at most 5 s: a loaded machine starves the threads) until the others have read why the job stops."""
         try:
             if not self._store_alive():
                 return
             self.store.set(f"{self.prefix}stopped/{self.rank}", "1")
             if self.rank == 0:
                 keys = [f"{self.prefix}{k}/{r}" for r in range(1, self.world) for k in ("stopped", "done")]
-                deadline = time.monotonic() + 3.0
+                deadline = time.monotonic() + 5.0
                 while time.monotonic() < deadline and sum(self.store.check([k]) for k in keys) < self.world - 1:
                     time.sleep(0.1)
         except Exception:
@@ -279,9 +323,20 @@ class Watchdog:
         cur, ours = self.publish(msg)
         self._die(cur, ours)
 
+    def _watched(self, stalled: bool) -> list[int]:
+        """The peers this rank reads each poll: its ring successor only, so that the store serves
+        O(world) reads a poll, not O(world^2); every peer once this rank has stalled, to name the
+        culprit (see [Note: watching a ring])."""
+        if self.world == 1:
+            return []
+        if stalled:
+            return [r for r in range(self.world) if r != self.rank]
+        return [(self.rank + 1) % self.world]
+
     def _run(self) -> None:
         beat = 0
-        seen: dict[int, tuple[str, float]] = {}  # peer -> (its beat, when it last moved)
+        # peer -> (its beat, when it last moved, since when it is read every poll, when last read)
+        seen: dict[int, tuple[str, float, float, float]] = {}
         poll = min(1.0, max(0.1, self.timeout_s / 10))
         while not self._stop.wait(poll):
             beat += 1
@@ -299,21 +354,31 @@ class Watchdog:
                         self._die(msg, False)
                     continue
                 now = time.monotonic()
+                stalled = self.in_step and time.time() - self._since > self.timeout_s
                 peers: dict[int, tuple[int, str, float]] = {}  # rank -> (progress, phase, since)
-                for r in range(self.world):
-                    if r == self.rank or self.store.check([f"{self.prefix}done/{r}"]):
+                watched = self._watched(stalled)
+                for r in watched:
+                    if self.store.check([f"{self.prefix}done/{r}"]):
                         continue
                     hb = self.store.get(f"{self.prefix}hb/{r}").decode()
                     b, prog, phase, since = hb.split(":", 3)
                     peers[r] = (int(prog), phase, float(since))
                     last = seen.get(r)
-                    if last is None or last[0] != b:
-                        seen[r] = (b, now)
-                    elif self.busy and now - last[1] > self.timeout_s:
-                        self._stop_for(f"{self.who(r)} died: no heartbeat for {self.timeout_s:g} s")
-                if self.in_step and time.time() - self._since > self.timeout_s:
-                    # A peer whose beat stopped for several polls is dead, not hung (its phase is stale).
-                    dead = [r for r in peers if now - seen[r][1] > 3 * poll + 1.0]
+                    if last is None or now - last[3] > 2 * poll + 1.0:  # not read last poll: start afresh
+                        seen[r] = (b, now, now, now)
+                    elif last[0] != b:
+                        seen[r] = (b, now, last[2], now)
+                    else:
+                        seen[r] = (*last[:3], now)
+                        if self.busy and now - last[1] > self.timeout_s:
+                            self._stop_for(f"{self.who(r)} died: no heartbeat for {self.timeout_s:g} s")
+                if stalled:
+                    # A peer whose beat stopped for several polls is dead, not hung (its phase is stale);
+                    # a peer read only since the stall began is judged once it has been watched that long.
+                    window = 3 * poll + 1.0
+                    if any(now - seen[r][2] < window for r in peers):
+                        continue
+                    dead = [r for r in peers if now - seen[r][1] > window]
                     if dead:
                         self._stop_for(f"{self.who(dead[0])} died: no heartbeat for {now - seen[dead[0]][1]:.0f} s")
                     self._stop_for(self._hang_message(peers))

@@ -400,7 +400,7 @@ def test_show_prints_every_stage_module_and_how_to_run(hf_plan, capsys):
         for module in st.modules:
             assert module in text, module
     assert "--model hf:GPT2LMHeadModel --config n_layer=2" in text
-    assert "torchrun --nproc-per-node 2 -m partitioner.cli run --plan" in text
+    assert "autopart run --nproc-per-node 2 --plan" in text
 
 
 def test_local_cpu_header_names_its_link_once_and_marks_the_estimated_peak(hf_plan, capsys):

@@ -1,4 +1,4 @@
-"""``autopart compare``, its library (partitioner/compare.py), its pictures and the standing matrix.
+"""``autopart compare``, its library (partitioner/compare/), its pictures and the standing matrix.
 
 The end-to-end cases run ``partitioner.cli.main`` in-process on ``gpt2-tiny`` with a short ILP
 limit; one comparison is made per module and inspected by several tests. Measuring needs the
@@ -22,9 +22,10 @@ from benchmarks.run_matrix import main as matrix_main
 from partitioner.cli import main
 from partitioner.cluster import load_cluster
 from partitioner.compare import (
-    Case, CaseResult, CompareError, MeasureSettings, MeasuredEvent, Measurement, _last_step, _read_run_json,
-    _too_large, check_out_dir, compare, parse_methods, run_case, spearman,
+    Case, CaseResult, CompareError, MeasureSettings, MeasuredEvent, Measurement, check_out_dir, compare,
+    parse_methods, run_case, spearman,
 )
+from partitioner.compare.measuring import _last_step, _read_run_json, _too_large
 from partitioner.plan import Plan
 from partitioner.planner import score_plan
 from partitioner.zoo import load_model
@@ -230,7 +231,7 @@ def test_run_json_drops_warmup_steps_and_keeps_the_last_step_events(tmp_path):
 
 
 def test_a_failed_run_is_named_by_the_ranks_error_not_torchruns_banner(tmp_path):
-    from partitioner.compare import _last_line
+    from partitioner.compare.measuring import _last_line
 
     log = tmp_path / "run.log"
     log.write_text("$ torchrun ...\nautopart: internal error: NotImplementedError: x (set AUTOPART_DEBUG=1 ...)\n"

@@ -196,6 +196,8 @@ FAILURES = {
     "kill-rank0": ("kill", 0, "forward", False, "rank 0 (stage 0) died"),
     "torchrun-hang": ("hang", 1, "loss", True, "rank 1 (stage 1) hangs"),
     "torchrun-raise": ("raise", 1, "forward", True, "rank 1 (stage 1) failed: ValueError: injected failure"),
+    # 4 ranks: rank 2 is watched by rank 1 alone ([Note: watching a ring] in watchdog.py)
+    "exit-of-4": ("exit", 2, "forward", False, "rank 2 (stage 2) died"),
 }
 
 
@@ -215,15 +217,17 @@ def test_failing_rank_stops_every_rank(case: str, tmp_path: Path) -> None:
     error line names the failing rank and its stage; under torchrun autopart's line comes once."""
     how, rank, where, torchrun, words = FAILURES[case]
     fault = tmp_path / "fault"
-    reports = launch(2, "fail", {"fail_rank": rank, "how": how, "where": where, "timeout_s": 5.0,
-                                 "fault_file": str(fault), "layout": dict(pp=2, microbatches=2, global_batch=2)},
+    world = 4 if case.endswith("-of-4") else 2
+    layout = dict(pp=world, microbatches=world, global_batch=world)
+    reports = launch(world, "fail", {"fail_rank": rank, "how": how, "where": where, "timeout_s": 5.0,
+                                     "fault_file": str(fault), "layout": layout},
                      tmp_path, timeout_s=180, torchrun=torchrun)
     assert fault.exists(), reports[0]["stderr"][-3000:]
     after = [r["ended_at"] - float(fault.read_text()) for r in reports]
     assert all(a < 60 for a in after), after
     assert all(r["rc"] != 0 for r in reports), [r["rc"] for r in reports]
-    survivor = reports[1 - rank]
-    assert words in first_error_line(survivor["stderr"]), survivor["stderr"][-3000:]
+    for survivor in (r for i, r in enumerate(reports) if i != rank):
+        assert words in first_error_line(survivor["stderr"]), survivor["stderr"][-3000:]
     if torchrun:
         ours = [line for line in survivor["stderr"].splitlines() if line.startswith("autopart: error")]
         assert len(ours) == 1, survivor["stderr"][-3000:]  # (torchrun's summary quotes it once more)

@@ -1,7 +1,7 @@
 """Tensor-parallel sharding of one block as a CP-SAT model.
 
 For a block type, a tensor-parallel degree and a micro-batch size, choose one
-strategy per node (see [Note: layouts and resharding] in sharding.py) that
+strategy per node (see [Note: layouts and resharding] in tp_strategies.py) that
 minimizes the block's forward + backward time, communication included. Every
 coefficient comes from ``BlockLayoutCosts``, the same tables the evaluator
 prices plans with, so the ILP's objective and the evaluator agree exactly.
@@ -36,7 +36,8 @@ from typing import Mapping
 
 from ortools.sat.python import cp_model
 
-from ..sharding import INPUT_LAYOUT, OUTPUT_LAYOUT, BlockLayoutCosts
+from ..sharding import BlockLayoutCosts
+from ..tp_strategies import INPUT_LAYOUT, OUTPUT_LAYOUT, STRATEGIES
 
 __all__ = ["UNIT_S", "FAST_WEIGHT", "LEAN_WEIGHT", "BlockSharding", "solve_block_sharding"]
 
@@ -108,12 +109,14 @@ class _BlockModel:
         """z[u] >= y[v, column] for each consumer v of u: one backward all-reduce per tensor."""
         readers: dict[str, list[str]] = {}
         for u, v in [*self.t.edges, *self.t.boundary_inputs]:
-            if "column" in self.y[v]:
+            if any(STRATEGIES[s].input_grad_all_reduce for s in self.y[v]):
                 readers.setdefault(u, []).append(v)
         for u, vs in sorted(readers.items()):
             z = self.m.new_bool_var(f"z[{u}]")
             for v in vs:
-                self.m.add(z >= self.y[v]["column"]).with_name(f"column_input[{u},{v}]")
+                for s, y in self.y[v].items():
+                    if STRATEGIES[s].input_grad_all_reduce:
+                        self.m.add(z >= y).with_name(f"column_input[{u},{v}]")
             self.cost.append(_units(self.t.column_input_cost(u).backward_s) * z)
 
     def add_memory_term(self) -> None:
