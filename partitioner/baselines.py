@@ -15,7 +15,8 @@ same way for all of them by one grid, ``tune`` (see [Note: fair baselines]).
   nodes, data parallel over the rest, uniform layers (Megatron-LM's recipe).
 * ``expert``: what a careful engineer does with Megatron-LM or torchtitan:
   every tensor-parallel degree inside a node (powers of two), every pipeline
-  depth, the uniform split, and ZeRO-1 off and on besides the grid below. It is
+  depth, the uniform split, and every data-parallel sharding level from the
+  one asked for up to ZeRO-3 (dp_sharding.py) besides the grid below. It is
   the reference every other method is compared with.
 
 [Note: fair baselines]
@@ -39,6 +40,7 @@ import time
 from dataclasses import dataclass, replace
 from typing import Callable, Iterator, Sequence
 
+from .dp_sharding import DP_SHARDINGS, check_dp_sharding, hsdp_shard, spec as dp_spec
 from .errors import InfeasibleError, PlanError
 from .evaluate import Evaluator, StageSpec
 from .plan import Mesh, Plan, Schedule
@@ -48,7 +50,7 @@ from .simulate import SimResult
 
 __all__ = [
     "METHODS", "REFERENCE", "Pins", "GridPoint", "TuneReport", "plan_baseline", "tune", "grid_points",
-    "linear_partition", "uniform_partition", "with_zero1", "inflight_horizon",
+    "linear_partition", "uniform_partition", "with_dp_sharding", "dp_shardings_to_try", "hsdp_differs", "inflight_horizon",
 ]
 
 METHODS = ("expert", "uniform", "params", "pipedream", "megatron")
@@ -68,8 +70,14 @@ class Pins:
     virtual_stages: int | None = None  # stages per rank (interleaved, zb: any; zbv, dualpipev: 2)
     recompute: bool | None = None
     split_at: tuple[str, ...] = ()  # modules where a stage must begin (the ILP honours these)
+    # The data-parallel sharding levels the search and the expert may choose from (dp_sharding.py);
+    # empty: the user's ``training.dp_sharding`` and every level that shards more. A benchmark pins
+    # ("none", "zero1") to plan as before ZeRO-2/3 and HSDP existed.
+    dp_shardings: tuple[str, ...] = ()
 
     def __post_init__(self) -> None:
+        for level in self.dp_shardings:
+            dp_spec(level)  # unknown names: a clear PlanError
         if self.schedule is not None:
             need = schedule_spec(self.schedule).virtual_stages  # unknown names: a clear PlanError
             if need is not None and self.virtual_stages is not None and self.virtual_stages != need:
@@ -90,7 +98,7 @@ class GridPoint:
     mesh: Mesh
     schedule: Schedule
     recompute: bool
-    zero1: bool
+    dp_sharding: str  # a name of dp_sharding.REGISTRY
     lower_bound_s: float = 0.0  # no plan at this point can be faster (see [Note: fair baselines])
 
     def describe(self) -> str:
@@ -98,7 +106,7 @@ class GridPoint:
         v = f" v={s.virtual_stages}" if s.virtual_stages > 1 else ""
         return (
             f"{self.mesh} {s.name}{v} {s.microbatches}x{s.micro_batch_size}"
-            + (" recompute" if self.recompute else "") + (" zero1" if self.zero1 else "")
+            + (" recompute" if self.recompute else "") + (f" {self.dp_sharding}" if self.dp_sharding != "none" else "")
         )
 
 
@@ -116,11 +124,20 @@ class TuneReport:
 SplitRule = Callable[[Evaluator, Mesh, Schedule, dict], list[list[int]]]
 
 
-def with_zero1(ev: Evaluator, zero1: bool) -> Evaluator:
-    """``ev``, or an evaluator of the same model, cluster and costs with ZeRO-1 set to ``zero1``."""
-    if ev.training.zero1 == zero1:
+def with_dp_sharding(ev: Evaluator, level: str) -> Evaluator:
+    """``ev``, or an evaluator of the same model, cluster and costs with ``training.dp_sharding = level``."""
+    if ev.training.dp_sharding == level:
         return ev
-    return Evaluator(ev.pgraph, ev.cluster, ev.cost_model, replace(ev.training, zero1=zero1))
+    return Evaluator(ev.pgraph, ev.cluster, ev.cost_model, replace(ev.training, dp_sharding=level))
+
+
+def dp_shardings_to_try(ev: Evaluator, pins: "Pins | None" = None) -> tuple[str, ...]:
+    """The sharding levels a search may choose: ``pins.dp_shardings`` if given, else the one the user
+    asked for and every level that shards more ([Note: sharding levels] in dp_sharding.py; only
+    memory and collectives change)."""
+    if pins is not None and pins.dp_shardings:
+        return tuple(pins.dp_shardings)
+    return DP_SHARDINGS[DP_SHARDINGS.index(ev.training.dp_sharding):]
 
 
 def plan_baseline(method: str, ev: Evaluator, pins: Pins = Pins()) -> tuple[Plan, SimResult]:
@@ -132,7 +149,8 @@ def plan_baseline(method: str, ev: Evaluator, pins: Pins = Pins()) -> tuple[Plan
         hint = f" (did you mean {near[0]!r}?)" if near else ""
         raise PlanError(f"method {method!r} is not one of {', '.join(METHODS)}{hint}")
     started = time.perf_counter()
-    plan, sim, _ = tune(method, ev, _SPLITS[method], pins, tps=_tps(method, ev, pins), zero1=_zero1s(method, ev))
+    plan, sim, _ = tune(method, ev, _SPLITS[method], pins, tps=_tps(method, ev, pins),
+                        dp_shardings=_dp_shardings(method, ev, pins))
     return replace(plan, solver=replace(plan.solver, wall_s=time.perf_counter() - started)), sim
 
 
@@ -149,11 +167,12 @@ def _tps(method: str, ev: Evaluator, pins: Pins) -> tuple[int, ...]:
     return (1,)
 
 
-def _zero1s(method: str, ev: Evaluator) -> tuple[bool, ...]:
-    """ZeRO-1 asked for by the user stays on; the expert also tries it where it is off."""
-    if method == "expert" and not ev.training.zero1:
-        return (False, True)
-    return (ev.training.zero1,)
+def _dp_shardings(method: str, ev: Evaluator, pins: "Pins | None" = None) -> tuple[str, ...]:
+    """The level asked for by the user stays; the expert also tries every level that shards more
+    (or those ``pins.dp_shardings`` names)."""
+    if method == "expert":
+        return dp_shardings_to_try(ev, pins)
+    return (ev.training.dp_sharding,)
 
 
 def _split_uniform(ev: Evaluator, mesh: Mesh, schedule: Schedule, sharding: dict) -> list[list[int]]:
@@ -192,7 +211,9 @@ _SPLITS: dict[str, SplitRule] = {
 _UNIFORM = {"expert", "uniform", "megatron"}  # split rules that need a layer per stage
 
 
-def grid_points(method: str, ev: Evaluator, pins: Pins, tps: Sequence[int], zero1: Sequence[bool]) -> Iterator[GridPoint]:
+def grid_points(
+    method: str, ev: Evaluator, pins: Pins, tps: Sequence[int], dp_shardings: Sequence[str]
+) -> Iterator[GridPoint]:
     """Every point of ``method``'s grid, in a fixed order (bounds not yet set).
 
     Raises PlanError where the pins contradict the cluster, the model or the batch.
@@ -246,8 +267,32 @@ def grid_points(method: str, ev: Evaluator, pins: Pins, tps: Sequence[int], zero
                     for recompute in ([pins.recompute] if pins.recompute is not None else [False, True]):
                         if recompute and schedule_spec(name).splits_backward:
                             continue  # torch cannot run it yet (schedules.check_recompute)
-                        for z in (zero1 if dp > 1 else zero1[:1]):  # ZeRO-1 changes nothing without dp
+                        for z in (dp_shardings if dp > 1 else dp_shardings[:1]):  # nothing to shard without dp
+                            if dp > 1 and not (_runs(z, name, recompute) and hsdp_differs(ev, z, tp, dp)):
+                                continue
                             yield GridPoint(Mesh(pp, tp, dp), Schedule(name, m, mbs, v), recompute, z)
+
+
+def hsdp_differs(ev: Evaluator, level: str, tp: int, dp: int) -> bool:
+    """False for ``hsdp`` where the dp group spreads unevenly over nodes, or (unless the user asked
+    for it) where it is another level: a group in one node (ZeRO-3) or one rank per node; True for
+    every other level."""
+    if not dp_spec(level).within_node:
+        return True
+    try:
+        shard = hsdp_shard(Mesh(1, tp, dp).dp_group(0), ev.cluster.node_of)
+    except PlanError:
+        return False
+    return level == ev.training.dp_sharding or 1 < shard < dp
+
+
+def _runs(level: str, schedule: str, recompute: bool) -> bool:
+    """Whether the runtime runs sharding ``level`` with ``schedule`` and ``recompute`` (dp_sharding.py)."""
+    try:
+        check_dp_sharding(level, schedule, schedule_spec(schedule).splits_backward, recompute)
+    except PlanError:
+        return False
+    return True
 
 
 def _schedules(pins: Pins, pp: int, m: int, n_layers: int, units: int) -> list[tuple[str, int]]:
@@ -282,7 +327,7 @@ def tune(
     pins: Pins = Pins(),
     *,
     tps: Sequence[int] = (1,),
-    zero1: Sequence[bool] | None = None,
+    dp_shardings: Sequence[str] | None = None,
     report: TuneReport | None = None,
 ) -> tuple[Plan, SimResult, TuneReport]:
     """The fastest plan that fits over ``method``'s grid with the ``split`` rule (see [Note: fair baselines]).
@@ -291,12 +336,12 @@ def tune(
     its lower bounds (ties by description), and pruned only by those bounds.
     """
     report = report or TuneReport()
-    zero1 = tuple(zero1) if zero1 is not None else (ev.training.zero1,)
-    evs = {z: with_zero1(ev, z) for z in zero1}
+    dp_shardings = tuple(dp_shardings) if dp_shardings is not None else (ev.training.dp_sharding,)
+    evs = {z: with_dp_sharding(ev, z) for z in dp_shardings}
     limit = ev.cluster.device.memory_bytes * (1 - ev.training.memory_reserve)
     shardings: dict[int, dict] = {}
     work: dict[tuple[int, int], tuple[float, float]] = {}  # (tp, mbs) -> (forward + backward, forward) per micro-batch
-    static: dict[tuple[int, int, bool], float] = {}  # (tp, dp, zero1) -> all static bytes of one tp rank
+    static: dict[tuple[int, int, str], float] = {}  # (tp, dp, dp_sharding) -> all static bytes of one tp rank
 
     def sharding_for(tp: int) -> dict:
         if tp not in shardings:
@@ -305,18 +350,18 @@ def tune(
 
     points = []
     heaviest: tuple[tuple[float, bool], GridPoint] | None = None  # the lightest point pruned for its weights
-    for pt in grid_points(method, ev, pins, tps, zero1):
+    for pt in grid_points(method, ev, pins, tps, dp_shardings):
         report.points += 1
         tp, mbs = pt.mesh.tp, pt.schedule.micro_batch_size
         if (tp, mbs) not in work:
             costs = [ev.block_cost(b, mbs, tp, sharding_for(tp)).time for b in ev.pgraph.blocks]
             work[(tp, mbs)] = (sum(c.forward_s + c.backward_s for c in costs), sum(c.forward_s for c in costs))
-        key = (tp, pt.mesh.dp, pt.zero1)
+        key = (tp, pt.mesh.dp, pt.dp_sharding)
         if key not in static:
             from .sharding import sharded_params
 
             split_params = sharded_params(ev.captured, sharding_for(tp)) if tp > 1 else set()
-            static[key] = float(evs[pt.zero1].resident_bytes(ev.captured.params, tp, pt.mesh.dp, split_params)[0])
+            static[key] = float(evs[pt.dp_sharding].resident_bytes(ev.captured.params, tp, pt.mesh.dp, split_params)[0])
         if static[key] / pt.mesh.pp > limit:  # even a perfect split of the weights cannot fit
             report.pruned_memory += 1
             if heaviest is None or (static[key] / pt.mesh.pp, not pt.recompute) < heaviest[0]:
@@ -337,7 +382,7 @@ def tune(
         if best is not None and pt.lower_bound_s >= best[0].predicted.step_time_s:
             report.pruned_bound += 1
             continue
-        e = evs[pt.zero1]
+        e = evs[pt.dp_sharding]
         sharding = sharding_for(pt.mesh.tp)
         try:
             blocks = split(e, pt.mesh, pt.schedule, sharding)
@@ -361,20 +406,21 @@ def tune(
         raise split_error or _no_point_error(method, ev, pins)
     if smallest is None:  # every point was pruned for its weights: price the lightest for the message
         pt = heaviest[1]
-        specs = [StageSpec(tuple(b), pt.recompute) for b in split(evs[pt.zero1], pt.mesh, pt.schedule, sharding_for(pt.mesh.tp))]
+        specs = [StageSpec(tuple(b), pt.recompute) for b in split(evs[pt.dp_sharding], pt.mesh, pt.schedule, sharding_for(pt.mesh.tp))]
     else:
         _, pt, specs = smallest
-    plan, _ = evs[pt.zero1].make_plan(specs, pt.mesh, pt.schedule, sharding=sharding_for(pt.mesh.tp), method=method)
+    plan, _ = evs[pt.dp_sharding].make_plan(specs, pt.mesh, pt.schedule, sharding=sharding_for(pt.mesh.tp), method=method)
     # A smaller batch only shrinks activations: no help when the weights and optimizer state alone overflow.
     limit_b = plan.predicted.memory_limit_bytes
     static = max((st.predicted.static_bytes for st in plan.stages if st.predicted), default=0)
     more = "more processes (--cluster local-cpu:N)" if ev.cluster.name == "local-cpu" else "more devices (--nodes)"
     raise InfeasibleError(
         f"no {method} plan fits in device memory: the smallest-footprint plan ({plan.mesh}, "
-        f"recompute={plan.stages[0].recompute}) needs {_fmt_bytes(plan.predicted.peak_memory_bytes)} per device, but "
+        f"recompute={plan.stages[0].recompute}, dp_sharding={plan.training.dp_sharding}) needs {_fmt_bytes(plan.predicted.peak_memory_bytes)} per device, but "
         f"{ev.cluster.device.name} allows {_fmt_bytes(limit_b)} (after the "
         f"{ev.training.memory_reserve:.0%} reserve); "
-        f"use {more}, " + ("or ZeRO-1" if static > limit_b else "a smaller --global-batch or micro-batch, or ZeRO-1")
+        f"use {more}" + ("" if plan.training.dp_sharding == "zero3" else ", or --dp-sharding zero3")
+        + ("" if static > limit_b else ", or a smaller --global-batch or micro-batch")
     )
 
 

@@ -17,6 +17,7 @@ from pathlib import Path
 from typing import Sequence
 
 from .cluster import default_dtype, tp_degrees
+from .dp_sharding import DP_SHARDINGS
 from .errors import AutopartError, PlanError, one_line
 from .fmt import fmt_bytes, fmt_time
 from .progress import Progress
@@ -122,6 +123,8 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--plan", dest="plan_file", default=None, metavar="PATH", help="check and simulate a plan JSON file")
     g.add_argument("--optimizer", default=None, choices=("adam-mixed", "adam", "sgd"), help="adam-mixed | adam | sgd (default adam-mixed)")
     g.add_argument("--zero1", action="store_true", help="shard optimizer state over data-parallel ranks")
+    g.add_argument("--dp-sharding", choices=DP_SHARDINGS, default=None,
+                   help="the least that is sharded over dp: none (DDP), zero1, zero2, zero3, hsdp; the search may shard more")
     g.add_argument("--memory-reserve", type=_fraction, default=None, help="fraction of device memory kept free, in [0, 1) (default 0.1)")
     g.add_argument("--json", default=None, metavar="PATH", help="write the plan artifact to PATH")
     g.add_argument("--force", action="store_true", help="let --json overwrite an existing file")
@@ -327,7 +330,8 @@ def cmd_plan(args: argparse.Namespace) -> int:
         clash = [flag for flag, value in (
             ("--mesh", args.mesh), ("--split-at", args.split_at), ("--microbatches", args.microbatches),
             ("--schedule", args.schedule), ("--virtual-stages", args.virtual_stages), ("--recompute", args.recompute),
-            ("--global-batch", args.global_batch), ("--zero1", args.zero1 or None), ("--optimizer", args.optimizer),
+            ("--global-batch", args.global_batch), ("--zero1", args.zero1 or None), ("--dp-sharding", args.dp_sharding),
+            ("--optimizer", args.optimizer),
             ("--memory-reserve", args.memory_reserve), ("--dtype", args.dtype), ("--method", args.method_given),
             ("--time-limit", args.time_limit),
         ) if value is not None]
@@ -358,6 +362,7 @@ def cmd_plan(args: argparse.Namespace) -> int:
         dtype=dtype,
         optimizer=args.optimizer or "adam-mixed",
         zero1=args.zero1,
+        dp_sharding=args.dp_sharding,
         memory_reserve=0.1 if args.memory_reserve is None else args.memory_reserve,
         name=loaded.name,
         example_kwargs=loaded.example_kwargs,
@@ -493,7 +498,7 @@ def _print_header(console, plan, cluster) -> None:
         f"method [bold]{plan.solver.method}[/bold] · mesh [bold]{plan.mesh}[/bold] · schedule {sched.name}"
         + (f" (v={sched.virtual_stages})" if sched.virtual_stages > 1 else "")
         + f", {_plural(sched.microbatches, 'micro-batch')} of {sched.micro_batch_size} · global batch {plan.training.global_batch}"
-        + f" · {plan.training.dtype}, {plan.training.optimizer}{', ZeRO-1' if plan.training.zero1 else ''}"
+        + f" · {plan.training.dtype}, {plan.training.optimizer}{', ' + plan.training.dp_sharding if plan.training.dp_sharding != 'none' else ''}"
     )
 
 

@@ -30,6 +30,7 @@ from typing import AbstractSet as Set, Iterable, Mapping, Sequence
 from cost_models import OPTIMIZERS, CostModel, OpTime, optimizer_spec, static_bytes
 
 from .capture import CapturedModel
+from .dp_sharding import hsdp_shard, spec as dp_spec
 from .cluster import Cluster
 from .errors import PlanError
 from .graph import Block, PartitionGraph
@@ -111,17 +112,134 @@ class Evaluator:
         return tables
 
     def resident_bytes(
-        self, params: Iterable[str], tp: int, dp: int, split_params: Set[str]
+        self, params: Iterable[str], tp: int, dp: int, split_params: Set[str], dp_group: Sequence[int] | None = None
     ) -> tuple[int, int]:
-        """(weights + gradients + optimizer state, gradient bytes) on one device for ``params``.
+        """(weights + gradients + optimizer state, gradient bytes) on one device for ``params``, at rest.
 
-        Parameters in ``split_params`` are divided over tp; ZeRO-1 divides the optimizer state
-        over dp. The one place that turns parameters into resident memory.
+        Parameters in ``split_params`` are divided over tp. ZeRO-1 divides the optimizer state
+        over dp; ZeRO-2/3 (FSDP) divide weights, gradients, masters and state, each tensor in
+        ``torch.chunk``'s dim-0 chunks, of which the first rank's is the largest
+        ([Note: sharding levels] in dp_sharding.py). The one place that turns parameters into
+        resident memory. HSDP shards over the dp ranks of one node of ``dp_group`` (default: the
+        first stage's).
         """
         table = self.captured.params
+        params = list(params)
+        level = dp_spec(self.training.dp_sharding)
+        if level.uses_fsdp and dp > 1:
+            dp = len(self.fsdp_groups(dp_group if dp_group is not None else Mesh(1, tp, dp).dp_group(0))[0])
+            share = sum(self._fsdp_share(p, tp if p in split_params else 1, dp) for p in params if table[p].trainable)
+            wbytes = sum(table[p].bytes if table[p].is_buffer else
+                         self._fsdp_share(p, tp if p in split_params else 1, dp) * table[p].bytes // max(1, table[p].numel)
+                         for p in params)
+            opt = self.optimizer
+            return int(wbytes + share * (opt.grad_bytes + opt.state_bytes)), share * opt.grad_bytes
         count = sum(table[p].numel // (tp if p in split_params else 1) for p in params if table[p].trainable)
         wbytes = sum(table[p].bytes // (tp if p in split_params else 1) for p in params)
-        return static_bytes(count, wbytes, self.optimizer, dp, self.training.zero1), count * self.optimizer.grad_bytes
+        zero1 = level.shards_optimizer and not level.uses_fsdp
+        return static_bytes(count, wbytes, self.optimizer, dp, zero1), count * self.optimizer.grad_bytes
+
+    def _fsdp_share(self, name: str, tp: int, dp: int) -> int:
+        """Elements of parameter ``name`` (its tp shard) on the first dp rank: FSDP2 keeps dim-0 chunks
+        of ``ceil(rows / dp)`` rows. A tp-split parameter is counted as ``numel / tp`` cut over dp by
+        elements (which dim tp split is not known here)."""
+        info = self.captured.params[name]
+        if tp > 1 or not info.shape:
+            return -(-(info.numel // tp) // dp)
+        rows = info.shape[0]
+        return -(-rows // dp) * (info.numel // max(1, rows))
+
+    def fsdp_groups(self, dp_group: Sequence[int]) -> tuple[tuple[int, ...], tuple[int, ...]]:
+        """(the ranks FSDP shards over, the ranks each shard is replicated over) for a stage's dp group:
+        all of it and none for ZeRO-2/3; for HSDP the dp ranks of the first rank's node, and the first
+        rank's counterparts on the other nodes ([Note: sharding levels] in dp_sharding.py)."""
+        group = tuple(dp_group)
+        if not dp_spec(self.training.dp_sharding).within_node:
+            return group, ()
+        shard = hsdp_shard(group, self.cluster.node_of)
+        return group[:shard], group[::shard]
+
+    def fsdp_collectives(self, weight_bytes: float, grad_bytes: float, dp_group: Sequence[int]) -> tuple[float, float]:
+        """(one all-gather of ``weight_bytes``, the gradients' reduction) of one unit over a stage's dp
+        group: a reduce-scatter over the shard group, and under HSDP the shard's all-reduce across nodes."""
+        shard, rep = self.fsdp_groups(dp_group)
+        gather = self.cost_model.collective_time("all_gather", weight_bytes, shard)
+        reduce = self.cost_model.collective_time("reduce_scatter", grad_bytes, shard)
+        if len(rep) > 1:
+            reduce += self.cost_model.collective_time("all_reduce", grad_bytes / len(shard), rep)
+        return gather, reduce
+
+    def fsdp_units(self, blocks: Sequence[int], tp: int) -> tuple[list[str], list[list[str]]]:
+        """(the stage root's parameters, each block unit's parameters) as the runtime wraps them
+        ([Note: FSDP units] in fsdp.py): a block is its own unit when no other block reads its
+        parameters; shared parameters, and every parameter under tp, stay with the root."""
+        readers: dict[str, int] = {}
+        for b in self.pgraph.blocks:
+            for p in b.params:
+                readers[p] = readers.get(p, 0) + 1
+        table = self.captured.params
+        root: list[str] = []
+        units: list[list[str]] = []
+        for b in blocks:
+            mine = [p for p in self.pgraph.blocks[b].params if not table[p].is_buffer]
+            if tp == 1 and mine and all(readers[p] == 1 for p in mine):
+                units.append(mine)
+            else:
+                root.extend(p for p in mine if p not in root)
+        return root, units
+
+    def fsdp_costs(
+        self, blocks: Sequence[int], mesh: Mesh, stage_rank_index: int, split_params: Set[str], fwd: float, bwd: float,
+        recompute: bool = False,
+    ) -> tuple[float, float, float, float]:
+        """(transient bytes, exposed forward s, exposed backward s, total collective s) of one stage
+        under ZeRO-2/3 for one micro-batch.
+
+        [Note: FSDP prefetch overlap]
+        Per micro-batch the stage all-gathers its weights in forward (and again in backward under
+        ZeRO-3) and reduce-scatters its gradients in backward, unit by unit, over the dp group,
+        priced with the cluster's link model. FSDP2 prefetches the next unit's all-gather while
+        the current unit computes, so the collectives of all units but one overlap that pass's
+        compute: with ``n`` units, a pass with compute ``C`` and collectives ``X`` exposes
+        ``X / n + max(0, X (n - 1) / n - C)`` (the first unit's gather, or the last unit's
+        reduce-scatter, cannot hide; the rest hide behind compute as far as it lasts). This
+        assumes a GPU's separate communication stream; on CPU (gloo) nothing overlaps.
+        Transient bytes: ZeRO-3 holds the root's gathered weights and two block units' (the one
+        computing and the prefetched one), ZeRO-2 the whole stage's; both hold the root's
+        unsharded gradients through the backward and one block unit's until its reduce-scatter.
+        A recomputed stage replays its forward inside the backward: under ZeRO-3 that gathers
+        the weights once more (the backward pass then has two gathers and the scatter to hide).
+        """
+        level = dp_spec(self.training.dp_sharding)
+        table = self.captured.params
+        root, units = self.fsdp_units(blocks, mesh.tp)
+
+        def wbytes(ps: Iterable[str]) -> float:
+            return float(sum(table[p].bytes // (mesh.tp if p in split_params else 1) for p in ps))
+
+        def gbytes(ps: Iterable[str]) -> float:
+            return float(sum(table[p].numel // (mesh.tp if p in split_params else 1)
+                             for p in ps if table[p].trainable) * self.optimizer.grad_bytes)
+
+        unit_w = sorted((wbytes(u) for u in units), reverse=True)
+        unit_g = max((gbytes(u) for u in units), default=0.0)
+        if level.reshard_after_forward:
+            held = wbytes(root) + sum(unit_w[:2])
+        else:
+            held = wbytes(root) + sum(unit_w)
+        transient = held + gbytes(root) + unit_g
+        all_w = wbytes(root) + sum(unit_w)
+        all_g = gbytes(root) + sum(gbytes(u) for u in units)
+        gather, scatter = self.fsdp_collectives(all_w, all_g, mesh.dp_group(stage_rank_index))
+        n = len(units) + (1 if root else 0)
+
+        def exposed(x: float, compute: float) -> float:
+            return x / n + max(0.0, x * (n - 1) / n - compute) if n else 0.0
+
+        gathers = level.gathers_per_microbatch + (1 if recompute and level.reshard_after_forward else 0)
+        f = exposed(gather, fwd)
+        b = exposed(gather * (gathers - 1) + scatter, bwd)
+        return transient, f, b, gather * gathers + scatter
 
     # --- stages -----------------------------------------------------------------------
 
@@ -158,14 +276,21 @@ class Evaluator:
                 act = sum(c.saved_bytes for c in costs)
                 transient = 0.0
             names = {p for b in spec.blocks for p in self.pgraph.blocks[b].params}
-            static, grad_bytes = self.resident_bytes(names, mesh.tp, mesh.dp, split_params)
+            static, grad_bytes = self.resident_bytes(names, mesh.tp, mesh.dp, split_params,
+                                                     mesh.dp_group(stage_rank(s, pp, layout)))
+            fsdp = dp_spec(self.training.dp_sharding).uses_fsdp and mesh.dp > 1
+            if fsdp:  # weights gathered per micro-batch, gradients reduce-scattered ([Note: FSDP prefetch overlap])
+                gathered, f_exp, b_exp, _ = self.fsdp_costs(spec.blocks, mesh, stage_rank(s, pp, layout),
+                                                            split_params, fwd, bwd, spec.recompute)
+                transient += gathered
+                fwd, bwd = fwd + f_exp, bwd + b_exp
             rank = mesh.rank(stage_rank(s, pp, layout))
             send = 0.0
             if s + 1 < len(stages):
                 nbytes = crossing[s] * mbs / self.captured.batch_size
                 send = self.cost_model.p2p_time(nbytes / mesh.tp, rank, mesh.rank(stage_rank(s + 1, pp, layout)))
             dp_reduce = 0.0
-            if mesh.dp > 1:
+            if mesh.dp > 1 and not fsdp:
                 grad = grad_bytes
                 dp_reduce = self.cost_model.collective_time("all_reduce", grad, mesh.dp_group(stage_rank(s, pp, layout)))
             out.append(
@@ -307,6 +432,10 @@ class Evaluator:
             cb = sum(c.compute.backward_s for c in work)
             tf = sum(c.tp_comm.forward_s for c in work)
             tb = sum(c.tp_comm.backward_s for c in work)
+            # What the stage's actions take beyond compute and tp: ZeRO-2/3's exposed gathers and scatters.
+            extra = 0.0
+            if dp_spec(self.training.dp_sharding).uses_fsdp and mesh.dp > 1:
+                extra = costs[s].forward_s + costs[s].backward_s - (cf + tf) - (cb + tb) - ((cf + tf) if spec.recompute else 0.0)
             out.append(
                 StageComponents(
                     forward_s=M * cf,
@@ -315,6 +444,7 @@ class Evaluator:
                     tp_comm_s=M * (tf + tb),
                     p2p_s=sim.transfer_wait_s[s],
                     dp_reduce_s=exposed_share[s],
+                    dp_gather_s=M * max(0.0, extra),
                     bubble_s=sim.wait_s[s] - sim.transfer_wait_s[s] + tail[s],
                 )
             )

@@ -25,7 +25,7 @@ from .schedules import spec as schedule_spec, stage_rank
 __all__ = ["breakdown", "print_explanation", "print_diff", "MeasuredRun", "MemoryMargin", "Residual", "memory_margin", "print_measured"]
 
 GIB = 1 << 30
-COMPONENTS = ("forward", "backward", "recompute", "tp_comm", "p2p", "dp_reduce", "bubble")
+COMPONENTS = ("forward", "backward", "recompute", "tp_comm", "p2p", "dp_reduce", "dp_gather", "bubble")
 LABELS = {
     "forward": "forward compute",
     "backward": "backward compute",
@@ -33,6 +33,7 @@ LABELS = {
     "tp_comm": "tensor-parallel communication",
     "p2p": "pipeline transfers (waiting)",
     "dp_reduce": "data-parallel reduction (exposed)",
+    "dp_gather": "ZeRO-2/3 gathers and scatters (exposed)",
     "bubble": "pipeline bubble",
 }
 
@@ -105,6 +106,9 @@ def print_explanation(result: Any) -> None:
             f"{sp.memory_bytes / GIB:.2f} GiB", f"{(limit - sp.memory_bytes) / GIB:.2f} GiB",
         )
     console.print(mem)
+    evaluator = getattr(result, "evaluator", None)
+    if evaluator is not None and plan.training.dp_sharding != "none" and plan.mesh.dp > 1:
+        console.print(dp_sharding_summary(plan, evaluator))
     report = getattr(result, "report", None)
     if report is not None:
         console.print(
@@ -134,6 +138,43 @@ def print_explanation(result: Any) -> None:
                 console.print("runner-up mesh: no other mesh fits")
 
 
+def dp_sharding_summary(plan: Plan, evaluator: Any) -> str:
+    """What the plan's data-parallel sharding buys and costs: the peak memory it frees against the
+    same split under DDP, and (ZeRO-2/3) its collectives per step on the bottleneck rank and how much
+    of them compute hides ([Note: FSDP prefetch overlap] in evaluate.py)."""
+    from dataclasses import replace
+
+    from .baselines import with_dp_sharding
+    from .dp_sharding import spec as dp_spec
+
+    level = plan.training.dp_sharding
+    ddp, _ = with_dp_sharding(evaluator, "none").score(replace(plan, training=replace(plan.training, dp_sharding="none")))
+    freed = ddp.predicted.peak_memory_bytes - plan.predicted.peak_memory_bytes
+    text = (f"{level} frees {freed / GIB:.2f} GiB per device (peak {plan.predicted.peak_memory_bytes / GIB:.2f} GiB, "
+            f"{ddp.predicted.peak_memory_bytes / GIB:.2f} GiB under DDP with the same split)")
+    if dp_spec(level).uses_fsdp:
+        from .sharding import sharded_params
+
+        ev = with_dp_sharding(evaluator, level)
+        r = int(breakdown(plan)["bottleneck_rank"])
+        layout = schedule_spec(plan.schedule.name).layout
+        node_of_key = ev.captured.node_of_key
+        split = (sharded_params(ev.captured, {node_of_key[k]: v for k, v in plan.sharding.items()})
+                 if plan.mesh.tp > 1 else set())
+        total = exposed = 0.0
+        for st in plan.stages:
+            if stage_rank(st.index, plan.mesh.pp, layout) != r:
+                continue
+            blocks = [ev.pgraph.block_index(m) for m in st.modules]
+            _, _, _, per_mb = ev.fsdp_costs(blocks, plan.mesh, r, split, 0.0, 0.0, st.recompute)  # all collectives
+            total += per_mb * plan.schedule.microbatches
+            exposed += st.predicted.components.dp_gather_s
+        hidden = 1 - exposed / total if total > 0 else 1.0
+        text += (f"; it costs {_fmt(total)} of all-gathers and reduce-scatters per step on pipeline rank {r}, "
+                 f"{hidden:.0%} hidden behind compute")
+    return text
+
+
 def print_diff(a: Plan, b: Plan, name_a: str = "A", name_b: str = "B") -> None:
     """Two plans side by side: what they were made for, their choices and predicted figures."""
     from rich.console import Console
@@ -160,6 +201,7 @@ def print_diff(a: Plan, b: Plan, name_a: str = "A", name_b: str = "B") -> None:
         f"{b.schedule.microbatches} x {b.schedule.micro_batch_size}")
     row("stages", len(a.stages), len(b.stages))
     row("recomputing stages", sum(s.recompute for s in a.stages), sum(s.recompute for s in b.stages))
+    row("dp sharding", a.training.dp_sharding, b.training.dp_sharding)
     row("sharded nodes", len(a.sharding), len(b.sharding))
     if a.predicted and b.predicted:
         pa, pb = a.predicted, b.predicted

@@ -142,9 +142,9 @@ def build_rank(plan: Plan, model_spec: str, rank: int, *, config: dict | None = 
     mesh = plan.mesh
     if not 0 <= rank < mesh.world_size:
         raise MetaBuildError(f"rank {rank} is outside the plan's world of {mesh.world_size} ranks ({mesh}); pick 0..{mesh.world_size - 1}")
-    if plan.training.zero1 and mesh.dp > 1:
-        raise MetaBuildError("a meta build does not model training.zero1 (ZeRO-1 steps need live dp peers); "
-                             "check the plan without --zero1")
+    if plan.training.dp_sharding != "none" and mesh.dp > 1:
+        raise MetaBuildError(f"a meta build does not model training.dp_sharding {plan.training.dp_sharding!r} (its "
+                             "steps need live dp peers); check the plan with --dp-sharding none")
     if dist.is_initialized():
         raise MetaBuildError("a process group is already running; build each rank in a fresh process")
     t0, c0 = time.perf_counter(), time.process_time()

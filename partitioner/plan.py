@@ -30,6 +30,7 @@ from pathlib import Path
 from typing import Any, Mapping, Sequence
 
 from .errors import PlanError
+from .dp_sharding import DP_SHARDINGS, check_dp_sharding
 from .schedules import REGISTRY as SCHEDULE_REGISTRY, SCHEDULES, check_recompute, check_schedule, stage_rank
 from .tp_strategies import STRATEGY_NAMES
 
@@ -49,12 +50,14 @@ __all__ = [
     "Plan",
 ]
 
-PLAN_VERSION = 3
+PLAN_VERSION = 4
 # Versions this autopart reads. 2 added stages[].predicted.components and named nodes by key (so a
 # version-1 plan is re-planned); 3 added model.source (how to rebuild the model, so that ``autopart
 # run --plan`` needs nothing else). A version-2 plan loads with no source: ``autopart run`` then
-# needs --model/--config/--seq-len again, and says so.
-READABLE_VERSIONS = (2, 3)
+# needs --model/--config/--seq-len again, and says so. 4 replaced training.zero1 (true/false) by
+# training.dp_sharding (none, zero1, zero2, zero3, hsdp: dp_sharding.py); an older plan's zero1 loads as
+# dp_sharding "zero1" or "none".
+READABLE_VERSIONS = (2, 3, 4)
 SCHEDULE_NAMES = SCHEDULES  # the registry in schedules.py is the one list
 # Per-node tensor-sharding strategies the runtime can realize: the registry in tp_strategies.py is
 # the one list (see docs/plan.md).
@@ -182,11 +185,14 @@ class StageComponents:
     p2p_s: float  # idle while an activation or gradient this stage waits for is in transit
     dp_reduce_s: float  # the rank's exposed data-parallel reduction, shared by its stages by size
     bubble_s: float  # idle waiting for other ranks (the pipeline bubble, and the wait for the slowest rank)
+    # ZeRO-2/3: the weights' all-gathers and the gradients' reduce-scatters not hidden behind compute
+    # (version 4; [Note: FSDP prefetch overlap] in evaluate.py)
+    dp_gather_s: float = 0.0
 
     def total_s(self) -> float:
         return (
             self.forward_s + self.backward_s + self.recompute_s + self.tp_comm_s
-            + self.p2p_s + self.dp_reduce_s + self.bubble_s
+            + self.p2p_s + self.dp_reduce_s + self.bubble_s + self.dp_gather_s
         )
 
 
@@ -346,7 +352,7 @@ class Training:
     global_batch: int  # samples per optimizer step
     dtype: str = "bf16"  # compute dtype (a key of the device's peak FLOP/s)
     optimizer: str = "adam-mixed"  # a key of cost_models.OPTIMIZERS
-    zero1: bool = False  # shard optimizer state over dp
+    dp_sharding: str = "none"  # what is sharded over dp: none (DDP), zero1, zero2, zero3, hsdp (dp_sharding.py)
     memory_reserve: float = 0.1  # fraction of device memory kept free (allocator, workspace)
     overlap_dp: bool = True  # overlap the gradient all-reduce with the last backward
 
@@ -354,7 +360,8 @@ class Training:
         _check_int("training.global_batch", self.global_batch)
         _check_type("training.dtype", self.dtype, str, "a string such as \"bf16\"")
         _check_type("training.optimizer", self.optimizer, str, "a string such as \"adam-mixed\"")
-        _check_type("training.zero1", self.zero1, bool, "true or false")
+        if not isinstance(self.dp_sharding, str) or self.dp_sharding not in DP_SHARDINGS:
+            raise PlanError(f"training.dp_sharding {self.dp_sharding!r} is not one of {', '.join(DP_SHARDINGS)}")
         _check_type("training.overlap_dp", self.overlap_dp, bool, "true or false")
         _check_type("training.memory_reserve", self.memory_reserve, (int, float), "a number")
         if not 0.0 <= self.memory_reserve < 1.0:
@@ -380,6 +387,9 @@ class Plan:
         sched = self.schedule
         check_schedule(sched.name, self.mesh.pp, sched.microbatches, sched.virtual_stages)
         check_recompute(sched.name, any(st.recompute for st in self.stages))
+        if self.mesh.dp > 1:
+            check_dp_sharding(self.training.dp_sharding, sched.name, SCHEDULE_REGISTRY[sched.name].splits_backward,
+                              any(st.recompute for st in self.stages))
         expected = self.mesh.pp * self.schedule.virtual_stages
         if len(self.stages) != expected:
             raise PlanError(
@@ -659,7 +669,7 @@ class Plan:
                 cluster=_required(data, "cluster", dict),
                 mesh=Mesh(**_fields(Mesh, _required(data, "mesh", dict), "mesh")),
                 schedule=Schedule(**_fields(Schedule, _required(data, "schedule", dict), "schedule")),
-                training=Training(**_fields(Training, _required(data, "training", dict), "training")),
+                training=Training(**_fields(Training, _training(_required(data, "training", dict), version), "training")),
                 stages=tuple(stages),
                 sharding=dict(_typed("sharding.nodes", sharding.get("nodes", {}), dict)),
                 predicted=Predicted(**_fields(Predicted, pred, "predicted")) if pred else None,
@@ -683,6 +693,17 @@ def _differing_fields(mine: Mapping[str, Any], theirs: Mapping[str, Any], prefix
             out += _differing_fields(a, b, f"{prefix}{key}.")
         else:
             out.append(f"{prefix}{key}")
+    return out
+
+
+def _training(data: Mapping[str, Any], version: int) -> Mapping[str, Any]:
+    """``training`` of a plan of ``version`` in this version's keys: before 4, ``zero1`` (true/false)
+    was the only sharding level."""
+    if version >= 4 or "zero1" not in data:
+        return data
+    out = {k: v for k, v in data.items() if k != "zero1"}
+    _check_type("training.zero1", data["zero1"], bool, "true or false")
+    out["dp_sharding"] = "zero1" if data["zero1"] else "none"
     return out
 
 

@@ -57,6 +57,7 @@ def prepare(
     dtype: str = "bf16",
     optimizer: str = "adam-mixed",
     zero1: bool = False,
+    dp_sharding: str | None = None,
     memory_reserve: float = 0.1,
     overlap_dp: bool = True,
     cost_model: CostModel | None = None,
@@ -88,7 +89,7 @@ def prepare(
             global_batch=global_batch,
             dtype=dtype,
             optimizer=optimizer,
-            zero1=zero1,
+            dp_sharding=dp_sharding if dp_sharding is not None else ("zero1" if zero1 else "none"),
             memory_reserve=memory_reserve,
             overlap_dp=overlap_dp,
         )
@@ -120,7 +121,7 @@ def plan_parallelism(
     ``time_limit_s`` seconds) or a baseline. ``split_at`` (module names where
     stages 1, 2, ... begin) makes a manual plan, or with ``method="ilp"`` pins
     those stage boundaries and lets the ILP choose the rest. Remaining keywords (``dtype``,
-    ``optimizer``, ``zero1``, ``memory_reserve``, ``overlap_dp``,
+    ``optimizer``, ``zero1``, ``dp_sharding``, ``memory_reserve``, ``overlap_dp``,
     ``cost_model``, ``name``, ``example_kwargs``) go to :func:`prepare`. ``progress`` receives the
     ILP search's ``SearchStatus`` after each candidate (``partitioner.progress.Progress.search`` draws it).
     """

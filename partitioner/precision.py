@@ -33,10 +33,12 @@ and casts them per forward, a different layout: 4 bytes of weights and 4 of
 gradients), and the runtime shards with DTensor, pipelining and DDP rather
 than FSDP, hence the small wrapper here. Other pairings (fp32 with any
 optimizer; bf16 with plain ``adam`` or ``sgd``) run the optimizer on the
-parameters as they are. Under ``training.zero1`` the masters are kept for all
+parameters as they are. Under ``training.dp_sharding`` ``zero1`` the masters are kept for all
 of the rank's parameters and only Adam's m and v are sharded over ``dp``, and
 the memory model prices exactly that (``OptimizerSpec.master_bytes``; the ZeRO paper
-shards the masters too, which would save 4 bytes per parameter more).
+shards the masters too, which would save 4 bytes per parameter more). Under ``zero2``,
+``zero3`` and ``hsdp`` the parameters are FSDP2's dp-sharded DTensors, so the masters made
+from them, and the state, are sharded with them (fsdp.py).
 """
 
 from __future__ import annotations

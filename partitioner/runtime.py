@@ -52,6 +52,7 @@ from torch.utils._pytree import tree_unflatten
 from .cluster import Cluster
 from .devices import init_distributed, rank_device
 from .errors import AutopartError, PlanError
+from .dp_sharding import spec as dp_spec
 from .plan import Plan
 from .precision import MasterWeightOptimizer, PrecisionPolicy, loss_inputs, make_scaler, optimizer_step
 from .schedules import rank_stages, spec as schedule_spec, stage_rank
@@ -59,6 +60,7 @@ from .materialize import has_meta_tensors, materialize, release
 from .measure import DdpTimer, RankMemory, RankTime, StepClock, StorageMeter, rank_time, tp_profile
 from .checkpoint import CHECKPOINT_META, CheckpointError, read_manifest, verify, write_manifest
 from .watchdog import DistributedError, RankFailedError, Watchdog, backend_timeout_s
+from .fsdp import shard_stage
 from .rewrite import SplitModel, TensorParallelModule, get_tensor, set_tensor, microbatch_inputs, split_model
 
 __all__ = ["DistributedError", "RankFailedError", "CheckpointError", "StepEvent", "ParallelModel", "RecomputedStage",
@@ -106,6 +108,7 @@ def auto_parallelize(
     init_seed: int = 0,
     zero1: bool = False,
     recompute: bool | None = None,
+    dp_sharding: str | None = None,
 ) -> "ParallelModel":
     """Plan (unless ``plan`` is given) and build the distributed model on this rank. Run under torchrun.
 
@@ -119,7 +122,8 @@ def auto_parallelize(
 
     ``zero1=True`` plans with the optimizer state sharded over ``dp`` and runs
     it so (``ZeroRedundancyOptimizer``); a given ``plan`` says so in
-    ``training.zero1``. ``recompute=True`` (``False``) pins every stage to
+    ``training.dp_sharding``; ``dp_sharding`` names the least the planner
+    must shard (``zero2``, ``zero3``: FSDP2, see fsdp.py). ``recompute=True`` (``False``) pins every stage to
     (not to) replay its forward in backward; ``None`` lets the planner choose
     per stage ([Note: recomputation as priced]).
 
@@ -140,6 +144,7 @@ def auto_parallelize(
         plan = _plan_on_rank0(
             model, example_inputs, cluster, rank,
             dict(method=method, pp=pp, tp=tp, dp=dp, microbatches=microbatches, schedule=schedule, zero1=zero1,
+                 dp_sharding=dp_sharding,
                  virtual_stages=virtual_stages, recompute=recompute, time_limit_s=time_limit_s,
                  global_batch=global_batch or _batch_of(example_inputs)),
         )
@@ -319,6 +324,7 @@ class ParallelModel:
                 f"plan: schedule {plan.schedule.name!r} splits the backward, which torch's stage_backward_input "
                 "cannot run through a recomputed stage yet; re-plan with --no-recompute or another schedule"
             )
+        self._fsdp = dp_spec(plan.training.dp_sharding).uses_fsdp and mesh.dp > 1
         layout = schedule_spec(plan.schedule.name).layout
         self.stage_indices = rank_stages(self.pp_index, mesh.pp, plan.schedule.virtual_stages, layout)
         self.model_name = plan.model.name
@@ -350,10 +356,14 @@ class ParallelModel:
                     release(model, mod.split_dim)
             mod.to(self.device)
             self.modules[s] = mod
-            run = RecomputedStage(mod) if plan.stages[s].recompute else mod  # [Note: recomputation as priced]
+            run = mod
+            if self._fsdp:  # ZeRO-2/3, HSDP: blocks and stage root as FSDP2 units over dp ([Note: FSDP units])
+                run = shard_stage(mod, plan.stages[s].modules, self._fsdp_mesh(), dp_spec(plan.training.dp_sharding))
+            if plan.stages[s].recompute:  # [Note: recomputation as priced]; around FSDP's units, which regather
+                run = RecomputedStage(run)
             # Split-backward schedules compute weight gradients with autograd.grad, which DDP's
             # hooks never see: their replicas average gradients in step() instead.
-            if mesh.dp > 1 and not self._split_backward and any(p.requires_grad for p in mod.parameters()):
+            if mesh.dp > 1 and not self._split_backward and not self._fsdp and any(p.requires_grad for p in mod.parameters()):
                 from torch.nn.parallel import DistributedDataParallel
 
                 # Gradients as views of DDP's buckets: no second copy, as the memory model counts them.
@@ -382,7 +392,7 @@ class ParallelModel:
         self._tied = self._tied_groups()
         factory = optimizer or (lambda ps: torch.optim.AdamW(ps, lr=1e-3))
         make = factory
-        if plan.training.zero1 and mesh.dp > 1:
+        if plan.training.dp_sharding == "zero1" and mesh.dp > 1:
             dp_group = self.mesh["dp"].get_group()
             make = lambda ps: _zero1(factory, list(ps), dp_group)  # noqa: E731
         # The plan's precision: fp32 masters for adam-mixed, fp16 loss scaling ([Note: mixed precision as priced]).
@@ -398,6 +408,24 @@ class ParallelModel:
         self.steps_done = 0
 
     # --- building -------------------------------------------------------------------
+
+    def _fsdp_mesh(self) -> Any:
+        """The mesh FSDP shards over: the dp axis, or for HSDP a 2-D ``(dp_rep, dp_shard)`` mesh whose
+        shard dimension is the dp ranks of one node of the plan's cluster (dp_sharding.hsdp_shard)."""
+        if not dp_spec(self.plan.training.dp_sharding).within_node:
+            return self.mesh["dp"]
+        if getattr(self, "_hsdp_mesh", None) is None:
+            from torch.distributed.device_mesh import init_device_mesh
+
+            from .dp_sharding import hsdp_shard
+
+            mesh = self.plan.mesh
+            cluster = Cluster.from_dict(dict(self.plan.cluster))
+            shard = hsdp_shard(mesh.dp_group(0), cluster.node_of)
+            full = init_device_mesh(self.device.type, (mesh.pp, mesh.dp // shard, shard, mesh.tp),
+                                    mesh_dim_names=("pp", "dp_rep", "dp_shard", "tp"))
+            self._hsdp_mesh = full["dp_rep", "dp_shard"]
+        return self._hsdp_mesh
 
     def _stages_of(self, rank: int) -> str:
         return self.plan.stages_label(rank)
@@ -513,7 +541,7 @@ class ParallelModel:
             for name, group in self._tied:
                 grad = self.params[name].grad
                 if grad is not None:
-                    dist.all_reduce(grad, group=group)
+                    dist.all_reduce(_local(grad), group=group)  # FSDP: each owner's same dp shard
             clock.lap("other")
             scale = 1.0 if self.scaler is None else self.scaler.get_scale()
             optimizer_step(self.optimizer, self.scaler)
@@ -604,13 +632,17 @@ class ParallelModel:
     def full_tensors(self, what: str = "param") -> dict[str, torch.Tensor]:
         """This rank's parameters (``what="param"``) or gradients (``"grad"``) at full shape, by original name.
 
-        Collective over the tp axis (shards are gathered)."""
+        Collective over the tp axis, and over dp under ZeRO-2/3 (shards are gathered)."""
+        from torch.distributed.tensor import DTensor
+
         out = {}
         for name in sorted(self.params):
             p = self.params[name]
             t = p.detach() if what == "param" else p.grad
             if t is None:
                 continue
+            if isinstance(t, DTensor):  # ZeRO-2/3: this tp rank's shard, itself sharded over dp
+                t = t.full_tensor()
             d = self._dtensor(name, t)
             out[name] = d.full_tensor() if d is not t else t.clone()
         return out
@@ -626,10 +658,21 @@ class ParallelModel:
 
     # --- checkpoints ----------------------------------------------------------------
 
+    def _refuse_fsdp_checkpoint(self, what: str) -> None:
+        """Checkpoints of FSDP shards of tp shards are not written or read yet: refuse in one line. (Under
+        FSDP alone the parameters are DTensors over dp, which torch.distributed.checkpoint reshards.)"""
+        if self._fsdp and self.plan.mesh.tp > 1:
+            raise CheckpointError(
+                f"cannot {what} a checkpoint under training.dp_sharding {self.plan.training.dp_sharding!r} with "
+                f"tp={self.plan.mesh.tp} yet (FSDP shards of tensor-parallel shards); use a plan with tp=1 or "
+                "--dp-sharding none or zero1"
+            )
+
     def save(self, path: str | os.PathLike[str], *, overwrite: bool = False) -> None:
         """Write a ``torch.distributed.checkpoint`` directory keyed by the model's parameter names."""
         import torch.distributed.checkpoint as dcp
 
+        self._refuse_fsdp_checkpoint("save")
         path = Path(path)
         exists = [path.exists() and any(path.iterdir())] if path.is_dir() else [path.exists()]
         dist.broadcast_object_list(exists, src=0)
@@ -651,6 +694,7 @@ class ParallelModel:
         """Load a checkpoint saved under any plan of the same model; nothing changes if it fails."""
         import torch.distributed.checkpoint as dcp
 
+        self._refuse_fsdp_checkpoint("load")
         path = Path(path)
         problem = self._check_checkpoint(path)
         verdicts: list[Any] = [None] * dist.get_world_size()
@@ -714,7 +758,7 @@ class ParallelModel:
 
 
 def _zero1(factory: OptimizerFactory, params: list[torch.nn.Parameter], dp_group: Any) -> torch.optim.Optimizer:
-    """The plan's ``training.zero1``: the optimizer ``factory`` makes, its state sharded over the dp
+    """The plan's ``training.dp_sharding`` ``zero1``: the optimizer ``factory`` makes, its state sharded over the dp
     group by ``ZeroRedundancyOptimizer`` (each dp rank steps its share of the parameters and
     broadcasts them). The optimizer's class and settings are read from one it builds on a probe."""
     import inspect

@@ -46,6 +46,14 @@ published it prints ([`reported_here`]); run by hand, every rank prints why it s
 autopart's own launcher (``--nproc-per-node``) no rank prints, and the launcher prints the line
 the ranks left in their error files ([Note: one line per failed job] in launch.py).
 
+[Note: stopped by torchrun]
+Under raw torchrun a rank that exits or is killed never reaches our code, and torchrun
+ends the others (SIGTERM) within a second, before any heartbeat is missed; its own
+``ChildFailedError`` report names the rank but not the stage. So each rank publishes its pid,
+learns its machine's ranks' pids, and on SIGTERM the lowest surviving rank of the machine
+names the local rank whose process is gone, with its stage, before torchrun's report. A
+SIGTERM with no rank gone (the user stopped torchrun) ends the rank silently, as before.
+
 Why our own and not torch's: torch's gloo backend has no watchdog, and its collective
 timeout does not cover gloo's point-to-point receives, which is where a pipeline rank waits.
 The process group's timeout is still set (``backend_timeout_s``) as a backstop.
@@ -55,6 +63,7 @@ from __future__ import annotations
 
 import json
 import os
+import signal
 import socket
 import sys
 import threading
@@ -159,6 +168,22 @@ def record_error(line: str, primary: bool) -> None:
         pass
 
 
+def _alive(pid: int) -> bool:
+    """Whether process ``pid`` runs (a zombie, ended but not yet reaped, does not)."""
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            return f.read().rsplit(")", 1)[1].split()[0] not in ("Z", "X")
+    except OSError:
+        pass
+    try:
+        os.kill(pid, 0)
+        return True
+    except ProcessLookupError:
+        return False
+    except OSError:
+        return True
+
+
 def _is_comm_error(exc: BaseException) -> bool:
     """A send, receive or collective failed (usually because a peer failed first)."""
     if isinstance(exc, getattr(dist, "DistError", ())):
@@ -187,6 +212,17 @@ class Watchdog:
         self.world = dist.get_world_size()
         self.store = self._client()
         self.store.set(f"{self.prefix}hb/{rank}", self._beat(0))
+        self.store.set(f"{self.prefix}pid/{rank}", str(os.getpid()))
+        self.local_pids: dict[int, int] = {}  # this machine's ranks -> pid
+        if under_launcher():
+            try:  # every rank is here (the broadcast above): their pids follow at once
+                self.store.wait([f"{self.prefix}pid/{r}" for r in self._local_ranks()], timedelta(seconds=10))
+            except Exception:
+                pass  # the thread reads what is missing
+            self._read_local_pids()
+        self._prev_sigterm: Any = None
+        if under_launcher() and not under_autopart_launcher() and threading.current_thread() is threading.main_thread():
+            self._prev_sigterm = signal.signal(signal.SIGTERM, self._on_torchrun_stop)
         self._thread = threading.Thread(target=self._run, name="autopart-watchdog", daemon=True)
         self._thread.start()
 
@@ -275,6 +311,9 @@ class Watchdog:
             time.sleep(0.1)
 
     def close(self) -> None:
+        if self._prev_sigterm is not None and threading.current_thread() is threading.main_thread():
+            signal.signal(signal.SIGTERM, self._prev_sigterm)
+            self._prev_sigterm = None
         if not self._stop.is_set():
             self._stop.set()
             try:
@@ -286,6 +325,49 @@ class Watchdog:
             # after a run had finished and written its results.
             if self._thread is not threading.current_thread():
                 self._thread.join(timeout=5.0)
+
+    # --- a rank that ended under raw torchrun ([Note: stopped by torchrun]) -----------------
+
+    def _local_ranks(self) -> list[int]:
+        """The ranks on this machine: torchrun numbers them contiguously from ``rank - LOCAL_RANK``."""
+        local = int(os.environ.get("LOCAL_RANK", "0"))
+        size = int(os.environ.get("LOCAL_WORLD_SIZE", "1"))
+        first = self.rank - local
+        return [r for r in range(first, first + size) if 0 <= r < self.world]
+
+    def _read_local_pids(self) -> None:
+        """Learn the pids of this machine's ranks (once: they publish them as they start)."""
+        if not under_launcher() or len(self.local_pids) == len(self._local_ranks()):
+            return
+        for r in self._local_ranks():
+            key = f"{self.prefix}pid/{r}"
+            if r not in self.local_pids and self.store.check([key]):
+                self.local_pids[r] = int(self.store.get(key).decode())
+
+    def _left_error_file(self, rank: int) -> bool:
+        """Whether local ``rank`` wrote its torchelastic error file (autopart's line, or torchelastic's
+        ``@record``): then it reported its own failure. The files lie in ``.../<local rank>/error.json``;
+        where that layout is not found, assume it did (and say nothing rather than something wrong)."""
+        mine = os.environ.get("TORCHELASTIC_ERROR_FILE")
+        local = os.environ.get("LOCAL_RANK")
+        if not mine or local is None or Path(mine).parent.name != local:
+            return True
+        peer_local = rank - (self.rank - int(local))
+        return (Path(mine).parent.parent / str(peer_local) / Path(mine).name).exists()
+
+    def _on_torchrun_stop(self, signum: int, frame: Any) -> None:
+        """SIGTERM from torchrun: when a rank of this machine has ended, name it (once: the lowest
+        surviving local rank speaks), then end as SIGTERM would have."""
+        dead = sorted(r for r, pid in self.local_pids.items() if r != self.rank and not _alive(pid))
+        alive = [r for r in self._local_ranks() if r not in dead]
+        silent = [r for r in dead if not self._left_error_file(r)]  # the others printed their own line
+        if silent and alive and alive[0] == self.rank:
+            dead = silent
+            line = (f"autopart: error: {self.who(dead[0])} died: its process ended without an error "
+                    f"(it exited or was killed), and torchrun stopped the job")
+            print(line, file=sys.stderr, flush=True)
+            record_error(line, True)
+        os._exit(128 + signal.SIGTERM)
 
     # --- the thread -------------------------------------------------------------------------
 
@@ -346,6 +428,7 @@ class Watchdog:
                 continue
             try:
                 self.store.set(f"{self.prefix}hb/{self.rank}", self._beat(beat))
+                self._read_local_pids()
                 abort = self._abort()
                 if abort is not None:
                     msg = abort[0]
@@ -391,7 +474,9 @@ class Watchdog:
     def _hang_message(self, peers: dict[int, tuple[int, str, float]]) -> str:
         """This rank is stalled: name the rank the job waits for (see [Note: failing ranks])."""
         wall = time.time()
-        stalled = {r: (phase, since) for r, (_, phase, since) in peers.items() if wall - since > self.timeout_s}
+        # A peer stalled too if it has not progressed for half the timeout: the culprit entered its stuck
+        # work a moment after this rank's last progress, so it may not have reached the full timeout yet.
+        stalled = {r: (phase, since) for r, (_, phase, since) in peers.items() if wall - since > self.timeout_s / 2}
         stalled[self.rank] = (self.phase, self._since)
         # A rank between steps ("idle") is not waiting for anyone either: it hangs in the caller's code.
         computing = [r for r, (phase, _) in stalled.items() if phase in ("compute", "idle")]

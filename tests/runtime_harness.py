@@ -207,7 +207,15 @@ def _equivalence(layout: dict[str, Any], models: list[str], meta_models: list[st
         else:
             ref = copy.deepcopy(model)
         opt = lambda ps: torch.optim.SGD(ps, lr=0.1, momentum=0.9)  # noqa: E731
-        pins = {k: v for k, v in layout.items() if k != "method"}  # the planner: "params" unless the layout says
+        if layout.get("adamw"):  # the optimizer the plan prices (adam-mixed in fp32: AdamW's m and v)
+            opt = lambda ps: torch.optim.AdamW(ps, lr=1e-3)  # noqa: E731
+        # the planner: "params" unless the layout says
+        pins = {k: v for k, v in layout.items() if k not in ("method", "adamw", "nodes")}
+        if layout.get("nodes"):  # this machine as a cluster of several (virtual) nodes, for HSDP
+            from partitioner.cluster import Cluster
+
+            world = int(os.environ["WORLD_SIZE"])
+            pins["cluster"] = Cluster.local(world).with_nodes(layout["nodes"], world // layout["nodes"])
         pm = auto_parallelize(model, example_inputs=example, loss_fn=loss_fn, method=layout.get("method", "params"),
                               optimizer=opt, **pins)
         gb = pm.plan.training.global_batch
@@ -215,6 +223,7 @@ def _equivalence(layout: dict[str, Any], models: list[str], meta_models: list[st
         loss = pm.step(*inputs, target=target)
         grads = pm.full_tensors("grad")
         params = pm.full_tensors("param")
+        priced = _priced_at_rest(ref, example, pm) if layout.get("adamw") else None
         ref_opt = opt(ref.parameters())
         ref_loss = loss_fn(ref(*inputs), target)
         ref_loss.backward()
@@ -240,12 +249,34 @@ def _equivalence(layout: dict[str, Any], models: list[str], meta_models: list[st
             plan_recompute=[st.recompute for st in pm.plan.stages],
             # this rank's stages that run wrapped for recomputation (inside DDP where dp > 1)
             recomputed=sum(any(type(m).__name__ == "RecomputedStage" for m in st.submod.modules()) for st in pm.stages),
-            optimizer=type(pm.optimizer).__name__, zero1=pm.plan.training.zero1,
+            optimizer=type(pm.optimizer).__name__, dp_sharding=pm.plan.training.dp_sharding,
+            # FSDP2 units on this rank (ZeRO-2/3: its stages' folded blocks and roots; fsdp.py)
+            fsdp_units=sum(type(m).__name__.startswith("FSDP") for st in pm.stages for m in st.submod.modules()),
+            # bytes this rank holds for its parameters after the step, and what the memory model priced
+            held_bytes=_held(pm), priced_bytes=priced,
             # parameters whose optimizer state this rank holds (under ZeRO-1, its dp share)
             state_params=len(getattr(pm.optimizer, "optim", pm.optimizer).state), n_params=len(pm.params),
         )
         pm.close()
     return out
+
+
+def _held(pm) -> int:
+    """Weights, gradients and optimizer state this rank holds (its shards), counted as the memory model does."""
+    from partitioner.precision import resident_bytes
+
+    return resident_bytes(pm.params.values(), pm.optimizer).total
+
+
+def _priced_at_rest(model, example, pm) -> int:
+    """What the memory model prices for this rank's parameters at rest (between steps)."""
+    from partitioner.cluster import Cluster
+    from partitioner.planner import prepare
+
+    plan = pm.plan
+    ev = prepare(model, example, Cluster.from_dict(dict(plan.cluster)), training=plan.training)
+    names = [n for n in pm.params if n in ev.captured.params]
+    return int(ev.resident_bytes(names, plan.mesh.tp, plan.mesh.dp, set())[0])
 
 
 def job_checkpoint(args: dict[str, Any]) -> dict[str, Any]:

@@ -474,3 +474,17 @@ def test_inspect_never_cuts_block_names(capsys):
     assert rc == 0, err
     assert "model.embed_tokens" in out and "…" not in out
     assert "fwd FLOPs" in out  # and the number columns keep their headers on one line
+
+
+def test_dp_sharding_flag_plans_zero3_and_says_what_it_buys(capsys, tmp_path):
+    path = tmp_path / "z3.json"
+    rc, out, err = run(capsys, *PLAN, "--method", "uniform", "--mesh", "pp=1,tp=1,dp=8", "--dp-sharding", "zero3",
+                       "--explain", "--quiet", "--json", str(path))
+    assert rc == 0, err
+    plan = Plan.load(path)
+    assert plan.training.dp_sharding == "zero3" and plan.version == 4
+    text = flat(out)
+    assert "adam-mixed, zero3" in text
+    assert re.search(r"zero3 frees [\d.]+ GiB per device .* all-gathers and reduce-scatters per step .* hidden", text), text
+    rc, _, err = run(capsys, *PLAN, "--plan", str(path), "--dp-sharding", "zero2")
+    assert_one_line_error(rc, err, "--dp-sharding")

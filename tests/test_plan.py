@@ -358,3 +358,42 @@ def test_plan_torch_cannot_run_is_refused_in_one_line_at_load(ev):
         Plan.from_json(text)
     msg = str(info.value)
     assert "\n" not in msg and "Schedule1F1B" in msg and "use 2 or more" in msg, msg
+
+
+def test_zero2_and_zero3_shard_everything_at_rest_and_price_their_gathers(ev, gpt2, one_node):
+    """ZeRO-2/3 hold 1/dp of weights, gradients and state at rest, plus gathered weights while they
+    compute (ZeRO-2: the stage's; ZeRO-3: two blocks and the root), and pay exposed collectives."""
+    specs = _two_stages(ev, ev.pgraph.block_index("transformer.h.2"))
+    mesh, sched = Mesh(2, 1, 4), Schedule("1f1b", 4, 1)
+    plans = {}
+    for level in ("none", "zero1", "zero2", "zero3"):
+        e = prepare(gpt2, cluster=one_node, global_batch=GLOBAL_BATCH, dp_sharding=level)
+        plans[level], _ = e.make_plan(specs, mesh, sched, method="manual")
+        names = {p for b in specs[0].blocks for p in ev.pgraph.blocks[b].params}
+        at_rest, _ = e.resident_bytes(names, 1, 4, set())
+        if level in ("zero2", "zero3"):  # 16 bytes per parameter, each tensor cut in 4 dim-0 chunks
+            assert at_rest <= -(-16 * plans[level].stages[0].params // 4) + 16 * 4 * 1024
+    static = {k: p.stages[0].predicted.static_bytes for k, p in plans.items()}
+    assert static["zero3"] < static["zero2"] < static["zero1"] < static["none"], static
+    for level in ("zero2", "zero3"):
+        comps = [st.predicted.components for st in plans[level].stages]
+        assert all(c.dp_gather_s > 0 and c.dp_reduce_s == 0 for c in comps), comps
+        assert plans[level].predicted.step_time_s > plans["none"].predicted.step_time_s
+    gathers = [sum(st.predicted.components.dp_gather_s for st in plans[k].stages) for k in ("zero2", "zero3")]
+    assert gathers[1] > gathers[0]  # ZeRO-3 gathers the weights again in backward
+
+
+def test_dp_sharding_loads_from_older_plans_and_is_refused_where_the_runtime_cannot_run_it(tp_plan):
+    data = json.loads(tp_plan.to_json())
+    old = dict(data, version=3, training={**{k: v for k, v in data["training"].items() if k != "dp_sharding"},
+                                          "zero1": True})
+    assert Plan.from_dict(old).training.dp_sharding == "zero1"
+    with pytest.raises(PlanError, match="unknown key.*zero1"):  # version 4 has no zero1
+        Plan.from_dict(dict(old, version=4))
+    with pytest.raises(PlanError, match="training.dp_sharding 'zero4' is not one of none, zero1, zero2, zero3, hsdp"):
+        Plan.from_dict(dict(data, training=dict(data["training"], dp_sharding="zero4")))
+    zb = dict(data, mesh=dict(pp=2, tp=1, dp=4), schedule=dict(data["schedule"], name="zb"),
+              training=dict(data["training"], dp_sharding="zero3"),
+              stages=[dict(s, ranks=[]) for s in data["stages"]])
+    with pytest.raises(PlanError, match="FSDP.*schedule 'zb'.*use gpipe, 1f1b or interleaved"):
+        Plan.from_dict(zb)

@@ -45,12 +45,26 @@ LAYOUTS = {
     "pp2-dualpipev": (2, dict(pp=2, tp=1, dp=1, schedule="dualpipev", virtual_stages=2, microbatches=4,
                               global_batch=4)),
     "pp2xdp2-zb": (4, dict(pp=2, tp=1, dp=2, schedule="zb", microbatches=2, global_batch=4)),
+    # ZeRO-2/3 through FSDP2 (per-block units; partitioner/fsdp.py). dp2-zero3 runs AdamW, the optimizer
+    # the plan prices, so each rank's held bytes can be compared with the memory model's, byte for byte.
+    "dp2-zero2-recompute": (2, dict(pp=1, tp=1, dp=2, microbatches=2, global_batch=4, dp_sharding="zero2",
+                                    recompute=True)),  # the checkpoint around the stage's FSDP units
+    "dp2-zero3": (2, dict(pp=1, tp=1, dp=2, microbatches=1, global_batch=2, dp_sharding="zero3", adamw=True)),
+    "pp2xdp2-zero3": (4, dict(pp=2, tp=1, dp=2, schedule="1f1b", microbatches=2, global_batch=4, dp_sharding="zero3")),
+    # Under tp the stage runs through TensorParallelModule: one FSDP unit per stage, over its tp shards.
+    "tp2xdp2-zero3": (4, dict(pp=1, tp=2, dp=2, microbatches=2, global_batch=4, dp_sharding="zero3")),
+    # HSDP on this machine as 2 nodes of 2: sharded over the 2 dp ranks of a node, replicated across nodes.
+    "dp4-hsdp": (4, dict(pp=1, tp=1, dp=4, microbatches=1, global_batch=4, dp_sharding="hsdp", nodes=2, adamw=True)),
     # Recomputation (every stage replays its forward in backward) under DDP.
     "pp2xdp2-recompute": (4, dict(pp=2, tp=1, dp=2, schedule="1f1b", microbatches=2, global_batch=4, recompute=True)),
 }
 SPLIT_BACKWARD = {"pp2-zb", "pp2-zbv", "pp2-dualpipev", "pp2xdp2-zb"}  # slow: they lengthen two shared launches
 # Models per layout where not all: the split-backward and recompute layouts run GPT-2 (tied weights) and the MLP only.
-LAYOUT_MODELS = {name: ["gpt2-tiny", "mlp"] for name in [*SPLIT_BACKWARD, "pp2xdp2-recompute"]}
+FSDP = {"dp2-zero2-recompute", "dp2-zero3", "pp2xdp2-zero3", "tp2xdp2-zero3", "dp4-hsdp"}
+LAYOUT_MODELS = {name: ["gpt2-tiny", "mlp"] for name in [*SPLIT_BACKWARD, *FSDP, "pp2xdp2-recompute"]}
+# GPT-2 (tied weights, blocks folded into units) is the case that matters; dp2-zero3 also runs the MLP.
+for name in ("dp2-zero2-recompute", "pp2xdp2-zero3", "tp2xdp2-zero3", "dp4-hsdp"):
+    LAYOUT_MODELS[name] = ["gpt2-tiny"]
 
 # Layouts that also run models built on meta (each rank materializes only its stages' weights),
 # against a reference materialized whole by the same rule.
@@ -100,7 +114,9 @@ def test_equivalence(layout: str, equivalence_launches) -> None:
             m = r[name]
             assert m["loss"] == pytest.approx(m["ref_loss"], rel=TOL), (name, rank)
             assert m["grad"] <= TOL, f"{name} rank {rank}: gradients differ by {m['grad']:.2e} (relative)"
-            assert m["param"] <= TOL, f"{name} rank {rank}: parameters after the step differ by {m['param']:.2e}"
+            # Adam's first step is lr * sign(g) where g is ~0: float noise flips it, so only SGD's step is compared.
+            if not pins.get("adamw"):
+                assert m["param"] <= TOL, f"{name} rank {rank}: parameters after the step differ by {m['param']:.2e}"
             seen.update(m["names"])
         assert seen == set(reports[0][name]["all_names"]), f"{name}: parameters no rank checked: {set(reports[0][name]['all_names']) - seen}"
     if pins.get("zero1"):  # optimizer state sharded over dp: each rank holds a share, together all of it
@@ -108,6 +124,17 @@ def test_equivalence(layout: str, equivalence_launches) -> None:
             assert {r[name]["optimizer"] for r in reports} == {"ZeroRedundancyOptimizer"}, name
             shares = [r[name]["state_params"] for r in reports]
             assert sum(shares) == reports[0][name]["n_params"] and max(shares) < reports[0][name]["n_params"], (name, shares)
+    if layout in FSDP:  # the plan's level ran: blocks folded into FSDP units besides each stage root (tp: the root)
+        for name in models:
+            for rank, r in enumerate(reports):
+                assert r[name]["dp_sharding"] == pins["dp_sharding"], (name, rank)
+                units, stages = r[name]["fsdp_units"], len(r[name]["stages"])
+                assert units == stages if pins["tp"] > 1 else units > stages, (name, rank, units)
+    if pins.get("adamw"):  # byte-exact residency: dim-0 chunks, the first rank's the largest
+        for name in models:
+            held = [r[name]["held_bytes"] for r in reports]
+            assert held[0] == reports[0][name]["priced_bytes"], (name, held, reports[0][name]["priced_bytes"])
+            assert all(h <= r[name]["priced_bytes"] for h, r in zip(held, reports)), (name, held)
     for name in models:  # the plan's recompute flags are what the stages run
         for rank, r in enumerate(reports):
             assert all(r[name]["plan_recompute"]) == bool(pins.get("recompute")), (name, r[name]["plan_recompute"])
@@ -127,7 +154,8 @@ def checkpoint_runs(tmp_path_factory: pytest.TempPathFactory) -> dict[str, dict]
        the MLP under pp=2 trains a step and saves; rank 0 makes a copy with a truncated data file.
     2. 2 ranks: GPT-2 under tp=2 loads and trains step 2; the MLP tries a missing, the corrupt and
        GPT-2's checkpoint (each must fail, changing nothing), then loads its own and trains on.
-    3. 4 ranks: GPT-2 under pp=2 x dp=2 loads and trains step 2.
+    3. 4 ranks: GPT-2 under pp=2 x dp=2 with ZeRO-3 (FSDP2) loads and trains step 2, and saves its
+       sharded state; GPT-2 under dp=4 with ZeRO-2 loads that.
     """
     tmp = tmp_path_factory.mktemp("ckpt")
     gpt, mlp, corrupt = str(tmp / "gpt"), str(tmp / "mlp"), str(tmp / "corrupt")
@@ -145,13 +173,17 @@ def checkpoint_runs(tmp_path_factory: pytest.TempPathFactory) -> dict[str, dict]
                                          {"load": mlp}, {"steps": [1, 1]}]),
     ]}, tmp)
     reports["pp2xdp2"] = launch(4, "checkpoint", {"runs": [
-        dict(gpt_run, key="gpt", layout=dict(pp=2, dp=2, microbatches=2), phases=[{"load": gpt}, {"steps": [2, 1]}]),
+        dict(gpt_run, key="gpt", layout=dict(pp=2, dp=2, microbatches=2, dp_sharding="zero3"),
+             phases=[{"load": gpt}, {"steps": [2, 1]}, {"save": str(tmp / "zero3")}]),
+        dict(gpt_run, key="zero2", layout=dict(pp=1, dp=4, microbatches=1, dp_sharding="zero2"),
+             phases=[{"load": str(tmp / "zero3")}]),
     ]}, tmp)
     return reports
 
 
 def test_checkpoint_resumes_under_another_layout(checkpoint_runs: dict[str, list[dict]]) -> None:
-    """Saved under pp=2, loaded under tp=2 and pp=2 x dp=2, continued: the same as a run that never stopped."""
+    """Saved under pp=2, loaded under tp=2 and pp=2 x dp=2 (ZeRO-3), continued: the same as a run that never
+    stopped; the ZeRO-3 run's sharded state, loaded under dp=4 with ZeRO-2, is the same tensors."""
     straight = checkpoint_runs["save"]
     _ok(straight)
     want = {k: v for r in straight for k, v in r["gpt"]["params"].items()}
@@ -166,6 +198,11 @@ def test_checkpoint_resumes_under_another_layout(checkpoint_runs: dict[str, list
             worst = max(abs(a - b) for a, b in zip(got[k], want[k]))
             scale = max(abs(b) for b in want[k]) or 1.0
             assert worst / scale <= TOL, f"{layout}: {k} differs by {worst / scale:.2e}"
+    sharded = checkpoint_runs["pp2xdp2"]
+    saved = {k: v for r in sharded for k, v in r["gpt"]["params"].items()}
+    for r in sharded:
+        assert r["zero2"]["loads"] == [None] and r["zero2"]["params"] == {k: saved[k] for k in r["zero2"]["params"]}
+    assert set(sharded[0]["zero2"]["params"]) == set(saved)
 
 
 def test_checkpoint_errors_before_any_step(checkpoint_runs: dict[str, list[dict]]) -> None:
@@ -196,6 +233,8 @@ FAILURES = {
     "kill-rank0": ("kill", 0, "forward", False, "rank 0 (stage 0) died"),
     "torchrun-hang": ("hang", 1, "loss", True, "rank 1 (stage 1) hangs"),
     "torchrun-raise": ("raise", 1, "forward", True, "rank 1 (stage 1) failed: ValueError: injected failure"),
+    # torchrun ends the job before a heartbeat is missed: the survivor names the rank whose process is gone
+    "torchrun-kill": ("kill", 1, "forward", True, "rank 1 (stage 1) died: its process ended"),
     # 4 ranks: rank 2 is watched by rank 1 alone ([Note: watching a ring] in watchdog.py)
     "exit-of-4": ("exit", 2, "forward", False, "rank 2 (stage 2) died"),
 }

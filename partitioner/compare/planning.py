@@ -124,7 +124,7 @@ def run_case(
         global_batch=case.global_batch or 8 * cluster.world_size,
         dtype=dtype,
         optimizer=case.optimizer or "adam-mixed",
-        zero1=case.zero1,
+        dp_sharding="zero1" if case.zero1 else "none",
         memory_reserve=0.1 if case.memory_reserve is None else case.memory_reserve,
     )
     pgraph = build_partition_graph(captured, loaded.model)

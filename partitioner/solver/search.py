@@ -57,7 +57,8 @@ from typing import Mapping
 
 from cost_models import static_bytes
 
-from ..baselines import Pins, inflight_horizon, linear_partition, with_zero1
+from ..baselines import Pins, dp_shardings_to_try, hsdp_differs, inflight_horizon, linear_partition, with_dp_sharding
+from ..dp_sharding import spec as dp_spec
 from ..errors import AutopartError, InfeasibleError, PlanError
 from ..evaluate import Evaluator, StageSpec
 from ..plan import Mesh, Plan, Schedule
@@ -99,7 +100,7 @@ class Candidate:
     # with a pinned one, only that one is kept
     retime: tuple[str, ...] = ()
     pinned_retime: bool = False
-    zero1: bool = False  # optimizer state sharded over dp
+    dp_sharding: str = "none"  # what is sharded over dp (dp_sharding.py)
 
     @property
     def mesh(self) -> Mesh:
@@ -109,7 +110,7 @@ class Candidate:
         v = f" v={self.virtual_stages}" if self.virtual_stages > 1 else ""
         return (
             f"{self.mesh} {self.schedule}{v} mbs={self.micro_batch_size} x{self.microbatches}"
-            + (" lean" if self.lean else "") + (" zero1" if self.zero1 else "")
+            + (" lean" if self.lean else "") + (f" {self.dp_sharding}" if self.dp_sharding != "none" else "")
         )
 
 
@@ -166,11 +167,14 @@ class IlpResult:
 
 @dataclass(frozen=True, slots=True)
 class BlockTable:
-    """The stage ILP's inputs for one (tp, dp, micro-batch size, lean, ZeRO-1) set-up."""
+    """The stage ILP's inputs for one (tp, dp, micro-batch size, lean, dp sharding) set-up."""
 
     blocks: tuple[BlockData, ...]  # per block, its unshared parameters only
     shared: tuple[SharedParam, ...]  # tied parameters, held once per stage that reads them
     total_static_bytes: float  # weights, gradients and optimizer state of the whole model
+    # ZeRO-2/3: gathered weights and unsharded gradients a stage may hold at once, at most (not
+    # in the blocks' static bytes); the ILP keeps this much of the memory limit free
+    transient_bytes: float = 0.0
 
 
 class _Search:
@@ -190,10 +194,13 @@ class _Search:
         self.report = SearchReport()
         self._sharding: dict[tuple[int, int, bool], dict[str, str]] = {}
         self._blocks: dict[tuple[int, int, int, bool, bool], BlockTable] = {}
-        # ZeRO-1 is searched where the user did not ask for it (it only changes memory); one
-        # evaluator per setting, so each plan records the training set-up it was priced under.
-        self.zero1s = (True,) if ev.training.zero1 else (False, True)
-        self.evs = {z: with_zero1(ev, z) for z in self.zero1s}
+        # The sharding levels from the user's up to ZeRO-3 are searched (they change memory and dp
+        # collectives only); one evaluator per level, so each plan records the set-up it was priced under.
+        self.levels = dp_shardings_to_try(ev, pins)
+        split_pinned = pins.schedule is not None and SCHEDULE_REGISTRY[pins.schedule].splits_backward
+        if split_pinned:  # FSDP levels run the full backward only (dp_sharding.py)
+            self.levels = tuple(z for z in self.levels if not dp_spec(z).uses_fsdp) or self.levels[:1]
+        self.evs = {z: with_dp_sharding(ev, z) for z in self.levels}
         self.types = self.pg.block_types()
         self.shared = self.pg.shared_params()
         self._inflight: dict[tuple, tuple] = {}  # schedule shape -> in-flight patterns
@@ -222,12 +229,19 @@ class _Search:
             self._sharding[key] = out
         return self._sharding[key]
 
-    def block_data(self, tp: int, dp: int, mbs: int, lean: bool, zero1: bool = False) -> BlockTable:
-        """Per-block figures for the stage ILP, shared tied parameters, and the total static bytes."""
-        key = (tp, dp, mbs, lean, zero1)
+    def block_data(self, tp: int, dp: int, mbs: int, lean: bool, level: str = "none") -> BlockTable:
+        """Per-block figures for the stage ILP, shared tied parameters, and the total static bytes.
+
+        Under ZeRO-2/3 each block's time is its compute or its own gathers and scatter, whichever
+        is longer (the next unit's prefetch hides behind this one's compute: [Note: FSDP prefetch
+        overlap] in evaluate.py); ZeRO-2 adds the block's gathered weights to its static bytes, and
+        the transients ZeRO-3 holds (two units and the root) are kept free of the limit."""
+        key = (tp, dp, mbs, lean, level)
         if key in self._blocks:
             return self._blocks[key]
-        ev, cap = self.evs.get(zero1, self.ev), self.ev.captured
+        ev, cap = self.evs.get(level, self.ev), self.ev.captured
+        entry = dp_spec(level)
+        fsdp = entry.uses_fsdp and dp > 1
         sharding = self.sharding(tp, mbs, lean)
         split = sharded_params(cap, sharding) if tp > 1 else set()
         shared = self.shared
@@ -239,12 +253,27 @@ class _Search:
         if (tp, mbs, lean) not in self._costs:
             self._costs[(tp, mbs, lean)] = [self.ev.block_cost(b, mbs, tp, sharding) for b in self.pg.blocks]
         blocks = []
+        group = Mesh(1, tp, dp).dp_group(0)
+        unit_w: list[float] = []
+        unit_g: list[float] = []
         for b, cost in zip(self.pg.blocks, self._costs[(tp, mbs, lean)]):
-            st, grad = resident([p for p in b.params if p not in shared])
+            own = [p for p in b.params if p not in shared]
+            st, grad = resident(own)
+            fwd, bwd = cost.time.forward_s, cost.time.backward_s
+            if fsdp:
+                w = float(sum(cap.params[p].bytes // (tp if p in split else 1) for p in own if not cap.params[p].is_buffer))
+                g = float(grad * len(ev.fsdp_groups(group)[0]))  # the block's whole gradient (about)
+                gather, scatter = ev.fsdp_collectives(w, g, group)
+                fwd = max(fwd, gather)
+                bwd = max(bwd, gather * (entry.gathers_per_microbatch - 1) + scatter)
+                unit_w.append(w)
+                unit_g.append(g)
+                if not entry.reshard_after_forward:
+                    st += w
             blocks.append(
                 BlockData(
-                    forward_s=cost.time.forward_s,
-                    backward_s=cost.time.backward_s,
+                    forward_s=fwd,
+                    backward_s=bwd,
                     saved_bytes=cost.saved_bytes,
                     input_bytes=cost.input_bytes,
                     static_bytes=st,
@@ -256,7 +285,15 @@ class _Search:
             st, grad = resident([p])
             shared_data.append(SharedParam(static_bytes=st, grad_bytes=grad, readers=tuple(readers)))
         total_static = sum(b.static_bytes for b in blocks) + sum(s.static_bytes for s in shared_data)
-        self._blocks[key] = BlockTable(blocks=tuple(blocks), shared=tuple(shared_data), total_static_bytes=total_static)
+        transient = 0.0
+        if fsdp:
+            roots = float(sum(cap.params[p].bytes for p in shared))  # tied weights stay with the stage root
+            top = sorted(unit_w, reverse=True)
+            transient = roots * (1 + ev.optimizer.grad_bytes / 2) + max(unit_g, default=0.0)
+            if entry.reshard_after_forward:
+                transient += sum(top[:2])
+        self._blocks[key] = BlockTable(blocks=tuple(blocks), shared=tuple(shared_data), total_static_bytes=total_static,
+                                       transient_bytes=transient)
         return self._blocks[key]
 
     # --- the enumeration ------------------------------------------------------------------
@@ -296,7 +333,9 @@ class _Search:
                     m = per_replica // mbs
                     for sched, v, retime in self._schedules(pp, m):
                         for lean in ([False, True] if tp > 1 else [False]):
-                            for z in (self.zero1s if dp > 1 else self.zero1s[:1]):  # ZeRO-1 needs dp
+                            for z in (self.levels if dp > 1 else self.levels[:1]):  # sharding needs dp
+                                if dp > 1 and not hsdp_differs(self.ev, z, tp, dp):
+                                    continue
                                 out.append(Candidate(tp, pp, dp, mbs, m, sched, v, lean, 0.0, retime,
                                                      pins.schedule in retime, z))
         return out
@@ -363,9 +402,9 @@ class _Search:
         ``S/pp + n0 (A (1 - phi) + I phi) / K <= limit``. It is a good guess, not
         a bound, so it only orders the search.
         """
-        table = self.block_data(c.tp, c.dp, c.micro_batch_size, c.lean, c.zero1)
+        table = self.block_data(c.tp, c.dp, c.micro_batch_size, c.lean, c.dp_sharding)
         blocks = table.blocks
-        need = table.total_static_bytes / c.pp
+        need = table.total_static_bytes / c.pp + table.transient_bytes
         biggest = max(b.static_bytes for b in blocks)
         self.report.memory_need_bytes = min(self.report.memory_need_bytes, max(need, biggest))
         if need > self.limit or biggest > self.limit:
@@ -399,8 +438,9 @@ class _Search:
 
     def problem(self, c: Candidate, budget_s: float) -> tuple[StageProblem, dict[str, str]]:
         ev = self.ev
-        table = self.block_data(c.tp, c.dp, c.micro_batch_size, c.lean, c.zero1)
+        table = self.block_data(c.tp, c.dp, c.micro_batch_size, c.lean, c.dp_sharding)
         blocks = table.blocks
+        fsdp = dp_spec(c.dp_sharding).uses_fsdp and c.dp > 1
         sharding = self.sharding(c.tp, c.micro_batch_size, c.lean)
         mesh = c.mesh
         k = c.micro_batch_size / ev.captured.batch_size
@@ -413,7 +453,7 @@ class _Search:
             alphas.append(lat)
             betas.append(slope / c.tp)  # each tp rank sends its 1/tp share
         dp_alpha = dp_beta = 0.0
-        if c.dp > 1:
+        if c.dp > 1 and not fsdp:  # FSDP reduce-scatters inside each backward instead (block_data)
             group = mesh.dp_group(0)
             dp_alpha = ev.cost_model.collective_time("all_reduce", 1e-30, group)
             dp_beta = (ev.cost_model.collective_time("all_reduce", 1e9, group) - dp_alpha) / 1e9
@@ -430,7 +470,7 @@ class _Search:
             inflight=schedule_inflight(
                 c.schedule, c.pp, inflight_horizon(c.schedule, c.pp, c.microbatches, c.virtual_stages), c.virtual_stages
             ),
-            memory_limit=self.limit,
+            memory_limit=self.limit - table.transient_bytes,
             send_alpha=tuple(alphas),
             send_beta=tuple(betas),
             dp_alpha=dp_alpha,
@@ -486,10 +526,12 @@ class _Search:
         names = c.retime if c.pinned_retime else (c.schedule, *c.retime)
         if any(sol.recompute):  # torch cannot split the backward of a recomputed stage (check_recompute)
             names = tuple(n for n in names if not SCHEDULE_REGISTRY[n].splits_backward) or (c.schedule,)
+        if dp_spec(c.dp_sharding).uses_fsdp and c.dp > 1:  # FSDP runs the full backward only (dp_sharding.py)
+            names = tuple(n for n in names if not SCHEDULE_REGISTRY[n].splits_backward) or (c.schedule,)
         best: tuple[Plan, SimResult] | None = None
         own_s = math.inf
         for name in names:
-            plan, sim = self.evs[c.zero1].make_plan(
+            plan, sim = self.evs[c.dp_sharding].make_plan(
                 specs,
                 c.mesh,
                 Schedule(name, c.microbatches, c.micro_batch_size, c.virtual_stages),
@@ -538,12 +580,14 @@ class _Search:
             return []
         if any(st.recompute for st in plan.stages):
             return []  # torch cannot split the backward of a recomputed stage (schedules.check_recompute)
+        if dp_spec(plan.training.dp_sharding).uses_fsdp and plan.mesh.dp > 1:
+            return []  # FSDP runs the full backward only (dp_sharding.py)
         specs = [StageSpec(tuple(self.pg.block_index(m) for m in st.modules), st.recompute) for st in plan.stages]
         node_of_key = self.ev.captured.node_of_key  # a Plan names nodes by stable key; make_plan takes node names
         sharding = {node_of_key[k]: v for k, v in plan.sharding.items()}
         out = []
         for name in self._retimes(plan.mesh.pp, sched.microbatches, sched.virtual_stages):
-            out.append(self.evs.get(plan.training.zero1, self.ev).make_plan(
+            out.append(self.evs.get(plan.training.dp_sharding, self.ev).make_plan(
                 specs, plan.mesh, replace(sched, name=name), sharding=sharding, method=plan.solver.method,
                 started=self.started,
             ))
@@ -674,8 +718,8 @@ class _Search:
         return InfeasibleError(
             f"no plan fits in {cluster.device.name} memory ({_fmt_bytes(limit)} usable): {detail}; "
             f"try at least {devices} devices ({more}), devices with "
-            f"{_fmt_bytes(need / (1 - self.ev.training.memory_reserve))}, "
-            + ("--zero1, --recompute, or a smaller --global-batch" if activations else "or --zero1")
+            f"{_fmt_bytes(need / (1 - self.ev.training.memory_reserve))}"
+            + (", --recompute, or a smaller --global-batch" if activations else "")
         )
 
 
