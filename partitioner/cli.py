@@ -154,8 +154,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--reps", type=_positive_int, default=5, help="timed runs per measurement (default 5)")
     _nproc_arg(p)
 
-    p = sub.add_parser("explain", help="explain a saved plan: step-time breakdown, bottleneck, memory")
-    p.add_argument("plan_file", metavar="PLAN.json")
+    p = sub.add_parser("explain", help="explain a saved plan: step-time breakdown, bottleneck, memory; "
+                       "or a run's measurements against its plan (--measured)")
+    p.add_argument("plan_file", metavar="PLAN.json", nargs="?", default=None)
+    p.add_argument("--measured", default=None, metavar="RUN.json",
+                   help="the --json of `autopart run`: its plan's predicted components against the measured ones")
     _common(p)
     p = sub.add_parser("show", help="print a saved plan in full: mesh, schedule, every stage's modules, the model it needs")
     p.add_argument("plan_file", metavar="PLAN.json")
@@ -565,6 +568,15 @@ def cmd_explain(args: argparse.Namespace) -> int:
     from .planner import score_plan
     from .zoo import load_model
 
+    if args.measured is not None:
+        from .explain import MeasuredRun, print_measured
+
+        if args.plan_file is not None:
+            raise PlanError(f"explain: give PLAN.json or --measured RUN.json, not both ({args.measured} carries its plan)")
+        print_measured(MeasuredRun.load(args.measured))
+        return 0
+    if args.plan_file is None:
+        raise PlanError("explain: give a plan (autopart explain PLAN.json) or a run (autopart explain --measured RUN.json)")
     if args.dtype is not None:
         raise PlanError("--dtype: a saved plan keeps its own (training.dtype); drop --dtype")
     plan = Plan.load(args.plan_file)

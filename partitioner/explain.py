@@ -7,18 +7,22 @@ recomputation compute, tensor-parallel collectives, waiting on point-to-point
 transfers, the exposed data-parallel reduction, and the pipeline bubble. They
 add up to the step time; nothing is recomputed here. ``autopart plan
 --explain`` prints it with the rest; ``autopart diff`` compares two plan files
-side by side.
+side by side. ``autopart explain --measured run.json`` sets the plan's components
+next to those a run measured (measure.py) and names the largest residual.
 """
 
 from __future__ import annotations
 
-from typing import Any
+from dataclasses import dataclass, fields
+from pathlib import Path
+from typing import Any, Mapping
 
 from .errors import PlanError
+from .measure import RankMemory, RankTime, StageTime
 from .plan import Plan
 from .schedules import spec as schedule_spec, stage_rank
 
-__all__ = ["breakdown", "print_explanation", "print_diff"]
+__all__ = ["breakdown", "print_explanation", "print_diff", "MeasuredRun", "MemoryMargin", "Residual", "memory_margin", "print_measured"]
 
 GIB = 1 << 30
 COMPONENTS = ("forward", "backward", "recompute", "tp_comm", "p2p", "dp_reduce", "dp_gather", "bubble")
@@ -223,3 +227,206 @@ def print_diff(a: Plan, b: Plan, name_a: str = "A", name_b: str = "B") -> None:
     if a.predicted and b.predicted:
         faster, ratio = (name_b, a.predicted.step_time_s / b.predicted.step_time_s) if b.predicted.step_time_s < a.predicted.step_time_s else (name_a, b.predicted.step_time_s / a.predicted.step_time_s)
         console.print(f"{faster} is {ratio:.2f}x faster per step (predicted)")
+
+
+# --------------------------------------------------------------------------------------
+# explain --measured: the plan's predictions against a run's measurements
+# --------------------------------------------------------------------------------------
+
+# Measured components (measure.TIME_COMPONENTS) and the predicted ones (StageComponents) each stands against.
+MEASURED_AGAINST = {
+    "forward": ("forward",),
+    "backward": ("backward", "recompute"),
+    "tp_comm": ("tp_comm",),
+    "dp_reduce": ("dp_reduce",),
+    "optimizer": (),
+    "other": (),
+    "wait": ("p2p", "bubble"),
+}
+MEASURED_LABELS = {
+    "forward": "forward compute",
+    "backward": "backward compute (recomputation included)",
+    "tp_comm": "tensor-parallel communication",
+    "dp_reduce": "data-parallel reduction (exposed) and gradient scaling",
+    "optimizer": "optimizer step",
+    "other": "tied weights' gradient sums",
+    "wait": "waiting (pipeline transfers and bubble)",
+}
+MEMORY_ROWS = ("static", "activations", "temporaries", "peak")
+MEMORY_LABELS = {
+    "static": "parameters + gradients + optimizer state",
+    "activations": "activations (at the peak)",
+    "temporaries": "temporaries (at the peak)",
+    "peak": "peak",
+}
+
+
+@dataclass(frozen=True, slots=True)
+class Residual:
+    """One predicted figure against its measurement."""
+
+    where: str  # "pipeline rank 0" (time) or "rank 1" (memory)
+    what: str  # a key of MEASURED_LABELS or MEMORY_LABELS
+    predicted: float  # seconds per step, or bytes
+    measured: float
+    unit: str  # "s" or "B"
+
+    @property
+    def error(self) -> float:
+        return self.measured - self.predicted
+
+    def describe(self) -> str:
+        label = MEASURED_LABELS.get(self.what) or MEMORY_LABELS[self.what]
+        show = _fmt if self.unit == "s" else _fmt_bytes
+        rel = f", {self.error / self.predicted:+.0%}" if self.predicted else ""
+        return f"{label} ({self.where}): predicted {show(self.predicted)}, measured {show(self.measured)}{rel}"
+
+
+@dataclass(frozen=True, slots=True)
+class MeasuredRun:
+    """A run's record (``autopart run --json``) read back with the plan it ran."""
+
+    plan: Plan
+    step_times_s: tuple[float, ...]
+    memory: tuple[Mapping[str, Any], ...]  # measure.RankMemory as dicts, one per rank
+    times: tuple[Mapping[str, Any], ...]  # measure.RankTime as dicts, one per rank
+
+    @classmethod
+    def load(cls, path: str) -> "MeasuredRun":
+        import json
+
+        where = f"--measured {path}"
+        try:
+            data = json.loads(Path(path).read_text())
+        except FileNotFoundError:
+            raise PlanError(f"{where}: no such file; pass the --json file of `autopart run`") from None
+        except (OSError, UnicodeDecodeError, ValueError) as exc:
+            raise PlanError(f"{where} is not a JSON file ({type(exc).__name__}); pass the --json file of `autopart run`") from None
+        if not isinstance(data, dict) or "step_times_s" not in data:
+            raise PlanError(f"{where} is not a run record (no step_times_s); pass the --json file of `autopart run`")
+        missing = [k for k in ("plan_data", "memory", "times") if not data.get(k)]
+        if missing:
+            raise PlanError(f"{where} has no {', '.join(missing)}: it was written by an autopart run without "
+                            "measurements; run it again with this version (autopart run --json)")
+        plan = Plan.from_dict(data["plan_data"])
+        memory, times = data["memory"], data["times"]
+        need_mem = {f.name for f in fields(RankMemory)}
+        need_time = {f.name for f in fields(RankTime)}
+        for i, (m, t) in enumerate(zip(memory, times)):
+            if not isinstance(m, dict) or not need_mem <= set(m) or not isinstance(t, dict) or not need_time <= set(t):
+                raise PlanError(f"{where}: the measurements of rank {i} are incomplete; run the plan again with autopart run --json")
+        if len(memory) != plan.mesh.world_size or len(times) != plan.mesh.world_size:
+            raise PlanError(f"{where}: {len(times)} ranks measured but the plan's mesh has {plan.mesh.world_size}")
+        breakdown(plan)  # its own one-line error when the plan has no predicted components
+        return cls(plan, tuple(float(x) for x in data["step_times_s"]), tuple(memory), tuple(times))
+
+    def time_residuals(self) -> list[Residual]:
+        """Per pipeline rank and measured component: the prediction (the rank's stages summed) and the
+        measurement (the mean over the rank's tp x dp replicas)."""
+        plan = self.plan
+        layout = schedule_spec(plan.schedule.name).layout
+        out = []
+        for r in range(plan.mesh.pp):
+            stages = [st for st in plan.stages if stage_rank(st.index, plan.mesh.pp, layout) == r]
+            ranks = [t for t in self.times if t["rank"] // (plan.mesh.tp * plan.mesh.dp) == r]
+            measured = [RankTime(t["rank"], t["step_s"], tuple(StageTime(**s) for s in t["stages"]), t["finish_s"],
+                                 t["optimizer_s"], t["other_s"], t["wait_s"]).components() for t in ranks]
+            for key, against in MEASURED_AGAINST.items():
+                pred = sum(getattr(st.predicted.components, f"{k}_s") for st in stages for k in against)
+                meas = sum(m[key] for m in measured) / len(measured)
+                out.append(Residual(f"pipeline rank {r}", key, pred, meas, "s"))
+        return out
+
+    def memory_residuals(self) -> list[Residual]:
+        """Per rank: static, activations, temporaries and peak bytes, predicted and measured."""
+        out = []
+        for m in self.memory:
+            where = f"rank {m['rank']}"
+            out += [
+                Residual(where, "static", m["predicted_static_bytes"], sum(m["resident"][k] for k in ("parameters", "gradients", "optimizer")), "B"),
+                Residual(where, "activations", m["predicted_activation_bytes"], m["at_peak"]["activations"], "B"),
+                Residual(where, "temporaries", 0, m["at_peak"]["temporaries"], "B"),
+                Residual(where, "peak", m["predicted_peak_bytes"], m["peak_bytes"], "B"),
+            ]
+        return out
+
+
+@dataclass(frozen=True, slots=True)
+class MemoryMargin:
+    """How far a run's measured peak memory went past the plan's prediction, and the reserve that covers it.
+
+    A plan fits when its predicted peak is at most ``(1 - memory_reserve)`` of device memory. If
+    the measured peak is up to ``(1 + excess)`` times the prediction, a plan predicted to fit
+    fits for real when ``(1 - reserve') = (1 - reserve) / (1 + excess)``: that ``reserve'`` is the
+    margin the measurement asks for.
+    """
+
+    excess: float  # the largest measured / predicted - 1 over the ranks (negative: every peak covered)
+    rank: int  # the rank where it was
+    reserve: float  # the plan's training.memory_reserve
+    needed_reserve: float  # the reserve that covers ``excess`` (== reserve when excess <= 0)
+
+    def describe(self) -> str:
+        if self.excess <= 0:
+            return (f"memory margin: every rank's measured peak is within its prediction (closest: rank {self.rank}, "
+                    f"{self.excess:+.1%}); the plan's reserve of {self.reserve:.0%} is margin to spare")
+        return (f"memory margin: the measured peak is up to {self.excess:+.1%} over the prediction (rank {self.rank}); "
+                f"for a plan predicted to fit not to run out of memory, plan with --memory-reserve "
+                f"{self.needed_reserve:.3f} (this plan: {self.reserve:.3f})")
+
+
+def memory_margin(run: MeasuredRun) -> MemoryMargin:
+    """The margin a run's measured peaks ask for ([MemoryMargin])."""
+    ratios = [(m["peak_bytes"] / m["predicted_peak_bytes"] - 1.0, m["rank"]) for m in run.memory
+              if m["predicted_peak_bytes"] > 0]
+    if not ratios:
+        raise PlanError("explain --measured: the plan has no predicted peak memory; re-price it (autopart plan --plan FILE)")
+    excess, rank = max(ratios)
+    reserve = run.plan.training.memory_reserve
+    needed = reserve if excess <= 0 else 1.0 - (1.0 - reserve) / (1.0 + excess)
+    return MemoryMargin(excess, rank, reserve, needed)
+
+
+def _fmt_bytes(n: float) -> str:
+    for unit, size in (("GiB", 1 << 30), ("MiB", 1 << 20), ("KiB", 1 << 10)):
+        if abs(n) >= size:
+            return f"{n / size:.2f} {unit}"
+    return f"{n:.0f} B"
+
+
+def print_measured(run: MeasuredRun) -> None:
+    """The plan's predicted components next to the run's measured ones, and the largest residuals."""
+    from rich.console import Console
+    from rich.table import Table
+
+    console = Console(width=max(100, Console().width))
+    plan = run.plan
+    times = run.time_residuals()
+    table = Table(title=f"{plan.model.name} · mesh {plan.mesh} · {plan.schedule.name}: time per step, predicted vs measured")
+    for col in ("pipeline rank", "component", "predicted", "measured", "measured - predicted"):
+        table.add_column(col, justify="left" if col == "component" else "right")
+    for res in times:
+        table.add_row(res.where.removeprefix("pipeline rank "), MEASURED_LABELS[res.what], _fmt(res.predicted),
+                      _fmt(res.measured), _fmt(res.error))
+    console.print(table)
+    mean = sum(run.step_times_s) / len(run.step_times_s) if run.step_times_s else float("nan")
+    pred = plan.predicted.step_time_s if plan.predicted else float("nan")
+    console.print(f"step time: predicted {_fmt(pred)}, measured {_fmt(mean)} (mean of {len(run.step_times_s)} timed steps), "
+                  f"{mean / pred - 1:+.1%}; the components are of one more step, recorded")
+    mem = Table(title="memory per rank, predicted vs measured")
+    for col in ("rank", "category", "predicted", "measured", "measured - predicted"):
+        mem.add_column(col, justify="left" if col == "category" else "right")
+    memory = run.memory_residuals()
+    for res in memory:
+        mem.add_row(res.where.removeprefix("rank "), MEMORY_LABELS[res.what], _fmt_bytes(res.predicted),
+                    _fmt_bytes(res.measured), _fmt_bytes(res.error))
+    console.print(mem)
+    for m in run.memory:
+        r = m["resident"]
+        console.print(f"rank {m['rank']} holds {_fmt_bytes(r['parameters'])} of parameters, {_fmt_bytes(r['gradients'])} "
+                      f"of gradients, {_fmt_bytes(r['optimizer'])} of optimizer state (measured by {m['source']})")
+    console.print(memory_margin(run).describe())
+    worst_t = max(times, key=lambda x: abs(x.error))
+    worst_m = max((x for x in memory if x.what != "peak"), key=lambda x: abs(x.error))
+    console.print(f"largest time residual: {worst_t.describe()}")
+    console.print(f"largest memory residual: {worst_m.describe()}")

@@ -36,6 +36,7 @@ job within ``timeout_s``, and the first line names it and its stage.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import time
@@ -56,6 +57,7 @@ from .plan import Plan
 from .precision import MasterWeightOptimizer, PrecisionPolicy, loss_inputs, make_scaler, optimizer_step
 from .schedules import rank_stages, spec as schedule_spec, stage_rank
 from .materialize import has_meta_tensors, materialize, release
+from .measure import DdpTimer, RankMemory, RankTime, StepClock, StorageMeter, rank_time, tp_profile
 from .checkpoint import CHECKPOINT_META, CheckpointError, read_manifest, verify, write_manifest
 from .watchdog import DistributedError, RankFailedError, Watchdog, backend_timeout_s
 from .fsdp import shard_stage
@@ -338,6 +340,9 @@ class ParallelModel:
 
         # Stage modules: tp shards, then DDP over dp.
         stage_cls = _stage_class()
+        self._ddp_timer = DdpTimer()
+        self.times: RankTime | None = None  # the last recorded step's time components (step(record=True))
+        self.memory: RankMemory | None = None  # the last step's memory by category (step(track_memory=True))
         self.modules: dict[int, torch.nn.Module] = {}
         self.stages: list[Any] = []
         self.split_dims: dict[str, int] = {}
@@ -364,6 +369,7 @@ class ParallelModel:
                 # Gradients as views of DDP's buckets: no second copy, as the memory model counts them.
                 run = DistributedDataParallel(run, process_group=self.mesh["dp"].get_group(),
                                               gradient_as_bucket_view=True)
+                self._ddp_timer.register(run, s, self.mesh["dp"].get_group())  # [Note: measured time components]
             # Static shapes: the stages never exchange metadata at run time (see [Note: static stage shapes]).
             examples = [
                 tuple(
@@ -497,11 +503,15 @@ class ParallelModel:
 
     # --- training -------------------------------------------------------------------
 
-    def step(self, *inputs: torch.Tensor, target: torch.Tensor, record: bool = False) -> float:
+    def step(self, *inputs: torch.Tensor, target: torch.Tensor, record: bool = False,
+             track_memory: bool = False) -> float:
         """One optimizer step on the global batch ``inputs``/``target`` (the same on every rank).
 
         Returns the step's mean loss on every rank. With ``record=True`` the
-        stages' forward/backward times land in ``self.events``.
+        stages' forward/backward times land in ``self.events`` and the step's
+        time by component in ``self.times``; with ``track_memory=True`` the
+        step's peak memory by category lands in ``self.memory`` (measure.py;
+        tracking slows the step down, so time a step without it).
         """
         local_inputs = [self._replica_slice(x, f"input {i}") for i, x in enumerate(inputs)]
         local_target = self._replica_slice(target, "target")
@@ -512,29 +522,75 @@ class ParallelModel:
             st.origin = origin
         self._watchdog.busy = self._watchdog.in_step = True
         self._watchdog.progress("wait")
+        clock = StepClock()
+        self._ddp_timer.reset(record)
+        measuring = contextlib.ExitStack()  # the memory meter and the collectives' profiler, when asked for
         try:
-            self.optimizer.zero_grad(set_to_none=True)
+            # DDP's gradients are views of its buckets: zeroed, not dropped, so that the micro-batches
+            # accumulate into the buckets. Dropped, the accumulation outside DDP's last micro-batch
+            # makes a second copy of every gradient, which the memory model does not count (measured:
+            # the temporaries of a dp run, docs/runtime.md).
+            self.optimizer.zero_grad(set_to_none=not self._ddp_timer.registered)
+            meter = measuring.enter_context(self._memory_meter(track_memory))
+            tp_intervals = measuring.enter_context(tp_profile(record and self.plan.mesh.tp > 1))
             losses: list[torch.Tensor] = []
             self.schedule.step(*local_inputs, target=local_target, losses=losses, return_outputs=False)
+            clock.lap()
             self._finish_gradients()
+            clock.lap("finish")
             for name, group in self._tied:
                 grad = self.params[name].grad
                 if grad is not None:
                     dist.all_reduce(_local(grad), group=group)  # FSDP: each owner's same dp shard
+            clock.lap("other")
             scale = 1.0 if self.scaler is None else self.scaler.get_scale()
             optimizer_step(self.optimizer, self.scaler)
+            clock.lap("optimizer")
+            # The loss's all-reduce is where a rank that finished early waits for the others: it counts
+            # as waiting ([Note: measured time components]), so it is no lap of its own.
             mean = torch.stack([l.detach().float() for l in losses]).mean() / scale if losses else torch.zeros(())
             mean = mean.to(self.device)
             dist.all_reduce(mean)
+            step_s = time.perf_counter() - origin  # before the meter and profiler wind down
         except Exception as exc:
             # Our own failure is published at once; a communication error names the peer that
             # failed first ([Note: failing ranks] in watchdog.py).
             raise self._watchdog.failed(exc) from exc
         finally:
+            measuring.close()
             self._watchdog.busy = self._watchdog.in_step = False
             self._watchdog.progress("idle")
         self.steps_done += 1
+        if record:
+            self.times = rank_time(self.rank, self.stage_indices, self.events, origin, step_s, clock.spans,
+                                   self._ddp_timer, tp_intervals)
+        if track_memory:
+            self.memory = self._rank_memory(meter)
         return float(mean) / (self.plan.mesh.dp * self.plan.mesh.tp)
+
+    def _memory_meter(self, track: bool) -> Any:
+        if not track:
+            return contextlib.nullcontext()
+        if self.device.type == "cuda":
+            torch.cuda.reset_peak_memory_stats(self.device)
+        return StorageMeter(list(self.modules.values()), self.optimizer)
+
+    def _rank_memory(self, meter: StorageMeter) -> RankMemory:
+        """This rank's measured memory over the step ``meter`` watched, with the plan's prediction for it."""
+        peak, at_peak, resident = meter.result(list(self.modules.values()), self.optimizer)
+        source = "dispatch"
+        if self.device.type == "cuda":
+            peak, source = int(torch.cuda.max_memory_allocated(self.device)), "cuda.max_memory_allocated"
+        predicted = [self.plan.stages[s].predicted for s in self.stage_indices]
+        known = all(p is not None for p in predicted)
+        return RankMemory(
+            rank=self.rank, stages=tuple(self.stage_indices), source=source, peak_bytes=peak, at_peak=at_peak,
+            resident=resident,
+            predicted_static_bytes=sum(p.static_bytes for p in predicted) if known else -1,
+            # Activations and the peak are per pipeline rank already (StagePredicted).
+            predicted_activation_bytes=max(p.activation_bytes for p in predicted) if known else -1,
+            predicted_peak_bytes=max(p.memory_bytes for p in predicted) if known else -1,
+        )
 
     def _finish_gradients(self) -> None:
         """Mean over micro-batches (see ``_make_schedule``), and over replicas where DDP did not run."""
@@ -772,6 +828,7 @@ def run_plan(
     data: str | os.PathLike[str] | None = None,
     force: bool = False,
     timeout_s: float = 20.0,
+    measure: bool | None = None,
 ) -> int:
     """``autopart run``: train ``plan_path`` under torchrun on a fixed synthetic corpus (or the token
     file ``data``); print and record step times and losses.
@@ -782,7 +839,10 @@ def run_plan(
     The ``--json`` file (rank 0) is ``{"plan", "world_size", "data", "step_times_s", "losses", "events",
     "peak_memory_bytes"}``; ``events`` are every rank's ``StepEvent`` records of the last measured step
     (docs/runtime.md). The plan is checked against the model before the process group starts
-    (``planner.check_plan``).
+    (``planner.check_plan``). With ``measure`` (the default when ``json_path`` is given), the first step's memory is tracked by
+    category and two untimed steps follow the timed ones, one recording the time components and one
+    tracking steady-state memory (measure.py); the ``--json`` file adds ``plan_data`` (the plan),
+    ``memory`` (each rank's ``RankMemory``, the step of the higher peak) and ``times`` (``RankTime``).
     """
     from .capture import model_fingerprint
     from .corpus import TokenCorpus
@@ -793,6 +853,7 @@ def run_plan(
     plan = Plan.load(plan_path)
     # Before any step: a run must never train for minutes and then lose its record (or overwrite one).
     check_output_file(json_path, force, "--json", "run.json")
+    measure = json_path is not None if measure is None else measure
     plan.check_consistent()
     source = plan.model_source(model_spec, parse_config_overrides(config), seq_len)
     if source.seq_len is None and plan.model.source is None:  # a version-2 plan: its inputs' shape says
@@ -864,21 +925,34 @@ def run_plan(
     times: list[float] = []
     losses: list[float] = []
     total = warmup + steps
+    memory: list[Any] = []  # this rank's RankMemory of the first step and of a steady one
     try:
         for i in range(total):
             inputs, target = batch(i)
             dist.barrier()
             t0 = time.perf_counter()
-            loss = pm.step(*inputs, target=target, record=i == total - 1)
+            first = measure and i == 0 and warmup > 0  # the optimizer's state is made in it: a peak of its own
+            loss = pm.step(*inputs, target=target, record=i == total - 1 and not measure, track_memory=first)
             dt = time.perf_counter() - t0
+            memory += [pm.memory] if first else []
             if i >= warmup:
                 times.append(dt)
                 losses.append(loss)
             if rank == 0:
                 label = "warmup" if i < warmup else f"step {i - warmup + 1}/{steps}"
                 print(f"{label:>12}  {dt * 1e3:9.1f} ms  loss {loss:.4f}", flush=True)
+        if measure:  # two more steps, untimed: components (profiled under tp) and steady-state memory
+            for kind in ("track_memory", "record"):
+                inputs, target = batch(total)
+                dist.barrier()
+                pm.step(*inputs, target=target, **{kind: True})
+                memory += [pm.memory] if kind == "track_memory" else []
         gathered: list[Any] = [None] * world
         dist.all_gather_object(gathered, [asdict(e) for e in pm.events])
+        measured: list[Any] = [None] * world  # [Note: measured time components] in measure.py
+        if measure:
+            mine = dict(memory=asdict(max(memory, key=lambda m: m.peak_bytes)), time=asdict(pm.times))
+            dist.all_gather_object(measured, mine)
         # Each rank's peak allocated device memory (CUDA only; the CPU allocator keeps no such count).
         peak = int(torch.cuda.max_memory_allocated(pm.device)) if pm.device.type == "cuda" else None
         peaks: list[Any] = [None] * world
@@ -892,6 +966,9 @@ def run_plan(
         if json_path is not None:
             record = dict(plan=str(plan_path), world_size=world, data=data_source, step_times_s=times, losses=losses,
                           events=[e for rank_events in gathered for e in rank_events], peak_memory_bytes=peaks)
+            if measure:  # what `autopart explain --measured` reads: the plan itself and each rank's measurements
+                record.update(plan_data=plan.to_dict(), memory=[m["memory"] for m in measured],
+                              times=[m["time"] for m in measured])
             tmp = Path(str(json_path) + ".tmp")
             tmp.write_text(json.dumps(record, indent=1) + "\n")
             tmp.replace(json_path)

@@ -13,6 +13,7 @@ Jobs:
   checkpoint   save / load under given layouts, continue, report the parameters.
   fail         rank ``fail_rank`` raises, exits, is killed or hangs mid-step, in its loss or
                its stage's forward ([Note: failing ranks] in partitioner/watchdog.py).
+  measure      each rank's memory by category and time by component (partitioner/measure.py).
   hf_stock     a stock ``GPT2LMHeadModel(GPT2Config(...))``, KV cache on as it comes, through
                ``auto_parallelize`` vs a single-process deepcopy.
 
@@ -525,6 +526,36 @@ def job_precision(args: dict[str, Any]) -> dict[str, Any]:
             recompute=any(pm.plan.stages[s].recompute for s in pm.stage_indices),
             n_params=sum(p.numel() for p in pm.params.values()),
         )
+        pm.close()
+    return out
+
+
+def job_measure(args: dict[str, Any]) -> dict[str, Any]:
+    """``{"runs": {key: {"model", "layout"}}}``: per layout, a first step and a steady step with memory
+    tracked and a recorded step (partitioner/measure.py); each rank reports what it measured, its
+    optimizer's scalar state bytes (Adam's step: the memory model leaves them out) and its time components."""
+    import torch
+
+    from partitioner import Cluster, auto_parallelize
+
+    out: dict[str, Any] = {}
+    for key, run in args["runs"].items():
+        model, example, loss_fn, batch = build(run["model"])
+        pm = auto_parallelize(model, Cluster.local(int(os.environ["WORLD_SIZE"])), example_inputs=example,
+                              loss_fn=loss_fn, method="params", **run["layout"])
+        inputs, target = batch(pm.plan.training.global_batch, 1)
+        pm.step(*inputs, target=target, track_memory=True)
+        first = dataclasses.asdict(pm.memory)
+        pm.step(*inputs, target=target, track_memory=True)
+        steady = dataclasses.asdict(pm.memory)
+        pm.step(*inputs, target=target, record=True)
+        inner = getattr(pm.optimizer, "inner", pm.optimizer)
+        inner = getattr(inner, "optim", inner)
+        scalars = sum(v.numel() * v.element_size() for st in inner.state.values() for v in st.values()
+                      if isinstance(v, torch.Tensor) and v.dim() == 0)
+        out[key] = dict(first=first, steady=steady, time=dataclasses.asdict(pm.times),
+                        components=pm.times.components(), scalar_state_bytes=scalars,
+                        recompute=any(pm.plan.stages[s].recompute for s in pm.stage_indices))
         pm.close()
     return out
 

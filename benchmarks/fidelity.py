@@ -1,0 +1,251 @@
+"""Predicted vs measured: step time and per-rank peak memory of many layouts on this CPU (issue 12).
+
+For each layout: calibrate the cluster once per world size (``autopart calibrate`` under
+torchrun, the documented path for links and device rates), plan the model with measured costs
+(``autopart plan --profile --cluster calibrated.toml`` with the layout's axes, schedule and
+recomputation pinned), run the plan (``autopart run --json``, which measures each rank's memory
+by category and the step's time components, see partitioner/measure.py), and set the plan's
+predictions against the measurements: the step time (the mean of the timed steps) and every
+rank's peak memory. Prints the table and the summary (median and worst absolute error) and,
+with ``--report``, writes it as markdown with the command, and keeps every plan and run record
+beside it so that ``autopart explain --measured RUN.json`` can show where each one is wrong.
+
+    python -m benchmarks.fidelity [--report benchmarks/results/YYYY-MM-DD-fidelity.md] [--steps 10]
+        [--warmup 2] [--only TEXT] [--no-calibrate] [--cache PATH] [--force]
+
+Nothing here is tuned: the predictions are what the planner writes into the plan.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import shlex
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Sequence
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+@dataclass(frozen=True, slots=True)
+class Layout:
+    """One plan to predict and run: a model and the plan flags that pin its layout."""
+
+    name: str
+    model: str
+    world: int  # ranks (local-cpu:N)
+    flags: tuple[str, ...]  # autopart plan flags: --mesh, --schedule, --microbatches, --recompute, --zero1 ...
+
+
+def _layout(name: str, model: str, world: int, mesh: str, schedule: str = "1f1b", mb: int = 4,
+            *extra: str) -> Layout:
+    flags = ("--mesh", mesh, "--schedule", schedule, "--microbatches", str(mb), "--global-batch", "8", *extra)
+    if "--recompute" not in extra:
+        flags += ("--no-recompute",)
+    return Layout(name, model, world, flags)
+
+
+LAYOUTS = (
+    _layout("gpt2-tiny pp2 1f1b", "gpt2-tiny", 2, "pp=2,tp=1,dp=1", "1f1b"),
+    _layout("gpt2-tiny pp2 gpipe", "gpt2-tiny", 2, "pp=2,tp=1,dp=1", "gpipe"),
+    _layout("gpt2-tiny pp2 interleaved v2", "gpt2-tiny", 2, "pp=2,tp=1,dp=1", "interleaved", 4, "--virtual-stages", "2"),
+    _layout("gpt2-tiny pp2 1f1b recompute", "gpt2-tiny", 2, "pp=2,tp=1,dp=1", "1f1b", 4, "--recompute"),
+    _layout("gpt2-tiny dp2", "gpt2-tiny", 2, "pp=1,tp=1,dp=2", "1f1b", 4),
+    _layout("gpt2-tiny tp2", "gpt2-tiny", 2, "pp=1,tp=2,dp=1", "1f1b", 4),
+    _layout("gpt2-tiny pp2 dp2 zero1", "gpt2-tiny", 4, "pp=2,tp=1,dp=2", "1f1b", 4, "--zero1"),
+    _layout("llama-tiny pp2 1f1b", "llama-tiny", 2, "pp=2,tp=1,dp=1", "1f1b"),
+    _layout("llama-tiny dp2 zero1", "llama-tiny", 2, "pp=1,tp=1,dp=2", "1f1b", 4, "--zero1"),
+    _layout("llama-tiny pp4 1f1b", "llama-tiny", 4, "pp=4,tp=1,dp=1", "1f1b"),
+    _layout("llama-tiny tp2", "llama-tiny", 2, "pp=1,tp=2,dp=1", "1f1b", 4),
+    _layout("mlp pp2 gpipe", "mlp", 2, "pp=2,tp=1,dp=1", "gpipe"),
+    _layout("mlp dp2", "mlp", 2, "pp=1,tp=1,dp=2", "1f1b", 4),
+    _layout("mlp pp2 interleaved recompute", "mlp", 2, "pp=2,tp=1,dp=1", "interleaved", 4, "--virtual-stages", "2",
+            "--recompute"),
+)
+
+
+@dataclass(frozen=True, slots=True)
+class Outcome:
+    """One layout's predicted and measured figures."""
+
+    layout: str
+    predicted_step_s: float
+    measured_step_s: float  # the mean of the timed steps
+    step_spread: float  # (max - min) / mean of the timed steps
+    memory: tuple[tuple[int, int, int], ...]  # (rank, predicted peak bytes, measured peak bytes)
+    largest_residual: str  # explain --measured's line for time
+    reserve: float  # the plan's training.memory_reserve
+
+    @property
+    def step_error(self) -> float:
+        return self.predicted_step_s / self.measured_step_s - 1.0
+
+    @property
+    def memory_errors(self) -> list[float]:
+        return [p / m - 1.0 for _, p, m in self.memory]
+
+
+def _env() -> dict[str, str]:
+    env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=str(ROOT) + os.pathsep + os.environ.get("PYTHONPATH", ""),
+               COLUMNS="400")  # explain's lines unwrapped
+    for var in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT"):
+        env.pop(var, None)
+    return env
+
+
+class RunFailed(Exception):
+    """A command of one layout failed; the benchmark records it and goes on."""
+
+
+def _run(cmd: Sequence[str], what: str, timeout_s: float = 900) -> str:
+    proc = subprocess.run(list(cmd), env=_env(), capture_output=True, text=True, timeout=timeout_s, cwd=ROOT)
+    if proc.returncode != 0:
+        text = (proc.stderr or proc.stdout).strip().splitlines()
+        first = next((l for l in text if "autopart: error" in l or "Signal" in l or "Error" in l), text[-1] if text else "")
+        raise RunFailed(f"{what} failed (rc {proc.returncode}): {first.strip()[:200]}")
+    return proc.stdout
+
+
+def _torchrun(n: int) -> list[str]:
+    return [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", str(n)]
+
+
+def calibrate(world: int, out: Path) -> Path:  # a failure here ends the benchmark (RunFailed)
+    _run([*_torchrun(world), "-m", "partitioner", "calibrate", "--out", str(out)], f"calibrate on {world} ranks")
+    return out
+
+
+def measure(layout: Layout, cluster: str, cache: Path, keep: Path, steps: int, warmup: int) -> Outcome:
+    slug = layout.name.replace(" ", "-")
+    plan_path, run_path = keep / f"{slug}.plan.json", keep / f"{slug}.run.json"
+    for p in (plan_path, run_path):
+        p.unlink(missing_ok=True)
+    _run([sys.executable, "-m", "partitioner", "plan", "--model", layout.model, "--cluster", cluster, "--profile",
+          "--cache", str(cache), "--time-limit", "10", "--quiet", *layout.flags, "--json", str(plan_path)],
+         f"plan {layout.name}")
+    _run([*_torchrun(layout.world), "-m", "partitioner", "run", "--plan", str(plan_path), "--steps", str(steps),
+          "--warmup", str(warmup), "--json", str(run_path)], f"run {layout.name}")
+    run = json.loads(run_path.read_text())
+    plan = run["plan_data"]
+    times = run["step_times_s"]
+    mean = statistics.fmean(times)
+    explain = _run([sys.executable, "-m", "partitioner", "explain", "--measured", str(run_path)], f"explain {layout.name}")
+    line = next((l for l in explain.splitlines() if l.startswith("largest time residual:")), "")
+    return Outcome(
+        layout=layout.name,
+        predicted_step_s=plan["predicted"]["step_time_s"],
+        measured_step_s=mean,
+        step_spread=(max(times) - min(times)) / mean,
+        memory=tuple((m["rank"], m["predicted_peak_bytes"], m["peak_bytes"]) for m in run["memory"]),
+        largest_residual=line.removeprefix("largest time residual: "),
+        reserve=plan["training"]["memory_reserve"],
+    )
+
+
+def summarize(outcomes: Sequence[Outcome]) -> dict[str, float]:
+    step = [abs(o.step_error) for o in outcomes]
+    mem = [abs(e) for o in outcomes for e in o.memory_errors]
+    # The margin (explain.MemoryMargin): how far a measured peak went past its prediction, at worst.
+    excess = max(m / p - 1.0 for o in outcomes for _, p, m in o.memory)
+    reserve = max(o.reserve for o in outcomes)
+    return dict(step_median=statistics.median(step), step_worst=max(step),
+                memory_median=statistics.median(mem), memory_worst=max(mem), layouts=len(outcomes), ranks=len(mem),
+                memory_excess=excess, reserve=1.0 - (1.0 - reserve) / (1.0 + max(0.0, excess)))
+
+
+def table(outcomes: Sequence[Outcome]) -> list[str]:
+    lines = [
+        "| layout | predicted step | measured step (spread) | error | peak memory per rank: predicted / measured (error) | largest time residual |",
+        "|---|---:|---:|---:|---|---|",
+    ]
+    for o in outcomes:
+        mem = "; ".join(f"r{r} {p / 2**20:.2f}/{m / 2**20:.2f} MiB ({p / m - 1:+.1%})" for r, p, m in o.memory)
+        lines.append(f"| {o.layout} | {o.predicted_step_s * 1e3:.1f} ms | {o.measured_step_s * 1e3:.1f} ms "
+                     f"({o.step_spread:.0%}) | {o.step_error:+.1%} | {mem} | {o.largest_residual} |")
+    return lines
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--report", default=None, help="write the markdown report here (its plans and runs beside it)")
+    ap.add_argument("--steps", type=int, default=10, help="timed steps per run (default 10)")
+    ap.add_argument("--warmup", type=int, default=2, help="untimed steps before them (default 2)")
+    ap.add_argument("--only", default=None, help="only layouts whose name contains this text")
+    ap.add_argument("--no-calibrate", action="store_true", help="plan on the local-cpu preset instead of a calibrated file")
+    ap.add_argument("--cache", default=None, help="profile cache (default: a fresh one in the keep folder)")
+    ap.add_argument("--force", action="store_true", help="let --report overwrite an existing file")
+    args = ap.parse_args(argv)
+    report = Path(args.report) if args.report else None
+    if report is not None and report.exists() and not args.force:
+        raise SystemExit(f"fidelity: --report {report} exists; pass --force or pick a new path")
+    keep = report.with_suffix("") if report else Path(tempfile.mkdtemp(prefix="autopart-fidelity-"))
+    keep.mkdir(parents=True, exist_ok=True)
+    cache = Path(args.cache) if args.cache else keep / "profile.sqlite"
+    layouts = [l for l in LAYOUTS if args.only is None or args.only in l.name]
+    started = time.monotonic()
+    clusters: dict[int, str] = {}
+    for world in sorted({l.world for l in layouts}):
+        clusters[world] = (f"local-cpu:{world}" if args.no_calibrate
+                           else str(calibrate(world, keep / f"calibrated-{world}.toml")))
+    outcomes = []
+    failed: list[str] = []
+    for layout in layouts:
+        try:
+            o = measure(layout, clusters[layout.world], cache, keep, args.steps, args.warmup)
+        except RunFailed as exc:  # recorded, not retried: a flaky layout should show
+            failed.append(f"{layout.name}: {exc}")
+            print(f"{layout.name}: {exc}", flush=True)
+            continue
+        outcomes.append(o)
+        print(f"{o.layout}: step predicted {o.predicted_step_s * 1e3:.1f} ms, measured {o.measured_step_s * 1e3:.1f} ms "
+              f"({o.step_error:+.1%}); peak memory error per rank "
+              f"{', '.join(f'{e:+.1%}' for e in o.memory_errors)}", flush=True)
+    s = summarize(outcomes)
+    lines = table(outcomes)
+    summary = (f"step time over {s['layouts']} layouts: median |error| {s['step_median']:.1%}, worst {s['step_worst']:.1%} "
+               f"(target 10% / 20%); peak memory over {s['ranks']} ranks: median |error| {s['memory_median']:.1%}, "
+               f"worst {s['memory_worst']:.1%} (target 3% / 10%); memory margin: measured peaks up to "
+               f"{s['memory_excess']:+.1%} over the prediction, covered by --memory-reserve {s['reserve']:.3f}")
+    if failed:
+        summary += f"; {len(failed)} layout(s) failed and are not in the figures: " + "; ".join(failed)
+    print("\n".join(lines))
+    print(summary)
+    if report is not None:
+        command = "python -m benchmarks.fidelity " + " ".join(shlex.quote(a) for a in (argv if argv is not None else sys.argv[1:]))
+        text = [
+            "# Fidelity: predicted vs measured step time and peak memory per rank (issue 12)",
+            "",
+            f"Command: `{command}` ({time.strftime('%Y-%m-%d', time.gmtime())}, {time.monotonic() - started:.0f} s).",
+            "",
+            f"Each layout is calibrated ({'no' if args.no_calibrate else 'yes'}: `autopart calibrate` per world size), "
+            f"planned with `autopart plan --profile` and the layout's flags, and run with `autopart run --steps {args.steps} "
+            f"--warmup {args.warmup} --json` (gloo, one thread per rank). The error is predicted / measured - 1. "
+            "Peak memory is measured by the dispatch-mode storage meter (partitioner/measure.py) over the first step "
+            "and a steady one. Plans, runs and calibrations are in "
+            f"`{keep.relative_to(ROOT) if keep.is_relative_to(ROOT) else keep}/`; "
+            "`autopart explain --measured RUN.json` shows every component.",
+            "",
+            *lines,
+            "",
+            f"**Summary:** {summary}.",
+            "",
+        ]
+        report.write_text("\n".join(text))
+        (keep / "outcomes.json").write_text(json.dumps(
+            [dict(layout=o.layout, predicted_step_s=o.predicted_step_s, measured_step_s=o.measured_step_s,
+                  step_spread=o.step_spread, memory=o.memory, largest_residual=o.largest_residual, reserve=o.reserve)
+             for o in outcomes],
+            indent=1) + "\n")
+        print(f"wrote {report}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,186 @@
+"""Measured memory by category and time by component (partitioner/measure.py), and ``explain --measured``.
+
+The storage meter is checked byte for byte on a single process; the runtime's measurements in one real
+two-rank gloo launch (tests/runtime_harness.py, job ``measure``) against the plan's static bytes; and
+``autopart run --json`` / ``autopart explain --measured`` end to end under torchrun.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+from partitioner.cli import main
+from partitioner.explain import MeasuredRun, memory_margin
+from partitioner.measure import MEMORY_CATEGORIES, StorageMeter
+from runtime_harness import launch
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def test_storage_meter_counts_each_category_to_the_byte() -> None:
+    """A forward kept alive: the input and the matmul's output are saved for backward (activations), the
+    square and the sum are not (temporaries), the weight existed before (parameters)."""
+    model = torch.nn.Linear(256, 128, bias=False)
+    with StorageMeter([model], None) as meter:
+        x = torch.randn(32, 256)
+        y = model(x)
+        z = y.square()
+        loss = z.sum()
+    peak, at_peak, resident = meter.result([model], None)
+    assert at_peak.parameters == resident.parameters == 256 * 128 * 4
+    assert at_peak.activations == x.nbytes + y.nbytes
+    assert at_peak.temporaries == z.nbytes + loss.nbytes
+    assert at_peak.gradients == at_peak.optimizer == 0
+    assert peak == at_peak.total
+
+
+def test_storage_meter_sees_gradients_and_optimizer_state_made_in_the_step() -> None:
+    model = torch.nn.Sequential(torch.nn.Linear(64, 64), torch.nn.GELU(), torch.nn.Linear(64, 8))
+    opt = torch.optim.AdamW(model.parameters())
+    with StorageMeter([model], opt) as meter:
+        model(torch.randn(16, 64)).square().mean().backward()
+        opt.step()
+    peak, at_peak, resident = meter.result([model], opt)
+    weights = sum(p.nbytes for p in model.parameters())
+    scalars = sum(s["step"].nbytes for s in opt.state.values())  # Adam's step counters
+    assert (resident.parameters, resident.gradients, resident.optimizer) == (weights, weights, 2 * weights + scalars)
+    assert peak == at_peak.total >= resident.static  # the optimizer's step runs with everything alive
+    assert at_peak.optimizer >= 2 * weights
+
+
+@pytest.fixture(scope="module")
+def measured(tmp_path_factory) -> dict[str, list[dict]]:
+    """One launch, three layouts of gpt2-tiny on two ranks: a pipeline, data parallel with ZeRO-1, tensor parallel."""
+    runs = {
+        "pp": dict(model="gpt2-tiny", layout=dict(pp=2, microbatches=2, global_batch=4, schedule="1f1b")),
+        "dp": dict(model="gpt2-tiny", layout=dict(dp=2, microbatches=2, global_batch=4, zero1=True)),
+        "tp": dict(model="gpt2-tiny", layout=dict(tp=2, microbatches=1, global_batch=2)),
+    }
+    reports = launch(2, "measure", {"runs": runs}, tmp_path_factory.mktemp("measure"), timeout_s=400)
+    for r in reports:
+        assert r["rc"] == 0 and r["job_failed"] is None, r["stderr"][-3000:]
+    return {key: [r[key] for r in reports] for key in runs}
+
+
+@pytest.mark.slow  # a multi-process launch (5-15 s on 2 cores)
+@pytest.mark.parametrize("layout", ["pp", "dp", "tp"])
+def test_measured_memory_sums_and_matches_the_plans_static_bytes(measured, layout: str) -> None:
+    for rank in measured[layout]:
+        for step in ("first", "steady"):
+            m = rank[step]
+            assert m["peak_bytes"] == sum(m["at_peak"][c] for c in MEMORY_CATEGORIES), (layout, step, m)
+            assert m["at_peak"]["parameters"] == m["resident"]["parameters"] > 0
+        steady = rank["steady"]
+        assert steady["at_peak"]["activations"] > 0, (layout, steady)  # the peak of a training step holds activations
+        held = steady["resident"]["parameters"] + steady["resident"]["gradients"] + steady["resident"]["optimizer"]
+        if layout == "dp":
+            # ZeRO-1: the plan shards Adam's moments evenly; ZeroRedundancyOptimizer gives each rank whole
+            # parameters, so a rank holds its share give or take one parameter's moments.
+            assert 0.5 * steady["predicted_static_bytes"] < held - rank["scalar_state_bytes"] < 1.5 * steady["predicted_static_bytes"]
+        else:  # byte for byte: the memory model's parameters, gradients and moments are what the rank holds
+            assert held - rank["scalar_state_bytes"] == steady["predicted_static_bytes"], (layout, steady)
+
+
+@pytest.mark.slow  # a multi-process launch (5-15 s on 2 cores)
+@pytest.mark.parametrize("layout", ["pp", "dp", "tp"])
+def test_measured_time_components_add_up_to_the_step(measured, layout: str) -> None:
+    for rank in measured[layout]:
+        t, parts = rank["time"], rank["components"]
+        assert sum(parts.values()) == pytest.approx(t["step_s"], rel=1e-9, abs=1e-9) or parts["wait"] == 0.0
+        assert parts["forward"] > 0 and parts["backward"] > 0 and parts["optimizer"] > 0
+        assert all(v >= 0 for v in parts.values()), parts
+        if layout == "tp":
+            assert parts["tp_comm"] > 0  # DTensor's collectives, profiled
+        else:
+            assert parts["tp_comm"] == 0
+        if layout == "dp":
+            assert all(s["dp_reduce_s"] > 0 for s in t["stages"])  # DDP's buckets, timed by the comm hook
+
+
+# --- autopart run --json and explain --measured ---------------------------------------------------
+
+
+def _torchrun(*argv: str, cwd: Path) -> subprocess.CompletedProcess:
+    env = dict(os.environ, OMP_NUM_THREADS="1",
+               PYTHONPATH=os.pathsep.join(filter(None, [str(ROOT), os.environ.get("PYTHONPATH")])))
+    for var in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT"):
+        env.pop(var, None)
+    return subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "2", "-m", "partitioner", *argv], capture_output=True, text=True, timeout=300,
+                          cwd=cwd, env=env)
+
+
+@pytest.fixture(scope="module")
+def run_json(tmp_path_factory) -> Path:
+    tmp = tmp_path_factory.mktemp("run")
+    rc = main(["plan", "--model", "mlp", "--cluster", "local-cpu:2", "--mesh", "pp=2", "--global-batch", "4",
+               "--method", "params", "--quiet", "--json", str(tmp / "plan.json")])
+    assert rc == 0
+    proc = _torchrun("run", "--plan", "plan.json", "--steps", "2", "--warmup", "1", "--json", "run.json", cwd=tmp)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    return tmp / "run.json"
+
+
+@pytest.mark.slow  # a multi-process launch (5-15 s on 2 cores)
+def test_run_json_carries_the_plan_and_every_ranks_measurements(run_json: Path) -> None:
+    record = json.loads(run_json.read_text())
+    assert record["plan_data"]["mesh"] == {"pp": 2, "tp": 1, "dp": 1}
+    assert [m["rank"] for m in record["memory"]] == [0, 1] and [t["rank"] for t in record["times"]] == [0, 1]
+    assert all(m["source"] == "dispatch" and m["peak_bytes"] > 0 for m in record["memory"])
+    assert len(record["step_times_s"]) == 2  # the measuring steps are not among the timed ones
+
+
+def _explain(capsys, monkeypatch, *argv: str) -> tuple[int, str, str]:
+    monkeypatch.setenv("COLUMNS", "200")  # rich's tables and lines unwrapped
+    capsys.readouterr()
+    rc = main(["explain", *argv])
+    out, err = capsys.readouterr()
+    return rc, out, err
+
+
+@pytest.mark.slow  # a multi-process launch (5-15 s on 2 cores)
+def test_explain_measured_names_the_largest_residuals(run_json: Path, capsys, monkeypatch) -> None:
+    rc, out, err = _explain(capsys, monkeypatch, "--measured", str(run_json))
+    assert rc == 0, err
+    assert "time per step, predicted vs measured" in out and "memory per rank, predicted vs measured" in out
+    [line] = [l for l in out.splitlines() if l.startswith("largest time residual: ")]
+    assert "predicted" in line and "measured" in line
+    assert any(l.startswith("largest memory residual: ") for l in out.splitlines())
+    assert "optimizer step" in out  # measured, and predicted 0: the model has no optimizer step
+    [margin_line] = [l for l in out.splitlines() if l.startswith("memory margin: ")]
+    margin = memory_margin(MeasuredRun.load(str(run_json)))
+    record = json.loads(run_json.read_text())
+    worst = max(m["peak_bytes"] / m["predicted_peak_bytes"] - 1 for m in record["memory"])
+    assert margin.excess == pytest.approx(worst)
+    if worst > 0:  # the reserve that makes a plan predicted to fit fit as measured
+        assert (1 - margin.needed_reserve) * (1 + worst) == pytest.approx(1 - margin.reserve)
+        assert f"--memory-reserve {margin.needed_reserve:.3f}" in margin_line
+
+
+@pytest.mark.slow  # a multi-process launch (5-15 s on 2 cores)
+def test_explain_measured_refuses_what_is_not_a_measured_run(run_json: Path, tmp_path: Path, capsys, monkeypatch) -> None:
+    record = json.loads(run_json.read_text())
+    old = dict(record)
+    for key in ("memory", "times", "plan_data"):
+        old.pop(key)
+    (tmp_path / "old.json").write_text(json.dumps(old))
+    (tmp_path / "text.json").write_text("not json\n")
+    (tmp_path / "plan.json").write_text(json.dumps(record["plan_data"]))
+    cases = {
+        ("--measured", "old.json"): "without measurements",
+        ("--measured", "text.json"): "is not a JSON file",
+        ("--measured", "plan.json"): "is not a run record",
+        ("--measured", "missing.json"): "no such file",
+        ("plan.json", "--measured", "old.json"): "not both",
+    }
+    monkeypatch.chdir(tmp_path)
+    for argv, words in cases.items():
+        rc, out, err = _explain(capsys, monkeypatch, *argv)
+        lines = err.strip().splitlines()
+        assert rc == 2 and len(lines) == 1 and words in lines[0], (argv, out, err)
