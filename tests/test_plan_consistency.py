@@ -164,9 +164,9 @@ def test_consistent_edits_are_priced_and_run_as_one_split(base: dict, tmp_path: 
         path = _write(tmp_path, base, edit)
         rc, err = _cli(capsys, "plan", *MODEL, *CLUSTER, "--plan", str(path))
         assert rc == 0, f"{name}: plan --plan refused it: {err}"
-        # run gets past every check on the plan, to where it needs torchrun
+        # run gets past every check on the plan, to where it needs its ranks launched
         rc, err = _cli(capsys, "run", "--plan", str(path), *MODEL)
-        assert rc != 0 and "launch with `torchrun" in err, f"{name}: {err}"
+        assert rc != 0 and "pass --nproc-per-node 2" in err, f"{name}: {err}"
         plan = Plan.load(path)
         priced = score_plan(plan, model, example, Cluster.local(2)).plan
         run = split_model(model, check_plan(plan, model, example), microbatch_inputs(example, 1))
