@@ -375,17 +375,18 @@ class Watchdog:
     def _store_gone(self) -> str:
         return f"{self.who(0)} died: the job's store, which rank 0 hosts, is unreachable"
 
-    def _die(self, msg: str, ours: bool) -> None:
+    def _die(self, msg: str, ours: bool, dead: int | None = None) -> None:
         if ours or not under_launcher():
             report(msg if ours else f"{msg} (rank {self.rank} stops)")
         elif under_autopart_launcher():  # the launcher may see this rank end first: leave it the cause
             report(msg, primary=False)
-        self._linger()
+        self._linger(dead)
         os._exit(1)
 
-    def _linger(self) -> None:
+    def _linger(self, dead: int | None = None) -> None:
         """Mark this rank stopped; on rank 0, whose exit takes the store with it, first wait (a few
-        polls, at most 5 s: a loaded machine starves the threads) until the others have read why the job stops."""
+        polls, at most 5 s: a loaded machine starves the threads) until the others, but the ``dead``
+        rank this rank found, have read why the job stops."""
         try:
             if not self._store_alive():
                 return
@@ -395,15 +396,15 @@ class Watchdog:
                     return any(self.store.check([f"{self.prefix}{k}/{r}"]) for k in ("stopped", "done"))
 
                 deadline = time.monotonic() + 5.0
-                while time.monotonic() < deadline and not all(ended(r) for r in range(1, self.world)):
+                while time.monotonic() < deadline and not all(ended(r) for r in range(1, self.world) if r != dead):
                     time.sleep(0.1)
         except Exception:
             pass
 
-    def _stop_for(self, msg: str) -> None:
+    def _stop_for(self, msg: str, dead: int | None = None) -> None:
         """Publish ``msg`` (unless a peer published first) and end this process."""
         cur, ours = self.publish(msg)
-        self._die(cur, ours)
+        self._die(cur, ours, dead if ours else None)
 
     def _watched(self, stalled: bool) -> list[int]:
         """The peers this rank reads each poll: its ring successor only, so that the store serves
@@ -454,7 +455,7 @@ class Watchdog:
                     else:
                         seen[r] = (*last[:3], now)
                         if self.busy and now - last[1] > self.timeout_s:
-                            self._stop_for(f"{self.who(r)} died: no heartbeat for {self.timeout_s:g} s")
+                            self._stop_for(f"{self.who(r)} died: no heartbeat for {self.timeout_s:g} s", r)
                 if stalled:
                     # A peer whose beat stopped for several polls is dead, not hung (its phase is stale);
                     # a peer read only since the stall began is judged once it has been watched that long.
@@ -463,7 +464,7 @@ class Watchdog:
                         continue
                     dead = [r for r in peers if now - seen[r][1] > window]
                     if dead:
-                        self._stop_for(f"{self.who(dead[0])} died: no heartbeat for {now - seen[dead[0]][1]:.0f} s")
+                        self._stop_for(f"{self.who(dead[0])} died: no heartbeat for {now - seen[dead[0]][1]:.0f} s", dead[0])
                     self._stop_for(self._hang_message(peers))
             except Exception:  # the store itself is gone: the rank hosting it died
                 if self._stop.is_set():
