@@ -4,7 +4,8 @@ A plan says, per FX node, how the ``tp`` axis splits it. Each strategy is one
 ``TPStrategy`` in ``STRATEGIES``, which holds everything the phases need to
 know about it:
 
-* which nodes it applies to (``eligible``), read by ``allowed_strategies``,
+* which kinds of node it applies to (``node_kind``) and whether tp divides what it
+  splits (``fits``), read by ``allowed_strategies``,
   which the Megatron layout, the sharding ILP and the profiler enumerate;
 * the layouts it needs and produces, and its own collectives, read by the
   pricing in ``sharding.BlockLayoutCosts`` and by the sharding ILP;
@@ -83,6 +84,8 @@ __all__ = [
     "is_embedding",
     "is_attention",
     "allowed_strategies",
+    "NodeKind",
+    "node_kind",
     "splits_param",
     "ParamSplit",
 ]
@@ -300,35 +303,46 @@ def _linear_param_dims(form: LinearForm, column: bool) -> dict[int, int]:
     return {form.weight: 1 - form.out_dim}
 
 
-def _eligible_replicate(node: "NodeInfo", captured: "CapturedModel", tp: int) -> bool:
+NodeKind = Literal["linear", "embedding", "weightless", "whole"]
+ALL_KINDS: frozenset[NodeKind] = frozenset(("linear", "embedding", "weightless", "whole"))
+
+
+def node_kind(node: "NodeInfo", captured: "CapturedModel") -> NodeKind:
+    """What a node is, for tensor parallelism: a linear, an embedding, a weightless op on data that
+    may be split, or an op that needs its inputs whole (norms, losses, ops with their own unsplit
+    weights, tensor factories)."""
+    if is_linear_like(node, captured):
+        return "linear"
+    if is_embedding(node):
+        return "embedding"
+    if node.params or any(k in node.target for k in _NEEDS_FULL) or not node.inputs:
+        return "whole"
+    return "weightless"
+
+
+def _fits_always(node: "NodeInfo", captured: "CapturedModel", tp: int) -> bool:
     return True
 
 
-def _eligible_linear(node: "NodeInfo", captured: "CapturedModel", tp: int) -> bool:
+def _fits_linear(node: "NodeInfo", captured: "CapturedModel", tp: int) -> bool:
     # nn.Linear stores (out, in); GPT-2's Conv1D (addmm) stores (in, out). Either way both dims must split.
-    return is_linear_like(node, captured) and all(d % tp == 0 for d in _linear_weight(node, captured).shape)
+    return all(d % tp == 0 for d in _linear_weight(node, captured).shape)
 
 
-def _eligible_vocab(node: "NodeInfo", captured: "CapturedModel", tp: int) -> bool:
-    if is_linear_like(node, captured) or not is_embedding(node):
-        return False
+def _fits_vocab(node: "NodeInfo", captured: "CapturedModel", tp: int) -> bool:
     weight = next(captured.params[p] for p in node.params if p in captured.params)
     return weight.shape[0] % tp == 0
 
 
-def _eligible_sharded(node: "NodeInfo", captured: "CapturedModel", tp: int) -> bool:
-    if is_linear_like(node, captured) or is_embedding(node):
-        return False
-    if node.params or any(k in node.target for k in _NEEDS_FULL) or not node.inputs:
-        return False  # norms, ops with their own (unsplit) weights, and tensor factories
-    if is_attention(node.target):
-        # Head-parallel attention: q, k and v (with GQA fewer k/v heads) split by heads; a mask
-        # broadcast over heads (dim 1 of size 1) is read whole.
-        heads = [
-            t.shape[1] for i in node.inputs for t in captured.nodes[i].outputs[:1] if len(t.shape) == 4 and t.shape[1] > 1
-        ]
-        return bool(heads) and all(h % tp == 0 for h in heads)
-    return True
+def _fits_heads(node: "NodeInfo", captured: "CapturedModel", tp: int) -> bool:
+    if not is_attention(node.target):
+        return True
+    # Head-parallel attention: q, k and v (with GQA fewer k/v heads) split by heads; a mask
+    # broadcast over heads (dim 1 of size 1) is read whole.
+    heads = [
+        t.shape[1] for i in node.inputs for t in captured.nodes[i].outputs[:1] if len(t.shape) == 4 and t.shape[1] > 1
+    ]
+    return bool(heads) and all(h % tp == 0 for h in heads)
 
 
 ParamSplit = Literal["none", "all", "matrices"]
@@ -343,7 +357,8 @@ class TPStrategy:
     produces: Layout  # layout of its output
     output_all_reduce: bool  # forward all-reduce of its output (partial sums)
     input_grad_all_reduce: bool  # backward all-reduce of each input's gradient
-    eligible: Callable[["NodeInfo", "CapturedModel", int], bool]
+    applies_to: frozenset[NodeKind]  # the kinds of node it can split (``node_kind``)
+    fits: Callable[["NodeInfo", "CapturedModel", int], bool]  # whether tp divides what it splits
     realize: Callable[[TPContext, "fx.Node", Any, Any], Any]
     # Which of the node's parameters are divided over tp: all, only matrices (a row linear's bias
     # stays whole), or none; and for a captured target, arg position -> the dim split.
@@ -379,19 +394,19 @@ def _measured_linear(target: str) -> bool:
 STRATEGIES: Mapping[str, TPStrategy] = {
     s.name: s
     for s in (
-        TPStrategy("replicate", "R", "R", False, False, _eligible_replicate, _realize_whole,
+        TPStrategy("replicate", "R", "R", False, False, ALL_KINDS, _fits_always, _realize_whole,
                    doc="every tensor-parallel rank computes the node whole"),
-        TPStrategy("column", "R", "S", False, True, _eligible_linear, _realize_dtensor, "all", _column_dims,
+        TPStrategy("column", "R", "S", False, True, frozenset({"linear"}), _fits_linear, _realize_dtensor, "all", _column_dims,
                    _local_linear(column=True), _measured_linear,
                    doc="a linear whose weight is split by output features; its output is split on the last dim"),
-        TPStrategy("row", "S", "R", True, False, _eligible_linear, _realize_row, "matrices", _row_dims,
+        TPStrategy("row", "S", "R", True, False, frozenset({"linear"}), _fits_linear, _realize_row, "matrices", _row_dims,
                    _local_linear(column=False), _measured_linear,
                    doc="a linear whose weight is split by input features; it reads a split input and its "
                        "partial sums are all-reduced"),
-        TPStrategy("vocab", "R", "R", True, False, _eligible_vocab, _realize_vocab, "all", lambda target: {0: 0},
+        TPStrategy("vocab", "R", "R", True, False, frozenset({"embedding"}), _fits_vocab, _realize_vocab, "all", lambda target: {0: 0},
                    _local_vocab, lambda target: op_base(target) == "embedding",
                    doc="an embedding split by vocabulary; partial lookups are all-reduced"),
-        TPStrategy("sharded", "S", "S", False, False, _eligible_sharded, _realize_sharded,
+        TPStrategy("sharded", "S", "S", False, False, frozenset({"weightless"}), _fits_heads, _realize_sharded,
                    local_args=_local_heads, measured=_is_sdpa,
                    doc="a weightless op on split data, e.g. attention over a subset of heads"),
     )
@@ -405,7 +420,8 @@ def allowed_strategies(node: "NodeInfo", captured: "CapturedModel", tp: int) -> 
     """The strategies the runtime can realize for ``node`` at this tp degree, in table order."""
     if tp == 1:
         return ("replicate",)
-    return tuple(s.name for s in STRATEGIES.values() if s.eligible(node, captured, tp))
+    kind = node_kind(node, captured)
+    return tuple(s.name for s in STRATEGIES.values() if kind in s.applies_to and s.fits(node, captured, tp))
 
 
 def splits_param(strategy: str, shape: tuple[int, ...]) -> bool:
