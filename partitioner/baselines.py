@@ -38,7 +38,7 @@ from __future__ import annotations
 import math
 import time
 from dataclasses import dataclass, replace
-from typing import Callable, Iterator, Sequence
+from typing import Callable, Iterable, Iterator, Sequence
 
 from .dp_sharding import DP_SHARDINGS, check_dp_sharding, hsdp_shard, spec as dp_spec
 from .errors import InfeasibleError, PlanError
@@ -51,6 +51,7 @@ from .simulate import SimResult
 __all__ = [
     "METHODS", "REFERENCE", "Pins", "GridPoint", "TuneReport", "plan_baseline", "tune", "grid_points",
     "linear_partition", "uniform_partition", "with_dp_sharding", "dp_shardings_to_try", "hsdp_differs", "inflight_horizon",
+    "micro_batch_sizes",
 ]
 
 METHODS = ("expert", "uniform", "params", "pipedream", "megatron")
@@ -255,13 +256,7 @@ def grid_points(
                     raise PlanError(f"global batch {gb} is not divisible by dp={dp}; pick a batch that is")
                 continue
             per_replica = gb // dp
-            if pins.microbatches:
-                if per_replica % pins.microbatches:
-                    continue
-                sizes = [per_replica // pins.microbatches]
-            else:
-                sizes = [b for b in range(1, per_replica + 1) if per_replica % b == 0]
-            for mbs in sizes:
+            for mbs in micro_batch_sizes(per_replica, pins.microbatches, range(1, per_replica + 1)):
                 m = per_replica // mbs
                 for name, v in _schedules(pins, pp, m, n_layers, units):
                     for recompute in ([pins.recompute] if pins.recompute is not None else [False, True]):
@@ -521,6 +516,14 @@ def uniform_partition(is_layer: Sequence[bool], k: int) -> list[list[int]]:
         current = stage_of_layer.get(i, current)
         stages[current].append(i)
     return stages
+
+
+def micro_batch_sizes(per_replica: int, microbatches: int | None, candidates: Iterable[int]) -> list[int]:
+    """Micro-batch sizes to try for ``per_replica`` samples per data-parallel replica: the one
+    that ``microbatches`` (pinned) gives, if it divides, else every candidate that divides."""
+    if microbatches:
+        return [per_replica // microbatches] if per_replica % microbatches == 0 else []
+    return [b for b in candidates if per_replica % b == 0]
 
 
 def linear_partition(weights: Sequence[float], k: int, cut_cost: Callable[[int], float]) -> list[list[int]]:

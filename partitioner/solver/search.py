@@ -57,7 +57,15 @@ from typing import Mapping
 
 from cost_models import static_bytes
 
-from ..baselines import Pins, dp_shardings_to_try, hsdp_differs, inflight_horizon, linear_partition, with_dp_sharding
+from ..baselines import (
+    Pins,
+    dp_shardings_to_try,
+    hsdp_differs,
+    inflight_horizon,
+    linear_partition,
+    micro_batch_sizes,
+    with_dp_sharding,
+)
 from ..dp_sharding import spec as dp_spec
 from ..errors import AutopartError, InfeasibleError, PlanError
 from ..evaluate import Evaluator, StageSpec
@@ -323,13 +331,7 @@ class _Search:
                 if gb % dp:
                     continue
                 per_replica = gb // dp
-                if pins.microbatches:
-                    if per_replica % pins.microbatches:
-                        continue
-                    sizes = [per_replica // pins.microbatches]
-                else:
-                    sizes = [b for b in _MICRO_BATCH_SIZES if per_replica % b == 0]
-                for mbs in sizes:
+                for mbs in micro_batch_sizes(per_replica, pins.microbatches, _MICRO_BATCH_SIZES):
                     m = per_replica // mbs
                     for sched, v, retime in self._schedules(pp, m):
                         for lean in ([False, True] if tp > 1 else [False]):
