@@ -75,6 +75,10 @@ class Pins:
     # empty: the user's ``training.dp_sharding`` and every level that shards more. A benchmark pins
     # ("none", "zero1") to plan as before ZeRO-2/3 and HSDP existed.
     dp_shardings: tuple[str, ...] = ()
+    # The ILP's search re-chooses recomputation per block, with selective recomputation, where a plan
+    # recomputes ([Note: recompute per block in the search]); False keeps whole stages only, as
+    # before (a benchmark's "without"). The baselines always recompute whole stages.
+    recompute_blocks: bool = True
 
     def __post_init__(self) -> None:
         for level in self.dp_shardings:
@@ -384,7 +388,7 @@ def tune(
         except PlanError as exc:
             split_error = exc  # this split rule has no split here (e.g. more stages than layers)
             continue
-        specs = [StageSpec(tuple(b), pt.recompute) for b in blocks]
+        specs = [StageSpec.whole(b, pt.recompute) for b in blocks]
         need = _peak_memory(e.stage_costs(specs, pt.mesh, pt.schedule, sharding), pt.schedule, pt.mesh.pp, inflight)
         if need > limit:  # the simulator's own peak, without simulating: this point cannot fit
             report.pruned_memory += 1
@@ -401,7 +405,7 @@ def tune(
         raise split_error or _no_point_error(method, ev, pins)
     if smallest is None:  # every point was pruned for its weights: price the lightest for the message
         pt = heaviest[1]
-        specs = [StageSpec(tuple(b), pt.recompute) for b in split(evs[pt.dp_sharding], pt.mesh, pt.schedule, sharding_for(pt.mesh.tp))]
+        specs = [StageSpec.whole(b, pt.recompute) for b in split(evs[pt.dp_sharding], pt.mesh, pt.schedule, sharding_for(pt.mesh.tp))]
     else:
         _, pt, specs = smallest
     plan, _ = evs[pt.dp_sharding].make_plan(specs, pt.mesh, pt.schedule, sharding=sharding_for(pt.mesh.tp), method=method)

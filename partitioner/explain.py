@@ -166,7 +166,7 @@ def dp_sharding_summary(plan: Plan, evaluator: Any) -> str:
             if stage_rank(st.index, plan.mesh.pp, layout) != r:
                 continue
             blocks = [ev.pgraph.block_index(m) for m in st.modules]
-            _, _, _, per_mb = ev.fsdp_costs(blocks, plan.mesh, r, split, 0.0, 0.0, st.recompute)  # all collectives
+            _, _, _, per_mb = ev.fsdp_costs(blocks, plan.mesh, r, split, 0.0, 0.0, len(st.recompute) / len(st.modules))  # all collectives
             total += per_mb * plan.schedule.microbatches
             exposed += st.predicted.components.dp_gather_s
         hidden = 1 - exposed / total if total > 0 else 1.0
@@ -200,7 +200,8 @@ def print_diff(a: Plan, b: Plan, name_a: str = "A", name_b: str = "B") -> None:
     row("micro-batches x size", f"{a.schedule.microbatches} x {a.schedule.micro_batch_size}",
         f"{b.schedule.microbatches} x {b.schedule.micro_batch_size}")
     row("stages", len(a.stages), len(b.stages))
-    row("recomputing stages", sum(s.recompute for s in a.stages), sum(s.recompute for s in b.stages))
+    row("recomputing stages", sum(s.recomputes for s in a.stages), sum(s.recomputes for s in b.stages))
+    row("recomputed blocks", sum(len(s.recompute) for s in a.stages), sum(len(s.recompute) for s in b.stages))
     row("dp sharding", a.training.dp_sharding, b.training.dp_sharding)
     row("sharded nodes", len(a.sharding), len(b.sharding))
     if a.predicted and b.predicted:
