@@ -415,7 +415,7 @@ def tune(
     more = "more processes (--cluster local-cpu:N)" if ev.cluster.name == "local-cpu" else "more devices (--nodes)"
     raise InfeasibleError(
         f"no {method} plan fits in device memory: the smallest-footprint plan ({plan.mesh}, "
-        f"recompute={plan.stages[0].recompute}, dp_sharding={plan.training.dp_sharding}) needs {_fmt_bytes(plan.predicted.peak_memory_bytes)} per device, but "
+        f"recompute={bool(plan.stages[0].recompute)}, dp_sharding={plan.training.dp_sharding}) needs {_fmt_bytes(plan.predicted.peak_memory_bytes)} per device, but "
         f"{ev.cluster.device.name} allows {_fmt_bytes(limit_b)} (after the "
         f"{ev.training.memory_reserve:.0%} reserve); "
         f"use {more}" + ("" if plan.training.dp_sharding == "zero3" else ", or --dp-sharding zero3")

@@ -44,7 +44,7 @@ import torch.fx as fx
 from .dp_sharding import DPShardingSpec
 from .errors import PlanError
 
-__all__ = ["ShardedStage", "nest_blocks", "shard_stage"]
+__all__ = ["ShardedStage", "block_of", "nest_blocks", "shard_stage"]
 
 _COMPUTE = ("call_function", "call_method", "call_module")
 
@@ -60,7 +60,7 @@ class ShardedStage(torch.nn.Module):
         return self.inner(*args)
 
 
-def _block_of(node: fx.Node, blocks: Sequence[str]) -> str | None:
+def block_of(node: fx.Node, blocks: Sequence[str]) -> str | None:
     """The block (plan module) whose code made ``node``: the longest block name that prefixes the
     module path torch.export recorded in ``nn_module_stack``."""
     stack = node.meta.get("nn_module_stack")
@@ -82,7 +82,7 @@ def nest_blocks(gm: fx.GraphModule, blocks: Sequence[str]) -> list[str]:
     for n in nodes:
         if n.op not in _COMPUTE:
             continue
-        b = _block_of(n, blocks)
+        b = block_of(n, blocks)
         if runs and runs[-1][0] == b:
             runs[-1][1].append(n)
         else:
