@@ -163,14 +163,16 @@ def recompute_regions(gm: fx.GraphModule, stage: "Stage") -> tuple[tuple[str, ..
 def run_region(nodes: Sequence[fx.Node], env: dict[fx.Node, Any], run: Callable[[fx.Node, tuple, dict], Any]) -> dict[fx.Node, Any]:
     """Run ``nodes`` (a region of one graph, in order) as one checkpointed function of the values
     they read from ``env``; ``run(node, args, kwargs)`` runs one node. Returns the values of the
-    region's nodes that nodes outside it read ([Note: recompute in the runtime])."""
+    region's nodes that nodes outside it read ([Note: recompute in the runtime]). A weight
+    (``get_attr``) the region reads before the graph's own turn to read it is read here."""
     inside = set(nodes)
     external: list[fx.Node] = []
     for n in nodes:
         for i in n.all_input_nodes:
             if i not in inside and i not in external:
                 external.append(i)
-    absent = [i for i in external if i not in env]
+    values = {i: env[i] if i in env else run(i, (), {}) for i in external if i in env or i.op == "get_attr"}
+    absent = [i for i in external if i not in values]  # a weight the graph reads later is read here
     if absent:
         raise PlanError(f"node {nodes[0].name} begins a recomputed region that reads {absent[0].name}, which the stage "
                         "computes only later; recompute the whole stage (recompute: true) instead")
@@ -184,5 +186,5 @@ def run_region(nodes: Sequence[fx.Node], env: dict[fx.Node, Any], run: Callable[
             local[n] = run(n, args, kwargs)
         return tuple(local[n] for n in leaving)
 
-    outs = _checkpoint()(replay, *(env[i] for i in external), use_reentrant=False)
+    outs = _checkpoint()(replay, *(values[i] for i in external), use_reentrant=False)
     return dict(zip(leaving, outs))

@@ -447,6 +447,8 @@ class _TPInterpreter(fx.Interpreter):
         return self._compute(n, args, kwargs)
 
     def _compute(self, n: fx.Node, args: Any, kwargs: Any) -> Any:
+        if n.op not in _COMPUTE:  # a weight read by a recomputed region
+            return getattr(self, n.op)(n.target, args, kwargs)
         if is_check_or_query(n.target):  # [Note: checks and queries under DTensor] in dtensor_ops.py
             return run_check(n.target, args, kwargs)
         return STRATEGIES[self.owner.sharding.get(n.name, "replicate")].realize(self.ctx, n, args, kwargs)

@@ -61,6 +61,7 @@ from .measure import DdpTimer, RankMemory, RankTime, StepClock, StorageMeter, ra
 from .checkpoint import CHECKPOINT_META, CheckpointError, read_manifest, verify, write_manifest
 from .watchdog import DistributedError, RankFailedError, Watchdog, backend_timeout_s
 from .fsdp import shard_stage
+from .recompute import checkpoint_in_graph, recompute_regions
 from .rewrite import SplitModel, TensorParallelModule, get_tensor, set_tensor, microbatch_inputs, split_model
 
 __all__ = ["DistributedError", "RankFailedError", "CheckpointError", "StepEvent", "ParallelModel", "RecomputedStage",
@@ -319,7 +320,7 @@ class ParallelModel:
         self.tp_index = self.rank % mesh.tp
         n_stages = len(plan.stages)
         self._split_backward = schedule_spec(plan.schedule.name).splits_backward
-        if self._split_backward and any(st.recompute for st in plan.stages):
+        if self._split_backward and any(st.recomputes for st in plan.stages):
             raise PlanError(
                 f"plan: schedule {plan.schedule.name!r} splits the backward, which torch's stage_backward_input "
                 "cannot run through a recomputed stage yet; re-plan with --no-recompute or another schedule"
@@ -349,8 +350,11 @@ class ParallelModel:
         for s in self.stage_indices:
             prog = self.split.stages[s]
             mod: torch.nn.Module = prog.module
+            st = plan.stages[s]
+            whole = len(st.recompute) == len(st.modules) and not st.selective  # [Note: recomputation as priced]
             if mesh.tp > 1:
-                mod = TensorParallelModule(prog, self.mesh["tp"])
+                regions = () if whole else recompute_regions(prog.module, st)  # [Note: recompute in the runtime]
+                mod = TensorParallelModule(prog, self.mesh["tp"], regions)
                 self.split_dims.update(mod.split_dim)
                 if on_meta:  # the whole tensors were only needed to cut this rank's shard from
                     release(model, mod.split_dim)
@@ -359,7 +363,9 @@ class ParallelModel:
             run = mod
             if self._fsdp:  # ZeRO-2/3, HSDP: blocks and stage root as FSDP2 units over dp ([Note: FSDP units])
                 run = shard_stage(mod, plan.stages[s].modules, self._fsdp_mesh(), dp_spec(plan.training.dp_sharding))
-            if plan.stages[s].recompute:  # [Note: recomputation as priced]; around FSDP's units, which regather
+            if st.recomputes and not whole and mesh.tp == 1:  # after FSDP's folding ([Note: recompute in the runtime])
+                checkpoint_in_graph(prog.module, st)
+            if st.recompute and whole:  # [Note: recomputation as priced]; around FSDP's units, which regather
                 run = RecomputedStage(run)
             # Split-backward schedules compute weight gradients with autograd.grad, which DDP's
             # hooks never see: their replicas average gradients in step() instead.
