@@ -147,6 +147,13 @@ def _fold(gm: fx.GraphModule, block: str, run: list[fx.Node]) -> bool:
     return True
 
 
+def _submodule(gm: fx.GraphModule, name: str) -> torch.nn.Module | None:
+    try:
+        return gm.get_submodule(name)
+    except AttributeError:
+        return None
+
+
 def _is_param(gm: fx.GraphModule, name: str) -> bool:
     try:
         gm.get_parameter(name)
@@ -163,6 +170,10 @@ def shard_stage(module: torch.nn.Module, blocks: Sequence[str], dp_mesh: Any, le
     if not level.uses_fsdp:
         raise PlanError(f"shard_stage: dp_sharding {level.name!r} does not use FSDP")
     folded = nest_blocks(module, blocks) if isinstance(module, fx.GraphModule) else []
+    # Blocks folded before (a recomputed block, called through a checkpoint: recompute.py) are units too.
+    folded += [b for b in blocks if b not in folded and isinstance(module, fx.GraphModule)
+               and isinstance(_submodule(module, b), fx.GraphModule)]
+    folded.sort(key=list(blocks).index)
     for name in folded:
         fully_shard(module.get_submodule(name), mesh=dp_mesh, reshard_after_forward=level.reshard_after_forward)
     fully_shard(module, mesh=dp_mesh, reshard_after_forward=level.reshard_after_forward)

@@ -230,11 +230,11 @@ class ParallelModel:
                     release(model, mod.split_dim)
             mod.to(self.device)
             self.modules[s] = mod
+            if st.recomputes and not whole and mesh.tp == 1:  # before FSDP, which must not recompile its units
+                checkpoint_in_graph(prog.module, st)  # ([Note: recompute in the runtime])
             run = mod
             if self.fsdp:  # ZeRO-2/3, HSDP: blocks and stage root as FSDP2 units over dp ([Note: FSDP units])
                 run = shard_stage(mod, plan.stages[s].modules, self._fsdp_mesh(), dp_spec(plan.training.dp_sharding))
-            if st.recomputes and not whole and mesh.tp == 1:  # after FSDP's folding ([Note: recompute in the runtime])
-                checkpoint_in_graph(prog.module, st)
             if st.recompute and whole:  # [Note: recomputation as priced]; around FSDP's units, which regather
                 run = RecomputedStage(run)
             # Split-backward schedules compute weight gradients with autograd.grad, which DDP's

@@ -584,9 +584,7 @@ class _Search:
         if self.pins.recompute is not None or not self.pins.recompute_blocks:
             return None
         ev = self.evs.get(level, self.ev)
-        # FSDP folds the blocks into units whose attention core the runtime cannot reach (dp_sharding.py).
-        selective = not (dp_spec(level).uses_fsdp and mesh.dp > 1)
-        refined, _ = fewest_recomputed(ev, specs, mesh, schedule, sharding, selective=selective)
+        refined, _ = fewest_recomputed(ev, specs, mesh, schedule, sharding)
         if refined == specs:
             return None
         old, _ = ev.make_plan(specs, mesh, schedule, sharding=sharding, method="ilp")
