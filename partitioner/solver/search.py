@@ -47,7 +47,11 @@ meets a plan that recomputes (an ILP solution, or a baseline's seed) and the use
 pin ``--recompute``/``--no-recompute``, it re-chooses the recomputation per block, with
 selective recomputation as an option ([Note: choosing the recomputed blocks] in
 solver/recompute.py), keeps the split, and keeps whichever of the two plans the simulator
-finds faster and fitting. A plan so changed is outside the ILP's proof: its candidate
+finds faster and fitting. For an ILP solution it then moves one cut by one block at a time,
+re-choosing the recomputation after each move, while the simulated step gets shorter
+(``_rebalance``, at most ``REBALANCE_EVALS`` plans): the ILP balanced the stages for
+whole-stage recomputation, and replaying fewer blocks unbalances them. A plan so changed is
+outside the ILP's proof: its candidate
 stays open at its recompute-free lower bound, and the plan is reported FEASIBLE. A seed so
 changed records the origin ``<method>+recompute``: the split is the heuristic's, the
 recomputation the search's.
@@ -101,6 +105,7 @@ _MICRO_BATCH_SIZES = (1, 2, 3, 4, 5, 6, 7, 8, 16, 32)
 # per deterministic second, model building and hint completion included).
 DET_PER_SECOND = 0.25
 MAX_SOLVES = 400
+REBALANCE_EVALS = 200  # plans priced per solution when the cuts are moved after recompute per block
 
 
 @dataclass(frozen=True, slots=True)
@@ -578,9 +583,9 @@ class _Search:
         return best[0], best[1], own_s, False
 
     def refine(self, specs: list[StageSpec], mesh: Mesh, schedule: Schedule, sharding: Mapping[str, str],
-               level: str) -> list[StageSpec] | None:
-        """``specs`` with the recomputation re-chosen per block, if that is faster and fits; else None
-        ([Note: recompute per block in the search])."""
+               level: str, rebalance: bool = True) -> list[StageSpec] | None:
+        """``specs`` with the recomputation re-chosen per block, and with ``rebalance`` the cuts then moved
+        while that helps, if that is faster and fits; else None ([Note: recompute per block in the search])."""
         if self.pins.recompute is not None or not self.pins.recompute_blocks:
             return None
         ev = self.evs.get(level, self.ev)
@@ -590,8 +595,39 @@ class _Search:
         old, _ = ev.make_plan(specs, mesh, schedule, sharding=sharding, method="ilp")
         new, _ = ev.make_plan(refined, mesh, schedule, sharding=sharding, method="ilp")
         if new.predicted.fits and (not old.predicted.fits or new.predicted.step_time_s < old.predicted.step_time_s):
+            if rebalance:
+                refined = self._rebalance(ev, refined, mesh, schedule, sharding, new.predicted.step_time_s)
             return refined
         return None
+
+    def _rebalance(self, ev: Evaluator, specs: list[StageSpec], mesh: Mesh, schedule: Schedule,
+                   sharding: Mapping[str, str], step_s: float) -> list[StageSpec]:
+        """Move one cut by one block at a time, re-choosing the recomputation after each move, while the
+        simulated step gets shorter and the plan fits (first improvement, cuts in order; at most
+        REBALANCE_EVALS plans). The ILP balanced the stages with whole-stage recomputation; with fewer
+        blocks replayed the stages' times change, and this evens them out again."""
+        K = len(specs)
+        bounds = [sp.blocks[0] for sp in specs] + [specs[-1].blocks[-1] + 1]
+        if K == 1 or any(sp.blocks != tuple(range(bounds[s], bounds[s + 1])) for s, sp in enumerate(specs)):
+            return specs  # one stage, or an assignment that is not contiguous (a DAG's): nothing to move
+        pinned = {self.pg.block_index(m) for m in self.pins.split_at}
+        evals, improved = 0, True
+        while improved and evals < REBALANCE_EVALS:
+            improved = False
+            for k in range(1, K):
+                for d in (-1, 1):
+                    cut = bounds[k] + d
+                    if bounds[k] in pinned or not bounds[k - 1] < cut < bounds[k + 1] or evals >= REBALANCE_EVALS:
+                        continue
+                    trial_bounds = [*bounds[:k], cut, *bounds[k + 1:]]
+                    trial = [StageSpec.whole(range(trial_bounds[s], trial_bounds[s + 1]), True) for s in range(K)]
+                    trial, _ = fewest_recomputed(ev, trial, mesh, schedule, sharding)
+                    plan, _ = ev.make_plan(trial, mesh, schedule, sharding=sharding, method="ilp")
+                    evals += 1
+                    if plan.predicted.fits and plan.predicted.step_time_s < step_s * (1 - 1e-9):
+                        bounds, specs, step_s, improved = trial_bounds, trial, plan.predicted.step_time_s, True
+                        break
+        return specs
 
     # --- the loop -------------------------------------------------------------------------
 
@@ -623,7 +659,7 @@ class _Search:
         node_of_key = ev.captured.node_of_key
         sharding = {node_of_key[k]: v for k, v in plan.sharding.items()}
         refined = self.refine([ev.spec_of(st) for st in plan.stages], plan.mesh, plan.schedule, sharding,
-                              plan.training.dp_sharding)
+                              plan.training.dp_sharding, rebalance=False)  # the seed's split stays its own
         if refined is None:
             return []
         new, sim = ev.make_plan(refined, plan.mesh, plan.schedule, sharding=sharding, method=plan.solver.method,
