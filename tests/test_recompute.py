@@ -166,3 +166,14 @@ def test_a_recompute_list_must_name_the_stage_s_modules(ev):
     data["stages"][0]["recompute"] = "yes"
     with pytest.raises(PlanError, match=r"stages\[0\]\.recompute must be an array"):
         Plan.from_dict(data)
+
+
+def test_explain_says_what_the_recomputation_frees_and_costs(ev):
+    from partitioner.explain import recompute_summary
+
+    a, b = _split(ev)
+    plan, _ = ev.make_plan([StageSpec(a), StageSpec(b, b[:1], True)], MESH, SCHED, method="manual")
+    text = recompute_summary(plan, ev)
+    assert text.startswith(f"recomputing 1 of {len(a) + len(b)} blocks and the attention cores of the others on 1 of 2 "
+                           "stages frees "), text
+    assert "MiB per device" in text and "of forward per step on pipeline rank" in text
