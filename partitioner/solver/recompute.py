@@ -31,7 +31,9 @@ different kinds (an embedding or a head beside the layers) the greedy order is t
 fractional-knapsack order, exact up to the last block taken. The choice is deterministic.
 It is not inside the ILP: the ILP's stage times price all-or-none, so the split it picks
 is optimal for that model, not for this one; the search says so by leaving the
-candidate's bound at its recompute-free lower bound (search.py).
+candidate's bound at its recompute-free lower bound (search.py). Only blocks the runtime can
+recompute on their own are taken (``recomputable_alone``): a tied embedding or head cannot be
+folded into a module of its own, and frees nothing anyway.
 """
 
 from __future__ import annotations
@@ -45,7 +47,7 @@ from ..plan import Mesh, Schedule
 from ..schedules import spec as schedule_spec, stage_rank
 from .pipeline_ilp import schedule_inflight
 
-__all__ = ["RecomputeChoice", "fewest_recomputed"]
+__all__ = ["RecomputeChoice", "fewest_recomputed", "recomputable_alone"]
 
 
 @dataclass(frozen=True, slots=True)
@@ -74,6 +76,7 @@ def fewest_recomputed(
              for sp in specs for b in sp.blocks}
     horizon = inflight_horizon(schedule.name, pp, schedule.microbatches, schedule.virtual_stages)
     patterns = schedule_inflight(schedule.name, pp, horizon, schedule.virtual_stages)
+    alone = recomputable_alone(ev)
     out = list(specs)
     report = []
     for r in range(pp):
@@ -99,7 +102,7 @@ def fewest_recomputed(
         has_core = any(costs[b].core_bytes > 0 for s in mine for b in specs[s].blocks)
         best: tuple[float, bool, dict[int, set[int]]] | None = None
         for sel in (False, True) if selective and has_core else (False,):
-            order = _order(mine, specs, costs, most, sel)
+            order = [(s, b) for s, b in _order(mine, specs, costs, most, sel) if b in alone]
             chosen: dict[int, set[int]] = {s: set() for s in mine}
             fits = peak(chosen, sel) <= limit
             for s, b in order:
@@ -122,6 +125,23 @@ def fewest_recomputed(
             out[s] = StageSpec(specs[s].blocks, tuple(b for b in specs[s].blocks if b in chosen[s]), sel)
         report.append(RecomputeChoice(r, sum(len(c) for c in chosen.values()), sel, replay, True))
     return out, report
+
+
+def recomputable_alone(ev: Evaluator) -> frozenset[int]:
+    """The blocks the runtime can recompute on their own: those with weights of their own that no other
+    block reads (it folds such a block into a module at its path; [Note: recompute in the runtime] in
+    recompute.py). A tied embedding, or a head that only reads the embedding's weight, is not one."""
+    readers: dict[str, int] = {}
+    for b in ev.pgraph.blocks:
+        for p in b.params:
+            readers[p] = readers.get(p, 0) + 1
+    table = ev.captured.params
+    out = set()
+    for i, b in enumerate(ev.pgraph.blocks):
+        mine = [p for p in b.params if not table[p].is_buffer]
+        if mine and all(readers[p] == 1 for p in mine):
+            out.add(i)
+    return frozenset(out)
 
 
 def _order(mine: Sequence[int], specs: Sequence[StageSpec], costs: Mapping[int, BlockCost], most: Mapping[int, int],
