@@ -124,7 +124,6 @@ def test_a_rank_that_fits_recomputes_nothing(ev):
     assert chosen == [StageSpec(a), StageSpec(b)]
 
 
-@pytest.mark.slow
 def test_the_search_beats_whole_stage_recompute_under_a_tight_limit(gpt2):
     """Under a limit that forces recomputation, the ILP's plan with per-block and selective choice is
     predicted faster than the same search with whole stages only, and it fits."""
