@@ -4,7 +4,8 @@ recomputed blocks] in partitioner/solver/recompute.py).
 
 The choice is checked against exhaustive search over every subset of recomputed blocks, with the
 evaluator and the simulator as the judge. The runtime's equivalence for these plans is in
-tests/test_runtime.py (layouts ``pp2-recompute-blocks`` and ``pp2-selective``)."""
+tests/test_runtime.py (layouts ``pp2-recompute-blocks``, ``tp2-recompute-selective``,
+``dp2-zero3-selective`` and ``pp2-recompute-v4``)."""
 
 from __future__ import annotations
 
