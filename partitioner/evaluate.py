@@ -19,6 +19,34 @@ so a block with trainable parameters gets half of its backward as ``W``
 core (softmax, the score and value products) has no weights and all of its
 backward is ``I``, so for a transformer layer this overstates ``W`` a
 little. Recomputation replays the forward inside ``I``, never in ``W``.
+
+[Note: what a step holds]
+A rank's memory over the step, as the simulator walks it (simulate.py, [Note: memory
+over the step]), is made of these terms, each sized from the graph's shapes and dtypes
+(``stage_memory``) and checked against the storage meter (tests/test_memory_model.py):
+
+- resident: weights, gradients and optimizer state (``resident_bytes``). Our runtime drops
+  the gradients at the start of a step (``zero_grad(set_to_none=True)``) unless DDP owns
+  them (its buckets are zeroed), so without DDP a stage's gradients exist only from its
+  first backward on (``StageCost.fresh_grad_bytes``).
+- per micro-batch in flight (from its forward to the end of its backward): the tensors
+  autograd saves (``BlockCost.saved_bytes``, or the stage's inputs under recomputation);
+  the stage's output, which torch's pipeline stage keeps for the backward; and on the last
+  stage what the loss saves ([Note: the loss's memory] in cost_models/memory.py).
+- receive buffers: torch's pipeline stage allocates one gradient buffer per micro-batch for
+  its output (every stage but the last); a stage with a predecessor keeps, per micro-batch
+  whose backward ran, the gradient of its received input (its buffer's ``.grad``) until
+  the next step clears it.
+- during one backward of the stage (``StageCost.backward_workspace_bytes``): the larger of
+  the loss's backward (last stage) and, for the node whose backward needs most, the
+  gradient of its output with the gradients of its inputs, plus the gradient received for
+  the stage's output; under recomputation, the replayed forward's saved tensors of the
+  whole stage (the runtime checkpoints the stage in one piece: [Note: recomputation as
+  priced] in runtime.py).
+- during the optimizer step, after every backward: its workspace ([Note: the optimizer
+  step's workspace] in cost_models/memory.py). torch picks the foreach implementation on
+  CUDA and the single-tensor one on CPU; a cluster is taken as CPU processes when its name
+  starts with ``local-cpu`` (the preset and the files ``autopart calibrate`` writes from it).
 """
 
 from __future__ import annotations
@@ -27,11 +55,20 @@ import time
 from dataclasses import dataclass
 from typing import AbstractSet as Set, Iterable, Mapping, Sequence
 
-from cost_models import OPTIMIZERS, CostModel, OpTime, optimizer_spec, static_bytes
+from cost_models import (
+    OPTIMIZERS,
+    CostModel,
+    LossMemory,
+    OpTime,
+    loss_memory,
+    optimizer_spec,
+    optimizer_workspace_bytes,
+    static_bytes,
+)
 
 from .capture import CapturedModel
 from .dp_sharding import hsdp_shard, spec as dp_spec
-from .cluster import Cluster
+from .cluster import LOCAL_CPU, Cluster
 from .errors import PlanError
 from .graph import Block, PartitionGraph
 from .plan import Mesh, ModelRef, Plan, Predicted, Schedule, SolverInfo, Stage, StageComponents, StagePredicted, Training
@@ -39,7 +76,7 @@ from .sharding import BlockLayoutCosts, sharded_params
 from .schedules import spec as schedule_spec, stage_rank
 from .simulate import SimResult, StageCost, simulate
 
-__all__ = ["Evaluator", "StageSpec", "BlockCost", "WEIGHT_GRAD_SHARE"]
+__all__ = ["Evaluator", "StageSpec", "BlockCost", "StageMemory", "WEIGHT_GRAD_SHARE"]
 
 WEIGHT_GRAD_SHARE = 0.5  # of a block's backward, when it has trainable parameters ([Note: input and weight gradients])
 
@@ -65,6 +102,24 @@ class BlockCost:
         return self.compute + self.tp_comm
 
 
+@dataclass(frozen=True, slots=True)
+class StageMemory:
+    """One stage's memory terms beyond its resident bytes, per device ([Note: what a step holds])."""
+
+    saved_bytes: float  # autograd's saved tensors per micro-batch in flight (the inputs under recompute)
+    output_bytes: float  # the stage's output kept for its backward, per micro-batch in flight
+    loss: LossMemory  # the loss's, on the last stage (zero elsewhere)
+    grad_buffer_bytes: float  # receive buffers for the output's gradient, all micro-batches
+    input_grad_bytes: float  # the received input's gradient kept per backward done
+    backward_bytes: float  # live during one backward of the stage only
+    optimizer_bytes: int  # the optimizer step's workspace for this stage's parameters
+
+    @property
+    def held_bytes(self) -> float:
+        """Per micro-batch in flight: saved tensors, the kept output and the loss's saved tensor."""
+        return self.saved_bytes + self.output_bytes + self.loss.saved_bytes
+
+
 class Evaluator:
     """Prices partitions of one model on one cluster under one training set-up."""
 
@@ -80,6 +135,7 @@ class Evaluator:
         cluster.device.flops(training.dtype)  # fail early: the device must support the dtype
         self._block_cache: dict[tuple, BlockCost] = {}
         self._layout_cache: dict[tuple, BlockLayoutCosts] = {}
+        self._memory_cache: dict[tuple, float] = {}
 
     # --- blocks -----------------------------------------------------------------------
 
@@ -241,6 +297,84 @@ class Evaluator:
         b = exposed(gather * (gathers - 1) + scatter, bwd)
         return transient, f, b, gather * gathers + scatter
 
+    # --- memory beyond the resident bytes ([Note: what a step holds]) -------------------
+
+    @property
+    def cpu_kernels(self) -> bool:
+        """Whether the cluster's devices are this machine's CPU processes (torch's CPU kernels)."""
+        return self.cluster.name.startswith(LOCAL_CPU)
+
+    def loss_kind(self) -> str:
+        """The loss ``autopart run`` trains with: cross-entropy for a model of token ids, else mse
+        ([Note: the loss's memory] in cost_models/memory.py)."""
+        cap = self.captured
+        inputs = [n for n in cap.nodes.values() if n.op == "placeholder" and n.name not in cap.param_nodes and n.outputs]
+        floats = ("float", "bfloat16", "half")
+        token_ids = bool(inputs) and all(not t.dtype.startswith(floats) for n in inputs for t in n.outputs)
+        return "cross_entropy" if token_ids else "mse"
+
+    def node_backward_bytes(self, block: Block, micro_batch: int) -> float:
+        """The most one node's backward holds at once in ``block``: the gradient of its output and the
+        gradients of its inputs that need one, per micro-batch of ``micro_batch`` samples. Views
+        make no gradient of their own."""
+        key = ("bwd", block.signature, micro_batch)
+        hit = self._memory_cache.get(key)
+        if hit is None:
+            nodes = self.captured.nodes
+            most = 0
+            for name in block.nodes:
+                n = nodes[name]
+                if not n.needs_grad or n.is_view or not n.outputs:
+                    continue
+                grads = sum(nodes[i].output_bytes for i in set(n.inputs) if nodes[i].needs_grad)
+                most = max(most, n.output_bytes + grads)
+            hit = self._memory_cache[key] = most * micro_batch / self.captured.batch_size
+        return hit
+
+    def stage_memory(
+        self, s: int, stages: Sequence[StageSpec], costs: Sequence[BlockCost], mesh: Mesh, schedule: Schedule,
+        crossing: Sequence[int], params: Iterable[str], split_params: Set[str],
+    ) -> StageMemory:
+        """Stage ``s``'s memory terms ([Note: what a step holds]); ``costs`` are its blocks' costs."""
+        mbs, M, tp = schedule.micro_batch_size, schedule.microbatches, mesh.tp
+        per_mb = mbs / self.captured.batch_size
+        spec = stages[s]
+        blocks = [self.pgraph.blocks[b] for b in spec.blocks]
+        last = s == len(stages) - 1
+        if last:
+            out = sum(self.captured.nodes[n].output_bytes for n in self.pgraph.model_outputs) * per_mb
+            loss = loss_memory(self.loss_kind(), int(out))
+        else:
+            out = crossing[s] * mbs / self.captured.batch_size / tp
+            loss = LossMemory(0, 0)
+        received = crossing[s - 1] * mbs / self.captured.batch_size / tp if s > 0 else 0.0
+        if spec.recompute:
+            saved = sum(c.input_bytes for c in costs)
+            replay = sum(c.saved_bytes for c in costs)  # the whole stage is replayed at once
+        else:
+            saved = sum(c.saved_bytes for c in costs)
+            replay = 0.0
+        nodes = max((self.node_backward_bytes(b, mbs) for b in blocks), default=0.0)
+        backward = max(float(loss.backward_bytes), (0.0 if last else out) + nodes + replay)
+        table = self.captured.params
+        level = dp_spec(self.training.dp_sharding)
+        shard = mesh.dp if (level.uses_fsdp or level.shards_optimizer) and mesh.dp > 1 else 1
+        numels = [table[p].numel // (tp if p in split_params else 1) for p in params if table[p].trainable]
+        # FSDP shards every parameter; ZeRO-1 gives each rank whole parameters, a 1/dp share of them
+        # (the largest may be among them).
+        if shard > 1 and (level.uses_fsdp or not self.cpu_kernels):
+            numels = [-(-n // shard) for n in numels]
+        work = optimizer_workspace_bytes(self.optimizer, numels, foreach=not self.cpu_kernels)
+        return StageMemory(
+            saved_bytes=saved,
+            output_bytes=out,
+            loss=loss,
+            grad_buffer_bytes=0.0 if last else M * out,
+            input_grad_bytes=received,
+            backward_bytes=backward,
+            optimizer_bytes=work,
+        )
+
     # --- stages -----------------------------------------------------------------------
 
     def stage_costs(
@@ -270,15 +404,15 @@ class Evaluator:
             )
             if spec.recompute:
                 bwd += fwd  # full recomputation replays the forward before the backward
-                act = sum(c.input_bytes for c in costs)
-                transient = max((c.saved_bytes for c in costs), default=0.0)
-            else:
-                act = sum(c.saved_bytes for c in costs)
-                transient = 0.0
             names = {p for b in spec.blocks for p in self.pgraph.blocks[b].params}
+            mem = self.stage_memory(s, stages, costs, mesh, schedule, crossing, sorted(names), split_params)
+            transient = 0.0
             static, grad_bytes = self.resident_bytes(names, mesh.tp, mesh.dp, split_params,
                                                      mesh.dp_group(stage_rank(s, pp, layout)))
             fsdp = dp_spec(self.training.dp_sharding).uses_fsdp and mesh.dp > 1
+            # DDP's gradients are its buckets' views, zeroed at the step's start; otherwise they are
+            # dropped and made again by the stage's first backward ([Note: what a step holds]).
+            ddp = mesh.dp > 1 and not fsdp
             if fsdp:  # weights gathered per micro-batch, gradients reduce-scattered ([Note: FSDP prefetch overlap])
                 gathered, f_exp, b_exp, _ = self.fsdp_costs(spec.blocks, mesh, stage_rank(s, pp, layout),
                                                             split_params, fwd, bwd, spec.recompute)
@@ -298,10 +432,15 @@ class Evaluator:
                     forward_s=fwd,
                     backward_s=bwd,
                     send_s=send,
-                    activation_bytes=int(act),
+                    activation_bytes=int(mem.held_bytes),
                     static_bytes=int(static + transient),
                     dp_reduce_s=dp_reduce,
                     backward_weight_s=min(wgt, bwd),
+                    fresh_grad_bytes=0 if ddp or fsdp else int(grad_bytes),
+                    buffer_bytes=int(mem.grad_buffer_bytes),
+                    input_grad_bytes=int(mem.input_grad_bytes),
+                    backward_workspace_bytes=int(mem.backward_bytes),
+                    optimizer_workspace_bytes=int(mem.optimizer_bytes),
                 )
             )
         return out

@@ -239,6 +239,7 @@ class StorageMeter(TorchDispatchMode):
         self._live_bytes = 0
         self._peak = 0
         self._at_peak: dict[int, tuple[int, int, bool]] = {}
+        self._peak_ops: dict[int, tuple[str, tuple[int, ...]]] = {}
         self._hooks: Any = None
 
     # --- the dispatcher side ---
@@ -253,10 +254,10 @@ class StorageMeter(TorchDispatchMode):
             for t in outputs:
                 st = _storage(t)
                 if st is not None and (id(st) not in inputs or id(st) in self._live):
-                    self._see(t)
+                    self._see(t, func)
         return out
 
-    def _see(self, t: Any) -> list[Any] | None:
+    def _see(self, t: Any, func: Any = None) -> list[Any] | None:
         st = _storage(t)
         if st is None:
             return None
@@ -269,11 +270,13 @@ class StorageMeter(TorchDispatchMode):
         except TypeError:  # not weak-referenceable: cannot tell when it dies, so it is not counted
             return None
         self._serial += 1
-        entry = self._live[key] = [self._serial, st.nbytes(), False]
+        entry = self._live[key] = [self._serial, st.nbytes(), False, str(func) if func is not None else "?",
+                                   tuple(_local(t).shape)]
         self._live_bytes += entry[1]
         if self._live_bytes > self._peak:
             self._peak = self._live_bytes
             self._at_peak = {k: (e[0], e[1], e[2]) for k, e in self._live.items()}
+            self._peak_ops = {k: (e[3], e[4]) for k, e in self._live.items()}
         return entry
 
     def _free(self, key: int) -> None:
