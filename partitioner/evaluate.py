@@ -78,6 +78,13 @@ from .simulate import SimResult, StageCost, simulate
 
 __all__ = ["Evaluator", "StageSpec", "BlockCost", "StageMemory", "WEIGHT_GRAD_SHARE"]
 
+def _numel(shape: Sequence[int]) -> int:
+    out = 1
+    for d in shape:
+        out *= d
+    return out
+
+
 WEIGHT_GRAD_SHARE = 0.5  # of a block's backward, when it has trainable parameters ([Note: input and weight gradients])
 
 @dataclass(frozen=True, slots=True)
@@ -151,9 +158,35 @@ class Evaluator:
         hit = self._block_cache.get(key)
         if hit is None:
             compute, comm, saved = self.layout_costs(block, micro_batch, tp).evaluate(dict(zip(block.nodes, strategies)))
+            if self.cpu_kernels:
+                saved += self.attention_fallback_bytes(block, micro_batch, tp, dict(zip(block.nodes, strategies)))
             hit = BlockCost(compute, comm, saved, block.input_bytes * micro_batch / self.captured.batch_size)
             self._block_cache[key] = hit
         return hit
+
+    def attention_fallback_bytes(self, block: Block, micro_batch: int, tp: int, strategies: Mapping[str, str]) -> float:
+        """What fused attention with dropout saves beyond the fused kernels' accounting on CPU.
+
+        [Note: attention with dropout on CPU]
+        The capture counts a fused attention kernel's saved tensors ([Note: attention memory] in
+        capture.py). torch's CPU flash kernel has no dropout, so with ``dropout_p > 0`` the math
+        path runs: it saves copies of q, k and v (as the fused kernels save them), the softmax
+        probabilities, dropout's mask (in the probabilities' dtype, on CPU) and the dropped
+        probabilities, ``3 b h s_q s_k`` elements, and neither the output nor the log-sum-exp.
+        Measured against the storage meter in tests/test_memory_model.py.
+        """
+        extra = 0.0
+        for name in block.nodes:
+            n = self.captured.nodes[name]
+            if "scaled_dot_product" not in n.target or "dropout" not in n.variant.split(",") or not n.outputs:
+                continue
+            out = n.outputs[0]
+            key = self.captured.nodes[n.inputs[1]].outputs[0] if len(n.inputs) > 1 else out
+            rows = _numel(out.shape[:-1])  # b h s_q
+            scores = rows * key.shape[-2] * (out.bytes // max(1, _numel(out.shape)))  # b h s_q s_k, output's dtype
+            lse = rows * 4  # fp32
+            extra += (3 * scores - out.bytes - lse) / (tp if strategies.get(name, "replicate") != "replicate" else 1)
+        return extra * micro_batch / self.captured.batch_size
 
     def layout_costs(self, block: Block, micro_batch: int, tp: int) -> BlockLayoutCosts:
         """The per-node cost tables of ``block`` (per block: its boundary can differ from its twins')."""
@@ -349,8 +382,10 @@ class Evaluator:
             loss = LossMemory(0, 0)
         received = crossing[s - 1] * mbs / self.captured.batch_size / tp if s > 0 else 0.0
         if spec.recompute:
-            saved = sum(c.input_bytes for c in costs)
-            replay = sum(c.saved_bytes for c in costs)  # the whole stage is replayed at once
+            # The runtime checkpoints the stage in one piece ([Note: recomputation as priced] in
+            # runtime.py): it keeps the stage's inputs, and its backward replays every block at once.
+            saved = received if s > 0 else costs[0].input_bytes
+            replay = sum(c.saved_bytes for c in costs)
         else:
             saved = sum(c.saved_bytes for c in costs)
             replay = 0.0
