@@ -15,9 +15,11 @@ from .memory import (
     OPTIMIZERS,
     LossMemory,
     OptimizerSpec,
+    RecordedMargin,
     loss_memory,
     optimizer_spec,
     optimizer_workspace_bytes,
+    recorded_margin,
     static_bytes,
 )
 
@@ -43,4 +45,6 @@ __all__ = [
     "LossMemory",
     "loss_memory",
     "optimizer_workspace_bytes",
+    "RecordedMargin",
+    "recorded_margin",
 ]

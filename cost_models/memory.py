@@ -30,7 +30,9 @@ the update is in place. SGD with momentum updates in place: no workspace.
 
 from __future__ import annotations
 
+import json
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Sequence
 
 __all__ = [
@@ -43,6 +45,8 @@ __all__ = [
     "LossMemory",
     "LOSSES",
     "loss_memory",
+    "RecordedMargin",
+    "recorded_margin",
 ]
 
 
@@ -148,3 +152,54 @@ def loss_memory(kind: str, output_bytes: int) -> LossMemory:
     Raises KeyError for a kind not in LOSSES."""
     saved, backward = LOSSES[kind]
     return LossMemory(saved * output_bytes, backward * output_bytes)
+
+
+# [Note: the memory margin]
+# A plan that says it fits must not run out of memory. The memory model's error is measured:
+# ``python -m benchmarks.fidelity --memory-only --report FILE --record-margin`` runs every layout
+# of the fidelity benchmark, sets each rank's measured peak (partitioner/measure.py) against its
+# prediction, and writes the worst excess of a measured peak over its prediction to
+# ``memory_margin.json`` beside this module, with the command, the date and the report. Every
+# plan adds that fraction to its predicted peak when checking fit (``Predicted.fits``:
+# ``peak * (1 + margin) <= memory * (1 - memory_reserve)``), so the reserve stays what it was
+# for (the allocator's fragmentation and the runtime's own buffers), and ``autopart explain``
+# states the margin and its source. A layout unlike the measured ones (another device, another
+# kernel) is covered only as far as its error resembles theirs.
+MARGIN_FILE = Path(__file__).with_name("memory_margin.json")
+
+
+@dataclass(frozen=True, slots=True)
+class RecordedMargin:
+    """The memory margin and where it comes from ([Note: the memory margin])."""
+
+    margin: float  # fraction added to a predicted peak: the worst measured excess over it, >= 0
+    worst_error: float  # the largest |predicted / measured - 1| over the measured ranks
+    median_error: float  # their median
+    ranks: int  # measured ranks
+    layouts: int  # measured layouts
+    command: str  # the command that measured them
+    date: str  # when (UTC)
+    source: str  # the report it wrote
+
+    def __post_init__(self) -> None:
+        if not 0.0 <= self.margin < 10.0:
+            raise ValueError(f"memory margin {self.margin!r} must be in [0, 10)")
+
+    def describe(self) -> str:
+        return (f"memory margin: +{self.margin:.1%} on the predicted peak, the measured worst underestimate of the "
+                f"memory model over {self.ranks} ranks of {self.layouts} layouts (median error "
+                f"{self.median_error:.1%}, worst {self.worst_error:.1%}), {self.source}, {self.date}")
+
+
+def recorded_margin(path: Path | None = None) -> RecordedMargin:
+    """The recorded memory margin (``memory_margin.json``). Raises ValueError naming the file when it
+    is missing or malformed, with the command that writes it."""
+    path = MARGIN_FILE if path is None else path
+    fix = "regenerate it with python -m benchmarks.fidelity --memory-only --report FILE --record-margin"
+    try:
+        data = json.loads(path.read_text())
+        return RecordedMargin(**data)
+    except FileNotFoundError:
+        raise ValueError(f"{path}: no memory margin recorded; {fix}") from None
+    except (ValueError, TypeError) as exc:
+        raise ValueError(f"{path}: not a memory margin record ({exc}); {fix}") from None

@@ -63,6 +63,7 @@ from cost_models import (
     loss_memory,
     optimizer_spec,
     optimizer_workspace_bytes,
+    recorded_margin,
     static_bytes,
 )
 
@@ -130,7 +131,12 @@ class StageMemory:
 class Evaluator:
     """Prices partitions of one model on one cluster under one training set-up."""
 
-    def __init__(self, pgraph: PartitionGraph, cluster: Cluster, cost_model: CostModel, training: Training) -> None:
+    def __init__(
+        self, pgraph: PartitionGraph, cluster: Cluster, cost_model: CostModel, training: Training,
+        memory_margin: float | None = None,
+    ) -> None:
+        """``memory_margin``: the fraction added to every predicted peak when checking fit; default the
+        recorded one ([Note: the memory margin] in cost_models/memory.py)."""
         self.pgraph = pgraph
         self.captured: CapturedModel = pgraph.captured
         self.cluster = cluster
@@ -143,6 +149,14 @@ class Evaluator:
         self._block_cache: dict[tuple, BlockCost] = {}
         self._layout_cache: dict[tuple, BlockLayoutCosts] = {}
         self._memory_cache: dict[tuple, float] = {}
+        if memory_margin is None:
+            try:
+                memory_margin = recorded_margin().margin
+            except ValueError as exc:
+                raise PlanError(str(exc)) from None
+        if not 0.0 <= memory_margin < 10.0:
+            raise PlanError(f"memory margin {memory_margin!r} must be in [0, 10)")
+        self.memory_margin = float(memory_margin)
 
     # --- blocks -----------------------------------------------------------------------
 
@@ -329,6 +343,16 @@ class Evaluator:
         f = exposed(gather, fwd)
         b = exposed(gather * (gathers - 1) + scatter, bwd)
         return transient, f, b, gather * gathers + scatter
+
+    @property
+    def memory_limit_bytes(self) -> int:
+        """Device memory less the reserve: a plan fits when its peak plus the margin is within it."""
+        return int(self.cluster.device.memory_bytes * (1 - self.training.memory_reserve))
+
+    @property
+    def usable_memory_bytes(self) -> float:
+        """The largest predicted peak that fits: the limit less the memory margin."""
+        return self.memory_limit_bytes / (1 + self.memory_margin)
 
     # --- memory beyond the resident bytes ([Note: what a step holds]) -------------------
 
@@ -627,7 +651,7 @@ class Evaluator:
     def _assemble(self, stages, mesh, schedule, sharding, costs, sim, method, status, started, objective, bound) -> Plan:
         cap = self.captured
         dev = self.cluster.device
-        limit = int(dev.memory_bytes * (1 - self.training.memory_reserve))
+        limit = self.memory_limit_bytes
         pp = mesh.pp
         layout = schedule_spec(schedule.name).layout
         parts = self.components(stages, mesh, schedule, sharding, costs, sim)
@@ -649,11 +673,12 @@ class Evaluator:
                         backward_s=c.backward_s,
                         send_s=c.send_s,
                         static_bytes=c.static_bytes,
-                        activation_bytes=sim.peak_activation_bytes[r],
+                        activation_bytes=sim.peak_parts[r].activations,
                         memory_bytes=sim.peak_memory_bytes[r],
                         busy_s=(c.forward_s + c.backward_s) * schedule.microbatches,
                         dp_reduce_s=c.dp_reduce_s,
                         components=parts[s],
+                        workspace_bytes=sim.peak_parts[r].workspace,
                     ),
                 )
             )
@@ -670,7 +695,8 @@ class Evaluator:
             bubble_fraction=sim.bubble_fraction,
             peak_memory_bytes=int(peak),
             memory_limit_bytes=limit,
-            fits=peak <= limit,
+            fits=peak * (1 + self.memory_margin) <= limit,
+            memory_margin=self.memory_margin,
         )
         return Plan(
             model=ModelRef(cap.name, cap.param_count, cap.fingerprint, cap.input_shapes),
