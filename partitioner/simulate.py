@@ -67,6 +67,18 @@ waits is the end of its last action; the exposed reduction and the wait for
 the slowest rank then make up the step. The evaluator stores this split in
 every plan (``StageComponents``), so that ``explain`` and ``diff`` read it.
 A ``W`` waits only for its own stage's ``I`` on the same rank: never a transfer.
+
+[Note: memory over the step]
+Each rank's memory is walked through its actions in order (the terms are sized by the
+evaluator: [Note: what a step holds] in evaluate.py). Live at any moment: the static bytes
+of its stages, less the gradients a stage makes afresh (``fresh_grad_bytes``) until its
+first backward has ended; the receive buffers (``buffer_bytes``); the input gradients kept
+by every backward so far (``input_grad_bytes``); and ``activation_bytes`` per micro-batch in
+flight, added at its forward and released at the end of its ``B`` or ``W``. A ``B`` or ``I``
+adds its stage's ``backward_workspace_bytes`` while it runs. After the last backward the
+optimizer step holds every gradient and the largest ``optimizer_workspace_bytes`` of the
+rank's stages. The rank's peak is the largest of these moments (``SimResult.peak_parts``
+says what was live then).
 """
 
 from __future__ import annotations
