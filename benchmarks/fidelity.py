@@ -212,7 +212,7 @@ def record_margin(s: dict[str, float], command: str, report: Path) -> Path:
         layouts=int(s["layouts"]),
         command=command,
         date=time.strftime("%Y-%m-%d", time.gmtime()),
-        source=str(report.relative_to(ROOT) if report.resolve().is_relative_to(ROOT) else report),
+        source=str(report.resolve().relative_to(ROOT) if report.resolve().is_relative_to(ROOT) else report),
     )
     MARGIN_FILE.write_text(json.dumps(data, indent=1) + "\n")
     return MARGIN_FILE
