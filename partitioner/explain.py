@@ -406,7 +406,7 @@ def _fmt_bytes(n: float) -> str:
 
 
 def margin_line(plan: Plan) -> str:
-    """The plan's memory margin, where it comes from, and what it does to the fit check
+    """Two lines: the plan's memory margin with where it comes from, and the fit check it enters
     ([Note: the memory margin] in cost_models/memory.py)."""
     pred = plan.predicted
     peak, margin = pred.peak_memory_bytes, pred.memory_margin
@@ -420,7 +420,7 @@ def margin_line(plan: Plan) -> str:
         head = rec.describe()
     elif margin == 0:
         head = "memory margin: none (this plan was priced without one)"
-    return (f"{head}; peak {_fmt_bytes(peak)} + {margin:.1%} = {_fmt_bytes(peak * (1 + margin))} "
+    return (f"{head}\nfit: peak {_fmt_bytes(peak)} + {margin:.1%} = {_fmt_bytes(peak * (1 + margin))} "
             f"of {_fmt_bytes(pred.memory_limit_bytes)} (device memory less the {plan.training.memory_reserve:.0%} "
             f"reserve): {verdict}")
 
@@ -456,6 +456,8 @@ def print_measured(run: MeasuredRun) -> None:
         r = m["resident"]
         console.print(f"rank {m['rank']} holds {_fmt_bytes(r['parameters'])} of parameters, {_fmt_bytes(r['gradients'])} "
                       f"of gradients, {_fmt_bytes(r['optimizer'])} of optimizer state (measured by {m['source']})")
+    if plan.predicted is not None:
+        console.print(margin_line(plan))
     console.print(memory_margin(run).describe())
     worst_t = max(times, key=lambda x: abs(x.error))
     worst_m = max((x for x in memory if x.what != "peak"), key=lambda x: abs(x.error))

@@ -182,6 +182,8 @@ def test_the_recorded_margin_is_every_plans_default_and_explain_states_it(tmp_pa
     monkeypatch.setenv("COLUMNS", "300")
     capsys.readouterr()
     assert main(["explain", str(out)]) == 0
-    [line] = [l for l in capsys.readouterr().out.splitlines() if l.startswith("memory margin: ")]
+    out = capsys.readouterr().out.splitlines()
+    [line] = [l for l in out if l.startswith("memory margin: ")]
     assert f"+{rec.margin:.1%} on the predicted peak" in line and rec.source in line and f"{rec.ranks} ranks" in line
-    assert line.endswith(": fits")
+    [fit] = [l for l in out if l.startswith("fit: ")]
+    assert f"+ {rec.margin:.1%} = " in fit and fit.endswith(": fits")
