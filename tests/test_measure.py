@@ -86,7 +86,9 @@ def test_measured_memory_sums_and_matches_the_plans_static_bytes(measured, layou
             assert 0.5 * steady["predicted_static_bytes"] < held - rank["scalar_state_bytes"] < 1.5 * steady["predicted_static_bytes"]
         else:  # byte for byte: the memory model's parameters, gradients and moments are what the rank holds
             assert held - rank["scalar_state_bytes"] == steady["predicted_static_bytes"], (layout, steady)
-        if layout != "tp":  # the peak within 10% (tp is not yet: benchmarks/results/2026-12-05-fidelity-memory.md)
+        # The peak within 10% on the pipeline. Not yet under tp (benchmarks/results/2026-12-05-fidelity-memory.md),
+        # and not under ZeRO-1 here: its ranks hold whole parameters' moments, unevenly (above).
+        if layout == "pp":
             peak = max(rank["first"]["peak_bytes"], steady["peak_bytes"])
             assert abs(steady["predicted_peak_bytes"] / peak - 1) < 0.10, (layout, steady["predicted_peak_bytes"], peak)
 

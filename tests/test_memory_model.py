@@ -72,6 +72,10 @@ def test_loss_memory_is_what_the_loss_keeps_and_allocates(kind: str) -> None:
         (grad,) = torch.autograd.grad(loss, out)
     peak, at_peak, _ = meter.result([model], None)
     assert kept == predicted.saved_bytes
+    if kind == "cross_entropy":  # the meter names what made each tensor at the peak
+        made = {op for op, shape, nbytes, _ in meter.peak_tensors() if shape == (rows, width)}
+        assert {"aten._log_softmax.default", "aten.nll_loss_backward.default",
+                "aten._log_softmax_backward_data.default"} <= made
     # At the end of the backward: the saved tensor and the two gradients, beside a few scalars.
     new = at_peak.total - at_peak.parameters - (0 if kind == "cross_entropy" else out.nbytes + target.nbytes)
     assert predicted.saved_bytes + predicted.backward_bytes <= new <= predicted.saved_bytes + predicted.backward_bytes + 4096
