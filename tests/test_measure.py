@@ -61,7 +61,9 @@ def measured(tmp_path_factory) -> dict[str, list[dict]]:
     runs = {
         "pp": dict(model="gpt2-tiny", layout=dict(pp=2, microbatches=2, global_batch=4, schedule="1f1b")),
         "dp": dict(model="gpt2-tiny", layout=dict(dp=2, microbatches=2, global_batch=4, zero1=True)),
-        "tp": dict(model="gpt2-tiny", layout=dict(tp=2, microbatches=1, global_batch=2)),
+        # Two micro-batches: the first one's logits must be gone by the second's peak (rewrite.py,
+        # TensorParallelModule.forward).
+        "tp": dict(model="gpt2-tiny", layout=dict(tp=2, microbatches=2, global_batch=4)),
     }
     reports = launch(2, "measure", {"runs": runs}, tmp_path_factory.mktemp("measure"), timeout_s=400)
     for r in reports:
@@ -86,11 +88,11 @@ def test_measured_memory_sums_and_matches_the_plans_static_bytes(measured, layou
             assert 0.5 * steady["predicted_static_bytes"] < held - rank["scalar_state_bytes"] < 1.5 * steady["predicted_static_bytes"]
         else:  # byte for byte: the memory model's parameters, gradients and moments are what the rank holds
             assert held - rank["scalar_state_bytes"] == steady["predicted_static_bytes"], (layout, steady)
-        # The peak within 10% on the pipeline. Not yet under tp (benchmarks/results/2026-12-05-fidelity-memory.md),
-        # and not under ZeRO-1 here: its ranks hold whole parameters' moments, unevenly (above).
-        if layout == "pp":
+        # The peak within 5% on the pipeline and under tp (+0.7..+2.3% here); not under ZeRO-1 here: its ranks hold whole
+        # parameters' moments, unevenly (above).
+        if layout != "dp":
             peak = max(rank["first"]["peak_bytes"], steady["peak_bytes"])
-            assert abs(steady["predicted_peak_bytes"] / peak - 1) < 0.10, (layout, steady["predicted_peak_bytes"], peak)
+            assert abs(steady["predicted_peak_bytes"] / peak - 1) < 0.05, (layout, steady["predicted_peak_bytes"], peak)
 
 
 @pytest.mark.slow  # a multi-process launch (5-15 s on 2 cores)
