@@ -11,7 +11,15 @@ with ``--report``, writes it as markdown with the command, and keeps every plan 
 beside it so that ``autopart explain --measured RUN.json`` can show where each one is wrong.
 
     python -m benchmarks.fidelity [--report benchmarks/results/YYYY-MM-DD-fidelity.md] [--steps 10]
-        [--warmup 2] [--only TEXT] [--no-calibrate] [--cache PATH] [--force]
+        [--warmup 2] [--only TEXT] [--no-calibrate] [--cache PATH] [--force] [--memory-only]
+        [--record-margin]
+
+``--memory-only`` measures peak memory alone, which does not depend on the machine's load: each
+layout is planned on the ``local-cpu:N`` preset without profiling and run for one step after one
+warm-up (the meter watches the first step and a steady one). ``--record-margin`` writes the worst
+excess of a measured peak over its prediction into ``cost_models/memory_margin.json``, with this
+command and the report, as the memory margin every plan adds to its predicted peak (item 5 of
+issue 12; cost_models/memory.py, ``recorded_margin``).
 
 Nothing here is tuned: the predictions are what the planner writes into the plan.
 """
@@ -82,6 +90,7 @@ class Outcome:
     memory: tuple[tuple[int, int, int], ...]  # (rank, predicted peak bytes, measured peak bytes)
     largest_residual: str  # explain --measured's line for time
     reserve: float  # the plan's training.memory_reserve
+    memory_residual: str = ""  # explain --measured's line for memory
 
     @property
     def step_error(self) -> float:
@@ -122,13 +131,15 @@ def calibrate(world: int, out: Path) -> Path:  # a failure here ends the benchma
     return out
 
 
-def measure(layout: Layout, cluster: str, cache: Path, keep: Path, steps: int, warmup: int) -> Outcome:
+def measure(layout: Layout, cluster: str, cache: Path, keep: Path, steps: int, warmup: int,
+            profile: bool = True) -> Outcome:
     slug = layout.name.replace(" ", "-")
     plan_path, run_path = keep / f"{slug}.plan.json", keep / f"{slug}.run.json"
     for p in (plan_path, run_path):
         p.unlink(missing_ok=True)
-    _run([sys.executable, "-m", "partitioner", "plan", "--model", layout.model, "--cluster", cluster, "--profile",
-          "--cache", str(cache), "--time-limit", "10", "--quiet", *layout.flags, "--json", str(plan_path)],
+    priced = ["--profile", "--cache", str(cache)] if profile else []
+    _run([sys.executable, "-m", "partitioner", "plan", "--model", layout.model, "--cluster", cluster, *priced,
+          "--time-limit", "10", "--quiet", *layout.flags, "--json", str(plan_path)],
          f"plan {layout.name}")
     _run([*_torchrun(layout.world), "-m", "partitioner", "run", "--plan", str(plan_path), "--steps", str(steps),
           "--warmup", str(warmup), "--json", str(run_path)], f"run {layout.name}")
@@ -138,6 +149,7 @@ def measure(layout: Layout, cluster: str, cache: Path, keep: Path, steps: int, w
     mean = statistics.fmean(times)
     explain = _run([sys.executable, "-m", "partitioner", "explain", "--measured", str(run_path)], f"explain {layout.name}")
     line = next((l for l in explain.splitlines() if l.startswith("largest time residual:")), "")
+    mem_line = next((l for l in explain.splitlines() if l.startswith("largest memory residual:")), "")
     return Outcome(
         layout=layout.name,
         predicted_step_s=plan["predicted"]["step_time_s"],
@@ -146,6 +158,7 @@ def measure(layout: Layout, cluster: str, cache: Path, keep: Path, steps: int, w
         memory=tuple((m["rank"], m["predicted_peak_bytes"], m["peak_bytes"]) for m in run["memory"]),
         largest_residual=line.removeprefix("largest time residual: "),
         reserve=plan["training"]["memory_reserve"],
+        memory_residual=mem_line.removeprefix("largest memory residual: "),
     )
 
 
@@ -172,6 +185,39 @@ def table(outcomes: Sequence[Outcome]) -> list[str]:
     return lines
 
 
+def memory_table(outcomes: Sequence[Outcome]) -> list[str]:
+    """One row per rank: predicted and measured peak, the error, and the layout's largest memory residual."""
+    lines = [
+        "| layout | rank | predicted peak | measured peak | error | largest memory residual (explain --measured) |",
+        "|---|---:|---:|---:|---:|---|",
+    ]
+    for o in outcomes:
+        for i, (r, p, m) in enumerate(o.memory):
+            lines.append(f"| {o.layout if i == 0 else ''} | {r} | {p / 2**20:.3f} MiB | {m / 2**20:.3f} MiB | "
+                         f"{p / m - 1:+.1%} | {o.memory_residual if i == 0 else ''} |")
+    return lines
+
+
+MARGIN_FILE = ROOT / "cost_models" / "memory_margin.json"
+
+
+def record_margin(s: dict[str, float], command: str, report: Path) -> Path:
+    """Write the memory margin (cost_models/memory.py, ``recorded_margin``): the worst excess of a
+    measured peak over its prediction, never below zero, with where it comes from."""
+    data = dict(
+        margin=round(max(0.0, s["memory_excess"]), 4),
+        worst_error=round(s["memory_worst"], 4),
+        median_error=round(s["memory_median"], 4),
+        ranks=int(s["ranks"]),
+        layouts=int(s["layouts"]),
+        command=command,
+        date=time.strftime("%Y-%m-%d", time.gmtime()),
+        source=str(report.resolve().relative_to(ROOT) if report.resolve().is_relative_to(ROOT) else report),
+    )
+    MARGIN_FILE.write_text(json.dumps(data, indent=1) + "\n")
+    return MARGIN_FILE
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--report", default=None, help="write the markdown report here (its plans and runs beside it)")
@@ -181,7 +227,17 @@ def main(argv: Sequence[str] | None = None) -> int:
     ap.add_argument("--no-calibrate", action="store_true", help="plan on the local-cpu preset instead of a calibrated file")
     ap.add_argument("--cache", default=None, help="profile cache (default: a fresh one in the keep folder)")
     ap.add_argument("--force", action="store_true", help="let --report overwrite an existing file")
+    ap.add_argument("--memory-only", action="store_true",
+                    help="peak memory alone: plan on local-cpu:N without profiling, run 1 step after 1 warm-up")
+    ap.add_argument("--record-margin", action="store_true",
+                    help="write the worst measured excess over the predicted peak to cost_models/memory_margin.json "
+                         "(needs --report and every layout)")
     args = ap.parse_args(argv)
+    if args.memory_only:
+        args.no_calibrate, args.steps, args.warmup = True, 1, 1
+    if args.record_margin and (args.report is None or args.only is not None):
+        raise SystemExit("fidelity: --record-margin needs --report (the margin names its source) and every layout "
+                         "(no --only)")
     report = Path(args.report) if args.report else None
     if report is not None and report.exists() and not args.force:
         raise SystemExit(f"fidelity: --report {report} exists; pass --force or pick a new path")
@@ -198,7 +254,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     failed: list[str] = []
     for layout in layouts:
         try:
-            o = measure(layout, clusters[layout.world], cache, keep, args.steps, args.warmup)
+            o = measure(layout, clusters[layout.world], cache, keep, args.steps, args.warmup,
+                        profile=not args.memory_only)
         except RunFailed as exc:  # recorded, not retried: a flaky layout should show
             failed.append(f"{layout.name}: {exc}")
             print(f"{layout.name}: {exc}", flush=True)
@@ -207,23 +264,38 @@ def main(argv: Sequence[str] | None = None) -> int:
         print(f"{o.layout}: step predicted {o.predicted_step_s * 1e3:.1f} ms, measured {o.measured_step_s * 1e3:.1f} ms "
               f"({o.step_error:+.1%}); peak memory error per rank "
               f"{', '.join(f'{e:+.1%}' for e in o.memory_errors)}", flush=True)
+    if not outcomes:
+        raise SystemExit("fidelity: every layout failed: " + "; ".join(failed))
     s = summarize(outcomes)
-    lines = table(outcomes)
+    lines = memory_table(outcomes) if args.memory_only else table(outcomes)
     summary = (f"step time over {s['layouts']} layouts: median |error| {s['step_median']:.1%}, worst {s['step_worst']:.1%} "
                f"(target 10% / 20%); peak memory over {s['ranks']} ranks: median |error| {s['memory_median']:.1%}, "
                f"worst {s['memory_worst']:.1%} (target 3% / 10%); memory margin: measured peaks up to "
                f"{s['memory_excess']:+.1%} over the prediction, covered by --memory-reserve {s['reserve']:.3f}")
+    if args.memory_only:
+        summary = (f"peak memory over {s['ranks']} ranks of {s['layouts']} layouts: median |error| "
+                   f"{s['memory_median']:.1%}, worst {s['memory_worst']:.1%} (target 3% / 10%); measured peaks up to "
+                   f"{s['memory_excess']:+.1%} over the prediction")
     if failed:
         summary += f"; {len(failed)} layout(s) failed and are not in the figures: " + "; ".join(failed)
     print("\n".join(lines))
     print(summary)
     if report is not None:
         command = "python -m benchmarks.fidelity " + " ".join(shlex.quote(a) for a in (argv if argv is not None else sys.argv[1:]))
+        where = keep.relative_to(ROOT) if keep.is_relative_to(ROOT) else keep
+        memory_how = (
+            "Memory only: each layout is planned on the `local-cpu:N` preset without profiling (`autopart plan` with "
+            "the layout's flags) and run with `autopart run --steps 1 --warmup 1 --json` (gloo, one thread per rank). "
+            "The error is predicted / measured - 1. Peak memory is measured by the dispatch-mode storage meter "
+            "(partitioner/measure.py) over the first step and a steady one; it does not depend on the machine's load. "
+            f"Plans and runs are in `{where}/`; `autopart explain --measured RUN.json` shows every category."
+        )
         text = [
             "# Fidelity: predicted vs measured step time and peak memory per rank (issue 12)",
             "",
             f"Command: `{command}` ({time.strftime('%Y-%m-%d', time.gmtime())}, {time.monotonic() - started:.0f} s).",
             "",
+            memory_how if args.memory_only else
             f"Each layout is calibrated ({'no' if args.no_calibrate else 'yes'}: `autopart calibrate` per world size), "
             f"planned with `autopart plan --profile` and the layout's flags, and run with `autopart run --steps {args.steps} "
             f"--warmup {args.warmup} --json` (gloo, one thread per rank). The error is predicted / measured - 1. "
@@ -244,6 +316,11 @@ def main(argv: Sequence[str] | None = None) -> int:
              for o in outcomes],
             indent=1) + "\n")
         print(f"wrote {report}")
+        if args.record_margin:
+            if failed:
+                raise SystemExit("fidelity: --record-margin: some layouts failed, so the margin would not cover them; "
+                                 "rerun")
+            print(f"wrote {record_margin(s, command, report)}")
     return 0
 
 

@@ -10,7 +10,18 @@ from .analytic import AnalyticCostModel
 from .base import COLLECTIVES, CostModel, NodeRef, OpTime, op_class
 from .calibrated import Calibration, CalibratedCostModel, OpFit, Sample, fit_calibration
 from .profiled import MeasuredCostModel, MeasuredOp
-from .memory import OPTIMIZERS, OptimizerSpec, optimizer_spec, static_bytes
+from .memory import (
+    LOSSES,
+    OPTIMIZERS,
+    LossMemory,
+    OptimizerSpec,
+    RecordedMargin,
+    loss_memory,
+    optimizer_spec,
+    optimizer_workspace_bytes,
+    recorded_margin,
+    static_bytes,
+)
 
 __all__ = [
     "AnalyticCostModel",
@@ -30,4 +41,10 @@ __all__ = [
     "optimizer_spec",
     "OptimizerSpec",
     "static_bytes",
+    "LOSSES",
+    "LossMemory",
+    "loss_memory",
+    "optimizer_workspace_bytes",
+    "RecordedMargin",
+    "recorded_margin",
 ]

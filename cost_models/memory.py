@@ -8,13 +8,46 @@ When the plan computes in fp32 (or tf32, which computes on fp32 tensors) there i
 nothing to keep a master copy of: adam-mixed then holds what plain Adam holds,
 4 + 4 + 8 = 16 bytes (``optimizer_spec``), as the runtime does
 (``PrecisionPolicy.master_dtype`` is None in partitioner/precision.py).
+
+Beyond what is resident, a training step allocates memory that lives only for
+part of it; each term below is a mechanism of torch or of our runtime, sized
+from shapes and dtypes (docs/solver.md, "Memory"), and checked against the
+dispatch-mode storage meter (partitioner/measure.py) in tests/test_memory_model.py:
+
+- ``optimizer_workspace_bytes``: the optimizer step's temporaries.
+- ``loss_memory``: what the loss keeps from its forward to its backward, and the
+  gradients its backward makes ([Note: the loss's memory]).
+
+[Note: the optimizer step's workspace]
+torch's Adam/AdamW computes the denominator ``sqrt(v) / sqrt(bias2) + eps`` out of
+place: the single-tensor implementation (torch's default on CPU) holds two copies
+of one parameter's state at once (the square root, then its quotient), so the
+step's workspace is ``2 x 4 x`` the largest parameter's elements (fp32 state); the
+foreach implementation (torch's default on CUDA) takes the square root of every
+state tensor of the group in one call, ``4 x`` the sum of the elements. The rest of
+the update is in place. SGD with momentum updates in place: no workspace.
 """
 
 from __future__ import annotations
 
+import json
 from dataclasses import dataclass
+from pathlib import Path
+from typing import Sequence
 
-__all__ = ["OptimizerSpec", "OPTIMIZERS", "FULL_PRECISION", "optimizer_spec", "static_bytes"]
+__all__ = [
+    "OptimizerSpec",
+    "OPTIMIZERS",
+    "FULL_PRECISION",
+    "optimizer_spec",
+    "static_bytes",
+    "optimizer_workspace_bytes",
+    "LossMemory",
+    "LOSSES",
+    "loss_memory",
+    "RecordedMargin",
+    "recorded_margin",
+]
 
 
 @dataclass(frozen=True, slots=True)
@@ -27,19 +60,25 @@ class OptimizerSpec:
     # Of state_bytes, the fp32 master copy: every dp rank keeps it whole (the runtime's
     # MasterWeightOptimizer); ZeRO-1 shards the rest (Adam's m and v).
     master_bytes: int = 0
+    # The step's out-of-place temporaries, in fp32 copies of one state tensor: held at once per
+    # tensor by the single-tensor implementation, over the whole group by foreach
+    # ([Note: the optimizer step's workspace]).
+    step_copies: int = 0
 
     def __post_init__(self) -> None:
         if self.grad_bytes < 0 or self.state_bytes < 0 or not 0 <= self.master_bytes <= self.state_bytes:
             raise ValueError(f"optimizer {self.name}: byte counts must be >= 0, the master copy within the state")
+        if self.step_copies < 0:
+            raise ValueError(f"optimizer {self.name}: step_copies must be >= 0")
 
 
 OPTIMIZERS = {
     # ZeRO paper, Sec. 3.1: fp16/bf16 weights + grads, fp32 master + Adam m, v.
-    "adam-mixed": OptimizerSpec("adam-mixed", grad_bytes=2, state_bytes=12, master_bytes=4),
+    "adam-mixed": OptimizerSpec("adam-mixed", grad_bytes=2, state_bytes=12, master_bytes=4, step_copies=2),
     # Plain fp32 Adam: fp32 grads, m and v (weights counted separately at 4 bytes).
-    "adam": OptimizerSpec("adam", grad_bytes=4, state_bytes=8),
+    "adam": OptimizerSpec("adam", grad_bytes=4, state_bytes=8, step_copies=2),
     # SGD with momentum in fp32.
-    "sgd": OptimizerSpec("sgd", grad_bytes=4, state_bytes=4),
+    "sgd": OptimizerSpec("sgd", grad_bytes=4, state_bytes=4, step_copies=0),
 }
 
 # Plan dtypes whose tensors are fp32: no half-precision copy, so no separate fp32 master.
@@ -54,7 +93,7 @@ def optimizer_spec(name: str, dtype: str) -> OptimizerSpec:
     """
     spec = OPTIMIZERS[name]
     if name == "adam-mixed" and dtype in FULL_PRECISION:
-        return OptimizerSpec(name, grad_bytes=4, state_bytes=8)
+        return OptimizerSpec(name, grad_bytes=4, state_bytes=8, step_copies=spec.step_copies)
     return spec
 
 
@@ -73,3 +112,94 @@ def static_bytes(
     if zero1:
         state = -(-state // max(1, dp))
     return int(weight_bytes + optimizer.grad_bytes * param_count + master + state)
+
+
+STATE_BYTES = 4  # optimizer state is fp32 (Adam's m and v, the masters)
+
+
+def optimizer_workspace_bytes(optimizer: OptimizerSpec, numels: Sequence[int], foreach: bool) -> int:
+    """Bytes the optimizer step allocates beyond the state, for parameters of ``numels`` elements
+    (this device's shards): ``step_copies`` fp32 copies of the largest one (single-tensor), or one
+    copy of them all (foreach) ([Note: the optimizer step's workspace])."""
+    if not numels or optimizer.step_copies == 0:
+        return 0
+    if foreach:
+        return STATE_BYTES * sum(numels)
+    return optimizer.step_copies * STATE_BYTES * max(numels)
+
+
+@dataclass(frozen=True, slots=True)
+class LossMemory:
+    """What the loss adds on the last stage, per micro-batch ([Note: the loss's memory])."""
+
+    saved_bytes: int  # kept from the loss's forward to its backward (per micro-batch in flight)
+    backward_bytes: int  # allocated by the loss's backward, live together at its end
+
+
+# [Note: the loss's memory]
+# ``autopart run`` trains a model that takes token ids with cross-entropy over its output's
+# last dimension and any other model with the mean squared error (partitioner/runtime.py,
+# ``run_plan``). ``F.cross_entropy`` is ``log_softmax`` then ``nll_loss``: log_softmax saves
+# its output (one output-sized tensor), and the backward makes nll_loss's gradient and then
+# log_softmax's, both output-sized and live together. ``F.mse_loss`` saves its input and
+# target, which exist anyway, and its backward makes the difference and the gradient, two
+# output-sized tensors. Sizes are in the output's dtype.
+LOSSES = {"cross_entropy": (1, 2), "mse": (0, 2)}  # (saved, backward) output-sized tensors
+
+
+def loss_memory(kind: str, output_bytes: int) -> LossMemory:
+    """The loss ``kind``'s memory for a model output of ``output_bytes`` per micro-batch.
+    Raises KeyError for a kind not in LOSSES."""
+    saved, backward = LOSSES[kind]
+    return LossMemory(saved * output_bytes, backward * output_bytes)
+
+
+# [Note: the memory margin]
+# A plan that says it fits must not run out of memory. The memory model's error is measured:
+# ``python -m benchmarks.fidelity --memory-only --report FILE --record-margin`` runs every layout
+# of the fidelity benchmark, sets each rank's measured peak (partitioner/measure.py) against its
+# prediction, and writes the worst excess of a measured peak over its prediction to
+# ``memory_margin.json`` beside this module, with the command, the date and the report. Every
+# plan adds that fraction to its predicted peak when checking fit (``Predicted.fits``:
+# ``peak * (1 + margin) <= memory * (1 - memory_reserve)``), so the reserve stays what it was
+# for (the allocator's fragmentation and the runtime's own buffers), and ``autopart explain``
+# states the margin and its source. A layout unlike the measured ones (another device, another
+# kernel) is covered only as far as its error resembles theirs.
+MARGIN_FILE = Path(__file__).with_name("memory_margin.json")
+
+
+@dataclass(frozen=True, slots=True)
+class RecordedMargin:
+    """The memory margin and where it comes from ([Note: the memory margin])."""
+
+    margin: float  # fraction added to a predicted peak: the worst measured excess over it, >= 0
+    worst_error: float  # the largest |predicted / measured - 1| over the measured ranks
+    median_error: float  # their median
+    ranks: int  # measured ranks
+    layouts: int  # measured layouts
+    command: str  # the command that measured them
+    date: str  # when (UTC)
+    source: str  # the report it wrote
+
+    def __post_init__(self) -> None:
+        if not 0.0 <= self.margin < 10.0:
+            raise ValueError(f"memory margin {self.margin!r} must be in [0, 10)")
+
+    def describe(self) -> str:
+        return (f"memory margin: +{self.margin:.1%} on the predicted peak, the measured worst underestimate of the "
+                f"memory model over {self.ranks} ranks of {self.layouts} layouts (median error "
+                f"{self.median_error:.1%}, worst {self.worst_error:.1%}), {self.source}, {self.date}")
+
+
+def recorded_margin(path: Path | None = None) -> RecordedMargin:
+    """The recorded memory margin (``memory_margin.json``). Raises ValueError naming the file when it
+    is missing or malformed, with the command that writes it."""
+    path = MARGIN_FILE if path is None else path
+    fix = "regenerate it with python -m benchmarks.fidelity --memory-only --report FILE --record-margin"
+    try:
+        data = json.loads(path.read_text())
+        return RecordedMargin(**data)
+    except FileNotFoundError:
+        raise ValueError(f"{path}: no memory margin recorded; {fix}") from None
+    except (ValueError, TypeError) as exc:
+        raise ValueError(f"{path}: not a memory margin record ({exc}); {fix}") from None

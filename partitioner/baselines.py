@@ -133,7 +133,7 @@ def with_dp_sharding(ev: Evaluator, level: str) -> Evaluator:
     """``ev``, or an evaluator of the same model, cluster and costs with ``training.dp_sharding = level``."""
     if ev.training.dp_sharding == level:
         return ev
-    return Evaluator(ev.pgraph, ev.cluster, ev.cost_model, replace(ev.training, dp_sharding=level))
+    return Evaluator(ev.pgraph, ev.cluster, ev.cost_model, replace(ev.training, dp_sharding=level), ev.memory_margin)
 
 
 def dp_shardings_to_try(ev: Evaluator, pins: "Pins | None" = None) -> tuple[str, ...]:
@@ -337,7 +337,7 @@ def tune(
     report = report or TuneReport()
     dp_shardings = tuple(dp_shardings) if dp_shardings is not None else (ev.training.dp_sharding,)
     evs = {z: with_dp_sharding(ev, z) for z in dp_shardings}
-    limit = ev.cluster.device.memory_bytes * (1 - ev.training.memory_reserve)
+    limit = ev.usable_memory_bytes  # the reserve and the memory margin kept free
     shardings: dict[int, dict] = {}
     work: dict[tuple[int, int], tuple[float, float]] = {}  # (tp, mbs) -> (forward + backward, forward) per micro-batch
     static: dict[tuple[int, int, str], float] = {}  # (tp, dp, dp_sharding) -> all static bytes of one tp rank
@@ -424,7 +424,8 @@ def tune(
 
 
 def _peak_memory(costs, schedule: Schedule, pp: int, cache: dict) -> float:
-    """The largest per-rank peak (static of its stages + activations in flight), as the simulator counts it.
+    """A lower bound of the largest per-rank peak the simulator finds (static, buffers and activations in
+    flight, or the optimizer step), without simulating.
 
     In-flight counts change only at a rank's own actions, so they depend on the schedule's
     order alone: each rank's distinct count vectors over its chunks are computed once per
@@ -457,7 +458,11 @@ def _peak_memory(costs, schedule: Schedule, pp: int, cache: dict) -> float:
     for r, pats in enumerate(cache[key]):
         mine = [costs[st] for st in rank_stages(r, pp, schedule.virtual_stages, sp.layout)]
         act = max(sum(n * c.activation_bytes for n, c in zip(pat, mine)) for pat in pats)
-        peak = max(peak, sum(c.static_bytes for c in mine) + act)
+        # A lower bound of the simulator's walk ([Note: memory over the step] in simulate.py): the
+        # gradients made afresh may not exist yet at the in-flight peak; the optimizer step has them.
+        during = sum(c.static_bytes - c.fresh_grad_bytes + c.buffer_bytes for c in mine) + act
+        step = sum(c.static_bytes + c.buffer_bytes for c in mine) + max(c.optimizer_workspace_bytes for c in mine)
+        peak = max(peak, during, step)
     return peak
 
 

@@ -601,7 +601,9 @@ class _Annotator:
             return None
         fn, weights = found
         try:
-            key = _signature(node)
+            # The same op costs differently when different operands need a gradient.
+            grads = [a.name in self.grad_nodes for a in _flat_tensor_arg_nodes(node)]
+            key = _signature(node) + json.dumps(grads)
         except _Unhashable:
             key = None
         if key is not None and key in self.cache:
@@ -622,7 +624,10 @@ class _Annotator:
                 val = a.meta.get("val")
                 if isinstance(val, torch.Tensor):
                     t = torch.empty_strided(val.shape, val.stride(), dtype=val.dtype, device="meta")
-                    if t.is_floating_point():
+                    # Only what the training backward differentiates: autograd saves an operand
+                    # for the gradient of the other one only when that one needs it (rotary
+                    # embeddings multiply by cos and sin, which no parameter flows into).
+                    if t.is_floating_point() and a.name in self.grad_nodes:
                         t.requires_grad_(True)
                     fresh.append(t)
                     return t

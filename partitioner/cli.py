@@ -551,7 +551,9 @@ def print_plan(result, cluster) -> None:
     console.print(
         f"step time [bold]{fmt_time(pred.step_time_s)}[/bold] · {pred.samples_per_s:.1f} samples/s · "
         f"{pred.tflops_per_device:.1f} TFLOP/s per device · MFU {pred.mfu:.1%}{estimate} · bubble {pred.bubble_fraction:.1%} · "
-        f"peak memory {fmt_bytes(pred.peak_memory_bytes)} of {fmt_bytes(pred.memory_limit_bytes)} ({fits})"
+        f"peak memory {fmt_bytes(pred.peak_memory_bytes)}"
+        + (f" + {pred.memory_margin:.0%} margin" if pred.memory_margin else "")
+        + f" of {fmt_bytes(pred.memory_limit_bytes)} ({fits})"
     )
     if pred.mfu > 1:
         console.print(

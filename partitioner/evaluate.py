@@ -22,6 +22,36 @@ little. Recomputation replays the forward inside ``I``, never in ``W``.
 
 Recomputation per block and selective recomputation are priced by ``stage_costs`` as
 [Note: recompute per block] in recompute.py writes them.
+
+[Note: what a step holds]
+A rank's memory over the step, as the simulator walks it (simulate.py, [Note: memory
+over the step]), is made of these terms, each sized from the graph's shapes and dtypes
+(``stage_memory``) and checked against the storage meter (tests/test_memory_model.py):
+
+- resident: weights, gradients and optimizer state (``resident_bytes``). Our runtime drops
+  the gradients at the start of a step (``zero_grad(set_to_none=True)``) unless DDP owns
+  them (its buckets are zeroed), so without DDP a stage's gradients exist only from its
+  first backward on (``StageCost.fresh_grad_bytes``).
+- per micro-batch in flight (from its forward to the end of its backward): the tensors
+  autograd saves (``BlockCost.saved_bytes``, or the stage's inputs under recomputation);
+  the stage's output, which torch's pipeline stage keeps for the backward; and on the last
+  stage what the loss saves ([Note: the loss's memory] in cost_models/memory.py).
+- receive buffers: torch's pipeline stage allocates one gradient buffer per micro-batch for
+  its output (every stage but the last); a stage with a predecessor keeps, per micro-batch
+  whose backward ran, the gradient of its received input (its buffer's ``.grad``) until
+  the next step clears it.
+- during one backward of the stage (``StageCost.backward_workspace_bytes``): the larger of
+  the loss's backward (last stage) and, for the node whose backward needs most, the
+  gradient of its output with the gradients of its inputs, plus the gradient received for
+  the stage's output; under recomputation, what the replay holds at once: the saved
+  tensors of the whole stage when every block recomputes (the runtime checkpoints the
+  stage in one piece: [Note: recomputation as priced] in runtime/model.py), otherwise the
+  largest recomputed block's or attention core's ([Note: recompute per block] in
+  recompute.py).
+- during the optimizer step, after every backward: its workspace ([Note: the optimizer
+  step's workspace] in cost_models/memory.py). torch picks the foreach implementation on
+  CUDA and the single-tensor one on CPU; a cluster is taken as CPU processes when its name
+  starts with ``local-cpu`` (the preset and the files ``autopart calibrate`` writes from it).
 """
 
 from __future__ import annotations
@@ -30,11 +60,21 @@ import time
 from dataclasses import dataclass
 from typing import AbstractSet as Set, Iterable, Mapping, Sequence
 
-from cost_models import OPTIMIZERS, CostModel, OpTime, optimizer_spec, static_bytes
+from cost_models import (
+    OPTIMIZERS,
+    CostModel,
+    LossMemory,
+    OpTime,
+    loss_memory,
+    optimizer_spec,
+    optimizer_workspace_bytes,
+    recorded_margin,
+    static_bytes,
+)
 
 from .capture import CapturedModel
 from .dp_sharding import hsdp_shard, spec as dp_spec
-from .cluster import Cluster
+from .cluster import LOCAL_CPU, Cluster
 from .errors import PlanError
 from .graph import Block, PartitionGraph
 from .plan import Mesh, ModelRef, Plan, Predicted, Schedule, SolverInfo, Stage, StageComponents, StagePredicted, Training
@@ -43,7 +83,14 @@ from .sharding import BlockLayoutCosts, sharded_params
 from .schedules import spec as schedule_spec, stage_rank
 from .simulate import SimResult, StageCost, simulate
 
-__all__ = ["Evaluator", "StageSpec", "BlockCost", "WEIGHT_GRAD_SHARE", "recompute_terms"]
+__all__ = ["Evaluator", "StageSpec", "BlockCost", "StageMemory", "WEIGHT_GRAD_SHARE", "recompute_terms"]
+
+def _numel(shape: Sequence[int]) -> int:
+    out = 1
+    for d in shape:
+        out *= d
+    return out
+
 
 WEIGHT_GRAD_SHARE = 0.5  # of a block's backward, when it has trainable parameters ([Note: input and weight gradients])
 
@@ -90,10 +137,33 @@ class BlockCost:
         return self.compute + self.tp_comm
 
 
+@dataclass(frozen=True, slots=True)
+class StageMemory:
+    """One stage's memory terms beyond its resident bytes, per device ([Note: what a step holds])."""
+
+    saved_bytes: float  # autograd's saved tensors per micro-batch in flight (the inputs under recompute)
+    output_bytes: float  # the stage's output kept for its backward, per micro-batch in flight
+    loss: LossMemory  # the loss's, on the last stage (zero elsewhere)
+    grad_buffer_bytes: float  # receive buffers for the output's gradient, all micro-batches
+    input_grad_bytes: float  # the received input's gradient kept per backward done
+    backward_bytes: float  # live during one backward of the stage only
+    optimizer_bytes: int  # the optimizer step's workspace for this stage's parameters
+
+    @property
+    def held_bytes(self) -> float:
+        """Per micro-batch in flight: saved tensors, the kept output and the loss's saved tensor."""
+        return self.saved_bytes + self.output_bytes + self.loss.saved_bytes
+
+
 class Evaluator:
     """Prices partitions of one model on one cluster under one training set-up."""
 
-    def __init__(self, pgraph: PartitionGraph, cluster: Cluster, cost_model: CostModel, training: Training) -> None:
+    def __init__(
+        self, pgraph: PartitionGraph, cluster: Cluster, cost_model: CostModel, training: Training,
+        memory_margin: float | None = None,
+    ) -> None:
+        """``memory_margin``: the fraction added to every predicted peak when checking fit; default the
+        recorded one ([Note: the memory margin] in cost_models/memory.py)."""
         self.pgraph = pgraph
         self.captured: CapturedModel = pgraph.captured
         self.cluster = cluster
@@ -109,6 +179,15 @@ class Evaluator:
         self._fsdp_units_cache: dict[tuple[tuple[int, ...], int], tuple[list[str], list[list[str]]]] = {}
         self._fsdp_groups_cache: dict[tuple[int, ...], tuple[tuple[int, ...], tuple[int, ...]]] = {}
         self._readers: dict[str, int] | None = None  # parameter -> how many blocks read it
+        self._memory_cache: dict[tuple, float] = {}
+        if memory_margin is None:
+            try:
+                memory_margin = recorded_margin().margin
+            except ValueError as exc:
+                raise PlanError(str(exc)) from None
+        if not 0.0 <= memory_margin < 10.0:
+            raise PlanError(f"memory margin {memory_margin!r} must be in [0, 10)")
+        self.memory_margin = float(memory_margin)
 
     # --- blocks -----------------------------------------------------------------------
 
@@ -127,10 +206,38 @@ class Evaluator:
             chosen = dict(zip(block.nodes, strategies))
             compute, comm, saved = tables.evaluate(chosen)
             core_s, core_bytes = tables.core(chosen, attention_core(block.nodes, self.captured))
+            if self.cpu_kernels:  # the math path's extra saved tensors belong to the attention core
+                fallback = self.attention_fallback_bytes(block, micro_batch, tp, chosen)
+                saved += fallback
+                core_bytes += fallback
             hit = BlockCost(compute, comm, saved, block.input_bytes * micro_batch / self.captured.batch_size,
                             core_s, min(core_bytes, saved))
             self._block_cache[key] = hit
         return hit
+
+    def attention_fallback_bytes(self, block: Block, micro_batch: int, tp: int, strategies: Mapping[str, str]) -> float:
+        """What fused attention with dropout saves beyond the fused kernels' accounting on CPU.
+
+        [Note: attention with dropout on CPU]
+        The capture counts a fused attention kernel's saved tensors ([Note: attention memory] in
+        capture.py). torch's CPU flash kernel has no dropout, so with ``dropout_p > 0`` the math
+        path runs: it saves copies of q, k and v (as the fused kernels save them), the softmax
+        probabilities, dropout's mask (in the probabilities' dtype, on CPU) and the dropped
+        probabilities, ``3 b h s_q s_k`` elements, and neither the output nor the log-sum-exp.
+        Measured against the storage meter in tests/test_memory_model.py.
+        """
+        extra = 0.0
+        for name in block.nodes:
+            n = self.captured.nodes[name]
+            if "scaled_dot_product" not in n.target or "dropout" not in n.variant.split(",") or not n.outputs:
+                continue
+            out = n.outputs[0]
+            key = self.captured.nodes[n.inputs[1]].outputs[0] if len(n.inputs) > 1 else out
+            rows = _numel(out.shape[:-1])  # b h s_q
+            scores = rows * key.shape[-2] * (out.bytes // max(1, _numel(out.shape)))  # b h s_q s_k, output's dtype
+            lse = rows * 4  # fp32
+            extra += (3 * scores - out.bytes - lse) / (tp if strategies.get(name, "replicate") != "replicate" else 1)
+        return extra * micro_batch / self.captured.batch_size
 
     def layout_costs(self, block: Block, micro_batch: int, tp: int) -> BlockLayoutCosts:
         """The per-node cost tables of ``block`` (per block: its boundary can differ from its twins')."""
@@ -290,6 +397,98 @@ class Evaluator:
         b = exposed(gather * (gathers - 1) + scatter, bwd)
         return transient, f, b, gather * gathers + scatter
 
+    @property
+    def memory_limit_bytes(self) -> int:
+        """Device memory less the reserve: a plan fits when its peak plus the margin is within it."""
+        return int(self.cluster.device.memory_bytes * (1 - self.training.memory_reserve))
+
+    @property
+    def usable_memory_bytes(self) -> float:
+        """The largest predicted peak that fits: the limit less the memory margin."""
+        return self.memory_limit_bytes / (1 + self.memory_margin)
+
+    # --- memory beyond the resident bytes ([Note: what a step holds]) -------------------
+
+    @property
+    def cpu_kernels(self) -> bool:
+        """Whether the cluster's devices are this machine's CPU processes (torch's CPU kernels)."""
+        return self.cluster.name.startswith(LOCAL_CPU)
+
+    def loss_kind(self) -> str:
+        """The loss ``autopart run`` trains with: cross-entropy for a model of token ids, else mse
+        ([Note: the loss's memory] in cost_models/memory.py)."""
+        cap = self.captured
+        inputs = [n for n in cap.nodes.values() if n.op == "placeholder" and n.name not in cap.param_nodes and n.outputs]
+        floats = ("float", "bfloat16", "half")
+        token_ids = bool(inputs) and all(not t.dtype.startswith(floats) for n in inputs for t in n.outputs)
+        return "cross_entropy" if token_ids else "mse"
+
+    def node_backward_bytes(self, block: Block, micro_batch: int) -> float:
+        """The most one node's backward holds at once in ``block``: the gradient of its output and the
+        gradients of its inputs that need one, per micro-batch of ``micro_batch`` samples. Views
+        make no gradient of their own."""
+        key = ("bwd", block.signature, micro_batch)
+        hit = self._memory_cache.get(key)
+        if hit is None:
+            nodes = self.captured.nodes
+            most = 0
+            for name in block.nodes:
+                n = nodes[name]
+                if not n.needs_grad or n.is_view or not n.outputs:
+                    continue
+                grads = sum(nodes[i].output_bytes for i in set(n.inputs) if nodes[i].needs_grad)
+                most = max(most, n.output_bytes + grads)
+            hit = self._memory_cache[key] = most * micro_batch / self.captured.batch_size
+        return hit
+
+    def stage_memory(
+        self, s: int, stages: Sequence[StageSpec], costs: Sequence[BlockCost], mesh: Mesh, schedule: Schedule,
+        crossing: Sequence[int], params: Iterable[str], split_params: Set[str],
+    ) -> StageMemory:
+        """Stage ``s``'s memory terms ([Note: what a step holds]); ``costs`` are its blocks' costs."""
+        mbs, M, tp = schedule.micro_batch_size, schedule.microbatches, mesh.tp
+        per_mb = mbs / self.captured.batch_size
+        spec = stages[s]
+        blocks = [self.pgraph.blocks[b] for b in spec.blocks]
+        last = s == len(stages) - 1
+        if last:
+            out = sum(self.captured.nodes[n].output_bytes for n in self.pgraph.model_outputs) * per_mb
+            loss = loss_memory(self.loss_kind(), int(out))
+        else:
+            out = crossing[s] * mbs / self.captured.batch_size / tp
+            loss = LossMemory(0, 0)
+        received = crossing[s - 1] * mbs / self.captured.batch_size / tp if s > 0 else 0.0
+        if spec.recompute and set(spec.recompute) == set(spec.blocks) and not spec.selective:
+            # Every block recomputes: the runtime checkpoints the stage in one piece ([Note:
+            # recomputation as priced] in runtime/model.py): it keeps the stage's inputs, and its
+            # backward replays every block at once.
+            saved = received if s > 0 else costs[0].input_bytes
+            replay = sum(c.saved_bytes for c in costs)
+        else:
+            # Some blocks, or attention cores: each is checkpointed on its own, so the replay holds
+            # one at a time ([Note: recompute per block] in recompute.py).
+            saved, _, replay = recompute_terms(spec, costs)
+        nodes = max((self.node_backward_bytes(b, mbs) for b in blocks), default=0.0)
+        backward = max(float(loss.backward_bytes), (0.0 if last else out) + nodes + replay)
+        table = self.captured.params
+        level = dp_spec(self.training.dp_sharding)
+        shard = mesh.dp if (level.uses_fsdp or level.shards_optimizer) and mesh.dp > 1 else 1
+        numels = [table[p].numel // (tp if p in split_params else 1) for p in params if table[p].trainable]
+        # FSDP shards every parameter; ZeRO-1 gives each rank whole parameters, a 1/dp share of them
+        # (the largest may be among them).
+        if shard > 1 and (level.uses_fsdp or not self.cpu_kernels):
+            numels = [-(-n // shard) for n in numels]
+        work = optimizer_workspace_bytes(self.optimizer, numels, foreach=not self.cpu_kernels)
+        return StageMemory(
+            saved_bytes=saved,
+            output_bytes=out,
+            loss=loss,
+            grad_buffer_bytes=0.0 if last else M * out,
+            input_grad_bytes=received,
+            backward_bytes=backward,
+            optimizer_bytes=work,
+        )
+
     # --- stages -----------------------------------------------------------------------
 
     def stage_costs(
@@ -317,12 +516,17 @@ class Evaluator:
                 for b, c in zip(blocks, costs)
                 if any(params[p].trainable for p in b.params)
             )
-            act, replay, transient = recompute_terms(spec, costs)  # [Note: recompute per block] in recompute.py
+            _, replay, _ = recompute_terms(spec, costs)  # [Note: recompute per block] in recompute.py
             bwd += replay
             names = {p for b in spec.blocks for p in self.pgraph.blocks[b].params}
+            mem = self.stage_memory(s, stages, costs, mesh, schedule, crossing, sorted(names), split_params)
+            transient = 0.0
             static, grad_bytes = self.resident_bytes(names, mesh.tp, mesh.dp, split_params,
                                                      mesh.dp_group(stage_rank(s, pp, layout)))
             fsdp = dp_spec(self.training.dp_sharding).uses_fsdp and mesh.dp > 1
+            # DDP's gradients are its buckets' views, zeroed at the step's start; otherwise they are
+            # dropped and made again by the stage's first backward ([Note: what a step holds]).
+            ddp = mesh.dp > 1 and not fsdp
             if fsdp:  # weights gathered per micro-batch, gradients reduce-scattered ([Note: FSDP prefetch overlap])
                 gathered, f_exp, b_exp, _ = self.fsdp_costs(spec.blocks, mesh, stage_rank(s, pp, layout),
                                                             split_params, fwd, bwd,
@@ -343,10 +547,15 @@ class Evaluator:
                     forward_s=fwd,
                     backward_s=bwd,
                     send_s=send,
-                    activation_bytes=int(act),
+                    activation_bytes=int(mem.held_bytes),
                     static_bytes=int(static + transient),
                     dp_reduce_s=dp_reduce,
                     backward_weight_s=min(wgt, bwd),
+                    fresh_grad_bytes=0 if ddp or fsdp else int(grad_bytes),
+                    buffer_bytes=int(mem.grad_buffer_bytes),
+                    input_grad_bytes=int(mem.input_grad_bytes),
+                    backward_workspace_bytes=int(mem.backward_bytes),
+                    optimizer_workspace_bytes=int(mem.optimizer_bytes),
                 )
             )
         return out
@@ -502,7 +711,7 @@ class Evaluator:
     def _assemble(self, stages, mesh, schedule, sharding, costs, sim, method, status, started, objective, bound) -> Plan:
         cap = self.captured
         dev = self.cluster.device
-        limit = int(dev.memory_bytes * (1 - self.training.memory_reserve))
+        limit = self.memory_limit_bytes
         pp = mesh.pp
         layout = schedule_spec(schedule.name).layout
         parts = self.components(stages, mesh, schedule, sharding, costs, sim)
@@ -525,11 +734,12 @@ class Evaluator:
                         backward_s=c.backward_s,
                         send_s=c.send_s,
                         static_bytes=c.static_bytes,
-                        activation_bytes=sim.peak_activation_bytes[r],
+                        activation_bytes=sim.peak_parts[r].activations,
                         memory_bytes=sim.peak_memory_bytes[r],
                         busy_s=(c.forward_s + c.backward_s) * schedule.microbatches,
                         dp_reduce_s=c.dp_reduce_s,
                         components=parts[s],
+                        workspace_bytes=sim.peak_parts[r].workspace,
                     ),
                 )
             )
@@ -546,7 +756,8 @@ class Evaluator:
             bubble_fraction=sim.bubble_fraction,
             peak_memory_bytes=int(peak),
             memory_limit_bytes=limit,
-            fits=peak <= limit,
+            fits=peak * (1 + self.memory_margin) <= limit,
+            memory_margin=self.memory_margin,
         )
         return Plan(
             model=ModelRef(cap.name, cap.param_count, cap.fingerprint, cap.input_shapes),

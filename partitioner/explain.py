@@ -17,6 +17,8 @@ from dataclasses import dataclass, fields
 from pathlib import Path
 from typing import Any, Mapping
 
+from cost_models import recorded_margin
+
 from .errors import PlanError
 from .measure import RankMemory, RankTime, StageTime
 from .plan import Plan
@@ -95,17 +97,19 @@ def print_explanation(result: Any) -> None:
         f"{', '.join(str(s.index) for s in stages)}: {', '.join(m for s in stages for m in s.modules[:3])}"
         f"{' ...' if sum(len(s.modules) for s in stages) > 3 else ''})"
     )
-    mem = Table(title="memory per device")
-    for col in ("stage", "static", "activations", "peak", "headroom"):
+    mem = Table(title="memory per device (activations and temporaries at the rank's peak)")
+    for col in ("stage", "static", "activations", "temporaries", "peak", "headroom"):
         mem.add_column(col, justify="right")
     limit = plan.predicted.memory_limit_bytes
+    margin = plan.predicted.memory_margin
     for st in plan.stages:
         sp = st.predicted
         mem.add_row(
-            str(st.index), f"{sp.static_bytes / GIB:.2f} GiB", f"{sp.activation_bytes / GIB:.2f} GiB",
-            f"{sp.memory_bytes / GIB:.2f} GiB", f"{(limit - sp.memory_bytes) / GIB:.2f} GiB",
+            str(st.index), _fmt_bytes(sp.static_bytes), _fmt_bytes(sp.activation_bytes), _fmt_bytes(sp.workspace_bytes),
+            _fmt_bytes(sp.memory_bytes), _fmt_bytes(limit - sp.memory_bytes * (1 + margin)),
         )
     console.print(mem)
+    console.print(margin_line(plan))
     evaluator = getattr(result, "evaluator", None)
     if evaluator is not None and plan.training.dp_sharding != "none" and plan.mesh.dp > 1:
         console.print(dp_sharding_summary(plan, evaluator))
@@ -370,10 +374,12 @@ class MeasuredRun:
         out = []
         for m in self.memory:
             where = f"rank {m['rank']}"
+            held = [self.plan.stages[s].predicted for s in m["stages"] if self.plan.stages[s].predicted is not None]
+            workspace = max((p.workspace_bytes for p in held), default=0)  # per pipeline rank already
             out += [
                 Residual(where, "static", m["predicted_static_bytes"], sum(m["resident"][k] for k in ("parameters", "gradients", "optimizer")), "B"),
                 Residual(where, "activations", m["predicted_activation_bytes"], m["at_peak"]["activations"], "B"),
-                Residual(where, "temporaries", 0, m["at_peak"]["temporaries"], "B"),
+                Residual(where, "temporaries", workspace, m["at_peak"]["temporaries"], "B"),
                 Residual(where, "peak", m["predicted_peak_bytes"], m["peak_bytes"], "B"),
             ]
         return out
@@ -392,15 +398,18 @@ class MemoryMargin:
     excess: float  # the largest measured / predicted - 1 over the ranks (negative: every peak covered)
     rank: int  # the rank where it was
     reserve: float  # the plan's training.memory_reserve
-    needed_reserve: float  # the reserve that covers ``excess`` (== reserve when excess <= 0)
+    needed_reserve: float  # the reserve that covers ``excess`` beyond the margin (== reserve when covered)
+    margin: float = 0.0  # the plan's memory margin (Predicted.memory_margin)
 
     def describe(self) -> str:
         if self.excess <= 0:
-            return (f"memory margin: every rank's measured peak is within its prediction (closest: rank {self.rank}, "
+            return (f"measured memory: every rank's measured peak is within its prediction (closest: rank {self.rank}, "
                     f"{self.excess:+.1%}); the plan's reserve of {self.reserve:.0%} is margin to spare")
-        return (f"memory margin: the measured peak is up to {self.excess:+.1%} over the prediction (rank {self.rank}); "
-                f"for a plan predicted to fit not to run out of memory, plan with --memory-reserve "
-                f"{self.needed_reserve:.3f} (this plan: {self.reserve:.3f})")
+        covered = (f"the plan's memory margin of +{self.margin:.1%} covers it" if self.margin >= self.excess else
+                   f"beyond the plan's memory margin of +{self.margin:.1%}: plan with --memory-reserve "
+                   f"{self.needed_reserve:.3f} (this plan: {self.reserve:.3f}) to cover it")
+        return (f"measured memory: the measured peak is up to {self.excess:+.1%} over the prediction (rank {self.rank}); "
+                + covered)
 
 
 def memory_margin(run: MeasuredRun) -> MemoryMargin:
@@ -411,8 +420,10 @@ def memory_margin(run: MeasuredRun) -> MemoryMargin:
         raise PlanError("explain --measured: the plan has no predicted peak memory; re-price it (autopart plan --plan FILE)")
     excess, rank = max(ratios)
     reserve = run.plan.training.memory_reserve
-    needed = reserve if excess <= 0 else 1.0 - (1.0 - reserve) / (1.0 + excess)
-    return MemoryMargin(excess, rank, reserve, needed)
+    margin = run.plan.predicted.memory_margin if run.plan.predicted else 0.0
+    # fits for real when peak (1 + excess) <= memory (1 - reserve'), and the plan checked peak (1 + margin)
+    needed = reserve if excess <= margin else 1.0 - (1.0 - reserve) * (1.0 + margin) / (1.0 + excess)
+    return MemoryMargin(excess, rank, reserve, needed, margin)
 
 
 def _fmt_bytes(n: float) -> str:
@@ -420,6 +431,26 @@ def _fmt_bytes(n: float) -> str:
         if abs(n) >= size:
             return f"{n / size:.2f} {unit}"
     return f"{n:.0f} B"
+
+
+def margin_line(plan: Plan) -> str:
+    """Two lines: the plan's memory margin with where it comes from, and the fit check it enters
+    ([Note: the memory margin] in cost_models/memory.py)."""
+    pred = plan.predicted
+    peak, margin = pred.peak_memory_bytes, pred.memory_margin
+    verdict = "fits" if pred.fits else "does not fit"
+    head = f"memory margin: +{margin:.1%} on the predicted peak"
+    try:
+        rec = recorded_margin()
+    except ValueError:
+        rec = None
+    if rec is not None and abs(rec.margin - margin) < 5e-5:
+        head = rec.describe()
+    elif margin == 0:
+        head = "memory margin: none (this plan was priced without one)"
+    return (f"{head}\nfit: peak {_fmt_bytes(peak)} + {margin:.1%} = {_fmt_bytes(peak * (1 + margin))} "
+            f"of {_fmt_bytes(pred.memory_limit_bytes)} (device memory less the {plan.training.memory_reserve:.0%} "
+            f"reserve): {verdict}")
 
 
 def print_measured(run: MeasuredRun) -> None:
@@ -453,6 +484,8 @@ def print_measured(run: MeasuredRun) -> None:
         r = m["resident"]
         console.print(f"rank {m['rank']} holds {_fmt_bytes(r['parameters'])} of parameters, {_fmt_bytes(r['gradients'])} "
                       f"of gradients, {_fmt_bytes(r['optimizer'])} of optimizer state (measured by {m['source']})")
+    if plan.predicted is not None:
+        console.print(margin_line(plan))
     console.print(memory_margin(run).describe())
     worst_t = max(times, key=lambda x: abs(x.error))
     worst_m = max((x for x in memory if x.what != "peak"), key=lambda x: abs(x.error))

@@ -239,6 +239,7 @@ class StorageMeter(TorchDispatchMode):
         self._live_bytes = 0
         self._peak = 0
         self._at_peak: dict[int, tuple[int, int, bool]] = {}
+        self._peak_ops: dict[int, tuple[Any, tuple[int, ...]]] = {}
         self._hooks: Any = None
 
     # --- the dispatcher side ---
@@ -253,10 +254,10 @@ class StorageMeter(TorchDispatchMode):
             for t in outputs:
                 st = _storage(t)
                 if st is not None and (id(st) not in inputs or id(st) in self._live):
-                    self._see(t)
+                    self._see(t, func)
         return out
 
-    def _see(self, t: Any) -> list[Any] | None:
+    def _see(self, t: Any, func: Any = None) -> list[Any] | None:
         st = _storage(t)
         if st is None:
             return None
@@ -269,11 +270,13 @@ class StorageMeter(TorchDispatchMode):
         except TypeError:  # not weak-referenceable: cannot tell when it dies, so it is not counted
             return None
         self._serial += 1
-        entry = self._live[key] = [self._serial, st.nbytes(), False]
+        # The op that made it, and its shape: what ``peak_tensors`` names.
+        entry = self._live[key] = [self._serial, st.nbytes(), False, func, tuple(_local(t).shape)]
         self._live_bytes += entry[1]
         if self._live_bytes > self._peak:
             self._peak = self._live_bytes
             self._at_peak = {k: (e[0], e[1], e[2]) for k, e in self._live.items()}
+            self._peak_ops = {k: (e[3], e[4]) for k, e in self._live.items()}
         return entry
 
     def _free(self, key: int) -> None:
@@ -298,6 +301,14 @@ class StorageMeter(TorchDispatchMode):
         self._hooks.__exit__(*exc)
 
     # --- the result ---
+
+    def peak_tensors(self, limit: int = 20) -> list[tuple[str, tuple[int, ...], int, bool]]:
+        """The largest storages first seen in the step and live at its peak: (the op that made it, or "?" for
+        one first seen saved for backward; its shape; bytes; saved for backward), largest first. What
+        attributes a measured peak to the memory model's terms (docs/solver.md, "Memory")."""
+        rows = [(str(op) if op is not None else "?", shape, self._at_peak[k][1], self._at_peak[k][2])
+                for k, (op, shape) in self._peak_ops.items() if k in self._at_peak]
+        return sorted(rows, key=lambda r: (-r[2], r[0], r[1]))[:limit]
 
     def result(self, modules: Sequence[torch.nn.Module], optimizer: Any) -> tuple[int, MemoryByCategory, MemoryByCategory]:
         """(peak bytes, live bytes at the peak by category, resident static bytes after the step)."""

@@ -208,11 +208,14 @@ class StagePredicted:
     static_bytes: int  # parameters + gradients + optimizer state (+ one block's recompute workspace if recomputing)
     # The two below are per device of the stage's pipeline rank: with interleaving
     # a rank holds several stages, and its memory covers all of them.
-    activation_bytes: int  # peak activation memory of in-flight micro-batches on the rank
-    memory_bytes: int  # peak memory of the rank: static of its stages + activations
+    activation_bytes: int  # activations of in-flight micro-batches on the rank, at its memory peak
+    memory_bytes: int  # peak memory of the rank (simulate.py, [Note: memory over the step])
     busy_s: float  # compute time of this stage over one step
     dp_reduce_s: float  # data-parallel gradient reduction time
     components: StageComponents | None = None  # the step time split by component (version 2)
+    # Per device of the rank, at its memory peak: buffers, kept input gradients and the running
+    # backward's or optimizer step's workspace (evaluate.py, [Note: what a step holds]).
+    workspace_bytes: int = 0
 
 
 @dataclass(frozen=True, slots=True)
@@ -263,7 +266,10 @@ class Predicted:
     bubble_fraction: float
     peak_memory_bytes: int  # the largest per-device peak over all stages
     memory_limit_bytes: int  # device memory less the reserve
-    fits: bool  # peak_memory_bytes <= memory_limit_bytes
+    fits: bool  # peak_memory_bytes * (1 + memory_margin) <= memory_limit_bytes
+    # The memory model's measured worst underestimate, added to the peak when checking fit
+    # (cost_models/memory.py, [Note: the memory margin]); 0 in plans made before it.
+    memory_margin: float = 0.0
 
 
 @dataclass(frozen=True, slots=True)

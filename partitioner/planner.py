@@ -64,9 +64,11 @@ def prepare(
     name: str | None = None,
     batch_size: int | None = None,
     example_kwargs: Mapping[str, Any] | None = None,
+    memory_margin: float | None = None,
 ) -> Evaluator:
     """Capture (unless given a ``CapturedModel``), coarsen (unless given a ``PartitionGraph``), and
-    build the evaluator.
+    build the evaluator. ``memory_margin`` replaces the recorded one ([Note: the memory margin] in
+    cost_models/memory.py), e.g. 0 where a test is about something else than the margin.
 
     The training set-up is ``training`` if given (e.g. a loaded plan's),
     otherwise built from ``global_batch`` and the other keywords.
@@ -93,7 +95,7 @@ def prepare(
             memory_reserve=memory_reserve,
             overlap_dp=overlap_dp,
         )
-    return Evaluator(pgraph, cluster, cost_model or AnalyticCostModel(cluster), training)
+    return Evaluator(pgraph, cluster, cost_model or AnalyticCostModel(cluster), training, memory_margin)
 
 
 def plan_parallelism(

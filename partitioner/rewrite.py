@@ -400,7 +400,15 @@ class TensorParallelModule(torch.nn.Module):
             _replace_param(stage.module, name, torch.nn.Parameter(local, requires_grad=full.requires_grad))
 
     def forward(self, *args: Any) -> Any:
-        return _TPInterpreter(self).run(*args)
+        interpreter = _TPInterpreter(self)
+        try:
+            return interpreter.run(*args)
+        finally:
+            # The interpreter and its context refer to each other, so it lives until the cyclic
+            # garbage collector runs; its values (the output among them: the logits on the last
+            # stage) must not. Measured: every micro-batch's logits stayed alive through the step
+            # (benchmarks/results/2026-12-05-fidelity-memory.md, tensor parallelism).
+            interpreter.env.clear()
 
 
 def _replace_param(root: torch.nn.Module, name: str, param: torch.nn.Parameter) -> None:

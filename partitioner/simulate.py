@@ -67,6 +67,18 @@ waits is the end of its last action; the exposed reduction and the wait for
 the slowest rank then make up the step. The evaluator stores this split in
 every plan (``StageComponents``), so that ``explain`` and ``diff`` read it.
 A ``W`` waits only for its own stage's ``I`` on the same rank: never a transfer.
+
+[Note: memory over the step]
+Each rank's memory is walked through its actions in order (the terms are sized by the
+evaluator: [Note: what a step holds] in evaluate.py). Live at any moment: the static bytes
+of its stages, less the gradients a stage makes afresh (``fresh_grad_bytes``) until its
+first backward has ended; the receive buffers (``buffer_bytes``); the input gradients kept
+by every backward so far (``input_grad_bytes``); and ``activation_bytes`` per micro-batch in
+flight, added at its forward and released at the end of its ``B`` or ``W``. A ``B`` or ``I``
+adds its stage's ``backward_workspace_bytes`` while it runs. After the last backward the
+optimizer step holds every gradient and the largest ``optimizer_workspace_bytes`` of the
+rank's stages. The rank's peak is the largest of these moments (``SimResult.peak_parts``
+says what was live then).
 """
 
 from __future__ import annotations
@@ -95,6 +107,7 @@ __all__ = [
     "SCHEDULES",
     "Action",
     "Event",
+    "MemoryAtPeak",
     "SimResult",
     "StageCost",
     "schedule_order",
@@ -122,6 +135,12 @@ class StageCost:
     # the part of backward_s that computes weight gradients: a separate W action in the
     # schedules that split the backward (zb, zbv, dualpipev); the rest is the I action
     backward_weight_s: float = 0.0
+    # Memory over the step beyond static and in-flight activations ([Note: memory over the step]):
+    fresh_grad_bytes: int = 0  # of static_bytes, the gradients that exist only from the stage's first backward on
+    buffer_bytes: int = 0  # allocated for the whole step (receive buffers for the output's gradient)
+    input_grad_bytes: int = 0  # kept after each backward until the step ends (the received input's gradient)
+    backward_workspace_bytes: int = 0  # live during one backward (B or I) of this stage only
+    optimizer_workspace_bytes: int = 0  # live during the optimizer step only, after every backward
 
     def __post_init__(self) -> None:
         for name in ("forward_s", "backward_s", "send_s", "dp_reduce_s", "backward_weight_s"):
@@ -131,7 +150,8 @@ class StageCost:
                     f"StageCost.{name} = {value!r}: times must be finite and >= 0 seconds; "
                     "check the cost model that produced this stage"
                 )
-        for name in ("activation_bytes", "static_bytes"):
+        for name in ("activation_bytes", "static_bytes", "fresh_grad_bytes", "buffer_bytes", "input_grad_bytes",
+                     "backward_workspace_bytes", "optimizer_workspace_bytes"):
             value = getattr(self, name)
             if not isinstance(value, int) or value < 0:
                 raise PlanError(f"StageCost.{name} = {value!r}: must be an integer >= 0 bytes")
@@ -140,6 +160,25 @@ class StageCost:
                 f"StageCost.backward_weight_s = {self.backward_weight_s!r} exceeds backward_s = "
                 f"{self.backward_s!r}: the weight-gradient part is a share of the backward"
             )
+        if self.fresh_grad_bytes > self.static_bytes:
+            raise PlanError(
+                f"StageCost.fresh_grad_bytes = {self.fresh_grad_bytes} exceeds static_bytes = {self.static_bytes}: "
+                "the gradients are part of the static bytes"
+            )
+
+
+@dataclass(frozen=True, slots=True)
+class MemoryAtPeak:
+    """What is live on one rank at its predicted memory peak, in bytes ([Note: memory over the step])."""
+
+    static: int  # weights, gradients made so far and optimizer state
+    activations: int  # held for the micro-batches in flight
+    workspace: int  # buffers, kept input gradients, and the running backward's or optimizer step's workspace
+    moment: str  # when: the action at the peak ("1B3") or "optimizer step"
+
+    @property
+    def total(self) -> int:
+        return self.static + self.activations + self.workspace
 
 
 @dataclass(frozen=True, slots=True)
@@ -163,7 +202,7 @@ class SimResult:
     bubble_fraction: float  # 1 - sum(busy)/(ranks*pipeline_time)
     # per rank: max over time of the activation bytes of micro-batches in flight on its stages
     peak_activation_bytes: tuple[int, ...]
-    peak_memory_bytes: tuple[int, ...]  # per rank: static (sum over its stages) + peak activations
+    peak_memory_bytes: tuple[int, ...]  # per rank: the peak of [Note: memory over the step]
     peak_inflight: tuple[int, ...]  # per rank: max number of micro-batches in flight (summed over its stages)
     dp_exposed_s: tuple[float, ...]  # per rank exposed gradient reduction time
     events: tuple[Event, ...]  # every action as it ran, rank-major, each rank in execution order
@@ -172,6 +211,8 @@ class SimResult:
     # (see [Note: where idle time goes]).
     wait_s: tuple[float, ...] = ()
     transfer_wait_s: tuple[float, ...] = ()
+    # Per rank, what is live at its memory peak ([Note: memory over the step]).
+    peak_parts: tuple["MemoryAtPeak", ...] = ()
 
     @property
     def ranks(self) -> int:
@@ -530,13 +571,20 @@ def _summarize(
     busy: list[float] = []
     peak_act: list[int] = []
     peak_count: list[int] = []
+    parts: list[MemoryAtPeak] = []
     for r in range(ranks):
         # A rank runs its actions one at a time, so walking its events in order is
         # chronological: add at forward start, release at the end of B or W (an I
         # releases nothing: [Note: zero-bubble memory] in schedules.py). Busy time
         # sums the costs rather than end - start, to stay exact.
+        # Memory ([Note: memory over the step]): the gradients a stage makes afresh are counted from
+        # the end of its first backward; the workspace of a backward while it runs.
         held = count = top_bytes = top_count = 0
         compute = 0.0
+        static = sum(c.static_bytes - c.fresh_grad_bytes for c in mine[r])
+        kept = sum(c.buffer_bytes for c in mine[r])
+        made: set[int] = set()
+        top = MemoryAtPeak(static, 0, kept, "start")
         for e in events[r]:
             cost = stages[e.action.stage]
             kind = e.action.kind
@@ -546,16 +594,33 @@ def _summarize(
                 count += 1
                 top_bytes = max(top_bytes, held)
                 top_count = max(top_count, count)
+                now = MemoryAtPeak(static, held, kept, str(e.action))
             elif kind == BACKWARD_INPUT:
                 compute += cost.backward_s - cost.backward_weight_s
+                now = MemoryAtPeak(static, held, kept + cost.backward_workspace_bytes, str(e.action))
+                kept += cost.input_grad_bytes
             else:
                 compute += cost.backward_weight_s if kind == BACKWARD_WEIGHT else cost.backward_s
+                now = MemoryAtPeak(static, held, kept + (cost.backward_workspace_bytes if kind == FULL_BACKWARD else 0),
+                                   str(e.action))
                 held -= cost.activation_bytes
                 count -= 1
+                if kind == FULL_BACKWARD:
+                    kept += cost.input_grad_bytes
+                if e.action.stage not in made:
+                    made.add(e.action.stage)
+                    static += cost.fresh_grad_bytes
+            if now.total > top.total:
+                top = now
+        full = sum(c.static_bytes for c in mine[r])
+        opt = MemoryAtPeak(full, held, kept + max((c.optimizer_workspace_bytes for c in mine[r]), default=0),
+                           "optimizer step")
+        if opt.total > top.total:
+            top = opt
         busy.append(compute)
         peak_act.append(top_bytes)
         peak_count.append(top_count)
-    static = [sum(c.static_bytes for c in mine[r]) for r in range(ranks)]
+        parts.append(top)
 
     total_busy = sum(busy)
     bubble = 1.0 - total_busy / (ranks * pipeline_time) if pipeline_time > 0 else 0.0
@@ -566,12 +631,13 @@ def _summarize(
         idle_s=tuple(pipeline_time - b for b in busy),
         bubble_fraction=bubble,
         peak_activation_bytes=tuple(peak_act),
-        peak_memory_bytes=tuple(s + a for s, a in zip(static, peak_act)),
+        peak_memory_bytes=tuple(p.total for p in parts),
         peak_inflight=tuple(peak_count),
         dp_exposed_s=tuple(dp_exposed),
         events=tuple(e for rank_events in events for e in rank_events),
         wait_s=tuple(waited),
         transfer_wait_s=tuple(in_transit),
+        peak_parts=tuple(parts),
     )
 
 

@@ -61,7 +61,9 @@ def measured(tmp_path_factory) -> dict[str, list[dict]]:
     runs = {
         "pp": dict(model="gpt2-tiny", layout=dict(pp=2, microbatches=2, global_batch=4, schedule="1f1b")),
         "dp": dict(model="gpt2-tiny", layout=dict(dp=2, microbatches=2, global_batch=4, zero1=True)),
-        "tp": dict(model="gpt2-tiny", layout=dict(tp=2, microbatches=1, global_batch=2)),
+        # Two micro-batches: the first one's logits must be gone by the second's peak (rewrite.py,
+        # TensorParallelModule.forward).
+        "tp": dict(model="gpt2-tiny", layout=dict(tp=2, microbatches=2, global_batch=4)),
     }
     reports = launch(2, "measure", {"runs": runs}, tmp_path_factory.mktemp("measure"), timeout_s=400)
     for r in reports:
@@ -86,6 +88,11 @@ def test_measured_memory_sums_and_matches_the_plans_static_bytes(measured, layou
             assert 0.5 * steady["predicted_static_bytes"] < held - rank["scalar_state_bytes"] < 1.5 * steady["predicted_static_bytes"]
         else:  # byte for byte: the memory model's parameters, gradients and moments are what the rank holds
             assert held - rank["scalar_state_bytes"] == steady["predicted_static_bytes"], (layout, steady)
+        # The peak within 5% on the pipeline and under tp (+0.7..+2.3% here); not under ZeRO-1 here: its ranks hold whole
+        # parameters' moments, unevenly (above).
+        if layout != "dp":
+            peak = max(rank["first"]["peak_bytes"], steady["peak_bytes"])
+            assert abs(steady["predicted_peak_bytes"] / peak - 1) < 0.05, (layout, steady["predicted_peak_bytes"], peak)
 
 
 @pytest.mark.slow  # a multi-process launch (5-15 s on 2 cores)
@@ -153,14 +160,20 @@ def test_explain_measured_names_the_largest_residuals(run_json: Path, capsys, mo
     assert "predicted" in line and "measured" in line
     assert any(l.startswith("largest memory residual: ") for l in out.splitlines())
     assert "optimizer step" in out  # measured, and predicted 0: the model has no optimizer step
-    [margin_line] = [l for l in out.splitlines() if l.startswith("memory margin: ")]
+    assert any(l.startswith("memory margin: ") for l in out.splitlines())  # the plan's, with its source
+    [margin_line] = [l for l in out.splitlines() if l.startswith("measured memory: ")]
     margin = memory_margin(MeasuredRun.load(str(run_json)))
     record = json.loads(run_json.read_text())
     worst = max(m["peak_bytes"] / m["predicted_peak_bytes"] - 1 for m in record["memory"])
     assert margin.excess == pytest.approx(worst)
-    if worst > 0:  # the reserve that makes a plan predicted to fit fit as measured
-        assert (1 - margin.needed_reserve) * (1 + worst) == pytest.approx(1 - margin.reserve)
+    assert margin.margin == record["plan_data"]["predicted"]["memory_margin"]
+    # The memory model on this mlp pipeline: every rank's measured peak within 3% of the prediction.
+    assert all(abs(m["predicted_peak_bytes"] / m["peak_bytes"] - 1) < 0.03 for m in record["memory"]), record["memory"]
+    if worst > margin.margin:  # the reserve that makes a plan predicted to fit fit as measured
+        assert (1 - margin.needed_reserve) * (1 + worst) == pytest.approx((1 - margin.reserve) * (1 + margin.margin))
         assert f"--memory-reserve {margin.needed_reserve:.3f}" in margin_line
+    else:
+        assert "covers it" in margin_line or "within its prediction" in margin_line
 
 
 @pytest.mark.slow  # a multi-process launch (5-15 s on 2 cores)

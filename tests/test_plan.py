@@ -221,7 +221,10 @@ def test_stage_params_and_static_memory(ev, gpt2):
     for st in plan.stages:
         assert st.predicted.static_bytes == 16 * st.params
         assert st.predicted.activation_bytes > 0
-        assert st.predicted.memory_bytes == st.predicted.static_bytes + st.predicted.activation_bytes
+        # DDP keeps its gradients, so the whole static bytes are live at the peak (docs/solver.md, "Memory").
+        sp = st.predicted
+        assert sp.memory_bytes == sp.static_bytes + sp.activation_bytes + sp.workspace_bytes
+        assert sp.workspace_bytes > 0  # the backward's workspace (and on the last stage, the loss's)
         assert st.ranks == Mesh(2, 1, 4).stage_ranks(st.index)
     assert plan.predicted.peak_memory_bytes == max(s.predicted.memory_bytes for s in plan.stages)
     assert plan.predicted.fits and plan.predicted.memory_limit_bytes == int(80 * 2**30 * 0.9)

@@ -59,7 +59,8 @@ def _tight(gpt2, fraction: float):
     assert lo < hi
     limit = lo + fraction * (hi - lo)
     mem = ev.cluster.device.memory_bytes
-    return prepare(gpt2, cluster=ev.cluster, global_batch=GLOBAL_BATCH, memory_reserve=1 - limit / mem)
+    # The margin pinned to 0: the limit is placed between two predicted peaks.
+    return prepare(gpt2, cluster=ev.cluster, global_batch=GLOBAL_BATCH, memory_reserve=1 - limit / mem, memory_margin=0.0)
 
 
 def test_recomputing_k_blocks_prices_their_forward_and_keeps_their_inputs(ev):
@@ -74,10 +75,13 @@ def test_recomputing_k_blocks_prices_their_forward_and_keeps_their_inputs(ev):
     assert p.backward_s == pytest.approx(k.backward_s + sum(costs[i].time.forward_s for i in some))
     assert p.components.recompute_s == pytest.approx(SCHED.microbatches * sum(costs[i].time.forward_s for i in some))
     # Rank 1 holds one micro-batch in flight under 1F1B (pp=2): the activations drop by saved - inputs
-    # of the recomputed block, and its saved bytes come back once as the replay's workspace.
+    # of the recomputed block, and its saved bytes come back once as part of the backward's workspace,
+    # which the loss's backward may already exceed ([Note: what a step holds] in evaluate.py).
     freed = sum(costs[i].saved_bytes - costs[i].input_bytes for i in some)
     work = max(costs[i].saved_bytes for i in some)
-    assert p.memory_bytes == pytest.approx(k.memory_bytes - freed + work, abs=2)
+    assert p.activation_bytes == pytest.approx(k.activation_bytes - freed, abs=2)
+    assert k.memory_bytes - freed - 2 <= p.memory_bytes <= k.memory_bytes - freed + work + 2
+    assert p.memory_bytes < k.memory_bytes
 
 
 def test_selective_recompute_frees_the_attention_core_for_its_forward(ev, gpt2):
@@ -93,7 +97,9 @@ def test_selective_recompute_frees_the_attention_core_for_its_forward(ev, gpt2):
     assert sel.stages[1].selective and not sel.stages[1].recompute
     assert s.backward_s == pytest.approx(k.backward_s + sum(c.core_forward_s for c in costs))
     freed = sum(c.core_bytes for c in costs)
-    assert s.memory_bytes == pytest.approx(k.memory_bytes - freed + max(c.core_bytes for c in costs), abs=2)
+    assert s.activation_bytes == pytest.approx(k.activation_bytes - freed, abs=2)
+    assert k.memory_bytes - freed - 2 <= s.memory_bytes <= k.memory_bytes - freed + max(c.core_bytes for c in costs) + 2
+    assert s.memory_bytes < k.memory_bytes
 
 
 @pytest.mark.parametrize("fraction", [0.9, 0.6, 0.3])

@@ -129,14 +129,13 @@ class RecomputedStage(torch.nn.Module):
     [Note: recomputation as priced]
     A plan stage that recomputes every block (and nothing selectively) is priced (evaluate.py,
     [Note: recompute per block] in recompute.py) as replaying its forward in backward
-    (``recompute_s``) and holding, per micro-batch in flight, its blocks' inputs instead of every
+    (``recompute_s``) and holding, per micro-batch in flight, the stage's inputs instead of every
     saved activation. This wrapper realizes that with ``torch.utils.checkpoint`` in its
     non-reentrant form, which works under DDP and DTensor. The split-backward schedules are
     refused with it (``ParallelModel``): torch's ``stage_backward_input`` failed through the
-    checkpoint in tests. The replay covers the whole stage in one piece, so it holds only the
-    stage's inputs per micro-batch (at most what is priced), and the memory model's transient
-    (one block's saved tensors) is a lower bound of the replay's peak, which holds the whole
-    stage's saved tensors of one micro-batch during its backward. A stage that recomputes some
+    checkpoint in tests. The replay covers the whole stage in one piece, so during its backward
+    it holds the whole stage's saved tensors of one micro-batch, which the memory model counts
+    as backward workspace ([Note: what a step holds] in evaluate.py). A stage that recomputes some
     blocks, or attention cores, checkpoints exactly those ([Note: recompute in the runtime] in
     recompute.py).
     """

@@ -23,7 +23,9 @@ per second, ``n̂_s g_b / c_b`` with ``n̂_s`` the stage's most micro-batches in
 (ties: stage, then block, in model order), and the shortest prefix that fits is kept.
 Of the two, the one with less replay time wins (ties: σ off). When the rank fits
 without recomputation it recomputes nothing; when no prefix fits, its stages keep what
-they were given.
+they were given. The formula leaves out what does not depend on the choice (the loss, receive
+buffers, workspaces); the simulated peak of the rank's bare stages adds it, and the simulator
+checks the prefix found ([Note: the simulated check]).
 
 For ``m`` identical blocks this prefix is the fewest blocks that fit, and it is the
 cheapest replay too: each block frees the same bytes for the same seconds. With blocks of
@@ -45,6 +47,7 @@ from ..baselines import inflight_horizon
 from ..evaluate import BlockCost, Evaluator, StageSpec, recompute_terms
 from ..plan import Mesh, Schedule
 from ..schedules import spec as schedule_spec, stage_rank
+from ..simulate import StageCost, simulate
 from .pipeline_ilp import schedule_inflight
 
 __all__ = ["RecomputeChoice", "fewest_recomputed", "recomputable_alone"]
@@ -69,22 +72,26 @@ def fewest_recomputed(
     says; ``selective=False`` leaves Megatron's selective mode out."""
     pp, K = mesh.pp, len(specs)
     layout = schedule_spec(schedule.name).layout
-    limit = ev.cluster.device.memory_bytes * (1 - ev.training.memory_reserve)
+    limit = ev.usable_memory_bytes  # the reserve and the memory margin kept free
     bare = [StageSpec(sp.blocks) for sp in specs]
-    static = [c.static_bytes for c in ev.stage_costs(bare, mesh, schedule, sharding)]
+    bare_costs = ev.stage_costs(bare, mesh, schedule, sharding)
+    static = [c.static_bytes for c in bare_costs]
+    bare_peak = _simulated_peaks(ev, bare_costs, schedule)
     costs = {b: ev.block_cost(ev.pgraph.blocks[b], schedule.micro_batch_size, mesh.tp, sharding)
              for sp in specs for b in sp.blocks}
     horizon = inflight_horizon(schedule.name, pp, schedule.microbatches, schedule.virtual_stages)
     patterns = schedule_inflight(schedule.name, pp, horizon, schedule.virtual_stages)
     alone = recomputable_alone(ev)
     out = list(specs)
-    report = []
+    # Per rank that needs recomputation: (its stages, the blocks in the chosen order, selective, how many taken).
+    todo: dict[int, tuple[list[int], list[tuple[int, int]], bool, int]] = {}
+    report: dict[int, RecomputeChoice] = {}
     for r in range(pp):
         mine = [s for s in range(K) if stage_rank(s, pp, layout) == r]
         chunk = {s: s // pp for s in mine}  # a pattern counts micro-batches per chunk (stage // pp)
         most = {s: max(p[chunk[s]] for p in patterns[r]) for s in mine}
 
-        def peak(chosen: dict[int, set[int]], sel: bool) -> float:
+        def formula(chosen: dict[int, set[int]], sel: bool) -> float:
             act, work = {}, 0.0
             for s in mine:
                 spec = StageSpec(specs[s].blocks, tuple(b for b in specs[s].blocks if b in chosen[s]), sel)
@@ -93,38 +100,88 @@ def fewest_recomputed(
                 work += w
             return sum(static[s] for s in mine) + work + max(sum(p[chunk[s]] * act[s] for s in mine) for p in patterns[r])
 
-        none = {s: set() for s in mine}
-        if peak(none, False) <= limit:
+        if bare_peak[r] <= limit:
             for s in mine:
                 out[s] = StageSpec(specs[s].blocks)
-            report.append(RecomputeChoice(r, 0, False, 0.0, True))
+            report[r] = RecomputeChoice(r, 0, False, 0.0, True)
             continue
+        # What the formula leaves out (the loss, receive buffers, workspaces: [Note: what a step holds] in
+        # evaluate.py) does not depend on the choice; the simulated peak of the bare stages gives it.
+        offset = bare_peak[r] - formula({s: set() for s in mine}, False)
         has_core = any(costs[b].core_bytes > 0 for s in mine for b in specs[s].blocks)
-        best: tuple[float, bool, dict[int, set[int]]] | None = None
+        best: tuple[float, bool, list[tuple[int, int]], int] | None = None
         for sel in (False, True) if selective and has_core else (False,):
             order = [(s, b) for s, b in _order(mine, specs, costs, most, sel) if b in alone]
             chosen: dict[int, set[int]] = {s: set() for s in mine}
-            fits = peak(chosen, sel) <= limit
+            taken = 0
+            fits = formula(chosen, sel) + offset <= limit
             for s, b in order:
                 if fits:
                     break
                 chosen[s].add(b)
-                fits = peak(chosen, sel) <= limit
+                taken += 1
+                fits = formula(chosen, sel) + offset <= limit
             if not fits:
                 continue
             replay = sum(recompute_terms(StageSpec(specs[s].blocks, tuple(b for b in specs[s].blocks if b in chosen[s]),
                                                    sel), [costs[b] for b in specs[s].blocks])[1] for s in mine)
             if best is None or replay < best[0]:
-                best = (replay, sel, chosen)
+                best = (replay, sel, order, taken)
         if best is None:
-            report.append(RecomputeChoice(r, sum(len(specs[s].recompute) for s in mine),
-                                          any(specs[s].selective for s in mine), 0.0, False))
+            report[r] = RecomputeChoice(r, sum(len(specs[s].recompute) for s in mine),
+                                        any(specs[s].selective for s in mine), 0.0, False)
             continue
-        replay, sel, chosen = best
+        todo[r] = (mine, best[2], best[1], best[3])
+
+    def chosen_specs(taken: Mapping[int, int]) -> list[StageSpec]:
+        trial = list(out)
+        for r, (mine, order, sel, _) in todo.items():
+            picked = {b for _, b in order[: taken[r]]}
+            for s in mine:
+                trial[s] = StageSpec(specs[s].blocks, tuple(b for b in specs[s].blocks if b in picked), sel)
+        return trial
+
+    # [Note: the simulated check] The formula's prefix is checked by the simulator, every rank in one
+    # simulation per round: a rank over the limit takes its next block, then a rank that still fits
+    # with one block fewer gives it back. Each round only moves ranks one way, so it ends.
+    taken = {r: t[3] for r, t in todo.items()}
+    for grow in (True, False):
+        for _ in range(len(costs) + 1):
+            if not todo:
+                break
+            trial = {r: taken[r] + (0 if grow else -1) for r in todo}
+            if not grow:
+                trial = {r: max(0, n) for r, n in trial.items()}
+            peaks = _simulated_peaks(ev, ev.stage_costs(chosen_specs(trial), mesh, schedule, sharding), schedule)
+            moved = False
+            for r, (_, order, _, _) in todo.items():
+                if grow and peaks[r] > limit and taken[r] < len(order):
+                    taken[r] += 1
+                    moved = True
+                elif not grow and trial[r] < taken[r] and peaks[r] <= limit:
+                    taken[r] = trial[r]
+                    moved = True
+            if not moved:
+                break
+    final = _simulated_peaks(ev, ev.stage_costs(chosen_specs(taken), mesh, schedule, sharding), schedule) if todo else []
+    for r, (mine, order, sel, _) in todo.items():
+        if final[r] > limit:  # not even every block: keep what the rank was given
+            report[r] = RecomputeChoice(r, sum(len(specs[s].recompute) for s in mine),
+                                        any(specs[s].selective for s in mine), 0.0, False)
+            continue
+        picked = {b for _, b in order[: taken[r]]}
+        replay = 0.0
         for s in mine:
-            out[s] = StageSpec(specs[s].blocks, tuple(b for b in specs[s].blocks if b in chosen[s]), sel)
-        report.append(RecomputeChoice(r, sum(len(c) for c in chosen.values()), sel, replay, True))
-    return out, report
+            out[s] = StageSpec(specs[s].blocks, tuple(b for b in specs[s].blocks if b in picked), sel)
+            replay += recompute_terms(out[s], [costs[b] for b in specs[s].blocks])[1]
+        report[r] = RecomputeChoice(r, len(picked), sel, replay, True)
+    return out, [report[r] for r in range(pp)]
+
+
+def _simulated_peaks(ev: Evaluator, stage_costs: Sequence[StageCost], schedule: Schedule) -> tuple[int, ...]:
+    """Each pipeline rank's simulated peak memory ([Note: memory over the step] in simulate.py)."""
+    sim = simulate(stage_costs, schedule.name, schedule.microbatches, schedule.virtual_stages, ev.training.overlap_dp)
+    return sim.peak_memory_bytes
 
 
 def recomputable_alone(ev: Evaluator) -> frozenset[int]:

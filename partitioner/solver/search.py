@@ -217,7 +217,7 @@ class _Search:
         self.pg = ev.pgraph
         self.n = len(self.pg.blocks)
         self.world = ev.cluster.world_size
-        self.limit = ev.cluster.device.memory_bytes * (1 - ev.training.memory_reserve)
+        self.limit = ev.usable_memory_bytes  # the reserve and the memory margin kept free
         self.report = SearchReport()
         self._sharding: dict[tuple[int, int, bool], dict[str, str]] = {}
         self._blocks: dict[tuple[int, int, int, bool, bool], BlockTable] = {}
@@ -814,7 +814,7 @@ class _Search:
         return InfeasibleError(
             f"no plan fits in {cluster.device.name} memory ({_fmt_bytes(limit)} usable): {detail}; "
             f"try at least {devices} devices ({more}), devices with "
-            f"{_fmt_bytes(need / (1 - self.ev.training.memory_reserve))}"
+            f"{_fmt_bytes(need * (1 + self.ev.memory_margin) / (1 - self.ev.training.memory_reserve))}"
             + (", --recompute, or a smaller --global-batch" if activations else "")
         )
 

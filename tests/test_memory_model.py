@@ -1,0 +1,193 @@
+"""The memory model's terms against what torch allocates, and the memory margin (issue 12, items 4 and 5).
+
+Each term of [Note: what a step holds] (partitioner/evaluate.py) that depends on torch's
+implementation is checked here against the dispatch-mode storage meter (partitioner/measure.py) on
+one process: the optimizer step's workspace, the loss's memory, and the activations autograd saves
+(attention with dropout on CPU, an operand that needs no gradient). The simulator's walk over the
+step ([Note: memory over the step] in simulate.py) is checked on synthetic stages. The end-to-end
+comparison with a real two-rank run is in tests/test_measure.py; the figures over the fidelity
+layouts are in benchmarks/results/2026-12-05-fidelity-memory.md.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+from pathlib import Path
+
+import pytest
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from cost_models import OPTIMIZERS, loss_memory, optimizer_workspace_bytes, recorded_margin
+from partitioner.cli import main
+from partitioner.cluster import Cluster
+from partitioner.errors import PlanError
+from partitioner.evaluate import Evaluator, StageSpec
+from partitioner.measure import StorageMeter
+from partitioner.plan import Mesh, Schedule
+from partitioner.planner import prepare
+from partitioner.simulate import StageCost, simulate
+
+
+# --- the optimizer step's workspace -----------------------------------------------------------------
+
+
+@pytest.mark.parametrize("foreach", [False, True])
+@pytest.mark.parametrize("name", ["adam", "sgd"])
+def test_optimizer_workspace_is_what_the_step_allocates(name: str, foreach: bool) -> None:
+    """[Note: the optimizer step's workspace]: AdamW single-tensor holds two copies of the largest
+    parameter's state, foreach one copy of all; SGD with momentum none. The first step (the state made
+    lazily) and a later one alike."""
+    model = nn.Sequential(nn.Linear(96, 160), nn.Linear(160, 48))
+    opt = (torch.optim.AdamW(model.parameters(), foreach=foreach) if name == "adam"
+           else torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9, foreach=foreach))
+    numels = [p.numel() for p in model.parameters()]
+    for _ in range(2):
+        for p in model.parameters():
+            p.grad = torch.randn_like(p)
+        with StorageMeter([model], opt) as meter:
+            opt.step()
+        _, at_peak, _ = meter.result([model], opt)
+        assert at_peak.temporaries == optimizer_workspace_bytes(OPTIMIZERS[name], numels, foreach)
+
+
+# --- the loss -----------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("kind", ["cross_entropy", "mse"])
+def test_loss_memory_is_what_the_loss_keeps_and_allocates(kind: str) -> None:
+    """[Note: the loss's memory]: cross-entropy keeps its log-softmax and its backward makes two
+    output-sized gradients; mse keeps nothing new and its backward makes two."""
+    rows, width = 48, 200
+    out = torch.randn(rows, width, requires_grad=True)  # the model's output: exists before the loss
+    target = torch.randint(0, width, (rows,)) if kind == "cross_entropy" else torch.randn(rows, width)
+    model = nn.Linear(1, 1)
+    predicted = loss_memory(kind, out.nbytes)
+    with StorageMeter([model], None) as meter:
+        loss = F.cross_entropy(out, target) if kind == "cross_entropy" else F.mse_loss(out, target)
+        given = {id(out.untyped_storage()), id(target.untyped_storage())}  # saved by mse, but they exist anyway
+        kept = sum(e[1] for k, e in meter._live.items() if e[2] and k not in given and e[1] >= out.nbytes // 2)  # noqa: SLF001
+        (grad,) = torch.autograd.grad(loss, out)
+    peak, at_peak, _ = meter.result([model], None)
+    assert kept == predicted.saved_bytes
+    if kind == "cross_entropy":  # the meter names what made each tensor at the peak
+        made = {op for op, shape, nbytes, _ in meter.peak_tensors() if shape == (rows, width)}
+        assert {"aten._log_softmax.default", "aten.nll_loss_backward.default",
+                "aten._log_softmax_backward_data.default"} <= made
+    # At the end of the backward: the saved tensor and the two gradients, beside a few scalars.
+    new = at_peak.total - at_peak.parameters - (0 if kind == "cross_entropy" else out.nbytes + target.nbytes)
+    assert predicted.saved_bytes + predicted.backward_bytes <= new <= predicted.saved_bytes + predicted.backward_bytes + 4096
+
+
+# --- saved activations ----------------------------------------------------------------------------------
+
+
+class _Attention(nn.Module):
+    """Attention with dropout (the math path on CPU) and a product with a tensor no parameter reaches."""
+
+    def __init__(self, width: int = 32, heads: int = 4, seq: int = 16) -> None:
+        super().__init__()
+        self.heads = heads
+        self.qkv = nn.Linear(width, 3 * width)
+        self.out = nn.Linear(width, width)
+        self.register_buffer("position", torch.arange(seq, dtype=torch.float32))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        b, t, d = x.shape
+        q, k, v = (y.reshape(b, t, self.heads, d // self.heads).transpose(1, 2) for y in self.qkv(x).split(d, -1))
+        o = F.scaled_dot_product_attention(q, k, v, dropout_p=0.1, is_causal=True).transpose(1, 2).reshape(b, t, d)
+        return self.out(o * torch.cos(self.position)[:, None])  # autograd keeps cos, not o: cos needs no gradient
+
+
+def test_saved_activations_are_what_autograd_keeps_on_cpu() -> None:
+    """[Note: attention with dropout on CPU] and the capture's operands that need no gradient: the blocks'
+    predicted saved bytes equal the storages autograd keeps in a real forward on this CPU."""
+    torch.manual_seed(0)
+    model = nn.Sequential(_Attention(), nn.GELU(), _Attention()).train()
+    x = torch.randn(2, 16, 32)
+    ev = prepare(model, (x,), Cluster.local(1), global_batch=2, dtype="fp32", optimizer="adam", batch_size=2)
+    predicted = sum(ev.block_cost(b, 2, 1, {}).saved_bytes for b in ev.pgraph.blocks)
+    with StorageMeter([model], None) as meter:
+        y = model(x)
+    _, at_peak, _ = meter.result([model], None)
+    del y
+    assert predicted == at_peak.activations
+
+
+# --- the walk over the step ------------------------------------------------------------------------------
+
+
+def test_simulator_walks_fresh_gradients_workspaces_and_the_optimizer_step() -> None:
+    """GPipe, two ranks, two micro-batches: rank 1's peak is at its first backward, before any gradient
+    exists, with both micro-batches' activations and its backward's workspace."""
+    stage = dict(forward_s=1.0, backward_s=2.0, activation_bytes=100, static_bytes=1000, fresh_grad_bytes=50,
+                 buffer_bytes=7, input_grad_bytes=11)
+    stages = [StageCost(**stage, backward_workspace_bytes=50, optimizer_workspace_bytes=300),
+              StageCost(**stage, backward_workspace_bytes=500, optimizer_workspace_bytes=10)]
+    sim = simulate(stages, "gpipe", 2)
+    first = sim.peak_parts[1]
+    assert (first.static, first.activations, first.workspace, first.moment) == (950, 200, 7 + 500, "1B0")
+    # Rank 0 peaks in its optimizer step: every gradient, both kept input gradients, its workspace.
+    last = sim.peak_parts[0]
+    assert (last.static, last.activations, last.workspace, last.moment) == (1000, 0, 7 + 2 * 11 + 300, "optimizer step")
+    assert sim.peak_memory_bytes == (1329, 1657)
+    with pytest.raises(PlanError, match="fresh_grad_bytes"):
+        StageCost(forward_s=1.0, backward_s=1.0, static_bytes=10, fresh_grad_bytes=20)
+
+
+# --- the memory margin ----------------------------------------------------------------------------------
+
+
+def test_recorded_margin_names_its_source_and_a_bad_file_is_one_clear_error(tmp_path: Path) -> None:
+    rec = recorded_margin()
+    assert rec.margin >= 0 and rec.ranks > 0 and rec.command.startswith("python -m benchmarks.fidelity")
+    assert Path(__file__).resolve().parents[1].joinpath(rec.source).exists()
+    bad = tmp_path / "margin.json"
+    bad.write_text(json.dumps({"margin": 0.1}))
+    with pytest.raises(ValueError, match="not a memory margin record.*--record-margin"):
+        recorded_margin(bad)
+
+
+def _mlp_evaluator(memory_bytes: int | None = None, margin: float | None = None) -> Evaluator:
+    cluster = Cluster.local(2)
+    if memory_bytes is not None:
+        cluster = dataclasses.replace(cluster, device=dataclasses.replace(cluster.device, memory_bytes=memory_bytes))
+    model = nn.Sequential(*(nn.Linear(64, 64) for _ in range(4)))
+    base = prepare(model, (torch.randn(1, 64),), cluster, global_batch=4, dtype="fp32", optimizer="adam")
+    return Evaluator(base.pgraph, cluster, base.cost_model, base.training, margin)
+
+
+def test_a_plan_on_the_edge_is_refused_when_the_margin_pushes_it_over() -> None:
+    """Fit is ``peak (1 + margin) <= memory (1 - reserve)``: a plan whose peak fits with room for half
+    the margin fits without a margin and is refused with it."""
+    stages = [StageSpec((0, 1)), StageSpec((2, 3))]
+    mesh, schedule = Mesh(2, 1, 1), Schedule("1f1b", 2, 2)
+    plan, _ = _mlp_evaluator(margin=0.0).make_plan(stages, mesh, schedule, method="manual")
+    peak, margin = plan.predicted.peak_memory_bytes, 0.2
+    memory = int(peak * (1 + margin / 2) / (1 - plan.training.memory_reserve)) + 1
+    without, _ = _mlp_evaluator(memory, margin=0.0).make_plan(stages, mesh, schedule, method="manual")
+    with_margin, _ = _mlp_evaluator(memory, margin=margin).make_plan(stages, mesh, schedule, method="manual")
+    assert without.predicted.peak_memory_bytes == with_margin.predicted.peak_memory_bytes == peak
+    assert without.predicted.fits and not with_margin.predicted.fits
+    assert with_margin.predicted.memory_margin == margin
+    with pytest.raises(PlanError, match="memory margin"):
+        _mlp_evaluator(margin=-0.1)
+
+
+def test_the_recorded_margin_is_every_plans_default_and_explain_states_it(tmp_path: Path, capsys, monkeypatch) -> None:
+    rec = recorded_margin()
+    assert _mlp_evaluator().memory_margin == rec.margin
+    out = tmp_path / "plan.json"
+    assert main(["plan", "--model", "mlp", "--cluster", "local-cpu:2", "--mesh", "pp=2", "--global-batch", "4",
+                 "--method", "params", "--quiet", "--json", str(out)]) == 0
+    assert json.loads(out.read_text())["predicted"]["memory_margin"] == rec.margin
+    monkeypatch.setenv("COLUMNS", "300")
+    capsys.readouterr()
+    assert main(["explain", str(out)]) == 0
+    out = capsys.readouterr().out.splitlines()
+    [line] = [l for l in out if l.startswith("memory margin: ")]
+    assert f"+{rec.margin:.1%} on the predicted peak" in line and rec.source in line and f"{rec.ranks} ranks" in line
+    [fit] = [l for l in out if l.startswith("fit: ")]
+    assert f"+ {rec.margin:.1%} = " in fit and fit.endswith(": fits")
