@@ -3,7 +3,9 @@
 ``AnalyticCostModel`` is the roofline + alpha-beta model;
 ``CalibratedCostModel`` fits its constants to measured kernels; and
 ``MeasuredCostModel`` answers with the profiler's measurements of the nodes
-themselves. All three implement the same protocol.
+themselves. All three implement the same protocol. ``Overheads`` holds the
+measured software costs (per pipeline action, per tensor-parallel node, the
+optimizer step) that the evaluator adds on top of any of them.
 """
 
 from .analytic import AnalyticCostModel
@@ -11,6 +13,7 @@ from .base import COLLECTIVES, CostModel, NodeRef, OpTime, op_class
 from .calibrated import Calibration, CalibratedCostModel, OpFit, Sample, fit_calibration
 from .profiled import MeasuredCostModel, MeasuredOp
 from .memory import OPTIMIZERS, OptimizerSpec, optimizer_spec, static_bytes
+from .overheads import Overheads
 
 __all__ = [
     "AnalyticCostModel",
@@ -19,6 +22,7 @@ __all__ = [
     "MeasuredCostModel",
     "MeasuredOp",
     "NodeRef",
+    "Overheads",
     "OpFit",
     "Sample",
     "fit_calibration",

@@ -68,6 +68,7 @@ from pathlib import Path
 from types import MappingProxyType
 from typing import Any
 
+from cost_models.overheads import Overheads
 from partitioner.errors import ClusterError
 
 __all__ = [
@@ -336,6 +337,9 @@ class Cluster:
     inter_node: LinkSpec
     # Achieved fractions of peak; assumptions, see [Note: datasheet figures and assumptions].
     efficiency: Efficiency = Efficiency()
+    # Measured software costs (``autopart calibrate``); the default adds nothing
+    # ([Note: software overheads] in cost_models/overheads.py).
+    overheads: Overheads = Overheads()
 
     def __post_init__(self) -> None:
         _text("name", self.name, what="a short cluster name, e.g. 'dgx-a100-80g'")
@@ -346,6 +350,7 @@ class Cluster:
             ("intra_node", LinkSpec),
             ("inter_node", LinkSpec),
             ("efficiency", Efficiency),
+            ("overheads", Overheads),
         ):
             if not isinstance(getattr(self, attr), kind):
                 raise ClusterError(
@@ -472,6 +477,7 @@ class Cluster:
             intra_node=_parse_link("intra_node", d["intra_node"]),
             inter_node=_parse_link("inter_node", d["inter_node"]),
             efficiency=_parse_efficiency(d.get("efficiency", {})),
+            overheads=_parse_overheads(d.get("overheads", {})),
         )
 
     # ---- output --------------------------------------------------------------------------
@@ -486,7 +492,7 @@ class Cluster:
             device["memory_bytes"] = dev.memory_bytes
         device["memory_bandwidth_gbps"] = _to_file(dev.memory_bandwidth, _GIGA)
         device["peak_tflops"] = {k: _to_file(v, _TERA) for k, v in dev.peak_flops.items()}
-        return {
+        out = {
             "name": self.name,
             "nodes": self.nodes,
             "devices_per_node": self.devices_per_node,
@@ -495,6 +501,9 @@ class Cluster:
             "inter_node": _link_dict(self.inter_node),
             "efficiency": {f.name: getattr(self.efficiency, f.name) for f in fields(Efficiency)},
         }
+        if self.overheads.measured:  # absent unless calibrated, so files and plans without it are unchanged
+            out["overheads"] = self.overheads.to_file()
+        return out
 
     def to_toml(self) -> str:
         """The cluster as a TOML file that ``from_toml`` reads back equal (written by ``tomli_w``),
@@ -578,7 +587,7 @@ def _load_local(spec: str, nodes: int | None, devices_per_node: int | None) -> C
 
 _TOP_KEYS = (
     "name", "preset", "nodes", "devices_per_node", "device", "intra_node", "inter_node",
-    "efficiency",
+    "efficiency", "overheads",
 )
 _DEVICE_KEYS = ("name", "memory_gib", "memory_bytes", "memory_bandwidth_gbps", "peak_tflops")
 _LINK_KEYS = ("name", "bandwidth_gbps", "latency_us")
@@ -742,6 +751,15 @@ def _parse_efficiency(value: Any) -> Efficiency:
             for k, v in t.items()
         }
     )
+
+
+def _parse_overheads(value: Any) -> Overheads:
+    if not isinstance(value, Mapping):
+        raise ClusterError(f"overheads = {_show(value)}: expected a table ([overheads])")
+    try:
+        return Overheads.from_file(value)
+    except ValueError as e:
+        raise ClusterError(f"{e} (measured by autopart calibrate; see docs/cluster.md)") from None
 
 
 def _link_dict(link: LinkSpec) -> dict[str, Any]:

@@ -19,6 +19,19 @@ so a block with trainable parameters gets half of its backward as ``W``
 core (softmax, the score and value products) has no weights and all of its
 backward is ``I``, so for a transformer layer this overstates ``W`` a
 little. Recomputation replays the forward inside ``I``, never in ``W``.
+
+[Note: measured overheads in a plan]
+On a cluster that ``autopart calibrate`` measured, the evaluator adds the
+software costs of [Note: software overheads] (cost_models/overheads.py):
+per micro-batch, ``a_action`` to each stage's forward and backward, and under
+tensor parallelism ``N a_node + D a_dtensor`` (forward) and
+``N a_node_bwd + D a_dtensor_bwd`` (backward) to each block's compute; once
+per step, each stage's optimizer step ``t_opt`` and each rank's ``a_step``
+(on its first stage) as ``StageCost.after_s``. ``components`` reports the
+action and step overheads as ``overhead_s`` (2 M a_action per stage) and
+``t_opt`` as ``optimizer_s``; the node overheads stay in forward and backward
+compute, where the run measures them. Without the calibration every term is
+0, and plans are priced exactly as before.
 """
 
 from __future__ import annotations
@@ -77,6 +90,7 @@ class Evaluator:
         if training.optimizer not in OPTIMIZERS:
             raise PlanError(f"training.optimizer {training.optimizer!r} is not one of {', '.join(OPTIMIZERS)}")
         self.optimizer = optimizer_spec(training.optimizer, training.dtype)  # fp32 adam-mixed: no master copy
+        self.overheads = cluster.overheads  # measured software costs ([Note: measured overheads in a plan])
         cluster.device.flops(training.dtype)  # fail early: the device must support the dtype
         self._block_cache: dict[tuple, BlockCost] = {}
         self._layout_cache: dict[tuple, BlockLayoutCosts] = {}
@@ -95,9 +109,39 @@ class Evaluator:
         hit = self._block_cache.get(key)
         if hit is None:
             compute, comm, saved = self.layout_costs(block, micro_batch, tp).evaluate(dict(zip(block.nodes, strategies)))
+            if tp > 1:
+                compute = compute + self.tp_node_overhead(len(block.nodes), sum(s != "replicate" for s in strategies))
             hit = BlockCost(compute, comm, saved, block.input_bytes * micro_batch / self.captured.batch_size)
             self._block_cache[key] = hit
         return hit
+
+    def tp_node_overhead(self, nodes: int, on_dtensors: int) -> OpTime:
+        """``(N a_node + D a_dtensor, N a_node_bwd + D a_dtensor_bwd)`` of a block of ``N`` nodes, ``D`` of them
+        on DTensors, run by the tensor-parallel interpreter ([Note: software overheads]); 0 uncalibrated."""
+        o = self.overheads
+        return OpTime(nodes * o.tp_node_s + on_dtensors * o.dtensor_op_s,
+                      nodes * o.tp_node_backward_s + on_dtensors * o.dtensor_op_backward_s)
+
+    def optimizer_time(self, params: Iterable[str], tp: int, dp: int, split_params: Set[str],
+                       dp_group: Sequence[int]) -> float:
+        """``t_opt`` of one rank's share of ``params`` ([Note: software overheads]): ``T a_tensor +
+        P (w + g + o) / B_opt`` over the tensors it updates, and under ZeRO-1 one broadcast per tensor from
+        its owner, priced as an all-gather of the tensor's ``1/dp`` share. 0 on an uncalibrated cluster."""
+        o = self.overheads
+        if o.optimizer_tensor_s == 0.0 and o.optimizer_bandwidth == 0.0:
+            return 0.0
+        table = self.captured.params
+        mine = sorted(p for p in params if table[p].trainable and not table[p].is_buffer)  # a fixed sum order
+        level = dp_spec(self.training.dp_sharding)
+        share = dp if dp > 1 and level.shards_optimizer else 1
+        elements = sum(table[p].numel // (tp if p in split_params else 1) for p in mine)
+        per_param = table[mine[0]].bytes // max(1, table[mine[0]].numel) if mine else 0
+        spec = self.optimizer
+        t = o.optimizer_time(len(mine) / share, elements / share, per_param + spec.grad_bytes + spec.state_bytes)
+        if share > 1 and not level.uses_fsdp:  # ZeroRedundancyOptimizer broadcasts each updated tensor
+            t += sum(self.cost_model.collective_time(
+                "all_gather", table[p].bytes / (tp if p in split_params else 1) / dp, dp_group) for p in mine)
+        return t
 
     def layout_costs(self, block: Block, micro_batch: int, tp: int) -> BlockLayoutCosts:
         """The per-node cost tables of ``block`` (per block: its boundary can differ from its twins')."""
@@ -257,6 +301,9 @@ class Evaluator:
         crossing = self.pgraph.crossing_bytes(stage_of)
         layout = schedule_spec(schedule.name).layout
         params = self.captured.params
+        first_stage: dict[int, int] = {}  # pipeline rank -> its lowest stage, which carries the per-step overhead
+        for s in range(len(stages)):
+            first_stage.setdefault(stage_rank(s, pp, layout), s)
         out = []
         for s, spec in enumerate(stages):
             blocks = [self.pgraph.blocks[b] for b in spec.blocks]
@@ -293,15 +340,21 @@ class Evaluator:
             if mesh.dp > 1 and not fsdp:
                 grad = grad_bytes
                 dp_reduce = self.cost_model.collective_time("all_reduce", grad, mesh.dp_group(stage_rank(s, pp, layout)))
+            # [Note: measured overheads in a plan]: per action, and once per step after the reduction.
+            action = self.overheads.action_s
+            after = self.optimizer_time(names, mesh.tp, mesh.dp, split_params, mesh.dp_group(stage_rank(s, pp, layout)))
+            if s == first_stage[stage_rank(s, pp, layout)]:
+                after += self.overheads.step_s
             out.append(
                 StageCost(
-                    forward_s=fwd,
-                    backward_s=bwd,
+                    forward_s=fwd + action,
+                    backward_s=bwd + action,
                     send_s=send,
                     activation_bytes=int(act),
                     static_bytes=int(static + transient),
                     dp_reduce_s=dp_reduce,
                     backward_weight_s=min(wgt, bwd),
+                    after_s=after,
                 )
             )
         return out
@@ -325,7 +378,8 @@ class Evaluator:
         sharding = dict(sharding or {})
         self._check_stages(stages, mesh, schedule)
         costs = self.stage_costs(stages, mesh, schedule, sharding)
-        sim = simulate(costs, schedule.name, schedule.microbatches, schedule.virtual_stages, self.training.overlap_dp)
+        sim = simulate(costs, schedule.name, schedule.microbatches, schedule.virtual_stages, self.training.overlap_dp,
+                       self.overheads.comm_overlap)
         plan = self._assemble(stages, mesh, schedule, sharding, costs, sim, method, status, started, objective, bound)
         return plan, sim
 
@@ -418,9 +472,13 @@ class Evaluator:
         tail = [0.0] * K
         exposed_share = [0.0] * K
         layout = schedule_spec(schedule.name).layout
+        first: dict[int, int] = {}  # pipeline rank -> its lowest stage (the one charged the per-step overhead)
+        for s in range(K):
+            first.setdefault(stage_rank(s, pp, layout), s)
         for r in range(pp):
             mine = [s for s in range(K) if stage_rank(s, pp, layout) == r]
-            tail[last_stage[r]] = max(0.0, sim.step_time_s - last_end[r] - sim.dp_exposed_s[r])
+            after = sum(costs[s].after_s for s in mine)  # optimizer step and per-step overhead, after the reduction
+            tail[last_stage[r]] = max(0.0, sim.step_time_s - last_end[r] - sim.dp_exposed_s[r] - after)
             reduce_total = sum(costs[s].dp_reduce_s for s in mine)
             for s in mine:
                 if reduce_total > 0:
@@ -432,10 +490,14 @@ class Evaluator:
             cb = sum(c.compute.backward_s for c in work)
             tf = sum(c.tp_comm.forward_s for c in work)
             tb = sum(c.tp_comm.backward_s for c in work)
-            # What the stage's actions take beyond compute and tp: ZeRO-2/3's exposed gathers and scatters.
+            action = self.overheads.action_s
+            # What the stage's actions take beyond compute, tp and the per-action overhead: ZeRO-2/3's
+            # exposed gathers and scatters.
             extra = 0.0
             if dp_spec(self.training.dp_sharding).uses_fsdp and mesh.dp > 1:
-                extra = costs[s].forward_s + costs[s].backward_s - (cf + tf) - (cb + tb) - ((cf + tf) if spec.recompute else 0.0)
+                extra = (costs[s].forward_s + costs[s].backward_s - 2 * action - (cf + tf) - (cb + tb)
+                         - ((cf + tf) if spec.recompute else 0.0))
+            opt = costs[s].after_s - (self.overheads.step_s if first[stage_rank(s, pp, layout)] == s else 0.0)
             out.append(
                 StageComponents(
                     forward_s=M * cf,
@@ -446,6 +508,8 @@ class Evaluator:
                     dp_reduce_s=exposed_share[s],
                     dp_gather_s=M * max(0.0, extra),
                     bubble_s=sim.wait_s[s] - sim.transfer_wait_s[s] + tail[s],
+                    optimizer_s=opt,
+                    overhead_s=2 * M * action + costs[s].after_s - opt,
                 )
             )
         return out
