@@ -11,7 +11,7 @@ with ``--report``, writes it as markdown with the command, and keeps every plan 
 beside it so that ``autopart explain --measured RUN.json`` can show where each one is wrong.
 
     python -m benchmarks.fidelity [--report benchmarks/results/YYYY-MM-DD-fidelity.md] [--steps 10]
-        [--warmup 2] [--only TEXT] [--no-calibrate] [--cache PATH] [--force]
+        [--warmup 2] [--only TEXT] [--no-calibrate] [--calibrate-each] [--cache PATH] [--force]
 
 Nothing here is tuned: the predictions are what the planner writes into the plan.
 """
@@ -179,6 +179,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     ap.add_argument("--warmup", type=int, default=2, help="untimed steps before them (default 2)")
     ap.add_argument("--only", default=None, help="only layouts whose name contains this text")
     ap.add_argument("--no-calibrate", action="store_true", help="plan on the local-cpu preset instead of a calibrated file")
+    ap.add_argument("--calibrate-each", action="store_true",
+                    help="calibrate again right before each layout, so that a shared machine's load is measured "
+                         "when the layout runs (the overheads follow it)")
     ap.add_argument("--cache", default=None, help="profile cache (default: a fresh one in the keep folder)")
     ap.add_argument("--force", action="store_true", help="let --report overwrite an existing file")
     args = ap.parse_args(argv)
@@ -198,6 +201,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     failed: list[str] = []
     for layout in layouts:
         try:
+            if args.calibrate_each and not args.no_calibrate:
+                clusters[layout.world] = str(calibrate(layout.world, keep / f"calibrated-{layout.name.replace(' ', '-')}.toml"))
             o = measure(layout, clusters[layout.world], cache, keep, args.steps, args.warmup)
         except RunFailed as exc:  # recorded, not retried: a flaky layout should show
             failed.append(f"{layout.name}: {exc}")
@@ -224,7 +229,8 @@ def main(argv: Sequence[str] | None = None) -> int:
             "",
             f"Command: `{command}` ({time.strftime('%Y-%m-%d', time.gmtime())}, {time.monotonic() - started:.0f} s).",
             "",
-            f"Each layout is calibrated ({'no' if args.no_calibrate else 'yes'}: `autopart calibrate` per world size), "
+            f"Each layout is calibrated ({'no' if args.no_calibrate else 'yes'}: `autopart calibrate` "
+            f"{'right before each layout' if args.calibrate_each else 'per world size'}), "
             f"planned with `autopart plan --profile` and the layout's flags, and run with `autopart run --steps {args.steps} "
             f"--warmup {args.warmup} --json` (gloo, one thread per rank). The error is predicted / measured - 1. "
             "Peak memory is measured by the dispatch-mode storage meter (partitioner/measure.py) over the first step "

@@ -908,6 +908,15 @@ def _print_calibration(report, base, cluster) -> None:
         f"{cluster.efficiency.matmul} of {cluster.device.peak_flops[c.dtype] / 1e9:.1f} GFLOP/s; "
         f"streaming {c.memory_bandwidth / 1e9:.1f} GB/s -> efficiency.elementwise {cluster.efficiency.elementwise}"
     )
+    o = report.overheads
+    if o.measured:
+        console.print(
+            f"overheads (slowest rank): {o.action_s * 1e6:.0f} us per pipeline action, {o.step_s * 1e6:.0f} us per step; "
+            f"tensor-parallel node {o.tp_node_s * 1e6:.0f}/{o.tp_node_backward_s * 1e6:.0f} us (forward/backward), "
+            f"DTensor op +{o.dtensor_op_s * 1e6:.0f}/{o.dtensor_op_backward_s * 1e6:.0f} us; optimizer "
+            f"{o.optimizer_tensor_s * 1e6:.0f} us per tensor + {o.optimizer_bandwidth / 1e9:.2f} GB/s; "
+            f"collectives overlap {o.comm_overlap:.0%} of compute -> \\[overheads]"
+        )
 
 
 if __name__ == "__main__":
