@@ -36,13 +36,17 @@ are measured by small controlled experiments, on every rank at once (the
 ranks share the machine as they do in training), each the slowest rank's
 median:
 
-* the pipeline: a stage of one tiny linear layer per rank, run by torch's
-  ``Schedule1F1B`` (as the runtime runs plans) with the loss's all-reduce
-  after it, for ``M1`` and ``M2`` micro-batches. The simulator gives the
-  number ``U(M)`` of actions on the critical path of that schedule (unit
-  actions, no transfers) and the step ``S(M)`` its transfers alone take on
-  the measured link; then ``a_action = ((t2 - S2) - (t1 - S1)) / (U2 - U1)``
-  and ``a_step = t1 - S1 - a_action U1``, both at least 0;
+* the pipeline: ``a_step`` is the time of the step's own collective (the
+  loss's all-reduce) and the gradients' zeroing. Then a stage of one tiny
+  linear layer per rank is run by torch's ``Schedule1F1B`` (as the runtime
+  runs plans) and that all-reduce, for several micro-batch counts ``M``, in
+  interleaved rounds (a shared machine's load changes over seconds). The
+  simulator gives the number ``U(M)`` of actions on the critical path of that
+  schedule (unit actions, no transfers) and the step ``S(M)`` its transfers
+  alone take on the measured link; each ``M`` gives
+  ``(t(M) - S(M) - a_step) / U(M)``, and ``a_action`` is their median, at
+  least 0 (a ratio of one median, not a difference of two: load noise is
+  not amplified);
 * the tensor-parallel interpreter: a chain of ``N`` small elementwise ops
   (an aten graph, as the runtime's stages are) run plainly, through
   ``TensorParallelModule`` with every node replicated, and with every node on
@@ -304,7 +308,7 @@ def _measure_links(samples, intra, inter, local, nodes, rank, sizes, reps, devic
 # Software overheads ([Note: measuring overheads])
 # --------------------------------------------------------------------------------------
 
-PIPELINE_MICROBATCHES = (4, 12)  # M1, M2 of the pipeline experiment
+PIPELINE_MICROBATCHES = (4, 8, 12)  # the micro-batch counts M of the pipeline experiment
 TP_CHAIN = 48  # N: elementwise ops in the tensor-parallel experiment
 # (tensors, elements each) of the optimizer experiment: few large, many small, and between
 OPTIMIZER_SETS = ((4, 1 << 18), (64, 1 << 10), (16, 1 << 16), (128, 1 << 12))
@@ -321,17 +325,16 @@ class PipelineSample:
     transfers_s: float  # S(M): the simulated step with free actions and the measured link
 
 
-def pipeline_overheads(samples: Sequence[PipelineSample]) -> tuple[float, float]:
-    """``(a_action, a_step)`` from two or more pipeline samples ([Note: measuring overheads])."""
-    lo, hi = min(samples, key=lambda x: x.microbatches), max(samples, key=lambda x: x.microbatches)
-    if hi.unit_actions <= lo.unit_actions:
-        raise CalibrateError("the pipeline experiment needs two different micro-batch counts")
-    action = max(0.0, ((hi.seconds - hi.transfers_s) - (lo.seconds - lo.transfers_s)) / (hi.unit_actions - lo.unit_actions))
-    step = max(0.0, lo.seconds - lo.transfers_s - action * lo.unit_actions)
-    return action, step
+def pipeline_overheads(samples: Sequence[PipelineSample], step_s: float) -> float:
+    """``a_action`` from pipeline samples and the measured ``a_step`` ([Note: measuring overheads])."""
+    if not samples:
+        raise CalibrateError("the pipeline experiment needs at least one micro-batch count")
+    per = [(x.seconds - x.transfers_s - step_s) / x.unit_actions for x in samples]
+    return max(0.0, statistics.median(per))
 
 
-def _pipeline_samples(device: torch.device, link: LinkFit | None, reps: int) -> list[PipelineSample]:
+def _pipeline_samples(device: torch.device, link: LinkFit | None, reps: int) -> tuple[list[PipelineSample], float]:
+    """(one sample per micro-batch count, ``a_step``)."""
     from torch.distributed.pipelining import PipelineStage, Schedule1F1B
 
     from .simulate import StageCost, simulate
@@ -340,30 +343,42 @@ def _pipeline_samples(device: torch.device, link: LinkFit | None, reps: int) -> 
     width = 16
     torch.manual_seed(0)
     layer = torch.nn.Linear(width, width).to(device)
-    out: list[PipelineSample] = []
+    loss = torch.zeros((), device=device)
+
+    def finish() -> None:  # the step's own work outside the schedule: zeroing, the loss's all-reduce
+        layer.zero_grad(set_to_none=False)
+        dist.all_reduce(loss)
+
+    step_s = _timed(finish, device, reps)
+    runs = {}
     for m in PIPELINE_MICROBATCHES:
-        stage = PipelineStage(layer, rank, world, device)
-        schedule = Schedule1F1B(stage, m, loss_fn=lambda y, t: ((y - t) ** 2).mean())
+        schedule = Schedule1F1B(PipelineStage(layer, rank, world, device), m, loss_fn=lambda y, t: ((y - t) ** 2).mean())
         x = torch.randn(m, width, device=device)
         target = torch.zeros(m, width, device=device)
-        loss = torch.zeros((), device=device)
 
-        def step() -> None:
-            layer.zero_grad(set_to_none=False)
+        def step(schedule: Any = schedule, x: torch.Tensor = x, target: torch.Tensor = target) -> None:
             if rank == 0:
                 schedule.step(x)
             elif rank == world - 1:
                 schedule.step(target=target, losses=[])
             else:
                 schedule.step()
-            dist.all_reduce(loss)  # as the runtime ends its step
+            finish()
 
-        seconds = _timed(step, device, reps, warmup=2)
-        send = link.latency + width * 4 / link.bandwidth if link else 0.0
+        for _ in range(2):  # warm-up: torch builds the stage's buffers on the first step
+            step()
+        runs[m] = step
+    times: dict[int, list[float]] = {m: [] for m in runs}
+    for _ in range(reps):  # interleaved rounds: each M sees the same spread of load
+        for m, step in runs.items():
+            times[m].append(_timed(step, device, 1, warmup=0))
+    send = link.latency + width * 4 / link.bandwidth if link else 0.0
+    out = []
+    for m in runs:
         unit = simulate([StageCost(1.0, 1.0)] * world, "1f1b", m).step_time_s
         transfers = simulate([StageCost(0.0, 0.0, send_s=send)] * world, "1f1b", m).step_time_s
-        out.append(PipelineSample(m, seconds, unit, transfers))
-    return out
+        out.append(PipelineSample(m, statistics.median(times[m]), unit, transfers))
+    return out, step_s
 
 
 def _chain(width: int, n: int) -> Any:
@@ -459,7 +474,8 @@ def comm_overlap(device: torch.device, reps: int) -> float:
 
 def measure_overheads(device: torch.device, link: LinkFit | None, reps: int) -> Overheads:
     """Every overhead of [Note: measuring overheads], rounded to four significant digits."""
-    action, step = pipeline_overheads(_pipeline_samples(device, link, reps))
+    samples, step = _pipeline_samples(device, link, max(reps, 7))
+    action = pipeline_overheads(samples, step)
     node, node_b, dt, dt_b = tp_node_overheads(device, reps)
     tensor_s, bandwidth = optimizer_overheads(_optimizer_samples(device, reps))
     overlap = comm_overlap(device, reps)

@@ -247,7 +247,9 @@ class Evaluator:
         compute: with ``n`` units, a pass with compute ``C`` and collectives ``X`` exposes
         ``X / n + max(0, X (n - 1) / n - C)`` (the first unit's gather, or the last unit's
         reduce-scatter, cannot hide; the rest hide behind compute as far as it lasts). This
-        assumes a GPU's separate communication stream; on CPU (gloo) nothing overlaps.
+        assumes a GPU's separate communication stream; on a cluster whose calibration measured
+        that collectives overlap only the fraction ``c`` of compute (``Overheads.comm_overlap``;
+        on a CPU whose cores the ranks share, ``c`` is near 0), they hide behind ``c C`` only.
         Transient bytes: ZeRO-3 holds the root's gathered weights and two block units' (the one
         computing and the prefetched one), ZeRO-2 the whole stage's; both hold the root's
         unsharded gradients through the backward and one block unit's until its reduce-scatter.
@@ -277,8 +279,11 @@ class Evaluator:
         gather, scatter = self.fsdp_collectives(all_w, all_g, mesh.dp_group(stage_rank_index))
         n = len(units) + (1 if root else 0)
 
+        overlap = self.overheads.comm_overlap
+
         def exposed(x: float, compute: float) -> float:
-            return x / n + max(0.0, x * (n - 1) / n - compute) if n else 0.0
+            hidden = compute if overlap == 1.0 else overlap * compute  # [Note: software overheads]
+            return x / n + max(0.0, x * (n - 1) / n - hidden) if n else 0.0
 
         gathers = level.gathers_per_microbatch + (1 if recompute and level.reshard_after_forward else 0)
         f = exposed(gather, fwd)
