@@ -11,7 +11,8 @@ with ``--report``, writes it as markdown with the command, and keeps every plan 
 beside it so that ``autopart explain --measured RUN.json`` can show where each one is wrong.
 
     python -m benchmarks.fidelity [--report benchmarks/results/YYYY-MM-DD-fidelity.md] [--steps 10]
-        [--warmup 2] [--only TEXT] [--no-calibrate] [--calibrate-each] [--cache PATH] [--force]
+        [--warmup 2] [--only TEXT] [--no-calibrate] [--calibrate-each] [--also-without-overheads]
+        [--cache PATH] [--force]
 
 Nothing here is tuned: the predictions are what the planner writes into the plan.
 """
@@ -82,6 +83,9 @@ class Outcome:
     memory: tuple[tuple[int, int, int], ...]  # (rank, predicted peak bytes, measured peak bytes)
     largest_residual: str  # explain --measured's line for time
     reserve: float  # the plan's training.memory_reserve
+    # the same plan priced on the same cluster without its [overheads] (the time model without the
+    # measured software overheads, cost_models/overheads.py); None unless asked for
+    predicted_bare_s: float | None = None
 
     @property
     def step_error(self) -> float:
@@ -122,7 +126,20 @@ def calibrate(world: int, out: Path) -> Path:  # a failure here ends the benchma
     return out
 
 
-def measure(layout: Layout, cluster: str, cache: Path, keep: Path, steps: int, warmup: int) -> Outcome:
+def without_overheads(cluster: str, out: Path) -> Path:
+    """A copy of the cluster file ``cluster`` without its ``[overheads]`` table."""
+    import tomllib
+
+    import tomli_w
+
+    data = tomllib.loads(Path(cluster).read_text())
+    data.pop("overheads", None)
+    out.write_text(tomli_w.dumps(data))
+    return out
+
+
+def measure(layout: Layout, cluster: str, cache: Path, keep: Path, steps: int, warmup: int,
+            bare: bool = False) -> Outcome:
     slug = layout.name.replace(" ", "-")
     plan_path, run_path = keep / f"{slug}.plan.json", keep / f"{slug}.run.json"
     for p in (plan_path, run_path):
@@ -138,6 +155,17 @@ def measure(layout: Layout, cluster: str, cache: Path, keep: Path, steps: int, w
     mean = statistics.fmean(times)
     explain = _run([sys.executable, "-m", "partitioner", "explain", "--measured", str(run_path)], f"explain {layout.name}")
     line = next((l for l in explain.splitlines() if l.startswith("largest time residual:")), "")
+    predicted_bare = None
+    if bare and Path(cluster).is_file():  # the same plan, re-priced without the measured overheads
+        bare_plan, bare_in = keep / f"{slug}.bare.plan.json", keep / f"{slug}.bare.in.json"
+        bare_plan.unlink(missing_ok=True)
+        made = json.loads(plan_path.read_text())
+        made["cluster"].pop("overheads", None)  # the plan, as made for the cluster without the table
+        bare_in.write_text(json.dumps(made, indent=1))
+        _run([sys.executable, "-m", "partitioner", "plan", "--plan", str(bare_in), "--model", layout.model,
+              "--cluster", str(without_overheads(cluster, keep / f"{slug}.bare.toml")), "--profile", "--cache",
+              str(cache), "--quiet", "--json", str(bare_plan)], f"re-price {layout.name} without overheads")
+        predicted_bare = json.loads(bare_plan.read_text())["predicted"]["step_time_s"]
     return Outcome(
         layout=layout.name,
         predicted_step_s=plan["predicted"]["step_time_s"],
@@ -146,29 +174,39 @@ def measure(layout: Layout, cluster: str, cache: Path, keep: Path, steps: int, w
         memory=tuple((m["rank"], m["predicted_peak_bytes"], m["peak_bytes"]) for m in run["memory"]),
         largest_residual=line.removeprefix("largest time residual: "),
         reserve=plan["training"]["memory_reserve"],
+        predicted_bare_s=predicted_bare,
     )
 
 
 def summarize(outcomes: Sequence[Outcome]) -> dict[str, float]:
     step = [abs(o.step_error) for o in outcomes]
+    bare = [abs(o.predicted_bare_s / o.measured_step_s - 1.0) for o in outcomes if o.predicted_bare_s is not None]
     mem = [abs(e) for o in outcomes for e in o.memory_errors]
     # The margin (explain.MemoryMargin): how far a measured peak went past its prediction, at worst.
     excess = max(m / p - 1.0 for o in outcomes for _, p, m in o.memory)
     reserve = max(o.reserve for o in outcomes)
     return dict(step_median=statistics.median(step), step_worst=max(step),
                 memory_median=statistics.median(mem), memory_worst=max(mem), layouts=len(outcomes), ranks=len(mem),
-                memory_excess=excess, reserve=1.0 - (1.0 - reserve) / (1.0 + max(0.0, excess)))
+                memory_excess=excess, reserve=1.0 - (1.0 - reserve) / (1.0 + max(0.0, excess)),
+                **(dict(bare_median=statistics.median(bare), bare_worst=max(bare)) if bare else {}))
 
 
 def table(outcomes: Sequence[Outcome]) -> list[str]:
+    bare = any(o.predicted_bare_s is not None for o in outcomes)
+    extra = " without overheads: predicted (error) |" if bare else ""
     lines = [
-        "| layout | predicted step | measured step (spread) | error | peak memory per rank: predicted / measured (error) | largest time residual |",
-        "|---|---:|---:|---:|---|---|",
+        "| layout | predicted step | measured step (spread) | error |" + extra
+        + " peak memory per rank: predicted / measured (error) | largest time residual |",
+        "|---|---:|---:|---:|" + ("---:|" if bare else "") + "---|---|",
     ]
     for o in outcomes:
         mem = "; ".join(f"r{r} {p / 2**20:.2f}/{m / 2**20:.2f} MiB ({p / m - 1:+.1%})" for r, p, m in o.memory)
+        before = ""
+        if bare:
+            b = o.predicted_bare_s
+            before = f" {b * 1e3:.1f} ms ({b / o.measured_step_s - 1:+.1%}) |" if b is not None else " - |"
         lines.append(f"| {o.layout} | {o.predicted_step_s * 1e3:.1f} ms | {o.measured_step_s * 1e3:.1f} ms "
-                     f"({o.step_spread:.0%}) | {o.step_error:+.1%} | {mem} | {o.largest_residual} |")
+                     f"({o.step_spread:.0%}) | {o.step_error:+.1%} |{before} {mem} | {o.largest_residual} |")
     return lines
 
 
@@ -182,6 +220,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     ap.add_argument("--calibrate-each", action="store_true",
                     help="calibrate again right before each layout, so that a shared machine's load is measured "
                          "when the layout runs (the overheads follow it)")
+    ap.add_argument("--also-without-overheads", action="store_true",
+                    help="also price each plan on its cluster without the [overheads] table (the time model "
+                         "before the measured overheads), against the same run")
     ap.add_argument("--cache", default=None, help="profile cache (default: a fresh one in the keep folder)")
     ap.add_argument("--force", action="store_true", help="let --report overwrite an existing file")
     args = ap.parse_args(argv)
@@ -203,7 +244,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         try:
             if args.calibrate_each and not args.no_calibrate:
                 clusters[layout.world] = str(calibrate(layout.world, keep / f"calibrated-{layout.name.replace(' ', '-')}.toml"))
-            o = measure(layout, clusters[layout.world], cache, keep, args.steps, args.warmup)
+            o = measure(layout, clusters[layout.world], cache, keep, args.steps, args.warmup, args.also_without_overheads)
         except RunFailed as exc:  # recorded, not retried: a flaky layout should show
             failed.append(f"{layout.name}: {exc}")
             print(f"{layout.name}: {exc}", flush=True)
@@ -218,6 +259,9 @@ def main(argv: Sequence[str] | None = None) -> int:
                f"(target 10% / 20%); peak memory over {s['ranks']} ranks: median |error| {s['memory_median']:.1%}, "
                f"worst {s['memory_worst']:.1%} (target 3% / 10%); memory margin: measured peaks up to "
                f"{s['memory_excess']:+.1%} over the prediction, covered by --memory-reserve {s['reserve']:.3f}")
+    if "bare_median" in s:
+        summary += (f"; the same plans priced without the measured overheads: median |error| {s['bare_median']:.1%}, "
+                    f"worst {s['bare_worst']:.1%}")
     if failed:
         summary += f"; {len(failed)} layout(s) failed and are not in the figures: " + "; ".join(failed)
     print("\n".join(lines))
@@ -246,7 +290,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         report.write_text("\n".join(text))
         (keep / "outcomes.json").write_text(json.dumps(
             [dict(layout=o.layout, predicted_step_s=o.predicted_step_s, measured_step_s=o.measured_step_s,
-                  step_spread=o.step_spread, memory=o.memory, largest_residual=o.largest_residual, reserve=o.reserve)
+                  predicted_bare_s=o.predicted_bare_s, step_spread=o.step_spread, memory=o.memory, largest_residual=o.largest_residual, reserve=o.reserve)
              for o in outcomes],
             indent=1) + "\n")
         print(f"wrote {report}")

@@ -19,6 +19,9 @@ With ``M`` micro-batches, a stage ``s`` whose blocks hold ``N_s`` graph nodes,
 ``D_s`` of them run on DTensors (strategy other than ``replicate``), and whose
 rank updates ``T_s`` parameter tensors of ``P_s`` elements:
 
+* every op's compute, as the cost model prices it from one process alone
+  (the profiler, the calibrated device rates), times ``k = compute_slowdown``:
+  the ranks share the machine (4 ranks on 2 cores run at half speed);
 * per pipeline action (one forward or one whole backward of one micro-batch on
   one stage; torch's schedule, its sends and receives posted and waited):
   ``F_s += a_action``, ``B_s += a_action``, so a rank pays ``2 M a_action``
@@ -67,6 +70,7 @@ OVERHEAD_FILE_KEYS = {
     "optimizer_tensor_us": ("optimizer_tensor_s", Decimal("1e-6")),
     "optimizer_gbps": ("optimizer_bandwidth", Decimal("1e9")),
     "comm_overlap": ("comm_overlap", Decimal(1)),
+    "compute_slowdown": ("compute_slowdown", Decimal(1)),
 }
 
 
@@ -83,6 +87,7 @@ class Overheads:
     optimizer_tensor_s: float = 0.0  # a_tensor: per parameter tensor the optimizer step updates
     optimizer_bandwidth: float = 0.0  # B_opt: bytes/s of the update (weights, gradients, state); 0: not measured
     comm_overlap: float = 1.0  # c: fraction of a collective that runs beside compute; 1: all of it (GPU)
+    compute_slowdown: float = 1.0  # k: an op's time with every rank computing at once over one rank alone
 
     def __post_init__(self) -> None:
         for f in fields(self):
@@ -92,6 +97,8 @@ class Overheads:
             object.__setattr__(self, f.name, float(value))
         if self.comm_overlap > 1:
             raise ValueError(f"overheads.comm_overlap = {self.comm_overlap!r}: a fraction, in [0, 1]")
+        if self.compute_slowdown < 1:
+            raise ValueError(f"overheads.compute_slowdown = {self.compute_slowdown!r}: a ratio of times, at least 1")
 
     @property
     def measured(self) -> bool:

@@ -23,12 +23,17 @@ effective. Inter-node links can only be measured when the job spans nodes;
 otherwise the base cluster's figures are kept, and the report says so.
 
 [Note: measured device efficiencies]
-Each rank times a square GEMM and a large elementwise add at the same time,
-as ranks run during training (on a CPU they share cores and memory
-bandwidth). The slowest rank's rate over the device's peak becomes
-``efficiency.matmul`` (and ``elementwise`` for bandwidth). If a rate beats
-the file's peak (the ``local-cpu`` peaks are estimates), the peak is raised to
-the measured rate and the efficiency set to 1.
+Rank 0 times a square GEMM and a large elementwise add alone, the other ranks
+waiting, as the profiler (``--profile``) times a model's ops; its rate over
+the device's peak becomes ``efficiency.matmul`` (and ``elementwise`` for
+bandwidth). If a rate beats the file's peak (the ``local-cpu`` peaks are
+estimates), the peak is raised to the measured rate and the efficiency set
+to 1. Then every rank times the same at once, as ranks run during training:
+on a CPU they share cores and memory bandwidth (4 ranks on 2 cores run at
+half speed). The slowest rank's time over the alone time, at least 1, is
+``overheads.compute_slowdown``, by which the evaluator scales every op's
+compute (on GPUs, one rank per device, it is about 1). It assumes every rank
+computes whenever one does, which a pipeline's bubble breaks a little.
 
 [Note: measuring overheads]
 The software costs of [Note: software overheads] (cost_models/overheads.py)
@@ -130,11 +135,12 @@ class LinkFit:
 
 @dataclass(frozen=True, slots=True)
 class ComputeRates:
-    """Measured on every rank at once; the slowest rank's figures."""
+    """Measured on one rank alone, and the slowdown when every rank runs the same at once."""
 
-    matmul_flops: float  # FLOP/s of a square GEMM in the calibration dtype
-    memory_bandwidth: float  # bytes/s of an elementwise add (two reads, one write)
+    matmul_flops: float  # FLOP/s of a square GEMM in the calibration dtype, one rank alone
+    memory_bandwidth: float  # bytes/s of an elementwise add (two reads, one write), one rank alone
     dtype: str
+    slowdown: float = 1.0  # the same work on every rank at once, over one rank alone (>= 1)
 
 
 @dataclass(frozen=True)
@@ -243,18 +249,38 @@ def _ping_pong(a: int, b: int, nbytes: int, device: torch.device) -> Callable[[]
     return run
 
 
+def _timed_alone(fn: Callable[[], None], device: torch.device, reps: int, warmup: int = 1) -> float:
+    """Median over ``reps`` of rank 0's time of ``fn`` while the other ranks wait in a barrier."""
+    rank = dist.get_rank()
+    times = []
+    for i in range(warmup + reps):
+        dist.barrier()
+        if rank == 0:
+            t0 = time.perf_counter()
+            fn()
+            _sync(device)
+            if i >= warmup:
+                times.append(time.perf_counter() - t0)
+        dist.barrier()
+    t = torch.tensor([statistics.median(times) if times else 0.0], dtype=torch.float64, device=device)
+    dist.broadcast(t, 0)
+    return float(t.item())
+
+
 def _compute_rates(device: torch.device, dtype: str) -> ComputeRates:
     tdtype = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16, "tf32": torch.float32}[dtype]
     n = 1024 if device.type == "cpu" else 8192
     a = torch.randn(n, n, device=device, dtype=tdtype)
     b = torch.randn(n, n, device=device, dtype=tdtype)
-    gemm = _timed(lambda: torch.mm(a, b), device, reps=5)
     m = (16 << 20) if device.type == "cpu" else (256 << 20)
     x = torch.ones(m // 4, device=device)
     y = torch.ones(m // 4, device=device)
     out = torch.empty_like(x)
-    add = _timed(lambda: torch.add(x, y, out=out), device, reps=5)
-    return ComputeRates(2 * n**3 / gemm, 3 * m / add, dtype)
+    ops = (lambda: torch.mm(a, b), lambda: torch.add(x, y, out=out))
+    gemm, add = (_timed_alone(f, device, reps=5) for f in ops)
+    gemm_all, add_all = (_timed(f, device, reps=5) for f in ops)
+    slowdown = max(1.0, (gemm_all + add_all) / (gemm + add))  # [Note: measured device efficiencies]
+    return ComputeRates(2 * n**3 / gemm, 3 * m / add, dtype, slowdown)
 
 
 def run_calibration(
@@ -286,7 +312,8 @@ def run_calibration(
         if fit is not None:
             links[link] = fit
     compute = _compute_rates(device, dtype)
-    overheads = measure_overheads(device, links.get("intra") or links.get("inter"), reps) if overheads else Overheads()
+    overheads = (measure_overheads(device, links.get("intra") or links.get("inter"), reps, compute.slowdown)
+                 if overheads else Overheads())
     return CalibrationReport(tuple(samples), links, compute, world, dist.get_backend(), overheads)
 
 
@@ -472,7 +499,7 @@ def comm_overlap(device: torch.device, reps: int) -> float:
     return min(1.0, max(0.0, hidden))
 
 
-def measure_overheads(device: torch.device, link: LinkFit | None, reps: int) -> Overheads:
+def measure_overheads(device: torch.device, link: LinkFit | None, reps: int, slowdown: float = 1.0) -> Overheads:
     """Every overhead of [Note: measuring overheads], rounded to four significant digits."""
     samples, step = _pipeline_samples(device, link, max(reps, 7))
     action = pipeline_overheads(samples, step)
@@ -483,7 +510,7 @@ def measure_overheads(device: torch.device, link: LinkFit | None, reps: int) -> 
     return Overheads.from_file(dict(
         action_us=us(action), step_us=us(step), tp_node_forward_us=us(node), tp_node_backward_us=us(node_b),
         dtensor_op_forward_us=us(dt), dtensor_op_backward_us=us(dt_b), optimizer_tensor_us=us(tensor_s),
-        optimizer_gbps=_sig(bandwidth / 1e9), comm_overlap=round(overlap, 3)))
+        optimizer_gbps=_sig(bandwidth / 1e9), comm_overlap=round(overlap, 3), compute_slowdown=round(slowdown, 3)))
 
 
 def _sig(x: float) -> float:

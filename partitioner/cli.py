@@ -904,7 +904,7 @@ def _print_calibration(report, base, cluster) -> None:
     console.print(table)
     c = report.compute
     console.print(
-        f"device ({c.dtype}, slowest rank): GEMM {c.matmul_flops / 1e9:.1f} GFLOP/s -> efficiency.matmul "
+        f"device ({c.dtype}, one rank alone): GEMM {c.matmul_flops / 1e9:.1f} GFLOP/s -> efficiency.matmul "
         f"{cluster.efficiency.matmul} of {cluster.device.peak_flops[c.dtype] / 1e9:.1f} GFLOP/s; "
         f"streaming {c.memory_bandwidth / 1e9:.1f} GB/s -> efficiency.elementwise {cluster.efficiency.elementwise}"
     )
@@ -915,7 +915,8 @@ def _print_calibration(report, base, cluster) -> None:
             f"tensor-parallel node {o.tp_node_s * 1e6:.0f}/{o.tp_node_backward_s * 1e6:.0f} us (forward/backward), "
             f"DTensor op +{o.dtensor_op_s * 1e6:.0f}/{o.dtensor_op_backward_s * 1e6:.0f} us; optimizer "
             f"{o.optimizer_tensor_s * 1e6:.0f} us per tensor + {o.optimizer_bandwidth / 1e9:.2f} GB/s; "
-            f"collectives overlap {o.comm_overlap:.0%} of compute -> \\[overheads]"
+            f"collectives overlap {o.comm_overlap:.0%} of compute; all ranks at once compute {o.compute_slowdown:.2f}x "
+            f"slower than one alone -> \\[overheads]"
         )
 
 

@@ -23,7 +23,7 @@ little. Recomputation replays the forward inside ``I``, never in ``W``.
 [Note: measured overheads in a plan]
 On a cluster that ``autopart calibrate`` measured, the evaluator adds the
 software costs of [Note: software overheads] (cost_models/overheads.py):
-per micro-batch, ``a_action`` to each stage's forward and backward, and under
+every block's compute times ``k`` (the ranks share the machine); per micro-batch, ``a_action`` to each stage's forward and backward, and under
 tensor parallelism ``N a_node + D a_dtensor`` (forward) and
 ``N a_node_bwd + D a_dtensor_bwd`` (backward) to each block's compute; once
 per step, each stage's optimizer step ``t_opt`` and each rank's ``a_step``
@@ -109,6 +109,9 @@ class Evaluator:
         hit = self._block_cache.get(key)
         if hit is None:
             compute, comm, saved = self.layout_costs(block, micro_batch, tp).evaluate(dict(zip(block.nodes, strategies)))
+            k = self.overheads.compute_slowdown  # ranks sharing the machine ([Note: software overheads])
+            if k != 1.0:
+                compute = OpTime(compute.forward_s * k, compute.backward_s * k)
             if tp > 1:
                 compute = compute + self.tp_node_overhead(len(block.nodes), sum(s != "replicate" for s in strategies))
             hit = BlockCost(compute, comm, saved, block.input_bytes * micro_batch / self.captured.batch_size)

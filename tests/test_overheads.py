@@ -97,7 +97,7 @@ def test_each_overhead_is_its_formula(mlp, zero1):
     assert Plan.from_dict(json.loads(plan.to_json())).stages[0].predicted.components == plan.stages[0].predicted.components
 
 
-def test_tensor_parallel_nodes_pay_the_interpreter_and_dtensor_overheads(mlp):
+def test_compute_slows_down_and_tensor_parallel_nodes_pay_their_overheads(mlp):
     ev0 = prepare(mlp, cluster=Cluster.local(2), global_batch=8, dtype="fp32")
     ev1 = prepare(mlp, cluster=replace(Cluster.local(2), overheads=MEASURED), global_batch=8, dtype="fp32")
     block = ev0.pgraph.blocks[0]
@@ -108,6 +108,11 @@ def test_tensor_parallel_nodes_pay_the_interpreter_and_dtensor_overheads(mlp):
     assert timed.compute.forward_s == pytest.approx(plain.compute.forward_s + n * 3e-5 + d * 4e-4)
     assert timed.compute.backward_s == pytest.approx(plain.compute.backward_s + n * 1e-5 + d * 1e-4)
     assert ev1.block_cost(block, 2, 1, {}) == ev0.block_cost(block, 2, 1, {})  # no tp: no interpreter
+    slow = prepare(mlp, cluster=replace(Cluster.local(2), overheads=Overheads(compute_slowdown=2.0)), global_batch=8,
+                   dtype="fp32")
+    alone = ev0.block_cost(block, 2, 1, {})
+    assert slow.block_cost(block, 2, 1, {}).compute.forward_s == pytest.approx(2 * alone.compute.forward_s)
+    assert slow.block_cost(block, 2, 1, {}).compute.backward_s == pytest.approx(2 * alone.compute.backward_s)
 
 
 def test_the_simulator_exposes_what_does_not_overlap_and_ends_with_after():
