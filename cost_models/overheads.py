@@ -20,8 +20,9 @@ With ``M`` micro-batches, a stage ``s`` whose blocks hold ``N_s`` graph nodes,
 rank updates ``T_s`` parameter tensors of ``P_s`` elements:
 
 * every op's compute, as the cost model prices it from one process alone
-  (the profiler, the calibrated device rates), times ``k = compute_slowdown``:
-  the ranks share the machine (4 ranks on 2 cores run at half speed);
+  (the profiler's CPU time, the calibrated device rates), times
+  ``k = compute_slowdown``, the wall time of every rank computing at once over
+  that: the ranks share the machine (4 ranks on 2 cores run at half speed);
 * per pipeline action (one forward or one whole backward of one micro-batch on
   one stage; torch's schedule, its sends and receives posted and waited):
   ``F_s += a_action``, ``B_s += a_action``, so a rank pays ``2 M a_action``

@@ -24,16 +24,21 @@ otherwise the base cluster's figures are kept, and the report says so.
 
 [Note: measured device efficiencies]
 Rank 0 times a square GEMM and a large elementwise add alone, the other ranks
-waiting, as the profiler (``--profile``) times a model's ops; its rate over
+waiting, in CPU time on a CPU (the process's own work: what the profiler
+measures with ``--clock cpu``, which ``plan --profile`` uses on such a
+cluster); its rate over
 the device's peak becomes ``efficiency.matmul`` (and ``elementwise`` for
 bandwidth). If a rate beats the file's peak (the ``local-cpu`` peaks are
 estimates), the peak is raised to the measured rate and the efficiency set
 to 1. Then every rank times the same at once, as ranks run during training:
 on a CPU they share cores and memory bandwidth (4 ranks on 2 cores run at
-half speed). The slowest rank's time over the alone time, at least 1, is
-``overheads.compute_slowdown``, by which the evaluator scales every op's
-compute (on GPUs, one rank per device, it is about 1). It assumes every rank
-computes whenever one does, which a pipeline's bubble breaks a little.
+half speed), and with whatever else the machine runs. The slowest rank's
+wall time over the alone time, at least 1, is ``overheads.compute_slowdown``,
+by which the evaluator scales every op's compute: CPU time becomes the wall
+time of a rank among the others (on GPUs, one rank per device, it is about 1).
+It assumes every rank computes whenever one does, which a pipeline's bubble
+breaks a little; and a shared machine's load moves, so calibrate just before
+the run it predicts.
 
 [Note: measuring overheads]
 The software costs of [Note: software overheads] (cost_models/overheads.py)
@@ -250,17 +255,19 @@ def _ping_pong(a: int, b: int, nbytes: int, device: torch.device) -> Callable[[]
 
 
 def _timed_alone(fn: Callable[[], None], device: torch.device, reps: int, warmup: int = 1) -> float:
-    """Median over ``reps`` of rank 0's time of ``fn`` while the other ranks wait in a barrier."""
+    """Median over ``reps`` of rank 0's time of ``fn`` while the other ranks wait in a barrier: on a CPU
+    the process's CPU time (its own work, whatever else the machine runs), on a GPU wall time."""
     rank = dist.get_rank()
+    now = time.process_time if device.type == "cpu" else time.perf_counter
     times = []
     for i in range(warmup + reps):
         dist.barrier()
         if rank == 0:
-            t0 = time.perf_counter()
+            t0 = now()
             fn()
             _sync(device)
             if i >= warmup:
-                times.append(time.perf_counter() - t0)
+                times.append(now() - t0)
         dist.barrier()
     t = torch.tensor([statistics.median(times) if times else 0.0], dtype=torch.float64, device=device)
     dist.broadcast(t, 0)

@@ -465,8 +465,12 @@ def _profiled(args: argparse.Namespace, pg, cluster, dtype: str, tp_pin: int | N
     """Profile the captured model for ``plan --profile`` (its own progress bar): the measured cost model."""
     from .profile import ProfileCache, profile_for_planning
 
+    # On a cluster whose calibration measured the ranks' compute slowdown, an op's time is its CPU time
+    # alone, which the slowdown turns into wall time ([Note: measured device efficiencies] in calibrate.py).
+    clock = "cpu" if cluster.overheads.compute_slowdown != 1.0 and (args.device or "cpu") == "cpu" else "wall"
     with ProfileCache(args.cache) as cache:
-        prof = profile_for_planning(pg, cluster, cache, _profile_options(args, dtype, tp_degrees(cluster, tp_pin), show=show))
+        prof = profile_for_planning(pg, cluster, cache,
+                                    _profile_options(args, dtype, tp_degrees(cluster, tp_pin), clock, show=show))
         _print_profile_stats(prof, cache)
     return prof.cost_model
 
