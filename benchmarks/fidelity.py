@@ -122,6 +122,7 @@ def _torchrun(n: int) -> list[str]:
 
 
 def calibrate(world: int, out: Path) -> Path:  # a failure here ends the benchmark (RunFailed)
+    out.unlink(missing_ok=True)  # a file of an earlier run of this benchmark (--force) is replaced
     _run([*_torchrun(world), "-m", "partitioner", "calibrate", "--out", str(out)], f"calibrate on {world} ranks")
     return out
 
