@@ -18,7 +18,7 @@ and pipeline neighbours are ``tp * dp`` ranks apart.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Sequence
 
 from .base import COLLECTIVES, CollectiveKind, NodeRef, OpTime, op_class
@@ -40,6 +40,8 @@ class AnalyticCostModel:
 
     cluster: "Cluster"
     kernel_overhead_s: float | None = None  # None: 4 us on accelerators, 10 us on CPU
+    # Nodes a group of ranks spans, by group: the search prices the same groups many times over.
+    _spans: dict[tuple[int, ...], int] = field(default_factory=dict, init=False, repr=False, compare=False)
 
     @property
     def overhead(self) -> float:
@@ -93,8 +95,10 @@ class AnalyticCostModel:
         if k <= 1 or nbytes <= 0:
             return 0.0
         half = kind != "all_reduce"  # all-gather / reduce-scatter move half an all-reduce's volume
-        nodes = {self.cluster.node_of(r) for r in ranks}
-        n = len(nodes)
+        group = tuple(ranks)
+        n = self._spans.get(group)
+        if n is None:
+            n = self._spans[group] = len({self.cluster.node_of(r) for r in group})
         g = max(1, k // n)
         intra, inter = self.cluster.intra_node, self.cluster.inter_node
         eff = self.cluster.efficiency.comm

@@ -16,7 +16,7 @@ from .planner import ALL_METHODS, PlanResult, manual_plan, plan_parallelism, pre
 from .simulate import SimResult, StageCost, simulate
 
 
-def auto_parallelize(*args, **kwargs):  # noqa: D103 - documented in runtime.py; imported lazily (torch.distributed)
+def auto_parallelize(*args, **kwargs):  # noqa: D103 - documented in runtime/entry.py; imported lazily (torch.distributed)
     from .runtime import auto_parallelize as impl
 
     return impl(*args, **kwargs)

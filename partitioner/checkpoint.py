@@ -1,6 +1,6 @@
 """Checkpoint integrity for the runtime: what ``ParallelModel.save`` records and ``load`` verifies.
 
-Part of the run phase (runtime.py). The tensors themselves are written and read by
+Part of the run phase (partitioner/runtime/). The tensors themselves are written and read by
 ``torch.distributed.checkpoint`` (keyed by the model's parameter names, so a checkpoint
 saved under one plan loads under another); this module adds the manifest ``autopart.json``
 that makes a changed byte visible before anything is loaded.

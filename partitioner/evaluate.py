@@ -94,6 +94,10 @@ class Evaluator:
         cluster.device.flops(training.dtype)  # fail early: the device must support the dtype
         self._block_cache: dict[tuple, BlockCost] = {}
         self._layout_cache: dict[tuple, BlockLayoutCosts] = {}
+        # The search prices thousands of candidate stages; these depend on a few keys only.
+        self._fsdp_units_cache: dict[tuple[tuple[int, ...], int], tuple[list[str], list[list[str]]]] = {}
+        self._fsdp_groups_cache: dict[tuple[int, ...], tuple[tuple[int, ...], tuple[int, ...]]] = {}
+        self._readers: dict[str, int] | None = None  # parameter -> how many blocks read it
 
     # --- blocks -----------------------------------------------------------------------
 
@@ -203,8 +207,11 @@ class Evaluator:
         group = tuple(dp_group)
         if not dp_spec(self.training.dp_sharding).within_node:
             return group, ()
-        shard = hsdp_shard(group, self.cluster.node_of)
-        return group[:shard], group[::shard]
+        hit = self._fsdp_groups_cache.get(group)
+        if hit is None:
+            shard = hsdp_shard(group, self.cluster.node_of)
+            hit = self._fsdp_groups_cache[group] = (group[:shard], group[::shard])
+        return hit
 
     def fsdp_collectives(self, weight_bytes: float, grad_bytes: float, dp_group: Sequence[int]) -> tuple[float, float]:
         """(one all-gather of ``weight_bytes``, the gradients' reduction) of one unit over a stage's dp
@@ -220,20 +227,31 @@ class Evaluator:
         """(the stage root's parameters, each block unit's parameters) as the runtime wraps them
         ([Note: FSDP units] in fsdp.py): a block is its own unit when no other block reads its
         parameters; shared parameters, and every parameter under tp, stay with the root."""
-        readers: dict[str, int] = {}
-        for b in self.pgraph.blocks:
-            for p in b.params:
-                readers[p] = readers.get(p, 0) + 1
+        key = (tuple(blocks), tp)
+        hit = self._fsdp_units_cache.get(key)
+        if hit is not None:
+            return list(hit[0]), [list(u) for u in hit[1]]
+        if self._readers is None:
+            self._readers = {}
+            for b in self.pgraph.blocks:
+                for p in b.params:
+                    self._readers[p] = self._readers.get(p, 0) + 1
+        readers = self._readers
         table = self.captured.params
         root: list[str] = []
+        seen: set[str] = set()
         units: list[list[str]] = []
-        for b in blocks:
+        for b in key[0]:
             mine = [p for p in self.pgraph.blocks[b].params if not table[p].is_buffer]
             if tp == 1 and mine and all(readers[p] == 1 for p in mine):
                 units.append(mine)
             else:
-                root.extend(p for p in mine if p not in root)
-        return root, units
+                for p in mine:
+                    if p not in seen:
+                        seen.add(p)
+                        root.append(p)
+        self._fsdp_units_cache[key] = (root, units)
+        return list(root), [list(u) for u in units]
 
     def fsdp_costs(
         self, blocks: Sequence[int], mesh: Mesh, stage_rank_index: int, split_params: Set[str], fwd: float, bwd: float,

@@ -1,6 +1,6 @@
 """ZeRO-2 and ZeRO-3 in the runtime: a stage's blocks as FSDP2 units over the ``dp`` mesh axis.
 
-Part of the run phase (... -> Plan -> rewrite -> **run**). ``runtime.py``
+Part of the run phase (... -> Plan -> rewrite -> **run**). ``runtime/model.py``
 calls :func:`shard_stage` on each stage module when the plan's
 ``training.dp_sharding`` is ``zero2`` or ``zero3`` ([Note: sharding levels]
 in dp_sharding.py); everything else (pipelining, the optimizer, checkpoints)

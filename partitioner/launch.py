@@ -1,6 +1,6 @@
 """autopart's own launcher: ``autopart run --nproc-per-node N`` starts N ranks on this node.
 
-It sits in front of the run phase (runtime.py). The CLI calls ``launch_local`` when a command
+It sits in front of the run phase (partitioner/runtime/). The CLI calls ``launch_local`` when a command
 that runs under torchrun (``run``, ``calibrate``) is given ``--nproc-per-node N`` outside
 torchrun. The ranks are started by torch's own launcher API (``elastic_launch`` with a
 ``LaunchConfig`` as ``torchrun --standalone`` builds it: one node, c10d rendezvous on a free

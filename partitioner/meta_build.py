@@ -24,7 +24,7 @@ plan). A stage that recomputes adds one block's activations for the replay
 to its ``static_bytes``; for such ranks the rest of ``static_bytes`` is that
 workspace and must not be negative. DDP and the pipeline
 schedule are not built: they hold no parameter state (DDP's gradient buckets
-are the gradients, see ``gradient_as_bucket_view`` in runtime.py) and need
+are the gradients, see ``gradient_as_bucket_view`` in runtime/model.py) and need
 live peers.
 
 Each build starts and ends its own fake process group, so call it once per

@@ -79,6 +79,7 @@ from __future__ import annotations
 
 import gc
 import math
+import threading
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
@@ -222,9 +223,34 @@ def simulate(
             f"{virtual_stages}: give one StageCost per (rank, chunk), i.e. ranks * virtual_stages"
         )
     ranks = len(stages) // virtual_stages
+    layout = spec(schedule).layout
     with _gc_paused():
+        orders, checked = _prepared_orders(schedule, ranks, microbatches, virtual_stages, len(stages), layout)
+        return _simulate_orders(stages, orders, microbatches, overlap_dp, layout, checked, comm_overlap)
+
+
+# The search simulates many plans of one schedule shape (each mesh, tp and recompute choice of a
+# grid point); their orders and the orders' flat keys depend on the shape only, so the last few
+# shapes are kept. The lists are shared and never modified.
+_PREPARED: dict[tuple[str, int, int, int, int], tuple[list[list[Action]], tuple[list[list[int]], bytearray]]] = {}
+_PREPARED_MAX = 8
+_PREPARED_LOCK = threading.Lock()
+
+
+def _prepared_orders(
+    schedule: str, ranks: int, microbatches: int, virtual_stages: int, num_stages: int, layout: str
+) -> tuple[list[list[Action]], tuple[list[list[int]], bytearray]]:
+    key = (schedule, ranks, microbatches, virtual_stages, num_stages)
+    with _PREPARED_LOCK:
+        hit = _PREPARED.pop(key, None)
+    if hit is None:
         orders = schedule_order(schedule, ranks, microbatches, virtual_stages)
-        return _simulate_orders(stages, orders, microbatches, overlap_dp, spec(schedule).layout, comm_overlap)
+        hit = (orders, _check_orders(orders, num_stages, microbatches, layout))
+    with _PREPARED_LOCK:
+        _PREPARED[key] = hit  # most recent last
+        while len(_PREPARED) > _PREPARED_MAX:
+            del _PREPARED[next(iter(_PREPARED))]
+    return hit
 
 
 def simulate_orders(
@@ -261,6 +287,7 @@ def _simulate_orders(
     microbatches: int,
     overlap_dp: bool,
     layout: str,
+    checked: tuple[list[list[int]], bytearray] | None = None,  # _check_orders(orders, ...), when known
     comm_overlap: float = 1.0,
 ) -> SimResult:
     stage_costs = _check_stages(stages)
@@ -272,7 +299,7 @@ def _simulate_orders(
     # actions, and comparing a key with N and 2N tells its slot without a division. With this
     # layout F(s-1, m) = key - M, B/I(s+1, m) = key + M, and a B/I or W key less N (or 2N) is
     # the F (or I) of the same stage and micro-batch.
-    keys, split = _check_orders(orders, num_stages, microbatches, layout)
+    keys, split = checked if checked is not None else _check_orders(orders, num_stages, microbatches, layout)
     M = microbatches
     N = num_stages * M
     N2 = 2 * N

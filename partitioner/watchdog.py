@@ -1,6 +1,6 @@
 """The runtime's watchdog: a failing, dead or hung rank stops the job within ``timeout_s`` and is named.
 
-Part of the run phase (runtime.py): every rank of a ``ParallelModel`` runs one
+Part of the run phase (partitioner/runtime/): every rank of a ``ParallelModel`` runs one
 ``Watchdog`` thread. It talks through the job's own ``TCPStore`` (a client of its own,
 since the main thread may be blocked inside the default one) and never through the
 process group, whose operations cannot be interrupted from Python.

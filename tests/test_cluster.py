@@ -1,4 +1,4 @@
-"""Tests for partitioner/cluster.py: presets, the TOML format, validation, and docs/cluster.md.
+"""Tests for partitioner/cluster/: presets, the TOML format, validation, and docs/cluster.md.
 
 The examples in docs/cluster.md are loaded here, and its presets table is checked against the
 code, so the doc cannot drift from what the loader accepts.
