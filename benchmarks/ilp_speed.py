@@ -42,7 +42,7 @@ def main() -> None:
     p, rep = res.plan, res.report
     print(
         f"ilp: {p.mesh} {p.schedule.name} mbs={p.schedule.micro_batch_size} x{p.schedule.microbatches}, "
-        f"recompute on {sum(s.recompute for s in p.stages)}/{len(p.stages)} stages; "
+        f"recompute on {sum(s.recomputes for s in p.stages)}/{len(p.stages)} stages; "
         f"step {p.predicted.step_time_s:.2f} s (ILP objective {p.solver.objective:.2f} s, "
         f"{p.solver.objective / p.predicted.step_time_s - 1:+.2%}), MFU {p.predicted.mfu:.1%}, "
         f"peak memory {p.predicted.peak_memory_bytes / 2**30:.1f} GiB"

@@ -73,12 +73,11 @@ def simulate_measured(planned, method: str, stage_s: list[tuple[float, float]]) 
     """The schedule simulator run on measured (forward, backward) stage times instead of predicted ones."""
     from dataclasses import replace
 
-    from partitioner.evaluate import StageSpec
     from partitioner.simulate import simulate
 
     pg, results = planned
     plan = results[method].plan
-    specs = [StageSpec(tuple(pg.block_index(b) for b in st.modules), st.recompute) for st in plan.stages]
+    specs = [results[method].evaluator.spec_of(st) for st in plan.stages]
     costs = results[method].evaluator.stage_costs(specs, plan.mesh, plan.schedule, plan.sharding)
     costs = [replace(c, forward_s=f, backward_s=b) for c, (f, b) in zip(costs, stage_s)]
     return simulate(costs, plan.schedule.name, plan.schedule.microbatches).step_time_s

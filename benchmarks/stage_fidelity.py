@@ -103,7 +103,8 @@ def main() -> int:
 def _spec(pg, stage):
     from partitioner.evaluate import StageSpec
 
-    return StageSpec(tuple(pg.block_index(b) for b in stage.modules), stage.recompute)
+    return StageSpec(tuple(pg.block_index(b) for b in stage.modules), tuple(pg.block_index(b) for b in stage.recompute),
+                     stage.selective)
 
 
 if __name__ == "__main__":

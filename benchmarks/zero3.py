@@ -71,7 +71,7 @@ def plan_case(case: Case) -> dict:
         out[tag] = dict(
             mesh=str(plan.mesh), schedule=plan.schedule.name, microbatches=plan.schedule.microbatches,
             micro_batch_size=plan.schedule.micro_batch_size, virtual_stages=plan.schedule.virtual_stages,
-            dp_sharding=plan.training.dp_sharding, recompute=f"{sum(s.recompute for s in plan.stages)}/{len(plan.stages)}",
+            dp_sharding=plan.training.dp_sharding, recompute=f"{sum(s.recomputes for s in plan.stages)}/{len(plan.stages)}",
             step_s=p.step_time_s, peak_gib=p.peak_memory_bytes / 2**30, limit_gib=p.memory_limit_bytes / 2**30,
             bubble=p.bubble_fraction, origin=plan.solver.origin, status=plan.solver.status,
             wall_s=time.perf_counter() - started,

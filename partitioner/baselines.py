@@ -75,6 +75,10 @@ class Pins:
     # empty: the user's ``training.dp_sharding`` and every level that shards more. A benchmark pins
     # ("none", "zero1") to plan as before ZeRO-2/3 and HSDP existed.
     dp_shardings: tuple[str, ...] = ()
+    # The ILP's search re-chooses recomputation per block, with selective recomputation, where a plan
+    # recomputes ([Note: recompute per block in the search]); False keeps whole stages only, as
+    # before (a benchmark's "without"). The baselines always recompute whole stages.
+    recompute_blocks: bool = True
 
     def __post_init__(self) -> None:
         for level in self.dp_shardings:
@@ -384,7 +388,7 @@ def tune(
         except PlanError as exc:
             split_error = exc  # this split rule has no split here (e.g. more stages than layers)
             continue
-        specs = [StageSpec(tuple(b), pt.recompute) for b in blocks]
+        specs = [StageSpec.whole(b, pt.recompute) for b in blocks]
         need = _peak_memory(e.stage_costs(specs, pt.mesh, pt.schedule, sharding), pt.schedule, pt.mesh.pp, inflight)
         if need > limit:  # the simulator's own peak, without simulating: this point cannot fit
             report.pruned_memory += 1
@@ -401,7 +405,7 @@ def tune(
         raise split_error or _no_point_error(method, ev, pins)
     if smallest is None:  # every point was pruned for its weights: price the lightest for the message
         pt = heaviest[1]
-        specs = [StageSpec(tuple(b), pt.recompute) for b in split(evs[pt.dp_sharding], pt.mesh, pt.schedule, sharding_for(pt.mesh.tp))]
+        specs = [StageSpec.whole(b, pt.recompute) for b in split(evs[pt.dp_sharding], pt.mesh, pt.schedule, sharding_for(pt.mesh.tp))]
     else:
         _, pt, specs = smallest
     plan, _ = evs[pt.dp_sharding].make_plan(specs, pt.mesh, pt.schedule, sharding=sharding_for(pt.mesh.tp), method=method)
@@ -411,7 +415,7 @@ def tune(
     more = "more processes (--cluster local-cpu:N)" if ev.cluster.name == "local-cpu" else "more devices (--nodes)"
     raise InfeasibleError(
         f"no {method} plan fits in device memory: the smallest-footprint plan ({plan.mesh}, "
-        f"recompute={plan.stages[0].recompute}, dp_sharding={plan.training.dp_sharding}) needs {_fmt_bytes(plan.predicted.peak_memory_bytes)} per device, but "
+        f"recompute={bool(plan.stages[0].recompute)}, dp_sharding={plan.training.dp_sharding}) needs {_fmt_bytes(plan.predicted.peak_memory_bytes)} per device, but "
         f"{ev.cluster.device.name} allows {_fmt_bytes(limit_b)} (after the "
         f"{ev.training.memory_reserve:.0%} reserve); "
         f"use {more}" + ("" if plan.training.dp_sharding == "zero3" else ", or --dp-sharding zero3")

@@ -488,6 +488,18 @@ def _modules_summary(modules: Sequence[str]) -> str:
     return f"{modules[0]} .. {modules[-1]} ({len(modules)} blocks)"
 
 
+def _recompute_summary(st) -> str:
+    """`` [recompute]`` (every block), `` [recompute 3/8]``, with `` selective`` when the other blocks
+    replay their attention core; empty when the stage recomputes nothing."""
+    if not st.recomputes:
+        return ""
+    whole = len(st.recompute) == len(st.modules)
+    parts = ["recompute" if whole else f"recompute {len(st.recompute)}/{len(st.modules)}" if st.recompute else ""]
+    if st.selective and not whole:
+        parts.append("selective")
+    return " [" + " ".join(p for p in parts if p) + "]"
+
+
 def _plural(n: int, word: str) -> str:
     return f"{n} {word}" if n == 1 else f"{n} {word}es" if word.endswith("batch") else f"{n} {word}s"
 
@@ -527,7 +539,7 @@ def print_plan(result, cluster) -> None:
         ranks = f"{st.ranks[0]}..{st.ranks[-1]}" if len(st.ranks) > 1 else str(st.ranks[0])
         table.add_row(
             str(st.index),
-            _modules_summary(st.modules) + (" [recompute]" if st.recompute else ""),
+            _modules_summary(st.modules) + _recompute_summary(st),
             _fmt_count(st.params),
             fmt_time(sp.forward_s),
             fmt_time(sp.backward_s),
@@ -616,7 +628,7 @@ def cmd_show(args: argparse.Namespace) -> int:
         table.add_column(col, justify="left" if col == "modules" else "right", overflow="fold")
     for st in plan.stages:
         ranks = f"{st.ranks[0]}..{st.ranks[-1]}" if len(st.ranks) > 1 else ", ".join(map(str, st.ranks))
-        table.add_row(str(st.index), ranks, ", ".join(st.modules), str(len(st.nodes)), "yes" if st.recompute else "")
+        table.add_row(str(st.index), ranks, ", ".join(st.modules), str(len(st.nodes)), _recompute_summary(st).strip(" []"))
     console.print(table)
     counts: dict[str, int] = {}
     for strat in plan.sharding.values():

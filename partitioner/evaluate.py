@@ -20,6 +20,9 @@ core (softmax, the score and value products) has no weights and all of its
 backward is ``I``, so for a transformer layer this overstates ``W`` a
 little. Recomputation replays the forward inside ``I``, never in ``W``.
 
+Recomputation per block and selective recomputation are priced by ``stage_costs`` as
+[Note: recompute per block] in recompute.py writes them.
+
 [Note: measured overheads in a plan]
 On a cluster that ``autopart calibrate`` measured, the evaluator adds the
 software costs of [Note: software overheads] (cost_models/overheads.py):
@@ -48,20 +51,38 @@ from .cluster import Cluster
 from .errors import PlanError
 from .graph import Block, PartitionGraph
 from .plan import Mesh, ModelRef, Plan, Predicted, Schedule, SolverInfo, Stage, StageComponents, StagePredicted, Training
+from .recompute import attention_core
 from .sharding import BlockLayoutCosts, sharded_params
 from .schedules import spec as schedule_spec, stage_rank
 from .simulate import SimResult, StageCost, simulate
 
-__all__ = ["Evaluator", "StageSpec", "BlockCost", "WEIGHT_GRAD_SHARE"]
+__all__ = ["Evaluator", "StageSpec", "BlockCost", "WEIGHT_GRAD_SHARE", "recompute_terms"]
 
 WEIGHT_GRAD_SHARE = 0.5  # of a block's backward, when it has trainable parameters ([Note: input and weight gradients])
 
 @dataclass(frozen=True, slots=True)
 class StageSpec:
-    """A stage as a planner proposes it: the blocks it owns and whether it recomputes."""
+    """A stage as a planner proposes it: the blocks it owns and what it recomputes
+    ([Note: recompute per block] in recompute.py)."""
 
     blocks: tuple[int, ...]
-    recompute: bool = False
+    recompute: tuple[int, ...] = ()  # the blocks (of ``blocks``) that replay their forward in backward
+    selective: bool = False  # the other blocks replay their attention core
+
+    def __post_init__(self) -> None:
+        if not isinstance(self.recompute, tuple) or not set(self.recompute) <= set(self.blocks):
+            raise PlanError(f"StageSpec.recompute must be a tuple of the stage's blocks, got {self.recompute!r}; "
+                            "use StageSpec.whole(blocks, True) to recompute every block")
+
+    @classmethod
+    def whole(cls, blocks: Sequence[int], recompute: bool) -> "StageSpec":
+        """A stage that recomputes all its blocks or none (what the baselines choose)."""
+        blocks = tuple(blocks)
+        return cls(blocks, blocks if recompute else ())
+
+    @property
+    def recomputes(self) -> bool:
+        return bool(self.recompute) or self.selective
 
 
 @dataclass(frozen=True, slots=True)
@@ -72,6 +93,10 @@ class BlockCost:
     tp_comm: OpTime  # tensor-parallel collectives
     saved_bytes: float  # activations kept for backward
     input_bytes: float  # bytes entering the block (what recomputation keeps)
+    # Selective recomputation ([Note: recompute per block] in recompute.py): the attention core's
+    # forward (compute and tp collectives) and the saved bytes that replaying it frees.
+    core_forward_s: float = 0.0
+    core_bytes: float = 0.0
 
     @property
     def time(self) -> OpTime:
@@ -112,13 +137,17 @@ class Evaluator:
         key = (block.signature, micro_batch, tp, strategies)
         hit = self._block_cache.get(key)
         if hit is None:
-            compute, comm, saved = self.layout_costs(block, micro_batch, tp).evaluate(dict(zip(block.nodes, strategies)))
+            tables = self.layout_costs(block, micro_batch, tp)
+            chosen = dict(zip(block.nodes, strategies))
+            compute, comm, saved = tables.evaluate(chosen)
+            core_s, core_bytes = tables.core(chosen, attention_core(block.nodes, self.captured))
             k = self.overheads.compute_slowdown  # ranks sharing the machine ([Note: software overheads])
             if k != 1.0:
-                compute = OpTime(compute.forward_s * k, compute.backward_s * k)
+                compute, core_s = OpTime(compute.forward_s * k, compute.backward_s * k), core_s * k
             if tp > 1:
                 compute = compute + self.tp_node_overhead(len(block.nodes), sum(s != "replicate" for s in strategies))
-            hit = BlockCost(compute, comm, saved, block.input_bytes * micro_batch / self.captured.batch_size)
+            hit = BlockCost(compute, comm, saved, block.input_bytes * micro_batch / self.captured.batch_size,
+                            core_s, min(core_bytes, saved))
             self._block_cache[key] = hit
         return hit
 
@@ -255,7 +284,7 @@ class Evaluator:
 
     def fsdp_costs(
         self, blocks: Sequence[int], mesh: Mesh, stage_rank_index: int, split_params: Set[str], fwd: float, bwd: float,
-        recompute: bool = False,
+        recompute: float = 0.0,
     ) -> tuple[float, float, float, float]:
         """(transient bytes, exposed forward s, exposed backward s, total collective s) of one stage
         under ZeRO-2/3 for one micro-batch.
@@ -276,6 +305,8 @@ class Evaluator:
         unsharded gradients through the backward and one block unit's until its reduce-scatter.
         A recomputed stage replays its forward inside the backward: under ZeRO-3 that gathers
         the weights once more (the backward pass then has two gathers and the scatter to hide).
+        ``recompute`` is the share of the stage's units that replay (1 or True: all; a stage
+        recomputing k of its n blocks regathers about k/n of its weights).
         """
         level = dp_spec(self.training.dp_sharding)
         table = self.captured.params
@@ -306,7 +337,7 @@ class Evaluator:
             hidden = compute if overlap == 1.0 else overlap * compute  # [Note: software overheads]
             return x / n + max(0.0, x * (n - 1) / n - hidden) if n else 0.0
 
-        gathers = level.gathers_per_microbatch + (1 if recompute and level.reshard_after_forward else 0)
+        gathers = level.gathers_per_microbatch + (float(recompute) if level.reshard_after_forward else 0.0)
         f = exposed(gather, fwd)
         b = exposed(gather * (gathers - 1) + scatter, bwd)
         return transient, f, b, gather * gathers + scatter
@@ -341,20 +372,16 @@ class Evaluator:
                 for b, c in zip(blocks, costs)
                 if any(params[p].trainable for p in b.params)
             )
-            if spec.recompute:
-                bwd += fwd  # full recomputation replays the forward before the backward
-                act = sum(c.input_bytes for c in costs)
-                transient = max((c.saved_bytes for c in costs), default=0.0)
-            else:
-                act = sum(c.saved_bytes for c in costs)
-                transient = 0.0
+            act, replay, transient = recompute_terms(spec, costs)  # [Note: recompute per block] in recompute.py
+            bwd += replay
             names = {p for b in spec.blocks for p in self.pgraph.blocks[b].params}
             static, grad_bytes = self.resident_bytes(names, mesh.tp, mesh.dp, split_params,
                                                      mesh.dp_group(stage_rank(s, pp, layout)))
             fsdp = dp_spec(self.training.dp_sharding).uses_fsdp and mesh.dp > 1
             if fsdp:  # weights gathered per micro-batch, gradients reduce-scattered ([Note: FSDP prefetch overlap])
                 gathered, f_exp, b_exp, _ = self.fsdp_costs(spec.blocks, mesh, stage_rank(s, pp, layout),
-                                                            split_params, fwd, bwd, spec.recompute)
+                                                            split_params, fwd, bwd,
+                                                            len(spec.recompute) / len(spec.blocks))
                 transient += gathered
                 fwd, bwd = fwd + f_exp, bwd + b_exp
             rank = mesh.rank(stage_rank(s, pp, layout))
@@ -426,9 +453,7 @@ class Evaluator:
                 "(keys are module/op#occurrence, listed by autopart inspect --nodes-table)"
                 + (f" ({len(unknown)} unknown in all)" if len(unknown) > 1 else "")
             )
-        specs = [
-            StageSpec(tuple(self.pgraph.block_index(m) for m in st.modules), st.recompute) for st in plan.stages
-        ]
+        specs = [self.spec_of(st) for st in plan.stages]
         return self.make_plan(
             specs,
             plan.mesh,
@@ -439,6 +464,11 @@ class Evaluator:
             objective=plan.solver.objective,
             bound=plan.solver.bound,
         )
+
+    def spec_of(self, stage: Stage) -> StageSpec:
+        """A plan's stage as the evaluator prices it."""
+        return StageSpec(tuple(self.pgraph.block_index(m) for m in stage.modules),
+                         tuple(self.pgraph.block_index(m) for m in stage.recompute), stage.selective)
 
     def _check_stages(self, stages: Sequence[StageSpec], mesh: Mesh, schedule: Schedule) -> None:
         n = len(self.pgraph.blocks)
@@ -516,19 +546,19 @@ class Evaluator:
             cb = sum(c.compute.backward_s for c in work)
             tf = sum(c.tp_comm.forward_s for c in work)
             tb = sum(c.tp_comm.backward_s for c in work)
+            replay = recompute_terms(spec, work)[1]
             action = self.overheads.action_s
             # What the stage's actions take beyond compute, tp and the per-action overhead: ZeRO-2/3's
             # exposed gathers and scatters.
             extra = 0.0
             if dp_spec(self.training.dp_sharding).uses_fsdp and mesh.dp > 1:
-                extra = (costs[s].forward_s + costs[s].backward_s - 2 * action - (cf + tf) - (cb + tb)
-                         - ((cf + tf) if spec.recompute else 0.0))
+                extra = costs[s].forward_s + costs[s].backward_s - 2 * action - (cf + tf) - (cb + tb) - replay
             opt = costs[s].after_s - (self.overheads.step_s if first[stage_rank(s, pp, layout)] == s else 0.0)
             out.append(
                 StageComponents(
                     forward_s=M * cf,
                     backward_s=M * cb,
-                    recompute_s=M * (cf + tf) if spec.recompute else 0.0,
+                    recompute_s=M * replay,
                     tp_comm_s=M * (tf + tb),
                     p2p_s=sim.transfer_wait_s[s],
                     dp_reduce_s=exposed_share[s],
@@ -559,7 +589,8 @@ class Evaluator:
                     nodes=tuple(cap.nodes[n].key for b in blocks for n in b.nodes),  # [Note: stable node keys]
                     params=count,
                     ranks=mesh.stage_ranks(r),
-                    recompute=spec.recompute,
+                    recompute=tuple(self.pgraph.blocks[b].name for b in spec.blocks if b in set(spec.recompute)),
+                    selective=spec.selective,
                     predicted=StagePredicted(
                         forward_s=c.forward_s,
                         backward_s=c.backward_s,
@@ -605,3 +636,28 @@ class Evaluator:
             predicted=predicted,
             sharding={cap.nodes[k].key: v for k, v in sharding.items() if v != "replicate"} if mesh.tp > 1 else {},
         )
+
+
+def recompute_terms(spec: StageSpec, costs: Sequence[BlockCost]) -> tuple[float, float, float]:
+    """(activation bytes per micro-batch in flight, seconds replayed in the backward, bytes live once
+    during the replay) of a stage whose blocks cost ``costs`` (in ``spec.blocks`` order), as
+    [Note: recompute per block] in recompute.py writes them:
+
+        act  = sum_{b in R} in_b + sum_{b not in R} (sv_b - σ core_b)
+        rec  = sum_{b in R} f_b  + σ sum_{b not in R} fc_b
+        work = max(max_{b in R} sv_b, σ max_{b not in R} core_b)
+    """
+    chosen = set(spec.recompute)
+    act = replay = work = 0.0
+    for b, c in zip(spec.blocks, costs):
+        if b in chosen:
+            act += c.input_bytes
+            replay += c.time.forward_s
+            work = max(work, c.saved_bytes)
+        elif spec.selective:
+            act += c.saved_bytes - c.core_bytes
+            replay += c.core_forward_s
+            work = max(work, c.core_bytes)
+        else:
+            act += c.saved_bytes
+    return act, replay, work

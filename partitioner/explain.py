@@ -115,6 +115,8 @@ def print_explanation(result: Any) -> None:
     evaluator = getattr(result, "evaluator", None)
     if evaluator is not None and plan.training.dp_sharding != "none" and plan.mesh.dp > 1:
         console.print(dp_sharding_summary(plan, evaluator))
+    if evaluator is not None and any(st.recomputes for st in plan.stages):
+        console.print(recompute_summary(plan, evaluator))
     report = getattr(result, "report", None)
     if report is not None:
         console.print(
@@ -172,13 +174,38 @@ def dp_sharding_summary(plan: Plan, evaluator: Any) -> str:
             if stage_rank(st.index, plan.mesh.pp, layout) != r:
                 continue
             blocks = [ev.pgraph.block_index(m) for m in st.modules]
-            _, _, _, per_mb = ev.fsdp_costs(blocks, plan.mesh, r, split, 0.0, 0.0, st.recompute)  # all collectives
+            _, _, _, per_mb = ev.fsdp_costs(blocks, plan.mesh, r, split, 0.0, 0.0, len(st.recompute) / len(st.modules))  # all collectives
             total += per_mb * plan.schedule.microbatches
             exposed += st.predicted.components.dp_gather_s
         hidden = 1 - exposed / total if total > 0 else 1.0
         text += (f"; it costs {_fmt(total)} of all-gathers and reduce-scatters per step on pipeline rank {r}, "
                  f"{hidden:.0%} hidden behind compute")
     return text
+
+
+def recompute_summary(plan: Plan, evaluator: Any) -> str:
+    """What the plan's recomputation buys and costs: the peak memory it frees against the same plan
+    with nothing recomputed, and the forward time replayed per step on the bottleneck rank
+    ([Note: recompute per block] in recompute.py)."""
+    from dataclasses import replace
+
+    bare = replace(plan, stages=tuple(replace(st, recompute=(), selective=False) for st in plan.stages))
+    keep, _ = evaluator.score(bare)
+    freed = keep.predicted.peak_memory_bytes - plan.predicted.peak_memory_bytes
+    r = int(breakdown(plan)["bottleneck_rank"])
+    layout = schedule_spec(plan.schedule.name).layout
+    mine = [st for st in plan.stages if stage_rank(st.index, plan.mesh.pp, layout) == r]
+    replay = sum(st.predicted.components.recompute_s for st in mine if st.predicted and st.predicted.components)
+    blocks = sum(len(st.recompute) for st in plan.stages)
+    total = sum(len(st.modules) for st in plan.stages)
+    selective = sum(st.selective for st in plan.stages)
+    what = f"recomputing {blocks} of {total} blocks" + (
+        f" and the attention cores of the others on {selective} of {len(plan.stages)} stages" if selective else "")
+    from .fmt import fmt_bytes
+
+    return (f"{what} frees {fmt_bytes(freed)} per device (peak {fmt_bytes(plan.predicted.peak_memory_bytes)}, "
+            f"{fmt_bytes(keep.predicted.peak_memory_bytes)} without); it replays {_fmt(replay)} of forward per "
+            f"step on pipeline rank {r}")
 
 
 def print_diff(a: Plan, b: Plan, name_a: str = "A", name_b: str = "B") -> None:
@@ -206,7 +233,8 @@ def print_diff(a: Plan, b: Plan, name_a: str = "A", name_b: str = "B") -> None:
     row("micro-batches x size", f"{a.schedule.microbatches} x {a.schedule.micro_batch_size}",
         f"{b.schedule.microbatches} x {b.schedule.micro_batch_size}")
     row("stages", len(a.stages), len(b.stages))
-    row("recomputing stages", sum(s.recompute for s in a.stages), sum(s.recompute for s in b.stages))
+    row("recomputing stages", sum(s.recomputes for s in a.stages), sum(s.recomputes for s in b.stages))
+    row("recomputed blocks", sum(len(s.recompute) for s in a.stages), sum(len(s.recompute) for s in b.stages))
     row("dp sharding", a.training.dp_sharding, b.training.dp_sharding)
     row("sharded nodes", len(a.sharding), len(b.sharding))
     if a.predicted and b.predicted:

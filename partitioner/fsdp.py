@@ -44,7 +44,7 @@ import torch.fx as fx
 from .dp_sharding import DPShardingSpec
 from .errors import PlanError
 
-__all__ = ["ShardedStage", "nest_blocks", "shard_stage"]
+__all__ = ["ShardedStage", "block_of", "nest_blocks", "shard_stage"]
 
 _COMPUTE = ("call_function", "call_method", "call_module")
 
@@ -60,7 +60,7 @@ class ShardedStage(torch.nn.Module):
         return self.inner(*args)
 
 
-def _block_of(node: fx.Node, blocks: Sequence[str]) -> str | None:
+def block_of(node: fx.Node, blocks: Sequence[str]) -> str | None:
     """The block (plan module) whose code made ``node``: the longest block name that prefixes the
     module path torch.export recorded in ``nn_module_stack``."""
     stack = node.meta.get("nn_module_stack")
@@ -82,7 +82,7 @@ def nest_blocks(gm: fx.GraphModule, blocks: Sequence[str]) -> list[str]:
     for n in nodes:
         if n.op not in _COMPUTE:
             continue
-        b = _block_of(n, blocks)
+        b = block_of(n, blocks)
         if runs and runs[-1][0] == b:
             runs[-1][1].append(n)
         else:
@@ -147,6 +147,13 @@ def _fold(gm: fx.GraphModule, block: str, run: list[fx.Node]) -> bool:
     return True
 
 
+def _submodule(gm: fx.GraphModule, name: str) -> torch.nn.Module | None:
+    try:
+        return gm.get_submodule(name)
+    except AttributeError:
+        return None
+
+
 def _is_param(gm: fx.GraphModule, name: str) -> bool:
     try:
         gm.get_parameter(name)
@@ -163,6 +170,10 @@ def shard_stage(module: torch.nn.Module, blocks: Sequence[str], dp_mesh: Any, le
     if not level.uses_fsdp:
         raise PlanError(f"shard_stage: dp_sharding {level.name!r} does not use FSDP")
     folded = nest_blocks(module, blocks) if isinstance(module, fx.GraphModule) else []
+    # Blocks folded before (a recomputed block, called through a checkpoint: recompute.py) are units too.
+    folded += [b for b in blocks if b not in folded and isinstance(module, fx.GraphModule)
+               and isinstance(_submodule(module, b), fx.GraphModule)]
+    folded.sort(key=list(blocks).index)
     for name in folded:
         fully_shard(module.get_submodule(name), mesh=dp_mesh, reshard_after_forward=level.reshard_after_forward)
     fully_shard(module, mesh=dp_mesh, reshard_after_forward=level.reshard_after_forward)

@@ -208,7 +208,7 @@ def build_rank(plan: Plan, model_spec: str, rank: int, *, config: dict | None = 
         predicted_static_bytes=sum(plan.stages[s].predicted.static_bytes for s in stage_indices
                                    if plan.stages[s].predicted is not None),
         stage_params=tuple(stage_params),
-        recompute_workspace=any(plan.stages[s].recompute for s in stage_indices),
+        recompute_workspace=any(plan.stages[s].recomputes for s in stage_indices),
         optimizer=type(optimizer).__name__,
         build_s=time.perf_counter() - t0, cpu_s=time.process_time() - c0,
         max_rss_bytes=resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024,

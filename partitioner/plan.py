@@ -50,14 +50,16 @@ __all__ = [
     "Plan",
 ]
 
-PLAN_VERSION = 4
+PLAN_VERSION = 5
 # Versions this autopart reads. 2 added stages[].predicted.components and named nodes by key (so a
 # version-1 plan is re-planned); 3 added model.source (how to rebuild the model, so that ``autopart
 # run --plan`` needs nothing else). A version-2 plan loads with no source: ``autopart run`` then
 # needs --model/--config/--seq-len again, and says so. 4 replaced training.zero1 (true/false) by
 # training.dp_sharding (none, zero1, zero2, zero3, hsdp: dp_sharding.py); an older plan's zero1 loads as
-# dp_sharding "zero1" or "none".
-READABLE_VERSIONS = (2, 3, 4)
+# dp_sharding "zero1" or "none". 5 replaced stages[].recompute (true/false) by the blocks that recompute
+# (a list of module names; true still means every block of the stage, false none) and added
+# stages[].selective ([Note: recompute per block] in recompute.py).
+READABLE_VERSIONS = (2, 3, 4, 5)
 SCHEDULE_NAMES = SCHEDULES  # the registry in schedules.py is the one list
 # Per-node tensor-sharding strategies the runtime can realize: the registry in tp_strategies.py is
 # the one list (see docs/plan.md).
@@ -235,7 +237,10 @@ class Stage:
     nodes: tuple[str, ...]  # FX node names it owns
     params: int  # trainable parameters it holds (tied weights counted in each stage that uses them)
     ranks: tuple[int, ...]  # global ranks that run it (tp x dp of them)
-    recompute: bool = False  # recompute activations in backward
+    # The blocks (of ``modules``) that replay their whole forward in the backward, keeping only their
+    # inputs (version 5; before, a bool for all or none: [Note: recompute per block] in recompute.py)
+    recompute: tuple[str, ...] = ()
+    selective: bool = False  # every other block replays its attention core (Megatron's selective recompute)
     predicted: StagePredicted | None = None
 
     def __post_init__(self) -> None:
@@ -245,7 +250,19 @@ class Stage:
         _check_items(f"{where}.nodes", self.nodes, str, "a node name (string)")
         _check_int(f"{where}.params", self.params, 0)
         _check_items(f"{where}.ranks", self.ranks, int, "a rank (integer)", minimum=0)
-        _check_type(f"{where}.recompute", self.recompute, bool, "true or false")
+        _check_items(f"{where}.recompute", self.recompute, str, "a module name (string)")
+        _check_type(f"{where}.selective", self.selective, bool, "true or false")
+        stray = [m for m in self.recompute if m not in self.modules]
+        if stray:
+            raise PlanError(f"{where}.recompute names {stray[0]!r}, which is not one of the stage's modules; "
+                            "list only modules of this stage (or true for all of them)")
+        if len(set(self.recompute)) != len(self.recompute):
+            raise PlanError(f"{where}.recompute lists a module twice; list each once")
+
+    @property
+    def recomputes(self) -> bool:
+        """Whether the stage replays any forward work in its backward (whole blocks or attention cores)."""
+        return bool(self.recompute) or self.selective
 
 
 @dataclass(frozen=True, slots=True)
@@ -399,10 +416,10 @@ class Plan:
     def __post_init__(self) -> None:
         sched = self.schedule
         check_schedule(sched.name, self.mesh.pp, sched.microbatches, sched.virtual_stages)
-        check_recompute(sched.name, any(st.recompute for st in self.stages))
+        check_recompute(sched.name, any(st.recomputes for st in self.stages))
         if self.mesh.dp > 1:
             check_dp_sharding(self.training.dp_sharding, sched.name, SCHEDULE_REGISTRY[sched.name].splits_backward,
-                              any(st.recompute for st in self.stages))
+                              any(st.recomputes for st in self.stages))
         expected = self.mesh.pp * self.schedule.virtual_stages
         if len(self.stages) != expected:
             raise PlanError(
@@ -662,11 +679,11 @@ class Plan:
                 raise PlanError(f"sharding.default must be 'replicate', got {default!r}")
             stages = []
             for i, s in enumerate(_required(data, "stages", list)):
-                s = dict(_typed(f"stages[{i}]", s, dict))
+                s = _stage_recompute(dict(_typed(f"stages[{i}]", s, dict)), f"stages[{i}]")
                 pred = s.pop("predicted", None)
                 stages.append(
                     Stage(
-                        **_fields(Stage, s, f"stages[{i}]", tuples=("modules", "nodes", "ranks")),
+                        **_fields(Stage, s, f"stages[{i}]", tuples=("modules", "nodes", "ranks", "recompute")),
                         predicted=_stage_predicted(pred, f"stages[{i}].predicted") if pred else None,
                     )
                 )
@@ -726,6 +743,16 @@ def _stage_dict(stage: Stage) -> dict[str, Any]:
     if stage.predicted is not None and stage.predicted.components is not None:
         d["predicted"]["components"] = stage.predicted.components.to_dict()
     return d
+
+
+def _stage_recompute(data: dict[str, Any], where: str) -> dict[str, Any]:
+    """``stages[i]`` with ``recompute`` as a list of module names: ``true`` (every plan before version 5,
+    and still accepted by hand) means all the stage's modules, ``false`` none."""
+    flag = data.get("recompute")
+    if isinstance(flag, bool):
+        modules = data.get("modules")
+        data["recompute"] = list(modules) if flag and isinstance(modules, list) else []
+    return data
 
 
 def _stage_predicted(data: Any, where: str) -> StagePredicted:

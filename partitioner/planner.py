@@ -170,7 +170,7 @@ def manual_plan(ev: Evaluator, split_at: Sequence[str], pins: Pins = Pins()) -> 
             f"(got {', '.join(split_at)})"
         )
     bounds = [0, *starts, n]
-    specs = [StageSpec(tuple(range(bounds[i], bounds[i + 1])), bool(pins.recompute)) for i in range(len(bounds) - 1)]
+    specs = [StageSpec.whole(range(bounds[i], bounds[i + 1]), bool(pins.recompute)) for i in range(len(bounds) - 1)]
     v = pins.virtual_stages or 1
     name = pins.schedule or ("interleaved" if v > 1 else "1f1b")
     if len(specs) % v:

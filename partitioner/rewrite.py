@@ -46,6 +46,7 @@ from .capture import disable_hf_cache, node_keys
 from .dtensor_ops import Unshardable, check_shardable, is_check_or_query, run_check, tree_full
 from .errors import PlanError
 from .plan import Plan
+from .recompute import run_region
 from .tp_strategies import STRATEGIES, TPContext
 
 __all__ = ["StageProgram", "SplitModel", "split_model", "canonical_names", "microbatch_inputs"]
@@ -379,10 +380,12 @@ class TensorParallelModule(torch.nn.Module):
     ordinary tensors) and wrapped with ``DTensor.from_local`` at use.
     """
 
-    def __init__(self, stage: StageProgram, mesh: Any) -> None:
+    def __init__(self, stage: StageProgram, mesh: Any, regions: Sequence[Sequence[str]] = ()) -> None:
         super().__init__()
         self.graph_module = stage.module
         self.mesh = mesh
+        # Node regions run as one checkpointed function each ([Note: recompute in the runtime] in recompute.py)
+        self.regions = tuple(tuple(r) for r in regions)
         self.sharding = dict(stage.sharding)
         tp = mesh.size()
         rank = mesh.get_local_rank()
@@ -413,6 +416,12 @@ class _TPInterpreter(fx.Interpreter):
         super().__init__(owner.graph_module, garbage_collect_values=True)
         self.owner = owner
         self.ctx = TPContext(owner.mesh, lambda n, args, kwargs: getattr(self, n.op)(n.target, args, kwargs))
+        by_name = {n.name: n for n in owner.graph_module.graph.nodes}
+        self._region_of: dict[fx.Node, tuple[fx.Node, ...]] = {}
+        for names in owner.regions:
+            region = tuple(by_name[x] for x in names)
+            self._region_of.update({n: region for n in region})
+        self._done: dict[fx.Node, Any] = {}  # values a region computed ahead of its nodes' turn
 
     def get_attr(self, target: Any, args: Any, kwargs: Any) -> Any:
         from torch.distributed.tensor import DTensor, Shard
@@ -424,12 +433,22 @@ class _TPInterpreter(fx.Interpreter):
         return DTensor.from_local(t, self.owner.mesh, [Shard(dim)], run_check=False)
 
     def run_node(self, n: fx.Node) -> Any:
+        region = self._region_of.get(n)
+        if region is not None:  # [Note: recompute in the runtime] in recompute.py
+            if n is region[0]:
+                self._done.update(run_region(region, self.env, self._compute))
+            return self._done.pop(n, None)
         if n.op not in _COMPUTE:
             result = super().run_node(n)
             if n.op == "output":
                 return tree_full(result)
             return result
         args, kwargs = self.fetch_args_kwargs_from_env(n)
+        return self._compute(n, args, kwargs)
+
+    def _compute(self, n: fx.Node, args: Any, kwargs: Any) -> Any:
+        if n.op not in _COMPUTE:  # a weight read by a recomputed region
+            return getattr(self, n.op)(n.target, args, kwargs)
         if is_check_or_query(n.target):  # [Note: checks and queries under DTensor] in dtensor_ops.py
             return run_check(n.target, args, kwargs)
         return STRATEGIES[self.owner.sharding.get(n.name, "replicate")].realize(self.ctx, n, args, kwargs)

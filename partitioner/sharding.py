@@ -13,7 +13,7 @@ costs) and derives Megatron-LM's layout from data flow
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Mapping
+from typing import TYPE_CHECKING, Mapping, Sequence
 
 from cost_models import CostModel, NodeRef, OpTime
 
@@ -151,11 +151,14 @@ class BlockLayoutCosts:
         # Tensors that leave the block must be whole, except the model's own outputs.
         self.leaving = [n for n in self.nodes if n in read_outside and n not in model_outputs]
         saved: set[str] = set()
+        self.savers: dict[str, set[str]] = {}  # saved tensor -> the block's nodes that save it
         for n in self.nodes:
             info = captured.nodes[n]
             saved.update(info.saved_inputs)
             if info.saves_output:
                 saved.add(n)
+            for t in (*info.saved_inputs, *((n,) if info.saves_output else ())):
+                self.savers.setdefault(t, set()).add(n)
         self.saved_tensors = sorted(saved)
 
     # --- tables -----------------------------------------------------------------------
@@ -249,3 +252,19 @@ class BlockLayoutCosts:
             self.tensor_bytes(t) / (self.tp if layout.get(t) == "S" else 1) for t in self.saved_tensors
         )
         return compute, comm, saved
+
+    def core(self, strategies: Mapping[str, str], core: Sequence[str]) -> tuple[float, float]:
+        """(forward seconds, saved bytes freed) when the nodes ``core`` (the block's attention core,
+        recompute.py) replay in the backward instead of keeping what they save ([Note: recompute per
+        block] in recompute.py): their own intermediates, and the tensors they make that no other node
+        of the block saves. What they read stays saved: the checkpoint keeps its inputs."""
+        inside = set(core) & set(self.nodes)
+        if not inside:
+            return 0.0, 0.0
+        strat = {n: strategies.get(n, "replicate") if self.tp > 1 else "replicate" for n in self.nodes}
+        fwd = sum(self.options[n][strat[n]].compute.forward_s + self.options[n][strat[n]].comm.forward_s for n in inside)
+        freed = sum(self.options[n][strat[n]].saved_other for n in inside)
+        for t in self.saved_tensors:
+            if t in inside and self.savers.get(t, set()) <= inside:
+                freed += self.tensor_bytes(t) / (self.tp if OUTPUT_LAYOUT[strat[t]] == "S" else 1)
+        return fwd, freed

@@ -210,12 +210,14 @@ def _equivalence(layout: dict[str, Any], models: list[str], meta_models: list[st
         if layout.get("adamw"):  # the optimizer the plan prices (adam-mixed in fp32: AdamW's m and v)
             opt = lambda ps: torch.optim.AdamW(ps, lr=1e-3)  # noqa: E731
         # the planner: "params" unless the layout says
-        pins = {k: v for k, v in layout.items() if k not in ("method", "adamw", "nodes")}
+        pins = {k: v for k, v in layout.items() if k not in ("method", "adamw", "nodes", "recompute_layers", "as_v4")}
         if layout.get("nodes"):  # this machine as a cluster of several (virtual) nodes, for HSDP
             from partitioner.cluster import Cluster
 
             world = int(os.environ["WORLD_SIZE"])
             pins["cluster"] = Cluster.local(world).with_nodes(layout["nodes"], world // layout["nodes"])
+        if "recompute_layers" in layout or layout.get("as_v4"):  # a plan edited by hand, given as plan=
+            pins = dict(plan=_edited_plan(model, example, layout, pins))
         pm = auto_parallelize(model, example_inputs=example, loss_fn=loss_fn, method=layout.get("method", "params"),
                               optimizer=opt, **pins)
         gb = pm.plan.training.global_batch
@@ -247,6 +249,10 @@ def _equivalence(layout: dict[str, Any], models: list[str], meta_models: list[st
             names=sorted(grads), all_names=sorted(ref_grads), matched_by=pm.split.matched_by,
             schedule=pm.plan.schedule.name, stages=list(pm.stage_indices),
             plan_recompute=[st.recompute for st in pm.plan.stages],
+            plan_selective=[st.selective for st in pm.plan.stages],
+            # checkpoint calls in this rank's stage graphs (recomputed blocks and attention cores; recompute.py)
+            checkpoints=sum(1 for st in pm.stages for m in st.submod.modules() if hasattr(m, "graph")
+                            for n in m.graph.nodes if "checkpoint" in str(n.target)),
             # this rank's stages that run wrapped for recomputation (inside DDP where dp > 1)
             recomputed=sum(any(type(m).__name__ == "RecomputedStage" for m in st.submod.modules()) for st in pm.stages),
             optimizer=type(pm.optimizer).__name__, dp_sharding=pm.plan.training.dp_sharding,
@@ -259,6 +265,39 @@ def _equivalence(layout: dict[str, Any], models: list[str], meta_models: list[st
         )
         pm.close()
     return out
+
+
+def _edited_plan(model, example, layout: dict[str, Any], pins: dict[str, Any]):
+    """The layout's plan (``method``, default ``params``, and its pins) with each stage recomputing its first
+    ``recompute_layers["blocks"]`` layers and, with ``recompute_layers["selective"]``, the attention cores of
+    its other blocks; with ``as_v4``, written as a version-4 file (``recompute: true|false``) and loaded back."""
+    import json
+
+    from dataclasses import replace
+
+    from partitioner.cluster import Cluster
+    from partitioner.plan import Plan
+    from partitioner.planner import plan_parallelism
+
+    world = int(os.environ["WORLD_SIZE"])
+    cluster = pins.get("cluster") or Cluster.local(world)
+    pins = {k: v for k, v in pins.items() if k != "cluster"}
+    plan = plan_parallelism(model, example, cluster, dtype="fp32", method=layout.get("method", "params"), **pins).plan
+    edit = layout.get("recompute_layers")
+    if edit is not None:
+        stages = []
+        for st in plan.stages:
+            layers = [m for m in st.modules if m.rsplit(".", 1)[-1].isdigit()]
+            stages.append(replace(st, recompute=tuple(layers[:edit["blocks"]]), selective=edit.get("selective", False)))
+        plan = replace(plan, stages=tuple(stages))
+    if layout.get("as_v4"):
+        data = json.loads(plan.to_json())
+        data["version"] = 4
+        for st in data["stages"]:
+            st["recompute"] = len(st["recompute"]) == len(st["modules"])
+            del st["selective"]
+        plan = Plan.from_dict(data)
+    return plan
 
 
 def _held(pm) -> int:

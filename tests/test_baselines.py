@@ -310,7 +310,7 @@ def _grid_optimum(method, ev):
         e = with_dp_sharding(ev, pt.dp_sharding)
         sharding = megatron_sharding(ev.captured, pt.mesh.tp) if pt.mesh.tp > 1 else {}
         blocks = _SPLITS[method](e, pt.mesh, pt.schedule, sharding)
-        plan, _ = e.make_plan([StageSpec(tuple(b), pt.recompute) for b in blocks], pt.mesh, pt.schedule,
+        plan, _ = e.make_plan([StageSpec.whole(b, pt.recompute) for b in blocks], pt.mesh, pt.schedule,
                               sharding=sharding, method=method)
         if plan.predicted.fits and (best is None or plan.predicted.step_time_s < best):
             best = plan.predicted.step_time_s

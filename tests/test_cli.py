@@ -23,7 +23,7 @@ import pytest
 import transformers  # noqa: F401  # imported here so its log handler binds before any capsys
 
 from partitioner.cli import main
-from partitioner.plan import Plan
+from partitioner.plan import PLAN_VERSION, Plan
 
 PLAN = ["plan", "--model", "gpt2-tiny", "--cluster", "dgx-a100-80g", "--global-batch", "16"]
 
@@ -482,7 +482,7 @@ def test_dp_sharding_flag_plans_zero3_and_says_what_it_buys(capsys, tmp_path):
                        "--explain", "--quiet", "--json", str(path))
     assert rc == 0, err
     plan = Plan.load(path)
-    assert plan.training.dp_sharding == "zero3" and plan.version == 4
+    assert plan.training.dp_sharding == "zero3" and plan.version == PLAN_VERSION
     text = flat(out)
     assert "adam-mixed, zero3" in text
     assert re.search(r"zero3 frees [\d.]+ GiB per device .* all-gathers and reduce-scatters per step .* hidden", text), text

@@ -62,7 +62,7 @@ def tp_plan(ev):
 
 def _two_stages(ev, split: int, recompute: bool = False):
     n = len(ev.pgraph.blocks)
-    return [StageSpec(tuple(range(split)), recompute), StageSpec(tuple(range(split, n)), recompute)]
+    return [StageSpec.whole(range(split), recompute), StageSpec.whole(range(split, n), recompute)]
 
 
 # --- JSON ----------------------------------------------------------------------------------

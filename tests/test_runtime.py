@@ -57,11 +57,25 @@ LAYOUTS = {
     "dp4-hsdp": (4, dict(pp=1, tp=1, dp=4, microbatches=1, global_batch=4, dp_sharding="hsdp", nodes=2, adamw=True)),
     # Recomputation (every stage replays its forward in backward) under DDP.
     "pp2xdp2-recompute": (4, dict(pp=2, tp=1, dp=2, schedule="1f1b", microbatches=2, global_batch=4, recompute=True)),
+    # Recomputation per block and selective (partitioner/recompute.py): plans edited to recompute each stage's
+    # first layer and the attention cores of the others; under tp as checkpointed node regions; under ZeRO-3
+    # inside FSDP's folded blocks; and a version-4 file's `recompute: true` loaded and run.
+    "pp2-recompute-blocks": (2, dict(pp=2, tp=1, dp=1, schedule="1f1b", microbatches=2, global_batch=4,
+                                     recompute_layers=dict(blocks=1, selective=True))),
+    "tp2-recompute-selective": (2, dict(pp=1, tp=2, dp=1, microbatches=1, global_batch=2,
+                                        recompute_layers=dict(blocks=1, selective=True))),
+    "dp2-zero3-selective": (2, dict(pp=1, tp=1, dp=2, microbatches=1, global_batch=2, dp_sharding="zero3",
+                                    recompute_layers=dict(blocks=1, selective=True))),
+    "pp2-recompute-v4": (2, dict(pp=2, tp=1, dp=1, schedule="1f1b", microbatches=2, global_batch=4, recompute=True,
+                                 as_v4=True)),
 }
+RECOMPUTE_LAYERS = {"pp2-recompute-blocks", "tp2-recompute-selective", "dp2-zero3-selective"}
 SPLIT_BACKWARD = {"pp2-zb", "pp2-zbv", "pp2-dualpipev", "pp2xdp2-zb"}  # slow: they lengthen two shared launches
 # Models per layout where not all: the split-backward and recompute layouts run GPT-2 (tied weights) and the MLP only.
-FSDP = {"dp2-zero2-recompute", "dp2-zero3", "pp2xdp2-zero3", "tp2xdp2-zero3", "dp4-hsdp"}
+FSDP = {"dp2-zero2-recompute", "dp2-zero3", "pp2xdp2-zero3", "tp2xdp2-zero3", "dp4-hsdp", "dp2-zero3-selective"}
 LAYOUT_MODELS = {name: ["gpt2-tiny", "mlp"] for name in [*SPLIT_BACKWARD, *FSDP, "pp2xdp2-recompute"]}
+LAYOUT_MODELS.update({"pp2-recompute-blocks": ["gpt2-tiny", "llama-tiny"], "tp2-recompute-selective": ["gpt2-tiny"],
+                      "dp2-zero3-selective": ["gpt2-tiny"], "pp2-recompute-v4": ["gpt2-tiny"]})
 # GPT-2 (tied weights, blocks folded into units) is the case that matters; dp2-zero3 also runs the MLP.
 for name in ("dp2-zero2-recompute", "pp2xdp2-zero3", "tp2xdp2-zero3", "dp4-hsdp"):
     LAYOUT_MODELS[name] = ["gpt2-tiny"]
@@ -137,6 +151,12 @@ def test_equivalence(layout: str, equivalence_launches) -> None:
             assert all(h <= r[name]["priced_bytes"] for h, r in zip(held, reports)), (name, held)
     for name in models:  # the plan's recompute flags are what the stages run
         for rank, r in enumerate(reports):
+            if layout in RECOMPUTE_LAYERS:  # some blocks and attention cores, each through its own checkpoint
+                edit = pins["recompute_layers"]
+                assert all(len(b) == edit["blocks"] for b in r[name]["plan_recompute"]), (name, r[name]["plan_recompute"])
+                assert all(s == edit.get("selective", False) for s in r[name]["plan_selective"])
+                assert r[name]["recomputed"] == 0 and (r[name]["checkpoints"] > 0) == (pins["tp"] == 1), (name, rank)
+                continue
             assert all(r[name]["plan_recompute"]) == bool(pins.get("recompute")), (name, r[name]["plan_recompute"])
             assert r[name]["recomputed"] == (len(r[name]["stages"]) if pins.get("recompute") else 0), (name, rank)
     schedules = {reports[0][n]["schedule"] for n in models}

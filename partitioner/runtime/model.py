@@ -51,6 +51,7 @@ from ..fsdp import shard_stage
 from ..materialize import has_meta_tensors, materialize, release
 from ..measure import DdpTimer, RankMemory, RankTime, StepClock, StorageMeter, rank_time, tp_profile
 from ..plan import Plan
+from ..recompute import checkpoint_in_graph, recompute_regions
 from ..precision import MasterWeightOptimizer, PrecisionPolicy, loss_inputs, make_scaler, optimizer_step
 from ..rewrite import SplitModel, TensorParallelModule, get_tensor, microbatch_inputs, set_tensor, split_model
 from ..schedules import rank_stages, spec as schedule_spec, stage_rank
@@ -126,17 +127,18 @@ class RecomputedStage(torch.nn.Module):
     """A stage module whose forward keeps only its inputs for backward and replays itself there.
 
     [Note: recomputation as priced]
-    A plan stage with ``recompute`` is priced (evaluate.py) as replaying its
-    forward in backward (``recompute_s``) and holding, per micro-batch in
-    flight, its inputs instead of every saved activation. This wrapper
-    realizes that with ``torch.utils.checkpoint`` in its non-reentrant form,
-    which works under DDP and DTensor. The split-backward schedules are
-    refused with it (``ParallelModel``): torch's ``stage_backward_input``
-    failed through the checkpoint in tests. The replay covers the whole stage in one piece: the plan has one
-    ``recompute`` flag per stage, and its memory model (one block's saved
-    tensors as the transient) is a lower bound of the replay's peak, which
-    holds the whole stage's saved tensors of one micro-batch during its
-    backward.
+    A plan stage that recomputes every block (and nothing selectively) is priced (evaluate.py,
+    [Note: recompute per block] in recompute.py) as replaying its forward in backward
+    (``recompute_s``) and holding, per micro-batch in flight, its blocks' inputs instead of every
+    saved activation. This wrapper realizes that with ``torch.utils.checkpoint`` in its
+    non-reentrant form, which works under DDP and DTensor. The split-backward schedules are
+    refused with it (``ParallelModel``): torch's ``stage_backward_input`` failed through the
+    checkpoint in tests. The replay covers the whole stage in one piece, so it holds only the
+    stage's inputs per micro-batch (at most what is priced), and the memory model's transient
+    (one block's saved tensors) is a lower bound of the replay's peak, which holds the whole
+    stage's saved tensors of one micro-batch during its backward. A stage that recomputes some
+    blocks, or attention cores, checkpoints exactly those ([Note: recompute in the runtime] in
+    recompute.py).
     """
 
     def __init__(self, inner: torch.nn.Module) -> None:
@@ -188,7 +190,7 @@ class ParallelModel:
         self.tp_index = self.rank % mesh.tp
         n_stages = len(plan.stages)
         self._split_backward = schedule_spec(plan.schedule.name).splits_backward
-        if self._split_backward and any(st.recompute for st in plan.stages):
+        if self._split_backward and any(st.recomputes for st in plan.stages):
             raise PlanError(
                 f"plan: schedule {plan.schedule.name!r} splits the backward, which torch's stage_backward_input "
                 "cannot run through a recomputed stage yet; re-plan with --no-recompute or another schedule"
@@ -218,17 +220,22 @@ class ParallelModel:
         for s in self.stage_indices:
             prog = self.split.stages[s]
             mod: torch.nn.Module = prog.module
+            st = plan.stages[s]
+            whole = len(st.recompute) == len(st.modules) and not st.selective  # [Note: recomputation as priced]
             if mesh.tp > 1:
-                mod = TensorParallelModule(prog, self.mesh["tp"])
+                regions = () if whole else recompute_regions(prog.module, st)  # [Note: recompute in the runtime]
+                mod = TensorParallelModule(prog, self.mesh["tp"], regions)
                 self.split_dims.update(mod.split_dim)
                 if on_meta:  # the whole tensors were only needed to cut this rank's shard from
                     release(model, mod.split_dim)
             mod.to(self.device)
             self.modules[s] = mod
+            if st.recomputes and not whole and mesh.tp == 1:  # before FSDP, which must not recompile its units
+                checkpoint_in_graph(prog.module, st)  # ([Note: recompute in the runtime])
             run = mod
             if self.fsdp:  # ZeRO-2/3, HSDP: blocks and stage root as FSDP2 units over dp ([Note: FSDP units])
                 run = shard_stage(mod, plan.stages[s].modules, self._fsdp_mesh(), dp_spec(plan.training.dp_sharding))
-            if plan.stages[s].recompute:  # [Note: recomputation as priced]; around FSDP's units, which regather
+            if st.recompute and whole:  # [Note: recomputation as priced]; around FSDP's units, which regather
                 run = RecomputedStage(run)
             # Split-backward schedules compute weight gradients with autograd.grad, which DDP's
             # hooks never see: their replicas average gradients in step() instead.

@@ -1,0 +1,190 @@
+"""What a stage recomputes in its backward: whole blocks, or only their attention core.
+
+The evaluator prices it, the planner's search chooses it (solver/recompute.py) and the
+runtime realizes it with ``torch.utils.checkpoint`` (runtime stage building). This module
+is the one place that says which nodes of a block are its *attention core*, so that the
+three agree.
+
+[Note: recompute per block]
+A plan stage lists the blocks it recomputes (``Stage.recompute``, module names, a
+subset of its ``modules``) and whether its other blocks recompute their attention
+core (``Stage.selective``). Per micro-batch in flight a block then holds:
+
+* kept (neither): its saved activations ``sv_b``; no extra time;
+* recomputed (in ``recompute``): only its inputs ``in_b`` (the checkpoint's), and
+  its backward first replays its forward ``f_b`` (compute and tp collectives);
+  during that backward its ``sv_b`` is live again once;
+* selective (``selective`` and not in ``recompute``): ``sv_b - core_b``, where
+  ``core_b`` is what only the attention core saves (its intermediates, and the
+  tensors it makes that nothing else in the block saves; its inputs q, k, v and
+  the mask stay, as the checkpoint's inputs), and its backward first replays the
+  core's forward ``fc_b``; during that backward ``core_b`` is live again once.
+
+So a stage with recomputed set ``R`` and selective flag ``σ`` has, per micro-batch,
+
+    act_s  = sum_{b in R} in_b + sum_{b not in R} (sv_b - σ core_b)
+    rec_s  = sum_{b in R} f_b  + σ sum_{b not in R} fc_b          (added to its backward)
+    work_s = max(max_{b in R} sv_b, σ max_{b not in R} core_b)     (one replay live at a time)
+
+and ``work_s`` is held once (in ``static_bytes``), not per micro-batch. With ``R`` all
+blocks and ``σ`` off this is the former whole-stage recomputation; a plan of version 4 or
+older with ``recompute: true`` loads as exactly that. Megatron-LM's "selective" mode
+recomputes the same core (``core_attention``): softmax(QK^T/sqrt(d))V, whose saved
+tensors grow with seq^2 in an eager attention. With a fused attention kernel
+(``scaled_dot_product_attention``: flash or memory-efficient) the core saves only its
+output and the log-sum-exp, so selective recomputation frees little there, and the
+planner takes it only where that little is what makes a stage fit.
+
+Attention cores are recognized as the attention kernels of the cost models' ``op_class``
+(fused ``scaled_dot_product_attention`` and its flash/efficient/cudnn variants). An
+eager attention written as separate matmul, softmax and matmul ops is not recognized: a
+block of that kind has no core, selective recomputation frees nothing there, and the
+search does not choose it.
+
+[Note: recompute in the runtime]
+Each choice runs as ``torch.utils.checkpoint`` (non-reentrant) around exactly what the
+plan names. A stage that recomputes every block and nothing selectively keeps the former
+whole-stage wrapper (``RecomputedStage``). Otherwise, without tensor parallelism
+(``checkpoint_in_graph``), each recomputed block is folded into a child GraphModule at its
+own path (``fsdp.nest_blocks``, the folding FSDP's units use, so parameter names stay)
+and its call becomes ``checkpoint(block, *inputs)``; each attention core of the other
+blocks becomes ``checkpoint(op, *inputs)`` in the graph that holds it (the stage, or a
+block FSDP folded). With tensor parallelism the stage runs node by node under DTensor
+(rewrite.py), so there the same choices are *regions* of nodes (``recompute_regions``): a
+recomputed block's nodes, or one core node; the interpreter runs each region as one
+checkpointed function (``run_region``). A block whose nodes cannot be folded into one
+module (they interleave with another block's, or their weights are read by another block
+of the stage) cannot be recomputed on its own, and the plan is refused naming it.
+"""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING, Any, Callable, Iterable, Sequence
+
+import torch.fx as fx
+
+from cost_models import op_class
+
+from .errors import PlanError
+from .fsdp import block_of, nest_blocks
+
+if TYPE_CHECKING:
+    from .capture import CapturedModel
+    from .plan import Stage
+
+__all__ = ["is_attention_core", "attention_core", "checkpoint_in_graph", "recompute_regions", "run_region"]
+
+
+def is_attention_core(target: str) -> bool:
+    """Whether an op (its target, ``aten.scaled_dot_product_attention.default``) is an attention core."""
+    return op_class(str(target)) == "attention"
+
+
+def attention_core(nodes: Iterable[str], captured: "CapturedModel") -> tuple[str, ...]:
+    """The attention-core nodes among ``nodes`` (names in ``captured``), in their order."""
+    return tuple(n for n in nodes if is_attention_core(captured.nodes[n].target))
+
+
+def _checkpoint() -> Callable[..., Any]:
+    from torch.utils.checkpoint import checkpoint
+
+    return checkpoint
+
+
+def _compute(n: fx.Node) -> bool:
+    return n.op in ("call_function", "call_method", "call_module")
+
+
+def checkpoint_in_graph(gm: fx.GraphModule, stage: "Stage") -> None:
+    """``gm`` (a stage without tensor parallelism, possibly with FSDP's folded blocks) calling the
+    stage's recomputed blocks and, with ``selective``, the other blocks' attention cores through
+    ``torch.utils.checkpoint``, in place ([Note: recompute in the runtime])."""
+    checkpoint = _checkpoint()
+    wanted = [b for b in stage.modules if b in set(stage.recompute)]
+    if wanted:
+        folded = {n.target for n in gm.graph.nodes if n.op == "call_module"}
+        if any(b not in folded for b in wanted):
+            nest_blocks(gm, [b for b in wanted if b not in folded])
+        calls = {n.target: n for n in gm.graph.nodes if n.op == "call_module" and n.target in set(wanted)}
+        lost = [b for b in wanted if b not in calls]
+        if lost:
+            raise PlanError(f"stages[{stage.index}].recompute names {lost[0]!r}, whose nodes the runtime cannot fold "
+                            "into one module (they interleave with another block's, or another block of the stage reads "
+                            "its weights); recompute the whole stage (recompute: true) or leave that block out")
+        for b in wanted:
+            node = calls[b]
+            with gm.graph.inserting_before(node):
+                block = gm.graph.get_attr(b)
+                new = gm.graph.call_function(checkpoint, (block, *node.args), {**node.kwargs, "use_reentrant": False})
+            _swap(gm.graph, node, new)
+        gm.graph.lint()
+        gm.recompile()
+    if stage.selective:
+        for name, sub in gm.named_modules():
+            if not isinstance(sub, fx.GraphModule) or name in set(wanted):
+                continue
+            cores = [n for n in sub.graph.nodes if n.op == "call_function" and is_attention_core(str(n.target))
+                     and (name or block_of(n, stage.modules)) not in set(wanted)]
+            for node in cores:
+                with sub.graph.inserting_before(node):
+                    new = sub.graph.call_function(checkpoint, (node.target, *node.args),
+                                                  {**node.kwargs, "use_reentrant": False})
+                _swap(sub.graph, node, new)
+            if cores:
+                sub.graph.lint()
+                sub.recompile()
+
+
+def _swap(graph: fx.Graph, old: fx.Node, new: fx.Node) -> None:
+    new.meta = dict(old.meta)
+    old.replace_all_uses_with(new)
+    graph.erase_node(old)
+
+
+def recompute_regions(gm: fx.GraphModule, stage: "Stage") -> tuple[tuple[str, ...], ...]:
+    """The node regions (names, in graph order) of a tensor-parallel stage graph that run
+    checkpointed ([Note: recompute in the runtime]): each recomputed block's nodes, and with
+    ``selective`` each attention core of the other blocks, alone."""
+    wanted = set(stage.recompute)
+    nodes = [n for n in gm.graph.nodes if _compute(n)]
+    out: list[tuple[str, ...]] = []
+    for b in [m for m in stage.modules if m in wanted]:
+        mine = [n for n in nodes if block_of(n, stage.modules) == b]
+        if not mine:
+            raise PlanError(f"stages[{stage.index}].recompute names {b!r}, whose nodes the runtime does not find in "
+                            "the stage; recompute the whole stage (recompute: true) or leave that block out")
+        out.append(tuple(n.name for n in mine))
+    if stage.selective:
+        out += [(n.name,) for n in nodes if n.op == "call_function" and is_attention_core(str(n.target))
+                and block_of(n, stage.modules) not in wanted]
+    return tuple(out)
+
+
+def run_region(nodes: Sequence[fx.Node], env: dict[fx.Node, Any], run: Callable[[fx.Node, tuple, dict], Any]) -> dict[fx.Node, Any]:
+    """Run ``nodes`` (a region of one graph, in order) as one checkpointed function of the values
+    they read from ``env``; ``run(node, args, kwargs)`` runs one node. Returns the values of the
+    region's nodes that nodes outside it read ([Note: recompute in the runtime]). A weight
+    (``get_attr``) the region reads before the graph's own turn to read it is read here."""
+    inside = set(nodes)
+    external: list[fx.Node] = []
+    for n in nodes:
+        for i in n.all_input_nodes:
+            if i not in inside and i not in external:
+                external.append(i)
+    values = {i: env[i] if i in env else run(i, (), {}) for i in external if i in env or i.op == "get_attr"}
+    absent = [i for i in external if i not in values]  # a weight the graph reads later is read here
+    if absent:
+        raise PlanError(f"node {nodes[0].name} begins a recomputed region that reads {absent[0].name}, which the stage "
+                        "computes only later; recompute the whole stage (recompute: true) instead")
+    leaving = [n for n in nodes if any(u not in inside for u in n.users)]
+
+    def replay(*values: Any) -> tuple:
+        local = dict(zip(external, values))
+        for n in nodes:
+            args = fx.node.map_arg(n.args, lambda x: local[x])
+            kwargs = fx.node.map_arg(n.kwargs, lambda x: local[x])
+            local[n] = run(n, args, kwargs)
+        return tuple(local[n] for n in leaving)
+
+    outs = _checkpoint()(replay, *(values[i] for i in external), use_reentrant=False)
+    return dict(zip(leaving, outs))

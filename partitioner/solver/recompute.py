@@ -1,0 +1,160 @@
+"""The search's recompute choice per block: after the split is chosen, the least replay that fits.
+
+The stage ILP (pipeline_ilp.py) decides recomputation per stage, all of a stage's blocks
+or none. Given its split (or a seed's), ``fewest_recomputed`` re-chooses it per block, as
+AdaPipe does per stage, with Megatron's selective mode as a second option
+([Note: recompute per block] in recompute.py). It runs on the evaluator's own figures, and
+the plan it returns is priced by the evaluator and the simulator as every plan is.
+
+[Note: choosing the recomputed blocks]
+For pipeline rank ``r`` holding stages ``S_r``, with static bytes ``st_s`` (weights,
+gradients, optimizer state and FSDP's transients), in-flight patterns ``n`` of its
+schedule (micro-batches in flight per stage, the vectors the ILP's memory constraint uses)
+and the limit ``L``, a choice (``R_s`` per stage, ``σ`` for the rank) fits when
+
+    sum_{s in S_r} (st_s + work_s) + max_n sum_{s in S_r} n_s act_s  <=  L
+
+with ``act_s`` and ``work_s`` as in [Note: recompute per block]. Its cost is the replay,
+``M sum_s rec_s``. Recomputing block ``b`` of stage ``s`` frees ``g_b = sv'_b - in_b``
+bytes per micro-batch in flight (``sv'_b = sv_b - σ core_b``) for ``c_b = f_b - σ fc_b``
+seconds per micro-batch. For each ``σ`` (off, and on when the model has attention cores
+and the runtime can realize it), blocks are taken in the order of the most bytes freed
+per second, ``n̂_s g_b / c_b`` with ``n̂_s`` the stage's most micro-batches in flight
+(ties: stage, then block, in model order), and the shortest prefix that fits is kept.
+Of the two, the one with less replay time wins (ties: σ off). When the rank fits
+without recomputation it recomputes nothing; when no prefix fits, its stages keep what
+they were given.
+
+For ``m`` identical blocks this prefix is the fewest blocks that fit, and it is the
+cheapest replay too: each block frees the same bytes for the same seconds. With blocks of
+different kinds (an embedding or a head beside the layers) the greedy order is the
+fractional-knapsack order, exact up to the last block taken. The choice is deterministic.
+It is not inside the ILP: the ILP's stage times price all-or-none, so the split it picks
+is optimal for that model, not for this one; the search says so by leaving the
+candidate's bound at its recompute-free lower bound (search.py). Only blocks the runtime can
+recompute on their own are taken (``recomputable_alone``): a tied embedding or head cannot be
+folded into a module of its own, and frees nothing anyway.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Mapping, Sequence
+
+from ..baselines import inflight_horizon
+from ..evaluate import BlockCost, Evaluator, StageSpec, recompute_terms
+from ..plan import Mesh, Schedule
+from ..schedules import spec as schedule_spec, stage_rank
+from .pipeline_ilp import schedule_inflight
+
+__all__ = ["RecomputeChoice", "fewest_recomputed", "recomputable_alone"]
+
+
+@dataclass(frozen=True, slots=True)
+class RecomputeChoice:
+    """What ``fewest_recomputed`` chose for one pipeline rank."""
+
+    rank: int
+    blocks: int  # blocks recomputed whole on the rank's stages
+    selective: bool  # the rank's other blocks replay their attention core
+    replay_s: float  # seconds replayed per micro-batch on the rank
+    fits: bool  # False: no choice fit, the given stages are kept
+
+
+def fewest_recomputed(
+    ev: Evaluator, specs: Sequence[StageSpec], mesh: Mesh, schedule: Schedule, sharding: Mapping[str, str],
+    *, selective: bool = True,
+) -> tuple[list[StageSpec], list[RecomputeChoice]]:
+    """``specs`` with each rank's recomputation re-chosen as [Note: choosing the recomputed blocks]
+    says; ``selective=False`` leaves Megatron's selective mode out."""
+    pp, K = mesh.pp, len(specs)
+    layout = schedule_spec(schedule.name).layout
+    limit = ev.cluster.device.memory_bytes * (1 - ev.training.memory_reserve)
+    bare = [StageSpec(sp.blocks) for sp in specs]
+    static = [c.static_bytes for c in ev.stage_costs(bare, mesh, schedule, sharding)]
+    costs = {b: ev.block_cost(ev.pgraph.blocks[b], schedule.micro_batch_size, mesh.tp, sharding)
+             for sp in specs for b in sp.blocks}
+    horizon = inflight_horizon(schedule.name, pp, schedule.microbatches, schedule.virtual_stages)
+    patterns = schedule_inflight(schedule.name, pp, horizon, schedule.virtual_stages)
+    alone = recomputable_alone(ev)
+    out = list(specs)
+    report = []
+    for r in range(pp):
+        mine = [s for s in range(K) if stage_rank(s, pp, layout) == r]
+        chunk = {s: s // pp for s in mine}  # a pattern counts micro-batches per chunk (stage // pp)
+        most = {s: max(p[chunk[s]] for p in patterns[r]) for s in mine}
+
+        def peak(chosen: dict[int, set[int]], sel: bool) -> float:
+            act, work = {}, 0.0
+            for s in mine:
+                spec = StageSpec(specs[s].blocks, tuple(b for b in specs[s].blocks if b in chosen[s]), sel)
+                a, _, w = recompute_terms(spec, [costs[b] for b in spec.blocks])
+                act[s] = a
+                work += w
+            return sum(static[s] for s in mine) + work + max(sum(p[chunk[s]] * act[s] for s in mine) for p in patterns[r])
+
+        none = {s: set() for s in mine}
+        if peak(none, False) <= limit:
+            for s in mine:
+                out[s] = StageSpec(specs[s].blocks)
+            report.append(RecomputeChoice(r, 0, False, 0.0, True))
+            continue
+        has_core = any(costs[b].core_bytes > 0 for s in mine for b in specs[s].blocks)
+        best: tuple[float, bool, dict[int, set[int]]] | None = None
+        for sel in (False, True) if selective and has_core else (False,):
+            order = [(s, b) for s, b in _order(mine, specs, costs, most, sel) if b in alone]
+            chosen: dict[int, set[int]] = {s: set() for s in mine}
+            fits = peak(chosen, sel) <= limit
+            for s, b in order:
+                if fits:
+                    break
+                chosen[s].add(b)
+                fits = peak(chosen, sel) <= limit
+            if not fits:
+                continue
+            replay = sum(recompute_terms(StageSpec(specs[s].blocks, tuple(b for b in specs[s].blocks if b in chosen[s]),
+                                                   sel), [costs[b] for b in specs[s].blocks])[1] for s in mine)
+            if best is None or replay < best[0]:
+                best = (replay, sel, chosen)
+        if best is None:
+            report.append(RecomputeChoice(r, sum(len(specs[s].recompute) for s in mine),
+                                          any(specs[s].selective for s in mine), 0.0, False))
+            continue
+        replay, sel, chosen = best
+        for s in mine:
+            out[s] = StageSpec(specs[s].blocks, tuple(b for b in specs[s].blocks if b in chosen[s]), sel)
+        report.append(RecomputeChoice(r, sum(len(c) for c in chosen.values()), sel, replay, True))
+    return out, report
+
+
+def recomputable_alone(ev: Evaluator) -> frozenset[int]:
+    """The blocks the runtime can recompute on their own: those with weights of their own that no other
+    block reads (it folds such a block into a module at its path; [Note: recompute in the runtime] in
+    recompute.py). A tied embedding, or a head that only reads the embedding's weight, is not one."""
+    readers: dict[str, int] = {}
+    for b in ev.pgraph.blocks:
+        for p in b.params:
+            readers[p] = readers.get(p, 0) + 1
+    table = ev.captured.params
+    out = set()
+    for i, b in enumerate(ev.pgraph.blocks):
+        mine = [p for p in b.params if not table[p].is_buffer]
+        if mine and all(readers[p] == 1 for p in mine):
+            out.add(i)
+    return frozenset(out)
+
+
+def _order(mine: Sequence[int], specs: Sequence[StageSpec], costs: Mapping[int, BlockCost], most: Mapping[int, int],
+           sel: bool) -> list[tuple[int, int]]:
+    """The rank's (stage, block) pairs that free bytes when recomputed, most bytes per replayed second first."""
+    keyed = []
+    for s in mine:
+        for b in specs[s].blocks:
+            c = costs[b]
+            gain = c.saved_bytes - (c.core_bytes if sel else 0.0) - c.input_bytes
+            secs = c.time.forward_s - (c.core_forward_s if sel else 0.0)
+            if gain <= 0:
+                continue
+            rate = most[s] * gain / secs if secs > 0 else float("inf")
+            keyed.append((-rate, s, b))
+    return [(s, b) for _, s, b in sorted(keyed)]

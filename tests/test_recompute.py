@@ -1,0 +1,179 @@
+"""Recomputation per block and selective recomputation: the plan field, the evaluator's terms, and
+the search's choice ([Note: recompute per block] in partitioner/recompute.py, [Note: choosing the
+recomputed blocks] in partitioner/solver/recompute.py).
+
+The choice is checked against exhaustive search over every subset of recomputed blocks, with the
+evaluator and the simulator as the judge. The runtime's equivalence for these plans is in
+tests/test_runtime.py (layouts ``pp2-recompute-blocks``, ``tp2-recompute-selective``,
+``dp2-zero3-selective`` and ``pp2-recompute-v4``)."""
+
+from __future__ import annotations
+
+import itertools
+import json
+
+import pytest
+
+from partitioner.baselines import Pins
+from partitioner.capture import capture
+from partitioner.cluster import Cluster
+from partitioner.errors import PlanError
+from partitioner.evaluate import StageSpec
+from partitioner.plan import Mesh, Plan, Schedule
+from partitioner.planner import prepare
+from partitioner.recompute import attention_core
+from partitioner.solver import plan_ilp
+from partitioner.solver.recompute import fewest_recomputed
+from partitioner.zoo import load_model
+
+GLOBAL_BATCH = 16
+MESH = Mesh(2, 1, 4)
+SCHED = Schedule("1f1b", 4, 1)
+
+
+@pytest.fixture(scope="module")
+def gpt2():
+    lm = load_model("gpt2-tiny", dtype="bf16")
+    return capture(lm.model, lm.example_inputs, name=lm.name, batch_size=lm.batch_size)
+
+
+@pytest.fixture(scope="module")
+def ev(gpt2):
+    return prepare(gpt2, cluster=Cluster.preset("dgx-a100-80g", 1), global_batch=GLOBAL_BATCH)
+
+
+def _split(ev):
+    n = len(ev.pgraph.blocks)
+    k = ev.pgraph.block_index("transformer.h.2")
+    return (tuple(range(k)), tuple(range(k, n)))
+
+
+def _tight(gpt2, fraction: float):
+    """An evaluator whose memory limit lies ``fraction`` of the way from the peak with every block
+    recomputed to the peak with none, on MESH/SCHED with the split of ``_split``."""
+    ev = prepare(gpt2, cluster=Cluster.preset("dgx-a100-80g", 1), global_batch=GLOBAL_BATCH)
+    a, b = _split(ev)
+    keep, _ = ev.make_plan([StageSpec(a), StageSpec(b)], MESH, SCHED, method="manual")
+    redo, _ = ev.make_plan([StageSpec.whole(a, True), StageSpec.whole(b, True)], MESH, SCHED, method="manual")
+    lo, hi = redo.predicted.peak_memory_bytes, keep.predicted.peak_memory_bytes
+    assert lo < hi
+    limit = lo + fraction * (hi - lo)
+    mem = ev.cluster.device.memory_bytes
+    return prepare(gpt2, cluster=ev.cluster, global_batch=GLOBAL_BATCH, memory_reserve=1 - limit / mem)
+
+
+def test_recomputing_k_blocks_prices_their_forward_and_keeps_their_inputs(ev):
+    a, b = _split(ev)
+    layers = tuple(i for i in b if ev.pgraph.blocks[i].name.startswith("transformer.h."))
+    some = layers[:1]
+    keep, _ = ev.make_plan([StageSpec(a), StageSpec(b)], MESH, SCHED, method="manual")
+    part, _ = ev.make_plan([StageSpec(a), StageSpec(b, some)], MESH, SCHED, method="manual")
+    costs = {i: ev.block_cost(ev.pgraph.blocks[i], 1, 1, {}) for i in b}
+    k, p = keep.stages[1].predicted, part.stages[1].predicted
+    assert part.stages[1].recompute == tuple(ev.pgraph.blocks[i].name for i in some)
+    assert p.backward_s == pytest.approx(k.backward_s + sum(costs[i].time.forward_s for i in some))
+    assert p.components.recompute_s == pytest.approx(SCHED.microbatches * sum(costs[i].time.forward_s for i in some))
+    # Rank 1 holds one micro-batch in flight under 1F1B (pp=2): the activations drop by saved - inputs
+    # of the recomputed block, and its saved bytes come back once as the replay's workspace.
+    freed = sum(costs[i].saved_bytes - costs[i].input_bytes for i in some)
+    work = max(costs[i].saved_bytes for i in some)
+    assert p.memory_bytes == pytest.approx(k.memory_bytes - freed + work, abs=2)
+
+
+def test_selective_recompute_frees_the_attention_core_for_its_forward(ev, gpt2):
+    a, b = _split(ev)
+    keep, _ = ev.make_plan([StageSpec(a), StageSpec(b)], MESH, SCHED, method="manual")
+    sel, _ = ev.make_plan([StageSpec(a), StageSpec(b, (), True)], MESH, SCHED, method="manual")
+    costs = [ev.block_cost(ev.pgraph.blocks[i], 1, 1, {}) for i in b]
+    cores = [attention_core(ev.pgraph.blocks[i].nodes, gpt2) for i in b]
+    assert sum(bool(c) for c in cores) == 2  # transformer.h.2 and h.3: one scaled_dot_product_attention each
+    assert all(c.core_bytes > 0 and c.core_forward_s > 0 for c, core in zip(costs, cores) if core)
+    assert all(c.core_bytes == 0 for c, core in zip(costs, cores) if not core)
+    k, s = keep.stages[1].predicted, sel.stages[1].predicted
+    assert sel.stages[1].selective and not sel.stages[1].recompute
+    assert s.backward_s == pytest.approx(k.backward_s + sum(c.core_forward_s for c in costs))
+    freed = sum(c.core_bytes for c in costs)
+    assert s.memory_bytes == pytest.approx(k.memory_bytes - freed + max(c.core_bytes for c in costs), abs=2)
+
+
+@pytest.mark.parametrize("fraction", [0.9, 0.6, 0.3])
+def test_the_chosen_blocks_are_the_fewest_that_fit(gpt2, fraction):
+    """Exhaustive over every subset of recomputed blocks (whole blocks only), judged by the simulator:
+    no smaller subset fits, and of the subsets of the chosen size none replays less."""
+    ev = _tight(gpt2, fraction)
+    a, b = _split(ev)
+    specs = [StageSpec(a), StageSpec(b)]
+    chosen, report = fewest_recomputed(ev, specs, MESH, SCHED, {}, selective=False)
+    plan, _ = ev.make_plan(chosen, MESH, SCHED, method="manual")
+    assert plan.predicted.fits and all(r.fits for r in report)
+    for s, spec in enumerate(chosen):
+        others = [c for t, c in enumerate(chosen) if t != s]
+        best = None
+        for size in range(len(spec.blocks) + 1):
+            for subset in itertools.combinations(spec.blocks, size):
+                trial = list(others)
+                trial.insert(s, StageSpec(spec.blocks, subset))
+                p, _ = ev.make_plan(trial, MESH, SCHED, method="manual")
+                if p.predicted.fits:
+                    best = size if best is None else min(best, size)
+        assert len(spec.recompute) == best, (s, spec.recompute, best)
+
+
+def test_a_rank_that_fits_recomputes_nothing(ev):
+    a, b = _split(ev)
+    chosen, _ = fewest_recomputed(ev, [StageSpec.whole(a, True), StageSpec.whole(b, True)], MESH, SCHED, {})
+    assert chosen == [StageSpec(a), StageSpec(b)]
+
+
+def test_the_search_beats_whole_stage_recompute_under_a_tight_limit(gpt2):
+    """Under a limit that forces recomputation, the ILP's plan with per-block and selective choice is
+    predicted faster than the same search with whole stages only, and it fits."""
+    ev = _tight(gpt2, 0.2)
+    pins = dict(pp=2, tp=1, microbatches=4, schedule="1f1b", dp_shardings=("none",))
+    whole = plan_ilp(ev, Pins(**pins, recompute_blocks=False), time_limit_s=2.0).plan
+    blocks = plan_ilp(ev, Pins(**pins), time_limit_s=2.0).plan
+    assert whole.predicted.fits and blocks.predicted.fits
+    assert any(len(st.recompute) == len(st.modules) for st in whole.stages)
+    assert any(0 < len(st.recompute) < len(st.modules) or st.selective for st in blocks.stages)
+    assert blocks.predicted.step_time_s < whole.predicted.step_time_s
+    assert blocks.solver.status == "FEASIBLE"  # outside the stage ILP's proof
+
+
+def test_old_plans_with_recompute_true_load_as_every_block(ev):
+    a, b = _split(ev)
+    plan, _ = ev.make_plan([StageSpec.whole(a, True), StageSpec(b)], MESH, SCHED, method="manual")
+    data = plan.to_dict()
+    assert data["version"] == 5 and list(data["stages"][0]["recompute"]) == list(plan.stages[0].modules)
+    old = json.loads(json.dumps(data))
+    old["version"] = 4
+    for st in old["stages"]:
+        st["recompute"] = bool(st.pop("recompute"))
+        del st["selective"]
+    loaded = Plan.from_dict(old)
+    assert loaded.stages[0].recompute == plan.stages[0].modules and loaded.stages[1].recompute == ()
+    again, _ = ev.score(loaded)
+    assert again.predicted.step_time_s == pytest.approx(plan.predicted.step_time_s)
+    assert again.predicted.peak_memory_bytes == plan.predicted.peak_memory_bytes
+
+
+def test_a_recompute_list_must_name_the_stage_s_modules(ev):
+    a, b = _split(ev)
+    plan, _ = ev.make_plan([StageSpec(a), StageSpec(b)], MESH, SCHED, method="manual")
+    data = json.loads(plan.to_json())
+    data["stages"][0]["recompute"] = ["lm_head"]
+    with pytest.raises(PlanError, match=r"stages\[0\]\.recompute names 'lm_head'.*not one of the stage's modules"):
+        Plan.from_dict(data)
+    data["stages"][0]["recompute"] = "yes"
+    with pytest.raises(PlanError, match=r"stages\[0\]\.recompute must be an array"):
+        Plan.from_dict(data)
+
+
+def test_explain_says_what_the_recomputation_frees_and_costs(ev):
+    from partitioner.explain import recompute_summary
+
+    a, b = _split(ev)
+    plan, _ = ev.make_plan([StageSpec(a), StageSpec(b, b[:1], True)], MESH, SCHED, method="manual")
+    text = recompute_summary(plan, ev)
+    assert text.startswith(f"recomputing 1 of {len(a) + len(b)} blocks and the attention cores of the others on 1 of 2 "
+                           "stages frees "), text
+    assert "MiB per device" in text and "of forward per step on pipeline rank" in text
