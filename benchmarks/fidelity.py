@@ -11,8 +11,8 @@ with ``--report``, writes it as markdown with the command, and keeps every plan 
 beside it so that ``autopart explain --measured RUN.json`` can show where each one is wrong.
 
     python -m benchmarks.fidelity [--report benchmarks/results/YYYY-MM-DD-fidelity.md] [--steps 10]
-        [--warmup 2] [--only TEXT] [--no-calibrate] [--cache PATH] [--force] [--memory-only]
-        [--record-margin]
+        [--warmup 2] [--only TEXT] [--no-calibrate] [--calibrate-each] [--also-without-overheads]
+        [--cache PATH] [--force] [--memory-only] [--record-margin]
 
 ``--memory-only`` measures peak memory alone, which does not depend on the machine's load: each
 layout is planned on the ``local-cpu:N`` preset without profiling and run for one step after one
@@ -91,6 +91,9 @@ class Outcome:
     largest_residual: str  # explain --measured's line for time
     reserve: float  # the plan's training.memory_reserve
     memory_residual: str = ""  # explain --measured's line for memory
+    # the same plan priced on the same cluster without its [overheads] (the time model without the
+    # measured software overheads, cost_models/overheads.py); None unless asked for
+    predicted_bare_s: float | None = None
 
     @property
     def step_error(self) -> float:
@@ -127,12 +130,25 @@ def _torchrun(n: int) -> list[str]:
 
 
 def calibrate(world: int, out: Path) -> Path:  # a failure here ends the benchmark (RunFailed)
+    out.unlink(missing_ok=True)  # a file of an earlier run of this benchmark (--force) is replaced
     _run([*_torchrun(world), "-m", "partitioner", "calibrate", "--out", str(out)], f"calibrate on {world} ranks")
     return out
 
 
+def without_overheads(cluster: str, out: Path) -> Path:
+    """A copy of the cluster file ``cluster`` without its ``[overheads]`` table."""
+    import tomllib
+
+    import tomli_w
+
+    data = tomllib.loads(Path(cluster).read_text())
+    data.pop("overheads", None)
+    out.write_text(tomli_w.dumps(data))
+    return out
+
+
 def measure(layout: Layout, cluster: str, cache: Path, keep: Path, steps: int, warmup: int,
-            profile: bool = True) -> Outcome:
+            profile: bool = True, bare: bool = False) -> Outcome:
     slug = layout.name.replace(" ", "-")
     plan_path, run_path = keep / f"{slug}.plan.json", keep / f"{slug}.run.json"
     for p in (plan_path, run_path):
@@ -150,6 +166,17 @@ def measure(layout: Layout, cluster: str, cache: Path, keep: Path, steps: int, w
     explain = _run([sys.executable, "-m", "partitioner", "explain", "--measured", str(run_path)], f"explain {layout.name}")
     line = next((l for l in explain.splitlines() if l.startswith("largest time residual:")), "")
     mem_line = next((l for l in explain.splitlines() if l.startswith("largest memory residual:")), "")
+    predicted_bare = None
+    if bare and Path(cluster).is_file():  # the same plan, re-priced without the measured overheads
+        bare_plan, bare_in = keep / f"{slug}.bare.plan.json", keep / f"{slug}.bare.in.json"
+        bare_plan.unlink(missing_ok=True)
+        made = json.loads(plan_path.read_text())
+        made["cluster"].pop("overheads", None)  # the plan, as made for the cluster without the table
+        bare_in.write_text(json.dumps(made, indent=1))
+        _run([sys.executable, "-m", "partitioner", "plan", "--plan", str(bare_in), "--model", layout.model,
+              "--cluster", str(without_overheads(cluster, keep / f"{slug}.bare.toml")), "--profile", "--cache",
+              str(cache), "--quiet", "--json", str(bare_plan)], f"re-price {layout.name} without overheads")
+        predicted_bare = json.loads(bare_plan.read_text())["predicted"]["step_time_s"]
     return Outcome(
         layout=layout.name,
         predicted_step_s=plan["predicted"]["step_time_s"],
@@ -159,29 +186,39 @@ def measure(layout: Layout, cluster: str, cache: Path, keep: Path, steps: int, w
         largest_residual=line.removeprefix("largest time residual: "),
         reserve=plan["training"]["memory_reserve"],
         memory_residual=mem_line.removeprefix("largest memory residual: "),
+        predicted_bare_s=predicted_bare,
     )
 
 
 def summarize(outcomes: Sequence[Outcome]) -> dict[str, float]:
     step = [abs(o.step_error) for o in outcomes]
+    bare = [abs(o.predicted_bare_s / o.measured_step_s - 1.0) for o in outcomes if o.predicted_bare_s is not None]
     mem = [abs(e) for o in outcomes for e in o.memory_errors]
     # The margin (explain.MemoryMargin): how far a measured peak went past its prediction, at worst.
     excess = max(m / p - 1.0 for o in outcomes for _, p, m in o.memory)
     reserve = max(o.reserve for o in outcomes)
     return dict(step_median=statistics.median(step), step_worst=max(step),
                 memory_median=statistics.median(mem), memory_worst=max(mem), layouts=len(outcomes), ranks=len(mem),
-                memory_excess=excess, reserve=1.0 - (1.0 - reserve) / (1.0 + max(0.0, excess)))
+                memory_excess=excess, reserve=1.0 - (1.0 - reserve) / (1.0 + max(0.0, excess)),
+                **(dict(bare_median=statistics.median(bare), bare_worst=max(bare)) if bare else {}))
 
 
 def table(outcomes: Sequence[Outcome]) -> list[str]:
+    bare = any(o.predicted_bare_s is not None for o in outcomes)
+    extra = " without overheads: predicted (error) |" if bare else ""
     lines = [
-        "| layout | predicted step | measured step (spread) | error | peak memory per rank: predicted / measured (error) | largest time residual |",
-        "|---|---:|---:|---:|---|---|",
+        "| layout | predicted step | measured step (spread) | error |" + extra
+        + " peak memory per rank: predicted / measured (error) | largest time residual |",
+        "|---|---:|---:|---:|" + ("---:|" if bare else "") + "---|---|",
     ]
     for o in outcomes:
         mem = "; ".join(f"r{r} {p / 2**20:.2f}/{m / 2**20:.2f} MiB ({p / m - 1:+.1%})" for r, p, m in o.memory)
+        before = ""
+        if bare:
+            b = o.predicted_bare_s
+            before = f" {b * 1e3:.1f} ms ({b / o.measured_step_s - 1:+.1%}) |" if b is not None else " - |"
         lines.append(f"| {o.layout} | {o.predicted_step_s * 1e3:.1f} ms | {o.measured_step_s * 1e3:.1f} ms "
-                     f"({o.step_spread:.0%}) | {o.step_error:+.1%} | {mem} | {o.largest_residual} |")
+                     f"({o.step_spread:.0%}) | {o.step_error:+.1%} |{before} {mem} | {o.largest_residual} |")
     return lines
 
 
@@ -225,6 +262,12 @@ def main(argv: Sequence[str] | None = None) -> int:
     ap.add_argument("--warmup", type=int, default=2, help="untimed steps before them (default 2)")
     ap.add_argument("--only", default=None, help="only layouts whose name contains this text")
     ap.add_argument("--no-calibrate", action="store_true", help="plan on the local-cpu preset instead of a calibrated file")
+    ap.add_argument("--calibrate-each", action="store_true",
+                    help="calibrate again right before each layout, so that a shared machine's load is measured "
+                         "when the layout runs (the overheads follow it)")
+    ap.add_argument("--also-without-overheads", action="store_true",
+                    help="also price each plan on its cluster without the [overheads] table (the time model "
+                         "before the measured overheads), against the same run")
     ap.add_argument("--cache", default=None, help="profile cache (default: a fresh one in the keep folder)")
     ap.add_argument("--force", action="store_true", help="let --report overwrite an existing file")
     ap.add_argument("--memory-only", action="store_true",
@@ -254,8 +297,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     failed: list[str] = []
     for layout in layouts:
         try:
+            if args.calibrate_each and not args.no_calibrate:
+                clusters[layout.world] = str(calibrate(layout.world, keep / f"calibrated-{layout.name.replace(' ', '-')}.toml"))
             o = measure(layout, clusters[layout.world], cache, keep, args.steps, args.warmup,
-                        profile=not args.memory_only)
+                        profile=not args.memory_only, bare=args.also_without_overheads)
         except RunFailed as exc:  # recorded, not retried: a flaky layout should show
             failed.append(f"{layout.name}: {exc}")
             print(f"{layout.name}: {exc}", flush=True)
@@ -276,6 +321,9 @@ def main(argv: Sequence[str] | None = None) -> int:
         summary = (f"peak memory over {s['ranks']} ranks of {s['layouts']} layouts: median |error| "
                    f"{s['memory_median']:.1%}, worst {s['memory_worst']:.1%} (target 3% / 10%); measured peaks up to "
                    f"{s['memory_excess']:+.1%} over the prediction")
+    if "bare_median" in s:
+        summary += (f"; the same plans priced without the measured overheads: median |error| {s['bare_median']:.1%}, "
+                    f"worst {s['bare_worst']:.1%}")
     if failed:
         summary += f"; {len(failed)} layout(s) failed and are not in the figures: " + "; ".join(failed)
     print("\n".join(lines))
@@ -296,7 +344,8 @@ def main(argv: Sequence[str] | None = None) -> int:
             f"Command: `{command}` ({time.strftime('%Y-%m-%d', time.gmtime())}, {time.monotonic() - started:.0f} s).",
             "",
             memory_how if args.memory_only else
-            f"Each layout is calibrated ({'no' if args.no_calibrate else 'yes'}: `autopart calibrate` per world size), "
+            f"Each layout is calibrated ({'no' if args.no_calibrate else 'yes'}: `autopart calibrate` "
+            f"{'right before each layout' if args.calibrate_each else 'per world size'}), "
             f"planned with `autopart plan --profile` and the layout's flags, and run with `autopart run --steps {args.steps} "
             f"--warmup {args.warmup} --json` (gloo, one thread per rank). The error is predicted / measured - 1. "
             "Peak memory is measured by the dispatch-mode storage meter (partitioner/measure.py) over the first step "
@@ -312,7 +361,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         report.write_text("\n".join(text))
         (keep / "outcomes.json").write_text(json.dumps(
             [dict(layout=o.layout, predicted_step_s=o.predicted_step_s, measured_step_s=o.measured_step_s,
-                  step_spread=o.step_spread, memory=o.memory, largest_residual=o.largest_residual, reserve=o.reserve)
+                  predicted_bare_s=o.predicted_bare_s, step_spread=o.step_spread, memory=o.memory, largest_residual=o.largest_residual, reserve=o.reserve)
              for o in outcomes],
             indent=1) + "\n")
         print(f"wrote {report}")

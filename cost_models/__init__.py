@@ -3,7 +3,9 @@
 ``AnalyticCostModel`` is the roofline + alpha-beta model;
 ``CalibratedCostModel`` fits its constants to measured kernels; and
 ``MeasuredCostModel`` answers with the profiler's measurements of the nodes
-themselves. All three implement the same protocol.
+themselves. All three implement the same protocol. ``Overheads`` holds the
+measured software costs (per pipeline action, per tensor-parallel node, the
+optimizer step) that the evaluator adds on top of any of them.
 """
 
 from .analytic import AnalyticCostModel
@@ -22,6 +24,7 @@ from .memory import (
     recorded_margin,
     static_bytes,
 )
+from .overheads import Overheads
 
 __all__ = [
     "AnalyticCostModel",
@@ -30,6 +33,7 @@ __all__ = [
     "MeasuredCostModel",
     "MeasuredOp",
     "NodeRef",
+    "Overheads",
     "OpFit",
     "Sample",
     "fit_calibration",

@@ -23,12 +23,52 @@ effective. Inter-node links can only be measured when the job spans nodes;
 otherwise the base cluster's figures are kept, and the report says so.
 
 [Note: measured device efficiencies]
-Each rank times a square GEMM and a large elementwise add at the same time,
-as ranks run during training (on a CPU they share cores and memory
-bandwidth). The slowest rank's rate over the device's peak becomes
-``efficiency.matmul`` (and ``elementwise`` for bandwidth). If a rate beats
-the file's peak (the ``local-cpu`` peaks are estimates), the peak is raised to
-the measured rate and the efficiency set to 1.
+Rank 0 times a square GEMM and a large elementwise add alone, the other ranks
+waiting, in CPU time on a CPU (the process's own work: what the profiler
+measures with ``--clock cpu``, which ``plan --profile`` uses on such a
+cluster); its rate over
+the device's peak becomes ``efficiency.matmul`` (and ``elementwise`` for
+bandwidth). If a rate beats the file's peak (the ``local-cpu`` peaks are
+estimates), the peak is raised to the measured rate and the efficiency set
+to 1. Then every rank times the same at once, as ranks run during training:
+on a CPU they share cores and memory bandwidth (4 ranks on 2 cores run at
+half speed), and with whatever else the machine runs. The slowest rank's
+wall time over the alone time, at least 1, is ``overheads.compute_slowdown``,
+by which the evaluator scales every op's compute: CPU time becomes the wall
+time of a rank among the others (on GPUs, one rank per device, it is about 1).
+It assumes every rank computes whenever one does, which a pipeline's bubble
+breaks a little; and a shared machine's load moves, so calibrate just before
+the run it predicts.
+
+[Note: measuring overheads]
+The software costs of [Note: software overheads] (cost_models/overheads.py)
+are measured by small controlled experiments, on every rank at once (the
+ranks share the machine as they do in training), each the slowest rank's
+median:
+
+* the pipeline: ``a_step`` is the time of the step's own collective (the
+  loss's all-reduce) and the gradients' zeroing. Then a stage of one tiny
+  linear layer per rank is run by torch's ``Schedule1F1B`` (as the runtime
+  runs plans) and that all-reduce, for several micro-batch counts ``M``, in
+  interleaved rounds (a shared machine's load changes over seconds). The
+  simulator gives the number ``U(M)`` of actions on the critical path of that
+  schedule (unit actions, no transfers) and the step ``S(M)`` its transfers
+  alone take on the measured link; each ``M`` gives
+  ``(t(M) - S(M) - a_step) / U(M)``, and ``a_action`` is their median, at
+  least 0 (a ratio of one median, not a difference of two: load noise is
+  not amplified);
+* the tensor-parallel interpreter: a chain of ``N`` small elementwise ops
+  (an aten graph, as the runtime's stages are) run plainly, through
+  ``TensorParallelModule`` with every node replicated, and with every node on
+  DTensors; forward and backward each, ``a_node = (t_replicated - t_plain) / N``
+  and ``a_dtensor = (t_dtensor - t_replicated) / N`` (the tp mesh is every rank);
+* the optimizer: AdamW (the runtime's default) stepping sets of fp32
+  tensors of different counts and sizes; ``t = T a_tensor + 16 P / B_opt``
+  (weight, gradient, and Adam's two moments, 4 bytes each per parameter)
+  fitted by non-negative least squares on relative error;
+* the overlap: a GEMM loop alone (``t_c``), an all-reduce of a few MiB alone
+  (``t_r``) and the all-reduce launched asynchronously while the loop runs
+  (``t_b``): ``c = (t_c + t_r - t_b) / min(t_c, t_r)``, clipped to [0, 1].
 """
 
 from __future__ import annotations
@@ -38,10 +78,12 @@ import statistics
 import time
 import warnings
 from dataclasses import dataclass, replace
-from typing import Callable, Sequence
+from typing import Any, Callable, Sequence
 
 import torch
 import torch.distributed as dist
+
+from cost_models.overheads import Overheads
 
 from .cluster import Cluster, DeviceSpec, LinkSpec
 from .devices import rank_device
@@ -56,6 +98,12 @@ __all__ = [
     "ring_coefficients",
     "fit_link",
     "run_calibration",
+    "PipelineSample",
+    "pipeline_overheads",
+    "tp_node_overheads",
+    "optimizer_overheads",
+    "comm_overlap",
+    "measure_overheads",
     "calibrated_cluster",
     "DEFAULT_SIZES",
 ]
@@ -92,11 +140,12 @@ class LinkFit:
 
 @dataclass(frozen=True, slots=True)
 class ComputeRates:
-    """Measured on every rank at once; the slowest rank's figures."""
+    """Measured on one rank alone, and the slowdown when every rank runs the same at once."""
 
-    matmul_flops: float  # FLOP/s of a square GEMM in the calibration dtype
-    memory_bandwidth: float  # bytes/s of an elementwise add (two reads, one write)
+    matmul_flops: float  # FLOP/s of a square GEMM in the calibration dtype, one rank alone
+    memory_bandwidth: float  # bytes/s of an elementwise add (two reads, one write), one rank alone
     dtype: str
+    slowdown: float = 1.0  # the same work on every rank at once, over one rank alone (>= 1)
 
 
 @dataclass(frozen=True)
@@ -108,6 +157,7 @@ class CalibrationReport:
     compute: ComputeRates
     world_size: int
     backend: str
+    overheads: Overheads = Overheads()  # [Note: measuring overheads]; default: not measured
 
 
 def ring_coefficients(kind: str, k: int) -> tuple[float, float]:
@@ -204,22 +254,45 @@ def _ping_pong(a: int, b: int, nbytes: int, device: torch.device) -> Callable[[]
     return run
 
 
+def _timed_alone(fn: Callable[[], None], device: torch.device, reps: int, warmup: int = 1) -> float:
+    """Median over ``reps`` of rank 0's time of ``fn`` while the other ranks wait in a barrier: on a CPU
+    the process's CPU time (its own work, whatever else the machine runs), on a GPU wall time."""
+    rank = dist.get_rank()
+    now = time.process_time if device.type == "cpu" else time.perf_counter
+    times = []
+    for i in range(warmup + reps):
+        dist.barrier()
+        if rank == 0:
+            t0 = now()
+            fn()
+            _sync(device)
+            if i >= warmup:
+                times.append(now() - t0)
+        dist.barrier()
+    t = torch.tensor([statistics.median(times) if times else 0.0], dtype=torch.float64, device=device)
+    dist.broadcast(t, 0)
+    return float(t.item())
+
+
 def _compute_rates(device: torch.device, dtype: str) -> ComputeRates:
     tdtype = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16, "tf32": torch.float32}[dtype]
     n = 1024 if device.type == "cpu" else 8192
     a = torch.randn(n, n, device=device, dtype=tdtype)
     b = torch.randn(n, n, device=device, dtype=tdtype)
-    gemm = _timed(lambda: torch.mm(a, b), device, reps=5)
     m = (16 << 20) if device.type == "cpu" else (256 << 20)
     x = torch.ones(m // 4, device=device)
     y = torch.ones(m // 4, device=device)
     out = torch.empty_like(x)
-    add = _timed(lambda: torch.add(x, y, out=out), device, reps=5)
-    return ComputeRates(2 * n**3 / gemm, 3 * m / add, dtype)
+    ops = (lambda: torch.mm(a, b), lambda: torch.add(x, y, out=out))
+    gemm, add = (_timed_alone(f, device, reps=5) for f in ops)
+    gemm_all, add_all = (_timed(f, device, reps=5) for f in ops)
+    slowdown = max(1.0, (gemm_all + add_all) / (gemm + add))  # [Note: measured device efficiencies]
+    return ComputeRates(2 * n**3 / gemm, 3 * m / add, dtype, slowdown)
 
 
 def run_calibration(
-    sizes: Sequence[int] = DEFAULT_SIZES, reps: int = 5, dtype: str = "fp32", local_world_size: int | None = None
+    sizes: Sequence[int] = DEFAULT_SIZES, reps: int = 5, dtype: str = "fp32", local_world_size: int | None = None,
+    overheads: bool = True,
 ) -> CalibrationReport:
     """Measure every link class this job spans and the device rates. Call on every rank."""
     if not dist.is_initialized():
@@ -246,7 +319,9 @@ def run_calibration(
         if fit is not None:
             links[link] = fit
     compute = _compute_rates(device, dtype)
-    return CalibrationReport(tuple(samples), links, compute, world, dist.get_backend())
+    overheads = (measure_overheads(device, links.get("intra") or links.get("inter"), reps, compute.slowdown)
+                 if overheads else Overheads())
+    return CalibrationReport(tuple(samples), links, compute, world, dist.get_backend(), overheads)
 
 
 def _measure_links(samples, intra, inter, local, nodes, rank, sizes, reps, device) -> None:
@@ -261,6 +336,188 @@ def _measure_links(samples, intra, inter, local, nodes, rank, sizes, reps, devic
             for kind in ("all_reduce", "all_gather", "reduce_scatter"):
                 t = _timed(_collective(kind, nbytes, mine, size, device), device, reps)
                 samples.append(CommSample(kind, link, size, nbytes, t))
+
+
+# --------------------------------------------------------------------------------------
+# Software overheads ([Note: measuring overheads])
+# --------------------------------------------------------------------------------------
+
+PIPELINE_MICROBATCHES = (4, 8, 12)  # the micro-batch counts M of the pipeline experiment
+TP_CHAIN = 48  # N: elementwise ops in the tensor-parallel experiment
+# (tensors, elements each) of the optimizer experiment: few large, many small, and between
+OPTIMIZER_SETS = ((4, 1 << 18), (64, 1 << 10), (16, 1 << 16), (128, 1 << 12))
+ADAM_BYTES_PER_PARAM = 16  # fp32 weight, gradient and two moments
+
+
+@dataclass(frozen=True, slots=True)
+class PipelineSample:
+    """One timed step of the tiny pipeline, and what the simulator says about its schedule."""
+
+    microbatches: int
+    seconds: float  # the slowest rank's step (schedule and loss all-reduce), median
+    unit_actions: float  # U(M): the simulated step with unit actions and free transfers
+    transfers_s: float  # S(M): the simulated step with free actions and the measured link
+
+
+def pipeline_overheads(samples: Sequence[PipelineSample], step_s: float) -> float:
+    """``a_action`` from pipeline samples and the measured ``a_step`` ([Note: measuring overheads])."""
+    if not samples:
+        raise CalibrateError("the pipeline experiment needs at least one micro-batch count")
+    per = [(x.seconds - x.transfers_s - step_s) / x.unit_actions for x in samples]
+    return max(0.0, statistics.median(per))
+
+
+def _pipeline_samples(device: torch.device, link: LinkFit | None, reps: int) -> tuple[list[PipelineSample], float]:
+    """(one sample per micro-batch count, ``a_step``)."""
+    from torch.distributed.pipelining import PipelineStage, Schedule1F1B
+
+    from .simulate import StageCost, simulate
+
+    world, rank = dist.get_world_size(), dist.get_rank()
+    width = 16
+    torch.manual_seed(0)
+    layer = torch.nn.Linear(width, width).to(device)
+    loss = torch.zeros((), device=device)
+
+    def finish() -> None:  # the step's own work outside the schedule: zeroing, the loss's all-reduce
+        layer.zero_grad(set_to_none=False)
+        dist.all_reduce(loss)
+
+    step_s = _timed(finish, device, reps)
+    runs = {}
+    for m in PIPELINE_MICROBATCHES:
+        schedule = Schedule1F1B(PipelineStage(layer, rank, world, device), m, loss_fn=lambda y, t: ((y - t) ** 2).mean())
+        x = torch.randn(m, width, device=device)
+        target = torch.zeros(m, width, device=device)
+
+        def step(schedule: Any = schedule, x: torch.Tensor = x, target: torch.Tensor = target) -> None:
+            if rank == 0:
+                schedule.step(x)
+            elif rank == world - 1:
+                schedule.step(target=target, losses=[])
+            else:
+                schedule.step()
+            finish()
+
+        for _ in range(2):  # warm-up: torch builds the stage's buffers on the first step
+            step()
+        runs[m] = step
+    times: dict[int, list[float]] = {m: [] for m in runs}
+    for _ in range(reps):  # interleaved rounds: each M sees the same spread of load
+        for m, step in runs.items():
+            times[m].append(_timed(step, device, 1, warmup=0))
+    send = link.latency + width * 4 / link.bandwidth if link else 0.0
+    out = []
+    for m in runs:
+        unit = simulate([StageCost(1.0, 1.0)] * world, "1f1b", m).step_time_s
+        transfers = simulate([StageCost(0.0, 0.0, send_s=send)] * world, "1f1b", m).step_time_s
+        out.append(PipelineSample(m, statistics.median(times[m]), unit, transfers))
+    return out, step_s
+
+
+def _chain(width: int, n: int) -> Any:
+    """An aten graph of ``n`` small elementwise ops (what the runtime's stage graphs hold)."""
+    from torch.fx.experimental.proxy_tensor import make_fx
+
+    def f(x: torch.Tensor) -> torch.Tensor:
+        for i in range(n):
+            x = x * 1.0001 if i % 2 else x + 0.001
+        return x
+
+    return make_fx(f)(torch.ones(width, width))
+
+
+def tp_node_overheads(device: torch.device, reps: int) -> tuple[float, float, float, float]:
+    """``(a_node, a_node_bwd, a_dtensor, a_dtensor_bwd)``: the tensor-parallel interpreter's and DTensor's
+    cost per node, forward and backward, over a plain aten graph ([Note: measuring overheads])."""
+    from torch.distributed.device_mesh import init_device_mesh
+
+    from .rewrite import StageProgram, TensorParallelModule
+
+    gm = _chain(8, TP_CHAIN).to(device)
+    mesh = init_device_mesh(device.type, (dist.get_world_size(),), mesh_dim_names=("tp",))["tp"]
+    names = tuple(n.name for n in gm.graph.nodes if n.op == "call_function")
+
+    def program(strategy: str) -> StageProgram:
+        return StageProgram(0, gm, ("x",), ("out",), (), names, {n: strategy for n in names})
+
+    runners = {"plain": gm, "replicated": TensorParallelModule(program("replicate"), mesh),
+               "dtensor": TensorParallelModule(program("sharded"), mesh)}
+    x = torch.ones(8, 8, device=device, requires_grad=True)
+    times: dict[str, tuple[float, float]] = {}
+    for name, run in runners.items():
+        held: list[torch.Tensor] = []
+
+        def forward() -> None:
+            held[:] = [run(x)]
+
+        def backward() -> None:
+            run(x).sum().backward()
+
+        fwd = _timed(forward, device, reps)
+        both = _timed(backward, device, reps)
+        times[name] = (fwd, max(0.0, both - fwd))
+    n = len(names)
+    per = lambda a, b, i: max(0.0, (times[a][i] - times[b][i]) / n)  # noqa: E731
+    return per("replicated", "plain", 0), per("replicated", "plain", 1), per("dtensor", "replicated", 0), per(
+        "dtensor", "replicated", 1)
+
+
+def optimizer_overheads(samples: Sequence[tuple[int, int, float]]) -> tuple[float, float]:
+    """``(a_tensor, B_opt)`` fitted to ``(tensors, elements in all, seconds)`` ([Note: measuring overheads])."""
+    from cost_models.calibrated import nnls_relative
+
+    rows = [(float(t), float(p * ADAM_BYTES_PER_PARAM)) for t, p, _ in samples]
+    a, per_byte = nnls_relative(rows, [sec for *_, sec in samples])
+    return a, (1.0 / per_byte if per_byte > 0 else 0.0)
+
+
+def _optimizer_samples(device: torch.device, reps: int) -> list[tuple[int, int, float]]:
+    out = []
+    for count, numel in OPTIMIZER_SETS:
+        params = [torch.nn.Parameter(torch.randn(numel, device=device)) for _ in range(count)]
+        for p in params:
+            p.grad = torch.randn_like(p)
+        opt = torch.optim.AdamW(params, lr=1e-3)
+        out.append((count, count * numel, _timed(opt.step, device, reps)))
+    return out
+
+
+def comm_overlap(device: torch.device, reps: int) -> float:
+    """``c``: the share of an all-reduce that runs beside compute ([Note: measuring overheads])."""
+    n = 256 if device.type == "cpu" else 4096
+    a = torch.randn(n, n, device=device)
+    buf = torch.ones((4 << 20) // 4, device=device)
+
+    def compute() -> None:
+        for _ in range(8):
+            torch.mm(a, a)
+
+    def reduce() -> None:
+        dist.all_reduce(buf)
+
+    def both() -> None:
+        work = dist.all_reduce(buf, async_op=True)
+        compute()
+        work.wait()
+
+    t_c, t_r, t_b = (_timed(f, device, reps) for f in (compute, reduce, both))
+    hidden = (t_c + t_r - t_b) / min(t_c, t_r)
+    return min(1.0, max(0.0, hidden))
+
+
+def measure_overheads(device: torch.device, link: LinkFit | None, reps: int, slowdown: float = 1.0) -> Overheads:
+    """Every overhead of [Note: measuring overheads], rounded to four significant digits."""
+    samples, step = _pipeline_samples(device, link, max(reps, 7))
+    action = pipeline_overheads(samples, step)
+    node, node_b, dt, dt_b = tp_node_overheads(device, reps)
+    tensor_s, bandwidth = optimizer_overheads(_optimizer_samples(device, reps))
+    overlap = comm_overlap(device, reps)
+    us = lambda x: _sig(x * 1e6)  # noqa: E731  # the file's units: exact when read back
+    return Overheads.from_file(dict(
+        action_us=us(action), step_us=us(step), tp_node_forward_us=us(node), tp_node_backward_us=us(node_b),
+        dtensor_op_forward_us=us(dt), dtensor_op_backward_us=us(dt_b), optimizer_tensor_us=us(tensor_s),
+        optimizer_gbps=_sig(bandwidth / 1e9), comm_overlap=round(overlap, 3), compute_slowdown=round(slowdown, 3)))
 
 
 def _sig(x: float) -> float:
@@ -297,5 +554,6 @@ def calibrated_cluster(base: Cluster, report: CalibrationReport) -> Cluster:
     device = DeviceSpec(dev.name, dev.memory_bytes, peaks, bandwidth)
     eff = replace(base.efficiency, matmul=matmul, elementwise=elementwise, comm=1.0)
     name = base.name if base.name.endswith("-calibrated") else f"{base.name}-calibrated"
-    return Cluster(name, base.nodes, base.devices_per_node, device, intra, inter, eff)
+    overheads = report.overheads if report.overheads.measured else base.overheads
+    return Cluster(name, base.nodes, base.devices_per_node, device, intra, inter, eff, overheads)
 

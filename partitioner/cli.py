@@ -465,8 +465,12 @@ def _profiled(args: argparse.Namespace, pg, cluster, dtype: str, tp_pin: int | N
     """Profile the captured model for ``plan --profile`` (its own progress bar): the measured cost model."""
     from .profile import ProfileCache, profile_for_planning
 
+    # On a cluster whose calibration measured the ranks' compute slowdown, an op's time is its CPU time
+    # alone, which the slowdown turns into wall time ([Note: measured device efficiencies] in calibrate.py).
+    clock = "cpu" if cluster.overheads.compute_slowdown != 1.0 and (args.device or "cpu") == "cpu" else "wall"
     with ProfileCache(args.cache) as cache:
-        prof = profile_for_planning(pg, cluster, cache, _profile_options(args, dtype, tp_degrees(cluster, tp_pin), show=show))
+        prof = profile_for_planning(pg, cluster, cache,
+                                    _profile_options(args, dtype, tp_degrees(cluster, tp_pin), clock, show=show))
         _print_profile_stats(prof, cache)
     return prof.cost_model
 
@@ -918,10 +922,20 @@ def _print_calibration(report, base, cluster) -> None:
     console.print(table)
     c = report.compute
     console.print(
-        f"device ({c.dtype}, slowest rank): GEMM {c.matmul_flops / 1e9:.1f} GFLOP/s -> efficiency.matmul "
+        f"device ({c.dtype}, one rank alone): GEMM {c.matmul_flops / 1e9:.1f} GFLOP/s -> efficiency.matmul "
         f"{cluster.efficiency.matmul} of {cluster.device.peak_flops[c.dtype] / 1e9:.1f} GFLOP/s; "
         f"streaming {c.memory_bandwidth / 1e9:.1f} GB/s -> efficiency.elementwise {cluster.efficiency.elementwise}"
     )
+    o = report.overheads
+    if o.measured:
+        console.print(
+            f"overheads (slowest rank): {o.action_s * 1e6:.0f} us per pipeline action, {o.step_s * 1e6:.0f} us per step; "
+            f"tensor-parallel node {o.tp_node_s * 1e6:.0f}/{o.tp_node_backward_s * 1e6:.0f} us (forward/backward), "
+            f"DTensor op +{o.dtensor_op_s * 1e6:.0f}/{o.dtensor_op_backward_s * 1e6:.0f} us; optimizer "
+            f"{o.optimizer_tensor_s * 1e6:.0f} us per tensor + {o.optimizer_bandwidth / 1e9:.2f} GB/s; "
+            f"collectives overlap {o.comm_overlap:.0%} of compute; all ranks at once compute {o.compute_slowdown:.2f}x "
+            f"slower than one alone -> \\[overheads]"
+        )
 
 
 if __name__ == "__main__":

@@ -52,6 +52,19 @@ over the step]), is made of these terms, each sized from the graph's shapes and 
   step's workspace] in cost_models/memory.py). torch picks the foreach implementation on
   CUDA and the single-tensor one on CPU; a cluster is taken as CPU processes when its name
   starts with ``local-cpu`` (the preset and the files ``autopart calibrate`` writes from it).
+
+[Note: measured overheads in a plan]
+On a cluster that ``autopart calibrate`` measured, the evaluator adds the
+software costs of [Note: software overheads] (cost_models/overheads.py):
+every block's compute times ``k`` (the ranks share the machine); per micro-batch, ``a_action`` to each stage's forward and backward, and under
+tensor parallelism ``N a_node + D a_dtensor`` (forward) and
+``N a_node_bwd + D a_dtensor_bwd`` (backward) to each block's compute; once
+per step, each stage's optimizer step ``t_opt`` and each rank's ``a_step``
+(on its first stage) as ``StageCost.after_s``. ``components`` reports the
+action and step overheads as ``overhead_s`` (2 M a_action per stage) and
+``t_opt`` as ``optimizer_s``; the node overheads stay in forward and backward
+compute, where the run measures them. Without the calibration every term is
+0, and plans are priced exactly as before.
 """
 
 from __future__ import annotations
@@ -172,6 +185,7 @@ class Evaluator:
         if training.optimizer not in OPTIMIZERS:
             raise PlanError(f"training.optimizer {training.optimizer!r} is not one of {', '.join(OPTIMIZERS)}")
         self.optimizer = optimizer_spec(training.optimizer, training.dtype)  # fp32 adam-mixed: no master copy
+        self.overheads = cluster.overheads  # measured software costs ([Note: measured overheads in a plan])
         cluster.device.flops(training.dtype)  # fail early: the device must support the dtype
         self._block_cache: dict[tuple, BlockCost] = {}
         self._layout_cache: dict[tuple, BlockLayoutCosts] = {}
@@ -210,6 +224,11 @@ class Evaluator:
                 fallback = self.attention_fallback_bytes(block, micro_batch, tp, chosen)
                 saved += fallback
                 core_bytes += fallback
+            k = self.overheads.compute_slowdown  # ranks sharing the machine ([Note: software overheads])
+            if k != 1.0:
+                compute, core_s = OpTime(compute.forward_s * k, compute.backward_s * k), core_s * k
+            if tp > 1:
+                compute = compute + self.tp_node_overhead(len(block.nodes), sum(s != "replicate" for s in strategies))
             hit = BlockCost(compute, comm, saved, block.input_bytes * micro_batch / self.captured.batch_size,
                             core_s, min(core_bytes, saved))
             self._block_cache[key] = hit
@@ -238,6 +257,34 @@ class Evaluator:
             lse = rows * 4  # fp32
             extra += (3 * scores - out.bytes - lse) / (tp if strategies.get(name, "replicate") != "replicate" else 1)
         return extra * micro_batch / self.captured.batch_size
+
+    def tp_node_overhead(self, nodes: int, on_dtensors: int) -> OpTime:
+        """``(N a_node + D a_dtensor, N a_node_bwd + D a_dtensor_bwd)`` of a block of ``N`` nodes, ``D`` of them
+        on DTensors, run by the tensor-parallel interpreter ([Note: software overheads]); 0 uncalibrated."""
+        o = self.overheads
+        return OpTime(nodes * o.tp_node_s + on_dtensors * o.dtensor_op_s,
+                      nodes * o.tp_node_backward_s + on_dtensors * o.dtensor_op_backward_s)
+
+    def optimizer_time(self, params: Iterable[str], tp: int, dp: int, split_params: Set[str],
+                       dp_group: Sequence[int]) -> float:
+        """``t_opt`` of one rank's share of ``params`` ([Note: software overheads]): ``T a_tensor +
+        P (w + g + o) / B_opt`` over the tensors it updates, and under ZeRO-1 one broadcast per tensor from
+        its owner, priced as an all-gather of the tensor's ``1/dp`` share. 0 on an uncalibrated cluster."""
+        o = self.overheads
+        if o.optimizer_tensor_s == 0.0 and o.optimizer_bandwidth == 0.0:
+            return 0.0
+        table = self.captured.params
+        mine = sorted(p for p in params if table[p].trainable and not table[p].is_buffer)  # a fixed sum order
+        level = dp_spec(self.training.dp_sharding)
+        share = dp if dp > 1 and level.shards_optimizer else 1
+        elements = sum(table[p].numel // (tp if p in split_params else 1) for p in mine)
+        per_param = table[mine[0]].bytes // max(1, table[mine[0]].numel) if mine else 0
+        spec = self.optimizer
+        t = o.optimizer_time(len(mine) / share, elements / share, per_param + spec.grad_bytes + spec.state_bytes)
+        if share > 1 and not level.uses_fsdp:  # ZeroRedundancyOptimizer broadcasts each updated tensor
+            t += sum(self.cost_model.collective_time(
+                "all_gather", table[p].bytes / (tp if p in split_params else 1) / dp, dp_group) for p in mine)
+        return t
 
     def layout_costs(self, block: Block, micro_batch: int, tp: int) -> BlockLayoutCosts:
         """The per-node cost tables of ``block`` (per block: its boundary can differ from its twins')."""
@@ -357,7 +404,9 @@ class Evaluator:
         compute: with ``n`` units, a pass with compute ``C`` and collectives ``X`` exposes
         ``X / n + max(0, X (n - 1) / n - C)`` (the first unit's gather, or the last unit's
         reduce-scatter, cannot hide; the rest hide behind compute as far as it lasts). This
-        assumes a GPU's separate communication stream; on CPU (gloo) nothing overlaps.
+        assumes a GPU's separate communication stream; on a cluster whose calibration measured
+        that collectives overlap only the fraction ``c`` of compute (``Overheads.comm_overlap``;
+        on a CPU whose cores the ranks share, ``c`` is near 0), they hide behind ``c C`` only.
         Transient bytes: ZeRO-3 holds the root's gathered weights and two block units' (the one
         computing and the prefetched one), ZeRO-2 the whole stage's; both hold the root's
         unsharded gradients through the backward and one block unit's until its reduce-scatter.
@@ -389,8 +438,11 @@ class Evaluator:
         gather, scatter = self.fsdp_collectives(all_w, all_g, mesh.dp_group(stage_rank_index))
         n = len(units) + (1 if root else 0)
 
+        overlap = self.overheads.comm_overlap
+
         def exposed(x: float, compute: float) -> float:
-            return x / n + max(0.0, x * (n - 1) / n - compute) if n else 0.0
+            hidden = compute if overlap == 1.0 else overlap * compute  # [Note: software overheads]
+            return x / n + max(0.0, x * (n - 1) / n - hidden) if n else 0.0
 
         gathers = level.gathers_per_microbatch + (float(recompute) if level.reshard_after_forward else 0.0)
         f = exposed(gather, fwd)
@@ -505,6 +557,9 @@ class Evaluator:
         crossing = self.pgraph.crossing_bytes(stage_of)
         layout = schedule_spec(schedule.name).layout
         params = self.captured.params
+        first_stage: dict[int, int] = {}  # pipeline rank -> its lowest stage, which carries the per-step overhead
+        for s in range(len(stages)):
+            first_stage.setdefault(stage_rank(s, pp, layout), s)
         out = []
         for s, spec in enumerate(stages):
             blocks = [self.pgraph.blocks[b] for b in spec.blocks]
@@ -542,10 +597,15 @@ class Evaluator:
             if mesh.dp > 1 and not fsdp:
                 grad = grad_bytes
                 dp_reduce = self.cost_model.collective_time("all_reduce", grad, mesh.dp_group(stage_rank(s, pp, layout)))
+            # [Note: measured overheads in a plan]: per action, and once per step after the reduction.
+            action = self.overheads.action_s
+            after = self.optimizer_time(names, mesh.tp, mesh.dp, split_params, mesh.dp_group(stage_rank(s, pp, layout)))
+            if s == first_stage[stage_rank(s, pp, layout)]:
+                after += self.overheads.step_s
             out.append(
                 StageCost(
-                    forward_s=fwd,
-                    backward_s=bwd,
+                    forward_s=fwd + action,
+                    backward_s=bwd + action,
                     send_s=send,
                     activation_bytes=int(mem.held_bytes),
                     static_bytes=int(static + transient),
@@ -556,6 +616,7 @@ class Evaluator:
                     input_grad_bytes=int(mem.input_grad_bytes),
                     backward_workspace_bytes=int(mem.backward_bytes),
                     optimizer_workspace_bytes=int(mem.optimizer_bytes),
+                    after_s=after,
                 )
             )
         return out
@@ -579,7 +640,8 @@ class Evaluator:
         sharding = dict(sharding or {})
         self._check_stages(stages, mesh, schedule)
         costs = self.stage_costs(stages, mesh, schedule, sharding)
-        sim = simulate(costs, schedule.name, schedule.microbatches, schedule.virtual_stages, self.training.overlap_dp)
+        sim = simulate(costs, schedule.name, schedule.microbatches, schedule.virtual_stages, self.training.overlap_dp,
+                       self.overheads.comm_overlap)
         plan = self._assemble(stages, mesh, schedule, sharding, costs, sim, method, status, started, objective, bound)
         return plan, sim
 
@@ -675,9 +737,13 @@ class Evaluator:
         tail = [0.0] * K
         exposed_share = [0.0] * K
         layout = schedule_spec(schedule.name).layout
+        first: dict[int, int] = {}  # pipeline rank -> its lowest stage (the one charged the per-step overhead)
+        for s in range(K):
+            first.setdefault(stage_rank(s, pp, layout), s)
         for r in range(pp):
             mine = [s for s in range(K) if stage_rank(s, pp, layout) == r]
-            tail[last_stage[r]] = max(0.0, sim.step_time_s - last_end[r] - sim.dp_exposed_s[r])
+            after = sum(costs[s].after_s for s in mine)  # optimizer step and per-step overhead, after the reduction
+            tail[last_stage[r]] = max(0.0, sim.step_time_s - last_end[r] - sim.dp_exposed_s[r] - after)
             reduce_total = sum(costs[s].dp_reduce_s for s in mine)
             for s in mine:
                 if reduce_total > 0:
@@ -690,10 +756,13 @@ class Evaluator:
             tf = sum(c.tp_comm.forward_s for c in work)
             tb = sum(c.tp_comm.backward_s for c in work)
             replay = recompute_terms(spec, work)[1]
-            # What the stage's actions take beyond compute and tp: ZeRO-2/3's exposed gathers and scatters.
+            action = self.overheads.action_s
+            # What the stage's actions take beyond compute, tp and the per-action overhead: ZeRO-2/3's
+            # exposed gathers and scatters.
             extra = 0.0
             if dp_spec(self.training.dp_sharding).uses_fsdp and mesh.dp > 1:
-                extra = costs[s].forward_s + costs[s].backward_s - (cf + tf) - (cb + tb) - replay
+                extra = costs[s].forward_s + costs[s].backward_s - 2 * action - (cf + tf) - (cb + tb) - replay
+            opt = costs[s].after_s - (self.overheads.step_s if first[stage_rank(s, pp, layout)] == s else 0.0)
             out.append(
                 StageComponents(
                     forward_s=M * cf,
@@ -704,6 +773,8 @@ class Evaluator:
                     dp_reduce_s=exposed_share[s],
                     dp_gather_s=M * max(0.0, extra),
                     bubble_s=sim.wait_s[s] - sim.transfer_wait_s[s] + tail[s],
+                    optimizer_s=opt,
+                    overhead_s=2 * M * action + costs[s].after_s - opt,
                 )
             )
         return out

@@ -27,7 +27,9 @@ from .schedules import spec as schedule_spec, stage_rank
 __all__ = ["breakdown", "print_explanation", "print_diff", "MeasuredRun", "MemoryMargin", "Residual", "memory_margin", "print_measured"]
 
 GIB = 1 << 30
-COMPONENTS = ("forward", "backward", "recompute", "tp_comm", "p2p", "dp_reduce", "dp_gather", "bubble")
+COMPONENTS = ("forward", "backward", "recompute", "tp_comm", "p2p", "dp_reduce", "dp_gather", "bubble", "optimizer", "overhead")
+# Priced only on a calibrated cluster ([Note: software overheads] in cost_models/overheads.py): shown when not 0.
+MEASURED_ONLY = ("optimizer", "overhead")
 LABELS = {
     "forward": "forward compute",
     "backward": "backward compute",
@@ -37,6 +39,8 @@ LABELS = {
     "dp_reduce": "data-parallel reduction (exposed)",
     "dp_gather": "ZeRO-2/3 gathers and scatters (exposed)",
     "bubble": "pipeline bubble",
+    "optimizer": "optimizer step",
+    "overhead": "runtime overhead (per action and step)",
 }
 
 
@@ -86,6 +90,8 @@ def print_explanation(result: Any) -> None:
     table.add_column("time", justify="right")
     table.add_column("share", justify="right")
     for k in COMPONENTS:
+        if k in MEASURED_ONLY and parts[k] == 0.0:
+            continue
         table.add_row(LABELS[k], _fmt(parts[k]), f"{parts[k] / step:.1%}" if step else "")
     table.add_row("step time", _fmt(step), "100%")
     console.print(table)
@@ -247,6 +253,8 @@ def print_diff(a: Plan, b: Plan, name_a: str = "A", name_b: str = "B") -> None:
         parts_a, parts_b = breakdown(a), breakdown(b)
         row("bottleneck rank", int(parts_a["bottleneck_rank"]), int(parts_b["bottleneck_rank"]))
         for k in COMPONENTS:
+            if k in MEASURED_ONLY and parts_a[k] == parts_b[k] == 0.0:
+                continue
             row(f"  {LABELS[k]} (s)", round(parts_a[k], 6), round(parts_b[k], 6), True)
     console.print(table)
     if a.model.fingerprint != b.model.fingerprint:
@@ -271,9 +279,9 @@ MEASURED_AGAINST = {
     "backward": ("backward", "recompute"),
     "tp_comm": ("tp_comm",),
     "dp_reduce": ("dp_reduce",),
-    "optimizer": (),
+    "optimizer": ("optimizer",),
     "other": (),
-    "wait": ("p2p", "bubble"),
+    "wait": ("p2p", "bubble", "overhead"),  # the runtime's overhead happens outside the timed stages
 }
 MEASURED_LABELS = {
     "forward": "forward compute",
@@ -282,7 +290,7 @@ MEASURED_LABELS = {
     "dp_reduce": "data-parallel reduction (exposed) and gradient scaling",
     "optimizer": "optimizer step",
     "other": "tied weights' gradient sums",
-    "wait": "waiting (pipeline transfers and bubble)",
+    "wait": "waiting (pipeline transfers, bubble and runtime overhead)",
 }
 MEMORY_ROWS = ("static", "activations", "temporaries", "peak")
 MEMORY_LABELS = {

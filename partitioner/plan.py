@@ -175,9 +175,11 @@ class StageComponents:
     """Where one step's time goes on a stage, in seconds per step, as the simulator predicts it.
 
     The components of the stages of one pipeline rank add up to the plan's step
-    time (with one stage per rank, each stage's do). The simulator does not
-    price the optimizer update, so it is no component. See [Note: where idle
-    time goes] in simulate.py.
+    time (with one stage per rank, each stage's do). See [Note: where idle
+    time goes] in simulate.py. The optimizer step and the runtime's overheads
+    are priced only on a cluster that ``autopart calibrate`` measured
+    ([Note: software overheads] in cost_models/overheads.py); elsewhere they
+    are 0 and left out of the plan's JSON.
     """
 
     forward_s: float  # forward compute, all micro-batches
@@ -190,12 +192,23 @@ class StageComponents:
     # ZeRO-2/3: the weights' all-gathers and the gradients' reduce-scatters not hidden behind compute
     # (version 4; [Note: FSDP prefetch overlap] in evaluate.py)
     dp_gather_s: float = 0.0
+    optimizer_s: float = 0.0  # the optimizer step (ZeRO-1: its parameter broadcast included)
+    overhead_s: float = 0.0  # the runtime's per-action and per-step costs (schedule, sends posted, loss all-reduce)
 
     def total_s(self) -> float:
         return (
             self.forward_s + self.backward_s + self.recompute_s + self.tp_comm_s
             + self.p2p_s + self.dp_reduce_s + self.bubble_s + self.dp_gather_s
+            + self.optimizer_s + self.overhead_s
         )
+
+    def to_dict(self) -> dict[str, float]:
+        """The fields, the measured-overhead ones only when priced (so plans on uncalibrated clusters keep their JSON)."""
+        d = asdict(self)
+        for name in ("optimizer_s", "overhead_s"):
+            if d[name] == 0.0:
+                del d[name]
+        return d
 
 
 @dataclass(frozen=True, slots=True)
@@ -603,7 +616,7 @@ class Plan:
             "mesh": asdict(self.mesh),
             "schedule": asdict(self.schedule),
             "training": asdict(self.training),
-            "stages": [asdict(s) for s in self.stages],
+            "stages": [_stage_dict(s) for s in self.stages],
             "sharding": {"default": "replicate", "nodes": dict(self.sharding)},
             "predicted": asdict(self.predicted) if self.predicted else None,
             "solver": asdict(self.solver),
@@ -728,6 +741,14 @@ def _training(data: Mapping[str, Any], version: int) -> Mapping[str, Any]:
     _check_type("training.zero1", data["zero1"], bool, "true or false")
     out["dp_sharding"] = "zero1" if data["zero1"] else "none"
     return out
+
+
+def _stage_dict(stage: Stage) -> dict[str, Any]:
+    """``asdict(stage)``, its components written by ``StageComponents.to_dict``."""
+    d = asdict(stage)
+    if stage.predicted is not None and stage.predicted.components is not None:
+        d["predicted"]["components"] = stage.predicted.components.to_dict()
+    return d
 
 
 def _stage_recompute(data: dict[str, Any], where: str) -> dict[str, Any]:

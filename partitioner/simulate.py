@@ -55,6 +55,12 @@ bucket is only ready then). Earlier backwards are not overlapped, because for
 most stages the gradients of a parameter keep accumulating until the last
 micro-batch. The exposed time is the part that sticks out past the rank's
 last backward. ``step_time_s`` is the latest end over ranks.
+With ``comm_overlap = c < 1`` (measured by ``autopart calibrate``; [Note:
+software overheads] in cost_models/overheads.py) only the fraction ``c`` of
+the last backward can run beside the reduction: ``R - c min(R, b)`` of a
+reduction ``R`` launched with a backward of ``b`` is exposed. After its
+reduction each rank spends its stages' ``after_s`` (the optimizer step and
+the per-step overhead) before the step ends on it.
 
 [Note: where idle time goes]
 A rank is idle before an action when the action's inputs are not ready yet.
@@ -141,9 +147,12 @@ class StageCost:
     input_grad_bytes: int = 0  # kept after each backward until the step ends (the received input's gradient)
     backward_workspace_bytes: int = 0  # live during one backward (B or I) of this stage only
     optimizer_workspace_bytes: int = 0  # live during the optimizer step only, after every backward
+    # once per step, after the rank's reduction: this stage's optimizer step and the rank's per-step
+    # overhead ([Note: software overheads] in cost_models/overheads.py); 0 unless calibrated
+    after_s: float = 0.0
 
     def __post_init__(self) -> None:
-        for name in ("forward_s", "backward_s", "send_s", "dp_reduce_s", "backward_weight_s"):
+        for name in ("forward_s", "backward_s", "send_s", "dp_reduce_s", "backward_weight_s", "after_s"):
             value = getattr(self, name)
             if not (isinstance(value, (int, float)) and math.isfinite(value) and value >= 0):
                 raise PlanError(
@@ -238,6 +247,7 @@ def simulate(
     microbatches: int,
     virtual_stages: int = 1,
     overlap_dp: bool = True,
+    comm_overlap: float = 1.0,
 ) -> SimResult:
     """Simulate one training step of ``schedule`` over ``stages``.
 
@@ -257,7 +267,7 @@ def simulate(
     layout = spec(schedule).layout
     with _gc_paused():
         orders, checked = _prepared_orders(schedule, ranks, microbatches, virtual_stages, len(stages), layout)
-        return _simulate_orders(stages, orders, microbatches, overlap_dp, layout, checked)
+        return _simulate_orders(stages, orders, microbatches, overlap_dp, layout, checked, comm_overlap)
 
 
 # The search simulates many plans of one schedule shape (each mesh, tp and recompute choice of a
@@ -319,6 +329,7 @@ def _simulate_orders(
     overlap_dp: bool,
     layout: str,
     checked: tuple[list[list[int]], bytearray] | None = None,  # _check_orders(orders, ...), when known
+    comm_overlap: float = 1.0,
 ) -> SimResult:
     stage_costs = _check_stages(stages)
     ranks = len(orders)
@@ -427,7 +438,7 @@ def _simulate_orders(
     ]
     if any(position[r] < len(keys[r]) for r in range(ranks)):
         raise PlanError(_deadlock_message(events, orders, position, waiting_on, microbatches, owner))
-    return _summarize(stage_costs, events, overlap_dp, owner, waited, in_transit)
+    return _summarize(stage_costs, events, overlap_dp, owner, waited, in_transit, comm_overlap)
 
 
 @contextmanager
@@ -543,6 +554,7 @@ def _summarize(
     owner: list[int],
     waited: Sequence[float],
     in_transit: Sequence[float],
+    comm_overlap: float = 1.0,
 ) -> SimResult:
     ranks = len(events)
     compute_end = [rank_events[-1].end_s if rank_events else 0.0 for rank_events in events]
@@ -556,16 +568,19 @@ def _summarize(
         last_b = next((e for e in reversed(events[r]) if e.action.kind in _BACKWARDS), None)
         if reduce_s == 0.0 or last_b is None:
             exposed = 0.0
-        elif overlap_dp:
+        elif overlap_dp and comm_overlap == 1.0:
             # [Note: data-parallel reduction]: launched with the last backward,
             # but the final bucket cannot go out before that backward ends.
             exposed = max(0.0, last_b.start_s + reduce_s - last_b.end_s)
+        elif overlap_dp:  # only the fraction comm_overlap of that backward runs beside it
+            exposed = reduce_s - comm_overlap * min(reduce_s, last_b.end_s - last_b.start_s)
         else:
             exposed = reduce_s
         # Exposure is measured from the end of the rank's own compute; if the
         # rank's last action is a forward (custom orders), count from there.
         rank_end = max(compute_end[r], (last_b.end_s if last_b else 0.0) + exposed)
         dp_exposed.append(rank_end - compute_end[r])
+        rank_end += sum(c.after_s for c in mine[r])  # the optimizer step and per-step overhead, last
         step_time = max(step_time, rank_end)
 
     busy: list[float] = []

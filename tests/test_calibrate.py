@@ -112,6 +112,9 @@ def test_calibrate_under_torchrun_writes_a_cluster_plans_can_use(tmp_path):
     assert "(measured)" in cluster.intra_node.name
     assert 1e-7 < cluster.intra_node.latency < 0.05
     assert 1e7 < cluster.intra_node.bandwidth < 1e12
+    o = cluster.overheads  # [Note: measuring overheads]: every experiment ran and was written
+    assert "[overheads]" in out.read_text() and o.measured
+    assert o.action_s > 0 and 0.0 <= o.comm_overlap <= 1.0
     plan = _cli("plan", "--model", "gpt2-tiny", "--cluster", str(out), "--method", "uniform", "--global-batch", "4")
     assert plan.returncode == 0, plan.stderr
     assert "local-cpu-calibrated" in plan.stdout

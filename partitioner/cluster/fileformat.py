@@ -15,6 +15,8 @@ from decimal import Decimal
 from pathlib import Path
 from typing import Any
 
+from cost_models.overheads import Overheads
+
 from ..errors import ClusterError
 from .checks import GiB, MiB, did_you_mean, integer, number, peak_table, show, text
 from .local import LOCAL_CPU, local_spec
@@ -25,7 +27,7 @@ __all__ = ["spec_from_dict", "spec_from_toml", "spec_to_dict", "toml_text"]
 
 _TOP_KEYS = (
     "name", "preset", "nodes", "devices_per_node", "device", "intra_node", "inter_node",
-    "efficiency",
+    "efficiency", "overheads",
 )
 _DEVICE_KEYS = ("name", "memory_gib", "memory_bytes", "memory_bandwidth_gbps", "peak_tflops")
 _LINK_KEYS = ("name", "bandwidth_gbps", "latency_us")
@@ -191,6 +193,15 @@ def _parse_efficiency(value: Any) -> Efficiency:
     )
 
 
+def _parse_overheads(value: Any) -> Overheads:
+    if not isinstance(value, Mapping):
+        raise ClusterError(f"overheads = {show(value)}: expected a table ([overheads])")
+    try:
+        return Overheads.from_file(value)
+    except ValueError as e:
+        raise ClusterError(f"{e} (measured by autopart calibrate; see docs/cluster.md)") from None
+
+
 def _link_dict(link: LinkSpec) -> dict[str, Any]:
     d: dict[str, Any] = {"name": link.name} if link.name else {}
     d["bandwidth_gbps"] = _to_file(link.bandwidth, _GIGA)
@@ -240,6 +251,7 @@ def spec_from_dict(d: Mapping[str, Any]) -> ClusterSpec:
         intra_node=_parse_link("intra_node", d["intra_node"]),
         inter_node=_parse_link("inter_node", d["inter_node"]),
         efficiency=_parse_efficiency(d.get("efficiency", {})),
+        overheads=_parse_overheads(d.get("overheads", {})),
     )
 
 
@@ -253,7 +265,7 @@ def spec_to_dict(spec: ClusterSpec) -> dict[str, Any]:
         device["memory_bytes"] = dev.memory_bytes
     device["memory_bandwidth_gbps"] = _to_file(dev.memory_bandwidth, _GIGA)
     device["peak_tflops"] = {k: _to_file(v, _TERA) for k, v in dev.peak_flops.items()}
-    return {
+    out = {
         "name": spec.name,
         "nodes": spec.nodes,
         "devices_per_node": spec.devices_per_node,
@@ -262,6 +274,9 @@ def spec_to_dict(spec: ClusterSpec) -> dict[str, Any]:
         "inter_node": _link_dict(spec.inter_node),
         "efficiency": {f.name: getattr(spec.efficiency, f.name) for f in fields(Efficiency)},
     }
+    if spec.overheads.measured:  # absent unless calibrated, so files and plans without it are unchanged
+        out["overheads"] = spec.overheads.to_file()
+    return out
 
 
 def toml_text(d: Mapping[str, Any]) -> str:

@@ -7,6 +7,8 @@ from __future__ import annotations
 from collections.abc import Mapping
 from dataclasses import dataclass, fields
 
+from cost_models.overheads import Overheads
+
 from ..errors import ClusterError
 from .checks import DTYPES, FrozenDict, did_you_mean, integer, number, peak_table, show, text
 
@@ -136,3 +138,4 @@ class ClusterSpec:
     intra_node: LinkSpec
     inter_node: LinkSpec
     efficiency: Efficiency = Efficiency()
+    overheads: Overheads = Overheads()

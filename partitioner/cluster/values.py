@@ -7,6 +7,8 @@ from collections.abc import Mapping
 from dataclasses import dataclass, fields, replace
 from typing import Any
 
+from cost_models.overheads import Overheads
+
 from ..errors import ClusterError
 from .checks import GiB, integer, show, text
 from .fileformat import spec_from_dict, spec_from_toml, spec_to_dict, toml_text
@@ -36,6 +38,9 @@ class Cluster:
     inter_node: LinkSpec
     # Achieved fractions of peak; assumptions, see [Note: datasheet figures and assumptions].
     efficiency: Efficiency = Efficiency()
+    # Measured software costs (``autopart calibrate``); the default adds nothing
+    # ([Note: software overheads] in cost_models/overheads.py).
+    overheads: Overheads = Overheads()
 
     def __post_init__(self) -> None:
         text("name", self.name, what="a short cluster name, e.g. 'dgx-a100-80g'")
@@ -46,6 +51,7 @@ class Cluster:
             ("intra_node", LinkSpec),
             ("inter_node", LinkSpec),
             ("efficiency", Efficiency),
+            ("overheads", Overheads),
         ):
             if not isinstance(getattr(self, attr), kind):
                 raise ClusterError(

@@ -1,0 +1,138 @@
+"""Measured costs of the software stack that the roofline and alpha-beta models do not see.
+
+The analytic model prices an op by its FLOPs and bytes and a collective by its
+link. On a GPU that is most of a training step. On a CPU with gloo (issue 12:
+predictions 5-80% off the measured step) a large part of the step is the
+software around the kernels: Python per pipeline action, the tensor-parallel
+interpreter and DTensor's dispatch per graph node, the optimizer's loop over
+parameter tensors, and a gradient reduction that cannot hide behind compute
+when the ranks share the cores. ``Overheads`` holds those costs as figures
+``autopart calibrate`` measures on the live process group
+(partitioner/calibrate.py), stored in the cluster file's ``[overheads]``
+table; the evaluator and the simulator (partitioner/evaluate.py,
+partitioner/simulate.py) add them. Every field defaults to "not measured",
+which adds nothing: a cluster without the table (every GPU preset) is priced
+as before.
+
+[Note: software overheads]
+With ``M`` micro-batches, a stage ``s`` whose blocks hold ``N_s`` graph nodes,
+``D_s`` of them run on DTensors (strategy other than ``replicate``), and whose
+rank updates ``T_s`` parameter tensors of ``P_s`` elements:
+
+* every op's compute, as the cost model prices it from one process alone
+  (the profiler's CPU time, the calibrated device rates), times
+  ``k = compute_slowdown``, the wall time of every rank computing at once over
+  that: the ranks share the machine (4 ranks on 2 cores run at half speed);
+* per pipeline action (one forward or one whole backward of one micro-batch on
+  one stage; torch's schedule, its sends and receives posted and waited):
+  ``F_s += a_action``, ``B_s += a_action``, so a rank pays ``2 M a_action``
+  per stage, and the simulator puts it on the critical path;
+* per step and rank (the schedule's set-up, the loss's all-reduce):
+  ``a_step``, once per rank, after its optimizer step;
+* per graph node under tensor parallelism (``tp > 1``: the stage runs node by
+  node through the tp interpreter, rewrite.TensorParallelModule):
+  ``F += N_s a_node + D_s a_dtensor`` and
+  ``B += N_s a_node_bwd + D_s a_dtensor_bwd`` per micro-batch;
+* the optimizer step, per rank after its gradient reduction:
+  ``t_opt = T_s a_tensor + P_s (w + g + o) / B_opt``, where ``w``, ``g``, ``o``
+  are the weight, gradient and optimizer-state bytes per parameter (the update
+  reads and writes each), and under ZeRO-1 ``T_s`` and ``P_s`` are divided
+  over dp and each tensor is broadcast from its owner (priced by the link as
+  an all-gather of the tensor's ``1/dp`` share);
+* the exposed data-parallel reduction of ``R`` seconds launched with a last
+  backward of ``b`` seconds: ``R - c min(R, b)`` with ``c = comm_overlap``,
+  the fraction of compute that a collective can run beside (``c = 1``, the
+  default: ``max(0, R - b)``, the GPU's separate stream; on a CPU whose cores
+  the ranks share, ``c`` is near 0). The simulator applies it
+  ([Note: data-parallel reduction] in partitioner/simulate.py).
+
+Calibration ([Note: measuring overheads] in partitioner/calibrate.py) measures
+each by a small controlled experiment.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, fields
+from decimal import Decimal
+from typing import Any, Mapping
+
+__all__ = ["Overheads", "OVERHEAD_FILE_KEYS"]
+
+# File key -> (field, factor from file units to SI, applied as a decimal shift so a file reads back equal). Times per event are in microseconds, the
+# optimizer's rate in GB/s, the overlap a fraction: the units the cluster file uses elsewhere.
+OVERHEAD_FILE_KEYS = {
+    "action_us": ("action_s", Decimal("1e-6")),
+    "step_us": ("step_s", Decimal("1e-6")),
+    "tp_node_forward_us": ("tp_node_s", Decimal("1e-6")),
+    "tp_node_backward_us": ("tp_node_backward_s", Decimal("1e-6")),
+    "dtensor_op_forward_us": ("dtensor_op_s", Decimal("1e-6")),
+    "dtensor_op_backward_us": ("dtensor_op_backward_s", Decimal("1e-6")),
+    "optimizer_tensor_us": ("optimizer_tensor_s", Decimal("1e-6")),
+    "optimizer_gbps": ("optimizer_bandwidth", Decimal("1e9")),
+    "comm_overlap": ("comm_overlap", Decimal(1)),
+    "compute_slowdown": ("compute_slowdown", Decimal(1)),
+}
+
+
+@dataclass(frozen=True, slots=True)
+class Overheads:
+    """Measured software costs, seconds (SI); see [Note: software overheads]. Zero: not measured, adds nothing."""
+
+    action_s: float = 0.0  # a_action: per pipeline action (a forward or a whole backward of one micro-batch)
+    step_s: float = 0.0  # a_step: per step and rank (schedule set-up, the loss's all-reduce)
+    tp_node_s: float = 0.0  # a_node: per graph node run by the tensor-parallel interpreter, forward
+    tp_node_backward_s: float = 0.0  # a_node_bwd: the same in backward
+    dtensor_op_s: float = 0.0  # a_dtensor: per node run on DTensors beyond a plain tensor, forward
+    dtensor_op_backward_s: float = 0.0  # a_dtensor_bwd: the same in backward
+    optimizer_tensor_s: float = 0.0  # a_tensor: per parameter tensor the optimizer step updates
+    optimizer_bandwidth: float = 0.0  # B_opt: bytes/s of the update (weights, gradients, state); 0: not measured
+    comm_overlap: float = 1.0  # c: fraction of a collective that runs beside compute; 1: all of it (GPU)
+    compute_slowdown: float = 1.0  # k: an op's time with every rank computing at once over one rank alone
+
+    def __post_init__(self) -> None:
+        for f in fields(self):
+            value = getattr(self, f.name)
+            if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value) or value < 0:
+                raise ValueError(f"overheads.{f.name} = {value!r}: expected a finite number >= 0")
+            object.__setattr__(self, f.name, float(value))
+        if self.comm_overlap > 1:
+            raise ValueError(f"overheads.comm_overlap = {self.comm_overlap!r}: a fraction, in [0, 1]")
+        if self.compute_slowdown < 1:
+            raise ValueError(f"overheads.compute_slowdown = {self.compute_slowdown!r}: a ratio of times, at least 1")
+
+    @property
+    def measured(self) -> bool:
+        """Whether any figure differs from "not measured" (the cluster file then writes the table)."""
+        return self != Overheads()
+
+    def optimizer_time(self, tensors: float, params: float, bytes_per_param: float) -> float:
+        """``T a_tensor + P bytes_per_param / B_opt``: the optimizer step over ``tensors`` tensors of ``params``
+        elements in all ([Note: software overheads])."""
+        t = tensors * self.optimizer_tensor_s
+        if self.optimizer_bandwidth > 0:
+            t += params * bytes_per_param / self.optimizer_bandwidth
+        return t
+
+    def to_file(self) -> dict[str, float]:
+        """The ``[overheads]`` table in file units (only the measured keys)."""
+        out = {}
+        default = Overheads()
+        for key, (name, factor) in OVERHEAD_FILE_KEYS.items():
+            value = getattr(self, name)
+            if value != getattr(default, name):
+                out[key] = float(f"{Decimal(repr(value)) / factor:.6g}")
+        return out
+
+    @classmethod
+    def from_file(cls, table: Mapping[str, Any]) -> "Overheads":
+        """Read the ``[overheads]`` table (file units); ValueError names the key at fault."""
+        values: dict[str, float] = {}
+        for key, value in table.items():
+            if key not in OVERHEAD_FILE_KEYS:
+                raise ValueError(f"overheads.{key}: unknown key; keys allowed: {', '.join(OVERHEAD_FILE_KEYS)}")
+            if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value) or value < 0:
+                raise ValueError(f"overheads.{key} = {value!r}: expected a number >= 0")
+            name, factor = OVERHEAD_FILE_KEYS[key]
+            values[name] = float(Decimal(repr(float(value))) * factor)  # exact decimal shift, as cluster.py does
+        return cls(**values)

@@ -1,0 +1,138 @@
+"""Measured software overheads in the time model ([Note: software overheads] in cost_models/overheads.py).
+
+A cluster without the ``[overheads]`` table is priced exactly as before (every
+term 0, nothing new in the plan's JSON); with it, each term is what its formula
+says: per pipeline action, per step, per tensor-parallel node and DTensor op,
+the optimizer step per tensor and byte, and the reduction's overlap. The
+calibration's fits recover known figures; the table round-trips through the
+cluster file.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import replace
+
+import pytest
+
+from cost_models import Overheads
+from partitioner.calibrate import PipelineSample, optimizer_overheads, pipeline_overheads
+from partitioner.cluster import Cluster, load_cluster
+from partitioner.errors import ClusterError
+from partitioner.evaluate import StageSpec
+from partitioner.explain import COMPONENTS, breakdown
+from partitioner.plan import Mesh, Plan, Schedule
+from partitioner.planner import prepare
+from partitioner.simulate import StageCost, simulate
+
+MEASURED = Overheads(action_s=1e-3, step_s=2e-3, tp_node_s=3e-5, tp_node_backward_s=1e-5, dtensor_op_s=4e-4,
+                     dtensor_op_backward_s=1e-4, optimizer_tensor_s=5e-5, optimizer_bandwidth=2e9, comm_overlap=0.0)
+
+
+def test_overheads_round_trip_through_the_cluster_file(tmp_path):
+    plain = Cluster.local(2)
+    assert not plain.overheads.measured and "overheads" not in plain.to_dict()
+    measured = replace(plain, overheads=Overheads.from_file(
+        {"action_us": 931.5, "step_us": 12.25, "tp_node_forward_us": 61.0, "optimizer_gbps": 2.5, "comm_overlap": 0.05}))
+    path = tmp_path / "c.toml"
+    path.write_text(measured.to_toml())
+    assert "[overheads]" in path.read_text()
+    again = load_cluster(str(path))
+    assert again.overheads == measured.overheads
+    assert again.overheads.action_s == pytest.approx(931.5e-6) and again.overheads.optimizer_bandwidth == 2.5e9
+    path.write_text(measured.to_toml().replace("action_us", "actions_us"))
+    with pytest.raises(ClusterError, match=r"overheads\.actions_us: unknown key"):
+        load_cluster(str(path))
+
+
+@pytest.fixture(scope="module")
+def mlp(zoo_capture):
+    return zoo_capture("mlp").captured
+
+
+def _priced(captured, overheads: Overheads, mesh: Mesh, microbatches: int = 4, **training):
+    ev = prepare(captured, cluster=replace(Cluster.local(mesh.world_size), overheads=overheads), global_batch=8,
+                 dtype="fp32", **training)
+    n = len(ev.pgraph.blocks)
+    cut = n // 2
+    stages = [StageSpec(tuple(range(cut))), StageSpec(tuple(range(cut, n)))] if mesh.pp == 2 else [StageSpec(tuple(range(n)))]
+    schedule = Schedule("1f1b", microbatches, 8 // mesh.dp // microbatches)
+    costs = ev.stage_costs(stages, mesh, schedule, {})
+    plan, sim = ev.make_plan(stages, mesh, schedule, method="manual")
+    return ev, stages, costs, plan
+
+
+def test_an_uncalibrated_cluster_prices_no_overheads(mlp):
+    _, _, costs, plan = _priced(mlp, Overheads(), Mesh(2, 1, 2))
+    assert all(c.after_s == 0.0 for c in costs)
+    for st in plan.stages:
+        assert st.predicted.components.optimizer_s == 0.0 and st.predicted.components.overhead_s == 0.0
+        assert "optimizer_s" not in json.loads(plan.to_json())["stages"][st.index]["predicted"]["components"]
+    assert "overheads" not in plan.cluster
+
+
+@pytest.mark.parametrize("zero1", [False, True])
+def test_each_overhead_is_its_formula(mlp, zero1):
+    mesh = Mesh(2, 1, 2)
+    ev, stages, base, _ = _priced(mlp, Overheads(), mesh, zero1=zero1)
+    _, _, costs, plan = _priced(mlp, MEASURED, mesh, zero1=zero1)
+    table = ev.captured.params
+    for s, spec in enumerate(stages):
+        assert costs[s].forward_s == pytest.approx(base[s].forward_s + MEASURED.action_s)
+        assert costs[s].backward_s == pytest.approx(base[s].backward_s + MEASURED.action_s)
+        names = sorted({p for b in spec.blocks for p in ev.pgraph.blocks[b].params if table[p].trainable})
+        share = 2 if zero1 else 1  # ZeRO-1: each dp rank updates half the tensors, then broadcasts them
+        elements = sum(table[p].numel for p in names)
+        t_opt = (len(names) / share * MEASURED.optimizer_tensor_s
+                 + elements / share * (4 + 4 + 8) / MEASURED.optimizer_bandwidth)  # fp32 weight, grad, Adam m and v
+        if zero1:
+            t_opt += sum(ev.cost_model.collective_time("all_gather", table[p].bytes / 2, mesh.dp_group(s)) for p in names)
+        assert costs[s].after_s == pytest.approx(t_opt + MEASURED.step_s)  # one stage per rank: each is its rank's first
+        c = plan.stages[s].predicted.components
+        assert c.optimizer_s == pytest.approx(t_opt)
+        assert c.overhead_s == pytest.approx(2 * 4 * MEASURED.action_s + MEASURED.step_s)
+        assert c.total_s() == pytest.approx(plan.predicted.step_time_s, rel=1e-9)  # still adds up to the step
+    parts = breakdown(plan)
+    assert sum(parts[k] for k in COMPONENTS) == pytest.approx(plan.predicted.step_time_s, rel=1e-9)
+    assert Plan.from_dict(json.loads(plan.to_json())).stages[0].predicted.components == plan.stages[0].predicted.components
+
+
+def test_compute_slows_down_and_tensor_parallel_nodes_pay_their_overheads(mlp):
+    ev0 = prepare(mlp, cluster=Cluster.local(2), global_batch=8, dtype="fp32")
+    ev1 = prepare(mlp, cluster=replace(Cluster.local(2), overheads=MEASURED), global_batch=8, dtype="fp32")
+    block = ev0.pgraph.blocks[0]
+    linear = next(n for n in block.nodes if "addmm" in str(ev0.captured.nodes[n].target) or "linear" in str(ev0.captured.nodes[n].target))
+    sharding = {linear: "column"}  # one node on DTensors
+    plain, timed = ev0.block_cost(block, 2, 2, sharding), ev1.block_cost(block, 2, 2, sharding)
+    n, d = len(block.nodes), sum(sharding.get(x, "replicate") != "replicate" for x in block.nodes)
+    assert timed.compute.forward_s == pytest.approx(plain.compute.forward_s + n * 3e-5 + d * 4e-4)
+    assert timed.compute.backward_s == pytest.approx(plain.compute.backward_s + n * 1e-5 + d * 1e-4)
+    assert ev1.block_cost(block, 2, 1, {}) == ev0.block_cost(block, 2, 1, {})  # no tp: no interpreter
+    slow = prepare(mlp, cluster=replace(Cluster.local(2), overheads=Overheads(compute_slowdown=2.0)), global_batch=8,
+                   dtype="fp32")
+    alone = ev0.block_cost(block, 2, 1, {})
+    assert slow.block_cost(block, 2, 1, {}).compute.forward_s == pytest.approx(2 * alone.compute.forward_s)
+    assert slow.block_cost(block, 2, 1, {}).compute.backward_s == pytest.approx(2 * alone.compute.backward_s)
+
+
+def test_the_simulator_exposes_what_does_not_overlap_and_ends_with_after():
+    stage = StageCost(forward_s=1.0, backward_s=2.0, dp_reduce_s=1.5)
+    hidden = simulate([stage], "1f1b", 2)
+    assert hidden.dp_exposed_s == (0.0,)  # all of it behind the last backward
+    assert simulate([stage], "1f1b", 2, comm_overlap=1.0).step_time_s == hidden.step_time_s
+    none = simulate([stage], "1f1b", 2, comm_overlap=0.0)
+    assert none.dp_exposed_s == (1.5,) and none.step_time_s == pytest.approx(hidden.step_time_s + 1.5)
+    half = simulate([stage], "1f1b", 2, comm_overlap=0.5)
+    assert half.dp_exposed_s[0] == pytest.approx(1.5 - 0.5 * 1.5)
+    after = simulate([replace(stage, after_s=0.25)], "1f1b", 2, comm_overlap=0.0)
+    assert after.step_time_s == pytest.approx(none.step_time_s + 0.25)
+
+
+def test_calibration_fits_recover_known_overheads():
+    action, step = 800e-6, 300e-6
+    samples = [PipelineSample(m, step + action * u + s, u, s) for m, u, s in ((4, 10.0, 0.002), (8, 18.0, 0.003))]
+    assert pipeline_overheads(samples, step) == pytest.approx(action)
+    a_tensor, bandwidth = 40e-6, 3e9
+    sets = [(t, p, t * a_tensor + 16 * p / bandwidth) for t, p in ((4, 1 << 18), (64, 1 << 10), (16, 1 << 16))]
+    fitted = optimizer_overheads(sets)
+    assert fitted[0] == pytest.approx(a_tensor, rel=1e-6) and fitted[1] == pytest.approx(bandwidth, rel=1e-6)
