@@ -98,6 +98,7 @@ from .simulate import SimResult, StageCost, simulate
 
 __all__ = ["Evaluator", "StageSpec", "BlockCost", "StageMemory", "WEIGHT_GRAD_SHARE", "recompute_terms"]
 
+
 def _numel(shape: Sequence[int]) -> int:
     out = 1
     for d in shape:
