@@ -360,6 +360,15 @@ class Evaluator:
             reduce += self.cost_model.collective_time("all_reduce", grad_bytes / len(shard), rep)
         return gather, reduce
 
+    def param_readers(self) -> Mapping[str, int]:
+        """How many blocks read each parameter (counted once per evaluator)."""
+        if self._readers is None:
+            self._readers = {}
+            for b in self.pgraph.blocks:
+                for p in b.params:
+                    self._readers[p] = self._readers.get(p, 0) + 1
+        return self._readers
+
     def fsdp_units(self, blocks: Sequence[int], tp: int) -> tuple[list[str], list[list[str]]]:
         """(the stage root's parameters, each block unit's parameters) as the runtime wraps them
         ([Note: FSDP units] in fsdp.py): a block is its own unit when no other block reads its
@@ -368,12 +377,7 @@ class Evaluator:
         hit = self._fsdp_units_cache.get(key)
         if hit is not None:
             return list(hit[0]), [list(u) for u in hit[1]]
-        if self._readers is None:
-            self._readers = {}
-            for b in self.pgraph.blocks:
-                for p in b.params:
-                    self._readers[p] = self._readers.get(p, 0) + 1
-        readers = self._readers
+        readers = self.param_readers()
         table = self.captured.params
         root: list[str] = []
         seen: set[str] = set()

@@ -188,10 +188,7 @@ def recomputable_alone(ev: Evaluator) -> frozenset[int]:
     """The blocks the runtime can recompute on their own: those with weights of their own that no other
     block reads (it folds such a block into a module at its path; [Note: recompute in the runtime] in
     recompute.py). A tied embedding, or a head that only reads the embedding's weight, is not one."""
-    readers: dict[str, int] = {}
-    for b in ev.pgraph.blocks:
-        for p in b.params:
-            readers[p] = readers.get(p, 0) + 1
+    readers = ev.param_readers()
     table = ev.captured.params
     out = set()
     for i, b in enumerate(ev.pgraph.blocks):
