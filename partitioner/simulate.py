@@ -599,25 +599,29 @@ def _summarize(
         static = sum(c.static_bytes - c.fresh_grad_bytes for c in mine[r])
         kept = sum(c.buffer_bytes for c in mine[r])
         made: set[int] = set()
-        top = MemoryAtPeak(static, 0, kept, "start")
-        for e in events[r]:
+        # The peak so far as plain numbers (static, held, workspace, event index; -1 is the start):
+        # a MemoryAtPeak is built for the peak alone, once the walk is done.
+        top_total, top_at = static + kept, (static, 0, kept, -1)
+        for i, e in enumerate(events[r]):
             cost = stages[e.action.stage]
             kind = e.action.kind
             if kind == _FORWARD:
                 compute += cost.forward_s
                 held += cost.activation_bytes
                 count += 1
-                top_bytes = max(top_bytes, held)
-                top_count = max(top_count, count)
-                now = MemoryAtPeak(static, held, kept, str(e.action))
+                if held > top_bytes:
+                    top_bytes = held
+                if count > top_count:
+                    top_count = count
+                work = kept
             elif kind == BACKWARD_INPUT:
                 compute += cost.backward_s - cost.backward_weight_s
-                now = MemoryAtPeak(static, held, kept + cost.backward_workspace_bytes, str(e.action))
+                work = kept + cost.backward_workspace_bytes
                 kept += cost.input_grad_bytes
             else:
                 compute += cost.backward_weight_s if kind == BACKWARD_WEIGHT else cost.backward_s
-                now = MemoryAtPeak(static, held, kept + (cost.backward_workspace_bytes if kind == FULL_BACKWARD else 0),
-                                   str(e.action))
+                work = kept + (cost.backward_workspace_bytes if kind == FULL_BACKWARD else 0)
+                now_static, now_held = static, held  # measured before this backward frees and makes anything
                 held -= cost.activation_bytes
                 count -= 1
                 if kind == FULL_BACKWARD:
@@ -625,8 +629,12 @@ def _summarize(
                 if e.action.stage not in made:
                     made.add(e.action.stage)
                     static += cost.fresh_grad_bytes
-            if now.total > top.total:
-                top = now
+                if now_static + now_held + work > top_total:
+                    top_total, top_at = now_static + now_held + work, (now_static, now_held, work, i)
+                continue
+            if static + held + work > top_total:
+                top_total, top_at = static + held + work, (static, held, work, i)
+        top = MemoryAtPeak(top_at[0], top_at[1], top_at[2], str(events[r][top_at[3]].action) if top_at[3] >= 0 else "start")
         full = sum(c.static_bytes for c in mine[r])
         opt = MemoryAtPeak(full, held, kept + max((c.optimizer_workspace_bytes for c in mine[r]), default=0),
                            "optimizer step")
