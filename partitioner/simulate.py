@@ -95,6 +95,7 @@ import threading
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
+from typing import NamedTuple
 
 from partitioner.errors import PlanError
 from partitioner.schedules import (
@@ -123,6 +124,7 @@ __all__ = [
 ]
 
 _FORWARD = FORWARD
+_new_event = tuple.__new__  # Event(...) without the named tuple's Python-level __new__
 _BACKWARDS = (FULL_BACKWARD, BACKWARD_WEIGHT)  # the kinds that end a micro-batch's backward on a stage
 
 
@@ -191,9 +193,12 @@ class MemoryAtPeak:
         return self.static + self.activations + self.workspace
 
 
-@dataclass(frozen=True, slots=True)
-class Event:
-    """One action as it ran in the simulation."""
+class Event(NamedTuple):
+    """One action as it ran in the simulation.
+
+    A named tuple, not a frozen dataclass: a search simulates steps of 10^5-10^6 actions many
+    times over, and building a tuple costs a fraction of a frozen dataclass's ``__init__``.
+    """
 
     rank: int  # rank that executed the action
     action: Action  # what ran
@@ -453,7 +458,7 @@ def _simulate_orders(
     # Materialize the events once, after timing, from the flat arrays.
     events = [
         [
-            Event(r, action, start[key], end[key])  # type: ignore[arg-type]  # ran, so not None
+            _new_event(Event, (r, action, start[key], end[key]))  # ran, so end[key] is not None
             for action, key in zip(orders[r][: position[r]], keys[r])
         ]
         for r in range(ranks)
