@@ -33,7 +33,7 @@ over the step]), is made of these terms, each sized from the graph's shapes and 
   them (its buckets are zeroed), so without DDP a stage's gradients exist only from its
   first backward on (``StageCost.fresh_grad_bytes``).
 - per micro-batch in flight (from its forward to the end of its backward): the tensors
-  autograd saves (``BlockCost.saved_bytes``, or the stage's inputs under recomputation);
+  autograd saves (``BlockCost.saved_bytes``, or a recomputed block's inputs, ``BlockCost.input_bytes``);
   the stage's output, which torch's pipeline stage keeps for the backward; and on the last
   stage what the loss saves ([Note: the loss's memory] in cost_models/memory.py).
 - receive buffers: torch's pipeline stage allocates one gradient buffer per micro-batch for
@@ -43,11 +43,10 @@ over the step]), is made of these terms, each sized from the graph's shapes and 
 - during one backward of the stage (``StageCost.backward_workspace_bytes``): the larger of
   the loss's backward (last stage) and, for the node whose backward needs most, the
   gradient of its output with the gradients of its inputs, plus the gradient received for
-  the stage's output; under recomputation, what the replay holds at once: the saved
-  tensors of the whole stage when every block recomputes (the runtime checkpoints the
-  stage in one piece: [Note: recomputation as priced] in runtime/model.py), otherwise the
-  largest recomputed block's or attention core's ([Note: recompute per block] in
-  recompute.py).
+  the stage's output; under recomputation, what the replay holds at once: the largest
+  recomputed block's or attention core's saved tensors, since the runtime checkpoints each
+  on its own, also when every block recomputes ([Note: recompute per block] and [Note:
+  recompute in the runtime] in recompute.py).
 - during the optimizer step, after every backward: its workspace ([Note: the optimizer
   step's workspace] in cost_models/memory.py). torch picks the foreach implementation on
   CUDA and the single-tensor one on CPU; a cluster is taken as CPU processes when its name
@@ -515,16 +514,10 @@ class Evaluator:
             out = crossing[s] * mbs / self.captured.batch_size / tp
             loss = LossMemory(0, 0)
         received = crossing[s - 1] * mbs / self.captured.batch_size / tp if s > 0 else 0.0
-        if spec.recompute and set(spec.recompute) == set(spec.blocks) and not spec.selective:
-            # Every block recomputes: the runtime checkpoints the stage in one piece ([Note:
-            # recomputation as priced] in runtime/model.py): it keeps the stage's inputs, and its
-            # backward replays every block at once.
-            saved = received if s > 0 else costs[0].input_bytes
-            replay = sum(c.saved_bytes for c in costs)
-        else:
-            # Some blocks, or attention cores: each is checkpointed on its own, so the replay holds
-            # one at a time ([Note: recompute per block] in recompute.py).
-            saved, _, replay = recompute_terms(spec, costs)
+        # Each recomputed block (all of them or some) and attention core is checkpointed on its own, so
+        # the stage keeps each one's inputs and its backward replays one at a time ([Note: recompute per
+        # block] in recompute.py).
+        saved, _, replay = recompute_terms(spec, costs)
         nodes = max((self.node_backward_bytes(b, mbs) for b in blocks), default=0.0)
         backward = max(float(loss.backward_bytes), (0.0 if last else out) + nodes + replay)
         table = self.captured.params

@@ -66,7 +66,7 @@ import torch.fx as fx
 from cost_models import op_class
 
 from .errors import PlanError
-from .fsdp import block_of, nest_blocks
+from .fsdp import block_of, nest_blocks, nest_region
 
 if TYPE_CHECKING:
     from .capture import CapturedModel
@@ -101,27 +101,34 @@ def checkpoint_in_graph(gm: fx.GraphModule, stage: "Stage") -> None:
     ``torch.utils.checkpoint``, in place ([Note: recompute in the runtime])."""
     checkpoint = _checkpoint()
     wanted = [b for b in stage.modules if b in set(stage.recompute)]
+    regions: dict[str, str] = {}  # block -> the path of the weightless module it was folded into
     if wanted:
         folded = {n.target for n in gm.graph.nodes if n.op == "call_module"}
         if any(b not in folded for b in wanted):
             nest_blocks(gm, [b for b in wanted if b not in folded])
         calls = {n.target: n for n in gm.graph.nodes if n.op == "call_module" and n.target in set(wanted)}
+        for b in [b for b in wanted if b not in calls]:  # its weights are read elsewhere, or it has none
+            at = region_path(b)
+            if nest_region(gm, b, stage.modules, at):
+                regions[b] = at
+        calls.update({b: n for n in gm.graph.nodes for b, at in regions.items()
+                      if n.op == "call_module" and n.target == at})
         lost = [b for b in wanted if b not in calls]
         if lost:
             raise PlanError(f"stages[{stage.index}].recompute names {lost[0]!r}, whose nodes the runtime cannot fold "
-                            "into one module (they interleave with another block's, or another block of the stage reads "
-                            "its weights); recompute the whole stage (recompute: true) or leave that block out")
+                            "into one module (they interleave with another block's); leave that block out of the "
+                            "stage's recompute list")
         for b in wanted:
             node = calls[b]
             with gm.graph.inserting_before(node):
-                block = gm.graph.get_attr(b)
+                block = gm.graph.get_attr(regions.get(b, b))
                 new = gm.graph.call_function(checkpoint, (block, *node.args), {**node.kwargs, "use_reentrant": False})
             _swap(gm.graph, node, new)
         gm.graph.lint()
         gm.recompile()
     if stage.selective:
         for name, sub in gm.named_modules():
-            if not isinstance(sub, fx.GraphModule) or name in set(wanted):
+            if not isinstance(sub, fx.GraphModule) or name in set(wanted) or name in set(regions.values()):
                 continue
             cores = [n for n in sub.graph.nodes if n.op == "call_function" and is_attention_core(str(n.target))
                      and (name or block_of(n, stage.modules)) not in set(wanted)]
@@ -133,6 +140,12 @@ def checkpoint_in_graph(gm: fx.GraphModule, stage: "Stage") -> None:
             if cores:
                 sub.graph.lint()
                 sub.recompile()
+
+
+def region_path(block: str) -> str:
+    """Where ``checkpoint_in_graph`` puts the weightless module of a recomputed ``block`` that cannot
+    own its weights (``fsdp.nest_region``): a child of the stage that no model attribute uses."""
+    return "recompute_" + block.replace(".", "_")
 
 
 def _swap(graph: fx.Graph, old: fx.Node, new: fx.Node) -> None:
@@ -152,7 +165,7 @@ def recompute_regions(gm: fx.GraphModule, stage: "Stage") -> tuple[tuple[str, ..
         mine = [n for n in nodes if block_of(n, stage.modules) == b]
         if not mine:
             raise PlanError(f"stages[{stage.index}].recompute names {b!r}, whose nodes the runtime does not find in "
-                            "the stage; recompute the whole stage (recompute: true) or leave that block out")
+                            "the stage; leave that block out of the stage's recompute list")
         out.append(tuple(n.name for n in mine))
     if stage.selective:
         out += [(n.name,) for n in nodes if n.op == "call_function" and is_attention_core(str(n.target))
@@ -175,7 +188,7 @@ def run_region(nodes: Sequence[fx.Node], env: dict[fx.Node, Any], run: Callable[
     absent = [i for i in external if i not in values]  # a weight the graph reads later is read here
     if absent:
         raise PlanError(f"node {nodes[0].name} begins a recomputed region that reads {absent[0].name}, which the stage "
-                        "computes only later; recompute the whole stage (recompute: true) instead")
+                        "computes only later; leave its block out of the stage's recompute list")
     leaving = [n for n in nodes if any(u not in inside for u in n.users)]
 
     def replay(*values: Any) -> tuple:
