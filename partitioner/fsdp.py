@@ -159,6 +159,8 @@ def _fold(gm: fx.GraphModule, block: str, run: list[fx.Node], at: str | None = N
     leaving = [n for n in run if any(u not in inside for u in n.users)]
     g.output(tuple(env[n] for n in leaving))
     child = fx.GraphModule(gm.get_submodule(block) if at is None else torch.nn.Module(), g, class_name="Block")
+    if at is not None:
+        gm.add_submodule(at, child)
     with gm.graph.inserting_before(run[0]):
         call = gm.graph.call_module(block if at is None else at, tuple(external))
         outs = [gm.graph.call_function(operator.getitem, (call, k)) for k in range(len(leaving))]
@@ -170,7 +172,6 @@ def _fold(gm: fx.GraphModule, block: str, run: list[fx.Node], at: str | None = N
     for a in owned:
         gm.graph.erase_node(a)
     if at is not None:
-        gm.add_submodule(at, child)
         return True
     parent_name, _, leaf = block.rpartition(".")
     parent = gm.get_submodule(parent_name) if parent_name else gm
