@@ -144,10 +144,6 @@ def _fold(gm: fx.GraphModule, block: str, run: list[fx.Node], at: str | None = N
     if at is None and not any(isinstance(gm.get_parameter(str(a.target)) if _is_param(gm, str(a.target)) else None,
                                          torch.nn.Parameter) for a in owned):
         return False  # no parameters: nothing to shard
-    if at is not None:  # the weights it reads, read by the stage before the call
-        for i in external:
-            if i.op == "get_attr":
-                run[0].prepend(i)
     g = fx.Graph()
     env: dict[fx.Node, fx.Node] = {}
     for i in external:
@@ -162,7 +158,10 @@ def _fold(gm: fx.GraphModule, block: str, run: list[fx.Node], at: str | None = N
     if at is not None:
         gm.add_submodule(at, child)
     with gm.graph.inserting_before(run[0]):
-        call = gm.graph.call_module(block if at is None else at, tuple(external))
+        # A weightless child's weights, read by the stage right before the call (the graph's own
+        # get_attr may come later, or be shared with another block's call).
+        args = [gm.graph.get_attr(str(i.target)) if at is not None and i.op == "get_attr" else i for i in external]
+        call = gm.graph.call_module(block if at is None else at, tuple(args))
         outs = [gm.graph.call_function(operator.getitem, (call, k)) for k in range(len(leaving))]
     for n, out in zip(leaving, outs):
         out.meta = dict(n.meta)

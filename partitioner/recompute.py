@@ -27,8 +27,11 @@ So a stage with recomputed set ``R`` and selective flag ``σ`` has, per micro-ba
     work_s = max(max_{b in R} sv_b, σ max_{b not in R} core_b)     (one replay live at a time)
 
 and ``work_s`` is held once (in ``static_bytes``), not per micro-batch. With ``R`` all
-blocks and ``σ`` off this is the former whole-stage recomputation; a plan of version 4 or
-older with ``recompute: true`` loads as exactly that. Megatron-LM's "selective" mode
+blocks and ``σ`` off this is full recomputation, as Megatron-LM's checkpointing of each
+layer; a plan of version 4 or older with ``recompute: true`` loads as exactly that. The
+runtime checkpoints every block of ``R`` on its own in that case too, so the saved set per
+micro-batch is every block's inputs (not only the stage's), and the replay holds one
+block's ``sv_b`` at a time, never the whole stage's. Megatron-LM's "selective" mode
 recomputes the same core (``core_attention``): softmax(QK^T/sqrt(d))V, whose saved
 tensors grow with seq^2 in an eager attention. With a fused attention kernel
 (``scaled_dot_product_attention``: flash or memory-efficient) the core saves only its
@@ -43,18 +46,28 @@ search does not choose it.
 
 [Note: recompute in the runtime]
 Each choice runs as ``torch.utils.checkpoint`` (non-reentrant) around exactly what the
-plan names. A stage that recomputes every block and nothing selectively keeps the former
-whole-stage wrapper (``RecomputedStage``). Otherwise, without tensor parallelism
+plan names, each block on its own, whether the stage recomputes some blocks or all of them
+(a stage once ran as one checkpoint around its whole forward when it recomputed every block;
+its backward then replayed, and held, all its blocks at once). Without tensor parallelism
 (``checkpoint_in_graph``), each recomputed block is folded into a child GraphModule at its
 own path (``fsdp.nest_blocks``, the folding FSDP's units use, so parameter names stay)
-and its call becomes ``checkpoint(block, *inputs)``; each attention core of the other
+and its call becomes ``checkpoint(block, *inputs)``. A block that cannot own its weights
+(another block reads them: GPT-2's tied embedding and head) or has none is folded instead
+into a weightless child at ``region_path(block)`` (``fsdp.nest_region``) that takes every
+weight it reads as an input, read by the stage's own ``get_attr``. This runs before FSDP
+shards the stage, so a folded block becomes the FSDP unit the checkpoint calls; under
+ZeRO-3 the unit's replay runs inside its backward, after FSDP's pre-backward hook has
+regathered it (FSDP2 skips its forward hooks then), so the replay gathers nothing more
+and holds the unit gathered, as ZeRO-3's backward does anyway. A weightless child's
+weights belong to the stage root's unit, which FSDP keeps gathered through the backward.
+Each attention core of the other
 blocks becomes ``checkpoint(op, *inputs)`` in the graph that holds it (the stage, or a
 block FSDP folded). With tensor parallelism the stage runs node by node under DTensor
 (rewrite.py), so there the same choices are *regions* of nodes (``recompute_regions``): a
 recomputed block's nodes, or one core node; the interpreter runs each region as one
-checkpointed function (``run_region``). A block whose nodes cannot be folded into one
-module (they interleave with another block's, or their weights are read by another block
-of the stage) cannot be recomputed on its own, and the plan is refused naming it.
+checkpointed function (``run_region``); a tied block's weights are read there as the
+region's inputs. A block whose nodes cannot be folded into one module (they interleave
+with another block's) cannot be recomputed on its own, and the plan is refused naming it.
 """
 
 from __future__ import annotations
@@ -72,7 +85,7 @@ if TYPE_CHECKING:
     from .capture import CapturedModel
     from .plan import Stage
 
-__all__ = ["is_attention_core", "attention_core", "checkpoint_in_graph", "recompute_regions", "run_region"]
+__all__ = ["is_attention_core", "attention_core", "checkpoint_in_graph", "recompute_regions", "region_path", "run_region"]
 
 
 def is_attention_core(target: str) -> bool:

@@ -64,7 +64,7 @@ def auto_parallelize(
     ``training.dp_sharding``; ``dp_sharding`` names the least the planner
     must shard (``zero2``, ``zero3``: FSDP2, see fsdp.py). ``recompute=True`` (``False``) pins every stage to
     (not to) replay its forward in backward; ``None`` lets the planner choose
-    per stage ([Note: recomputation as priced]).
+    per stage ([Note: recompute in the runtime] in recompute.py).
 
     A model built on ``meta`` (e.g. ``load_model(..., device="meta")``) is
     materialized stage by stage: each rank allocates and initializes only the
