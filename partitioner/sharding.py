@@ -289,10 +289,14 @@ class BlockLayoutCosts:
 
     def saved_bytes(self, tensor: str, layout: Mapping[str, str], strat: Mapping[str, str]) -> float:
         """Bytes autograd keeps of ``tensor``: 1/tp when split (``S``), and when ``Q`` unless a node
-        that reads it whole saves it (the gathered copy; [Note: sequence parallelism])."""
+        that reads it whole saves it (the gathered copy); a block input (whole) that only nodes
+        reading it along the tokens save is kept as their slices ([Note: sequence parallelism])."""
+        savers = [v for v in self.savers.get(tensor, ()) if v != tensor]
         split = layout.get(tensor, "R")
-        if split == "Q" and any(v != tensor and INPUT_LAYOUT[strat[v]] == "R" for v in self.savers.get(tensor, ())):
+        if split == "Q" and any(INPUT_LAYOUT[strat[v]] == "R" for v in savers):
             split = "R"
+        if tensor not in layout and savers and all(INPUT_LAYOUT[strat[v]] == "Q" for v in savers):
+            split = "Q"
         return self.tensor_bytes(tensor) / (self.tp if split != "R" else 1)
 
     def core(self, strategies: Mapping[str, str], core: Sequence[str]) -> tuple[float, float]:

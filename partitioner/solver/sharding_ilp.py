@@ -26,6 +26,7 @@ l in {R, S, Q}, see [Note: sequence parallelism] for Q):
     column inputs      z[u] >= y[v, column] - out[u,Q],                  add_column_input_constraints()
                        r[u] >= y[v, column] + out[u,Q] - 1  for every consumer v of u
     saved split        m[u] <= out[u,Q],  m[u] <= 1 - in[v,R] for every saver v != u  add_memory_term()
+                       (a block input u: m[u] <= in[v,Q] for every saver v)
 
     minimize  sum y[n,s] (compute + own comm)[n,s] + sum e[u,v,a,b] reshard[u,a,b] + sum q[u] gather[u]
               + sum z[u] allreduce[u] + sum r[u] reducescatter[u]
@@ -165,10 +166,16 @@ class _BlockModel:
         always; Q where m[u] <= out[u,Q] and m[u] <= 1 - in[v,R] for each saver v != u (``saved_q``)."""
         tp = self.t.tp
         for t in self.t.saved_tensors:
-            if t not in self.y:
-                continue
             saving = _units(self.w * self.t.tensor_bytes(t) * (1 - 1 / tp))
             if not saving:
+                continue
+            if t not in self.y:  # a block input: kept as slices where every saver reads it along the tokens
+                savers = sorted(v for v in self.t.savers.get(t, ()) if v in self.y)
+                if savers and all(self.can(v, "Q", reads=True) for v in savers):
+                    m = self.m.new_bool_var(f"m[{t}]")
+                    for v in savers:
+                        self.m.add(m <= self.inn(v, "Q")).with_name(f"saved_q[{t},{v}]")
+                    self.cost.append(-saving * m)
                 continue
             self.cost.append(-saving * self.out(t, "S"))
             if self.can(t, "Q"):
