@@ -431,8 +431,9 @@ class _TPInterpreter(fx.Interpreter):
             region = tuple(by_name[x] for x in names)
             self._region_of.update({n: region for n in region})
         self._done: dict[fx.Node, Any] = {}  # values a region computed ahead of its nodes' turn
-        # Sequence-split values gathered for the nodes that read them whole: producer -> (value, gathered)
-        self._gathered: dict[str, tuple[Any, Any]] = {}
+        # Sequence-split values gathered for the nodes that read them whole:
+        # producer -> (value, gathered, readers still to come)
+        self._gathered: dict[str, tuple[Any, Any, int]] = {}
 
     def get_attr(self, target: Any, args: Any, kwargs: Any) -> Any:
         from torch.distributed.tensor import DTensor, Shard
@@ -472,19 +473,24 @@ class _TPInterpreter(fx.Interpreter):
         value and shared by every node that reads it whole, so that the backward reduces their
         gradients once ([Note: sequence parallelism] in tp_strategies.py)."""
         from torch.distributed.tensor import DTensor, Replicate
-        from torch.utils._pytree import tree_map
+        from torch.utils._pytree import tree_flatten, tree_map
 
         swap: dict[int, Any] = {}
-        for i in n.all_input_nodes:
-            if OUTPUT_LAYOUT[self.owner.sharding.get(i.name, "replicate")] != "Q":
+        # The values come from the arguments, matched to the graph's by position, not from the
+        # environment: a recomputed region runs again in backward, after the environment is cleared.
+        for i, value in zip(tree_flatten((n.args, n.kwargs))[0], tree_flatten((args, kwargs))[0]):
+            if not isinstance(i, fx.Node) or not isinstance(value, DTensor) or id(value) in swap:
                 continue
-            value = self.env.get(i)
-            if not isinstance(value, DTensor):
+            if OUTPUT_LAYOUT[self.owner.sharding.get(i.name, "replicate")] != "Q":
                 continue
             hit = self._gathered.get(i.name)
             if hit is None or hit[0] is not value:
-                hit = (value, value.redistribute(self.owner.mesh, [Replicate()]))
-                self._gathered[i.name] = hit
+                readers = sum(INPUT_LAYOUT[self.owner.sharding.get(u.name, "replicate")] == "R" for u in i.users)
+                hit = (value, value.redistribute(self.owner.mesh, [Replicate()]), readers)
+            if hit[2] > 1:  # kept for the other readers only: the last one lets it go
+                self._gathered[i.name] = (hit[0], hit[1], hit[2] - 1)
+            else:
+                self._gathered.pop(i.name, None)
             swap[id(value)] = hit[1]
         if not swap:
             return args, kwargs

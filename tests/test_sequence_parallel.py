@@ -29,19 +29,25 @@ from test_solver import _stack_evaluator  # noqa: E402
 TOL = 1e-5
 SP_MODELS = ["gpt2-tiny", "llama-tiny"]
 # Micro-batches of 2 (GPT-2's flattened tokens split by DTensor on the batch dim) and of 1 (on the sequence).
+# And the first layer recomputed with the other layers' attention cores (checkpointed node regions that
+# gather sequence-split inputs again in backward; partitioner/recompute.py), on GPT-2 only.
 LAYOUTS = {
     "tp2-sp": dict(pp=1, tp=2, dp=1, microbatches=1, global_batch=2, sequence_parallel=True),
     "tp2-sp-mb1": dict(pp=1, tp=2, dp=1, microbatches=2, global_batch=2, sequence_parallel=True),
+    "tp2-sp-recompute": dict(pp=1, tp=2, dp=1, microbatches=1, global_batch=2, sequence_parallel=True,
+                             recompute_layers=dict(blocks=1, selective=True)),
 }
+LAYOUT_MODELS = {"tp2-sp-recompute": ["gpt2-tiny"]}
 
 
 @pytest.mark.slow
 def test_sequence_parallel_matches_single_process(tmp_path: Path) -> None:
-    reports = launch(2, "equivalence", {"layouts": LAYOUTS, "models": SP_MODELS}, tmp_path, timeout_s=400)
+    reports = launch(2, "equivalence", {"layouts": LAYOUTS, "models": SP_MODELS, "layout_models": LAYOUT_MODELS},
+                     tmp_path, timeout_s=400)
     for rank, r in enumerate(reports):
         assert r["rc"] == 0 and r.get("job_failed") is None, f"rank {rank}: {r.get('job_failed')}\n{r['stderr'][-4000:]}"
     for layout in LAYOUTS:
-        for name in SP_MODELS:
+        for name in LAYOUT_MODELS.get(layout, SP_MODELS):
             for rank, r in enumerate(reports):
                 m = r[layout][name]
                 assert {"seq", "row_seq"} <= set(m["strategies"]), (layout, name, m["strategies"])
@@ -49,6 +55,8 @@ def test_sequence_parallel_matches_single_process(tmp_path: Path) -> None:
                 assert m["grad"] <= TOL, f"{layout} {name} rank {rank}: gradients differ by {m['grad']:.2e}"
                 assert m["param"] <= TOL, f"{layout} {name} rank {rank}: parameters differ by {m['param']:.2e}"
                 assert set(m["names"]) == set(m["all_names"]), (layout, name)  # tp: every rank checks every grad
+                if "recompute_layers" in LAYOUTS[layout]:
+                    assert all(len(b) == 1 for b in m["plan_recompute"]) and all(m["plan_selective"]), m
 
 
 @pytest.fixture(scope="module")
