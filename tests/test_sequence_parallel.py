@@ -135,3 +135,42 @@ def test_the_sequence_dim_comes_from_the_shapes_and_ambiguity_is_refused() -> No
         assert (sequence_shape(cap) is not None) == (shape[0] != shape[1])
         norm = next(n for n in cap.nodes.values() if "layer_norm" in n.target)
         assert ("seq" in allowed_strategies(norm, cap, 2)) == ok, shape
+
+
+def _exported_node(module: torch.nn.Module, *inputs: torch.Tensor, op: str):
+    gm = torch.export.export(module, inputs).module()
+    return next(n for n in gm.graph.nodes if op in str(n.target))
+
+
+def test_realize_splits_the_tokens_on_dtensor() -> None:
+    """On DTensor (torch's fake process group: placements, not values), ``seq`` slices a whole
+    input on the sequence dim and keeps a split it is given; ``row_seq`` reduce-scatters to the
+    token dim of a (batch, seq, x) or a flattened (batch * seq, x) output."""
+    import torch.distributed as dist
+    from torch.distributed.device_mesh import init_device_mesh
+    from torch.distributed.tensor import DTensor, Replicate, Shard
+    from torch.testing._internal.distributed.fake_pg import FakeStore
+
+    from partitioner.tp_strategies import STRATEGIES, TPContext
+
+    norm = _exported_node(torch.nn.LayerNorm(32), torch.zeros(2, 8, 32), op="layer_norm")
+    linear = _exported_node(torch.nn.Linear(32, 32), torch.zeros(2, 8, 32), op="linear")
+    flat = _exported_node(torch.nn.Linear(32, 32), torch.zeros(16, 32), op="linear")
+    dist.init_process_group("fake", store=FakeStore(), rank=0, world_size=2)
+    try:
+        mesh = init_device_mesh("cpu", (2,))
+        ctx = TPContext(mesh, lambda n, args, kwargs: n.target(*args, **kwargs))
+        x, w, b = torch.randn(2, 8, 32), torch.ones(32), torch.zeros(32)
+        args = (x, [32], w, b, 1e-5)
+        out = STRATEGIES["seq"].realize(ctx, norm, args, {})
+        assert isinstance(out, DTensor) and out.placements == (Shard(1),) and tuple(out.shape) == (2, 8, 32)
+        by_batch = DTensor.from_local(x, mesh, [Replicate()], run_check=False).redistribute(mesh, [Shard(0)])
+        out = STRATEGIES["seq"].realize(ctx, norm, (by_batch, [32], w, b, 1e-5), {})
+        assert out.placements == (Shard(0),)  # a token split it is given is kept, not moved
+        weight = DTensor.from_local(torch.randn(32, 16), mesh, [Shard(1)], run_check=False)
+        for node, shape, dim in ((linear, (2, 8, 16), 1), (flat, (16, 16), 0)):
+            split = DTensor.from_local(torch.randn(*shape), mesh, [Shard(len(shape) - 1)], run_check=False)
+            out = STRATEGIES["row_seq"].realize(ctx, node, (split, weight, torch.zeros(32)), {})
+            assert out.placements == (Shard(dim),) and out.shape[-1] == 32, (shape, out.placements)
+    finally:
+        dist.destroy_process_group()
