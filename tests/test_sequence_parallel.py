@@ -16,7 +16,7 @@ import torch
 
 from partitioner.capture import capture
 from partitioner.cluster import Cluster
-from partitioner.planner import plan_parallelism, prepare
+from partitioner.planner import plan_parallelism
 from partitioner.sharding import megatron_sharding
 from partitioner.solver.sharding_ilp import FAST_WEIGHT, LEAN_WEIGHT, solve_block_sharding
 from partitioner.tp_strategies import OUTPUT_LAYOUT, allowed_strategies, sequence_shape, token_dim
