@@ -310,7 +310,8 @@ class BlockLayoutCosts:
         strat = {n: strategies.get(n, "replicate") if self.tp > 1 else "replicate" for n in self.nodes}
         fwd = sum(self.options[n][strat[n]].compute.forward_s + self.options[n][strat[n]].comm.forward_s for n in inside)
         freed = sum(self.options[n][strat[n]].saved_other for n in inside)
+        layout = {n: OUTPUT_LAYOUT[s] for n, s in strat.items()}
         for t in self.saved_tensors:
             if t in inside and self.savers.get(t, set()) <= inside:
-                freed += self.saved_bytes(t, {n: OUTPUT_LAYOUT[s] for n, s in strat.items()}, strat)
+                freed += self.saved_bytes(t, layout, strat)
         return fwd, freed
