@@ -248,6 +248,7 @@ def _equivalence(layout: dict[str, Any], models: list[str], meta_models: list[st
             worst_grad=max(grads, key=lambda n: _rel(grads[n], ref_grads[n], 1e-4 * scale_g)),
             names=sorted(grads), all_names=sorted(ref_grads), matched_by=pm.split.matched_by,
             schedule=pm.plan.schedule.name, stages=list(pm.stage_indices),
+            strategies=sorted(set(pm.plan.sharding.values())),
             plan_recompute=[st.recompute for st in pm.plan.stages],
             plan_selective=[st.selective for st in pm.plan.stages],
             # checkpoint calls in this rank's stage graphs (recomputed blocks and attention cores; recompute.py)
