@@ -79,6 +79,10 @@ class Pins:
     # recomputes ([Note: recompute per block in the search]); False keeps whole stages only, as
     # before (a benchmark's "without"). The baselines always recompute whole stages.
     recompute_blocks: bool = True
+    # Sequence parallelism with tp ([Note: sequence parallelism] in tp_strategies.py): None lets the
+    # ILP choose it per node and keeps the baselines' Megatron layout without it; True gives the
+    # baselines Megatron's --sequence-parallel layout; False keeps it out of the ILP's choice too.
+    sequence_parallel: bool | None = None
 
     def __post_init__(self) -> None:
         for level in self.dp_shardings:
@@ -344,7 +348,7 @@ def tune(
 
     def sharding_for(tp: int) -> dict:
         if tp not in shardings:
-            shardings[tp] = megatron_sharding(ev.captured, tp) if tp > 1 else {}
+            shardings[tp] = megatron_sharding(ev.captured, tp, bool(pins.sequence_parallel)) if tp > 1 else {}
         return shardings[tp]
 
     points = []

@@ -119,6 +119,9 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--virtual-stages", type=_positive_int, default=None,
                    help="stages per rank (interleaved, zb: any; zbv, dualpipev: 2)")
     g.add_argument("--recompute", action=argparse.BooleanOptionalAction, default=None, help="activation recomputation")
+    g.add_argument("--sequence-parallel", action=argparse.BooleanOptionalAction, default=None,
+                   help="sequence parallelism with tp: on gives the baselines Megatron's layout with it, off keeps it "
+                        "out of the ILP (default: the ILP chooses)")
     g.add_argument("--split-at", default=None, metavar="MODULE[,MODULE..]", help="hand-written plan: stages begin at these modules")
     g.add_argument("--plan", dest="plan_file", default=None, metavar="PATH", help="check and simulate a plan JSON file")
     g.add_argument("--optimizer", default=None, choices=("adam-mixed", "adam", "sgd"), help="adam-mixed | adam | sgd (default adam-mixed)")
@@ -330,6 +333,7 @@ def cmd_plan(args: argparse.Namespace) -> int:
         clash = [flag for flag, value in (
             ("--mesh", args.mesh), ("--split-at", args.split_at), ("--microbatches", args.microbatches),
             ("--schedule", args.schedule), ("--virtual-stages", args.virtual_stages), ("--recompute", args.recompute),
+            ("--sequence-parallel", args.sequence_parallel),
             ("--global-batch", args.global_batch), ("--zero1", args.zero1 or None), ("--dp-sharding", args.dp_sharding),
             ("--optimizer", args.optimizer),
             ("--memory-reserve", args.memory_reserve), ("--dtype", args.dtype), ("--method", args.method_given),
@@ -423,6 +427,7 @@ def _plan_or_score(args, plan_in, model, loaded, cluster, pins, global_batch, tr
         virtual_stages=args.virtual_stages,
         recompute=args.recompute,
         split_at=[s for s in args.split_at.split(",") if s] if args.split_at else None,
+        sequence_parallel=args.sequence_parallel,
         time_limit_s=args.time_limit or 30.0,
         batch_size=loaded.batch_size,
         progress=progress.search,

@@ -41,7 +41,7 @@ def synthetic_corpus(vocab: int, n_tokens: int = CORPUS_TOKENS, seed: int = 0) -
         raise DataError(f"a synthetic corpus needs a vocabulary of at least 2 tokens, got {vocab}")
     g = torch.Generator().manual_seed(seed)
     k = min(SUCCESSORS, vocab)
-    table = torch.stack([torch.randperm(vocab, generator=g)[:k] for _ in range(vocab)])  # (vocab, k)
+    table = _successor_table(vocab, k, g)  # (vocab, k)
     probs = torch.tensor([0.5, 0.25, 0.125, 0.125][:k])
     choice = torch.multinomial(probs / probs.sum(), n_tokens, replacement=True, generator=g)
     out = torch.empty(n_tokens, dtype=torch.long)
@@ -50,6 +50,21 @@ def synthetic_corpus(vocab: int, n_tokens: int = CORPUS_TOKENS, seed: int = 0) -
         out[i] = tok
         tok = int(table[tok, choice[i]])
     return out
+
+
+def _successor_table(vocab: int, k: int, g: torch.Generator) -> torch.Tensor:
+    """``k`` distinct successors for each of ``vocab`` tokens, in O(vocab * k) memory and time.
+
+    A row whose draw repeats a token is drawn again: rare once ``vocab`` is well above ``k``, and
+    a few rounds for a tiny vocabulary. (One ``randperm(vocab)[:k]`` per token kept every full
+    permutation alive through its slice: vocab^2 int64s, 20 GB for GPT-2's 50,257 tokens.)"""
+    table = torch.randint(0, vocab, (vocab, k), generator=g)
+    while True:
+        ordered = table.sort(dim=1).values
+        repeated = (ordered[:, 1:] == ordered[:, :-1]).any(dim=1)
+        if not bool(repeated.any()):
+            return table
+        table[repeated] = torch.randint(0, vocab, (int(repeated.sum()), k), generator=g)
 
 
 def successors_entropy(vocab: int) -> float:

@@ -33,7 +33,7 @@ over the step]), is made of these terms, each sized from the graph's shapes and 
   them (its buckets are zeroed), so without DDP a stage's gradients exist only from its
   first backward on (``StageCost.fresh_grad_bytes``).
 - per micro-batch in flight (from its forward to the end of its backward): the tensors
-  autograd saves (``BlockCost.saved_bytes``, or the stage's inputs under recomputation);
+  autograd saves (``BlockCost.saved_bytes``, or a recomputed block's inputs, ``BlockCost.input_bytes``);
   the stage's output, which torch's pipeline stage keeps for the backward; and on the last
   stage what the loss saves ([Note: the loss's memory] in cost_models/memory.py).
 - receive buffers: torch's pipeline stage allocates one gradient buffer per micro-batch for
@@ -43,11 +43,10 @@ over the step]), is made of these terms, each sized from the graph's shapes and 
 - during one backward of the stage (``StageCost.backward_workspace_bytes``): the larger of
   the loss's backward (last stage) and, for the node whose backward needs most, the
   gradient of its output with the gradients of its inputs, plus the gradient received for
-  the stage's output; under recomputation, what the replay holds at once: the saved
-  tensors of the whole stage when every block recomputes (the runtime checkpoints the
-  stage in one piece: [Note: recomputation as priced] in runtime/model.py), otherwise the
-  largest recomputed block's or attention core's ([Note: recompute per block] in
-  recompute.py).
+  the stage's output; under recomputation, what the replay holds at once: the largest
+  recomputed block's or attention core's saved tensors, since the runtime checkpoints each
+  on its own, also when every block recomputes ([Note: recompute per block] and [Note:
+  recompute in the runtime] in recompute.py).
 - during the optimizer step, after every backward: its workspace ([Note: the optimizer
   step's workspace] in cost_models/memory.py). torch picks the foreach implementation on
   CUDA and the single-tensor one on CPU; a cluster is taken as CPU processes when its name
@@ -396,7 +395,6 @@ class Evaluator:
 
     def fsdp_costs(
         self, blocks: Sequence[int], mesh: Mesh, stage_rank_index: int, split_params: Set[str], fwd: float, bwd: float,
-        recompute: float = 0.0,
     ) -> tuple[float, float, float, float]:
         """(transient bytes, exposed forward s, exposed backward s, total collective s) of one stage
         under ZeRO-2/3 for one micro-batch.
@@ -415,10 +413,11 @@ class Evaluator:
         Transient bytes: ZeRO-3 holds the root's gathered weights and two block units' (the one
         computing and the prefetched one), ZeRO-2 the whole stage's; both hold the root's
         unsharded gradients through the backward and one block unit's until its reduce-scatter.
-        A recomputed stage replays its forward inside the backward: under ZeRO-3 that gathers
-        the weights once more (the backward pass then has two gathers and the scatter to hide).
-        ``recompute`` is the share of the stage's units that replay (1 or True: all; a stage
-        recomputing k of its n blocks regathers about k/n of its weights).
+        A recomputed block replays its forward inside its own backward, after FSDP's pre-backward
+        hook has regathered its unit, and FSDP2 skips its forward hooks then: the replay gathers
+        nothing more, whether some blocks recompute or all ([Note: recompute in the runtime] in
+        recompute.py; counted on gloo: a dp=2 ZeRO-3 step of GPT-2 makes the same 28 all-gathers
+        with every block recomputed as with none).
         """
         level = dp_spec(self.training.dp_sharding)
         table = self.captured.params
@@ -449,7 +448,7 @@ class Evaluator:
             hidden = compute if overlap == 1.0 else overlap * compute  # [Note: software overheads]
             return x / n + max(0.0, x * (n - 1) / n - hidden) if n else 0.0
 
-        gathers = level.gathers_per_microbatch + (float(recompute) if level.reshard_after_forward else 0.0)
+        gathers = level.gathers_per_microbatch
         f = exposed(gather, fwd)
         b = exposed(gather * (gathers - 1) + scatter, bwd)
         return transient, f, b, gather * gathers + scatter
@@ -515,16 +514,10 @@ class Evaluator:
             out = crossing[s] * mbs / self.captured.batch_size / tp
             loss = LossMemory(0, 0)
         received = crossing[s - 1] * mbs / self.captured.batch_size / tp if s > 0 else 0.0
-        if spec.recompute and set(spec.recompute) == set(spec.blocks) and not spec.selective:
-            # Every block recomputes: the runtime checkpoints the stage in one piece ([Note:
-            # recomputation as priced] in runtime/model.py): it keeps the stage's inputs, and its
-            # backward replays every block at once.
-            saved = received if s > 0 else costs[0].input_bytes
-            replay = sum(c.saved_bytes for c in costs)
-        else:
-            # Some blocks, or attention cores: each is checkpointed on its own, so the replay holds
-            # one at a time ([Note: recompute per block] in recompute.py).
-            saved, _, replay = recompute_terms(spec, costs)
+        # Each recomputed block (all of them or some) and attention core is checkpointed on its own, so
+        # the stage keeps each one's inputs and its backward replays one at a time ([Note: recompute per
+        # block] in recompute.py).
+        saved, _, replay = recompute_terms(spec, costs)
         nodes = max((self.node_backward_bytes(b, mbs) for b in blocks), default=0.0)
         backward = max(float(loss.backward_bytes), (0.0 if last else out) + nodes + replay)
         table = self.captured.params
@@ -589,8 +582,7 @@ class Evaluator:
             ddp = mesh.dp > 1 and not fsdp
             if fsdp:  # weights gathered per micro-batch, gradients reduce-scattered ([Note: FSDP prefetch overlap])
                 gathered, f_exp, b_exp, _ = self.fsdp_costs(spec.blocks, mesh, stage_rank(s, pp, layout),
-                                                            split_params, fwd, bwd,
-                                                            len(spec.recompute) / len(spec.blocks))
+                                                            split_params, fwd, bwd)
                 transient += gathered
                 fwd, bwd = fwd + f_exp, bwd + b_exp
             rank = mesh.rank(stage_rank(s, pp, layout))

@@ -178,7 +178,7 @@ def dp_sharding_summary(plan: Plan, evaluator: Any) -> str:
             if stage_rank(st.index, plan.mesh.pp, layout) != r:
                 continue
             blocks = [ev.pgraph.block_index(m) for m in st.modules]
-            _, _, _, per_mb = ev.fsdp_costs(blocks, plan.mesh, r, split, 0.0, 0.0, len(st.recompute) / len(st.modules))  # all collectives
+            _, _, _, per_mb = ev.fsdp_costs(blocks, plan.mesh, r, split, 0.0, 0.0)  # all collectives
             total += per_mb * plan.schedule.microbatches
             exposed += st.predicted.components.dp_gather_s
         hidden = 1 - exposed / total if total > 0 else 1.0

@@ -44,7 +44,7 @@ import torch.fx as fx
 from .dp_sharding import DPShardingSpec
 from .errors import PlanError
 
-__all__ = ["ShardedStage", "block_of", "nest_blocks", "shard_stage"]
+__all__ = ["ShardedStage", "block_of", "nest_blocks", "nest_region", "shard_stage"]
 
 _COMPUTE = ("call_function", "call_method", "call_module")
 
@@ -74,9 +74,8 @@ def block_of(node: fx.Node, blocks: Sequence[str]) -> str | None:
     return best
 
 
-def nest_blocks(gm: fx.GraphModule, blocks: Sequence[str]) -> list[str]:
-    """Fold each foldable block of ``gm`` into a child GraphModule at the block's path ([Note: FSDP
-    units]); returns the folded block names, in graph order. ``gm`` keeps its parameter names."""
+def _runs(gm: fx.GraphModule, blocks: Sequence[str]) -> tuple[list[tuple[str | None, list[fx.Node]]], dict[str, int]]:
+    """The graph's compute nodes as runs of one block each (None: no block), and how many runs each block has."""
     nodes = list(gm.graph.nodes)
     runs: list[tuple[str | None, list[fx.Node]]] = []
     for n in nodes:
@@ -91,6 +90,13 @@ def nest_blocks(gm: fx.GraphModule, blocks: Sequence[str]) -> list[str]:
     for b, _ in runs:
         if b is not None:
             count[b] = count.get(b, 0) + 1
+    return runs, count
+
+
+def nest_blocks(gm: fx.GraphModule, blocks: Sequence[str]) -> list[str]:
+    """Fold each foldable block of ``gm`` into a child GraphModule at the block's path ([Note: FSDP
+    units]); returns the folded block names, in graph order. ``gm`` keeps its parameter names."""
+    runs, count = _runs(gm, blocks)
     folded = []
     for b, run in runs:
         if b is None or count[b] != 1:
@@ -102,7 +108,25 @@ def nest_blocks(gm: fx.GraphModule, blocks: Sequence[str]) -> list[str]:
     return folded
 
 
-def _fold(gm: fx.GraphModule, block: str, run: list[fx.Node]) -> bool:
+def nest_region(gm: fx.GraphModule, block: str, blocks: Sequence[str], at: str) -> bool:
+    """Fold ``block`` (one of the stage's ``blocks``) of ``gm`` into a child GraphModule at the new path
+    ``at`` that owns no tensor: every weight it reads comes in as an input, read by ``gm``'s own
+    ``get_attr``, so that a block whose weights another block reads (a tied embedding or head), or
+    that has none, can be called as one module (recompute.py checkpoints it: [Note: recompute in the
+    runtime]). False where its nodes are not one contiguous run of the graph."""
+    runs, count = _runs(gm, blocks)
+    run = next((r for b, r in runs if b == block), None)
+    if run is None or count[block] != 1:
+        return False
+    ok = _fold(gm, block, run, at=at)
+    gm.graph.lint()
+    gm.recompile()
+    return ok
+
+
+def _fold(gm: fx.GraphModule, block: str, run: list[fx.Node], at: str | None = None) -> bool:
+    """Fold ``run`` (the nodes of ``block``) into a child GraphModule: at the block's path owning the
+    block's own tensors (``at`` None), or at ``at`` owning none."""
     inside = set(run)
     prefix = block + "."
     owned = []  # get_attr nodes of the block's own tensors, read only inside the run
@@ -111,14 +135,14 @@ def _fold(gm: fx.GraphModule, block: str, run: list[fx.Node]) -> bool:
         for i in n.all_input_nodes:
             if i in inside or i in external or i in owned:
                 continue
-            if i.op == "get_attr" and str(i.target).startswith(prefix):
+            if at is None and i.op == "get_attr" and str(i.target).startswith(prefix):
                 if any(u not in inside for u in i.users):
                     return False  # the block's tensor is read elsewhere: it stays with the root
                 owned.append(i)
             else:
                 external.append(i)
-    if not any(isinstance(gm.get_parameter(str(a.target)) if _is_param(gm, str(a.target)) else None, torch.nn.Parameter)
-               for a in owned):
+    if at is None and not any(isinstance(gm.get_parameter(str(a.target)) if _is_param(gm, str(a.target)) else None,
+                                         torch.nn.Parameter) for a in owned):
         return False  # no parameters: nothing to shard
     g = fx.Graph()
     env: dict[fx.Node, fx.Node] = {}
@@ -130,9 +154,14 @@ def _fold(gm: fx.GraphModule, block: str, run: list[fx.Node]) -> bool:
         env[n] = g.node_copy(n, lambda x: env[x])
     leaving = [n for n in run if any(u not in inside for u in n.users)]
     g.output(tuple(env[n] for n in leaving))
-    child = fx.GraphModule(gm.get_submodule(block), g, class_name="Block")
+    child = fx.GraphModule(gm.get_submodule(block) if at is None else torch.nn.Module(), g, class_name="Block")
+    if at is not None:
+        gm.add_submodule(at, child)
     with gm.graph.inserting_before(run[0]):
-        call = gm.graph.call_module(block, tuple(external))
+        # A weightless child's weights, read by the stage right before the call (the graph's own
+        # get_attr may come later, or be shared with another block's call).
+        args = [gm.graph.get_attr(str(i.target)) if at is not None and i.op == "get_attr" else i for i in external]
+        call = gm.graph.call_module(block if at is None else at, tuple(args))
         outs = [gm.graph.call_function(operator.getitem, (call, k)) for k in range(len(leaving))]
     for n, out in zip(leaving, outs):
         out.meta = dict(n.meta)
@@ -141,6 +170,8 @@ def _fold(gm: fx.GraphModule, block: str, run: list[fx.Node]) -> bool:
         gm.graph.erase_node(n)
     for a in owned:
         gm.graph.erase_node(a)
+    if at is not None:
+        return True
     parent_name, _, leaf = block.rpartition(".")
     parent = gm.get_submodule(parent_name) if parent_name else gm
     setattr(parent, leaf, child)

@@ -113,6 +113,7 @@ def plan_parallelism(
     virtual_stages: int | None = None,
     recompute: bool | None = None,
     split_at: Sequence[str] | None = None,
+    sequence_parallel: bool | None = None,
     time_limit_s: float = 30.0,
     progress: SearchCallback | None = None,
     **training: Any,
@@ -122,7 +123,10 @@ def plan_parallelism(
     ``method`` is "ilp" (the default: the CP-SAT planner, bounded by
     ``time_limit_s`` seconds) or a baseline. ``split_at`` (module names where
     stages 1, 2, ... begin) makes a manual plan, or with ``method="ilp"`` pins
-    those stage boundaries and lets the ILP choose the rest. Remaining keywords (``dtype``,
+    those stage boundaries and lets the ILP choose the rest. ``sequence_parallel``: None lets the
+    ILP choose sequence parallelism per node (the baselines run Megatron's layout without it), True
+    gives the baselines and manual plans Megatron's sequence-parallel layout, False keeps it out of
+    the ILP too ([Note: sequence parallelism] in tp_strategies.py). Remaining keywords (``dtype``,
     ``optimizer``, ``zero1``, ``dp_sharding``, ``memory_reserve``, ``overlap_dp``,
     ``cost_model``, ``name``, ``example_kwargs``) go to :func:`prepare`. ``progress`` receives the
     ILP search's ``SearchStatus`` after each candidate (``partitioner.progress.Progress.search`` draws it).
@@ -137,6 +141,7 @@ def plan_parallelism(
         virtual_stages=virtual_stages,
         recompute=recompute,
         split_at=tuple(split_at or ()),
+        sequence_parallel=sequence_parallel,
     )
     if method not in ALL_METHODS:
         raise PlanError(f"--method {method!r} is not one of {', '.join(ALL_METHODS)}")
@@ -194,7 +199,7 @@ def manual_plan(ev: Evaluator, split_at: Sequence[str], pins: Pins = Pins()) -> 
     m = pins.microbatches or per_replica
     if per_replica % m:
         raise PlanError(f"--microbatches {m} does not divide the {per_replica} samples per replica")
-    sharding: Mapping[str, str] = megatron_sharding(ev.captured, tp) if tp > 1 else {}
+    sharding: Mapping[str, str] = megatron_sharding(ev.captured, tp, bool(pins.sequence_parallel)) if tp > 1 else {}
     return ev.make_plan(
         specs,
         Mesh(pp, tp, dp),

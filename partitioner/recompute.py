@@ -27,8 +27,11 @@ So a stage with recomputed set ``R`` and selective flag ``σ`` has, per micro-ba
     work_s = max(max_{b in R} sv_b, σ max_{b not in R} core_b)     (one replay live at a time)
 
 and ``work_s`` is held once (in ``static_bytes``), not per micro-batch. With ``R`` all
-blocks and ``σ`` off this is the former whole-stage recomputation; a plan of version 4 or
-older with ``recompute: true`` loads as exactly that. Megatron-LM's "selective" mode
+blocks and ``σ`` off this is full recomputation, as Megatron-LM's checkpointing of each
+layer; a plan of version 4 or older with ``recompute: true`` loads as exactly that. The
+runtime checkpoints every block of ``R`` on its own in that case too, so the saved set per
+micro-batch is every block's inputs (not only the stage's), and the replay holds one
+block's ``sv_b`` at a time, never the whole stage's. Megatron-LM's "selective" mode
 recomputes the same core (``core_attention``): softmax(QK^T/sqrt(d))V, whose saved
 tensors grow with seq^2 in an eager attention. With a fused attention kernel
 (``scaled_dot_product_attention``: flash or memory-efficient) the core saves only its
@@ -43,18 +46,28 @@ search does not choose it.
 
 [Note: recompute in the runtime]
 Each choice runs as ``torch.utils.checkpoint`` (non-reentrant) around exactly what the
-plan names. A stage that recomputes every block and nothing selectively keeps the former
-whole-stage wrapper (``RecomputedStage``). Otherwise, without tensor parallelism
+plan names, each block on its own, whether the stage recomputes some blocks or all of them
+(a stage once ran as one checkpoint around its whole forward when it recomputed every block;
+its backward then replayed, and held, all its blocks at once). Without tensor parallelism
 (``checkpoint_in_graph``), each recomputed block is folded into a child GraphModule at its
 own path (``fsdp.nest_blocks``, the folding FSDP's units use, so parameter names stay)
-and its call becomes ``checkpoint(block, *inputs)``; each attention core of the other
+and its call becomes ``checkpoint(block, *inputs)``. A block that cannot own its weights
+(another block reads them: GPT-2's tied embedding and head) or has none is folded instead
+into a weightless child at ``region_path(block)`` (``fsdp.nest_region``) that takes every
+weight it reads as an input, read by the stage's own ``get_attr``. This runs before FSDP
+shards the stage, so a folded block becomes the FSDP unit the checkpoint calls; under
+ZeRO-3 the unit's replay runs inside its backward, after FSDP's pre-backward hook has
+regathered it (FSDP2 skips its forward hooks then), so the replay gathers nothing more
+and holds the unit gathered, as ZeRO-3's backward does anyway. A weightless child's
+weights belong to the stage root's unit, which FSDP keeps gathered through the backward.
+Each attention core of the other
 blocks becomes ``checkpoint(op, *inputs)`` in the graph that holds it (the stage, or a
 block FSDP folded). With tensor parallelism the stage runs node by node under DTensor
 (rewrite.py), so there the same choices are *regions* of nodes (``recompute_regions``): a
 recomputed block's nodes, or one core node; the interpreter runs each region as one
-checkpointed function (``run_region``). A block whose nodes cannot be folded into one
-module (they interleave with another block's, or their weights are read by another block
-of the stage) cannot be recomputed on its own, and the plan is refused naming it.
+checkpointed function (``run_region``); a tied block's weights are read there as the
+region's inputs. A block whose nodes cannot be folded into one module (they interleave
+with another block's) cannot be recomputed on its own, and the plan is refused naming it.
 """
 
 from __future__ import annotations
@@ -66,13 +79,13 @@ import torch.fx as fx
 from cost_models import op_class
 
 from .errors import PlanError
-from .fsdp import block_of, nest_blocks
+from .fsdp import block_of, nest_blocks, nest_region
 
 if TYPE_CHECKING:
     from .capture import CapturedModel
     from .plan import Stage
 
-__all__ = ["is_attention_core", "attention_core", "checkpoint_in_graph", "recompute_regions", "run_region"]
+__all__ = ["is_attention_core", "attention_core", "checkpoint_in_graph", "recompute_regions", "region_path", "run_region"]
 
 
 def is_attention_core(target: str) -> bool:
@@ -101,27 +114,34 @@ def checkpoint_in_graph(gm: fx.GraphModule, stage: "Stage") -> None:
     ``torch.utils.checkpoint``, in place ([Note: recompute in the runtime])."""
     checkpoint = _checkpoint()
     wanted = [b for b in stage.modules if b in set(stage.recompute)]
+    regions: dict[str, str] = {}  # block -> the path of the weightless module it was folded into
     if wanted:
         folded = {n.target for n in gm.graph.nodes if n.op == "call_module"}
         if any(b not in folded for b in wanted):
             nest_blocks(gm, [b for b in wanted if b not in folded])
         calls = {n.target: n for n in gm.graph.nodes if n.op == "call_module" and n.target in set(wanted)}
+        for b in [b for b in wanted if b not in calls]:  # its weights are read elsewhere, or it has none
+            at = region_path(b)
+            if nest_region(gm, b, stage.modules, at):
+                regions[b] = at
+        calls.update({b: n for n in gm.graph.nodes for b, at in regions.items()
+                      if n.op == "call_module" and n.target == at})
         lost = [b for b in wanted if b not in calls]
         if lost:
             raise PlanError(f"stages[{stage.index}].recompute names {lost[0]!r}, whose nodes the runtime cannot fold "
-                            "into one module (they interleave with another block's, or another block of the stage reads "
-                            "its weights); recompute the whole stage (recompute: true) or leave that block out")
+                            "into one module (they interleave with another block's); leave that block out of the "
+                            "stage's recompute list")
         for b in wanted:
             node = calls[b]
             with gm.graph.inserting_before(node):
-                block = gm.graph.get_attr(b)
+                block = gm.graph.get_attr(regions.get(b, b))
                 new = gm.graph.call_function(checkpoint, (block, *node.args), {**node.kwargs, "use_reentrant": False})
             _swap(gm.graph, node, new)
         gm.graph.lint()
         gm.recompile()
     if stage.selective:
         for name, sub in gm.named_modules():
-            if not isinstance(sub, fx.GraphModule) or name in set(wanted):
+            if not isinstance(sub, fx.GraphModule) or name in set(wanted) or name in set(regions.values()):
                 continue
             cores = [n for n in sub.graph.nodes if n.op == "call_function" and is_attention_core(str(n.target))
                      and (name or block_of(n, stage.modules)) not in set(wanted)]
@@ -133,6 +153,12 @@ def checkpoint_in_graph(gm: fx.GraphModule, stage: "Stage") -> None:
             if cores:
                 sub.graph.lint()
                 sub.recompile()
+
+
+def region_path(block: str) -> str:
+    """Where ``checkpoint_in_graph`` puts the weightless module of a recomputed ``block`` that cannot
+    own its weights (``fsdp.nest_region``): a child of the stage that no model attribute uses."""
+    return "recompute_" + block.replace(".", "_")
 
 
 def _swap(graph: fx.Graph, old: fx.Node, new: fx.Node) -> None:
@@ -152,7 +178,7 @@ def recompute_regions(gm: fx.GraphModule, stage: "Stage") -> tuple[tuple[str, ..
         mine = [n for n in nodes if block_of(n, stage.modules) == b]
         if not mine:
             raise PlanError(f"stages[{stage.index}].recompute names {b!r}, whose nodes the runtime does not find in "
-                            "the stage; recompute the whole stage (recompute: true) or leave that block out")
+                            "the stage; leave that block out of the stage's recompute list")
         out.append(tuple(n.name for n in mine))
     if stage.selective:
         out += [(n.name,) for n in nodes if n.op == "call_function" and is_attention_core(str(n.target))
@@ -175,7 +201,7 @@ def run_region(nodes: Sequence[fx.Node], env: dict[fx.Node, Any], run: Callable[
     absent = [i for i in external if i not in values]  # a weight the graph reads later is read here
     if absent:
         raise PlanError(f"node {nodes[0].name} begins a recomputed region that reads {absent[0].name}, which the stage "
-                        "computes only later; recompute the whole stage (recompute: true) instead")
+                        "computes only later; leave its block out of the stage's recompute list")
     leaving = [n for n in nodes if any(u not in inside for u in n.users)]
 
     def replay(*values: Any) -> tuple:

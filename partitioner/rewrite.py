@@ -47,7 +47,7 @@ from .dtensor_ops import Unshardable, check_shardable, is_check_or_query, run_ch
 from .errors import PlanError
 from .plan import Plan
 from .recompute import run_region
-from .tp_strategies import STRATEGIES, TPContext
+from .tp_strategies import INPUT_LAYOUT, OUTPUT_LAYOUT, STRATEGIES, TPContext
 
 __all__ = ["StageProgram", "SplitModel", "split_model", "canonical_names", "microbatch_inputs"]
 
@@ -409,6 +409,7 @@ class TensorParallelModule(torch.nn.Module):
             # stage) must not. Measured: every micro-batch's logits stayed alive through the step
             # (benchmarks/results/2026-12-05-fidelity-memory.md, tensor parallelism).
             interpreter.env.clear()
+            interpreter._gathered.clear()
 
 
 def _replace_param(root: torch.nn.Module, name: str, param: torch.nn.Parameter) -> None:
@@ -430,6 +431,9 @@ class _TPInterpreter(fx.Interpreter):
             region = tuple(by_name[x] for x in names)
             self._region_of.update({n: region for n in region})
         self._done: dict[fx.Node, Any] = {}  # values a region computed ahead of its nodes' turn
+        # Sequence-split values gathered for the nodes that read them whole:
+        # producer -> (value, gathered, readers still to come)
+        self._gathered: dict[str, tuple[Any, Any, int]] = {}
 
     def get_attr(self, target: Any, args: Any, kwargs: Any) -> Any:
         from torch.distributed.tensor import DTensor, Shard
@@ -459,4 +463,35 @@ class _TPInterpreter(fx.Interpreter):
             return getattr(self, n.op)(n.target, args, kwargs)
         if is_check_or_query(n.target):  # [Note: checks and queries under DTensor] in dtensor_ops.py
             return run_check(n.target, args, kwargs)
-        return STRATEGIES[self.owner.sharding.get(n.name, "replicate")].realize(self.ctx, n, args, kwargs)
+        strategy = self.owner.sharding.get(n.name, "replicate")
+        if INPUT_LAYOUT[strategy] == "R":
+            args, kwargs = self._gather_sequence(n, args, kwargs)
+        return STRATEGIES[strategy].realize(self.ctx, n, args, kwargs)
+
+    def _gather_sequence(self, n: fx.Node, args: Any, kwargs: Any) -> tuple[Any, Any]:
+        """``args`` with each sequence-split input (``Q``) replaced by its gather, made once per
+        value and shared by every node that reads it whole, so that the backward reduces their
+        gradients once ([Note: sequence parallelism] in tp_strategies.py)."""
+        from torch.distributed.tensor import DTensor, Replicate
+        from torch.utils._pytree import tree_flatten, tree_map
+
+        swap: dict[int, Any] = {}
+        # The values come from the arguments, matched to the graph's by position, not from the
+        # environment: a recomputed region runs again in backward, after the environment is cleared.
+        for i, value in zip(tree_flatten((n.args, n.kwargs))[0], tree_flatten((args, kwargs))[0]):
+            if not isinstance(i, fx.Node) or not isinstance(value, DTensor) or id(value) in swap:
+                continue
+            if OUTPUT_LAYOUT[self.owner.sharding.get(i.name, "replicate")] != "Q":
+                continue
+            hit = self._gathered.get(i.name)
+            if hit is None or hit[0] is not value:
+                readers = sum(INPUT_LAYOUT[self.owner.sharding.get(u.name, "replicate")] == "R" for u in i.users)
+                hit = (value, value.redistribute(self.owner.mesh, [Replicate()]), readers)
+            if hit[2] > 1:  # kept for the other readers only: the last one lets it go
+                self._gathered[i.name] = (hit[0], hit[1], hit[2] - 1)
+            else:
+                self._gathered.pop(i.name, None)
+            swap[id(value)] = hit[1]
+        if not swap:
+            return args, kwargs
+        return tree_map(lambda x: swap.get(id(x), x), args), tree_map(lambda x: swap.get(id(x), x), kwargs)

@@ -413,7 +413,7 @@ SCHEDULES = tuple(REGISTRY)
 
 def check_recompute(name: str, recompute: bool) -> None:
     """Refuse recomputation under a schedule that splits the backward: torch's ``stage_backward_input``
-    cannot run through a checkpointed stage yet (the runtime's [Note: recomputation as priced])."""
+    cannot run through a checkpointed block yet ([Note: recompute in the runtime] in recompute.py)."""
     if recompute and spec(name).splits_backward:
         raise PlanError(
             f"schedule {name!r} splits the backward, which torch cannot run through a recomputed stage yet: "

@@ -46,7 +46,7 @@ __all__ = [
 ]
 
 
-def megatron_sharding(captured: CapturedModel, tp: int) -> dict[str, str]:
+def megatron_sharding(captured: CapturedModel, tp: int, sequence_parallel: bool = False) -> dict[str, str]:
     """Megatron-LM's tensor-parallel layout, for every node that is not replicated.
 
     [Note: Megatron layout from data flow]
@@ -62,6 +62,12 @@ def megatron_sharding(captured: CapturedModel, tp: int) -> dict[str, str]:
     and a column-parallel LM head. It never reads layer names. A strategy that
     ``tp`` cannot realize (heads or features not divisible) falls back to
     ``replicate``, gathering its input.
+
+    With ``sequence_parallel`` (Megatron's ``--sequence-parallel``; [Note:
+    sequence parallelism] in tp_strategies.py), a row linear is ``row_seq``
+    (reduce-scatter to the tokens) and every node that reads no split
+    features and can run on split tokens is ``seq``: the dropout, residual
+    add and norm between a row linear and the next column linear.
     """
     split: set[str] = set()
     out: dict[str, str] = {}
@@ -72,10 +78,14 @@ def megatron_sharding(captured: CapturedModel, tp: int) -> dict[str, str]:
         reads_split = any(i in split for i in node.inputs)
         if is_linear_like(node, captured):
             want = "row" if reads_split else "column"
+            if want == "row" and sequence_parallel and "row_seq" in allowed:
+                want = "row_seq"
         elif is_embedding(node):
             want = "vocab"
         else:
             want = "sharded" if reads_split else "replicate"
+            if want == "replicate" and sequence_parallel and "seq" in allowed:
+                want = "seq"
         if want not in allowed:
             continue
         if want != "replicate":
@@ -171,14 +181,25 @@ class BlockLayoutCosts:
         return bool(outs) and any(t.dtype.startswith(("float", "bfloat")) for t in outs)
 
     def edge_cost(self, producer: str, produced: str, needed: str) -> OpTime:
-        """Resharding of ``producer``'s output from layout ``produced`` to ``needed``."""
+        """Resharding of ``producer``'s output from layout ``produced`` to ``needed``.
+
+        ``Q -> R`` is priced here as a forward all-gather; ``evaluate`` charges it once per tensor and
+        adds the backward reduce-scatter where a column linear reads it ([Note: sequence parallelism])."""
         if produced == needed or self.tp == 1:
             return OpTime(0.0, 0.0)
         size = self.tensor_bytes(producer)
         gather = self.cost_model.collective_time("all_gather", size, self.group)
+        grad = gather if self.is_float(producer) else 0.0
         if produced == "R":  # slice forward, gather the gradient backward
-            return OpTime(0.0, gather if self.is_float(producer) else 0.0)
-        return OpTime(gather, 0.0)
+            return OpTime(0.0, grad)
+        if needed == "R":  # gather forward, slice the gradient backward
+            return OpTime(gather, 0.0)
+        return OpTime(gather, grad)  # S <-> Q: gather and re-split, both ways
+
+    def sequence_input_cost(self, tensor: str) -> OpTime:
+        """Backward reduce-scatter of the partial gradient of a ``Q`` tensor that column linears read
+        gathered; it replaces their input all-reduce ([Note: sequence parallelism])."""
+        return OpTime(0.0, self.cost_model.collective_time("reduce_scatter", self.tensor_bytes(tensor), self.group))
 
     def column_input_cost(self, tensor: str) -> OpTime:
         """Backward all-reduce of the gradient of a tensor read by column-parallel nodes."""
@@ -206,8 +227,16 @@ class BlockLayoutCosts:
             if not node.needs_grad:  # nothing trainable flows into it (masks, positions): no backward
                 compute = OpTime(compute.forward_s, 0.0)
             comm = OpTime(0.0, 0.0)
-            if STRATEGIES[strat].output_all_reduce:
+            spec = STRATEGIES[strat]
+            if spec.output_all_reduce:
                 comm = OpTime(self.cost_model.collective_time("all_reduce", node.output_bytes * k, self.group), 0.0)
+            if spec.output_reduce_scatter:  # [Note: sequence parallelism]: gathered again in backward
+                comm = OpTime(self.cost_model.collective_time("reduce_scatter", node.output_bytes * k, self.group),
+                              self.cost_model.collective_time("all_gather", node.output_bytes * k, self.group))
+            if spec.param_grad_all_reduce and node.needs_grad:
+                trainable = sum(cap.params[p].bytes for p in node.params if p in cap.params and cap.params[p].trainable)
+                if trainable:
+                    comm = comm + OpTime(0.0, self.cost_model.collective_time("all_reduce", trainable, self.group))
             held = sum(cap.params[p].bytes / (tp if splits_param(strat, cap.params[p].shape) else 1)
                        for p in node.params if p in cap.params)
             out[strat] = NodeOption(compute, comm, node.saved_bytes * k / div, held)
@@ -237,21 +266,38 @@ class BlockLayoutCosts:
             comm = comm + o.comm
             saved_other += o.saved_other
         layout = {n: OUTPUT_LAYOUT[s] for n, s in strat.items()}
+        gathered: set[str] = set()  # Q tensors read whole inside the block: one gather each
         for u, v in self.edges:
-            comm = comm + self.edge_cost(u, layout[u], INPUT_LAYOUT[strat[v]])
+            if layout[u] == "Q" and INPUT_LAYOUT[strat[v]] == "R":
+                gathered.add(u)
+            else:
+                comm = comm + self.edge_cost(u, layout[u], INPUT_LAYOUT[strat[v]])
         for u, v in self.boundary_inputs:
             comm = comm + self.edge_cost(u, "R", INPUT_LAYOUT[strat[v]])
         for u in self.leaving:
-            comm = comm + self.edge_cost(u, layout[u], "R")
+            if layout[u] != "Q" or u not in gathered:
+                comm = comm + self.edge_cost(u, layout[u], "R")
+        for u in sorted(gathered):
+            comm = comm + self.edge_cost(u, "Q", "R")
         column_inputs = {
             u for u, v in [*self.edges, *self.boundary_inputs] if STRATEGIES[strat[v]].input_grad_all_reduce
         }
         for u in sorted(column_inputs):
-            comm = comm + self.column_input_cost(u)
-        saved = saved_other + sum(
-            self.tensor_bytes(t) / (self.tp if layout.get(t) == "S" else 1) for t in self.saved_tensors
-        )
+            comm = comm + (self.sequence_input_cost(u) if layout.get(u) == "Q" else self.column_input_cost(u))
+        saved = saved_other + sum(self.saved_bytes(t, layout, strat) for t in self.saved_tensors)
         return compute, comm, saved
+
+    def saved_bytes(self, tensor: str, layout: Mapping[str, str], strat: Mapping[str, str]) -> float:
+        """Bytes autograd keeps of ``tensor``: 1/tp when split (``S``), and when ``Q`` unless a node
+        that reads it whole saves it (the gathered copy); a block input (whole) that only nodes
+        reading it along the tokens save is kept as their slices ([Note: sequence parallelism])."""
+        savers = [v for v in self.savers.get(tensor, ()) if v != tensor]
+        split = layout.get(tensor, "R")
+        if split == "Q" and any(INPUT_LAYOUT[strat[v]] == "R" for v in savers):
+            split = "R"
+        if tensor not in layout and savers and all(INPUT_LAYOUT[strat[v]] == "Q" for v in savers):
+            split = "Q"
+        return self.tensor_bytes(tensor) / (self.tp if split != "R" else 1)
 
     def core(self, strategies: Mapping[str, str], core: Sequence[str]) -> tuple[float, float]:
         """(forward seconds, saved bytes freed) when the nodes ``core`` (the block's attention core,
@@ -264,7 +310,8 @@ class BlockLayoutCosts:
         strat = {n: strategies.get(n, "replicate") if self.tp > 1 else "replicate" for n in self.nodes}
         fwd = sum(self.options[n][strat[n]].compute.forward_s + self.options[n][strat[n]].comm.forward_s for n in inside)
         freed = sum(self.options[n][strat[n]].saved_other for n in inside)
+        layout = {n: OUTPUT_LAYOUT[s] for n, s in strat.items()}
         for t in self.saved_tensors:
             if t in inside and self.savers.get(t, set()) <= inside:
-                freed += self.tensor_bytes(t) / (self.tp if OUTPUT_LAYOUT[strat[t]] == "S" else 1)
+                freed += self.saved_bytes(t, layout, strat)
         return fwd, freed

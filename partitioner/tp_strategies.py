@@ -17,13 +17,16 @@ know about it:
 * how it runs on DTensor (``realize``), which the tensor-parallel interpreter
   calls for every node (``rewrite.TensorParallelModule``).
 
-Adding a strategy (sequence parallel, a vocabulary-parallel head of a new
-shape) is a new entry here; ``plan.STRATEGIES`` and the docs list the names.
+Adding a strategy (a vocabulary-parallel head of a new shape) is a new entry
+here; ``plan.STRATEGIES`` and the docs list the names. Sequence parallelism
+was added this way: two entries and one layout ([Note: sequence parallelism]).
 
 [Note: layouts and resharding]
-Every tensor has a layout over the tp axis: ``R`` (whole on every rank) or
-``S`` (split; for activations, along features or heads). A node's strategy
-fixes its output layout and the layout it needs for its data inputs:
+Every tensor has a layout over the tp axis: ``R`` (whole on every rank),
+``S`` (split; for activations, along features or heads) or ``Q`` (split
+along the tokens: the sequence dim; see [Note: sequence parallelism]). A
+node's strategy fixes its output layout and the layout it needs for its data
+inputs:
 
     strategy    needs   produces   its own collectives (one micro-batch)
     replicate   R       R          -
@@ -32,16 +35,70 @@ fixes its output layout and the layout it needs for its data inputs:
     row         S       R          forward all-reduce of the output (Megatron's g)
     vocab       R       R          forward all-reduce of the output
     sharded     S       S          -
+    seq         Q       Q          backward all-reduce of its parameters' gradients (a norm's weight)
+    row_seq     S       Q          forward reduce-scatter of the output (Megatron's g with SP),
+                                   backward all-gather of its gradient
 
 An edge whose producer layout differs from what the consumer needs pays a
 resharding: ``R -> S`` is a free slice in forward and an all-gather of the
 gradient in backward (when the tensor is floating point); ``S -> R`` is an
-all-gather in forward and a free slice of the gradient in backward. Tensors
+all-gather in forward and a free slice of the gradient in backward; the
+edges from and to ``Q`` are in [Note: sequence parallelism]. Tensors
 entering a block from outside are ``R``; tensors leaving it must be ``R``
 (block boundaries carry whole tensors), except the model's outputs, which a
 vocabulary-parallel loss reads split. Work (FLOPs and bytes) of any strategy
 but ``replicate`` is divided by tp, and so are the parameters of column, row
-and vocab nodes and the saved activations of ``S`` tensors.
+and vocab nodes and the saved activations of ``S`` and ``Q`` tensors (a ``Q``
+tensor only where no saver reads it whole; see below).
+
+[Note: sequence parallelism]
+Megatron-LM's sequence parallelism (Korthikanti et al. 2022; DTensor's
+``SequenceParallel`` as torchtitan applies it) runs the regions between a
+row linear and the next column linear (dropout, the residual add, the norm)
+split along the tokens, so that their work and what they save are divided
+by tp, and replaces the row linear's all-reduce by a reduce-scatter to the
+split tokens and the column linear's input by an all-gather of them:
+
+* layout ``Q``: a tensor of shape (batch, seq, x) split on dim 1, or its
+  flattened (batch * seq, x) form (GPT-2's ``Conv1D``) split on dim 0.
+  ``token_dim`` finds that dim from the captured shapes, against the
+  model's (batch, seq) read from its inputs (``sequence_shape``). Where it
+  is ambiguous (batch == seq > 1, no (batch, seq) input, inputs that
+  disagree) or seq is not divisible by tp, no node may use ``Q``. On the
+  runtime's DTensors ``Q`` is ``Shard(d)`` for a dim ``d`` before the last:
+  DTensor's view rules may move the split of a flattened (batch * seq)
+  tensor to the batch dim when the micro-batch divides by tp; that is still
+  a split of the tokens, with the same work, memory and collectives.
+* ``seq`` (needs ``Q``, makes ``Q``): a node whose output and data inputs
+  are token-shaped (``token_dim``) and that is neither a linear, an
+  embedding nor attention: elementwise ops, norms over the last dim,
+  dropout, residual adds. Its parameters (a norm's weight) stay whole;
+  their gradients are partial sums over each rank's tokens and are
+  all-reduced in backward. Realized on DTensor ``Shard(d)`` inputs
+  (``_realize_seq``); a whole input is sliced.
+* ``row_seq`` (needs ``S``, makes ``Q``): a row linear whose partial sums
+  are reduce-scattered to the tokens (``Partial -> Shard(d)``), and whose
+  output gradient is all-gathered in backward.
+* Resharding: ``R -> Q`` is a free slice forward and an all-gather of the
+  gradient backward; ``Q -> R`` an all-gather forward, done once per tensor
+  however many nodes read it whole (the interpreter keeps the gathered
+  tensor for the step's forward), and in backward a free slice, or, where
+  a column linear reads it, a reduce-scatter of the partial input gradient
+  that replaces the column's all-reduce (Megatron's g-bar). ``Q <-> S``
+  costs an all-gather each way. All-gather plus reduce-scatter of one
+  tensor costs what its all-reduce does on a ring, so the collectives of
+  an attention or MLP sublayer are priced as without SP.
+* Memory: a saved ``Q`` tensor counts 1/tp, except where a node that reads
+  it whole saves it (a column linear saves the gathered input, as DTensor
+  runs it; Megatron saves the shard and gathers it again in backward, which
+  this runtime does not do). The LN/RMSNorm inputs and statistics, dropout
+  masks and elementwise intermediates of the ``Q`` regions are divided.
+* Block boundaries carry whole tensors, as for ``S``: a ``Q`` tensor leaving
+  a block is priced as gathered, and a block's input as sliced. Inside one
+  pipeline stage the runtime passes the split tensor on, so the plan
+  over-prices SP by one all-gather forward and one backward per block
+  boundary (conservative: the runtime does less than priced); the choice
+  keeps every block solvable alone and stage cuts whole.
 
 [Note: tensor-parallel parameters]
 ``column`` splits a linear's output features and ``row`` its input features;
@@ -88,9 +145,13 @@ __all__ = [
     "node_kind",
     "splits_param",
     "ParamSplit",
+    "LAYOUTS",
+    "sequence_shape",
+    "token_dim",
 ]
 
-Layout = Literal["R", "S"]
+Layout = Literal["R", "S", "Q"]
+LAYOUTS: tuple[Layout, ...] = ("R", "S", "Q")
 
 
 # --------------------------------------------------------------------------------------
@@ -159,6 +220,35 @@ _NEEDS_FULL = ("layer_norm", "native_layer_norm", "rms_norm", "mean", "log_softm
 
 def _linear_weight(node: "NodeInfo", captured: "CapturedModel") -> Any:
     return next(captured.params[p] for p in node.params if p in captured.params and len(captured.params[p].shape) == 2)
+
+
+def sequence_shape(captured: "CapturedModel") -> tuple[int, int] | None:
+    """The model's (batch, seq) from its tensor inputs of two or more dims, or None where there is
+    none, where they disagree, or where batch == seq > 1 leaves the two dims ambiguous
+    ([Note: sequence parallelism])."""
+    pairs = {tuple(s[:2]) for s in captured.input_shapes if len(s) >= 2 and s[0] == captured.batch_size}
+    if len(pairs) != 1:
+        return None
+    batch, seq = next(iter(pairs))
+    return None if batch == seq and batch > 1 else (int(batch), int(seq))
+
+
+def token_dim(shape: tuple[int, ...], tokens: tuple[int, int] | None) -> int | None:
+    """The dim of ``shape`` that ``Q`` splits: 1 for (batch, seq, x), 0 for (batch * seq, x); None
+    for any other shape or where the model's (batch, seq) is unknown ([Note: sequence parallelism])."""
+    if tokens is None:
+        return None
+    batch, seq = tokens
+    if len(shape) == 3 and tuple(shape[:2]) == (batch, seq):
+        return 1
+    if len(shape) == 2 and shape[0] == batch * seq and (batch > 1 or shape[1] != seq):
+        return 0
+    return None
+
+
+# Ops that mix tokens even on token-shaped tensors, or reduce over them: never sequence-split.
+_MIXES_TOKENS = ("cumsum", "cumprod", "flip", "roll", "sort", "cross_entropy", "nll_loss", "scaled_dot_product",
+                 "embedding", "bmm", "baddbmm", "matmul", "einsum", "conv", "pad", "cat", "stack")
 
 
 # --------------------------------------------------------------------------------------
@@ -248,6 +338,60 @@ def _realize_sharded(ctx: TPContext, n: "fx.Node", args: Any, kwargs: Any) -> An
     q, k, v, *rest = args
     out = ctx.run(n, (heads(q), heads(k), heads(v), *tree_full(rest)), tree_full(kwargs))
     return DTensor.from_local(out, mesh, [shard], run_check=False)
+
+
+def _out_shape(n: "fx.Node") -> tuple[int, ...] | None:
+    val = n.meta.get("val")
+    if isinstance(val, (tuple, list)):
+        val = val[0] if val else None
+    return tuple(int(d) for d in val.shape) if isinstance(val, torch.Tensor) else None
+
+
+def _realize_seq(ctx: TPContext, n: "fx.Node", args: Any, kwargs: Any) -> Any:
+    """A node on tokens split over tp ([Note: sequence parallelism]): every input of the output's
+    rank and token count is a ``Shard(d)`` DTensor (a whole one is sliced, one split otherwise is
+    redistributed), with ``d`` the dim an input already splits, else the output's token dim; other
+    inputs (a norm's weight, broadcast statistics) are replicated. DTensor's propagation does the
+    rest; a parameter's gradient comes back partial and is all-reduced by ``from_local``'s backward."""
+    from torch.distributed.tensor import DTensor, Replicate, Shard
+    from torch.utils._pytree import tree_flatten, tree_map
+
+    shape = _out_shape(n)
+    if shape is None or len(shape) < 2:
+        return _realize_dtensor(ctx, n, args, kwargs)
+    target = None
+    for x in tree_flatten((args, kwargs))[0]:
+        if isinstance(x, DTensor) and x.dim() == len(shape) and tuple(x.shape) == shape:
+            p = x.placements[0]
+            if p.is_shard() and p.dim < x.dim() - 1:
+                target = Shard(p.dim)
+                break
+    if target is None:
+        target = Shard(1 if len(shape) == 3 else 0)
+    mesh = ctx.mesh
+
+    def place(x: Any) -> Any:
+        if not isinstance(x, torch.Tensor) or x.dim() == 0:
+            return x
+        d = x if isinstance(x, DTensor) else DTensor.from_local(x, mesh, [Replicate()], run_check=False)
+        token_shaped = x.dim() == len(shape) and x.shape[target.dim] == shape[target.dim]
+        want = target if token_shaped else Replicate()
+        return d if d.placements[0] == want else d.redistribute(mesh, [want])
+
+    out = ctx.run(n, tree_map(place, args), tree_map(place, kwargs))
+    return contiguous_grads(out, copy=mutated_in_place(n))
+
+
+def _realize_row_seq(ctx: TPContext, n: "fx.Node", args: Any, kwargs: Any) -> Any:
+    """A row linear whose partial sums are reduce-scattered to its output's token dim
+    (``Partial -> Shard(d)``); the backward all-gathers the output's gradient."""
+    from torch.distributed.tensor import DTensor, Shard
+
+    out = _realize_row(ctx, n, args, kwargs)
+    shape = _out_shape(n)
+    if not isinstance(out, DTensor) or shape is None or len(shape) not in (2, 3):
+        return out
+    return contiguous_grads(out.redistribute(ctx.mesh, [Shard(1 if len(shape) == 3 else 0)]))
 
 
 # --------------------------------------------------------------------------------------
@@ -345,6 +489,31 @@ def _fits_heads(node: "NodeInfo", captured: "CapturedModel", tp: int) -> bool:
     return bool(heads) and all(h % tp == 0 for h in heads)
 
 
+def _fits_seq(node: "NodeInfo", captured: "CapturedModel", tp: int) -> bool:
+    """Token-shaped output and data inputs, an op that keeps tokens apart, seq divisible by tp
+    ([Note: sequence parallelism])."""
+    tokens = sequence_shape(captured)
+    if tokens is None or tokens[1] % tp or not node.outputs:
+        return False
+    if any(k in node.target for k in _MIXES_TOKENS) or is_attention(node.target):
+        return False
+    out = node.outputs[0].shape
+    d = token_dim(out, tokens)
+    if d is None or not node.inputs:
+        return False
+    for i in node.inputs:
+        shapes = [t.shape for t in captured.nodes[i].outputs[:1]]
+        if not shapes or token_dim(shapes[0], tokens) is None:
+            return False
+    return True
+
+
+def _fits_row_seq(node: "NodeInfo", captured: "CapturedModel", tp: int) -> bool:
+    tokens = sequence_shape(captured)
+    return (_fits_linear(node, captured, tp) and tokens is not None and not tokens[1] % tp
+            and bool(node.outputs) and token_dim(node.outputs[0].shape, tokens) is not None)
+
+
 ParamSplit = Literal["none", "all", "matrices"]
 
 
@@ -356,7 +525,7 @@ class TPStrategy:
     needs: Layout  # layout of the data inputs it reads
     produces: Layout  # layout of its output
     output_all_reduce: bool  # forward all-reduce of its output (partial sums)
-    input_grad_all_reduce: bool  # backward all-reduce of each input's gradient
+    input_grad_all_reduce: bool  # backward all-reduce of each input's gradient (column)
     applies_to: frozenset[NodeKind]  # the kinds of node it can split (``node_kind``)
     fits: Callable[["NodeInfo", "CapturedModel", int], bool]  # whether tp divides what it splits
     realize: Callable[[TPContext, "fx.Node", Any, Any], Any]
@@ -367,6 +536,10 @@ class TPStrategy:
     local_args: Callable[[str, list, dict, int], None] | None = None  # cut inputs to one shard, in place
     measured: Callable[[str], bool] = field(default=lambda target: False)  # the profiler times its shard
     doc: str = ""
+    # [Note: sequence parallelism]: a forward reduce-scatter of the output to the tokens (with a
+    # backward all-gather of its gradient), and a backward all-reduce of whole parameters' gradients.
+    output_reduce_scatter: bool = False
+    param_grad_all_reduce: bool = False
 
     @property
     def divides_work(self) -> bool:
@@ -409,6 +582,13 @@ STRATEGIES: Mapping[str, TPStrategy] = {
         TPStrategy("sharded", "S", "S", False, False, frozenset({"weightless"}), _fits_heads, _realize_sharded,
                    local_args=_local_heads, measured=_is_sdpa,
                    doc="a weightless op on split data, e.g. attention over a subset of heads"),
+        TPStrategy("seq", "Q", "Q", False, False, frozenset({"weightless", "whole"}), _fits_seq, _realize_seq,
+                   doc="an op on tokens split along the sequence (norm, dropout, residual add); its parameters' "
+                       "gradients are all-reduced", param_grad_all_reduce=True),
+        TPStrategy("row_seq", "S", "Q", False, False, frozenset({"linear"}), _fits_row_seq, _realize_row_seq,
+                   "matrices", _row_dims, _local_linear(column=False), _measured_linear,
+                   doc="a row linear whose partial sums are reduce-scattered along the sequence "
+                       "(sequence parallelism)", output_reduce_scatter=True),
     )
 }
 STRATEGY_NAMES: tuple[str, ...] = tuple(STRATEGIES)

@@ -248,13 +248,16 @@ def _equivalence(layout: dict[str, Any], models: list[str], meta_models: list[st
             worst_grad=max(grads, key=lambda n: _rel(grads[n], ref_grads[n], 1e-4 * scale_g)),
             names=sorted(grads), all_names=sorted(ref_grads), matched_by=pm.split.matched_by,
             schedule=pm.plan.schedule.name, stages=list(pm.stage_indices),
+            strategies=sorted(set(pm.plan.sharding.values())),
             plan_recompute=[st.recompute for st in pm.plan.stages],
             plan_selective=[st.selective for st in pm.plan.stages],
             # checkpoint calls in this rank's stage graphs (recomputed blocks and attention cores; recompute.py)
             checkpoints=sum(1 for st in pm.stages for m in st.submod.modules() if hasattr(m, "graph")
                             for n in m.graph.nodes if "checkpoint" in str(n.target)),
-            # this rank's stages that run wrapped for recomputation (inside DDP where dp > 1)
-            recomputed=sum(any(type(m).__name__ == "RecomputedStage" for m in st.submod.modules()) for st in pm.stages),
+            # per stage of this rank, the blocks called through their own checkpoint (a module's, not a core op's)
+            checkpointed=[sum(1 for m in st.submod.modules() if hasattr(m, "graph") for n in m.graph.nodes
+                              if "checkpoint" in str(n.target) and getattr(n.args[0], "op", None) == "get_attr")
+                          for st in pm.stages],
             optimizer=type(pm.optimizer).__name__, dp_sharding=pm.plan.training.dp_sharding,
             # FSDP2 units on this rank (ZeRO-2/3: its stages' folded blocks and roots; fsdp.py)
             fsdp_units=sum(type(m).__name__.startswith("FSDP") for st in pm.stages for m in st.submod.modules()),

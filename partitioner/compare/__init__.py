@@ -46,7 +46,7 @@ from dataclasses import asdict
 from pathlib import Path
 from typing import Callable, Sequence
 
-from .measuring import check_measurable, runtime_command
+from .measuring import check_measurable, run_plan, runs_here, runtime_command
 from .planning import CaptureCache, parse_methods, run_case
 from .report import print_tables, results_json, write_report
 from .values import (
@@ -83,6 +83,8 @@ __all__ = [
     "compare",
     "run_case",
     "runtime_command",
+    "run_plan",
+    "runs_here",
     "spearman",
     "geomean",
     "IlpWins",

@@ -24,18 +24,24 @@ from .values import Case, CompareError, GIB, MeasureSettings, MeasuredEvent, Mea
 
 def check_measurable(cluster_spec: str, nodes: int | None = None, gpus_per_node: int | None = None) -> None:
     """Fail early (one line) if nothing in a case could be measured: no runtime, or a remote cluster."""
-    from ..cluster import LOCAL_CPU
-
     cluster = load_case_cluster(Case(cluster=cluster_spec, nodes=nodes, gpus_per_node=gpus_per_node))
-    if cluster.name != LOCAL_CPU:
+    if not runs_here(cluster):
         raise CompareError(
             f"--measure runs the plans on this machine, but --cluster {cluster_spec} is {cluster.name!r}; "
             "use --cluster local-cpu:N (N processes here), or drop --measure"
         )
 
 
+def runs_here(cluster) -> bool:
+    """Whether ``cluster`` is this machine's CPU processes: ``local-cpu:N``, or a file ``autopart
+    calibrate`` measured from it (named ``local-cpu-calibrated``), as ``Evaluator.cpu_kernels`` reads it."""
+    from ..cluster import LOCAL_CPU
+
+    return cluster.name.startswith(LOCAL_CPU)
+
+
 def measure_rows(case, cluster, captured, rows, settings, workdir, say) -> list[Row]:
-    from ..cluster import LOCAL_CPU, Cluster
+    from ..cluster import Cluster
 
     owned = workdir is None
     workdir = Path(tempfile.mkdtemp(prefix="autopart-compare-") if owned else workdir)
@@ -53,10 +59,10 @@ def measure_rows(case, cluster, captured, rows, settings, workdir, say) -> list[
             if r.same_as is not None:  # the same plan was measured already
                 out.append(replace(r, measured=done[r.same_as]))
                 continue
-            if cluster.name != LOCAL_CPU:
+            if not runs_here(cluster):
                 m = Measurement("skipped", f"{cluster.name} is not this machine; plan for local-cpu:N to measure")
             else:
-                m = _too_large(r.plan, captured, settings, machine) or _run_plan(
+                m = _too_large(r.plan, captured, settings, machine) or run_plan(
                     case, r.method, paths[r.method], settings, logs, say
                 )
             done[r.method] = m
@@ -115,7 +121,13 @@ def runtime_command(case: Case, plan_path: Path, world_size: int, settings: Meas
     return cmd
 
 
-def _run_plan(case: Case, method: str, plan_path: Path, settings: MeasureSettings, logs: Path, say) -> Measurement:
+def run_plan(case: Case, method: str, plan_path: Path, settings: MeasureSettings, logs: Path, say) -> Measurement:
+    """Run the plan at ``plan_path`` once under torchrun ([Note: the runtime contract]) and read back its times.
+
+    ``method`` names the run's files in ``logs`` (``SLUG-METHOD.json``, ``.log``): give each run of
+    the same plan its own, e.g. ``ilp-2`` for a second round. A failed run is a ``failed``
+    Measurement whose reason names its log; it does not raise.
+    """
     from ..plan import Plan
 
     plan = Plan.load(plan_path)

@@ -26,7 +26,7 @@ from ..checkpoint import CheckpointError
 from ..watchdog import DistributedError, RankFailedError
 from .entry import auto_parallelize
 from .loop import run_plan
-from .model import ParallelModel, RecomputedStage, StepEvent
+from .model import ParallelModel, StepEvent
 
-__all__ = ["DistributedError", "RankFailedError", "CheckpointError", "StepEvent", "ParallelModel", "RecomputedStage",
+__all__ = ["DistributedError", "RankFailedError", "CheckpointError", "StepEvent", "ParallelModel",
            "auto_parallelize", "run_plan"]

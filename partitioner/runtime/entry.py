@@ -48,6 +48,7 @@ def auto_parallelize(
     zero1: bool = False,
     recompute: bool | None = None,
     dp_sharding: str | None = None,
+    sequence_parallel: bool | None = None,
 ) -> "ParallelModel":
     """Plan (unless ``plan`` is given) and build the distributed model on this rank. Run under torchrun.
 
@@ -64,7 +65,9 @@ def auto_parallelize(
     ``training.dp_sharding``; ``dp_sharding`` names the least the planner
     must shard (``zero2``, ``zero3``: FSDP2, see fsdp.py). ``recompute=True`` (``False``) pins every stage to
     (not to) replay its forward in backward; ``None`` lets the planner choose
-    per stage ([Note: recomputation as priced]).
+    per stage ([Note: recompute in the runtime] in recompute.py). ``sequence_parallel`` as for
+    ``plan_parallelism`` (True: Megatron's sequence-parallel layout under tp; [Note: sequence
+    parallelism] in tp_strategies.py).
 
     A model built on ``meta`` (e.g. ``load_model(..., device="meta")``) is
     materialized stage by stage: each rank allocates and initializes only the
@@ -83,7 +86,7 @@ def auto_parallelize(
         plan = _plan_on_rank0(
             model, example_inputs, cluster, rank,
             dict(method=method, pp=pp, tp=tp, dp=dp, microbatches=microbatches, schedule=schedule, zero1=zero1,
-                 dp_sharding=dp_sharding,
+                 dp_sharding=dp_sharding, sequence_parallel=sequence_parallel,
                  virtual_stages=virtual_stages, recompute=recompute, time_limit_s=time_limit_s,
                  global_batch=global_batch or _batch_of(example_inputs)),
         )

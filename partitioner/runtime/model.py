@@ -59,7 +59,7 @@ from ..watchdog import DistributedError, Watchdog, backend_timeout_s
 from .state import (OptimizerFactory, load_checkpoint, local_tensor, optimizer_state, save_checkpoint,
                     zero1_optimizer)
 
-__all__ = ["ParallelModel", "RecomputedStage", "StepEvent", "timed_stage_class"]
+__all__ = ["ParallelModel", "StepEvent", "timed_stage_class"]
 
 
 @dataclass(frozen=True, slots=True)
@@ -121,33 +121,6 @@ def timed_stage_class() -> type:
                                              t1 - self.origin, c1 - c0))
 
     return _TimedStage
-
-
-class RecomputedStage(torch.nn.Module):
-    """A stage module whose forward keeps only its inputs for backward and replays itself there.
-
-    [Note: recomputation as priced]
-    A plan stage that recomputes every block (and nothing selectively) is priced (evaluate.py,
-    [Note: recompute per block] in recompute.py) as replaying its forward in backward
-    (``recompute_s``) and holding, per micro-batch in flight, the stage's inputs instead of every
-    saved activation. This wrapper realizes that with ``torch.utils.checkpoint`` in its
-    non-reentrant form, which works under DDP and DTensor. The split-backward schedules are
-    refused with it (``ParallelModel``): torch's ``stage_backward_input`` failed through the
-    checkpoint in tests. The replay covers the whole stage in one piece, so during its backward
-    it holds the whole stage's saved tensors of one micro-batch, which the memory model counts
-    as backward workspace ([Note: what a step holds] in evaluate.py). A stage that recomputes some
-    blocks, or attention cores, checkpoints exactly those ([Note: recompute in the runtime] in
-    recompute.py).
-    """
-
-    def __init__(self, inner: torch.nn.Module) -> None:
-        super().__init__()
-        self.inner = inner
-
-    def forward(self, *args: Any) -> Any:
-        from torch.utils.checkpoint import checkpoint
-
-        return checkpoint(self.inner, *args, use_reentrant=False)
 
 
 class ParallelModel:
@@ -220,22 +193,19 @@ class ParallelModel:
             prog = self.split.stages[s]
             mod: torch.nn.Module = prog.module
             st = plan.stages[s]
-            whole = len(st.recompute) == len(st.modules) and not st.selective  # [Note: recomputation as priced]
             if mesh.tp > 1:
-                regions = () if whole else recompute_regions(prog.module, st)  # [Note: recompute in the runtime]
+                regions = recompute_regions(prog.module, st)  # [Note: recompute in the runtime] in recompute.py
                 mod = TensorParallelModule(prog, self.mesh["tp"], regions)
                 self.split_dims.update(mod.split_dim)
                 if on_meta:  # the whole tensors were only needed to cut this rank's shard from
                     release(model, mod.split_dim)
             mod.to(self.device)
             self.modules[s] = mod
-            if st.recomputes and not whole and mesh.tp == 1:  # before FSDP, which must not recompile its units
+            if st.recomputes and mesh.tp == 1:  # before FSDP, which must not recompile its units
                 checkpoint_in_graph(prog.module, st)  # ([Note: recompute in the runtime])
             run = mod
             if self.fsdp:  # ZeRO-2/3, HSDP: blocks and stage root as FSDP2 units over dp ([Note: FSDP units])
                 run = shard_stage(mod, plan.stages[s].modules, self._fsdp_mesh(), dp_spec(plan.training.dp_sharding))
-            if st.recompute and whole:  # [Note: recomputation as priced]; around FSDP's units, which regather
-                run = RecomputedStage(run)
             # Split-backward schedules compute weight gradients with autograd.grad, which DDP's
             # hooks never see: their replicas average gradients in step() instead.
             if mesh.dp > 1 and not self._split_backward and not self.fsdp and any(p.requires_grad for p in mod.parameters()):

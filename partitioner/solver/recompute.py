@@ -33,9 +33,11 @@ different kinds (an embedding or a head beside the layers) the greedy order is t
 fractional-knapsack order, exact up to the last block taken. The choice is deterministic.
 It is not inside the ILP: the ILP's stage times price all-or-none, so the split it picks
 is optimal for that model, not for this one; the search says so by leaving the
-candidate's bound at its recompute-free lower bound (search.py). Only blocks the runtime can
-recompute on their own are taken (``recomputable_alone``): a tied embedding or head cannot be
-folded into a module of its own, and frees nothing anyway.
+candidate's bound at its recompute-free lower bound (search.py). Only blocks with weights of
+their own are taken (``recomputable_alone``): a tied embedding or head frees nothing (an
+embedding saves its indices, a head its input), though the runtime can replay one through a
+weightless module ([Note: recompute in the runtime] in recompute.py), as it does in a stage
+that recomputes every block.
 """
 
 from __future__ import annotations
@@ -185,9 +187,10 @@ def _simulated_peaks(stage_costs: Sequence[StageCost], schedule: Schedule) -> tu
 
 
 def recomputable_alone(ev: Evaluator) -> frozenset[int]:
-    """The blocks the runtime can recompute on their own: those with weights of their own that no other
-    block reads (it folds such a block into a module at its path; [Note: recompute in the runtime] in
-    recompute.py). A tied embedding, or a head that only reads the embedding's weight, is not one."""
+    """The blocks the search may recompute alone: those with weights of their own that no other block
+    reads (the runtime folds such a block into a module at its path; [Note: recompute in the runtime] in
+    recompute.py). A tied embedding, or a head that only reads the embedding's weight, is not one: it
+    frees nothing."""
     readers = ev.param_readers()
     table = ev.captured.params
     out = set()

@@ -245,7 +245,8 @@ class _Search:
                 for members in self.types.values():
                     rep = self.pg.blocks[members[0]]
                     sol = solve_block_sharding(
-                        self.ev.layout_costs(rep, mbs, tp), LEAN_WEIGHT if lean else FAST_WEIGHT, factor
+                        self.ev.layout_costs(rep, mbs, tp), LEAN_WEIGHT if lean else FAST_WEIGHT, factor,
+                        sequence_parallel=self.pins.sequence_parallel is not False,
                     )
                     self.report.sharding_solves += 1
                     position = {n: k for k, n in enumerate(rep.nodes)}

@@ -7,21 +7,30 @@ coefficient comes from ``BlockLayoutCosts``, the same tables the evaluator
 prices plans with, so the ILP's objective and the evaluator agree exactly.
 Repeated identical blocks share the solution (one solve per block type).
 
-Formulation (all times per micro-batch, in integer units of ``UNIT_S``):
+Formulation (all times per micro-batch, in integer units of ``UNIT_S``; layouts
+l in {R, S, Q}, see [Note: sequence parallelism] for Q):
 
     variables   y[n, s] in {0,1}           node n uses strategy s (s allowed for n)
-                S[n] = sum_{s: out(s)=S} y[n, s]   n's output is split
-                Q[n] = sum_{s: in(s)=S}  y[n, s]   n needs split inputs
-                a[u, v], g[u, v] in {0,1}   edge u->v slices (R->S) / gathers (S->R)
-                z[u] in {0,1}               u feeds a column-parallel node
+                out[n, l] = sum_{s: out(s)=l} y[n, s]   n's output has layout l
+                in[n, l]  = sum_{s: in(s)=l}  y[n, s]   n reads its inputs in layout l
+                e[u, v, a, b] in {0,1}      edge u->v reshards a -> b (a != b, not Q -> R)
+                q[u] in {0,1}               u is Q and read whole: gathered once
+                z[u], r[u] in {0,1}         u feeds a column linear: all-reduce (u not Q) /
+                                            reduce-scatter (u is Q) of its gradient
+                m[u] in {0,1}               u is saved split along the tokens
 
-    one strategy       sum_s y[n, s] = 1                              add_one_strategy_constraints()
-    resharding         a[u,v] >= Q[v] - S[u],  g[u,v] >= S[u] - Q[v]  add_resharding_constraints()
+    one strategy       sum_s y[n, s] = 1                                 add_one_strategy_constraints()
+    resharding         e[u,v,a,b] >= out[u,a] + in[v,b] - 1               add_resharding_constraints()
+                       q[u] >= out[u,Q] + in[v,R] - 1;  q[u] >= out[u,Q] if u leaves the block
     block boundary     inputs from outside are R; outputs read outside must be R
-    column inputs      z[u] >= y[v, column] for every consumer v of u add_column_input_constraints()
+    column inputs      z[u] >= y[v, column] - out[u,Q],                  add_column_input_constraints()
+                       r[u] >= y[v, column] + out[u,Q] - 1  for every consumer v of u
+    saved split        m[u] <= out[u,Q],  m[u] <= 1 - in[v,R] for every saver v != u  add_memory_term()
+                       (a block input u: m[u] <= in[v,Q] for every saver v)
 
-    minimize  sum y[n,s] (compute + own comm)[n,s] + sum a[u,v] slice[u] + sum g[u,v] gather[u]
-              + sum z[u] allreduce[u] + w * (saved activation bytes + static bytes of parameters)
+    minimize  sum y[n,s] (compute + own comm)[n,s] + sum e[u,v,a,b] reshard[u,a,b] + sum q[u] gather[u]
+              + sum z[u] allreduce[u] + sum r[u] reducescatter[u]
+              + w * (saved activation bytes + static bytes of parameters)
 
 With the default tiny ``w`` the memory term only breaks ties toward the
 smaller footprint (the *fast* layout); the search also asks for a *lean*
@@ -37,7 +46,7 @@ from typing import Mapping
 from ortools.sat.python import cp_model
 
 from ..sharding import BlockLayoutCosts
-from ..tp_strategies import INPUT_LAYOUT, OUTPUT_LAYOUT, STRATEGIES
+from ..tp_strategies import INPUT_LAYOUT, LAYOUTS, OUTPUT_LAYOUT, STRATEGIES
 
 __all__ = ["UNIT_S", "FAST_WEIGHT", "LEAN_WEIGHT", "BlockSharding", "solve_block_sharding"]
 
@@ -60,24 +69,31 @@ def _units(seconds: float) -> int:
 
 
 class _BlockModel:
-    def __init__(self, tables: BlockLayoutCosts, memory_weight: float, static_per_weight_byte: float) -> None:
+    def __init__(self, tables: BlockLayoutCosts, memory_weight: float, static_per_weight_byte: float,
+                 sequence_parallel: bool = True) -> None:
         self.t = tables
+        self.sequence_parallel = sequence_parallel
         self.w = memory_weight
         self.static_factor = static_per_weight_byte
         self.m = cp_model.CpModel()
         self.y: dict[str, dict[str, cp_model.IntVar]] = {}
         self.cost: list[cp_model.LinearExpr] = []
 
-    def split_out(self, n: str) -> cp_model.LinearExpr:
-        return sum(v for s, v in self.y[n].items() if OUTPUT_LAYOUT[s] == "S")
+    def out(self, n: str, layout: str) -> cp_model.LinearExpr:
+        return sum(v for s, v in self.y[n].items() if OUTPUT_LAYOUT[s] == layout)
 
-    def split_in(self, n: str) -> cp_model.LinearExpr:
-        return sum(v for s, v in self.y[n].items() if INPUT_LAYOUT[s] == "S")
+    def inn(self, n: str, layout: str) -> cp_model.LinearExpr:
+        return sum(v for s, v in self.y[n].items() if INPUT_LAYOUT[s] == layout)
+
+    def can(self, n: str, layout: str, reads: bool = False) -> bool:
+        table = INPUT_LAYOUT if reads else OUTPUT_LAYOUT
+        return any(table[s] == layout for s in self.y[n])
 
     def add_one_strategy_constraints(self) -> None:
         """sum_s y[n, s] = 1 for every node n (constraint ``one_strategy[n]``)."""
         for n in self.t.nodes:
-            self.y[n] = {s: self.m.new_bool_var(f"y[{n},{s}]") for s in self.t.options[n]}
+            self.y[n] = {s: self.m.new_bool_var(f"y[{n},{s}]") for s in self.t.options[n]
+                         if self.sequence_parallel or OUTPUT_LAYOUT[s] != "Q"}
             self.m.add_exactly_one(self.y[n].values()).with_name(f"one_strategy[{n}]")
             for s, var in self.y[n].items():
                 o = self.t.options[n][s]
@@ -86,46 +102,89 @@ class _BlockModel:
                 self.cost.append(_units(c + self.w * (o.saved_other + static)) * var)
 
     def add_resharding_constraints(self) -> None:
-        """a[u,v] >= Q[v] - S[u] (slice) and g[u,v] >= S[u] - Q[v] (gather) on every data edge."""
+        """e[u,v,a,b] >= out[u,a] + in[v,b] - 1 on every data edge and layout change a -> b
+        (``reshard[u,v,a,b]``); q[u] >= out[u,Q] + in[v,R] - 1 (``gather_q[u,v]``): a sequence-split
+        tensor read whole is gathered once, whatever reads it."""
+        gather_q: dict[str, cp_model.IntVar] = {}
+
+        def q(u: str) -> cp_model.IntVar:
+            if u not in gather_q:
+                gather_q[u] = self.m.new_bool_var(f"q[{u}]")
+                self.cost.append(_units(self.t.edge_cost(u, "Q", "R").forward_s) * gather_q[u])
+            return gather_q[u]
+
         for u, v in self.t.edges:
-            slice_c = _units(self.t.edge_cost(u, "R", "S").backward_s)
-            gather_c = _units(self.t.edge_cost(u, "S", "R").forward_s)
-            if slice_c:
-                a = self.m.new_bool_var(f"a[{u},{v}]")
-                self.m.add(a >= self.split_in(v) - self.split_out(u)).with_name(f"slice[{u},{v}]")
-                self.cost.append(slice_c * a)
-            if gather_c:
-                g = self.m.new_bool_var(f"g[{u},{v}]")
-                self.m.add(g >= self.split_out(u) - self.split_in(v)).with_name(f"gather[{u},{v}]")
-                self.cost.append(gather_c * g)
+            for a in LAYOUTS:
+                if not self.can(u, a):
+                    continue
+                for b in LAYOUTS:
+                    if a == b or not self.can(v, b, reads=True):
+                        continue
+                    if (a, b) == ("Q", "R"):
+                        self.m.add(q(u) >= self.out(u, a) + self.inn(v, b) - 1).with_name(f"gather_q[{u},{v}]")
+                        continue
+                    c = self.t.edge_cost(u, a, b)
+                    units = _units(c.forward_s + c.backward_s)
+                    if units:
+                        e = self.m.new_bool_var(f"e[{u},{v},{a},{b}]")
+                        self.m.add(e >= self.out(u, a) + self.inn(v, b) - 1).with_name(f"reshard[{u},{v},{a},{b}]")
+                        self.cost.append(units * e)
         # Block boundary: inputs arrive whole (a split consumer slices them) ...
         for u, v in self.t.boundary_inputs:
-            self.cost.append(_units(self.t.edge_cost(u, "R", "S").backward_s) * self.split_in(v))
+            for b in ("S", "Q"):
+                c = self.t.edge_cost(u, "R", b)
+                self.cost.append(_units(c.forward_s + c.backward_s) * self.inn(v, b))
         # ... and tensors leaving the block must be whole again.
         for u in self.t.leaving:
-            self.cost.append(_units(self.t.edge_cost(u, "S", "R").forward_s) * self.split_out(u))
+            self.cost.append(_units(self.t.edge_cost(u, "S", "R").forward_s) * self.out(u, "S"))
+            if self.can(u, "Q"):
+                self.m.add(q(u) >= self.out(u, "Q")).with_name(f"leave_q[{u}]")
 
     def add_column_input_constraints(self) -> None:
-        """z[u] >= y[v, column] for each consumer v of u: one backward all-reduce per tensor."""
+        """z[u] >= y[v, column] - out[u, Q] and r[u] >= y[v, column] + out[u, Q] - 1 for each consumer
+        v of u: one backward all-reduce per tensor, or one reduce-scatter where u is sequence-split."""
         readers: dict[str, list[str]] = {}
         for u, v in [*self.t.edges, *self.t.boundary_inputs]:
             if any(STRATEGIES[s].input_grad_all_reduce for s in self.y[v]):
                 readers.setdefault(u, []).append(v)
         for u, vs in sorted(readers.items()):
+            split_q = self.out(u, "Q") if u in self.y and self.can(u, "Q") else 0
             z = self.m.new_bool_var(f"z[{u}]")
+            r = self.m.new_bool_var(f"r[{u}]") if u in self.y and self.can(u, "Q") else None
             for v in vs:
                 for s, y in self.y[v].items():
                     if STRATEGIES[s].input_grad_all_reduce:
-                        self.m.add(z >= y).with_name(f"column_input[{u},{v}]")
+                        self.m.add(z >= y - split_q).with_name(f"column_input[{u},{v}]")
+                        if r is not None:
+                            self.m.add(r >= y + split_q - 1).with_name(f"column_input_q[{u},{v}]")
             self.cost.append(_units(self.t.column_input_cost(u).backward_s) * z)
+            if r is not None:
+                self.cost.append(_units(self.t.sequence_input_cost(u).backward_s) * r)
 
     def add_memory_term(self) -> None:
-        """-w * bytes saved by splitting each saved tensor (parameters are priced per option)."""
+        """-w * bytes saved by splitting each saved tensor (parameters are priced per option): S
+        always; Q where m[u] <= out[u,Q] and m[u] <= 1 - in[v,R] for each saver v != u (``saved_q``)."""
         tp = self.t.tp
         for t in self.t.saved_tensors:
-            if t in self.y:
-                saving = self.t.tensor_bytes(t) * (1 - 1 / tp)
-                self.cost.append(-_units(self.w * saving) * self.split_out(t))
+            saving = _units(self.w * self.t.tensor_bytes(t) * (1 - 1 / tp))
+            if not saving:
+                continue
+            if t not in self.y:  # a block input: kept as slices where every saver reads it along the tokens
+                savers = sorted(v for v in self.t.savers.get(t, ()) if v in self.y)
+                if savers and all(self.can(v, "Q", reads=True) for v in savers):
+                    m = self.m.new_bool_var(f"m[{t}]")
+                    for v in savers:
+                        self.m.add(m <= self.inn(v, "Q")).with_name(f"saved_q[{t},{v}]")
+                    self.cost.append(-saving * m)
+                continue
+            self.cost.append(-saving * self.out(t, "S"))
+            if self.can(t, "Q"):
+                m = self.m.new_bool_var(f"m[{t}]")
+                self.m.add(m <= self.out(t, "Q")).with_name(f"saved_q[{t}]")
+                for v in sorted(self.t.savers.get(t, ())):
+                    if v != t and self.can(v, "R", reads=True):
+                        self.m.add(m <= 1 - self.inn(v, "R")).with_name(f"saved_q[{t},{v}]")
+                self.cost.append(-saving * m)
 
     def solve(self) -> BlockSharding:
         self.add_one_strategy_constraints()
@@ -149,16 +208,18 @@ class _BlockModel:
 
 
 def solve_block_sharding(
-    tables: BlockLayoutCosts, memory_weight: float = FAST_WEIGHT, static_per_weight_byte: float = 8.0
+    tables: BlockLayoutCosts, memory_weight: float = FAST_WEIGHT, static_per_weight_byte: float = 8.0,
+    sequence_parallel: bool = True,
 ) -> BlockSharding:
     """The best realizable sharding of ``tables.block`` at ``tables.tp``.
 
     ``memory_weight`` (seconds per byte) prices memory against time;
     ``static_per_weight_byte`` converts a parameter's weight bytes into its
     resident bytes (weights + gradients + optimizer state: 16/2 = 8 for
-    mixed-precision Adam on bf16 weights).
+    mixed-precision Adam on bf16 weights). ``sequence_parallel=False`` leaves
+    out the strategies that make ``Q`` ([Note: sequence parallelism]).
     """
     if tables.tp == 1:
         compute, comm, _ = tables.evaluate({})
         return BlockSharding({}, compute.forward_s + compute.backward_s, "OPTIMAL")
-    return _BlockModel(tables, memory_weight, static_per_weight_byte).solve()
+    return _BlockModel(tables, memory_weight, static_per_weight_byte, sequence_parallel).solve()

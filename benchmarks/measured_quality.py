@@ -1,0 +1,366 @@
+"""ILP vs expert, measured: both plans of each case run for real here, in alternating rounds.
+
+Each case is planned by ``expert`` (the tuned Megatron-style grid, partitioner/baselines.py) and by
+``ilp`` from the same costs (``partitioner.compare.run_case`` with ``--profile``'s measured costs,
+on a cluster file ``autopart calibrate`` measured just before, so that the overheads it measures
+price both plans). Where the two plans differ, each is run with ``autopart run`` under ``torchrun``
+(2 ranks, gloo, one thread each) in rounds that alternate their order (expert, ilp; then ilp,
+expert; ...), so that the other jobs on these shared cores slow both alike. A plan's measured step
+is the median of its warm steps over every round; the measured ratio expert/ilp is set beside the
+predicted one. This is item 7 of issue 11.
+
+    python -m benchmarks.measured_quality [--report benchmarks/results/YYYY-MM-DD-measured-quality.md] \\
+        [--rounds 3] [--steps 4] [--warmup 2] [--only TEXT] [--no-calibrate] [--cache PATH] [--force]
+
+Each model is planned twice: free (every method chooses its mesh) and with ``pp=2`` pinned, the
+layout where the cut between the stages decides the step time. Where the ILP returns the expert's
+plan, the row says "same plan" and nothing is run: the measured ratio is 1 by construction.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import shlex
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Sequence
+
+import torch
+
+from partitioner.compare import CaptureCache, Case, CompareError, MeasureSettings, ProfileSettings, machine_info, run_case, run_plan
+from partitioner.errors import AutopartError
+
+ROOT = Path(__file__).resolve().parents[1]
+WORLD = 2
+# A narrow GPT-2 with its real 50,257-token vocabulary: the head outweighs the 4 layers together.
+GPT2_50K = ("n_layer=4", "n_embd=128", "n_head=4", "n_positions=128")
+# compare_measured's hetero-lm: mixed MLP widths 32 to 2048 and a 4,000-token vocabulary.
+HETERO = ("vocab_size=4000", "d_model=128", "widths=64,1024,32,2048,128,512,64,256")
+MODELS = (
+    ("gpt2 4x128, vocab 50257", "gpt2", GPT2_50K),
+    ("hetero-lm (mixed widths)", "hetero-lm", HETERO),
+    ("t5 2+2 x128, vocab 32128", "py:benchmarks.measured_quality:t5_small", ()),
+)
+SEQ_LEN = 64
+
+
+class T5Positional(torch.nn.Module):
+    """T5 taking its encoder and decoder token ids as positional inputs.
+
+    ``autopart run`` feeds a model positional inputs only (the zoo's ``hf:T5ForConditionalGeneration``
+    needs ``decoder_input_ids=`` as a keyword), so the encoder-decoder comes in through
+    ``py:`` as a user would wrap it; the runtime draws both inputs as token ids."""
+
+    def __init__(self, t5: torch.nn.Module) -> None:
+        super().__init__()
+        self.t5 = t5
+
+    def forward(self, input_ids: torch.Tensor, decoder_input_ids: torch.Tensor) -> torch.Tensor:
+        return self.t5(input_ids=input_ids, decoder_input_ids=decoder_input_ids).logits
+
+
+def t5_small() -> tuple[torch.nn.Module, tuple[torch.Tensor, torch.Tensor]]:
+    """A small T5 (2 encoder and 2 decoder layers of width 128) with T5's 32,128-token vocabulary."""
+    import transformers
+
+    cfg = transformers.T5Config(num_layers=2, num_decoder_layers=2, d_model=128, d_ff=512, num_heads=4, d_kv=32,
+                                vocab_size=32128, use_cache=False)
+    torch.manual_seed(0)
+    ids = torch.zeros(1, SEQ_LEN, dtype=torch.long)
+    return T5Positional(transformers.T5ForConditionalGeneration(cfg)), (ids, ids.clone())
+MESHES = (None, "pp=2")  # free, and the pipeline pinned
+
+
+@dataclass(frozen=True, slots=True)
+class PlanSummary:
+    """What the report says about one plan."""
+
+    mesh: str
+    schedule: str  # e.g. "1f1b", "interleaved v2"
+    microbatches: str  # "M x size"
+    stages: tuple[str, ...]  # "first..last (n blocks)" per stage
+    recompute: int  # blocks that recompute
+    dp_sharding: str
+    origin: str  # solver.origin, or the method for a baseline
+    predicted_s: float
+
+
+@dataclass(frozen=True, slots=True)
+class Outcome:
+    """One case: both plans, and their runs where they differ."""
+
+    title: str
+    model: str
+    config: tuple[str, ...]
+    mesh: str | None
+    costs: str  # what priced both plans (CaseResult.costs)
+    expert: PlanSummary | None
+    ilp: PlanSummary | None
+    same_plan: bool
+    predicted_ratio: float | None  # expert / ilp, predicted
+    expert_steps_s: tuple[tuple[float, ...], ...] = ()  # per round, the warm steps
+    ilp_steps_s: tuple[tuple[float, ...], ...] = ()
+    note: str = ""  # why there is no measurement (a failed run, no plan)
+
+    @property
+    def expert_median_s(self) -> float | None:
+        return _median(self.expert_steps_s)
+
+    @property
+    def ilp_median_s(self) -> float | None:
+        return _median(self.ilp_steps_s)
+
+    @property
+    def measured_ratio(self) -> float | None:
+        if self.same_plan:
+            return 1.0
+        e, i = self.expert_median_s, self.ilp_median_s
+        return e / i if e and i else None
+
+    @property
+    def round_ratios(self) -> tuple[float, ...]:
+        """Each round's expert/ilp ratio of medians: the spread of the measured ratio."""
+        return tuple(statistics.median(e) / statistics.median(i)
+                     for e, i in zip(self.expert_steps_s, self.ilp_steps_s) if e and i)
+
+    @property
+    def error(self) -> float | None:
+        """predicted / measured ratio - 1."""
+        m = self.measured_ratio
+        return self.predicted_ratio / m - 1 if m and self.predicted_ratio else None
+
+
+def _median(rounds: Sequence[Sequence[float]]) -> float | None:
+    steps = [t for r in rounds for t in r]
+    return statistics.median(steps) if steps else None
+
+
+def summarize(plan) -> PlanSummary:
+    sch = plan.schedule
+    name = sch.name + (f" v{sch.virtual_stages}" if sch.virtual_stages > 1 else "")
+    stages = tuple(f"{s.modules[0]}..{s.modules[-1]} ({len(s.modules)})" if len(s.modules) > 1 else s.modules[0]
+                   for s in plan.stages)
+    return PlanSummary(
+        mesh=str(plan.mesh), schedule=name, microbatches=f"{sch.microbatches} x {sch.micro_batch_size}", stages=stages,
+        recompute=sum(len(s.recompute) for s in plan.stages), dp_sharding=plan.training.dp_sharding,
+        origin=plan.solver.origin or plan.solver.method, predicted_s=plan.predicted.step_time_s,
+    )
+
+
+def calibrate(out: Path) -> Path:
+    """``autopart calibrate`` on ``WORLD`` ranks here (one thread each), written to ``out``."""
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", str(WORLD),
+           "-m", "partitioner", "calibrate", "--out", str(out)]
+    proc = subprocess.run(cmd, env=_env(), capture_output=True, text=True, timeout=900, cwd=ROOT)
+    if proc.returncode != 0:
+        lines = (proc.stderr or proc.stdout).strip().splitlines()
+        raise CompareError(f"autopart calibrate failed (rc {proc.returncode}): {lines[-1] if lines else ''}; "
+                           "pass --no-calibrate to plan on the local-cpu preset")
+    return out
+
+
+def _env() -> dict[str, str]:
+    return dict(os.environ, OMP_NUM_THREADS="1",
+                PYTHONPATH=os.pathsep.join(filter(None, [str(ROOT), os.environ.get("PYTHONPATH")])))
+
+
+def load() -> float | None:
+    return os.getloadavg()[0] if hasattr(os, "getloadavg") else None
+
+
+def run_model_case(title: str, case: Case, cluster: str, rounds: int, settings: MeasureSettings, profile: ProfileSettings,
+                   captures: CaptureCache, work: Path, loads: list[float | None]) -> Outcome:
+    say = lambda m: print(f"  {m}", flush=True)  # noqa: E731
+    try:
+        res = run_case(case, ("expert", "ilp"), profile=profile, captures=captures, workdir=work, progress=say)
+        costs = res.costs
+    except AutopartError as exc:
+        # The profiler cannot time every model's blocks (T5's relative-position buckets): such a
+        # case is priced by the (calibrated) analytic model instead, for both methods alike.
+        res = run_case(case, ("expert", "ilp"), captures=captures, workdir=work, progress=say)
+        costs = f"{res.costs} (profiling failed: {str(exc).splitlines()[0][:160]})"
+    ex, il = res.row("expert"), res.row("ilp")
+    base = dict(title=title, model=case.model, config=case.config, mesh=case.mesh, costs=costs,
+                expert=summarize(ex.plan) if ex.ok else None, ilp=summarize(il.plan) if il.ok else None)
+    if not (ex.ok and il.ok):
+        return Outcome(**base, same_plan=False, predicted_ratio=None,
+                       note=f"no plan: expert {ex.error or 'ok'}; ilp {il.error or 'ok'}")
+    predicted = ex.step_s / il.step_s
+    if il.same_as == "expert":
+        return Outcome(**base, same_plan=True, predicted_ratio=predicted)
+    paths = {m: work / "plans" / f"{case.slug}-{m}.json" for m in ("expert", "ilp")}
+    logs = work / "measure"
+    logs.mkdir(parents=True, exist_ok=True)
+    steps: dict[str, list[tuple[float, ...]]] = {"expert": [], "ilp": []}
+    for r in range(rounds):
+        loads.append(load())
+        for method in (("expert", "ilp") if r % 2 == 0 else ("ilp", "expert")):
+            m = run_plan(case, f"{method}-{r + 1}", paths[method], settings, logs,
+                         lambda msg: print(f"  round {r + 1}/{rounds}: {msg}", flush=True))
+            if m.median_s is None:
+                return Outcome(**base, same_plan=False, predicted_ratio=predicted,
+                               expert_steps_s=tuple(steps["expert"]), ilp_steps_s=tuple(steps["ilp"]),
+                               note=f"{method} run {r + 1} {m.status}: {m.reason}")
+            steps[method].append(m.step_times_s)
+    return Outcome(**base, same_plan=False, predicted_ratio=predicted,
+                   expert_steps_s=tuple(steps["expert"]), ilp_steps_s=tuple(steps["ilp"]))
+
+
+def _fmt_ms(s: float | None) -> str:
+    return f"{s * 1e3:.0f} ms" if s is not None else "—"
+
+
+def _plan_cell(p: PlanSummary | None) -> str:
+    if p is None:
+        return "no plan"
+    extra = (f", recompute {p.recompute} blocks" if p.recompute else "") + (
+        f", {p.dp_sharding}" if p.dp_sharding != "none" else "")
+    stages = " \\| ".join(p.stages)  # a bar inside a markdown table cell
+    return f"{p.mesh} {p.schedule} {p.microbatches}{extra}; stages: {stages}; origin {p.origin}"
+
+
+def report_markdown(outcomes: Sequence[Outcome], command: str, loads: Sequence[float | None], cluster: str,
+                    settings: MeasureSettings, rounds: int, wall_s: float, work: str) -> str:
+    machine = machine_info()
+    ld = ", ".join(f"{x:.1f}" if x is not None else "?" for x in loads)
+    lines = [
+        "# Measured quality: ILP vs expert, both run here (issue 11, item 7)", "",
+        f"Command: `{command}` ({time.strftime('%Y-%m-%d')}, {wall_s:.0f} s).", "",
+        f"Machine: {machine.get('cpu')}, {machine.get('cpus')} CPUs, torch {machine.get('torch')}. "
+        f"Cluster for planning: `{cluster}`. Each plan runs under `torchrun` on {WORLD} ranks (gloo, "
+        f"OMP_NUM_THREADS=1), {settings.warmup} warm-up + {settings.steps} measured steps per run, {rounds} rounds "
+        "alternating the order (expert then ilp; ilp then expert; ...). A measured step is the median of a plan's "
+        "warm steps over all rounds. 1-minute load average (`os.getloadavg`) at the start, before each round "
+        f"and at the end: {ld}. The cores are shared with other engineers' jobs.", "",
+        "| case | expert plan | ilp plan | predicted expert / ilp | measured expert / ilp | measured ratio (per round) "
+        "| ratio: predicted / measured - 1 |",
+        "|---|---|---|---|---|---|---|",
+    ]
+    for o in outcomes:
+        if o.same_plan:
+            meas, ratio, rounds_txt = "same plan (not run)", "1.00 (same plan)", "—"
+        elif o.measured_ratio is None:
+            meas, ratio, rounds_txt = o.note, "—", "—"
+        else:
+            meas = f"{_fmt_ms(o.expert_median_s)} / {_fmt_ms(o.ilp_median_s)}"
+            ratio = f"{o.measured_ratio:.2f}x"
+            rounds_txt = ", ".join(f"{r:.2f}" for r in o.round_ratios)
+        pred = (f"{_fmt_ms(o.expert.predicted_s)} / {_fmt_ms(o.ilp.predicted_s)} = {o.predicted_ratio:.2f}x"
+                if o.predicted_ratio else "—")
+        err = f"{o.error:+.1%}" if o.error is not None else "—"
+        lines.append(f"| {o.title} | {_plan_cell(o.expert)} | {_plan_cell(o.ilp)} | {pred} | {meas} | {ratio} "
+                     f"({rounds_txt}) | {err} |" if not o.same_plan else
+                     f"| {o.title} | {_plan_cell(o.expert)} | {_plan_cell(o.ilp)} | {pred} | {meas} | {ratio} | — |")
+    lines += ["", "Origin is the ILP plan's `solver.origin`: `ilp` where its own solve beat every seed, else the "
+              "name of the seed (a baseline's plan) that nothing beat. What priced both plans of each case:", ""]
+    lines += [f"- {o.title}: {o.costs}" for o in outcomes]
+    lines += ["", f"Plans, logs and run JSON: `{work}` (outside the repository).", ""]
+    return "\n".join(lines)
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(prog="python -m benchmarks.measured_quality", description=__doc__.split("\n\n")[0])
+    ap.add_argument("--report", default=None, metavar="PATH.md",
+                    help="report to write, with its .json beside it "
+                         "(default benchmarks/results/<today>-measured-quality.md)")
+    ap.add_argument("--rounds", type=int, default=3, help="alternating rounds of runs per case (default 3)")
+    ap.add_argument("--steps", type=int, default=4, help="measured steps per run (default 4)")
+    ap.add_argument("--warmup", type=int, default=2, help="unmeasured steps before them (default 2)")
+    ap.add_argument("--only", default=None, metavar="TEXT", help="only the cases whose title contains TEXT")
+    ap.add_argument("--no-calibrate", action="store_true", help="plan on the local-cpu:2 preset, not a calibrated file")
+    ap.add_argument("--cache", default=None, metavar="PATH", help="profile cache file (as autopart plan --cache)")
+    ap.add_argument("--force", action="store_true", help="replace an existing report")
+    args = ap.parse_args(argv)
+    words = sys.argv[1:] if argv is None else list(argv)
+    command = "python -m benchmarks.measured_quality" + (" " + shlex.join(words) if words else "")
+    try:
+        return _run(args, command)
+    except AutopartError as exc:
+        print(f"measured_quality: error: {exc}", file=sys.stderr)
+        return 2
+
+
+def cases(only: str | None) -> list[tuple[str, Case]]:
+    out = []
+    for title, model, config in MODELS:
+        for mesh in MESHES:
+            full = f"{title}, {mesh or 'free mesh'}"
+            if only and only not in full:
+                continue
+            out.append((full, Case(model=model, config=config, seq_len=None if model.startswith("py:") else SEQ_LEN, cluster="local-cpu:2", dtype="fp32",
+                                   global_batch=8, mesh=mesh, time_limit=10, label=full)))
+    if not out:
+        raise CompareError(f"--only {only!r} matches no case; the cases are "
+                           + "; ".join(f"{t}, {m or 'free mesh'}" for t, _, _ in MODELS for m in MESHES))
+    return out
+
+
+def _run(args: argparse.Namespace, command: str) -> int:
+    report = Path(args.report or ROOT / "benchmarks" / "results" / f"{time.strftime('%Y-%m-%d')}-measured-quality.md")
+    if report.suffix != ".md":
+        raise CompareError(f"--report {report} must end in .md")
+    if not report.parent.is_dir():
+        raise CompareError(f"--report {report}: directory {report.parent} does not exist")
+    if not args.force:
+        for t in (report, report.with_suffix(".json")):
+            if t.exists():
+                raise CompareError(f"{t} already exists; pass --force to replace it")
+    if args.rounds < 1:
+        raise CompareError(f"--rounds {args.rounds} must be >= 1")
+    todo = cases(args.only)
+    settings = MeasureSettings(steps=args.steps, warmup=args.warmup, timeout_s=300)
+    started = time.perf_counter()
+    work = Path(tempfile.mkdtemp(prefix="autopart-measured-quality-"))
+    loads: list[float | None] = [load()]
+    os.environ["OMP_NUM_THREADS"] = "1"  # the runs' ranks, one thread each (run_plan keeps a set value)
+    cluster = f"local-cpu:{WORLD}"
+    if not args.no_calibrate:
+        print(f"calibrating {WORLD} ranks", flush=True)
+        cluster = str(calibrate(work / f"calibrated-{WORLD}.toml"))
+    profile = ProfileSettings(cache=args.cache)
+    captures = CaptureCache()
+    outcomes = []
+    for i, (title, case) in enumerate(todo, 1):
+        from dataclasses import replace
+
+        t = time.perf_counter()
+        o = run_model_case(title, replace(case, cluster=cluster), cluster, args.rounds, settings, profile, captures,
+                           work / f"case-{i}", loads)
+        outcomes.append(o)
+        got = ("same plan" if o.same_plan else
+               f"measured {o.measured_ratio:.2f}x" if o.measured_ratio else o.note)
+        pred = f"{o.predicted_ratio:.2f}x" if o.predicted_ratio else "—"
+        print(f"[{i}/{len(todo)}] {title}: predicted {pred}, {got}; {time.perf_counter() - t:.0f} s", flush=True)
+    loads.append(load())
+    wall = time.perf_counter() - started
+    text = report_markdown(outcomes, command, loads, cluster if args.no_calibrate else "autopart calibrate (2 ranks) "
+                           "just before planning", settings, args.rounds, wall, str(work))
+    report.write_text(text)
+    data = {"command": command, "machine": machine_info(), "loads": loads, "wall_s": wall,
+            "settings": {"rounds": args.rounds, "steps": args.steps, "warmup": args.warmup, "world": WORLD,
+                         "calibrated": not args.no_calibrate},
+            "cases": [_outcome_json(o) for o in outcomes]}
+    report.with_suffix(".json").write_text(json.dumps(data, indent=1) + "\n")
+    print(text)
+    print(f"wrote {report} and {report.with_suffix('.json').name}; plans and logs in {work}")
+    return 0
+
+
+def _outcome_json(o: Outcome) -> dict:
+    from dataclasses import asdict
+
+    out = asdict(o)
+    out.update(expert_median_s=o.expert_median_s, ilp_median_s=o.ilp_median_s, measured_ratio=o.measured_ratio,
+               round_ratios=o.round_ratios, error=o.error)
+    return out
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
