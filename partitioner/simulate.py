@@ -117,6 +117,7 @@ __all__ = [
     "MemoryAtPeak",
     "SimResult",
     "StageCost",
+    "busiest_rank_s",
     "peak_memory",
     "schedule_order",
     "simulate",
@@ -274,6 +275,18 @@ def simulate(
     with _gc_paused():
         orders, checked = _prepared_orders(schedule, ranks, microbatches, virtual_stages, len(stages), layout)
         return _simulate_orders(stages, orders, microbatches, overlap_dp, layout, checked, comm_overlap)
+
+
+def busiest_rank_s(stages: Sequence[StageCost], schedule: str, microbatches: int, ranks: int) -> float:
+    """A lower bound of ``simulate(...).step_time_s`` without simulating: the most work one rank
+    does, its stages' forward and backward for every micro-batch, then its once-per-step work
+    (``after_s``). A rank runs one action at a time, so its compute alone ends no earlier, and the
+    step ends no earlier than any rank's ([Note: timing model])."""
+    layout = spec(schedule).layout
+    work = [0.0] * ranks
+    for s, c in enumerate(stages):
+        work[stage_rank(s, ranks, layout)] += microbatches * (c.forward_s + c.backward_s) + c.after_s
+    return max(work)
 
 
 def peak_memory(
