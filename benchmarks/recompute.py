@@ -7,9 +7,10 @@ to re-choose recomputation per block and selectively ([Note: recompute per block
 search] in partitioner/solver/search.py), and **without** = ``Pins(recompute_blocks=False)``,
 whole stages only, as before. Both runs may choose every data-parallel sharding level (the
 ZeRO-2/3 comparison is benchmarks/zero3.py). A third line, **before**, also limits the
-sharding levels to ``none`` and ``zero1``: the search space before issue 14, so that
-``before / with`` is what the new options of issue 14 (ZeRO-2/3, HSDP, recomputation per
-block, selective) buy together. The figures are the simulator's (predicted).
+sharding levels to ``none`` and ``zero1`` and keeps sequence parallelism out: the search space
+before issue 14 (but for the zero-bubble schedules, which no pin turns off), so that
+``before / with`` is what the new options of issue 14 (ZeRO-2/3, HSDP, recomputation per block,
+selective, sequence parallelism) buy together. The figures are the simulator's (predicted).
 
     python -m benchmarks.recompute [--cases 13b,70b,175b] [--json OUT]
 """
@@ -40,7 +41,7 @@ def plan_case(name: str) -> dict:
     ev = prepare(build_partition_graph(cap, lm.model), cluster=Cluster.preset(case.cluster, case.nodes),
                  global_batch=case.global_batch)
     out = {"case": case.name}
-    runs = (("before", Pins(dp_shardings=BEFORE, recompute_blocks=False)),
+    runs = (("before", Pins(dp_shardings=BEFORE, recompute_blocks=False, sequence_parallel=False)),
             ("without", Pins(recompute_blocks=False)), ("with", Pins()))
     for tag, pins in runs:
         started = time.perf_counter()
