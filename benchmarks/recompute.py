@@ -59,6 +59,7 @@ def plan_case(name: str) -> dict:
             recompute=f"{sum(len(s.recompute) for s in plan.stages)}/{blocks}",
             selective=f"{sum(s.selective for s in plan.stages)}/{len(plan.stages)}",
             per_stage=[len(s.recompute) for s in plan.stages],
+            sequence_parallel=sum(v in ("seq", "row_seq") for v in plan.sharding.values()),
             step_s=p.step_time_s, peak_gib=p.peak_memory_bytes / 2**30, limit_gib=p.memory_limit_bytes / 2**30,
             bubble=p.bubble_fraction, origin=plan.solver.origin, status=plan.solver.status,
             wall_s=time.perf_counter() - started,
@@ -89,6 +90,7 @@ def main() -> int:
                 continue
             print(f"{row['case']:32s} {tag:8s} {r['mesh']:18s} {r['schedule']:11s} {r['microbatches']:3d}x{r['micro_batch_size']}"
                   f" v={r['virtual_stages']} {r['dp_sharding']:5s} recompute {r['recompute']:7s} selective {r['selective']:5s}"
+                  f" sp nodes {r['sequence_parallel']:4d}"
                   f" step {r['step_s']:8.3f} s  peak {r['peak_gib']:5.1f}/{r['limit_gib']:.0f} GiB"
                   f"  bubble {r['bubble']:5.1%}  from {r['origin']} ({r['status']}, {r['wall_s']:.0f} s)", flush=True)
         print(f"{row['case']:32s} speedup {row['speedup']:.3f}x (without / with), "
