@@ -177,15 +177,7 @@ def load() -> float | None:
 
 def run_model_case(title: str, case: Case, cluster: str, rounds: int, settings: MeasureSettings, profile: ProfileSettings,
                    captures: CaptureCache, work: Path, loads: list[float | None]) -> Outcome:
-    say = lambda m: print(f"  {m}", flush=True)  # noqa: E731
-    try:
-        res = run_case(case, ("expert", "ilp"), profile=profile, captures=captures, workdir=work, progress=say)
-        costs = res.costs
-    except AutopartError as exc:
-        # The profiler cannot time every model's blocks (T5's relative-position buckets): such a
-        # case is priced by the (calibrated) analytic model instead, for both methods alike.
-        res = run_case(case, ("expert", "ilp"), captures=captures, workdir=work, progress=say)
-        costs = f"{res.costs} (profiling failed: {str(exc).splitlines()[0][:160]})"
+    res, costs = plan_case(case, ("expert", "ilp"), profile, captures, work)
     ex, il = res.row("expert"), res.row("ilp")
     base = dict(title=title, model=case.model, config=case.config, mesh=case.mesh, costs=costs,
                 expert=summarize(ex.plan) if ex.ok else None, ilp=summarize(il.plan) if il.ok else None)
@@ -196,21 +188,46 @@ def run_model_case(title: str, case: Case, cluster: str, rounds: int, settings: 
     if il.same_as == "expert":
         return Outcome(**base, same_plan=True, predicted_ratio=predicted)
     paths = {m: work / "plans" / f"{case.slug}-{m}.json" for m in ("expert", "ilp")}
-    logs = work / "measure"
+    steps, note = alternate_runs(case, paths, rounds, settings, work / "measure", loads)
+    return Outcome(**base, same_plan=False, predicted_ratio=predicted,
+                   expert_steps_s=steps["expert"], ilp_steps_s=steps["ilp"], note=note)
+
+
+def plan_case(case: Case, methods: Sequence[str], profile: ProfileSettings, captures: CaptureCache,
+              work: Path):
+    """``run_case`` with profiled costs, falling back to the calibrated analytic model where profiling fails.
+
+    Returns the ``CaseResult`` and the line saying what priced its plans; the plans are saved
+    under ``work/plans`` as ``SLUG-METHOD.json``."""
+    say = lambda m: print(f"  {m}", flush=True)  # noqa: E731
+    try:
+        res = run_case(case, methods, profile=profile, captures=captures, workdir=work, progress=say)
+        return res, res.costs
+    except AutopartError as exc:
+        # The profiler cannot time every model's blocks (T5's relative-position buckets): such a
+        # case is priced by the (calibrated) analytic model instead, for every method alike.
+        res = run_case(case, methods, captures=captures, workdir=work, progress=say)
+        return res, f"{res.costs} (profiling failed: {str(exc).splitlines()[0][:160]})"
+
+
+def alternate_runs(case: Case, paths: dict[str, Path], rounds: int, settings: MeasureSettings, logs: Path,
+                   loads: list[float | None]) -> tuple[dict[str, tuple[tuple[float, ...], ...]], str]:
+    """Run each plan of ``paths`` (label -> plan file) once per round, the order reversed every other round.
+
+    Returns each label's warm step times per round, and a note naming the first failed run ("" when
+    all ran; the rounds before it are kept). The load average is appended to ``loads`` before each round."""
     logs.mkdir(parents=True, exist_ok=True)
-    steps: dict[str, list[tuple[float, ...]]] = {"expert": [], "ilp": []}
+    labels = tuple(paths)
+    steps: dict[str, list[tuple[float, ...]]] = {k: [] for k in labels}
     for r in range(rounds):
         loads.append(load())
-        for method in (("expert", "ilp") if r % 2 == 0 else ("ilp", "expert")):
-            m = run_plan(case, f"{method}-{r + 1}", paths[method], settings, logs,
+        for label in (labels if r % 2 == 0 else labels[::-1]):
+            m = run_plan(case, f"{label}-{r + 1}", paths[label], settings, logs,
                          lambda msg: print(f"  round {r + 1}/{rounds}: {msg}", flush=True))
             if m.median_s is None:
-                return Outcome(**base, same_plan=False, predicted_ratio=predicted,
-                               expert_steps_s=tuple(steps["expert"]), ilp_steps_s=tuple(steps["ilp"]),
-                               note=f"{method} run {r + 1} {m.status}: {m.reason}")
-            steps[method].append(m.step_times_s)
-    return Outcome(**base, same_plan=False, predicted_ratio=predicted,
-                   expert_steps_s=tuple(steps["expert"]), ilp_steps_s=tuple(steps["ilp"]))
+                return {k: tuple(v) for k, v in steps.items()}, f"{label} run {r + 1} {m.status}: {m.reason}"
+            steps[label].append(m.step_times_s)
+    return {k: tuple(v) for k, v in steps.items()}, ""
 
 
 def _fmt_ms(s: float | None) -> str:
