@@ -308,7 +308,7 @@ def _grid_optimum(method, ev):
     best = None
     for pt in grid_points(method, ev, Pins(), _tps(method, ev, Pins()), _dp_shardings(method, ev)):
         e = with_dp_sharding(ev, pt.dp_sharding)
-        sharding = megatron_sharding(ev.captured, pt.mesh.tp) if pt.mesh.tp > 1 else {}
+        sharding = megatron_sharding(ev.captured, pt.mesh.tp, pt.sequence_parallel) if pt.mesh.tp > 1 else {}
         blocks = _SPLITS[method](e, pt.mesh, pt.schedule, sharding)
         plan, _ = e.make_plan([StageSpec.whole(b, pt.recompute) for b in blocks], pt.mesh, pt.schedule,
                               sharding=sharding, method=method)
