@@ -25,8 +25,8 @@ A baseline gets every freedom the compared method has except its split rule:
 ``tune`` tries, for each mesh its rule allows, every micro-batch size that
 divides the per-replica batch, the schedules (GPipe, 1F1B, interleaved 1F1B
 with each virtual-stage count ``v > 1`` that divides the layers and keeps a
-layer per stage, and the zero-bubble ones torch ships: ``zb`` with v = 1 or
-those counts, ``zbv`` and ``dualpipev`` with v = 2), recomputation off and on
+layer per stage, and for pp > 1 the zero-bubble ones torch ships: ``zb`` with
+v = 1 or those counts, ``zbv`` and ``dualpipev`` with v = 2), recomputation off and on
 (never both recomputation and a split backward, nor FSDP with a split backward:
 the runtime cannot run them, ``_runs``), and for tp > 1 Megatron's layout with
 and without ``--sequence-parallel``, and keeps the fastest plan that fits by
@@ -322,6 +322,8 @@ def _schedules(pins: Pins, pp: int, m: int, n_layers: int, units: int) -> list[t
     names = [pins.schedule] if pins.schedule else list(TUNED_SCHEDULES)
     out = []
     for name in names:
+        if pp == 1 and not pins.schedule and schedule_spec(name).splits_backward:
+            continue  # one rank has no bubble to fill (the ILP's search does not re-time pp = 1 either)
         fixed = schedule_spec(name).virtual_stages
         if pins.virtual_stages:
             vs = [pins.virtual_stages]
