@@ -7,9 +7,10 @@ to re-choose recomputation per block and selectively ([Note: recompute per block
 search] in partitioner/solver/search.py), and **without** = ``Pins(recompute_blocks=False)``,
 whole stages only, as before. Both runs may choose every data-parallel sharding level (the
 ZeRO-2/3 comparison is benchmarks/zero3.py). A third line, **before**, also limits the
-sharding levels to ``none`` and ``zero1``: the search space before issue 14, so that
-``before / with`` is what the new options of issue 14 (ZeRO-2/3, HSDP, recomputation per
-block, selective) buy together. The figures are the simulator's (predicted).
+sharding levels to ``none`` and ``zero1`` and keeps sequence parallelism out: the search space
+before issue 14 (but for the zero-bubble schedules, which no pin turns off), so that
+``before / with`` is what the new options of issue 14 (ZeRO-2/3, HSDP, recomputation per block,
+selective, sequence parallelism) buy together. The figures are the simulator's (predicted).
 
     python -m benchmarks.recompute [--cases 13b,70b,175b] [--json OUT]
 """
@@ -40,7 +41,7 @@ def plan_case(name: str) -> dict:
     ev = prepare(build_partition_graph(cap, lm.model), cluster=Cluster.preset(case.cluster, case.nodes),
                  global_batch=case.global_batch)
     out = {"case": case.name}
-    runs = (("before", Pins(dp_shardings=BEFORE, recompute_blocks=False)),
+    runs = (("before", Pins(dp_shardings=BEFORE, recompute_blocks=False, sequence_parallel=False)),
             ("without", Pins(recompute_blocks=False)), ("with", Pins()))
     for tag, pins in runs:
         started = time.perf_counter()
@@ -58,6 +59,7 @@ def plan_case(name: str) -> dict:
             recompute=f"{sum(len(s.recompute) for s in plan.stages)}/{blocks}",
             selective=f"{sum(s.selective for s in plan.stages)}/{len(plan.stages)}",
             per_stage=[len(s.recompute) for s in plan.stages],
+            sequence_parallel=sum(v in ("seq", "row_seq") for v in plan.sharding.values()),
             step_s=p.step_time_s, peak_gib=p.peak_memory_bytes / 2**30, limit_gib=p.memory_limit_bytes / 2**30,
             bubble=p.bubble_fraction, origin=plan.solver.origin, status=plan.solver.status,
             wall_s=time.perf_counter() - started,
@@ -88,6 +90,7 @@ def main() -> int:
                 continue
             print(f"{row['case']:32s} {tag:8s} {r['mesh']:18s} {r['schedule']:11s} {r['microbatches']:3d}x{r['micro_batch_size']}"
                   f" v={r['virtual_stages']} {r['dp_sharding']:5s} recompute {r['recompute']:7s} selective {r['selective']:5s}"
+                  f" sp nodes {r['sequence_parallel']:4d}"
                   f" step {r['step_s']:8.3f} s  peak {r['peak_gib']:5.1f}/{r['limit_gib']:.0f} GiB"
                   f"  bubble {r['bubble']:5.1%}  from {r['origin']} ({r['status']}, {r['wall_s']:.0f} s)", flush=True)
         print(f"{row['case']:32s} speedup {row['speedup']:.3f}x (without / with), "

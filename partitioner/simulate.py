@@ -95,6 +95,7 @@ import threading
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
+from typing import NamedTuple
 
 from partitioner.errors import PlanError
 from partitioner.schedules import (
@@ -116,12 +117,15 @@ __all__ = [
     "MemoryAtPeak",
     "SimResult",
     "StageCost",
+    "busiest_rank_s",
+    "peak_memory",
     "schedule_order",
     "simulate",
     "simulate_orders",
 ]
 
 _FORWARD = FORWARD
+_new_event = tuple.__new__  # Event(...) without the named tuple's Python-level __new__
 _BACKWARDS = (FULL_BACKWARD, BACKWARD_WEIGHT)  # the kinds that end a micro-batch's backward on a stage
 
 
@@ -190,9 +194,12 @@ class MemoryAtPeak:
         return self.static + self.activations + self.workspace
 
 
-@dataclass(frozen=True, slots=True)
-class Event:
-    """One action as it ran in the simulation."""
+class Event(NamedTuple):
+    """One action as it ran in the simulation.
+
+    A named tuple, not a frozen dataclass: a search simulates steps of 10^5-10^6 actions many
+    times over, and building a tuple costs a fraction of a frozen dataclass's ``__init__``.
+    """
 
     rank: int  # rank that executed the action
     action: Action  # what ran
@@ -268,6 +275,39 @@ def simulate(
     with _gc_paused():
         orders, checked = _prepared_orders(schedule, ranks, microbatches, virtual_stages, len(stages), layout)
         return _simulate_orders(stages, orders, microbatches, overlap_dp, layout, checked, comm_overlap)
+
+
+def busiest_rank_s(stages: Sequence[StageCost], schedule: str, microbatches: int, ranks: int) -> float:
+    """A lower bound of ``simulate(...).step_time_s`` without simulating: the most work one rank
+    does, its stages' forward and backward for every micro-batch, then its once-per-step work
+    (``after_s``). A rank runs one action at a time, so its compute alone ends no earlier, and the
+    step ends no earlier than any rank's ([Note: timing model])."""
+    layout = spec(schedule).layout
+    work = [0.0] * ranks
+    for s, c in enumerate(stages):
+        work[stage_rank(s, ranks, layout)] += microbatches * (c.forward_s + c.backward_s) + c.after_s
+    return max(work)
+
+
+def peak_memory(
+    stages: Sequence[StageCost], schedule: str, microbatches: int, virtual_stages: int = 1
+) -> tuple[MemoryAtPeak, ...]:
+    """Per rank, what is live at its memory peak: ``simulate(...).peak_parts`` without the timing.
+
+    The memory over the step depends on each rank's order of actions and the stages' costs, never
+    on when an action starts ([Note: memory over the step]), so the search's memory checks
+    (solver/recompute.py) walk the schedule's orders instead of simulating the step.
+    """
+    if not isinstance(virtual_stages, int) or virtual_stages < 1 or len(stages) % virtual_stages:
+        raise PlanError(f"virtual_stages = {virtual_stages!r}: must divide len(stages) = {len(stages)}")
+    costs = _check_stages(stages)
+    ranks = len(costs) // virtual_stages
+    layout = spec(schedule).layout
+    orders, _ = _prepared_orders(schedule, ranks, microbatches, virtual_stages, len(costs), layout)
+    owner = [stage_rank(s, ranks, layout) for s in range(len(costs))]
+    return tuple(
+        _memory_walk(costs, [c for s, c in enumerate(costs) if owner[s] == r], orders[r]).peak for r in range(ranks)
+    )
 
 
 # The search simulates many plans of one schedule shape (each mesh, tp and recompute choice of a
@@ -431,7 +471,7 @@ def _simulate_orders(
     # Materialize the events once, after timing, from the flat arrays.
     events = [
         [
-            Event(r, action, start[key], end[key])  # type: ignore[arg-type]  # ran, so not None
+            _new_event(Event, (r, action, start[key], end[key]))  # ran, so end[key] is not None
             for action, key in zip(orders[r][: position[r]], keys[r])
         ]
         for r in range(ranks)
@@ -547,6 +587,72 @@ def _bad_action_message(
 # Results and printing
 
 
+@dataclass(frozen=True, slots=True)
+class _Walk:
+    """What one rank's actions, in its order, add up to ([Note: memory over the step])."""
+
+    busy_s: float  # compute: the sum of the actions' costs
+    peak_activation_bytes: int
+    peak_inflight: int
+    peak: MemoryAtPeak
+
+
+def _memory_walk(stages: Sequence[StageCost], mine: Sequence[StageCost], actions: Sequence[Action]) -> _Walk:
+    """Walk one rank's actions in its order: its busy time and what is live at its memory peak.
+
+    A rank runs its actions one at a time, so its order is chronological: add at forward start,
+    release at the end of B or W (an I releases nothing: [Note: zero-bubble memory] in
+    schedules.py). Busy time sums the costs rather than end - start, to stay exact. Memory
+    ([Note: memory over the step]): the gradients a stage makes afresh are counted from the end of
+    its first backward; the workspace of a backward while it runs. None of it depends on when an
+    action starts, only on the order, so ``peak_memory`` needs no timing.
+    """
+    held = count = top_bytes = top_count = 0
+    compute = 0.0
+    static = sum(c.static_bytes - c.fresh_grad_bytes for c in mine)
+    kept = sum(c.buffer_bytes for c in mine)
+    made: set[int] = set()
+    # The peak so far as plain numbers (static, held, workspace, action index; -1 is the start):
+    # a MemoryAtPeak is built for the peak alone, once the walk is done.
+    top_total, top_at = static + kept, (static, 0, kept, -1)
+    for i, a in enumerate(actions):
+        cost = stages[a.stage]
+        kind = a.kind
+        if kind == _FORWARD:
+            compute += cost.forward_s
+            held += cost.activation_bytes
+            count += 1
+            if held > top_bytes:
+                top_bytes = held
+            if count > top_count:
+                top_count = count
+            work = kept
+        elif kind == BACKWARD_INPUT:
+            compute += cost.backward_s - cost.backward_weight_s
+            work = kept + cost.backward_workspace_bytes
+            kept += cost.input_grad_bytes
+        else:
+            compute += cost.backward_weight_s if kind == BACKWARD_WEIGHT else cost.backward_s
+            work = kept + (cost.backward_workspace_bytes if kind == FULL_BACKWARD else 0)
+            now_static, now_held = static, held  # measured before this backward frees and makes anything
+            held -= cost.activation_bytes
+            count -= 1
+            if kind == FULL_BACKWARD:
+                kept += cost.input_grad_bytes
+            if a.stage not in made:
+                made.add(a.stage)
+                static += cost.fresh_grad_bytes
+            if now_static + now_held + work > top_total:
+                top_total, top_at = now_static + now_held + work, (now_static, now_held, work, i)
+            continue
+        if static + held + work > top_total:
+            top_total, top_at = static + held + work, (static, held, work, i)
+    top = MemoryAtPeak(top_at[0], top_at[1], top_at[2], str(actions[top_at[3]]) if top_at[3] >= 0 else "start")
+    full = sum(c.static_bytes for c in mine)
+    opt = MemoryAtPeak(full, held, kept + max((c.optimizer_workspace_bytes for c in mine), default=0), "optimizer step")
+    return _Walk(compute, top_bytes, top_count, opt if opt.total > top.total else top)
+
+
 def _summarize(
     stages: list[StageCost],
     events: list[list[Event]],
@@ -588,54 +694,11 @@ def _summarize(
     peak_count: list[int] = []
     parts: list[MemoryAtPeak] = []
     for r in range(ranks):
-        # A rank runs its actions one at a time, so walking its events in order is
-        # chronological: add at forward start, release at the end of B or W (an I
-        # releases nothing: [Note: zero-bubble memory] in schedules.py). Busy time
-        # sums the costs rather than end - start, to stay exact.
-        # Memory ([Note: memory over the step]): the gradients a stage makes afresh are counted from
-        # the end of its first backward; the workspace of a backward while it runs.
-        held = count = top_bytes = top_count = 0
-        compute = 0.0
-        static = sum(c.static_bytes - c.fresh_grad_bytes for c in mine[r])
-        kept = sum(c.buffer_bytes for c in mine[r])
-        made: set[int] = set()
-        top = MemoryAtPeak(static, 0, kept, "start")
-        for e in events[r]:
-            cost = stages[e.action.stage]
-            kind = e.action.kind
-            if kind == _FORWARD:
-                compute += cost.forward_s
-                held += cost.activation_bytes
-                count += 1
-                top_bytes = max(top_bytes, held)
-                top_count = max(top_count, count)
-                now = MemoryAtPeak(static, held, kept, str(e.action))
-            elif kind == BACKWARD_INPUT:
-                compute += cost.backward_s - cost.backward_weight_s
-                now = MemoryAtPeak(static, held, kept + cost.backward_workspace_bytes, str(e.action))
-                kept += cost.input_grad_bytes
-            else:
-                compute += cost.backward_weight_s if kind == BACKWARD_WEIGHT else cost.backward_s
-                now = MemoryAtPeak(static, held, kept + (cost.backward_workspace_bytes if kind == FULL_BACKWARD else 0),
-                                   str(e.action))
-                held -= cost.activation_bytes
-                count -= 1
-                if kind == FULL_BACKWARD:
-                    kept += cost.input_grad_bytes
-                if e.action.stage not in made:
-                    made.add(e.action.stage)
-                    static += cost.fresh_grad_bytes
-            if now.total > top.total:
-                top = now
-        full = sum(c.static_bytes for c in mine[r])
-        opt = MemoryAtPeak(full, held, kept + max((c.optimizer_workspace_bytes for c in mine[r]), default=0),
-                           "optimizer step")
-        if opt.total > top.total:
-            top = opt
-        busy.append(compute)
-        peak_act.append(top_bytes)
-        peak_count.append(top_count)
-        parts.append(top)
+        walk = _memory_walk(stages, mine[r], [e.action for e in events[r]])
+        busy.append(walk.busy_s)
+        peak_act.append(walk.peak_activation_bytes)
+        peak_count.append(walk.peak_inflight)
+        parts.append(walk.peak)
 
     total_busy = sum(busy)
     bubble = 1.0 - total_busy / (ranks * pipeline_time) if pipeline_time > 0 else 0.0

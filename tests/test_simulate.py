@@ -9,6 +9,7 @@ from __future__ import annotations
 import gc
 import math
 import random
+from dataclasses import replace
 
 import pytest
 
@@ -513,3 +514,59 @@ def test_idle_time_is_split_into_transfer_wait_and_bubble() -> None:
     for r in range(2):  # busy + waits reach the end of the rank's last action
         last = max(e.end_s for e in result.events if e.rank == r)
         assert result.busy_s[r] + result.wait_s[r] == pytest.approx(last)
+
+
+# --- what the search reads without simulating -------------------------------------------------
+
+
+def _random_stages(rng, k: int) -> list[StageCost]:
+    out = []
+    for _ in range(k):
+        b = rng.uniform(0.1, 2.0)
+        out.append(StageCost(
+            forward_s=rng.uniform(0.1, 1.0), backward_s=b, backward_weight_s=b * rng.uniform(0.0, 1.0),
+            send_s=rng.uniform(0.0, 0.3), dp_reduce_s=rng.uniform(0.0, 2.0), after_s=rng.uniform(0.0, 1.0),
+            activation_bytes=rng.randint(0, 1000), static_bytes=5000, fresh_grad_bytes=rng.randint(0, 2000),
+            buffer_bytes=rng.randint(0, 100), input_grad_bytes=rng.randint(0, 100),
+            backward_workspace_bytes=rng.randint(0, 3000), optimizer_workspace_bytes=rng.randint(0, 3000),
+        ))
+    return out
+
+
+def _random_shapes(seed: int, n: int):
+    import random
+
+    from partitioner.schedules import REGISTRY, check_schedule
+
+    rng = random.Random(seed)
+    shapes = []
+    while len(shapes) < n:
+        name = rng.choice(sorted(REGISTRY))
+        pp, v, m = rng.choice([1, 2, 3, 4]), rng.choice([1, 2, 3]), rng.choice([1, 2, 4, 6, 8])
+        try:
+            fixed = check_schedule(name, pp, m, v).virtual_stages
+        except PlanError:
+            continue
+        v = fixed or v
+        shapes.append((name, pp, m, v, _random_stages(rng, pp * v), rng.random() < 0.5))
+    return shapes
+
+
+def test_peak_memory_is_the_simulated_peak_without_timing():
+    # The per-block recompute search checks memory with peak_memory; it must agree with simulate exactly.
+    from partitioner.simulate import peak_memory
+
+    for name, pp, m, v, stages, _ in _random_shapes(1, 60):
+        assert peak_memory(stages, name, m, v) == simulate(stages, name, m, v).peak_parts, (name, pp, m, v)
+
+
+def test_busiest_rank_is_a_lower_bound_of_the_step():
+    # The search skips a candidate whose busiest rank already takes longer than the best step (search.py).
+    from partitioner.simulate import busiest_rank_s
+
+    for name, pp, m, v, stages, overlap in _random_shapes(2, 60):
+        sim = simulate(stages, name, m, v, overlap_dp=overlap)
+        assert busiest_rank_s(stages, name, m, pp) <= sim.step_time_s * (1 + 1e-12), (name, pp, m, v)
+    # One rank without a reduction waits for nothing: the bound is the step.
+    one = [replace(c, dp_reduce_s=0.0, send_s=0.0) for c in _random_stages(random.Random(3), 2)]
+    assert busiest_rank_s(one, "interleaved", 4, 1) == pytest.approx(simulate(one, "interleaved", 4, 2).step_time_s)

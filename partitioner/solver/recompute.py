@@ -49,7 +49,7 @@ from ..baselines import inflight_horizon
 from ..evaluate import BlockCost, Evaluator, StageSpec, recompute_terms
 from ..plan import Mesh, Schedule
 from ..schedules import spec as schedule_spec, stage_rank
-from ..simulate import StageCost, simulate
+from ..simulate import StageCost, peak_memory
 from .pipeline_ilp import schedule_inflight
 
 __all__ = ["RecomputeChoice", "fewest_recomputed", "recomputable_alone"]
@@ -78,7 +78,7 @@ def fewest_recomputed(
     bare = [StageSpec(sp.blocks) for sp in specs]
     bare_costs = ev.stage_costs(bare, mesh, schedule, sharding)
     static = [c.static_bytes for c in bare_costs]
-    bare_peak = _simulated_peaks(ev, bare_costs, schedule)
+    bare_peak = _simulated_peaks(bare_costs, schedule)
     costs = {b: ev.block_cost(ev.pgraph.blocks[b], schedule.micro_batch_size, mesh.tp, sharding)
              for sp in specs for b in sp.blocks}
     horizon = inflight_horizon(schedule.name, pp, schedule.microbatches, schedule.virtual_stages)
@@ -154,7 +154,7 @@ def fewest_recomputed(
             trial = {r: taken[r] + (0 if grow else -1) for r in todo}
             if not grow:
                 trial = {r: max(0, n) for r, n in trial.items()}
-            peaks = _simulated_peaks(ev, ev.stage_costs(chosen_specs(trial), mesh, schedule, sharding), schedule)
+            peaks = _simulated_peaks(ev.stage_costs(chosen_specs(trial), mesh, schedule, sharding), schedule)
             moved = False
             for r, (_, order, _, _) in todo.items():
                 if grow and peaks[r] > limit and taken[r] < len(order):
@@ -165,7 +165,7 @@ def fewest_recomputed(
                     moved = True
             if not moved:
                 break
-    final = _simulated_peaks(ev, ev.stage_costs(chosen_specs(taken), mesh, schedule, sharding), schedule) if todo else []
+    final = _simulated_peaks(ev.stage_costs(chosen_specs(taken), mesh, schedule, sharding), schedule) if todo else []
     for r, (mine, order, sel, _) in todo.items():
         if final[r] > limit:  # not even every block: keep what the rank was given
             report[r] = RecomputeChoice(r, sum(len(specs[s].recompute) for s in mine),
@@ -180,10 +180,10 @@ def fewest_recomputed(
     return out, [report[r] for r in range(pp)]
 
 
-def _simulated_peaks(ev: Evaluator, stage_costs: Sequence[StageCost], schedule: Schedule) -> tuple[int, ...]:
-    """Each pipeline rank's simulated peak memory ([Note: memory over the step] in simulate.py)."""
-    sim = simulate(stage_costs, schedule.name, schedule.microbatches, schedule.virtual_stages, ev.training.overlap_dp)
-    return sim.peak_memory_bytes
+def _simulated_peaks(stage_costs: Sequence[StageCost], schedule: Schedule) -> tuple[int, ...]:
+    """Each pipeline rank's peak memory as the simulator finds it ([Note: memory over the step] in
+    simulate.py), from the schedule's order alone: no timing is needed for it."""
+    return tuple(p.total for p in peak_memory(stage_costs, schedule.name, schedule.microbatches, schedule.virtual_stages))
 
 
 def recomputable_alone(ev: Evaluator) -> frozenset[int]:

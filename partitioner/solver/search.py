@@ -92,7 +92,7 @@ from ..plan import Mesh, Plan, Schedule
 from ..progress import SearchCallback, SearchStatus
 from ..sharding import sharded_params
 from ..schedules import REGISTRY as SCHEDULE_REGISTRY, check_recompute, check_schedule
-from ..simulate import SimResult
+from ..simulate import SimResult, busiest_rank_s
 from .pipeline_ilp import EVENTS_MAX, BlockData, SharedParam, StageProblem, StageSolution, schedule_inflight, solve_stages
 from .recompute import fewest_recomputed
 from .sharding_ilp import FAST_WEIGHT, LEAN_WEIGHT, solve_block_sharding
@@ -633,8 +633,11 @@ class _Search:
                     trial_bounds = [*bounds[:k], cut, *bounds[k + 1:]]
                     trial = [StageSpec.whole(range(trial_bounds[s], trial_bounds[s + 1]), True) for s in range(K)]
                     trial, _ = fewest_recomputed(ev, trial, mesh, schedule, sharding)
-                    plan, _ = ev.make_plan(trial, mesh, schedule, sharding=sharding, method="ilp")
                     evals += 1
+                    if busiest_rank_s(ev.stage_costs(trial, mesh, schedule, sharding), schedule.name, schedule.microbatches,
+                                      mesh.pp) >= step_s:
+                        continue  # the step is at least its busiest rank's work: this move cannot win
+                    plan, _ = ev.make_plan(trial, mesh, schedule, sharding=sharding, method="ilp")
                     if plan.predicted.fits and plan.predicted.step_time_s < step_s * (1 - 1e-9):
                         bounds, specs, step_s, improved = trial_bounds, trial, plan.predicted.step_time_s, True
                         break
