@@ -95,7 +95,7 @@ from .sharding import BlockLayoutCosts, sharded_params
 from .schedules import spec as schedule_spec, stage_rank
 from .simulate import SimResult, StageCost, simulate
 
-__all__ = ["Evaluator", "StageSpec", "BlockCost", "StageMemory", "WEIGHT_GRAD_SHARE", "recompute_terms"]
+__all__ = ["Evaluator", "StageSpec", "BlockCost", "StageMemory", "WEIGHT_GRAD_SHARE", "recompute_terms", "backward_work"]
 
 
 def _numel(shape: Sequence[int]) -> int:
@@ -517,9 +517,11 @@ class Evaluator:
         # Each recomputed block (all of them or some) and attention core is checkpointed on its own, so
         # the stage keeps each one's inputs and its backward replays one at a time ([Note: recompute per
         # block] in recompute.py).
-        saved, _, replay = recompute_terms(spec, costs)
-        nodes = max((self.node_backward_bytes(b, mbs) for b in blocks), default=0.0)
-        backward = max(float(loss.backward_bytes), (0.0 if last else out) + nodes + replay)
+        saved = recompute_terms(spec, costs)[0]
+        # One block's backward at a time: its nodes' gradients beside its own replay; and on the last stage
+        # the loss's saved tensor is freed by the loss's backward, before any block's ([Note: what a step holds]).
+        during = backward_work(spec, costs, [self.node_backward_bytes(b, mbs) for b in blocks])
+        backward = max(float(loss.backward_bytes), (0.0 if last else out) + during - loss.saved_bytes)
         table = self.captured.params
         level = dp_spec(self.training.dp_sharding)
         shard = mesh.dp if (level.uses_fsdp or level.shards_optimizer) and mesh.dp > 1 else 1
@@ -869,3 +871,19 @@ def recompute_terms(spec: StageSpec, costs: Sequence[BlockCost]) -> tuple[float,
         else:
             act += c.saved_bytes
     return act, replay, work
+
+
+def backward_work(spec: StageSpec, costs: Sequence[BlockCost], node_bytes: Sequence[float]) -> float:
+    """The most a stage's backward holds at once beyond what its micro-batch keeps: the blocks back-propagate
+    one at a time, each with its own node's gradients (``node_bytes``, in ``spec.blocks`` order) beside its
+    own replay ([Note: recompute per block] in recompute.py):
+
+        max_b (nd_b + [b in R] sv_b + σ [b not in R] core_b)
+
+    A replay and a node's gradients of two different blocks are never live together."""
+    chosen = set(spec.recompute)
+    most = 0.0
+    for b, c, nd in zip(spec.blocks, costs, node_bytes):
+        replay = c.saved_bytes if b in chosen else (c.core_bytes if spec.selective else 0.0)
+        most = max(most, nd + replay)
+    return most
