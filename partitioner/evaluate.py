@@ -43,10 +43,15 @@ over the step]), is made of these terms, each sized from the graph's shapes and 
 - during one backward of the stage (``StageCost.backward_workspace_bytes``): the larger of
   the loss's backward (last stage) and, for the node whose backward needs most, the
   gradient of its output with the gradients of its inputs, plus the gradient received for
-  the stage's output; under recomputation, what the replay holds at once: the largest
-  recomputed block's or attention core's saved tensors, since the runtime checkpoints each
-  on its own, also when every block recomputes ([Note: recompute per block] and [Note:
-  recompute in the runtime] in recompute.py).
+  the stage's output; under recomputation, what the replay holds at once: a recomputed
+  block's or attention core's saved tensors, since the runtime checkpoints each on its own,
+  also when every block recomputes ([Note: recompute per block] and [Note: recompute in the
+  runtime] in recompute.py). The blocks back-propagate one at a time, so the node term and
+  the replay are taken per block and the largest sum counts (``backward_work``). On the last
+  stage the loss's saved tensor is freed by the loss's backward, before any block's, so it
+  is taken off that sum; the stage's output (the logits) stays, as torch's pipeline stage
+  keeps it to the end of the stage's backward (measured: the storage meter's tensors at the
+  peak of gpt2-tiny pp2 1f1b recompute, rank 1).
 - during the optimizer step, after every backward: its workspace ([Note: the optimizer
   step's workspace] in cost_models/memory.py). torch picks the foreach implementation on
   CUDA and the single-tensor one on CPU; a cluster is taken as CPU processes when its name
@@ -856,7 +861,9 @@ def recompute_terms(spec: StageSpec, costs: Sequence[BlockCost]) -> tuple[float,
         act  = sum_{b in R} in_b + sum_{b not in R} (sv_b - σ core_b)
         rec  = sum_{b in R} f_b  + σ sum_{b not in R} fc_b
         work = max(max_{b in R} sv_b, σ max_{b not in R} core_b)
-    """
+
+    ``work`` is the largest replay alone; the stage's backward workspace pairs each replay with its own
+    block's node gradients (``backward_work``)."""
     chosen = set(spec.recompute)
     act = replay = work = 0.0
     for b, c in zip(spec.blocks, costs):
