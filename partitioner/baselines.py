@@ -16,21 +16,31 @@ same way for all of them by one grid, ``tune`` (see [Note: fair baselines]).
 * ``expert``: what a careful engineer does with Megatron-LM or torchtitan:
   every tensor-parallel degree inside a node (powers of two), every pipeline
   depth, the uniform split, and every data-parallel sharding level from the
-  one asked for up to ZeRO-3 (dp_sharding.py) besides the grid below. It is
-  the reference every other method is compared with.
+  one asked for up to ZeRO-3 (dp_sharding.py) besides the grid below (which
+  holds torch's zero-bubble schedules and Megatron's --sequence-parallel). It
+  is the reference every other method is compared with.
 
 [Note: fair baselines]
 A baseline gets every freedom the compared method has except its split rule:
 ``tune`` tries, for each mesh its rule allows, every micro-batch size that
 divides the per-replica batch, the schedules (GPipe, 1F1B, interleaved 1F1B
 with each virtual-stage count ``v > 1`` that divides the layers and keeps a
-layer per stage), recomputation off and on, and keeps the fastest plan that
-fits by the simulator. The grid is enumerated in a fixed order and visited in
-order of a lower bound on each point's step time (perfectly balanced work,
-no communication: ``M W / pp + (W - W / pp) / v``, plus the recomputed
-forward), stopping when the bound reaches the best plan found: the result is
-the grid's optimum, and the same on every machine (no clocks are read). Pins
-fix any axis of the grid.
+layer per stage, and for pp > 1 the zero-bubble ones torch ships: ``zb`` with
+v = 1 or those counts, ``zbv`` and ``dualpipev`` with v = 2), recomputation off and on
+(never both recomputation and a split backward, nor FSDP with a split backward:
+the runtime cannot run them, ``_runs``), and for tp > 1 Megatron's layout with
+and without ``--sequence-parallel``, and keeps the fastest plan that fits by
+the simulator. The zero-bubble schedules and sequence parallelism are in every
+baseline's grid because the ILP's search reaches them too (it re-times its
+plans under the zero-bubble schedules and chooses sequence parallelism per
+node): leaving them out would measure them, not the split rule. The grid is
+enumerated in a fixed order and visited in order of a lower bound on each
+point's step time (perfectly balanced work, no communication:
+``M W / pp + (W - W / pp) / v``, plus the recomputed forward; under a split
+backward, whose weight gradients fill the bubble, ``M W / pp`` plus the last
+rank's wait for its first input, ``(pp - 1) F / (pp v)``), stopping when the
+bound reaches the best plan found: the result is the grid's optimum, and the
+same on every machine (no clocks are read). Pins fix any axis of the grid.
 """
 
 from __future__ import annotations
@@ -56,7 +66,10 @@ __all__ = [
 
 METHODS = ("expert", "uniform", "params", "pipedream", "megatron")
 REFERENCE = "expert"  # the method every speedup is measured against
-TUNED_SCHEDULES = ("1f1b", "gpipe", "interleaved")  # what the grid tries unless one is pinned
+# What the grid tries unless one is pinned: every schedule the registry knows (schedules.py), the
+# zero-bubble ones included, since the ILP's search re-times its plans under them too
+# ([Note: split-backward schedules] in solver/search.py).
+TUNED_SCHEDULES = ("1f1b", "gpipe", "interleaved", "zb", "zbv", "dualpipev")
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
@@ -80,8 +93,8 @@ class Pins:
     # before (a benchmark's "without"). The baselines always recompute whole stages.
     recompute_blocks: bool = True
     # Sequence parallelism with tp ([Note: sequence parallelism] in tp_strategies.py): None lets the
-    # ILP choose it per node and keeps the baselines' Megatron layout without it; True gives the
-    # baselines Megatron's --sequence-parallel layout; False keeps it out of the ILP's choice too.
+    # ILP choose it per node and the baselines' grid try Megatron's layout with and without it; True
+    # gives the baselines Megatron's --sequence-parallel layout only; False keeps it out of both.
     sequence_parallel: bool | None = None
 
     def __post_init__(self) -> None:
@@ -108,6 +121,8 @@ class GridPoint:
     schedule: Schedule
     recompute: bool
     dp_sharding: str  # a name of dp_sharding.REGISTRY
+    # Megatron's layout with --sequence-parallel (tp > 1 only; [Note: sequence parallelism] in tp_strategies.py)
+    sequence_parallel: bool = False
     lower_bound_s: float = 0.0  # no plan at this point can be faster (see [Note: fair baselines])
 
     def describe(self) -> str:
@@ -115,6 +130,7 @@ class GridPoint:
         v = f" v={s.virtual_stages}" if s.virtual_stages > 1 else ""
         return (
             f"{self.mesh} {s.name}{v} {s.microbatches}x{s.micro_batch_size}"
+            + (" sp" if self.sequence_parallel else "")
             + (" recompute" if self.recompute else "") + (f" {self.dp_sharding}" if self.dp_sharding != "none" else "")
         )
 
@@ -234,6 +250,8 @@ def grid_points(
     gb = ev.training.global_batch
     for tp in tps:
         rest = world // tp
+        # Megatron's layout with and without --sequence-parallel, unless pinned; nothing to split at tp = 1.
+        sps = ([bool(pins.sequence_parallel)] if pins.sequence_parallel is not None else [False, True]) if tp > 1 else [False]
         if pins.pp and pins.dp:
             if pins.pp * pins.dp * tp != world:
                 raise PlanError(
@@ -273,7 +291,8 @@ def grid_points(
                         for z in (dp_shardings if dp > 1 else dp_shardings[:1]):  # nothing to shard without dp
                             if dp > 1 and not (_runs(z, name, recompute) and hsdp_differs(ev, z, tp, dp)):
                                 continue
-                            yield GridPoint(Mesh(pp, tp, dp), Schedule(name, m, mbs, v), recompute, z)
+                            for sp in sps:
+                                yield GridPoint(Mesh(pp, tp, dp), Schedule(name, m, mbs, v), recompute, z, sp)
 
 
 def hsdp_differs(ev: Evaluator, level: str, tp: int, dp: int) -> bool:
@@ -303,6 +322,8 @@ def _schedules(pins: Pins, pp: int, m: int, n_layers: int, units: int) -> list[t
     names = [pins.schedule] if pins.schedule else list(TUNED_SCHEDULES)
     out = []
     for name in names:
+        if pp == 1 and not pins.schedule and schedule_spec(name).splits_backward:
+            continue  # one rank has no bubble to fill (the ILP's search does not re-time pp = 1 either)
         fixed = schedule_spec(name).virtual_stages
         if pins.virtual_stages:
             vs = [pins.virtual_stages]
@@ -342,40 +363,46 @@ def tune(
     dp_shardings = tuple(dp_shardings) if dp_shardings is not None else (ev.training.dp_sharding,)
     evs = {z: with_dp_sharding(ev, z) for z in dp_shardings}
     limit = ev.usable_memory_bytes  # the reserve and the memory margin kept free
-    shardings: dict[int, dict] = {}
-    work: dict[tuple[int, int], tuple[float, float]] = {}  # (tp, mbs) -> (forward + backward, forward) per micro-batch
-    static: dict[tuple[int, int, str], float] = {}  # (tp, dp, dp_sharding) -> all static bytes of one tp rank
+    shardings: dict[tuple[int, bool], dict] = {}  # (tp, sequence parallel) -> Megatron's layout
+    work: dict[tuple[int, bool, int], tuple[float, float]] = {}  # (tp, sp, mbs) -> (forward + backward, forward) per micro-batch
+    static: dict[tuple[int, bool, int, str], float] = {}  # (tp, sp, dp, dp_sharding) -> all static bytes of one tp rank
 
-    def sharding_for(tp: int) -> dict:
-        if tp not in shardings:
-            shardings[tp] = megatron_sharding(ev.captured, tp, bool(pins.sequence_parallel)) if tp > 1 else {}
-        return shardings[tp]
+    def sharding_for(pt: GridPoint) -> dict:
+        key = (pt.mesh.tp, pt.sequence_parallel)
+        if key not in shardings:
+            shardings[key] = megatron_sharding(ev.captured, pt.mesh.tp, pt.sequence_parallel) if pt.mesh.tp > 1 else {}
+        return shardings[key]
 
     points = []
     heaviest: tuple[tuple[float, bool], GridPoint] | None = None  # the lightest point pruned for its weights
     for pt in grid_points(method, ev, pins, tps, dp_shardings):
         report.points += 1
-        tp, mbs = pt.mesh.tp, pt.schedule.micro_batch_size
-        if (tp, mbs) not in work:
-            costs = [ev.block_cost(b, mbs, tp, sharding_for(tp)).time for b in ev.pgraph.blocks]
-            work[(tp, mbs)] = (sum(c.forward_s + c.backward_s for c in costs), sum(c.forward_s for c in costs))
-        key = (tp, pt.mesh.dp, pt.dp_sharding)
+        tp, sp, mbs = pt.mesh.tp, pt.sequence_parallel, pt.schedule.micro_batch_size
+        if (tp, sp, mbs) not in work:
+            costs = [ev.block_cost(b, mbs, tp, sharding_for(pt)).time for b in ev.pgraph.blocks]
+            work[(tp, sp, mbs)] = (sum(c.forward_s + c.backward_s for c in costs), sum(c.forward_s for c in costs))
+        key = (tp, sp, pt.mesh.dp, pt.dp_sharding)
         if key not in static:
             from .sharding import sharded_params
 
-            split_params = sharded_params(ev.captured, sharding_for(tp)) if tp > 1 else set()
+            split_params = sharded_params(ev.captured, sharding_for(pt)) if tp > 1 else set()
             static[key] = float(evs[pt.dp_sharding].resident_bytes(ev.captured.params, tp, pt.mesh.dp, split_params)[0])
         if static[key] / pt.mesh.pp > limit:  # even a perfect split of the weights cannot fit
             report.pruned_memory += 1
             if heaviest is None or (static[key] / pt.mesh.pp, not pt.recompute) < heaviest[0]:
                 heaviest = ((static[key] / pt.mesh.pp, not pt.recompute), pt)
             continue
-        w, f = work[(tp, mbs)]
+        w, f = work[(tp, sp, mbs)]
         if pt.recompute:
             w += f
         pp, v, m = pt.mesh.pp, pt.schedule.virtual_stages, pt.schedule.microbatches
         avg = w / pp
-        points.append(replace(pt, lower_bound_s=m * avg + (w - avg) / v))
+        if schedule_spec(pt.schedule.name).splits_backward:
+            # Weight gradients fill the bubble; only the last rank's wait for its first input remains.
+            bound = m * avg + (pp - 1) * f / (pp * v)
+        else:
+            bound = m * avg + (w - avg) / v
+        points.append(replace(pt, lower_bound_s=bound))
     points.sort(key=lambda p: (p.lower_bound_s, p.describe()))
     best: tuple[Plan, SimResult] | None = None
     smallest: tuple[float, GridPoint, list[StageSpec]] | None = None  # the smallest footprint seen, for the error
@@ -386,7 +413,7 @@ def tune(
             report.pruned_bound += 1
             continue
         e = evs[pt.dp_sharding]
-        sharding = sharding_for(pt.mesh.tp)
+        sharding = sharding_for(pt)
         try:
             blocks = split(e, pt.mesh, pt.schedule, sharding)
         except PlanError as exc:
@@ -409,10 +436,10 @@ def tune(
         raise split_error or _no_point_error(method, ev, pins)
     if smallest is None:  # every point was pruned for its weights: price the lightest for the message
         pt = heaviest[1]
-        specs = [StageSpec.whole(b, pt.recompute) for b in split(evs[pt.dp_sharding], pt.mesh, pt.schedule, sharding_for(pt.mesh.tp))]
+        specs = [StageSpec.whole(b, pt.recompute) for b in split(evs[pt.dp_sharding], pt.mesh, pt.schedule, sharding_for(pt))]
     else:
         _, pt, specs = smallest
-    plan, _ = evs[pt.dp_sharding].make_plan(specs, pt.mesh, pt.schedule, sharding=sharding_for(pt.mesh.tp), method=method)
+    plan, _ = evs[pt.dp_sharding].make_plan(specs, pt.mesh, pt.schedule, sharding=sharding_for(pt), method=method)
     # A smaller batch only shrinks activations: no help when the weights and optimizer state alone overflow.
     limit_b = plan.predicted.memory_limit_bytes
     static = max((st.predicted.static_bytes for st in plan.stages if st.predicted), default=0)

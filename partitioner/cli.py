@@ -121,7 +121,7 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--recompute", action=argparse.BooleanOptionalAction, default=None, help="activation recomputation")
     g.add_argument("--sequence-parallel", action=argparse.BooleanOptionalAction, default=None,
                    help="sequence parallelism with tp: on gives the baselines Megatron's layout with it, off keeps it "
-                        "out of the ILP (default: the ILP chooses)")
+                        "out of the ILP and the baselines (default: the ILP chooses per node, the baselines try both)")
     g.add_argument("--split-at", default=None, metavar="MODULE[,MODULE..]", help="hand-written plan: stages begin at these modules")
     g.add_argument("--plan", dest="plan_file", default=None, metavar="PATH", help="check and simulate a plan JSON file")
     g.add_argument("--optimizer", default=None, choices=("adam-mixed", "adam", "sgd"), help="adam-mixed | adam | sgd (default adam-mixed)")

@@ -288,12 +288,13 @@ class BlockLayoutCosts:
         return compute, comm, saved
 
     def saved_bytes(self, tensor: str, layout: Mapping[str, str], strat: Mapping[str, str]) -> float:
-        """Bytes autograd keeps of ``tensor``: 1/tp when split (``S``), and when ``Q`` unless a node
-        that reads it whole saves it (the gathered copy); a block input (whole) that only nodes
-        reading it along the tokens save is kept as their slices ([Note: sequence parallelism])."""
+        """Bytes autograd keeps of ``tensor``: 1/tp when split (``S`` or ``Q``) unless a node that
+        reads it whole saves it (the gathered copy: a replicated node runs on the whole tensor and
+        autograd keeps that); a block input (whole) that only nodes reading it along the tokens save
+        is kept as their slices ([Note: sequence parallelism])."""
         savers = [v for v in self.savers.get(tensor, ()) if v != tensor]
         split = layout.get(tensor, "R")
-        if split == "Q" and any(INPUT_LAYOUT[strat[v]] == "R" for v in savers):
+        if split != "R" and any(INPUT_LAYOUT[strat[v]] == "R" for v in savers):
             split = "R"
         if tensor not in layout and savers and all(INPUT_LAYOUT[strat[v]] == "Q" for v in savers):
             split = "Q"

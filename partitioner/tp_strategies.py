@@ -48,8 +48,9 @@ entering a block from outside are ``R``; tensors leaving it must be ``R``
 (block boundaries carry whole tensors), except the model's outputs, which a
 vocabulary-parallel loss reads split. Work (FLOPs and bytes) of any strategy
 but ``replicate`` is divided by tp, and so are the parameters of column, row
-and vocab nodes and the saved activations of ``S`` and ``Q`` tensors (a ``Q``
-tensor only where no saver reads it whole; see below).
+and vocab nodes and the saved activations of ``S`` and ``Q`` tensors, where
+no node that saves the tensor reads it whole (a replicated node saves the
+gathered copy it ran on; see also below).
 
 [Note: sequence parallelism]
 Megatron-LM's sequence parallelism (Korthikanti et al. 2022; DTensor's

@@ -308,7 +308,7 @@ def _grid_optimum(method, ev):
     best = None
     for pt in grid_points(method, ev, Pins(), _tps(method, ev, Pins()), _dp_shardings(method, ev)):
         e = with_dp_sharding(ev, pt.dp_sharding)
-        sharding = megatron_sharding(ev.captured, pt.mesh.tp) if pt.mesh.tp > 1 else {}
+        sharding = megatron_sharding(ev.captured, pt.mesh.tp, pt.sequence_parallel) if pt.mesh.tp > 1 else {}
         blocks = _SPLITS[method](e, pt.mesh, pt.schedule, sharding)
         plan, _ = e.make_plan([StageSpec.whole(b, pt.recompute) for b in blocks], pt.mesh, pt.schedule,
                               sharding=sharding, method=method)
@@ -322,6 +322,35 @@ def test_tuning_finds_the_grid_optimum(ev_one_node, method):
     # The lower-bound pruning never skips a faster point: the tuned plan is the exhaustive optimum.
     plan, _ = plan_baseline(method, ev_one_node)
     assert plan.predicted.step_time_s == pytest.approx(_grid_optimum(method, ev_one_node), rel=1e-12)
+
+
+def test_grid_tries_sequence_parallelism_and_zero_bubble_unless_pinned(ev_one_node):
+    # The ILP chooses sequence parallelism and re-times its plans under the zero-bubble schedules:
+    # the grid holds both, and a pin keeps only what it names.
+    from partitioner.baselines import _dp_shardings, _tps, grid_points
+
+    def grid(pins):
+        return list(grid_points("expert", ev_one_node, pins, _tps("expert", ev_one_node, pins), _dp_shardings("expert", ev_one_node)))
+
+    free = grid(Pins())
+    assert {(p.mesh.tp > 1, p.sequence_parallel) for p in free} == {(False, False), (True, False), (True, True)}
+    assert {"zb", "zbv", "dualpipev"} <= {p.schedule.name for p in free}
+    assert not any(p.recompute and p.schedule.name in ("zb", "zbv", "dualpipev") for p in free)
+    assert all(p.sequence_parallel for p in grid(Pins(sequence_parallel=True)) if p.mesh.tp > 1)
+    assert not any(p.sequence_parallel for p in grid(Pins(sequence_parallel=False)))
+
+
+def test_expert_is_the_best_of_its_pinned_layouts_and_schedules(ev_one_node):
+    expert, _ = plan_baseline("expert", ev_one_node)
+    for pins in (Pins(sequence_parallel=True), Pins(sequence_parallel=False), Pins(schedule="zb"),
+                 Pins(schedule="1f1b"), Pins(tp=2, sequence_parallel=True)):
+        pinned, _ = plan_baseline("expert", ev_one_node, pins)
+        assert expert.predicted.step_time_s <= pinned.predicted.step_time_s * (1 + 1e-12), pins
+    # The plan records the layout it ran (here without row_seq: gpt2-tiny's flattened (64, 64)
+    # Conv1D outputs have no unambiguous token dim at seq = width = 64).
+    for on in (True, False):
+        plan = plan_baseline("expert", ev_one_node, Pins(tp=2, sequence_parallel=on))[0]
+        assert ("seq" in set(plan.sharding.values())) == on
 
 
 def test_baselines_tune_micro_batching_not_only_size_one(ev_one_node):

@@ -332,7 +332,9 @@ def test_manual_plan_two_stages_fill_the_cluster(ev):
 def test_split_at_through_plan_parallelism(gpt2, one_node):
     result = plan_parallelism(gpt2, cluster=one_node, global_batch=GLOBAL_BATCH, split_at=["transformer.h.2"], tp=2)
     assert result.plan.mesh == Mesh(2, 2, 2)
-    assert result.plan.stages[1].modules[0] == "transformer.h.2"
+    # A stage begins there (with virtual stages, not necessarily the second: the expert's zero-bubble
+    # seed with two stages per rank honours the pin too).
+    assert "transformer.h.2" in {st.modules[0] for st in result.plan.stages[1:]}, result.plan.schedule
     assert result.plan.sharding  # tp > 1 gets Megatron's layout
 
 

@@ -36,6 +36,7 @@ from partitioner.simulate import schedule_order
 from partitioner.solver import plan_ilp, solve_block_sharding, solve_stages
 from partitioner.solver.pipeline_ilp import BlockData, SharedParam, StageProblem, inflight_patterns
 from partitioner.solver.sharding_ilp import FAST_WEIGHT, LEAN_WEIGHT, UNIT_S
+from partitioner.tp_strategies import OUTPUT_LAYOUT
 from partitioner.zoo import load_model
 
 KIB = 1024
@@ -380,6 +381,27 @@ def test_block_sharding_matches_every_combination(stacks, width, weight):
         modules = {ev.captured.nodes[n].module: s for n, s in chosen.items()}
         trio = (modules["layers.0.up"], modules["layers.0.gate"], modules["layers.0.down"])
         assert trio == ("column", "column", "row")
+
+
+def test_a_split_tensor_saved_by_a_replicated_reader_counts_whole(stacks):
+    # A replicated node runs on the gathered tensor and autograd keeps that whole copy: splitting the
+    # producer saves nothing there (it once counted 1/tp: a layout that slices then gathers looked leaner).
+    ev = stacks[64]
+    tables = ev.layout_costs(ev.pgraph.blocks[0], 2, 2)
+    cm = ev.captured
+    up = next(n for n in tables.nodes if cm.nodes[n].module == "layers.0.up" and cm.nodes[n].params)
+    gelu = next(n for n in tables.nodes if "gelu" in cm.nodes[n].target)
+    assert up in tables.savers and gelu in tables.savers[up]  # the GELU saves its input
+    strat = {n: "replicate" for n in tables.nodes} | {up: "column"}
+    layout = {n: OUTPUT_LAYOUT[s] for n, s in strat.items()}
+    assert tables.saved_bytes(up, layout, strat) == tables.tensor_bytes(up)
+    strat[gelu] = "sharded"  # the GELU now reads and saves the split tensor
+    layout[gelu] = "S"
+    assert tables.saved_bytes(up, layout, strat) == tables.tensor_bytes(up) / 2
+    # The block's total follows (the ILP's memory term is checked against it exhaustively above).
+    _, _, whole = tables.evaluate({up: "column"})
+    _, _, split = tables.evaluate({up: "column", gelu: "sharded"})
+    assert whole - split >= tables.tensor_bytes(up) / 2
 
 
 # Wide enough that splitting a layer pays for its all-reduces; heads divisible by tp=2.

@@ -10,9 +10,13 @@ force (see [Note: pruning]); the simulator judges every solution.
 [Note: pruning]
 * Lower bound: for a candidate with total per-micro-batch work ``W`` over
   ``pp`` ranks, ``M W / pp + (W - W / pp) / v`` bounds its objective from
-  below (perfect balance, no communication). Candidates are solved in order
-  of this bound and the search stops when the bound reaches the best step
-  time found: no remaining candidate can beat it.
+  below (perfect balance, no communication). Where the candidate's solutions
+  are re-timed under the zero-bubble schedules ([Note: split-backward
+  schedules]), whose weight gradients fill the bubble, the bound is the
+  smaller ``M W / pp + (pp - 1) F / (pp v)`` (F the forward work: the last
+  rank waits for its first input), as in the baselines' grid. Candidates are
+  solved in order of this bound and the search stops when the bound reaches
+  the best step time found: no remaining candidate can beat it.
 * Memory: a candidate whose static memory cannot fit even perfectly
   balanced (``sum static / pp``), or that holds a block too big for one
   device, is dropped before any solve.
@@ -435,6 +439,12 @@ class _Search:
         fwd = sum(b.forward_s for b in blocks)
         avg = work / c.pp
         lower = c.microbatches * avg + (work - avg) / c.virtual_stages
+        # Where evaluate() may re-time its solutions: not under FSDP, not where every stage recomputes.
+        retimed = bool(c.retime) and self.pins.recompute is not True and not (dp_spec(c.dp_sharding).uses_fsdp and c.dp > 1)
+        if retimed:
+            # Its solutions are re-timed under a split backward, whose weight gradients fill the
+            # bubble: only the last rank's wait for its first input is left ([Note: pruning]).
+            lower = min(lower, c.microbatches * avg + (c.pp - 1) * fwd / (c.pp * c.virtual_stages))
         K = c.pp * c.virtual_stages
         shape = (c.schedule, c.pp, inflight_horizon(c.schedule, c.pp, c.microbatches, c.virtual_stages), c.virtual_stages)
         if shape not in self._inflight:  # the same vectors as the full order's (see inflight_horizon)

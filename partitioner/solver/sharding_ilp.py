@@ -17,7 +17,7 @@ l in {R, S, Q}, see [Note: sequence parallelism] for Q):
                 q[u] in {0,1}               u is Q and read whole: gathered once
                 z[u], r[u] in {0,1}         u feeds a column linear: all-reduce (u not Q) /
                                             reduce-scatter (u is Q) of its gradient
-                m[u] in {0,1}               u is saved split along the tokens
+                m[u] in {0,1}               u is saved split (S or Q)
 
     one strategy       sum_s y[n, s] = 1                                 add_one_strategy_constraints()
     resharding         e[u,v,a,b] >= out[u,a] + in[v,b] - 1               add_resharding_constraints()
@@ -25,7 +25,8 @@ l in {R, S, Q}, see [Note: sequence parallelism] for Q):
     block boundary     inputs from outside are R; outputs read outside must be R
     column inputs      z[u] >= y[v, column] - out[u,Q],                  add_column_input_constraints()
                        r[u] >= y[v, column] + out[u,Q] - 1  for every consumer v of u
-    saved split        m[u] <= out[u,Q],  m[u] <= 1 - in[v,R] for every saver v != u  add_memory_term()
+    saved split        m[u] <= out[u,S] + out[u,Q],  m[u] <= 1 - in[v,R]         add_memory_term()
+                       for every saver v != u (a saver reading u whole keeps the gathered copy)
                        (a block input u: m[u] <= in[v,Q] for every saver v)
 
     minimize  sum y[n,s] (compute + own comm)[n,s] + sum e[u,v,a,b] reshard[u,a,b] + sum q[u] gather[u]
@@ -162,8 +163,9 @@ class _BlockModel:
                 self.cost.append(_units(self.t.sequence_input_cost(u).backward_s) * r)
 
     def add_memory_term(self) -> None:
-        """-w * bytes saved by splitting each saved tensor (parameters are priced per option): S
-        always; Q where m[u] <= out[u,Q] and m[u] <= 1 - in[v,R] for each saver v != u (``saved_q``)."""
+        """-w * bytes saved by splitting each saved tensor (parameters are priced per option): where
+        m[u] <= out[u,S] + out[u,Q] (``saved_split[u]``) and m[u] <= 1 - in[v,R] for each saver
+        v != u (``saved_split[u,v]``): a node that reads u whole saves the gathered copy."""
         tp = self.t.tp
         for t in self.t.saved_tensors:
             saving = _units(self.w * self.t.tensor_bytes(t) * (1 - 1 / tp))
@@ -177,13 +179,12 @@ class _BlockModel:
                         self.m.add(m <= self.inn(v, "Q")).with_name(f"saved_q[{t},{v}]")
                     self.cost.append(-saving * m)
                 continue
-            self.cost.append(-saving * self.out(t, "S"))
-            if self.can(t, "Q"):
+            if self.can(t, "S") or self.can(t, "Q"):
                 m = self.m.new_bool_var(f"m[{t}]")
-                self.m.add(m <= self.out(t, "Q")).with_name(f"saved_q[{t}]")
+                self.m.add(m <= self.out(t, "S") + self.out(t, "Q")).with_name(f"saved_split[{t}]")
                 for v in sorted(self.t.savers.get(t, ())):
                     if v != t and self.can(v, "R", reads=True):
-                        self.m.add(m <= 1 - self.inn(v, "R")).with_name(f"saved_q[{t},{v}]")
+                        self.m.add(m <= 1 - self.inn(v, "R")).with_name(f"saved_split[{t},{v}]")
                 self.cost.append(-saving * m)
 
     def solve(self) -> BlockSharding:
