@@ -43,10 +43,15 @@ over the step]), is made of these terms, each sized from the graph's shapes and 
 - during one backward of the stage (``StageCost.backward_workspace_bytes``): the larger of
   the loss's backward (last stage) and, for the node whose backward needs most, the
   gradient of its output with the gradients of its inputs, plus the gradient received for
-  the stage's output; under recomputation, what the replay holds at once: the largest
-  recomputed block's or attention core's saved tensors, since the runtime checkpoints each
-  on its own, also when every block recomputes ([Note: recompute per block] and [Note:
-  recompute in the runtime] in recompute.py).
+  the stage's output; under recomputation, what the replay holds at once: a recomputed
+  block's or attention core's saved tensors, since the runtime checkpoints each on its own,
+  also when every block recomputes ([Note: recompute per block] and [Note: recompute in the
+  runtime] in recompute.py). The blocks back-propagate one at a time, so the node term and
+  the replay are taken per block and the largest sum counts (``backward_work``). On the last
+  stage the loss's saved tensor is freed by the loss's backward, before any block's, so it
+  is taken off that sum; the stage's output (the logits) stays, as torch's pipeline stage
+  keeps it to the end of the stage's backward (measured: the storage meter's tensors at the
+  peak of gpt2-tiny pp2 1f1b recompute, rank 1).
 - during the optimizer step, after every backward: its workspace ([Note: the optimizer
   step's workspace] in cost_models/memory.py). torch picks the foreach implementation on
   CUDA and the single-tensor one on CPU; a cluster is taken as CPU processes when its name
@@ -95,7 +100,7 @@ from .sharding import BlockLayoutCosts, sharded_params
 from .schedules import spec as schedule_spec, stage_rank
 from .simulate import SimResult, StageCost, simulate
 
-__all__ = ["Evaluator", "StageSpec", "BlockCost", "StageMemory", "WEIGHT_GRAD_SHARE", "recompute_terms"]
+__all__ = ["Evaluator", "StageSpec", "BlockCost", "StageMemory", "WEIGHT_GRAD_SHARE", "recompute_terms", "backward_work"]
 
 
 def _numel(shape: Sequence[int]) -> int:
@@ -517,9 +522,11 @@ class Evaluator:
         # Each recomputed block (all of them or some) and attention core is checkpointed on its own, so
         # the stage keeps each one's inputs and its backward replays one at a time ([Note: recompute per
         # block] in recompute.py).
-        saved, _, replay = recompute_terms(spec, costs)
-        nodes = max((self.node_backward_bytes(b, mbs) for b in blocks), default=0.0)
-        backward = max(float(loss.backward_bytes), (0.0 if last else out) + nodes + replay)
+        saved = recompute_terms(spec, costs)[0]
+        # One block's backward at a time: its nodes' gradients beside its own replay; and on the last stage
+        # the loss's saved tensor is freed by the loss's backward, before any block's ([Note: what a step holds]).
+        during = backward_work(spec, costs, [self.node_backward_bytes(b, mbs) for b in blocks])
+        backward = max(float(loss.backward_bytes), (0.0 if last else out) + during - loss.saved_bytes)
         table = self.captured.params
         level = dp_spec(self.training.dp_sharding)
         shard = mesh.dp if (level.uses_fsdp or level.shards_optimizer) and mesh.dp > 1 else 1
@@ -854,7 +861,9 @@ def recompute_terms(spec: StageSpec, costs: Sequence[BlockCost]) -> tuple[float,
         act  = sum_{b in R} in_b + sum_{b not in R} (sv_b - σ core_b)
         rec  = sum_{b in R} f_b  + σ sum_{b not in R} fc_b
         work = max(max_{b in R} sv_b, σ max_{b not in R} core_b)
-    """
+
+    ``work`` is the largest replay alone; the stage's backward workspace pairs each replay with its own
+    block's node gradients (``backward_work``)."""
     chosen = set(spec.recompute)
     act = replay = work = 0.0
     for b, c in zip(spec.blocks, costs):
@@ -869,3 +878,19 @@ def recompute_terms(spec: StageSpec, costs: Sequence[BlockCost]) -> tuple[float,
         else:
             act += c.saved_bytes
     return act, replay, work
+
+
+def backward_work(spec: StageSpec, costs: Sequence[BlockCost], node_bytes: Sequence[float]) -> float:
+    """The most a stage's backward holds at once beyond what its micro-batch keeps: the blocks back-propagate
+    one at a time, each with its own node's gradients (``node_bytes``, in ``spec.blocks`` order) beside its
+    own replay ([Note: recompute per block] in recompute.py):
+
+        max_b (nd_b + [b in R] sv_b + σ [b not in R] core_b)
+
+    A replay and a node's gradients of two different blocks are never live together."""
+    chosen = set(spec.recompute)
+    most = 0.0
+    for b, c, nd in zip(spec.blocks, costs, node_bytes):
+        replay = c.saved_bytes if b in chosen else (c.core_bytes if spec.selective else 0.0)
+        most = max(most, nd + replay)
+    return most

@@ -24,9 +24,12 @@ So a stage with recomputed set ``R`` and selective flag ``σ`` has, per micro-ba
 
     act_s  = sum_{b in R} in_b + sum_{b not in R} (sv_b - σ core_b)
     rec_s  = sum_{b in R} f_b  + σ sum_{b not in R} fc_b          (added to its backward)
-    work_s = max(max_{b in R} sv_b, σ max_{b not in R} core_b)     (one replay live at a time)
+    work_s = max_b (nd_b + [b in R] sv_b + σ [b not in R] core_b)  (one block's backward at a time)
 
-and ``work_s`` is held once (in ``static_bytes``), not per micro-batch. With ``R`` all
+where ``nd_b`` is the most one node of ``b`` needs for its gradients: a block's replay runs
+in its own backward, beside its own nodes' gradients only, never another block's.
+``work_s`` is held once, during a backward (``backward_workspace_bytes``), not per
+micro-batch (evaluate.py's ``backward_work``). With ``R`` all
 blocks and ``σ`` off this is full recomputation, as Megatron-LM's checkpointing of each
 layer; a plan of version 4 or older with ``recompute: true`` loads as exactly that. The
 runtime checkpoints every block of ``R`` on its own in that case too, so the saved set per

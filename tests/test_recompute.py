@@ -14,11 +14,13 @@ import json
 
 import pytest
 
+from cost_models import OpTime
+
 from partitioner.baselines import Pins
 from partitioner.capture import capture
 from partitioner.cluster import Cluster
 from partitioner.errors import PlanError
-from partitioner.evaluate import StageSpec
+from partitioner.evaluate import BlockCost, StageSpec, backward_work
 from partitioner.plan import Mesh, Plan, Schedule
 from partitioner.planner import prepare
 from partitioner.recompute import attention_core
@@ -239,3 +241,16 @@ def test_a_stage_recomputing_every_block_keeps_each_block_s_inputs(name):
     assert held <= act <= 1.12 * held, (held, act)
     if name == "mlp":
         assert held == act, (held, act)
+
+
+def test_a_replay_is_priced_beside_its_own_blocks_gradients_not_the_largest_of_any_block() -> None:
+    """The blocks back-propagate one at a time ([Note: recompute per block]): a block's replay is live with its
+    own nodes' gradients, never with another block's (a head's logits gradient beside a layer's replay)."""
+    t = OpTime(1.0, 2.0)
+    layer = BlockCost(t, OpTime(0.0, 0.0), saved_bytes=1000.0, input_bytes=10.0, core_forward_s=0.5, core_bytes=300.0)
+    head = BlockCost(t, OpTime(0.0, 0.0), saved_bytes=50.0, input_bytes=10.0)
+    costs, nodes = [layer, head], [100.0, 700.0]
+    assert backward_work(StageSpec((0, 1), (0, 1)), costs, nodes) == 1100.0  # the layer's 1000 + 100, not 1000 + 700
+    assert backward_work(StageSpec((0, 1), (1,)), costs, nodes) == 750.0  # only the head replays
+    assert backward_work(StageSpec((0, 1)), costs, nodes) == 700.0  # nothing replays: the largest node
+    assert backward_work(StageSpec((0, 1), (), True), costs, nodes) == 700.0  # the core's 300 + 100 < 700

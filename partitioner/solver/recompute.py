@@ -14,7 +14,9 @@ and the limit ``L``, a choice (``R_s`` per stage, ``σ`` for the rank) fits when
 
     sum_{s in S_r} (st_s + work_s) + max_n sum_{s in S_r} n_s act_s  <=  L
 
-with ``act_s`` and ``work_s`` as in [Note: recompute per block]. Its cost is the replay,
+with ``act_s`` as in [Note: recompute per block] and ``work_s`` what the replay adds to the
+stage's backward workspace, ``max_b (nd_b + rp_b) - max_b nd_b`` (``nd_b`` the block's node
+gradients, ``rp_b`` its replay: ``evaluate.backward_work``). Its cost is the replay,
 ``M sum_s rec_s``. Recomputing block ``b`` of stage ``s`` frees ``g_b = sv'_b - in_b``
 bytes per micro-batch in flight (``sv'_b = sv_b - σ core_b``) for ``c_b = f_b - σ fc_b``
 seconds per micro-batch. For each ``σ`` (off, and on when the model has attention cores
@@ -46,7 +48,7 @@ from dataclasses import dataclass
 from typing import Mapping, Sequence
 
 from ..baselines import inflight_horizon
-from ..evaluate import BlockCost, Evaluator, StageSpec, recompute_terms
+from ..evaluate import BlockCost, Evaluator, StageSpec, backward_work, recompute_terms
 from ..plan import Mesh, Schedule
 from ..schedules import spec as schedule_spec, stage_rank
 from ..simulate import StageCost, peak_memory
@@ -81,6 +83,7 @@ def fewest_recomputed(
     bare_peak = _simulated_peaks(bare_costs, schedule)
     costs = {b: ev.block_cost(ev.pgraph.blocks[b], schedule.micro_batch_size, mesh.tp, sharding)
              for sp in specs for b in sp.blocks}
+    nodes = {b: ev.node_backward_bytes(ev.pgraph.blocks[b], schedule.micro_batch_size) for sp in specs for b in sp.blocks}
     horizon = inflight_horizon(schedule.name, pp, schedule.microbatches, schedule.virtual_stages)
     patterns = schedule_inflight(schedule.name, pp, horizon, schedule.virtual_stages)
     alone = recomputable_alone(ev)
@@ -97,9 +100,11 @@ def fewest_recomputed(
             act, work = {}, 0.0
             for s in mine:
                 spec = StageSpec(specs[s].blocks, tuple(b for b in specs[s].blocks if b in chosen[s]), sel)
-                a, _, w = recompute_terms(spec, [costs[b] for b in spec.blocks])
-                act[s] = a
-                work += w
+                block_costs, block_nodes = [costs[b] for b in spec.blocks], [nodes[b] for b in spec.blocks]
+                act[s] = recompute_terms(spec, block_costs)[0]
+                # the backward's workspace grows by the replay beside its block's gradients (evaluate.backward_work)
+                work += (backward_work(spec, block_costs, block_nodes)
+                         - backward_work(StageSpec(spec.blocks), block_costs, block_nodes))
             return sum(static[s] for s in mine) + work + max(sum(p[chunk[s]] * act[s] for s in mine) for p in patterns[r])
 
         if bare_peak[r] <= limit:
