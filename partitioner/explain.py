@@ -24,7 +24,9 @@ from .measure import RankMemory, RankTime, StageTime
 from .plan import Plan
 from .schedules import spec as schedule_spec, stage_rank
 
-__all__ = ["breakdown", "print_explanation", "print_diff", "MeasuredRun", "MemoryMargin", "Residual", "memory_margin", "print_measured"]
+__all__ = ["breakdown", "print_explanation", "print_diff", "MeasuredRun", "MemoryMargin", "Residual", "memory_margin", "print_measured",
+           "SEQUENCE_PARALLEL", "SequenceParallelEffect", "sequence_parallel_effect",
+           "sequence_parallel_summary"]
 
 GIB = 1 << 30
 COMPONENTS = ("forward", "backward", "recompute", "tp_comm", "p2p", "dp_reduce", "dp_gather", "bubble", "optimizer", "overhead")
@@ -121,6 +123,8 @@ def print_explanation(result: Any) -> None:
         console.print(dp_sharding_summary(plan, evaluator))
     if evaluator is not None and any(st.recomputes for st in plan.stages):
         console.print(recompute_summary(plan, evaluator))
+    if evaluator is not None and any(s in SEQUENCE_PARALLEL for s in plan.sharding.values()):
+        console.print(sequence_parallel_summary(plan, evaluator))
     report = getattr(result, "report", None)
     if report is not None:
         console.print(
@@ -185,6 +189,52 @@ def dp_sharding_summary(plan: Plan, evaluator: Any) -> str:
         text += (f"; it costs {_fmt(total)} of all-gathers and reduce-scatters per step on pipeline rank {r}, "
                  f"{hidden:.0%} hidden behind compute")
     return text
+
+
+# The strategies of sequence parallelism ([Note: sequence parallelism] in tp_strategies.py), and what each
+# becomes without it: a row linear all-reduces instead of reduce-scattering, a token-split node runs whole.
+SEQUENCE_PARALLEL = {"row_seq": "row", "seq": "replicate"}
+
+
+@dataclass(frozen=True, slots=True)
+class SequenceParallelEffect:
+    """A plan against the same plan without sequence parallelism (``sequence_parallel_effect``)."""
+
+    nodes: int  # nodes of the plan on split tokens (seq) or reduce-scattering (row_seq)
+    peak_bytes: int
+    peak_without_bytes: int
+    step_s: float
+    step_without_s: float
+    fits_without: bool
+
+    @property
+    def freed_bytes(self) -> int:
+        return self.peak_without_bytes - self.peak_bytes
+
+
+def sequence_parallel_effect(plan: Plan, evaluator: Any) -> SequenceParallelEffect:
+    """The plan priced as it is and with its token-split nodes run whole and its row linears
+    all-reducing (Megatron's layout without ``--sequence-parallel``), by the same evaluator."""
+    from dataclasses import replace
+
+    plain = {k: SEQUENCE_PARALLEL.get(s, s) for k, s in plan.sharding.items()}
+    without, _ = evaluator.score(replace(plan, sharding={k: s for k, s in plain.items() if s != "replicate"}))
+    return SequenceParallelEffect(
+        sum(s in SEQUENCE_PARALLEL for s in plan.sharding.values()), plan.predicted.peak_memory_bytes,
+        without.predicted.peak_memory_bytes, plan.predicted.step_time_s, without.predicted.step_time_s,
+        without.predicted.fits,
+    )
+
+
+def sequence_parallel_summary(plan: Plan, evaluator: Any) -> str:
+    """What the plan's sequence parallelism buys and costs, in one line (``sequence_parallel_effect``)."""
+    from .fmt import fmt_bytes
+
+    e = sequence_parallel_effect(plan, evaluator)
+    return (f"sequence parallelism on {e.nodes} nodes frees {fmt_bytes(e.freed_bytes)} per device (peak "
+            f"{fmt_bytes(e.peak_bytes)}, {fmt_bytes(e.peak_without_bytes)} without"
+            f"{'' if e.fits_without else ', which does not fit'}); the step is {_fmt(e.step_s)} against "
+            f"{_fmt(e.step_without_s)} without ({e.step_without_s / e.step_s:.3f}x)")
 
 
 def recompute_summary(plan: Plan, evaluator: Any) -> str:

@@ -174,3 +174,21 @@ def test_realize_splits_the_tokens_on_dtensor() -> None:
             assert out.placements == (Shard(dim),) and out.shape[-1] == 32, (shape, out.placements)
     finally:
         dist.destroy_process_group()
+
+
+def test_explain_says_what_sequence_parallelism_frees_and_costs(captured) -> None:
+    """``autopart plan --explain`` names what SP buys: the same plan priced with its token-split nodes run
+    whole and its row linears all-reducing holds more memory."""
+    from partitioner.explain import sequence_parallel_effect, sequence_parallel_summary
+
+    lm, cap = captured["gpt2-tiny"]
+    result = plan_parallelism(cap, (), Cluster.local(2), dtype="fp32", method="params", pp=1, tp=2, dp=1,
+                              microbatches=1, global_batch=2, sequence_parallel=True)
+    effect = sequence_parallel_effect(result.plan, result.evaluator)
+    assert effect.nodes == sum(s in ("seq", "row_seq") for s in result.plan.sharding.values()) > 0
+    assert effect.freed_bytes > 0
+    plain = plan_parallelism(cap, (), Cluster.local(2), dtype="fp32", method="params", pp=1, tp=2, dp=1,
+                             microbatches=1, global_batch=2, sequence_parallel=False)
+    assert effect.peak_without_bytes == plain.plan.predicted.peak_memory_bytes  # Megatron's layout without SP
+    assert sequence_parallel_summary(result.plan, result.evaluator).startswith(
+        f"sequence parallelism on {effect.nodes} nodes frees ")
