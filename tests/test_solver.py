@@ -680,3 +680,14 @@ def test_small_interleaved_schedules_are_priced_exactly():
     plan = plan_ilp(ev, Pins(pp=4, schedule="interleaved", virtual_stages=2), time_limit_s=8.0).plan
     assert plan.schedule.name == "interleaved" and plan.schedule.virtual_stages == 2
     assert plan.solver.objective == pytest.approx(plan.predicted.step_time_s, rel=1e-4)
+
+
+def test_ilp_activations_too_big_suggests_more_devices_than_now(gpt2_four_layers):
+    # The weights fit 1000 KiB devices but 4096 samples' activations do not: the advice names a count
+    # of devices above the cluster's 8, never the cluster itself, and not --recompute (already tried).
+    small = Cluster.from_dict({"preset": "dgx-a100-80g", "device": {"memory_bytes": 1000 * 1024}})
+    with pytest.raises(InfeasibleError) as info:
+        plan_parallelism(gpt2_four_layers, cluster=small, global_batch=4096, method="ilp", time_limit_s=5.0)
+    msg = str(info.value)
+    assert "ran out of memory for activations" in msg, msg
+    assert msg.endswith("try more devices (--nodes 2) or a smaller --global-batch"), msg

@@ -820,16 +820,26 @@ class _Search:
             detail = f"the weights, gradients and optimizer state alone need at least {_fmt_bytes(need)} per device"
         cluster = self.ev.cluster
         per_node = cluster.devices_per_node
+        local = cluster.name == "local-cpu"  # one machine: more processes, not more nodes
+        if activations:
+            # The weights fit: more devices spread the activations (at least one node more than now),
+            # and a smaller batch shrinks them; recomputation was tried unless the user ruled it out.
+            devices = self.world + (1 if local else per_node)
+            more = f"--cluster local-cpu:{devices}" if local else f"--nodes {devices // per_node}"
+            hints = [f"more devices ({more})", "a smaller --global-batch"]
+            if self.pins.recompute is False:
+                hints.append("--recompute")
+            return InfeasibleError(
+                f"no plan fits in {cluster.device.name} memory ({_fmt_bytes(limit)} usable): {detail}; "
+                f"try {', '.join(hints[:-1])} or {hints[-1]}"
+            )
         ratio = max(need, limit) / limit
         devices = int(math.ceil(self.world * ratio / per_node)) * per_node
-        # local-cpu is one machine: more processes, not more nodes. A smaller batch only helps activations.
-        more = (f"--cluster local-cpu:{devices}" if cluster.name == "local-cpu"
-                else f"--nodes {max(1, devices // per_node)}")
+        more = f"--cluster local-cpu:{devices}" if local else f"--nodes {max(1, devices // per_node)}"
         return InfeasibleError(
             f"no plan fits in {cluster.device.name} memory ({_fmt_bytes(limit)} usable): {detail}; "
             f"try at least {devices} devices ({more}), devices with "
             f"{_fmt_bytes(need * (1 + self.ev.memory_margin) / (1 - self.ev.training.memory_reserve))}"
-            + (", --recompute, or a smaller --global-batch" if activations else "")
         )
 
 
