@@ -234,7 +234,8 @@ def _fmt_ms(s: float | None) -> str:
     return f"{s * 1e3:.0f} ms" if s is not None else "—"
 
 
-def _plan_cell(p: PlanSummary | None) -> str:
+def plan_cell(p: PlanSummary | None) -> str:
+    """A plan in one markdown table cell: mesh, schedule, micro-batches, recompute, sharding, stages, origin."""
     if p is None:
         return "no plan"
     extra = (f", recompute {p.recompute} blocks" if p.recompute else "") + (
@@ -272,9 +273,9 @@ def report_markdown(outcomes: Sequence[Outcome], command: str, loads: Sequence[f
         pred = (f"{_fmt_ms(o.expert.predicted_s)} / {_fmt_ms(o.ilp.predicted_s)} = {o.predicted_ratio:.2f}x"
                 if o.predicted_ratio else "—")
         err = f"{o.error:+.1%}" if o.error is not None else "—"
-        lines.append(f"| {o.title} | {_plan_cell(o.expert)} | {_plan_cell(o.ilp)} | {pred} | {meas} | {ratio} "
+        lines.append(f"| {o.title} | {plan_cell(o.expert)} | {plan_cell(o.ilp)} | {pred} | {meas} | {ratio} "
                      f"({rounds_txt}) | {err} |" if not o.same_plan else
-                     f"| {o.title} | {_plan_cell(o.expert)} | {_plan_cell(o.ilp)} | {pred} | {meas} | {ratio} | — |")
+                     f"| {o.title} | {plan_cell(o.expert)} | {plan_cell(o.ilp)} | {pred} | {meas} | {ratio} | — |")
     lines += ["", "Origin is the ILP plan's `solver.origin`: `ilp` where its own solve beat every seed, else the "
               "name of the seed (a baseline's plan) that nothing beat. What priced both plans of each case:", ""]
     lines += [f"- {o.title}: {o.costs}" for o in outcomes]

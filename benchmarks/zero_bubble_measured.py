@@ -28,7 +28,7 @@ from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 from typing import Sequence
 
-from benchmarks.measured_quality import (WORLD, PlanSummary, alternate_runs, calibrate, cases, load, plan_case,
+from benchmarks.measured_quality import (WORLD, PlanSummary, alternate_runs, calibrate, cases, load, plan_case, plan_cell,
                                          summarize)
 from partitioner.compare import CaptureCache, Case, CompareError, MeasureSettings, ProfileSettings, machine_info
 from partitioner.errors import AutopartError
@@ -103,15 +103,6 @@ def compare_case(title: str, case: Case, rounds: int, settings: MeasureSettings,
     return ZBOutcome(title, costs, free, option, summarize(best), tuple(tried), steps["without"], steps["with"], note)
 
 
-def _cell(p: PlanSummary | None) -> str:
-    if p is None:
-        return "no plan"
-    extra = (f", recompute {p.recompute} blocks" if p.recompute else "") + (
-        f", {p.dp_sharding}" if p.dp_sharding != "none" else "")
-    stages = " \\| ".join(p.stages)  # a bar inside a markdown table cell
-    return f"{p.mesh} {p.schedule} {p.microbatches}{extra}; stages: {stages}; origin {p.origin}"
-
-
 def report_markdown(outs: Sequence[ZBOutcome], command: str, loads: Sequence[float | None], cluster: str,
                     settings: MeasureSettings, rounds: int, wall_s: float, work: str) -> str:
     machine = machine_info()
@@ -142,7 +133,7 @@ def report_markdown(outs: Sequence[ZBOutcome], command: str, loads: Sequence[flo
         else:
             meas, ratio, err = o.note or "—", "—", "—"
         tried = "; ".join(o.without_tried) or "—"
-        lines.append(f"| {o.title} | {_cell(o.free)} | {_cell(o.without) if o.without else '—'} | {tried} | {pred} "
+        lines.append(f"| {o.title} | {plan_cell(o.free)} | {plan_cell(o.without) if o.without else '—'} | {tried} | {pred} "
                      f"| {meas} | {ratio} | {err} |")
     chose3 = [o.title for o in outs if o.option == "zero3"]
     lines += ["", "ZeRO-3: " + (f"chosen by the ILP in {', '.join(chose3)}." if chose3 else
