@@ -324,6 +324,28 @@ def test_tuning_finds_the_grid_optimum(ev_one_node, method):
     assert plan.predicted.step_time_s == pytest.approx(_grid_optimum(method, ev_one_node), rel=1e-12)
 
 
+@pytest.mark.parametrize("ev_name,method", [("ev_one_node", "expert"), ("ev_one_node", "pipedream"),
+                                            ("ev_two_nodes", "megatron"), ("ev_big", "params")])
+def test_tuning_without_pruning_gives_the_same_plan(request, ev_name, method):
+    # Pruning by the grid's bound and by a split's busiest rank ([Note: pruning by the busiest rank])
+    # skips only points that could neither win nor tie and win: visiting every point in the same
+    # order gives the same plan, byte for byte.
+    from partitioner.baselines import _SPLITS, _dp_shardings, _tps, tune
+    from tests.golden.cases import strip_timing
+
+    ev = request.getfixturevalue(ev_name)
+    runs = {}
+    for prune in (True, False):
+        plan, _, rep = tune(method, ev, _SPLITS[method], Pins(), tps=_tps(method, ev, Pins()),
+                            dp_shardings=_dp_shardings(method, ev), prune=prune)
+        runs[prune] = (json.dumps(strip_timing(plan.to_dict()), sort_keys=True), rep)
+    assert runs[True][0] == runs[False][0]
+    pruned, full = runs[True][1], runs[False][1]
+    assert full.pruned_bound == full.pruned_split == 0 and pruned.points == full.points
+    print(method, pruned, full)
+    assert pruned.evaluated < full.evaluated
+
+
 def test_grid_tries_sequence_parallelism_and_zero_bubble_unless_pinned(ev_one_node):
     # The ILP chooses sequence parallelism and re-times its plans under the zero-bubble schedules:
     # the grid holds both, and a pin keeps only what it names.
