@@ -348,9 +348,15 @@ def job_checkpoint(args: dict[str, Any]) -> dict[str, Any]:
             model = model.to(dtype)
             example = tuple(x.to(dtype) if x.is_floating_point() else x for x in example)
         opt = lambda ps: torch.optim.SGD(ps, lr=0.1, momentum=0.9)  # noqa: E731
-        cluster = low_precision_cluster(int(os.environ["WORLD_SIZE"])) if dtype != torch.float32 else None
+        world = int(os.environ["WORLD_SIZE"])
+        cluster = low_precision_cluster(world) if dtype != torch.float32 else None
+        layout = dict(run["layout"])
+        if layout.get("nodes"):  # this machine as a cluster of several (virtual) nodes, for HSDP
+            from partitioner.cluster import Cluster
+
+            cluster = Cluster.local(world).with_nodes(layout["nodes"], world // layout.pop("nodes"))
         pm = auto_parallelize(model, cluster, example_inputs=example, loss_fn=loss_fn, method="params", optimizer=opt,
-                              global_batch=run["global_batch"], **run["layout"])
+                              global_batch=run["global_batch"], **layout)
         result: dict[str, Any] = {"losses": [], "loads": []}
         try:
             for phase in run["phases"]:

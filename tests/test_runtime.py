@@ -190,7 +190,7 @@ def checkpoint_runs(tmp_path_factory: pytest.TempPathFactory) -> dict[str, dict]
     3. 4 ranks: GPT-2 under pp=2 x dp=2 with ZeRO-3 (FSDP2) loads and trains step 2, and saves its
        sharded state; GPT-2 under dp=4 with ZeRO-2 loads that; GPT-2 under tp=2 x dp=2 with ZeRO-3
        (FSDP shards of tp shards) loads, trains step 2 and saves; GPT-2 under dp=4 with ZeRO-1 loads
-       that and trains step 3.
+       that and trains step 3, and GPT-2 under tp=2 x dp=2 with HSDP (two virtual nodes) loads it too.
     """
     tmp = tmp_path_factory.mktemp("ckpt")
     gpt, mlp, corrupt, bf16 = str(tmp / "gpt"), str(tmp / "mlp"), str(tmp / "corrupt"), str(tmp / "bf16")
@@ -221,6 +221,8 @@ def checkpoint_runs(tmp_path_factory: pytest.TempPathFactory) -> dict[str, dict]
              phases=[{"load": gpt}, {"steps": [2, 1]}, {"save": str(tmp / "tp-zero3")}]),
         dict(gpt_run, key="zero1", layout=dict(pp=1, dp=4, microbatches=1, dp_sharding="zero1"),
              phases=[{"load": str(tmp / "tp-zero3")}, {"steps": [3, 1]}]),
+        dict(gpt_run, key="tp-hsdp", layout=dict(pp=1, tp=2, dp=2, microbatches=2, dp_sharding="hsdp", nodes=2),
+             phases=[{"load": str(tmp / "tp-zero3")}]),
     ]}, tmp)
     return reports
 
@@ -237,7 +239,8 @@ def test_checkpoint_resumes_under_another_layout(checkpoint_runs: dict[str, list
     """Saved under pp=2, loaded under tp=2, pp=2 x dp=2 (ZeRO-3) and tp=2 x dp=2 (ZeRO-3: FSDP shards of tp
     shards), continued: the same as a run that never stopped; the ZeRO-3 run's sharded state, loaded under
     dp=4 with ZeRO-2, is the tensors of step 2; the tp=2 x ZeRO-3 run's, loaded under dp=4 with ZeRO-1 (each dp
-    rank loading its share of the optimizer state), continues as the run that never stopped."""
+    rank loading its share of the optimizer state), continues as the run that never stopped, and loaded under
+    tp=2 x dp=2 with HSDP is the same tensors."""
     straight = checkpoint_runs["save"]
     _ok(straight)
     want = {k: v for r in straight for k, v in r["gpt"]["params"].items()}  # after step 3
@@ -257,6 +260,9 @@ def test_checkpoint_resumes_under_another_layout(checkpoint_runs: dict[str, list
     # ZeRO-2 loaded what the ZeRO-3 run saved after step 2: the tp=2 x ZeRO-3 run's parameters then
     saved = {k: v for r in sharded for k, v in r["tp-zero3"]["params"].items()}
     _assert_params_match({k: v for r in sharded for k, v in r["zero2"]["params"].items()}, saved, "ZeRO-3 -> ZeRO-2")
+    for r in sharded:  # HSDP's shards of tp shards: the tensors the tp=2 x ZeRO-3 run saved, bit for bit
+        assert r["tp-hsdp"]["loads"] == [None] and r["tp-hsdp"]["params"] == {k: saved[k] for k in r["tp-hsdp"]["params"]}
+    assert set(sharded[0]["tp-hsdp"]["params"]) == set(saved)
 
 
 def test_checkpoint_of_master_weights_under_zero1_is_the_saved_state(checkpoint_runs: dict[str, list[dict]]) -> None:
