@@ -537,6 +537,8 @@ class ParallelModel:
     def state_dict(self) -> dict[str, Any]:
         """Parameters and optimizer state keyed by the model's parameter names, split tensors as DTensors of the
         whole tensor ([Note: checkpoint layout] in state.py). Collective: every rank calls it."""
+        if self.fsdp and self.plan.mesh.tp > 1:
+            self._tp_fsdp_mesh()  # made by every rank, also one whose stages hold no tp shard
         return rank_state(self.params, self.optimizer, self.global_view)
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
