@@ -192,7 +192,12 @@ def load_rank_state(params: Mapping[str, torch.nn.Parameter], optimizer: Any, st
             if not key.startswith(prefix):
                 continue
             key = key[len(prefix):]
-            name = key if key in names else _owner(key.partition(".")[2], names) if key.startswith("state.") else None
+            if key in names:  # model.<name>, master.<name>
+                name: str | None = key
+            elif key.startswith("state."):  # optim.state.<name>.<key>
+                name = _owner(key[len("state."):], names)
+            else:  # optim.param_groups.<name>.<setting>: no tensor of the parameter's shape
+                name = None
             out[key] = view(name, value) if name is not None and isinstance(value, torch.Tensor) else value
         return out
 
