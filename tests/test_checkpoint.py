@@ -30,7 +30,7 @@ def saved(tmp_path_factory: pytest.TempPathFactory) -> Path:
     path = tmp_path_factory.mktemp("ckpt") / "good"
     g = torch.Generator().manual_seed(0)
     state = {f"model.layer{i}.weight": torch.randn(64, 64, generator=g) for i in range(4)}
-    state["optim.layer0.weight.momentum_buffer"] = torch.randn(64, 64, generator=g)
+    state["optim.state.layer0.weight.momentum_buffer"] = torch.randn(64, 64, generator=g)
     with warnings.catch_warnings():  # "assuming the intent is to save in a single process"
         warnings.simplefilter("ignore")
         dcp.save(state, storage_writer=dcp.FileSystemWriter(str(path), thread_count=2))
