@@ -42,6 +42,8 @@ import torch
 import torch.distributed as dist
 from torch.utils._pytree import tree_unflatten
 
+from cost_models import MASTER_GRAD_CHUNK
+
 from ..cluster import Cluster
 from ..devices import rank_device
 from ..dp_sharding import spec as dp_spec
@@ -51,7 +53,7 @@ from ..materialize import has_meta_tensors, materialize, release
 from ..measure import DdpTimer, RankMemory, RankTime, StepClock, StorageMeter, rank_time, tp_profile
 from ..plan import Plan
 from ..recompute import checkpoint_in_graph, recompute_regions
-from ..precision import MasterWeightOptimizer, PrecisionPolicy, loss_inputs, make_scaler, optimizer_step
+from ..precision import MasterWeightOptimizer, PrecisionPolicy, adamw_factory, loss_inputs, make_scaler, optimizer_step
 from ..rewrite import SplitModel, TensorParallelModule, get_tensor, microbatch_inputs, set_tensor, split_model
 from ..schedules import rank_stages, spec as schedule_spec, stage_rank
 from ..watchdog import DistributedError, Watchdog, backend_timeout_s
@@ -234,15 +236,21 @@ class ParallelModel:
                     # Two stages of one rank share the tensor ([Note: tied weights across stages]).
                     self.params.setdefault(name, p)
         self._tied = self._tied_groups()
-        factory = optimizer or (lambda ps: torch.optim.AdamW(ps, lr=1e-3))
+        # The default is the AdamW the plan priced ([Note: the optimizer step's workspace] in cost_models/memory.py).
+        factory = optimizer or adamw_factory(self.device)
         make = factory
-        if plan.training.dp_sharding == "zero1" and mesh.dp > 1:
+        zero1 = plan.training.dp_sharding == "zero1" and mesh.dp > 1
+        if zero1:
             dp_group = self.mesh["dp"].get_group()
             make = lambda ps: zero1_optimizer(factory, list(ps), dp_group)  # noqa: E731
         # The plan's precision: fp32 masters for adam-mixed, fp16 loss scaling ([Note: mixed precision as priced]).
         self.precision = PrecisionPolicy.from_training(plan.training.dtype, plan.training.optimizer)
         params = list(self.params.values())
-        self.optimizer = MasterWeightOptimizer(params, make) if self.precision.master_dtype else make(params)
+        # The masters' fp32 gradients a chunk at a time, but for ZeRO-1 (its step broadcasts every parameter) and a
+        # user's optimizer (which may read every gradient at once, e.g. to clip them by their global norm).
+        chunk = MASTER_GRAD_CHUNK if optimizer is None and not zero1 else None
+        self.optimizer = (MasterWeightOptimizer(params, make, chunk_elements=chunk) if self.precision.master_dtype
+                          else make(params))
         self.scaler = make_scaler(self.precision, self.device)
         self.schedule = self._make_schedule()
         self.watchdog = Watchdog(self.rank, self._stages_of, timeout_s)
