@@ -227,8 +227,9 @@ def _run(args: argparse.Namespace, command: str) -> int:
     path = write_report(
         comparison, report.parent, name=stem, json_name=stem, pictures=stem, force=True,
         intro=f"The standing matrix ({_shown(args.matrix)}): {len(results)} cases, methods {', '.join(matrix.methods)}. "
-              "Simulated; nothing here was run on the clusters. The ILP's limit is wall-clock time, so its plans "
-              f"depend on how busy the machine was (load average {load:.1f} on {os.cpu_count()} CPUs at the start).",
+              "Simulated; nothing here was run on the clusters. The ILP's budget is deterministic work (CP-SAT's "
+              "deterministic time and solve counts), so its plans do not depend on how busy the machine was; "
+              f"only the wall times below do (load average {load:.1f} on {os.cpu_count()} CPUs at the start).",
         summary=summary, timelines=lambda c: c.case.title in matrix.timelines,
     )
     print(summary)

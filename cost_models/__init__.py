@@ -14,11 +14,14 @@ from .calibrated import Calibration, CalibratedCostModel, OpFit, Sample, fit_cal
 from .profiled import MeasuredCostModel, MeasuredOp
 from .memory import (
     LOSSES,
+    MASTER_GRAD_CHUNK,
+    OPTIMIZER_IMPLS,
     OPTIMIZERS,
     LossMemory,
     OptimizerSpec,
     RecordedMargin,
     loss_memory,
+    optimizer_impl,
     optimizer_spec,
     optimizer_workspace_bytes,
     recorded_margin,
@@ -49,6 +52,9 @@ __all__ = [
     "LossMemory",
     "loss_memory",
     "optimizer_workspace_bytes",
+    "OPTIMIZER_IMPLS",
+    "MASTER_GRAD_CHUNK",
+    "optimizer_impl",
     "RecordedMargin",
     "recorded_margin",
 ]

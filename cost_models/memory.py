@@ -19,13 +19,31 @@ dispatch-mode storage meter (partitioner/measure.py) in tests/test_memory_model.
   gradients its backward makes ([Note: the loss's memory]).
 
 [Note: the optimizer step's workspace]
-torch's Adam/AdamW computes the denominator ``sqrt(v) / sqrt(bias2) + eps`` out of
-place: the single-tensor implementation (torch's default on CPU) holds two copies
-of one parameter's state at once (the square root, then its quotient), so the
-step's workspace is ``2 x 4 x`` the largest parameter's elements (fp32 state); the
-foreach implementation (torch's default on CUDA) takes the square root of every
-state tensor of the group in one call, ``4 x`` the sum of the elements. The rest of
-the update is in place. SGD with momentum updates in place: no workspace.
+What the step allocates beyond the state depends on the implementation the run uses
+(``adamw_factory`` in partitioner/precision.py picks it, and the evaluator prices the same one):
+
+- ``fused`` (the runtime's AdamW on CUDA, as in torchtitan's default ``implementation =
+  "fused"`` and Megatron-LM's fused Adam from apex / Transformer Engine): one multi-tensor
+  kernel updates the weights, m and v in place: no workspace (measured on CPU's fused kernel,
+  tests/test_memory_model.py).
+- ``single`` (torch's default on CPU, the runtime's there): the denominator
+  ``sqrt(v) / sqrt(bias2) + eps`` is made out of place one parameter at a time, two fp32 copies
+  of one parameter's state at once (the square root, then its quotient): ``2 x 4 x`` the
+  largest parameter's elements.
+- ``foreach`` (torch's default on CUDA when no implementation is asked for): the square root of
+  every state tensor of the group in one call, ``4 x`` the sum of the elements.
+
+SGD with momentum updates in place: no workspace.
+
+Under mixed precision the update runs on fp32 masters, whose fp32 gradients the step makes from
+the parameters' low-precision ones (``MasterWeightOptimizer`` in partitioner/precision.py). It
+makes them a chunk at a time (``MASTER_GRAD_CHUNK`` elements, a parameter larger than that on its
+own), steps the chunk and frees them, so ``4 x`` the largest chunk is live beside the update's
+workspace: at most ``4 x min(all, max(chunk, largest))``. Two paths make them all at once, ``4 x``
+the sum: fp16's loss scaler, which unscales every gradient before it steps, and ZeRO-1, whose
+``ZeroRedundancyOptimizer.step`` broadcasts every parameter (a step per chunk would repeat it).
+The step's workspace is priced per stage; a rank with several stages steps them together, so
+for it the all-at-once terms are a lower bound.
 """
 
 from __future__ import annotations
@@ -42,6 +60,9 @@ __all__ = [
     "optimizer_spec",
     "static_bytes",
     "optimizer_workspace_bytes",
+    "OPTIMIZER_IMPLS",
+    "MASTER_GRAD_CHUNK",
+    "optimizer_impl",
     "LossMemory",
     "LOSSES",
     "loss_memory",
@@ -61,7 +82,7 @@ class OptimizerSpec:
     # MasterWeightOptimizer); ZeRO-1 shards the rest (Adam's m and v).
     master_bytes: int = 0
     # The step's out-of-place temporaries, in fp32 copies of one state tensor: held at once per
-    # tensor by the single-tensor implementation, over the whole group by foreach
+    # tensor by the single-tensor implementation, over the whole group by foreach, none by fused
     # ([Note: the optimizer step's workspace]).
     step_copies: int = 0
 
@@ -117,15 +138,44 @@ def static_bytes(
 STATE_BYTES = 4  # optimizer state is fp32 (Adam's m and v, the masters)
 
 
-def optimizer_workspace_bytes(optimizer: OptimizerSpec, numels: Sequence[int], foreach: bool) -> int:
-    """Bytes the optimizer step allocates beyond the state, for parameters of ``numels`` elements
-    (this device's shards): ``step_copies`` fp32 copies of the largest one (single-tensor), or one
-    copy of them all (foreach) ([Note: the optimizer step's workspace])."""
-    if not numels or optimizer.step_copies == 0:
-        return 0
-    if foreach:
-        return STATE_BYTES * sum(numels)
-    return optimizer.step_copies * STATE_BYTES * max(numels)
+# The optimizer step's implementations ([Note: the optimizer step's workspace]).
+OPTIMIZER_IMPLS = ("single", "foreach", "fused")
+# Elements of fp32 master gradients made at once by MasterWeightOptimizer's chunked step (256 MiB).
+MASTER_GRAD_CHUNK = 1 << 26
+
+
+def optimizer_impl(device_type: str) -> str:
+    """The AdamW implementation the runtime runs on ``device_type`` (``adamw_factory`` in
+    partitioner/precision.py) and the evaluator prices: ``fused`` on CUDA, torch's default on CPU
+    (``single``) ([Note: the optimizer step's workspace])."""
+    return "fused" if device_type == "cuda" else "single"
+
+
+def optimizer_workspace_bytes(
+    optimizer: OptimizerSpec, numels: Sequence[int], impl: str, *, master_numels: Sequence[int] | None = None,
+    master_chunk: int | None = None,
+) -> int:
+    """Bytes the optimizer step allocates beyond the state ([Note: the optimizer step's workspace]).
+
+    ``numels`` are the elements of the parameters this device's optimizer updates (its shards); the
+    update's temporaries are ``step_copies`` fp32 copies of the largest one (``single``), one copy of
+    them all (``foreach``, or of one chunk of masters) or none (``fused``). With fp32 masters
+    (``optimizer.master_bytes``), ``master_numels`` (default ``numels``) are the parameters whose
+    gradients the step copies up to fp32, ``master_chunk`` elements at a time (None: all at once).
+    Raises ValueError for an ``impl`` not in OPTIMIZER_IMPLS.
+    """
+    if impl not in OPTIMIZER_IMPLS:
+        raise ValueError(f"optimizer implementation {impl!r} is not one of {', '.join(OPTIMIZER_IMPLS)}")
+    masters = list(numels if master_numels is None else master_numels)
+    grads = 0
+    if optimizer.master_bytes and masters:
+        grads = sum(masters) if master_chunk is None else min(sum(masters), max(master_chunk, max(masters)))
+    if not numels or optimizer.step_copies == 0 or impl == "fused":
+        return STATE_BYTES * grads
+    if impl == "foreach":
+        group = sum(numels) if not optimizer.master_bytes or master_chunk is None else min(sum(numels), grads)
+        return STATE_BYTES * (grads + group)
+    return STATE_BYTES * (grads + optimizer.step_copies * max(numels))
 
 
 @dataclass(frozen=True, slots=True)

@@ -62,7 +62,7 @@ median:
   ``TensorParallelModule`` with every node replicated, and with every node on
   DTensors; forward and backward each, ``a_node = (t_replicated - t_plain) / N``
   and ``a_dtensor = (t_dtensor - t_replicated) / N`` (the tp mesh is every rank);
-* the optimizer: AdamW (the runtime's default) stepping sets of fp32
+* the optimizer: AdamW (the runtime's default, ``adamw_factory``: fused on CUDA) stepping sets of fp32
   tensors of different counts and sizes; ``t = T a_tensor + 16 P / B_opt``
   (weight, gradient, and Adam's two moments, 4 bytes each per parameter)
   fitted by non-negative least squares on relative error;
@@ -88,6 +88,7 @@ from cost_models.overheads import Overheads
 from .cluster import Cluster, DeviceSpec, LinkSpec
 from .devices import rank_device
 from .errors import AutopartError
+from .precision import adamw_factory
 
 __all__ = [
     "CalibrateError",
@@ -478,7 +479,7 @@ def _optimizer_samples(device: torch.device, reps: int) -> list[tuple[int, int, 
         params = [torch.nn.Parameter(torch.randn(numel, device=device)) for _ in range(count)]
         for p in params:
             p.grad = torch.randn_like(p)
-        opt = torch.optim.AdamW(params, lr=1e-3)
+        opt = adamw_factory(device)(params)
         out.append((count, count * numel, _timed(opt.step, device, reps)))
     return out
 

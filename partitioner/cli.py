@@ -703,9 +703,7 @@ def cmd_inspect(args: argparse.Namespace) -> int:
     from rich.console import Console
     from rich.table import Table
 
-    from .capture import capture
     from .cluster import PRESETS
-    from .graph import build_partition_graph
     from .zoo import ZOO, load_model, parse_config_overrides, zoo_names
 
     console = Console(width=max(100, Console().width))
@@ -782,9 +780,7 @@ def cmd_profile(args: argparse.Namespace) -> int:
     from rich.console import Console
     from rich.table import Table
 
-    from .capture import capture
     from .cluster import load_cluster
-    from .graph import build_partition_graph
     from .profile import BlockFidelity, ProfileCache, device_name, fidelity, gpu_preset, profile_for_planning
     from .zoo import load_model, parse_config_overrides
 

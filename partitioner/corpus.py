@@ -16,7 +16,6 @@ so its loss falls too.
 
 from __future__ import annotations
 
-import math
 from dataclasses import dataclass
 from pathlib import Path
 

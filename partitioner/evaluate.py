@@ -52,10 +52,12 @@ over the step]), is made of these terms, each sized from the graph's shapes and 
   is taken off that sum; the stage's output (the logits) stays, as torch's pipeline stage
   keeps it to the end of the stage's backward (measured: the storage meter's tensors at the
   peak of gpt2-tiny pp2 1f1b recompute, rank 1).
-- during the optimizer step, after every backward: its workspace ([Note: the optimizer
-  step's workspace] in cost_models/memory.py). torch picks the foreach implementation on
-  CUDA and the single-tensor one on CPU; a cluster is taken as CPU processes when its name
-  starts with ``local-cpu`` (the preset and the files ``autopart calibrate`` writes from it).
+- during the optimizer step, after every backward: its workspace, with the fp32 gradients of
+  the masters under mixed precision ([Note: the optimizer step's workspace] in
+  cost_models/memory.py). The runtime's AdamW is torch's fused one on CUDA (no workspace) and
+  the single-tensor one on CPU (``optimizer_impl``); a cluster is taken as CPU processes when
+  its name starts with ``local-cpu`` (the preset and the files ``autopart calibrate`` writes
+  from it).
 
 [Note: measured overheads in a plan]
 On a cluster that ``autopart calibrate`` measured, the evaluator adds the
@@ -78,11 +80,13 @@ from dataclasses import dataclass
 from typing import AbstractSet as Set, Iterable, Mapping, Sequence
 
 from cost_models import (
+    MASTER_GRAD_CHUNK,
     OPTIMIZERS,
     CostModel,
     LossMemory,
     OpTime,
     loss_memory,
+    optimizer_impl,
     optimizer_spec,
     optimizer_workspace_bytes,
     recorded_margin,
@@ -531,11 +535,17 @@ class Evaluator:
         level = dp_spec(self.training.dp_sharding)
         shard = mesh.dp if (level.uses_fsdp or level.shards_optimizer) and mesh.dp > 1 else 1
         numels = [table[p].numel // (tp if p in split_params else 1) for p in params if table[p].trainable]
-        # FSDP shards every parameter; ZeRO-1 gives each rank whole parameters, a 1/dp share of them
-        # (the largest may be among them).
-        if shard > 1 and (level.uses_fsdp or not self.cpu_kernels):
+        if shard > 1 and level.uses_fsdp:  # FSDP shards every parameter
             numels = [-(-n // shard) for n in numels]
-        work = optimizer_workspace_bytes(self.optimizer, numels, foreach=not self.cpu_kernels)
+        masters = numels
+        # ZeRO-1 gives each rank whole parameters, a 1/dp share of them (the largest may be among them),
+        # but the fp32 gradients of every master, all at once ([Note: the optimizer step's workspace]).
+        zero1 = shard > 1 and not level.uses_fsdp
+        impl = optimizer_impl("cpu" if self.cpu_kernels else "cuda")
+        if zero1 and impl != "single":
+            numels = [-(-n // shard) for n in numels]
+        chunk = None if zero1 or self.training.dtype == "fp16" else MASTER_GRAD_CHUNK
+        work = optimizer_workspace_bytes(self.optimizer, numels, impl, master_numels=masters, master_chunk=chunk)
         return StageMemory(
             saved_bytes=saved,
             output_bytes=out,

@@ -214,11 +214,14 @@ class SequenceParallelEffect:
 
 def sequence_parallel_effect(plan: Plan, evaluator: Any) -> SequenceParallelEffect:
     """The plan priced as it is and with its token-split nodes run whole and its row linears
-    all-reducing (Megatron's layout without ``--sequence-parallel``), by the same evaluator."""
+    all-reducing (Megatron's layout without ``--sequence-parallel``), by the same evaluator under the
+    plan's own data-parallel sharding."""
     from dataclasses import replace
 
+    from .baselines import with_dp_sharding
+
     plain = {k: SEQUENCE_PARALLEL.get(s, s) for k, s in plan.sharding.items()}
-    without, _ = evaluator.score(replace(plan, sharding={k: s for k, s in plain.items() if s != "replicate"}))
+    without, _ = with_dp_sharding(evaluator, plan.training.dp_sharding).score(replace(plan, sharding={k: s for k, s in plain.items() if s != "replicate"}))
     return SequenceParallelEffect(
         sum(s in SEQUENCE_PARALLEL for s in plan.sharding.values()), plan.predicted.peak_memory_bytes,
         without.predicted.peak_memory_bytes, plan.predicted.step_time_s, without.predicted.step_time_s,
@@ -243,8 +246,12 @@ def recompute_summary(plan: Plan, evaluator: Any) -> str:
     ([Note: recompute per block] in recompute.py)."""
     from dataclasses import replace
 
+    from .baselines import with_dp_sharding
+
     bare = replace(plan, stages=tuple(replace(st, recompute=(), selective=False) for st in plan.stages))
-    keep, _ = evaluator.score(bare)
+    # priced under the plan's own data-parallel sharding, which the search may have chosen over the
+    # evaluator's (a ZeRO-3 plan's counterfactual is ZeRO-3 without recomputation, not DDP)
+    keep, _ = with_dp_sharding(evaluator, plan.training.dp_sharding).score(bare)
     freed = keep.predicted.peak_memory_bytes - plan.predicted.peak_memory_bytes
     r = int(breakdown(plan)["bottleneck_rank"])
     layout = schedule_spec(plan.schedule.name).layout

@@ -16,10 +16,16 @@ Sec. 3.1): per parameter, 2 bytes of bf16/fp16 weights, 2 of gradients, and
   and backward compute in it, and the gradients are in it too: DDP's
   all-reduce over ``dp`` and the tied-weight sum run in the plan's dtype;
 - :class:`MasterWeightOptimizer` keeps an fp32 copy of each parameter and
-  runs the user's optimizer (AdamW by default) on the copies: each step
-  copies the gradients up to fp32, steps, and rounds the masters back into
-  the parameters. Its fp32 gradients exist only inside ``step`` (after the
-  backward, when activations are already freed);
+  runs the user's optimizer (AdamW by default, ``adamw_factory``) on the
+  copies: each step copies the gradients up to fp32, steps, and rounds the
+  masters back into the parameters. Its fp32 gradients exist only inside
+  ``step`` (after the backward, when activations are already freed), and only
+  a chunk of them at a time (``MASTER_GRAD_CHUNK`` elements): it makes a
+  chunk's, steps the inner optimizer, which updates only parameters that
+  have a gradient, and frees them. The fp16 loss scaler, which unscales every
+  gradient first, and ZeRO-1, whose step broadcasts every parameter, take
+  them all at once (priced as such: [Note: the optimizer step's workspace] in
+  cost_models/memory.py);
 - with fp16, the loss is scaled by ``ShardedGradScaler`` (torch's GradScaler
   whose inf/NaN check is all-reduced over the process group, so every
   pipeline rank skips the same steps; the ranks hold different parameters).
@@ -48,11 +54,14 @@ from typing import Any, Callable, Iterable, Mapping
 
 import torch
 
+from cost_models import MASTER_GRAD_CHUNK, optimizer_impl
+
 from .errors import PlanError
 
 __all__ = [
     "DTYPES",
     "PrecisionPolicy",
+    "adamw_factory",
     "MasterWeightOptimizer",
     "make_scaler",
     "loss_inputs",
@@ -87,6 +96,14 @@ class PrecisionPolicy:
 OptimizerFactory = Callable[[Iterable[torch.nn.Parameter]], torch.optim.Optimizer]
 
 
+def adamw_factory(device: torch.device, lr: float = 1e-3) -> OptimizerFactory:
+    """The runtime's default optimizer on ``device``: AdamW in the implementation the evaluator
+    prices (``optimizer_impl``: torch's fused kernel on CUDA, its default on CPU), see [Note: the
+    optimizer step's workspace] in cost_models/memory.py."""
+    fused = optimizer_impl(device.type) == "fused"
+    return lambda ps: torch.optim.AdamW(ps, lr=lr, fused=fused or None)
+
+
 class MasterWeightOptimizer:
     """Runs ``inner`` on fp32 copies of low-precision parameters (see [Note: mixed precision as priced]).
 
@@ -97,7 +114,13 @@ class MasterWeightOptimizer:
     ``"master"``, so checkpoints name every byte by the model's own names.
     """
 
-    def __init__(self, params: Iterable[torch.nn.Parameter], make_inner: OptimizerFactory) -> None:
+    def __init__(self, params: Iterable[torch.nn.Parameter], make_inner: OptimizerFactory, *,
+                 chunk_elements: int | None = MASTER_GRAD_CHUNK) -> None:
+        """``chunk_elements``: the fp32 gradients made at once by ``step`` (None: all of them, as
+        ZeRO-1's optimizer needs, since its step broadcasts every parameter)."""
+        if chunk_elements is not None and chunk_elements < 1:
+            raise ValueError(f"MasterWeightOptimizer: chunk_elements must be >= 1 or None, not {chunk_elements}")
+        self.chunk_elements = chunk_elements
         self.params = [p for p in params]
         with torch.no_grad():
             self.masters = [torch.nn.Parameter(p.detach().to(torch.float32), requires_grad=p.requires_grad)
@@ -116,22 +139,47 @@ class MasterWeightOptimizer:
         inner_state = getattr(self.inner, "optim", self.inner).state
         return {p: {**inner_state[m], "master": m} for p, m in zip(self.params, self.masters) if inner_state.get(m)}
 
-    def load_grads(self) -> None:
-        """Copy the parameters' low-precision gradients up into the masters' (fp32)."""
-        for p, m in zip(self.params, self.masters):
+    def load_grads(self, which: Iterable[int] | None = None) -> None:
+        """Copy the parameters' low-precision gradients up into the masters' (fp32): all, or those at
+        the indices ``which``."""
+        for i in range(len(self.params)) if which is None else which:
+            p, m = self.params[i], self.masters[i]
             if p.grad is not None:
                 m.grad = p.grad.to(torch.float32)
+
+    def chunks(self) -> list[list[int]]:
+        """The parameters' indices in order, cut where the next gradient would take a chunk past
+        ``chunk_elements`` (a larger one alone); one chunk of all when that is None."""
+        if self.chunk_elements is None:
+            return [list(range(len(self.params)))]
+        out: list[list[int]] = [[]]
+        size = 0
+        for i, p in enumerate(self.params):
+            if p.grad is None:
+                continue
+            n = _local(p).numel()
+            if out[-1] and size + n > self.chunk_elements:
+                out.append([])
+                size = 0
+            out[-1].append(i)
+            size += n
+        return out
 
     def step(self, closure: Callable[[], Any] | None = None) -> Any:
         if closure is not None:
             raise PlanError("MasterWeightOptimizer.step takes no closure (the pipeline schedule runs the backward)")
-        if any(p.grad is not None and m.grad is None for p, m in zip(self.params, self.masters)):
-            self.load_grads()
-        out = self.inner.step()
-        with torch.no_grad():
-            for p, m in zip(self.params, self.masters):
-                p.copy_(m)  # round to the compute dtype
-                m.grad = None  # the fp32 gradients live only inside the step
+        loaded = [i for i, (p, m) in enumerate(zip(self.params, self.masters)) if m.grad is not None]
+        # The loss scaler loaded (and unscaled) every gradient already: one step over them all.
+        groups = [loaded] if loaded else self.chunks()
+        out = None
+        for chunk in groups:
+            if not loaded:
+                self.load_grads(chunk)
+            out = self.inner.step()  # updates only the masters that have a gradient
+            with torch.no_grad():
+                for i in chunk:
+                    self.params[i].copy_(self.masters[i])  # round to the compute dtype
+                    self.masters[i].grad = None  # the fp32 gradients live only inside the step
         return out
 
     def zero_grad(self, set_to_none: bool = True) -> None:
@@ -151,6 +199,12 @@ class MasterWeightOptimizer:
         with torch.no_grad():
             for p, m in zip(self.params, self.masters):
                 p.copy_(m)
+
+
+def _local(t: torch.Tensor) -> torch.Tensor:
+    from torch.distributed.tensor import DTensor
+
+    return t.to_local() if isinstance(t, DTensor) else t
 
 
 def make_scaler(policy: PrecisionPolicy, device: torch.device) -> Any:
@@ -175,11 +229,11 @@ def loss_inputs(outputs: list[Any], policy: PrecisionPolicy) -> list[Any]:
 
 def optimizer_step(optimizer: Any, scaler: Any = None) -> None:
     """One optimizer step after the backward; with a scaler, unscale, skip on inf/NaN (on every rank), update."""
-    if isinstance(optimizer, MasterWeightOptimizer):
-        optimizer.load_grads()
     if scaler is None:
         optimizer.step()
         return
+    if isinstance(optimizer, MasterWeightOptimizer):
+        optimizer.load_grads()  # the scaler unscales every gradient before the step
     scaler.step(optimizer)
     scaler.update()
 

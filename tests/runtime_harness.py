@@ -327,7 +327,10 @@ def job_checkpoint(args: dict[str, Any]) -> dict[str, Any]:
     Phases, in order: ``{"steps": [first, n]}`` trains n steps on the batches of steps first..;
     ``{"save": path}``; ``{"load": path}`` (an error is reported, with whether the weights stayed
     unchanged, and the run goes on); ``{"corrupt": [src, dst]}``: rank 0 copies checkpoint src to dst
-    and truncates its data file. Each run reports its losses, load outcomes and final parameters.
+    and truncates its data file; ``{"lr": x}`` sets the optimizer's learning rate; ``{"state": name}``
+    records this rank's ``state_dict()`` (plain tensors only: a small model without tp or FSDP) and its
+    optimizer's learning rate under ``name``. A run's ``dtype`` (bf16, fp16) casts the model, so the plan
+    keeps fp32 master weights. Each run reports its losses, load outcomes and final parameters.
     """
     import shutil
 
@@ -335,13 +338,25 @@ def job_checkpoint(args: dict[str, Any]) -> dict[str, Any]:
     import torch.distributed as dist
 
     from partitioner import auto_parallelize
+    from partitioner.precision import DTYPES
 
     out: dict[str, Any] = {}
     for run in args["runs"]:
         model, example, loss_fn, batch = build(run["model"])
+        dtype = DTYPES[run.get("dtype", "fp32")]
+        if dtype != torch.float32:  # module casting: the plan's fingerprint then says bf16/fp16
+            model = model.to(dtype)
+            example = tuple(x.to(dtype) if x.is_floating_point() else x for x in example)
         opt = lambda ps: torch.optim.SGD(ps, lr=0.1, momentum=0.9)  # noqa: E731
-        pm = auto_parallelize(model, example_inputs=example, loss_fn=loss_fn, method="params", optimizer=opt,
-                              global_batch=run["global_batch"], **run["layout"])
+        world = int(os.environ["WORLD_SIZE"])
+        cluster = low_precision_cluster(world) if dtype != torch.float32 else None
+        layout = dict(run["layout"])
+        if layout.get("nodes"):  # this machine as a cluster of several (virtual) nodes, for HSDP
+            from partitioner.cluster import Cluster
+
+            cluster = Cluster.local(world).with_nodes(layout["nodes"], world // layout.pop("nodes"))
+        pm = auto_parallelize(model, cluster, example_inputs=example, loss_fn=loss_fn, method="params", optimizer=opt,
+                              global_batch=run["global_batch"], **layout)
         result: dict[str, Any] = {"losses": [], "loads": []}
         try:
             for phase in run["phases"]:
@@ -349,7 +364,18 @@ def job_checkpoint(args: dict[str, Any]) -> dict[str, Any]:
                     first, n = phase["steps"]
                     for step in range(first, first + n):
                         inputs, target = batch(run["global_batch"], 100 + step)
+                        inputs = tuple(x.to(dtype) if x.is_floating_point() else x for x in inputs)
+                        target = target.to(dtype) if target.is_floating_point() else target
                         result["losses"].append(pm.step(*inputs, target=target))
+                elif "lr" in phase:
+                    for group in pm.optimizer.param_groups:
+                        group["lr"] = phase["lr"]
+                elif "state" in phase:
+                    state = {k: v.float().flatten().tolist() if isinstance(v, torch.Tensor) else repr(v)
+                             for k, v in pm.state_dict().items()}
+                    result.setdefault("state", {})[phase["state"]] = dict(
+                        entries=state, lr=[g["lr"] for g in pm.optimizer.param_groups],
+                        optimizer=type(pm.optimizer).__name__)
                 elif "save" in phase:
                     pm.save(phase["save"])
                 elif "load" in phase:
@@ -488,6 +514,17 @@ def job_wrong_world(args: dict[str, Any]) -> dict[str, Any]:
     return out
 
 
+def low_precision_cluster(world: int) -> Any:
+    """This machine (``Cluster.local(world)``) with bf16 and fp16 priced as fp32: local-cpu prices fp32 only;
+    CPUs compute bf16 and fp16 too (slowly), which is all the tests in low precision need."""
+    from partitioner import Cluster
+
+    base = Cluster.local(world)
+    peak = base.device.peak_flops["fp32"]
+    return dataclasses.replace(base, device=dataclasses.replace(
+        base.device, peak_flops={"fp32": peak, "bf16": peak, "fp16": peak}))
+
+
 def job_precision(args: dict[str, Any]) -> dict[str, Any]:
     """``{"runs": [{"key", "model", "dtype", "layout", "bytes"}]}``: the model cast to ``dtype`` (bf16/fp16)
     and planned with adam-mixed, one step with SGD on fp32 masters against a single-process run of the
@@ -495,14 +532,10 @@ def job_precision(args: dict[str, Any]) -> dict[str, Any]:
     against the plan's prediction."""
     import torch
 
-    from partitioner import Cluster, auto_parallelize
+    from partitioner import auto_parallelize
     from partitioner.precision import DTYPES, resident_bytes
 
-    base = Cluster.local(2)
-    # local-cpu prices fp32 only; CPUs compute bf16 and fp16 too (slowly), which is all this test needs.
-    peak = base.device.peak_flops["fp32"]
-    cluster = dataclasses.replace(base, device=dataclasses.replace(
-        base.device, peak_flops={"fp32": peak, "bf16": peak, "fp16": peak}))
+    cluster = low_precision_cluster(2)
     out: dict[str, Any] = {}
     for run in args["runs"]:
         dtype = DTYPES[run["dtype"]]

@@ -4,7 +4,8 @@ A real ``torch.distributed.checkpoint`` directory (written in this process, two 
 with autopart's manifest; each case corrupts a copy and ``checkpoint.verify``, what
 ``ParallelModel.load`` runs on rank 0 before loading anything, must refuse it in one line
 naming the file. tests/test_runtime.py loads a corrupted checkpoint through a real 2-rank
-``ParallelModel.load`` ([Note: checkpoint checksums] in partitioner/checkpoint.py).
+``ParallelModel.load`` ([Note: checkpoint checksums] in partitioner/checkpoint.py). The last test
+checks the state's keys ([Note: checkpoint layout] in partitioner/runtime/state.py) in one process.
 """
 
 from __future__ import annotations
@@ -29,7 +30,7 @@ def saved(tmp_path_factory: pytest.TempPathFactory) -> Path:
     path = tmp_path_factory.mktemp("ckpt") / "good"
     g = torch.Generator().manual_seed(0)
     state = {f"model.layer{i}.weight": torch.randn(64, 64, generator=g) for i in range(4)}
-    state["optim.layer0.weight.momentum_buffer"] = torch.randn(64, 64, generator=g)
+    state["optim.state.layer0.weight.momentum_buffer"] = torch.randn(64, 64, generator=g)
     with warnings.catch_warnings():  # "assuming the intent is to save in a single process"
         warnings.simplefilter("ignore")
         dcp.save(state, storage_writer=dcp.FileSystemWriter(str(path), thread_count=2))
@@ -116,3 +117,45 @@ def test_changed_bytes_name_the_tensor(saved: Path, tmp_path: Path) -> None:
     _edit(_shards(copy)[1], _flip_bit)
     with pytest.raises(CheckpointError, match=r"file __0_1\.distcp .*\(tensor [\w.]+ changed\)"):
         verify(copy)
+
+
+def test_state_is_torchs_flattened_state_dict_keyed_by_the_models_names() -> None:
+    """[Note: checkpoint layout] in partitioner/runtime/state.py: AdamW over fp32 masters of a bf16 model, read
+    with torch's get_optimizer_state_dict, keyed by the model's names; set into a differently initialized model
+    and optimizer, the next step is the same."""
+    from partitioner.precision import MasterWeightOptimizer, optimizer_step
+    from partitioner.runtime.state import load_rank_state, rank_state
+
+    def build(seed: int) -> tuple[torch.nn.Module, MasterWeightOptimizer]:
+        torch.manual_seed(seed)
+        model = torch.nn.Sequential(torch.nn.Linear(8, 16), torch.nn.GELU(), torch.nn.Linear(16, 4)).to(torch.bfloat16)
+        return model, MasterWeightOptimizer(model.parameters(), lambda ps: torch.optim.AdamW(ps, lr=1e-2))
+
+    def step(model: torch.nn.Module, opt: MasterWeightOptimizer, seed: int) -> None:
+        x = torch.randn(4, 8, generator=torch.Generator().manual_seed(seed)).to(torch.bfloat16)
+        model(x).float().pow(2).mean().backward()
+        optimizer_step(opt)
+        opt.zero_grad()
+
+    same = lambda name, t: t  # noqa: E731  (one process: every tensor is whole)
+    model, opt = build(0)
+    for s in range(2):
+        step(model, opt, s)
+    opt.param_groups[0]["lr"] = 5e-3
+    params = dict(model.named_parameters())
+    state = rank_state(params, opt, same)
+    assert {k for k in state if k.endswith(".0.weight") or ".0.weight." in k} == {
+        "model.0.weight", "master.0.weight", "optim.state.0.weight.step", "optim.state.0.weight.exp_avg",
+        "optim.state.0.weight.exp_avg_sq", *(f"optim.param_groups.0.weight.{k}" for k in opt.param_groups[0] if k != "params")}
+    assert state["master.0.weight"].dtype == torch.float32 and state["model.0.weight"].dtype == torch.bfloat16
+    saved = {k: v.clone() if isinstance(v, torch.Tensor) else v for k, v in state.items()}
+
+    other, other_opt = build(1)
+    load_rank_state(dict(other.named_parameters()), other_opt, saved, same)
+    assert other_opt.param_groups[0]["lr"] == 5e-3
+    for k, v in rank_state(dict(other.named_parameters()), other_opt, same).items():
+        assert torch.equal(v, saved[k]) if isinstance(v, torch.Tensor) else v == saved[k], k
+    step(model, opt, 2)
+    step(other, other_opt, 2)
+    for (name, a), b in zip(model.named_parameters(), other.parameters()):
+        assert torch.equal(a, b), name

@@ -27,6 +27,7 @@ from partitioner.errors import PlanError
 from partitioner.evaluate import Evaluator, StageSpec
 from partitioner.measure import StorageMeter
 from partitioner.plan import Mesh, Schedule
+from partitioner.precision import MasterWeightOptimizer, optimizer_step
 from partitioner.planner import prepare
 from partitioner.simulate import StageCost, simulate
 
@@ -34,15 +35,16 @@ from partitioner.simulate import StageCost, simulate
 # --- the optimizer step's workspace -----------------------------------------------------------------
 
 
-@pytest.mark.parametrize("foreach", [False, True])
-@pytest.mark.parametrize("name", ["adam", "sgd"])
-def test_optimizer_workspace_is_what_the_step_allocates(name: str, foreach: bool) -> None:
+@pytest.mark.parametrize(("name", "impl"), [("adam", "single"), ("adam", "foreach"), ("adam", "fused"), ("sgd", "single"),
+                                           ("sgd", "foreach")])  # the runtime runs SGD in torch's default only
+def test_optimizer_workspace_is_what_the_step_allocates(name: str, impl: str) -> None:
     """[Note: the optimizer step's workspace]: AdamW single-tensor holds two copies of the largest
-    parameter's state, foreach one copy of all; SGD with momentum none. The first step (the state made
-    lazily) and a later one alike."""
+    parameter's state, foreach one copy of all, fused none (CPU's fused kernel); SGD with momentum
+    none. The first step (the state made lazily) and a later one alike."""
     model = nn.Sequential(nn.Linear(96, 160), nn.Linear(160, 48))
-    opt = (torch.optim.AdamW(model.parameters(), foreach=foreach) if name == "adam"
-           else torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9, foreach=foreach))
+    kind = dict(foreach=impl == "foreach", fused=impl == "fused" or None)
+    opt = (torch.optim.AdamW(model.parameters(), **kind) if name == "adam"
+           else torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9, foreach=impl == "foreach"))
     numels = [p.numel() for p in model.parameters()]
     for _ in range(2):
         for p in model.parameters():
@@ -50,7 +52,57 @@ def test_optimizer_workspace_is_what_the_step_allocates(name: str, foreach: bool
         with StorageMeter([model], opt) as meter:
             opt.step()
         _, at_peak, _ = meter.result([model], opt)
-        assert at_peak.temporaries == optimizer_workspace_bytes(OPTIMIZERS[name], numels, foreach)
+        assert at_peak.temporaries == optimizer_workspace_bytes(OPTIMIZERS[name], numels, impl)
+
+
+@pytest.mark.parametrize("impl", ["single", "fused"])
+@pytest.mark.parametrize("chunk", [None, 1, 9000, 30000])
+def test_master_step_allocates_its_chunk_of_fp32_gradients(impl: str, chunk: int | None) -> None:
+    """Mixed precision: ``MasterWeightOptimizer`` makes the masters' fp32 gradients ``chunk``
+    elements at a time (None: all at once) beside the update's workspace, and the model prices
+    exactly that when the chunks fill up to their bound (here: 15360 + 160, then 7680 + 48 with
+    9000; one parameter at a time with 1; all with 30000). Once the state exists: the step that
+    makes it peaks at its last chunk, with all of the state, which the model counts as static."""
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(96, 160), nn.Linear(160, 48)).to(torch.bfloat16)
+    make = lambda ps: torch.optim.AdamW(ps, fused=impl == "fused" or None)  # noqa: E731
+    opt = MasterWeightOptimizer(model.parameters(), make, chunk_elements=chunk)
+    numels = [p.numel() for p in model.parameters()]
+    before = [p.detach().clone() for p in model.parameters()]
+    for step in range(3):
+        for p in model.parameters():
+            p.grad = torch.randn_like(p)
+        with StorageMeter([model], opt) as meter:
+            optimizer_step(opt)
+        if step == 0:  # the first step makes the state a chunk at a time: its peak is at the last chunk
+            continue
+        _, at_peak, _ = meter.result([model], opt)
+        want = optimizer_workspace_bytes(OPTIMIZERS["adam-mixed"], numels, impl, master_chunk=chunk)
+        biggest = max(numels) if chunk is None or chunk < max(numels) else min(sum(numels), 15360 + 160)
+        assert want == 4 * (max(numels) if chunk == 1 else sum(numels) if chunk in (None, 30000) else biggest) + (
+            0 if impl == "fused" else 8 * max(numels))
+        assert at_peak.temporaries == want
+    assert all(not torch.equal(a, p) for a, p in zip(before, model.parameters()))  # every parameter stepped
+    assert all(m.grad is None for m in opt.masters)
+
+
+def test_chunked_master_step_equals_one_step() -> None:
+    """Stepping the masters a chunk at a time updates them exactly as one step over all does."""
+    torch.manual_seed(0)
+    models = [nn.Sequential(nn.Linear(24, 40), nn.Linear(40, 8)).to(torch.bfloat16) for _ in range(2)]
+    models[1].load_state_dict(models[0].state_dict())
+    opts = [MasterWeightOptimizer(m.parameters(), lambda ps: torch.optim.AdamW(ps, lr=1e-2), chunk_elements=c)
+            for m, c in zip(models, (None, 100))]
+    for _ in range(3):
+        grads = [torch.randn_like(p) for p in models[0].parameters()]
+        for m, o in zip(models, opts):
+            for p, g in zip(m.parameters(), grads):
+                p.grad = g.clone()
+        assert [o.chunks() for o in opts] == [[[0, 1, 2, 3]], [[0], [1], [2], [3]]]  # 960, 40, 320, 8 elements
+        for o in opts:
+            optimizer_step(o)
+    for a, b in zip(opts[0].masters, opts[1].masters):
+        torch.testing.assert_close(a, b, rtol=0, atol=0)
 
 
 # --- the loss -----------------------------------------------------------------------------------------

@@ -8,7 +8,6 @@ plan made at batch 1 to the graph it exports at the micro-batch size by them.
 from __future__ import annotations
 
 import pytest
-import torch
 
 from partitioner.baselines import Pins, plan_baseline
 from partitioner.capture import capture

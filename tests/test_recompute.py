@@ -254,3 +254,24 @@ def test_a_replay_is_priced_beside_its_own_blocks_gradients_not_the_largest_of_a
     assert backward_work(StageSpec((0, 1), (1,)), costs, nodes) == 750.0  # only the head replays
     assert backward_work(StageSpec((0, 1)), costs, nodes) == 700.0  # nothing replays: the largest node
     assert backward_work(StageSpec((0, 1), (), True), costs, nodes) == 700.0  # the core's 300 + 100 < 700
+
+
+def test_explain_prices_the_plan_without_recomputation_under_the_plan_s_own_sharding(ev):
+    """A search may choose ZeRO-3 over the evaluator's DDP; the plan without recomputation is then the
+    same ZeRO-3 plan with nothing recomputed (it once came out as the DDP peak: "frees 1216 GiB")."""
+    from dataclasses import replace
+
+    from partitioner.baselines import with_dp_sharding
+    from partitioner.explain import recompute_summary
+    from partitioner.fmt import fmt_bytes
+
+    a, b = _split(ev)
+    zero3 = with_dp_sharding(ev, "zero3")
+    plan, _ = zero3.make_plan([StageSpec.whole(a, True), StageSpec.whole(b, True)], MESH, SCHED, method="manual")
+    assert plan.training.dp_sharding == "zero3"
+    bare = replace(plan, stages=tuple(replace(st, recompute=(), selective=False) for st in plan.stages))
+    keep = zero3.score(bare)[0].predicted.peak_memory_bytes
+    ddp = ev.score(bare)[0].predicted.peak_memory_bytes
+    assert keep < ddp  # ZeRO-3 shards the weights, gradients and Adam state over dp=4
+    text = recompute_summary(plan, ev)
+    assert f"{fmt_bytes(keep)} without)" in text and f"frees {fmt_bytes(keep - plan.predicted.peak_memory_bytes)} " in text, text

@@ -179,59 +179,113 @@ def test_equivalence(layout: str, equivalence_launches) -> None:
 def checkpoint_runs(tmp_path_factory: pytest.TempPathFactory) -> dict[str, dict]:
     """Every checkpoint scenario in three launches (process start-up dominates; see runtime_harness.py).
 
-    1. 2 ranks: GPT-2 under pp=2 trains steps 0-1, saves, trains step 2 (the run that never stopped);
-       the MLP under pp=2 trains a step and saves; rank 0 makes a copy with a truncated data file.
+    1. 2 ranks: GPT-2 under pp=2 trains steps 0-1, saves, trains steps 2-3 (the run that never stopped);
+       the MLP under pp=2 trains a step and saves; rank 0 makes a copy with a truncated data file; the
+       MLP in bf16 (fp32 master weights) under pp=2 trains a step, lowers its learning rate, records its
+       state and saves, and trains step 1.
     2. 2 ranks: GPT-2 under tp=2 loads and trains step 2; the MLP tries a missing, the corrupt and
-       GPT-2's checkpoint (each must fail, changing nothing), then loads its own and trains on.
+       GPT-2's checkpoint (each must fail, changing nothing), then loads its own and trains on; the bf16
+       MLP under dp=2 with ZeRO-1 (masters whole, the state of each dp rank's share) loads, records its
+       state and trains step 1.
     3. 4 ranks: GPT-2 under pp=2 x dp=2 with ZeRO-3 (FSDP2) loads and trains step 2, and saves its
-       sharded state; GPT-2 under dp=4 with ZeRO-2 loads that.
+       sharded state; GPT-2 under dp=4 with ZeRO-2 loads that; GPT-2 under tp=2 x dp=2 with ZeRO-3
+       (FSDP shards of tp shards) loads, trains step 2 and saves; GPT-2 under dp=4 with ZeRO-1 loads
+       that and trains step 3, and GPT-2 under tp=2 x dp=2 with HSDP (two virtual nodes) loads it too.
     """
     tmp = tmp_path_factory.mktemp("ckpt")
-    gpt, mlp, corrupt = str(tmp / "gpt"), str(tmp / "mlp"), str(tmp / "corrupt")
+    gpt, mlp, corrupt, bf16 = str(tmp / "gpt"), str(tmp / "mlp"), str(tmp / "corrupt"), str(tmp / "bf16")
     gpt_run = dict(model="gpt2-tiny", global_batch=4)
     mlp_run = dict(model="mlp", global_batch=2, layout=dict(pp=2, microbatches=2))
+    bf16_run = dict(model="mlp", global_batch=4, dtype="bf16")
     reports = {}
     reports["save"] = launch(2, "checkpoint", {"runs": [
         dict(gpt_run, key="gpt", layout=dict(pp=2, microbatches=2),
-             phases=[{"steps": [0, 2]}, {"save": gpt}, {"steps": [2, 1]}]),
+             phases=[{"steps": [0, 2]}, {"save": gpt}, {"steps": [2, 2]}]),
         dict(mlp_run, key="mlp", phases=[{"steps": [0, 1]}, {"save": mlp}, {"corrupt": [mlp, corrupt]}]),
+        dict(bf16_run, key="bf16", layout=dict(pp=2, microbatches=2),
+             phases=[{"steps": [0, 1]}, {"lr": 0.05}, {"state": "saved"}, {"save": bf16}, {"steps": [1, 1]}]),
     ]}, tmp)
     reports["tp2"] = launch(2, "checkpoint", {"runs": [
-        dict(gpt_run, key="gpt", layout=dict(tp=2, pp=1, microbatches=1), phases=[{"load": gpt}, {"steps": [2, 1]}]),
+        dict(gpt_run, key="gpt", layout=dict(tp=2, pp=1, microbatches=1), phases=[{"load": gpt}, {"steps": [2, 2]}]),
         dict(mlp_run, key="mlp", phases=[{"load": str(tmp / "nothing-here")}, {"load": corrupt}, {"load": gpt},
                                          {"load": mlp}, {"steps": [1, 1]}]),
+        dict(bf16_run, key="bf16", layout=dict(pp=1, dp=2, microbatches=1, dp_sharding="zero1"),
+             phases=[{"load": bf16}, {"state": "loaded"}, {"steps": [1, 1]}]),
     ]}, tmp)
     reports["pp2xdp2"] = launch(4, "checkpoint", {"runs": [
         dict(gpt_run, key="gpt", layout=dict(pp=2, dp=2, microbatches=2, dp_sharding="zero3"),
-             phases=[{"load": gpt}, {"steps": [2, 1]}, {"save": str(tmp / "zero3")}]),
+             phases=[{"load": gpt}, {"steps": [2, 1]}, {"save": str(tmp / "zero3")}, {"steps": [3, 1]}]),
         dict(gpt_run, key="zero2", layout=dict(pp=1, dp=4, microbatches=1, dp_sharding="zero2"),
              phases=[{"load": str(tmp / "zero3")}]),
+        dict(gpt_run, key="tp-zero3", layout=dict(pp=1, tp=2, dp=2, microbatches=2, dp_sharding="zero3"),
+             phases=[{"load": gpt}, {"steps": [2, 1]}, {"save": str(tmp / "tp-zero3")}]),
+        dict(gpt_run, key="zero1", layout=dict(pp=1, dp=4, microbatches=1, dp_sharding="zero1"),
+             phases=[{"load": str(tmp / "tp-zero3")}, {"steps": [3, 1]}]),
+        dict(gpt_run, key="tp-hsdp", layout=dict(pp=1, tp=2, dp=2, microbatches=2, dp_sharding="hsdp", nodes=2),
+             phases=[{"load": str(tmp / "tp-zero3")}]),
     ]}, tmp)
     return reports
 
 
+def _assert_params_match(got: dict[str, list[float]], want: dict[str, list[float]], what: str) -> None:
+    assert set(got) == set(want), what
+    for k in want:
+        worst = max(abs(a - b) for a, b in zip(got[k], want[k]))
+        scale = max(abs(b) for b in want[k]) or 1.0
+        assert worst / scale <= TOL, f"{what}: {k} differs by {worst / scale:.2e}"
+
+
 def test_checkpoint_resumes_under_another_layout(checkpoint_runs: dict[str, list[dict]]) -> None:
-    """Saved under pp=2, loaded under tp=2 and pp=2 x dp=2 (ZeRO-3), continued: the same as a run that never
-    stopped; the ZeRO-3 run's sharded state, loaded under dp=4 with ZeRO-2, is the same tensors."""
+    """Saved under pp=2, loaded under tp=2, pp=2 x dp=2 (ZeRO-3) and tp=2 x dp=2 (ZeRO-3: FSDP shards of tp
+    shards), continued: the same as a run that never stopped; the ZeRO-3 run's sharded state, loaded under
+    dp=4 with ZeRO-2, is the tensors of step 2; the tp=2 x ZeRO-3 run's, loaded under dp=4 with ZeRO-1 (each dp
+    rank loading its share of the optimizer state), continues as the run that never stopped, and loaded under
+    tp=2 x dp=2 with HSDP is the same tensors."""
     straight = checkpoint_runs["save"]
     _ok(straight)
-    want = {k: v for r in straight for k, v in r["gpt"]["params"].items()}
-    for layout in ("tp2", "pp2xdp2"):
+    want = {k: v for r in straight for k, v in r["gpt"]["params"].items()}  # after step 3
+    sharded = checkpoint_runs["pp2xdp2"]
+    for layout, key in (("tp2", "gpt"), ("pp2xdp2", "gpt"), ("pp2xdp2", "tp-zero3")):
         resumed = checkpoint_runs[layout]
         _ok(resumed)
-        assert resumed[0]["gpt"]["loads"] == [None]
-        assert resumed[0]["gpt"]["losses"][0] == pytest.approx(straight[0]["gpt"]["losses"][2], rel=TOL)
-        got = {k: v for r in resumed for k, v in r["gpt"]["params"].items()}
-        assert set(got) == set(want)
-        for k in want:
-            worst = max(abs(a - b) for a, b in zip(got[k], want[k]))
-            scale = max(abs(b) for b in want[k]) or 1.0
-            assert worst / scale <= TOL, f"{layout}: {k} differs by {worst / scale:.2e}"
-    sharded = checkpoint_runs["pp2xdp2"]
-    saved = {k: v for r in sharded for k, v in r["gpt"]["params"].items()}
-    for r in sharded:
-        assert r["zero2"]["loads"] == [None] and r["zero2"]["params"] == {k: saved[k] for k in r["zero2"]["params"]}
-    assert set(sharded[0]["zero2"]["params"]) == set(saved)
+        assert resumed[0][key]["loads"] == [None]
+        assert resumed[0][key]["losses"][0] == pytest.approx(straight[0]["gpt"]["losses"][2], rel=TOL)
+        if key == "gpt":  # trained on to step 3
+            assert resumed[0][key]["losses"][1] == pytest.approx(straight[0]["gpt"]["losses"][3], rel=TOL)
+            _assert_params_match({k: v for r in resumed for k, v in r[key]["params"].items()}, want, layout)
+    assert sharded[0]["zero1"]["loads"] == [None]
+    assert sharded[0]["zero1"]["losses"][0] == pytest.approx(straight[0]["gpt"]["losses"][3], rel=TOL)
+    _assert_params_match({k: v for r in sharded for k, v in r["zero1"]["params"].items()}, want,
+                         "pp=2 -> tp2 x dp2 ZeRO-3 -> dp4 ZeRO-1")
+    # ZeRO-2 loaded what the ZeRO-3 run saved after step 2: the tp=2 x ZeRO-3 run's parameters then
+    saved = {k: v for r in sharded for k, v in r["tp-zero3"]["params"].items()}
+    _assert_params_match({k: v for r in sharded for k, v in r["zero2"]["params"].items()}, saved, "ZeRO-3 -> ZeRO-2")
+    for r in sharded:  # HSDP's shards of tp shards: the tensors the tp=2 x ZeRO-3 run saved, bit for bit
+        assert r["tp-hsdp"]["loads"] == [None] and r["tp-hsdp"]["params"] == {k: saved[k] for k in r["tp-hsdp"]["params"]}
+    assert set(sharded[0]["tp-hsdp"]["params"]) == set(saved)
+
+
+def test_checkpoint_of_master_weights_under_zero1_is_the_saved_state(checkpoint_runs: dict[str, list[dict]]) -> None:
+    """bf16 with fp32 master weights: saved under pp=2, loaded under dp=2 with ZeRO-1, every saved tensor comes
+    back bit for bit (weights, masters, momentum; each dp rank holds its share of the momentum), the learning
+    rate lowered before the save is the one the loaded run steps with, and the next step matches."""
+    saved, loaded = checkpoint_runs["save"], checkpoint_runs["tp2"]
+    _ok(saved)
+    _ok(loaded)
+    before = {k: v for r in saved for k, v in r["bf16"]["state"]["saved"]["entries"].items()}
+    assert saved[0]["bf16"]["state"]["saved"]["optimizer"] == "MasterWeightOptimizer"
+    assert any(k.startswith("master.") for k in before) and any(k.endswith(".momentum_buffer") for k in before)
+    seen: set[str] = set()
+    for r in loaded:
+        run = r["bf16"]
+        assert run["loads"] == [None], run["loads"]
+        after = run["state"]["loaded"]
+        assert after["lr"] == [0.05], after["lr"]
+        for k, v in after["entries"].items():
+            assert v == before[k], f"{k} differs after the load"
+        seen |= set(after["entries"])
+        assert run["losses"][0] == pytest.approx(saved[0]["bf16"]["losses"][1], rel=2e-2)  # bf16 reductions
+    assert seen == set(before), sorted(set(before) ^ seen)[:4]
 
 
 def test_checkpoint_errors_before_any_step(checkpoint_runs: dict[str, list[dict]]) -> None:

@@ -133,7 +133,7 @@ def print_tables(comparison: Comparison, console: Any = None) -> None:
         rho = comparison.spearman()
         n = len(comparison.measured_points())
         console.print(
-            f"Spearman rank correlation of predicted and measured step time: "
+            "Spearman rank correlation of predicted and measured step time: "
             + (f"[bold]{rho:.2f}[/bold] over {n} distinct plans" if rho is not None else f"undefined ({n} distinct measured plans)")
         )
         if len(comparison.cases) > 1:

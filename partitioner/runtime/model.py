@@ -42,7 +42,8 @@ import torch
 import torch.distributed as dist
 from torch.utils._pytree import tree_unflatten
 
-from ..checkpoint import CheckpointError
+from cost_models import MASTER_GRAD_CHUNK
+
 from ..cluster import Cluster
 from ..devices import rank_device
 from ..dp_sharding import spec as dp_spec
@@ -52,11 +53,11 @@ from ..materialize import has_meta_tensors, materialize, release
 from ..measure import DdpTimer, RankMemory, RankTime, StepClock, StorageMeter, rank_time, tp_profile
 from ..plan import Plan
 from ..recompute import checkpoint_in_graph, recompute_regions
-from ..precision import MasterWeightOptimizer, PrecisionPolicy, loss_inputs, make_scaler, optimizer_step
+from ..precision import MasterWeightOptimizer, PrecisionPolicy, adamw_factory, loss_inputs, make_scaler, optimizer_step
 from ..rewrite import SplitModel, TensorParallelModule, get_tensor, microbatch_inputs, set_tensor, split_model
 from ..schedules import rank_stages, spec as schedule_spec, stage_rank
 from ..watchdog import DistributedError, Watchdog, backend_timeout_s
-from .state import (OptimizerFactory, load_checkpoint, local_tensor, optimizer_state, save_checkpoint,
+from .state import (OptimizerFactory, load_checkpoint, load_rank_state, local_tensor, rank_state, save_checkpoint,
                     zero1_optimizer)
 
 __all__ = ["ParallelModel", "StepEvent", "timed_stage_class"]
@@ -235,15 +236,21 @@ class ParallelModel:
                     # Two stages of one rank share the tensor ([Note: tied weights across stages]).
                     self.params.setdefault(name, p)
         self._tied = self._tied_groups()
-        factory = optimizer or (lambda ps: torch.optim.AdamW(ps, lr=1e-3))
+        # The default is the AdamW the plan priced ([Note: the optimizer step's workspace] in cost_models/memory.py).
+        factory = optimizer or adamw_factory(self.device)
         make = factory
-        if plan.training.dp_sharding == "zero1" and mesh.dp > 1:
+        zero1 = plan.training.dp_sharding == "zero1" and mesh.dp > 1
+        if zero1:
             dp_group = self.mesh["dp"].get_group()
             make = lambda ps: zero1_optimizer(factory, list(ps), dp_group)  # noqa: E731
         # The plan's precision: fp32 masters for adam-mixed, fp16 loss scaling ([Note: mixed precision as priced]).
         self.precision = PrecisionPolicy.from_training(plan.training.dtype, plan.training.optimizer)
         params = list(self.params.values())
-        self.optimizer = MasterWeightOptimizer(params, make) if self.precision.master_dtype else make(params)
+        # The masters' fp32 gradients a chunk at a time, but for ZeRO-1 (its step broadcasts every parameter) and a
+        # user's optimizer (which may read every gradient at once, e.g. to clip them by their global norm).
+        chunk = MASTER_GRAD_CHUNK if optimizer is None and not zero1 else None
+        self.optimizer = (MasterWeightOptimizer(params, make, chunk_elements=chunk) if self.precision.master_dtype
+                          else make(params))
         self.scaler = make_scaler(self.precision, self.device)
         self.schedule = self._make_schedule()
         self.watchdog = Watchdog(self.rank, self._stages_of, timeout_s)
@@ -466,13 +473,56 @@ class ParallelModel:
     # --- parameters by their original names ----------------------------------------
 
     def global_view(self, name: str, t: torch.Tensor) -> torch.Tensor:
-        """``t`` (a local shard of parameter ``name``, or a state of the same shape) as a global view."""
+        """``t`` (this rank's part of parameter ``name``, or a state of the same shape) as a DTensor of the
+        whole tensor: a tp shard over the ``tp`` mesh; FSDP's dp shard of a tp shard over the ``(tp, dp)``
+        mesh ([Note: FSDP shards of tp shards]); anything else as it is (FSDP's shards already are)."""
         dim = self.split_dims.get(name)
         if dim is None or t.dim() == 0:
             return t
         from torch.distributed.tensor import DTensor, Shard
 
+        if isinstance(t, DTensor):
+            shape = list(t.shape)
+            shape[dim] *= self.plan.mesh.tp
+            stride = torch.empty(shape, device="meta").stride()
+            return DTensor.from_local(t.to_local(), self._tp_fsdp_mesh(), [Shard(dim), *t.placements],
+                                      run_check=False, shape=torch.Size(shape), stride=stride)
         return DTensor.from_local(t, self.mesh["tp"], [Shard(dim)], run_check=False)
+
+    def local_view(self, name: str, t: torch.Tensor) -> torch.Tensor:
+        """The inverse of ``global_view``: a saved tensor of parameter ``name``'s shape in this rank's layout."""
+        from torch.distributed.tensor import DTensor
+
+        if name not in self.split_dims or not isinstance(t, DTensor):
+            return t  # whole, or FSDP's own layout (loaded as the live tensor is)
+        p = self.params[name]
+        if isinstance(p, DTensor):
+            return DTensor.from_local(t.to_local(), p.device_mesh, p.placements, run_check=False, shape=p.shape,
+                                      stride=p.stride())
+        return t.to_local()
+
+    def _tp_fsdp_mesh(self) -> Any:
+        """The mesh on which FSDP's dp shard of a tp shard is one DTensor of the whole tensor.
+
+        [Note: FSDP shards of tp shards]
+        Under ZeRO-2/3 (and HSDP) with tp > 1 a parameter is FSDP's DTensor over the dp mesh of this
+        rank's *tp shard* (the tp shards are plain tensors: ``TensorParallelModule``), so FSDP cut
+        dim 0 of a piece tp had already cut along ``dim``. On a mesh ordered ``(tp, *FSDP's dims)``
+        the placements ``[Shard(dim), *FSDP's]`` say exactly that (a DTensor shards mesh dimension
+        by mesh dimension, the first outermost), also where ``dim`` is 0 and FSDP's chunks lie inside
+        tp's. The mesh reorders the plan's ranks, ``(pp, dp, tp)``, to ``(pp, tp, dp)`` (``dp`` as
+        HSDP's ``(dp_rep, dp_shard)`` where it is 2-D). Built on first use: all ranks save and load.
+        """
+        if getattr(self, "_tp_fsdp", None) is None:
+            from torch.distributed.device_mesh import DeviceMesh
+
+            fsdp = self._fsdp_mesh()
+            names = tuple(fsdp.mesh_dim_names)
+            mesh = self.plan.mesh
+            ranks = torch.arange(mesh.world_size).reshape(mesh.pp, *fsdp.mesh.shape, mesh.tp).movedim(-1, 1)
+            full = DeviceMesh(self.device.type, ranks, mesh_dim_names=("pp", "tp", *names))
+            self._tp_fsdp = full[("tp", *names)]
+        return self._tp_fsdp
 
     def full_tensors(self, what: str = "param") -> dict[str, torch.Tensor]:
         """This rank's parameters (``what="param"``) or gradients (``"grad"``) at full shape, by original name.
@@ -493,34 +543,24 @@ class ParallelModel:
         return out
 
     def state_dict(self) -> dict[str, Any]:
-        """Parameters and optimizer state keyed by the model's parameter names (DTensors where split)."""
-        sd: dict[str, Any] = {f"model.{n}": self.global_view(n, p.detach()) for n, p in self.params.items()}
-        for name, p in self.params.items():
-            for key, value in optimizer_state(self.optimizer).get(p, {}).items():
-                if isinstance(value, torch.Tensor):
-                    sd[f"optim.{name}.{key}"] = self.global_view(name, value) if value.shape == p.shape else value
-        return sd
+        """Parameters and optimizer state keyed by the model's parameter names, split tensors as DTensors of the
+        whole tensor ([Note: checkpoint layout] in state.py). Collective: every rank calls it."""
+        if self.fsdp and self.plan.mesh.tp > 1:
+            self._tp_fsdp_mesh()  # made by every rank, also one whose stages hold no tp shard
+        return rank_state(self.params, self.optimizer, self.global_view)
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        """Set the parameters and optimizer state from ``state`` (as ``state_dict`` returns it)."""
+        load_rank_state(self.params, self.optimizer, state, self.local_view)
 
     # --- checkpoints (state.py) ------------------------------------------------------
 
-    def _refuse_fsdp_checkpoint(self, what: str) -> None:
-        """Checkpoints of FSDP shards of tp shards are not written or read yet: refuse in one line. (Under
-        FSDP alone the parameters are DTensors over dp, which torch.distributed.checkpoint reshards.)"""
-        if self.fsdp and self.plan.mesh.tp > 1:
-            raise CheckpointError(
-                f"cannot {what} a checkpoint under training.dp_sharding {self.plan.training.dp_sharding!r} with "
-                f"tp={self.plan.mesh.tp} yet (FSDP shards of tensor-parallel shards); use a plan with tp=1 or "
-                "--dp-sharding none or zero1"
-            )
-
     def save(self, path: str | os.PathLike[str], *, overwrite: bool = False) -> None:
         """Write a ``torch.distributed.checkpoint`` directory keyed by the model's parameter names."""
-        self._refuse_fsdp_checkpoint("save")
         save_checkpoint(self, path, overwrite=overwrite)
 
     def load(self, path: str | os.PathLike[str]) -> None:
         """Load a checkpoint saved under any plan of the same model; nothing changes if it fails."""
-        self._refuse_fsdp_checkpoint("load")
         load_checkpoint(self, path)
 
     def close(self) -> None:
