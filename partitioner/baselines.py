@@ -45,7 +45,7 @@ same on every machine (no clocks are read). Pins fix any axis of the grid.
 
 from __future__ import annotations
 
-import math
+import functools
 import time
 from dataclasses import dataclass, replace
 from typing import Callable, Iterable, Iterator, Sequence
@@ -54,14 +54,14 @@ from .dp_sharding import DP_SHARDINGS, check_dp_sharding, hsdp_shard, spec as dp
 from .errors import InfeasibleError, PlanError
 from .evaluate import Evaluator, StageSpec
 from .plan import Mesh, Plan, Schedule
-from .schedules import check_schedule, rank_stages, schedule_order, spec as schedule_spec
+from .schedules import check_schedule, rank_stages, schedule_order, spec as schedule_spec, stage_rank
 from .sharding import megatron_sharding
-from .simulate import SimResult
+from .simulate import SimResult, busiest_rank_s
 
 __all__ = [
     "METHODS", "REFERENCE", "Pins", "GridPoint", "TuneReport", "plan_baseline", "tune", "grid_points",
     "linear_partition", "uniform_partition", "with_dp_sharding", "dp_shardings_to_try", "hsdp_differs", "inflight_horizon",
-    "micro_batch_sizes",
+    "micro_batch_sizes", "split_work_s",
 ]
 
 METHODS = ("expert", "uniform", "params", "pipedream", "megatron")
@@ -70,6 +70,10 @@ REFERENCE = "expert"  # the method every speedup is measured against
 # zero-bubble ones included, since the ILP's search re-times its plans under them too
 # ([Note: split-backward schedules] in solver/search.py).
 TUNED_SCHEDULES = ("1f1b", "gpipe", "interleaved", "zb", "zbv", "dualpipev")
+# How far above the best step a split's busiest rank must work before ``tune`` skips simulating it
+# ([Note: pruning by the busiest rank]): the bound and the simulator sum the same costs in different
+# orders, so a bound within rounding of the best step is simulated rather than trusted.
+BOUND_SLACK = 1e-9
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
@@ -142,6 +146,7 @@ class TuneReport:
     points: int = 0  # grid points enumerated
     evaluated: int = 0  # simulated
     pruned_bound: int = 0  # skipped: their lower bound reached the best plan found
+    pruned_split: int = 0  # skipped after pricing their split: its busiest rank works longer than the best plan's step
     pruned_memory: int = 0  # skipped: the weights alone cannot fit
 
 
@@ -353,11 +358,27 @@ def tune(
     tps: Sequence[int] = (1,),
     dp_shardings: Sequence[str] | None = None,
     report: TuneReport | None = None,
+    prune: bool = True,
 ) -> tuple[Plan, SimResult, TuneReport]:
     """The fastest plan that fits over ``method``'s grid with the ``split`` rule (see [Note: fair baselines]).
 
     Deterministic: the grid is enumerated in a fixed order, visited in order of
-    its lower bounds (ties by description), and pruned only by those bounds.
+    its lower bounds (ties by description), and pruned only by lower bounds.
+    ``prune=False`` simulates every point that may fit, in the same order (the
+    tests' reference: the result is the same).
+
+    [Note: pruning by the busiest rank]
+    Past the grid point's bound (which knows no split), a point's split is
+    known, and its busiest rank's work (``simulate.busiest_rank_s``: every
+    micro-batch's forward and backward of its stages, plus its once-per-step
+    work) is a lower bound of its simulated step. It is checked twice: first
+    from the blocks' compute alone (``split_work_s``, never above the priced
+    bound), before the stages are priced; then from the priced stages (``stage_costs``), before the
+    memory check and the simulation. A point is kept only if its step is
+    *strictly* shorter than the best so far, so a point whose bound exceeds
+    the best step cannot win, nor tie and win, and is skipped. The bound
+    must exceed the best step by ``BOUND_SLACK`` (relative), more than the
+    rounding between the sums, which add the same terms in other orders.
     """
     report = report or TuneReport()
     dp_shardings = tuple(dp_shardings) if dp_shardings is not None else (ev.training.dp_sharding,)
@@ -365,6 +386,8 @@ def tune(
     limit = ev.usable_memory_bytes  # the reserve and the memory margin kept free
     shardings: dict[tuple[int, bool], dict] = {}  # (tp, sequence parallel) -> Megatron's layout
     work: dict[tuple[int, bool, int], tuple[float, float]] = {}  # (tp, sp, mbs) -> (forward + backward, forward) per micro-batch
+    # (tp, sp, mbs) -> per block, (forward + backward, forward) per micro-batch ([Note: pruning by the busiest rank])
+    block_work: dict[tuple[int, bool, int], tuple[list[float], list[float]]] = {}
     static: dict[tuple[int, bool, int, str], float] = {}  # (tp, sp, dp, dp_sharding) -> all static bytes of one tp rank
 
     def sharding_for(pt: GridPoint) -> dict:
@@ -381,6 +404,7 @@ def tune(
         if (tp, sp, mbs) not in work:
             costs = [ev.block_cost(b, mbs, tp, sharding_for(pt)).time for b in ev.pgraph.blocks]
             work[(tp, sp, mbs)] = (sum(c.forward_s + c.backward_s for c in costs), sum(c.forward_s for c in costs))
+            block_work[(tp, sp, mbs)] = ([c.forward_s + c.backward_s for c in costs], [c.forward_s for c in costs])
         key = (tp, sp, pt.mesh.dp, pt.dp_sharding)
         if key not in static:
             from .sharding import sharded_params
@@ -406,10 +430,9 @@ def tune(
     points.sort(key=lambda p: (p.lower_bound_s, p.describe()))
     best: tuple[Plan, SimResult] | None = None
     smallest: tuple[float, GridPoint, list[StageSpec]] | None = None  # the smallest footprint seen, for the error
-    inflight: dict[tuple, list[list[tuple[int, ...]]]] = {}
     split_error: PlanError | None = None
     for pt in points:
-        if best is not None and pt.lower_bound_s >= best[0].predicted.step_time_s:
+        if prune and best is not None and pt.lower_bound_s >= best[0].predicted.step_time_s:
             report.pruned_bound += 1
             continue
         e = evs[pt.dp_sharding]
@@ -420,7 +443,19 @@ def tune(
             split_error = exc  # this split rule has no split here (e.g. more stages than layers)
             continue
         specs = [StageSpec.whole(b, pt.recompute) for b in blocks]
-        need = _peak_memory(e.stage_costs(specs, pt.mesh, pt.schedule, sharding), pt.schedule, pt.mesh.pp, inflight)
+        if prune and best is not None:  # [Note: pruning by the busiest rank]
+            fb, f = block_work[(pt.mesh.tp, pt.sequence_parallel, pt.schedule.micro_batch_size)]
+            if split_work_s(blocks, fb, f if pt.recompute else None, pt.schedule, pt.mesh.pp) > \
+                    best[0].predicted.step_time_s * (1 + BOUND_SLACK):
+                report.pruned_split += 1
+                continue
+        costs = e.stage_costs(specs, pt.mesh, pt.schedule, sharding)
+        if prune and best is not None and busiest_rank_s(
+            costs, pt.schedule.name, pt.schedule.microbatches, pt.mesh.pp
+        ) > best[0].predicted.step_time_s * (1 + BOUND_SLACK):
+            report.pruned_split += 1
+            continue
+        need = _peak_memory(costs, pt.schedule, pt.mesh.pp)
         if need > limit:  # the simulator's own peak, without simulating: this point cannot fit
             report.pruned_memory += 1
             if smallest is None or need < smallest[0]:
@@ -454,39 +489,39 @@ def tune(
     )
 
 
-def _peak_memory(costs, schedule: Schedule, pp: int, cache: dict) -> float:
+def split_work_s(
+    blocks: Sequence[Sequence[int]], work_s: Sequence[float], replay_s: Sequence[float] | None, schedule: Schedule,
+    pp: int,
+) -> float:
+    """A lower bound of ``simulate.busiest_rank_s`` of the plan whose stages hold ``blocks``, from the
+    blocks' own compute alone: ``M`` times the most per-micro-batch work (``work_s``, each block's
+    forward and backward, plus ``replay_s``, its forward again, where the stages recompute) that one
+    rank's stages hold. The stages' costs add only non-negative terms to these sums (per-action
+    overhead, FSDP's exposed collectives, the once-per-step work), so pricing them can only raise it
+    ([Note: pruning by the busiest rank])."""
+    layout = schedule_spec(schedule.name).layout
+    per_rank = [0.0] * pp
+    for s, part in enumerate(blocks):
+        w = sum(work_s[b] for b in part)
+        if replay_s is not None:
+            w += sum(replay_s[b] for b in part)
+        per_rank[stage_rank(s, pp, layout)] += w
+    return schedule.microbatches * max(per_rank)
+
+
+def _peak_memory(costs, schedule: Schedule, pp: int) -> float:
     """A lower bound of the largest per-rank peak the simulator finds (static, buffers and activations in
     flight, or the optimizer step), without simulating.
 
     In-flight counts change only at a rank's own actions, so they depend on the schedule's
     order alone: each rank's distinct count vectors over its chunks are computed once per
-    schedule shape and reused.
+    schedule shape (``_inflight_counts``) and reused.
     """
-    key = (schedule.name, pp, inflight_horizon(schedule.name, pp, schedule.microbatches, schedule.virtual_stages),
-           schedule.virtual_stages)
     sp = schedule_spec(schedule.name)
-    if key not in cache and key[0] == "gpipe":
-        cache[key] = [[(schedule.microbatches,)]] * pp
-    elif key not in cache and key[0] == "1f1b":
-        cache[key] = [[(min(pp - r, schedule.microbatches),)] for r in range(pp)]
-    elif key not in cache:
-        patterns = []
-        for r, order in enumerate(schedule_order(*key)):
-            mine = rank_stages(r, pp, schedule.virtual_stages, sp.layout)
-            counts = [0] * len(mine)
-            seen = set()
-            for a in order:
-                # Activations are held from F until the backward that frees them: B, or W
-                # where the backward is split (I keeps them; [Note: zero-bubble memory]).
-                if a.kind == "F":
-                    counts[mine.index(a.stage)] += 1
-                    seen.add(tuple(counts))
-                elif a.kind in ("B", "W"):
-                    counts[mine.index(a.stage)] -= 1
-            patterns.append(sorted(seen))
-        cache[key] = patterns
+    patterns = _inflight_counts(schedule.name, pp, inflight_horizon(schedule.name, pp, schedule.microbatches,
+                                                                    schedule.virtual_stages), schedule.virtual_stages)
     peak = 0.0
-    for r, pats in enumerate(cache[key]):
+    for r, pats in enumerate(patterns):
         mine = [costs[st] for st in rank_stages(r, pp, schedule.virtual_stages, sp.layout)]
         act = max(sum(n * c.activation_bytes for n, c in zip(pat, mine)) for pat in pats)
         # A lower bound of the simulator's walk ([Note: memory over the step] in simulate.py): the
@@ -495,6 +530,33 @@ def _peak_memory(costs, schedule: Schedule, pp: int, cache: dict) -> float:
         step = sum(c.static_bytes + c.buffer_bytes for c in mine) + max(c.optimizer_workspace_bytes for c in mine)
         peak = max(peak, during, step)
     return peak
+
+
+@functools.lru_cache(maxsize=1024)
+def _inflight_counts(name: str, pp: int, microbatches: int, virtual_stages: int) -> tuple[tuple[tuple[int, ...], ...], ...]:
+    """Per rank, the distinct vectors of micro-batches in flight on each of its chunks over the
+    schedule's order, sorted. A function of the schedule's shape alone, so kept for the whole
+    process: every baseline's grid (and the search's seeds) meets the same shapes."""
+    if name == "gpipe":
+        return (((microbatches,),),) * pp
+    if name == "1f1b":
+        return tuple(((min(pp - r, microbatches),),) for r in range(pp))
+    layout = schedule_spec(name).layout
+    patterns = []
+    for r, order in enumerate(schedule_order(name, pp, microbatches, virtual_stages)):
+        mine = rank_stages(r, pp, virtual_stages, layout)
+        counts = [0] * len(mine)
+        seen = set()
+        for a in order:
+            # Activations are held from F until the backward that frees them: B, or W
+            # where the backward is split (I keeps them; [Note: zero-bubble memory]).
+            if a.kind == "F":
+                counts[mine.index(a.stage)] += 1
+                seen.add(tuple(counts))
+            elif a.kind in ("B", "W"):
+                counts[mine.index(a.stage)] -= 1
+        patterns.append(tuple(sorted(seen)))
+    return tuple(patterns)
 
 
 def inflight_horizon(schedule: str, pp: int, microbatches: int, virtual_stages: int) -> int:

@@ -324,6 +324,65 @@ def test_tuning_finds_the_grid_optimum(ev_one_node, method):
     assert plan.predicted.step_time_s == pytest.approx(_grid_optimum(method, ev_one_node), rel=1e-12)
 
 
+@pytest.fixture(scope="module")
+def ev_big_small_batch(bigvocab):
+    return prepare(bigvocab, cluster=Cluster.preset("dgx-a100-80g", 1), global_batch=16)
+
+
+@pytest.mark.parametrize("ev_name,method,by_split", [
+    ("ev_one_node", "expert", False), ("ev_one_node", "pipedream", False), ("ev_two_nodes", "megatron", False),
+    ("ev_big_small_batch", "uniform", True), ("ev_big_small_batch", "pipedream", True),
+])
+def test_tuning_without_pruning_gives_the_same_plan(request, ev_name, method, by_split):
+    # Pruning by the grid's bound and by a split's busiest rank ([Note: pruning by the busiest rank])
+    # skips only points that could neither win nor tie and win: visiting every point in the same
+    # order gives the same plan, byte for byte. On the big vocabulary the split's bound prunes too.
+    from partitioner.baselines import _SPLITS, _dp_shardings, _tps, tune
+    from tests.golden.cases import strip_timing
+
+    ev = request.getfixturevalue(ev_name)
+    runs = {}
+    for prune in (True, False):
+        plan, _, rep = tune(method, ev, _SPLITS[method], Pins(), tps=_tps(method, ev, Pins()),
+                            dp_shardings=_dp_shardings(method, ev), prune=prune)
+        runs[prune] = (json.dumps(strip_timing(plan.to_dict()), sort_keys=True), rep)
+    assert runs[True][0] == runs[False][0]
+    pruned, full = runs[True][1], runs[False][1]
+    assert full.pruned_bound == full.pruned_split == 0 and pruned.points == full.points
+    assert pruned.evaluated < full.evaluated
+    assert (pruned.pruned_split > 0) == by_split
+
+
+def test_split_work_bounds_the_busiest_rank(ev_big_small_batch, ev_two_nodes):
+    # split_work_s, from the blocks' compute alone, never exceeds the priced stages' busiest rank,
+    # which never exceeds the simulated step (tests/test_simulate.py).
+    from partitioner.baselines import split_work_s
+    from partitioner.plan import Schedule
+    from partitioner.sharding import megatron_sharding
+    from partitioner.simulate import busiest_rank_s
+
+    rng = random.Random(0)
+    for ev, tp in ((ev_big_small_batch, 1), (ev_two_nodes, 2)):
+        sharding = megatron_sharding(ev.captured, tp, False) if tp > 1 else {}
+        n = len(ev.pgraph.blocks)
+        for _ in range(30):
+            name = rng.choice(("1f1b", "gpipe", "interleaved", "zb", "zbv"))
+            v = 2 if name in ("interleaved", "zbv") else 1
+            pp = rng.choice((2, 3)) if n >= 6 * v else 1
+            mbs, m = rng.choice((1, 2)), rng.choice((2, 4, 6))
+            schedule = Schedule(name, m, mbs, v)
+            cuts = sorted(rng.sample(range(1, n), pp * v - 1))
+            blocks = [list(range(a, b)) for a, b in zip([0, *cuts], [*cuts, n])]
+            recompute = rng.random() < 0.5 and name not in ("zb", "zbv")
+            costs = [ev.block_cost(b, mbs, tp, sharding).time for b in ev.pgraph.blocks]
+            mesh = Mesh(pp, tp, ev.cluster.world_size // (pp * tp))
+            priced = ev.stage_costs([StageSpec.whole(b, recompute) for b in blocks], mesh, schedule, sharding)
+            bound = split_work_s(blocks, [c.forward_s + c.backward_s for c in costs],
+                                 [c.forward_s for c in costs] if recompute else None, schedule, pp)
+            busiest = busiest_rank_s(priced, name, m, pp)
+            assert 0.5 * busiest < bound <= busiest * (1 + 1e-12), (name, pp, m, cuts, recompute)
+
+
 def test_grid_tries_sequence_parallelism_and_zero_bubble_unless_pinned(ev_one_node):
     # The ILP chooses sequence parallelism and re-times its plans under the zero-bubble schedules:
     # the grid holds both, and a pin keeps only what it names.

@@ -691,3 +691,45 @@ def test_ilp_activations_too_big_suggests_more_devices_than_now(gpt2_four_layers
     msg = str(info.value)
     assert "ran out of memory for activations" in msg, msg
     assert msg.endswith("try more devices (--nodes 2) or a smaller --global-batch"), msg
+
+
+def test_moving_cuts_prunes_by_the_blocks_work_and_moves_the_same(monkeypatch):
+    # _rebalance skips a move whose blocks' own work already outlasts the step, before re-choosing
+    # its recomputation ([Note: pruning by the busiest rank] in baselines.py): the cuts it ends with
+    # are those it finds re-choosing every move, and it re-chooses fewer.
+    import partitioner.solver.search as search
+    from partitioner.evaluate import StageSpec
+    from partitioner.plan import Mesh, Schedule
+    from partitioner.solver.recompute import fewest_recomputed
+
+    lm = load_model("gpt2-tiny", dtype="bf16", config={"n_head": 8, "n_layer": 8, "n_positions": 1024}, seq_len=1024)
+    cap = capture(lm.model, lm.example_inputs, name=lm.name, batch_size=lm.batch_size)
+    small = Cluster.from_dict({"preset": "dgx-a100-80g", "devices_per_node": 8, "device": {"memory_gib": 1.0}})
+    ev = prepare(cap, cluster=small, global_batch=512, memory_margin=0.0)  # activations need recomputing
+    s = search._Search(ev, Pins(pp=4, tp=1), 30.0, None)
+    mesh, schedule = Mesh(4, 1, 2), Schedule("1f1b", 32, 8, 1)
+    n = len(ev.pgraph.blocks)
+    calls = {"rechosen": 0}
+
+    def counted(*a, **k):
+        calls["rechosen"] += 1
+        return fewest_recomputed(*a, **k)
+
+    monkeypatch.setattr(search, "fewest_recomputed", counted)
+    moved = 0
+    for cuts in ((0, 3, 5, 7, n), (0, 1, 3, 6, n)):  # unbalanced: moving the cuts helps
+        specs, _ = fewest_recomputed(ev, [StageSpec.whole(range(a, b), True) for a, b in zip(cuts, cuts[1:])],
+                                     mesh, schedule, {})
+        plan, _ = ev.make_plan(specs, mesh, schedule, method="ilp")
+        assert plan.predicted.fits
+        out = {}
+        for prune in (True, False):
+            with monkeypatch.context() as m:
+                if not prune:  # a bound of zero never prunes
+                    m.setattr(search, "split_work_s", lambda *a, **k: 0.0)
+                calls["rechosen"] = 0
+                out[prune] = (s._rebalance(ev, specs, mesh, schedule, {}, plan.predicted.step_time_s), calls["rechosen"])
+        assert out[True][0] == out[False][0]
+        assert out[True][1] < out[False][1]
+        moved += out[True][0] != specs
+    assert moved

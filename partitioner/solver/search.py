@@ -77,12 +77,14 @@ from typing import Mapping
 from cost_models import static_bytes
 
 from ..baselines import (
+    BOUND_SLACK,
     Pins,
     dp_shardings_to_try,
     hsdp_differs,
     inflight_horizon,
     linear_partition,
     micro_batch_sizes,
+    split_work_s,
     with_dp_sharding,
 )
 from ..dp_sharding import spec as dp_spec
@@ -622,6 +624,8 @@ class _Search:
         if K == 1 or any(sp.blocks != tuple(range(bounds[s], bounds[s + 1])) for s, sp in enumerate(specs)):
             return specs  # one stage, or an assignment that is not contiguous (a DAG's): nothing to move
         pinned = {self.pg.block_index(m) for m in self.pins.split_at}
+        costs = [ev.block_cost(b, schedule.micro_batch_size, mesh.tp, sharding).time for b in ev.pgraph.blocks]
+        work = [c.forward_s + c.backward_s for c in costs]  # per block and micro-batch, replay aside
         evals, improved = 0, True
         while improved and evals < REBALANCE_EVALS:
             improved = False
@@ -631,9 +635,13 @@ class _Search:
                     if bounds[k] in pinned or not bounds[k - 1] < cut < bounds[k + 1] or evals >= REBALANCE_EVALS:
                         continue
                     trial_bounds = [*bounds[:k], cut, *bounds[k + 1:]]
-                    trial = [StageSpec.whole(range(trial_bounds[s], trial_bounds[s + 1]), True) for s in range(K)]
-                    trial, _ = fewest_recomputed(ev, trial, mesh, schedule, sharding)
+                    parts = [range(trial_bounds[s], trial_bounds[s + 1]) for s in range(K)]
                     evals += 1
+                    if split_work_s(parts, work, None, schedule, mesh.pp) > step_s * (1 + BOUND_SLACK):
+                        # The blocks' own work, before any replay, already outlasts the step: no recomputation
+                        # can win this move ([Note: pruning by the busiest rank] in baselines.py).
+                        continue
+                    trial, _ = fewest_recomputed(ev, [StageSpec.whole(p, True) for p in parts], mesh, schedule, sharding)
                     if busiest_rank_s(ev.stage_costs(trial, mesh, schedule, sharding), schedule.name, schedule.microbatches,
                                       mesh.pp) >= step_s:
                         continue  # the step is at least its busiest rank's work: this move cannot win
