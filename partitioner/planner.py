@@ -253,34 +253,24 @@ def check_plan(
     captured = capture(model, args, example_kwargs, name=plan.model.name)
     pgraph = build_partition_graph(captured, model)
     plan = plan.with_blocks({b.name: tuple(captured.nodes[n].key for n in b.nodes) for b in pgraph.blocks})
-    check_split_backward(plan, captured)
+    check_split_backward(plan, pgraph)
     return plan
 
 
-# [Note: weights a split backward cannot reach]
-# torch's split-backward stages (``zb``, ``zbv``, ``dualpipev``: input gradients in one action,
-# weight gradients later) find a stage's weights by walking back from its outputs to its inputs
-# that need a gradient (torch.distributed.pipelining's stage_backward_input); the first stage is
-# the exception, run as a full backward. On any other stage, a weight applied to tensors that
-# need no gradient, such as T5's decoder embedding of the decoder's token ids or its relative
-# position bias of position buckets, is on no such path: its gradient is never made (found as a
-# hang in the tied-weight sum of T5 under zbv, one rank holding no gradient). Such a plan is
-# refused before anything runs, naming the module and the fix.
-
-
-def check_split_backward(plan: Plan, captured: CapturedModel) -> None:
+def check_split_backward(plan: Plan, pgraph: PartitionGraph) -> None:
     """Refuse a split-backward plan with a weight that torch's split backward cannot reach on a stage
-    other than the first ([Note: weights a split backward cannot reach]). Raises PlanError."""
+    other than the first ([Note: weights a split backward cannot reach] in graph.py). Raises PlanError."""
     if not schedule_spec(plan.schedule.name).splits_backward:
         return
-    trainable = {name for name, p in captured.params.items() if p.trainable}
+    captured = pgraph.captured
+    roots = set(pgraph.split_backward_roots)
     node_of_key = captured.node_of_key
     for st in plan.stages:
         if st.index == 0:
             continue
         for key in st.nodes:
             node = captured.nodes[node_of_key[key]]
-            if any(p in trainable for p in node.params) and not any(captured.nodes[i].needs_grad for i in node.inputs):
+            if node.name in roots:
                 raise PlanError(
                     f"schedule {plan.schedule.name!r} cannot train {node.module or 'the model'} on stage {st.index}: "
                     "torch's split backward makes no gradient for a weight applied to inputs that need none "

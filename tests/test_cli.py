@@ -313,6 +313,21 @@ def test_a_split_backward_plan_that_would_lose_a_weight_s_gradient_is_refused_be
         assert check_plan(plan, lm.model, lm.example_inputs).stages[2].modules == plan.stages[2].modules
 
 
+def test_the_planner_never_offers_a_split_backward_plan_it_would_refuse(capsys, tmp_path):
+    """Left free, the ILP (and its seeds re-timed under the zero-bubble schedules) took zbv with T5's
+    decoder embedding on stage 1, which the run then refused; now its plan passes the same check."""
+    from partitioner.planner import check_plan
+    from partitioner.zoo import load_model
+
+    out = tmp_path / "plan.json"
+    rc, _, err = run(capsys, "plan", *T5_TINY, "--cluster", "local-cpu:2", "--global-batch", "4", "--mesh", "pp=2",
+                     "--json", str(out))
+    assert rc == 0, err
+    lm = load_model("hf:T5ForConditionalGeneration", config=dict(num_layers=2, num_decoder_layers=2, d_model=32, d_ff=64,
+                    num_heads=2, d_kv=16, vocab_size=128), seq_len=16)
+    check_plan(Plan.load(out), lm.model, lm.example_inputs)
+
+
 # --- a plan runs on its own; outputs checked before any work ------------------------------------
 
 TINY_HF = ["--model", "hf:GPT2LMHeadModel", "--config", "n_layer=2", "n_embd=32", "n_head=4", "n_positions=16",
