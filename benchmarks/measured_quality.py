@@ -51,30 +51,19 @@ MODELS = (
 SEQ_LEN = 64
 
 
-class T5Positional(torch.nn.Module):
-    """T5 taking its encoder and decoder token ids as positional inputs.
-
-    ``autopart run`` feeds a model positional inputs only (the zoo's ``hf:T5ForConditionalGeneration``
-    needs ``decoder_input_ids=`` as a keyword), so the encoder-decoder comes in through
-    ``py:`` as a user would wrap it; the runtime draws both inputs as token ids."""
-
-    def __init__(self, t5: torch.nn.Module) -> None:
-        super().__init__()
-        self.t5 = t5
-
-    def forward(self, input_ids: torch.Tensor, decoder_input_ids: torch.Tensor) -> torch.Tensor:
-        return self.t5(input_ids=input_ids, decoder_input_ids=decoder_input_ids).logits
-
-
 def t5_small() -> tuple[torch.nn.Module, tuple[torch.Tensor, torch.Tensor]]:
-    """A small T5 (2 encoder and 2 decoder layers of width 128) with T5's 32,128-token vocabulary."""
+    """A small T5 (2 encoder and 2 decoder layers of width 128) with T5's 32,128-token vocabulary, taking
+    its encoder and decoder token ids positionally as the zoo's ``hf:`` encoder-decoders do
+    (``EncoderDecoderLM``); the runtime draws both inputs as token ids."""
     import transformers
+
+    from partitioner.zoo import EncoderDecoderLM
 
     cfg = transformers.T5Config(num_layers=2, num_decoder_layers=2, d_model=128, d_ff=512, num_heads=4, d_kv=32,
                                 vocab_size=32128, use_cache=False)
     torch.manual_seed(0)
     ids = torch.zeros(1, SEQ_LEN, dtype=torch.long)
-    return T5Positional(transformers.T5ForConditionalGeneration(cfg)), (ids, ids.clone())
+    return EncoderDecoderLM(transformers.T5ForConditionalGeneration(cfg)), (ids, ids.clone())
 MESHES = (None, "pp=2")  # free, and the pipeline pinned
 
 

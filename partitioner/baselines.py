@@ -443,6 +443,9 @@ def tune(
             split_error = exc  # this split rule has no split here (e.g. more stages than layers)
             continue
         specs = [StageSpec.whole(b, pt.recompute) for b in blocks]
+        if (schedule_spec(pt.schedule.name).splits_backward and not pins.schedule
+                and e.pgraph.split_backward_refused(blocks)):  # [Note: weights a split backward cannot reach]
+            continue
         if prune and best is not None:  # [Note: pruning by the busiest rank]
             fb, f = block_work[(pt.mesh.tp, pt.sequence_parallel, pt.schedule.micro_batch_size)]
             if split_work_s(blocks, fb, f if pt.recompute else None, pt.schedule, pt.mesh.pp) > \

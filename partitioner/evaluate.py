@@ -33,7 +33,8 @@ over the step]), is made of these terms, each sized from the graph's shapes and 
   them (its buckets are zeroed), so without DDP a stage's gradients exist only from its
   first backward on (``StageCost.fresh_grad_bytes``).
 - per micro-batch in flight (from its forward to the end of its backward): the tensors
-  autograd saves (``BlockCost.saved_bytes``, or a recomputed block's inputs, ``BlockCost.input_bytes``);
+  autograd saves (``BlockCost.saved_bytes``, or a recomputed block's inputs, ``BlockCost.kept_input_bytes``:
+  a sequence-split one made in the stage as its 1/tp shard, [Note: a recomputed block's inputs] in recompute.py);
   the stage's output, which torch's pipeline stage keeps for the backward; and on the last
   stage what the loss saves ([Note: the loss's memory] in cost_models/memory.py).
 - receive buffers: torch's pipeline stage allocates one gradient buffer per micro-batch for
@@ -103,6 +104,7 @@ from .recompute import attention_core
 from .sharding import BlockLayoutCosts, sharded_params
 from .schedules import spec as schedule_spec, stage_rank
 from .simulate import SimResult, StageCost, simulate
+from .tp_strategies import OUTPUT_LAYOUT
 
 __all__ = ["Evaluator", "StageSpec", "BlockCost", "StageMemory", "WEIGHT_GRAD_SHARE", "recompute_terms", "backward_work"]
 
@@ -148,15 +150,30 @@ class BlockCost:
     compute: OpTime  # forward/backward compute
     tp_comm: OpTime  # tensor-parallel collectives
     saved_bytes: float  # activations kept for backward
-    input_bytes: float  # bytes entering the block (what recomputation keeps)
+    # What recomputation keeps: the bytes entering the block, with those that its previous block made
+    # sequence-split counted 1/tp, as when that block is in its stage ([Note: a recomputed block's inputs]
+    # in recompute.py).
+    input_bytes: float
     # Selective recomputation ([Note: recompute per block] in recompute.py): the attention core's
     # forward (compute and tp collectives) and the saved bytes that replaying it frees.
     core_forward_s: float = 0.0
     core_bytes: float = 0.0
+    # The bytes entering the block, every tensor whole (None: ``input_bytes``): what a recomputed block keeps
+    # when it begins its stage; and per sequence-split input, (how many blocks before this one its
+    # producer is, the bytes kept less when that producer is in the same stage).
+    whole_input_bytes: float | None = None
+    split_inputs: tuple[tuple[int, float], ...] = ()
 
     @property
     def time(self) -> OpTime:
         return self.compute + self.tp_comm
+
+    def kept_input_bytes(self, block: int, stage: Set[int]) -> float:
+        """What this block, recomputed as block ``block`` of a stage made of the blocks ``stage``, keeps
+        per micro-batch ([Note: a recomputed block's inputs] in recompute.py):
+        ``in_b = sum_t bytes_t / (tp if Q(src t) and src t in the stage else 1)``."""
+        whole = self.input_bytes if self.whole_input_bytes is None else self.whole_input_bytes
+        return whole - sum(less for back, less in self.split_inputs if block - back in stage)
 
 
 @dataclass(frozen=True, slots=True)
@@ -197,6 +214,7 @@ class Evaluator:
         self.overheads = cluster.overheads  # measured software costs ([Note: measured overheads in a plan])
         cluster.device.flops(training.dtype)  # fail early: the device must support the dtype
         self._block_cache: dict[tuple, BlockCost] = {}
+        self._inputs_cache: dict[int, tuple[tuple[str, int, int], ...]] = {}  # block -> (input, blocks back, bytes)
         self._layout_cache: dict[tuple, BlockLayoutCosts] = {}
         # The search prices thousands of candidate stages; these depend on a few keys only.
         self._fsdp_units_cache: dict[tuple[tuple[int, ...], int], tuple[list[str], list[list[str]]]] = {}
@@ -222,7 +240,8 @@ class Evaluator:
         identical blocks are priced once.
         """
         strategies = tuple(sharding.get(n, "replicate") for n in block.nodes) if tp > 1 else ()
-        key = (block.signature, micro_batch, tp, strategies)
+        split = self.split_inputs(block, micro_batch, tp, sharding)
+        key = (block.signature, micro_batch, tp, strategies, split)
         hit = self._block_cache.get(key)
         if hit is None:
             tables = self.layout_costs(block, micro_batch, tp)
@@ -238,10 +257,30 @@ class Evaluator:
                 compute, core_s = OpTime(compute.forward_s * k, compute.backward_s * k), core_s * k
             if tp > 1:
                 compute = compute + self.tp_node_overhead(len(block.nodes), sum(s != "replicate" for s in strategies))
-            hit = BlockCost(compute, comm, saved, block.input_bytes * micro_batch / self.captured.batch_size,
-                            core_s, min(core_bytes, saved))
+            whole = block.input_bytes * micro_batch / self.captured.batch_size
+            hit = BlockCost(compute, comm, saved, whole - sum(less for back, less in split if back == 1),
+                            core_s, min(core_bytes, saved), whole, split)
             self._block_cache[key] = hit
         return hit
+
+    def split_inputs(self, block: Block, micro_batch: int, tp: int,
+                     sharding: Mapping[str, str]) -> tuple[tuple[int, float], ...]:
+        """Per input of ``block`` that a ``Q`` node makes (sequence-split), in the order of their names:
+        (how many blocks before ``block`` its producer is, ``bytes (1 - 1/tp)`` per micro-batch): what a
+        recomputed ``block`` keeps less of it when the producer is in its stage ([Note: a recomputed
+        block's inputs] in recompute.py). Empty without tensor parallelism."""
+        if tp <= 1:
+            return ()
+        inputs = self._inputs_cache.get(block.index)
+        if inputs is None:
+            inside = set(block.nodes)
+            names = sorted({i for n in block.nodes for i in self.captured.nodes[n].inputs
+                            if i not in inside and i in self.pgraph.read_outside})
+            inputs = self._inputs_cache[block.index] = tuple(
+                (i, block.index - self.pgraph.block_of(i), self.captured.nodes[i].output_bytes) for i in names)
+        per = micro_batch / self.captured.batch_size * (1 - 1 / tp)
+        return tuple((back, nbytes * per) for name, back, nbytes in inputs
+                     if OUTPUT_LAYOUT[sharding.get(name, "replicate")] == "Q")
 
     def attention_fallback_bytes(self, block: Block, micro_batch: int, tp: int, strategies: Mapping[str, str]) -> float:
         """What fused attention with dropout saves beyond the fused kernels' accounting on CPU.
@@ -868,17 +907,18 @@ def recompute_terms(spec: StageSpec, costs: Sequence[BlockCost]) -> tuple[float,
     during the replay) of a stage whose blocks cost ``costs`` (in ``spec.blocks`` order), as
     [Note: recompute per block] in recompute.py writes them:
 
-        act  = sum_{b in R} in_b + sum_{b not in R} (sv_b - σ core_b)
+        act  = sum_{b in R} in_b(s) + sum_{b not in R} (sv_b - σ core_b)
         rec  = sum_{b in R} f_b  + σ sum_{b not in R} fc_b
         work = max(max_{b in R} sv_b, σ max_{b not in R} core_b)
 
     ``work`` is the largest replay alone; the stage's backward workspace pairs each replay with its own
     block's node gradients (``backward_work``)."""
     chosen = set(spec.recompute)
+    stage = set(spec.blocks)
     act = replay = work = 0.0
     for b, c in zip(spec.blocks, costs):
         if b in chosen:
-            act += c.input_bytes
+            act += c.kept_input_bytes(b, stage)  # [Note: a recomputed block's inputs] in recompute.py
             replay += c.time.forward_s
             work = max(work, c.saved_bytes)
         elif spec.selective:

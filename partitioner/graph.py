@@ -122,6 +122,28 @@ class PartitionGraph:
             g.add_edge(e.src, e.dst, bytes=e.bytes, tensors=e.tensors)
         return g
 
+    @cached_property
+    def split_backward_roots(self) -> tuple[str, ...]:
+        """Nodes that apply a trainable weight to inputs that need no gradient (an embedding of token
+        ids, T5's relative position bias): a split-backward schedule makes their weight's gradient only
+        on the first stage ([Note: weights a split backward cannot reach])."""
+        trainable = {name for name, p in self.captured.params.items() if p.trainable}
+        nodes = self.captured.nodes
+        return tuple(
+            n.name for n in nodes.values()
+            if any(p in trainable for p in n.params) and not any(nodes[i].needs_grad for i in n.inputs)
+        )
+
+    def split_backward_refused(self, stage_blocks: Sequence[Sequence[int]]) -> str | None:
+        """The first split-backward root node outside the first of the stages ``stage_blocks`` (block
+        indices per stage, in stage order), or None when a split-backward schedule can train them."""
+        first = set(stage_blocks[0]) if stage_blocks else set()
+        for n in self.split_backward_roots:
+            block = self._block_of_node.get(n)
+            if block is not None and block not in first:
+                return n
+        return None
+
     # --- queries the planners use -----------------------------------------------------
 
     def block_of(self, node: str) -> int:
@@ -209,6 +231,19 @@ class PartitionGraph:
 # --------------------------------------------------------------------------------------
 # Construction
 # --------------------------------------------------------------------------------------
+
+
+# [Note: weights a split backward cannot reach]
+# torch's split-backward stages (``zb``, ``zbv``, ``dualpipev``: input gradients in one action,
+# weight gradients later) find a stage's weights by walking back from its outputs to its inputs
+# that need a gradient (torch.distributed.pipelining's ``stage_backward_input``); the first stage
+# is the exception, run as a full backward. On any other stage a weight applied to tensors that
+# need no gradient, such as T5's decoder embedding of the decoder's token ids or its relative
+# position bias of position buckets, is on no such path, and its gradient is never made (found
+# as a hang in the tied-weight sum of T5 under zbv, one rank holding no gradient, and as a
+# silently missing gradient under zb). So the planners offer split-backward schedules only for
+# splits whose first stage holds every such node (``PartitionGraph.split_backward_refused``), and
+# a given plan that breaks this is refused before it runs (planner.check_split_backward).
 
 
 def build_partition_graph(captured: CapturedModel, model: torch.nn.Module | None = None) -> PartitionGraph:

@@ -302,6 +302,12 @@ class StorageMeter(TorchDispatchMode):
 
     # --- the result ---
 
+    @property
+    def live_bytes(self) -> int:
+        """Bytes of the storages first seen in the step and alive now (what the step holds beyond what
+        existed before it); read inside the step, e.g. at the loss's call, the end of a forward."""
+        return self._live_bytes
+
     def peak_tensors(self, limit: int = 20) -> list[tuple[str, tuple[int, ...], int, bool]]:
         """The largest storages first seen in the step and live at its peak: (the op that made it, or "?" for
         one first seen saved for backward; its shape; bytes; saved for backward), largest first. What

@@ -25,10 +25,11 @@ from .evaluate import Evaluator, StageSpec
 from .graph import PartitionGraph, build_partition_graph
 from .plan import Mesh, Plan, Schedule, Training
 from .progress import SearchCallback
+from .schedules import spec as schedule_spec
 from .sharding import megatron_sharding
 from .simulate import SimResult
 
-__all__ = ["ALL_METHODS", "PlanResult", "plan_parallelism", "prepare", "manual_plan", "score_plan", "check_plan"]
+__all__ = ["ALL_METHODS", "PlanResult", "plan_parallelism", "prepare", "manual_plan", "score_plan", "check_plan", "check_split_backward"]
 
 ALL_METHODS = ("ilp", *METHODS, "manual")
 
@@ -251,4 +252,28 @@ def check_plan(
                      for s, a in zip(shapes, args))
     captured = capture(model, args, example_kwargs, name=plan.model.name)
     pgraph = build_partition_graph(captured, model)
-    return plan.with_blocks({b.name: tuple(captured.nodes[n].key for n in b.nodes) for b in pgraph.blocks})
+    plan = plan.with_blocks({b.name: tuple(captured.nodes[n].key for n in b.nodes) for b in pgraph.blocks})
+    check_split_backward(plan, pgraph)
+    return plan
+
+
+def check_split_backward(plan: Plan, pgraph: PartitionGraph) -> None:
+    """Refuse a split-backward plan with a weight that torch's split backward cannot reach on a stage
+    other than the first ([Note: weights a split backward cannot reach] in graph.py). Raises PlanError."""
+    if not schedule_spec(plan.schedule.name).splits_backward:
+        return
+    captured = pgraph.captured
+    roots = set(pgraph.split_backward_roots)
+    node_of_key = captured.node_of_key
+    for st in plan.stages:
+        if st.index == 0:
+            continue
+        for key in st.nodes:
+            node = captured.nodes[node_of_key[key]]
+            if node.name in roots:
+                raise PlanError(
+                    f"schedule {plan.schedule.name!r} cannot train {node.module or 'the model'} on stage {st.index}: "
+                    "torch's split backward makes no gradient for a weight applied to inputs that need none "
+                    f"(node {key}) outside the first stage; plan with --schedule 1f1b or interleaved, or put "
+                    f"{node.module or 'that module'} on stage 0"
+                )

@@ -22,11 +22,12 @@ core (``Stage.selective``). Per micro-batch in flight a block then holds:
 
 So a stage with recomputed set ``R`` and selective flag ``σ`` has, per micro-batch,
 
-    act_s  = sum_{b in R} in_b + sum_{b not in R} (sv_b - σ core_b)
+    act_s  = sum_{b in R} in_b(s) + sum_{b not in R} (sv_b - σ core_b)
     rec_s  = sum_{b in R} f_b  + σ sum_{b not in R} fc_b          (added to its backward)
     work_s = max_b (nd_b + [b in R] sv_b + σ [b not in R] core_b)  (one block's backward at a time)
 
-where ``nd_b`` is the most one node of ``b`` needs for its gradients: a block's replay runs
+where ``in_b(s)`` is as in [Note: a recomputed block's inputs] (under sequence parallelism
+a ``Q`` input made in the stage counts 1/tp), ``nd_b`` is the most one node of ``b`` needs for its gradients: a block's replay runs
 in its own backward, beside its own nodes' gradients only, never another block's.
 ``work_s`` is held once, during a backward (``backward_workspace_bytes``), not per
 micro-batch (evaluate.py's ``backward_work``). With ``R`` all
@@ -46,6 +47,32 @@ Attention cores are recognized as the attention kernels of the cost models' ``op
 eager attention written as separate matmul, softmax and matmul ops is not recognized: a
 block of that kind has no core, selective recomputation frees nothing there, and the
 search does not choose it.
+
+[Note: a recomputed block's inputs]
+A recomputed block keeps what its checkpoint is called with: every tensor entering the
+block (``in_b`` above). Under sequence parallelism ([Note: sequence parallelism] in
+tp_strategies.py) the runtime passes a ``Q`` tensor from block to block inside a stage as
+the DTensor its producer made, ``Shard`` on the token dim (the interpreter gathers it only
+for the nodes that read it whole, inside the region that reads it), and
+``torch.utils.checkpoint`` keeps that DTensor, whose storage is the rank's local shard. A
+stage's received inputs are whole (stage boundaries carry whole tensors). So for block
+``b`` of stage ``S``
+
+    in_b(S) = sum_{t enters b} bytes_t / (tp if layout(src t) = Q and block(src t) in S else 1)
+
+Measured (tests/test_sequence_parallel.py; gpt2-tiny, tp=2, every block recomputed): at
+the loss's call, the end of the forward, the storage meter finds each of the 4 layers',
+the final norm's and the head's inputs held as a half, 6144 bytes less than without
+sequence parallelism, exactly the model's difference; llama-tiny alike for its layers.
+``BlockCost.kept_input_bytes`` is ``in_b(S)``. ``BlockCost.input_bytes``, the figure the
+pipeline ILP and the search read per block, is ``in_b`` with only the block before ``b``
+in ``S``: exact for every block but a stage's first, where it is optimistic by
+``(1 - 1/tp)`` of the ``Q`` tensors its previous block makes, per micro-batch in flight;
+a ``Q`` tensor made further back (rotary ``cos``/``sin``) is counted whole there. The
+evaluator prices every plan with ``in_b(S)`` and decides whether it fits.
+Not priced yet: a tensor every block reads (a causal mask, rotary ``cos``/``sin``) is
+counted in each block's ``in_b``, and the runtime holds it once (measured there too); and
+``cos``/``sin`` are counted per sample, though they have no batch dim.
 
 [Note: recompute in the runtime]
 Each choice runs as ``torch.utils.checkpoint`` (non-reentrant) around exactly what the

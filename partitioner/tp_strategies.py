@@ -93,7 +93,9 @@ split tokens and the column linear's input by an all-gather of them:
   it whole saves it (a column linear saves the gathered input, as DTensor
   runs it; Megatron saves the shard and gathers it again in backward, which
   this runtime does not do). The LN/RMSNorm inputs and statistics, dropout
-  masks and elementwise intermediates of the ``Q`` regions are divided.
+  masks and elementwise intermediates of the ``Q`` regions are divided. A
+  recomputed block keeps a ``Q`` input made in its stage as its 1/tp shard
+  too ([Note: a recomputed block's inputs] in recompute.py, measured).
 * Block boundaries carry whole tensors, as for ``S``: a ``Q`` tensor leaving
   a block is priced as gathered, and a block's input as sliced. Inside one
   pipeline stage the runtime passes the split tensor on, so the plan

@@ -23,7 +23,7 @@ import torch
 
 from .errors import CaptureError
 
-__all__ = ["ModelSpec", "LoadedModel", "ZOO", "load_model", "parse_config_overrides", "DTYPES_TORCH"]
+__all__ = ["ModelSpec", "LoadedModel", "EncoderDecoderLM", "ZOO", "load_model", "parse_config_overrides", "DTYPES_TORCH"]
 
 DTYPES_TORCH = {
     "fp32": torch.float32,
@@ -238,9 +238,36 @@ def _build_hf(
     except Exception as exc:  # a config that the class rejects
         raise CaptureError(f"building {class_name} failed: {type(exc).__name__}: {str(exc).splitlines()[0]}") from None
     ids = torch.zeros(1, seq_len, dtype=torch.long, device=device)  # token 0 exists in every vocabulary
-    # An encoder-decoder (T5, BART) cannot run forward without decoder inputs.
-    kwargs = {"decoder_input_ids": ids.clone()} if getattr(cfg, "is_encoder_decoder", False) else {}
-    return LoadedModel(name, model, (ids,), kwargs, seq_len, 1)
+    if getattr(cfg, "is_encoder_decoder", False):  # T5, BART: see EncoderDecoderLM
+        return LoadedModel(name, EncoderDecoderLM(model), (ids, ids.clone()), {}, seq_len, 1)
+    return LoadedModel(name, model, (ids,), {}, seq_len, 1)
+
+
+class EncoderDecoderLM(torch.nn.Module):
+    """A Hugging Face encoder-decoder (T5, BART) that takes its encoder and decoder token ids as
+    positional inputs and returns the logits.
+
+    It cannot run forward without decoder inputs, which transformers takes by keyword
+    (``decoder_input_ids=``), while a pipeline stage, and so ``autopart run``, feeds a model
+    positional inputs. The transformers model is the child ``model``, so its modules are named
+    ``model.encoder.block.0`` and so on in a plan. Its ``config`` and ``_init_weights`` are the
+    transformers model's."""
+
+    def __init__(self, model: torch.nn.Module) -> None:
+        super().__init__()
+        self.model = model
+
+    @property
+    def config(self) -> Any:
+        """The transformers config (the runtime initializes weights by its ``_init_weights``)."""
+        return self.model.config
+
+    def _init_weights(self, module: torch.nn.Module) -> None:
+        """transformers' initialization of ``module`` (partitioner/materialize.py, building on meta)."""
+        self.model._init_weights(module)
+
+    def forward(self, input_ids: torch.Tensor, decoder_input_ids: torch.Tensor) -> torch.Tensor:
+        return self.model(input_ids=input_ids, decoder_input_ids=decoder_input_ids).logits
 
 
 class _MLPStack(torch.nn.Module):

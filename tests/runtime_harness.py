@@ -14,6 +14,7 @@ Jobs:
   fail         rank ``fail_rank`` raises, exits, is killed or hangs mid-step, in its loss or
                its stage's forward ([Note: failing ranks] in partitioner/watchdog.py).
   measure      each rank's memory by category and time by component (partitioner/measure.py).
+  held         the bytes a one-stage rank holds at the end of its forward (the loss's call), measured.
   hf_stock     a stock ``GPT2LMHeadModel(GPT2Config(...))``, KV cache on as it comes, through
                ``auto_parallelize`` vs a single-process deepcopy.
 
@@ -631,6 +632,39 @@ def job_measure(args: dict[str, Any]) -> dict[str, Any]:
         out[key] = dict(first=first, steady=steady, time=dataclasses.asdict(pm.times),
                         components=pm.times.components(), scalar_state_bytes=scalars,
                         recompute=any(pm.plan.stages[s].recompute for s in pm.stage_indices))
+        pm.close()
+    return out
+
+
+def job_held(args: dict[str, Any]) -> dict[str, Any]:
+    """``{"runs": {key: {"model", "layout"}}}``: per layout (one stage per rank, one micro-batch), the bytes
+    made in the step and alive when the loss is called (every saved tensor of the forward and its output;
+    partitioner/measure.py's ``StorageMeter.live_bytes``), in the second step."""
+    import torch
+
+    from partitioner import auto_parallelize
+    from partitioner.measure import StorageMeter
+
+    out: dict[str, Any] = {}
+    for key, run in args["runs"].items():
+        model, example, loss_fn, batch = build(run["model"])
+        meter: list[StorageMeter] = []
+        at_loss: list[int] = []
+
+        def held_loss(o, y):
+            at_loss.extend(m.live_bytes for m in meter)
+            return loss_fn(o, y)
+
+        pm = auto_parallelize(model, example_inputs=example, loss_fn=held_loss, method="params",
+                              optimizer=lambda ps: torch.optim.SGD(ps, lr=0.1), **run["layout"])
+        inputs, target = batch(pm.plan.training.global_batch, 1)
+        pm.step(*inputs, target=target)
+        with StorageMeter(list(pm.modules.values()), pm.optimizer) as m:
+            meter.append(m)
+            pm.step(*inputs, target=target)
+        out[key] = dict(held_bytes=at_loss,
+                        recompute=[list(st.recompute) for st in pm.plan.stages],
+                        strategies=sorted(set(pm.plan.sharding.values())))
         pm.close()
     return out
 

@@ -23,6 +23,7 @@ import pytest
 import transformers  # noqa: F401  # imported here so its log handler binds before any capsys
 
 from partitioner.cli import main
+from partitioner.errors import PlanError
 from partitioner.plan import PLAN_VERSION, Plan
 
 PLAN = ["plan", "--model", "gpt2-tiny", "--cluster", "dgx-a100-80g", "--global-batch", "16"]
@@ -279,7 +280,53 @@ def test_encoder_decoder_model_plans_with_its_decoder_inputs(capsys):
         "--cluster", "dgx-a100-80g", "--global-batch", "8", "--method", "pipedream",
     )
     assert rc == 0, err
-    assert "decoder.block" in flat(out) or "encoder.embed_tokens" in flat(out)
+    text = flat(out)  # zoo.EncoderDecoderLM holds the transformers model as ``model``
+    assert "model.encoder" in text and "model.lm_head" in text, text
+
+
+T5_TINY = ["--model", "hf:T5ForConditionalGeneration", "--config", "num_layers=2", "num_decoder_layers=2", "d_model=32",
+           "d_ff=64", "num_heads=2", "d_kv=16", "vocab_size=128", "--seq-len", "16"]
+
+
+@pytest.mark.parametrize("schedule", ["zbv", "interleaved"])
+def test_a_split_backward_plan_that_would_lose_a_weight_s_gradient_is_refused_before_it_runs(capsys, tmp_path, schedule):
+    """T5's decoder embedding (of the decoder's token ids) on stage 2: torch's split backward never makes
+    its gradient ([Note: weights a split backward cannot reach] in planner.py); zbv is refused, naming the
+    module, and interleaved, the same split, is not. The encoder-decoder runs with positional inputs."""
+    from partitioner.planner import check_plan
+    from partitioner.zoo import load_model
+
+    out = tmp_path / "plan.json"
+    rc, _, err = run(capsys, "plan", *T5_TINY, "--cluster", "local-cpu:2", "--global-batch", "4", "--mesh", "pp=2",
+                     "--schedule", schedule, "--virtual-stages", "2", "--method", "manual", "--split-at",
+                     "model.encoder.block.1,model.decoder.embed_tokens,model.decoder.block.1", "--json", str(out))
+    assert rc == 0, err
+    plan = Plan.load(out)
+    assert plan.stages[2].modules[0] == "model.decoder.embed_tokens"
+    lm = load_model("hf:T5ForConditionalGeneration", config=dict(num_layers=2, num_decoder_layers=2, d_model=32, d_ff=64,
+                    num_heads=2, d_kv=16, vocab_size=128), seq_len=16)
+    assert len(lm.example_inputs) == 2 and not lm.example_kwargs  # encoder and decoder ids, positionally
+    if schedule == "zbv":
+        with pytest.raises(PlanError, match=r"schedule 'zbv' cannot train model\.decoder\.embed_tokens on stage 2.*"
+                                            r"--schedule 1f1b or interleaved"):
+            check_plan(plan, lm.model, lm.example_inputs)
+    else:
+        assert check_plan(plan, lm.model, lm.example_inputs).stages[2].modules == plan.stages[2].modules
+
+
+def test_the_planner_never_offers_a_split_backward_plan_it_would_refuse(capsys, tmp_path):
+    """Left free, the ILP (and its seeds re-timed under the zero-bubble schedules) took zbv with T5's
+    decoder embedding on stage 1, which the run then refused; now its plan passes the same check."""
+    from partitioner.planner import check_plan
+    from partitioner.zoo import load_model
+
+    out = tmp_path / "plan.json"
+    rc, _, err = run(capsys, "plan", *T5_TINY, "--cluster", "local-cpu:2", "--global-batch", "4", "--mesh", "pp=2",
+                     "--json", str(out))
+    assert rc == 0, err
+    lm = load_model("hf:T5ForConditionalGeneration", config=dict(num_layers=2, num_decoder_layers=2, d_model=32, d_ff=64,
+                    num_heads=2, d_kv=16, vocab_size=128), seq_len=16)
+    check_plan(Plan.load(out), lm.model, lm.example_inputs)
 
 
 # --- a plan runs on its own; outputs checked before any work ------------------------------------
@@ -379,6 +426,20 @@ def test_a_plan_runs_alone_and_run_json_is_never_overwritten(hf_plan, tmp_path):
     assert proc.returncode != 0 and "step 1/1" not in proc.stdout, "trained although --json exists"
     assert "run.json already exists; pass --force" in proc.stderr
     assert (tmp_path / "run.json").read_text() == first
+
+
+@pytest.mark.slow
+def test_an_encoder_decoder_plan_trains_under_autopart_run(capsys, tmp_path):
+    """hf:T5ForConditionalGeneration, planned pp=2 1F1B, trains under torchrun (its decoder's token ids
+    reach the stages positionally: zoo.EncoderDecoderLM); before, the run could not trace it."""
+    plan = tmp_path / "t5.json"
+    rc, _, err = run(capsys, "plan", *T5_TINY, "--cluster", "local-cpu:2", "--global-batch", "4", "--mesh", "pp=2",
+                     "--schedule", "1f1b", "--json", str(plan))
+    assert rc == 0, err
+    proc = _torchrun_cli("run", "--plan", str(plan), "--steps", "2", "--warmup", "0", "--json", "run.json", cwd=tmp_path)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    losses = json.loads((tmp_path / "run.json").read_text())["losses"]
+    assert len(losses) == 2 and all(0 < x < 10 for x in losses), losses
 
 
 # --- explain and show a saved plan; wording --------------------------------------------------------

@@ -192,3 +192,27 @@ def test_explain_says_what_sequence_parallelism_frees_and_costs(captured) -> Non
     assert effect.peak_without_bytes == plain.plan.predicted.peak_memory_bytes  # Megatron's layout without SP
     assert sequence_parallel_summary(result.plan, result.evaluator).startswith(
         f"sequence parallelism on {effect.nodes} nodes frees ")
+
+
+@pytest.mark.slow  # a two-rank launch
+def test_a_recomputed_block_keeps_its_sequence_split_input_as_a_shard(tmp_path: Path, captured) -> None:
+    """[Note: a recomputed block's inputs] in partitioner/recompute.py: with every block recomputed, a block
+    whose input a sequence-split node of its stage made keeps that input's 1/tp shard. Measured by the storage
+    meter at the loss's call (the end of the forward: every block's kept inputs and the logits): the bytes
+    held with sequence parallelism and without differ by exactly what the memory model's activation bytes
+    differ by (gpt2-tiny: the inputs of its 4 layers, its final norm and its head, halved), and the model's
+    figure is not below what is held."""
+    layout = dict(pp=1, tp=2, dp=1, microbatches=1, global_batch=2, recompute=True)
+    runs = {key: dict(model="gpt2-tiny", layout=dict(layout, sequence_parallel=key == "sp")) for key in ("sp", "plain")}
+    _, cap = captured["gpt2-tiny"]
+    predicted = {key: plan_parallelism(cap, (), Cluster.local(2), dtype="fp32", method="params",
+                                       **run["layout"]).sim.peak_activation_bytes[0] for key, run in runs.items()}
+    reports = launch(2, "held", {"runs": runs}, tmp_path, timeout_s=400)
+    for rank, r in enumerate(reports):
+        assert r["rc"] == 0 and r.get("job_failed") is None, f"rank {rank}: {r.get('job_failed')}\n{r['stderr'][-4000:]}"
+    for r in reports:
+        sp, plain = r["sp"], r["plain"]
+        assert {"seq", "row_seq"} <= set(sp["strategies"]) and all(len(rc) > 4 for rc in sp["recompute"]), sp
+        [held_sp], [held_plain] = sp["held_bytes"], plain["held_bytes"]
+        assert held_plain - held_sp == predicted["plain"] - predicted["sp"] > 0, (held_plain, held_sp, predicted)
+        assert predicted["sp"] >= held_sp

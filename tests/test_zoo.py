@@ -107,7 +107,7 @@ def test_hf_encoder_decoder_gets_decoder_inputs_and_captures():
         config=dict(vocab_size=100, d_model=32, d_kv=8, d_ff=64, num_layers=1, num_decoder_layers=1, num_heads=2),
         seq_len=8,
     )
-    assert set(lm.example_kwargs) == {"decoder_input_ids"}
+    assert len(lm.example_inputs) == 2 and not lm.example_kwargs  # EncoderDecoderLM: ids, decoder ids
     cm = capture(lm.model, lm.example_inputs, lm.example_kwargs)
     assert cm.forward_flops > 0
 

@@ -572,6 +572,10 @@ class _Search:
                 return plan, sim, plan.predicted.step_time_s, True
         if dp_spec(c.dp_sharding).uses_fsdp and c.dp > 1:  # FSDP runs the full backward only (dp_sharding.py)
             names = tuple(n for n in names if not SCHEDULE_REGISTRY[n].splits_backward) or (c.schedule,)
+        if not c.pinned_retime and self.ev.pgraph.split_backward_refused([spec.blocks for spec in specs]):
+            # a weight on a later stage that torch's split backward cannot reach ([Note: weights a split
+            # backward cannot reach] in graph.py); a pinned split schedule is kept, and refused at run
+            names = tuple(n for n in names if not SCHEDULE_REGISTRY[n].splits_backward) or (c.schedule,)
         best: tuple[Plan, SimResult] | None = None
         own_s = math.inf
         for name in names:
@@ -699,6 +703,8 @@ class _Search:
         if dp_spec(plan.training.dp_sharding).uses_fsdp and plan.mesh.dp > 1:
             return []  # FSDP runs the full backward only (dp_sharding.py)
         specs = [self.ev.spec_of(st) for st in plan.stages]
+        if self.ev.pgraph.split_backward_refused([spec.blocks for spec in specs]):
+            return []  # [Note: weights a split backward cannot reach] in graph.py
         node_of_key = self.ev.captured.node_of_key  # a Plan names nodes by stable key; make_plan takes node names
         sharding = {node_of_key[k]: v for k, v in plan.sharding.items()}
         out = []
