@@ -296,6 +296,19 @@ def test_more_stages_than_blocks_is_infeasible(encoding):
     assert _check(p, encoding, contiguous=encoding == "chain", workspace="stage") == "infeasible"
 
 
+@pytest.mark.parametrize("extra", [0, 1])
+def test_chain_cut_ranges_keep_the_tightest_splits(extra):
+    # [Note: chain domains]: p_s is declared in s..n-K+s. With K = n every range is one value (one block
+    # per stage), with K = n - 1 two; a range one too tight would make these infeasible or miss the optimum.
+    small = [q for s in range(100) if 3 <= len((q := _random_problem(600 + s, chain=True, shared=False)).blocks) <= 5]
+    for p in small[:8]:
+        K = len(p.blocks) - extra
+        M = max(K, p.microbatches)
+        p = replace(p, pp=K, microbatches=M, send_alpha=(1e-5,) * (K - 1), send_beta=(1e-10,) * (K - 1),
+                    inflight=inflight_patterns(schedule_order("1f1b", K, M), K, 1))
+        assert _check(p, "chain", contiguous=True, workspace="model") == "optimal"
+
+
 # --- tier 1: the sharding ILP against every strategy combination ----------------------------
 
 
