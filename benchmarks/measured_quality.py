@@ -28,9 +28,9 @@ import subprocess
 import sys
 import tempfile
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
-from typing import Sequence
+from typing import Callable, Sequence
 
 import torch
 
@@ -277,21 +277,92 @@ def main(argv: Sequence[str] | None = None) -> int:
     ap.add_argument("--report", default=None, metavar="PATH.md",
                     help="report to write, with its .json beside it "
                          "(default benchmarks/results/<today>-measured-quality.md)")
+    add_run_arguments(ap)
+    ap.add_argument("--only", default=None, metavar="TEXT", help="only the cases whose title contains TEXT")
+    return run_main(ap, argv, "measured_quality", _run)
+
+
+def add_run_arguments(ap: argparse.ArgumentParser) -> None:
+    """The options every measured benchmark here takes besides ``--report`` and ``--only``."""
     ap.add_argument("--rounds", type=int, default=3, help="alternating rounds of runs per case (default 3)")
     ap.add_argument("--steps", type=int, default=4, help="measured steps per run (default 4)")
     ap.add_argument("--warmup", type=int, default=2, help="unmeasured steps before them (default 2)")
-    ap.add_argument("--only", default=None, metavar="TEXT", help="only the cases whose title contains TEXT")
     ap.add_argument("--no-calibrate", action="store_true", help="plan on the local-cpu:2 preset, not a calibrated file")
     ap.add_argument("--cache", default=None, metavar="PATH", help="profile cache file (as autopart plan --cache)")
     ap.add_argument("--force", action="store_true", help="replace an existing report")
+
+
+def run_main(ap: argparse.ArgumentParser, argv: Sequence[str] | None, name: str,
+             run: Callable[[argparse.Namespace, str], int]) -> int:
+    """Parse ``argv`` and ``run(args, command)``; an AutopartError is one line on stderr and exit 2."""
     args = ap.parse_args(argv)
     words = sys.argv[1:] if argv is None else list(argv)
-    command = "python -m benchmarks.measured_quality" + (" " + shlex.join(words) if words else "")
+    command = f"python -m benchmarks.{name}" + (" " + shlex.join(words) if words else "")
     try:
-        return _run(args, command)
+        return run(args, command)
     except AutopartError as exc:
-        print(f"measured_quality: error: {exc}", file=sys.stderr)
+        print(f"{name}: error: {exc}", file=sys.stderr)
         return 2
+
+
+def report_path(args: argparse.Namespace, stem: str) -> Path:
+    """``--report`` (default benchmarks/results/<today>-``stem``.md), checked with ``--rounds`` before any work."""
+    report = Path(args.report or ROOT / "benchmarks" / "results" / f"{time.strftime('%Y-%m-%d')}-{stem}.md")
+    if report.suffix != ".md":
+        raise CompareError(f"--report {report} must end in .md")
+    if not report.parent.is_dir():
+        raise CompareError(f"--report {report}: directory {report.parent} does not exist")
+    if not args.force:
+        for t in (report, report.with_suffix(".json")):
+            if t.exists():
+                raise CompareError(f"{t} already exists; pass --force to replace it")
+    if args.rounds < 1:
+        raise CompareError(f"--rounds {args.rounds} must be >= 1")
+    return report
+
+
+@dataclass(frozen=True)
+class Runs:
+    """What every case of a measured benchmark shares: settings, folder, loads, cluster, caches."""
+
+    settings: MeasureSettings
+    work: Path
+    loads: list[float | None]
+    cluster: str
+    profile: ProfileSettings
+    captures: CaptureCache
+
+
+def start_runs(args: argparse.Namespace, prefix: str) -> Runs:
+    """The run settings, a work folder outside the repository, and the cluster to plan on: a freshly
+    calibrated ``local-cpu:WORLD`` unless ``--no-calibrate``."""
+    settings = MeasureSettings(steps=args.steps, warmup=args.warmup, timeout_s=300)
+    work = Path(tempfile.mkdtemp(prefix=prefix))
+    loads: list[float | None] = [load()]
+    os.environ["OMP_NUM_THREADS"] = "1"  # the runs' ranks, one thread each (run_plan keeps a set value)
+    cluster = f"local-cpu:{WORLD}"
+    if not args.no_calibrate:
+        print(f"calibrating {WORLD} ranks", flush=True)
+        cluster = str(calibrate(work / f"calibrated-{WORLD}.toml"))
+    return Runs(settings, work, loads, cluster, ProfileSettings(cache=args.cache), CaptureCache())
+
+
+def cluster_said(args: argparse.Namespace, runs: Runs) -> str:
+    """How the report names the cluster the plans were made for."""
+    return runs.cluster if args.no_calibrate else f"autopart calibrate ({WORLD} ranks) just before planning"
+
+
+def write_report(report: Path, text: str, args: argparse.Namespace, runs: Runs, command: str, wall: float,
+                 cases_json: list[dict]) -> None:
+    """The markdown report and its .json beside it, printed and named."""
+    report.write_text(text)
+    data = {"command": command, "machine": machine_info(), "loads": runs.loads, "wall_s": wall,
+            "settings": {"rounds": args.rounds, "steps": args.steps, "warmup": args.warmup, "world": WORLD,
+                         "calibrated": not args.no_calibrate},
+            "cases": cases_json}
+    report.with_suffix(".json").write_text(json.dumps(data, indent=1) + "\n")
+    print(text)
+    print(f"wrote {report} and {report.with_suffix('.json').name}; plans and logs in {runs.work}")
 
 
 def cases(only: str | None) -> list[tuple[str, Case]]:
@@ -310,53 +381,25 @@ def cases(only: str | None) -> list[tuple[str, Case]]:
 
 
 def _run(args: argparse.Namespace, command: str) -> int:
-    report = Path(args.report or ROOT / "benchmarks" / "results" / f"{time.strftime('%Y-%m-%d')}-measured-quality.md")
-    if report.suffix != ".md":
-        raise CompareError(f"--report {report} must end in .md")
-    if not report.parent.is_dir():
-        raise CompareError(f"--report {report}: directory {report.parent} does not exist")
-    if not args.force:
-        for t in (report, report.with_suffix(".json")):
-            if t.exists():
-                raise CompareError(f"{t} already exists; pass --force to replace it")
-    if args.rounds < 1:
-        raise CompareError(f"--rounds {args.rounds} must be >= 1")
+    report = report_path(args, "measured-quality")
     todo = cases(args.only)
-    settings = MeasureSettings(steps=args.steps, warmup=args.warmup, timeout_s=300)
     started = time.perf_counter()
-    work = Path(tempfile.mkdtemp(prefix="autopart-measured-quality-"))
-    loads: list[float | None] = [load()]
-    os.environ["OMP_NUM_THREADS"] = "1"  # the runs' ranks, one thread each (run_plan keeps a set value)
-    cluster = f"local-cpu:{WORLD}"
-    if not args.no_calibrate:
-        print(f"calibrating {WORLD} ranks", flush=True)
-        cluster = str(calibrate(work / f"calibrated-{WORLD}.toml"))
-    profile = ProfileSettings(cache=args.cache)
-    captures = CaptureCache()
+    runs = start_runs(args, "autopart-measured-quality-")
     outcomes = []
     for i, (title, case) in enumerate(todo, 1):
-        from dataclasses import replace
-
         t = time.perf_counter()
-        o = run_model_case(title, replace(case, cluster=cluster), cluster, args.rounds, settings, profile, captures,
-                           work / f"case-{i}", loads)
+        o = run_model_case(title, replace(case, cluster=runs.cluster), runs.cluster, args.rounds, runs.settings,
+                           runs.profile, runs.captures, runs.work / f"case-{i}", runs.loads)
         outcomes.append(o)
         got = ("same plan" if o.same_plan else
                f"measured {o.measured_ratio:.2f}x" if o.measured_ratio else o.note)
         pred = f"{o.predicted_ratio:.2f}x" if o.predicted_ratio else "—"
         print(f"[{i}/{len(todo)}] {title}: predicted {pred}, {got}; {time.perf_counter() - t:.0f} s", flush=True)
-    loads.append(load())
+    runs.loads.append(load())
     wall = time.perf_counter() - started
-    text = report_markdown(outcomes, command, loads, cluster if args.no_calibrate else "autopart calibrate (2 ranks) "
-                           "just before planning", settings, args.rounds, wall, str(work))
-    report.write_text(text)
-    data = {"command": command, "machine": machine_info(), "loads": loads, "wall_s": wall,
-            "settings": {"rounds": args.rounds, "steps": args.steps, "warmup": args.warmup, "world": WORLD,
-                         "calibrated": not args.no_calibrate},
-            "cases": [_outcome_json(o) for o in outcomes]}
-    report.with_suffix(".json").write_text(json.dumps(data, indent=1) + "\n")
-    print(text)
-    print(f"wrote {report} and {report.with_suffix('.json').name}; plans and logs in {work}")
+    text = report_markdown(outcomes, command, runs.loads, cluster_said(args, runs), runs.settings, args.rounds, wall,
+                           str(runs.work))
+    write_report(report, text, args, runs, command, wall, [_outcome_json(o) for o in outcomes])
     return 0
 
 

@@ -17,21 +17,15 @@ nothing is run.
 from __future__ import annotations
 
 import argparse
-import json
-import os
-import shlex
 import statistics
-import sys
-import tempfile
 import time
 from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 from typing import Sequence
 
-from benchmarks.measured_quality import (WORLD, PlanSummary, alternate_runs, calibrate, cases, load, plan_case, plan_cell,
-                                         summarize)
+from benchmarks.measured_quality import (WORLD, PlanSummary, add_run_arguments, alternate_runs, cases, cluster_said, load,
+                                         plan_case, plan_cell, report_path, run_main, start_runs, summarize, write_report)
 from partitioner.compare import CaptureCache, Case, CompareError, MeasureSettings, ProfileSettings, machine_info
-from partitioner.errors import AutopartError
 from partitioner.schedules import REGISTRY as SCHEDULE_REGISTRY
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -149,77 +143,39 @@ def main(argv: Sequence[str] | None = None) -> int:
     ap.add_argument("--report", default=None, metavar="PATH.md",
                     help="report to write, with its .json beside it "
                          "(default benchmarks/results/<today>-zero-bubble-measured.md)")
-    ap.add_argument("--rounds", type=int, default=3, help="alternating rounds of runs per case (default 3)")
-    ap.add_argument("--steps", type=int, default=4, help="measured steps per run (default 4)")
-    ap.add_argument("--warmup", type=int, default=2, help="unmeasured steps before them (default 2)")
+    add_run_arguments(ap)
     ap.add_argument("--only", action="append", default=None, metavar="TEXT",
                     help="only the cases whose title contains TEXT (repeat for several)")
-    ap.add_argument("--no-calibrate", action="store_true", help="plan on the local-cpu:2 preset, not a calibrated file")
-    ap.add_argument("--cache", default=None, metavar="PATH", help="profile cache file (as autopart plan --cache)")
-    ap.add_argument("--force", action="store_true", help="replace an existing report")
-    args = ap.parse_args(argv)
-    words = sys.argv[1:] if argv is None else list(argv)
-    command = "python -m benchmarks.zero_bubble_measured" + (" " + shlex.join(words) if words else "")
-    try:
-        return _run(args, command)
-    except AutopartError as exc:
-        print(f"zero_bubble_measured: error: {exc}", file=sys.stderr)
-        return 2
+    return run_main(ap, argv, "zero_bubble_measured", _run)
 
 
 def _run(args: argparse.Namespace, command: str) -> int:
-    report = Path(args.report or ROOT / "benchmarks" / "results" / f"{time.strftime('%Y-%m-%d')}-zero-bubble-measured.md")
-    if report.suffix != ".md":
-        raise CompareError(f"--report {report} must end in .md")
-    if not report.parent.is_dir():
-        raise CompareError(f"--report {report}: directory {report.parent} does not exist")
-    if not args.force:
-        for t in (report, report.with_suffix(".json")):
-            if t.exists():
-                raise CompareError(f"{t} already exists; pass --force to replace it")
-    if args.rounds < 1:
-        raise CompareError(f"--rounds {args.rounds} must be >= 1")
+    report = report_path(args, "zero-bubble-measured")
     todo = cases(None)
     if args.only:
         todo = [(t, c) for t, c in todo if any(o in t for o in args.only)]
         if not todo:
             raise CompareError(f"--only {' '.join(args.only)} matches no case; the cases are "
                                + "; ".join(t for t, _ in cases(None)))
-    settings = MeasureSettings(steps=args.steps, warmup=args.warmup, timeout_s=300)
     started = time.perf_counter()
-    work = Path(tempfile.mkdtemp(prefix="autopart-zero-bubble-measured-"))
-    loads: list[float | None] = [load()]
-    os.environ["OMP_NUM_THREADS"] = "1"
-    cluster = f"local-cpu:{WORLD}"
-    if not args.no_calibrate:
-        print(f"calibrating {WORLD} ranks", flush=True)
-        cluster = str(calibrate(work / f"calibrated-{WORLD}.toml"))
-    profile = ProfileSettings(cache=args.cache)
-    captures = CaptureCache()
+    runs = start_runs(args, "autopart-zero-bubble-measured-")
     outs = []
     for i, (title, case) in enumerate(todo, 1):
         t = time.perf_counter()
-        o = compare_case(title, replace(case, cluster=cluster), args.rounds, settings, profile, captures,
-                         work / f"case-{i}", loads)
+        o = compare_case(title, replace(case, cluster=runs.cluster), args.rounds, runs.settings, runs.profile,
+                         runs.captures, runs.work / f"case-{i}", runs.loads)
         outs.append(o)
         got = f"measured {o.measured_ratio:.2f}x" if o.measured_ratio else o.note
         pred = f"{o.predicted_ratio:.2f}x" if o.predicted_ratio else "—"
         print(f"[{i}/{len(todo)}] {title}: {o.option or 'neither'}; predicted {pred}, {got}; "
               f"{time.perf_counter() - t:.0f} s", flush=True)
-    loads.append(load())
+    runs.loads.append(load())
     wall = time.perf_counter() - started
-    text = report_markdown(outs, command, loads, cluster if args.no_calibrate else
-                           f"autopart calibrate ({WORLD} ranks) just before planning", settings, args.rounds, wall,
-                           str(work))
-    report.write_text(text)
-    data = {"command": command, "machine": machine_info(), "loads": loads, "wall_s": wall,
-            "settings": {"rounds": args.rounds, "steps": args.steps, "warmup": args.warmup, "world": WORLD,
-                         "calibrated": not args.no_calibrate},
-            "cases": [dict(asdict(o), predicted_ratio=o.predicted_ratio, measured_ratio=o.measured_ratio,
-                           round_ratios=o.round_ratios) for o in outs]}
-    report.with_suffix(".json").write_text(json.dumps(data, indent=1) + "\n")
-    print(text)
-    print(f"wrote {report} and {report.with_suffix('.json').name}; plans and logs in {work}")
+    text = report_markdown(outs, command, runs.loads, cluster_said(args, runs), runs.settings, args.rounds, wall,
+                           str(runs.work))
+    write_report(report, text, args, runs, command, wall,
+                 [dict(asdict(o), predicted_ratio=o.predicted_ratio, measured_ratio=o.measured_ratio,
+                       round_ratios=o.round_ratios) for o in outs])
     return 0
 
 
