@@ -1,4 +1,5 @@
-"""benchmarks/measured_quality.py: its argument errors (before any slow work) and the ratios its table prints."""
+"""benchmarks/measured_quality.py: its argument errors and zero_bubble_measured.py's (before any slow work), and the
+ratios its table prints."""
 
 from __future__ import annotations
 
@@ -7,28 +8,38 @@ from pathlib import Path
 import pytest
 
 from benchmarks.measured_quality import Outcome, main
+from benchmarks.zero_bubble_measured import main as zb_main
+
+
+# Both measured benchmarks share their arguments and checks (measured_quality.run_main, report_path).
+BENCHMARKS = {"measured_quality": main, "zero_bubble_measured": zb_main}
 
 
 @pytest.mark.parametrize(
-    ("args", "says"),
+    ("name", "args", "says"),
     [
-        (["--rounds", "0"], "--rounds 0 must be >= 1"),
-        (["--only", "no such model"], "matches no case; the cases are gpt2 4x128, vocab 50257, free mesh"),
-        (["--report", "out.txt"], "must end in .md"),
+        ("measured_quality", ["--rounds", "0"], "--rounds 0 must be >= 1"),
+        ("measured_quality", ["--only", "no such model"], "matches no case; the cases are gpt2 4x128, vocab 50257, free mesh"),
+        ("measured_quality", ["--report", "out.txt"], "must end in .md"),
+        ("zero_bubble_measured", ["--rounds", "0"], "--rounds 0 must be >= 1"),
+        ("zero_bubble_measured", ["--only", "no such model", "--only", "nor this"],
+         "--only no such model nor this matches no case"),
+        ("zero_bubble_measured", ["--report", "out.txt"], "must end in .md"),
     ],
 )
-def test_bad_arguments_are_one_line_errors(tmp_path: Path, capsys, args: list[str], says: str) -> None:
+def test_bad_arguments_are_one_line_errors(tmp_path: Path, capsys, name: str, args: list[str], says: str) -> None:
     if "--report" not in args:
         args = [*args, "--report", str(tmp_path / "r.md")]
-    assert main(args) == 2
+    assert BENCHMARKS[name](args) == 2
     err = capsys.readouterr().err
-    assert err.startswith("measured_quality: error: ") and says in err and err.count("\n") == 1
+    assert err.startswith(f"{name}: error: ") and says in err and err.count("\n") == 1
 
 
-def test_an_existing_report_is_kept_without_force(tmp_path: Path, capsys) -> None:
+@pytest.mark.parametrize("name", BENCHMARKS)
+def test_an_existing_report_is_kept_without_force(tmp_path: Path, capsys, name: str) -> None:
     report = tmp_path / "r.md"
     report.write_text("earlier")
-    assert main(["--report", str(report)]) == 2
+    assert BENCHMARKS[name](["--report", str(report)]) == 2
     assert "already exists; pass --force" in capsys.readouterr().err
     assert report.read_text() == "earlier"
 

@@ -1,37 +1,11 @@
-"""benchmarks/zero_bubble_measured.py: its argument errors (before any slow work) and the ratios its table prints."""
+"""benchmarks/zero_bubble_measured.py: the ratios its table prints (its argument errors: tests/test_measured_quality.py)."""
 
 from __future__ import annotations
-
-from pathlib import Path
 
 import pytest
 
 from benchmarks.measured_quality import PlanSummary
-from benchmarks.zero_bubble_measured import SPLIT_BACKWARD, WHOLE_BACKWARD, ZBOutcome, main
-
-
-@pytest.mark.parametrize(
-    ("args", "says"),
-    [
-        (["--rounds", "0"], "--rounds 0 must be >= 1"),
-        (["--only", "no such model", "--only", "nor this"], "--only no such model nor this matches no case"),
-        (["--report", "out.txt"], "must end in .md"),
-    ],
-)
-def test_bad_arguments_are_one_line_errors(tmp_path: Path, capsys, args: list[str], says: str) -> None:
-    if "--report" not in args:
-        args = [*args, "--report", str(tmp_path / "r.md")]
-    assert main(args) == 2
-    err = capsys.readouterr().err
-    assert err.startswith("zero_bubble_measured: error: ") and says in err and err.count("\n") == 1
-
-
-def test_an_existing_report_is_kept_without_force(tmp_path: Path, capsys) -> None:
-    report = tmp_path / "r.md"
-    report.write_text("earlier")
-    assert main(["--report", str(report)]) == 2
-    assert "already exists; pass --force" in capsys.readouterr().err
-    assert report.read_text() == "earlier"
+from benchmarks.zero_bubble_measured import SPLIT_BACKWARD, WHOLE_BACKWARD, ZBOutcome
 
 
 def test_without_means_every_schedule_that_keeps_the_backward_whole() -> None:
