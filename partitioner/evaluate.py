@@ -77,7 +77,7 @@ compute, where the run measures them. Without the calibration every term is
 from __future__ import annotations
 
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import AbstractSet as Set, Iterable, Mapping, Sequence
 
 from cost_models import (
@@ -106,7 +106,10 @@ from .schedules import spec as schedule_spec, stage_rank
 from .simulate import SimResult, StageCost, simulate
 from .tp_strategies import OUTPUT_LAYOUT
 
-__all__ = ["Evaluator", "StageSpec", "BlockCost", "StageMemory", "WEIGHT_GRAD_SHARE", "recompute_terms", "backward_work"]
+__all__ = [
+    "Evaluator", "StageSpec", "BlockCost", "KeptInput", "StageMemory", "WEIGHT_GRAD_SHARE", "kept_inputs_bytes",
+    "recompute_terms", "backward_work",
+]
 
 
 def _numel(shape: Sequence[int]) -> int:
@@ -144,25 +147,40 @@ class StageSpec:
 
 
 @dataclass(frozen=True, slots=True)
+class KeptInput:
+    """One storage that a recomputed block's checkpoint keeps, per micro-batch ([Note: a recomputed block's
+    inputs] in recompute.py, [Note: tensors several blocks read] in graph.py)."""
+
+    storage: str  # the node whose output owns the storage: the input itself, or the tensor it views
+    producer: int  # the block that makes the input (-1: a model input)
+    bytes: float  # the storage's bytes per micro-batch, whole
+    split_less: float  # kept less when ``producer`` is in the stage: (1 - 1/tp) of it if sequence-split
+
+
+@dataclass(frozen=True, slots=True)
 class BlockCost:
     """One block's cost for one micro-batch on one device (all components kept for explain/diff)."""
 
     compute: OpTime  # forward/backward compute
     tp_comm: OpTime  # tensor-parallel collectives
     saved_bytes: float  # activations kept for backward
-    # What recomputation keeps: the bytes entering the block, with those that its previous block made
-    # sequence-split counted 1/tp, as when that block is in its stage ([Note: a recomputed block's inputs]
-    # in recompute.py).
+    # What recomputation keeps, the figure the pipeline ILP and the search add per block: the bytes
+    # entering the block when the block before it is in its stage and recomputed too. Those that block
+    # made sequence-split count 1/tp, and a storage that block keeps as well (a causal mask, rotary
+    # cos/sin) counts 0 ([Note: a recomputed block's inputs] in recompute.py).
     input_bytes: float
     # Selective recomputation ([Note: recompute per block] in recompute.py): the attention core's
     # forward (compute and tp collectives) and the saved bytes that replaying it frees.
     core_forward_s: float = 0.0
     core_bytes: float = 0.0
-    # The bytes entering the block, every tensor whole (None: ``input_bytes``): what a recomputed block keeps
-    # when it begins its stage; and per sequence-split input, (how many blocks before this one its
-    # producer is, the bytes kept less when that producer is in the same stage).
+    # The bytes entering the block, every storage whole and once (None: ``input_bytes``): what a recomputed
+    # block keeps when it begins its stage; and per sequence-split input, (how many blocks before this one
+    # its producer is, the bytes kept less when that producer is in the same stage).
     whole_input_bytes: float | None = None
     split_inputs: tuple[tuple[int, float], ...] = ()
+    # The storages it keeps when recomputed, for the stage's count of each once (empty: only the figures
+    # above are known, and each block's are added up).
+    inputs: tuple[KeptInput, ...] = ()
 
     @property
     def time(self) -> OpTime:
@@ -170,10 +188,32 @@ class BlockCost:
 
     def kept_input_bytes(self, block: int, stage: Set[int]) -> float:
         """What this block, recomputed as block ``block`` of a stage made of the blocks ``stage``, keeps
-        per micro-batch ([Note: a recomputed block's inputs] in recompute.py):
-        ``in_b = sum_t bytes_t / (tp if Q(src t) and src t in the stage else 1)``."""
+        per micro-batch, counting only its own inputs ([Note: a recomputed block's inputs] in recompute.py):
+        ``in_b = sum_t bytes_t / (tp if Q(src t) and src t in the stage else 1)``. ``kept_inputs_bytes``
+        counts a storage that several blocks of the stage keep once."""
         whole = self.input_bytes if self.whole_input_bytes is None else self.whole_input_bytes
         return whole - sum(less for back, less in self.split_inputs if block - back in stage)
+
+
+def kept_inputs_bytes(recomputed: Sequence[int], costs: Sequence[BlockCost], stage: Set[int]) -> float:
+    """What the checkpoints of the blocks ``recomputed`` (their ``costs``, in that order) of a stage made of
+    the blocks ``stage`` keep per micro-batch, each storage once ([Note: tensors several blocks read] in
+    graph.py):
+
+        in(R, S) = sum_{u kept by a block of R} max_{b in R keeps u} bytes_u / (tp if Q(u) and src u in S else 1)
+
+    A block whose cost lists no storages (``BlockCost.inputs`` empty) adds its own ``kept_input_bytes``."""
+    kept: dict[str, float] = {}
+    alone = 0.0
+    for b, c in zip(recomputed, costs):
+        if not c.inputs:
+            alone += c.kept_input_bytes(b, stage)
+            continue
+        for k in c.inputs:
+            held = k.bytes - (k.split_less if k.producer in stage else 0.0)
+            if held > kept.get(k.storage, -1.0):
+                kept[k.storage] = held
+    return alone + sum(kept.values())
 
 
 @dataclass(frozen=True, slots=True)
@@ -214,7 +254,9 @@ class Evaluator:
         self.overheads = cluster.overheads  # measured software costs ([Note: measured overheads in a plan])
         cluster.device.flops(training.dtype)  # fail early: the device must support the dtype
         self._block_cache: dict[tuple, BlockCost] = {}
+        self._own_cache: dict[tuple, BlockCost] = {}  # (block, its twins' key) -> its cost with its own storages
         self._inputs_cache: dict[int, tuple[tuple[str, int, int], ...]] = {}  # block -> (input, blocks back, bytes)
+        self._kept_cache: dict[int, tuple[tuple[str, str, int, int], ...]] = {}  # block -> (input, storage, block, bytes)
         self._layout_cache: dict[tuple, BlockLayoutCosts] = {}
         # The search prices thousands of candidate stages; these depend on a few keys only.
         self._fsdp_units_cache: dict[tuple[tuple[int, ...], int], tuple[list[str], list[list[str]]]] = {}
@@ -261,7 +303,44 @@ class Evaluator:
             hit = BlockCost(compute, comm, saved, whole - sum(less for back, less in split if back == 1),
                             core_s, min(core_bytes, saved), whole, split)
             self._block_cache[key] = hit
-        return hit
+        # Twins share the figures above; what each keeps when recomputed names its own storages.
+        own = (block.index, key)
+        mine = self._own_cache.get(own)
+        if mine is None:
+            kept = self.kept_inputs(block, micro_batch, tp, sharding)
+            before = ({k.storage for k in self.kept_inputs(self.pgraph.blocks[block.index - 1], micro_batch, tp, sharding)}
+                      if block.index > 0 else set())
+            first: dict[str, float] = {}  # storage -> kept when the block begins its stage
+            marginal: dict[str, float] = {}  # storage -> kept when the block before it is in its stage
+            for k in kept:
+                first[k.storage] = max(first.get(k.storage, 0.0), k.bytes)
+                if k.storage not in before:
+                    held = k.bytes - (k.split_less if k.producer == block.index - 1 else 0.0)
+                    marginal[k.storage] = max(marginal.get(k.storage, 0.0), held)
+            mine = self._own_cache[own] = replace(hit, input_bytes=sum(marginal.values()),
+                                                    whole_input_bytes=sum(first.values()), inputs=kept)
+        return mine
+
+    def kept_inputs(self, block: Block, micro_batch: int, tp: int, sharding: Mapping[str, str]) -> tuple[KeptInput, ...]:
+        """The storages ``block``'s checkpoint keeps when it is recomputed, one per input (two inputs may share
+        one), per micro-batch of ``micro_batch`` samples ([Note: tensors several blocks read] in graph.py); a
+        view of a parameter or buffer keeps nothing more."""
+        found = self._kept_cache.get(block.index)
+        if found is None:
+            found = []
+            for i in block.inputs:
+                storage = self.pgraph.storage_of(i)
+                if storage is not None:
+                    producer = self.pgraph.block_of(i) if i in self.pgraph.read_outside else -1
+                    found.append((i, storage[0], producer, storage[1]))
+            found = self._kept_cache[block.index] = tuple(found)
+        per = micro_batch / self.captured.batch_size
+        return tuple(
+            KeptInput(storage, producer, nbytes * per,
+                      nbytes * per * (1 - 1 / tp) if tp > 1 and OUTPUT_LAYOUT[sharding.get(name, "replicate")] == "Q"
+                      else 0.0)
+            for name, storage, producer, nbytes in found
+        )
 
     def split_inputs(self, block: Block, micro_batch: int, tp: int,
                      sharding: Mapping[str, str]) -> tuple[tuple[int, float], ...]:
@@ -907,18 +986,21 @@ def recompute_terms(spec: StageSpec, costs: Sequence[BlockCost]) -> tuple[float,
     during the replay) of a stage whose blocks cost ``costs`` (in ``spec.blocks`` order), as
     [Note: recompute per block] in recompute.py writes them:
 
-        act  = sum_{b in R} in_b(s) + sum_{b not in R} (sv_b - σ core_b)
+        act  = in(R, s) + sum_{b not in R} (sv_b - σ core_b)
         rec  = sum_{b in R} f_b  + σ sum_{b not in R} fc_b
         work = max(max_{b in R} sv_b, σ max_{b not in R} core_b)
 
-    ``work`` is the largest replay alone; the stage's backward workspace pairs each replay with its own
-    block's node gradients (``backward_work``)."""
+    ``in(R, s)`` is what the checkpoints keep, each storage once (``kept_inputs_bytes``). ``work`` is the
+    largest replay alone; the stage's backward workspace pairs each replay with its own block's node
+    gradients (``backward_work``)."""
     chosen = set(spec.recompute)
     stage = set(spec.blocks)
-    act = replay = work = 0.0
+    redo = [(b, c) for b, c in zip(spec.blocks, costs) if b in chosen]
+    # [Note: a recomputed block's inputs] in recompute.py
+    act = kept_inputs_bytes([b for b, _ in redo], [c for _, c in redo], stage)
+    replay = work = 0.0
     for b, c in zip(spec.blocks, costs):
         if b in chosen:
-            act += c.kept_input_bytes(b, stage)  # [Note: a recomputed block's inputs] in recompute.py
             replay += c.time.forward_s
             work = max(work, c.saved_bytes)
         elif spec.selective:

@@ -57,7 +57,11 @@ class Block:
     bytes_read: int
     bytes_written: int
     activation_bytes: int  # bytes autograd keeps for backward between forward and backward
-    input_bytes: int  # bytes of the tensors entering the block from outside it
+    # Bytes of the tensors entering the block from outside it, each counted here: a tensor that several
+    # blocks read (a causal mask, rotary cos/sin) is counted at each of them, though a stage holds its
+    # storage once ([Note: tensors several blocks read]).
+    input_bytes: int
+    inputs: tuple[str, ...]  # the nodes whose outputs enter the block from outside it, sorted by name
     output_bytes: int  # bytes of the tensors its nodes produce that other blocks read
     signature: str  # structure hash; equal for repeated identical blocks
     type_id: int  # index of its signature among the distinct block types
@@ -95,6 +99,7 @@ class PartitionGraph:
         self.edges: tuple[BlockEdge, ...] = tuple(edges)
         self._block_of_node = {n: b.index for b in self.blocks for n in b.nodes}
         self._flows = self._compute_flows()
+        self._storage: dict[str, tuple[str, int] | None] = {}  # node -> storage_of(node)
         # Nodes whose output another block (or the graph's output) reads, and the model's outputs.
         outputs = [n for n in captured.nodes.values() if n.op == "output"]
         self.model_outputs: frozenset[str] = frozenset(i for o in outputs for i in o.inputs)
@@ -186,6 +191,20 @@ class PartitionGraph:
             for p in b.params:
                 readers.setdefault(p, []).append(b.index)
         return {p: bs for p, bs in readers.items() if len(bs) > 1}
+
+    def storage_of(self, node: str) -> tuple[str, int] | None:
+        """The node whose output owns the storage of ``node``'s output, and that storage's bytes (per capture
+        batch); None for a view of a parameter or buffer, which is resident, not an activation. See
+        [Note: tensors several blocks read]."""
+        hit = self._storage.get(node)
+        if hit is None and node not in self._storage:
+            nodes = self.captured.nodes
+            n = nodes[node]
+            while n.is_view and len(n.inputs) == 1 and len(nodes[n.inputs[0]].outputs) == 1:
+                n = nodes[n.inputs[0]]  # a view of a view: the storage is the first non-view's
+            resident = n.is_view and not n.inputs and bool(n.params)
+            hit = self._storage[node] = None if resident else (n.name, n.output_bytes)
+        return hit
 
     def params_bytes(self, blocks: Iterable[int]) -> tuple[int, int]:
         """(trainable elements, bytes) of the distinct parameters read by ``blocks`` (tied ones once)."""
@@ -401,9 +420,8 @@ def _make_block(
         if n.saves_output:
             saved[n.name] = n.output_bytes
         other_saved += n.saved_bytes
-    input_bytes = sum(
-        captured.nodes[i].output_bytes for i in {i for n in nodes for i in n.inputs if i not in inside}
-    )
+    inputs = sorted({i for n in nodes for i in n.inputs if i not in inside})
+    input_bytes = sum(captured.nodes[i].output_bytes for i in inputs)
     read_outside = {i for m in captured.nodes.values() if m.name not in inside for i in m.inputs}
     output_bytes = sum(n.output_bytes for n in nodes if n.name in read_outside)
     modules = tuple(dict.fromkeys(n.module for n in nodes if n.module))
@@ -422,6 +440,7 @@ def _make_block(
         bytes_written=sum(n.bytes_written for n in nodes),
         activation_bytes=sum(saved.values()) + other_saved,
         input_bytes=input_bytes,
+        inputs=tuple(inputs),
         output_bytes=output_bytes,
         signature=_block_signature(captured, nodes, inside),
         type_id=-1,

@@ -77,9 +77,10 @@ def test_recomputing_k_blocks_prices_their_forward_and_keeps_their_inputs(ev):
     assert p.backward_s == pytest.approx(k.backward_s + sum(costs[i].time.forward_s for i in some))
     assert p.components.recompute_s == pytest.approx(SCHED.microbatches * sum(costs[i].time.forward_s for i in some))
     # Rank 1 holds one micro-batch in flight under 1F1B (pp=2): the activations drop by saved - inputs
-    # of the recomputed block, and its saved bytes come back once as part of the backward's workspace,
-    # which the loss's backward may already exceed ([Note: what a step holds] in evaluate.py).
-    freed = sum(costs[i].saved_bytes - costs[i].input_bytes for i in some)
+    # of the recomputed block (all of them: it begins its stage), and its saved bytes come back once as
+    # part of the backward's workspace, which the loss's backward may already exceed ([Note: what a step
+    # holds] in evaluate.py).
+    freed = sum(costs[i].saved_bytes - costs[i].kept_input_bytes(i, set(b)) for i in some)
     work = max(costs[i].saved_bytes for i in some)
     assert p.activation_bytes == pytest.approx(k.activation_bytes - freed, abs=2)
     assert k.memory_bytes - freed - 2 <= p.memory_bytes <= k.memory_bytes - freed + work + 2
@@ -187,12 +188,15 @@ def test_explain_says_what_the_recomputation_frees_and_costs(ev):
     assert "MiB per device" in text and "of forward per step on pipeline rank" in text
 
 
-@pytest.mark.parametrize("name", ["gpt2-tiny", "mlp"])
-def test_a_stage_recomputing_every_block_keeps_each_block_s_inputs(name):
+@pytest.mark.parametrize("name, pp", [("gpt2-tiny", 1), ("mlp", 1), ("llama-tiny", 2)])
+def test_a_stage_recomputing_every_block_keeps_each_block_s_inputs(name, pp):
     """A stage that recomputes every block runs each block through its own checkpoint (the tied embedding
     and head of GPT-2 through weightless modules: [Note: recompute in the runtime]): its forward keeps
-    the bytes the memory model counts, each block's inputs ([Note: recompute per block]), and its gradients
-    equal the plain stage's."""
+    the bytes the memory model counts, each block's inputs ([Note: recompute per block]), a storage that
+    several blocks read (the causal mask, Llama's rotary cos and sin, GPT-2's position ids) once
+    ([Note: tensors several blocks read] in partitioner/graph.py); and its gradients equal the plain
+    stage's. Llama's is its second stage of two, which receives the mask, cos and sin with the hidden
+    states."""
     import copy
 
     import torch
@@ -205,14 +209,18 @@ def test_a_stage_recomputing_every_block_keeps_each_block_s_inputs(name):
 
     torch.manual_seed(0)
     lm = load_model(name, dtype="fp32", device="cpu")
-    batch = 2
-    example = microbatch_inputs(tuple(t.repeat(batch, *[1] * (t.dim() - 1)) for t in lm.example_inputs), batch)
-    result = plan_parallelism(lm.model, lm.example_inputs, Cluster.local(1), global_batch=batch, dtype="fp32",
-                              method="params", pp=1, tp=1, dp=1, microbatches=1, recompute=True)
-    stage = result.plan.stages[0]
+    # One sample, the capture's batch: the mask, cos and sin have no batch dim, and the evaluator scales
+    # every activation by micro-batch / capture batch ([Note: costs are per capture batch]).
+    batch = 1
+    example = microbatch_inputs(lm.example_inputs, batch)
+    result = plan_parallelism(lm.model, lm.example_inputs, Cluster.local(pp), global_batch=batch, dtype="fp32",
+                              method="params", pp=pp, tp=1, dp=1, microbatches=1, recompute=True)
+    stage = result.plan.stages[-1]
     assert stage.recompute == stage.modules
-    plain = split_model(copy.deepcopy(lm.model), result.plan, example).stages[0].module
-    redo = split_model(copy.deepcopy(lm.model), result.plan, example).stages[0].module
+    program = split_model(copy.deepcopy(lm.model), result.plan, example).stages[-1]
+    inputs = example if pp == 1 else tuple(torch.ones(shape, dtype=dtype) for shape, dtype in program.input_specs)
+    plain = program.module
+    redo = copy.deepcopy(plain)
     checkpoint_in_graph(redo, stage)
     ckpts = [n for n in redo.graph.nodes if "checkpoint" in str(n.target)]
     assert len(ckpts) == len(stage.modules)
@@ -220,9 +228,13 @@ def test_a_stage_recomputing_every_block_keeps_each_block_s_inputs(name):
     for module in (plain, redo):
         torch.manual_seed(1)
         with StorageMeter([module], None) as meter:
-            out = module(*example)
-        kept.append(meter.result([module], None)[1].activations)
-        loss = sum(t.float().square().mean() for t in (out if isinstance(out, tuple) else (out,)) if t.is_floating_point())
+            out = module(*inputs)
+            outs = [t for t in (out if isinstance(out, tuple) else (out,)) if isinstance(t, torch.Tensor)]
+            # What the forward leaves alive beside its output (the logits, which no block keeps): what the
+            # checkpoints keep, the stage's inputs among them (a storage made before the step is counted
+            # once autograd saves it).
+            kept.append(meter.live_bytes - sum(t.untyped_storage().nbytes() for t in outs))
+        loss = sum(t.float().square().mean() for t in outs if t.is_floating_point())
         loss.backward()
         grads.append({n: p.grad for n, p in module.named_parameters() if p.grad is not None})
     assert grads[0].keys() == grads[1].keys()
@@ -232,15 +244,14 @@ def test_a_stage_recomputing_every_block_keeps_each_block_s_inputs(name):
     blocks = [ev.pgraph.block_index(m) for m in stage.modules]
     costs = [ev.block_cost(ev.pgraph.blocks[b], batch, 1, {}) for b in blocks]
     act, _, _ = recompute_terms(StageSpec.whole(blocks, True), costs)
-    # The model counts each block's inputs: a tensor that is the input of several blocks (GPT-2's causal
-    # mask, read by every layer; the position ids and their views) is held once and counted at each, so
-    # it may only over-count, by those shared tensors (the MLP shares none).
-    # The stage's input (the first block's) exists before the forward: the meter leaves it out.
-    held = kept[1] + sum(t.numel() * t.element_size() for t in example if isinstance(t, torch.Tensor))
     assert kept[1] < kept[0]
-    assert held <= act <= 1.12 * held, (held, act)
-    if name == "mlp":
-        assert held == act, (held, act)
+    if name == "gpt2-tiny":
+        # GPT-2's position-embedding block also holds mask-building glue that the runtime runs outside the
+        # block's checkpoint ([Note: recompute in the runtime]): the model counts the int64 tensor that glue
+        # reads (8 bytes per token) as kept, and the runtime does not keep it.
+        assert act - kept[1] == 8 * example[0].numel(), (kept[1], act)
+    else:
+        assert act == kept[1], (kept[1], act)
 
 
 def test_a_replay_is_priced_beside_its_own_blocks_gradients_not_the_largest_of_any_block() -> None:
