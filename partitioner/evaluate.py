@@ -33,8 +33,9 @@ over the step]), is made of these terms, each sized from the graph's shapes and 
   them (its buckets are zeroed), so without DDP a stage's gradients exist only from its
   first backward on (``StageCost.fresh_grad_bytes``).
 - per micro-batch in flight (from its forward to the end of its backward): the tensors
-  autograd saves (``BlockCost.saved_bytes``, or a recomputed block's inputs, ``BlockCost.kept_input_bytes``:
-  a sequence-split one made in the stage as its 1/tp shard, [Note: a recomputed block's inputs] in recompute.py);
+  autograd saves (``BlockCost.saved_bytes``, or the recomputed blocks' inputs, ``kept_inputs_bytes``:
+  a sequence-split one made in the stage as its 1/tp shard, [Note: a recomputed block's inputs] in recompute.py,
+  and a storage several of them keep once, [Note: tensors several blocks read] in graph.py);
   the stage's output, which torch's pipeline stage keeps for the backward; and on the last
   stage what the loss saves ([Note: the loss's memory] in cost_models/memory.py).
 - receive buffers: torch's pipeline stage allocates one gradient buffer per micro-batch for

@@ -22,6 +22,25 @@ later phases can solve one block type once. Planners assign blocks to stages.
    earlier one; otherwise the module was re-entered after later blocks ran and
    the node opens a new block segment (``name@2``). Block edges therefore
    always point forward: the block order is a topological order.
+
+[Note: tensors several blocks read]
+Some tensors are read by many blocks: every layer of a Llama reads the causal mask and the
+rotary ``cos`` and ``sin`` (made once, in the embedding's block), every layer of a GPT-2
+the mask. Each is one storage. ``Block.input_bytes`` counts it at every block that reads
+it, since a block alone cannot know which others share its stage; ``Block.inputs`` names
+the tensors, and ``PartitionGraph.storage_of`` the storage behind each (a view's is the
+tensor it views, as ``to_4`` of Llama's ``cos`` is ``mul_1``'s; a view of a buffer is
+resident memory, not an activation). The evaluator counts each storage once per stage per
+micro-batch (``evaluate.kept_inputs_bytes``): the checkpoints of a stage's recomputed
+blocks keep references to the same tensor. The graph builds the mask and the tables again
+in every forward (they are ops, not buffers), so each micro-batch in flight holds its own.
+Measured with the storage meter (tests/test_recompute.py, every block recomputed): llama-tiny
+(4 layers) keeps 111,104 bytes at the end of its forward, what the model now counts, where
+adding the blocks' ``input_bytes`` gave 147,968; its second stage of two 77,824 (90,112).
+Left over-counted: a stage's output that a checkpoint of the stage also keeps (the mask,
+``cos`` and ``sin`` leaving Llama's first stage: 12,288 bytes there) is counted as both, and a
+tensor that the blocks *save* without recomputation (``cos`` and ``sin`` through each
+layer's ``unsqueeze``) is counted in each block's ``activation_bytes``.
 """
 
 from __future__ import annotations
@@ -196,15 +215,16 @@ class PartitionGraph:
         """The node whose output owns the storage of ``node``'s output, and that storage's bytes (per capture
         batch); None for a view of a parameter or buffer, which is resident, not an activation. See
         [Note: tensors several blocks read]."""
-        hit = self._storage.get(node)
-        if hit is None and node not in self._storage:
+        if node not in self._storage:
             nodes = self.captured.nodes
             n = nodes[node]
+            # Through views of views to the first tensor that is not one; a view of one of several outputs
+            # (``getitem`` of a tuple) is that output's own storage.
             while n.is_view and len(n.inputs) == 1 and len(nodes[n.inputs[0]].outputs) == 1:
-                n = nodes[n.inputs[0]]  # a view of a view: the storage is the first non-view's
+                n = nodes[n.inputs[0]]
             resident = n.is_view and not n.inputs and bool(n.params)
-            hit = self._storage[node] = None if resident else (n.name, n.output_bytes)
-        return hit
+            self._storage[node] = None if resident else (n.name, n.output_bytes)
+        return self._storage[node]
 
     def params_bytes(self, blocks: Iterable[int]) -> tuple[int, int]:
         """(trainable elements, bytes) of the distinct parameters read by ``blocks`` (tied ones once)."""

@@ -64,15 +64,24 @@ Measured (tests/test_sequence_parallel.py; gpt2-tiny, tp=2, every block recomput
 the loss's call, the end of the forward, the storage meter finds each of the 4 layers',
 the final norm's and the head's inputs held as a half, 6144 bytes less than without
 sequence parallelism, exactly the model's difference; llama-tiny alike for its layers.
-``BlockCost.kept_input_bytes`` is ``in_b(S)``. ``BlockCost.input_bytes``, the figure the
-pipeline ILP and the search read per block, is ``in_b`` with only the block before ``b``
-in ``S``: exact for every block but a stage's first, where it is optimistic by
-``(1 - 1/tp)`` of the ``Q`` tensors its previous block makes, per micro-batch in flight;
-a ``Q`` tensor made further back (rotary ``cos``/``sin``) is counted whole there. The
-evaluator prices every plan with ``in_b(S)`` and decides whether it fits.
-Not priced yet: a tensor every block reads (a causal mask, rotary ``cos``/``sin``) is
-counted in each block's ``in_b``, and the runtime holds it once (measured there too); and
-``cos``/``sin`` are counted per sample, though they have no batch dim.
+A storage that several recomputed blocks of ``S`` keep (the causal mask, rotary ``cos`` and
+``sin``: every layer reads them) is one storage, counted once per stage per micro-batch
+([Note: tensors several blocks read] in graph.py), so a stage's recomputed set ``R`` keeps
+
+    in(R, S) = sum_{u kept by a block of R} bytes_u / (tp if layout(src u) = Q and block(src u) in S else 1)
+
+(``evaluate.kept_inputs_bytes``; ``BlockCost.kept_input_bytes`` is one block's ``in_b(S)``
+alone). ``BlockCost.input_bytes``, the figure the pipeline ILP and the search read per
+block, is what ``b`` adds to ``in(R, S)`` when the block before it is in ``S`` and
+recomputed: its ``Q`` inputs from that block count 1/tp, and a storage that block keeps
+too counts 0. Summed over a stage that recomputes every block it is exact but for the
+stage's first block, where it is optimistic by ``(1 - 1/tp)`` of the ``Q`` tensors the
+previous block makes and by the storages the previous block keeps too (on Llama-2 70B,
+the mask and ``cos``/``sin``, 18 MiB per micro-batch at 4096 tokens), per micro-batch in
+flight. ``BlockCost.whole_input_bytes`` is what a block keeps when it begins its stage. The
+evaluator prices every plan with ``in(R, S)`` and decides whether it fits.
+Not priced yet: ``cos``/``sin`` and the mask are counted per sample, though they have no
+batch dim (exact at one sample per micro-batch, the capture's batch).
 
 [Note: recompute in the runtime]
 Each choice runs as ``torch.utils.checkpoint`` (non-reentrant) around exactly what the
