@@ -208,6 +208,10 @@ class BlockTable:
     # ZeRO-2/3: gathered weights and unsharded gradients a stage may hold at once, at most (not
     # in the blocks' static bytes); the ILP keeps this much of the memory limit free
     transient_bytes: float = 0.0
+    # What a recomputed stage's first block keeps beyond its ``input_bytes`` (which assumes the block before
+    # it in its stage: [Note: a recomputed block's inputs] in recompute.py), the most of any block, per
+    # micro-batch in flight; the ILP keeps this much free per micro-batch in flight on a rank
+    first_input_bytes: float = 0.0
 
 
 class _Search:
@@ -326,8 +330,10 @@ class _Search:
             transient = roots * (1 + ev.optimizer.grad_bytes / 2) + max(unit_g, default=0.0)
             if entry.reshard_after_forward:
                 transient += sum(top[:2])
+        costs = self._costs[(tp, mbs, lean)]
+        first = max((c.whole_input_bytes - c.input_bytes for c in costs if c.whole_input_bytes is not None), default=0.0)
         self._blocks[key] = BlockTable(blocks=tuple(blocks), shared=tuple(shared_data), total_static_bytes=total_static,
-                                       transient_bytes=transient)
+                                       transient_bytes=transient, first_input_bytes=max(0.0, first))
         return self._blocks[key]
 
     # --- the enumeration ------------------------------------------------------------------
@@ -493,6 +499,13 @@ class _Search:
             dp_beta = (ev.cost_model.collective_time("all_reduce", 1e9, group) - dp_alpha) / 1e9
         starts = tuple(self.pg.block_index(m) for m in self.pins.split_at)
         hint = self._hint(blocks, K, c)
+        inflight = schedule_inflight(
+            c.schedule, c.pp, inflight_horizon(c.schedule, c.pp, c.microbatches, c.virtual_stages), c.virtual_stages
+        )
+        # The blocks' input_bytes leave out what a recomputed stage's first block keeps beyond them: keep the
+        # most that can be free on every rank, per micro-batch its stages hold in flight (conservative).
+        first = 0.0 if self.pins.recompute is False else table.first_input_bytes * max(
+            sum(p) for rank in inflight for p in rank)
         problem = StageProblem(
             blocks=blocks,
             edges=tuple((e.src, e.dst) for e in self.pg.edges),
@@ -501,10 +514,8 @@ class _Search:
             pp=c.pp,
             virtual_stages=c.virtual_stages,
             microbatches=c.microbatches,
-            inflight=schedule_inflight(
-                c.schedule, c.pp, inflight_horizon(c.schedule, c.pp, c.microbatches, c.virtual_stages), c.virtual_stages
-            ),
-            memory_limit=self.limit - table.transient_bytes,
+            inflight=inflight,
+            memory_limit=self.limit - table.transient_bytes - first,
             send_alpha=tuple(alphas),
             send_beta=tuple(betas),
             dp_alpha=dp_alpha,
