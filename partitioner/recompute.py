@@ -78,8 +78,12 @@ too counts 0. Summed over a stage that recomputes every block it is exact but fo
 stage's first block, where it is optimistic by ``(1 - 1/tp)`` of the ``Q`` tensors the
 previous block makes and by the storages the previous block keeps too (on Llama-2 70B,
 the mask and ``cos``/``sin``, 18 MiB per micro-batch at 4096 tokens), per micro-batch in
-flight. ``BlockCost.whole_input_bytes`` is what a block keeps when it begins its stage. The
-evaluator prices every plan with ``in(R, S)`` and decides whether it fits.
+flight. ``BlockCost.whole_input_bytes`` is what a block keeps when it begins its stage; the
+search keeps the most of that excess over any block free in the ILP's memory limit, once per
+micro-batch in flight on a rank (``BlockTable.first_input_bytes`` in solver/search.py), so the
+ILP's memory constraint is conservative there rather than optimistic (an ILP plan that the
+evaluator finds too big is dropped). The evaluator prices every plan with ``in(R, S)`` and
+decides whether it fits.
 Not priced yet: ``cos``/``sin`` and the mask are counted per sample, though they have no
 batch dim (exact at one sample per micro-batch, the capture's batch).
 
