@@ -254,6 +254,36 @@ def test_a_stage_recomputing_every_block_keeps_each_block_s_inputs(name, pp):
         assert act == kept[1], (kept[1], act)
 
 
+@pytest.mark.parametrize("sequence_parallel", [True, False])
+def test_the_ilp_s_kept_inputs_and_its_first_block_margin_cover_the_evaluator_s(sequence_parallel):
+    """[Note: a recomputed block's inputs]: for every stage of consecutive blocks that recomputes them all,
+    the figures the stage ILP adds per block (``input_bytes``) and the most any block keeps beyond its figure
+    when it begins a stage (what the search keeps free per micro-batch in flight) are not below what the
+    evaluator counts, each storage once; and the excess is the first block's alone: stages that differ
+    only in their first block differ by it. On llama-tiny at tp=2 with and without sequence parallelism
+    (its layers read the causal mask, cos and sin)."""
+    from partitioner.evaluate import kept_inputs_bytes
+    from partitioner.sharding import megatron_sharding
+
+    lm = load_model("llama-tiny", dtype="bf16")
+    cap = capture(lm.model, lm.example_inputs, name=lm.name, batch_size=lm.batch_size)
+    ev = prepare(cap, cluster=Cluster.preset("dgx-a100-80g", 1), global_batch=GLOBAL_BATCH)
+    costs = [ev.block_cost(b, 1, 2, megatron_sharding(cap, 2, sequence_parallel)) for b in ev.pgraph.blocks]
+    margin = max(c.whole_input_bytes - c.input_bytes for c in costs)
+    layers = [b.index for b in ev.pgraph.blocks if b.is_layer]
+    mask = {k.storage for k in costs[layers[0]].inputs} & {k.storage for k in costs[layers[-1]].inputs}
+    assert len(mask) == 3, mask  # the mask, cos and sin, read by every layer
+    n = len(costs)
+    for i in range(n):
+        for j in range(i + 1, n + 1):
+            stage = range(i, j)
+            exact = kept_inputs_bytes(stage, costs[i:j], set(stage))
+            per_block = sum(c.input_bytes for c in costs[i:j])
+            assert exact <= per_block + margin, (i, j, exact, per_block, margin)
+            # Past the first block each block adds its input_bytes exactly.
+            assert exact == pytest.approx(costs[i].whole_input_bytes + per_block - costs[i].input_bytes), (i, j)
+
+
 def test_a_replay_is_priced_beside_its_own_blocks_gradients_not_the_largest_of_any_block() -> None:
     """The blocks back-propagate one at a time ([Note: recompute per block]): a block's replay is live with its
     own nodes' gradients, never with another block's (a head's logits gradient beside a layer's replay)."""
