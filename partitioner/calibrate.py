@@ -66,6 +66,16 @@ median:
   tensors of different counts and sizes; ``t = T a_tensor + 16 P / B_opt``
   (weight, gradient, and Adam's two moments, 4 bytes each per parameter)
   fitted by non-negative least squares on relative error;
+* FSDP: a stack of ``n`` tiny linear units run plainly and with each unit and
+  the root under ``fully_shard`` over every rank as ZeRO-2 does
+  (``reshard_after_forward=False``), forward and backward timed apart in
+  interleaved rounds; ``a_fsdp = (t_fsdp - t_plain) / n - g`` for the forward
+  and ``a_fsdp_bwd = (t_fsdp - t_plain) / n - r`` for the backward, where ``g``
+  and ``r`` are the unit's all-gather and reduce-scatter on the measured link
+  (what the evaluator prices apart, one per unit), each at least 0; then AdamW
+  steps both models' parameters, and ``a_opt_dtensor = (t_fsdp - t_plain) / T``
+  over their ``T`` tensors (the sizes are tiny: the difference is DTensor's
+  dispatch per tensor, not bytes);
 * the overlap: a GEMM loop alone (``t_c``), an all-reduce of a few MiB alone
   (``t_r``) and the all-reduce launched asynchronously while the loop runs
   (``t_b``): ``c = (t_c + t_r - t_b) / min(t_c, t_r)``, clipped to [0, 1].
@@ -104,6 +114,8 @@ __all__ = [
     "tp_node_overheads",
     "optimizer_overheads",
     "comm_overlap",
+    "FsdpSample",
+    "fsdp_overheads",
     "measure_overheads",
     "calibrated_cluster",
     "DEFAULT_SIZES",
@@ -484,6 +496,84 @@ def _optimizer_samples(device: torch.device, reps: int) -> list[tuple[int, int, 
     return out
 
 
+@dataclass(frozen=True, slots=True)
+class FsdpSample:
+    """The FSDP experiment's medians (slowest rank): ``units`` tiny linear units, plainly and under FSDP2."""
+
+    units: int  # n: FSDP units (each one linear layer; the root holds no parameters)
+    ranks: int  # the dp group: every rank
+    unit_bytes: int  # one unit's weights (and fp32 gradients), whole
+    tensors: int  # T: parameter tensors the optimizer steps
+    plain_forward_s: float
+    plain_backward_s: float
+    fsdp_forward_s: float
+    fsdp_backward_s: float
+    plain_optimizer_s: float
+    fsdp_optimizer_s: float
+
+
+def fsdp_overheads(sample: FsdpSample, link: LinkFit | None) -> tuple[float, float, float]:
+    """``(a_fsdp, a_fsdp_bwd, a_opt_dtensor)`` from the FSDP experiment ([Note: measuring overheads]): the
+    per-unit time beyond plain, less the unit's collective on ``link`` (None: not subtracted)."""
+    def on_link(kind: str) -> float:
+        if link is None:
+            return 0.0
+        steps, factor = ring_coefficients(kind, sample.ranks)
+        return steps * link.latency + factor * sample.unit_bytes / link.bandwidth
+
+    n = sample.units
+    forward = (sample.fsdp_forward_s - sample.plain_forward_s) / n - on_link("all_gather")
+    backward = (sample.fsdp_backward_s - sample.plain_backward_s) / n - on_link("reduce_scatter")
+    optimizer = (sample.fsdp_optimizer_s - sample.plain_optimizer_s) / sample.tensors
+    return max(0.0, forward), max(0.0, backward), max(0.0, optimizer)
+
+
+FSDP_UNITS = 8  # n: units of the FSDP experiment
+FSDP_WIDTH = 16  # each unit a Linear(width, width)
+
+
+def _fsdp_sample(device: torch.device, reps: int) -> FsdpSample:
+    """Time the FSDP experiment on every rank at once ([Note: measuring overheads])."""
+    import copy
+
+    from torch.distributed.device_mesh import init_device_mesh
+    from torch.distributed.fsdp import fully_shard
+
+    torch.manual_seed(0)
+    plain = torch.nn.Sequential(*(torch.nn.Linear(FSDP_WIDTH, FSDP_WIDTH) for _ in range(FSDP_UNITS))).to(device)
+    sharded = copy.deepcopy(plain)
+    mesh = init_device_mesh(device.type, (dist.get_world_size(),), mesh_dim_names=("dp",))["dp"]
+    for unit in sharded:
+        fully_shard(unit, mesh=mesh, reshard_after_forward=False)  # ZeRO-2, as the runtime shards it
+    fully_shard(sharded, mesh=mesh, reshard_after_forward=False)
+    x = torch.randn(4, FSDP_WIDTH, device=device)
+    models = {"plain": plain, "fsdp": sharded}
+    optimizers = {k: adamw_factory(device)(list(m.parameters())) for k, m in models.items()}
+    times: dict[str, list[list[float]]] = {k: [[], [], []] for k in models}
+
+    def one(name: str, record: bool) -> None:
+        model, opt = models[name], optimizers[name]
+        held: list[torch.Tensor] = []
+        passes = (lambda: held.append(model(x)), lambda: held.pop().sum().backward(), opt.step)
+        for i, fn in enumerate(passes):
+            dist.barrier()
+            t0 = time.perf_counter()
+            fn()
+            _sync(device)
+            t = _slowest(time.perf_counter() - t0, device)
+            if record:
+                times[name][i].append(t)
+        opt.zero_grad(set_to_none=False)
+
+    for r in range(2 + reps):  # two warm-up rounds, then interleaved rounds: each sees the same spread of load
+        for name in models:
+            one(name, r >= 2)
+    med = {k: [statistics.median(v) for v in ts] for k, ts in times.items()}
+    unit_bytes = sum(p.numel() * p.element_size() for p in plain[0].parameters())
+    return FsdpSample(FSDP_UNITS, dist.get_world_size(), unit_bytes, len(list(plain.parameters())),
+                      med["plain"][0], med["plain"][1], med["fsdp"][0], med["fsdp"][1], med["plain"][2], med["fsdp"][2])
+
+
 def comm_overlap(device: torch.device, reps: int) -> float:
     """``c``: the share of an all-reduce that runs beside compute ([Note: measuring overheads])."""
     n = 256 if device.type == "cpu" else 4096
@@ -514,10 +604,12 @@ def measure_overheads(device: torch.device, link: LinkFit | None, reps: int, slo
     node, node_b, dt, dt_b = tp_node_overheads(device, reps)
     tensor_s, bandwidth = optimizer_overheads(_optimizer_samples(device, reps))
     overlap = comm_overlap(device, reps)
+    fsdp_f, fsdp_b, opt_dt = fsdp_overheads(_fsdp_sample(device, max(reps, 7)), link)
     us = lambda x: _sig(x * 1e6)  # noqa: E731  # the file's units: exact when read back
     return Overheads.from_file(dict(
         action_us=us(action), step_us=us(step), tp_node_forward_us=us(node), tp_node_backward_us=us(node_b),
         dtensor_op_forward_us=us(dt), dtensor_op_backward_us=us(dt_b), optimizer_tensor_us=us(tensor_s),
+        optimizer_dtensor_us=us(opt_dt), fsdp_unit_forward_us=us(fsdp_f), fsdp_unit_backward_us=us(fsdp_b),
         optimizer_gbps=_sig(bandwidth / 1e9), comm_overlap=round(overlap, 3), compute_slowdown=round(slowdown, 3)))
 
 

@@ -316,19 +316,22 @@ class Evaluator:
     def optimizer_time(self, params: Iterable[str], tp: int, dp: int, split_params: Set[str],
                        dp_group: Sequence[int]) -> float:
         """``t_opt`` of one rank's share of ``params`` ([Note: software overheads]): ``T a_tensor +
-        P (w + g + o) / B_opt`` over the tensors it updates, and under ZeRO-1 one broadcast per tensor from
+        P (w + g + o) / B_opt`` over the tensors it updates (under ZeRO-2/3 every tensor's shard, each
+        also paying ``a_opt_dtensor``), and under ZeRO-1 one broadcast per tensor from
         its owner, priced as an all-gather of the tensor's ``1/dp`` share. 0 on an uncalibrated cluster."""
         o = self.overheads
-        if o.optimizer_tensor_s == 0.0 and o.optimizer_bandwidth == 0.0:
+        if o.optimizer_tensor_s == 0.0 and o.optimizer_bandwidth == 0.0 and o.optimizer_dtensor_s == 0.0:
             return 0.0
         table = self.captured.params
         mine = sorted(p for p in params if table[p].trainable and not table[p].is_buffer)  # a fixed sum order
         level = dp_spec(self.training.dp_sharding)
         share = dp if dp > 1 and level.shards_optimizer else 1
+        fsdp = dp > 1 and level.uses_fsdp  # every rank updates every tensor's 1/dp shard, a DTensor
         elements = sum(table[p].numel // (tp if p in split_params else 1) for p in mine)
         per_param = table[mine[0]].bytes // max(1, table[mine[0]].numel) if mine else 0
         spec = self.optimizer
-        t = o.optimizer_time(len(mine) / share, elements / share, per_param + spec.grad_bytes + spec.state_bytes)
+        t = o.optimizer_time(len(mine) if fsdp else len(mine) / share, elements / share,
+                             per_param + spec.grad_bytes + spec.state_bytes, dtensors=fsdp)
         if share > 1 and not level.uses_fsdp:  # ZeroRedundancyOptimizer broadcasts each updated tensor
             t += sum(self.cost_model.collective_time(
                 "all_gather", table[p].bytes / (tp if p in split_params else 1) / dp, dp_group) for p in mine)
@@ -450,7 +453,11 @@ class Evaluator:
         [Note: FSDP prefetch overlap]
         Per micro-batch the stage all-gathers its weights in forward (and again in backward under
         ZeRO-3) and reduce-scatters its gradients in backward, unit by unit, over the dp group,
-        priced with the cluster's link model. FSDP2 prefetches the next unit's all-gather while
+        priced with the cluster's link model: one collective per unit, so ``X`` is the sum of the
+        units' collectives and pays the link's latency ``n`` times. Each unit also pays FSDP's
+        software cost per pass, measured by calibration (``a_fsdp`` per forward and per ZeRO-3
+        regather, ``a_fsdp_bwd`` per backward: [Note: software overheads]), on top of the exposed
+        collectives: it is the rank's own work, which nothing hides. FSDP2 prefetches the next unit's all-gather while
         the current unit computes, so the collectives of all units but one overlap that pass's
         compute: with ``n`` units, a pass with compute ``C`` and collectives ``X`` exposes
         ``X / n + max(0, X (n - 1) / n - C)`` (the first unit's gather, or the last unit's
@@ -485,20 +492,23 @@ class Evaluator:
         else:
             held = wbytes(root) + sum(unit_w)
         transient = held + gbytes(root) + unit_g
-        all_w = wbytes(root) + sum(unit_w)
-        all_g = gbytes(root) + sum(gbytes(u) for u in units)
-        gather, scatter = self.fsdp_collectives(all_w, all_g, mesh.dp_group(stage_rank_index))
+        group = mesh.dp_group(stage_rank_index)
+        gather = scatter = 0.0
+        for u in ([root] if root else []) + units:  # one all-gather and one reduce-scatter per unit
+            g, r = self.fsdp_collectives(wbytes(u), gbytes(u), group)
+            gather, scatter = gather + g, scatter + r
         n = len(units) + (1 if root else 0)
 
-        overlap = self.overheads.comm_overlap
+        o = self.overheads
+        overlap = o.comm_overlap
 
         def exposed(x: float, compute: float) -> float:
             hidden = compute if overlap == 1.0 else overlap * compute  # [Note: software overheads]
             return x / n + max(0.0, x * (n - 1) / n - hidden) if n else 0.0
 
         gathers = level.gathers_per_microbatch
-        f = exposed(gather, fwd)
-        b = exposed(gather * (gathers - 1) + scatter, bwd)
+        f = exposed(gather, fwd) + n * o.fsdp_unit_s
+        b = exposed(gather * (gathers - 1) + scatter, bwd) + n * (o.fsdp_unit_backward_s + (gathers - 1) * o.fsdp_unit_s)
         return transient, f, b, gather * gathers + scatter
 
     @property
@@ -811,7 +821,7 @@ class Evaluator:
             replay = recompute_terms(spec, work)[1]
             action = self.overheads.action_s
             # What the stage's actions take beyond compute, tp and the per-action overhead: ZeRO-2/3's
-            # exposed gathers and scatters.
+            # exposed gathers and scatters, and FSDP's per-unit software cost.
             extra = 0.0
             if dp_spec(self.training.dp_sharding).uses_fsdp and mesh.dp > 1:
                 extra = costs[s].forward_s + costs[s].backward_s - 2 * action - (cf + tf) - (cb + tb) - replay
