@@ -70,6 +70,8 @@ LAYOUTS = (
     _layout("gpt2-tiny pp2 dp2 zero1", "gpt2-tiny", 4, "pp=2,tp=1,dp=2", "1f1b", 4, "--zero1"),
     _layout("llama-tiny pp2 1f1b", "llama-tiny", 2, "pp=2,tp=1,dp=1", "1f1b"),
     _layout("llama-tiny dp2 zero1", "llama-tiny", 2, "pp=1,tp=1,dp=2", "1f1b", 4, "--zero1"),
+    # FSDP pinned: --zero1 is only the least the search shards, and on a calibrated CPU it keeps ZeRO-1.
+    _layout("llama-tiny dp2 zero3", "llama-tiny", 2, "pp=1,tp=1,dp=2", "1f1b", 4, "--dp-sharding", "zero3"),
     _layout("llama-tiny pp4 1f1b", "llama-tiny", 4, "pp=4,tp=1,dp=1", "1f1b"),
     _layout("llama-tiny tp2", "llama-tiny", 2, "pp=1,tp=2,dp=1", "1f1b", 4),
     _layout("mlp pp2 gpipe", "mlp", 2, "pp=2,tp=1,dp=1", "gpipe"),
