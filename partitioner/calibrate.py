@@ -67,15 +67,21 @@ median:
   (weight, gradient, and Adam's two moments, 4 bytes each per parameter)
   fitted by non-negative least squares on relative error;
 * FSDP: a stack of ``n`` tiny linear units run plainly and with each unit and
-  the root under ``fully_shard`` over every rank as ZeRO-2 does
-  (``reshard_after_forward=False``), forward and backward timed apart in
+  the root under ``fully_shard`` as ZeRO-2 does (``reshard_after_forward=False``)
+  over pairs of ranks, every pair at once (with 2 ranks, the one pair; an odd
+  world: one group of all), forward and backward timed apart in
   interleaved rounds; ``a_fsdp = (t_fsdp - t_plain) / n - g`` for the forward
   and ``a_fsdp_bwd = (t_fsdp - t_plain) / n - r`` for the backward, where ``g``
   and ``r`` are the unit's all-gather and reduce-scatter on the measured link
   (what the evaluator prices apart, one per unit), each at least 0; then AdamW
   steps both models' parameters, and ``a_opt_dtensor = (t_fsdp - t_plain) / T``
   over their ``T`` tensors (the sizes are tiny: the difference is DTensor's
-  dispatch per tensor, not bytes);
+  dispatch per tensor, not bytes). Pairs, because a dp group's collectives wait
+  for each of its ranks to be scheduled: on 4 ranks sharing 2 cores one group
+  of 4 measured ``a_fsdp`` 11.5 ms, pairs 2.8 ms, and a pp2 x dp2 plan
+  (dp groups of 2) ran as the pairs predict. A larger dp group is priced with
+  the pairs' software cost and its own link terms, an under-estimate where its
+  ranks share cores;
 * the overlap: a GEMM loop alone (``t_c``), an all-reduce of a few MiB alone
   (``t_r``) and the all-reduce launched asynchronously while the loop runs
   (``t_b``): ``c = (t_c + t_r - t_b) / min(t_c, t_r)``, clipped to [0, 1].
@@ -501,7 +507,7 @@ class FsdpSample:
     """The FSDP experiment's medians (slowest rank): ``units`` tiny linear units, plainly and under FSDP2."""
 
     units: int  # n: FSDP units (each one linear layer; the root holds no parameters)
-    ranks: int  # the dp group: every rank
+    ranks: int  # the dp group's size (FSDP_GROUP, or every rank of an odd world)
     unit_bytes: int  # one unit's weights (and fp32 gradients), whole
     tensors: int  # T: parameter tensors the optimizer steps
     plain_forward_s: float
@@ -530,6 +536,7 @@ def fsdp_overheads(sample: FsdpSample, link: LinkFit | None) -> tuple[float, flo
 
 FSDP_UNITS = 8  # n: units of the FSDP experiment
 FSDP_WIDTH = 16  # each unit a Linear(width, width)
+FSDP_GROUP = 2  # the dp group of the FSDP experiment: pairs of ranks, every pair at once
 
 
 def _fsdp_sample(device: torch.device, reps: int) -> FsdpSample:
@@ -542,7 +549,10 @@ def _fsdp_sample(device: torch.device, reps: int) -> FsdpSample:
     torch.manual_seed(0)
     plain = torch.nn.Sequential(*(torch.nn.Linear(FSDP_WIDTH, FSDP_WIDTH) for _ in range(FSDP_UNITS))).to(device)
     sharded = copy.deepcopy(plain)
-    mesh = init_device_mesh(device.type, (dist.get_world_size(),), mesh_dim_names=("dp",))["dp"]
+    world = dist.get_world_size()
+    pairs = world // FSDP_GROUP if world % FSDP_GROUP == 0 else 0
+    mesh = (init_device_mesh(device.type, (pairs, FSDP_GROUP), mesh_dim_names=("rest", "dp")) if pairs > 1
+            else init_device_mesh(device.type, (world,), mesh_dim_names=("dp",)))["dp"]
     for unit in sharded:
         fully_shard(unit, mesh=mesh, reshard_after_forward=False)  # ZeRO-2, as the runtime shards it
     fully_shard(sharded, mesh=mesh, reshard_after_forward=False)
@@ -570,7 +580,7 @@ def _fsdp_sample(device: torch.device, reps: int) -> FsdpSample:
             one(name, r >= 2)
     med = {k: [statistics.median(v) for v in ts] for k, ts in times.items()}
     unit_bytes = sum(p.numel() * p.element_size() for p in plain[0].parameters())
-    return FsdpSample(FSDP_UNITS, dist.get_world_size(), unit_bytes, len(list(plain.parameters())),
+    return FsdpSample(FSDP_UNITS, mesh.size(), unit_bytes, len(list(plain.parameters())),
                       med["plain"][0], med["plain"][1], med["fsdp"][0], med["fsdp"][1], med["plain"][2], med["fsdp"][2])
 
 
