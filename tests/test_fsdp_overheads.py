@@ -78,7 +78,8 @@ def _priced(captured, overheads: Overheads, level: str):
     ev = prepare(captured, cluster=_cpu_cluster(overheads), global_batch=8, dtype="fp32", dp_sharding=level)
     stages = [StageSpec(tuple(range(len(ev.pgraph.blocks))))]
     mesh, schedule = Mesh(1, 1, 2), Schedule("1f1b", 4, 1)
-    return ev, stages, mesh, ev.stage_costs(stages, mesh, schedule, {}), ev.make_plan(stages, mesh, schedule, method="manual")[0]
+    plan = ev.make_plan(stages, mesh, schedule, method="manual")[0]
+    return ev, stages, mesh, ev.stage_costs(stages, mesh, schedule, {}), plan
 
 
 @pytest.mark.parametrize("level", ["zero2", "zero3"])
@@ -128,4 +129,5 @@ def test_zero1_is_no_longer_priced_into_fsdp_on_a_calibrated_cpu(llama):
     assert chosen.training.dp_sharding == "zero1"
     fsdp = plan_parallelism(llama, dp_sharding="zero2", **kw).plan
     assert fsdp.training.dp_sharding in ("zero2", "zero3")
-    assert fsdp.predicted.step_time_s > chosen.predicted.step_time_s + 4 * 3 * (FSDP["fsdp_unit_s"] + FSDP["fsdp_unit_backward_s"])
+    software = 4 * 3 * (FSDP["fsdp_unit_s"] + FSDP["fsdp_unit_backward_s"])  # 4 micro-batches, at least 3 units
+    assert fsdp.predicted.step_time_s > chosen.predicted.step_time_s + software
