@@ -44,8 +44,9 @@ rank updates ``T_s`` parameter tensors of ``P_s`` elements:
   partitioner/recompute.py), per micro-batch: ``F += C_s a_ckpt`` and
   ``B += C_s a_ckpt_bwd`` with ``C_s`` the stage's calls: the checkpoint's own
   machinery (its saved-tensor hooks, the RNG state it keeps and restores, the replay's
-  set-up), beyond the replayed forward the cost model prices. On this CPU it is about
-  0.15 ms and 0.23 ms a call, larger than a tiny block's own compute;
+  set-up), beyond the replayed forward the cost model prices. On the 2-core CPU of
+  development, ``autopart calibrate``'s experiment gave 0.11-0.13 ms and 0.7-0.9 ms a call
+  (under other jobs' load), more than a tiny block's own compute;
 * the exposed data-parallel reduction of ``R`` seconds launched with a last
   backward of ``b`` seconds: ``R - c min(R, b)`` with ``c = comm_overlap``,
   the fraction of compute that a collective can run beside (``c = 1``, the
