@@ -638,6 +638,9 @@ class Evaluator:
             )
             _, replay, _ = recompute_terms(spec, costs)  # [Note: recompute per block] in recompute.py
             bwd += replay
+            calls = checkpoint_calls(spec, costs)  # [Note: software overheads]: each checkpoint's own cost
+            fwd += calls * self.overheads.checkpoint_s
+            bwd += calls * self.overheads.checkpoint_backward_s
             names = {p for b in spec.blocks for p in self.pgraph.blocks[b].params}
             mem = self.stage_memory(s, stages, costs, mesh, schedule, crossing, sorted(names), split_params)
             transient = 0.0
@@ -854,6 +857,9 @@ class Evaluator:
             tf = sum(c.tp_comm.forward_s for c in work)
             tb = sum(c.tp_comm.backward_s for c in work)
             replay = recompute_terms(spec, work)[1]
+            calls = checkpoint_calls(spec, work)
+            cf += calls * self.overheads.checkpoint_s  # the checkpoints' own cost: in the passes that pay it
+            replay += calls * self.overheads.checkpoint_backward_s
             action = self.overheads.action_s
             # What the stage's actions take beyond compute, tp and the per-action overhead: ZeRO-2/3's
             # exposed gathers and scatters, and FSDP's per-unit software cost.
@@ -974,6 +980,15 @@ def recompute_terms(spec: StageSpec, costs: Sequence[BlockCost]) -> tuple[float,
         else:
             act += c.saved_bytes
     return act, replay, work
+
+
+def checkpoint_calls(spec: StageSpec, costs: Sequence[BlockCost]) -> int:
+    """How many ``torch.utils.checkpoint`` calls one micro-batch of the stage makes: one per recomputed
+    block, and with ``selective`` one per other block with an attention core ([Note: recompute in the
+    runtime] in recompute.py). Each costs the checkpoint's own machinery ([Note: software overheads])."""
+    chosen = set(spec.recompute)
+    return len(chosen) + (sum(1 for b, c in zip(spec.blocks, costs) if b not in chosen and c.core_forward_s > 0)
+                          if spec.selective else 0)
 
 
 def backward_work(spec: StageSpec, costs: Sequence[BlockCost], node_bytes: Sequence[float]) -> float:
