@@ -39,7 +39,6 @@ rank updates ``T_s`` parameter tensors of ``P_s`` elements:
   reads and writes each), and under ZeRO-1 ``T_s`` and ``P_s`` are divided
   over dp and each tensor is broadcast from its owner (priced by the link as
   an all-gather of the tensor's ``1/dp`` share);
-<<<<<<< HEAD
 * per FSDP unit under ZeRO-2/3 (``dp > 1``: fully_shard's hooks, the copy-in
   and copy-out around each collective, DTensor's wrapping of the unit's
   parameters; the collectives themselves are priced by the link, one per
@@ -52,7 +51,6 @@ rank updates ``T_s`` parameter tensors of ``P_s`` elements:
   ``T_s`` tensors (each a ``1/dp`` shard), ``t_opt = T_s (a_tensor + a_opt_dtensor)
   + (P_s / dp) (w + g + o) / B_opt``: each tensor's update runs through
   DTensor's dispatch, once per op of the single-tensor AdamW;
-=======
 * per ``torch.utils.checkpoint`` call (each recomputed block, and with selective
   recomputation each other block's attention core; [Note: recompute in the runtime] in
   partitioner/recompute.py), per micro-batch: ``F += C_s a_ckpt`` and
@@ -61,7 +59,6 @@ rank updates ``T_s`` parameter tensors of ``P_s`` elements:
   set-up), beyond the replayed forward the cost model prices. On the 2-core CPU of
   development, ``autopart calibrate``'s experiment gave 0.11-0.13 ms and 0.7-0.9 ms a call
   (under other jobs' load), more than a tiny block's own compute;
->>>>>>> main
 * the exposed data-parallel reduction of ``R`` seconds launched with a last
   backward of ``b`` seconds: ``R - c min(R, b)`` with ``c = comm_overlap``,
   the fraction of compute that a collective can run beside (``c = 1``, the

@@ -66,7 +66,6 @@ median:
   tensors of different counts and sizes; ``t = T a_tensor + 16 P / B_opt``
   (weight, gradient, and Adam's two moments, 4 bytes each per parameter)
   fitted by non-negative least squares on relative error;
-<<<<<<< HEAD
 * FSDP: a stack of ``n`` tiny linear units run plainly and with each unit and
   the root under ``fully_shard`` as ZeRO-2 does (``reshard_after_forward=False``)
   over pairs of ranks, every pair at once (with 2 ranks, the one pair; an odd
@@ -83,13 +82,11 @@ median:
   (dp groups of 2) ran as the pairs predict. A larger dp group is priced with
   the pairs' software cost and its own link terms, an under-estimate where its
   ranks share cores;
-=======
 * checkpointing: a chain of ``N`` small linear blocks run plainly and with each block
   under ``torch.utils.checkpoint`` (non-reentrant, as the runtime recomputes), forward
   alone and forward with backward: ``a_ckpt = (t_f,ckpt - t_f) / N`` and
   ``a_ckpt_bwd = ((t_fb,ckpt - t_f,ckpt) - (t_fb - t_f) - t_f) / N``, the backward's
   excess less the forward it replays, each at least 0;
->>>>>>> main
 * the overlap: a GEMM loop alone (``t_c``), an all-reduce of a few MiB alone
   (``t_r``) and the all-reduce launched asynchronously while the loop runs
   (``t_b``): ``c = (t_c + t_r - t_b) / min(t_c, t_r)``, clipped to [0, 1].
@@ -512,7 +509,6 @@ def _optimizer_samples(device: torch.device, reps: int) -> list[tuple[int, int, 
     return out
 
 
-<<<<<<< HEAD
 @dataclass(frozen=True, slots=True)
 class FsdpSample:
     """The FSDP experiment's medians (slowest rank): ``units`` tiny linear units, plainly and under FSDP2."""
@@ -593,7 +589,8 @@ def _fsdp_sample(device: torch.device, reps: int) -> FsdpSample:
     unit_bytes = sum(p.numel() * p.element_size() for p in plain[0].parameters())
     return FsdpSample(FSDP_UNITS, mesh.size(), unit_bytes, len(list(plain.parameters())),
                       med["plain"][0], med["plain"][1], med["fsdp"][0], med["fsdp"][1], med["plain"][2], med["fsdp"][2])
-=======
+
+
 def checkpoint_overheads(device: torch.device, reps: int) -> tuple[float, float]:
     """``(a_ckpt, a_ckpt_bwd)``: what one ``torch.utils.checkpoint`` call adds to a block's forward and
     to its backward beyond the replayed forward ([Note: measuring overheads])."""
@@ -622,7 +619,6 @@ def checkpoint_overheads(device: torch.device, reps: int) -> tuple[float, float]
     (f, fb), (fc, fbc) = times[False], times[True]
     n = CHECKPOINT_CHAIN
     return max(0.0, (fc - f) / n), max(0.0, ((fbc - fc) - (fb - f) - f) / n)
->>>>>>> main
 
 
 def comm_overlap(device: torch.device, reps: int) -> float:
@@ -661,13 +657,9 @@ def measure_overheads(device: torch.device, link: LinkFit | None, reps: int, slo
     return Overheads.from_file(dict(
         action_us=us(action), step_us=us(step), tp_node_forward_us=us(node), tp_node_backward_us=us(node_b),
         dtensor_op_forward_us=us(dt), dtensor_op_backward_us=us(dt_b), optimizer_tensor_us=us(tensor_s),
-<<<<<<< HEAD
         optimizer_dtensor_us=us(opt_dt), fsdp_unit_forward_us=us(fsdp_f), fsdp_unit_backward_us=us(fsdp_b),
-        optimizer_gbps=_sig(bandwidth / 1e9), comm_overlap=round(overlap, 3), compute_slowdown=round(slowdown, 3)))
-=======
         optimizer_gbps=_sig(bandwidth / 1e9), checkpoint_forward_us=us(ckpt), checkpoint_backward_us=us(ckpt_b),
         comm_overlap=round(overlap, 3), compute_slowdown=round(slowdown, 3)))
->>>>>>> main
 
 
 def _sig(x: float) -> float:
