@@ -12,14 +12,17 @@ beside it so that ``autopart explain --measured RUN.json`` can show where each o
 
     python -m benchmarks.fidelity [--report benchmarks/results/YYYY-MM-DD-fidelity.md] [--steps 10]
         [--warmup 2] [--only TEXT] [--no-calibrate] [--calibrate-each] [--also-without-overheads]
-        [--cache PATH] [--force] [--memory-only] [--record-margin]
+        [--cache PATH] [--force] [--memory-only] [--profile] [--record-margin]
 
 ``--memory-only`` measures peak memory alone, which does not depend on the machine's load: each
 layout is planned on the ``local-cpu:N`` preset without profiling and run for one step after one
-warm-up (the meter watches the first step and a steady one). ``--record-margin`` writes the worst
-excess of a measured peak over its prediction into ``cost_models/memory_margin.json``, with this
-command and the report, as the memory margin every plan adds to its predicted peak (item 5 of
-issue 12; cost_models/memory.py, ``recorded_margin``).
+warm-up (the meter watches the first step and a steady one). ``--memory-only --profile`` measures
+the memory of the plans the time figures use: each layout is planned as the full benchmark plans
+it (``--profile`` on the cluster ``autopart calibrate`` measured, once per world size, or on
+``local-cpu:N`` with ``--no-calibrate``) and run for one step after one warm-up.
+``--record-margin`` writes the worst excess of a measured peak over its prediction into
+``cost_models/memory_margin.json``, with this command and the report, as the memory margin every
+plan adds to its predicted peak (item 5 of issue 12; cost_models/memory.py, ``recorded_margin``).
 
 Nothing here is tuned: the predictions are what the planner writes into the plan.
 """
@@ -272,12 +275,18 @@ def main(argv: Sequence[str] | None = None) -> int:
     ap.add_argument("--force", action="store_true", help="let --report overwrite an existing file")
     ap.add_argument("--memory-only", action="store_true",
                     help="peak memory alone: plan on local-cpu:N without profiling, run 1 step after 1 warm-up")
+    ap.add_argument("--profile", action="store_true",
+                    help="with --memory-only: plan as the time figures do (--profile, on a calibrated cluster "
+                         "unless --no-calibrate), so that the peak memory of the profiled plans is measured")
     ap.add_argument("--record-margin", action="store_true",
                     help="write the worst measured excess over the predicted peak to cost_models/memory_margin.json "
                          "(needs --report and every layout)")
     args = ap.parse_args(argv)
+    if args.profile and not args.memory_only:
+        raise SystemExit("fidelity: --profile goes with --memory-only (the full benchmark always plans with --profile)")
     if args.memory_only:
-        args.no_calibrate, args.steps, args.warmup = True, 1, 1
+        args.steps, args.warmup = 1, 1
+        args.no_calibrate = args.no_calibrate or not args.profile
     if args.record_margin and (args.report is None or args.only is not None):
         raise SystemExit("fidelity: --record-margin needs --report (the margin names its source) and every layout "
                          "(no --only)")
@@ -300,7 +309,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             if args.calibrate_each and not args.no_calibrate:
                 clusters[layout.world] = str(calibrate(layout.world, keep / f"calibrated-{layout.name.replace(' ', '-')}.toml"))
             o = measure(layout, clusters[layout.world], cache, keep, args.steps, args.warmup,
-                        profile=not args.memory_only, bare=args.also_without_overheads)
+                        profile=args.profile or not args.memory_only, bare=args.also_without_overheads)
         except RunFailed as exc:  # recorded, not retried: a flaky layout should show
             failed.append(f"{layout.name}: {exc}")
             print(f"{layout.name}: {exc}", flush=True)
@@ -331,9 +340,14 @@ def main(argv: Sequence[str] | None = None) -> int:
     if report is not None:
         command = "python -m benchmarks.fidelity " + " ".join(shlex.quote(a) for a in (argv if argv is not None else sys.argv[1:]))
         where = keep.relative_to(ROOT) if keep.is_relative_to(ROOT) else keep
+        planned = (
+            "planned as the time figures plan it (`autopart plan --profile` with the layout's flags, on "
+            + ("the `local-cpu:N` preset" if args.no_calibrate else "the cluster `autopart calibrate` measured, once "
+               "per world size") + ")"
+            if args.profile else
+            "planned on the `local-cpu:N` preset without profiling (`autopart plan` with the layout's flags)")
         memory_how = (
-            "Memory only: each layout is planned on the `local-cpu:N` preset without profiling (`autopart plan` with "
-            "the layout's flags) and run with `autopart run --steps 1 --warmup 1 --json` (gloo, one thread per rank). "
+            f"Memory only: each layout is {planned} and run with `autopart run --steps 1 --warmup 1 --json` (gloo, one thread per rank). "
             "The error is predicted / measured - 1. Peak memory is measured by the dispatch-mode storage meter "
             "(partitioner/measure.py) over the first step and a steady one; it does not depend on the machine's load. "
             f"Plans and runs are in `{where}/`; `autopart explain --measured RUN.json` shows every category."
