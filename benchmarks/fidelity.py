@@ -97,6 +97,14 @@ class Outcome:
     # the same plan priced on the same cluster without its [overheads] (the time model without the
     # measured software overheads, cost_models/overheads.py); None unless asked for
     predicted_bare_s: float | None = None
+    # what the plan shards over dp when it is more than the layout asked for (``--zero1`` is the least the
+    # search may shard: on some clusters it picks zero2), else ""
+    dp_sharding: str = ""
+
+    @property
+    def name(self) -> str:
+        """The layout's name, with the sharding level the plan chose where it is not the one asked for."""
+        return f"{self.layout} (planned {self.dp_sharding})" if self.dp_sharding else self.layout
 
     @property
     def step_error(self) -> float:
@@ -190,7 +198,15 @@ def measure(layout: Layout, cluster: str, cache: Path, keep: Path, steps: int, w
         reserve=plan["training"]["memory_reserve"],
         memory_residual=mem_line.removeprefix("largest memory residual: "),
         predicted_bare_s=predicted_bare,
+        dp_sharding=more_sharded(layout, plan),
     )
+
+
+def more_sharded(layout: Layout, plan: dict) -> str:
+    """The plan's ``training.dp_sharding`` where it differs from the level the layout's flags ask for."""
+    asked = "zero1" if "--zero1" in layout.flags else "none"
+    chose = plan["training"].get("dp_sharding", asked)
+    return chose if chose != asked and plan["mesh"]["dp"] > 1 else ""
 
 
 def summarize(outcomes: Sequence[Outcome]) -> dict[str, float]:
@@ -220,7 +236,7 @@ def table(outcomes: Sequence[Outcome]) -> list[str]:
         if bare:
             b = o.predicted_bare_s
             before = f" {b * 1e3:.1f} ms ({b / o.measured_step_s - 1:+.1%}) |" if b is not None else " - |"
-        lines.append(f"| {o.layout} | {o.predicted_step_s * 1e3:.1f} ms | {o.measured_step_s * 1e3:.1f} ms "
+        lines.append(f"| {o.name} | {o.predicted_step_s * 1e3:.1f} ms | {o.measured_step_s * 1e3:.1f} ms "
                      f"({o.step_spread:.0%}) | {o.step_error:+.1%} |{before} {mem} | {o.largest_residual} |")
     return lines
 
@@ -233,7 +249,7 @@ def memory_table(outcomes: Sequence[Outcome]) -> list[str]:
     ]
     for o in outcomes:
         for i, (r, p, m) in enumerate(o.memory):
-            lines.append(f"| {o.layout if i == 0 else ''} | {r} | {p / 2**20:.3f} MiB | {m / 2**20:.3f} MiB | "
+            lines.append(f"| {o.name if i == 0 else ''} | {r} | {p / 2**20:.3f} MiB | {m / 2**20:.3f} MiB | "
                          f"{p / m - 1:+.1%} | {o.memory_residual if i == 0 else ''} |")
     return lines
 
@@ -315,7 +331,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             print(f"{layout.name}: {exc}", flush=True)
             continue
         outcomes.append(o)
-        print(f"{o.layout}: step predicted {o.predicted_step_s * 1e3:.1f} ms, measured {o.measured_step_s * 1e3:.1f} ms "
+        print(f"{o.name}: step predicted {o.predicted_step_s * 1e3:.1f} ms, measured {o.measured_step_s * 1e3:.1f} ms "
               f"({o.step_error:+.1%}); peak memory error per rank "
               f"{', '.join(f'{e:+.1%}' for e in o.memory_errors)}", flush=True)
     if not outcomes:
@@ -374,7 +390,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         ]
         report.write_text("\n".join(text))
         (keep / "outcomes.json").write_text(json.dumps(
-            [dict(layout=o.layout, predicted_step_s=o.predicted_step_s, measured_step_s=o.measured_step_s,
+            [dict(layout=o.layout, dp_sharding=o.dp_sharding, predicted_step_s=o.predicted_step_s, measured_step_s=o.measured_step_s,
                   predicted_bare_s=o.predicted_bare_s, step_spread=o.step_spread, memory=o.memory, largest_residual=o.largest_residual, reserve=o.reserve)
              for o in outcomes],
             indent=1) + "\n")

@@ -401,6 +401,24 @@ def test_fidelity_profile_goes_with_memory_only():
         fidelity(["--profile"])
 
 
+def test_fidelity_names_a_sharding_level_the_search_chose_beyond_the_layouts():
+    """``--zero1`` is the least the search may shard: on a calibrated cluster it planned the "zero1" layouts as
+    zero2 (FSDP), whose memory is another model's; the report must say which ran."""
+    from benchmarks.fidelity import LAYOUTS, Outcome, more_sharded
+
+    zero1 = next(l for l in LAYOUTS if "--zero1" in l.flags)
+    plain = next(l for l in LAYOUTS if "--zero1" not in l.flags and "dp=2" in l.flags[1])
+
+    def plan(level: str, dp: int = 2) -> dict:
+        return dict(training=dict(dp_sharding=level), mesh=dict(pp=1, tp=1, dp=dp))
+
+    assert more_sharded(zero1, plan("zero1")) == "" and more_sharded(plain, plan("none")) == ""
+    assert more_sharded(zero1, plan("zero2")) == "zero2" and more_sharded(plain, plan("zero1")) == "zero1"
+    assert more_sharded(plain, plan("zero3", dp=1)) == ""  # nothing is sharded over one rank
+    out = Outcome(zero1.name, 1.0, 1.0, 0.0, ((0, 1, 1),), "", 0.1, dp_sharding="zero2")
+    assert out.name == f"{zero1.name} (planned zero2)"
+
+
 @pytest.mark.slow  # a subprocess that profiles and runs
 def test_the_gpu_check_script_runs_end_to_end_in_smoke_mode(tmp_path):
     """The GPU check runs once per lent GPU; a broken script would waste that. --smoke runs it on CPU."""
