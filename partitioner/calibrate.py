@@ -66,6 +66,11 @@ median:
   tensors of different counts and sizes; ``t = T a_tensor + 16 P / B_opt``
   (weight, gradient, and Adam's two moments, 4 bytes each per parameter)
   fitted by non-negative least squares on relative error;
+* checkpointing: a chain of ``N`` small linear blocks run plainly and with each block
+  under ``torch.utils.checkpoint`` (non-reentrant, as the runtime recomputes), forward
+  alone and forward with backward: ``a_ckpt = (t_f,ckpt - t_f) / N`` and
+  ``a_ckpt_bwd = ((t_fb,ckpt - t_f,ckpt) - (t_fb - t_f) - t_f) / N``, the backward's
+  excess less the forward it replays, each at least 0;
 * the overlap: a GEMM loop alone (``t_c``), an all-reduce of a few MiB alone
   (``t_r``) and the all-reduce launched asynchronously while the loop runs
   (``t_b``): ``c = (t_c + t_r - t_b) / min(t_c, t_r)``, clipped to [0, 1].
@@ -103,6 +108,7 @@ __all__ = [
     "pipeline_overheads",
     "tp_node_overheads",
     "optimizer_overheads",
+    "checkpoint_overheads",
     "comm_overlap",
     "measure_overheads",
     "calibrated_cluster",
@@ -345,6 +351,7 @@ def _measure_links(samples, intra, inter, local, nodes, rank, sizes, reps, devic
 
 PIPELINE_MICROBATCHES = (4, 8, 12)  # the micro-batch counts M of the pipeline experiment
 TP_CHAIN = 48  # N: elementwise ops in the tensor-parallel experiment
+CHECKPOINT_CHAIN = 16  # N: checkpointed blocks in the checkpointing experiment
 # (tensors, elements each) of the optimizer experiment: few large, many small, and between
 OPTIMIZER_SETS = ((4, 1 << 18), (64, 1 << 10), (16, 1 << 16), (128, 1 << 12))
 ADAM_BYTES_PER_PARAM = 16  # fp32 weight, gradient and two moments
@@ -484,6 +491,36 @@ def _optimizer_samples(device: torch.device, reps: int) -> list[tuple[int, int, 
     return out
 
 
+def checkpoint_overheads(device: torch.device, reps: int) -> tuple[float, float]:
+    """``(a_ckpt, a_ckpt_bwd)``: what one ``torch.utils.checkpoint`` call adds to a block's forward and
+    to its backward beyond the replayed forward ([Note: measuring overheads])."""
+    from torch.utils.checkpoint import checkpoint
+
+    torch.manual_seed(0)
+    blocks = [torch.nn.Linear(16, 16).to(device) for _ in range(CHECKPOINT_CHAIN)]
+    x = torch.randn(4, 16, device=device, requires_grad=True)
+
+    def run(ckpt: bool) -> torch.Tensor:
+        y = x
+        for block in blocks:
+            y = checkpoint(block, y, use_reentrant=False) if ckpt else block(y)
+        return y
+
+    held: list[torch.Tensor] = []
+    times = {}
+    for ckpt in (False, True):
+        def forward() -> None:
+            held[:] = [run(ckpt)]
+
+        def both() -> None:
+            run(ckpt).sum().backward()
+
+        times[ckpt] = (_timed(forward, device, reps), _timed(both, device, reps))
+    (f, fb), (fc, fbc) = times[False], times[True]
+    n = CHECKPOINT_CHAIN
+    return max(0.0, (fc - f) / n), max(0.0, ((fbc - fc) - (fb - f) - f) / n)
+
+
 def comm_overlap(device: torch.device, reps: int) -> float:
     """``c``: the share of an all-reduce that runs beside compute ([Note: measuring overheads])."""
     n = 256 if device.type == "cpu" else 4096
@@ -513,12 +550,14 @@ def measure_overheads(device: torch.device, link: LinkFit | None, reps: int, slo
     action = pipeline_overheads(samples, step)
     node, node_b, dt, dt_b = tp_node_overheads(device, reps)
     tensor_s, bandwidth = optimizer_overheads(_optimizer_samples(device, reps))
+    ckpt, ckpt_b = checkpoint_overheads(device, reps)
     overlap = comm_overlap(device, reps)
     us = lambda x: _sig(x * 1e6)  # noqa: E731  # the file's units: exact when read back
     return Overheads.from_file(dict(
         action_us=us(action), step_us=us(step), tp_node_forward_us=us(node), tp_node_backward_us=us(node_b),
         dtensor_op_forward_us=us(dt), dtensor_op_backward_us=us(dt_b), optimizer_tensor_us=us(tensor_s),
-        optimizer_gbps=_sig(bandwidth / 1e9), comm_overlap=round(overlap, 3), compute_slowdown=round(slowdown, 3)))
+        optimizer_gbps=_sig(bandwidth / 1e9), checkpoint_forward_us=us(ckpt), checkpoint_backward_us=us(ckpt_b),
+        comm_overlap=round(overlap, 3), compute_slowdown=round(slowdown, 3)))
 
 
 def _sig(x: float) -> float:

@@ -574,7 +574,8 @@ class _Search:
             names = tuple(n for n in names if not SCHEDULE_REGISTRY[n].splits_backward) or (c.schedule,)
         if not c.pinned_retime and self.ev.pgraph.split_backward_refused([spec.blocks for spec in specs]):
             # a weight on a later stage that torch's split backward cannot reach ([Note: weights a split
-            # backward cannot reach] in graph.py); a pinned split schedule is kept, and refused at run
+            # backward cannot reach] in graph.py); a pinned split schedule is kept, and plan_parallelism
+            # refuses the plan (planner.check_split_backward)
             names = tuple(n for n in names if not SCHEDULE_REGISTRY[n].splits_backward) or (c.schedule,)
         best: tuple[Plan, SimResult] | None = None
         own_s = math.inf
