@@ -378,7 +378,8 @@ def test_a_profiled_plans_predicted_peak_is_the_measured_one(gpt2, cache, tmp_pa
     method, pins = PINNED_LAYOUTS["pp2 1f1b"]
     plan = plan_parallelism(gpt2.graph, cluster=calibrated, cost_model=prof.cost_model, global_batch=8,
                             microbatches=4, dtype="fp32", method=method, **pins).plan
-    plan.with_source(ModelSource("gpt2-tiny", small_config("gpt2-tiny"), gpt2.loaded.seq_len)).save(tmp_path / "plan.json")
+    source = ModelSource("gpt2-tiny", small_config("gpt2-tiny"), gpt2.loaded.seq_len)
+    plan.with_source(source).save(tmp_path / "plan.json")
     env = dict(os.environ, OMP_NUM_THREADS="1",
                PYTHONPATH=os.pathsep.join(filter(None, [str(ROOT), os.environ.get("PYTHONPATH")])))
     for var in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT"):
