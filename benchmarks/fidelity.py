@@ -206,7 +206,9 @@ def measure(layout: Layout, cluster: str, cache: Path, keep: Path, steps: int, w
 
 def more_sharded(layout: Layout, plan: dict) -> str:
     """The plan's ``training.dp_sharding`` where it differs from the level the layout's flags ask for."""
-    asked = "zero1" if "--zero1" in layout.flags else "none"
+    flags = layout.flags
+    asked = (flags[flags.index("--dp-sharding") + 1] if "--dp-sharding" in flags
+             else "zero1" if "--zero1" in flags else "none")
     chose = plan["training"].get("dp_sharding", asked)
     return chose if chose != asked and plan["mesh"]["dp"] > 1 else ""
 

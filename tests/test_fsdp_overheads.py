@@ -131,3 +131,14 @@ def test_zero1_is_no_longer_priced_into_fsdp_on_a_calibrated_cpu(llama):
     assert fsdp.training.dp_sharding in ("zero2", "zero3")
     software = 4 * 3 * (FSDP["fsdp_unit_s"] + FSDP["fsdp_unit_backward_s"])  # 4 micro-batches, at least 3 units
     assert fsdp.predicted.step_time_s > chosen.predicted.step_time_s + software
+
+
+def test_fidelity_keeps_a_layout_that_pins_fsdp():
+    """FSDP stays covered by the fidelity benchmark: one layout asks for it with ``--dp-sharding``, and a plan
+    of that level is not reported as sharded beyond what the layout asked."""
+    from benchmarks.fidelity import LAYOUTS, more_sharded
+
+    pinned = [l for l in LAYOUTS if "--dp-sharding" in l.flags]
+    assert pinned and all(l.flags[l.flags.index("--dp-sharding") + 1] in ("zero2", "zero3") for l in pinned)
+    level = pinned[0].flags[pinned[0].flags.index("--dp-sharding") + 1]
+    assert more_sharded(pinned[0], dict(training=dict(dp_sharding=level), mesh=dict(pp=1, tp=1, dp=2))) == ""
