@@ -46,8 +46,16 @@ that wins by a re-timing is reported FEASIBLE, never OPTIMAL. A pinned
 pinned re-timing.
 
 [Note: recompute per block in the search]
-The stage ILP chooses recomputation per stage, all blocks or none. Wherever the search
-meets a plan that recomputes (an ILP solution, or a baseline's seed) and the user did not
+The stage ILP chooses, per stage, to recompute every block, none, or ``k[s]`` of the
+blocks of the model's most numerous recomputable kind ([Note: partial recomputation in
+the ILP] in pipeline_ilp.py; ``_partial_kind``), the last priced so that it is never
+cheaper than the evaluator's. A solution that recomputes only partially is the ILP's own
+choice: the per-block greedy (solver/recompute.py) picks which blocks on the stages the ILP
+chose, the fewest that fit by the simulator, and the plan is judged against the ILP's
+objective and bound as any other (within its proof where the simulated step is not above
+the objective). A solution that recomputes a whole stage, or a seed that recomputes, is
+handled as follows. Wherever the search
+meets such a plan and the user did not
 pin ``--recompute``/``--no-recompute``, it re-chooses the recomputation per block, with
 selective recomputation as an option ([Note: choosing the recomputed blocks] in
 solver/recompute.py), keeps the split, and keeps whichever of the two plans the simulator
@@ -96,7 +104,7 @@ from ..sharding import sharded_params
 from ..schedules import REGISTRY as SCHEDULE_REGISTRY, check_recompute, check_schedule
 from ..simulate import SimResult, busiest_rank_s
 from .pipeline_ilp import EVENTS_MAX, BlockData, SharedParam, StageProblem, StageSolution, schedule_inflight, solve_stages
-from .recompute import fewest_recomputed
+from .recompute import fewest_recomputed, recomputable_alone
 from .sharding_ilp import FAST_WEIGHT, LEAN_WEIGHT, solve_block_sharding
 
 __all__ = ["Candidate", "Attempt", "SearchReport", "IlpResult", "plan_ilp"]
@@ -238,6 +246,7 @@ class _Search:
         self.shared = self.pg.shared_params()
         self._inflight: dict[tuple, tuple] = {}  # schedule shape -> in-flight patterns
         self._costs: dict[tuple, list] = {}  # (tp, mbs, lean) -> per-block BlockCost (dp and ZeRO-1 change only memory)
+        self._alone = recomputable_alone(ev) if pins.recompute is None and pins.recompute_blocks else frozenset()
 
     # --- block costs per (tp, mbs, lean) --------------------------------------------------
 
@@ -314,6 +323,8 @@ class _Search:
                     grad_bytes=grad,
                 )
             )
+        marked = self._partial_kind(blocks)
+        blocks = [replace(b, recomputable=True) if i in marked else b for i, b in enumerate(blocks)]
         shared_data = []
         for p, readers in sorted(shared.items()):
             st, grad = resident([p])
@@ -329,6 +340,18 @@ class _Search:
         self._blocks[key] = BlockTable(blocks=tuple(blocks), shared=tuple(shared_data), total_static_bytes=total_static,
                                        transient_bytes=transient)
         return self._blocks[key]
+
+    def _partial_kind(self, blocks: list[BlockData]) -> frozenset[int]:
+        """The blocks the stage ILP may recompute partially ([Note: partial recomputation in the ILP] in
+        pipeline_ilp.py): of the blocks the search may recompute alone that free bytes, those of the most
+        numerous block type (ties: the type met first), so that its constants are exact for a model of
+        alike layers. Empty where recomputation is pinned or per-block recomputation is off."""
+        best: list[int] = []
+        for members in self.types.values():
+            mine = [i for i in members if i in self._alone and blocks[i].saved_bytes > blocks[i].input_bytes]
+            if len(mine) > len(best):
+                best = mine
+        return frozenset(best)
 
     # --- the enumeration ------------------------------------------------------------------
 
@@ -492,6 +515,13 @@ class _Search:
             dp_alpha = ev.cost_model.collective_time("all_reduce", 1e-30, group)
             dp_beta = (ev.cost_model.collective_time("all_reduce", 1e9, group) - dp_alpha) / 1e9
         starts = tuple(self.pg.block_index(m) for m in self.pins.split_at)
+        inflight = schedule_inflight(
+            c.schedule, c.pp, inflight_horizon(c.schedule, c.pp, c.microbatches, c.virtual_stages), c.virtual_stages
+        )
+        most = max(sum(pattern) for rank in inflight for pattern in rank)
+        if table.total_static_bytes + most * sum(b.saved_bytes for b in blocks) <= self.limit - table.transient_bytes:
+            # Even the whole model on one rank would fit: no recomputation can pay, and the ILP is spared the counts.
+            blocks = tuple(replace(b, recomputable=False) for b in blocks)
         hint = self._hint(blocks, K, c)
         problem = StageProblem(
             blocks=blocks,
@@ -501,9 +531,7 @@ class _Search:
             pp=c.pp,
             virtual_stages=c.virtual_stages,
             microbatches=c.microbatches,
-            inflight=schedule_inflight(
-                c.schedule, c.pp, inflight_horizon(c.schedule, c.pp, c.microbatches, c.virtual_stages), c.virtual_stages
-            ),
+            inflight=inflight,
             memory_limit=self.limit - table.transient_bytes,
             send_alpha=tuple(alphas),
             send_beta=tuple(betas),
@@ -517,7 +545,8 @@ class _Search:
             schedule=c.schedule,
         )
         if hint is not None:
-            problem = replace(problem, hint_recompute=self._hint_recompute(problem, hint))
+            whole, partial = self._hint_recompute(problem, hint)
+            problem = replace(problem, hint_recompute=whole, hint_partial=partial)
         return problem, sharding
 
     def _hint(self, blocks, K: int, c: Candidate) -> tuple[int, ...] | None:
@@ -527,25 +556,48 @@ class _Search:
         parts = linear_partition([b.forward_s + b.backward_s for b in blocks], K, lambda j: 0.0)
         return tuple(s for s, part in enumerate(parts) for _ in part)
 
-    def _hint_recompute(self, problem: StageProblem, stage_of: tuple[int, ...]) -> tuple[bool, ...]:
-        """Recompute on the stages of every rank whose memory would not fit without it."""
+    def _hint_recompute(self, problem: StageProblem, stage_of: tuple[int, ...]) -> tuple[tuple[bool, ...], tuple[int, ...]]:
+        """(whole, partial) per stage: on the stages of every rank whose memory would not fit without
+        recomputation, the fewest recomputable blocks per stage (the same count on each of the rank's
+        stages, at most what each holds) that fit as the ILP prices them ([Note: partial recomputation
+        in the ILP] in pipeline_ilp.py), or, where none fits or none is recomputable, every block."""
         K, pp = problem.stages, problem.pp
         static = [0.0] * K
         act = [0.0] * K
+        count = [0] * K
+        rc = [b for b in problem.blocks if b.recomputable]
+        gain = min((b.saved_bytes - b.input_bytes for b in rc), default=0.0)
+        if gain < 1024:  # the ILP counts memory in whole KiB and offers no partial recomputation then
+            gain = 0.0
+        work = max((b.saved_bytes for b in rc), default=0.0)
         for i, b in enumerate(problem.blocks):
             static[stage_of[i]] += b.static_bytes
             act[stage_of[i]] += b.saved_bytes
+            count[stage_of[i]] += b.recomputable
         for sh in problem.shared:
             for s in {stage_of[i] for i in sh.readers}:
                 static[s] += sh.static_bytes
         flags = [False] * K
+        partial = [0] * K
+
+        def fits(mine: list[int], k: int, r: int) -> bool:
+            taken = {s: min(k, count[s]) for s in mine}
+            base = sum(static[s] + (work if taken[s] else 0.0) for s in mine)
+            peak = max(sum(n * (act[s] - gain * taken[s]) for n, s in zip(pat, mine)) for pat in problem.inflight[r])
+            return base + peak <= problem.memory_limit
+
         for r in range(pp):
             mine = list(range(r, K, pp))
-            peak = max(sum(n * act[s] for n, s in zip(pat, mine)) for pat in problem.inflight[r])
-            if sum(static[s] for s in mine) + peak > problem.memory_limit:
-                for s in mine:
+            if fits(mine, 0, r):
+                continue
+            most = max(count[s] for s in mine) if gain > 0 else 0
+            k = next((k for k in range(1, most + 1) if fits(mine, k, r)), None)
+            for s in mine:
+                if k is None:
                     flags[s] = True
-        return tuple(flags)
+                else:
+                    partial[s] = min(k, count[s])
+        return tuple(flags), tuple(partial)
 
     def evaluate(
         self, c: Candidate, sol: StageSolution, sharding: Mapping[str, str]
@@ -555,18 +607,40 @@ class _Search:
         Also the simulated step under the ILP's own schedule (inf when not simulated), and whether
         the recomputation was re-chosen per block ([Note: recompute per block in the search])."""
         K = c.pp * c.virtual_stages
+        partial = tuple(sol.partial) or (0,) * K
         specs = [
-            StageSpec.whole([i for i in range(self.n) if sol.stage_of[i] == s], sol.recompute[s]) for s in range(K)
+            StageSpec.whole([i for i in range(self.n) if sol.stage_of[i] == s], sol.recompute[s] or partial[s] > 0)
+            for s in range(K)
         ]
         names = c.retime if c.pinned_retime else (c.schedule, *c.retime)
+        schedule = Schedule(c.schedule, c.microbatches, c.micro_batch_size, c.virtual_stages)
+        if any(partial) and not any(sol.recompute):
+            # The ILP priced its partial recomputation: the per-block greedy picks which blocks, the
+            # fewest that fit by the simulator ([Note: partial recomputation in the ILP] in
+            # pipeline_ilp.py); the plan stays the ILP's, judged against its objective as any other.
+            # Where the simulator finds it slower than the ILP priced (the ILP's memory leaves out the
+            # stage-level terms, so the greedy may take more blocks), the cuts are moved as for a whole
+            # stage, and a plan so changed is outside the proof.
+            ev = self.evs[c.dp_sharding]
+            specs, _ = fewest_recomputed(ev, specs, c.mesh, schedule, sharding)
+            if any(sp.recomputes for sp in specs):  # else every rank fits bare: re-timings stay open below
+                plan, sim = ev.make_plan(specs, c.mesh, schedule, sharding=sharding, method="ilp", status=sol.status,
+                                         started=self.started, objective=sol.objective_s, bound=sol.bound_s)
+                step = plan.predicted.step_time_s
+                if plan.predicted.fits and step > sol.objective_s * (1 + 1e-4) and self.pins.recompute_blocks:
+                    moved = self._rebalance(ev, specs, c.mesh, schedule, sharding, step)
+                    if moved != specs:
+                        plan, sim = ev.make_plan(moved, c.mesh, schedule, sharding=sharding, method="ilp",
+                                                 status="FEASIBLE", started=self.started, objective=sol.objective_s,
+                                                 bound=None)
+                        return plan, sim, plan.predicted.step_time_s, True
+                return plan, sim, step, False
         if any(sol.recompute):  # torch cannot split the backward of a recomputed stage (check_recompute)
             names = tuple(n for n in names if not SCHEDULE_REGISTRY[n].splits_backward) or (c.schedule,)
-            refined = self.refine(specs, c.mesh, Schedule(c.schedule, c.microbatches, c.micro_batch_size,
-                                                           c.virtual_stages), sharding, c.dp_sharding)
+            refined = self.refine(specs, c.mesh, schedule, sharding, c.dp_sharding)
             if refined is not None:
                 plan, sim = self.evs[c.dp_sharding].make_plan(
-                    refined, c.mesh, Schedule(c.schedule, c.microbatches, c.micro_batch_size, c.virtual_stages),
-                    sharding=sharding, method="ilp", status="FEASIBLE", started=self.started,
+                    refined, c.mesh, schedule, sharding=sharding, method="ilp", status="FEASIBLE", started=self.started,
                     objective=sol.objective_s, bound=None,
                 )
                 return plan, sim, plan.predicted.step_time_s, True
