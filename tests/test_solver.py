@@ -841,3 +841,34 @@ def test_moving_cuts_prunes_by_the_blocks_work_and_moves_the_same(monkeypatch):
         assert out[True][1] < out[False][1]
         moved += out[True][0] != specs
     assert moved
+
+
+def test_the_search_realizes_the_ilp_s_partial_recomputation_on_its_own_split(gpt2_four_layers):
+    """[Note: recompute per block in the search]: under a limit between the peaks with every block and
+    with no block recomputed, the stage ILP itself chooses how many blocks of a stage recompute; the
+    search keeps the ILP's split and recomputes (blocks or attention cores) only on the stages the ILP
+    chose, picking which by the per-block greedy, and does not count it as a re-chosen plan."""
+    from partitioner.evaluate import StageSpec
+    from partitioner.plan import Mesh, Schedule
+
+    base = prepare(gpt2_four_layers, cluster=Cluster.preset("dgx-a100-80g", 1), global_batch=16)
+    mesh, sched = Mesh(2, 1, 4), Schedule("1f1b", 4, 1)
+    k = base.pgraph.block_index("transformer.h.2")
+    parts = (range(k), range(k, len(base.pgraph.blocks)))
+    keep, _ = base.make_plan([StageSpec(tuple(p)) for p in parts], mesh, sched, method="manual")
+    redo, _ = base.make_plan([StageSpec.whole(p, True) for p in parts], mesh, sched, method="manual")
+    lo, hi = redo.predicted.peak_memory_bytes, keep.predicted.peak_memory_bytes
+    limit = lo + 0.5 * (hi - lo)
+    ev = prepare(gpt2_four_layers, cluster=base.cluster, global_batch=16,
+                 memory_reserve=1 - limit / base.cluster.device.memory_bytes, memory_margin=0.0)
+    result = plan_ilp(ev, Pins(pp=2, tp=1, microbatches=4, schedule="1f1b", dp_shardings=("none",)), time_limit_s=2.0)
+    partial = [a for a in result.report.attempts if any(a.solution.partial)]
+    assert partial, [a.solution for a in result.report.attempts]
+    for a in partial:
+        sol = a.solution
+        assert not any(sol.recompute) and not a.recompute_refined
+        assert a.plan is not None and a.plan.predicted.fits
+        sizes = [sum(1 for s in sol.stage_of if s == t) for t in range(2)]
+        assert [len(st.modules) for st in a.plan.stages] == sizes  # the ILP's own split
+        for st, count in zip(a.plan.stages, sol.partial):
+            assert st.recomputes == (count > 0)
