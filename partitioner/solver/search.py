@@ -49,12 +49,15 @@ pinned re-timing.
 The stage ILP chooses, per stage, to recompute every block, none, or ``k[s]`` of the
 blocks of the model's most numerous recomputable kind ([Note: partial recomputation in
 the ILP] in pipeline_ilp.py; ``_partial_kind``), the last priced so that it is never
-cheaper than the evaluator's. A solution that recomputes only partially is the ILP's own
-choice: the per-block greedy (solver/recompute.py) picks which blocks on the stages the ILP
-chose, the fewest that fit by the simulator, and the plan is judged against the ILP's
-objective and bound as any other (within its proof where the simulated step is not above
-the objective). A solution that recomputes a whole stage, or a seed that recomputes, is
-handled as follows. Wherever the search
+cheaper than the evaluator's. Where it could choose ``k[s]``, the recomputation of its
+solution is its own choice: the per-block greedy (solver/recompute.py) picks which blocks
+on the stages the ILP chose (on a stage it recomputes wholly, possibly fewer), the fewest
+that fit by the simulator, and the plan is judged against the ILP's objective and bound as
+any other (within its proof where the simulated step is not above the objective). Only
+where the simulator finds it slower than the ILP priced (the ILP's memory leaves out the
+stage-level terms, so the greedy may take more blocks) are the cuts moved as below.
+Where the ILP could not choose ``k[s]`` (no recomputable kind), a solution that recomputes
+a whole stage, and a seed that recomputes, are handled as follows. Wherever the search
 meets such a plan and the user did not
 pin ``--recompute``/``--no-recompute``, it re-chooses the recomputation per block, with
 selective recomputation as an option ([Note: choosing the recomputed blocks] in
@@ -600,12 +603,14 @@ class _Search:
         return tuple(flags), tuple(partial)
 
     def evaluate(
-        self, c: Candidate, sol: StageSolution, sharding: Mapping[str, str]
+        self, c: Candidate, sol: StageSolution, sharding: Mapping[str, str], partial_offered: bool = False
     ) -> tuple[Plan, SimResult, float, bool]:
         """The solution as a plan: under the ILP's schedule, or the fastest re-timing that fits
         ([Note: split-backward schedules]); only the pinned one when a split schedule is pinned.
         Also the simulated step under the ILP's own schedule (inf when not simulated), and whether
-        the recomputation was re-chosen per block ([Note: recompute per block in the search])."""
+        the recomputation was re-chosen per block ([Note: recompute per block in the search]).
+        ``partial_offered``: the ILP could choose partial recomputation, so any recomputation it
+        chose is its own, realized by the greedy."""
         K = c.pp * c.virtual_stages
         partial = tuple(sol.partial) or (0,) * K
         specs = [
@@ -614,10 +619,11 @@ class _Search:
         ]
         names = c.retime if c.pinned_retime else (c.schedule, *c.retime)
         schedule = Schedule(c.schedule, c.microbatches, c.micro_batch_size, c.virtual_stages)
-        if any(partial) and not any(sol.recompute):
-            # The ILP priced its partial recomputation: the per-block greedy picks which blocks, the
-            # fewest that fit by the simulator ([Note: partial recomputation in the ILP] in
-            # pipeline_ilp.py); the plan stays the ILP's, judged against its objective as any other.
+        if any(partial) or (partial_offered and any(sol.recompute)):
+            # The ILP chose how many blocks of each stage recompute (all, some or none): the per-block
+            # greedy picks which, the fewest that fit by the simulator ([Note: partial recomputation in
+            # the ILP] in pipeline_ilp.py); the plan stays the ILP's, judged against its objective as
+            # any other.
             # Where the simulator finds it slower than the ILP priced (the ILP's memory leaves out the
             # stage-level terms, so the greedy may take more blocks), the cuts are moved as for a whole
             # stage, and a plan so changed is outside the proof.
@@ -860,7 +866,7 @@ class _Search:
                 if sol.status != "INFEASIBLE":
                     open_bounds.append(c.lower_bound_s)
                 continue
-            plan, sim, own_s, refined = self.evaluate(c, sol, sharding)
+            plan, sim, own_s, refined = self.evaluate(c, sol, sharding, any(b.recomputable for b in problem.blocks))
             rep.attempts.append(Attempt(c, sol, plan, plan.predicted.step_time_s, own_s, refined))
             # 1e-4: time-unit rounding. A re-timed plan is outside the ILP's proof ([Note: split-backward schedules]).
             exact = plan.predicted.step_time_s <= sol.objective_s * (1 + 1e-4) and plan.schedule.name == c.schedule
