@@ -12,14 +12,17 @@ beside it so that ``autopart explain --measured RUN.json`` can show where each o
 
     python -m benchmarks.fidelity [--report benchmarks/results/YYYY-MM-DD-fidelity.md] [--steps 10]
         [--warmup 2] [--only TEXT] [--no-calibrate] [--calibrate-each] [--also-without-overheads]
-        [--cache PATH] [--force] [--memory-only] [--record-margin]
+        [--cache PATH] [--force] [--memory-only] [--profile] [--record-margin]
 
 ``--memory-only`` measures peak memory alone, which does not depend on the machine's load: each
 layout is planned on the ``local-cpu:N`` preset without profiling and run for one step after one
-warm-up (the meter watches the first step and a steady one). ``--record-margin`` writes the worst
-excess of a measured peak over its prediction into ``cost_models/memory_margin.json``, with this
-command and the report, as the memory margin every plan adds to its predicted peak (item 5 of
-issue 12; cost_models/memory.py, ``recorded_margin``).
+warm-up (the meter watches the first step and a steady one). ``--memory-only --profile`` measures
+the memory of the plans the time figures use: each layout is planned as the full benchmark plans
+it (``--profile`` on the cluster ``autopart calibrate`` measured, once per world size, or on
+``local-cpu:N`` with ``--no-calibrate``) and run for one step after one warm-up.
+``--record-margin`` writes the worst excess of a measured peak over its prediction into
+``cost_models/memory_margin.json``, with this command and the report, as the memory margin every
+plan adds to its predicted peak (item 5 of issue 12; cost_models/memory.py, ``recorded_margin``).
 
 Nothing here is tuned: the predictions are what the planner writes into the plan.
 """
@@ -70,6 +73,8 @@ LAYOUTS = (
     _layout("gpt2-tiny pp2 dp2 zero1", "gpt2-tiny", 4, "pp=2,tp=1,dp=2", "1f1b", 4, "--zero1"),
     _layout("llama-tiny pp2 1f1b", "llama-tiny", 2, "pp=2,tp=1,dp=1", "1f1b"),
     _layout("llama-tiny dp2 zero1", "llama-tiny", 2, "pp=1,tp=1,dp=2", "1f1b", 4, "--zero1"),
+    # FSDP pinned: --zero1 is only the least the search shards, and on a calibrated CPU it keeps ZeRO-1.
+    _layout("llama-tiny dp2 zero3", "llama-tiny", 2, "pp=1,tp=1,dp=2", "1f1b", 4, "--dp-sharding", "zero3"),
     _layout("llama-tiny pp4 1f1b", "llama-tiny", 4, "pp=4,tp=1,dp=1", "1f1b"),
     _layout("llama-tiny tp2", "llama-tiny", 2, "pp=1,tp=2,dp=1", "1f1b", 4),
     _layout("mlp pp2 gpipe", "mlp", 2, "pp=2,tp=1,dp=1", "gpipe"),
@@ -94,6 +99,14 @@ class Outcome:
     # the same plan priced on the same cluster without its [overheads] (the time model without the
     # measured software overheads, cost_models/overheads.py); None unless asked for
     predicted_bare_s: float | None = None
+    # what the plan shards over dp when it is more than the layout asked for (``--zero1`` is the least the
+    # search may shard: on some clusters it picks zero2), else ""
+    dp_sharding: str = ""
+
+    @property
+    def name(self) -> str:
+        """The layout's name, with the sharding level the plan chose where it is not the one asked for."""
+        return f"{self.layout} (planned {self.dp_sharding})" if self.dp_sharding else self.layout
 
     @property
     def step_error(self) -> float:
@@ -187,7 +200,17 @@ def measure(layout: Layout, cluster: str, cache: Path, keep: Path, steps: int, w
         reserve=plan["training"]["memory_reserve"],
         memory_residual=mem_line.removeprefix("largest memory residual: "),
         predicted_bare_s=predicted_bare,
+        dp_sharding=more_sharded(layout, plan),
     )
+
+
+def more_sharded(layout: Layout, plan: dict) -> str:
+    """The plan's ``training.dp_sharding`` where it differs from the level the layout's flags ask for."""
+    flags = layout.flags
+    asked = (flags[flags.index("--dp-sharding") + 1] if "--dp-sharding" in flags
+             else "zero1" if "--zero1" in flags else "none")
+    chose = plan["training"].get("dp_sharding", asked)
+    return chose if chose != asked and plan["mesh"]["dp"] > 1 else ""
 
 
 def summarize(outcomes: Sequence[Outcome]) -> dict[str, float]:
@@ -217,7 +240,7 @@ def table(outcomes: Sequence[Outcome]) -> list[str]:
         if bare:
             b = o.predicted_bare_s
             before = f" {b * 1e3:.1f} ms ({b / o.measured_step_s - 1:+.1%}) |" if b is not None else " - |"
-        lines.append(f"| {o.layout} | {o.predicted_step_s * 1e3:.1f} ms | {o.measured_step_s * 1e3:.1f} ms "
+        lines.append(f"| {o.name} | {o.predicted_step_s * 1e3:.1f} ms | {o.measured_step_s * 1e3:.1f} ms "
                      f"({o.step_spread:.0%}) | {o.step_error:+.1%} |{before} {mem} | {o.largest_residual} |")
     return lines
 
@@ -230,7 +253,7 @@ def memory_table(outcomes: Sequence[Outcome]) -> list[str]:
     ]
     for o in outcomes:
         for i, (r, p, m) in enumerate(o.memory):
-            lines.append(f"| {o.layout if i == 0 else ''} | {r} | {p / 2**20:.3f} MiB | {m / 2**20:.3f} MiB | "
+            lines.append(f"| {o.name if i == 0 else ''} | {r} | {p / 2**20:.3f} MiB | {m / 2**20:.3f} MiB | "
                          f"{p / m - 1:+.1%} | {o.memory_residual if i == 0 else ''} |")
     return lines
 
@@ -272,12 +295,18 @@ def main(argv: Sequence[str] | None = None) -> int:
     ap.add_argument("--force", action="store_true", help="let --report overwrite an existing file")
     ap.add_argument("--memory-only", action="store_true",
                     help="peak memory alone: plan on local-cpu:N without profiling, run 1 step after 1 warm-up")
+    ap.add_argument("--profile", action="store_true",
+                    help="with --memory-only: plan as the time figures do (--profile, on a calibrated cluster "
+                         "unless --no-calibrate), so that the peak memory of the profiled plans is measured")
     ap.add_argument("--record-margin", action="store_true",
                     help="write the worst measured excess over the predicted peak to cost_models/memory_margin.json "
                          "(needs --report and every layout)")
     args = ap.parse_args(argv)
+    if args.profile and not args.memory_only:
+        raise SystemExit("fidelity: --profile goes with --memory-only (the full benchmark always plans with --profile)")
     if args.memory_only:
-        args.no_calibrate, args.steps, args.warmup = True, 1, 1
+        args.steps, args.warmup = 1, 1
+        args.no_calibrate = args.no_calibrate or not args.profile
     if args.record_margin and (args.report is None or args.only is not None):
         raise SystemExit("fidelity: --record-margin needs --report (the margin names its source) and every layout "
                          "(no --only)")
@@ -300,13 +329,13 @@ def main(argv: Sequence[str] | None = None) -> int:
             if args.calibrate_each and not args.no_calibrate:
                 clusters[layout.world] = str(calibrate(layout.world, keep / f"calibrated-{layout.name.replace(' ', '-')}.toml"))
             o = measure(layout, clusters[layout.world], cache, keep, args.steps, args.warmup,
-                        profile=not args.memory_only, bare=args.also_without_overheads)
+                        profile=args.profile or not args.memory_only, bare=args.also_without_overheads)
         except RunFailed as exc:  # recorded, not retried: a flaky layout should show
             failed.append(f"{layout.name}: {exc}")
             print(f"{layout.name}: {exc}", flush=True)
             continue
         outcomes.append(o)
-        print(f"{o.layout}: step predicted {o.predicted_step_s * 1e3:.1f} ms, measured {o.measured_step_s * 1e3:.1f} ms "
+        print(f"{o.name}: step predicted {o.predicted_step_s * 1e3:.1f} ms, measured {o.measured_step_s * 1e3:.1f} ms "
               f"({o.step_error:+.1%}); peak memory error per rank "
               f"{', '.join(f'{e:+.1%}' for e in o.memory_errors)}", flush=True)
     if not outcomes:
@@ -331,9 +360,14 @@ def main(argv: Sequence[str] | None = None) -> int:
     if report is not None:
         command = "python -m benchmarks.fidelity " + " ".join(shlex.quote(a) for a in (argv if argv is not None else sys.argv[1:]))
         where = keep.relative_to(ROOT) if keep.is_relative_to(ROOT) else keep
+        planned = (
+            "planned as the time figures plan it (`autopart plan --profile` with the layout's flags, on "
+            + ("the `local-cpu:N` preset" if args.no_calibrate else "the cluster `autopart calibrate` measured, once "
+               "per world size") + ")"
+            if args.profile else
+            "planned on the `local-cpu:N` preset without profiling (`autopart plan` with the layout's flags)")
         memory_how = (
-            "Memory only: each layout is planned on the `local-cpu:N` preset without profiling (`autopart plan` with "
-            "the layout's flags) and run with `autopart run --steps 1 --warmup 1 --json` (gloo, one thread per rank). "
+            f"Memory only: each layout is {planned} and run with `autopart run --steps 1 --warmup 1 --json` (gloo, one thread per rank). "
             "The error is predicted / measured - 1. Peak memory is measured by the dispatch-mode storage meter "
             "(partitioner/measure.py) over the first step and a steady one; it does not depend on the machine's load. "
             f"Plans and runs are in `{where}/`; `autopart explain --measured RUN.json` shows every category."
@@ -360,7 +394,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         ]
         report.write_text("\n".join(text))
         (keep / "outcomes.json").write_text(json.dumps(
-            [dict(layout=o.layout, predicted_step_s=o.predicted_step_s, measured_step_s=o.measured_step_s,
+            [dict(layout=o.layout, dp_sharding=o.dp_sharding, predicted_step_s=o.predicted_step_s, measured_step_s=o.measured_step_s,
                   predicted_bare_s=o.predicted_bare_s, step_spread=o.step_spread, memory=o.memory, largest_residual=o.largest_residual, reserve=o.reserve)
              for o in outcomes],
             indent=1) + "\n")

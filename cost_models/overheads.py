@@ -39,6 +39,26 @@ rank updates ``T_s`` parameter tensors of ``P_s`` elements:
   reads and writes each), and under ZeRO-1 ``T_s`` and ``P_s`` are divided
   over dp and each tensor is broadcast from its owner (priced by the link as
   an all-gather of the tensor's ``1/dp`` share);
+* per FSDP unit under ZeRO-2/3 (``dp > 1``: fully_shard's hooks, the copy-in
+  and copy-out around each collective, DTensor's wrapping of the unit's
+  parameters; the collectives themselves are priced by the link, one per
+  unit: [Note: FSDP prefetch overlap] in partitioner/evaluate.py), with
+  ``n_s`` units in the stage and ``r`` gathers per micro-batch (1 for ZeRO-2,
+  2 for ZeRO-3): ``F_s += n_s a_fsdp`` and
+  ``B_s += n_s (a_fsdp_bwd + (r - 1) a_fsdp)`` per micro-batch (a backward's
+  regather costs what a forward's gather does);
+* the optimizer step over FSDP's DTensor parameters: every rank updates all
+  ``T_s`` tensors (each a ``1/dp`` shard), ``t_opt = T_s (a_tensor + a_opt_dtensor)
+  + (P_s / dp) (w + g + o) / B_opt``: each tensor's update runs through
+  DTensor's dispatch, once per op of the single-tensor AdamW;
+* per ``torch.utils.checkpoint`` call (each recomputed block, and with selective
+  recomputation each other block's attention core; [Note: recompute in the runtime] in
+  partitioner/recompute.py), per micro-batch: ``F += C_s a_ckpt`` and
+  ``B += C_s a_ckpt_bwd`` with ``C_s`` the stage's calls: the checkpoint's own
+  machinery (its saved-tensor hooks, the RNG state it keeps and restores, the replay's
+  set-up), beyond the replayed forward the cost model prices. On the 2-core CPU of
+  development, ``autopart calibrate``'s experiment gave 0.11-0.13 ms and 0.7-0.9 ms a call
+  (under other jobs' load), more than a tiny block's own compute;
 * the exposed data-parallel reduction of ``R`` seconds launched with a last
   backward of ``b`` seconds: ``R - c min(R, b)`` with ``c = comm_overlap``,
   the fraction of compute that a collective can run beside (``c = 1``, the
@@ -69,7 +89,12 @@ OVERHEAD_FILE_KEYS = {
     "dtensor_op_forward_us": ("dtensor_op_s", Decimal("1e-6")),
     "dtensor_op_backward_us": ("dtensor_op_backward_s", Decimal("1e-6")),
     "optimizer_tensor_us": ("optimizer_tensor_s", Decimal("1e-6")),
+    "optimizer_dtensor_us": ("optimizer_dtensor_s", Decimal("1e-6")),
+    "fsdp_unit_forward_us": ("fsdp_unit_s", Decimal("1e-6")),
+    "fsdp_unit_backward_us": ("fsdp_unit_backward_s", Decimal("1e-6")),
     "optimizer_gbps": ("optimizer_bandwidth", Decimal("1e9")),
+    "checkpoint_forward_us": ("checkpoint_s", Decimal("1e-6")),
+    "checkpoint_backward_us": ("checkpoint_backward_s", Decimal("1e-6")),
     "comm_overlap": ("comm_overlap", Decimal(1)),
     "compute_slowdown": ("compute_slowdown", Decimal(1)),
 }
@@ -86,7 +111,12 @@ class Overheads:
     dtensor_op_s: float = 0.0  # a_dtensor: per node run on DTensors beyond a plain tensor, forward
     dtensor_op_backward_s: float = 0.0  # a_dtensor_bwd: the same in backward
     optimizer_tensor_s: float = 0.0  # a_tensor: per parameter tensor the optimizer step updates
+    optimizer_dtensor_s: float = 0.0  # a_opt_dtensor: per FSDP (DTensor) parameter tensor, beyond a_tensor
+    fsdp_unit_s: float = 0.0  # a_fsdp: per FSDP unit per forward of a micro-batch, beyond its all-gather's link time
+    fsdp_unit_backward_s: float = 0.0  # a_fsdp_bwd: the same per backward, beyond its reduce-scatter's link time
     optimizer_bandwidth: float = 0.0  # B_opt: bytes/s of the update (weights, gradients, state); 0: not measured
+    checkpoint_s: float = 0.0  # a_ckpt: per torch.utils.checkpoint call (a recomputed block, a selective core), forward
+    checkpoint_backward_s: float = 0.0  # a_ckpt_bwd: the same call's backward, beyond the forward it replays
     comm_overlap: float = 1.0  # c: fraction of a collective that runs beside compute; 1: all of it (GPU)
     compute_slowdown: float = 1.0  # k: an op's time with every rank computing at once over one rank alone
 
@@ -106,10 +136,10 @@ class Overheads:
         """Whether any figure differs from "not measured" (the cluster file then writes the table)."""
         return self != Overheads()
 
-    def optimizer_time(self, tensors: float, params: float, bytes_per_param: float) -> float:
+    def optimizer_time(self, tensors: float, params: float, bytes_per_param: float, dtensors: bool = False) -> float:
         """``T a_tensor + P bytes_per_param / B_opt``: the optimizer step over ``tensors`` tensors of ``params``
-        elements in all ([Note: software overheads])."""
-        t = tensors * self.optimizer_tensor_s
+        elements in all, plus ``T a_opt_dtensor`` when they are FSDP's DTensors ([Note: software overheads])."""
+        t = tensors * (self.optimizer_tensor_s + (self.optimizer_dtensor_s if dtensors else 0.0))
         if self.optimizer_bandwidth > 0:
             t += params * bytes_per_param / self.optimizer_bandwidth
         return t

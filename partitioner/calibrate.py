@@ -66,6 +66,27 @@ median:
   tensors of different counts and sizes; ``t = T a_tensor + 16 P / B_opt``
   (weight, gradient, and Adam's two moments, 4 bytes each per parameter)
   fitted by non-negative least squares on relative error;
+* FSDP: a stack of ``n`` tiny linear units run plainly and with each unit and
+  the root under ``fully_shard`` as ZeRO-2 does (``reshard_after_forward=False``)
+  over pairs of ranks, every pair at once (with 2 ranks, the one pair; an odd
+  world: one group of all), forward and backward timed apart in
+  interleaved rounds; ``a_fsdp = (t_fsdp - t_plain) / n - g`` for the forward
+  and ``a_fsdp_bwd = (t_fsdp - t_plain) / n - r`` for the backward, where ``g``
+  and ``r`` are the unit's all-gather and reduce-scatter on the measured link
+  (what the evaluator prices apart, one per unit), each at least 0; then AdamW
+  steps both models' parameters, and ``a_opt_dtensor = (t_fsdp - t_plain) / T``
+  over their ``T`` tensors (the sizes are tiny: the difference is DTensor's
+  dispatch per tensor, not bytes). Pairs, because a dp group's collectives wait
+  for each of its ranks to be scheduled: on 4 ranks sharing 2 cores one group
+  of 4 measured ``a_fsdp`` 11.5 ms, pairs 2.8 ms, and a pp2 x dp2 plan
+  (dp groups of 2) ran as the pairs predict. A larger dp group is priced with
+  the pairs' software cost and its own link terms, an under-estimate where its
+  ranks share cores;
+* checkpointing: a chain of ``N`` small linear blocks run plainly and with each block
+  under ``torch.utils.checkpoint`` (non-reentrant, as the runtime recomputes), forward
+  alone and forward with backward: ``a_ckpt = (t_f,ckpt - t_f) / N`` and
+  ``a_ckpt_bwd = ((t_fb,ckpt - t_f,ckpt) - (t_fb - t_f) - t_f) / N``, the backward's
+  excess less the forward it replays, each at least 0;
 * the overlap: a GEMM loop alone (``t_c``), an all-reduce of a few MiB alone
   (``t_r``) and the all-reduce launched asynchronously while the loop runs
   (``t_b``): ``c = (t_c + t_r - t_b) / min(t_c, t_r)``, clipped to [0, 1].
@@ -103,7 +124,10 @@ __all__ = [
     "pipeline_overheads",
     "tp_node_overheads",
     "optimizer_overheads",
+    "checkpoint_overheads",
     "comm_overlap",
+    "FsdpSample",
+    "fsdp_overheads",
     "measure_overheads",
     "calibrated_cluster",
     "DEFAULT_SIZES",
@@ -345,6 +369,7 @@ def _measure_links(samples, intra, inter, local, nodes, rank, sizes, reps, devic
 
 PIPELINE_MICROBATCHES = (4, 8, 12)  # the micro-batch counts M of the pipeline experiment
 TP_CHAIN = 48  # N: elementwise ops in the tensor-parallel experiment
+CHECKPOINT_CHAIN = 16  # N: checkpointed blocks in the checkpointing experiment
 # (tensors, elements each) of the optimizer experiment: few large, many small, and between
 OPTIMIZER_SETS = ((4, 1 << 18), (64, 1 << 10), (16, 1 << 16), (128, 1 << 12))
 ADAM_BYTES_PER_PARAM = 16  # fp32 weight, gradient and two moments
@@ -484,6 +509,118 @@ def _optimizer_samples(device: torch.device, reps: int) -> list[tuple[int, int, 
     return out
 
 
+@dataclass(frozen=True, slots=True)
+class FsdpSample:
+    """The FSDP experiment's medians (slowest rank): ``units`` tiny linear units, plainly and under FSDP2."""
+
+    units: int  # n: FSDP units (each one linear layer; the root holds no parameters)
+    ranks: int  # the dp group's size (FSDP_GROUP, or every rank of an odd world)
+    unit_bytes: int  # one unit's weights (and fp32 gradients), whole
+    tensors: int  # T: parameter tensors the optimizer steps
+    plain_forward_s: float
+    plain_backward_s: float
+    fsdp_forward_s: float
+    fsdp_backward_s: float
+    plain_optimizer_s: float
+    fsdp_optimizer_s: float
+
+
+def fsdp_overheads(sample: FsdpSample, link: LinkFit | None) -> tuple[float, float, float]:
+    """``(a_fsdp, a_fsdp_bwd, a_opt_dtensor)`` from the FSDP experiment ([Note: measuring overheads]): the
+    per-unit time beyond plain, less the unit's collective on ``link`` (None: not subtracted)."""
+    def on_link(kind: str) -> float:
+        if link is None:
+            return 0.0
+        steps, factor = ring_coefficients(kind, sample.ranks)
+        return steps * link.latency + factor * sample.unit_bytes / link.bandwidth
+
+    n = sample.units
+    forward = (sample.fsdp_forward_s - sample.plain_forward_s) / n - on_link("all_gather")
+    backward = (sample.fsdp_backward_s - sample.plain_backward_s) / n - on_link("reduce_scatter")
+    optimizer = (sample.fsdp_optimizer_s - sample.plain_optimizer_s) / sample.tensors
+    return max(0.0, forward), max(0.0, backward), max(0.0, optimizer)
+
+
+FSDP_UNITS = 8  # n: units of the FSDP experiment
+FSDP_WIDTH = 16  # each unit a Linear(width, width)
+FSDP_GROUP = 2  # the dp group of the FSDP experiment: pairs of ranks, every pair at once
+
+
+def _fsdp_sample(device: torch.device, reps: int) -> FsdpSample:
+    """Time the FSDP experiment on every rank at once ([Note: measuring overheads])."""
+    import copy
+
+    from torch.distributed.device_mesh import init_device_mesh
+    from torch.distributed.fsdp import fully_shard
+
+    torch.manual_seed(0)
+    plain = torch.nn.Sequential(*(torch.nn.Linear(FSDP_WIDTH, FSDP_WIDTH) for _ in range(FSDP_UNITS))).to(device)
+    sharded = copy.deepcopy(plain)
+    world = dist.get_world_size()
+    pairs = world // FSDP_GROUP if world % FSDP_GROUP == 0 else 0
+    mesh = (init_device_mesh(device.type, (pairs, FSDP_GROUP), mesh_dim_names=("rest", "dp")) if pairs > 1
+            else init_device_mesh(device.type, (world,), mesh_dim_names=("dp",)))["dp"]
+    for unit in sharded:
+        fully_shard(unit, mesh=mesh, reshard_after_forward=False)  # ZeRO-2, as the runtime shards it
+    fully_shard(sharded, mesh=mesh, reshard_after_forward=False)
+    x = torch.randn(4, FSDP_WIDTH, device=device)
+    models = {"plain": plain, "fsdp": sharded}
+    optimizers = {k: adamw_factory(device)(list(m.parameters())) for k, m in models.items()}
+    times: dict[str, list[list[float]]] = {k: [[], [], []] for k in models}
+
+    def one(name: str, record: bool) -> None:
+        model, opt = models[name], optimizers[name]
+        held: list[torch.Tensor] = []
+        passes = (lambda: held.append(model(x)), lambda: held.pop().sum().backward(), opt.step)
+        for i, fn in enumerate(passes):
+            dist.barrier()
+            t0 = time.perf_counter()
+            fn()
+            _sync(device)
+            t = _slowest(time.perf_counter() - t0, device)
+            if record:
+                times[name][i].append(t)
+        opt.zero_grad(set_to_none=False)
+
+    for r in range(2 + reps):  # two warm-up rounds, then interleaved rounds: each sees the same spread of load
+        for name in models:
+            one(name, r >= 2)
+    med = {k: [statistics.median(v) for v in ts] for k, ts in times.items()}
+    unit_bytes = sum(p.numel() * p.element_size() for p in plain[0].parameters())
+    return FsdpSample(FSDP_UNITS, mesh.size(), unit_bytes, len(list(plain.parameters())),
+                      med["plain"][0], med["plain"][1], med["fsdp"][0], med["fsdp"][1], med["plain"][2], med["fsdp"][2])
+
+
+def checkpoint_overheads(device: torch.device, reps: int) -> tuple[float, float]:
+    """``(a_ckpt, a_ckpt_bwd)``: what one ``torch.utils.checkpoint`` call adds to a block's forward and
+    to its backward beyond the replayed forward ([Note: measuring overheads])."""
+    from torch.utils.checkpoint import checkpoint
+
+    torch.manual_seed(0)
+    blocks = [torch.nn.Linear(16, 16).to(device) for _ in range(CHECKPOINT_CHAIN)]
+    x = torch.randn(4, 16, device=device, requires_grad=True)
+
+    def run(ckpt: bool) -> torch.Tensor:
+        y = x
+        for block in blocks:
+            y = checkpoint(block, y, use_reentrant=False) if ckpt else block(y)
+        return y
+
+    held: list[torch.Tensor] = []
+    times = {}
+    for ckpt in (False, True):
+        def forward() -> None:
+            held[:] = [run(ckpt)]
+
+        def both() -> None:
+            run(ckpt).sum().backward()
+
+        times[ckpt] = (_timed(forward, device, reps), _timed(both, device, reps))
+    (f, fb), (fc, fbc) = times[False], times[True]
+    n = CHECKPOINT_CHAIN
+    return max(0.0, (fc - f) / n), max(0.0, ((fbc - fc) - (fb - f) - f) / n)
+
+
 def comm_overlap(device: torch.device, reps: int) -> float:
     """``c``: the share of an all-reduce that runs beside compute ([Note: measuring overheads])."""
     n = 256 if device.type == "cpu" else 4096
@@ -513,12 +650,16 @@ def measure_overheads(device: torch.device, link: LinkFit | None, reps: int, slo
     action = pipeline_overheads(samples, step)
     node, node_b, dt, dt_b = tp_node_overheads(device, reps)
     tensor_s, bandwidth = optimizer_overheads(_optimizer_samples(device, reps))
+    ckpt, ckpt_b = checkpoint_overheads(device, reps)
     overlap = comm_overlap(device, reps)
+    fsdp_f, fsdp_b, opt_dt = fsdp_overheads(_fsdp_sample(device, max(reps, 7)), link)
     us = lambda x: _sig(x * 1e6)  # noqa: E731  # the file's units: exact when read back
     return Overheads.from_file(dict(
         action_us=us(action), step_us=us(step), tp_node_forward_us=us(node), tp_node_backward_us=us(node_b),
         dtensor_op_forward_us=us(dt), dtensor_op_backward_us=us(dt_b), optimizer_tensor_us=us(tensor_s),
-        optimizer_gbps=_sig(bandwidth / 1e9), comm_overlap=round(overlap, 3), compute_slowdown=round(slowdown, 3)))
+        optimizer_dtensor_us=us(opt_dt), fsdp_unit_forward_us=us(fsdp_f), fsdp_unit_backward_us=us(fsdp_b),
+        optimizer_gbps=_sig(bandwidth / 1e9), checkpoint_forward_us=us(ckpt), checkpoint_backward_us=us(ckpt_b),
+        comm_overlap=round(overlap, 3), compute_slowdown=round(slowdown, 3)))
 
 
 def _sig(x: float) -> float:

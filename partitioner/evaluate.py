@@ -103,7 +103,7 @@ from .plan import Mesh, ModelRef, Plan, Predicted, Schedule, SolverInfo, Stage, 
 from .recompute import attention_core
 from .sharding import BlockLayoutCosts, sharded_params
 from .schedules import spec as schedule_spec, stage_rank
-from .simulate import SimResult, StageCost, simulate
+from .simulate import SimResult, StageCost, TiedSum, simulate
 from .tp_strategies import OUTPUT_LAYOUT
 
 __all__ = ["Evaluator", "StageSpec", "BlockCost", "StageMemory", "WEIGHT_GRAD_SHARE", "recompute_terms", "backward_work"]
@@ -316,19 +316,22 @@ class Evaluator:
     def optimizer_time(self, params: Iterable[str], tp: int, dp: int, split_params: Set[str],
                        dp_group: Sequence[int]) -> float:
         """``t_opt`` of one rank's share of ``params`` ([Note: software overheads]): ``T a_tensor +
-        P (w + g + o) / B_opt`` over the tensors it updates, and under ZeRO-1 one broadcast per tensor from
+        P (w + g + o) / B_opt`` over the tensors it updates (under ZeRO-2/3 every tensor's shard, each
+        also paying ``a_opt_dtensor``), and under ZeRO-1 one broadcast per tensor from
         its owner, priced as an all-gather of the tensor's ``1/dp`` share. 0 on an uncalibrated cluster."""
         o = self.overheads
-        if o.optimizer_tensor_s == 0.0 and o.optimizer_bandwidth == 0.0:
+        if o.optimizer_tensor_s == 0.0 and o.optimizer_bandwidth == 0.0 and o.optimizer_dtensor_s == 0.0:
             return 0.0
         table = self.captured.params
         mine = sorted(p for p in params if table[p].trainable and not table[p].is_buffer)  # a fixed sum order
         level = dp_spec(self.training.dp_sharding)
         share = dp if dp > 1 and level.shards_optimizer else 1
+        fsdp = dp > 1 and level.uses_fsdp  # every rank updates every tensor's 1/dp shard, a DTensor
         elements = sum(table[p].numel // (tp if p in split_params else 1) for p in mine)
         per_param = table[mine[0]].bytes // max(1, table[mine[0]].numel) if mine else 0
         spec = self.optimizer
-        t = o.optimizer_time(len(mine) / share, elements / share, per_param + spec.grad_bytes + spec.state_bytes)
+        t = o.optimizer_time(len(mine) if fsdp else len(mine) / share, elements / share,
+                             per_param + spec.grad_bytes + spec.state_bytes, dtensors=fsdp)
         if share > 1 and not level.uses_fsdp:  # ZeroRedundancyOptimizer broadcasts each updated tensor
             t += sum(self.cost_model.collective_time(
                 "all_gather", table[p].bytes / (tp if p in split_params else 1) / dp, dp_group) for p in mine)
@@ -450,7 +453,11 @@ class Evaluator:
         [Note: FSDP prefetch overlap]
         Per micro-batch the stage all-gathers its weights in forward (and again in backward under
         ZeRO-3) and reduce-scatters its gradients in backward, unit by unit, over the dp group,
-        priced with the cluster's link model. FSDP2 prefetches the next unit's all-gather while
+        priced with the cluster's link model: one collective per unit, so ``X`` is the sum of the
+        units' collectives and pays the link's latency ``n`` times. Each unit also pays FSDP's
+        software cost per pass, measured by calibration (``a_fsdp`` per forward and per ZeRO-3
+        regather, ``a_fsdp_bwd`` per backward: [Note: software overheads]), on top of the exposed
+        collectives: it is the rank's own work, which nothing hides. FSDP2 prefetches the next unit's all-gather while
         the current unit computes, so the collectives of all units but one overlap that pass's
         compute: with ``n`` units, a pass with compute ``C`` and collectives ``X`` exposes
         ``X / n + max(0, X (n - 1) / n - C)`` (the first unit's gather, or the last unit's
@@ -485,20 +492,23 @@ class Evaluator:
         else:
             held = wbytes(root) + sum(unit_w)
         transient = held + gbytes(root) + unit_g
-        all_w = wbytes(root) + sum(unit_w)
-        all_g = gbytes(root) + sum(gbytes(u) for u in units)
-        gather, scatter = self.fsdp_collectives(all_w, all_g, mesh.dp_group(stage_rank_index))
+        group = mesh.dp_group(stage_rank_index)
+        gather = scatter = 0.0
+        for u in ([root] if root else []) + units:  # one all-gather and one reduce-scatter per unit
+            g, r = self.fsdp_collectives(wbytes(u), gbytes(u), group)
+            gather, scatter = gather + g, scatter + r
         n = len(units) + (1 if root else 0)
 
-        overlap = self.overheads.comm_overlap
+        o = self.overheads
+        overlap = o.comm_overlap
 
         def exposed(x: float, compute: float) -> float:
             hidden = compute if overlap == 1.0 else overlap * compute  # [Note: software overheads]
             return x / n + max(0.0, x * (n - 1) / n - hidden) if n else 0.0
 
         gathers = level.gathers_per_microbatch
-        f = exposed(gather, fwd)
-        b = exposed(gather * (gathers - 1) + scatter, bwd)
+        f = exposed(gather, fwd) + n * o.fsdp_unit_s
+        b = exposed(gather * (gathers - 1) + scatter, bwd) + n * (o.fsdp_unit_backward_s + (gathers - 1) * o.fsdp_unit_s)
         return transient, f, b, gather * gathers + scatter
 
     @property
@@ -614,6 +624,7 @@ class Evaluator:
         first_stage: dict[int, int] = {}  # pipeline rank -> its lowest stage, which carries the per-step overhead
         for s in range(len(stages)):
             first_stage.setdefault(stage_rank(s, pp, layout), s)
+        tied = self.tied_sums(stages, mesh, layout, split_params)
         out = []
         for s, spec in enumerate(stages):
             blocks = [self.pgraph.blocks[b] for b in spec.blocks]
@@ -627,6 +638,9 @@ class Evaluator:
             )
             _, replay, _ = recompute_terms(spec, costs)  # [Note: recompute per block] in recompute.py
             bwd += replay
+            calls = checkpoint_calls(spec, costs)  # [Note: software overheads]: each checkpoint's own cost
+            fwd += calls * self.overheads.checkpoint_s
+            bwd += calls * self.overheads.checkpoint_backward_s
             names = {p for b in spec.blocks for p in self.pgraph.blocks[b].params}
             mem = self.stage_memory(s, stages, costs, mesh, schedule, crossing, sorted(names), split_params)
             transient = 0.0
@@ -670,9 +684,38 @@ class Evaluator:
                     backward_workspace_bytes=int(mem.backward_bytes),
                     optimizer_workspace_bytes=int(mem.optimizer_bytes),
                     after_s=after,
+                    tied_sums=tied[s],
                 )
             )
         return out
+
+    def tied_sums(self, stages: Sequence[StageSpec], mesh: Mesh, layout: str,
+                  split_params: Set[str]) -> list[tuple[TiedSum, ...]]:
+        """Per stage, the weights it shares with a stage of another pipeline rank, each with the
+        all-reduce of its gradient among the owning ranks at one (dp, tp) coordinate, as the runtime
+        sums them ([Note: tied weights' gradient sums] in simulate.py): the gradient's tp shard when
+        the weight is split, its FSDP shard under ZeRO-2/3. A rank's stages share one copy, so a
+        weight held by the stages of one rank only is summed nowhere."""
+        pp = mesh.pp
+        holders: dict[str, list[int]] = {}  # shared weight -> the stages that read it
+        for s, spec in enumerate(stages):
+            for p in sorted({p for b in spec.blocks for p in self.pgraph.blocks[b].params}):
+                if self.param_readers().get(p, 0) > 1 and self.captured.params[p].trainable:
+                    holders.setdefault(p, []).append(s)
+        out: list[list[TiedSum]] = [[] for _ in stages]
+        fsdp = dp_spec(self.training.dp_sharding).uses_fsdp and mesh.dp > 1
+        for p, ss in sorted(holders.items()):
+            ranks = sorted({stage_rank(s, pp, layout) for s in ss})
+            if len(ranks) < 2:
+                continue
+            numel = self.captured.params[p].numel // (mesh.tp if p in split_params else 1)
+            if fsdp:
+                numel = -(-numel // mesh.dp)
+            seconds = self.cost_model.collective_time("all_reduce", float(numel * self.optimizer.grad_bytes),
+                                                      [mesh.rank(r) for r in ranks])
+            for s in ss:
+                out[s].append(TiedSum(p, seconds))
+        return [tuple(x) for x in out]
 
     # --- plans ------------------------------------------------------------------------
 
@@ -789,6 +832,7 @@ class Evaluator:
             last_end[e.rank], last_stage[e.rank] = e.end_s, e.action.stage
         tail = [0.0] * K
         exposed_share = [0.0] * K
+        tied_share = [0.0] * K  # a rank's tied weights' sums, on its lowest stage that holds one
         layout = schedule_spec(schedule.name).layout
         first: dict[int, int] = {}  # pipeline rank -> its lowest stage (the one charged the per-step overhead)
         for s in range(K):
@@ -796,7 +840,11 @@ class Evaluator:
         for r in range(pp):
             mine = [s for s in range(K) if stage_rank(s, pp, layout) == r]
             after = sum(costs[s].after_s for s in mine)  # optimizer step and per-step overhead, after the reduction
-            tail[last_stage[r]] = max(0.0, sim.step_time_s - last_end[r] - sim.dp_exposed_s[r] - after)
+            summed = sim.tied_sum_s[r] if sim.tied_sum_s else 0.0  # [Note: tied weights' gradient sums]
+            tail[last_stage[r]] = max(0.0, sim.step_time_s - last_end[r] - sim.dp_exposed_s[r] - summed - after)
+            holding = [s for s in mine if costs[s].tied_sums]
+            if holding:
+                tied_share[holding[0]] = summed
             reduce_total = sum(costs[s].dp_reduce_s for s in mine)
             for s in mine:
                 if reduce_total > 0:
@@ -809,9 +857,12 @@ class Evaluator:
             tf = sum(c.tp_comm.forward_s for c in work)
             tb = sum(c.tp_comm.backward_s for c in work)
             replay = recompute_terms(spec, work)[1]
+            calls = checkpoint_calls(spec, work)
+            cf += calls * self.overheads.checkpoint_s  # the checkpoints' own cost: in the passes that pay it
+            replay += calls * self.overheads.checkpoint_backward_s
             action = self.overheads.action_s
             # What the stage's actions take beyond compute, tp and the per-action overhead: ZeRO-2/3's
-            # exposed gathers and scatters.
+            # exposed gathers and scatters, and FSDP's per-unit software cost.
             extra = 0.0
             if dp_spec(self.training.dp_sharding).uses_fsdp and mesh.dp > 1:
                 extra = costs[s].forward_s + costs[s].backward_s - 2 * action - (cf + tf) - (cb + tb) - replay
@@ -828,6 +879,7 @@ class Evaluator:
                     bubble_s=sim.wait_s[s] - sim.transfer_wait_s[s] + tail[s],
                     optimizer_s=opt,
                     overhead_s=2 * M * action + costs[s].after_s - opt,
+                    tied_sum_s=tied_share[s],
                 )
             )
         return out
@@ -928,6 +980,15 @@ def recompute_terms(spec: StageSpec, costs: Sequence[BlockCost]) -> tuple[float,
         else:
             act += c.saved_bytes
     return act, replay, work
+
+
+def checkpoint_calls(spec: StageSpec, costs: Sequence[BlockCost]) -> int:
+    """How many ``torch.utils.checkpoint`` calls one micro-batch of the stage makes: one per recomputed
+    block, and with ``selective`` one per other block with an attention core ([Note: recompute in the
+    runtime] in recompute.py). Each costs the checkpoint's own machinery ([Note: software overheads])."""
+    chosen = set(spec.recompute)
+    return len(chosen) + (sum(1 for b, c in zip(spec.blocks, costs) if b not in chosen and c.core_forward_s > 0)
+                          if spec.selective else 0)
 
 
 def backward_work(spec: StageSpec, costs: Sequence[BlockCost], node_bytes: Sequence[float]) -> float:

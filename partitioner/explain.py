@@ -29,9 +29,11 @@ __all__ = ["breakdown", "print_explanation", "print_diff", "MeasuredRun", "Memor
            "sequence_parallel_summary"]
 
 GIB = 1 << 30
-COMPONENTS = ("forward", "backward", "recompute", "tp_comm", "p2p", "dp_reduce", "dp_gather", "bubble", "optimizer", "overhead")
-# Priced only on a calibrated cluster ([Note: software overheads] in cost_models/overheads.py): shown when not 0.
-MEASURED_ONLY = ("optimizer", "overhead")
+COMPONENTS = ("forward", "backward", "recompute", "tp_comm", "p2p", "dp_reduce", "dp_gather", "bubble", "optimizer", "overhead",
+              "tied_sum")
+# Priced only on a calibrated cluster ([Note: software overheads] in cost_models/overheads.py), or only where a
+# weight is shared across pipeline ranks ([Note: tied weights' gradient sums] in simulate.py): shown when not 0.
+MEASURED_ONLY = ("optimizer", "overhead", "tied_sum")
 LABELS = {
     "forward": "forward compute",
     "backward": "backward compute",
@@ -43,6 +45,7 @@ LABELS = {
     "bubble": "pipeline bubble",
     "optimizer": "optimizer step",
     "overhead": "runtime overhead (per action and step)",
+    "tied_sum": "tied weights' gradient sums",
 }
 
 
@@ -337,7 +340,7 @@ MEASURED_AGAINST = {
     "tp_comm": ("tp_comm",),
     "dp_reduce": ("dp_reduce",),
     "optimizer": ("optimizer",),
-    "other": (),
+    "other": ("tied_sum",),
     "wait": ("p2p", "bubble", "overhead"),  # the runtime's overhead happens outside the timed stages
 }
 MEASURED_LABELS = {

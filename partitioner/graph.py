@@ -242,8 +242,9 @@ class PartitionGraph:
 # position bias of position buckets, is on no such path, and its gradient is never made (found
 # as a hang in the tied-weight sum of T5 under zbv, one rank holding no gradient, and as a
 # silently missing gradient under zb). So the planners offer split-backward schedules only for
-# splits whose first stage holds every such node (``PartitionGraph.split_backward_refused``), and
-# a given plan that breaks this is refused before it runs (planner.check_split_backward).
+# splits whose first stage holds every such node (``PartitionGraph.split_backward_refused``). A
+# plan that breaks this, given or planned under a pinned schedule, is refused when it is planned
+# (``plan_parallelism``) and before it runs (``check_plan``), by planner.check_split_backward.
 
 
 def build_partition_graph(captured: CapturedModel, model: torch.nn.Module | None = None) -> PartitionGraph:

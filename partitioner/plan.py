@@ -194,18 +194,22 @@ class StageComponents:
     dp_gather_s: float = 0.0
     optimizer_s: float = 0.0  # the optimizer step (ZeRO-1: its parameter broadcast included)
     overhead_s: float = 0.0  # the runtime's per-action and per-step costs (schedule, sends posted, loss all-reduce)
+    # the all-reduce of weights shared with another pipeline rank (GPT-2's embedding and head), the wait for
+    # the other owners included ([Note: tied weights' gradient sums] in simulate.py)
+    tied_sum_s: float = 0.0
 
     def total_s(self) -> float:
         return (
             self.forward_s + self.backward_s + self.recompute_s + self.tp_comm_s
             + self.p2p_s + self.dp_reduce_s + self.bubble_s + self.dp_gather_s
-            + self.optimizer_s + self.overhead_s
+            + self.optimizer_s + self.overhead_s + self.tied_sum_s
         )
 
     def to_dict(self) -> dict[str, float]:
-        """The fields, the measured-overhead ones only when priced (so plans on uncalibrated clusters keep their JSON)."""
+        """The fields; the measured-overhead ones and the tied weights' sums only when priced (so plans
+        without them keep their JSON)."""
         d = asdict(self)
-        for name in ("optimizer_s", "overhead_s"):
+        for name in ("optimizer_s", "overhead_s", "tied_sum_s"):
             if d[name] == 0.0:
                 del d[name]
         return d

@@ -150,6 +150,7 @@ def plan_parallelism(
         from .solver import plan_ilp
 
         result = plan_ilp(ev, pins, time_limit_s, progress)
+        check_split_backward(result.plan, ev.pgraph)  # a pinned split schedule: refused here, not at run
         return PlanResult(result.plan, result.sim, ev, result.report)
     if method == "manual":
         if not split_at:
@@ -159,6 +160,7 @@ def plan_parallelism(
         raise PlanError(f"--split-at pins stage boundaries for the ilp or manual methods, not for {method}")
     else:
         plan, sim = plan_baseline(method, ev, pins)
+    check_split_backward(plan, ev.pgraph)
     return PlanResult(plan, sim, ev)
 
 

@@ -62,6 +62,17 @@ reduction ``R`` launched with a backward of ``b`` is exposed. After its
 reduction each rank spends its stages' ``after_s`` (the optimizer step and
 the per-step overhead) before the step ends on it.
 
+[Note: tied weights' gradient sums]
+A weight that stages on different pipeline ranks read (GPT-2's embedding and LM head) has a
+copy on each, and after the reduction the owning ranks all-reduce its gradient ([Note: tied
+weights across stages] in runtime/model.py). A stage lists each such weight it holds as a
+``TiedSum`` with the all-reduce's seconds. The owners of a weight are the ranks whose stages
+list it; the sum starts when the last of them has finished its reduction, and ends on all of
+them ``seconds`` later; the sums go in the order of the weights' names, as the runtime runs
+them. A rank's share, from the end of its reduction to the end of its last sum (the wait for
+the other owners included, as the runtime's clock sees it), is ``SimResult.tied_sum_s``.
+Then the optimizer step (``after_s``).
+
 [Note: where idle time goes]
 A rank is idle before an action when the action's inputs are not ready yet.
 That wait is charged to the action's stage (``SimResult.wait_s``), and the
@@ -117,6 +128,7 @@ __all__ = [
     "MemoryAtPeak",
     "SimResult",
     "StageCost",
+    "TiedSum",
     "busiest_rank_s",
     "peak_memory",
     "schedule_order",
@@ -127,6 +139,19 @@ __all__ = [
 _FORWARD = FORWARD
 _new_event = tuple.__new__  # Event(...) without the named tuple's Python-level __new__
 _BACKWARDS = (FULL_BACKWARD, BACKWARD_WEIGHT)  # the kinds that end a micro-batch's backward on a stage
+
+
+@dataclass(frozen=True, slots=True)
+class TiedSum:
+    """A weight this stage shares with a stage of another pipeline rank: the all-reduce of its
+    gradient among the owners after the step's reduction ([Note: tied weights' gradient sums])."""
+
+    param: str  # the weight's name in the captured model
+    seconds: float  # the all-reduce, priced on the links between the owners
+
+    def __post_init__(self) -> None:
+        if not (math.isfinite(self.seconds) and self.seconds >= 0):
+            raise PlanError(f"TiedSum({self.param!r}).seconds = {self.seconds!r}: must be finite and >= 0 seconds")
 
 
 @dataclass(frozen=True, slots=True)
@@ -154,6 +179,7 @@ class StageCost:
     # once per step, after the rank's reduction: this stage's optimizer step and the rank's per-step
     # overhead ([Note: software overheads] in cost_models/overheads.py); 0 unless calibrated
     after_s: float = 0.0
+    tied_sums: tuple[TiedSum, ...] = ()  # weights shared with another rank's stage ([Note: tied weights' gradient sums])
 
     def __post_init__(self) -> None:
         for name in ("forward_s", "backward_s", "send_s", "dp_reduce_s", "backward_weight_s", "after_s"):
@@ -229,6 +255,9 @@ class SimResult:
     transfer_wait_s: tuple[float, ...] = ()
     # Per rank, what is live at its memory peak ([Note: memory over the step]).
     peak_parts: tuple["MemoryAtPeak", ...] = ()
+    # Per rank, the tied weights' gradient sums, waits for the other owners included
+    # ([Note: tied weights' gradient sums]); empty when no weight is shared across ranks.
+    tied_sum_s: tuple[float, ...] = ()
 
     @property
     def ranks(self) -> int:
@@ -668,7 +697,7 @@ def _summarize(
     mine = [[c for s, c in enumerate(stages) if owner[s] == r] for r in range(ranks)]
 
     dp_exposed: list[float] = []
-    step_time = pipeline_time
+    reduced: list[float] = []  # per rank, when its reduction ends
     for r in range(ranks):
         reduce_s = sum(c.dp_reduce_s for c in mine[r])
         last_b = next((e for e in reversed(events[r]) if e.action.kind in _BACKWARDS), None)
@@ -686,8 +715,12 @@ def _summarize(
         # rank's last action is a forward (custom orders), count from there.
         rank_end = max(compute_end[r], (last_b.end_s if last_b else 0.0) + exposed)
         dp_exposed.append(rank_end - compute_end[r])
-        rank_end += sum(c.after_s for c in mine[r])  # the optimizer step and per-step overhead, last
-        step_time = max(step_time, rank_end)
+        reduced.append(rank_end)
+    summed = _tied_sums(stages, owner, reduced)
+    step_time = pipeline_time
+    for r in range(ranks):
+        # the optimizer step and per-step overhead, last
+        step_time = max(step_time, summed[r] + sum(c.after_s for c in mine[r]))
 
     busy: list[float] = []
     peak_act: list[int] = []
@@ -716,7 +749,28 @@ def _summarize(
         wait_s=tuple(waited),
         transfer_wait_s=tuple(in_transit),
         peak_parts=tuple(parts),
+        tied_sum_s=tuple(s - e for s, e in zip(summed, reduced)) if summed != reduced else (),
     )
+
+
+def _tied_sums(stages: Sequence[StageCost], owner: Sequence[int], reduced: Sequence[float]) -> list[float]:
+    """Each rank's end after the tied weights' gradient sums, from the ends of its reduction
+    ([Note: tied weights' gradient sums])."""
+    end = list(reduced)
+    owners: dict[str, set[int]] = {}
+    seconds: dict[str, float] = {}
+    for s, c in enumerate(stages):
+        for t in c.tied_sums:
+            owners.setdefault(t.param, set()).add(owner[s])
+            seconds[t.param] = max(seconds.get(t.param, 0.0), t.seconds)
+    for name in sorted(owners):
+        ranks = owners[name]
+        if len(ranks) < 2:  # the stages of one rank share the tensor: nothing to sum
+            continue
+        done = max(end[r] for r in ranks) + seconds[name]
+        for r in ranks:
+            end[r] = done
+    return end
 
 
 def _events_by_rank(events: Sequence[Event], ranks: int) -> list[list[Event]]:

@@ -288,30 +288,44 @@ T5_TINY = ["--model", "hf:T5ForConditionalGeneration", "--config", "num_layers=2
            "d_ff=64", "num_heads=2", "d_kv=16", "vocab_size=128", "--seq-len", "16"]
 
 
-@pytest.mark.parametrize("schedule", ["zbv", "interleaved"])
-def test_a_split_backward_plan_that_would_lose_a_weight_s_gradient_is_refused_before_it_runs(capsys, tmp_path, schedule):
+def test_a_split_backward_plan_that_would_lose_a_weight_s_gradient_is_refused_when_planned_and_before_it_runs(
+        capsys, tmp_path):
     """T5's decoder embedding (of the decoder's token ids) on stage 2: torch's split backward never makes
-    its gradient ([Note: weights a split backward cannot reach] in planner.py); zbv is refused, naming the
-    module, and interleaved, the same split, is not. The encoder-decoder runs with positional inputs."""
+    its gradient ([Note: weights a split backward cannot reach] in graph.py). `autopart plan` refuses that
+    split under zbv in one line naming the module, and writes nothing; under interleaved it plans, and the
+    same plan with zbv written in is refused by the check every run makes. The encoder-decoder runs with
+    positional inputs."""
+    import json
+
     from partitioner.planner import check_plan
     from partitioner.zoo import load_model
 
+    split = ["--cluster", "local-cpu:2", "--global-batch", "4", "--mesh", "pp=2", "--virtual-stages", "2", "--method",
+             "manual", "--split-at", "model.encoder.block.1,model.decoder.embed_tokens,model.decoder.block.1"]
+    refused = tmp_path / "zbv.json"
+    rc, _, err = run(capsys, "plan", *T5_TINY, *split, "--schedule", "zbv", "--json", str(refused))
+    assert rc != 0 and not refused.exists()
+    assert "schedule 'zbv' cannot train model.decoder.embed_tokens on stage 2" in err
+    assert "--schedule 1f1b or interleaved" in err and "Traceback" not in err
+
     out = tmp_path / "plan.json"
-    rc, _, err = run(capsys, "plan", *T5_TINY, "--cluster", "local-cpu:2", "--global-batch", "4", "--mesh", "pp=2",
-                     "--schedule", schedule, "--virtual-stages", "2", "--method", "manual", "--split-at",
-                     "model.encoder.block.1,model.decoder.embed_tokens,model.decoder.block.1", "--json", str(out))
+    rc, _, err = run(capsys, "plan", *T5_TINY, *split, "--schedule", "interleaved", "--json", str(out))
     assert rc == 0, err
     plan = Plan.load(out)
     assert plan.stages[2].modules[0] == "model.decoder.embed_tokens"
     lm = load_model("hf:T5ForConditionalGeneration", config=dict(num_layers=2, num_decoder_layers=2, d_model=32, d_ff=64,
                     num_heads=2, d_kv=16, vocab_size=128), seq_len=16)
     assert len(lm.example_inputs) == 2 and not lm.example_kwargs  # encoder and decoder ids, positionally
-    if schedule == "zbv":
-        with pytest.raises(PlanError, match=r"schedule 'zbv' cannot train model\.decoder\.embed_tokens on stage 2.*"
-                                            r"--schedule 1f1b or interleaved"):
-            check_plan(plan, lm.model, lm.example_inputs)
-    else:
-        assert check_plan(plan, lm.model, lm.example_inputs).stages[2].modules == plan.stages[2].modules
+    assert check_plan(plan, lm.model, lm.example_inputs).stages[2].modules == plan.stages[2].modules
+    data = json.loads(out.read_text())
+    data["schedule"]["name"] = "zbv"
+    for st in data["stages"]:
+        st["ranks"] = []  # zbv places the stages in a V; filled in on load
+    given = tmp_path / "given.json"
+    given.write_text(json.dumps(data))
+    with pytest.raises(PlanError, match=r"schedule 'zbv' cannot train model\.decoder\.embed_tokens on stage 2.*"
+                                        r"--schedule 1f1b or interleaved"):
+        check_plan(Plan.load(given), lm.model, lm.example_inputs)
 
 
 def test_the_planner_never_offers_a_split_backward_plan_it_would_refuse(capsys, tmp_path):

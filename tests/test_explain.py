@@ -176,3 +176,26 @@ def test_diff_of_a_missing_file_is_a_one_line_error(written, tmp_path):
     lines = err.strip().splitlines()
     assert len(lines) == 1 and lines[0].startswith("autopart: error: "), err
     assert "nope.json" in lines[0] and "Traceback" not in err
+
+
+def test_a_weight_on_two_pipeline_ranks_has_its_gradient_sum_priced(ev):
+    """GPT-2's embedding and head share ``transformer.wte.weight``. Split over two pipeline ranks,
+    each owner all-reduces its gradient after the backward, as the runtime does; the plan prices that
+    sum on the links between the owners, and `explain` shows it. Under zbv the V puts the first and
+    last stage on rank 0, one copy: nothing is summed."""
+    from partitioner.simulate import TiedSum
+
+    split = plan_parallelism(ev.captured, cluster=ev.cluster, global_batch=16, method="pipedream", pp=2, schedule="1f1b")
+    plan = split.plan
+    costs = ev.stage_costs([ev.spec_of(st) for st in plan.stages], plan.mesh, plan.schedule, {})
+    grad = ev.captured.params["transformer.wte.weight"].numel * ev.optimizer.grad_bytes
+    seconds = ev.cost_model.collective_time("all_reduce", float(grad), [plan.mesh.rank(0), plan.mesh.rank(1)])
+    assert [c.tied_sums for c in costs] == [(TiedSum("transformer.wte.weight", seconds),)] * 2
+    assert seconds > 0
+    summed = [st.predicted.components.tied_sum_s for st in plan.stages]
+    assert min(summed) == pytest.approx(seconds)  # the later owner waits for no one
+    assert plan.predicted.step_time_s == pytest.approx(max(st.predicted.components.total_s() for st in plan.stages))
+    assert breakdown(plan)["tied_sum"] in summed
+
+    v = plan_parallelism(ev.captured, cluster=ev.cluster, global_batch=16, method="pipedream", pp=2, schedule="zbv").plan
+    assert all(st.predicted.components.tied_sum_s == 0.0 for st in v.stages)

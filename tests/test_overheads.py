@@ -136,3 +136,33 @@ def test_calibration_fits_recover_known_overheads():
     sets = [(t, p, t * a_tensor + 16 * p / bandwidth) for t, p in ((4, 1 << 18), (64, 1 << 10), (16, 1 << 16))]
     fitted = optimizer_overheads(sets)
     assert fitted[0] == pytest.approx(a_tensor, rel=1e-6) and fitted[1] == pytest.approx(bandwidth, rel=1e-6)
+
+
+def test_each_checkpoint_call_pays_its_measured_cost(mlp):
+    """A recomputed block runs under torch.utils.checkpoint, whose own machinery (hooks, RNG state, the
+    replay's set-up) costs ``a_ckpt`` in forward and ``a_ckpt_bwd`` in backward per call and micro-batch on
+    top of the replayed forward; the stage pays it for its recomputed blocks only, and the components still
+    add up to the step."""
+    ckpt = Overheads(checkpoint_s=2e-4, checkpoint_backward_s=7e-4)
+    assert Overheads.from_file(ckpt.to_file()) == ckpt
+    assert set(ckpt.to_file()) == {"checkpoint_forward_us", "checkpoint_backward_us"}
+    mesh, schedule = Mesh(2, 1, 1), Schedule("1f1b", 4, 2)
+    priced = {}
+    for name, overheads in (("plain", Overheads()), ("ckpt", ckpt)):
+        ev = prepare(mlp, cluster=replace(Cluster.local(2), overheads=overheads), global_batch=8, dtype="fp32")
+        n = len(ev.pgraph.blocks)
+        stages = [StageSpec(tuple(range(n // 2)), tuple(range(n // 2))), StageSpec(tuple(range(n // 2, n)))]
+        priced[name] = (ev.stage_costs(stages, mesh, schedule, {}), ev.make_plan(stages, mesh, schedule, method="manual")[0],
+                        stages)
+    (base, _, stages), (costs, plan, _) = priced["plain"], priced["ckpt"]
+    calls = len(stages[0].recompute)
+    assert calls > 0
+    assert costs[0].forward_s == pytest.approx(base[0].forward_s + calls * 2e-4)
+    assert costs[0].backward_s == pytest.approx(base[0].backward_s + calls * 7e-4)
+    assert (costs[1].forward_s, costs[1].backward_s) == (base[1].forward_s, base[1].backward_s)  # recomputes nothing
+    plain_plan = priced["plain"][1]
+    c, c0 = plan.stages[0].predicted.components, plain_plan.stages[0].predicted.components
+    assert c.forward_s == pytest.approx(c0.forward_s + 4 * calls * 2e-4)
+    assert c.recompute_s == pytest.approx(c0.recompute_s + 4 * calls * 7e-4)
+    for st in plan.stages:
+        assert st.predicted.components.total_s() == pytest.approx(plan.predicted.step_time_s, rel=1e-9)

@@ -19,6 +19,7 @@ from partitioner.simulate import (
     Action,
     SimResult,
     StageCost,
+    TiedSum,
     schedule_order,
     simulate,
     simulate_orders,
@@ -570,3 +571,32 @@ def test_busiest_rank_is_a_lower_bound_of_the_step():
     # One rank without a reduction waits for nothing: the bound is the step.
     one = [replace(c, dp_reduce_s=0.0, send_s=0.0) for c in _random_stages(random.Random(3), 2)]
     assert busiest_rank_s(one, "interleaved", 4, 1) == pytest.approx(simulate(one, "interleaved", 4, 2).step_time_s)
+
+
+# --- tied weights' gradient sums ([Note: tied weights' gradient sums] in simulate.py) ---------------
+
+
+def test_a_tied_weight_is_summed_after_both_owners_reduce_then_each_steps():
+    """GPT-2's embedding (stage 0) and head (stage 1): the sum starts when the later owner has
+    reduced, ends on both ``seconds`` later, and the optimizer step follows it on each rank."""
+    tie = TiedSum("wte.weight", 0.5)
+    stages = [StageCost(1.0, 2.0, dp_reduce_s=0.25, tied_sums=(tie,), after_s=0.125),
+              StageCost(1.0, 2.0, tied_sums=(tie,), after_s=0.0625)]
+    plain = simulate([replace(c, tied_sums=()) for c in stages], "1f1b", 4, overlap_dp=False)
+    tied = simulate(stages, "1f1b", 4, overlap_dp=False)
+    ends = [max(e.end_s for e in tied.events if e.rank == r) for r in range(2)]
+    reduced = [ends[0] + 0.25, ends[1]]
+    summed = max(reduced) + 0.5
+    assert tied.step_time_s == pytest.approx(max(summed + 0.125, summed + 0.0625))
+    assert tied.tied_sum_s == pytest.approx((summed - reduced[0], summed - reduced[1]))
+    assert tied.step_time_s > plain.step_time_s and plain.tied_sum_s == ()
+
+
+def test_a_weight_shared_by_stages_of_one_rank_is_not_summed():
+    """Interleaved, stages 0 and 2 on rank 0 share one copy: nothing to all-reduce."""
+    tie = TiedSum("w", 1.0)
+    stages = [StageCost(1.0, 2.0, tied_sums=(tie,)), StageCost(1.0, 2.0),
+              StageCost(1.0, 2.0, tied_sums=(tie,)), StageCost(1.0, 2.0)]
+    with_tie = simulate(stages, "interleaved", 4, virtual_stages=2)
+    without = simulate([replace(c, tied_sums=()) for c in stages], "interleaved", 4, virtual_stages=2)
+    assert with_tie.step_time_s == without.step_time_s and with_tie.tied_sum_s == ()

@@ -310,8 +310,10 @@ class _Search:
                 w = float(sum(cap.params[p].bytes // (tp if p in split else 1) for p in own if not cap.params[p].is_buffer))
                 g = float(grad * len(ev.fsdp_groups(group)[0]))  # the block's whole gradient (about)
                 gather, scatter = ev.fsdp_collectives(w, g, group)
-                fwd = max(fwd, gather)
-                bwd = max(bwd, gather * (entry.gathers_per_microbatch - 1) + scatter)
+                # FSDP's own work per unit and pass is the rank's, hidden by nothing ([Note: FSDP prefetch overlap])
+                o, extra = ev.overheads, entry.gathers_per_microbatch - 1
+                fwd = max(fwd, gather) + o.fsdp_unit_s
+                bwd = max(bwd, gather * extra + scatter) + o.fsdp_unit_backward_s + extra * o.fsdp_unit_s
                 unit_w.append(w)
                 unit_g.append(g)
                 if not entry.reshard_after_forward:
@@ -654,7 +656,8 @@ class _Search:
             names = tuple(n for n in names if not SCHEDULE_REGISTRY[n].splits_backward) or (c.schedule,)
         if not c.pinned_retime and self.ev.pgraph.split_backward_refused([spec.blocks for spec in specs]):
             # a weight on a later stage that torch's split backward cannot reach ([Note: weights a split
-            # backward cannot reach] in graph.py); a pinned split schedule is kept, and refused at run
+            # backward cannot reach] in graph.py); a pinned split schedule is kept, and plan_parallelism
+            # refuses the plan (planner.check_split_backward)
             names = tuple(n for n in names if not SCHEDULE_REGISTRY[n].splits_backward) or (c.schedule,)
         best: tuple[Plan, SimResult] | None = None
         own_s = math.inf
