@@ -39,8 +39,9 @@ the simulator will be given):
                    lead_r = sum_{s<r} (B_s + send_s) how much earlier rank r finishes
                                                                            add_dp_constraints()
 
-    minimize  v M P + (sum_s T_s - P) + 2 v sum_k send_k + v E              add_objective()
-              (divided by v when reported)
+    minimize  v M P + (sum_s T_s - P) + 2 v sum_k send_k + v E + v S        add_objective()
+              (divided by v when reported; S, a constant: the gradient sums of the tied weights
+              that the chain's first and last block read, on two ranks in every split)
 
 with ``send_k = alpha_k + beta_k * sum_t bytes_t c[t,k]``. Each family is a
 method of that name in both encodings (``_StageModel``, ``_ChainModel``), and
@@ -174,6 +175,9 @@ class StageProblem:
     send_beta: tuple[float, ...]  # per cut k: seconds per byte
     dp_alpha: float = 0.0  # data-parallel all-reduce: latency part per stage
     dp_beta: float = 0.0  # seconds per gradient byte
+    # the gradient sums of tied weights that every split puts on two pipeline ranks, once per step
+    # ([Note: tied weights' gradient sums] in simulate.py): a constant of the objective
+    tied_sum_s: float = 0.0
     overlap_dp: bool = True
     recompute: bool | None = None  # None: the solver decides per stage
     stage_starts: tuple[int, ...] = ()  # blocks pinned to begin a stage
@@ -419,20 +423,22 @@ class _Model(abc.ABC):
         """The stage of every block in the solution."""
 
     def add_objective(self) -> None:
-        """minimize  v M P + (sum_s T_s - P) + 2 v sum_k send_k + v E, with the period windows.
+        """minimize  v M P + (sum_s T_s - P) + 2 v sum_k send_k + v E + v S, with the period windows,
+        ``S`` the tied weights' gradient sums every split pays (``StageProblem.tied_sum_s``).
 
         ``(q - r + 1) P >= sum_{s=r..q} T_s + 2 sum_{k=r..q-1} send_k`` (``period[r,q]``,
         see [Note: the step-time closed form]); or, for small schedules, the exact
         step of [Note: exact small problems], which replaces both.
         """
         p = self.p
+        tied = _u(p.tied_sum_s)  # a constant: after the step's last action and reduction, on the tied ranks
         if _use_events(p):
-            self.m.minimize(_add_event_step(self.m, self.F, self.B, self.send, p, self.dp_rank))
+            self.m.minimize(_add_event_step(self.m, self.F, self.B, self.send, p, self.dp_rank) + tied)
             return
         v, M = p.virtual_stages, p.microbatches
         total = sum(self.T)
         _add_period_constraints(self.m, self.P, self.T, self.send, p)
-        self.m.minimize(v * M * self.P + (total - self.P) + 2 * v * sum(self.send) + v * self.E)
+        self.m.minimize(v * M * self.P + (total - self.P) + 2 * v * sum(self.send) + v * self.E + v * tied)
 
     def solve(self) -> StageSolution:
         p = self.p

@@ -519,6 +519,13 @@ class _Search:
             group = mesh.dp_group(0)
             dp_alpha = ev.cost_model.collective_time("all_reduce", 1e-30, group)
             dp_beta = (ev.cost_model.collective_time("all_reduce", 1e9, group) - dp_alpha) / 1e9
+        # A weight the chain's first and last block read (GPT-2's embedding and head) is on two pipeline
+        # ranks in every split of pp >= 2 (the loop layouts): its gradient sum is a constant of the step
+        # ([Note: tied weights' gradient sums] in simulate.py). Other shared weights may share a stage;
+        # they are left out (the simulator prices them).
+        last = len(blocks) - 1
+        tied = sum(ev.cost_model.collective_time("all_reduce", sh.grad_bytes, [mesh.rank(0), mesh.rank(c.pp - 1)])
+                   for sh in table.shared if c.pp > 1 and sh.grad_bytes > 0 and {0, last} <= set(sh.readers))
         starts = tuple(self.pg.block_index(m) for m in self.pins.split_at)
         inflight = schedule_inflight(
             c.schedule, c.pp, inflight_horizon(c.schedule, c.pp, c.microbatches, c.virtual_stages), c.virtual_stages
@@ -542,6 +549,7 @@ class _Search:
             send_beta=tuple(betas),
             dp_alpha=dp_alpha,
             dp_beta=dp_beta,
+            tied_sum_s=tied,
             overlap_dp=ev.training.overlap_dp,
             recompute=self.pins.recompute,
             stage_starts=starts,
