@@ -44,16 +44,19 @@ KIB = 1024
 # --- tier 1: the stage ILP against brute force ---------------------------------------------
 
 
-def _random_problem(seed: int, chain: bool, shared: bool) -> StageProblem:
+def _random_problem(seed: int, chain: bool, shared: bool, partial: bool = False) -> StageProblem:
     """A stage problem with 2..10 blocks on 1..4 stages, small enough to enumerate.
 
     Memory figures are whole KiB, so the model's KiB units are exact and a
-    limit equal to an assignment's peak is feasible for both sides.
+    limit equal to an assignment's peak is feasible for both sides. With
+    ``partial``, 1..4 alike blocks are recomputable ([Note: partial recomputation in
+    the ILP]) and the problem is kept smaller (the brute force also enumerates
+    the counts).
     """
     rng = random.Random(seed)
     n = rng.randint(2, 10)
     pp = rng.randint(1, 4)
-    while pp > 1 and pp**n > 70_000:  # the brute force enumerates pp^n assignments
+    while pp > 1 and pp**n > (2_000 if partial else 70_000):  # the brute force enumerates pp^n assignments
         pp -= 1
     M = max(pp, rng.randint(1, 8))  # torch's 1F1B needs a micro-batch per rank
     blocks = []
@@ -92,6 +95,14 @@ def _random_problem(seed: int, chain: bool, shared: bool) -> StageProblem:
         shared_params = (
             SharedParam(static_bytes=float(rng.randint(1, 300_000) * KIB), grad_bytes=float(rng.randint(0, 10**8)), readers=readers),
         )
+    if partial:  # its own generator, so the problems without it stay as they were
+        # 1..4 recomputable blocks, alike in time and activations (a model's layers), as the search marks them
+        extra = random.Random(seed + 10**6)
+        marked = extra.sample(range(n), extra.randint(1, min(4, n)))
+        like = blocks[marked[0]]
+        blocks = [replace(b, forward_s=like.forward_s, backward_s=like.backward_s, saved_bytes=like.saved_bytes,
+                          input_bytes=like.input_bytes, recomputable=True) if i in marked else b
+                  for i, b in enumerate(blocks)]
     dp = rng.random() < 0.6
     bandwidth = (5e8, 5e9) if rng.random() < 0.3 else (5e9, 1e11)  # slow links: a window of stages binds
     return StageProblem(
@@ -133,6 +144,21 @@ def _enumerate(p: StageProblem, contiguous: bool) -> np.ndarray:
     return A[ok]
 
 
+def _choices(p: StageProblem) -> list[tuple[int, ...]]:
+    """The recomputation vectors: per stage -1 (every block), 0 (none) or k > 0 (k recomputable blocks).
+
+    All of them in ``itertools.product`` order (all-or-none first as (0, -1)), or the pinned one;
+    counts only where partial recomputation is offered (recomputation unpinned, a recomputable block,
+    and each frees something)."""
+    K = p.stages
+    if p.recompute is not None:
+        return [(-1 if p.recompute else 0,) * K]
+    rc = [b for b in p.blocks if b.recomputable]
+    offered = rc and min(b.saved_bytes - b.input_bytes for b in rc) > 0
+    options = (0, -1, *range(1, len(rc) + 1)) if offered else (0, -1)
+    return list(itertools.product(options, repeat=K))
+
+
 def _peak_inflight(pp: int, M: int) -> list[int]:
     """1F1B: rank r holds min(M, pp - r) micro-batches at its peak."""
     return [min(M, pp - r) for r in range(pp)]
@@ -141,7 +167,8 @@ def _peak_inflight(pp: int, M: int) -> list[int]:
 def _evaluate(p: StageProblem, A: np.ndarray, workspace: str) -> tuple[np.ndarray, np.ndarray]:
     """(objective seconds, memory bytes per rank) for every assignment row and recompute vector.
 
-    The vectors are all 2^K in ``itertools.product`` order, or the pinned one.
+    The vectors are ``_choices(p)``'s; a vector that recomputes more blocks of a stage than it holds
+    recomputable ones needs infinite memory.
 
     Written from the formulation in pipeline_ilp's docstring, not from the model:
     * stage work ``T_s``: f + b of its blocks, plus f again when it recomputes;
@@ -152,7 +179,11 @@ def _evaluate(p: StageProblem, A: np.ndarray, workspace: str) -> tuple[np.ndarra
     * the data-parallel reduction exposed past each rank's last backward, less that
       rank's lead over rank 0 (the backward chain from it down to rank 0);
     * memory per rank: ``static + workspace + n * activations`` with n its peak in-flight
-      count; ``workspace`` is "stage" (largest saved block of the stage) or "model".
+      count; ``workspace`` is "stage" (largest saved block of the stage) or "model";
+    * k recomputable blocks of a stage (partial): f again for each of the k at the
+      largest forward of a recomputable block, activations less k times the least
+      ``saved - input`` of one, and the largest recomputable block's saved bytes as
+      workspace.
     """
     K, M = p.stages, p.microbatches
     N = len(A)
@@ -184,10 +215,15 @@ def _evaluate(p: StageProblem, A: np.ndarray, workspace: str) -> tuple[np.ndarra
         sends.append(p.send_alpha[k] + p.send_beta[k] * nbytes)
     send = sum(sends, np.zeros(N))
     inflight = np.array(_peak_inflight(p.pp, M), dtype=float)
-    flags = [p.recompute] * K if p.recompute is not None else None
-    vectors = [tuple(flags)] if flags else list(itertools.product((False, True), repeat=K))
-    R = np.array(vectors, dtype=float)[None, :, :]  # 1 x V x K
-    T = (F + Bk)[:, None, :] + R * F[:, None, :]
+    C = np.array(_choices(p), dtype=float)[None, :, :]  # 1 x V x K
+    R = (C < 0).astype(float)  # every block
+    Kp = np.maximum(C, 0.0)  # partial: how many recomputable blocks
+    rc = np.array([blk.recomputable for blk in p.blocks], dtype=float)
+    c_max = max((blk.forward_s for blk in p.blocks if blk.recomputable), default=0.0)
+    g_min = min((blk.saved_bytes - blk.input_bytes for blk in p.blocks if blk.recomputable), default=0.0)
+    w_max = max((blk.saved_bytes for blk in p.blocks if blk.recomputable), default=0.0)
+    RC = np.einsum("nik,i->nk", X, rc)[:, None, :]  # N x 1 x K
+    T = (F + Bk)[:, None, :] + R * F[:, None, :] + c_max * Kp
     # The period (see [Note: the step-time closed form]): over every window r..q of consecutive
     # stages, their work and two transfers per cut inside, spread over q - r + 1 micro-batches.
     period = np.zeros(T.shape[:2])
@@ -199,7 +235,7 @@ def _evaluate(p: StageProblem, A: np.ndarray, workspace: str) -> tuple[np.ndarra
     pipeline = M * period + T.sum(axis=2) - period
     if p.dp_alpha or p.dp_beta:
         DP = (p.dp_alpha + p.dp_beta * G)[:, None, :]
-        last_backward = Bk[:, None, :] + R * F[:, None, :]
+        last_backward = Bk[:, None, :] + R * F[:, None, :] + c_max * Kp
         # Rank r finishes its last backward before rank 0 by the backward chain from r down to 0.
         lead = np.zeros_like(last_backward)
         for r in range(1, K):
@@ -209,8 +245,9 @@ def _evaluate(p: StageProblem, A: np.ndarray, workspace: str) -> tuple[np.ndarra
     else:
         E = 0.0
     obj = pipeline + 2 * send[:, None] + E
-    act = np.where(R > 0, IN[:, None, :], SV[:, None, :])
-    mem = ST[:, None, :] + R * WK[:, None, :] + inflight[None, None, :] * act
+    act = np.where(R > 0, IN[:, None, :], SV[:, None, :] - g_min * Kp)
+    mem = ST[:, None, :] + R * WK[:, None, :] + (Kp > 0) * w_max + inflight[None, None, :] * act
+    mem = np.where(Kp > RC, np.inf, mem)
     return obj, mem
 
 
@@ -257,9 +294,11 @@ def _check(p: StageProblem, encoding: str, contiguous: bool, workspace: str) -> 
     assert sol.objective_s == pytest.approx(expected, abs=_tolerance(p, expected)), (sol, expected)
     assert sol.bound_s <= sol.objective_s + _tolerance(p, expected)
     # The solver's own assignment, priced by the brute force, is feasible and as good.
-    obj, mem = _evaluate(replace(p, recompute=None), np.array([sol.stage_of]), workspace)
-    idx = list(itertools.product((False, True), repeat=p.stages)).index(tuple(sol.recompute))
-    assert (mem[0, idx] <= p.memory_limit).all(), (sol.stage_of, sol.recompute)
+    free = replace(p, recompute=None)
+    obj, mem = _evaluate(free, np.array([sol.stage_of]), workspace)
+    chosen = tuple(-1 if whole else k for whole, k in zip(sol.recompute, sol.partial))
+    idx = _choices(free).index(chosen)
+    assert (mem[0, idx] <= p.memory_limit).all(), (sol.stage_of, sol.recompute, sol.partial)
     assert obj[0, idx] == pytest.approx(expected, abs=2 * _tolerance(p, expected))
     return "optimal"
 
@@ -284,6 +323,62 @@ def test_chain_encoding_matches_brute_force_over_contiguous_splits(seed):
     if seed % 3:
         p = _with_limit(p, contiguous=True, workspace="model", rng=random.Random(2000 + seed))
     _check(p, "chain", contiguous=True, workspace="model")
+
+
+PARTIAL_SEEDS = range(24)
+
+
+@pytest.mark.parametrize("seed", PARTIAL_SEEDS)
+def test_partial_recomputation_matches_brute_force_over_splits_and_counts(seed):
+    # [Note: partial recomputation in the ILP]: every stage may also recompute k of its recomputable
+    # blocks; the brute force enumerates every assignment and every per-stage choice (none, all, k).
+    chain = seed % 2 == 0
+    p = _random_problem(700 + seed, chain=chain, shared=seed % 4 == 1, partial=True)
+    if seed % 4 != 3:  # three in four with a tight limit (partial recomputation is for memory)
+        p = _with_limit(p, contiguous=False, workspace="stage", rng=random.Random(3000 + seed))
+    _check(p, "assignment", contiguous=False, workspace="stage")
+    if chain:  # the chain encoding, same problem over contiguous splits (its workspace is the model's)
+        q = _with_limit(replace(p, shared=()), contiguous=True, workspace="model", rng=random.Random(4000 + seed))
+        _check(q, "chain", contiguous=True, workspace="model")
+
+
+MIB = 1 << 20
+
+
+def _six_alike(limit_mib: float) -> StageProblem:
+    """Six alike recomputable blocks (1 ms forward, 2 ms backward, 100 MiB saved, 10 MiB of input) on
+    pp = 2, 1F1B, 8 micro-batches: rank 0 holds 2 micro-batches in flight, rank 1 one."""
+    blocks = tuple(BlockData(forward_s=1e-3, backward_s=2e-3, saved_bytes=100.0 * MIB, input_bytes=10.0 * MIB,
+                             static_bytes=0.0, grad_bytes=0.0, recomputable=True) for _ in range(6))
+    return StageProblem(
+        blocks=blocks, edges=tuple((i, i + 1) for i in range(5)),
+        tensors=tuple(TensorFlow(producer=i, readers=(i + 1,), bytes=1e6) for i in range(5)), shared=(),
+        pp=2, virtual_stages=1, microbatches=8, inflight=inflight_patterns(schedule_order("1f1b", 2, 8), 2, 1),
+        memory_limit=limit_mib * MIB, send_alpha=(1e-5,), send_beta=(1e-10,), objective="closed_form",
+    )
+
+
+@pytest.mark.parametrize("encoding", ["assignment", "chain"])
+def test_the_ilp_itself_recomputes_two_of_a_stage_s_blocks_when_that_buys_the_best_split(encoding):
+    """Under 430 MiB the even split 3 | 3 fits only if stage 0 (2 micro-batches in flight) recomputes
+    2 of its 3 blocks: 2 (300 - 2 x 90) + 100 of workspace = 340 MiB; one block is not enough (520).
+    Its step, 7 x 11 + 20 ms, beats every all-or-none plan (2 | 4 without recomputation: 7 x 12 + 18).
+    The ILP returns that split and k = 2 on its own, as the brute force over splits x counts does."""
+    p = _six_alike(430)
+    sol = solve_stages(p, encoding=encoding)
+    assert sol.status == "OPTIMAL"
+    assert sol.stage_of == (0, 0, 0, 1, 1, 1)
+    assert sol.recompute == (False, False) and sol.partial == (2, 0)
+    assert _check(p, encoding, contiguous=encoding == "chain", workspace="stage") == "optimal"
+    # Without the counts (no block marked recomputable) the best plan is slower: all or none cannot buy it.
+    whole = replace(p, blocks=tuple(replace(b, recomputable=False) for b in p.blocks))
+    assert _brute_force(whole, True, "stage") > _brute_force(p, True, "stage") + 1e-3
+    best = solve_stages(whole, encoding=encoding)
+    assert best.partial == (0, 0) and best.stage_of == (0, 0, 1, 1, 1, 1)
+    # Pinned on or off, the ILP keeps all or none (r[s] is that constant; no counts).
+    for pinned in (True, False):
+        sol = solve_stages(replace(p, recompute=pinned), encoding=encoding)
+        assert sol.partial == (0, 0) and sol.recompute == (pinned, pinned)
 
 
 @pytest.mark.parametrize("encoding", ["assignment", "chain"])
@@ -746,3 +841,34 @@ def test_moving_cuts_prunes_by_the_blocks_work_and_moves_the_same(monkeypatch):
         assert out[True][1] < out[False][1]
         moved += out[True][0] != specs
     assert moved
+
+
+def test_the_search_realizes_the_ilp_s_partial_recomputation_on_its_own_split(gpt2_four_layers):
+    """[Note: recompute per block in the search]: under a limit between the peaks with every block and
+    with no block recomputed, the stage ILP itself chooses how many blocks of a stage recompute; the
+    search keeps the ILP's split and recomputes (blocks or attention cores) only on the stages the ILP
+    chose, picking which by the per-block greedy, and does not count it as a re-chosen plan."""
+    from partitioner.evaluate import StageSpec
+    from partitioner.plan import Mesh, Schedule
+
+    base = prepare(gpt2_four_layers, cluster=Cluster.preset("dgx-a100-80g", 1), global_batch=16)
+    mesh, sched = Mesh(2, 1, 4), Schedule("1f1b", 4, 1)
+    k = base.pgraph.block_index("transformer.h.2")
+    parts = (range(k), range(k, len(base.pgraph.blocks)))
+    keep, _ = base.make_plan([StageSpec(tuple(p)) for p in parts], mesh, sched, method="manual")
+    redo, _ = base.make_plan([StageSpec.whole(p, True) for p in parts], mesh, sched, method="manual")
+    lo, hi = redo.predicted.peak_memory_bytes, keep.predicted.peak_memory_bytes
+    limit = lo + 0.5 * (hi - lo)
+    ev = prepare(gpt2_four_layers, cluster=base.cluster, global_batch=16,
+                 memory_reserve=1 - limit / base.cluster.device.memory_bytes, memory_margin=0.0)
+    result = plan_ilp(ev, Pins(pp=2, tp=1, microbatches=4, schedule="1f1b", dp_shardings=("none",)), time_limit_s=2.0)
+    partial = [a for a in result.report.attempts if any(a.solution.partial)]
+    assert partial, [a.solution for a in result.report.attempts]
+    for a in partial:
+        sol = a.solution
+        assert not any(sol.recompute) and not a.recompute_refined
+        assert a.plan is not None and a.plan.predicted.fits
+        sizes = [sum(1 for s in sol.stage_of if s == t) for t in range(2)]
+        assert [len(st.modules) for st in a.plan.stages] == sizes  # the ILP's own split
+        for st, count in zip(a.plan.stages, sol.partial):
+            assert st.recomputes == (count > 0)

@@ -11,35 +11,66 @@ per-micro-batch figure from the evaluator, so the model prices exactly what
 the simulator will be given):
 
     variables  x[i,s] in {0,1}   block i on stage s
-               r[s] in {0,1}     stage s recomputes (full activation checkpointing)
+               r[s] in {0,1}     stage s recomputes every block (full activation checkpointing)
                w[i,s] = x[i,s] AND r[s]
+               q[s] in {0,1}, k[s] in 0..N   stage s recomputes k[s] of its recomputable blocks
+                                 (partial; see [Note: partial recomputation in the ILP])
                c[t,k] in {0,1}   tensor t crosses the cut after stage k
                u[p,s] in {0,1}   shared (tied) parameter p is held by stage s
                P, E >= 0         the steady-state period per micro-batch; exposed dp time
 
     assignment     sum_s x[i,s] = 1;  sum_i x[i,s] >= 1                   add_assignment_constraints()
+    partial        r[s] + q[s] <= 1;  k[s] <= N q[s];
+                   k[s] <= sum_{i in Rc} x[i,s]                            add_partial_constraints()
     graph order    stage(i) <= stage(j) for every block edge i -> j,
                    stage(i) = sum_s s x[i,s]                               add_order_constraints()
     cuts           c[t,k] >= le[src(t),k] - le[j,k] for every reader j of t,
                    le[i,k] = sum_{s<=k} x[i,s]                             add_cut_constraints()
-    stage time     T_s = sum_i x[i,s] (f_i + b_i) + sum_i w[i,s] f_i       add_time_constraints()
+    stage time     T_s = sum_i x[i,s] (f_i + b_i) + sum_i w[i,s] f_i + c k[s]   add_time_constraints()
                    R_r = sum_{s on r} T_s;  P >= R_r
     period         (q - r + 1) P >= sum_{s=r..q} T_s + 2 sum_{k=r..q-1} send_k
                    for every window of consecutive stages r..q (v = 1)     add_objective()
     memory         for rank r and each in-flight pattern n of its schedule:
                    sum_{s on r} (static_s + work_s + n_s act_s) <= limit    add_memory_constraints()
                    static_s = sum_i x[i,s] st_i + sum_p u[p,s] st_p;  u[p,s] >= x[i,s] (i reads p)
-                   act_s = sum_i x[i,s] sv_i - sum_i w[i,s] (sv_i - in_i);  work_s >= w[i,s] sv_i
+                   act_s = sum_i x[i,s] sv_i - sum_i w[i,s] (sv_i - in_i) - g k[s]
+                   work_s >= w[i,s] sv_i;  work_s >= W q[s]
     data parallel  E >= DP_r - B_r - lead_r (overlapped) or E >= DP_r - lead_r, with
                    lead_r = sum_{s<r} (B_s + send_s) how much earlier rank r finishes
                                                                            add_dp_constraints()
 
-    minimize  v M P + (sum_s T_s - P) + 2 v sum_k send_k + v E              add_objective()
-              (divided by v when reported)
+    minimize  v M P + (sum_s T_s - P) + 2 v sum_k send_k + v E + v S        add_objective()
+              (divided by v when reported; S, a constant: the gradient sums of the tied weights
+              that the chain's first and last block read, on two ranks in every split)
 
 with ``send_k = alpha_k + beta_k * sum_t bytes_t c[t,k]``. Each family is a
 method of that name in both encodings (``_StageModel``, ``_ChainModel``), and
 each method's docstring repeats its formula and names its constraints.
+
+[Note: partial recomputation in the ILP]
+Besides all or none (``r[s]``), a stage may recompute some of its blocks:
+``k[s]`` of the blocks marked ``recomputable`` (the set ``Rc``, N of them), as
+AdaPipe chooses how many layers of each stage recompute. Which ``k[s]`` blocks
+is not modelled; the per-block greedy of solver/recompute.py picks them
+([Note: choosing the recomputed blocks]). So every recomputable block is priced
+by constants that hold for *any* ``k[s]`` of them:
+
+    g = min_{i in Rc} (sv_i - in_i)    the least a recomputed block frees, per micro-batch in flight
+    c = max_{i in Rc} f_i              the most it replays
+    W = max_{i in Rc} sv_i             the most its replay holds at once (the stage's workspace)
+
+so ``k[s]`` recomputed blocks free at least ``g k[s]`` and cost at most
+``c k[s]``: the model's memory and time are never below the evaluator's for the
+same blocks (recompute_terms in evaluate.py; its ``in_b`` is ``input_bytes``
+here, as for whole stages). Where the recomputable blocks are alike
+(a transformer's layers) the constants are exact. ``q[s]`` says the stage
+recomputes partially (it pays the workspace ``W`` once); a stage recomputes
+wholly or partially, never both. Partial recomputation is offered only where
+recomputation is not pinned (``recompute is None``), some block is
+recomputable and ``g > 0``; otherwise ``k = q = 0`` and the model is the
+all-or-none one. The search gives the ILP's split with the chosen stages to the
+greedy, which takes the fewest blocks that fit by the simulator's peak
+(search.py, [Note: recompute per block in the search]).
 
 [Note: the step-time closed form]
 For 1F1B (v = 1) the objective is ``(M - 1) P + sum_s T_s + 2 sum_k send_k
@@ -114,6 +145,8 @@ class BlockData:
     input_bytes: float  # what recomputation keeps instead
     static_bytes: float  # weights + gradients + optimizer state of its unshared parameters
     grad_bytes: float  # gradient bytes of its unshared parameters (data-parallel reduction)
+    # The ILP may count it in a stage's partial recomputation k[s] ([Note: partial recomputation in the ILP])
+    recomputable: bool = False
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
@@ -142,11 +175,15 @@ class StageProblem:
     send_beta: tuple[float, ...]  # per cut k: seconds per byte
     dp_alpha: float = 0.0  # data-parallel all-reduce: latency part per stage
     dp_beta: float = 0.0  # seconds per gradient byte
+    # the gradient sums of tied weights that every split puts on two pipeline ranks, once per step
+    # ([Note: tied weights' gradient sums] in simulate.py): a constant of the objective
+    tied_sum_s: float = 0.0
     overlap_dp: bool = True
     recompute: bool | None = None  # None: the solver decides per stage
     stage_starts: tuple[int, ...] = ()  # blocks pinned to begin a stage
     hint: tuple[int, ...] | None = None  # a stage per block to start from
     hint_recompute: tuple[bool, ...] | None = None  # and a recompute flag per stage
+    hint_partial: tuple[int, ...] | None = None  # and a partial recomputation count k[s] per stage
     schedule: str = "1f1b"  # the schedule's name (the event objective replays its action order)
     objective: str = "auto"  # "events", "closed_form", or "auto" (see [Note: exact small problems])
     max_time_s: float = 10.0  # deterministic time budget
@@ -159,11 +196,15 @@ class StageProblem:
 
 @dataclass(frozen=True, slots=True)
 class StageSolution:
-    """The stage ILP's answer: a stage per block and a recomputation flag per stage (empty if none)."""
+    """The stage ILP's answer: a stage per block, and per stage whether it recomputes every block
+    and how many of its recomputable blocks it recomputes otherwise (empty if none)."""
 
     status: str  # OPTIMAL, FEASIBLE, INFEASIBLE, UNKNOWN
     stage_of: tuple[int, ...] = ()  # stage of each block
-    recompute: tuple[bool, ...] = ()  # per stage
+    recompute: tuple[bool, ...] = ()  # per stage: every block recomputes (r[s])
+    # per stage: k[s], its recomputable blocks that recompute when it does not recompute wholly
+    # ([Note: partial recomputation in the ILP]); 0 where recompute[s]
+    partial: tuple[int, ...] = ()
     objective_s: float = float("inf")  # predicted step time
     bound_s: float = 0.0  # proven lower bound on it
 
@@ -315,7 +356,13 @@ class _Model(abc.ABC):
     ``F[s]`` (forward), ``B[s]`` (backward + recomputation), and per cut ``k``:
     ``send[k]``; the period ``P``, the exposed reduction ``E`` and, with data
     parallelism, ``dp_rank[r]``. All are in integer units of ``UNIT_S``.
+
+    The partial recomputation's constants ([Note: partial recomputation in the ILP]) are
+    ``gain`` (g, KiB), ``replay`` (c, time units) and ``rc_work`` (W, KiB); ``rc`` lists the
+    recomputable blocks, empty when partial recomputation is not offered.
     """
+
+    KIB = 1024  # memory in KiB keeps coefficients small
 
     def __init__(self, p: StageProblem) -> None:
         self.p = p
@@ -325,12 +372,43 @@ class _Model(abc.ABC):
         self.B: list[cp_model.LinearExpr] = []
         self.send: list[cp_model.LinearExpr] = []
         self.dp_rank: list[cp_model.LinearExpr] | None = None
+        kib = self.KIB
+        rc = [i for i, b in enumerate(p.blocks) if b.recomputable]
+        self.gain = min((int((p.blocks[i].saved_bytes - p.blocks[i].input_bytes) // kib) for i in rc), default=0)
+        self.replay = max((_u(p.blocks[i].forward_s) for i in rc), default=0)
+        self.rc_work = max((int(p.blocks[i].saved_bytes // kib) for i in rc), default=0)
+        self.rc = rc if p.recompute is None and self.gain > 0 else []
 
     def new_recompute_vars(self) -> list:
         """r[s]: stage s recomputes; constants when the user pinned recomputation on or off."""
         if self.p.recompute is None:
             return [self.m.new_bool_var(f"r[{s}]") for s in range(self.p.stages)]
         return [self.m.new_constant(int(self.p.recompute)) for _ in range(self.p.stages)]
+
+    def new_partial_vars(self) -> None:
+        """q[s], k[s]: stage s recomputes k[s] of its recomputable blocks (constants 0 when not offered)."""
+        p, m = self.p, self.m
+        K, N = p.stages, len(self.rc)
+        if not N:
+            self.q = [m.new_constant(0) for _ in range(K)]
+            self.k = [m.new_constant(0) for _ in range(K)]
+            return
+        self.q = [m.new_bool_var(f"q[{s}]") for s in range(K)]
+        self.k = [m.new_int_var(0, N, f"k[{s}]") for s in range(K)]
+        for s in range(K):
+            m.add(self.r[s] + self.q[s] <= 1).with_name(f"whole_or_partial[{s}]")
+            m.add(self.k[s] <= N * self.q[s]).with_name(f"partial_on[{s}]")
+
+    def recompute_hints(self) -> list[tuple[cp_model.IntVar, int]]:
+        """The hint's r[s] and, where partial recomputation is offered, its q[s] and k[s]."""
+        p = self.p
+        out = []
+        if p.hint_recompute is not None and p.recompute is None:
+            out += [(self.r[s], int(flag)) for s, flag in enumerate(p.hint_recompute)]
+        if p.hint_partial is not None and self.rc:
+            out += [(self.k[s], k) for s, k in enumerate(p.hint_partial)]
+            out += [(self.q[s], int(k > 0)) for s, k in enumerate(p.hint_partial)]
+        return out
 
     @abc.abstractmethod
     def build(self) -> None:
@@ -345,20 +423,22 @@ class _Model(abc.ABC):
         """The stage of every block in the solution."""
 
     def add_objective(self) -> None:
-        """minimize  v M P + (sum_s T_s - P) + 2 v sum_k send_k + v E, with the period windows.
+        """minimize  v M P + (sum_s T_s - P) + 2 v sum_k send_k + v E + v S, with the period windows,
+        ``S`` the tied weights' gradient sums every split pays (``StageProblem.tied_sum_s``).
 
         ``(q - r + 1) P >= sum_{s=r..q} T_s + 2 sum_{k=r..q-1} send_k`` (``period[r,q]``,
         see [Note: the step-time closed form]); or, for small schedules, the exact
         step of [Note: exact small problems], which replaces both.
         """
         p = self.p
+        tied = _u(p.tied_sum_s)  # a constant: after the step's last action and reduction, on the tied ranks
         if _use_events(p):
-            self.m.minimize(_add_event_step(self.m, self.F, self.B, self.send, p, self.dp_rank))
+            self.m.minimize(_add_event_step(self.m, self.F, self.B, self.send, p, self.dp_rank) + tied)
             return
         v, M = p.virtual_stages, p.microbatches
         total = sum(self.T)
         _add_period_constraints(self.m, self.P, self.T, self.send, p)
-        self.m.minimize(v * M * self.P + (total - self.P) + 2 * v * sum(self.send) + v * self.E)
+        self.m.minimize(v * M * self.P + (total - self.P) + 2 * v * sum(self.send) + v * self.E + v * tied)
 
     def solve(self) -> StageSolution:
         p = self.p
@@ -373,6 +453,7 @@ class _Model(abc.ABC):
             status=name,
             stage_of=self.stage_of_blocks(solver),
             recompute=tuple(bool(solver.value(r)) for r in self.r),
+            partial=tuple(int(solver.value(k)) for k in self.k),
             objective_s=solver.objective_value * UNIT_S / scale,
             bound_s=solver.best_objective_bound * UNIT_S / scale,
         )
@@ -386,12 +467,14 @@ class _StageModel(_Model):
         n, K = len(p.blocks), p.stages
         self.x = [[self.m.new_bool_var(f"x[{i},{s}]") for s in range(K)] for i in range(n)]
         self.r = self.new_recompute_vars()
+        self.new_partial_vars()
         self.w = [[self.m.new_bool_var(f"w[{i},{s}]") for s in range(K)] for i in range(n)]
         self.P = self.m.new_int_var(0, _BIG, "P")  # the period (see the formulation)
         self.E = self.m.new_int_var(0, _BIG, "E")
 
     def build(self) -> None:
         self.add_assignment_constraints()
+        self.add_partial_constraints()
         self.add_order_constraints()
         self.add_cut_constraints()
         self.add_time_constraints()
@@ -414,6 +497,14 @@ class _StageModel(_Model):
                 m.add(w <= x).with_name(f"recompute_and_x[{i},{s}]")
                 m.add(w <= r).with_name(f"recompute_and_r[{i},{s}]")
                 m.add(w >= x + r - 1).with_name(f"recompute_and[{i},{s}]")
+
+    def add_partial_constraints(self) -> None:
+        """k[s] <= sum_{i in Rc} x[i,s] (``partial_count[s]``); r[s] + q[s] <= 1 and k[s] <= N q[s]
+        (``whole_or_partial[s]``, ``partial_on[s]``, added with the variables)."""
+        if not self.rc:
+            return
+        for s in range(self.p.stages):
+            self.m.add(self.k[s] <= sum(self.x[i][s] for i in self.rc)).with_name(f"partial_count[{s}]")
 
     def add_order_constraints(self) -> None:
         """stage(i) <= stage(j) for every edge i -> j (``order[i,j]``); pinned stage starts."""
@@ -446,7 +537,7 @@ class _StageModel(_Model):
             self.send.append(_u(p.send_alpha[k]) + sum(_u(beta * size) * c for size, c in bytes_k))
 
     def add_time_constraints(self) -> None:
-        """T_s = sum x (f + b) + sum w f; P >= R_r for every rank r (``bottleneck[r]``).
+        """T_s = sum x (f + b) + sum w f + c k[s]; P >= R_r for every rank r (``bottleneck[r]``).
 
         The period constraints over windows of stages (``_add_period_constraints``)
         are added in ``add_objective()``, once the transfers are known.
@@ -455,7 +546,7 @@ class _StageModel(_Model):
         n = len(p.blocks)
         for s in range(p.stages):
             fb = sum(_u(p.blocks[i].forward_s + p.blocks[i].backward_s) * self.x[i][s] for i in range(n))
-            again = sum(_u(p.blocks[i].forward_s) * self.w[i][s] for i in range(n))
+            again = sum(_u(p.blocks[i].forward_s) * self.w[i][s] for i in range(n)) + self.replay * self.k[s]
             self.T.append(fb + again)
             self.B.append(sum(_u(p.blocks[i].backward_s) * self.x[i][s] for i in range(n)) + again)
             self.F.append(self.T[-1] - self.B[-1])
@@ -463,10 +554,13 @@ class _StageModel(_Model):
             m.add(self.P >= sum(self.T[s] for s in range(r, p.stages, p.pp))).with_name(f"bottleneck[{r}]")
 
     def add_memory_constraints(self) -> None:
-        """Per rank and in-flight pattern: static + workspace + sum_s n_s act_s <= limit (``memory[r,n]``)."""
+        """Per rank and in-flight pattern: static + workspace + sum_s n_s act_s <= limit (``memory[r,n]``).
+
+        act_s = sum x sv - sum w (sv - in) - g k[s]; work_s >= w[i,s] sv_i and work_s >= W q[s].
+        """
         p, m = self.p, self.m
         n = len(p.blocks)
-        scale = 1024  # memory in KiB keeps coefficients small
+        scale = self.KIB
         limit = int(p.memory_limit // scale)
         static, act, work = [], [], []
         for s in range(p.stages):
@@ -481,10 +575,12 @@ class _StageModel(_Model):
             drop = sum(
                 int((p.blocks[i].saved_bytes - p.blocks[i].input_bytes) // scale) * self.w[i][s] for i in range(n)
             )
-            act.append(keep - drop)
+            act.append(keep - drop - self.gain * self.k[s])
             wk = m.new_int_var(0, max(1, int(max((b.saved_bytes for b in p.blocks), default=0) // scale) + 1), f"work[{s}]")
             for i in range(n):
                 m.add(wk >= int(p.blocks[i].saved_bytes // scale) * self.w[i][s])
+            if self.rc:
+                m.add(wk >= self.rc_work * self.q[s]).with_name(f"partial_work[{s}]")
             work.append(wk)
         for r in range(p.pp):
             mine = list(range(r, p.stages, p.pp))
@@ -525,9 +621,7 @@ class _StageModel(_Model):
         if p.hint is None:
             return []
         hints = [(self.x[i][s], int(s == s_i)) for i, s_i in enumerate(p.hint) for s in range(p.stages)]
-        if p.hint_recompute is not None and p.recompute is None:
-            hints += [(self.r[s], int(flag)) for s, flag in enumerate(p.hint_recompute)]
-        return hints
+        return hints + self.recompute_hints()
 
     def stage_of_blocks(self, solver: cp_model.CpSolver) -> tuple[int, ...]:
         K = self.p.stages
@@ -594,8 +688,6 @@ class _ChainModel(_Model):
     constraints (``read_prefix_sums``).
     """
 
-    KIB = 1024  # memory in KiB keeps coefficients small
-
     def __init__(self, p: StageProblem) -> None:
         super().__init__(p)
         n, kib = len(p.blocks), self.KIB
@@ -614,6 +706,9 @@ class _ChainModel(_Model):
             "IN": _prefix([int(b.input_bytes // kib) for b in p.blocks]),
             "G": _prefix([_u(p.dp_beta * (b.grad_bytes + shared_grad[i])) for i, b in enumerate(p.blocks)]),
         }
+        if self.rc:  # RC[j]: recomputable blocks before block j (only when partial recomputation is offered)
+            marked = set(self.rc)
+            self.tables["RC"] = _prefix([int(i in marked) for i in range(n)])
         self.cut = [0] * (n + 1)  # CUT[j]: bytes crossing a cut placed before block j
         for t in p.tensors:
             for j in range(t.producer + 1, max(t.readers) + 1):
@@ -626,7 +721,9 @@ class _ChainModel(_Model):
         self.add_assignment_constraints()
         self.add_order_constraints()
         self.r = self.new_recompute_vars()
+        self.new_partial_vars()
         self.read_prefix_sums()
+        self.add_partial_constraints()
         self.add_time_constraints()
         self.add_memory_constraints()
         self.add_cut_constraints()
@@ -676,8 +773,17 @@ class _ChainModel(_Model):
         K = self.p.stages
         self.at = {name: [self._at(tab, self.pos[s], f"{name}[{s}]") for s in range(K + 1)] for name, tab in self.tables.items()}
 
+    def add_partial_constraints(self) -> None:
+        """k[s] <= RC[p_{s+1}] - RC[p_s] (``partial_count[s]``), RC the prefix count of the recomputable
+        blocks; r[s] + q[s] <= 1 and k[s] <= N q[s] (``whole_or_partial[s]``, ``partial_on[s]``, added
+        with the variables)."""
+        if not self.rc:
+            return
+        for s in range(self.p.stages):
+            self.m.add(self.k[s] <= self.diff("RC", s)).with_name(f"partial_count[{s}]")
+
     def add_time_constraints(self) -> None:
-        """T_s = FB_s + r_s F_s, B_s = BK_s + r_s F_s; P >= sum_{s on r} T_s (``bottleneck[r]``).
+        """T_s = FB_s + r_s F_s + c k_s, B_s = BK_s + r_s F_s + c k_s; P >= sum_{s on r} T_s (``bottleneck[r]``).
 
         ``r_s F_s`` is a variable at least ``F_s - bigT (1 - r_s)`` (``recompute_time[s]``),
         equal to it at the optimum.
@@ -689,6 +795,7 @@ class _ChainModel(_Model):
             fdiff = self.diff("F", s)
             extra = m.new_int_var(0, F[-1], f"recompute_time[{s}]")
             m.add(extra >= fdiff - big_t * (1 - self.r[s])).with_name(f"recompute_time[{s}]")
+            extra = extra + self.replay * self.k[s]
             self.T.append(self.diff("FB", s) + extra)
             self.F.append(fdiff)
             self.B.append(self.diff("BK", s) + extra)
@@ -699,9 +806,10 @@ class _ChainModel(_Model):
     def add_memory_constraints(self) -> None:
         """Per rank r and in-flight pattern n: sum_{s on r} (ST_s + work_s + n_s act_s) <= limit (``memory[r,n]``).
 
-        act_s >= SV_s - bigM r_s (``act_keep[s]``), act_s >= IN_s - bigM (1 - r_s)
-        (``act_recompute[s]``): the saved activations, or only the inputs when the
-        stage recomputes; work_s = r_s x the largest block's saved activations.
+        act_s >= SV_s - g k_s - bigM r_s (``act_keep[s]``), act_s >= IN_s - bigM (1 - r_s)
+        (``act_recompute[s]``): the saved activations less what the partial recomputation
+        frees, or only the inputs when the stage recomputes wholly; work_s = r_s x the largest
+        block's saved activations + q_s W.
         """
         p, m = self.p, self.m
         K, tab = p.stages, self.tables
@@ -710,10 +818,10 @@ class _ChainModel(_Model):
         for s in range(K):
             static.append(self.diff("ST", s))
             a = m.new_int_var(0, big_m, f"act[{s}]")
-            m.add(a >= self.diff("SV", s) - big_m * self.r[s]).with_name(f"act_keep[{s}]")
+            m.add(a >= self.diff("SV", s) - self.gain * self.k[s] - big_m * self.r[s]).with_name(f"act_keep[{s}]")
             m.add(a >= self.diff("IN", s) - big_m * (1 - self.r[s])).with_name(f"act_recompute[{s}]")
             act.append(a)
-            work.append(self.largest * self.r[s])
+            work.append(self.largest * self.r[s] + self.rc_work * self.q[s])
         limit = int(p.memory_limit // self.KIB)
         for rk in range(p.pp):
             mine = list(range(rk, K, p.pp))
@@ -754,9 +862,7 @@ class _ChainModel(_Model):
         if len(starts) != K - 1:
             return []
         hints = [(self.pos[s], j) for s, j in zip(range(1, K), starts)]
-        if p.hint_recompute is not None and p.recompute is None:
-            hints += [(self.r[s], int(flag)) for s, flag in enumerate(p.hint_recompute)]
-        return hints
+        return hints + self.recompute_hints()
 
     def stage_of_blocks(self, solver: cp_model.CpSolver) -> tuple[int, ...]:
         cuts = [solver.value(x) for x in self.pos]

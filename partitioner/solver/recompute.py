@@ -1,7 +1,8 @@
 """The search's recompute choice per block: after the split is chosen, the least replay that fits.
 
-The stage ILP (pipeline_ilp.py) decides recomputation per stage, all of a stage's blocks
-or none. Given its split (or a seed's), ``fewest_recomputed`` re-chooses it per block, as
+The stage ILP (pipeline_ilp.py) decides per stage whether all of a stage's blocks recompute,
+none, or how many ([Note: partial recomputation in the ILP]), not which. Given its split
+(or a seed's), ``fewest_recomputed`` chooses them per block, as
 AdaPipe does per stage, with Megatron's selective mode as a second option
 ([Note: recompute per block] in recompute.py). It runs on the evaluator's own figures, and
 the plan it returns is priced by the evaluator and the simulator as every plan is.
@@ -33,8 +34,9 @@ For ``m`` identical blocks this prefix is the fewest blocks that fit, and it is 
 cheapest replay too: each block frees the same bytes for the same seconds. With blocks of
 different kinds (an embedding or a head beside the layers) the greedy order is the
 fractional-knapsack order, exact up to the last block taken. The choice is deterministic.
-It is not inside the ILP: the ILP's stage times price all-or-none, so the split it picks
-is optimal for that model, not for this one; the search says so by leaving the
+The ILP prices how many blocks of a stage recompute with constants that hold for any of
+them, and this greedy picks which; where the ILP recomputed a whole stage (or a seed
+does), its split was chosen for all-or-none, and the search says so by leaving the
 candidate's bound at its recompute-free lower bound (search.py). Only blocks with weights of
 their own are taken (``recomputable_alone``): a tied embedding or head frees nothing (an
 embedding saves its indices, a head its input), though the runtime can replay one through a

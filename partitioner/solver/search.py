@@ -46,8 +46,19 @@ that wins by a re-timing is reported FEASIBLE, never OPTIMAL. A pinned
 pinned re-timing.
 
 [Note: recompute per block in the search]
-The stage ILP chooses recomputation per stage, all blocks or none. Wherever the search
-meets a plan that recomputes (an ILP solution, or a baseline's seed) and the user did not
+The stage ILP chooses, per stage, to recompute every block, none, or ``k[s]`` of the
+blocks of the model's most numerous recomputable kind ([Note: partial recomputation in
+the ILP] in pipeline_ilp.py; ``_partial_kind``), the last priced so that it is never
+cheaper than the evaluator's. Where it could choose ``k[s]``, the recomputation of its
+solution is its own choice: the per-block greedy (solver/recompute.py) picks which blocks
+on the stages the ILP chose (on a stage it recomputes wholly, possibly fewer), the fewest
+that fit by the simulator, and the plan is judged against the ILP's objective and bound as
+any other (within its proof where the simulated step is not above the objective). Only
+where the simulator finds it slower than the ILP priced (the ILP's memory leaves out the
+stage-level terms, so the greedy may take more blocks) are the cuts moved as below.
+Where the ILP could not choose ``k[s]`` (no recomputable kind), a solution that recomputes
+a whole stage, and a seed that recomputes, are handled as follows. Wherever the search
+meets such a plan and the user did not
 pin ``--recompute``/``--no-recompute``, it re-chooses the recomputation per block, with
 selective recomputation as an option ([Note: choosing the recomputed blocks] in
 solver/recompute.py), keeps the split, and keeps whichever of the two plans the simulator
@@ -96,7 +107,7 @@ from ..sharding import sharded_params
 from ..schedules import REGISTRY as SCHEDULE_REGISTRY, check_recompute, check_schedule
 from ..simulate import SimResult, busiest_rank_s
 from .pipeline_ilp import EVENTS_MAX, BlockData, SharedParam, StageProblem, StageSolution, schedule_inflight, solve_stages
-from .recompute import fewest_recomputed
+from .recompute import fewest_recomputed, recomputable_alone
 from .sharding_ilp import FAST_WEIGHT, LEAN_WEIGHT, solve_block_sharding
 
 __all__ = ["Candidate", "Attempt", "SearchReport", "IlpResult", "plan_ilp"]
@@ -242,6 +253,7 @@ class _Search:
         self.shared = self.pg.shared_params()
         self._inflight: dict[tuple, tuple] = {}  # schedule shape -> in-flight patterns
         self._costs: dict[tuple, list] = {}  # (tp, mbs, lean) -> per-block BlockCost (dp and ZeRO-1 change only memory)
+        self._alone = recomputable_alone(ev) if pins.recompute is None and pins.recompute_blocks else frozenset()
 
     # --- block costs per (tp, mbs, lean) --------------------------------------------------
 
@@ -320,6 +332,8 @@ class _Search:
                     grad_bytes=grad,
                 )
             )
+        marked = self._partial_kind(blocks)
+        blocks = [replace(b, recomputable=True) if i in marked else b for i, b in enumerate(blocks)]
         shared_data = []
         for p, readers in sorted(shared.items()):
             st, grad = resident([p])
@@ -337,6 +351,18 @@ class _Search:
         self._blocks[key] = BlockTable(blocks=tuple(blocks), shared=tuple(shared_data), total_static_bytes=total_static,
                                        transient_bytes=transient, first_input_bytes=max(0.0, first))
         return self._blocks[key]
+
+    def _partial_kind(self, blocks: list[BlockData]) -> frozenset[int]:
+        """The blocks the stage ILP may recompute partially ([Note: partial recomputation in the ILP] in
+        pipeline_ilp.py): of the blocks the search may recompute alone that free bytes, those of the most
+        numerous block type (ties: the type met first), so that its constants are exact for a model of
+        alike layers. Empty where recomputation is pinned or per-block recomputation is off."""
+        best: list[int] = []
+        for members in self.types.values():
+            mine = [i for i in members if i in self._alone and blocks[i].saved_bytes > blocks[i].input_bytes]
+            if len(mine) > len(best):
+                best = mine
+        return frozenset(best)
 
     # --- the enumeration ------------------------------------------------------------------
 
@@ -499,15 +525,25 @@ class _Search:
             group = mesh.dp_group(0)
             dp_alpha = ev.cost_model.collective_time("all_reduce", 1e-30, group)
             dp_beta = (ev.cost_model.collective_time("all_reduce", 1e9, group) - dp_alpha) / 1e9
+        # A weight the chain's first and last block read (GPT-2's embedding and head) is on two pipeline
+        # ranks in every split of pp >= 2 (the loop layouts): its gradient sum is a constant of the step
+        # ([Note: tied weights' gradient sums] in simulate.py). Other shared weights may share a stage;
+        # they are left out (the simulator prices them).
+        last = len(blocks) - 1
+        tied = sum(ev.cost_model.collective_time("all_reduce", sh.grad_bytes, [mesh.rank(0), mesh.rank(c.pp - 1)])
+                   for sh in table.shared if c.pp > 1 and sh.grad_bytes > 0 and {0, last} <= set(sh.readers))
         starts = tuple(self.pg.block_index(m) for m in self.pins.split_at)
-        hint = self._hint(blocks, K, c)
         inflight = schedule_inflight(
             c.schedule, c.pp, inflight_horizon(c.schedule, c.pp, c.microbatches, c.virtual_stages), c.virtual_stages
         )
+        most = max(sum(pattern) for rank in inflight for pattern in rank)
+        if table.total_static_bytes + most * sum(b.saved_bytes for b in blocks) <= self.limit - table.transient_bytes:
+            # Even the whole model on one rank would fit: no recomputation can pay, and the ILP is spared the counts.
+            blocks = tuple(replace(b, recomputable=False) for b in blocks)
+        hint = self._hint(blocks, K, c)
         # The blocks' input_bytes leave out what a recomputed stage's first block keeps beyond them: keep the
         # most that can be free on every rank, per micro-batch its stages hold in flight (conservative).
-        first = 0.0 if self.pins.recompute is False else table.first_input_bytes * max(
-            sum(p) for rank in inflight for p in rank)
+        first = 0.0 if self.pins.recompute is False else table.first_input_bytes * most
         problem = StageProblem(
             blocks=blocks,
             edges=tuple((e.src, e.dst) for e in self.pg.edges),
@@ -522,6 +558,7 @@ class _Search:
             send_beta=tuple(betas),
             dp_alpha=dp_alpha,
             dp_beta=dp_beta,
+            tied_sum_s=tied,
             overlap_dp=ev.training.overlap_dp,
             recompute=self.pins.recompute,
             stage_starts=starts,
@@ -530,7 +567,8 @@ class _Search:
             schedule=c.schedule,
         )
         if hint is not None:
-            problem = replace(problem, hint_recompute=self._hint_recompute(problem, hint))
+            whole, partial = self._hint_recompute(problem, hint)
+            problem = replace(problem, hint_recompute=whole, hint_partial=partial)
         return problem, sharding
 
     def _hint(self, blocks, K: int, c: Candidate) -> tuple[int, ...] | None:
@@ -540,46 +578,94 @@ class _Search:
         parts = linear_partition([b.forward_s + b.backward_s for b in blocks], K, lambda j: 0.0)
         return tuple(s for s, part in enumerate(parts) for _ in part)
 
-    def _hint_recompute(self, problem: StageProblem, stage_of: tuple[int, ...]) -> tuple[bool, ...]:
-        """Recompute on the stages of every rank whose memory would not fit without it."""
+    def _hint_recompute(self, problem: StageProblem, stage_of: tuple[int, ...]) -> tuple[tuple[bool, ...], tuple[int, ...]]:
+        """(whole, partial) per stage: on the stages of every rank whose memory would not fit without
+        recomputation, the fewest recomputable blocks per stage (the same count on each of the rank's
+        stages, at most what each holds) that fit as the ILP prices them ([Note: partial recomputation
+        in the ILP] in pipeline_ilp.py), or, where none fits or none is recomputable, every block."""
         K, pp = problem.stages, problem.pp
         static = [0.0] * K
         act = [0.0] * K
+        count = [0] * K
+        rc = [b for b in problem.blocks if b.recomputable]
+        gain = min((b.saved_bytes - b.input_bytes for b in rc), default=0.0)
+        if gain < 1024:  # the ILP counts memory in whole KiB and offers no partial recomputation then
+            gain = 0.0
+        work = max((b.saved_bytes for b in rc), default=0.0)
         for i, b in enumerate(problem.blocks):
             static[stage_of[i]] += b.static_bytes
             act[stage_of[i]] += b.saved_bytes
+            count[stage_of[i]] += b.recomputable
         for sh in problem.shared:
             for s in {stage_of[i] for i in sh.readers}:
                 static[s] += sh.static_bytes
         flags = [False] * K
+        partial = [0] * K
+
+        def fits(mine: list[int], k: int, r: int) -> bool:
+            taken = {s: min(k, count[s]) for s in mine}
+            base = sum(static[s] + (work if taken[s] else 0.0) for s in mine)
+            peak = max(sum(n * (act[s] - gain * taken[s]) for n, s in zip(pat, mine)) for pat in problem.inflight[r])
+            return base + peak <= problem.memory_limit
+
         for r in range(pp):
             mine = list(range(r, K, pp))
-            peak = max(sum(n * act[s] for n, s in zip(pat, mine)) for pat in problem.inflight[r])
-            if sum(static[s] for s in mine) + peak > problem.memory_limit:
-                for s in mine:
+            if fits(mine, 0, r):
+                continue
+            most = max(count[s] for s in mine) if gain > 0 else 0
+            k = next((k for k in range(1, most + 1) if fits(mine, k, r)), None)
+            for s in mine:
+                if k is None:
                     flags[s] = True
-        return tuple(flags)
+                else:
+                    partial[s] = min(k, count[s])
+        return tuple(flags), tuple(partial)
 
     def evaluate(
-        self, c: Candidate, sol: StageSolution, sharding: Mapping[str, str]
+        self, c: Candidate, sol: StageSolution, sharding: Mapping[str, str], partial_offered: bool = False
     ) -> tuple[Plan, SimResult, float, bool]:
         """The solution as a plan: under the ILP's schedule, or the fastest re-timing that fits
         ([Note: split-backward schedules]); only the pinned one when a split schedule is pinned.
         Also the simulated step under the ILP's own schedule (inf when not simulated), and whether
-        the recomputation was re-chosen per block ([Note: recompute per block in the search])."""
+        the recomputation was re-chosen per block ([Note: recompute per block in the search]).
+        ``partial_offered``: the ILP could choose partial recomputation, so any recomputation it
+        chose is its own, realized by the greedy."""
         K = c.pp * c.virtual_stages
+        partial = tuple(sol.partial) or (0,) * K
         specs = [
-            StageSpec.whole([i for i in range(self.n) if sol.stage_of[i] == s], sol.recompute[s]) for s in range(K)
+            StageSpec.whole([i for i in range(self.n) if sol.stage_of[i] == s], sol.recompute[s] or partial[s] > 0)
+            for s in range(K)
         ]
         names = c.retime if c.pinned_retime else (c.schedule, *c.retime)
+        schedule = Schedule(c.schedule, c.microbatches, c.micro_batch_size, c.virtual_stages)
+        if any(partial) or (partial_offered and any(sol.recompute)):
+            # The ILP chose how many blocks of each stage recompute (all, some or none): the per-block
+            # greedy picks which, the fewest that fit by the simulator ([Note: partial recomputation in
+            # the ILP] in pipeline_ilp.py); the plan stays the ILP's, judged against its objective as
+            # any other.
+            # Where the simulator finds it slower than the ILP priced (the ILP's memory leaves out the
+            # stage-level terms, so the greedy may take more blocks), the cuts are moved as for a whole
+            # stage, and a plan so changed is outside the proof.
+            ev = self.evs[c.dp_sharding]
+            specs, _ = fewest_recomputed(ev, specs, c.mesh, schedule, sharding)
+            if any(sp.recomputes for sp in specs):  # else every rank fits bare: re-timings stay open below
+                plan, sim = ev.make_plan(specs, c.mesh, schedule, sharding=sharding, method="ilp", status=sol.status,
+                                         started=self.started, objective=sol.objective_s, bound=sol.bound_s)
+                step = plan.predicted.step_time_s
+                if plan.predicted.fits and step > sol.objective_s * (1 + 1e-4) and self.pins.recompute_blocks:
+                    moved = self._rebalance(ev, specs, c.mesh, schedule, sharding, step)
+                    if moved != specs:
+                        plan, sim = ev.make_plan(moved, c.mesh, schedule, sharding=sharding, method="ilp",
+                                                 status="FEASIBLE", started=self.started, objective=sol.objective_s,
+                                                 bound=None)
+                        return plan, sim, plan.predicted.step_time_s, True
+                return plan, sim, step, False
         if any(sol.recompute):  # torch cannot split the backward of a recomputed stage (check_recompute)
             names = tuple(n for n in names if not SCHEDULE_REGISTRY[n].splits_backward) or (c.schedule,)
-            refined = self.refine(specs, c.mesh, Schedule(c.schedule, c.microbatches, c.micro_batch_size,
-                                                           c.virtual_stages), sharding, c.dp_sharding)
+            refined = self.refine(specs, c.mesh, schedule, sharding, c.dp_sharding)
             if refined is not None:
                 plan, sim = self.evs[c.dp_sharding].make_plan(
-                    refined, c.mesh, Schedule(c.schedule, c.microbatches, c.micro_batch_size, c.virtual_stages),
-                    sharding=sharding, method="ilp", status="FEASIBLE", started=self.started,
+                    refined, c.mesh, schedule, sharding=sharding, method="ilp", status="FEASIBLE", started=self.started,
                     objective=sol.objective_s, bound=None,
                 )
                 return plan, sim, plan.predicted.step_time_s, True
@@ -800,7 +886,7 @@ class _Search:
                 if sol.status != "INFEASIBLE":
                     open_bounds.append(c.lower_bound_s)
                 continue
-            plan, sim, own_s, refined = self.evaluate(c, sol, sharding)
+            plan, sim, own_s, refined = self.evaluate(c, sol, sharding, any(b.recomputable for b in problem.blocks))
             rep.attempts.append(Attempt(c, sol, plan, plan.predicted.step_time_s, own_s, refined))
             # 1e-4: time-unit rounding. A re-timed plan is outside the ILP's proof ([Note: split-backward schedules]).
             exact = plan.predicted.step_time_s <= sol.objective_s * (1 + 1e-4) and plan.schedule.name == c.schedule
