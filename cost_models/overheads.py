@@ -57,8 +57,9 @@ rank updates ``T_s`` parameter tensors of ``P_s`` elements:
   ``B += C_s a_ckpt_bwd`` with ``C_s`` the stage's calls: the checkpoint's own
   machinery (its saved-tensor hooks, the RNG state it keeps and restores, the replay's
   set-up), beyond the replayed forward the cost model prices. On the 2-core CPU of
-  development, ``autopart calibrate``'s experiment gave 0.11-0.13 ms and 0.7-0.9 ms a call
-  (under other jobs' load), more than a tiny block's own compute;
+  development, ``autopart calibrate``'s experiment gave 0.10-0.15 ms and 0.17-0.24 ms a call
+  with two ranks on a quiet machine (0.7-0.9 ms backward under other jobs' load), more than a
+  tiny block's own compute;
 * the exposed data-parallel reduction of ``R`` seconds launched with a last
   backward of ``b`` seconds: ``R - c min(R, b)`` with ``c = comm_overlap``,
   the fraction of compute that a collective can run beside (``c = 1``, the
