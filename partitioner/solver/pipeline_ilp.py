@@ -26,7 +26,8 @@ the simulator will be given):
                    stage(i) = sum_s s x[i,s]                               add_order_constraints()
     cuts           c[t,k] >= le[src(t),k] - le[j,k] for every reader j of t,
                    le[i,k] = sum_{s<=k} x[i,s]                             add_cut_constraints()
-    stage time     T_s = sum_i x[i,s] (f_i + b_i) + sum_i w[i,s] f_i + c k[s]   add_time_constraints()
+    stage time     T_s = sum_i x[i,s] (f_i + b_i) + sum_i w[i,s] (f_i + ck_i) + c k[s]
+                   (ck_i: block i's checkpoint cost, 0 unless calibrated)  add_time_constraints()
                    R_r = sum_{s on r} T_s;  P >= R_r
     period         (q - r + 1) P >= sum_{s=r..q} T_s + 2 sum_{k=r..q-1} send_k
                    for every window of consecutive stages r..q (v = 1)     add_objective()
@@ -56,7 +57,7 @@ is not modelled; the per-block greedy of solver/recompute.py picks them
 by constants that hold for *any* ``k[s]`` of them:
 
     g = min_{i in Rc} (sv_i - in_i)    the least a recomputed block frees, per micro-batch in flight
-    c = max_{i in Rc} f_i              the most it replays
+    c = max_{i in Rc} (f_i + ck_i)     the most it replays, its checkpoint's own cost included
     W = max_{i in Rc} sv_i             the most its replay holds at once (the stage's workspace)
 
 so ``k[s]`` recomputed blocks free at least ``g k[s]`` and cost at most
@@ -147,6 +148,14 @@ class BlockData:
     grad_bytes: float  # gradient bytes of its unshared parameters (data-parallel reduction)
     # The ILP may count it in a stage's partial recomputation k[s] ([Note: partial recomputation in the ILP])
     recomputable: bool = False
+    # what its torch.utils.checkpoint call costs beyond the replayed forward, forward and backward together,
+    # paid when it recomputes ([Note: software overheads] in cost_models/overheads.py; 0 unless calibrated)
+    checkpoint_s: float = 0.0
+
+    @property
+    def replay_s(self) -> float:
+        """What recomputing the block adds to its stage's time: the replayed forward and its checkpoint."""
+        return self.forward_s + self.checkpoint_s
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
@@ -375,7 +384,7 @@ class _Model(abc.ABC):
         kib = self.KIB
         rc = [i for i, b in enumerate(p.blocks) if b.recomputable]
         self.gain = min((int((p.blocks[i].saved_bytes - p.blocks[i].input_bytes) // kib) for i in rc), default=0)
-        self.replay = max((_u(p.blocks[i].forward_s) for i in rc), default=0)
+        self.replay = max((_u(p.blocks[i].replay_s) for i in rc), default=0)
         self.rc_work = max((int(p.blocks[i].saved_bytes // kib) for i in rc), default=0)
         self.rc = rc if p.recompute is None and self.gain > 0 else []
 
@@ -546,7 +555,7 @@ class _StageModel(_Model):
         n = len(p.blocks)
         for s in range(p.stages):
             fb = sum(_u(p.blocks[i].forward_s + p.blocks[i].backward_s) * self.x[i][s] for i in range(n))
-            again = sum(_u(p.blocks[i].forward_s) * self.w[i][s] for i in range(n)) + self.replay * self.k[s]
+            again = sum(_u(p.blocks[i].replay_s) * self.w[i][s] for i in range(n)) + self.replay * self.k[s]
             self.T.append(fb + again)
             self.B.append(sum(_u(p.blocks[i].backward_s) * self.x[i][s] for i in range(n)) + again)
             self.F.append(self.T[-1] - self.B[-1])
@@ -706,6 +715,11 @@ class _ChainModel(_Model):
             "IN": _prefix([int(b.input_bytes // kib) for b in p.blocks]),
             "G": _prefix([_u(p.dp_beta * (b.grad_bytes + shared_grad[i])) for i, b in enumerate(p.blocks)]),
         }
+        # RF: what recomputing costs, the replay and its checkpoint; F itself where checkpoints are free
+        # (every uncalibrated cluster), so that CP-SAT reads one table fewer
+        self.replay_table = "RF" if any(b.checkpoint_s > 0 for b in p.blocks) else "F"
+        if self.replay_table == "RF":
+            self.tables["RF"] = _prefix([_u(b.replay_s) for b in p.blocks])
         if self.rc:  # RC[j]: recomputable blocks before block j (only when partial recomputation is offered)
             marked = set(self.rc)
             self.tables["RC"] = _prefix([int(i in marked) for i in range(n)])
@@ -783,18 +797,19 @@ class _ChainModel(_Model):
             self.m.add(self.k[s] <= self.diff("RC", s)).with_name(f"partial_count[{s}]")
 
     def add_time_constraints(self) -> None:
-        """T_s = FB_s + r_s F_s + c k_s, B_s = BK_s + r_s F_s + c k_s; P >= sum_{s on r} T_s (``bottleneck[r]``).
+        """T_s = FB_s + r_s RF_s + c k_s, B_s = BK_s + r_s RF_s + c k_s; P >= sum_{s on r} T_s (``bottleneck[r]``).
 
-        ``r_s F_s`` is a variable at least ``F_s - bigT (1 - r_s)`` (``recompute_time[s]``),
-        equal to it at the optimum.
+        ``RF`` is ``F`` plus each block's checkpoint cost (``BlockData.replay_s``; the table ``F``
+        itself where every checkpoint is free). ``r_s RF_s`` is a variable at least
+        ``RF_s - bigT (1 - r_s)`` (``recompute_time[s]``), equal to it at the optimum.
         """
         p, m = self.p, self.m
-        K, F = p.stages, self.tables["F"]
-        big_t = self.tables["FB"][-1] + F[-1] + 1
+        K, RF = p.stages, self.tables[self.replay_table]
+        big_t = self.tables["FB"][-1] + RF[-1] + 1
         for s in range(K):
             fdiff = self.diff("F", s)
-            extra = m.new_int_var(0, F[-1], f"recompute_time[{s}]")
-            m.add(extra >= fdiff - big_t * (1 - self.r[s])).with_name(f"recompute_time[{s}]")
+            extra = m.new_int_var(0, RF[-1], f"recompute_time[{s}]")
+            m.add(extra >= self.diff(self.replay_table, s) - big_t * (1 - self.r[s])).with_name(f"recompute_time[{s}]")
             extra = extra + self.replay * self.k[s]
             self.T.append(self.diff("FB", s) + extra)
             self.F.append(fdiff)
