@@ -316,7 +316,7 @@ class Evaluator:
             for k in kept:
                 first[k.storage] = max(first.get(k.storage, 0.0), k.bytes)
                 if k.storage not in before:
-                    held = k.bytes - (k.split_less if k.producer == block.index - 1 else 0.0)
+                    held = k.bytes - (k.split_less if block.index > 0 and k.producer == block.index - 1 else 0.0)
                     marginal[k.storage] = max(marginal.get(k.storage, 0.0), held)
             mine = self._own_cache[own] = replace(hit, input_bytes=sum(marginal.values()),
                                                     whole_input_bytes=sum(first.values()), inputs=kept)
@@ -783,16 +783,13 @@ class Evaluator:
                 if self.param_readers().get(p, 0) > 1 and self.captured.params[p].trainable:
                     holders.setdefault(p, []).append(s)
         out: list[list[TiedSum]] = [[] for _ in stages]
-        fsdp = dp_spec(self.training.dp_sharding).uses_fsdp and mesh.dp > 1
         for p, ss in sorted(holders.items()):
             ranks = sorted({stage_rank(s, pp, layout) for s in ss})
             if len(ranks) < 2:
                 continue
-            numel = self.captured.params[p].numel // (mesh.tp if p in split_params else 1)
-            if fsdp:
-                numel = -(-numel // mesh.dp)
-            seconds = self.cost_model.collective_time("all_reduce", float(numel * self.optimizer.grad_bytes),
-                                                      [mesh.rank(r) for r in ranks])
+            # the gradient this rank holds: its tp shard, and under ZeRO-2/3 FSDP's shard of it (resident_bytes)
+            grad = self.resident_bytes([p], mesh.tp, mesh.dp, split_params, mesh.dp_group(ranks[0]))[1]
+            seconds = self.cost_model.collective_time("all_reduce", float(grad), [mesh.rank(r) for r in ranks])
             for s in ss:
                 out[s].append(TiedSum(p, seconds))
         return [tuple(x) for x in out]

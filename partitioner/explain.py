@@ -33,7 +33,7 @@ COMPONENTS = ("forward", "backward", "recompute", "tp_comm", "p2p", "dp_reduce",
               "tied_sum")
 # Priced only on a calibrated cluster ([Note: software overheads] in cost_models/overheads.py), or only where a
 # weight is shared across pipeline ranks ([Note: tied weights' gradient sums] in simulate.py): shown when not 0.
-MEASURED_ONLY = ("optimizer", "overhead", "tied_sum")
+SHOWN_WHEN_NONZERO = ("optimizer", "overhead", "tied_sum")
 LABELS = {
     "forward": "forward compute",
     "backward": "backward compute",
@@ -95,7 +95,7 @@ def print_explanation(result: Any) -> None:
     table.add_column("time", justify="right")
     table.add_column("share", justify="right")
     for k in COMPONENTS:
-        if k in MEASURED_ONLY and parts[k] == 0.0:
+        if k in SHOWN_WHEN_NONZERO and parts[k] == 0.0:
             continue
         table.add_row(LABELS[k], _fmt(parts[k]), f"{parts[k] / step:.1%}" if step else "")
     table.add_row("step time", _fmt(step), "100%")
@@ -313,7 +313,7 @@ def print_diff(a: Plan, b: Plan, name_a: str = "A", name_b: str = "B") -> None:
         parts_a, parts_b = breakdown(a), breakdown(b)
         row("bottleneck rank", int(parts_a["bottleneck_rank"]), int(parts_b["bottleneck_rank"]))
         for k in COMPONENTS:
-            if k in MEASURED_ONLY and parts_a[k] == parts_b[k] == 0.0:
+            if k in SHOWN_WHEN_NONZERO and parts_a[k] == parts_b[k] == 0.0:
                 continue
             row(f"  {LABELS[k]} (s)", round(parts_a[k], 6), round(parts_b[k], 6), True)
     console.print(table)

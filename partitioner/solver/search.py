@@ -662,7 +662,7 @@ class _Search:
                                                  bound=None)
                         return plan, sim, plan.predicted.step_time_s, True
                 return plan, sim, step, False
-        if any(sol.recompute):  # torch cannot split the backward of a recomputed stage (check_recompute)
+        if any(sp.recomputes for sp in specs):  # torch cannot split a recomputed stage's backward (check_recompute)
             names = tuple(n for n in names if not SCHEDULE_REGISTRY[n].splits_backward) or (c.schedule,)
             refined = self.refine(specs, c.mesh, schedule, sharding, c.dp_sharding)
             if refined is not None:
