@@ -251,6 +251,20 @@ def _timed(fn: Callable[[], None], device: torch.device, reps: int, warmup: int 
     return statistics.median(times)
 
 
+def _timed_passes(run: Callable[[], torch.Tensor], device: torch.device, reps: int) -> tuple[float, float]:
+    """(forward, forward and backward) of ``run``, each timed by ``_timed``; the forward's output is held
+    until the next one, as a training step holds it until its backward."""
+    held: list[torch.Tensor] = []
+
+    def forward() -> None:
+        held[:] = [run()]
+
+    def both() -> None:
+        run().sum().backward()
+
+    return _timed(forward, device, reps), _timed(both, device, reps)
+
+
 def _collective(kind: str, nbytes: int, group, size: int, device: torch.device) -> Callable[[], None]:
     n = max(size, nbytes // 4 // size * size)  # float32 elements, divisible by the group
     x = torch.ones(n, dtype=torch.float32, device=device)
@@ -472,16 +486,7 @@ def tp_node_overheads(device: torch.device, reps: int) -> tuple[float, float, fl
     x = torch.ones(8, 8, device=device, requires_grad=True)
     times: dict[str, tuple[float, float]] = {}
     for name, run in runners.items():
-        held: list[torch.Tensor] = []
-
-        def forward() -> None:
-            held[:] = [run(x)]
-
-        def backward() -> None:
-            run(x).sum().backward()
-
-        fwd = _timed(forward, device, reps)
-        both = _timed(backward, device, reps)
+        fwd, both = _timed_passes(lambda: run(x), device, reps)
         times[name] = (fwd, max(0.0, both - fwd))
     n = len(names)
     per = lambda a, b, i: max(0.0, (times[a][i] - times[b][i]) / n)  # noqa: E731
@@ -606,17 +611,8 @@ def checkpoint_overheads(device: torch.device, reps: int) -> tuple[float, float]
             y = checkpoint(block, y, use_reentrant=False) if ckpt else block(y)
         return y
 
-    held: list[torch.Tensor] = []
-    times = {}
-    for ckpt in (False, True):
-        def forward() -> None:
-            held[:] = [run(ckpt)]
-
-        def both() -> None:
-            run(ckpt).sum().backward()
-
-        times[ckpt] = (_timed(forward, device, reps), _timed(both, device, reps))
-    (f, fb), (fc, fbc) = times[False], times[True]
+    f, fb = _timed_passes(lambda: run(False), device, reps)
+    fc, fbc = _timed_passes(lambda: run(True), device, reps)
     n = CHECKPOINT_CHAIN
     return max(0.0, (fc - f) / n), max(0.0, ((fbc - fc) - (fb - f) - f) / n)
 
