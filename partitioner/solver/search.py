@@ -662,8 +662,8 @@ class _Search:
                                                  bound=None)
                         return plan, sim, plan.predicted.step_time_s, True
                 return plan, sim, step, False
-        if any(sp.recomputes for sp in specs):  # torch cannot split a recomputed stage's backward (check_recompute)
-            names = tuple(n for n in names if not SCHEDULE_REGISTRY[n].splits_backward) or (c.schedule,)
+        recomputes = any(sp.recomputes for sp in specs)
+        if recomputes:
             refined = self.refine(specs, c.mesh, schedule, sharding, c.dp_sharding)
             if refined is not None:
                 plan, sim = self.evs[c.dp_sharding].make_plan(
@@ -671,12 +671,15 @@ class _Search:
                     objective=sol.objective_s, bound=None,
                 )
                 return plan, sim, plan.predicted.step_time_s, True
-        if dp_spec(c.dp_sharding).uses_fsdp and c.dp > 1:  # FSDP runs the full backward only (dp_sharding.py)
-            names = tuple(n for n in names if not SCHEDULE_REGISTRY[n].splits_backward) or (c.schedule,)
-        if not c.pinned_retime and self.ev.pgraph.split_backward_refused([spec.blocks for spec in specs]):
+        full_backward_only = (
+            recomputes  # torch cannot split a recomputed stage's backward (check_recompute)
+            or (dp_spec(c.dp_sharding).uses_fsdp and c.dp > 1)  # FSDP runs the full backward only (dp_sharding.py)
             # a weight on a later stage that torch's split backward cannot reach ([Note: weights a split
             # backward cannot reach] in graph.py); a pinned split schedule is kept, and plan_parallelism
             # refuses the plan (planner.check_split_backward)
+            or (not c.pinned_retime and self.ev.pgraph.split_backward_refused([spec.blocks for spec in specs]))
+        )
+        if full_backward_only:
             names = tuple(n for n in names if not SCHEDULE_REGISTRY[n].splits_backward) or (c.schedule,)
         best: tuple[Plan, SimResult] | None = None
         own_s = math.inf
