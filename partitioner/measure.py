@@ -231,6 +231,14 @@ class StorageMeter(TorchDispatchMode):
         super().__init__()
         self._before = _Static.of(modules, optimizer)
         self._before_keys = {**self._before.parameters, **self._before.gradients, **self._before.optimizer}
+        # A storage from before the step may die in it (gradients dropped by ``zero_grad`` inside the
+        # step): its id then leaves ``_before_keys``, or a new storage that reuses the id would go uncounted.
+        self._before_refs: dict[int, weakref.ref] = {}
+        for t in (p for m in modules for p in (*m.parameters(), *m.buffers())):
+            for st in (_storage(t), _storage(t.grad)):
+                self._watch_before(st)
+        for t in _optimizer_tensors(optimizer):
+            self._watch_before(_storage(t))
         # id(storage) -> [serial, nbytes, saved for backward], for storages first seen in the step and alive.
         # The serial tells a storage from a later one that reuses its id.
         self._live: dict[int, list[Any]] = {}
@@ -278,6 +286,18 @@ class StorageMeter(TorchDispatchMode):
             self._at_peak = {k: (e[0], e[1], e[2]) for k, e in self._live.items()}
             self._peak_ops = {k: (e[3], e[4]) for k, e in self._live.items()}
         return entry
+
+    def _watch_before(self, st: Any) -> None:
+        key = id(st) if st is not None else None
+        if key in self._before_keys and key not in self._before_refs:
+            try:
+                self._before_refs[key] = weakref.ref(st, lambda _, key=key: self._before_died(key))
+            except TypeError:  # not weak-referenceable: kept as always live
+                pass
+
+    def _before_died(self, key: int) -> None:
+        self._before_keys.pop(key, None)
+        self._before_refs.pop(key, None)
 
     def _free(self, key: int) -> None:
         entry = self._live.pop(key, None)

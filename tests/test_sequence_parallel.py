@@ -213,6 +213,6 @@ def test_a_recomputed_block_keeps_its_sequence_split_input_as_a_shard(tmp_path: 
     for r in reports:
         sp, plain = r["sp"], r["plain"]
         assert {"seq", "row_seq"} <= set(sp["strategies"]) and all(len(rc) > 4 for rc in sp["recompute"]), sp
-        [held_sp], [held_plain] = sp["held_bytes"], plain["held_bytes"]
+        held_sp, held_plain = min(sp["held_bytes"]), min(plain["held_bytes"])  # runtime_harness.job_held
         assert held_plain - held_sp == predicted["plain"] - predicted["sp"] > 0, (held_plain, held_sp, predicted)
         assert predicted["sp"] >= held_sp
