@@ -57,6 +57,15 @@ median:
   ``(t(M) - S(M) - a_step) / U(M)``, and ``a_action`` is their median, at
   least 0 (a ratio of one median, not a difference of two: load noise is
   not amplified);
+* transfers while the ranks compute: the same ``Schedule1F1B``, each rank's
+  stage now ``BUSY_DEPTH`` linear layers of width ``BUSY_WIDTH`` on
+  ``BUSY_ROWS`` rows a micro-batch (milliseconds of compute an action, as
+  the small models' stages), for each ``M`` of ``BUSY_PIPELINE_MICROBATCHES``.
+  The stage's forward ``f`` and backward ``b`` are timed on every rank at
+  once; ``a_p2p`` is the time to add to each transfer (on the measured link)
+  for the simulated step of stages ``f + a_action``, ``b + a_action`` plus
+  ``a_step`` to equal the measured step, found by bisection (the simulated
+  step grows with it), the median over ``M``, at least 0;
 * the tensor-parallel interpreter: a chain of ``N`` small elementwise ops
   (an aten graph, as the runtime's stages are) run plainly, through
   ``TensorParallelModule`` with every node replicated, and with every node on
