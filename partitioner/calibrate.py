@@ -62,7 +62,9 @@ median:
   ``BUSY_ROWS`` rows a micro-batch (milliseconds of compute an action, as
   the small models' stages), for each ``M`` of ``BUSY_PIPELINE_MICROBATCHES``.
   The stage's forward ``f`` and backward ``b`` are timed on every rank at
-  once; ``a_p2p`` is the time to add to each transfer (on the measured link)
+  once, in the same interleaved rounds as the steps (a shared machine's load
+  moves within seconds: timed apart, the fit took a change of load for
+  transfers, 0.06-13 ms within 15 minutes); ``a_p2p`` is the time to add to each transfer (on the measured link)
   for the simulated step of stages ``f + a_action``, ``b + a_action`` plus
   ``a_step`` to equal the measured step, found by bisection (the simulated
   step grows with it), the median over ``M``, at least 0;
@@ -523,8 +525,9 @@ def _busy_pipeline_samples(device: torch.device, link: LinkFit | None, reps: int
     def forward_backward() -> None:
         stage(x1).sum().backward()
 
-    fwd = _timed(forward, device, reps)
-    bwd = max(0.0, _timed(forward_backward, device, reps) - fwd)
+    for _ in range(2):  # warm-up
+        forward_backward()
+    stage.zero_grad(set_to_none=False)
 
     def finish() -> None:
         stage.zero_grad(set_to_none=False)
@@ -550,9 +553,15 @@ def _busy_pipeline_samples(device: torch.device, link: LinkFit | None, reps: int
             step()
         runs[m] = step
     times: dict[int, list[float]] = {m: [] for m in runs}
-    for _ in range(reps):  # interleaved rounds, as in _pipeline_samples
+    passes: list[float] = []
+    both: list[float] = []
+    for _ in range(reps):  # interleaved rounds: the stage's compute and the steps see the same load
+        passes.append(_timed(forward, device, 1, warmup=0))
+        both.append(_timed(forward_backward, device, 1, warmup=0))
         for m, step in runs.items():
             times[m].append(_timed(step, device, 1, warmup=0))
+    fwd = statistics.median(passes)
+    bwd = max(0.0, statistics.median(both) - fwd)
     send = link.latency + BUSY_ROWS * BUSY_WIDTH * 4 / link.bandwidth if link else 0.0
     return [BusyPipelineSample(m, statistics.median(times[m]), fwd, bwd, send) for m in runs]
 
