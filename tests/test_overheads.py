@@ -16,7 +16,7 @@ from dataclasses import replace
 import pytest
 
 from cost_models import Overheads
-from partitioner.calibrate import PipelineSample, optimizer_overheads, pipeline_overheads
+from partitioner.calibrate import PipelineSample, checkpoint_fit, optimizer_overheads, pipeline_overheads
 from partitioner.cluster import Cluster, load_cluster
 from partitioner.errors import ClusterError
 from partitioner.evaluate import StageSpec
@@ -138,14 +138,24 @@ def test_calibration_fits_recover_known_overheads():
     assert fitted[0] == pytest.approx(a_tensor, rel=1e-6) and fitted[1] == pytest.approx(bandwidth, rel=1e-6)
 
 
+def test_checkpoint_fit_recovers_a_per_call_and_a_per_node_cost():
+    """[Note: measuring overheads]: blocks of 1 and 4 nodes give the call's cost and each node's."""
+    call, call_b, node, node_b = 90e-6, 160e-6, 16e-6, 28e-6
+    samples = [(n, call + n * node, call_b + n * node_b) for n in (4, 1)]
+    assert checkpoint_fit(samples) == pytest.approx((call, call_b, node, node_b), rel=1e-9)
+    assert checkpoint_fit([(1, 2e-4, 3e-4), (4, 1e-4, 3e-4)]) == pytest.approx((2e-4, 3e-4, 0.0, 0.0))  # never < 0
+
+
 def test_each_checkpoint_call_pays_its_measured_cost(mlp):
-    """A recomputed block runs under torch.utils.checkpoint, whose own machinery (hooks, RNG state, the
-    replay's set-up) costs ``a_ckpt`` in forward and ``a_ckpt_bwd`` in backward per call and micro-batch on
-    top of the replayed forward; the stage pays it for its recomputed blocks only, and the components still
-    add up to the step."""
-    ckpt = Overheads(checkpoint_s=2e-4, checkpoint_backward_s=7e-4)
+    """A recomputed block runs under torch.utils.checkpoint, whose own machinery (RNG state, the replay's
+    set-up) costs ``a_ckpt`` in forward and ``a_ckpt_bwd`` in backward per call and micro-batch on top of
+    the replayed forward, and whose hooks on each node's saved tensors cost ``a_ckpt_node`` and
+    ``a_ckpt_node_bwd`` per node inside it; the stage pays them for its recomputed blocks only, and the
+    components still add up to the step."""
+    ckpt = Overheads(checkpoint_s=2e-4, checkpoint_backward_s=7e-4, checkpoint_node_s=3e-5, checkpoint_node_backward_s=5e-5)
     assert Overheads.from_file(ckpt.to_file()) == ckpt
-    assert set(ckpt.to_file()) == {"checkpoint_forward_us", "checkpoint_backward_us"}
+    assert set(ckpt.to_file()) == {"checkpoint_forward_us", "checkpoint_backward_us", "checkpoint_node_forward_us",
+                                   "checkpoint_node_backward_us"}
     mesh, schedule = Mesh(2, 1, 1), Schedule("1f1b", 4, 2)
     priced = {}
     for name, overheads in (("plain", Overheads()), ("ckpt", ckpt)):
@@ -156,13 +166,15 @@ def test_each_checkpoint_call_pays_its_measured_cost(mlp):
                         stages)
     (base, _, stages), (costs, plan, _) = priced["plain"], priced["ckpt"]
     calls = len(stages[0].recompute)
-    assert calls > 0
-    assert costs[0].forward_s == pytest.approx(base[0].forward_s + calls * 2e-4)
-    assert costs[0].backward_s == pytest.approx(base[0].backward_s + calls * 7e-4)
+    nodes = sum(len(ev.pgraph.blocks[b].nodes) for b in stages[0].recompute)
+    assert calls > 0 and nodes > calls  # an mlp block is a linear and a GELU
+    fwd, bwd = calls * 2e-4 + nodes * 3e-5, calls * 7e-4 + nodes * 5e-5
+    assert costs[0].forward_s == pytest.approx(base[0].forward_s + fwd)
+    assert costs[0].backward_s == pytest.approx(base[0].backward_s + bwd)
     assert (costs[1].forward_s, costs[1].backward_s) == (base[1].forward_s, base[1].backward_s)  # recomputes nothing
     plain_plan = priced["plain"][1]
     c, c0 = plan.stages[0].predicted.components, plain_plan.stages[0].predicted.components
-    assert c.forward_s == pytest.approx(c0.forward_s + 4 * calls * 2e-4)
-    assert c.recompute_s == pytest.approx(c0.recompute_s + 4 * calls * 7e-4)
+    assert c.forward_s == pytest.approx(c0.forward_s + 4 * fwd)
+    assert c.recompute_s == pytest.approx(c0.recompute_s + 4 * bwd)
     for st in plan.stages:
         assert st.predicted.components.total_s() == pytest.approx(plan.predicted.step_time_s, rel=1e-9)
