@@ -178,3 +178,19 @@ def test_each_checkpoint_call_pays_its_measured_cost(mlp):
     assert c.recompute_s == pytest.approx(c0.recompute_s + 4 * bwd)
     for st in plan.stages:
         assert st.predicted.components.total_s() == pytest.approx(plan.predicted.step_time_s, rel=1e-9)
+
+
+def test_the_stage_ilp_prices_each_checkpoint_as_the_evaluator_does(mlp):
+    """Every block recomputed (pinned) on a cluster whose checkpoints cost per call and per node inside:
+    the stage ILP's objective is the simulated step of its own schedule ([Note: software overheads]); a
+    block's ``checkpoint_s`` without its nodes' share would leave it below by 8 nodes x 0.8 ms a micro-batch."""
+    from partitioner.baselines import Pins
+    from partitioner.solver import plan_ilp
+
+    ckpt = Overheads(checkpoint_s=2e-4, checkpoint_backward_s=3e-4, checkpoint_node_s=3e-4, checkpoint_node_backward_s=5e-4)
+    ev = prepare(mlp, cluster=replace(Cluster.local(2), overheads=ckpt), global_batch=8, dtype="fp32")
+    result = plan_ilp(ev, Pins(pp=2, tp=1, dp=1, recompute=True, schedule="1f1b"), time_limit_s=20.0)
+    solved = [a for a in result.report.attempts if a.plan is not None]
+    assert solved and result.plan.stages[0].recompute
+    for a in solved:
+        assert a.solution.objective_s == pytest.approx(a.own_schedule_s, rel=0.02), a.candidate.describe()
