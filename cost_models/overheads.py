@@ -54,16 +54,17 @@ rank updates ``T_s`` parameter tensors of ``P_s`` elements:
 * per ``torch.utils.checkpoint`` call (each recomputed block, and with selective
   recomputation each other block's attention core; [Note: recompute in the runtime] in
   partitioner/recompute.py), per micro-batch: ``F += C_s a_ckpt + n_s a_ckpt_node`` and
-  ``B += C_s a_ckpt_bwd + n_s a_ckpt_node_bwd`` with ``C_s`` the stage's calls and ``n_s``
-  the graph nodes inside them (a recomputed block's nodes, one per attention core): the
-  checkpoint's own machinery (the RNG state it keeps and restores, the replay's set-up,
-  per call; its hooks on every tensor a node saves, packed in the forward, packed again
-  in the replay and unpacked in the backward, per node), beyond the replayed forward the
-  cost model prices. On the 2-core CPU of development, one process alone, a chain of
-  GraphModule blocks of ``n`` nodes (a linear and ``n - 1`` GELUs) cost 0.10, 0.14, 0.19
-  and 0.22 ms a call forward and 0.18, 0.22, 0.30 and 0.38 ms backward for n = 1, 2, 4, 8:
-  about 0.09 ms + 0.016 ms a node forward and 0.16 ms + 0.028 ms a node backward, more
-  than a tiny block's own compute;
+  ``B += C_s a_ckpt_bwd`` with ``C_s`` the stage's calls and ``n_s`` the graph nodes inside
+  them that save a tensor for their backward (``Evaluator.saving_nodes``; one per attention
+  core): the checkpoint's own machinery (the RNG state it keeps and restores, the replay's
+  set-up, per call; in the forward its hook on every tensor a node saves, per such node),
+  beyond the replayed forward the cost model prices. The backward is priced per call only:
+  per node it was not one figure (benchmarks/checkpoint_cost.py, one process's CPU time:
+  blocks of a linear and GELUs gave 33 us a node, GPT-2's and Llama's layers, 12 and 22
+  saving nodes each, less than the per-call figure in all), while the forward's per-node
+  term brought mlp, gpt2-tiny and llama-tiny each closer (results/2026-12-05-bwdfit.md).
+  On the 2-core CPU of development, one process alone, about 0.09 ms a call and 0.02 ms a
+  node forward, 0.15 ms a call backward, more than a tiny block's own compute;
 * the exposed data-parallel reduction of ``R`` seconds launched with a last
   backward of ``b`` seconds: ``R - c min(R, b)`` with ``c = comm_overlap``,
   the fraction of compute that a collective can run beside (``c = 1``, the
@@ -101,7 +102,6 @@ OVERHEAD_FILE_KEYS = {
     "checkpoint_forward_us": ("checkpoint_s", Decimal("1e-6")),
     "checkpoint_backward_us": ("checkpoint_backward_s", Decimal("1e-6")),
     "checkpoint_node_forward_us": ("checkpoint_node_s", Decimal("1e-6")),
-    "checkpoint_node_backward_us": ("checkpoint_node_backward_s", Decimal("1e-6")),
     "comm_overlap": ("comm_overlap", Decimal(1)),
     "compute_slowdown": ("compute_slowdown", Decimal(1)),
 }
@@ -124,8 +124,7 @@ class Overheads:
     optimizer_bandwidth: float = 0.0  # B_opt: bytes/s of the update (weights, gradients, state); 0: not measured
     checkpoint_s: float = 0.0  # a_ckpt: per torch.utils.checkpoint call (a recomputed block, a selective core), forward
     checkpoint_backward_s: float = 0.0  # a_ckpt_bwd: the same call's backward, beyond the forward it replays
-    checkpoint_node_s: float = 0.0  # a_ckpt_node: per graph node inside a checkpoint call, forward (its saved tensors' hooks)
-    checkpoint_node_backward_s: float = 0.0  # a_ckpt_node_bwd: the same per node, backward (packed again, unpacked)
+    checkpoint_node_s: float = 0.0  # a_ckpt_node: per node inside a checkpoint call that saves a tensor, forward (its hook)
     comm_overlap: float = 1.0  # c: fraction of a collective that runs beside compute; 1: all of it (GPU)
     compute_slowdown: float = 1.0  # k: an op's time with every rank computing at once over one rank alone
 
@@ -155,10 +154,9 @@ class Overheads:
 
     def checkpoint_time(self, calls: float, nodes: float) -> tuple[float, float]:
         """(forward, backward) seconds of ``calls`` torch.utils.checkpoint calls around ``nodes`` graph nodes
-        in all, beyond the forward they replay: ``C a_ckpt + n a_ckpt_node`` and ``C a_ckpt_bwd + n a_ckpt_node_bwd``
-        ([Note: software overheads])."""
-        return (calls * self.checkpoint_s + nodes * self.checkpoint_node_s,
-                calls * self.checkpoint_backward_s + nodes * self.checkpoint_node_backward_s)
+        that save a tensor, in all, beyond the forward they replay: ``C a_ckpt + n a_ckpt_node`` and
+        ``C a_ckpt_bwd`` ([Note: software overheads])."""
+        return calls * self.checkpoint_s + nodes * self.checkpoint_node_s, calls * self.checkpoint_backward_s
 
     def to_file(self) -> dict[str, float]:
         """The ``[overheads]`` table in file units (only the measured keys)."""

@@ -88,8 +88,9 @@ median:
   backward: per call ``f_n = (t_f,ckpt - t_f) / N`` and
   ``b_n = ((t_fb,ckpt - t_f,ckpt) - (t_fb - t_f) - t_f) / N``, the backward's excess less
   the forward it replays; for n = 1 and 4, ``a_ckpt_node = (f_4 - f_1) / 3``,
-  ``a_ckpt = f_1 - a_ckpt_node`` and the same for the backward, each at least 0 (a
-  checkpoint hooks every tensor a node saves: the cost grows with the nodes it runs);
+  ``a_ckpt = f_1 - a_ckpt_node`` and ``a_ckpt_bwd = b_1``, each at least 0 (a checkpoint
+  hooks every tensor a node saves: its forward grows with those nodes; its backward per
+  node was no one figure across models, [Note: software overheads]);
 * the overlap: a GEMM loop alone (``t_c``), an all-reduce of a few MiB alone
   (``t_r``) and the all-reduce launched asynchronously while the loop runs
   (``t_b``): ``c = (t_c + t_r - t_b) / min(t_c, t_r)``, clipped to [0, 1].
@@ -129,6 +130,7 @@ __all__ = [
     "optimizer_overheads",
     "checkpoint_overheads",
     "checkpoint_fit",
+    "CheckpointBlock",
     "comm_overlap",
     "FsdpSample",
     "fsdp_overheads",
@@ -601,7 +603,7 @@ def _fsdp_sample(device: torch.device, reps: int) -> FsdpSample:
                       med["plain"][0], med["plain"][1], med["fsdp"][0], med["fsdp"][1], med["plain"][2], med["fsdp"][2])
 
 
-class _CheckpointBlock(torch.nn.Module):
+class CheckpointBlock(torch.nn.Module):
     """A linear layer and ``n - 1`` GELUs: ``n`` graph nodes, each saving a tensor for its backward."""
 
     def __init__(self, nodes: int) -> None:
@@ -616,20 +618,20 @@ class _CheckpointBlock(torch.nn.Module):
         return x
 
 
-def checkpoint_fit(samples: Sequence[tuple[int, float, float]]) -> tuple[float, float, float, float]:
-    """``(a_ckpt, a_ckpt_bwd, a_ckpt_node, a_ckpt_node_bwd)`` from ``(n, forward, backward)`` per call of
-    blocks of ``n`` nodes, two sizes or more: a line through the smallest and the largest, each term at
-    least 0 ([Note: measuring overheads])."""
-    (n0, f0, b0), (n1, f1, b1) = min(samples), max(samples)
+def checkpoint_fit(samples: Sequence[tuple[int, float, float]]) -> tuple[float, float, float]:
+    """``(a_ckpt, a_ckpt_bwd, a_ckpt_node)`` from ``(n, forward, backward)`` per call of blocks of ``n``
+    nodes, two sizes or more: the forward a line through the smallest and the largest, the backward the
+    smallest's, each at least 0 ([Note: measuring overheads])."""
+    (n0, f0, b0), (n1, f1, _) = min(samples), max(samples)
     if n1 == n0:
         raise CalibrateError("the checkpointing experiment needs blocks of two sizes")
-    node_f, node_b = max(0.0, (f1 - f0) / (n1 - n0)), max(0.0, (b1 - b0) / (n1 - n0))
-    return max(0.0, f0 - n0 * node_f), max(0.0, b0 - n0 * node_b), node_f, node_b
+    node_f = max(0.0, (f1 - f0) / (n1 - n0))
+    return max(0.0, f0 - n0 * node_f), max(0.0, b0), node_f
 
 
-def checkpoint_overheads(device: torch.device, reps: int) -> tuple[float, float, float, float]:
-    """``(a_ckpt, a_ckpt_bwd, a_ckpt_node, a_ckpt_node_bwd)``: what one ``torch.utils.checkpoint`` call, and
-    each graph node inside it, adds to a block's forward and to its backward beyond the replayed forward
+def checkpoint_overheads(device: torch.device, reps: int) -> tuple[float, float, float]:
+    """``(a_ckpt, a_ckpt_bwd, a_ckpt_node)``: what one ``torch.utils.checkpoint`` call adds to a block's
+    forward and to its backward beyond the replayed forward, and each node inside it to the forward
     ([Note: measuring overheads]). The blocks are GraphModules called through ``recompute.checkpointed``,
     as the runtime's folded blocks are ([Note: a replay that stops early] in recompute.py)."""
     from .recompute import checkpointed
@@ -640,7 +642,7 @@ def checkpoint_overheads(device: torch.device, reps: int) -> tuple[float, float,
     held: list[torch.Tensor] = []  # the forward's output, held until the next one as a step holds it
     passes: dict[int, list[Callable[[], None]]] = {}
     for size in CHECKPOINT_BLOCK_NODES:
-        blocks = [torch.fx.symbolic_trace(_CheckpointBlock(size)).to(device) for _ in range(n)]
+        blocks = [torch.fx.symbolic_trace(CheckpointBlock(size)).to(device) for _ in range(n)]
 
         def run(ckpt: bool, blocks: list[torch.nn.Module] = blocks) -> torch.Tensor:
             y = x
@@ -690,7 +692,7 @@ def measure_overheads(device: torch.device, link: LinkFit | None, reps: int, slo
     action = pipeline_overheads(samples, step)
     node, node_b, dt, dt_b = tp_node_overheads(device, reps)
     tensor_s, bandwidth = optimizer_overheads(_optimizer_samples(device, reps))
-    ckpt, ckpt_b, ckpt_node, ckpt_node_b = checkpoint_overheads(device, reps)
+    ckpt, ckpt_b, ckpt_node = checkpoint_overheads(device, reps)
     overlap = comm_overlap(device, reps)
     fsdp_f, fsdp_b, opt_dt = fsdp_overheads(_fsdp_sample(device, max(reps, 7)), link)
     us = lambda x: _sig(x * 1e6)  # noqa: E731  # the file's units: exact when read back
@@ -699,7 +701,7 @@ def measure_overheads(device: torch.device, link: LinkFit | None, reps: int, slo
         dtensor_op_forward_us=us(dt), dtensor_op_backward_us=us(dt_b), optimizer_tensor_us=us(tensor_s),
         optimizer_dtensor_us=us(opt_dt), fsdp_unit_forward_us=us(fsdp_f), fsdp_unit_backward_us=us(fsdp_b),
         optimizer_gbps=_sig(bandwidth / 1e9), checkpoint_forward_us=us(ckpt), checkpoint_backward_us=us(ckpt_b),
-        checkpoint_node_forward_us=us(ckpt_node), checkpoint_node_backward_us=us(ckpt_node_b),
+        checkpoint_node_forward_us=us(ckpt_node),
         comm_overlap=round(overlap, 3), compute_slowdown=round(slowdown, 3)))
 
 

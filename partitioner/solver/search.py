@@ -331,7 +331,7 @@ class _Search:
                     static_bytes=st,
                     grad_bytes=grad,
                     # each recomputed block is one checkpoint call around its nodes ([Note: software overheads])
-                    checkpoint_s=sum(ev.overheads.checkpoint_time(1, len(b.nodes))),
+                    checkpoint_s=sum(ev.overheads.checkpoint_time(1, ev.saving_nodes(b))),
                 )
             )
         marked = self._partial_kind(blocks)
