@@ -10,7 +10,7 @@ rank's peak memory. Prints the table and the summary (median and worst absolute 
 with ``--report``, writes it as markdown with the command, and keeps every plan and run record
 beside it so that ``autopart explain --measured RUN.json`` can show where each one is wrong.
 
-    python -m benchmarks.fidelity [--report benchmarks/results/YYYY-MM-DD-fidelity.md] [--steps 10]
+    python -m benchmarks.fidelity [--report benchmarks/results/YYYY-MM-DD-fidelity.md] [--steps 10] [--min-seconds 2]
         [--warmup 2] [--only TEXT] [--no-calibrate] [--calibrate-each] [--also-without-overheads]
         [--cache PATH] [--force] [--memory-only] [--profile] [--record-margin]
 
@@ -31,6 +31,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import os
 import shlex
 import statistics
@@ -102,6 +103,7 @@ class Outcome:
     # what the plan shards over dp when it is more than the layout asked for (``--zero1`` is the least the
     # search may shard: on some clusters it picks zero2), else ""
     dp_sharding: str = ""
+    steps: int = 0  # how many steps were timed
 
     @property
     def name(self) -> str:
@@ -161,7 +163,7 @@ def without_overheads(cluster: str, out: Path) -> Path:
 
 
 def measure(layout: Layout, cluster: str, cache: Path, keep: Path, steps: int, warmup: int,
-            profile: bool = True, bare: bool = False) -> Outcome:
+            profile: bool = True, bare: bool = False, min_seconds: float = 0.0) -> Outcome:
     slug = layout.name.replace(" ", "-")
     plan_path, run_path = keep / f"{slug}.plan.json", keep / f"{slug}.run.json"
     for p in (plan_path, run_path):
@@ -170,6 +172,10 @@ def measure(layout: Layout, cluster: str, cache: Path, keep: Path, steps: int, w
     _run([sys.executable, "-m", "partitioner", "plan", "--model", layout.model, "--cluster", cluster, *priced,
           "--time-limit", "10", "--quiet", *layout.flags, "--json", str(plan_path)],
          f"plan {layout.name}")
+    # A short step is timed over more steps: at least min_seconds of them, as predicted (a 10 ms step timed
+    # 10 times is mostly the machine's jitter).
+    predicted = json.loads(plan_path.read_text())["predicted"]["step_time_s"]
+    steps = max(steps, math.ceil(min_seconds / predicted)) if min_seconds > 0 and predicted > 0 else steps
     _run([*_torchrun(layout.world), "-m", "partitioner", "run", "--plan", str(plan_path), "--steps", str(steps),
           "--warmup", str(warmup), "--json", str(run_path)], f"run {layout.name}")
     run = json.loads(run_path.read_text())
@@ -195,6 +201,7 @@ def measure(layout: Layout, cluster: str, cache: Path, keep: Path, steps: int, w
         predicted_step_s=plan["predicted"]["step_time_s"],
         measured_step_s=mean,
         step_spread=(max(times) - min(times)) / mean,
+        steps=len(times),
         memory=tuple((m["rank"], m["predicted_peak_bytes"], m["peak_bytes"]) for m in run["memory"]),
         largest_residual=line.removeprefix("largest time residual: "),
         reserve=plan["training"]["memory_reserve"],
@@ -230,7 +237,7 @@ def table(outcomes: Sequence[Outcome]) -> list[str]:
     bare = any(o.predicted_bare_s is not None for o in outcomes)
     extra = " without overheads: predicted (error) |" if bare else ""
     lines = [
-        "| layout | predicted step | measured step (spread) | error |" + extra
+        "| layout | predicted step | measured step (spread, steps) | error |" + extra
         + " peak memory per rank: predicted / measured (error) | largest time residual |",
         "|---|---:|---:|---:|" + ("---:|" if bare else "") + "---|---|",
     ]
@@ -241,7 +248,7 @@ def table(outcomes: Sequence[Outcome]) -> list[str]:
             b = o.predicted_bare_s
             before = f" {b * 1e3:.1f} ms ({b / o.measured_step_s - 1:+.1%}) |" if b is not None else " - |"
         lines.append(f"| {o.name} | {o.predicted_step_s * 1e3:.1f} ms | {o.measured_step_s * 1e3:.1f} ms "
-                     f"({o.step_spread:.0%}) | {o.step_error:+.1%} |{before} {mem} | {o.largest_residual} |")
+                     f"({o.step_spread:.0%}, {o.steps} steps) | {o.step_error:+.1%} |{before} {mem} | {o.largest_residual} |")
     return lines
 
 
@@ -282,6 +289,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--report", default=None, help="write the markdown report here (its plans and runs beside it)")
     ap.add_argument("--steps", type=int, default=10, help="timed steps per run (default 10)")
+    ap.add_argument("--min-seconds", type=float, default=2.0,
+                    help="time more steps where the step is short: at least this many seconds of predicted steps "
+                         "(default 2; 0 times --steps only)")
     ap.add_argument("--warmup", type=int, default=2, help="untimed steps before them (default 2)")
     ap.add_argument("--only", default=None, help="only layouts whose name contains this text")
     ap.add_argument("--no-calibrate", action="store_true", help="plan on the local-cpu preset instead of a calibrated file")
@@ -305,7 +315,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     if args.profile and not args.memory_only:
         raise SystemExit("fidelity: --profile goes with --memory-only (the full benchmark always plans with --profile)")
     if args.memory_only:
-        args.steps, args.warmup = 1, 1
+        args.steps, args.warmup, args.min_seconds = 1, 1, 0.0
         args.no_calibrate = args.no_calibrate or not args.profile
     if args.record_margin and (args.report is None or args.only is not None):
         raise SystemExit("fidelity: --record-margin needs --report (the margin names its source) and every layout "
@@ -329,7 +339,8 @@ def main(argv: Sequence[str] | None = None) -> int:
             if args.calibrate_each and not args.no_calibrate:
                 clusters[layout.world] = str(calibrate(layout.world, keep / f"calibrated-{layout.name.replace(' ', '-')}.toml"))
             o = measure(layout, clusters[layout.world], cache, keep, args.steps, args.warmup,
-                        profile=args.profile or not args.memory_only, bare=args.also_without_overheads)
+                        profile=args.profile or not args.memory_only, bare=args.also_without_overheads,
+                        min_seconds=args.min_seconds)
         except RunFailed as exc:  # recorded, not retried: a flaky layout should show
             failed.append(f"{layout.name}: {exc}")
             print(f"{layout.name}: {exc}", flush=True)
@@ -380,8 +391,10 @@ def main(argv: Sequence[str] | None = None) -> int:
             memory_how if args.memory_only else
             f"Each layout is calibrated ({'no' if args.no_calibrate else 'yes'}: `autopart calibrate` "
             f"{'right before each layout' if args.calibrate_each else 'per world size'}), "
-            f"planned with `autopart plan --profile` and the layout's flags, and run with `autopart run --steps {args.steps} "
-            f"--warmup {args.warmup} --json` (gloo, one thread per rank). The error is predicted / measured - 1. "
+            f"planned with `autopart plan --profile` and the layout's flags, and run with `autopart run --steps N "
+            f"--warmup {args.warmup} --json` (gloo, one thread per rank; N is {args.steps}, or more where the step is "
+            f"short: enough for {args.min_seconds:g} s of predicted steps). "
+            "The error is predicted / measured - 1. "
             "Peak memory is measured by the dispatch-mode storage meter (partitioner/measure.py) over the first step "
             "and a steady one. Plans, runs and calibrations are in "
             f"`{keep.relative_to(ROOT) if keep.is_relative_to(ROOT) else keep}/`; "
@@ -395,7 +408,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         report.write_text("\n".join(text))
         (keep / "outcomes.json").write_text(json.dumps(
             [dict(layout=o.layout, dp_sharding=o.dp_sharding, predicted_step_s=o.predicted_step_s, measured_step_s=o.measured_step_s,
-                  predicted_bare_s=o.predicted_bare_s, step_spread=o.step_spread, memory=o.memory, largest_residual=o.largest_residual, reserve=o.reserve)
+                  predicted_bare_s=o.predicted_bare_s, step_spread=o.step_spread, steps=o.steps, memory=o.memory, largest_residual=o.largest_residual, reserve=o.reserve)
              for o in outcomes],
             indent=1) + "\n")
         print(f"wrote {report}")

@@ -948,9 +948,10 @@ class Evaluator:
             action = self.overheads.action_s
             # What the stage's actions take beyond compute, tp and the per-action overhead: ZeRO-2/3's
             # exposed gathers and scatters, and FSDP's per-unit software cost.
-            extra = 0.0
+            extra_f = extra_b = 0.0
             if dp_spec(self.training.dp_sharding).uses_fsdp and mesh.dp > 1:
-                extra = costs[s].forward_s + costs[s].backward_s - 2 * action - (cf + tf) - (cb + tb) - replay
+                extra_f = max(0.0, costs[s].forward_s - action - (cf + tf))
+                extra_b = max(0.0, costs[s].backward_s - action - (cb + tb) - replay)
             opt = costs[s].after_s - (self.overheads.step_s if first[stage_rank(s, pp, layout)] == s else 0.0)
             out.append(
                 StageComponents(
@@ -960,11 +961,12 @@ class Evaluator:
                     tp_comm_s=M * (tf + tb),
                     p2p_s=sim.transfer_wait_s[s],
                     dp_reduce_s=exposed_share[s],
-                    dp_gather_s=M * max(0.0, extra),
+                    dp_gather_s=M * (extra_f + extra_b),
                     bubble_s=sim.wait_s[s] - sim.transfer_wait_s[s] + tail[s],
                     optimizer_s=opt,
                     overhead_s=2 * M * action + costs[s].after_s - opt,
                     tied_sum_s=tied_share[s],
+                    dp_gather_forward_s=M * extra_f,
                 )
             )
         return out

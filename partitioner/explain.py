@@ -335,8 +335,8 @@ def print_diff(a: Plan, b: Plan, name_a: str = "A", name_b: str = "B") -> None:
 
 # Measured components (measure.TIME_COMPONENTS) and the predicted ones (StageComponents) each stands against.
 MEASURED_AGAINST = {
-    "forward": ("forward",),
-    "backward": ("backward", "recompute"),
+    "forward": ("forward", "dp_gather_forward"),  # FSDP's gathers and hooks run inside the timed passes
+    "backward": ("backward", "recompute", "dp_gather_backward"),
     "tp_comm": ("tp_comm",),
     "dp_reduce": ("dp_reduce",),
     "optimizer": ("optimizer",),

@@ -197,6 +197,13 @@ class StageComponents:
     # the all-reduce of weights shared with another pipeline rank (GPT-2's embedding and head), the wait for
     # the other owners included ([Note: tied weights' gradient sums] in simulate.py)
     tied_sum_s: float = 0.0
+    # the part of ``dp_gather_s`` in the forward passes (FSDP's forward all-gathers and per-unit work): the
+    # runtime times it inside the forward, the rest inside the backward (explain --measured)
+    dp_gather_forward_s: float = 0.0
+
+    @property
+    def dp_gather_backward_s(self) -> float:
+        return self.dp_gather_s - self.dp_gather_forward_s
 
     def total_s(self) -> float:
         return (
@@ -209,7 +216,7 @@ class StageComponents:
         """The fields; the measured-overhead ones and the tied weights' sums only when priced (so plans
         without them keep their JSON)."""
         d = asdict(self)
-        for name in ("optimizer_s", "overhead_s", "tied_sum_s"):
+        for name in ("optimizer_s", "overhead_s", "tied_sum_s", "dp_gather_forward_s"):
             if d[name] == 0.0:
                 del d[name]
         return d

@@ -20,6 +20,7 @@ from cost_models import Overheads
 from partitioner.calibrate import FsdpSample, LinkFit, fsdp_overheads, ring_coefficients
 from partitioner.cluster import Cluster, load_cluster
 from partitioner.evaluate import StageSpec
+from partitioner.explain import MEASURED_AGAINST
 from partitioner.plan import Mesh, Schedule
 from partitioner.planner import plan_parallelism, prepare
 
@@ -104,6 +105,14 @@ def test_a_plan_pays_each_fsdp_unit_and_dtensor_as_the_formula_says(llama, level
     # The whole difference shows in the plan: 4 micro-batches of it in dp_gather_s, the rest in optimizer_s.
     c, c0 = plan.stages[0].predicted.components, base_plan.stages[0].predicted.components
     assert c.dp_gather_s - c0.dp_gather_s == pytest.approx(4 * n * (a_f + a_b + (regathers - 1) * a_f), rel=1e-9)
+    # explain --measured sets the forward's share against the measured forward, where the runtime times it
+    assert c.dp_gather_forward_s - c0.dp_gather_forward_s == pytest.approx(4 * n * a_f, rel=1e-9)
+    assert 0 < c.dp_gather_forward_s < c.dp_gather_s
+    # ... and every predicted component stands against exactly one measured row
+    for st in plan.stages:
+        comps = st.predicted.components
+        rows = sum(getattr(comps, f"{k}_s") for against in MEASURED_AGAINST.values() for k in against)
+        assert rows == pytest.approx(comps.total_s(), rel=1e-12)
     assert c.optimizer_s - c0.optimizer_s == pytest.approx(len(set(tensors)) * a_opt, rel=1e-9)
 
 
