@@ -53,13 +53,18 @@ rank updates ``T_s`` parameter tensors of ``P_s`` elements:
   DTensor's dispatch, once per op of the single-tensor AdamW;
 * per ``torch.utils.checkpoint`` call (each recomputed block, and with selective
   recomputation each other block's attention core; [Note: recompute in the runtime] in
-  partitioner/recompute.py), per micro-batch: ``F += C_s a_ckpt`` and
-  ``B += C_s a_ckpt_bwd`` with ``C_s`` the stage's calls: the checkpoint's own
-  machinery (its saved-tensor hooks, the RNG state it keeps and restores, the replay's
-  set-up), beyond the replayed forward the cost model prices. On the 2-core CPU of
-  development, ``autopart calibrate``'s experiment gave 0.10-0.15 ms and 0.17-0.24 ms a call
-  with two ranks on a quiet machine (0.7-0.9 ms backward under other jobs' load), more than a
-  tiny block's own compute;
+  partitioner/recompute.py), per micro-batch: ``F += C_s a_ckpt + n_s a_ckpt_node`` and
+  ``B += C_s a_ckpt_bwd`` with ``C_s`` the stage's calls and ``n_s`` the graph nodes inside
+  them that save a tensor for their backward (``Evaluator.saving_nodes``; one per attention
+  core): the checkpoint's own machinery (the RNG state it keeps and restores, the replay's
+  set-up, per call; in the forward its hook on every tensor a node saves, per such node),
+  beyond the replayed forward the cost model prices. The backward is priced per call only:
+  per node it was not one figure (benchmarks/checkpoint_cost.py, one process's CPU time:
+  blocks of a linear and GELUs gave 33 us a node, GPT-2's and Llama's layers, 12 and 22
+  saving nodes each, less than the per-call figure in all), while the forward's per-node
+  term brought mlp, gpt2-tiny and llama-tiny each closer (results/2026-12-05-bwdfit.md).
+  On the 2-core CPU of development, one process alone, about 0.09 ms a call and 0.02 ms a
+  node forward, 0.15 ms a call backward, more than a tiny block's own compute;
 * per point-to-point transfer between pipeline stages on different ranks (an
   activation forward, its gradient back), beyond the link's ``alpha + S / B``:
   ``send_s += a_p2p``. The link is measured by a ping-pong between idle ranks;
@@ -110,6 +115,7 @@ OVERHEAD_FILE_KEYS = {
     "optimizer_gbps": ("optimizer_bandwidth", Decimal("1e9")),
     "checkpoint_forward_us": ("checkpoint_s", Decimal("1e-6")),
     "checkpoint_backward_us": ("checkpoint_backward_s", Decimal("1e-6")),
+    "checkpoint_node_forward_us": ("checkpoint_node_s", Decimal("1e-6")),
     "p2p_transfer_us": ("p2p_transfer_s", Decimal("1e-6")),
     "comm_overlap": ("comm_overlap", Decimal(1)),
     "compute_slowdown": ("compute_slowdown", Decimal(1)),
@@ -133,6 +139,7 @@ class Overheads:
     optimizer_bandwidth: float = 0.0  # B_opt: bytes/s of the update (weights, gradients, state); 0: not measured
     checkpoint_s: float = 0.0  # a_ckpt: per torch.utils.checkpoint call (a recomputed block, a selective core), forward
     checkpoint_backward_s: float = 0.0  # a_ckpt_bwd: the same call's backward, beyond the forward it replays
+    checkpoint_node_s: float = 0.0  # a_ckpt_node: per node inside a checkpoint call that saves a tensor, forward (its hook)
     p2p_transfer_s: float = 0.0  # a_p2p: per transfer between pipeline ranks while they compute, beyond the link
     comm_overlap: float = 1.0  # c: fraction of a collective that runs beside compute; 1: all of it (GPU)
     compute_slowdown: float = 1.0  # k: an op's time with every rank computing at once over one rank alone
@@ -160,6 +167,12 @@ class Overheads:
         if self.optimizer_bandwidth > 0:
             t += params * bytes_per_param / self.optimizer_bandwidth
         return t
+
+    def checkpoint_time(self, calls: float, nodes: float) -> tuple[float, float]:
+        """(forward, backward) seconds of ``calls`` torch.utils.checkpoint calls around ``nodes`` graph nodes
+        that save a tensor, in all, beyond the forward they replay: ``C a_ckpt + n a_ckpt_node`` and
+        ``C a_ckpt_bwd`` ([Note: software overheads])."""
+        return calls * self.checkpoint_s + nodes * self.checkpoint_node_s, calls * self.checkpoint_backward_s
 
     def to_file(self) -> dict[str, float]:
         """The ``[overheads]`` table in file units (only the measured keys)."""

@@ -93,11 +93,15 @@ median:
   (dp groups of 2) ran as the pairs predict. A larger dp group is priced with
   the pairs' software cost and its own link terms, an under-estimate where its
   ranks share cores;
-* checkpointing: a chain of ``N`` small linear blocks run plainly and with each block
-  under ``torch.utils.checkpoint`` (non-reentrant, as the runtime recomputes), forward
-  alone and forward with backward: ``a_ckpt = (t_f,ckpt - t_f) / N`` and
-  ``a_ckpt_bwd = ((t_fb,ckpt - t_f,ckpt) - (t_fb - t_f) - t_f) / N``, the backward's
-  excess less the forward it replays, each at least 0;
+* checkpointing: a chain of ``N`` small GraphModule blocks of ``n`` nodes (a linear layer
+  and ``n - 1`` GELUs) run plainly and with each block under ``torch.utils.checkpoint``
+  through ``recompute.checkpointed``, the runtime's own call, forward alone and forward with
+  backward: per call ``f_n = (t_f,ckpt - t_f) / N`` and
+  ``b_n = ((t_fb,ckpt - t_f,ckpt) - (t_fb - t_f) - t_f) / N``, the backward's excess less
+  the forward it replays; for n = 1 and 4, ``a_ckpt_node = (f_4 - f_1) / 3``,
+  ``a_ckpt = f_1 - a_ckpt_node`` and ``a_ckpt_bwd = b_1``, each at least 0 (a checkpoint
+  hooks every tensor a node saves: its forward grows with those nodes; its backward per
+  node was no one figure across models, [Note: software overheads]);
 * the overlap: a GEMM loop alone (``t_c``), an all-reduce of a few MiB alone
   (``t_r``) and the all-reduce launched asynchronously while the loop runs
   (``t_b``): ``c = (t_c + t_r - t_b) / min(t_c, t_r)``, clipped to [0, 1].
@@ -138,6 +142,8 @@ __all__ = [
     "tp_node_overheads",
     "optimizer_overheads",
     "checkpoint_overheads",
+    "checkpoint_fit",
+    "CheckpointBlock",
     "comm_overlap",
     "FsdpSample",
     "fsdp_overheads",
@@ -397,6 +403,7 @@ def _measure_links(samples, intra, inter, local, nodes, rank, sizes, reps, devic
 PIPELINE_MICROBATCHES = (4, 8, 12)  # the micro-batch counts M of the pipeline experiment
 TP_CHAIN = 48  # N: elementwise ops in the tensor-parallel experiment
 CHECKPOINT_CHAIN = 16  # N: checkpointed blocks in the checkpointing experiment
+CHECKPOINT_BLOCK_NODES = (1, 4)  # n: graph nodes per block in it, two sizes (per call and per node)
 # (tensors, elements each) of the optimizer experiment: few large, many small, and between
 OPTIMIZER_SETS = ((4, 1 << 18), (64, 1 << 10), (16, 1 << 16), (128, 1 << 12))
 ADAM_BYTES_PER_PARAM = 16  # fp32 weight, gradient and two moments
@@ -707,25 +714,64 @@ def _fsdp_sample(device: torch.device, reps: int) -> FsdpSample:
                       med["plain"][0], med["plain"][1], med["fsdp"][0], med["fsdp"][1], med["plain"][2], med["fsdp"][2])
 
 
-def checkpoint_overheads(device: torch.device, reps: int) -> tuple[float, float]:
-    """``(a_ckpt, a_ckpt_bwd)``: what one ``torch.utils.checkpoint`` call adds to a block's forward and
-    to its backward beyond the replayed forward ([Note: measuring overheads])."""
-    from torch.utils.checkpoint import checkpoint
+class CheckpointBlock(torch.nn.Module):
+    """A linear layer and ``n - 1`` GELUs: ``n`` graph nodes, each saving a tensor for its backward."""
+
+    def __init__(self, nodes: int) -> None:
+        super().__init__()
+        self.linear = torch.nn.Linear(16, 16)
+        self.gelus = nodes - 1
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = self.linear(x)
+        for _ in range(self.gelus):
+            x = torch.nn.functional.gelu(x)
+        return x
+
+
+def checkpoint_fit(samples: Sequence[tuple[int, float, float]]) -> tuple[float, float, float]:
+    """``(a_ckpt, a_ckpt_bwd, a_ckpt_node)`` from ``(n, forward, backward)`` per call of blocks of ``n``
+    nodes, two sizes or more: the forward a line through the smallest and the largest, the backward the
+    smallest's, each at least 0 ([Note: measuring overheads])."""
+    (n0, f0, b0), (n1, f1, _) = min(samples), max(samples)
+    if n1 == n0:
+        raise CalibrateError("the checkpointing experiment needs blocks of two sizes")
+    node_f = max(0.0, (f1 - f0) / (n1 - n0))
+    return max(0.0, f0 - n0 * node_f), max(0.0, b0), node_f
+
+
+def checkpoint_overheads(device: torch.device, reps: int) -> tuple[float, float, float]:
+    """``(a_ckpt, a_ckpt_bwd, a_ckpt_node)``: what one ``torch.utils.checkpoint`` call adds to a block's
+    forward and to its backward beyond the replayed forward, and each node inside it to the forward
+    ([Note: measuring overheads]). The blocks are GraphModules called through ``recompute.checkpointed``,
+    as the runtime's folded blocks are ([Note: a replay that stops early] in recompute.py)."""
+    from .recompute import checkpointed
 
     torch.manual_seed(0)
-    blocks = [torch.nn.Linear(16, 16).to(device) for _ in range(CHECKPOINT_CHAIN)]
     x = torch.randn(4, 16, device=device, requires_grad=True)
-
-    def run(ckpt: bool) -> torch.Tensor:
-        y = x
-        for block in blocks:
-            y = checkpoint(block, y, use_reentrant=False) if ckpt else block(y)
-        return y
-
-    f, fb = _timed_passes(lambda: run(False), device, reps)
-    fc, fbc = _timed_passes(lambda: run(True), device, reps)
     n = CHECKPOINT_CHAIN
-    return max(0.0, (fc - f) / n), max(0.0, ((fbc - fc) - (fb - f) - f) / n)
+    held: list[torch.Tensor] = []  # the forward's output, held until the next one as a step holds it
+    passes: dict[int, list[Callable[[], None]]] = {}
+    for size in CHECKPOINT_BLOCK_NODES:
+        blocks = [torch.fx.symbolic_trace(CheckpointBlock(size)).to(device) for _ in range(n)]
+
+        def run(ckpt: bool, blocks: list[torch.nn.Module] = blocks) -> torch.Tensor:
+            y = x
+            for block in blocks:
+                y = checkpointed(block, y) if ckpt else block(y)
+            return y
+
+        passes[size] = [lambda c=c: held.__setitem__(slice(None), [run(c)]) for c in (False, True)]
+        passes[size] += [lambda c=c: run(c).sum().backward() for c in (False, True)]
+        for fn in passes[size]:
+            _timed(fn, device, 1)  # warm-up
+    rounds: dict[int, list[tuple[float, float]]] = {size: [] for size in passes}
+    for _ in range(max(reps, 7)):  # interleaved rounds: the four passes of a round see the same load
+        for size, fns in passes.items():
+            f, fc, fb, fbc = (_timed(fn, device, 1, warmup=0) for fn in fns)
+            rounds[size].append(((fc - f) / n, ((fbc - fc) - (fb - f) - f) / n))
+    return checkpoint_fit([(size, statistics.median(r[0] for r in got), statistics.median(r[1] for r in got))
+                           for size, got in rounds.items()])
 
 
 def comm_overlap(device: torch.device, reps: int) -> float:
@@ -758,7 +804,7 @@ def measure_overheads(device: torch.device, link: LinkFit | None, reps: int, slo
     p2p = transfer_overhead(_busy_pipeline_samples(device, link, max(reps, 7)), dist.get_world_size(), action, step)
     node, node_b, dt, dt_b = tp_node_overheads(device, reps)
     tensor_s, bandwidth = optimizer_overheads(_optimizer_samples(device, reps))
-    ckpt, ckpt_b = checkpoint_overheads(device, reps)
+    ckpt, ckpt_b, ckpt_node = checkpoint_overheads(device, reps)
     overlap = comm_overlap(device, reps)
     fsdp_f, fsdp_b, opt_dt = fsdp_overheads(_fsdp_sample(device, max(reps, 7)), link)
     us = lambda x: _sig(x * 1e6)  # noqa: E731  # the file's units: exact when read back
@@ -767,7 +813,8 @@ def measure_overheads(device: torch.device, link: LinkFit | None, reps: int, slo
         dtensor_op_forward_us=us(dt), dtensor_op_backward_us=us(dt_b), optimizer_tensor_us=us(tensor_s),
         optimizer_dtensor_us=us(opt_dt), fsdp_unit_forward_us=us(fsdp_f), fsdp_unit_backward_us=us(fsdp_b),
         optimizer_gbps=_sig(bandwidth / 1e9), checkpoint_forward_us=us(ckpt), checkpoint_backward_us=us(ckpt_b),
-        p2p_transfer_us=us(p2p), comm_overlap=round(overlap, 3), compute_slowdown=round(slowdown, 3)))
+        checkpoint_node_forward_us=us(ckpt_node), p2p_transfer_us=us(p2p),
+        comm_overlap=round(overlap, 3), compute_slowdown=round(slowdown, 3)))
 
 
 def _sig(x: float) -> float:

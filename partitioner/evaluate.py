@@ -617,6 +617,12 @@ class Evaluator:
         token_ids = bool(inputs) and all(not t.dtype.startswith(floats) for n in inputs for t in n.outputs)
         return "cross_entropy" if token_ids else "mse"
 
+    def saving_nodes(self, block: Block) -> int:
+        """The nodes of ``block`` that save a tensor for their backward (an input, their output, or an
+        intermediate): a checkpoint hooks each such tensor ([Note: software overheads])."""
+        nodes = (self.captured.nodes[n] for n in block.nodes)
+        return sum(1 for n in nodes if n.saved_inputs or n.saves_output or n.saved_bytes > 0)
+
     def node_backward_bytes(self, block: Block, micro_batch: int) -> float:
         """The most one node's backward holds at once in ``block``: the gradient of its output and the
         gradients of its inputs that need one, per micro-batch of ``micro_batch`` samples. Views
@@ -718,9 +724,10 @@ class Evaluator:
             )
             _, replay, _ = recompute_terms(spec, costs)  # [Note: recompute per block] in recompute.py
             bwd += replay
-            calls = checkpoint_calls(spec, costs)  # [Note: software overheads]: each checkpoint's own cost
-            fwd += calls * self.overheads.checkpoint_s
-            bwd += calls * self.overheads.checkpoint_backward_s
+            ck_f, ck_b = self.overheads.checkpoint_time(  # [Note: software overheads]
+                *checkpoint_calls(spec, costs, [self.saving_nodes(b) for b in blocks]))
+            fwd += ck_f
+            bwd += ck_b
             names = {p for b in spec.blocks for p in self.pgraph.blocks[b].params}
             mem = self.stage_memory(s, stages, costs, mesh, schedule, crossing, sorted(names), split_params)
             transient = 0.0
@@ -937,9 +944,10 @@ class Evaluator:
             tf = sum(c.tp_comm.forward_s for c in work)
             tb = sum(c.tp_comm.backward_s for c in work)
             replay = recompute_terms(spec, work)[1]
-            calls = checkpoint_calls(spec, work)
-            cf += calls * self.overheads.checkpoint_s  # the checkpoints' own cost: in the passes that pay it
-            replay += calls * self.overheads.checkpoint_backward_s
+            ck_f, ck_b = self.overheads.checkpoint_time(
+                *checkpoint_calls(spec, work, [self.saving_nodes(self.pgraph.blocks[b]) for b in spec.blocks]))
+            cf += ck_f  # the checkpoints' own cost: in the passes that pay it
+            replay += ck_b
             action = self.overheads.action_s
             # What the stage's actions take beyond compute, tp and the per-action overhead: ZeRO-2/3's
             # exposed gathers and scatters, and FSDP's per-unit software cost.
@@ -1067,13 +1075,21 @@ def recompute_terms(spec: StageSpec, costs: Sequence[BlockCost]) -> tuple[float,
     return act, replay, work
 
 
-def checkpoint_calls(spec: StageSpec, costs: Sequence[BlockCost]) -> int:
-    """How many ``torch.utils.checkpoint`` calls one micro-batch of the stage makes: one per recomputed
-    block, and with ``selective`` one per other block with an attention core ([Note: recompute in the
-    runtime] in recompute.py). Each costs the checkpoint's own machinery ([Note: software overheads])."""
+def checkpoint_calls(spec: StageSpec, costs: Sequence[BlockCost], saving: Sequence[int]) -> tuple[int, int]:
+    """(calls, nodes): how many ``torch.utils.checkpoint`` calls one micro-batch of the stage makes, one
+    per recomputed block and with ``selective`` one per other block with an attention core ([Note:
+    recompute in the runtime] in recompute.py), and the graph nodes inside them that save a tensor for
+    their backward (``saving``: each block's, ``Evaluator.saving_nodes``; one per core). ``costs`` and
+    ``saving`` are in ``spec.blocks`` order. Each call and each such node costs the checkpoint's own
+    machinery ([Note: software overheads])."""
     chosen = set(spec.recompute)
-    return len(chosen) + (sum(1 for b, c in zip(spec.blocks, costs) if b not in chosen and c.core_forward_s > 0)
-                          if spec.selective else 0)
+    calls = nodes = 0
+    for b, c, n in zip(spec.blocks, costs, saving):
+        if b in chosen:
+            calls, nodes = calls + 1, nodes + n
+        elif spec.selective and c.core_forward_s > 0:
+            calls, nodes = calls + 1, nodes + 1
+    return calls, nodes
 
 
 def backward_work(spec: StageSpec, costs: Sequence[BlockCost], node_bytes: Sequence[float]) -> float:

@@ -16,8 +16,8 @@ from dataclasses import replace
 import pytest
 
 from cost_models import Overheads
-from partitioner.calibrate import (BusyPipelineSample, PipelineSample, optimizer_overheads, pipeline_overheads,
-                                  transfer_overhead)
+from partitioner.calibrate import (BusyPipelineSample, PipelineSample, checkpoint_fit, optimizer_overheads,
+                                  pipeline_overheads, transfer_overhead)
 from partitioner.cluster import Cluster, load_cluster
 from partitioner.errors import ClusterError
 from partitioner.evaluate import StageSpec
@@ -139,14 +139,23 @@ def test_calibration_fits_recover_known_overheads():
     assert fitted[0] == pytest.approx(a_tensor, rel=1e-6) and fitted[1] == pytest.approx(bandwidth, rel=1e-6)
 
 
+def test_checkpoint_fit_recovers_a_per_call_and_a_per_node_cost():
+    """[Note: measuring overheads]: blocks of 1 and 4 nodes give the call's forward cost and each node's."""
+    call, call_b, node = 90e-6, 160e-6, 16e-6
+    samples = [(n, call + n * node, call_b + n * 28e-6) for n in (4, 1)]  # the backward: the 1-node block's
+    assert checkpoint_fit(samples) == pytest.approx((call, call_b + 28e-6, node), rel=1e-9)
+    assert checkpoint_fit([(1, 2e-4, 3e-4), (4, 1e-4, 3e-4)]) == pytest.approx((2e-4, 3e-4, 0.0))  # never < 0
+
+
 def test_each_checkpoint_call_pays_its_measured_cost(mlp):
-    """A recomputed block runs under torch.utils.checkpoint, whose own machinery (hooks, RNG state, the
-    replay's set-up) costs ``a_ckpt`` in forward and ``a_ckpt_bwd`` in backward per call and micro-batch on
-    top of the replayed forward; the stage pays it for its recomputed blocks only, and the components still
-    add up to the step."""
-    ckpt = Overheads(checkpoint_s=2e-4, checkpoint_backward_s=7e-4)
+    """A recomputed block runs under torch.utils.checkpoint, whose own machinery (RNG state, the replay's
+    set-up) costs ``a_ckpt`` in forward and ``a_ckpt_bwd`` in backward per call and micro-batch on top of
+    the replayed forward, and whose hook on each tensor a node saves costs ``a_ckpt_node`` in forward per
+    node inside it that saves one; the stage pays them for its recomputed blocks only, and the
+    components still add up to the step."""
+    ckpt = Overheads(checkpoint_s=2e-4, checkpoint_backward_s=7e-4, checkpoint_node_s=3e-5)
     assert Overheads.from_file(ckpt.to_file()) == ckpt
-    assert set(ckpt.to_file()) == {"checkpoint_forward_us", "checkpoint_backward_us"}
+    assert set(ckpt.to_file()) == {"checkpoint_forward_us", "checkpoint_backward_us", "checkpoint_node_forward_us"}
     mesh, schedule = Mesh(2, 1, 1), Schedule("1f1b", 4, 2)
     priced = {}
     for name, overheads in (("plain", Overheads()), ("ckpt", ckpt)):
@@ -157,16 +166,34 @@ def test_each_checkpoint_call_pays_its_measured_cost(mlp):
                         stages)
     (base, _, stages), (costs, plan, _) = priced["plain"], priced["ckpt"]
     calls = len(stages[0].recompute)
-    assert calls > 0
-    assert costs[0].forward_s == pytest.approx(base[0].forward_s + calls * 2e-4)
-    assert costs[0].backward_s == pytest.approx(base[0].backward_s + calls * 7e-4)
+    nodes = sum(ev.saving_nodes(ev.pgraph.blocks[b]) for b in stages[0].recompute)
+    assert calls > 0 and nodes > calls  # an mlp block is a linear and a GELU
+    fwd, bwd = calls * 2e-4 + nodes * 3e-5, calls * 7e-4
+    assert costs[0].forward_s == pytest.approx(base[0].forward_s + fwd)
+    assert costs[0].backward_s == pytest.approx(base[0].backward_s + bwd)
     assert (costs[1].forward_s, costs[1].backward_s) == (base[1].forward_s, base[1].backward_s)  # recomputes nothing
     plain_plan = priced["plain"][1]
     c, c0 = plan.stages[0].predicted.components, plain_plan.stages[0].predicted.components
-    assert c.forward_s == pytest.approx(c0.forward_s + 4 * calls * 2e-4)
-    assert c.recompute_s == pytest.approx(c0.recompute_s + 4 * calls * 7e-4)
+    assert c.forward_s == pytest.approx(c0.forward_s + 4 * fwd)
+    assert c.recompute_s == pytest.approx(c0.recompute_s + 4 * bwd)
     for st in plan.stages:
         assert st.predicted.components.total_s() == pytest.approx(plan.predicted.step_time_s, rel=1e-9)
+
+
+def test_the_stage_ilp_prices_each_checkpoint_as_the_evaluator_does(mlp):
+    """Every block recomputed (pinned) on a cluster whose checkpoints cost per call and per node inside:
+    the stage ILP's objective is the simulated step of its own schedule ([Note: software overheads]); a
+    block's ``checkpoint_s`` without its saving nodes' share would leave it 0.8 ms a node and micro-batch below."""
+    from partitioner.baselines import Pins
+    from partitioner.solver import plan_ilp
+
+    ckpt = Overheads(checkpoint_s=2e-4, checkpoint_backward_s=3e-4, checkpoint_node_s=8e-4)
+    ev = prepare(mlp, cluster=replace(Cluster.local(2), overheads=ckpt), global_batch=8, dtype="fp32")
+    result = plan_ilp(ev, Pins(pp=2, tp=1, dp=1, recompute=True, schedule="1f1b"), time_limit_s=20.0)
+    solved = [a for a in result.report.attempts if a.plan is not None]
+    assert solved and result.plan.stages[0].recompute
+    for a in solved:
+        assert a.solution.objective_s == pytest.approx(a.own_schedule_s, rel=0.02), a.candidate.describe()
 
 
 def test_each_transfer_between_pipeline_ranks_pays_its_measured_wait(mlp):
@@ -202,3 +229,20 @@ def test_calibration_fit_recovers_a_known_transfer_wait():
     fast = [replace(x, seconds=x.seconds / 2) for x in samples]
     assert transfer_overhead(fast, 2, action, step) == 0.0
 
+
+
+def test_the_stage_ilp_prices_the_transfer_wait_as_the_simulator_does(mlp):
+    """The stage ILP's sends carry ``a_p2p`` (search.py adds it to ``send_alpha``) as the evaluator's do: each
+    solved candidate's objective is the simulated step of its own schedule; without it the ILP would sit
+    ``a_p2p`` for each transfer on the critical path (at least two) below the simulator."""
+    from partitioner.baselines import Pins
+    from partitioner.solver import plan_ilp
+
+    wait = Overheads(p2p_transfer_s=2e-3)
+    ev = prepare(mlp, cluster=replace(Cluster.local(2), overheads=wait), global_batch=8, dtype="fp32")
+    result = plan_ilp(ev, Pins(pp=2, tp=1, dp=1, schedule="1f1b"), time_limit_s=20.0)
+    solved = [a for a in result.report.attempts if a.plan is not None]
+    assert solved
+    for a in solved:
+        assert a.solution.objective_s == pytest.approx(a.own_schedule_s, rel=0.02), a.candidate.describe()
+        assert a.own_schedule_s >= 2 * 2e-3  # a micro-batch's activation out and its gradient back

@@ -13,6 +13,9 @@ import itertools
 import json
 
 import pytest
+import torch
+import torch.fx
+from torch.utils.checkpoint import checkpoint
 
 from cost_models import OpTime
 
@@ -23,7 +26,7 @@ from partitioner.errors import PlanError
 from partitioner.evaluate import BlockCost, StageSpec, backward_work
 from partitioner.plan import Mesh, Plan, Schedule
 from partitioner.planner import prepare
-from partitioner.recompute import attention_core
+from partitioner.recompute import attention_core, checkpointed
 from partitioner.solver import plan_ilp
 from partitioner.solver.recompute import fewest_recomputed
 from partitioner.zoo import load_model
@@ -316,3 +319,44 @@ def test_explain_prices_the_plan_without_recomputation_under_the_plan_s_own_shar
     assert keep < ddp  # ZeRO-3 shards the weights, gradients and Adam state over dp=4
     text = recompute_summary(plan, ev)
     assert f"{fmt_bytes(keep)} without)" in text and f"frees {fmt_bytes(keep - plan.predicted.peak_memory_bytes)} " in text, text
+
+
+_RUNS: list[str] = []  # what _noted saw, in order
+
+
+def _noted(x):
+    _RUNS.append("ran")
+    return x * 2.0  # a product by a number saves no tensor for the backward
+
+
+torch.fx.wrap("_noted")
+
+
+class _Block(torch.nn.Module):
+    """A linear layer, a GELU (each saving a tensor), then a node after the last saved tensor."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.linear = torch.nn.Linear(4, 4)
+
+    def forward(self, x):
+        return _noted(torch.nn.functional.gelu(self.linear(x)))
+
+
+def test_a_folded_block_s_replay_runs_to_its_end_not_through_an_early_stop():
+    """[Note: a replay that stops early]: the runtime's checkpoint replays a GraphModule block to its end, so
+    that no exception crosses fx's _WrappedCall (a traceback extracted per block and micro-batch); torch's
+    default would stop the replay before the block's last node. The gradients are the same either way."""
+    torch.manual_seed(0)
+    block = torch.fx.symbolic_trace(_Block())
+    x = torch.randn(3, 4, requires_grad=True)
+    grads = []
+    for run in (lambda: checkpointed(block, x), lambda: checkpoint(block, x, use_reentrant=False)):
+        _RUNS.clear()
+        run().sum().backward()
+        grads.append((x.grad.clone(), block.linear.weight.grad.clone()))
+        x.grad, block.linear.weight.grad = None, None
+        grads[-1] += (len(_RUNS),)
+    (gx, gw, ours), (gx0, gw0, torch_default) = grads
+    assert (ours, torch_default) == (2, 1)  # forward and a whole replay; forward and a replay stopped early
+    torch.testing.assert_close((gx, gw), (gx0, gw0))

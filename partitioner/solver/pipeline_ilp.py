@@ -148,7 +148,8 @@ class BlockData:
     grad_bytes: float  # gradient bytes of its unshared parameters (data-parallel reduction)
     # The ILP may count it in a stage's partial recomputation k[s] ([Note: partial recomputation in the ILP])
     recomputable: bool = False
-    # what its torch.utils.checkpoint call costs beyond the replayed forward, forward and backward together,
+    # what its torch.utils.checkpoint call costs beyond the replayed forward (per call and per node inside it that saves a tensor),
+    # forward and backward together,
     # paid when it recomputes ([Note: software overheads] in cost_models/overheads.py; 0 unless calibrated)
     checkpoint_s: float = 0.0
 

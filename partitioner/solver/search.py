@@ -330,8 +330,8 @@ class _Search:
                     input_bytes=cost.input_bytes,
                     static_bytes=st,
                     grad_bytes=grad,
-                    # each recomputed block is one checkpoint call ([Note: software overheads])
-                    checkpoint_s=ev.overheads.checkpoint_s + ev.overheads.checkpoint_backward_s,
+                    # each recomputed block is one checkpoint call around its nodes ([Note: software overheads])
+                    checkpoint_s=sum(ev.overheads.checkpoint_time(1, ev.saving_nodes(b))),
                 )
             )
         marked = self._partial_kind(blocks)
