@@ -65,6 +65,20 @@ rank updates ``T_s`` parameter tensors of ``P_s`` elements:
   term brought mlp, gpt2-tiny and llama-tiny each closer (results/2026-12-05-bwdfit.md).
   On the 2-core CPU of development, one process alone, about 0.09 ms a call and 0.02 ms a
   node forward, 0.15 ms a call backward, more than a tiny block's own compute;
+* per point-to-point transfer between pipeline stages on different ranks (an
+  activation forward, its gradient back), beyond the link's ``alpha + S / B``:
+  ``send_s += a_p2p``. The link is measured by a ping-pong between idle ranks;
+  in a pipeline the ranks compute while their transfers are due, and a gloo
+  transfer needs its sender's communication thread, and its receiver's waiting
+  thread, to get a core back from the computing ones (a bare ping-pong with the
+  sender computing delivered 3-9 ms late on the loaded 2-core CPU of development,
+  an idle one in 0.2 ms), and torch's ``Schedule1F1B`` fires a send only with the
+  next receive and waits for both. ``a_p2p`` is what a 1F1B pipeline whose ranks
+  compute waits per transfer beyond the simulator's link and action terms
+  ([Note: measuring overheads] in partitioner/calibrate.py). It delays the
+  receiver only (a transfer occupies neither rank), so it costs a step only where
+  a rank waits for that transfer: on the critical path, ``2 (p - 1)`` transfers
+  and more for every micro-batch the schedule's order makes wait;
 * the exposed data-parallel reduction of ``R`` seconds launched with a last
   backward of ``b`` seconds: ``R - c min(R, b)`` with ``c = comm_overlap``,
   the fraction of compute that a collective can run beside (``c = 1``, the
@@ -102,6 +116,7 @@ OVERHEAD_FILE_KEYS = {
     "checkpoint_forward_us": ("checkpoint_s", Decimal("1e-6")),
     "checkpoint_backward_us": ("checkpoint_backward_s", Decimal("1e-6")),
     "checkpoint_node_forward_us": ("checkpoint_node_s", Decimal("1e-6")),
+    "p2p_transfer_us": ("p2p_transfer_s", Decimal("1e-6")),
     "comm_overlap": ("comm_overlap", Decimal(1)),
     "compute_slowdown": ("compute_slowdown", Decimal(1)),
 }
@@ -125,6 +140,7 @@ class Overheads:
     checkpoint_s: float = 0.0  # a_ckpt: per torch.utils.checkpoint call (a recomputed block, a selective core), forward
     checkpoint_backward_s: float = 0.0  # a_ckpt_bwd: the same call's backward, beyond the forward it replays
     checkpoint_node_s: float = 0.0  # a_ckpt_node: per node inside a checkpoint call that saves a tensor, forward (its hook)
+    p2p_transfer_s: float = 0.0  # a_p2p: per transfer between pipeline ranks while they compute, beyond the link
     comm_overlap: float = 1.0  # c: fraction of a collective that runs beside compute; 1: all of it (GPU)
     compute_slowdown: float = 1.0  # k: an op's time with every rank computing at once over one rank alone
 

@@ -57,6 +57,17 @@ median:
   ``(t(M) - S(M) - a_step) / U(M)``, and ``a_action`` is their median, at
   least 0 (a ratio of one median, not a difference of two: load noise is
   not amplified);
+* transfers while the ranks compute: the same ``Schedule1F1B``, each rank's
+  stage now ``BUSY_DEPTH`` linear layers of width ``BUSY_WIDTH`` on
+  ``BUSY_ROWS`` rows a micro-batch (milliseconds of compute an action, as
+  the small models' stages), for each ``M`` of ``BUSY_PIPELINE_MICROBATCHES``.
+  The stage's forward ``f`` and backward ``b`` are timed on every rank at
+  once, in the same interleaved rounds as the steps (a shared machine's load
+  moves within seconds: timed apart, the fit took a change of load for
+  transfers, 0.06-13 ms within 15 minutes); ``a_p2p`` is the time to add to each transfer (on the measured link)
+  for the simulated step of stages ``f + a_action``, ``b + a_action`` plus
+  ``a_step`` to equal the measured step, found by bisection (the simulated
+  step grows with it), the median over ``M``, at least 0;
 * the tensor-parallel interpreter: a chain of ``N`` small elementwise ops
   (an aten graph, as the runtime's stages are) run plainly, through
   ``TensorParallelModule`` with every node replicated, and with every node on
@@ -126,6 +137,8 @@ __all__ = [
     "run_calibration",
     "PipelineSample",
     "pipeline_overheads",
+    "BusyPipelineSample",
+    "transfer_overhead",
     "tp_node_overheads",
     "optimizer_overheads",
     "checkpoint_overheads",
@@ -462,6 +475,104 @@ def _pipeline_samples(device: torch.device, link: LinkFit | None, reps: int) -> 
     return out, step_s
 
 
+BUSY_PIPELINE_MICROBATCHES = (4, 8)  # M of the pipeline experiment whose ranks compute
+BUSY_WIDTH, BUSY_DEPTH, BUSY_ROWS = 384, 4, 64  # its stage: BUSY_DEPTH linear layers, BUSY_ROWS rows a micro-batch
+
+
+@dataclass(frozen=True, slots=True)
+class BusyPipelineSample:
+    """One micro-batch count of the pipeline experiment whose ranks compute ([Note: measuring overheads])."""
+
+    microbatches: int
+    seconds: float  # the slowest rank's step (schedule and loss all-reduce), median
+    forward_s: float  # one micro-batch's forward of the stage, every rank computing at once, median
+    backward_s: float  # its backward, the same way
+    send_s: float  # one micro-batch's activation on the measured link (latency + bytes / bandwidth)
+
+
+def transfer_overhead(samples: Sequence[BusyPipelineSample], ranks: int, action_s: float, step_s: float) -> float:
+    """``a_p2p``: the seconds to add to every transfer between pipeline ranks so that the simulated
+    1F1B step of each sample equals its measured one, the median over the samples, at least 0
+    ([Note: measuring overheads])."""
+    from .simulate import StageCost, simulate
+
+    if not samples:
+        raise CalibrateError("the busy pipeline experiment needs at least one micro-batch count")
+
+    def step(x: BusyPipelineSample, extra: float) -> float:
+        stage = StageCost(x.forward_s + action_s, x.backward_s + action_s, send_s=x.send_s + extra)
+        return simulate([stage] * ranks, "1f1b", x.microbatches).step_time_s + step_s
+
+    out = []
+    for x in samples:
+        if step(x, 0.0) >= x.seconds:
+            out.append(0.0)
+            continue
+        lo, hi = 0.0, x.seconds  # the simulated step grows with the transfer time, without bound
+        for _ in range(60):  # bisection to far below a microsecond
+            mid = (lo + hi) / 2
+            lo, hi = (mid, hi) if step(x, mid) < x.seconds else (lo, mid)
+        out.append((lo + hi) / 2)
+    return max(0.0, statistics.median(out))
+
+
+def _busy_pipeline_samples(device: torch.device, link: LinkFit | None, reps: int) -> list[BusyPipelineSample]:
+    """The pipeline experiment whose ranks compute: one sample per micro-batch count."""
+    from torch.distributed.pipelining import PipelineStage, Schedule1F1B
+
+    world, rank = dist.get_world_size(), dist.get_rank()
+    torch.manual_seed(0)
+    stage = torch.nn.Sequential(*(torch.nn.Linear(BUSY_WIDTH, BUSY_WIDTH) for _ in range(BUSY_DEPTH))).to(device)
+    loss = torch.zeros((), device=device)
+    x1 = torch.randn(BUSY_ROWS, BUSY_WIDTH, device=device)
+
+    def forward() -> None:
+        stage(x1)
+
+    def forward_backward() -> None:
+        stage(x1).sum().backward()
+
+    for _ in range(2):  # warm-up
+        forward_backward()
+    stage.zero_grad(set_to_none=False)
+
+    def finish() -> None:
+        stage.zero_grad(set_to_none=False)
+        dist.all_reduce(loss)
+
+    runs = {}
+    for m in BUSY_PIPELINE_MICROBATCHES:
+        schedule = Schedule1F1B(PipelineStage(stage, rank, world, device), m,
+                                loss_fn=lambda y, t: ((y - t) ** 2).mean())
+        x = torch.randn(m * BUSY_ROWS, BUSY_WIDTH, device=device)
+        target = torch.zeros(m * BUSY_ROWS, BUSY_WIDTH, device=device)
+
+        def step(schedule: Any = schedule, x: torch.Tensor = x, target: torch.Tensor = target) -> None:
+            if rank == 0:
+                schedule.step(x)
+            elif rank == world - 1:
+                schedule.step(target=target, losses=[])
+            else:
+                schedule.step()
+            finish()
+
+        for _ in range(2):  # warm-up: torch builds the stage's buffers on the first step
+            step()
+        runs[m] = step
+    times: dict[int, list[float]] = {m: [] for m in runs}
+    passes: list[float] = []
+    both: list[float] = []
+    for _ in range(reps):  # interleaved rounds: the stage's compute and the steps see the same load
+        passes.append(_timed(forward, device, 1, warmup=0))
+        both.append(_timed(forward_backward, device, 1, warmup=0))
+        for m, step in runs.items():
+            times[m].append(_timed(step, device, 1, warmup=0))
+    fwd = statistics.median(passes)
+    bwd = max(0.0, statistics.median(both) - fwd)
+    send = link.latency + BUSY_ROWS * BUSY_WIDTH * 4 / link.bandwidth if link else 0.0
+    return [BusyPipelineSample(m, statistics.median(times[m]), fwd, bwd, send) for m in runs]
+
+
 def _chain(width: int, n: int) -> Any:
     """An aten graph of ``n`` small elementwise ops (what the runtime's stage graphs hold)."""
     from torch.fx.experimental.proxy_tensor import make_fx
@@ -690,6 +801,7 @@ def measure_overheads(device: torch.device, link: LinkFit | None, reps: int, slo
     """Every overhead of [Note: measuring overheads], rounded to four significant digits."""
     samples, step = _pipeline_samples(device, link, max(reps, 7))
     action = pipeline_overheads(samples, step)
+    p2p = transfer_overhead(_busy_pipeline_samples(device, link, max(reps, 7)), dist.get_world_size(), action, step)
     node, node_b, dt, dt_b = tp_node_overheads(device, reps)
     tensor_s, bandwidth = optimizer_overheads(_optimizer_samples(device, reps))
     ckpt, ckpt_b, ckpt_node = checkpoint_overheads(device, reps)
@@ -701,7 +813,7 @@ def measure_overheads(device: torch.device, link: LinkFit | None, reps: int, slo
         dtensor_op_forward_us=us(dt), dtensor_op_backward_us=us(dt_b), optimizer_tensor_us=us(tensor_s),
         optimizer_dtensor_us=us(opt_dt), fsdp_unit_forward_us=us(fsdp_f), fsdp_unit_backward_us=us(fsdp_b),
         optimizer_gbps=_sig(bandwidth / 1e9), checkpoint_forward_us=us(ckpt), checkpoint_backward_us=us(ckpt_b),
-        checkpoint_node_forward_us=us(ckpt_node),
+        checkpoint_node_forward_us=us(ckpt_node), p2p_transfer_us=us(p2p),
         comm_overlap=round(overlap, 3), compute_slowdown=round(slowdown, 3)))
 
 

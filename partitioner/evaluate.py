@@ -746,7 +746,10 @@ class Evaluator:
             send = 0.0
             if s + 1 < len(stages):
                 nbytes = crossing[s] * mbs / self.captured.batch_size
-                send = self.cost_model.p2p_time(nbytes / mesh.tp, rank, mesh.rank(stage_rank(s + 1, pp, layout)))
+                dest = mesh.rank(stage_rank(s + 1, pp, layout))
+                send = self.cost_model.p2p_time(nbytes / mesh.tp, rank, dest)
+                if dest != rank:  # [Note: software overheads]: a transfer between ranks that compute
+                    send += self.overheads.p2p_transfer_s
             dp_reduce = 0.0
             if mesh.dp > 1 and not fsdp:
                 grad = grad_bytes

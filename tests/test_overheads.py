@@ -16,7 +16,8 @@ from dataclasses import replace
 import pytest
 
 from cost_models import Overheads
-from partitioner.calibrate import PipelineSample, checkpoint_fit, optimizer_overheads, pipeline_overheads
+from partitioner.calibrate import (BusyPipelineSample, PipelineSample, checkpoint_fit, optimizer_overheads,
+                                  pipeline_overheads, transfer_overhead)
 from partitioner.cluster import Cluster, load_cluster
 from partitioner.errors import ClusterError
 from partitioner.evaluate import StageSpec
@@ -193,3 +194,55 @@ def test_the_stage_ilp_prices_each_checkpoint_as_the_evaluator_does(mlp):
     assert solved and result.plan.stages[0].recompute
     for a in solved:
         assert a.solution.objective_s == pytest.approx(a.own_schedule_s, rel=0.02), a.candidate.describe()
+
+
+def test_each_transfer_between_pipeline_ranks_pays_its_measured_wait(mlp):
+    """``a_p2p`` ([Note: software overheads]): every activation and gradient sent between stages on different
+    ranks arrives ``a_p2p`` later than the link alone says; the last stage sends nothing, and the plan's step is
+    the simulator's step of exactly those stage costs."""
+    wait = Overheads(p2p_transfer_s=3e-3)
+    assert Overheads.from_file(wait.to_file()) == wait and wait.to_file() == {"p2p_transfer_us": 3000.0}
+    mesh = Mesh(2, 1, 1)
+    ev, _, base, plain = _priced(mlp, Overheads(), mesh)
+    _, _, costs, plan = _priced(mlp, wait, mesh)
+    assert base[0].send_s > 0 and costs[0].send_s == pytest.approx(base[0].send_s + 3e-3)
+    assert costs[1].send_s == base[1].send_s == 0.0  # the last stage sends nothing
+    assert [replace(c, send_s=0.0) for c in costs] == [replace(c, send_s=0.0) for c in base]  # nothing else moves
+    for p, c in ((plain, base), (plan, costs)):
+        sim = simulate(c, "1f1b", 4, overlap_dp=ev.training.overlap_dp)
+        assert p.predicted.step_time_s == pytest.approx(sim.step_time_s, rel=1e-12)
+    # The first micro-batch's forward goes to rank 1 and its gradient comes back before rank 0's first backward:
+    # at least two transfers are on the critical path.
+    assert plan.predicted.step_time_s >= plain.predicted.step_time_s + 2 * 3e-3 - 1e-12
+
+
+def test_calibration_fit_recovers_a_known_transfer_wait():
+    """The busy pipeline experiment's fit: the transfer wait that makes the simulated 1F1B step of each sample
+    its measured step is recovered, and a pipeline no slower than the model prices none."""
+    action, step, extra = 250e-6, 400e-6, 1.7e-3
+    samples = []
+    for m, f, b in ((4, 2e-3, 3e-3), (8, 1.5e-3, 4e-3)):
+        stage = StageCost(f + action, b + action, send_s=300e-6 + extra)
+        seconds = simulate([stage] * 2, "1f1b", m).step_time_s + step
+        samples.append(BusyPipelineSample(m, seconds, f, b, 300e-6))
+    assert transfer_overhead(samples, 2, action, step) == pytest.approx(extra, rel=1e-6)
+    fast = [replace(x, seconds=x.seconds / 2) for x in samples]
+    assert transfer_overhead(fast, 2, action, step) == 0.0
+
+
+
+def test_the_stage_ilp_prices_the_transfer_wait_as_the_simulator_does(mlp):
+    """The stage ILP's sends carry ``a_p2p`` (search.py adds it to ``send_alpha``) as the evaluator's do: each
+    solved candidate's objective is the simulated step of its own schedule; without it the ILP would sit
+    ``a_p2p`` for each transfer on the critical path (at least two) below the simulator."""
+    from partitioner.baselines import Pins
+    from partitioner.solver import plan_ilp
+
+    wait = Overheads(p2p_transfer_s=2e-3)
+    ev = prepare(mlp, cluster=replace(Cluster.local(2), overheads=wait), global_batch=8, dtype="fp32")
+    result = plan_ilp(ev, Pins(pp=2, tp=1, dp=1, schedule="1f1b"), time_limit_s=20.0)
+    solved = [a for a in result.report.attempts if a.plan is not None]
+    assert solved
+    for a in solved:
+        assert a.solution.objective_s == pytest.approx(a.own_schedule_s, rel=0.02), a.candidate.describe()
+        assert a.own_schedule_s >= 2 * 2e-3  # a micro-batch's activation out and its gradient back
