@@ -149,11 +149,11 @@ def main(argv: list[str] | None = None) -> None:
     args = ap.parse_args(argv)
     import torch
 
-    from partitioner.calibrate import CHECKPOINT_BLOCK_NODES, checkpoint_fit
+    from partitioner.calibrate import CHECKPOINT_BLOCK_NODES, CheckpointSample, checkpoint_fit
 
     torch.set_num_threads(1)  # as each rank of `autopart run` on this CPU
     a0, a0_b = per_call(args.reps, 1, graph_modules=False)
-    a, a_b, a_n = checkpoint_fit([(k, *per_call(args.reps, k, graph_modules=True)) for k in CHECKPOINT_BLOCK_NODES])
+    a, a_b, a_n = checkpoint_fit([CheckpointSample(k, *per_call(args.reps, k, graph_modules=True)) for k in CHECKPOINT_BLOCK_NODES])
     print(f"calibrate's experiment before, CPU time here: a_ckpt {a0 * 1e6:.0f} us, a_ckpt_bwd {a0_b * 1e6:.0f} us")
     print(f"calibrate's experiment now, CPU time here: a_ckpt {a * 1e6:.0f} us, a_ckpt_bwd {a_b * 1e6:.0f} us, "
           f"a_ckpt_node {a_n * 1e6:.1f} us")

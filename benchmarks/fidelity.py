@@ -162,6 +162,9 @@ def without_overheads(cluster: str, out: Path) -> Path:
     return out
 
 
+MAX_STEPS = 400  # the most steps --min-seconds asks for (a step predicted far too short must not run for ever)
+
+
 def measure(layout: Layout, cluster: str, cache: Path, keep: Path, steps: int, warmup: int,
             profile: bool = True, bare: bool = False, min_seconds: float = 0.0) -> Outcome:
     slug = layout.name.replace(" ", "-")
@@ -175,7 +178,8 @@ def measure(layout: Layout, cluster: str, cache: Path, keep: Path, steps: int, w
     # A short step is timed over more steps: at least min_seconds of them, as predicted (a 10 ms step timed
     # 10 times is mostly the machine's jitter).
     predicted = json.loads(plan_path.read_text())["predicted"]["step_time_s"]
-    steps = max(steps, math.ceil(min_seconds / predicted)) if min_seconds > 0 and predicted > 0 else steps
+    if min_seconds > 0 and predicted > 0:
+        steps = max(steps, min(MAX_STEPS, math.ceil(min_seconds / predicted)))
     _run([*_torchrun(layout.world), "-m", "partitioner", "run", "--plan", str(plan_path), "--steps", str(steps),
           "--warmup", str(warmup), "--json", str(run_path)], f"run {layout.name}")
     run = json.loads(run_path.read_text())
@@ -290,8 +294,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     ap.add_argument("--report", default=None, help="write the markdown report here (its plans and runs beside it)")
     ap.add_argument("--steps", type=int, default=10, help="timed steps per run (default 10)")
     ap.add_argument("--min-seconds", type=float, default=2.0,
-                    help="time more steps where the step is short: at least this many seconds of predicted steps "
-                         "(default 2; 0 times --steps only)")
+                    help="time more steps where the step is short: at least this many seconds of predicted steps, "
+                         f"{MAX_STEPS} steps at most (default 2; 0 times --steps only)")
     ap.add_argument("--warmup", type=int, default=2, help="untimed steps before them (default 2)")
     ap.add_argument("--only", default=None, help="only layouts whose name contains this text")
     ap.add_argument("--no-calibrate", action="store_true", help="plan on the local-cpu preset instead of a calibrated file")

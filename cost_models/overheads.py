@@ -70,9 +70,10 @@ rank updates ``T_s`` parameter tensors of ``P_s`` elements:
   ``send_s += a_p2p``. The link is measured by a ping-pong between idle ranks;
   in a pipeline the ranks compute while their transfers are due, and a gloo
   transfer needs its sender's communication thread, and its receiver's waiting
-  thread, to get a core back from the computing ones (a bare ping-pong with the
-  sender computing delivered 3-9 ms late on the loaded 2-core CPU of development,
-  an idle one in 0.2 ms), and torch's ``Schedule1F1B`` fires a send only with the
+  thread, to get a core back from the computing ones (a one-way 64 KiB transfer
+  whose sender computed arrived a median 3.56 ms late at load 1.2 on the 2-core
+  CPU of development, and a mean 0.85 ms at load 0.7, against 0.2 ms with the
+  sender idle: benchmarks/results/2026-12-05-p2pwait.md), and torch's ``Schedule1F1B`` fires a send only with the
   next receive and waits for both. ``a_p2p`` is what a 1F1B pipeline whose ranks
   compute waits per transfer beyond the simulator's link and action terms
   ([Note: measuring overheads] in partitioner/calibrate.py). It delays the

@@ -61,11 +61,13 @@ median:
   stage now ``BUSY_DEPTH`` linear layers of width ``BUSY_WIDTH`` on
   ``BUSY_ROWS`` rows a micro-batch (milliseconds of compute an action, as
   the small models' stages), for each ``M`` of ``BUSY_PIPELINE_MICROBATCHES``.
-  The stage's forward ``f`` and backward ``b`` are timed on every rank at
-  once, in the same interleaved rounds as the steps (a shared machine's load
-  moves within seconds: timed apart, the fit took a change of load for
-  transfers, 0.06-13 ms within 15 minutes); ``a_p2p`` is the time to add to each transfer (on the measured link)
-  for the simulated step of stages ``f + a_action``, ``b + a_action`` plus
+  Each rank times its stage's forward ``f_r`` and backward ``b_r`` as the
+  pipeline runs it (a received input needs its gradient: every rank but the
+  first computes one; the last computes the loss), every rank at once, in the
+  same interleaved rounds as the steps (a shared machine's load moves within
+  seconds: timed apart, the fit took a change of load for transfers, 0.06-13
+  ms within 15 minutes); ``a_p2p`` is the time to add to each transfer (on the measured link)
+  for the simulated step of stages ``f_r + a_action``, ``b_r + a_action`` plus
   ``a_step`` to equal the measured step, found by bisection (the simulated
   step grows with it), the median over ``M``, at least 0;
 * the tensor-parallel interpreter: a chain of ``N`` small elementwise ops
@@ -142,7 +144,9 @@ __all__ = [
     "tp_node_overheads",
     "optimizer_overheads",
     "checkpoint_overheads",
+    "CheckpointSample",
     "checkpoint_fit",
+    "checkpoint_passes",
     "CheckpointBlock",
     "comm_overlap",
     "FsdpSample",
@@ -400,13 +404,19 @@ def _measure_links(samples, intra, inter, local, nodes, rank, sizes, reps, devic
 # Software overheads ([Note: measuring overheads])
 # --------------------------------------------------------------------------------------
 
-PIPELINE_MICROBATCHES = (4, 8, 12)  # the micro-batch counts M of the pipeline experiment
+PIPELINE_MICROBATCHES = (4, 8, 12)  # the micro-batch counts M of the pipeline experiment (more on > 4 ranks)
 TP_CHAIN = 48  # N: elementwise ops in the tensor-parallel experiment
 CHECKPOINT_CHAIN = 16  # N: checkpointed blocks in the checkpointing experiment
 CHECKPOINT_BLOCK_NODES = (1, 4)  # n: graph nodes per block in it, two sizes (per call and per node)
 # (tensors, elements each) of the optimizer experiment: few large, many small, and between
 OPTIMIZER_SETS = ((4, 1 << 18), (64, 1 << 10), (16, 1 << 16), (128, 1 << 12))
 ADAM_BYTES_PER_PARAM = 16  # fp32 weight, gradient and two moments
+
+
+def _microbatch_counts(base: Sequence[int], world: int) -> tuple[int, ...]:
+    """``base`` scaled so that the least is at least one micro-batch per rank (torch's 1F1B refuses fewer)."""
+    k = -(-world // min(base))
+    return tuple(m * k for m in base)
 
 
 @dataclass(frozen=True, slots=True)
@@ -445,7 +455,7 @@ def _pipeline_samples(device: torch.device, link: LinkFit | None, reps: int) -> 
 
     step_s = _timed(finish, device, reps)
     runs = {}
-    for m in PIPELINE_MICROBATCHES:
+    for m in _microbatch_counts(PIPELINE_MICROBATCHES, world):
         schedule = Schedule1F1B(PipelineStage(layer, rank, world, device), m, loss_fn=lambda y, t: ((y - t) ** 2).mean())
         x = torch.randn(m, width, device=device)
         target = torch.zeros(m, width, device=device)
@@ -485,12 +495,14 @@ class BusyPipelineSample:
 
     microbatches: int
     seconds: float  # the slowest rank's step (schedule and loss all-reduce), median
-    forward_s: float  # one micro-batch's forward of the stage, every rank computing at once, median
-    backward_s: float  # its backward, the same way
+    # per pipeline rank, one micro-batch's forward and backward of its stage as the pipeline runs it (the
+    # first without an input gradient, the last with the loss), every rank computing at once, medians
+    forward_s: tuple[float, ...]
+    backward_s: tuple[float, ...]
     send_s: float  # one micro-batch's activation on the measured link (latency + bytes / bandwidth)
 
 
-def transfer_overhead(samples: Sequence[BusyPipelineSample], ranks: int, action_s: float, step_s: float) -> float:
+def transfer_overhead(samples: Sequence[BusyPipelineSample], action_s: float, step_s: float) -> float:
     """``a_p2p``: the seconds to add to every transfer between pipeline ranks so that the simulated
     1F1B step of each sample equals its measured one, the median over the samples, at least 0
     ([Note: measuring overheads])."""
@@ -500,8 +512,9 @@ def transfer_overhead(samples: Sequence[BusyPipelineSample], ranks: int, action_
         raise CalibrateError("the busy pipeline experiment needs at least one micro-batch count")
 
     def step(x: BusyPipelineSample, extra: float) -> float:
-        stage = StageCost(x.forward_s + action_s, x.backward_s + action_s, send_s=x.send_s + extra)
-        return simulate([stage] * ranks, "1f1b", x.microbatches).step_time_s + step_s
+        stages = [StageCost(f + action_s, b + action_s, send_s=x.send_s + extra)
+                  for f, b in zip(x.forward_s, x.backward_s, strict=True)]
+        return simulate(stages, "1f1b", x.microbatches).step_time_s + step_s
 
     out = []
     for x in samples:
@@ -524,13 +537,19 @@ def _busy_pipeline_samples(device: torch.device, link: LinkFit | None, reps: int
     torch.manual_seed(0)
     stage = torch.nn.Sequential(*(torch.nn.Linear(BUSY_WIDTH, BUSY_WIDTH) for _ in range(BUSY_DEPTH))).to(device)
     loss = torch.zeros((), device=device)
-    x1 = torch.randn(BUSY_ROWS, BUSY_WIDTH, device=device)
+    mse = lambda y, t: ((y - t) ** 2).mean()  # noqa: E731  # the schedule's loss
+    # This rank's stage as the pipeline runs it: a received input needs its gradient (torch's stage asks
+    # for it), the first stage's does not; the last stage computes the loss.
+    x1 = torch.randn(BUSY_ROWS, BUSY_WIDTH, device=device, requires_grad=rank > 0)
+    t1 = torch.zeros(BUSY_ROWS, BUSY_WIDTH, device=device)
 
-    def forward() -> None:
-        stage(x1)
+    def forward() -> torch.Tensor:
+        y = stage(x1)
+        return mse(y, t1) if rank == world - 1 else y.sum()
 
     def forward_backward() -> None:
-        stage(x1).sum().backward()
+        x1.grad = None
+        forward().backward()
 
     for _ in range(2):  # warm-up
         forward_backward()
@@ -541,9 +560,8 @@ def _busy_pipeline_samples(device: torch.device, link: LinkFit | None, reps: int
         dist.all_reduce(loss)
 
     runs = {}
-    for m in BUSY_PIPELINE_MICROBATCHES:
-        schedule = Schedule1F1B(PipelineStage(stage, rank, world, device), m,
-                                loss_fn=lambda y, t: ((y - t) ** 2).mean())
+    for m in _microbatch_counts(BUSY_PIPELINE_MICROBATCHES, world):
+        schedule = Schedule1F1B(PipelineStage(stage, rank, world, device), m, loss_fn=mse)
         x = torch.randn(m * BUSY_ROWS, BUSY_WIDTH, device=device)
         target = torch.zeros(m * BUSY_ROWS, BUSY_WIDTH, device=device)
 
@@ -560,17 +578,20 @@ def _busy_pipeline_samples(device: torch.device, link: LinkFit | None, reps: int
             step()
         runs[m] = step
     times: dict[int, list[float]] = {m: [] for m in runs}
-    passes: list[float] = []
-    both: list[float] = []
+    fwd: list[float] = []
+    bwd: list[float] = []
     for _ in range(reps):  # interleaved rounds: the stage's compute and the steps see the same load
-        passes.append(_timed(forward, device, 1, warmup=0))
-        both.append(_timed(forward_backward, device, 1, warmup=0))
+        f = _timed(forward, device, 1, warmup=0)
+        fwd.append(f)
+        bwd.append(max(0.0, _timed(forward_backward, device, 1, warmup=0) - f))
         for m, step in runs.items():
             times[m].append(_timed(step, device, 1, warmup=0))
-    fwd = statistics.median(passes)
-    bwd = max(0.0, statistics.median(both) - fwd)
+    mine = (statistics.median(fwd), statistics.median(bwd))
+    per_rank: list[Any] = [None] * world
+    dist.all_gather_object(per_rank, mine)
     send = link.latency + BUSY_ROWS * BUSY_WIDTH * 4 / link.bandwidth if link else 0.0
-    return [BusyPipelineSample(m, statistics.median(times[m]), fwd, bwd, send) for m in runs]
+    return [BusyPipelineSample(m, statistics.median(times[m]), tuple(r[0] for r in per_rank),
+                               tuple(r[1] for r in per_rank), send) for m in runs]
 
 
 def _chain(width: int, n: int) -> Any:
@@ -729,15 +750,42 @@ class CheckpointBlock(torch.nn.Module):
         return x
 
 
-def checkpoint_fit(samples: Sequence[tuple[int, float, float]]) -> tuple[float, float, float]:
-    """``(a_ckpt, a_ckpt_bwd, a_ckpt_node)`` from ``(n, forward, backward)`` per call of blocks of ``n``
-    nodes, two sizes or more: the forward a line through the smallest and the largest, the backward the
-    smallest's, each at least 0 ([Note: measuring overheads])."""
-    (n0, f0, b0), (n1, f1, _) = min(samples), max(samples)
+@dataclass(frozen=True, slots=True, order=True)
+class CheckpointSample:
+    """What one checkpoint call added, per call, over a chain of blocks of ``nodes`` graph nodes (medians)."""
+
+    nodes: int
+    forward_s: float
+    backward_s: float
+
+
+def checkpoint_fit(samples: Sequence[CheckpointSample]) -> tuple[float, float, float]:
+    """``(a_ckpt, a_ckpt_bwd, a_ckpt_node)`` from the samples of blocks of two sizes or more: the forward a
+    line through the smallest and the largest, the backward the smallest's, each at least 0 ([Note:
+    measuring overheads])."""
+    small, large = min(samples), max(samples)
+    (n0, f0, b0), (n1, f1) = (small.nodes, small.forward_s, small.backward_s), (large.nodes, large.forward_s)
     if n1 == n0:
-        raise CalibrateError("the checkpointing experiment needs blocks of two sizes")
+        raise CalibrateError("the checkpointing experiment needs blocks of two sizes (CHECKPOINT_BLOCK_NODES)")
     node_f = max(0.0, (f1 - f0) / (n1 - n0))
     return max(0.0, f0 - n0 * node_f), max(0.0, b0), node_f
+
+
+def checkpoint_passes(blocks: Sequence[torch.nn.Module], x: torch.Tensor,
+                      held: list[torch.Tensor]) -> list[Callable[[], None]]:
+    """The four passes the checkpointing experiment times over the chain ``blocks``: its forward plain and
+    checkpointed (the output kept in ``held``), then forward and backward plain and checkpointed. Built
+    per chain, so that each size's passes run that size's blocks."""
+    from .recompute import checkpointed
+
+    def run(ckpt: bool) -> torch.Tensor:
+        y = x
+        for block in blocks:
+            y = checkpointed(block, y) if ckpt else block(y)
+        return y
+
+    out: list[Callable[[], None]] = [lambda c=c: held.__setitem__(slice(None), [run(c)]) for c in (False, True)]
+    return out + [lambda c=c: run(c).sum().backward() for c in (False, True)]
 
 
 def checkpoint_overheads(device: torch.device, reps: int) -> tuple[float, float, float]:
@@ -745,8 +793,6 @@ def checkpoint_overheads(device: torch.device, reps: int) -> tuple[float, float,
     forward and to its backward beyond the replayed forward, and each node inside it to the forward
     ([Note: measuring overheads]). The blocks are GraphModules called through ``recompute.checkpointed``,
     as the runtime's folded blocks are ([Note: a replay that stops early] in recompute.py)."""
-    from .recompute import checkpointed
-
     torch.manual_seed(0)
     x = torch.randn(4, 16, device=device, requires_grad=True)
     n = CHECKPOINT_CHAIN
@@ -754,15 +800,7 @@ def checkpoint_overheads(device: torch.device, reps: int) -> tuple[float, float,
     passes: dict[int, list[Callable[[], None]]] = {}
     for size in CHECKPOINT_BLOCK_NODES:
         blocks = [torch.fx.symbolic_trace(CheckpointBlock(size)).to(device) for _ in range(n)]
-
-        def run(ckpt: bool, blocks: list[torch.nn.Module] = blocks) -> torch.Tensor:
-            y = x
-            for block in blocks:
-                y = checkpointed(block, y) if ckpt else block(y)
-            return y
-
-        passes[size] = [lambda c=c: held.__setitem__(slice(None), [run(c)]) for c in (False, True)]
-        passes[size] += [lambda c=c: run(c).sum().backward() for c in (False, True)]
+        passes[size] = checkpoint_passes(blocks, x, held)
         for fn in passes[size]:
             _timed(fn, device, 1)  # warm-up
     rounds: dict[int, list[tuple[float, float]]] = {size: [] for size in passes}
@@ -770,7 +808,7 @@ def checkpoint_overheads(device: torch.device, reps: int) -> tuple[float, float,
         for size, fns in passes.items():
             f, fc, fb, fbc = (_timed(fn, device, 1, warmup=0) for fn in fns)
             rounds[size].append(((fc - f) / n, ((fbc - fc) - (fb - f) - f) / n))
-    return checkpoint_fit([(size, statistics.median(r[0] for r in got), statistics.median(r[1] for r in got))
+    return checkpoint_fit([CheckpointSample(size, statistics.median(r[0] for r in got), statistics.median(r[1] for r in got))
                            for size, got in rounds.items()])
 
 
@@ -801,7 +839,7 @@ def measure_overheads(device: torch.device, link: LinkFit | None, reps: int, slo
     """Every overhead of [Note: measuring overheads], rounded to four significant digits."""
     samples, step = _pipeline_samples(device, link, max(reps, 7))
     action = pipeline_overheads(samples, step)
-    p2p = transfer_overhead(_busy_pipeline_samples(device, link, max(reps, 7)), dist.get_world_size(), action, step)
+    p2p = transfer_overhead(_busy_pipeline_samples(device, link, max(reps, 7)), action, step)
     node, node_b, dt, dt_b = tp_node_overheads(device, reps)
     tensor_s, bandwidth = optimizer_overheads(_optimizer_samples(device, reps))
     ckpt, ckpt_b, ckpt_node = checkpoint_overheads(device, reps)

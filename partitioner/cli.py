@@ -934,7 +934,9 @@ def _print_calibration(report, base, cluster) -> None:
             f"{o.p2p_transfer_s * 1e6:.0f} us per pipeline transfer while the ranks compute; "
             f"tensor-parallel node {o.tp_node_s * 1e6:.0f}/{o.tp_node_backward_s * 1e6:.0f} us (forward/backward), "
             f"DTensor op +{o.dtensor_op_s * 1e6:.0f}/{o.dtensor_op_backward_s * 1e6:.0f} us; optimizer "
-            f"{o.optimizer_tensor_s * 1e6:.0f} us per tensor + {o.optimizer_bandwidth / 1e9:.2f} GB/s; "
+            f"{o.optimizer_tensor_s * 1e6:.0f} us per tensor + {o.optimizer_bandwidth / 1e9:.2f} GB/s; checkpoint "
+            f"{o.checkpoint_s * 1e6:.0f} us + {o.checkpoint_node_s * 1e6:.0f} us per saving node forward, "
+            f"{o.checkpoint_backward_s * 1e6:.0f} us backward, per call; "
             f"collectives overlap {o.comm_overlap:.0%} of compute; all ranks at once compute {o.compute_slowdown:.2f}x "
             f"slower than one alone -> \\[overheads]"
         )

@@ -1084,7 +1084,7 @@ def checkpoint_calls(spec: StageSpec, costs: Sequence[BlockCost], saving: Sequen
     machinery ([Note: software overheads])."""
     chosen = set(spec.recompute)
     calls = nodes = 0
-    for b, c, n in zip(spec.blocks, costs, saving):
+    for b, c, n in zip(spec.blocks, costs, saving, strict=True):
         if b in chosen:
             calls, nodes = calls + 1, nodes + n
         elif spec.selective and c.core_forward_s > 0:

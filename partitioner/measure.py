@@ -239,6 +239,9 @@ class StorageMeter(TorchDispatchMode):
                 self._watch_before(st)
         for t in _optimizer_tensors(optimizer):
             self._watch_before(_storage(t))
+        self._before_at_peak = dict(self._before_keys)  # those alive at the peak (all, until a peak is seen)
+        self._before_dead = 0  # how many have died: the snapshot at a peak is retaken only when it moved
+        self._before_dead_at_peak = 0
         # id(storage) -> [serial, nbytes, saved for backward], for storages first seen in the step and alive.
         # The serial tells a storage from a later one that reuses its id.
         self._live: dict[int, list[Any]] = {}
@@ -284,6 +287,8 @@ class StorageMeter(TorchDispatchMode):
         if self._live_bytes > self._peak:
             self._peak = self._live_bytes
             self._at_peak = {k: (e[0], e[1], e[2]) for k, e in self._live.items()}
+            if self._before_dead != self._before_dead_at_peak:
+                self._before_at_peak, self._before_dead_at_peak = dict(self._before_keys), self._before_dead
             self._peak_ops = {k: (e[3], e[4]) for k, e in self._live.items()}
         return entry
 
@@ -298,6 +303,7 @@ class StorageMeter(TorchDispatchMode):
     def _before_died(self, key: int) -> None:
         self._before_keys.pop(key, None)
         self._before_refs.pop(key, None)
+        self._before_dead += 1
 
     def _free(self, key: int) -> None:
         entry = self._live.pop(key, None)
@@ -342,13 +348,14 @@ class StorageMeter(TorchDispatchMode):
         resident = MemoryByCategory(sum(after.parameters.values()), sum(after.gradients.values()),
                                     sum(after.optimizer.values()))
         sums = dict.fromkeys(MEMORY_CATEGORIES, 0)
-        # Always live: what existed before the step, and static storages the step never allocated
-        # (DDP's gradient buckets: the gradients become views of them).
-        for key, nbytes in self._before_keys.items():
+        # Always live: what existed before the step and was still alive at the peak, and static storages the
+        # step never allocated (DDP's gradient buckets: the gradients become views of them).
+        for key, nbytes in self._before_at_peak.items():
             sums[after.category(key) or self._before.category(key) or "temporaries"] += nbytes
         for name in ("parameters", "gradients", "optimizer"):
             for key, nbytes in getattr(after, name).items():
-                if key not in self._before_keys and key not in self._refs and key not in self._at_peak:
+                if (key not in self._before_at_peak and key not in self._before_keys and key not in self._refs
+                        and key not in self._at_peak):
                     sums[name] += nbytes
         for key, (serial, nbytes, saved) in self._at_peak.items():
             alive = self._live.get(key)

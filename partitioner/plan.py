@@ -50,7 +50,7 @@ __all__ = [
     "Plan",
 ]
 
-PLAN_VERSION = 5
+PLAN_VERSION = 6
 # Versions this autopart reads. 2 added stages[].predicted.components and named nodes by key (so a
 # version-1 plan is re-planned); 3 added model.source (how to rebuild the model, so that ``autopart
 # run --plan`` needs nothing else). A version-2 plan loads with no source: ``autopart run`` then
@@ -58,8 +58,9 @@ PLAN_VERSION = 5
 # training.dp_sharding (none, zero1, zero2, zero3, hsdp: dp_sharding.py); an older plan's zero1 loads as
 # dp_sharding "zero1" or "none". 5 replaced stages[].recompute (true/false) by the blocks that recompute
 # (a list of module names; true still means every block of the stage, false none) and added
-# stages[].selective ([Note: recompute per block] in recompute.py).
-READABLE_VERSIONS = (2, 3, 4, 5)
+# stages[].selective ([Note: recompute per block] in recompute.py). 6 added the components tied_sum_s and
+# dp_gather_forward_s (written only when nonzero).
+READABLE_VERSIONS = (2, 3, 4, 5, 6)
 SCHEDULE_NAMES = SCHEDULES  # the registry in schedules.py is the one list
 # Per-node tensor-sharding strategies the runtime can realize: the registry in tp_strategies.py is
 # the one list (see docs/plan.md).

@@ -125,7 +125,12 @@ without, alone; the tiny linear blocks of ``autopart calibrate``'s experiment, n
 never showed it: calibration priced 0.18 ms). ``checkpointed`` passes ``early_stop=False``:
 the replay runs the block to its end, the last ops after its last saved tensor (a GELU, a
 residual add: elementwise), which costs less than the traceback. Calibration times the same
-call on GraphModule blocks ([Note: measuring overheads] in calibrate.py).
+call on GraphModule blocks ([Note: measuring overheads] in calibrate.py). The tensor-parallel
+interpreter's regions (``run_region``) keep the early stop: their replay is a plain closure,
+which no fx wrapper sees, and there the ops after the last saved tensor include the
+row-parallel all-reduce (a reduce-scatter with sequence parallelism), a collective per block
+and micro-batch the early stop spares. The evaluator prices the whole replay either way, so
+under tp it is a little above the runtime's.
 """
 
 from __future__ import annotations
@@ -156,13 +161,13 @@ def attention_core(nodes: Iterable[str], captured: "CapturedModel") -> tuple[str
     return tuple(n for n in nodes if is_attention_core(captured.nodes[n].target))
 
 
-def checkpointed(function: Callable[..., Any], *args: Any, **kwargs: Any) -> Any:
+def checkpointed(function: Callable[..., Any], *args: Any, early_stop: bool = False, **kwargs: Any) -> Any:
     """``function(*args, **kwargs)`` under ``torch.utils.checkpoint`` as the runtime runs every
-    recomputation: non-reentrant, its replay not stopped early ([Note: a replay that stops early]).
-    ``autopart calibrate`` times this same call (partitioner/calibrate.py)."""
+    recomputation: non-reentrant, its replay not stopped early unless ``early_stop`` ([Note: a replay
+    that stops early]). ``autopart calibrate`` times this same call (partitioner/calibrate.py)."""
     from torch.utils.checkpoint import checkpoint
 
-    return checkpoint(function, *args, use_reentrant=False, early_stop=False, **kwargs)
+    return checkpoint(function, *args, use_reentrant=False, early_stop=early_stop, **kwargs)
 
 
 def _compute(n: fx.Node) -> bool:
@@ -271,5 +276,7 @@ def run_region(nodes: Sequence[fx.Node], env: dict[fx.Node, Any], run: Callable[
             local[n] = run(n, args, kwargs)
         return tuple(local[n] for n in leaving)
 
-    outs = checkpointed(replay, *(values[i] for i in external))
+    # a plain closure, not a GraphModule: the early stop costs nothing here, and it spares the replay the
+    # region's trailing collective (a row-parallel all-reduce) ([Note: a replay that stops early])
+    outs = checkpointed(replay, *(values[i] for i in external), early_stop=True)
     return dict(zip(leaving, outs))

@@ -115,7 +115,9 @@ def test_calibrate_under_torchrun_writes_a_cluster_plans_can_use(tmp_path):
     o = cluster.overheads  # [Note: measuring overheads]: every experiment ran and was written
     assert "[overheads]" in out.read_text() and o.measured
     assert o.action_s > 0 and 0.0 <= o.comm_overlap <= 1.0
-    assert "us per pipeline transfer while the ranks compute" in " ".join(run.stdout.split())  # the busy pipeline ran
+    printed = " ".join(run.stdout.split())  # the summary names what each new experiment measured
+    assert "us per pipeline transfer while the ranks compute" in printed and "per saving node forward" in printed
+    assert o.p2p_transfer_s >= 0 and o.checkpoint_node_s >= 0
     # FSDP2 over gloo: per-unit hooks and copies beyond the collectives, and DTensor's dispatch per
     # tensor in the optimizer (milliseconds and a few hundred microseconds on this CPU).
     assert o.fsdp_unit_s + o.fsdp_unit_backward_s > 0 and o.optimizer_dtensor_s > 0

@@ -14,10 +14,12 @@ import json
 from dataclasses import replace
 
 import pytest
+import torch
 
 from cost_models import Overheads
-from partitioner.calibrate import (BusyPipelineSample, PipelineSample, checkpoint_fit, optimizer_overheads,
-                                  pipeline_overheads, transfer_overhead)
+from partitioner.calibrate import (CHECKPOINT_BLOCK_NODES, BusyPipelineSample, CheckpointBlock, CheckpointSample,
+                                   PipelineSample, checkpoint_fit, checkpoint_passes, optimizer_overheads,
+                                   pipeline_overheads, transfer_overhead)
 from partitioner.cluster import Cluster, load_cluster
 from partitioner.errors import ClusterError
 from partitioner.evaluate import StageSpec
@@ -142,9 +144,32 @@ def test_calibration_fits_recover_known_overheads():
 def test_checkpoint_fit_recovers_a_per_call_and_a_per_node_cost():
     """[Note: measuring overheads]: blocks of 1 and 4 nodes give the call's forward cost and each node's."""
     call, call_b, node = 90e-6, 160e-6, 16e-6
-    samples = [(n, call + n * node, call_b + n * 28e-6) for n in (4, 1)]  # the backward: the 1-node block's
+    samples = [CheckpointSample(n, call + n * node, call_b + n * 28e-6) for n in (4, 1)]  # the backward: the 1-node block's
     assert checkpoint_fit(samples) == pytest.approx((call, call_b + 28e-6, node), rel=1e-9)
-    assert checkpoint_fit([(1, 2e-4, 3e-4), (4, 1e-4, 3e-4)]) == pytest.approx((2e-4, 3e-4, 0.0))  # never < 0
+    never_below = [CheckpointSample(1, 2e-4, 3e-4), CheckpointSample(4, 1e-4, 3e-4)]
+    assert checkpoint_fit(never_below) == pytest.approx((2e-4, 3e-4, 0.0))  # never < 0
+
+
+def test_the_checkpoint_experiment_times_each_size_on_its_own_blocks():
+    """Each block size's passes run that size's chain (a pass built in a loop once ran the last size's blocks
+    for every size, and the per-node cost came out as noise about 0), forward and backward, plain and
+    checkpointed alike."""
+    x = torch.randn(4, 16, requires_grad=True)
+    held: list[torch.Tensor] = []
+    chains = {size: [torch.fx.symbolic_trace(CheckpointBlock(size)) for _ in range(3)] for size in CHECKPOINT_BLOCK_NODES}
+    passes = {size: checkpoint_passes(blocks, x, held) for size, blocks in chains.items()}
+    assert len(set(CHECKPOINT_BLOCK_NODES)) > 1
+    for size, blocks in chains.items():
+        want = x
+        for block in blocks:
+            want = block(want)
+        for fn in passes[size][:2]:  # plain, then checkpointed
+            fn()
+            assert torch.equal(held[0], want), size
+        for block in blocks:
+            block.zero_grad(set_to_none=True)
+        passes[size][3]()  # checkpointed forward and backward: the gradients reach this size's blocks
+        assert all(p.grad is not None for block in blocks for p in block.parameters()), size
 
 
 def test_each_checkpoint_call_pays_its_measured_cost(mlp):
@@ -221,13 +246,13 @@ def test_calibration_fit_recovers_a_known_transfer_wait():
     its measured step is recovered, and a pipeline no slower than the model prices none."""
     action, step, extra = 250e-6, 400e-6, 1.7e-3
     samples = []
-    for m, f, b in ((4, 2e-3, 3e-3), (8, 1.5e-3, 4e-3)):
-        stage = StageCost(f + action, b + action, send_s=300e-6 + extra)
-        seconds = simulate([stage] * 2, "1f1b", m).step_time_s + step
+    for m, f, b in ((4, (2e-3, 2.2e-3), (3e-3, 3.6e-3)), (8, (1.5e-3, 1.7e-3), (4e-3, 4.5e-3))):
+        stages = [StageCost(fr + action, br + action, send_s=300e-6 + extra) for fr, br in zip(f, b)]
+        seconds = simulate(stages, "1f1b", m).step_time_s + step
         samples.append(BusyPipelineSample(m, seconds, f, b, 300e-6))
-    assert transfer_overhead(samples, 2, action, step) == pytest.approx(extra, rel=1e-6)
+    assert transfer_overhead(samples, action, step) == pytest.approx(extra, rel=1e-6)
     fast = [replace(x, seconds=x.seconds / 2) for x in samples]
-    assert transfer_overhead(fast, 2, action, step) == 0.0
+    assert transfer_overhead(fast, action, step) == 0.0
 
 
 

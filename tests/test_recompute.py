@@ -24,7 +24,7 @@ from partitioner.capture import capture
 from partitioner.cluster import Cluster
 from partitioner.errors import PlanError
 from partitioner.evaluate import BlockCost, StageSpec, backward_work
-from partitioner.plan import Mesh, Plan, Schedule
+from partitioner.plan import PLAN_VERSION, Mesh, Plan, Schedule
 from partitioner.planner import prepare
 from partitioner.recompute import attention_core, checkpointed
 from partitioner.solver import plan_ilp
@@ -155,7 +155,7 @@ def test_old_plans_with_recompute_true_load_as_every_block(ev):
     a, b = _split(ev)
     plan, _ = ev.make_plan([StageSpec.whole(a, True), StageSpec(b)], MESH, SCHED, method="manual")
     data = plan.to_dict()
-    assert data["version"] == 5 and list(data["stages"][0]["recompute"]) == list(plan.stages[0].modules)
+    assert data["version"] == PLAN_VERSION and list(data["stages"][0]["recompute"]) == list(plan.stages[0].modules)
     old = json.loads(json.dumps(data))
     old["version"] = 4
     for st in old["stages"]:

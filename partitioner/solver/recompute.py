@@ -20,11 +20,13 @@ stage's backward workspace, ``max_b (nd_b + rp_b) - max_b nd_b`` (``nd_b`` the b
 gradients, ``rp_b`` its replay: ``evaluate.backward_work``). Its cost is the replay,
 ``M sum_s rec_s``. Recomputing block ``b`` of stage ``s`` frees ``g_b = sv'_b - in_b``
 bytes per micro-batch in flight (``sv'_b = sv_b - σ core_b``) for ``c_b = f_b - σ fc_b``
-seconds per micro-batch. For each ``σ`` (off, and on when the model has attention cores
+seconds per micro-batch, plus its checkpoint call's own work on a calibrated cluster
+(``a_ckpt + n_b a_ckpt_node + a_ckpt_bwd``, ``n_b`` its nodes that save a tensor; under ``σ``
+a block with a core already pays a call: only its other ``n_b - 1`` nodes). For each ``σ`` (off, and on when the model has attention cores
 and the runtime can realize it), blocks are taken in the order of the most bytes freed
 per second, ``n̂_s g_b / c_b`` with ``n̂_s`` the stage's most micro-batches in flight
 (ties: stage, then block, in model order), and the shortest prefix that fits is kept.
-Of the two, the one with less replay time wins (ties: σ off). When the rank fits
+Of the two, the one with less replay time, checkpoint calls included, wins (ties: σ off). When the rank fits
 without recomputation it recomputes nothing; when no prefix fits, its stages keep what
 they were given. The formula leaves out what does not depend on the choice (the loss, receive
 buffers, workspaces); the simulated peak of the rank's bare stages adds it, and the simulator
@@ -47,10 +49,10 @@ that recomputes every block.
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Mapping, Sequence
+from typing import Callable, Mapping, Sequence
 
 from ..baselines import inflight_horizon
-from ..evaluate import BlockCost, Evaluator, StageSpec, backward_work, recompute_terms
+from ..evaluate import BlockCost, Evaluator, StageSpec, backward_work, checkpoint_calls, recompute_terms
 from ..plan import Mesh, Schedule
 from ..schedules import spec as schedule_spec, stage_rank
 from ..simulate import StageCost, peak_memory
@@ -66,7 +68,7 @@ class RecomputeChoice:
     rank: int
     blocks: int  # blocks recomputed whole on the rank's stages
     selective: bool  # the rank's other blocks replay their attention core
-    replay_s: float  # seconds replayed per micro-batch on the rank
+    replay_s: float  # seconds replayed per micro-batch on the rank, the checkpoint calls' own work included
     fits: bool  # False: no choice fit, the given stages are kept
 
 
@@ -89,6 +91,21 @@ def fewest_recomputed(
     horizon = inflight_horizon(schedule.name, pp, schedule.microbatches, schedule.virtual_stages)
     patterns = schedule_inflight(schedule.name, pp, horizon, schedule.virtual_stages)
     alone = recomputable_alone(ev)
+    saving = {b: ev.saving_nodes(ev.pgraph.blocks[b]) for b in costs}
+    o = ev.overheads
+
+    def recompute_cost(spec: StageSpec) -> float:
+        """What the stage's recomputation costs per micro-batch: the replay, and its checkpoint calls' own work
+        in forward and backward ([Note: software overheads])."""
+        blocks = [costs[b] for b in spec.blocks]
+        return recompute_terms(spec, blocks)[1] + sum(o.checkpoint_time(*checkpoint_calls(spec, blocks, [saving[b] for b in spec.blocks])))
+
+    def ckpt(b: int, sel: bool) -> float:
+        """The checkpoint work block ``b`` adds when it recomputes whole: one call around its saving nodes, in
+        place of its core's call under ``sel``."""
+        core = sel and costs[b].core_forward_s > 0
+        return sum(o.checkpoint_time(1 - core, saving[b] - core))
+
     out = list(specs)
     # Per rank that needs recomputation: (its stages, the blocks in the chosen order, selective, how many taken).
     todo: dict[int, tuple[list[int], list[tuple[int, int]], bool, int]] = {}
@@ -120,7 +137,7 @@ def fewest_recomputed(
         has_core = any(costs[b].core_bytes > 0 for s in mine for b in specs[s].blocks)
         best: tuple[float, bool, list[tuple[int, int]], int] | None = None
         for sel in (False, True) if selective and has_core else (False,):
-            order = [(s, b) for s, b in _order(mine, specs, costs, most, sel) if b in alone]
+            order = [(s, b) for s, b in _order(mine, specs, costs, most, sel, ckpt) if b in alone]
             chosen: dict[int, set[int]] = {s: set() for s in mine}
             taken = 0
             fits = formula(chosen, sel) + offset <= limit
@@ -132,8 +149,8 @@ def fewest_recomputed(
                 fits = formula(chosen, sel) + offset <= limit
             if not fits:
                 continue
-            replay = sum(recompute_terms(StageSpec(specs[s].blocks, tuple(b for b in specs[s].blocks if b in chosen[s]),
-                                                   sel), [costs[b] for b in specs[s].blocks])[1] for s in mine)
+            replay = sum(recompute_cost(StageSpec(specs[s].blocks, tuple(b for b in specs[s].blocks if b in chosen[s]), sel))
+                         for s in mine)
             if best is None or replay < best[0]:
                 best = (replay, sel, order, taken)
         if best is None:
@@ -182,7 +199,7 @@ def fewest_recomputed(
         replay = 0.0
         for s in mine:
             out[s] = StageSpec(specs[s].blocks, tuple(b for b in specs[s].blocks if b in picked), sel)
-            replay += recompute_terms(out[s], [costs[b] for b in specs[s].blocks])[1]
+            replay += recompute_cost(out[s])
         report[r] = RecomputeChoice(r, len(picked), sel, replay, True)
     return out, [report[r] for r in range(pp)]
 
@@ -209,14 +226,15 @@ def recomputable_alone(ev: Evaluator) -> frozenset[int]:
 
 
 def _order(mine: Sequence[int], specs: Sequence[StageSpec], costs: Mapping[int, BlockCost], most: Mapping[int, int],
-           sel: bool) -> list[tuple[int, int]]:
-    """The rank's (stage, block) pairs that free bytes when recomputed, most bytes per replayed second first."""
+           sel: bool, ckpt: Callable[[int, bool], float]) -> list[tuple[int, int]]:
+    """The rank's (stage, block) pairs that free bytes when recomputed, most bytes per replayed second first
+    (the checkpoint's own work, ``ckpt``, counted in the seconds)."""
     keyed = []
     for s in mine:
         for b in specs[s].blocks:
             c = costs[b]
             gain = c.saved_bytes - (c.core_bytes if sel else 0.0) - c.input_bytes
-            secs = c.time.forward_s - (c.core_forward_s if sel else 0.0)
+            secs = c.time.forward_s - (c.core_forward_s if sel else 0.0) + ckpt(b, sel)
             if gain <= 0:
                 continue
             rate = most[s] * gain / secs if secs > 0 else float("inf")
