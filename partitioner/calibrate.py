@@ -33,7 +33,10 @@ estimates), the peak is raised to the measured rate and the efficiency set
 to 1. Then every rank times the same at once, as ranks run during training:
 on a CPU they share cores and memory bandwidth (4 ranks on 2 cores run at
 half speed), and with whatever else the machine runs. The slowest rank's
-wall time over the alone time, at least 1, is ``overheads.compute_slowdown``,
+wall time over the alone time, at least 1, is ``overheads.compute_slowdown``
+(the median over ``SLOWDOWN_ROUNDS`` rounds, each timing the pair alone and
+then at once, so that both sides of a ratio see the same load: timed as two
+phases, quiet calibrations gave 1.12, 1.33 and 1.75 for the same layout),
 by which the evaluator scales every op's compute: CPU time becomes the wall
 time of a rank among the others (on GPUs, one rank per device, it is about 1).
 It assumes every rank computes whenever one does, which a pipeline's bubble
@@ -347,8 +350,11 @@ def _compute_rates(device: torch.device, dtype: str) -> ComputeRates:
     out = torch.empty_like(x)
     ops = (lambda: torch.mm(a, b), lambda: torch.add(x, y, out=out))
     gemm, add = (_timed_alone(f, device, reps=5) for f in ops)
-    gemm_all, add_all = (_timed(f, device, reps=5) for f in ops)
-    slowdown = max(1.0, (gemm_all + add_all) / (gemm + add))  # [Note: measured device efficiencies]
+    ratios = []
+    for _ in range(SLOWDOWN_ROUNDS):  # interleaved: alone and all at once see the same load in a round
+        alone = sum(_timed_alone(f, device, reps=1, warmup=0) for f in ops)
+        ratios.append(sum(_timed(f, device, reps=1, warmup=0) for f in ops) / alone)
+    slowdown = max(1.0, statistics.median(ratios))  # [Note: measured device efficiencies]
     return ComputeRates(2 * n**3 / gemm, 3 * m / add, dtype, slowdown)
 
 
@@ -405,6 +411,7 @@ def _measure_links(samples, intra, inter, local, nodes, rank, sizes, reps, devic
 # --------------------------------------------------------------------------------------
 
 PIPELINE_MICROBATCHES = (4, 8, 12)  # the micro-batch counts M of the pipeline experiment (more on > 4 ranks)
+SLOWDOWN_ROUNDS = 9  # rounds of the compute slowdown (one rank alone, then every rank at once, each round)
 TP_CHAIN = 48  # N: elementwise ops in the tensor-parallel experiment
 CHECKPOINT_CHAIN = 16  # N: checkpointed blocks in the checkpointing experiment
 CHECKPOINT_BLOCK_NODES = (1, 4)  # n: graph nodes per block in it, two sizes (per call and per node)
