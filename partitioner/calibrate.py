@@ -587,10 +587,18 @@ def _busy_pipeline_samples(device: torch.device, link: LinkFit | None, reps: int
     times: dict[int, list[float]] = {m: [] for m in runs}
     fwd: list[float] = []
     bwd: list[float] = []
+
+    def own(fn: Callable[[], Any]) -> float:  # this rank's own time, every rank computing at once
+        dist.barrier()
+        t0 = time.perf_counter()
+        fn()
+        _sync(device)
+        return time.perf_counter() - t0
+
     for _ in range(reps):  # interleaved rounds: the stage's compute and the steps see the same load
-        f = _timed(forward, device, 1, warmup=0)
+        f = own(forward)
         fwd.append(f)
-        bwd.append(max(0.0, _timed(forward_backward, device, 1, warmup=0) - f))
+        bwd.append(max(0.0, own(forward_backward) - f))
         for m, step in runs.items():
             times[m].append(_timed(step, device, 1, warmup=0))
     mine = (statistics.median(fwd), statistics.median(bwd))

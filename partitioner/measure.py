@@ -27,7 +27,9 @@ live total's peak. Categories come from what the storage turns out to be at
 the end of the step (a parameter, gradient or optimizer state of this rank),
 and from autograd's saved-tensor hook (an activation); the rest are
 temporaries. Storages that exist before the step (weights, masters, DDP's
-gradient buckets) are counted as always live. Ops inside DTensor's own
+gradient buckets) are counted as live until they die (gradients that a
+``zero_grad`` inside the metered step drops; those alive at the peak count
+there). Ops inside DTensor's own
 dispatch (the local shards' collectives) run below the mode and are not
 seen, so a tensor-parallel rank's temporaries are a lower bound. On CUDA the
 peak is ``torch.cuda.max_memory_allocated``; the categories still come from
