@@ -426,6 +426,40 @@ def _microbatch_counts(base: Sequence[int], world: int) -> tuple[int, ...]:
     return tuple(m * k for m in base)
 
 
+def _mse(y: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+    """The pipeline experiments' loss."""
+    return ((y - t) ** 2).mean()
+
+
+def _pipeline_steps(stage: torch.nn.Module, counts: Sequence[int], rows: int, width: int, device: torch.device,
+                    finish: Callable[[], None]) -> dict[int, Callable[[], None]]:
+    """Per micro-batch count ``M``: one training step of torch's ``Schedule1F1B`` over ``stage`` on every
+    rank (one stage a rank), micro-batches of ``rows`` rows of ``width``, then ``finish`` (the step's own
+    work outside the schedule); each warmed up twice (torch builds the stage's buffers on the first step)."""
+    from torch.distributed.pipelining import PipelineStage, Schedule1F1B
+
+    world, rank = dist.get_world_size(), dist.get_rank()
+    runs = {}
+    for m in counts:
+        schedule = Schedule1F1B(PipelineStage(stage, rank, world, device), m, loss_fn=_mse)
+        x = torch.randn(m * rows, width, device=device)
+        target = torch.zeros(m * rows, width, device=device)
+
+        def step(schedule: Any = schedule, x: torch.Tensor = x, target: torch.Tensor = target) -> None:
+            if rank == 0:
+                schedule.step(x)
+            elif rank == world - 1:
+                schedule.step(target=target, losses=[])
+            else:
+                schedule.step()
+            finish()
+
+        for _ in range(2):
+            step()
+        runs[m] = step
+    return runs
+
+
 @dataclass(frozen=True, slots=True)
 class PipelineSample:
     """One timed step of the tiny pipeline, and what the simulator says about its schedule."""
@@ -446,11 +480,9 @@ def pipeline_overheads(samples: Sequence[PipelineSample], step_s: float) -> floa
 
 def _pipeline_samples(device: torch.device, link: LinkFit | None, reps: int) -> tuple[list[PipelineSample], float]:
     """(one sample per micro-batch count, ``a_step``)."""
-    from torch.distributed.pipelining import PipelineStage, Schedule1F1B
-
     from .simulate import StageCost, simulate
 
-    world, rank = dist.get_world_size(), dist.get_rank()
+    world = dist.get_world_size()
     width = 16
     torch.manual_seed(0)
     layer = torch.nn.Linear(width, width).to(device)
@@ -461,24 +493,7 @@ def _pipeline_samples(device: torch.device, link: LinkFit | None, reps: int) -> 
         dist.all_reduce(loss)
 
     step_s = _timed(finish, device, reps)
-    runs = {}
-    for m in _microbatch_counts(PIPELINE_MICROBATCHES, world):
-        schedule = Schedule1F1B(PipelineStage(layer, rank, world, device), m, loss_fn=lambda y, t: ((y - t) ** 2).mean())
-        x = torch.randn(m, width, device=device)
-        target = torch.zeros(m, width, device=device)
-
-        def step(schedule: Any = schedule, x: torch.Tensor = x, target: torch.Tensor = target) -> None:
-            if rank == 0:
-                schedule.step(x)
-            elif rank == world - 1:
-                schedule.step(target=target, losses=[])
-            else:
-                schedule.step()
-            finish()
-
-        for _ in range(2):  # warm-up: torch builds the stage's buffers on the first step
-            step()
-        runs[m] = step
+    runs = _pipeline_steps(layer, _microbatch_counts(PIPELINE_MICROBATCHES, world), 1, width, device, finish)
     times: dict[int, list[float]] = {m: [] for m in runs}
     for _ in range(reps):  # interleaved rounds: each M sees the same spread of load
         for m, step in runs.items():
@@ -538,13 +553,10 @@ def transfer_overhead(samples: Sequence[BusyPipelineSample], action_s: float, st
 
 def _busy_pipeline_samples(device: torch.device, link: LinkFit | None, reps: int) -> list[BusyPipelineSample]:
     """The pipeline experiment whose ranks compute: one sample per micro-batch count."""
-    from torch.distributed.pipelining import PipelineStage, Schedule1F1B
-
     world, rank = dist.get_world_size(), dist.get_rank()
     torch.manual_seed(0)
     stage = torch.nn.Sequential(*(torch.nn.Linear(BUSY_WIDTH, BUSY_WIDTH) for _ in range(BUSY_DEPTH))).to(device)
     loss = torch.zeros((), device=device)
-    mse = lambda y, t: ((y - t) ** 2).mean()  # noqa: E731  # the schedule's loss
     # This rank's stage as the pipeline runs it: a received input needs its gradient (torch's stage asks
     # for it), the first stage's does not; the last stage computes the loss.
     x1 = torch.randn(BUSY_ROWS, BUSY_WIDTH, device=device, requires_grad=rank > 0)
@@ -552,7 +564,7 @@ def _busy_pipeline_samples(device: torch.device, link: LinkFit | None, reps: int
 
     def forward() -> torch.Tensor:
         y = stage(x1)
-        return mse(y, t1) if rank == world - 1 else y.sum()
+        return _mse(y, t1) if rank == world - 1 else y.sum()
 
     def forward_backward() -> None:
         x1.grad = None
@@ -566,24 +578,8 @@ def _busy_pipeline_samples(device: torch.device, link: LinkFit | None, reps: int
         stage.zero_grad(set_to_none=False)
         dist.all_reduce(loss)
 
-    runs = {}
-    for m in _microbatch_counts(BUSY_PIPELINE_MICROBATCHES, world):
-        schedule = Schedule1F1B(PipelineStage(stage, rank, world, device), m, loss_fn=mse)
-        x = torch.randn(m * BUSY_ROWS, BUSY_WIDTH, device=device)
-        target = torch.zeros(m * BUSY_ROWS, BUSY_WIDTH, device=device)
-
-        def step(schedule: Any = schedule, x: torch.Tensor = x, target: torch.Tensor = target) -> None:
-            if rank == 0:
-                schedule.step(x)
-            elif rank == world - 1:
-                schedule.step(target=target, losses=[])
-            else:
-                schedule.step()
-            finish()
-
-        for _ in range(2):  # warm-up: torch builds the stage's buffers on the first step
-            step()
-        runs[m] = step
+    runs = _pipeline_steps(stage, _microbatch_counts(BUSY_PIPELINE_MICROBATCHES, world), BUSY_ROWS, BUSY_WIDTH,
+                           device, finish)
     times: dict[int, list[float]] = {m: [] for m in runs}
     fwd: list[float] = []
     bwd: list[float] = []
