@@ -623,6 +623,12 @@ class Evaluator:
         nodes = (self.captured.nodes[n] for n in block.nodes)
         return sum(1 for n in nodes if n.saved_inputs or n.saves_output or n.saved_bytes > 0)
 
+    def checkpoint_time(self, spec: StageSpec, costs: Sequence[BlockCost]) -> tuple[float, float]:
+        """(forward, backward) seconds per micro-batch of the stage's ``torch.utils.checkpoint`` calls' own
+        work (``costs`` in ``spec.blocks`` order; [Note: software overheads])."""
+        saving = [self.saving_nodes(self.pgraph.blocks[b]) for b in spec.blocks]
+        return self.overheads.checkpoint_time(*checkpoint_calls(spec, costs, saving))
+
     def node_backward_bytes(self, block: Block, micro_batch: int) -> float:
         """The most one node's backward holds at once in ``block``: the gradient of its output and the
         gradients of its inputs that need one, per micro-batch of ``micro_batch`` samples. Views
@@ -724,8 +730,7 @@ class Evaluator:
             )
             _, replay, _ = recompute_terms(spec, costs)  # [Note: recompute per block] in recompute.py
             bwd += replay
-            ck_f, ck_b = self.overheads.checkpoint_time(  # [Note: software overheads]
-                *checkpoint_calls(spec, costs, [self.saving_nodes(b) for b in blocks]))
+            ck_f, ck_b = self.checkpoint_time(spec, costs)  # [Note: software overheads]
             fwd += ck_f
             bwd += ck_b
             names = {p for b in spec.blocks for p in self.pgraph.blocks[b].params}
@@ -944,8 +949,7 @@ class Evaluator:
             tf = sum(c.tp_comm.forward_s for c in work)
             tb = sum(c.tp_comm.backward_s for c in work)
             replay = recompute_terms(spec, work)[1]
-            ck_f, ck_b = self.overheads.checkpoint_time(
-                *checkpoint_calls(spec, work, [self.saving_nodes(self.pgraph.blocks[b]) for b in spec.blocks]))
+            ck_f, ck_b = self.checkpoint_time(spec, work)
             cf += ck_f  # the checkpoints' own cost: in the passes that pay it
             replay += ck_b
             action = self.overheads.action_s

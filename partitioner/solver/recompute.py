@@ -52,7 +52,7 @@ from dataclasses import dataclass
 from typing import Callable, Mapping, Sequence
 
 from ..baselines import inflight_horizon
-from ..evaluate import BlockCost, Evaluator, StageSpec, backward_work, checkpoint_calls, recompute_terms
+from ..evaluate import BlockCost, Evaluator, StageSpec, backward_work, recompute_terms
 from ..plan import Mesh, Schedule
 from ..schedules import spec as schedule_spec, stage_rank
 from ..simulate import StageCost, peak_memory
@@ -98,7 +98,7 @@ def fewest_recomputed(
         """What the stage's recomputation costs per micro-batch: the replay, and its checkpoint calls' own work
         in forward and backward ([Note: software overheads])."""
         blocks = [costs[b] for b in spec.blocks]
-        return recompute_terms(spec, blocks)[1] + sum(o.checkpoint_time(*checkpoint_calls(spec, blocks, [saving[b] for b in spec.blocks])))
+        return recompute_terms(spec, blocks)[1] + sum(ev.checkpoint_time(spec, blocks))
 
     def ckpt(b: int, sel: bool) -> float:
         """The checkpoint work block ``b`` adds when it recomputes whole: one call around its saving nodes, in
