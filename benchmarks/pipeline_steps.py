@@ -77,7 +77,9 @@ def _run(plan_path: str, steps: int, warmup: int, out: str) -> None:
             pm.step(*inputs, target=target, record=True)
             wall, cpu = time.perf_counter() - t0, time.thread_time() - c0
             if i >= warmup:
-                records.append(dict(wall_s=wall, thread_cpu_s=cpu, events=[asdict(e) for e in pm.events],
+                # t0 on CLOCK_MONOTONIC, which the ranks of one machine share: the ranks leave the barrier
+                # up to milliseconds apart, so each rank's events are moved onto rank 0's clock to compare them
+                records.append(dict(t0_s=t0, wall_s=wall, thread_cpu_s=cpu, events=[asdict(e) for e in pm.events],
                                     times=asdict(pm.times)))
         gathered: list[Any] = [None] * world
         dist.all_gather_object(gathered, records)
@@ -185,8 +187,36 @@ def replay(orders: list[list[tuple[int, str, int]]], dur: Any, before_s: float, 
     return max(free)
 
 
+def _on_one_clock(data: dict[str, Any]) -> None:
+    """Move each rank's events (timed from its own start of the step) onto rank 0's start of the step."""
+    for r, steps in enumerate(data["ranks"]):
+        for i, st in enumerate(steps):
+            if "t0_s" not in st:
+                return  # a record of autopart run: one clock per rank, offsets unknown
+            shift = st["t0_s"] - data["ranks"][0][i]["t0_s"]
+            st["wall_s"] += shift  # the end of the step on rank 0's clock
+            for e in st["events"]:
+                e["start_s"] += shift
+                e["end_s"] += shift
+
+
+def _from_run_record(run: dict[str, Any], path: str) -> dict[str, Any]:
+    """An ``autopart run --json`` record as one recorded step (its extra step with events and components;
+    each rank on its own clock, and no thread CPU time: 0)."""
+    times = run["times"]
+    ranks = [[dict(wall_s=t["step_s"], thread_cpu_s=0.0, events=[e for e in run["events"] if e["rank"] == r], times=t)]
+             for r, t in enumerate(times)]
+    return dict(plan=f"{path} (the recorded step)", plan_data=run["plan_data"], ranks=ranks)
+
+
 def _analyze(path: str) -> None:
     data = json.loads(Path(path).read_text())
+    if "ranks" not in data:
+        if "times" not in data or "plan_data" not in data:
+            raise SystemExit(f"{path}: neither a file of this script nor an autopart run --json record with "
+                             "components (run it with --json)")
+        data = _from_run_record(data, path)
+    _on_one_clock(data)
     plan = data["plan_data"]
     pp = plan["mesh"]["pp"]
     last_stage = len(plan["stages"]) - 1
@@ -252,9 +282,14 @@ def _analyze(path: str) -> None:
           f"measured {statistics.fmean(actual) * 1e3:.2f} (median {statistics.median(actual) * 1e3:.2f})")
     print(f"    cost model's mean error {(b - a) * 1e3:+.2f} ms; variation's coupling {(c - b) * 1e3:+.2f} ms; "
           f"gaps and transfers beyond the model {(statistics.fmean(actual) - c) * 1e3:+.2f} ms")
+    receives = sum(1 for order in orders for s_, k_, m_ in order
+                   if (dep := _input_of(s_, k_, m_, last_stage)) is not None and dep[0] % pp != orders.index(order))
+    print(f"    {receives} inputs from another rank a step: {(statistics.fmean(actual) - c) / receives * 1e3:+.3f} ms "
+          f"beyond the model per input received")
     ratio = [x / y for x, y in zip(actual, cs)]
-    print(f"    measured / own-duration replay per step: median {statistics.median(ratio):.3f}, "
-          f"quartiles {statistics.quantiles(ratio, n=4)[0]:.3f}-{statistics.quantiles(ratio, n=4)[2]:.3f}")
+    if len(ratio) > 1:
+            print(f"    measured / own-duration replay per step: median {statistics.median(ratio):.3f}, "
+              f"quartiles {statistics.quantiles(ratio, n=4)[0]:.3f}-{statistics.quantiles(ratio, n=4)[2]:.3f}")
     # The gaps between two actions of a rank, by where the second one's input came from: the rank
     # itself (the runtime's own per-action work, priced as a_action); another rank over 1 ms before
     # (the same, plus the receive of an input already sent: gloo's send is a rendezvous, its payload
@@ -272,6 +307,10 @@ def _analyze(path: str) -> None:
         print(f"  gap, {name}: {len(xs)}, median {statistics.median(xs) * 1e3:.3f} ms, mean {statistics.fmean(xs) * 1e3:.3f}, "
               f"90th percentile {statistics.quantiles(xs, n=10)[8] * 1e3:.3f}, priced {priced * 1e3:.3f}; "
               f"over 1 ms {sum(x > 1e-3 for x in xs) / len(xs):.0%}")
+    tails = [st["wall_s"] - max(e["end_s"] for e in per_step[i].values()) for i, st in enumerate(steps)]
+    print(f"  after the last action (gradients, tied sums, optimizer, the loss's all-reduce): predicted "
+          f"{(plan['predicted']['step_time_s'] - sim.pipeline_time_s) * 1e3:.2f} ms, measured on rank 0 median "
+          f"{statistics.median(tails) * 1e3:.2f}, mean {statistics.fmean(tails) * 1e3:.2f}")
     print(f"  rank 0 step wall: mean {statistics.fmean(walls) * 1e3:.2f} ms, median {statistics.median(walls) * 1e3:.2f}; "
           f"predicted {plan['predicted']['step_time_s'] * 1e3:.2f}")
     keys = ("wall", "cpu", "compute", "compute_cpu", "gaps", "bubble", "end", "tail", "optimizer", "other")
@@ -281,7 +320,7 @@ def _analyze(path: str) -> None:
         print(f"  rank {r} medians (ms): " + ", ".join(f"{k} {v:.2f}" for k, v in med.items())
               + f"; per gap {med['gaps'] / mine[0]['actions']:.3f}")
     # Which part grows in slow steps: each part's correlation with the step's wall time.
-    for r in range(pp):
+    for r in range(pp if nsteps > 2 else 0):
         mine = [x for x in rows if x["rank"] == r]
         w = [x["wall"] for x in mine]
         parts = {k: [x[k] for x in mine] for k in ("compute", "gaps", "bubble", "tail")}
