@@ -158,13 +158,18 @@ def _predicted(plan: dict[str, Any]) -> Any:
 
 
 def replay(orders: list[list[tuple[int, str, int]]], dur: Any, before_s: float, send_s: list[float], pp: int,
-            last_stage: int) -> float:
+           last_stage: int, receive_s: float = 0.0) -> float:
     """The simulator's timing model ([Note: timing model] in simulate.py) over given per-action durations,
     for the ``loop`` layout (stage ``s`` on rank ``s % pp``: GPipe, 1F1B, interleaved): rank ``r`` runs
     ``orders[r]`` (``(stage, "F" or "B", micro-batch)``) in turn, each action taking ``before_s`` (the
     runtime's per-action work) plus ``dur(action)``; an activation of stage ``s`` reaches the next rank
     ``send_s[s]`` after its forward ends, and the gradient back to stage ``s`` ``send_s[s]`` after the
-    backward of ``s + 1`` ends. Returns the end of the last action."""
+    backward of ``s + 1`` ends. Returns the end of the last action.
+
+    ``receive_s > 0`` is the rendezvous rule of the proposal in results/2026-12-05-interleave.md: of each
+    ``send_s``, ``receive_s`` (the calibrated ``a_p2p``) is paid by the receiver after it posts its
+    receive, whether or not the input was sent long before: ``start = max(free, end + send_s -
+    receive_s) + receive_s`` for an input from another rank."""
     end: dict[tuple[int, str, int], float] = {}
     free = [0.0] * len(orders)
     pos = [0] * len(orders)
@@ -176,8 +181,10 @@ def replay(orders: list[list[tuple[int, str, int]]], dur: Any, before_s: float, 
                 dep = _input_of(s, k, m, last_stage) or ((s, "F", m) if k == "B" else None)
                 if dep is not None and dep not in end:
                     break
-                ready = 0.0 if dep is None else end[dep] + (send_s[dep[0] if k == "F" else s] if dep[0] % pp != r else 0.0)
-                start = max(free[r], ready)
+                remote = dep is not None and dep[0] % pp != r
+                link = send_s[dep[0] if k == "F" else s] - receive_s if remote else 0.0
+                ready = 0.0 if dep is None else end[dep] + link
+                start = max(free[r], ready) + (receive_s if remote else 0.0)
                 end[(s, k, m)] = free[r] = start + before_s + dur((s, k, m))
                 pos[r] += 1
                 moved = True
@@ -333,6 +340,34 @@ def _analyze(path: str) -> None:
               f"action wall - action CPU median {statistics.median(x['compute'] - x['compute_cpu'] for x in mine) * 1e3:.2f} ms")
 
 
+def what_if_rendezvous(paths: list[str]) -> None:
+    """For ``autopart run --json`` records: each plan's predicted step with every receive paying its
+    ``a_p2p`` after it is posted (``replay(receive_s=...)``), against the measured mean step. An offline
+    estimate with the calibration's ``a_p2p`` as it was fitted (under today's rule), not a refit."""
+    print("| record | a_p2p | predicted step | with the rendezvous rule | measured mean | error | error with the rule |")
+    print("|---|---:|---:|---:|---:|---:|---:|")
+    for path in paths:
+        run = json.loads(Path(path).read_text())
+        if "plan_data" not in run or "step_times_s" not in run:
+            raise SystemExit(f"{path}: not an autopart run --json record with its plan (run it with --json)")
+        plan = run["plan_data"]
+        pp, stages, sch = plan["mesh"]["pp"], plan["stages"], plan["schedule"]
+        sim = _predicted(plan)
+        orders = [[(e.action.stage, e.action.kind, e.action.microbatch) for e in sim.events if e.rank == r]
+                  for r in range(pp)]
+
+        def dur(a: tuple[int, str, int]) -> float:
+            return stages[a[0]]["predicted"]["forward_s" if a[1] == "F" else "backward_s"]
+
+        send = [st["predicted"]["send_s"] for st in stages]
+        h = (plan["cluster"]["overheads"].get("p2p_transfer_us") or 0.0) * 1e-6
+        with_rule = plan["predicted"]["step_time_s"] + replay(orders, dur, 0.0, send, pp, len(stages) - 1, h) \
+            - sim.pipeline_time_s
+        pred, mean = plan["predicted"]["step_time_s"], statistics.fmean(run["step_times_s"])
+        print(f"| {path} ({sch['name']}) | {h * 1e6:.0f} us | {pred * 1e3:.1f} ms | {with_rule * 1e3:.1f} ms | "
+              f"{mean * 1e3:.1f} ms | {pred / mean - 1:+.1%} | {with_rule / mean - 1:+.1%} |")
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("plan", nargs="?")
@@ -340,8 +375,15 @@ def main() -> None:
     ap.add_argument("--warmup", type=int, default=3)
     ap.add_argument("--out", default="pipeline_steps.json")
     ap.add_argument("--analyze", help="a file this script wrote: print the split")
+    ap.add_argument("--what-if-rendezvous", nargs="+", metavar="RUN_JSON",
+                    help="autopart run --json records: each plan's step with every receive paying a_p2p")
     args = ap.parse_args()
-    if args.analyze:
+    if args.what_if_rendezvous:
+        missing = [p for p in args.what_if_rendezvous if not Path(p).is_file()]
+        if missing:
+            ap.error(f"--what-if-rendezvous {missing[0]}: no such file")
+        what_if_rendezvous(args.what_if_rendezvous)
+    elif args.analyze:
         if not Path(args.analyze).is_file():
             ap.error(f"--analyze {args.analyze}: no such file; give a file this script wrote with --out")
         _analyze(args.analyze)

@@ -47,3 +47,19 @@ def test_gaps_are_split_by_where_the_input_came_from() -> None:
     assert gaps[GAP_KINDS[1]] == pytest.approx([0.4])  # 2F0: 1F0 ended at 2.0, over 1 ms before rank 0 was free at 3.2
     # 2F1: 1F1 ended as rank 0 was free, at 4.0; 1F1: 0F1 ended at 3.2, after rank 1 was free at 2.0
     assert gaps[GAP_KINDS[2]] == pytest.approx([0.3, 0.3])
+
+
+def test_the_rendezvous_rule_makes_a_receive_of_an_input_sent_long_before_pay() -> None:
+    # GPipe on 2 ranks, 2 micro-batches, a send of 0.5 of which the receive's share is 0.25. 1F1's input
+    # (0F1, ended at 2.0) arrives at 2.5, before rank 1 is free at 4.5. Today 1F1 starts at 4.5; with the
+    # rule it pays the receive's 0.25 after rank 1 is free: 4.75.
+    orders = [[(0, "F", 0), (0, "F", 1), (0, "B", 0), (0, "B", 1)], [(1, "F", 0), (1, "F", 1), (1, "B", 0), (1, "B", 1)]]
+    dur = {(0, "F", 0): 1.0, (0, "F", 1): 1.0, (1, "F", 0): 3.0, (1, "F", 1): 3.0,
+           (1, "B", 0): 1.0, (1, "B", 1): 1.0, (0, "B", 0): 1.0, (0, "B", 1): 1.0}
+    today = replay(orders, dur.__getitem__, 0.0, [0.5, 0.0], 2, 1)
+    # rank 1: 1F0 1.5-4.5, 1F1 4.5-7.5, 1B0 7.5-8.5, 1B1 8.5-9.5; rank 0: 0B0 at 9.0-10.0, 0B1 at 10.0-11.0
+    assert today == pytest.approx(11.0)
+    # with the rule: 1F0 starts at 1.0 + 0.25 + 0.25 = 1.5 (late: no change), 1F1 at 4.5 + 0.25 = 4.75 - 7.75,
+    # 1B0 7.75-8.75, 1B1 8.75-9.75; 0B0: max(2.0, 8.75 + 0.25) + 0.25 = 9.25-10.25, 0B1: max(10.25, 9.75 + 0.25)
+    # + 0.25 = 10.5-11.5
+    assert replay(orders, dur.__getitem__, 0.0, [0.5, 0.0], 2, 1, receive_s=0.25) == pytest.approx(11.5)
