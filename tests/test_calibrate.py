@@ -135,6 +135,8 @@ def test_calibrate_under_torchrun_writes_a_cluster_plans_can_use(tmp_path):
     )
     assert run.returncode == 0, run.stderr[-2000:]
     assert "wrote" in run.stdout
+    # [Note: other load]: how quiet the machine was is printed and kept in the file's header
+    assert "machine: while measuring," in run.stdout and "went to other work" in out.read_text().split("\n[")[0]
     cluster = load_cluster(str(out))
     assert cluster.name == "local-cpu-calibrated" and cluster.devices_per_node == 2
     assert "(measured)" in cluster.intra_node.name
