@@ -32,16 +32,29 @@ bandwidth). If a rate beats the file's peak (the ``local-cpu`` peaks are
 estimates), the peak is raised to the measured rate and the efficiency set
 to 1. Then every rank times the same at once, as ranks run during training:
 on a CPU they share cores and memory bandwidth (4 ranks on 2 cores run at
-half speed), and with whatever else the machine runs. The slowest rank's
-wall time over the alone time, at least 1, is ``overheads.compute_slowdown``
-(the median over ``SLOWDOWN_ROUNDS`` rounds, each timing the pair alone and
-then at once, so that both sides of a ratio see the same load: timed as two
-phases, quiet calibrations gave 1.12, 1.33 and 1.75 for the same layout),
-by which the evaluator scales every op's compute: CPU time becomes the wall
-time of a rank among the others (on GPUs, one rank per device, it is about 1).
-It assumes every rank computes whenever one does, which a pipeline's bubble
-breaks a little; and a shared machine's load moves, so calibrate just before
-the run it predicts.
+half speed). ``overheads.compute_slowdown``, by which the evaluator scales
+every op's compute (CPU time becomes the wall time of a rank among the
+others), is two factors:
+
+* contention: the slowest rank's CPU time of the work with every rank at
+  once, over rank 0's alone (shared caches and memory bandwidth), the median
+  over ``SLOWDOWN_ROUNDS`` rounds, each timing the work alone and then at
+  once, so that both sides of a ratio see the same machine;
+* oversubscription: ``max(1, threads / cores)``, the ranks of this node times
+  each rank's intra-op threads over the cores the process may run on
+  (``os.sched_getaffinity``): more threads than cores time-slice.
+
+CPU time, not wall time, because wall time also counts whatever else runs
+for a moment: another process, or the hypervisor's steal. Measured on this
+2-core machine with a short-lived process beside it, the wall-time ratio
+was 1.74-3.74 while it ran and 1.0-1.2 after it, where the CPU-time ratio
+stayed 0.94-1.12 throughout; the fidelity benchmark's per-layout
+calibrations had given 1.02-1.23 for most 2-rank layouts and 1.58, 1.75 and
+1.90 for three, each over-predicting the step that ran a minute later. The
+figure is the machine's own, quiet; a step on a loaded machine runs slower
+by the load. On a GPU, one rank per device, both factors are wall time and
+about 1. It assumes every rank computes whenever one does, which a
+pipeline's bubble breaks a little.
 
 [Note: measuring overheads]
 The software costs of [Note: software overheads] (cost_models/overheads.py)
@@ -339,7 +352,33 @@ def _timed_alone(fn: Callable[[], None], device: torch.device, reps: int, warmup
     return float(t.item())
 
 
-def _compute_rates(device: torch.device, dtype: str) -> ComputeRates:
+def _timed_at_once(fn: Callable[[], None], device: torch.device) -> float:
+    """The slowest rank's time of one call of ``fn``, every rank at once: on a CPU each process's CPU
+    time (what another process or the hypervisor takes for a moment is not counted), on a GPU wall time."""
+    now = time.process_time if device.type == "cpu" else time.perf_counter
+    dist.barrier()
+    t0 = now()
+    fn()
+    _sync(device)
+    return _slowest(now() - t0, device)
+
+
+def oversubscription(local_ranks: int) -> float:
+    """``max(1, threads / cores)``: this node's ranks times each one's intra-op threads over the cores the
+    process may run on ([Note: measured device efficiencies])."""
+    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+    return max(1.0, local_ranks * torch.get_num_threads() / cores)
+
+
+def compute_slowdown(ratios: Sequence[float], oversubscribed: float = 1.0) -> float:
+    """``overheads.compute_slowdown`` from the rounds' contention ratios (CPU time at once over alone) and
+    the oversubscription factor: their product, at least 1 ([Note: measured device efficiencies])."""
+    if not ratios:
+        raise CalibrateError("the compute slowdown needs at least one round")
+    return max(1.0, statistics.median(ratios) * oversubscribed)
+
+
+def _compute_rates(device: torch.device, dtype: str, local_ranks: int) -> ComputeRates:
     tdtype = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16, "tf32": torch.float32}[dtype]
     n = 1024 if device.type == "cpu" else 8192
     a = torch.randn(n, n, device=device, dtype=tdtype)
@@ -351,10 +390,10 @@ def _compute_rates(device: torch.device, dtype: str) -> ComputeRates:
     ops = (lambda: torch.mm(a, b), lambda: torch.add(x, y, out=out))
     gemm, add = (_timed_alone(f, device, reps=5) for f in ops)
     ratios = []
-    for _ in range(SLOWDOWN_ROUNDS):  # interleaved: alone and all at once see the same load in a round
+    for _ in range(SLOWDOWN_ROUNDS):  # interleaved: alone and all at once see the same machine in a round
         alone = sum(_timed_alone(f, device, reps=1, warmup=0) for f in ops)
-        ratios.append(sum(_timed(f, device, reps=1, warmup=0) for f in ops) / alone)
-    slowdown = max(1.0, statistics.median(ratios))  # [Note: measured device efficiencies]
+        ratios.append(sum(_timed_at_once(f, device) for f in ops) / alone)
+    slowdown = compute_slowdown(ratios, oversubscription(local_ranks) if device.type == "cpu" else 1.0)
     return ComputeRates(2 * n**3 / gemm, 3 * m / add, dtype, slowdown)
 
 
@@ -386,7 +425,7 @@ def run_calibration(
         fit = fit_link([s for s in samples if s.link == link])
         if fit is not None:
             links[link] = fit
-    compute = _compute_rates(device, dtype)
+    compute = _compute_rates(device, dtype, local)
     overheads = (measure_overheads(device, links.get("intra") or links.get("inter"), reps, compute.slowdown)
                  if overheads else Overheads())
     return CalibrationReport(tuple(samples), links, compute, world, dist.get_backend(), overheads)
@@ -411,7 +450,7 @@ def _measure_links(samples, intra, inter, local, nodes, rank, sizes, reps, devic
 # --------------------------------------------------------------------------------------
 
 PIPELINE_MICROBATCHES = (4, 8, 12)  # the micro-batch counts M of the pipeline experiment (more on > 4 ranks)
-SLOWDOWN_ROUNDS = 9  # rounds of the compute slowdown (one rank alone, then every rank at once, each round)
+SLOWDOWN_ROUNDS = 9  # rounds of the compute slowdown's contention (one rank alone, then every rank at once, each round)
 TP_CHAIN = 48  # N: elementwise ops in the tensor-parallel experiment
 CHECKPOINT_CHAIN = 16  # N: checkpointed blocks in the checkpointing experiment
 CHECKPOINT_BLOCK_NODES = (1, 4)  # n: graph nodes per block in it, two sizes (per call and per node)

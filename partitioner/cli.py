@@ -14,7 +14,7 @@ import math
 import os
 import sys
 from pathlib import Path
-from typing import Sequence
+from typing import Any, Sequence
 
 from .cluster import default_dtype, tp_degrees
 from .dp_sharding import DP_SHARDINGS
@@ -869,6 +869,7 @@ def cmd_calibrate(args: argparse.Namespace) -> int:
 
     from .calibrate import DEFAULT_SIZES, CalibrateError, calibrated_cluster, run_calibration
     from .devices import init_distributed
+    from .hostload import OTHER_LOAD_WARN, LoadMeter, own_cpu_seconds
     from .cluster import load_cluster
 
     if "RANK" not in os.environ or "WORLD_SIZE" not in os.environ:
@@ -890,15 +891,25 @@ def cmd_calibrate(args: argparse.Namespace) -> int:
     sizes = tuple(s for s in DEFAULT_SIZES if s <= args.max_bytes)
     gpu = init_distributed().is_cuda  # one rank per local GPU over NCCL, else gloo on CPU (devices.py)
     try:
+        meter, cpu0 = LoadMeter(), own_cpu_seconds()  # [Note: other load] in hostload.py
         report = run_calibration(sizes, args.reps, args.dtype or ("bf16" if gpu else "fp32"), local)
+        used: list[Any] = [None] * world
+        dist.all_gather_object(used, own_cpu_seconds() - cpu0)
+        load = meter.stop(sum(used[:local]))  # rank 0's node: ranks 0 .. local-1 under torchrun
         if dist.get_rank() == 0:
             cluster = calibrated_cluster(base, report)
             header = (
                 f"# measured by `autopart calibrate` on {time.strftime('%Y-%m-%d')}: {world} ranks over "
                 f"{report.backend}, torch {torch.__version__}\n"
+                + (f"# while measuring, {load.describe()} (rank 0's node)\n" if load is not None else "")
             )
             out.write_text(header + cluster.to_toml())
             _print_calibration(report, base, cluster)
+            if load is not None:
+                print(f"machine: while measuring, {load.describe()}")
+                if not load.quiet:
+                    print(f"warning: the machine was not quiet ({load.fraction:.0%} other load, above "
+                          f"{OTHER_LOAD_WARN:.0%}): its figures include that load; calibrate again when it is quiet")
             print(f"wrote {out}; plan with --cluster {out}")
     finally:
         dist.destroy_process_group()

@@ -9,12 +9,15 @@ import sys
 import pytest
 
 from partitioner.calibrate import (
+    CalibrateError,
     CalibrationReport,
     CommSample,
     ComputeRates,
     LinkFit,
     calibrated_cluster,
+    compute_slowdown,
     fit_link,
+    oversubscription,
     ring_coefficients,
 )
 from partitioner.cluster import Cluster, load_cluster
@@ -97,6 +100,31 @@ def test_calibrate_refuses_to_overwrite_before_measuring(tmp_path):
     assert out.read_text() == "mine"
 
 
+def test_compute_slowdown_is_contention_times_oversubscription():
+    # [Note: measured device efficiencies]: the rounds' CPU-time ratios give the contention (their
+    # median), the threads beyond the cores the time-slicing; never below 1.
+    assert compute_slowdown([1.10, 0.97, 1.04]) == pytest.approx(1.04)
+    assert compute_slowdown([1.10, 0.97, 1.04], 2.0) == pytest.approx(2.08)
+    assert compute_slowdown([0.93, 0.95, 0.99]) == 1.0
+    with pytest.raises(CalibrateError, match="at least one round"):
+        compute_slowdown([])
+
+
+def test_oversubscription_counts_every_rank_thread_against_the_cores():
+    import torch
+
+    cores = len(os.sched_getaffinity(0))
+    threads = torch.get_num_threads()
+    try:
+        torch.set_num_threads(1)
+        assert oversubscription(cores) == 1.0 and oversubscription(1) == 1.0
+        assert oversubscription(2 * cores) == 2.0  # 4 ranks on 2 cores run at half speed
+        torch.set_num_threads(2)
+        assert oversubscription(cores) == 2.0
+    finally:
+        torch.set_num_threads(threads)
+
+
 @pytest.mark.slow  # a torchrun launch
 def test_calibrate_under_torchrun_writes_a_cluster_plans_can_use(tmp_path):
     out = tmp_path / "measured.toml"
@@ -107,6 +135,8 @@ def test_calibrate_under_torchrun_writes_a_cluster_plans_can_use(tmp_path):
     )
     assert run.returncode == 0, run.stderr[-2000:]
     assert "wrote" in run.stdout
+    # [Note: other load]: how quiet the machine was is printed and kept in the file's header
+    assert "machine: while measuring," in run.stdout and "went to other work" in out.read_text().split("\n[")[0]
     cluster = load_cluster(str(out))
     assert cluster.name == "local-cpu-calibrated" and cluster.devices_per_node == 2
     assert "(measured)" in cluster.intra_node.name
@@ -115,6 +145,8 @@ def test_calibrate_under_torchrun_writes_a_cluster_plans_can_use(tmp_path):
     o = cluster.overheads  # [Note: measuring overheads]: every experiment ran and was written
     assert "[overheads]" in out.read_text() and o.measured
     assert o.action_s > 0 and 0.0 <= o.comm_overlap <= 1.0
+    # torchrun gives each rank one thread: 2 ranks time-slice on fewer than 2 cores, never on more
+    assert o.compute_slowdown >= max(1.0, 2 / len(os.sched_getaffinity(0)))
     printed = " ".join(run.stdout.split())  # the summary names what each new experiment measured
     assert "us per pipeline transfer while the ranks compute" in printed and "per saving node forward" in printed
     assert o.p2p_transfer_s >= 0 and o.checkpoint_node_s >= 0
