@@ -90,7 +90,10 @@ median:
   (an aten graph, as the runtime's stages are) run plainly, through
   ``TensorParallelModule`` with every node replicated, and with every node on
   DTensors; forward and backward each, ``a_node = (t_replicated - t_plain) / N``
-  and ``a_dtensor = (t_dtensor - t_replicated) / N`` (the tp mesh is every rank);
+  and ``a_dtensor = (t_dtensor - t_replicated) / N`` (the tp mesh is every rank),
+  each the median over ``TP_ROUNDS`` interleaved rounds of one round's
+  difference (timed one variant after the other, a moment's load on the
+  middle one had moved 87 us a node from ``a_dtensor`` to ``a_node``);
 * the optimizer: AdamW (the runtime's default, ``adamw_factory``: fused on CUDA) stepping sets of fp32
   tensors of different counts and sizes; ``t = T a_tensor + 16 P / B_opt``
   (weight, gradient, and Adam's two moments, 4 bytes each per parameter)
@@ -122,7 +125,9 @@ median:
   node was no one figure across models, [Note: software overheads]);
 * the overlap: a GEMM loop alone (``t_c``), an all-reduce of a few MiB alone
   (``t_r``) and the all-reduce launched asynchronously while the loop runs
-  (``t_b``): ``c = (t_c + t_r - t_b) / min(t_c, t_r)``, clipped to [0, 1].
+  (``t_b``): ``c = (t_c + t_r - t_b) / min(t_c, t_r)``, the median over interleaved
+  rounds of the three (one after the other, quiet calibrations had given 0.41 and
+  0.64), clipped to [0, 1].
 """
 
 from __future__ import annotations
@@ -290,18 +295,29 @@ def _timed(fn: Callable[[], None], device: torch.device, reps: int, warmup: int 
     return statistics.median(times)
 
 
-def _timed_passes(run: Callable[[], torch.Tensor], device: torch.device, reps: int) -> tuple[float, float]:
-    """(forward, forward and backward) of ``run``, each timed by ``_timed``; the forward's output is held
-    until the next one, as a training step holds it until its backward."""
+def _timed_passes(runs: dict[str, Callable[[], torch.Tensor]], device: torch.device,
+                  rounds: int) -> dict[str, tuple[list[float], list[float]]]:
+    """Per variant, the slowest rank's (forward, forward and backward) times of ``rounds`` interleaved
+    rounds, each round timing every variant once, so that a shared machine's drift falls on all of them
+    alike; the forward's output is held until the next one, as a training step holds it until its backward."""
     held: list[torch.Tensor] = []
 
-    def forward() -> None:
-        held[:] = [run()]
+    def forward(run: Callable[[], torch.Tensor]) -> Callable[[], None]:
+        return lambda: held.__setitem__(slice(None), [run()])
 
-    def both() -> None:
-        run().sum().backward()
+    def both(run: Callable[[], torch.Tensor]) -> Callable[[], None]:
+        return lambda: run().sum().backward()
 
-    return _timed(forward, device, reps), _timed(both, device, reps)
+    passes = {name: (forward(run), both(run)) for name, run in runs.items()}
+    for f, fb in passes.values():  # warm-up
+        for _ in range(2):
+            f(), fb()
+    out: dict[str, tuple[list[float], list[float]]] = {name: ([], []) for name in runs}
+    for _ in range(rounds):
+        for name, (f, fb) in passes.items():
+            out[name][0].append(_timed(f, device, 1, warmup=0))
+            out[name][1].append(_timed(fb, device, 1, warmup=0))
+    return out
 
 
 def _collective(kind: str, nbytes: int, group, size: int, device: torch.device) -> Callable[[], None]:
@@ -452,6 +468,7 @@ def _measure_links(samples, intra, inter, local, nodes, rank, sizes, reps, devic
 PIPELINE_MICROBATCHES = (4, 8, 12)  # the micro-batch counts M of the pipeline experiment (more on > 4 ranks)
 SLOWDOWN_ROUNDS = 9  # rounds of the compute slowdown's contention (one rank alone, then every rank at once, each round)
 TP_CHAIN = 48  # N: elementwise ops in the tensor-parallel experiment
+TP_ROUNDS = 9  # its interleaved rounds (plain, interpreter and DTensor timed once each a round)
 CHECKPOINT_CHAIN = 16  # N: checkpointed blocks in the checkpointing experiment
 CHECKPOINT_BLOCK_NODES = (1, 4)  # n: graph nodes per block in it, two sizes (per call and per node)
 # (tensors, elements each) of the optimizer experiment: few large, many small, and between
@@ -673,14 +690,19 @@ def tp_node_overheads(device: torch.device, reps: int) -> tuple[float, float, fl
     runners = {"plain": gm, "replicated": TensorParallelModule(program("replicate"), mesh),
                "dtensor": TensorParallelModule(program("sharded"), mesh)}
     x = torch.ones(8, 8, device=device, requires_grad=True)
-    times: dict[str, tuple[float, float]] = {}
-    for name, run in runners.items():
-        fwd, both = _timed_passes(lambda: run(x), device, reps)
-        times[name] = (fwd, max(0.0, both - fwd))
+    times = _timed_passes({name: (lambda run=run: run(x)) for name, run in runners.items()}, device,
+                          max(reps, TP_ROUNDS))
     n = len(names)
-    per = lambda a, b, i: max(0.0, (times[a][i] - times[b][i]) / n)  # noqa: E731
-    return per("replicated", "plain", 0), per("replicated", "plain", 1), per("dtensor", "replicated", 0), per(
-        "dtensor", "replicated", 1)
+
+    def per(a: str, b: str, backward: bool) -> float:  # the median over rounds of one round's difference
+        fa, fba = times[a]
+        fb_, fbb = times[b]
+        diffs = [((ab - af) - (bb - bf)) if backward else (af - bf)
+                 for af, ab, bf, bb in zip(fa, fba, fb_, fbb, strict=True)]
+        return max(0.0, statistics.median(diffs) / n)
+
+    return per("replicated", "plain", False), per("replicated", "plain", True), per("dtensor", "replicated", False), per(
+        "dtensor", "replicated", True)
 
 
 def optimizer_overheads(samples: Sequence[tuple[int, int, float]]) -> tuple[float, float]:
@@ -880,9 +902,13 @@ def comm_overlap(device: torch.device, reps: int) -> float:
         compute()
         work.wait()
 
-    t_c, t_r, t_b = (_timed(f, device, reps) for f in (compute, reduce, both))
-    hidden = (t_c + t_r - t_b) / min(t_c, t_r)
-    return min(1.0, max(0.0, hidden))
+    for f in (compute, reduce, both):  # warm-up
+        _timed(f, device, 1)
+    hidden = []
+    for _ in range(max(reps, 7)):  # interleaved rounds: the three of a round see the same load
+        t_c, t_r, t_b = (_timed(f, device, 1, warmup=0) for f in (compute, reduce, both))
+        hidden.append((t_c + t_r - t_b) / min(t_c, t_r))
+    return min(1.0, max(0.0, statistics.median(hidden)))
 
 
 def measure_overheads(device: torch.device, link: LinkFit | None, reps: int, slowdown: float = 1.0) -> Overheads:
