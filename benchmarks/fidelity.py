@@ -11,7 +11,7 @@ with ``--report``, writes it as markdown with the command, and keeps every plan 
 beside it so that ``autopart explain --measured RUN.json`` can show where each one is wrong.
 
     python -m benchmarks.fidelity [--report benchmarks/results/YYYY-MM-DD-fidelity.md] [--steps 10] [--min-seconds 2]
-        [--warmup 2] [--only TEXT] [--no-calibrate] [--calibrate-each] [--calibration-tries 3]
+        [--warmup 2] [--only TEXT] [--no-calibrate] [--calibrate-each] [--calibration-tries 3] [--rounds 1]
         [--also-without-overheads] [--cache PATH] [--force] [--memory-only] [--profile] [--record-margin]
 
 Every calibration and run is metered for the machine's other load ([Note: other load] in
@@ -19,6 +19,12 @@ partitioner/hostload.py: the share of its CPUs that went to processes not ours, 
 A calibration that saw more than 10% is taken again, up to ``--calibration-tries`` times, keeping the
 quietest; a run is never taken again: the table shows each one's load, and where a run was not quiet,
 the summary adds the figures over the quiet runs beside the figures over all.
+
+A quiet machine's speed still moves between minutes: with no other load, calibrate's compute slowdown
+(CPU time) read 1.04-1.35 before different layouts of one run, and the same plan of gpt2-tiny pp2 1f1b
+measured 51-76 ms in five runs. ``--rounds R`` calibrates, plans and runs every layout R times (all
+layouts, then all again) and sets each layout's mean prediction against its mean measured step; every
+single run's error is reported beside it, and in the summary.
 
 ``--memory-only`` measures peak memory alone, which does not depend on the machine's load: each
 layout is planned on the ``local-cpu:N`` preset without profiling and run for one step after one
@@ -116,6 +122,7 @@ class Outcome:
     # calibration the plan was priced on; None where not metered
     run_load: float | None = None
     calibration_load: float | None = None
+    round_errors: tuple[float, ...] = ()  # each round's error where the figures are the mean of rounds (--rounds)
 
     @property
     def name(self) -> str:
@@ -212,8 +219,8 @@ MAX_STEPS = 400  # the most steps --min-seconds asks for (a step predicted far t
 
 
 def measure(layout: Layout, cluster: str, cache: Path, keep: Path, steps: int, warmup: int,
-            profile: bool = True, bare: bool = False, min_seconds: float = 0.0) -> Outcome:
-    slug = layout.name.replace(" ", "-")
+            profile: bool = True, bare: bool = False, min_seconds: float = 0.0, tag: str = "") -> Outcome:
+    slug = layout.name.replace(" ", "-") + tag
     plan_path, run_path = keep / f"{slug}.plan.json", keep / f"{slug}.run.json"
     for p in (plan_path, run_path):
         p.unlink(missing_ok=True)
@@ -272,6 +279,28 @@ def more_sharded(layout: Layout, plan: dict) -> str:
     return chose if chose != asked and plan["mesh"]["dp"] > 1 else ""
 
 
+def combine(rounds: Sequence[Outcome]) -> Outcome:
+    """One layout over its rounds: the mean prediction against the mean measured step (each round calibrated,
+    planned and run anew, so both sides are samples of a machine whose speed moves between minutes); memory,
+    residuals and loads from the first round, the loads at their most. One round is itself."""
+    if len(rounds) == 1:
+        return rounds[0]
+    first = rounds[0]
+    most = lambda xs: max(xs) if xs else None  # noqa: E731
+    bare = [o.predicted_bare_s for o in rounds if o.predicted_bare_s is not None]
+    return replace(
+        first,
+        predicted_step_s=statistics.fmean(o.predicted_step_s for o in rounds),
+        measured_step_s=statistics.fmean(o.measured_step_s for o in rounds),
+        predicted_bare_s=statistics.fmean(bare) if len(bare) == len(rounds) else None,
+        step_spread=max(o.step_spread for o in rounds),
+        steps=sum(o.steps for o in rounds),
+        run_load=most([o.run_load for o in rounds if o.run_load is not None]),
+        calibration_load=most([o.calibration_load for o in rounds if o.calibration_load is not None]),
+        round_errors=tuple(o.step_error for o in rounds),
+    )
+
+
 def summarize(outcomes: Sequence[Outcome]) -> dict[str, float]:
     step = [abs(o.step_error) for o in outcomes]
     bare = [abs(o.predicted_bare_s / o.measured_step_s - 1.0) for o in outcomes if o.predicted_bare_s is not None]
@@ -298,6 +327,7 @@ def table(outcomes: Sequence[Outcome]) -> list[str]:
         "|---|---:|---:|---:|" + ("---:|" if bare else "") + "---|---:|---|",
     ]
     pct = lambda x: "-" if x is None else f"{x:.0%}"  # noqa: E731
+    rounds = lambda o: f" (rounds {', '.join(f'{e:+.0%}' for e in o.round_errors)})" if o.round_errors else ""  # noqa: E731
     for o in outcomes:
         mem = "; ".join(f"r{r} {p / 2**20:.2f}/{m / 2**20:.2f} MiB ({p / m - 1:+.1%})" for r, p, m in o.memory)
         before = ""
@@ -305,7 +335,7 @@ def table(outcomes: Sequence[Outcome]) -> list[str]:
             b = o.predicted_bare_s
             before = f" {b * 1e3:.1f} ms ({b / o.measured_step_s - 1:+.1%}) |" if b is not None else " - |"
         lines.append(f"| {o.name} | {o.predicted_step_s * 1e3:.1f} ms | {o.measured_step_s * 1e3:.1f} ms "
-                     f"({o.step_spread:.0%}, {o.steps} steps) | {o.step_error:+.1%} |{before} {mem} | "
+                     f"({o.step_spread:.0%}, {o.steps} steps) | {o.step_error:+.1%}{rounds(o)} |{before} {mem} | "
                      f"{pct(o.calibration_load)} / {pct(o.run_load)} | {o.largest_residual} |")
     return lines
 
@@ -356,6 +386,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     ap.add_argument("--calibrate-each", action="store_true",
                     help="calibrate again right before each layout, so that a shared machine's load is measured "
                          "when the layout runs (the overheads follow it)")
+    ap.add_argument("--rounds", type=int, default=1,
+                    help="calibrate (with --calibrate-each), plan and run every layout this many times, all layouts "
+                         "a round, and set each layout's mean prediction against its mean measured step; every "
+                         "single run's figures are reported too (default 1)")
     ap.add_argument("--calibration-tries", type=int, default=3,
                     help="calibrate again while the machine's other load is above 10%% (partitioner/hostload.py), "
                          "up to this many times, keeping the quietest (default 3; 1 takes the first)")
@@ -400,32 +434,41 @@ def main(argv: Sequence[str] | None = None) -> int:
             continue
         c = calibrate(world, keep / f"calibrated-{world}.toml", args.calibration_tries)
         clusters[world], loads[world], retried = str(c.path), c.load, retried + c.tries - 1
-    outcomes = []
     failed: list[str] = []
-    for layout in layouts:
-        try:
-            if args.calibrate_each and not args.no_calibrate:
-                c = calibrate(layout.world, keep / f"calibrated-{layout.name.replace(' ', '-')}.toml",
-                              args.calibration_tries)
-                clusters[layout.world], loads[layout.world], retried = str(c.path), c.load, retried + c.tries - 1
-            o = measure(layout, clusters[layout.world], cache, keep, args.steps, args.warmup,
-                        profile=args.profile or not args.memory_only, bare=args.also_without_overheads,
-                        min_seconds=args.min_seconds)
-            o = replace(o, calibration_load=loads[layout.world])
-        except RunFailed as exc:  # recorded, not retried: a flaky layout should show
-            failed.append(f"{layout.name}: {exc}")
-            print(f"{layout.name}: {exc}", flush=True)
-            continue
-        outcomes.append(o)
-        print(f"{o.name}: step predicted {o.predicted_step_s * 1e3:.1f} ms, measured {o.measured_step_s * 1e3:.1f} ms "
-              f"({o.step_error:+.1%}); peak memory error per rank "
-              f"{', '.join(f'{e:+.1%}' for e in o.memory_errors)}", flush=True)
+    runs: dict[str, list[Outcome]] = {}  # each layout's outcome of every round that ran
+    for r in range(1, args.rounds + 1):
+        tag = f"-r{r}" if args.rounds > 1 else ""  # each round's files beside the others'
+        for layout in layouts:
+            try:
+                if args.calibrate_each and not args.no_calibrate:
+                    c = calibrate(layout.world, keep / f"calibrated-{layout.name.replace(' ', '-')}{tag}.toml",
+                                  args.calibration_tries)
+                    clusters[layout.world], loads[layout.world], retried = str(c.path), c.load, retried + c.tries - 1
+                o = measure(layout, clusters[layout.world], cache, keep, args.steps, args.warmup,
+                            profile=args.profile or not args.memory_only, bare=args.also_without_overheads,
+                            min_seconds=args.min_seconds, tag=tag)
+                o = replace(o, calibration_load=loads[layout.world])
+            except RunFailed as exc:  # recorded, not retried: a flaky layout should show
+                failed.append(f"{layout.name}{f' (round {r})' if tag else ''}: {exc}")
+                print(f"{layout.name}{tag}: {exc}", flush=True)
+                continue
+            runs.setdefault(layout.name, []).append(o)
+            print(f"{o.name}{tag}: step predicted {o.predicted_step_s * 1e3:.1f} ms, measured "
+                  f"{o.measured_step_s * 1e3:.1f} ms ({o.step_error:+.1%}); peak memory error per rank "
+                  f"{', '.join(f'{e:+.1%}' for e in o.memory_errors)}", flush=True)
+    outcomes = [combine(runs[l.name]) for l in layouts if l.name in runs]
+    singles = [o for l in layouts for o in runs.get(l.name, [])]
     if not outcomes:
         raise SystemExit("fidelity: every layout failed: " + "; ".join(failed))
     s = summarize(outcomes)
     lines = memory_table(outcomes) if args.memory_only else table(outcomes)
-    summary = (f"step time over {s['layouts']} layouts: median |error| {s['step_median']:.1%}, worst {s['step_worst']:.1%} "
-               f"(target 10% / 20%); peak memory over {s['ranks']} ranks: median |error| {s['memory_median']:.1%}, "
+    each = f", each the mean of {args.rounds} rounds" if args.rounds > 1 else ""
+    summary = (f"step time over {s['layouts']} layouts{each}: median |error| {s['step_median']:.1%}, worst {s['step_worst']:.1%} "
+               f"(target 10% / 20%)"
+               + (f"; over the {len(singles)} single runs: median |error| "
+                  f"{statistics.median(abs(o.step_error) for o in singles):.1%}, worst "
+                  f"{max(abs(o.step_error) for o in singles):.1%}" if args.rounds > 1 else "")
+               + f"; peak memory over {s['ranks']} ranks: median |error| {s['memory_median']:.1%}, "
                f"worst {s['memory_worst']:.1%} (target 3% / 10%); memory margin: measured peaks up to "
                f"{s['memory_excess']:+.1%} over the prediction, covered by --memory-reserve {s['reserve']:.3f}")
     if args.memory_only:
@@ -473,8 +516,11 @@ def main(argv: Sequence[str] | None = None) -> int:
             f"planned with `autopart plan --profile` and the layout's flags, and run with `autopart run --steps N "
             f"--warmup {args.warmup} --json` (gloo, one thread per rank; N is {args.steps}, or more where the step is "
             f"short: enough for {args.min_seconds:g} s of predicted steps). "
-            "The error is predicted / measured - 1. "
-            "Peak memory is measured by the dispatch-mode storage meter (partitioner/measure.py) over the first step "
+            "The error is predicted / measured - 1"
+            + (f"; with {args.rounds} rounds (all layouts, then all again), each layout is calibrated, planned and run "
+               "once a round, and its error is its mean prediction over its mean measured step (each round's error "
+               "beside it). " if args.rounds > 1 else ". ")
+            + "Peak memory is measured by the dispatch-mode storage meter (partitioner/measure.py) over the first step "
             "and a steady one. Plans, runs and calibrations are in "
             f"`{keep.relative_to(ROOT) if keep.is_relative_to(ROOT) else keep}/`; "
             "`autopart explain --measured RUN.json` shows every component.",
@@ -488,7 +534,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         (keep / "outcomes.json").write_text(json.dumps(
             [dict(layout=o.layout, dp_sharding=o.dp_sharding, predicted_step_s=o.predicted_step_s, measured_step_s=o.measured_step_s,
                   predicted_bare_s=o.predicted_bare_s, step_spread=o.step_spread, steps=o.steps, memory=o.memory, largest_residual=o.largest_residual, reserve=o.reserve,
-                  run_load=o.run_load, calibration_load=o.calibration_load)
+                  run_load=o.run_load, calibration_load=o.calibration_load, round_errors=o.round_errors)
              for o in outcomes],
             indent=1) + "\n")
         print(f"wrote {report}")
