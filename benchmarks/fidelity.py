@@ -22,8 +22,8 @@ the summary adds the figures over the quiet runs beside the figures over all.
 
 A quiet machine's speed still moves between minutes: with no other load, calibrate's compute slowdown
 (CPU time) read 1.04-1.35 before different layouts of one run, and the same plan of gpt2-tiny pp2 1f1b
-measured 51-76 ms in five runs. ``--rounds R`` calibrates, plans and runs every layout R times (all
-layouts, then all again) and sets each layout's mean prediction against its mean measured step; every
+measured 51-76 ms in five runs. ``--rounds R`` calibrates, profiles (a cache a round), plans and runs
+every layout R times (all layouts, then all again) and sets each layout's mean prediction against its mean measured step; every
 single run's error is reported beside it, and in the summary.
 
 ``--memory-only`` measures peak memory alone, which does not depend on the machine's load: each
@@ -391,12 +391,13 @@ def main(argv: Sequence[str] | None = None) -> int:
                          "a round, and set each layout's mean prediction against its mean measured step; every "
                          "single run's figures are reported too (default 1)")
     ap.add_argument("--calibration-tries", type=int, default=3,
-                    help="calibrate again while the machine's other load is above 10%% (partitioner/hostload.py), "
+                    help=f"calibrate again while the machine's other load is above {OTHER_LOAD_WARN * 100:.0f}%% (partitioner/hostload.py), "
                          "up to this many times, keeping the quietest (default 3; 1 takes the first)")
     ap.add_argument("--also-without-overheads", action="store_true",
                     help="also price each plan on its cluster without the [overheads] table (the time model "
                          "before the measured overheads), against the same run")
-    ap.add_argument("--cache", default=None, help="profile cache (default: a fresh one in the keep folder)")
+    ap.add_argument("--cache", default=None, help="profile cache (default: a fresh one in the keep folder, one a round "
+                                                   "with --rounds)")
     ap.add_argument("--force", action="store_true", help="let --report overwrite an existing file")
     ap.add_argument("--memory-only", action="store_true",
                     help="peak memory alone: plan on local-cpu:N without profiling, run 1 step after 1 warm-up")
@@ -407,6 +408,11 @@ def main(argv: Sequence[str] | None = None) -> int:
                     help="write the worst measured excess over the predicted peak to cost_models/memory_margin.json "
                          "(needs --report and every layout)")
     args = ap.parse_args(argv)
+    if args.rounds < 1 or args.calibration_tries < 1:
+        ap.error(f"--rounds {args.rounds} / --calibration-tries {args.calibration_tries}: use at least 1")
+    if args.rounds > 1 and (not args.calibrate_each or args.no_calibrate or args.memory_only):
+        ap.error("--rounds N needs --calibrate-each (each round is a whole prediction: calibrated, profiled, planned "
+                 "and run), without --no-calibrate or --memory-only")
     if args.profile and not args.memory_only:
         raise SystemExit("fidelity: --profile goes with --memory-only (the full benchmark always plans with --profile)")
     if args.memory_only:
@@ -444,7 +450,9 @@ def main(argv: Sequence[str] | None = None) -> int:
                     c = calibrate(layout.world, keep / f"calibrated-{layout.name.replace(' ', '-')}{tag}.toml",
                                   args.calibration_tries)
                     clusters[layout.world], loads[layout.world], retried = str(c.path), c.load, retried + c.tries - 1
-                o = measure(layout, clusters[layout.world], cache, keep, args.steps, args.warmup,
+                # each round profiles anew (its own cache), unless --cache names one: a round is a whole prediction
+                rcache = cache if args.cache or not tag else keep / f"profile{tag}.sqlite"
+                o = measure(layout, clusters[layout.world], rcache, keep, args.steps, args.warmup,
                             profile=args.profile or not args.memory_only, bare=args.also_without_overheads,
                             min_seconds=args.min_seconds, tag=tag)
                 o = replace(o, calibration_load=loads[layout.world])
@@ -477,7 +485,7 @@ def main(argv: Sequence[str] | None = None) -> int:
                    f"{s['memory_excess']:+.1%} over the prediction")
     if not args.memory_only and any(o.run_load is not None for o in outcomes):
         busy = [o.name for o in outcomes if o.run_load is not None and o.run_load > OTHER_LOAD_WARN]
-        summary += (f"; the machine's other load was above {OTHER_LOAD_WARN:.0%} during {len(busy)} of the runs"
+        summary += (f"; the machine's other load was above {OTHER_LOAD_WARN:.0%} during the runs of {len(busy)} layout(s)"
                     + (f" ({', '.join(busy)})" if busy else "")
                     + (f", {retried} calibration(s) were taken again for it" if retried else ""))
         if busy and "quiet_median" in s:
@@ -517,7 +525,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             f"--warmup {args.warmup} --json` (gloo, one thread per rank; N is {args.steps}, or more where the step is "
             f"short: enough for {args.min_seconds:g} s of predicted steps). "
             "The error is predicted / measured - 1"
-            + (f"; with {args.rounds} rounds (all layouts, then all again), each layout is calibrated, planned and run "
+            + (f"; with {args.rounds} rounds (all layouts, then all again), each layout is calibrated, profiled (a cache a round), planned and run "
                "once a round, and its error is its mean prediction over its mean measured step (each round's error "
                "beside it). " if args.rounds > 1 else ". ")
             + "Peak memory is measured by the dispatch-mode storage meter (partitioner/measure.py) over the first step "

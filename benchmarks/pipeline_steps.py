@@ -28,6 +28,17 @@ from pathlib import Path
 from typing import Any
 
 
+REPLAYED = ("gpipe", "1f1b", "interleaved")  # the schedules the replay knows: F and B actions, stage s on rank s % pp
+
+
+def _check_replayable(plan: dict[str, Any], where: str) -> None:
+    """One line and exit unless the plan is a pipeline whose schedule the replay knows."""
+    name, pp = plan["schedule"]["name"], plan["mesh"]["pp"]
+    if name not in REPLAYED or pp < 2:
+        raise SystemExit(f"{where}: schedule {name} on pp={pp}; this script replays pipelines (pp >= 2) of "
+                         f"{', '.join(REPLAYED)} only")
+
+
 def _run(plan_path: str, steps: int, warmup: int, out: str) -> None:
     import torch
     import torch.distributed as dist
@@ -41,6 +52,7 @@ def _run(plan_path: str, steps: int, warmup: int, out: str) -> None:
     from partitioner.zoo import load_model
 
     plan = Plan.load(plan_path)
+    _check_replayable(json.loads(Path(plan_path).read_text()), plan_path)
     source = plan.model_source(None, {}, None)
     loaded = load_model(source.spec, seq_len=source.seq_len, dtype="fp32", config=source.config, device="meta")
     model = loaded.model.train()
@@ -54,7 +66,9 @@ def _run(plan_path: str, steps: int, warmup: int, out: str) -> None:
             return torch.nn.functional.cross_entropy(o.reshape(-1, o.shape[-1]), y.reshape(-1))
         return torch.nn.functional.mse_loss(o, y)
 
-    pm = ParallelModel(model, plan, loaded.example_inputs, loss_fn, None, timeout_s=20.0, init_seed=0)
+    # the optimizer the plan priced, as autopart run makes it (runtime/loop.py): SGD for "sgd", else AdamW
+    opt = (lambda ps: torch.optim.SGD(ps, lr=1e-3)) if plan.training.optimizer == "sgd" else None
+    pm = ParallelModel(model, plan, loaded.example_inputs, loss_fn, opt, timeout_s=20.0, init_seed=0)
     last = pm.split.stages[-1].output_specs
     probe = tree_unflatten([torch.empty(s, dtype=d, device="meta") for s, d in last], pm.split.out_spec)
     o = getattr(probe, "logits", probe)
@@ -223,6 +237,7 @@ def _analyze(path: str) -> None:
             raise SystemExit(f"{path}: neither a file of this script nor an autopart run --json record with "
                              "components (run it with --json)")
         data = _from_run_record(data, path)
+    _check_replayable(data["plan_data"], path)
     _on_one_clock(data)
     plan = data["plan_data"]
     pp = plan["mesh"]["pp"]
@@ -351,6 +366,7 @@ def what_if_rendezvous(paths: list[str]) -> None:
         if "plan_data" not in run or "step_times_s" not in run:
             raise SystemExit(f"{path}: not an autopart run --json record with its plan (run it with --json)")
         plan = run["plan_data"]
+        _check_replayable(plan, path)
         pp, stages, sch = plan["mesh"]["pp"], plan["stages"], plan["schedule"]
         sim = _predicted(plan)
         orders = [[(e.action.stage, e.action.kind, e.action.microbatch) for e in sim.events if e.rank == r]

@@ -40,9 +40,13 @@ others), is two factors:
   once, over rank 0's alone (shared caches and memory bandwidth), the median
   over ``SLOWDOWN_ROUNDS`` rounds, each timing the work alone and then at
   once, so that both sides of a ratio see the same machine;
-* oversubscription: ``max(1, threads / cores)``, the ranks of this node times
-  each rank's intra-op threads over the cores the process may run on
-  (``os.sched_getaffinity``): more threads than cores time-slice.
+* oversubscription: ``max(1, ranks / cores)``, the ranks of this node over
+  the cores the process may run on (``os.sched_getaffinity``): more ranks
+  than cores time-slice. Each rank has one intra-op thread (torchrun's
+  default); with more, the profile's CPU time adds the threads' work and is
+  no longer the rank's wall time alone, which this figure does not model.
+  Nor does it see a container's CPU quota (cgroup ``cpu.max``) below its
+  cores, which a wall-time ratio would.
 
 CPU time, not wall time, because wall time also counts whatever else runs
 for a moment: another process, or the hypervisor's steal. Measured on this
@@ -91,7 +95,7 @@ median:
   ``TensorParallelModule`` with every node replicated, and with every node on
   DTensors; forward and backward each, ``a_node = (t_replicated - t_plain) / N``
   and ``a_dtensor = (t_dtensor - t_replicated) / N`` (the tp mesh is every rank),
-  each the median over ``TP_ROUNDS`` interleaved rounds of one round's
+  each the median over ``ROUNDS`` interleaved rounds of one round's
   difference (timed one variant after the other, a moment's load on the
   middle one had moved 87 us a node from ``a_dtensor`` to ``a_node``);
 * the optimizer: AdamW (the runtime's default, ``adamw_factory``: fused on CUDA) stepping sets of fp32
@@ -215,6 +219,8 @@ class ComputeRates:
     memory_bandwidth: float  # bytes/s of an elementwise add (two reads, one write), one rank alone
     dtype: str
     slowdown: float = 1.0  # the same work on every rank at once, over one rank alone (>= 1)
+    contention: float = 1.0  # its two factors ([Note: measured device efficiencies]): shared caches and bandwidth,
+    oversubscribed: float = 1.0  # and more ranks than cores
 
 
 @dataclass(frozen=True)
@@ -295,29 +301,38 @@ def _timed(fn: Callable[[], None], device: torch.device, reps: int, warmup: int 
     return statistics.median(times)
 
 
-def _timed_passes(runs: dict[str, Callable[[], torch.Tensor]], device: torch.device,
-                  rounds: int) -> dict[str, tuple[list[float], list[float]]]:
-    """Per variant, the slowest rank's (forward, forward and backward) times of ``rounds`` interleaved
-    rounds, each round timing every variant once, so that a shared machine's drift falls on all of them
-    alike; the forward's output is held until the next one, as a training step holds it until its backward."""
-    held: list[torch.Tensor] = []
+def _rounds(fns: Sequence[Callable[[], None]], device: torch.device, rounds: int) -> list[tuple[float, ...]]:
+    """Per round, the slowest rank's time of each of ``fns``, once each and in order: interleaved rounds, so
+    that a shared machine's drift falls on every variant of an experiment alike (never warmed up here)."""
+    return [tuple(_timed(f, device, 1, warmup=0) for f in fns) for _ in range(rounds)]
 
-    def forward(run: Callable[[], torch.Tensor]) -> Callable[[], None]:
-        return lambda: held.__setitem__(slice(None), [run()])
+
+@dataclass(frozen=True, slots=True)
+class PassTimes:
+    """One variant's times over an experiment's rounds: its forward, and its forward and backward."""
+
+    forward: tuple[float, ...]
+    both: tuple[float, ...]
+
+
+def _timed_passes(runs: dict[str, Callable[[], torch.Tensor]], device: torch.device, rounds: int) -> dict[str, PassTimes]:
+    """Per variant, its forward and its forward-and-backward timed in ``rounds`` interleaved rounds
+    (``_rounds``); each variant's forward output is held until its next one, as a training step holds it
+    until its backward (so each variant frees its own graph, never another's)."""
+    held: dict[str, torch.Tensor] = {}
+
+    def forward(name: str, run: Callable[[], torch.Tensor]) -> Callable[[], None]:
+        return lambda: held.__setitem__(name, run())
 
     def both(run: Callable[[], torch.Tensor]) -> Callable[[], None]:
         return lambda: run().sum().backward()
 
-    passes = {name: (forward(run), both(run)) for name, run in runs.items()}
-    for f, fb in passes.values():  # warm-up
-        for _ in range(2):
-            f(), fb()
-    out: dict[str, tuple[list[float], list[float]]] = {name: ([], []) for name in runs}
-    for _ in range(rounds):
-        for name, (f, fb) in passes.items():
-            out[name][0].append(_timed(f, device, 1, warmup=0))
-            out[name][1].append(_timed(fb, device, 1, warmup=0))
-    return out
+    fns = [fn for name, run in runs.items() for fn in (forward(name, run), both(run))]
+    for fn in fns:  # warm-up
+        fn(), fn()
+    got = _rounds(fns, device, rounds)
+    return {name: PassTimes(tuple(r[2 * i] for r in got), tuple(r[2 * i + 1] for r in got))
+            for i, name in enumerate(runs)}
 
 
 def _collective(kind: str, nbytes: int, group, size: int, device: torch.device) -> Callable[[], None]:
@@ -380,18 +395,20 @@ def _timed_at_once(fn: Callable[[], None], device: torch.device) -> float:
 
 
 def oversubscription(local_ranks: int) -> float:
-    """``max(1, threads / cores)``: this node's ranks times each one's intra-op threads over the cores the
-    process may run on ([Note: measured device efficiencies])."""
-    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
-    return max(1.0, local_ranks * torch.get_num_threads() / cores)
+    """``max(1, ranks / cores)``: this node's ranks over the cores the process may run on, each rank with
+    one intra-op thread (torchrun's default) ([Note: measured device efficiencies])."""
+    from .cluster import available_cpus
+
+    return max(1.0, local_ranks / available_cpus())
 
 
 def compute_slowdown(ratios: Sequence[float], oversubscribed: float = 1.0) -> float:
     """``overheads.compute_slowdown`` from the rounds' contention ratios (CPU time at once over alone) and
-    the oversubscription factor: their product, at least 1 ([Note: measured device efficiencies])."""
+    the oversubscription factor: the contention (their median, at least 1) times it
+    ([Note: measured device efficiencies])."""
     if not ratios:
         raise CalibrateError("the compute slowdown needs at least one round")
-    return max(1.0, statistics.median(ratios) * oversubscribed)
+    return max(1.0, statistics.median(ratios)) * max(1.0, oversubscribed)
 
 
 def _compute_rates(device: torch.device, dtype: str, local_ranks: int) -> ComputeRates:
@@ -409,8 +426,9 @@ def _compute_rates(device: torch.device, dtype: str, local_ranks: int) -> Comput
     for _ in range(SLOWDOWN_ROUNDS):  # interleaved: alone and all at once see the same machine in a round
         alone = sum(_timed_alone(f, device, reps=1, warmup=0) for f in ops)
         ratios.append(sum(_timed_at_once(f, device) for f in ops) / alone)
-    slowdown = compute_slowdown(ratios, oversubscription(local_ranks) if device.type == "cpu" else 1.0)
-    return ComputeRates(2 * n**3 / gemm, 3 * m / add, dtype, slowdown)
+    over = oversubscription(local_ranks) if device.type == "cpu" else 1.0
+    return ComputeRates(2 * n**3 / gemm, 3 * m / add, dtype, compute_slowdown(ratios, over),
+                        compute_slowdown(ratios), over)
 
 
 def run_calibration(
@@ -466,9 +484,9 @@ def _measure_links(samples, intra, inter, local, nodes, rank, sizes, reps, devic
 # --------------------------------------------------------------------------------------
 
 PIPELINE_MICROBATCHES = (4, 8, 12)  # the micro-batch counts M of the pipeline experiment (more on > 4 ranks)
+ROUNDS = 7  # interleaved rounds of an experiment whose variants are compared (each timed once a round)
 SLOWDOWN_ROUNDS = 9  # rounds of the compute slowdown's contention (one rank alone, then every rank at once, each round)
 TP_CHAIN = 48  # N: elementwise ops in the tensor-parallel experiment
-TP_ROUNDS = 9  # its interleaved rounds (plain, interpreter and DTensor timed once each a round)
 CHECKPOINT_CHAIN = 16  # N: checkpointed blocks in the checkpointing experiment
 CHECKPOINT_BLOCK_NODES = (1, 4)  # n: graph nodes per block in it, two sizes (per call and per node)
 # (tensors, elements each) of the optimizer experiment: few large, many small, and between
@@ -691,14 +709,13 @@ def tp_node_overheads(device: torch.device, reps: int) -> tuple[float, float, fl
                "dtensor": TensorParallelModule(program("sharded"), mesh)}
     x = torch.ones(8, 8, device=device, requires_grad=True)
     times = _timed_passes({name: (lambda run=run: run(x)) for name, run in runners.items()}, device,
-                          max(reps, TP_ROUNDS))
+                          max(reps, ROUNDS))
     n = len(names)
 
     def per(a: str, b: str, backward: bool) -> float:  # the median over rounds of one round's difference
-        fa, fba = times[a]
-        fb_, fbb = times[b]
+        ta, tb = times[a], times[b]
         diffs = [((ab - af) - (bb - bf)) if backward else (af - bf)
-                 for af, ab, bf, bb in zip(fa, fba, fb_, fbb, strict=True)]
+                 for af, ab, bf, bb in zip(ta.forward, ta.both, tb.forward, tb.both, strict=True)]
         return max(0.0, statistics.median(diffs) / n)
 
     return per("replicated", "plain", False), per("replicated", "plain", True), per("dtensor", "replicated", False), per(
@@ -844,10 +861,11 @@ def checkpoint_fit(samples: Sequence[CheckpointSample]) -> tuple[float, float, f
 
 
 def checkpoint_passes(blocks: Sequence[torch.nn.Module], x: torch.Tensor,
-                      held: list[torch.Tensor]) -> list[Callable[[], None]]:
+                      held: dict[bool, torch.Tensor]) -> list[Callable[[], None]]:
     """The four passes the checkpointing experiment times over the chain ``blocks``: its forward plain and
-    checkpointed (the output kept in ``held``), then forward and backward plain and checkpointed. Built
-    per chain, so that each size's passes run that size's blocks."""
+    checkpointed (each output kept in ``held[checkpointed]`` until that pass's next run, so that each pass
+    frees its own graph, never the other's), then forward and backward plain and checkpointed. Built per
+    chain (give each its own ``held``), so that each size's passes run that size's blocks."""
     from .recompute import checkpointed
 
     def run(ckpt: bool) -> torch.Tensor:
@@ -856,7 +874,7 @@ def checkpoint_passes(blocks: Sequence[torch.nn.Module], x: torch.Tensor,
             y = checkpointed(block, y) if ckpt else block(y)
         return y
 
-    out: list[Callable[[], None]] = [lambda c=c: held.__setitem__(slice(None), [run(c)]) for c in (False, True)]
+    out: list[Callable[[], None]] = [lambda c=c: held.__setitem__(c, run(c)) for c in (False, True)]
     return out + [lambda c=c: run(c).sum().backward() for c in (False, True)]
 
 
@@ -868,20 +886,21 @@ def checkpoint_overheads(device: torch.device, reps: int) -> tuple[float, float,
     torch.manual_seed(0)
     x = torch.randn(4, 16, device=device, requires_grad=True)
     n = CHECKPOINT_CHAIN
-    held: list[torch.Tensor] = []  # the forward's output, held until the next one as a step holds it
+    held: dict[int, dict[bool, torch.Tensor]] = {}  # each pass's forward output, held as a step holds it
     passes: dict[int, list[Callable[[], None]]] = {}
     for size in CHECKPOINT_BLOCK_NODES:
         blocks = [torch.fx.symbolic_trace(CheckpointBlock(size)).to(device) for _ in range(n)]
-        passes[size] = checkpoint_passes(blocks, x, held)
+        passes[size] = checkpoint_passes(blocks, x, held.setdefault(size, {}))
         for fn in passes[size]:
             _timed(fn, device, 1)  # warm-up
-    rounds: dict[int, list[tuple[float, float]]] = {size: [] for size in passes}
-    for _ in range(max(reps, 7)):  # interleaved rounds: the four passes of a round see the same load
-        for size, fns in passes.items():
-            f, fc, fb, fbc = (_timed(fn, device, 1, warmup=0) for fn in fns)
-            rounds[size].append(((fc - f) / n, ((fbc - fc) - (fb - f) - f) / n))
-    return checkpoint_fit([CheckpointSample(size, statistics.median(r[0] for r in got), statistics.median(r[1] for r in got))
-                           for size, got in rounds.items()])
+    sizes = list(passes)
+    got = _rounds([fn for size in sizes for fn in passes[size]], device, max(reps, ROUNDS))
+    samples = []
+    for i, size in enumerate(sizes):
+        per = [r[4 * i:4 * i + 4] for r in got]  # (f, f_ckpt, fb, fb_ckpt) of each round
+        samples.append(CheckpointSample(size, statistics.median((fc - f) / n for f, fc, _, _ in per),
+                                        statistics.median(((fbc - fc) - (fb - f) - f) / n for f, fc, fb, fbc in per)))
+    return checkpoint_fit(samples)
 
 
 def comm_overlap(device: torch.device, reps: int) -> float:
@@ -904,23 +923,21 @@ def comm_overlap(device: torch.device, reps: int) -> float:
 
     for f in (compute, reduce, both):  # warm-up
         _timed(f, device, 1)
-    hidden = []
-    for _ in range(max(reps, 7)):  # interleaved rounds: the three of a round see the same load
-        t_c, t_r, t_b = (_timed(f, device, 1, warmup=0) for f in (compute, reduce, both))
-        hidden.append((t_c + t_r - t_b) / min(t_c, t_r))
+    hidden = [(t_c + t_r - t_b) / min(t_c, t_r) for t_c, t_r, t_b in _rounds((compute, reduce, both), device,
+                                                                           max(reps, ROUNDS))]
     return min(1.0, max(0.0, statistics.median(hidden)))
 
 
 def measure_overheads(device: torch.device, link: LinkFit | None, reps: int, slowdown: float = 1.0) -> Overheads:
     """Every overhead of [Note: measuring overheads], rounded to four significant digits."""
-    samples, step = _pipeline_samples(device, link, max(reps, 7))
+    samples, step = _pipeline_samples(device, link, max(reps, ROUNDS))
     action = pipeline_overheads(samples, step)
-    p2p = transfer_overhead(_busy_pipeline_samples(device, link, max(reps, 7)), action, step)
+    p2p = transfer_overhead(_busy_pipeline_samples(device, link, max(reps, ROUNDS)), action, step)
     node, node_b, dt, dt_b = tp_node_overheads(device, reps)
     tensor_s, bandwidth = optimizer_overheads(_optimizer_samples(device, reps))
     ckpt, ckpt_b, ckpt_node = checkpoint_overheads(device, reps)
     overlap = comm_overlap(device, reps)
-    fsdp_f, fsdp_b, opt_dt = fsdp_overheads(_fsdp_sample(device, max(reps, 7)), link)
+    fsdp_f, fsdp_b, opt_dt = fsdp_overheads(_fsdp_sample(device, max(reps, ROUNDS)), link)
     us = lambda x: _sig(x * 1e6)  # noqa: E731  # the file's units: exact when read back
     return Overheads.from_file(dict(
         action_us=us(action), step_us=us(step), tp_node_forward_us=us(node), tp_node_backward_us=us(node_b),

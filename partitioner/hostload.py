@@ -8,12 +8,14 @@ On a shared machine a calibration or a timed run can see someone else's work for
 another process, or, in a virtual machine, the hypervisor running another guest on our cores
 (``steal``). Either makes wall time longer without being the plan's cost. ``LoadMeter`` reads the
 kernel's count of every CPU's busy time (``/proc/stat``: user, nice, system, irq, softirq and steal;
-``guest`` is inside ``user``) at the start and the end, and the caller gives the CPU time its own
+``guest`` is inside ``user``; the lines of the CPUs this process may run on) at the start and the end, and the caller gives the CPU time its own
 processes used in between (``own_cpu_seconds``: ``getrusage`` of the process, or of the children it
 waited for). What is left, over the wall time times the CPUs, is the **other load**: 0 on a quiet
 machine, 0.5 when another job kept one of two cores busy throughout. The kernel counts in ticks
 (10 ms), and the launcher's own bookkeeping (torchrun's agent) counts as other, so a quiet
-machine reads a percent or two. Where ``/proc/stat`` does not exist (not Linux), there is no meter.
+machine reads a percent or two. Where ``/proc/stat`` does not exist (not Linux), there is no meter. A
+container's CPU quota (cgroup ``cpu.max``) below its CPUs is not seen: its throttling is neither ours
+nor another's busy time.
 """
 
 from __future__ import annotations
@@ -44,24 +46,43 @@ class OtherLoad:
 
     @property
     def quiet(self) -> bool:
+        """At most ``OTHER_LOAD_WARN``: a measurement taken on a quiet machine."""
         return self.fraction <= OTHER_LOAD_WARN
 
     def describe(self) -> str:
+        """One clause for a report: the other load and the CPUs it is a share of."""
         return f"{self.fraction:.0%} of the machine's {self.cpus} CPUs went to other work (other processes, the hypervisor)"
 
 
-def _busy() -> tuple[float, int] | None:
-    """(every CPU's busy seconds since boot, the CPUs), or None without /proc/stat."""
+@dataclass(frozen=True, slots=True)
+class BusyTime:
+    """The busy seconds of the CPUs this process may run on, since boot, read at ``at`` (perf_counter)."""
+
+    seconds: float
+    cpus: int
+    at: float
+
+
+def busy_time() -> BusyTime | None:
+    """Now's ``BusyTime`` from /proc/stat's per-CPU lines of the CPUs in this process's affinity, or None
+    without /proc/stat."""
     try:
         lines = PROC_STAT.read_text().splitlines()
     except OSError:
         return None
-    total = lines[0].split()
-    if total[0] != "cpu":
+    mine = os.sched_getaffinity(0) if hasattr(os, "sched_getaffinity") else None
+    ticks, cpus = 0, 0
+    for line in lines[1:]:
+        name, *fields = line.split()
+        if not (name.startswith("cpu") and name[3:].isdigit()):
+            continue
+        if mine is not None and int(name[3:]) not in mine:
+            continue
+        ticks += sum(int(fields[i]) for i in BUSY_FIELDS if i < len(fields))
+        cpus += 1
+    if cpus == 0:
         return None
-    ticks = sum(int(total[1 + i]) for i in BUSY_FIELDS if 1 + i < len(total))
-    cpus = sum(1 for line in lines[1:] if line.startswith("cpu") and line[3:4].isdigit())
-    return ticks / os.sysconf("SC_CLK_TCK"), max(1, cpus)
+    return BusyTime(ticks / os.sysconf("SC_CLK_TCK"), cpus, time.perf_counter())
 
 
 def own_cpu_seconds(children: bool = False) -> float:
@@ -71,19 +92,18 @@ def own_cpu_seconds(children: bool = False) -> float:
 
 
 class LoadMeter:
-    """Reads the machine's busy time now; ``stop(own_cpu_s)`` gives the other load since."""
+    """Reads the busy time now; ``stop(own_cpu_s)`` gives the other load since."""
 
     def __init__(self) -> None:
-        self._start = _busy()
-        self._t0 = time.perf_counter()
+        self.start = busy_time()
 
     @property
     def available(self) -> bool:
-        return self._start is not None
+        return self.start is not None
 
-    def stop(self, own_cpu_s: float) -> OtherLoad | None:
-        end = _busy()
-        if self._start is None or end is None:
+    def stop(self, own_cpu_s: float, end: BusyTime | None = None) -> OtherLoad | None:
+        """The other load from the start to ``end`` (default: now), ``own_cpu_s`` being ours."""
+        end = end if end is not None else busy_time()
+        if self.start is None or end is None:
             return None
-        busy = end[0] - self._start[0]
-        return OtherLoad(time.perf_counter() - self._t0, end[1], busy - own_cpu_s)
+        return OtherLoad(end.at - self.start.at, end.cpus, end.seconds - self.start.seconds - own_cpu_s)

@@ -20,7 +20,8 @@ from partitioner.calibrate import (
     oversubscription,
     ring_coefficients,
 )
-from partitioner.cluster import Cluster, load_cluster
+from partitioner.cluster import Cluster, available_cpus, load_cluster
+from partitioner.hostload import LoadMeter
 
 
 def _ideal(kind: str, k: int, nbytes: int, alpha: float, bandwidth: float) -> CommSample:
@@ -102,27 +103,19 @@ def test_calibrate_refuses_to_overwrite_before_measuring(tmp_path):
 
 def test_compute_slowdown_is_contention_times_oversubscription():
     # [Note: measured device efficiencies]: the rounds' CPU-time ratios give the contention (their
-    # median), the threads beyond the cores the time-slicing; never below 1.
+    # median, at least 1), more ranks than cores the time-slicing.
     assert compute_slowdown([1.10, 0.97, 1.04]) == pytest.approx(1.04)
     assert compute_slowdown([1.10, 0.97, 1.04], 2.0) == pytest.approx(2.08)
     assert compute_slowdown([0.93, 0.95, 0.99]) == 1.0
+    assert compute_slowdown([0.93, 0.95, 0.99], 2.0) == 2.0  # a contention below 1 is noise, not a discount
     with pytest.raises(CalibrateError, match="at least one round"):
         compute_slowdown([])
 
 
-def test_oversubscription_counts_every_rank_thread_against_the_cores():
-    import torch
-
-    cores = len(os.sched_getaffinity(0))
-    threads = torch.get_num_threads()
-    try:
-        torch.set_num_threads(1)
-        assert oversubscription(cores) == 1.0 and oversubscription(1) == 1.0
-        assert oversubscription(2 * cores) == 2.0  # 4 ranks on 2 cores run at half speed
-        torch.set_num_threads(2)
-        assert oversubscription(cores) == 2.0
-    finally:
-        torch.set_num_threads(threads)
+def test_oversubscription_counts_the_ranks_against_the_cores():
+    cores = available_cpus()
+    assert oversubscription(cores) == 1.0 and oversubscription(1) == 1.0
+    assert oversubscription(2 * cores) == 2.0  # 4 ranks on 2 cores run at half speed
 
 
 @pytest.mark.slow  # a torchrun launch
@@ -135,8 +128,8 @@ def test_calibrate_under_torchrun_writes_a_cluster_plans_can_use(tmp_path):
     )
     assert run.returncode == 0, run.stderr[-2000:]
     assert "wrote" in run.stdout
-    # [Note: other load]: how quiet the machine was is printed and kept in the file's header
-    assert "machine: while measuring," in run.stdout and "went to other work" in out.read_text().split("\n[")[0]
+    if LoadMeter().available:  # [Note: other load]: how quiet the machine was, printed and kept in the header
+        assert "machine: while measuring," in run.stdout and "went to other work" in out.read_text().split("\n[")[0]
     cluster = load_cluster(str(out))
     assert cluster.name == "local-cpu-calibrated" and cluster.devices_per_node == 2
     assert "(measured)" in cluster.intra_node.name
@@ -145,9 +138,9 @@ def test_calibrate_under_torchrun_writes_a_cluster_plans_can_use(tmp_path):
     o = cluster.overheads  # [Note: measuring overheads]: every experiment ran and was written
     assert "[overheads]" in out.read_text() and o.measured
     assert o.action_s > 0 and 0.0 <= o.comm_overlap <= 1.0
-    # torchrun gives each rank one thread: 2 ranks time-slice on fewer than 2 cores, never on more
-    assert o.compute_slowdown >= max(1.0, 2 / len(os.sched_getaffinity(0)))
     printed = " ".join(run.stdout.split())  # the summary names what each new experiment measured
+    # the slowdown's two factors are printed: 2 ranks time-slice on fewer than 2 cores, never on more
+    assert f"ranks over cores {max(1.0, 2 / available_cpus()):.2f}x" in printed
     assert "us per pipeline transfer while the ranks compute" in printed and "per saving node forward" in printed
     assert o.p2p_transfer_s >= 0 and o.checkpoint_node_s >= 0
     # FSDP2 over gloo: per-unit hooks and copies beyond the collectives, and DTensor's dispatch per

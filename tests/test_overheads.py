@@ -155,17 +155,18 @@ def test_the_checkpoint_experiment_times_each_size_on_its_own_blocks():
     for every size, and the per-node cost came out as noise about 0), forward and backward, plain and
     checkpointed alike."""
     x = torch.randn(4, 16, requires_grad=True)
-    held: list[torch.Tensor] = []
+    held: dict[int, dict[bool, torch.Tensor]] = {size: {} for size in CHECKPOINT_BLOCK_NODES}
     chains = {size: [torch.fx.symbolic_trace(CheckpointBlock(size)) for _ in range(3)] for size in CHECKPOINT_BLOCK_NODES}
-    passes = {size: checkpoint_passes(blocks, x, held) for size, blocks in chains.items()}
+    passes = {size: checkpoint_passes(blocks, x, held[size]) for size, blocks in chains.items()}
     assert len(set(CHECKPOINT_BLOCK_NODES)) > 1
     for size, blocks in chains.items():
         want = x
         for block in blocks:
             want = block(want)
-        for fn in passes[size][:2]:  # plain, then checkpointed
+        for ckpt, fn in zip((False, True), passes[size][:2]):  # plain, then checkpointed, each held on its own
             fn()
-            assert torch.equal(held[0], want), size
+            assert torch.equal(held[size][ckpt], want), size
+        assert held[size][False] is not held[size][True]
         for block in blocks:
             block.zero_grad(set_to_none=True)
         passes[size][3]()  # checkpointed forward and backward: the gradients reach this size's blocks
