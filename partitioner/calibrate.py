@@ -50,13 +50,17 @@ others), is two factors:
 
 CPU time, not wall time, because wall time also counts whatever else runs
 for a moment: another process, or the hypervisor's steal. Measured on this
-2-core machine with a short-lived process beside it, the wall-time ratio
-was 1.74-3.74 while it ran and 1.0-1.2 after it, where the CPU-time ratio
-stayed 0.94-1.12 throughout; the fidelity benchmark's per-layout
-calibrations had given 1.02-1.23 for most 2-rank layouts and 1.58, 1.75 and
-1.90 for three, each over-predicting the step that ran a minute later. The
-figure is the machine's own, quiet; a step on a loaded machine runs slower
-by the load. On a GPU, one rank per device, both factors are wall time and
+2-core machine beside a busy process (``benchmarks/slowdown_load.py``,
+benchmarks/results/2026-12-05-slowdown-load.md), the wall-time ratio read a
+median 1.93 while it ran, the CPU-time ratio 1.03; the fidelity benchmark's
+per-layout calibrations had given 1.02-1.23 for most 2-rank layouts and
+1.58, 1.75 and 1.90 for three, each over-predicting the step that ran a
+minute later. The figure is the machine's own; a step on a loaded machine
+runs slower by the load. A virtual machine's cores can still run slower for
+minutes with nothing else in it (the host shares them below it): CPU time
+sees that too, and a calibration taken then prices its plans slow (1.32-1.84
+in five of 26 calibrations of one quiet fidelity run,
+benchmarks/results/2026-12-05-fidelity-session9-c.md). On a GPU, one rank per device, both factors are wall time and
 about 1. It assumes every rank computes whenever one does, which a
 pipeline's bubble breaks a little.
 
