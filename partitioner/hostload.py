@@ -8,8 +8,8 @@ On a shared machine a calibration or a timed run can see someone else's work for
 another process, or, in a virtual machine, the hypervisor running another guest on our cores
 (``steal``). Either makes wall time longer without being the plan's cost. ``LoadMeter`` reads the
 kernel's count of every CPU's busy time (``/proc/stat``: user, nice, system, irq, softirq and steal;
-``guest`` is inside ``user``; the lines of the CPUs this process may run on) at the start and the end, and the caller gives the CPU time its own
-processes used in between (``own_cpu_seconds``: ``getrusage`` of the process, or of the children it
+``guest`` is inside ``user``; the lines of the CPUs this process may run on) at the start and the
+end, and the caller gives the CPU time its own processes used in between (``own_cpu_seconds``: ``getrusage`` of the process, or of the children it
 waited for). What is left, over the wall time times the CPUs, is the **other load**: 0 on a quiet
 machine, 0.5 when another job kept one of two cores busy throughout. The kernel counts in ticks
 (10 ms), and the launcher's own bookkeeping (torchrun's agent) counts as other, so a quiet
