@@ -106,6 +106,11 @@ median:
   tensors of different counts and sizes; ``t = T a_tensor + 16 P / B_opt``
   (weight, gradient, and Adam's two moments, 4 bytes each per parameter)
   fitted by non-negative least squares on relative error;
+* ZeRO-1: ``ZeroRedundancyOptimizer`` (as the runtime makes it) stepping
+  ``ZERO1_TENSORS`` tensors, every rank at once; ``a_zero1 = (t - t_update -
+  T g) / T`` with ``t_update`` this rank's ``1/dp`` share of the update (by the
+  fitted ``a_tensor`` and ``B_opt``) and ``g`` the all-gather of a tensor's
+  ``1/dp`` share on the measured link, at least 0;
 * FSDP: a stack of ``n`` tiny linear units run plainly and with each unit and
   the root under ``fully_shard`` as ZeRO-2 does (``reshard_after_forward=False``)
   over pairs of ranks, every pair at once (with 2 ranks, the one pair; an odd
@@ -496,6 +501,7 @@ CHECKPOINT_BLOCK_NODES = (1, 4)  # n: graph nodes per block in it, two sizes (pe
 # (tensors, elements each) of the optimizer experiment: few large, many small, and between
 OPTIMIZER_SETS = ((4, 1 << 18), (64, 1 << 10), (16, 1 << 16), (128, 1 << 12))
 ADAM_BYTES_PER_PARAM = 16  # fp32 weight, gradient and two moments
+ZERO1_TENSORS = (32, 1 << 12)  # (tensors, elements each) of the ZeRO-1 experiment: a small model's parameter list
 
 
 def _microbatch_counts(base: Sequence[int], world: int) -> tuple[int, ...]:
@@ -746,6 +752,26 @@ def _optimizer_samples(device: torch.device, reps: int) -> list[tuple[int, int, 
     return out
 
 
+def zero1_overhead(device: torch.device, link: LinkFit | None, reps: int, tensor_s: float, bandwidth: float) -> float:
+    """``a_zero1``: ZeroRedundancyOptimizer's step (as the runtime makes it, ``zero1_optimizer``) over
+    ``ZERO1_TENSORS`` tensors on every rank at once, less what the model already prices (this rank's share of
+    the update by ``a_tensor`` and ``B_opt``, and each tensor's broadcast as an all-gather of its ``1/dp``
+    share on the measured link), per tensor, at least 0 ([Note: measuring overheads])."""
+    from .runtime.state import zero1_optimizer
+
+    count, numel = ZERO1_TENSORS
+    world = dist.get_world_size()
+    params = [torch.nn.Parameter(torch.randn(numel, device=device)) for _ in range(count)]
+    for p in params:
+        p.grad = torch.randn_like(p)
+    opt = zero1_optimizer(adamw_factory(device), params, None)
+    t = _timed(opt.step, device, max(reps, ROUNDS))
+    update = count / world * tensor_s + ((count * numel / world) * ADAM_BYTES_PER_PARAM / bandwidth if bandwidth > 0 else 0.0)
+    steps, factor = ring_coefficients("all_gather", world)
+    gather = count * (steps * link.latency + factor * numel * 4 / world / link.bandwidth) if link else 0.0
+    return max(0.0, (t - update - gather) / count)
+
+
 @dataclass(frozen=True, slots=True)
 class FsdpSample:
     """The FSDP experiment's medians (slowest rank): ``units`` tiny linear units, plainly and under FSDP2."""
@@ -939,6 +965,7 @@ def measure_overheads(device: torch.device, link: LinkFit | None, reps: int, slo
     p2p = transfer_overhead(_busy_pipeline_samples(device, link, max(reps, ROUNDS)), action, step)
     node, node_b, dt, dt_b = tp_node_overheads(device, reps)
     tensor_s, bandwidth = optimizer_overheads(_optimizer_samples(device, reps))
+    zero1 = zero1_overhead(device, link, reps, tensor_s, bandwidth)
     ckpt, ckpt_b, ckpt_node = checkpoint_overheads(device, reps)
     overlap = comm_overlap(device, reps)
     fsdp_f, fsdp_b, opt_dt = fsdp_overheads(_fsdp_sample(device, max(reps, ROUNDS)), link)
@@ -946,7 +973,7 @@ def measure_overheads(device: torch.device, link: LinkFit | None, reps: int, slo
     return Overheads.from_file(dict(
         action_us=us(action), step_us=us(step), tp_node_forward_us=us(node), tp_node_backward_us=us(node_b),
         dtensor_op_forward_us=us(dt), dtensor_op_backward_us=us(dt_b), optimizer_tensor_us=us(tensor_s),
-        optimizer_dtensor_us=us(opt_dt), fsdp_unit_forward_us=us(fsdp_f), fsdp_unit_backward_us=us(fsdp_b),
+        optimizer_dtensor_us=us(opt_dt), zero1_tensor_us=us(zero1), fsdp_unit_forward_us=us(fsdp_f), fsdp_unit_backward_us=us(fsdp_b),
         optimizer_gbps=_sig(bandwidth / 1e9), checkpoint_forward_us=us(ckpt), checkpoint_backward_us=us(ckpt_b),
         checkpoint_node_forward_us=us(ckpt_node), p2p_transfer_us=us(p2p),
         comm_overlap=round(overlap, 3), compute_slowdown=round(slowdown, 3)))

@@ -398,9 +398,11 @@ class Evaluator:
         """``t_opt`` of one rank's share of ``params`` ([Note: software overheads]): ``T a_tensor +
         P (w + g + o) / B_opt`` over the tensors it updates (under ZeRO-2/3 every tensor's shard, each
         also paying ``a_opt_dtensor``), and under ZeRO-1 one broadcast per tensor from
-        its owner, priced as an all-gather of the tensor's ``1/dp`` share. 0 on an uncalibrated cluster."""
+        its owner, priced as an all-gather of the tensor's ``1/dp`` share, and ``a_zero1`` per tensor. 0 on an
+        uncalibrated cluster."""
         o = self.overheads
-        if o.optimizer_tensor_s == 0.0 and o.optimizer_bandwidth == 0.0 and o.optimizer_dtensor_s == 0.0:
+        if (o.optimizer_tensor_s == 0.0 and o.optimizer_bandwidth == 0.0 and o.optimizer_dtensor_s == 0.0
+                and o.zero1_tensor_s == 0.0):
             return 0.0
         table = self.captured.params
         mine = sorted(p for p in params if table[p].trainable and not table[p].is_buffer)  # a fixed sum order
@@ -415,6 +417,7 @@ class Evaluator:
         if share > 1 and not level.uses_fsdp:  # ZeroRedundancyOptimizer broadcasts each updated tensor
             t += sum(self.cost_model.collective_time(
                 "all_gather", table[p].bytes / (tp if p in split_params else 1) / dp, dp_group) for p in mine)
+            t += len(mine) * o.zero1_tensor_s  # and does its own work per tensor ([Note: software overheads])
         return t
 
     def layout_costs(self, block: Block, micro_batch: int, tp: int) -> BlockLayoutCosts:

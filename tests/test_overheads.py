@@ -29,7 +29,8 @@ from partitioner.planner import prepare
 from partitioner.simulate import StageCost, simulate
 
 MEASURED = Overheads(action_s=1e-3, step_s=2e-3, tp_node_s=3e-5, tp_node_backward_s=1e-5, dtensor_op_s=4e-4,
-                     dtensor_op_backward_s=1e-4, optimizer_tensor_s=5e-5, optimizer_bandwidth=2e9, comm_overlap=0.0)
+                     dtensor_op_backward_s=1e-4, optimizer_tensor_s=5e-5, optimizer_bandwidth=2e9, zero1_tensor_s=2e-4,
+                     comm_overlap=0.0)
 
 
 def test_overheads_round_trip_through_the_cluster_file(tmp_path):
@@ -88,8 +89,9 @@ def test_each_overhead_is_its_formula(mlp, zero1):
         elements = sum(table[p].numel for p in names)
         t_opt = (len(names) / share * MEASURED.optimizer_tensor_s
                  + elements / share * (4 + 4 + 8) / MEASURED.optimizer_bandwidth)  # fp32 weight, grad, Adam m and v
-        if zero1:
+        if zero1:  # every tensor broadcast from its owner, and ZeroRedundancyOptimizer's own work on each
             t_opt += sum(ev.cost_model.collective_time("all_gather", table[p].bytes / 2, mesh.dp_group(s)) for p in names)
+            t_opt += len(names) * MEASURED.zero1_tensor_s
         assert costs[s].after_s == pytest.approx(t_opt + MEASURED.step_s)  # one stage per rank: each is its rank's first
         c = plan.stages[s].predicted.components
         assert c.optimizer_s == pytest.approx(t_opt)
