@@ -41,8 +41,9 @@ rank updates ``T_s`` parameter tensors of ``P_s`` elements:
   an all-gather of the tensor's ``1/dp`` share), plus ``T_s a_zero1`` over all
   the stage's tensors: ZeroRedundancyOptimizer's own work per tensor and step
   (its bookkeeping around the local step, each broadcast's issue and wait;
-  measured on llama-tiny's 39 tensors on 2 CPU ranks: its step took 19-22 ms
-  where AdamW over all of them took 2.2 ms and the 39 broadcasts alone 10.9 ms);
+  ``benchmarks/zero1_step.py`` on llama-tiny's 39 tensors, 2 CPU ranks: its step
+  took a median 17.1 ms where AdamW over all of them took 3.3 ms and the 39
+  broadcasts alone 9.3 ms, benchmarks/results/2026-12-05-zero1.md);
 * per FSDP unit under ZeRO-2/3 (``dp > 1``: fully_shard's hooks, the copy-in
   and copy-out around each collective, DTensor's wrapping of the unit's
   parameters; the collectives themselves are priced by the link, one per

@@ -502,6 +502,7 @@ CHECKPOINT_BLOCK_NODES = (1, 4)  # n: graph nodes per block in it, two sizes (pe
 OPTIMIZER_SETS = ((4, 1 << 18), (64, 1 << 10), (16, 1 << 16), (128, 1 << 12))
 ADAM_BYTES_PER_PARAM = 16  # fp32 weight, gradient and two moments
 ZERO1_TENSORS = (32, 1 << 12)  # (tensors, elements each) of the ZeRO-1 experiment: a small model's parameter list
+ZERO1_STEPS = 21  # its timed steps (the median)
 
 
 def _microbatch_counts(base: Sequence[int], world: int) -> tuple[int, ...]:
@@ -765,7 +766,7 @@ def zero1_overhead(device: torch.device, link: LinkFit | None, reps: int, tensor
     for p in params:
         p.grad = torch.randn_like(p)
     opt = zero1_optimizer(adamw_factory(device), params, None)
-    t = _timed(opt.step, device, max(reps, ROUNDS))
+    t = _timed(opt.step, device, max(reps, ZERO1_STEPS))  # a step of many broadcasts moves much: more of them
     update = count / world * tensor_s + ((count * numel / world) * ADAM_BYTES_PER_PARAM / bandwidth if bandwidth > 0 else 0.0)
     steps, factor = ring_coefficients("all_gather", world)
     gather = count * (steps * link.latency + factor * numel * 4 / world / link.bandwidth) if link else 0.0
