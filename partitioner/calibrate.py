@@ -219,6 +219,11 @@ class LinkFit:
     points: int
     mape: float  # mean absolute percentage error of the fit on its measurements
 
+    def time(self, kind: str, ranks: int, nbytes: float) -> float:
+        """Seconds of one ``kind`` over ``ranks`` ranks of ``nbytes`` on this link ([Note: fitting alpha-beta])."""
+        steps, factor = ring_coefficients(kind, ranks)
+        return steps * self.latency + factor * nbytes / self.bandwidth
+
 
 @dataclass(frozen=True, slots=True)
 class ComputeRates:
@@ -295,18 +300,24 @@ def _slowest(seconds: float, device: torch.device) -> float:
     return float(t.item())
 
 
-def _timed(fn: Callable[[], None], device: torch.device, reps: int, warmup: int = 2) -> float:
-    """Median over ``reps`` of the slowest rank's time of ``fn`` (every rank calls it)."""
+def _process_clock(device: torch.device) -> Callable[[], float]:
+    """On a CPU the process's CPU time (its own work, whatever else the machine runs), on a GPU wall time."""
+    return time.process_time if device.type == "cpu" else time.perf_counter
+
+
+def _timed(fn: Callable[[], None], device: torch.device, reps: int, warmup: int = 2,
+           clock: Callable[[], float] = time.perf_counter) -> float:
+    """Median over ``reps`` of the slowest rank's time of ``fn`` (every rank calls it), by ``clock``."""
     for _ in range(warmup):
         fn()
     _sync(device)
     times = []
     for _ in range(reps):
         dist.barrier()
-        t0 = time.perf_counter()
+        t0 = clock()
         fn()
         _sync(device)
-        times.append(_slowest(time.perf_counter() - t0, device))
+        times.append(_slowest(clock() - t0, device))
     return statistics.median(times)
 
 
@@ -376,7 +387,7 @@ def _timed_alone(fn: Callable[[], None], device: torch.device, reps: int, warmup
     """Median over ``reps`` of rank 0's time of ``fn`` while the other ranks wait in a barrier: on a CPU
     the process's CPU time (its own work, whatever else the machine runs), on a GPU wall time."""
     rank = dist.get_rank()
-    now = time.process_time if device.type == "cpu" else time.perf_counter
+    now = _process_clock(device)
     times = []
     for i in range(warmup + reps):
         dist.barrier()
@@ -390,17 +401,6 @@ def _timed_alone(fn: Callable[[], None], device: torch.device, reps: int, warmup
     t = torch.tensor([statistics.median(times) if times else 0.0], dtype=torch.float64, device=device)
     dist.broadcast(t, 0)
     return float(t.item())
-
-
-def _timed_at_once(fn: Callable[[], None], device: torch.device) -> float:
-    """The slowest rank's time of one call of ``fn``, every rank at once: on a CPU each process's CPU
-    time (what another process or the hypervisor takes for a moment is not counted), on a GPU wall time."""
-    now = time.process_time if device.type == "cpu" else time.perf_counter
-    dist.barrier()
-    t0 = now()
-    fn()
-    _sync(device)
-    return _slowest(now() - t0, device)
 
 
 def oversubscription(local_ranks: int) -> float:
@@ -434,7 +434,8 @@ def _compute_rates(device: torch.device, dtype: str, local_ranks: int) -> Comput
     ratios = []
     for _ in range(SLOWDOWN_ROUNDS):  # interleaved: alone and all at once see the same machine in a round
         alone = sum(_timed_alone(f, device, reps=1, warmup=0) for f in ops)
-        ratios.append(sum(_timed_at_once(f, device) for f in ops) / alone)
+        # every rank at once, each process's own time: what another process takes for a moment is not counted
+        ratios.append(sum(_timed(f, device, 1, warmup=0, clock=_process_clock(device)) for f in ops) / alone)
     over = oversubscription(local_ranks) if device.type == "cpu" else 1.0
     return ComputeRates(2 * n**3 / gemm, 3 * m / add, dtype, compute_slowdown(ratios, over),
                         compute_slowdown(ratios), over)
@@ -767,9 +768,9 @@ def zero1_overhead(device: torch.device, link: LinkFit | None, reps: int, tensor
         p.grad = torch.randn_like(p)
     opt = zero1_optimizer(adamw_factory(device), params, None)
     t = _timed(opt.step, device, max(reps, ZERO1_STEPS))  # a step of many broadcasts moves much: more of them
-    update = count / world * tensor_s + ((count * numel / world) * ADAM_BYTES_PER_PARAM / bandwidth if bandwidth > 0 else 0.0)
-    steps, factor = ring_coefficients("all_gather", world)
-    gather = count * (steps * link.latency + factor * numel * 4 / world / link.bandwidth) if link else 0.0
+    priced = Overheads(optimizer_tensor_s=tensor_s, optimizer_bandwidth=bandwidth)  # as the evaluator prices it
+    update = priced.optimizer_time(count / world, count * numel / world, ADAM_BYTES_PER_PARAM)
+    gather = count * link.time("all_gather", world, numel * 4 / world) if link else 0.0
     return max(0.0, (t - update - gather) / count)
 
 
@@ -793,10 +794,7 @@ def fsdp_overheads(sample: FsdpSample, link: LinkFit | None) -> tuple[float, flo
     """``(a_fsdp, a_fsdp_bwd, a_opt_dtensor)`` from the FSDP experiment ([Note: measuring overheads]): the
     per-unit time beyond plain, less the unit's collective on ``link`` (None: not subtracted)."""
     def on_link(kind: str) -> float:
-        if link is None:
-            return 0.0
-        steps, factor = ring_coefficients(kind, sample.ranks)
-        return steps * link.latency + factor * sample.unit_bytes / link.bandwidth
+        return link.time(kind, sample.ranks, sample.unit_bytes) if link is not None else 0.0
 
     n = sample.units
     forward = (sample.fsdp_forward_s - sample.plain_forward_s) / n - on_link("all_gather")
