@@ -3,7 +3,8 @@
 The default ``CostModel`` of autopart. An op takes
 ``max(flops / (peak * eff[class]), bytes / (bandwidth * eff.elementwise))``
 plus a fixed launch overhead; a collective takes the ring algorithm's volume
-over the link it crosses, ``latency * steps + bytes_on_wire / (bandwidth * eff.comm)``,
+over the link it crosses, ``latency * steps + bytes_on_wire / (bandwidth * eff.comm)``
+(times a measured ``overheads.<kind>_factor`` on a calibrated cluster),
 and a group spanning nodes runs hierarchically (reduce-scatter inside each
 node, all-reduce across nodes on the shard, all-gather inside each node), as
 NCCL does. Datasheet figures come from the ``Cluster``; the efficiency
@@ -114,4 +115,6 @@ class AnalyticCostModel:
             t = ring(nbytes, k, inter)
         else:
             t = ring(nbytes, g, intra) + ring(nbytes / g, n, inter)
-        return t / 2 if half else t
+        # gloo's collectives take longer than the ring on the link they were fitted to ([Note: software
+        # overheads] in overheads.py); 1 on every GPU preset
+        return (t / 2 if half else t) * self.cluster.overheads.collective_factor(kind)

@@ -85,6 +85,15 @@ rank updates ``T_s`` parameter tensors of ``P_s`` elements:
   receiver only (a transfer occupies neither rank), so it costs a step only where
   a rank waits for that transfer: on the critical path, ``2 (p - 1)`` transfers
   and more for every micro-batch the schedule's order makes wait;
+* every collective of kind ``x`` (all-reduce, all-gather, reduce-scatter), as the
+  ring model prices it on the link, times ``f_x``, its measured time over that
+  price. The link's latency and bandwidth are fitted to point-to-point transfers
+  ([Note: fitting alpha-beta] in partitioner/calibrate.py); gloo's collectives on
+  the 2-core CPU of development took 1.7-2.4x (all-reduce), 2.8-4.2x
+  (all-gather) and 4.2-7.3x (reduce-scatter) the ring's time on that link
+  (benchmarks/results/2026-12-05-collectives.md), where the ring of 2 ranks moves
+  an all-reduce's bytes once each way, as a transfer does. On a GPU, NCCL's
+  ``efficiency.comm`` already is that figure; ``f_x = 1`` there;
 * the exposed data-parallel reduction of ``R`` seconds launched with a last
   backward of ``b`` seconds: ``R - c min(R, b)`` with ``c = comm_overlap``,
   the fraction of compute that a collective can run beside (``c = 1``, the
@@ -102,6 +111,8 @@ import math
 from dataclasses import dataclass, fields
 from decimal import Decimal
 from typing import Any, Mapping
+
+from .base import COLLECTIVES
 
 __all__ = ["Overheads", "OVERHEAD_FILE_KEYS"]
 
@@ -124,6 +135,9 @@ OVERHEAD_FILE_KEYS = {
     "checkpoint_backward_us": ("checkpoint_backward_s", Decimal("1e-6")),
     "checkpoint_node_forward_us": ("checkpoint_node_s", Decimal("1e-6")),
     "p2p_transfer_us": ("p2p_transfer_s", Decimal("1e-6")),
+    "all_reduce_factor": ("all_reduce_factor", Decimal(1)),
+    "all_gather_factor": ("all_gather_factor", Decimal(1)),
+    "reduce_scatter_factor": ("reduce_scatter_factor", Decimal(1)),
     "comm_overlap": ("comm_overlap", Decimal(1)),
     "compute_slowdown": ("compute_slowdown", Decimal(1)),
 }
@@ -149,6 +163,9 @@ class Overheads:
     checkpoint_backward_s: float = 0.0  # a_ckpt_bwd: the same call's backward, beyond the forward it replays
     checkpoint_node_s: float = 0.0  # a_ckpt_node: per node inside a checkpoint call that saves a tensor, forward (its hook)
     p2p_transfer_s: float = 0.0  # a_p2p: per transfer between pipeline ranks while they compute, beyond the link
+    all_reduce_factor: float = 1.0  # f_all_reduce: an all-reduce's measured time over the ring model on the link
+    all_gather_factor: float = 1.0  # f_all_gather: the same for an all-gather
+    reduce_scatter_factor: float = 1.0  # f_reduce_scatter: the same for a reduce-scatter
     comm_overlap: float = 1.0  # c: fraction of a collective that runs beside compute; 1: all of it (GPU)
     compute_slowdown: float = 1.0  # k: an op's time with every rank computing at once over one rank alone
 
@@ -162,11 +179,18 @@ class Overheads:
             raise ValueError(f"overheads.comm_overlap = {self.comm_overlap!r}: a fraction, in [0, 1]")
         if self.compute_slowdown < 1:
             raise ValueError(f"overheads.compute_slowdown = {self.compute_slowdown!r}: a ratio of times, at least 1")
+        for kind in COLLECTIVES:
+            if getattr(self, f"{kind}_factor") <= 0:
+                raise ValueError(f"overheads.{kind}_factor = {getattr(self, f'{kind}_factor')!r}: a ratio of times, above 0")
 
     @property
     def measured(self) -> bool:
         """Whether any figure differs from "not measured" (the cluster file then writes the table)."""
         return self != Overheads()
+
+    def collective_factor(self, kind: str) -> float:
+        """``f_kind``: a collective's measured time over the ring model on the link ([Note: software overheads])."""
+        return getattr(self, f"{kind}_factor")
 
     def optimizer_time(self, tensors: float, params: float, bytes_per_param: float, dtensors: bool = False) -> float:
         """``T a_tensor + P bytes_per_param / B_opt``: the optimizer step over ``tensors`` tensors of ``params``

@@ -14,13 +14,22 @@ model's ops, this measures the cluster they run on.
 The analytic model prices a ring collective over ``k`` ranks of one link as
 ``c_lat * alpha + c_bw * S / B``, with (all-reduce) ``c_lat = 2 (k-1)``,
 ``c_bw = 2 (k-1) / k``, half of both for all-gather and reduce-scatter, and
-``1, 1`` for a point-to-point send. So every measurement is one linear
-equation in ``(alpha, 1 / B)``, and all measurements of a link class are
-fitted together by non-negative least squares on relative error (small and
-large messages count alike). The fitted ``B`` is what the collectives reach,
-so the file's ``efficiency.comm`` is set to 1: the bandwidth is already
-effective. Inter-node links can only be measured when the job spans nodes;
-otherwise the base cluster's figures are kept, and the report says so.
+``1, 1`` for a point-to-point send; ``S`` is the whole tensor (an all-gather's
+output, a reduce-scatter's input). The link's ``(alpha, 1 / B)`` are fitted to
+the point-to-point measurements (a ping-pong between two ranks), each one
+linear equation, by non-negative least squares on relative error (small and
+large messages count alike). The collectives are measured at the same sizes,
+and each kind's median time over the ring model on that link becomes
+``overheads.<kind>_factor``, by which the cost model multiplies it. Fitting
+the transfers and the collectives together, as before, gave one link that
+fitted neither (a mean error of 34-41% on the transfers and 30-80% on the
+collectives, on the 2-core CPU of development): gloo's all-reduce of 2 ranks
+took 1.7-2.4x the ring's time on the transfers' link (the median over sizes,
+in three calibrations), its all-gather 2.8-4.2x, its reduce-scatter 4.2-7.3x
+(benchmarks/results/2026-12-05-collectives.md). The fitted ``B`` is what a
+transfer reaches, so the file's ``efficiency.comm`` is set to 1. Inter-node
+links can only be measured when the job spans nodes; otherwise the base
+cluster's figures are kept, and the report says so.
 
 [Note: measured device efficiencies]
 Rank 0 times a square GEMM and a large elementwise add alone, the other ranks
@@ -149,12 +158,13 @@ import os
 import statistics
 import time
 import warnings
-from dataclasses import dataclass, replace
-from typing import Any, Callable, Sequence
+from dataclasses import dataclass, field, replace
+from typing import Any, Callable, Mapping, Sequence
 
 import torch
 import torch.distributed as dist
 
+from cost_models.base import COLLECTIVES
 from cost_models.overheads import Overheads
 
 from .cluster import Cluster, DeviceSpec, LinkSpec
@@ -206,7 +216,7 @@ class CommSample:
     kind: str  # p2p | all_reduce | all_gather | reduce_scatter
     link: str  # "intra" (inside a node) or "inter" (across nodes)
     ranks: int  # group size (2 for p2p)
-    nbytes: int  # bytes per rank (the message, for p2p)
+    nbytes: int  # the message (p2p); the whole tensor, as the cost model prices a collective (an all-gather's output)
     seconds: float
 
 
@@ -218,11 +228,13 @@ class LinkFit:
     bandwidth: float  # bytes/s (1 / beta), effective
     points: int
     mape: float  # mean absolute percentage error of the fit on its measurements
+    factors: Mapping[str, float] = field(default_factory=dict)  # collective kind -> measured over the ring model
 
     def time(self, kind: str, ranks: int, nbytes: float) -> float:
-        """Seconds of one ``kind`` over ``ranks`` ranks of ``nbytes`` on this link ([Note: fitting alpha-beta])."""
+        """Seconds of one ``kind`` over ``ranks`` ranks of ``nbytes`` on this link, as the cost model prices it
+        ([Note: fitting alpha-beta]): the ring model, times the kind's measured factor."""
         steps, factor = ring_coefficients(kind, ranks)
-        return steps * self.latency + factor * nbytes / self.bandwidth
+        return (steps * self.latency + factor * nbytes / self.bandwidth) * self.factors.get(kind, 1.0)
 
 
 @dataclass(frozen=True, slots=True)
@@ -259,11 +271,23 @@ def ring_coefficients(kind: str, k: int) -> tuple[float, float]:
     return (steps, factor) if kind == "all_reduce" else (steps / 2, factor / 2)
 
 
+def collective_factors(samples: Sequence[CommSample], fit: LinkFit) -> dict[str, float]:
+    """Per collective kind measured, the median over its sizes of its time over the ring model on ``fit``
+    ([Note: fitting alpha-beta])."""
+    out = {}
+    for kind in COLLECTIVES:
+        ratios = [s.seconds / fit.time(kind, s.ranks, s.nbytes) for s in samples if s.kind == kind and s.seconds > 0]
+        if ratios:
+            out[kind] = statistics.median(ratios)
+    return out
+
+
 def fit_link(samples: Sequence[CommSample]) -> LinkFit | None:
-    """Fit alpha and 1/B of one link class; None without measurements."""
+    """Fit alpha and 1/B of one link class to its point-to-point samples, then each collective's factor over
+    the ring model on it ([Note: fitting alpha-beta]); None without point-to-point measurements."""
     from cost_models.calibrated import nnls_relative
 
-    pts = [s for s in samples if s.seconds > 0]
+    pts = [s for s in samples if s.seconds > 0 and s.kind == "p2p"]
     if not pts:
         return None
     rows = []
@@ -276,7 +300,8 @@ def fit_link(samples: Sequence[CommSample]) -> LinkFit | None:
             "the measured times do not grow with message size (a busy machine?); rerun with a larger --max-bytes or --reps"
         )
     err = [abs(r[0] * alpha + r[1] * beta - s.seconds) / s.seconds for r, s in zip(rows, pts)]
-    return LinkFit(alpha, 1.0 / beta, len(pts), sum(err) / len(err))
+    fit = LinkFit(alpha, 1.0 / beta, len(pts), sum(err) / len(err))
+    return replace(fit, factors=collective_factors(samples, fit))
 
 
 # --------------------------------------------------------------------------------------
@@ -355,16 +380,18 @@ def _timed_passes(runs: dict[str, Callable[[], torch.Tensor]], device: torch.dev
             for i, name in enumerate(runs)}
 
 
-def _collective(kind: str, nbytes: int, group, size: int, device: torch.device) -> Callable[[], None]:
+def _collective(kind: str, nbytes: int, group, size: int, device: torch.device) -> tuple[Callable[[], None], int]:
+    """``kind`` on ``nbytes`` per rank, and the size the cost model prices it by: the whole tensor (an
+    all-gather's output, a reduce-scatter's input)."""
     n = max(size, nbytes // 4 // size * size)  # float32 elements, divisible by the group
     x = torch.ones(n, dtype=torch.float32, device=device)
     if kind == "all_reduce":
-        return lambda: dist.all_reduce(x, group=group)
+        return (lambda: dist.all_reduce(x, group=group)), 4 * n
     if kind == "all_gather":
         out = torch.empty(n * size, dtype=torch.float32, device=device)
-        return lambda: dist.all_gather_into_tensor(out, x, group=group)
+        return (lambda: dist.all_gather_into_tensor(out, x, group=group)), 4 * n * size
     out = torch.empty(n // size, dtype=torch.float32, device=device)
-    return lambda: dist.reduce_scatter_tensor(out, x, group=group)
+    return (lambda: dist.reduce_scatter_tensor(out, x, group=group)), 4 * n
 
 
 def _ping_pong(a: int, b: int, nbytes: int, device: torch.device) -> Callable[[], None]:
@@ -470,8 +497,9 @@ def run_calibration(
         if fit is not None:
             links[link] = fit
     compute = _compute_rates(device, dtype, local)
-    overheads = (measure_overheads(device, links.get("intra") or links.get("inter"), reps, compute.slowdown)
-                 if overheads else Overheads())
+    link = links.get("intra") or links.get("inter")
+    overheads = (measure_overheads(device, link, reps, compute.slowdown) if overheads
+                 else Overheads.from_file(collective_fields(link)))
     return CalibrationReport(tuple(samples), links, compute, world, dist.get_backend(), overheads)
 
 
@@ -484,9 +512,9 @@ def _measure_links(samples, intra, inter, local, nodes, rank, sizes, reps, devic
         for nbytes in sizes:
             t = _timed(_ping_pong(0, peer, nbytes, device), device, reps)
             samples.append(CommSample("p2p", link, 2, nbytes, t / 2))
-            for kind in ("all_reduce", "all_gather", "reduce_scatter"):
-                t = _timed(_collective(kind, nbytes, mine, size, device), device, reps)
-                samples.append(CommSample(kind, link, size, nbytes, t))
+            for kind in COLLECTIVES:
+                run, priced = _collective(kind, nbytes, mine, size, device)
+                samples.append(CommSample(kind, link, size, priced, _timed(run, device, reps)))
 
 
 # --------------------------------------------------------------------------------------
@@ -975,7 +1003,12 @@ def measure_overheads(device: torch.device, link: LinkFit | None, reps: int, slo
         optimizer_dtensor_us=us(opt_dt), zero1_tensor_us=us(zero1), fsdp_unit_forward_us=us(fsdp_f), fsdp_unit_backward_us=us(fsdp_b),
         optimizer_gbps=_sig(bandwidth / 1e9), checkpoint_forward_us=us(ckpt), checkpoint_backward_us=us(ckpt_b),
         checkpoint_node_forward_us=us(ckpt_node), p2p_transfer_us=us(p2p),
-        comm_overlap=round(overlap, 3), compute_slowdown=round(slowdown, 3)))
+        comm_overlap=round(overlap, 3), compute_slowdown=round(slowdown, 3), **collective_fields(link)))
+
+
+def collective_fields(link: LinkFit | None) -> dict[str, float]:
+    """The ``[overheads]`` keys of ``link``'s collective factors ([Note: fitting alpha-beta]); none without it."""
+    return {f"{kind}_factor": _sig(f) for kind, f in link.factors.items()} if link is not None else {}
 
 
 def _sig(x: float) -> float:

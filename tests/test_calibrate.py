@@ -55,7 +55,45 @@ def test_alpha_beta_fit_recovers_the_link():
     assert fit.latency == pytest.approx(alpha, rel=1e-6)
     assert fit.bandwidth == pytest.approx(bandwidth, rel=1e-6)
     assert fit.mape < 1e-9
+    assert fit.factors == pytest.approx({"all_reduce": 1.0, "all_gather": 1.0, "reduce_scatter": 1.0})
     assert fit_link([]) is None
+
+
+def test_the_link_is_the_transfers_and_each_collective_gets_its_own_factor():
+    # [Note: fitting alpha-beta]: gloo's collectives are slower than the ring on the transfers' link; a
+    # joint fit would fit neither. The link comes from the transfers alone, each kind's factor from its own.
+    alpha, bandwidth = 80e-6, 4e9
+    slower = {"all_reduce": 2.7, "all_gather": 2.0, "reduce_scatter": 10.0}
+    samples = [_ideal("p2p", 2, n, alpha, bandwidth) for n in (4096, 65536, 1 << 20, 16 << 20)]
+    for kind, f in slower.items():
+        for n in (4096, 65536, 1 << 20, 16 << 20):
+            ideal = _ideal(kind, 2, n, alpha, bandwidth)
+            samples.append(CommSample(kind, "intra", 2, n, ideal.seconds * f))
+    fit = fit_link(samples)
+    assert fit.latency == pytest.approx(alpha, rel=1e-6) and fit.bandwidth == pytest.approx(bandwidth, rel=1e-6)
+    assert fit.points == 4 and fit.mape < 1e-9
+    assert fit.factors == pytest.approx(slower)
+    # the link prices a collective as the cost model does: the ring, times its factor
+    assert fit.time("all_reduce", 2, 1 << 20) == pytest.approx(2.7 * (2 * alpha + (1 << 20) / bandwidth))
+    assert fit.time("p2p", 2, 1 << 20) == pytest.approx(alpha + (1 << 20) / bandwidth)
+    assert fit_link([s for s in samples if s.kind != "p2p"]) is None  # no transfers: nothing to fit the link to
+
+
+def test_the_cost_model_multiplies_each_collective_by_its_factor_and_not_transfers():
+    from dataclasses import replace
+
+    from cost_models import AnalyticCostModel
+    from cost_models.overheads import Overheads
+
+    base = Cluster.local(2)
+    factors = Overheads(all_reduce_factor=2.5, all_gather_factor=2.0, reduce_scatter_factor=4.0)
+    slow = replace(base, overheads=factors)
+    plain, measured = AnalyticCostModel(base), AnalyticCostModel(slow)
+    for kind, f in (("all_reduce", 2.5), ("all_gather", 2.0), ("reduce_scatter", 4.0)):
+        assert measured.collective_time(kind, 1 << 20, [0, 1]) == pytest.approx(f * plain.collective_time(kind, 1 << 20, [0, 1]))
+    assert measured.p2p_time(1 << 20, 0, 1) == plain.p2p_time(1 << 20, 0, 1)
+    with pytest.raises(ValueError, match="all_reduce_factor"):
+        Overheads(all_reduce_factor=0.0)
 
 
 def _report(matmul: float, bandwidth: float, links: dict) -> CalibrationReport:
@@ -153,6 +191,10 @@ def test_calibrate_under_torchrun_writes_a_cluster_plans_can_use(tmp_path):
     # tensor in the optimizer (milliseconds and a few hundred microseconds on this CPU).
     assert o.fsdp_unit_s + o.fsdp_unit_backward_s > 0 and o.optimizer_dtensor_s > 0
     assert o.checkpoint_s > 0 and o.checkpoint_backward_s > 0  # torch.utils.checkpoint is never free on a CPU
+    # each collective's time over the ring model on the transfers' link ([Note: fitting alpha-beta]): written, printed
+    for kind in ("all_reduce", "all_gather", "reduce_scatter"):
+        assert f"{kind}_factor" in out.read_text() and o.collective_factor(kind) > 0
+    assert "the ring model on the link" in printed
     plan = _cli("plan", "--model", "gpt2-tiny", "--cluster", str(out), "--method", "uniform", "--global-batch", "4")
     assert plan.returncode == 0, plan.stderr
     assert "local-cpu-calibrated" in plan.stdout

@@ -37,13 +37,15 @@ def test_overheads_round_trip_through_the_cluster_file(tmp_path):
     plain = Cluster.local(2)
     assert not plain.overheads.measured and "overheads" not in plain.to_dict()
     measured = replace(plain, overheads=Overheads.from_file(
-        {"action_us": 931.5, "step_us": 12.25, "tp_node_forward_us": 61.0, "optimizer_gbps": 2.5, "comm_overlap": 0.05}))
+        {"action_us": 931.5, "step_us": 12.25, "tp_node_forward_us": 61.0, "optimizer_gbps": 2.5, "comm_overlap": 0.05,
+         "all_reduce_factor": 2.7, "reduce_scatter_factor": 10.0}))
     path = tmp_path / "c.toml"
     path.write_text(measured.to_toml())
     assert "[overheads]" in path.read_text()
     again = load_cluster(str(path))
     assert again.overheads == measured.overheads
     assert again.overheads.action_s == pytest.approx(931.5e-6) and again.overheads.optimizer_bandwidth == 2.5e9
+    assert again.overheads.collective_factor("all_reduce") == 2.7 and again.overheads.collective_factor("all_gather") == 1.0
     path.write_text(measured.to_toml().replace("action_us", "actions_us"))
     with pytest.raises(ClusterError, match=r"overheads\.actions_us: unknown key"):
         load_cluster(str(path))
