@@ -45,6 +45,7 @@ import argparse
 import json
 import math
 import os
+import re
 import shlex
 import statistics
 import subprocess
@@ -151,19 +152,29 @@ class RunFailed(Exception):
 
 
 def _run(cmd: Sequence[str], what: str, timeout_s: float = 900) -> str:
-    return _run_metered(cmd, what, timeout_s)[0]
+    return run_metered(cmd, what, timeout_s)[0]
 
 
-def _run_metered(cmd: Sequence[str], what: str, timeout_s: float = 900) -> tuple[str, OtherLoad | None]:
+def run_metered(cmd: Sequence[str], what: str, timeout_s: float = 900,
+                 log: Path | None = None) -> tuple[str, OtherLoad | None]:
     """``_run``, and the machine's other load while it ran ([Note: other load] in partitioner/hostload.py):
-    the command's processes, waited for, are this process's children."""
+    the command's processes, waited for, are this process's children. A failing command's whole output
+    goes to ``log`` (where given), so that its cause is kept beside the line the report shows."""
     meter, own0 = LoadMeter(), own_cpu_seconds(children=True) + own_cpu_seconds()
     proc = subprocess.run(list(cmd), env=_env(), capture_output=True, text=True, timeout=timeout_s, cwd=ROOT)
     load = meter.stop(own_cpu_seconds(children=True) + own_cpu_seconds() - own0)
     if proc.returncode != 0:
         text = (proc.stderr or proc.stdout).strip().splitlines()
-        first = next((l for l in text if "autopart: error" in l or "Signal" in l or "Error" in l), text[-1] if text else "")
-        raise RunFailed(f"{what} failed (rc {proc.returncode}): {first.strip()[:200]}")
+        # the cause: autopart's own one line, a signal, else the last exception message that is not torchrun's
+        # own wrapper (ChildFailedError), which only says that a rank failed
+        causes = [l for l in text if re.match(r"(\[rank\d+\]:)?\s*[\w.]*(Error|Exception): ", l) and "ChildFailedError" not in l]
+        first = next((l for l in text if "autopart: error" in l or "Signal" in l), None) or (
+            causes[-1] if causes else text[-1] if text else "")
+        kept = ""
+        if log is not None:
+            log.write_text(f"$ {' '.join(cmd)}\nrc {proc.returncode}\n--- stdout\n{proc.stdout}\n--- stderr\n{proc.stderr}")
+            kept = f" (output in {log.name})"
+        raise RunFailed(f"{what} failed (rc {proc.returncode}): {first.strip()[:200]}{kept}")
     return proc.stdout, load
 
 
@@ -189,7 +200,7 @@ def calibrate(world: int, out: Path, tries: int = 1) -> Calibration:  # a failur
         done += 1
         path = out.with_name(f"{out.stem}.try{done}{out.suffix}")
         path.unlink(missing_ok=True)  # a file of an earlier run of this benchmark (--force) is replaced
-        _, load = _run_metered([*_torchrun(world), "-m", "partitioner", "calibrate", "--out", str(path)],
+        _, load = run_metered([*_torchrun(world), "-m", "partitioner", "calibrate", "--out", str(path)],
                                f"calibrate on {world} ranks")
         if kept is None or (load is not None and kept[0] is not None and load.fraction < kept[0].fraction):
             kept = (load, path)
@@ -233,9 +244,9 @@ def measure(layout: Layout, cluster: str, cache: Path, keep: Path, steps: int, w
     predicted = json.loads(plan_path.read_text())["predicted"]["step_time_s"]
     if min_seconds > 0 and predicted > 0:
         steps = max(steps, min(MAX_STEPS, math.ceil(min_seconds / predicted)))
-    _, run_load = _run_metered([*_torchrun(layout.world), "-m", "partitioner", "run", "--plan", str(plan_path),
+    _, run_load = run_metered([*_torchrun(layout.world), "-m", "partitioner", "run", "--plan", str(plan_path),
                                 "--steps", str(steps), "--warmup", str(warmup), "--json", str(run_path)],
-                               f"run {layout.name}")
+                               f"run {layout.name}", log=run_path.with_suffix(".failed.txt"))
     run = json.loads(run_path.read_text())
     plan = run["plan_data"]
     times = run["step_times_s"]
