@@ -12,6 +12,7 @@ from dataclasses import replace
 from pathlib import Path
 
 import pytest
+import torch
 
 from cost_models import (
     AnalyticCostModel,
@@ -430,3 +431,31 @@ def test_the_gpu_check_script_runs_end_to_end_in_smoke_mode(tmp_path):
     data = json.loads(out.read_text())
     assert any(row["held_out"] for row in data["rows"]) and any(not row["held_out"] for row in data["rows"])
     assert data["held_out_gemm_mape"]["calibrated_fwd"] is not None
+
+
+class _BucketedBias(torch.nn.Module):
+    """An in-place add makes an embedding's indices, as T5's relative position buckets do
+    (``relative_buckets += ...``): indices 1..4 of 6 rows, out of range once the add runs twice."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.bias = torch.nn.Embedding(6, 8)
+        self.proj = torch.nn.Linear(8, 8)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        buckets = torch.arange(x.shape[1], device=x.device) * 1
+        buckets += 1
+        return self.proj(x) + self.bias(buckets)
+
+
+def test_an_in_place_node_timed_alone_leaves_the_blocks_values_alone(cache):
+    # The profiler times each node alone, many times, on the values the block's run made; an in-place op
+    # must not add to them again at each call (T5 failed to profile: "index out of range in self").
+    from partitioner.capture import capture
+    from partitioner.graph import build_partition_graph
+
+    model = _BucketedBias()
+    cap = capture(model, (torch.randn(2, 4, 8),), name="bucketed", batch_size=2)
+    assert any("add_" in str(n.target) for n in cap.graph_module.graph.nodes)  # the graph keeps the in-place op
+    result = profile_model(build_partition_graph(cap, model), cache, ProfileOptions(warmup=2, min_reps=8, max_reps=8, target_s=0.0))
+    assert result.stats.measured > 0

@@ -379,13 +379,19 @@ class _Profiler:
             obj, *rest = a
             return getattr(obj, node.target)(*rest, **k)
 
+        written, written_kw = _written(node)
+
         def fresh() -> tuple[tuple, dict]:  # leaves, so backward stops at this op
             def leaf(x: Any) -> Any:
                 if isinstance(x, torch.Tensor) and x.requires_grad:
                     return x.detach().requires_grad_(True)
                 return x
 
-            return tuple(_map(leaf, args)), {k: _map(leaf, v) for k, v in kwargs.items()}
+            def own(x: Any) -> Any:  # an in-place op's target, copied: repeated calls must not change env
+                return x.clone() if isinstance(x, torch.Tensor) else x
+
+            a = [own(_map(leaf, x)) if i in written else _map(leaf, x) for i, x in enumerate(args)]
+            return tuple(a), {k: own(_map(leaf, v)) if k in written_kw else _map(leaf, v) for k, v in kwargs.items()}
 
         with torch.enable_grad():
             a0, k0 = fresh()
@@ -463,6 +469,19 @@ def measure_blocks(pgraph: PartitionGraph, blocks: Sequence[int], options: Profi
         prof = _Profiler(pgraph, cache, options)
         env = prof.materialize(unit)
         return prof.time_block(unit, env)
+
+
+def _written(node: fx.Node) -> tuple[frozenset[int], frozenset[str]]:
+    """The positions and keywords of the arguments ``node``'s op writes in place (``add_``'s self, an
+    ``out=``), by its schema. Timing such a node alone calls it many times: on the block's own values it
+    would add to them again each time, and the nodes timed after it would read what it made of them
+    (T5's relative position buckets, ``relative_buckets += ...``, indexed an embedding out of range)."""
+    schema = getattr(node.target, "_schema", None)
+    if schema is None:
+        return frozenset(), frozenset()
+    writes = [a for a in schema.arguments if a.alias_info is not None and a.alias_info.is_write]
+    positions = {i for i, a in enumerate(schema.arguments) if a in writes and not a.kwarg_only}
+    return frozenset(positions), frozenset(a.name for a in writes)
 
 
 def _map(fn: Callable[[Any], Any], obj: Any) -> Any:
