@@ -95,7 +95,9 @@ class AnalyticCostModel:
         k = len(ranks)
         if k <= 1 or nbytes <= 0:
             return 0.0
-        half = kind != "all_reduce"  # all-gather / reduce-scatter move half an all-reduce's volume
+        # all-gather / reduce-scatter move half an all-reduce's volume; a broadcast is priced as an all-gather
+        # (ZeRO-1 prices each tensor's broadcast from its owner as an all-gather of its 1/dp share)
+        half = kind != "all_reduce"
         group = tuple(ranks)
         n = self._spans.get(group)
         if n is None:

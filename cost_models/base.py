@@ -14,7 +14,7 @@ from typing import Protocol, Sequence, runtime_checkable
 __all__ = ["OpTime", "NodeRef", "CollectiveKind", "COLLECTIVES", "CostModel", "op_class"]
 
 CollectiveKind = str  # one of COLLECTIVES
-COLLECTIVES = ("all_reduce", "all_gather", "reduce_scatter")
+COLLECTIVES = ("all_reduce", "all_gather", "reduce_scatter", "broadcast")
 
 
 @dataclass(frozen=True, slots=True)

@@ -85,15 +85,18 @@ rank updates ``T_s`` parameter tensors of ``P_s`` elements:
   receiver only (a transfer occupies neither rank), so it costs a step only where
   a rank waits for that transfer: on the critical path, ``2 (p - 1)`` transfers
   and more for every micro-batch the schedule's order makes wait;
-* every collective of kind ``x`` (all-reduce, all-gather, reduce-scatter), as the
+* every collective of kind ``x`` (all-reduce, all-gather, reduce-scatter, broadcast), as the
   ring model prices it on the link, times ``f_x``, its measured time over that
   price. The link's latency and bandwidth are fitted to point-to-point transfers
   ([Note: fitting alpha-beta] in partitioner/calibrate.py); gloo's collectives on
   the 2-core CPU of development took 1.7-2.4x (all-reduce), 2.8-4.2x
   (all-gather) and 4.2-7.3x (reduce-scatter) the ring's time on that link
   (benchmarks/results/2026-12-05-collectives.md), where the ring of 2 ranks moves
-  an all-reduce's bytes once each way, as a transfer does. On a GPU, NCCL's
-  ``efficiency.comm`` already is that figure; ``f_x = 1`` there;
+  an all-reduce's bytes once each way, as a transfer does. A broadcast (ZeRO-1's,
+  each tensor from its owner) has its own factor: priced as an all-gather of its
+  share, as the evaluator does, it is not an all-gather's time. The GPU presets
+  have none (1): their ``efficiency.comm`` is the collectives' measured share of
+  the link; ``autopart calibrate`` on NCCL measures the factors as here;
 * the exposed data-parallel reduction of ``R`` seconds launched with a last
   backward of ``b`` seconds: ``R - c min(R, b)`` with ``c = comm_overlap``,
   the fraction of compute that a collective can run beside (``c = 1``, the
@@ -138,6 +141,7 @@ OVERHEAD_FILE_KEYS = {
     "all_reduce_factor": ("all_reduce_factor", Decimal(1)),
     "all_gather_factor": ("all_gather_factor", Decimal(1)),
     "reduce_scatter_factor": ("reduce_scatter_factor", Decimal(1)),
+    "broadcast_factor": ("broadcast_factor", Decimal(1)),
     "comm_overlap": ("comm_overlap", Decimal(1)),
     "compute_slowdown": ("compute_slowdown", Decimal(1)),
 }
@@ -166,6 +170,7 @@ class Overheads:
     all_reduce_factor: float = 1.0  # f_all_reduce: an all-reduce's measured time over the ring model on the link
     all_gather_factor: float = 1.0  # f_all_gather: the same for an all-gather
     reduce_scatter_factor: float = 1.0  # f_reduce_scatter: the same for a reduce-scatter
+    broadcast_factor: float = 1.0  # f_broadcast: the same for a broadcast (priced as an all-gather of its share)
     comm_overlap: float = 1.0  # c: fraction of a collective that runs beside compute; 1: all of it (GPU)
     compute_slowdown: float = 1.0  # k: an op's time with every rank computing at once over one rank alone
 

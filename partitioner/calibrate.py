@@ -200,7 +200,7 @@ __all__ = [
     "DEFAULT_SIZES",
 ]
 
-KINDS = ("p2p", "all_reduce", "all_gather", "reduce_scatter")
+KINDS = ("p2p", *COLLECTIVES)
 # Message sizes in bytes per rank: 4 KiB to 16 MiB, every factor of four.
 DEFAULT_SIZES = tuple(4096 * 4**i for i in range(7))
 
@@ -390,6 +390,9 @@ def _collective(kind: str, nbytes: int, group, size: int, device: torch.device) 
     if kind == "all_gather":
         out = torch.empty(n * size, dtype=torch.float32, device=device)
         return (lambda: dist.all_gather_into_tensor(out, x, group=group)), 4 * n * size
+    if kind == "broadcast":  # from the group's first rank; priced as an all-gather of its 1/size share (ZeRO-1's)
+        src = dist.get_process_group_ranks(group)[0]
+        return (lambda: dist.broadcast(x, src=src, group=group)), 4 * n // size
     out = torch.empty(n // size, dtype=torch.float32, device=device)
     return (lambda: dist.reduce_scatter_tensor(out, x, group=group)), 4 * n
 
@@ -798,7 +801,7 @@ def zero1_overhead(device: torch.device, link: LinkFit | None, reps: int, tensor
     t = _timed(opt.step, device, max(reps, ZERO1_STEPS))  # a step of many broadcasts moves much: more of them
     priced = Overheads(optimizer_tensor_s=tensor_s, optimizer_bandwidth=bandwidth)  # as the evaluator prices it
     update = priced.optimizer_time(count / world, count * numel / world, ADAM_BYTES_PER_PARAM)
-    gather = count * link.time("all_gather", world, numel * 4 / world) if link else 0.0
+    gather = count * link.time("broadcast", world, numel * 4 / world) if link else 0.0
     return max(0.0, (t - update - gather) / count)
 
 

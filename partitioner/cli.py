@@ -950,7 +950,7 @@ def _print_calibration(report, base, cluster) -> None:
             f"{o.checkpoint_s * 1e6:.0f} us + {o.checkpoint_node_s * 1e6:.0f} us per saving node forward, "
             f"{o.checkpoint_backward_s * 1e6:.0f} us backward, per call; "
             f"all-reduce {o.all_reduce_factor:.2f}x, all-gather {o.all_gather_factor:.2f}x, reduce-scatter "
-            f"{o.reduce_scatter_factor:.2f}x the ring model on the link; "
+            f"{o.reduce_scatter_factor:.2f}x, broadcast {o.broadcast_factor:.2f}x the ring model on the link; "
             f"collectives overlap {o.comm_overlap:.0%} of compute; all ranks at once compute {o.compute_slowdown:.2f}x "
             f"slower than one alone (contention {c.contention:.2f}x, ranks over cores {c.oversubscribed:.2f}x) "
             f"-> \\[overheads]"

@@ -415,8 +415,8 @@ class Evaluator:
         t = o.optimizer_time(len(mine) if fsdp else len(mine) / share, elements / share,
                              per_param + spec.grad_bytes + spec.state_bytes, dtensors=fsdp)
         if share > 1 and not level.uses_fsdp:  # ZeroRedundancyOptimizer broadcasts each updated tensor
-            t += sum(self.cost_model.collective_time(
-                "all_gather", table[p].bytes / (tp if p in split_params else 1) / dp, dp_group) for p in mine)
+            t += sum(self.cost_model.collective_time(  # priced as an all-gather of the tensor's share
+                "broadcast", table[p].bytes / (tp if p in split_params else 1) / dp, dp_group) for p in mine)
             t += len(mine) * o.zero1_tensor_s  # and does its own work per tensor ([Note: software overheads])
         return t
 
