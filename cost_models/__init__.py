@@ -11,7 +11,7 @@ optimizer step) that the evaluator adds on top of any of them.
 from .analytic import AnalyticCostModel
 from .base import COLLECTIVES, CostModel, NodeRef, OpTime, op_class
 from .calibrated import Calibration, CalibratedCostModel, OpFit, Sample, fit_calibration
-from .profiled import MeasuredCostModel, MeasuredOp
+from .profiled import MeasuredCostModel, MeasuredLoss, MeasuredOp
 from .memory import (
     LOSSES,
     MASTER_GRAD_CHUNK,
@@ -35,6 +35,7 @@ __all__ = [
     "Calibration",
     "MeasuredCostModel",
     "MeasuredOp",
+    "MeasuredLoss",
     "NodeRef",
     "Overheads",
     "OpFit",

@@ -72,6 +72,10 @@ class AnalyticCostModel:
 
     # --- communication ----------------------------------------------------------------
 
+    def loss_time(self, kind: str, output_bytes: float) -> OpTime:
+        """Not priced without a measurement ([Note: the loss's time] in profiled.py)."""
+        return OpTime(0.0, 0.0)
+
     def p2p_time(self, nbytes: float, src: int, dst: int) -> float:
         if nbytes <= 0 or src == dst:
             return 0.0

@@ -84,3 +84,9 @@ class CostModel(Protocol):
     def p2p_time(self, nbytes: float, src: int, dst: int) -> float:
         """Seconds to send ``nbytes`` from rank ``src`` to rank ``dst``."""
         ...
+
+    def loss_time(self, kind: str, output_bytes: float) -> OpTime:
+        """Forward and backward seconds of the training loss ``kind`` (``cross_entropy``, ``mse``) on the
+        model's outputs of ``output_bytes`` (one micro-batch), on the last stage ([Note: the loss's time]
+        in profiled.py); zero where nothing measured it."""
+        ...

@@ -228,3 +228,6 @@ class CalibratedCostModel:
 
     def p2p_time(self, nbytes: float, src: int, dst: int) -> float:
         return self.base.p2p_time(nbytes, src, dst)
+
+    def loss_time(self, kind: str, output_bytes: float) -> OpTime:
+        return self.base.loss_time(kind, output_bytes)

@@ -17,6 +17,21 @@ and the size measured,
 
 which is exact at the measured size and lets the fitted per-call overhead
 keep small ops from scaling linearly.
+
+[Note: the loss's time]
+The captured graph ends at the model's outputs; the loss the runtime applies
+to them (``F.cross_entropy`` over the logits for a model of token ids, else
+``F.mse_loss``) runs on the last stage, forward and backward, every
+micro-batch. On the 2-core CPU of development a 50,257-token cross-entropy
+costs half as much as the head's GEMMs (74 ms forward and backward for 256
+tokens; benchmarks/results/2026-12-05-loss-cost.md), and leaving it out put a
+GPT-2 plan's head stage at half its measured time. The profiler times the
+loss on the outputs' shape at the capture batch (``ProfileResult.loss``); this
+model answers ``loss_time`` with it, scaled by the outputs' bytes asked for
+over those measured. The analytic model prices it at zero: on a GPU it is a
+memory-bound kernel of a few passes over the logits (GPT-3's 2048 x 50,257
+bf16 logits: about 0.6 ms per micro-batch at 2 TB/s), a fraction of a
+percent of the presets' steps.
 """
 
 from __future__ import annotations
@@ -26,7 +41,17 @@ from typing import Mapping, Sequence
 
 from .base import CollectiveKind, CostModel, NodeRef, OpTime
 
-__all__ = ["MeasuredOp", "MeasuredCostModel"]
+__all__ = ["MeasuredOp", "MeasuredLoss", "MeasuredCostModel"]
+
+
+@dataclass(frozen=True, slots=True)
+class MeasuredLoss:
+    """The training loss timed on the model's outputs at the capture batch ([Note: the loss's time])."""
+
+    kind: str  # "cross_entropy" or "mse"
+    output_bytes: float  # the outputs it was timed on
+    forward_s: float
+    backward_s: float
 
 
 @dataclass(frozen=True, slots=True)
@@ -47,6 +72,7 @@ class MeasuredCostModel:
 
     base: CostModel
     measured: Mapping[NodeRef, MeasuredOp]
+    loss: MeasuredLoss | None = None
 
     def node_time(
         self, op: str, forward_flops: float, backward_flops: float, bytes_moved: float, dtype: str,
@@ -75,3 +101,10 @@ class MeasuredCostModel:
 
     def p2p_time(self, nbytes: float, src: int, dst: int) -> float:
         return self.base.p2p_time(nbytes, src, dst)
+
+    def loss_time(self, kind: str, output_bytes: float) -> OpTime:
+        m = self.loss
+        if m is None or m.kind != kind or m.output_bytes <= 0:
+            return self.base.loss_time(kind, output_bytes)
+        share = output_bytes / m.output_bytes  # [Note: the loss's time]: linear in the outputs
+        return OpTime(m.forward_s * share, m.backward_s * share)

@@ -60,7 +60,7 @@ from torch.utils.flop_counter import FlopCounterMode
 
 from .errors import CaptureError, one_line
 
-__all__ = ["TensorMeta", "NodeInfo", "ParamInfo", "CapturedModel", "capture", "node_keys"]
+__all__ = ["TensorMeta", "NodeInfo", "ParamInfo", "CapturedModel", "capture", "node_keys", "loss_kind"]
 
 
 @dataclass(frozen=True, slots=True)
@@ -248,6 +248,15 @@ def capture(
         warnings=tuple(annot.warnings),
         param_nodes=dict(annot.param_nodes),
     )
+
+
+def loss_kind(cap: CapturedModel) -> str:
+    """The loss ``autopart run`` trains ``cap``'s model with: ``cross_entropy`` for a model of token ids (its
+    logits against the next tokens), else ``mse`` (runtime/loop.py)."""
+    inputs = [n for n in cap.nodes.values() if n.op == "placeholder" and n.name not in cap.param_nodes and n.outputs]
+    floats = ("float", "bfloat16", "half")
+    token_ids = bool(inputs) and all(not t.dtype.startswith(floats) for n in inputs for t in n.outputs)
+    return "cross_entropy" if token_ids else "mse"
 
 
 def node_keys(nodes: Iterable[fx.Node]) -> dict[str, str]:

@@ -95,7 +95,7 @@ from cost_models import (
     static_bytes,
 )
 
-from .capture import CapturedModel
+from .capture import CapturedModel, loss_kind
 from .dp_sharding import hsdp_shard, spec as dp_spec
 from .cluster import LOCAL_CPU, Cluster
 from .errors import PlanError
@@ -612,13 +612,8 @@ class Evaluator:
         return self.cluster.name.startswith(LOCAL_CPU)
 
     def loss_kind(self) -> str:
-        """The loss ``autopart run`` trains with: cross-entropy for a model of token ids, else mse
-        ([Note: the loss's memory] in cost_models/memory.py)."""
-        cap = self.captured
-        inputs = [n for n in cap.nodes.values() if n.op == "placeholder" and n.name not in cap.param_nodes and n.outputs]
-        floats = ("float", "bfloat16", "half")
-        token_ids = bool(inputs) and all(not t.dtype.startswith(floats) for n in inputs for t in n.outputs)
-        return "cross_entropy" if token_ids else "mse"
+        """The loss ``autopart run`` trains with ([Note: the loss's memory] in cost_models/memory.py)."""
+        return loss_kind(self.captured)
 
     def saving_nodes(self, block: Block) -> int:
         """The nodes of ``block`` that save a tensor for their backward (an input, their output, or an
@@ -736,6 +731,11 @@ class Evaluator:
             ck_f, ck_b = self.checkpoint_time(spec, costs)  # [Note: software overheads]
             fwd += ck_f
             bwd += ck_b
+            if s == len(stages) - 1:  # the loss, where measured ([Note: the loss's time] in cost_models/profiled.py)
+                outputs = sum(self.captured.nodes[n].output_bytes for n in self.pgraph.model_outputs) * mbs
+                loss = self.cost_model.loss_time(self.loss_kind(), outputs / self.captured.batch_size)
+                k = self.overheads.compute_slowdown  # its compute, as every op's ([Note: software overheads])
+                fwd, bwd = fwd + loss.forward_s * k, bwd + loss.backward_s * k
             names = {p for b in spec.blocks for p in self.pgraph.blocks[b].params}
             mem = self.stage_memory(s, stages, costs, mesh, schedule, crossing, sorted(names), split_params)
             transient = 0.0

@@ -230,6 +230,9 @@ class _Linear:
     def p2p_time(self, nbytes, src, dst):
         return 0.0
 
+    def loss_time(self, kind, output_bytes):
+        return OpTime(0.0, 0.0)
+
 
 def test_measured_model_answers_with_measurements_and_scales_them():
     ref = NodeRef("mm")
@@ -244,14 +247,17 @@ def test_measured_model_answers_with_measurements_and_scales_them():
 
 
 def test_plans_use_the_measured_block_times(gpt2, cache):
-    """pp=1, one micro-batch of the capture batch: the stage's predicted time is the blocks' measured time."""
+    """pp=1, one micro-batch of the capture batch: the stage's predicted time is the blocks' measured time and
+    the loss's ([Note: the loss's time] in cost_models/profiled.py: GPT-2 trains on cross-entropy)."""
     cluster = Cluster.local(1)
     prof = profile_for_planning(gpt2.graph, cluster, cache, ProfileOptions(**FAST))
     result = plan_parallelism(gpt2.graph, cluster=cluster, global_batch=1, dtype="fp32", cost_model=prof.cost_model,
                               method="uniform", pp=1)
     stage = result.plan.stages[0].predicted
-    fwd = sum(m.forward.median_s for m in prof.result.blocks.values())
-    bwd = sum(m.backward.median_s for m in prof.result.blocks.values())
+    loss = prof.result.loss
+    assert loss is not None and loss.kind == "cross_entropy" and loss.forward_s > 0 and loss.backward_s > 0
+    fwd = sum(m.forward.median_s for m in prof.result.blocks.values()) + loss.forward_s
+    bwd = sum(m.backward.median_s for m in prof.result.blocks.values()) + loss.backward_s
     assert stage.forward_s == pytest.approx(fwd, rel=1e-9)
     assert stage.backward_s == pytest.approx(bwd, rel=1e-9)
     analytic = plan_parallelism(gpt2.graph, cluster=cluster, global_batch=1, dtype="fp32", method="uniform", pp=1)
@@ -459,3 +465,15 @@ def test_an_in_place_node_timed_alone_leaves_the_blocks_values_alone(cache):
     assert any("add_" in str(n.target) for n in cap.graph_module.graph.nodes)  # the graph keeps the in-place op
     result = profile_model(build_partition_graph(cap, model), cache, ProfileOptions(warmup=2, min_reps=8, max_reps=8, target_s=0.0))
     assert result.stats.measured > 0
+
+
+def test_the_loss_is_priced_where_measured_and_scales_with_the_outputs():
+    # [Note: the loss's time]: measured at the capture batch, asked per micro-batch by the outputs' bytes;
+    # without a measurement (every analytic plan, every GPU preset) it adds nothing
+    from cost_models import MeasuredLoss
+
+    base = AnalyticCostModel(Cluster.local(2))
+    assert base.loss_time("cross_entropy", 1e8) == OpTime(0.0, 0.0)
+    measured = MeasuredCostModel(base, {}, MeasuredLoss("cross_entropy", 4e6, 0.010, 0.030))
+    assert measured.loss_time("cross_entropy", 2e6) == OpTime(pytest.approx(0.005), pytest.approx(0.015))
+    assert measured.loss_time("mse", 2e6) == OpTime(0.0, 0.0)  # another loss than the one measured

@@ -12,9 +12,9 @@ from typing import Any, Callable, Mapping, Sequence
 import torch
 from torch import fx
 
-from cost_models import MeasuredOp, NodeRef
+from cost_models import MeasuredLoss, MeasuredOp, NodeRef
 
-from ..capture import CapturedModel, NodeInfo, flat_tensors
+from ..capture import CapturedModel, NodeInfo, flat_tensors, loss_kind
 from ..graph import Block, PartitionGraph
 from ..tp_strategies import STRATEGIES, allowed_strategies
 from .values import Measurement, NO_TIME, ProfileError, ProfileOptions, ProfileResult, ProfileStats, Timing, device_name
@@ -165,10 +165,57 @@ class _Profiler:
             if bar:
                 bar.close()
             self.cache.commit()
+        loss = self.profile_loss()
+        self.cache.commit()
         stats = ProfileStats(self.measured, self.cached, self.cache.corrupt - self.corrupt_before, self.unmeasured,
                              time.perf_counter() - self.started)
         return ProfileResult(self.device_name, self.torch_version, self.opt.dtype, dict(self.nodes), dict(self.blocks), stats,
-                             dict(self.in_block))
+                             dict(self.in_block), loss)
+
+    def profile_loss(self) -> MeasuredLoss | None:
+        """The training loss on the model's largest floating output (the logits), at the capture batch
+        ([Note: the loss's time] in cost_models/profiled.py); None where the model has no such output."""
+        outs = [v for n in sorted(self.pgraph.model_outputs) for v in flat_tensors(self.fx_nodes[n].meta.get("val"))
+                if n in self.fx_nodes and v.dtype.is_floating_point]
+        if not outs:
+            return None
+        meta = max(outs, key=lambda v: v.numel() * v.element_size())
+        kind = loss_kind(self.cap)
+        shape = tuple(int(s) for s in meta.shape)
+        key = self.cache_key("loss", json.dumps([kind, shape, str(meta.dtype)]), "replicate", 1)
+        m = self.lookup(key)
+        if m is None:
+            if self.over_budget():
+                self.unmeasured += 1
+                return None
+            m = self.time_loss(kind, shape, meta.dtype)
+            self.store(key, "loss", m)
+        # the evaluator asks by all the outputs' bytes (as it sizes the loss's memory): the same measure here
+        total = sum(self.cap.nodes[n].output_bytes for n in self.pgraph.model_outputs if n in self.cap.nodes)
+        return MeasuredLoss(kind, float(total), m.forward.median_s, m.backward.median_s)
+
+    def time_loss(self, kind: str, shape: tuple[int, ...], dtype: torch.dtype) -> Measurement:
+        """Time ``kind`` as the runtime computes it (runtime/loop.py), forward and backward, on random outputs."""
+        out = torch.randn(shape, dtype=dtype, device=self.device)
+        if kind == "cross_entropy":
+            target = torch.randint(0, shape[-1], shape[:-1], device=self.device)
+
+            def loss(o: torch.Tensor) -> torch.Tensor:
+                return torch.nn.functional.cross_entropy(o.reshape(-1, o.shape[-1]), target.reshape(-1))
+        else:
+            target = torch.randn(shape, dtype=dtype, device=self.device)
+
+            def loss(o: torch.Tensor) -> torch.Tensor:
+                return torch.nn.functional.mse_loss(o, target)
+
+        def leaf() -> torch.Tensor:
+            return out.detach().requires_grad_(True)
+
+        with torch.enable_grad():
+            forward = self.repeat(leaf, loss)
+            backward = self.repeat(lambda: loss(leaf()), lambda v: v.backward())
+        nbytes = out.numel() * out.element_size()
+        return Measurement(f"loss.{kind}", "replicate", 1, forward, backward, 0.0, 0.0, float(nbytes))
 
     def profile_block(self, block: Block) -> None:
         infos = self.compute_nodes(block)

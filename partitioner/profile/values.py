@@ -158,6 +158,7 @@ class ProfileResult:
     stats: ProfileStats
     # Node times with their block's share of what runs between ops; see [Note: nodes alone and the block].
     in_block: Mapping[NodeRef, MeasuredOp] = field(default_factory=dict)
+    loss: MeasuredLoss | None = None  # the training loss on the outputs ([Note: the loss's time] in cost_models/profiled.py)
 
     def measured_ops(self) -> dict[NodeRef, MeasuredOp]:
         """The measurements as the cost model takes them: in-block times where the block was measured."""
@@ -165,7 +166,7 @@ class ProfileResult:
 
     def cost_model(self, base: CostModel) -> MeasuredCostModel:
         """The planner's cost model: these measurements, with ``base`` for everything else."""
-        return MeasuredCostModel(base, self.measured_ops())
+        return MeasuredCostModel(base, self.measured_ops(), self.loss)
 
 
 def device_name(device: str) -> str:
