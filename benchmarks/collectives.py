@@ -55,7 +55,8 @@ def main() -> None:
             continue
         samples = [s for s in report.samples if s.link == "intra"]
         fit = report.links["intra"]
-        before = [replace(s, nbytes=s.nbytes // s.ranks) if s.kind == "all_gather" else s for s in samples]
+        before = [replace(s, nbytes=s.nbytes // s.ranks) if s.kind == "all_gather" else s
+                  for s in samples if s.kind != "broadcast"]  # calibrate timed no broadcast then
         old = _joint_fit(before)
         print(f"round {r + 1}: {report.world_size} ranks; transfers' link {fit.latency * 1e6:.1f} us, "
               f"{fit.bandwidth / 1e9:.2f} GB/s (mean error {fit.mape:.0%} on the transfers); fitted with the "

@@ -2,10 +2,10 @@
 
 ``autopart calibrate`` runs under ``torchrun`` on the machines a plan will use
 (gloo on CPU, NCCL on GPUs). It times point-to-point transfers and the
-all-reduce, all-gather and reduce-scatter the planner prices, at several
-sizes, on groups inside a node and across nodes; fits each link class's
-latency and bandwidth to the same formulas ``cost_models.AnalyticCostModel``
-uses; times a GEMM and a streaming op on every rank at once for the device's
+all-reduce, all-gather, reduce-scatter and broadcast the planner prices, at
+several sizes, on groups inside a node and across nodes; fits each link
+class's latency and bandwidth to the transfers, and each collective's factor
+over the ring formulas ``cost_models.AnalyticCostModel`` uses; times a GEMM and a streaming op on every rank at once for the device's
 matmul and memory efficiencies; and writes the result as a cluster TOML that
 ``--cluster`` reads. It sits beside the profiler: the profiler measures a
 model's ops, this measures the cluster they run on.
@@ -118,8 +118,9 @@ median:
 * ZeRO-1: ``ZeroRedundancyOptimizer`` (as the runtime makes it) stepping
   ``ZERO1_TENSORS`` tensors, every rank at once; ``a_zero1 = (t - t_update -
   T g) / T`` with ``t_update`` this rank's ``1/dp`` share of the update (by the
-  fitted ``a_tensor`` and ``B_opt``) and ``g`` the all-gather of a tensor's
-  ``1/dp`` share on the measured link, at least 0;
+  fitted ``a_tensor`` and ``B_opt``) and ``g`` the broadcast of a tensor, priced
+  as the evaluator does (an all-gather of its ``1/dp`` share on the measured link,
+  times the measured broadcast factor), at least 0;
 * FSDP: a stack of ``n`` tiny linear units run plainly and with each unit and
   the root under ``fully_shard`` as ZeRO-2 does (``reshard_after_forward=False``)
   over pairs of ranks, every pair at once (with 2 ranks, the one pair; an odd
@@ -213,7 +214,7 @@ class CalibrateError(AutopartError):
 class CommSample:
     """One timed communication: the median of repeated runs, slowest rank."""
 
-    kind: str  # p2p | all_reduce | all_gather | reduce_scatter
+    kind: str  # p2p or a collective (cost_models.base.COLLECTIVES)
     link: str  # "intra" (inside a node) or "inter" (across nodes)
     ranks: int  # group size (2 for p2p)
     nbytes: int  # the message (p2p); the whole tensor, as the cost model prices a collective (an all-gather's output)

@@ -182,10 +182,14 @@ class BlockCost:
     # The storages it keeps when recomputed, for the stage's count of each once (empty: only the figures
     # above are known, and each block's are added up).
     inputs: tuple[KeptInput, ...] = ()
+    # The training loss, on the model's last block only ([Note: the loss's time] in cost_models/profiled.py):
+    # in ``time``, so that the evaluator, the stage ILP, the search and the baselines all split with it; not
+    # replayed by recomputation, and part of the input-gradient backward under a split backward.
+    loss: OpTime = OpTime(0.0, 0.0)
 
     @property
     def time(self) -> OpTime:
-        return self.compute + self.tp_comm
+        return self.compute + self.tp_comm + self.loss
 
     def kept_input_bytes(self, block: int, stage: Set[int]) -> float:
         """What this block, recomputed as block ``block`` of a stage made of the blocks ``stage``, keeps
@@ -318,9 +322,19 @@ class Evaluator:
                 if k.storage not in before:
                     held = k.bytes - (k.split_less if block.index > 0 and k.producer == block.index - 1 else 0.0)
                     marginal[k.storage] = max(marginal.get(k.storage, 0.0), held)
-            mine = self._own_cache[own] = replace(hit, input_bytes=sum(marginal.values()),
-                                                    whole_input_bytes=sum(first.values()), inputs=kept)
+            mine = replace(hit, input_bytes=sum(marginal.values()), whole_input_bytes=sum(first.values()), inputs=kept)
+            if block.index == len(self.pgraph.blocks) - 1:  # the loss runs on the model's outputs, after it
+                mine = replace(mine, loss=self.loss_time(micro_batch))
+            self._own_cache[own] = mine
         return mine
+
+    def loss_time(self, micro_batch: int) -> OpTime:
+        """The training loss's forward and backward per micro-batch of ``micro_batch`` samples, where the cost
+        model measured it, times the ranks' compute slowdown ([Note: the loss's time] in cost_models/profiled.py)."""
+        outputs = sum(self.captured.nodes[n].output_bytes for n in self.pgraph.model_outputs)
+        t = self.cost_model.loss_time(self.loss_kind(), outputs * micro_batch / self.captured.batch_size)
+        k = self.overheads.compute_slowdown  # as every op's ([Note: software overheads])
+        return OpTime(t.forward_s * k, t.backward_s * k)
 
     def kept_inputs(self, block: Block, micro_batch: int, tp: int, sharding: Mapping[str, str]) -> tuple[KeptInput, ...]:
         """The storages ``block``'s checkpoint keeps when it is recomputed, one per input (two inputs may share
@@ -722,7 +736,7 @@ class Evaluator:
             fwd = sum(c.time.forward_s for c in costs)
             bwd = sum(c.time.backward_s for c in costs)
             wgt = sum(
-                WEIGHT_GRAD_SHARE * c.time.backward_s
+                WEIGHT_GRAD_SHARE * (c.time.backward_s - c.loss.backward_s)
                 for b, c in zip(blocks, costs)
                 if any(params[p].trainable for p in b.params)
             )
@@ -731,11 +745,6 @@ class Evaluator:
             ck_f, ck_b = self.checkpoint_time(spec, costs)  # [Note: software overheads]
             fwd += ck_f
             bwd += ck_b
-            if s == len(stages) - 1:  # the loss, where measured ([Note: the loss's time] in cost_models/profiled.py)
-                outputs = sum(self.captured.nodes[n].output_bytes for n in self.pgraph.model_outputs) * mbs
-                loss = self.cost_model.loss_time(self.loss_kind(), outputs / self.captured.batch_size)
-                k = self.overheads.compute_slowdown  # its compute, as every op's ([Note: software overheads])
-                fwd, bwd = fwd + loss.forward_s * k, bwd + loss.backward_s * k
             names = {p for b in spec.blocks for p in self.pgraph.blocks[b].params}
             mem = self.stage_memory(s, stages, costs, mesh, schedule, crossing, sorted(names), split_params)
             transient = 0.0
@@ -1071,7 +1080,7 @@ def recompute_terms(spec: StageSpec, costs: Sequence[BlockCost]) -> tuple[float,
     replay = work = 0.0
     for b, c in zip(spec.blocks, costs):
         if b in chosen:
-            replay += c.time.forward_s
+            replay += c.time.forward_s - c.loss.forward_s  # the loss is not in the checkpoint
             work = max(work, c.saved_bytes)
         elif spec.selective:
             act += c.saved_bytes - c.core_bytes

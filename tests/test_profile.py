@@ -477,3 +477,26 @@ def test_the_loss_is_priced_where_measured_and_scales_with_the_outputs():
     measured = MeasuredCostModel(base, {}, MeasuredLoss("cross_entropy", 4e6, 0.010, 0.030))
     assert measured.loss_time("cross_entropy", 2e6) == OpTime(pytest.approx(0.005), pytest.approx(0.015))
     assert measured.loss_time("mse", 2e6) == OpTime(0.0, 0.0)  # another loss than the one measured
+
+
+def test_the_loss_sits_on_the_last_block_so_every_planner_splits_with_it(gpt2, cache):
+    # The stage ILP, the search and the baselines read blocks' times (BlockCost.time), not stage_costs: the
+    # measured loss is the last block's, once, and neither replayed by recomputation nor a weight gradient.
+    from partitioner.evaluate import StageSpec
+    from partitioner.planner import prepare
+
+    cluster = Cluster.local(1)
+    prof = profile_for_planning(gpt2.graph, cluster, cache, ProfileOptions(**FAST))
+    ev = prepare(gpt2.graph, cluster=cluster, global_batch=2, dtype="fp32", cost_model=prof.cost_model)
+    blocks = ev.pgraph.blocks
+    loss = ev.loss_time(2)
+    assert loss.forward_s > 0 and loss.backward_s > 0
+    last = ev.block_cost(blocks[-1], 2, 1, {})
+    assert last.loss == loss and last.time.forward_s == pytest.approx(last.compute.forward_s + loss.forward_s)
+    assert all(ev.block_cost(b, 2, 1, {}).loss == OpTime(0.0, 0.0) for b in blocks[:-1])
+    from partitioner.evaluate import recompute_terms
+
+    n = len(blocks)
+    costs = [ev.block_cost(b, 2, 1, {}) for b in blocks]
+    _, replay, _ = recompute_terms(StageSpec(tuple(range(n)), recompute=tuple(range(n))), costs)
+    assert replay == pytest.approx(sum(c.time.forward_s for c in costs) - loss.forward_s)  # not in the checkpoint

@@ -155,6 +155,7 @@ class _Profiler:
 
     def run(self) -> ProfileResult:
         blocks = list(self.pgraph.blocks)
+        loss = self.profile_loss()  # first: cheap, and not left out by a budget the blocks use up
         bar = _progress(self.opt.progress, len(blocks))
         try:
             for block in blocks:
@@ -165,8 +166,6 @@ class _Profiler:
             if bar:
                 bar.close()
             self.cache.commit()
-        loss = self.profile_loss()
-        self.cache.commit()
         stats = ProfileStats(self.measured, self.cached, self.cache.corrupt - self.corrupt_before, self.unmeasured,
                              time.perf_counter() - self.started)
         return ProfileResult(self.device_name, self.torch_version, self.opt.dtype, dict(self.nodes), dict(self.blocks), stats,
@@ -188,7 +187,11 @@ class _Profiler:
             if self.over_budget():
                 self.unmeasured += 1
                 return None
-            m = self.time_loss(kind, shape, meta.dtype)
+            try:
+                m = self.time_loss(kind, shape, meta.dtype)
+            except Exception as exc:  # the loss raises many types
+                raise ProfileError(f"timing the loss ({kind} on outputs of shape {list(shape)}) failed: "
+                                   f"{type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''}") from None
             self.store(key, "loss", m)
         # the evaluator asks by all the outputs' bytes (as it sizes the loss's memory): the same measure here
         total = sum(self.cap.nodes[n].output_bytes for n in self.pgraph.model_outputs if n in self.cap.nodes)
