@@ -28,7 +28,10 @@ tokens; benchmarks/results/2026-12-05-loss-cost.md), and leaving it out put a
 GPT-2 plan's head stage at half its measured time. The profiler times the
 loss on the outputs' shape at the capture batch (``ProfileResult.loss``); this
 model answers ``loss_time`` with it, scaled by the outputs' bytes asked for
-over those measured. The analytic model prices it at zero: on a GPU it is a
+over those measured (linearly: on the CPU it grows faster than the tokens, 22
+ms at 128 and 74 ms at 256, which a linear scaling from the capture batch
+misses). The evaluator puts it on the model's last block (``BlockCost.loss``).
+The analytic model prices it at zero: on a GPU it is a
 memory-bound kernel of a few passes over the logits (GPT-3's 2048 x 50,257
 bf16 logits: about 0.6 ms per micro-batch at 2 TB/s), a fraction of a
 percent of the presets' steps.

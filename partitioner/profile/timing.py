@@ -529,9 +529,8 @@ def _written(node: fx.Node) -> tuple[frozenset[int], frozenset[str]]:
     schema = getattr(node.target, "_schema", None)
     if schema is None:
         return frozenset(), frozenset()
-    writes = [a for a in schema.arguments if a.alias_info is not None and a.alias_info.is_write]
-    positions = {i for i, a in enumerate(schema.arguments) if a in writes and not a.kwarg_only}
-    return frozenset(positions), frozenset(a.name for a in writes)
+    written = [(i, a) for i, a in enumerate(schema.arguments) if a.alias_info is not None and a.alias_info.is_write]
+    return frozenset(i for i, a in written if not a.kwarg_only), frozenset(a.name for _, a in written)
 
 
 def _map(fn: Callable[[Any], Any], obj: Any) -> Any:

@@ -9,7 +9,7 @@ from typing import Any, Mapping, Sequence
 
 import torch
 
-from cost_models import MeasuredCostModel, MeasuredOp, NodeRef
+from cost_models import MeasuredCostModel, MeasuredLoss, MeasuredOp, NodeRef
 from cost_models.base import CostModel
 
 from ..errors import AutopartError
