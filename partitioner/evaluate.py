@@ -331,8 +331,7 @@ class Evaluator:
     def loss_time(self, micro_batch: int) -> OpTime:
         """The training loss's forward and backward per micro-batch of ``micro_batch`` samples, where the cost
         model measured it, times the ranks' compute slowdown ([Note: the loss's time] in cost_models/profiled.py)."""
-        outputs = sum(self.captured.nodes[n].output_bytes for n in self.pgraph.model_outputs)
-        t = self.cost_model.loss_time(self.loss_kind(), outputs * micro_batch / self.captured.batch_size)
+        t = self.cost_model.loss_time(self.loss_kind(), self.pgraph.output_bytes * micro_batch / self.captured.batch_size)
         k = self.overheads.compute_slowdown  # as every op's ([Note: software overheads])
         return OpTime(t.forward_s * k, t.backward_s * k)
 
@@ -670,7 +669,7 @@ class Evaluator:
         blocks = [self.pgraph.blocks[b] for b in spec.blocks]
         last = s == len(stages) - 1
         if last:
-            out = sum(self.captured.nodes[n].output_bytes for n in self.pgraph.model_outputs) * per_mb
+            out = self.pgraph.output_bytes * per_mb
             loss = loss_memory(self.loss_kind(), int(out))
         else:
             out = crossing[s] * mbs / self.captured.batch_size / tp

@@ -122,6 +122,8 @@ class PartitionGraph:
         # Nodes whose output another block (or the graph's output) reads, and the model's outputs.
         outputs = [n for n in captured.nodes.values() if n.op == "output"]
         self.model_outputs: frozenset[str] = frozenset(i for o in outputs for i in o.inputs)
+        # their bytes at the capture batch: what the loss reads, for its memory and its time
+        self.output_bytes: int = sum(captured.nodes[n].output_bytes for n in self.model_outputs)
         self.read_outside: frozenset[str] = frozenset(
             i
             for n in captured.nodes.values()

@@ -194,8 +194,7 @@ class _Profiler:
                                    f"{type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''}") from None
             self.store(key, "loss", m)
         # the evaluator asks by all the outputs' bytes (as it sizes the loss's memory): the same measure here
-        total = sum(self.cap.nodes[n].output_bytes for n in self.pgraph.model_outputs if n in self.cap.nodes)
-        return MeasuredLoss(kind, float(total), m.forward.median_s, m.backward.median_s)
+        return MeasuredLoss(kind, float(self.pgraph.output_bytes), m.forward.median_s, m.backward.median_s)
 
     def time_loss(self, kind: str, shape: tuple[int, ...], dtype: torch.dtype) -> Measurement:
         """Time ``kind`` as the runtime computes it (runtime/loop.py), forward and backward, on random outputs."""
