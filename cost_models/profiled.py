@@ -30,21 +30,43 @@ loss on the outputs' shape at the capture batch (``ProfileResult.loss``); this
 model answers ``loss_time`` with it, scaled by the outputs' bytes asked for
 over those measured (linearly: on the CPU it grows faster than the tokens, 22
 ms at 128 and 74 ms at 256, which a linear scaling from the capture batch
-misses). The evaluator puts it on the model's last block (``BlockCost.loss``).
+misses; [Note: measured at several micro-batch sizes] removes that where it
+was measured at the size asked). The evaluator puts it on the model's last
+block (``BlockCost.loss``).
 The analytic model prices it at zero: on a GPU it is a
 memory-bound kernel of a few passes over the logits (GPT-3's 2048 x 50,257
 bf16 logits: about 0.6 ms per micro-batch at 2 TB/s), a fraction of a
 percent of the presets' steps.
+
+[Note: measured at several micro-batch sizes]
+A time is not linear in the micro-batch. On the development CPU GPT-2's
+50,257-row head takes 49 ms forward and backward for 128 tokens and 129 ms
+for 256 (2.6x for twice the tokens: its logits leave the cache), and the
+cross-entropy over them 22 and 74 ms; on a GPU a small GEMM gains efficiency
+as it grows. Scaling one measurement by the base model's ratio misses both:
+a plan of micro-batches of 4 x 64 tokens, priced from the capture batch of
+64, came out 43% under its measured step. So the planner also profiles the
+model re-captured at other micro-batch sizes it may choose
+(``profile.micro_batches_to_profile``), and a node's measurements at every
+size are its points ``(base(m), t(m))``, with ``base`` the base model's time
+for that measurement's own FLOPs and bytes. A size asked for is priced by
+interpolating linearly in the base model's time between the two points
+around it, and beyond the points as [Note: scaling a measurement] says from
+the nearest one. So each measured size is priced exactly as measured, and a
+size between two is priced by what the base model says of the difference.
+Points at the same base time (a view, a node whose work does not grow with
+the batch) keep the first, the capture batch's. The loss is interpolated in
+the same way, in its outputs' bytes.
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Mapping, Sequence
 
 from .base import CollectiveKind, CostModel, NodeRef, OpTime
 
-__all__ = ["MeasuredOp", "MeasuredLoss", "MeasuredCostModel"]
+__all__ = ["MeasuredOp", "MeasuredLoss", "MeasuredCostModel", "interpolate"]
 
 
 @dataclass(frozen=True, slots=True)
@@ -69,13 +91,39 @@ class MeasuredOp:
     param_bytes: float = 0.0
 
 
+def interpolate(points: Sequence[tuple[float, float]], x: float) -> float:
+    """``y`` at ``x`` from ``(x, y)`` points ([Note: measured at several micro-batch sizes]): linear between
+    the two around ``x``, proportional to the nearest beyond them; of points at one ``x``, the first."""
+    pts: list[tuple[float, float]] = []
+    for px, py in points:
+        if all(px != q for q, _ in pts):
+            pts.append((px, py))
+    pts.sort()
+    lo, hi = pts[0], pts[-1]
+    if x <= lo[0] or len(pts) == 1:
+        near = lo if x <= lo[0] else hi
+        return near[1] * x / near[0] if near[0] > 0 else near[1]
+    if x >= hi[0]:
+        return hi[1] * x / hi[0]
+    for (x0, y0), (x1, y1) in zip(pts, pts[1:]):
+        if x0 <= x <= x1:
+            return y0 + (y1 - y0) * (x - x0) / (x1 - x0)
+    raise AssertionError("unreachable: x lies between the first and the last point")
+
+
 @dataclass(frozen=True)
 class MeasuredCostModel:
-    """Measured node times where there are some; ``base`` for the rest and for communication."""
+    """Measured node times where there are some; ``base`` for the rest and for communication.
+
+    ``measured`` and ``loss`` are at the capture batch; ``other_sizes`` and ``other_losses`` the same
+    nodes and loss measured at other micro-batch sizes ([Note: measured at several micro-batch sizes]).
+    """
 
     base: CostModel
     measured: Mapping[NodeRef, MeasuredOp]
     loss: MeasuredLoss | None = None
+    other_sizes: Mapping[NodeRef, tuple[MeasuredOp, ...]] = field(default_factory=dict)
+    other_losses: tuple[MeasuredLoss, ...] = ()
 
     def node_time(
         self, op: str, forward_flops: float, backward_flops: float, bytes_moved: float, dtype: str,
@@ -84,19 +132,18 @@ class MeasuredCostModel:
         asked = self.base.node_time(op, forward_flops, backward_flops, bytes_moved, dtype, node, param_bytes)
         if node is None:
             return asked
-        m = self.measured.get(node)
-        if m is None and node.tp > 1:
-            m = self.measured.get(NodeRef(node.name))  # an unmeasured shard: scale the whole op
+        ref = node
+        if ref not in self.measured and node.tp > 1:
+            ref = NodeRef(node.name)  # an unmeasured shard: scale the whole op
+        m = self.measured.get(ref)
         if m is None:
             return asked
-        at = self.base.node_time(op, m.forward_flops, m.backward_flops, m.bytes_moved, dtype, node, m.param_bytes)
-
-        def scaled(t: float, base_asked: float, base_at: float) -> float:
-            return t * base_asked / base_at if base_at > 0 else t
-
+        points = (m, *self.other_sizes.get(ref, ()))
+        at = [self.base.node_time(op, p.forward_flops, p.backward_flops, p.bytes_moved, dtype, node, p.param_bytes)
+              for p in points]
         return OpTime(
-            scaled(m.forward_s, asked.forward_s, at.forward_s),
-            scaled(m.backward_s, asked.backward_s, at.backward_s),
+            interpolate([(a.forward_s, p.forward_s) for a, p in zip(at, points)], asked.forward_s),
+            interpolate([(a.backward_s, p.backward_s) for a, p in zip(at, points)], asked.backward_s),
         )
 
     def collective_time(self, kind: CollectiveKind, nbytes: float, ranks: Sequence[int]) -> float:
@@ -109,5 +156,6 @@ class MeasuredCostModel:
         m = self.loss
         if m is None or m.kind != kind or m.output_bytes <= 0:
             return self.base.loss_time(kind, output_bytes)
-        share = output_bytes / m.output_bytes  # [Note: the loss's time]: linear in the outputs
-        return OpTime(m.forward_s * share, m.backward_s * share)
+        points = [m, *(o for o in self.other_losses if o.kind == kind and o.output_bytes > 0)]
+        return OpTime(interpolate([(p.output_bytes, p.forward_s) for p in points], output_bytes),
+                      interpolate([(p.output_bytes, p.backward_s) for p in points], output_bytes))

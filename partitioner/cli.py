@@ -14,7 +14,7 @@ import math
 import os
 import sys
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any, Mapping, Sequence
 
 from .cluster import default_dtype, tp_degrees
 from .dp_sharding import DP_SHARDINGS
@@ -83,9 +83,14 @@ def _cluster_args(p: argparse.ArgumentParser) -> None:
 
 
 def _profile_args(p: argparse.ArgumentParser, *, flag: bool) -> None:
+    from .profile import PROFILED_SIZES
+
     g = p.add_argument_group("profile")
     if flag:
         g.add_argument("--profile", action="store_true", help="measure the model on this machine and plan with measured costs")
+        g.add_argument("--profile-sizes", type=_positive_int, default=None, metavar="N",
+                       help=f"measure at up to N micro-batch sizes the plan may use, the capture batch's among them "
+                            f"(default {PROFILED_SIZES}; 1: the capture batch only, others scaled from it)")
     g.add_argument("--device", default=None, help="where to measure: cpu (default) or cuda")
     g.add_argument("--cache", default=None, metavar="PATH", help="profile cache file (default $AUTOPART_CACHE or ~/.cache/autopart/profile.sqlite)")
     g.add_argument("--profile-budget", type=_positive_seconds, default=None, metavar="SECONDS",
@@ -341,8 +346,9 @@ def cmd_plan(args: argparse.Namespace) -> int:
         ) if value is not None]
         if clash:
             raise PlanError(f"--plan takes every choice from the plan file; drop {', '.join(clash)} or edit the file")
-    if not args.profile and (args.profile_budget is not None or args.device is not None or args.cache is not None):
-        raise PlanError("--device, --cache and --profile-budget go with --profile")
+    if not args.profile and (args.profile_budget is not None or args.device is not None or args.cache is not None
+                             or args.profile_sizes is not None):
+        raise PlanError("--device, --cache, --profile-budget and --profile-sizes go with --profile")
     cluster = load_cluster(args.cluster, nodes=args.nodes, devices_per_node=args.gpus_per_node)
     if args.profile:  # before the slow capture: measured costs must describe the cluster's devices
         from .profile import check_device
@@ -374,7 +380,8 @@ def cmd_plan(args: argparse.Namespace) -> int:
     show = False if args.quiet else None  # progress on stderr when it is a terminal
     model = _captured(loaded, show)
     if args.profile:
-        training["cost_model"] = _profiled(args, model, cluster, dtype, pins.get("tp"), show)
+        sizes = _sizes_to_profile(args, plan_in, loaded, cluster, pins, global_batch)
+        training["cost_model"] = _profiled(args, model, cluster, dtype, pins.get("tp"), show, loaded, sizes)
     with Progress(show) as progress:
         progress.phase("search" if args.method == "ilp" and plan_in is None else "plan", detail=args.method)
         result = _plan_or_score(args, plan_in, model, loaded, cluster, pins, global_batch, training, progress)
@@ -455,28 +462,50 @@ def _profile_options(args: argparse.Namespace, dtype: str, tp_degrees: tuple[int
                           budget_s=args.profile_budget, clock=clock, progress=show)
 
 
-def _print_profile_stats(prof, cache) -> None:
-    st = prof.result.stats
+def _print_profile_stats(prof, cache, capture_batch: int) -> None:
+    st = prof.stats
     budget = f", {st.unmeasured} left to the calibrated model (budget)" if st.unmeasured else ""
     corrupt = f", {st.corrupt} corrupt cache entries measured again" if st.corrupt else ""
     aside = f"; the unreadable cache file was moved to {cache.moved_aside}" if cache.moved_aside else ""
     print(
-        f"profiled on {prof.result.device}: {st.measured} measured, {st.cached} from the cache{corrupt}{budget} "
-        f"in {st.profiling_s:.2f} s (cache {cache.path}){aside}"
+        f"profiled on {prof.result.device}{prof.sizes_said(capture_batch)}: {st.measured} measured, "
+        f"{st.cached} from the cache{corrupt}{budget} in {st.profiling_s:.2f} s (cache {cache.path}){aside}"
     )
 
 
-def _profiled(args: argparse.Namespace, pg, cluster, dtype: str, tp_pin: int | None, show: bool | None):
-    """Profile the captured model for ``plan --profile`` (its own progress bar): the measured cost model."""
-    from .profile import ProfileCache, profile_for_planning
+def _sizes_to_profile(args: argparse.Namespace, plan_in, loaded, cluster, pins: Mapping[str, int],
+                      global_batch: int) -> tuple[int, ...]:
+    """The micro-batch sizes besides the capture batch that ``plan --profile`` measures the model at
+    ([Note: measured at several micro-batch sizes] in cost_models/profiled.py): a given plan's own size,
+    else those the search may choose (``--profile-sizes`` of them at most, the capture batch counted)."""
+    from .profile import PROFILED_SIZES, micro_batches_to_profile
 
-    # On a cluster whose calibration measured the ranks' compute slowdown, an op's time is its CPU time
-    # alone, which the slowdown turns into wall time ([Note: measured device efficiencies] in calibrate.py).
-    clock = "cpu" if cluster.overheads.compute_slowdown != 1.0 and (args.device or "cpu") == "cpu" else "wall"
+    most = args.profile_sizes or PROFILED_SIZES
+    if most == 1:
+        return ()
+    if plan_in is not None:
+        b = plan_in.schedule.micro_batch_size
+        return () if b == loaded.batch_size else (b,)
+    return micro_batches_to_profile(loaded.batch_size, cluster.world_size, global_batch, pp=pins.get("pp"),
+                                    tp=pins.get("tp"), dp=pins.get("dp"), microbatches=args.microbatches, most=most)
+
+
+def _profiled(args: argparse.Namespace, pg, cluster, dtype: str, tp_pin: int | None, show: bool | None,
+              loaded=None, sizes: Sequence[int] = ()):
+    """Profile the captured model for ``plan --profile`` (its own progress bar), and, re-captured, at the
+    micro-batch ``sizes``: the measured cost model."""
+    from .profile import ProfileCache, profile_clock, profile_for_planning, recaptured
+
+    others = {}
+    if sizes:
+        with Progress(show) as progress:
+            progress.phase("capture", detail=f"{loaded.name} at micro-batch sizes {', '.join(map(str, sizes))}")
+            others = recaptured(loaded.model, loaded.example_inputs, loaded.example_kwargs, loaded.name, sizes)
+    clock = profile_clock(cluster, args.device or "cpu")
     with ProfileCache(args.cache) as cache:
         prof = profile_for_planning(pg, cluster, cache,
-                                    _profile_options(args, dtype, tp_degrees(cluster, tp_pin), clock, show=show))
-        _print_profile_stats(prof, cache)
+                                    _profile_options(args, dtype, tp_degrees(cluster, tp_pin), clock, show=show), others)
+        _print_profile_stats(prof, cache, pg.captured.batch_size)
     return prof.cost_model
 
 
@@ -798,7 +827,7 @@ def cmd_profile(args: argparse.Namespace) -> int:
     cap = pg.captured
     with ProfileCache(args.cache) as cache:
         prof = profile_for_planning(pg, cluster, cache, _profile_options(args, dtype, tps, args.clock, show=show))
-        _print_profile_stats(prof, cache)
+        _print_profile_stats(prof, cache, cap.batch_size)
     rows = fidelity(pg, prof.result, cluster, prof.calibration, dtype) if args.report or json_path else []
     if args.report:
         console = Console(width=max(110, Console().width))

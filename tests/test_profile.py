@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import math
 import os
+import re
 import sqlite3
 import subprocess
 import sys
@@ -246,6 +247,82 @@ def test_measured_model_answers_with_measurements_and_scales_them():
     assert model.node_time("aten.mm.default", 1e6, 2e6, 0, "fp32", NodeRef("other")) == OpTime(1e-3, 2e-3)
 
 
+def test_a_node_measured_at_several_sizes_is_priced_as_measured_at_each():
+    # [Note: measured at several micro-batch sizes]: exact at every measured size, linear in the base model's
+    # time between two, proportional to the nearest beyond them; the head of the development CPU grows 2.6x
+    # for twice the tokens, which a scaling from one size cannot say
+    ref = NodeRef("mm")
+    at1, at2, at4 = MeasuredOp(5e-3, 9e-3, 1e6, 2e6, 0), MeasuredOp(13e-3, 20e-3, 2e6, 4e6, 0), MeasuredOp(40e-3, 60e-3, 4e6, 8e6, 0)
+    model = MeasuredCostModel(_Linear(), {ref: at1}, other_sizes={ref: (at4, at2)})
+    for m in (at1, at2, at4):
+        assert model.node_time("aten.mm.default", m.forward_flops, m.backward_flops, 0, "fp32", ref) == \
+            OpTime(pytest.approx(m.forward_s), pytest.approx(m.backward_s))
+    between = model.node_time("aten.mm.default", 3e6, 6e6, 0, "fp32", ref)  # halfway from 2 to 4
+    assert between.forward_s == pytest.approx((13e-3 + 40e-3) / 2) and between.backward_s == pytest.approx(40e-3)
+    beyond = model.node_time("aten.mm.default", 8e6, 16e6, 0, "fp32", ref)
+    assert beyond.forward_s == pytest.approx(80e-3)
+    below = model.node_time("aten.mm.default", 5e5, 1e6, 0, "fp32", ref)
+    assert below.forward_s == pytest.approx(2.5e-3)
+    # measured at one size only, it scales as before
+    assert MeasuredCostModel(_Linear(), {ref: at1}).node_time("aten.mm.default", 4e6, 8e6, 0, "fp32", ref).forward_s == \
+        pytest.approx(20e-3)
+
+
+def test_the_loss_measured_at_several_sizes_is_interpolated_in_its_outputs():
+    from cost_models import MeasuredLoss
+
+    base = AnalyticCostModel(Cluster.local(2))
+    model = MeasuredCostModel(base, {}, MeasuredLoss("cross_entropy", 4e6, 0.010, 0.030),
+                              other_losses=(MeasuredLoss("cross_entropy", 8e6, 0.030, 0.090),
+                                            MeasuredLoss("mse", 16e6, 1.0, 1.0)))
+    assert model.loss_time("cross_entropy", 8e6) == OpTime(pytest.approx(0.030), pytest.approx(0.090))
+    assert model.loss_time("cross_entropy", 6e6) == OpTime(pytest.approx(0.020), pytest.approx(0.060))
+    assert model.loss_time("cross_entropy", 16e6) == OpTime(pytest.approx(0.060), pytest.approx(0.180))  # not mse's
+
+
+def test_the_sizes_profiled_are_those_a_plan_may_use():
+    from partitioner.profile import micro_batches_to_profile
+
+    # 8 samples on 2 ranks: a replica has 8 (dp=1) or 4 (dp=2), a micro-batch divides it; the capture batch is 1
+    assert micro_batches_to_profile(1, 2, 8) == (2, 4, 8)
+    assert micro_batches_to_profile(1, 2, 8, dp=2) == (2, 4)
+    assert micro_batches_to_profile(1, 2, 8, pp=2, microbatches=4) == (2,)  # dp=1: 8 samples in 4 micro-batches
+    assert micro_batches_to_profile(2, 2, 8, pp=2, microbatches=4) == ()  # the capture batch's own size
+    assert micro_batches_to_profile(1, 2, 8, most=1) == ()
+    # many sizes: the smallest, the largest and the rest spread in log scale, capped at 32 samples
+    assert micro_batches_to_profile(1, 8, 1024) == (2, 8, 32)
+    assert micro_batches_to_profile(1, 8, 1024, most=2) == (32,)
+
+
+def test_profiling_at_other_sizes_prices_each_size_as_measured(gpt2, cache):
+    # The model re-captured at 2 samples and profiled: the plan's cost model gives what was measured there,
+    # node by node and for the loss; the nodes that torch.export adds or drops at one sample keep one size
+    from partitioner.profile import recaptured, same_node_at
+
+    cluster = Cluster.local(1)
+    others = recaptured(gpt2.loaded.model, gpt2.loaded.example_inputs, gpt2.loaded.example_kwargs, "gpt2-tiny", (2,))
+    assert gpt2.graph.captured.batch_size == 1 and others[2].captured.batch_size == 2
+    prof = profile_for_planning(gpt2.graph, cluster, cache, ProfileOptions(**FAST), others)
+    assert set(prof.others) == {2} and not prof.skipped
+    model, at2 = prof.cost_model, prof.others[2]
+    assert model.other_losses and model.other_losses[0] == at2.loss
+    assert model.loss_time(at2.loss.kind, at2.loss.output_bytes) == OpTime(pytest.approx(at2.loss.forward_s),
+                                                                          pytest.approx(at2.loss.backward_s))
+    info = gpt2.graph.captured.nodes
+    priced = 0
+    for ref, m in at2.measured_ops().items():
+        if ref not in model.other_sizes:
+            assert ref not in prof.result.nodes or not same_node_at(gpt2.graph, others[2], ref.name)
+            continue
+        node = info[ref.name]
+        if m.forward_flops == 0 or m.forward_flops == node.forward_flops:
+            continue  # a node whose work does not grow with the batch keeps the capture batch's time
+        t = model.node_time(node.op_label, m.forward_flops, m.backward_flops, m.bytes_moved, "fp32", ref, m.param_bytes)
+        assert t.forward_s == pytest.approx(m.forward_s, rel=1e-9) and t.backward_s == pytest.approx(m.backward_s, rel=1e-9)
+        priced += 1
+    assert priced > 10
+
+
 def test_plans_use_the_measured_block_times(gpt2, cache):
     """pp=1, one micro-batch of the capture batch: the stage's predicted time is the blocks' measured time and
     the loss's ([Note: the loss's time] in cost_models/profiled.py: GPT-2 trains on cross-entropy)."""
@@ -284,7 +361,10 @@ def test_plan_profile_measures_once_then_reads_the_cache(tmp_path):
             "--time-limit", "5", "--global-batch", "4")
     first = _cli(*args)
     assert first.returncode == 0, first.stderr
-    assert "profiled on" in first.stdout and "0 from the cache" in first.stdout
+    # every micro-batch size a plan of 4 samples on 2 ranks may use (nodes whose work does not grow with the
+    # batch are measured at the first size and read from the cache at the others)
+    assert "profiled on" in first.stdout and "at micro-batch sizes 1, 2, 4:" in first.stdout
+    assert not re.search(r" 0 measured", first.stdout)
     second = _cli(*args)
     assert second.returncode == 0, second.stderr
     assert " 0 measured" in second.stdout

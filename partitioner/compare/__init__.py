@@ -168,6 +168,7 @@ def compare(
     device: str | None = None,
     cache: str | None = None,
     profile_budget: float | None = None,
+    profile_sizes: int | None = None,
     out: str | Path | None = None,
     force: bool = False,
     command: str | None = None,
@@ -177,7 +178,7 @@ def compare(
     """Plan one case with each of ``methods``; with ``measure`` run the plans here; with ``out`` write the report.
 
     Every keyword is the ``autopart compare`` option of the same name. ``profile`` (with ``device``,
-    ``cache``, ``profile_budget``) prices every method with costs measured here, as ``autopart plan
+    ``cache``, ``profile_budget``, ``profile_sizes``) prices every method with costs measured here, as ``autopart plan
     --profile`` does. Checks everything that can be checked (methods, ``out``, the runtime for
     ``measure``, the device for ``profile``) before the slow work starts. ``progress`` receives a line
     per step (capturing, profiling, planning with a method, running a plan); ``quiet`` drops them.
@@ -189,11 +190,11 @@ def compare(
         from ..profile import check_device
 
         profiling = ProfileSettings(device=device or "cpu", cache=None if cache is None else str(cache),
-                                    budget_s=profile_budget)
+                                    budget_s=profile_budget, sizes=profile_sizes)
         check_device(load_case_cluster(Case(cluster=cluster, nodes=nodes, gpus_per_node=gpus_per_node)),
                      profiling.device)
-    elif device is not None or cache is not None or profile_budget is not None:
-        raise CompareError("--device, --cache and --profile-budget go with --profile")
+    elif device is not None or cache is not None or profile_budget is not None or profile_sizes is not None:
+        raise CompareError("--device, --cache, --profile-budget and --profile-sizes go with --profile")
     out_dir = check_out_dir(out, force) if out is not None else None
     if out_dir is not None:
         _check_plotting()
@@ -229,7 +230,8 @@ def _python_call(case: Case, methods, measure, out, profiling: ProfileSettings |
         kw["measure"] = True
     if profiling is not None:
         kw["profile"] = True
-        for key, value in (("device", profiling.device), ("cache", profiling.cache), ("profile_budget", profiling.budget_s)):
+        for key, value in (("device", profiling.device), ("cache", profiling.cache), ("profile_budget", profiling.budget_s),
+                           ("profile_sizes", profiling.sizes)):
             if value is not None and not (key == "device" and value == "cpu"):
                 kw[key] = value
     if out is not None:

@@ -132,7 +132,7 @@ def run_case(
     cost_model, costs = AnalyticCostModel(cluster), "analytic"
     if profile is not None:
         say(f"{case.title}: profiling {case.model} on {profile.device}")
-        cost_model, costs = _profiled_costs(pgraph, cluster, dtype, pins.tp, profile)
+        cost_model, costs = _profiled_costs(pgraph, cluster, dtype, pins, training.global_batch, loaded, profile)
     # One evaluator for every method (what ``planner.prepare`` builds): the same costs judge all plans.
     ev = Evaluator(pgraph, cluster, cost_model, training)
 
@@ -168,22 +168,29 @@ def run_case(
     )
 
 
-def _profiled_costs(pgraph, cluster, dtype: str, tp_pin: int | None, settings: ProfileSettings) -> tuple[Any, str]:
-    """The measured cost model of ``autopart plan --profile``, and a line saying what it measured."""
-    from ..profile import ProfileCache, ProfileOptions, profile_for_planning
+def _profiled_costs(pgraph, cluster, dtype: str, pins, global_batch: int, loaded,
+                    settings: ProfileSettings) -> tuple[Any, str]:
+    """The measured cost model of ``autopart plan --profile`` (its micro-batch sizes and its clock), and a
+    line saying what it measured."""
+    from ..profile import (PROFILED_SIZES, ProfileCache, ProfileOptions, micro_batches_to_profile, profile_clock,
+                           profile_for_planning, recaptured)
 
+    batch = pgraph.captured.batch_size
+    sizes = micro_batches_to_profile(batch, cluster.world_size, global_batch, pp=pins.pp, tp=pins.tp, dp=pins.dp,
+                                     microbatches=pins.microbatches, most=settings.sizes or PROFILED_SIZES)
+    others = recaptured(loaded.model, loaded.example_inputs, loaded.example_kwargs, loaded.name, sizes)
     # No bar of its own: compare's progress line says "profiling" (one live display at a time).
-    options = ProfileOptions(device=settings.device, dtype=dtype, tp_degrees=tp_degrees(cluster, tp_pin),
-                             budget_s=settings.budget_s, progress=False)
+    options = ProfileOptions(device=settings.device, dtype=dtype, tp_degrees=tp_degrees(cluster, pins.tp),
+                             budget_s=settings.budget_s, progress=False, clock=profile_clock(cluster, settings.device))
     with ProfileCache(settings.cache) as cache:
-        prof = profile_for_planning(pgraph, cluster, cache, options)
+        prof = profile_for_planning(pgraph, cluster, cache, options, others)
         path = cache.path
-    st = prof.result.stats
+    st = prof.stats
     budget = f", {st.unmeasured} left to the calibrated model (budget)" if st.unmeasured else ""
     aside = f"; the unreadable cache file was moved to {cache.moved_aside}" if cache.moved_aside else ""
     return prof.cost_model, (
-        f"profiled on {prof.result.device}: {st.measured} measured, {st.cached} from the cache{budget} "
-        f"in {st.profiling_s:.1f} s (cache {path}){aside}"
+        f"profiled on {prof.result.device}{prof.sizes_said(batch)}: {st.measured} measured, {st.cached} from the "
+        f"cache{budget} in {st.profiling_s:.1f} s (cache {path}){aside}"
     )
 
 

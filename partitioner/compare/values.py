@@ -96,6 +96,7 @@ class ProfileSettings:
     device: str = "cpu"  # where to measure: cpu, or cuda on a GPU machine
     cache: str | None = None  # profile cache file (default $AUTOPART_CACHE or ~/.cache/autopart/profile.sqlite)
     budget_s: float | None = None  # stop measuring after this long; the calibrated model prices the rest
+    sizes: int | None = None  # micro-batch sizes to measure at, the capture batch's among them (None: the default)
 
 
 @dataclass(frozen=True, slots=True)

@@ -56,7 +56,9 @@ from __future__ import annotations
 from .values import Measurement, ProfileError, ProfileOptions, ProfileResult, ProfileStats, Timing, device_name
 from .cache import ProfileCache, default_cache_path
 from .timing import measure_blocks, profile_model
-from .fitting import BlockFidelity, Profiled, calibration, check_device, cpu_threads_for, fidelity, gpu_preset, profile_for_planning
+from .fitting import (PROFILED_SIZES, BlockFidelity, Profiled, calibration, check_device, cpu_threads_for, fidelity, gpu_preset,
+                      measured_cost_model, micro_batches_to_profile, profile_clock, profile_for_planning, recaptured,
+                      same_node_at)
 
 __all__ = [
     "ProfileError",
@@ -73,6 +75,12 @@ __all__ = [
     "check_device",
     "calibration",
     "profile_for_planning",
+    "profile_clock",
+    "PROFILED_SIZES",
+    "micro_batches_to_profile",
+    "recaptured",
+    "same_node_at",
+    "measured_cost_model",
     "Profiled",
     "BlockFidelity",
     "fidelity",

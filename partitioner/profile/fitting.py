@@ -3,15 +3,16 @@
 from __future__ import annotations
 
 import json
-from dataclasses import dataclass
-from typing import TYPE_CHECKING
+import math
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Any, Mapping, Sequence
 
 import torch
 
-from cost_models import MeasuredCostModel
+from cost_models import MeasuredCostModel, MeasuredLoss, MeasuredOp, NodeRef
 
 from ..graph import PartitionGraph
-from .values import ProfileError, ProfileOptions, ProfileResult, device_name
+from .values import ProfileError, ProfileOptions, ProfileResult, ProfileStats, device_name
 from .cache import ProfileCache
 from .timing import profile_model
 
@@ -73,13 +74,129 @@ def cpu_threads_for(cluster: "Cluster") -> int:
     return max(1, available_cpus() // max(1, cluster.devices_per_node))
 
 
+def profile_clock(cluster: "Cluster", device: str) -> str:
+    """The profiler's clock for ``cluster``: on a CPU cluster whose calibration measured the ranks' compute
+    slowdown, an op's CPU time alone, which the slowdown turns into wall time ([Note: measured device
+    efficiencies] in calibrate.py); else wall time."""
+    cpu = torch.device(device).type == "cpu"
+    return "cpu" if cpu and cluster.overheads.compute_slowdown != 1.0 else "wall"
+
+
+# At most this many micro-batch sizes are profiled by default, the capture batch's among them
+# ([Note: measured at several micro-batch sizes] in cost_models/profiled.py).
+PROFILED_SIZES = 4
+# Nor beyond this many samples a micro-batch: the planner's search tries sizes up to 32.
+LARGEST_PROFILED = 32
+
+
+def micro_batches_to_profile(capture_batch: int, world: int, global_batch: int, *, pp: int | None = None,
+                             tp: int | None = None, dp: int | None = None, microbatches: int | None = None,
+                             most: int = PROFILED_SIZES) -> tuple[int, ...]:
+    """Micro-batch sizes besides ``capture_batch`` to profile the model at: of the sizes a plan for
+    ``world`` devices and ``global_batch`` samples may choose under these pins (each divisor of a
+    data-parallel replica's batch, at most ``LARGEST_PROFILED``), all if there are few, else the
+    smallest, the largest, and the rest spread evenly between them in log scale; ``most`` counts the
+    capture batch. Increasing."""
+    if dp:
+        dps = [dp]
+    elif pp and tp:
+        dps = [world // (pp * tp)] if world % (pp * tp) == 0 else []
+    else:
+        fixed = (pp or 1) * (tp or 1)
+        dps = [d for d in range(1, world + 1) if world % d == 0 and (world // d) % fixed == 0]
+    sizes: set[int] = set()
+    for d in dps:
+        if d <= 0 or global_batch % d:
+            continue
+        per = global_batch // d
+        if microbatches:
+            sizes.update([per // microbatches] if per % microbatches == 0 else [])
+        else:
+            sizes.update(b for b in range(1, min(per, LARGEST_PROFILED) + 1) if per % b == 0)
+    sizes.discard(capture_batch)
+    ordered = sorted(b for b in sizes if 0 < b <= LARGEST_PROFILED)
+    room = max(0, most - 1)
+    if len(ordered) <= room:
+        return tuple(ordered)
+    if room == 0:
+        return ()
+    if room == 1:
+        return (ordered[-1],)
+    lo, hi = math.log(ordered[0]), math.log(ordered[-1])
+    picked: list[int] = []
+    for i in range(room):
+        target = lo + (hi - lo) * i / (room - 1)
+        best = min((b for b in ordered if b not in picked), key=lambda b: (abs(math.log(b) - target), b))
+        picked.append(best)
+    return tuple(sorted(picked))
+
+
+def recaptured(model: torch.nn.Module, example_inputs: Sequence[Any], example_kwargs: Mapping[str, Any] | None,
+               name: str, sizes: Sequence[int]) -> dict[int, PartitionGraph]:
+    """``model`` captured again with its inputs resized to each micro-batch size (as the runtime builds its
+    stages, ``rewrite.microbatch_inputs``): the graphs to profile at those sizes."""
+    from ..capture import capture
+    from ..graph import build_partition_graph
+    from ..rewrite import microbatch_inputs
+
+    out = {}
+    for b in sizes:
+        cap = capture(model, microbatch_inputs(example_inputs, b), example_kwargs, name=name, batch_size=b)
+        out[b] = build_partition_graph(cap, model)
+    return out
+
+
 @dataclass(frozen=True)
 class Profiled:
     """A profiling run turned into the planner's cost model."""
 
-    result: ProfileResult
+    result: ProfileResult  # at the capture batch
     calibration: "Calibration"
     cost_model: MeasuredCostModel  # measured nodes, calibrated model for the rest
+    others: Mapping[int, ProfileResult] = field(default_factory=dict)  # micro-batch size -> its measurements
+    skipped: Mapping[int, str] = field(default_factory=dict)  # sizes that could not be profiled -> why
+
+    @property
+    def stats(self) -> ProfileStats:
+        """Every size's measurements together."""
+        runs = [self.result.stats, *(r.stats for r in self.others.values())]
+        return ProfileStats(sum(r.measured for r in runs), sum(r.cached for r in runs), sum(r.corrupt for r in runs),
+                            sum(r.unmeasured for r in runs), sum(r.profiling_s for r in runs))
+
+    def sizes_said(self, capture_batch: int) -> str:
+        """``"at micro-batch sizes 1, 2, 4"`` (empty with the capture batch alone), and what was skipped."""
+        if not self.others and not self.skipped:
+            return ""
+        said = " at micro-batch sizes " + ", ".join(str(b) for b in sorted({capture_batch, *self.others}))
+        return said + "".join(f" (not {b}: {why})" for b, why in sorted(self.skipped.items()))
+
+
+def same_node_at(pgraph: PartitionGraph, other: PartitionGraph, name: str) -> bool:
+    """Whether node ``name`` of ``other`` (captured at another micro-batch size) is ``pgraph``'s node of that
+    name: the same op, whose output grows with the batch or stays the same size. (At one sample torch.export
+    may add or drop a broadcast, so names alone could pair different nodes.)"""
+    a, b = pgraph.captured.nodes.get(name), other.captured.nodes.get(name)
+    if a is None or b is None or a.target != b.target:
+        return False
+    k = other.captured.batch_size / pgraph.captured.batch_size
+    return b.output_bytes == a.output_bytes or math.isclose(b.output_bytes, a.output_bytes * k, rel_tol=1e-9)
+
+
+def measured_cost_model(base, pgraph: PartitionGraph, result: ProfileResult,
+                        others: Mapping[int, tuple[PartitionGraph, ProfileResult]] = {}) -> MeasuredCostModel:
+    """The planner's cost model: ``result`` (the capture batch) with the same nodes' measurements at the other
+    sizes ([Note: measured at several micro-batch sizes] in cost_models/profiled.py), ``base`` for the rest."""
+    ops = result.measured_ops()
+    more: dict[NodeRef, list[MeasuredOp]] = {}
+    losses: list[MeasuredLoss] = []
+    for b in sorted(others):
+        graph, res = others[b]
+        for ref, m in res.measured_ops().items():
+            if ref in ops and same_node_at(pgraph, graph, ref.name):
+                more.setdefault(ref, []).append(m)
+        if res.loss is not None:
+            losses.append(res.loss)
+    return MeasuredCostModel(base, ops, result.loss, {r: tuple(ms) for r, ms in more.items()}, tuple(losses))
 
 
 def profile_for_planning(
@@ -87,11 +204,15 @@ def profile_for_planning(
     cluster: "Cluster",
     cache: ProfileCache,
     options: ProfileOptions,
+    others: Mapping[int, PartitionGraph] = {},
 ) -> Profiled:
-    """Measure ``pgraph`` (reading the cache), fit the calibrated model, and build the measured cost model.
+    """Measure ``pgraph`` (reading the cache), and each of ``others`` (the model captured at other micro-batch
+    sizes, ``recaptured``), fit the calibrated model, and build the measured cost model.
 
     On a ``local-cpu`` cluster the measurement runs with the thread count one
     rank of that cluster gets, so that the costs describe the ranks that will run.
+    A size whose profiling fails (out of memory, or an op that cannot run at that
+    size) is left out and said in ``Profiled.skipped``; the capture batch's must succeed.
     """
     from cost_models import AnalyticCostModel, CalibratedCostModel
 
@@ -99,13 +220,21 @@ def profile_for_planning(
     threads = torch.get_num_threads()
     if torch.device(options.device).type == "cpu":
         torch.set_num_threads(cpu_threads_for(cluster))
+    done: dict[int, tuple[PartitionGraph, ProfileResult]] = {}
+    skipped: dict[int, str] = {}
     try:
         result = profile_model(pgraph, cache, options)
+        for b in sorted(others):
+            try:
+                done[b] = (others[b], profile_model(others[b], cache, options))
+            except (ProfileError, torch.OutOfMemoryError) as exc:
+                skipped[b] = (str(exc).splitlines() or [type(exc).__name__])[0][:120]
         calib = calibration(cache, result.device, result.torch_version)
     finally:
         torch.set_num_threads(threads)
     base = CalibratedCostModel(AnalyticCostModel(cluster), calib)
-    return Profiled(result, calib, result.cost_model(base))
+    return Profiled(result, calib, measured_cost_model(base, pgraph, result, done),
+                    {b: r for b, (_, r) in done.items()}, skipped)
 
 
 @dataclass(frozen=True, slots=True)

@@ -9,8 +9,7 @@ from typing import Any, Mapping, Sequence
 
 import torch
 
-from cost_models import MeasuredCostModel, MeasuredLoss, MeasuredOp, NodeRef
-from cost_models.base import CostModel
+from cost_models import MeasuredLoss, MeasuredOp, NodeRef
 
 from ..errors import AutopartError
 
@@ -163,10 +162,6 @@ class ProfileResult:
     def measured_ops(self) -> dict[NodeRef, MeasuredOp]:
         """The measurements as the cost model takes them: in-block times where the block was measured."""
         return {ref: self.in_block.get(ref) or m.measured_op() for ref, m in self.nodes.items()}
-
-    def cost_model(self, base: CostModel) -> MeasuredCostModel:
-        """The planner's cost model: these measurements, with ``base`` for everything else."""
-        return MeasuredCostModel(base, self.measured_ops(), self.loss)
 
 
 def device_name(device: str) -> str:
