@@ -313,11 +313,19 @@ class StorageMeter(TorchDispatchMode):
         if entry is not None:
             self._live_bytes -= entry[1]
 
+    # [Note: the meter's saved-tensor hook]
+    # The hook marks what autograd saves, and hands autograd a detached alias (the same storage), not
+    # ``t`` itself. Given ``t``, an op's output saved by its own backward node (log-softmax's) holds that
+    # node through the tensor: a cycle through autograd's C++ that nothing frees while the node's saved
+    # tensors are kept for a second backward, as a split backward's I keeps them (retain_graph=True).
+    # The meter then kept, and counted, what training frees: under ``zb``, GPT-2's 50,257-row head on the
+    # last of two ranks read 8 micro-batches' log-softmax outputs (98 MiB) at its peak, and 12.5 MiB with
+    # the alias, the peak 245.9 -> 160.0 MiB (tests/test_measure.py).
     def _pack(self, t: torch.Tensor) -> torch.Tensor:
         entry = self._see(t)
         if entry is not None:
             entry[2] = True
-        return t
+        return t.detach()  # [Note: the meter's saved-tensor hook]
 
     def __enter__(self) -> "StorageMeter":
         self._hooks = torch.autograd.graph.saved_tensors_hooks(self._pack, lambda t: t)

@@ -41,6 +41,26 @@ def test_storage_meter_counts_each_category_to_the_byte() -> None:
     assert peak == at_peak.total
 
 
+def test_storage_meter_keeps_nothing_alive_that_training_frees() -> None:
+    """[Note: the meter's saved-tensor hook]: a graph kept for a second backward (a split backward's I runs
+    with retain_graph=True) and then dropped frees log-softmax's saved output under the meter as without it
+    (the meter once kept 8 micro-batches' of them alive, and counted them, under ``zb``)."""
+    import gc
+    import weakref
+
+    model = torch.nn.Linear(128, 1000)
+    x = torch.randn(64, 128, requires_grad=True)
+    with StorageMeter([model], None) as meter:
+        y = torch.log_softmax(model(x), -1)
+        loss = -y[:, 0].mean()
+        kept = weakref.ref(y.untyped_storage())
+        (gx,) = torch.autograd.grad(loss, x, retain_graph=True)
+        del y, loss
+    gc.collect()
+    assert kept() is None
+    assert meter.live_bytes == x.nbytes + gx.nbytes  # what we still hold: the input (saved, so first seen) and its gradient
+
+
 def test_storage_meter_sees_gradients_and_optimizer_state_made_in_the_step() -> None:
     model = torch.nn.Sequential(torch.nn.Linear(64, 64), torch.nn.GELU(), torch.nn.Linear(64, 8))
     opt = torch.optim.AdamW(model.parameters())
@@ -57,13 +77,18 @@ def test_storage_meter_sees_gradients_and_optimizer_state_made_in_the_step() -> 
 
 @pytest.fixture(scope="module")
 def measured(tmp_path_factory) -> dict[str, list[dict]]:
-    """One launch, three layouts of gpt2-tiny on two ranks: a pipeline, data parallel with ZeRO-1, tensor parallel."""
+    """One launch, four layouts of gpt2-tiny on two ranks: a pipeline, data parallel with ZeRO-1, tensor parallel,
+    and an interleaved zero-bubble pipeline."""
     runs = {
         "pp": dict(model="gpt2-tiny", layout=dict(pp=2, microbatches=2, global_batch=4, schedule="1f1b")),
         "dp": dict(model="gpt2-tiny", layout=dict(dp=2, microbatches=2, global_batch=4, zero1=True)),
         # Two micro-batches: the first one's logits must be gone by the second's peak (rewrite.py,
         # TensorParallelModule.forward).
         "tp": dict(model="gpt2-tiny", layout=dict(tp=2, microbatches=2, global_batch=4)),
+        # Split backward, with stages between the first and the last: what each I keeps for its W
+        # ([Note: zero-bubble memory] in schedules.py) and what the meter must not keep
+        # ([Note: the meter's saved-tensor hook] in measure.py).
+        "zb": dict(model="gpt2-tiny", layout=dict(pp=2, microbatches=4, global_batch=8, schedule="zb", virtual_stages=2)),
     }
     reports = launch(2, "measure", {"runs": runs}, tmp_path_factory.mktemp("measure"), timeout_s=400)
     for r in reports:
@@ -72,7 +97,7 @@ def measured(tmp_path_factory) -> dict[str, list[dict]]:
 
 
 @pytest.mark.slow  # a multi-process launch (5-15 s on 2 cores)
-@pytest.mark.parametrize("layout", ["pp", "dp", "tp"])
+@pytest.mark.parametrize("layout", ["pp", "dp", "tp", "zb"])
 def test_measured_memory_sums_and_matches_the_plans_static_bytes(measured, layout: str) -> None:
     for rank in measured[layout]:
         for step in ("first", "steady"):
@@ -96,7 +121,7 @@ def test_measured_memory_sums_and_matches_the_plans_static_bytes(measured, layou
 
 
 @pytest.mark.slow  # a multi-process launch (5-15 s on 2 cores)
-@pytest.mark.parametrize("layout", ["pp", "dp", "tp"])
+@pytest.mark.parametrize("layout", ["pp", "dp", "tp", "zb"])
 def test_measured_time_components_add_up_to_the_step(measured, layout: str) -> None:
     for rank in measured[layout]:
         t, parts = rank["time"], rank["components"]
