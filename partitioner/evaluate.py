@@ -105,7 +105,7 @@ from .recompute import attention_core
 from .sharding import BlockLayoutCosts, sharded_params
 from .schedules import spec as schedule_spec, stage_rank
 from .simulate import SimResult, StageCost, TiedSum, simulate
-from .tp_strategies import OUTPUT_LAYOUT
+from .tp_strategies import OUTPUT_LAYOUT, STRATEGIES
 
 __all__ = [
     "Evaluator", "StageSpec", "BlockCost", "KeptInput", "StageMemory", "WEIGHT_GRAD_SHARE", "kept_inputs_bytes",
@@ -232,6 +232,9 @@ class StageMemory:
     input_grad_bytes: float  # the received input's gradient kept per backward done
     backward_bytes: float  # live during one backward of the stage only
     optimizer_bytes: int  # the optimizer step's workspace for this stage's parameters
+    # under a split backward, per micro-batch from its I to its W: the output gradients W starts from
+    # ([Note: zero-bubble memory] in schedules.py); 0 otherwise
+    weight_grad_bytes: float = 0.0
 
     @property
     def held_bytes(self) -> float:
@@ -660,11 +663,12 @@ class Evaluator:
 
     def stage_memory(
         self, s: int, stages: Sequence[StageSpec], costs: Sequence[BlockCost], mesh: Mesh, schedule: Schedule,
-        crossing: Sequence[int], params: Iterable[str], split_params: Set[str],
+        crossing: Sequence[int], params: Iterable[str], split_params: Set[str], sharding: Mapping[str, str] = {},
     ) -> StageMemory:
         """Stage ``s``'s memory terms ([Note: what a step holds]); ``costs`` are its blocks' costs."""
         mbs, M, tp = schedule.micro_batch_size, schedule.microbatches, mesh.tp
         per_mb = mbs / self.captured.batch_size
+        splits = schedule_spec(schedule.name).splits_backward
         spec = stages[s]
         blocks = [self.pgraph.blocks[b] for b in spec.blocks]
         last = s == len(stages) - 1
@@ -698,6 +702,11 @@ class Evaluator:
             numels = [-(-n // shard) for n in numels]
         chunk = None if zero1 or self.training.dtype == "fp16" else MASTER_GRAD_CHUNK
         work = optimizer_workspace_bytes(self.optimizer, numels, impl, master_numels=masters, master_chunk=chunk)
+        # torch's first stage runs its whole backward at W, the others keep W's output gradients from I; the
+        # last one detaches its output (the logits) at I, which frees it as those gradients arrive
+        pending = self.weight_grad_bytes(blocks, mbs, tp, sharding) if s > 0 and splits else 0.0
+        if last and pending:
+            pending = max(0.0, pending - out)
         return StageMemory(
             saved_bytes=saved,
             output_bytes=out,
@@ -706,7 +715,26 @@ class Evaluator:
             input_grad_bytes=received,
             backward_bytes=backward,
             optimizer_bytes=work,
+            weight_grad_bytes=pending,
         )
+
+    def weight_grad_bytes(self, blocks: Sequence[Block], micro_batch: int, tp: int, sharding: Mapping[str, str]) -> float:
+        """What a split backward's ``I`` keeps for its ``W`` per micro-batch ([Note: zero-bubble memory] in
+        schedules.py): the gradient of the output of every node that applies a trainable weight to an
+        input that needs a gradient, on this device (a column-parallel output is a 1/tp shard)."""
+        nodes, table = self.captured.nodes, self.captured.params
+        total = 0.0
+        for block in blocks:
+            for name in block.nodes:
+                n = nodes[name]
+                if not n.outputs or not any(p in table and table[p].trainable for p in n.params):
+                    continue
+                if not any(nodes[i].needs_grad for i in n.inputs if i in nodes):
+                    continue
+                spec = STRATEGIES.get(sharding.get(name, "replicate"))
+                shard = tp if tp > 1 and spec is not None and spec.divides_work and not spec.output_all_reduce else 1
+                total += n.output_bytes / shard
+        return total * micro_batch / self.captured.batch_size
 
     # --- stages -----------------------------------------------------------------------
 
@@ -745,7 +773,7 @@ class Evaluator:
             fwd += ck_f
             bwd += ck_b
             names = {p for b in spec.blocks for p in self.pgraph.blocks[b].params}
-            mem = self.stage_memory(s, stages, costs, mesh, schedule, crossing, sorted(names), split_params)
+            mem = self.stage_memory(s, stages, costs, mesh, schedule, crossing, sorted(names), split_params, sharding)
             transient = 0.0
             static, grad_bytes = self.resident_bytes(names, mesh.tp, mesh.dp, split_params,
                                                      mesh.dp_group(stage_rank(s, pp, layout)))
@@ -789,6 +817,7 @@ class Evaluator:
                     input_grad_bytes=int(mem.input_grad_bytes),
                     backward_workspace_bytes=int(mem.backward_bytes),
                     optimizer_workspace_bytes=int(mem.optimizer_bytes),
+                    weight_grad_bytes=int(mem.weight_grad_bytes),
                     after_s=after,
                     tied_sums=tied[s],
                 )

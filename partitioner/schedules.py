@@ -37,6 +37,18 @@ stage's saved inputs to its weight multiplications and the output gradients
 ends. The simulator counts them as held from the start of ``F`` to the end
 of ``B`` or ``W``; that is the memory zero-bubble schedules pay for the
 bubble they remove (``W`` is deferred, so more micro-batches are held).
+Those output gradients are held too, from ``I`` to ``W``
+(``StageCost.weight_grad_bytes``): torch's ``stage_backward_input`` keeps,
+for each parameter, the gradient flowing into the op where the parameter
+meets the stage's input (a linear's output gradient, the logits' for the
+head), and ``stage_backward_weight`` starts from them. Torch's first stage
+runs its whole backward at ``W`` and keeps none; its last stage detaches
+its output at ``I``, so there the term is those gradients less the output.
+(GPT-2's 50,257-row head alone on the last of two ranks under ``zb``: the
+head's output gradient is the logits' size, and the term is zero.) The
+storage meter once read 98 MiB of activations there, 8 micro-batches'
+log-softmax outputs: its own saved-tensor hook had kept them alive
+([Note: the meter's saved-tensor hook] in measure.py).
 """
 
 from __future__ import annotations

@@ -91,7 +91,8 @@ evaluator: [Note: what a step holds] in evaluate.py). Live at any moment: the st
 of its stages, less the gradients a stage makes afresh (``fresh_grad_bytes``) until its
 first backward has ended; the receive buffers (``buffer_bytes``); the input gradients kept
 by every backward so far (``input_grad_bytes``); and ``activation_bytes`` per micro-batch in
-flight, added at its forward and released at the end of its ``B`` or ``W``. A ``B`` or ``I``
+flight, added at its forward and released at the end of its ``B`` or ``W``, with
+``weight_grad_bytes`` from its ``I`` to the end of its ``W``. A ``B`` or ``I``
 adds its stage's ``backward_workspace_bytes`` while it runs. After the last backward the
 optimizer step holds every gradient and the largest ``optimizer_workspace_bytes`` of the
 rank's stages. The rank's peak is the largest of these moments (``SimResult.peak_parts``
@@ -176,6 +177,9 @@ class StageCost:
     input_grad_bytes: int = 0  # kept after each backward until the step ends (the received input's gradient)
     backward_workspace_bytes: int = 0  # live during one backward (B or I) of this stage only
     optimizer_workspace_bytes: int = 0  # live during the optimizer step only, after every backward
+    # per micro-batch from the start of its I to the end of its W: the output gradients W starts from
+    # ([Note: zero-bubble memory] in schedules.py)
+    weight_grad_bytes: int = 0
     # once per step, after the rank's reduction: this stage's optimizer step and the rank's per-step
     # overhead ([Note: software overheads] in cost_models/overheads.py); 0 unless calibrated
     after_s: float = 0.0
@@ -190,7 +194,7 @@ class StageCost:
                     "check the cost model that produced this stage"
                 )
         for name in ("activation_bytes", "static_bytes", "fresh_grad_bytes", "buffer_bytes", "input_grad_bytes",
-                     "backward_workspace_bytes", "optimizer_workspace_bytes"):
+                     "backward_workspace_bytes", "optimizer_workspace_bytes", "weight_grad_bytes"):
             value = getattr(self, name)
             if not isinstance(value, int) or value < 0:
                 raise PlanError(f"StageCost.{name} = {value!r}: must be an integer >= 0 bytes")
@@ -660,11 +664,12 @@ def _memory_walk(stages: Sequence[StageCost], mine: Sequence[StageCost], actions
             compute += cost.backward_s - cost.backward_weight_s
             work = kept + cost.backward_workspace_bytes
             kept += cost.input_grad_bytes
+            held += cost.weight_grad_bytes
         else:
             compute += cost.backward_weight_s if kind == BACKWARD_WEIGHT else cost.backward_s
             work = kept + (cost.backward_workspace_bytes if kind == FULL_BACKWARD else 0)
             now_static, now_held = static, held  # measured before this backward frees and makes anything
-            held -= cost.activation_bytes
+            held -= cost.activation_bytes + (cost.weight_grad_bytes if kind == BACKWARD_WEIGHT else 0)
             count -= 1
             if kind == FULL_BACKWARD:
                 kept += cost.input_grad_bytes

@@ -171,6 +171,32 @@ def test_saved_activations_are_what_autograd_keeps_on_cpu() -> None:
 # --- the walk over the step ------------------------------------------------------------------------------
 
 
+def test_a_split_backward_keeps_the_weights_output_gradients_from_i_to_w(zoo_capture) -> None:
+    # [Note: zero-bubble memory] in schedules.py: torch's I keeps, for W, the output gradient of every node
+    # applying a trainable weight to the stage's input; its first stage keeps none (it runs the whole
+    # backward at W), its last stage frees its output at I; a full backward keeps none
+    gpt2 = zoo_capture("gpt2-tiny")
+    ev = prepare(gpt2.graph, cluster=Cluster.local(2), global_batch=8, dtype="fp32")
+    n = len(gpt2.graph.blocks)
+    cuts = [0, n // 4, n // 2, 3 * n // 4, n]
+    specs = [StageSpec.whole(list(range(a, b)), False) for a, b in zip(cuts, cuts[1:])]
+    mesh = Mesh(2, 1, 1)
+    zb = ev.stage_costs(specs, mesh, Schedule("zb", 4, 2, 2), {})
+    plain = ev.stage_costs(specs, mesh, Schedule("interleaved", 4, 2, 2), {})
+    assert all(c.weight_grad_bytes == 0 for c in plain)
+    assert zb[0].weight_grad_bytes == 0
+    nodes, params = gpt2.captured.nodes, gpt2.captured.params
+    for s in (1, 2):
+        blocks = [gpt2.graph.blocks[b] for b in specs[s].blocks]
+        weighted = [nodes[m] for b in blocks for m in b.nodes
+                    if any(p in params and params[p].trainable for p in nodes[m].params) and nodes[m].outputs
+                    and any(nodes[i].needs_grad for i in nodes[m].inputs)]
+        assert weighted and zb[s].weight_grad_bytes == sum(w.output_bytes for w in weighted) * 2  # 2 samples a micro-batch
+    last = [gpt2.graph.blocks[b] for b in specs[3].blocks]
+    out = gpt2.graph.output_bytes * 2
+    assert zb[3].weight_grad_bytes == max(0, int(ev.weight_grad_bytes(last, 2, 1, {}) - out))
+
+
 def test_simulator_walks_fresh_gradients_workspaces_and_the_optimizer_step() -> None:
     """GPipe, two ranks, two micro-batches: rank 1's peak is at its first backward, before any gradient
     exists, with both micro-batches' activations and its backward's workspace."""

@@ -473,6 +473,18 @@ def test_activations_are_held_until_the_weight_gradient() -> None:
     assert deferred.pipeline_time_s == prompt.pipeline_time_s == pytest.approx(6.0)
 
 
+def test_the_output_gradients_for_w_are_held_from_the_input_gradient_to_the_weight_gradient() -> None:
+    # [Note: zero-bubble memory]: torch's I keeps the gradients W starts from (GPT-2's head: its logits'
+    # gradient), so deferring W holds them for every micro-batch between its I and its W
+    one = [StageCost(1.0, 2.0, activation_bytes=10, backward_weight_s=1.0, weight_grad_bytes=7)]
+    deferred = simulate_orders(one, [actions("0F0 0F1 0I0 0I1 0W0 0W1")], 2)
+    prompt = simulate_orders(one, [actions("0F0 0I0 0W0 0F1 0I1 0W1")], 2)
+    assert deferred.peak_parts[0].activations == 2 * 10 + 2 * 7  # at 0W0: both micro-batches, both I done
+    assert prompt.peak_parts[0].activations == 10 + 7
+    # a full backward (B) never holds them
+    assert simulate_orders(one, [actions("0F0 0F1 0B0 0B1")], 2).peak_parts[0].activations == 2 * 10
+
+
 def test_input_gradient_unblocks_the_previous_stage_before_the_weight_gradient() -> None:
     costs = split_costs(2, f=1.0, b=4.0, w=3.0)
     result = simulate_orders(costs, [actions("0F0 0I0 0W0"), actions("1F0 1I0 1W0")], 1)

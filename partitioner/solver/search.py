@@ -512,6 +512,11 @@ class _Search:
         blocks = table.blocks
         fsdp = dp_spec(c.dp_sharding).uses_fsdp and c.dp > 1
         sharding = self.sharding(c.tp, c.micro_batch_size, c.lean)
+        if SCHEDULE_REGISTRY[c.schedule].splits_backward:
+            # [Note: zero-bubble memory]: I keeps W's output gradients; held per micro-batch in flight here
+            # (from F, not from I; and on the first stage too, which keeps none): conservative
+            held = [ev.weight_grad_bytes([b], c.micro_batch_size, c.tp, sharding) for b in self.pg.blocks]
+            blocks = tuple(replace(b, saved_bytes=b.saved_bytes + h) for b, h in zip(blocks, held))
         mesh = c.mesh
         k = c.micro_batch_size / ev.captured.batch_size
         K = c.pp * c.virtual_stages
