@@ -46,8 +46,9 @@ cross-entropy over them 22 and 74 ms; on a GPU a small GEMM gains efficiency
 as it grows. Scaling one measurement by the base model's ratio misses both:
 a plan of micro-batches of 4 x 64 tokens, priced from the capture batch of
 64, came out 43% under its measured step. So the planner also profiles the
-model re-captured at other micro-batch sizes it may choose
-(``profile.micro_batches_to_profile``), and a node's measurements at every
+model re-captured at other micro-batch sizes its search may choose
+(``profile.micro_batches_to_profile``; nodes matched by stable key,
+``profile.matched_nodes``), and a node's measurements at every
 size are its points ``(base(m), t(m))``, with ``base`` the base model's time
 for that measurement's own FLOPs and bytes. A size asked for is priced by
 interpolating linearly in the base model's time between the two points

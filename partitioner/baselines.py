@@ -623,6 +623,11 @@ def uniform_partition(is_layer: Sequence[bool], k: int) -> list[list[int]]:
     return stages
 
 
+# Micro-batch sizes the ILP's search tries: the divisors of the per-replica batch up to 8, and powers of two
+# up to 32 (the baselines' grids try every divisor).
+SEARCH_MICRO_BATCH_SIZES = (1, 2, 3, 4, 5, 6, 7, 8, 16, 32)
+
+
 def micro_batch_sizes(per_replica: int, microbatches: int | None, candidates: Iterable[int]) -> list[int]:
     """Micro-batch sizes to try for ``per_replica`` samples per data-parallel replica: the one
     that ``microbatches`` (pinned) gives, if it divides, else every candidate that divides."""

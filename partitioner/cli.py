@@ -496,15 +496,16 @@ def _profiled(args: argparse.Namespace, pg, cluster, dtype: str, tp_pin: int | N
     micro-batch ``sizes``: the measured cost model."""
     from .profile import ProfileCache, profile_clock, profile_for_planning, recaptured
 
-    others = {}
+    others, failed = {}, {}
     if sizes:
         with Progress(show) as progress:
             progress.phase("capture", detail=f"{loaded.name} at micro-batch sizes {', '.join(map(str, sizes))}")
-            others = recaptured(loaded.model, loaded.example_inputs, loaded.example_kwargs, loaded.name, sizes)
+            others, failed = recaptured(loaded.model, loaded.example_inputs, loaded.example_kwargs, loaded.name, sizes)
     clock = profile_clock(cluster, args.device or "cpu")
     with ProfileCache(args.cache) as cache:
         prof = profile_for_planning(pg, cluster, cache,
-                                    _profile_options(args, dtype, tp_degrees(cluster, tp_pin), clock, show=show), others)
+                                    _profile_options(args, dtype, tp_degrees(cluster, tp_pin), clock, show=show),
+                                    others, failed)
         _print_profile_stats(prof, cache, pg.captured.batch_size)
     return prof.cost_model
 

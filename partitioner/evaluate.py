@@ -731,8 +731,12 @@ class Evaluator:
                     continue
                 if not any(nodes[i].needs_grad for i in n.inputs if i in nodes):
                     continue
+                # a local output split over tp (column's features, a sequence-split norm's tokens) is a
+                # 1/tp shard; a row linear's is whole before its all-reduce or reduce-scatter
                 spec = STRATEGIES.get(sharding.get(name, "replicate"))
-                shard = tp if tp > 1 and spec is not None and spec.divides_work and not spec.output_all_reduce else 1
+                split = spec is not None and spec.produces in ("S", "Q") and not (
+                    spec.output_all_reduce or spec.output_reduce_scatter)
+                shard = tp if tp > 1 and split else 1
                 total += n.output_bytes / shard
         return total * micro_batch / self.captured.batch_size
 

@@ -665,6 +665,8 @@ def _memory_walk(stages: Sequence[StageCost], mine: Sequence[StageCost], actions
             work = kept + cost.backward_workspace_bytes
             kept += cost.input_grad_bytes
             held += cost.weight_grad_bytes
+            if held > top_bytes:
+                top_bytes = held
         else:
             compute += cost.backward_weight_s if kind == BACKWARD_WEIGHT else cost.backward_s
             work = kept + (cost.backward_workspace_bytes if kind == FULL_BACKWARD else 0)

@@ -178,12 +178,12 @@ def _profiled_costs(pgraph, cluster, dtype: str, pins, global_batch: int, loaded
     batch = pgraph.captured.batch_size
     sizes = micro_batches_to_profile(batch, cluster.world_size, global_batch, pp=pins.pp, tp=pins.tp, dp=pins.dp,
                                      microbatches=pins.microbatches, most=settings.sizes or PROFILED_SIZES)
-    others = recaptured(loaded.model, loaded.example_inputs, loaded.example_kwargs, loaded.name, sizes)
+    others, failed = recaptured(loaded.model, loaded.example_inputs, loaded.example_kwargs, loaded.name, sizes)
     # No bar of its own: compare's progress line says "profiling" (one live display at a time).
     options = ProfileOptions(device=settings.device, dtype=dtype, tp_degrees=tp_degrees(cluster, pins.tp),
                              budget_s=settings.budget_s, progress=False, clock=profile_clock(cluster, settings.device))
     with ProfileCache(settings.cache) as cache:
-        prof = profile_for_planning(pgraph, cluster, cache, options, others)
+        prof = profile_for_planning(pgraph, cluster, cache, options, others, failed)
         path = cache.path
     st = prof.stats
     budget = f", {st.unmeasured} left to the calibrated model (budget)" if st.unmeasured else ""

@@ -58,7 +58,7 @@ from .cache import ProfileCache, default_cache_path
 from .timing import measure_blocks, profile_model
 from .fitting import (PROFILED_SIZES, BlockFidelity, Profiled, calibration, check_device, cpu_threads_for, fidelity, gpu_preset,
                       measured_cost_model, micro_batches_to_profile, profile_clock, profile_for_planning, recaptured,
-                      same_node_at)
+                      matched_nodes)
 
 __all__ = [
     "ProfileError",
@@ -79,7 +79,7 @@ __all__ = [
     "PROFILED_SIZES",
     "micro_batches_to_profile",
     "recaptured",
-    "same_node_at",
+    "matched_nodes",
     "measured_cost_model",
     "Profiled",
     "BlockFidelity",

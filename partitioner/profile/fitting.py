@@ -4,7 +4,8 @@ from __future__ import annotations
 
 import json
 import math
-from dataclasses import dataclass, field
+import time
+from dataclasses import dataclass, field, replace
 from typing import TYPE_CHECKING, Any, Mapping, Sequence
 
 import torch
@@ -85,18 +86,19 @@ def profile_clock(cluster: "Cluster", device: str) -> str:
 # At most this many micro-batch sizes are profiled by default, the capture batch's among them
 # ([Note: measured at several micro-batch sizes] in cost_models/profiled.py).
 PROFILED_SIZES = 4
-# Nor beyond this many samples a micro-batch: the planner's search tries sizes up to 32.
-LARGEST_PROFILED = 32
 
 
 def micro_batches_to_profile(capture_batch: int, world: int, global_batch: int, *, pp: int | None = None,
                              tp: int | None = None, dp: int | None = None, microbatches: int | None = None,
                              most: int = PROFILED_SIZES) -> tuple[int, ...]:
-    """Micro-batch sizes besides ``capture_batch`` to profile the model at: of the sizes a plan for
-    ``world`` devices and ``global_batch`` samples may choose under these pins (each divisor of a
-    data-parallel replica's batch, at most ``LARGEST_PROFILED``), all if there are few, else the
-    smallest, the largest, and the rest spread evenly between them in log scale; ``most`` counts the
-    capture batch. Increasing."""
+    """Micro-batch sizes besides ``capture_batch`` to profile the model at: of the sizes the ILP's search
+    may choose for ``world`` devices and ``global_batch`` samples under these pins (``--microbatches``
+    pins one per data-parallel width; else the search's sizes that divide a replica's batch), all if
+    there are few, else the smallest, the largest, and the rest spread evenly between them in log scale;
+    ``most`` counts the capture batch. Increasing. (The baselines' grids also try other divisors: those
+    are priced between the sizes measured.)"""
+    from ..baselines import SEARCH_MICRO_BATCH_SIZES, micro_batch_sizes
+
     if dp:
         dps = [dp]
     elif pp and tp:
@@ -106,15 +108,10 @@ def micro_batches_to_profile(capture_batch: int, world: int, global_batch: int, 
         dps = [d for d in range(1, world + 1) if world % d == 0 and (world // d) % fixed == 0]
     sizes: set[int] = set()
     for d in dps:
-        if d <= 0 or global_batch % d:
-            continue
-        per = global_batch // d
-        if microbatches:
-            sizes.update([per // microbatches] if per % microbatches == 0 else [])
-        else:
-            sizes.update(b for b in range(1, min(per, LARGEST_PROFILED) + 1) if per % b == 0)
+        if d > 0 and global_batch % d == 0:
+            sizes.update(micro_batch_sizes(global_batch // d, microbatches, SEARCH_MICRO_BATCH_SIZES))
     sizes.discard(capture_batch)
-    ordered = sorted(b for b in sizes if 0 < b <= LARGEST_PROFILED)
+    ordered = sorted(b for b in sizes if b > 0)
     room = max(0, most - 1)
     if len(ordered) <= room:
         return tuple(ordered)
@@ -132,18 +129,23 @@ def micro_batches_to_profile(capture_batch: int, world: int, global_batch: int, 
 
 
 def recaptured(model: torch.nn.Module, example_inputs: Sequence[Any], example_kwargs: Mapping[str, Any] | None,
-               name: str, sizes: Sequence[int]) -> dict[int, PartitionGraph]:
-    """``model`` captured again with its inputs resized to each micro-batch size (as the runtime builds its
-    stages, ``rewrite.microbatch_inputs``): the graphs to profile at those sizes."""
+               name: str, sizes: Sequence[int]) -> tuple[dict[int, PartitionGraph], dict[int, str]]:
+    """``model`` captured again with its positional inputs resized to each micro-batch size (as the runtime
+    builds its stages, ``rewrite.microbatch_inputs``; keyword inputs as given): the graphs to profile at
+    those sizes, and the sizes that could not be captured, each with why."""
     from ..capture import capture
+    from ..errors import AutopartError
     from ..graph import build_partition_graph
     from ..rewrite import microbatch_inputs
 
-    out = {}
+    out, failed = {}, {}
     for b in sizes:
-        cap = capture(model, microbatch_inputs(example_inputs, b), example_kwargs, name=name, batch_size=b)
-        out[b] = build_partition_graph(cap, model)
-    return out
+        try:
+            cap = capture(model, microbatch_inputs(example_inputs, b), example_kwargs, name=name, batch_size=b)
+            out[b] = build_partition_graph(cap, model)
+        except AutopartError as exc:
+            failed[b] = (str(exc).splitlines() or [type(exc).__name__])[0][:120]
+    return out, failed
 
 
 @dataclass(frozen=True)
@@ -171,15 +173,22 @@ class Profiled:
         return said + "".join(f" (not {b}: {why})" for b, why in sorted(self.skipped.items()))
 
 
-def same_node_at(pgraph: PartitionGraph, other: PartitionGraph, name: str) -> bool:
-    """Whether node ``name`` of ``other`` (captured at another micro-batch size) is ``pgraph``'s node of that
-    name: the same op, whose output grows with the batch or stays the same size. (At one sample torch.export
-    may add or drop a broadcast, so names alone could pair different nodes.)"""
-    a, b = pgraph.captured.nodes.get(name), other.captured.nodes.get(name)
-    if a is None or b is None or a.target != b.target:
-        return False
+def matched_nodes(pgraph: PartitionGraph, other: PartitionGraph) -> dict[str, str]:
+    """``other``'s node names (the model captured at another micro-batch size) -> ``pgraph``'s node that is
+    the same: the same stable key (module and occurrence of its op, [Note: stable node keys]) and op, with
+    an output that grows with the batch or stays the same size. Names alone could pair different nodes:
+    at one sample torch.export adds a broadcast that two samples do not have, and the names after it shift."""
+    mine = {info.key or name: name for name, info in pgraph.captured.nodes.items()}
     k = other.captured.batch_size / pgraph.captured.batch_size
-    return b.output_bytes == a.output_bytes or math.isclose(b.output_bytes, a.output_bytes * k, rel_tol=1e-9)
+    out = {}
+    for name, b in other.captured.nodes.items():
+        here = mine.get(b.key or name)
+        a = pgraph.captured.nodes.get(here) if here is not None else None
+        if a is None or a.target != b.target:
+            continue
+        if b.output_bytes == a.output_bytes or math.isclose(b.output_bytes, a.output_bytes * k, rel_tol=1e-9):
+            out[name] = here
+    return out
 
 
 def measured_cost_model(base, pgraph: PartitionGraph, result: ProfileResult,
@@ -191,9 +200,12 @@ def measured_cost_model(base, pgraph: PartitionGraph, result: ProfileResult,
     losses: list[MeasuredLoss] = []
     for b in sorted(others):
         graph, res = others[b]
+        names = matched_nodes(pgraph, graph)
         for ref, m in res.measured_ops().items():
-            if ref in ops and same_node_at(pgraph, graph, ref.name):
-                more.setdefault(ref, []).append(m)
+            here = names.get(ref.name)
+            mine = NodeRef(here, ref.strategy, ref.tp) if here is not None else None
+            if mine in ops:
+                more.setdefault(mine, []).append(m)
         if res.loss is not None:
             losses.append(res.loss)
     return MeasuredCostModel(base, ops, result.loss, {r: tuple(ms) for r, ms in more.items()}, tuple(losses))
@@ -205,6 +217,7 @@ def profile_for_planning(
     cache: ProfileCache,
     options: ProfileOptions,
     others: Mapping[int, PartitionGraph] = {},
+    not_captured: Mapping[int, str] = {},
 ) -> Profiled:
     """Measure ``pgraph`` (reading the cache), and each of ``others`` (the model captured at other micro-batch
     sizes, ``recaptured``), fit the calibrated model, and build the measured cost model.
@@ -221,12 +234,17 @@ def profile_for_planning(
     if torch.device(options.device).type == "cpu":
         torch.set_num_threads(cpu_threads_for(cluster))
     done: dict[int, tuple[PartitionGraph, ProfileResult]] = {}
-    skipped: dict[int, str] = {}
+    skipped: dict[int, str] = dict(not_captured)
+    started = time.perf_counter()
     try:
         result = profile_model(pgraph, cache, options)
         for b in sorted(others):
+            left = None if options.budget_s is None else options.budget_s - (time.perf_counter() - started)
+            if left is not None and left <= 0:  # --profile-budget is for all sizes together
+                skipped[b] = "the profile budget was spent"
+                continue
             try:
-                done[b] = (others[b], profile_model(others[b], cache, options))
+                done[b] = (others[b], profile_model(others[b], cache, replace(options, budget_s=left)))
             except (ProfileError, torch.OutOfMemoryError) as exc:
                 skipped[b] = (str(exc).splitlines() or [type(exc).__name__])[0][:120]
         calib = calibration(cache, result.device, result.torch_version)

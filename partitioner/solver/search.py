@@ -89,6 +89,7 @@ from cost_models import static_bytes
 
 from ..baselines import (
     BOUND_SLACK,
+    SEARCH_MICRO_BATCH_SIZES,
     Pins,
     dp_shardings_to_try,
     hsdp_differs,
@@ -112,8 +113,6 @@ from .sharding_ilp import FAST_WEIGHT, LEAN_WEIGHT, solve_block_sharding
 
 __all__ = ["Candidate", "Attempt", "SearchReport", "IlpResult", "plan_ilp"]
 
-# Micro-batch sizes tried: the divisors of the per-replica batch up to 8, and powers of two up to 32.
-_MICRO_BATCH_SIZES = (1, 2, 3, 4, 5, 6, 7, 8, 16, 32)
 # [Note: deterministic budget]
 # The search is sized by deterministic work only, never by a clock, so that the same inputs give
 # the same plan on a busy and a quiet machine: CP-SAT's deterministic time (one worker, its fixed
@@ -393,7 +392,7 @@ class _Search:
                 if gb % dp:
                     continue
                 per_replica = gb // dp
-                for mbs in micro_batch_sizes(per_replica, pins.microbatches, _MICRO_BATCH_SIZES):
+                for mbs in micro_batch_sizes(per_replica, pins.microbatches, SEARCH_MICRO_BATCH_SIZES):
                     m = per_replica // mbs
                     for sched, v, retime in self._schedules(pp, m):
                         for lean in ([False, True] if tp > 1 else [False]):
@@ -516,7 +515,8 @@ class _Search:
             # [Note: zero-bubble memory]: I keeps W's output gradients; held per micro-batch in flight here
             # (from F, not from I; and on the first stage too, which keeps none): conservative
             held = [ev.weight_grad_bytes([b], c.micro_batch_size, c.tp, sharding) for b in self.pg.blocks]
-            blocks = tuple(replace(b, saved_bytes=b.saved_bytes + h) for b, h in zip(blocks, held))
+            blocks = tuple(replace(b, saved_bytes=b.saved_bytes + h, input_bytes=b.input_bytes + h)  # recompute frees none
+                           for b, h in zip(blocks, held))
         mesh = c.mesh
         k = c.micro_batch_size / ev.captured.batch_size
         K = c.pp * c.virtual_stages
