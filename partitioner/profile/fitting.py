@@ -177,7 +177,8 @@ def matched_nodes(pgraph: PartitionGraph, other: PartitionGraph) -> dict[str, st
     """``other``'s node names (the model captured at another micro-batch size) -> ``pgraph``'s node that is
     the same: the same stable key (module and occurrence of its op, [Note: stable node keys]) and op, with
     an output that grows with the batch or stays the same size. Names alone could pair different nodes:
-    at one sample torch.export adds a broadcast that two samples do not have, and the names after it shift."""
+    torch.export may add a broadcast at one batch size that another does not have (gpt2-tiny at 1 and 2
+    samples), and the names after it shift."""
     mine = {info.key or name: name for name, info in pgraph.captured.nodes.items()}
     k = other.captured.batch_size / pgraph.captured.batch_size
     out = {}
