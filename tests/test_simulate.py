@@ -474,8 +474,8 @@ def test_activations_are_held_until_the_weight_gradient() -> None:
 
 
 def test_the_output_gradients_for_w_are_held_from_the_input_gradient_to_the_weight_gradient() -> None:
-    # [Note: zero-bubble memory]: torch's I keeps the gradients W starts from (GPT-2's head: its logits'
-    # gradient), so deferring W holds them for every micro-batch between its I and its W
+    # [Note: zero-bubble memory]: torch's I keeps the gradients W starts from (a linear's output gradient),
+    # so deferring W holds them for every micro-batch between its I and its W
     one = [StageCost(1.0, 2.0, activation_bytes=10, backward_weight_s=1.0, weight_grad_bytes=7)]
     deferred = simulate_orders(one, [actions("0F0 0F1 0I0 0I1 0W0 0W1")], 2)
     prompt = simulate_orders(one, [actions("0F0 0I0 0W0 0F1 0I1 0W1")], 2)
