@@ -12,6 +12,7 @@ import torch
 
 from cost_models import MeasuredCostModel, MeasuredLoss, MeasuredOp, NodeRef
 
+from ..errors import one_line
 from ..graph import PartitionGraph
 from .values import ProfileError, ProfileOptions, ProfileResult, ProfileStats, device_name
 from .cache import ProfileCache
@@ -144,7 +145,7 @@ def recaptured(model: torch.nn.Module, example_inputs: Sequence[Any], example_kw
             cap = capture(model, microbatch_inputs(example_inputs, b), example_kwargs, name=name, batch_size=b)
             out[b] = build_partition_graph(cap, model)
         except AutopartError as exc:
-            failed[b] = (str(exc).splitlines() or [type(exc).__name__])[0][:120]
+            failed[b] = one_line(exc, 160)
     return out, failed
 
 
@@ -247,7 +248,7 @@ def profile_for_planning(
             try:
                 done[b] = (others[b], profile_model(others[b], cache, replace(options, budget_s=left)))
             except (ProfileError, torch.OutOfMemoryError) as exc:
-                skipped[b] = (str(exc).splitlines() or [type(exc).__name__])[0][:120]
+                skipped[b] = one_line(exc, 160)
         calib = calibration(cache, result.device, result.torch_version)
     finally:
         torch.set_num_threads(threads)
