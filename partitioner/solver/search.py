@@ -252,6 +252,7 @@ class _Search:
         self.shared = self.pg.shared_params()
         self._inflight: dict[tuple, tuple] = {}  # schedule shape -> in-flight patterns
         self._costs: dict[tuple, list] = {}  # (tp, mbs, lean) -> per-block BlockCost (dp and ZeRO-1 change only memory)
+        self._held: dict[tuple, list] = {}  # (tp, mbs, lean) -> per-block bytes a split backward's I keeps for W
         self._alone = recomputable_alone(ev) if pins.recompute is None and pins.recompute_blocks else frozenset()
 
     # --- block costs per (tp, mbs, lean) --------------------------------------------------
@@ -514,7 +515,10 @@ class _Search:
         if SCHEDULE_REGISTRY[c.schedule].splits_backward:
             # [Note: zero-bubble memory]: I keeps W's output gradients; held per micro-batch in flight here
             # (from F, not from I; and on the first stage too, which keeps none): conservative
-            held = [ev.weight_grad_bytes([b], c.micro_batch_size, c.tp, sharding) for b in self.pg.blocks]
+            key = (c.tp, c.micro_batch_size, c.lean)
+            if key not in self._held:
+                self._held[key] = [ev.weight_grad_bytes([b], c.micro_batch_size, c.tp, sharding) for b in self.pg.blocks]
+            held = self._held[key]
             blocks = tuple(replace(b, saved_bytes=b.saved_bytes + h, input_bytes=b.input_bytes + h)  # recompute frees none
                            for b, h in zip(blocks, held))
         mesh = c.mesh
