@@ -49,15 +49,18 @@ a plan of micro-batches of 4 x 64 tokens, priced from the capture batch of
 model re-captured at other micro-batch sizes its search may choose
 (``profile.micro_batches_to_profile``; nodes matched by stable key,
 ``profile.matched_nodes``), and a node's measurements at every
-size are its points ``(base(m), t(m))``, with ``base`` the base model's time
-for that measurement's own FLOPs and bytes. A size asked for is priced by
-interpolating linearly in the base model's time between the two points
-around it, and beyond the points as [Note: scaling a measurement] says from
-the nearest one. So each measured size is priced exactly as measured, and a
-size between two is priced by what the base model says of the difference.
-Points at the same base time (a view, a node whose work does not grow with
-the batch) keep the first, the capture batch's. The loss is interpolated in
-the same way, in its outputs' bytes.
+size are its points. A size asked for is placed among them by its work, the
+FLOPs plus bytes of that direction (each affine in the micro-batch): at a
+measured work it is priced exactly as measured, between two points linearly
+in work, and beyond the points as [Note: scaling a measurement] says from the
+nearest one (a shard below the capture batch, a size above the largest).
+Points of one work (a view, a node whose work does not grow with the batch)
+keep the first, the capture batch's. The work, not the base model's time, is
+the axis: a calibrated fit clamped at its floor gives two sizes of a small
+op one base time, and the size asked for was then priced at the other
+size's measurement (CI, stop 27: an attention backward at 2 samples priced
+at 1 sample's 34.8 us instead of its own 29.4 us). The loss is interpolated
+in the same way, in its outputs' bytes.
 """
 
 from __future__ import annotations
@@ -67,7 +70,7 @@ from typing import Mapping, Sequence
 
 from .base import CollectiveKind, CostModel, NodeRef, OpTime
 
-__all__ = ["MeasuredOp", "MeasuredLoss", "MeasuredCostModel", "interpolate"]
+__all__ = ["MeasuredOp", "MeasuredLoss", "MeasuredCostModel", "Point", "interpolate"]
 
 
 @dataclass(frozen=True, slots=True)
@@ -92,24 +95,34 @@ class MeasuredOp:
     param_bytes: float = 0.0
 
 
-def interpolate(points: Sequence[tuple[float, float]], x: float) -> float:
-    """``y`` at ``x`` from ``(x, y)`` points ([Note: measured at several micro-batch sizes]): linear between
-    the two around ``x``, proportional to the nearest beyond them; of points at one ``x``, the first."""
-    pts: list[tuple[float, float]] = []
-    for px, py in points:
-        if all(px != q for q, _ in pts):
-            pts.append((px, py))
-    pts.sort()
-    lo, hi = pts[0], pts[-1]
-    if x <= lo[0] or len(pts) == 1:
-        near = lo if x <= lo[0] else hi
-        return near[1] * x / near[0] if near[0] > 0 else near[1]
-    if x >= hi[0]:
-        return hi[1] * x / hi[0]
-    for (x0, y0), (x1, y1) in zip(pts, pts[1:]):
-        if x0 <= x <= x1:
-            return y0 + (y1 - y0) * (x - x0) / (x1 - x0)
-    raise AssertionError("unreachable: x lies between the first and the last point")
+@dataclass(frozen=True, slots=True)
+class Point:
+    """One measurement as ``interpolate`` places it: its work (the axis), the base model's time for that
+    work (for scaling beyond the points) and the time measured."""
+
+    work: float
+    base_s: float
+    measured_s: float
+
+
+def interpolate(points: Sequence[Point], work: float, base_s: float) -> float:
+    """The time at ``work`` (whose base model time is ``base_s``) from measured ``points`` ([Note: measured
+    at several micro-batch sizes]): as measured at a point's work, linear in work between the two around it,
+    scaled by the base model from the nearest beyond them; of points of one work, the first."""
+    pts: dict[float, Point] = {}
+    for p in points:
+        pts.setdefault(p.work, p)
+    ordered = sorted(pts.values(), key=lambda p: p.work)
+    lo, hi = ordered[0], ordered[-1]
+    if work in pts:
+        return pts[work].measured_s
+    if work < lo.work or work > hi.work or len(ordered) == 1:
+        near = lo if work < lo.work else hi
+        return near.measured_s * base_s / near.base_s if near.base_s > 0 else near.measured_s
+    for a, b in zip(ordered, ordered[1:]):
+        if a.work < work < b.work:
+            return a.measured_s + (b.measured_s - a.measured_s) * (work - a.work) / (b.work - a.work)
+    raise AssertionError("unreachable: the work lies between the first point's and the last's")
 
 
 @dataclass(frozen=True)
@@ -143,8 +156,10 @@ class MeasuredCostModel:
         at = [self.base.node_time(op, p.forward_flops, p.backward_flops, p.bytes_moved, dtype, node, p.param_bytes)
               for p in points]
         return OpTime(
-            interpolate([(a.forward_s, p.forward_s) for a, p in zip(at, points)], asked.forward_s),
-            interpolate([(a.backward_s, p.backward_s) for a, p in zip(at, points)], asked.backward_s),
+            interpolate([Point(p.forward_flops + p.bytes_moved, a.forward_s, p.forward_s) for a, p in zip(at, points)],
+                        forward_flops + bytes_moved, asked.forward_s),
+            interpolate([Point(p.backward_flops + p.bytes_moved, a.backward_s, p.backward_s)
+                         for a, p in zip(at, points)], backward_flops + bytes_moved, asked.backward_s),
         )
 
     def collective_time(self, kind: CollectiveKind, nbytes: float, ranks: Sequence[int]) -> float:
@@ -158,5 +173,7 @@ class MeasuredCostModel:
         if m is None or m.kind != kind or m.output_bytes <= 0:
             return self.base.loss_time(kind, output_bytes)
         points = [m, *(o for o in self.other_losses if o.kind == kind and o.output_bytes > 0)]
-        return OpTime(interpolate([(p.output_bytes, p.forward_s) for p in points], output_bytes),
-                      interpolate([(p.output_bytes, p.backward_s) for p in points], output_bytes))
+        return OpTime(interpolate([Point(p.output_bytes, p.output_bytes, p.forward_s) for p in points],
+                                  output_bytes, output_bytes),
+                      interpolate([Point(p.output_bytes, p.output_bytes, p.backward_s) for p in points],
+                                  output_bytes, output_bytes))

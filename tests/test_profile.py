@@ -280,6 +280,22 @@ def test_the_loss_measured_at_several_sizes_is_interpolated_in_its_outputs():
     assert model.loss_time("cross_entropy", 16e6) == OpTime(pytest.approx(0.060), pytest.approx(0.180))  # not mse's
 
 
+def test_each_measured_size_is_priced_as_measured_where_the_base_model_cannot_tell_them_apart():
+    # A calibrated fit flat at its floor gives a small op one time at 1 and 2 samples (CI, stop 27: an
+    # attention backward at 2 samples was priced at 1 sample's time): each size is still priced as measured
+    flat = [Sample("aten.bmm.default", "fp32", f, f, 0.0, 30e-6, 30e-6) for f in (1e3, 1e4, 1e5)]
+    base = CalibratedCostModel(AnalyticCostModel(Cluster.local(1)), fit_calibration("cpu", flat))
+    one, two = base.node_time("aten.bmm.default", 2e4, 4e4, 0.0, "fp32"), base.node_time("aten.bmm.default", 4e4, 8e4, 0.0, "fp32")
+    assert one == two
+    ref = NodeRef("bmm")
+    model = MeasuredCostModel(base, {ref: MeasuredOp(35e-6, 40e-6, 2e4, 4e4, 0.0)},
+                              other_sizes={ref: (MeasuredOp(29e-6, 50e-6, 4e4, 8e4, 0.0),)})
+    at = lambda f: model.node_time("aten.bmm.default", f, 2 * f, 0.0, "fp32", ref)  # noqa: E731
+    assert at(2e4) == OpTime(35e-6, 40e-6) and at(4e4) == OpTime(29e-6, 50e-6)
+    assert at(3e4) == OpTime(pytest.approx(32e-6), pytest.approx(45e-6))  # linear in work between them
+    assert at(8e4) == OpTime(pytest.approx(29e-6), pytest.approx(50e-6))  # beyond: the base model's ratio, here 1
+
+
 def test_the_sizes_profiled_are_those_a_plan_may_use():
     from partitioner.profile import micro_batches_to_profile
 
