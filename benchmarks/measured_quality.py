@@ -43,9 +43,13 @@ WORLD = 2
 GPT2_50K = ("n_layer=4", "n_embd=128", "n_head=4", "n_positions=128")
 # compare_measured's hetero-lm: mixed MLP widths 32 to 2048 and a 4,000-token vocabulary.
 HETERO = ("vocab_size=4000", "d_model=128", "widths=64,1024,32,2048,128,512,64,256")
+# A funnel, its layers from widest to narrowest: Megatron's split by layer count puts 6,144 of the 6,624
+# MLP widths on the first stage (the mix above splits 3,168 | 960 beside a head of about 2,000).
+FUNNEL = ("vocab_size=4000", "d_model=128", "widths=2048,2048,1024,1024,256,128,64,32")
 MODELS = (
     ("gpt2 4x128, vocab 50257", "gpt2", GPT2_50K),
     ("hetero-lm (mixed widths)", "hetero-lm", HETERO),
+    ("hetero-lm funnel (widths 2048 down to 32)", "hetero-lm", FUNNEL),
     ("t5 2+2 x128, vocab 32128", "py:benchmarks.measured_quality:t5_small", ()),
 )
 SEQ_LEN = 64
