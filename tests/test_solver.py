@@ -836,11 +836,35 @@ def test_moving_cuts_prunes_by_the_blocks_work_and_moves_the_same(monkeypatch):
                 if not prune:  # a bound of zero never prunes
                     m.setattr(search, "split_work_s", lambda *a, **k: 0.0)
                 calls["rechosen"] = 0
-                out[prune] = (s._rebalance(ev, specs, mesh, schedule, {}, plan.predicted.step_time_s), calls["rechosen"])
+                out[prune] = (s._rebalance(ev, specs, mesh, schedule, {}, plan.predicted.step_time_s)[0], calls["rechosen"])
         assert out[True][0] == out[False][0]
         assert out[True][1] < out[False][1]
         moved += out[True][0] != specs
     assert moved
+
+
+def test_the_cuts_of_a_re_timed_solution_are_moved_under_its_schedule(monkeypatch):
+    # The ILP balances its stages for 1F1B; re-timed under zb the split is no longer the most even. The
+    # search moves the cuts under zb ([Note: moving the cuts of a re-timed solution]): without the moves
+    # the same search's plan is slower; with them the plan is the ILP's, in zb, and no baseline beats it.
+    import partitioner.solver.search as search
+
+    lm = load_model("mlp")
+    cap = capture(lm.model, lm.example_inputs, name=lm.name, batch_size=lm.batch_size)
+    ev = prepare(cap, cluster=Cluster.preset("dgx-a100-80g", 1), global_batch=16)
+    moved = plan_ilp(ev, Pins(), time_limit_s=2.0).plan
+    with monkeypatch.context() as m:
+        m.setattr(search, "RETIMED_EVALS", 0)
+        unmoved = plan_ilp(ev, Pins(), time_limit_s=2.0).plan
+    assert moved.schedule.name == "zb" and moved.solver.origin == "ilp" and moved.predicted.fits
+    assert moved.predicted.step_time_s < unmoved.predicted.step_time_s * (1 - 1e-3)
+    assert [len(st.modules) for st in moved.stages] != [len(st.modules) for st in unmoved.stages]
+    for method in METHODS:
+        try:
+            base = plan_baseline(method, ev, Pins())[0]
+        except InfeasibleError:
+            continue
+        assert moved.predicted.step_time_s <= base.predicted.step_time_s
 
 
 def test_the_search_realizes_the_ilp_s_partial_recomputation_on_its_own_split(gpt2_four_layers):
