@@ -463,14 +463,7 @@ def _profile_options(args: argparse.Namespace, dtype: str, tp_degrees: tuple[int
 
 
 def _print_profile_stats(prof, cache, capture_batch: int) -> None:
-    st = prof.stats
-    budget = f", {st.unmeasured} left to the calibrated model (budget)" if st.unmeasured else ""
-    corrupt = f", {st.corrupt} corrupt cache entries measured again" if st.corrupt else ""
-    aside = f"; the unreadable cache file was moved to {cache.moved_aside}" if cache.moved_aside else ""
-    print(
-        f"profiled on {prof.result.device}{prof.sizes_said(capture_batch)}: {st.measured} measured, "
-        f"{st.cached} from the cache{corrupt}{budget} in {st.profiling_s:.2f} s (cache {cache.path}){aside}"
-    )
+    print(prof.summary(capture_batch, cache.path, cache.moved_aside))
 
 
 def _sizes_to_profile(args: argparse.Namespace, plan_in, loaded, cluster, pins: Mapping[str, int],

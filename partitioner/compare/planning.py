@@ -185,13 +185,7 @@ def _profiled_costs(pgraph, cluster, dtype: str, pins, global_batch: int, loaded
     with ProfileCache(settings.cache) as cache:
         prof = profile_for_planning(pgraph, cluster, cache, options, others, failed)
         path = cache.path
-    st = prof.stats
-    budget = f", {st.unmeasured} left to the calibrated model (budget)" if st.unmeasured else ""
-    aside = f"; the unreadable cache file was moved to {cache.moved_aside}" if cache.moved_aside else ""
-    return prof.cost_model, (
-        f"profiled on {prof.result.device}{prof.sizes_said(batch)}: {st.measured} measured, {st.cached} from the "
-        f"cache{budget} in {st.profiling_s:.1f} s (cache {path}){aside}"
-    )
+    return prof.cost_model, prof.summary(batch, path, cache.moved_aside)
 
 
 def _one_line(exc: BaseException) -> str:

@@ -173,6 +173,16 @@ class Profiled:
         said = " at micro-batch sizes " + ", ".join(str(b) for b in sorted({capture_batch, *self.others}))
         return said + "".join(f" (not {b}: {why})" for b, why in sorted(self.skipped.items()))
 
+    def summary(self, capture_batch: int, cache_path: object, moved_aside: object = None) -> str:
+        """The one line ``autopart plan --profile`` prints and ``autopart compare`` reports: where and at
+        which sizes the model was profiled, what was measured and read from the cache, and how long."""
+        st = self.stats
+        budget = f", {st.unmeasured} left to the calibrated model (budget)" if st.unmeasured else ""
+        corrupt = f", {st.corrupt} corrupt cache entries measured again" if st.corrupt else ""
+        aside = f"; the unreadable cache file was moved to {moved_aside}" if moved_aside else ""
+        return (f"profiled on {self.result.device}{self.sizes_said(capture_batch)}: {st.measured} measured, "
+                f"{st.cached} from the cache{corrupt}{budget} in {st.profiling_s:.2f} s (cache {cache_path}){aside}")
+
 
 def matched_nodes(pgraph: PartitionGraph, other: PartitionGraph) -> dict[str, str]:
     """``other``'s node names (the model captured at another micro-batch size) -> ``pgraph``'s node that is
