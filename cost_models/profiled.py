@@ -53,7 +53,9 @@ size are its points. A size asked for is placed among them by its work, the
 FLOPs plus bytes of that direction (each affine in the micro-batch): at a
 measured work it is priced exactly as measured, between two points linearly
 in work, and beyond the points as [Note: scaling a measurement] says from the
-nearest one (a shard below the capture batch, a size above the largest).
+nearest one (a size above the largest; a shard whose work lies below the
+capture batch's; an unmeasured shard at a larger size may fall between two
+of its whole op's points and be interpolated).
 Points of one work (a view, a node whose work does not grow with the batch)
 keep the first, the capture batch's. The work, not the base model's time, is
 the axis: a calibrated fit clamped at its floor gives two sizes of a small
@@ -98,7 +100,8 @@ class MeasuredOp:
 @dataclass(frozen=True, slots=True)
 class Point:
     """One measurement as ``interpolate`` places it: its work (the axis), the base model's time for that
-    work (for scaling beyond the points) and the time measured."""
+    work (for scaling beyond the points; for the loss, its outputs' bytes again: the loss scales in
+    proportion) and the time measured."""
 
     work: float
     base_s: float

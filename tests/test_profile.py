@@ -248,8 +248,8 @@ def test_measured_model_answers_with_measurements_and_scales_them():
 
 
 def test_a_node_measured_at_several_sizes_is_priced_as_measured_at_each():
-    # [Note: measured at several micro-batch sizes]: exact at every measured size, linear in the base model's
-    # time between two, proportional to the nearest beyond them; the head of the development CPU grows 2.6x
+    # [Note: measured at several micro-batch sizes]: exact at every measured size, linear in work between two,
+    # the base model's ratio from the nearest beyond them; the head of the development CPU grows 2.6x
     # for twice the tokens, which a scaling from one size cannot say
     ref = NodeRef("mm")
     at1, at2, at4 = MeasuredOp(5e-3, 9e-3, 1e6, 2e6, 0), MeasuredOp(13e-3, 20e-3, 2e6, 4e6, 0), MeasuredOp(40e-3, 60e-3, 4e6, 8e6, 0)

@@ -6,6 +6,7 @@ import json
 import math
 import time
 from dataclasses import dataclass, field, replace
+from pathlib import Path
 from typing import TYPE_CHECKING, Any, Mapping, Sequence
 
 import torch
@@ -173,7 +174,7 @@ class Profiled:
         said = " at micro-batch sizes " + ", ".join(str(b) for b in sorted({capture_batch, *self.others}))
         return said + "".join(f" (not {b}: {why})" for b, why in sorted(self.skipped.items()))
 
-    def summary(self, capture_batch: int, cache_path: object, moved_aside: object = None) -> str:
+    def summary(self, capture_batch: int, cache_path: Path | str, moved_aside: Path | None = None) -> str:
         """The one line ``autopart plan --profile`` prints and ``autopart compare`` reports: where and at
         which sizes the model was profiled, what was measured and read from the cache, and how long."""
         st = self.stats

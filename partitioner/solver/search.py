@@ -50,17 +50,20 @@ The stage ILP balances its stages for its own schedule, 1F1B or interleaved.
 Re-timed under a zero-bubble schedule, whose weight-gradient halves fill the
 bubble where the stages' backward lies, the same split is no longer the
 most even: on the funnel model of benchmarks/measured_quality.py (hetero-lm,
-MLP widths 2048 down to 32; pp=2, 2 micro-batches of 4), no ILP solution
-re-timed under ``zb`` beat the 55.1 ms plan of the params baseline; with
-its cuts moved, one takes 53.7 ms (origin ``ilp``). So where a re-timing
+MLP widths 2048 down to 32, pp=2) the plan was the params baseline's, which
+no re-timed ILP solution beat (benchmarks/results/2026-12-06-measured-quality-9.md),
+and with the cuts moved it is the ILP's own (-10.md); the golden chain-mlp
+plan went from 126.3 to 122.2 us. So where a re-timing
 wins an ILP solution, its cuts are moved one block at a time under that
 schedule while the simulated
 step gets shorter and the plan fits (``_rebalance`` without recomputation,
 the moves the busiest rank's work rules out skipped unsimulated). To keep a
 large search's cost bounded, deterministically, only re-timings within
 RETIMED_SLACK (5%) of the best plan found so far are moved, at most
-RETIMED_EVALS plans priced over the whole search. The plan stays the ILP's
-(origin ``ilp``) and, as any re-timing, outside its proof (FEASIBLE).
+RETIMED_EVALS cut moves tried over the whole search. The plan stays the
+ILP's (origin ``ilp``) and, as any re-timing, outside its proof (FEASIBLE).
+Left out: a solution whose re-timing loses on the ILP's own split is not
+moved, though moved cuts might have won under the re-timing.
 
 [Note: recompute per block in the search]
 The stage ILP chooses, per stage, to recompute every block, none, or ``k[s]`` of the
@@ -138,8 +141,8 @@ __all__ = ["Candidate", "Attempt", "SearchReport", "IlpResult", "plan_ilp"]
 # per deterministic second, model building and hint completion included).
 DET_PER_SECOND = 0.25
 MAX_SOLVES = 400
-REBALANCE_EVALS = 200  # plans priced per solution when the cuts are moved after recompute per block
-RETIMED_EVALS = 400  # plans priced per search when the cuts of re-timed solutions are moved
+REBALANCE_EVALS = 200  # cut moves tried per solution when the cuts are moved after recompute per block
+RETIMED_EVALS = 400  # cut moves tried per search when the cuts of re-timed solutions are moved
 RETIMED_SLACK = 0.05  # ... of those within 5% of the best plan found so far
 
 
@@ -775,8 +778,8 @@ class _Search:
                    max_evals: int = REBALANCE_EVALS) -> tuple[list[StageSpec], int]:
         """Move one cut by one block at a time, re-choosing the recomputation after each move (with
         ``recompute``; else no block recomputes), while the simulated step gets shorter and the plan fits
-        (first improvement, cuts in order; at most ``max_evals`` plans). Returns the stages and the plans
-        priced. The ILP balanced the stages for
+        (first improvement, cuts in order; at most ``max_evals`` moves tried). Returns the stages and the
+        moves tried. The ILP balanced the stages for
         its own schedule with whole-stage recomputation; with fewer blocks replayed, or under a
         zero-bubble re-timing ([Note: moving the cuts of a re-timed solution]), the stages' times
         weigh differently, and this evens them out again."""
