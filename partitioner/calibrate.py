@@ -146,6 +146,11 @@ median:
   ``a_ckpt = f_1 - a_ckpt_node`` and ``a_ckpt_bwd = b_1``, each at least 0 (a checkpoint
   hooks every tensor a node saves: its forward grows with those nodes; its backward per
   node was no one figure across models, [Note: software overheads]);
+* the split backward: stacks of ``d`` layers (LayerNorm, Linear, GELU: 3 graph nodes each)
+  of width 32 for d = 4 and 16, each micro-batch's backward run fused and split as torch's
+  zero-bubble schedules run it (``stage_backward_input`` then ``stage_backward_weight``), in
+  interleaved rounds; ``a_split = ((s_16 - f_16) - (s_4 - f_4)) / (3 * 12)`` per node, the
+  median over rounds, at least 0;
 * the overlap: a GEMM loop alone (``t_c``), an all-reduce of a few MiB alone
   (``t_r``) and the all-reduce launched asynchronously while the loop runs
   (``t_b``): ``c = (t_c + t_r - t_b) / min(t_c, t_r)``, the median over interleaved
@@ -193,6 +198,7 @@ __all__ = [
     "checkpoint_fit",
     "checkpoint_passes",
     "CheckpointBlock",
+    "split_backward_overhead",
     "comm_overlap",
     "FsdpSample",
     "fsdp_overheads",
@@ -964,6 +970,46 @@ def checkpoint_overheads(device: torch.device, reps: int) -> tuple[float, float,
     return checkpoint_fit(samples)
 
 
+SPLIT_BACKWARD_DEPTHS = (4, 16)  # layers of (LayerNorm, Linear, GELU) in the split-backward experiment
+SPLIT_BACKWARD_NODES = 3  # graph nodes per such layer, as the evaluator counts them (Evaluator.grad_nodes)
+
+
+def split_backward_overhead(device: torch.device, reps: int) -> float:
+    """``a_split``: what torch's split backward adds per graph node over one fused backward
+    ([Note: measuring overheads]; [Note: software overheads] in cost_models/overheads.py)."""
+    from torch.distributed.pipelining._backward import stage_backward_input, stage_backward_weight
+
+    torch.manual_seed(0)
+    width, batch, inner = 32, 8, 4  # tiny: the walk and the hooks, not the arithmetic
+
+    def passes(depth: int) -> tuple[Callable[[], None], Callable[[], None]]:
+        model = torch.nn.Sequential(*[
+            torch.nn.Sequential(torch.nn.LayerNorm(width), torch.nn.Linear(width, width), torch.nn.GELU())
+            for _ in range(depth)
+        ]).to(device)
+
+        def fused() -> None:
+            for _ in range(inner):
+                y = model(torch.randn(batch, width, device=device, requires_grad=True))
+                torch.autograd.backward(y, torch.ones_like(y))
+
+        def split() -> None:
+            for _ in range(inner):
+                x = torch.randn(batch, width, device=device, requires_grad=True)
+                y = model(x)
+                _, groups = stage_backward_input([y], [torch.ones_like(y)], [x], model.parameters())
+                stage_backward_weight(model.parameters(), groups)
+
+        return fused, split
+
+    fns = [fn for depth in SPLIT_BACKWARD_DEPTHS for fn in passes(depth)]
+    for fn in fns:  # warm-up
+        fn(), fn()
+    (small, large), got = SPLIT_BACKWARD_DEPTHS, _rounds(fns, device, max(reps, ROUNDS))
+    nodes = SPLIT_BACKWARD_NODES * (large - small) * inner
+    return max(0.0, statistics.median(((s_l - f_l) - (s_s - f_s)) / nodes for f_s, s_s, f_l, s_l in got))
+
+
 def comm_overlap(device: torch.device, reps: int) -> float:
     """``c``: the share of an all-reduce that runs beside compute ([Note: measuring overheads])."""
     n = 256 if device.type == "cpu" else 4096
@@ -999,6 +1045,7 @@ def measure_overheads(device: torch.device, link: LinkFit | None, reps: int, slo
     zero1 = zero1_overhead(device, link, reps, tensor_s, bandwidth)
     ckpt, ckpt_b, ckpt_node = checkpoint_overheads(device, reps)
     overlap = comm_overlap(device, reps)
+    split = split_backward_overhead(device, reps)
     fsdp_f, fsdp_b, opt_dt = fsdp_overheads(_fsdp_sample(device, max(reps, ROUNDS)), link)
     us = lambda x: _sig(x * 1e6)  # noqa: E731  # the file's units: exact when read back
     return Overheads.from_file(dict(
@@ -1006,7 +1053,7 @@ def measure_overheads(device: torch.device, link: LinkFit | None, reps: int, slo
         dtensor_op_forward_us=us(dt), dtensor_op_backward_us=us(dt_b), optimizer_tensor_us=us(tensor_s),
         optimizer_dtensor_us=us(opt_dt), zero1_tensor_us=us(zero1), fsdp_unit_forward_us=us(fsdp_f), fsdp_unit_backward_us=us(fsdp_b),
         optimizer_gbps=_sig(bandwidth / 1e9), checkpoint_forward_us=us(ckpt), checkpoint_backward_us=us(ckpt_b),
-        checkpoint_node_forward_us=us(ckpt_node), p2p_transfer_us=us(p2p),
+        checkpoint_node_forward_us=us(ckpt_node), p2p_transfer_us=us(p2p), split_backward_node_us=us(split),
         comm_overlap=round(overlap, 3), compute_slowdown=round(slowdown, 3), **collective_fields(link)))
 
 

@@ -742,6 +742,12 @@ class Evaluator:
 
     # --- stages -----------------------------------------------------------------------
 
+    def grad_nodes(self, spec: StageSpec) -> int:
+        """The graph nodes of the stage whose outputs need a gradient: the autograd nodes a split backward
+        walks and hooks ([Note: software overheads] in cost_models/overheads.py)."""
+        nodes = self.captured.nodes
+        return sum(1 for b in spec.blocks for name in self.pgraph.blocks[b].nodes if nodes[name].needs_grad)
+
     def stage_costs(
         self, stages: Sequence[StageSpec], mesh: Mesh, schedule: Schedule, sharding: Mapping[str, str]
     ) -> list[StageCost]:
@@ -776,6 +782,8 @@ class Evaluator:
             ck_f, ck_b = self.checkpoint_time(spec, costs)  # [Note: software overheads]
             fwd += ck_f
             bwd += ck_b
+            if s > 0 and schedule_spec(schedule.name).splits_backward:
+                bwd += self.overheads.split_backward_node_s * self.grad_nodes(spec)  # [Note: software overheads]
             names = {p for b in spec.blocks for p in self.pgraph.blocks[b].params}
             mem = self.stage_memory(s, stages, costs, mesh, schedule, crossing, sorted(names), split_params, sharding)
             transient = 0.0

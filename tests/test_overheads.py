@@ -106,6 +106,24 @@ def test_each_overhead_is_its_formula(mlp, zero1):
     assert Plan.from_dict(json.loads(plan.to_json())).stages[0].predicted.components == plan.stages[0].predicted.components
 
 
+def test_a_split_backward_pays_per_node_after_the_first_stage(mlp):
+    # torch's zero-bubble schedules split a stage's backward into I and W, walking its autograd graph in
+    # Python; the first stage's backward runs whole. The small MLP's second half holds layer 1 (a linear and
+    # a GELU) and the head's linear: 3 nodes that need a gradient.
+    a = 5e-5
+    ev = prepare(mlp, cluster=replace(Cluster.local(2), overheads=Overheads(split_backward_node_s=a)), global_batch=8,
+                 dtype="fp32")
+    n = len(ev.pgraph.blocks)
+    stages = [StageSpec(tuple(range(n // 2))), StageSpec(tuple(range(n // 2, n)))]
+    assert ev.grad_nodes(stages[1]) == 3
+    mesh = Mesh(2, 1, 1)
+    fused = ev.stage_costs(stages, mesh, Schedule("1f1b", 4, 2), {})
+    split = ev.stage_costs(stages, mesh, Schedule("zb", 4, 2), {})
+    assert split[0].backward_s == fused[0].backward_s
+    assert split[1].backward_s == pytest.approx(fused[1].backward_s + 3 * a)
+    assert split[1].forward_s == fused[1].forward_s
+
+
 def test_compute_slows_down_and_tensor_parallel_nodes_pay_their_overheads(mlp):
     ev0 = prepare(mlp, cluster=Cluster.local(2), global_batch=8, dtype="fp32")
     ev1 = prepare(mlp, cluster=replace(Cluster.local(2), overheads=MEASURED), global_batch=8, dtype="fp32")
