@@ -85,19 +85,24 @@ rank updates ``T_s`` parameter tensors of ``P_s`` elements:
   receiver only (a transfer occupies neither rank), so it costs a step only where
   a rank waits for that transfer: on the critical path, ``2 (p - 1)`` transfers
   and more for every micro-batch the schedule's order makes wait;
-* per graph node needing a gradient in a stage whose backward a zero-bubble schedule splits
-  into its input half (I) and its weight half (W), per micro-batch: ``B_s += G_s a_split``
-  (``G_s`` those nodes). torch runs the split as ``stage_backward_input`` then
-  ``stage_backward_weight`` (torch/distributed/pipelining/_backward.py): each I walks the
+* in a stage whose backward a zero-bubble schedule (``zb``, ``zbv``) splits into its input
+  half (I) and its weight half (W), per micro-batch: ``I_s += G_s a_split`` and
+  ``W_s += P_s a_split_w``, with ``G_s`` the stage's graph nodes that need a gradient and
+  ``P_s`` its trainable parameter tensors. torch runs the split as ``stage_backward_input``
+  then ``stage_backward_weight`` (torch/distributed/pipelining/_backward.py): I walks the
   stage's autograd graph in Python to group its weights with the intermediates that feed
-  them and hooks each intermediate, and each W runs one ``autograd.grad`` per group, where a
-  fused backward is one C++ pass. On the 2-core CPU of development stacks of
-  (LayerNorm, Linear, GELU) of width 64 took 0.70 ms split against 0.24 ms fused for 4
-  layers, 2.9 against 0.9 ms for 16: about 40 us a node; the zero-bubble fidelity layout's
-  stages after the first measured 0.8-1.1 ms a micro-batch of backward beyond the model
-  (benchmarks/results/2026-12-06-fidelity-session11-b.md). torch's zero-bubble schedules
-  run the first stage's backward whole (its inputs need no gradient), so stage 0 pays none;
-
+  them and hooks each intermediate; W runs one ``autograd.grad`` per group; a fused
+  backward is one C++ pass. On the 2-core CPU of development a stack of 16 layers
+  (LayerNorm, Linear, GELU) of width 64 took 2.9 ms split against 0.9 ms fused; GPT-2's
+  layers, mostly views and elementwise ops (41 nodes, 12 weights in gpt2-tiny's layer),
+  cost less per node than such weight-dense stacks, so the two are measured apart. The
+  zero-bubble fidelity layout's stages after the first measured 0.7-1.2 ms a micro-batch
+  of backward beyond the model without it
+  (benchmarks/results/2026-12-06-fidelity-session11-b.md). torch runs the first stage's
+  backward whole (its inputs need no gradient): stage 0 pays none. DualPipeV splits only a
+  few backwards at its ends and runs its steady state whole: it is not charged (an
+  underestimate of those few);
+* every collective of kind ``x`` (all-reduce, all-gather, reduce-scatter, broadcast), as the
   ring model prices it on the link, times ``f_x``, its measured time over that
   price. The link's latency and bandwidth are fitted to point-to-point transfers
   ([Note: fitting alpha-beta] in partitioner/calibrate.py); gloo's collectives on
@@ -151,6 +156,7 @@ OVERHEAD_FILE_KEYS = {
     "checkpoint_node_forward_us": ("checkpoint_node_s", Decimal("1e-6")),
     "p2p_transfer_us": ("p2p_transfer_s", Decimal("1e-6")),
     "split_backward_node_us": ("split_backward_node_s", Decimal("1e-6")),
+    "split_backward_param_us": ("split_backward_param_s", Decimal("1e-6")),
     "all_reduce_factor": ("all_reduce_factor", Decimal(1)),
     "all_gather_factor": ("all_gather_factor", Decimal(1)),
     "reduce_scatter_factor": ("reduce_scatter_factor", Decimal(1)),
@@ -181,6 +187,7 @@ class Overheads:
     checkpoint_node_s: float = 0.0  # a_ckpt_node: per node inside a checkpoint call that saves a tensor, forward (its hook)
     p2p_transfer_s: float = 0.0  # a_p2p: per transfer between pipeline ranks while they compute, beyond the link
     split_backward_node_s: float = 0.0  # a_split: per graph node of a stage whose backward torch splits (I, W), per micro-batch
+    split_backward_param_s: float = 0.0  # a_split_w: per trainable parameter tensor of such a stage, per micro-batch
     all_reduce_factor: float = 1.0  # f_all_reduce: an all-reduce's measured time over the ring model on the link
     all_gather_factor: float = 1.0  # f_all_gather: the same for an all-gather
     reduce_scatter_factor: float = 1.0  # f_reduce_scatter: the same for a reduce-scatter

@@ -146,11 +146,14 @@ median:
   ``a_ckpt = f_1 - a_ckpt_node`` and ``a_ckpt_bwd = b_1``, each at least 0 (a checkpoint
   hooks every tensor a node saves: its forward grows with those nodes; its backward per
   node was no one figure across models, [Note: software overheads]);
-* the split backward: stacks of ``d`` layers (LayerNorm, Linear, GELU: 3 graph nodes each)
-  of width 32 for d = 4 and 16, each micro-batch's backward run fused and split as torch's
-  zero-bubble schedules run it (``stage_backward_input`` then ``stage_backward_weight``), in
-  interleaved rounds; ``a_split = ((s_16 - f_16) - (s_4 - f_4)) / (3 * 12)`` per node, the
-  median over rounds, at least 0;
+* the split backward: stacks of ``d`` layers of width 32 (a linear, a GELU and ``k`` tanh:
+  ``2 + k`` nodes that need a gradient, 2 parameter tensors), for d = 4 and 16 and k = 0 and
+  4, each micro-batch's backward run fused and split as torch's zero-bubble schedules run it
+  (``stage_backward_input`` then ``stage_backward_weight``), in interleaved rounds; per
+  layer and micro-batch ``e_k = ((s_16 - f_16) - (s_4 - f_4)) / 12`` (the timed calls hold 4
+  micro-batches each, divided out), ``a_split = (e_4 - e_0) / 4`` per node and
+  ``a_split_w = (e_0 - 2 a_split) / 2`` per parameter tensor, medians over the rounds, each at
+  least 0;
 * the overlap: a GEMM loop alone (``t_c``), an all-reduce of a few MiB alone
   (``t_r``) and the all-reduce launched asynchronously while the loop runs
   (``t_b``): ``c = (t_c + t_r - t_b) / min(t_c, t_r)``, the median over interleaved
@@ -198,7 +201,8 @@ __all__ = [
     "checkpoint_fit",
     "checkpoint_passes",
     "CheckpointBlock",
-    "split_backward_overhead",
+    "split_backward_overheads",
+    "SplitBackwardLayer",
     "comm_overlap",
     "FsdpSample",
     "fsdp_overheads",
@@ -970,23 +974,37 @@ def checkpoint_overheads(device: torch.device, reps: int) -> tuple[float, float,
     return checkpoint_fit(samples)
 
 
-SPLIT_BACKWARD_DEPTHS = (4, 16)  # layers of (LayerNorm, Linear, GELU) in the split-backward experiment
-SPLIT_BACKWARD_NODES = 3  # graph nodes per such layer, as the evaluator counts them (Evaluator.grad_nodes)
+SPLIT_BACKWARD_DEPTHS = (4, 16)  # layers in the split-backward experiment
+SPLIT_BACKWARD_EXTRA = 4  # weight-free nodes (tanh) the second kind of layer adds to a linear and a GELU
 
 
-def split_backward_overhead(device: torch.device, reps: int) -> float:
-    """``a_split``: what torch's split backward adds per graph node over one fused backward
-    ([Note: measuring overheads]; [Note: software overheads] in cost_models/overheads.py)."""
+class SplitBackwardLayer(torch.nn.Module):
+    """A linear (2 parameter tensors), a GELU and ``extra`` tanh: ``2 + extra`` graph nodes that need a
+    gradient, as the evaluator counts them (``Evaluator.grad_nodes``)."""
+
+    def __init__(self, width: int, extra: int) -> None:
+        super().__init__()
+        self.linear = torch.nn.Linear(width, width)
+        self.extra = extra
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = torch.nn.functional.gelu(self.linear(x))
+        for _ in range(self.extra):
+            x = torch.tanh(x)
+        return x
+
+
+def split_backward_overheads(device: torch.device, reps: int) -> tuple[float, float]:
+    """``(a_split, a_split_w)``: what torch's split backward adds over one fused backward per graph node
+    that needs a gradient and per parameter tensor ([Note: measuring overheads]; [Note: software
+    overheads] in cost_models/overheads.py)."""
     from torch.distributed.pipelining._backward import stage_backward_input, stage_backward_weight
 
     torch.manual_seed(0)
-    width, batch, inner = 32, 8, 4  # tiny: the walk and the hooks, not the arithmetic
+    width, batch, inner = 32, 8, 4  # tiny: the walk, the hooks and the calls, not the arithmetic
 
-    def passes(depth: int) -> tuple[Callable[[], None], Callable[[], None]]:
-        model = torch.nn.Sequential(*[
-            torch.nn.Sequential(torch.nn.LayerNorm(width), torch.nn.Linear(width, width), torch.nn.GELU())
-            for _ in range(depth)
-        ]).to(device)
+    def passes(depth: int, extra: int) -> tuple[Callable[[], None], Callable[[], None]]:
+        model = torch.nn.Sequential(*[SplitBackwardLayer(width, extra) for _ in range(depth)]).to(device)
 
         def fused() -> None:
             for _ in range(inner):
@@ -1002,12 +1020,19 @@ def split_backward_overhead(device: torch.device, reps: int) -> float:
 
         return fused, split
 
-    fns = [fn for depth in SPLIT_BACKWARD_DEPTHS for fn in passes(depth)]
+    small, large = SPLIT_BACKWARD_DEPTHS
+    fns = [fn for extra in (0, SPLIT_BACKWARD_EXTRA) for depth in (small, large) for fn in passes(depth, extra)]
     for fn in fns:  # warm-up
         fn(), fn()
-    (small, large), got = SPLIT_BACKWARD_DEPTHS, _rounds(fns, device, max(reps, ROUNDS))
-    nodes = SPLIT_BACKWARD_NODES * (large - small) * inner
-    return max(0.0, statistics.median(((s_l - f_l) - (s_s - f_s)) / nodes for f_s, s_s, f_l, s_l in got))
+    layers = (large - small) * inner  # the layers the larger stacks add, per timed call
+    nodes, weights = [], []
+    for f0s, s0s, f0l, s0l, f4s, s4s, f4l, s4l in _rounds(fns, device, max(reps, ROUNDS)):
+        plain = ((s0l - f0l) - (s0s - f0s)) / layers  # 2 nodes and 2 parameters a layer
+        more = ((s4l - f4l) - (s4s - f4s)) / layers  # 2 + extra nodes and 2 parameters a layer
+        node = (more - plain) / SPLIT_BACKWARD_EXTRA
+        nodes.append(node)
+        weights.append((plain - 2 * node) / 2)
+    return max(0.0, statistics.median(nodes)), max(0.0, statistics.median(weights))
 
 
 def comm_overlap(device: torch.device, reps: int) -> float:
@@ -1045,7 +1070,7 @@ def measure_overheads(device: torch.device, link: LinkFit | None, reps: int, slo
     zero1 = zero1_overhead(device, link, reps, tensor_s, bandwidth)
     ckpt, ckpt_b, ckpt_node = checkpoint_overheads(device, reps)
     overlap = comm_overlap(device, reps)
-    split = split_backward_overhead(device, reps)
+    split, split_w = split_backward_overheads(device, reps)
     fsdp_f, fsdp_b, opt_dt = fsdp_overheads(_fsdp_sample(device, max(reps, ROUNDS)), link)
     us = lambda x: _sig(x * 1e6)  # noqa: E731  # the file's units: exact when read back
     return Overheads.from_file(dict(
@@ -1054,6 +1079,7 @@ def measure_overheads(device: torch.device, link: LinkFit | None, reps: int, slo
         optimizer_dtensor_us=us(opt_dt), zero1_tensor_us=us(zero1), fsdp_unit_forward_us=us(fsdp_f), fsdp_unit_backward_us=us(fsdp_b),
         optimizer_gbps=_sig(bandwidth / 1e9), checkpoint_forward_us=us(ckpt), checkpoint_backward_us=us(ckpt_b),
         checkpoint_node_forward_us=us(ckpt_node), p2p_transfer_us=us(p2p), split_backward_node_us=us(split),
+        split_backward_param_us=us(split_w),
         comm_overlap=round(overlap, 3), compute_slowdown=round(slowdown, 3), **collective_fields(link)))
 
 

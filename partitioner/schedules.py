@@ -123,6 +123,10 @@ class ScheduleSpec:
     rounds: bool  # micro-batches must be a multiple of torch's rounds, max(1, M // ranks)
     order: Order  # the per-rank action orders torch executes
     summary: str  # one line for --help and docs
+    # every backward past the first stage runs as I then W (zb, zbv); False: DualPipeV, whose steady state
+    # runs whole backwards beside forwards and splits only a few ([Note: software overheads] in
+    # cost_models/overheads.py prices the split where it is the rule)
+    split_throughout: bool = False
 
 
 def stage_rank(stage: int, ranks: int, layout: str = "loop") -> int:
@@ -413,9 +417,10 @@ REGISTRY: dict[str, ScheduleSpec] = {
         ScheduleSpec("interleaved", "ScheduleInterleaved1F1B", "loop", None, True, False, 0, True, _interleaved,
                      "1F1B over several stages per rank (Megatron-LM interleaved)"),
         ScheduleSpec("zb", "ScheduleInterleavedZeroBubble", "loop", None, True, True, 0, True, _zero_bubble,
-                     "interleaved 1F1B with the backward split into I and W, W filling bubbles (ZB1P)"),
+                     "interleaved 1F1B with the backward split into I and W, W filling bubbles (ZB1P)",
+                     split_throughout=True),
         ScheduleSpec("zbv", "ScheduleZBVZeroBubble", "v", 2, True, True, 0, False, _zbv,
-                     "zero-bubble over two stages per rank in a V (ZB-V)"),
+                     "zero-bubble over two stages per rank in a V (ZB-V)", split_throughout=True),
         ScheduleSpec("dualpipev", "ScheduleDualPipeV", "v", 2, True, True, 2, False, _dualpipev,
                      "DeepSeek's DualPipe in a V: forward of one chunk paired with backward of the other"),
     )

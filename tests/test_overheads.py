@@ -106,13 +106,14 @@ def test_each_overhead_is_its_formula(mlp, zero1):
     assert Plan.from_dict(json.loads(plan.to_json())).stages[0].predicted.components == plan.stages[0].predicted.components
 
 
-def test_a_split_backward_pays_per_node_after_the_first_stage(mlp):
-    # torch's zero-bubble schedules split a stage's backward into I and W, walking its autograd graph in
-    # Python; the first stage's backward runs whole. The small MLP's second half holds layer 1 (a linear and
-    # a GELU) and the head's linear: 3 nodes that need a gradient.
-    a = 5e-5
-    ev = prepare(mlp, cluster=replace(Cluster.local(2), overheads=Overheads(split_backward_node_s=a)), global_batch=8,
-                 dtype="fp32")
+def test_a_split_backward_pays_per_node_and_tensor_after_the_first_stage(mlp):
+    # torch's zero-bubble schedules split a stage's backward into I (walking its autograd graph in Python)
+    # and W (an autograd.grad per weight group); the first stage's backward runs whole. The small MLP's
+    # second half holds layer 1 (a linear and a GELU) and the head's linear: 3 nodes that need a gradient
+    # and 4 parameter tensors.
+    a, w = 5e-5, 3e-5
+    overheads = Overheads(split_backward_node_s=a, split_backward_param_s=w)
+    ev = prepare(mlp, cluster=replace(Cluster.local(2), overheads=overheads), global_batch=8, dtype="fp32")
     n = len(ev.pgraph.blocks)
     stages = [StageSpec(tuple(range(n // 2))), StageSpec(tuple(range(n // 2, n)))]
     assert ev.grad_nodes(stages[1]) == 3
@@ -120,7 +121,8 @@ def test_a_split_backward_pays_per_node_after_the_first_stage(mlp):
     fused = ev.stage_costs(stages, mesh, Schedule("1f1b", 4, 2), {})
     split = ev.stage_costs(stages, mesh, Schedule("zb", 4, 2), {})
     assert split[0].backward_s == fused[0].backward_s
-    assert split[1].backward_s == pytest.approx(fused[1].backward_s + 3 * a)
+    assert split[1].backward_s == pytest.approx(fused[1].backward_s + 3 * a + 4 * w)
+    assert split[1].backward_weight_s == pytest.approx(fused[1].backward_weight_s + 4 * w)  # W's share: per tensor
     assert split[1].forward_s == fused[1].forward_s
 
 
