@@ -782,12 +782,11 @@ class Evaluator:
             ck_f, ck_b = self.checkpoint_time(spec, costs)  # [Note: software overheads]
             fwd += ck_f
             bwd += ck_b
+            names = {p for b in spec.blocks for p in self.pgraph.blocks[b].params}
             if s > 0 and schedule_spec(schedule.name).split_throughout:  # [Note: software overheads]
-                split_w = self.overheads.split_backward_param_s * sum(
-                    1 for b in spec.blocks for p in self.pgraph.blocks[b].params if params[p].trainable)
+                split_w = self.overheads.split_backward_param_s * sum(1 for p in names if params[p].trainable)
                 bwd += self.overheads.split_backward_node_s * self.grad_nodes(spec) + split_w
                 wgt += split_w
-            names = {p for b in spec.blocks for p in self.pgraph.blocks[b].params}
             mem = self.stage_memory(s, stages, costs, mesh, schedule, crossing, sorted(names), split_params, sharding)
             transient = 0.0
             static, grad_bytes = self.resident_bytes(names, mesh.tp, mesh.dp, split_params,
