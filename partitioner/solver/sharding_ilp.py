@@ -37,6 +37,18 @@ With the default tiny ``w`` the memory term only breaks ties toward the
 smaller footprint (the *fast* layout); the search also asks for a *lean*
 layout with a large ``w``, which splits big weights (a vocabulary-parallel
 embedding) even where that costs a little time, for meshes short of memory.
+
+Note [the sharding model's LP relaxation]
+~~~~~~~~~~~~~~~~~~~~~~~~~~~~~~~~~~~~~~~~~
+The solver runs with ``linearization_level = 2``: every constraint above is
+linear over booleans, and with the full LP relaxation in the search CP-SAT
+proves a block optimal from its first bound instead of branching to it. On a
+decoder layer of a 4-layer, 1024-wide Llama (58 nodes) one solve took 0.22-1.18 s
+at the default level and 0.019-0.024 s at level 2, the same objective and the
+same strategies in each of the five (tp, micro-batch) cases tried; `autopart
+plan` of that model on one DGX H100 (144 such solves) planned in 20.8 s before.
+The status stays OPTIMAL, so only ties between equally fast layouts could
+resolve differently, and the golden plans (tests/golden) pin that they do not.
 """
 
 from __future__ import annotations
@@ -196,6 +208,8 @@ class _BlockModel:
         solver = cp_model.CpSolver()
         solver.parameters.num_workers = 1  # deterministic
         solver.parameters.max_deterministic_time = 10.0
+        # [Note: the sharding model's LP relaxation]
+        solver.parameters.linearization_level = 2
         status = solver.solve(self.m)
         if status not in (cp_model.OPTIMAL, cp_model.FEASIBLE):  # cannot happen: all-replicate is feasible
             return BlockSharding({}, 0.0, solver.status_name(status))
