@@ -102,6 +102,19 @@ rank updates ``T_s`` parameter tensors of ``P_s`` elements:
   backward whole (its inputs need no gradient): stage 0 pays none. DualPipeV splits only a
   few backwards at its ends and runs its steady state whole: it is not charged (an
   underestimate of those few);
+* per backward of a micro-batch into gradients the stage already holds: autograd adds the
+  new gradient into each parameter's ``.grad`` (reading both, writing one: 3 bytes moved
+  per gradient byte), where a backward into no gradient hands its result over. A stage
+  whose rank holds ``G_s`` gradient bytes (its shard under ZeRO-2/3) runs ``A`` such
+  additions a step: ``M - 1`` (the first backward after ``zero_grad`` finds none), or ``M``
+  under DDP (its gradients are bucket views, zeroed in place), so per micro-batch
+  ``B_s += (A / M) G_s / B_acc`` and ``W_s`` the same (the weight half makes the
+  gradients), with ``B_acc = grad_accumulate_gbps`` the measured rate in gradient bytes.
+  A vocabulary is where it shows: on the 2-core CPU of development (an AMD EPYC) GPT-2's
+  stage 0 under GPipe ran its first backward in a median 4.87 ms and each later one in
+  12.04 ms (benchmarks/results/2026-12-06-measured-quality-12.md's runs), and adding a
+  50,257 x 128 embedding's gradient into a held one cost 2.0-2.2 ms alone (about 12 GB/s
+  of gradient): a part of that difference, the rest not understood;
 * every collective of kind ``x`` (all-reduce, all-gather, reduce-scatter, broadcast), as the
   ring model prices it on the link, times ``f_x``, its measured time over that
   price. The link's latency and bandwidth are fitted to point-to-point transfers
@@ -157,6 +170,7 @@ OVERHEAD_FILE_KEYS = {
     "p2p_transfer_us": ("p2p_transfer_s", Decimal("1e-6")),
     "split_backward_node_us": ("split_backward_node_s", Decimal("1e-6")),
     "split_backward_param_us": ("split_backward_param_s", Decimal("1e-6")),
+    "grad_accumulate_gbps": ("accumulate_bandwidth", Decimal("1e9")),
     "all_reduce_factor": ("all_reduce_factor", Decimal(1)),
     "all_gather_factor": ("all_gather_factor", Decimal(1)),
     "reduce_scatter_factor": ("reduce_scatter_factor", Decimal(1)),
@@ -188,6 +202,7 @@ class Overheads:
     p2p_transfer_s: float = 0.0  # a_p2p: per transfer between pipeline ranks while they compute, beyond the link
     split_backward_node_s: float = 0.0  # a_split: per graph node of a stage whose backward torch splits (I, W), per micro-batch
     split_backward_param_s: float = 0.0  # a_split_w: per trainable parameter tensor of such a stage, per micro-batch
+    accumulate_bandwidth: float = 0.0  # B_acc: gradient bytes/s autograd adds into a held .grad; 0: not measured
     all_reduce_factor: float = 1.0  # f_all_reduce: an all-reduce's measured time over the ring model on the link
     all_gather_factor: float = 1.0  # f_all_gather: the same for an all-gather
     reduce_scatter_factor: float = 1.0  # f_reduce_scatter: the same for a reduce-scatter
@@ -225,6 +240,11 @@ class Overheads:
         if self.optimizer_bandwidth > 0:
             t += params * bytes_per_param / self.optimizer_bandwidth
         return t
+
+    def accumulate_time(self, grad_bytes: float, accumulations: float) -> float:
+        """``A G / B_acc``: ``accumulations`` additions of a micro-batch's gradients into the ``grad_bytes`` a
+        stage holds ([Note: software overheads]); 0 when not measured."""
+        return accumulations * grad_bytes / self.accumulate_bandwidth if self.accumulate_bandwidth > 0 else 0.0
 
     def checkpoint_time(self, calls: float, nodes: float) -> tuple[float, float]:
         """(forward, backward) seconds of ``calls`` torch.utils.checkpoint calls around ``nodes`` graph nodes

@@ -154,6 +154,12 @@ median:
   micro-batches each, divided out), ``a_split = (e_4 - e_0) / 4`` per node and
   ``a_split_w = (e_0 - 2 a_split) / 2`` per parameter tensor, medians over the rounds, each at
   least 0;
+* gradient accumulation: one backward of an embedding lookup (``ACCUMULATE_ROWS`` x 128
+  fp32, whose backward makes a dense gradient of the whole table, beyond the caches as a
+  vocabulary's is) timed into no gradient (autograd hands its result over) and into a
+  held one (autograd adds to it), in interleaved rounds: ``B_acc = G / (t_held -
+  t_handed)`` with ``G`` the table's gradient bytes, the median round's difference (0,
+  not measured, if it is not positive);
 * the overlap: a GEMM loop alone (``t_c``), an all-reduce of a few MiB alone
   (``t_r``) and the all-reduce launched asynchronously while the loop runs
   (``t_b``): ``c = (t_c + t_r - t_b) / min(t_c, t_r)``, the median over interleaved
@@ -1035,6 +1041,33 @@ def split_backward_overheads(device: torch.device, reps: int) -> tuple[float, fl
     return max(0.0, statistics.median(nodes)), max(0.0, statistics.median(weights))
 
 
+ACCUMULATE_ROWS = 32768  # x 128 fp32: a 16 MiB weight, beyond the caches as a vocabulary's is
+
+
+def grad_accumulate_bandwidth(device: torch.device, reps: int) -> float:
+    """``B_acc``: gradient bytes per second that autograd adds into a ``.grad`` it already holds
+    ([Note: measuring overheads]; [Note: software overheads] in cost_models/overheads.py). The same
+    backward of an embedding (a dense gradient of the whole table) timed into no gradient, which it
+    hands over, and into a held one, which it adds to; the difference is the addition."""
+    torch.manual_seed(0)
+    weight = torch.nn.Parameter(torch.randn(ACCUMULATE_ROWS, 128, device=device))
+    tokens = torch.randint(0, ACCUMULATE_ROWS, (1, 64), device=device)
+
+    def backward() -> None:
+        torch.nn.functional.embedding(tokens, weight).sum().backward()
+
+    def fresh() -> None:
+        weight.grad = None
+        backward()
+
+    for fn in (fresh, backward):  # warm-up
+        fn(), fn()
+    nbytes = weight.numel() * weight.element_size()
+    diffs = [held - handed for handed, held in _rounds((fresh, backward), device, max(reps, ROUNDS))]
+    diff = statistics.median(diffs)
+    return nbytes / diff if diff > 0 else 0.0
+
+
 def comm_overlap(device: torch.device, reps: int) -> float:
     """``c``: the share of an all-reduce that runs beside compute ([Note: measuring overheads])."""
     n = 256 if device.type == "cpu" else 4096
@@ -1071,6 +1104,7 @@ def measure_overheads(device: torch.device, link: LinkFit | None, reps: int, slo
     ckpt, ckpt_b, ckpt_node = checkpoint_overheads(device, reps)
     overlap = comm_overlap(device, reps)
     split, split_w = split_backward_overheads(device, reps)
+    accumulate = grad_accumulate_bandwidth(device, reps)
     fsdp_f, fsdp_b, opt_dt = fsdp_overheads(_fsdp_sample(device, max(reps, ROUNDS)), link)
     us = lambda x: _sig(x * 1e6)  # noqa: E731  # the file's units: exact when read back
     return Overheads.from_file(dict(
@@ -1079,7 +1113,7 @@ def measure_overheads(device: torch.device, link: LinkFit | None, reps: int, slo
         optimizer_dtensor_us=us(opt_dt), zero1_tensor_us=us(zero1), fsdp_unit_forward_us=us(fsdp_f), fsdp_unit_backward_us=us(fsdp_b),
         optimizer_gbps=_sig(bandwidth / 1e9), checkpoint_forward_us=us(ckpt), checkpoint_backward_us=us(ckpt_b),
         checkpoint_node_forward_us=us(ckpt_node), p2p_transfer_us=us(p2p), split_backward_node_us=us(split),
-        split_backward_param_us=us(split_w),
+        split_backward_param_us=us(split_w), grad_accumulate_gbps=_sig(accumulate / 1e9),
         comm_overlap=round(overlap, 3), compute_slowdown=round(slowdown, 3), **collective_fields(link)))
 
 

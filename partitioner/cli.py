@@ -973,7 +973,7 @@ def _print_calibration(report, base, cluster) -> None:
             f"{o.checkpoint_s * 1e6:.0f} us + {o.checkpoint_node_s * 1e6:.0f} us per saving node forward, "
             f"{o.checkpoint_backward_s * 1e6:.0f} us backward, per call; split backward (zero-bubble) "
             f"+{o.split_backward_node_s * 1e6:.0f} us per node (I) + {o.split_backward_param_s * 1e6:.0f} us per "
-            f"parameter tensor (W); "
+            f"parameter tensor (W); gradients accumulate at {o.accumulate_bandwidth / 1e9:.1f} GB/s; "
             f"all-reduce {o.all_reduce_factor:.2f}x, all-gather {o.all_gather_factor:.2f}x, reduce-scatter "
             f"{o.reduce_scatter_factor:.2f}x, broadcast {o.broadcast_factor:.2f}x the ring model on the link; "
             f"collectives overlap {o.comm_overlap:.0%} of compute; all ranks at once compute {o.compute_slowdown:.2f}x "

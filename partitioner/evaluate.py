@@ -795,6 +795,11 @@ class Evaluator:
             # DDP's gradients are its buckets' views, zeroed at the step's start; otherwise they are
             # dropped and made again by the stage's first backward ([Note: what a step holds]).
             ddp = mesh.dp > 1 and not fsdp
+            # [Note: software overheads]: each backward into gradients the stage holds adds into them
+            accumulations = schedule.microbatches if ddp else schedule.microbatches - 1
+            accumulate = self.overheads.accumulate_time(grad_bytes, accumulations / schedule.microbatches)
+            bwd += accumulate
+            wgt += accumulate
             if fsdp:  # weights gathered per micro-batch, gradients reduce-scattered ([Note: FSDP prefetch overlap])
                 gathered, f_exp, b_exp, _ = self.fsdp_costs(spec.blocks, mesh, stage_rank(s, pp, layout),
                                                             split_params, fwd, bwd)

@@ -126,6 +126,29 @@ def test_a_split_backward_pays_per_node_and_tensor_after_the_first_stage(mlp):
     assert split[1].forward_s == fused[1].forward_s
 
 
+def test_each_backward_into_held_gradients_pays_their_addition(mlp):
+    # Autograd adds a micro-batch's gradient into a .grad the stage already holds: the M - 1 backwards
+    # after the first of a step, or all M under DDP (its gradients are bucket views zeroed in place).
+    rate = 2e9
+    ev = prepare(mlp, cluster=replace(Cluster.local(2), overheads=Overheads(accumulate_bandwidth=rate)), global_batch=8,
+                 dtype="fp32")
+    base = prepare(mlp, cluster=Cluster.local(2), global_batch=8, dtype="fp32")
+    n = len(ev.pgraph.blocks)
+    stages = [StageSpec(tuple(range(n // 2))), StageSpec(tuple(range(n // 2, n)))]
+    for mesh, schedule, share in ((Mesh(2, 1, 1), Schedule("1f1b", 4, 2), 3 / 4), (Mesh(2, 1, 1), Schedule("1f1b", 1, 8), 0.0),
+                                  (Mesh(1, 1, 2), Schedule("1f1b", 2, 2), 1.0)):
+        specs = stages if mesh.pp == 2 else [StageSpec(tuple(range(n)))]
+        held, plain = ev.stage_costs(specs, mesh, schedule, {}), base.stage_costs(specs, mesh, schedule, {})
+        for s, spec in enumerate(specs):
+            names = {p for b in spec.blocks for p in ev.pgraph.blocks[b].params}
+            grad_bytes = sum(ev.captured.params[p].numel for p in names if ev.captured.params[p].trainable) * 4  # fp32
+            assert grad_bytes > 0
+            extra = share * grad_bytes / rate
+            assert held[s].backward_s == pytest.approx(plain[s].backward_s + extra), (mesh, schedule, s)
+            assert held[s].backward_weight_s == pytest.approx(plain[s].backward_weight_s + extra)  # W makes the gradients
+            assert held[s].forward_s == plain[s].forward_s
+
+
 def test_compute_slows_down_and_tensor_parallel_nodes_pay_their_overheads(mlp):
     ev0 = prepare(mlp, cluster=Cluster.local(2), global_batch=8, dtype="fp32")
     ev1 = prepare(mlp, cluster=replace(Cluster.local(2), overheads=MEASURED), global_batch=8, dtype="fp32")
