@@ -157,8 +157,9 @@ median:
 * gradient accumulation: one backward of an embedding lookup (``ACCUMULATE_ROWS`` x 128
   fp32, whose backward makes a dense gradient of the whole table, beyond the caches as a
   vocabulary's is) timed into no gradient (autograd hands its result over) and into a
-  held one (autograd adds to it), in interleaved rounds: ``B_acc = G / (t_held -
-  t_handed)`` with ``G`` the table's gradient bytes, the median round's difference (0,
+  held one (autograd adds to it), ``ACCUMULATE_INNER`` backwards a timed call, in
+  interleaved rounds: ``B_acc = G / (t_held - t_handed)`` with ``G`` the gradient bytes the
+  held call adds, the median round's difference (0,
   not measured, if it is not positive);
 * the overlap: a GEMM loop alone (``t_c``), an all-reduce of a few MiB alone
   (``t_r``) and the all-reduce launched asynchronously while the loop runs
@@ -1042,6 +1043,7 @@ def split_backward_overheads(device: torch.device, reps: int) -> tuple[float, fl
 
 
 ACCUMULATE_ROWS = 32768  # x 128 fp32: a 16 MiB weight, beyond the caches as a vocabulary's is
+ACCUMULATE_INNER = 4  # backwards per timed call: the difference of two calls is the noise of one over four
 
 
 def grad_accumulate_bandwidth(device: torch.device, reps: int) -> float:
@@ -1057,13 +1059,18 @@ def grad_accumulate_bandwidth(device: torch.device, reps: int) -> float:
         torch.nn.functional.embedding(tokens, weight).sum().backward()
 
     def fresh() -> None:
-        weight.grad = None
-        backward()
+        for _ in range(ACCUMULATE_INNER):
+            weight.grad = None
+            backward()
 
-    for fn in (fresh, backward):  # warm-up
+    def held() -> None:
+        for _ in range(ACCUMULATE_INNER):
+            backward()
+
+    for fn in (fresh, held):  # warm-up
         fn(), fn()
-    nbytes = weight.numel() * weight.element_size()
-    diffs = [held - handed for handed, held in _rounds((fresh, backward), device, max(reps, ROUNDS))]
+    nbytes = weight.numel() * weight.element_size() * ACCUMULATE_INNER
+    diffs = [t_held - t_handed for t_handed, t_held in _rounds((fresh, held), device, max(reps, ROUNDS))]
     diff = statistics.median(diffs)
     return nbytes / diff if diff > 0 else 0.0
 
