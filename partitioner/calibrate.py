@@ -154,7 +154,7 @@ median:
   micro-batches each, divided out), ``a_split = (e_4 - e_0) / 4`` per node and
   ``a_split_w = (e_0 - 2 a_split) / 2`` per parameter tensor, medians over the rounds, each at
   least 0;
-* gradient accumulation: one backward of an embedding lookup (``ACCUMULATE_ROWS`` x 128
+* gradient accumulation: the backward of an embedding lookup (``ACCUMULATE_ROWS`` x 128
   fp32, whose backward makes a dense gradient of the whole table, beyond the caches as a
   vocabulary's is) timed into no gradient (autograd hands its result over) and into a
   held one (autograd adds to it), ``ACCUMULATE_INNER`` backwards a timed call, in

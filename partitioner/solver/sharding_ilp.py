@@ -47,8 +47,10 @@ decoder layer of a 4-layer, 1024-wide Llama (58 nodes) one solve took 0.22-1.18 
 at the default level and 0.019-0.024 s at level 2, the same objective and the
 same strategies in each of the five (tp, micro-batch) cases tried; `autopart
 plan` of that model on one DGX H100 (144 such solves) planned in 20.8 s before.
-The status stays OPTIMAL, so only ties between equally fast layouts could
-resolve differently, and the golden plans (tests/golden) pin that they do not.
+The status stays OPTIMAL, so only ties between equally good layouts can
+resolve differently: one golden plan did (bigvocab's MLP activations now take
+Megatron's hidden split where they took the token split, the same step time
+and peak to the byte), and the golden plans (tests/golden) pin the rest.
 """
 
 from __future__ import annotations
