@@ -216,16 +216,30 @@ def calibrate(world: int, out: Path, tries: int = 1) -> Calibration:  # a failur
     return Calibration(out, kept[0].fraction if kept[0] is not None else None, done)
 
 
-def without_overheads(cluster: str, out: Path) -> Path:
-    """A copy of the cluster file ``cluster`` without its ``[overheads]`` table."""
+def without_overheads(cluster: str | Path, out: Path, key: str | None = None) -> Path:
+    """A copy of the cluster file ``cluster`` without its ``[overheads]`` table, or only without that
+    table's ``key``."""
     import tomllib
 
     import tomli_w
 
     data = tomllib.loads(Path(cluster).read_text())
-    data.pop("overheads", None)
+    if key is None:
+        data.pop("overheads", None)
+    else:
+        data.get("overheads", {}).pop(key, None)
     out.write_text(tomli_w.dumps(data))
     return out
+
+
+def reprice(made: dict, model: str, cluster: Path, cache: Path, plan_in: Path, plan_out: Path, what: str) -> float:
+    """The predicted step of the plan ``made`` priced again, unchanged, on ``cluster`` (``autopart plan
+    --plan ... --profile`` from the profile cache ``cache``); ``plan_in`` and ``plan_out`` are written."""
+    plan_in.write_text(json.dumps(made, indent=1))
+    plan_out.unlink(missing_ok=True)
+    _run([sys.executable, "-m", "partitioner", "plan", "--plan", str(plan_in), "--model", model, "--cluster",
+          str(cluster), "--profile", "--cache", str(cache), "--quiet", "--json", str(plan_out)], what)
+    return json.loads(plan_out.read_text())["predicted"]["step_time_s"]
 
 
 MAX_STEPS = 400  # the most steps --min-seconds asks for (a step predicted far too short must not run for ever)
@@ -258,15 +272,11 @@ def measure(layout: Layout, cluster: str, cache: Path, keep: Path, steps: int, w
     mem_line = next((l for l in explain.splitlines() if l.startswith("largest memory residual:")), "")
     predicted_bare = None
     if bare and Path(cluster).is_file():  # the same plan, re-priced without the measured overheads
-        bare_plan, bare_in = keep / f"{slug}.bare.plan.json", keep / f"{slug}.bare.in.json"
-        bare_plan.unlink(missing_ok=True)
         made = json.loads(plan_path.read_text())
         made["cluster"].pop("overheads", None)  # the plan, as made for the cluster without the table
-        bare_in.write_text(json.dumps(made, indent=1))
-        _run([sys.executable, "-m", "partitioner", "plan", "--plan", str(bare_in), "--model", layout.model,
-              "--cluster", str(without_overheads(cluster, keep / f"{slug}.bare.toml")), "--profile", "--cache",
-              str(cache), "--quiet", "--json", str(bare_plan)], f"re-price {layout.name} without overheads")
-        predicted_bare = json.loads(bare_plan.read_text())["predicted"]["step_time_s"]
+        predicted_bare = reprice(made, layout.model, without_overheads(cluster, keep / f"{slug}.bare.toml"), cache,
+                                 keep / f"{slug}.bare.in.json", keep / f"{slug}.bare.plan.json",
+                                 f"re-price {layout.name} without overheads")
     return Outcome(
         layout=layout.name,
         predicted_step_s=plan["predicted"]["step_time_s"],

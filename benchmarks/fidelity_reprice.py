@@ -16,32 +16,27 @@ from __future__ import annotations
 
 import argparse
 import json
-import re
 import statistics
-import subprocess
 import sys
 import tempfile
 from collections import defaultdict
 from pathlib import Path
 
+from benchmarks.fidelity import RunFailed, reprice, without_overheads
 
-def reprice(keep: Path, slug: str, key: str, work: Path) -> tuple[float, float, float, str | None]:
+
+def priced_without(keep: Path, slug: str, key: str, work: Path) -> tuple[float, float, float, object]:
     """(with, without, measured) step seconds of ``slug``'s plan, and the key's value in its cluster."""
     plan = json.loads((keep / f"{slug}.plan.json").read_text())
     run = json.loads((keep / f"{slug}.run.json").read_text())
-    value = plan["cluster"].get("overheads", {}).pop(key, None)
-    cluster = keep / f"calibrated-{slug}.toml"
-    stripped = work / f"{slug}.toml"
-    stripped.write_text(re.sub(rf"^{re.escape(key)} = .*\n", "", cluster.read_text(), flags=re.M))
-    made, out = work / f"{slug}.in.json", work / f"{slug}.out.json"
-    made.write_text(json.dumps(plan))
+    value = plan["cluster"].get("overheads", {}).pop(key, None)  # the plan, as made for the cluster without it
+    cluster = without_overheads(keep / f"calibrated-{slug}.toml", work / f"{slug}.toml", key)
     cache = keep / f"profile-{slug.rsplit('-', 1)[1]}.sqlite"
-    proc = subprocess.run([sys.executable, "-m", "partitioner", "plan", "--plan", str(made), "--model",
-                           plan["model"]["name"], "--cluster", str(stripped), "--profile", "--cache", str(cache),
-                           "--quiet", "--json", str(out)], capture_output=True, text=True)
-    if proc.returncode != 0:
-        raise SystemExit(f"fidelity_reprice: re-pricing {slug} failed: {proc.stderr.strip().splitlines()[-1]}")
-    without = json.loads(out.read_text())["predicted"]["step_time_s"]
+    try:
+        without = reprice(plan, plan["model"]["name"], cluster, cache, work / f"{slug}.in.json",
+                          work / f"{slug}.out.json", f"re-price {slug} without {key}")
+    except RunFailed as exc:
+        raise SystemExit(f"fidelity_reprice: {exc}") from None
     return plan["predicted"]["step_time_s"], without, statistics.fmean(run["step_times_s"]), value
 
 
@@ -57,7 +52,7 @@ def main() -> int:
     layouts: dict[str, list[tuple[float, float, float]]] = defaultdict(list)
     with tempfile.TemporaryDirectory() as tmp:
         for slug in slugs:
-            with_, without, measured, value = reprice(args.keep, slug, args.drop, Path(tmp))
+            with_, without, measured, value = priced_without(args.keep, slug, args.drop, Path(tmp))
             layouts[slug.rsplit("-", 1)[0]].append((with_, without, measured))
             print(f"{slug:40s} {args.drop} = {value}: with {with_ * 1e3:7.1f} ms ({with_ / measured - 1:+6.1%}), "
                   f"without {without * 1e3:7.1f} ms ({without / measured - 1:+6.1%}), measured {measured * 1e3:7.1f} ms",

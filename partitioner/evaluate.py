@@ -795,9 +795,10 @@ class Evaluator:
             # DDP's gradients are its buckets' views, zeroed at the step's start; otherwise they are
             # dropped and made again by the stage's first backward ([Note: what a step holds]).
             ddp = mesh.dp > 1 and not fsdp
-            # [Note: software overheads]: each backward into gradients the stage holds adds into them
+            # [Note: software overheads]: each backward into gradients the stage holds adds into them; a
+            # step's additions, spread over its micro-batches
             accumulations = schedule.microbatches if ddp else schedule.microbatches - 1
-            accumulate = self.overheads.accumulate_time(grad_bytes, accumulations / schedule.microbatches)
+            accumulate = self.overheads.accumulate_time(grad_bytes, accumulations) / schedule.microbatches
             bwd += accumulate
             wgt += accumulate
             if fsdp:  # weights gathered per micro-batch, gradients reduce-scattered ([Note: FSDP prefetch overlap])
