@@ -1,12 +1,16 @@
-"""What one measured overhead buys a fidelity run: each of its plans re-priced without it.
+"""A fidelity run's plans priced again by this checkout: what a change of the model, or one measured
+overhead, does to its errors against the same runs.
 
 A fidelity run (``python -m benchmarks.fidelity``) keeps, per layout and round, the plan, the run,
 the calibrated cluster and the round's profile cache. This re-prices every plan, unchanged, on its
-own calibrated cluster less one ``[overheads]`` key (``autopart plan --plan ... --profile``, the
-same cache), and prints its prediction's error against the same measured step with the key and
-without it, and the summary the fidelity report gives (median and worst over layouts, each the
-mean of its rounds). The runs are the same, so the difference is the term's alone.
+own calibrated cluster (``autopart plan --plan ... --profile``, the same cache), with this checkout's
+cost and memory models, and with ``--drop KEY`` without that one ``[overheads]`` key. It prints,
+per plan, the step time and each rank's peak memory as recorded, as re-priced and as measured, and
+the summaries the fidelity report gives (step time: median and worst over layouts, each the mean of
+its rounds; memory: over every rank of every run). The runs are the same, so the difference is the
+model's alone.
 
+    python -m benchmarks.fidelity_reprice KEEP_DIR                          # this checkout's models
     python -m benchmarks.fidelity_reprice KEEP_DIR --drop grad_accumulate_gbps
 
 Run it where the fidelity run left its profile caches (``profile-rN.sqlite`` in KEEP_DIR).
@@ -16,56 +20,88 @@ from __future__ import annotations
 
 import argparse
 import json
+import shutil
 import statistics
 import sys
 import tempfile
 from collections import defaultdict
+from dataclasses import dataclass
 from pathlib import Path
 
 from benchmarks.fidelity import RunFailed, reprice, without_overheads
 
 
-def priced_without(keep: Path, slug: str, key: str, work: Path) -> tuple[float, float, float, object]:
-    """(with, without, measured) step seconds of ``slug``'s plan, and the key's value in its cluster."""
+@dataclass(frozen=True)
+class Repriced:
+    """One plan of a fidelity run: its recorded and re-priced predictions beside what its run measured."""
+
+    slug: str
+    recorded_s: float
+    repriced_s: float
+    measured_s: float
+    # per rank: (recorded predicted peak, re-priced predicted peak, measured peak), bytes
+    memory: tuple[tuple[int, int, int], ...]
+
+
+def priced_again(keep: Path, slug: str, key: str | None, work: Path) -> Repriced:
+    """``slug``'s plan priced by this checkout on its calibrated cluster (less ``key``), and its run."""
     plan = json.loads((keep / f"{slug}.plan.json").read_text())
     run = json.loads((keep / f"{slug}.run.json").read_text())
-    value = plan["cluster"].get("overheads", {}).pop(key, None)  # the plan, as made for the cluster without it
-    cluster = without_overheads(keep / f"calibrated-{slug}.toml", work / f"{slug}.toml", key)
+    calibrated = keep / f"calibrated-{slug}.toml"
+    if key is None:
+        cluster = shutil.copy(calibrated, work / f"{slug}.toml")
+    else:
+        plan["cluster"].get("overheads", {}).pop(key, None)  # the plan, as made for the cluster without it
+        cluster = without_overheads(calibrated, work / f"{slug}.toml", key)
     cache = keep / f"profile-{slug.rsplit('-', 1)[1]}.sqlite"
+    what = f"re-price {slug}" + (f" without {key}" if key else "")
     try:
-        without = reprice(plan, plan["model"]["name"], cluster, cache, work / f"{slug}.in.json",
-                          work / f"{slug}.out.json", f"re-price {slug} without {key}")
+        step = reprice(plan, plan["model"]["name"], Path(cluster), cache, work / f"{slug}.in.json",
+                       work / f"{slug}.out.json", what)
     except RunFailed as exc:
         raise SystemExit(f"fidelity_reprice: {exc}") from None
-    return plan["predicted"]["step_time_s"], without, statistics.fmean(run["step_times_s"]), value
+    stages = json.loads((work / f"{slug}.out.json").read_text())["stages"]
+    memory = tuple((m["predicted_peak_bytes"], max(stages[s]["predicted"]["memory_bytes"] for s in m["stages"]),
+                    m["peak_bytes"]) for m in run["memory"])
+    return Repriced(slug, plan["predicted"]["step_time_s"], step, statistics.fmean(run["step_times_s"]), memory)
 
 
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("keep", type=Path, help="a fidelity run's folder (plans, runs, calibrated clusters, profile caches)")
-    ap.add_argument("--drop", required=True, help="the [overheads] key to re-price without, e.g. grad_accumulate_gbps")
+    ap.add_argument("--drop", help="an [overheads] key to re-price without, e.g. grad_accumulate_gbps")
     args = ap.parse_args()
     slugs = sorted(p.name[: -len(".plan.json")] for p in args.keep.glob("*-r[0-9]*.plan.json") if ".bare." not in p.name)
     if not slugs:
         print(f"fidelity_reprice: no LAYOUT-rN.plan.json in {args.keep}", file=sys.stderr)
         return 2
-    layouts: dict[str, list[tuple[float, float, float]]] = defaultdict(list)
+    again = "without " + args.drop if args.drop else "re-priced"
+    layouts: dict[str, list[Repriced]] = defaultdict(list)
     with tempfile.TemporaryDirectory() as tmp:
         for slug in slugs:
-            with_, without, measured, value = priced_without(args.keep, slug, args.drop, Path(tmp))
-            layouts[slug.rsplit("-", 1)[0]].append((with_, without, measured))
-            print(f"{slug:40s} {args.drop} = {value}: with {with_ * 1e3:7.1f} ms ({with_ / measured - 1:+6.1%}), "
-                  f"without {without * 1e3:7.1f} ms ({without / measured - 1:+6.1%}), measured {measured * 1e3:7.1f} ms",
+            r = priced_again(args.keep, slug, args.drop, Path(tmp))
+            layouts[slug.rsplit("-", 1)[0]].append(r)
+            ranks = " ".join(f"r{i} {old / m - 1:+.1%}->{new / m - 1:+.1%}" for i, (old, new, m) in enumerate(r.memory))
+            print(f"{slug:38s} step: recorded {r.recorded_s / r.measured_s - 1:+6.1%}, {again} "
+                  f"{r.repriced_s / r.measured_s - 1:+6.1%} (measured {r.measured_s * 1e3:.1f} ms); memory: {ranks}",
                   flush=True)
 
-    def summary(i: int) -> tuple[float, float]:
-        errors = [abs(statistics.fmean(r[i] for r in rows) / statistics.fmean(r[2] for r in rows) - 1)
-                  for rows in layouts.values()]
+    def step(attr: str) -> tuple[float, float]:
+        errors = [abs(statistics.fmean(getattr(r, attr) for r in runs) / statistics.fmean(r.measured_s for r in runs) - 1)
+                  for runs in layouts.values()]
         return statistics.median(errors), max(errors)
 
-    (m1, w1), (m0, w0) = summary(0), summary(1)
-    print(f"{len(layouts)} layouts, each the mean of its rounds: with {args.drop}, median |error| {m1:.1%} "
-          f"(worst {w1:.1%}); without it, {m0:.1%} (worst {w0:.1%})")
+    def memory(i: int) -> tuple[float, float]:
+        errors = [abs(m[i] / m[2] - 1) for runs in layouts.values() for r in runs for m in r.memory]
+        return statistics.median(errors), max(errors)
+
+    (s1, sw1), (s0, sw0) = step("recorded_s"), step("repriced_s")
+    (m1, mw1), (m0, mw0) = memory(0), memory(1)
+    ranks = sum(len(r.memory) for runs in layouts.values() for r in runs)
+    print(f"step time over {len(layouts)} layouts, each the mean of its rounds: recorded median |error| {s1:.1%} "
+          f"(worst {sw1:.1%}); {again} {s0:.1%} (worst {sw0:.1%})")
+    print(f"peak memory over {ranks} ranks: recorded median |error| {m1:.1%} (worst {mw1:.1%}); "
+          f"{again} {m0:.1%} (worst {mw0:.1%})")
     return 0
 
 

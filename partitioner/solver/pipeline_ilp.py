@@ -32,7 +32,11 @@ the simulator will be given):
     period         (q - r + 1) P >= sum_{s=r..q} T_s + 2 sum_{k=r..q-1} send_k
                    for every window of consecutive stages r..q (v = 1)     add_objective()
     memory         for rank r and each in-flight pattern n of its schedule:
-                   sum_{s on r} (static_s + work_s + n_s act_s) <= limit    add_memory_constraints()
+                   sum_{s on r} (static_s + work_s + n_s act_s + buf_s(n_s)) <= limit
+                                                                           add_memory_constraints()
+                   buf_s(n) = M cut_s + (M - n) cut_{s-1}: torch's receive buffers, all M
+                   micro-batches of the output's gradient and of the input, of which the n in
+                   flight are already in act_s (cut_k: bytes_k in KiB, 0 outside 0..K-2)
                    static_s = sum_i x[i,s] st_i + sum_p u[p,s] st_p;  u[p,s] >= x[i,s] (i reads p)
                    act_s = sum_i x[i,s] sv_i - sum_i w[i,s] (sv_i - in_i) - g k[s]
                    work_s >= w[i,s] sv_i;  work_s >= W q[s]
@@ -381,6 +385,8 @@ class _Model(abc.ABC):
         self.F: list[cp_model.LinearExpr] = []
         self.B: list[cp_model.LinearExpr] = []
         self.send: list[cp_model.LinearExpr] = []
+        self.cut_bytes: list[cp_model.LinearExpr] = []  # per cut k, KiB (the assignment encoding's)
+        self._cut_kib: dict[int, cp_model.IntVar] = {}  # per cut k, KiB (the chain encoding's, made on demand)
         self.dp_rank: list[cp_model.LinearExpr] | None = None
         kib = self.KIB
         rc = [i for i, b in enumerate(p.blocks) if b.recomputable]
@@ -408,6 +414,19 @@ class _Model(abc.ABC):
         for s in range(K):
             m.add(self.r[s] + self.q[s] <= 1).with_name(f"whole_or_partial[{s}]")
             m.add(self.k[s] <= N * self.q[s]).with_name(f"partial_on[{s}]")
+
+    @abc.abstractmethod
+    def cut_kib(self, k: int) -> cp_model.LinearExpr:
+        """The bytes per micro-batch crossing cut ``k`` (between stages k and k + 1), in KiB."""
+
+    def buffers(self, s: int, n: int) -> cp_model.LinearExpr:
+        """buf_s(n) = M cut_s + (M - n) cut_{s-1}: stage s's receive buffers with n of its micro-batches
+        in flight. torch's stage holds one for the output's gradient and one for the input per
+        micro-batch; the input of those in flight is what its first blocks save, in ``act_s``
+        ([Note: what a step holds] in evaluate.py)."""
+        M, K = self.p.microbatches, self.p.stages
+        out = M * self.cut_kib(s) if s < K - 1 else 0
+        return out + ((M - n) * self.cut_kib(s - 1) if s > 0 else 0)
 
     def recompute_hints(self) -> list[tuple[cp_model.IntVar, int]]:
         """The hint's r[s] and, where partial recomputation is offered, its q[s] and k[s]."""
@@ -545,6 +564,10 @@ class _StageModel(_Model):
                 bytes_k.append((flow.bytes, c))
             beta = p.send_beta[k]
             self.send.append(_u(p.send_alpha[k]) + sum(_u(beta * size) * c for size, c in bytes_k))
+            self.cut_bytes.append(sum(int(size // self.KIB) * c for size, c in bytes_k))
+
+    def cut_kib(self, k: int) -> cp_model.LinearExpr:
+        return self.cut_bytes[k]
 
     def add_time_constraints(self) -> None:
         """T_s = sum x (f + b) + sum w f + c k[s]; P >= R_r for every rank r (``bottleneck[r]``).
@@ -596,7 +619,8 @@ class _StageModel(_Model):
             mine = list(range(r, p.stages, p.pp))
             base = sum(static[s] + work[s] for s in mine)
             for j, pattern in enumerate(p.inflight[r]):
-                m.add(base + sum(cnt * act[s] for cnt, s in zip(pattern, mine)) <= limit).with_name(f"memory[{r},{j}]")
+                held = sum(cnt * act[s] + self.buffers(s, cnt) for cnt, s in zip(pattern, mine))
+                m.add(base + held <= limit).with_name(f"memory[{r},{j}]")
 
     def add_dp_constraints(self) -> None:
         """E >= DP_r - B_r - lead_r (overlap) or E >= DP_r - lead_r (``dp[r]``).
@@ -843,7 +867,14 @@ class _ChainModel(_Model):
             mine = list(range(rk, K, p.pp))
             base = sum(static[s] + work[s] for s in mine)
             for j, pattern in enumerate(p.inflight[rk]):
-                m.add(base + sum(c * act[s] for c, s in zip(pattern, mine)) <= limit).with_name(f"memory[{rk},{j}]")
+                held = sum(c * act[s] + self.buffers(s, c) for c, s in zip(pattern, mine))
+                m.add(base + held <= limit).with_name(f"memory[{rk},{j}]")
+
+    def cut_kib(self, k: int) -> cp_model.LinearExpr:
+        """CUT[p_{k+1}] in KiB (``cut_kib[k]``, an element constraint), made once."""
+        if k not in self._cut_kib:
+            self._cut_kib[k] = self._at([int(c // self.KIB) for c in self.cut], self.pos[k + 1], f"cut_kib[{k}]")
+        return self._cut_kib[k]
 
     def add_cut_constraints(self) -> None:
         """send_k = alpha_k + beta_k CUT[p_{k+1}] (``send_bytes[k]``, an element constraint)."""
