@@ -12,6 +12,11 @@ model's alone.
 
     python -m benchmarks.fidelity_reprice KEEP_DIR                          # this checkout's models
     python -m benchmarks.fidelity_reprice KEEP_DIR --drop grad_accumulate_gbps
+    python -m benchmarks.fidelity_reprice KEEP_DIR --cores 2   # runs calibrated before oversubscribed existed
+
+``--cores N`` writes ``oversubscribed = max(1, ranks / N)`` into each calibrated cluster that lacks it, as
+``autopart calibrate`` now measures it on a machine of N cores ([Note: ranks sharing cores] in
+partitioner/evaluate.py).
 
 Run it where the fidelity run left its profile caches (``profile-rN.sqlite`` in KEEP_DIR).
 """
@@ -43,20 +48,40 @@ class Repriced:
     memory: tuple[tuple[int, int, int], ...]
 
 
-def priced_again(keep: Path, slug: str, key: str | None, work: Path) -> Repriced:
-    """``slug``'s plan priced by this checkout on its calibrated cluster (less ``key``), and its run."""
+def with_cores(cluster: Path, plan: dict, cores: int) -> None:
+    """Write ``oversubscribed = max(1, ranks / cores)`` into the cluster file ``cluster`` if it lacks the key,
+    and into the cluster ``plan`` records (a plan is priced on the cluster it was made for)."""
+    import tomllib
+
+    import tomli_w
+
+    data = tomllib.loads(cluster.read_text())
+    table = data.setdefault("overheads", {})
+    if "oversubscribed" not in table:
+        table["oversubscribed"] = round(min(max(1.0, data["devices_per_node"] / cores), table.get("compute_slowdown", 1.0)), 3)
+        cluster.write_text(tomli_w.dumps(data))
+        if table["oversubscribed"] != 1.0:
+            plan["cluster"].setdefault("overheads", {})["oversubscribed"] = table["oversubscribed"]
+
+
+def priced_again(keep: Path, slug: str, key: str | None, work: Path, cores: int | None = None) -> Repriced:
+    """``slug``'s plan priced by this checkout on its calibrated cluster (less ``key``; with ``oversubscribed``
+    for ``cores`` cores where it lacks one), and its run."""
     plan = json.loads((keep / f"{slug}.plan.json").read_text())
     run = json.loads((keep / f"{slug}.run.json").read_text())
-    calibrated = keep / f"calibrated-{slug}.toml"
-    if key is None:
-        cluster = shutil.copy(calibrated, work / f"{slug}.toml")
-    else:
+    if key is not None:
         plan["cluster"].get("overheads", {}).pop(key, None)  # the plan, as made for the cluster without it
-        cluster = without_overheads(calibrated, work / f"{slug}.toml", key)
+    calibrated, cluster = keep / f"calibrated-{slug}.toml", work / f"{slug}.toml"
+    if key is None:
+        shutil.copy(calibrated, cluster)
+    else:
+        without_overheads(calibrated, cluster, key)
+    if cores is not None:
+        with_cores(cluster, plan, cores)
     cache = keep / f"profile-{slug.rsplit('-', 1)[1]}.sqlite"
     what = f"re-price {slug}" + (f" without {key}" if key else "")
     try:
-        step = reprice(plan, plan["model"]["name"], Path(cluster), cache, work / f"{slug}.in.json",
+        step = reprice(plan, plan["model"]["name"], cluster, cache, work / f"{slug}.in.json",
                        work / f"{slug}.out.json", what)
     except RunFailed as exc:
         raise SystemExit(f"fidelity_reprice: {exc}") from None
@@ -70,6 +95,8 @@ def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("keep", type=Path, help="a fidelity run's folder (plans, runs, calibrated clusters, profile caches)")
     ap.add_argument("--drop", help="an [overheads] key to re-price without, e.g. grad_accumulate_gbps")
+    ap.add_argument("--cores", type=int, help="the cores of the machine the runs ran on, for clusters calibrated "
+                    "before `oversubscribed` was measured")
     args = ap.parse_args()
     slugs = sorted(p.name[: -len(".plan.json")] for p in args.keep.glob("*-r[0-9]*.plan.json") if ".bare." not in p.name)
     if not slugs:
@@ -79,7 +106,7 @@ def main() -> int:
     layouts: dict[str, list[Repriced]] = defaultdict(list)
     with tempfile.TemporaryDirectory() as tmp:
         for slug in slugs:
-            r = priced_again(args.keep, slug, args.drop, Path(tmp))
+            r = priced_again(args.keep, slug, args.drop, Path(tmp), args.cores)
             layouts[slug.rsplit("-", 1)[0]].append(r)
             ranks = " ".join(f"r{i} {old / m - 1:+.1%}->{new / m - 1:+.1%}" for i, (old, new, m) in enumerate(r.memory))
             print(f"{slug:38s} step: recorded {r.recorded_s / r.measured_s - 1:+6.1%}, {again} "

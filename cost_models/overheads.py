@@ -177,6 +177,7 @@ OVERHEAD_FILE_KEYS = {
     "broadcast_factor": ("broadcast_factor", Decimal(1)),
     "comm_overlap": ("comm_overlap", Decimal(1)),
     "compute_slowdown": ("compute_slowdown", Decimal(1)),
+    "oversubscribed": ("oversubscribed", Decimal(1)),
 }
 
 
@@ -209,6 +210,9 @@ class Overheads:
     broadcast_factor: float = 1.0  # f_broadcast: the same for a broadcast (priced as an all-gather of its share)
     comm_overlap: float = 1.0  # c: fraction of a collective that runs beside compute; 1: all of it (GPU)
     compute_slowdown: float = 1.0  # k: an op's time with every rank computing at once over one rank alone
+    # o: of k, the factor of a node's ranks over its cores (time-slicing); the simulator gives a rank its core
+    # back while others wait ([Note: ranks sharing cores] in partitioner/evaluate.py); 1: a core per rank
+    oversubscribed: float = 1.0
 
     def __post_init__(self) -> None:
         for f in fields(self):
@@ -220,6 +224,9 @@ class Overheads:
             raise ValueError(f"overheads.comm_overlap = {self.comm_overlap!r}: a fraction, in [0, 1]")
         if self.compute_slowdown < 1:
             raise ValueError(f"overheads.compute_slowdown = {self.compute_slowdown!r}: a ratio of times, at least 1")
+        if not 1 <= self.oversubscribed <= self.compute_slowdown:
+            raise ValueError(f"overheads.oversubscribed = {self.oversubscribed!r}: ranks over cores, at least 1 and "
+                             f"at most compute_slowdown ({self.compute_slowdown!r}), of which it is a factor")
         for kind in COLLECTIVES:
             if getattr(self, f"{kind}_factor") <= 0:
                 raise ValueError(f"overheads.{kind}_factor = {getattr(self, f'{kind}_factor')!r}: a ratio of times, above 0")

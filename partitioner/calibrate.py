@@ -519,7 +519,7 @@ def run_calibration(
             links[link] = fit
     compute = _compute_rates(device, dtype, local)
     link = links.get("intra") or links.get("inter")
-    overheads = (measure_overheads(device, link, reps, compute.slowdown) if overheads
+    overheads = (measure_overheads(device, link, reps, compute.slowdown, compute.oversubscribed) if overheads
                  else Overheads.from_file(collective_fields(link)))
     return CalibrationReport(tuple(samples), links, compute, world, dist.get_backend(), overheads)
 
@@ -1100,7 +1100,8 @@ def comm_overlap(device: torch.device, reps: int) -> float:
     return min(1.0, max(0.0, statistics.median(hidden)))
 
 
-def measure_overheads(device: torch.device, link: LinkFit | None, reps: int, slowdown: float = 1.0) -> Overheads:
+def measure_overheads(device: torch.device, link: LinkFit | None, reps: int, slowdown: float = 1.0,
+                      oversubscribed: float = 1.0) -> Overheads:
     """Every overhead of [Note: measuring overheads], rounded to four significant digits."""
     samples, step = _pipeline_samples(device, link, max(reps, ROUNDS))
     action = pipeline_overheads(samples, step)
@@ -1121,7 +1122,8 @@ def measure_overheads(device: torch.device, link: LinkFit | None, reps: int, slo
         optimizer_gbps=_sig(bandwidth / 1e9), checkpoint_forward_us=us(ckpt), checkpoint_backward_us=us(ckpt_b),
         checkpoint_node_forward_us=us(ckpt_node), p2p_transfer_us=us(p2p), split_backward_node_us=us(split),
         split_backward_param_us=us(split_w), grad_accumulate_gbps=_sig(accumulate / 1e9),
-        comm_overlap=round(overlap, 3), compute_slowdown=round(slowdown, 3), **collective_fields(link)))
+        comm_overlap=round(overlap, 3), compute_slowdown=round(slowdown, 3),
+        oversubscribed=min(round(oversubscribed, 3), round(slowdown, 3)), **collective_fields(link)))
 
 
 def collective_fields(link: LinkFit | None) -> dict[str, float]:

@@ -131,6 +131,7 @@ __all__ = [
     "StageCost",
     "TiedSum",
     "busiest_rank_s",
+    "core_shares",
     "peak_memory",
     "schedule_order",
     "simulate",
@@ -778,6 +779,31 @@ def _tied_sums(stages: Sequence[StageCost], owner: Sequence[int], reduced: Seque
         for r in ranks:
             end[r] = done
     return end
+
+
+def core_shares(events: Sequence[Event], ranks: int, oversubscribed: float) -> list[float]:
+    """Per rank, its compute's time when the ranks share ``ranks / oversubscribed`` cores, over its time
+    when every rank computes at once (the compute slowdown's assumption): the mean, over the rank's actions
+    in ``events``, of ``max(1, n(t) o / ranks) / o`` with ``n(t)`` the ranks computing at ``t`` and ``o``
+    ``oversubscribed`` ([Note: ranks sharing cores] in evaluate.py). 1 for a rank that never computes."""
+    o = oversubscribed
+    bounds = sorted((t, d, e.rank) for e in events if e.end_s > e.start_s
+                    for t, d in ((e.start_s, 1), (e.end_s, -1)))  # at one instant, ends (-1) before starts
+    busy, weighted = [0.0] * ranks, [0.0] * ranks
+    active: set[int] = set()
+    last = 0.0
+    for t, d, r in bounds:
+        if active and t > last:
+            w = max(1.0, len(active) * o / ranks) / o
+            for a in active:
+                busy[a] += t - last
+                weighted[a] += (t - last) * w
+        last = t
+        if d > 0:
+            active.add(r)
+        else:
+            active.discard(r)
+    return [weighted[r] / busy[r] if busy[r] > 0 else 1.0 for r in range(ranks)]
 
 
 def _events_by_rank(events: Sequence[Event], ranks: int) -> list[list[Event]]:

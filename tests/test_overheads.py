@@ -167,6 +167,39 @@ def test_compute_slows_down_and_tensor_parallel_nodes_pay_their_overheads(mlp):
     assert slow.block_cost(block, 2, 1, {}).compute.backward_s == pytest.approx(2 * alone.compute.backward_s)
 
 
+def test_core_shares_give_a_rank_the_cores_the_others_leave():
+    """[Note: ranks sharing cores]: 4 ranks on 2 cores (o = 2). All four computing at once take what the
+    compute slowdown priced (factor 1); rank 0 alone for as long again gets a whole core (factor 1/2), so its
+    mean is 3/4; two at once share two cores (1/2 each)."""
+    from partitioner.simulate import Action, Event, core_shares
+
+    f = lambda stage, mb: Action(stage, "F", mb)  # noqa: E731
+    events = [Event(r, f(r, 0), 0.0, 1.0) for r in range(4)] + [Event(0, f(0, 1), 1.0, 2.0)]
+    events += [Event(2, f(2, 1), 3.0, 4.0), Event(3, f(3, 1), 3.0, 4.0)]
+    assert core_shares(events, 4, 2.0) == pytest.approx([0.75, 1.0, 0.75, 0.75])
+    assert core_shares(events, 4, 1.0) == pytest.approx([1.0] * 4)  # a core per rank: nothing to give back
+
+
+def test_a_pipeline_on_shared_cores_is_priced_with_the_cores_its_bubble_frees(mlp):
+    """With 2 ranks on 1 core (compute slowdown 2, all of it oversubscription), a 2-stage pipeline is priced
+    between both ranks computing at once throughout (k = 2) and a core each (k = 1): in its warm-up and
+    cool-down one rank computes alone. Its components still add up to the step."""
+    n = len(prepare(mlp, cluster=Cluster.local(2), global_batch=8, dtype="fp32").pgraph.blocks)
+    stages = [StageSpec(tuple(range(n // 2))), StageSpec(tuple(range(n // 2, n)))]
+    mesh, schedule = Mesh(2, 1, 1), Schedule("1f1b", 4, 2)
+    steps = {}
+    for name, o in (("core each", Overheads()), ("all at once", Overheads(compute_slowdown=2.0)),
+                    ("shared", Overheads(compute_slowdown=2.0, oversubscribed=2.0))):
+        ev = prepare(mlp, cluster=replace(Cluster.local(2), overheads=o), global_batch=8, dtype="fp32")
+        plan, sim = ev.make_plan(stages, mesh, schedule, method="manual")
+        steps[name] = plan.predicted.step_time_s
+        for st in plan.stages:  # one stage per rank: its components are its rank's step
+            assert st.predicted.components.total_s() == pytest.approx(plan.predicted.step_time_s)
+    assert steps["core each"] < steps["shared"] < steps["all at once"]
+    with pytest.raises(ValueError, match="oversubscribed"):
+        Overheads(compute_slowdown=1.5, oversubscribed=2.0)  # a factor of the slowdown, not more
+
+
 def test_the_simulator_exposes_what_does_not_overlap_and_ends_with_after():
     stage = StageCost(forward_s=1.0, backward_s=2.0, dp_reduce_s=1.5)
     hidden = simulate([stage], "1f1b", 2)
