@@ -126,6 +126,9 @@ class Outcome:
     run_load: float | None = None
     calibration_load: float | None = None
     round_errors: tuple[float, ...] = ()  # each round's error where the figures are the mean of rounds (--rounds)
+    # every round's ``memory`` where there are several (its plan may differ: each round is calibrated anew);
+    # the summary's memory figures and the margin read them all
+    round_memory: tuple[tuple[tuple[int, int, int], ...], ...] = ()
 
     @property
     def name(self) -> str:
@@ -138,7 +141,13 @@ class Outcome:
 
     @property
     def memory_errors(self) -> list[float]:
-        return [p / m - 1.0 for _, p, m in self.memory]
+        """Each rank's predicted / measured peak - 1, of every round."""
+        return [p / m - 1.0 for _, p, m in self.all_memory]
+
+    @property
+    def all_memory(self) -> tuple[tuple[int, int, int], ...]:
+        """(rank, predicted, measured peak) of every rank of every round."""
+        return tuple(r for rnd in (self.round_memory or (self.memory,)) for r in rnd)
 
 
 def _env() -> dict[str, str]:
@@ -305,7 +314,8 @@ def more_sharded(layout: Layout, plan: dict) -> str:
 def combine(rounds: Sequence[Outcome]) -> Outcome:
     """One layout over its rounds: the mean prediction against the mean measured step (each round calibrated,
     planned and run anew, so both sides are samples of a machine whose speed moves between minutes); memory,
-    residuals and loads from the first round, the loads at their most. One round is itself."""
+    residuals and loads from the first round, the loads at their most, and every round's memory for the
+    summary and the margin (a round's plan can differ, and with it its memory). One round is itself."""
     if len(rounds) == 1:
         return rounds[0]
     first = rounds[0]
@@ -321,6 +331,7 @@ def combine(rounds: Sequence[Outcome]) -> Outcome:
         run_load=most([o.run_load for o in rounds if o.run_load is not None]),
         calibration_load=most([o.calibration_load for o in rounds if o.calibration_load is not None]),
         round_errors=tuple(o.step_error for o in rounds),
+        round_memory=tuple(o.memory for o in rounds),
     )
 
 
@@ -329,7 +340,7 @@ def summarize(outcomes: Sequence[Outcome]) -> dict[str, float]:
     bare = [abs(o.predicted_bare_s / o.measured_step_s - 1.0) for o in outcomes if o.predicted_bare_s is not None]
     mem = [abs(e) for o in outcomes for e in o.memory_errors]
     # The margin (explain.MemoryMargin): how far a measured peak went past its prediction, at worst.
-    excess = max(m / p - 1.0 for o in outcomes for _, p, m in o.memory)
+    excess = max(m / p - 1.0 for o in outcomes for _, p, m in o.all_memory)
     reserve = max(o.reserve for o in outcomes)
     # the layouts whose run the machine's other work did not disturb ([Note: other load])
     quiet = [abs(o.step_error) for o in outcomes if o.run_load is not None and o.run_load <= OTHER_LOAD_WARN]
@@ -552,7 +563,8 @@ def main(argv: Sequence[str] | None = None) -> int:
                "once a round, and its error is its mean prediction over its mean measured step (each round's error "
                "beside it). " if args.rounds > 1 else ". ")
             + "Peak memory is measured by the dispatch-mode storage meter (partitioner/measure.py) over the first step "
-            "and a steady one. Plans, runs and calibrations are in "
+            "and a steady one; the table shows the first round's, the summary and the margin count every round's "
+            "ranks (a round's plan can differ). Plans, runs and calibrations are in "
             f"`{keep.relative_to(ROOT) if keep.is_relative_to(ROOT) else keep}/`; "
             "`autopart explain --measured RUN.json` shows every component.",
             "",
