@@ -379,11 +379,15 @@ def tune(
     the best step cannot win, nor tie and win, and is skipped. The bound
     must exceed the best step by ``BOUND_SLACK`` (relative), more than the
     rounding between the sums, which add the same terms in other orders.
+    Where ranks share cores ([Note: ranks sharing cores] in evaluate.py), a
+    rank's priced work can run up to ``oversubscribed`` times faster (alone on
+    a core), so every bound here is divided by it (``floor``; 1 elsewhere).
     """
     report = report or TuneReport()
     dp_shardings = tuple(dp_shardings) if dp_shardings is not None else (ev.training.dp_sharding,)
     evs = {z: with_dp_sharding(ev, z) for z in dp_shardings}
     limit = ev.usable_memory_bytes  # the reserve and the memory margin kept free
+    floor = 1.0 / ev.overheads.oversubscribed  # the least share of its priced work a rank takes (pruning's bounds)
     shardings: dict[tuple[int, bool], dict] = {}  # (tp, sequence parallel) -> Megatron's layout
     work: dict[tuple[int, bool, int], tuple[float, float]] = {}  # (tp, sp, mbs) -> (forward + backward, forward) per micro-batch
     # (tp, sp, mbs) -> per block, (forward + backward, forward) per micro-batch ([Note: pruning by the busiest rank])
@@ -426,7 +430,7 @@ def tune(
             bound = m * avg + (pp - 1) * f / (pp * v)
         else:
             bound = m * avg + (w - avg) / v
-        points.append(replace(pt, lower_bound_s=bound))
+        points.append(replace(pt, lower_bound_s=bound * floor))
     points.sort(key=lambda p: (p.lower_bound_s, p.describe()))
     best: tuple[Plan, SimResult] | None = None
     smallest: tuple[float, GridPoint, list[StageSpec]] | None = None  # the smallest footprint seen, for the error
@@ -448,14 +452,14 @@ def tune(
             continue
         if prune and best is not None:  # [Note: pruning by the busiest rank]
             fb, f = block_work[(pt.mesh.tp, pt.sequence_parallel, pt.schedule.micro_batch_size)]
-            if split_work_s(blocks, fb, f if pt.recompute else None, pt.schedule, pt.mesh.pp) > \
+            if split_work_s(blocks, fb, f if pt.recompute else None, pt.schedule, pt.mesh.pp) * floor > \
                     best[0].predicted.step_time_s * (1 + BOUND_SLACK):
                 report.pruned_split += 1
                 continue
         costs = e.stage_costs(specs, pt.mesh, pt.schedule, sharding)
         if prune and best is not None and busiest_rank_s(
             costs, pt.schedule.name, pt.schedule.microbatches, pt.mesh.pp
-        ) > best[0].predicted.step_time_s * (1 + BOUND_SLACK):
+        ) * floor > best[0].predicted.step_time_s * (1 + BOUND_SLACK):
             report.pruned_split += 1
             continue
         need = _peak_memory(costs, pt.schedule, pt.mesh.pp)

@@ -709,14 +709,15 @@ class Evaluator:
         receive buffer holds them ([Note: what a step holds]). A recomputed block's checkpoint keeps its
         inputs, another block what its nodes save."""
         nodes, pgraph = self.captured.nodes, self.pgraph
-        stage, chosen = set(spec.blocks), set(spec.recompute)
+        chosen = set(spec.recompute)
+        inside = {n for b in spec.blocks for n in pgraph.blocks[b].nodes}
         received: dict[str, int] = {}
         for b in spec.blocks:
             block = pgraph.blocks[b]
             names = block.inputs if b in chosen else {i for n in block.nodes for i in nodes[n].saved_inputs}
             for name in names:
                 storage = pgraph.storage_of(name) if name in nodes else None
-                if storage is None or pgraph.block_of_node(storage[0]) in stage:
+                if storage is None or storage[0] in inside:
                     continue
                 received[storage[0]] = storage[1]
         return sum(received.values()) * micro_batch / self.captured.batch_size / tp

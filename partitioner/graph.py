@@ -175,10 +175,6 @@ class PartitionGraph:
     def block_of(self, node: str) -> int:
         return self._block_of_node[node]
 
-    def block_of_node(self, node: str) -> int:
-        """The block that makes ``node``, or -1 for one no block holds (a model input)."""
-        return self._block_of_node.get(node, -1)
-
     def block_index(self, name: str) -> int:
         """The index of the block named ``name`` (a module FQN); a clear error if there is none."""
         for b in self.blocks:

@@ -12,9 +12,11 @@ import itertools
 import json
 import random
 import re
+from dataclasses import replace
 
 import pytest
 
+from cost_models import Overheads
 from partitioner.baselines import METHODS, Pins, linear_partition, plan_baseline, uniform_partition
 from partitioner.capture import capture
 from partitioner.cluster import Cluster
@@ -351,6 +353,24 @@ def test_tuning_without_pruning_gives_the_same_plan(request, ev_name, method, by
     assert full.pruned_bound == full.pruned_split == 0 and pruned.points == full.points
     assert pruned.evaluated < full.evaluated
     assert (pruned.pruned_split > 0) == by_split
+
+
+@pytest.mark.parametrize("method", ["uniform", "expert"])
+def test_pruning_holds_where_ranks_share_cores(bigvocab, method):
+    # On 4 ranks sharing 2 cores a rank alone computes twice as fast as priced ([Note: ranks sharing
+    # cores] in evaluate.py): the bounds are divided by that, and pruning still gives the unpruned plan.
+    from partitioner.baselines import _SPLITS, _dp_shardings, _tps, tune
+    from tests.golden.cases import strip_timing
+
+    shared = replace(Cluster.local(4), overheads=Overheads(compute_slowdown=2.0, oversubscribed=2.0))
+    ev = prepare(bigvocab, cluster=shared, global_batch=16, dtype="fp32")
+    runs = {}
+    for prune in (True, False):
+        plan, _, rep = tune(method, ev, _SPLITS[method], Pins(), tps=_tps(method, ev, Pins()),
+                            dp_shardings=_dp_shardings(method, ev), prune=prune)
+        runs[prune] = (json.dumps(strip_timing(plan.to_dict()), sort_keys=True), rep)
+    assert runs[True][0] == runs[False][0]
+    assert runs[True][1].evaluated <= runs[False][1].evaluated
 
 
 def test_split_work_bounds_the_busiest_rank(ev_big_small_batch, ev_two_nodes):

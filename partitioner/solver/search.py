@@ -813,8 +813,8 @@ class _Search:
                     else:
                         trial = [StageSpec.whole(p, False) for p in parts]
                     if busiest_rank_s(ev.stage_costs(trial, mesh, schedule, sharding), schedule.name, schedule.microbatches,
-                                      mesh.pp) >= step_s:
-                        continue  # the step is at least its busiest rank's work: this move cannot win
+                                      mesh.pp) / ev.overheads.oversubscribed >= step_s:
+                        continue  # the step is at least its busiest rank's work (alone on a core): this move cannot win
                     plan, _ = ev.make_plan(trial, mesh, schedule, sharding=sharding, method="ilp")
                     if plan.predicted.fits and plan.predicted.step_time_s < step_s * (1 - 1e-9):
                         bounds, specs, step_s, improved = trial_bounds, trial, plan.predicted.step_time_s, True
