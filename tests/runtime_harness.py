@@ -512,6 +512,9 @@ def job_wrong_world(args: dict[str, Any]) -> dict[str, Any]:
         ParallelModel(model, plan, example, loss_fn, None)
     except Exception as exc:
         out["job_failed"] = f"{type(exc).__name__}: {exc}"
+    # Rank 0 holds the job's store: leaving before the other rank's checks are done reset its connection
+    # ("DistNetworkError: Connection reset by peer" as rank 1's error, once in a CI run).
+    dist.barrier()
     return out
 
 

@@ -506,6 +506,9 @@ class _Search:
             # Its solutions are re-timed under a split backward, whose weight gradients fill the
             # bubble: only the last rank's wait for its first input is left ([Note: pruning]).
             lower = min(lower, c.microbatches * avg + (c.pp - 1) * fwd / (c.pp * c.virtual_stages))
+        # where ranks share cores, a rank alone computes ``oversubscribed`` times faster than priced
+        # ([Note: ranks sharing cores] in evaluate.py)
+        lower /= self.ev.overheads.oversubscribed
         K = c.pp * c.virtual_stages
         shape = (c.schedule, c.pp, inflight_horizon(c.schedule, c.pp, c.microbatches, c.virtual_stages), c.virtual_stages)
         if shape not in self._inflight:  # the same vectors as the full order's (see inflight_horizon)
