@@ -331,6 +331,19 @@ def ev_big_small_batch(bigvocab):
     return prepare(bigvocab, cluster=Cluster.preset("dgx-a100-80g", 1), global_batch=16)
 
 
+def _tuned_with_and_without_pruning(method: str, ev) -> dict:
+    """``{prune: (the tuned plan's JSON without timings, its TuneReport)}`` for prune True and False."""
+    from partitioner.baselines import _SPLITS, _dp_shardings, _tps, tune
+    from tests.golden.cases import strip_timing
+
+    runs = {}
+    for prune in (True, False):
+        plan, _, rep = tune(method, ev, _SPLITS[method], Pins(), tps=_tps(method, ev, Pins()),
+                            dp_shardings=_dp_shardings(method, ev), prune=prune)
+        runs[prune] = (json.dumps(strip_timing(plan.to_dict()), sort_keys=True), rep)
+    return runs
+
+
 @pytest.mark.parametrize("ev_name,method,by_split", [
     ("ev_one_node", "expert", False), ("ev_one_node", "pipedream", False), ("ev_two_nodes", "megatron", False),
     ("ev_big_small_batch", "uniform", True), ("ev_big_small_batch", "pipedream", True),
@@ -339,15 +352,7 @@ def test_tuning_without_pruning_gives_the_same_plan(request, ev_name, method, by
     # Pruning by the grid's bound and by a split's busiest rank ([Note: pruning by the busiest rank])
     # skips only points that could neither win nor tie and win: visiting every point in the same
     # order gives the same plan, byte for byte. On the big vocabulary the split's bound prunes too.
-    from partitioner.baselines import _SPLITS, _dp_shardings, _tps, tune
-    from tests.golden.cases import strip_timing
-
-    ev = request.getfixturevalue(ev_name)
-    runs = {}
-    for prune in (True, False):
-        plan, _, rep = tune(method, ev, _SPLITS[method], Pins(), tps=_tps(method, ev, Pins()),
-                            dp_shardings=_dp_shardings(method, ev), prune=prune)
-        runs[prune] = (json.dumps(strip_timing(plan.to_dict()), sort_keys=True), rep)
+    runs = _tuned_with_and_without_pruning(method, request.getfixturevalue(ev_name))
     assert runs[True][0] == runs[False][0]
     pruned, full = runs[True][1], runs[False][1]
     assert full.pruned_bound == full.pruned_split == 0 and pruned.points == full.points
@@ -359,16 +364,8 @@ def test_tuning_without_pruning_gives_the_same_plan(request, ev_name, method, by
 def test_pruning_holds_where_ranks_share_cores(bigvocab, method):
     # On 4 ranks sharing 2 cores a rank alone computes twice as fast as priced ([Note: ranks sharing
     # cores] in evaluate.py): the bounds are divided by that, and pruning still gives the unpruned plan.
-    from partitioner.baselines import _SPLITS, _dp_shardings, _tps, tune
-    from tests.golden.cases import strip_timing
-
     shared = replace(Cluster.local(4), overheads=Overheads(compute_slowdown=2.0, oversubscribed=2.0))
-    ev = prepare(bigvocab, cluster=shared, global_batch=16, dtype="fp32")
-    runs = {}
-    for prune in (True, False):
-        plan, _, rep = tune(method, ev, _SPLITS[method], Pins(), tps=_tps(method, ev, Pins()),
-                            dp_shardings=_dp_shardings(method, ev), prune=prune)
-        runs[prune] = (json.dumps(strip_timing(plan.to_dict()), sort_keys=True), rep)
+    runs = _tuned_with_and_without_pruning(method, prepare(bigvocab, cluster=shared, global_batch=16, dtype="fp32"))
     assert runs[True][0] == runs[False][0]
     assert runs[True][1].evaluated <= runs[False][1].evaluated
 
