@@ -12,9 +12,14 @@ before issue 14 (but for the zero-bubble schedules, which no pin turns off), so 
 ``before / with`` is what the new options of issue 14 (ZeRO-2/3, HSDP, recomputation per block,
 selective, sequence parallelism) buy together. The figures are the simulator's (predicted).
 
-    python -m benchmarks.recompute [--cases 13b,70b,175b] [--runs before,without,with] [--json OUT]
+    python -m benchmarks.recompute [--cases 13b,70b,175b] [--runs before,without,with]
+                                   [--mesh-sweep before,...] [--json OUT]
 
 ``--runs`` plans only some of the three (the ratios are printed where both of theirs ran).
+``--mesh-sweep`` also plans the named runs once per mesh (tp a power of two inside a node, pp
+dividing the rest), each with the same pins and budget and the mesh pinned, and keeps the fastest
+of those and the free search: a check that a run's figure is not an artifact of where its search
+went, since a search that misses a mesh's best plan would show here as a faster pinned plan.
 """
 
 from __future__ import annotations
@@ -23,6 +28,7 @@ import argparse
 import json
 import sys
 import time
+from dataclasses import replace
 
 from benchmarks.zero3 import BEFORE, CASES
 
@@ -30,11 +36,17 @@ from benchmarks.zero3 import BEFORE, CASES
 RUNS = ("before", "without", "with")
 
 
-def plan_case(name: str, runs: tuple[str, ...] = RUNS) -> dict:
+def meshes(world: int, per_node: int) -> list[tuple[int, int]]:
+    """``(pp, tp)`` of every mesh a sweep pins: tp a power of two inside a node, pp dividing the rest."""
+    tps = [t for t in (1, 2, 4, 8, 16) if t <= min(per_node, world) and world % t == 0]
+    return [(pp, tp) for tp in tps for pp in range(1, world // tp + 1) if (world // tp) % pp == 0]
+
+
+def plan_case(name: str, runs: tuple[str, ...] = RUNS, sweep: tuple[str, ...] = ()) -> dict:
     from partitioner.baselines import Pins
     from partitioner.capture import capture
     from partitioner.cluster import Cluster
-    from partitioner.errors import InfeasibleError
+    from partitioner.errors import AutopartError, InfeasibleError
     from partitioner.graph import build_partition_graph
     from partitioner.planner import prepare
     from partitioner.solver import plan_ilp
@@ -45,16 +57,40 @@ def plan_case(name: str, runs: tuple[str, ...] = RUNS) -> dict:
     cap = capture(lm.model, lm.example_inputs, lm.example_kwargs, name=case.model, batch_size=lm.batch_size)
     ev = prepare(build_partition_graph(cap, lm.model), cluster=Cluster.preset(case.cluster, case.nodes),
                  global_batch=case.global_batch)
+    cluster = ev.cluster
     out = {"case": case.name}
     pins_of = {"before": Pins(dp_shardings=BEFORE, recompute_blocks=False, sequence_parallel=False),
                "without": Pins(recompute_blocks=False), "with": Pins()}
+    def best(pins: Pins, tag: str):
+        """The free search's plan and, where ``tag`` is swept, each pinned mesh's: the fastest, and
+        the sweep's rows (None: not swept)."""
+        plans, rows = [], None
+        try:
+            plans.append(plan_ilp(ev, pins, time_limit_s=case.time_limit_s).plan)
+        except InfeasibleError as exc:
+            error = str(exc).splitlines()[0]
+        if tag in sweep:
+            rows = []
+            for pp, tp in meshes(cluster.world_size, cluster.devices_per_node):
+                try:
+                    plan = plan_ilp(ev, replace(pins, pp=pp, tp=tp), time_limit_s=case.time_limit_s).plan
+                except AutopartError as exc:  # no plan fits this mesh, or it does not suit the model
+                    rows.append(dict(pp=pp, tp=tp, error=str(exc).splitlines()[0]))
+                    continue
+                plans.append(plan)
+                rows.append(dict(pp=pp, tp=tp, step_s=plan.predicted.step_time_s, mesh=str(plan.mesh),
+                                 schedule=plan.schedule.name, microbatches=plan.schedule.microbatches))
+                print(f"{case.name:32s} {tag:8s} pinned pp={pp} tp={tp}: {plan.predicted.step_time_s:.3f} s", flush=True)
+        if not plans:
+            return None, rows, error
+        return min(plans, key=lambda p: p.predicted.step_time_s), rows, None
+
     for tag in runs:
         pins = pins_of[tag]
         started = time.perf_counter()
-        try:
-            plan = plan_ilp(ev, pins, time_limit_s=case.time_limit_s).plan
-        except InfeasibleError as exc:
-            out[tag] = dict(error=str(exc).splitlines()[0], step_s=float("inf"))
+        plan, swept, error = best(pins, tag)
+        if plan is None:
+            out[tag] = dict(error=error, step_s=float("inf"), **({"sweep": swept} if swept is not None else {}))
             continue
         p = plan.predicted
         blocks = sum(len(s.modules) for s in plan.stages)
@@ -69,6 +105,7 @@ def plan_case(name: str, runs: tuple[str, ...] = RUNS) -> dict:
             step_s=p.step_time_s, peak_gib=p.peak_memory_bytes / 2**30, limit_gib=p.memory_limit_bytes / 2**30,
             bubble=p.bubble_fraction, origin=plan.solver.origin, status=plan.solver.status,
             wall_s=time.perf_counter() - started,
+            **({"sweep": swept} if swept is not None else {}),
         )
     if "with" in out and "without" in out:
         out["speedup"] = out["without"]["step_s"] / out["with"]["step_s"]
@@ -81,6 +118,7 @@ def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--cases", default=",".join(CASES), help=f"which cases (default all: {','.join(CASES)})")
     ap.add_argument("--runs", default=",".join(RUNS), help=f"which runs (default all: {','.join(RUNS)})")
+    ap.add_argument("--mesh-sweep", default="", help="runs to also plan once per pinned mesh, keeping the fastest")
     ap.add_argument("--json", default=None, help="also write the figures here")
     args = ap.parse_args()
     names = [c for c in args.cases.split(",") if c]
@@ -93,9 +131,14 @@ def main() -> int:
     if bad or not runs:
         print(f"--runs: unknown run {bad[0] if bad else ''!r}; runs are {', '.join(RUNS)}", file=sys.stderr)
         return 2
+    sweep = tuple(r for r in args.mesh_sweep.split(",") if r)
+    if any(r not in runs for r in sweep):
+        print(f"--mesh-sweep: {next(r for r in sweep if r not in runs)!r} is not among --runs ({', '.join(runs)})",
+              file=sys.stderr)
+        return 2
     rows = []
     for name in names:
-        row = plan_case(name, runs)
+        row = plan_case(name, runs, sweep)
         rows.append(row)
         for tag in runs:
             r = row[tag]
