@@ -72,7 +72,15 @@ rank updates ``T_s`` parameter tensors of ``P_s`` elements:
   node forward, 0.15 ms a call backward, more than a tiny block's own compute;
 * per point-to-point transfer between pipeline stages on different ranks (an
   activation forward, its gradient back), beyond the link's ``alpha + S / B``:
-  ``send_s += a_p2p``. The link is measured by a ping-pong between idle ranks;
+  ``send_s += a_p2p + (n_f - 1) a_p2p_tensor`` and ``grad_send_s += a_p2p + (n_b - 1)
+  a_p2p_tensor`` for a cut carrying ``n_f`` tensors forward and ``n_b`` gradients back.
+  torch's stage sends each tensor of a boundary as its own operation, and a gradient only
+  where one is needed: GPT-2's cut sends its attention mask beside the hidden state,
+  Llama's also the rotary cosine and sine tables, and one gradient comes back. A further
+  tensor costs less than the first, and the third and fourth little more than the second: the
+  busy pipeline below with 1, 2 and 4 tensors a transfer waited 1913, 2560 and 2682 us
+  per transfer (medians of 6 rounds, benchmarks/p2p_tensors.py,
+  results/2026-12-06-p2p-tensors.md). The link is measured by a ping-pong between idle ranks;
   in a pipeline the ranks compute while their transfers are due, and a gloo
   transfer needs its sender's communication thread, and its receiver's waiting
   thread, to get a core back from the computing ones (a one-way 64 KiB transfer
@@ -168,6 +176,7 @@ OVERHEAD_FILE_KEYS = {
     "checkpoint_backward_us": ("checkpoint_backward_s", Decimal("1e-6")),
     "checkpoint_node_forward_us": ("checkpoint_node_s", Decimal("1e-6")),
     "p2p_transfer_us": ("p2p_transfer_s", Decimal("1e-6")),
+    "p2p_tensor_us": ("p2p_tensor_s", Decimal("1e-6")),
     "split_backward_node_us": ("split_backward_node_s", Decimal("1e-6")),
     "split_backward_param_us": ("split_backward_param_s", Decimal("1e-6")),
     "grad_accumulate_gbps": ("accumulate_bandwidth", Decimal("1e9")),
@@ -201,6 +210,7 @@ class Overheads:
     checkpoint_backward_s: float = 0.0  # a_ckpt_bwd: the same call's backward, beyond the forward it replays
     checkpoint_node_s: float = 0.0  # a_ckpt_node: per node inside a checkpoint call that saves a tensor, forward (its hook)
     p2p_transfer_s: float = 0.0  # a_p2p: per transfer between pipeline ranks while they compute, beyond the link
+    p2p_tensor_s: float = 0.0  # a_p2p_tensor: per further tensor such a transfer carries (each its own operation)
     split_backward_node_s: float = 0.0  # a_split: per graph node of a stage whose backward torch splits (I, W), per micro-batch
     split_backward_param_s: float = 0.0  # a_split_w: per trainable parameter tensor of such a stage, per micro-batch
     accumulate_bandwidth: float = 0.0  # B_acc: gradient bytes/s autograd adds into a held .grad; 0: not measured
@@ -247,6 +257,11 @@ class Overheads:
         if self.optimizer_bandwidth > 0:
             t += params * bytes_per_param / self.optimizer_bandwidth
         return t
+
+    def transfer_wait(self, tensors: int) -> float:
+        """``a_p2p + (n - 1) a_p2p_tensor``: what a transfer of ``n`` tensors between pipeline ranks waits beyond
+        the link ([Note: software overheads]); 0 for no tensor (no transfer)."""
+        return self.p2p_transfer_s + (tensors - 1) * self.p2p_tensor_s if tensors > 0 else 0.0
 
     def accumulate_time(self, grad_bytes: float, accumulations: float) -> float:
         """``A G / B_acc``: ``accumulations`` additions of a micro-batch's gradients into the ``grad_bytes`` a

@@ -102,7 +102,13 @@ median:
   ms within 15 minutes); ``a_p2p`` is the time to add to each transfer (on the measured link)
   for the simulated step of stages ``f_r + a_action``, ``b_r + a_action`` plus
   ``a_step`` to equal the measured step, found by bisection (the simulated
-  step grows with it), the median over ``M``, at least 0;
+  step grows with it), the median over ``M``, at least 0; in the same rounds the
+  same pipeline whose activations travel with ``BUSY_EXTRA_TENSORS`` small bool
+  tensors more (each ``EXTRA_TENSOR`` a micro-batch, as a model's stage passes
+  its attention mask; torch sends each as its own operation, and no gradient
+  back for them): ``a_p2p_tensor`` is the time to add per further tensor of a
+  forward transfer, beyond ``a_p2p``, for that simulated step to equal its
+  measured one, by the same bisection, at least 0;
 * the tensor-parallel interpreter: a chain of ``N`` small elementwise ops
   (an aten graph, as the runtime's stages are) run plainly, through
   ``TensorParallelModule`` with every node replicated, and with every node on
@@ -566,23 +572,46 @@ def _mse(y: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
     return ((y - t) ** 2).mean()
 
 
+class PassThrough(torch.nn.Module):
+    """A stage that hands its extra inputs on beside its output, as a model's stage passes an attention mask."""
+
+    def __init__(self, stage: torch.nn.Module) -> None:
+        super().__init__()
+        self.stage = stage
+
+    def forward(self, x: torch.Tensor, *extra: torch.Tensor) -> tuple[torch.Tensor, ...]:
+        return (self.stage(x), *extra)
+
+
+def _mse_first(out: tuple[torch.Tensor, ...], t: torch.Tensor) -> torch.Tensor:
+    return _mse(out[0], t)
+
+
+EXTRA_TENSOR = (2, 64, 64)  # one extra tensor of a transfer, per micro-batch: bool, gpt2-tiny's mask of 2 samples
+
+
 def _pipeline_steps(stage: torch.nn.Module, counts: Sequence[int], rows: int, width: int, device: torch.device,
-                    finish: Callable[[], None]) -> dict[int, Callable[[], None]]:
+                    finish: Callable[[], None], extra: int = 0) -> dict[int, Callable[[], None]]:
     """Per micro-batch count ``M``: one training step of torch's ``Schedule1F1B`` over ``stage`` on every
     rank (one stage a rank), micro-batches of ``rows`` rows of ``width``, then ``finish`` (the step's own
-    work outside the schedule); each warmed up twice (torch builds the stage's buffers on the first step)."""
+    work outside the schedule); each warmed up twice (torch builds the stage's buffers on the first step).
+    ``extra``: that many bool tensors of ``EXTRA_TENSOR`` a micro-batch travel beside the activation (no
+    gradient comes back for them)."""
     from torch.distributed.pipelining import PipelineStage, Schedule1F1B
 
     world, rank = dist.get_world_size(), dist.get_rank()
     runs = {}
     for m in counts:
-        schedule = Schedule1F1B(PipelineStage(stage, rank, world, device), m, loss_fn=_mse)
+        module, loss_fn = (PassThrough(stage), _mse_first) if extra else (stage, _mse)
+        schedule = Schedule1F1B(PipelineStage(module, rank, world, device), m, loss_fn=loss_fn)
         x = torch.randn(m * rows, width, device=device)
+        more = [torch.ones(m * EXTRA_TENSOR[0], *EXTRA_TENSOR[1:], dtype=torch.bool, device=device)
+                for _ in range(extra)]
         target = torch.zeros(m * rows, width, device=device)
 
-        def step(schedule: Any = schedule, x: torch.Tensor = x, target: torch.Tensor = target) -> None:
+        def step(schedule: Any = schedule, x: torch.Tensor = x, more: list = more, target: torch.Tensor = target) -> None:
             if rank == 0:
-                schedule.step(x)
+                schedule.step(x, *more)
             elif rank == world - 1:
                 schedule.step(target=target, losses=[])
             else:
@@ -673,6 +702,32 @@ def transfer_overhead(samples: Sequence[BusyPipelineSample], action_s: float, st
                   for f, b in zip(x.forward_s, x.backward_s, strict=True)]
         return simulate(stages, "1f1b", x.microbatches).step_time_s + step_s
 
+    return _fitted_wait(samples, step)
+
+
+def tensor_overhead(samples: Sequence[BusyPipelineSample], action_s: float, step_s: float, transfer_s: float,
+                    extra: int) -> float:
+    """``a_p2p_tensor``: the seconds to add per further tensor of a forward transfer, beyond ``a_p2p``
+    (``transfer_s``) for its first, so that the simulated 1F1B step of each sample (whose activations
+    travel with ``extra`` tensors more, and whose gradients alone) equals its measured one; the median
+    over the samples, at least 0 ([Note: measuring overheads])."""
+    from .simulate import StageCost, simulate
+
+    if not samples or extra < 1:
+        raise CalibrateError("the extra-tensor pipeline experiment needs a sample and at least one extra tensor")
+
+    def step(x: BusyPipelineSample, each: float) -> float:
+        stages = [StageCost(f + action_s, b + action_s, send_s=x.send_s + transfer_s + extra * each,
+                            grad_send_s=x.send_s + transfer_s)
+                  for f, b in zip(x.forward_s, x.backward_s, strict=True)]
+        return simulate(stages, "1f1b", x.microbatches).step_time_s + step_s
+
+    return _fitted_wait(samples, step)
+
+
+def _fitted_wait(samples: Sequence[BusyPipelineSample], step: Callable[[BusyPipelineSample, float], float]) -> float:
+    """The median over ``samples`` of the wait ``w >= 0`` at which ``step(x, w)``, growing with ``w``, equals
+    the sample's measured step (0 where the step is no slower than ``step(x, 0)``)."""
     out = []
     for x in samples:
         if step(x, 0.0) >= x.seconds:
@@ -686,8 +741,13 @@ def transfer_overhead(samples: Sequence[BusyPipelineSample], action_s: float, st
     return max(0.0, statistics.median(out))
 
 
-def _busy_pipeline_samples(device: torch.device, link: LinkFit | None, reps: int) -> list[BusyPipelineSample]:
-    """The pipeline experiment whose ranks compute: one sample per micro-batch count."""
+BUSY_EXTRA_TENSORS = 3  # the further tensors of each forward transfer in the experiment's second pipeline
+
+
+def _busy_pipeline_samples(device: torch.device, link: LinkFit | None,
+                           reps: int) -> tuple[list[BusyPipelineSample], list[BusyPipelineSample]]:
+    """The pipeline experiment whose ranks compute: one sample per micro-batch count, with one tensor a transfer
+    and with ``BUSY_EXTRA_TENSORS`` more forward, timed in the same rounds."""
     world, rank = dist.get_world_size(), dist.get_rank()
     torch.manual_seed(0)
     stage = torch.nn.Sequential(*(torch.nn.Linear(BUSY_WIDTH, BUSY_WIDTH) for _ in range(BUSY_DEPTH))).to(device)
@@ -713,9 +773,10 @@ def _busy_pipeline_samples(device: torch.device, link: LinkFit | None, reps: int
         stage.zero_grad(set_to_none=False)
         dist.all_reduce(loss)
 
-    runs = _pipeline_steps(stage, _microbatch_counts(BUSY_PIPELINE_MICROBATCHES, world), BUSY_ROWS, BUSY_WIDTH,
-                           device, finish)
-    times: dict[int, list[float]] = {m: [] for m in runs}
+    counts = _microbatch_counts(BUSY_PIPELINE_MICROBATCHES, world)
+    variants = [_pipeline_steps(stage, counts, BUSY_ROWS, BUSY_WIDTH, device, finish, extra)
+                for extra in (0, BUSY_EXTRA_TENSORS)]
+    times: list[dict[int, list[float]]] = [{m: [] for m in runs} for runs in variants]
     fwd: list[float] = []
     bwd: list[float] = []
 
@@ -730,14 +791,16 @@ def _busy_pipeline_samples(device: torch.device, link: LinkFit | None, reps: int
         f = own(forward)
         fwd.append(f)
         bwd.append(max(0.0, own(forward_backward) - f))
-        for m, step in runs.items():
-            times[m].append(_timed(step, device, 1, warmup=0))
+        for runs, timed in zip(variants, times, strict=True):
+            for m, step in runs.items():
+                timed[m].append(_timed(step, device, 1, warmup=0))
     mine = (statistics.median(fwd), statistics.median(bwd))
     per_rank: list[Any] = [None] * world
     dist.all_gather_object(per_rank, mine)
     send = link.latency + BUSY_ROWS * BUSY_WIDTH * 4 / link.bandwidth if link else 0.0
-    return [BusyPipelineSample(m, statistics.median(times[m]), tuple(r[0] for r in per_rank),
-                               tuple(r[1] for r in per_rank), send) for m in runs]
+    one, more = ([BusyPipelineSample(m, statistics.median(timed[m]), tuple(r[0] for r in per_rank),
+                                     tuple(r[1] for r in per_rank), send) for m in timed] for timed in times)
+    return one, more
 
 
 def _chain(width: int, n: int) -> Any:
@@ -1105,7 +1168,9 @@ def measure_overheads(device: torch.device, link: LinkFit | None, reps: int, slo
     """Every overhead of [Note: measuring overheads], rounded to four significant digits."""
     samples, step = _pipeline_samples(device, link, max(reps, ROUNDS))
     action = pipeline_overheads(samples, step)
-    p2p = transfer_overhead(_busy_pipeline_samples(device, link, max(reps, ROUNDS)), action, step)
+    busy, busy_more = _busy_pipeline_samples(device, link, max(reps, ROUNDS))
+    p2p = transfer_overhead(busy, action, step)
+    p2p_tensor = tensor_overhead(busy_more, action, step, p2p, BUSY_EXTRA_TENSORS)
     node, node_b, dt, dt_b = tp_node_overheads(device, reps)
     tensor_s, bandwidth = optimizer_overheads(_optimizer_samples(device, reps))
     zero1 = zero1_overhead(device, link, reps, tensor_s, bandwidth)
@@ -1120,7 +1185,8 @@ def measure_overheads(device: torch.device, link: LinkFit | None, reps: int, slo
         dtensor_op_forward_us=us(dt), dtensor_op_backward_us=us(dt_b), optimizer_tensor_us=us(tensor_s),
         optimizer_dtensor_us=us(opt_dt), zero1_tensor_us=us(zero1), fsdp_unit_forward_us=us(fsdp_f), fsdp_unit_backward_us=us(fsdp_b),
         optimizer_gbps=_sig(bandwidth / 1e9), checkpoint_forward_us=us(ckpt), checkpoint_backward_us=us(ckpt_b),
-        checkpoint_node_forward_us=us(ckpt_node), p2p_transfer_us=us(p2p), split_backward_node_us=us(split),
+        checkpoint_node_forward_us=us(ckpt_node), p2p_transfer_us=us(p2p), p2p_tensor_us=us(p2p_tensor),
+        split_backward_node_us=us(split),
         split_backward_param_us=us(split_w), grad_accumulate_gbps=_sig(accumulate / 1e9),
         comm_overlap=round(overlap, 3), compute_slowdown=round(slowdown, 3),
         oversubscribed=min(round(oversubscribed, 3), round(slowdown, 3)), **collective_fields(link)))

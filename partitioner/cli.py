@@ -965,7 +965,8 @@ def _print_calibration(report, base, cluster) -> None:
     if o.measured:
         console.print(
             f"overheads (slowest rank): {o.action_s * 1e6:.0f} us per pipeline action, {o.step_s * 1e6:.0f} us per step, "
-            f"{o.p2p_transfer_s * 1e6:.0f} us per pipeline transfer while the ranks compute; "
+            f"{o.p2p_transfer_s * 1e6:.0f} us per pipeline transfer while the ranks compute "
+            f"(+{o.p2p_tensor_s * 1e6:.0f} us per further tensor); "
             f"tensor-parallel node {o.tp_node_s * 1e6:.0f}/{o.tp_node_backward_s * 1e6:.0f} us (forward/backward), "
             f"DTensor op +{o.dtensor_op_s * 1e6:.0f}/{o.dtensor_op_backward_s * 1e6:.0f} us; optimizer "
             f"{o.optimizer_tensor_s * 1e6:.0f} us per tensor + {o.optimizer_bandwidth / 1e9:.2f} GB/s, ZeRO-1 "

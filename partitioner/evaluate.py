@@ -826,6 +826,7 @@ class Evaluator:
             for b in spec.blocks:
                 stage_of[b] = s
         crossing = self.pgraph.crossing_bytes(stage_of)
+        cut_tensors = self.pgraph.crossing_tensors(stage_of)
         layout = schedule_spec(schedule.name).layout
         params = self.captured.params
         first_stage: dict[int, int] = {}  # pipeline rank -> its lowest stage, which carries the per-step overhead
@@ -873,13 +874,14 @@ class Evaluator:
                 transient += gathered
                 fwd, bwd = fwd + f_exp, bwd + b_exp
             rank = mesh.rank(stage_rank(s, pp, layout))
-            send = 0.0
+            send = grad_send = 0.0
             if s + 1 < len(stages):
                 nbytes = crossing[s] * mbs / self.captured.batch_size
                 dest = mesh.rank(stage_rank(s + 1, pp, layout))
-                send = self.cost_model.p2p_time(nbytes / mesh.tp, rank, dest)
-                if dest != rank:  # [Note: software overheads]: a transfer between ranks that compute
-                    send += self.overheads.p2p_transfer_s
+                send = grad_send = self.cost_model.p2p_time(nbytes / mesh.tp, rank, dest)
+                if dest != rank:  # [Note: software overheads]: a transfer between ranks that compute, per its tensors
+                    send += self.overheads.transfer_wait(cut_tensors[s].forward)
+                    grad_send += self.overheads.transfer_wait(cut_tensors[s].backward)
             dp_reduce = 0.0
             if mesh.dp > 1 and not fsdp:
                 grad = grad_bytes
@@ -894,6 +896,7 @@ class Evaluator:
                     forward_s=fwd + action,
                     backward_s=bwd + action,
                     send_s=send,
+                    grad_send_s=grad_send,
                     activation_bytes=int(mem.held_bytes),
                     static_bytes=int(static + transient),
                     dp_reduce_s=dp_reduce,

@@ -107,6 +107,18 @@ class TensorFlow:
     producer: int  # index of the producing block
     readers: tuple[int, ...]  # indices of the blocks that read it, sorted
     bytes: float  # its size: per capture batch in the partition graph, per micro-batch in a StageProblem
+    # a float tensor a trainable parameter flows into: its gradient comes back across a cut (a mask or a
+    # rotary table does not; torch's stage sends no gradient for it)
+    needs_grad: bool = True
+
+
+@dataclass(frozen=True, slots=True)
+class CutTensors:
+    """The tensors a pipeline cut carries per micro-batch: torch's stage sends each as its own
+    point-to-point operation ([Note: software overheads] in cost_models/overheads.py)."""
+
+    forward: int  # activations sent to the next stage
+    backward: int  # gradients sent back: those of the activations that need one
 
 
 class PartitionGraph:
@@ -251,9 +263,22 @@ class PartitionGraph:
                     if i in self._block_of_node and self._block_of_node[i] != b.index:
                         readers.setdefault(i, set()).add(b.index)
         return [
-            TensorFlow(producer=self._block_of_node[prod], readers=tuple(sorted(rs)), bytes=nodes[prod].output_bytes)
+            TensorFlow(producer=self._block_of_node[prod], readers=tuple(sorted(rs)), bytes=nodes[prod].output_bytes,
+                       needs_grad=nodes[prod].needs_grad and any(o.dtype.startswith(("float", "bfloat"))
+                                                                  for o in nodes[prod].outputs))
             for prod, rs in sorted(readers.items())
         ]
+
+    def crossing_tensors(self, stage_of: Sequence[int]) -> list[CutTensors]:
+        """The tensors crossing each cut (after stage k) when block i is on stage ``stage_of[i]``, counted
+        as ``crossing_bytes`` counts their bytes."""
+        stages = max(stage_of) + 1 if stage_of else 0
+        forward, backward = [0] * max(0, stages - 1), [0] * max(0, stages - 1)
+        for t in self._flows:
+            for k in range(stage_of[t.producer], max(stage_of[r] for r in t.readers)):
+                forward[k] += 1
+                backward[k] += t.needs_grad
+        return [CutTensors(f, b) for f, b in zip(forward, backward, strict=True)]
 
     def crossing_bytes(self, stage_of: Sequence[int]) -> list[int]:
         """Bytes crossing each cut (after stage k) when block i is on stage ``stage_of[i]``.

@@ -34,7 +34,8 @@ Glossary (the words mean only this in this module):
 Each rank executes its ordered action list strictly in order, one action at a
 time. ``F(s, m)`` starts when the rank is free and ``F(s-1, m)`` has finished
 plus ``stages[s-1].send_s``. ``B(s, m)`` or ``I(s, m)`` needs ``F(s, m)`` done
-and ``B(s+1, m)`` or ``I(s+1, m)`` finished plus ``stages[s].send_s``; the
+and ``B(s+1, m)`` or ``I(s+1, m)`` finished plus ``stages[s].grad_send_s`` (its
+``send_s`` unless set apart: a stage may send more tensors than gradients come back); the
 last stage's backward needs only its own forward. ``W(s, m)`` needs
 ``I(s, m)``; ``I`` takes ``backward_s - backward_weight_s`` and ``W`` takes
 ``backward_weight_s``. Adjacent stages on the same rank (the turn of a V)
@@ -162,8 +163,7 @@ class StageCost:
 
     forward_s: float  # one micro-batch forward on this stage (compute + tensor-parallel collectives)
     backward_s: float  # one micro-batch backward (includes the recomputed forward when recompute is on)
-    # p2p time to send this stage's output to the next stage, per micro-batch
-    # (the gradient coming back costs the same; ignored on the last stage)
+    # p2p time to send this stage's output to the next stage, per micro-batch (ignored on the last stage)
     send_s: float = 0.0
     # activation memory held per in-flight micro-batch (forward done, backward not yet)
     activation_bytes: int = 0
@@ -185,10 +185,14 @@ class StageCost:
     # overhead ([Note: software overheads] in cost_models/overheads.py); 0 unless calibrated
     after_s: float = 0.0
     tied_sums: tuple[TiedSum, ...] = ()  # weights shared with another rank's stage ([Note: tied weights' gradient sums])
+    # p2p time of the output's gradient coming back from the next stage; None: the same as send_s
+    grad_send_s: float | None = None
 
     def __post_init__(self) -> None:
-        for name in ("forward_s", "backward_s", "send_s", "dp_reduce_s", "backward_weight_s", "after_s"):
+        for name in ("forward_s", "backward_s", "send_s", "grad_send_s", "dp_reduce_s", "backward_weight_s", "after_s"):
             value = getattr(self, name)
+            if name == "grad_send_s" and value is None:
+                continue
             if not (isinstance(value, (int, float)) and math.isfinite(value) and value >= 0):
                 raise PlanError(
                     f"StageCost.{name} = {value!r}: times must be finite and >= 0 seconds; "
@@ -429,6 +433,10 @@ def _simulate_orders(
     send = [
         c.send_s if s < last and owner[s] != owner[s + 1] else 0.0 for s, c in enumerate(stage_costs)
     ]
+    grad_send = [
+        (c.send_s if c.grad_send_s is None else c.grad_send_s) if s < last and owner[s] != owner[s + 1] else 0.0
+        for s, c in enumerate(stage_costs)
+    ]
 
     waited = [0.0] * num_stages  # [Note: where idle time goes]
     in_transit = [0.0] * num_stages
@@ -471,7 +479,7 @@ def _simulate_orders(
                     sent = end[dep]
                     if sent is None:
                         break
-                    arrives = sent + send[s]
+                    arrives = sent + grad_send[s]
                     if arrives > ready:
                         ready = arrives
                 duration = inp[s] if split[key] else bwd[s]

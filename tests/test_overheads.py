@@ -19,7 +19,7 @@ import torch
 from cost_models import Overheads
 from partitioner.calibrate import (CHECKPOINT_BLOCK_NODES, BusyPipelineSample, CheckpointBlock, CheckpointSample,
                                    PipelineSample, checkpoint_fit, checkpoint_passes, optimizer_overheads,
-                                   pipeline_overheads, transfer_overhead)
+                                   pipeline_overheads, tensor_overhead, transfer_overhead)
 from partitioner.cluster import Cluster, load_cluster
 from partitioner.errors import ClusterError
 from partitioner.evaluate import StageSpec
@@ -315,13 +315,41 @@ def test_each_transfer_between_pipeline_ranks_pays_its_measured_wait(mlp):
     _, _, costs, plan = _priced(mlp, wait, mesh)
     assert base[0].send_s > 0 and costs[0].send_s == pytest.approx(base[0].send_s + 3e-3)
     assert costs[1].send_s == base[1].send_s == 0.0  # the last stage sends nothing
-    assert [replace(c, send_s=0.0) for c in costs] == [replace(c, send_s=0.0) for c in base]  # nothing else moves
+    assert costs[0].grad_send_s == pytest.approx(base[0].grad_send_s + 3e-3)  # one gradient comes back
+    assert [replace(c, send_s=0.0, grad_send_s=0.0) for c in costs] == [replace(c, send_s=0.0, grad_send_s=0.0)
+                                                                        for c in base]  # nothing else moves
     for p, c in ((plain, base), (plan, costs)):
         sim = simulate(c, "1f1b", 4, overlap_dp=ev.training.overlap_dp)
         assert p.predicted.step_time_s == pytest.approx(sim.step_time_s, rel=1e-12)
     # The first micro-batch's forward goes to rank 1 and its gradient comes back before rank 0's first backward:
     # at least two transfers are on the critical path.
     assert plan.predicted.step_time_s >= plain.predicted.step_time_s + 2 * 3e-3 - 1e-12
+
+
+def test_each_further_tensor_a_cut_carries_pays_its_wait(zoo_capture):
+    """torch's stage sends each tensor of a stage boundary as its own point-to-point operation, and a gradient
+    only for those that need one: GPT-2's cut after its embedding carries the attention mask (bool) and the
+    hidden state forward and the hidden state's gradient back, so it waits ``a_p2p + a_p2p_tensor`` forward
+    and ``a_p2p`` back; the simulator delays each direction by its own time."""
+    gpt2 = zoo_capture("gpt2-tiny")
+    wait = Overheads(p2p_transfer_s=3e-3, p2p_tensor_s=0.5e-3)
+    assert Overheads.from_file(wait.to_file()) == wait and wait.to_file()["p2p_tensor_us"] == 500.0
+    assert (wait.transfer_wait(0), wait.transfer_wait(1), wait.transfer_wait(4)) == pytest.approx((0, 3e-3, 4.5e-3))
+    ev = prepare(gpt2.captured, cluster=replace(Cluster.local(2), overheads=wait), global_batch=8, dtype="fp32")
+    bare = prepare(gpt2.captured, cluster=Cluster.local(2), global_batch=8, dtype="fp32")
+    n = len(ev.pgraph.blocks)
+    stage_of = [0] * 3 + [1] * (n - 3)  # the embeddings and the first layer, then the rest
+    (cut,) = ev.pgraph.crossing_tensors(stage_of)
+    assert (cut.forward, cut.backward) == (2, 1)
+    stages = [StageSpec(tuple(range(3))), StageSpec(tuple(range(3, n)))]
+    schedule, mesh = Schedule("1f1b", 4, 2), Mesh(2, 1, 1)
+    (c, _), (b, _) = ev.stage_costs(stages, mesh, schedule, {}), bare.stage_costs(stages, mesh, schedule, {})
+    assert c.send_s == pytest.approx(b.send_s + 3.5e-3) and c.grad_send_s == pytest.approx(b.send_s + 3e-3)
+    # The simulator times the gradient by its own send: 5 ms more on it is 5 ms more of a one-micro-batch step.
+    fast, slow_back = StageCost(1e-3, 1e-3, send_s=0.0), StageCost(1e-3, 1e-3, send_s=0.0, grad_send_s=5e-3)
+    last = StageCost(1e-3, 1e-3)
+    assert simulate([slow_back, last], "gpipe", 1).step_time_s == pytest.approx(
+        simulate([fast, last], "gpipe", 1).step_time_s + 5e-3)
 
 
 def test_calibration_fit_recovers_a_known_transfer_wait():
@@ -336,6 +364,16 @@ def test_calibration_fit_recovers_a_known_transfer_wait():
     assert transfer_overhead(samples, action, step) == pytest.approx(extra, rel=1e-6)
     fast = [replace(x, seconds=x.seconds / 2) for x in samples]
     assert transfer_overhead(fast, action, step) == 0.0
+    # The same pipeline with 3 tensors more beside each activation (no gradient back for them): each further
+    # tensor's wait is recovered on top of the first's, and a pipeline no slower than that prices none.
+    each = 0.4e-3
+    more = []
+    for x in samples:
+        stages = [StageCost(fr + action, br + action, send_s=300e-6 + extra + 3 * each, grad_send_s=300e-6 + extra)
+                  for fr, br in zip(x.forward_s, x.backward_s)]
+        more.append(replace(x, seconds=simulate(stages, "1f1b", x.microbatches).step_time_s + step))
+    assert tensor_overhead(more, action, step, extra, 3) == pytest.approx(each, rel=1e-6)
+    assert tensor_overhead(samples, action, step, extra, 3) == 0.0
 
 
 

@@ -555,8 +555,8 @@ class _Search:
             a, b = mesh.rank(s % c.pp), mesh.rank((s + 1) % c.pp)
             lat = ev.cost_model.p2p_time(1e-30, a, b)  # the latency part
             slope = (ev.cost_model.p2p_time(1e9, a, b) - lat) / 1e9
-            if a != b:  # a transfer between ranks that compute ([Note: software overheads]), as the evaluator adds it
-                lat += ev.overheads.p2p_transfer_s
+            if a != b:  # a transfer between ranks that compute ([Note: software overheads]): the evaluator adds it
+                lat += ev.overheads.p2p_transfer_s  # and a_p2p_tensor per further tensor: not here (the cut is the ILP's)
             alphas.append(lat)
             betas.append(slope / c.tp)  # each tp rank sends its 1/tp share
         dp_alpha = dp_beta = 0.0
