@@ -825,8 +825,8 @@ class Evaluator:
         for s, spec in enumerate(stages):
             for b in spec.blocks:
                 stage_of[b] = s
-        crossing = self.pgraph.crossing_bytes(stage_of)
-        cut_tensors = self.pgraph.crossing_tensors(stage_of)
+        cuts = self.pgraph.crossings(stage_of)
+        crossing = [c.bytes for c in cuts]
         layout = schedule_spec(schedule.name).layout
         params = self.captured.params
         first_stage: dict[int, int] = {}  # pipeline rank -> its lowest stage, which carries the per-step overhead
@@ -880,8 +880,8 @@ class Evaluator:
                 dest = mesh.rank(stage_rank(s + 1, pp, layout))
                 send = grad_send = self.cost_model.p2p_time(nbytes / mesh.tp, rank, dest)
                 if dest != rank:  # [Note: software overheads]: a transfer between ranks that compute, per its tensors
-                    send += self.overheads.transfer_wait(cut_tensors[s].forward)
-                    grad_send += self.overheads.transfer_wait(cut_tensors[s].backward)
+                    send += self.overheads.transfer_wait(cuts[s].forward)
+                    grad_send += self.overheads.transfer_wait(cuts[s].backward)
             dp_reduce = 0.0
             if mesh.dp > 1 and not fsdp:
                 grad = grad_bytes

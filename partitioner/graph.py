@@ -113,12 +113,13 @@ class TensorFlow:
 
 
 @dataclass(frozen=True, slots=True)
-class CutTensors:
-    """The tensors a pipeline cut carries per micro-batch: torch's stage sends each as its own
-    point-to-point operation ([Note: software overheads] in cost_models/overheads.py)."""
+class Cut:
+    """What a pipeline cut carries per capture batch: its bytes, and its tensors, which torch's stage sends
+    each as its own point-to-point operation ([Note: software overheads] in cost_models/overheads.py)."""
 
-    forward: int  # activations sent to the next stage
-    backward: int  # gradients sent back: those of the activations that need one
+    bytes: int  # of every tensor crossing it
+    forward: int  # tensors sent to the next stage
+    backward: int  # gradients sent back: those of the tensors that need one
 
 
 class PartitionGraph:
@@ -269,29 +270,20 @@ class PartitionGraph:
             for prod, rs in sorted(readers.items())
         ]
 
-    def crossing_tensors(self, stage_of: Sequence[int]) -> list[CutTensors]:
-        """The tensors crossing each cut (after stage k) when block i is on stage ``stage_of[i]``, counted
-        as ``crossing_bytes`` counts their bytes."""
-        stages = max(stage_of) + 1 if stage_of else 0
-        forward, backward = [0] * max(0, stages - 1), [0] * max(0, stages - 1)
-        for t in self._flows:
-            for k in range(stage_of[t.producer], max(stage_of[r] for r in t.readers)):
-                forward[k] += 1
-                backward[k] += t.needs_grad
-        return [CutTensors(f, b) for f, b in zip(forward, backward, strict=True)]
-
-    def crossing_bytes(self, stage_of: Sequence[int]) -> list[int]:
-        """Bytes crossing each cut (after stage k) when block i is on stage ``stage_of[i]``.
+    def crossings(self, stage_of: Sequence[int]) -> list[Cut]:
+        """What crosses each cut (after stage k) when block i is on stage ``stage_of[i]``.
 
         A tensor crosses every cut between its producer's stage and its last
         reader's stage, once per cut (pipelining forwards it stage to stage).
         """
         stages = max(stage_of) + 1 if stage_of else 0
-        out = [0] * max(0, stages - 1)
+        size, forward, backward = ([0] * max(0, stages - 1) for _ in range(3))
         for t in self._flows:
             for k in range(stage_of[t.producer], max(stage_of[r] for r in t.readers)):
-                out[k] += t.bytes
-        return out
+                size[k] += t.bytes
+                forward[k] += 1
+                backward[k] += t.needs_grad
+        return [Cut(*c) for c in zip(size, forward, backward, strict=True)]
 
 
 # --------------------------------------------------------------------------------------

@@ -15,7 +15,7 @@ decides where a stage begins. ``partitioner.runtime`` wraps the stages in
 mask, rotary tables, the input ids a BERT head never reads but a mask does)
 is therefore an output of stages 0, 1 and 2 and an input of stages 1, 2 and
 3: every stage forwards what later stages need, in graph order. The planner
-prices exactly this (``PartitionGraph.crossing_bytes``). This is why the cut
+prices exactly this (``PartitionGraph.crossings``). This is why the cut
 is written here rather than with ``torch.fx.passes.split_module``, which
 feeds each partition straight from the producer and cannot express the
 forwarding a point-to-point pipeline needs.

@@ -339,7 +339,7 @@ def test_each_further_tensor_a_cut_carries_pays_its_wait(zoo_capture):
     bare = prepare(gpt2.captured, cluster=Cluster.local(2), global_batch=8, dtype="fp32")
     n = len(ev.pgraph.blocks)
     stage_of = [0] * 3 + [1] * (n - 3)  # the embeddings and the first layer, then the rest
-    (cut,) = ev.pgraph.crossing_tensors(stage_of)
+    (cut,) = ev.pgraph.crossings(stage_of)
     assert (cut.forward, cut.backward) == (2, 1)
     stages = [StageSpec(tuple(range(3))), StageSpec(tuple(range(3, n)))]
     schedule, mesh = Schedule("1f1b", 4, 2), Mesh(2, 1, 1)
