@@ -28,42 +28,20 @@ import torch.distributed as dist
 TENSORS = (1, 2, 4)  # k: tensors per forward transfer
 
 
-def _loss(out: torch.Tensor | tuple[torch.Tensor, ...], target: torch.Tensor) -> torch.Tensor:
-    y = out[0] if isinstance(out, tuple) else out
-    return ((y - target) ** 2).mean()
-
-
 def fitted_wait(k: int, counts: tuple[int, ...], rounds: int) -> float:
     """The wait per transfer that makes the simulated 1F1B step equal the measured one, for k tensors."""
-    from torch.distributed.pipelining import PipelineStage, Schedule1F1B
-
-    from partitioner.calibrate import (BUSY_DEPTH, BUSY_ROWS, BUSY_WIDTH, EXTRA_TENSOR, BusyPipelineSample, PassThrough,
+    from partitioner.calibrate import (BUSY_DEPTH, BUSY_ROWS, BUSY_WIDTH, BusyPipelineSample, pipeline_steps,
                                        transfer_overhead)
 
     world, rank = dist.get_world_size(), dist.get_rank()
     torch.manual_seed(0)
     net = torch.nn.Sequential(*(torch.nn.Linear(BUSY_WIDTH, BUSY_WIDTH) for _ in range(BUSY_DEPTH)))
-    stage = PassThrough(net) if k > 1 else net
-    runs = {}
-    for m in counts:
-        schedule = Schedule1F1B(PipelineStage(stage, rank, world, torch.device("cpu")), m, loss_fn=_loss)
-        x = torch.randn(m * BUSY_ROWS, BUSY_WIDTH)
-        extra = [torch.ones(m * EXTRA_TENSOR[0], *EXTRA_TENSOR[1:], dtype=torch.bool) for _ in range(k - 1)]
-        target = torch.zeros(m * BUSY_ROWS, BUSY_WIDTH)
 
-        def step(schedule=schedule, x=x, extra=extra, target=target) -> None:  # noqa: ANN001
-            if rank == 0:
-                schedule.step(x, *extra)
-            elif rank == world - 1:
-                schedule.step(target=target, losses=[])
-            else:
-                schedule.step()
-            stage.zero_grad(set_to_none=False)
-            dist.all_reduce(torch.zeros(()))
+    def finish() -> None:  # the step's own work outside the schedule, as calibrate's
+        net.zero_grad(set_to_none=False)
+        dist.all_reduce(torch.zeros(()))
 
-        for _ in range(2):  # torch builds the stage's buffers on the first step
-            step()
-        runs[m] = step
+    runs = pipeline_steps(net, counts, BUSY_ROWS, BUSY_WIDTH, torch.device("cpu"), finish, extra=k - 1)
     x1 = torch.randn(BUSY_ROWS, BUSY_WIDTH, requires_grad=rank > 0)
     forward, backward, steps = [], [], {m: [] for m in runs}
 

@@ -572,7 +572,7 @@ def _mse(y: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
     return ((y - t) ** 2).mean()
 
 
-class PassThrough(torch.nn.Module):
+class _PassThrough(torch.nn.Module):
     """A stage that hands its extra inputs on beside its output, as a model's stage passes an attention mask."""
 
     def __init__(self, stage: torch.nn.Module) -> None:
@@ -590,7 +590,7 @@ def _mse_first(out: tuple[torch.Tensor, ...], t: torch.Tensor) -> torch.Tensor:
 EXTRA_TENSOR = (2, 64, 64)  # one extra tensor of a transfer, per micro-batch: bool, gpt2-tiny's mask of 2 samples
 
 
-def _pipeline_steps(stage: torch.nn.Module, counts: Sequence[int], rows: int, width: int, device: torch.device,
+def pipeline_steps(stage: torch.nn.Module, counts: Sequence[int], rows: int, width: int, device: torch.device,
                     finish: Callable[[], None], extra: int = 0) -> dict[int, Callable[[], None]]:
     """Per micro-batch count ``M``: one training step of torch's ``Schedule1F1B`` over ``stage`` on every
     rank (one stage a rank), micro-batches of ``rows`` rows of ``width``, then ``finish`` (the step's own
@@ -602,7 +602,7 @@ def _pipeline_steps(stage: torch.nn.Module, counts: Sequence[int], rows: int, wi
     world, rank = dist.get_world_size(), dist.get_rank()
     runs = {}
     for m in counts:
-        module, loss_fn = (PassThrough(stage), _mse_first) if extra else (stage, _mse)
+        module, loss_fn = (_PassThrough(stage), _mse_first) if extra else (stage, _mse)
         schedule = Schedule1F1B(PipelineStage(module, rank, world, device), m, loss_fn=loss_fn)
         x = torch.randn(m * rows, width, device=device)
         more = [torch.ones(m * EXTRA_TENSOR[0], *EXTRA_TENSOR[1:], dtype=torch.bool, device=device)
@@ -657,7 +657,7 @@ def _pipeline_samples(device: torch.device, link: LinkFit | None, reps: int) -> 
         dist.all_reduce(loss)
 
     step_s = _timed(finish, device, reps)
-    runs = _pipeline_steps(layer, _microbatch_counts(PIPELINE_MICROBATCHES, world), 1, width, device, finish)
+    runs = pipeline_steps(layer, _microbatch_counts(PIPELINE_MICROBATCHES, world), 1, width, device, finish)
     times: dict[int, list[float]] = {m: [] for m in runs}
     for _ in range(reps):  # interleaved rounds: each M sees the same spread of load
         for m, step in runs.items():
@@ -774,7 +774,7 @@ def _busy_pipeline_samples(device: torch.device, link: LinkFit | None,
         dist.all_reduce(loss)
 
     counts = _microbatch_counts(BUSY_PIPELINE_MICROBATCHES, world)
-    variants = [_pipeline_steps(stage, counts, BUSY_ROWS, BUSY_WIDTH, device, finish, extra)
+    variants = [pipeline_steps(stage, counts, BUSY_ROWS, BUSY_WIDTH, device, finish, extra)
                 for extra in (0, BUSY_EXTRA_TENSORS)]
     times: list[dict[int, list[float]]] = [{m: [] for m in runs} for runs in variants]
     fwd: list[float] = []
