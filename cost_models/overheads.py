@@ -26,7 +26,14 @@ rank updates ``T_s`` parameter tensors of ``P_s`` elements:
 * per pipeline action (one forward or one whole backward of one micro-batch on
   one stage; torch's schedule, its sends and receives posted and waited):
   ``F_s += a_action``, ``B_s += a_action``, so a rank pays ``2 M a_action``
-  per stage, and the simulator puts it on the critical path;
+  per stage, and the simulator puts it on the critical path. The schedules of
+  several stages a rank (interleaved, zb, zbv, dualpipev) run on torch's other
+  runtime (``_PipelineScheduleRuntime``: each send and receive its own action
+  and its own batch), whose action costs more: ``a_action_multi`` (stages in a
+  loop) and ``a_action_v`` (in a V, whose middle hand-off stays on the rank)
+  take its place there (``schedule_action``). A tiny pipeline on 2 CPU ranks
+  (gloo), as calibrate times it: 1F1B 211-360 us an action, interleaved
+  641-980 us, ZB-V 389-511 us;
 * per step and rank (the schedule's set-up, the loss's all-reduce):
   ``a_step``, once per rank, after its optimizer step;
 * per graph node under tensor parallelism (``tp > 1``: the stage runs node by
@@ -161,6 +168,8 @@ __all__ = ["Overheads", "OVERHEAD_FILE_KEYS"]
 # optimizer's rate in GB/s, the overlap a fraction: the units the cluster file uses elsewhere.
 OVERHEAD_FILE_KEYS = {
     "action_us": ("action_s", Decimal("1e-6")),
+    "multi_action_us": ("multi_action_s", Decimal("1e-6")),
+    "v_action_us": ("v_action_s", Decimal("1e-6")),
     "step_us": ("step_s", Decimal("1e-6")),
     "tp_node_forward_us": ("tp_node_s", Decimal("1e-6")),
     "tp_node_backward_us": ("tp_node_backward_s", Decimal("1e-6")),
@@ -195,6 +204,10 @@ class Overheads:
     """Measured software costs, seconds (SI); see [Note: software overheads]. Zero: not measured, adds nothing."""
 
     action_s: float = 0.0  # a_action: per pipeline action (a forward or a whole backward of one micro-batch)
+    # a_action under torch's multi-stage runtime (_PipelineScheduleRuntime), in place of a_action: stages in a
+    # loop (interleaved, zb) and in a V (zbv, dualpipev); 0: not measured, a_action is used
+    multi_action_s: float = 0.0
+    v_action_s: float = 0.0
     step_s: float = 0.0  # a_step: per step and rank (schedule set-up, the loss's all-reduce)
     tp_node_s: float = 0.0  # a_node: per graph node run by the tensor-parallel interpreter, forward
     tp_node_backward_s: float = 0.0  # a_node_bwd: the same in backward
@@ -249,6 +262,16 @@ class Overheads:
     def collective_factor(self, kind: str) -> float:
         """``f_kind``: a collective's measured time over the ring model on the link ([Note: software overheads])."""
         return getattr(self, f"{kind}_factor")
+
+    def schedule_action(self, multi_stage: bool, layout: str) -> float:
+        """The per-action overhead of a schedule: ``a_action`` under torch's single-stage runtime, the measured
+        ``a_action_multi`` (stages in a loop) or ``a_action_v`` (in a V) under its multi-stage one, else ``a_action``
+        ([Note: software overheads])."""
+        if multi_stage:
+            measured = self.v_action_s if layout == "v" else self.multi_action_s
+            if measured > 0:
+                return measured
+        return self.action_s
 
     def optimizer_time(self, tensors: float, params: float, bytes_per_param: float, dtensors: bool = False) -> float:
         """``T a_tensor + P bytes_per_param / B_opt``: the optimizer step over ``tensors`` tensors of ``params``

@@ -671,6 +671,72 @@ def _pipeline_samples(device: torch.device, link: LinkFit | None, reps: int) -> 
     return out, step_s
 
 
+# The multi-stage runtime's schedules timed for a_action_multi and a_action_v: (schedule, torch class), two
+# stages a rank, in a loop and in a V ([Note: software overheads] in cost_models/overheads.py).
+MULTI_STAGE_SCHEDULES = (("interleaved", "ScheduleInterleaved1F1B"), ("zbv", "ScheduleZBVZeroBubble"))
+
+
+def _multi_stage_samples(device: torch.device, link: LinkFit | None, reps: int) -> dict[str, list[PipelineSample]]:
+    """Per layout ("loop", "v"): the tiny pipeline of ``_pipeline_samples`` with two stages a rank, run by torch's
+    multi-stage runtime, one sample per micro-batch count; each unit action is a forward, a whole backward, or
+    one of a split backward's two halves."""
+    import torch.distributed.pipelining as pipelining
+
+    from .schedules import spec as schedule_spec, stage_rank
+    from .simulate import StageCost, simulate
+
+    world, rank = dist.get_world_size(), dist.get_rank()
+    width = 16
+    torch.manual_seed(0)
+    counts = _microbatch_counts(PIPELINE_MICROBATCHES, world)
+    runs: dict[tuple[str, int], Callable[[], None]] = {}
+    for name, cls in MULTI_STAGE_SCHEDULES:
+        layout = schedule_spec(name).layout
+        ids = [s for s in range(2 * world) if stage_rank(s, world, layout) == rank]
+        layers = [torch.nn.Linear(width, width).to(device) for _ in ids]
+        loss = torch.zeros((), device=device)
+        first, last = rank == stage_rank(0, world, layout), rank == stage_rank(2 * world - 1, world, layout)
+
+        def finish(layers: list = layers, loss: torch.Tensor = loss) -> None:
+            for layer in layers:
+                layer.zero_grad(set_to_none=False)
+            dist.all_reduce(loss)
+
+        for m in counts:
+            schedule = getattr(pipelining, cls)(
+                [pipelining.PipelineStage(layer, i, 2 * world, device) for layer, i in zip(layers, ids, strict=True)],
+                m, loss_fn=_mse)
+            x, target = torch.randn(m, width, device=device), torch.zeros(m, width, device=device)
+
+            def step(schedule: Any = schedule, args: tuple = (x,) if first else (),
+                     kwargs: dict = dict(target=target, losses=[]) if last else {},
+                     finish: Callable[[], None] = finish) -> None:
+                schedule.step(*args, **kwargs)
+                finish()
+
+            for _ in range(2):  # torch builds the stages' buffers on the first step
+                step()
+            runs[(name, m)] = step
+    times: dict[tuple[str, int], list[float]] = {k: [] for k in runs}
+    for _ in range(reps):  # interleaved rounds: every schedule and M sees the same spread of load
+        for k, step in runs.items():
+            times[k].append(_timed(step, device, 1, warmup=0))
+    send = link.latency + width * 4 / link.bandwidth if link else 0.0
+    out: dict[str, list[PipelineSample]] = {}
+    for name, _ in MULTI_STAGE_SCHEDULES:
+        layout = schedule_spec(name).layout
+        split = schedule_spec(name).splits_backward
+        unit = StageCost(1.0, 2.0, backward_weight_s=1.0) if split else StageCost(1.0, 1.0)
+        # transfers between ranks only: the V's middle hand-off stays on its rank
+        sends = [send if stage_rank(s + 1, world, layout) != stage_rank(s, world, layout) else 0.0
+                 for s in range(2 * world)]
+        for m in counts:
+            u = simulate([unit] * (2 * world), name, m, virtual_stages=2).step_time_s
+            t = simulate([StageCost(0.0, 0.0, send_s=x) for x in sends], name, m, virtual_stages=2).step_time_s
+            out.setdefault(layout, []).append(PipelineSample(m, statistics.median(times[(name, m)]), u, t))
+    return out
+
+
 BUSY_PIPELINE_MICROBATCHES = (4, 8)  # M of the pipeline experiment whose ranks compute
 BUSY_WIDTH, BUSY_DEPTH, BUSY_ROWS = 384, 4, 64  # its stage: BUSY_DEPTH linear layers, BUSY_ROWS rows a micro-batch
 
@@ -1168,6 +1234,8 @@ def measure_overheads(device: torch.device, link: LinkFit | None, reps: int, slo
     """Every overhead of [Note: measuring overheads], rounded to four significant digits."""
     samples, step = _pipeline_samples(device, link, max(reps, ROUNDS))
     action = pipeline_overheads(samples, step)
+    multi = {layout: pipeline_overheads(x, step)
+             for layout, x in _multi_stage_samples(device, link, max(reps, ROUNDS)).items()}
     busy, busy_more = _busy_pipeline_samples(device, link, max(reps, ROUNDS))
     p2p = transfer_overhead(busy, action, step)
     p2p_tensor = tensor_overhead(busy_more, action, step, p2p, BUSY_EXTRA_TENSORS)
@@ -1181,7 +1249,7 @@ def measure_overheads(device: torch.device, link: LinkFit | None, reps: int, slo
     fsdp_f, fsdp_b, opt_dt = fsdp_overheads(_fsdp_sample(device, max(reps, ROUNDS)), link)
     us = lambda x: _sig(x * 1e6)  # noqa: E731  # the file's units: exact when read back
     return Overheads.from_file(dict(
-        action_us=us(action), step_us=us(step), tp_node_forward_us=us(node), tp_node_backward_us=us(node_b),
+        action_us=us(action), multi_action_us=us(multi["loop"]), v_action_us=us(multi["v"]), step_us=us(step), tp_node_forward_us=us(node), tp_node_backward_us=us(node_b),
         dtensor_op_forward_us=us(dt), dtensor_op_backward_us=us(dt_b), optimizer_tensor_us=us(tensor_s),
         optimizer_dtensor_us=us(opt_dt), zero1_tensor_us=us(zero1), fsdp_unit_forward_us=us(fsdp_f), fsdp_unit_backward_us=us(fsdp_b),
         optimizer_gbps=_sig(bandwidth / 1e9), checkpoint_forward_us=us(ckpt), checkpoint_backward_us=us(ckpt_b),

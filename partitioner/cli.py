@@ -964,7 +964,8 @@ def _print_calibration(report, base, cluster) -> None:
     o = report.overheads
     if o.measured:
         console.print(
-            f"overheads (slowest rank): {o.action_s * 1e6:.0f} us per pipeline action, {o.step_s * 1e6:.0f} us per step, "
+            f"overheads (slowest rank): {o.action_s * 1e6:.0f} us per pipeline action ({o.multi_action_s * 1e6:.0f} us "
+            f"with several stages a rank in a loop, {o.v_action_s * 1e6:.0f} us in a V), {o.step_s * 1e6:.0f} us per step, "
             f"{o.p2p_transfer_s * 1e6:.0f} us per pipeline transfer while the ranks compute "
             f"(+{o.p2p_tensor_s * 1e6:.0f} us per further tensor); "
             f"tensor-parallel node {o.tp_node_s * 1e6:.0f}/{o.tp_node_backward_s * 1e6:.0f} us (forward/backward), "

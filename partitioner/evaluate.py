@@ -886,8 +886,9 @@ class Evaluator:
             if mesh.dp > 1 and not fsdp:
                 grad = grad_bytes
                 dp_reduce = self.cost_model.collective_time("all_reduce", grad, mesh.dp_group(stage_rank(s, pp, layout)))
-            # [Note: measured overheads in a plan]: per action, and once per step after the reduction.
-            action = self.overheads.action_s
+            # [Note: measured overheads in a plan]: per action (the schedule's runtime's), and once per step after
+            # the reduction.
+            action = self.overheads.schedule_action(schedule_spec(schedule.name).multi_stage, layout)
             after = self.optimizer_time(names, mesh.tp, mesh.dp, split_params, mesh.dp_group(stage_rank(s, pp, layout)))
             if s == first_stage[stage_rank(s, pp, layout)]:
                 after += self.overheads.step_s
@@ -1107,7 +1108,7 @@ class Evaluator:
             ck_f, ck_b = self.checkpoint_time(spec, work)
             cf += ck_f  # the checkpoints' own cost: in the passes that pay it
             replay += ck_b
-            action = self.overheads.action_s
+            action = self.overheads.schedule_action(schedule_spec(schedule.name).multi_stage, layout)
             k = shares[stage_rank(s, pp, layout)] if shares else 1.0
             cf, cb, tf, tb, replay, action = cf * k, cb * k, tf * k, tb * k, replay * k, action * k
             # What the stage's actions take beyond compute, tp and the per-action overhead: ZeRO-2/3's

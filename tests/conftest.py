@@ -36,6 +36,20 @@ def small_config(name: str) -> dict[str, Any]:
     return dict(SMALL[ZOO[name].hf_class])
 
 
+# [Note: the suite on two workers] README's test command runs the suite on two pytest-xdist workers, a file
+# at a time on each (``--dist loadfile``: a file's module fixtures, such as test_runtime.py's shared
+# launches, are made once), handing out files in the order collected (``--no-loadscope-reorder``;
+# xdist's own order is by test count). The two files that take longest, each several minutes of the
+# suite's twenty CPU-minutes, go first and so to different workers: started last, either one would
+# run alone while the other worker idles. The rest keep pytest's order.
+LONGEST_FIRST = ("test_runtime.py", "test_docs.py")
+
+
+def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
+    first = {name: i for i, name in enumerate(LONGEST_FIRST)}
+    items.sort(key=lambda item: first.get(item.path.name, len(first)))  # a stable sort: order within a file stays
+
+
 class Captured(NamedTuple):
     loaded: LoadedModel
     captured: CapturedModel
