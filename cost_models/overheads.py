@@ -31,9 +31,9 @@ rank updates ``T_s`` parameter tensors of ``P_s`` elements:
   runtime (``_PipelineScheduleRuntime``: each send and receive its own action
   and its own batch), whose action costs more: ``a_action_multi`` (stages in a
   loop) and ``a_action_v`` (in a V, whose middle hand-off stays on the rank)
-  take its place there (``schedule_action``). A tiny pipeline on 2 CPU ranks
-  (gloo), as calibrate times it: 1F1B 211-360 us an action, interleaved
-  641-980 us, ZB-V 389-511 us;
+  take its place there (``schedule_action``). On the 2-core machine, 2 ranks
+  (gloo), calibrate's tiny pipelines: ``a_action`` 295 us, ``a_action_multi``
+  752 us, ``a_action_v`` 425 us (4 ranks: 601, 984, 789 us);
 * per step and rank (the schedule's set-up, the loss's all-reduce):
   ``a_step``, once per rank, after its optimizer step;
 * per graph node under tensor parallelism (``tp > 1``: the stage runs node by

@@ -90,6 +90,12 @@ median:
   ``(t(M) - S(M) - a_step) / U(M)``, and ``a_action`` is their median, at
   least 0 (a ratio of one median, not a difference of two: load noise is
   not amplified);
+* torch's multi-stage runtime: the same tiny pipeline with two stages a rank
+  (``MULTI_STAGE_SCHEDULES``), in a loop under ``ScheduleInterleaved1F1B`` and
+  in a V under ``ScheduleZBVZeroBubble``, in rounds of their own; ``U(M)``
+  counts a split backward's halves as an action each, ``S(M)`` the transfers
+  between ranks only, and ``a_action_multi`` and ``a_action_v`` are the same
+  median, with the ``a_step`` above;
 * transfers while the ranks compute: the same ``Schedule1F1B``, each rank's
   stage now ``BUSY_DEPTH`` linear layers of width ``BUSY_WIDTH`` on
   ``BUSY_ROWS`` rows a micro-batch (milliseconds of compute an action, as

@@ -180,6 +180,10 @@ def test_calibrate_under_torchrun_writes_a_cluster_plans_can_use(tmp_path):
     assert o.step_s > 0 and o.action_s >= 0 and 0.0 <= o.comm_overlap <= 1.0
     printed = " ".join(run.stdout.split())  # the summary names what each new experiment measured
     assert "us per pipeline action" in printed
+    # torch's multi-stage runtime (two tiny stages a rank, in a loop and in a V), timed beside the single-stage one:
+    # its actions cost more than nothing on any machine, and the summary says so
+    assert o.multi_action_s > 0 and o.v_action_s > 0
+    assert f"({o.multi_action_s * 1e6:.0f} us with several stages a rank in a loop" in printed
     # the slowdown's two factors are printed: 2 ranks time-slice on fewer than 2 cores, never on more
     assert f"ranks over cores {max(1.0, 2 / available_cpus()):.2f}x" in printed
     assert "us per pipeline transfer while the ranks compute" in printed and "per saving node forward" in printed

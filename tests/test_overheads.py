@@ -106,6 +106,31 @@ def test_each_overhead_is_its_formula(mlp, zero1):
     assert Plan.from_dict(json.loads(plan.to_json())).stages[0].predicted.components == plan.stages[0].predicted.components
 
 
+def test_each_schedule_pays_its_runtime_s_action(zoo_capture):
+    # torch runs a schedule of several stages a rank on another runtime (_PipelineScheduleRuntime), whose action
+    # costs more; calibrate times it in a loop (interleaved, zb) and in a V (zbv, dualpipev). Unmeasured (0),
+    # a_action stands in.
+    captured = zoo_capture("gpt2").captured
+    measured = Overheads(action_s=1e-3, multi_action_s=3e-3, v_action_s=2e-3)
+
+    def costs(overheads: Overheads, schedule: Schedule) -> list[StageCost]:
+        ev = prepare(captured, cluster=replace(Cluster.local(2), overheads=overheads), global_batch=8, dtype="fp32")
+        n, k = len(ev.pgraph.blocks), 2 * schedule.virtual_stages
+        assert n >= k
+        bounds = [round(i * n / k) for i in range(k + 1)]
+        stages = [StageSpec(tuple(range(a, b))) for a, b in zip(bounds, bounds[1:])]
+        return ev.stage_costs(stages, Mesh(2, 1, 1), schedule, {})
+
+    for schedule, action in ((Schedule("1f1b", 4, 2), 1e-3), (Schedule("gpipe", 4, 2), 1e-3),
+                             (Schedule("interleaved", 4, 2, 2), 3e-3), (Schedule("zb", 4, 2, 2), 3e-3),
+                             (Schedule("zbv", 4, 2, 2), 2e-3), (Schedule("dualpipev", 4, 2, 2), 2e-3)):
+        base = costs(Overheads(), schedule)
+        for overheads, extra in ((measured, action), (Overheads(action_s=1e-3), 1e-3)):
+            for b, c in zip(base, costs(overheads, schedule), strict=True):
+                assert c.forward_s == pytest.approx(b.forward_s + extra), schedule.name
+                assert c.backward_s == pytest.approx(b.backward_s + extra), schedule.name
+
+
 def test_a_split_backward_pays_per_node_and_tensor_after_the_first_stage(mlp):
     # torch's zero-bubble schedules split a stage's backward into I (walking its autograd graph in Python)
     # and W (an autograd.grad per weight group); the first stage's backward runs whole. The small MLP's
