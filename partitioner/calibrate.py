@@ -715,9 +715,9 @@ def _multi_stage_samples(device: torch.device, link: LinkFit | None, reps: int) 
             x, target = torch.randn(m, width, device=device), torch.zeros(m, width, device=device)
 
             def step(schedule: Any = schedule, args: tuple = (x,) if first else (),
-                     kwargs: dict = dict(target=target, losses=[]) if last else {},
+                     target: torch.Tensor | None = target if last else None,
                      finish: Callable[[], None] = finish) -> None:
-                schedule.step(*args, **kwargs)
+                schedule.step(*args, **({} if target is None else dict(target=target, losses=[])))
                 finish()
 
             for _ in range(2):  # torch builds the stages' buffers on the first step
@@ -1255,7 +1255,8 @@ def measure_overheads(device: torch.device, link: LinkFit | None, reps: int, slo
     fsdp_f, fsdp_b, opt_dt = fsdp_overheads(_fsdp_sample(device, max(reps, ROUNDS)), link)
     us = lambda x: _sig(x * 1e6)  # noqa: E731  # the file's units: exact when read back
     return Overheads.from_file(dict(
-        action_us=us(action), multi_action_us=us(multi["loop"]), v_action_us=us(multi["v"]), step_us=us(step), tp_node_forward_us=us(node), tp_node_backward_us=us(node_b),
+        action_us=us(action), multi_action_us=us(multi["loop"]), v_action_us=us(multi["v"]), step_us=us(step),
+        tp_node_forward_us=us(node), tp_node_backward_us=us(node_b),
         dtensor_op_forward_us=us(dt), dtensor_op_backward_us=us(dt_b), optimizer_tensor_us=us(tensor_s),
         optimizer_dtensor_us=us(opt_dt), zero1_tensor_us=us(zero1), fsdp_unit_forward_us=us(fsdp_f), fsdp_unit_backward_us=us(fsdp_b),
         optimizer_gbps=_sig(bandwidth / 1e9), checkpoint_forward_us=us(ckpt), checkpoint_backward_us=us(ckpt_b),
