@@ -648,10 +648,27 @@ def pipeline_overheads(samples: Sequence[PipelineSample], step_s: float) -> floa
     return max(0.0, statistics.median(per))
 
 
-def _pipeline_samples(device: torch.device, link: LinkFit | None, reps: int) -> tuple[list[PipelineSample], float]:
-    """(one sample per micro-batch count, ``a_step``)."""
+def _tiny_sample(schedule: str, ranks: int, virtual: int, microbatches: int, seconds: float,
+                 send: float) -> PipelineSample:
+    """A timed step of a tiny pipeline with what the simulator says of ``schedule`` on ``ranks`` ranks with
+    ``virtual`` stages each: ``U(M)``, every action a unit (a split backward's halves one each), and ``S(M)``,
+    free actions and ``send`` per transfer between ranks (a hand-off on one rank is free)."""
+    from .schedules import spec as schedule_spec, stage_rank
     from .simulate import StageCost, simulate
 
+    spec = schedule_spec(schedule)
+    stages = ranks * virtual
+    unit = StageCost(1.0, 2.0, backward_weight_s=1.0) if spec.splits_backward else StageCost(1.0, 1.0)
+    sends = [send if stage_rank(s + 1, ranks, spec.layout) != stage_rank(s, ranks, spec.layout) else 0.0
+             for s in range(stages)]
+    u = simulate([unit] * stages, schedule, microbatches, virtual_stages=virtual).step_time_s
+    t = simulate([StageCost(0.0, 0.0, send_s=x) for x in sends], schedule, microbatches,
+                 virtual_stages=virtual).step_time_s
+    return PipelineSample(microbatches, seconds, u, t)
+
+
+def _pipeline_samples(device: torch.device, link: LinkFit | None, reps: int) -> tuple[list[PipelineSample], float]:
+    """(one sample per micro-batch count, ``a_step``)."""
     world = dist.get_world_size()
     width = 16
     torch.manual_seed(0)
@@ -669,12 +686,7 @@ def _pipeline_samples(device: torch.device, link: LinkFit | None, reps: int) -> 
         for m, step in runs.items():
             times[m].append(_timed(step, device, 1, warmup=0))
     send = link.latency + width * 4 / link.bandwidth if link else 0.0
-    out = []
-    for m in runs:
-        unit = simulate([StageCost(1.0, 1.0)] * world, "1f1b", m).step_time_s
-        transfers = simulate([StageCost(0.0, 0.0, send_s=send)] * world, "1f1b", m).step_time_s
-        out.append(PipelineSample(m, statistics.median(times[m]), unit, transfers))
-    return out, step_s
+    return [_tiny_sample("1f1b", world, 1, m, statistics.median(times[m]), send) for m in runs], step_s
 
 
 # The multi-stage runtime's schedules timed for a_action_multi and a_action_v: (schedule, torch class), two
@@ -684,12 +696,10 @@ MULTI_STAGE_SCHEDULES = (("interleaved", "ScheduleInterleaved1F1B"), ("zbv", "Sc
 
 def _multi_stage_samples(device: torch.device, link: LinkFit | None, reps: int) -> dict[str, list[PipelineSample]]:
     """Per layout ("loop", "v"): the tiny pipeline of ``_pipeline_samples`` with two stages a rank, run by torch's
-    multi-stage runtime, one sample per micro-batch count; each unit action is a forward, a whole backward, or
-    one of a split backward's two halves."""
+    multi-stage runtime, one sample per micro-batch count (``_tiny_sample``)."""
     import torch.distributed.pipelining as pipelining
 
     from .schedules import spec as schedule_spec, stage_rank
-    from .simulate import StageCost, simulate
 
     world, rank = dist.get_world_size(), dist.get_rank()
     width = 16
@@ -730,16 +740,8 @@ def _multi_stage_samples(device: torch.device, link: LinkFit | None, reps: int) 
     send = link.latency + width * 4 / link.bandwidth if link else 0.0
     out: dict[str, list[PipelineSample]] = {}
     for name, _ in MULTI_STAGE_SCHEDULES:
-        layout = schedule_spec(name).layout
-        split = schedule_spec(name).splits_backward
-        unit = StageCost(1.0, 2.0, backward_weight_s=1.0) if split else StageCost(1.0, 1.0)
-        # transfers between ranks only: the V's middle hand-off stays on its rank
-        sends = [send if stage_rank(s + 1, world, layout) != stage_rank(s, world, layout) else 0.0
-                 for s in range(2 * world)]
-        for m in counts:
-            u = simulate([unit] * (2 * world), name, m, virtual_stages=2).step_time_s
-            t = simulate([StageCost(0.0, 0.0, send_s=x) for x in sends], name, m, virtual_stages=2).step_time_s
-            out.setdefault(layout, []).append(PipelineSample(m, statistics.median(times[(name, m)]), u, t))
+        out[schedule_spec(name).layout] = [_tiny_sample(name, world, 2, m, statistics.median(times[(name, m)]), send)
+                                           for m in counts]
     return out
 
 

@@ -828,6 +828,8 @@ class Evaluator:
         cuts = self.pgraph.crossings(stage_of)
         crossing = [c.bytes for c in cuts]
         layout = schedule_spec(schedule.name).layout
+        # [Note: measured overheads in a plan]: per action, the schedule's runtime's
+        action = self.overheads.schedule_action(schedule_spec(schedule.name).multi_stage, layout)
         params = self.captured.params
         first_stage: dict[int, int] = {}  # pipeline rank -> its lowest stage, which carries the per-step overhead
         for s in range(len(stages)):
@@ -886,9 +888,7 @@ class Evaluator:
             if mesh.dp > 1 and not fsdp:
                 grad = grad_bytes
                 dp_reduce = self.cost_model.collective_time("all_reduce", grad, mesh.dp_group(stage_rank(s, pp, layout)))
-            # [Note: measured overheads in a plan]: per action (the schedule's runtime's), and once per step after
-            # the reduction.
-            action = self.overheads.schedule_action(schedule_spec(schedule.name).multi_stage, layout)
+            # [Note: measured overheads in a plan]: per action (above), and once per step after the reduction.
             after = self.optimizer_time(names, mesh.tp, mesh.dp, split_params, mesh.dp_group(stage_rank(s, pp, layout)))
             if s == first_stage[stage_rank(s, pp, layout)]:
                 after += self.overheads.step_s
@@ -1082,6 +1082,7 @@ class Evaluator:
         exposed_share = [0.0] * K
         tied_share = [0.0] * K  # a rank's tied weights' sums, on its lowest stage that holds one
         layout = schedule_spec(schedule.name).layout
+        action_s = self.overheads.schedule_action(schedule_spec(schedule.name).multi_stage, layout)
         first: dict[int, int] = {}  # pipeline rank -> its lowest stage (the one charged the per-step overhead)
         for s in range(K):
             first.setdefault(stage_rank(s, pp, layout), s)
@@ -1108,9 +1109,8 @@ class Evaluator:
             ck_f, ck_b = self.checkpoint_time(spec, work)
             cf += ck_f  # the checkpoints' own cost: in the passes that pay it
             replay += ck_b
-            action = self.overheads.schedule_action(schedule_spec(schedule.name).multi_stage, layout)
             k = shares[stage_rank(s, pp, layout)] if shares else 1.0
-            cf, cb, tf, tb, replay, action = cf * k, cb * k, tf * k, tb * k, replay * k, action * k
+            cf, cb, tf, tb, replay, action = cf * k, cb * k, tf * k, tb * k, replay * k, action_s * k
             # What the stage's actions take beyond compute, tp and the per-action overhead: ZeRO-2/3's
             # exposed gathers and scatters, and FSDP's per-unit software cost.
             extra_f = extra_b = 0.0
