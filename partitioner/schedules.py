@@ -49,6 +49,20 @@ head's output gradient is the logits' size, and the term is zero.) The
 storage meter once read 98 MiB of activations there, 8 micro-batches'
 log-softmax outputs: its own saved-tensor hook had kept them alive
 ([Note: the meter's saved-tensor hook] in measure.py).
+
+[Note: overlapped pairs]
+DualPipeV pairs a forward of one chunk with a full backward of the other as
+one ``OVERLAP_F_B`` action. torch's ``_PipelineScheduleRuntime`` runs the two
+parts one after the other, and ``_add_send_recv`` puts the sends of both after
+the compound action: the forward's activation leaves only when the backward
+ends, so the next stage's rank gets it a backward later than a lone forward
+would send it. ``ScheduleSpec.overlaps`` names the pairs and the simulator
+sends such a forward's output at its pair's end ([Note: timing model] in
+simulate.py). Seen in a run (2 CPU ranks, the hetero-lm funnel's dualpipev
+plan, events of ``autopart run --json``): rank 1's forward ``2F2`` ended at
+22.3 ms, its pair's backward ``1B0`` at 31.3 ms, and rank 0, free from 28.7 ms,
+started ``3F2`` at 31.6 ms; likewise ``2F3`` 40.9 ms, ``1B1`` 48.6 ms, ``3F3``
+48.9 ms.
 """
 
 from __future__ import annotations
@@ -68,6 +82,7 @@ __all__ = [
     "check_recompute",
     "check_schedule",
     "rank_stages",
+    "overlapped_pairs",
     "schedule_order",
     "spec",
     "stage_rank",
@@ -127,6 +142,9 @@ class ScheduleSpec:
     # runs whole backwards beside forwards and splits only a few ([Note: software overheads] in
     # cost_models/overheads.py prices the split where it is the rule)
     split_throughout: bool = False
+    # (forward, backward) pairs that torch runs as one OVERLAP_F_B action: the forward's output is sent
+    # only after the backward ([Note: overlapped pairs]); None: the schedule has none
+    overlaps: Callable[[int, int, int], list[list[tuple[Action, Action]]]] | None = None
 
 
 def stage_rank(stage: int, ranks: int, layout: str = "loop") -> int:
@@ -185,6 +203,16 @@ def schedule_order(schedule: str, ranks: int, microbatches: int, virtual_stages:
     """Per-rank ordered action lists of a named schedule: ``orders[r]`` is what rank ``r`` runs, in order."""
     sp = check_schedule(schedule, ranks, microbatches, virtual_stages)
     return sp.order(ranks, microbatches, virtual_stages)
+
+
+def overlapped_pairs(schedule: str, ranks: int, microbatches: int, virtual_stages: int = 1) -> list[list[tuple[Action, Action]]]:
+    """Per rank, the (forward, backward) pairs of its order that torch runs as one action, whose
+    forward's output leaves only after the backward ([Note: overlapped pairs]); empty lists for a
+    schedule without such pairs."""
+    sp = check_schedule(schedule, ranks, microbatches, virtual_stages)
+    if sp.overlaps is None:
+        return [[] for _ in range(ranks)]
+    return sp.overlaps(ranks, microbatches, virtual_stages)
 
 
 # --------------------------------------------------------------------------
@@ -349,24 +377,35 @@ def _dualpipev(ranks: int, microbatches: int, virtual_stages: int) -> list[list[
     of the other; then backwards, the second half split into I and deferred W)
     follow torch's ``_calculate_single_rank_operations``. torch issues each
     forward/backward pair as one OVERLAP_F_B action whose parts run one after
-    the other; here they are the two actions in that order.
+    the other; here they are the two actions in that order, and
+    ``_dualpipev_overlaps`` names the pairs ([Note: overlapped pairs]).
     """
-    return [_dualpipev_rank(r, ranks, microbatches) for r in range(ranks)]
+    return [_dualpipev_rank(r, ranks, microbatches)[0] for r in range(ranks)]
 
 
-def _dualpipev_rank(rank: int, ranks: int, microbatches: int) -> list[Action]:
+def _dualpipev_overlaps(ranks: int, microbatches: int, virtual_stages: int) -> list[list[tuple[Action, Action]]]:
+    """The OVERLAP_F_B pairs of each rank's ``_dualpipev`` order, (forward, backward)."""
+    return [_dualpipev_rank(r, ranks, microbatches)[1] for r in range(ranks)]
+
+
+def _dualpipev_rank(rank: int, ranks: int, microbatches: int) -> tuple[list[Action], list[tuple[Action, Action]]]:
     c0, c1 = rank, 2 * ranks - 1 - rank
     count: dict[tuple[int, str], int] = defaultdict(int)  # (stage, F or I) -> next micro-batch
     pending_w: list[tuple[int, int]] = []
     ops: list[Action] = []
+    pairs: list[tuple[Action, Action]] = []
 
-    def emit(stage: int, kind: str) -> None:
+    def emit(stage: int, kind: str) -> Action:
         key = (stage, FORWARD if kind == FORWARD else BACKWARD_INPUT)
         m = count[key]
         count[key] = m + 1
         ops.append(Action(stage, kind, m))
         if kind == BACKWARD_INPUT:
             pending_w.append((stage, m))
+        return ops[-1]
+
+    def overlap(forward_stage: int, backward_stage: int) -> None:  # torch's add_overlap_f_b
+        pairs.append((emit(forward_stage, FORWARD), emit(backward_stage, FULL_BACKWARD)))
 
     def weight() -> None:
         if pending_w:
@@ -383,14 +422,15 @@ def _dualpipev_rank(rank: int, ranks: int, microbatches: int) -> list[Action]:
         weight()
         emit(c1, FORWARD)
     for i in range(microbatches - ranks * 2 + rank + 1):
-        emit(c0, FORWARD)  # overlapped with the next (except on the last rank's first step)
-        emit(c1, FULL_BACKWARD)
-        emit(c1, FORWARD)  # overlapped with the next
-        emit(c0, FULL_BACKWARD)
+        if i == 0 and rank == ranks - 1:  # torch does not overlap the last rank's first pair
+            emit(c0, FORWARD)
+            emit(c1, FULL_BACKWARD)
+        else:
+            overlap(c0, c1)
+        overlap(c1, c0)
     for _ in range(ranks - rank - 1):
         emit(c1, FULL_BACKWARD)
-        emit(c1, FORWARD)  # overlapped with the next
-        emit(c0, FULL_BACKWARD)
+        overlap(c1, c0)
     split = False
     for i in range(rank + 1):
         if i == (rank + 1) // 2 and rank % 2 == 1:
@@ -404,7 +444,7 @@ def _dualpipev_rank(rank: int, ranks: int, microbatches: int) -> list[Action]:
         emit(c0, BACKWARD_INPUT if split else FULL_BACKWARD)
     for _ in range(rank + 1):
         weight()
-    return ops
+    return ops, pairs
 
 
 REGISTRY: dict[str, ScheduleSpec] = {
@@ -422,7 +462,8 @@ REGISTRY: dict[str, ScheduleSpec] = {
         ScheduleSpec("zbv", "ScheduleZBVZeroBubble", "v", 2, True, True, 0, False, _zbv,
                      "zero-bubble over two stages per rank in a V (ZB-V)", split_throughout=True),
         ScheduleSpec("dualpipev", "ScheduleDualPipeV", "v", 2, True, True, 2, False, _dualpipev,
-                     "DeepSeek's DualPipe in a V: forward of one chunk paired with backward of the other"),
+                     "DeepSeek's DualPipe in a V: forward of one chunk paired with backward of the other",
+                     overlaps=_dualpipev_overlaps),
     )
 }
 SCHEDULES = tuple(REGISTRY)

@@ -33,7 +33,8 @@ Glossary (the words mean only this in this module):
 [Note: timing model]
 Each rank executes its ordered action list strictly in order, one action at a
 time. ``F(s, m)`` starts when the rank is free and ``F(s-1, m)`` has finished
-plus ``stages[s-1].send_s``. ``B(s, m)`` or ``I(s, m)`` needs ``F(s, m)`` done
+plus ``stages[s-1].send_s`` (or, where ``F(s-1, m)`` runs paired with a backward as one
+action, that backward has finished: [Note: overlapped pairs] in schedules.py). ``B(s, m)`` or ``I(s, m)`` needs ``F(s, m)`` done
 and ``B(s+1, m)`` or ``I(s+1, m)`` finished plus ``stages[s].grad_send_s`` (its
 ``send_s`` unless set apart: a stage may send more tensors than gradients come back); the
 last stage's backward needs only its own forward. ``W(s, m)`` needs
@@ -118,6 +119,7 @@ from partitioner.schedules import (
     FULL_BACKWARD,
     SCHEDULES,
     Action,
+    overlapped_pairs,
     schedule_order,
     spec,
     stage_rank,
@@ -311,8 +313,8 @@ def simulate(
     ranks = len(stages) // virtual_stages
     layout = spec(schedule).layout
     with _gc_paused():
-        orders, checked = _prepared_orders(schedule, ranks, microbatches, virtual_stages, len(stages), layout)
-        return _simulate_orders(stages, orders, microbatches, overlap_dp, layout, checked, comm_overlap)
+        orders, checked, pairs = _prepared_orders(schedule, ranks, microbatches, virtual_stages, len(stages), layout)
+        return _simulate_orders(stages, orders, microbatches, overlap_dp, layout, checked, comm_overlap, pairs)
 
 
 def busiest_rank_s(stages: Sequence[StageCost], schedule: str, microbatches: int, ranks: int) -> float:
@@ -341,7 +343,7 @@ def peak_memory(
     costs = _check_stages(stages)
     ranks = len(costs) // virtual_stages
     layout = spec(schedule).layout
-    orders, _ = _prepared_orders(schedule, ranks, microbatches, virtual_stages, len(costs), layout)
+    orders, _, _ = _prepared_orders(schedule, ranks, microbatches, virtual_stages, len(costs), layout)
     owner = [stage_rank(s, ranks, layout) for s in range(len(costs))]
     return tuple(
         _memory_walk(costs, [c for s, c in enumerate(costs) if owner[s] == r], orders[r]).peak for r in range(ranks)
@@ -350,21 +352,23 @@ def peak_memory(
 
 # The search simulates many plans of one schedule shape (each mesh, tp and recompute choice of a
 # grid point); their orders and the orders' flat keys depend on the shape only, so the last few
-# shapes are kept. The lists are shared and never modified.
-_PREPARED: dict[tuple[str, int, int, int, int], tuple[list[list[Action]], tuple[list[list[int]], bytearray]]] = {}
+# shapes are kept, with the schedule's overlapped pairs. The lists are shared and never modified.
+_Prepared = tuple[list[list[Action]], tuple[list[list[int]], bytearray], list[list[tuple[Action, Action]]]]
+_PREPARED: dict[tuple[str, int, int, int, int], _Prepared] = {}
 _PREPARED_MAX = 8
 _PREPARED_LOCK = threading.Lock()
 
 
 def _prepared_orders(
     schedule: str, ranks: int, microbatches: int, virtual_stages: int, num_stages: int, layout: str
-) -> tuple[list[list[Action]], tuple[list[list[int]], bytearray]]:
+) -> _Prepared:
     key = (schedule, ranks, microbatches, virtual_stages, num_stages)
     with _PREPARED_LOCK:
         hit = _PREPARED.pop(key, None)
     if hit is None:
         orders = schedule_order(schedule, ranks, microbatches, virtual_stages)
-        hit = (orders, _check_orders(orders, num_stages, microbatches, layout))
+        hit = (orders, _check_orders(orders, num_stages, microbatches, layout),
+               overlapped_pairs(schedule, ranks, microbatches, virtual_stages))
     with _PREPARED_LOCK:
         _PREPARED[key] = hit  # most recent last
         while len(_PREPARED) > _PREPARED_MAX:
@@ -379,6 +383,7 @@ def simulate_orders(
     *,
     overlap_dp: bool = True,
     layout: str = "loop",
+    overlapped: Sequence[Sequence[tuple[Action, Action]]] = (),
 ) -> SimResult:
     """Simulate explicit per-rank action orders (``orders[r]`` is rank ``r``'s list).
 
@@ -393,11 +398,14 @@ def simulate_orders(
     one missing dependency; finishing an action wakes the ranks parked on it.
     Every action is visited once, so the cost is O(actions). Since a rank never
     reorders its list, this equals a time-ordered event simulation.
+
+    ``overlapped[r]`` lists rank ``r``'s (forward, backward) pairs that run as one action, the
+    forward's output sent at the backward's end ([Note: overlapped pairs] in schedules.py).
     """
     if layout not in ("loop", "v"):
         raise PlanError(f"layout = {layout!r}: must be 'loop' or 'v'")
     with _gc_paused():
-        return _simulate_orders(stages, orders, microbatches, overlap_dp, layout)
+        return _simulate_orders(stages, orders, microbatches, overlap_dp, layout, pairs=overlapped)
 
 
 def _simulate_orders(
@@ -408,6 +416,7 @@ def _simulate_orders(
     layout: str,
     checked: tuple[list[list[int]], bytearray] | None = None,  # _check_orders(orders, ...), when known
     comm_overlap: float = 1.0,
+    pairs: Sequence[Sequence[tuple[Action, Action]]] = (),  # overlapped (F, B) per rank
 ) -> SimResult:
     stage_costs = _check_stages(stages)
     ranks = len(orders)
@@ -437,6 +446,12 @@ def _simulate_orders(
         (c.send_s if c.grad_send_s is None else c.grad_send_s) if s < last and owner[s] != owner[s + 1] else 0.0
         for s, c in enumerate(stage_costs)
     ]
+    # [Note: overlapped pairs] in schedules.py: F key -> its pair's B key, where F's output goes to another rank
+    held = {
+        f.stage * M + f.microbatch: N + b.stage * M + b.microbatch
+        for rank_pairs in pairs for f, b in rank_pairs
+        if f.stage < last and owner[f.stage] != owner[f.stage + 1]
+    }
 
     waited = [0.0] * num_stages  # [Note: where idle time goes]
     in_transit = [0.0] * num_stages
@@ -464,6 +479,11 @@ def _simulate_orders(
                     sent = end[dep]
                     if sent is None:
                         break
+                    if held and dep in held:  # sent with its pair's backward
+                        dep = held[dep]
+                        sent = end[dep]
+                        if sent is None:
+                            break
                     ready = arrives = sent + send[s - 1]
                 else:
                     ready = 0.0

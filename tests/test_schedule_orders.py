@@ -18,7 +18,8 @@ from torch.distributed.pipelining import PipelineStage
 from torch.testing._internal.distributed.fake_pg import FakeStore
 
 from partitioner.errors import PlanError
-from partitioner.schedules import REGISTRY, SCHEDULES, Action, check_schedule, rank_stages, schedule_order, spec
+from partitioner.schedules import (REGISTRY, SCHEDULES, Action, check_schedule, overlapped_pairs, rank_stages,
+                                   schedule_order, spec)
 from partitioner.simulate import StageCost, simulate_orders
 
 # (pp, microbatches, virtual_stages): at least six per schedule, including the odd corners
@@ -133,6 +134,33 @@ def test_order_equals_torch(name: str, pp: int, microbatches: int, virtual_stage
     costs = [StageCost(1.0, 2.0, send_s=0.1, activation_bytes=1, backward_weight_s=1.0)] * (pp * virtual_stages)
     result = simulate_orders(costs, ours, microbatches, layout=REGISTRY[name].layout)
     assert sum(result.busy_s) == pytest.approx(3.0 * pp * virtual_stages * microbatches)
+
+
+@pytest.mark.parametrize(
+    ("name", "pp", "microbatches", "virtual_stages"),
+    [(name, *case) for name, cases in CASES.items() for case in cases if REGISTRY[name].multi_stage],
+)
+def test_overlapped_pairs_are_torchs(name: str, pp: int, microbatches: int, virtual_stages: int) -> None:
+    """The pairs the simulator sends late ([Note: overlapped pairs]) are torch's OVERLAP_F_B actions, and in
+    torch's list of what each rank runs, the pair's forward is sent after the whole pair."""
+    ours = overlapped_pairs(name, pp, microbatches, virtual_stages)
+    dist.init_process_group("fake", store=FakeStore(), rank=0, world_size=pp)
+    try:
+        schedule, _ = build(name, pp, 0, microbatches, virtual_stages)
+        ir = schedule.pipeline_order_with_comms
+    finally:
+        dist.destroy_process_group()
+    for r in range(pp):
+        theirs, sends = [], []
+        for i, a in enumerate(ir[r]):
+            if a is not None and a.sub_actions:
+                f, b = (Action.parse(str(x)) for x in a.sub_actions)
+                theirs.append((f, b))
+                sends.append((i, f))
+        assert ours[r] == theirs, f"{name} pp={pp} M={microbatches}: rank {r}"
+        for i, f in sends:  # the forward's SEND_F, where it has one, comes after the compound action
+            send = [j for j, a in enumerate(ir[r]) if a is not None and str(a) == f"{f.stage}SEND_F{f.microbatch}"]
+            assert all(j > i for j in send), (name, pp, microbatches, r, f)
 
 
 @pytest.mark.parametrize("name", SCHEDULES)

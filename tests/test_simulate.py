@@ -259,6 +259,29 @@ def test_send_adds_to_critical_path() -> None:
     assert simulate([StageCost(1.0, 2.0)] * 2, "1f1b", 2).pipeline_time_s == 9.0
 
 
+def test_overlapped_forward_is_sent_after_its_pair() -> None:
+    """DualPipeV runs a forward and the other chunk's backward as one action and torch sends the
+    forward's output only after both ([Note: overlapped pairs] in schedules.py): the receiving
+    rank's forward waits for the pair's backward, which the orders alone would not make it do."""
+    from partitioner.schedules import overlapped_pairs
+
+    stages = [StageCost(1.0, 2.0, send_s=0.1, backward_weight_s=1.0)] * 4
+    orders = schedule_order("dualpipev", 2, 4, 2)
+    pairs = overlapped_pairs("dualpipev", 2, 4, 2)
+    assert [(str(f), str(b)) for f, b in pairs[1]] == [("2F2", "1B0"), ("1F3", "2B1"), ("2F3", "1B1")]
+    paired = simulate_orders(stages, orders, 4, layout="v", overlapped=pairs)
+    alone = simulate_orders(stages, orders, 4, layout="v")
+    spans = {str(e.action): (e.start_s, e.end_s) for e in paired.events}
+    # 2F2's output (stage 2 on rank 1 -> stage 3 on rank 0) leaves when 1B0 ends
+    assert spans["3F2"][0] == pytest.approx(max(spans["1B0"][1] + 0.1, spans["3B1"][1]))
+    assert spans["3F2"][0] > {str(e.action): e.start_s for e in alone.events}["3F2"]
+    assert spans["3F3"][0] == pytest.approx(spans["1B1"][1] + 0.1)
+    # 1F3 feeds 2F3 on its own rank (the turn of the V): no send, nothing deferred
+    assert spans["2F3"][0] >= spans["2B1"][1]
+    assert simulate(stages, "dualpipev", 4, virtual_stages=2).step_time_s == pytest.approx(paired.step_time_s)
+    assert paired.step_time_s > alone.step_time_s
+
+
 def test_random_costs_follow_timing_model() -> None:
     rng = random.Random(0)
     cases = [("gpipe", 3, 5, 1), ("1f1b", 5, 7, 1), ("interleaved", 3, 6, 3)]
