@@ -101,10 +101,9 @@ rank updates ``T_s`` parameter tensors of ``P_s`` elements:
   a rank waits for that transfer: on the critical path, ``2 (p - 1)`` transfers
   and more for every micro-batch the schedule's order makes wait;
 * in a stage whose backward a zero-bubble schedule (``zb``, ``zbv``) splits into its input
-  half (I) and its weight half (W), per micro-batch: ``I_s += G_s a_split + r_split C_s`` and
-  ``W_s += P_s a_split_w``, with ``G_s`` the stage's graph nodes that need a gradient,
-  ``P_s`` its trainable parameter tensors and ``C_s`` its backward compute (as the cost
-  model prices it, fused). torch runs the split as ``stage_backward_input``
+  half (I) and its weight half (W), per micro-batch: ``I_s += G_s a_split`` and
+  ``W_s += P_s a_split_w``, with ``G_s`` the stage's graph nodes that need a gradient and
+  ``P_s`` its trainable parameter tensors. torch runs the split as ``stage_backward_input``
   then ``stage_backward_weight`` (torch/distributed/pipelining/_backward.py): I walks the
   stage's autograd graph in Python to group its weights with the intermediates that feed
   them and hooks each intermediate; W runs one ``autograd.grad`` per group; a fused
@@ -114,13 +113,7 @@ rank updates ``T_s`` parameter tensors of ``P_s`` elements:
   cost less per node than such weight-dense stacks, so the two are measured apart. The
   zero-bubble fidelity layout's stages after the first measured 0.7-1.2 ms a micro-batch
   of backward beyond the model without it
-  (benchmarks/results/2026-12-06-fidelity-session11-b.md). Beyond those fixed costs the split
-  grows with the backward's arithmetic: the same two layers (a LayerNorm, two linears and a
-  GELU) timed fused and split at widths 64 to 512 x 2048 took 0.5 ms more at 0.02 GFLOP of
-  backward, 1.5-1.8 ms at 0.27, 3.4-4.5 ms at 1.07 and 7.9-8.5 ms at 4.3 (14-20% of the fused
-  backward past the first; the I half took more than half of the fused time), and the
-  hetero-lm funnel's zb stages 17-27% (benchmarks/results/2026-12-06-measured-quality-15.md):
-  ``r_split``, measured on wide layers where the fixed costs are small beside it. torch runs the first stage's
+  (benchmarks/results/2026-12-06-fidelity-session11-b.md). torch runs the first stage's
   backward whole (its inputs need no gradient): stage 0 pays none. DualPipeV splits only a
   few backwards at its ends and runs its steady state whole: it is not charged (an
   underestimate of those few);
@@ -195,7 +188,6 @@ OVERHEAD_FILE_KEYS = {
     "p2p_tensor_us": ("p2p_tensor_s", Decimal("1e-6")),
     "split_backward_node_us": ("split_backward_node_s", Decimal("1e-6")),
     "split_backward_param_us": ("split_backward_param_s", Decimal("1e-6")),
-    "split_backward_scale": ("split_backward_scale", Decimal(1)),
     "grad_accumulate_gbps": ("accumulate_bandwidth", Decimal("1e9")),
     "all_reduce_factor": ("all_reduce_factor", Decimal(1)),
     "all_gather_factor": ("all_gather_factor", Decimal(1)),
@@ -234,7 +226,6 @@ class Overheads:
     p2p_tensor_s: float = 0.0  # a_p2p_tensor: per further tensor such a transfer carries (each its own operation)
     split_backward_node_s: float = 0.0  # a_split: per graph node of a stage whose backward torch splits (I, W), per micro-batch
     split_backward_param_s: float = 0.0  # a_split_w: per trainable parameter tensor of such a stage, per micro-batch
-    split_backward_scale: float = 0.0  # r_split: of such a stage's backward compute, what the split adds beyond those
     accumulate_bandwidth: float = 0.0  # B_acc: gradient bytes/s autograd adds into a held .grad; 0: not measured
     all_reduce_factor: float = 1.0  # f_all_reduce: an all-reduce's measured time over the ring model on the link
     all_gather_factor: float = 1.0  # f_all_gather: the same for an all-gather

@@ -165,10 +165,7 @@ median:
   layer and micro-batch ``e_k = ((s_16 - f_16) - (s_4 - f_4)) / 12`` (the timed calls hold 4
   micro-batches each, divided out), ``a_split = (e_4 - e_0) / 4`` per node and
   ``a_split_w = (e_0 - 2 a_split) / 2`` per parameter tensor, medians over the rounds, each at
-  least 0; then a stack of ``SPLIT_WIDE`` layers (width 256, 512 rows, 4 deep: a backward of
-  about 0.5 GFLOP) timed forward, fused and split in interleaved rounds:
-  ``r_split = (t_split - t_fused - 4 (2 a_split + 2 a_split_w)) / (t_fused - t_forward)``, the
-  median, at least 0 (the split's cost that grows with the arithmetic);
+  least 0;
 * gradient accumulation: the backward of an embedding lookup (``ACCUMULATE_ROWS`` x 128
   fp32, whose backward makes a dense gradient of the whole table, beyond the caches as a
   vocabulary's is) timed into no gradient (autograd hands its result over) and into a
@@ -1123,9 +1120,6 @@ def checkpoint_overheads(device: torch.device, reps: int) -> tuple[float, float,
 
 SPLIT_BACKWARD_DEPTHS = (4, 16)  # layers in the split-backward experiment
 SPLIT_BACKWARD_EXTRA = 4  # weight-free nodes (tanh) the second kind of layer adds to a linear and a GELU
-# The split-backward experiment's wide stack (r_split): layers of this width, rows and depth, whose backward
-# (about 0.5 GFLOP, 6 ms on the 2-core CPU of development) dwarfs the fixed per-node and per-tensor costs
-SPLIT_WIDE = (256, 512, 4)
 
 
 class SplitBackwardLayer(torch.nn.Module):
@@ -1144,10 +1138,10 @@ class SplitBackwardLayer(torch.nn.Module):
         return x
 
 
-def split_backward_overheads(device: torch.device, reps: int) -> tuple[float, float, float]:
-    """``(a_split, a_split_w, r_split)``: what torch's split backward adds over one fused backward per graph
-    node that needs a gradient, per parameter tensor, and beyond those as a fraction of the backward's
-    compute ([Note: measuring overheads]; [Note: software overheads] in cost_models/overheads.py)."""
+def split_backward_overheads(device: torch.device, reps: int) -> tuple[float, float]:
+    """``(a_split, a_split_w)``: what torch's split backward adds over one fused backward per graph node
+    that needs a gradient and per parameter tensor ([Note: measuring overheads]; [Note: software
+    overheads] in cost_models/overheads.py)."""
     from torch.distributed.pipelining._backward import stage_backward_input, stage_backward_weight
 
     torch.manual_seed(0)
@@ -1182,40 +1176,7 @@ def split_backward_overheads(device: torch.device, reps: int) -> tuple[float, fl
         node = (more - plain) / SPLIT_BACKWARD_EXTRA
         nodes.append(node)
         weights.append((plain - 2 * node) / 2)
-    a_split, a_split_w = max(0.0, statistics.median(nodes)), max(0.0, statistics.median(weights))
-    return a_split, a_split_w, split_backward_scale(device, reps, a_split, a_split_w)
-
-
-def split_backward_scale(device: torch.device, reps: int, a_split: float, a_split_w: float) -> float:
-    """``r_split``: on a stack of wide layers (``SPLIT_WIDE``), the split backward's time beyond the fused
-    one and the fixed costs (``a_split`` per node, ``a_split_w`` per tensor: 2 and 2 a layer), over the
-    fused backward; the median over interleaved rounds, at least 0 ([Note: measuring overheads])."""
-    from torch.distributed.pipelining._backward import stage_backward_input, stage_backward_weight
-
-    width, rows, depth = SPLIT_WIDE
-    torch.manual_seed(0)
-    model = torch.nn.Sequential(*[SplitBackwardLayer(width, 0) for _ in range(depth)]).to(device)
-    x0 = torch.randn(rows, width, device=device)
-
-    def forward() -> None:
-        model(x0.clone().requires_grad_(True))
-
-    def fused() -> None:
-        y = model(x0.clone().requires_grad_(True))
-        torch.autograd.backward(y, torch.ones_like(y))
-
-    def split() -> None:
-        x = x0.clone().requires_grad_(True)
-        y = model(x)
-        _, groups = stage_backward_input([y], [torch.ones_like(y)], [x], model.parameters())
-        stage_backward_weight(model.parameters(), groups)
-
-    fns = (forward, fused, split)
-    for fn in fns:  # warm-up
-        fn(), fn()
-    fixed = depth * 2 * (a_split + a_split_w)
-    ratios = [(s - b - fixed) / (b - f) for f, b, s in _rounds(fns, device, max(reps, ROUNDS)) if b > f]
-    return max(0.0, statistics.median(ratios)) if ratios else 0.0
+    return max(0.0, statistics.median(nodes)), max(0.0, statistics.median(weights))
 
 
 ACCUMULATE_ROWS = 32768  # x 128 fp32: a 16 MiB weight, beyond the caches as a vocabulary's is
@@ -1291,7 +1252,7 @@ def measure_overheads(device: torch.device, link: LinkFit | None, reps: int, slo
     zero1 = zero1_overhead(device, link, reps, tensor_s, bandwidth)
     ckpt, ckpt_b, ckpt_node = checkpoint_overheads(device, reps)
     overlap = comm_overlap(device, reps)
-    split, split_w, split_r = split_backward_overheads(device, reps)
+    split, split_w = split_backward_overheads(device, reps)
     accumulate = grad_accumulate_bandwidth(device, reps)
     fsdp_f, fsdp_b, opt_dt = fsdp_overheads(_fsdp_sample(device, max(reps, ROUNDS)), link)
     us = lambda x: _sig(x * 1e6)  # noqa: E731  # the file's units: exact when read back
@@ -1303,7 +1264,7 @@ def measure_overheads(device: torch.device, link: LinkFit | None, reps: int, slo
         optimizer_gbps=_sig(bandwidth / 1e9), checkpoint_forward_us=us(ckpt), checkpoint_backward_us=us(ckpt_b),
         checkpoint_node_forward_us=us(ckpt_node), p2p_transfer_us=us(p2p), p2p_tensor_us=us(p2p_tensor),
         split_backward_node_us=us(split),
-        split_backward_param_us=us(split_w), split_backward_scale=round(split_r, 3), grad_accumulate_gbps=_sig(accumulate / 1e9),
+        split_backward_param_us=us(split_w), grad_accumulate_gbps=_sig(accumulate / 1e9),
         comm_overlap=round(overlap, 3), compute_slowdown=round(slowdown, 3),
         oversubscribed=min(round(oversubscribed, 3), round(slowdown, 3)), **collective_fields(link)))
 

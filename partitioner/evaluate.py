@@ -854,8 +854,7 @@ class Evaluator:
             names = {p for b in spec.blocks for p in self.pgraph.blocks[b].params}
             if s > 0 and schedule_spec(schedule.name).split_throughout:  # [Note: software overheads]
                 split_w = self.overheads.split_backward_param_s * sum(1 for p in names if params[p].trainable)
-                split_i = self.overheads.split_backward_scale * sum(c.compute.backward_s + c.loss.backward_s for c in costs)
-                bwd += self.overheads.split_backward_node_s * self.grad_nodes(spec) + split_i + split_w
+                bwd += self.overheads.split_backward_node_s * self.grad_nodes(spec) + split_w
                 wgt += split_w
             mem = self.stage_memory(s, stages, costs, mesh, schedule, crossing, sorted(names), split_params, sharding)
             transient = 0.0

@@ -199,8 +199,6 @@ def test_calibrate_under_torchrun_writes_a_cluster_plans_can_use(tmp_path):
     # weight group: tens of us a node and a tensor on this CPU (each a residual, at least 0)
     assert o.split_backward_node_s >= 0 and o.split_backward_param_s >= 0
     assert o.split_backward_node_s + o.split_backward_param_s > 0 and "split backward (zero-bubble) +" in printed
-    # and beyond those, a share of the backward's arithmetic (about a fifth on wide layers of this CPU)
-    assert 0 < o.split_backward_scale < 1 and f"{o.split_backward_scale:.0%} of the backward (I)" in printed
     # each collective's time over the ring model on the transfers' link ([Note: fitting alpha-beta]): written, printed
     # (printed as the file holds them: a factor that rounds to 1 is not written)
     for kind, label in (("all_reduce", "all-reduce"), ("all_gather", "all-gather"), ("reduce_scatter", "reduce-scatter"),

@@ -151,34 +151,6 @@ def test_a_split_backward_pays_per_node_and_tensor_after_the_first_stage(mlp):
     assert split[1].forward_s == fused[1].forward_s
 
 
-def test_a_split_backward_pays_a_share_of_its_arithmetic_on_the_input_half(mlp):
-    # Beyond the fixed costs, torch's split backward took 14-27% more than the fused one on wide layers
-    # (cost_models/overheads.py): r_split of the stage's fused backward compute, on I; W and the first
-    # stage are unchanged, and so is every whole-backward schedule.
-    r = 0.2
-    ev = prepare(mlp, cluster=replace(Cluster.local(2), overheads=Overheads(split_backward_scale=r)), global_batch=8,
-                 dtype="fp32")
-    base = prepare(mlp, cluster=Cluster.local(2), global_batch=8, dtype="fp32")
-    n = len(ev.pgraph.blocks)
-    stages = [StageSpec(tuple(range(n // 2))), StageSpec(tuple(range(n // 2, n)))]
-    mesh = Mesh(2, 1, 1)
-    compute = sum(base.block_cost(base.pgraph.blocks[b], 2, 1, {}).compute.backward_s
-                  + base.block_cost(base.pgraph.blocks[b], 2, 1, {}).loss.backward_s for b in stages[1].blocks)
-    assert compute > 0
-    for schedule, extra in ((Schedule("zb", 4, 2), r * compute), (Schedule("1f1b", 4, 2), 0.0),
-                            (Schedule("dualpipev", 4, 2, 2), 0.0)):
-        specs = stages if schedule.virtual_stages == 1 else [StageSpec(tuple(range(i * n // 4, (i + 1) * n // 4)))
-                                                             for i in range(4)]
-        split, plain = ev.stage_costs(specs, mesh, schedule, {}), base.stage_costs(specs, mesh, schedule, {})
-        assert split[0].backward_s == plain[0].backward_s
-        if schedule.virtual_stages == 1:
-            assert split[1].backward_s == pytest.approx(plain[1].backward_s + extra), schedule.name
-        else:  # dualpipev splits few backwards and is not charged
-            assert [c.backward_s for c in split] == [c.backward_s for c in plain]
-        assert [c.backward_weight_s for c in split] == [c.backward_weight_s for c in plain]
-        assert [c.forward_s for c in split] == [c.forward_s for c in plain]
-
-
 def test_each_backward_into_held_gradients_pays_their_addition(mlp):
     # Autograd adds a micro-batch's gradient into a .grad the stage already holds: the M - 1 backwards
     # after the first of a step, or all M under DDP (its gradients are bucket views zeroed in place).
