@@ -276,8 +276,6 @@ def test_overlapped_forward_is_sent_after_its_pair() -> None:
     assert spans["3F2"][0] == pytest.approx(max(spans["1B0"][1] + 0.1, spans["3B1"][1]))
     assert spans["3F2"][0] > {str(e.action): e.start_s for e in alone.events}["3F2"]
     assert spans["3F3"][0] == pytest.approx(spans["1B1"][1] + 0.1)
-    # 1F3 feeds 2F3 on its own rank (the turn of the V): no send, nothing deferred
-    assert spans["2F3"][0] >= spans["2B1"][1]
     assert simulate(stages, "dualpipev", 4, virtual_stages=2).step_time_s == pytest.approx(paired.step_time_s)
     assert paired.step_time_s > alone.step_time_s
 
