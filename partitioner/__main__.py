@@ -1,5 +1,5 @@
 """``python -m partitioner``: the autopart command line (for torchrun's ``-m`` and source checkouts)."""
 
-from .cli import main
+from .cli import entry
 
-raise SystemExit(main())
+entry()

@@ -283,6 +283,30 @@ def main(argv: Sequence[str] | None = None) -> int:
     return 0
 
 
+def entry() -> None:
+    """The command line's entry point (the ``autopart`` script, ``python -m partitioner``, ``python -m
+    partitioner.cli``): exit with ``main``'s status.
+
+    [Note: leaving a rank without teardown]
+    A rank under torchrun (``autopart run`` and ``calibrate``, or any command torchrun starts) leaves by
+    ``os._exit`` once its output is flushed: its work is done (results written, the process group
+    destroyed), and CPython's teardown is where gloo's threads could still free Python objects after the
+    interpreter began to finalize; such a thread cannot take the GIL and the rank aborts ("terminate
+    called without an active exception"), failing a job that had succeeded. [Note: the last barrier] in
+    runtime/loop.py closed one such path; the docs test met another once (the guide's ``autopart run``
+    on two ranks, rank 0 aborted after its steps, in a fresh-clone CI run on 2026-12-06; 0 of 27 runs of
+    the same command here reproduced it, with or without a busy core beside). Skipping teardown skips the
+    race. ``main`` itself returns, for callers in-process."""
+    from .watchdog import under_launcher
+
+    code = main()
+    if under_launcher():
+        sys.stdout.flush()
+        sys.stderr.flush()
+        os._exit(code)
+    raise SystemExit(code)
+
+
 def _launch(args: argparse.Namespace, argv: Sequence[str] | None) -> int | None:
     """``--nproc-per-node N`` outside torchrun: start N ranks of this same command here (launch.py) and
     return the job's exit status. Under torchrun (a rank already) return None: the rank runs the command."""
@@ -985,4 +1009,4 @@ def _print_calibration(report, base, cluster) -> None:
 
 
 if __name__ == "__main__":
-    raise SystemExit(main())
+    entry()
