@@ -115,8 +115,8 @@ rank updates ``T_s`` parameter tensors of ``P_s`` elements:
   of backward beyond the model without it
   (benchmarks/results/2026-12-06-fidelity-session11-b.md). torch runs the first stage's
   backward whole (its inputs need no gradient): stage 0 pays none. DualPipeV splits only a
-  few backwards at its ends and runs its steady state whole: it is not charged (an
-  underestimate of those few);
+  few backwards at its ends and runs its steady state whole: those few pay on their own I and
+  W actions (``StageCost.split_input_s`` and ``split_weight_s``), its whole backwards nothing;
 * per backward of a micro-batch into gradients the stage already holds: autograd adds the
   new gradient into each parameter's ``.grad`` (reading both, writing one: 3 bytes moved
   per gradient byte), where a backward into no gradient hands its result over. A stage

@@ -852,10 +852,14 @@ class Evaluator:
             fwd += ck_f
             bwd += ck_b
             names = {p for b in spec.blocks for p in self.pgraph.blocks[b].params}
-            if s > 0 and schedule_spec(schedule.name).split_throughout:  # [Note: software overheads]
+            split_i = split_w = 0.0  # [Note: software overheads]: torch's split backward, past the first stage
+            if s > 0 and schedule_spec(schedule.name).splits_backward:
                 split_w = self.overheads.split_backward_param_s * sum(1 for p in names if params[p].trainable)
-                bwd += self.overheads.split_backward_node_s * self.grad_nodes(spec) + split_w
-                wgt += split_w
+                split_i = self.overheads.split_backward_node_s * self.grad_nodes(spec)
+                if schedule_spec(schedule.name).split_throughout:  # every backward is split: part of the backward
+                    bwd += split_i + split_w
+                    wgt += split_w
+                    split_i = split_w = 0.0
             mem = self.stage_memory(s, stages, costs, mesh, schedule, crossing, sorted(names), split_params, sharding)
             transient = 0.0
             static, grad_bytes = self.resident_bytes(names, mesh.tp, mesh.dp, split_params,
@@ -908,6 +912,8 @@ class Evaluator:
                     backward_workspace_bytes=int(mem.backward_bytes),
                     optimizer_workspace_bytes=int(mem.optimizer_bytes),
                     weight_grad_bytes=int(mem.weight_grad_bytes),
+                    split_input_s=split_i,
+                    split_weight_s=split_w,
                     after_s=after,
                     tied_sums=tied[s],
                 )
@@ -983,7 +989,9 @@ class Evaluator:
                 break
             shares = new
             scaled = [replace(c, forward_s=c.forward_s * shares[rank[s]], backward_s=c.backward_s * shares[rank[s]],
-                              backward_weight_s=c.backward_weight_s * shares[rank[s]]) for s, c in enumerate(costs)]
+                              backward_weight_s=c.backward_weight_s * shares[rank[s]],
+                              split_input_s=c.split_input_s * shares[rank[s]],
+                              split_weight_s=c.split_weight_s * shares[rank[s]]) for s, c in enumerate(costs)]
             sim = simulate(scaled, schedule.name, schedule.microbatches, schedule.virtual_stages,
                            self.training.overlap_dp, self.overheads.comm_overlap)
         return sim, scaled, tuple(shares)

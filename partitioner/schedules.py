@@ -140,7 +140,8 @@ class ScheduleSpec:
     summary: str  # one line for --help and docs
     # every backward past the first stage runs as I then W (zb, zbv); False: DualPipeV, whose steady state
     # runs whole backwards beside forwards and splits only a few ([Note: software overheads] in
-    # cost_models/overheads.py prices the split where it is the rule)
+    # cost_models/overheads.py prices the split in the stage's backward where it is the rule, on the split
+    # actions alone otherwise)
     split_throughout: bool = False
     # (forward, backward) pairs that torch runs as one OVERLAP_F_B action: the forward's output is sent
     # only after the backward ([Note: overlapped pairs]); None: the schedule has none

@@ -39,7 +39,7 @@ and ``B(s+1, m)`` or ``I(s+1, m)`` finished plus ``stages[s].grad_send_s`` (its
 ``send_s`` unless set apart: a stage may send more tensors than gradients come back); the
 last stage's backward needs only its own forward. ``W(s, m)`` needs
 ``I(s, m)``; ``I`` takes ``backward_s - backward_weight_s`` and ``W`` takes
-``backward_weight_s``. Adjacent stages on the same rank (the turn of a V)
+``backward_weight_s``, each plus the stage's ``split_input_s`` / ``split_weight_s``. Adjacent stages on the same rank (the turn of a V)
 pass tensors without a transfer. Point-to-point transfers are asynchronous: they
 delay the receiver but occupy neither rank's compute, and links are not
 modelled as contended. Because the order on every rank is fixed, start times
@@ -189,9 +189,15 @@ class StageCost:
     tied_sums: tuple[TiedSum, ...] = ()  # weights shared with another rank's stage ([Note: tied weights' gradient sums])
     # p2p time of the output's gradient coming back from the next stage; None: the same as send_s
     grad_send_s: float | None = None
+    # what splitting its backward costs beyond backward_s, on this stage's I and on its W actions only: for a
+    # schedule that splits some backwards and runs others whole (DualPipeV; [Note: software overheads] in
+    # cost_models/overheads.py); the schedules that split every one carry it in backward_s
+    split_input_s: float = 0.0
+    split_weight_s: float = 0.0
 
     def __post_init__(self) -> None:
-        for name in ("forward_s", "backward_s", "send_s", "grad_send_s", "dp_reduce_s", "backward_weight_s", "after_s"):
+        for name in ("forward_s", "backward_s", "send_s", "grad_send_s", "dp_reduce_s", "backward_weight_s", "after_s",
+                     "split_input_s", "split_weight_s"):
             value = getattr(self, name)
             if name == "grad_send_s" and value is None:
                 continue
@@ -434,8 +440,8 @@ def _simulate_orders(
     last_b = N2 - M  # B/I keys at or above this are on the last stage
     fwd = [c.forward_s for c in stage_costs]
     bwd = [c.backward_s for c in stage_costs]
-    wgt = [c.backward_weight_s for c in stage_costs]
-    inp = [c.backward_s - c.backward_weight_s for c in stage_costs]
+    wgt = [c.backward_weight_s + c.split_weight_s for c in stage_costs]
+    inp = [c.backward_s - c.backward_weight_s + c.split_input_s for c in stage_costs]
     # Sends between stages on the same rank (the turn of a V) are local copies: free.
     owner = [stage_rank(s, ranks, layout) for s in range(num_stages)]
     last = num_stages - 1
@@ -690,14 +696,14 @@ def _memory_walk(stages: Sequence[StageCost], mine: Sequence[StageCost], actions
                 top_count = count
             work = kept
         elif kind == BACKWARD_INPUT:
-            compute += cost.backward_s - cost.backward_weight_s
+            compute += cost.backward_s - cost.backward_weight_s + cost.split_input_s
             work = kept + cost.backward_workspace_bytes
             kept += cost.input_grad_bytes
             held += cost.weight_grad_bytes
             if held > top_bytes:
                 top_bytes = held
         else:
-            compute += cost.backward_weight_s if kind == BACKWARD_WEIGHT else cost.backward_s
+            compute += cost.backward_weight_s + cost.split_weight_s if kind == BACKWARD_WEIGHT else cost.backward_s
             work = kept + (cost.backward_workspace_bytes if kind == FULL_BACKWARD else 0)
             now_static, now_held = static, held  # measured before this backward frees and makes anything
             held -= cost.activation_bytes + (cost.weight_grad_bytes if kind == BACKWARD_WEIGHT else 0)

@@ -149,6 +149,36 @@ def test_a_split_backward_pays_per_node_and_tensor_after_the_first_stage(mlp):
     assert split[1].backward_s == pytest.approx(fused[1].backward_s + 3 * a + 4 * w)
     assert split[1].backward_weight_s == pytest.approx(fused[1].backward_weight_s + 4 * w)  # W's share: per tensor
     assert split[1].forward_s == fused[1].forward_s
+    assert split[1].split_input_s == split[1].split_weight_s == 0.0  # every backward split: in the backward
+
+
+def test_dualpipev_pays_the_split_on_the_backwards_it_splits_only(mlp):
+    # DualPipeV runs its steady state's backwards whole and splits a few at the end: the split's costs go on
+    # the stage's I and W actions (StageCost.split_input_s / split_weight_s), not its backward, and the
+    # simulated step grows by them only where the schedule runs an I or a W.
+    a, w = 5e-4, 3e-4
+    ev = prepare(mlp, cluster=replace(Cluster.local(2), overheads=Overheads(split_backward_node_s=a,
+                                                                           split_backward_param_s=w)),
+                 global_batch=8, dtype="fp32")
+    base = prepare(mlp, cluster=Cluster.local(2), global_batch=8, dtype="fp32")
+    n = len(ev.pgraph.blocks)
+    stages = [StageSpec(tuple(range(i * n // 4, (i + 1) * n // 4))) for i in range(4)]
+    schedule, mesh = Schedule("dualpipev", 4, 2, 2), Mesh(2, 1, 1)
+    split, plain = ev.stage_costs(stages, mesh, schedule, {}), base.stage_costs(stages, mesh, schedule, {})
+    assert [c.backward_s for c in split] == [c.backward_s for c in plain]
+    assert [c.backward_weight_s for c in split] == [c.backward_weight_s for c in plain]
+    assert split[0].split_input_s == split[0].split_weight_s == 0.0  # the first stage runs its backward whole
+    for s in range(1, 4):
+        params = sum(1 for b in stages[s].blocks for p in ev.pgraph.blocks[b].params if ev.captured.params[p].trainable)
+        assert split[s].split_input_s == pytest.approx(a * ev.grad_nodes(stages[s]))
+        assert split[s].split_weight_s == pytest.approx(w * params)
+    runs = {str(e.action): e.end_s - e.start_s for e in simulate(split, "dualpipev", 4, 2).events}
+    plain_runs = {str(e.action): e.end_s - e.start_s for e in simulate(plain, "dualpipev", 4, 2).events}
+    for action, took in runs.items():
+        stage, kind = int(action[0]), action[1]
+        extra = {"I": split[stage].split_input_s, "W": split[stage].split_weight_s}.get(kind, 0.0)
+        assert took == pytest.approx(plain_runs[action] + extra), action
+    assert any(x[1] in "IW" and int(x[0]) > 0 for x in runs)  # some split backward past the first stage
 
 
 def test_each_backward_into_held_gradients_pays_their_addition(mlp):
