@@ -193,7 +193,11 @@ def test_calibrate_under_torchrun_writes_a_cluster_plans_can_use(tmp_path):
     assert "ZeRO-1 +" in printed and o.zero1_tensor_s >= 0
     # FSDP2 over gloo: per-unit hooks and copies beyond the collectives, and DTensor's dispatch per
     # tensor in the optimizer (milliseconds and a few hundred microseconds on this CPU).
-    assert o.fsdp_unit_s + o.fsdp_unit_backward_s > 0 and o.optimizer_dtensor_s > 0
+    # The per-unit figures are residuals beyond the unit's collective as the fitted link prices it, which a
+    # loaded machine's link fit can exceed (a fresh-clone CI run beside a busy worker read 0 and 0; their
+    # arithmetic is tests/test_fsdp_overheads.py's); the optimizer's DTensor dispatch, from the same FSDP
+    # experiment, is the larger effect and shows that the experiment ran.
+    assert o.optimizer_dtensor_s > 0
     assert o.checkpoint_s > 0 and o.checkpoint_backward_s > 0  # torch.utils.checkpoint is never free on a CPU
     # torch's split backward (zero-bubble) walks the autograd graph in Python and runs an autograd.grad per
     # weight group: tens of us a node and a tensor on this CPU (each a residual, at least 0)
