@@ -648,14 +648,18 @@ def pipeline_overheads(samples: Sequence[PipelineSample], step_s: float) -> floa
     return max(0.0, statistics.median(per))
 
 
+TINY_WIDTH = 16  # the tiny pipelines' layers: Linear(TINY_WIDTH, TINY_WIDTH), one micro-batch a row
+
+
 def _tiny_sample(schedule: str, ranks: int, virtual: int, microbatches: int, seconds: float,
-                 send: float) -> PipelineSample:
+                 link: LinkFit | None) -> PipelineSample:
     """A timed step of a tiny pipeline with what the simulator says of ``schedule`` on ``ranks`` ranks with
     ``virtual`` stages each: ``U(M)``, every action a unit (a split backward's halves one each), and ``S(M)``,
-    free actions and ``send`` per transfer between ranks (a hand-off on one rank is free)."""
+    free actions and a row's transfer on ``link`` between ranks (a hand-off on one rank is free)."""
     from .schedules import spec as schedule_spec, stage_rank
     from .simulate import StageCost, simulate
 
+    send = link.latency + TINY_WIDTH * 4 / link.bandwidth if link else 0.0
     spec = schedule_spec(schedule)
     stages = ranks * virtual
     unit = StageCost(1.0, 2.0, backward_weight_s=1.0) if spec.splits_backward else StageCost(1.0, 1.0)
@@ -670,7 +674,7 @@ def _tiny_sample(schedule: str, ranks: int, virtual: int, microbatches: int, sec
 def _pipeline_samples(device: torch.device, link: LinkFit | None, reps: int) -> tuple[list[PipelineSample], float]:
     """(one sample per micro-batch count, ``a_step``)."""
     world = dist.get_world_size()
-    width = 16
+    width = TINY_WIDTH
     torch.manual_seed(0)
     layer = torch.nn.Linear(width, width).to(device)
     loss = torch.zeros((), device=device)
@@ -685,8 +689,7 @@ def _pipeline_samples(device: torch.device, link: LinkFit | None, reps: int) -> 
     for _ in range(reps):  # interleaved rounds: each M sees the same spread of load
         for m, step in runs.items():
             times[m].append(_timed(step, device, 1, warmup=0))
-    send = link.latency + width * 4 / link.bandwidth if link else 0.0
-    return [_tiny_sample("1f1b", world, 1, m, statistics.median(times[m]), send) for m in runs], step_s
+    return [_tiny_sample("1f1b", world, 1, m, statistics.median(times[m]), link) for m in runs], step_s
 
 
 # The multi-stage runtime's schedules timed for a_action_multi and a_action_v: (schedule, torch class), two
@@ -702,7 +705,7 @@ def _multi_stage_samples(device: torch.device, link: LinkFit | None, reps: int) 
     from .schedules import spec as schedule_spec, stage_rank
 
     world, rank = dist.get_world_size(), dist.get_rank()
-    width = 16
+    width = TINY_WIDTH
     torch.manual_seed(0)
     counts = _microbatch_counts(PIPELINE_MICROBATCHES, world)
     runs: dict[tuple[str, int], Callable[[], None]] = {}
@@ -737,10 +740,9 @@ def _multi_stage_samples(device: torch.device, link: LinkFit | None, reps: int) 
     for _ in range(reps):  # interleaved rounds: every schedule and M sees the same spread of load
         for k, step in runs.items():
             times[k].append(_timed(step, device, 1, warmup=0))
-    send = link.latency + width * 4 / link.bandwidth if link else 0.0
     out: dict[str, list[PipelineSample]] = {}
     for name, _ in MULTI_STAGE_SCHEDULES:
-        out[schedule_spec(name).layout] = [_tiny_sample(name, world, 2, m, statistics.median(times[(name, m)]), send)
+        out[schedule_spec(name).layout] = [_tiny_sample(name, world, 2, m, statistics.median(times[(name, m)]), link)
                                            for m in counts]
     return out
 

@@ -827,9 +827,10 @@ class Evaluator:
                 stage_of[b] = s
         cuts = self.pgraph.crossings(stage_of)
         crossing = [c.bytes for c in cuts]
-        layout = schedule_spec(schedule.name).layout
+        sched = schedule_spec(schedule.name)
+        layout = sched.layout
         # [Note: measured overheads in a plan]: per action, the schedule's runtime's
-        action = self.overheads.schedule_action(schedule_spec(schedule.name).multi_stage, layout)
+        action = self.overheads.schedule_action(sched.multi_stage, layout)
         params = self.captured.params
         first_stage: dict[int, int] = {}  # pipeline rank -> its lowest stage, which carries the per-step overhead
         for s in range(len(stages)):
@@ -853,10 +854,10 @@ class Evaluator:
             bwd += ck_b
             names = {p for b in spec.blocks for p in self.pgraph.blocks[b].params}
             split_i = split_w = 0.0  # [Note: software overheads]: torch's split backward, past the first stage
-            if s > 0 and schedule_spec(schedule.name).splits_backward:
+            if s > 0 and sched.splits_backward:
                 split_w = self.overheads.split_backward_param_s * sum(1 for p in names if params[p].trainable)
                 split_i = self.overheads.split_backward_node_s * self.grad_nodes(spec)
-                if schedule_spec(schedule.name).split_throughout:  # every backward is split: part of the backward
+                if sched.split_throughout:  # every backward is split: part of the backward
                     bwd += split_i + split_w
                     wgt += split_w
                     split_i = split_w = 0.0

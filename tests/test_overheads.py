@@ -172,13 +172,12 @@ def test_dualpipev_pays_the_split_on_the_backwards_it_splits_only(mlp):
         params = sum(1 for b in stages[s].blocks for p in ev.pgraph.blocks[b].params if ev.captured.params[p].trainable)
         assert split[s].split_input_s == pytest.approx(a * ev.grad_nodes(stages[s]))
         assert split[s].split_weight_s == pytest.approx(w * params)
-    runs = {str(e.action): e.end_s - e.start_s for e in simulate(split, "dualpipev", 4, 2).events}
-    plain_runs = {str(e.action): e.end_s - e.start_s for e in simulate(plain, "dualpipev", 4, 2).events}
+    runs = {e.action: e.end_s - e.start_s for e in simulate(split, "dualpipev", 4, 2).events}
+    plain_runs = {e.action: e.end_s - e.start_s for e in simulate(plain, "dualpipev", 4, 2).events}
     for action, took in runs.items():
-        stage, kind = int(action[0]), action[1]
-        extra = {"I": split[stage].split_input_s, "W": split[stage].split_weight_s}.get(kind, 0.0)
+        extra = {"I": split[action.stage].split_input_s, "W": split[action.stage].split_weight_s}.get(action.kind, 0.0)
         assert took == pytest.approx(plain_runs[action] + extra), action
-    assert any(x[1] in "IW" and int(x[0]) > 0 for x in runs)  # some split backward past the first stage
+    assert any(a.kind in "IW" and a.stage > 0 for a in runs)  # some split backward past the first stage
 
 
 def test_each_backward_into_held_gradients_pays_their_addition(mlp):
