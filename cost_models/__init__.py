@@ -9,7 +9,7 @@ optimizer step) that the evaluator adds on top of any of them.
 """
 
 from .analytic import AnalyticCostModel
-from .base import COLLECTIVES, CostModel, NodeRef, OpTime, op_class
+from .base import COLLECTIVES, CostModel, NodeRef, OpTime, SplitShare, op_class
 from .calibrated import Calibration, CalibratedCostModel, OpFit, Sample, fit_calibration
 from .profiled import MeasuredCostModel, MeasuredLoss, MeasuredOp
 from .memory import (
@@ -36,6 +36,7 @@ __all__ = [
     "MeasuredCostModel",
     "MeasuredOp",
     "MeasuredLoss",
+    "SplitShare",
     "NodeRef",
     "Overheads",
     "OpFit",

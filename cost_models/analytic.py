@@ -76,6 +76,10 @@ class AnalyticCostModel:
         """Not priced without a measurement ([Note: the loss's time] in profiled.py)."""
         return OpTime(0.0, 0.0)
 
+    def split_share(self, block: str, micro_batch: int) -> None:
+        """Not known without a measurement: the evaluator prices the split by the calibrated overheads."""
+        return None
+
     def p2p_time(self, nbytes: float, src: int, dst: int) -> float:
         if nbytes <= 0 or src == dst:
             return 0.0

@@ -11,7 +11,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Protocol, Sequence, runtime_checkable
 
-__all__ = ["OpTime", "NodeRef", "CollectiveKind", "COLLECTIVES", "CostModel", "op_class"]
+__all__ = ["OpTime", "NodeRef", "CollectiveKind", "COLLECTIVES", "CostModel", "SplitShare", "op_class"]
 
 CollectiveKind = str  # one of COLLECTIVES
 COLLECTIVES = ("all_reduce", "all_gather", "reduce_scatter", "broadcast")
@@ -90,3 +90,24 @@ class CostModel(Protocol):
         model's outputs of ``output_bytes`` (one micro-batch), on the last stage ([Note: the loss's time]
         in profiled.py); zero where nothing measured it."""
         ...
+
+    def split_share(self, block: str, micro_batch: int) -> "SplitShare | None":
+        """How ``block``'s backward of a micro-batch of ``micro_batch`` samples runs when torch's zero-bubble
+        schedules split it ([Note: the split backward per block] in partitioner/profile/__init__.py); None
+        where nothing measured it (the evaluator then prices the split by the calibrated overheads)."""
+        ...
+
+
+@dataclass(frozen=True, slots=True)
+class SplitShare:
+    """A block's backward split as torch's zero-bubble schedules run it (``stage_backward_input``, I, then
+    ``stage_backward_weight``, W), against the same backward run whole, measured at ``micro_batch`` samples:
+    ``ratio = (I + W) / whole`` and ``weight = W / (I + W)``."""
+
+    micro_batch: int
+    ratio: float
+    weight: float
+
+    def __post_init__(self) -> None:
+        if self.micro_batch < 1 or not self.ratio > 0 or not 0 <= self.weight <= 1:
+            raise ValueError(f"bad split share {self!r}")

@@ -44,7 +44,7 @@ import math
 from dataclasses import dataclass, field
 from typing import Any, Iterable, Mapping, Sequence
 
-from .base import CollectiveKind, CostModel, NodeRef, OpTime, op_class
+from .base import CollectiveKind, CostModel, NodeRef, OpTime, SplitShare, op_class
 
 __all__ = ["Sample", "OpFit", "Calibration", "fit_calibration", "CalibratedCostModel", "op_key"]
 
@@ -231,3 +231,6 @@ class CalibratedCostModel:
 
     def loss_time(self, kind: str, output_bytes: float) -> OpTime:
         return self.base.loss_time(kind, output_bytes)
+
+    def split_share(self, block: str, micro_batch: int) -> SplitShare | None:
+        return self.base.split_share(block, micro_batch)

@@ -116,7 +116,11 @@ rank updates ``T_s`` parameter tensors of ``P_s`` elements:
   (benchmarks/results/2026-12-06-fidelity-session11-b.md). torch runs the first stage's
   backward whole (its inputs need no gradient): stage 0 pays none. DualPipeV splits only a
   few backwards at its ends and runs its steady state whole: those few pay on their own I and
-  W actions (``StageCost.split_input_s`` and ``split_weight_s``), its whole backwards nothing;
+  W actions (``StageCost.split_input_s`` and ``split_weight_s``), its whole backwards nothing.
+  These two figures price the blocks the profiler did not time split; a block it did is
+  priced by its own measurement ([Note: the split backward per block] in
+  partitioner/profile/__init__.py), which also sees the share of arithmetic that some
+  layers' split costs and others' does not;
 * per backward of a micro-batch into gradients the stage already holds: autograd adds the
   new gradient into each parameter's ``.grad`` (reading both, writing one: 3 bytes moved
   per gradient byte), where a backward into no gradient hands its result over. A stage

@@ -67,10 +67,11 @@ in the same way, in its outputs' bytes.
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass, field
 from typing import Mapping, Sequence
 
-from .base import CollectiveKind, CostModel, NodeRef, OpTime
+from .base import CollectiveKind, CostModel, NodeRef, OpTime, SplitShare
 
 __all__ = ["MeasuredOp", "MeasuredLoss", "MeasuredCostModel", "Point", "interpolate"]
 
@@ -141,6 +142,9 @@ class MeasuredCostModel:
     loss: MeasuredLoss | None = None
     other_sizes: Mapping[NodeRef, tuple[MeasuredOp, ...]] = field(default_factory=dict)
     other_losses: tuple[MeasuredLoss, ...] = ()
+    # block name -> its split backward at each micro-batch size measured ([Note: the split backward per
+    # block] in partitioner/profile/__init__.py)
+    split_shares: Mapping[str, tuple[SplitShare, ...]] = field(default_factory=dict)
 
     def node_time(
         self, op: str, forward_flops: float, backward_flops: float, bytes_moved: float, dtype: str,
@@ -170,6 +174,14 @@ class MeasuredCostModel:
 
     def p2p_time(self, nbytes: float, src: int, dst: int) -> float:
         return self.base.p2p_time(nbytes, src, dst)
+
+    def split_share(self, block: str, micro_batch: int) -> SplitShare | None:
+        """The block's split measured at the micro-batch size nearest ``micro_batch`` (by ratio; of two as
+        near, the smaller); None where it was not measured (no model prices a split without measuring one)."""
+        shares = self.split_shares.get(block)
+        if not shares:
+            return None
+        return min(shares, key=lambda m: (abs(math.log(m.micro_batch / micro_batch)), m.micro_batch))
 
     def loss_time(self, kind: str, output_bytes: float) -> OpTime:
         m = self.loss

@@ -18,7 +18,11 @@ so a block with trainable parameters gets half of its backward as ``W``
 (``WEIGHT_GRAD_SHARE``); a block without any has no ``W``. The attention
 core (softmax, the score and value products) has no weights and all of its
 backward is ``I``, so for a transformer layer this overstates ``W`` a
-little. Recomputation replays the forward inside ``I``, never in ``W``.
+little. Where the profiler timed a block split as torch runs it, its measured
+share replaces the half (gpt2-tiny's layers 0.42, the funnel's 0.49-0.51), and
+the split's cost over the whole backward is priced from the same measurement:
+[Note: the split backward per block] in partitioner/profile/__init__.py.
+Recomputation replays the forward inside ``I``, never in ``W``.
 
 Recomputation per block and selective recomputation are priced by ``stage_costs`` as
 [Note: recompute per block] in recompute.py writes them.
@@ -282,6 +286,15 @@ class StageMemory:
     def held_bytes(self) -> float:
         """Per micro-batch in flight: saved tensors, the kept output and the loss's saved tensor."""
         return self.saved_bytes + self.output_bytes + self.loss.saved_bytes
+
+
+@dataclass(frozen=True, slots=True)
+class SplitTerms:
+    """A stage's split backward beyond its whole one, per micro-batch (``Evaluator.split_terms``)."""
+
+    input_s: float  # added to its I (the stage's input gradients)
+    weight_s: float  # added to its W (the weight gradients)
+    weight_share_s: float  # the measured weight half less ``WEIGHT_GRAD_SHARE``'s, moved from I to W
 
 
 class Evaluator:
@@ -811,8 +824,40 @@ class Evaluator:
     def grad_nodes(self, spec: StageSpec) -> int:
         """The graph nodes of the stage whose outputs need a gradient: the autograd nodes a split backward
         walks and hooks ([Note: software overheads] in cost_models/overheads.py)."""
+        return sum(self.block_grad_nodes(self.pgraph.blocks[b]) for b in spec.blocks)
+
+    def split_terms(self, blocks: Sequence[Block], costs: Sequence[BlockCost], micro_batch: int) -> SplitTerms:
+        """What torch's split backward adds to a stage past the first, per micro-batch, beyond its backward
+        run whole ([Note: the split backward per block] in profile/__init__.py): a block whose split was
+        profiled by its measured ``SplitShare``, the rest by the calibrated per-node and per-parameter
+        overheads ([Note: software overheads] in cost_models/overheads.py), each parameter tensor once."""
+        params = self.captured.params
+        extra_i = extra_w = share = 0.0
+        unmeasured: set[str] = set()
+        grad_nodes = 0
+        for b, c in zip(blocks, costs):
+            whole = c.time.backward_s - c.loss.backward_s
+            m = self.cost_model.split_share(b.name, micro_batch)
+            if m is None:
+                unmeasured.update(p for p in b.params if params[p].trainable)
+                grad_nodes += self.block_grad_nodes(b)
+                continue
+            trainable = any(params[p].trainable for p in b.params)
+            # the measured weight share replaces WEIGHT_GRAD_SHARE's half; the split's excess goes to I and W
+            # in it. A split measured faster than whole (GPT-2's 50,257-row head: 0.89) is priced as whole: the
+            # search's lower bounds ([Note: pruning] in solver/search.py) count every backward whole.
+            excess = (max(1.0, m.ratio) - 1) * whole
+            share += m.weight * whole - (WEIGHT_GRAD_SHARE * whole if trainable else 0.0)
+            extra_i += (1 - m.weight) * excess
+            extra_w += m.weight * excess
+        o = self.overheads
+        return SplitTerms(extra_i + o.split_backward_node_s * grad_nodes,
+                          extra_w + o.split_backward_param_s * len(unmeasured), share)
+
+    def block_grad_nodes(self, block: Block) -> int:
+        """The block's graph nodes whose outputs need a gradient (``grad_nodes``, one block)."""
         nodes = self.captured.nodes
-        return sum(1 for b in spec.blocks for name in self.pgraph.blocks[b].nodes if nodes[name].needs_grad)
+        return sum(1 for name in block.nodes if nodes[name].needs_grad)
 
     def stage_costs(
         self, stages: Sequence[StageSpec], mesh: Mesh, schedule: Schedule, sharding: Mapping[str, str]
@@ -853,10 +898,11 @@ class Evaluator:
             fwd += ck_f
             bwd += ck_b
             names = {p for b in spec.blocks for p in self.pgraph.blocks[b].params}
-            split_i = split_w = 0.0  # [Note: software overheads]: torch's split backward, past the first stage
+            split_i = split_w = 0.0  # torch's split backward, past the first stage
             if s > 0 and sched.splits_backward:
-                split_w = self.overheads.split_backward_param_s * sum(1 for p in names if params[p].trainable)
-                split_i = self.overheads.split_backward_node_s * self.grad_nodes(spec)
+                split = self.split_terms(blocks, costs, mbs)
+                split_i, split_w = split.input_s, split.weight_s
+                wgt += split.weight_share_s
                 if sched.split_throughout:  # every backward is split: part of the backward
                     bwd += split_i + split_w
                     wgt += split_w

@@ -16,13 +16,13 @@ from dataclasses import replace
 import pytest
 import torch
 
-from cost_models import Overheads
+from cost_models import MeasuredCostModel, Overheads, SplitShare
 from partitioner.calibrate import (CHECKPOINT_BLOCK_NODES, BusyPipelineSample, CheckpointBlock, CheckpointSample,
                                    PipelineSample, checkpoint_fit, checkpoint_passes, optimizer_overheads,
                                    pipeline_overheads, tensor_overhead, transfer_overhead)
 from partitioner.cluster import Cluster, load_cluster
 from partitioner.errors import ClusterError
-from partitioner.evaluate import StageSpec
+from partitioner.evaluate import Evaluator, StageSpec
 from partitioner.explain import COMPONENTS, breakdown
 from partitioner.plan import Mesh, Plan, Schedule
 from partitioner.planner import prepare
@@ -150,6 +150,36 @@ def test_a_split_backward_pays_per_node_and_tensor_after_the_first_stage(mlp):
     assert split[1].backward_weight_s == pytest.approx(fused[1].backward_weight_s + 4 * w)  # W's share: per tensor
     assert split[1].forward_s == fused[1].forward_s
     assert split[1].split_input_s == split[1].split_weight_s == 0.0  # every backward split: in the backward
+
+
+def test_a_block_timed_split_is_priced_by_its_measurement_and_the_rest_by_the_overheads(mlp):
+    # [Note: the split backward per block]: the profiler's measured split of a block (its ratio to the whole
+    # backward, its weight share) prices that block; the stage's other blocks keep the calibrated per-node and
+    # per-tensor figures. The first stage runs its backward whole and pays nothing.
+    a, w = 5e-5, 3e-5
+    ev = prepare(mlp, cluster=replace(Cluster.local(2), overheads=Overheads(split_backward_node_s=a,
+                                                                           split_backward_param_s=w)),
+                 global_batch=8, dtype="fp32")
+    n = len(ev.pgraph.blocks)
+    stages = [StageSpec(tuple(range(n // 2))), StageSpec(tuple(range(n // 2, n)))]
+    timed, rest = ev.pgraph.blocks[n // 2], [ev.pgraph.blocks[b] for b in range(n // 2 + 1, n)]
+    assert timed.params and rest  # layer 1 (a linear and a GELU), then the head
+    # the first stage's block measured too: it still pays nothing
+    shares = {timed.name: (SplitShare(2, 1.5, 0.4),), ev.pgraph.blocks[0].name: (SplitShare(2, 3.0, 0.5),)}
+    measured = Evaluator(ev.pgraph, ev.cluster, MeasuredCostModel(ev.cost_model, {}, split_shares=shares), ev.training)
+    mesh, schedule = Mesh(2, 1, 1), Schedule("zb", 4, 2)
+    fused = ev.stage_costs(stages, mesh, Schedule("1f1b", 4, 2), {})
+    plain, split = ev.stage_costs(stages, mesh, schedule, {}), measured.stage_costs(stages, mesh, schedule, {})
+    assert split[0].backward_s == plain[0].backward_s == fused[0].backward_s
+    whole = ev.block_cost(timed, 2, 1, {}).time.backward_s
+    rest_nodes = sum(1 for b in rest for name in b.nodes if ev.captured.nodes[name].needs_grad)
+    rest_params = sum(1 for b in rest for p in b.params if ev.captured.params[p].trainable)
+    assert split[1].backward_s == pytest.approx(fused[1].backward_s + 0.5 * whole + a * rest_nodes + w * rest_params)
+    # W: the timed block's measured 0.4 of its split backward (1.5 x whole), the rest's half and per-tensor cost
+    assert split[1].backward_weight_s == pytest.approx(
+        fused[1].backward_weight_s - 0.5 * whole + 0.4 * 1.5 * whole + w * rest_params)
+    assert plain[1].backward_s == pytest.approx(fused[1].backward_s + a * ev.grad_nodes(stages[1]) + w * (
+        rest_params + sum(1 for p in timed.params if ev.captured.params[p].trainable)))
 
 
 def test_dualpipev_pays_the_split_on_the_backwards_it_splits_only(mlp):

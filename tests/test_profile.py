@@ -24,6 +24,7 @@ from cost_models import (
     OpTime,
     Overheads,
     Sample,
+    SplitShare,
     fit_calibration,
 )
 from cost_models.calibrated import op_key
@@ -39,8 +40,10 @@ from partitioner.profile import (
     Timing,
     calibration,
     check_device,
+    measured_cost_model,
     profile_for_planning,
     profile_model,
+    split_shares,
 )
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -131,7 +134,53 @@ def test_measurement_validation_rejects_what_a_measurement_cannot_be():
             Measurement.from_dict(d)
 
 
+def test_a_block_timed_split_keeps_both_halves_through_the_cache():
+    split = Measurement("h.0", "replicate", 1, Timing(1e-3, 0.1, 5), Timing(2e-3, 0.1, 5), 1e9, 2e9, 1e6,
+                        backward_input=Timing(1.5e-3, 0.1, 5), backward_weight=Timing(1e-3, 0.2, 5))
+    assert Measurement.from_dict(split.to_dict()) == split
+    half = split.to_dict()
+    del half["backward_weight"]
+    with pytest.raises(ValueError):
+        Measurement.from_dict(half)
+
+
 # --- what gets measured --------------------------------------------------------------------------
+
+
+def test_blocks_whose_inputs_need_a_gradient_are_timed_split_as_torch_runs_them(gpt2, cache):
+    # [Note: the split backward per block]: a later stage's blocks, whose inputs need a gradient, are timed
+    # through torch's stage_backward_input then stage_backward_weight; the first (token ids in) cannot be split
+    # and is not timed so; the planner's cost model hands each measured block's share to the evaluator.
+    result = profile_model(gpt2.graph, cache, ProfileOptions(**FAST))
+    first, *rest = [b.name for b in gpt2.graph.blocks]
+    assert result.blocks[first].backward_input is None and result.blocks[first].backward_weight is None
+    layers = [n for n in rest if ".h." in n]
+    assert layers
+    for name in layers:
+        m = result.blocks[name]
+        assert m.backward_input.median_s > 0 and m.backward_weight.median_s > 0  # a layer has weights
+    shares = split_shares(result, gpt2.captured.batch_size)
+    assert set(layers) <= set(shares) and first not in shares
+    m = result.blocks[layers[0]]
+    assert shares[layers[0]].ratio == pytest.approx(
+        (m.backward_input.median_s + m.backward_weight.median_s) / m.backward.median_s)
+    model = measured_cost_model(AnalyticCostModel(Cluster.local(2)), gpt2.graph, result)
+    assert model.split_share(layers[0], gpt2.captured.batch_size) == shares[layers[0]]
+    assert model.split_share(first, gpt2.captured.batch_size) is None
+    again = profile_model(gpt2.graph, cache, ProfileOptions(**FAST))  # read back from the cache, halves and all
+    assert again.stats.measured == 0 and again.blocks[layers[0]] == m
+
+
+def test_the_split_share_is_the_one_measured_at_the_nearest_micro_batch():
+    shares = {"h.0": (SplitShare(1, 1.8, 0.4), SplitShare(4, 1.3, 0.45))}
+    model = MeasuredCostModel(AnalyticCostModel(Cluster.local(2)), {}, split_shares=shares)
+    assert model.split_share("h.0", 1) == shares["h.0"][0]
+    assert model.split_share("h.0", 2) == shares["h.0"][0]  # as near (by ratio) to 1 as to 4: the smaller
+    assert model.split_share("h.0", 3) == shares["h.0"][1]
+    assert model.split_share("h.0", 16) == shares["h.0"][1]
+    assert model.split_share("h.1", 1) is None  # not measured: the evaluator's calibrated figures price it
+    with pytest.raises(ValueError):
+        SplitShare(1, 1.2, 1.5)
 
 
 def test_shards_are_measured_with_their_local_shapes(gpt2, cache):

@@ -49,6 +49,38 @@ per-call overhead) when the block is slower, in proportion when it is faster.
 These in-block times are what the planner uses and what the calibrated model
 is fitted to (as ``sample`` rows of the cache), so that both add up to the
 block that runs for real. Shards get the same per-node share as their node.
+
+[Note: the split backward per block]
+torch's zero-bubble schedules (zb, zbv, and DualPipeV at its ends) run a
+stage's backward split: ``stage_backward_input`` (I: it walks the stage's
+autograd graph in Python to group each weight with the intermediates that
+feed it, hooks those, and computes the input gradients) then
+``stage_backward_weight`` (W: one ``autograd.grad`` per group). What that
+costs over the backward run whole is not one figure: a block whose inputs
+need a gradient is therefore also timed split, as torch runs it (the same
+inputs and output gradients; an output that is a view is cloned untimed,
+since I detaches the outputs in place), and its ``Measurement`` keeps I and
+W (``backward_input``, ``backward_weight``). The cost model gives the
+evaluator ``SplitShare(ratio = (I + W) / whole, weight = W / (I + W))``
+at the micro-batch size measured nearest (``MeasuredCostModel.split_share``);
+a stage past the first pays ``(ratio - 1)`` of each such block's whole
+backward more, shared between I and W by ``weight``, and its W is ``weight``
+of the block's backward in place of ``WEIGHT_GRAD_SHARE``
+(``Evaluator.split_terms``). Blocks not measured split (no profile, an
+older cache row, the analytic model) keep the calibrated per-node and
+per-parameter figures (``a_split``, ``a_split_w``; [Note: software
+overheads] in cost_models/overheads.py). On the 2-core CPU of development,
+one thread, CPU time, 2 x 64 tokens: gpt2-tiny's layers (width 64) ran
+1.74x split (0.86 ms whole, 0.87 + 0.63 ms split), GPT-2 width 128 layers
+1.45x, its 50,257-row head 0.89x (53.5 ms whole, 21.5 + 26.4 ms split: the
+split ran faster, as a whole stage of it had, -7%,
+benchmarks/results/2026-12-06-split-scale.md), the funnel's layers from
+1.05x (MLP width 2048) to 2.2x (width 32), its 4,000-row head 1.02x: a fixed
+cost per graph node and a share of arithmetic that depends on the ops, which
+the single ratios of earlier models (``split_backward_scale``, tried and
+reverted) could not price. A block's ratio is taken at every micro-batch
+size alike from the nearest measured; the fixed part of it weighs more at
+smaller sizes.
 """
 
 from __future__ import annotations
@@ -58,7 +90,7 @@ from .cache import ProfileCache, default_cache_path
 from .timing import measure_blocks, profile_model
 from .fitting import (PROFILED_SIZES, BlockFidelity, Profiled, calibration, check_device, cpu_threads_for, fidelity, gpu_preset,
                       measured_cost_model, micro_batches_to_profile, profile_clock, profile_for_planning, recaptured,
-                      matched_nodes)
+                      matched_nodes, split_shares)
 
 __all__ = [
     "ProfileError",
@@ -80,6 +112,7 @@ __all__ = [
     "micro_batches_to_profile",
     "recaptured",
     "matched_nodes",
+    "split_shares",
     "measured_cost_model",
     "Profiled",
     "BlockFidelity",

@@ -11,7 +11,7 @@ from typing import TYPE_CHECKING, Any, Mapping, Sequence
 
 import torch
 
-from cost_models import MeasuredCostModel, MeasuredLoss, MeasuredOp, NodeRef
+from cost_models import MeasuredCostModel, MeasuredLoss, MeasuredOp, NodeRef, SplitShare
 
 from ..errors import one_line
 from ..graph import PartitionGraph
@@ -221,7 +221,25 @@ def measured_cost_model(base, pgraph: PartitionGraph, result: ProfileResult,
                 more.setdefault(mine, []).append(m)
         if res.loss is not None:
             losses.append(res.loss)
-    return MeasuredCostModel(base, ops, result.loss, {r: tuple(ms) for r, ms in more.items()}, tuple(losses))
+    shares: dict[str, list[SplitShare]] = {}
+    for graph, res in [(pgraph, result), *(others[b] for b in sorted(others))]:
+        for name, share in split_shares(res, graph.captured.batch_size).items():
+            shares.setdefault(name, []).append(share)
+    return MeasuredCostModel(base, ops, result.loss, {r: tuple(ms) for r, ms in more.items()}, tuple(losses),
+                             {name: tuple(s) for name, s in shares.items()})
+
+
+def split_shares(result: ProfileResult, micro_batch: int) -> dict[str, SplitShare]:
+    """Per block whose split backward was measured, its ``SplitShare`` at ``micro_batch`` samples ([Note: the
+    split backward per block] in profile/__init__.py)."""
+    out = {}
+    for name, m in result.blocks.items():
+        if m.backward_input is None or m.backward_weight is None or m.backward.median_s <= 0:
+            continue
+        split = m.backward_input.median_s + m.backward_weight.median_s
+        if split > 0:
+            out[name] = SplitShare(micro_batch, split / m.backward.median_s, m.backward_weight.median_s / split)
+    return out
 
 
 def profile_for_planning(

@@ -234,7 +234,8 @@ class _Profiler:
                 else:
                     self.nodes[NodeRef(info.name, strat, tp)] = m
         block_sig = json.dumps([node_keys.get(n, "") for n in block.nodes] + [self._boundary_specs(block)])
-        block_key = self.cache_key("block", block_sig, "replicate", 1)
+        # "split": rows measured since blocks are timed split as well ([Note: the split backward per block])
+        block_key = self.cache_key("block", block_sig + "split", "replicate", 1)
         bm = self.lookup(block_key)
         if bm is not None:
             self.blocks[block.name] = bm
@@ -494,8 +495,44 @@ class _Profiler:
             del kept
         fwd = self.repeat(lambda: None, lambda _: forward())
         bwd = self.repeat(lambda: outputs(forward()), lambda o: torch.autograd.backward(o, grads)) if grads else NO_TIME
+        # [Note: the split backward per block]: the inputs that need a gradient, as a later stage's do
+        needing = [v for k, v in inputs.items() if k not in self.cap.param_nodes and isinstance(v, torch.Tensor)
+                   and v.requires_grad]
+        weights = [v for k, v in inputs.items() if k in self.cap.param_nodes and isinstance(v, torch.Tensor)
+                   and v.requires_grad]
+        split = self.repeat_split(lambda: outputs(forward()), grads, needing, weights) if grads and needing else (None, None)
         return Measurement(block.name, "replicate", 1, fwd, bwd, float(block.forward_flops), float(block.backward_flops),
-                           float(block.bytes_read + block.bytes_written), activation)
+                           float(block.bytes_read + block.bytes_written), activation, 0.0, *split)
+
+    def repeat_split(self, outputs: Callable[[], list[torch.Tensor]], grads: list[torch.Tensor],
+                     needing: list[torch.Tensor], weights: list[torch.Tensor]) -> tuple[Timing, Timing]:
+        """The backward of ``outputs()`` as torch's zero-bubble schedules run a stage's: ``stage_backward_input``
+        (the gradients of ``needing``) then ``stage_backward_weight`` (of ``weights``), each timed, repeated as
+        ``repeat`` repeats ([Note: the split backward per block] in profile/__init__.py)."""
+        from torch.distributed.pipelining._backward import stage_backward_input, stage_backward_weight
+
+        def run() -> tuple[float, float]:
+            # torch detaches a stage's outputs in place after I, which a view refuses: such an output is
+            # cloned first, untimed (the clone's backward, a pass-through, is timed with I)
+            out = [t.clone() if t._is_view() else t for t in outputs()]
+            groups: list[Any] = []
+
+            def first() -> None:
+                groups.extend(stage_backward_input(out, grads, needing, iter(weights))[1])
+
+            i = self.clock.time(first)
+            w = self.clock.time(lambda: stage_backward_weight(iter(weights), groups)) if weights else 0.0
+            return i, w
+
+        for _ in range(self.opt.warmup):
+            run()
+        self.clock.sync()
+        halves: list[tuple[float, float]] = []
+        spent = 0.0
+        while len(halves) < self.opt.max_reps and (len(halves) < self.opt.min_reps or spent < self.opt.target_s):
+            halves.append(run())
+            spent += sum(halves[-1])
+        return Timing.of([i for i, _ in halves]), Timing.of([w for _, w in halves])
 
 
 def measure_blocks(pgraph: PartitionGraph, blocks: Sequence[int], options: ProfileOptions = ProfileOptions()) -> Measurement:

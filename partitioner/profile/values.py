@@ -62,9 +62,18 @@ class Measurement:
     bytes_moved: float
     activation_bytes: int | None = None  # CUDA only: peak allocated during forward minus before
     param_bytes: float = 0.0  # the parameters' share of bytes_moved
+    # A block's backward as torch's zero-bubble schedules split it, input half (I) then weight half (W);
+    # None where not measured (a node; a block none of whose inputs needs a gradient; an older cache row):
+    # [Note: the split backward per block] in profile/__init__.py
+    backward_input: Timing | None = None
+    backward_weight: Timing | None = None
 
     def to_dict(self) -> dict[str, Any]:
-        return {
+        split = {} if self.backward_input is None or self.backward_weight is None else {
+            "backward_input": [self.backward_input.median_s, self.backward_input.spread, self.backward_input.reps],
+            "backward_weight": [self.backward_weight.median_s, self.backward_weight.spread, self.backward_weight.reps],
+        }
+        return split | {
             "op": self.op, "strategy": self.strategy, "tp": self.tp,
             "forward": [self.forward.median_s, self.forward.spread, self.forward.reps],
             "backward": [self.backward.median_s, self.backward.spread, self.backward.reps],
@@ -96,7 +105,11 @@ class Measurement:
         if fwd.reps < 1:
             raise ValueError("no forward runs")
         f, b, moved, params = map(float, numbers)
-        return cls(d["op"], d["strategy"], tp, fwd, timing(d["backward"]), f, b, moved, act, params)
+        split = ("backward_input", "backward_weight")
+        if any(k in d for k in split) and not all(k in d for k in split):
+            raise ValueError("half of a split backward")
+        i, w = (timing(d[k]) if k in d else None for k in split)
+        return cls(d["op"], d["strategy"], tp, fwd, timing(d["backward"]), f, b, moved, act, params, i, w)
 
     def measured_op(self) -> MeasuredOp:
         return MeasuredOp(self.forward.median_s, self.backward.median_s, self.forward_flops, self.backward_flops,

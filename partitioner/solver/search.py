@@ -276,6 +276,7 @@ class _Search:
         self._inflight: dict[tuple, tuple] = {}  # schedule shape -> in-flight patterns
         self._costs: dict[tuple, list] = {}  # (tp, mbs, lean) -> per-block BlockCost (dp and ZeRO-1 change only memory)
         self._held: dict[tuple, list] = {}  # (tp, mbs, lean) -> per-block bytes a split backward's I keeps for W
+        self._split_extra: dict[tuple, list[float]] = {}  # (tp, mbs, lean) -> per-block seconds the split adds
         self._alone = recomputable_alone(ev) if pins.recompute is None and pins.recompute_blocks else frozenset()
 
     # --- block costs per (tp, mbs, lean) --------------------------------------------------
@@ -544,9 +545,16 @@ class _Search:
             key = (c.tp, c.micro_batch_size, c.lean)
             if key not in self._held:
                 self._held[key] = [ev.weight_grad_bytes([b], c.micro_batch_size, c.tp, sharding) for b in self.pg.blocks]
-            held = self._held[key]
-            blocks = tuple(replace(b, saved_bytes=b.saved_bytes + h, input_bytes=b.input_bytes + h)  # recompute frees none
-                           for b, h in zip(blocks, held))
+                # and what the split costs beyond the whole backward, per block (the evaluator's split_terms; here
+                # on the first stage's blocks too, which torch runs whole: conservative, and never below the
+                # whole backward the lower bounds count)
+                costs = self._costs[(c.tp, c.micro_batch_size, c.lean)]
+                terms = [ev.split_terms([b], [cost], c.micro_batch_size) for b, cost in zip(self.pg.blocks, costs)]
+                self._split_extra[key] = [t.input_s + t.weight_s for t in terms]
+            held, extra = self._held[key], self._split_extra[key]
+            blocks = tuple(replace(b, saved_bytes=b.saved_bytes + h, input_bytes=b.input_bytes + h,  # recompute frees none
+                                   backward_s=b.backward_s + e)
+                           for b, h, e in zip(blocks, held, extra))
         mesh = c.mesh
         k = c.micro_batch_size / ev.captured.batch_size
         K = c.pp * c.virtual_stages
