@@ -1120,7 +1120,8 @@ class Evaluator:
         """Split the simulated step into its components, per stage (see [Note: where idle time goes]).
 
         Work (forward, backward, recomputation, tp collectives) is the stage's
-        own per micro-batch figures times ``M``; idle time is what the simulator
+        own per micro-batch figures times ``M`` (backward with the additions into held gradients
+        and a split backward's excess, which run inside its actions); idle time is what the simulator
         recorded before the stage's actions; the rank's exposed reduction is
         shared by its stages by size, and the rank's wait for the slowest rank
         at the end of the step goes to the bubble of its last action's stage.
@@ -1165,11 +1166,17 @@ class Evaluator:
             cf += ck_f  # the checkpoints' own cost: in the passes that pay it
             replay += ck_b
             k = shares[stage_rank(s, pp, layout)] if shares else 1.0
+            fsdp = dp_spec(self.training.dp_sharding).uses_fsdp and mesh.dp > 1
             cf, cb, tf, tb, replay, action = cf * k, cb * k, tf * k, tb * k, replay * k, action_s * k
+            if not fsdp:
+                # the rest of a backward action beyond its blocks' compute, tp, replay and the per-action
+                # overhead is work of the backward itself: the additions into held gradients and torch's
+                # split of it (stage_costs); a run measures it as backward compute
+                cb += max(0.0, costs[s].backward_s - action - (cb + tb) - replay)
             # What the stage's actions take beyond compute, tp and the per-action overhead: ZeRO-2/3's
             # exposed gathers and scatters, and FSDP's per-unit software cost.
             extra_f = extra_b = 0.0
-            if dp_spec(self.training.dp_sharding).uses_fsdp and mesh.dp > 1:
+            if fsdp:
                 extra_f = max(0.0, costs[s].forward_s - action - (cf + tf))
                 extra_b = max(0.0, costs[s].backward_s - action - (cb + tb) - replay)
             opt = costs[s].after_s - (self.overheads.step_s if first[stage_rank(s, pp, layout)] == s else 0.0)

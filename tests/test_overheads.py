@@ -182,6 +182,24 @@ def test_a_block_timed_split_is_priced_by_its_measurement_and_the_rest_by_the_ov
         rest_params + sum(1 for p in timed.params if ev.captured.params[p].trainable)))
 
 
+def test_a_backwards_own_extra_work_is_backward_compute_and_the_components_add_up(mlp):
+    # The additions into held gradients and the split's excess run inside the backward actions: the plan's
+    # components count them as backward compute (what `autopart run` measures), and one stage a rank, the
+    # components add up to the step.
+    o = Overheads(accumulate_bandwidth=2e9, split_backward_node_s=2e-4, split_backward_param_s=1e-4)
+    ev = prepare(mlp, cluster=replace(Cluster.local(2), overheads=o), global_batch=8, dtype="fp32")
+    n = len(ev.pgraph.blocks)
+    stages = [StageSpec(tuple(range(n // 2))), StageSpec(tuple(range(n // 2, n)))]
+    mesh, schedule = Mesh(2, 1, 1), Schedule("zb", 4, 2)
+    costs = ev.stage_costs(stages, mesh, schedule, {})
+    plan, _ = ev.make_plan(stages, mesh, schedule, method="manual")
+    for s, st in enumerate(plan.stages):
+        compute = sum(ev.block_cost(ev.pgraph.blocks[b], 2, 1, {}).compute.backward_s for b in stages[s].blocks)
+        assert costs[s].backward_s > compute  # the extras are there (stage 0: its additions only)
+        assert st.predicted.components.backward_s == pytest.approx(4 * costs[s].backward_s)
+        assert st.predicted.components.total_s() == pytest.approx(plan.predicted.step_time_s)
+
+
 def test_dualpipev_pays_the_split_on_the_backwards_it_splits_only(mlp):
     # DualPipeV runs its steady state's backwards whole and splits a few at the end: the split's costs go on
     # the stage's I and W actions (StageCost.split_input_s / split_weight_s), not its backward, and the
