@@ -500,7 +500,12 @@ class _Profiler:
                    and v.requires_grad]
         weights = [v for k, v in inputs.items() if k in self.cap.param_nodes and isinstance(v, torch.Tensor)
                    and v.requires_grad]
-        split = self.repeat_split(lambda: outputs(forward()), grads, needing, weights) if grads and needing else (None, None)
+        split: tuple[Timing | None, Timing | None] = (None, None)
+        if grads and needing:
+            try:
+                split = self.repeat_split(lambda: outputs(forward()), grads, needing, weights)
+            except RuntimeError:  # torch's split refused this block: the calibrated per-node figures price it
+                split = (None, None)
         return Measurement(block.name, "replicate", 1, fwd, bwd, float(block.forward_flops), float(block.backward_flops),
                            float(block.bytes_read + block.bytes_written), activation, 0.0, *split)
 
