@@ -196,6 +196,22 @@ def test_shards_are_measured_with_their_local_shapes(gpt2, cache):
     assert any(r.strategy == "sharded" for r in result.nodes)  # head-parallel attention
 
 
+def test_a_mixture_of_experts_captured_on_meta_profiles_on_a_cpu(cache):
+    # transformers' Mixtral counts tokens per expert with histc in int32 where the device is not a CPU (meta,
+    # at capture) and in float32 on a CPU, whose histc counts floats only: the profiler runs it as a CPU does.
+    from partitioner.capture import capture
+    from partitioner.graph import build_partition_graph
+    from partitioner.zoo import load_model
+
+    config = dict(num_hidden_layers=1, hidden_size=64, intermediate_size=128, num_attention_heads=4,
+                  num_key_value_heads=2, vocab_size=96, num_local_experts=4, num_experts_per_tok=2)
+    lm = load_model("hf:MixtralForCausalLM", config=config, seq_len=8)
+    cap = capture(lm.model, lm.example_inputs, lm.example_kwargs, name=lm.name)
+    assert any(n.target == "aten.histc.default" for n in cap.nodes.values())
+    result = profile_model(build_partition_graph(cap, lm.model), cache, ProfileOptions(**FAST))
+    assert result.blocks and all(m.forward.median_s > 0 for m in result.blocks.values())
+
+
 def test_nodes_without_a_gradient_have_no_backward(gpt2, cache):
     result = profile_model(gpt2.graph, cache, ProfileOptions(**FAST))
     cap = gpt2.captured

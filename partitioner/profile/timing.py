@@ -366,11 +366,20 @@ class _Profiler:
             return {k: self._on_device(v) for k, v in obj.items()}
         return obj
 
+    def _runnable_here(self, node: fx.Node, args: Any) -> Any:
+        """``args`` as this device's kernel of ``node`` takes them. The CPU's histc counts floating-point
+        values only: a model that picks the dtype by its device (transformers' Mixtral counts its experts in
+        int32 on a GPU, float32 on a CPU) took the GPU's when captured on meta."""
+        if node.target is torch.ops.aten.histc.default and self.device.type == "cpu" and not args[0].is_floating_point():
+            return (args[0].float(), *args[1:])
+        return args
+
     def _call(self, node: fx.Node, env: Mapping[str, Any]) -> Any:
         if "_assert" in str(node.target):
             return None  # metadata assertions (they name the capture's meta device) do no work
         args, kwargs = fx.node.map_arg((node.args, node.kwargs), lambda a: env[a.name])
         args, kwargs = self._on_device(args), self._on_device(kwargs)
+        args = self._runnable_here(node, args)
         if node.op == "call_function":
             return node.target(*args, **kwargs)
         if node.op == "call_method":
@@ -421,6 +430,7 @@ class _Profiler:
     def time_node(self, info: NodeInfo, env: Mapping[str, Any], strat: str, tp: int) -> Measurement:
         node = self.fx_nodes[info.name]
         args, kwargs = self._variant_args(node, env, strat, tp)
+        args = self._runnable_here(node, args)
         target = node.target if node.op == "call_function" else None
 
         def call(a: tuple, k: dict) -> Any:
