@@ -1168,17 +1168,17 @@ class Evaluator:
             k = shares[stage_rank(s, pp, layout)] if shares else 1.0
             fsdp = dp_spec(self.training.dp_sharding).uses_fsdp and mesh.dp > 1
             cf, cb, tf, tb, replay, action = cf * k, cb * k, tf * k, tb * k, replay * k, action_s * k
-            if not fsdp:
-                # the rest of a backward action beyond its blocks' compute, tp, replay and the per-action
-                # overhead is work of the backward itself: the additions into held gradients and torch's
-                # split of it (stage_costs); a run measures it as backward compute
-                cb += max(0.0, costs[s].backward_s - action - (cb + tb) - replay)
-            # What the stage's actions take beyond compute, tp and the per-action overhead: ZeRO-2/3's
-            # exposed gathers and scatters, and FSDP's per-unit software cost.
+            # What the stage's actions take beyond compute, tp, replay and the per-action overhead. Under
+            # ZeRO-2/3: the exposed gathers and scatters and FSDP's per-unit software cost. Otherwise it is
+            # work of the backward itself, the additions into held gradients and torch's split of it
+            # (stage_costs), which a run measures as backward compute.
+            rest_b = max(0.0, costs[s].backward_s - action - (cb + tb) - replay)
             extra_f = extra_b = 0.0
             if fsdp:
                 extra_f = max(0.0, costs[s].forward_s - action - (cf + tf))
-                extra_b = max(0.0, costs[s].backward_s - action - (cb + tb) - replay)
+                extra_b = rest_b
+            else:
+                cb += rest_b
             opt = costs[s].after_s - (self.overheads.step_s if first[stage_rank(s, pp, layout)] == s else 0.0)
             out.append(
                 StageComponents(

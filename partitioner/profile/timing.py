@@ -406,17 +406,25 @@ class _Profiler:
 
     def repeat(self, setup: Callable[[], Any], timed: Callable[[Any], Any]) -> Timing:
         """Warm up, then time ``timed(setup())`` until ``max_reps`` or ``target_s`` (at least ``min_reps``)."""
-        for _ in range(self.opt.warmup):
-            timed(setup())
-        self.clock.sync()
-        times: list[float] = []
-        spent = 0.0
-        while len(times) < self.opt.max_reps and (len(times) < self.opt.min_reps or spent < self.opt.target_s):
+
+        def run() -> tuple[float]:
             state = setup()
-            t = self.clock.time(lambda: timed(state))
-            times.append(t)
-            spent += t
-        return Timing.of(times)
+            return (self.clock.time(lambda: timed(state)),)
+
+        return Timing.of([t for (t,) in self.repeated(run)])
+
+    def repeated(self, run: Callable[[], tuple[float, ...]]) -> list[tuple[float, ...]]:
+        """``run()`` (it returns the seconds of its timed parts) after the warm-up runs, until ``max_reps`` or
+        ``target_s`` of timed parts (at least ``min_reps``): the stopping rule of every timing here."""
+        for _ in range(self.opt.warmup):
+            run()
+        self.clock.sync()
+        runs: list[tuple[float, ...]] = []
+        spent = 0.0
+        while len(runs) < self.opt.max_reps and (len(runs) < self.opt.min_reps or spent < self.opt.target_s):
+            runs.append(run())
+            spent += sum(runs[-1])
+        return runs
 
     def _variant_args(self, node: fx.Node, env: Mapping[str, Any], strat: str, tp: int) -> tuple[tuple, dict]:
         args, kwargs = fx.node.map_arg((node.args, node.kwargs), lambda a: env[a.name])
@@ -523,7 +531,7 @@ class _Profiler:
                      needing: list[torch.Tensor], weights: list[torch.Tensor]) -> tuple[Timing, Timing]:
         """The backward of ``outputs()`` as torch's zero-bubble schedules run a stage's: ``stage_backward_input``
         (the gradients of ``needing``) then ``stage_backward_weight`` (of ``weights``), each timed, repeated as
-        ``repeat`` repeats ([Note: the split backward per block] in profile/__init__.py)."""
+        every timing here is (``repeated``; [Note: the split backward per block] in profile/__init__.py)."""
         from torch.distributed.pipelining._backward import stage_backward_input, stage_backward_weight
 
         def run() -> tuple[float, float]:
@@ -539,14 +547,7 @@ class _Profiler:
             w = self.clock.time(lambda: stage_backward_weight(iter(weights), groups)) if weights else 0.0
             return i, w
 
-        for _ in range(self.opt.warmup):
-            run()
-        self.clock.sync()
-        halves: list[tuple[float, float]] = []
-        spent = 0.0
-        while len(halves) < self.opt.max_reps and (len(halves) < self.opt.min_reps or spent < self.opt.target_s):
-            halves.append(run())
-            spent += sum(halves[-1])
+        halves = self.repeated(run)
         return Timing.of([i for i, _ in halves]), Timing.of([w for _, w in halves])
 
 

@@ -69,14 +69,15 @@ class Measurement:
     backward_weight: Timing | None = None
 
     def to_dict(self) -> dict[str, Any]:
+        def timing(t: Timing) -> list[float]:
+            return [t.median_s, t.spread, t.reps]
+
         split = {} if self.backward_input is None or self.backward_weight is None else {
-            "backward_input": [self.backward_input.median_s, self.backward_input.spread, self.backward_input.reps],
-            "backward_weight": [self.backward_weight.median_s, self.backward_weight.spread, self.backward_weight.reps],
+            "backward_input": timing(self.backward_input), "backward_weight": timing(self.backward_weight),
         }
         return split | {
             "op": self.op, "strategy": self.strategy, "tp": self.tp,
-            "forward": [self.forward.median_s, self.forward.spread, self.forward.reps],
-            "backward": [self.backward.median_s, self.backward.spread, self.backward.reps],
+            "forward": timing(self.forward), "backward": timing(self.backward),
             "forward_flops": self.forward_flops, "backward_flops": self.backward_flops,
             "bytes_moved": self.bytes_moved, "activation_bytes": self.activation_bytes,
             "param_bytes": self.param_bytes,
