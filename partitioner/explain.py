@@ -390,6 +390,7 @@ class MeasuredRun:
     step_times_s: tuple[float, ...]
     memory: tuple[Mapping[str, Any], ...]  # measure.RankMemory as dicts, one per rank
     times: tuple[Mapping[str, Any], ...]  # measure.RankTime as dicts, one per rank
+    recorded_steps: int = 1  # the steps ``times`` is the mean of (records before RECORDED_STEPS: one)
 
     @classmethod
     def load(cls, path: str) -> "MeasuredRun":
@@ -418,7 +419,10 @@ class MeasuredRun:
         if len(memory) != plan.mesh.world_size or len(times) != plan.mesh.world_size:
             raise PlanError(f"{where}: {len(times)} ranks measured but the plan's mesh has {plan.mesh.world_size}")
         breakdown(plan)  # its own one-line error when the plan has no predicted components
-        return cls(plan, tuple(float(x) for x in data["step_times_s"]), tuple(memory), tuple(times))
+        recorded = data.get("recorded_steps", 1)
+        if not isinstance(recorded, int) or recorded < 1:
+            raise PlanError(f"{where}: recorded_steps is {recorded!r}, not a count of steps; run the plan again with autopart run --json")
+        return cls(plan, tuple(float(x) for x in data["step_times_s"]), tuple(memory), tuple(times), recorded)
 
     def time_residuals(self) -> list[Residual]:
         """Per pipeline rank and measured component: the prediction (the rank's stages summed) and the
@@ -539,7 +543,8 @@ def print_measured(run: MeasuredRun) -> None:
     mean = sum(run.step_times_s) / len(run.step_times_s) if run.step_times_s else float("nan")
     pred = plan.predicted.step_time_s if plan.predicted else float("nan")
     console.print(f"step time: predicted {_fmt(pred)}, measured {_fmt(mean)} (mean of {len(run.step_times_s)} timed steps), "
-                  f"{mean / pred - 1:+.1%}; the components are of one more step, recorded")
+                  f"{mean / pred - 1:+.1%}; the components are "
+                  + ("of one more step, recorded" if run.recorded_steps == 1 else f"the mean of {run.recorded_steps} more steps, recorded"))
     mem = Table(title="memory per rank, predicted vs measured")
     for col in ("rank", "category", "predicted", "measured", "measured - predicted"):
         mem.add_column(col, justify="left" if col == "category" else "right")

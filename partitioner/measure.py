@@ -138,6 +138,25 @@ class RankTime:
     other_s: float  # tied weights' sums
     wait_s: float  # the rest: waiting on point-to-point transfers, the pipeline bubble and the slowest rank
 
+    @classmethod
+    def mean(cls, steps: Sequence["RankTime"]) -> "RankTime":
+        """The field-wise mean of one rank's records of several steps (the same rank and stages): one
+        step's components are noisy on a shared machine, their mean is what ``explain --measured``
+        sets against the prediction."""
+        if not steps:
+            raise ValueError("RankTime.mean of no steps")
+        n = len(steps)
+
+        def avg(xs: Iterable[float]) -> float:
+            return sum(xs) / n
+
+        stages = tuple(
+            StageTime(st.stage, *(avg(getattr(t.stages[i], f) for t in steps) for f in ("forward_s", "backward_s", "tp_comm_s", "dp_reduce_s")))
+            for i, st in enumerate(steps[0].stages)
+        )
+        return cls(steps[0].rank, avg(t.step_s for t in steps), stages,
+                   *(avg(getattr(t, f) for t in steps) for f in ("finish_s", "optimizer_s", "other_s", "wait_s")))
+
     def components(self) -> dict[str, float]:
         """Seconds by TIME_COMPONENTS; they add up to ``step_s``."""
         return dict(

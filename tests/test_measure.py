@@ -18,7 +18,8 @@ import torch
 
 from partitioner.cli import main
 from partitioner.explain import MeasuredRun, memory_margin
-from partitioner.measure import MEMORY_CATEGORIES, StorageMeter
+from partitioner.measure import MEMORY_CATEGORIES, RankTime, StageTime, StorageMeter
+from partitioner.runtime.loop import RECORDED_STEPS
 from runtime_harness import launch
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -181,6 +182,24 @@ def test_run_json_carries_the_plan_and_every_ranks_measurements(run_json: Path) 
     assert [m["rank"] for m in record["memory"]] == [0, 1] and [t["rank"] for t in record["times"]] == [0, 1]
     assert all(m["source"] == "dispatch" and m["peak_bytes"] > 0 for m in record["memory"])
     assert len(record["step_times_s"]) == 2  # the measuring steps are not among the timed ones
+    assert record["recorded_steps"] == RECORDED_STEPS  # the components are the mean of that many steps
+
+
+def test_rank_time_mean_is_the_mean_of_each_component() -> None:
+    def step(scale: float) -> RankTime:
+        stages = (StageTime(0, 1e-3 * scale, 2e-3 * scale, 0.0, 4e-4 * scale), StageTime(2, 3e-3 * scale, 1e-3, 0.0, 0.0))
+        return RankTime(0, 0.02 * scale, stages, 1e-4, 5e-3 * scale, 0.0, 2e-3)
+
+    mean = RankTime.mean([step(1.0), step(3.0)])
+    assert mean.step_s == pytest.approx(0.04) and mean.optimizer_s == pytest.approx(0.01) and mean.wait_s == pytest.approx(2e-3)
+    assert [s.stage for s in mean.stages] == [0, 2]
+    assert mean.stages[0].forward_s == pytest.approx(2e-3) and mean.stages[0].dp_reduce_s == pytest.approx(8e-4)
+    assert mean.stages[1].backward_s == pytest.approx(1e-3)
+    # the components of the mean are the means of the components
+    parts = [step(1.0).components(), step(3.0).components()]
+    assert mean.components() == pytest.approx({k: (parts[0][k] + parts[1][k]) / 2 for k in parts[0]})
+    with pytest.raises(ValueError):
+        RankTime.mean([])
 
 
 def _explain(capsys, monkeypatch, *argv: str) -> tuple[int, str, str]:
@@ -196,6 +215,7 @@ def test_explain_measured_names_the_largest_residuals(run_json: Path, capsys, mo
     rc, out, err = _explain(capsys, monkeypatch, "--measured", str(run_json))
     assert rc == 0, err
     assert "time per step, predicted vs measured" in out and "memory per rank, predicted vs measured" in out
+    assert f"the components are the mean of {RECORDED_STEPS} more steps, recorded" in out
     [line] = [l for l in out.splitlines() if l.startswith("largest time residual: ")]
     assert "predicted" in line and "measured" in line
     assert any(l.startswith("largest memory residual: ") for l in out.splitlines())

@@ -20,6 +20,7 @@ import torch.distributed as dist
 from torch.utils._pytree import tree_unflatten
 
 from ..errors import AutopartError
+from ..measure import RankTime
 from ..plan import Plan
 from ..watchdog import DistributedError
 from .entry import join_process_group
@@ -27,6 +28,12 @@ from .model import ParallelModel
 from .state import OptimizerFactory
 
 __all__ = ["run_plan"]
+
+
+# Steps whose time components `--json` records, after the timed ones: their mean goes to the record, since
+# one step's components move by tens of percent on a shared machine (a dp=2 step's exposed reduction read
+# 11.3 ms in one recorded step of fidelity-session17-b and 1.3 ms in the next round's).
+RECORDED_STEPS = 5
 
 
 def run_plan(
@@ -54,9 +61,10 @@ def run_plan(
     "peak_memory_bytes"}``; ``events`` are every rank's ``StepEvent`` records of the last measured step
     (docs/runtime.md). The plan is checked against the model before the process group starts
     (``planner.check_plan``). With ``measure`` (the default when ``json_path`` is given), the first step's memory is tracked by
-    category and two untimed steps follow the timed ones, one recording the time components and one
-    tracking steady-state memory (measure.py); the ``--json`` file adds ``plan_data`` (the plan),
-    ``memory`` (each rank's ``RankMemory``, the step of the higher peak) and ``times`` (``RankTime``).
+    category and untimed steps follow the timed ones: one tracking steady-state memory, then
+    ``RECORDED_STEPS`` recording the time components (measure.py); the ``--json`` file adds ``plan_data``
+    (the plan), ``memory`` (each rank's ``RankMemory``, the step of the higher peak), ``times`` (each
+    rank's ``RankTime``, the mean of the recorded steps) and ``recorded_steps``.
     """
     from ..capture import model_fingerprint
     from ..corpus import TokenCorpus
@@ -155,17 +163,19 @@ def run_plan(
             if rank == 0:
                 label = "warmup" if i < warmup else f"step {i - warmup + 1}/{steps}"
                 print(f"{label:>12}  {dt * 1e3:9.1f} ms  loss {loss:.4f}", flush=True)
-        if measure:  # two more steps, untimed: components (profiled under tp) and steady-state memory
-            for kind in ("track_memory", "record"):
+        recorded: list[RankTime] = []
+        if measure:  # more steps, untimed: steady-state memory, then the components (profiled under tp)
+            for kind in ("track_memory",) + ("record",) * RECORDED_STEPS:
                 inputs, target = batch(total)
                 dist.barrier()
                 pm.step(*inputs, target=target, **{kind: True})
                 memory += [pm.memory] if kind == "track_memory" else []
+                recorded += [pm.times] if kind == "record" and pm.times is not None else []
         gathered: list[Any] = [None] * world
         dist.all_gather_object(gathered, [asdict(e) for e in pm.events])
         measured: list[Any] = [None] * world  # [Note: measured time components] in measure.py
         if measure:
-            mine = dict(memory=asdict(max(memory, key=lambda m: m.peak_bytes)), time=asdict(pm.times))
+            mine = dict(memory=asdict(max(memory, key=lambda m: m.peak_bytes)), time=asdict(RankTime.mean(recorded)))
             dist.all_gather_object(measured, mine)
         # Each rank's peak allocated device memory (CUDA only; the CPU allocator keeps no such count).
         peak = int(torch.cuda.max_memory_allocated(pm.device)) if pm.device.type == "cuda" else None
@@ -182,7 +192,7 @@ def run_plan(
                           events=[e for rank_events in gathered for e in rank_events], peak_memory_bytes=peaks)
             if measure:  # what `autopart explain --measured` reads: the plan itself and each rank's measurements
                 record.update(plan_data=plan.to_dict(), memory=[m["memory"] for m in measured],
-                              times=[m["time"] for m in measured])
+                              times=[m["time"] for m in measured], recorded_steps=RECORDED_STEPS)
             tmp = Path(str(json_path) + ".tmp")
             tmp.write_text(json.dumps(record, indent=1) + "\n")
             tmp.replace(json_path)
