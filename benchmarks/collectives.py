@@ -40,6 +40,7 @@ def _error(samples, fit, kind: str) -> float:  # type: ignore[no-untyped-def]
 
 
 def main() -> None:
+    from partitioner.devices import leave_distributed
     from partitioner.calibrate import run_calibration
 
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
@@ -72,7 +73,7 @@ def main() -> None:
         print("factor per round (the median over sizes): "
               + "; ".join(f"{k} {', '.join(f'{x:.2f}' for x in v)}" for k, v in medians.items()))
         print("median over rounds: " + ", ".join(f"{k} {statistics.median(v):.2f}" for k, v in medians.items()))
-    dist.destroy_process_group()
+    leave_distributed()  # after a last barrier ([Note: the last barrier] in partitioner/devices.py)
 
 
 if __name__ == "__main__":

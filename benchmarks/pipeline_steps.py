@@ -44,6 +44,7 @@ def _run(plan_path: str, steps: int, warmup: int, out: str) -> None:
     import torch.distributed as dist
     from torch.utils._pytree import tree_unflatten
 
+    from partitioner.devices import leave_distributed
     from partitioner.corpus import TokenCorpus
     from partitioner.plan import Plan
     from partitioner.planner import check_plan
@@ -102,8 +103,7 @@ def _run(plan_path: str, steps: int, warmup: int, out: str) -> None:
     if rank == 0:
         Path(out).write_text(json.dumps(dict(plan=plan_path, plan_data=plan.to_dict(), ranks=gathered)) + "\n")
         print(f"wrote {out}")
-    dist.barrier()
-    dist.destroy_process_group()
+    leave_distributed()  # after a last barrier ([Note: the last barrier] in partitioner/devices.py)
 
 
 def _split(events: list[dict[str, Any]], rank: int, last_stage: int) -> dict[str, float]:

@@ -38,6 +38,7 @@ def main() -> None:
 
     from torch.distributed.pipelining import Schedule1F1B, SplitPoint, pipeline
 
+    from partitioner.devices import leave_distributed
     from partitioner import Cluster, plan_parallelism
     from partitioner.runtime import ParallelModel
     from partitioner.zoo import load_model, parse_config_overrides
@@ -101,7 +102,7 @@ def main() -> None:
               f"x{args.microbatches} mb, split before {first_of_stage1}")
         print(f"auto_parallelize median step {a * 1e3:.1f} ms; hand-written pipelining {h * 1e3:.1f} ms; "
               f"throughput ratio {h / a:.3f}x")
-    dist.destroy_process_group()
+    leave_distributed()  # after a last barrier ([Note: the last barrier] in partitioner/devices.py)
 
 
 if __name__ == "__main__":

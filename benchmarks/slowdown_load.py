@@ -29,6 +29,8 @@ def main() -> None:
     ap.add_argument("--seconds", type=float, default=12.0, help="how long to take rounds")
     ap.add_argument("--load-seconds", type=float, default=5.0, help="how long the busy process runs, from the start")
     args = ap.parse_args()
+    from partitioner.devices import leave_distributed
+
     dist.init_process_group("gloo")
     rank = dist.get_rank()
     n, m = 1024, 16 << 20  # calibrate's GEMM and add on a CPU
@@ -75,7 +77,7 @@ def main() -> None:
                 print(f"{label}: {len(part)} rounds, median wall/alone {statistics.median(r[1] for r in part):.3f}, "
                       f"median cpu/alone {statistics.median(r[2] for r in part):.3f}; the first 9 rounds: wall "
                       f"{statistics.median(r[1] for r in part[:9]):.3f}, cpu {statistics.median(r[2] for r in part[:9]):.3f}")
-    dist.destroy_process_group()
+    leave_distributed()  # after a last barrier ([Note: the last barrier] in partitioner/devices.py)
 
 
 if __name__ == "__main__":

@@ -24,6 +24,7 @@ def main() -> None:
     ap.add_argument("--model", default="llama-tiny")
     ap.add_argument("--steps", type=int, default=30, help="timed steps of each, per round (3 rounds)")
     args = ap.parse_args()
+    from partitioner.devices import leave_distributed
     from partitioner.precision import adamw_factory
     from partitioner.runtime.state import zero1_optimizer
     from partitioner.zoo import load_model
@@ -58,7 +59,7 @@ def main() -> None:
               f"{dist.get_world_size()} ranks (gloo)")
         for name, t in times.items():
             print(f"  {name}: median {statistics.median(t) * 1e3:.2f} ms, mean {statistics.fmean(t) * 1e3:.2f} ms")
-    dist.destroy_process_group()
+    leave_distributed()  # after a last barrier ([Note: the last barrier] in partitioner/devices.py)
 
 
 if __name__ == "__main__":

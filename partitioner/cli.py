@@ -293,7 +293,7 @@ def entry() -> None:
     destroyed), and CPython's teardown is where gloo's threads could still free Python objects after the
     interpreter began to finalize; such a thread cannot take the GIL and the rank aborts ("terminate
     called without an active exception"), failing a job that had succeeded. [Note: the last barrier] in
-    runtime/loop.py closed one such path; the docs test met another once (the guide's ``autopart run``
+    devices.py closed one such path; the docs test met another once (the guide's ``autopart run``
     on two ranks, rank 0 aborted after its steps, in a fresh-clone CI run on 2026-12-06; 0 of 27 runs of
     the same command here reproduced it, with or without a busy core beside). Skipping teardown skips the
     race. ``main`` itself returns, for callers in-process."""
@@ -915,7 +915,7 @@ def cmd_calibrate(args: argparse.Namespace) -> int:
     import torch.distributed as dist
 
     from .calibrate import DEFAULT_SIZES, CalibrateError, calibrated_cluster, run_calibration
-    from .devices import init_distributed
+    from .devices import init_distributed, leave_distributed
     from .hostload import OTHER_LOAD_WARN, LoadMeter, own_cpu_seconds
     from .cluster import load_cluster
 
@@ -937,6 +937,7 @@ def cmd_calibrate(args: argparse.Namespace) -> int:
         raise CalibrateError(f"--max-bytes {args.max_bytes}: use at least 1048576 (1 MiB), or latency hides the bandwidth")
     sizes = tuple(s for s in DEFAULT_SIZES if s <= args.max_bytes)
     gpu = init_distributed().is_cuda  # one rank per local GPU over NCCL, else gloo on CPU (devices.py)
+    measured = False
     try:
         meter, cpu0 = LoadMeter(), own_cpu_seconds()  # [Note: other load] in hostload.py
         report = run_calibration(sizes, args.reps, args.dtype or ("bf16" if gpu else "fp32"), local)
@@ -958,8 +959,9 @@ def cmd_calibrate(args: argparse.Namespace) -> int:
                     print(f"warning: the machine was not quiet ({load.fraction:.0%} other load, above "
                           f"{OTHER_LOAD_WARN:.0%}): its figures include that load; calibrate again when it is quiet")
             print(f"wrote {out}; plan with --cluster {out}")
+        measured = True
     finally:
-        dist.destroy_process_group()
+        leave_distributed(synchronize=measured)  # [Note: the last barrier] in devices.py
     return 0
 
 

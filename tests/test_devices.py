@@ -11,7 +11,7 @@ import pytest
 import torch
 import torch.distributed as dist
 
-from partitioner.devices import DeviceError, init_distributed, rank_device, select_device
+from partitioner.devices import DeviceError, init_distributed, leave_distributed, rank_device, select_device
 
 
 def _env(rank: int, world: int, local_world: int, **extra: str) -> dict[str, str]:
@@ -78,6 +78,20 @@ def test_under_the_fake_process_group_each_rank_resolves_its_own_device(monkeypa
             dist.destroy_process_group()
     with pytest.raises(DeviceError, match="no process group"):
         rank_device()
+
+
+def test_leaving_a_gloo_group_barriers_then_destroys_it_and_is_a_no_op_without_one():
+    """A one-rank gloo group (a real one): left after its last barrier, the default group is gone, and a
+    second leave (an error path's, after a success path's) does nothing."""
+    assert not dist.is_initialized()
+    store = dist.HashStore()
+    dist.init_process_group("gloo", store=store, rank=0, world_size=1)
+    dist.all_gather_object([None], {"a": 1})  # the kind of last collective [Note: the last barrier] is about
+    leave_distributed()
+    assert not dist.is_initialized()
+    leave_distributed()
+    leave_distributed(synchronize=False)
+    assert not dist.is_initialized()
 
 
 def test_calibrate_entry_point_reports_a_missing_gpu_in_one_line(tmp_path):

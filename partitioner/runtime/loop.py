@@ -19,6 +19,7 @@ import torch
 import torch.distributed as dist
 from torch.utils._pytree import tree_unflatten
 
+from ..devices import leave_distributed
 from ..errors import AutopartError
 from ..measure import RankTime
 from ..plan import Plan
@@ -197,15 +198,5 @@ def run_plan(
             tmp.write_text(json.dumps(record, indent=1) + "\n")
             tmp.replace(json_path)
             print(f"wrote {json_path}")
-    # [Note: the last barrier] gloo's barrier() is a work item its run-loop thread finishes and frees, and
-    # with it the step's last collectives (all_gather_object's tensors, which Python owns): freed after the
-    # interpreter began to exit, the thread cannot take the GIL and the rank aborts ("terminate called
-    # without an active exception", after a run had written its results: 1 run in 5-24 here, caught in gdb
-    # in ProcessGroupGloo::runLoop -> ~AsyncBarrierWork -> ~AsyncAllgatherWork -> decref). A monitored
-    # barrier runs on this thread and holds no earlier work.
-    if dist.get_backend() == "gloo":
-        dist.monitored_barrier()
-    else:
-        dist.barrier()
-    dist.destroy_process_group()
+    leave_distributed()  # after a last barrier: [Note: the last barrier] in devices.py
     return 0
