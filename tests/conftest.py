@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 from typing import Any, Callable, NamedTuple
 
 import pytest
@@ -35,6 +36,12 @@ def small_config(name: str) -> dict[str, Any]:
         return dict(vocab_size=500, d_model=32, widths="64,256")
     return dict(SMALL[ZOO[name].hf_class])
 
+
+# One intra-op thread per worker: the suite's two workers share two cores, and a worker's 2-thread parallel
+# regions then wait on a thread the other worker's work has descheduled ([Note: the suite on two workers]).
+# Subprocesses (torchrun's ranks, the docs' commands) keep their own settings.
+if os.environ.get("PYTEST_XDIST_WORKER"):
+    torch.set_num_threads(1)
 
 # [Note: the suite on two workers] README's test command runs the suite on two pytest-xdist workers, a file
 # at a time on each (``--dist loadfile``: a file's module fixtures, such as test_runtime.py's shared
