@@ -40,8 +40,8 @@ def _error(samples, fit, kind: str) -> float:  # type: ignore[no-untyped-def]
 
 
 def main() -> None:
-    from partitioner.devices import leave_distributed
     from partitioner.calibrate import run_calibration
+    from partitioner.devices import leave_distributed
 
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--rounds", type=int, default=3, help="calibrations of the links, one after another")

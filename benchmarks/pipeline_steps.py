@@ -44,8 +44,8 @@ def _run(plan_path: str, steps: int, warmup: int, out: str) -> None:
     import torch.distributed as dist
     from torch.utils._pytree import tree_unflatten
 
-    from partitioner.devices import leave_distributed
     from partitioner.corpus import TokenCorpus
+    from partitioner.devices import leave_distributed
     from partitioner.plan import Plan
     from partitioner.planner import check_plan
     from partitioner.runtime.entry import join_process_group

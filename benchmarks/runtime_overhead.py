@@ -38,8 +38,8 @@ def main() -> None:
 
     from torch.distributed.pipelining import Schedule1F1B, SplitPoint, pipeline
 
-    from partitioner.devices import leave_distributed
     from partitioner import Cluster, plan_parallelism
+    from partitioner.devices import leave_distributed
     from partitioner.runtime import ParallelModel
     from partitioner.zoo import load_model, parse_config_overrides
 
