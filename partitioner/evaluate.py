@@ -1140,6 +1140,7 @@ class Evaluator:
         layout = schedule_spec(schedule.name).layout
         action_s = self.overheads.schedule_action(schedule_spec(schedule.name).multi_stage, layout)
         first: dict[int, int] = {}  # pipeline rank -> its lowest stage (the one charged the per-step overhead)
+        fsdp = dp_spec(self.training.dp_sharding).uses_fsdp and mesh.dp > 1  # ZeRO-2/3 runs FSDP's units
         for s in range(K):
             first.setdefault(stage_rank(s, pp, layout), s)
         for r in range(pp):
@@ -1166,7 +1167,6 @@ class Evaluator:
             cf += ck_f  # the checkpoints' own cost: in the passes that pay it
             replay += ck_b
             k = shares[stage_rank(s, pp, layout)] if shares else 1.0
-            fsdp = dp_spec(self.training.dp_sharding).uses_fsdp and mesh.dp > 1
             cf, cb, tf, tb, replay, action = cf * k, cb * k, tf * k, tb * k, replay * k, action_s * k
             # What the stage's actions take beyond compute, tp, replay and the per-action overhead. Under
             # ZeRO-2/3: the exposed gathers and scatters and FSDP's per-unit software cost. Otherwise it is

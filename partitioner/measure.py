@@ -53,7 +53,7 @@ from __future__ import annotations
 import time
 import weakref
 from contextlib import contextmanager
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, fields
 from typing import Any, Iterable, Iterator, Mapping, Sequence
 
 import torch
@@ -150,12 +150,12 @@ class RankTime:
         def avg(xs: Iterable[float]) -> float:
             return sum(xs) / n
 
-        stages = tuple(
-            StageTime(st.stage, *(avg(getattr(t.stages[i], f) for t in steps) for f in ("forward_s", "backward_s", "tp_comm_s", "dp_reduce_s")))
-            for i, st in enumerate(steps[0].stages)
-        )
-        return cls(steps[0].rank, avg(t.step_s for t in steps), stages,
-                   *(avg(getattr(t, f) for t in steps) for f in ("finish_s", "optimizer_s", "other_s", "wait_s")))
+        def mean_of(kind: type, records: Sequence[Any], keep: str, **given: Any) -> Any:  # every field but keep's
+            return kind(**{f.name: getattr(records[0], f.name) if f.name == keep else avg(getattr(r, f.name) for r in records)
+                           for f in fields(kind) if f.name not in given}, **given)
+
+        stages = tuple(mean_of(StageTime, [t.stages[i] for t in steps], "stage") for i in range(len(steps[0].stages)))
+        return mean_of(cls, steps, "rank", stages=stages)
 
     def components(self) -> dict[str, float]:
         """Seconds by TIME_COMPONENTS; they add up to ``step_s``."""

@@ -3,6 +3,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import sys
@@ -520,10 +521,10 @@ class _Profiler:
                    and v.requires_grad]
         split: tuple[Timing | None, Timing | None] = (None, None)
         if grads and needing:
-            try:
+            # torch's split may refuse a block (RuntimeError): it keeps no split timing, and the calibrated
+            # per-node figures price it
+            with contextlib.suppress(RuntimeError):
                 split = self.repeat_split(lambda: outputs(forward()), grads, needing, weights)
-            except RuntimeError:  # torch's split refused this block: the calibrated per-node figures price it
-                split = (None, None)
         return Measurement(block.name, "replicate", 1, fwd, bwd, float(block.forward_flops), float(block.backward_flops),
                            float(block.bytes_read + block.bytes_written), activation, 0.0, *split)
 
