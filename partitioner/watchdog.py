@@ -52,7 +52,9 @@ ends the others (SIGTERM) within a second, before any heartbeat is missed; its o
 ``ChildFailedError`` report names the rank but not the stage. So each rank publishes its pid,
 learns its machine's ranks' pids, and on SIGTERM the lowest surviving rank of the machine
 names the local rank whose process is gone, with its stage, before torchrun's report. A
-SIGTERM with no rank gone (the user stopped torchrun) ends the rank silently, as before.
+SIGTERM with no rank gone (the user stopped torchrun) ends the rank silently, as before, and
+so does a rank already stopping for the job's abort: a rank that ended for that abort (it left
+its line, unprinted, in its error file) is not the cause, and the cause was printed once.
 
 Why our own and not torch's: torch's gloo backend has no watchdog, and its collective
 timeout does not cover gloo's point-to-point receives, which is where a pipeline rank waits.
@@ -202,6 +204,7 @@ class Watchdog:
         self.busy = False  # in a step, save or load: watch for dead peers
         self.in_step = False  # in a step: also watch for a stall in progress
         self.phase = "idle"
+        self.stopping = False  # this rank stops for the job's abort: the line naming the cause is out
         self._progress = 0
         self._since = time.time()
         self._stop = threading.Event()
@@ -282,6 +285,7 @@ class Watchdog:
         if not own:
             peer = self.peer_failure(wait_s=self.timeout_s + 3.0)
             if peer is not None:
+                self.stopping = True
                 self._linger()  # marks this rank stopped; rank 0 (its exit takes the store) waits for the others
                 return RankFailedError(f"{peer} (rank {self.rank} stops)", published_by_peer=True)
         # pipelining wraps a stage's error in a RuntimeError: name the original
@@ -359,7 +363,8 @@ class Watchdog:
         dead = sorted(r for r, pid in self.local_pids.items() if r != self.rank and not _alive(pid))
         alive = [r for r in self._local_ranks() if r not in dead]
         silent = [r for r in dead if not self._left_error_file(r)]  # the others printed their own line
-        if silent and alive and alive[0] == self.rank:
+        # A rank that stops for the job's abort was not the cause: whoever published it has spoken.
+        if silent and alive and alive[0] == self.rank and not self.stopping:
             dead = silent
             line = (f"autopart: error: {self.who(dead[0])} died: its process ended without an error "
                     f"(it exited or was killed), and torchrun stopped the job")
@@ -376,10 +381,13 @@ class Watchdog:
         return f"{self.who(0)} died: the job's store, which rank 0 hosts, is unreachable"
 
     def _die(self, msg: str, ours: bool, dead: int | None = None) -> None:
+        self.stopping = True
         if ours or not under_launcher():
             report(msg if ours else f"{msg} (rank {self.rank} stops)")
         elif under_autopart_launcher():  # the launcher may see this rank end first: leave it the cause
             report(msg, primary=False)
+        else:  # raw torchrun: unprinted, but its summary and the peers' SIGTERM handlers read the cause
+            record_error(f"autopart: error: {msg} (rank {self.rank} stops)", False)
         self._linger(dead)
         os._exit(1)
 
