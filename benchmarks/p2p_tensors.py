@@ -25,6 +25,8 @@ import time
 import torch
 import torch.distributed as dist
 
+from partitioner.devices import leave_distributed
+
 TENSORS = (1, 2, 4)  # k: tensors per forward transfer
 
 
@@ -80,6 +82,7 @@ def main() -> int:
 
     torch.set_num_threads(1)
     dist.init_process_group("gloo")
+    done = False
     waits: dict[int, list[float]] = {k: [] for k in TENSORS}
     try:
         for r in range(args.rounds):
@@ -93,8 +96,9 @@ def main() -> int:
                 med = statistics.median(waits[k])
                 print(f"k = {k}: median {med * 1e6:.0f} us per transfer ({med / base:.2f}x k = 1; "
                       f"rounds {', '.join(f'{w * 1e6:.0f}' for w in waits[k])})")
-    finally:
-        dist.destroy_process_group()
+        done = True
+    finally:  # after a last barrier unless a rank failed ([Note: the last barrier] in partitioner/devices.py)
+        leave_distributed(synchronize=done)
     return 0
 
 

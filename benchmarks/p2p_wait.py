@@ -22,6 +22,8 @@ from typing import Callable, Sequence
 import torch
 import torch.distributed as dist
 
+from partitioner.devices import leave_distributed
+
 CASES = ("late_idle", "late_busy", "early_idle", "early_busy")
 NBYTES = 64 << 10  # a small model's activation per micro-batch (gpt2-tiny: 2 x 64 x 128 fp32)
 LEAD_S = 0.003  # how long the later side computes or sleeps before posting
@@ -67,6 +69,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = ap.parse_args(argv)
     torch.set_num_threads(1)
     dist.init_process_group("gloo")
+    done = False
     try:
         rank = dist.get_rank()
         if dist.get_world_size() != 2:
@@ -85,8 +88,9 @@ def main(argv: Sequence[str] | None = None) -> int:
                 q1, med, q3 = statistics.quantiles(ts, n=4)
                 print(f"  {case:10s} median {med * 1e3:6.2f} ms  quartiles {q1 * 1e3:6.2f} - {q3 * 1e3:6.2f} ms  "
                       f"mean {statistics.fmean(ts) * 1e3:6.2f} ms")
-    finally:
-        dist.destroy_process_group()
+        done = True
+    finally:  # after a last barrier unless a rank failed ([Note: the last barrier] in partitioner/devices.py)
+        leave_distributed(synchronize=done)
     return 0
 
 
