@@ -75,9 +75,15 @@ def main() -> None:
     leave_distributed()  # after a last barrier ([Note: the last barrier] in partitioner/devices.py)
 
 
+def _uniform(name: str) -> bool:
+    """Whether ``name`` is ``TxN`` (T tensors of N elements) rather than a model."""
+    count, x, numel = name.partition("x")
+    return bool(x) and count.isdigit() and numel.isdigit()
+
+
 def _tensor_set(name: str) -> list[int]:
     """The element counts of ``name``: a zoo model's trainable parameters, or ``TxN``."""
-    if "x" in name and name.replace("x", "").isdigit():
+    if _uniform(name):
         count, numel = name.split("x")
         return [int(numel)] * int(count)
     from partitioner.zoo import load_model
@@ -129,7 +135,7 @@ def compare_sets(names: list[str], steps: int, rounds: int, cluster_toml: str | 
         print(f"{world} ranks (gloo), {rounds} rounds of {steps} steps each; per set: the median round (per tensor)")
         for name, (zero, bcast) in times.items():
             t, z, b = len(sets[name]), statistics.median(zero), statistics.median(bcast)
-            if cluster_toml and not name.replace("x", "").isdigit():
+            if cluster_toml and not _uniform(name):
                 print(f"  {name}: predicted ZeRO-1 step {predicted_step(name, cluster_toml, world) * 1e3:.2f} ms")
             print(f"  {name}: {t} tensors, {sum(sets[name])} elements; ZeRO-1 step {z * 1e3:.2f} ms ({z / t * 1e6:.0f} us "
                   f"a tensor), broadcasts alone {b * 1e3:.2f} ms ({b / t * 1e6:.0f} us); ZeRO-1's rounds "
