@@ -10,6 +10,11 @@ processes of one machine share). Prints the median and quartiles per case ([Note
 overheads] in cost_models/overheads.py: ``a_p2p``).
 
     python -m torch.distributed.run --standalone --nproc-per-node 2 -m benchmarks.p2p_wait [--reps 30]
+
+With more ranks (``--nproc-per-node 4``), ranks 2 and up are bystanders: at each transfer they wait
+in the next barrier (``--bystanders idle``, as calibrate's link measurement leaves the ranks that
+take no part) or run the GEMM loop for as long as the transfer's sides do (``--bystanders busy``,
+as every rank of a running pipeline does); on a 2-core machine 4 busy ranks share its cores.
 """
 
 from __future__ import annotations
@@ -39,12 +44,17 @@ def _busy(a: torch.Tensor) -> Callable[[float], None]:
     return compute
 
 
-def _one(case: str, rank: int, x: torch.Tensor, compute: Callable[[float], None]) -> float | None:
-    """One transfer; rank 1 returns the delivery in seconds, rank 0 None."""
+def _one(case: str, rank: int, x: torch.Tensor, compute: Callable[[float], None],
+         busy_bystanders: bool = False) -> float | None:
+    """One transfer; rank 1 returns the delivery in seconds, the other ranks None (ranks 2 and up stand by)."""
     late = case.startswith("late")
     work = compute if case.endswith("busy") else time.sleep
     stamp = torch.zeros(1, dtype=torch.float64)
     dist.barrier()
+    if rank >= 2:
+        if busy_bystanders:
+            compute(LEAD_S + AFTER_S)
+        return None
     if rank == 0:
         if not late:
             work(LEAD_S)
@@ -66,24 +76,28 @@ def _one(case: str, rank: int, x: torch.Tensor, compute: Callable[[float], None]
 def main(argv: Sequence[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--reps", type=int, default=30, help="transfers per case (interleaved rounds)")
+    ap.add_argument("--bystanders", choices=("idle", "busy"), default="idle",
+                    help="what ranks 2 and up do during each transfer (with more than 2 ranks)")
     args = ap.parse_args(argv)
     torch.set_num_threads(1)
     dist.init_process_group("gloo")
     done = False
     try:
         rank = dist.get_rank()
-        if dist.get_world_size() != 2:
-            raise SystemExit("p2p_wait: run with --nproc-per-node 2")
+        world = dist.get_world_size()
+        if world < 2:
+            raise SystemExit("p2p_wait: run with --nproc-per-node 2 (or more: bystanders)")
         x = torch.randn(NBYTES // 4)
         compute = _busy(torch.randn(128, 128))
         times: dict[str, list[float]] = {c: [] for c in CASES}
         for _ in range(args.reps):  # interleaved: every case sees the same spread of load
             for case in CASES:
-                t = _one(case, rank, x, compute)
+                t = _one(case, rank, x, compute, args.bystanders == "busy")
                 if t is not None:
                     times[case].append(t)
         if rank == 1:
-            print(f"delivery of a {NBYTES >> 10} KiB gloo transfer after both sides posted it ({args.reps} each):")
+            others = f"; {world - 2} bystanders {args.bystanders}" if world > 2 else ""
+            print(f"delivery of a {NBYTES >> 10} KiB gloo transfer after both sides posted it ({args.reps} each{others}):")
             for case, ts in times.items():
                 q1, med, q3 = statistics.quantiles(ts, n=4)
                 print(f"  {case:10s} median {med * 1e3:6.2f} ms  quartiles {q1 * 1e3:6.2f} - {q3 * 1e3:6.2f} ms  "
