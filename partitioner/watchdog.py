@@ -136,9 +136,10 @@ def report(exc_or_line: BaseException | str, primary: bool | None = None) -> Non
 
     Under autopart's own launcher nothing is printed here: the line goes to the error file only,
     marked ``primary`` (default: whether this rank would have printed it), and the launcher prints
-    one line for the job ([Note: one line per failed job] in launch.py)."""
+    one line for the job ([Note: one line per failed job] in launch.py). Under raw torchrun
+    ``primary=False`` (another rank prints the cause) likewise only writes the error file."""
     line = f"autopart: error: {exc_or_line}"
-    if under_autopart_launcher():
+    if under_autopart_launcher() or primary is False:
         if primary is None:
             primary = reported_here(exc_or_line) if isinstance(exc_or_line, BaseException) else True
         record_error(line, primary)
@@ -384,10 +385,10 @@ class Watchdog:
         self.stopping = True
         if ours or not under_launcher():
             report(msg if ours else f"{msg} (rank {self.rank} stops)")
-        elif under_autopart_launcher():  # the launcher may see this rank end first: leave it the cause
-            report(msg, primary=False)
-        else:  # raw torchrun: unprinted, but its summary and the peers' SIGTERM handlers read the cause
-            record_error(f"autopart: error: {msg} (rank {self.rank} stops)", False)
+        else:  # another rank printed the cause: this rank's line goes to its error file only (not primary, so
+            # autopart's launcher, which may see this rank end first, does not take it for the cause; torchrun's
+            # summary and the peers' SIGTERM handlers read it)
+            report(msg if under_autopart_launcher() else f"{msg} (rank {self.rank} stops)", primary=False)
         self._linger(dead)
         os._exit(1)
 
