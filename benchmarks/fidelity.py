@@ -415,7 +415,8 @@ def main(argv: Sequence[str] | None = None) -> int:
                     help="time more steps where the step is short: at least this many seconds of predicted steps, "
                          f"{MAX_STEPS} steps at most (default 2; 0 times --steps only)")
     ap.add_argument("--warmup", type=int, default=2, help="untimed steps before them (default 2)")
-    ap.add_argument("--only", default=None, help="only layouts whose name contains this text")
+    ap.add_argument("--only", default=None,
+                    help="only layouts whose name contains this text (or one of these comma-separated texts)")
     ap.add_argument("--no-calibrate", action="store_true", help="plan on the local-cpu preset instead of a calibrated file")
     ap.add_argument("--calibrate-each", action="store_true",
                     help="calibrate again right before each layout, so that a shared machine's load is measured "
@@ -461,7 +462,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     keep = report.with_suffix("") if report else Path(tempfile.mkdtemp(prefix="autopart-fidelity-"))
     keep.mkdir(parents=True, exist_ok=True)
     cache = Path(args.cache) if args.cache else keep / "profile.sqlite"
-    layouts = [l for l in LAYOUTS if args.only is None or args.only in l.name]
+    layouts = [l for l in LAYOUTS if args.only is None or any(t in l.name for t in args.only.split(","))]
     started = time.monotonic()
     clusters: dict[int, str] = {}
     loads: dict[int, float | None] = {}  # the other load while each world size's cluster was calibrated
