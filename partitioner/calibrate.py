@@ -108,13 +108,7 @@ median:
   ms within 15 minutes); ``a_p2p`` is the time to add to each transfer (on the measured link)
   for the simulated step of stages ``f_r + a_action``, ``b_r + a_action`` plus
   ``a_step`` to equal the measured step, found by bisection (the simulated
-  step grows with it), the median over ``M``, at least 0. The step is simulated
-  as the evaluator prices a plan, with each rank's compute scaled to the cores
-  the waiting ranks leave it where the ranks outnumber the cores
-  (``simulate_sharing``; [Note: ranks sharing cores] in evaluate.py): fitted on
-  the plain simulation, the cores a bubble frees, which the evaluator gives
-  back, went into ``a_p2p`` too (4 ranks on 2 cores: 2.5 ms plain against 4.4
-  ms shared, fitted on the same samples); in the same rounds the
+  step grows with it), the median over ``M``, at least 0; in the same rounds the
   same pipeline whose activations travel with ``BUSY_EXTRA_TENSORS`` small bool
   tensors more (each ``EXTRA_TENSOR`` a micro-batch, as a model's stage passes
   its attention mask; torch sends each as its own operation, and no gradient
@@ -770,15 +764,11 @@ class BusyPipelineSample:
     send_s: float  # one micro-batch's activation on the measured link (latency + bytes / bandwidth)
 
 
-def transfer_overhead(samples: Sequence[BusyPipelineSample], action_s: float, step_s: float,
-                      oversubscribed: float = 1.0) -> float:
+def transfer_overhead(samples: Sequence[BusyPipelineSample], action_s: float, step_s: float) -> float:
     """``a_p2p``: the seconds to add to every transfer between pipeline ranks so that the simulated
     1F1B step of each sample equals its measured one, the median over the samples, at least 0
-    ([Note: measuring overheads]). The step is simulated as the evaluator prices a plan: with
-    ``oversubscribed`` ranks a core, each rank's compute (measured with every rank computing at once)
-    scaled to the cores it gets ([Note: ranks sharing cores] in evaluate.py); else the bubble's freed
-    cores, which the evaluator gives back, would be fitted into the transfers' time as well."""
-    from .simulate import StageCost, simulate_sharing
+    ([Note: measuring overheads])."""
+    from .simulate import StageCost, simulate
 
     if not samples:
         raise CalibrateError("the busy pipeline experiment needs at least one micro-batch count")
@@ -786,19 +776,18 @@ def transfer_overhead(samples: Sequence[BusyPipelineSample], action_s: float, st
     def step(x: BusyPipelineSample, extra: float) -> float:
         stages = [StageCost(f + action_s, b + action_s, send_s=x.send_s + extra)
                   for f, b in zip(x.forward_s, x.backward_s, strict=True)]
-        return simulate_sharing(stages, "1f1b", x.microbatches, oversubscribed=oversubscribed)[0].step_time_s + step_s
+        return simulate(stages, "1f1b", x.microbatches).step_time_s + step_s
 
     return _fitted_wait(samples, step)
 
 
 def tensor_overhead(samples: Sequence[BusyPipelineSample], action_s: float, step_s: float, transfer_s: float,
-                    extra: int, oversubscribed: float = 1.0) -> float:
+                    extra: int) -> float:
     """``a_p2p_tensor``: the seconds to add per further tensor of a forward transfer, beyond ``a_p2p``
     (``transfer_s``) for its first, so that the simulated 1F1B step of each sample (whose activations
     travel with ``extra`` tensors more, and whose gradients alone) equals its measured one; the median
-    over the samples, at least 0 ([Note: measuring overheads]), simulated as ``transfer_overhead``
-    simulates it."""
-    from .simulate import StageCost, simulate_sharing
+    over the samples, at least 0 ([Note: measuring overheads])."""
+    from .simulate import StageCost, simulate
 
     if not samples or extra < 1:
         raise CalibrateError("the extra-tensor pipeline experiment needs a sample and at least one extra tensor")
@@ -807,7 +796,7 @@ def tensor_overhead(samples: Sequence[BusyPipelineSample], action_s: float, step
         stages = [StageCost(f + action_s, b + action_s, send_s=x.send_s + transfer_s + extra * each,
                             grad_send_s=x.send_s + transfer_s)
                   for f, b in zip(x.forward_s, x.backward_s, strict=True)]
-        return simulate_sharing(stages, "1f1b", x.microbatches, oversubscribed=oversubscribed)[0].step_time_s + step_s
+        return simulate(stages, "1f1b", x.microbatches).step_time_s + step_s
 
     return _fitted_wait(samples, step)
 
@@ -1258,9 +1247,8 @@ def measure_overheads(device: torch.device, link: LinkFit | None, reps: int, slo
     multi = {layout: pipeline_overheads(x, step)
              for layout, x in _multi_stage_samples(device, link, max(reps, ROUNDS)).items()}
     busy, busy_more = _busy_pipeline_samples(device, link, max(reps, ROUNDS))
-    shared = min(round(oversubscribed, 3), round(slowdown, 3))  # the file's ``oversubscribed``, as the evaluator reads it
-    p2p = transfer_overhead(busy, action, step, shared)
-    p2p_tensor = tensor_overhead(busy_more, action, step, p2p, BUSY_EXTRA_TENSORS, shared)
+    p2p = transfer_overhead(busy, action, step)
+    p2p_tensor = tensor_overhead(busy_more, action, step, p2p, BUSY_EXTRA_TENSORS)
     node, node_b, dt, dt_b = tp_node_overheads(device, reps)
     tensor_s, bandwidth = optimizer_overheads(_optimizer_samples(device, reps))
     zero1 = zero1_overhead(device, link, reps, tensor_s, bandwidth)
@@ -1280,7 +1268,7 @@ def measure_overheads(device: torch.device, link: LinkFit | None, reps: int, slo
         split_backward_node_us=us(split),
         split_backward_param_us=us(split_w), grad_accumulate_gbps=_sig(accumulate / 1e9),
         comm_overlap=round(overlap, 3), compute_slowdown=round(slowdown, 3),
-        oversubscribed=shared, **collective_fields(link)))
+        oversubscribed=min(round(oversubscribed, 3), round(slowdown, 3)), **collective_fields(link)))
 
 
 def collective_fields(link: LinkFit | None) -> dict[str, float]:

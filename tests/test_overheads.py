@@ -478,25 +478,6 @@ def test_calibration_fit_recovers_a_known_transfer_wait():
     assert tensor_overhead(samples, action, step, extra, 3) == 0.0
 
 
-def test_calibration_fit_prices_transfers_as_the_evaluator_shares_cores():
-    """4 ranks on 2 cores: the busy pipeline's step is simulated as the evaluator prices a plan, each rank's
-    compute scaled to the cores the waiting ranks leave it ([Note: ranks sharing cores]). A wait made that way
-    is recovered, and fitting it without the shares takes the freed cores for transfer time: a smaller wait,
-    which the evaluator, giving the cores back, would under-price."""
-    from partitioner.simulate import simulate_sharing
-
-    action, step, extra, o = 250e-6, 400e-6, 1.7e-3, 2.0
-    samples = []
-    for m, f, b in ((4, (2e-3, 2.2e-3, 1.9e-3, 2.1e-3), (3e-3, 3.6e-3, 3.1e-3, 3.3e-3)),
-                    (8, (1.5e-3, 1.7e-3, 1.6e-3, 1.4e-3), (4e-3, 4.5e-3, 4.1e-3, 4.2e-3))):
-        stages = [StageCost(fr + action, br + action, send_s=300e-6 + extra) for fr, br in zip(f, b)]
-        sim, _, shares = simulate_sharing(stages, "1f1b", m, oversubscribed=o)
-        assert all(x < 1 for x in shares)  # the bubble leaves each rank some cores
-        samples.append(BusyPipelineSample(m, sim.step_time_s + step, f, b, 300e-6))
-    assert transfer_overhead(samples, action, step, o) == pytest.approx(extra, rel=1e-3)
-    assert transfer_overhead(samples, action, step) < 0.9 * extra
-
-
 
 def test_the_stage_ilp_prices_the_transfer_wait_as_the_simulator_does(mlp):
     """The stage ILP's sends carry ``a_p2p`` (search.py adds it to ``send_alpha``) as the evaluator's do: each
