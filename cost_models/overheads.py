@@ -200,6 +200,7 @@ OVERHEAD_FILE_KEYS = {
     "comm_overlap": ("comm_overlap", Decimal(1)),
     "compute_slowdown": ("compute_slowdown", Decimal(1)),
     "oversubscribed": ("oversubscribed", Decimal(1)),
+    "idle_core_use": ("idle_core_use", Decimal(1)),
 }
 
 
@@ -240,6 +241,9 @@ class Overheads:
     # o: of k, the factor of a node's ranks over its cores (time-slicing); the simulator gives a rank its core
     # back while others wait ([Note: ranks sharing cores] in partitioner/evaluate.py); 1: a core per rank
     oversubscribed: float = 1.0
+    # b: of a core, what a rank uses while it waits between its actions (its transfers' threads, the schedule's
+    # work), which the computing ranks do not get; used where o > 1 ([Note: ranks sharing cores]); 0: none
+    idle_core_use: float = 0.0
 
     def __post_init__(self) -> None:
         for f in fields(self):
@@ -254,6 +258,8 @@ class Overheads:
         if not 1 <= self.oversubscribed <= self.compute_slowdown:
             raise ValueError(f"overheads.oversubscribed = {self.oversubscribed!r}: ranks over cores, at least 1 and "
                              f"at most compute_slowdown ({self.compute_slowdown!r}), of which it is a factor")
+        if self.idle_core_use > 1:
+            raise ValueError(f"overheads.idle_core_use = {self.idle_core_use!r}: a share of one core, in [0, 1]")
         for kind in COLLECTIVES:
             if getattr(self, f"{kind}_factor") <= 0:
                 raise ValueError(f"overheads.{kind}_factor = {getattr(self, f'{kind}_factor')!r}: a ratio of times, above 0")

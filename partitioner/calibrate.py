@@ -597,19 +597,29 @@ EXTRA_TENSOR = (2, 64, 64)  # one extra tensor of a transfer, per micro-batch: b
 
 
 def pipeline_steps(stage: torch.nn.Module, counts: Sequence[int], rows: int, width: int, device: torch.device,
-                    finish: Callable[[], None], extra: int = 0) -> dict[int, Callable[[], None]]:
+                    finish: Callable[[], None], extra: int = 0,
+                    actions: list[Any] | None = None) -> dict[int, Callable[[], None]]:
     """Per micro-batch count ``M``: one training step of torch's ``Schedule1F1B`` over ``stage`` on every
     rank (one stage a rank), micro-batches of ``rows`` rows of ``width``, then ``finish`` (the step's own
     work outside the schedule); each warmed up twice (torch builds the stage's buffers on the first step).
     ``extra``: that many bool tensors of ``EXTRA_TENSOR`` a micro-batch travel beside the activation (no
-    gradient comes back for them)."""
+    gradient comes back for them). ``actions``: where the stage records each forward and backward it runs
+    (the runtime's timed stage, ``StepEvent``s with their wall and CPU time)."""
     from torch.distributed.pipelining import PipelineStage, Schedule1F1B
 
+    stage_cls: Any = PipelineStage
+    if actions is not None:
+        from .runtime.model import timed_stage_class
+
+        stage_cls = timed_stage_class()
     world, rank = dist.get_world_size(), dist.get_rank()
     runs = {}
     for m in counts:
         module, loss_fn = (_PassThrough(stage), _mse_first) if extra else (stage, _mse)
-        schedule = Schedule1F1B(PipelineStage(module, rank, world, device), m, loss_fn=loss_fn)
+        pipe_stage = stage_cls(module, rank, world, device)
+        if actions is not None:
+            pipe_stage.events = actions
+        schedule = Schedule1F1B(pipe_stage, m, loss_fn=loss_fn)
         x = torch.randn(m * rows, width, device=device)
         more = [torch.ones(m * EXTRA_TENSOR[0], *EXTRA_TENSOR[1:], dtype=torch.bool, device=device)
                 for _ in range(extra)]
@@ -758,45 +768,60 @@ class BusyPipelineSample:
     microbatches: int
     seconds: float  # the slowest rank's step (schedule and loss all-reduce), median
     # per pipeline rank, one micro-batch's forward and backward of its stage as the pipeline runs it (the
-    # first without an input gradient, the last with the loss), every rank computing at once, medians
+    # first without an input gradient, the last with the loss), medians of their CPU time with every rank
+    # computing at once: a rank's own work (an action of a few milliseconds is not time-sliced: its wall time
+    # is its time alone, [Note: ranks sharing cores] in evaluate.py)
     forward_s: tuple[float, ...]
     backward_s: tuple[float, ...]
     send_s: float  # one micro-batch's activation on the measured link (latency + bytes / bandwidth)
 
 
-def transfer_overhead(samples: Sequence[BusyPipelineSample], action_s: float, step_s: float) -> float:
+def transfer_overhead(samples: Sequence[BusyPipelineSample], action_s: float, step_s: float,
+                      oversubscribed: float = 1.0, idle_use: float = 0.0) -> float:
     """``a_p2p``: the seconds to add to every transfer between pipeline ranks so that the simulated
     1F1B step of each sample equals its measured one, the median over the samples, at least 0
-    ([Note: measuring overheads])."""
-    from .simulate import StageCost, simulate
+    ([Note: measuring overheads]). The step is simulated as the evaluator prices a plan: with
+    ``oversubscribed`` ranks a core, each rank's compute (its own time, the samples' CPU time) on the basis
+    of every rank computing at once (``oversubscribed`` times it), then scaled to the cores the waiting
+    ranks leave it, less the ``idle_use`` of a core each waiting rank still uses ([Note: ranks sharing
+    cores] in evaluate.py); else the transfers' fitted time would take up what the evaluator prices
+    apart."""
+    from .simulate import StageCost, simulate_sharing
 
     if not samples:
         raise CalibrateError("the busy pipeline experiment needs at least one micro-batch count")
 
+    o = oversubscribed
+
     def step(x: BusyPipelineSample, extra: float) -> float:
-        stages = [StageCost(f + action_s, b + action_s, send_s=x.send_s + extra)
+        stages = [StageCost(o * f + action_s, o * b + action_s, send_s=x.send_s + extra)
                   for f, b in zip(x.forward_s, x.backward_s, strict=True)]
-        return simulate(stages, "1f1b", x.microbatches).step_time_s + step_s
+        return simulate_sharing(stages, "1f1b", x.microbatches, oversubscribed=oversubscribed,
+                                idle_use=idle_use)[0].step_time_s + step_s
 
     return _fitted_wait(samples, step)
 
 
 def tensor_overhead(samples: Sequence[BusyPipelineSample], action_s: float, step_s: float, transfer_s: float,
-                    extra: int) -> float:
+                    extra: int, oversubscribed: float = 1.0, idle_use: float = 0.0) -> float:
     """``a_p2p_tensor``: the seconds to add per further tensor of a forward transfer, beyond ``a_p2p``
     (``transfer_s``) for its first, so that the simulated 1F1B step of each sample (whose activations
     travel with ``extra`` tensors more, and whose gradients alone) equals its measured one; the median
-    over the samples, at least 0 ([Note: measuring overheads])."""
-    from .simulate import StageCost, simulate
+    over the samples, at least 0 ([Note: measuring overheads]), simulated as ``transfer_overhead``
+    simulates it."""
+    from .simulate import StageCost, simulate_sharing
 
     if not samples or extra < 1:
         raise CalibrateError("the extra-tensor pipeline experiment needs a sample and at least one extra tensor")
 
+    o = oversubscribed
+
     def step(x: BusyPipelineSample, each: float) -> float:
-        stages = [StageCost(f + action_s, b + action_s, send_s=x.send_s + transfer_s + extra * each,
+        stages = [StageCost(o * f + action_s, o * b + action_s, send_s=x.send_s + transfer_s + extra * each,
                             grad_send_s=x.send_s + transfer_s)
                   for f, b in zip(x.forward_s, x.backward_s, strict=True)]
-        return simulate(stages, "1f1b", x.microbatches).step_time_s + step_s
+        return simulate_sharing(stages, "1f1b", x.microbatches, oversubscribed=oversubscribed,
+                                idle_use=idle_use)[0].step_time_s + step_s
 
     return _fitted_wait(samples, step)
 
@@ -821,9 +846,10 @@ BUSY_EXTRA_TENSORS = 3  # the further tensors of each forward transfer in the ex
 
 
 def _busy_pipeline_samples(device: torch.device, link: LinkFit | None,
-                           reps: int) -> tuple[list[BusyPipelineSample], list[BusyPipelineSample]]:
+                           reps: int) -> tuple[list[BusyPipelineSample], list[BusyPipelineSample], float]:
     """The pipeline experiment whose ranks compute: one sample per micro-batch count, with one tensor a transfer
-    and with ``BUSY_EXTRA_TENSORS`` more forward, timed in the same rounds."""
+    and with ``BUSY_EXTRA_TENSORS`` more forward, timed in the same rounds; and ``b``, the share of a core a
+    rank uses outside its forward and backward actions in the first ones' steps (on a CPU; 0 on a GPU)."""
     world, rank = dist.get_world_size(), dist.get_rank()
     torch.manual_seed(0)
     stage = torch.nn.Sequential(*(torch.nn.Linear(BUSY_WIDTH, BUSY_WIDTH) for _ in range(BUSY_DEPTH))).to(device)
@@ -850,18 +876,36 @@ def _busy_pipeline_samples(device: torch.device, link: LinkFit | None,
         dist.all_reduce(loss)
 
     counts = _microbatch_counts(BUSY_PIPELINE_MICROBATCHES, world)
-    variants = [pipeline_steps(stage, counts, BUSY_ROWS, BUSY_WIDTH, device, finish, extra)
+    actions: list[Any] = []  # the first variant's forward and backward actions, of the step being timed
+    idle: list[float] = []  # per timed step of it, the cores this rank used outside them
+
+    def metered(step: Callable[[], None]) -> Callable[[], None]:
+        def run() -> None:
+            actions.clear()
+            p0, w0 = time.process_time(), time.perf_counter()
+            step()
+            p1, w1 = time.process_time(), time.perf_counter()
+            cpu, wall = sum(e.cpu_s for e in actions), sum(e.end_s - e.start_s for e in actions)
+            if w1 - w0 > wall:
+                idle.append(max(0.0, (p1 - p0 - cpu) / (w1 - w0 - wall)))
+        return run
+
+    variants = [pipeline_steps(stage, counts, BUSY_ROWS, BUSY_WIDTH, device, finish, extra,
+                               actions if extra == 0 else None)
                 for extra in (0, BUSY_EXTRA_TENSORS)]
+    variants[0] = {m: metered(step) for m, step in variants[0].items()}
     times: list[dict[int, list[float]]] = [{m: [] for m in runs} for runs in variants]
     fwd: list[float] = []
     bwd: list[float] = []
 
+    clock = _process_clock(device)  # on a CPU this thread's CPU time: the rank's own work
+
     def own(fn: Callable[[], Any]) -> float:  # this rank's own time, every rank computing at once
         dist.barrier()
-        t0 = time.perf_counter()
+        t0 = clock()
         fn()
         _sync(device)
-        return time.perf_counter() - t0
+        return clock() - t0
 
     for _ in range(reps):  # interleaved rounds: the stage's compute and the steps see the same load
         f = own(forward)
@@ -870,13 +914,14 @@ def _busy_pipeline_samples(device: torch.device, link: LinkFit | None,
         for runs, timed in zip(variants, times, strict=True):
             for m, step in runs.items():
                 timed[m].append(_timed(step, device, 1, warmup=0))
-    mine = (statistics.median(fwd), statistics.median(bwd))
+    mine = (statistics.median(fwd), statistics.median(bwd), statistics.median(idle) if idle else 0.0)
     per_rank: list[Any] = [None] * world
     dist.all_gather_object(per_rank, mine)
     send = link.latency + BUSY_ROWS * BUSY_WIDTH * 4 / link.bandwidth if link else 0.0
     one, more = ([BusyPipelineSample(m, statistics.median(timed[m]), tuple(r[0] for r in per_rank),
                                      tuple(r[1] for r in per_rank), send) for m in timed] for timed in times)
-    return one, more
+    idle_use = min(1.0, statistics.fmean(r[2] for r in per_rank)) if device.type == "cpu" else 0.0
+    return one, more, idle_use
 
 
 def _chain(width: int, n: int) -> Any:
@@ -1246,9 +1291,11 @@ def measure_overheads(device: torch.device, link: LinkFit | None, reps: int, slo
     action = pipeline_overheads(samples, step)
     multi = {layout: pipeline_overheads(x, step)
              for layout, x in _multi_stage_samples(device, link, max(reps, ROUNDS)).items()}
-    busy, busy_more = _busy_pipeline_samples(device, link, max(reps, ROUNDS))
-    p2p = transfer_overhead(busy, action, step)
-    p2p_tensor = tensor_overhead(busy_more, action, step, p2p, BUSY_EXTRA_TENSORS)
+    busy, busy_more, idle = _busy_pipeline_samples(device, link, max(reps, ROUNDS))
+    # the file's figures, as the evaluator reads them back ([Note: ranks sharing cores] in evaluate.py)
+    shared, idle = min(round(oversubscribed, 3), round(slowdown, 3)), round(idle, 3)
+    p2p = transfer_overhead(busy, action, step, shared, idle)
+    p2p_tensor = tensor_overhead(busy_more, action, step, p2p, BUSY_EXTRA_TENSORS, shared, idle)
     node, node_b, dt, dt_b = tp_node_overheads(device, reps)
     tensor_s, bandwidth = optimizer_overheads(_optimizer_samples(device, reps))
     zero1 = zero1_overhead(device, link, reps, tensor_s, bandwidth)
@@ -1268,7 +1315,7 @@ def measure_overheads(device: torch.device, link: LinkFit | None, reps: int, slo
         split_backward_node_us=us(split),
         split_backward_param_us=us(split_w), grad_accumulate_gbps=_sig(accumulate / 1e9),
         comm_overlap=round(overlap, 3), compute_slowdown=round(slowdown, 3),
-        oversubscribed=min(round(oversubscribed, 3), round(slowdown, 3)), **collective_fields(link)))
+        oversubscribed=shared, idle_core_use=idle, **collective_fields(link)))
 
 
 def collective_fields(link: LinkFit | None) -> dict[str, float]:

@@ -90,7 +90,7 @@ On a CPU node with more ranks than cores, the calibrated compute slowdown
 every op is priced as if every rank computed at once, each on ``1/o`` of a
 core. A pipeline's ranks do not: in its warm-up and cool-down, and whenever
 a rank waits for a transfer, the computing ones get the idle ones' cores. The
-evaluator (``Evaluator.simulate``) finds each pipeline rank's share by a fixed
+evaluator (``simulate.simulate_sharing``) finds each pipeline rank's share by a fixed
 point: simulate the step, give each pipeline rank ``r`` the factor
 
     f_r = mean over r's actions of max(1, n(t) o / pp) / o
@@ -144,7 +144,7 @@ from .plan import Mesh, ModelRef, Plan, Predicted, Schedule, SolverInfo, Stage, 
 from .recompute import attention_core
 from .sharding import BlockLayoutCosts, sharded_params
 from .schedules import spec as schedule_spec, stage_rank
-from .simulate import SimResult, StageCost, TiedSum, core_shares, simulate
+from .simulate import SimResult, StageCost, TiedSum, simulate_sharing
 from .tp_strategies import OUTPUT_LAYOUT, STRATEGIES
 
 __all__ = [
@@ -161,8 +161,6 @@ def _numel(shape: Sequence[int]) -> int:
 
 
 WEIGHT_GRAD_SHARE = 0.5  # of a block's backward, when it has trainable parameters ([Note: input and weight gradients])
-SHARING_ROUNDS = 8  # at most, of [Note: ranks sharing cores]'s fixed point (2-4 settle it to SHARING_TOLERANCE)
-SHARING_TOLERANCE = 1e-3  # a rank's factor that moves less than this between rounds has settled
 
 @dataclass(frozen=True, slots=True)
 class StageSpec:
@@ -1015,37 +1013,13 @@ class Evaluator:
         sharding = dict(sharding or {})
         self._check_stages(stages, mesh, schedule)
         costs = self.stage_costs(stages, mesh, schedule, sharding)
-        sim, costs, shares = self.simulate(costs, mesh, schedule)
+        # each pipeline rank's work scaled to the cores it gets ([Note: ranks sharing cores])
+        sim, costs, shares = simulate_sharing(costs, schedule.name, schedule.microbatches, schedule.virtual_stages,
+                                              self.training.overlap_dp, self.overheads.comm_overlap,
+                                              self.overheads.oversubscribed, self.overheads.idle_core_use)
         plan = self._assemble(stages, mesh, schedule, sharding, costs, sim, shares, method, status, started, objective,
                               bound)
         return plan, sim
-
-    def simulate(self, costs: Sequence[StageCost], mesh: Mesh, schedule: Schedule,
-                 ) -> tuple[SimResult, list[StageCost], tuple[float, ...]]:
-        """The step of the stages ``costs`` under ``schedule`` (simulate.py), each pipeline rank's work scaled
-        to the cores it gets where the node's ranks outnumber its cores ([Note: ranks sharing cores]); with
-        the stages' costs so scaled and each pipeline rank's factor (all 1 on a core per rank)."""
-        sim = simulate(costs, schedule.name, schedule.microbatches, schedule.virtual_stages, self.training.overlap_dp,
-                       self.overheads.comm_overlap)
-        o = self.overheads.oversubscribed
-        shares = [1.0] * mesh.pp
-        if o <= 1 or mesh.pp == 1:
-            return sim, list(costs), tuple(shares)
-        layout = schedule_spec(schedule.name).layout
-        rank = [stage_rank(s, mesh.pp, layout) for s in range(len(costs))]
-        scaled = list(costs)
-        for _ in range(SHARING_ROUNDS):
-            new = core_shares(sim.events, mesh.pp, o)
-            if max(abs(a - b) for a, b in zip(new, shares)) < SHARING_TOLERANCE:
-                break
-            shares = new
-            scaled = [replace(c, forward_s=c.forward_s * shares[rank[s]], backward_s=c.backward_s * shares[rank[s]],
-                              backward_weight_s=c.backward_weight_s * shares[rank[s]],
-                              split_input_s=c.split_input_s * shares[rank[s]],
-                              split_weight_s=c.split_weight_s * shares[rank[s]]) for s, c in enumerate(costs)]
-            sim = simulate(scaled, schedule.name, schedule.microbatches, schedule.virtual_stages,
-                           self.training.overlap_dp, self.overheads.comm_overlap)
-        return sim, scaled, tuple(shares)
 
     def score(self, plan: Plan) -> tuple[Plan, SimResult]:
         """Re-price a plan (e.g. hand-written or loaded from JSON) on this evaluator's model and cluster."""

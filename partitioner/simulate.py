@@ -108,7 +108,7 @@ import math
 import threading
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import NamedTuple
 
 from partitioner.errors import PlanError
@@ -139,6 +139,7 @@ __all__ = [
     "schedule_order",
     "simulate",
     "simulate_orders",
+    "simulate_sharing",
 ]
 
 _FORWARD = FORWARD
@@ -815,12 +816,15 @@ def _tied_sums(stages: Sequence[StageCost], owner: Sequence[int], reduced: Seque
     return end
 
 
-def core_shares(events: Sequence[Event], ranks: int, oversubscribed: float) -> list[float]:
+def core_shares(events: Sequence[Event], ranks: int, oversubscribed: float, idle_use: float = 0.0) -> list[float]:
     """Per rank, its compute's time when the ranks share ``ranks / oversubscribed`` cores, over its time
     when every rank computes at once (the compute slowdown's assumption): the mean, over the rank's actions
-    in ``events``, of ``max(1, n(t) o / ranks) / o`` with ``n(t)`` the ranks computing at ``t`` and ``o``
-    ``oversubscribed`` ([Note: ranks sharing cores] in evaluate.py). 1 for a rank that never computes."""
+    in ``events``, of ``max(1, n(t) / (C - b (ranks - n(t)))) / o`` with ``n(t)`` the ranks computing at
+    ``t``, ``o`` ``oversubscribed``, ``C = ranks / o`` the cores a rank's share of the machine holds and
+    ``b`` ``idle_use``, the share of a core a waiting rank still uses ([Note: ranks sharing cores] in
+    evaluate.py). 1 for a rank that never computes."""
     o = oversubscribed
+    cores = ranks / o
     bounds = sorted((t, d, e.rank) for e in events if e.end_s > e.start_s
                     for t, d in ((e.start_s, 1), (e.end_s, -1)))  # at one instant, ends (-1) before starts
     busy, weighted = [0.0] * ranks, [0.0] * ranks
@@ -828,7 +832,9 @@ def core_shares(events: Sequence[Event], ranks: int, oversubscribed: float) -> l
     last = 0.0
     for t, d, r in bounds:
         if active and t > last:
-            w = max(1.0, len(active) * o / ranks) / o
+            n = len(active)
+            free = max(cores - idle_use * (ranks - n), n / o)  # at worst, the share every rank computing gets
+            w = max(1.0, n / free) / o
             for a in active:
                 busy[a] += t - last
                 weighted[a] += (t - last) * w
@@ -838,6 +844,49 @@ def core_shares(events: Sequence[Event], ranks: int, oversubscribed: float) -> l
         else:
             active.discard(r)
     return [weighted[r] / busy[r] if busy[r] > 0 else 1.0 for r in range(ranks)]
+
+
+SHARING_ROUNDS = 8  # at most, of simulate_sharing's fixed point (2-4 settle it to SHARING_TOLERANCE)
+SHARING_TOLERANCE = 1e-3  # a rank's factor that moves less than this between rounds has settled
+
+
+def simulate_sharing(
+    stages: Sequence[StageCost],
+    schedule: str,
+    microbatches: int,
+    virtual_stages: int = 1,
+    overlap_dp: bool = True,
+    comm_overlap: float = 1.0,
+    oversubscribed: float = 1.0,
+    idle_use: float = 0.0,
+) -> tuple[SimResult, list[StageCost], tuple[float, ...]]:
+    """``simulate``, with each pipeline rank's compute scaled to the cores it gets where ``oversubscribed``
+    (ranks over cores, > 1) ranks share each core ([Note: ranks sharing cores] in evaluate.py): the stages'
+    forward and backward are priced as if every rank computed at once, and a rank computing while others
+    wait gets their cores, less the ``idle_use`` of a core that each waiting rank still uses. The fixed
+    point of ``core_shares``: simulate, scale each rank's work by its factor, simulate again, until no
+    factor moves by ``SHARING_TOLERANCE``. Returns the simulation, the stages so scaled and each rank's
+    factor (all 1, and ``simulate``'s result, at a core a rank or with one pipeline rank). Not scaled: the
+    data-parallel reduction and ``after_s`` (every rank at once)."""
+    sim = simulate(stages, schedule, microbatches, virtual_stages, overlap_dp, comm_overlap)
+    ranks = len(stages) // virtual_stages
+    shares = [1.0] * ranks
+    if oversubscribed <= 1 or ranks == 1:
+        return sim, list(stages), tuple(shares)
+    layout = spec(schedule).layout
+    rank = [stage_rank(s, ranks, layout) for s in range(len(stages))]
+    scaled = list(stages)
+    for _ in range(SHARING_ROUNDS):
+        new = core_shares(sim.events, ranks, oversubscribed, idle_use)
+        if max(abs(a - b) for a, b in zip(new, shares)) < SHARING_TOLERANCE:
+            break
+        shares = new
+        scaled = [replace(c, forward_s=c.forward_s * shares[rank[s]], backward_s=c.backward_s * shares[rank[s]],
+                          backward_weight_s=c.backward_weight_s * shares[rank[s]],
+                          split_input_s=c.split_input_s * shares[rank[s]],
+                          split_weight_s=c.split_weight_s * shares[rank[s]]) for s, c in enumerate(stages)]
+        sim = simulate(scaled, schedule, microbatches, virtual_stages, overlap_dp, comm_overlap)
+    return sim, scaled, tuple(shares)
 
 
 def _events_by_rank(events: Sequence[Event], ranks: int) -> list[list[Event]]:
