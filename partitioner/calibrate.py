@@ -102,13 +102,25 @@ median:
   the small models' stages), for each ``M`` of ``BUSY_PIPELINE_MICROBATCHES``.
   Each rank times its stage's forward ``f_r`` and backward ``b_r`` as the
   pipeline runs it (a received input needs its gradient: every rank but the
-  first computes one; the last computes the loss), every rank at once, in the
-  same interleaved rounds as the steps (a shared machine's load moves within
-  seconds: timed apart, the fit took a change of load for transfers, 0.06-13
-  ms within 15 minutes); ``a_p2p`` is the time to add to each transfer (on the measured link)
-  for the simulated step of stages ``f_r + a_action``, ``b_r + a_action`` plus
-  ``a_step`` to equal the measured step, found by bisection (the simulated
-  step grows with it), the median over ``M``, at least 0; in the same rounds the
+  first computes one; the last computes the loss), every rank at once, in CPU
+  time on a CPU, in the same interleaved rounds as the steps (a shared
+  machine's load moves within seconds: timed apart, the fit took a change of
+  load for transfers, 0.06-13 ms within 15 minutes). Where ranks outnumber the
+  cores, an action of a few milliseconds is not time-sliced: the scheduler runs
+  it to its end, so "every rank at once" measures each rank's time alone (4
+  ranks on 2 cores: 0.97-1.12x alone in wall time, a 3.7 ms forward and
+  backward). ``a_p2p`` is the time to add to each transfer (on the measured
+  link) for the simulated step of stages ``o f_r + a_action``, ``o b_r +
+  a_action`` plus ``a_step`` to equal the measured step, found by bisection
+  (the simulated step grows with it), the median over ``M``, at least 0. The
+  step is simulated as the evaluator prices a plan: the ``o`` (oversubscription)
+  puts the rank's own time on the basis of every rank at once, as ``k`` does for
+  a plan's ops, and ``simulate_sharing`` gives it the cores the waiting ranks
+  leave, less ``b`` ([Note: ranks sharing cores] in evaluate.py). ``b``, what a
+  waiting rank still uses of a core, is read in the same steps: each rank's
+  process CPU time (every thread) outside its stage's forward and backward
+  actions over its wall time outside them (the runtime's timed stage records
+  each action's), the mean over the ranks of each one's median; in the same rounds the
   same pipeline whose activations travel with ``BUSY_EXTRA_TENSORS`` small bool
   tensors more (each ``EXTRA_TENSOR`` a micro-batch, as a model's stage passes
   its attention mask; torch sends each as its own operation, and no gradient

@@ -1005,8 +1005,8 @@ def _print_calibration(report, base, cluster) -> None:
             f"all-reduce {o.all_reduce_factor:.2f}x, all-gather {o.all_gather_factor:.2f}x, reduce-scatter "
             f"{o.reduce_scatter_factor:.2f}x, broadcast {o.broadcast_factor:.2f}x the ring model on the link; "
             f"collectives overlap {o.comm_overlap:.0%} of compute; all ranks at once compute {o.compute_slowdown:.2f}x "
-            f"slower than one alone (contention {c.contention:.2f}x, ranks over cores {c.oversubscribed:.2f}x) "
-            f"-> \\[overheads]"
+            f"slower than one alone (contention {c.contention:.2f}x, ranks over cores {c.oversubscribed:.2f}x), "
+            f"a waiting rank still uses {o.idle_core_use:.0%} of a core -> \\[overheads]"
         )
 
 

@@ -89,30 +89,38 @@ On a CPU node with more ranks than cores, the calibrated compute slowdown
 ``k`` holds the factor ``o = ranks / cores`` (``overheads.oversubscribed``):
 every op is priced as if every rank computed at once, each on ``1/o`` of a
 core. A pipeline's ranks do not: in its warm-up and cool-down, and whenever
-a rank waits for a transfer, the computing ones get the idle ones' cores. The
-evaluator (``simulate.simulate_sharing``) finds each pipeline rank's share by a fixed
-point: simulate the step, give each pipeline rank ``r`` the factor
+a rank waits for a transfer, the computing ones get the idle ones' cores,
+less what a waiting rank still uses: ``b`` of a core
+(``overheads.idle_core_use``: its transfers' threads, the schedule's work
+between actions; gloo blocks in a receive rather than spins, so a rank that
+only waits uses none). The evaluator (``simulate.simulate_sharing``) finds
+each pipeline rank's share by a fixed point: simulate the step, give each
+pipeline rank ``r`` the factor
 
-    f_r = mean over r's actions of max(1, n(t) o / pp) / o
+    f_r = mean over r's actions of max(1, n(t) / (C - b (pp - n(t)))) / o,   C = pp / o
 
 (``simulate.core_shares``; ``n(t)`` the pipeline ranks computing at ``t``;
 each stands for its tp x dp processes, which compute alike, so ``pp`` of them
-share ``pp / o`` cores' worth), scale the rank's forward and backward by it
-and simulate again, until no factor moves by ``SHARING_TOLERANCE``. A rank's
-wait counts as idle: gloo blocks in its receive rather than spins. Not
-scaled: the data-parallel reduction and the optimizer step (every rank at
-once), and the memory walk (order only). Measured on the 2-core machine:
-llama-tiny as a 4-stage pipeline on 4 ranks ran its step in 41.8 and 42.5 ms
-in two rounds, priced 60.7 and 54.6 ms with every rank computing at once
-(+45%, +29%) and 44.6 and 39.2 ms with the shares (+6.8%, -7.7%;
-benchmarks/results/2026-12-06-receive-buffers-and-core-shares.md). The same
-re-pricing moved a pp=2 x dp=2 layout from -9% to -24%: with the shares
-its bubble frees cores that, measured, it does not get back; what takes them
-is not modelled. calibrate fits ``a_p2p`` on the plain simulation, without
-these shares; fitted with them, so that its pipeline is priced as a plan is,
-it rose from 1.3-1.4 to 3.1-3.2 ms and over-priced llama-tiny's 4-stage plan by
-27-58% (benchmarks/results/2026-12-07-p2p-fit-shared.md): the shares give a
-computing rank more of the freed cores than it gets.
+share ``C`` cores' worth; never above 1, every rank at once), scale the rank's
+forward and backward by it and simulate again, until no factor moves by
+``SHARING_TOLERANCE``. Not scaled: the data-parallel reduction and the
+optimizer step (every rank at once), and the memory walk (order only).
+
+calibrate measures ``b`` and fits the transfer wait ``a_p2p`` on its busy
+pipeline priced the same way, with each rank's own (CPU) time of its actions
+times ``o`` as a plan's ops carry ``k``: an action of a few milliseconds is
+not time-sliced, so "every rank at once" there reads each rank's time alone
+(4 ranks on 2 cores: 0.97-1.12x). Fitted on the plain simulation instead,
+``a_p2p`` took up the cores a bubble frees; fitted with the shares on the
+actions' wall times, it read 3.1 ms and over-priced llama-tiny's 4-stage
+plan by 27-58% (benchmarks/results/2026-12-07-p2p-fit-shared.md). Measured
+on the 2-core machine (``benchmarks/core_use.py``): a running 4-rank plan's
+waiting ranks use 0.1-0.3 of a core, and its actions got 0.57-0.79 of a core
+beside one other computing rank, 0.9 alone; calibrate's pipeline reads ``b``
+0.12-0.14. Alternated with the plain fit over three rounds, the two 4-rank
+fidelity layouts moved within the rounds' spread (gpt2-tiny pp2 x dp2 zero1
+-21% to -7%, llama-tiny pp4 +3% to -14%; compute still 17-38% under on pp4:
+benchmarks/results/2026-12-07-core-shares.md).
 """
 
 from __future__ import annotations

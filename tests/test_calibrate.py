@@ -186,6 +186,8 @@ def test_calibrate_under_torchrun_writes_a_cluster_plans_can_use(tmp_path):
     assert f"({o.multi_action_s * 1e6:.0f} us with several stages a rank in a loop" in printed
     # the slowdown's two factors are printed: 2 ranks time-slice on fewer than 2 cores, never on more
     assert f"ranks over cores {max(1.0, 2 / available_cpus()):.2f}x" in printed
+    # what a rank uses of a core outside its pipeline actions (its transfers' threads, the schedule's work)
+    assert 0.0 <= o.idle_core_use <= 1.0 and f"a waiting rank still uses {o.idle_core_use:.0%} of a core" in printed
     assert "us per pipeline transfer while the ranks compute" in printed and "per saving node forward" in printed
     assert o.p2p_transfer_s >= 0 and o.p2p_tensor_s >= 0 and o.checkpoint_node_s >= 0
     # ZeroRedundancyOptimizer's own work per tensor, beyond its broadcasts' link time: measured and printed
