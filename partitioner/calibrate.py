@@ -910,7 +910,7 @@ def _busy_pipeline_samples(device: torch.device, link: LinkFit | None,
     fwd: list[float] = []
     bwd: list[float] = []
 
-    clock = _process_clock(device)  # on a CPU this thread's CPU time: the rank's own work
+    clock = _process_clock(device)  # on a CPU the process's CPU time: the rank's own work, not its wait for a core
 
     def own(fn: Callable[[], Any]) -> float:  # this rank's own time, every rank computing at once
         dist.barrier()

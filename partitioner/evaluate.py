@@ -115,8 +115,8 @@ not time-sliced, so "every rank at once" there reads each rank's time alone
 actions' wall times, it read 3.1 ms and over-priced llama-tiny's 4-stage
 plan by 27-58% (benchmarks/results/2026-12-07-p2p-fit-shared.md). Measured
 on the 2-core machine (``benchmarks/core_use.py``): a running 4-rank plan's
-waiting ranks use 0.1-0.3 of a core, and its actions got 0.57-0.79 of a core
-beside one other computing rank, 0.9 alone; calibrate's pipeline reads ``b``
+waiting ranks use 0.1-0.3 of a core, and its actions got 0.60-0.79 of a core
+beside one other computing rank, 0.91-0.99 alone; calibrate's pipeline reads ``b``
 0.12-0.14. Alternated with the plain fit over three rounds, the two 4-rank
 fidelity layouts moved within the rounds' spread (gpt2-tiny pp2 x dp2 zero1
 -21% to -7%, llama-tiny pp4 +3% to -14%; compute still 17-38% under on pp4:
