@@ -149,7 +149,7 @@ median:
   the root under ``fully_shard`` as ZeRO-2 does (``reshard_after_forward=False``)
   over pairs of ranks, every pair at once (with 2 ranks, the one pair; an odd
   world: one group of all), forward and backward timed apart in
-  interleaved rounds; ``a_fsdp = (t_fsdp - t_plain) / n - g`` for the forward
+  ``FSDP_ROUNDS`` interleaved rounds; ``a_fsdp = (t_fsdp - t_plain) / n - g`` for the forward
   and ``a_fsdp_bwd = (t_fsdp - t_plain) / n - r`` for the backward, where ``g``
   and ``r`` are the unit's all-gather and reduce-scatter on the measured link
   (what the evaluator prices apart, one per unit), each at least 0; then AdamW
@@ -1051,6 +1051,10 @@ def fsdp_overheads(sample: FsdpSample, link: LinkFit | None) -> tuple[float, flo
 FSDP_UNITS = 8  # n: units of the FSDP experiment
 FSDP_WIDTH = 16  # each unit a Linear(width, width)
 FSDP_GROUP = 2  # the dp group of the FSDP experiment: pairs of ranks, every pair at once
+# Its rounds: a unit's gloo collective is a few hundred microseconds with a long tail, and the software
+# cost is the difference of two such sums; over 7 rounds a_fsdp_bwd read 31-2352 us in one fidelity run
+# (48 calibrations), over 21 the per-unit totals' spread halves (benchmarks/results/2026-12-07-fsdp-calibration.md).
+FSDP_ROUNDS = 21
 
 
 def _fsdp_sample(device: torch.device, reps: int) -> FsdpSample:
@@ -1315,7 +1319,7 @@ def measure_overheads(device: torch.device, link: LinkFit | None, reps: int, slo
     overlap = comm_overlap(device, reps)
     split, split_w = split_backward_overheads(device, reps)
     accumulate = grad_accumulate_bandwidth(device, reps)
-    fsdp_f, fsdp_b, opt_dt = fsdp_overheads(_fsdp_sample(device, max(reps, ROUNDS)), link)
+    fsdp_f, fsdp_b, opt_dt = fsdp_overheads(_fsdp_sample(device, max(reps, FSDP_ROUNDS)), link)
     us = lambda x: _sig(x * 1e6)  # noqa: E731  # the file's units: exact when read back
     return Overheads.from_file(dict(
         action_us=us(action), multi_action_us=us(multi["loop"]), v_action_us=us(multi["v"]), step_us=us(step),

@@ -627,8 +627,14 @@ class Evaluator:
         ``X / n + max(0, X (n - 1) / n - C)`` (the first unit's gather, or the last unit's
         reduce-scatter, cannot hide; the rest hide behind compute as far as it lasts). This
         assumes a GPU's separate communication stream; on a cluster whose calibration measured
-        that collectives overlap only the fraction ``c`` of compute (``Overheads.comm_overlap``;
-        on a CPU whose cores the ranks share, ``c`` is near 0), they hide behind ``c C`` only.
+        that collectives overlap only the fraction ``c`` of compute (``Overheads.comm_overlap``),
+        they hide behind ``c C`` only. On this machine's CPU (``cpu_kernels``) nothing hides,
+        whatever ``c``: FSDP2 overlaps through streams, and a CPU has none, so its all-gathers
+        (``unshard_async_op`` is False unless set) and reduce-scatters block the rank until done
+        (torch/distributed/fsdp/_fully_shard/_fsdp_collectives.py). ``c`` is measured on an
+        ``async_op`` all-reduce, as DDP issues its buckets (gloo runs it on its own thread);
+        applied to FSDP it hid 0.3-0.8 of a llama-tiny dp=2 ZeRO-3 step's collectives that the
+        run did not hide (benchmarks/results/2026-12-07-fsdp-calibration.md).
         Transient bytes: ZeRO-3 holds the root's gathered weights and two block units' (the one
         computing and the prefetched one), ZeRO-2 the whole stage's; both hold the root's
         unsharded gradients through the backward and one block unit's until its reduce-scatter.
@@ -664,7 +670,7 @@ class Evaluator:
         n = len(units) + (1 if root else 0)
 
         o = self.overheads
-        overlap = o.comm_overlap
+        overlap = self.fsdp_overlap
 
         def exposed(x: float, compute: float) -> float:
             hidden = compute if overlap == 1.0 else overlap * compute  # [Note: software overheads]
@@ -674,6 +680,11 @@ class Evaluator:
         f = exposed(gather, fwd) + n * o.fsdp_unit_s
         b = exposed(gather * (gathers - 1) + scatter, bwd) + n * (o.fsdp_unit_backward_s + (gathers - 1) * o.fsdp_unit_s)
         return transient, f, b, gather * gathers + scatter
+
+    @property
+    def fsdp_overlap(self) -> float:
+        """The share of a pass's compute that FSDP's collectives run beside ([Note: FSDP prefetch overlap])."""
+        return 0.0 if self.cpu_kernels else self.overheads.comm_overlap
 
     @property
     def memory_limit_bytes(self) -> int:

@@ -129,6 +129,32 @@ def test_each_fsdp_unit_pays_its_own_collective(llama):
     assert total == pytest.approx(one_gather + one_scatter + 2 * (n - 1) * latency, rel=1e-9)
 
 
+@pytest.mark.parametrize("overlap", [0.0, 0.5, 1.0])
+def test_fsdp_collectives_hide_behind_compute_on_a_gpu_and_never_on_this_cpu(llama, overlap):
+    """FSDP2 overlaps its collectives through streams; on the CPU it has none, and each all-gather and
+    reduce-scatter blocks the rank: whatever ``comm_overlap`` calibration measured (on an async
+    all-reduce, as DDP issues them), a local-cpu cluster exposes all of them."""
+    cpu = _cpu_cluster(replace(CPU, **FSDP, comm_overlap=overlap))
+    gpu = replace(cpu, name="gpu-node")  # the same figures on devices with streams
+    mesh = Mesh(1, 1, 2)
+    compute = 50e-3  # a long pass: all collectives but one unit's could hide behind it
+    for cluster, c in ((cpu, 0.0), (gpu, overlap)):
+        ev = prepare(llama, cluster=cluster, global_batch=8, dtype="fp32", dp_sharding="zero3")
+        assert ev.fsdp_overlap == c
+        blocks = tuple(range(len(ev.pgraph.blocks)))
+        root, units = ev.fsdp_units(blocks, 1)
+        n = len(units) + (1 if root else 0)
+        _, f0, b0, total = ev.fsdp_costs(blocks, mesh, 0, set(), 0.0, 0.0)  # no compute: nothing hides
+        _, f, b, _ = ev.fsdp_costs(blocks, mesh, 0, set(), compute, compute)
+        x_f = f0 - n * FSDP["fsdp_unit_s"]  # the forward's all-gathers, whole
+        x_b = b0 - n * (FSDP["fsdp_unit_backward_s"] + FSDP["fsdp_unit_s"])  # the regathers and reduce-scatters
+        assert x_f > 0 and x_b > 0 and x_f + x_b == pytest.approx(total, rel=1e-9)
+        # a pass exposes X / n + max(0, X (n - 1) / n - c C): on the CPU, c = 0 and all of X
+        assert f == pytest.approx(f0 - min(c * compute, x_f * (n - 1) / n), rel=1e-9)
+        assert b == pytest.approx(b0 - min(c * compute, x_b * (n - 1) / n), rel=1e-9)
+        assert (f < f0) == (c > 0)
+
+
 def test_zero1_is_no_longer_priced_into_fsdp_on_a_calibrated_cpu(llama):
     """``--zero1`` lets the search shard more; with FSDP's measured costs it keeps ZeRO-1, and the
     ZeRO-2 plan it turned down is the slower one by at least FSDP's software cost."""

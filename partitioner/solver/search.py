@@ -339,9 +339,10 @@ class _Search:
                 g = float(grad * len(ev.fsdp_groups(group)[0]))  # the block's whole gradient (about)
                 gather, scatter = ev.fsdp_collectives(w, g, group)
                 # FSDP's own work per unit and pass is the rank's, hidden by nothing ([Note: FSDP prefetch overlap])
-                o, extra = ev.overheads, entry.gathers_per_microbatch - 1
-                fwd = max(fwd, gather) + o.fsdp_unit_s
-                bwd = max(bwd, gather * extra + scatter) + o.fsdp_unit_backward_s + extra * o.fsdp_unit_s
+                o, extra, c = ev.overheads, entry.gathers_per_microbatch - 1, ev.fsdp_overlap
+                back = gather * extra + scatter  # each hides behind the share c of its pass's compute
+                fwd = fwd + gather - c * min(fwd, gather) + o.fsdp_unit_s
+                bwd = bwd + back - c * min(bwd, back) + o.fsdp_unit_backward_s + extra * o.fsdp_unit_s
                 unit_w.append(w)
                 unit_g.append(g)
                 if not entry.reshard_after_forward:
