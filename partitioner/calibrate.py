@@ -1053,7 +1053,8 @@ FSDP_WIDTH = 16  # each unit a Linear(width, width)
 FSDP_GROUP = 2  # the dp group of the FSDP experiment: pairs of ranks, every pair at once
 # Its rounds: a unit's gloo collective is a few hundred microseconds with a long tail, and the software
 # cost is the difference of two such sums; over 7 rounds a_fsdp_bwd read 31-2352 us in one fidelity run
-# (48 calibrations), over 21 the per-unit totals' spread halves (benchmarks/results/2026-12-07-fsdp-calibration.md).
+# (48 calibrations), and over 21 the per-unit totals' coefficient of variation between calibrations fell
+# from 0.17-0.21 to 0.08-0.13 (benchmarks/results/2026-12-07-fsdp-calibration.md).
 FSDP_ROUNDS = 21
 
 
