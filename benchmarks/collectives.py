@@ -62,7 +62,7 @@ def main() -> None:
         print(f"round {r + 1}: {report.world_size} ranks; transfers' link {fit.latency * 1e6:.1f} us, "
               f"{fit.bandwidth / 1e9:.2f} GB/s (mean error {fit.mape:.0%} on the transfers); fitted with the "
               f"collectives: {old.latency * 1e6:.1f} us, {old.bandwidth / 1e9:.2f} GB/s, mean error "
-              + ", ".join(f"{k} {_error(before, old, k):.0%}" for k in ("p2p", *COLLECTIVES)))
+              + ", ".join(f"{k} {_error(before, old, k):.0%}" for k in ("p2p", *COLLECTIVES) if k != "broadcast"))
         for kind in COLLECTIVES:
             ring = replace(fit, factors={})
             ratios = [(s.nbytes, s.seconds / ring.time(kind, s.ranks, s.nbytes)) for s in samples if s.kind == kind]
