@@ -633,8 +633,9 @@ class Evaluator:
         (``unshard_async_op`` is False unless set) and reduce-scatters block the rank until done
         (torch/distributed/fsdp/_fully_shard/_fsdp_collectives.py). ``c`` is measured on an
         ``async_op`` all-reduce, as DDP issues its buckets (gloo runs it on its own thread);
-        applied to FSDP it hid 0.3-0.8 of a llama-tiny dp=2 ZeRO-3 step's collectives that the
-        run did not hide (benchmarks/results/2026-12-07-fsdp-calibration.md).
+        applied to FSDP (``c`` 0.16-0.83) it hid 9-41% of a llama-tiny dp=2 ZeRO-3 step's
+        collectives, 5-22 ms a step, that the run did not hide
+        (benchmarks/results/2026-12-07-fsdp-calibration.md).
         Transient bytes: ZeRO-3 holds the root's gathered weights and two block units' (the one
         computing and the prefetched one), ZeRO-2 the whole stage's; both hold the root's
         unsharded gradients through the backward and one block unit's until its reduce-scatter.
