@@ -798,18 +798,11 @@ def transfer_overhead(samples: Sequence[BusyPipelineSample], action_s: float, st
     ranks leave it, less the ``idle_use`` of a core each waiting rank still uses ([Note: ranks sharing
     cores] in evaluate.py); else the transfers' fitted time would take up what the evaluator prices
     apart."""
-    from .simulate import StageCost, simulate_sharing
-
     if not samples:
         raise CalibrateError("the busy pipeline experiment needs at least one micro-batch count")
 
-    o = oversubscribed
-
     def step(x: BusyPipelineSample, extra: float) -> float:
-        stages = [StageCost(o * f + action_s, o * b + action_s, send_s=x.send_s + extra)
-                  for f, b in zip(x.forward_s, x.backward_s, strict=True)]
-        return simulate_sharing(stages, "1f1b", x.microbatches, oversubscribed=oversubscribed,
-                                idle_use=idle_use)[0].step_time_s + step_s
+        return _busy_step(x, action_s, step_s, oversubscribed, idle_use, x.send_s + extra)
 
     return _fitted_wait(samples, step)
 
@@ -821,21 +814,27 @@ def tensor_overhead(samples: Sequence[BusyPipelineSample], action_s: float, step
     travel with ``extra`` tensors more, and whose gradients alone) equals its measured one; the median
     over the samples, at least 0 ([Note: measuring overheads]), simulated as ``transfer_overhead``
     simulates it."""
-    from .simulate import StageCost, simulate_sharing
-
     if not samples or extra < 1:
         raise CalibrateError("the extra-tensor pipeline experiment needs a sample and at least one extra tensor")
 
-    o = oversubscribed
-
     def step(x: BusyPipelineSample, each: float) -> float:
-        stages = [StageCost(o * f + action_s, o * b + action_s, send_s=x.send_s + transfer_s + extra * each,
-                            grad_send_s=x.send_s + transfer_s)
-                  for f, b in zip(x.forward_s, x.backward_s, strict=True)]
-        return simulate_sharing(stages, "1f1b", x.microbatches, oversubscribed=oversubscribed,
-                                idle_use=idle_use)[0].step_time_s + step_s
+        return _busy_step(x, action_s, step_s, oversubscribed, idle_use, x.send_s + transfer_s + extra * each,
+                          grad_send_s=x.send_s + transfer_s)
 
     return _fitted_wait(samples, step)
+
+
+def _busy_step(x: BusyPipelineSample, action_s: float, step_s: float, oversubscribed: float, idle_use: float,
+               send_s: float, grad_send_s: float | None = None) -> float:
+    """The busy pipeline sample ``x``'s 1F1B step simulated as the evaluator prices a plan (see
+    ``transfer_overhead``), its activations sent in ``send_s`` and their gradients in ``grad_send_s``
+    (None: the same)."""
+    from .simulate import StageCost, simulate_sharing
+
+    o = oversubscribed
+    stages = [StageCost(o * f + action_s, o * b + action_s, send_s=send_s, grad_send_s=grad_send_s)
+              for f, b in zip(x.forward_s, x.backward_s, strict=True)]
+    return simulate_sharing(stages, "1f1b", x.microbatches, oversubscribed=o, idle_use=idle_use)[0].step_time_s + step_s
 
 
 def _fitted_wait(samples: Sequence[BusyPipelineSample], step: Callable[[BusyPipelineSample, float], float]) -> float:
