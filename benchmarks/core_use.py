@@ -82,12 +82,10 @@ def report(gathered: list[list[dict[str, Any]]], cores: int) -> None:
         print(f"  rank {r}: {wall:6.1f} | {cpu:6.1f} | {mean(lambda s: s['thread_s']):6.1f} | {act_cpu:6.1f}, "
               f"{act_wall:6.1f} | {(cpu - act_cpu) / max(wall - act_wall, 1e-9):.2f}")
     groups: dict[int, list[tuple[float, float]]] = {}
-    spans, used = [], []
+    used = []
     for k in range(steps):
         iv = [(r, g[k]["origin"] + e["start_s"], g[k]["origin"] + e["end_s"], e["cpu_s"])
               for r, g in enumerate(gathered) for e in g[k]["events"] if e["end_s"] > e["start_s"]]
-        span = max(e for _, _, e, _ in iv) - min(s for _, s, _, _ in iv)
-        spans.append(span)
         used.append(sum(g[k]["process_s"] for g in gathered) / max(g[k]["wall_s"] for g in gathered))
         plain = [(r, s, e) for r, s, e, _ in iv]
         for r, s, e, cpu in iv:
