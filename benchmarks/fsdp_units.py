@@ -28,7 +28,6 @@ from __future__ import annotations
 import argparse
 import copy
 import statistics
-import time
 import warnings
 from typing import Callable
 
@@ -122,11 +121,8 @@ def unit_shapes(rounds: int, device: torch.device, rank: int, fit: cal.LinkFit) 
     cases["llama-tiny: 4 decoder layers and the root (1 x 64 tokens)"] = (
         lm, _sharded(sharded, layers, mesh), lambda m: m(ids).logits.float().pow(2).mean(), [*own, root])
 
-    def timed(fn: Callable[[], None]) -> float:
-        dist.barrier()
-        t0 = time.perf_counter()
-        fn()
-        return cal._slowest(time.perf_counter() - t0, device)
+    def timed(fn: Callable[[], None]) -> float:  # one call, the slowest rank's time, as calibrate times its rounds
+        return cal._timed(fn, device, 1, warmup=0)
 
     times: dict[tuple[str, str], list[tuple[float, float]]] = {}
     for r in range(2 + rounds):  # two warm-up rounds, then interleaved rounds: each case sees the same spread of load
