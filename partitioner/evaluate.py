@@ -92,8 +92,11 @@ core. A pipeline's ranks do not: in its warm-up and cool-down, and whenever
 a rank waits for a transfer, the computing ones get the idle ones' cores,
 less what a waiting rank still uses: ``b`` of a core
 (``overheads.idle_core_use``: its transfers' threads, the schedule's work
-between actions; gloo blocks in a receive rather than spins, so a rank that
-only waits uses none). The evaluator (``simulate.simulate_sharing``) finds
+between actions; a mean over calibrate's pipeline: gloo's loop thread's CPU
+per op grows with the op's wall time on shared cores, 0.2-3.4 ms for a 4 KiB
+receive on 4 ranks against 0.1-0.2 ms on 2, and a 4-rank pp2 x dp2 plan's gloo
+threads used 22% of the 2 cores, benchmarks/results/2026-12-07-oversubscribed-replay.md).
+The evaluator (``simulate.simulate_sharing``) finds
 each pipeline rank's share by a fixed point: simulate the step, give each
 pipeline rank ``r`` the factor
 
