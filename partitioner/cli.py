@@ -14,7 +14,7 @@ import math
 import os
 import sys
 from pathlib import Path
-from typing import Any, Mapping, Sequence
+from typing import TYPE_CHECKING, Any, Mapping, Sequence
 
 from .cluster import default_dtype, tp_degrees
 from .dp_sharding import DP_SHARDINGS
@@ -22,6 +22,9 @@ from .errors import AutopartError, PlanError, one_line
 from .fmt import fmt_bytes, fmt_time
 from .progress import Progress
 from .schedules import SCHEDULES
+
+if TYPE_CHECKING:
+    from .plan import Plan
 
 GIB = 1 << 30
 DEFAULT_MODEL = "gpt2"
@@ -168,6 +171,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--measured", default=None, metavar="RUN.json",
                    help="the --json of `autopart run`: its plan's predicted components against the measured ones")
     _common(p)
+    _profile_args(p, flag=True)  # --profile: price the plan on measured costs, as `plan --profile` made it
     p = sub.add_parser("show", help="print a saved plan in full: mesh, schedule, every stage's modules, the model it needs")
     p.add_argument("plan_file", metavar="PLAN.json")
 
@@ -417,6 +421,9 @@ def cmd_plan(args: argparse.Namespace) -> int:
         print_explanation(result)
     if args.timeline:
         print(result.sim.grid())
+    note = repriced_note(plan_in, result.plan, args.plan_file, profiled=args.profile) if plan_in is not None else ""
+    if note:
+        print(note)
     if json_path is not None:
         plan_out.save(json_path)
         print(f"wrote {json_path}")
@@ -638,11 +645,16 @@ def cmd_explain(args: argparse.Namespace) -> int:
     from .planner import score_plan
     from .zoo import load_model
 
+    if not args.profile and (args.profile_budget is not None or args.device is not None or args.cache is not None
+                             or args.profile_sizes is not None):
+        raise PlanError("--device, --cache, --profile-budget and --profile-sizes go with --profile")
     if args.measured is not None:
         from .explain import MeasuredRun, print_measured
 
         if args.plan_file is not None:
             raise PlanError(f"explain: give PLAN.json or --measured RUN.json, not both ({args.measured} carries its plan)")
+        if args.profile:
+            raise PlanError("explain --measured shows the prices the run's plan recorded; drop --profile")
         print_measured(MeasuredRun.load(args.measured))
         return 0
     if args.plan_file is None:
@@ -651,15 +663,47 @@ def cmd_explain(args: argparse.Namespace) -> int:
         raise PlanError("--dtype: a saved plan keeps its own (training.dtype); drop --dtype")
     plan = Plan.load(args.plan_file)
     cluster = Cluster.from_dict(plan.cluster)
+    if args.profile:  # before the slow capture: measured costs must describe the plan's devices
+        from .profile import check_device
+
+        check_device(cluster, args.device or "cpu")
     source = _model_source(args, plan)
     loaded = load_model(source.spec, seq_len=source.seq_len, dtype=plan.training.dtype, config=source.config)
     plan.check_matches(model_fingerprint(loaded.model), given=ModelSource(source.spec, source.config, loaded.seq_len))
-    pg = _captured(loaded, False if args.quiet else None)
+    show = False if args.quiet else None
+    pg = _captured(loaded, show)
+    cost_model = None
+    if args.profile:
+        sizes = _sizes_to_profile(args, plan, loaded, cluster, {}, plan.training.global_batch)
+        cost_model = _profiled(args, pg, cluster, plan.training.dtype, plan.mesh.tp, show, loaded, sizes)
     result = score_plan(plan, pg, loaded.example_inputs, cluster, name=loaded.name,
-                        batch_size=loaded.batch_size, example_kwargs=loaded.example_kwargs)
+                        batch_size=loaded.batch_size, example_kwargs=loaded.example_kwargs, cost_model=cost_model)
     print_plan(result, cluster)
     print_explanation(result)
+    note = repriced_note(plan, result.plan, args.plan_file, profiled=args.profile)
+    if note:
+        print(note)
     return 0
+
+
+REPRICED_TOLERANCE = 0.005  # a re-priced step within this share of the recorded one is the same prediction
+
+
+def repriced_note(recorded: Plan, repriced: Plan, path: str, *, profiled: bool) -> str:
+    """A line for ``explain`` and ``plan --plan`` when their price of a saved plan differs from the step time
+    the plan recorded when it was made (``plan --profile`` priced it on measured costs, or another version of autopart's
+    models did): both figures, and how to price it as it was planned. "" when they agree."""
+    if recorded.predicted is None or repriced.predicted is None or recorded.predicted.step_time_s <= 0:
+        return ""
+    old, new = recorded.predicted.step_time_s, repriced.predicted.step_time_s
+    if abs(new / old - 1) <= REPRICED_TOLERANCE:
+        return ""
+    change = f"{fmt_time(new)} ({new / old - 1:+.1%}), the figures above"
+    if profiled:
+        return (f"note: {path} recorded a {fmt_time(old)} step when it was made; priced here on the profile's "
+                f"measured costs it is {change}: the costs, the cluster or autopart's models differ from its own")
+    return (f"note: {path} recorded a {fmt_time(old)} step when it was made; priced here on the analytic cost "
+            f"model it is {change}; a plan made with --profile is priced as made with --profile and its --cache")
 
 
 def cmd_show(args: argparse.Namespace) -> int:

@@ -113,6 +113,7 @@ def test_plan_file_is_rescored(written, capsys):
     assert rc == 0, err
     assert _step_time(out) == _step_time(first)
     assert "method ilp" in flat(out)
+    assert "note:" not in out  # priced as it was made: nothing to say about its recorded step time
 
 
 def test_plan_file_takes_its_training_set_up_and_refuses_conflicting_pins(written, capsys, tmp_path):

@@ -30,6 +30,7 @@ from cost_models import (
 from cost_models.calibrated import op_key
 from partitioner.cluster import Cluster
 from partitioner.errors import AutopartError
+from partitioner.fmt import fmt_time
 from partitioner.plan import Mesh
 from partitioner.planner import plan_parallelism
 from partitioner.profile import (
@@ -464,11 +465,11 @@ def _cli(*args, env=None):
                           timeout=300)
 
 
-def test_plan_profile_measures_once_then_reads_the_cache(tmp_path):
-    cache = str(tmp_path / "c.sqlite")
+def test_plan_profile_measures_once_then_reads_the_cache_and_explain_prices_the_plan_as_made(tmp_path):
+    cache, plan = str(tmp_path / "c.sqlite"), tmp_path / "plan.json"
     args = ("plan", "--model", "gpt2-tiny", "--cluster", "local-cpu:2", "--profile", "--cache", cache,
             "--time-limit", "5", "--global-batch", "4")
-    first = _cli(*args)
+    first = _cli(*args, "--json", str(plan))
     assert first.returncode == 0, first.stderr
     # every micro-batch size a plan of 4 samples on 2 ranks may use (nodes whose work does not grow with the
     # batch are measured at the first size and read from the cache at the others)
@@ -478,6 +479,20 @@ def test_plan_profile_measures_once_then_reads_the_cache(tmp_path):
     assert second.returncode == 0, second.stderr
     assert " 0 measured" in second.stdout
     assert "step time" in second.stdout
+
+    # explain prices a saved plan again: on the analytic model it says the plan recorded another step time,
+    # and how to see the plan as it was made; with --profile (the same cache) it shows the recorded step
+    recorded = fmt_time(json.loads(plan.read_text())["predicted"]["step_time_s"])
+    plain = _cli("explain", str(plan))
+    assert plain.returncode == 0, plain.stderr
+    note = [line for line in plain.stdout.splitlines() if line.startswith("note:")]
+    assert len(note) == 1 and f"recorded a {recorded} step" in note[0] and "analytic cost model" in note[0]
+    assert "made with --profile is priced as made with --profile and its --cache" in note[0]
+    assert f"step time {recorded}" not in plain.stdout
+    made = _cli("explain", str(plan), "--profile", "--cache", cache)
+    assert made.returncode == 0, made.stderr
+    assert " 0 measured" in made.stdout and f"step time {recorded}" in made.stdout
+    assert "note:" not in made.stdout
 
 
 def test_profile_report_prints_every_block_type(tmp_path):
@@ -499,6 +514,7 @@ def test_profile_report_prints_every_block_type(tmp_path):
     [
         (("plan", "--model", "gpt2-tiny", "--profile"), "local-cpu"),  # the default cluster is GPUs
         (("plan", "--model", "gpt2-tiny", "--cache", "x.sqlite"), "go with --profile"),
+        (("explain", "plan.json", "--cache", "x.sqlite"), "go with --profile"),
         (("profile", "--model", "gpt2-tiny", "--device", "cuda"), "no CUDA GPU"),
         (("profile", "--model", "gpt2-tiny", "--tp", "1"), "must be >= 2"),
     ],
