@@ -664,9 +664,14 @@ def cmd_explain(args: argparse.Namespace) -> int:
     plan = Plan.load(args.plan_file)
     cluster = Cluster.from_dict(plan.cluster)
     if args.profile:  # before the slow capture: measured costs must describe the plan's devices
-        from .profile import check_device
+        from .profile import ProfileError, check_device
 
-        check_device(cluster, args.device or "cpu")
+        try:
+            check_device(cluster, args.device or "cpu")
+        except ProfileError as exc:
+            raise ProfileError(f"explain --profile: {args.plan_file} was planned for {cluster.name} "
+                               f"({cluster.device.name}), which this machine's {args.device or 'cpu'} cannot "
+                               "measure; run it there with --device cuda, or explain it without --profile") from exc
     source = _model_source(args, plan)
     loaded = load_model(source.spec, seq_len=source.seq_len, dtype=plan.training.dtype, config=source.config)
     plan.check_matches(model_fingerprint(loaded.model), given=ModelSource(source.spec, source.config, loaded.seq_len))

@@ -495,6 +495,16 @@ def test_plan_profile_measures_once_then_reads_the_cache_and_explain_prices_the_
     assert "note:" not in made.stdout
 
 
+def test_explain_profile_of_a_gpu_plan_here_is_one_line(tmp_path):
+    plan = tmp_path / "gpu.json"
+    made = _cli("plan", "--model", "gpt2-tiny", "--cluster", "dgx-a100-80g", "--global-batch", "16", "--mesh", "pp=2",
+                "--method", "uniform", "--quiet", "--json", str(plan))
+    assert made.returncode == 0, made.stderr
+    r = _cli("explain", str(plan), "--profile", "--cache", str(tmp_path / "c.sqlite"))
+    assert r.returncode == 2 and "Traceback" not in r.stderr and len(r.stderr.strip().splitlines()) == 1
+    assert "dgx-a100-80g" in r.stderr and "explain it without --profile" in r.stderr
+
+
 def test_profile_report_prints_every_block_type(tmp_path):
     out = tmp_path / "report.json"
     r = _cli("profile", "--model", "gpt2-tiny", "--config", "n_layer=1", "--cache", str(tmp_path / "c.sqlite"), "--report",
