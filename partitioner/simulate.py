@@ -64,6 +64,20 @@ reduction ``R`` launched with a backward of ``b`` is exposed. After its
 reduction each rank spends its stages' ``after_s`` (the optimizer step and
 the per-step overhead) before the step ends on it.
 
+[Note: a stage's reduction before its last gradient send]
+A stage wrapped in DDP reduces its gradients in its last backward: torch's
+stage runs that backward with DDP's reducer armed, and the reducer's final
+callback waits for every bucket's all-reduce before the backward returns;
+only then does the schedule send the backward's input gradient to the stage
+before. So the gradient of a stage's last full backward (``B``) leaves when
+its reduction ends (as [Note: data-parallel reduction] times it), not when
+its compute does, and the stage before it waits for it: down a pipeline of
+``pp`` stages the reductions' exposed parts add up along the cool-down. A
+split backward (``I``) sends before its ``W`` reduces, and FSDP stages (no
+``dp_reduce_s``) are not held. Measured on 4 CPU ranks (pp2 x dp2): stage 0's
+last backward started when stage 1's all-reduce ended, 5 ms after stage 1's
+compute (benchmarks/results/2026-12-07-oversubscribed-replay.md).
+
 [Note: tied weights' gradient sums]
 A weight that stages on different pipeline ranks read (GPT-2's embedding and LM head) has a
 copy on each, and after the reduction the owning ranks all-reduce its gradient ([Note: tied
@@ -460,6 +474,18 @@ def _simulate_orders(
         if f.stage < last and owner[f.stage] != owner[f.stage + 1]
     }
 
+    # [Note: a stage's reduction before its last gradient send]: per stage, the key of its last backward in
+    # its rank's order when that is a full backward and the stage reduces over data-parallel replicas, else -1
+    finalizes = [-1] * num_stages
+    reduce_s = [c.dp_reduce_s for c in stage_costs]
+    for rank_keys in keys:
+        for k in rank_keys:
+            if N <= k < N2:
+                finalizes[(k - N) // M] = -1 if split[k] else k
+    for s in range(num_stages):
+        if reduce_s[s] <= 0.0:
+            finalizes[s] = -1
+
     waited = [0.0] * num_stages  # [Note: where idle time goes]
     in_transit = [0.0] * num_stages
     start: list[float] = [0.0] * (3 * N)
@@ -506,6 +532,8 @@ def _simulate_orders(
                     sent = end[dep]
                     if sent is None:
                         break
+                    if dep == finalizes[s + 1]:  # sent once the next stage's reduction has ended
+                        sent = _reduction_end(start[dep], sent, reduce_s[s + 1], overlap_dp, comm_overlap)
                     arrives = sent + grad_send[s]
                     if arrives > ready:
                         ready = arrives
@@ -548,6 +576,17 @@ def _simulate_orders(
     if any(position[r] < len(keys[r]) for r in range(ranks)):
         raise PlanError(_deadlock_message(events, orders, position, waiting_on, microbatches, owner))
     return _summarize(stage_costs, events, overlap_dp, owner, waited, in_transit, comm_overlap)
+
+
+def _reduction_end(start_s: float, end_s: float, reduce_s: float, overlap_dp: bool, comm_overlap: float) -> float:
+    """When a data-parallel reduction of ``reduce_s`` launched with a backward from ``start_s`` to ``end_s``
+    ends ([Note: data-parallel reduction]: at the backward's start when overlapped, only ``comm_overlap`` of
+    the backward running beside it; at its end otherwise)."""
+    if not overlap_dp:
+        return end_s + reduce_s
+    if comm_overlap == 1.0:
+        return max(end_s, start_s + reduce_s)
+    return end_s + reduce_s - comm_overlap * min(reduce_s, end_s - start_s)
 
 
 @contextmanager

@@ -304,14 +304,15 @@ def dp_stages(reduce_last: float) -> list[StageCost]:
 
 
 def test_dp_reduction_hand_case() -> None:
-    # 1F1B, 2 ranks, 2 micro-batches, f=b=1. rank 0 ends with 0B1 [5,6], rank 1 with 1B1 [4,5].
-    # Without overlap: rank 0 ends 6 + 3 = 9, rank 1 ends 5 + 1 = 6.
-    # With overlap: rank 0's reduction starts with 0B1 at 5, ends 8 (2 s exposed);
-    # rank 1's starts at 4 and would end at 5, but not before 1B1 ends: 0 exposed.
+    # 1F1B, 2 ranks, 2 micro-batches, f=b=1. rank 1 ends with 1B1 [4,5]; rank 0's 0B1 needs its gradient.
+    # Without overlap: rank 1 reduces 1 s after 1B1, and only then sends 1B1's gradient ([Note: a stage's
+    # reduction before its last gradient send]): 0B1 [6,7], rank 0 ends 7 + 3 = 10, rank 1 5 + 1 = 6.
+    # With overlap: rank 1's reduction starts with 1B1 at 4 and ends with it at 5: 0B1 [5,6]; rank 0's
+    # starts with 0B1 at 5, ends 8 (2 s exposed); rank 1's is hidden.
     plain = simulate(dp_stages(1.0), "1f1b", 2, overlap_dp=False)
-    assert plain.pipeline_time_s == 6.0
+    assert plain.pipeline_time_s == 7.0
     assert plain.dp_exposed_s == (3.0, 1.0)
-    assert plain.step_time_s == 9.0 == plain.pipeline_time_s + 3.0
+    assert plain.step_time_s == 10.0 == plain.pipeline_time_s + 3.0
     overlapped = simulate(dp_stages(1.0), "1f1b", 2, overlap_dp=True)
     assert overlapped.pipeline_time_s == 6.0
     assert overlapped.dp_exposed_s == (2.0, 0.0)
@@ -319,11 +320,27 @@ def test_dp_reduction_hand_case() -> None:
     assert sum(overlapped.dp_exposed_s) < sum(plain.dp_exposed_s)
 
 
+def test_a_stages_last_gradient_leaves_after_its_reduction() -> None:
+    # Rank 1's reduction (5 s) starts with its last backward 1B1 at 4: 1B1's gradient leaves at 9, not 5,
+    # so 0B1 runs [9,10] and rank 0's reduction (3 s, from 9) ends the step at 12. Not held: the earlier
+    # backwards (no reduction yet), and a stage without a reduction.
+    held = simulate(dp_stages(5.0), "1f1b", 2, overlap_dp=True)
+    by_action = {str(e.action): e for e in held.events}
+    assert (by_action["1B1"].end_s, by_action["0B1"].start_s) == (5.0, 9.0)
+    assert by_action["0B0"].start_s == 3.0
+    assert held.step_time_s == 12.0
+    free = simulate([StageCost(1.0, 1.0, dp_reduce_s=3.0), StageCost(1.0, 1.0)], "1f1b", 2, overlap_dp=True)
+    assert {str(e.action): e.start_s for e in free.events}["0B1"] == 5.0
+    # without overlap the reduction follows the backward: the gradient leaves at 5 + 5
+    assert {str(e.action): e.start_s for e in simulate(dp_stages(5.0), "1f1b", 2, overlap_dp=False).events}["0B1"] == 10.0
+
+
 def test_dp_reduction_step_time_is_latest_rank() -> None:
-    # Rank 1 finishes its backwards first (at 5) but reduces for 5 s: it ends last.
+    # Rank 1 finishes its backwards first (at 5) and reduces for 5 s; rank 0's last backward waits for that
+    # reduction ([10, 11]) and reduces for 3 s after it: the step ends at 14.
     result = simulate(dp_stages(5.0), "1f1b", 2, overlap_dp=False)
-    assert result.step_time_s == 10.0
-    assert result.pipeline_time_s == 6.0
+    assert result.step_time_s == 14.0
+    assert result.pipeline_time_s == 11.0
 
 
 def test_dp_reduction_sums_a_ranks_chunks() -> None:
@@ -338,9 +355,9 @@ def test_dp_reduction_sums_a_ranks_chunks() -> None:
 
 def test_grid_is_exact_when_columns_match_time_units() -> None:
     result = simulate(dp_stages(1.0), "1f1b", 2, overlap_dp=False)
-    lines = result.grid(width=9).splitlines()
-    assert lines[1] == "rank 0 |FF.B.BRRR|"
-    assert lines[2] == "rank 1 |.FBFBR...|"
+    lines = result.grid(width=10).splitlines()
+    assert lines[1] == "rank 0 |FF.B..BRRR|"
+    assert lines[2] == "rank 1 |.FBFBR....|"
     assert lines[3].startswith("legend:")
     assert lines[4] == "rank 0: 0F0 0F1 0B0 0B1"
     assert lines[5] == "rank 1: 1F0 1B0 1F1 1B1"

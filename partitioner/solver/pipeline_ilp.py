@@ -95,7 +95,11 @@ added (longer windows rarely bind). GPipe (only when pinned) and interleaved
 (v > 1) use ``P >= R_r`` and the whole-pipeline window, exact only for equal
 stages (see [Note: pruning] in search.py). The in-flight patterns
 come from the schedule's own action order, so the memory constraint is
-exactly the simulator's peak.
+exactly the simulator's peak. The closed form leaves out that a stage's last
+gradient waits for its reduction ([Note: a stage's reduction before its last
+gradient send] in simulate.py), whose exposed parts add up down the cool-down:
+only ``E`` bounds the reductions here, and the simulator, which judges every
+candidate, prices the chain.
 
 [Note: two encodings of the same model]
 The *assignment* encoding above admits any edge-respecting assignment of a
@@ -282,7 +286,8 @@ def _use_events(p: StageProblem) -> bool:
     return 2 * p.microbatches * p.stages <= EVENTS_MAX
 
 
-def _add_event_step(m: cp_model.CpModel, forward: list, backward: list, send: list, p: StageProblem, dp: list | None):
+def _add_event_step(m: cp_model.CpModel, forward: list, backward: list, send: list, p: StageProblem, dp: list | None,
+                    dp_stage: list | None = None):
     """The step time as the schedule's longest path: one start variable per action.
 
     [Note: exact small problems]
@@ -291,7 +296,11 @@ def _add_event_step(m: cp_model.CpModel, forward: list, backward: list, send: li
     (``F(s,m)`` after ``F(s-1,m)`` plus the transfer, ``B(s,m)`` after its own
     forward and after ``B(s+1,m)`` plus the transfer), the step at least the end
     of every rank's last action, and, with data parallelism, at least that end
-    plus the reduction not hidden behind the last backward. These are exactly
+    plus the reduction not hidden behind the last backward; and a stage's last
+    backward sends its gradient once its own reduction has ended ([Note: a
+    stage's reduction before its last gradient send] in simulate.py):
+    ``B(s,m) >= B(s+1,m) + DP_{s+1} + send_s`` (overlapped; ``+ B_{s+1}`` more
+    without overlap) for the last ``m`` of stage ``s+1``. These are exactly
     the simulator's rules, so for a fixed assignment the minimum is the
     simulated step: the objective and the judge agree exactly. The model has
     ``2 M K`` start variables, so it is used when that is at most
@@ -314,6 +323,12 @@ def _add_event_step(m: cp_model.CpModel, forward: list, backward: list, send: li
         for prev, nxt in zip(order, order[1:]):
             m.add(start[(nxt.stage, nxt.kind, nxt.microbatch)] >= start[(prev.stage, prev.kind, prev.microbatch)] + dur(prev.stage, prev.kind))
     K = p.stages
+    last_backward = {}  # stage -> its last backward (B or I) in its rank's order
+    for order in orders:
+        for a in order:
+            if a.kind in ("B", "I"):
+                last_backward[a.stage] = a
+    finalizes = {(s, a.microbatch) for s, a in last_backward.items() if a.kind == "B"}  # an I sends before W reduces
     for (s, kind, mb), var in start.items():
         if kind == "F" and s > 0:
             m.add(var >= start[(s - 1, "F", mb)] + forward[s - 1] + send[s - 1])
@@ -321,6 +336,9 @@ def _add_event_step(m: cp_model.CpModel, forward: list, backward: list, send: li
             m.add(var >= start[(s, "F", mb)] + forward[s])
             if s < K - 1:
                 m.add(var >= start[(s + 1, "B", mb)] + backward[s + 1] + send[s])
+                if dp_stage is not None and (s + 1, mb) in finalizes:  # after the next stage's reduction
+                    held = dp_stage[s + 1] + (0 if p.overlap_dp else backward[s + 1])
+                    m.add(var >= start[(s + 1, "B", mb)] + held + send[s]).with_name(f"reduced_before_send[{s + 1}]")
     step = m.new_int_var(0, _BIG, "step")
     for r, order in enumerate(orders):
         last = order[-1]
@@ -388,6 +406,7 @@ class _Model(abc.ABC):
         self.cut_bytes: list[cp_model.LinearExpr] = []  # per cut k, KiB (the assignment encoding's)
         self._cut_kib: dict[int, cp_model.IntVar] = {}  # per cut k, KiB (the chain encoding's, made on demand)
         self.dp_rank: list[cp_model.LinearExpr] | None = None
+        self.dp_stage: list[cp_model.LinearExpr] | None = None  # each stage's reduction (dp_rank's terms)
         kib = self.KIB
         rc = [i for i, b in enumerate(p.blocks) if b.recomputable]
         self.gain = min((int((p.blocks[i].saved_bytes - p.blocks[i].input_bytes) // kib) for i in rc), default=0)
@@ -462,7 +481,7 @@ class _Model(abc.ABC):
         p = self.p
         tied = _u(p.tied_sum_s)  # a constant: after the step's last action and reduction, on the tied ranks
         if _use_events(p):
-            self.m.minimize(_add_event_step(self.m, self.F, self.B, self.send, p, self.dp_rank) + tied)
+            self.m.minimize(_add_event_step(self.m, self.F, self.B, self.send, p, self.dp_rank, self.dp_stage) + tied)
             return
         v, M = p.virtual_stages, p.microbatches
         total = sum(self.T)
@@ -640,6 +659,7 @@ class _StageModel(_Model):
                     m.add(u >= self.x[i][s])
                 g = g + _u(p.dp_beta * sh.grad_bytes) * u
             grad.append(_u(p.dp_alpha) + g)
+        self.dp_stage = grad
         self.dp_rank = []
         for r in range(p.pp):
             mine = list(range(r, p.stages, p.pp))
@@ -892,10 +912,11 @@ class _ChainModel(_Model):
         self.E = m.new_int_var(0, _BIG, "E")
         if not (p.dp_beta or p.dp_alpha):
             return
+        self.dp_stage = [_u(p.dp_alpha) + self.diff("G", s) for s in range(p.stages)]
         self.dp_rank = []
         for rk in range(p.pp):
             mine = list(range(rk, p.stages, p.pp))
-            dp_r = sum(_u(p.dp_alpha) + self.diff("G", s) for s in mine)
+            dp_r = sum(self.dp_stage[s] for s in mine)
             self.dp_rank.append(dp_r)
             lead = _lead(self.B, self.send, rk, p)
             m.add(self.E >= (dp_r - self.B[mine[0]] if p.overlap_dp else dp_r) - lead).with_name(f"dp[{rk}]")
