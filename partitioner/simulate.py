@@ -69,12 +69,14 @@ A stage wrapped in DDP reduces its gradients in its last backward: torch's
 stage runs that backward with DDP's reducer armed, and the reducer's final
 callback waits for every bucket's all-reduce before the backward returns;
 only then does the schedule send the backward's input gradient to the stage
-before. So the gradient of a stage's last full backward (``B``) leaves when
-its reduction ends (as [Note: data-parallel reduction] times it), not when
-its compute does, and the stage before it waits for it: down a pipeline of
-``pp`` stages the reductions' exposed parts add up along the cool-down. A
-split backward (``I``) sends before its ``W`` reduces, and FSDP stages (no
-``dp_reduce_s``) are not held. Measured on 4 CPU ranks (pp2 x dp2): stage 0's
+before. So the gradient of a stage's last backward leaves when its
+reduction ends (as [Note: data-parallel reduction] times it), not when its
+compute does, and the stage before it waits for it: down a pipeline of
+``pp`` stages the reductions' exposed parts add up along the cool-down. Not
+held: schedules that split any backward (the runtime wraps no stage in DDP
+there: weight gradients come from ``autograd.grad``, which DDP's hooks never
+see, and replicas average them in the optimizer step) and FSDP stages (no
+``dp_reduce_s``). Measured on 4 CPU ranks (pp2 x dp2): stage 0's
 last backward started when stage 1's all-reduce ended, 5 ms after stage 1's
 compute (benchmarks/results/2026-12-07-oversubscribed-replay.md).
 
@@ -475,16 +477,18 @@ def _simulate_orders(
     }
 
     # [Note: a stage's reduction before its last gradient send]: per stage, the key of its last backward in
-    # its rank's order when that is a full backward and the stage reduces over data-parallel replicas, else -1
+    # its rank's order where the stage reduces over data-parallel replicas with DDP, else -1 (a schedule
+    # that splits any backward runs no DDP: its replicas average gradients in the optimizer step)
     finalizes = [-1] * num_stages
     reduce_s = [c.dp_reduce_s for c in stage_costs]
-    for rank_keys in keys:
-        for k in rank_keys:
-            if N <= k < N2:
-                finalizes[(k - N) // M] = -1 if split[k] else k
-    for s in range(num_stages):
-        if reduce_s[s] <= 0.0:
-            finalizes[s] = -1
+    if not any(split):
+        for rank_keys in keys:
+            for k in rank_keys:
+                if N <= k < N2:
+                    finalizes[(k - N) // M] = k
+        for s in range(num_stages):
+            if reduce_s[s] <= 0.0:
+                finalizes[s] = -1
 
     waited = [0.0] * num_stages  # [Note: where idle time goes]
     in_transit = [0.0] * num_stages

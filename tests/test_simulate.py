@@ -333,6 +333,13 @@ def test_a_stages_last_gradient_leaves_after_its_reduction() -> None:
     assert {str(e.action): e.start_s for e in free.events}["0B1"] == 5.0
     # without overlap the reduction follows the backward: the gradient leaves at 5 + 5
     assert {str(e.action): e.start_s for e in simulate(dp_stages(5.0), "1f1b", 2, overlap_dp=False).events}["0B1"] == 10.0
+    # a schedule that splits backwards runs no DDP (its replicas average in the optimizer step): nothing held,
+    # dualpipev's full backwards included
+    for schedule in ("zb", "dualpipev"):
+        split = [StageCost(1.0, 1.0, backward_weight_s=0.5, dp_reduce_s=5.0) for _ in range(4)]
+        starts = [[e.start_s for e in simulate(costs, schedule, 4, virtual_stages=2).events]
+                  for costs in (split, [replace(c, dp_reduce_s=0.0) for c in split])]
+        assert starts[0] == starts[1], schedule
 
 
 def test_dp_reduction_step_time_is_latest_rank() -> None:

@@ -300,7 +300,8 @@ def _add_event_step(m: cp_model.CpModel, forward: list, backward: list, send: li
     backward sends its gradient once its own reduction has ended ([Note: a
     stage's reduction before its last gradient send] in simulate.py):
     ``B(s,m) >= B(s+1,m) + DP_{s+1} + send_s`` (overlapped; ``+ B_{s+1}`` more
-    without overlap) for the last ``m`` of stage ``s+1``. These are exactly
+    without overlap) for the last ``m`` of stage ``s+1``, in schedules that split
+    no backward. These are exactly
     the simulator's rules, so for a fixed assignment the minimum is the
     simulated step: the objective and the judge agree exactly. The model has
     ``2 M K`` start variables, so it is used when that is at most
@@ -323,12 +324,13 @@ def _add_event_step(m: cp_model.CpModel, forward: list, backward: list, send: li
         for prev, nxt in zip(order, order[1:]):
             m.add(start[(nxt.stage, nxt.kind, nxt.microbatch)] >= start[(prev.stage, prev.kind, prev.microbatch)] + dur(prev.stage, prev.kind))
     K = p.stages
-    last_backward = {}  # stage -> its last backward (B or I) in its rank's order
+    last_backward = {}  # stage -> the micro-batch of its last backward in its rank's order
     for order in orders:
         for a in order:
-            if a.kind in ("B", "I"):
-                last_backward[a.stage] = a
-    finalizes = {(s, a.microbatch) for s, a in last_backward.items() if a.kind == "B"}  # an I sends before W reduces
+            if a.kind == "B":
+                last_backward[a.stage] = a.microbatch
+    splits = any(a.kind == "I" for order in orders for a in order)  # no DDP in a schedule that splits backwards
+    finalizes = set() if splits else set(last_backward.items())
     for (s, kind, mb), var in start.items():
         if kind == "F" and s > 0:
             m.add(var >= start[(s - 1, "F", mb)] + forward[s - 1] + send[s - 1])
