@@ -584,8 +584,9 @@ def _simulate_orders(
 
 def _reduction_end(start_s: float, end_s: float, reduce_s: float, overlap_dp: bool, comm_overlap: float) -> float:
     """When a data-parallel reduction of ``reduce_s`` launched with a backward from ``start_s`` to ``end_s``
-    ends ([Note: data-parallel reduction]: at the backward's start when overlapped, only ``comm_overlap`` of
-    the backward running beside it; at its end otherwise)."""
+    ends ([Note: data-parallel reduction]: overlapped, it starts with the backward, but the final bucket
+    cannot go out before the backward ends, and only ``comm_overlap`` of the backward runs beside it;
+    otherwise it starts at the backward's end)."""
     if not overlap_dp:
         return end_s + reduce_s
     if comm_overlap == 1.0:
@@ -789,14 +790,8 @@ def _summarize(
         last_b = next((e for e in reversed(events[r]) if e.action.kind in _BACKWARDS), None)
         if reduce_s == 0.0 or last_b is None:
             exposed = 0.0
-        elif overlap_dp and comm_overlap == 1.0:
-            # [Note: data-parallel reduction]: launched with the last backward,
-            # but the final bucket cannot go out before that backward ends.
-            exposed = max(0.0, last_b.start_s + reduce_s - last_b.end_s)
-        elif overlap_dp:  # only the fraction comm_overlap of that backward runs beside it
-            exposed = reduce_s - comm_overlap * min(reduce_s, last_b.end_s - last_b.start_s)
-        else:
-            exposed = reduce_s
+        else:  # [Note: data-parallel reduction]: launched with the last backward
+            exposed = _reduction_end(last_b.start_s, last_b.end_s, reduce_s, overlap_dp, comm_overlap) - last_b.end_s
         # Exposure is measured from the end of the rank's own compute; if the
         # rank's last action is a forward (custom orders), count from there.
         rank_end = max(compute_end[r], (last_b.end_s if last_b else 0.0) + exposed)
