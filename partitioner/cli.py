@@ -374,9 +374,7 @@ def cmd_plan(args: argparse.Namespace) -> int:
         ) if value is not None]
         if clash:
             raise PlanError(f"--plan takes every choice from the plan file; drop {', '.join(clash)} or edit the file")
-    if not args.profile and (args.profile_budget is not None or args.device is not None or args.cache is not None
-                             or args.profile_sizes is not None):
-        raise PlanError("--device, --cache, --profile-budget and --profile-sizes go with --profile")
+    _check_profile_flags(args)
     cluster = load_cluster(args.cluster, nodes=args.nodes, devices_per_node=args.gpus_per_node)
     if args.profile:  # before the slow capture: measured costs must describe the cluster's devices
         from .profile import check_device
@@ -483,6 +481,13 @@ def _model_source(args: argparse.Namespace, plan_in=None):
     if plan_in is not None and (plan_in.model.source is not None or args.model is not None):
         return plan_in.model_source(args.model, config, args.seq_len)
     return ModelSource(args.model or DEFAULT_MODEL, config, args.seq_len)
+
+
+def _check_profile_flags(args: argparse.Namespace) -> None:
+    """The profile group's options (``_profile_args``) mean nothing without ``--profile``: refused."""
+    if not args.profile and (args.profile_budget is not None or args.device is not None or args.cache is not None
+                             or args.profile_sizes is not None):
+        raise PlanError("--device, --cache, --profile-budget and --profile-sizes go with --profile")
 
 
 def _profile_options(args: argparse.Namespace, dtype: str, tp_degrees: tuple[int, ...], clock: str = "wall",
@@ -645,9 +650,7 @@ def cmd_explain(args: argparse.Namespace) -> int:
     from .planner import score_plan
     from .zoo import load_model
 
-    if not args.profile and (args.profile_budget is not None or args.device is not None or args.cache is not None
-                             or args.profile_sizes is not None):
-        raise PlanError("--device, --cache, --profile-budget and --profile-sizes go with --profile")
+    _check_profile_flags(args)
     if args.measured is not None:
         from .explain import MeasuredRun, print_measured
 
