@@ -225,6 +225,7 @@ class StageSolution:
     partial: tuple[int, ...] = ()
     objective_s: float = float("inf")  # predicted step time
     bound_s: float = 0.0  # proven lower bound on it
+    deterministic_s: float = 0.0  # CP-SAT's deterministic time spent, the hint's completion included
 
 
 def period_windows(stages: int) -> list[tuple[int, int]]:
@@ -493,11 +494,11 @@ class _Model(abc.ABC):
     def solve(self) -> StageSolution:
         p = self.p
         self.build()
-        solver = _solve(self.m, self.hints(), p.max_time_s, p.wall_cap_s)
+        solver, spent = _solve(self.m, self.hints(), p.max_time_s, p.wall_cap_s)
         status = solver.response_proto.status
         name = solver.status_name(status)
         if status not in (cp_model.OPTIMAL, cp_model.FEASIBLE):
-            return StageSolution(name, bound_s=float("inf") if status == cp_model.INFEASIBLE else 0.0)
+            return StageSolution(name, bound_s=float("inf") if status == cp_model.INFEASIBLE else 0.0, deterministic_s=spent)
         scale = 1 if _use_events(p) else p.virtual_stages  # the closed form is minimized times v; the event step is not
         return StageSolution(
             status=name,
@@ -506,6 +507,7 @@ class _Model(abc.ABC):
             partial=tuple(int(solver.value(k)) for k in self.k),
             objective_s=solver.objective_value * UNIT_S / scale,
             bound_s=solver.best_objective_bound * UNIT_S / scale,
+            deterministic_s=spent,
         )
 
 
@@ -686,8 +688,9 @@ class _StageModel(_Model):
 
 def _solve(
     model: cp_model.CpModel, hints: list[tuple[cp_model.IntVar, int]], budget_s: float, wall_cap_s: float | None = None
-) -> cp_model.CpSolver:
-    """Solve ``model`` deterministically, starting from a complete solution when ``hints`` allow one.
+) -> tuple[cp_model.CpSolver, float]:
+    """Solve ``model`` deterministically, starting from a complete solution when ``hints`` allow one;
+    the solver and the deterministic time both solves spent.
 
     CP-SAT takes a partial hint (the cut positions) as a suggestion and may
     not manage to complete it. So the hint is first completed by solving a
@@ -695,6 +698,7 @@ def _solve(
     follows), and that full solution becomes the hint. The search therefore
     never returns worse than the hint when the hint is feasible.
     """
+    spent = 0.0
     if hints:
         fixed = model.clone()
         for var, val in hints:
@@ -702,7 +706,9 @@ def _solve(
         first = cp_model.CpSolver()
         first.parameters.num_workers = 1
         first.parameters.max_deterministic_time = max(0.05, budget_s / 4)
-        if first.solve(fixed) in (cp_model.OPTIMAL, cp_model.FEASIBLE):
+        completed = first.solve(fixed)
+        spent += first.response_proto.deterministic_time
+        if completed in (cp_model.OPTIMAL, cp_model.FEASIBLE):
             model.clear_hints()
             values = first.response_proto.solution
             for index in range(len(model.proto.variables)):
@@ -716,7 +722,7 @@ def _solve(
     if wall_cap_s is not None:
         solver.parameters.max_time_in_seconds = wall_cap_s
     solver.solve(model)
-    return solver
+    return solver, spent + solver.response_proto.deterministic_time
 
 
 ASSIGNMENT_MAX_VARS = 256  # blocks x stages up to which the assignment encoding is used
