@@ -142,7 +142,7 @@ __all__ = ["Candidate", "Attempt", "SearchReport", "IlpResult", "plan_ilp"]
 # what CP-SAT reports it spent (``StageSolution.deterministic_s``, as deterministic as the solve)
 # plus SOLVE_CHARGE_S for what its clock leaves out: building the model and simulating the answer.
 # Charging the grant instead had let a search end after 10-14 solves that finished at once: on
-# hetero-lm over 32 V100s (time limit 5) all ten went to one-stage meshes, each granted 0.08-0.2
+# hetero-lm over 32 V100s (time limit 5) all ten went to one-stage meshes, each granted 0.03-0.21
 # and spending 0.000, and no pipelined mesh was solved; on GPT-3 175B over 64 DGX A100 nodes, four
 # meshes proven infeasible at once were charged 0.75 each.
 DET_PER_SECOND = 0.25
