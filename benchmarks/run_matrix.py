@@ -6,7 +6,8 @@ clusters), and writes a dated report: the headline (geometric-mean speedup of th
 ``expert`` reference, overall and on the models whose layers are not all alike, counting only the
 ILP's own solves; how often its solve beat the best seed; every baseline against the reference;
 solver time), a speedup chart, every case's table, and timelines for the cases the TOML names. It supersedes ``benchmarks/ilp_matrix.py`` (the never-worse check is the
-headline's worst case).
+headline's worst case). Another matrix may take its ``[models]`` from a second file
+(``models_from = "matrix.toml"``, relative to it: ``benchmarks/matrix-v100.toml``).
 
     python -m benchmarks.run_matrix [--matrix benchmarks/matrix.toml] \\
         [--report benchmarks/results/YYYY-MM-DD-matrix.md] [--only TEXT] [--force]
@@ -33,7 +34,7 @@ from partitioner.compare import (
 from partitioner.errors import AutopartError
 
 MATRIX = Path(__file__).with_name("matrix.toml")
-TOP_KEYS = {"methods", "timelines", "clusters", "models"}
+TOP_KEYS = {"methods", "timelines", "clusters", "models", "models_from"}
 CLUSTER_KEYS = {"cluster", "nodes"}
 MODEL_KEYS = {"batch_per_device", "time_limit", "config", "seq_len", "dtype", "unlike"}
 
@@ -71,6 +72,14 @@ def load_matrix(path: str | Path) -> Matrix:
     _keys(str(path), data, TOP_KEYS)
     methods = parse_methods(data.get("methods", ["ilp", "expert", "uniform", "params", "pipedream", "megatron"]))
     clusters = _keys(f"{path}: [clusters]", data.get("clusters", {}), set(data.get("clusters", {})))
+    if "models_from" in data:  # another matrix's [models], so that two matrices cannot drift apart
+        if "models" in data:
+            raise CompareError(f"{path}: give [models.NAME] tables or models_from, not both")
+        source = path.parent / data["models_from"]
+        try:
+            data["models"] = tomllib.loads(source.read_text()).get("models", {})
+        except (OSError, tomllib.TOMLDecodeError) as exc:
+            raise CompareError(f"{path}: models_from = {data['models_from']!r}: cannot read {source}: {exc}") from None
     models = _keys(f"{path}: [models]", data.get("models", {}), set(data.get("models", {})))
     if not clusters or not models:
         raise CompareError(f"{path}: needs at least one [clusters] entry and one [models.NAME] table")

@@ -309,6 +309,23 @@ def test_standing_matrix_covers_the_required_models_and_clusters():
     assert all(c.time_limit and c.global_batch for c in m.cases)
 
 
+def test_the_v100_matrix_takes_the_standing_matrix_s_models():
+    """benchmarks/matrix-v100.toml reads its [models] from matrix.toml (models_from): the same models,
+    batches per device, time limits and unlike-layer marks, on its own clusters."""
+    standing, v100 = load_matrix(MATRIX), load_matrix(MATRIX.parent / "matrix-v100.toml")
+    assert {c.cluster for c in v100.cases} == {"p3-v100"}
+
+    def per_model(m):  # each model's settings, with its batch per device (global batch / devices)
+        out = {}
+        for c in m.cases:
+            devices = load_cluster(c.cluster, nodes=c.nodes).world_size
+            out.setdefault(c.model, set()).add((c.config, c.seq_len, c.dtype, c.time_limit, c.global_batch // devices))
+        return out
+
+    assert per_model(v100) == per_model(standing)
+    assert {t.split(" on ")[0] for t in v100.unlike} == {t.split(" on ")[0] for t in standing.unlike}
+
+
 def test_matrix_file_errors_name_the_field(tmp_path):
     bad = tmp_path / "m.toml"
     bad.write_text('[clusters]\n"1x" = { cluster = "dgx-a100-80g", node = 1 }\n[models.gpt2]\nbatch_per_device = 8\n')
@@ -316,6 +333,12 @@ def test_matrix_file_errors_name_the_field(tmp_path):
         load_matrix(bad)
     bad.write_text('timelines = ["nope"]\n[clusters]\n"1x" = { cluster = "dgx-a100-80g" }\n[models.gpt2]\n')
     with pytest.raises(CompareError, match="timelines names unknown case"):
+        load_matrix(bad)
+    bad.write_text('models_from = "nowhere.toml"\n[clusters]\n"1x" = { cluster = "dgx-a100-80g" }\n')
+    with pytest.raises(CompareError, match=r"models_from = 'nowhere.toml': cannot read"):
+        load_matrix(bad)
+    bad.write_text('models_from = "m.toml"\n[clusters]\n"1x" = { cluster = "dgx-a100-80g" }\n[models.gpt2]\n')
+    with pytest.raises(CompareError, match="not both"):
         load_matrix(bad)
 
 
