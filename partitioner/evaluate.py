@@ -338,6 +338,11 @@ class Evaluator:
         self._fsdp_units_cache: dict[tuple[tuple[int, ...], int], tuple[list[str], list[list[str]]]] = {}
         self._fsdp_groups_cache: dict[tuple[int, ...], tuple[tuple[int, ...], tuple[int, ...]]] = {}
         self._readers: dict[str, int] | None = None  # parameter -> how many blocks read it
+        # Per sharding object (held, so that its id is not reused while cached; a sharding is never
+        # changed once made): the parameters it splits and each block's strategies.
+        self._by_sharding: dict[int, tuple[Mapping[str, str], set[str], dict[int, tuple[str, ...]]]] = {}
+        self._saving: dict[int, int] = {}  # block index -> saving_nodes
+        self._loss_kind: str | None = None
         self._memory_cache: dict[tuple, float] = {}
         if memory_margin is None:
             try:
@@ -350,6 +355,28 @@ class Evaluator:
 
     # --- blocks -----------------------------------------------------------------------
 
+    def _sharding_entry(self, sharding: Mapping[str, str]) -> tuple[Mapping[str, str], set[str], dict[int, tuple[str, ...]]]:
+        entry = self._by_sharding.get(id(sharding))
+        if entry is None or entry[0] is not sharding:
+            entry = (sharding, sharded_params(self.captured, sharding), {})
+            self._by_sharding[id(sharding)] = entry
+        return entry
+
+    def split_params(self, sharding: Mapping[str, str]) -> set[str]:
+        """``sharding.sharded_params`` of ``sharding``, computed once per sharding (the search prices
+        thousands of candidate stages under a few shardings). Do not change the set."""
+        return self._sharding_entry(sharding)[1]
+
+    def block_strategies(self, block: Block, sharding: Mapping[str, str]) -> tuple[str, ...]:
+        """Each of ``block``'s nodes' strategy under ``sharding`` (``replicate`` where it names none)."""
+        per_block = self._sharding_entry(sharding)[2]
+        found = per_block.get(block.index)
+        if found is None or self.pgraph.blocks[block.index] is not block:
+            found = tuple(sharding.get(n, "replicate") for n in block.nodes)
+            if self.pgraph.blocks[block.index] is block:
+                per_block[block.index] = found
+        return found
+
     def block_cost(self, block: Block, micro_batch: int, tp: int, sharding: Mapping[str, str]) -> BlockCost:
         """Cost of ``block`` per micro-batch of ``micro_batch`` samples under ``tp``-way sharding.
 
@@ -357,7 +384,7 @@ class Evaluator:
         tp_strategies.py). Cached by the block's signature and strategies: repeated
         identical blocks are priced once.
         """
-        strategies = tuple(sharding.get(n, "replicate") for n in block.nodes) if tp > 1 else ()
+        strategies = self.block_strategies(block, sharding) if tp > 1 else ()
         split = self.split_inputs(block, micro_batch, tp, sharding)
         key = (block.signature, micro_batch, tp, strategies, split)
         hit = self._block_cache.get(key)
@@ -709,13 +736,21 @@ class Evaluator:
 
     def loss_kind(self) -> str:
         """The loss ``autopart run`` trains with ([Note: the loss's memory] in cost_models/memory.py)."""
-        return loss_kind(self.captured)
+        if self._loss_kind is None:
+            self._loss_kind = loss_kind(self.captured)
+        return self._loss_kind
 
     def saving_nodes(self, block: Block) -> int:
         """The nodes of ``block`` that save a tensor for their backward (an input, their output, or an
         intermediate): a checkpoint hooks each such tensor ([Note: software overheads])."""
+        mine = self.pgraph.blocks[block.index] is block if block.index < len(self.pgraph.blocks) else False
+        if mine and block.index in self._saving:
+            return self._saving[block.index]
         nodes = (self.captured.nodes[n] for n in block.nodes)
-        return sum(1 for n in nodes if n.saved_inputs or n.saves_output or n.saved_bytes > 0)
+        count = sum(1 for n in nodes if n.saved_inputs or n.saves_output or n.saved_bytes > 0)
+        if mine:
+            self._saving[block.index] = count
+        return count
 
     def checkpoint_time(self, spec: StageSpec, costs: Sequence[BlockCost]) -> tuple[float, float]:
         """(forward, backward) seconds per micro-batch of the stage's ``torch.utils.checkpoint`` calls' own
@@ -890,7 +925,7 @@ class Evaluator:
         """The simulator's input: one ``StageCost`` per (virtual) stage."""
         mbs = schedule.micro_batch_size
         pp = mesh.pp
-        split_params = sharded_params(self.captured, sharding) if mesh.tp > 1 else set()
+        split_params = self.split_params(sharding) if mesh.tp > 1 else set()
         stage_of = [0] * len(self.pgraph.blocks)
         for s, spec in enumerate(stages):
             for b in spec.blocks:

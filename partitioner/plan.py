@@ -24,6 +24,7 @@ a plan is never simulated as one split and run as another.
 
 from __future__ import annotations
 
+import functools
 import json
 from dataclasses import MISSING, asdict, dataclass, field, fields, replace
 from pathlib import Path
@@ -86,6 +87,12 @@ def _check_items(where: str, items: Any, kind: type, what: str, minimum: int | N
             raise PlanError(f"{where}[{i}] must be >= {minimum}, got {v!r}")
 
 
+@functools.lru_cache(maxsize=1 << 16)
+def _dp_group(tp: int, dp: int, stage: int, t: int) -> tuple[int, ...]:
+    """``Mesh.dp_group``: the search asks for the same groups millions of times (GPT-3: dp up to 512)."""
+    return tuple((stage * dp + d) * tp + t for d in range(dp))
+
+
 @dataclass(frozen=True, slots=True)
 class Mesh:
     """The device mesh: pipeline x tensor x data parallel degrees."""
@@ -125,7 +132,7 @@ class Mesh:
         return tuple(self.rank(stage, dp, t) for t in range(self.tp))
 
     def dp_group(self, stage: int, tp: int = 0) -> tuple[int, ...]:
-        return tuple(self.rank(stage, d, tp) for d in range(self.dp))
+        return _dp_group(self.tp, self.dp, stage, tp)
 
     def __str__(self) -> str:
         return f"pp={self.pp},tp={self.tp},dp={self.dp}"

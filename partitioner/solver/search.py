@@ -124,7 +124,6 @@ from ..errors import AutopartError, InfeasibleError, PlanError
 from ..evaluate import Evaluator, StageSpec
 from ..plan import Mesh, Plan, Schedule
 from ..progress import SearchCallback, SearchStatus
-from ..sharding import sharded_params
 from ..schedules import REGISTRY as SCHEDULE_REGISTRY, check_recompute, check_schedule
 from ..simulate import SimResult, busiest_rank_s
 from .pipeline_ilp import EVENTS_MAX, BlockData, SharedParam, StageProblem, StageSolution, schedule_inflight, solve_stages
@@ -324,7 +323,7 @@ class _Search:
         entry = dp_spec(level)
         fsdp = entry.uses_fsdp and dp > 1
         sharding = self.sharding(tp, mbs, lean)
-        split = sharded_params(cap, sharding) if tp > 1 else set()
+        split = self.ev.split_params(sharding) if tp > 1 else set()
         shared = self.shared
 
         def resident(names) -> tuple[float, float]:
