@@ -340,8 +340,11 @@ class Evaluator:
         self._readers: dict[str, int] | None = None  # parameter -> how many blocks read it
         # Per sharding object (held, so that its id is not reused while cached; a sharding is never
         # changed once made): the parameters it splits and each block's strategies.
-        self._by_sharding: dict[int, tuple[Mapping[str, str], set[str], dict[int, tuple[str, ...]]]] = {}
+        self._by_sharding: dict[int, tuple[Mapping[str, str], set[str], dict[int, tuple[str, ...]], dict]] = {}
         self._saving: dict[int, int] = {}  # block index -> saving_nodes
+        self._resident: dict[tuple, tuple[Set[str] | None, tuple[int, int]]] = {}  # resident_bytes's answers
+        self._received: dict[tuple[tuple[int, ...], tuple[int, ...]], int] = {}  # saved_received_bytes at the capture batch
+        self._weight_grad_whole: dict[tuple[int, int], float] = {}  # (block, tp = 1) -> weight_grad_bytes at the capture batch
         self._loss_kind: str | None = None
         self._memory_cache: dict[tuple, float] = {}
         if memory_margin is None:
@@ -355,10 +358,12 @@ class Evaluator:
 
     # --- blocks -----------------------------------------------------------------------
 
-    def _sharding_entry(self, sharding: Mapping[str, str]) -> tuple[Mapping[str, str], set[str], dict[int, tuple[str, ...]]]:
+    def _sharding_entry(self, sharding: Mapping[str, str]) -> tuple[Mapping[str, str], set[str], dict[int, tuple[str, ...]], dict]:
+        """(``sharding``, the parameters it splits, each block's strategies, each (block, tp)'s weight-gradient
+        bytes at the capture batch), made once per sharding object."""
         entry = self._by_sharding.get(id(sharding))
         if entry is None or entry[0] is not sharding:
-            entry = (sharding, sharded_params(self.captured, sharding), {})
+            entry = (sharding, sharded_params(self.captured, sharding), {}, {})
             self._by_sharding[id(sharding)] = entry
         return entry
 
@@ -555,8 +560,21 @@ class Evaluator:
         resident memory. HSDP shards over the dp ranks of one node of ``dp_group`` (default: the
         first stage's).
         """
+        params = tuple(params)
+        # Cached: the search asks again for the same stage's parameters under each schedule and
+        # micro-batching. ``split_params`` matters only under tp; the cache holds the set it was given.
+        key = (params, tp, dp, id(split_params) if tp > 1 else 0, None if dp_group is None else tuple(dp_group))
+        hit = self._resident.get(key)
+        if hit is not None and (tp == 1 or hit[0] is split_params):
+            return hit[1]
+        out = self._resident_bytes(params, tp, dp, split_params, dp_group)
+        self._resident[key] = (split_params if tp > 1 else None, out)
+        return out
+
+    def _resident_bytes(
+        self, params: tuple[str, ...], tp: int, dp: int, split_params: Set[str], dp_group: Sequence[int] | None
+    ) -> tuple[int, int]:
         table = self.captured.params
-        params = list(params)
         level = dp_spec(self.training.dp_sharding)
         if level.uses_fsdp and dp > 1:
             dp = len(self.fsdp_groups(dp_group if dp_group is not None else Mesh(1, tp, dp).dp_group(0))[0])
@@ -781,19 +799,23 @@ class Evaluator:
         stage before (made by an earlier stage, or a model input passed on), each storage once: torch's
         receive buffer holds them ([Note: what a step holds]). A recomputed block's checkpoint keeps its
         inputs, another block what its nodes save."""
-        nodes, pgraph = self.captured.nodes, self.pgraph
-        chosen = set(spec.recompute)
-        inside = {n for b in spec.blocks for n in pgraph.blocks[b].nodes}
-        received: dict[str, int] = {}
-        for b in spec.blocks:
-            block = pgraph.blocks[b]
-            names = block.inputs if b in chosen else {i for n in block.nodes for i in nodes[n].saved_inputs}
-            for name in names:
-                storage = pgraph.storage_of(name) if name in nodes else None
-                if storage is None or storage[0] in inside:
-                    continue
-                received[storage[0]] = storage[1]
-        return sum(received.values()) * micro_batch / self.captured.batch_size / tp
+        key = (spec.blocks, spec.recompute)
+        total = self._received.get(key)
+        if total is None:
+            nodes, pgraph = self.captured.nodes, self.pgraph
+            chosen = set(spec.recompute)
+            inside = {n for b in spec.blocks for n in pgraph.blocks[b].nodes}
+            received: dict[str, int] = {}
+            for b in spec.blocks:
+                block = pgraph.blocks[b]
+                names = block.inputs if b in chosen else {i for n in block.nodes for i in nodes[n].saved_inputs}
+                for name in names:
+                    storage = pgraph.storage_of(name) if name in nodes else None
+                    if storage is None or storage[0] in inside:
+                        continue
+                    received[storage[0]] = storage[1]
+            total = self._received[key] = sum(received.values())
+        return total * micro_batch / self.captured.batch_size / tp
 
     def stage_memory(
         self, s: int, stages: Sequence[StageSpec], costs: Sequence[BlockCost], mesh: Mesh, schedule: Schedule,
@@ -861,23 +883,38 @@ class Evaluator:
         """What a split backward's ``I`` keeps for its ``W`` per micro-batch ([Note: zero-bubble memory] in
         schedules.py): the gradient of the output of every node that applies a trainable weight to an
         input that needs a gradient, on this device (a column-parallel output is a 1/tp shard)."""
-        nodes, table = self.captured.nodes, self.captured.params
+        # Cached per block at the capture batch: under tp per sharding, without tp the sharding does not matter.
+        per_block = self._sharding_entry(sharding)[3] if tp > 1 else self._weight_grad_whole
         total = 0.0
         for block in blocks:
-            for name in block.nodes:
-                n = nodes[name]
-                if not n.outputs or not any(p in table and table[p].trainable for p in n.params):
-                    continue
-                if not any(nodes[i].needs_grad for i in n.inputs if i in nodes):
-                    continue
-                # a local output split over tp (column's features, a sequence-split norm's tokens) is a
-                # 1/tp shard; a row linear's is whole before its all-reduce or reduce-scatter
-                spec = STRATEGIES.get(sharding.get(name, "replicate"))
-                split = spec is not None and spec.produces in ("S", "Q") and not (
-                    spec.output_all_reduce or spec.output_reduce_scatter)
-                shard = tp if tp > 1 and split else 1
-                total += n.output_bytes / shard
+            key = (block.index, tp)
+            if self.pgraph.blocks[block.index] is block and key in per_block:
+                total += per_block[key]
+                continue
+            found = self._weight_grad_block(block, tp, sharding)
+            if self.pgraph.blocks[block.index] is block:
+                per_block[key] = found
+            total += found
         return total * micro_batch / self.captured.batch_size
+
+    def _weight_grad_block(self, block: Block, tp: int, sharding: Mapping[str, str]) -> float:
+        """``weight_grad_bytes`` of one block at the capture batch."""
+        nodes, table = self.captured.nodes, self.captured.params
+        total = 0.0
+        for name in block.nodes:
+            n = nodes[name]
+            if not n.outputs or not any(p in table and table[p].trainable for p in n.params):
+                continue
+            if not any(nodes[i].needs_grad for i in n.inputs if i in nodes):
+                continue
+            # a local output split over tp (column's features, a sequence-split norm's tokens) is a
+            # 1/tp shard; a row linear's is whole before its all-reduce or reduce-scatter
+            spec = STRATEGIES.get(sharding.get(name, "replicate"))
+            split = spec is not None and spec.produces in ("S", "Q") and not (
+                spec.output_all_reduce or spec.output_reduce_scatter)
+            shard = tp if tp > 1 and split else 1
+            total += n.output_bytes / shard
+        return total
 
     # --- stages -----------------------------------------------------------------------
 
