@@ -3,8 +3,8 @@
 A change that only speeds the planner up must leave every plan as it was. This runs the same
 `autopart plan ... --json` from checkout A and checkout B (each with its own tree first on the path),
 in alternating order over ``--rounds`` rounds, and prints each run's wall time, the median ratio A / B
-per case, and whether the two plan files agree once their timing fields are dropped
-(``solver.wall_s``).
+per case, and whether every run's plan file agrees with the others once their timing fields are
+dropped (``solver.wall_s``).
 
     python -m benchmarks.plan_speed_ab --a /tmp/old --b . --rounds 2 \\
         --case "--model gpt3-175b --cluster dgx-a100-80g --nodes 64 --global-batch 1536" \\
@@ -61,14 +61,15 @@ def main(argv: list[str] | None = None) -> int:
             order = ("A", "B") if r % 2 == 0 else ("B", "A")
             for side in order:
                 root = args.a if side == "A" else args.b
-                wall = run(root, case, work / f"case{i}-{side}.json")
+                wall = run(root, case, work / f"case{i}-{side}-r{r + 1}.json")
                 walls[side].append(wall)
                 print(f"  round {r + 1} {side}: {wall:7.2f} s  ({case})", flush=True)
-        same = plan_without_timing(work / f"case{i}-A.json") == plan_without_timing(work / f"case{i}-B.json")
+        plans = [plan_without_timing(p) for p in sorted(work.glob(f"case{i}-*.json"))]
+        same = all(p == plans[0] for p in plans)
         ratios = [a / b for a, b in zip(walls["A"], walls["B"])]
         print(f"{case}: A {statistics.median(walls['A']):.2f} s, B {statistics.median(walls['B']):.2f} s, "
               f"A / B {statistics.median(ratios):.2f}x (rounds {', '.join(f'{x:.2f}' for x in ratios)}); "
-              f"the same plan: {'yes' if same else 'NO'}")
+              f"every run the same plan: {'yes' if same else 'NO'}")
     return 0
 
 
