@@ -339,7 +339,7 @@ class Evaluator:
         self._fsdp_groups_cache: dict[tuple[int, ...], tuple[tuple[int, ...], tuple[int, ...]]] = {}
         self._readers: dict[str, int] | None = None  # parameter -> how many blocks read it
         # Per sharding object (held, so that its id is not reused while cached; a sharding is never
-        # changed once made): the parameters it splits and each block's strategies.
+        # changed once made): the parameters it splits, each block's strategies and weight-gradient bytes.
         self._by_sharding: dict[int, tuple[Mapping[str, str], set[str], dict[int, tuple[str, ...]], dict]] = {}
         self._saving: dict[int, int] = {}  # block index -> saving_nodes
         self._resident: dict[tuple, tuple[Set[str] | None, tuple[int, int]]] = {}  # resident_bytes's answers
@@ -372,13 +372,18 @@ class Evaluator:
         thousands of candidate stages under a few shardings). Do not change the set."""
         return self._sharding_entry(sharding)[1]
 
+    def _own(self, block: Block) -> bool:
+        """Whether ``block`` is this evaluator's block of its index: only those are cached by index."""
+        return 0 <= block.index < len(self.pgraph.blocks) and self.pgraph.blocks[block.index] is block
+
     def block_strategies(self, block: Block, sharding: Mapping[str, str]) -> tuple[str, ...]:
         """Each of ``block``'s nodes' strategy under ``sharding`` (``replicate`` where it names none)."""
+        own = self._own(block)
         per_block = self._sharding_entry(sharding)[2]
-        found = per_block.get(block.index)
-        if found is None or self.pgraph.blocks[block.index] is not block:
+        found = per_block.get(block.index) if own else None
+        if found is None:
             found = tuple(sharding.get(n, "replicate") for n in block.nodes)
-            if self.pgraph.blocks[block.index] is block:
+            if own:
                 per_block[block.index] = found
         return found
 
@@ -761,7 +766,7 @@ class Evaluator:
     def saving_nodes(self, block: Block) -> int:
         """The nodes of ``block`` that save a tensor for their backward (an input, their output, or an
         intermediate): a checkpoint hooks each such tensor ([Note: software overheads])."""
-        mine = self.pgraph.blocks[block.index] is block if block.index < len(self.pgraph.blocks) else False
+        mine = self._own(block)
         if mine and block.index in self._saving:
             return self._saving[block.index]
         nodes = (self.captured.nodes[n] for n in block.nodes)
@@ -799,7 +804,7 @@ class Evaluator:
         stage before (made by an earlier stage, or a model input passed on), each storage once: torch's
         receive buffer holds them ([Note: what a step holds]). A recomputed block's checkpoint keeps its
         inputs, another block what its nodes save."""
-        key = (spec.blocks, spec.recompute)
+        key = (tuple(spec.blocks), spec.recompute)
         total = self._received.get(key)
         if total is None:
             nodes, pgraph = self.captured.nodes, self.pgraph
@@ -887,12 +892,12 @@ class Evaluator:
         per_block = self._sharding_entry(sharding)[3] if tp > 1 else self._weight_grad_whole
         total = 0.0
         for block in blocks:
-            key = (block.index, tp)
-            if self.pgraph.blocks[block.index] is block and key in per_block:
+            key, own = (block.index, tp), self._own(block)
+            if own and key in per_block:
                 total += per_block[key]
                 continue
             found = self._weight_grad_block(block, tp, sharding)
-            if self.pgraph.blocks[block.index] is block:
+            if own:
                 per_block[key] = found
             total += found
         return total * micro_batch / self.captured.batch_size
