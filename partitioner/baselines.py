@@ -411,9 +411,7 @@ def tune(
             block_work[(tp, sp, mbs)] = ([c.forward_s + c.backward_s for c in costs], [c.forward_s for c in costs])
         key = (tp, sp, pt.mesh.dp, pt.dp_sharding)
         if key not in static:
-            from .sharding import sharded_params
-
-            split_params = sharded_params(ev.captured, sharding_for(pt)) if tp > 1 else set()
+            split_params = ev.split_params(sharding_for(pt)) if tp > 1 else set()
             static[key] = float(evs[pt.dp_sharding].resident_bytes(ev.captured.params, tp, pt.mesh.dp, split_params)[0])
         if static[key] / pt.mesh.pp > limit:  # even a perfect split of the weights cannot fit
             report.pruned_memory += 1

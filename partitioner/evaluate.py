@@ -129,8 +129,8 @@ benchmarks/results/2026-12-07-core-shares.md).
 from __future__ import annotations
 
 import time
-from dataclasses import dataclass, replace
-from typing import AbstractSet as Set, Iterable, Mapping, Sequence
+from dataclasses import dataclass, field, replace
+from typing import AbstractSet as Set, Any, Callable, Iterable, Mapping, Sequence
 
 from cost_models import (
     MASTER_GRAD_CHUNK,
@@ -302,6 +302,16 @@ class StageMemory:
 
 
 @dataclass(frozen=True, slots=True)
+class _ShardingMemo:
+    """What the evaluator keeps per sharding object (``Evaluator._memo``)."""
+
+    sharding: Mapping[str, str]  # held, so that its id is not reused while it is cached
+    split_params: set[str]  # ``sharding.sharded_params`` of it
+    strategies: dict[int, tuple[str, ...]] = field(default_factory=dict)  # block -> its nodes' strategies
+    weight_grad: dict[tuple[int, int], float] = field(default_factory=dict)  # (block, tp) -> weight_grad_bytes at the capture batch
+
+
+@dataclass(frozen=True, slots=True)
 class SplitTerms:
     """A stage's split backward beyond its whole one, per micro-batch (``Evaluator.split_terms``)."""
 
@@ -338,9 +348,8 @@ class Evaluator:
         self._fsdp_units_cache: dict[tuple[tuple[int, ...], int], tuple[list[str], list[list[str]]]] = {}
         self._fsdp_groups_cache: dict[tuple[int, ...], tuple[tuple[int, ...], tuple[int, ...]]] = {}
         self._readers: dict[str, int] | None = None  # parameter -> how many blocks read it
-        # Per sharding object (held, so that its id is not reused while cached; a sharding is never
-        # changed once made): the parameters it splits, each block's strategies and weight-gradient bytes.
-        self._by_sharding: dict[int, tuple[Mapping[str, str], set[str], dict[int, tuple[str, ...]], dict]] = {}
+        # Per sharding object (a sharding is never changed once made): _ShardingMemo.
+        self._by_sharding: dict[int, _ShardingMemo] = {}
         self._saving: dict[int, int] = {}  # block index -> saving_nodes
         self._resident: dict[tuple, tuple[Set[str] | None, tuple[int, int]]] = {}  # resident_bytes's answers
         self._received: dict[tuple[tuple[int, ...], tuple[int, ...]], int] = {}  # saved_received_bytes at the capture batch
@@ -358,34 +367,33 @@ class Evaluator:
 
     # --- blocks -----------------------------------------------------------------------
 
-    def _sharding_entry(self, sharding: Mapping[str, str]) -> tuple[Mapping[str, str], set[str], dict[int, tuple[str, ...]], dict]:
-        """(``sharding``, the parameters it splits, each block's strategies, each (block, tp)'s weight-gradient
-        bytes at the capture batch), made once per sharding object."""
-        entry = self._by_sharding.get(id(sharding))
-        if entry is None or entry[0] is not sharding:
-            entry = (sharding, sharded_params(self.captured, sharding), {}, {})
-            self._by_sharding[id(sharding)] = entry
-        return entry
+    def _memo(self, sharding: Mapping[str, str]) -> _ShardingMemo:
+        """What is kept for ``sharding``, made once per sharding object."""
+        memo = self._by_sharding.get(id(sharding))
+        if memo is None or memo.sharding is not sharding:
+            memo = self._by_sharding[id(sharding)] = _ShardingMemo(sharding, sharded_params(self.captured, sharding))
+        return memo
 
     def split_params(self, sharding: Mapping[str, str]) -> set[str]:
         """``sharding.sharded_params`` of ``sharding``, computed once per sharding (the search prices
         thousands of candidate stages under a few shardings). Do not change the set."""
-        return self._sharding_entry(sharding)[1]
+        return self._memo(sharding).split_params
 
-    def _own(self, block: Block) -> bool:
-        """Whether ``block`` is this evaluator's block of its index: only those are cached by index."""
-        return 0 <= block.index < len(self.pgraph.blocks) and self.pgraph.blocks[block.index] is block
+    def _per_block(self, cache: dict, key: Any, block: Block, compute: Callable[[], Any]) -> Any:
+        """``cache[key]``, computed by ``compute`` on a miss; kept only for this evaluator's own block of
+        ``block.index`` (a block of another graph is computed each time)."""
+        own = 0 <= block.index < len(self.pgraph.blocks) and self.pgraph.blocks[block.index] is block
+        if own and key in cache:
+            return cache[key]
+        value = compute()
+        if own:
+            cache[key] = value
+        return value
 
     def block_strategies(self, block: Block, sharding: Mapping[str, str]) -> tuple[str, ...]:
         """Each of ``block``'s nodes' strategy under ``sharding`` (``replicate`` where it names none)."""
-        own = self._own(block)
-        per_block = self._sharding_entry(sharding)[2]
-        found = per_block.get(block.index) if own else None
-        if found is None:
-            found = tuple(sharding.get(n, "replicate") for n in block.nodes)
-            if own:
-                per_block[block.index] = found
-        return found
+        return self._per_block(self._memo(sharding).strategies, block.index, block,
+                               lambda: tuple(sharding.get(n, "replicate") for n in block.nodes))
 
     def block_cost(self, block: Block, micro_batch: int, tp: int, sharding: Mapping[str, str]) -> BlockCost:
         """Cost of ``block`` per micro-batch of ``micro_batch`` samples under ``tp``-way sharding.
@@ -766,14 +774,9 @@ class Evaluator:
     def saving_nodes(self, block: Block) -> int:
         """The nodes of ``block`` that save a tensor for their backward (an input, their output, or an
         intermediate): a checkpoint hooks each such tensor ([Note: software overheads])."""
-        mine = self._own(block)
-        if mine and block.index in self._saving:
-            return self._saving[block.index]
-        nodes = (self.captured.nodes[n] for n in block.nodes)
-        count = sum(1 for n in nodes if n.saved_inputs or n.saves_output or n.saved_bytes > 0)
-        if mine:
-            self._saving[block.index] = count
-        return count
+        nodes = self.captured.nodes
+        return self._per_block(self._saving, block.index, block, lambda: sum(
+            1 for n in (nodes[name] for name in block.nodes) if n.saved_inputs or n.saves_output or n.saved_bytes > 0))
 
     def checkpoint_time(self, spec: StageSpec, costs: Sequence[BlockCost]) -> tuple[float, float]:
         """(forward, backward) seconds per micro-batch of the stage's ``torch.utils.checkpoint`` calls' own
@@ -889,17 +892,9 @@ class Evaluator:
         schedules.py): the gradient of the output of every node that applies a trainable weight to an
         input that needs a gradient, on this device (a column-parallel output is a 1/tp shard)."""
         # Cached per block at the capture batch: under tp per sharding, without tp the sharding does not matter.
-        per_block = self._sharding_entry(sharding)[3] if tp > 1 else self._weight_grad_whole
-        total = 0.0
-        for block in blocks:
-            key, own = (block.index, tp), self._own(block)
-            if own and key in per_block:
-                total += per_block[key]
-                continue
-            found = self._weight_grad_block(block, tp, sharding)
-            if own:
-                per_block[key] = found
-            total += found
+        cache = self._memo(sharding).weight_grad if tp > 1 else self._weight_grad_whole
+        total = sum(self._per_block(cache, (b.index, tp), b, lambda b=b: self._weight_grad_block(b, tp, sharding))
+                    for b in blocks)
         return total * micro_batch / self.captured.batch_size
 
     def _weight_grad_block(self, block: Block, tp: int, sharding: Mapping[str, str]) -> float:

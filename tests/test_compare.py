@@ -328,18 +328,19 @@ def test_the_v100_matrix_takes_the_standing_matrix_s_models():
 
 def test_matrix_file_errors_name_the_field(tmp_path):
     bad = tmp_path / "m.toml"
-    bad.write_text('[clusters]\n"1x" = { cluster = "dgx-a100-80g", node = 1 }\n[models.gpt2]\nbatch_per_device = 8\n')
-    with pytest.raises(CompareError, match=r"\[clusters\] '1x' has unknown key\(s\) node"):
-        load_matrix(bad)
-    bad.write_text('timelines = ["nope"]\n[clusters]\n"1x" = { cluster = "dgx-a100-80g" }\n[models.gpt2]\n')
-    with pytest.raises(CompareError, match="timelines names unknown case"):
-        load_matrix(bad)
-    bad.write_text('models_from = "nowhere.toml"\n[clusters]\n"1x" = { cluster = "dgx-a100-80g" }\n')
-    with pytest.raises(CompareError, match=r"models_from = 'nowhere.toml': cannot read"):
-        load_matrix(bad)
-    bad.write_text('models_from = "m.toml"\n[clusters]\n"1x" = { cluster = "dgx-a100-80g" }\n[models.gpt2]\n')
-    with pytest.raises(CompareError, match="not both"):
-        load_matrix(bad)
+    cases = [  # (the file, the error it gets)
+        ('[clusters]\n"1x" = { cluster = "dgx-a100-80g", node = 1 }\n[models.gpt2]\nbatch_per_device = 8\n',
+         r"\[clusters\] '1x' has unknown key\(s\) node"),
+        ('timelines = ["nope"]\n[clusters]\n"1x" = { cluster = "dgx-a100-80g" }\n[models.gpt2]\n',
+         "timelines names unknown case"),
+        ('models_from = "nowhere.toml"\n[clusters]\n"1x" = { cluster = "dgx-a100-80g" }\n',
+         r"models_from = 'nowhere.toml': cannot read"),
+        ('models_from = "m.toml"\n[clusters]\n"1x" = { cluster = "dgx-a100-80g" }\n[models.gpt2]\n', "not both"),
+    ]
+    for text, error in cases:
+        bad.write_text(text)
+        with pytest.raises(CompareError, match=error):
+            load_matrix(bad)
 
 
 @pytest.mark.slow  # ILP solves of several cases
