@@ -47,6 +47,7 @@ from .dtensor_ops import Unshardable, check_shardable, is_check_or_query, run_ch
 from .errors import PlanError
 from .plan import Plan
 from .recompute import run_region
+from .schedules import spec as schedule_spec
 from .tp_strategies import INPUT_LAYOUT, OUTPUT_LAYOUT, STRATEGIES, TPContext
 
 __all__ = ["StageProgram", "SplitModel", "split_model", "canonical_names", "microbatch_inputs"]
@@ -111,6 +112,7 @@ def split_model(
     """
     args = tuple(example_inputs)
     disable_hf_cache(model)  # as capture does: a KV cache is not a training output
+    splits_backward = schedule_spec(plan.schedule.name).splits_backward  # [Note: a split backward's stage outputs]
     try:
         ep = torch.export.export(model, args, strict=False)
     except Exception as exc:  # export raises many types
@@ -171,7 +173,7 @@ def split_model(
         inputs = tuple(n.name for n in placeholders) if k == 0 else sends[k - 1]
         outputs = sends[k] if k < last else None
         mine = [n for n in compute if stage_of[n.name] == k]
-        module, owned = _build_stage(model, graph, canon, inputs, mine, outputs, out_node)
+        module, owned = _build_stage(model, graph, canon, inputs, mine, outputs, out_node, splits_backward)
         outs = outputs if outputs is not None else tuple(a.name for a in out_node.all_input_nodes)
         stage_sharding = {n.name: sharding[n.name] for n in mine if n.name in sharding}
         replicated = check_shardable(module.graph.nodes, stage_sharding) if plan.mesh.tp > 1 else ()
@@ -243,8 +245,11 @@ def _build_stage(
     mine: Sequence[fx.Node],
     outputs: Sequence[str] | None,
     out_node: fx.Node,
+    splits_backward: bool = False,
 ) -> tuple[fx.GraphModule, list[str]]:
-    """A GraphModule computing ``mine`` from ``inputs``; its attributes are the model's own tensors."""
+    """A GraphModule computing ``mine`` from ``inputs``; its attributes are the model's own tensors.
+    ``splits_backward``: the schedule splits the backward, and the outputs sent on are never views
+    ([Note: a split backward's stage outputs])."""
     g = fx.Graph()
     env: dict[str, fx.Node] = {name: g.placeholder(name) for name in inputs}
     root = torch.nn.Module()
@@ -268,8 +273,21 @@ def _build_stage(
     if outputs is None:
         g.output(tuple(fx.map_arg(out_node.args[0], arg)) if isinstance(out_node.args[0], (list, tuple)) else arg(out_node.args[0]))
     else:  # point-to-point sends need dense tensors (a mask may be an expanded view)
-        g.output(tuple(g.call_method("contiguous", (env[v],)) for v in outputs))
+        own = dict(memory_format=torch.contiguous_format)  # [Note: a split backward's stage outputs]
+        g.output(tuple(g.call_method("clone", (env[v],), own) if splits_backward else
+                       g.call_method("contiguous", (env[v],)) for v in outputs))
     return fx.GraphModule(root, g), owned
+
+
+# [Note: a split backward's stage outputs]
+# torch's zero-bubble schedules compute a stage's input gradients apart from its weight gradients
+# (``stage_backward_input``), and then detach the stage's outputs in place to drop their graph.
+# ``detach_`` refuses a view, and a stage may well end in one: GPT-2's final norm is followed by a
+# ``view`` of its output, so a zbv plan whose middle stage ends at ``ln_f`` failed on its first
+# backward ("Can't detach views in-place"; the ILP's plan for the measured-quality GPT-2 in run 22,
+# 2026-12-07). Under such schedules a stage sends copies of its outputs (``clone``: the exported
+# graph's values do not say which are views). A copy is an activation's size, small beside a stage's
+# compute, and is not priced; the plain schedules keep ``contiguous``.
 
 
 def get_tensor(model: torch.nn.Module, name: str) -> torch.Tensor:

@@ -217,7 +217,7 @@ def _equivalence(layout: dict[str, Any], models: list[str], meta_models: list[st
 
             world = int(os.environ["WORLD_SIZE"])
             pins["cluster"] = Cluster.local(world).with_nodes(layout["nodes"], world // layout["nodes"])
-        if "recompute_layers" in layout or layout.get("as_v4"):  # a plan edited by hand, given as plan=
+        if "recompute_layers" in layout or layout.get("as_v4") or "split_at" in layout:  # a plan made first, given as plan=
             pins = dict(plan=_edited_plan(model, example, layout, pins))
         pm = auto_parallelize(model, example_inputs=example, loss_fn=loss_fn, method=layout.get("method", "params"),
                               optimizer=opt, **pins)
@@ -249,6 +249,7 @@ def _equivalence(layout: dict[str, Any], models: list[str], meta_models: list[st
             worst_grad=max(grads, key=lambda n: _rel(grads[n], ref_grads[n], 1e-4 * scale_g)),
             names=sorted(grads), all_names=sorted(ref_grads), matched_by=pm.split.matched_by,
             schedule=pm.plan.schedule.name, stages=list(pm.stage_indices),
+            plan_modules=[list(st.modules) for st in pm.plan.stages],
             strategies=sorted(set(pm.plan.sharding.values())),
             plan_recompute=[st.recompute for st in pm.plan.stages],
             plan_selective=[st.selective for st in pm.plan.stages],

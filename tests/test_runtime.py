@@ -39,6 +39,10 @@ LAYOUTS = {
     # GPT-2's tied embedding and LM head share rank 0; pp2xdp2-zb averages replicas without DDP.
     "pp2-zb": (2, dict(pp=2, tp=1, dp=1, schedule="zb", microbatches=2, global_batch=4)),
     "pp2-zbv": (2, dict(pp=2, tp=1, dp=1, schedule="zbv", virtual_stages=2, microbatches=2, global_batch=4)),
+    # A middle stage ending in a view (GPT-2's ln_f is followed by one), which torch's split backward
+    # detaches in place: sent as a copy of its own ([Note: a split backward's stage outputs] in rewrite.py).
+    "pp2-zbv-view": (2, dict(pp=2, tp=1, dp=1, schedule="zbv", virtual_stages=2, microbatches=2, global_batch=4,
+                             method="manual", split_at=["transformer.h.1", "transformer.h.3", "lm_head"])),
     "pp2-dualpipev": (2, dict(pp=2, tp=1, dp=1, schedule="dualpipev", virtual_stages=2, microbatches=4,
                               global_batch=4)),
     "pp2xdp2-zb": (4, dict(pp=2, tp=1, dp=2, schedule="zb", microbatches=2, global_batch=4)),
@@ -72,13 +76,13 @@ LAYOUTS = {
     "tp2-recompute": (2, dict(pp=1, tp=2, dp=1, microbatches=2, global_batch=4, recompute=True)),
 }
 RECOMPUTE_LAYERS = {"pp2-recompute-blocks", "tp2-recompute-selective", "dp2-zero3-selective"}
-SPLIT_BACKWARD = {"pp2-zb", "pp2-zbv", "pp2-dualpipev", "pp2xdp2-zb"}  # slow: they lengthen two shared launches
+SPLIT_BACKWARD = {"pp2-zb", "pp2-zbv", "pp2-zbv-view", "pp2-dualpipev", "pp2xdp2-zb"}  # slow: they lengthen two shared launches
 # Models per layout where not all: the split-backward and recompute layouts run GPT-2 (tied weights) and the MLP only.
 FSDP = {"dp2-zero2-recompute", "dp2-zero3-recompute", "dp2-zero3", "pp2xdp2-zero3", "tp2xdp2-zero3", "dp4-hsdp", "dp2-zero3-selective"}
 LAYOUT_MODELS = {name: ["gpt2-tiny", "mlp"] for name in [*SPLIT_BACKWARD, *FSDP, "pp2xdp2-recompute"]}
 LAYOUT_MODELS.update({"pp2-recompute-blocks": ["gpt2-tiny", "llama-tiny"], "tp2-recompute-selective": ["gpt2-tiny"],
                       "dp2-zero3-selective": ["gpt2-tiny"], "pp2-recompute-v4": ["gpt2-tiny"],
-                      "tp2-recompute": ["gpt2-tiny"]})
+                      "tp2-recompute": ["gpt2-tiny"], "pp2-zbv-view": ["gpt2-tiny"]})
 # GPT-2 (tied weights, blocks folded into units) is the case that matters; dp2-zero3 also runs the MLP.
 for name in ("dp2-zero2-recompute", "dp2-zero3-recompute", "pp2xdp2-zero3", "tp2xdp2-zero3", "dp4-hsdp"):
     LAYOUT_MODELS[name] = ["gpt2-tiny"]
