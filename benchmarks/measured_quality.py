@@ -46,11 +46,15 @@ HETERO = ("vocab_size=4000", "d_model=128", "widths=64,1024,32,2048,128,512,64,2
 # A funnel, its layers from widest to narrowest: Megatron's split by layer count puts 6,144 of the 6,624
 # MLP widths on the first stage (the mix above splits 3,168 | 960 beside a head of about 2,000).
 FUNNEL = ("vocab_size=4000", "d_model=128", "widths=2048,2048,1024,1024,256,128,64,32")
+# (title, model, config, vocab chunks): the last splits the head's vocabulary and the loss into that many blocks
+# ([Note: vocabulary chunks] in partitioner/vocab_split.py). The expert plans both the chunked and the whole head and
+# keeps the faster (its split keeps every chunk on its last stage).
 MODELS = (
-    ("gpt2 4x128, vocab 50257", "gpt2", GPT2_50K),
-    ("hetero-lm (mixed widths)", "hetero-lm", HETERO),
-    ("hetero-lm funnel (widths 2048 down to 32)", "hetero-lm", FUNNEL),
-    ("t5 2+2 x128, vocab 32128", "py:benchmarks.measured_quality:t5_small", ()),
+    ("gpt2 4x128, vocab 50257", "gpt2", GPT2_50K, 1),
+    ("gpt2 4x128, vocab 50257 in 4 chunks", "gpt2", GPT2_50K, 4),
+    ("hetero-lm (mixed widths)", "hetero-lm", HETERO, 1),
+    ("hetero-lm funnel (widths 2048 down to 32)", "hetero-lm", FUNNEL, 1),
+    ("t5 2+2 x128, vocab 32128", "py:benchmarks.measured_quality:t5_small", (), 1),
 )
 SEQ_LEN = 64
 
@@ -172,15 +176,24 @@ def run_model_case(title: str, case: Case, cluster: str, rounds: int, settings: 
                    captures: CaptureCache, work: Path, loads: list[float | None]) -> Outcome:
     res, costs = plan_case(case, ("expert", "ilp"), profile, captures, work)
     ex, il = res.row("expert"), res.row("ilp")
+    paths = {m: work / "plans" / f"{case.slug}-{m}.json" for m in ("expert", "ilp")}
+    took_whole = False
+    if case.vocab_chunks > 1:
+        # The expert may also keep the head whole (the loss after the graph, as Megatron runs it): it takes
+        # the faster of its two predicted plans. Its split keeps every chunk on its last stage either way.
+        whole, costs_whole = plan_case(replace(case, vocab_chunks=1), ("expert",), profile, captures, work / "whole")
+        wx = whole.row("expert")
+        if wx.ok and (not ex.ok or wx.step_s < ex.step_s):
+            ex, costs, took_whole = wx, f"{costs}; the expert's plan (head whole): {costs_whole}", True
+            paths["expert"] = work / "whole" / "plans" / f"{case.slug}-expert.json"
     base = dict(title=title, model=case.model, config=case.config, mesh=case.mesh, costs=costs,
                 expert=summarize(ex.plan) if ex.ok else None, ilp=summarize(il.plan) if il.ok else None)
     if not (ex.ok and il.ok):
         return Outcome(**base, same_plan=False, predicted_ratio=None,
                        note=f"no plan: expert {ex.error or 'ok'}; ilp {il.error or 'ok'}")
     predicted = ex.step_s / il.step_s
-    if il.same_as == "expert":
+    if il.same_as == "expert" and not took_whole:
         return Outcome(**base, same_plan=True, predicted_ratio=predicted)
-    paths = {m: work / "plans" / f"{case.slug}-{m}.json" for m in ("expert", "ilp")}
     steps, note = alternate_runs(case, paths, rounds, settings, work / "measure", loads)
     return Outcome(**base, same_plan=False, predicted_ratio=predicted,
                    expert_steps_s=steps["expert"], ilp_steps_s=steps["ilp"], note=note)
@@ -371,16 +384,16 @@ def write_report(report: Path, text: str, args: argparse.Namespace, runs: Runs, 
 
 def cases(only: str | None) -> list[tuple[str, Case]]:
     out = []
-    for title, model, config in MODELS:
+    for title, model, config, chunks in MODELS:
         for mesh in MESHES:
             full = f"{title}, {mesh or 'free mesh'}"
             if only and only not in full:
                 continue
-            out.append((full, Case(model=model, config=config, seq_len=None if model.startswith("py:") else SEQ_LEN, cluster="local-cpu:2", dtype="fp32",
+            out.append((full, Case(model=model, config=config, seq_len=None if model.startswith("py:") else SEQ_LEN, cluster="local-cpu:2", dtype="fp32", vocab_chunks=chunks,
                                    global_batch=8, mesh=mesh, time_limit=10, label=full)))
     if not out:
         raise CompareError(f"--only {only!r} matches no case; the cases are "
-                           + "; ".join(f"{t}, {m or 'free mesh'}" for t, _, _ in MODELS for m in MESHES))
+                           + "; ".join(f"{t}, {m or 'free mesh'}" for t, *_ in MODELS for m in MESHES))
     return out
 
 

@@ -194,7 +194,8 @@ class LossMemory:
 # log_softmax's, both output-sized and live together. ``F.mse_loss`` saves its input and
 # target, which exist anyway, and its backward makes the difference and the gradient, two
 # output-sized tensors. Sizes are in the output's dtype.
-LOSSES = {"cross_entropy": (1, 2), "mse": (0, 2)}  # (saved, backward) output-sized tensors
+# A loss the graph computes (``in_graph``: the vocabulary in chunks) is priced with its blocks: nothing after.
+LOSSES = {"cross_entropy": (1, 2), "mse": (0, 2), "in_graph": (0, 0)}  # (saved, backward) output-sized tensors
 
 
 def loss_memory(kind: str, output_bytes: int) -> LossMemory:

@@ -45,6 +45,7 @@ call it.
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import inspect
 import json
@@ -59,6 +60,7 @@ from torch.utils._pytree import tree_flatten, tree_map
 from torch.utils.flop_counter import FlopCounterMode
 
 from .errors import CaptureError, one_line
+from .vocab_split import vocab_loss
 
 __all__ = ["TensorMeta", "NodeInfo", "ParamInfo", "CapturedModel", "capture", "node_keys", "loss_kind"]
 
@@ -142,6 +144,7 @@ class CapturedModel:
     fingerprint: str  # identifies the model's architecture: class, parameter names, shapes, dtypes
     warnings: tuple[str, ...] = field(default=())  # things the user may want to know (ops we could not count)
     param_nodes: Mapping[str, str] = field(default_factory=dict)  # placeholder/get_attr node -> canonical param FQN
+    vocab_chunks: int = 1  # the head's vocabulary in this many chunks ([Note: vocabulary chunks] in vocab_split.py)
 
     @cached_property
     def node_of_key(self) -> Mapping[str, str]:
@@ -182,13 +185,15 @@ def capture(
     name: str | None = None,
     batch_size: int | None = None,
     tracer: str = "auto",
+    vocab_chunks: int = 1,
 ) -> CapturedModel:
     """Trace ``model`` and annotate its nodes.
 
     ``example_inputs``/``example_kwargs`` are what ``model.forward`` takes; they
     may live on the meta device (and should, for large models). ``batch_size``
     is the number of samples in them (default: dim 0 of the first tensor).
-    ``tracer`` is "auto" (export, then fx on failure), "export" or "fx".
+    ``tracer`` is "auto" (export, then fx on failure), "export" or "fx". ``vocab_chunks`` > 1 splits the
+    output head's vocabulary into that many blocks ([Note: vocabulary chunks] in vocab_split.py).
     """
     if tracer not in ("auto", "export", "fx"):
         raise CaptureError(f"tracer={tracer!r} is not one of 'auto', 'export', 'fx'")
@@ -198,41 +203,17 @@ def capture(
     kwargs = dict(example_kwargs or {})
     disable_hf_cache(model)
 
-    grad_mode = torch.is_grad_enabled()  # restored after tracing and after annotation
-    errors: list[str] = []
-    gm: fx.GraphModule | None = None
-    used = ""
-    param_of_placeholder: dict[str, str] = {}
-    if tracer in ("auto", "export"):
-        try:
-            gm, param_of_placeholder = _trace_export(model, args, kwargs)
-            used = "export"
-        except Exception as exc:  # export raises many types; we report them all the same way
-            errors.append("torch.export: " + _describe_failure(exc))
-    if gm is None and tracer in ("auto", "fx"):
-        try:
-            gm = _trace_fx(model, args, kwargs)
-            used = "fx"
-        except Exception as exc:
-            errors.append("torch.fx.symbolic_trace: " + _describe_failure(exc))
-    torch.set_grad_enabled(grad_mode)
-    if gm is None:
-        raise CaptureError(
-            f"could not trace {type(model).__name__}: "
-            + "; ".join(errors)
-            + ". Try: check that example_inputs match forward(); avoid data-dependent Python control flow "
-            "(or wrap it in torch.cond); for Hugging Face models pass use_cache=False"
-        )
-
+    if not isinstance(vocab_chunks, int) or isinstance(vocab_chunks, bool) or vocab_chunks < 1:
+        raise CaptureError(f"vocab_chunks must be a whole number of at least 1, got {vocab_chunks!r}")
+    if vocab_chunks > 1 and tracer == "fx":
+        raise CaptureError(f"vocab_chunks={vocab_chunks} needs a torch.export graph; tracer='fx' cannot give one. "
+                           "Leave vocab_chunks at 1")
+    # The head and the loss in vocabulary chunks: the model's forward takes the targets too ([Note: vocabulary chunks]).
+    with vocab_loss(model, vocab_chunks, args) if vocab_chunks > 1 else contextlib.nullcontext(args) as traced_args:
+        gm, used, nodes, annot = _trace_and_annotate(model, traced_args, kwargs, tracer, vocab_chunks)
     params = _param_table(model)
-    alias_to_canonical = {a: p.name for p in params.values() for a in (p.name, *p.aliases)}
     tensors = [a for a in tree_flatten((args, kwargs))[0] if isinstance(a, torch.Tensor)]
     bsz = batch_size if batch_size is not None else (tensors[0].shape[0] if tensors and tensors[0].dim() else 1)
-    annot = _Annotator(gm, used, param_of_placeholder, alias_to_canonical, model)
-    try:
-        nodes = annot.run()
-    finally:  # whatever the traced ops did to grad mode, the caller gets theirs back
-        torch.set_grad_enabled(grad_mode)
     dtype = _dominant_dtype(params.values())
     return CapturedModel(
         name=name or type(model).__name__,
@@ -247,12 +228,60 @@ def capture(
         fingerprint=model_fingerprint(model, params),
         warnings=tuple(annot.warnings),
         param_nodes=dict(annot.param_nodes),
+        vocab_chunks=vocab_chunks,
     )
+
+
+def _trace_and_annotate(model: torch.nn.Module, args: tuple, kwargs: dict, tracer: str,
+                        vocab_chunks: int) -> tuple[fx.GraphModule, str, dict[str, NodeInfo], "_Annotator"]:
+    """``capture``'s trace (export, else fx as ``tracer`` allows) and its annotation of every node."""
+    grad_mode = torch.is_grad_enabled()  # restored after tracing and after annotation
+    errors: list[str] = []
+    gm: fx.GraphModule | None = None
+    used = ""
+    param_of_placeholder: dict[str, str] = {}
+    if tracer in ("auto", "export"):
+        try:
+            gm, param_of_placeholder = _trace_export(model, args, kwargs)
+            used = "export"
+        except CaptureError:  # ours, from inside the forward (vocab_split.py): already one clear line
+            raise
+        except Exception as exc:  # export raises many types; we report them all the same way
+            errors.append("torch.export: " + _describe_failure(exc))
+    if gm is None and tracer in ("auto", "fx") and vocab_chunks == 1:
+        try:
+            gm = _trace_fx(model, args, kwargs)
+            used = "fx"
+        except Exception as exc:
+            errors.append("torch.fx.symbolic_trace: " + _describe_failure(exc))
+    torch.set_grad_enabled(grad_mode)
+    if gm is None:
+        raise CaptureError(
+            f"could not trace {type(model).__name__}: "
+            + "; ".join(errors)
+            + ". Try: check that example_inputs match forward(); avoid data-dependent Python control flow "
+            "(or wrap it in torch.cond); for Hugging Face models pass use_cache=False"
+        )
+
+    if vocab_chunks > 1 and used != "export":
+        raise CaptureError(f"vocab_chunks={vocab_chunks} needs a torch.export graph; {type(model).__name__} could not be "
+                           f"exported ({'; '.join(errors)}). Leave vocab_chunks at 1")
+    params = _param_table(model)
+    alias_to_canonical = {a: p.name for p in params.values() for a in (p.name, *p.aliases)}
+    annot = _Annotator(gm, used, param_of_placeholder, alias_to_canonical, model)
+    try:
+        nodes = annot.run()
+    finally:  # whatever the traced ops did to grad mode, the caller gets theirs back
+        torch.set_grad_enabled(grad_mode)
+    return gm, used, nodes, annot
 
 
 def loss_kind(cap: CapturedModel) -> str:
     """The loss ``autopart run`` trains ``cap``'s model with: ``cross_entropy`` for a model of token ids (its
-    logits against the next tokens), else ``mse`` (runtime/loop.py)."""
+    logits against the next tokens), else ``mse`` (runtime/loop.py); ``in_graph`` where the graph computes
+    it (the vocabulary in chunks, [Note: vocabulary chunks] in vocab_split.py): no loss after the graph."""
+    if cap.vocab_chunks > 1:
+        return "in_graph"
     inputs = [n for n in cap.nodes.values() if n.op == "placeholder" and n.name not in cap.param_nodes and n.outputs]
     floats = ("float", "bfloat16", "half")
     token_ids = bool(inputs) and all(not t.dtype.startswith(floats) for n in inputs for t in n.outputs)

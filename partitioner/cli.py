@@ -73,6 +73,9 @@ def _common(p: argparse.ArgumentParser) -> None:
     g.add_argument("--model", default=None, help=f"zoo name, hf:ClassName or py:module:function (default {DEFAULT_MODEL}; with --plan, the plan's)")
     g.add_argument("--config", nargs="+", default=[], metavar="KEY=VALUE", help="model config overrides, e.g. n_layer=4")
     g.add_argument("--seq-len", type=_positive_int, default=None, help="sequence length (default: the model's)")
+    g.add_argument("--vocab-chunks", type=_positive_int, default=1, metavar="K",
+                   help="split the output head's vocabulary into K blocks the planner may put on different stages "
+                        "(default 1: the head is one block; with --plan, the plan's)")
     g.add_argument("--dtype", default=None, choices=("fp32", "tf32", "bf16", "fp16", "fp8"), help="compute dtype (default bf16; fp32 on a device without bf16, such as local-cpu)")
     p.add_argument("--quiet", action="store_true", help="no progress on stderr (it is shown only on a terminal anyway)")
 
@@ -404,7 +407,7 @@ def cmd_plan(args: argparse.Namespace) -> int:
         example_kwargs=loaded.example_kwargs,
     )
     show = False if args.quiet else None  # progress on stderr when it is a terminal
-    model = _captured(loaded, show)
+    model = _captured(loaded, show, _vocab_chunks(args, plan_in))
     if args.profile:
         sizes = _sizes_to_profile(args, plan_in, loaded, cluster, pins, global_batch)
         training["cost_model"] = _profiled(args, model, cluster, dtype, pins.get("tp"), show, loaded, sizes)
@@ -428,15 +431,16 @@ def cmd_plan(args: argparse.Namespace) -> int:
     return 0
 
 
-def _captured(loaded, show: bool | None):
-    """Capture and coarsen ``loaded`` (the ``capture`` phase, with progress): its ``PartitionGraph``."""
+def _captured(loaded, show: bool | None, vocab_chunks: int = 1):
+    """Capture and coarsen ``loaded`` (the ``capture`` phase, with progress): its ``PartitionGraph``, the
+    head's vocabulary in ``vocab_chunks`` blocks."""
     from .capture import capture
     from .graph import build_partition_graph
 
     with Progress(show) as progress:
         progress.phase("capture", detail=loaded.name)
         cap = capture(loaded.model, loaded.example_inputs, loaded.example_kwargs, name=loaded.name,
-                      batch_size=loaded.batch_size)
+                      batch_size=loaded.batch_size, vocab_chunks=vocab_chunks)
         return build_partition_graph(cap, loaded.model)
 
 
@@ -469,6 +473,16 @@ def _plan_or_score(args, plan_in, model, loaded, cluster, pins, global_batch, tr
         progress=progress.search,
         **training,
     )
+
+
+def _vocab_chunks(args: argparse.Namespace, plan_in=None) -> int:
+    """The head's vocabulary chunks: ``--vocab-chunks``, or a given plan's (a different flag is refused)."""
+    if plan_in is None:
+        return args.vocab_chunks
+    if args.vocab_chunks not in (1, plan_in.model.vocab_chunks):
+        raise PlanError(f"--vocab-chunks {args.vocab_chunks}: the plan splits the head's vocabulary into "
+                        f"{plan_in.model.vocab_chunks}; drop the flag or re-plan")
+    return plan_in.model.vocab_chunks
 
 
 def _model_source(args: argparse.Namespace, plan_in=None):
@@ -529,7 +543,8 @@ def _profiled(args: argparse.Namespace, pg, cluster, dtype: str, tp_pin: int | N
     if sizes:
         with Progress(show) as progress:
             progress.phase("capture", detail=f"{loaded.name} at micro-batch sizes {', '.join(map(str, sizes))}")
-            others, failed = recaptured(loaded.model, loaded.example_inputs, loaded.example_kwargs, loaded.name, sizes)
+            others, failed = recaptured(loaded.model, loaded.example_inputs, loaded.example_kwargs, loaded.name, sizes,
+                                        pg.captured.vocab_chunks)
     clock = profile_clock(cluster, args.device or "cpu")
     with ProfileCache(args.cache) as cache:
         prof = profile_for_planning(pg, cluster, cache,
@@ -679,7 +694,7 @@ def cmd_explain(args: argparse.Namespace) -> int:
     loaded = load_model(source.spec, seq_len=source.seq_len, dtype=plan.training.dtype, config=source.config)
     plan.check_matches(model_fingerprint(loaded.model), given=ModelSource(source.spec, source.config, loaded.seq_len))
     show = False if args.quiet else None
-    pg = _captured(loaded, show)
+    pg = _captured(loaded, show, _vocab_chunks(args, plan))
     cost_model = None
     if args.profile:
         sizes = _sizes_to_profile(args, plan, loaded, cluster, {}, plan.training.global_batch)
@@ -787,6 +802,8 @@ def cmd_run(args: argparse.Namespace) -> int:
 
     if args.warmup < 0:
         raise PlanError(f"--warmup {args.warmup} must be >= 0")
+    if args.vocab_chunks != 1:
+        raise PlanError("--vocab-chunks: run splits the head as its plan says (model.vocab_chunks); drop the flag")
     return run_plan(
         args.plan_file, args.model, config=args.config, seq_len=args.seq_len, steps=args.steps,
         warmup=args.warmup, json_path=args.json, seed=args.seed, data=args.data, force=args.force,
@@ -818,7 +835,7 @@ def cmd_inspect(args: argparse.Namespace) -> int:
                       "here); a TOML file describes any other cluster (docs/cluster.md)")
         return 0
     loaded = load_model(args.model, seq_len=args.seq_len, dtype=args.dtype or "bf16", config=parse_config_overrides(args.config))
-    pg = _captured(loaded, False if args.quiet else None)
+    pg = _captured(loaded, False if args.quiet else None, args.vocab_chunks)
     cap = pg.captured
     console.print(
         f"[bold]{cap.name}[/bold]: {_fmt_count(cap.param_count)} params, {len(cap.nodes)} graph nodes "
@@ -893,7 +910,7 @@ def cmd_profile(args: argparse.Namespace) -> int:
     tps = tuple(_parse_tp(args.tp)) if args.tp else ()
     loaded = load_model(args.model, seq_len=args.seq_len, dtype=dtype, config=parse_config_overrides(args.config))
     show = False if args.quiet else None
-    pg = _captured(loaded, show)
+    pg = _captured(loaded, show, args.vocab_chunks)
     cap = pg.captured
     with ProfileCache(args.cache) as cache:
         prof = profile_for_planning(pg, cluster, cache, _profile_options(args, dtype, tps, args.clock, show=show))

@@ -1324,7 +1324,7 @@ class Evaluator:
             memory_margin=self.memory_margin,
         )
         return Plan(
-            model=ModelRef(cap.name, cap.param_count, cap.fingerprint, cap.input_shapes),
+            model=ModelRef(cap.name, cap.param_count, cap.fingerprint, cap.input_shapes, vocab_chunks=cap.vocab_chunks),
             cluster=self.cluster.to_dict(),
             mesh=mesh,
             schedule=schedule,

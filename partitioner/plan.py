@@ -51,7 +51,7 @@ __all__ = [
     "Plan",
 ]
 
-PLAN_VERSION = 6
+PLAN_VERSION = 7
 # Versions this autopart reads. 2 added stages[].predicted.components and named nodes by key (so a
 # version-1 plan is re-planned); 3 added model.source (how to rebuild the model, so that ``autopart
 # run --plan`` needs nothing else). A version-2 plan loads with no source: ``autopart run`` then
@@ -60,8 +60,9 @@ PLAN_VERSION = 6
 # dp_sharding "zero1" or "none". 5 replaced stages[].recompute (true/false) by the blocks that recompute
 # (a list of module names; true still means every block of the stage, false none) and added
 # stages[].selective ([Note: recompute per block] in recompute.py). 6 added the components tied_sum_s and
-# dp_gather_forward_s (written only when nonzero).
-READABLE_VERSIONS = (2, 3, 4, 5, 6)
+# dp_gather_forward_s (written only when nonzero). 7 added model.vocab_chunks (written only when not 1:
+# [Note: vocabulary chunks] in vocab_split.py).
+READABLE_VERSIONS = (2, 3, 4, 5, 6, 7)
 SCHEDULE_NAMES = SCHEDULES  # the registry in schedules.py is the one list
 # Per-node tensor-sharding strategies the runtime can realize: the registry in tp_strategies.py is
 # the one list (see docs/plan.md).
@@ -388,9 +389,11 @@ class ModelRef:
     fingerprint: str  # see capture.model_fingerprint
     input_shapes: tuple[tuple[int, ...], ...] = ()  # shapes of the captured example inputs
     source: ModelSource | None = None  # how to rebuild it (CLI plans); None for a model given from Python
+    vocab_chunks: int = 1  # the head's vocabulary split in this many blocks ([Note: vocabulary chunks] in vocab_split.py)
 
     def __post_init__(self) -> None:
         _check_type("model.name", self.name, str, "a string")
+        _check_int("model.vocab_chunks", self.vocab_chunks, 1)
         _check_int("model.params", self.params, 0)
         _check_type("model.fingerprint", self.fingerprint, str, "a string")
         _check_type("model.input_shapes", self.input_shapes, tuple, "an array of shapes")
@@ -628,9 +631,12 @@ class Plan:
     # --- JSON ------------------------------------------------------------------------
 
     def to_dict(self) -> dict[str, Any]:
+        model = asdict(self.model)
+        if model["vocab_chunks"] == 1:  # the head whole: not written (version 7)
+            del model["vocab_chunks"]
         d = {
             "version": self.version,
-            "model": asdict(self.model),
+            "model": model,
             "cluster": dict(self.cluster),
             "mesh": asdict(self.mesh),
             "schedule": asdict(self.schedule),

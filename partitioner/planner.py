@@ -66,10 +66,13 @@ def prepare(
     batch_size: int | None = None,
     example_kwargs: Mapping[str, Any] | None = None,
     memory_margin: float | None = None,
+    vocab_chunks: int = 1,
 ) -> Evaluator:
     """Capture (unless given a ``CapturedModel``), coarsen (unless given a ``PartitionGraph``), and
     build the evaluator. ``memory_margin`` replaces the recorded one ([Note: the memory margin] in
     cost_models/memory.py), e.g. 0 where a test is about something else than the margin.
+    ``vocab_chunks`` > 1 splits the output head's vocabulary into that many blocks when capturing
+    ([Note: vocabulary chunks] in vocab_split.py).
 
     The training set-up is ``training`` if given (e.g. a loaded plan's),
     otherwise built from ``global_batch`` and the other keywords.
@@ -82,7 +85,8 @@ def prepare(
         if isinstance(model, CapturedModel):
             captured, module = model, None
         else:
-            captured = capture(model, example_inputs, example_kwargs, name=name, batch_size=batch_size)
+            captured = capture(model, example_inputs, example_kwargs, name=name, batch_size=batch_size,
+                               vocab_chunks=vocab_chunks)
             module = model
         pgraph = build_partition_graph(captured, module)
     if training is None:
@@ -227,7 +231,7 @@ def score_plan(
     """
     if cluster is None:
         raise PlanError("a cluster is required to score a plan")
-    ev = prepare(model, example_inputs, cluster, training=plan.training, **kwargs)
+    ev = prepare(model, example_inputs, cluster, training=plan.training, vocab_chunks=plan.model.vocab_chunks, **kwargs)
     plan.check_matches(ev.captured.fingerprint, cluster.to_dict())
     scored, sim = ev.score(plan)
     return PlanResult(scored, sim, ev)
@@ -252,7 +256,7 @@ def check_plan(
     if shapes and len(shapes) == len(args):
         args = tuple(torch.zeros(s, dtype=a.dtype, device=a.device) if isinstance(a, torch.Tensor) else a
                      for s, a in zip(shapes, args))
-    captured = capture(model, args, example_kwargs, name=plan.model.name)
+    captured = capture(model, args, example_kwargs, name=plan.model.name, vocab_chunks=plan.model.vocab_chunks)
     pgraph = build_partition_graph(captured, model)
     plan = plan.with_blocks({b.name: tuple(captured.nodes[n].key for n in b.nodes) for b in pgraph.blocks})
     check_split_backward(plan, pgraph)

@@ -35,6 +35,7 @@ the plan's nodes (another model).
 
 from __future__ import annotations
 
+import contextlib
 from dataclasses import dataclass
 from typing import Any, Mapping, Sequence
 
@@ -44,11 +45,12 @@ from torch.utils._pytree import TreeSpec
 
 from .capture import disable_hf_cache, node_keys
 from .dtensor_ops import Unshardable, check_shardable, is_check_or_query, run_check, tree_full
-from .errors import PlanError
+from .errors import AutopartError, PlanError
 from .plan import Plan
 from .recompute import run_region
 from .schedules import spec as schedule_spec
 from .tp_strategies import INPUT_LAYOUT, OUTPUT_LAYOUT, STRATEGIES, TPContext
+from .vocab_split import vocab_loss
 
 __all__ = ["StageProgram", "SplitModel", "split_model", "canonical_names", "microbatch_inputs"]
 
@@ -112,9 +114,15 @@ def split_model(
     """
     args = tuple(example_inputs)
     disable_hf_cache(model)  # as capture does: a KV cache is not a training output
+    chunks = plan.model.vocab_chunks
     splits_backward = schedule_spec(plan.schedule.name).splits_backward  # [Note: a split backward's stage outputs]
     try:
-        ep = torch.export.export(model, args, strict=False)
+        # The head and the loss in vocabulary chunks, as capture traced them: the targets are one more
+        # input and the loss the output ([Note: vocabulary chunks] in vocab_split.py).
+        with vocab_loss(model, chunks, args) if chunks > 1 else contextlib.nullcontext(args) as args:
+            ep = torch.export.export(model, args, strict=False)
+    except AutopartError:
+        raise
     except Exception as exc:  # export raises many types
         first = (str(exc).strip().splitlines() or [type(exc).__name__])[0][:200]
         fix = "the runtime needs an exportable model"

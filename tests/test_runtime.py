@@ -74,6 +74,10 @@ LAYOUTS = {
                                  as_v4=True)),
     # Every block recomputed under tp: each block's nodes one checkpointed region, the tied ones too.
     "tp2-recompute": (2, dict(pp=1, tp=2, dp=1, microbatches=2, global_batch=4, recompute=True)),
+    # The head's vocabulary in two blocks, one on each stage (vocab_split.py): GPT-2's head is tied to its
+    # embedding, Llama's is a weight of its own; either way both stages read the one weight.
+    "pp2-vocab-chunks": (2, dict(pp=2, tp=1, dp=1, schedule="1f1b", microbatches=2, global_batch=4, vocab_chunks=2,
+                                 method="manual", split_at=["lm_head.vocab1"])),
 }
 RECOMPUTE_LAYERS = {"pp2-recompute-blocks", "tp2-recompute-selective", "dp2-zero3-selective"}
 SPLIT_BACKWARD = {"pp2-zb", "pp2-zbv", "pp2-zbv-view", "pp2-dualpipev", "pp2xdp2-zb"}  # slow: they lengthen two shared launches
@@ -82,7 +86,8 @@ FSDP = {"dp2-zero2-recompute", "dp2-zero3-recompute", "dp2-zero3", "pp2xdp2-zero
 LAYOUT_MODELS = {name: ["gpt2-tiny", "mlp"] for name in [*SPLIT_BACKWARD, *FSDP, "pp2xdp2-recompute"]}
 LAYOUT_MODELS.update({"pp2-recompute-blocks": ["gpt2-tiny", "llama-tiny"], "tp2-recompute-selective": ["gpt2-tiny"],
                       "dp2-zero3-selective": ["gpt2-tiny"], "pp2-recompute-v4": ["gpt2-tiny"],
-                      "tp2-recompute": ["gpt2-tiny"], "pp2-zbv-view": ["gpt2-tiny"]})
+                      "tp2-recompute": ["gpt2-tiny"], "pp2-vocab-chunks": ["gpt2-tiny", "llama-tiny"],
+                      "pp2-zbv-view": ["gpt2-tiny"]})
 # GPT-2 (tied weights, blocks folded into units) is the case that matters; dp2-zero3 also runs the MLP.
 for name in ("dp2-zero2-recompute", "dp2-zero3-recompute", "pp2xdp2-zero3", "tp2xdp2-zero3", "dp4-hsdp"):
     LAYOUT_MODELS[name] = ["gpt2-tiny"]
@@ -172,6 +177,10 @@ def test_equivalence(layout: str, equivalence_launches) -> None:
             each = [len(r[name]["plan_recompute"][s]) if pins.get("recompute") and pins["tp"] == 1 else 0
                     for s in r[name]["stages"]]
             assert r[name]["checkpointed"] == each, (name, rank, r[name]["checkpointed"], each)
+    if pins.get("vocab_chunks"):  # each stage computes a share of the logits
+        for name in models:
+            assert [[m for m in mods if ".vocab" in m] for mods in reports[0][name]["plan_modules"]] == \
+                [["lm_head.vocab0"], ["lm_head.vocab1"]], reports[0][name]["plan_modules"]
     schedules = {reports[0][n]["schedule"] for n in models}
     if "schedule" in pins:  # a pinned schedule is the one run
         assert schedules == {pins["schedule"]}

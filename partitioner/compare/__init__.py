@@ -149,6 +149,7 @@ def compare(
     gpus_per_node: int | None = None,
     config: Sequence[str] = (),
     seq_len: int | None = None,
+    vocab_chunks: int = 1,
     dtype: str | None = None,
     global_batch: int | None = None,
     mesh: str | None = None,
@@ -203,7 +204,7 @@ def compare(
         check_measurable(cluster, nodes, gpus_per_node)
     case = Case(
         model=model, cluster=cluster, nodes=nodes, gpus_per_node=gpus_per_node, config=tuple(config), seq_len=seq_len,
-        dtype=dtype, global_batch=global_batch, mesh=mesh, microbatches=microbatches, schedule=schedule,
+        vocab_chunks=vocab_chunks, dtype=dtype, global_batch=global_batch, mesh=mesh, microbatches=microbatches, schedule=schedule,
         virtual_stages=virtual_stages, recompute=recompute, optimizer=optimizer, zero1=zero1,
         memory_reserve=memory_reserve, time_limit=time_limit,
     )
@@ -224,7 +225,8 @@ def compare(
 
 
 def _python_call(case: Case, methods, measure, out, profiling: ProfileSettings | None = None) -> str:
-    kw = {k: v for k, v in asdict(case).items() if v not in (None, (), False) and k != "label"}
+    kw = {k: v for k, v in asdict(case).items()
+          if v not in (None, (), False) and k != "label" and not (k == "vocab_chunks" and v == 1)}
     kw.update(methods=",".join(methods))
     if measure:
         kw["measure"] = True

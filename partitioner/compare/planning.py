@@ -28,7 +28,7 @@ class CaptureCache:
 
     def get(self, case: Case, dtype: str) -> tuple[Any, Any, float]:
         """(LoadedModel, CapturedModel, seconds the capture took)."""
-        key = (case.model, case.config, case.seq_len, dtype)
+        key = (case.model, case.config, case.seq_len, case.vocab_chunks, dtype)
         if key not in self._entries:
             from ..capture import capture
             from ..zoo import load_model, parse_config_overrides
@@ -36,7 +36,8 @@ class CaptureCache:
             t = time.perf_counter()
             loaded = load_model(case.model, seq_len=case.seq_len, dtype=dtype, config=parse_config_overrides(case.config))
             captured = capture(
-                loaded.model, loaded.example_inputs, loaded.example_kwargs, name=loaded.name, batch_size=loaded.batch_size
+                loaded.model, loaded.example_inputs, loaded.example_kwargs, name=loaded.name, batch_size=loaded.batch_size,
+                vocab_chunks=case.vocab_chunks,
             )
             self._entries[key] = (loaded, captured, time.perf_counter() - t)
         return self._entries[key]
@@ -178,7 +179,8 @@ def _profiled_costs(pgraph, cluster, dtype: str, pins, global_batch: int, loaded
     batch = pgraph.captured.batch_size
     sizes = micro_batches_to_profile(batch, cluster.world_size, global_batch, pp=pins.pp, tp=pins.tp, dp=pins.dp,
                                      microbatches=pins.microbatches, most=settings.sizes or PROFILED_SIZES)
-    others, failed = recaptured(loaded.model, loaded.example_inputs, loaded.example_kwargs, loaded.name, sizes)
+    others, failed = recaptured(loaded.model, loaded.example_inputs, loaded.example_kwargs, loaded.name, sizes,
+                                pgraph.captured.vocab_chunks)
     # No bar of its own: compare's progress line says "profiling" (one live display at a time).
     options = ProfileOptions(device=settings.device, dtype=dtype, tp_degrees=tp_degrees(cluster, pins.tp),
                              budget_s=settings.budget_s, progress=False, clock=profile_clock(cluster, settings.device))

@@ -35,6 +35,7 @@ class Case:
     gpus_per_node: int | None = None  # overrides the cluster's devices per node
     config: tuple[str, ...] = ()  # model config overrides, KEY=VALUE
     seq_len: int | None = None  # sequence length (default: the model's)
+    vocab_chunks: int = 1  # the head's vocabulary in this many blocks, for every method (vocab_split.py)
     dtype: str | None = None  # compute dtype (default bf16, or the device's own, fp32 on a CPU)
     global_batch: int | None = None  # samples per step (default 8 per device)
     mesh: str | None = None  # pinned mesh axes for every method, e.g. "pp=2"
@@ -57,6 +58,8 @@ class Case:
             value = getattr(self, name)
             if value is not None and (not isinstance(value, int) or isinstance(value, bool) or value < 1):
                 raise CompareError(f"case {self.title}: {name} = {value!r} must be an integer >= 1")
+        if not isinstance(self.vocab_chunks, int) or isinstance(self.vocab_chunks, bool) or self.vocab_chunks < 1:
+            raise CompareError(f"case {self.title}: vocab_chunks = {self.vocab_chunks!r} must be an integer >= 1")
         if self.time_limit is not None and not (self.time_limit > 0 and math.isfinite(self.time_limit)):
             raise CompareError(f"case {self.title}: time_limit = {self.time_limit!r} must be a number of seconds > 0")
 

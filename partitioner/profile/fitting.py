@@ -131,7 +131,7 @@ def micro_batches_to_profile(capture_batch: int, world: int, global_batch: int, 
 
 
 def recaptured(model: torch.nn.Module, example_inputs: Sequence[Any], example_kwargs: Mapping[str, Any] | None,
-               name: str, sizes: Sequence[int]) -> tuple[dict[int, PartitionGraph], dict[int, str]]:
+               name: str, sizes: Sequence[int], vocab_chunks: int = 1) -> tuple[dict[int, PartitionGraph], dict[int, str]]:
     """``model`` captured again with its positional inputs resized to each micro-batch size (as the runtime
     builds its stages, ``rewrite.microbatch_inputs``; keyword inputs as given): the graphs to profile at
     those sizes, and the sizes that could not be captured, each with why."""
@@ -143,7 +143,8 @@ def recaptured(model: torch.nn.Module, example_inputs: Sequence[Any], example_kw
     out, failed = {}, {}
     for b in sizes:
         try:
-            cap = capture(model, microbatch_inputs(example_inputs, b), example_kwargs, name=name, batch_size=b)
+            cap = capture(model, microbatch_inputs(example_inputs, b), example_kwargs, name=name, batch_size=b,
+                          vocab_chunks=vocab_chunks)
             out[b] = build_partition_graph(cap, model)
         except AutopartError as exc:
             failed[b] = one_line(exc, 160)

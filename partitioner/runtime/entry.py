@@ -49,6 +49,7 @@ def auto_parallelize(
     recompute: bool | None = None,
     dp_sharding: str | None = None,
     sequence_parallel: bool | None = None,
+    vocab_chunks: int = 1,
 ) -> "ParallelModel":
     """Plan (unless ``plan`` is given) and build the distributed model on this rank. Run under torchrun.
 
@@ -67,7 +68,10 @@ def auto_parallelize(
     (not to) replay its forward in backward; ``None`` lets the planner choose
     per stage ([Note: recompute in the runtime] in recompute.py). ``sequence_parallel`` as for
     ``plan_parallelism`` (True: Megatron's sequence-parallel layout under tp; [Note: sequence
-    parallelism] in tp_strategies.py).
+    parallelism] in tp_strategies.py). ``vocab_chunks`` > 1 splits the output head's vocabulary, and the loss, into
+    that many blocks the planner may put on different stages ([Note: vocabulary chunks] in
+    vocab_split.py): the graph then computes the loss itself, the mean cross-entropy of the logits
+    against ``target`` (targets of -100 left out), and ``loss_fn`` is not called.
 
     A model built on ``meta`` (e.g. ``load_model(..., device="meta")``) is
     materialized stage by stage: each rank allocates and initializes only the
@@ -86,7 +90,7 @@ def auto_parallelize(
         plan = _plan_on_rank0(
             model, example_inputs, cluster, rank,
             dict(method=method, pp=pp, tp=tp, dp=dp, microbatches=microbatches, schedule=schedule, zero1=zero1,
-                 dp_sharding=dp_sharding, sequence_parallel=sequence_parallel,
+                 dp_sharding=dp_sharding, sequence_parallel=sequence_parallel, vocab_chunks=vocab_chunks,
                  virtual_stages=virtual_stages, recompute=recompute, time_limit_s=time_limit_s,
                  global_batch=global_batch or _batch_of(example_inputs)),
         )

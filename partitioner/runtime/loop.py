@@ -23,6 +23,7 @@ from ..devices import leave_distributed
 from ..errors import AutopartError
 from ..measure import RankTime
 from ..plan import Plan
+from ..vocab_split import output_head
 from ..watchdog import DistributedError
 from .entry import join_process_group
 from .model import ParallelModel
@@ -114,6 +115,8 @@ def run_plan(
     last = pm.split.stages[-1].output_specs
     probe = tree_unflatten([torch.empty(shape, dtype=dt, device="meta") for shape, dt in last], pm.split.out_spec)
     out = getattr(probe, "logits", probe)
+    if plan.model.vocab_chunks > 1:  # the last stage returns the loss ([Note: vocabulary chunks] in vocab_split.py)
+        out = torch.empty((1, output_head(model)[1].out_features), device="meta")
     if not isinstance(out, torch.Tensor):
         pm.close()
         raise DistributedError(f"model {model_spec}: its output is neither a tensor nor has .logits; autopart run cannot make a loss for it")

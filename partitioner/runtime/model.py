@@ -124,6 +124,11 @@ def timed_stage_class() -> type:
     return _TimedStage
 
 
+def _in_graph_loss(out: Any, target: torch.Tensor) -> torch.Tensor:
+    """The loss of a plan whose graph computes it (the vocabulary in chunks): the last stage's output."""
+    return out
+
+
 class ParallelModel:
     """The model of one plan, on this rank: its stages, their optimizer, and the step.
 
@@ -173,7 +178,10 @@ class ParallelModel:
         self.stage_indices = rank_stages(self.pp_index, mesh.pp, plan.schedule.virtual_stages, layout)
         self.model_name = plan.model.name
         self.fingerprint = plan.model.fingerprint
-        self._loss_fn = loss_fn
+        # With the vocabulary in chunks the graph computes the loss itself, from the targets as its last
+        # input ([Note: vocabulary chunks] in vocab_split.py): the last stage's output is that loss.
+        self._targets_in_graph = plan.model.vocab_chunks > 1
+        self._loss_fn = _in_graph_loss if self._targets_in_graph else loss_fn
         sched = plan.schedule
         self.micro_batch_size = sched.micro_batch_size
         on_meta = has_meta_tensors(model)
@@ -365,6 +373,8 @@ class ParallelModel:
         step's peak memory by category lands in ``self.memory`` (measure.py;
         tracking slows the step down, so time a step without it).
         """
+        if self._targets_in_graph:
+            inputs = (*inputs, target)
         local_inputs = [self._replica_slice(x, f"input {i}") for i, x in enumerate(inputs)]
         local_target = self._replica_slice(target, "target")
         origin = time.perf_counter()
