@@ -193,7 +193,8 @@ def capture(
     may live on the meta device (and should, for large models). ``batch_size``
     is the number of samples in them (default: dim 0 of the first tensor).
     ``tracer`` is "auto" (export, then fx on failure), "export" or "fx". ``vocab_chunks`` > 1 splits the
-    output head's vocabulary into that many blocks ([Note: vocabulary chunks] in vocab_split.py).
+    output head's vocabulary, and the cross-entropy with it, into that many blocks; the graph then takes
+    the targets as its last input and returns the mean loss ([Note: vocabulary chunks] in vocab_split.py).
     """
     if tracer not in ("auto", "export", "fx"):
         raise CaptureError(f"tracer={tracer!r} is not one of 'auto', 'export', 'fx'")
