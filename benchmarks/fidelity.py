@@ -86,6 +86,9 @@ LAYOUTS = (
     _layout("gpt2-tiny pp2 1f1b recompute", "gpt2-tiny", 2, "pp=2,tp=1,dp=1", "1f1b", 4, "--recompute"),
     # a split backward (I and W), with stages between the first and the last ([Note: zero-bubble memory])
     _layout("gpt2-tiny pp2 zb v2", "gpt2-tiny", 2, "pp=2,tp=1,dp=1", "zb", 4, "--virtual-stages", "2"),
+    # the head and the loss in two vocabulary chunks, one a stage ([Note: vocabulary chunks] in vocab_split.py)
+    _layout("gpt2-tiny pp2 1f1b vocab2", "gpt2-tiny", 2, "pp=2,tp=1,dp=1", "1f1b", 4, "--vocab-chunks", "2",
+            "--split-at", "lm_head.vocab1"),
     _layout("gpt2-tiny dp2", "gpt2-tiny", 2, "pp=1,tp=1,dp=2", "1f1b", 4),
     _layout("gpt2-tiny tp2", "gpt2-tiny", 2, "pp=1,tp=2,dp=1", "1f1b", 4),
     _layout("gpt2-tiny pp2 dp2 zero1", "gpt2-tiny", 4, "pp=2,tp=1,dp=2", "1f1b", 4, "--zero1"),
