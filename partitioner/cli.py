@@ -18,7 +18,7 @@ from typing import TYPE_CHECKING, Any, Mapping, Sequence
 
 from .cluster import default_dtype, tp_degrees
 from .dp_sharding import DP_SHARDINGS
-from .errors import AutopartError, PlanError, one_line
+from .errors import AutopartError, CaptureError, PlanError, one_line
 from .fmt import fmt_bytes, fmt_time
 from .progress import Progress
 from .schedules import SCHEDULES
@@ -48,6 +48,14 @@ def _positive_int(text: str) -> int:
     return value
 
 
+def _chunk_count(text: str) -> int | str:
+    """``--vocab-chunks``: a count >= 1, or ``auto`` (``autopart plan`` tries several)."""
+    return "auto" if text == "auto" else _positive_int(text)
+
+
+AUTO_CHUNKS = (1, 2, 4, 8)  # what --vocab-chunks auto tries ([Note: vocabulary chunks] in vocab_split.py)
+
+
 def _positive_seconds(text: str) -> float:
     try:
         value = float(text)
@@ -73,9 +81,10 @@ def _common(p: argparse.ArgumentParser) -> None:
     g.add_argument("--model", default=None, help=f"zoo name, hf:ClassName or py:module:function (default {DEFAULT_MODEL}; with --plan, the plan's)")
     g.add_argument("--config", nargs="+", default=[], metavar="KEY=VALUE", help="model config overrides, e.g. n_layer=4")
     g.add_argument("--seq-len", type=_positive_int, default=None, help="sequence length (default: the model's)")
-    g.add_argument("--vocab-chunks", type=_positive_int, default=1, metavar="K",
-                   help="split the output head's vocabulary into K blocks the planner may put on different stages "
-                        "(default 1: the head is one block; with --plan, the plan's)")
+    g.add_argument("--vocab-chunks", type=_chunk_count, default=1, metavar="K",
+                   help="split the output head's vocabulary, and the loss, into K blocks the planner may put on "
+                        "different stages (default 1: the head is one block; with --plan, the plan's); plan takes "
+                        "auto: it tries 1, 2, 4 and 8 and keeps the fastest plan")
     g.add_argument("--dtype", default=None, choices=("fp32", "tf32", "bf16", "fp16", "fp8"), help="compute dtype (default bf16; fp32 on a device without bf16, such as local-cpu)")
     p.add_argument("--quiet", action="store_true", help="no progress on stderr (it is shown only on a terminal anyway)")
 
@@ -407,14 +416,28 @@ def cmd_plan(args: argparse.Namespace) -> int:
         example_kwargs=loaded.example_kwargs,
     )
     show = False if args.quiet else None  # progress on stderr when it is a terminal
-    model = _captured(loaded, show, _vocab_chunks(args, plan_in))
-    if args.profile:
-        sizes = _sizes_to_profile(args, plan_in, loaded, cluster, pins, global_batch)
-        training["cost_model"] = _profiled(args, model, cluster, dtype, pins.get("tp"), show, loaded, sizes)
-    with Progress(show) as progress:
-        progress.phase("search" if args.method == "ilp" and plan_in is None else "plan", detail=args.method)
-        result = _plan_or_score(args, plan_in, model, loaded, cluster, pins, global_batch, training, progress)
+    result, tried = None, []
+    for chunks in _chunk_counts(args, plan_in, loaded):
+        try:
+            model = _captured(loaded, show, chunks)
+        except CaptureError as exc:
+            if not tried:  # the head whole failed: nothing to compare with
+                raise
+            tried.append(f"{chunks}: not possible ({str(exc).splitlines()[0]})")
+            break  # a model that cannot be chunked cannot be chunked more
+        priced = dict(training)
+        if args.profile:
+            sizes = _sizes_to_profile(args, plan_in, loaded, cluster, pins, global_batch)
+            priced["cost_model"] = _profiled(args, model, cluster, dtype, pins.get("tp"), show, loaded, sizes)
+        with Progress(show) as progress:
+            progress.phase("search" if args.method == "ilp" and plan_in is None else "plan", detail=args.method)
+            got = _plan_or_score(args, plan_in, model, loaded, cluster, pins, global_batch, priced, progress)
+        tried.append(f"{chunks}: {got.plan.predicted.step_time_s * 1e3:.1f} ms")
+        if result is None or got.plan.predicted.step_time_s < result.plan.predicted.step_time_s:  # ties: fewer
+            result = got
     plan_out = result.plan.with_source(source)
+    if args.vocab_chunks == "auto":
+        print(f"vocabulary chunks tried (predicted step): {'; '.join(tried)}; kept {plan_out.model.vocab_chunks}")
     print_plan(result, cluster)
     if args.explain:
         from .explain import print_explanation
@@ -475,9 +498,25 @@ def _plan_or_score(args, plan_in, model, loaded, cluster, pins, global_batch, tr
     )
 
 
+def _chunk_counts(args: argparse.Namespace, plan_in, loaded) -> tuple[int, ...]:
+    """The vocabulary chunk counts ``autopart plan`` plans with: ``AUTO_CHUNKS`` up to the head's outputs for
+    ``--vocab-chunks auto`` (1 alone for a model without a linear head), else the one ``_vocab_chunks`` gives."""
+    if args.vocab_chunks != "auto" or plan_in is not None:
+        return (_vocab_chunks(args, plan_in),)
+    from .vocab_split import output_head
+
+    try:
+        rows = output_head(loaded.model)[1].out_features
+    except CaptureError:
+        return (1,)
+    return tuple(k for k in AUTO_CHUNKS if k <= rows)
+
+
 def _vocab_chunks(args: argparse.Namespace, plan_in=None) -> int:
     """The head's vocabulary chunks: ``--vocab-chunks``, or a given plan's (a different flag is refused)."""
     if plan_in is None:
+        if args.vocab_chunks == "auto":
+            raise PlanError(f"--vocab-chunks auto: only `autopart plan` tries chunk counts; give {args.command} a number")
         return args.vocab_chunks
     if args.vocab_chunks not in (1, plan_in.model.vocab_chunks):
         raise PlanError(f"--vocab-chunks {args.vocab_chunks}: the plan splits the head's vocabulary into "
@@ -777,6 +816,7 @@ def cmd_compare(args: argparse.Namespace, argv: Sequence[str] | None = None) -> 
     from .compare import compare, print_tables
 
     words = list(sys.argv[1:] if argv is None else argv)
+    _vocab_chunks(args)  # a count: auto is plan's alone
     # Progress only for a person watching: in scripts and CI, stderr stays the one-line error.
     with Progress(False if args.quiet else None) as progress:
         progress.phase("compare")
@@ -835,7 +875,7 @@ def cmd_inspect(args: argparse.Namespace) -> int:
                       "here); a TOML file describes any other cluster (docs/cluster.md)")
         return 0
     loaded = load_model(args.model, seq_len=args.seq_len, dtype=args.dtype or "bf16", config=parse_config_overrides(args.config))
-    pg = _captured(loaded, False if args.quiet else None, args.vocab_chunks)
+    pg = _captured(loaded, False if args.quiet else None, _vocab_chunks(args))
     cap = pg.captured
     console.print(
         f"[bold]{cap.name}[/bold]: {_fmt_count(cap.param_count)} params, {len(cap.nodes)} graph nodes "
@@ -910,7 +950,7 @@ def cmd_profile(args: argparse.Namespace) -> int:
     tps = tuple(_parse_tp(args.tp)) if args.tp else ()
     loaded = load_model(args.model, seq_len=args.seq_len, dtype=dtype, config=parse_config_overrides(args.config))
     show = False if args.quiet else None
-    pg = _captured(loaded, show, args.vocab_chunks)
+    pg = _captured(loaded, show, _vocab_chunks(args))
     cap = pg.captured
     with ProfileCache(args.cache) as cache:
         prof = profile_for_planning(pg, cluster, cache, _profile_options(args, dtype, tps, args.clock, show=show))

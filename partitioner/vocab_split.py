@@ -35,7 +35,8 @@ parameters of their own, read its weight (and bias) in slices; ``vocab_loss`` ta
 and the runtime's rewrite export the model inside it, so the plan's node keys name the same nodes in
 both graphs, and each chunk's nodes carry the module path ``<head>.vocab<i>``: each chunk reads the
 head's weight, so it is a block of its own ([Note: how nodes become blocks] in graph.py); the
-mean joins the last chunk's block.
+mean joins the last chunk's block. The chunk count is a choice made outside the ILP: ``autopart plan
+--vocab-chunks auto`` plans 1, 2, 4 and 8 chunks and keeps the fastest plan (cli.py).
 
 What it asks of the model: its output (a tensor, a tuple's first element or ``.logits``) is the
 head's output unchanged. A model that scales or caps its logits after the head is refused, named.

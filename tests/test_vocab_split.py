@@ -159,6 +159,32 @@ def test_bad_chunk_counts_are_one_line_errors(tmp_path, capsys):
     assert main(["plan", "--plan", str(plan), "--cluster", "local-cpu:2", "--quiet"]) == 0  # the plan's chunks
 
 
+
+def test_plan_with_auto_chunks_keeps_the_fastest_count(tmp_path, capsys):
+    """``--vocab-chunks auto`` plans the head whole and in 2, 4 and 8 chunks, says each predicted step, and keeps
+    the fastest; a model that cannot be chunked keeps its head whole, saying why; only plan takes auto."""
+    import re
+
+    plan = tmp_path / "p.json"
+    args = ["plan", "--model", "gpt2", "--config", "n_layer=2", "n_embd=64", "n_head=4", "n_positions=64",
+            "--seq-len", "32", "--cluster", "local-cpu:2", "--global-batch", "8", "--mesh", "pp=2", "--dtype", "fp32",
+            "--time-limit", "5", "--quiet"]
+    assert main([*args, "--vocab-chunks", "auto", "--json", str(plan)]) == 0
+    line = next(l for l in capsys.readouterr().out.splitlines() if l.startswith("vocabulary chunks tried"))
+    steps = {int(k): float(ms) for k, ms in re.findall(r"(\d+): ([\d.]+) ms", line)}
+    assert sorted(steps) == [1, 2, 4, 8], line
+    kept = json.loads(plan.read_text())["model"].get("vocab_chunks", 1)
+    assert steps[kept] == min(steps.values()) and line.endswith(f"kept {kept}"), line
+    assert main(["plan", "--model", "mlp", "--cluster", "local-cpu:2", "--vocab-chunks", "auto", "--time-limit", "2",
+                 "--quiet"]) == 0
+    line = next(l for l in capsys.readouterr().out.splitlines() if l.startswith("vocabulary chunks tried"))
+    assert "2: not possible (vocab_chunks: " in line and "not token ids" in line and line.endswith("kept 1"), line
+    for command in ("inspect", "compare"):
+        assert main([command, "--model", "mlp", "--vocab-chunks", "auto"]) == 2
+        err = capsys.readouterr().err.strip().splitlines()
+        assert err == [f"autopart: error: --vocab-chunks auto: only `autopart plan` tries chunk counts; give {command} "
+                       "a number"], err
+
 @pytest.mark.slow
 def test_autopart_run_trains_a_chunked_plan_with_the_whole_heads_losses(tmp_path, capsys):
     """``autopart run`` feeds a chunked plan the targets as the graph's last input and takes the last stage's
