@@ -264,9 +264,6 @@ def _trace_and_annotate(model: torch.nn.Module, args: tuple, kwargs: dict, trace
             "(or wrap it in torch.cond); for Hugging Face models pass use_cache=False"
         )
 
-    if vocab_chunks > 1 and used != "export":
-        raise CaptureError(f"vocab_chunks={vocab_chunks} needs a torch.export graph; {type(model).__name__} could not be "
-                           f"exported ({'; '.join(errors)}). Leave vocab_chunks at 1")
     params = _param_table(model)
     alias_to_canonical = {a: p.name for p in params.values() for a in (p.name, *p.aliases)}
     annot = _Annotator(gm, used, param_of_placeholder, alias_to_canonical, model)

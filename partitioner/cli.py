@@ -416,6 +416,7 @@ def cmd_plan(args: argparse.Namespace) -> int:
         example_kwargs=loaded.example_kwargs,
     )
     show = False if args.quiet else None  # progress on stderr when it is a terminal
+    sizes = _sizes_to_profile(args, plan_in, loaded, cluster, pins, global_batch) if args.profile else ()
     result, tried = None, []
     for chunks in _chunk_counts(args, plan_in, loaded):
         try:
@@ -427,7 +428,6 @@ def cmd_plan(args: argparse.Namespace) -> int:
             break  # a model that cannot be chunked cannot be chunked more
         priced = dict(training)
         if args.profile:
-            sizes = _sizes_to_profile(args, plan_in, loaded, cluster, pins, global_batch)
             priced["cost_model"] = _profiled(args, model, cluster, dtype, pins.get("tp"), show, loaded, sizes)
         with Progress(show) as progress:
             progress.phase("search" if args.method == "ilp" and plan_in is None else "plan", detail=args.method)

@@ -175,14 +175,14 @@ class _Profiler:
     def profile_loss(self) -> MeasuredLoss | None:
         """The training loss on the model's largest floating output (the logits), at the capture batch
         ([Note: the loss's time] in cost_models/profiled.py); None where the model has no such output."""
+        kind = loss_kind(self.cap)
+        if kind == "in_graph":  # the graph's own blocks compute the loss: they are profiled as blocks
+            return None
         outs = [v for n in sorted(self.pgraph.model_outputs) for v in flat_tensors(self.fx_nodes[n].meta.get("val"))
                 if n in self.fx_nodes and v.dtype.is_floating_point]
         if not outs:
             return None
         meta = max(outs, key=lambda v: v.numel() * v.element_size())
-        kind = loss_kind(self.cap)
-        if kind == "in_graph":  # the graph's own blocks compute the loss: they are profiled as blocks
-            return None
         shape = tuple(int(s) for s in meta.shape)
         key = self.cache_key("loss", json.dumps([kind, shape, str(meta.dtype)]), "replicate", 1)
         m = self.lookup(key)

@@ -115,11 +115,11 @@ def run_plan(
     last = pm.split.stages[-1].output_specs
     probe = tree_unflatten([torch.empty(shape, dtype=dt, device="meta") for shape, dt in last], pm.split.out_spec)
     out = getattr(probe, "logits", probe)
-    if plan.model.vocab_chunks > 1:  # the last stage returns the loss ([Note: vocabulary chunks] in vocab_split.py)
-        out = torch.empty((1, output_head(model)[1].out_features), device="meta")
-    if not isinstance(out, torch.Tensor):
+    chunked = plan.model.vocab_chunks > 1  # the last stage returns the loss ([Note: vocabulary chunks] in vocab_split.py)
+    if not chunked and not isinstance(out, torch.Tensor):
         pm.close()
         raise DistributedError(f"model {model_spec}: its output is neither a tensor nor has .logits; autopart run cannot make a loss for it")
+    vocab = output_head(model)[1].out_features if chunked else out.shape[-1]  # what a token-id model's logits span
     gb = plan.training.global_batch
     gen = torch.Generator().manual_seed(seed + 1)
     corpus: TokenCorpus | None = None
@@ -127,7 +127,7 @@ def run_plan(
         ids_shape = loaded.example_inputs[0].shape
         window = int(ids_shape[1]) if len(ids_shape) > 1 else 1
         try:
-            corpus = TokenCorpus.make(out.shape[-1], window, data, seed=seed)
+            corpus = TokenCorpus.make(vocab, window, data, seed=seed)
         except AutopartError:
             pm.close()
             raise
@@ -145,7 +145,7 @@ def run_plan(
             return fixed[step % len(fixed)]
         ids, target = corpus.batch(step, gb, window)
         # Further inputs (rare for a language model) keep random values of their shape.
-        rest = [torch.randint(0, out.shape[-1], (gb, *x.shape[1:]), generator=gen) for x in loaded.example_inputs[1:]]
+        rest = [torch.randint(0, vocab, (gb, *x.shape[1:]), generator=gen) for x in loaded.example_inputs[1:]]
         return (ids, *rest), target
 
     times: list[float] = []
