@@ -13,6 +13,7 @@ beside it so that ``autopart explain --measured RUN.json`` can show where each o
     python -m benchmarks.fidelity [--report benchmarks/results/YYYY-MM-DD-fidelity.md] [--steps 10] [--min-seconds 2]
         [--warmup 2] [--only TEXT] [--no-calibrate] [--calibrate-each] [--calibration-tries 3] [--rounds 1]
         [--also-without-overheads] [--cache PATH] [--force] [--memory-only] [--profile] [--record-margin]
+        [--record-step-error]
 
 Every calibration and run is metered for the machine's other load ([Note: other load] in
 partitioner/hostload.py: the share of its CPUs that went to processes not ours, or to the hypervisor).
@@ -35,6 +36,10 @@ it (``--profile`` on the cluster ``autopart calibrate`` measured, once per world
 ``--record-margin`` writes the worst excess of a measured peak over its prediction into
 ``cost_models/memory_margin.json``, with this command and the report, as the memory margin every
 plan adds to its predicted peak (item 5 of issue 12; cost_models/memory.py, ``recorded_margin``).
+``--record-step-error`` writes the step time's median, worst and signed range of errors over the
+layouts into ``cost_models/step_error.json``, with this command, the device and the report, which
+``autopart explain`` states under every plan's step time ([Note: the recorded step-time error] in
+cost_models/step_error.py).
 
 Nothing here is tuned: the predictions are what the planner writes into the plan.
 """
@@ -52,7 +57,7 @@ import subprocess
 import sys
 import tempfile
 import time
-from dataclasses import dataclass, replace
+from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 from typing import Sequence
 
@@ -410,6 +415,40 @@ def record_margin(s: dict[str, float], command: str, report: Path) -> Path:
     return MARGIN_FILE
 
 
+STEP_ERROR_FILE = ROOT / "cost_models" / "step_error.json"
+
+
+def record_step_error(outcomes: Sequence[Outcome], runs: int, device: str, command: str, report: Path) -> Path:
+    """Write the step-time model's measured error (cost_models/step_error.py, ``recorded_step_error``):
+    over ``outcomes`` (each layout's mean over its rounds), the median and worst |error|, the most under-
+    and over-predicted layout's signed error, on ``device`` with gloo, with where it comes from."""
+    from cost_models.step_error import RecordedStepError
+
+    errors = [o.step_error for o in outcomes]
+    rec = RecordedStepError(
+        median_error=round(statistics.median(abs(e) for e in errors), 4),
+        worst_error=round(max(abs(e) for e in errors), 4),
+        most_under=round(min(errors), 4),
+        most_over=round(max(errors), 4),
+        layouts=len(outcomes),
+        runs=runs,
+        device=device,
+        backend="gloo",
+        command=command,
+        date=time.strftime("%Y-%m-%d", time.gmtime()),
+        source=str(report.resolve().relative_to(ROOT) if report.resolve().is_relative_to(ROOT) else report),
+    )
+    STEP_ERROR_FILE.write_text(json.dumps(asdict(rec), indent=1) + "\n")
+    return STEP_ERROR_FILE
+
+
+def plan_device(keep: Path) -> str:
+    """The device name of the cluster the plans in ``keep`` were made for (every layout's is the same machine)."""
+    for path in sorted(keep.glob("*.plan.json")):
+        return json.loads(path.read_text())["cluster"]["device"]["name"]
+    raise SystemExit(f"fidelity: no plan in {keep} to name the device by")
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--report", default=None, help="write the markdown report here (its plans and runs beside it)")
@@ -442,6 +481,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     ap.add_argument("--profile", action="store_true",
                     help="with --memory-only: plan as the time figures do (--profile, on a calibrated cluster "
                          "unless --no-calibrate), so that the peak memory of the profiled plans is measured")
+    ap.add_argument("--record-step-error", action="store_true",
+                    help="write the step-time error over the layouts to cost_models/step_error.json, which autopart "
+                         "explain states under a plan's step time (needs --report, every layout and --rounds >= 2)")
     ap.add_argument("--record-margin", action="store_true",
                     help="write the worst measured excess over the predicted peak to cost_models/memory_margin.json "
                          "(needs --report and every layout)")
@@ -459,6 +501,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     if args.record_margin and (args.report is None or args.only is not None):
         raise SystemExit("fidelity: --record-margin needs --report (the margin names its source) and every layout "
                          "(no --only)")
+    if args.record_step_error and (args.report is None or args.only is not None or args.rounds < 2 or args.memory_only):
+        raise SystemExit("fidelity: --record-step-error needs --report (the record names its source), every layout "
+                         "(no --only), the step times (no --memory-only) and --rounds 2 or more (one run a layout "
+                         "is mostly the machine's drift)")
     report = Path(args.report) if args.report else None
     if report is not None and report.exists() and not args.force:
         raise SystemExit(f"fidelity: --report {report} exists; pass --force or pick a new path")
@@ -590,6 +636,11 @@ def main(argv: Sequence[str] | None = None) -> int:
                 raise SystemExit("fidelity: --record-margin: some layouts failed, so the margin would not cover them; "
                                  "rerun")
             print(f"wrote {record_margin(s, command, report)}")
+        if args.record_step_error:
+            if failed:
+                raise SystemExit("fidelity: --record-step-error: some layouts failed, so the record would not cover "
+                                 "them; rerun")
+            print(f"wrote {record_step_error(outcomes, len(singles), plan_device(keep), command, report)}")
     return 0
 
 

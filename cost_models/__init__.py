@@ -28,6 +28,7 @@ from .memory import (
     static_bytes,
 )
 from .overheads import Overheads
+from .step_error import RecordedStepError, recorded_step_error
 
 __all__ = [
     "AnalyticCostModel",
@@ -59,4 +60,6 @@ __all__ = [
     "optimizer_impl",
     "RecordedMargin",
     "recorded_margin",
+    "RecordedStepError",
+    "recorded_step_error",
 ]

@@ -17,7 +17,7 @@ from dataclasses import dataclass, fields
 from pathlib import Path
 from typing import Any, Mapping
 
-from cost_models import recorded_margin
+from cost_models import recorded_margin, recorded_step_error
 
 from .errors import PlanError
 from .measure import RankMemory, RankTime, StageTime
@@ -100,6 +100,7 @@ def print_explanation(result: Any) -> None:
         table.add_row(LABELS[k], _fmt(parts[k]), f"{parts[k] / step:.1%}" if step else "")
     table.add_row("step time", _fmt(step), "100%")
     console.print(table)
+    console.print(step_error_line(plan))
     r = int(parts["bottleneck_rank"])
     layout = schedule_spec(plan.schedule.name).layout
     stages = [st for st in plan.stages if stage_rank(st.index, plan.mesh.pp, layout) == r]
@@ -503,6 +504,16 @@ def _fmt_bytes(n: float) -> str:
         if abs(n) >= size:
             return f"{n / size:.2f} {unit}"
     return f"{n:.0f} B"
+
+
+def step_error_line(plan: Plan) -> str:
+    """How far this model's step times have been measured from runs, on the plan's device or on which one
+    ([Note: the recorded step-time error] in cost_models/step_error.py)."""
+    device = str(plan.cluster.get("device", {}).get("name", "this device"))
+    try:
+        return recorded_step_error().describe(device)
+    except ValueError as exc:
+        return f"step time: no measured error recorded ({exc})"
 
 
 def margin_line(plan: Plan) -> str:
