@@ -13,6 +13,7 @@ model's alone.
     python -m benchmarks.fidelity_reprice KEEP_DIR                          # this checkout's models
     python -m benchmarks.fidelity_reprice KEEP_DIR --drop grad_accumulate_gbps
     python -m benchmarks.fidelity_reprice KEEP_DIR --cores 2   # runs calibrated before oversubscribed existed
+    python -m benchmarks.fidelity_reprice KEEP_DIR --set p2p_tensor_us=250  # a figure measured after the run
 
 ``--cores N`` writes ``oversubscribed = max(1, ranks / N)`` into each calibrated cluster that lacks it, as
 ``autopart calibrate`` now measures it on a machine of N cores ([Note: ranks sharing cores] in
@@ -64,7 +65,24 @@ def with_cores(cluster: Path, plan: dict, cores: int) -> None:
             plan["cluster"].setdefault("overheads", {})["oversubscribed"] = table["oversubscribed"]
 
 
-def priced_again(keep: Path, slug: str, key: str | None, work: Path, cores: int | None = None) -> Repriced:
+def with_keys(cluster: Path, plan: dict, keys: dict[str, float]) -> None:
+    """Write each of ``keys`` (``[overheads]`` keys in file units) into the cluster file ``cluster`` where it lacks
+    it, and into the cluster ``plan`` records: figures measured after the run was calibrated."""
+    import tomllib
+
+    import tomli_w
+
+    data = tomllib.loads(cluster.read_text())
+    table = data.setdefault("overheads", {})
+    added = {k: v for k, v in keys.items() if k not in table}
+    if added:
+        table.update(added)
+        cluster.write_text(tomli_w.dumps(data))
+        plan["cluster"].setdefault("overheads", {}).update(added)
+
+
+def priced_again(keep: Path, slug: str, key: str | None, work: Path, cores: int | None = None,
+                 keys: dict[str, float] | None = None) -> Repriced:
     """``slug``'s plan priced by this checkout on its calibrated cluster (less ``key``; with ``oversubscribed``
     for ``cores`` cores where it lacks one), and its run."""
     plan = json.loads((keep / f"{slug}.plan.json").read_text())
@@ -78,7 +96,13 @@ def priced_again(keep: Path, slug: str, key: str | None, work: Path, cores: int 
         without_overheads(calibrated, cluster, key)
     if cores is not None:
         with_cores(cluster, plan, cores)
-    cache = keep / f"profile-{slug.rsplit('-', 1)[1]}.sqlite"
+    if keys:
+        with_keys(cluster, plan, keys)
+    # a copy: a block the recorded cache lacks (a key this checkout computes otherwise) is measured into the
+    # copy, never into the recorded run's cache
+    cache = work / f"profile-{slug.rsplit('-', 1)[1]}.sqlite"
+    if not cache.exists():
+        shutil.copy(keep / cache.name, cache)
     what = f"re-price {slug}" + (f" without {key}" if key else "")
     try:
         step = reprice(plan, plan["model"]["name"], cluster, cache, work / f"{slug}.in.json",
@@ -97,16 +121,30 @@ def main() -> int:
     ap.add_argument("--drop", help="an [overheads] key to re-price without, e.g. grad_accumulate_gbps")
     ap.add_argument("--cores", type=int, help="the cores of the machine the runs ran on, for clusters calibrated "
                     "before `oversubscribed` was measured")
+    ap.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
+                    help="an [overheads] key (file units) to give every calibrated cluster that lacks it, e.g. "
+                         "p2p_tensor_us=250 (repeatable): a figure measured after the run")
     args = ap.parse_args()
+    from cost_models.overheads import OVERHEAD_FILE_KEYS
+
+    keys: dict[str, float] = {}
+    for item in args.set:
+        key, _, value = item.partition("=")
+        try:
+            keys[key] = float(value)
+        except ValueError:
+            ap.error(f"--set {item!r}: give KEY=NUMBER")
+        if key not in OVERHEAD_FILE_KEYS:
+            ap.error(f"--set {item!r}: {key} is not an [overheads] key")
     slugs = sorted(p.name[: -len(".plan.json")] for p in args.keep.glob("*-r[0-9]*.plan.json") if ".bare." not in p.name)
     if not slugs:
         print(f"fidelity_reprice: no LAYOUT-rN.plan.json in {args.keep}", file=sys.stderr)
         return 2
-    again = "without " + args.drop if args.drop else "re-priced"
+    again = "without " + args.drop if args.drop else "re-priced" + (f" with {', '.join(args.set)}" if args.set else "")
     layouts: dict[str, list[Repriced]] = defaultdict(list)
     with tempfile.TemporaryDirectory() as tmp:
         for slug in slugs:
-            r = priced_again(args.keep, slug, args.drop, Path(tmp), args.cores)
+            r = priced_again(args.keep, slug, args.drop, Path(tmp), args.cores, keys)
             layouts[slug.rsplit("-", 1)[0]].append(r)
             ranks = " ".join(f"r{i} {old / m - 1:+.1%}->{new / m - 1:+.1%}" for i, (old, new, m) in enumerate(r.memory))
             print(f"{slug:38s} step: recorded {r.recorded_s / r.measured_s - 1:+6.1%}, {again} "
