@@ -8,10 +8,12 @@ model are interchangeable: planners and the simulator only ever call
 
 from __future__ import annotations
 
+import json
 from dataclasses import dataclass
-from typing import Protocol, Sequence, runtime_checkable
+from pathlib import Path
+from typing import Any, Protocol, Sequence, TypeVar, runtime_checkable
 
-__all__ = ["OpTime", "NodeRef", "CollectiveKind", "COLLECTIVES", "CostModel", "SplitShare", "op_class"]
+__all__ = ["OpTime", "NodeRef", "CollectiveKind", "COLLECTIVES", "CostModel", "SplitShare", "op_class", "load_record"]
 
 CollectiveKind = str  # one of COLLECTIVES
 COLLECTIVES = ("all_reduce", "all_gather", "reduce_scatter", "broadcast")
@@ -111,3 +113,18 @@ class SplitShare:
     def __post_init__(self) -> None:
         if self.micro_batch < 1 or not self.ratio > 0 or not 0 <= self.weight <= 1:
             raise ValueError(f"bad split share {self!r}")
+
+
+R = TypeVar("R")
+
+
+def load_record(cls: type[R], path: Path, what: str, fix: str) -> R:
+    """``cls(**json)`` of the measured record at ``path`` (the memory margin, the step-time error). Raises
+    ValueError naming the file and what it should hold when it is missing or malformed, with ``fix``."""
+    try:
+        data: Any = json.loads(path.read_text())
+        return cls(**data)
+    except FileNotFoundError:
+        raise ValueError(f"{path}: no {what} recorded; {fix}") from None
+    except (ValueError, TypeError) as exc:
+        raise ValueError(f"{path}: not a {what} record ({exc}); {fix}") from None

@@ -48,10 +48,11 @@ for it the all-at-once terms are a lower bound.
 
 from __future__ import annotations
 
-import json
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Sequence
+
+from .base import load_record
 
 __all__ = [
     "OptimizerSpec",
@@ -247,10 +248,4 @@ def recorded_margin(path: Path | None = None) -> RecordedMargin:
     is missing or malformed, with the command that writes it."""
     path = MARGIN_FILE if path is None else path
     fix = "regenerate it with python -m benchmarks.fidelity --memory-only --report FILE --record-margin"
-    try:
-        data = json.loads(path.read_text())
-        return RecordedMargin(**data)
-    except FileNotFoundError:
-        raise ValueError(f"{path}: no memory margin recorded; {fix}") from None
-    except (ValueError, TypeError) as exc:
-        raise ValueError(f"{path}: not a memory margin record ({exc}); {fix}") from None
+    return load_record(RecordedMargin, path, "memory margin", fix)

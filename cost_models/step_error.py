@@ -16,9 +16,10 @@ measured on a 2-core CPU with gloo says little about a GPU's kernels and NCCL.
 
 from __future__ import annotations
 
-import json
 from dataclasses import dataclass
 from pathlib import Path
+
+from .base import load_record
 
 __all__ = ["RecordedStepError", "STEP_ERROR_FILE", "recorded_step_error"]
 
@@ -65,10 +66,4 @@ def recorded_step_error(path: Path | None = None) -> RecordedStepError:
     path = STEP_ERROR_FILE if path is None else path
     fix = ("regenerate it with python -m benchmarks.fidelity --calibrate-each --rounds 3 --report FILE "
            "--record-step-error")
-    try:
-        data = json.loads(path.read_text())
-        return RecordedStepError(**data)
-    except FileNotFoundError:
-        raise ValueError(f"{path}: no step-time error recorded; {fix}") from None
-    except (ValueError, TypeError) as exc:
-        raise ValueError(f"{path}: not a step-time error record ({exc}); {fix}") from None
+    return load_record(RecordedStepError, path, "step-time error", fix)
