@@ -8,8 +8,10 @@ layout of the fidelity benchmark and writes, beside this module, ``step_error.js
 and worst |predicted / measured - 1| over its layouts (each the mean of its rounds), the most
 under- and over-predicted layout's signed error, the device and backend it ran on, the command,
 the date and the report. ``autopart explain`` states it under the plan's step time: as the
-measured error where the plan's device is the one measured (its cluster's device name), and
-otherwise as not measured on that device, naming what was. Unlike the memory margin ([Note: the
+measured error where the plan's device is the one measured (its cluster's device name), saying
+so where the plan's cluster was not calibrated (the benchmark's plans were calibrated and
+profiled; an uncalibrated one is priced by the analytic model alone), and otherwise as not
+measured on that device, naming what was. Unlike the memory margin ([Note: the
 memory margin] in memory.py) it changes no plan: a step time has no limit to keep, and a figure
 measured on a 2-core CPU with gloo says little about a GPU's kernels and NCCL.
 """
@@ -49,11 +51,16 @@ class RecordedStepError:
         if self.most_under > self.most_over or self.layouts < 1 or self.runs < self.layouts:
             raise ValueError("most_under must not exceed most_over, and runs must cover the layouts")
 
-    def describe(self, device: str) -> str:
-        """One line for a plan whose cluster's device is ``device``."""
+    def describe(self, device: str, calibrated: bool = True) -> str:
+        """One line for a plan whose cluster's device is ``device``; ``calibrated``: whether that cluster was
+        measured by ``autopart calibrate`` (the fidelity benchmark's plans were, and profiled)."""
         measured = (f"median |error| {self.median_error:.1%}, worst {self.worst_error:.1%}, from "
                     f"{self.most_under:+.1%} to {self.most_over:+.1%} over {self.layouts} layouts "
                     f"({self.runs} runs; {self.source}, {self.date})")
+        if device == self.device and not calibrated:
+            return (f"step time: this plan's cluster was not calibrated, which the measured error does not cover "
+                    f"(autopart calibrate, then plan --profile: on {self.device} ({self.backend}) such plans were "
+                    f"{measured})")
         if device == self.device:
             return f"step time: measured against runs on {self.device} ({self.backend}): {measured}"
         return (f"step time: not measured on {device} yet; on {self.device} ({self.backend}) this model's "

@@ -511,7 +511,7 @@ def step_error_line(plan: Plan) -> str:
     ([Note: the recorded step-time error] in cost_models/step_error.py)."""
     device = str(plan.cluster.get("device", {}).get("name", "this device"))
     try:
-        return recorded_step_error().describe(device)
+        return recorded_step_error().describe(device, calibrated=bool(plan.cluster.get("overheads")))
     except ValueError as exc:
         return f"step time: no measured error recorded ({exc})"
 

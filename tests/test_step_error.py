@@ -44,6 +44,8 @@ def test_a_plan_is_told_the_error_on_its_own_device_or_that_its_device_was_not_m
     same = rec.describe("AMD EPYC")
     assert same.startswith("step time: measured against runs on AMD EPYC (gloo): median |error| 7.0%, worst 25.0%")
     assert "from -25.0% to +14.0% over 16 layouts (48 runs; benchmarks/results/x.md, 2026-12-07)" in same
+    uncalibrated = rec.describe("AMD EPYC", calibrated=False)
+    assert uncalibrated.startswith("step time: this plan's cluster was not calibrated") and "worst 25.0%" in uncalibrated
     other = rec.describe("NVIDIA H100 80GB HBM3")
     assert other.startswith("step time: not measured on NVIDIA H100 80GB HBM3 yet; on AMD EPYC (gloo)")
     assert "worst 25.0%" in other
