@@ -398,6 +398,11 @@ def memory_table(outcomes: Sequence[Outcome]) -> list[str]:
 MARGIN_FILE = ROOT / "cost_models" / "memory_margin.json"
 
 
+def recorded_source(report: Path) -> str:
+    """How a record written from ``report`` names it: relative to the checkout where it lies inside it."""
+    return str(report.resolve().relative_to(ROOT) if report.resolve().is_relative_to(ROOT) else report)
+
+
 def record_margin(s: dict[str, float], command: str, report: Path) -> Path:
     """Write the memory margin (cost_models/memory.py, ``recorded_margin``): the worst excess of a
     measured peak over its prediction, never below zero, with where it comes from."""
@@ -409,7 +414,7 @@ def record_margin(s: dict[str, float], command: str, report: Path) -> Path:
         layouts=int(s["layouts"]),
         command=command,
         date=time.strftime("%Y-%m-%d", time.gmtime()),
-        source=str(report.resolve().relative_to(ROOT) if report.resolve().is_relative_to(ROOT) else report),
+        source=recorded_source(report),
     )
     MARGIN_FILE.write_text(json.dumps(data, indent=1) + "\n")
     return MARGIN_FILE
@@ -436,7 +441,7 @@ def record_step_error(outcomes: Sequence[Outcome], runs: int, device: str, comma
         backend="gloo",
         command=command,
         date=time.strftime("%Y-%m-%d", time.gmtime()),
-        source=str(report.resolve().relative_to(ROOT) if report.resolve().is_relative_to(ROOT) else report),
+        source=recorded_source(report),
     )
     STEP_ERROR_FILE.write_text(json.dumps(asdict(rec), indent=1) + "\n")
     return STEP_ERROR_FILE
@@ -501,10 +506,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     if args.record_margin and (args.report is None or args.only is not None):
         raise SystemExit("fidelity: --record-margin needs --report (the margin names its source) and every layout "
                          "(no --only)")
-    if args.record_step_error and (args.report is None or args.only is not None or args.rounds < 2 or args.memory_only):
+    # (--memory-only is refused above with --rounds 2 or more)
+    if args.record_step_error and (args.report is None or args.only is not None or args.rounds < 2):
         raise SystemExit("fidelity: --record-step-error needs --report (the record names its source), every layout "
-                         "(no --only), the step times (no --memory-only) and --rounds 2 or more (one run a layout "
-                         "is mostly the machine's drift)")
+                         "(no --only) and --rounds 2 or more (one run a layout is mostly the machine's drift)")
     report = Path(args.report) if args.report else None
     if report is not None and report.exists() and not args.force:
         raise SystemExit(f"fidelity: --report {report} exists; pass --force or pick a new path")

@@ -160,7 +160,6 @@ def test_bad_chunk_counts_are_one_line_errors(tmp_path, capsys):
     assert main(["plan", "--plan", str(plan), "--cluster", "local-cpu:2", "--quiet"]) == 0  # the plan's chunks
 
 
-
 def test_plan_with_auto_chunks_keeps_the_fastest_count(tmp_path, capsys):
     """``--vocab-chunks auto`` plans the head whole and in 2, 4 and 8 chunks, says each predicted step, and keeps
     the fastest; a model that cannot be chunked keeps its head whole, saying why; only plan takes auto."""
@@ -185,6 +184,7 @@ def test_plan_with_auto_chunks_keeps_the_fastest_count(tmp_path, capsys):
         err = capsys.readouterr().err.strip().splitlines()
         assert err == [f"autopart: error: --vocab-chunks auto: only `autopart plan` tries chunk counts; give {command} "
                        "a number"], err
+
 
 @pytest.mark.slow
 def test_autopart_run_trains_a_chunked_plan_with_the_whole_heads_losses(tmp_path, capsys):
