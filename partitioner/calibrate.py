@@ -190,6 +190,22 @@ median:
   (``t_b``): ``c = (t_c + t_r - t_b) / min(t_c, t_r)``, the median over interleaved
   rounds of the three (one after the other, quiet calibrations had given 0.41 and
   0.64), clipped to [0, 1].
+
+[Note: calibration passes]
+One pass of everything above takes about ten seconds on the 2-core CPU of
+development, and a shared machine's speed moves over seconds: back to back on a
+quiet machine (nothing else running, 0% other load metered), 18 single passes read
+the compute slowdown ``k`` at 1.05-1.79, the GEMM rate at 64-96 GFLOP/s and ``a_p2p``
+at 0.23-1.67 ms, and a fixed gpt2-tiny pipeline plan priced on them 38.3-63.0 ms (two
+passes caught a slow moment: ``k`` 1.70 and 1.79, the plan 58.6 and 63.0 ms). So
+``autopart calibrate`` runs ``--passes`` whole passes (default ``CALIBRATION_PASSES``)
+one after the other in the same job, and every figure it writes is the median of the
+passes' figures, each fitted within its pass (``median_report``): a pass that caught a
+slow moment is outvoted. The same 18 passes taken three at a time priced that plan
+40.6-45.5 ms (benchmarks/calibration_passes.py,
+benchmarks/results/2026-12-08-calibration-passes.md). A median per figure, not a fit
+over the pooled samples: a fit would let one slow pass pull every figure. It prints
+and keeps in the file's header how far the passes' main figures lay apart.
 """
 
 from __future__ import annotations
@@ -198,7 +214,7 @@ import os
 import statistics
 import time
 import warnings
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, field, fields, replace
 from typing import Any, Callable, Mapping, Sequence
 
 import torch
@@ -239,10 +255,14 @@ __all__ = [
     "fsdp_overheads",
     "measure_overheads",
     "calibrated_cluster",
+    "median_report",
+    "pass_spread",
+    "CALIBRATION_PASSES",
     "DEFAULT_SIZES",
 ]
 
 KINDS = ("p2p", *COLLECTIVES)
+CALIBRATION_PASSES = 3  # whole passes of ``autopart calibrate``, each figure their median ([Note: calibration passes])
 # Message sizes in bytes per rank: 4 KiB to 16 MiB, every factor of four.
 DEFAULT_SIZES = tuple(4096 * 4**i for i in range(7))
 
@@ -546,6 +566,64 @@ def run_calibration(
     overheads = (measure_overheads(device, link, reps, compute.slowdown, compute.oversubscribed) if overheads
                  else Overheads.from_file(collective_fields(link)))
     return CalibrationReport(tuple(samples), links, compute, world, dist.get_backend(), overheads)
+
+
+def median_report(reports: Sequence[CalibrationReport]) -> CalibrationReport:
+    """One report from whole calibration passes ([Note: calibration passes]): every link's latency,
+    bandwidth, fit error and collective factors, the device rates and every overhead the median of the
+    passes' figures, each fitted within its own pass; the samples of every pass. A link is kept where
+    every pass measured it."""
+    if not reports:
+        raise CalibrateError("a calibration needs at least one pass")
+    if len(reports) == 1:
+        return reports[0]
+    med = statistics.median
+    links = {}
+    for name in reports[0].links:
+        fits = [r.links[name] for r in reports if name in r.links]
+        if len(fits) != len(reports):
+            continue
+        kinds = set.intersection(*(set(f.factors) for f in fits))
+        links[name] = LinkFit(med(f.latency for f in fits), med(f.bandwidth for f in fits),
+                              min(f.points for f in fits), med(f.mape for f in fits),
+                              {k: med(f.factors[k] for f in fits) for k in sorted(kinds)})
+    rates = [r.compute for r in reports]
+    compute = ComputeRates(med(c.matmul_flops for c in rates), med(c.memory_bandwidth for c in rates), rates[0].dtype,
+                           med(c.slowdown for c in rates), med(c.contention for c in rates),
+                           med(c.oversubscribed for c in rates))
+    overheads = Overheads(**{f.name: med(getattr(r.overheads, f.name) for r in reports)
+                             for f in fields(Overheads)})
+    first = reports[0]
+    return CalibrationReport(tuple(s for r in reports for s in r.samples), links, compute, first.world_size,
+                             first.backend, overheads)
+
+
+# The figures whose spread between passes ``pass_spread`` reports: (label, figure of a report, unit scale, unit).
+SPREAD_FIGURES: tuple[tuple[str, Callable[[CalibrationReport], float], float, str], ...] = (
+    ("compute slowdown", lambda r: r.compute.slowdown, 1.0, "x"),
+    ("GEMM", lambda r: r.compute.matmul_flops, 1e-9, " GFLOP/s"),
+    ("streaming", lambda r: r.compute.memory_bandwidth, 1e-9, " GB/s"),
+    ("link bandwidth", lambda r: next(iter(r.links.values())).bandwidth if r.links else 0.0, 1e-9, " GB/s"),
+    ("pipeline action", lambda r: r.overheads.action_s, 1e6, " us"),
+    ("pipeline transfer wait", lambda r: r.overheads.p2p_transfer_s, 1e6, " us"),
+)
+
+
+def pass_spread(reports: Sequence[CalibrationReport]) -> str:
+    """How far apart the passes' main figures lay, the median kept ([Note: calibration passes]): "compute
+    slowdown 1.05-1.79x (kept 1.14), ...", one clause per figure that some pass measured (of one pass: its
+    figures)."""
+    def fig(x: float) -> str:
+        return f"{x:.3g}" if x < 1000 else f"{x:.0f}"
+
+    parts = []
+    for label, figure, scale, unit in SPREAD_FIGURES:
+        values = [figure(r) * scale for r in reports]
+        if len(values) == 1 and values[0] > 0:
+            parts.append(f"{label} {fig(values[0])}{unit}")
+        elif max(values) > 0:
+            parts.append(f"{label} {fig(min(values))}-{fig(max(values))}{unit} (kept {fig(statistics.median(values))})")
+    return ", ".join(parts)
 
 
 def _measure_links(samples, intra, inter, local, nodes, rank, sizes, reps, device) -> None:

@@ -175,6 +175,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--dtype", default=None, choices=("fp32", "tf32", "bf16", "fp16"), help="dtype of the GEMM timed (default fp32 on CPU, bf16 on GPU)")
     p.add_argument("--max-bytes", type=_positive_int, default=16 << 20, help="largest message, bytes per rank (default 16 MiB)")
     p.add_argument("--reps", type=_positive_int, default=5, help="timed runs per measurement (default 5)")
+    p.add_argument("--passes", type=_positive_int, default=None, metavar="N",
+                   help="whole measurement passes, each figure their median (default 3; about 10 s a pass on a "
+                        "2-core CPU): a pass that caught a slow moment of the machine is outvoted")
     _nproc_arg(p)
 
     p = sub.add_parser("explain", help="explain a saved plan: step-time breakdown, bottleneck, memory; "
@@ -1023,7 +1026,8 @@ def cmd_calibrate(args: argparse.Namespace) -> int:
     import torch
     import torch.distributed as dist
 
-    from .calibrate import DEFAULT_SIZES, CalibrateError, calibrated_cluster, run_calibration
+    from .calibrate import (CALIBRATION_PASSES, DEFAULT_SIZES, CalibrateError, calibrated_cluster, median_report,
+                            pass_spread, run_calibration)
     from .devices import init_distributed, leave_distributed
     from .hostload import OTHER_LOAD_WARN, LoadMeter, own_cpu_seconds
     from .cluster import load_cluster
@@ -1049,7 +1053,15 @@ def cmd_calibrate(args: argparse.Namespace) -> int:
     measured = False
     try:
         meter, cpu0 = LoadMeter(), own_cpu_seconds()  # [Note: other load] in hostload.py
-        report = run_calibration(sizes, args.reps, args.dtype or ("bf16" if gpu else "fp32"), local)
+        passes = args.passes or CALIBRATION_PASSES
+        reports = []
+        for i in range(passes):  # [Note: calibration passes] in calibrate.py
+            t0 = time.perf_counter()
+            reports.append(run_calibration(sizes, args.reps, args.dtype or ("bf16" if gpu else "fp32"), local))
+            if dist.get_rank() == 0 and passes > 1:
+                print(f"pass {i + 1}/{passes} ({time.perf_counter() - t0:.0f} s): {pass_spread(reports[-1:])}",
+                      flush=True)
+        report = median_report(reports)
         used: list[Any] = [None] * world
         dist.all_gather_object(used, own_cpu_seconds() - cpu0)
         load = meter.stop(sum(used[:local]))  # rank 0's node: ranks 0 .. local-1 under torchrun
@@ -1059,9 +1071,13 @@ def cmd_calibrate(args: argparse.Namespace) -> int:
                 f"# measured by `autopart calibrate` on {time.strftime('%Y-%m-%d')}: {world} ranks over "
                 f"{report.backend}, torch {torch.__version__}\n"
                 + (f"# while measuring, {load.describe()} (rank 0's node)\n" if load is not None else "")
+                + (f"# {passes} passes, each figure their median; the passes read: {pass_spread(reports)}\n"
+                   if passes > 1 else "")
             )
             out.write_text(header + cluster.to_toml())
             _print_calibration(report, base, cluster)
+            if passes > 1:
+                print(f"passes: {passes}, each figure their median; the passes read: {pass_spread(reports)}")
             if load is not None:
                 print(f"machine: while measuring, {load.describe()}")
                 if not load.quiet:

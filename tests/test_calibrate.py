@@ -17,7 +17,9 @@ from partitioner.calibrate import (
     calibrated_cluster,
     compute_slowdown,
     fit_link,
+    median_report,
     oversubscription,
+    pass_spread,
     ring_coefficients,
 )
 from partitioner.cluster import Cluster, available_cpus, load_cluster
@@ -119,6 +121,45 @@ def test_calibrated_cluster_takes_the_measurements_and_reads_back(tmp_path):
     assert again.efficiency == fast.efficiency
 
 
+def _pass(slowdown: float, gemm: float, bandwidth: float, transfer_s: float, factor: float,
+          inter: bool = True) -> CalibrationReport:
+    """One calibration pass's report, as run_calibration returns it (a sample per link, a factor per link)."""
+    from cost_models.overheads import Overheads
+
+    links = {"intra": LinkFit(20e-6, bandwidth, 7, 0.05, {"all_reduce": factor})}
+    if inter:
+        links["inter"] = LinkFit(40e-6, bandwidth / 4, 7, 0.08, {"all_reduce": factor})
+    samples = tuple(CommSample("p2p", link, 2, 4096, 1e-4) for link in links)
+    return CalibrationReport(samples, links, ComputeRates(gemm, 30e9, "fp32", slowdown, slowdown, 1.0), 2, "gloo",
+                             Overheads(action_s=250e-6, p2p_transfer_s=transfer_s, compute_slowdown=slowdown,
+                                       all_reduce_factor=factor))
+
+
+def test_calibration_passes_keep_each_figure_s_median_so_a_slow_pass_is_outvoted():
+    # [Note: calibration passes]: the second pass caught a slow moment (every rank at once 1.79x slower,
+    # the GEMM and the link slow, the transfer wait long); the file keeps the other passes' side of each figure.
+    passes = [_pass(1.06, 92e9, 3.5e9, 0.9e-3, 2.5), _pass(1.79, 64e9, 2.2e9, 1.67e-3, 5.2),
+              _pass(1.10, 88e9, 3.9e9, 1.1e-3, 2.2)]
+    kept = median_report(passes)
+    assert kept.compute.slowdown == 1.10 and kept.compute.matmul_flops == 88e9
+    assert kept.overheads.compute_slowdown == 1.10 and kept.overheads.p2p_transfer_s == 1.1e-3
+    assert kept.overheads.action_s == 250e-6  # a figure every pass read alike stays as read
+    assert kept.links["intra"].bandwidth == 3.5e9 and kept.links["intra"].factors == {"all_reduce": 2.5}
+    assert kept.links["inter"].bandwidth == 3.5e9 / 4
+    assert len(kept.samples) == 6  # every pass's measurements stay in the report
+    # the cluster file is written from the medians: the slow pass moves none of its figures
+    cluster = calibrated_cluster(Cluster.local(2), kept)
+    assert cluster.overheads.compute_slowdown == 1.10 and cluster.intra_node.bandwidth == pytest.approx(3.5e9)
+    spread = pass_spread(passes)
+    assert "compute slowdown 1.06-1.79x (kept 1.1)" in spread and "pipeline transfer wait 900-1670 us (kept 1100)" in spread
+    assert pass_spread(passes[:1]).startswith("compute slowdown 1.06x, GEMM 92 GFLOP/s")
+    # a link some pass did not measure is not kept; one pass is its own report; none is an error
+    assert set(median_report([*passes[:2], _pass(1.1, 88e9, 3.9e9, 1e-3, 2.2, inter=False)]).links) == {"intra"}
+    assert median_report(passes[:1]) is passes[0]
+    with pytest.raises(CalibrateError, match="at least one pass"):
+        median_report([])
+
+
 def _cli(*args: str, env: dict | None = None) -> subprocess.CompletedProcess:
     return subprocess.run([sys.executable, "-m", "partitioner.cli", *args], capture_output=True, text=True,
                           env=env, timeout=300)
@@ -161,11 +202,17 @@ def test_calibrate_under_torchrun_writes_a_cluster_plans_can_use(tmp_path):
     out = tmp_path / "measured.toml"
     run = subprocess.run(
         [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2",
-         "-m", "partitioner.cli", "calibrate", "--out", str(out), "--max-bytes", str(4 << 20), "--reps", "3"],
+         "-m", "partitioner.cli", "calibrate", "--out", str(out), "--max-bytes", str(4 << 20), "--reps", "3",
+         "--passes", "2"],
         capture_output=True, text=True, timeout=300,
     )
     assert run.returncode == 0, run.stderr[-2000:]
     assert "wrote" in run.stdout
+    # [Note: calibration passes]: each pass reported as it ends, their spread printed and kept in the header
+    assert "pass 1/2 (" in run.stdout and "pass 2/2 (" in run.stdout
+    header = out.read_text().split("\n[")[0]
+    assert "# 2 passes, each figure their median; the passes read: compute slowdown" in header
+    assert "passes: 2, each figure their median" in run.stdout
     if LoadMeter().available:  # [Note: other load]: how quiet the machine was, printed and kept in the header
         assert "machine: while measuring," in run.stdout and "went to other work" in out.read_text().split("\n[")[0]
     cluster = load_cluster(str(out))
