@@ -52,7 +52,8 @@ def main(argv: list[str] | None = None) -> int:
                     help="a fidelity run's folder: its LAYOUT-rN.plan.json and profile-rN.sqlite")
     ap.add_argument("--plan", action="append", default=None, metavar="SLUG",
                     help=f"a plan of --plans to price (repeatable; default {', '.join(PLANS)})")
-    ap.add_argument("--report", type=Path, default=None, help="write the markdown report here (and its .json beside)")
+    ap.add_argument("--report", type=Path, default=None,
+                    help="write the markdown report here, its .json beside, and the calibrated files in a folder of its name")
     args = ap.parse_args(argv)
     if args.each < 2 or args.passes < 2:
         ap.error("--each and --passes: at least 2")
@@ -97,7 +98,13 @@ def main(argv: list[str] | None = None) -> int:
                 print(f"{slug}, --passes {passes}: {' '.join(f'{s * 1e3:.1f}' for s in steps)} ms; range {r:.0%} "
                       f"of the median, median |deviation| {d:.1%}", flush=True)
         calibrations = {p: [dict(zip(("compute_slowdown", "p2p_transfer_us"), figures(c)), seconds=round(s, 1),
-                                 other_load=load) for c, s, load in cals] for p, cals in arms.items()}
+                                 other_load=load, file=c.name) for c, s, load in cals] for p, cals in arms.items()}
+        if args.report is not None:  # every calibrated file beside the report: which figure moved can be read back
+            keep = args.report.with_suffix("")
+            keep.mkdir(parents=True, exist_ok=True)
+            for cals in arms.values():
+                for cal, _, _ in cals:
+                    shutil.copy(cal, keep / cal.name)
     lines = [
         "| plan | --passes | predicted step on each calibration (ms) | range / median | median abs. deviation |",
         "|---|---:|---|---:|---:|",

@@ -261,3 +261,17 @@ def test_calibrate_under_torchrun_writes_a_cluster_plans_can_use(tmp_path):
     plan = _cli("plan", "--model", "gpt2-tiny", "--cluster", str(out), "--method", "uniform", "--global-batch", "4")
     assert plan.returncode == 0, plan.stderr
     assert "local-cpu-calibrated" in plan.stdout
+
+
+def test_the_calibration_passes_benchmark_refuses_bad_input_before_it_measures(tmp_path, capsys):
+    # benchmarks/calibration_passes.py runs 16 calibrations: a typo must stop it at once, and never overwrite a report
+    from benchmarks.calibration_passes import main
+
+    report = tmp_path / "r.md"
+    report.write_text("kept")
+    for argv, says in ((["--report", str(report)], "exists"), (["--plan", "no-such-layout-r1"], "has no no-such-layout-r1"),
+                       (["--each", "1"], "at least 2")):
+        with pytest.raises(SystemExit) as exc:
+            main(argv)
+        assert exc.value.code == 2 and says in capsys.readouterr().err
+    assert report.read_text() == "kept"
