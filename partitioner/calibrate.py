@@ -202,8 +202,12 @@ passes caught a slow moment: ``k`` 1.70 and 1.79, the plan 58.6 and 63.0 ms). So
 one after the other in the same job, and every figure it writes is the median of the
 passes' figures, each fitted within its pass (``median_report``): a pass that caught a
 slow moment is outvoted. The same 18 passes taken three at a time priced that plan
-40.6-45.5 ms (benchmarks/calibration_passes.py,
-benchmarks/results/2026-12-08-calibration-passes.md). A median per figure, not a fit
+40.6-45.5 ms; one-pass and three-pass calibrations alternated moved three plans' prices
+by a median 4.0, 4.1 and 13.1% against 2.3, 3.1 and 4.2%
+(benchmarks/calibration_passes.py, benchmarks/results/2026-12-08-calibration-passes.md).
+Passes outvote a moment of seconds, not a stretch of minutes: a fidelity run's rounds,
+18 minutes apart, still priced a layout a median 27% apart (its steps measured 20% apart,
+fidelity-session28). A median per figure, not a fit
 over the pooled samples: a fit would let one slow pass pull every figure. It prints
 and keeps in the file's header how far the passes' main figures lay apart.
 """
