@@ -81,6 +81,7 @@ def main(argv: list[str] | None = None) -> int:
                 k, wait = figures(out)
                 print(f"calibration {i + 1}/{args.each}, --passes {passes}: {arms[passes][-1][1]:.0f} s, "
                       f"compute slowdown {k:.3f}, transfer wait {wait:.0f} us", flush=True)
+        clusters = {cal: tomllib.loads(cal.read_text()) for cals in arms.values() for cal, _, _ in cals}
         priced: dict[str, dict[int, list[float]]] = {}
         for slug in slugs:
             made = json.loads((args.plans / f"{slug}.plan.json").read_text())
@@ -90,7 +91,7 @@ def main(argv: list[str] | None = None) -> int:
             for passes, cals in arms.items():
                 steps = []
                 for cal, _, _ in cals:
-                    plan = dict(made, cluster=tomllib.loads(cal.read_text()))  # priced on this calibration
+                    plan = dict(made, cluster=clusters[cal])  # priced on this calibration
                     steps.append(reprice(plan, made["model"]["name"], cal, cache, work / "in.json", work / "out.json",
                                          f"price {slug} on {cal.name}"))
                 priced[slug][passes] = steps

@@ -61,6 +61,8 @@ from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 from typing import Sequence
 
+from cost_models.memory import MARGIN_FILE
+from cost_models.step_error import STEP_ERROR_FILE, RecordedStepError
 from partitioner.hostload import OTHER_LOAD_WARN, LoadMeter, OtherLoad, own_cpu_seconds
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -395,9 +397,6 @@ def memory_table(outcomes: Sequence[Outcome]) -> list[str]:
     return lines
 
 
-MARGIN_FILE = ROOT / "cost_models" / "memory_margin.json"
-
-
 def recorded_source(report: Path) -> str:
     """How a record written from ``report`` names it: relative to the checkout where it lies inside it."""
     return str(report.resolve().relative_to(ROOT) if report.resolve().is_relative_to(ROOT) else report)
@@ -420,15 +419,10 @@ def record_margin(s: dict[str, float], command: str, report: Path) -> Path:
     return MARGIN_FILE
 
 
-STEP_ERROR_FILE = ROOT / "cost_models" / "step_error.json"
-
-
 def record_step_error(outcomes: Sequence[Outcome], runs: int, device: str, command: str, report: Path) -> Path:
     """Write the step-time model's measured error (cost_models/step_error.py, ``recorded_step_error``):
     over ``outcomes`` (each layout's mean over its rounds), the median and worst |error|, the most under-
     and over-predicted layout's signed error, on ``device`` with gloo, with where it comes from."""
-    from cost_models.step_error import RecordedStepError
-
     errors = [o.step_error for o in outcomes]
     rec = RecordedStepError(
         median_error=round(statistics.median(abs(e) for e in errors), 4),

@@ -68,6 +68,7 @@ __all__ = [
     "LOSSES",
     "loss_memory",
     "RecordedMargin",
+    "MARGIN_FILE",
     "recorded_margin",
 ]
 
