@@ -27,6 +27,19 @@ measured 51-76 ms in five runs. ``--rounds R`` calibrates, profiles (a cache a r
 every layout R times (all layouts, then all again) and sets each layout's mean prediction against its mean measured step; every
 single run's error is reported beside it, and in the summary.
 
+[Note: calibrating once a round]
+A round calibrates once per world size, as a user calibrates a machine once and plans every layout
+with that file; ``--calibrate-each`` calibrates again right before each layout instead. The latter
+was meant to follow the machine's speed into each prediction, and it does not: over the recorded runs
+of fidelity sessions 20-28 (7 runs of 3 rounds, 357 layout runs), a layout's measured compute over its
+predicted compute (forward and backward, summed over ranks) scattered as widely when the profile had
+been measured seconds before the run (the round's first layout of a model: sd 0.23 in log) as when it
+was ten minutes old (sd 0.19-0.21), and in sessions 26-28 the drift of calibrate's GEMM rate between a
+round's first calibration of a model and a layout's own did not correlate with that layout's error
+(correlation 0.04, -0.19, -0.04). What the machine does in the minute of a run is not seen a minute
+before; only more runs, at more moments, average it out. A calibration a layout costs about 40 s, half
+of a round's time, so calibrating once a round buys almost twice the rounds in the same hour.
+
 ``--memory-only`` measures peak memory alone, which does not depend on the machine's load: each
 layout is planned on the ``local-cpu:N`` preset without profiling and run for one step after one
 warm-up (the meter watches the first step and a steady one). ``--memory-only --profile`` measures
@@ -460,12 +473,13 @@ def main(argv: Sequence[str] | None = None) -> int:
                     help="only layouts whose name contains this text (or one of these comma-separated texts)")
     ap.add_argument("--no-calibrate", action="store_true", help="plan on the local-cpu preset instead of a calibrated file")
     ap.add_argument("--calibrate-each", action="store_true",
-                    help="calibrate again right before each layout, so that a shared machine's load is measured "
-                         "when the layout runs (the overheads follow it)")
+                    help="calibrate again right before each layout, not once per world size a round (it does not "
+                         "follow the machine's speed into the run: [Note: calibrating once a round])")
     ap.add_argument("--rounds", type=int, default=1,
-                    help="calibrate (with --calibrate-each), plan and run every layout this many times, all layouts "
-                         "a round, and set each layout's mean prediction against its mean measured step; every "
-                         "single run's figures are reported too (default 1)")
+                    help="calibrate (once per world size a round, or before each layout with --calibrate-each), "
+                         "profile, plan and run every layout this many times, all layouts a round, and set each "
+                         "layout's mean prediction against its mean measured step; every single run's figures are "
+                         "reported too (default 1)")
     ap.add_argument("--calibration-tries", type=int, default=3,
                     help=f"calibrate again while the machine's other load is above {OTHER_LOAD_WARN * 100:.0f}%% (partitioner/hostload.py), "
                          "up to this many times, keeping the quietest (default 3; 1 takes the first)")
@@ -489,9 +503,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = ap.parse_args(argv)
     if args.rounds < 1 or args.calibration_tries < 1:
         ap.error(f"--rounds {args.rounds} / --calibration-tries {args.calibration_tries}: use at least 1")
-    if args.rounds > 1 and (not args.calibrate_each or args.no_calibrate or args.memory_only):
-        ap.error("--rounds N needs --calibrate-each (each round is a whole prediction: calibrated, profiled, planned "
-                 "and run), without --no-calibrate or --memory-only")
+    if args.rounds > 1 and (args.no_calibrate or args.memory_only):
+        ap.error("--rounds N calibrates every round (each round is a whole prediction: calibrated, profiled, planned "
+                 "and run): not with --no-calibrate or --memory-only")
     if args.profile and not args.memory_only:
         raise SystemExit("fidelity: --profile goes with --memory-only (the full benchmark always plans with --profile)")
     if args.memory_only:
@@ -515,18 +529,18 @@ def main(argv: Sequence[str] | None = None) -> int:
     clusters: dict[int, str] = {}
     loads: dict[int, float | None] = {}  # the other load while each world size's cluster was calibrated
     retried = 0  # calibrations taken again because the machine was not quiet
-    for world in sorted({l.world for l in layouts}):
-        if args.no_calibrate:
-            clusters[world], loads[world] = f"local-cpu:{world}", None
-            continue
-        if args.calibrate_each:  # each layout calibrates its own, just before it runs
-            continue
-        c = calibrate(world, keep / f"calibrated-{world}.toml", args.calibration_tries)
-        clusters[world], loads[world], retried = str(c.path), c.load, retried + c.tries - 1
     failed: list[str] = []
     runs: dict[str, list[Outcome]] = {}  # each layout's outcome of every round that ran
     for r in range(1, args.rounds + 1):
         tag = f"-r{r}" if args.rounds > 1 else ""  # each round's files beside the others'
+        # One calibration per world size a round, as a user calibrates once and plans with it; with
+        # --calibrate-each, one right before each layout instead ([Note: calibrating once a round]).
+        for world in sorted({l.world for l in layouts}):
+            if args.no_calibrate:
+                clusters[world], loads[world] = f"local-cpu:{world}", None
+            elif not args.calibrate_each:
+                c = calibrate(world, keep / f"calibrated-{world}{tag}.toml", args.calibration_tries)
+                clusters[world], loads[world], retried = str(c.path), c.load, retried + c.tries - 1
         for layout in layouts:
             try:
                 if args.calibrate_each and not args.no_calibrate:
@@ -603,7 +617,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             "",
             memory_how if args.memory_only else
             f"Each layout is calibrated ({'no' if args.no_calibrate else 'yes'}: `autopart calibrate` "
-            f"{'right before each layout' if args.calibrate_each else 'per world size'}), "
+            f"{'right before each layout' if args.calibrate_each else 'per world size' + (', once a round' if args.rounds > 1 else '')}), "
             f"planned with `autopart plan --profile` and the layout's flags, and run with `autopart run --steps N "
             f"--warmup {args.warmup} --json` (gloo, one thread per rank; N is {args.steps}, or more where the step is "
             f"short: enough for {args.min_seconds:g} s of predicted steps). "
