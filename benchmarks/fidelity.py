@@ -27,18 +27,30 @@ measured 51-76 ms in five runs. ``--rounds R`` calibrates, profiles (a cache a r
 every layout R times (all layouts, then all again) and sets each layout's mean prediction against its mean measured step; every
 single run's error is reported beside it, and in the summary.
 
+[Note: the rounds' standard error]
+A layout's error over R rounds is its mean prediction over its mean measured step; its rounds' own
+errors scatter (the machine moves between minutes: [Note: calibrating once a round]), and their sample
+standard deviation over sqrt(R) is the standard error of that mean, shown beside it (``±``). An error
+further from 0 than twice its standard error is more than the scatter explains: the model is off
+there, and the table and the summary name those layouts ("beyond 2 se"). An error within it may
+still be a bias the rounds were too few to show. In fidelity-session29 (6 rounds, calibrated once a
+round) the standard errors were 2.3-7.1% (median 4.8%) and 7 of 17 layouts lay beyond twice theirs,
+6 of them under-predicted; its worst, gpt2-tiny pp2 x dp2 ZeRO-1 at -21.1% ± 3.4%, read 20.9% over
+rounds 1-3 and 21.2% over rounds 4-6: a bias of the model, which more rounds do not shrink.
+
 [Note: calibrating once a round]
 A round calibrates once per world size, as a user calibrates a machine once and plans every layout
 with that file; ``--calibrate-each`` calibrates again right before each layout instead. The latter
 was meant to follow the machine's speed into each prediction, and it does not: over the recorded runs
-of fidelity sessions 20-28 (7 runs of 3 rounds, 357 layout runs), a layout's measured compute over its
+of fidelity sessions 20-28 (7 runs of 3 rounds, 345 layout runs), a layout's measured compute over its
 predicted compute (forward and backward, summed over ranks) scattered as widely when the profile had
-been measured seconds before the run (the round's first layout of a model: sd 0.23 in log) as when it
-was ten minutes old (sd 0.19-0.21), and in sessions 26-28 the drift of calibrate's GEMM rate between a
+been measured seconds before the run (the round's first layout of a model: sd 0.23 in log, 63 runs) as
+when it was minutes old (the later layouts: 0.13-0.21), and in sessions 26-28 the drift of calibrate's GEMM rate between a
 round's first calibration of a model and a layout's own did not correlate with that layout's error
 (correlation 0.04, -0.19, -0.04). What the machine does in the minute of a run is not seen a minute
-before; only more runs, at more moments, average it out. A calibration a layout costs about 40 s, half
-of a round's time, so calibrating once a round buys almost twice the rounds in the same hour.
+before; only more runs, at more moments, average it out. A calibration a layout costs about 40 s, more
+than half of a round's time: session28's 3 rounds calibrated per layout took 3217 s, session29's 6
+rounds calibrated once a round 2634 s.
 
 ``--memory-only`` measures peak memory alone, which does not depend on the machine's load: each
 layout is planned on the ``local-cpu:N`` preset without profiling and run for one step after one
@@ -72,7 +84,7 @@ import tempfile
 import time
 from dataclasses import asdict, dataclass, replace
 from pathlib import Path
-from typing import Sequence
+from typing import Any, Sequence
 
 from cost_models.memory import MARGIN_FILE
 from cost_models.step_error import STEP_ERROR_FILE, RecordedStepError
@@ -161,6 +173,19 @@ class Outcome:
     @property
     def step_error(self) -> float:
         return self.predicted_step_s / self.measured_step_s - 1.0
+
+    @property
+    def round_error_se(self) -> float | None:
+        """The standard error of the rounds' mean error (their sample standard deviation over the square
+        root of their count), or None with fewer than two rounds ([Note: the rounds' standard error])."""
+        n = len(self.round_errors)
+        return statistics.stdev(self.round_errors) / math.sqrt(n) if n >= 2 else None
+
+    @property
+    def biased(self) -> bool:
+        """The error is further from 0 than twice its standard error: more than the rounds' scatter explains."""
+        se = self.round_error_se
+        return se is not None and abs(self.step_error) > 2 * se
 
     @property
     def memory_errors(self) -> list[float]:
@@ -358,7 +383,7 @@ def combine(rounds: Sequence[Outcome]) -> Outcome:
     )
 
 
-def summarize(outcomes: Sequence[Outcome]) -> dict[str, float]:
+def summarize(outcomes: Sequence[Outcome]) -> dict[str, Any]:
     step = [abs(o.step_error) for o in outcomes]
     bare = [abs(o.predicted_bare_s / o.measured_step_s - 1.0) for o in outcomes if o.predicted_bare_s is not None]
     mem = [abs(e) for o in outcomes for e in o.memory_errors]
@@ -367,7 +392,10 @@ def summarize(outcomes: Sequence[Outcome]) -> dict[str, float]:
     reserve = max(o.reserve for o in outcomes)
     # the layouts whose run the machine's other work did not disturb ([Note: other load])
     quiet = [abs(o.step_error) for o in outcomes if o.run_load is not None and o.run_load <= OTHER_LOAD_WARN]
-    return dict(step_median=statistics.median(step), step_worst=max(step),
+    se = [o.round_error_se for o in outcomes if o.round_error_se is not None]
+    rounds = dict(se_median=statistics.median(se), se_worst=max(se),
+                  biased=[o.name for o in outcomes if o.biased]) if se else {}
+    return dict(step_median=statistics.median(step), step_worst=max(step), **rounds,
                 **(dict(quiet_median=statistics.median(quiet), quiet_worst=max(quiet), quiet_layouts=len(quiet))
                    if quiet else {}),
                 memory_median=statistics.median(mem), memory_worst=max(mem), layouts=len(outcomes), ranks=len(mem),
@@ -384,7 +412,8 @@ def table(outcomes: Sequence[Outcome]) -> list[str]:
         "|---|---:|---:|---:|" + ("---:|" if bare else "") + "---|---:|---|",
     ]
     pct = lambda x: "-" if x is None else f"{x:.0%}"  # noqa: E731
-    rounds = lambda o: f" (rounds {', '.join(f'{e:+.0%}' for e in o.round_errors)})" if o.round_errors else ""  # noqa: E731
+    rounds = lambda o: (f" ± {o.round_error_se:.1%}{' (beyond 2 se)' if o.biased else ''} (rounds "  # noqa: E731
+                        f"{', '.join(f'{e:+.0%}' for e in o.round_errors)})" if o.round_error_se is not None else "")
     for o in outcomes:
         mem = "; ".join(f"r{r} {p / 2**20:.2f}/{m / 2**20:.2f} MiB ({p / m - 1:+.1%})" for r, p, m in o.memory)
         before = ""
@@ -573,6 +602,9 @@ def main(argv: Sequence[str] | None = None) -> int:
                + (f"; over the {len(singles)} single runs: median |error| "
                   f"{statistics.median(abs(o.step_error) for o in singles):.1%}, worst "
                   f"{max(abs(o.step_error) for o in singles):.1%}" if args.rounds > 1 else "")
+               + (f"; a layout's error has a standard error of {s['se_median']:.1%} (median; at most {s['se_worst']:.1%}) "
+                  f"from its rounds' scatter, and {len(s['biased'])} of {s['layouts']} lie beyond twice theirs"
+                  + (f" ({', '.join(s['biased'])})" if s['biased'] else "") if "se_median" in s else "")
                + f"; peak memory over {s['ranks']} ranks: median |error| {s['memory_median']:.1%}, "
                f"worst {s['memory_worst']:.1%} (target 3% / 10%); memory margin: measured peaks up to "
                f"{s['memory_excess']:+.1%} over the prediction, covered by --memory-reserve {s['reserve']:.3f}")

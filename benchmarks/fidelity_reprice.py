@@ -81,6 +81,20 @@ def with_keys(cluster: Path, plan: dict, keys: dict[str, float]) -> None:
         plan["cluster"].setdefault("overheads", {}).update(added)
 
 
+def calibration_of(keep: Path, slug: str, plan: dict) -> Path:
+    """The calibrated cluster ``slug``'s plan was made on: the layout's own (``--calibrate-each``), else its
+    round's for the plan's world size ([Note: calibrating once a round] in benchmarks/fidelity.py)."""
+    own = keep / f"calibrated-{slug}.toml"
+    if own.exists():
+        return own
+    mesh = plan["mesh"]
+    round_ = keep / f"calibrated-{mesh['pp'] * mesh['tp'] * mesh['dp']}-{slug.rsplit('-', 1)[1]}.toml"
+    if not round_.exists():
+        raise SystemExit(f"fidelity_reprice: {keep} holds neither {own.name} nor {round_.name}, the calibrations "
+                         f"{slug} could have been planned on")
+    return round_
+
+
 def priced_again(keep: Path, slug: str, key: str | None, work: Path, cores: int | None = None,
                  keys: dict[str, float] | None = None) -> Repriced:
     """``slug``'s plan priced by this checkout on its calibrated cluster (less ``key``; with ``oversubscribed``
@@ -89,7 +103,7 @@ def priced_again(keep: Path, slug: str, key: str | None, work: Path, cores: int 
     run = json.loads((keep / f"{slug}.run.json").read_text())
     if key is not None:
         plan["cluster"].get("overheads", {}).pop(key, None)  # the plan, as made for the cluster without it
-    calibrated, cluster = keep / f"calibrated-{slug}.toml", work / f"{slug}.toml"
+    calibrated, cluster = calibration_of(keep, slug, plan), work / f"{slug}.toml"
     if key is None:
         shutil.copy(calibrated, cluster)
     else:
