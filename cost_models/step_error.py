@@ -3,7 +3,7 @@
 [Note: the recorded step-time error]
 A predicted step time is a model's figure. People who book a cluster on it need to know how far
 such figures have landed from real runs, and where that was measured. ``python -m
-benchmarks.fidelity --calibrate-each --rounds N --report FILE --record-step-error`` runs every
+benchmarks.fidelity --rounds N --report FILE --record-step-error`` runs every
 layout of the fidelity benchmark and writes, beside this module, ``step_error.json``: the median
 and worst |predicted / measured - 1| over its layouts (each the mean of its rounds), the most
 under- and over-predicted layout's signed error, the device and backend it ran on, the command,
@@ -71,6 +71,5 @@ def recorded_step_error(path: Path | None = None) -> RecordedStepError:
     """The recorded step-time error (``step_error.json``). Raises ValueError naming the file when it is
     missing or malformed, with the command that writes it."""
     path = STEP_ERROR_FILE if path is None else path
-    fix = ("regenerate it with python -m benchmarks.fidelity --calibrate-each --rounds 3 --report FILE "
-           "--record-step-error")
+    fix = "regenerate it with python -m benchmarks.fidelity --rounds 6 --min-seconds 4 --report FILE --record-step-error"
     return load_record(RecordedStepError, path, "step-time error", fix)
