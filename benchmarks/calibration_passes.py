@@ -83,6 +83,7 @@ def main(argv: list[str] | None = None) -> int:
                       f"compute slowdown {k:.3f}, transfer wait {wait:.0f} us", flush=True)
         clusters = {cal: tomllib.loads(cal.read_text()) for cals in arms.values() for cal, _, _ in cals}
         priced: dict[str, dict[int, list[float]]] = {}
+        spreads: dict[tuple[str, int], tuple[float, float]] = {}  # (plan, passes) -> spread() of its prices
         for slug in slugs:
             made = json.loads((args.plans / f"{slug}.plan.json").read_text())
             cache = work / f"profile-{slug}.sqlite"  # a copy: the recorded cache is never written
@@ -95,7 +96,7 @@ def main(argv: list[str] | None = None) -> int:
                     steps.append(reprice(plan, made["model"]["name"], cal, cache, work / "in.json", work / "out.json",
                                          f"price {slug} on {cal.name}"))
                 priced[slug][passes] = steps
-                r, d = spread(steps)
+                r, d = spreads[slug, passes] = spread(steps)
                 print(f"{slug}, --passes {passes}: {' '.join(f'{s * 1e3:.1f}' for s in steps)} ms; range {r:.0%} "
                       f"of the median, median |deviation| {d:.1%}", flush=True)
         calibrations = {p: [dict(zip(("compute_slowdown", "p2p_transfer_us"), figures(c)), seconds=round(s, 1),
@@ -112,7 +113,7 @@ def main(argv: list[str] | None = None) -> int:
     ]
     for slug, by in priced.items():
         for passes, steps in by.items():
-            r, d = spread(steps)
+            r, d = spreads[slug, passes]
             lines.append(f"| {slug} | {passes} | {' '.join(f'{s * 1e3:.1f}' for s in steps)} | {r:.0%} | {d:.1%} |")
     for passes, cals in calibrations.items():
         ks = [c["compute_slowdown"] for c in cals]

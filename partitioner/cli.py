@@ -1067,17 +1067,17 @@ def cmd_calibrate(args: argparse.Namespace) -> int:
         load = meter.stop(sum(used[:local]))  # rank 0's node: ranks 0 .. local-1 under torchrun
         if dist.get_rank() == 0:
             cluster = calibrated_cluster(base, report)
+            spread = f"each figure their median; the passes read: {pass_spread(reports)}"
             header = (
                 f"# measured by `autopart calibrate` on {time.strftime('%Y-%m-%d')}: {world} ranks over "
                 f"{report.backend}, torch {torch.__version__}\n"
                 + (f"# while measuring, {load.describe()} (rank 0's node)\n" if load is not None else "")
-                + (f"# {passes} passes, each figure their median; the passes read: {pass_spread(reports)}\n"
-                   if passes > 1 else "")
+                + (f"# {passes} passes, {spread}\n" if passes > 1 else "")
             )
             out.write_text(header + cluster.to_toml())
             _print_calibration(report, base, cluster)
             if passes > 1:
-                print(f"passes: {passes}, each figure their median; the passes read: {pass_spread(reports)}")
+                print(f"passes: {passes}, {spread}")
             if load is not None:
                 print(f"machine: while measuring, {load.describe()}")
                 if not load.quiet:
