@@ -200,8 +200,9 @@ at 0.23-1.67 ms, and a fixed gpt2-tiny pipeline plan priced on them 38.3-63.0 ms
 passes caught a slow moment: ``k`` 1.70 and 1.79, the plan 58.6 and 63.0 ms). So
 ``autopart calibrate`` runs ``--passes`` whole passes (default ``CALIBRATION_PASSES``)
 one after the other in the same job, and every figure it writes is the median of the
-passes' figures, each fitted within its pass (``median_report``): a pass that caught a
-slow moment is outvoted. The same 18 passes taken three at a time priced that plan
+passes' figures, each fitted within its pass (``median_report``; of an even count the
+lower middle one, so that it is a figure one pass measured): a pass that caught a slow
+moment is outvoted. The same 18 passes taken three at a time priced that plan
 40.6-45.5 ms; one-pass and three-pass calibrations alternated moved three plans' prices
 by a median 4.0, 4.1 and 13.1% against 2.3, 3.1 and 4.2%
 (benchmarks/calibration_passes.py, benchmarks/results/2026-12-08-calibration-passes.md).
@@ -575,13 +576,15 @@ def run_calibration(
 def median_report(reports: Sequence[CalibrationReport]) -> CalibrationReport:
     """One report from whole calibration passes ([Note: calibration passes]): every link's latency,
     bandwidth, fit error and collective factors, the device rates and every overhead the median of the
-    passes' figures, each fitted within its own pass; the samples of every pass. A link is kept where
+    passes' figures (of an even count the lower middle), each fitted within its own pass; the samples of every pass. A link is kept where
     every pass measured it."""
     if not reports:
         raise CalibrateError("a calibration needs at least one pass")
     if len(reports) == 1:
         return reports[0]
-    med = statistics.median
+    # the lower middle of an even count: a figure one pass measured, at the precision it was written in (the
+    # mean of two middles is not: 1165.5 us printed as 1165 and read back from the file as 1166)
+    med = statistics.median_low
     links = {}
     for name in reports[0].links:
         fits = [r.links[name] for r in reports if name in r.links]
@@ -626,7 +629,7 @@ def pass_spread(reports: Sequence[CalibrationReport]) -> str:
         if len(values) == 1 and values[0] > 0:
             parts.append(f"{label} {fig(values[0])}{unit}")
         elif max(values) > 0:
-            parts.append(f"{label} {fig(min(values))}-{fig(max(values))}{unit} (kept {fig(statistics.median(values))})")
+            parts.append(f"{label} {fig(min(values))}-{fig(max(values))}{unit} (kept {fig(statistics.median_low(values))})")
     return ", ".join(parts)
 
 

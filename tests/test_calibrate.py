@@ -156,6 +156,10 @@ def test_calibration_passes_keep_each_figure_s_median_so_a_slow_pass_is_outvoted
     # a link some pass did not measure is not kept; one pass is its own report; none is an error
     assert set(median_report([*passes[:2], _pass(1.1, 88e9, 3.9e9, 1e-3, 2.2, inter=False)]).links) == {"intra"}
     assert median_report(passes[:1]) is passes[0]
+    # of two passes, each figure is one pass's (the lower), never a mean the file would round otherwise
+    two = median_report(passes[1:])
+    assert two.compute.slowdown == 1.10 and two.overheads.p2p_transfer_s == 1.1e-3 and two.compute.matmul_flops == 64e9
+    assert "(kept 1.1)" in pass_spread(passes[1:])
     with pytest.raises(CalibrateError, match="at least one pass"):
         median_report([])
 
